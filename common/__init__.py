@@ -1,0 +1,1 @@
+"""Code shared by every component: config, AWS clients, stream IO, leases, the event model."""

@@ -1,0 +1,35 @@
+"""boto3 clients that work unchanged against the emulator, LocalStack or real AWS.
+
+Endpoints come from the standard ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_<SERVICE>`` variables that
+boto3 honours itself. Only when an endpoint is set and no credentials are configured do we fall back
+to dummy credentials, because emulators accept any key but botocore refuses to sign without one.
+"""
+from __future__ import annotations
+
+import os
+
+import boto3
+from botocore.config import Config
+
+_LOCAL_DEFAULTS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+
+
+def _uses_local_endpoint() -> bool:
+    return any(key.startswith("AWS_ENDPOINT_URL") for key in os.environ)
+
+
+def session(region: str | None = None) -> boto3.session.Session:
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    kwargs = {"region_name": region}
+    if _uses_local_endpoint() and not boto3.session.Session().get_credentials():
+        kwargs.update(aws_access_key_id=_LOCAL_DEFAULTS["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=_LOCAL_DEFAULTS["AWS_SECRET_ACCESS_KEY"])
+    return boto3.session.Session(**kwargs)
+
+
+def client(service: str, region: str | None = None, *, timeout: float = 10.0, retries: int = 2):
+    """A client with short timeouts: our own code retries, so botocore should fail fast."""
+    config = Config(connect_timeout=timeout, read_timeout=timeout,
+                    retries={"max_attempts": retries, "mode": "standard"},
+                    max_pool_connections=32)
+    return session(region).client(service, config=config)

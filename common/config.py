@@ -1,0 +1,116 @@
+"""Typed configuration from the environment and an optional TOML file.
+
+Every component declares a frozen dataclass of settings. Values come, in rising priority, from the
+dataclass defaults, the `[section]` of the TOML file named by ``CLICKSTREAM_CONFIG`` (or passed in),
+and environment variables ``CLICKSTREAM_<FIELD>``. A bad value raises ``ConfigError`` naming the
+key and the form expected, so an operator never has to guess which setting broke a start-up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from pathlib import Path
+
+ENV_PREFIX = "CLICKSTREAM_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed; the message names the key."""
+
+
+def _convert(key: str, raw: object, kind: type) -> object:
+    if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
+        return raw
+    text = str(raw).strip()
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            return int(text.replace("_", ""))
+        if kind is float:
+            return float(text)
+        if kind is Path:
+            return Path(text)
+        if kind is tuple:
+            return tuple(item.strip() for item in text.split(",") if item.strip())
+        return text
+    except ValueError:
+        expected = {bool: "true or false", int: "an integer", float: "a number",
+                    tuple: "a comma-separated list"}.get(kind, kind.__name__)
+        raise ConfigError(f"{key}: expected {expected}, got {raw!r}") from None
+
+
+def _field_kind(cls: type, field: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(cls)[field.name]
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return tuple
+    return hint if isinstance(hint, type) else str
+
+
+def _read_file(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"CLICKSTREAM_CONFIG: file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"CLICKSTREAM_CONFIG: {path} is not valid TOML: {exc}") from None
+
+
+def load(cls, *, section: str | None = None, env: typing.Mapping[str, str] | None = None,
+         file: Path | str | None = None, **overrides):
+    """Build ``cls`` from defaults, then the TOML file section, then the environment, then overrides."""
+    env = os.environ if env is None else env
+    file = file or env.get(ENV_PREFIX + "CONFIG") or None
+    data = _read_file(Path(file) if file else None)
+    from_file = {**data.get("common", {}), **(data.get(section, {}) if section else {})}
+    values = {}
+    for field in dataclasses.fields(cls):
+        kind = _field_kind(cls, field)
+        env_key = ENV_PREFIX + field.name.upper()
+        if field.name in overrides and overrides[field.name] is not None:
+            values[field.name] = _convert(field.name, overrides[field.name], kind)
+        elif env_key in env:
+            values[field.name] = _convert(env_key, env[env_key], kind)
+        elif field.name in from_file:
+            values[field.name] = _convert(f"[{section or 'common'}] {field.name}", from_file[field.name], kind)
+    unknown = set(from_file) - {f.name for f in dataclasses.fields(cls)} - set(data.get("common", {}))
+    if unknown:
+        raise ConfigError(f"[{section}] unknown key(s): {', '.join(sorted(unknown))}")
+    settings = cls(**values)
+    check = getattr(settings, "validate", None)
+    if check:
+        check()
+    return settings
+
+
+def require_positive(settings, *names: str) -> None:
+    """Raise ConfigError for the first named field that is not > 0."""
+    for name in names:
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()}: expected a positive number, got {getattr(settings, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AwsSettings:
+    """Names of the shared AWS resources; every component reads these."""
+
+    region: str = "us-east-1"
+    raw_stream: str = "clickstream-raw"
+    enriched_stream: str = "clickstream-enriched"
+    bad_stream: str = "clickstream-bad"
+    predictions_stream: str = "clickstream-predictions"
+    bucket: str = "clickstream-lake"
+    lease_table: str = "clickstream-leases"
+    predictions_table: str = "clickstream-predictions"
+    offers_table: str = "clickstream-offers"

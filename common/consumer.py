@@ -1,0 +1,227 @@
+"""A stream consumer that shares shards through leases and checkpoints only on the caller's word.
+
+Usage::
+
+    consumer = Consumer(stream, leases, app="enrich")
+    while running:
+        for batch in consumer.poll():
+            write_outputs(batch.records)       # make the outputs durable first...
+            consumer.checkpoint(batch)         # ...then move the checkpoint
+    consumer.close()
+
+Reading runs ahead of the checkpoint: a caller that buffers (the lake loader) checkpoints the last
+batch it flushed, and after a crash the next owner re-reads from there. Shards are balanced by
+counting live workers (heartbeat rows) and taking free, expired or surplus leases up to an even
+share; a closed parent shard must be checkpointed to its end before its children are read.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+from common.leases import Lease, LeaseLost, LeaseTable, now_ms
+from common.streams import SHARD_END, Record, Shard, ShardReader, StreamBackend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    shard_id: str
+    records: list[Record]
+    millis_behind: int
+    shard_end: bool
+    # The sequence number to checkpoint: the batch's last record, or the previous position when empty.
+    position: str | None
+
+    @property
+    def checkpoint_value(self) -> str | None:
+        return SHARD_END if self.shard_end else self.position
+
+
+@dataclass
+class _Owned:
+    reader: ShardReader
+    position: str | None
+    lease: Lease
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Consumer:
+    def __init__(self, stream: StreamBackend, leases: LeaseTable, *, app: str = "app",
+                 worker_id: str | None = None, lease_ms: int = 10_000, batch_limit: int = 1000,
+                 shard_refresh_s: float = 10.0,
+                 start_after: Callable[[Lease], str | None] | None = None,
+                 on_lost: Callable[[str], None] | None = None):
+        self.stream = stream
+        self.leases = leases
+        self.app = app
+        self.worker_id = worker_id or default_worker_id()
+        self.lease_ms = lease_ms
+        self.batch_limit = batch_limit
+        self.shard_refresh_s = shard_refresh_s
+        self.start_after = start_after or (lambda lease: lease.checkpoint)
+        self.on_lost = on_lost
+        self.owned: dict[str, _Owned] = {}
+        self.lag_ms: dict[str, int] = {}
+        self.records_read = 0
+        self._shards: list[Shard] = []
+        self._shards_at = 0.0
+        self._balanced_at = 0.0
+
+    # ------------------------------------------------------------------ leases and balancing
+
+    def _refresh_shards(self, force: bool = False) -> list[Shard]:
+        if force or time.monotonic() - self._shards_at > self.shard_refresh_s:
+            self._shards = self.stream.list_shards()
+            self._shards_at = time.monotonic()
+            for shard in self._shards:
+                self.leases.ensure(shard.shard_id)
+        return self._shards
+
+    def _eligible(self, shards: list[Shard], leases: dict[str, Lease]) -> list[str]:
+        """Unfinished shards whose parents are finished (or gone from the stream)."""
+        finished = {sid for sid, lease in leases.items() if lease.checkpoint == SHARD_END}
+        known = {shard.shard_id for shard in shards}
+        return [shard.shard_id for shard in shards
+                if shard.shard_id not in finished
+                and all(parent in finished or parent not in known for parent in shard.parents)]
+
+    def balance(self) -> None:
+        """Renew our leases, then take free, expired or surplus leases up to an even share."""
+        shards = self._refresh_shards()
+        self.leases.heartbeat(self.worker_id, self.lease_ms)
+        for shard_id in list(self.owned):
+            try:
+                self.leases.renew(shard_id, self.worker_id, self.lease_ms)
+            except LeaseLost:
+                self._drop(shard_id, "taken by another worker")
+        rows, workers = self.leases.leases()
+        at = now_ms()
+        leases = {lease.shard_id: lease for lease in rows}
+        eligible = self._eligible(shards, leases)
+        alive = {w for w, expires in workers.items() if expires > at} | {self.worker_id}
+        target = math.ceil(len(eligible) / len(alive)) if eligible else 0
+        mine = [sid for sid in eligible if sid in self.owned]
+        free = [leases[sid] for sid in eligible if sid not in self.owned and not leases[sid].held(at)]
+        for lease in free[: max(0, target - len(mine))]:
+            self._acquire(lease)
+            mine.append(lease.shard_id)
+        if len(mine) < target:
+            self._steal_one(eligible, leases, at, target)
+        self._balanced_at = time.monotonic()
+
+    def _steal_one(self, eligible: list[str], leases: dict[str, Lease], at: int, target: int) -> None:
+        load: dict[str, list[Lease]] = {}
+        for sid in eligible:
+            lease = leases[sid]
+            if lease.held(at) and lease.owner != self.worker_id:
+                load.setdefault(lease.owner, []).append(lease)
+        if not load:
+            return
+        owner, owned = max(load.items(), key=lambda item: len(item[1]))
+        if len(owned) > target:
+            self._acquire(owned[0])
+
+    def _acquire(self, lease: Lease) -> None:
+        try:
+            taken = self.leases.take(lease, self.worker_id, self.lease_ms)
+        except LeaseLost:
+            return
+        start = self.start_after(taken)
+        self.owned[lease.shard_id] = _Owned(self.stream.reader(lease.shard_id, start), start, taken)
+        log.info("worker %s took shard %s from %r, reading after %s",
+                 self.worker_id, lease.shard_id, lease.owner, start)
+
+    def _drop(self, shard_id: str, why: str) -> None:
+        if self.owned.pop(shard_id, None) is not None:
+            self.lag_ms.pop(shard_id, None)
+            log.info("worker %s lost shard %s: %s", self.worker_id, shard_id, why)
+            if self.on_lost:
+                self.on_lost(shard_id)
+
+    # ------------------------------------------------------------------ reading and checkpoints
+
+    def poll(self) -> list[Batch]:
+        """One round: rebalance if due, then read one page from every owned shard."""
+        if time.monotonic() - self._balanced_at > self.lease_ms / 3000:
+            self.balance()
+        batches = []
+        for shard_id, owned in list(self.owned.items()):
+            result = owned.reader.read(self.batch_limit)
+            if result.records:
+                owned.position = result.records[-1].sequence_number
+            self.lag_ms[shard_id] = result.millis_behind
+            self.records_read += len(result.records)
+            if result.records or result.shard_end:
+                batches.append(Batch(shard_id, result.records, result.millis_behind,
+                                     result.shard_end, owned.position))
+        return batches
+
+    def checkpoint(self, batch: Batch, meta: dict | None = None) -> None:
+        """Record that every output of this batch (and all before it on its shard) is durable."""
+        self.checkpoint_at(batch.shard_id, batch.checkpoint_value, meta)
+
+    def checkpoint_at(self, shard_id: str, value: str | None, meta: dict | None = None) -> None:
+        if value is None:
+            return
+        try:
+            self.leases.checkpoint(shard_id, self.worker_id, value, meta)
+        except LeaseLost:
+            self._drop(shard_id, "lease lost before checkpoint")
+            raise
+        if value == SHARD_END:
+            # The parent is done; release it and look for its children at once.
+            self.leases.release(shard_id, self.worker_id)
+            self.owned.pop(shard_id, None)
+            self.lag_ms.pop(shard_id, None)
+            self._shards_at = 0.0
+            self._balanced_at = 0.0
+
+    def run(self, handle: Callable[[Batch], None], *, stop: Callable[[], bool],
+            idle_sleep: float = 0.2) -> None:
+        """Call ``handle`` for each batch and checkpoint after it returns, until ``stop()``."""
+        while not stop():
+            batches = self.poll()
+            for batch in batches:
+                handle(batch)
+                try:
+                    self.checkpoint(batch)
+                except LeaseLost:
+                    pass
+            if not any(batch.records for batch in batches):
+                time.sleep(idle_sleep)
+
+    @property
+    def max_lag_ms(self) -> int:
+        return max(self.lag_ms.values(), default=0)
+
+    def close(self) -> None:
+        """Hand our shards back at once so peers need not wait for the leases to expire."""
+        for shard_id in list(self.owned):
+            self.leases.release(shard_id, self.worker_id)
+        self.owned.clear()
+        try:
+            self.leases.leave(self.worker_id)
+        except Exception:  # noqa: BLE001 - best effort on shutdown; the heartbeat expires anyway
+            log.debug("could not remove worker row", exc_info=True)
+
+
+def consumer_for(settings, stream_name: str, app: str, **kwargs) -> Consumer:
+    """A consumer over Kinesis with DynamoDB leases, from the shared AWS settings."""
+    from common import aws
+    from common.leases import DynamoLeaseTable
+    from common.streams import KinesisStream
+
+    stream = KinesisStream(aws.client("kinesis", settings.region), stream_name)
+    leases = DynamoLeaseTable(aws.client("dynamodb", settings.region), settings.lease_table, f"{app}#{stream_name}")
+    return Consumer(stream, leases, app=app, **kwargs)

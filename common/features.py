@@ -1,0 +1,247 @@
+"""The one feature definition: a fold over a session's enriched events.
+
+``step(state, event)`` folds one enriched event into a session's state and ``features(state)``
+reads the model's inputs from it. The scorer runs it online, event by event; training runs the
+very same functions inside Spark (``applyInPandas``), so online and offline features cannot drift.
+
+Rules that keep the model honest:
+- No personal data: only counts, amounts, durations and coarse categories.
+- Purchases (the label) never reach the features: a purchase or transaction event sets
+  ``state.purchased`` and nothing else.
+- Categorical inputs are plain numeric columns (one-hot or ordinal), so exported trees never see a
+  Spark categorical split (the ONNX converter reads those wrongly).
+- Memory per session is bounded whatever its length (distinct products are capped).
+
+Bump ``FEATURE_VERSION`` whenever the meaning or order of a feature changes: a model whose
+``model.json`` names another version is refused by the scorer.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from functools import lru_cache
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+FEATURE_VERSION = "1"
+SHOP_VENDOR = "com.clickshop"
+MAX_TRACKED_PRODUCTS = 512
+
+PAGE_TYPES = ("home", "category", "product", "search", "cart", "checkout", "content")
+DEVICES = ("Computer", "Mobile", "Tablet")
+REFERERS = ("search", "social", "email", "internal", "unknown")
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "events", "page_views", "page_pings", "struct_events",
+    "product_views", "distinct_products", "cart_adds", "cart_removes", "cart_value", "cart_items",
+    "checkout_step_max",
+    *(f"pages_{page}" for page in PAGE_TYPES),
+    "session_seconds", "seconds_on_page", "mean_seconds_per_page",
+    "seconds_since_last_cart_action", "max_scroll_depth",
+    *(f"device_{device.lower()}" for device in DEVICES),
+    "local_hour", "local_weekday",
+    *(f"referer_{referer}" for referer in REFERERS), "referer_direct",
+    "campaign", "returning", "session_index",
+)
+FEATURE_COUNT = len(FEATURE_NAMES)
+_PAGE_INDEX = {page: i for i, page in enumerate(PAGE_TYPES)}
+
+
+class SessionState:
+    __slots__ = ("session_id", "start_ms", "last_ms", "last_page_ms", "events", "page_views",
+                 "page_pings", "struct_events", "product_views", "products", "distinct_products",
+                 "cart_adds", "cart_removes", "cart_value", "cart_items", "checkout_step_max",
+                 "pages", "last_cart_ms", "max_scroll_depth", "device", "local_hour",
+                 "local_weekday", "referer", "campaign", "session_index", "purchased")
+
+    def __init__(self, session_id: str = ""):
+        self.session_id = session_id
+        self.start_ms = self.last_ms = self.last_page_ms = self.last_cart_ms = -1
+        self.events = self.page_views = self.page_pings = self.struct_events = 0
+        self.product_views = self.distinct_products = self.cart_adds = self.cart_removes = 0
+        self.cart_value = 0.0
+        self.cart_items = self.checkout_step_max = 0
+        self.products: set[str] = set()
+        self.pages = [0] * len(PAGE_TYPES)
+        self.max_scroll_depth = 0.0
+        self.device = self.referer = None
+        self.local_hour = self.local_weekday = -1
+        self.campaign = False
+        self.session_index = 0
+        self.purchased = False
+
+
+# ------------------------------------------------------------------------------ event readers
+
+
+def parse_ms(value) -> int:
+    """ISO 8601 (with or without 'Z') or epoch milliseconds to epoch milliseconds."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
+def event_time_ms(event: dict) -> int:
+    """When the event happened: Snowplow's derived timestamp, else the collector's."""
+    return parse_ms(event.get("derived_tstamp") or event["collector_tstamp"])
+
+
+def self_describing(event: dict) -> tuple[str, dict]:
+    """(name, data) of a shop or Snowplow self-describing event; ("", {}) otherwise."""
+    unstruct = event.get("unstruct_event")
+    if not unstruct:
+        return "", {}
+    schema = unstruct.get("schema", "")
+    # iglu:vendor/name/jsonschema/1-0-0
+    parts = schema[5:].split("/")
+    return (parts[1] if len(parts) == 4 else ""), unstruct.get("data") or {}
+
+
+def is_purchase(event: dict) -> bool:
+    if event.get("event") in ("transaction", "transaction_item"):
+        return True
+    name, _ = self_describing(event)
+    return name == "purchase" and event.get("event_vendor", SHOP_VENDOR) == SHOP_VENDOR
+
+
+def page_type(event: dict) -> str:
+    for context in event.get("contexts") or ():
+        if context.get("schema", "").startswith(f"iglu:{SHOP_VENDOR}/page_type/"):
+            kind = (context.get("data") or {}).get("type")
+            if kind in _PAGE_INDEX:
+                return kind
+            if kind == "confirmation":
+                return "checkout"
+    path = event.get("page_urlpath") or "/"
+    if path == "/":
+        return "home"
+    for prefix, kind in (("/c/", "category"), ("/category", "category"), ("/p/", "product"),
+                         ("/product", "product"), ("/search", "search"), ("/cart", "cart"),
+                         ("/checkout", "checkout")):
+        if path.startswith(prefix):
+            return kind
+    return "content"
+
+
+@lru_cache(maxsize=512)
+def _zone(name: str):
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return timezone.utc
+
+
+def _number(value, default=0.0) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+# ------------------------------------------------------------------------------ the fold
+
+
+def _start(state: SessionState, event: dict, at_ms: int) -> None:
+    state.start_ms = at_ms
+    moment = datetime.fromtimestamp(at_ms / 1000, _zone(event.get("os_timezone") or "UTC"))
+    state.local_hour, state.local_weekday = moment.hour, moment.weekday()
+    state.device = event.get("dvce_type")
+    state.referer = event.get("refr_medium")
+    state.campaign = bool(event.get("mkt_medium") or event.get("mkt_source") or event.get("mkt_campaign"))
+    state.session_index = int(_number(event.get("domain_sessionidx"), 1))
+
+
+def _shop_event(state: SessionState, name: str, data: dict, at_ms: int) -> None:
+    if name == "product_view":
+        state.product_views += 1
+        sku = data.get("sku")
+        if sku and len(state.products) < MAX_TRACKED_PRODUCTS and sku not in state.products:
+            state.products.add(sku)
+            state.distinct_products = len(state.products)
+    elif name in ("add_to_cart", "remove_from_cart"):
+        quantity = int(_number(data.get("quantity"), 1))
+        amount = _number(data.get("price")) * quantity
+        if name == "add_to_cart":
+            state.cart_adds += 1
+            state.cart_items += quantity
+            state.cart_value += amount
+        else:
+            state.cart_removes += 1
+            state.cart_items = max(0, state.cart_items - quantity)
+            state.cart_value = max(0.0, state.cart_value - amount)
+        state.last_cart_ms = at_ms
+    elif name == "checkout_step":
+        state.checkout_step_max = max(state.checkout_step_max, int(_number(data.get("step"))))
+
+
+def step(state: SessionState, event: dict) -> SessionState:
+    """Fold one enriched event into the state (in place, returned for convenience)."""
+    if is_purchase(event):
+        state.purchased = True          # the label; deliberately not a feature
+        return state
+    at_ms = event_time_ms(event)
+    if state.start_ms < 0:
+        _start(state, event, at_ms)
+    state.events += 1
+    state.last_ms = max(state.last_ms, at_ms)
+    kind = event.get("event")
+    if kind == "page_view":
+        state.page_views += 1
+        state.pages[_PAGE_INDEX[page_type(event)]] += 1
+        state.last_page_ms = at_ms
+    elif kind == "page_ping":
+        state.page_pings += 1
+        height = _number(event.get("doc_height"))
+        if height > 0:
+            depth = (_number(event.get("pp_yoffset_max")) + _number(event.get("br_viewheight"))) / height
+            state.max_scroll_depth = max(state.max_scroll_depth, min(1.0, depth))
+    elif kind == "struct":
+        state.struct_events += 1
+    elif kind == "unstruct":
+        name, data = self_describing(event)
+        _shop_event(state, name, data, at_ms)
+    return state
+
+
+def features(state: SessionState, now_ms: int | None = None) -> list[float]:
+    """The model's inputs, in FEATURE_NAMES order, as seen right after the last folded event."""
+    at = state.last_ms if now_ms is None else now_ms
+    seconds = max(0.0, (at - state.start_ms) / 1000) if state.start_ms >= 0 else 0.0
+    since_cart = (at - state.last_cart_ms) / 1000 if state.last_cart_ms >= 0 else -1.0
+    since_page = (at - state.last_page_ms) / 1000 if state.last_page_ms >= 0 else -1.0
+    per_page = seconds / state.page_views if state.page_views else 0.0
+    referer = state.referer
+    return [
+        float(state.events), float(state.page_views), float(state.page_pings), float(state.struct_events),
+        float(state.product_views), float(state.distinct_products), float(state.cart_adds),
+        float(state.cart_removes), round(state.cart_value, 2), float(state.cart_items),
+        float(state.checkout_step_max),
+        *(float(count) for count in state.pages),
+        seconds, since_page, per_page, since_cart, state.max_scroll_depth,
+        *(1.0 if state.device == device else 0.0 for device in DEVICES),
+        float(state.local_hour), float(state.local_weekday),
+        *(1.0 if referer == kind else 0.0 for kind in REFERERS), 1.0 if not referer else 0.0,
+        1.0 if state.campaign else 0.0, 1.0 if state.session_index > 1 else 0.0, float(state.session_index),
+    ]
+
+
+def session_prefixes(events):
+    """Yield ``(event, features)`` after each event of one session (events in time order), up to
+    (not including) the first purchase: the training examples, with the event that ends each prefix."""
+    state = SessionState()
+    for event in events:
+        if is_purchase(event):
+            return
+        step(state, event)
+        yield event, features(state)
+
+
+def session_features(events) -> list[list[float]]:
+    """Prefix rows of one session (events in time order): the features after each event, up to
+    (not including) the first purchase. Used by training and by the parity tests."""
+    return [row for _, row in session_prefixes(events)]
+
+
+def session_key(event: dict) -> str:
+    return event.get("domain_sessionid") or event.get("network_userid") or event["event_id"]

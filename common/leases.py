@@ -1,0 +1,191 @@
+"""Shard leases and checkpoints: one owner per shard, shared by N worker processes.
+
+The DynamoDB table has a hash key ``group`` ("<app>#<stream>") and a range key ``item``: one row
+per shard (owner, lease expiry, checkpoint, optional metadata) and one heartbeat row per live worker
+("worker#<id>"), so a worker can count its peers and aim for an even share. Every ownership change
+and every checkpoint is a conditional write on the owner, so a worker that lost a lease can never
+move the checkpoint of a shard someone else now reads.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from botocore.exceptions import ClientError
+
+WORKER_PREFIX = "worker#"
+
+
+class LeaseLost(Exception):
+    """The lease was taken by another worker (or expired) before this write."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class Lease:
+    shard_id: str
+    owner: str = ""
+    expires_ms: int = 0
+    checkpoint: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    def held(self, at_ms: int) -> bool:
+        return bool(self.owner) and self.expires_ms > at_ms
+
+
+class LeaseTable(Protocol):
+    def leases(self) -> tuple[list[Lease], dict[str, int]]: ...
+    def ensure(self, shard_id: str) -> None: ...
+    def take(self, lease: Lease, owner: str, duration_ms: int) -> Lease: ...
+    def renew(self, shard_id: str, owner: str, duration_ms: int) -> None: ...
+    def checkpoint(self, shard_id: str, owner: str, sequence: str, meta: dict | None) -> None: ...
+    def release(self, shard_id: str, owner: str) -> None: ...
+    def heartbeat(self, worker_id: str, duration_ms: int) -> None: ...
+    def leave(self, worker_id: str) -> None: ...
+
+
+class DynamoLeaseTable:
+    def __init__(self, client, table: str, group: str):
+        self.client = client
+        self.table = table
+        self.group = group
+
+    def _key(self, item: str) -> dict:
+        return {"group": {"S": self.group}, "item": {"S": item}}
+
+    def leases(self) -> tuple[list[Lease], dict[str, int]]:
+        leases, workers, start = [], {}, None
+        while True:
+            kwargs = {"TableName": self.table, "KeyConditionExpression": "#g = :g",
+                      "ExpressionAttributeNames": {"#g": "group"},
+                      "ExpressionAttributeValues": {":g": {"S": self.group}}, "ConsistentRead": True}
+            if start:
+                kwargs["ExclusiveStartKey"] = start
+            response = self.client.query(**kwargs)
+            for row in response["Items"]:
+                name = row["item"]["S"]
+                expires = int(row.get("expires_ms", {"N": "0"})["N"])
+                if name.startswith(WORKER_PREFIX):
+                    workers[name[len(WORKER_PREFIX):]] = expires
+                else:
+                    leases.append(Lease(
+                        name, row.get("owner", {"S": ""})["S"], expires,
+                        row["checkpoint"]["S"] if "checkpoint" in row else None,
+                        {k: v["S"] for k, v in row.get("meta", {"M": {}})["M"].items()},
+                    ))
+            start = response.get("LastEvaluatedKey")
+            if not start:
+                return leases, workers
+
+    def _update(self, item: str, expression: str, condition: str, values: dict, names: dict | None = None) -> None:
+        kwargs = {"TableName": self.table, "Key": self._key(item), "UpdateExpression": expression,
+                  "ConditionExpression": condition, "ExpressionAttributeValues": values}
+        if names:
+            kwargs["ExpressionAttributeNames"] = names
+        try:
+            self.client.update_item(**kwargs)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                raise LeaseLost(item) from None
+            raise
+
+    def ensure(self, shard_id: str) -> None:
+        try:
+            self.client.put_item(TableName=self.table, Item={**self._key(shard_id), "owner": {"S": ""},
+                                                             "expires_ms": {"N": "0"}},
+                                 ConditionExpression="attribute_not_exists(#i)",
+                                 ExpressionAttributeNames={"#i": "item"})
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
+
+    def take(self, lease: Lease, owner: str, duration_ms: int) -> Lease:
+        expires = now_ms() + duration_ms
+        self._update(lease.shard_id, "SET #o = :me, expires_ms = :exp",
+                     "#o = :prev AND expires_ms = :prev_exp",
+                     {":me": {"S": owner}, ":exp": {"N": str(expires)}, ":prev": {"S": lease.owner},
+                      ":prev_exp": {"N": str(lease.expires_ms)}}, {"#o": "owner"})
+        return replace(lease, owner=owner, expires_ms=expires)
+
+    def renew(self, shard_id: str, owner: str, duration_ms: int) -> None:
+        self._update(shard_id, "SET expires_ms = :exp", "#o = :me",
+                     {":me": {"S": owner}, ":exp": {"N": str(now_ms() + duration_ms)}}, {"#o": "owner"})
+
+    def checkpoint(self, shard_id: str, owner: str, sequence: str, meta: dict | None) -> None:
+        values = {":me": {"S": owner}, ":seq": {"S": sequence}}
+        expression = "SET checkpoint = :seq"
+        if meta is not None:
+            expression += ", meta = :meta"
+            values[":meta"] = {"M": {k: {"S": str(v)} for k, v in meta.items()}}
+        self._update(shard_id, expression, "#o = :me", values, {"#o": "owner"})
+
+    def release(self, shard_id: str, owner: str) -> None:
+        try:
+            self._update(shard_id, "SET #o = :none, expires_ms = :zero", "#o = :me",
+                         {":me": {"S": owner}, ":none": {"S": ""}, ":zero": {"N": "0"}}, {"#o": "owner"})
+        except LeaseLost:
+            pass
+
+    def heartbeat(self, worker_id: str, duration_ms: int) -> None:
+        self.client.put_item(TableName=self.table, Item={**self._key(WORKER_PREFIX + worker_id),
+                                                         "expires_ms": {"N": str(now_ms() + duration_ms)}})
+
+    def leave(self, worker_id: str) -> None:
+        self.client.delete_item(TableName=self.table, Key=self._key(WORKER_PREFIX + worker_id))
+
+
+class MemoryLeaseTable:
+    """The same contract in process memory, for unit tests and benchmarks."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._leases: dict[str, Lease] = {}
+        self._workers: dict[str, int] = {}
+
+    def leases(self) -> tuple[list[Lease], dict[str, int]]:
+        with self._lock:
+            return list(self._leases.values()), dict(self._workers)
+
+    def ensure(self, shard_id: str) -> None:
+        with self._lock:
+            self._leases.setdefault(shard_id, Lease(shard_id))
+
+    def _swap(self, shard_id: str, check, **changes) -> Lease:
+        with self._lock:
+            current = self._leases[shard_id]
+            if not check(current):
+                raise LeaseLost(shard_id)
+            self._leases[shard_id] = replace(current, **changes)
+            return self._leases[shard_id]
+
+    def take(self, lease: Lease, owner: str, duration_ms: int) -> Lease:
+        return self._swap(lease.shard_id, lambda c: (c.owner, c.expires_ms) == (lease.owner, lease.expires_ms),
+                          owner=owner, expires_ms=now_ms() + duration_ms)
+
+    def renew(self, shard_id: str, owner: str, duration_ms: int) -> None:
+        self._swap(shard_id, lambda c: c.owner == owner, expires_ms=now_ms() + duration_ms)
+
+    def checkpoint(self, shard_id: str, owner: str, sequence: str, meta: dict | None) -> None:
+        changes = {"checkpoint": sequence}
+        if meta is not None:
+            changes["meta"] = {k: str(v) for k, v in meta.items()}
+        self._swap(shard_id, lambda c: c.owner == owner, **changes)
+
+    def release(self, shard_id: str, owner: str) -> None:
+        try:
+            self._swap(shard_id, lambda c: c.owner == owner, owner="", expires_ms=0)
+        except LeaseLost:
+            pass
+
+    def heartbeat(self, worker_id: str, duration_ms: int) -> None:
+        with self._lock:
+            self._workers[worker_id] = now_ms() + duration_ms
+
+    def leave(self, worker_id: str) -> None:
+        with self._lock:
+            self._workers.pop(worker_id, None)

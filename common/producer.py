@@ -1,0 +1,94 @@
+"""Batching producer with per-entry retries that never drops an entry silently."""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES, StreamBackend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Undelivered:
+    """An entry the producer gave up on, with the last reason; the caller must keep or report it."""
+
+    partition_key: str
+    data: bytes
+    reason: str
+
+
+def entry_size(partition_key: str, data: bytes) -> int:
+    return len(partition_key.encode()) + len(data)
+
+
+def batches(entries: list[tuple[str, bytes]]):
+    """Split entries into PutRecords calls within Kinesis' count and byte limits, keeping order."""
+    batch, size = [], 0
+    for key, data in entries:
+        item_size = entry_size(key, data)
+        if batch and (len(batch) == MAX_BATCH_RECORDS or size + item_size > MAX_BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append((key, data))
+        size += item_size
+    if batch:
+        yield batch
+
+
+class Producer:
+    """Sends entries to a stream; retries only the failed ones with jittered exponential backoff.
+
+    ``send`` returns what could not be delivered after ``max_attempts`` (an empty list on success):
+    oversized entries, entries still failing, or everything when the stream cannot be reached.
+    """
+
+    def __init__(self, stream: StreamBackend, *, max_attempts: int = 5, base_delay: float = 0.05,
+                 max_delay: float = 2.0, sleep=time.sleep):
+        self.stream = stream
+        self.max_attempts = max_attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.sleep = sleep
+        self.sent = 0
+        self.retried = 0
+
+    def _backoff(self, attempt: int) -> None:
+        # "Full jitter": a random delay up to the exponential cap spreads retries of many producers.
+        self.sleep(random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt)))
+
+    def send(self, entries: list[tuple[str, bytes]]) -> list[Undelivered]:
+        undelivered: list[Undelivered] = []
+        valid = []
+        for key, data in entries:
+            if entry_size(key, data) > MAX_RECORD_BYTES:
+                undelivered.append(Undelivered(key, data, "record larger than 1 MiB"))
+            else:
+                valid.append((key, data))
+        for batch in batches(valid):
+            undelivered.extend(self._send_batch(batch))
+        return undelivered
+
+    def _send_batch(self, pending: list[tuple[str, bytes]]) -> list[Undelivered]:
+        reasons: list[str] = ["not sent"] * len(pending)
+        for attempt in range(self.max_attempts):
+            if attempt:
+                self.retried += len(pending)
+                self._backoff(attempt)
+            try:
+                results = self.stream.put_records(pending)
+            except (BotoCoreError, ClientError, OSError) as exc:
+                log.warning("put_records to %s failed (%d entries): %s", self.stream.name, len(pending), exc)
+                reasons = [f"{type(exc).__name__}: {exc}"] * len(pending)
+                continue
+            failed = [(entry, f"{r.error_code}: {r.error_message}") for entry, r in zip(pending, results) if not r.ok]
+            self.sent += len(pending) - len(failed)
+            if not failed:
+                return []
+            pending = [entry for entry, _ in failed]
+            reasons = [reason for _, reason in failed]
+        return [Undelivered(key, data, reason) for (key, data), reason in zip(pending, reasons)]

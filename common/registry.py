@@ -1,0 +1,101 @@
+"""The model registry on S3: versioned bundles and a CURRENT pointer per model name.
+
+Layout: ``models/<name>/<version>/{model.onnx, model.json, report.html}``,
+``models/<name>/CURRENT`` (the version string) and ``models/<name>/HISTORY`` (JSON lines of every
+move of CURRENT, newest last) so a rollback knows where to go back to. Versions are UTC timestamps
+(``20261129T095300Z``), so they sort in publishing order.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from botocore.exceptions import ClientError
+
+PREFIX = "models"
+DEFAULT_MODEL = "buy-propensity"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    name: str
+    version: str
+    onnx: bytes
+    meta: dict
+
+
+def new_version() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def _get(s3, bucket: str, key: str) -> bytes | None:
+    try:
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+            return None
+        raise
+
+
+def current_version(s3, bucket: str, name: str = DEFAULT_MODEL) -> str | None:
+    raw = _get(s3, bucket, f"{PREFIX}/{name}/CURRENT")
+    return raw.decode().strip() if raw else None
+
+
+def load(s3, bucket: str, name: str = DEFAULT_MODEL, version: str | None = None) -> Bundle:
+    """The bundle of ``version`` (default: CURRENT). Raises LookupError when there is none."""
+    version = version or current_version(s3, bucket, name)
+    if not version:
+        raise LookupError(f"model {name!r} has no CURRENT version in s3://{bucket}/{PREFIX}/{name}/")
+    onnx = _get(s3, bucket, f"{PREFIX}/{name}/{version}/model.onnx")
+    meta = _get(s3, bucket, f"{PREFIX}/{name}/{version}/model.json")
+    if onnx is None or meta is None:
+        raise LookupError(f"model {name!r} version {version} is incomplete in s3://{bucket}")
+    return Bundle(name, version, onnx, json.loads(meta))
+
+
+def publish(s3, bucket: str, name: str, version: str, files: dict[str, bytes]) -> None:
+    """Upload a bundle's files under its version; model.json last, so a reader that finds it
+    finds the rest. Does not move CURRENT."""
+    ordered = sorted(files, key=lambda file: file == "model.json")
+    for file in ordered:
+        content_type = {"json": "application/json", "html": "text/html"}.get(file.rsplit(".", 1)[-1],
+                                                                             "application/octet-stream")
+        s3.put_object(Bucket=bucket, Key=f"{PREFIX}/{name}/{version}/{file}", Body=files[file],
+                      ContentType=content_type)
+
+
+def history(s3, bucket: str, name: str = DEFAULT_MODEL) -> list[dict]:
+    raw = _get(s3, bucket, f"{PREFIX}/{name}/HISTORY")
+    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()] if raw else []
+
+
+def set_current(s3, bucket: str, name: str, version: str, reason: str) -> None:
+    """Move CURRENT to ``version`` and record the move."""
+    entries = history(s3, bucket, name)
+    entries.append({"version": version, "previous": current_version(s3, bucket, name),
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason})
+    s3.put_object(Bucket=bucket, Key=f"{PREFIX}/{name}/HISTORY",
+                  Body="".join(json.dumps(entry) + "\n" for entry in entries).encode())
+    s3.put_object(Bucket=bucket, Key=f"{PREFIX}/{name}/CURRENT", Body=version.encode())
+
+
+def rollback(s3, bucket: str, name: str = DEFAULT_MODEL) -> str:
+    """Move CURRENT back to the version it pointed to before its last move."""
+    current = current_version(s3, bucket, name)
+    previous = next((entry["previous"] for entry in reversed(history(s3, bucket, name))
+                     if entry["version"] == current and entry["previous"]), None)
+    if not previous:
+        raise LookupError(f"model {name!r}: no earlier version to roll back to from {current}")
+    set_current(s3, bucket, name, previous, reason=f"rollback from {current}")
+    return previous
+
+
+def versions(s3, bucket: str, name: str = DEFAULT_MODEL) -> list[str]:
+    paginator = s3.get_paginator("list_objects_v2")
+    found = set()
+    for page in paginator.paginate(Bucket=bucket, Prefix=f"{PREFIX}/{name}/", Delimiter="/"):
+        for prefix in page.get("CommonPrefixes", []):
+            found.add(prefix["Prefix"].rstrip("/").rsplit("/", 1)[-1])
+    return sorted(found)

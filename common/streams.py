@@ -1,0 +1,263 @@
+"""Stream backends: Kinesis (boto3) and an in-memory stream with the same interface.
+
+A backend knows how to put a batch of entries, list shards and read a shard after a sequence
+number. Everything above it (the producer's batching and retries, the consumer's leases and
+checkpoints) is written once against this small interface, so unit tests and benchmarks can swap
+the emulator for memory without changing the code under test.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from botocore.exceptions import ClientError
+
+MAX_RECORD_BYTES = 1024 * 1024          # data + partition key, per Kinesis record
+MAX_BATCH_BYTES = 5 * 1024 * 1024       # per PutRecords call
+MAX_BATCH_RECORDS = 500                 # per PutRecords call
+SHARD_END = "SHARD_END"
+
+
+@dataclass(frozen=True)
+class Record:
+    data: bytes
+    partition_key: str
+    sequence_number: str
+    shard_id: str
+    arrival_ms: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard_id: str
+    parent_shard_id: str | None = None
+    adjacent_parent_shard_id: str | None = None
+    closed: bool = False
+
+    @property
+    def parents(self) -> tuple[str, ...]:
+        return tuple(p for p in (self.parent_shard_id, self.adjacent_parent_shard_id) if p)
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """Outcome of one entry of a PutRecords call: a sequence number, or an error code."""
+
+    sequence_number: str | None = None
+    shard_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
+
+
+@dataclass
+class ReadResult:
+    records: list[Record]
+    millis_behind: int
+    shard_end: bool
+
+
+class ShardReader(Protocol):
+    def read(self, limit: int) -> ReadResult: ...
+
+
+class StreamBackend(Protocol):
+    name: str
+
+    def put_records(self, entries: list[tuple[str, bytes]]) -> list[PutResult]: ...
+    def list_shards(self) -> list[Shard]: ...
+    def reader(self, shard_id: str, after_sequence: str | None) -> ShardReader: ...
+
+
+def sequence_key(sequence_number: str) -> int:
+    """Sequence numbers compare as integers (the emulator's are small, Kinesis' are 56 digits)."""
+    return int(sequence_number)
+
+
+# --------------------------------------------------------------------------------------- Kinesis
+
+
+class KinesisStream:
+    """A Kinesis data stream reached through boto3 (emulator, LocalStack or AWS alike)."""
+
+    def __init__(self, client, name: str):
+        self.client = client
+        self.name = name
+
+    def put_records(self, entries: list[tuple[str, bytes]]) -> list[PutResult]:
+        response = self.client.put_records(
+            StreamName=self.name,
+            Records=[{"PartitionKey": key, "Data": data} for key, data in entries],
+        )
+        return [
+            PutResult(item.get("SequenceNumber"), item.get("ShardId"),
+                      item.get("ErrorCode"), item.get("ErrorMessage"))
+            for item in response["Records"]
+        ]
+
+    def list_shards(self) -> list[Shard]:
+        shards, token = [], None
+        while True:
+            kwargs = {"NextToken": token} if token else {"StreamName": self.name}
+            response = self.client.list_shards(**kwargs)
+            for item in response["Shards"]:
+                shards.append(Shard(
+                    item["ShardId"], item.get("ParentShardId"), item.get("AdjacentParentShardId"),
+                    "EndingSequenceNumber" in item.get("SequenceNumberRange", {}),
+                ))
+            token = response.get("NextToken")
+            if not token:
+                return shards
+
+    def reader(self, shard_id: str, after_sequence: str | None) -> "KinesisShardReader":
+        return KinesisShardReader(self, shard_id, after_sequence)
+
+
+class KinesisShardReader:
+    """Reads one shard, renewing the iterator from the last sequence number when it expires."""
+
+    def __init__(self, stream: KinesisStream, shard_id: str, after_sequence: str | None):
+        self.stream = stream
+        self.shard_id = shard_id
+        self.last_sequence = after_sequence
+        self.iterator: str | None = None
+        self.ended = False
+
+    def _new_iterator(self) -> str | None:
+        kwargs = {"StreamName": self.stream.name, "ShardId": self.shard_id}
+        if self.last_sequence:
+            kwargs.update(ShardIteratorType="AFTER_SEQUENCE_NUMBER", StartingSequenceNumber=self.last_sequence)
+        else:
+            kwargs.update(ShardIteratorType="TRIM_HORIZON")
+        return self.stream.client.get_shard_iterator(**kwargs)["ShardIterator"]
+
+    def read(self, limit: int) -> ReadResult:
+        if self.ended:
+            return ReadResult([], 0, True)
+        if self.iterator is None:
+            self.iterator = self._new_iterator()
+        try:
+            response = self.stream.client.get_records(ShardIterator=self.iterator, Limit=limit)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ExpiredIteratorException":
+                raise
+            self.iterator = None
+            return ReadResult([], 0, False)
+        records = [
+            Record(item["Data"], item["PartitionKey"], item["SequenceNumber"], self.shard_id,
+                   int(item["ApproximateArrivalTimestamp"].timestamp() * 1000))
+            for item in response["Records"]
+        ]
+        if records:
+            self.last_sequence = records[-1].sequence_number
+        self.iterator = response.get("NextShardIterator")
+        # Kinesis may return an empty page with a valid iterator before the end of a closed shard;
+        # only a missing iterator means the shard has been read to its end.
+        self.ended = self.iterator is None
+        return ReadResult(records, int(response.get("MillisBehindLatest", 0)), self.ended)
+
+
+# --------------------------------------------------------------------------------------- memory
+
+
+def hash_key(partition_key: str) -> int:
+    """Kinesis maps a partition key to the 128-bit MD5 of its UTF-8 bytes."""
+    return int.from_bytes(hashlib.md5(partition_key.encode()).digest(), "big")
+
+
+@dataclass
+class _MemoryShard:
+    shard: Shard
+    start_hash: int
+    end_hash: int
+    records: list[Record] = field(default_factory=list)
+
+
+class MemoryStream:
+    """An in-process stream with Kinesis' routing and ordering, for unit tests and benchmarks.
+
+    ``fail_next`` makes the next N put entries fail with a throttling error, so producer retries can
+    be exercised without a network.
+    """
+
+    def __init__(self, name: str = "memory", shard_count: int = 1):
+        self.name = name
+        self._lock = threading.Lock()
+        self._sequence = 0
+        self.fail_next = 0
+        span = 2**128 // shard_count
+        self._shards = [
+            _MemoryShard(Shard(f"shardId-{i:012d}"), i * span,
+                         2**128 - 1 if i == shard_count - 1 else (i + 1) * span - 1)
+            for i in range(shard_count)
+        ]
+
+    def put_records(self, entries: list[tuple[str, bytes]]) -> list[PutResult]:
+        results = []
+        now = int(time.time() * 1000)
+        with self._lock:
+            for key, data in entries:
+                if self.fail_next > 0:
+                    self.fail_next -= 1
+                    results.append(PutResult(error_code="ProvisionedThroughputExceededException",
+                                             error_message="injected"))
+                    continue
+                target = self._route(hash_key(key))
+                self._sequence += 1
+                sequence = str(self._sequence)
+                target.records.append(Record(bytes(data), key, sequence, target.shard.shard_id, now))
+                results.append(PutResult(sequence, target.shard.shard_id))
+        return results
+
+    def _route(self, hashed: int) -> _MemoryShard:
+        for item in self._shards:
+            if not item.shard.closed and item.start_hash <= hashed <= item.end_hash:
+                return item
+        raise RuntimeError("no open shard covers the hash key")
+
+    def list_shards(self) -> list[Shard]:
+        with self._lock:
+            return [item.shard for item in self._shards]
+
+    def split(self, shard_id: str) -> None:
+        """Close a shard and open two children covering its hash range, as UpdateShardCount does."""
+        with self._lock:
+            parent = next(item for item in self._shards if item.shard.shard_id == shard_id)
+            parent.shard = Shard(parent.shard.shard_id, parent.shard.parent_shard_id, None, True)
+            middle = (parent.start_hash + parent.end_hash) // 2
+            base = len(self._shards)
+            self._shards.append(_MemoryShard(Shard(f"shardId-{base:012d}", shard_id), parent.start_hash, middle))
+            self._shards.append(_MemoryShard(Shard(f"shardId-{base + 1:012d}", shard_id), middle + 1, parent.end_hash))
+
+    def reader(self, shard_id: str, after_sequence: str | None) -> "MemoryShardReader":
+        shard = next(item for item in self._shards if item.shard.shard_id == shard_id)
+        return MemoryShardReader(self, shard, after_sequence)
+
+    def all_records(self) -> list[Record]:
+        with self._lock:
+            return [record for item in self._shards for record in item.records]
+
+
+class MemoryShardReader:
+    def __init__(self, stream: MemoryStream, shard: _MemoryShard, after_sequence: str | None):
+        self.stream = stream
+        self.shard = shard
+        self.position = 0
+        if after_sequence is not None:
+            after = sequence_key(after_sequence)
+            self.position = sum(1 for r in shard.records if sequence_key(r.sequence_number) <= after)
+
+    def read(self, limit: int) -> ReadResult:
+        with self.stream._lock:
+            records = self.shard.records[self.position:self.position + limit]
+            self.position += len(records)
+            remaining = len(self.shard.records) - self.position
+            ended = self.shard.shard.closed and remaining == 0
+        behind = 0 if not remaining else max(0, int(time.time() * 1000) - self.shard.records[self.position].arrival_ms)
+        return ReadResult(list(records), behind, ended)

@@ -1,0 +1,153 @@
+"""Create the pipeline's streams, bucket and tables; running it again changes nothing.
+
+Works unchanged against the emulator, LocalStack or a real account: the endpoint comes from
+``AWS_ENDPOINT_URL``. An existing stream with another shard count is reported, not resharded:
+resharding live traffic is an operator's decision (docs/operations.md).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+
+from botocore.exceptions import ClientError
+
+from common import aws, logs
+from common.config import AwsSettings, ConfigError, load
+
+log = logging.getLogger("provision")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProvisionSettings(AwsSettings):
+    raw_shards: int = 2
+    enriched_shards: int = 2
+    bad_shards: int = 1
+    predictions_shards: int = 1
+    raw_retention_days: int = 7
+    bad_retention_days: int = 30
+    prediction_ttl_hours: int = 24
+
+    def validate(self) -> None:
+        for name in ("raw_shards", "enriched_shards", "bad_shards", "predictions_shards",
+                     "raw_retention_days", "bad_retention_days", "prediction_ttl_hours"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"CLICKSTREAM_{name.upper()}: expected an integer >= 1, got {getattr(self, name)}")
+
+
+def ensure_stream(kinesis, name: str, shards: int) -> str:
+    try:
+        summary = kinesis.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] != "ResourceNotFoundException":
+            raise
+        kinesis.create_stream(StreamName=name, ShardCount=shards)
+        kinesis.get_waiter("stream_exists").wait(StreamName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 120})
+        return f"stream {name}: created with {shards} shard(s)"
+    have = summary.get("OpenShardCount", shards)
+    note = "" if have == shards else f" (configured {shards}; reshard deliberately, see docs/operations.md)"
+    return f"stream {name}: exists with {have} open shard(s){note}"
+
+
+def lifecycle_rules(settings: ProvisionSettings) -> list[dict]:
+    return [
+        {"ID": "expire-raw", "Filter": {"Prefix": "raw/"}, "Status": "Enabled",
+         "Expiration": {"Days": settings.raw_retention_days}},
+        {"ID": "expire-bad", "Filter": {"Prefix": "bad/"}, "Status": "Enabled",
+         "Expiration": {"Days": settings.bad_retention_days}},
+        {"ID": "abort-incomplete-uploads", "Filter": {"Prefix": ""}, "Status": "Enabled",
+         "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}},
+    ]
+
+
+def ensure_bucket(s3, name: str, settings: ProvisionSettings) -> str:
+    try:
+        s3.head_bucket(Bucket=name)
+        state = "exists"
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] not in ("404", "NoSuchBucket", "NotFound"):
+            raise
+        kwargs = {"Bucket": name}
+        if settings.region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": settings.region}
+        s3.create_bucket(**kwargs)
+        state = "created"
+    s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": lifecycle_rules(settings)})
+    return f"bucket {name}: {state}, lifecycle raw/ {settings.raw_retention_days} d, bad/ {settings.bad_retention_days} d"
+
+
+def ensure_table(dynamodb, name: str, keys: list[tuple[str, str]], ttl_attribute: str | None = None) -> str:
+    try:
+        dynamodb.describe_table(TableName=name)
+        state = "exists"
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] != "ResourceNotFoundException":
+            raise
+        dynamodb.create_table(
+            TableName=name, BillingMode="PAY_PER_REQUEST",
+            AttributeDefinitions=[{"AttributeName": key, "AttributeType": "S"} for key, _ in keys],
+            KeySchema=[{"AttributeName": key, "KeyType": kind} for key, kind in keys],
+        )
+        dynamodb.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+        state = "created"
+    if ttl_attribute:
+        current = dynamodb.describe_time_to_live(TableName=name)["TimeToLiveDescription"]
+        if current.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
+            dynamodb.update_time_to_live(TableName=name, TimeToLiveSpecification={
+                "Enabled": True, "AttributeName": ttl_attribute})
+        state += f", TTL on {ttl_attribute}"
+    return f"table {name}: {state}"
+
+
+def provision(settings: ProvisionSettings) -> list[str]:
+    kinesis = aws.client("kinesis", settings.region)
+    s3 = aws.client("s3", settings.region)
+    dynamodb = aws.client("dynamodb", settings.region)
+    lines = [
+        ensure_stream(kinesis, settings.raw_stream, settings.raw_shards),
+        ensure_stream(kinesis, settings.enriched_stream, settings.enriched_shards),
+        ensure_stream(kinesis, settings.bad_stream, settings.bad_shards),
+        ensure_stream(kinesis, settings.predictions_stream, settings.predictions_shards),
+        ensure_bucket(s3, settings.bucket, settings),
+        ensure_table(dynamodb, settings.lease_table, [("group", "HASH"), ("item", "RANGE")]),
+        ensure_table(dynamodb, settings.predictions_table, [("session_id", "HASH")], "expires_at"),
+        ensure_table(dynamodb, settings.offers_table, [("session_id", "HASH")], "expires_at"),
+    ]
+    return lines
+
+
+def wait_for_endpoint(settings: ProvisionSettings, timeout: float) -> None:
+    kinesis = aws.client("kinesis", settings.region, timeout=2, retries=1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            kinesis.list_streams(Limit=1)
+            return
+        except Exception:  # noqa: BLE001 - any failure means "not ready yet" until the deadline
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Create the clickstream streams, bucket and tables (idempotent). "
+                    "Settings: CLICKSTREAM_* environment variables or the [provision] section of CLICKSTREAM_CONFIG.")
+    parser.add_argument("--wait", type=float, default=30, help="seconds to wait for the endpoint (default 30)")
+    args = parser.parse_args(argv)
+    logs.setup(json_lines=False)
+    try:
+        settings = load(ProvisionSettings, section="provision")
+        wait_for_endpoint(settings, args.wait)
+        for line in provision(settings):
+            print(line, flush=True)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Run the local stack in the background: the emulator, provisioning, then every component.
+
+``up`` is idempotent (a running process is left alone), ``down`` stops everything it started
+(process groups, so no grandchild survives), ``status`` says what runs where. Logs and pid files
+live under ``.run/`` (git-ignored). A component whose package has no ``__main__`` yet is reported
+as not built rather than pretended.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from localstack.emulator import stop_group
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / ".run"
+LOCAL_ENDPOINT = "http://127.0.0.1:4566"
+
+
+@dataclass(frozen=True)
+class Process:
+    name: str
+    module: str
+    health_url: str | None = None
+    args: tuple[str, ...] = ()
+
+    @property
+    def pid_file(self) -> Path:
+        return RUN / "pids" / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return RUN / "logs" / f"{self.name}.log"
+
+    def built(self) -> bool:
+        return importlib.util.find_spec(self.module) is not None
+
+
+EMULATOR = Process("emulator", "localstack.emulator", LOCAL_ENDPOINT + "/moto-api/", ("--port", "4566"))
+COMPONENTS = [
+    Process("collector", "collector.__main__", "http://127.0.0.1:8080/health"),
+    Process("enrich", "enrich.__main__"),
+    Process("lake-loader", "batch.loader"),
+    Process("scorer", "scorer.__main__", "http://127.0.0.1:8081/ping"),
+    Process("discount", "discount.__main__"),
+    Process("liveview", "demo.liveview", "http://127.0.0.1:8082/health"),
+]
+
+
+def running_pid(process: Process) -> int | None:
+    try:
+        pid = int(process.pid_file.read_text())
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status < 500
+    except OSError:
+        return False
+
+
+def start(process: Process, wait: float = 30) -> str:
+    if running_pid(process):
+        return f"{process.name}: already running (pid {running_pid(process)})"
+    if not process.built():
+        return f"{process.name}: not built yet, skipped"
+    process.pid_file.parent.mkdir(parents=True, exist_ok=True)
+    process.log_file.parent.mkdir(parents=True, exist_ok=True)
+    module = process.module.removesuffix(".__main__")
+    with open(process.log_file, "ab") as log:
+        child = subprocess.Popen([sys.executable, "-m", module, *process.args], stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    process.pid_file.write_text(str(child.pid))
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            tail = process.log_file.read_text(errors="replace").splitlines()[-15:]
+            raise SystemExit(f"{process.name} exited with {child.returncode}; last log lines:\n" + "\n".join(tail))
+        if process.health_url is None or healthy(process.health_url):
+            return f"{process.name}: started (pid {child.pid}, log {process.log_file.relative_to(ROOT)})"
+        time.sleep(0.2)
+    raise SystemExit(f"{process.name} did not become healthy within {wait:.0f} s; see {process.log_file}")
+
+
+def stop(process: Process) -> str | None:
+    pid = running_pid(process)
+    process.pid_file.unlink(missing_ok=True)
+    if pid is None:
+        return None
+    stop_group(pid, timeout=15)
+    return f"{process.name}: stopped"
+
+
+def uses_local_emulator() -> bool:
+    return os.environ.get("AWS_ENDPOINT_URL", LOCAL_ENDPOINT).rstrip("/") == LOCAL_ENDPOINT
+
+
+def up() -> None:
+    if uses_local_emulator():
+        if not running_pid(EMULATOR) and healthy(EMULATOR.health_url):
+            print("emulator: something already answers on 127.0.0.1:4566; using it")
+        else:
+            print(start(EMULATOR), flush=True)
+    else:
+        print(f"emulator: not started, AWS_ENDPOINT_URL={os.environ.get('AWS_ENDPOINT_URL')}")
+    subprocess.run([sys.executable, "-m", "infra.provision"], check=True, cwd=ROOT)
+    for process in COMPONENTS:
+        print(start(process), flush=True)
+
+
+def down() -> None:
+    stopped = [line for process in [*reversed(COMPONENTS), EMULATOR] if (line := stop(process))]
+    print("\n".join(stopped) if stopped else "nothing was running")
+
+
+def status() -> None:
+    for process in [EMULATOR, *COMPONENTS]:
+        pid = running_pid(process)
+        state = f"running (pid {pid})" if pid else ("stopped" if process.built() else "not built yet")
+        if pid and process.health_url:
+            state += ", healthy" if healthy(process.health_url) else ", NOT answering"
+        print(f"{process.name:12} {state}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Start, stop or inspect the local clickstream stack.")
+    parser.add_argument("action", choices=["up", "down", "status"])
+    args = parser.parse_args(argv)
+    {"up": up, "down": down, "status": status}[args.action]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Start, health-check and stop local AWS emulators as child processes.
+
+``moto`` (moto server) serves Kinesis, S3 and DynamoDB over real HTTP and is the default.
+``kinesis-mock`` (npm ``kinesis-local``) is AWS-faithful for Kinesis alone (resharding, real
+sequence numbers, the 1 MiB limit), for the tests that need that. Each runs in its own process
+group, so stopping it never leaves a grandchild behind.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status < 500
+    except urllib.error.HTTPError as exc:
+        return exc.code < 500
+    except OSError:
+        return False
+
+
+@dataclass
+class Emulator:
+    kind: str
+    port: int
+    process: subprocess.Popen
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 10) -> None:
+        stop_group(self.process.pid, timeout)
+        self.process.wait(timeout)
+
+
+def stop_group(pid: int, timeout: float = 10) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left after ``timeout``."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _command(kind: str, port: int) -> tuple[list[str], dict, str, Path]:
+    """The command line, environment, health path and working folder of an emulator."""
+    env = dict(os.environ)
+    if kind == "moto":
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env, "/moto-api/", ROOT
+    if kind == "kinesis-mock":
+        main = ROOT / "node_modules" / "kinesis-local" / "main.js"
+        if not main.exists():
+            raise RuntimeError("kinesis-mock is not installed: run `make setup` (npm install)")
+        env.update(KINESIS_MOCK_PLAIN_PORT=str(port), KINESIS_MOCK_TLS_PORT=str(free_port()),
+                   LOG_LEVEL="WARN", SHOULD_PERSIST_DATA="false",
+                   CREATE_STREAM_DURATION="0ms", DELETE_STREAM_DURATION="0ms",
+                   UPDATE_SHARD_COUNT_DURATION="0ms", SHARD_LIMIT="100")
+        # It reads its server.json (TLS material) from the working folder.
+        return ["node", str(main)], env, "/", main.parent
+    raise ValueError(f"unknown emulator {kind!r}: expected moto or kinesis-mock")
+
+
+def start(kind: str = "moto", port: int | None = None, log_path: Path | None = None,
+          timeout: float = 60) -> Emulator:
+    """Start an emulator and wait until it answers HTTP; raise with its log if it does not."""
+    port = port or free_port()
+    if not _port_free(port):
+        # Otherwise the health check would be answered by whatever already listens there.
+        raise RuntimeError(f"port {port} is in use: stop what listens there or choose another port")
+    command, env, health, cwd = _command(kind, port)
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True, cwd=cwd)
+    emulator = Emulator(kind, port, process)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{kind} exited with code {process.returncode} (log: {log_path})")
+        if _healthy(emulator.endpoint + health):
+            return emulator
+        time.sleep(0.1)
+    emulator.stop()
+    raise RuntimeError(f"{kind} did not answer on port {port} within {timeout:.0f} s (log: {log_path})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run a local AWS emulator in the foreground.")
+    parser.add_argument("--kind", choices=["moto", "kinesis-mock"], default="moto")
+    parser.add_argument("--port", type=int, default=4566)
+    args = parser.parse_args(argv)
+    emulator = start(args.kind, args.port)
+    print(f"{args.kind} listening on {emulator.endpoint}", flush=True)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    try:
+        while not stopping and emulator.process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        emulator.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

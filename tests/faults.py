@@ -1,0 +1,114 @@
+"""A small fault-injecting HTTP proxy that sits between a client and the emulator.
+
+It forwards every request unchanged, except that it can
+- fail chosen entries of a Kinesis PutRecords call for real: the entries are removed from the
+  request before it reaches the emulator and answered with ``ProvisionedThroughputExceededException``
+  in their slots, exactly as Kinesis reports a partial failure;
+- be "down": answer every request with 503, or drop the connection, like an unreachable stream.
+"""
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+PUT_RECORDS = "Kinesis_20131202.PutRecords"
+
+
+class FaultProxy:
+    def __init__(self, upstream: str):
+        target = urlsplit(upstream)
+        self.upstream_host, self.upstream_port = target.hostname, target.port
+        self.fail_entries: list[int] = []      # positions to fail in the next PutRecords calls, one list per call
+        self.fail_calls: list[list[int]] = []
+        self.down = False
+        self.put_calls = 0
+        self.failed_entries = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                if proxy.down:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                target = self.headers.get("X-Amz-Target", "")
+                fail = []
+                if target == PUT_RECORDS:
+                    proxy.put_calls += 1
+                    fail = proxy.fail_calls.pop(0) if proxy.fail_calls else []
+                status, headers, payload = proxy.forward(self.command, self.path, self.headers, body, fail)
+                self.send_response(status)
+                for key, value in headers:
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def forward(self, method, path, headers, body, fail: list[int]):
+        records = None
+        if fail:
+            request = json.loads(body)
+            records = request["Records"]
+            request["Records"] = [r for i, r in enumerate(records) if i not in fail]
+            body = json.dumps(request).encode()
+        connection = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=30)
+        forwarded = {k: v for k, v in headers.items() if k.lower() not in ("content-length", "host")}
+        forwarded["Content-Length"] = str(len(body))
+        connection.request(method, path, body=body, headers=forwarded)
+        response = connection.getresponse()
+        payload = response.read()
+        status, out_headers = response.status, response.getheaders()
+        connection.close()
+        if fail and status == 200:
+            payload = self._splice_failures(payload, len(records), fail)
+        return status, out_headers, payload
+
+    def _splice_failures(self, payload: bytes, total: int, fail: list[int]) -> bytes:
+        answer = json.loads(payload)
+        delivered = iter(answer["Records"])
+        merged = []
+        for i in range(total):
+            if i in fail:
+                merged.append({"ErrorCode": "ProvisionedThroughputExceededException",
+                               "ErrorMessage": "Rate exceeded for shard (injected by FaultProxy)"})
+            else:
+                merged.append(next(delivered))
+        self.failed_entries += len(fail)
+        answer["Records"] = merged
+        answer["FailedRecordCount"] = answer.get("FailedRecordCount", 0) + len(fail)
+        return json.dumps(answer).encode()
+
+
+def decode_data(record: dict) -> bytes:
+    return base64.b64decode(record["Data"])

@@ -1,0 +1,139 @@
+"""Producer, consumer and provisioning over HTTP against the emulator (moto server)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from common import aws
+from common.consumer import consumer_for
+from common.leases import DynamoLeaseTable
+from common.producer import Producer
+from common.streams import KinesisStream
+from infra.provision import provision
+from tests.conftest import ROOT, settings_env
+from tests.faults import FaultProxy
+
+
+def entries(n, tag="r"):
+    return [(f"key-{i % 37}", f"{tag}-{i}".encode()) for i in range(n)]
+
+
+def stream_contents(settings, name=None):
+    consumer = consumer_for(settings, name or settings.raw_stream, app=f"reader-{time.monotonic_ns()}")
+    seen = []
+    for _ in range(5):
+        for batch in consumer.poll():
+            seen += [r.data.decode() for r in batch.records]
+    consumer.close()
+    return seen
+
+
+def test_provisioning_twice_changes_nothing(aws_settings):
+    again = provision(aws_settings)
+    assert all("exists" in line for line in again), again
+    kinesis = aws.client("kinesis")
+    summary = kinesis.describe_stream_summary(StreamName=aws_settings.enriched_stream)["StreamDescriptionSummary"]
+    assert summary["OpenShardCount"] == 2
+    rules = aws.client("s3").get_bucket_lifecycle_configuration(Bucket=aws_settings.bucket)["Rules"]
+    assert {r["ID"] for r in rules} >= {"expire-raw", "expire-bad"}
+    ttl = aws.client("dynamodb").describe_time_to_live(TableName=aws_settings.predictions_table)
+    assert ttl["TimeToLiveDescription"]["AttributeName"] == "expires_at"
+
+
+def test_producer_retries_only_the_failed_entries(aws_settings):
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.fail_calls = [[0, 3, 4, 99], [1]]        # first call loses 4 entries, the retry loses 1
+        client = aws.session().client("kinesis", endpoint_url=proxy.endpoint)
+        producer = Producer(KinesisStream(client, aws_settings.raw_stream), base_delay=0.01)
+        assert producer.send(entries(120)) == []
+        assert proxy.failed_entries == 5
+        assert producer.retried == 4 + 1
+    stored = Counter(stream_contents(aws_settings))
+    assert len(stored) == 120 and set(stored.values()) == {1}    # each entry exactly once
+
+
+def test_producer_returns_everything_when_the_stream_is_unreachable(aws_settings):
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.down = True
+        client = aws.session().client("kinesis", endpoint_url=proxy.endpoint)
+        producer = Producer(KinesisStream(client, aws_settings.raw_stream), max_attempts=2, base_delay=0.01)
+        undelivered = producer.send(entries(30))
+    assert sorted(u.data for u in undelivered) == sorted(d for _, d in entries(30))
+
+
+def test_consumer_restart_loses_nothing_and_repeats_only_the_unconfirmed_batch(aws_settings):
+    Producer(KinesisStream(aws.client("kinesis"), aws_settings.raw_stream)).send(entries(200))
+    first = consumer_for(aws_settings, aws_settings.raw_stream, app="restart", lease_ms=1000, batch_limit=50)
+    outputs = []
+    confirmed = first.poll()[0]
+    outputs += [r.data for r in confirmed.records]
+    first.checkpoint(confirmed)
+    unconfirmed = [r.data for b in first.poll() for r in b.records]   # written out, then a crash
+    outputs += unconfirmed
+    time.sleep(1.2)                                                    # the dead worker's lease expires
+    second = consumer_for(aws_settings, aws_settings.raw_stream, app="restart", batch_limit=50)
+    for _ in range(10):
+        for batch in second.poll():
+            outputs += [r.data for r in batch.records]
+            second.checkpoint(batch)
+    second.close()
+    counts = Counter(outputs)
+    assert set(counts) == {d for _, d in entries(200)}                 # nothing lost
+    duplicated = {data for data, n in counts.items() if n > 1}
+    assert len(unconfirmed) == 50 and duplicated == set(unconfirmed)   # only the unconfirmed batch repeats
+
+
+def _status(path: Path) -> list[str]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def _wait(predicate, timeout=40):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_two_processes_balance_four_shards_and_take_over_after_kill_9(aws_endpoint, tmp_path):
+    from infra.provision import ProvisionSettings
+    from tests.conftest import unique_settings
+
+    settings = unique_settings(ProvisionSettings, raw_shards=4)
+    provision(settings)
+    env = {**os.environ, **settings_env(settings), "LEASE_MS": "3000", "PYTHONPATH": str(ROOT)}
+    worker = [sys.executable, str(ROOT / "tests/foundation/consumer_worker.py")]
+    outs = [tmp_path / "a.out", tmp_path / "b.out"]
+    states = [tmp_path / "a.json", tmp_path / "b.json"]
+    procs = [subprocess.Popen(worker + [str(o), str(s)], env=env, start_new_session=True)
+             for o, s in zip(outs, states)]
+    try:
+        assert _wait(lambda: sorted(len(_status(s)) for s in states) == [2, 2]), [_status(s) for s in states]
+        assert set(_status(states[0])).isdisjoint(_status(states[1]))
+        producer = Producer(KinesisStream(aws.client("kinesis"), settings.raw_stream))
+        assert producer.send(entries(400, "first")) == []
+        assert _wait(lambda: sum(len(o.read_text().splitlines()) for o in outs if o.exists()) >= 400)
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        procs[0].wait()
+        assert producer.send(entries(400, "second")) == []
+        assert _wait(lambda: len(_status(states[1])) == 4)        # takeover within the lease time
+        expected = Counter(d.decode() for _, d in entries(400, "first") + entries(400, "second"))
+        assert _wait(lambda: set(Counter(l for o in outs for l in o.read_text().splitlines())) == set(expected))
+        seen = Counter(line for o in outs for line in o.read_text().splitlines())
+        assert set(seen) == set(expected)                          # nothing lost
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=20)
+    leases, workers = DynamoLeaseTable(aws.client("dynamodb"), settings.lease_table,
+                                       f"test#{settings.raw_stream}").leases()
+    assert not any(lease.owner for lease in leases)               # clean stop released every lease

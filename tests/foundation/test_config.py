@@ -1,0 +1,62 @@
+import dataclasses
+
+import pytest
+
+from common.config import AwsSettings, ConfigError, load
+
+
+@dataclasses.dataclass(frozen=True)
+class Example(AwsSettings):
+    flush_ms: int = 200
+    ratio: float = 0.5
+    enabled: bool = True
+    paths: tuple[str, ...] = ("/i",)
+
+
+def test_defaults_match_the_design():
+    settings = load(Example, env={})
+    assert (settings.raw_stream, settings.enriched_stream, settings.bad_stream, settings.predictions_stream) == (
+        "clickstream-raw", "clickstream-enriched", "clickstream-bad", "clickstream-predictions")
+    assert settings.bucket == "clickstream-lake"
+
+
+def test_environment_overrides_file_overrides_defaults(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text('[common]\nbucket = "from-file"\n[example]\nflush_ms = 50\nratio = 0.25\n')
+    settings = load(Example, section="example", file=file, env={"CLICKSTREAM_FLUSH_MS": "75"})
+    assert settings.bucket == "from-file"
+    assert settings.flush_ms == 75
+    assert settings.ratio == 0.25
+
+
+def test_types_are_converted():
+    settings = load(Example, env={"CLICKSTREAM_ENABLED": "off", "CLICKSTREAM_PATHS": "/a, /b"})
+    assert settings.enabled is False
+    assert settings.paths == ("/a", "/b")
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("CLICKSTREAM_FLUSH_MS", "soon", "expected an integer"),
+    ("CLICKSTREAM_RATIO", "half", "expected a number"),
+    ("CLICKSTREAM_ENABLED", "maybe", "expected true or false"),
+])
+def test_a_bad_value_names_the_key_and_the_form(key, value, expected):
+    with pytest.raises(ConfigError) as error:
+        load(Example, env={key: value})
+    assert key in str(error.value) and expected in str(error.value) and value in str(error.value)
+
+
+def test_unknown_key_in_file_is_an_error(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text("[example]\nflush_msec = 5\n")
+    with pytest.raises(ConfigError, match="flush_msec"):
+        load(Example, section="example", file=file, env={})
+
+
+def test_missing_or_broken_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(Example, env={"CLICKSTREAM_CONFIG": str(tmp_path / "nope.toml")})
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[example\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(Example, file=broken, env={})

@@ -1,0 +1,111 @@
+"""Producer and consumer logic over the in-memory stream and lease table (no network)."""
+import time
+from collections import Counter
+
+from common.consumer import Consumer
+from common.leases import MemoryLeaseTable
+from common.producer import Producer, batches
+from common.streams import MAX_BATCH_BYTES, MAX_RECORD_BYTES, MemoryStream, SHARD_END
+
+
+def entries(n, size=10):
+    return [(f"key-{i}", f"{i:08d}".encode().ljust(size, b".")) for i in range(n)]
+
+
+def drain(consumer, rounds=20, checkpoint=True):
+    seen = []
+    for _ in range(rounds):
+        for batch in consumer.poll():
+            seen += [r.data for r in batch.records]
+            if checkpoint:
+                consumer.checkpoint(batch)
+    return seen
+
+
+def test_batches_respect_count_and_byte_limits():
+    calls = list(batches(entries(1200)))
+    assert [len(c) for c in calls] == [500, 500, 200]
+    big = entries(12, size=600 * 1024)
+    calls = list(batches(big))
+    assert all(sum(len(k) + len(d) for k, d in c) <= MAX_BATCH_BYTES for c in calls)
+    assert sum(len(c) for c in calls) == 12
+
+
+def test_producer_retries_only_failed_entries_and_keeps_order_per_key():
+    stream = MemoryStream(shard_count=2)
+    stream.fail_next = 7
+    producer = Producer(stream, sleep=lambda s: None)
+    assert producer.send(entries(100)) == []
+    stored = Counter(r.data for r in stream.all_records())
+    assert len(stored) == 100 and set(stored.values()) == {1}
+    assert producer.retried == 7
+
+
+def test_producer_hands_back_what_it_could_not_deliver():
+    stream = MemoryStream()
+    stream.fail_next = 10**6
+    producer = Producer(stream, max_attempts=3, sleep=lambda s: None)
+    undelivered = producer.send(entries(5) + [("big", b"x" * MAX_RECORD_BYTES)])
+    assert len(undelivered) == 6
+    assert {u.reason.split(":")[0] for u in undelivered} == {"ProvisionedThroughputExceededException",
+                                                           "record larger than 1 MiB"}
+
+
+def test_consumer_resumes_after_restart_without_loss_or_duplicates():
+    stream, leases = MemoryStream(shard_count=3), MemoryLeaseTable()
+    Producer(stream).send(entries(300))
+    # lease_ms=1: the first worker's leases and heartbeat expire as soon as it "crashes".
+    first = Consumer(stream, leases, worker_id="a", batch_limit=40, lease_ms=1)
+    got = []
+    for batch in first.poll():          # one page per shard, then "crash" without closing
+        got += [r.data for r in batch.records]
+        first.checkpoint(batch)
+    Producer(stream).send([(f"more-{i}", f"more-{i}".encode()) for i in range(50)])
+    time.sleep(0.01)                    # let the dead worker's 1 ms leases lapse
+    second = Consumer(stream, leases, worker_id="b")
+    got += drain(second)
+    assert Counter(got) == Counter(r.data for r in stream.all_records())
+
+
+def test_unconfirmed_batch_is_redelivered():
+    stream, leases = MemoryStream(), MemoryLeaseTable()
+    Producer(stream).send(entries(10))
+    first = Consumer(stream, leases, worker_id="a")
+    assert len(drain(first, rounds=1, checkpoint=False)) == 10
+    first.close()
+    assert len(drain(Consumer(stream, leases, worker_id="b"), rounds=2)) == 10
+
+
+def test_two_workers_split_four_shards_evenly_and_a_leaver_hands_over():
+    stream, leases = MemoryStream(shard_count=4), MemoryLeaseTable()
+    a = Consumer(stream, leases, worker_id="a")
+    b = Consumer(stream, leases, worker_id="b")
+    a.balance()
+    assert len(a.owned) == 4                # alone, it takes everything
+    for _ in range(3):
+        b.balance()
+        a.balance()
+    assert (len(a.owned), len(b.owned)) == (2, 2)
+    assert set(a.owned).isdisjoint(b.owned)
+    a.close()
+    b.balance()
+    assert len(b.owned) == 4
+
+
+def test_parent_is_finished_before_children_are_read():
+    stream, leases = MemoryStream(), MemoryLeaseTable()
+    Producer(stream).send(entries(20))
+    stream.split("shardId-000000000000")
+    Producer(stream).send([(f"late-{i}", b"late") for i in range(20)])
+    consumer = Consumer(stream, leases, worker_id="a", shard_refresh_s=0)
+    order = []
+    for _ in range(10):
+        for batch in consumer.poll():
+            order += [(batch.shard_id, r.data) for r in batch.records]
+            consumer.checkpoint(batch)
+    parent = [i for i, (shard, _) in enumerate(order) if shard == "shardId-000000000000"]
+    children = [i for i, (shard, _) in enumerate(order) if shard != "shardId-000000000000"]
+    assert len(parent) == 20 and len(children) == 20
+    assert max(parent) < min(children)
+    rows = {lease.shard_id: lease for lease in leases.leases()[0]}
+    assert rows["shardId-000000000000"].checkpoint == SHARD_END
