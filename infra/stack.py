@@ -40,7 +40,10 @@ class Process:
         return RUN / "logs" / f"{self.name}.log"
 
     def built(self) -> bool:
-        return importlib.util.find_spec(self.module) is not None
+        try:
+            return importlib.util.find_spec(self.module) is not None
+        except ModuleNotFoundError:        # the parent package does not exist yet
+            return False
 
 
 EMULATOR = Process("emulator", "localstack.emulator", LOCAL_ENDPOINT + "/moto-api/", ("--port", "4566"))
