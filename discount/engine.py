@@ -1,0 +1,156 @@
+"""Read predictions, decide offers, write them, then checkpoint: the whole engine loop.
+
+At-least-once: a batch's checkpoint moves only after every offer in it is written, and the writes
+are idempotent (one offer per session, enforced by the table), so a crash or a replay re-reads
+predictions without ever making a second offer.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from common import aws
+from common.consumer import Batch, Consumer, consumer_for
+from common.leases import LeaseLost
+from discount.metrics import Metrics
+from discount.offers import OfferTable, Outcome, Prediction, hour_of
+from discount.settings import DiscountSettings
+
+log = logging.getLogger("discount")
+APP = "discount"
+REMEMBERED_SESSIONS = 100_000
+
+
+def skip_reason(settings: DiscountSettings, prediction: Prediction) -> str | None:
+    """Why a prediction gets no offer, or None when it qualifies."""
+    if prediction.events_in_session < settings.min_events:
+        return "too_early"
+    if prediction.p_buy < settings.offer_threshold:
+        return "below_threshold"
+    if prediction.p_buy > settings.offer_ceiling:
+        return "above_ceiling"
+    return None
+
+
+class Engine:
+    def __init__(self, settings: DiscountSettings, consumer: Consumer, offers: OfferTable, metrics: Metrics,
+                 *, clock: Callable[[], float] = time.time, stop: Callable[[], bool] = lambda: False):
+        self.settings = settings
+        self.consumer = consumer
+        self.offers = offers
+        self.metrics = metrics
+        self.clock = clock
+        self.stop = stop
+        # Sessions known to have an offer: saves a write for each of their later predictions.
+        self.offered: OrderedDict[str, None] = OrderedDict()
+        self.exhausted_hour: str | None = None
+        self._budget_read_at = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: DiscountSettings, metrics: Metrics, **kwargs) -> Engine:
+        consumer = consumer_for(settings, settings.predictions_stream, APP, batch_limit=settings.batch_limit)
+        offers = OfferTable(aws.client("dynamodb", settings.region), settings.offers_table,
+                            budget_per_hour=settings.budget_per_hour, discount_percent=settings.discount_percent,
+                            ttl_hours=settings.offer_ttl_hours)
+        return cls(settings, consumer, offers, metrics, **kwargs)
+
+    # ------------------------------------------------------------------ decisions
+
+    def decide(self, data: bytes) -> str:
+        """Handle one prediction record; returns the outcome label (also counted in the metrics)."""
+        try:
+            prediction = Prediction.from_record(json.loads(data))
+        except ValueError as exc:              # json.JSONDecodeError is a ValueError too
+            log.warning("skipping a record that is not a prediction: %s", exc)
+            return "invalid"
+        if prediction.session_id in self.offered:
+            return Outcome.ALREADY_OFFERED.value
+        reason = skip_reason(self.settings, prediction)
+        if reason:
+            return reason
+        now = self.clock()
+        if self.exhausted_hour == hour_of(now):
+            return Outcome.BUDGET_EXHAUSTED.value
+        outcome = self._retrying(lambda: self.offers.offer(prediction, now))
+        if outcome is Outcome.BUDGET_EXHAUSTED:
+            self.exhausted_hour = hour_of(now)
+        elif outcome in (Outcome.OFFERED, Outcome.ALREADY_OFFERED):
+            self._remember(prediction.session_id)
+        if outcome is Outcome.OFFERED:
+            log.info("offer made, p_buy %.3f", prediction.p_buy,
+                     extra={"session_id": prediction.session_id, "event_id": prediction.event_id,
+                            "model_version": prediction.model_version})
+        return outcome.value
+
+    def _remember(self, session_id: str) -> None:
+        self.offered[session_id] = None
+        if len(self.offered) > REMEMBERED_SESSIONS:
+            self.offered.popitem(last=False)
+
+    def _retrying(self, write: Callable[[], Outcome]) -> Outcome:
+        """Retry a write through throttling and outages: skipping it would lose an offer decision."""
+        for attempt in range(1_000_000):
+            try:
+                return write()
+            except (BotoCoreError, ClientError) as exc:
+                if self.stop():
+                    raise
+                self.metrics.write_errors.inc()
+                log.warning("offer write failed (attempt %d), retrying: %s", attempt + 1, exc)
+                time.sleep(min(5.0, 0.1 * 2**attempt))
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ the loop
+
+    def handle(self, batch: Batch) -> None:
+        for record in batch.records:
+            started = time.perf_counter()
+            outcome = self.decide(record.data)
+            self.metrics.predictions.labels(outcome).inc()
+            if outcome == Outcome.OFFERED.value:
+                self.metrics.offers.inc()
+                self.metrics.decision_seconds.observe(time.perf_counter() - started)
+
+    def step(self) -> int:
+        """One round: read a page from every owned shard, decide, write, then checkpoint."""
+        handled = 0
+        for batch in self.consumer.poll():
+            self.handle(batch)
+            try:
+                self.consumer.checkpoint(batch)
+            except LeaseLost:
+                pass                           # another worker owns the shard now and re-reads from there
+            handled += len(batch.records)
+        self.metrics.lag_ms.set(self.consumer.max_lag_ms)
+        self.metrics.shards.set(len(self.consumer.owned))
+        self._update_budget_gauge()
+        return handled
+
+    def _update_budget_gauge(self) -> None:
+        # The counter lives in DynamoDB (shared by all processes); a read every few seconds is plenty.
+        if time.monotonic() - self._budget_read_at < 5.0:
+            return
+        self._budget_read_at = time.monotonic()
+        try:
+            spent = self.offers.spent(self.clock())
+        except (BotoCoreError, ClientError):
+            return
+        self.metrics.budget_left.set(max(0, self.settings.budget_per_hour - spent))
+
+    def run(self, idle_sleep: float = 0.2) -> None:
+        while not self.stop():
+            try:
+                if not self.step():
+                    time.sleep(idle_sleep)
+            except (BotoCoreError, ClientError) as exc:
+                # Reading or checkpointing failed: the checkpoint did not move, so nothing is lost.
+                log.warning("stream or lease call failed, retrying: %s", exc)
+                time.sleep(1.0)
+
+    def close(self) -> None:
+        self.consumer.close()

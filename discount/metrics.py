@@ -1,0 +1,29 @@
+"""Prometheus metrics of the discount engine, on their own registry (several engines may share a process in tests)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.predictions = Counter("discount_predictions_total", "Predictions read, by outcome "
+                                   "(offered, already_offered, budget_exhausted, too_early, below_threshold, "
+                                   "above_ceiling, invalid)", ["outcome"], registry=self.registry)
+        self.offers = Counter("discount_offers_total", "Offers written", registry=self.registry)
+        self.write_errors = Counter("discount_write_errors_total", "Failed (retried) offer writes",
+                                    registry=self.registry)
+        self.budget_left = Gauge("discount_budget_remaining", "Offers left in this hour's budget",
+                                 registry=self.registry)
+        self.lag_ms = Gauge("discount_consumer_lag_ms", "Milliseconds behind the tip of the predictions stream",
+                            registry=self.registry)
+        self.shards = Gauge("discount_shards_owned", "Shards of the predictions stream this process reads",
+                            registry=self.registry)
+        self.decision_seconds = Histogram("discount_offer_seconds", "Time to decide and write one offer",
+                                          buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+                                          registry=self.registry)
+
+    def serve(self, host: str, port: int):
+        """Start /metrics in a daemon thread; returns the server (``.shutdown()``) and its port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server, server.server_address[1]

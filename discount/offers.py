@@ -1,0 +1,135 @@
+"""The offers table: at most one offer per session and a budget per hour, both enforced by DynamoDB.
+
+An offer is written in one transaction with the hour's budget counter: a conditional put that fails
+if the session already has an offer, and a conditional increment that fails once the hour's budget
+is spent. Neither a replay of the predictions stream, nor a restart, nor several engine processes
+can give a session a second offer or spend more than the budget.
+
+Rows (partition key ``session_id``, TTL attribute ``expires_at``):
+
+- ``kind = "offer"``: one per session that got an offer (see docs/discount-engine.md for the fields);
+- ``kind = "budget"``: ``session_id = "budget#YYYY-MM-DDTHH"``, ``offers`` = offers made that hour.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import Enum
+
+from botocore.exceptions import ClientError
+
+OFFER_NAMESPACE = uuid.UUID("6f1c3c1e-2f52-4c55-9a55-5d2c8a0c7d10")
+
+
+class Outcome(str, Enum):
+    OFFERED = "offered"
+    ALREADY_OFFERED = "already_offered"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The fields of a prediction record (docs/contracts.md) the engine uses."""
+
+    session_id: str
+    event_id: str
+    p_buy: float
+    decision: str
+    model_name: str
+    model_version: str
+    events_in_session: int
+
+    @classmethod
+    def from_record(cls, record: dict) -> Prediction:
+        """Raise ValueError naming the field when the record is not a prediction."""
+        try:
+            prediction = cls(str(record["session_id"]), str(record["event_id"]), float(record["p_buy"]),
+                             str(record["decision"]), str(record["model_name"]), str(record["model_version"]),
+                             int(record.get("events_in_session") or 0))
+        except KeyError as exc:
+            raise ValueError(f"prediction without {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"malformed prediction: {exc}") from None
+        if not prediction.session_id or not 0.0 <= prediction.p_buy <= 1.0:
+            raise ValueError(f"malformed prediction: session {prediction.session_id!r}, p_buy {prediction.p_buy}")
+        return prediction
+
+
+def hour_of(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H")
+
+
+def offer_id(session_id: str) -> str:
+    """The same session always gets the same offer id, so a retried write is recognisably the same offer."""
+    return str(uuid.uuid5(OFFER_NAMESPACE, session_id))
+
+
+class OfferTable:
+    def __init__(self, client, table: str, *, budget_per_hour: int, discount_percent: int, ttl_hours: int):
+        self.client = client
+        self.table = table
+        self.budget_per_hour = budget_per_hour
+        self.discount_percent = discount_percent
+        self.ttl_s = ttl_hours * 3600
+
+    def offer_item(self, prediction: Prediction, now: float) -> dict:
+        identifier = offer_id(prediction.session_id)
+        return {
+            "session_id": {"S": prediction.session_id}, "kind": {"S": "offer"},
+            "offer_id": {"S": identifier},
+            "code": {"S": f"SAVE{self.discount_percent}-{identifier[:8].upper()}"},
+            "discount_percent": {"N": str(self.discount_percent)},
+            "p_buy": {"N": repr(prediction.p_buy)}, "decision": {"S": prediction.decision},
+            "model_name": {"S": prediction.model_name}, "model_version": {"S": prediction.model_version},
+            "event_id": {"S": prediction.event_id},
+            "offered_at": {"S": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
+                           .replace("+00:00", "Z")},
+            "hour": {"S": hour_of(now)},
+            "expires_at": {"N": str(int(now + self.ttl_s))},
+        }
+
+    def offer(self, prediction: Prediction, now: float | None = None) -> Outcome:
+        """Write the offer and count it against this hour's budget, atomically."""
+        now = time.time() if now is None else now
+        hour = hour_of(now)
+        budget_update = {
+            "TableName": self.table, "Key": {"session_id": {"S": f"budget#{hour}"}},
+            # Attribute names through placeholders: some plain words are reserved in DynamoDB expressions.
+            "UpdateExpression": "ADD #n :one SET #k = :kind, #e = :exp",
+            "ConditionExpression": "attribute_not_exists(#n) OR #n < :cap",
+            "ExpressionAttributeNames": {"#n": "offers", "#k": "kind", "#e": "expires_at"},
+            "ExpressionAttributeValues": {":one": {"N": "1"}, ":cap": {"N": str(self.budget_per_hour)},
+                                          ":kind": {"S": "budget"}, ":exp": {"N": str(int(now + 2 * 86400))}},
+        }
+        put = {"TableName": self.table, "Item": self.offer_item(prediction, now),
+               "ConditionExpression": "attribute_not_exists(session_id)"}
+        try:
+            self.client.transact_write_items(TransactItems=[{"Put": put}, {"Update": budget_update}])
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "TransactionCanceledException":
+                raise
+            reasons = [reason.get("Code") for reason in exc.response.get("CancellationReasons", [])]
+            if reasons and reasons[0] == "ConditionalCheckFailed":
+                return Outcome.ALREADY_OFFERED
+            if len(reasons) > 1 and reasons[1] == "ConditionalCheckFailed":
+                return Outcome.BUDGET_EXHAUSTED
+            raise
+        return Outcome.OFFERED
+
+    def spent(self, now: float | None = None) -> int:
+        """Offers made in the hour of ``now``."""
+        hour = hour_of(time.time() if now is None else now)
+        item = self.client.get_item(TableName=self.table, Key={"session_id": {"S": f"budget#{hour}"}},
+                                    ConsistentRead=True).get("Item")
+        return int(item["offers"]["N"]) if item else 0
+
+    def get(self, session_id: str) -> dict | None:
+        """The offer of a session, as plain values, or None: what a shop's checkout page would call."""
+        item = self.client.get_item(TableName=self.table, Key={"session_id": {"S": session_id}},
+                                    ConsistentRead=True).get("Item")
+        if not item or item.get("kind", {}).get("S") != "offer":
+            return None
+        return {key: (float(value["N"]) if key == "p_buy" else int(value["N"])) if "N" in value else value["S"]
+                for key, value in item.items()}

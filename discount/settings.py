@@ -1,0 +1,38 @@
+"""Settings of the discount engine: CLICKSTREAM_* variables or the [discount] section of the config file."""
+from __future__ import annotations
+
+import dataclasses
+
+from common.config import AwsSettings, ConfigError, load, require_positive
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscountSettings(AwsSettings):
+    # Offer to sessions with real interest (p_buy at or above the threshold) that the model does not
+    # already see buying (at or below the ceiling): a discount for a sure buyer only gives margin away.
+    offer_threshold: float = 0.3
+    offer_ceiling: float = 1.0
+    min_events: int = 3                  # the first clicks of a session say too little
+    budget_per_hour: int = 100           # offers per UTC hour, shared by every engine process
+    discount_percent: int = 10
+    offer_ttl_hours: int = 24
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9104
+    batch_limit: int = 500
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        require_positive(self, "budget_per_hour", "discount_percent", "offer_ttl_hours", "batch_limit")
+        for name in ("offer_threshold", "offer_ceiling"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"CLICKSTREAM_{name.upper()}: expected a probability within 0..1, "
+                                  f"got {getattr(self, name)}")
+        if self.offer_threshold > self.offer_ceiling:
+            raise ConfigError("CLICKSTREAM_OFFER_THRESHOLD: must not be above CLICKSTREAM_OFFER_CEILING "
+                              f"({self.offer_threshold} > {self.offer_ceiling})")
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"CLICKSTREAM_METRICS_PORT: expected a port 0..65535, got {self.metrics_port}")
+
+
+def load_settings(**overrides) -> DiscountSettings:
+    return load(DiscountSettings, section="discount", **overrides)

@@ -1,0 +1,213 @@
+"""The demo shop in headless Chromium: click through to a purchase, see the tracker's hits arrive.
+
+Chromium is driven through chromedriver's W3C WebDriver API (plain HTTP and JSON, no client library);
+the hits go to a capture server that answers CORS as the collector does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from demo.web import ShopServer, WebSettings, catalogue_json, resolve
+from localstack.emulator import free_port
+from tests.conftest import ROOT
+from tests.demo.test_traffic import Capture, CaptureServer, contexts_of, shop_event, validate_payload
+
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+class CorsCapture(Capture):
+    """Answers the browser's CORS preflight and credentialed POSTs, like the collector."""
+
+    def end_headers(self) -> None:
+        origin = self.headers.get("Origin")
+        if origin:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Access-Control-Allow-Credentials", "true")
+            self.send_header("Access-Control-Allow-Headers", "Content-Type, SP-Anonymous")
+            self.send_header("Access-Control-Allow-Methods", "POST, GET, OPTIONS")
+        super().end_headers()
+
+    def do_OPTIONS(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+class WebDriver:
+    """The few W3C WebDriver calls the test needs."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.session = ""
+
+    def call(self, method: str, path: str, body: dict | None = None):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.loads(response.read())["value"]
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"WebDriver {method} {path}: {exc.read().decode()[:500]}") from None
+
+    def start(self, user_data: str) -> None:
+        options = {"binary": shutil.which("chromium"), "args": [*CHROMIUM_ARGS, f"--user-data-dir={user_data}"]}
+        capabilities = {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": options}}
+        self.session = self.call("POST", "/session", {"capabilities": capabilities})["sessionId"]
+        self.call("POST", f"/session/{self.session}/timeouts", {"implicit": 10_000, "script": 10_000})
+
+    def go(self, url: str) -> None:
+        self.call("POST", f"/session/{self.session}/url", {"url": url})
+
+    def find(self, css: str) -> str:
+        return self.call("POST", f"/session/{self.session}/element", {"using": "css selector", "value": css})[ELEMENT]
+
+    def click(self, css: str) -> None:
+        self.call("POST", f"/session/{self.session}/element/{self.find(css)}/click", {})
+
+    def text(self, css: str) -> str:
+        return self.call("GET", f"/session/{self.session}/element/{self.find(css)}/text")
+
+    def js(self, script: str):
+        return self.call("POST", f"/session/{self.session}/execute/sync", {"script": script, "args": []})
+
+    def wait(self, script: str, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.js(script):
+            assert time.monotonic() < deadline, f"timed out waiting for: {script}"
+            time.sleep(0.1)
+
+    def quit(self) -> None:
+        if self.session:
+            self.call("DELETE", f"/session/{self.session}")
+
+
+@pytest.fixture
+def browser(tmp_path) -> Iterator[WebDriver]:
+    port = free_port()
+    with open(tmp_path / "chromedriver.log", "wb") as log:
+        process = subprocess.Popen([shutil.which("chromedriver"), f"--port={port}"], stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    driver = WebDriver(f"http://127.0.0.1:{port}")
+    user_data = tempfile.mkdtemp(prefix="chromium-", dir=tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if driver.call("GET", "/status").get("ready"):
+                    break
+            except (OSError, AssertionError):
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "chromedriver.log").read_text()
+            time.sleep(0.2)
+        driver.start(user_data)
+        yield driver
+    finally:
+        try:
+            driver.quit()
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(10)
+
+
+@pytest.fixture
+def servers():
+    collector = CaptureServer(handler=CorsCapture)
+    shop = ShopServer(WebSettings(web_port=0))
+    for server in (collector, shop):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield collector, shop
+    for server in (collector, shop):
+        server.shutdown()
+        server.server_close()
+
+
+def hits_until_purchase(collector: CaptureServer, timeout: float = 20) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        with collector.lock:
+            events = collector.events()
+        if any((found := shop_event(e)) and found[0] == "purchase" for e in events):
+            return events
+        assert time.monotonic() < deadline, f"no purchase among {len(events)} hits"
+        time.sleep(0.2)
+
+
+@pytest.mark.browser
+def test_clicking_through_the_shop_sends_the_funnel_with_the_official_tracker(browser, servers):
+    collector, shop = servers
+    collector_url = f"http://127.0.0.1:{collector.server_address[1]}"
+    browser.go(f"{shop.url}/shop/?collector={collector_url}")
+    browser.wait("return document.title.startsWith('Home')")
+    browser.click('[data-nav="shoes"]')
+    browser.wait("return document.title.startsWith('Shoes')")
+    browser.click(".product a")
+    browser.wait("return location.hash.startsWith('#/p/')")
+    browser.click("#add-to-cart")
+    browser.wait("return document.getElementById('cart-count').textContent === '1'")
+    browser.click("#go-cart")
+    browser.wait("return location.hash === '#/cart'")
+    browser.click("#checkout")
+    for step in ("shipping", "payment"):
+        browser.wait(f"return location.hash === '#/checkout/{step}'")
+        browser.click("#next")
+    browser.wait("return location.hash === '#/checkout/review'")
+    browser.click("#place-order")
+    browser.wait("return location.hash === '#/confirmation'")
+    order = browser.text("#order-id").removeprefix("Order ")
+    session_id = browser.text("#session-id")
+
+    events = hits_until_purchase(collector)
+    assert all(method == "POST" for method, *_ in collector.hits)
+    for _, _, _, body in collector.hits:
+        validate_payload(json.loads(body))
+    assert {e["sid"] for e in events} == {session_id}
+    assert all(e["tv"] == "js-4.10.1" and e["aid"] == "clickshop" and e["p"] == "web" for e in events)
+    page_types = []
+    for event in events:
+        contexts = {c["schema"]: c["data"] for c in contexts_of(event)["data"]}
+        assert "iglu:com.snowplowanalytics.snowplow/web_page/jsonschema/1-0-0" in contexts
+        if event["e"] == "pv":
+            page_types.append(contexts["iglu:com.clickshop/page_type/jsonschema/1-0-0"]["type"])
+    assert page_types == ["home", "category", "product", "cart", "checkout", "checkout", "checkout", "confirmation"]
+    shop_events = [found for e in events if (found := shop_event(e))]
+    names = [name for name, _ in shop_events]
+    assert names == ["product_view", "add_to_cart", "checkout_step", "checkout_step", "checkout_step",
+                     "checkout_step", "purchase"]
+    assert [data["step"] for name, data in shop_events if name == "checkout_step"] == [1, 2, 3, 4]
+    purchase = shop_events[-1][1]
+    assert purchase["order_id"] == order and purchase["items"] == 1
+    assert purchase["total"] == shop_events[1][1]["price"]
+
+
+def test_shop_server_serves_the_page_the_tracker_and_nothing_else(servers):
+    _, shop = servers
+    with urllib.request.urlopen(f"{shop.url}/shop/") as response:
+        page = response.read().decode()
+    src = "/node_modules/@snowplow/browser-tracker/dist/index.umd.min.js"
+    assert src in page
+    with urllib.request.urlopen(shop.url + src) as response:
+        assert b"snowplowBrowserTracking" in response.read()
+    for path in ("/shop/../../pyproject.toml", "/shop/%2e%2e/%2e%2e/pyproject.toml", "/nothing"):
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(shop.url + path)
+        assert error.value.code == 404
+    assert resolve(ROOT / "demo" / "shop", "../web.py") is None
+
+
+def test_committed_catalogue_matches_the_generator():
+    assert (ROOT / "demo" / "shop" / "catalogue.json").read_text() == catalogue_json()
