@@ -2,7 +2,7 @@
 
 Every component declares a frozen dataclass of settings. Values come, in rising priority, from the
 dataclass defaults, the `[section]` of the TOML file named by ``CLICKSTREAM_CONFIG`` (or passed in),
-and environment variables ``CLICKSTREAM_<FIELD>``. A bad value raises ``ConfigError`` naming the
+and environment variables ``CLICKSTREAM_<FIELD>`` (or ``CLICKSTREAM_<SECTION>_<FIELD>``, which wins). A bad value raises ``ConfigError`` naming the
 key and the form expected, so an operator never has to guess which setting broke a start-up.
 """
 from __future__ import annotations
@@ -78,8 +78,13 @@ def load(cls, *, section: str | None = None, env: typing.Mapping[str, str] | Non
     for field in dataclasses.fields(cls):
         kind = _field_kind(cls, field)
         env_key = ENV_PREFIX + field.name.upper()
+        # CLICKSTREAM_<SECTION>_<FIELD> wins over CLICKSTREAM_<FIELD>, so two components that share
+        # a key name (port, host) can be set apart in one environment.
+        section_key = f"{ENV_PREFIX}{section.upper().replace('-', '_')}_{field.name.upper()}" if section else None
         if field.name in overrides and overrides[field.name] is not None:
             values[field.name] = _convert(field.name, overrides[field.name], kind)
+        elif section_key and section_key in env:
+            values[field.name] = _convert(section_key, env[section_key], kind)
         elif env_key in env:
             values[field.name] = _convert(env_key, env[env_key], kind)
         elif field.name in from_file:

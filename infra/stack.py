@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -110,6 +111,19 @@ def uses_local_emulator() -> bool:
     return os.environ.get("AWS_ENDPOINT_URL", LOCAL_ENDPOINT).rstrip("/") == LOCAL_ENDPOINT
 
 
+def local_pseudonymisation_key() -> str:
+    """A per-checkout random key for local runs; production sets CLICKSTREAM_PSEUDONYMISATION_KEY."""
+    if os.environ.get("CLICKSTREAM_PSEUDONYMISATION_KEY"):
+        return "pseudonymisation key: from CLICKSTREAM_PSEUDONYMISATION_KEY"
+    path = RUN / "pseudonymisation.key"
+    if not path.exists():
+        RUN.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    os.environ["CLICKSTREAM_PSEUDONYMISATION_KEY"] = path.read_text().strip()
+    return f"pseudonymisation key: local, from {path.relative_to(ROOT)} (set CLICKSTREAM_PSEUDONYMISATION_KEY in production)"
+
+
 def up() -> None:
     if uses_local_emulator():
         if not running_pid(EMULATOR) and healthy(EMULATOR.health_url):
@@ -119,6 +133,7 @@ def up() -> None:
     else:
         print(f"emulator: not started, AWS_ENDPOINT_URL={os.environ.get('AWS_ENDPOINT_URL')}")
     subprocess.run([sys.executable, "-m", "infra.provision"], check=True, cwd=ROOT)
+    print(local_pseudonymisation_key())
     for process in COMPONENTS:
         print(start(process), flush=True)
 

@@ -60,3 +60,9 @@ def test_missing_or_broken_file_is_named(tmp_path):
     broken.write_text("[example\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load(Example, file=broken, env={})
+
+
+def test_a_section_variable_wins_over_the_shared_one():
+    env = {"CLICKSTREAM_FLUSH_MS": "75", "CLICKSTREAM_EXAMPLE_FLUSH_MS": "20"}
+    assert load(Example, section="example", env=env).flush_ms == 20
+    assert load(Example, section="other", env=env).flush_ms == 75
