@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -31,6 +32,8 @@ class Process:
     module: str
     health_url: str | None = None
     args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()    # defaults for this process only; the environment wins
+    stop_signal: signal.Signals = signal.SIGTERM
 
     @property
     def pid_file(self) -> Path:
@@ -47,13 +50,15 @@ class Process:
             return False
 
 
-EMULATOR = Process("emulator", "localstack.emulator", LOCAL_ENDPOINT + "/moto-api/", ("--port", "4566"))
+EMULATOR = Process("emulator", "localstack.emulator", LOCAL_ENDPOINT + "/moto-api/", ("--port", "4566"),
+                   stop_signal=signal.SIGINT)
+# Prometheus ports: collector 8080/metrics, scorer 8081/metrics, enrich 9102, loader 9103, discount 9104.
 COMPONENTS = [
     Process("collector", "collector.__main__", "http://127.0.0.1:8080/health"),
-    Process("enrich", "enrich.__main__"),
-    Process("lake-loader", "batch.loader"),
+    Process("enrich", "enrich.__main__", env=(("CLICKSTREAM_ENRICH_METRICS_PORT", "9102"),)),
+    Process("lake-loader", "batch.loader", env=(("CLICKSTREAM_LAKE_METRICS_PORT", "9103"),)),
     Process("scorer", "scorer.__main__", "http://127.0.0.1:8081/ping"),
-    Process("discount", "discount.__main__"),
+    Process("discount", "discount.__main__", env=(("CLICKSTREAM_DISCOUNT_METRICS_PORT", "9104"),)),
     Process("liveview", "demo.liveview", "http://127.0.0.1:8082/health"),
 ]
 
@@ -85,7 +90,8 @@ def start(process: Process, wait: float = 30) -> str:
     module = process.module.removesuffix(".__main__")
     with open(process.log_file, "ab") as log:
         child = subprocess.Popen([sys.executable, "-m", module, *process.args], stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+                                 stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+                                 env={**dict(process.env), **os.environ})
     process.pid_file.write_text(str(child.pid))
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
@@ -103,7 +109,7 @@ def stop(process: Process) -> str | None:
     process.pid_file.unlink(missing_ok=True)
     if pid is None:
         return None
-    stop_group(pid, timeout=15)
+    stop_group(pid, timeout=15, first=process.stop_signal)
     return f"{process.name}: stopped"
 
 

@@ -58,14 +58,15 @@ class Emulator:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self, timeout: float = 10) -> None:
-        stop_group(self.process.pid, timeout)
+        # Both emulators ignore SIGTERM but stop at once on SIGINT (as on Ctrl-C).
+        stop_group(self.process.pid, timeout, signal.SIGINT)
         self.process.wait(timeout)
 
 
-def stop_group(pid: int, timeout: float = 10) -> None:
-    """SIGTERM the process group, then SIGKILL whatever is left after ``timeout``."""
+def stop_group(pid: int, timeout: float = 10, first: signal.Signals = signal.SIGTERM) -> None:
+    """Send ``first`` to the process group, then SIGKILL whatever is left after ``timeout``."""
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, first)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout

@@ -1,0 +1,158 @@
+// The live view: poll /api/state every second and redraw. Plain DOM + SVG, no build step, no CDN.
+// Every value from the API is set with textContent, never innerHTML: session ids come from browsers.
+"use strict";
+
+const POLL_MS = 1000;
+const SVG = "http://www.w3.org/2000/svg";
+
+function el(tag, text, cls) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (cls) node.className = cls;
+  return node;
+}
+
+function num(value, digits) {
+  return typeof value === "number" && isFinite(value) ? value.toFixed(digits) : "–";
+}
+
+function clock(ms) {
+  return ms ? new Date(ms).toLocaleTimeString() : "–";
+}
+
+function row(cells) {
+  const tr = document.createElement("tr");
+  for (const cell of cells) tr.appendChild(cell instanceof Node ? wrap(cell) : el("td", cell));
+  return tr;
+}
+
+function wrap(node) {
+  if (node.tagName === "TD") return node;
+  const td = document.createElement("td");
+  td.appendChild(node);
+  return td;
+}
+
+function fill(tbody, rows, empty, columns) {
+  tbody.replaceChildren(...(rows.length ? rows : [row([empty, ...Array(columns - 1).fill("")])]));
+}
+
+// A p_buy sparkline: x = time across the session's points, y = probability 0..1, dashed threshold.
+function sparkline(points, threshold) {
+  const width = 160, height = 28;
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("class", "spark");
+  svg.setAttribute("width", width);
+  svg.setAttribute("height", height);
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  if (typeof threshold === "number") {
+    const line = document.createElementNS(SVG, "line");
+    const y = (1 - threshold) * (height - 2) + 1;
+    line.setAttribute("x1", 0); line.setAttribute("x2", width);
+    line.setAttribute("y1", y); line.setAttribute("y2", y);
+    svg.appendChild(line);
+  }
+  const first = points.length ? points[0].t : 0;
+  const span = points.length > 1 ? points[points.length - 1].t - first || 1 : 1;
+  const coords = points.map((p, i) => {
+    const x = points.length > 1 ? ((p.t - first) / span) * (width - 2) + 1 : width / 2;
+    const y = (1 - p.p) * (height - 2) + 1;
+    return `${x.toFixed(1)},${y.toFixed(1)}`;
+  });
+  if (coords.length === 1) coords.push(coords[0].replace(/^[^,]+/, (x) => String(Number(x) + 1)));
+  const line = document.createElementNS(SVG, "polyline");
+  line.setAttribute("points", coords.join(" "));
+  svg.appendChild(line);
+  return svg;
+}
+
+function decisionCell(decision) {
+  return el("td", decision || "–", decision === "buy" ? "buy" : "defer");
+}
+
+function renderModel(model) {
+  const dl = document.getElementById("model");
+  const metrics = model.metrics || {};
+  const items = [
+    ["name", model.name], ["version", model.version || "none published yet"],
+    ["ROC AUC", num(model.roc_auc, 4)], ["PR AUC", num(model.pr_auc, 4)],
+    ["threshold", num(model.threshold, 4)], ["algorithm", model.algorithm || "–"],
+    ["trained", model.created_at || "–"],
+  ];
+  for (const [key, value] of Object.entries(metrics)) {
+    if (!["roc_auc", "pr_auc"].includes(key) && typeof value === "number") items.push([key, num(value, 4)]);
+  }
+  dl.replaceChildren(...items.flatMap(([k, v]) => [el("dt", k), el("dd", v, k === "version" ? "model-version" : "")]));
+}
+
+function renderStages(state) {
+  const tiles = state.stages.map((stage) => {
+    const tile = el("div", null, "tile");
+    tile.title = stage.source;
+    tile.append(el("div", num(stage.per_s, 1), "value"), el("div", stage.name, "name"));
+    return tile;
+  });
+  document.getElementById("stages").replaceChildren(...tiles);
+  const bad = state.bad_rate;
+  document.getElementById("bad-rate").textContent = typeof bad === "number" ? `${(bad * 100).toFixed(1)} %` : "–";
+  const lags = Object.entries(state.lag_ms).map(([name, ms]) => row([name, ms === null || ms === undefined ? "–" : `${Math.round(ms)} ms`]));
+  document.getElementById("lag").replaceChildren(...lags);
+  const components = Object.entries(state.components).map(([name, c]) =>
+    row([name, el("td", c.up ? "up" : `down (${c.error || "no answer"})`, c.up ? "up" : "down")]));
+  document.getElementById("components").replaceChildren(...components);
+}
+
+function renderSessions(state) {
+  const rows = state.sessions.map((s) => row([
+    el("td", s.session_id, "id session-id"), sparkline(s.points, s.threshold), num(s.p_buy, 3),
+    decisionCell(s.decision), s.events ?? "–", s.offered ? "offered" : "",
+  ]));
+  fill(document.querySelector("#sessions tbody"), rows, "no predictions yet", 6);
+}
+
+function renderDecisions(state) {
+  const rows = state.decisions.map((d) => row([
+    clock(d.at), el("td", d.session_id, "id"), num(d.p_buy, 3), decisionCell(d.decision),
+    d.latency_us === null || d.latency_us === undefined ? "–" : `${d.latency_us} µs`,
+  ]));
+  fill(document.querySelector("#decisions tbody"), rows, "none yet", 5);
+}
+
+function renderOffers(state) {
+  const rows = state.offers.map((o) => row([
+    o.offered_at ? clock(Date.parse(o.offered_at)) : "–", el("td", o.session_id, "id offer-session"),
+    o.code || "–", o.discount_percent ? `${o.discount_percent} %` : "–", num(o.p_buy, 3),
+  ]));
+  fill(document.querySelector("#offers tbody"), rows, "no offers yet", 5);
+}
+
+function renderErrors(state) {
+  const entries = Object.entries(state.errors || {});
+  document.getElementById("errors-box").hidden = entries.length === 0;
+  document.getElementById("errors").replaceChildren(...entries.map(([k, v]) => el("li", `${k}: ${v}`)));
+}
+
+function render(state) {
+  renderModel(state.model);
+  renderStages(state);
+  renderSessions(state);
+  renderDecisions(state);
+  renderOffers(state);
+  renderErrors(state);
+  document.getElementById("status").textContent =
+    `updated ${clock(state.generated_at)} · live view up ${Math.round(state.uptime_s)} s`;
+}
+
+async function poll() {
+  try {
+    const response = await fetch("/api/state", { cache: "no-store" });
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    render(await response.json());
+  } catch (error) {
+    document.getElementById("status").textContent = `cannot reach the live view server: ${error.message}`;
+  } finally {
+    setTimeout(poll, POLL_MS);   // after the answer, so a slow server never gets a pile of requests
+  }
+}
+
+poll();
