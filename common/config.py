@@ -23,6 +23,8 @@ class ConfigError(ValueError):
 def _convert(key: str, raw: object, kind: type) -> object:
     if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
         return raw
+    if kind is tuple and isinstance(raw, list):          # a TOML array
+        return tuple(str(item) for item in raw)
     text = str(raw).strip()
     try:
         if kind is bool:

@@ -59,11 +59,12 @@ class Emulator:
 
     def stop(self, timeout: float = 10) -> None:
         # Both emulators ignore SIGTERM but stop at once on SIGINT (as on Ctrl-C).
-        stop_group(self.process.pid, timeout, signal.SIGINT)
+        stop_group(self.process.pid, timeout, signal.SIGINT, self.process)
         self.process.wait(timeout)
 
 
-def stop_group(pid: int, timeout: float = 10, first: signal.Signals = signal.SIGTERM) -> None:
+def stop_group(pid: int, timeout: float = 10, first: signal.Signals = signal.SIGTERM,
+               process: subprocess.Popen | None = None) -> None:
     """Send ``first`` to the process group, then SIGKILL whatever is left after ``timeout``."""
     try:
         os.killpg(pid, first)
@@ -71,6 +72,8 @@ def stop_group(pid: int, timeout: float = 10, first: signal.Signals = signal.SIG
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None:
+            process.poll()          # reap our own child: an un-reaped leader keeps the group "alive"
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:

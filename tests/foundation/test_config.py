@@ -66,3 +66,9 @@ def test_a_section_variable_wins_over_the_shared_one():
     env = {"CLICKSTREAM_FLUSH_MS": "75", "CLICKSTREAM_EXAMPLE_FLUSH_MS": "20"}
     assert load(Example, section="example", env=env).flush_ms == 20
     assert load(Example, section="other", env=env).flush_ms == 75
+
+
+def test_a_toml_array_gives_a_tuple(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text('[example]\npaths = ["/a", "/b"]\n')
+    assert load(Example, section="example", file=file, env={}).paths == ("/a", "/b")

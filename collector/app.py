@@ -1,0 +1,372 @@
+"""The ASGI app: tracker endpoints, identity at the edge, and the spool write before every answer.
+
+No framework in the hot path: a pixel hit is a dict lookup for the route, one pass over the
+headers, one orjson.dumps and one write() to the spool.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import re
+import time
+import uuid
+import zlib
+from email.utils import formatdate
+from urllib.parse import parse_qs, quote, quote_from_bytes, urlsplit
+
+import orjson
+
+from collector import metrics
+from collector.config import TP2, CollectorSettings
+from collector.records import NIL_UUID, Hit, build, partition_key
+from collector.spool import BAD, RAW, SpoolFull, encode
+from common import logs
+
+log = logging.getLogger("collector")
+
+# The 43-byte transparent 1x1 GIF every tracker expects.
+PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
+NO_CACHE = [(b"cache-control", b"no-cache, no-store, must-revalidate"), (b"pragma", b"no-cache"),
+            (b"expires", b"0")]
+GIF_HEADERS = [(b"content-type", b"image/gif"), *NO_CACHE]
+TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
+# Never recorded: credentials. With SP-Anonymous also nothing that carries the client's IP.
+SECRET_HEADERS = frozenset({"cookie", "authorization", "proxy-authorization"})
+IP_HEADERS = frozenset({"x-forwarded-for", "x-real-ip", "forwarded", "true-client-ip", "cf-connecting-ip"})
+USER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
+URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
+ROUTES = {"/i": "pixel", "/ice.png": "pixel", TP2: "tp2", "/r/tp2": "redirect",
+          "/health": "health", "/sink-health": "sink-health", "/metrics": "metrics"}
+
+
+class TooLarge(Exception):
+    """The body is over the limit; ``unread`` says whether part of it is still on the wire."""
+
+    def __init__(self, unread: bool = False):
+        super().__init__("payload too large")
+        self.unread = unread
+
+
+def _text(value: bytes) -> str:
+    # Header octets are ISO-8859-1 by HTTP's rules when they are not UTF-8: either way, lossless.
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def _query(raw: bytes) -> str | None:
+    if not raw:
+        return None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        # Percent-encode only the invalid bytes' octets: decoding the result gives the exact bytes back.
+        return quote_from_bytes(raw, safe=bytes(range(0x21, 0x7F)).decode())
+
+
+def _cookies(header: str) -> dict[str, str]:
+    jar = {}
+    for part in header.split(";"):
+        name, _, value = part.partition("=")
+        jar.setdefault(name.strip(), value.strip())
+    return jar
+
+
+def gunzip(body: bytes, limit: int) -> bytes | None:
+    """The decompressed body; None when it is not valid, complete gzip (then it is kept as received)."""
+    decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = decoder.decompress(body, limit + 1)
+    except zlib.error:
+        return None
+    if len(out) > limit:
+        raise TooLarge
+    return out if decoder.eof else None
+
+
+class Collector:
+    def __init__(self, settings: CollectorSettings, sink_factory=None):
+        self.settings = settings
+        self.routes = dict(ROUTES)
+        self.canonical = {path: path for path in ROUTES}
+        for source, target in settings.path_map().items():
+            self.routes[source] = ROUTES[target]
+            self.canonical[source] = target
+        self.domains = [d.lstrip(".").lower() for d in settings.cookie_domains]
+        self.redirect_domains = [d.lstrip(".").lower() for d in settings.redirect_domains]
+        self.sink_factory = sink_factory
+        self.sink = None
+        self.spool = None
+        self._expires: tuple[int, dict] = (0, {})
+
+    # ------------------------------------------------------------------ ASGI entry
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            await self.http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+
+    async def lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self.start()
+                except Exception as exc:  # reported to granian, which exits: no half-started worker
+                    log.exception("collector failed to start")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await asyncio.get_running_loop().run_in_executor(None, self.stop)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def start(self) -> None:
+        from collector.sink import open_sink
+
+        factory = self.sink_factory or open_sink
+        self.sink, self._lock_fd = factory(self.settings)
+        self.spool = self.sink.spool
+        self.sink.start()
+        log.info("collector worker %d ready; spool %s", os.getpid(), self.spool.dir)
+
+    def stop(self) -> None:
+        if self.sink is not None:
+            self.sink.stop(self.settings.shutdown_timeout_s)
+            log.info("collector worker %d stopped; %d records left in the spool", os.getpid(), self.spool.records)
+            self.sink = None
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def http(self, scope, receive, send) -> None:
+        route = self.routes.get(scope["path"], "other")
+        try:
+            status = await self.dispatch(route, scope, receive, send)
+        except Exception:  # a bug must cost one request, not the worker
+            log.exception("request to %s failed", scope["path"])
+            status = 500
+            await respond(send, 500, TEXT, b"internal error")
+        metrics.count(route, status)
+
+    async def dispatch(self, route: str, scope, receive, send) -> int:
+        method = scope["method"]
+        if route in ("pixel", "tp2", "redirect"):
+            if method == "OPTIONS":
+                return await self.preflight(scope, send)
+            if method == "GET" or (method == "POST" and route == "tp2"):
+                return await self.track(route, scope, receive, send)
+            return await respond(send, 405, TEXT, b"method not allowed")
+        if route == "health":
+            return await respond(send, 200, TEXT, b"ok")
+        if route == "sink-health":
+            healthy = self.sink is not None and self.sink.healthy
+            return await respond(send, 200 if healthy else 503, TEXT, b"ok" if healthy else b"stream unreachable")
+        if route == "metrics":
+            body, kind = metrics.render()
+            return await respond(send, 200, [(b"content-type", kind.encode())], body)
+        return await respond(send, 404, TEXT, b"not found")
+
+    async def preflight(self, scope, send) -> int:
+        origin = _header(scope, b"origin")
+        headers = [(b"access-control-allow-origin", origin or b"*"),
+                   (b"access-control-allow-credentials", b"true"),
+                   (b"access-control-allow-headers", b"Content-Type, SP-Anonymous"),
+                   (b"access-control-allow-methods", b"POST, GET, OPTIONS"),
+                   (b"access-control-max-age", str(self.settings.cors_max_age_s).encode()),
+                   (b"vary", b"Origin")]
+        return await respond(send, 200, headers, b"")
+
+    async def track(self, route: str, scope, receive, send) -> int:
+        settings = self.settings
+        headers, kept, cookie = {}, [], ""
+        for raw_name, raw_value in scope["headers"]:
+            name, value = raw_name.decode("latin-1"), _text(raw_value)      # ASGI names are lower-case
+            if name == "cookie":
+                cookie = f"{cookie}; {value}" if cookie else value
+            elif name not in SECRET_HEADERS:
+                headers[name] = value
+                kept.append(f"{name}: {value}")
+        try:
+            body = await read_body(scope, receive, headers, settings.max_request_bytes) \
+                if scope["method"] == "POST" else None
+        except TooLarge as exc:
+            if exc.unread:
+                await drain(receive, 4 * settings.max_request_bytes)
+            return await respond(send, 413, TEXT, b"payload too large")
+
+        jar = _cookies(cookie) if cookie else {}
+        origin = headers.get("origin")
+        cors = [(b"access-control-allow-origin", origin.encode("latin-1", "replace") if origin else b"*"),
+                (b"access-control-allow-credentials", b"true")]
+        if settings.dnt_cookie_name and jar.get(settings.dnt_cookie_name) == settings.dnt_cookie_value:
+            return await self.answer(route, scope, send, cors)     # opted out: answered, not recorded
+
+        query = _query(scope["query_string"])
+        location = None
+        if route == "redirect":
+            location = self.redirect_target(query)
+            if location is None:
+                return await respond(send, 400, TEXT, b"redirect target missing or not allowed")
+
+        set_cookie = []
+        if "sp-anonymous" in headers:
+            kept = [h for h in kept if h.split(":", 1)[0] not in IP_HEADERS]
+            ip, nuid = None, NIL_UUID
+            if settings.cookie_name in jar:
+                set_cookie.append((b"set-cookie", self.cookie("", headers, expire=True)))
+        else:
+            forwarded = headers.get("x-forwarded-for")
+            ip = forwarded.split(",")[0].strip() if forwarded else (scope.get("client") or (None,))[0]
+            nuid = _nuid_param(query) or jar.get(settings.cookie_name) or ""
+            if not USER_ID.match(nuid):
+                # Only ids that are safe to echo in Set-Cookie; anything else gets a fresh one.
+                nuid = str(uuid.uuid4())
+            set_cookie.append((b"set-cookie", self.cookie(nuid, headers)))
+
+        hit = Hit(int(time.time() * 1000), ip, headers.get("user-agent"), headers.get("referer"),
+                  self.canonical[scope["path"]], query, scope["method"], headers.get("content-type"),
+                  body, kept, nuid, headers.get("host", ""))
+        try:
+            await self.spool_hit(hit)
+        except (SpoolFull, OSError) as exc:
+            # Not durably written (backlog limit, or the disk failed): not acknowledged either.
+            if isinstance(exc, OSError):
+                log.error("spool write failed: %s", exc)
+            metrics.REJECTED.inc()
+            retry = [(b"retry-after", str(settings.retry_after_s).encode())]
+            return await respond(send, 503, TEXT + retry + cors, b"spool full, retry later")
+        return await self.answer(route, scope, send, cors + set_cookie, location)
+
+    async def spool_hit(self, hit: Hit) -> None:
+        settings = self.settings
+        records, bad_rows = build(hit, settings.max_payload_bytes, settings.bad_payload_keep_bytes)
+        key = partition_key(hit)
+        frames = [encode(RAW, key, data) for data in records]
+        frames += [encode(BAD, str(uuid.uuid4()), orjson.dumps(row)) for row in bad_rows]
+        end = self.spool.append(frames[0] if len(frames) == 1 else b"".join(frames), len(frames))
+        metrics.SPOOLED.inc(len(frames))
+        self.sink.notify()
+        if self.spool.fsync_always:
+            # Group commit: hits that arrive during one fsync share the next one.
+            await asyncio.get_running_loop().run_in_executor(None, self.spool.sync_to, end)
+
+    async def answer(self, route: str, scope, send, extra: list, location: str | None = None) -> int:
+        if location is not None:
+            return await respond(send, 302, [(b"location", quote(location, safe=URL_SAFE).encode()), *NO_CACHE,
+                                             *extra], b"")
+        if scope["method"] == "POST":
+            return await respond(send, 200, TEXT + extra, b"ok")
+        return await respond(send, 200, GIF_HEADERS + extra, PIXEL)
+
+    def redirect_target(self, query: str | None) -> str | None:
+        if not self.redirect_domains or not query:
+            return None
+        target = parse_qs(query).get("u", [None])[0]
+        try:
+            host = (urlsplit(target).hostname or "").lower() if target else ""
+        except ValueError:
+            return None
+        if any(host == d or host.endswith("." + d) for d in self.redirect_domains):
+            return target
+        return None
+
+    def cookie(self, value: str, headers: dict, expire: bool = False) -> bytes:
+        domain = self.cookie_domain(headers)
+        if expire:
+            tail = self._tail(domain, "Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT")
+        else:
+            # The attributes change once a second (Expires): build them once per second and domain.
+            now = int(time.time())
+            if self._expires[0] != now:
+                self._expires = (now, {})
+            tail = self._expires[1].get(domain)
+            if tail is None:
+                expiry = formatdate(now + self.settings.cookie_days * 86400, usegmt=True)
+                tail = self._expires[1][domain] = self._tail(
+                    domain, f"Max-Age={self.settings.cookie_days * 86400}; Expires={expiry}")
+        return f"{self.settings.cookie_name}={value}; {tail}".encode("latin-1", "replace")
+
+    def _tail(self, domain: str | None, lifetime: str) -> str:
+        parts = ["Path=/", lifetime]
+        if domain:
+            parts.append(f"Domain={domain}")
+        if self.settings.cookie_secure:
+            parts.append("Secure")
+        return "; ".join([*parts, "HttpOnly", "SameSite=None"])
+
+    def cookie_domain(self, headers: dict) -> str | None:
+        """The first configured domain the Origin's host (else the Host) is in; else the fallback."""
+        if not self.domains:
+            return self.settings.cookie_fallback_domain or None
+        candidates = []
+        if headers.get("origin"):
+            candidates.append(urlsplit(headers["origin"]).hostname or "")
+        if headers.get("host"):
+            candidates.append(headers["host"].rsplit(":", 1)[0].lower())
+        for host in candidates:
+            for domain in self.domains:
+                if host == domain or host.endswith("." + domain):
+                    return domain
+        return self.settings.cookie_fallback_domain or None
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _nuid_param(query: str | None) -> str | None:
+    if not query or "nuid=" not in query:
+        return None
+    return parse_qs(query).get("nuid", [None])[0]
+
+
+async def read_body(scope, receive, headers: dict, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(unread=message.get("more_body", False))
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    if headers.get("content-encoding", "").strip().lower() == "gzip":
+        decoded = gunzip(body, limit)
+        if decoded is not None:
+            return decoded
+    return body
+
+
+async def drain(receive, budget: int) -> None:
+    """Read and drop the rest of a refused body (up to ``budget``), so the client sees our 413
+    instead of a broken pipe mid-upload."""
+    while budget > 0:
+        message = await receive()
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+async def respond(send, status: int, headers: list, body: bytes) -> int:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+    return status
+
+
+def create_app() -> Collector:
+    """Granian's factory target: each worker builds its app (and its own spool) from the environment."""
+    from collector.config import settings
+
+    logs.setup()
+    return Collector(settings())

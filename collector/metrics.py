@@ -1,0 +1,48 @@
+"""Prometheus metrics. With several granian workers, prometheus-client's multiprocess mode is used
+(``PROMETHEUS_MULTIPROC_DIR`` set by ``__main__`` before the workers start), so /metrics from any
+worker reports the sum over all of them."""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_MULTI = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+_GAUGE = {"multiprocess_mode": "livesum"} if _MULTI else {}
+
+REQUESTS = Counter("collector_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"])
+PRODUCED_TOTAL = Counter("collector_records_produced_total", "Records accepted by the stream", ["stream"])
+PRODUCED = {0: PRODUCED_TOTAL.labels("raw"), 1: PRODUCED_TOTAL.labels("bad")}
+SPOOLED = Counter("collector_records_spooled_total", "Records written to the spool")
+REJECTED = Counter("collector_spool_full_total", "Hits answered 503: spool full (or its disk failed)")
+SPOOL_RECORDS = Gauge("collector_spool_depth_records", "Undelivered records in the spool", **_GAUGE)
+SPOOL_BYTES = Gauge("collector_spool_depth_bytes", "Undelivered bytes in the spool", **_GAUGE)
+SINK_UP = Gauge("collector_sink_up", "1 while the stream can be reached (min over workers)",
+                **({"multiprocess_mode": "livemin"} if _MULTI else {}))
+SINK_LATENCY = Histogram("collector_sink_latency_seconds", "Time to deliver one batch to the stream(s)",
+                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+_children: dict[tuple[str, int], object] = {}
+
+
+def count(endpoint: str, status: int) -> None:
+    # labels() takes a lock and a dict lookup per call; cache the children for the hot path.
+    child = _children.get((endpoint, status))
+    if child is None:
+        child = _children[(endpoint, status)] = REQUESTS.labels(endpoint, str(status))
+    child.inc()
+
+
+def update_spool(spools: list) -> None:
+    SPOOL_RECORDS.set(sum(spool.records for spool in spools))
+    SPOOL_BYTES.set(sum(spool.end - spool.cursor for spool in spools))
+
+
+def render() -> tuple[bytes, str]:
+    if _MULTI:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

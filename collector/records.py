@@ -1,0 +1,136 @@
+"""Raw records (docs/contracts.md) and size_violation bad rows, built from one request."""
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from dataclasses import dataclass
+
+import orjson
+
+from collector import COLLECTOR_NAME, __version__
+
+RAW_SCHEMA = "iglu:com.clickstream/raw_record/jsonschema/1-0-0"
+SIZE_VIOLATION = "iglu:com.snowplowanalytics.snowplow.badrows/size_violation/jsonschema/1-0-0"
+PAYLOAD_DATA = "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4"
+NIL_UUID = "00000000-0000-0000-0000-000000000000"
+MAX_KEY_CHARS = 256                              # Kinesis partition key limit
+
+
+@dataclass
+class Hit:
+    """What the collector keeps of one request; the raw record is built from it."""
+
+    tstamp: int
+    ip: str | None
+    useragent: str | None
+    referer: str | None
+    path: str
+    querystring: str | None
+    method: str
+    content_type: str | None
+    body: bytes | None
+    headers: list[str]
+    network_userid: str | None
+    hostname: str
+
+
+def body_fields(body: bytes | None) -> tuple[str | None, str | None]:
+    """(body, body_base64): text when the bytes are valid UTF-8, else base64 of exactly those bytes."""
+    if body is None:
+        return None, None
+    try:
+        return body.decode(), None
+    except UnicodeDecodeError:
+        return None, base64.b64encode(body).decode()
+
+
+def record(hit: Hit, body: bytes | None) -> dict:
+    text, encoded = body_fields(body)
+    return {
+        "schema": RAW_SCHEMA,
+        "collector_tstamp": hit.tstamp,
+        "ip": hit.ip,
+        "useragent": hit.useragent,
+        "referer": hit.referer,
+        "path": hit.path,
+        "querystring": hit.querystring,
+        "method": hit.method,
+        "content_type": hit.content_type,
+        "body": text,
+        "body_base64": encoded,
+        "headers": hit.headers,
+        "network_userid": hit.network_userid,
+        "collector": COLLECTOR_NAME,
+        "hostname": hit.hostname,
+    }
+
+
+def partition_key(hit: Hit) -> str:
+    # The nil id of SP-Anonymous hits is shared by everyone: a random key spreads them over shards.
+    nuid = hit.network_userid
+    if nuid and nuid != NIL_UUID and len(nuid) <= MAX_KEY_CHARS:
+        return nuid
+    return str(uuid.uuid4())
+
+
+def size_violation(payload: str, actual: int, maximum: int, keep: int) -> dict:
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+    return {
+        "schema": SIZE_VIOLATION,
+        "data": {
+            "processor": {"artifact": "clickstream-collector", "version": __version__},
+            "failure": {"timestamp": stamp, "maximumAllowedSizeBytes": maximum, "actualSizeBytes": actual,
+                        "expectation": f"a record of at most {maximum} bytes"},
+            "payload": payload[:keep],
+        },
+    }
+
+
+def build(hit: Hit, max_bytes: int, keep: int) -> tuple[list[bytes], list[dict]]:
+    """Serialized raw records for ``hit`` (each within ``max_bytes``) and size_violation bad rows."""
+    data = orjson.dumps(record(hit, hit.body))
+    if len(data) <= max_bytes:
+        return [data], []
+    payload = _payload(hit.body)
+    if payload is None:
+        return [], [size_violation(data.decode(), len(data), max_bytes, keep)]
+    return split(hit, payload["data"], max_bytes, keep, payload.get("schema", PAYLOAD_DATA))
+
+
+def _payload(body: bytes | None) -> dict | None:
+    """A payload_data body with a list of events, or None (then it cannot be split)."""
+    try:
+        payload = orjson.loads(body or b"")
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(payload, dict) and isinstance(payload.get("data"), list):
+        return payload
+    return None
+
+
+def split(hit: Hit, events: list, max_bytes: int, keep: int,
+          schema: object = PAYLOAD_DATA) -> tuple[list[bytes], list[dict]]:
+    """Greedy split of a POST's events into records under ``max_bytes``; a lone oversized event is a bad row."""
+
+    def _body(group: list) -> bytes:
+        return orjson.dumps({"schema": schema, "data": group})
+
+    overhead = len(orjson.dumps(record(hit, _body([])))) + 16
+    records, bad, group, size = [], [], [], overhead
+    for event in events:
+        # The body is a JSON string inside the record, so quotes and backslashes are escaped twice.
+        cost = len(orjson.dumps(orjson.dumps(event).decode())) - 1
+        if overhead + cost > max_bytes:
+            single = orjson.dumps(record(hit, _body([event])))
+            bad.append(size_violation(single.decode(), len(single), max_bytes, keep))
+            continue
+        if group and size + cost > max_bytes:
+            records.append(orjson.dumps(record(hit, _body(group))))
+            group, size = [], overhead
+        group.append(event)
+        size += cost
+    if group:
+        records.append(orjson.dumps(record(hit, _body(group))))
+    return records, bad

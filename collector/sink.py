@@ -1,0 +1,235 @@
+"""The sender: a thread that drains the spool into the raw and bad streams, in order.
+
+It wakes every ``linger_ms`` (or earlier when the request side says a batch is full), reads up to
+one PutRecords batch from the spool cursor, sends it with the shared producer, and only then moves
+the cursor. When nothing of a batch got through (stream unreachable) the cursor stays put and the
+same batch is retried with backoff, so order is kept. When only some entries were refused
+(throttling), those are appended again at the end of the spool and the cursor moves on: the
+producer has already reordered them, and re-sending the accepted ones would duplicate them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import orjson
+from botocore.config import Config
+
+from collector import metrics
+from collector.records import size_violation
+from collector.spool import BAD, RAW, Entry, Spool, claim_dir, encode, orphans
+from common import aws
+from common.producer import Producer, Undelivered
+from common.streams import MAX_RECORD_BYTES, KinesisStream, MemoryStream
+
+log = logging.getLogger(__name__)
+TOO_LARGE = "record larger than 1 MiB"
+
+
+class Sink:
+    def __init__(self, spool: Spool, raw: Producer, bad: Producer, *, linger_ms: int = 200,
+                 batch_records: int = 500, batch_bytes: int = 4 * 1024 * 1024,
+                 fsync_interval_ms: int | None = None, probe=None, max_backoff_s: float = 5.0,
+                 adopted: list[tuple[Spool, int]] | None = None):
+        self.spool = spool
+        # Other slots' spools left without a worker: drained after ours, then released.
+        self.adopted = list(adopted or [])
+        self.producers = {RAW: raw, BAD: bad}
+        self.linger = linger_ms / 1000
+        self.batch_records = batch_records
+        self.batch_bytes = batch_bytes
+        self.fsync_interval = fsync_interval_ms / 1000 if fsync_interval_ms else None
+        self.probe = probe
+        self.max_backoff = max_backoff_s
+        self.healthy = probe is None
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="collector-sink", daemon=True)
+        self._last_sync = time.monotonic()
+
+    def start(self) -> None:
+        metrics.SINK_UP.set(int(self.healthy))
+        if self.probe is not None:
+            self._check()
+        self._thread.start()
+
+    def notify(self) -> None:
+        """Called by the request side after each append: wake early when a batch is full."""
+        spool = self.spool
+        if spool.records >= self.batch_records or spool.end - spool.cursor >= self.batch_bytes:
+            self.wake.set()
+
+    # ------------------------------------------------------------------ loop
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while not self._stop.is_set():
+            self.wake.wait(backoff or self.linger)
+            self.wake.clear()
+            try:
+                self._maybe_sync()
+                delivered = self._drain()
+            except Exception:  # the sender must outlive any one failure
+                log.exception("sender failed; retrying")
+                self._set_health(False)
+                delivered = False
+            backoff = 0.0 if delivered else min(self.max_backoff, max(0.2, backoff * 2))
+            metrics.update_spool([self.spool] + [spool for spool, _ in self.adopted])
+
+    def _maybe_sync(self) -> None:
+        if self.fsync_interval and time.monotonic() - self._last_sync >= self.fsync_interval:
+            self.spool.sync_to(self.spool.end)
+            self._last_sync = time.monotonic()
+
+    def _drain(self) -> bool:
+        """Send until the spools are empty; False when the stream could not be reached."""
+        for spool in [self.spool] + [spool for spool, _ in self.adopted]:
+            while True:
+                entries, offset = spool.read(self.batch_records, self.batch_bytes)
+                if not entries:
+                    break
+                if not self._send(entries, offset, spool):
+                    return False
+            if spool is not self.spool:
+                self._release(spool)
+        if not self.healthy and self.probe is not None:
+            return self._check()
+        return True
+
+    def _release(self, spool: Spool) -> None:
+        log.info("adopted spool %s delivered; releasing it", spool.dir)
+        for index, (item, fd) in enumerate(self.adopted):
+            if item is spool:
+                spool.close()
+                os.close(fd)
+                del self.adopted[index]
+                return
+
+    def _check(self) -> bool:
+        try:
+            self.probe()
+        except Exception as exc:  # noqa: BLE001 - any failure means "cannot reach the stream"
+            log.warning("stream not reachable: %s", exc)
+            self._set_health(False)
+            return False
+        self._set_health(True)
+        return True
+
+    def _set_health(self, healthy: bool) -> None:
+        if healthy != self.healthy:
+            log.info("stream %s", "reachable again" if healthy else "unreachable; hits stay in the spool")
+        self.healthy = healthy
+        metrics.SINK_UP.set(int(healthy))
+
+    def _send(self, entries: list[Entry], offset: int, spool: Spool) -> bool:
+        """Deliver one batch; False when the caller should back off (nothing or not everything got through)."""
+        started = time.perf_counter()
+        refused: list[tuple[int, Undelivered]] = []
+        delivered = 0
+        for stream in (RAW, BAD):
+            batch = [(e.key, e.data) for e in entries if e.stream == stream]
+            if not batch:
+                continue
+            failed = self.producers[stream].send(batch)
+            delivered += len(batch) - len(failed)
+            metrics.PRODUCED[stream].inc(len(batch) - len(failed))
+            refused.extend((stream, item) for item in failed)
+        metrics.SINK_LATENCY.observe(time.perf_counter() - started)
+        permanent = [(s, u) for s, u in refused if u.reason == TOO_LARGE]
+        if refused and delivered == 0 and len(permanent) < len(refused):
+            self._set_health(False)
+            return False
+        self._set_health(True)
+        self._keep(refused, permanent)
+        spool.commit(offset, len(entries))
+        # Refused entries (throttling, or one stream missing) were re-appended: back off before
+        # reading them again instead of spinning on them.
+        return len(permanent) == len(refused)
+
+    def _keep(self, refused: list[tuple[int, Undelivered]], permanent: list[tuple[int, Undelivered]]) -> None:
+        """Re-append what the stream refused; what can never fit becomes a size_violation bad row."""
+        frames, count = [], 0
+        for stream, item in refused:
+            if (stream, item) in permanent:
+                log.error("record of %d bytes can never fit a Kinesis record; sending a bad row", len(item.data))
+                data = size_violation(item.data.decode("utf-8", "replace"), len(item.data), MAX_RECORD_BYTES, 50_000)
+                frames.append(encode(BAD, str(uuid.uuid4()), orjson.dumps(data)))
+            else:
+                frames.append(encode(stream, item.partition_key, item.data))
+            count += 1
+        if frames:
+            self.spool.append(b"".join(frames), count, force=True)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def stop(self, timeout: float) -> None:
+        """Stop the loop, try to deliver the backlog within ``timeout``, then close the spool."""
+        self._stop.set()
+        self.wake.set()
+        self._thread.join()
+        deadline = time.monotonic() + timeout
+        while self.spool.end > self.spool.cursor and time.monotonic() < deadline:
+            if not self._drain():
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        left = self.spool.end - self.spool.cursor
+        if left:
+            log.warning("stopping with %d undelivered bytes in the spool; they are sent on the next start", left)
+        self.spool.close()
+        for spool, fd in self.adopted:
+            spool.close()
+            os.close(fd)
+
+
+class DiscardStream(MemoryStream):
+    """sink=memory: Kinesis routing in memory, records dropped after the put (benchmarks only)."""
+
+    def put_records(self, entries: list[tuple[str, bytes]]):
+        results = super().put_records(entries)
+        with self._lock:
+            for shard in self._shards:
+                shard.records.clear()
+        return results
+
+
+def kinesis_client(settings):
+    """Like common.aws.client, without botocore's parameter validation: it costs ~3 us of the ~17 us of
+    CPU per record that PutRecords takes client-side, in the process that also serves the requests,
+    and the producer only ever builds valid calls."""
+    config = Config(connect_timeout=settings.sink_timeout_s, read_timeout=settings.sink_timeout_s,
+                    retries={"max_attempts": 1, "mode": "standard"}, max_pool_connections=4,
+                    parameter_validation=False)
+    return aws.session(settings.region).client("kinesis", config=config)
+
+
+def open_sink(settings) -> tuple[Sink, int]:
+    """The spool for this worker, producers for the raw and bad streams, and the sender thread."""
+    folder, lock_fd = claim_dir(Path(settings.spool_dir))
+    spool = Spool(folder, max_bytes=settings.spool_max_bytes, segment_bytes=settings.spool_segment_bytes,
+                  fsync=settings.fsync)
+    if spool.records:
+        log.info("spool %s holds %d undelivered records from a previous run; sending them first", folder, spool.records)
+    adopted = []
+    for orphan, fd in orphans(Path(settings.spool_dir), folder):
+        adopted.append((Spool(orphan, max_bytes=settings.spool_max_bytes, segment_bytes=settings.spool_segment_bytes,
+                              fsync=settings.fsync), fd))
+        log.info("adopting spool %s (%d undelivered records, its worker slot is unused)", orphan,
+                 adopted[-1][0].records)
+    if settings.sink == "memory":
+        raw, bad, probe = DiscardStream(settings.raw_stream), DiscardStream(settings.bad_stream), None
+    else:
+        client = kinesis_client(settings)
+        raw, bad = KinesisStream(client, settings.raw_stream), KinesisStream(client, settings.bad_stream)
+
+        def probe() -> None:
+            client.describe_stream_summary(StreamName=settings.raw_stream)
+
+    sink = Sink(spool, Producer(raw, max_attempts=3), Producer(bad, max_attempts=3),
+                linger_ms=settings.linger_ms, batch_records=settings.batch_records,
+                batch_bytes=settings.batch_bytes,
+                fsync_interval_ms=settings.fsync_interval_ms if settings.fsync == "interval" else None,
+                probe=probe, adopted=adopted)
+    return sink, lock_fd

@@ -1,0 +1,305 @@
+"""An append-only, segmented write-ahead log: every hit is written here before it is answered.
+
+Layout: ``<dir>/<base offset, 20 digits>.seg`` files of frames, and a ``cursor`` file holding the
+logical offset up to which everything has been delivered. A frame is ``<u32 length><u32 crc32>``
+then the payload ``<u8 stream><u16 key length><key><data>``. Offsets are logical (segment base +
+position), so deleting delivered segments never renumbers anything.
+
+One writer (the request loop, plus the sender re-appending what the stream refused) and one reader
+(the sender). After a crash, a torn or corrupt tail of the newest segment is cut off on open: those
+bytes were never acknowledged complete. Delivery is at-least-once: records after the persisted
+cursor are sent again.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct("<II")
+PREFIX = struct.Struct("<BH")
+MAX_FRAME = 4 * 1024 * 1024
+RAW, BAD = 0, 1                    # which stream an entry is for
+
+
+class SpoolFull(Exception):
+    """The undelivered backlog reached its limit; the caller answers 503."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    stream: int
+    key: str
+    data: bytes
+
+
+def encode(stream: int, key: str, data: bytes) -> bytes:
+    key_bytes = key.encode()
+    payload = PREFIX.pack(stream, len(key_bytes)) + key_bytes + data
+    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def decode_frames(buffer: bytes, limit: int = 1 << 62) -> tuple[list[Entry], int, bool]:
+    """Up to ``limit`` valid frames at the start of ``buffer``; bytes used; whether a bad frame stopped us."""
+    entries, position, size = [], 0, len(buffer)
+    while position + HEADER.size <= size and len(entries) < limit:
+        length, crc = HEADER.unpack_from(buffer, position)
+        start, end = position + HEADER.size, position + HEADER.size + length
+        if length < PREFIX.size or length > MAX_FRAME:
+            return entries, position, True
+        if end > size:
+            break
+        payload = buffer[start:end]
+        if zlib.crc32(payload) != crc:
+            return entries, position, True
+        stream, key_length = PREFIX.unpack_from(payload)
+        key_end = PREFIX.size + key_length
+        entries.append(Entry(stream, payload[PREFIX.size:key_end].decode(), payload[key_end:]))
+        position = end
+    return entries, position, False
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    def __init__(self, directory: Path, *, max_bytes: int, segment_bytes: int = 64 * 1024 * 1024,
+                 fsync: str = "interval"):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.fsync_always = fsync == "always"
+        self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self.corrupt_frames = 0
+        self.cursor, self.records = self._recover()
+        self.synced = self.end
+        self._reader: tuple[int, object] | None = None
+
+    # ------------------------------------------------------------------ recovery
+
+    def _segments(self) -> list[int]:
+        return sorted(int(p.stem) for p in self.dir.glob("*.seg") if p.stem.isdigit())
+
+    def _path(self, base: int) -> Path:
+        return self.dir / f"{base:020d}.seg"
+
+    def _read_cursor(self) -> int | None:
+        try:
+            return int((self.dir / "cursor").read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _recover(self) -> tuple[int, int]:
+        """Cut a torn tail, drop delivered segments, count the backlog; returns (cursor, records)."""
+        bases = self._segments() or [0]
+        cursor = self._read_cursor()
+        if cursor is None or cursor < bases[0]:
+            cursor = bases[0]
+        records = 0
+        for index, base in enumerate(bases):
+            path = self._path(base)
+            data = path.read_bytes() if path.exists() else b""
+            last = index == len(bases) - 1
+            if not last and base + len(data) <= cursor:
+                path.unlink()
+                continue
+            start = max(0, cursor - base)
+            entries, used, bad = decode_frames(data[start:]) if start <= len(data) else ([], 0, True)
+            records += len(entries)
+            if bad or start + used != len(data):
+                self.corrupt_frames += int(bad)
+                if last:
+                    log.warning("spool %s: cutting %d torn/corrupt bytes at the end", path.name,
+                                len(data) - start - used)
+                    with open(path, "r+b") as handle:
+                        handle.truncate(start + used)
+                    data = data[:start + used]
+                else:
+                    log.error("spool %s: %d corrupt bytes skipped", path.name, len(data) - start - used)
+            if last:
+                self.active_base = base
+                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                self.end = base + len(data)
+        return min(cursor, self.end), records
+
+    # ------------------------------------------------------------------ writing
+
+    @property
+    def depth_bytes(self) -> int:
+        return self.end - self.cursor
+
+    def append(self, frames: bytes, count: int, *, force: bool = False) -> int:
+        """Write encoded frames; returns the end offset they reach. Raises SpoolFull unless forced."""
+        with self._lock:
+            if not force and self.end - self.cursor + len(frames) > self.max_bytes:
+                raise SpoolFull(f"spool holds {self.end - self.cursor} undelivered bytes")
+            if self.end - self.active_base >= self.segment_bytes:
+                self._rotate()
+            # One write() per call: the frames reach the kernel before we answer, so a killed
+            # process never loses them; only fsync protects them from a power cut.
+            os.write(self.fd, frames)
+            self.end += len(frames)
+            self.records += count
+            return self.end
+
+    def _rotate(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.synced = self.end
+        self.active_base = self.end
+        self.fd = os.open(self._path(self.end), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if self.fsync_always:
+            _fsync_dir(self.dir)
+
+    def sync_to(self, offset: int) -> None:
+        """fsync until ``offset`` is durable. Concurrent callers share one fsync (group commit)."""
+        with self._sync_lock:
+            if self.synced >= offset:
+                return
+            with self._lock:
+                fd, target = self.fd, self.end
+            try:
+                os.fsync(fd)
+            except OSError:
+                # The segment rotated (and was fsynced) under us; fsync the new one.
+                with self._lock:
+                    fd, target = self.fd, self.end
+                os.fsync(fd)
+            self.synced = max(self.synced, target)
+
+    # ------------------------------------------------------------------ reading (sender only)
+
+    def read(self, max_records: int, max_bytes: int) -> tuple[list[Entry], int]:
+        """Entries from the cursor on, and the offset after them (give it to ``commit``)."""
+        with self._lock:
+            active, end = self.active_base, self.end
+        offset, entries, size = self.cursor, [], 0
+        while len(entries) < max_records and size < max_bytes and offset < end:
+            base = self._segment_of(offset)
+            segment_end = end if base == active else base + self._path(base).stat().st_size
+            if offset >= segment_end:
+                offset = self._next_base(base)
+                continue
+            handle = self._open_reader(base)
+            handle.seek(offset - base)
+            chunk = handle.read(min(segment_end - offset, max(max_bytes - size, MAX_FRAME + HEADER.size)))
+            found, used, bad = decode_frames(chunk, max_records - len(entries))
+            entries.extend(found)
+            size += used
+            offset += used
+            if bad and base != active:
+                self.corrupt_frames += 1
+                log.error("spool segment %d: corrupt frame at byte %d, skipping the rest", base, offset - base)
+                offset = self._next_base(base)
+            elif not found:
+                break
+        return entries, offset
+
+    def _segment_of(self, offset: int) -> int:
+        bases = [b for b in self._segments() if b <= offset]
+        return bases[-1] if bases else self.active_base
+
+    def _next_base(self, base: int) -> int:
+        later = [b for b in self._segments() if b > base]
+        return later[0] if later else self.end
+
+    def _open_reader(self, base: int):
+        if self._reader and self._reader[0] == base:
+            return self._reader[1]
+        if self._reader:
+            self._reader[1].close()
+        self._reader = (base, open(self._path(base), "rb"))  # noqa: SIM115 - kept open across reads
+        return self._reader[1]
+
+    def commit(self, offset: int, count: int) -> None:
+        """Everything before ``offset`` is delivered: persist the cursor, delete finished segments."""
+        self.cursor = offset
+        with self._lock:
+            self.records -= count
+            active = self.active_base
+        tmp = self.dir / "cursor.tmp"
+        tmp.write_text(str(offset))
+        os.replace(tmp, self.dir / "cursor")
+        for base in self._segments():
+            if base < active and self._next_base(base) <= offset:
+                if self._reader and self._reader[0] == base:
+                    self._reader[1].close()
+                    self._reader = None
+                self._path(base).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        with self._lock:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+        if self._reader:
+            self._reader[1].close()
+            self._reader = None
+
+
+def _lock(folder: Path) -> int | None:
+    """An exclusive flock on ``folder/lock`` (its fd), or None when a live process holds it."""
+    import fcntl
+
+    fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def claim_dir(root: Path) -> tuple[Path, int]:
+    """The first ``worker-N`` folder under ``root`` no other live process holds (flock), and its lock fd.
+
+    Each granian worker gets its own log; after a restart the same slots are claimed again, so a
+    killed worker's backlog is picked up by its successor.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(1024):
+        folder = root / f"worker-{index}"
+        folder.mkdir(exist_ok=True)
+        fd = _lock(folder)
+        if fd is not None:
+            return folder, fd
+    raise RuntimeError(f"no free spool slot under {root}")
+
+
+def orphans(root: Path, own: Path) -> list[tuple[Path, int]]:
+    """Other slots no live process holds that still have undelivered frames (e.g. after running with
+    fewer workers than before), locked for us to drain."""
+    found = []
+    for folder in sorted(root.glob("worker-*")):
+        if folder == own or not folder.is_dir():
+            continue
+        fd = _lock(folder)
+        if fd is None:
+            continue
+        if _has_backlog(folder):
+            found.append((folder, fd))
+        else:
+            os.close(fd)
+    return found
+
+
+def _has_backlog(folder: Path) -> bool:
+    ends = [int(p.stem) + p.stat().st_size for p in folder.glob("*.seg") if p.stem.isdigit()]
+    try:
+        cursor = int((folder / "cursor").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        cursor = 0
+    return bool(ends) and max(ends) > cursor

@@ -1,0 +1,52 @@
+"""``python -m enrich``: the enricher worker, configured from CLICKSTREAM_* variables; stops on SIGTERM."""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+from common import aws, logs
+from common.config import ConfigError, load
+from common.consumer import consumer_for
+from common.producer import Producer
+from common.streams import KinesisStream
+from enrich.config import EnrichSettings
+from enrich.pipeline import Enricher
+from enrich.worker import Worker
+
+log = logging.getLogger("enrich")
+
+
+def main() -> int:
+    logs.setup()
+    try:
+        settings = load(EnrichSettings, section="enrich")
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return 2
+    logs.setup(settings.log_level)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    kinesis = aws.client("kinesis", settings.region)
+    consumer = consumer_for(settings, settings.raw_stream, "enrich", batch_limit=settings.batch_limit,
+                            lease_ms=settings.lease_ms)
+    worker = Worker(Enricher(settings), consumer,
+                    Producer(KinesisStream(kinesis, settings.enriched_stream)),
+                    Producer(KinesisStream(kinesis, settings.bad_stream)), stop)
+    log.info("enriching %s -> %s (bad: %s), registries %s, pseudonymisation %s",
+             settings.raw_stream, settings.enriched_stream, settings.bad_stream, ",".join(settings.registries),
+             "on" if settings.pseudonymisation else "OFF")
+    try:
+        worker.run()
+    finally:
+        consumer.close()   # release leases at once so a peer takes over without waiting for expiry
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

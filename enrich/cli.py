@@ -1,0 +1,111 @@
+"""``python -m enrich.cli``: list, lint and try schemas; enrich a file of raw records offline."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+import orjson
+from tqdm import tqdm
+
+from common.config import ConfigError, load
+from enrich.config import EnrichSettings
+from enrich.registry import EMBEDDED, FolderRegistry, Resolver, SchemaKey, SchemaKeyError, lint
+
+
+def _resolver(registries: str | None) -> Resolver:
+    specs = registries.split(",") if registries else load(EnrichSettings, section="enrich", pseudonymisation=False).registries
+    return Resolver.from_specs([spec.strip() for spec in specs if spec.strip()])
+
+
+@click.group()
+def cli() -> None:
+    """Schema registry tools and offline enrichment."""
+
+
+@cli.command()
+@click.option("--registries", help="comma-separated registries (default: CLICKSTREAM_REGISTRIES or embedded)")
+def schemas(registries: str | None) -> None:
+    """List the schemas of every listable registry (folders; HTTP registries have no listing)."""
+    for name, key in _resolver(registries).schemas():
+        click.echo(f"{key}\t{name}")
+
+
+@cli.command("lint")
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
+def lint_command(paths: tuple[Path, ...]) -> None:
+    """Lint schema files, or every schema under a registry folder (default: the embedded one)."""
+    files: list[tuple[Path, SchemaKey | None]] = []
+    for path in paths or (EMBEDDED,):
+        if path.is_dir():
+            registry = FolderRegistry(path)
+            files += [(path / key.path, key) for key in registry.schemas()]
+        else:
+            files.append((path, _key_of(path)))
+    failed = 0
+    for path, key in files:
+        try:
+            problems = lint(orjson.loads(path.read_bytes()), key)
+        except orjson.JSONDecodeError as exc:
+            problems = [f"not JSON: {exc}"]
+        for problem in problems:
+            click.echo(f"{path}: {problem}")
+        failed += bool(problems)
+    click.echo(f"{len(files)} schema(s), {failed} with problems")
+    sys.exit(1 if failed else 0)
+
+
+def _key_of(path: Path) -> SchemaKey | None:
+    try:
+        return SchemaKey.parse("iglu:" + "/".join(path.parts[-4:]))
+    except SchemaKeyError:
+        return None
+
+
+@cli.command()
+@click.argument("schema_key")
+@click.argument("data", default="-")
+@click.option("--registries", help="comma-separated registries (default: CLICKSTREAM_REGISTRIES or embedded)")
+def validate(schema_key: str, data: str, registries: str | None) -> None:
+    """Validate DATA (JSON text, @file, or - for stdin) against SCHEMA_KEY."""
+    text = sys.stdin.read() if data == "-" else Path(data[1:]).read_text() if data.startswith("@") else data
+    try:
+        instance = orjson.loads(text)
+        errors = _resolver(registries).validate(schema_key, instance)
+    except orjson.JSONDecodeError as exc:
+        raise click.ClickException(f"data is not JSON: {exc}")
+    except SchemaKeyError as exc:
+        raise click.ClickException(str(exc))
+    except LookupError as exc:
+        raise click.ClickException(f"{schema_key} not found: {orjson.dumps(exc.args[0]).decode()}")
+    for error in errors:
+        click.echo(f"invalid: {error}")
+    if errors:
+        sys.exit(1)
+    click.echo("valid")
+
+
+@cli.command()
+@click.argument("raw_file", type=click.File("rb"))
+@click.option("--good", "good_file", type=click.File("wb"), default="-", help="enriched events (JSON lines)")
+@click.option("--bad", "bad_file", type=click.File("wb"), default="-", help="bad rows (JSON lines)")
+def process(raw_file, good_file, bad_file) -> None:
+    """Enrich a file of raw records (one JSON per line), e.g. to check a replay before sending it."""
+    from enrich.pipeline import Enricher
+
+    try:
+        enricher = Enricher(load(EnrichSettings, section="enrich"))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc))
+    for line in tqdm(raw_file, unit="record", disable=None):
+        if not line.strip():
+            continue
+        events, rows = enricher.process(line.rstrip(b"\n"))
+        for _, event in events:
+            good_file.write(orjson.dumps(event) + b"\n")
+        for row in rows:
+            bad_file.write(orjson.dumps(row) + b"\n")
+
+
+if __name__ == "__main__":
+    cli()

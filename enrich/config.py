@@ -1,0 +1,58 @@
+"""Enricher settings: ``CLICKSTREAM_<FIELD>`` variables or the ``[enrich]`` section of the TOML file."""
+from __future__ import annotations
+
+import dataclasses
+
+from common.config import AwsSettings, ConfigError, require_positive
+
+# Identifiers inside self-describing events and contexts that are personal data by default:
+# the browser tracker's client_session carries the domain user id; mobile contexts carry ad ids.
+DEFAULT_PII_FIELDS = (
+    "com.snowplowanalytics.snowplow/client_session:userId",
+    "com.snowplowanalytics.snowplow/mobile_context:openIdfa",
+    "com.snowplowanalytics.snowplow/mobile_context:appleIdfa",
+    "com.snowplowanalytics.snowplow/mobile_context:appleIdfv",
+    "com.snowplowanalytics.snowplow/mobile_context:androidIdfa",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnrichSettings(AwsSettings):
+    # Registries in priority order: "embedded", a folder path, or an http(s) base URL.
+    registries: tuple[str, ...] = ("embedded",)
+    registry_cache_ttl_s: float = 600.0
+    pseudonymisation: bool = True
+    pseudonymisation_key: str = ""
+    # "vendor/name:dotted.path" entries, matched on any version of the schema.
+    pii_fields: tuple[str, ...] = DEFAULT_PII_FIELDS
+    ip_anon_octets: int = 1            # IPv4 octets zeroed from the right (0-4)
+    ip_anon_segments: int = 5          # IPv6 16-bit segments zeroed from the right (0-8)
+    internal_domains: tuple[str, ...] = ()
+    dedupe_entries: int = 200_000      # bounded memory: oldest (event_id, fingerprint) pairs forgotten first
+    dedupe_window_s: float = 600.0
+    ua_cache_size: int = 20_000
+    max_event_bytes: int = 1_000_000   # an enriched event larger than this becomes a size_violation
+    batch_limit: int = 500
+    lease_ms: int = 10_000
+    metrics_port: int = 0              # Prometheus /metrics; 0 = off
+    metrics_host: str = "127.0.0.1"    # 0.0.0.0 in a container, so the scraper can reach it
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        require_positive(self, "registry_cache_ttl_s", "dedupe_window_s", "ua_cache_size", "max_event_bytes",
+                         "batch_limit", "lease_ms")
+        if self.pseudonymisation and not self.pseudonymisation_key:
+            raise ConfigError("CLICKSTREAM_PSEUDONYMISATION_KEY: required while pseudonymisation is on "
+                              "(set a secret key, or CLICKSTREAM_PSEUDONYMISATION=false to turn it off)")
+        if not 0 <= self.ip_anon_octets <= 4:
+            raise ConfigError(f"CLICKSTREAM_IP_ANON_OCTETS: expected 0-4, got {self.ip_anon_octets}")
+        if not 0 <= self.ip_anon_segments <= 8:
+            raise ConfigError(f"CLICKSTREAM_IP_ANON_SEGMENTS: expected 0-8, got {self.ip_anon_segments}")
+        if self.dedupe_entries < 0:
+            raise ConfigError(f"CLICKSTREAM_DEDUPE_ENTRIES: expected >= 0, got {self.dedupe_entries}")
+        for entry in self.pii_fields:
+            schema, _, path = entry.partition(":")
+            if "/" not in schema or not path.replace("$", "").replace(".", "").strip():
+                raise ConfigError(f"CLICKSTREAM_PII_FIELDS: expected vendor/name:path entries, got {entry!r}")
+        if not self.registries:
+            raise ConfigError("CLICKSTREAM_REGISTRIES: at least one registry is needed (e.g. embedded)")

@@ -1,0 +1,11 @@
+"""Prometheus metrics of the worker, served on ``metrics_host:metrics_port`` when the port is set (0 = off)."""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+RECORDS = Counter("enrich_records_total", "Raw records read and handled")
+GOOD = Counter("enrich_events_total", "Enriched events written to the enriched stream")
+BAD = Counter("enrich_bad_rows_total", "Bad rows written to the bad stream, by type", ["type"])
+DUPLICATES = Counter("enrich_duplicates_dropped_total", "Exact duplicates dropped within the dedupe window")
+RETRIES = Counter("enrich_write_retries_total", "Output writes retried after a partial or total failure")
+LAG = Gauge("enrich_lag_ms", "Milliseconds behind the newest raw record (max over owned shards)")

@@ -1,0 +1,411 @@
+"""The enricher's pure logic: ``Enricher(settings, resolver).process(raw_bytes) -> (good, bad)``.
+
+No AWS here, so the worker, tests, benchmarks and other components can all run the same code.
+Each event goes through: protocol checks -> typed fields -> schema validation of its self-describing
+event and contexts -> enrichments -> pseudonymisation -> size check -> dedupe. Any failure turns that
+one event into a bad row; nothing escapes as an exception (a last-resort guard turns an unexpected
+error into an ``enrichment_failures`` row, so one poison record cannot stall a shard).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import uuid
+
+import fastjsonschema
+import orjson
+
+from enrich import __version__, badrows, protocol
+from enrich.config import EnrichSettings
+from enrich.enrichments import (
+    Deduper,
+    Pseudonymiser,
+    RefererClassifier,
+    anonymise_ip,
+    campaign,
+    derived_tstamp,
+    fingerprint,
+    iso_ms,
+    make_ua_parser,
+    split_url,
+    utc_now_ms,
+)
+from enrich.registry import Resolver, SchemaKey, SchemaKeyError
+
+log = logging.getLogger(__name__)
+
+V_ETL = f"clickstream-enrich-{__version__}"
+NIL_UUID = "00000000-0000-0000-0000-000000000000"
+EVENT_TYPES = {"pv": "page_view", "pp": "page_ping", "se": "struct", "ev": "struct", "ue": "unstruct",
+               "tr": "transaction", "ti": "transaction_item"}
+# event_vendor/event_name of built-in events, as Snowplow names them.
+BUILTIN_NAMES = {"page_view": "page_view", "page_ping": "page_ping", "struct": "event",
+                 "transaction": "transaction", "transaction_item": "transaction_item"}
+SNOWPLOW = "com.snowplowanalytics.snowplow"
+CONTEXTS_KEYS = {"iglu:com.snowplowanalytics.snowplow/contexts/jsonschema/1-0-0",
+                 "iglu:com.snowplowanalytics.snowplow/contexts/jsonschema/1-0-1"}
+UNSTRUCT_KEY = "iglu:com.snowplowanalytics.snowplow/unstruct_event/jsonschema/1-0-0"
+# Plain string parameters -> canonical names.
+STRINGS = {"aid": "app_id", "p": "platform", "tv": "v_tracker", "tna": "name_tracker", "sid": "domain_sessionid",
+           "url": "page_url", "page": "page_title", "refr": "page_referrer", "lang": "br_lang", "tz": "os_timezone",
+           "cs": "doc_charset", "cd": "br_colordepth", "se_ca": "se_category", "se_ac": "se_action",
+           "se_la": "se_label", "se_pr": "se_property", "tr_id": "tr_orderid", "tr_af": "tr_affiliation",
+           "tr_ci": "tr_city", "tr_st": "tr_state", "tr_co": "tr_country", "tr_cu": "tr_currency",
+           "ti_id": "ti_orderid", "ti_sk": "ti_sku", "ti_nm": "ti_name", "ti_ca": "ti_category",
+           "ti_cu": "ti_currency",
+           # Legacy structured events (e=ev) name their fields ev_*.
+           "ev_ca": "se_category", "ev_ac": "se_action", "ev_la": "se_label", "ev_pr": "se_property"}
+FLOATS = {"se_va": "se_value", "ev_va": "se_value", "tr_tt": "tr_total", "tr_tx": "tr_tax", "tr_sh": "tr_shipping", "ti_pr": "ti_price"}
+INTS = {"vid": "domain_sessionidx", "ti_qu": "ti_quantity", "pp_mix": "pp_xoffset_min", "pp_max": "pp_xoffset_max",
+        "pp_miy": "pp_yoffset_min", "pp_may": "pp_yoffset_max"}
+DIMENSIONS = {"res": ("dvce_screenwidth", "dvce_screenheight"), "vp": ("br_viewwidth", "br_viewheight"),
+              "ds": ("doc_width", "doc_height")}
+TIMESTAMPS = {"dtm": "dvce_created_tstamp", "stm": "dvce_sent_tstamp", "ttm": "true_tstamp"}
+FEATURES = {"f_pdf": "br_features_pdf", "f_qt": "br_features_quicktime", "f_realp": "br_features_realplayer",
+            "f_wma": "br_features_windowsmedia", "f_dir": "br_features_director", "f_fla": "br_features_flash",
+            "f_java": "br_features_java", "f_gears": "br_features_gears", "f_ag": "br_features_silverlight",
+            "cookie": "br_cookies"}
+FLAG, DIMS = object(), object()
+KINDS = {**{name: (str, canonical) for name, canonical in STRINGS.items()},
+         **{name: (float, canonical) for name, canonical in FLOATS.items()},
+         **{name: (int, canonical) for name, canonical in INTS.items()},
+         **{name: (DIMS, pair) for name, pair in DIMENSIONS.items()},
+         **{name: (FLAG, canonical) for name, canonical in FEATURES.items()},
+         **{name: (int, None) for name in TIMESTAMPS}}
+# Every typed field, null unless the tracker sent it: copied per event, faster than building it.
+TEMPLATE = dict.fromkeys([*STRINGS.values(), *FLOATS.values(), *INTS.values(),
+                          *(f for pair in DIMENSIONS.values() for f in pair), *FEATURES.values()])
+MIN_TSTAMP, MAX_TSTAMP = 0, 4_102_444_800_000     # 1970 .. 2100, in ms
+INT_LIMIT = 2_147_483_647
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+
+
+class EventFailure(Exception):
+    def __init__(self, kind: str, messages: list[dict]):
+        super().__init__(kind)
+        self.kind = kind
+        self.messages = messages
+
+
+def _pii_paths(entries: tuple[str, ...]) -> dict[tuple[str, str], list[tuple[str, ...]]]:
+    paths: dict[tuple[str, str], list[tuple[str, ...]]] = {}
+    for entry in entries:
+        schema, path = entry.split(":", 1)
+        vendor, name = schema.removeprefix("iglu:").split("/")[:2]
+        steps = path.removeprefix("$.").replace("[*]", ".*").split(".")
+        paths.setdefault((vendor, name), []).append(tuple(step for step in steps if step))
+    return paths
+
+
+class Enricher:
+    def __init__(self, settings: EnrichSettings, resolver: Resolver | None = None):
+        self.settings = settings
+        self.resolver = resolver or Resolver.from_specs(settings.registries, ttl=settings.registry_cache_ttl_s)
+        self.hmac = Pseudonymiser(settings.pseudonymisation_key) if settings.pseudonymisation else None
+        self.pii_paths = _pii_paths(settings.pii_fields) if settings.pseudonymisation else {}
+        self.ua = make_ua_parser(settings.ua_cache_size)
+        self.referers = RefererClassifier(internal_domains=settings.internal_domains)
+        self.deduper = Deduper(settings.dedupe_entries, settings.dedupe_window_s)
+
+    # ------------------------------------------------------------------ records
+
+    def process(self, raw: bytes) -> tuple[list[tuple[str, dict]], list[dict]]:
+        """Good events as (partition key, event) and bad rows, for one raw record."""
+        good, bad = self._process(raw)
+        return [(key, event) for key, event, _ in good], bad
+
+    def process_serialized(self, raw: bytes) -> tuple[list[tuple[str, bytes]], list[dict]]:
+        """As ``process``, with each good event already serialized (the size check had to anyway)."""
+        good, bad = self._process(raw)
+        return [(key, data) for key, _, data in good], bad
+
+    def _process(self, raw: bytes) -> tuple[list[tuple[str, dict, bytes]], list[dict]]:
+        try:
+            record = protocol.parse_record(raw)
+            hit = protocol.split(record)
+        except protocol.RecordError as exc:
+            return [], [exc.row]
+        good, bad = [], []
+        etl_tstamp = iso_ms(utc_now_ms())
+        for params in hit.events:
+            try:
+                found = self._event(hit, params, etl_tstamp)
+            except EventFailure as exc:
+                bad.append(self._bad_row(exc, hit, params))
+                continue
+            except Exception as exc:  # a bug must cost one bad row, not a stalled shard
+                log.exception("unexpected error enriching an event")
+                bad.append(self._bad_row(EventFailure("enrichment_failures", [
+                    {"enrichment": None, "message": {"error": f"{type(exc).__name__}: {exc}"}}]), hit, params))
+                continue
+            if found is not None:
+                event, data = found
+                good.append((event["domain_sessionid"] or event["network_userid"] or event["event_id"], event, data))
+        return good, bad
+
+    def _bad_row(self, failure: EventFailure, hit: protocol.Hit, params: object) -> dict:
+        record = protocol.event_record(hit, params)
+        parameters = params if isinstance(params, dict) else {"_": params}
+        if failure.kind == "tracker_protocol_violations":
+            return badrows.protocol_violation(record, failure.messages, parameters)
+        if failure.kind == "schema_violations":
+            return badrows.schema_violation(record, parameters, failure.messages)
+        if failure.kind == "size_violation":
+            return failure.messages[0]
+        return badrows.enrichment_failure(record, parameters, failure.messages)
+
+    # ------------------------------------------------------------------ one event
+
+    def _event(self, hit: protocol.Hit, params: dict, etl_tstamp: str) -> tuple[dict, bytes] | None:
+        problems = protocol.check_event(params, hit, self.resolver)
+        kind = params.get("e") if isinstance(params, dict) else None
+        event_type = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
+        if not problems and event_type is None:
+            problems = [badrows.message("e", params.get("e"), f"one of {', '.join(EVENT_TYPES)}")]
+        if problems:
+            raise EventFailure("tracker_protocol_violations", problems)
+        record = hit.record
+        event = self._typed(params, record)
+        event["event"] = event_type
+        event["etl_tstamp"] = etl_tstamp
+        self._self_describing(params, event, event_type)
+        self._enrich(params, record, event)
+        if self.hmac is not None:
+            self._pseudonymise(event)
+        event["event_fingerprint"] = fingerprint(params)
+        data = orjson.dumps(event)
+        size = len(data)
+        if size > self.settings.max_event_bytes:
+            raise EventFailure("size_violation", [badrows.size_violation(
+                orjson.dumps(protocol.event_record(hit, params)), self.settings.max_event_bytes,
+                f"an enriched event of at most {self.settings.max_event_bytes} bytes, got {size}")])
+        if self.deduper.seen(event["event_id"], event["event_fingerprint"]):
+            return None
+        return event, data
+
+    def _typed(self, params: dict, record: dict) -> dict:
+        """Canonical fields with typed values; every malformed value is reported, not just the first."""
+        errors: list[dict] = []
+        event = TEMPLATE.copy()
+        stamps = {"dtm": None, "stm": None, "ttm": None}
+        # One pass over what the tracker sent (a dozen or two parameters), not over every known field.
+        for name, value in params.items():
+            spec = KINDS.get(name)
+            if spec is None or not value:
+                continue
+            kind, target = spec
+            if kind is str:
+                event[target] = value
+            elif kind is FLAG:
+                event[target] = value == "1"
+            elif kind is DIMS:
+                event[target[0]], event[target[1]] = _dimensions(value, name, errors)
+            elif target is None:   # a device timestamp
+                stamps[name] = _number(value, int, name, errors)
+                if stamps[name] is not None and not MIN_TSTAMP < stamps[name] < MAX_TSTAMP:
+                    errors.append(badrows.message(name, value, "epoch milliseconds between 1970 and 2100"))
+                    stamps[name] = None
+            else:
+                event[target] = _number(value, kind, name, errors)
+        if event["ti_name"] is None and params.get("ti_na"):
+            event["ti_name"] = params["ti_na"]   # ti_na: older trackers' name for the item name
+        event_id = params.get("eid") or str(uuid.uuid4())
+        if not _is_uuid(event_id):
+            errors.append(badrows.message("eid", event_id, "a UUID"))
+        if errors:
+            raise EventFailure("enrichment_failures", [{"enrichment": None, "message": m} for m in errors])
+        collector = record["collector_tstamp"]
+        event.update({
+            "event_id": event_id.lower(),
+            "collector_tstamp": iso_ms(collector),
+            "dvce_created_tstamp": _iso(stamps["dtm"]),
+            "dvce_sent_tstamp": _iso(stamps["stm"]),
+            "true_tstamp": _iso(stamps["ttm"]),
+            "derived_tstamp": iso_ms(derived_tstamp(collector, stamps["dtm"], stamps["stm"], stamps["ttm"])),
+            "v_collector": record.get("collector"),
+            "v_etl": V_ETL,
+            "user_id": params.get("uid") or None,
+            "domain_userid": params.get("duid") or None,
+            # A tracker may set the network id itself (tnuid/nuid), e.g. server-side trackers.
+            "network_userid": params.get("tnuid") or record.get("network_userid") or params.get("nuid") or None,
+            "user_ipaddress": params.get("ip") or record.get("ip") or None,
+            "user_fingerprint": params.get("fp") or None,
+            "mac_address": params.get("mac") or None,
+            "useragent": params.get("ua") or record.get("useragent") or None,
+        })
+        if event["page_url"] is None and record.get("referer"):
+            event["page_url"] = record["referer"]   # pixel hits without url=: the page is the referer
+        return event
+
+    def _self_describing(self, params: dict, event: dict, event_type: str) -> None:
+        """Decode, resolve and validate ``ue_*`` and ``co``/``cx``; all failures reported together."""
+        messages: list[dict] = []
+        protocol_errors: list[dict] = []
+        contexts, error = protocol.decode_json(params, "co", "cx")
+        if error:
+            protocol_errors.append(error)
+        unstruct = None
+        if event_type == "unstruct":
+            unstruct, error = protocol.decode_json(params, "ue_pr", "ue_px")
+            if error:
+                protocol_errors.append(error)
+            elif unstruct is None:
+                protocol_errors.append(badrows.message("ue_pr", None, "a self-describing event (ue_pr or ue_px)"))
+        if protocol_errors:
+            raise EventFailure("tracker_protocol_violations", protocol_errors)
+        event["contexts"] = self._contexts(contexts, messages)
+        event["derived_contexts"] = []
+        event["unstruct_event"] = self._unstruct(unstruct, messages) if event_type == "unstruct" else None
+        if messages:
+            raise EventFailure("schema_violations", messages)
+        if event["unstruct_event"] is not None:
+            key = SchemaKey.parse(event["unstruct_event"]["schema"])
+            event.update(event_vendor=key.vendor, event_name=key.name, event_format=key.format,
+                         event_version=key.version)
+        else:
+            event.update(event_vendor=SNOWPLOW, event_name=BUILTIN_NAMES[event_type], event_format="jsonschema",
+                         event_version="1-0-0")
+
+    def _contexts(self, envelope: object, messages: list[dict]) -> list[dict]:
+        if envelope is None:
+            return []
+        entries = self._envelope(envelope, CONTEXTS_KEYS, messages)
+        if entries is None:
+            return []
+        if not isinstance(entries, list):
+            return []
+        for entry in entries:
+            self._check(entry, messages)
+        return entries
+
+    def _unstruct(self, envelope: object, messages: list[dict]) -> dict | None:
+        inner = self._envelope(envelope, {UNSTRUCT_KEY}, messages)
+        if inner is not None:
+            self._check(inner, messages)
+        return inner
+
+    def _envelope(self, envelope: object, allowed: set[str], messages: list[dict]):
+        """Validate the outer self-describing wrapper (contexts or unstruct_event) and return its data."""
+        if not isinstance(envelope, dict) or "schema" not in envelope or "data" not in envelope:
+            messages.append(_violation(None, "NotIglu", "a self-describing JSON {schema, data}"))
+            return None
+        if envelope["schema"] not in allowed:
+            messages.append(_violation(envelope["schema"], "CriterionMismatch", f"one of {sorted(allowed)}"))
+            return None
+        before = len(messages)
+        self._check(envelope, messages)
+        return envelope["data"] if len(messages) == before else None
+
+    def _check(self, sdj: object, messages: list[dict]) -> None:
+        if not isinstance(sdj, dict) or set(sdj) != {"schema", "data"}:
+            messages.append(_violation(None, "NotIglu", "a self-describing JSON with exactly schema and data"))
+            return
+        try:
+            resolved = self.resolver.lookup(sdj["schema"])
+        except SchemaKeyError as exc:
+            messages.append(_violation(sdj["schema"], "InvalidSchemaKey", str(exc)))
+            return
+        if resolved.validate is None:
+            messages.append({"schemaKey": sdj["schema"],
+                             "error": {"error": "ResolutionError", "lookupHistory": resolved.history}})
+            return
+        try:
+            resolved.validate(sdj["data"])
+        except fastjsonschema.JsonSchemaValueException as exc:
+            messages.append({"schemaKey": sdj["schema"], "error": {"error": "ValidationError", "dataReports": [
+                {"message": exc.message, "path": _json_path(exc.path),
+                 "keyword": exc.rule, "targets": []}]}})
+
+    def _enrich(self, params: dict, record: dict, event: dict) -> None:
+        if event["useragent"]:
+            event.update(self.ua(event["useragent"]))
+        else:
+            event.update(br_name=None, br_family=None, br_version=None, os_name=None, os_family=None,
+                         dvce_type="Unknown", dvce_ismobile=False)
+        event.update(split_url(event["page_url"], "page_url"))
+        event.update(split_url(event["page_referrer"], "refr_url"))
+        event.update(campaign(event["page_urlquery"]))
+        event.update(self.referers.classify(event["page_referrer"], event["page_urlhost"]))
+        ip = event["user_ipaddress"]
+        if ip:
+            event["user_ipaddress"] = anonymise_ip(ip, self.settings.ip_anon_octets, self.settings.ip_anon_segments)
+
+    def _pseudonymise(self, event: dict) -> None:
+        hmac = self.hmac
+        for name in ("user_id", "domain_userid", "user_ipaddress", "user_fingerprint", "mac_address"):
+            if event[name]:
+                event[name] = hmac(event[name])
+        # The nil id of SP-Anonymous requests identifies nobody; keep it so it stays recognisable.
+        if event["network_userid"] and event["network_userid"] != NIL_UUID:
+            event["network_userid"] = hmac(event["network_userid"])
+        if not self.pii_paths:
+            return
+        for sdj in (event["unstruct_event"], *event["contexts"]):
+            if not sdj:
+                continue
+            key = sdj["schema"].removeprefix("iglu:").split("/")
+            for path in self.pii_paths.get((key[0], key[1]), ()):
+                _replace_at(sdj["data"], path, hmac)
+
+
+def _violation(key: object, error: str, expectation: str) -> dict:
+    return {"schemaKey": key if isinstance(key, str) else None, "error": {"error": error, "expectation": expectation}}
+
+
+def _json_path(path: object) -> str:
+    """fastjsonschema's ["data", "items", 0] -> "$.items[0]" (the JSONPath Snowplow's reports use)."""
+    if not isinstance(path, list):
+        return "$"
+    return "$" + "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path[1:])
+
+
+def _replace_at(data: object, path: tuple[str, ...], hmac) -> None:
+    """Pseudonymise the strings at ``path``; a ``*`` step means every item of a list or object."""
+    step, rest = path[0], path[1:]
+    if step == "*":
+        children = list(range(len(data))) if isinstance(data, list) else list(data) if isinstance(data, dict) else []
+    else:
+        children = [step] if isinstance(data, dict) and step in data else []
+    for child in children:
+        if rest:
+            _replace_at(data[child], rest, hmac)
+        elif isinstance(data[child], str):
+            data[child] = hmac(data[child])
+
+
+def _number(value: str | None, kind: type, name: str, errors: list[dict]):
+    text = value[1:] if value[:1] == "-" else value
+    strict = text.isascii() and (text.isdigit() if kind is int else "_" not in text)
+    try:
+        if not strict:
+            raise ValueError(value)
+        number = kind(value)
+    except (TypeError, ValueError):
+        errors.append(badrows.message(name, value, f"a{'n integer' if kind is int else ' number'}"))
+        return None
+    if kind is float and not math.isfinite(number):
+        errors.append(badrows.message(name, value, "a finite number"))
+        return None
+    if kind is int and name not in TIMESTAMPS and abs(number) > INT_LIMIT:
+        errors.append(badrows.message(name, value, "an integer within 32 bits"))
+        return None
+    return number
+
+
+def _dimensions(value: str | None, name: str, errors: list[dict]) -> tuple[int | None, int | None]:
+    if not value:
+        return None, None
+    width, _, height = value.partition("x")
+    if width.isascii() and height.isascii() and width.isdigit() and height.isdigit() and int(width) <= INT_LIMIT and int(height) <= INT_LIMIT:
+        return int(width), int(height)
+    errors.append(badrows.message(name, value, "WIDTHxHEIGHT in pixels"))
+    return None, None
+
+
+def _iso(epoch_ms: int | None) -> str | None:
+    return None if epoch_ms is None else iso_ms(epoch_ms)
+
+
+def _is_uuid(text: str) -> bool:
+    return _UUID.match(text) is not None

@@ -1,0 +1,238 @@
+"""An Iglu-compatible schema resolver: registries in priority order, a TTL cache, compiled validators.
+
+A registry is a static tree ``schemas/<vendor>/<name>/jsonschema/<version>``: the embedded one shipped in
+``enrich/iglu``, a local folder, or the same tree served over HTTP. The resolver asks each registry in
+order for the exact SchemaVer key, caches the outcome (a compiled validator, or the miss with every
+registry's answer) for ``ttl`` seconds, and compiles a schema once per cache entry, because
+compiling is ~1000x slower than validating.
+"""
+from __future__ import annotations
+
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fastjsonschema
+import orjson
+
+EMBEDDED = Path(__file__).resolve().parent / "iglu"
+SELF_DESC_META = "http://iglucentral.com/schemas/com.snowplowanalytics.self-desc/schema/jsonschema/1-0-0#"
+_KEY = re.compile(r"^iglu:([a-zA-Z0-9\-_.]+)/([a-zA-Z0-9\-_]+)/([a-zA-Z0-9\-_]+)/([1-9][0-9]*|0)-(0|[1-9][0-9]*)-(0|[1-9][0-9]*)$")
+# Formats Iglu schemas use that fastjsonschema does not know; anything else unknown fails the lint.
+FORMATS = {"uuid": r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+           "date": r"^\d{4}-\d{2}-\d{2}$"}
+
+
+class SchemaKeyError(ValueError):
+    """A string is not an ``iglu:vendor/name/format/M-R-A`` key."""
+
+
+@dataclass(frozen=True, order=True)
+class SchemaKey:
+    vendor: str
+    name: str
+    format: str
+    model: int
+    revision: int
+    addition: int
+
+    @classmethod
+    def parse(cls, text: object) -> SchemaKey:
+        match = _KEY.match(text) if isinstance(text, str) else None
+        if not match:
+            raise SchemaKeyError(f"not an Iglu schema key (iglu:vendor/name/format/M-R-A): {str(text)[:200]!r}")
+        vendor, name, fmt, model, revision, addition = match.groups()
+        return cls(vendor, name, fmt, int(model), int(revision), int(addition))
+
+    @property
+    def version(self) -> str:
+        return f"{self.model}-{self.revision}-{self.addition}"
+
+    @property
+    def path(self) -> str:
+        return f"schemas/{self.vendor}/{self.name}/{self.format}/{self.version}"
+
+    def __str__(self) -> str:
+        return f"iglu:{self.vendor}/{self.name}/{self.format}/{self.version}"
+
+
+class NotFound(Exception):
+    """The registry answered that it does not have the schema (cacheable)."""
+
+
+class RegistryError(Exception):
+    """The registry could not be asked (network, bad JSON): transient, cached only briefly."""
+
+
+class FolderRegistry:
+    """A static registry on disk: ``<root>/schemas/<vendor>/<name>/jsonschema/<version>``."""
+
+    def __init__(self, root: Path | str, name: str | None = None):
+        self.root = Path(root)
+        self.name = name or f"folder:{self.root}"
+
+    def fetch(self, key: SchemaKey) -> dict:
+        path = self.root / key.path
+        try:
+            return orjson.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise NotFound(f"{path} does not exist") from None
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise RegistryError(f"{path}: {exc}") from None
+
+    def schemas(self) -> list[SchemaKey]:
+        found = []
+        for path in sorted((self.root / "schemas").glob("*/*/*/*")):
+            try:
+                found.append(SchemaKey.parse("iglu:" + "/".join(path.parts[-4:])))
+            except SchemaKeyError:
+                continue
+        return found
+
+
+class HttpRegistry:
+    """A static registry served over HTTP(S) at ``<base>/schemas/...`` (an Iglu static repo, S3, nginx)."""
+
+    def __init__(self, base: str, timeout: float = 2.0):
+        self.base = base.rstrip("/")
+        self.name = f"http:{self.base}"
+        self.timeout = timeout
+
+    def fetch(self, key: SchemaKey) -> dict:
+        url = f"{self.base}/{key.path}"
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout) as response:
+                return orjson.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code in (403, 404):  # S3 answers 403 for a missing key without ListBucket
+                raise NotFound(f"{url}: HTTP {exc.code}") from None
+            raise RegistryError(f"{url}: HTTP {exc.code}") from None
+        except (OSError, orjson.JSONDecodeError) as exc:
+            raise RegistryError(f"{url}: {exc}") from None
+
+    def schemas(self) -> list[SchemaKey]:
+        return []  # a static HTTP registry has no listing
+
+
+def registry_from(spec: str):
+    """``embedded``, an http(s) URL, or a folder path (from the ``registries`` setting)."""
+    if spec == "embedded":
+        return FolderRegistry(EMBEDDED, "embedded")
+    if spec.startswith(("http://", "https://")):
+        return HttpRegistry(spec)
+    return FolderRegistry(spec)
+
+
+@dataclass
+class Resolved:
+    """A cache entry: a validator, or the reasons every registry gave for not having the schema."""
+
+    key: SchemaKey
+    validate: Callable[[object], object] | None
+    schema: dict | None
+    history: list[dict]
+    expires: float
+
+
+@dataclass
+class Resolver:
+    registries: list = field(default_factory=lambda: [registry_from("embedded")])
+    ttl: float = 600.0
+    error_ttl: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    _cache: dict[str, Resolved] = field(default_factory=dict)
+    fetches: int = 0
+
+    @classmethod
+    def from_specs(cls, specs: tuple[str, ...] | list[str], ttl: float = 600.0) -> Resolver:
+        return cls([registry_from(spec) for spec in specs], ttl=ttl)
+
+    def lookup(self, key: str | SchemaKey) -> Resolved:
+        """The cached resolution of ``key``; raises SchemaKeyError for a malformed key."""
+        text = str(key)
+        entry = self._cache.get(text)
+        if entry is not None and entry.expires > self.clock():
+            return entry
+        entry = self._resolve(key if isinstance(key, SchemaKey) else SchemaKey.parse(text))
+        self._cache[text] = entry
+        return entry
+
+    def _resolve(self, key: SchemaKey) -> Resolved:
+        history, transient = [], False
+        for registry in self.registries:
+            self.fetches += 1
+            try:
+                schema = registry.fetch(key)
+            except NotFound as exc:
+                history.append({"repository": registry.name, "errors": [{"error": "NotFound", "message": str(exc)}]})
+                continue
+            except RegistryError as exc:
+                transient = True
+                history.append({"repository": registry.name, "errors": [{"error": "RepoFailure", "message": str(exc)}]})
+                continue
+            try:
+                validate = compile_schema(schema)
+            except ValueError as exc:
+                history.append({"repository": registry.name, "errors": [{"error": "InvalidSchema", "message": str(exc)}]})
+                continue
+            return Resolved(key, validate, schema, history, self.clock() + self.ttl)
+        ttl = self.error_ttl if transient else self.ttl
+        return Resolved(key, None, None, history, self.clock() + min(ttl, self.ttl))
+
+    def validate(self, key: str, data: object) -> list[str]:
+        """Validator messages for ``data`` against ``key`` (empty when valid); raises LookupError when unresolved."""
+        entry = self.lookup(key)
+        if entry.validate is None:
+            raise LookupError(entry.history)
+        try:
+            entry.validate(data)
+        except fastjsonschema.JsonSchemaValueException as exc:
+            return [exc.message]
+        return []
+
+    def schemas(self) -> list[tuple[str, SchemaKey]]:
+        return [(registry.name, key) for registry in self.registries for key in registry.schemas()]
+
+
+def compile_schema(schema: object) -> Callable[[object], object]:
+    if not isinstance(schema, dict):
+        raise ValueError("a schema must be a JSON object")  # noqa: TRY004 - callers catch ValueError for every schema problem
+    body = {k: v for k, v in schema.items() if k not in ("self", "$schema")}
+    try:
+        return fastjsonschema.compile(body, formats=FORMATS)
+    except fastjsonschema.JsonSchemaDefinitionException as exc:
+        raise ValueError(f"schema does not compile: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - fastjsonschema raises plain errors on some broken schemas
+        raise ValueError(f"schema does not compile: {type(exc).__name__}: {exc}") from None
+
+
+def lint(schema: object, key: SchemaKey | None = None) -> list[str]:
+    """Problems that would make a schema unusable or surprising in an Iglu registry (empty when fine)."""
+    if not isinstance(schema, dict):
+        return ["a schema must be a JSON object"]
+    problems = []
+    if schema.get("$schema") != SELF_DESC_META:
+        problems.append(f"$schema must be {SELF_DESC_META}")
+    me = schema.get("self")
+    if not isinstance(me, dict) or not all(isinstance(me.get(k), str) for k in ("vendor", "name", "format", "version")):
+        problems.append("self must hold vendor, name, format and version strings")
+    else:
+        try:
+            declared = SchemaKey.parse(f"iglu:{me['vendor']}/{me['name']}/{me['format']}/{me['version']}")
+            if key is not None and declared != key:
+                problems.append(f"self says {declared} but the file is at {key}")
+        except SchemaKeyError as exc:
+            problems.append(f"self: {exc}")
+    if "description" not in schema:
+        problems.append("no description")
+    if schema.get("type") == "object" and "additionalProperties" not in schema:
+        problems.append("object schema without additionalProperties: unknown fields would pass silently")
+    try:
+        compile_schema(schema)
+    except ValueError as exc:
+        problems.append(str(exc))
+    return problems

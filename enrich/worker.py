@@ -1,0 +1,130 @@
+"""The stream worker: a thin loop around ``Enricher.process``.
+
+For every batch read from the raw stream: enrich each record, write good events to the enriched
+stream and bad rows to the bad stream, and only when both writes succeeded move the checkpoint.
+A failed write is retried (only the failed entries) until it succeeds or the worker is told to
+stop; stopping without a checkpoint is safe because the next owner of the shard re-reads the batch
+(at-least-once; the enriched event ids stay the same, so downstream dedupe by event_id works).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+
+import orjson
+from botocore.exceptions import BotoCoreError, ClientError
+
+from common.consumer import Batch, Consumer
+from common.leases import LeaseLost
+from common.producer import Producer
+from common.streams import MAX_RECORD_BYTES
+from enrich import badrows, metrics
+from enrich.pipeline import Enricher
+
+log = logging.getLogger("enrich")
+
+
+class Worker:
+    def __init__(self, enricher: Enricher, consumer: Consumer, good: Producer, bad: Producer,
+                 stop: threading.Event | None = None, retry_cap_s: float = 5.0):
+        self.enricher = enricher
+        self.consumer = consumer
+        self.good = good
+        self.bad = bad
+        self.stop = stop or threading.Event()
+        self.retry_cap_s = retry_cap_s
+        self.counts = {"records": 0, "good": 0, "bad": 0, "batches": 0}
+        self._duplicates = 0
+
+    def outputs(self, batch: Batch) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+        good, bad = [], []
+        for record in batch.records:
+            events, rows = self.enricher.process_serialized(record.data)
+            for key, data in events:
+                if len(data) + len(key.encode()) > MAX_RECORD_BYTES:
+                    # Only when max_event_bytes is set above the Kinesis limit: never retry the impossible.
+                    bad.append(_bad_entry(badrows.size_violation(data, MAX_RECORD_BYTES, "an event within the Kinesis record limit")))
+                else:
+                    good.append((key, data))
+            bad.extend(_bad_entry(row) for row in rows)
+        return good, bad
+
+    def handle(self, batch: Batch) -> bool:
+        """Enrich and deliver one batch; True when every output is durable."""
+        good, bad = self.outputs(batch)
+        if not (self._deliver(self.good, good) and self._deliver(self.bad, bad)):
+            return False
+        self.counts["records"] += len(batch.records)
+        self.counts["good"] += len(good)
+        self.counts["bad"] += len(bad)
+        self.counts["batches"] += 1
+        metrics.RECORDS.inc(len(batch.records))
+        metrics.GOOD.inc(len(good))
+        for _, data in bad:
+            metrics.BAD.labels(_row_type(data)).inc()
+        return True
+
+    def _deliver(self, producer: Producer, entries: list[tuple[str, bytes]]) -> bool:
+        attempt = 0
+        while entries:
+            failed = producer.send(entries)
+            if not failed:
+                return True
+            attempt += 1
+            metrics.RETRIES.inc()
+            log.warning("%d of %d entries not delivered to %s (%s); retrying", len(failed), len(entries),
+                        producer.stream.name, failed[0].reason)
+            if self.stop.wait(random.uniform(0, min(self.retry_cap_s, 0.1 * 2**attempt))):
+                return False
+            entries = [(item.partition_key, item.data) for item in failed]
+        return True
+
+    def run(self, idle_sleep: float = 0.2, report_every_s: float = 30.0) -> None:
+        reported = time.monotonic()
+        failures = 0
+        while not self.stop.is_set():
+            try:
+                batches = self.consumer.poll()
+            except (BotoCoreError, ClientError) as exc:
+                # The stream or the lease table is unreachable for now: wait and try again, never exit.
+                failures += 1
+                log.warning("reading %s failed (%s); retrying", self.consumer.stream.name, exc)
+                self.stop.wait(min(self.retry_cap_s, 0.2 * 2**failures))
+                continue
+            failures = 0
+            for batch in batches:
+                if not self.handle(batch):
+                    break   # stopping mid-delivery: leave the checkpoint where it was
+                try:
+                    self.consumer.checkpoint(batch)
+                except LeaseLost:
+                    log.info("lease on %s lost before checkpoint; its new owner re-reads", batch.shard_id)
+                except (BotoCoreError, ClientError) as exc:
+                    # Outputs are durable; a later batch's checkpoint covers this one.
+                    log.warning("checkpoint of %s failed (%s); the next one covers it", batch.shard_id, exc)
+            metrics.LAG.set(self.consumer.max_lag_ms)
+            metrics.DUPLICATES.inc(self.enricher.deduper.dropped - self._duplicates)
+            self._duplicates = self.enricher.deduper.dropped
+            if time.monotonic() - reported > report_every_s:
+                reported = time.monotonic()
+                log.info("enriched %s; lag %d ms; duplicates dropped %d", self.counts,
+                         self.consumer.max_lag_ms, self.enricher.deduper.dropped)
+            if not any(batch.records for batch in batches):
+                self.stop.wait(idle_sleep)
+        log.info("stopping: %s", self.counts)
+
+
+def _row_type(data: bytes) -> str:
+    # "iglu:com.snowplowanalytics.snowplow.badrows/<type>/jsonschema/..." sits at the start of the row.
+    head = data[:120].decode("utf-8", "replace")
+    return head.split("badrows/", 1)[-1].split("/", 1)[0] if "badrows/" in head else "unknown"
+
+
+def _bad_entry(row: dict) -> tuple[str, bytes]:
+    """A bad row and a random partition key (contract); a row too big for Kinesis is cut to a size_violation."""
+    data = orjson.dumps(row)
+    if len(data) > MAX_RECORD_BYTES - 64:
+        data = orjson.dumps(badrows.size_violation(data, MAX_RECORD_BYTES - 64, "a bad row within the Kinesis record limit"))
+    return random.getrandbits(128).to_bytes(16, "big").hex(), data

@@ -1,0 +1,170 @@
+"""Never lose a hit: every hit answered 200 is found in the raw stream, whatever happened meanwhile."""
+from __future__ import annotations
+
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import parse_qs
+
+import pytest
+
+from tests.collector.conftest import FaultProxy, collector_env, get, read_stream, with_marker
+
+
+def send_hits(url: str, marker: str, count: int, threads: int = 8) -> list[int]:
+    """GET /i hits numbered 0..count-1 (in order when threads=1); returns their statuses."""
+    def one(index: int) -> int:
+        return get(f"{url}/i?e=pv&tv=test&aid={marker}&n={index}")[0]
+
+    if threads == 1:
+        return [one(i) for i in range(count)]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def numbers(records: list[dict], marker: str) -> list[int]:
+    ordered = sorted(with_marker(records, marker), key=lambda r: r["_seq"])
+    return [int(parse_qs(r["querystring"])["n"][0]) for r in ordered]
+
+
+def metric(url: str, name: str) -> float:
+    text = get(url + "/metrics")[2].decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
+
+
+@pytest.fixture
+def proxy(aws_endpoint):
+    proxy = FaultProxy(int(aws_endpoint.rsplit(":", 1)[1]))
+    yield proxy
+    proxy.close()
+
+
+def test_every_hit_reaches_the_stream(streams, make_collector, tmp_path):
+    collector = make_collector(collector_env(streams, tmp_path / "spool"))
+    marker = uuid.uuid4().hex
+    assert send_hits(collector.url, marker, 300) == [200] * 300
+    records = read_stream(streams.raw_stream, until=lambda r: len(with_marker(r, marker)) >= 300)
+    assert sorted(numbers(records, marker)) == list(range(300))
+    assert metric(collector.url, "collector_records_produced_total") >= 300
+
+
+def test_stream_down_then_back_delivers_everything_in_order(streams, proxy, make_collector, tmp_path):
+    collector = make_collector(collector_env(streams, tmp_path / "spool", proxy.endpoint))
+    marker = uuid.uuid4().hex
+    assert send_hits(collector.url, marker, 20, threads=1) == [200] * 20
+    read_stream(streams.raw_stream, until=lambda r: len(with_marker(r, marker)) >= 20)
+
+    proxy.set_up(False)
+    statuses = [get(f"{collector.url}/i?e=pv&aid={marker}&n={i}")[0] for i in range(20, 220)]
+    assert statuses == [200] * 200
+    deadline = time.monotonic() + 20
+    while get(collector.url + "/sink-health")[0] != 503 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert get(collector.url + "/sink-health")[0] == 503
+    assert metric(collector.url, "collector_spool_depth_records") > 0
+
+    proxy.set_up(True)
+    records = read_stream(streams.raw_stream, until=lambda r: set(range(220)) <= set(numbers(r, marker)),
+                          timeout=60)
+    got = numbers(records, marker)
+    assert set(got) == set(range(220))
+    # Drained in order: the first copy of every hit appears in the order the hits were sent.
+    first_seen = list(dict.fromkeys(got))
+    assert first_seen == list(range(220))
+    deadline = time.monotonic() + 20
+    while get(collector.url + "/sink-health")[0] != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert get(collector.url + "/sink-health")[0] == 200
+
+
+@pytest.mark.parametrize("fsync", ["always", "interval", "never"])
+def test_kill_9_while_spooled_then_restart_delivers_everything(streams, proxy, make_collector, tmp_path, fsync):
+    spool = tmp_path / "spool"
+    proxy.set_up(False)
+    first = make_collector(collector_env(streams, spool, proxy.endpoint, fsync=fsync))
+    marker = uuid.uuid4().hex
+    assert send_hits(first.url, marker, 150) == [200] * 150
+    first.kill()
+    assert not with_marker(read_stream(streams.raw_stream, timeout=0), marker)
+
+    second = make_collector(collector_env(streams, spool))
+    records = read_stream(streams.raw_stream, until=lambda r: set(range(150)) <= set(numbers(r, marker)), timeout=60)
+    assert set(numbers(records, marker)) == set(range(150))
+    second.terminate()
+
+
+def test_spool_full_answers_503_with_retry_after_and_loses_nothing_accepted(streams, proxy, make_collector, tmp_path):
+    proxy.set_up(False)
+    collector = make_collector(collector_env(streams, tmp_path / "spool", proxy.endpoint,
+                                             spool_max_bytes=40_000, retry_after_s=7))
+    marker = uuid.uuid4().hex
+    accepted, refused = [], []
+    for index in range(400):
+        status, headers, _ = get(f"{collector.url}/i?e=pv&aid={marker}&n={index}")
+        if status == 200:
+            accepted.append(index)
+        else:
+            assert status == 503
+            assert headers["Retry-After"] == "7"
+            refused.append(index)
+    assert accepted and refused
+    assert metric(collector.url, "collector_spool_full_total") == len(refused)
+
+    proxy.set_up(True)
+    records = read_stream(streams.raw_stream, until=lambda r: set(accepted) <= set(numbers(r, marker)), timeout=60)
+    assert set(numbers(records, marker)) == set(accepted)
+    # Room again once the spool drained.
+    assert get(f"{collector.url}/i?e=pv&aid={marker}&n=9999")[0] == 200
+
+
+def test_sigterm_flushes_everything(streams, make_collector, tmp_path):
+    # A linger far longer than the test: only the shutdown flush can deliver these hits.
+    collector = make_collector(collector_env(streams, tmp_path / "spool", linger_ms=600_000))
+    marker = uuid.uuid4().hex
+    assert send_hits(collector.url, marker, 100) == [200] * 100
+    assert not with_marker(read_stream(streams.raw_stream, timeout=0), marker)
+    assert collector.terminate() == 0
+    records = read_stream(streams.raw_stream, until=lambda r: len(with_marker(r, marker)) >= 100, timeout=10)
+    assert sorted(numbers(records, marker)) == list(range(100))
+    assert (tmp_path / "spool" / "worker-0" / "cursor").read_text() == str(
+        sum(p.stat().st_size for p in (tmp_path / "spool" / "worker-0").glob("*.seg")))
+
+
+def test_several_workers_share_the_load_and_report_summed_metrics(streams, make_collector, tmp_path):
+    collector = make_collector(collector_env(streams, tmp_path / "spool", workers=2))
+    marker = uuid.uuid4().hex
+    assert send_hits(collector.url, marker, 200) == [200] * 200
+    records = read_stream(streams.raw_stream, until=lambda r: len(with_marker(r, marker)) >= 200)
+    assert sorted(numbers(records, marker)) == list(range(200))
+    assert sorted(p.name for p in (tmp_path / "spool").iterdir()) == ["worker-0", "worker-1"]
+    assert metric(collector.url, "collector_requests_total") >= 200
+    assert metric(collector.url, "collector_sink_up") == 1
+
+
+def test_sigterm_with_the_stream_down_keeps_the_spool_for_the_next_start(streams, proxy, make_collector, tmp_path):
+    spool = tmp_path / "spool"
+    proxy.set_up(False)
+    first = make_collector(collector_env(streams, spool, proxy.endpoint, shutdown_timeout_s=1))
+    marker = uuid.uuid4().hex
+    assert send_hits(first.url, marker, 50) == [200] * 50
+    assert first.terminate() == 0
+    assert not with_marker(read_stream(streams.raw_stream, timeout=0), marker)
+    second = make_collector(collector_env(streams, spool))
+    records = read_stream(streams.raw_stream, until=lambda r: set(range(50)) <= set(numbers(r, marker)))
+    assert set(numbers(records, marker)) == set(range(50))
+    second.terminate()
+
+
+def test_fewer_workers_after_a_crash_still_deliver_every_slot(streams, proxy, make_collector, tmp_path):
+    spool = tmp_path / "spool"
+    proxy.set_up(False)
+    first = make_collector(collector_env(streams, spool, proxy.endpoint, workers=2))
+    marker = uuid.uuid4().hex
+    assert send_hits(first.url, marker, 200, threads=16) == [200] * 200
+    first.kill()
+    # Both workers took hits (connections are spread over them), so both slots hold a backlog.
+    assert all(sum(p.stat().st_size for p in (spool / f"worker-{i}").glob("*.seg")) > 0 for i in (0, 1))
+
+    make_collector(collector_env(streams, spool, workers=1))
+    records = read_stream(streams.raw_stream, until=lambda r: set(range(200)) <= set(numbers(r, marker)), timeout=60)
+    assert set(numbers(records, marker)) == set(range(200))

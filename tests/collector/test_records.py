@@ -1,0 +1,73 @@
+"""Raw record building and splitting, without a server."""
+from __future__ import annotations
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from collector.records import Hit, build, partition_key, record
+
+PAYLOAD = "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4"
+
+
+def hit(body: bytes | None, nuid: str | None = "user-1") -> Hit:
+    return Hit(1, "1.2.3.4", "ua", None, "/com.snowplowanalytics.snowplow/tp2", None, "POST", "application/json",
+               body, ["host: x"], nuid, "x")
+
+
+def test_record_has_exactly_the_contract_fields():
+    assert list(record(hit(b"{}"), b"{}")) == [
+        "schema", "collector_tstamp", "ip", "useragent", "referer", "path", "querystring", "method", "content_type",
+        "body", "body_base64", "headers", "network_userid", "collector", "hostname"]
+
+
+def test_invalid_utf8_body_is_base64_of_the_exact_bytes():
+    import base64
+
+    made = record(hit(b"\xff\x00a"), b"\xff\x00a")
+    assert made["body"] is None and base64.b64decode(made["body_base64"]) == b"\xff\x00a"
+
+
+def test_split_keeps_every_event_once_and_each_record_under_the_limit():
+    events = [{"e": "pv", "n": str(i), "page": 'q"\\' * 300} for i in range(200)]
+    body = orjson.dumps({"schema": PAYLOAD, "data": events})
+    records, bad = build(hit(body), 50_000, 1000)
+    assert not bad and len(records) > 1
+    assert all(len(r) <= 50_000 for r in records)
+    bodies = [orjson.loads(orjson.loads(r)["body"]) for r in records]
+    assert {b["schema"] for b in bodies} == {PAYLOAD}
+    assert [e for b in bodies for e in b["data"]] == events
+
+
+def test_one_event_too_big_becomes_a_bad_row_and_the_rest_is_kept():
+    events = [{"e": "pv", "n": "0"}, {"e": "pv", "n": "1", "page": "x" * 60_000}, {"e": "pv", "n": "2"}]
+    records, bad = build(hit(orjson.dumps({"schema": PAYLOAD, "data": events})), 50_000, 1000)
+    kept = [e["n"] for r in records for e in orjson.loads(orjson.loads(r)["body"])["data"]]
+    assert kept == ["0", "2"]
+    assert len(bad) == 1 and len(bad[0]["data"]["payload"]) == 1000
+    assert bad[0]["data"]["failure"]["actualSizeBytes"] > 60_000
+
+
+def test_partition_key_is_the_user_id_or_random():
+    assert partition_key(hit(None, "user-1")) == "user-1"
+    keys = {partition_key(hit(None, "00000000-0000-0000-0000-000000000000")) for _ in range(3)} | {
+        partition_key(hit(None, None))}
+    assert len(keys) == 4
+
+
+
+EVENT = st.dictionaries(st.sampled_from(["e", "page", "url", "co", "n"]), st.text(max_size=3000), min_size=1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(events=st.lists(EVENT, max_size=40), limit=st.integers(2_000, 40_000))
+def test_split_never_loses_or_reorders_an_event(events, limit):
+    body = orjson.dumps({"schema": PAYLOAD, "data": events})
+    records, bad = build(hit(body), limit, 100_000)
+    assert all(len(r) <= limit for r in records)
+    if len(records) == 1 and not bad and orjson.loads(records[0])["body"] == body.decode():
+        return                                            # fitted whole: kept byte for byte
+    kept = [e for r in records for e in orjson.loads(orjson.loads(r)["body"])["data"]]
+    dropped = [orjson.loads(orjson.loads(row["data"]["payload"])["body"])["data"][0] for row in bad]
+    assert len(kept) + len(dropped) == len(events)
+    assert kept == [e for e in events if e not in dropped]

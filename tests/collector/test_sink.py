@@ -1,0 +1,70 @@
+"""The sender against the in-memory stream backend (common.streams.MemoryStream): throttling and
+records that can never fit, which the emulator cannot produce on demand."""
+from __future__ import annotations
+
+import orjson
+
+from collector.sink import Sink
+from collector.spool import RAW, Spool, encode
+from common.producer import Producer
+from common.streams import MemoryStream
+
+
+def sink_for(tmp_path, raw: MemoryStream, bad: MemoryStream) -> Sink:
+    spool = Spool(tmp_path, max_bytes=1 << 24)
+    return Sink(spool, Producer(raw, max_attempts=1, sleep=lambda _: None),
+                Producer(bad, max_attempts=1, sleep=lambda _: None))
+
+
+def test_throttled_entries_are_kept_and_delivered_once(tmp_path):
+    raw, bad = MemoryStream("raw"), MemoryStream("bad")
+    sink = sink_for(tmp_path, raw, bad)
+    for index in range(10):
+        sink.spool.append(encode(RAW, f"k{index}", str(index).encode()), 1)
+    raw.fail_next = 3                                   # the first three entries are refused
+    assert not sink._drain()                            # refused entries: back off, don't spin on them
+    assert sink.healthy and sink.spool.records == 3
+    assert sink._drain()
+    delivered = [int(r.data) for r in raw.all_records()]
+    assert sorted(delivered) == list(range(10))         # each exactly once: no duplicate of the accepted ones
+    assert delivered[:7] == list(range(3, 10))          # the refused ones come after, re-appended
+    assert sink.spool.records == 0 and sink.spool.depth_bytes == 0
+
+
+def test_unreachable_stream_keeps_the_cursor(tmp_path):
+    raw, bad = MemoryStream("raw"), MemoryStream("bad")
+    sink = sink_for(tmp_path, raw, bad)
+    for index in range(5):
+        sink.spool.append(encode(RAW, f"k{index}", str(index).encode()), 1)
+    raw.fail_next = 5                                   # nothing of the batch gets through
+    assert not sink._drain()
+    assert not sink.healthy and sink.spool.records == 5
+    assert sink._drain() and sink.healthy
+    assert [int(r.data) for r in raw.all_records()] == list(range(5))
+
+
+def test_a_record_too_big_for_kinesis_becomes_a_size_violation(tmp_path):
+    raw, bad = MemoryStream("raw"), MemoryStream("bad")
+    sink = sink_for(tmp_path, raw, bad)
+    sink.spool.append(encode(RAW, "k", b"x" * (1024 * 1024 + 10)), 1)
+    sink.spool.append(encode(RAW, "k", b"small"), 1)
+    assert sink._drain()
+    assert [r.data for r in raw.all_records()] == [b"small"]
+    [row] = [orjson.loads(r.data) for r in bad.all_records()]
+    assert row["schema"].endswith("/size_violation/jsonschema/1-0-0")
+    assert row["data"]["failure"]["actualSizeBytes"] == 1024 * 1024 + 10
+
+
+def test_a_failing_bad_stream_does_not_hold_up_raw_records_nor_lose_bad_rows(tmp_path):
+    raw, bad = MemoryStream("raw"), MemoryStream("bad")
+    sink = sink_for(tmp_path, raw, bad)
+    sink.spool.append(encode(RAW, "k", b"good"), 1)
+    sink.spool.append(encode(1, "k", b"bad-row"), 1)
+    bad.fail_next = 10**9                               # e.g. the bad stream does not exist
+    assert not sink._drain()                            # one round, then back off: no spinning
+    assert [r.data for r in raw.all_records()] == [b"good"]
+    entries, _ = sink.spool.read(10, 1 << 20)
+    assert [(e.stream, e.data) for e in entries] == [(1, b"bad-row")]
+    bad.fail_next = 0
+    assert sink._drain()
+    assert [r.data for r in bad.all_records()] == [b"bad-row"]

@@ -1,0 +1,143 @@
+"""The write-ahead spool on its own: framing, recovery after a crash, segments, limits."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from collector.spool import BAD, RAW, Spool, SpoolFull, claim_dir, encode
+
+
+def fill(spool: Spool, count: int, start: int = 0, stream: int = RAW) -> None:
+    for index in range(start, start + count):
+        spool.append(encode(stream, f"key-{index}", f"record-{index}".encode()), 1)
+
+
+def drain(spool: Spool, batch: int = 7) -> list[bytes]:
+    out = []
+    while True:
+        entries, offset = spool.read(batch, 1 << 20)
+        if not entries:
+            return out
+        out += [e.data for e in entries]
+        spool.commit(offset, len(entries))
+
+
+def test_entries_come_back_in_order_with_stream_and_key(tmp_path):
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    fill(spool, 3)
+    spool.append(encode(BAD, "k", b"bad"), 1)
+    entries, _ = spool.read(10, 1 << 20)
+    assert [(e.stream, e.key, e.data) for e in entries] == [
+        (RAW, "key-0", b"record-0"), (RAW, "key-1", b"record-1"), (RAW, "key-2", b"record-2"), (BAD, "k", b"bad")]
+    assert spool.records == 4
+
+
+def test_reopen_resumes_after_the_committed_cursor(tmp_path):
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    fill(spool, 10)
+    entries, offset = spool.read(4, 1 << 20)
+    spool.commit(offset, len(entries))
+    # No close(): as after kill -9, the file is whatever write() put in the kernel.
+    again = Spool(tmp_path, max_bytes=1 << 20)
+    assert again.records == 6
+    assert drain(again) == [f"record-{i}".encode() for i in range(4, 10)]
+
+
+def test_a_torn_tail_is_cut_and_writing_continues(tmp_path):
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    fill(spool, 5)
+    segment = next(tmp_path.glob("*.seg"))
+    with open(segment, "ab") as handle:
+        handle.write(encode(RAW, "torn", b"half written")[:9])
+    again = Spool(tmp_path, max_bytes=1 << 20)
+    assert again.records == 5
+    fill(again, 2, start=5)
+    assert drain(again) == [f"record-{i}".encode() for i in range(7)]
+
+
+def test_a_corrupt_frame_is_not_delivered(tmp_path):
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    fill(spool, 3)
+    segment = next(tmp_path.glob("*.seg"))
+    data = bytearray(segment.read_bytes())
+    data[-2] ^= 0xFF                                     # flip a byte of the last record's data
+    segment.write_bytes(bytes(data))
+    again = Spool(tmp_path, max_bytes=1 << 20)
+    assert drain(again) == [b"record-0", b"record-1"]
+    assert again.corrupt_frames == 1
+
+
+def test_segments_rotate_and_delivered_ones_are_deleted(tmp_path):
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=200)
+    fill(spool, 40)
+    assert len(list(tmp_path.glob("*.seg"))) > 3
+    assert drain(spool, batch=5) == [f"record-{i}".encode() for i in range(40)]
+    assert len(list(tmp_path.glob("*.seg"))) == 1
+    assert spool.depth_bytes == 0 and spool.records == 0
+
+
+def test_full_spool_refuses_unless_forced(tmp_path):
+    frame = encode(RAW, "k", b"x" * 100)
+    spool = Spool(tmp_path, max_bytes=len(frame) * 3)
+    for _ in range(3):
+        spool.append(frame, 1)
+    with pytest.raises(SpoolFull):
+        spool.append(frame, 1)
+    spool.append(frame, 1, force=True)                   # what the stream refused is never dropped
+    entries, offset = spool.read(2, 1 << 20)
+    spool.commit(offset, len(entries))
+    spool.append(frame, 1)                               # room again after delivery
+    assert spool.records == 3
+
+
+def test_sync_to_makes_the_offset_durable(tmp_path):
+    spool = Spool(tmp_path, max_bytes=1 << 20, fsync="always")
+    fill(spool, 3)
+    spool.sync_to(spool.end)
+    assert spool.synced == spool.end
+
+
+def test_each_process_claims_its_own_slot(tmp_path):
+    folder, fd = claim_dir(tmp_path)
+    # flock is per open file description: a second claim in the same process behaves like another process.
+    other, other_fd = claim_dir(tmp_path)
+    assert folder.name == "worker-0" and other.name == "worker-1"
+    os.close(fd)
+    again, again_fd = claim_dir(tmp_path)
+    assert again.name == "worker-0"
+    os.close(other_fd)
+    os.close(again_fd)
+
+
+
+STEP = st.one_of(st.tuples(st.just("append"), st.integers(0, 5000)), st.tuples(st.just("deliver"), st.integers(1, 9)),
+                 st.tuples(st.just("crash"), st.integers(0, 20)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps=st.lists(STEP, max_size=40))
+def test_whatever_happens_every_acknowledged_entry_is_delivered_in_order(tmp_path_factory, steps):
+    folder = tmp_path_factory.mktemp("spool")
+    spool = Spool(folder, max_bytes=1 << 30, segment_bytes=4096)
+    appended, delivered, number = [], [], 0
+    for action, value in steps:
+        if action == "append":
+            data = f"{number}:".encode() + b"x" * value
+            spool.append(encode(RAW, "k", data), 1)
+            appended.append(data)
+            number += 1
+        elif action == "deliver":
+            entries, offset = spool.read(value, 1 << 20)
+            delivered += [e.data for e in entries]
+            spool.commit(offset, len(entries))
+        else:
+            # kill -9 mid-write: a torn frame at the end of the newest segment, then a restart.
+            newest = max(folder.glob("*.seg"))
+            with open(newest, "ab") as handle:
+                handle.write(encode(RAW, "torn", b"t" * 50)[:value])
+            spool = Spool(folder, max_bytes=1 << 30, segment_bytes=4096)
+    delivered += drain(spool)
+    assert delivered == appended

@@ -1,0 +1,135 @@
+"""Every bad-row type from a real bad input; bad events never take good ones down; payloads replay."""
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from tests.enrich.helpers import b64, contexts, enricher, get_record, page_type, post_record, record, sdj, unstruct
+
+BADROWS = "iglu:com.snowplowanalytics.snowplow.badrows/"
+EV = {"p": "web", "tv": "js-4.1.0", "sid": "0fd0a6d9-7d0d-4a4e-9c51-5e0bd3b8b8b1"}
+PRODUCT = "iglu:com.clickshop/product_view/jsonschema/1-0-0"
+
+
+def only_bad(raw: bytes, **settings) -> dict:
+    good, bad = enricher(**settings).process(raw)
+    assert good == [] and len(bad) == 1, (good, bad)
+    row = bad[0]
+    assert row["data"]["processor"]["artifact"] == "clickstream-enrich"
+    assert row["data"]["failure"]["timestamp"].endswith("Z")
+    return row
+
+
+@pytest.mark.parametrize("raw, error", [
+    (b"this is not json", "not JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (orjson.dumps({**record(), "collector_tstamp": "yesterday"}), "collector_tstamp"),
+    (orjson.dumps({**record(), "schema": "iglu:com.other/raw/jsonschema/1-0-0"}), "unknown raw record schema"),
+    (orjson.dumps({**record(), "ip": 12}), "ip must be a string"),
+])
+def test_unreadable_raw_records_are_format_violations_keeping_the_bytes(raw, error):
+    row = only_bad(raw)
+    assert row["schema"] == BADROWS + "collector_payload_format_violation/jsonschema/1-0-0"
+    assert error in row["data"]["failure"]["message"]["error"]
+    assert row["data"]["payload"] == raw.decode()
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/com.acme/webhook/v1"), ("GET", "/favicon.ico"), ("PUT", "/i")])
+def test_unsupported_endpoints_are_adapter_failures(method, path):
+    raw_record = record(method=method, path=path, querystring="e=pv&p=web&tv=x")
+    row = only_bad(orjson.dumps(raw_record))
+    assert row["schema"] == BADROWS + "adapter_failures/jsonschema/1-0-0"
+    assert row["data"]["failure"]["messages"][0]["field"] == "path"
+    assert row["data"]["payload"] == raw_record
+
+
+@pytest.mark.parametrize("raw, field", [
+    (orjson.dumps(record(querystring=None)), "querystring"),
+    (get_record({"p": "web", "tv": "x"}), "e"),
+    (get_record({"e": "zz", "p": "web", "tv": "x"}), "e"),
+    (get_record({"e": "pv", "p": "web", "tv": "x", "cx": "%%%not-base64%%%"}), "cx"),
+    (get_record({"e": "pv", "p": "web", "tv": "x", "co": "{not json"}), "co"),
+    (get_record({"e": "ue", "p": "web", "tv": "x", "ue_pr": "[1,"}), "ue_pr"),
+    (get_record({"e": "ue", "p": "web", "tv": "x"}), "ue_pr"),
+    (orjson.dumps(record(method="POST", path="/com.snowplowanalytics.snowplow/tp2", body="{oops")), "body"),
+    (post_record([{"e": "pv", "p": "web", "tv": "x"}], schema="iglu:com.acme/other/jsonschema/1-0-0"), "body.schema"),
+    (post_record([]), "body.data"),
+])
+def test_protocol_violations(raw, field):
+    row = only_bad(raw)
+    assert row["schema"] == BADROWS + "tracker_protocol_violations/jsonschema/1-0-0"
+    assert row["data"]["failure"]["messages"][0]["field"] == field
+
+
+def test_a_post_event_breaking_payload_data_fails_alone():
+    events = [{**EV, "e": "pv"}, {**EV, "e": "pv", "vid": 3}, {**EV, "e": "pv", "unknown_param": "x"}, {**EV, "e": "se"}]
+    good, bad = enricher().process(post_record(events))
+    assert len(good) == 2 and len(bad) == 2
+    assert {row["schema"] for row in bad} == {BADROWS + "tracker_protocol_violations/jsonschema/1-0-0"}
+    assert "payload_data" in bad[0]["data"]["failure"]["messages"][0]["expectation"]
+    assert [row["data"]["payload"]["parameters"] for row in bad] == [events[1], events[2]]
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"e": "ue", "ue_pr": orjson.dumps(unstruct(PRODUCT, {"sku": "A", "category": "c", "price": -1})).decode()}, "ValidationError"),
+    ({"e": "pv", "cx": b64(contexts(sdj("iglu:com.clickshop/page_type/jsonschema/1-0-0", {"type": "blog"})))}, "ValidationError"),
+    ({"e": "pv", "cx": b64(contexts(sdj("iglu:com.acme/unknown/jsonschema/1-0-0", {})))}, "ResolutionError"),
+    ({"e": "pv", "cx": b64(contexts(sdj("not-a-key", {})))}, "ValidationError"),   # the envelope catches it
+    ({"e": "pv", "cx": b64(contexts(sdj("iglu:com.acme/x/jsonschema/01-0-0", {})))}, "InvalidSchemaKey"),
+    ({"e": "ue", "ue_pr": orjson.dumps(sdj(PRODUCT, {"sku": "A", "category": "c", "price": 1})).decode()}, "CriterionMismatch"),
+    ({"e": "pv", "co": '{"data": []}'}, "NotIglu"),
+])
+def test_schema_violations(params, expected):
+    row = only_bad(get_record({**EV, **params}))
+    assert row["schema"] == BADROWS + "schema_violations/jsonschema/2-0-0"
+    assert row["data"]["failure"]["messages"][0]["error"]["error"] == expected
+    assert row["data"]["payload"]["parameters"] == {**EV, **params}
+
+
+def test_schema_violation_reports_every_failing_entity():
+    params = {**EV, "e": "ue", "ue_pr": orjson.dumps(unstruct(PRODUCT, {"sku": "A"})).decode(),
+              "cx": b64(contexts(page_type(), sdj("iglu:com.clickshop/page_type/jsonschema/1-0-0", {"type": 1})))}
+    messages = only_bad(get_record(params))["data"]["failure"]["messages"]
+    assert len(messages) == 2
+    assert {m["schemaKey"] for m in messages} == {"iglu:com.clickshop/page_type/jsonschema/1-0-0", PRODUCT}
+    assert all(m["error"]["dataReports"][0]["message"].startswith("data") for m in messages)
+    reports = sorted((m["error"]["dataReports"][0]["path"], m["error"]["dataReports"][0]["keyword"]) for m in messages)
+    assert reports == [("$", "required"), ("$.type", "type")]
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"se_va": "abc"}, "se_va"), ({"ti_qu": "2.5"}, "ti_qu"), ({"dtm": "yesterday"}, "dtm"),
+    ({"dtm": "99999999999999999"}, "dtm"), ({"res": "big"}, "res"), ({"eid": "not-a-uuid"}, "eid"),
+    ({"tr_tt": "nan"}, "tr_tt"), ({"vid": "1_000"}, "vid"),
+])
+def test_malformed_values_are_enrichment_failures(params, field):
+    row = only_bad(get_record({**EV, "e": "pv", **params}))
+    assert row["schema"] == BADROWS + "enrichment_failures/jsonschema/2-0-0"
+    assert row["data"]["failure"]["messages"][0]["message"]["field"] == field
+
+
+def test_an_oversized_enriched_event_is_a_size_violation():
+    big = contexts(*[page_type("product", "x" * 100) for _ in range(60)])
+    row = only_bad(get_record({**EV, "e": "pv", "cx": b64(big)}), max_event_bytes=5000)
+    assert row["schema"] == BADROWS + "size_violation/jsonschema/1-0-0"
+    failure = row["data"]["failure"]
+    assert failure["maximumAllowedSizeBytes"] == 5000 and failure["actualSizeBytes"] > 5000
+    assert row["data"]["payload"].startswith('{"schema":"iglu:com.clickstream/raw_record')
+
+
+def test_one_bad_event_in_a_post_of_many_keeps_the_good_ones_and_replays_alone():
+    good_events = [{**EV, "e": "pv", "eid": f"00000000-0000-4000-8000-00000000000{i}"} for i in range(5)]
+    broken = {**EV, "e": "ue", "eid": "00000000-0000-4000-8000-000000000009",
+              "ue_pr": orjson.dumps(unstruct(PRODUCT, {"sku": "A", "category": "c", "price": "free"})).decode()}
+    worker = enricher()
+    good, bad = worker.process(post_record(good_events[:2] + [broken] + good_events[2:]))
+    assert [e["event_id"] for _, e in good] == [e["eid"] for e in good_events]
+    assert len(bad) == 1
+    payload = bad[0]["data"]["payload"]
+    # The payload is a raw record carrying only the failing event: fix it and replay it.
+    assert orjson.loads(payload["record"]["body"])["data"] == [broken]
+    fixed = {**broken, "ue_pr": orjson.dumps(unstruct(PRODUCT, {"sku": "A", "category": "c", "price": 9.5})).decode()}
+    replay = {**payload["record"], "body": orjson.dumps({"schema": orjson.loads(payload["record"]["body"])["schema"],
+                                                         "data": [fixed]}).decode()}
+    good, bad = worker.process(orjson.dumps(replay))
+    assert bad == [] and good[0][1]["event_id"] == broken["eid"] and good[0][1]["unstruct_event"]["data"]["price"] == 9.5

@@ -1,0 +1,161 @@
+"""Each enrichment on its own: UA, IP anonymisation, referers, campaigns, fingerprint, dedupe, PII paths, config."""
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from common.config import ConfigError, load
+from enrich.config import EnrichSettings
+from enrich.enrichments import (
+    Deduper,
+    Pseudonymiser,
+    RefererClassifier,
+    anonymise_ip,
+    campaign,
+    fingerprint,
+    make_ua_parser,
+)
+from tests.enrich.helpers import KEY, b64, contexts, enricher, get_record, sdj, unstruct
+
+EV = {"e": "pv", "p": "web", "tv": "t", "sid": "0fd0a6d9-7d0d-4a4e-9c51-5e0bd3b8b8b1"}
+
+
+@pytest.mark.parametrize("ua, family, os_family, device, mobile", [
+    ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",
+     "Chrome", "Windows", "Computer", False),
+    ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Safari/605.1.15",
+     "Safari", "Mac OS X", "Computer", False),
+    ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.0 Mobile/15E148 Safari/604.1",
+     "Mobile Safari", "iOS", "Mobile", True),
+    ("Mozilla/5.0 (iPad; CPU OS 16_6 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/16.6 Mobile/15E148 Safari/604.1",
+     "Mobile Safari", "iOS", "Tablet", True),
+    ("Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Mobile Safari/537.36",
+     "Chrome Mobile", "Android", "Mobile", True),
+    ("Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)", "Googlebot", "Other", "Bot", False),
+    ("curl/8.4.0", "curl", "Other", "Unknown", False),
+])
+def test_user_agent_parsing(ua, family, os_family, device, mobile):
+    parsed = make_ua_parser(16)(ua)
+    assert (parsed["br_family"], parsed["os_family"], parsed["dvce_type"], parsed["dvce_ismobile"]) == \
+        (family, os_family, device, mobile)
+
+
+def test_user_agent_results_are_cached():
+    parse = make_ua_parser(2)
+    first = parse("curl/8.4.0")
+    assert parse("curl/8.4.0") is first and parse.cache_info().hits == 1
+    parse("a"), parse("b")
+    assert parse("curl/8.4.0") is not first   # evicted: the cache is bounded
+    huge = "Mozilla/5.0 " + "x" * 10_000
+    before = parse.cache_info().currsize
+    assert parse(huge)["br_family"] == parse(huge)["br_family"]
+    assert parse.cache_info().currsize == before   # hostile long values never enter a cache
+
+
+@pytest.mark.parametrize("ip, octets, segments, expected", [
+    ("203.0.113.77", 1, 5, "203.0.113.0"),
+    ("203.0.113.77", 2, 5, "203.0.0.0"),
+    ("203.0.113.77", 0, 5, "203.0.113.77"),
+    ("2001:db8:85a3:8d3:1319:8a2e:370:7348", 1, 5, "2001:db8:85a3::"),
+    ("2001:db8:85a3:8d3:1319:8a2e:370:7348", 1, 2, "2001:db8:85a3:8d3:1319:8a2e::"),
+    ("not an ip", 1, 5, "x"),
+])
+def test_ip_anonymisation(ip, octets, segments, expected):
+    assert anonymise_ip(ip, octets, segments) == expected
+
+
+def test_pseudonymisation_is_a_keyed_hmac():
+    import hashlib
+    import hmac
+
+    assert Pseudonymiser("k1")("alice") == hmac.new(b"k1", b"alice", hashlib.sha256).hexdigest()
+    assert Pseudonymiser("k1")("alice") != Pseudonymiser("k2")("alice")
+
+
+@pytest.mark.parametrize("referer, medium, source, term", [
+    (None, None, None, None),
+    ("https://www.google.de/search?q=rote+schuhe", "search", "Google", "rote schuhe"),
+    ("https://search.yahoo.com/search?p=boots", "search", "Yahoo!", "boots"),
+    ("https://duckduckgo.com/", "search", "DuckDuckGo", None),
+    ("https://l.facebook.com/l.php?u=x", "social", "Facebook", None),
+    ("https://t.co/abc", "social", "Twitter", None),
+    ("https://mail.google.com/mail/u/0/", "email", "Gmail", None),
+    ("https://shop.test/cart", "internal", None, None),
+    ("https://blog.shop.test/post", "internal", None, None),
+    ("https://random-blog.test/post", "unknown", None, None),
+    ("not a url", "unknown", None, None),
+])
+def test_referer_classification(referer, medium, source, term):
+    classify = RefererClassifier(internal_domains=("blog.shop.test",)).classify
+    assert classify(referer, "shop.test") == {"refr_medium": medium, "refr_source": source, "refr_term": term}
+
+
+def test_campaign_fields_and_click_ids():
+    assert campaign("utm_source=google&utm_medium=cpc&utm_term=red+shoes&utm_content=ad1&utm_campaign=bf&gclid=abc") == {
+        "mkt_source": "google", "mkt_medium": "cpc", "mkt_term": "red shoes", "mkt_content": "ad1",
+        "mkt_campaign": "bf", "mkt_clickid": "abc", "mkt_network": "Google"}
+    assert set(campaign(None).values()) == {None}
+
+
+def test_fingerprint_ignores_send_time_and_event_id_only():
+    params = {"e": "pv", "eid": "a", "stm": "1", "nuid": "n", "url": "https://x.test/"}
+    assert fingerprint(params) == fingerprint({**params, "eid": "b", "stm": "2", "nuid": "m"})
+    assert fingerprint(params) != fingerprint({**params, "url": "https://x.test/other"})
+
+
+def test_deduper_window_and_capacity():
+    now = [0.0]
+    dedupe = Deduper(capacity=2, window_s=10, clock=lambda: now[0])
+    assert not dedupe.seen("e1", "f") and dedupe.seen("e1", "f")
+    assert not dedupe.seen("e1", "other-fingerprint")       # same id, different content: a new event
+    now[0] = 11
+    assert not dedupe.seen("e1", "f")                        # outside the window
+    assert not dedupe.seen("e2", "f") and not dedupe.seen("e3", "f")
+    assert not dedupe.seen("e1", "f")                        # forgotten: capacity 2
+    assert len(dedupe._seen) <= 2 and dedupe.dropped == 1
+
+
+def test_exact_duplicates_are_dropped_but_same_id_with_other_content_is_kept():
+    worker = enricher()
+    raw = get_record({**EV, "eid": "11111111-1111-4111-8111-111111111111", "stm": "1764409955000"})
+    resent = get_record({**EV, "eid": "11111111-1111-4111-8111-111111111111", "stm": "1764409956000"})
+    changed = get_record({**EV, "eid": "11111111-1111-4111-8111-111111111111", "page": "other"})
+    assert len(worker.process(raw)[0]) == 1
+    assert worker.process(resent) == ([], [])
+    assert len(worker.process(changed)[0]) == 1
+    assert enricher(dedupe_entries=0).process(raw)[0] and enricher(dedupe_entries=0).process(raw)[0]
+
+
+def test_configured_json_paths_inside_events_and_contexts_are_pseudonymised():
+    hmac = Pseudonymiser(KEY)
+    signup = "iglu:com.snowplowanalytics.snowplow/submit_form/jsonschema/1-0-0"
+    data = {"formId": "signup", "elements": [{"name": "email", "value": "bob@example.com", "nodeName": "INPUT"}]}
+    session = sdj("iglu:com.snowplowanalytics.snowplow/client_session/jsonschema/1-0-1", {
+        "userId": "5a2f9c1e-7d3b-4e8a-9f10-2b3c4d5e6f70", "sessionId": "9b8a7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d",
+        "sessionIndex": 1, "previousSessionId": None, "storageMechanism": "COOKIE_1"})
+    raw = get_record({**EV, "e": "ue", "ue_pr": orjson.dumps(unstruct(signup, data)).decode(), "cx": b64(contexts(session))})
+    worker = enricher(pii_fields=("com.snowplowanalytics.snowplow/submit_form:formId",
+                                  "com.snowplowanalytics.snowplow/submit_form:$.elements[*].value",
+                                  "com.snowplowanalytics.snowplow/client_session:userId"))
+    _, event = worker.process(raw)[0][0]
+    assert event["unstruct_event"]["data"]["formId"] == hmac("signup")
+    assert event["unstruct_event"]["data"]["elements"][0] == {"name": "email", "value": hmac("bob@example.com"),
+                                                             "nodeName": "INPUT"}
+    assert event["contexts"][0]["data"]["userId"] == hmac("5a2f9c1e-7d3b-4e8a-9f10-2b3c4d5e6f70")
+    assert event["contexts"][0]["data"]["sessionId"] == "9b8a7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
+
+
+def test_config_refuses_to_start_without_a_key_unless_pseudonymisation_is_off():
+    with pytest.raises(ConfigError, match="CLICKSTREAM_PSEUDONYMISATION_KEY"):
+        load(EnrichSettings, env={})
+    assert load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION": "false"}).pseudonymisation is False
+    loaded = load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "s3cret",
+                                       "CLICKSTREAM_REGISTRIES": "embedded, /srv/iglu ,http://iglu.test",
+                                       "CLICKSTREAM_IP_ANON_OCTETS": "2"})
+    assert loaded.registries == ("embedded", "/srv/iglu", "http://iglu.test") and loaded.ip_anon_octets == 2
+    with pytest.raises(ConfigError, match="CLICKSTREAM_IP_ANON_OCTETS"):
+        load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_IP_ANON_OCTETS": "5"})
+    with pytest.raises(ConfigError, match="CLICKSTREAM_PII_FIELDS"):
+        load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_PII_FIELDS": "email"})
+    with pytest.raises(ConfigError, match="CLICKSTREAM_PII_FIELDS"):
+        load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_PII_FIELDS": "com.acme/x:$."})

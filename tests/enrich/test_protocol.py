@@ -1,0 +1,183 @@
+"""The tracker protocol: every event type, encodings, typed fields, timestamps, partition keys."""
+from __future__ import annotations
+
+import base64
+import urllib.parse
+
+import orjson
+
+from enrich.enrichments import Pseudonymiser
+from tests.enrich.helpers import KEY, b64, contexts, enricher, get_record, page_type, post_record, record, unstruct
+
+SID = "0fd0a6d9-7d0d-4a4e-9c51-5e0bd3b8b8b1"
+BASE = {"p": "web", "tv": "js-4.1.0", "aid": "shop", "duid": "d1d2d3d4-0000-4000-8000-000000000001", "sid": SID,
+        "vid": "3", "url": "https://shop.test/p/42?utm_source=news&utm_medium=email&utm_campaign=bf",
+        "refr": "https://www.google.co.uk/search?q=red+shoes", "res": "1920x1080", "vp": "1200x800",
+        "ds": "1200x3000", "lang": "en-GB", "cs": "UTF-8", "tz": "Europe/London", "cookie": "1"}
+
+
+def one(raw: bytes, **settings):
+    good, bad = enricher(**settings).process(raw)
+    assert bad == [], bad
+    assert len(good) == 1
+    return good[0]
+
+
+def test_get_page_view_with_context_is_typed_and_named_canonically():
+    ctx = contexts(page_type())
+    key, event = one(get_record({**BASE, "e": "pv", "page": "Red shoes", "eid": "c6ef3124-b53a-4b13-a233-0088f79dcbcb",
+                                 "dtm": "1764409954000", "stm": "1764409955000", "cx": b64(ctx)}))
+    assert key == SID
+    assert event["event"] == "page_view" and event["event_name"] == "page_view"
+    assert event["event_vendor"] == "com.snowplowanalytics.snowplow" and event["event_version"] == "1-0-0"
+    assert event["event_id"] == "c6ef3124-b53a-4b13-a233-0088f79dcbcb"
+    assert event["app_id"] == "shop" and event["platform"] == "web" and event["v_tracker"] == "js-4.1.0"
+    assert event["page_title"] == "Red shoes"
+    assert event["domain_sessionidx"] == 3
+    assert (event["dvce_screenwidth"], event["dvce_screenheight"]) == (1920, 1080)
+    assert (event["br_viewwidth"], event["br_viewheight"], event["doc_width"], event["doc_height"]) == (1200, 800, 1200, 3000)
+    assert event["br_cookies"] is True and event["br_lang"] == "en-GB" and event["os_timezone"] == "Europe/London"
+    assert event["contexts"] == ctx["data"] and event["derived_contexts"] == [] and event["unstruct_event"] is None
+    assert event["collector_tstamp"] == "2025-11-29T09:52:36.000Z"
+    assert event["dvce_created_tstamp"] == "2025-11-29T09:52:34.000Z"
+    assert event["dvce_sent_tstamp"] == "2025-11-29T09:52:35.000Z"
+    # Device clock corrected by the collector's: created 1 s before sent -> 1 s before collected.
+    assert event["derived_tstamp"] == "2025-11-29T09:52:35.000Z"
+    assert event["etl_tstamp"].endswith("Z") and len(event["etl_tstamp"]) == 24
+    assert event["page_urlhost"] == "shop.test" and event["page_urlpath"] == "/p/42" and event["page_urlport"] == 443
+    assert (event["mkt_source"], event["mkt_medium"], event["mkt_campaign"]) == ("news", "email", "bf")
+    assert (event["refr_medium"], event["refr_source"], event["refr_term"]) == ("search", "Google", "red shoes")
+    assert (event["br_family"], event["os_family"], event["dvce_type"], event["dvce_ismobile"]) == \
+        ("Chrome", "Windows", "Computer", False)
+    assert event["v_collector"] == "clickstream-collector/0.1.0" and event["v_etl"].startswith("clickstream-enrich-")
+    assert len(event["event_fingerprint"]) == 32
+
+
+def test_base64_contexts_with_and_without_padding_and_plain_json_agree():
+    ctx = contexts(page_type("category", "boots"))
+    found = []
+    # A payload whose base64 needs padding, so the padded and unpadded forms differ.
+    for params in ({"cx": b64(ctx)}, {"cx": b64(ctx, pad=True)}, {"co": orjson.dumps(ctx).decode()},
+                   {"cx": base64.b64encode(orjson.dumps(ctx)).decode()}):
+        assert b64(ctx) != b64(ctx, pad=True)
+        _, event = one(get_record({**BASE, "e": "pv", **params}))
+        found.append(event["contexts"])
+    assert found == [ctx["data"]] * 4
+
+
+def test_post_carries_every_event_type_with_typed_values():
+    product = unstruct("iglu:com.clickshop/product_view/jsonschema/1-0-0",
+                       {"sku": "SKU-1", "category": "shoes", "price": 59.9, "currency": "EUR"})
+    cart = unstruct("iglu:com.clickshop/add_to_cart/jsonschema/1-0-0",
+                    {"sku": "SKU-1", "category": "shoes", "price": 59.9, "quantity": 2})
+    common = {**BASE, "dtm": "1764409950000", "stm": "1764409955000"}
+    events = [
+        {**common, "e": "pv"},
+        {**common, "e": "pp", "pp_mix": "0", "pp_max": "10", "pp_miy": "100", "pp_may": "900"},
+        {**common, "e": "se", "se_ca": "nav", "se_ac": "click", "se_la": "menu", "se_pr": "top", "se_va": "1.5"},
+        {**common, "e": "ue", "ue_pr": orjson.dumps(product).decode()},
+        {**common, "e": "ue", "ue_px": b64(cart)},
+        {**common, "e": "tr", "tr_id": "o-1", "tr_af": "web", "tr_tt": "119.8", "tr_tx": "20", "tr_sh": "4.5",
+         "tr_ci": "Leeds", "tr_st": "WY", "tr_co": "GB", "tr_cu": "GBP"},
+        {**common, "e": "ti", "ti_id": "o-1", "ti_sk": "SKU-1", "ti_nm": "Red shoes", "ti_ca": "shoes",
+         "ti_pr": "59.9", "ti_qu": "2", "ti_cu": "GBP"},
+    ]
+    good, bad = enricher().process(post_record(events))
+    assert bad == []
+    by_type = {}
+    for _, event in good:
+        by_type.setdefault(event["event"], []).append(event)
+    assert [e["event"] for _, e in good] == ["page_view", "page_ping", "struct", "unstruct", "unstruct",
+                                             "transaction", "transaction_item"]
+    ping = by_type["page_ping"][0]
+    assert (ping["pp_xoffset_min"], ping["pp_xoffset_max"], ping["pp_yoffset_min"], ping["pp_yoffset_max"]) == (0, 10, 100, 900)
+    assert ping["event_name"] == "page_ping"
+    struct = by_type["struct"][0]
+    assert (struct["se_category"], struct["se_action"], struct["se_label"], struct["se_property"]) == ("nav", "click", "menu", "top")
+    assert struct["se_value"] == 1.5 and struct["event_name"] == "event"
+    viewed, added = by_type["unstruct"]
+    assert viewed["unstruct_event"] == product["data"] and viewed["event_name"] == "product_view"
+    assert viewed["event_vendor"] == "com.clickshop" and viewed["event_version"] == "1-0-0"
+    assert added["unstruct_event"] == cart["data"] and added["event_name"] == "add_to_cart"
+    tr = by_type["transaction"][0]
+    assert (tr["tr_orderid"], tr["tr_total"], tr["tr_tax"], tr["tr_shipping"], tr["tr_currency"]) == ("o-1", 119.8, 20.0, 4.5, "GBP")
+    assert isinstance(tr["tr_tax"], float)
+    ti = by_type["transaction_item"][0]
+    assert (ti["ti_sku"], ti["ti_name"], ti["ti_price"], ti["ti_quantity"]) == ("SKU-1", "Red shoes", 59.9, 2)
+    # Every event of the POST gets its own id when the tracker sent none.
+    assert len({e["event_id"] for _, e in good}) == 7
+    # 5 s of device time between creation and sending, subtracted from the collector's time.
+    assert all(e["derived_tstamp"] == "2025-11-29T09:52:31.000Z" for _, e in good)
+
+
+def test_derived_tstamp_rules():
+    def derived(**params):
+        return one(get_record({**BASE, "e": "pv", **params}))[1]["derived_tstamp"]
+
+    assert derived() == "2025-11-29T09:52:36.000Z"                                         # collector only
+    assert derived(dtm="1764409950000") == "2025-11-29T09:52:36.000Z"                     # no sent time
+    assert derived(dtm="1764409950000", stm="1764409950500") == "2025-11-29T09:52:35.500Z"
+    assert derived(dtm="1764409960000", stm="1764409950000") == "2025-11-29T09:52:36.000Z"  # created after sent
+    assert derived(dtm="1764409950000", stm="1764409955000", ttm="1764400000123") == "2025-11-29T07:06:40.123Z"
+
+
+def test_partition_key_falls_back_to_network_user_then_event_id():
+    no_session = {k: v for k, v in BASE.items() if k != "sid"}
+    key, event = one(get_record({**no_session, "e": "pv"}))
+    assert key == event["network_userid"] == Pseudonymiser(KEY)("8e2d4b1c-5f7a-4c3e-9a1b-2c3d4e5f6a7b")
+    key, event = one(get_record({**no_session, "e": "pv"}, nuid=None))
+    assert key == event["event_id"] and event["network_userid"] is None
+
+
+def test_redirect_becomes_a_uri_redirect_event():
+    raw = orjson.dumps(record(path="/r/tp2", querystring="u=https%3A%2F%2Fpartner.test%2Fdeal%3Fx%3D1&aid=shop"))
+    _, event = one(raw)
+    assert event["event"] == "unstruct" and event["event_name"] == "uri_redirect"
+    assert event["unstruct_event"]["data"] == {"uri": "https://partner.test/deal?x=1"}
+    assert event["app_id"] == "shop"
+
+
+def test_non_utf8_body_arrives_base64_and_is_decoded():
+    body = orjson.dumps({"schema": "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4",
+                         "data": [{**BASE, "e": "pv", "page": "Caf\u00e9"}]})
+    raw = orjson.dumps(record(method="POST", path="/com.snowplowanalytics.snowplow/tp2",
+                              body_base64=base64.b64encode(body).decode()))
+    _, event = one(raw)
+    assert event["page_title"] == "Caf\u00e9"
+
+
+def test_pixel_without_url_uses_the_referer_header_as_page():
+    _, event = one(get_record({"e": "pv", "p": "web", "tv": "no-js-0.1.0"}, referer="https://shop.test/landing?utm_source=ad"))
+    assert event["page_url"] == "https://shop.test/landing?utm_source=ad" and event["mkt_source"] == "ad"
+
+
+def test_query_string_decoding_matches_urllib():
+    title = "Shoes & boots: 50% off + free (returns) \u00e9\u00e8 /?="
+    _, event = one(get_record({**BASE, "e": "pv", "page": title}))
+    assert event["page_title"] == title
+    assert urllib.parse.unquote_plus(urllib.parse.quote_plus(title)) == title
+
+
+def test_older_payload_data_versions_and_legacy_struct_events_are_accepted():
+    events = [{**BASE, "e": "se", "se_ca": "nav", "se_ac": "click"}]
+    good, bad = enricher().process(post_record(events, schema="iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-2"))
+    assert bad == [] and good[0][1]["se_category"] == "nav"
+    _, event = one(get_record({**BASE, "e": "ev", "ev_ca": "nav", "ev_ac": "click", "ev_va": "2"}))
+    assert (event["event"], event["se_category"], event["se_action"], event["se_value"]) == ("struct", "nav", "click", 2.0)
+
+
+def test_cli_process_enriches_a_file_of_raw_records_offline(tmp_path):
+    from click.testing import CliRunner
+
+    from enrich.cli import cli
+
+    raw = tmp_path / "raw.jsonl"
+    raw.write_bytes(get_record({**BASE, "e": "pv"}) + b"\n" + b"garbage\n" + get_record({**BASE, "e": "se", "se_ca": "c"}) + b"\n")
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    result = CliRunner(env={"CLICKSTREAM_PSEUDONYMISATION_KEY": KEY}).invoke(
+        cli, ["process", str(raw), "--good", str(good), "--bad", str(bad)])
+    assert result.exit_code == 0, result.output
+    assert [orjson.loads(line)["event"] for line in good.read_bytes().splitlines()] == ["page_view", "struct"]
+    assert b"collector_payload_format_violation" in bad.read_bytes()
+    refused = CliRunner(env={"CLICKSTREAM_PSEUDONYMISATION_KEY": None}).invoke(cli, ["process", str(raw)])
+    assert refused.exit_code != 0 and "CLICKSTREAM_PSEUDONYMISATION_KEY" in refused.output

@@ -1,0 +1,177 @@
+"""The Iglu resolver: registries in priority order, SchemaVer versions, TTL caching, lint and the CLI."""
+from __future__ import annotations
+
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from enrich.cli import cli
+from enrich.registry import EMBEDDED, FolderRegistry, HttpRegistry, Resolver, SchemaKey, SchemaKeyError, lint
+from localstack.emulator import free_port
+from tests.enrich.helpers import StaticRegistry, enricher, get_record, unstruct, write_schema
+
+SIGNUP = "iglu:com.acme/signup/jsonschema/"
+PROPS = {"email_domain": {"type": "string"}}
+
+
+def signup_registries(folder, served):
+    """1-0-0 in the folder, 1-0-1 (adds optional plan) over HTTP, 2-0-0 (plan required int) in both,
+    but lenient over HTTP, so priority order decides which 2-0-0 wins."""
+    write_schema(folder, SIGNUP + "1-0-0", {"type": "object", "properties": PROPS, "required": ["email_domain"],
+                                            "additionalProperties": False})
+    write_schema(served, SIGNUP + "1-0-1", {"type": "object", "properties": {**PROPS, "plan": {"type": "string"}},
+                                            "required": ["email_domain"], "additionalProperties": False})
+    write_schema(folder, SIGNUP + "2-0-0", {"type": "object", "properties": {**PROPS, "plan": {"type": "integer"}},
+                                            "required": ["email_domain", "plan"], "additionalProperties": False})
+    write_schema(served, SIGNUP + "2-0-0", {"type": "object", "additionalProperties": True})
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_schema_key_parsing():
+    key = SchemaKey.parse("iglu:com.acme/signup/jsonschema/1-0-12")
+    assert (key.vendor, key.name, key.format, key.model, key.revision, key.addition) == ("com.acme", "signup", "jsonschema", 1, 0, 12)
+    assert str(key) == "iglu:com.acme/signup/jsonschema/1-0-12"
+    assert key.path == "schemas/com.acme/signup/jsonschema/1-0-12"
+    for bad in ("com.acme/signup/jsonschema/1-0-0", "iglu:com.acme/signup/jsonschema/1-0", "iglu:a/b/c/01-0-0", 42, None):
+        with pytest.raises(SchemaKeyError):
+            SchemaKey.parse(bad)
+
+
+def test_versions_resolve_across_folder_and_http_registries(tmp_path):
+    folder, served = tmp_path / "folder", tmp_path / "served"
+    signup_registries(folder, served)
+    with StaticRegistry(served) as http:
+        resolver = Resolver([FolderRegistry(EMBEDDED, "embedded"), FolderRegistry(folder), HttpRegistry(http.url)])
+        assert resolver.validate(SIGNUP + "1-0-0", {"email_domain": "a.test"}) == []
+        assert resolver.validate(SIGNUP + "1-0-0", {"email_domain": "a.test", "plan": "pro"}) != []
+        assert resolver.validate(SIGNUP + "1-0-1", {"email_domain": "a.test", "plan": "pro"}) == []
+        # 2-0-0 exists in both: the folder comes first, so its stricter definition wins...
+        assert resolver.validate(SIGNUP + "2-0-0", {"email_domain": "a.test", "plan": 3}) == []
+        assert resolver.validate(SIGNUP + "2-0-0", {"email_domain": "a.test", "plan": "pro"}) != []
+        # ...and with the HTTP registry first, its lenient one does.
+        reversed_order = Resolver([HttpRegistry(http.url), FolderRegistry(folder)])
+        assert reversed_order.validate(SIGNUP + "2-0-0", {"email_domain": "a.test", "plan": "pro"}) == []
+        history = resolver.lookup(SIGNUP + "1-0-1").history
+        assert [h["repository"] for h in history] == ["embedded", f"folder:{folder}"]
+        assert all(h["errors"][0]["error"] == "NotFound" for h in history)
+
+
+def test_hits_and_misses_are_cached_for_the_ttl(tmp_path):
+    signup_registries(tmp_path / "folder", tmp_path / "served")
+    clock = Clock()
+    with StaticRegistry(tmp_path / "served") as http:
+        resolver = Resolver([HttpRegistry(http.url)], ttl=60, clock=clock)
+        for _ in range(3):
+            assert resolver.lookup(SIGNUP + "1-0-1").validate is not None
+            assert resolver.lookup(SIGNUP + "9-0-0").validate is None
+        assert sorted(http.requests) == ["/schemas/com.acme/signup/jsonschema/1-0-1",
+                                         "/schemas/com.acme/signup/jsonschema/9-0-0"]
+        validator = resolver.lookup(SIGNUP + "1-0-1").validate
+        clock.now += 61
+        assert resolver.lookup(SIGNUP + "1-0-1").validate is not validator   # fetched and compiled again
+        assert resolver.lookup(SIGNUP + "9-0-0").validate is None
+        assert len(http.requests) == 4
+
+
+def test_an_unreachable_registry_is_skipped_and_retried_sooner(tmp_path):
+    signup_registries(tmp_path / "folder", tmp_path / "served")
+    clock = Clock()
+    dead = HttpRegistry(f"http://127.0.0.1:{free_port()}", timeout=0.5)
+    resolver = Resolver([dead, FolderRegistry(tmp_path / "folder")], ttl=600, error_ttl=5, clock=clock)
+    found = resolver.lookup(SIGNUP + "1-0-0")
+    assert found.validate is not None
+    assert found.history[0]["errors"][0]["error"] == "RepoFailure"
+    missing = resolver.lookup(SIGNUP + "3-0-0")
+    assert missing.validate is None and missing.expires == clock.now + 5
+
+
+def test_enricher_uses_the_configured_registries_and_reports_the_lookup_history(tmp_path):
+    folder, served = tmp_path / "folder", tmp_path / "served"
+    signup_registries(folder, served)
+    with StaticRegistry(served) as http:
+        worker = enricher(registries=("embedded", str(folder), http.url))
+        ok = get_record({"e": "ue", "p": "web", "tv": "t", "ue_pr": orjson.dumps(
+            unstruct(SIGNUP + "1-0-1", {"email_domain": "a.test", "plan": "pro"})).decode()})
+        good, bad = worker.process(ok)
+        assert bad == [] and good[0][1]["event_name"] == "signup" and good[0][1]["event_version"] == "1-0-1"
+        unknown = get_record({"e": "ue", "p": "web", "tv": "t", "ue_pr": orjson.dumps(
+            unstruct("iglu:com.acme/nothing/jsonschema/1-0-0", {})).decode()})
+        good, bad = worker.process(unknown)
+        assert good == []
+        failure = bad[0]["data"]["failure"]["messages"][0]
+        assert bad[0]["schema"].endswith("/schema_violations/jsonschema/2-0-0")
+        assert failure["error"]["error"] == "ResolutionError"
+        assert [h["repository"] for h in failure["error"]["lookupHistory"]] == \
+            ["embedded", f"folder:{folder}", f"http:{http.url}"]
+
+
+def test_embedded_registry_lints_clean_and_holds_the_tracker_and_shop_schemas():
+    problems = {str(key): lint(orjson.loads((EMBEDDED / key.path).read_bytes()), key)
+                for key in FolderRegistry(EMBEDDED).schemas()}
+    assert {k: v for k, v in problems.items() if v} == {}
+    for needed in ("com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4",
+                   "com.snowplowanalytics.snowplow/contexts/jsonschema/1-0-0",
+                   "com.snowplowanalytics.snowplow/contexts/jsonschema/1-0-1",
+                   "com.snowplowanalytics.snowplow/unstruct_event/jsonschema/1-0-0",
+                   "com.snowplowanalytics.snowplow/web_page/jsonschema/1-0-0",
+                   "com.snowplowanalytics.snowplow/client_session/jsonschema/1-0-1",
+                   "com.snowplowanalytics.snowplow/client_session/jsonschema/1-0-2",
+                   "com.snowplowanalytics.snowplow/link_click/jsonschema/1-0-1",
+                   "com.snowplowanalytics.snowplow/browser_context/jsonschema/2-0-0",
+                   "com.clickshop/product_view/jsonschema/1-0-0", "com.clickshop/add_to_cart/jsonschema/1-0-0",
+                   "com.clickshop/remove_from_cart/jsonschema/1-0-0", "com.clickshop/checkout_step/jsonschema/1-0-0",
+                   "com.clickshop/purchase/jsonschema/1-0-0", "com.clickshop/page_type/jsonschema/1-0-0"):
+        assert f"iglu:{needed}" in problems
+
+
+def test_shop_schemas_follow_the_contract():
+    resolver = Resolver()
+    shop = "iglu:com.clickshop/{}/jsonschema/1-0-0"
+    assert resolver.validate(shop.format("product_view"), {"sku": "A", "category": "c", "price": 0, "currency": "EUR"}) == []
+    assert resolver.validate(shop.format("product_view"), {"sku": "A", "category": "c", "price": -1}) != []
+    assert resolver.validate(shop.format("product_view"), {"sku": "A", "category": "c", "price": 1, "currency": "euro"}) != []
+    assert resolver.validate(shop.format("add_to_cart"), {"sku": "A", "category": "c", "price": 1, "quantity": 0}) != []
+    assert resolver.validate(shop.format("remove_from_cart"), {"sku": "A", "price": 1, "quantity": 1}) == []
+    assert resolver.validate(shop.format("checkout_step"), {"step": 4, "name": "review"}) == []
+    assert resolver.validate(shop.format("checkout_step"), {"step": 5}) != []
+    assert resolver.validate(shop.format("purchase"), {"order_id": "o", "total": 10.5, "items": 1}) == []
+    assert resolver.validate(shop.format("purchase"), {"order_id": "o", "total": 10.5, "items": 1.5}) != []
+    assert resolver.validate(shop.format("page_type"), {"type": "checkout"}) == []
+    assert resolver.validate(shop.format("page_type"), {"type": "blog"}) != []
+    assert resolver.validate(shop.format("page_type"), {"type": "home", "extra": 1}) != []
+
+
+def test_lint_names_each_problem(tmp_path):
+    key = SchemaKey.parse(SIGNUP + "1-0-0")
+    assert lint({"type": "object"}, key) == [
+        "$schema must be http://iglucentral.com/schemas/com.snowplowanalytics.self-desc/schema/jsonschema/1-0-0#",
+        "self must hold vendor, name, format and version strings", "no description",
+        "object schema without additionalProperties: unknown fields would pass silently"]
+    write_schema(tmp_path, SIGNUP + "1-0-1", {"type": "strnig", "additionalProperties": False})
+    problems = lint(orjson.loads((tmp_path / "schemas/com.acme/signup/jsonschema/1-0-1").read_bytes()), key)
+    assert problems[0] == "self says iglu:com.acme/signup/jsonschema/1-0-1 but the file is at iglu:com.acme/signup/jsonschema/1-0-0"
+    assert problems[1].startswith("schema does not compile")
+
+
+def test_cli_lists_lints_and_validates(tmp_path):
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["schemas", "--registries", "embedded"])
+    assert listed.exit_code == 0 and "iglu:com.clickshop/purchase/jsonschema/1-0-0\tembedded" in listed.output
+    assert runner.invoke(cli, ["lint"]).exit_code == 0
+    write_schema(tmp_path, SIGNUP + "1-0-0", {"type": "object"})
+    broken = runner.invoke(cli, ["lint", str(tmp_path)])
+    assert broken.exit_code == 1 and "additionalProperties" in broken.output
+    key = "iglu:com.clickshop/checkout_step/jsonschema/1-0-0"
+    assert runner.invoke(cli, ["validate", key, '{"step": 2}', "--registries", "embedded"]).output == "valid\n"
+    invalid = runner.invoke(cli, ["validate", key, '{"step": 9}', "--registries", "embedded"])
+    assert invalid.exit_code == 1 and "invalid: data.step must be smaller than or equal to 4" in invalid.output
+    missing = runner.invoke(cli, ["validate", SIGNUP + "1-0-0", "{}", "--registries", f"embedded,{tmp_path}/none"])
+    assert missing.exit_code == 1 and "not found" in missing.output
+

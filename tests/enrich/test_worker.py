@@ -1,0 +1,209 @@
+"""The worker against the emulator over HTTP: tracker -> collector -> raw stream -> ``python -m enrich`` ->
+enriched and bad streams; checkpoints only after both writes; clean stop on SIGTERM."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import orjson
+
+from common import aws
+from common.consumer import consumer_for
+from common.leases import DynamoLeaseTable
+from common.producer import Producer
+from common.streams import KinesisStream
+from enrich.config import EnrichSettings
+from enrich.pipeline import Enricher
+from enrich.worker import Worker
+from localstack.emulator import free_port, stop_group
+from tests.conftest import ROOT, settings_env
+from tests.enrich.helpers import KEY, SHOPPER, get_record, post_record, read_stream, track_shop_session, wait_for
+
+EV = {"p": "web", "tv": "t", "sid": "3f2e1d0c-9b8a-4765-8432-10fedcba9876"}
+
+
+def enrich_settings(aws_settings, **overrides) -> EnrichSettings:
+    common = {f.name: getattr(aws_settings, f.name) for f in dataclasses.fields(EnrichSettings)
+              if hasattr(aws_settings, f.name)}
+    return EnrichSettings(**{**common, "pseudonymisation_key": KEY, **overrides})
+
+
+def put_raw(settings, records: list[bytes]) -> None:
+    stream = KinesisStream(aws.client("kinesis", settings.region), settings.raw_stream)
+    assert Producer(stream).send([(f"k{i}", data) for i, data in enumerate(records)]) == []
+
+
+def leases(settings) -> dict:
+    table = DynamoLeaseTable(aws.client("dynamodb", settings.region), settings.lease_table,
+                             f"enrich#{settings.raw_stream}")
+    return {lease.shard_id: lease for lease in table.leases()[0]}
+
+
+class Process:
+    def __init__(self, module: str, env: dict, log):
+        self.log = log
+        with open(log, "ab") as out:
+            self.popen = subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+
+    def terminate(self, timeout: float = 30) -> int:
+        os.killpg(self.popen.pid, signal.SIGTERM)
+        return self.popen.wait(timeout)
+
+    def cleanup(self) -> None:
+        if self.popen.poll() is None:
+            stop_group(self.popen.pid, timeout=10)
+
+    def output(self) -> str:
+        return self.log.read_text()[-3000:]
+
+
+def at_least(items: list, count: int) -> list | None:
+    return items if len(items) >= count else None
+
+
+def child_env(settings, **extra) -> dict:
+    return {**os.environ, **settings_env(settings), "CLICKSTREAM_PSEUDONYMISATION_KEY": KEY, **extra}
+
+
+def test_tracker_to_collector_to_enricher_end_to_end(aws_settings, tmp_path):
+    import urllib.request
+
+    port, metrics_port = free_port(), free_port()
+    collector = Process("collector", child_env(aws_settings, CLICKSTREAM_PORT=str(port),
+                                               CLICKSTREAM_SPOOL_DIR=str(tmp_path / "spool"),
+                                               CLICKSTREAM_LINGER_MS="50"), tmp_path / "collector.log")
+    enrich = Process("enrich", child_env(aws_settings, CLICKSTREAM_METRICS_PORT=str(metrics_port)),
+                     tmp_path / "enrich.log")
+    try:
+        def collector_up():
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200
+            except OSError:
+                assert collector.popen.poll() is None, collector.output()
+                return False
+
+        wait_for(collector_up, timeout=60)
+        sent = track_shop_session(f"http://127.0.0.1:{port}", "post", batch_size=4)
+        sent += track_shop_session(f"http://127.0.0.1:{port}", "get")
+        # Bad input straight onto the raw stream: a garbage record and a POST with one bad event in three.
+        put_raw(aws_settings, [b"garbage", post_record([{**EV, "e": "pv"}, {**EV, "e": "se", "se_va": "NaNa"},
+                                                         {**EV, "e": "pp"}])])
+
+        enriched = wait_for(lambda: at_least(read_stream(aws_settings.enriched_stream), sent + 2), timeout=90)
+        bad = wait_for(lambda: at_least(read_stream(aws_settings.bad_stream), 2))
+        assert enrich.popen.poll() is None, enrich.output()
+        events = [orjson.loads(data) for _, data in enriched]
+        assert len(events) == sent + 2
+        shop = [e for e in events if e["domain_sessionid"] == SHOPPER["sid"]]
+        assert len(shop) == sent
+        assert {key for key, data in enriched if orjson.loads(data)["domain_sessionid"] == SHOPPER["sid"]} == {SHOPPER["sid"]}
+        assert sorted(e["event_name"] for e in shop) == sorted(
+            ["page_view", "page_view", "product_view", "add_to_cart", "event", "checkout_step", "purchase",
+             "transaction", "transaction_item"] * 2)
+        assert all(e["v_collector"].startswith("clickstream-collector/") and e["network_userid"] for e in shop)
+        # Privacy: no raw identifier in the enriched stream (data or partition keys).
+        blob = b"\n".join(key.encode() + data for key, data in enriched).lower()
+        for secret in (SHOPPER["user_id"], SHOPPER["duid"], SHOPPER["ip"], "127.0.0.1"):
+            assert secret.lower().encode() not in blob, secret
+        rows = sorted(orjson.loads(data)["schema"].split("/")[1] for _, data in bad)
+        assert rows == ["collector_payload_format_violation", "enrichment_failures"]
+
+        # Checkpointed to the last raw record once the outputs were written; SIGTERM stops cleanly.
+        def checkpointed():
+            return all(lease.checkpoint for lease in leases(aws_settings).values())
+
+        wait_for(checkpointed, timeout=30)
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        assert f"enrich_events_total {float(sent + 2)}" in scraped
+        assert 'enrich_bad_rows_total{type="collector_payload_format_violation"} 1.0' in scraped
+        assert enrich.terminate() == 0, enrich.output()
+        assert all(not lease.owner for lease in leases(aws_settings).values())
+        assert '"stopping:' in enrich.output()
+    finally:
+        enrich.cleanup()
+        collector.cleanup()
+
+
+def test_no_checkpoint_until_both_outputs_are_written(aws_settings):
+    records = [get_record({**EV, "e": "pv", "eid": f"00000000-0000-4000-8000-00000000000{i}"}) for i in range(3)]
+    records.append(b"not a raw record")
+    put_raw(aws_settings, records)
+
+    # The bad stream does not exist: the good events go out, the bad row cannot.
+    broken = enrich_settings(aws_settings, bad_stream=aws_settings.bad_stream + "-missing")
+    kinesis = aws.client("kinesis", broken.region, retries=0)
+    stop = threading.Event()
+    worker = Worker(Enricher(broken), consumer_for(broken, broken.raw_stream, "enrich", lease_ms=5000),
+                    Producer(KinesisStream(kinesis, broken.enriched_stream), max_attempts=1),
+                    Producer(KinesisStream(kinesis, broken.bad_stream), max_attempts=1), stop, retry_cap_s=0.2)
+    thread = threading.Thread(target=worker.run, kwargs={"idle_sleep": 0.05})
+    thread.start()
+    try:
+        wait_for(lambda: len(read_stream(aws_settings.enriched_stream)) >= 3, timeout=30)
+        time.sleep(1.0)   # the worker keeps retrying the bad row meanwhile
+        assert all(lease.checkpoint is None for lease in leases(aws_settings).values())
+    finally:
+        stop.set()
+        thread.join(30)
+        worker.consumer.close()
+    assert not thread.is_alive() and worker.counts["batches"] == 0
+
+    # A healthy worker re-reads from the old checkpoint: nothing is lost; events repeat with the same ids.
+    healthy = enrich_settings(aws_settings)
+    stop = threading.Event()
+    worker = Worker(Enricher(healthy), consumer_for(healthy, healthy.raw_stream, "enrich", lease_ms=5000),
+                    Producer(KinesisStream(kinesis, healthy.enriched_stream)),
+                    Producer(KinesisStream(kinesis, healthy.bad_stream)), stop)
+    thread = threading.Thread(target=worker.run, kwargs={"idle_sleep": 0.05})
+    thread.start()
+    try:
+        wait_for(lambda: all(lease.checkpoint for lease in leases(aws_settings).values()), timeout=30)
+    finally:
+        stop.set()
+        thread.join(30)
+        worker.consumer.close()
+    bad = read_stream(aws_settings.bad_stream)
+    assert len(bad) == 1 and b"collector_payload_format_violation" in bad[0][1]
+    ids = [orjson.loads(data)["event_id"] for _, data in read_stream(aws_settings.enriched_stream)]
+    assert sorted(set(ids)) == sorted(f"00000000-0000-4000-8000-00000000000{i}" for i in range(3))
+    assert len(ids) == 6
+
+
+def test_refuses_to_start_without_a_pseudonymisation_key(aws_settings, tmp_path):
+    env = {k: v for k, v in child_env(aws_settings).items() if k != "CLICKSTREAM_PSEUDONYMISATION_KEY"}
+    result = subprocess.run([sys.executable, "-m", "enrich"], env=env, cwd=ROOT, capture_output=True, timeout=60,
+                            check=False)
+    assert result.returncode == 2
+    assert b"CLICKSTREAM_PSEUDONYMISATION_KEY" in result.stderr
+
+
+
+def test_worker_waits_for_a_raw_stream_that_does_not_exist_yet(aws_settings):
+    # Started before provisioning: reading fails, the worker keeps retrying instead of exiting.
+    late = enrich_settings(aws_settings, raw_stream=aws_settings.raw_stream + "-late")
+    kinesis = aws.client("kinesis", late.region)
+    stop = threading.Event()
+    worker = Worker(Enricher(late), consumer_for(late, late.raw_stream, "enrich", lease_ms=5000),
+                    Producer(KinesisStream(kinesis, late.enriched_stream)),
+                    Producer(KinesisStream(kinesis, late.bad_stream)), stop, retry_cap_s=0.5)
+    thread = threading.Thread(target=worker.run, kwargs={"idle_sleep": 0.05})
+    thread.start()
+    try:
+        time.sleep(1.0)
+        assert thread.is_alive()
+        kinesis.create_stream(StreamName=late.raw_stream, ShardCount=1)
+        kinesis.get_waiter("stream_exists").wait(StreamName=late.raw_stream, WaiterConfig={"Delay": 1})
+        put_raw(late, [get_record({**EV, "e": "pv", "eid": "00000000-0000-4000-8000-0000000000aa"})])
+        found = wait_for(lambda: read_stream(late.enriched_stream), timeout=30)
+        assert orjson.loads(found[0][1])["event_id"] == "00000000-0000-4000-8000-0000000000aa"
+    finally:
+        stop.set()
+        thread.join(30)
+        worker.consumer.close()
+    assert not thread.is_alive()
