@@ -130,7 +130,17 @@ def local_pseudonymisation_key() -> str:
     return f"pseudonymisation key: local, from {path.relative_to(ROOT)} (set CLICKSTREAM_PSEUDONYMISATION_KEY in production)"
 
 
+def local_defaults() -> None:
+    """The local stack talks to the emulator unless AWS_ENDPOINT_URL names another endpoint."""
+    os.environ.setdefault("AWS_ENDPOINT_URL", LOCAL_ENDPOINT)
+    if os.environ["AWS_ENDPOINT_URL"].rstrip("/") == LOCAL_ENDPOINT:
+        for key, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
+                           ("AWS_DEFAULT_REGION", "us-east-1")):
+            os.environ.setdefault(key, value)
+
+
 def up() -> None:
+    local_defaults()
     if uses_local_emulator():
         if not running_pid(EMULATOR) and healthy(EMULATOR.health_url):
             print("emulator: something already answers on 127.0.0.1:4566; using it")

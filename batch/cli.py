@@ -1,0 +1,232 @@
+"""`lake`: look at the lake and replay fixed bad rows.
+
+    python -m batch.cli ls [--area enriched|bad] [--start D] [--end D] [--files]
+    python -m batch.cli stats [--start D] [--end D]
+    python -m batch.cli replay-bad [--start D] [--end D] [--type T]... [--from-file F] [--fix mod:func] [--dry-run]
+
+(``python -m batch.lake …`` is the same.) Bucket and stream names come from the usual ``CLICKSTREAM_*``
+settings, section ``[lake]``; ``--bucket`` overrides.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib
+import sys
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import click
+import orjson
+from tqdm import tqdm
+
+from batch import lake
+from batch.loader import LoaderSettings, hard_exit
+from common import aws
+from common.config import ConfigError, load
+from common.producer import Producer
+from common.streams import KinesisStream
+
+RAW_SCHEMA_PREFIX = "iglu:com.clickstream/raw_record/"
+
+
+@click.group(help="Inspect the S3 lake and replay bad rows.")
+@click.option("--bucket", help="lake bucket (default: CLICKSTREAM_BUCKET or clickstream-lake)")
+@click.pass_context
+def lake_cli(ctx: click.Context, bucket: str | None) -> None:
+    try:
+        settings = load(LoaderSettings, section="lake", bucket=bucket)
+    except ConfigError as exc:
+        raise click.UsageError(f"config error: {exc}") from None
+    ctx.obj = {"settings": settings, "s3": aws.client("s3", settings.region, timeout=30)}
+
+
+_start = click.option("--start", help="first date, YYYY-MM-DD (default: everything)")
+_end = click.option("--end", help="last date, YYYY-MM-DD (default: --start)")
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
+
+
+@lake_cli.command("ls", help="Partitions with their file counts and sizes (or every file with --files).")
+@click.option("--area", type=click.Choice(["enriched", "bad", "all"]), default="all", show_default=True)
+@_start
+@_end
+@click.option("--files", is_flag=True, help="list every object instead of a line per partition")
+@click.pass_obj
+def ls_command(obj: dict, area: str, start: str | None, end: str | None, files: bool) -> None:
+    settings, s3 = obj["settings"], obj["s3"]
+    areas = ["enriched", "bad"] if area == "all" else [area]
+    total_files = total_bytes = 0
+    for name in areas:
+        objects = lake.objects_between(s3, settings.bucket, name, start, end)
+        partitions: dict[str, list[int]] = defaultdict(list)
+        for item in objects:
+            if files:
+                click.echo(f"{item['Size']:>12}  {item['Key']}")
+            date, hour = lake.key_partition(item["Key"])
+            partitions[f"{name}/date={date}/hour={hour}"].append(item["Size"])
+        if not files:
+            for partition, sizes in sorted(partitions.items()):
+                click.echo(f"{partition}  {len(sizes):>5} files  {_human(sum(sizes)):>10}")
+        total_files += len(objects)
+        total_bytes += sum(item["Size"] for item in objects)
+    click.echo(f"total: {total_files} files, {_human(total_bytes)} in s3://{settings.bucket}")
+
+
+@lake_cli.command("stats", help="Events per day and hour, sessions, duplicates and the bad rate.")
+@_start
+@_end
+@click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
+@click.pass_obj
+def stats_command(obj: dict, start: str | None, end: str | None, progress: bool) -> None:
+    settings, s3 = obj["settings"], obj["s3"]
+    events, bad = Counter(), Counter()
+    sessions_by_hour: dict[tuple, set] = defaultdict(set)
+    sessions, event_ids, rows = set(), set(), 0
+    parquet = [o for o in lake.objects_between(s3, settings.bucket, "enriched", start, end)
+               if o["Key"].endswith(".parquet")]
+    bad_objects = [o for o in lake.objects_between(s3, settings.bucket, "bad", start, end)
+                   if o["Key"].endswith(".jsonl.gz")]
+    with tqdm(total=len(parquet) + len(bad_objects), unit="file", desc="reading lake", disable=not progress,
+              file=sys.stderr) as bar:
+        for item in parquet:
+            table = lake.read_parquet_object(s3, settings.bucket, item["Key"], ["event_id", "domain_sessionid"])
+            hour = lake.key_partition(item["Key"])
+            events[hour] += table.num_rows
+            rows += table.num_rows
+            ids = table.column("domain_sessionid").to_pylist()
+            sessions_by_hour[hour].update(ids)
+            sessions.update(ids)
+            event_ids.update(table.column("event_id").to_pylist())
+            bar.update()
+        for item in bad_objects:
+            body = s3.get_object(Bucket=settings.bucket, Key=item["Key"])["Body"].read()
+            bad[lake.key_partition(item["Key"])] += len(lake.read_jsonl_gz(body))
+            bar.update()
+    click.echo(f"{'date':<10} {'hour':>4} {'events':>9} {'sessions':>9} {'bad':>7} {'bad rate':>8}")
+    for date, hour in sorted(set(events) | set(bad)):
+        key = (date, hour)
+        click.echo(f"{date:<10} {hour:>4} {events[key]:>9} {len(sessions_by_hour[key] - {None}):>9} "
+                   f"{bad[key]:>7} {_rate(bad[key], events[key]):>8}")
+    total_bad = sum(bad.values())
+    click.echo(f"total: {rows} events, {len(event_ids)} distinct event ids ({rows - len(event_ids)} duplicates), "
+               f"{len(sessions - {None})} sessions, {total_bad} bad rows, bad rate {_rate(total_bad, rows)}")
+
+
+def _rate(bad: int, good: int) -> str:
+    return f"{100 * bad / (bad + good):.2f}%" if bad + good else "-"
+
+
+# ------------------------------------------------------------------------------------ replay-bad
+
+
+def raw_record_of(payload) -> dict | None:
+    """The raw record a bad row can be replayed from: the payload itself or its ``record``."""
+    if isinstance(payload, str):
+        try:
+            payload = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return None
+    if not isinstance(payload, dict):
+        return None
+    if str(payload.get("schema", "")).startswith(RAW_SCHEMA_PREFIX):
+        return payload
+    # An event-level failure: `record` is the raw record rewritten to carry only the failed event.
+    record = payload.get("record")
+    return raw_record_of(record) if record is not None else None
+
+
+def bad_row_type(row: dict) -> str:
+    """`schema_violations` from `iglu:com.snowplowanalytics.snowplow.badrows/schema_violations/jsonschema/2-0-0`."""
+    parts = str(row.get("schema", "")).split("/")
+    return parts[1] if len(parts) > 2 else ""
+
+
+def _load_fix(spec: str | None) -> Callable[[dict | None, dict], dict | None] | None:
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    if not name:
+        raise click.BadParameter("expected module:function", param_hint="--fix")
+    sys.path.insert(0, str(Path.cwd()))
+    return getattr(importlib.import_module(module), name)
+
+
+def _rows_from_file(path: Path) -> Iterator[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        for line in handle:
+            if line.strip():
+                yield orjson.loads(line)
+
+
+@lake_cli.command("replay-bad", help="Put fixed bad rows back into the raw stream, so they are enriched again.")
+@_start
+@_end
+@click.option("--type", "types", multiple=True, help="only these bad-row types (e.g. schema_violations)")
+@click.option("--from-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="read bad rows from a local JSON-lines file (.gz too) instead of the lake, e.g. after editing")
+@click.option("--fix", "fix_spec", help="module:function(raw_record | None, bad_row) -> raw record or None to skip")
+@click.option("--dry-run", is_flag=True, help="count what would be replayed, send nothing")
+@click.pass_obj
+def replay_bad_command(obj: dict, start: str | None, end: str | None, types: tuple[str, ...],
+                       from_file: Path | None, fix_spec: str | None, dry_run: bool) -> None:
+    settings, s3 = obj["settings"], obj["s3"]
+    fix = _load_fix(fix_spec)
+    rows = _rows_from_file(from_file) if from_file else (row for _, row in lake.read_bad(s3, settings.bucket,
+                                                                                          start, end))
+    counts, entries = Counter(), []
+    for row in tqdm(rows, unit="row", desc="bad rows", file=sys.stderr):
+        if types and bad_row_type(row) not in types:
+            continue
+        raw = raw_record_of((row.get("data") or {}).get("payload"))
+        if fix:
+            raw = fix(raw, row)
+        if raw is None:
+            counts["not replayable" if not fix else "skipped by --fix"] += 1
+            continue
+        entries.append((raw.get("network_userid") or str(uuid.uuid4()), orjson.dumps(raw)))
+    counts["replayed"] = 0 if dry_run else len(entries)
+    if entries and not dry_run:
+        stream = KinesisStream(aws.client("kinesis", settings.region), settings.raw_stream)
+        undelivered = Producer(stream).send(entries)
+        if undelivered:
+            counts["replayed"] -= len(undelivered)
+            click.echo(f"{len(undelivered)} rows could not be sent: {undelivered[0].reason}", err=True)
+            _report(counts, settings.raw_stream, dry_run, len(entries))
+            sys.exit(1)
+    _report(counts, settings.raw_stream, dry_run, len(entries))
+
+
+def _report(counts: Counter, stream: str, dry_run: bool, ready: int) -> None:
+    verb = f"would replay {ready}" if dry_run else f"replayed {counts['replayed']}"
+    others = ", ".join(f"{n} {why}" for why, n in sorted(counts.items()) if why != "replayed" and n)
+    click.echo(f"{verb} raw records into {stream}" + (f"; {others}" if others else ""))
+
+
+def main() -> None:
+    try:
+        code = lake_cli.main(prog_name="lake", standalone_mode=False)
+        code = code if isinstance(code, int) else 0
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        code = 1
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    hard_exit(code)
+
+
+if __name__ == "__main__":
+    main()

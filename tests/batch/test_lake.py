@@ -1,0 +1,265 @@
+"""The lake format, reading it back (pyarrow, Spark via the local sync), the CLI and replay-bad."""
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import io
+import os
+import subprocess
+import sys
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from batch import lake
+from batch.cli import lake_cli, raw_record_of
+from batch.loader import write_bad, write_enriched
+from common import aws
+from common.streams import KinesisStream, Record
+from tests.batch.conftest import BASE, ROOT_DIR, make_bad_row, make_event, make_raw
+
+
+def _records(payloads: list[bytes], shard: str = "shardId-000000000000", start: int = 1,
+             arrival_ms: int = 1_796_032_680_000) -> list[Record]:
+    return [Record(data, "pk", str(start + i), shard, arrival_ms) for i, data in enumerate(payloads)]
+
+
+def _events_records(events: list[dict], **kwargs) -> list[Record]:
+    return _records([orjson.dumps(e) for e in events], **kwargs)
+
+
+# ------------------------------------------------------------------------------ conversion
+
+
+def test_canonical_columns_are_typed_and_new_fields_go_to_extra():
+    event = make_event(1, se_value=3, tr_total=19.99, ti_quantity=2, brand_new_field={"a": 1},
+                       derived_tstamp="2026-11-29T09:58:01.123456+01:00")
+    converted = lake.convert([orjson.dumps(event)])
+    assert converted.bad == []
+    row = converted.table.to_pylist()[0]
+    assert converted.table.schema.equals(lake.SCHEMA)
+    assert converted.table.schema.field("collector_tstamp").type == pa.timestamp("ms", tz="UTC")
+    assert row["collector_tstamp"] == dt.datetime(2026, 11, 29, 9, 58, 1, tzinfo=dt.UTC)
+    assert row["derived_tstamp"] == dt.datetime(2026, 11, 29, 8, 58, 1, 123000, tzinfo=dt.UTC)
+    assert (row["se_value"], row["tr_total"], row["ti_quantity"], row["domain_sessionidx"]) == (3.0, 19.99, 2, 2)
+    assert row["dvce_ismobile"] is False and row["page_urlport"] == 443
+    assert orjson.loads(row["unstruct_event"]) == event["unstruct_event"]
+    assert row["unstruct_event_schema"] == "iglu:com.clickshop/product_view/jsonschema/1-0-0"
+    assert row["contexts_schemas"] == ["iglu:com.clickshop/page_type/jsonschema/1-0-0"]
+    assert row["derived_contexts"] == "[]" and row["derived_contexts_schemas"] == []
+    assert orjson.loads(row["extra"]) == {"brand_new_field": {"a": 1}}
+
+
+def test_snowplow_wrapped_self_describing_shapes_give_inner_schema_keys():
+    inner = {"schema": "iglu:com.clickshop/purchase/jsonschema/1-0-0", "data": {"order_id": "o1"}}
+    event = make_event(1, unstruct_event={"schema": "iglu:com.snowplowanalytics.snowplow/unstruct_event/jsonschema/1-0-0",
+                                          "data": inner},
+                       contexts={"schema": "iglu:com.snowplowanalytics.snowplow/contexts/jsonschema/1-0-1",
+                                 "data": [{"schema": "iglu:a/b/jsonschema/1-0-0", "data": {}}]})
+    row = lake.convert([orjson.dumps(event)]).table.to_pylist()[0]
+    assert row["unstruct_event_schema"] == inner["schema"]
+    assert row["contexts_schemas"] == ["iglu:a/b/jsonschema/1-0-0"]
+
+
+def test_unusable_records_become_loader_bad_rows_keeping_the_payload():
+    good = make_event(1)
+    wrong_type = orjson.dumps(make_event(2, domain_sessionidx="three"))
+    bad_time = orjson.dumps(make_event(3, collector_tstamp="yesterday"))
+    no_id = orjson.dumps(make_event(4, event_id=None))
+    payloads = [orjson.dumps(good), b"{oops", wrong_type, b"[1, 2]", bad_time, no_id, b"\xff\x00"]
+    converted = lake.convert(payloads)
+    assert converted.table.column("event_id").to_pylist() == [good["event_id"]]
+    assert [i for i, _ in converted.bad] == [1, 2, 3, 4, 5, 6]
+    rows = dict(converted.bad)
+    assert rows[1]["data"]["payload"] == "{oops" and rows[1]["data"]["failure"]["type"] == "NotJSON"
+    assert rows[2]["data"]["payload"] == wrong_type.decode()
+    assert "domain_sessionidx" in rows[2]["data"]["failure"]["errors"][0]["message"]
+    assert "collector_tstamp" in rows[4]["data"]["failure"]["errors"][0]["message"]
+    assert "event_id" in rows[5]["data"]["failure"]["errors"][0]["message"]
+    assert rows[6]["data"]["failure"]["payload_encoding"] == "base64"
+    assert all(row["schema"] == lake.LOADER_BAD_SCHEMA for row in rows.values())
+
+
+def test_names_depend_only_on_shard_range_and_hour():
+    assert lake.object_name("shardId-000000000001", "49590", "49600") == "shardId-000000000001-49590-49600"
+    hour = int(dt.datetime(2026, 11, 29, 23, tzinfo=dt.UTC).timestamp()) // 3600
+    assert lake.enriched_key(hour, "s-1-2") == "enriched/date=2026-11-29/hour=23/s-1-2.parquet"
+    assert lake.bad_key(hour, "s-1-2") == "bad/date=2026-11-29/hour=23/s-1-2.jsonl.gz"
+    assert lake.bad_key(hour, "s-1-2", from_loader=True) == "bad/date=2026-11-29/hour=23/s-1-2.loader.jsonl.gz"
+
+
+# ------------------------------------------------------------------------------ S3 and reading
+
+
+def test_a_range_spanning_two_hours_writes_two_readable_files_and_a_replay_overwrites(aws_settings, s3):
+    events = [make_event(i, at=BASE + dt.timedelta(minutes=i)) for i in range(4)]  # 09:58 .. 10:01
+    records = _events_records(events, start=41)
+    sink = lake.S3Sink(s3, aws_settings.bucket)
+    assert write_enriched(sink, "shardId-000000000001", records, "enriched") == {"events": 4, "bad": 0, "files": 2}
+    write_enriched(sink, "shardId-000000000001", records, "enriched")  # the replay after a crash
+    keys = sorted(o["Key"] for o in lake.list_objects(s3, aws_settings.bucket, ""))
+    assert keys == ["enriched/date=2026-11-29/hour=09/shardId-000000000001-41-44.parquet",
+                    "enriched/date=2026-11-29/hour=10/shardId-000000000001-41-44.parquet"]
+    body = s3.get_object(Bucket=aws_settings.bucket, Key=keys[1])["Body"].read()
+    parquet = pq.ParquetFile(io.BytesIO(body))
+    assert parquet.metadata.row_group(0).column(0).compression == "ZSTD"
+    assert parquet.schema_arrow.metadata[b"clickstream.first_seq"] == b"41"
+    table = lake.read_enriched(s3, aws_settings.bucket, "2026-11-29", "2026-11-29")
+    assert sorted(table.column("event_id").to_pylist()) == sorted(e["event_id"] for e in events)
+    assert lake.read_enriched(s3, aws_settings.bucket, "2026-11-30").num_rows == 0
+
+
+def test_bad_stream_rows_land_as_gzip_json_lines(aws_settings, s3):
+    rows = [make_bad_row(make_raw(i)) for i in range(3)]
+    records = _records([orjson.dumps(r) for r in rows] + [b"garbage"], shard="shardId-000000000000", start=7)
+    write_bad(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", records, "bad")
+    key = "bad/date=2026-11-30/hour=09/shardId-000000000000-7-10.jsonl.gz"
+    body = s3.get_object(Bucket=aws_settings.bucket, Key=key)["Body"].read()
+    lines = [orjson.loads(line) for line in gzip.decompress(body).splitlines()]
+    assert lines[:3] == rows
+    assert lines[3]["data"]["payload"] == "garbage"
+
+
+def test_sync_partitions_copies_skips_cached_and_removes_stale(aws_settings, s3, tmp_path):
+    sink = lake.S3Sink(s3, aws_settings.bucket)
+    day1 = [make_event(i, at=BASE + dt.timedelta(minutes=i)) for i in range(3)]
+    day2 = [make_event(i, at=BASE + dt.timedelta(days=1)) for i in range(2)]
+    write_enriched(sink, "shardId-000000000000", _events_records(day1, start=1), "enriched")
+    write_enriched(sink, "shardId-000000000000", _events_records(day2, start=10), "enriched")
+    root = lake.sync_partitions(aws_settings.bucket, "2026-11-29", "2026-11-29", tmp_path, progress=False)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.parquet"))
+    assert files == ["date=2026-11-29/hour=09/shardId-000000000000-1-3.parquet",
+                     "date=2026-11-29/hour=10/shardId-000000000000-1-3.parquet"]
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")}
+
+    # Unchanged objects are not fetched again; a changed one is; one gone from S3 is removed locally.
+    changed = "enriched/date=2026-11-29/hour=10/shardId-000000000000-1-3.parquet"
+    replacement = lake.convert([orjson.dumps(make_event(9, at=BASE + dt.timedelta(hours=1)))]).table
+    s3.put_object(Bucket=aws_settings.bucket, Key=changed, Body=lake.parquet_bytes(replacement))
+    s3.delete_object(Bucket=aws_settings.bucket, Key="enriched/date=2026-11-29/hour=09/shardId-000000000000-1-3.parquet")
+    lake.sync_partitions(aws_settings.bucket, "2026-11-29", "2026-11-29", tmp_path, progress=False)
+    now = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.parquet"))
+    assert now == ["date=2026-11-29/hour=10/shardId-000000000000-1-3.parquet"]
+    assert pq.read_table(root / "date=2026-11-29/hour=10/shardId-000000000000-1-3.parquet").num_rows == 1
+    again = {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")}
+    lake.sync_partitions(aws_settings.bucket, "2026-11-29", "2026-11-29", tmp_path, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")} == again
+    assert stamps  # the first sync did write files
+    assert not list(root.glob("date=2026-11-30/*/*.parquet"))  # outside the range: not copied
+
+
+@pytest.mark.spark
+def test_spark_reads_the_synced_lake(aws_settings, s3, tmp_path):
+    from pyspark.sql import SparkSession
+
+    events = [make_event(i, at=BASE + dt.timedelta(minutes=i), session=f"s{i % 3}") for i in range(6)]
+    write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", _events_records(events), "enriched")
+    root = lake.sync_partitions(aws_settings.bucket, "2026-11-29", "2026-11-29", tmp_path / "cache", progress=False)
+    spark = (SparkSession.builder.master("local[1]").appName("lake-test").config("spark.ui.enabled", "false")
+             .config("spark.sql.shuffle.partitions", "1").config("spark.sql.session.timeZone", "UTC").getOrCreate())
+    try:
+        frame = spark.read.parquet(str(root))
+        types = dict(frame.dtypes)
+        assert (types["collector_tstamp"], types["contexts_schemas"], types["domain_sessionidx"]) == (
+            "timestamp", "array<string>", "bigint")
+        rows = frame.select("event_id", "hour", "domain_sessionid").collect()
+        assert sorted(r.event_id for r in rows) == sorted(e["event_id"] for e in events)
+        assert {r.hour for r in rows} == {9, 10}
+    finally:
+        spark.stop()
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def _cli(settings, *args):
+    result = CliRunner().invoke(lake_cli, ["--bucket", settings.bucket, *args],
+                                env={"CLICKSTREAM_RAW_STREAM": settings.raw_stream}, catch_exceptions=False)
+    return result
+
+
+def test_ls_and_stats_report_partitions_sessions_and_bad_rate(aws_settings, s3):
+    sink = lake.S3Sink(s3, aws_settings.bucket)
+    events = [make_event(i, at=BASE + dt.timedelta(minutes=i), session=f"s{i % 2}") for i in range(4)]
+    write_enriched(sink, "shardId-000000000000", _events_records(events), "enriched")
+    write_enriched(sink, "shardId-000000000000", _events_records(events[:1]), "enriched")  # a duplicate
+    write_bad(sink, "shardId-000000000000", _records([orjson.dumps(make_bad_row(make_raw(0)))]), "bad")
+
+    listing = _cli(aws_settings, "ls")
+    assert listing.exit_code == 0, listing.output
+    assert "enriched/date=2026-11-29/hour=09      2 files" in listing.output
+    assert "enriched/date=2026-11-29/hour=10      1 files" in listing.output
+    assert "bad/date=2026-11-30/hour=09      1 files" in listing.output
+    assert "total: 4 files" in listing.output
+    files = _cli(aws_settings, "ls", "--area", "bad", "--files")
+    assert "bad/date=2026-11-30/hour=09/shardId-000000000000-1-1.jsonl.gz" in files.output
+
+    stats = _cli(aws_settings, "stats", "--no-progress")
+    assert stats.exit_code == 0, stats.output
+    assert "2026-11-29   09         3         2       0    0.00%" in stats.output
+    assert "total: 5 events, 4 distinct event ids (1 duplicates), 2 sessions, 1 bad rows, bad rate 16.67%" \
+        in stats.output
+
+
+def fix_useragent(raw, row):
+    """A --fix hook for the test: drop rows without a raw record, repair the others."""
+    if raw is None:
+        return None
+    return {**raw, "useragent": "fixed"}
+
+
+def test_replay_bad_puts_fixed_raw_records_into_the_raw_stream(aws_settings, s3):
+    raws = [make_raw(i) for i in range(3)]
+    rows = [make_bad_row(raws[0]), make_bad_row(raws[1], "tracker_protocol_violations", "1-0-0"),
+            make_bad_row(raws[2], "enrichment_failures"),
+            {"schema": "iglu:com.snowplowanalytics.snowplow.badrows/size_violation/jsonschema/1-0-0",
+             "data": {"payload": "truncated…", "failure": {}, "processor": {}}}]
+    # A record-level failure carries the raw record itself as the payload.
+    rows[1]["data"]["payload"] = raws[1]
+    write_bad(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", _records([orjson.dumps(r) for r in rows]),
+              "bad")
+
+    dry = _cli(aws_settings, "replay-bad", "--dry-run")
+    assert "would replay 3 raw records" in dry.output and "1 not replayable" in dry.output
+    result = _cli(aws_settings, "replay-bad", "--type", "schema_violations", "--type", "tracker_protocol_violations",
+                  "--fix", "tests.batch.test_lake:fix_useragent")
+    assert result.exit_code == 0, result.output
+    assert f"replayed 2 raw records into {aws_settings.raw_stream}" in result.output
+
+    stream = KinesisStream(aws.client("kinesis"), aws_settings.raw_stream)
+    got = [orjson.loads(r.data) for shard in stream.list_shards() for r in stream.reader(shard.shard_id, None).read(100).records]
+    assert sorted(got, key=lambda r: r["collector_tstamp"]) == [{**raws[0], "useragent": "fixed"},
+                                                                 {**raws[1], "useragent": "fixed"}]
+
+
+def test_replay_bad_reads_an_edited_file(aws_settings, tmp_path):
+    raw = make_raw(5)
+    path = tmp_path / "fixed.jsonl.gz"
+    path.write_bytes(gzip.compress(orjson.dumps(make_bad_row(raw)) + b"\n"))
+    result = _cli(aws_settings, "replay-bad", "--from-file", str(path))
+    assert result.exit_code == 0 and "replayed 1 raw records" in result.output
+    stream = KinesisStream(aws.client("kinesis"), aws_settings.raw_stream)
+    got = [orjson.loads(r.data) for shard in stream.list_shards() for r in stream.reader(shard.shard_id, None).read(10).records]
+    assert got == [raw]
+
+
+def test_raw_record_of_accepts_the_enricher_payload_shapes():
+    raw = make_raw(1)
+    assert raw_record_of(raw) == raw
+    assert raw_record_of({"record": raw, "parameters": {"e": "pv"}}) == raw
+    assert raw_record_of(orjson.dumps(raw).decode()) == raw
+    assert raw_record_of("truncated body") is None
+    assert raw_record_of({"enriched": {}}) is None
+
+
+def test_the_module_entry_point_runs_stats_and_exits_zero(aws_settings, s3):
+    write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", _events_records([make_event(1)]),
+                   "enriched")
+    env = {**os.environ, "CLICKSTREAM_BUCKET": aws_settings.bucket}
+    result = subprocess.run([sys.executable, "-m", "batch.lake", "stats", "--no-progress"], check=False, env=env,
+                            capture_output=True, text=True, timeout=60, cwd=ROOT_DIR)
+    assert result.returncode == 0, result.stderr
+    assert "total: 1 events, 1 distinct event ids (0 duplicates), 1 sessions, 0 bad rows" in result.stdout

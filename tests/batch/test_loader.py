@@ -1,0 +1,258 @@
+"""The lake loader against the emulator: exactly the events sent, after crashes, lease loss and SIGTERM."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+
+import orjson
+import pytest
+
+from batch import lake
+from batch.loader import INTENT, LoaderSettings, build, serve_metrics
+from common import aws
+from common.config import ConfigError, load
+from common.leases import DynamoLeaseTable
+from localstack.emulator import free_port
+from tests.batch.conftest import (
+    BASE,
+    ROOT_DIR,
+    lake_event_ids,
+    lake_keys,
+    loader_settings,
+    make_bad_row,
+    make_event,
+    make_raw,
+    put,
+    put_events,
+    wait_until,
+)
+from tests.conftest import settings_env
+
+
+def _leases(settings, stream: str) -> dict:
+    table = DynamoLeaseTable(aws.client("dynamodb"), settings.lease_table, f"lake-loader#{stream}")
+    return {lease.shard_id: lease for lease in table.leases()[0]}
+
+
+def _run_until(loader, condition, timeout: float = 60) -> None:
+    def step():
+        for part in loader.loaders:
+            part.step()
+        return condition()
+    wait_until(step, timeout, interval=0.05)
+
+
+def test_loader_lands_every_event_and_bad_row_once(aws_settings):
+    # Events in two hours, a record that is not JSON and one with a wrong type on the enriched stream.
+    events = [make_event(i, at=BASE + dt.timedelta(seconds=30 * i)) for i in range(120)]
+    put_events(aws_settings.enriched_stream, events)
+    put(aws_settings.enriched_stream, [("k1", b"{not json"), ("k2", orjson.dumps(make_event(999, domain_sessionidx="x")))])
+    raws = [make_raw(i) for i in range(5)]
+    put(aws_settings.bad_stream, [(f"b{i}", orjson.dumps(make_bad_row(raw))) for i, raw in enumerate(raws)]
+        + [("b9", b"\xff\xfe not utf-8")])
+    loader = build(loader_settings(aws_settings, lake_flush_records=50, lake_flush_seconds=1, lake_lease_ms=3000))
+    enriched, bad = loader.loaders
+    _run_until(loader, lambda: enriched.stats["events"] + enriched.stats["bad"] == 122 and bad.stats["bad"] == 6)
+    for part in loader.loaders:
+        part.close()
+    port = free_port()
+    server = serve_metrics(loader, port)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+    finally:
+        server.shutdown()
+    assert f'lake_loader_events_total{{stream="{aws_settings.enriched_stream}"}} 120.0' in metrics
+    assert f'lake_loader_bad_total{{stream="{aws_settings.bad_stream}"}} 6.0' in metrics
+    assert f'lake_loader_buffered_records{{stream="{aws_settings.enriched_stream}"}} 0.0' in metrics
+
+    ids = lake_event_ids(aws_settings.bucket)
+    assert sorted(ids) == sorted(e["event_id"] for e in events)
+    keys = lake_keys(aws_settings.bucket)
+    hours = {lake.key_partition(k) for k in keys if k.startswith("enriched/")}
+    assert hours == {("2026-11-29", "09"), ("2026-11-29", "10")}
+    # Rejected enriched records keep their payload, under names that cannot clash with the bad stream's.
+    loader_rows = [row for key, row in lake.read_bad(aws.client("s3"), aws_settings.bucket) if key.endswith(".loader.jsonl.gz")]
+    assert sorted(row["data"]["payload"][:9] for row in loader_rows) == ['{"app_id"', "{not json"]
+    assert all(row["schema"] == lake.LOADER_BAD_SCHEMA for row in loader_rows)
+    stream_rows = [row for key, row in lake.read_bad(aws.client("s3"), aws_settings.bucket)
+                   if not key.endswith(".loader.jsonl.gz")]
+    assert [row["data"]["payload"]["record"] for row in stream_rows[:5]] == raws
+    assert stream_rows[5]["data"]["failure"]["payload_encoding"] == "base64"
+    # Checkpoints sit at the last record of each shard, with no intent left behind.
+    for stream in (aws_settings.enriched_stream, aws_settings.bad_stream):
+        for lease in _leases(aws_settings, stream).values():
+            assert lease.checkpoint not in (None, "TRIM_HORIZON")
+            assert not lease.meta.get(INTENT)
+            assert lease.owner == ""  # released on close
+
+
+class Crash(BaseException):
+    """Stands for the process dying: not an error the loader may catch."""
+
+
+class CrashAfterFirstPut:
+    def __init__(self, sink):
+        self.sink = sink
+        self.keys = []
+
+    def put(self, key, data, content_type):
+        self.sink.put(key, data, content_type)
+        self.keys.append(key)
+        raise Crash(key)
+
+
+def test_crash_between_write_and_checkpoint_rewrites_the_same_objects(aws_settings):
+    events = [make_event(i, session=f"s{i % 4}") for i in range(200)]
+    put_events(aws_settings.enriched_stream, events)
+    s3_sink = lake.S3Sink(aws.client("s3"), aws_settings.bucket)
+    crashing = CrashAfterFirstPut(s3_sink)
+    first = build(loader_settings(aws_settings, lake_flush_records=30, lake_batch_limit=40, lake_lease_ms=1500),
+                  sink=crashing)
+    with pytest.raises(Crash):
+        _run_until(first, lambda: False)
+    written = crashing.keys[0]
+    assert len(lake_event_ids(aws_settings.bucket)) > 0
+
+    # A new worker with other limits would cut other ranges; the intent on the lease makes it redo the same one.
+    second = build(loader_settings(aws_settings, lake_flush_records=10_000, lake_flush_seconds=1,
+                                   lake_batch_limit=500, lake_lease_ms=1500))
+    _run_until(second, lambda: second.loaders[0].stats["events"] >= 200, timeout=60)
+    for part in second.loaders:
+        part.close()
+    assert written in lake_keys(aws_settings.bucket, "enriched/")
+    ids = lake_event_ids(aws_settings.bucket)
+    assert Counter(ids) == Counter(e["event_id"] for e in events)
+
+
+def test_lost_lease_drops_the_buffer(aws_settings):
+    events = [make_event(i) for i in range(30)]
+    put_events(aws_settings.enriched_stream, events)
+    loader = build(loader_settings(aws_settings, lake_flush_records=10_000, lake_lease_ms=1500))
+    enriched = loader.loaders[0]
+    wait_until(lambda: enriched.step() >= 0 and sum(len(b.records) for b in enriched.buffers.values()) == 30)
+    table = DynamoLeaseTable(aws.client("dynamodb"), aws_settings.lease_table,
+                             f"lake-loader#{aws_settings.enriched_stream}")
+    for lease in table.leases()[0]:
+        table.take(lease, "another-worker", 60_000)
+    wait_until(lambda: enriched.step() >= 0 and not enriched.buffers, timeout=10)
+    enriched.close()
+    assert lake_keys(aws_settings.bucket) == []
+    assert all(lease.owner == "another-worker" and lease.checkpoint is None
+               for lease in _leases(aws_settings, aws_settings.enriched_stream).values())
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="CLICKSTREAM_LAKE_FLUSH_RECORDS"):
+        load(LoaderSettings, env={"CLICKSTREAM_LAKE_FLUSH_RECORDS": "many"})
+    with pytest.raises(ConfigError, match="CLICKSTREAM_LAKE_FLUSH_SECONDS"):
+        load(LoaderSettings, env={"CLICKSTREAM_LAKE_FLUSH_SECONDS": "0"})
+
+
+# ------------------------------------------------------------------------------ the real process
+
+
+def _start(settings, log_path, **overrides) -> subprocess.Popen:
+    env = {**os.environ, **settings_env(settings), "CLICKSTREAM_LAKE_LEASE_MS": "2000",
+           "CLICKSTREAM_LAKE_IDLE_SLEEP_S": "0.1", "CLICKSTREAM_LOG_LEVEL": "DEBUG",
+           **{f"CLICKSTREAM_{k.upper()}": str(v) for k, v in overrides.items()}}
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "batch.loader"], env=env, stdout=log, stderr=log,
+                                cwd=ROOT_DIR)
+
+
+def test_sigterm_flushes_checkpoints_and_releases(aws_settings, tmp_path):
+    log_path = tmp_path / "loader.log"
+    process = _start(aws_settings, log_path, lake_flush_records=100_000, lake_flush_seconds=3600)
+    try:
+        events = [make_event(i) for i in range(40)]
+        put_events(aws_settings.enriched_stream, events)
+        wait_until(lambda: log_path.read_text().count("read ") and sum(
+            int(line.split('"msg": "read ')[1].split(" ")[0]) for line in log_path.read_text().splitlines()
+            if '"msg": "read ' in line) == 40)
+        assert lake_keys(aws_settings.bucket) == []  # nothing due yet: thresholds are an hour away
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        process.kill()
+    assert sorted(lake_event_ids(aws_settings.bucket)) == sorted(e["event_id"] for e in events)
+    leases = _leases(aws_settings, aws_settings.enriched_stream)
+    assert all(lease.owner == "" for lease in leases.values())
+    assert sum(1 for lease in leases.values() if lease.checkpoint not in (None, "TRIM_HORIZON")) >= 1
+
+
+def test_kill_9_mid_batch_then_restart_holds_exactly_the_events_sent(aws_settings, tmp_path):
+    events = [make_event(i, session=f"session-{i % 13}") for i in range(300)]
+    done = threading.Event()
+
+    def send():
+        for start in range(0, len(events), 30):
+            put_events(aws_settings.enriched_stream, events[start:start + 30])
+            time.sleep(0.05)
+        done.set()
+
+    limits = {"lake_flush_records": 45, "lake_batch_limit": 25, "lake_flush_seconds": 1}
+    first = _start(aws_settings, tmp_path / "first.log", **limits)
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        # The second range starts being written (its intent is recorded): kill -9 right there, so the
+        # restart finds an intent, maybe some of its objects, no checkpoint, and a lease still held.
+        log = tmp_path / "first.log"
+        wait_until(lambda: log.read_text().count('"msg": "writing ') >= 2, interval=0.01)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        first.kill()
+        sender.join()
+    assert done.is_set()
+    assert len(set(lake_event_ids(aws_settings.bucket))) < len(events)
+
+    second = _start(aws_settings, tmp_path / "second.log", **{**limits, "lake_flush_records": 70})
+    try:
+        wait_until(lambda: len(set(lake_event_ids(aws_settings.bucket))) == len(events), timeout=90, interval=0.5)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+    finally:
+        second.kill()
+    ids = lake_event_ids(aws_settings.bucket)
+    assert Counter(ids) == Counter(e["event_id"] for e in events)  # no loss, no duplicate
+
+
+def test_s3_failure_keeps_the_range_and_retries_it_without_checkpointing(aws_settings, s3):
+    events = [make_event(i, session="one-session") for i in range(50)]
+    put_events(aws_settings.enriched_stream, events)
+    missing = f"{aws_settings.bucket}-later"
+    loader = build(loader_settings(aws_settings, bucket=missing, lake_flush_records=20, lake_retry_s=0.2,
+                                   lake_lease_ms=3000))
+    enriched = loader.loaders[0]
+    wait_until(lambda: enriched.step() >= 0 and enriched.stats["write_errors"] >= 2, timeout=30, interval=0.05)
+    leases = _leases(aws_settings, aws_settings.enriched_stream)
+    assert {lease.checkpoint for lease in leases.values()} <= {None, "TRIM_HORIZON"}  # nothing durable yet
+    assert any(lease.meta.get(INTENT) for lease in leases.values())
+
+    s3.create_bucket(Bucket=missing)  # S3 is back
+    wait_until(lambda: enriched.step() >= 0 and enriched.stats["events"] == 50, timeout=30, interval=0.05)
+    enriched.close()
+    assert Counter(lake_event_ids(missing)) == Counter(e["event_id"] for e in events)
+
+
+def test_a_new_owner_starts_from_the_lease_row_as_it_is_after_the_take(aws_settings):
+    # The row a worker read before taking the lease may be stale: the previous owner can checkpoint
+    # and record an intent in between. The loader must start from the row as it is once it owns it.
+    loader = build(loader_settings(aws_settings))
+    enriched = loader.loaders[0]
+    table = enriched.consumer.leases
+    table.ensure("shardId-000000000000")
+    stale = next(lease for lease in table.leases()[0] if lease.shard_id == "shardId-000000000000")
+    table.take(stale, "old-owner", 60_000)
+    table.checkpoint("shardId-000000000000", "old-owner", "7", {INTENT: "9"})
+    assert enriched._start_after(stale) == "7"
+    assert enriched.intents == {"shardId-000000000000": "9"}

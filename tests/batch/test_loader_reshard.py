@@ -1,0 +1,62 @@
+"""Resharding on kinesis-mock (AWS-faithful): a closed parent is flushed to its end before its children."""
+from __future__ import annotations
+
+import functools
+
+import orjson
+import pytest
+
+from batch import lake
+from batch.loader import Limits, StreamLoader, write_enriched
+from common import aws
+from common.consumer import Consumer
+from common.leases import DynamoLeaseTable
+from common.producer import Producer
+from common.streams import SHARD_END, KinesisStream
+from tests.batch.conftest import lake_event_ids, make_event, wait_until
+
+pytestmark = pytest.mark.kinesis_mock
+
+
+def _kinesis(endpoint: str):
+    return aws.session().client("kinesis", endpoint_url=endpoint)
+
+
+def _wait_active(kinesis, name: str) -> None:
+    wait_until(lambda: kinesis.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]["StreamStatus"]
+               == "ACTIVE", timeout=30)
+
+
+def test_split_parent_is_finished_and_children_are_loaded_exactly_once(aws_settings, kinesis_mock):
+    kinesis = _kinesis(kinesis_mock)
+    name = f"enriched-reshard-{aws_settings.bucket[-8:]}"
+    kinesis.create_stream(StreamName=name, ShardCount=1)
+    _wait_active(kinesis, name)
+    stream = KinesisStream(kinesis, name)
+    producer = Producer(stream)
+    before = [make_event(i, session=f"s{i % 9}") for i in range(60)]
+    assert producer.send([(e["domain_sessionid"], orjson.dumps(e)) for e in before]) == []
+
+    leases = DynamoLeaseTable(aws.client("dynamodb"), aws_settings.lease_table, f"lake-loader#{name}")
+    make = functools.partial(Consumer, stream, leases, app="lake-loader", lease_ms=3000, shard_refresh_s=0.5)
+    loader = StreamLoader(make, write_enriched, lake.S3Sink(aws.client("s3"), aws_settings.bucket),
+                          Limits(seconds=0.5, records=25))
+    wait_until(lambda: loader.step() >= 0 and loader.stats["events"] >= 30, timeout=30, interval=0.05)
+
+    kinesis.update_shard_count(StreamName=name, TargetShardCount=2, ScalingType="UNIFORM_SCALING")
+    _wait_active(kinesis, name)
+    after = [make_event(100 + i, session=f"s{i % 9}") for i in range(60)]
+    assert producer.send([(e["domain_sessionid"], orjson.dumps(e)) for e in after]) == []
+    wait_until(lambda: loader.step() >= 0 and loader.stats["events"] >= 120, timeout=60, interval=0.05)
+    loader.close()
+
+    assert sorted(lake_event_ids(aws_settings.bucket)) == sorted(e["event_id"] for e in before + after)
+    rows = {lease.shard_id: lease for lease in leases.leases()[0]}
+    shards = stream.list_shards()
+    parent = next(s for s in shards if s.closed)
+    assert rows[parent.shard_id].checkpoint == SHARD_END
+    children = [s for s in shards if parent.shard_id in s.parents]
+    assert len(children) == 2
+    # Every child wrote objects of its own (the sessions hash to both halves).
+    keys = [o["Key"] for o in lake.list_objects(aws.client("s3"), aws_settings.bucket, "enriched/")]
+    assert {child.shard_id for child in children} <= {key.rsplit("/", 1)[1].rsplit("-", 2)[0] for key in keys}
