@@ -42,6 +42,14 @@ FEATURE_NAMES: tuple[str, ...] = (
     "campaign", "returning", "session_index",
 )
 FEATURE_COUNT = len(FEATURE_NAMES)
+# Every enriched-event field the fold reads (training passes only these to it, to keep Spark's
+# per-session frames narrow). Add a field here when a feature starts reading it; the
+# online/offline parity test fails if one is missing.
+EVENT_FIELDS: tuple[str, ...] = (
+    "event_id", "event", "collector_tstamp", "derived_tstamp", "domain_sessionid", "network_userid",
+    "domain_sessionidx", "os_timezone", "dvce_type", "refr_medium", "mkt_medium", "mkt_source", "mkt_campaign",
+    "page_urlpath", "contexts", "unstruct_event", "event_vendor", "doc_height", "pp_yoffset_max", "br_viewheight",
+)
 _PAGE_INDEX = {page: i for i, page in enumerate(PAGE_TYPES)}
 
 

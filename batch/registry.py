@@ -1,0 +1,112 @@
+"""The model registry from the shell: ``python -m batch.registry ls|current|history|promote|rollback``.
+
+    python -m batch.registry ls                      # versions, newest last; * marks CURRENT
+    python -m batch.registry promote 20261129T101500Z
+    python -m batch.registry rollback                # CURRENT back to where it was before its last move
+
+Bucket and model name come from CLICKSTREAM_BUCKET / CLICKSTREAM_MODEL_NAME (or --bucket / --name).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from batch.train_config import TrainSettings
+from common import aws, logs, registry
+from common.config import ConfigError, load
+
+
+def _context(bucket: str | None, name: str | None):
+    try:
+        settings = load(TrainSettings, section="train", bucket=bucket, model_name=name)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    return aws.client("s3", settings.region), settings.bucket, settings.model_name
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bucket", help="overrides CLICKSTREAM_BUCKET")
+@click.option("--name", help="model name (overrides CLICKSTREAM_MODEL_NAME)")
+@click.pass_context
+def cli(ctx, bucket, name):
+    """Inspect and move the CURRENT model version."""
+    logs.setup("WARNING")
+    ctx.obj = _context(bucket, name)
+
+
+@cli.command("ls")
+@click.pass_obj
+def ls(obj):
+    """Every published version with its AUC and parity; * marks CURRENT."""
+    s3, bucket, name = obj
+    current = registry.current_version(s3, bucket, name)
+    for version in registry.versions(s3, bucket, name):
+        try:
+            meta = registry.load(s3, bucket, name, version).meta
+        except LookupError:
+            click.echo(f"  {version}  (incomplete bundle)")
+            continue
+        auc = meta.get("metrics", {}).get("roc_auc")
+        parity = meta.get("parity", {})
+        click.echo(f"{'*' if version == current else ' '} {version}  {meta.get('algorithm', '?'):4}  "
+                   f"auc {auc:.4f}  parity {'ok' if parity.get('passed') else 'FAILED'} "
+                   f"({parity.get('max_abs_diff', float('nan')):.1e})  created {meta.get('created_at')}"
+                   if auc is not None else f"{'*' if version == current else ' '} {version}")
+
+
+@cli.command()
+@click.pass_obj
+def current(obj):
+    """The CURRENT version and its model.json."""
+    s3, bucket, name = obj
+    try:
+        bundle = registry.load(s3, bucket, name)
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps({k: bundle.meta.get(k) for k in ("name", "version", "algorithm", "feature_version",
+                                                          "threshold", "parity", "created_at")}, indent=2))
+    click.echo(f"roc_auc {bundle.meta['metrics']['roc_auc']:.4f}")
+
+
+@cli.command()
+@click.pass_obj
+def history(obj):
+    """Every move of CURRENT, oldest first."""
+    s3, bucket, name = obj
+    for entry in registry.history(s3, bucket, name):
+        click.echo(f"{entry['at']}  {entry['previous'] or '-'} -> {entry['version']}  ({entry['reason']})")
+
+
+@cli.command()
+@click.argument("version")
+@click.option("--force", is_flag=True, help="promote even when the bundle's parity check failed")
+@click.pass_obj
+def promote(obj, version, force):
+    """Move CURRENT to VERSION (it must be a complete bundle with passing parity)."""
+    s3, bucket, name = obj
+    try:
+        meta = registry.load(s3, bucket, name, version).meta
+    except LookupError:
+        raise click.ClickException(f"model {name!r} has no complete version {version} in s3://{bucket}") from None
+    if not meta.get("parity", {}).get("passed") and not force:
+        raise click.ClickException(f"version {version} did not pass the export parity check; use --force to insist")
+    registry.set_current(s3, bucket, name, version, reason="promoted by hand")
+    click.echo(f"CURRENT of {name} is now {version}")
+
+
+@cli.command()
+@click.pass_obj
+def rollback(obj):
+    """Move CURRENT back to the version it pointed to before its last move."""
+    s3, bucket, name = obj
+    try:
+        version = registry.rollback(s3, bucket, name)
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"CURRENT of {name} rolled back to {version}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

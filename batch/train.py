@@ -1,0 +1,170 @@
+"""``make train``: learn "will this session buy?" from the lake, export to ONNX, gate, publish.
+
+    python -m batch.train                                  # the last 7 days of the lake
+    python -m batch.train --window-end 2026-11-28 --window-days 3 --algorithm rf
+    python -m batch.train --table shoppers.csv --label Revenue --cv 5      # feature-table mode
+
+Steps: sync the window's lake partitions → prefix examples with the scorer's own fold (Spark,
+applyInPandas) → split by time → fit → evaluate → export to ONNX → parity (every evaluation row
+scored by Spark and onnxruntime) → publish the bundle, and move CURRENT when the gates pass.
+In-process users (benchmarks, end-to-end tests) call ``train_from_events`` / ``publish`` directly.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+from pyspark.errors import PythonException
+from pyspark.sql import DataFrame
+
+from batch import train_table
+from batch.export import ExportError
+from batch.train_config import TrainSettings, spark_session
+from batch.train_features import build_examples, read_events, require_trainable
+from batch.train_lake import TrainError, Window, check_files, local_window, window_files
+from batch.train_model import Steps, TrainResult, fit_and_export, time_split
+from batch.train_publish import ParityError, publish, write_bundle
+from common import aws, logs
+from common.config import ConfigError, load
+from common.features import FEATURE_NAMES, FEATURE_VERSION
+
+__all__ = ["TrainError", "TrainResult", "TrainSettings", "load_window", "main", "publish", "read_events",
+           "train_from_events"]
+log = logging.getLogger("batch.train")
+LABEL = ("1 when the session has a purchase (shop purchase event or transaction) after this prefix; "
+         "prefixes end before the first purchase")
+EVENT_STEPS = ["sync", "features", "fit", "evaluate", "export", "parity", "publish"]
+ID_COLUMNS = ["session_id", "event_id", "event_time_ms", "label"]
+
+
+def load_window(spark, settings: TrainSettings, window: Window, steps: Steps | None = None) -> DataFrame:
+    """The enriched events of ``window``: synced from S3 to the cache (or read from ``lake_path``)."""
+    steps = steps or Steps(["sync"], enabled=False)
+    with steps("sync"):
+        if settings.lake_path.startswith(("s3a://", "s3://", "hdfs://", "gs://", "abfss://")):
+            dates = ",".join(f"date={d}" for d in _dates(window))
+            return spark.read.option("basePath", settings.lake_path).parquet(f"{settings.lake_path}/{{{dates}}}")
+        root = Path(settings.lake_path) if settings.lake_path else \
+            local_window(settings.bucket, window, settings.cache_dir, progress=settings.progress)
+        files = check_files(window_files(root, window), skip_corrupt=settings.skip_corrupt_files)
+        if not files:
+            where = settings.lake_path or f"s3://{settings.bucket}/enriched/"
+            raise TrainError(f"no enriched events in {where} for the window {window} (no Parquet files in its "
+                             "date partitions): is the lake loader running, and is the window right "
+                             "(CLICKSTREAM_WINDOW_DAYS / CLICKSTREAM_WINDOW_END)?")
+        log.info("reading %d lake files of %s", len(files), window)
+        return read_events(spark, root, files)
+
+
+def _dates(window: Window):
+    day = window.start
+    while day <= window.end:
+        yield day.isoformat()
+        day = day.fromordinal(day.toordinal() + 1)
+
+
+def train_from_events(spark, events: DataFrame, settings: TrainSettings, *, window: Window | None = None,
+                      steps: Steps | None = None) -> TrainResult:
+    """Train, evaluate, export and parity-check a model from a DataFrame of enriched events."""
+    own_steps = steps is None
+    steps = steps or Steps(EVENT_STEPS[1:-1], enabled=settings.progress)
+    try:
+        with steps("features"):
+            examples = build_examples(events, settings.session_gap_minutes).cache()
+            stats = require_trainable(examples, window or "given")
+            train, evaluation, cutoff = time_split(examples, settings.eval_fraction)
+        result = fit_and_export(spark, train, evaluation, list(FEATURE_NAMES), settings, steps,
+                                id_columns=ID_COLUMNS, row_id="event_id")
+    except PythonException as exc:      # an error inside the fold: surface its own message
+        raise TrainError(f"building features failed: {_python_error(exc)}") from None
+    finally:
+        if own_steps:
+            steps.close()
+    result.meta.update(feature_version=FEATURE_VERSION, label=LABEL, training_window={
+        **(window.as_dict() if window else {}), "split_at_ms": cutoff, "sessions": stats["sessions"],
+        "buying_sessions": stats["buyers"], "examples": stats["rows"]})
+    examples.unpersist()
+    return result
+
+
+def _python_error(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(("ValueError", "KeyError", "TypeError", "TrainError"))]
+    return (errors or lines or ["unknown error"])[-1]
+
+
+def _summary(result: TrainResult, outcome: dict | None) -> str:
+    m, p = result.meta["metrics"], result.meta["parity"]
+    lines = [(f"model {result.meta['name']} ({result.meta['algorithm']}): ROC AUC {m['roc_auc']:.4f}, "
+              f"PR AUC {m['pr_auc']:.4f}, log loss {m['log_loss']:.4f}, lift@10% {m['lift_top_decile']:.2f}, "
+              f"threshold {result.meta['threshold']:.4f} ({result.meta['threshold_selection']['objective']})"),
+             (f"parity: {'passed' if p['passed'] else 'FAILED'}, max |p_onnx - p_spark| {p['max_abs_diff']:.2e} "
+              f"on {p['rows']} rows"),
+             "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items())]
+    if outcome:
+        where = "CURRENT moved to it" if outcome["promoted"] else "CURRENT not moved: " + "; ".join(outcome["reasons"])
+        lines.append(f"published version {outcome['version']}; {where}")
+    return "\n".join(lines)
+
+
+def run_events(settings: TrainSettings, *, publish_model: bool = True) -> tuple[TrainResult, dict | None]:
+    """What ``make train`` does."""
+    window = Window.last_days(settings.window_days, settings.window_end or None)
+    spark = spark_session(settings)
+    steps = Steps(EVENT_STEPS if publish_model else EVENT_STEPS[:-1], enabled=settings.progress)
+    try:
+        events = load_window(spark, settings, window, steps)
+        result = train_from_events(spark, events, settings, window=window, steps=steps)
+        outcome = None
+        if publish_model:
+            with steps("publish"):
+                outcome = publish(aws.client("s3", settings.region), settings, result)
+        return result, outcome
+    finally:
+        steps.close()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="feature-table mode: train from this CSV or Parquet table instead of the lake")
+@click.option("--label", "label_column", help="label column of --table (bool, 0/1 or yes/no)")
+@click.option("--drop", multiple=True, help="column of --table to leave out (repeatable)")
+@click.option("--categorical", multiple=True, help="numeric column of --table to one-hot encode (repeatable)")
+@click.option("--missing", type=click.Choice(["drop", "impute"]), default="drop", show_default=True,
+              help="rows of --table with missing values: drop them, or impute medians")
+@click.option("--cv", type=int, default=0, help="k-fold cross-validation report for --table (0: none)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="also write the bundle (model.onnx, model.json, report.html) to this folder")
+@click.option("--publish/--no-publish", "publish_model", default=None,
+              help="publish to the registry (default: yes for the lake, no for --table)")
+@click.option("--algorithm", type=click.Choice(["gbt", "rf", "lr"]), help="overrides CLICKSTREAM_ALGORITHM")
+@click.option("--window-days", type=int, help="overrides CLICKSTREAM_WINDOW_DAYS")
+@click.option("--window-end", help="last day of the window, YYYY-MM-DD (overrides CLICKSTREAM_WINDOW_END)")
+@click.option("--model-name", help="overrides CLICKSTREAM_MODEL_NAME")
+def main(table, label_column, drop, categorical, missing, cv, out, publish_model, **overrides) -> None:
+    """Train the buy/defer model and publish it if it passes the gates."""
+    logs.setup()
+    try:
+        settings = load(TrainSettings, section="train", **overrides)
+        if table:
+            if not label_column:
+                raise click.UsageError("--table needs --label COLUMN")
+            result, outcome = train_table.run(settings, table, label_column, drop=drop, categorical=categorical,
+                                              missing=missing, cv=cv, publish_model=bool(publish_model))
+        else:
+            result, outcome = run_events(settings, publish_model=publish_model is not False)
+    except ParityError as exc:
+        click.echo(f"train: refused to publish: {exc}", err=True)
+        sys.exit(3)
+    except (TrainError, ExportError, ConfigError) as exc:
+        click.echo(f"train: error: {exc}", err=True)
+        sys.exit(2)
+    if out:
+        write_bundle(out, result)
+    click.echo(_summary(result, outcome))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Settings of ``make train`` (section ``[train]``, env ``CLICKSTREAM_<FIELD>``)."""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import AwsSettings, ConfigError, require_positive
+from common.registry import DEFAULT_MODEL
+
+ALGORITHMS = ("gbt", "rf", "lr")
+OBJECTIVES = ("f1", "precision")
+
+
+@dataclass(frozen=True)
+class TrainSettings(AwsSettings):
+    model_name: str = DEFAULT_MODEL
+    # the window: the last `window_days` days up to `window_end` (YYYY-MM-DD, inclusive; empty = today UTC)
+    window_days: int = 7
+    window_end: str = ""
+    cache_dir: Path = Path(".cache/lake")
+    lake_path: str = ""                 # read this folder (or s3a:// URL on a cluster) instead of syncing
+    skip_corrupt_files: bool = False
+    session_gap_minutes: int = 30
+    eval_fraction: float = 0.25         # the latest sessions (by start time) are the evaluation set
+    # the model
+    algorithm: str = "gbt"
+    max_iter: int = 60
+    max_depth: int = 5
+    step_size: float = 0.1
+    num_trees: int = 100
+    subsampling_rate: float = 1.0
+    min_instances_per_node: int = 1
+    max_bins: int = 32
+    reg_param: float = 0.0
+    elastic_net: float = 0.0
+    seed: int = 42
+    # the decision threshold
+    threshold_objective: str = "f1"
+    target_precision: float = 0.5
+    # the gates
+    parity_tolerance: float = 1e-5
+    auc_floor: float = 0.65
+    champion_margin: float = 0.005      # a challenger may be this much worse than CURRENT and still win
+    # Spark
+    spark_master: str = "local[*]"
+    spark_driver_memory: str = "2g"
+    spark_shuffle_partitions: int = 8
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"CLICKSTREAM_ALGORITHM: expected one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        if self.threshold_objective not in OBJECTIVES:
+            raise ConfigError(f"CLICKSTREAM_THRESHOLD_OBJECTIVE: expected one of {', '.join(OBJECTIVES)}, "
+                              f"got {self.threshold_objective!r}")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"CLICKSTREAM_EVAL_FRACTION: expected a number between 0 and 1, got {self.eval_fraction}")
+        require_positive(self, "window_days", "session_gap_minutes", "max_iter", "max_depth", "num_trees",
+                         "step_size", "max_bins", "parity_tolerance")
+
+
+def spark_session(settings: TrainSettings, app_name: str = "clickstream-train"):
+    """A Spark session for training (the existing one when there is one, e.g. under spark-submit)."""
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # pandas 3 works for what we use (applyInPandas, toPandas); the warning repeats on every call.
+    warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas")
+    from pyspark.sql import SparkSession
+
+    spark = (SparkSession.builder.appName(app_name).master(settings.spark_master)
+            .config("spark.driver.memory", settings.spark_driver_memory)
+            .config("spark.ui.enabled", "false")
+            .config("spark.sql.shuffle.partitions", str(settings.spark_shuffle_partitions))
+            .config("spark.sql.session.timeZone", "UTC")
+            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+            .config("spark.ui.showConsoleProgress", "false")      # our own progress bars say where we are
+            .getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark

@@ -1,0 +1,157 @@
+"""Training examples from enriched events, with the scorer's own fold run inside Spark.
+
+Each session's events go to one ``applyInPandas`` call, which rebuilds the event dicts the scorer
+sees (JSON columns parsed back to objects, timestamps as epoch ms) and runs
+``common.features.session_prefixes``: one row per event before the first purchase, labelled with
+whether the session bought. Features are rounded through float32 here, because ONNX scores in float32:
+with identical inputs on both sides, Spark and the exported model can agree to 1e-7.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from batch.train_lake import TrainError
+from common.features import EVENT_FIELDS, FEATURE_NAMES, event_time_ms, is_purchase, parse_ms, session_prefixes
+
+JSON_COLUMNS = ("unstruct_event", "contexts", "derived_contexts")
+ID_COLUMNS = ("session_id", "event_id", "event_time_ms", "session_start_ms", "label")
+EXAMPLE_SCHEMA = T.StructType(
+    [T.StructField("session_id", T.StringType()), T.StructField("event_id", T.StringType()),
+     T.StructField("event_time_ms", T.LongType()), T.StructField("session_start_ms", T.LongType()),
+     T.StructField("label", T.IntegerType())]
+    + [T.StructField(name, T.DoubleType()) for name in FEATURE_NAMES])
+
+
+def read_events(spark: SparkSession, root: Path | str, files: list[Path] | None = None) -> DataFrame:
+    """The enriched events of the lake folder (or of just ``files`` under it)."""
+    reader = spark.read.option("basePath", str(root)).option("mergeSchema", "true")
+    paths = [str(path) for path in files] if files is not None else [str(root)]
+    return reader.parquet(*paths)
+
+
+# ---------------------------------------------------------------------------------------- Spark side
+
+
+def _as_millis(df: DataFrame) -> DataFrame:
+    """The fields the fold reads (common.features.EVENT_FIELDS, plus the user pseudonym for
+    sessionising), timestamps as epoch ms; a field the lake lacks is null, as in JSON."""
+    present = {field.name: field.dataType for field in df.schema.fields}
+    columns = []
+    for name in dict.fromkeys((*EVENT_FIELDS, "domain_userid")):
+        kind = present.get(name)
+        if kind is None:
+            columns.append(F.lit(None).cast("string").alias(name))
+        elif isinstance(kind, (T.TimestampType, T.TimestampNTZType)):
+            columns.append(F.unix_millis(F.col(name).cast("timestamp")).alias(name))
+        else:
+            columns.append(F.col(name))
+    return df.select(*columns)
+
+
+def sessionise(df: DataFrame, gap_minutes: int = 30) -> DataFrame:
+    """Add ``session_id``: ``domain_sessionid`` when the tracker sent one; otherwise a new session per
+    user pseudonym after ``gap_minutes`` of inactivity (Snowplow's own default rule)."""
+    at = F.coalesce(F.col("derived_tstamp"), F.col("collector_tstamp"))
+    df = df.withColumn("_at", at)
+    known = df.filter(F.col("domain_sessionid").isNotNull()).withColumn("session_id", F.col("domain_sessionid"))
+    unknown = df.filter(F.col("domain_sessionid").isNull())
+    user = F.coalesce(F.col("domain_userid"), F.col("network_userid"), F.col("event_id"))
+    by_user = Window.partitionBy("_user").orderBy("_at", "event_id")
+    gap = F.col("_at") - F.lag("_at").over(by_user)
+    unknown = (unknown.withColumn("_user", user)
+               .withColumn("_new", F.when(gap.isNull() | (gap > gap_minutes * 60_000), 1).otherwise(0))
+               .withColumn("_n", F.sum("_new").over(by_user.rowsBetween(Window.unboundedPreceding, 0)))
+               .withColumn("session_id", F.concat(F.lit("user:"), F.col("_user"), F.lit(":"), F.col("_n")))
+               .drop("_user", "_new", "_n"))
+    return known.unionByName(unknown).drop("_at")
+
+
+def build_examples(events: DataFrame, gap_minutes: int = 30) -> DataFrame:
+    """Prefix examples (EXAMPLE_SCHEMA) of every session in ``events``."""
+    sessions = sessionise(_as_millis(events), gap_minutes)
+    return sessions.groupBy("session_id").applyInPandas(session_examples, schema=EXAMPLE_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------- the fold
+
+
+def _json(value, column: str, event_id):
+    if not isinstance(value, str):
+        return value.tolist() if isinstance(value, np.ndarray) else value
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"event {event_id}: column {column} is not valid JSON ({exc})") from None
+
+
+def records(frame: pd.DataFrame) -> list[dict]:
+    """Event dicts as the scorer sees them, in time order, each event once (the lake is
+    at-least-once: a duplicate event_id would count twice)."""
+    # Column lists, not pandas rows: a session is small and wide, where pandas' per-row access is slow.
+    # Missing values (NaN, also pandas 3's missing strings) become None, like JSON null.
+    names = [c for c in frame.columns if c != "session_id"]
+    columns = [[None if isinstance(v, float) and math.isnan(v) else v for v in frame[c].tolist()] for c in names]
+    rows = [dict(zip(names, values)) for values in zip(*columns)]
+    json_columns = [c for c in JSON_COLUMNS if c in frame.columns]
+    events, seen = [], set()
+    for event in rows:
+        if event["event_id"] in seen:
+            continue
+        seen.add(event["event_id"])
+        for column in json_columns:
+            event[column] = _json(event[column], column, event["event_id"])
+        events.append(event)
+    events.sort(key=order)
+    return events
+
+
+def order(event: dict) -> tuple:
+    """Time order of a session's events (ties broken by arrival, then id, so it is deterministic)."""
+    return event_time_ms(event), parse_ms(event["collector_tstamp"]), event["event_id"]
+
+
+def examples_of(session_id: str, events: list[dict]) -> pd.DataFrame:
+    """The example rows of one session whose events are already in time order."""
+    bought = int(any(is_purchase(event) for event in events))
+    ids, times, rows = [], [], []
+    for event, row in session_prefixes(events):
+        ids.append(event["event_id"])
+        times.append(event_time_ms(event))
+        rows.append(row)
+    matrix = np.asarray(rows, dtype=np.float32).reshape(len(rows), len(FEATURE_NAMES)).astype(np.float64)
+    frame = pd.DataFrame(matrix, columns=list(FEATURE_NAMES))
+    start = event_time_ms(events[0]) if events else 0
+    frame.insert(0, "label", np.full(len(rows), bought, dtype=np.int32))
+    frame.insert(0, "session_start_ms", np.full(len(rows), start, dtype=np.int64))
+    frame.insert(0, "event_time_ms", np.asarray(times, dtype=np.int64))
+    frame.insert(0, "event_id", pd.Series(ids, dtype=object))
+    frame.insert(0, "session_id", pd.Series([session_id] * len(rows), dtype=object))
+    return frame
+
+
+def session_examples(frame: pd.DataFrame) -> pd.DataFrame:
+    """applyInPandas body: one session's events in, its example rows out."""
+    return examples_of(str(frame["session_id"].iloc[0]), records(frame))
+
+
+def require_trainable(examples: DataFrame, window) -> dict:
+    """Counts of the examples; a clear TrainError when there is nothing to learn from."""
+    counts = examples.agg(F.count("*").alias("rows"), F.countDistinct("session_id").alias("sessions"),
+                          F.coalesce(F.sum("label"), F.lit(0)).alias("positive_rows"),
+                          F.countDistinct(F.when(F.col("label") == 1, F.col("session_id"))).alias("buyers")).first()
+    stats = counts.asDict()
+    if stats["rows"] == 0:
+        raise TrainError(f"no enriched events to learn from in the window {window}: check the lake loader "
+                         "and the window (CLICKSTREAM_WINDOW_DAYS / CLICKSTREAM_WINDOW_END)")
+    if stats["buyers"] == 0:
+        raise TrainError(f"{stats['sessions']} sessions in the window {window} but none bought: a buy model "
+                         "needs purchases; widen the window or check that purchase events are tracked")
+    return stats

@@ -1,0 +1,76 @@
+"""The training window of the lake: which dates, a local copy for Spark, and a corrupt-file check.
+
+Spark cannot read ``s3a://`` on this machine, so ``make train`` copies the window's partitions to a
+local cache with ``batch.lake.sync_partitions`` and reads that; on a cluster, ``lake_path`` points
+Spark at ``s3a://bucket/enriched`` directly and no copy is made.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(RuntimeError):
+    """Training cannot go on; the message says why and what to do, for an operator."""
+
+
+@dataclass(frozen=True)
+class Window:
+    start: dt.date
+    end: dt.date            # inclusive
+
+    @classmethod
+    def last_days(cls, days: int, end: str | dt.date | None = None) -> Window:
+        if days < 1:
+            raise TrainError(f"window_days must be at least 1, got {days}")
+        last = dt.date.fromisoformat(end) if isinstance(end, str) and end else end or dt.datetime.now(dt.UTC).date()
+        return cls(last - dt.timedelta(days=days - 1), last)
+
+    def as_dict(self) -> dict:
+        return {"start": self.start.isoformat(), "end": self.end.isoformat()}
+
+    def __str__(self) -> str:
+        return f"{self.start.isoformat()}..{self.end.isoformat()}"
+
+
+def window_files(root: Path, window: Window) -> list[Path]:
+    """Parquet files of the window's date partitions under a local ``enriched`` root."""
+    files = []
+    day = window.start
+    while day <= window.end:
+        files += sorted((root / f"date={day.isoformat()}").glob("hour=*/*.parquet"))
+        day += dt.timedelta(days=1)
+    return files
+
+
+def check_files(files: list[Path], *, skip_corrupt: bool = False) -> list[Path]:
+    """Read every file's footer (cheap) so a corrupt object fails here with its name, not deep
+    inside a Spark stage. With ``skip_corrupt`` they are left out, loudly, instead."""
+    good, bad = [], []
+    for path in files:
+        try:
+            _ = pq.ParquetFile(path).metadata     # raises on a truncated or non-Parquet file
+            good.append(path)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for bad files
+            bad.append((path, exc))
+    for path, exc in bad:
+        log.warning("corrupt Parquet file %s: %s", path, exc)
+    if bad and not skip_corrupt:
+        names = "; ".join(f"{path}: {exc}" for path, exc in bad[:5])
+        raise TrainError(f"{len(bad)} corrupt Parquet file(s) in the training window: {names}. Re-run the lake "
+                         "loader for those hours, move the files away, or set CLICKSTREAM_SKIP_CORRUPT_FILES=true "
+                         "to train without them.")
+    return good
+
+
+def local_window(bucket: str, window: Window, cache_dir: Path, *, progress: bool = True) -> Path:
+    """Copy the window's partitions from S3 to ``cache_dir``; return the local ``enriched`` root."""
+    from batch.lake import sync_partitions
+
+    return Path(sync_partitions(bucket, window.start, window.end, cache_dir, progress=progress))

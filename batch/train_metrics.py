@@ -1,0 +1,65 @@
+"""Evaluation of predicted probabilities: ranking, calibration, lift, and the decision threshold."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import average_precision_score, log_loss, precision_recall_curve, roc_auc_score, roc_curve
+
+
+def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> list[dict]:
+    """Reliability bins of equal width: mean predicted probability vs observed rate, per bin."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    out = []
+    for b in range(bins):
+        mask = index == b
+        if mask.any():
+            out.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(mask.sum()),
+                        "mean_p": float(p[mask].mean()), "rate": float(y[mask].mean())})
+    return out
+
+
+def lift_top_decile(y: np.ndarray, p: np.ndarray) -> float:
+    """Buy rate among the 10% highest-scored rows, over the overall buy rate."""
+    top = max(1, int(np.ceil(len(p) * 0.1)))
+    order = np.argsort(-p, kind="stable")[:top]
+    base = y.mean()
+    return float(y[order].mean() / base) if base > 0 else 0.0
+
+
+def evaluate(y, p) -> dict:
+    y, p = np.asarray(y, dtype=np.int64), np.asarray(p, dtype=np.float64)
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"evaluation needs both classes, got only label {int(y[0]) if len(y) else 'none'}")
+    return {
+        "rows": len(y), "positives": int(y.sum()), "base_rate": float(y.mean()),
+        "roc_auc": float(roc_auc_score(y, p)), "pr_auc": float(average_precision_score(y, p)),
+        "log_loss": float(log_loss(y, np.clip(p, 1e-15, 1 - 1e-15), labels=[0, 1])),
+        "brier": float(np.mean((p - y) ** 2)), "lift_top_decile": lift_top_decile(y, p),
+        "calibration": calibration(y, p),
+    }
+
+
+def choose_threshold(y, p, objective: str = "f1", target_precision: float = 0.5) -> dict:
+    """The decision threshold: max F1, or the lowest threshold reaching ``target_precision``
+    (so recall is as high as that precision allows)."""
+    y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
+    precision, recall, thresholds = precision_recall_curve(y, p)
+    precision, recall = precision[:-1], recall[:-1]     # the last point has no threshold
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
+    if objective == "f1":
+        best = int(np.argmax(f1))
+    elif objective == "precision":
+        reaching = np.flatnonzero(precision >= target_precision)
+        best = int(reaching[0]) if len(reaching) else int(np.argmax(precision))
+    else:
+        raise ValueError(f"threshold objective must be f1 or precision, got {objective!r}")
+    return {"objective": objective, "threshold": float(thresholds[best]), "precision": float(precision[best]),
+            "recall": float(recall[best]), "f1": float(f1[best]),
+            **({"target_precision": target_precision} if objective == "precision" else {})}
+
+
+def curves(y, p) -> dict:
+    """ROC and PR curves for the report."""
+    fpr, tpr, _ = roc_curve(y, p)
+    precision, recall, _ = precision_recall_curve(y, p)
+    return {"fpr": fpr, "tpr": tpr, "precision": precision, "recall": recall}

@@ -1,0 +1,172 @@
+"""The learning half shared by both modes: fit a Spark pipeline, score the evaluation rows with Spark
+and with the ONNX export, check parity, compute metrics and the threshold, and describe the model."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pyspark.ml import Pipeline, PipelineModel
+from pyspark.ml.classification import GBTClassifier, LogisticRegression, RandomForestClassifier
+from pyspark.ml.feature import VectorAssembler
+from pyspark.ml.functions import vector_to_array
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from tqdm import tqdm
+
+from batch import export
+from batch.train_config import TrainSettings
+from batch.train_lake import TrainError
+from batch.train_metrics import choose_threshold, evaluate
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class TrainResult:
+    pipeline_model: PipelineModel
+    onnx_bytes: bytes
+    meta: dict                      # model.json, without "version" until published
+    eval_rows: pd.DataFrame         # ids, features, label, p_spark, p_onnx
+    parity: export.Parity
+    timings: dict = field(default_factory=dict)
+
+
+class Steps:
+    """One progress bar over the named steps of a run, so no long step is silent; records timings."""
+
+    def __init__(self, names: list[str], enabled: bool = True):
+        self.bar = tqdm(total=len(names), desc="train", unit="step", disable=not enabled)
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self.bar.set_description(f"train: {name}")
+        started = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - started, 3)
+        log.info("step %s done in %.1fs", name, self.timings[name])
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def estimator(settings: TrainSettings, label: str = "label"):
+    common = {"featuresCol": "features", "labelCol": label}
+    if settings.algorithm == "gbt":
+        return GBTClassifier(**common, maxIter=settings.max_iter, maxDepth=settings.max_depth,
+                             stepSize=settings.step_size, subsamplingRate=settings.subsampling_rate,
+                             minInstancesPerNode=settings.min_instances_per_node, maxBins=settings.max_bins,
+                             seed=settings.seed)
+    if settings.algorithm == "rf":
+        return RandomForestClassifier(**common, numTrees=settings.num_trees, maxDepth=settings.max_depth,
+                                      subsamplingRate=settings.subsampling_rate, maxBins=settings.max_bins,
+                                      minInstancesPerNode=settings.min_instances_per_node, seed=settings.seed)
+    return LogisticRegression(**common, maxIter=max(settings.max_iter, 100), regParam=settings.reg_param,
+                              elasticNetParam=settings.elastic_net)
+
+
+def hyper_parameters(settings: TrainSettings) -> dict:
+    names = {"gbt": ("max_iter", "max_depth", "step_size", "subsampling_rate", "min_instances_per_node", "max_bins"),
+             "rf": ("num_trees", "max_depth", "subsampling_rate", "min_instances_per_node", "max_bins"),
+             "lr": ("max_iter", "reg_param", "elastic_net")}[settings.algorithm]
+    return {name: getattr(settings, name) for name in names} | {"seed": settings.seed}
+
+
+def pipeline(settings: TrainSettings, feature_names: list[str], label: str = "label") -> Pipeline:
+    # handleInvalid="error": a NaN reaching the assembler is a bug upstream, not something to skip.
+    assembler = VectorAssembler(inputCols=list(feature_names), outputCol="features", handleInvalid="error")
+    return Pipeline(stages=[assembler, estimator(settings, label)])
+
+
+def importances(model: PipelineModel, feature_names: list[str]) -> dict[str, float]:
+    stage = model.stages[-1]
+    if hasattr(stage, "featureImportances"):
+        values = stage.featureImportances.toArray()
+    else:       # logistic regression: |coefficient|, normalised, as a rough importance
+        values = np.abs(stage.coefficients.toArray())
+        values = values / values.sum() if values.sum() > 0 else values
+    return {name: float(v) for name, v in sorted(zip(feature_names, values), key=lambda item: -item[1])}
+
+
+def score_with_spark(model: PipelineModel, rows: DataFrame, feature_names: list[str], id_columns: list[str]) -> pd.DataFrame:
+    """The evaluation rows with what Spark saw (``_assembled``) and its probability of class 1."""
+    scored = model.transform(rows).select(
+        *id_columns, *feature_names, vector_to_array("features").alias("_assembled"),
+        vector_to_array("probability")[1].alias("p_spark"))
+    return scored.toPandas()
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5,
+                             check=False)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names: list[str],
+                   settings: TrainSettings, steps: Steps, *, id_columns: list[str], row_id: str,
+                   label: str = "label") -> TrainResult:
+    """Fit on ``train``, score ``evaluation`` with Spark and ONNX, gate on parity, build the meta."""
+    with steps("fit"):
+        model = pipeline(settings, feature_names, label).fit(train)
+    with steps("evaluate"):
+        scored = score_with_spark(model, evaluation, feature_names, id_columns)
+        if scored[label].nunique() < 2:
+            raise TrainError(f"the evaluation set ({len(scored)} rows) has only label {scored[label].iloc[0]!r}: "
+                             "AUC is undefined; use a longer window or a larger eval_fraction")
+        metrics = evaluate(scored[label], scored["p_spark"])
+        threshold = choose_threshold(scored[label], scored["p_spark"], settings.threshold_objective,
+                                     settings.target_precision)
+    with steps("export"):
+        onnx_bytes = export.to_onnx(spark, model.stages[-1], len(feature_names), name=settings.model_name)
+    with steps("parity"):
+        matrix = scored[list(feature_names)].to_numpy(dtype=np.float64)
+        assembled = np.stack(scored["_assembled"].to_numpy()) if len(scored) else np.zeros((0, len(feature_names)))
+        scored["p_onnx"] = export.onnx_probabilities(onnx_bytes, matrix)
+        stages = [f"{type(stage).__name__}({stage.uid})" for stage in model.stages]
+        parity = export.check(matrix, assembled, scored["p_spark"].to_numpy(), scored["p_onnx"].to_numpy(),
+                              scored[row_id].astype(str).tolist(), stages, settings.parity_tolerance)
+    meta = {
+        "name": settings.model_name, "version": None, "algorithm": settings.algorithm,
+        "hyper_parameters": hyper_parameters(settings),
+        "features": [{"name": name, "type": "float"} for name in feature_names],
+        "onnx": {"input": export.INPUT_NAME, "probability_output": export.PROBABILITY_OUTPUT, "positive_index": 1,
+                 "opset": export.TARGET_OPSET},
+        "threshold": threshold["threshold"], "threshold_selection": threshold, "metrics": metrics,
+        "feature_importances": importances(model, feature_names),
+        "rows": {"train": int(train.count()), "eval": len(scored)},
+        "spark_version": spark.version, "code_version": code_version(), "parity": parity.as_meta(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return TrainResult(model, onnx_bytes, meta, scored.drop(columns=["_assembled"]), parity, steps.timings)
+
+
+def time_split(examples: DataFrame, eval_fraction: float) -> tuple[DataFrame, DataFrame, int]:
+    """Train on the sessions that started first, evaluate on the latest ``eval_fraction`` of them:
+    the model is judged on the future it will face, never on sessions it has seen."""
+    starts = examples.select("session_id", "session_start_ms").distinct()
+    (cutoff,) = starts.approxQuantile("session_start_ms", [1 - eval_fraction], 0.0)
+    cutoff = int(cutoff)
+    train = examples.filter(F.col("session_start_ms") < cutoff)
+    evaluation = examples.filter(F.col("session_start_ms") >= cutoff)
+    counts = {row["part"]: (row["rows"], row["buyers"]) for row in examples.groupBy(
+        (F.col("session_start_ms") < cutoff).alias("part")).agg(
+        F.count("*").alias("rows"), F.sum("label").alias("buyers")).collect()}
+    for part, name in ((True, "training"), (False, "evaluation")):
+        rows, buyers = counts.get(part, (0, 0))
+        if not rows or not buyers or buyers == rows:
+            raise TrainError(f"the {name} part of the time split (cut at session start "
+                             f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(cutoff / 1000))}) has {rows} rows "
+                             f"of which {buyers or 0} from buying sessions: it needs both buyers and non-buyers; "
+                             "use a longer window or change eval_fraction")
+    return train, evaluation, cutoff

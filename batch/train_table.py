@@ -1,0 +1,180 @@
+"""Feature-table mode: the same fit / evaluate / export / parity path from a CSV or Parquet table.
+
+Categorical columns (strings, booleans, and numeric ones named with ``--categorical``) are one-hot
+encoded to plain 0/1 columns *before* Spark, so trees only ever split on numeric thresholds (the
+ONNX converter reads Spark's categorical splits wrongly). Missing values are dropped or imputed,
+and the count is reported; nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from batch.train_config import TrainSettings, spark_session
+from batch.train_lake import TrainError
+from batch.train_metrics import evaluate
+from batch.train_model import Steps, TrainResult, fit_and_export
+
+log = logging.getLogger(__name__)
+TRUE = {"true", "1", "yes", "y", "t", "1.0"}
+FALSE = {"false", "0", "no", "n", "f", "0.0"}
+ID_COLUMNS = ["row_id", "label"]
+
+
+@dataclass
+class Table:
+    frame: pd.DataFrame                 # row_id, label, then the numeric feature columns
+    feature_names: list[str]
+    source: str
+    label_column: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def feature_version(self) -> str:
+        return "table-" + hashlib.sha1(",".join(self.feature_names).encode()).hexdigest()[:12]
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return pd.read_parquet(path)
+    if path.suffix.lower() in (".csv", ".txt"):
+        return pd.read_csv(path)
+    raise TrainError(f"{path}: expected a .csv or .parquet table")
+
+
+def _name(text: str) -> str:
+    """A column name Spark takes without quoting (no dots, spaces or symbols)."""
+    return re.sub(r"\W+", "_", str(text)).strip("_") or "col"
+
+
+def _labels(column: pd.Series, name: str) -> pd.Series:
+    """0/1 labels from booleans, numbers or yes/no words; anything else is an error."""
+    text = column.astype("string").str.strip().str.lower()
+    out = pd.Series(np.where(text.isin(TRUE), 1.0, np.where(text.isin(FALSE), 0.0, np.nan)), index=column.index)
+    unknown = text.notna() & out.isna()
+    if unknown.any():
+        raise TrainError(f"label column {name!r} has values that are not true/false or 0/1, e.g. "
+                         f"{sorted(set(column[unknown].astype(str)))[:5]}")
+    return out
+
+
+def prepare(frame: pd.DataFrame, label: str, *, drop=(), categorical=(), missing: str = "drop",
+            source: str = "table") -> Table:
+    """Numeric float32-exact features and a 0/1 label from a raw table; ``notes`` says what was done."""
+    absent = [c for c in (label, *drop, *categorical) if c not in frame.columns]
+    if absent:
+        raise TrainError(f"{source}: no column(s) {absent}; columns are {list(frame.columns)}")
+    notes = []
+    y = _labels(frame[label], label)
+    if y.isna().any():
+        notes.append(f"dropped {int(y.isna().sum())} rows without a label")
+    frame, y = frame[y.notna()], y[y.notna()]
+    features = frame.drop(columns=[label, *drop])
+    kinds = [c for c in features.columns
+             if c in categorical or not pd.api.types.is_numeric_dtype(features[c]) or features[c].dtype == bool]
+    numeric = [c for c in features.columns if c not in kinds]
+    incomplete = features[numeric].isna().any(axis=1)
+    if incomplete.any():
+        if missing == "drop":
+            notes.append(f"dropped {int(incomplete.sum())} rows with missing numeric values")
+            features, y = features[~incomplete], y[~incomplete]
+        else:
+            medians = features[numeric].median()
+            notes.append(f"imputed medians into {int(incomplete.sum())} rows with missing numeric values")
+            features = features.fillna(medians.to_dict())
+    encoded = [features[numeric].astype(np.float64).rename(columns=_name)]
+    for column in kinds:
+        values = features[column].astype("string")
+        if values.isna().any():
+            notes.append(f"{column}: {int(values.isna().sum())} missing values encoded as all-zero")
+        dummies = pd.get_dummies(values, prefix=_name(column), prefix_sep="_", dtype=np.float64)
+        encoded.append(dummies.rename(columns=_name))
+    notes.append(f"one-hot encoded {kinds}" if kinds else "no categorical columns")
+    x = pd.concat(encoded, axis=1)
+    if x.columns.duplicated().any():
+        raise TrainError(f"{source}: column names collide after encoding: {list(x.columns[x.columns.duplicated()])}")
+    # Same reason as the event features: ONNX sees float32, so Spark must see the same values.
+    x = x.astype(np.float32).astype(np.float64)
+    out = pd.concat([pd.DataFrame({"row_id": np.arange(len(x)).astype(str), "label": y.astype(np.int32).to_numpy()},
+                                  index=x.index), x], axis=1).reset_index(drop=True)
+    if out["label"].nunique() < 2:
+        raise TrainError(f"{source}: the label {label!r} has a single value; nothing to learn")
+    for note in notes:
+        log.info("%s: %s", source, note)
+    return Table(out, list(x.columns), source, label, notes)
+
+
+def folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Stratified fold number per row: each fold keeps the overall buy rate."""
+    rng = np.random.default_rng(seed)
+    assignment = np.empty(len(labels), dtype=np.int64)
+    for value in (0, 1):
+        rows = rng.permutation(np.flatnonzero(labels == value))
+        assignment[rows] = np.arange(len(rows)) % k
+    return assignment
+
+
+def _fit(spark, table: Table, test_mask: np.ndarray, settings: TrainSettings, steps: Steps) -> TrainResult:
+    frame = table.frame
+    train = spark.createDataFrame(frame[~test_mask])
+    evaluation = spark.createDataFrame(frame[test_mask])
+    return fit_and_export(spark, train, evaluation, table.feature_names, settings, steps,
+                          id_columns=ID_COLUMNS, row_id="row_id")
+
+
+def cross_validate(spark, table: Table, settings: TrainSettings, k: int = 5) -> list[dict]:
+    """k-fold ROC AUC with the parity gate checked on every fold."""
+    assignment = folds(table.frame["label"].to_numpy(), k, settings.seed)
+    results = []
+    for fold in tqdm(range(k), desc="cross-validation", unit="fold", disable=not settings.progress):
+        steps = Steps(["fit", "evaluate", "export", "parity"], enabled=False)
+        result = _fit(spark, table, assignment == fold, settings, steps)
+        metrics = evaluate(result.eval_rows["label"], result.eval_rows["p_spark"])
+        results.append({"fold": fold, "roc_auc": metrics["roc_auc"], "pr_auc": metrics["pr_auc"],
+                        "parity_passed": result.parity.passed, "max_abs_diff": result.parity.max_abs_diff,
+                        "rows": result.parity.rows, **{f"{k}_s": v for k, v in steps.timings.items()}})
+    return results
+
+
+def train_from_table(spark, table: Table, settings: TrainSettings, steps: Steps | None = None) -> TrainResult:
+    """One model on a stratified random split (``eval_fraction`` held out), with the full meta."""
+    steps = steps or Steps(["fit", "evaluate", "export", "parity"], enabled=settings.progress)
+    rng = np.random.default_rng(settings.seed)
+    labels = table.frame["label"].to_numpy()
+    test_mask = np.zeros(len(labels), dtype=bool)
+    for value in (0, 1):
+        rows = np.flatnonzero(labels == value)
+        test_mask[rng.choice(rows, size=max(1, round(len(rows) * settings.eval_fraction)), replace=False)] = True
+    result = _fit(spark, table, test_mask, settings, steps)
+    result.meta.update(feature_version=table.feature_version, label=f"{table.label_column} is true",
+                       training_window={"table": table.source, "rows": len(table.frame), "notes": table.notes})
+    return result
+
+
+def run(settings: TrainSettings, path: Path, label: str, *, drop=(), categorical=(), missing="drop", cv=0,
+        publish_model=False) -> tuple[TrainResult, dict | None]:
+    """The CLI's feature-table mode."""
+    from batch.train_publish import publish
+    from common import aws
+
+    table = prepare(read_table(path), label, drop=drop, categorical=categorical, missing=missing, source=str(path))
+    for note in table.notes:
+        print(f"{path.name}: {note}")
+    spark = spark_session(settings)
+    if cv:
+        results = cross_validate(spark, table, settings, cv)
+        for r in results:
+            print(f"fold {r['fold']}: ROC AUC {r['roc_auc']:.4f}, parity {'ok' if r['parity_passed'] else 'FAILED'} "
+                  f"(max diff {r['max_abs_diff']:.2e} on {r['rows']} rows)")
+        print(f"{cv}-fold ROC AUC {np.mean([r['roc_auc'] for r in results]):.4f} "
+              f"± {np.std([r['roc_auc'] for r in results]):.4f}")
+    result = train_from_table(spark, table, settings)
+    outcome = publish(aws.client("s3", settings.region), settings, result) if publish_model else None
+    return result, outcome

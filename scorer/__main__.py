@@ -1,0 +1,32 @@
+"""``python -m scorer``: the streaming worker and the HTTP API in one process (docs/scorer.md)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from common import logs
+from common.config import ConfigError, load
+from scorer.config import ScorerSettings
+
+
+@click.command()
+@click.option("--host", default=None, help="API address (CLICKSTREAM_HOST, default 127.0.0.1)")
+@click.option("--port", type=int, default=None, help="API port (CLICKSTREAM_PORT, default 8081)")
+@click.option("--worker/--no-worker", "run_worker", default=None, help="consume the enriched stream")
+@click.option("--api/--no-api", "run_api", default=None, help="serve the HTTP API")
+def main(host: str | None, port: int | None, run_worker: bool | None, run_api: bool | None) -> None:
+    """Score sessions from the enriched stream and serve the model over HTTP."""
+    try:
+        settings = load(ScorerSettings, section="scorer", host=host, port=port, run_worker=run_worker,
+                        run_api=run_api)
+    except ConfigError as exc:
+        click.echo(f"config error: {exc}", err=True)
+        sys.exit(2)
+    logs.setup(settings.log_level)
+    from scorer.server import serve
+    serve(settings)
+
+
+if __name__ == "__main__":
+    main()

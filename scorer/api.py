@@ -1,0 +1,320 @@
+"""The HTTP API as a plain ASGI app: no framework on the request path, so a single-row
+/invocations costs little more than the onnxruntime call itself.
+
+Routes (see ``openapi.py`` for the full document): /ping, /invocations, the Open Inference
+Protocol v2 (/v2/...), /score/session, /sessions/{id}/prediction, /sessions/{id}/features,
+/models/reload, /metrics, /openapi.json.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+
+import orjson
+from botocore.exceptions import BotoCoreError, ClientError
+
+from common.features import (
+    FEATURE_COUNT,
+    FEATURE_NAMES,
+    FEATURE_VERSION,
+    SessionState,
+    event_time_ms,
+    session_key,
+    step,
+)
+from common.features import features as read_features
+from scorer import inputs, metrics
+from scorer.inputs import BadRequest
+from scorer.model import Model, ModelRefused, Models
+from scorer.openapi import document
+from scorer.sink import from_item
+
+log = logging.getLogger("scorer.api")
+
+JSON = [(b"content-type", b"application/json")]
+
+
+class Response:
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, body: bytes, headers=JSON):
+        self.status, self.body, self.headers = status, body, headers
+
+
+def ok(payload, status: int = 200) -> Response:
+    return Response(status, orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+def error(status: int, message: str) -> Response:
+    return Response(status, orjson.dumps({"error": message}))
+
+
+class ScorerApp:
+    def __init__(self, models: Models, *, dynamodb=None, table: str | None = None, reload_token: str = "",
+                 worker=None):
+        self.models = models
+        self.dynamodb = dynamodb
+        self.table = table
+        self.reload_token = reload_token
+        self.worker = worker
+        self.openapi = orjson.dumps(document())
+        self._timers: dict = {}
+        self.routes = {
+            ("GET", "/ping"): self.ping,
+            ("POST", "/invocations"): self.invocations,
+            ("GET", "/v2/health/live"): self.live,
+            ("GET", "/v2/health/ready"): self.ready,
+            ("GET", "/v2"): self.server_metadata,
+            ("POST", "/score/session"): self.score_session,
+            ("POST", "/models/reload"): self.reload,
+            ("GET", "/metrics"): self.metrics,
+            ("GET", "/openapi.json"): self.openapi_json,
+        }
+
+    # ------------------------------------------------------------------ ASGI plumbing
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        started = time.perf_counter()
+        body = await self._body(receive)
+        method, path = scope["method"], scope["path"]
+        route = self.routes.get((method, path))
+        try:
+            if route is not None:
+                response = route(scope, body)
+            else:
+                response = self._dynamic(method, path, scope, body)
+            if asyncio.iscoroutine(response):
+                response = await response
+        except BadRequest as exc:
+            response = error(exc.status, exc.message)
+        except Exception:
+            log.exception("%s %s failed", method, path)
+            response = error(500, "internal error; see the scorer log")
+        await send({"type": "http.response.start", "status": response.status, "headers": response.headers})
+        await send({"type": "http.response.body", "body": response.body})
+        self._timer(path if route is not None else "dynamic").observe(time.perf_counter() - started)
+
+    def _timer(self, route: str):
+        timer = self._timers.get(route)
+        if timer is None:
+            timer = self._timers[route] = metrics.REQUEST_SECONDS.labels(route)
+        return timer
+
+    @staticmethod
+    async def _body(receive) -> bytes:
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    @staticmethod
+    async def _lifespan(receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _dynamic(self, method: str, path: str, scope, body: bytes):
+        parts = path.strip("/").split("/")
+        if len(parts) >= 3 and parts[:2] == ["v2", "models"]:
+            name, rest = parts[2], parts[3:]
+            if rest and rest[0] == "versions" and len(rest) >= 2:     # /v2/models/{name}/versions/{v}/...
+                rest = rest[2:]
+            if method == "GET" and not rest:
+                return self.model_metadata(name)
+            if method == "GET" and rest == ["ready"]:
+                return self.model_ready(name)
+            if method == "POST" and rest == ["infer"]:
+                return self.infer(name, body)
+        if len(parts) == 3 and parts[0] == "sessions" and method == "GET":
+            if parts[2] == "prediction":
+                return self.session_prediction(parts[1])
+            if parts[2] == "features":
+                return self.session_features(parts[1])
+        known = {p for _, p in self.routes} | {"/v2/models/{name}", "/sessions/{id}/prediction"}
+        if path in known or (len(parts) >= 3 and parts[:2] == ["v2", "models"]):
+            return error(405, f"method {method} not allowed on {path}")
+        return error(404, f"no route {method} {path}")
+
+    def _champion(self) -> Model:
+        model = self.models.champion
+        if model is None:
+            raise BadRequest(503, "no model loaded yet")
+        return model
+
+    # ------------------------------------------------------------------ health
+
+    def ping(self, scope, body) -> Response:
+        model = self.models.champion
+        running = self.worker is not None and self.worker.running
+        if model is None and not running:
+            return error(503, "no model loaded and the worker is not running")
+        return ok({"status": "ok", "model_version": model.version if model else None, "worker": running})
+
+    def live(self, scope, body) -> Response:
+        return ok({"live": True})
+
+    def ready(self, scope, body) -> Response:
+        ready = self.models.champion is not None
+        return ok({"ready": ready}, 200 if ready else 503)
+
+    def server_metadata(self, scope, body) -> Response:
+        return ok({"name": "clickstream-scorer", "version": "1", "extensions": []})
+
+    # ------------------------------------------------------------------ scoring
+
+    def invocations(self, scope, body: bytes) -> Response:
+        model = self._champion()
+        rows = inputs.parse_invocation(body, _header(scope, b"content-type"))
+        p_buy = model.predict(rows)          # timed by scorer_request_seconds{route="/invocations"}
+        return ok({"predictions": p_buy.tolist(), "decisions": [model.decide(p) for p in p_buy.tolist()],
+                   "model_name": model.name, "model_version": model.version})
+
+    def _named(self, name: str) -> Model:
+        model = self._champion()
+        if name != model.name:
+            raise BadRequest(404, f"unknown model {name!r}; this scorer serves {model.name!r}")
+        return model
+
+    def model_metadata(self, name: str) -> Response:
+        model = self._named(name)
+        return ok({"name": model.name, "versions": [model.version], "platform": "onnxruntime_onnx",
+                   "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, FEATURE_COUNT]}],
+                   "outputs": [{"name": "p_buy", "datatype": "FP64", "shape": [-1]},
+                               {"name": "decision", "datatype": "BYTES", "shape": [-1]}],
+                   "parameters": {"feature_names": list(FEATURE_NAMES), "feature_version": FEATURE_VERSION,
+                                  "threshold": model.threshold}})
+
+    def model_ready(self, name: str) -> Response:
+        self._named(name)
+        return ok({"name": name, "ready": True})
+
+    def infer(self, name: str, body: bytes) -> Response:
+        model = self._named(name)
+        rows, request_id = inputs.from_v2(body)
+        p_buy = model.predict(rows).tolist()
+        answer = {"model_name": model.name, "model_version": model.version,
+                  "outputs": [{"name": "p_buy", "datatype": "FP64", "shape": [len(p_buy)], "data": p_buy},
+                              {"name": "decision", "datatype": "BYTES", "shape": [len(p_buy)],
+                               "data": [model.decide(p) for p in p_buy]}]}
+        if request_id is not None:
+            answer["id"] = request_id
+        return ok(answer)
+
+    def score_session(self, scope, body: bytes) -> Response:
+        model = self._champion()
+        events = _events(body)
+        state, seen = SessionState(session_key(events[0])), set()
+        for index, event in enumerate(events):
+            if event["event_id"] in seen:
+                continue
+            seen.add(event["event_id"])
+            try:
+                step(state, event)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BadRequest(400, f"event {index}: cannot be folded: {exc!r}") from None
+        row = read_features(state)
+        p_buy = float(model.predict(inputs.from_positional([row]))[0])
+        return ok({"session_id": state.session_id, "events_in_session": state.events, "purchased": state.purchased,
+                   "features": dict(zip(FEATURE_NAMES, row)), "p_buy": p_buy, "decision": model.decide(p_buy),
+                   "threshold": model.threshold, "model_name": model.name, "model_version": model.version,
+                   "feature_version": FEATURE_VERSION})
+
+    # ------------------------------------------------------------------ sessions
+
+    async def session_prediction(self, session_id: str) -> Response:
+        if self.dynamodb is None or not self.table:
+            return error(503, "no predictions table configured")
+        try:
+            item = await asyncio.to_thread(self.dynamodb.get_item, TableName=self.table,
+                                           Key={"session_id": {"S": session_id}}, ConsistentRead=True)
+        except (BotoCoreError, ClientError) as exc:
+            log.warning("predictions table read failed: %s", exc)
+            return error(503, f"predictions table unavailable: {exc}")
+        if "Item" not in item:
+            return error(404, f"no prediction for session {session_id!r}")
+        prediction = from_item(item["Item"])
+        prediction.pop("event_ms", None)
+        return ok(prediction)
+
+    def session_features(self, session_id: str) -> Response:
+        """The live state this process holds for a session (operations and the restart test)."""
+        session = self.worker.store.get(session_id) if self.worker is not None else None
+        if session is None:
+            return error(404, f"session {session_id!r} is not live in this worker")
+        state = session.state
+        return ok({"session_id": session_id, "shard_id": session.shard_id, "events_in_session": state.events,
+                   "features": dict(zip(FEATURE_NAMES, read_features(state)))})
+
+    # ------------------------------------------------------------------ operations
+
+    async def reload(self, scope, body: bytes) -> Response:
+        if not self.reload_token:
+            return error(403, "reload is disabled: set CLICKSTREAM_RELOAD_TOKEN")
+        given = _header(scope, b"authorization")
+        if not given.startswith("Bearer "):
+            return error(401, "missing 'Authorization: Bearer <token>'")
+        if not hmac.compare_digest(given[7:].encode(), self.reload_token.encode()):
+            return error(403, "wrong reload token")
+        version = None
+        if body.strip():
+            try:
+                version = (orjson.loads(body) or {}).get("version")
+            except (orjson.JSONDecodeError, AttributeError):
+                return error(400, 'body must be empty or {"version": "<version>"}')
+        previous = self.models.champion.version if self.models.champion else None
+        try:
+            model = await asyncio.to_thread(self.models.load, version)
+        except LookupError as exc:
+            return error(404, str(exc))
+        except ModelRefused as exc:
+            return error(409, f"model refused: {exc}; still serving {previous}")
+        return ok({"model_name": model.name, "model_version": model.version, "previous_version": previous})
+
+    def metrics(self, scope, body) -> Response:
+        payload, content_type = metrics.exposition()
+        return Response(200, payload, [(b"content-type", content_type.encode())])
+
+    def openapi_json(self, scope, body) -> Response:
+        return Response(200, self.openapi)
+
+
+def _header(scope, name: bytes) -> str:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return ""
+
+
+def _events(body: bytes) -> list[dict]:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(400, f"body is not valid JSON: {exc}") from None
+    events = payload.get("events") if isinstance(payload, dict) else payload
+    if not isinstance(events, list) or not events:
+        raise BadRequest(400, 'expected a non-empty list of enriched events (or {"events": [...]})')
+    for index, event in enumerate(events):
+        if not isinstance(event, dict):
+            raise BadRequest(400, f"event {index}: expected an object, got {type(event).__name__}")
+        if not event.get("event_id"):
+            raise BadRequest(400, f"event {index}: missing event_id")
+        try:
+            event_time_ms(event)
+        except KeyError:
+            raise BadRequest(400, f"event {index}: missing collector_tstamp") from None
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(400, f"event {index}: bad timestamp: {exc}") from None
+    return events

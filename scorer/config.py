@@ -1,0 +1,39 @@
+"""The scorer's settings: ``[scorer]`` in CLICKSTREAM_CONFIG or CLICKSTREAM_<FIELD> variables."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.config import AwsSettings, ConfigError, require_positive
+from common.registry import DEFAULT_MODEL
+
+EMIT_POLICIES = ("every", "change", "every_n")
+
+
+@dataclass(frozen=True)
+class ScorerSettings(AwsSettings):
+    host: str = "127.0.0.1"
+    port: int = 8081
+    run_worker: bool = True             # consume the enriched stream in a background thread
+    run_api: bool = True                # serve the HTTP API
+    model_name: str = DEFAULT_MODEL
+    model_poll_s: float = 10.0          # how often CURRENT is checked for a new version
+    shadow_version: str = ""            # a challenger scored alongside the champion, logged only
+    emit: str = "every"                 # every | change (decision flips) | every_n
+    emit_every_n: int = 5
+    flush_ms: int = 100                 # longest a prediction waits in the worker before it is written
+    session_timeout_s: int = 1800       # inactivity (by event time) after which a session ends
+    max_sessions: int = 200_000         # memory cap; least recently seen sessions are evicted
+    dedupe_window: int = 256            # event ids remembered per session to drop redeliveries
+    prediction_ttl_hours: int = 24      # DynamoDB TTL (expires_at) of the latest prediction
+    batch_limit: int = 1000             # records per GetRecords
+    lease_ms: int = 10_000
+    write_threads: int = 8              # parallel conditional puts into the predictions table
+    reload_token: str = ""              # bearer token for POST /models/reload; empty = disabled
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        if self.emit not in EMIT_POLICIES:
+            raise ConfigError(f"CLICKSTREAM_EMIT: expected one of {', '.join(EMIT_POLICIES)}, got {self.emit!r}")
+        require_positive(self, "port", "model_poll_s", "emit_every_n", "flush_ms", "session_timeout_s",
+                         "max_sessions", "dedupe_window", "prediction_ttl_hours", "batch_limit", "lease_ms",
+                         "write_threads")

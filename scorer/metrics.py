@@ -1,0 +1,37 @@
+"""Prometheus metrics of the worker and the API (served at /metrics)."""
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+_FAST = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
+_BATCH = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+EVENTS = Counter("scorer_events_total", "Enriched events folded (rate() gives events/s)", ["mode"])
+DUPLICATES = Counter("scorer_duplicate_events_total", "Redelivered events dropped by event_id")
+BAD_RECORDS = Counter("scorer_bad_records_total", "Records that are not enriched events (logged with shard/sequence)")
+PREDICTIONS = Counter("scorer_predictions_total", "Predictions written")
+WRITE_FAILURES = Counter("scorer_write_failures_total", "Prediction writes that failed (batch retried)")
+BATCH_SECONDS = Histogram("scorer_batch_seconds", "Poll-to-durable time of one micro-batch", buckets=_BATCH)
+SCORING_SECONDS = Histogram("scorer_scoring_seconds", "One onnxruntime run (all rows of a batch or request)",
+                            buckets=_FAST)
+REQUEST_SECONDS = Histogram("scorer_request_seconds", "HTTP handling time", ["route"], buckets=_FAST)
+SESSIONS_LIVE = Gauge("scorer_sessions_live", "Sessions held in memory")
+EVICTIONS = Counter("scorer_session_evictions_total", "Sessions dropped from memory", ["reason"])
+LAG_MS = Gauge("scorer_lag_ms", "MillisBehindLatest of the slowest owned shard")
+SHARDS_OWNED = Gauge("scorer_shards_owned", "Shards this worker holds leases for")
+MODEL_INFO = Gauge("scorer_model_info", "Loaded models (value 1)", ["name", "version", "role"])
+MODEL_REFUSED = Counter("scorer_model_refused_total", "Model versions refused (feature mismatch, bad file)")
+SHADOW_DISAGREEMENTS = Counter("scorer_shadow_disagreements_total", "Rows where the shadow decided otherwise")
+
+
+def model_loaded(model, role: str, previous) -> None:
+    if previous is not None:
+        try:
+            MODEL_INFO.remove(previous.name, previous.version, role)
+        except KeyError:
+            pass
+    MODEL_INFO.labels(model.name, model.version, role).set(1)
+
+
+def exposition() -> tuple[bytes, str]:
+    return generate_latest(), CONTENT_TYPE_LATEST

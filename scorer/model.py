@@ -1,0 +1,206 @@
+"""ONNX models from the registry: validation against the fold, scoring, and hot swapping.
+
+A ``Model`` wraps one onnxruntime session. ``Models`` holds the champion (and an optional shadow)
+and swaps in new versions by replacing a single attribute, so a reader that took
+``models.champion`` once keeps a consistent model for its whole batch or request.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from common import registry
+from common.features import FEATURE_NAMES, FEATURE_VERSION
+from scorer import metrics, optimize
+
+log = logging.getLogger("scorer.model")
+
+
+class ModelRefused(ValueError):
+    """The bundle does not fit this scorer (other feature version or feature list); names why."""
+
+
+def check_meta(meta: dict) -> None:
+    """Refuse a model trained on other features: its scores would be silently wrong."""
+    version = str(meta.get("feature_version"))
+    if version != FEATURE_VERSION:
+        raise ModelRefused(f"feature_version {version!r} differs from the scorer's {FEATURE_VERSION!r}")
+    names = [item.get("name") if isinstance(item, dict) else item for item in meta.get("features") or []]
+    if names != list(FEATURE_NAMES):
+        missing = [n for n in FEATURE_NAMES if n not in names]
+        extra = [n for n in names if n not in FEATURE_NAMES]
+        if missing or extra:
+            raise ModelRefused(f"features differ: missing {missing}, unexpected {extra}")
+        first = next(i for i, (a, b) in enumerate(zip(names, FEATURE_NAMES)) if a != b)
+        raise ModelRefused(f"features in another order: position {first} is {names[first]!r}, "
+                           f"the fold has {FEATURE_NAMES[first]!r}")
+
+
+def _session(onnx: bytes) -> ort.InferenceSession:
+    # One thread, sequential: single rows are latency bound, and the worker and API share two cores.
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class Model:
+    name: str
+    version: str
+    threshold: float
+    session: ort.InferenceSession
+    input_name: str
+    output_name: str
+    positive_index: int
+    meta: dict
+    fused_trees: int = 0            # > 0 when the per-tree nodes were fused (optimize.py)
+
+    @classmethod
+    def from_bundle(cls, bundle: registry.Bundle) -> Model:
+        check_meta(bundle.meta)
+        try:
+            session = _session(bundle.onnx)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+            raise ModelRefused(f"model.onnx does not load: {exc}") from None
+        spec = bundle.meta.get("onnx") or {}
+        inputs = {item.name: item for item in session.get_inputs()}
+        input_name = spec.get("input", "features")
+        if input_name not in inputs:
+            raise ModelRefused(f"model.onnx has no input {input_name!r} (has {sorted(inputs)})")
+        width = inputs[input_name].shape[-1]
+        if isinstance(width, int) and width != len(FEATURE_NAMES):
+            raise ModelRefused(f"model.onnx input {input_name!r} takes {width} columns, the fold makes "
+                               f"{len(FEATURE_NAMES)}")
+        outputs = [item.name for item in session.get_outputs()]
+        output_name = spec.get("probability_output", "probability")
+        if output_name not in outputs:
+            raise ModelRefused(f"model.onnx has no output {output_name!r} (has {outputs})")
+        model = cls(bundle.name, bundle.version, float(bundle.meta.get("threshold", 0.5)), session,
+                    input_name, output_name, int(spec.get("positive_index", 1)), bundle.meta)
+        model._fuse_trees(bundle.onnx)
+        return model
+
+    def _fuse_trees(self, onnx_bytes: bytes) -> None:
+        """Swap in the fused-tree graph when it scores the probe rows like the original (optimize.py)."""
+        try:
+            original = onnx.load_from_string(onnx_bytes)
+            rewritten = optimize.fuse_tree_sum(original)
+            if rewritten is None:
+                return
+            graph, trees = rewritten
+            fused = _session(graph.SerializeToString())
+            rows = optimize.probe_rows(original, len(FEATURE_NAMES))
+            before = self.predict(rows)
+            faster = replace(self, session=fused)
+            diff = float(np.max(np.abs(faster.predict(rows) - before)))
+        except Exception:
+            log.warning("model %s: tree fusion failed; serving the graph as exported", self.version, exc_info=True)
+            return
+        if diff > optimize.TOLERANCE:
+            log.warning("model %s: fused trees differ by %.2e on probe rows; serving the graph as exported",
+                        self.version, diff)
+            return
+        self.session, self.fused_trees = fused, trees
+        log.info("model %s: fused %d trees into one node (max |dp| %.1e on %d probe rows)", self.version, trees,
+                 diff, len(rows), extra={"model_version": self.version})
+
+    def predict(self, rows: np.ndarray) -> np.ndarray:
+        """P(buy) for each row of a float32 [n, FEATURE_COUNT] matrix."""
+        output = self.session.run([self.output_name], {self.input_name: rows})[0]
+        if isinstance(output, np.ndarray):
+            return output[:, self.positive_index].astype(np.float64)
+        # A ZipMap output: one {label: probability} dict per row.
+        return np.array([_positive(row, self.positive_index) for row in output], dtype=np.float64)
+
+    def decide(self, p_buy: float) -> str:
+        return "buy" if p_buy >= self.threshold else "defer"
+
+
+def _positive(row: dict, index: int) -> float:
+    if index in row:
+        return float(row[index])
+    if str(index) in row:
+        return float(row[str(index)])
+    return float(row[sorted(row)[index]])
+
+
+class Models:
+    """The champion (decides) and an optional shadow (scored and logged), with hot reloads."""
+
+    def __init__(self, s3, bucket: str, name: str, shadow_version: str = ""):
+        self.s3 = s3
+        self.bucket = bucket
+        self.name = name
+        self.shadow_version = shadow_version
+        self.champion: Model | None = None
+        self.shadow: Model | None = None
+        self.refused: dict[str, str] = {}    # version -> reason, so a bad CURRENT is logged once
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def load(self, version: str | None = None) -> Model:
+        """Load ``version`` (default CURRENT) and make it the champion.
+
+        Raises LookupError when it does not exist and ModelRefused when it does not fit; either
+        way the current champion keeps serving.
+        """
+        with self._lock:
+            bundle = registry.load(self.s3, self.bucket, self.name, version)
+            if self.champion and self.champion.version == bundle.version:
+                return self.champion
+            try:
+                model = Model.from_bundle(bundle)
+            except ModelRefused as exc:
+                self.refused[bundle.version] = str(exc)
+                metrics.MODEL_REFUSED.inc()
+                log.error("refused model %s version %s: %s; keeping %s", self.name, bundle.version, exc,
+                          self.champion.version if self.champion else "no model",
+                          extra={"model_version": bundle.version})
+                raise
+            previous, self.champion = self.champion, model
+            metrics.model_loaded(model, "champion", previous)
+            log.info("model %s version %s is now the champion (was %s)", self.name, model.version,
+                     previous.version if previous else None, extra={"model_version": model.version})
+            return model
+
+    def load_shadow(self) -> None:
+        if not self.shadow_version or (self.shadow and self.shadow.version == self.shadow_version):
+            return
+        try:
+            model = Model.from_bundle(registry.load(self.s3, self.bucket, self.name, self.shadow_version))
+        except (LookupError, ModelRefused) as exc:
+            log.error("shadow model %s version %s not loaded: %s", self.name, self.shadow_version, exc)
+            return
+        previous, self.shadow = self.shadow, model
+        metrics.model_loaded(model, "shadow", previous)
+
+    def refresh(self) -> None:
+        """Load CURRENT if it moved; failures are logged, never raised (the old model keeps serving)."""
+        try:
+            version = registry.current_version(self.s3, self.bucket, self.name)
+            if version and version not in self.refused and (not self.champion or version != self.champion.version):
+                self.load(version)
+            self.load_shadow()
+        except (LookupError, ModelRefused) as exc:
+            log.warning("model %s not updated: %s", self.name, exc)
+        except Exception:
+            log.exception("model %s: checking CURRENT failed", self.name)
+
+    def watch(self, interval_s: float) -> threading.Thread:
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                self.refresh()
+        thread = threading.Thread(target=loop, name="model-watch", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,90 @@
+"""One process, two jobs: the HTTP API in the main thread (granian's embedded server on this
+process' asyncio loop) and the streaming worker in a background thread. Both read the same
+``Models`` holder, so a reload through the API is what the worker scores with next batch.
+
+The worker's Python work and the API share the GIL; onnxruntime and socket I/O release it. For
+API-heavy deployments run two processes instead: one with ``CLICKSTREAM_RUN_WORKER=false`` and
+one with ``CLICKSTREAM_RUN_API=false``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+
+from common import aws
+from common.consumer import consumer_for
+from common.producer import Producer
+from common.streams import KinesisStream
+from scorer.api import ScorerApp
+from scorer.config import ScorerSettings
+from scorer.model import Models
+from scorer.sink import PredictionWriter
+from scorer.worker import Worker
+
+log = logging.getLogger("scorer")
+
+
+def build_worker(settings: ScorerSettings, models: Models) -> Worker:
+    producer = Producer(KinesisStream(aws.client("kinesis", settings.region), settings.predictions_stream))
+    writer = PredictionWriter(producer, aws.client("dynamodb", settings.region), settings.predictions_table,
+                              settings.prediction_ttl_hours * 3600, settings.write_threads)
+
+    def make_consumer(**hooks):
+        return consumer_for(settings, settings.enriched_stream, app="scorer", lease_ms=settings.lease_ms,
+                            batch_limit=settings.batch_limit, **hooks)
+    return Worker(settings, models, writer, make_consumer)
+
+
+def start_worker(worker: Worker, stop: threading.Event) -> threading.Thread:
+    def run() -> None:
+        try:
+            worker.run(stop.is_set)
+        except Exception:
+            log.exception("the streaming worker stopped on an error")
+    thread = threading.Thread(target=run, name="scorer-worker", daemon=True)
+    thread.start()
+    return thread
+
+
+async def _serve_api(app: ScorerApp, settings: ScorerSettings, stop: threading.Event) -> None:
+    from granian.constants import Interfaces
+    from granian.server.embed import Server
+
+    server = Server(app, address=settings.host, port=settings.port, interface=Interfaces.ASGI,
+                    log_level="warning", backlog=1024)
+    loop = asyncio.get_running_loop()
+
+    def interrupt() -> None:
+        stop.set()
+        server.stop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, interrupt)
+    await server.serve()
+
+
+def serve(settings: ScorerSettings) -> None:
+    models = Models(aws.client("s3", settings.region), settings.bucket, settings.model_name, settings.shadow_version)
+    models.refresh()
+    if models.champion is None:
+        log.warning("no usable CURRENT for model %s yet; checking every %ss", settings.model_name, settings.model_poll_s)
+    models.watch(settings.model_poll_s)
+    stop = threading.Event()
+    worker = build_worker(settings, models) if settings.run_worker else None
+    thread = start_worker(worker, stop) if worker else None
+    app = ScorerApp(models, dynamodb=aws.client("dynamodb", settings.region), table=settings.predictions_table,
+                    reload_token=settings.reload_token, worker=worker)
+    try:
+        if settings.run_api:
+            log.info("scorer API on http://%s:%d", settings.host, settings.port)
+            asyncio.run(_serve_api(app, settings, stop))
+        else:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+            stop.wait()
+    finally:
+        stop.set()
+        models.stop()
+        if thread:
+            thread.join(timeout=30)

@@ -1,0 +1,114 @@
+"""Live session states: the shared fold per session, bounded in time, count and memory.
+
+Each session remembers which shard it lives on and the sequence number *before* its first record
+("start_after"). Per shard, sessions are kept in creation order, so the earliest sequence number
+still needed to rebuild every live session is simply the first entry: that is the "state starts
+at" value the worker checkpoints, and where a new owner of the shard starts replaying.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from itertools import islice
+
+from common.features import SessionState
+from scorer import metrics
+
+
+class Session:
+    __slots__ = ("last_decision", "seen", "session_id", "shard_id", "since_emit", "start_after", "state")
+
+    def __init__(self, session_id: str, shard_id: str, start_after: str | None):
+        self.session_id = session_id
+        self.shard_id = shard_id
+        self.start_after = start_after
+        self.state = SessionState(session_id)
+        self.seen: dict[str, None] = {}       # an ordered set of recent event ids
+        self.last_decision: str | None = None
+        self.since_emit = 0
+
+    def first_sight(self, event_id: str, window: int) -> bool:
+        """True the first time an event id is seen; remembers the last ``window`` ids."""
+        if event_id in self.seen:
+            return False
+        self.seen[event_id] = None
+        if len(self.seen) > window:
+            del self.seen[next(iter(self.seen))]
+        return True
+
+
+class SessionStore:
+    def __init__(self, timeout_ms: int, max_sessions: int, dedupe_window: int):
+        self.timeout_ms = timeout_ms
+        self.max_sessions = max_sessions
+        self.dedupe_window = dedupe_window
+        self.sessions: OrderedDict[str, Session] = OrderedDict()   # least recently seen first
+        self.by_shard: dict[str, OrderedDict[str, str | None]] = {}
+        self.watermark_ms: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def get(self, session_id: str) -> Session | None:
+        return self.sessions.get(session_id)
+
+    def session_for(self, session_id: str, shard_id: str, event_ms: int, start_after: str | None) -> Session:
+        """The live session for this event, starting a new one when absent or inactive too long.
+
+        Expiry is checked here, by event time, so replaying the same records always rebuilds the
+        same states however the records were batched.
+        """
+        self.watermark_ms[shard_id] = max(self.watermark_ms.get(shard_id, event_ms), event_ms)
+        session = self.sessions.get(session_id)
+        if session is not None and session.state.last_ms >= 0 and event_ms - session.state.last_ms > self.timeout_ms:
+            self._remove(session, "timeout")
+            session = None
+        if session is None:
+            session = Session(session_id, shard_id, start_after)
+            self.sessions[session_id] = session
+            self.by_shard.setdefault(shard_id, OrderedDict())[session_id] = start_after
+            if len(self.sessions) > self.max_sessions:
+                self._remove(next(iter(self.sessions.values())), "lru")
+        else:
+            self.sessions.move_to_end(session_id)
+            if session.shard_id != shard_id:      # after a reshard the session continues on a child
+                self.by_shard.get(session.shard_id, {}).pop(session_id, None)
+                session.shard_id, session.start_after = shard_id, start_after
+                self.by_shard.setdefault(shard_id, OrderedDict())[session_id] = start_after
+        return session
+
+    def _remove(self, session: Session, reason: str) -> None:
+        self.sessions.pop(session.session_id, None)
+        self.by_shard.get(session.shard_id, {}).pop(session.session_id, None)
+        metrics.EVICTIONS.labels(reason).inc()
+
+    def sweep(self, limit: int = 10_000) -> int:
+        """Drop sessions inactive for longer than the timeout (by their shard's event-time watermark).
+
+        Walks from the least recently seen end and stops at the first live one, so it costs little.
+        """
+        expired = []
+        for session in islice(self.sessions.values(), limit):
+            watermark = self.watermark_ms.get(session.shard_id, session.state.last_ms)
+            if watermark - session.state.last_ms <= self.timeout_ms:
+                break
+            expired.append(session)
+        for session in expired:
+            self._remove(session, "timeout")
+        metrics.SESSIONS_LIVE.set(len(self.sessions))
+        return len(expired)
+
+    def state_after(self, shard_id: str, default: str | None) -> str | None:
+        """The sequence number to replay from to rebuild every live session of the shard."""
+        order = self.by_shard.get(shard_id)
+        if not order:
+            return default
+        return next(iter(order.values()))
+
+    def drop_shard(self, shard_id: str) -> None:
+        """Forget a shard's sessions (its lease went to another worker, which rebuilds them)."""
+        for session_id in list(self.by_shard.pop(shard_id, {})):
+            session = self.sessions.pop(session_id, None)
+            if session is not None:
+                metrics.EVICTIONS.labels("shard_lost").inc()
+        self.watermark_ms.pop(shard_id, None)
+        metrics.SESSIONS_LIVE.set(len(self.sessions))

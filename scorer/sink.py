@@ -1,0 +1,121 @@
+"""Where predictions go: the predictions stream and the latest-per-session DynamoDB table.
+
+Both writes are retried until they succeed (or the worker stops), because the worker checkpoints
+only after they are durable. The table write is conditional on the event time and the session's
+event count, so a replay after a crash can rewrite the same prediction but never an older one.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import orjson
+from botocore.exceptions import BotoCoreError, ClientError
+
+from common.producer import Producer
+from scorer import metrics
+
+log = logging.getLogger("scorer.sink")
+
+_NEWER_OR_SAME = ("attribute_not_exists(session_id) OR event_ms < :ms "
+                  "OR (event_ms = :ms AND events_in_session <= :n)")
+
+
+def table_item(prediction: dict, event_ms: int, expires_at: int) -> dict:
+    item = {"event_ms": {"N": str(event_ms)}, "expires_at": {"N": str(expires_at)}}
+    for key, value in prediction.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            item[key] = {"S": str(value)}
+        else:
+            item[key] = {"N": repr(value)}
+    return item
+
+
+def from_item(item: dict) -> dict:
+    """A table item back to the prediction record (numbers as int or float)."""
+    out = {}
+    for key, value in item.items():
+        if "S" in value:
+            out[key] = value["S"]
+        elif "N" in value:
+            number = value["N"]
+            out[key] = float(number) if any(c in number for c in ".eE") else int(number)
+    return out
+
+
+class PredictionWriter:
+    """Writes predictions durably; ``table`` may be empty to write only the stream (benchmarks)."""
+
+    def __init__(self, producer: Producer | None, dynamodb, table: str | None, ttl_s: int, threads: int = 8,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.producer = producer
+        self.dynamodb = dynamodb
+        self.table = table
+        self.ttl_s = ttl_s
+        self.sleep = sleep
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="predictions") if table else None
+
+    def write(self, predictions: list[tuple[dict, int]], stop: Callable[[], bool] = lambda: False) -> bool:
+        """Write (prediction, event_ms) pairs; True once all are durable, False if stopped first."""
+        entries = [(p["session_id"], orjson.dumps(p)) for p, _ in predictions]
+        latest = self._latest(predictions)
+        attempt = 0
+        while entries or latest:
+            if attempt:
+                if stop():
+                    return False
+                metrics.WRITE_FAILURES.inc()
+                self.sleep(min(2.0, 0.05 * 2 ** attempt))
+            attempt += 1
+            if entries and self.producer is not None:
+                undelivered = self.producer.send(entries)
+                entries = [(u.partition_key, u.data) for u in undelivered]
+                if entries:
+                    log.warning("%d predictions not yet on the stream: %s", len(entries), undelivered[0].reason)
+            else:
+                entries = []
+            latest = self._upsert(latest)
+        metrics.PREDICTIONS.inc(len(predictions))
+        return True
+
+    @staticmethod
+    def _latest(predictions: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
+        # Only the last prediction of each session in this flush needs to reach the table.
+        last: dict[str, tuple[dict, int]] = {}
+        for prediction, event_ms in predictions:
+            last[prediction["session_id"]] = (prediction, event_ms)
+        return list(last.values())
+
+    def _upsert(self, latest: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
+        """Conditional puts in parallel; returns the ones to retry."""
+        if not latest or self.pool is None:
+            return []
+        expires_at = int(time.time()) + self.ttl_s
+        results = list(self.pool.map(lambda pair: self._put(pair, expires_at), latest))
+        return [pair for pair, ok in zip(latest, results) if not ok]
+
+    def _put(self, pair: tuple[dict, int], expires_at: int) -> bool:
+        prediction, event_ms = pair
+        try:
+            self.dynamodb.put_item(
+                TableName=self.table, Item=table_item(prediction, event_ms, expires_at),
+                ConditionExpression=_NEWER_OR_SAME,
+                ExpressionAttributeValues={":ms": {"N": str(event_ms)},
+                                           ":n": {"N": str(prediction["events_in_session"])}})
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
+                return True          # the table already holds a later prediction for this session
+            log.warning("predictions table write failed: %s", exc)
+            return False
+        except BotoCoreError as exc:
+            log.warning("predictions table write failed: %s", exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown(wait=True)

@@ -1,0 +1,320 @@
+"""The streaming worker: enriched events in, one prediction per scored event out.
+
+One poll = one micro-batch: every record of every owned shard is folded into its session, the
+touched rows are scored in ONE onnxruntime call, and the predictions chosen by the emit policy
+are buffered. The buffer is written (stream + table) and the shards checkpointed when the poll
+came back empty or the oldest buffered prediction is ``flush_ms`` old, so no prediction waits
+longer than that.
+
+Restart without re-emitting: each checkpoint stores, next to the consumer's "emitted up to"
+sequence number, ``state_after`` in the lease meta: the sequence number before the first record
+of the oldest live session on the shard. A new owner reads from there and folds the records up to
+"emitted up to" quietly (states, dedupe ids and emit counters rebuilt, nothing written).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import orjson
+
+from common.consumer import Batch, Consumer
+from common.features import FEATURE_VERSION, event_time_ms, features, is_purchase, session_key, step
+from common.leases import Lease, LeaseLost
+from common.streams import SHARD_END, Record, sequence_key
+from scorer import metrics
+from scorer.config import ScorerSettings
+from scorer.model import Model, Models
+from scorer.sessions import Session, SessionStore
+from scorer.sink import PredictionWriter
+
+log = logging.getLogger("scorer.worker")
+
+FROM_START = "TRIM_HORIZON"        # lease meta value meaning "replay from the shard's first record"
+MAX_BUFFER = 20_000                # predictions; flush early rather than grow without bound
+EVENTS_LIVE, EVENTS_REPLAY = metrics.EVENTS.labels("live"), metrics.EVENTS.labels("replay")
+IDLE_SLEEP_S = 0.2                 # after an empty poll: Kinesis allows 5 GetRecords/s per shard
+
+
+class BadRecord(ValueError):
+    """A record on the enriched stream that is not a usable enriched event."""
+
+
+@dataclass
+class Row:
+    """One scored event: where its prediction goes, and whether it is a quiet replay."""
+
+    session: Session
+    event: dict
+    event_ms: int
+    quiet: bool
+    events: int
+
+
+def parse_event(record: Record) -> dict:
+    try:
+        event = orjson.loads(record.data)
+    except orjson.JSONDecodeError as exc:
+        raise BadRecord(f"not JSON: {exc}") from None
+    if not isinstance(event, dict):
+        raise BadRecord(f"expected a JSON object, got {type(event).__name__}")
+    if not event.get("event_id"):
+        raise BadRecord("no event_id")
+    return event
+
+
+def iso_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Worker:
+    def __init__(self, settings: ScorerSettings, models: Models, writer: PredictionWriter,
+                 make_consumer: Callable[..., Consumer]):
+        self.settings = settings
+        self.models = models
+        self.writer = writer
+        self.store = SessionStore(settings.session_timeout_s * 1000, settings.max_sessions, settings.dedupe_window)
+        self.make_consumer = make_consumer
+        self.consumer = make_consumer(start_after=self._start_after, on_lost=self._on_lost)
+        self.positions: dict[str, str | None] = {}      # last record read per shard
+        self.replay_until: dict[str, int] = {}          # shard -> "emitted up to" while replaying
+        self.pending: dict[str, list[tuple[dict, int]]] = {}   # shard -> (prediction, event_ms) not yet written
+        self.pending_count = 0
+        self.pending_batches: dict[str, Batch] = {}     # newest batch per shard not yet checkpointed
+        self.pending_since = 0.0
+        self.stopping = False
+        self.running = False
+
+    # ------------------------------------------------------------------ lease hooks
+
+    def _start_after(self, lease: Lease) -> str | None:
+        """Where a newly owned shard is read from: the start of its oldest live session."""
+        emitted = lease.checkpoint
+        self.positions[lease.shard_id] = None
+        if emitted is None or emitted == SHARD_END:
+            return emitted
+        state_after = lease.meta.get("state_after", emitted)
+        self.replay_until[lease.shard_id] = sequence_key(emitted)
+        start = None if state_after == FROM_START else state_after
+        self.positions[lease.shard_id] = start
+        log.info("shard %s: replaying quietly after %s up to %s", lease.shard_id, state_after, emitted,
+                 extra={"shard_id": lease.shard_id})
+        return start
+
+    def _on_lost(self, shard_id: str) -> None:
+        self.store.drop_shard(shard_id)
+        self.pending_count -= len(self.pending.pop(shard_id, []))
+        self.pending_batches.pop(shard_id, None)
+        self.replay_until.pop(shard_id, None)
+        self.positions.pop(shard_id, None)
+
+    # ------------------------------------------------------------------ one micro-batch
+
+    def poll_once(self) -> int:
+        """Read, fold, score and buffer one round of records; flush when due. Returns records read."""
+        model = self.models.champion          # one model for the whole batch, even if a reload lands now
+        started = time.perf_counter()
+        batches = self.consumer.poll()
+        polled = time.perf_counter()
+        count = sum(len(batch.records) for batch in batches)
+        rows, features_rows = self._fold(batches)
+        if rows:
+            self._score(model, rows, features_rows, polled)
+        for batch in batches:
+            self.pending_batches[batch.shard_id] = batch
+        if batches and not self.pending_since:
+            self.pending_since = time.monotonic()
+        metrics.LAG_MS.set(self.consumer.max_lag_ms)
+        metrics.SHARDS_OWNED.set(len(self.consumer.owned))
+        if self._flush_due(count):
+            self.flush()
+            if count:
+                metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        return count
+
+    def _fold(self, batches: list[Batch]) -> tuple[list[Row], list[list[float]]]:
+        rows: list[Row] = []
+        matrix: list[list[float]] = []
+        for batch in batches:
+            shard = batch.shard_id
+            until = self.replay_until.get(shard)
+            previous = self.positions.get(shard)
+            for record in batch.records:
+                quiet = until is not None and sequence_key(record.sequence_number) <= until
+                self._fold_record(record, shard, previous, quiet, rows, matrix)
+                previous = record.sequence_number
+            self.positions[shard] = previous
+            if until is not None and (batch.shard_end or (previous and sequence_key(previous) >= until)):
+                del self.replay_until[shard]
+                log.info("shard %s: replay done, %d live sessions", shard, len(self.store),
+                         extra={"shard_id": shard})
+        metrics.SESSIONS_LIVE.set(len(self.store))
+        return rows, matrix
+
+    def _fold_record(self, record: Record, shard: str, previous: str | None, quiet: bool,
+                     rows: list[Row], matrix: list[list[float]]) -> None:
+        try:
+            event = parse_event(record)
+            event_ms = event_time_ms(event)
+            session_id = session_key(event)
+        except (BadRecord, KeyError, TypeError, ValueError) as exc:
+            metrics.BAD_RECORDS.inc()
+            log.error("shard %s sequence %s: skipped a record that is not an enriched event: %s",
+                      shard, record.sequence_number, exc, extra={"shard_id": shard})
+            return
+        session = self.store.session_for(session_id, shard, event_ms, previous)
+        if not session.first_sight(event["event_id"], self.settings.dedupe_window):
+            metrics.DUPLICATES.inc()
+            return
+        try:
+            step(session.state, event)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            metrics.BAD_RECORDS.inc()
+            log.error("shard %s sequence %s: event %s could not be folded: %r", shard, record.sequence_number,
+                      event["event_id"], exc, extra={"shard_id": shard, "event_id": event["event_id"]})
+            return
+        (EVENTS_REPLAY if quiet else EVENTS_LIVE).inc()
+        if is_purchase(event):
+            return                    # the label: no one needs a buy/defer for a session that bought
+        rows.append(Row(session, event, event_ms, quiet, session.state.events))
+        matrix.append(features(session.state))
+
+    def _score(self, model: Model, rows: list[Row], matrix: list[list[float]], started: float) -> None:
+        inputs = np.asarray(matrix, dtype=np.float32)
+        scoring = time.perf_counter()
+        p_buy = model.predict(inputs)
+        metrics.SCORING_SECONDS.observe(time.perf_counter() - scoring)
+        latency_us = int((time.perf_counter() - started) * 1e6)
+        self._shadow(inputs, p_buy, model)
+        scored_at = iso_now()
+        for row, p in zip(rows, p_buy.tolist()):
+            decision = model.decide(p)
+            if self._should_emit(row.session, decision) and not row.quiet:
+                prediction = self._prediction(row, model, p, decision, latency_us, scored_at)
+                self.pending.setdefault(row.session.shard_id, []).append((prediction, row.event_ms))
+                self.pending_count += 1
+
+    def _should_emit(self, session: Session, decision: str) -> bool:
+        """Apply the emit policy; updates the session's counters (also on quiet replay)."""
+        policy = self.settings.emit
+        changed = decision != session.last_decision
+        session.last_decision = decision
+        if policy == "every":
+            return True
+        if policy == "change":
+            return changed
+        session.since_emit += 1
+        if changed or session.since_emit >= self.settings.emit_every_n:
+            session.since_emit = 0
+            return True
+        return False
+
+    @staticmethod
+    def _prediction(row: Row, model: Model, p: float, decision: str, latency_us: int, scored_at: str) -> dict:
+        event = row.event
+        return {"session_id": row.session.session_id, "event_id": event["event_id"],
+                "collector_tstamp": event.get("collector_tstamp"), "derived_tstamp": event.get("derived_tstamp"),
+                "scored_at": scored_at, "model_name": model.name, "model_version": model.version,
+                "feature_version": FEATURE_VERSION, "p_buy": round(p, 6), "decision": decision,
+                "threshold": model.threshold, "latency_us": latency_us, "events_in_session": row.events}
+
+    def _shadow(self, inputs: np.ndarray, p_buy: np.ndarray, champion: Model) -> None:
+        shadow = self.models.shadow
+        if shadow is None:
+            return
+        try:
+            challenger = shadow.predict(inputs)
+        except Exception:
+            log.exception("shadow model %s failed", shadow.version)
+            return
+        disagree = int(np.sum((p_buy >= champion.threshold) != (challenger >= shadow.threshold)))
+        metrics.SHADOW_DISAGREEMENTS.inc(disagree)
+        log.info("shadow %s vs champion %s: %d rows, %d decisions differ, mean |dp| %.4f", shadow.version,
+                 champion.version, len(p_buy), disagree, float(np.mean(np.abs(challenger - p_buy))),
+                 extra={"model_version": shadow.version})
+
+    # ------------------------------------------------------------------ durability
+
+    def _flush_due(self, count: int) -> bool:
+        if not self.pending_batches:
+            return False
+        age_ms = (time.monotonic() - self.pending_since) * 1000
+        return count == 0 or age_ms >= self.settings.flush_ms or self.pending_count >= MAX_BUFFER
+
+    def flush(self) -> bool:
+        """Write buffered predictions, then checkpoint each shard with its replay start."""
+        predictions = [item for items in self.pending.values() for item in items]
+        if predictions and not self.writer.write(predictions, stop=lambda: self.stopping):
+            return False
+        self.pending.clear()
+        self.pending_count = 0
+        self.store.sweep()
+        for shard, batch in list(self.pending_batches.items()):
+            value = batch.checkpoint_value
+            meta = {"state_after": self.store.state_after(shard, value) or FROM_START}
+            try:
+                self.consumer.checkpoint_at(shard, value, meta)
+            except LeaseLost:
+                log.warning("shard %s was taken before its checkpoint; the new owner re-reads it", shard)
+        self.pending_batches.clear()
+        self.pending_since = 0.0
+        return True
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, stop: Callable[[], bool]) -> None:
+        idle = IDLE_SLEEP_S
+        waited = False
+        self.running = True
+        try:
+            while not stop():
+                if self.models.champion is None:
+                    if not waited:
+                        log.warning("no model loaded yet; the worker waits before reading the stream")
+                        waited = True
+                    time.sleep(0.5)
+                    continue
+                try:
+                    if self.poll_once() == 0:
+                        time.sleep(idle)
+                except Exception:
+                    log.exception("worker batch failed; dropping in-memory state and re-reading from the checkpoints")
+                    self.restart()
+                    time.sleep(1.0)
+        finally:
+            self.running = False
+            self.stopping = True
+            self.close()
+
+    def restart(self) -> None:
+        """Forget everything not checkpointed and take the shards again, as a fresh process would.
+
+        A failed read may have advanced a shard reader past records that were never folded, so
+        continuing could skip them; re-reading from the checkpoints (quietly up to "emitted up to")
+        cannot.
+        """
+        try:
+            self.consumer.close()
+        except Exception:
+            log.warning("could not hand the shards back cleanly", exc_info=True)
+        self.store = SessionStore(self.store.timeout_ms, self.store.max_sessions, self.store.dedupe_window)
+        self.positions.clear()
+        self.replay_until.clear()
+        self.pending.clear()
+        self.pending_count = 0
+        self.pending_batches.clear()
+        self.pending_since = 0.0
+        self.consumer = self.make_consumer(start_after=self._start_after, on_lost=self._on_lost)
+
+    def close(self) -> None:
+        """Clean stop: write and checkpoint what is buffered, then hand the shards back."""
+        try:
+            self.flush()
+        except Exception:
+            log.exception("final flush failed; the next owner re-reads from the last checkpoint")
+        self.consumer.close()
+        self.writer.close()

@@ -1,0 +1,177 @@
+"""The HTTP API over real HTTP: a `python -m scorer` process against the emulator."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from common import aws
+from common.features import FEATURE_NAMES, session_features
+from infra.provision import ProvisionSettings, provision
+from tests.conftest import unique_settings
+from tests.scorer.conftest import MODEL, ScorerProcess
+from tests.scorer.helpers import logistic_onnx, logistic_reference, model_meta, publish, session_events
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def api(aws_endpoint, tmp_path_factory):
+    settings = unique_settings(ProvisionSettings, enriched_shards=1)
+    provision(settings)
+    s3 = aws.client("s3")
+    publish(s3, settings.bucket, MODEL, "v1", logistic_onnx())
+    process = ScorerProcess(settings, tmp_path_factory.mktemp("api") / "scorer.log", reload_token=TOKEN,
+                            model_poll_s=3600).wait_ready()
+    process.settings, process.s3 = settings, s3
+    yield process
+    process.stop()
+
+
+ROW = session_features(session_events("api", seed=7, n=9, buyer=True))[-1]
+EXPECTED = float(logistic_reference([ROW])[0])
+
+
+def post(api, path, body=None, *, raw=None, content_type="application/json", headers=None):
+    data = raw if raw is not None else ("" if body is None else json.dumps(body))
+    return requests.post(api.url + path, data=data, headers={"Content-Type": content_type, **(headers or {})},
+                         timeout=10)
+
+
+def test_ping_and_health(api):
+    assert requests.get(api.url + "/ping", timeout=5).json()["model_version"] == "v1"
+    assert requests.get(api.url + "/v2/health/live", timeout=5).json() == {"live": True}
+    assert requests.get(api.url + "/v2/health/ready", timeout=5).json() == {"ready": True}
+
+
+@pytest.mark.parametrize("body", [
+    {"dataframe_split": {"columns": list(FEATURE_NAMES), "data": [ROW]}},
+    {"dataframe_split": {"columns": list(reversed(FEATURE_NAMES)), "data": [list(reversed(ROW))]}},
+    {"dataframe_records": [dict(zip(FEATURE_NAMES, ROW))]},
+    {"instances": [ROW]},
+    {"instances": [dict(zip(FEATURE_NAMES, ROW))]},
+    {"inputs": {name: [value] for name, value in zip(FEATURE_NAMES, ROW)}},
+    {"inputs": ROW},
+], ids=["split", "split-reordered", "records", "instances", "instances-records", "inputs-columns", "inputs-row"])
+def test_invocations_json_conventions_agree(api, body):
+    response = post(api, "/invocations", body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["predictions"] == [pytest.approx(EXPECTED, abs=1e-5)]
+    assert answer["decisions"] == ["buy" if EXPECTED >= 0.5 else "defer"]
+    assert answer["model_version"] == "v1"
+
+
+def test_invocations_csv_with_and_without_header_and_many_rows(api):
+    rows = session_features(session_events("csv", seed=8, n=6, buyer=False))
+    plain = "\n".join(",".join(repr(v) for v in row) for row in rows)
+    header = ",".join(FEATURE_NAMES) + "\n" + plain
+    for text in (plain, header):
+        response = post(api, "/invocations", raw=text, content_type="text/csv")
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"] == pytest.approx(list(logistic_reference(rows)), abs=1e-5)
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"dataframe_records": [{k: v for k, v in zip(FEATURE_NAMES, ROW) if k != "cart_adds"}]}, 400,
+     ["missing", "cart_adds"]),
+    ({"dataframe_records": [{**dict(zip(FEATURE_NAMES, ROW)), "cart_adds": "two"}]}, 400,
+     ["cart_adds", "number", "str"]),
+    ({"dataframe_records": [{**dict(zip(FEATURE_NAMES, ROW)), "shoe_size": 42}]}, 400, ["unknown", "shoe_size"]),
+    ({"instances": [ROW[:-1]]}, 400, [f"expected {len(FEATURE_NAMES)} values"]),
+    ({"instances": [[*ROW[:-1], None]]}, 400, ["session_index", "null"]),
+    ({"rows": [ROW]}, 400, ["dataframe_split"]),
+    ([ROW], 400, ["JSON object"]),
+], ids=["missing", "wrong-type", "unknown", "short-row", "null", "no-key", "not-object"])
+def test_bad_invocations_are_4xx_naming_the_problem(api, body, status, words):
+    response = post(api, "/invocations", body)
+    assert response.status_code == status, response.text
+    for word in words:
+        assert word in response.json()["error"]
+
+
+def test_bad_bodies_and_types_are_4xx(api):
+    assert post(api, "/invocations", raw="{oops").status_code == 400
+    assert "not a number" in post(api, "/invocations", raw="1,2,x", content_type="text/csv").json()["error"]
+    assert post(api, "/invocations", raw="a", content_type="application/xml").status_code == 415
+    assert requests.get(api.url + "/nowhere", timeout=5).status_code == 404
+    assert requests.get(api.url + "/invocations", timeout=5).status_code == 405
+
+
+def test_open_inference_protocol_v2(api):
+    meta = requests.get(f"{api.url}/v2/models/{MODEL}", timeout=5).json()
+    assert meta["name"] == MODEL and meta["versions"] == ["v1"]
+    assert meta["inputs"][0]["shape"] == [-1, len(FEATURE_NAMES)]
+    assert requests.get(f"{api.url}/v2/models/{MODEL}/ready", timeout=5).json()["ready"] is True
+    flat = {"id": "r1", "inputs": [{"name": "features", "shape": [2, len(ROW)], "datatype": "FP32",
+                                     "data": ROW + ROW}]}
+    answer = post(api, f"/v2/models/{MODEL}/infer", flat).json()
+    assert answer["id"] == "r1" and answer["model_version"] == "v1"
+    assert answer["outputs"][0]["name"] == "p_buy"
+    assert answer["outputs"][0]["data"] == [pytest.approx(EXPECTED, abs=1e-5)] * 2
+    per_feature = {"inputs": [{"name": n, "shape": [1], "datatype": "FP64", "data": [v]}
+                              for n, v in zip(FEATURE_NAMES, ROW)]}
+    assert post(api, f"/v2/models/{MODEL}/infer", per_feature).json()["outputs"][0]["data"] == [
+        pytest.approx(EXPECTED, abs=1e-5)]
+    unknown = post(api, "/v2/models/nope/infer", flat)
+    assert unknown.status_code == 404 and "unknown model 'nope'" in unknown.json()["error"]
+    assert requests.get(f"{api.url}/v2/models/nope", timeout=5).status_code == 404
+    bad_shape = {"inputs": [{"name": "features", "shape": [3, len(ROW)], "datatype": "FP32", "data": ROW}]}
+    assert "shape" in post(api, f"/v2/models/{MODEL}/infer", bad_shape).json()["error"]
+    assert post(api, f"/v2/models/{MODEL}/infer", {"inputs": "x"}).status_code == 400
+
+
+def test_score_session_folds_events_like_the_training_rows(api):
+    events = session_events("sess", seed=9, n=10, buyer=False)
+    answer = post(api, "/score/session", events).json()
+    row = session_features(events)[-1]
+    assert answer["features"] == dict(zip(FEATURE_NAMES, row))
+    assert answer["p_buy"] == pytest.approx(float(logistic_reference([row])[0]), abs=1e-5)
+    assert answer["events_in_session"] == 10 and answer["session_id"] == "sess"
+    assert post(api, "/score/session", {"events": events + events[:3]}).json()["events_in_session"] == 10
+    broken = [dict(events[0], collector_tstamp="yesterday", derived_tstamp=None)]
+    response = post(api, "/score/session", broken)
+    assert response.status_code == 400 and "event 0" in response.json()["error"]
+    assert post(api, "/score/session", []).status_code == 400
+    assert "missing event_id" in post(api, "/score/session", [{"collector_tstamp": 1}]).json()["error"]
+
+
+def test_session_prediction_lookup_reads_the_table(api):
+    assert requests.get(api.url + "/sessions/none-such/prediction", timeout=5).status_code == 404
+    dynamodb = aws.client("dynamodb")
+    dynamodb.put_item(TableName=api.settings.predictions_table, Item={
+        "session_id": {"S": "known"}, "p_buy": {"N": "0.25"}, "decision": {"S": "defer"},
+        "events_in_session": {"N": "3"}, "model_version": {"S": "v1"}, "event_ms": {"N": "5"}})
+    answer = requests.get(api.url + "/sessions/known/prediction", timeout=5).json()
+    assert answer["p_buy"] == 0.25 and answer["events_in_session"] == 3 and answer["decision"] == "defer"
+
+
+def test_reload_needs_the_token_and_refuses_mismatched_models(api):
+    assert post(api, "/models/reload").status_code == 401
+    assert post(api, "/models/reload", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    bad_meta = model_meta(MODEL, "v-bad", feature_version="0")
+    publish(api.s3, api.settings.bucket, MODEL, "v-bad", logistic_onnx(), bad_meta, current=False)
+    refused = post(api, "/models/reload", {"version": "v-bad"}, headers=auth)
+    assert refused.status_code == 409 and "feature_version" in refused.json()["error"]
+    assert post(api, "/models/reload", {"version": "v-missing"}, headers=auth).status_code == 404
+    publish(api.s3, api.settings.bucket, MODEL, "v2", logistic_onnx(bias=-1.0))
+    answer = post(api, "/models/reload", headers=auth).json()
+    assert answer == {"model_name": MODEL, "model_version": "v2", "previous_version": "v1"}
+    assert post(api, "/invocations", {"instances": [ROW]}).json()["model_version"] == "v2"
+    post(api, "/models/reload", {"version": "v1"}, headers=auth)
+
+
+def test_metrics_and_openapi(api):
+    post(api, "/invocations", {"instances": [ROW]})
+    text = requests.get(api.url + "/metrics", timeout=5).text
+    for name in ("scorer_events_total", "scorer_batch_seconds", "scorer_scoring_seconds_count",
+                 "scorer_sessions_live", "scorer_session_evictions_total", "scorer_lag_ms", "scorer_model_info{"):
+        assert name in text
+    spec = requests.get(api.url + "/openapi.json", timeout=5).json()
+    assert spec["openapi"].startswith("3.")
+    for path in ("/ping", "/invocations", "/v2/health/live", "/v2/health/ready", "/v2/models/{name}",
+                 "/v2/models/{name}/infer", "/score/session", "/sessions/{id}/prediction", "/models/reload",
+                 "/metrics"):
+        assert path in spec["paths"]

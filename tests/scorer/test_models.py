@@ -1,0 +1,90 @@
+"""Model loading: validation against the fold, both ONNX output shapes, and the CURRENT watcher."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from common.features import FEATURE_NAMES, session_features
+from common.registry import Bundle
+from scorer.model import Model, ModelRefused, Models, check_meta
+from tests.scorer.conftest import MODEL
+from tests.scorer.helpers import logistic_onnx, logistic_reference, model_meta, publish, session_events, stumps_onnx
+
+ROWS = session_features(session_events("m", seed=5, n=10, buyer=True))
+
+
+@pytest.mark.parametrize("zipmap", [False, True], ids=["tensor", "zipmap"])
+def test_both_probability_output_shapes_score_alike(zipmap):
+    meta = model_meta("m", "v1", output="probability_map" if zipmap else "probability")
+    model = Model.from_bundle(Bundle("m", "v1", logistic_onnx(zipmap=zipmap), meta))
+    assert model.predict(np.asarray(ROWS, dtype=np.float32)) == pytest.approx(logistic_reference(ROWS), abs=1e-5)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"feature_version": "0"}, ["feature_version '0'"]),
+    ({"features": [{"name": n} for n in FEATURE_NAMES[:-1]]}, ["missing", FEATURE_NAMES[-1]]),
+    ({"features": [{"name": n} for n in (FEATURE_NAMES[1], FEATURE_NAMES[0], *FEATURE_NAMES[2:])]},
+     ["order", "position 0", FEATURE_NAMES[1]]),
+    ({"features": [{"name": n} for n in (*FEATURE_NAMES, "shoe_size")]}, ["unexpected", "shoe_size"]),
+])
+def test_a_model_for_other_features_is_refused_with_the_difference_named(change, words):
+    with pytest.raises(ModelRefused) as refused:
+        check_meta(model_meta("m", "v", **change))
+    for word in words:
+        assert word in str(refused.value)
+
+
+def test_a_model_file_that_does_not_match_its_metadata_is_refused():
+    with pytest.raises(ModelRefused, match="takes 5 columns"):
+        Model.from_bundle(Bundle("m", "v", logistic_onnx(width=5), model_meta("m", "v")))
+    with pytest.raises(ModelRefused, match="no output 'proba'"):
+        Model.from_bundle(Bundle("m", "v", logistic_onnx(), model_meta("m", "v", output="proba")))
+    with pytest.raises(ModelRefused, match="does not load"):
+        Model.from_bundle(Bundle("m", "v", b"not onnx", model_meta("m", "v")))
+
+
+def test_watcher_swaps_in_current_and_keeps_serving_when_the_new_one_is_refused(published, s3, caplog):
+    models = Models(s3, published.bucket, MODEL)
+    models.refresh()
+    assert models.champion.version == "v1"
+    reordered = model_meta(MODEL, "v2", features=[{"name": n} for n in reversed(FEATURE_NAMES)])
+    publish(s3, published.bucket, MODEL, "v2", logistic_onnx(), reordered)
+    with caplog.at_level(logging.ERROR, logger="scorer.model"):
+        models.refresh()
+        models.refresh()            # refused once, not reloaded and re-logged on every poll
+    assert models.champion.version == "v1"
+    refusals = [r.getMessage() for r in caplog.records if "refused model" in r.getMessage()]
+    assert len(refusals) == 1 and "v2" in refusals[0] and "order" in refusals[0] and "keeping v1" in refusals[0]
+    publish(s3, published.bucket, MODEL, "v3", logistic_onnx(bias=-1.0))
+    models.refresh()
+    assert models.champion.version == "v3"
+
+
+def test_shadow_model_is_loaded_beside_the_champion(published, s3):
+    publish(s3, published.bucket, MODEL, "challenger", logistic_onnx(bias=-1.0), current=False)
+    models = Models(s3, published.bucket, MODEL, shadow_version="challenger")
+    models.refresh()
+    assert (models.champion.version, models.shadow.version) == ("v1", "challenger")
+
+
+def test_per_tree_nodes_are_fused_into_one_and_score_exactly_like_the_export():
+    stumps = [(FEATURE_NAMES.index("cart_adds"), 0.5, -1.0, 1.5), (FEATURE_NAMES.index("events"), 4.5, -0.5, 0.25),
+              (FEATURE_NAMES.index("checkout_step_max"), 1.5, 0.0, 2.0)]
+    exported = stumps_onnx(stumps, [0.5, 1.0, 2.0])
+    model = Model.from_bundle(Bundle("m", "v", exported, model_meta("m", "v")))
+    assert model.fused_trees == 3
+    rows = np.asarray(ROWS, dtype=np.float32)
+    original = ort.InferenceSession(exported, providers=["CPUExecutionProvider"])
+    expected = original.run(["probability"], {"features": rows})[0][:, 1]
+    assert model.predict(rows) == pytest.approx(expected, abs=1e-7)
+    by_hand = [1 / (1 + np.exp(-(0.5 * (-1.0 if r[stumps[0][0]] <= 0.5 else 1.5)
+                                 + (-0.5 if r[stumps[1][0]] <= 4.5 else 0.25)
+                                 + 2.0 * (0.0 if r[stumps[2][0]] <= 1.5 else 2.0)))) for r in ROWS]
+    assert model.predict(rows) == pytest.approx(by_hand, abs=1e-6)
+
+
+def test_models_without_a_tree_sum_are_served_as_exported():
+    assert Model.from_bundle(Bundle("m", "v", logistic_onnx(), model_meta("m", "v"))).fused_trees == 0

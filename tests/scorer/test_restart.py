@@ -1,0 +1,108 @@
+"""kill -9 in the middle of sessions, then two workers share the shards: nothing re-emitted,
+nothing lost, and the rebuilt sessions score exactly like an uninterrupted fold."""
+from __future__ import annotations
+
+import orjson
+import pytest
+import requests
+
+from common import aws
+from common.features import SessionState, features, is_purchase, session_features, step
+from common.leases import DynamoLeaseTable
+from common.streams import KinesisStream
+from tests.scorer.helpers import logistic_reference, session_events, wait_for
+
+
+def put(settings, events) -> dict[str, str]:
+    """Put events on the enriched stream; returns shard -> last sequence number written."""
+    stream = KinesisStream(aws.client("kinesis"), settings.enriched_stream)
+    last = {}
+    for event in events:       # one by one, so each shard's order is the list's order
+        result = stream.put_records([(event["domain_sessionid"], orjson.dumps(event))])[0]
+        assert result.ok
+        last[result.shard_id] = result.sequence_number
+    return last
+
+
+def predictions(settings) -> list[dict]:
+    stream = KinesisStream(aws.client("kinesis"), settings.predictions_stream)
+    out = []
+    for shard in stream.list_shards():
+        reader = stream.reader(shard.shard_id, None)
+        while True:
+            page = reader.read(1000)
+            out += [orjson.loads(r.data) for r in page.records]
+            if not page.records:
+                break
+    return out
+
+
+def reference(sessions) -> dict[str, tuple[float, int]]:
+    expected = {}
+    for events in sessions:
+        state = SessionState()
+        for event in events:
+            step(state, event)
+            if not is_purchase(event):
+                expected[event["event_id"]] = (float(logistic_reference([features(state)])[0]), state.events)
+    return expected
+
+
+def test_kill_9_mid_session_then_two_workers_continue_like_an_uninterrupted_run(published, start_scorer):
+    settings = published
+    sessions = [session_events(f"k{i}", seed=60 + i, n=12, buyer=i % 2 == 0) for i in range(6)]
+    first = [e for s in sessions for e in s[:6]]
+    second = [e for s in sessions for e in s[6:]]
+    expected = reference(sessions)
+    leases = DynamoLeaseTable(aws.client("dynamodb"), settings.lease_table, f"scorer#{settings.enriched_stream}")
+
+    last = put(settings, first)
+    worker = start_scorer(settings).wait_ready()
+    first_ids = {e["event_id"] for e in first if not is_purchase(e)}
+    wait_for(lambda: first_ids <= {p["event_id"] for p in predictions(settings)}, what="first-half predictions")
+    wait_for(lambda: all(l.checkpoint == last.get(l.shard_id, l.checkpoint) and "state_after" in l.meta
+                         for l in leases.leases()[0]), what="checkpoints with state_after")
+    worker.kill9()
+
+    workers = [start_scorer(settings).wait_ready() for _ in range(2)]
+    wait_for(lambda: len({l.owner for l in leases.leases()[0] if l.owner}) == 2, what="two owners", timeout=60)
+    put(settings, second)
+    all_ids = set(expected)
+    wait_for(lambda: all_ids <= {p["event_id"] for p in predictions(settings)}, what="all predictions")
+
+    emitted = predictions(settings)
+    first_half = [p for p in emitted if p["event_id"] in first_ids]
+    assert len(first_half) == len(first_ids), "the restart re-emitted predictions already written"
+    for prediction in emitted:
+        p_buy, count = expected[prediction["event_id"]]
+        assert prediction["p_buy"] == pytest.approx(p_buy, abs=1e-5), prediction
+        assert prediction["events_in_session"] == count
+        assert prediction["model_version"] == "v1"
+    for events in sessions:
+        session_id = events[0]["domain_sessionid"]
+        answers = [requests.get(f"{w.url}/sessions/{session_id}/features", timeout=5) for w in workers]
+        live = [a.json() for a in answers if a.status_code == 200]
+        assert len(live) == 1, f"session {session_id} should live in exactly one worker"
+        assert list(live[0]["features"].values()) == session_features(events)[-1]
+    latest = requests.get(f"{workers[0].url}/sessions/{sessions[1][0]['domain_sessionid']}/prediction",
+                          timeout=5).json()
+    assert latest["event_id"] == sessions[1][-1]["event_id"] and latest["events_in_session"] == 12
+    assert latest["expires_at"] > 0
+
+
+def test_a_clean_stop_writes_checkpoints_and_hands_the_shards_back(published, start_scorer):
+    settings = published
+    sessions = [session_events(f"c{i}", seed=80 + i, n=6, buyer=False) for i in range(3)]
+    events = [e for s in sessions for e in s]
+    last = put(settings, events)
+    worker = start_scorer(settings).wait_ready()
+    wait_for(lambda: len(predictions(settings)) >= len(events), what="predictions")
+    worker.proc.terminate()
+    assert worker.proc.wait(timeout=30) == 0
+    leases = DynamoLeaseTable(aws.client("dynamodb"), settings.lease_table, f"scorer#{settings.enriched_stream}")
+    rows = {lease.shard_id: lease for lease in leases.leases()[0]}
+    for shard_id, sequence in last.items():
+        assert rows[shard_id].owner == ""                       # released, not left to expire
+        assert rows[shard_id].checkpoint == sequence
+        assert rows[shard_id].meta["state_after"]               # where a successor starts replaying
+    assert len(predictions(settings)) == len(events)

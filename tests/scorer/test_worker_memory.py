@@ -1,0 +1,250 @@
+"""The streaming worker over the in-memory stream: folding, policies, dedupe, restart, swaps."""
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+
+from common.consumer import Consumer
+from common.features import SessionState, features, is_purchase, session_features, step
+from common.leases import MemoryLeaseTable
+from common.producer import Producer
+from common.registry import Bundle
+from common.streams import MemoryStream
+from scorer.config import ScorerSettings
+from scorer.model import Model, Models
+from scorer.sink import PredictionWriter
+from scorer.worker import Worker
+from tests.scorer.helpers import T0, WEIGHTS, logistic_onnx, logistic_reference, model_meta, session_events
+from tests.scorer.helpers import event as make_event
+
+
+def model(version="v1", weights=None) -> Model:
+    return Model.from_bundle(Bundle("m", version, logistic_onnx(weights), model_meta("m", version)))
+
+
+class Rig:
+    """A worker wired to memory streams and leases; predictions land in ``self.out``."""
+
+    def __init__(self, events_stream=None, leases=None, lease_ms=10_000, models=None, **settings):
+        self.stream = events_stream or MemoryStream("enriched", shard_count=2)
+        self.leases = leases or MemoryLeaseTable()
+        self.out = MemoryStream("predictions")
+        self.models = models or Models(None, "bucket", "m")
+        self.models.champion = self.models.champion or model()
+        self.settings = ScorerSettings(**settings)
+        writer = PredictionWriter(Producer(self.out), None, None, 3600)
+        self.worker = Worker(self.settings, self.models, writer,
+                             lambda **hooks: Consumer(self.stream, self.leases, app="scorer", lease_ms=lease_ms,
+                                                      **hooks))
+
+    def put(self, events):
+        self.stream.put_records([(e["domain_sessionid"], orjson.dumps(e)) for e in events])
+
+    def drain(self, rounds=50):
+        for _ in range(rounds):
+            idle = self.worker.poll_once() == 0 and not self.worker.pending_batches
+            if idle and self.worker.poll_once() == 0:
+                break
+        self.worker.flush()
+
+    def predictions(self):
+        return [orjson.loads(r.data) for r in self.out.all_records()]
+
+
+def interleave(sessions):
+    """Round-robin the sessions' events, as concurrent visitors would produce them."""
+    out, longest = [], max(len(s) for s in sessions)
+    for i in range(longest):
+        out += [s[i] for s in sessions if i < len(s)]
+    return out
+
+
+def reference(events):
+    """(event_id -> (p_buy, events_in_session)) from the plain fold, event by event."""
+    state, expected = SessionState(), {}
+    for event in events:
+        step(state, event)
+        if not is_purchase(event):
+            expected[event["event_id"]] = (float(logistic_reference([features(state)])[0]), state.events)
+    return expected
+
+
+def test_every_event_of_every_session_is_scored_once_like_the_plain_fold():
+    sessions = [session_events(f"s{i}", seed=i, n=12, buyer=i % 2 == 0) for i in range(6)]
+    rig = Rig()
+    rig.put(interleave(sessions))
+    rig.drain()
+    got = {p["event_id"]: p for p in rig.predictions()}
+    assert len(got) == len(rig.predictions())
+    for events in sessions:
+        for event_id, (p, count) in reference(events).items():
+            assert got[event_id]["p_buy"] == pytest.approx(p, abs=1e-5)
+            assert got[event_id]["events_in_session"] == count
+            assert got[event_id]["model_version"] == "v1"
+            assert got[event_id]["decision"] == ("buy" if got[event_id]["p_buy"] >= 0.5 else "defer")
+    purchases = [e["event_id"] for s in sessions for e in s if is_purchase(e)]
+    assert purchases and not set(purchases) & set(got)
+
+
+def test_redelivered_events_are_not_counted_twice():
+    events = session_events("dup", seed=4, n=8, buyer=False)
+    rig = Rig()
+    rig.put(events[:5] + events[2:5] + events[5:])        # 3 events delivered twice
+    rig.drain()
+    predictions = rig.predictions()
+    assert [p["event_id"] for p in predictions] == [e["event_id"] for e in events]
+    assert predictions[-1]["events_in_session"] == 8
+    assert rig.worker.store.get("dup").state.events == 8
+
+
+@pytest.mark.parametrize("policy, n", [("change", 5), ("every_n", 3)])
+def test_emit_policies(policy, n):
+    events = session_events("pol", seed=11, n=14, buyer=True)
+    expected = reference(events)
+    rig = Rig(emit=policy, emit_every_n=n)
+    rig.put(events)
+    rig.drain()
+    emitted = [p["event_id"] for p in rig.predictions()]
+    decisions = [(eid, "buy" if p >= 0.5 else "defer") for eid, (p, _) in expected.items()]
+    want, last, since = [], None, 0
+    for eid, decision in decisions:
+        since += 1
+        if decision != last or (policy == "every_n" and since >= n):
+            want.append(eid)
+            since = 0
+        last = decision
+    assert emitted == want
+    assert 1 < len(emitted) < len(decisions)
+
+
+def test_restart_rebuilds_live_sessions_quietly_and_continues_like_an_uninterrupted_run():
+    sessions = [session_events(f"r{i}", seed=20 + i, n=12) for i in range(4)]
+    first = interleave([s[:6] for s in sessions])
+    second = interleave([s[6:] for s in sessions])
+    leases = MemoryLeaseTable()
+    stream = MemoryStream("enriched", shard_count=2)
+    crashed = Rig(stream, leases, lease_ms=300)
+    crashed.put(first)
+    crashed.drain()
+    emitted_before = {p["event_id"] for p in crashed.predictions()}
+    # The first worker dies without a clean close: its leases expire; the next one replays.
+    time.sleep(0.4)
+    crashed.put(second)
+    restarted = Rig(stream, leases, lease_ms=300)
+    restarted.drain()
+    after = restarted.predictions()
+    assert {p["event_id"] for p in after}.isdisjoint(emitted_before)
+    got = {p["event_id"]: p for p in after}
+    for events in sessions:
+        expected = reference(events)
+        for event in events[6:]:
+            if event["event_id"] in expected:
+                p, count = expected[event["event_id"]]
+                assert got[event["event_id"]]["p_buy"] == pytest.approx(p, abs=1e-5)
+                assert got[event["event_id"]]["events_in_session"] == count
+        live = restarted.worker.store.get(events[0]["domain_sessionid"]).state
+        assert features(live) == session_features(events)[-1]
+
+
+def test_a_model_swap_lands_between_batches_and_each_prediction_names_its_model():
+    events = interleave([session_events(f"h{i}", seed=40 + i, n=10, buyer=False) for i in range(4)])
+    rig = Rig()
+    rig.put(events[:20])
+    rig.drain()
+    heavy = {**WEIGHTS, "events": 0.4}
+    rig.models.champion = model("v2", heavy)
+    rig.put(events[20:])
+    rig.drain()
+    predictions = rig.predictions()
+    assert sorted(p["event_id"] for p in predictions) == sorted(e["event_id"] for e in events)
+    assert {p["model_version"] for p in predictions[:20]} == {"v1"}
+    assert {p["model_version"] for p in predictions[20:]} == {"v2"}
+    by_session: dict[str, SessionState] = {}
+    for event in events:
+        state = by_session.setdefault(event["domain_sessionid"], SessionState())
+        step(state, event)
+        p = next(x for x in predictions if x["event_id"] == event["event_id"])
+        weights = WEIGHTS if p["model_version"] == "v1" else heavy
+        assert p["p_buy"] == pytest.approx(float(logistic_reference([features(state)], weights)[0]), abs=1e-5)
+
+
+def test_a_record_that_is_not_an_event_is_reported_and_skipped_not_fatal(caplog):
+    rig = Rig()
+    broken = make_event("broken", T0, shop="checkout_step", data=["not", "an", "object"])
+    rig.stream.put_records([("k", b"{not json"), ("k", b"[1, 2]"), ("broken", orjson.dumps(broken))])
+    rig.put(session_events("ok", seed=3, n=3, buyer=False))
+    rig.drain()
+    assert len(rig.predictions()) == 3
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("not JSON" in m for m in errors) and any("expected a JSON object" in m for m in errors)
+    assert any(broken["event_id"] in m and "could not be folded" in m for m in errors)
+
+
+def test_sessions_expire_by_event_time_and_memory_is_capped():
+    rig = Rig(session_timeout_s=60, max_sessions=3)
+    old = session_events("old", seed=1, n=3, buyer=False)
+    rig.put(old)
+    rig.drain()
+    later = session_events("old", seed=2, n=2, buyer=False, start_ms=T0 + 500_000)
+    rig.put(later)
+    rig.drain()
+    # A gap longer than the timeout starts a new session under the same id.
+    assert rig.worker.store.get("old").state.events == 2
+    assert rig.predictions()[-1]["events_in_session"] == 2
+    rig.put([e for i in range(5) for e in session_events(f"many{i}", seed=50 + i, n=1, start_ms=T0 + 600_000 + i)])
+    rig.drain()
+    assert len(rig.worker.store) == 3
+    assert rig.worker.store.get("many4") is not None and rig.worker.store.get("many0") is None
+
+
+def test_a_shadow_model_is_scored_and_logged_but_the_champion_decides(caplog):
+    rig = Rig()
+    rig.models.shadow = model("challenger", {**WEIGHTS, "events": 1.0})
+    events = session_events("shadow", seed=77, n=8, buyer=False)
+    rig.put(events)
+    with caplog.at_level("INFO", logger="scorer.worker"):
+        rig.drain()
+    predictions = rig.predictions()
+    assert {p["model_version"] for p in predictions} == {"v1"}
+    expected = reference(events)
+    assert [p["p_buy"] for p in predictions] == pytest.approx([expected[e["event_id"]][0] for e in events], abs=1e-5)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shadow challenger vs champion v1")]
+    assert lines and sum(int(line.split("rows, ")[1].split(" ")[0]) for line in lines) > 0
+
+
+class FlakyStream(MemoryStream):
+    """A memory stream whose readers fail once, after handing out records, like a dropped connection."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failures = 1
+
+    def reader(self, shard_id, after_sequence):
+        inner = super().reader(shard_id, after_sequence)
+        stream = self
+
+        class Reader:
+            def read(self, limit):
+                result = inner.read(limit)          # the position advances, then the call fails
+                if result.records and stream.failures:
+                    stream.failures -= 1
+                    raise ConnectionError("connection reset while reading")
+                return result
+        return Reader()
+
+
+def test_a_failed_read_restarts_from_the_checkpoints_without_losing_events(caplog):
+    stream = FlakyStream("enriched", shard_count=2)
+    rig = Rig(stream)
+    sessions = [session_events(f"f{i}", seed=90 + i, n=8, buyer=False) for i in range(4)]
+    rig.put(interleave(sessions))
+    rounds = iter(range(200))
+    rig.worker.run(lambda: next(rounds) >= 60 or len(rig.predictions()) >= 32)
+    got = {p["event_id"]: p for p in rig.predictions()}
+    assert stream.failures == 0 and any("re-reading from the checkpoints" in r.getMessage() for r in caplog.records)
+    for events in sessions:
+        for event_id, (p, count) in reference(events).items():
+            assert got[event_id]["p_buy"] == pytest.approx(p, abs=1e-5)
+            assert got[event_id]["events_in_session"] == count

@@ -1,0 +1,151 @@
+"""The pieces of training that need no Spark: the fold's table form, metrics, thresholds, encoding."""
+from __future__ import annotations
+
+import json
+import random
+import tracemalloc
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batch.export import floor32
+from batch.train_features import examples_of, records, session_examples
+from batch.train_lake import TrainError
+from batch.train_metrics import calibration, choose_threshold, evaluate, lift_top_decile
+from batch.train_table import folds, prepare
+from common.features import FEATURE_NAMES, MAX_TRACKED_PRODUCTS, SessionState, step
+from tests.train import synth
+
+TELL_TALE = 987654.25
+
+
+def _as_lake_frame(events: list[dict]) -> pd.DataFrame:
+    """What applyInPandas hands the fold: JSON columns as text, timestamps as epoch ms."""
+    from common.features import parse_ms
+
+    rows = []
+    for event in events:
+        row = dict(event)
+        for key in ("unstruct_event", "contexts", "derived_contexts"):
+            row[key] = None if row.get(key) is None else json.dumps(row[key])
+        for key in ("collector_tstamp", "derived_tstamp", "dvce_created_tstamp", "etl_tstamp"):
+            row[key] = parse_ms(row[key])
+        row["session_id"] = event["domain_sessionid"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_long_session_keeps_bounded_state_and_memory():
+    rng = random.Random(3)
+    s = synth.Session(rng, 1_795_000_000_000)
+    for i in range(10_000):
+        s.shop("product_view", {"sku": f"SKU-{i}", "category": "shoes", "price": 10.0}, f"/p/{i}", "product")
+    tracemalloc.start()
+    state = SessionState()
+    for event in s.events:
+        step(state, event)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert state.product_views == 10_000
+    assert len(state.products) == state.distinct_products == MAX_TRACKED_PRODUCTS
+    assert peak < 2_000_000     # the state, not the events: bounded whatever the session length
+    frame = session_examples(_as_lake_frame(s.events))
+    assert len(frame) == 10_000 and frame["distinct_products"].max() == MAX_TRACKED_PRODUCTS
+
+
+def test_purchase_never_reaches_the_features():
+    rng = random.Random(5)
+    events = synth.session_events(rng, 1_795_000_000_000, buyer=True, purchase_total=TELL_TALE)
+    assert any((e.get("unstruct_event") or {}).get("data", {}).get("total") == TELL_TALE for e in events)
+    frame = session_examples(_as_lake_frame(events))
+    purchase_at = next(i for i, e in enumerate(events) if e["event_name"] == "purchase")
+    assert len(frame) == purchase_at                   # one row per event before the purchase, none after
+    assert (frame["label"] == 1).all()
+    assert not np.isclose(frame[list(FEATURE_NAMES)].to_numpy(), TELL_TALE).any()
+    assert frame["event_id"].tolist() == [e["event_id"] for e in events[:purchase_at]]
+
+
+def test_records_drop_duplicates_and_turn_missing_into_none():
+    rng = random.Random(8)
+    events = synth.session_events(rng, 1_795_000_000_000, buyer=False)
+    frame = _as_lake_frame(events + events[:3])        # an at-least-once replay of three events
+    frame.loc[0, "domain_sessionidx"] = np.nan
+    out = records(frame.sample(frac=1, random_state=1))
+    assert [e["event_id"] for e in out] == [e["event_id"] for e in events]
+    assert out[0]["domain_sessionidx"] is None
+    assert isinstance(out[0]["contexts"], list)
+
+
+def test_corrupt_json_names_the_event():
+    events = synth.session_events(random.Random(9), 1_795_000_000_000, buyer=False)
+    frame = _as_lake_frame(events)
+    frame.loc[1, "contexts"] = "{not json"
+    with pytest.raises(ValueError, match=f"event {events[1]['event_id']}: column contexts is not valid JSON"):
+        session_examples(frame)
+
+
+def test_session_of_only_a_purchase_has_no_examples():
+    events = synth.session_events(random.Random(2), 1_795_000_000_000, buyer=True)
+    purchase = [e for e in events if e["event_name"] == "purchase"]
+    assert examples_of("s", purchase).empty
+
+
+def test_metrics_on_known_scores():
+    y = np.array([0, 0, 0, 0, 1, 0, 1, 1, 0, 1])
+    p = np.array([.1, .2, .3, .35, .4, .5, .7, .8, .05, .9])
+    m = evaluate(y, p)
+    assert m["roc_auc"] == pytest.approx(23 / 24)
+    assert m["positives"] == 4 and m["base_rate"] == pytest.approx(0.4)
+    assert lift_top_decile(y, p) == pytest.approx(1 / 0.4)
+    bins = calibration(y, p, bins=2)
+    assert [b["count"] for b in bins] == [6, 4] and bins[1]["rate"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="both classes"):
+        evaluate(np.zeros(3), np.ones(3) / 2)
+
+
+def test_threshold_objectives():
+    y = np.array([0, 0, 1, 0, 1, 1])
+    p = np.array([.1, .2, .3, .4, .8, .9])
+    assert choose_threshold(y, p, "f1")["f1"] == pytest.approx(6 / 7)
+    strict = choose_threshold(y, p, "precision", target_precision=1.0)
+    assert strict["threshold"] == pytest.approx(0.8) and strict["precision"] == 1.0
+    with pytest.raises(ValueError, match="f1 or precision"):
+        choose_threshold(y, p, "recall")
+
+
+@given(st.floats(min_value=-1e30, max_value=1e30, allow_nan=False))
+def test_floor32_is_the_largest_float32_not_above(value):
+    low = floor32(value)
+    assert low <= value and float(np.float32(low)) == low
+    assert float(np.nextafter(np.float32(low), np.float32(np.inf))) > value
+
+
+def test_table_prepare_encodes_categoricals_and_reports_missing():
+    frame = pd.DataFrame({
+        "pages": [1, 2, np.nan, 4, 5, 6], "month": ["Feb", "Mar", "Feb", None, "Nov", "Nov"],
+        "weekend": [True, False, True, False, False, True], "browser": [1, 2, 1, 3, 2, 1],
+        "Revenue": ["TRUE", "FALSE", "TRUE", "FALSE", None, "TRUE"], "id": range(6)})
+    table = prepare(frame, "Revenue", drop=["id"], categorical=["browser"])
+    assert set(table.feature_names) == {"pages", "month_Feb", "month_Mar", "month_Nov", "weekend_False",
+                                        "weekend_True", "browser_1", "browser_2", "browser_3"}
+    assert len(table.frame) == 4           # one row without label, one without pages
+    assert any("1 rows without a label" in n for n in table.notes)
+    assert any("1 rows with missing numeric values" in n for n in table.notes)
+    assert table.frame["label"].tolist() == [1, 0, 0, 1]
+    assert table.frame.loc[table.frame["pages"] == 4, ["month_Feb", "month_Mar", "month_Nov"]].sum(axis=1).item() == 0
+    imputed = prepare(frame, "Revenue", drop=["id"], missing="impute")
+    assert len(imputed.frame) == 5 and any("imputed" in n for n in imputed.notes)
+    with pytest.raises(TrainError, match="no column"):
+        prepare(frame, "Revenue", drop=["nope"])
+    with pytest.raises(TrainError, match="not true/false"):
+        prepare(frame.assign(Revenue="maybe"), "Revenue")
+
+
+def test_folds_are_stratified():
+    labels = np.array([1] * 50 + [0] * 450)
+    assignment = folds(labels, 5, seed=1)
+    for fold in range(5):
+        assert (labels[assignment == fold]).sum() == 10 and (assignment == fold).sum() == 100

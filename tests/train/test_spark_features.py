@@ -1,0 +1,107 @@
+"""Offline features equal online features; the window's failure modes give clear messages."""
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from batch.train import load_window
+from batch.train_features import _as_millis, build_examples, order, require_trainable, sessionise
+from batch.train_lake import TrainError, Window
+from common.features import FEATURE_NAMES, SessionState, features, step
+from tests.train import synth
+from tests.train.conftest import START, fast_settings
+
+pytestmark = pytest.mark.spark
+WINDOW = Window.last_days(2, "2026-11-21")
+
+
+def _settings(lake_dir, **overrides):
+    return fast_settings(lake_path=str(lake_dir), **overrides)
+
+
+def test_offline_rows_equal_the_online_fold_event_by_event(spark, lake_dir, events):
+    frame = build_examples(load_window(spark, _settings(lake_dir), WINDOW)).toPandas()
+    by_session = defaultdict(list)
+    for event in events:
+        by_session[event["domain_sessionid"]].append(event)
+    expected_rows, expected_keys = [], []
+    for session_id, session in by_session.items():
+        bought = any(e["event_name"] == "purchase" for e in session)
+        state = SessionState()
+        for event in sorted(session, key=order):          # as the scorer would see them, one by one
+            if event["event_name"] == "purchase":
+                break
+            step(state, event)
+            expected_rows.append(features(state))
+            expected_keys.append((session_id, event["event_id"], int(bought)))
+    frame = frame.set_index("event_id").loc[[key[1] for key in expected_keys]]
+    assert frame["session_id"].tolist() == [key[0] for key in expected_keys]
+    assert frame["label"].tolist() == [key[2] for key in expected_keys]
+    online = np.asarray(expected_rows, dtype=np.float32).astype(np.float64)
+    assert np.array_equal(frame[list(FEATURE_NAMES)].to_numpy(), online)
+    assert frame["label"].sum() > 0 and (frame["label"] == 0).sum() > 0
+
+
+def test_sessions_without_tracker_id_split_after_30_minutes_of_inactivity(spark, tmp_path):
+    rng = random.Random(4)
+    origin = int(START.timestamp() * 1000)
+    morning = synth.session_events(rng, origin, buyer=False, session_id="", user="u" * 64)
+    evening = synth.session_events(rng, origin + 6 * 3_600_000, buyer=True, session_id="", user="u" * 64)
+    for event in morning + evening:
+        event["domain_sessionid"] = None
+    root = synth.write_lake_dir(tmp_path, morning + evening)
+    events = load_window(spark, _settings(root), WINDOW)
+    sessions = sessionise(_as_millis(events)).groupBy("session_id").count().collect()
+    assert sorted(row["count"] for row in sessions) == sorted([len(morning), len(evening)])
+    assert all(row["session_id"].startswith("user:" + "u" * 64) for row in sessions)
+    labels = build_examples(events).groupBy("session_id").agg({"label": "max"}).collect()
+    assert sorted(row[1] for row in labels) == [0, 1]
+
+
+def test_empty_window_says_so(spark, lake_dir):
+    with pytest.raises(TrainError, match="no enriched events in .* for the window 2026-10-01..2026-10-07"):
+        load_window(spark, _settings(lake_dir), Window.last_days(7, "2026-10-07"))
+
+
+def test_window_without_purchases_says_so(spark, tmp_path):
+    rng = random.Random(6)
+    origin = int(START.timestamp() * 1000)
+    events = [e for i in range(5) for e in synth.session_events(rng, origin + i * 60_000, buyer=False)]
+    root = synth.write_lake_dir(tmp_path, events)
+    examples = build_examples(load_window(spark, _settings(root), WINDOW))
+    with pytest.raises(TrainError, match="5 sessions in the window .* but none bought"):
+        require_trainable(examples, WINDOW)
+
+
+def test_corrupt_parquet_file_is_named(spark, tmp_path, events):
+    root = synth.write_lake_dir(tmp_path, events[:500])
+    victim = min(root.glob("date=*/hour=*/*.parquet"))
+    victim.write_bytes(victim.read_bytes()[:200])       # a truncated upload
+    with pytest.raises(TrainError, match=f"1 corrupt Parquet file.*{victim.name}.*SKIP_CORRUPT_FILES"):
+        load_window(spark, _settings(root), WINDOW)
+    kept = load_window(spark, _settings(root, skip_corrupt_files=True), WINDOW)
+    assert 0 < kept.count() < 500
+
+
+def test_leakage_tell_tale_purchase_total_stays_out(spark, tmp_path):
+    rng = random.Random(12)
+    origin = int(START.timestamp() * 1000)
+    events = [e for i in range(6) for e in synth.session_events(rng, origin + i * 600_000, buyer=i % 2 == 0,
+                                                                purchase_total=987654.25)]
+    root = synth.write_lake_dir(tmp_path, events)
+    frame = build_examples(load_window(spark, _settings(root), WINDOW)).toPandas()
+    purchases = {e["event_id"] for e in events if e["event_name"] == "purchase"}
+    assert len(purchases) == 3 and not purchases & set(frame["event_id"])
+    assert not np.isclose(frame[list(FEATURE_NAMES)].to_numpy(), 987654.25, rtol=1e-6).any()
+    assert frame.groupby("session_id")["label"].max().sum() == 3
+
+
+def test_settings_reject_unknown_algorithm():
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="CLICKSTREAM_ALGORITHM"):
+        dataclasses.replace(fast_settings(), algorithm="xgb").validate()

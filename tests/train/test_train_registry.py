@@ -1,0 +1,78 @@
+"""`make train` against the emulator: lake in S3 → train → bundle published → CURRENT moved;
+a worse challenger does not move CURRENT; promote and rollback from the registry CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from batch import registry as registry_cli
+from batch.train import main as train_main
+from batch.train import run_events
+from common import aws, registry
+from tests.conftest import settings_env
+from tests.train import synth
+from tests.train.conftest import fast_settings
+
+pytestmark = pytest.mark.spark
+FAST_ENV = {"CLICKSTREAM_MAX_ITER": "8", "CLICKSTREAM_MAX_DEPTH": "3", "CLICKSTREAM_PROGRESS": "false",
+            "CLICKSTREAM_SPARK_MASTER": "local[2]", "CLICKSTREAM_SPARK_SHUFFLE_PARTITIONS": "4",
+            "CLICKSTREAM_AUC_FLOOR": "0.6", "CLICKSTREAM_CHAMPION_MARGIN": "0.0"}
+
+
+def test_train_publish_gate_and_rollback(spark, aws_settings, events, tmp_path):
+    s3 = aws.client("s3")
+    bucket = aws_settings.bucket
+    keys = synth.write_lake_s3(s3, bucket, events)
+    assert keys and all(key.startswith("enriched/date=2026-11-2") for key in keys)
+    env = {**settings_env(aws_settings), **FAST_ENV, "CLICKSTREAM_CACHE_DIR": str(tmp_path / "cache")}
+
+    # 1. `python -m batch.train` (in-process): publishes and moves CURRENT
+    first = CliRunner().invoke(train_main, ["--window-end", "2026-11-21", "--window-days", "2"], env=env)
+    assert first.exit_code == 0, first.output
+    version = registry.current_version(s3, bucket, registry.DEFAULT_MODEL)
+    assert version and f"published version {version}; CURRENT moved to it" in first.output
+    bundle = registry.load(s3, bucket)
+    meta = bundle.meta
+    assert meta["version"] == version and meta["feature_version"] == "1"
+    assert [f["name"] for f in meta["features"]][:3] == ["events", "page_views", "page_pings"]
+    assert meta["onnx"]["probability_output"] == "probability" and meta["onnx"]["positive_index"] == 1
+    assert meta["parity"]["passed"] and meta["parity"]["max_abs_diff"] <= 1e-5 and meta["parity"]["rows"] > 100
+    assert meta["training_window"]["start"] == "2026-11-20" and meta["training_window"]["end"] == "2026-11-21"
+    for key in ("name", "algorithm", "label", "threshold", "metrics", "spark_version", "code_version", "created_at"):
+        assert meta[key] is not None, key
+    report = s3.get_object(Bucket=bucket, Key=f"models/{registry.DEFAULT_MODEL}/{version}/report.html")["Body"].read()
+    assert report.count(b"data:image/png;base64,") == 3 and b"Feature importances" in report
+
+    # 2. a stump challenger, scored against the champion on the same rows: published, CURRENT stays
+    worse = fast_settings(bucket=bucket, cache_dir=tmp_path / "cache", max_iter=1, max_depth=1,
+                          champion_margin=0.0, auc_floor=0.5)
+    result, outcome = run_events(worse)
+    assert not outcome["promoted"] and outcome["version"] != version
+    assert "worse than CURRENT" in outcome["reasons"][0]
+    assert outcome["champion"]["roc_auc"] > result.meta["metrics"]["roc_auc"]
+    assert registry.current_version(s3, bucket) == version
+    published = json.loads(s3.get_object(Bucket=bucket, Key=f"models/{registry.DEFAULT_MODEL}/"
+                                         f"{outcome['version']}/model.json")["Body"].read())
+    assert published["promotion"]["promoted"] is False
+
+    # 3. the registry CLI: ls, promote the challenger by hand, roll back
+    runner, cli_env = CliRunner(), settings_env(aws_settings)
+    listing = runner.invoke(registry_cli.cli, ["ls"], env=cli_env)
+    assert listing.exit_code == 0 and f"* {version}" in listing.output and outcome["version"] in listing.output
+    promoted = runner.invoke(registry_cli.cli, ["promote", outcome["version"]], env=cli_env)
+    assert promoted.exit_code == 0, promoted.output
+    assert registry.current_version(s3, bucket) == outcome["version"]
+    rolled = runner.invoke(registry_cli.cli, ["rollback"], env=cli_env)
+    assert rolled.exit_code == 0 and version in rolled.output
+    assert registry.current_version(s3, bucket) == version
+    missing = runner.invoke(registry_cli.cli, ["promote", "19990101T000000Z"], env=cli_env)
+    assert missing.exit_code != 0 and "19990101T000000Z" in missing.output
+
+
+def test_train_cli_reports_an_empty_window(aws_settings, tmp_path):
+    env = {**settings_env(aws_settings), **FAST_ENV, "CLICKSTREAM_CACHE_DIR": str(tmp_path)}
+    out = CliRunner().invoke(train_main, ["--window-end", "2026-01-07"], env=env)
+    assert out.exit_code == 2
+    assert "no enriched events in s3://" in out.output and "2026-01-01..2026-01-07" in out.output
