@@ -63,6 +63,16 @@ class Emulator:
         self.process.wait(timeout)
 
 
+def _reap(pid: int, process: subprocess.Popen | None) -> None:
+    if process is not None:
+        process.poll()
+        return
+    try:
+        os.waitpid(pid, os.WNOHANG)     # our child from another Popen: reap it if it has exited
+    except ChildProcessError:
+        pass                            # not our child: its own parent reaps it
+
+
 def stop_group(pid: int, timeout: float = 10, first: signal.Signals = signal.SIGTERM,
                process: subprocess.Popen | None = None) -> None:
     """Send ``first`` to the process group, then SIGKILL whatever is left after ``timeout``."""
@@ -72,8 +82,7 @@ def stop_group(pid: int, timeout: float = 10, first: signal.Signals = signal.SIG
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process is not None:
-            process.poll()          # reap our own child: an un-reaped leader keeps the group "alive"
+        _reap(pid, process)         # an un-reaped leader (a zombie) keeps the group "alive"
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:

@@ -187,6 +187,32 @@
     window.scrollTo(0, 0);
   }
 
+  // ---------------------------------------------------------------- my own prediction
+
+  // Served by the live view under /shop/, the page asks it (same origin) for its own session's
+  // latest prediction; ?liveview=<base URL> points elsewhere. Elsewhere the panel stays quiet.
+  var liveview = params.get('liveview') ||
+    (location.pathname.indexOf('/shop/') === 0 ? location.origin : null);
+
+  function showPrediction(found) {
+    if (!found || found.p_buy === null || found.p_buy === undefined) return;
+    document.getElementById('p-buy').textContent =
+      'p(buy) ' + found.p_buy.toFixed(3) + ' after ' + found.events + ' events (model ' + found.model_version + ')';
+    var decision = document.getElementById('p-decision');
+    decision.textContent = found.decision + (found.offered ? ', offer made' : '');
+    decision.className = found.decision === 'buy' ? 'buy' : 'defer';
+  }
+
+  function pollPrediction() {
+    var sid = sp.getDomainSessionId('sp');
+    if (!liveview || !sid) return;
+    fetch(liveview + '/api/session/' + encodeURIComponent(sid))
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(showPrediction)
+      .catch(function () { /* the live view may be down; try again next tick */ });
+  }
+  setInterval(pollPrediction, 1500);
+
   document.getElementById('collector').textContent = collector;
   fetch('catalogue.json').then(function (r) { return r.json(); }).then(function (data) {
     catalogue = data;
