@@ -15,9 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,9 +26,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from batch import lake
 from common import aws, logs
-from common.config import AwsSettings, ConfigError, load, require_positive
+from common.config import AwsSettings, require_positive
 from common.consumer import Consumer, consumer_for
 from common.leases import Lease, LeaseLost
+from common.service import settings_or_exit, stop_on_signals
 from common.streams import SHARD_END, Record, sequence_key
 
 log = logging.getLogger("batch.loader")
@@ -370,15 +369,9 @@ def build(settings: LoaderSettings, sink: Sink | None = None) -> Loader:
 
 
 def main() -> int:
-    try:
-        settings = load(LoaderSettings, section="lake")
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    settings = settings_or_exit(LoaderSettings, "lake")
     logs.setup(settings.log_level)
-    stopping = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
+    stopping = stop_on_signals()
     loader = build(settings)
     if settings.lake_metrics_port:
         serve_metrics(loader, settings.lake_metrics_port)

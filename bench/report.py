@@ -12,7 +12,7 @@ from pathlib import Path
 def percentiles(samples: list[float], *points: float) -> list[float]:
     """Nearest-rank percentiles of ``samples`` (e.g. 50, 99)."""
     ordered = sorted(samples)
-    return [ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))] for p in points]
+    return [ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] for p in points]
 
 
 def rate(count: int, seconds: float) -> float:
@@ -59,8 +59,8 @@ class Report:
 
     def markdown(self) -> str:
         lines = ["# Benchmark report", "",
-                 f"Run {self.started} on {platform.node()}: {os.cpu_count()} cores, "
-                 f"{platform.python_implementation()} {platform.python_version()}, {platform.machine()}.", ""]
+                 (f"Run {self.started} on {platform.node()}: {os.cpu_count()} cores, "
+                  f"{platform.python_implementation()} {platform.python_version()}, {platform.machine()}."), ""]
         for section in self.sections:
             lines += [f"## {section.title}", "", "| " + " | ".join(section.columns) + " |",
                       "|" + "---|" * len(section.columns)]

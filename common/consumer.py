@@ -22,8 +22,8 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from common.leases import Lease, LeaseLost, LeaseTable, now_ms
 from common.streams import SHARD_END, Record, Shard, ShardReader, StreamBackend
@@ -128,7 +128,7 @@ class Consumer:
                 load.setdefault(lease.owner, []).append(lease)
         if not load:
             return
-        owner, owned = max(load.items(), key=lambda item: len(item[1]))
+        _, owned = max(load.items(), key=lambda item: len(item[1]))
         if len(owned) > target:
             self._acquire(owned[0])
 
@@ -212,7 +212,7 @@ class Consumer:
         self.owned.clear()
         try:
             self.leases.leave(self.worker_id)
-        except Exception:  # noqa: BLE001 - best effort on shutdown; the heartbeat expires anyway
+        except Exception:
             log.debug("could not remove worker row", exc_info=True)
 
 

@@ -17,7 +17,7 @@ Bump ``FEATURE_VERSION`` whenever the meaning or order of a feature changes: a m
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -54,11 +54,34 @@ _PAGE_INDEX = {page: i for i, page in enumerate(PAGE_TYPES)}
 
 
 class SessionState:
-    __slots__ = ("session_id", "start_ms", "last_ms", "last_page_ms", "events", "page_views",
-                 "page_pings", "struct_events", "product_views", "products", "distinct_products",
-                 "cart_adds", "cart_removes", "cart_value", "cart_items", "checkout_step_max",
-                 "pages", "last_cart_ms", "max_scroll_depth", "device", "local_hour",
-                 "local_weekday", "referer", "campaign", "session_index", "purchased")
+    __slots__ = (
+        "campaign",
+        "cart_adds",
+        "cart_items",
+        "cart_removes",
+        "cart_value",
+        "checkout_step_max",
+        "device",
+        "distinct_products",
+        "events",
+        "last_cart_ms",
+        "last_ms",
+        "last_page_ms",
+        "local_hour",
+        "local_weekday",
+        "max_scroll_depth",
+        "page_pings",
+        "page_views",
+        "pages",
+        "product_views",
+        "products",
+        "purchased",
+        "referer",
+        "session_id",
+        "session_index",
+        "start_ms",
+        "struct_events",
+    )
 
     def __init__(self, session_id: str = ""):
         self.session_id = session_id
@@ -86,7 +109,7 @@ def parse_ms(value) -> int:
         return int(value)
     moment = datetime.fromisoformat(value)
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
 
 
@@ -137,7 +160,7 @@ def _zone(name: str):
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        return timezone.utc
+        return UTC
 
 
 def _number(value, default=0.0) -> float:

@@ -115,7 +115,7 @@ class KinesisStream:
             if not token:
                 return shards
 
-    def reader(self, shard_id: str, after_sequence: str | None) -> "KinesisShardReader":
+    def reader(self, shard_id: str, after_sequence: str | None) -> KinesisShardReader:
         return KinesisShardReader(self, shard_id, after_sequence)
 
 
@@ -235,7 +235,7 @@ class MemoryStream:
             self._shards.append(_MemoryShard(Shard(f"shardId-{base:012d}", shard_id), parent.start_hash, middle))
             self._shards.append(_MemoryShard(Shard(f"shardId-{base + 1:012d}", shard_id), middle + 1, parent.end_hash))
 
-    def reader(self, shard_id: str, after_sequence: str | None) -> "MemoryShardReader":
+    def reader(self, shard_id: str, after_sequence: str | None) -> MemoryShardReader:
         shard = next(item for item in self._shards if item.shard.shard_id == shard_id)
         return MemoryShardReader(self, shard, after_sequence)
 

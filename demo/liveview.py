@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import mimetypes
-import signal
 import sys
 import threading
 import time
@@ -32,9 +31,10 @@ from urllib.parse import unquote, urlsplit
 from prometheus_client.parser import text_string_to_metric_families
 
 from common import aws, logs, registry
-from common.config import AwsSettings, ConfigError, load, require_positive
+from common.config import AwsSettings, ConfigError, require_positive
 from common.consumer import Consumer
 from common.leases import DynamoLeaseTable
+from common.service import settings_or_exit, stop_on_signals
 from common.streams import KinesisShardReader, KinesisStream
 from demo.summary import TimedShardReader, model_info
 
@@ -548,15 +548,9 @@ class LiveView:
 
 
 def main() -> int:
-    try:
-        settings = load(LiveViewSettings, section="liveview")
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    settings = settings_or_exit(LiveViewSettings, "liveview")
     logs.setup(settings.log_level)
-    stopping = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
+    stopping = stop_on_signals()
     view = LiveView(settings).start()
     log.info("live view on %s (predictions from %s, model %s)", view.url, settings.predictions_stream,
              settings.model_name)

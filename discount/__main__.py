@@ -2,29 +2,21 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 
 from common import logs
-from common.config import ConfigError
+from common.service import settings_or_exit, stop_on_signals
 from discount.engine import Engine
 from discount.metrics import Metrics
-from discount.settings import load_settings
+from discount.settings import DiscountSettings
 
 log = logging.getLogger("discount")
 
 
 def main() -> int:
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    settings = settings_or_exit(DiscountSettings, "discount")
     logs.setup(settings.log_level)
-    stopping = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
+    stopping = stop_on_signals()
     metrics = Metrics()
     server, port = metrics.serve(settings.metrics_host, settings.metrics_port)
     engine = Engine.from_settings(settings, metrics, stop=stopping.is_set)

@@ -125,7 +125,7 @@ def wait_for_endpoint(settings: ProvisionSettings, timeout: float) -> None:
         try:
             kinesis.list_streams(Limit=1)
             return
-        except Exception:  # noqa: BLE001 - any failure means "not ready yet" until the deadline
+        except Exception:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)

@@ -120,7 +120,7 @@ def start(kind: str = "moto", port: int | None = None, log_path: Path | None = N
         # Otherwise the health check would be answered by whatever already listens there.
         raise RuntimeError(f"port {port} is in use: stop what listens there or choose another port")
     command, env, health, cwd = _command(kind, port)
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True, cwd=cwd)
     emulator = Emulator(kind, port, process)

@@ -20,8 +20,7 @@ def main() -> None:
     with open(out_path, "a") as out:
         while not stopping:
             for batch in consumer.poll():
-                for record in batch.records:
-                    out.write(record.data.decode() + "\n")
+                out.writelines(record.data.decode() + "\n" for record in batch.records)
                 out.flush()
                 os.fsync(out.fileno())
                 consumer.checkpoint(batch)

@@ -134,6 +134,6 @@ def test_two_processes_balance_four_shards_and_take_over_after_kill_9(aws_endpoi
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=20)
-    leases, workers = DynamoLeaseTable(aws.client("dynamodb"), settings.lease_table,
+    leases, _ = DynamoLeaseTable(aws.client("dynamodb"), settings.lease_table,
                                        f"test#{settings.raw_stream}").leases()
     assert not any(lease.owner for lease in leases)               # clean stop released every lease

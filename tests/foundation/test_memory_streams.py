@@ -5,7 +5,7 @@ from collections import Counter
 from common.consumer import Consumer
 from common.leases import MemoryLeaseTable
 from common.producer import Producer, batches
-from common.streams import MAX_BATCH_BYTES, MAX_RECORD_BYTES, MemoryStream, SHARD_END
+from common.streams import MAX_BATCH_BYTES, MAX_RECORD_BYTES, SHARD_END, MemoryStream
 
 
 def entries(n, size=10):

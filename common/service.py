@@ -1,0 +1,25 @@
+"""What every long-running component does at start: settings or a clear exit, and a stop flag."""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from common.config import ConfigError, load
+
+
+def settings_or_exit(cls, section: str, **overrides):
+    """Load settings; a bad value prints the message naming the key and exits with status 2."""
+    try:
+        return load(cls, section=section, **overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT, so a worker finishes its batch and shuts down cleanly."""
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    return stopping

@@ -1,0 +1,11 @@
+"""The code base stays clean under the project's ruff settings (pyproject.toml)."""
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_ruff_finds_nothing():
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT,
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
