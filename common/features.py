@@ -206,12 +206,14 @@ def _shop_event(state: SessionState, name: str, data: dict, at_ms: int) -> None:
         state.checkout_step_max = max(state.checkout_step_max, int(_number(data.get("step"))))
 
 
-def step(state: SessionState, event: dict) -> SessionState:
-    """Fold one enriched event into the state (in place, returned for convenience)."""
+def step(state: SessionState, event: dict, at_ms: int | None = None) -> SessionState:
+    """Fold one enriched event into the state (in place, returned for convenience).
+    ``at_ms`` is the event's time when the caller has already read it (event_time_ms)."""
     if is_purchase(event):
         state.purchased = True          # the label; deliberately not a feature
         return state
-    at_ms = event_time_ms(event)
+    if at_ms is None:
+        at_ms = event_time_ms(event)
     if state.start_ms < 0:
         _start(state, event, at_ms)
     state.events += 1
@@ -235,6 +237,18 @@ def step(state: SessionState, event: dict) -> SessionState:
     return state
 
 
+def _one_hot(values: tuple[str, ...]) -> dict[str, tuple[float, ...]]:
+    return {value: tuple(1.0 if value == other else 0.0 for other in values) for value in values}
+
+
+# Prebuilt one-hot tuples: features() runs on every scored event, and generators there cost µs.
+_DEVICE_ONE_HOT = _one_hot(DEVICES)
+_NO_DEVICE = (0.0,) * len(DEVICES)
+_REFERER_ONE_HOT = {kind: (*row, 0.0) for kind, row in _one_hot(REFERERS).items()}
+_OTHER_REFERER = (0.0,) * (len(REFERERS) + 1)          # a medium outside REFERERS
+_DIRECT = (*(0.0,) * len(REFERERS), 1.0)                # no referer at all
+
+
 def features(state: SessionState, now_ms: int | None = None) -> list[float]:
     """The model's inputs, in FEATURE_NAMES order, as seen right after the last folded event."""
     at = state.last_ms if now_ms is None else now_ms
@@ -248,11 +262,11 @@ def features(state: SessionState, now_ms: int | None = None) -> list[float]:
         float(state.product_views), float(state.distinct_products), float(state.cart_adds),
         float(state.cart_removes), round(state.cart_value, 2), float(state.cart_items),
         float(state.checkout_step_max),
-        *(float(count) for count in state.pages),
+        *map(float, state.pages),
         seconds, since_page, per_page, since_cart, state.max_scroll_depth,
-        *(1.0 if state.device == device else 0.0 for device in DEVICES),
+        *_DEVICE_ONE_HOT.get(state.device, _NO_DEVICE),
         float(state.local_hour), float(state.local_weekday),
-        *(1.0 if referer == kind else 0.0 for kind in REFERERS), 1.0 if not referer else 0.0,
+        *(_REFERER_ONE_HOT.get(referer, _OTHER_REFERER) if referer else _DIRECT),
         1.0 if state.campaign else 0.0, 1.0 if state.session_index > 1 else 0.0, float(state.session_index),
     ]
 

@@ -171,7 +171,7 @@ class Worker:
             metrics.DUPLICATES.inc()
             return
         try:
-            step(session.state, event)
+            step(session.state, event, event_ms)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             metrics.BAD_RECORDS.inc()
             log.error("shard %s sequence %s: event %s could not be folded: %r", shard, record.sequence_number,
