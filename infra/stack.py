@@ -15,11 +15,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from localstack.emulator import stop_group
+from localstack.emulator import healthy, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / ".run"
@@ -70,14 +69,6 @@ def running_pid(process: Process) -> int | None:
         return pid
     except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
         return None
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status < 500
-    except OSError:
-        return False
 
 
 def start(process: Process, wait: float = 30) -> str:

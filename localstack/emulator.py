@@ -37,7 +37,8 @@ def _port_free(port: int) -> bool:
             return False
 
 
-def _healthy(url: str) -> bool:
+def healthy(url: str) -> bool:
+    """True when ``url`` answers HTTP with a status below 500."""
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
             return response.status < 500
@@ -128,7 +129,7 @@ def start(kind: str = "moto", port: int | None = None, log_path: Path | None = N
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{kind} exited with code {process.returncode} (log: {log_path})")
-        if _healthy(emulator.endpoint + health):
+        if healthy(emulator.endpoint + health):
             return emulator
         time.sleep(0.1)
     emulator.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -48,6 +49,18 @@ def kinesis_mock(tmp_path_factory):
         yield server.endpoint
     finally:
         server.stop()
+
+
+def wait_for(predicate, timeout: float = 60, interval: float = 0.2, what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy and return that; fail after ``timeout``."""
+    deadline, value = time.monotonic() + timeout, None
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last value: {value!r}")
+        time.sleep(interval)
 
 
 def unique_settings(cls=AwsSettings, **overrides):

@@ -29,7 +29,7 @@ from common.streams import KinesisStream
 from demo import summary
 from demo.liveview import LiveView, LiveViewSettings
 from localstack.emulator import free_port
-from tests.conftest import ROOT, settings_env
+from tests.conftest import ROOT, settings_env, wait_for
 
 VERSION = "20261129T100000Z"
 MODEL_META = {"name": registry.DEFAULT_MODEL, "version": VERSION, "algorithm": "logistic_regression",
@@ -68,17 +68,6 @@ def put_offer(settings, session: str, p_buy: float, at: str) -> None:
         "hour": {"S": at[:13]}, "expires_at": {"N": str(int(time.time()) + 3600)}})
     dynamodb.put_item(TableName=settings.offers_table, Item={
         "session_id": {"S": f"budget#{at[:13]}"}, "kind": {"S": "budget"}, "offers": {"N": "1"}})
-
-
-def wait_for(check, timeout: float = 30.0, every: float = 0.2):
-    """Poll ``check`` until it returns something truthy; fail with the last value otherwise."""
-    deadline, value = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"condition not met within {timeout:.0f} s; last value: {value!r}")
 
 
 def get(url: str) -> tuple[int, str, bytes]:

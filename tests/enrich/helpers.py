@@ -16,6 +16,7 @@ from common import aws
 from common.streams import KinesisStream
 from enrich.config import EnrichSettings
 from enrich.pipeline import Enricher
+from tests.conftest import wait_for  # noqa: F401 - re-exported for the enrich tests
 
 KEY = "test-pseudonymisation-key"
 TP2 = "/com.snowplowanalytics.snowplow/tp2"
@@ -202,17 +203,6 @@ def read_stream(name: str, region: str = "us-east-1") -> list[tuple[str, bytes]]
             if not result.records:
                 break
     return out
-
-
-def wait_for(predicate, timeout: float = 60, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval)
 
 
 # ------------------------------------------------------------------------------ a real tracker

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
-import time
 import uuid
 from datetime import UTC, datetime
 
@@ -14,6 +12,8 @@ from onnx import TensorProto, helper
 
 from common import registry
 from common.features import FEATURE_NAMES, FEATURE_VERSION
+from localstack.emulator import free_port  # noqa: F401 - re-exported for the scorer tests
+from tests.conftest import wait_for  # noqa: F401 - re-exported for the scorer tests
 
 SHOP = "iglu:com.clickshop/{}/jsonschema/1-0-0"
 T0 = 1_795_000_000_000          # 2026-11-17, a fixed event-time origin
@@ -143,21 +143,6 @@ def publish(s3, bucket: str, name: str, version: str, onnx_bytes: bytes, meta: d
         registry.set_current(s3, bucket, name, version, reason="test")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float = 60, interval: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
 
 
 def stumps_onnx(stumps: list[tuple[int, float, float, float]], weights: list[float]) -> bytes:
