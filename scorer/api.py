@@ -226,7 +226,7 @@ class ScorerApp:
             except (KeyError, TypeError, ValueError) as exc:
                 raise BadRequest(400, f"event {index}: cannot be folded: {exc!r}") from None
         row = read_features(state)
-        p_buy = float(model.predict(inputs.from_positional([row]))[0])
+        p_buy = model.score_one(row)
         return ok({"session_id": state.session_id, "events_in_session": state.events, "purchased": state.purchased,
                    "features": dict(zip(FEATURE_NAMES, row)), "p_buy": p_buy, "decision": model.decide(p_buy),
                    "threshold": model.threshold, "model_name": model.name, "model_version": model.version,

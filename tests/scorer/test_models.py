@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnxruntime as ort
@@ -88,3 +89,28 @@ def test_per_tree_nodes_are_fused_into_one_and_score_exactly_like_the_export():
 
 def test_models_without_a_tree_sum_are_served_as_exported():
     assert Model.from_bundle(Bundle("m", "v", logistic_onnx(), model_meta("m", "v"))).fused_trees == 0
+
+
+@pytest.mark.parametrize("zipmap", [False, True], ids=["tensor", "zipmap"])
+def test_a_single_row_scores_exactly_like_the_batch_path(zipmap):
+    meta = model_meta("m", "v1", output="probability_map" if zipmap else "probability")
+    model = Model.from_bundle(Bundle("m", "v1", logistic_onnx(zipmap=zipmap), meta))
+    assert (model._single is None) == zipmap       # a ZipMap output cannot be bound: the plain path serves it
+    rows = [*ROWS, [1e39] * len(FEATURE_NAMES), [float("nan")] * len(FEATURE_NAMES)]   # beyond float32; missing
+    with np.errstate(over="ignore"):
+        matrices = [np.asarray([row], dtype=np.float32) for row in rows]
+    batch = model.predict(np.concatenate(matrices))
+    one_by_one = [model.score_one(row) for row in rows]
+    assert one_by_one == pytest.approx(list(batch), abs=0, nan_ok=True)
+    assert [float(model.predict(matrix)[0]) for matrix in matrices] == pytest.approx(one_by_one, abs=0, nan_ok=True)
+
+
+def test_threads_scoring_single_rows_at_once_each_get_their_own_answer():
+    model = Model.from_bundle(Bundle("m", "v1", logistic_onnx(), model_meta("m", "v1")))
+    expected = [model.score_one(row) for row in ROWS]
+
+    def score_many(_):
+        return [[model.score_one(row) for row in ROWS] for _ in range(200)]
+    with ThreadPoolExecutor(4) as pool:
+        for results in pool.map(score_many, range(4)):
+            assert all(result == expected for result in results)
