@@ -5,6 +5,13 @@ logical offset up to which everything has been delivered. A frame is ``<u32 leng
 then the payload ``<u8 stream><u16 key length><key><data>``. Offsets are logical (segment base +
 position), so deleting delivered segments never renumbers anything.
 
+The segment being written is preallocated (``posix_fallocate``, so a full disk is an error at
+rotation, not a SIGBUS mid-write) and memory-mapped: an append is a copy into the page cache, which
+survives ``kill -9`` like a write() does, without a system call per hit. A system call releases the
+GIL, and with granian's I/O threads and the sender waiting for it, that hand-off cost more than the
+write itself (docs/collector.md). Zero bytes after the last frame are that preallocation: a header
+of zeros marks the end of the data; closed segments are truncated to their frames.
+
 One writer (the request loop, plus the sender re-appending what the stream refused) and one reader
 (the sender). After a crash, a torn or corrupt tail of the newest segment is cut off on open: those
 bytes were never acknowledged complete. Delivery is at-least-once: records after the persisted
@@ -12,13 +19,15 @@ cursor are sent again.
 """
 from __future__ import annotations
 
+import errno
 import logging
+import mmap
 import os
 import struct
 import threading
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +41,7 @@ class SpoolFull(Exception):
     """The undelivered backlog reached its limit; the caller answers 503."""
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):          # a tuple: the sender decodes tens of thousands a second
     stream: int
     key: str
     data: bytes
@@ -50,6 +58,8 @@ def decode_frames(buffer: bytes, limit: int = 1 << 62) -> tuple[list[Entry], int
     entries, position, size = [], 0, len(buffer)
     while position + HEADER.size <= size and len(entries) < limit:
         length, crc = HEADER.unpack_from(buffer, position)
+        if length == 0 and crc == 0:                    # the preallocated rest of the active segment
+            break
         start, end = position + HEADER.size, position + HEADER.size + length
         if length < PREFIX.size or length > MAX_FRAME:
             return entries, position, True
@@ -84,6 +94,7 @@ class Spool:
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
         self.corrupt_frames = 0
+        self.closed = False
         self.cursor, self.records = self._recover()
         self.synced = self.end
         self._reader: tuple[int, object] | None = None
@@ -119,19 +130,17 @@ class Spool:
             start = max(0, cursor - base)
             entries, used, bad = decode_frames(data[start:]) if start <= len(data) else ([], 0, True)
             records += len(entries)
-            if bad or start + used != len(data):
+            unused = data[start + used:]
+            if bad or unused:
                 self.corrupt_frames += int(bad)
-                if last:
-                    log.warning("spool %s: cutting %d torn/corrupt bytes at the end", path.name,
-                                len(data) - start - used)
-                    with open(path, "r+b") as handle:
-                        handle.truncate(start + used)
-                    data = data[:start + used]
-                else:
-                    log.error("spool %s: %d corrupt bytes skipped", path.name, len(data) - start - used)
+                if bad or unused.strip(b"\0"):
+                    log.warning("spool %s: cutting %d torn/corrupt bytes at the end", path.name, len(unused))
+                # Also the preallocated zeros: a reader takes a closed segment's size for its end.
+                with open(path, "r+b") as handle:
+                    handle.truncate(start + used)
+                data = data[:start + used]
             if last:
-                self.active_base = base
-                self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                self._map_segment(base, len(data))
                 self.end = base + len(data)
         return min(cursor, self.end), records
 
@@ -144,23 +153,46 @@ class Spool:
     def append(self, frames: bytes, count: int, *, force: bool = False) -> int:
         """Write encoded frames; returns the end offset they reach. Raises SpoolFull unless forced."""
         with self._lock:
+            if self.closed:
+                raise OSError(errno.EBADF, "the spool is closed")
             if not force and self.end - self.cursor + len(frames) > self.max_bytes:
                 raise SpoolFull(f"spool holds {self.end - self.cursor} undelivered bytes")
-            if self.end - self.active_base >= self.segment_bytes:
-                self._rotate()
-            # One write() per call: the frames reach the kernel before we answer, so a killed
-            # process never loses them; only fsync protects them from a power cut.
-            os.write(self.fd, frames)
+            position = self.end - self.active_base
+            if self.fd < 0 or position + len(frames) > len(self._map):    # full, or a failed rotation
+                self._rotate(len(frames))
+                position = 0
+            # In the page cache before we answer, so a killed process never loses them; only
+            # fsync protects them from a power cut.
+            self._map[position:position + len(frames)] = frames
             self.end += len(frames)
             self.records += count
             return self.end
 
-    def _rotate(self) -> None:
+    def _map_segment(self, base: int, used: int, room: int = 0) -> None:
+        """Open segment ``base`` (``used`` bytes written so far) for appending, with ``room`` more at least."""
+        size = max(self.segment_bytes, used + room)
+        fd = os.open(self._path(base), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, size)
+            self._map = mmap.mmap(fd, size)
+        except OSError:
+            os.close(fd)
+            raise
+        self.fd, self.active_base = fd, base
+
+    def _close_segment(self) -> None:
+        """Unmap the active segment, cut its preallocated tail and make it durable."""
+        self._map.close()
+        os.ftruncate(self.fd, self.end - self.active_base)
         os.fsync(self.fd)
         os.close(self.fd)
-        self.synced = self.end
-        self.active_base = self.end
-        self.fd = os.open(self._path(self.end), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.fd = -1
+
+    def _rotate(self, room: int) -> None:
+        if self.fd >= 0:
+            self._close_segment()
+            self.synced = self.end
+        self._map_segment(self.end, 0, room)
         if self.fsync_always:
             _fsync_dir(self.dir)
 
@@ -221,7 +253,8 @@ class Spool:
             return self._reader[1]
         if self._reader:
             self._reader[1].close()
-        self._reader = (base, open(self._path(base), "rb"))  # noqa: SIM115 - kept open across reads
+        # Unbuffered: a buffer would keep the preallocated zeros past the end that later appends fill.
+        self._reader = (base, open(self._path(base), "rb", buffering=0))  # noqa: SIM115 - kept open across reads
         return self._reader[1]
 
     def commit(self, offset: int, count: int) -> None:
@@ -242,9 +275,9 @@ class Spool:
 
     def close(self) -> None:
         with self._lock:
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
+            self.closed = True
+            if self.fd >= 0:
+                self._close_segment()
         if self._reader:
             self._reader[1].close()
             self._reader = None

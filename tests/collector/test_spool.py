@@ -63,7 +63,7 @@ def test_a_corrupt_frame_is_not_delivered(tmp_path):
     fill(spool, 3)
     segment = next(tmp_path.glob("*.seg"))
     data = bytearray(segment.read_bytes())
-    data[-2] ^= 0xFF                                     # flip a byte of the last record's data
+    data[spool.end - 2] ^= 0xFF                          # flip a byte of the last record's data
     segment.write_bytes(bytes(data))
     again = Spool(tmp_path, max_bytes=1 << 20)
     assert drain(again) == [b"record-0", b"record-1"]
@@ -77,6 +77,50 @@ def test_segments_rotate_and_delivered_ones_are_deleted(tmp_path):
     assert drain(spool, batch=5) == [f"record-{i}".encode() for i in range(40)]
     assert len(list(tmp_path.glob("*.seg"))) == 1
     assert spool.depth_bytes == 0 and spool.records == 0
+
+
+def test_the_preallocated_tail_of_a_crashed_run_is_cut_quietly(tmp_path, caplog):
+    crashed = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=1 << 16)   # never closed: as after kill -9
+    fill(crashed, 3)
+    segment = next(tmp_path.glob("*.seg"))
+    assert segment.stat().st_size == 1 << 16                               # preallocated, zeros after the frames
+    again = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=1 << 16)
+    assert again.records == 3 and again.corrupt_frames == 0
+    assert "torn" not in caplog.text
+    fill(again, 2, start=3)
+    assert drain(again) == [f"record-{i}".encode() for i in range(5)]
+    again.close()
+    assert segment.stat().st_size == again.end                              # closed: only the frames are left
+
+
+def test_a_frame_larger_than_a_segment_gets_a_segment_of_its_own(tmp_path):
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=64)
+    big = b"x" * 1000
+    fill(spool, 1)
+    spool.append(encode(RAW, "big", big), 1)
+    fill(spool, 1, start=1)
+    assert drain(spool) == [b"record-0", big, b"record-1"]
+
+
+def test_a_disk_that_cannot_hold_a_new_segment_refuses_appends_until_it_can(tmp_path, monkeypatch):
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=100)
+    fill(spool, 2)
+
+    def disk_full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+    acknowledged = [b"record-0", b"record-1"]
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "posix_fallocate", disk_full)
+        for index in range(2, 12):
+            try:
+                fill(spool, 1, start=index)
+            except OSError:
+                continue                                # the caller answers 503: not acknowledged
+            acknowledged.append(f"record-{index}".encode())
+    assert len(acknowledged) < 12                       # the segment filled up and the next one failed
+    fill(spool, 1, start=100)
+    assert drain(spool) == [*acknowledged, b"record-100"]
+    assert spool.records == 0
 
 
 def test_full_spool_refuses_unless_forced(tmp_path):
