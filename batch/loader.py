@@ -34,8 +34,6 @@ from common.streams import SHARD_END, Record, sequence_key
 
 log = logging.getLogger("batch.loader")
 
-# A lease row has no checkpoint until the first flush; an intent needs a value to write with.
-NO_CHECKPOINT = "TRIM_HORIZON"
 INTENT = "intent_last"
 PARQUET_TYPE = "application/vnd.apache.parquet"
 JSONL_GZ_TYPE = "application/x-ndjson"
@@ -165,7 +163,7 @@ class StreamLoader:
 
     def _start_after(self, lease: Lease) -> str | None:
         lease = self._fresh(lease)
-        checkpoint = None if lease.checkpoint == NO_CHECKPOINT else lease.checkpoint
+        checkpoint = lease.checkpoint
         self.committed[lease.shard_id] = checkpoint
         self.buffers[lease.shard_id] = ShardBuffer()
         self.ended.discard(lease.shard_id)
@@ -267,7 +265,7 @@ class StreamLoader:
         return True
 
     def _record_intent(self, shard_id: str, last: str) -> None:
-        self.consumer.checkpoint_at(shard_id, self.committed.get(shard_id) or NO_CHECKPOINT, {INTENT: last})
+        self.consumer.record_meta(shard_id, {INTENT: last})
         self.intents[shard_id] = last
 
     def _write_and_checkpoint(self, shard_id: str, records: list[Record]) -> None:

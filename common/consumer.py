@@ -187,6 +187,14 @@ class Consumer:
             self._shards_at = 0.0
             self._balanced_at = 0.0
 
+    def record_meta(self, shard_id: str, meta: dict) -> None:
+        """Replace the lease's meta without moving its checkpoint (e.g. an intent before a write)."""
+        try:
+            self.leases.checkpoint(shard_id, self.worker_id, None, meta)
+        except LeaseLost:
+            self._drop(shard_id, "lease lost before writing meta")
+            raise
+
     def run(self, handle: Callable[[Batch], None], *, stop: Callable[[], bool],
             idle_sleep: float = 0.2) -> None:
         """Call ``handle`` for each batch and checkpoint after it returns, until ``stop()``."""

@@ -43,7 +43,8 @@ class LeaseTable(Protocol):
     def ensure(self, shard_id: str) -> None: ...
     def take(self, lease: Lease, owner: str, duration_ms: int) -> Lease: ...
     def renew(self, shard_id: str, owner: str, duration_ms: int) -> None: ...
-    def checkpoint(self, shard_id: str, owner: str, sequence: str, meta: dict | None) -> None: ...
+    def checkpoint(self, shard_id: str, owner: str, sequence: str | None, meta: dict | None) -> None:
+        """Set the checkpoint and/or replace the meta (None leaves either as it is), if ``owner`` holds it."""
     def release(self, shard_id: str, owner: str) -> None: ...
     def heartbeat(self, worker_id: str, duration_ms: int) -> None: ...
     def leave(self, worker_id: str) -> None: ...
@@ -116,13 +117,16 @@ class DynamoLeaseTable:
         self._update(shard_id, "SET expires_ms = :exp", "#o = :me",
                      {":me": {"S": owner}, ":exp": {"N": str(now_ms() + duration_ms)}}, {"#o": "owner"})
 
-    def checkpoint(self, shard_id: str, owner: str, sequence: str, meta: dict | None) -> None:
-        values = {":me": {"S": owner}, ":seq": {"S": sequence}}
-        expression = "SET checkpoint = :seq"
+    def checkpoint(self, shard_id: str, owner: str, sequence: str | None, meta: dict | None) -> None:
+        values, updates = {":me": {"S": owner}}, []
+        if sequence is not None:
+            updates.append("checkpoint = :seq")
+            values[":seq"] = {"S": sequence}
         if meta is not None:
-            expression += ", meta = :meta"
+            updates.append("meta = :meta")
             values[":meta"] = {"M": {k: {"S": str(v)} for k, v in meta.items()}}
-        self._update(shard_id, expression, "#o = :me", values, {"#o": "owner"})
+        if updates:
+            self._update(shard_id, "SET " + ", ".join(updates), "#o = :me", values, {"#o": "owner"})
 
     def release(self, shard_id: str, owner: str) -> None:
         try:
@@ -170,8 +174,8 @@ class MemoryLeaseTable:
     def renew(self, shard_id: str, owner: str, duration_ms: int) -> None:
         self._swap(shard_id, lambda c: c.owner == owner, expires_ms=now_ms() + duration_ms)
 
-    def checkpoint(self, shard_id: str, owner: str, sequence: str, meta: dict | None) -> None:
-        changes = {"checkpoint": sequence}
+    def checkpoint(self, shard_id: str, owner: str, sequence: str | None, meta: dict | None) -> None:
+        changes = {} if sequence is None else {"checkpoint": sequence}
         if meta is not None:
             changes["meta"] = {k: str(v) for k, v in meta.items()}
         self._swap(shard_id, lambda c: c.owner == owner, **changes)

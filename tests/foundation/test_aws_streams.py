@@ -8,6 +8,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from common import aws
 from common.consumer import consumer_for
 from common.leases import DynamoLeaseTable
@@ -137,3 +139,24 @@ def test_two_processes_balance_four_shards_and_take_over_after_kill_9(aws_endpoi
     leases, _ = DynamoLeaseTable(aws.client("dynamodb"), settings.lease_table,
                                        f"test#{settings.raw_stream}").leases()
     assert not any(lease.owner for lease in leases)               # clean stop released every lease
+
+
+def test_lease_meta_can_be_written_without_moving_the_checkpoint_and_only_by_the_owner(aws_settings):
+    from common.leases import LeaseLost, MemoryLeaseTable
+
+    for table in (DynamoLeaseTable(aws.client("dynamodb"), aws_settings.lease_table, f"meta#{time.monotonic_ns()}"),
+                  MemoryLeaseTable()):
+        table.ensure("shard-1")
+        lease = table.take(table.leases()[0][0], "me", 10_000)
+        table.checkpoint(lease.shard_id, "me", None, {"intent": "42"})          # before any checkpoint
+        assert _lease(table).checkpoint is None and _lease(table).meta == {"intent": "42"}
+        table.checkpoint(lease.shard_id, "me", "41", {})
+        table.checkpoint(lease.shard_id, "me", None, {"intent": "57"})
+        assert (_lease(table).checkpoint, _lease(table).meta) == ("41", {"intent": "57"})
+        with pytest.raises(LeaseLost):
+            table.checkpoint(lease.shard_id, "someone-else", None, {"intent": "99"})
+        assert _lease(table).meta == {"intent": "57"}
+
+
+def _lease(table):
+    return table.leases()[0][0]
