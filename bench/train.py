@@ -16,6 +16,8 @@ from batch.train_table import cross_validate, folds, prepare, read_table
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "online_shoppers_intention.csv"
 PUBLISHED_AUC = 0.937
+# Integer-coded categoricals (the data README says so): one-hot like the string ones, not thresholds.
+CODED_CATEGORICALS = ("OperatingSystems", "Browser", "Region", "TrafficType")
 # Tuned a little over the README's untuned run (100 iterations, depth 4: 0.933): smaller steps,
 # more of them, row subsampling and a minimum leaf size.
 SETTINGS = TrainSettings(algorithm="gbt", max_iter=150, max_depth=4, step_size=0.05, subsampling_rate=0.8,
@@ -87,7 +89,7 @@ def run(report, quick: bool) -> None:
     spark = spark_session(settings, app_name="bench-train")
     raw = read_table(DATA)
     for variant, drop in (("with PageValues", ()), ("without PageValues", ("PageValues",))):
-        table = prepare(raw, "Revenue", drop=drop, source=DATA.name)
+        table = prepare(raw, "Revenue", drop=drop, categorical=CODED_CATEGORICALS, source=DATA.name)
         results = cross_validate(spark, table, settings, k)
         aucs = [r["roc_auc"] for r in results]
         base_auc, base_fit = _sklearn_baseline(table, settings, k)
