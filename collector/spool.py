@@ -83,6 +83,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _preallocate(fd: int, size: int) -> None:
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)          # blocks reserved: a full disk fails here, not mid-copy
+    else:
+        os.ftruncate(fd, size)                   # macOS has no posix_fallocate: sparse, no reservation
+
+
 class Spool:
     def __init__(self, directory: Path, *, max_bytes: int, segment_bytes: int = 64 * 1024 * 1024,
                  fsync: str = "interval"):
@@ -173,7 +180,7 @@ class Spool:
         size = max(self.segment_bytes, used + room)
         fd = os.open(self._path(base), os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            os.posix_fallocate(fd, 0, size)
+            _preallocate(fd, size)
             self._map = mmap.mmap(fd, size)
         except OSError:
             os.close(fd)
