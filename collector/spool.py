@@ -138,14 +138,18 @@ class Spool:
             entries, used, bad = decode_frames(data[start:]) if start <= len(data) else ([], 0, True)
             records += len(entries)
             unused = data[start + used:]
-            if bad or unused:
-                self.corrupt_frames += int(bad)
-                if bad or unused.strip(b"\0"):
+            padding = not bad and not unused.strip(b"\0")      # preallocated, never written
+            if unused and (last or padding):
+                # A torn tail was never acknowledged; zeros must go too: a reader takes a closed
+                # segment's size for its end.
+                if not padding:
                     log.warning("spool %s: cutting %d torn/corrupt bytes at the end", path.name, len(unused))
-                # Also the preallocated zeros: a reader takes a closed segment's size for its end.
                 with open(path, "r+b") as handle:
                     handle.truncate(start + used)
                 data = data[:start + used]
+            elif unused:
+                log.error("spool %s: %d corrupt bytes skipped", path.name, len(unused))
+            self.corrupt_frames += int(bad)
             if last:
                 self._map_segment(base, len(data))
                 self.end = base + len(data)
