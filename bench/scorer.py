@@ -63,13 +63,13 @@ def _spark_single_row(spark, pipeline, row: list[float], quick: bool) -> list[fl
     return samples
 
 
-def _in_process(report, onnx_bytes, trees: int, spark_samples: list[float], quick: bool) -> None:
+def _in_process(report, onnx_bytes, events: list[dict], trees: int, spark_samples: list[float],
+                quick: bool) -> None:
     """Measured after Spark stopped: a production scorer has no JVM beside it, and a live one
     (GC and JIT threads on 2 cores) turned the scorer's p99 into a measure of preemption."""
     from scorer.model import Model
 
     model = Model.from_bundle(Bundle(MODEL, "bench", onnx_bytes, _meta("bench")))
-    events = _bench_events()
     states: dict[str, SessionState] = {}
     samples = []
     gc.collect()
@@ -259,12 +259,13 @@ def run(report, quick: bool) -> None:
     from tests.scorer.helpers import session_events
 
     spark, pipeline, onnx_bytes, trees = _train(quick)
-    last_row = session_features([e for e in _bench_events() if e["domain_sessionid"] == "b199"])[-1]
+    events = _bench_events()
+    last_row = session_features([e for e in events if e["domain_sessionid"] == events[-1]["domain_sessionid"]])[-1]
     try:
         spark_samples = _spark_single_row(spark, pipeline, last_row, quick)
     finally:
         _end_jvm(spark)
-    _in_process(report, onnx_bytes, trees, spark_samples, quick)
+    _in_process(report, onnx_bytes, events, trees, spark_samples, quick)
     row = session_features(session_events("http", seed=3, n=8, buyer=True))[-1]
     _http(report, onnx_bytes, row, quick)
     _worker(report, onnx_bytes, quick)

@@ -79,7 +79,7 @@ class Sink:
                 self._set_health(False)
                 delivered = False
             backoff = 0.0 if delivered else min(self.max_backoff, max(0.2, backoff * 2))
-            metrics.update_spool([self.spool] + [spool for spool, _ in self.adopted])
+            metrics.update_spool(self._spools())
 
     def _maybe_sync(self) -> None:
         if self.fsync_interval and time.monotonic() - self._last_sync >= self.fsync_interval:
@@ -88,14 +88,14 @@ class Sink:
 
     def _drain(self) -> bool:
         """Send until the spools are empty; False when the stream could not be reached."""
-        for spool in [self.spool] + [spool for spool, _ in self.adopted]:
+        for spool in self._spools():
             while True:
                 entries, offset = spool.read(self.batch_records, self.batch_bytes)
                 if not entries:
                     break
                 delivered = self._send(entries, offset, spool)
                 # Per batch: under sustained load this loop does not return for a long time.
-                metrics.update_spool([self.spool] + [spool for spool, _ in self.adopted])
+                metrics.update_spool(self._spools())
                 if not delivered:
                     return False
             if spool is not self.spool:
@@ -103,6 +103,9 @@ class Sink:
         if not self.healthy and self.probe is not None:
             return self._check()
         return True
+
+    def _spools(self) -> list[Spool]:
+        return [self.spool] + [spool for spool, _ in self.adopted]
 
     def _release(self, spool: Spool) -> None:
         log.info("adopted spool %s delivered; releasing it", spool.dir)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import time
 import uuid
 from pathlib import Path
 
@@ -88,17 +87,6 @@ def lake_event_ids(bucket: str) -> list[str]:
 
 def lake_keys(bucket: str, area: str = "") -> list[str]:
     return sorted(obj["Key"] for obj in lake.list_objects(aws.client("s3"), bucket, area))
-
-
-def wait_until(condition, timeout: float = 60, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 @pytest.fixture

@@ -31,9 +31,8 @@ from tests.batch.conftest import (
     make_raw,
     put,
     put_events,
-    wait_until,
 )
-from tests.conftest import settings_env
+from tests.conftest import settings_env, wait_for
 
 
 def _leases(settings, stream: str) -> dict:
@@ -46,7 +45,7 @@ def _run_until(loader, condition, timeout: float = 60) -> None:
         for part in loader.loaders:
             part.step()
         return condition()
-    wait_until(step, timeout, interval=0.05)
+    wait_for(step, timeout, interval=0.05)
 
 
 def test_loader_lands_every_event_and_bad_row_once(aws_settings):
@@ -137,12 +136,12 @@ def test_lost_lease_drops_the_buffer(aws_settings):
     put_events(aws_settings.enriched_stream, events)
     loader = build(loader_settings(aws_settings, lake_flush_records=10_000, lake_lease_ms=1500))
     enriched = loader.loaders[0]
-    wait_until(lambda: enriched.step() >= 0 and sum(len(b.records) for b in enriched.buffers.values()) == 30)
+    wait_for(lambda: enriched.step() >= 0 and sum(len(b.records) for b in enriched.buffers.values()) == 30)
     table = DynamoLeaseTable(aws.client("dynamodb"), aws_settings.lease_table,
                              f"lake-loader#{aws_settings.enriched_stream}")
     for lease in table.leases()[0]:
         table.take(lease, "another-worker", 60_000)
-    wait_until(lambda: enriched.step() >= 0 and not enriched.buffers, timeout=10)
+    wait_for(lambda: enriched.step() >= 0 and not enriched.buffers, timeout=10)
     enriched.close()
     assert lake_keys(aws_settings.bucket) == []
     assert all(lease.owner == "another-worker" and lease.checkpoint is None
@@ -174,7 +173,7 @@ def test_sigterm_flushes_checkpoints_and_releases(aws_settings, tmp_path):
     try:
         events = [make_event(i) for i in range(40)]
         put_events(aws_settings.enriched_stream, events)
-        wait_until(lambda: log_path.read_text().count("read ") and sum(
+        wait_for(lambda: log_path.read_text().count("read ") and sum(
             int(line.split('"msg": "read ')[1].split(" ")[0]) for line in log_path.read_text().splitlines()
             if '"msg": "read ' in line) == 40)
         assert lake_keys(aws_settings.bucket) == []  # nothing due yet: thresholds are an hour away
@@ -206,7 +205,7 @@ def test_kill_9_mid_batch_then_restart_holds_exactly_the_events_sent(aws_setting
         # The second range starts being written (its intent is recorded): kill -9 right there, so the
         # restart finds an intent, maybe some of its objects, no checkpoint, and a lease still held.
         log = tmp_path / "first.log"
-        wait_until(lambda: log.read_text().count('"msg": "writing ') >= 2, interval=0.01)
+        wait_for(lambda: log.read_text().count('"msg": "writing ') >= 2, interval=0.01)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     finally:
@@ -217,7 +216,7 @@ def test_kill_9_mid_batch_then_restart_holds_exactly_the_events_sent(aws_setting
 
     second = _start(aws_settings, tmp_path / "second.log", **{**limits, "lake_flush_records": 70})
     try:
-        wait_until(lambda: len(set(lake_event_ids(aws_settings.bucket))) == len(events), timeout=90, interval=0.5)
+        wait_for(lambda: len(set(lake_event_ids(aws_settings.bucket))) == len(events), timeout=90, interval=0.5)
         second.send_signal(signal.SIGTERM)
         assert second.wait(30) == 0
     finally:
@@ -233,13 +232,13 @@ def test_s3_failure_keeps_the_range_and_retries_it_without_checkpointing(aws_set
     loader = build(loader_settings(aws_settings, bucket=missing, lake_flush_records=20, lake_retry_s=0.2,
                                    lake_lease_ms=3000))
     enriched = loader.loaders[0]
-    wait_until(lambda: enriched.step() >= 0 and enriched.stats["write_errors"] >= 2, timeout=30, interval=0.05)
+    wait_for(lambda: enriched.step() >= 0 and enriched.stats["write_errors"] >= 2, timeout=30, interval=0.05)
     leases = _leases(aws_settings, aws_settings.enriched_stream)
     assert {lease.checkpoint for lease in leases.values()} <= {None, "TRIM_HORIZON"}  # nothing durable yet
     assert any(lease.meta.get(INTENT) for lease in leases.values())
 
     s3.create_bucket(Bucket=missing)  # S3 is back
-    wait_until(lambda: enriched.step() >= 0 and enriched.stats["events"] == 50, timeout=30, interval=0.05)
+    wait_for(lambda: enriched.step() >= 0 and enriched.stats["events"] == 50, timeout=30, interval=0.05)
     enriched.close()
     assert Counter(lake_event_ids(missing)) == Counter(e["event_id"] for e in events)
 

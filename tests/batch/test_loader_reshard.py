@@ -13,7 +13,8 @@ from common.consumer import Consumer
 from common.leases import DynamoLeaseTable
 from common.producer import Producer
 from common.streams import SHARD_END, KinesisStream
-from tests.batch.conftest import lake_event_ids, make_event, wait_until
+from tests.batch.conftest import lake_event_ids, make_event
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.kinesis_mock
 
@@ -23,7 +24,7 @@ def _kinesis(endpoint: str):
 
 
 def _wait_active(kinesis, name: str) -> None:
-    wait_until(lambda: kinesis.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]["StreamStatus"]
+    wait_for(lambda: kinesis.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]["StreamStatus"]
                == "ACTIVE", timeout=30)
 
 
@@ -41,13 +42,13 @@ def test_split_parent_is_finished_and_children_are_loaded_exactly_once(aws_setti
     make = functools.partial(Consumer, stream, leases, app="lake-loader", lease_ms=3000, shard_refresh_s=0.5)
     loader = StreamLoader(make, write_enriched, lake.S3Sink(aws.client("s3"), aws_settings.bucket),
                           Limits(seconds=0.5, records=25))
-    wait_until(lambda: loader.step() >= 0 and loader.stats["events"] >= 30, timeout=30, interval=0.05)
+    wait_for(lambda: loader.step() >= 0 and loader.stats["events"] >= 30, timeout=30, interval=0.05)
 
     kinesis.update_shard_count(StreamName=name, TargetShardCount=2, ScalingType="UNIFORM_SCALING")
     _wait_active(kinesis, name)
     after = [make_event(100 + i, session=f"s{i % 9}") for i in range(60)]
     assert producer.send([(e["domain_sessionid"], orjson.dumps(e)) for e in after]) == []
-    wait_until(lambda: loader.step() >= 0 and loader.stats["events"] >= 120, timeout=60, interval=0.05)
+    wait_for(lambda: loader.step() >= 0 and loader.stats["events"] >= 120, timeout=60, interval=0.05)
     loader.close()
 
     assert sorted(lake_event_ids(aws_settings.bucket)) == sorted(e["event_id"] for e in before + after)

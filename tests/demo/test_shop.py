@@ -147,11 +147,8 @@ def hits_until_purchase(collector: CaptureServer, timeout: float = 20) -> list[d
         time.sleep(0.2)
 
 
-@pytest.mark.browser
-def test_clicking_through_the_shop_sends_the_funnel_with_the_official_tracker(browser, servers):
-    collector, shop = servers
-    collector_url = f"http://127.0.0.1:{collector.server_address[1]}"
-    browser.go(f"{shop.url}/shop/?collector={collector_url}")
+def put_a_shoe_in_the_cart(browser: WebDriver) -> None:
+    """From the shop's home page (already loaded) to one shoe in the cart, waiting for each page."""
     browser.wait("return document.title.startsWith('Home')")
     browser.click('[data-nav="shoes"]')
     browser.wait("return document.title.startsWith('Shoes')")
@@ -159,6 +156,14 @@ def test_clicking_through_the_shop_sends_the_funnel_with_the_official_tracker(br
     browser.wait("return location.hash.startsWith('#/p/')")
     browser.click("#add-to-cart")
     browser.wait("return document.getElementById('cart-count').textContent === '1'")
+
+
+@pytest.mark.browser
+def test_clicking_through_the_shop_sends_the_funnel_with_the_official_tracker(browser, servers):
+    collector, shop = servers
+    collector_url = f"http://127.0.0.1:{collector.server_address[1]}"
+    browser.go(f"{shop.url}/shop/?collector={collector_url}")
+    put_a_shoe_in_the_cart(browser)
     browser.click("#go-cart")
     browser.wait("return location.hash === '#/cart'")
     browser.click("#checkout")

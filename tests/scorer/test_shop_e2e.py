@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from tests.demo.test_shop import browser  # noqa: F401 - the headless Chromium fixture
+from tests.demo.test_shop import browser, put_a_shoe_in_the_cart  # noqa: F401 - browser: the headless Chromium fixture
 from tests.scorer.conftest import MODEL
 from tests.scorer.helpers import free_port, publish, wait_for
 from tests.scorer.test_e2e import _component, _up
@@ -46,13 +46,7 @@ def test_a_shopper_sees_their_own_session_scored_live(browser, trained, aws_sett
 
         shop = f"http://127.0.0.1:{view_port}/shop/?collector=http://127.0.0.1:{collector_port}"
         browser.go(shop)
-        browser.wait("return document.title.startsWith('Home')")
-        browser.click('[data-nav="shoes"]')
-        browser.wait("return document.title.startsWith('Shoes')")
-        browser.click(".product a")
-        browser.wait("return location.hash.startsWith('#/p/')")
-        browser.click("#add-to-cart")
-        browser.wait("return document.getElementById('cart-count').textContent === '1'")
+        put_a_shoe_in_the_cart(browser)
         session_id = browser.text("#session-id")
         assert len(session_id) == 36                       # the tracker's domain session id (a UUID)
 
