@@ -12,6 +12,7 @@ from common.registry import DEFAULT_MODEL
 
 ALGORITHMS = ("gbt", "rf", "lr")
 OBJECTIVES = ("f1", "precision")
+CLASS_WEIGHTS = ("none", "balanced")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class TrainSettings(AwsSettings):
     reg_param: float = 0.0
     elastic_net: float = 0.0
     seed: int = 42
+    # "balanced" weighs each buying example by non-buyers/buyers in the training rows: buyers are rare,
+    # and weighting ranks them better (higher AUC); probabilities then run high, the threshold follows.
+    class_weight: str = "none"
     # the decision threshold
     threshold_objective: str = "f1"
     target_precision: float = 0.5
@@ -53,6 +57,9 @@ class TrainSettings(AwsSettings):
     def validate(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"CLICKSTREAM_ALGORITHM: expected one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise ConfigError(f"CLICKSTREAM_CLASS_WEIGHT: expected one of {', '.join(CLASS_WEIGHTS)}, "
+                              f"got {self.class_weight!r}")
         if self.threshold_objective not in OBJECTIVES:
             raise ConfigError(f"CLICKSTREAM_THRESHOLD_OBJECTIVE: expected one of {', '.join(OBJECTIVES)}, "
                               f"got {self.threshold_objective!r}")

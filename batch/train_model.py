@@ -26,6 +26,7 @@ from batch.train_metrics import choose_threshold, evaluate
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
+WEIGHT = "class_weight"
 
 
 @dataclass
@@ -60,6 +61,8 @@ class Steps:
 
 def estimator(settings: TrainSettings, label: str = "label"):
     common = {"featuresCol": "features", "labelCol": label}
+    if settings.class_weight == "balanced":
+        common["weightCol"] = WEIGHT
     if settings.algorithm == "gbt":
         return GBTClassifier(**common, maxIter=settings.max_iter, maxDepth=settings.max_depth,
                              stepSize=settings.step_size, subsamplingRate=settings.subsampling_rate,
@@ -77,7 +80,21 @@ def hyper_parameters(settings: TrainSettings) -> dict:
     names = {"gbt": ("max_iter", "max_depth", "step_size", "subsampling_rate", "min_instances_per_node", "max_bins"),
              "rf": ("num_trees", "max_depth", "subsampling_rate", "min_instances_per_node", "max_bins"),
              "lr": ("max_iter", "reg_param", "elastic_net")}[settings.algorithm]
-    return {name: getattr(settings, name) for name in names} | {"seed": settings.seed}
+    return {name: getattr(settings, name) for name in names} | {"class_weight": settings.class_weight,
+                                                                "seed": settings.seed}
+
+
+def weigh(train: DataFrame, label: str, class_weight: str) -> tuple[DataFrame, float]:
+    """The training rows with the weight column ``balanced`` needs, and the weight a buying row gets."""
+    if class_weight == "none":
+        return train, 1.0
+    counts = {row[label]: row["count"] for row in train.groupBy(label).count().collect()}
+    buyers, others = counts.get(1, 0), counts.get(0, 0)
+    if not buyers or not others:
+        raise TrainError(f"class_weight=balanced needs buyers and non-buyers in the training rows; "
+                         f"found {buyers} and {others}")
+    weight = others / buyers
+    return train.withColumn(WEIGHT, F.when(F.col(label) == 1, F.lit(weight)).otherwise(F.lit(1.0))), weight
 
 
 def pipeline(settings: TrainSettings, feature_names: list[str], label: str = "label") -> Pipeline:
@@ -118,6 +135,7 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
                    label: str = "label") -> TrainResult:
     """Fit on ``train``, score ``evaluation`` with Spark and ONNX, gate on parity, build the meta."""
     with steps("fit"):
+        train, buyer_weight = weigh(train, label, settings.class_weight)
         model = pipeline(settings, feature_names, label).fit(train)
     with steps("evaluate"):
         scored = score_with_spark(model, evaluation, feature_names, id_columns)
@@ -138,7 +156,7 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
                               scored[row_id].astype(str).tolist(), stages, settings.parity_tolerance)
     meta = {
         "name": settings.model_name, "version": None, "algorithm": settings.algorithm,
-        "hyper_parameters": hyper_parameters(settings),
+        "hyper_parameters": hyper_parameters(settings) | {"buyer_weight": round(buyer_weight, 6)},
         "features": [{"name": name, "type": "float"} for name in feature_names],
         "onnx": {"input": export.INPUT_NAME, "probability_output": export.PROBABILITY_OUTPUT, "positive_index": 1,
                  "opset": export.TARGET_OPSET},

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 
@@ -54,6 +55,23 @@ def test_export_matches_spark_on_categorical_table(spark, table, algorithm):
     assert result.meta["onnx"] == {"input": "features", "probability_output": "probability", "positive_index": 1,
                                    "opset": 15}
     assert [f["name"] for f in result.meta["features"]] == table.feature_names
+
+
+@pytest.mark.parametrize("algorithm", ["gbt", "rf", "lr"])
+def test_balanced_class_weight_trains_on_weighted_rows_and_exports_like_spark(spark, table, algorithm):
+    settings = fast_settings(algorithm=algorithm, max_depth=4, max_iter=6)
+    plain = train_from_table(spark, table, settings)
+    weighted = train_from_table(spark, table, dataclasses.replace(settings, class_weight="balanced"))
+    assert weighted.parity.passed, weighted.parity.message()
+    eval_ids = set(weighted.eval_rows["row_id"])
+    train_labels = table.frame.loc[~table.frame["row_id"].isin(eval_ids), "label"]
+    expected = (train_labels == 0).sum() / (train_labels == 1).sum()
+    assert weighted.meta["hyper_parameters"]["class_weight"] == "balanced"
+    assert weighted.meta["hyper_parameters"]["buyer_weight"] == pytest.approx(expected, rel=1e-6)
+    assert plain.meta["hyper_parameters"]["buyer_weight"] == 1.0
+    # Weighting buyers up moves every model's probabilities towards them: what the weights are for.
+    assert weighted.eval_rows["p_spark"].mean() > plain.eval_rows["p_spark"].mean() + 0.1
+    assert weighted.meta["threshold"] > plain.meta["threshold"]
 
 
 def test_table_cli_cross_validates_with_parity_and_writes_the_bundle(spark, tmp_path):

@@ -100,8 +100,10 @@ def test_leakage_tell_tale_purchase_total_stays_out(spark, tmp_path):
     assert frame.groupby("session_id")["label"].max().sum() == 3
 
 
-def test_settings_reject_unknown_algorithm():
+def test_settings_reject_unknown_algorithm_and_class_weight():
     from common.config import ConfigError
 
     with pytest.raises(ConfigError, match="CLICKSTREAM_ALGORITHM"):
         dataclasses.replace(fast_settings(), algorithm="xgb").validate()
+    with pytest.raises(ConfigError, match="CLICKSTREAM_CLASS_WEIGHT.*balanced"):
+        dataclasses.replace(fast_settings(), class_weight="auto").validate()
