@@ -1,8 +1,9 @@
-"""`lake`: look at the lake and replay fixed bad rows.
+"""`lake`: look at the lake, replay fixed bad rows, erase a person's data.
 
     python -m batch.cli ls [--area enriched|bad] [--start D] [--end D] [--files]
     python -m batch.cli stats [--start D] [--end D]
     python -m batch.cli replay-bad [--start D] [--end D] [--type T]... [--from-file F] [--fix mod:func] [--dry-run]
+    python -m batch.cli erase PSEUDONYM... [--from-file F] [--start D] [--end D] [--dry-run]
 
 (``python -m batch.lake …`` is the same.) Bucket and stream names come from the usual ``CLICKSTREAM_*``
 settings, section ``[lake]``; ``--bucket`` overrides.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import importlib
+import re
 import sys
 import uuid
 from collections import Counter, defaultdict
@@ -21,7 +23,7 @@ import click
 import orjson
 from tqdm import tqdm
 
-from batch import lake
+from batch import erase, lake
 from batch.loader import LoaderSettings, hard_exit
 from common import aws
 from common.config import ConfigError, load
@@ -31,7 +33,7 @@ from common.streams import KinesisStream
 RAW_SCHEMA_PREFIX = "iglu:com.clickstream/raw_record/"
 
 
-@click.group(help="Inspect the S3 lake and replay bad rows.")
+@click.group(help="Inspect the S3 lake, replay bad rows, erase a person's data.")
 @click.option("--bucket", help="lake bucket (default: CLICKSTREAM_BUCKET or clickstream-lake)")
 @click.pass_context
 def lake_cli(ctx: click.Context, bucket: str | None) -> None:
@@ -230,3 +232,41 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+PSEUDONYM = re.compile(r"[0-9a-f]{64}")
+
+
+@lake_cli.command("erase", help="Remove a person's rows from the enriched lake, found by their pseudonyms "
+                                "(user_id, domain_userid or network_userid; see docs/data-protection.md), "
+                                "and delete the predictions and offers of their sessions.")
+@click.argument("pseudonyms", nargs=-1)
+@click.option("--from-file", type=click.File("r"), help="more pseudonyms, one per line ('-' for stdin)")
+@_start
+@_end
+@click.option("--dry-run", is_flag=True, help="say what would be removed, change nothing")
+@click.option("--progress/--no-progress", default=True, help="progress bars on stderr")
+@click.pass_obj
+def erase_command(obj: dict, pseudonyms: tuple[str, ...], from_file, start: str | None, end: str | None,
+                  dry_run: bool, progress: bool) -> None:
+    wanted = {p.strip().lower() for p in (*pseudonyms, *(from_file or ())) if p.strip()}
+    if not wanted:
+        raise click.UsageError("no pseudonyms: give them as arguments or with --from-file")
+    malformed = sorted(p for p in wanted if not PSEUDONYM.fullmatch(p))
+    if malformed:
+        # A clear identifier matches nothing (the lake holds pseudonyms), so a silent "0 rows" would mislead.
+        raise click.UsageError(f"{len(malformed)} value(s) are not 64-hex-digit pseudonyms, e.g. {malformed[0][:12]!r}…;"
+                               " compute them with the pseudonymisation key (docs/data-protection.md)")
+    settings, s3 = obj["settings"], obj["s3"]
+    done = erase.erase_lake(s3, settings.bucket, wanted, start=start, end=end, dry_run=dry_run, progress=progress)
+    dynamodb = aws.client("dynamodb", settings.region, timeout=30)
+    done.predictions = erase.delete_sessions(dynamodb, settings.predictions_table, done.sessions, dry_run=dry_run)
+    done.offers = erase.delete_sessions(dynamodb, settings.offers_table, done.sessions, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for key, rows in sorted(done.files.items()):
+        click.echo(f"{key}: {verb} {rows} rows" + (" (no rows left: file deleted)" if key in done.emptied else ""))
+    click.echo(f"{verb} {done.rows} rows in {len(done.files)} files ({done.identities} pseudonyms matched, "
+               f"{len(done.sessions)} sessions), {done.predictions} predictions, {done.offers} offers")
+    if done.files and not dry_run:
+        click.echo("note: a lake loader replaying a shard after a crash rewrites its files from the enriched stream; "
+                   "run this again once the stream's retention has passed")

@@ -14,7 +14,7 @@ from batch.loader import LoaderSettings
 from common import aws
 from common.config import AwsSettings
 from common.producer import Producer
-from common.streams import KinesisStream
+from common.streams import KinesisStream, Record
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 BASE = dt.datetime(2026, 11, 29, 9, 58, tzinfo=dt.UTC)
@@ -87,6 +87,15 @@ def lake_event_ids(bucket: str) -> list[str]:
 
 def lake_keys(bucket: str, area: str = "") -> list[str]:
     return sorted(obj["Key"] for obj in lake.list_objects(aws.client("s3"), bucket, area))
+
+
+def stream_records(payloads: list[bytes], shard: str = "shardId-000000000000", start: int = 1,
+            arrival_ms: int = 1_796_032_680_000) -> list[Record]:
+    return [Record(data, "pk", str(start + i), shard, arrival_ms) for i, data in enumerate(payloads)]
+
+
+def event_records(events: list[dict], **kwargs) -> list[Record]:
+    return stream_records([orjson.dumps(e) for e in events], **kwargs)
 
 
 @pytest.fixture

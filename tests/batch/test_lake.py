@@ -18,18 +18,8 @@ from batch import lake
 from batch.cli import lake_cli, raw_record_of
 from batch.loader import write_bad, write_enriched
 from common import aws
-from common.streams import KinesisStream, Record
-from tests.batch.conftest import BASE, ROOT_DIR, make_bad_row, make_event, make_raw
-
-
-def _records(payloads: list[bytes], shard: str = "shardId-000000000000", start: int = 1,
-             arrival_ms: int = 1_796_032_680_000) -> list[Record]:
-    return [Record(data, "pk", str(start + i), shard, arrival_ms) for i, data in enumerate(payloads)]
-
-
-def _events_records(events: list[dict], **kwargs) -> list[Record]:
-    return _records([orjson.dumps(e) for e in events], **kwargs)
-
+from common.streams import KinesisStream
+from tests.batch.conftest import BASE, ROOT_DIR, event_records, make_bad_row, make_event, make_raw, stream_records
 
 # ------------------------------------------------------------------------------ conversion
 
@@ -96,7 +86,7 @@ def test_names_depend_only_on_shard_range_and_hour():
 
 def test_a_range_spanning_two_hours_writes_two_readable_files_and_a_replay_overwrites(aws_settings, s3):
     events = [make_event(i, at=BASE + dt.timedelta(minutes=i)) for i in range(4)]  # 09:58 .. 10:01
-    records = _events_records(events, start=41)
+    records = event_records(events, start=41)
     sink = lake.S3Sink(s3, aws_settings.bucket)
     assert write_enriched(sink, "shardId-000000000001", records, "enriched") == {"events": 4, "bad": 0, "files": 2}
     write_enriched(sink, "shardId-000000000001", records, "enriched")  # the replay after a crash
@@ -114,7 +104,7 @@ def test_a_range_spanning_two_hours_writes_two_readable_files_and_a_replay_overw
 
 def test_bad_stream_rows_land_as_gzip_json_lines(aws_settings, s3):
     rows = [make_bad_row(make_raw(i)) for i in range(3)]
-    records = _records([orjson.dumps(r) for r in rows] + [b"garbage"], shard="shardId-000000000000", start=7)
+    records = stream_records([orjson.dumps(r) for r in rows] + [b"garbage"], shard="shardId-000000000000", start=7)
     write_bad(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", records, "bad")
     key = "bad/date=2026-11-30/hour=09/shardId-000000000000-7-10.jsonl.gz"
     body = s3.get_object(Bucket=aws_settings.bucket, Key=key)["Body"].read()
@@ -127,8 +117,8 @@ def test_sync_partitions_copies_skips_cached_and_removes_stale(aws_settings, s3,
     sink = lake.S3Sink(s3, aws_settings.bucket)
     day1 = [make_event(i, at=BASE + dt.timedelta(minutes=i)) for i in range(3)]
     day2 = [make_event(i, at=BASE + dt.timedelta(days=1)) for i in range(2)]
-    write_enriched(sink, "shardId-000000000000", _events_records(day1, start=1), "enriched")
-    write_enriched(sink, "shardId-000000000000", _events_records(day2, start=10), "enriched")
+    write_enriched(sink, "shardId-000000000000", event_records(day1, start=1), "enriched")
+    write_enriched(sink, "shardId-000000000000", event_records(day2, start=10), "enriched")
     root = lake.sync_partitions(aws_settings.bucket, "2026-11-29", "2026-11-29", tmp_path, progress=False)
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.parquet"))
     assert files == ["date=2026-11-29/hour=09/shardId-000000000000-1-3.parquet",
@@ -156,7 +146,7 @@ def test_spark_reads_the_synced_lake(aws_settings, s3, tmp_path):
     from pyspark.sql import SparkSession
 
     events = [make_event(i, at=BASE + dt.timedelta(minutes=i), session=f"s{i % 3}") for i in range(6)]
-    write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", _events_records(events), "enriched")
+    write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", event_records(events), "enriched")
     root = lake.sync_partitions(aws_settings.bucket, "2026-11-29", "2026-11-29", tmp_path / "cache", progress=False)
     spark = (SparkSession.builder.master("local[1]").appName("lake-test").config("spark.ui.enabled", "false")
              .config("spark.sql.shuffle.partitions", "1").config("spark.sql.session.timeZone", "UTC").getOrCreate())
@@ -184,9 +174,9 @@ def _cli(settings, *args):
 def test_ls_and_stats_report_partitions_sessions_and_bad_rate(aws_settings, s3):
     sink = lake.S3Sink(s3, aws_settings.bucket)
     events = [make_event(i, at=BASE + dt.timedelta(minutes=i), session=f"s{i % 2}") for i in range(4)]
-    write_enriched(sink, "shardId-000000000000", _events_records(events), "enriched")
-    write_enriched(sink, "shardId-000000000000", _events_records(events[:1]), "enriched")  # a duplicate
-    write_bad(sink, "shardId-000000000000", _records([orjson.dumps(make_bad_row(make_raw(0)))]), "bad")
+    write_enriched(sink, "shardId-000000000000", event_records(events), "enriched")
+    write_enriched(sink, "shardId-000000000000", event_records(events[:1]), "enriched")  # a duplicate
+    write_bad(sink, "shardId-000000000000", stream_records([orjson.dumps(make_bad_row(make_raw(0)))]), "bad")
 
     listing = _cli(aws_settings, "ls")
     assert listing.exit_code == 0, listing.output
@@ -219,7 +209,7 @@ def test_replay_bad_puts_fixed_raw_records_into_the_raw_stream(aws_settings, s3)
              "data": {"payload": "truncated…", "failure": {}, "processor": {}}}]
     # A record-level failure carries the raw record itself as the payload.
     rows[1]["data"]["payload"] = raws[1]
-    write_bad(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", _records([orjson.dumps(r) for r in rows]),
+    write_bad(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", stream_records([orjson.dumps(r) for r in rows]),
               "bad")
 
     dry = _cli(aws_settings, "replay-bad", "--dry-run")
@@ -256,7 +246,7 @@ def test_raw_record_of_accepts_the_enricher_payload_shapes():
 
 
 def test_the_module_entry_point_runs_stats_and_exits_zero(aws_settings, s3):
-    write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", _events_records([make_event(1)]),
+    write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", event_records([make_event(1)]),
                    "enriched")
     env = {**os.environ, "CLICKSTREAM_BUCKET": aws_settings.bucket}
     result = subprocess.run([sys.executable, "-m", "batch.lake", "stats", "--no-progress"], check=False, env=env,

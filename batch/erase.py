@@ -1,0 +1,117 @@
+"""Erase one person's rows from the lake's enriched area, and the predictions and offers of their sessions.
+
+A row is theirs when ``user_id``, ``domain_userid`` or ``network_userid`` equals one of the given
+pseudonyms. A customer's anonymous sessions before they logged in are theirs too, so the
+``domain_userid``s seen on rows with their ``user_id`` are erased as well (one hop, as
+docs/data-protection.md describes). Each affected Parquet object is rewritten under its own name
+without those rows, or deleted when none are left, so a second run finds nothing.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from batch import lake
+from batch.loader import PARQUET_TYPE
+
+IDENTITY_COLUMNS = ("user_id", "domain_userid", "network_userid")
+
+
+@dataclass
+class Erasure:
+    identities: int = 0                                 # pseudonyms matched, the customer's cookie ids included
+    files: dict[str, int] = field(default_factory=dict)  # lake key -> rows removed
+    emptied: list[str] = field(default_factory=list)     # keys deleted because no row was left
+    sessions: set[str] = field(default_factory=set)      # domain_sessionid of every removed row
+    predictions: int = 0
+    offers: int = 0
+
+    @property
+    def rows(self) -> int:
+        return sum(self.files.values())
+
+
+def _column(table: pa.Table, name: str) -> pa.ChunkedArray | None:
+    return table.column(name) if name in table.column_names else None
+
+
+def _matches(table: pa.Table, identities: set[str]) -> pa.ChunkedArray | pa.Array:
+    """True for the rows whose identity columns hold one of ``identities``."""
+    values = pa.array(sorted(identities), pa.string())
+    mask = pa.array([False] * table.num_rows)
+    for name in IDENTITY_COLUMNS:
+        column = _column(table, name)
+        if column is not None:
+            mask = pc.or_(mask, pc.fill_null(pc.is_in(column, value_set=values), False))
+    return mask
+
+
+def _keys(s3, bucket: str, start, end) -> list[str]:
+    return [obj["Key"] for obj in lake.objects_between(s3, bucket, "enriched", start, end)
+            if obj["Key"].endswith(".parquet")]
+
+
+def _bar(total: int, desc: str, progress: bool) -> tqdm:
+    return tqdm(total=total, unit="file", desc=desc, disable=not progress, file=sys.stderr)
+
+
+def identities_of(s3, bucket: str, keys: list[str], pseudonyms: set[str], progress: bool) -> set[str]:
+    """The pseudonyms plus the cookie ids (``domain_userid``) seen on rows with one of them as ``user_id``."""
+    found = set(pseudonyms)
+    values = pa.array(sorted(pseudonyms), pa.string())
+    with _bar(len(keys), "finding cookie ids", progress) as bar:
+        for key in keys:
+            table = lake.read_parquet_object(s3, bucket, key)
+            user, cookie = _column(table, "user_id"), _column(table, "domain_userid")
+            if user is not None and cookie is not None:
+                mask = pc.fill_null(pc.is_in(user, value_set=values), False)
+                found.update(v for v in cookie.filter(mask).to_pylist() if v)
+            bar.update()
+    return found
+
+
+def erase_lake(s3, bucket: str, pseudonyms: set[str], *, start=None, end=None, dry_run: bool = False,
+               progress: bool = True) -> Erasure:
+    """Rewrite every enriched object in the range without the person's rows (nothing is written with ``dry_run``)."""
+    keys = _keys(s3, bucket, start, end)
+    identities = identities_of(s3, bucket, keys, pseudonyms, progress)
+    erasure = Erasure(identities=len(identities))
+    with _bar(len(keys), "erasing" if not dry_run else "checking", progress) as bar:
+        for key in keys:
+            table = lake.read_parquet_object(s3, bucket, key)
+            mask = _matches(table, identities)
+            removed = pc.sum(mask).as_py() or 0
+            if removed:
+                erasure.files[key] = removed
+                sessions = _column(table.filter(mask), "domain_sessionid")
+                erasure.sessions.update(v for v in (sessions.to_pylist() if sessions is not None else []) if v)
+                kept = table.filter(pc.invert(mask))
+                if not kept.num_rows:
+                    erasure.emptied.append(key)
+                if not dry_run:
+                    _rewrite(s3, bucket, key, kept)
+            bar.update()
+    return erasure
+
+
+def _rewrite(s3, bucket: str, key: str, kept: pa.Table) -> None:
+    if kept.num_rows:       # the schema's metadata (the loader's sequence range) travels with the table
+        s3.put_object(Bucket=bucket, Key=key, Body=lake.parquet_bytes(kept), ContentType=PARQUET_TYPE)
+    else:
+        s3.delete_object(Bucket=bucket, Key=key)
+
+
+def delete_sessions(dynamodb, table: str, sessions: set[str], *, dry_run: bool = False) -> int:
+    """Delete the items keyed by these session ids; returns how many existed."""
+    deleted = 0
+    for session in sorted(sessions):
+        key = {"session_id": {"S": session}}
+        if dry_run:
+            deleted += "Item" in dynamodb.get_item(TableName=table, Key=key, ProjectionExpression="session_id")
+        else:
+            deleted += "Attributes" in dynamodb.delete_item(TableName=table, Key=key, ReturnValues="ALL_OLD")
+    return deleted

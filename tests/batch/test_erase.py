@@ -1,0 +1,115 @@
+"""`lake erase`: a person's rows leave the enriched lake, their sessions' predictions and offers go too,
+everyone else's data stays byte-for-byte readable, and nothing changes on a dry run."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from click.testing import CliRunner
+
+from batch import lake
+from batch.cli import lake_cli
+from batch.loader import write_enriched
+from common import aws
+from tests.batch.conftest import BASE, event_records, make_event
+from tests.conftest import settings_env
+
+CUSTOMER = "c1" * 32          # HMAC of the shop's customer id: user_id once they log in
+COOKIE = "d1" * 32            # their browser's domain_userid, also on sessions before the login
+SOMEONE_ELSE = "e2" * 32
+
+
+def _person_and_neighbours() -> list[dict]:
+    """09:58–09:59 mixed rows (anonymous visit, logged-in visit, someone else), 10:00 only the customer."""
+    def at(minutes: float) -> dt.datetime:
+        return BASE + dt.timedelta(minutes=minutes)
+
+    anonymous = [make_event(i, session="s-anon", at=at(i * 0.1), domain_userid=COOKIE, network_userid="a0" * 32)
+                 for i in range(3)]
+    logged_in = [make_event(10 + i, session="s-login", at=at(1 + i * 0.1), user_id=CUSTOMER, domain_userid=COOKIE,
+                            network_userid="a0" * 32) for i in range(2)]
+    later = [make_event(20 + i, session="s-later", at=at(2.5 + i * 0.1), user_id=CUSTOMER, domain_userid=COOKIE,
+                        network_userid="a0" * 32) for i in range(2)]
+    other = [make_event(30 + i, session="s-other", at=at(0.5 + i * 0.1), domain_userid=SOMEONE_ELSE,
+                        network_userid="b0" * 32) for i in range(4)]
+    return anonymous + logged_in + other + later
+
+
+def _erase(settings, *args):
+    return CliRunner().invoke(lake_cli, ["--bucket", settings.bucket, "erase", "--no-progress", *args],
+                              env=settings_env(settings), catch_exceptions=False)
+
+
+def _etags(s3, bucket: str) -> dict[str, str]:
+    return {obj["Key"]: obj["ETag"] for obj in lake.list_objects(s3, bucket, "enriched/")}
+
+
+def _sessions(dynamodb, table: str) -> set[str]:
+    return {item["session_id"]["S"] for item in dynamodb.scan(TableName=table)["Items"]}
+
+
+@pytest.fixture
+def lake_with_person(aws_settings, s3):
+    events = _person_and_neighbours()
+    write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", event_records(events, start=5),
+                   "enriched")
+    dynamodb = aws.client("dynamodb")
+    for table, sessions in ((aws_settings.predictions_table, ("s-anon", "s-login", "s-later", "s-other")),
+                            (aws_settings.offers_table, ("s-login", "s-other"))):
+        for session in sessions:
+            dynamodb.put_item(TableName=table, Item={"session_id": {"S": session}, "p_buy": {"N": "0.5"}})
+    return events, dynamodb
+
+
+def test_erase_removes_the_customer_and_their_anonymous_visits_and_keeps_everyone_else(
+        aws_settings, s3, lake_with_person):
+    events, dynamodb = lake_with_person
+    before = _etags(s3, aws_settings.bucket)
+    assert sorted(before) == ["enriched/date=2026-11-29/hour=09/shardId-000000000000-5-15.parquet",
+                              "enriched/date=2026-11-29/hour=10/shardId-000000000000-5-15.parquet"]
+
+    dry = _erase(aws_settings, CUSTOMER, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "would remove 7 rows in 2 files (2 pseudonyms matched, 3 sessions), 3 predictions, 1 offers" in dry.output
+    assert "hour=10/shardId-000000000000-5-15.parquet: would remove 2 rows (no rows left: file deleted)" in dry.output
+    assert _etags(s3, aws_settings.bucket) == before
+    assert len(_sessions(dynamodb, aws_settings.predictions_table)) == 4
+
+    done = _erase(aws_settings, CUSTOMER)
+    assert done.exit_code == 0, done.output
+    assert "removed 7 rows in 2 files (2 pseudonyms matched, 3 sessions), 3 predictions, 1 offers" in done.output
+    assert "run this again once the stream's retention has passed" in done.output
+    left = lake.read_enriched(s3, aws_settings.bucket)
+    expected = [e["event_id"] for e in events if e["domain_sessionid"] == "s-other"]
+    assert sorted(left.column("event_id").to_pylist()) == sorted(expected)
+    assert set(left.column("domain_userid").to_pylist()) == {SOMEONE_ELSE}
+    assert list(_etags(s3, aws_settings.bucket)) == ["enriched/date=2026-11-29/hour=09/shardId-000000000000-5-15.parquet"]
+    # The rewritten file keeps what the loader recorded about it (its stream and sequence range).
+    kept = lake.read_parquet_object(s3, aws_settings.bucket, next(iter(_etags(s3, aws_settings.bucket))))
+    assert kept.schema.metadata[b"clickstream.first_seq"] == b"5"
+    assert _sessions(dynamodb, aws_settings.predictions_table) == {"s-other"}
+    assert _sessions(dynamodb, aws_settings.offers_table) == {"s-other"}
+
+    again = _erase(aws_settings, CUSTOMER)
+    assert "removed 0 rows in 0 files" in again.output
+
+
+def test_erase_by_cookie_id_from_a_file_leaves_the_logged_in_rows_of_other_cookies(aws_settings, s3, lake_with_person,
+                                                                                  tmp_path):
+    events, _ = lake_with_person
+    listing = tmp_path / "pseudonyms.txt"
+    listing.write_text(f"{SOMEONE_ELSE}\n\n")
+    done = _erase(aws_settings, "--from-file", str(listing))
+    assert done.exit_code == 0, done.output
+    assert "removed 4 rows in 1 files (1 pseudonyms matched, 1 sessions), 1 predictions, 1 offers" in done.output
+    assert lake.read_enriched(s3, aws_settings.bucket).num_rows == len(events) - 4
+
+
+def test_erase_refuses_clear_identifiers_and_an_empty_request(aws_settings, s3, lake_with_person):
+    clear = _erase(aws_settings, "alice@example.com")
+    assert clear.exit_code == 2
+    assert "not 64-hex-digit pseudonyms, e.g. 'alice@exampl'" in clear.output
+    assert "compute them with the pseudonymisation key" in clear.output
+    empty = _erase(aws_settings)
+    assert empty.exit_code == 2 and "no pseudonyms" in empty.output
+    assert lake.read_enriched(s3, aws_settings.bucket).num_rows == len(lake_with_person[0])
