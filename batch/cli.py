@@ -213,27 +213,6 @@ def _report(counts: Counter, stream: str, dry_run: bool, ready: int) -> None:
     click.echo(f"{verb} raw records into {stream}" + (f"; {others}" if others else ""))
 
 
-def main() -> None:
-    try:
-        code = lake_cli.main(prog_name="lake", standalone_mode=False)
-        code = code if isinstance(code, int) else 0
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        code = exc.exit_code
-    except click.Abort:
-        click.echo("Aborted!", err=True)
-        code = 1
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    hard_exit(code)
-
-
-if __name__ == "__main__":
-    main()
-
-
 PSEUDONYM = re.compile(r"[0-9a-f]{64}")
 
 
@@ -262,6 +241,9 @@ def erase_command(obj: dict, pseudonyms: tuple[str, ...], from_file, start: str 
     dynamodb = aws.client("dynamodb", settings.region, timeout=30)
     done.predictions = erase.delete_sessions(dynamodb, settings.predictions_table, done.sessions, dry_run=dry_run)
     done.offers = erase.delete_sessions(dynamodb, settings.offers_table, done.sessions, dry_run=dry_run)
+    if not dry_run:
+        done.record["runs"].append(done.run_summary())
+        click.echo(f"recorded in s3://{settings.bucket}/{erase.save_record(s3, settings.bucket, done)}")
     verb = "would remove" if dry_run else "removed"
     for key, rows in sorted(done.files.items()):
         click.echo(f"{key}: {verb} {rows} rows" + (" (no rows left: file deleted)" if key in done.emptied else ""))
@@ -270,3 +252,24 @@ def erase_command(obj: dict, pseudonyms: tuple[str, ...], from_file, start: str 
     if done.files and not dry_run:
         click.echo("note: a lake loader replaying a shard after a crash rewrites its files from the enriched stream; "
                    "run this again once the stream's retention has passed")
+
+
+def main() -> None:
+    try:
+        code = lake_cli.main(prog_name="lake", standalone_mode=False)
+        code = code if isinstance(code, int) else 0
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        code = 1
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    hard_exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,10 +5,18 @@ pseudonyms. A customer's anonymous sessions before they logged in are theirs too
 ``domain_userid``s seen on rows with their ``user_id`` are erased as well (one hop, as
 docs/data-protection.md describes). Each affected Parquet object is rewritten under its own name
 without those rows, or deleted when none are left, so a second run finds nothing.
+
+Each request leaves a record, ``erasures/<hash of the pseudonyms>.json``: the pseudonyms, every
+identity erased, and one entry per run (files, rows, sessions; never a clear identifier). It is
+written before the first file is touched, so a run that crashes half-way, or a later run with the
+same pseudonyms, erases the same cookie ids even though the rows that revealed them are gone.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
+import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -17,12 +25,15 @@ from tqdm import tqdm
 
 from batch import lake
 from batch.loader import PARQUET_TYPE
+from common import aws
 
 IDENTITY_COLUMNS = ("user_id", "domain_userid", "network_userid")
+RECORDS = "erasures/"
 
 
 @dataclass
 class Erasure:
+    record: dict                                        # erasures/<…>.json as it will be written
     identities: int = 0                                 # pseudonyms matched, the customer's cookie ids included
     files: dict[str, int] = field(default_factory=dict)  # lake key -> rows removed
     emptied: list[str] = field(default_factory=list)     # keys deleted because no row was left
@@ -33,6 +44,27 @@ class Erasure:
     @property
     def rows(self) -> int:
         return sum(self.files.values())
+
+    def run_summary(self) -> dict:
+        return {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": self.rows,
+                "files": self.files, "files_deleted": self.emptied, "sessions": len(self.sessions),
+                "predictions": self.predictions, "offers": self.offers}
+
+
+def record_key(pseudonyms: set[str]) -> str:
+    return RECORDS + hashlib.sha256(",".join(sorted(pseudonyms)).encode()).hexdigest()[:16] + ".json"
+
+
+def _record(s3, bucket: str, pseudonyms: set[str]) -> dict:
+    body = aws.get_object_bytes(s3, bucket, record_key(pseudonyms))
+    return json.loads(body) if body else {"pseudonyms": sorted(pseudonyms), "identities": [], "runs": []}
+
+
+def save_record(s3, bucket: str, erasure: Erasure) -> str:
+    key = record_key(set(erasure.record["pseudonyms"]))
+    s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(erasure.record, indent=1).encode(),
+                  ContentType="application/json")
+    return key
 
 
 def _column(table: pa.Table, name: str) -> pa.ChunkedArray | None:
@@ -78,8 +110,12 @@ def erase_lake(s3, bucket: str, pseudonyms: set[str], *, start=None, end=None, d
                progress: bool = True) -> Erasure:
     """Rewrite every enriched object in the range without the person's rows (nothing is written with ``dry_run``)."""
     keys = _keys(s3, bucket, start, end)
-    identities = identities_of(s3, bucket, keys, pseudonyms, progress)
-    erasure = Erasure(identities=len(identities))
+    record = _record(s3, bucket, pseudonyms)
+    identities = identities_of(s3, bucket, keys, pseudonyms, progress) | set(record["identities"])
+    record["identities"] = sorted(identities)
+    erasure = Erasure(record, identities=len(identities))
+    if not dry_run:
+        save_record(s3, bucket, erasure)
     with _bar(len(keys), "erasing" if not dry_run else "checking", progress) as bar:
         for key in keys:
             table = lake.read_parquet_object(s3, bucket, key)

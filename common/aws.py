@@ -10,6 +10,7 @@ import os
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 _LOCAL_DEFAULTS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
 
@@ -34,3 +35,13 @@ def client(service: str, region: str | None = None, *, timeout: float = 10.0, re
                     retries={"max_attempts": retries, "mode": "standard"},
                     max_pool_connections=32, **options)
     return session(region).client(service, config=config)
+
+
+def get_object_bytes(s3, bucket: str, key: str) -> bytes | None:
+    """The object's body, or None when there is no such key (any other error raises)."""
+    try:
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+            return None
+        raise

@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from botocore.exceptions import ClientError
+from common import aws
 
 PREFIX = "models"
 DEFAULT_MODEL = "buy-propensity"
@@ -29,17 +29,8 @@ def new_version() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
 
 
-def _get(s3, bucket: str, key: str) -> bytes | None:
-    try:
-        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as exc:
-        if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
-            return None
-        raise
-
-
 def current_version(s3, bucket: str, name: str = DEFAULT_MODEL) -> str | None:
-    raw = _get(s3, bucket, f"{PREFIX}/{name}/CURRENT")
+    raw = aws.get_object_bytes(s3, bucket, f"{PREFIX}/{name}/CURRENT")
     return raw.decode().strip() if raw else None
 
 
@@ -48,8 +39,8 @@ def load(s3, bucket: str, name: str = DEFAULT_MODEL, version: str | None = None)
     version = version or current_version(s3, bucket, name)
     if not version:
         raise LookupError(f"model {name!r} has no CURRENT version in s3://{bucket}/{PREFIX}/{name}/")
-    onnx = _get(s3, bucket, f"{PREFIX}/{name}/{version}/model.onnx")
-    meta = _get(s3, bucket, f"{PREFIX}/{name}/{version}/model.json")
+    onnx = aws.get_object_bytes(s3, bucket, f"{PREFIX}/{name}/{version}/model.onnx")
+    meta = aws.get_object_bytes(s3, bucket, f"{PREFIX}/{name}/{version}/model.json")
     if onnx is None or meta is None:
         raise LookupError(f"model {name!r} version {version} is incomplete in s3://{bucket}")
     return Bundle(name, version, onnx, json.loads(meta))
@@ -67,7 +58,7 @@ def publish(s3, bucket: str, name: str, version: str, files: dict[str, bytes]) -
 
 
 def history(s3, bucket: str, name: str = DEFAULT_MODEL) -> list[dict]:
-    raw = _get(s3, bucket, f"{PREFIX}/{name}/HISTORY")
+    raw = aws.get_object_bytes(s3, bucket, f"{PREFIX}/{name}/HISTORY")
     return [json.loads(line) for line in raw.decode().splitlines() if line.strip()] if raw else []
 
 

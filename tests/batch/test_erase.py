@@ -3,15 +3,18 @@ everyone else's data stays byte-for-byte readable, and nothing changes on a dry 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
 
-from batch import lake
+from batch import erase, lake
 from batch.cli import lake_cli
 from batch.loader import write_enriched
 from common import aws
-from tests.batch.conftest import BASE, event_records, make_event
+from tests.batch.conftest import BASE, ROOT_DIR, event_records, make_event
 from tests.conftest import settings_env
 
 CUSTOMER = "c1" * 32          # HMAC of the shop's customer id: user_id once they log in
@@ -70,6 +73,7 @@ def test_erase_removes_the_customer_and_their_anonymous_visits_and_keeps_everyon
 
     dry = _erase(aws_settings, CUSTOMER, "--dry-run")
     assert dry.exit_code == 0, dry.output
+    assert not list(lake.list_objects(s3, aws_settings.bucket, erase.RECORDS))
     assert "would remove 7 rows in 2 files (2 pseudonyms matched, 3 sessions), 3 predictions, 1 offers" in dry.output
     assert "hour=10/shardId-000000000000-5-15.parquet: would remove 2 rows (no rows left: file deleted)" in dry.output
     assert _etags(s3, aws_settings.bucket) == before
@@ -91,7 +95,26 @@ def test_erase_removes_the_customer_and_their_anonymous_visits_and_keeps_everyon
     assert _sessions(dynamodb, aws_settings.offers_table) == {"s-other"}
 
     again = _erase(aws_settings, CUSTOMER)
-    assert "removed 0 rows in 0 files" in again.output
+    assert "removed 0 rows in 0 files (2 pseudonyms matched, 0 sessions)" in again.output
+
+
+def test_a_later_run_erases_cookie_rows_that_come_back_after_the_customer_rows_are_gone(aws_settings, s3,
+                                                                                       lake_with_person):
+    events, _ = lake_with_person
+    assert _erase(aws_settings, CUSTOMER).exit_code == 0
+    record = json.loads(s3.get_object(Bucket=aws_settings.bucket, Key=erase.record_key({CUSTOMER}))["Body"].read())
+    assert record["pseudonyms"] == [CUSTOMER] and record["identities"] == sorted([CUSTOMER, COOKIE])
+    assert [run["rows"] for run in record["runs"]] == [7]
+    # Another shard's loader replays the anonymous visit after a crash: no row names the customer any more,
+    # only the record remembers that this cookie is theirs.
+    anonymous = [e for e in events if e["domain_sessionid"] == "s-anon"]
+    write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000001", event_records(anonymous, start=1),
+                   "enriched")
+    again = _erase(aws_settings, CUSTOMER)
+    assert "removed 3 rows in 1 files (2 pseudonyms matched, 1 sessions)" in again.output
+    assert set(lake.read_enriched(s3, aws_settings.bucket).column("domain_sessionid").to_pylist()) == {"s-other"}
+    record = json.loads(s3.get_object(Bucket=aws_settings.bucket, Key=erase.record_key({CUSTOMER}))["Body"].read())
+    assert [run["rows"] for run in record["runs"]] == [7, 3]
 
 
 def test_erase_by_cookie_id_from_a_file_leaves_the_logged_in_rows_of_other_cookies(aws_settings, s3, lake_with_person,
@@ -113,3 +136,11 @@ def test_erase_refuses_clear_identifiers_and_an_empty_request(aws_settings, s3, 
     empty = _erase(aws_settings)
     assert empty.exit_code == 2 and "no pseudonyms" in empty.output
     assert lake.read_enriched(s3, aws_settings.bucket).num_rows == len(lake_with_person[0])
+
+
+def test_erase_is_a_command_of_the_installed_entry_point():
+    # CliRunner calls the group object; this runs `python -m batch.cli` as an operator would.
+    out = subprocess.run([sys.executable, "-m", "batch.cli", "erase", "--help"], cwd=ROOT_DIR, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "--dry-run" in out.stdout and "pseudonyms" in out.stdout
