@@ -7,9 +7,10 @@ docs/data-protection.md describes). Each affected Parquet object is rewritten un
 without those rows, or deleted when none are left, so a second run finds nothing.
 
 Each request leaves a record, ``erasures/<hash of the pseudonyms>.json``: the pseudonyms, every
-identity erased, and one entry per run (files, rows, sessions; never a clear identifier). It is
-written before the first file is touched, so a run that crashes half-way, or a later run with the
-same pseudonyms, erases the same cookie ids even though the rows that revealed them are gone.
+identity erased, the sessions whose predictions and offers go, and one entry per run (files, rows;
+never a clear identifier). It is written before each file is touched, so a run that crashes
+half-way, or a later run with the same pseudonyms, erases the same cookie ids and sessions even
+though the rows that revealed them are gone.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def record_key(pseudonyms: set[str]) -> str:
 
 def _record(s3, bucket: str, pseudonyms: set[str]) -> dict:
     body = aws.get_object_bytes(s3, bucket, record_key(pseudonyms))
-    return json.loads(body) if body else {"pseudonyms": sorted(pseudonyms), "identities": [], "runs": []}
+    return json.loads(body) if body else {"pseudonyms": sorted(pseudonyms), "identities": [], "sessions": [],
+                                          "runs": []}
 
 
 def save_record(s3, bucket: str, erasure: Erasure) -> str:
@@ -129,6 +131,9 @@ def erase_lake(s3, bucket: str, pseudonyms: set[str], *, start=None, end=None, d
                 if not kept.num_rows:
                     erasure.emptied.append(key)
                 if not dry_run:
+                    # Sessions first: once the rows are gone, only the record knows whose predictions to delete.
+                    record["sessions"] = sorted(set(record["sessions"]) | erasure.sessions)
+                    save_record(s3, bucket, erasure)
                     _rewrite(s3, bucket, key, kept)
             bar.update()
     return erasure

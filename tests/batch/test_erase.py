@@ -105,13 +105,19 @@ def test_a_later_run_erases_cookie_rows_that_come_back_after_the_customer_rows_a
     record = json.loads(s3.get_object(Bucket=aws_settings.bucket, Key=erase.record_key({CUSTOMER}))["Body"].read())
     assert record["pseudonyms"] == [CUSTOMER] and record["identities"] == sorted([CUSTOMER, COOKIE])
     assert [run["rows"] for run in record["runs"]] == [7]
+    assert record["sessions"] == ["s-anon", "s-later", "s-login"]
     # Another shard's loader replays the anonymous visit after a crash: no row names the customer any more,
     # only the record remembers that this cookie is theirs.
     anonymous = [e for e in events if e["domain_sessionid"] == "s-anon"]
     write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000001", event_records(anonymous, start=1),
                    "enriched")
+    # And a prediction for a session whose rows are already gone (a late scorer write, or a run that
+    # stopped before its deletes): the record's session list still finds it.
+    dynamodb = aws.client("dynamodb")
+    dynamodb.put_item(TableName=aws_settings.predictions_table, Item={"session_id": {"S": "s-login"}})
     again = _erase(aws_settings, CUSTOMER)
-    assert "removed 3 rows in 1 files (2 pseudonyms matched, 1 sessions)" in again.output
+    assert "removed 3 rows in 1 files (2 pseudonyms matched, 1 sessions), 1 predictions" in again.output
+    assert _sessions(dynamodb, aws_settings.predictions_table) == {"s-other"}
     assert set(lake.read_enriched(s3, aws_settings.bucket).column("domain_sessionid").to_pylist()) == {"s-other"}
     record = json.loads(s3.get_object(Bucket=aws_settings.bucket, Key=erase.record_key({CUSTOMER}))["Body"].read())
     assert [run["rows"] for run in record["runs"]] == [7, 3]
