@@ -239,7 +239,7 @@ def erase_command(obj: dict, pseudonyms: tuple[str, ...], from_file, start: str 
     settings, s3 = obj["settings"], obj["s3"]
     done = erase.erase_lake(s3, settings.bucket, wanted, start=start, end=end, dry_run=dry_run, progress=progress)
     dynamodb = aws.client("dynamodb", settings.region, timeout=30)
-    sessions = done.sessions | set(done.record["sessions"])      # a stopped earlier run's too
+    sessions = set(done.record["sessions"])     # this run's and any earlier run's
     done.predictions = erase.delete_sessions(dynamodb, settings.predictions_table, sessions, dry_run=dry_run)
     done.offers = erase.delete_sessions(dynamodb, settings.offers_table, sessions, dry_run=dry_run)
     if not dry_run:

@@ -35,7 +35,6 @@ RECORDS = "erasures/"
 @dataclass
 class Erasure:
     record: dict                                        # erasures/<…>.json as it will be written
-    identities: int = 0                                 # pseudonyms matched, the customer's cookie ids included
     files: dict[str, int] = field(default_factory=dict)  # lake key -> rows removed
     emptied: list[str] = field(default_factory=list)     # keys deleted because no row was left
     sessions: set[str] = field(default_factory=set)      # domain_sessionid of every removed row
@@ -45,6 +44,11 @@ class Erasure:
     @property
     def rows(self) -> int:
         return sum(self.files.values())
+
+    @property
+    def identities(self) -> int:
+        """Pseudonyms matched, the customer's cookie ids included."""
+        return len(self.record["identities"])
 
     def run_summary(self) -> dict:
         return {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": self.rows,
@@ -69,19 +73,14 @@ def save_record(s3, bucket: str, erasure: Erasure) -> str:
     return key
 
 
-def _column(table: pa.Table, name: str) -> pa.ChunkedArray | None:
-    return table.column(name) if name in table.column_names else None
+def _is_in(column: pa.ChunkedArray, values: pa.Array) -> pa.ChunkedArray:
+    return pc.fill_null(pc.is_in(column, value_set=values), False)
 
 
-def _matches(table: pa.Table, identities: set[str]) -> pa.ChunkedArray | pa.Array:
-    """True for the rows whose identity columns hold one of ``identities``."""
-    values = pa.array(sorted(identities), pa.string())
-    mask = pa.array([False] * table.num_rows)
-    for name in IDENTITY_COLUMNS:
-        column = _column(table, name)
-        if column is not None:
-            mask = pc.or_(mask, pc.fill_null(pc.is_in(column, value_set=values), False))
-    return mask
+def _matches(table: pa.Table, values: pa.Array) -> pa.ChunkedArray:
+    """True for the rows whose identity columns hold one of ``values``."""
+    user, cookie, network = (_is_in(table.column(name), values) for name in IDENTITY_COLUMNS)
+    return pc.or_(pc.or_(user, cookie), network)
 
 
 def _keys(s3, bucket: str, start, end) -> list[str]:
@@ -99,11 +98,9 @@ def identities_of(s3, bucket: str, keys: list[str], pseudonyms: set[str], progre
     values = pa.array(sorted(pseudonyms), pa.string())
     with _bar(len(keys), "finding cookie ids", progress) as bar:
         for key in keys:
-            table = lake.read_parquet_object(s3, bucket, key)
-            user, cookie = _column(table, "user_id"), _column(table, "domain_userid")
-            if user is not None and cookie is not None:
-                mask = pc.fill_null(pc.is_in(user, value_set=values), False)
-                found.update(v for v in cookie.filter(mask).to_pylist() if v)
+            table = lake.read_parquet_object(s3, bucket, key, ["user_id", "domain_userid"])
+            cookies = table.column("domain_userid").filter(_is_in(table.column("user_id"), values))
+            found.update(v for v in cookies.to_pylist() if v)
             bar.update()
     return found
 
@@ -115,24 +112,25 @@ def erase_lake(s3, bucket: str, pseudonyms: set[str], *, start=None, end=None, d
     record = _record(s3, bucket, pseudonyms)
     identities = identities_of(s3, bucket, keys, pseudonyms, progress) | set(record["identities"])
     record["identities"] = sorted(identities)
-    erasure = Erasure(record, identities=len(identities))
+    values = pa.array(record["identities"], pa.string())
+    erasure = Erasure(record)
     if not dry_run:
         save_record(s3, bucket, erasure)
     with _bar(len(keys), "erasing" if not dry_run else "checking", progress) as bar:
         for key in keys:
             table = lake.read_parquet_object(s3, bucket, key)
-            mask = _matches(table, identities)
+            mask = _matches(table, values)
             removed = pc.sum(mask).as_py() or 0
             if removed:
                 erasure.files[key] = removed
-                sessions = _column(table.filter(mask), "domain_sessionid")
-                erasure.sessions.update(v for v in (sessions.to_pylist() if sessions is not None else []) if v)
+                erasure.sessions.update(v for v in table.column("domain_sessionid").filter(mask).to_pylist() if v)
+                # The record keeps every session, an earlier run's too: once the rows are gone, only it
+                # knows whose predictions and offers to delete. Saved before the rewrite for that reason.
+                record["sessions"] = sorted(set(record["sessions"]) | erasure.sessions)
                 kept = table.filter(pc.invert(mask))
                 if not kept.num_rows:
                     erasure.emptied.append(key)
                 if not dry_run:
-                    # Sessions first: once the rows are gone, only the record knows whose predictions to delete.
-                    record["sessions"] = sorted(set(record["sessions"]) | erasure.sessions)
                     save_record(s3, bucket, erasure)
                     _rewrite(s3, bucket, key, kept)
             bar.update()

@@ -90,7 +90,7 @@ def lake_keys(bucket: str, area: str = "") -> list[str]:
 
 
 def stream_records(payloads: list[bytes], shard: str = "shardId-000000000000", start: int = 1,
-            arrival_ms: int = 1_796_032_680_000) -> list[Record]:
+                   arrival_ms: int = 1_796_032_680_000) -> list[Record]:
     return [Record(data, "pk", str(start + i), shard, arrival_ms) for i, data in enumerate(payloads)]
 
 
