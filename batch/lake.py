@@ -430,7 +430,6 @@ def sync_partitions(bucket: str, start_date: str | dt.date, end_date: str | dt.d
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     objects = [obj for obj in objects_between(s3, bucket, "enriched", start_date, end_date)
                if obj["Key"].endswith(".parquet")]
-    wanted = {obj["Key"] for obj in objects}
     todo = [obj for obj in objects if not _cached(cache, manifest, obj)]
     with tqdm(total=sum(obj["Size"] for obj in todo), unit="B", unit_scale=True, desc="sync lake",
               disable=not progress) as bar:
@@ -443,15 +442,20 @@ def sync_partitions(bucket: str, start_date: str | dt.date, end_date: str | dt.d
             os.replace(partial, target)
             manifest[obj["Key"]] = {"etag": obj["ETag"], "size": obj["Size"]}
             bar.update(obj["Size"])
+    _drop_stale(cache, manifest, {obj["Key"] for obj in objects}, start_date, end_date)
+    root.mkdir(parents=True, exist_ok=True)
+    manifest_path.write_text(json.dumps(manifest, indent=0, sort_keys=True))
+    return root
+
+
+def _drop_stale(cache: Path, manifest: dict, wanted: set[str], start_date, end_date) -> None:
+    """Remove cached files of the range that S3 no longer has, and their manifest entries."""
     for day in dates_between(start_date, end_date):
-        for stale in (root / f"date={day.isoformat()}").glob("hour=*/*.parquet"):
+        for stale in (cache / "enriched" / f"date={day.isoformat()}").glob("hour=*/*.parquet"):
             key = stale.relative_to(cache).as_posix()
             if key not in wanted:
                 stale.unlink()
                 manifest.pop(key, None)
-    root.mkdir(parents=True, exist_ok=True)
-    manifest_path.write_text(json.dumps(manifest, indent=0, sort_keys=True))
-    return root
 
 
 def _cached(cache: Path, manifest: dict, obj: dict) -> bool:

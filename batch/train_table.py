@@ -80,24 +80,8 @@ def prepare(frame: pd.DataFrame, label: str, *, drop=(), categorical=(), missing
     kinds = [c for c in features.columns
              if c in categorical or not pd.api.types.is_numeric_dtype(features[c]) or features[c].dtype == bool]
     numeric = [c for c in features.columns if c not in kinds]
-    incomplete = features[numeric].isna().any(axis=1)
-    if incomplete.any():
-        if missing == "drop":
-            notes.append(f"dropped {int(incomplete.sum())} rows with missing numeric values")
-            features, y = features[~incomplete], y[~incomplete]
-        else:
-            medians = features[numeric].median()
-            notes.append(f"imputed medians into {int(incomplete.sum())} rows with missing numeric values")
-            features = features.fillna(medians.to_dict())
-    encoded = [features[numeric].astype(np.float64).rename(columns=_name)]
-    for column in kinds:
-        values = features[column].astype("string")
-        if values.isna().any():
-            notes.append(f"{column}: {int(values.isna().sum())} missing values encoded as all-zero")
-        dummies = pd.get_dummies(values, prefix=_name(column), prefix_sep="_", dtype=np.float64)
-        encoded.append(dummies.rename(columns=_name))
-    notes.append(f"one-hot encoded {kinds}" if kinds else "no categorical columns")
-    x = pd.concat(encoded, axis=1)
+    features, y = _fill_missing(features, y, numeric, missing, notes)
+    x = _one_hot(features, numeric, kinds, notes)
     if x.columns.duplicated().any():
         raise TrainError(f"{source}: column names collide after encoding: {list(x.columns[x.columns.duplicated()])}")
     # Same reason as the event features: ONNX sees float32, so Spark must see the same values.
@@ -109,6 +93,31 @@ def prepare(frame: pd.DataFrame, label: str, *, drop=(), categorical=(), missing
     for note in notes:
         log.info("%s: %s", source, note)
     return Table(out, list(x.columns), source, label, notes)
+
+
+def _fill_missing(features: pd.DataFrame, y: pd.Series, numeric: list[str], missing: str, notes: list[str]):
+    """Rows with a missing numeric value dropped, or the column medians imputed (``missing``)."""
+    incomplete = features[numeric].isna().any(axis=1)
+    if not incomplete.any():
+        return features, y
+    if missing == "drop":
+        notes.append(f"dropped {int(incomplete.sum())} rows with missing numeric values")
+        return features[~incomplete], y[~incomplete]
+    notes.append(f"imputed medians into {int(incomplete.sum())} rows with missing numeric values")
+    return features.fillna(features[numeric].median().to_dict()), y
+
+
+def _one_hot(features: pd.DataFrame, numeric: list[str], kinds: list[str], notes: list[str]) -> pd.DataFrame:
+    """Numeric columns as they are, one 0/1 column per value of each categorical one."""
+    encoded = [features[numeric].astype(np.float64).rename(columns=_name)]
+    for column in kinds:
+        values = features[column].astype("string")
+        if values.isna().any():
+            notes.append(f"{column}: {int(values.isna().sum())} missing values encoded as all-zero")
+        dummies = pd.get_dummies(values, prefix=_name(column), prefix_sep="_", dtype=np.float64)
+        encoded.append(dummies.rename(columns=_name))
+    notes.append(f"one-hot encoded {kinds}" if kinds else "no categorical columns")
+    return pd.concat(encoded, axis=1)
 
 
 def folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:

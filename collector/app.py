@@ -67,6 +67,19 @@ def _query(raw: bytes) -> str | None:
         return quote_from_bytes(raw, safe=bytes(range(0x21, 0x7F)).decode())
 
 
+def _split_headers(scope) -> tuple[dict[str, str], list[str], str]:
+    """Headers by name, the ``name: value`` lines to record (no credentials), and the Cookie header."""
+    headers, kept, cookie = {}, [], ""
+    for raw_name, raw_value in scope["headers"]:
+        name, value = raw_name.decode("latin-1"), _text(raw_value)      # ASGI names are lower-case
+        if name == "cookie":
+            cookie = f"{cookie}; {value}" if cookie else value
+        elif name not in SECRET_HEADERS:
+            headers[name] = value
+            kept.append(f"{name}: {value}")
+    return headers, kept, cookie
+
+
 def _cookies(header: str) -> dict[str, str]:
     jar = {}
     for part in header.split(";"):
@@ -183,14 +196,7 @@ class Collector:
 
     async def track(self, route: str, scope, receive, send) -> int:
         settings = self.settings
-        headers, kept, cookie = {}, [], ""
-        for raw_name, raw_value in scope["headers"]:
-            name, value = raw_name.decode("latin-1"), _text(raw_value)      # ASGI names are lower-case
-            if name == "cookie":
-                cookie = f"{cookie}; {value}" if cookie else value
-            elif name not in SECRET_HEADERS:
-                headers[name] = value
-                kept.append(f"{name}: {value}")
+        headers, kept, cookie = _split_headers(scope)
         try:
             body = await read_body(scope, receive, headers, settings.max_request_bytes) \
                 if scope["method"] == "POST" else None
@@ -213,21 +219,7 @@ class Collector:
             if location is None:
                 return await respond(send, 400, TEXT, b"redirect target missing or not allowed")
 
-        set_cookie = []
-        if "sp-anonymous" in headers:
-            kept = [h for h in kept if h.split(":", 1)[0] not in IP_HEADERS]
-            ip, nuid = None, NIL_UUID
-            if settings.cookie_name in jar:
-                set_cookie.append((b"set-cookie", self.cookie("", headers, expire=True)))
-        else:
-            forwarded = headers.get("x-forwarded-for")
-            ip = forwarded.split(",")[0].strip() if forwarded else (scope.get("client") or (None,))[0]
-            nuid = _nuid_param(query) or jar.get(settings.cookie_name) or ""
-            if not USER_ID.match(nuid):
-                # Only ids that are safe to echo in Set-Cookie; anything else gets a fresh one.
-                nuid = str(uuid.uuid4())
-            set_cookie.append((b"set-cookie", self.cookie(nuid, headers)))
-
+        ip, nuid, kept, set_cookie = self.identify(scope, headers, kept, jar, query)
         hit = Hit(int(time.time() * 1000), ip, headers.get("user-agent"), headers.get("referer"),
                   self.canonical[scope["path"]], query, scope["method"], headers.get("content-type"),
                   body, kept, nuid, headers.get("host", ""))
@@ -241,6 +233,22 @@ class Collector:
             retry = [(b"retry-after", str(settings.retry_after_s).encode())]
             return await respond(send, 503, TEXT + retry + cors, b"spool full, retry later")
         return await self.answer(route, scope, send, cors + set_cookie, location)
+
+    def identify(self, scope, headers: dict, kept: list, jar: dict, query: str | None):
+        """The client's IP, network user id, recorded headers and Set-Cookie: none of the first two,
+        no IP headers and an expired cookie under SP-Anonymous."""
+        if "sp-anonymous" in headers:
+            kept = [h for h in kept if h.split(":", 1)[0] not in IP_HEADERS]
+            expire = [(b"set-cookie", self.cookie("", headers, expire=True))] \
+                if self.settings.cookie_name in jar else []
+            return None, NIL_UUID, kept, expire
+        forwarded = headers.get("x-forwarded-for")
+        ip = forwarded.split(",")[0].strip() if forwarded else (scope.get("client") or (None,))[0]
+        nuid = _nuid_param(query) or jar.get(self.settings.cookie_name) or ""
+        if not USER_ID.match(nuid):
+            # Only ids that are safe to echo in Set-Cookie; anything else gets a fresh one.
+            nuid = str(uuid.uuid4())
+        return ip, nuid, kept, [(b"set-cookie", self.cookie(nuid, headers))]
 
     async def spool_hit(self, hit: Hit) -> None:
         settings = self.settings

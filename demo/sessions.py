@@ -283,7 +283,7 @@ def _walk(page: _Builder, rng: random.Random) -> None:
     if landing == "home":
         page.page("/", "ClickShop", "home")
     elif landing == "category":
-        page.page(f"/c/{category}", f"{category.title()} | ClickShop", "category", category)
+        _category_page(page, category)
     else:
         view_product()
     if depth == DEPTH["landing"]:
@@ -291,32 +291,42 @@ def _walk(page: _Builder, rng: random.Random) -> None:
             page.page(rng.choice(cat.CONTENT_PAGES), "Help | ClickShop", "content")
         return
     if landing != "category":
-        page.page(f"/c/{category}", f"{category.title()} | ClickShop", "category", category)
+        _category_page(page, category)
     if rng.random() < 0.2:
         page.page(f"/search?q={category}", "Search | ClickShop", "search")
     if depth == DEPTH["category"]:
         if rng.random() < 0.4:
             category = rng.choice(list(cat.CATEGORIES))
-            page.page(f"/c/{category}", f"{category.title()} | ClickShop", "category", category)
+            _category_page(page, category)
         return
     # Buyers compare a little more on average; the two distributions overlap widely.
     extra = min(12, int(rng.expovariate(1 / (2.5 if session.buys else 1.6))))
     for _ in range(1 + extra - (1 if landing == "product" else 0)):
         if rng.random() < 0.15:
             category = rng.choice(list(cat.CATEGORIES))
-            page.page(f"/c/{category}", f"{category.title()} | ClickShop", "category", category)
+            _category_page(page, category)
         view_product()
     if depth == DEPTH["product"]:
         return
+    _check_out(page, rng, viewed, category, depth)
+
+
+def _category_page(page: _Builder, category: str) -> None:
+    page.page(f"/c/{category}", f"{category.title()} | ClickShop", "category", category)
+
+
+def _check_out(page: _Builder, rng: random.Random, viewed: list[Product], category: str, depth: int) -> None:
+    """Fill the cart, walk the checkout steps up to the session's stop, and buy if it does."""
     cart = _fill_cart(page, rng, viewed, category)
     for step, name, path, page_type in cat.CHECKOUT_STEPS:
         if depth < DEPTH[f"checkout{step}"]:
             return
         page.page(path, f"{name.title()} | ClickShop", page_type,
                   events=(("checkout_step", {"step": step, "name": name}),))
-    if not session.buys:
+    if not page.session.buys:
         return
-    total = round(sum(p.price * q for p, q in cart) + (0 if sum(p.price * q for p, q in cart) > 50 else 4.95), 2)
+    subtotal = sum(p.price * q for p, q in cart)
+    total = round(subtotal + (0 if subtotal > 50 else 4.95), 2)   # shipping is free over 50
     order = {"order_id": f"ORD-{rng.getrandbits(40):010x}", "total": total,
              "items": sum(q for _, q in cart), "currency": cat.CURRENCY}
     page.page("/checkout/confirmation", "Thank you | ClickShop", "confirmation", events=(("purchase", order),))

@@ -187,27 +187,7 @@ class Enricher:
     def _typed(self, params: dict, record: dict) -> dict:
         """Canonical fields with typed values; every malformed value is reported, not just the first."""
         errors: list[dict] = []
-        event = TEMPLATE.copy()
-        stamps = {"dtm": None, "stm": None, "ttm": None}
-        # One pass over what the tracker sent (a dozen or two parameters), not over every known field.
-        for name, value in params.items():
-            spec = KINDS.get(name)
-            if spec is None or not value:
-                continue
-            kind, target = spec
-            if kind is str:
-                event[target] = value
-            elif kind is FLAG:
-                event[target] = value == "1"
-            elif kind is DIMS:
-                event[target[0]], event[target[1]] = _dimensions(value, name, errors)
-            elif target is None:   # a device timestamp
-                stamps[name] = _number(value, int, name, errors)
-                if stamps[name] is not None and not MIN_TSTAMP < stamps[name] < MAX_TSTAMP:
-                    errors.append(badrows.message(name, value, "epoch milliseconds between 1970 and 2100"))
-                    stamps[name] = None
-            else:
-                event[target] = _number(value, kind, name, errors)
+        event, stamps = _parse_params(params, errors)
         if event["ti_name"] is None and params.get("ti_na"):
             event["ti_name"] = params["ti_na"]   # ti_na: older trackers' name for the item name
         event_id = params.get("eid") or str(uuid.uuid4())
@@ -372,6 +352,32 @@ def _replace_at(data: object, path: tuple[str, ...], hmac) -> None:
             _replace_at(data[child], rest, hmac)
         elif isinstance(data[child], str):
             data[child] = hmac(data[child])
+
+
+def _parse_params(params: dict, errors: list) -> tuple[dict, dict]:
+    """The event template filled from the tracker's parameters, and its device timestamps."""
+    event = TEMPLATE.copy()
+    stamps = {"dtm": None, "stm": None, "ttm": None}
+    # One pass over what the tracker sent (a dozen or two parameters), not over every known field.
+    for name, value in params.items():
+        spec = KINDS.get(name)
+        if spec is None or not value:
+            continue
+        kind, target = spec
+        if kind is str:
+            event[target] = value
+        elif kind is FLAG:
+            event[target] = value == "1"
+        elif kind is DIMS:
+            event[target[0]], event[target[1]] = _dimensions(value, name, errors)
+        elif target is None:   # a device timestamp
+            stamps[name] = _number(value, int, name, errors)
+            if stamps[name] is not None and not MIN_TSTAMP < stamps[name] < MAX_TSTAMP:
+                errors.append(badrows.message(name, value, "epoch milliseconds between 1970 and 2100"))
+                stamps[name] = None
+        else:
+            event[target] = _number(value, kind, name, errors)
+    return event, stamps
 
 
 def _number(value: str | None, kind: type, name: str, errors: list[dict]):
