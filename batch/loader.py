@@ -29,7 +29,7 @@ from common import aws, logs
 from common.config import AwsSettings, require_positive
 from common.consumer import Consumer, consumer_for
 from common.leases import Lease, LeaseLost
-from common.service import settings_or_exit, stop_on_signals
+from common.service import run_command, settings_or_exit, stop_on_signals
 from common.streams import SHARD_END, Record, sequence_key
 
 log = logging.getLogger("batch.loader")
@@ -367,6 +367,12 @@ def build(settings: LoaderSettings, sink: Sink | None = None) -> Loader:
 
 
 def main() -> int:
+    """Run the lake loader: land the enriched stream in S3 as Parquet and the bad stream as gzip
+    JSON lines, partitioned by date and hour, checkpointing only what S3 holds.
+
+    Settings come from CLICKSTREAM_* variables and the [lake] section of the TOML file named by
+    CLICKSTREAM_CONFIG (docs/lake.md). Stops cleanly on SIGTERM or Ctrl-C.
+    """
     settings = settings_or_exit(LoaderSettings, "lake")
     logs.setup(settings.log_level)
     stopping = stop_on_signals()
@@ -395,4 +401,4 @@ def hard_exit(code: int) -> None:
 
 
 if __name__ == "__main__":
-    hard_exit(main())
+    run_command(main, exit=hard_exit)

@@ -17,6 +17,12 @@ from common.config import ConfigError
 @click.option("--port", type=int, default=None, help="listen port (CLICKSTREAM_PORT, default 8080)")
 @click.option("--workers", type=int, default=None, help="granian worker processes (CLICKSTREAM_WORKERS, default 1)")
 def main(host: str | None, port: int | None, workers: int | None) -> None:
+    """Serve the Snowplow tracker endpoints (/i, /com.snowplowanalytics.snowplow/tp2, /r/tp2): every
+    hit is written to a disk spool before it is answered, then sent on to the raw stream.
+
+    Other settings come from CLICKSTREAM_* variables and the [collector] section of the TOML file
+    named by CLICKSTREAM_CONFIG (docs/collector.md). Stops cleanly on SIGTERM or Ctrl-C.
+    """
     from granian import Granian
 
     from collector.config import settings as load_settings

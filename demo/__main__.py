@@ -19,6 +19,7 @@ import urllib.request
 
 from common import aws, registry
 from common.config import AwsSettings, load
+from common.service import run_command
 from infra import stack
 
 # The lake loader flushes every few minutes in production; the demo wants its history now.
@@ -96,6 +97,13 @@ def wait_for_model(settings: AwsSettings, version: str, timeout: float = 60) -> 
 
 
 def main() -> int:
+    """Run the whole loop on generated traffic: start the local stack, backfill shop history through
+    the collector, wait for the lake, train and publish a model, watch the scorer hot-load it, then
+    send live traffic and print a summary. The stack stays up until `make down`.
+
+    Knobs (environment): DEMO_MINUTES (2), DEMO_HISTORY_SESSIONS (1500), DEMO_HISTORY_DAYS (7),
+    DEMO_LIVE_RATE (events/s, 40), DEMO_SEED (7).
+    """
     for key, value in DEMO_ENV.items():
         os.environ.setdefault(key, value)
     minutes = knob("DEMO_MINUTES", 2)
@@ -149,4 +157,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import mimetypes
-import sys
 import threading
 import time
 import urllib.request
@@ -34,7 +33,7 @@ from common import aws, logs, registry
 from common.config import AwsSettings, ConfigError, require_positive
 from common.consumer import Consumer
 from common.leases import DynamoLeaseTable
-from common.service import settings_or_exit, stop_on_signals
+from common.service import run_command, settings_or_exit, stop_on_signals
 from common.streams import KinesisShardReader, KinesisStream
 from demo.summary import TimedShardReader, model_info
 
@@ -548,6 +547,12 @@ class LiveView:
 
 
 def main() -> int:
+    """Serve a live page of the whole pipeline (events/s per stage, stream lag, live sessions with
+    their buy probability, offers, the current model) until SIGTERM or Ctrl-C.
+
+    Settings come from CLICKSTREAM_* variables and the [liveview] section of the TOML file named
+    by CLICKSTREAM_CONFIG (docs/liveview.md).
+    """
     settings = settings_or_exit(LiveViewSettings, "liveview")
     logs.setup(settings.log_level)
     stopping = stop_on_signals()
@@ -561,4 +566,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

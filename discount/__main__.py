@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 from common import logs
-from common.service import settings_or_exit, stop_on_signals
+from common.service import run_command, settings_or_exit, stop_on_signals
 from discount.engine import Engine
 from discount.metrics import Metrics
 from discount.settings import DiscountSettings
@@ -14,6 +13,12 @@ log = logging.getLogger("discount")
 
 
 def main() -> int:
+    """Run the reference discount engine: read the buy/defer predictions and write a discount offer
+    to the offers table for sessions that show interest but look like they will not buy.
+
+    Settings come from CLICKSTREAM_* variables and the [discount] section of the TOML file named by
+    CLICKSTREAM_CONFIG (docs/discount-engine.md). Stops cleanly on SIGTERM or Ctrl-C.
+    """
     settings = settings_or_exit(DiscountSettings, "discount")
     logs.setup(settings.log_level)
     stopping = stop_on_signals()
@@ -32,4 +37,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

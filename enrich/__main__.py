@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 
 from common import aws, logs
-from common.config import ConfigError, load
 from common.consumer import consumer_for
 from common.producer import Producer
+from common.service import run_command, settings_or_exit
 from common.streams import KinesisStream
 from enrich.config import EnrichSettings
 from enrich.pipeline import Enricher
@@ -19,12 +18,15 @@ log = logging.getLogger("enrich")
 
 
 def main() -> int:
-    logs.setup()
-    try:
-        settings = load(EnrichSettings, section="enrich")
-    except ConfigError as exc:
-        log.error("configuration error: %s", exc)
-        return 2
+    """Run the enricher: read the raw stream, validate each event against the schema registries,
+    pseudonymise personal data, and write good events to the enriched stream and failures to the
+    bad stream as typed bad rows.
+
+    Settings come from CLICKSTREAM_* variables and the [enrich] section of the TOML file named by
+    CLICKSTREAM_CONFIG (docs/enrich.md); a bad value exits with status 2, naming the key. Stops
+    cleanly on SIGTERM or Ctrl-C.
+    """
+    settings = settings_or_exit(EnrichSettings, "enrich")
     logs.setup(settings.log_level)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -49,4 +51,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

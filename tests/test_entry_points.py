@@ -1,0 +1,37 @@
+"""Every ``python -m`` command answers --help with its usage and starts nothing.
+
+A service that ignored --help would start consuming streams (or, for ``demo``, start the whole
+local stack) when someone only asked what it does. The endpoint below points at a closed port, so
+a command that starts work instead of answering fails or hangs instead of passing.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+COMMANDS = ("collector", "enrich", "enrich.cli", "scorer", "discount", "batch.loader", "batch.cli", "batch.train",
+            "demo", "demo.liveview", "demo.summary", "demo.traffic", "demo.web", "infra.provision", "infra.stack")
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_help_answers_without_starting_anything(module):
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "CLICKSTREAM_PSEUDONYMISATION_KEY": ""}
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.lower().startswith("usage:"), result.stdout
+    assert _description(result.stdout), f"{module} --help says nothing about what it does:\n{result.stdout}"
+
+
+def _description(text: str) -> list[str]:
+    """The lines between the usage line and the first list of arguments or options."""
+    lines = []
+    for line in text.splitlines()[1:]:
+        if line.lower().startswith(("options:", "positional arguments:", "commands:")):
+            break
+        if line.strip():
+            lines.append(line)
+    return lines
