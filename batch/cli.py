@@ -26,6 +26,7 @@ from tqdm import tqdm
 from batch import erase, lake
 from batch.loader import LoaderSettings, hard_exit
 from common import aws
+from common.cli import AwsGroup
 from common.config import ConfigError, load
 from common.producer import Producer
 from common.streams import KinesisStream
@@ -33,7 +34,7 @@ from common.streams import KinesisStream
 RAW_SCHEMA_PREFIX = "iglu:com.clickstream/raw_record/"
 
 
-@click.group(help="Inspect the S3 lake, replay bad rows, erase a person's data.")
+@click.group(cls=AwsGroup, help="Inspect the S3 lake, replay bad rows, erase a person's data.")
 @click.option("--bucket", help="lake bucket (default: CLICKSTREAM_BUCKET or clickstream-lake)")
 @click.pass_context
 def lake_cli(ctx: click.Context, bucket: str | None) -> None:

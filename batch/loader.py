@@ -26,10 +26,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from batch import lake
 from common import aws, logs
+from common.cli import run_command
 from common.config import AwsSettings, require_positive
 from common.consumer import Consumer, consumer_for
 from common.leases import Lease, LeaseLost
-from common.service import run_command, settings_or_exit, stop_on_signals
+from common.service import settings_or_exit, stop_on_signals
 from common.streams import SHARD_END, Record, sequence_key
 
 log = logging.getLogger("batch.loader")

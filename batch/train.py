@@ -27,6 +27,7 @@ from batch.train_lake import TrainError, Window, check_files, local_window, wind
 from batch.train_model import Steps, TrainResult, fit_and_export, time_split
 from batch.train_publish import ParityError, publish, write_bundle
 from common import aws, logs
+from common.cli import AwsCommand
 from common.config import ConfigError, load
 from common.features import FEATURE_NAMES, FEATURE_VERSION
 
@@ -126,7 +127,7 @@ def run_events(settings: TrainSettings, *, publish_model: bool = True) -> tuple[
         steps.close()
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=AwsCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="feature-table mode: train from this CSV or Parquet table instead of the lake")
 @click.option("--label", "label_column", help="label column of --table (bool, 0/1 or yes/no)")

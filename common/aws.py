@@ -10,9 +10,12 @@ import os
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
 _LOCAL_DEFAULTS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+# What a failed AWS call raises: botocore's own errors (no credentials, no connection) and the service's answers.
+ERRORS = (BotoCoreError, ClientError)
+LOCAL_STACK_HINT = "for the local stack of `make up` and `make demo`: export AWS_ENDPOINT_URL=http://127.0.0.1:4566"
 
 
 def _uses_local_endpoint() -> bool:
@@ -45,3 +48,12 @@ def get_object_bytes(s3, bucket: str, key: str) -> bytes | None:
         if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
             return None
         raise
+
+
+def explain(exc: Exception) -> str:
+    """One line for a person: what the AWS call said and, when nothing was reached, what to check."""
+    if isinstance(exc, NoCredentialsError):
+        return f"no AWS credentials found ({LOCAL_STACK_HINT}; for AWS, configure your usual credentials)"
+    if isinstance(exc, EndpointConnectionError):
+        return f"{exc} (is the emulator or LocalStack running? `make up` starts the local stack)"
+    return f"AWS: {exc}"

@@ -1,12 +1,9 @@
-"""What every long-running component does at start: --help, settings or a clear exit, and a stop flag."""
+"""What every long-running component does at start: settings or a clear exit, and a stop flag."""
 from __future__ import annotations
 
 import signal
 import sys
 import threading
-from collections.abc import Callable
-
-import click
 
 from common.config import ConfigError, load
 
@@ -27,11 +24,3 @@ def stop_on_signals() -> threading.Event:
         signal.signal(signum, lambda *_: stopping.set())
     return stopping
 
-
-def run_command(main: Callable[[], int], exit: Callable[[int], None] = sys.exit) -> None:
-    """Run ``main`` as a command line whose ``--help`` prints its docstring and starts nothing."""
-    @click.command(help=main.__doc__, context_settings={"help_option_names": ["-h", "--help"]})
-    def command() -> None:
-        exit(main())
-
-    command()

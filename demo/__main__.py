@@ -18,8 +18,8 @@ import time
 import urllib.request
 
 from common import aws, registry
+from common.cli import run_command
 from common.config import AwsSettings, load
-from common.service import run_command
 from infra import stack
 
 # The lake loader flushes every few minutes in production; the demo wants its history now.
@@ -152,6 +152,8 @@ def main() -> int:
           "  demo shop     http://127.0.0.1:8082/shop/\n"
           "  scorer API    http://127.0.0.1:8081/openapi.json\n"
           "  collector     http://127.0.0.1:8080/health\n"
+          "Commands run by hand against it (python -m demo.summary, python -m batch.cli ls, ...) need\n"
+          "  export AWS_ENDPOINT_URL=http://127.0.0.1:4566\n"
           "Stop it with `make down`.")
     return 0
 

@@ -30,10 +30,11 @@ from urllib.parse import unquote, urlsplit
 from prometheus_client.parser import text_string_to_metric_families
 
 from common import aws, logs, registry
+from common.cli import run_command
 from common.config import AwsSettings, ConfigError, require_positive
 from common.consumer import Consumer
 from common.leases import DynamoLeaseTable
-from common.service import run_command, settings_or_exit, stop_on_signals
+from common.service import settings_or_exit, stop_on_signals
 from common.streams import KinesisShardReader, KinesisStream
 from demo.summary import TimedShardReader, model_info
 

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from botocore.exceptions import ClientError
 
 from common import aws, logs, registry
+from common.cli import AwsCommand
 from common.config import AwsSettings, ConfigError, load
 from common.streams import KinesisShardReader, KinesisStream
 
@@ -242,13 +243,18 @@ def render(summary: dict) -> str:
         f"model            {model['name']} {model.get('version') or '(none published)'}, ROC AUC {auc}",
     ]
     if latency:
-        lines.append("scoring latency  " + ", ".join(f"{k} {v:,} µs" for k, v in latency.items()))
+        lines.append("time in scorer   " + ", ".join(f"{k} {_duration(v)}" for k, v in latency.items())
+                     + "  (from the poll to its micro-batch scored)")
     else:
-        lines.append("scoring latency  n/a (no predictions)")
+        lines.append("time in scorer   n/a (no predictions)")
     return "\n".join(lines)
 
 
-@click.command()
+def _duration(us: int) -> str:
+    return f"{us:,} µs" if us < 1000 else f"{us / 1000:,.1f} ms"
+
+
+@click.command(cls=AwsCommand)
 @click.option("--since-minutes", type=float, default=None,
               help="count stream records of the last N minutes only (default: everything retained)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")

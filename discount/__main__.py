@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 
 from common import logs
-from common.service import run_command, settings_or_exit, stop_on_signals
+from common.cli import run_command
+from common.service import settings_or_exit, stop_on_signals
 from discount.engine import Engine
 from discount.metrics import Metrics
 from discount.settings import DiscountSettings

@@ -6,9 +6,10 @@ import signal
 import threading
 
 from common import aws, logs
+from common.cli import run_command
 from common.consumer import consumer_for
 from common.producer import Producer
-from common.service import run_command, settings_or_exit
+from common.service import settings_or_exit
 from common.streams import KinesisStream
 from enrich.config import EnrichSettings
 from enrich.pipeline import Enricher

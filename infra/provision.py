@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    except aws.ERRORS as exc:
+        print(f"error: {aws.explain(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 

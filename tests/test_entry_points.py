@@ -1,4 +1,5 @@
-"""Every ``python -m`` command answers --help with its usage and starts nothing.
+"""Every ``python -m`` command answers --help with its usage and starts nothing, and the commands
+that call AWS say in one line what is wrong when they cannot, instead of a traceback.
 
 A service that ignored --help would start consuming streams (or, for ``demo``, start the whole
 local stack) when someone only asked what it does. The endpoint below points at a closed port, so
@@ -35,3 +36,23 @@ def _description(text: str) -> list[str]:
         if line.strip():
             lines.append(line)
     return lines
+
+
+# No credentials anywhere botocore looks: variables, files, the instance metadata service.
+NO_AWS = {"AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+          "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.mark.parametrize("command", [["demo.summary"], ["batch.cli", "ls"], ["batch.train", "--window-days", "1"],
+                                     ["infra.provision", "--wait", "0"]])
+@pytest.mark.parametrize("case, overrides, expected", [
+    ("no credentials", {}, "export AWS_ENDPOINT_URL=http://127.0.0.1:4566"),
+    ("nothing listening", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "is the emulator or LocalStack running?"),
+])
+def test_aws_failures_are_one_clear_line(command, case, overrides, expected):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")} | NO_AWS | overrides
+    result = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert expected in result.stderr.splitlines()[-1], result.stderr

@@ -306,7 +306,7 @@ def test_summary_counts_every_stage(aws_settings):
     assert (result["model"]["version"], result["model"]["roc_auc"]) == (VERSION, 0.8765)
     text = summary.render(result)
     assert "events sent               5" in text and VERSION in text and "ROC AUC 0.8765" in text
-    assert "p50 20 µs" in text
+    assert "p50 20 µs" in text and "max 1.0 ms" in text
 
     # Counting from a later point in time sees none of it.
     later = summary.summarize(settings, since=time.time() + 5)

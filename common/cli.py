@@ -1,0 +1,35 @@
+"""What every ``python -m`` command shares: a --help that starts nothing, and AWS failures told in
+one line (exit status 1) instead of a traceback."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import click
+
+from common import aws
+
+
+class _AwsErrorsInOneLine:
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except aws.ERRORS as exc:
+            raise click.ClickException(aws.explain(exc)) from None
+
+
+class AwsCommand(_AwsErrorsInOneLine, click.Command):
+    """A click command whose AWS failures end in one clear line."""
+
+
+class AwsGroup(_AwsErrorsInOneLine, click.Group):
+    """A click group whose subcommands' AWS failures end in one clear line."""
+
+
+def run_command(main: Callable[[], int], exit: Callable[[int], None] = sys.exit) -> None:
+    """Run ``main`` as a command line whose ``--help`` prints its docstring and starts nothing."""
+    @click.command(cls=AwsCommand, help=main.__doc__, context_settings={"help_option_names": ["-h", "--help"]})
+    def command() -> None:
+        exit(main())
+
+    command()
