@@ -30,5 +30,5 @@ def setup(level: str = "INFO", json_lines: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "py4j"):
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "py4j", "onnxmltools", "skl2onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
