@@ -21,6 +21,7 @@ import json
 import math
 import queue
 import random
+import socket
 import sys
 import threading
 import time
@@ -152,6 +153,17 @@ class Stats:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def _check_listening(url: urllib.parse.SplitResult, timeout_s: float = 5.0) -> None:
+    """Fail at once when nothing listens there: otherwise each request would first use up its
+    retries (about 13 s with the defaults) before the run reports anything."""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise click.ClickException(f"no collector answers at {url.geturl()} ({exc.strerror or exc}); "
+                                   "`make up` starts the local stack") from None
+
+
 class Sender:
     """Worker threads with keep-alive connections; one visitor always goes through one worker,
     so a session's requests arrive in order, as from one browser."""
@@ -162,6 +174,7 @@ class Sender:
         url = urllib.parse.urlsplit(collector)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise click.BadParameter(f"expected http(s)://host:port, got {collector!r}", param_hint="--collector")
+        _check_listening(url)
         self.url = url
         self.prefix = url.path.rstrip("/")
         self.max_attempts = max_attempts
@@ -354,17 +367,14 @@ def main(collector: str, sessions: int, rate: float | None, seed: int, backfill_
     plan = Plan(sessions, seed, buy_share, rate, backfill_days, speed, batch_size)
     mode = f"backfill of {backfill_days:g} day(s)" if backfill_days else f"live at {rate or 20:g} events/s"
     click.echo(f"sending {sessions} sessions to {collector} ({mode}, seed {seed})", err=True)
-    bar = tqdm(total=sessions, unit="session", file=sys.stderr)
-    stats_ref: list[Stats] = []
 
     def done(request: Request, ok: bool) -> None:
         if request.last:
             bar.update(1)
-            stats = stats_ref[0]
-            bar.set_postfix(sent=stats.events_sent, failed=stats.events_failed, refresh=False)
+            bar.set_postfix(sent=sender.stats.events_sent, failed=sender.stats.events_failed, refresh=False)
 
     sender = Sender(collector, workers=workers, max_attempts=max_attempts, on_done=done, failed_out=failed_out)
-    stats_ref.append(sender.stats)
+    bar = tqdm(total=sessions, unit="session", file=sys.stderr)
     stopping = threading.Event()
     try:
         stats = run(plan, sender, stop=stopping.is_set)

@@ -315,3 +315,11 @@ def test_cli_reports_and_keeps_what_could_not_be_sent(capture, tmp_path):
 def test_cli_rejects_a_bad_collector_url():
     result = CliRunner().invoke(traffic.main, ["--collector", "not a url", "--sessions", "1"])
     assert result.exit_code != 0 and "--collector" in result.output
+
+
+def test_cli_fails_at_once_when_no_collector_listens():
+    # Not after every request has used up its retries (minutes here): before sending anything.
+    result = CliRunner().invoke(traffic.main, ["--collector", "http://127.0.0.1:9", "--sessions", "3"])
+    assert result.exit_code == 1
+    assert "no collector answers at http://127.0.0.1:9" in result.output and "make up" in result.output
+    assert "events NOT sent" not in result.output
