@@ -113,3 +113,4 @@ def run(report, quick: bool) -> None:
                          f"min leaf {settings.min_instances_per_node}, buyers weighted non-buyers/buyers unless "
                          f"the row says otherwise (scikit-learn gets the same sample weights); stratified folds, seed {settings.seed}")
     _export_side_by_side(report, spark, table, settings, trees=10 if quick else 40)
+    spark.stop()            # the scorer suite builds its own session, with its own settings
