@@ -242,12 +242,15 @@ def render(summary: dict) -> str:
         f"offers made      {summary['offers']:>10,}",
         f"model            {model['name']} {model.get('version') or '(none published)'}, ROC AUC {auc}",
     ]
-    if latency:
-        lines.append("time in scorer   " + ", ".join(f"{k} {_duration(v)}" for k, v in latency.items())
-                     + "  (from the poll to its micro-batch scored)")
-    else:
-        lines.append("time in scorer   n/a (no predictions)")
+    lines.append(latency_line("time in scorer", latency, "from the poll to its micro-batch scored"))
     return "\n".join(lines)
+
+
+def latency_line(label: str, latency: dict, note: str) -> str:
+    """``label`` and the percentiles of ``latency_us``, aligned with the summary's other lines."""
+    if not latency:
+        return f"{label:<17}n/a (no predictions)"
+    return f"{label:<17}" + ", ".join(f"{k} {_duration(v)}" for k, v in latency.items()) + f"  ({note})"
 
 
 def _duration(us: int) -> str:

@@ -311,3 +311,4 @@ def test_summary_counts_every_stage(aws_settings):
     # Counting from a later point in time sees none of it.
     later = summary.summarize(settings, since=time.time() + 5)
     assert later["sent"]["records"] == 0 and later["scored"]["records"] == 0 and later["lake"]["rows"] == 8
+    assert "time in scorer   n/a (no predictions)" in summary.render(later)
