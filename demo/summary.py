@@ -111,6 +111,21 @@ def count_predictions(client, stream_name: str, since: float | None) -> dict:
             "buy": decisions["buy"], "defer": decisions["defer"], "latency_us": percentiles(latencies)}
 
 
+def latency_of_events_since(client, stream_name: str, since: float) -> dict:
+    """Time-in-scorer percentiles of the predictions for events the collector received after
+    ``since`` (epoch seconds): a scorer catching up on older events scores them in the same minutes."""
+    cutoff = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    latencies = []
+    for data in walk_stream(client, stream_name, since):
+        try:
+            prediction = json.loads(data)
+        except ValueError:
+            continue
+        if prediction.get("collector_tstamp", "") >= cutoff and isinstance(prediction.get("latency_us"), int):
+            latencies.append(prediction["latency_us"])
+    return percentiles(latencies)
+
+
 # ------------------------------------------------------------------------------------ lake
 
 

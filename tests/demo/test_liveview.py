@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -312,3 +313,14 @@ def test_summary_counts_every_stage(aws_settings):
     later = summary.summarize(settings, since=time.time() + 5)
     assert later["sent"]["records"] == 0 and later["scored"]["records"] == 0 and later["lake"]["rows"] == 8
     assert "time in scorer   n/a (no predictions)" in summary.render(later)
+
+
+def test_live_latency_counts_only_events_received_after_the_cut(aws_settings):
+    cut = datetime(2026, 11, 29, 10, 0, 0, tzinfo=UTC).timestamp()
+    backlog = {**prediction("old", 0.1, latency_us=250_000), "collector_tstamp": "2026-11-29T09:59:59.999Z"}
+    live = [{**prediction("new", 0.1, latency_us=us), "collector_tstamp": "2026-11-29T10:00:00.000Z"} for us in (700, 900)]
+    put(aws_settings, aws_settings.predictions_stream, [backlog, *live])
+    # Every record arrived after the cut: only the events' own time tells the backlog apart.
+    kinesis = aws.client("kinesis", aws_settings.region)
+    result = summary.latency_of_events_since(kinesis, aws_settings.predictions_stream, cut)
+    assert result == {"p50": 700, "p90": 900, "p99": 900, "max": 900}
