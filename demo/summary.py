@@ -96,13 +96,18 @@ def percentiles(values: list[int], points=(50, 90, 99)) -> dict:
     return {**found, "max": ordered[-1]}
 
 
-def count_predictions(client, stream_name: str, since: float | None) -> dict:
-    latencies, decisions, sessions = [], Counter(), set()
+def _predictions(client, stream_name: str, since: float | None):
+    """The predictions on the stream (from ``since``), skipping records that are not JSON."""
     for data in walk_stream(client, stream_name, since):
         try:
-            prediction = json.loads(data)
+            yield json.loads(data)
         except ValueError:
             continue
+
+
+def count_predictions(client, stream_name: str, since: float | None) -> dict:
+    latencies, decisions, sessions = [], Counter(), set()
+    for prediction in _predictions(client, stream_name, since):
         sessions.add(prediction.get("session_id"))
         decisions[prediction.get("decision")] += 1
         if isinstance(prediction.get("latency_us"), int):
@@ -115,15 +120,8 @@ def latency_of_events_since(client, stream_name: str, since: float) -> dict:
     """Time-in-scorer percentiles of the predictions for events the collector received after
     ``since`` (epoch seconds): a scorer catching up on older events scores them in the same minutes."""
     cutoff = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-    latencies = []
-    for data in walk_stream(client, stream_name, since):
-        try:
-            prediction = json.loads(data)
-        except ValueError:
-            continue
-        if prediction.get("collector_tstamp", "") >= cutoff and isinstance(prediction.get("latency_us"), int):
-            latencies.append(prediction["latency_us"])
-    return percentiles(latencies)
+    return percentiles([p["latency_us"] for p in _predictions(client, stream_name, since)
+                        if p.get("collector_tstamp", "") >= cutoff and isinstance(p.get("latency_us"), int)])
 
 
 # ------------------------------------------------------------------------------------ lake
