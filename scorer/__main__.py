@@ -16,7 +16,11 @@ from scorer.config import ScorerSettings
 @click.option("--worker/--no-worker", "run_worker", default=None, help="consume the enriched stream")
 @click.option("--api/--no-api", "run_api", default=None, help="serve the HTTP API")
 def main(host: str | None, port: int | None, run_worker: bool | None, run_api: bool | None) -> None:
-    """Score sessions from the enriched stream and serve the model over HTTP."""
+    """Score sessions from the enriched stream and serve the model over HTTP.
+
+    Settings come from CLICKSTREAM_* variables and the [scorer] section of the TOML file named by
+    CLICKSTREAM_CONFIG (docs/scorer.md); the options below override them. Stops on SIGTERM or Ctrl-C.
+    """
     try:
         settings = load(ScorerSettings, section="scorer", host=host, port=port, run_worker=run_worker,
                         run_api=run_api)

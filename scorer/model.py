@@ -197,7 +197,9 @@ class Models:
         self.shadow_version = shadow_version
         self.champion: Model | None = None
         self.shadow: Model | None = None
-        self.refused: dict[str, str] = {}    # version -> reason, so a bad CURRENT is logged once
+        # The CURRENT version last acted on: the watcher loads only when CURRENT moves, so a
+        # refused version is not retried every poll and a version pinned by reload is kept.
+        self.current_seen: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -214,7 +216,6 @@ class Models:
             try:
                 model = Model.from_bundle(bundle)
             except ModelRefused as exc:
-                self.refused[bundle.version] = str(exc)
                 metrics.MODEL_REFUSED.inc()
                 log.error("refused model %s version %s: %s; keeping %s", self.name, bundle.version, exc,
                           self.champion.version if self.champion else "no model",
@@ -241,13 +242,21 @@ class Models:
         """Load CURRENT if it moved; failures are logged, never raised (the old model keeps serving)."""
         try:
             version = registry.current_version(self.s3, self.bucket, self.name)
-            if version and version not in self.refused and (not self.champion or version != self.champion.version):
-                self.load(version)
+            if version and version != self.current_seen:
+                self._follow(version)
             self.load_shadow()
         except (LookupError, ModelRefused) as exc:
             log.warning("model %s not updated: %s", self.name, exc)
         except Exception:
             log.exception("model %s: checking CURRENT failed", self.name)
+
+    def _follow(self, version: str) -> None:
+        try:
+            self.load(version)
+        except ModelRefused:
+            self.current_seen = version      # refusal logged once; a missing bundle is retried
+            raise
+        self.current_seen = version
 
     def watch(self, interval_s: float) -> threading.Thread:
         def loop() -> None:

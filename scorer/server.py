@@ -51,8 +51,8 @@ def _serve_api(app: ScorerApp, settings: ScorerSettings) -> None:
     """uvicorn (httptools, uvloop): every request runs on this one thread.
 
     Not granian, which is faster for a bare endpoint: onnxruntime releases the GIL for each run,
-    and granian's I/O threads take it meanwhile, so measured here at 16 clients /invocations served
-    12k req/s with p99 2.5 ms on granian and 14k req/s with p99 1.6 ms on uvicorn (docs/scorer.md).
+    and granian's I/O threads take it meanwhile and make the request thread wait for it back
+    (measured in docs/scorer.md, "Why uvicorn").
     """
     import uvicorn
 

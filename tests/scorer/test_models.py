@@ -64,6 +64,18 @@ def test_watcher_swaps_in_current_and_keeps_serving_when_the_new_one_is_refused(
     assert models.champion.version == "v3"
 
 
+def test_a_version_pinned_by_reload_is_kept_until_current_moves(published, s3):
+    publish(s3, published.bucket, MODEL, "pinned", logistic_onnx(bias=-1.0), current=False)
+    models = Models(s3, published.bucket, MODEL)
+    models.refresh()
+    models.load("pinned")
+    models.refresh()
+    assert models.champion.version == "pinned"
+    publish(s3, published.bucket, MODEL, "newer", logistic_onnx(bias=0.5))
+    models.refresh()
+    assert models.champion.version == "newer"
+
+
 def test_shadow_model_is_loaded_beside_the_champion(published, s3):
     publish(s3, published.bucket, MODEL, "challenger", logistic_onnx(bias=-1.0), current=False)
     models = Models(s3, published.bucket, MODEL, shadow_version="challenger")
