@@ -68,11 +68,11 @@ class Engine:
         except ValueError as exc:              # json.JSONDecodeError is a ValueError too
             log.warning("skipping a record that is not a prediction: %s", exc)
             return "invalid"
-        if prediction.session_id in self.offered:
-            return Outcome.ALREADY_OFFERED.value
         reason = skip_reason(self.settings, prediction)
         if reason:
             return reason
+        if prediction.session_id in self.offered:      # saves a DynamoDB call; the table decides
+            return Outcome.ALREADY_OFFERED.value
         now = self.clock()
         if self.exhausted_hour == hour_of(now):
             return Outcome.BUDGET_EXHAUSTED.value
