@@ -197,27 +197,28 @@ class Collector:
     async def track(self, route: str, scope, receive, send) -> int:
         settings = self.settings
         headers, kept, cookie = _split_headers(scope)
+        origin = headers.get("origin")
+        # On every answer, errors included, so a browser page can read why its hit failed.
+        cors = [(b"access-control-allow-origin", origin.encode("latin-1", "replace") if origin else b"*"),
+                (b"access-control-allow-credentials", b"true")]
         try:
             body = await read_body(scope, receive, headers, settings.max_request_bytes) \
                 if scope["method"] == "POST" else None
         except TooLarge as exc:
             if exc.unread:
                 await drain(receive, 4 * settings.max_request_bytes)
-            return await respond(send, 413, TEXT, b"payload too large")
-
-        jar = _cookies(cookie) if cookie else {}
-        origin = headers.get("origin")
-        cors = [(b"access-control-allow-origin", origin.encode("latin-1", "replace") if origin else b"*"),
-                (b"access-control-allow-credentials", b"true")]
-        if settings.dnt_cookie_name and jar.get(settings.dnt_cookie_name) == settings.dnt_cookie_value:
-            return await self.answer(route, scope, send, cors)     # opted out: answered, not recorded
+            return await respond(send, 413, TEXT + cors, b"payload too large")
 
         query = _query(scope["query_string"])
         location = None
         if route == "redirect":
             location = self.redirect_target(query)
             if location is None:
-                return await respond(send, 400, TEXT, b"redirect target missing or not allowed")
+                return await respond(send, 400, TEXT + cors, b"redirect target missing or not allowed")
+
+        jar = _cookies(cookie) if cookie else {}
+        if settings.dnt_cookie_name and jar.get(settings.dnt_cookie_name) == settings.dnt_cookie_value:
+            return await self.answer(route, scope, send, cors, location)    # opted out: answered, not recorded
 
         ip, nuid, kept, set_cookie = self.identify(scope, headers, kept, jar, query)
         hit = Hit(int(time.time() * 1000), ip, headers.get("user-agent"), headers.get("referer"),

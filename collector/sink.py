@@ -34,7 +34,7 @@ class Sink:
     def __init__(self, spool: Spool, raw: Producer, bad: Producer, *, linger_ms: int = 200,
                  batch_records: int = 500, batch_bytes: int = 4 * 1024 * 1024,
                  fsync_interval_ms: int | None = None, probe=None, max_backoff_s: float = 5.0,
-                 adopted: list[tuple[Spool, int]] | None = None):
+                 adopted: list[tuple[Spool, int]] | None = None, bad_payload_keep_bytes: int = 50_000):
         self.spool = spool
         # Other slots' spools left without a worker: drained after ours, then released.
         self.adopted = list(adopted or [])
@@ -45,6 +45,7 @@ class Sink:
         self.fsync_interval = fsync_interval_ms / 1000 if fsync_interval_ms else None
         self.probe = probe
         self.max_backoff = max_backoff_s
+        self.bad_payload_keep_bytes = bad_payload_keep_bytes
         self.healthy = probe is None
         self.wake = threading.Event()
         self._stop = threading.Event()
@@ -96,6 +97,7 @@ class Sink:
                 delivered = self._send(entries, offset, spool)
                 # Per batch: under sustained load this loop does not return for a long time.
                 metrics.update_spool(self._spools())
+                self._maybe_sync()
                 if not delivered:
                     return False
             if spool is not self.spool:
@@ -163,7 +165,8 @@ class Sink:
         for stream, item in refused:
             if (stream, item) in permanent:
                 log.error("record of %d bytes can never fit a Kinesis record; sending a bad row", len(item.data))
-                data = size_violation(item.data.decode("utf-8", "replace"), len(item.data), MAX_RECORD_BYTES, 50_000)
+                data = size_violation(item.data.decode("utf-8", "replace"), len(item.data), MAX_RECORD_BYTES,
+                                      self.bad_payload_keep_bytes)
                 frames.append(encode(BAD, str(uuid.uuid4()), orjson.dumps(data)))
             else:
                 frames.append(encode(stream, item.partition_key, item.data))
@@ -243,5 +246,5 @@ def open_sink(settings) -> tuple[Sink, int]:
                 linger_ms=settings.linger_ms, batch_records=settings.batch_records,
                 batch_bytes=settings.batch_bytes,
                 fsync_interval_ms=settings.fsync_interval_ms if settings.fsync == "interval" else None,
-                probe=probe, adopted=adopted)
+                probe=probe, adopted=adopted, bad_payload_keep_bytes=settings.bad_payload_keep_bytes)
     return sink, lock_fd

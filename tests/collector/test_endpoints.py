@@ -154,6 +154,19 @@ def test_opt_out_cookie_is_answered_but_not_recorded(setup):
     assert [r["querystring"].rsplit("=", 1)[1] for r in records] == ["kept"]
 
 
+def test_opted_out_redirect_still_redirects_and_is_not_recorded(setup):
+    collector, _ = setup
+    marker = uuid.uuid4().hex
+    optout = {"Cookie": "sp_optout=1"}
+    status, answer, _ = get(f"{collector.url}/r/tp2?u=https%3A%2F%2Fexample.com%2Fo&aid={marker}&n=optout",
+                            headers=optout)
+    assert status == 302 and answer["Location"] == "https://example.com/o" and "Set-Cookie" not in answer
+    assert get(f"{collector.url}/r/tp2?u=https%3A%2F%2Fevil.test%2F&aid={marker}", headers=optout)[0] == 400
+    assert get(f"{collector.url}/i?e=pv&aid={marker}&n=kept")[0] == 200
+    time.sleep(0.5)
+    assert [r["querystring"].rsplit("=", 1)[1] for r in marked(setup, marker, 1)] == ["kept"]
+
+
 def test_redirect_only_to_allowed_domains(setup):
     collector, _ = setup
     marker = uuid.uuid4().hex
@@ -202,8 +215,9 @@ def test_oversized_unsplittable_payload_becomes_a_size_violation(setup):
 
 def test_over_two_megabytes_is_413(setup):
     collector, _ = setup
-    status, _, _ = get(collector.url + TP2, data=b"z" * (2 * 1024 * 1024 + 1), headers={"Content-Type": "text/plain"})
-    assert status == 413
+    status, answer, _ = get(collector.url + TP2, data=b"z" * (2 * 1024 * 1024 + 1),
+                            headers={"Content-Type": "text/plain", "Origin": "https://shop.test"})
+    assert status == 413 and answer["Access-Control-Allow-Origin"] == "https://shop.test"
     bomb = gzip.compress(b"0" * (3 * 1024 * 1024))
     status, _, _ = get(collector.url + TP2, data=bomb, headers={"Content-Encoding": "gzip"})
     assert status == 413
