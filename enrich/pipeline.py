@@ -8,6 +8,8 @@ error into an ``enrichment_failures`` row, so one poison record cannot stall a s
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import math
 import re
@@ -81,6 +83,20 @@ INT_LIMIT = 2_147_483_647
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 
 
+
+def derived_event_id(raw: bytes, index: int) -> str:
+    """The id of the ``index``-th event of a raw record that sent no ``eid`` (old pixel trackers):
+    derived from the record, not random, so a re-read record gives the same ids and consumers'
+    dedupe by ``event_id`` still holds."""
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, f"{hashlib.sha1(raw).hexdigest()}:{index}"))
+
+
+def partition_key(event: dict) -> str:
+    """The session (so a session's events stay in order on one shard), else the user; never the nil
+    id of SP-Anonymous hits, which would put all of them on one shard."""
+    user = event["network_userid"]
+    return event["domain_sessionid"] or (user if user and user != NIL_UUID else None) or event["event_id"]
+
 class EventFailure(Exception):
     def __init__(self, kind: str, messages: list[dict]):
         super().__init__(kind)
@@ -128,9 +144,9 @@ class Enricher:
             return [], [exc.row]
         good, bad = [], []
         etl_tstamp = iso_ms(utc_now_ms())
-        for params in hit.events:
+        for index, params in enumerate(hit.events):
             try:
-                found = self._event(hit, params, etl_tstamp)
+                found = self._event(hit, params, etl_tstamp, functools.partial(derived_event_id, raw, index))
             except EventFailure as exc:
                 bad.append(self._bad_row(exc, hit, params))
                 continue
@@ -141,7 +157,7 @@ class Enricher:
                 continue
             if found is not None:
                 event, data = found
-                good.append((event["domain_sessionid"] or event["network_userid"] or event["event_id"], event, data))
+                good.append((partition_key(event), event, data))
         return good, bad
 
     def _bad_row(self, failure: EventFailure, hit: protocol.Hit, params: object) -> dict:
@@ -157,7 +173,7 @@ class Enricher:
 
     # ------------------------------------------------------------------ one event
 
-    def _event(self, hit: protocol.Hit, params: dict, etl_tstamp: str) -> tuple[dict, bytes] | None:
+    def _event(self, hit: protocol.Hit, params: dict, etl_tstamp: str, fallback_id) -> tuple[dict, bytes] | None:
         problems = protocol.check_event(params, hit, self.resolver)
         kind = params.get("e") if isinstance(params, dict) else None
         event_type = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
@@ -166,7 +182,7 @@ class Enricher:
         if problems:
             raise EventFailure("tracker_protocol_violations", problems)
         record = hit.record
-        event = self._typed(params, record)
+        event = self._typed(params, record, fallback_id)
         event["event"] = event_type
         event["etl_tstamp"] = etl_tstamp
         self._self_describing(params, event, event_type)
@@ -184,13 +200,13 @@ class Enricher:
             return None
         return event, data
 
-    def _typed(self, params: dict, record: dict) -> dict:
+    def _typed(self, params: dict, record: dict, fallback_id) -> dict:
         """Canonical fields with typed values; every malformed value is reported, not just the first."""
         errors: list[dict] = []
         event, stamps = _parse_params(params, errors)
         if event["ti_name"] is None and params.get("ti_na"):
             event["ti_name"] = params["ti_na"]   # ti_na: older trackers' name for the item name
-        event_id = params.get("eid") or str(uuid.uuid4())
+        event_id = params.get("eid") or fallback_id()
         if not _is_uuid(event_id):
             errors.append(badrows.message("eid", event_id, "a UUID"))
         if errors:

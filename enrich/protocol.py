@@ -136,7 +136,7 @@ def _post(record: dict) -> Hit:
         key = SchemaKey.parse(payload.get("schema"))
     except SchemaKeyError as exc:
         raise RecordError(badrows.protocol_violation(record, [badrows.message("body.schema", payload.get("schema"), str(exc))])) from None
-    if (key.vendor, key.name) != PAYLOAD_DATA or key.model != 1:
+    if (key.vendor, key.name) != PAYLOAD_DATA or (key.model, key.revision) != (1, 0):
         raise RecordError(badrows.protocol_violation(
             record, [badrows.message("body.schema", str(key), "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-*")]))
     if not payload["data"]:

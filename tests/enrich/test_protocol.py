@@ -127,6 +127,17 @@ def test_partition_key_falls_back_to_network_user_then_event_id():
     assert key == event["network_userid"] == Pseudonymiser(KEY)("8e2d4b1c-5f7a-4c3e-9a1b-2c3d4e5f6a7b")
     key, event = one(get_record({**no_session, "e": "pv"}, nuid=None))
     assert key == event["event_id"] and event["network_userid"] is None
+    nil = "00000000-0000-0000-0000-000000000000"      # SP-Anonymous: all of them would share one shard
+    key, event = one(get_record({**no_session, "e": "pv"}, nuid=nil))
+    assert key == event["event_id"] and event["network_userid"] == nil
+
+
+def test_events_without_eid_get_the_same_id_when_their_record_is_read_again():
+    raw = post_record([{**BASE, "e": "pv"}, {**BASE, "e": "pp"}])
+    first = [event["event_id"] for _, event in enricher().process(raw)[0]]
+    again = [event["event_id"] for _, event in enricher().process(raw)[0]]
+    other = [event["event_id"] for _, event in enricher().process(post_record([{**BASE, "e": "pv"}], tstamp=1))[0]]
+    assert first == again and len(set(first)) == 2 and other[0] not in first
 
 
 def test_redirect_becomes_a_uri_redirect_event():
@@ -164,6 +175,12 @@ def test_older_payload_data_versions_and_legacy_struct_events_are_accepted():
     assert bad == [] and good[0][1]["se_category"] == "nav"
     _, event = one(get_record({**BASE, "e": "ev", "ev_ca": "nav", "ev_ac": "click", "ev_va": "2"}))
     assert (event["event"], event["se_category"], event["se_action"], event["se_value"]) == ("struct", "nav", "click", 2.0)
+
+
+def test_a_payload_data_revision_we_do_not_know_is_a_protocol_violation():
+    good, [row] = enricher().process(post_record(
+        [{**BASE, "e": "pv"}], schema="iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-1-0"))
+    assert good == [] and "tracker_protocol_violations" in row["schema"] and "1-0-*" in orjson.dumps(row).decode()
 
 
 def test_cli_process_enriches_a_file_of_raw_records_offline(tmp_path):
