@@ -162,10 +162,12 @@ def _parse_timestamp(value) -> int:
 def _column(name: str, values: list) -> tuple[pa.Array | None, dict[int, str]]:
     """Build one typed column; on failure, return the offending positions with a reason each."""
     kind = _TYPES[name]
+    integral = pa.types.is_integer(kind)
     try:
         if name in TIMESTAMPS:
             return pa.array(values, pa.string()).cast(kind), {}
-        return pa.array(values, kind), {}
+        if not (integral and any(map(_fractional, values))):
+            return pa.array(values, kind), {}
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
         pass
     if name in TIMESTAMPS:
@@ -181,10 +183,17 @@ def _column(name: str, values: list) -> tuple[pa.Array | None, dict[int, str]]:
     errors = {}
     for i, value in enumerate(values):
         try:
+            if integral and _fractional(value):
+                raise ValueError
             pa.array([value], kind)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
             errors[i] = f"{name}: expected {kind}, got {type(value).__name__}"
     return None, errors
+
+
+def _fractional(value) -> bool:
+    # pyarrow would store 2.5 in an int column as 2 without a word: not lossless, so an error here.
+    return isinstance(value, float) and not value.is_integer()
 
 
 def _as_object(value):

@@ -73,6 +73,14 @@ def test_unusable_records_become_loader_bad_rows_keeping_the_payload():
     assert all(row["schema"] == lake.LOADER_BAD_SCHEMA for row in rows.values())
 
 
+def test_a_fraction_in_an_integer_column_is_a_bad_row_not_rounded():
+    whole, fraction = make_event(1, domain_sessionidx=2.0), make_event(2, domain_sessionidx=2.5)
+    converted = lake.convert([orjson.dumps(whole), orjson.dumps(fraction)])
+    assert converted.table.column("domain_sessionidx").to_pylist() == [2]
+    [(position, row)] = converted.bad
+    assert position == 1 and "domain_sessionidx" in row["data"]["failure"]["errors"][0]["message"]
+
+
 def test_names_depend_only_on_shard_range_and_hour():
     assert lake.object_name("shardId-000000000001", "49590", "49600") == "shardId-000000000001-49590-49600"
     hour = int(dt.datetime(2026, 11, 29, 23, tzinfo=dt.UTC).timestamp()) // 3600
