@@ -50,7 +50,8 @@ class LoaderSettings(AwsSettings):
     lake_idle_sleep_s: float = 0.5
     lake_retry_s: float = 5.0
     lake_app: str = "lake-loader"
-    lake_metrics_port: int = 0
+    lake_metrics_port: int = 0                  # Prometheus /metrics; 0 = off
+    lake_metrics_host: str = "127.0.0.1"        # 0.0.0.0 in a container, so the scraper can reach it
     log_level: str = "INFO"
 
     def validate(self) -> None:
@@ -379,7 +380,7 @@ def main() -> int:
     stopping = stop_on_signals()
     loader = build(settings)
     if settings.lake_metrics_port:
-        serve_metrics(loader, settings.lake_metrics_port)
+        serve_metrics(loader, settings.lake_metrics_port, settings.lake_metrics_host)
     log.info("lake loader started: %s and %s -> s3://%s", settings.enriched_stream, settings.bad_stream,
              settings.bucket)
     loader.run(stopping.is_set)

@@ -55,9 +55,9 @@ class LiveViewSettings(AwsSettings):
     port: int = 8082
     # Prometheus endpoints; an empty URL means "not deployed", an unreachable one is shown as down.
     collector_metrics_url: str = "http://127.0.0.1:8080/metrics"
-    enrich_metrics_url: str = "http://127.0.0.1:9102/metrics"
+    enrich_metrics_url: str = "http://127.0.0.1:9101/metrics"
     scorer_metrics_url: str = "http://127.0.0.1:8081/metrics"
-    loader_metrics_url: str = "http://127.0.0.1:9103/metrics"
+    loader_metrics_url: str = "http://127.0.0.1:9102/metrics"
     discount_metrics_url: str = "http://127.0.0.1:9104/metrics"
     model_name: str = registry.DEFAULT_MODEL
     poll_s: float = 1.0                 # how often streams and metrics are read

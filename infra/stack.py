@@ -51,11 +51,11 @@ class Process:
 
 EMULATOR = Process("emulator", "localstack.emulator", LOCAL_ENDPOINT + "/moto-api/", ("--port", "4566"),
                    stop_signal=signal.SIGINT)
-# Prometheus ports: collector 8080/metrics, scorer 8081/metrics, enrich 9102, loader 9103, discount 9104.
+# Prometheus ports, as in deploy/: collector 8080/metrics, scorer 8081/metrics, enrich 9101, loader 9102, discount 9104.
 COMPONENTS = [
     Process("collector", "collector.__main__", "http://127.0.0.1:8080/health"),
-    Process("enrich", "enrich.__main__", env=(("CLICKSTREAM_ENRICH_METRICS_PORT", "9102"),)),
-    Process("lake-loader", "batch.loader", env=(("CLICKSTREAM_LAKE_METRICS_PORT", "9103"),)),
+    Process("enrich", "enrich.__main__", env=(("CLICKSTREAM_ENRICH_METRICS_PORT", "9101"),)),
+    Process("lake-loader", "batch.loader", env=(("CLICKSTREAM_LAKE_METRICS_PORT", "9102"),)),
     Process("scorer", "scorer.__main__", "http://127.0.0.1:8081/ping"),
     Process("discount", "discount.__main__", env=(("CLICKSTREAM_DISCOUNT_METRICS_PORT", "9104"),)),
     Process("liveview", "demo.liveview", "http://127.0.0.1:8082/health"),

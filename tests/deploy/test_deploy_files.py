@@ -1,6 +1,8 @@
 """Deployment files: what cannot run here (Docker, AWS) is still linted and checked for its promises."""
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import os
 import re
@@ -18,6 +20,13 @@ from tests.conftest import ROOT, settings_env, unique_settings
 DEPLOY = ROOT / "deploy"
 COMPONENTS = {"collector": "collector", "enrich": "enrich", "lake-loader": "batch.loader", "scorer": "scorer",
               "discount": "discount", "trainer": "batch.train"}
+# Each component's settings class and config section: the names its deploy files may set.
+SETTINGS = {"collector": ("collector.config", "CollectorSettings", "collector"),
+            "enrich": ("enrich.config", "EnrichSettings", "enrich"),
+            "lake-loader": ("batch.loader", "LoaderSettings", "lake"),
+            "scorer": ("scorer.config", "ScorerSettings", "scorer"),
+            "discount": ("discount.settings", "DiscountSettings", "discount"),
+            "trainer": ("batch.train_config", "TrainSettings", "train")}
 COMPOSE_FILES = [DEPLOY / "docker-compose.yml", ROOT / "localstack" / "docker-compose.yml"]
 
 
@@ -98,6 +107,28 @@ def test_dockerfile_is_small_non_root_with_a_healthcheck(component):
         assert (ROOT / source).exists(), f"{component} copies {source}, which is not in the repository"
     ignore = (DEPLOY / component / "Dockerfile.dockerignore").read_text().splitlines()
     assert "*" in ignore and "!common/" in ignore
+
+
+def deployed_variables(component: str, template: dict) -> set[str]:
+    """The CLICKSTREAM_* variables the Dockerfile, the compose service and the ECS task set."""
+    names = set(re.findall(r"\b(CLICKSTREAM_[A-Z0-9_]+)=", dockerfile(component)))
+    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"][component]
+    names |= set(service.get("environment") or {})
+    for task in resources(template, "AWS::ECS::TaskDefinition").values():
+        for container in task["Properties"]["ContainerDefinitions"]:
+            if container["Name"] == component:
+                names |= {variable["Name"] for variable in container.get("Environment", [])}
+    return {name for name in names if name.startswith("CLICKSTREAM_")}
+
+
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
+def test_every_variable_the_deploy_files_set_is_a_setting_of_that_component(component, template):
+    module, name, section = SETTINGS[component]
+    fields = [field.name.upper() for field in dataclasses.fields(getattr(importlib.import_module(module), name))]
+    known = {"CLICKSTREAM_CONFIG"} | {f"CLICKSTREAM_{field}" for field in fields} \
+        | {f"CLICKSTREAM_{section.upper()}_{field}" for field in fields}
+    unknown = deployed_variables(component, template) - known
+    assert not unknown, f"{component}: {sorted(unknown)} are no settings of {name}; it would ignore them"
 
 
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
