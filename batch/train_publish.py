@@ -46,7 +46,13 @@ def decide(result: TrainResult, current: dict | None, settings: TrainSettings) -
         reasons.append(result.parity.message())
     if auc < settings.auc_floor:
         reasons.append(f"ROC AUC {auc:.4f} is below the floor {settings.auc_floor}")
-    if current and current.get("roc_auc") is not None and auc < current["roc_auc"] - settings.champion_margin:
+    if current and current.get("note"):
+        # Other features (a table model, or a new feature version): the scorers serving CURRENT would
+        # refuse it, so moving CURRENT is a deliberate step, taken once scorers compute these features.
+        reasons.append(f"its features differ from CURRENT {current['version']}'s ({current['note']}); "
+                       f"promote it by hand (python -m batch.registry promote VERSION) once the scorers "
+                       f"compute these features")
+    elif current and current.get("roc_auc") is not None and auc < current["roc_auc"] - settings.champion_margin:
         reasons.append(f"ROC AUC {auc:.4f} is worse than CURRENT {current['version']} "
                        f"({current['roc_auc']:.4f} on the same rows) by more than {settings.champion_margin}")
     return not reasons, reasons
