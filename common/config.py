@@ -112,7 +112,7 @@ def require_positive(settings, *names: str) -> None:
 class AwsSettings:
     """Names of the shared AWS resources; every component reads these."""
 
-    region: str = "us-east-1"
+    region: str = ""        # empty: AWS_REGION, else AWS_DEFAULT_REGION, else us-east-1 (common.aws.session)
     raw_stream: str = "clickstream-raw"
     enriched_stream: str = "clickstream-enriched"
     bad_stream: str = "clickstream-bad"

@@ -128,7 +128,8 @@ class _Builder:
             "duid": visitor.duid, "sid": self.session.sid, "vid": str(self.session.vid),
             "url": url, "page": title, "res": visitor.res,
             "vp": f"{width}x{int(int(height) * 0.85)}", "ds": f"{width}x{int(height) * 3}",
-            "lang": visitor.lang, "tz": visitor.tz, "cs": "UTF-8", "cd": "24", "cookie": "1",
+            "lang": visitor.lang, "tz": visitor.tz, "cs": "UTF-8", "cd": "24",
+            "cookie": "0" if visitor.device.kind == "bot" else "1",
             "cx": b64url({"schema": CONTEXTS, "data": contexts}),
         }
         if self.referrer:

@@ -275,7 +275,11 @@ def _duration(us: int) -> str:
               help="count stream records of the last N minutes only (default: everything retained)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 def main(since_minutes: float | None, as_json: bool) -> None:
-    """Print what the pipeline sent, enriched, rejected, landed, scored and offered."""
+    """Print what the pipeline sent, enriched, rejected, landed, scored and offered.
+
+    Settings come from CLICKSTREAM_* variables and the [summary] section of the TOML file named by
+    CLICKSTREAM_CONFIG (docs/liveview.md).
+    """
     try:
         settings = load(SummarySettings, section="summary")
     except ConfigError as exc:

@@ -264,7 +264,10 @@ class Sender:
 
     @staticmethod
     def _remember_cookie(request: Request, headers: list[str]) -> None:
-        """Keep the collector's `sp` cookie for the visitor's next requests, as a browser would."""
+        """Keep the collector's `sp` cookie for the visitor's next requests, as a browser would
+        (crawlers keep none)."""
+        if request.session.visitor.device.kind == "bot":
+            return
         for header in headers:
             cookie = SimpleCookie()
             try:

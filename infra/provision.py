@@ -70,8 +70,9 @@ def ensure_bucket(s3, name: str, settings: ProvisionSettings) -> str:
         if exc.response["Error"]["Code"] not in ("404", "NoSuchBucket", "NotFound"):
             raise
         kwargs = {"Bucket": name}
-        if settings.region != "us-east-1":
-            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": settings.region}
+        region = s3.meta.region_name          # settings.region, or the AWS_REGION the client fell back to
+        if region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
         s3.create_bucket(**kwargs)
         state = "created"
     s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": lifecycle_rules(settings)})
