@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 
+from common import aws
 from common.config import AwsSettings, ConfigError, load
 
 
@@ -18,6 +19,15 @@ def test_defaults_match_the_design():
     assert (settings.raw_stream, settings.enriched_stream, settings.bad_stream, settings.predictions_stream) == (
         "clickstream-raw", "clickstream-enriched", "clickstream-bad", "clickstream-predictions")
     assert settings.bucket == "clickstream-lake"
+
+
+def test_region_is_aws_region_unless_set(monkeypatch):
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    assert aws.session(load(Example, env={}).region).region_name == "eu-west-1"
+    assert aws.session(load(Example, env={"CLICKSTREAM_REGION": "ap-south-1"}).region).region_name == "ap-south-1"
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    assert aws.session(load(Example, env={}).region).region_name == "us-east-1"
 
 
 def test_environment_overrides_file_overrides_defaults(tmp_path):
