@@ -152,12 +152,22 @@ class Consumer:
     # ------------------------------------------------------------------ reading and checkpoints
 
     def poll(self) -> list[Batch]:
-        """One round: rebalance if due, then read one page from every owned shard."""
+        """One round: rebalance if due, then read one page from every owned shard.
+
+        A shard whose read fails is skipped this round (its reader does not move) while the pages
+        already read from the others are returned: raising would lose them, as their readers have
+        moved on. Only when every owned shard fails does the error reach the caller, to back off.
+        """
         if time.monotonic() - self._balanced_at > self.lease_ms / 3000:
             self.balance()
-        batches = []
-        for shard_id, owned in list(self.owned.items()):
-            result = owned.reader.read(self.batch_limit)
+        batches, failures, owned_now = [], [], list(self.owned.items())
+        for shard_id, owned in owned_now:
+            try:
+                result = owned.reader.read(self.batch_limit)
+            except Exception as exc:  # noqa: BLE001 - throttling, timeouts: any failure skips the shard
+                log.warning("reading shard %s failed, skipping it this round: %s", shard_id, exc)
+                failures.append(exc)
+                continue
             if result.records:
                 owned.position = result.records[-1].sequence_number
             self.lag_ms[shard_id] = result.millis_behind
@@ -165,6 +175,8 @@ class Consumer:
             if result.records or result.shard_end:
                 batches.append(Batch(shard_id, result.records, result.millis_behind,
                                      result.shard_end, owned.position))
+        if failures and len(failures) == len(owned_now):
+            raise failures[-1]
         return batches
 
     def checkpoint(self, batch: Batch, meta: dict | None = None) -> None:

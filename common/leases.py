@@ -50,6 +50,13 @@ class LeaseTable(Protocol):
     def leave(self, worker_id: str) -> None: ...
 
 
+
+def _lease_of(row: dict) -> Lease:
+    """A lease from its DynamoDB row."""
+    return Lease(row["item"]["S"], row.get("owner", {"S": ""})["S"], int(row.get("expires_ms", {"N": "0"})["N"]),
+                 row["checkpoint"]["S"] if "checkpoint" in row else None,
+                 {k: v["S"] for k, v in row.get("meta", {"M": {}})["M"].items()})
+
 class DynamoLeaseTable:
     def __init__(self, client, table: str, group: str):
         self.client = client
@@ -74,22 +81,19 @@ class DynamoLeaseTable:
                 if name.startswith(WORKER_PREFIX):
                     workers[name[len(WORKER_PREFIX):]] = expires
                 else:
-                    leases.append(Lease(
-                        name, row.get("owner", {"S": ""})["S"], expires,
-                        row["checkpoint"]["S"] if "checkpoint" in row else None,
-                        {k: v["S"] for k, v in row.get("meta", {"M": {}})["M"].items()},
-                    ))
+                    leases.append(_lease_of(row))
             start = response.get("LastEvaluatedKey")
             if not start:
                 return leases, workers
 
-    def _update(self, item: str, expression: str, condition: str, values: dict, names: dict | None = None) -> None:
+    def _update(self, item: str, expression: str, condition: str, values: dict, names: dict | None = None) -> dict:
+        """The conditional update; returns the row as written."""
         kwargs = {"TableName": self.table, "Key": self._key(item), "UpdateExpression": expression,
-                  "ConditionExpression": condition, "ExpressionAttributeValues": values}
+                  "ConditionExpression": condition, "ExpressionAttributeValues": values, "ReturnValues": "ALL_NEW"}
         if names:
             kwargs["ExpressionAttributeNames"] = names
         try:
-            self.client.update_item(**kwargs)
+            return self.client.update_item(**kwargs)["Attributes"]
         except ClientError as exc:
             if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
                 raise LeaseLost(item) from None
@@ -106,12 +110,13 @@ class DynamoLeaseTable:
                 raise
 
     def take(self, lease: Lease, owner: str, duration_ms: int) -> Lease:
-        expires = now_ms() + duration_ms
-        self._update(lease.shard_id, "SET #o = :me, expires_ms = :exp",
-                     "#o = :prev AND expires_ms = :prev_exp",
-                     {":me": {"S": owner}, ":exp": {"N": str(expires)}, ":prev": {"S": lease.owner},
-                      ":prev_exp": {"N": str(lease.expires_ms)}}, {"#o": "owner"})
-        return replace(lease, owner=owner, expires_ms=expires)
+        """The lease, now ``owner``'s, with the checkpoint the table holds: the snapshot ``lease`` may
+        be older (another worker may have taken, moved and released it since it was read)."""
+        row = self._update(lease.shard_id, "SET #o = :me, expires_ms = :exp",
+                           "#o = :prev AND expires_ms = :prev_exp",
+                           {":me": {"S": owner}, ":exp": {"N": str(now_ms() + duration_ms)},
+                            ":prev": {"S": lease.owner}, ":prev_exp": {"N": str(lease.expires_ms)}}, {"#o": "owner"})
+        return _lease_of(row)
 
     def renew(self, shard_id: str, owner: str, duration_ms: int) -> None:
         self._update(shard_id, "SET expires_ms = :exp", "#o = :me",

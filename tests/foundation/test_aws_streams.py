@@ -158,5 +158,19 @@ def test_lease_meta_can_be_written_without_moving_the_checkpoint_and_only_by_the
         assert _lease(table).meta == {"intent": "57"}
 
 
+def test_a_take_returns_the_checkpoint_the_table_holds_not_the_snapshot_taken_from(aws_settings):
+    from common.leases import MemoryLeaseTable
+
+    for table in (DynamoLeaseTable(aws.client("dynamodb"), aws_settings.lease_table, f"take#{time.monotonic_ns()}"),
+                  MemoryLeaseTable()):
+        table.ensure("shard-1")
+        stale = _lease(table)                          # what a slow worker read
+        other = table.take(stale, "other", 10_000)     # meanwhile another one takes it, moves on, lets go
+        table.checkpoint(other.shard_id, "other", "10", None)
+        table.release(other.shard_id, "other")
+        taken = table.take(stale, "me", 10_000)        # the row looks as it did, so the take succeeds
+        assert (taken.owner, taken.checkpoint) == ("me", "10")
+
+
 def _lease(table):
     return table.leases()[0][0]

@@ -2,6 +2,8 @@
 import time
 from collections import Counter
 
+import pytest
+
 from common.consumer import Consumer
 from common.leases import MemoryLeaseTable
 from common.producer import Producer, batches
@@ -65,6 +67,45 @@ def test_consumer_resumes_after_restart_without_loss_or_duplicates():
     second = Consumer(stream, leases, worker_id="b")
     got += drain(second)
     assert Counter(got) == Counter(r.data for r in stream.all_records())
+
+
+class FlakyReader:
+    """A shard reader whose next ``failures`` reads raise, like a throttled GetRecords."""
+
+    def __init__(self, reader, failures: list[int]):
+        self.reader, self.failures = reader, failures
+
+    def read(self, limit):
+        if self.failures[0]:
+            self.failures[0] -= 1
+            raise TimeoutError("read timed out")
+        return self.reader.read(limit)
+
+
+def test_a_failed_read_on_one_shard_loses_nothing_read_from_the_others():
+    stream, leases = MemoryStream(shard_count=3), MemoryLeaseTable()
+    Producer(stream).send(entries(120))
+    failures = [0]
+    plain = stream.reader
+    stream.reader = lambda shard_id, after: FlakyReader(plain(shard_id, after), failures) \
+        if shard_id.endswith("2") else plain(shard_id, after)
+    consumer = Consumer(stream, leases, worker_id="a", batch_limit=10)
+    failures[0] = 3
+    got = drain(consumer, rounds=30)
+    assert failures[0] == 0
+    assert Counter(got) == Counter(r.data for r in stream.all_records())
+
+
+def test_poll_raises_when_every_shard_fails_so_the_caller_backs_off():
+    stream, leases = MemoryStream(shard_count=2), MemoryLeaseTable()
+    Producer(stream).send(entries(10))
+    failures = [2]
+    plain = stream.reader
+    stream.reader = lambda shard_id, after: FlakyReader(plain(shard_id, after), failures)
+    consumer = Consumer(stream, leases, worker_id="a")
+    with pytest.raises(TimeoutError):
+        consumer.poll()
+    assert Counter(drain(consumer)) == Counter(r.data for r in stream.all_records())
 
 
 def test_unconfirmed_batch_is_redelivered():
