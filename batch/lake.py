@@ -77,6 +77,9 @@ SCHEMA = pa.schema(
 
 # ---------------------------------------------------------------------------------------- names
 
+MIN_PARTITION_MS = int(dt.datetime(1000, 1, 1, tzinfo=dt.UTC).timestamp() * 1000)
+MAX_PARTITION_MS = int(dt.datetime(9999, 12, 31, 23, tzinfo=dt.UTC).timestamp() * 1000) + 3_600_000
+
 
 def object_name(shard_id: str, first_seq: str, last_seq: str) -> str:
     """Deterministic for a shard and range, so a replay of the range overwrites, never duplicates."""
@@ -168,7 +171,7 @@ def _column(name: str, values: list) -> tuple[pa.Array | None, dict[int, str]]:
             return pa.array(values, pa.string()).cast(kind), {}
         if not (integral and any(map(_fractional, values))):
             return pa.array(values, kind), {}
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError):
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
         pass
     if name in TIMESTAMPS:
         # Slow path: fractions beyond ms, other offsets, or junk; only junk is an error.
@@ -267,6 +270,12 @@ def _typed_columns(values: dict[str, list]) -> tuple[dict[str, pa.Array], dict[i
         if array is not None and array.null_count:
             for i in np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False)):
                 errors.setdefault(int(i), []).append(f"{name}: missing (never null by contract)")
+    stamps = arrays["collector_tstamp"]
+    if stamps is not None:
+        # The partition names need a four-digit year (date=YYYY-MM-DD).
+        millis = stamps.cast(pa.int64()).to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero((millis < MIN_PARTITION_MS) | (millis >= MAX_PARTITION_MS)):
+            errors.setdefault(int(i), []).append("collector_tstamp: outside the years 1000-9999")
     return arrays, errors
 
 
@@ -306,14 +315,16 @@ def _convert(payloads: list[bytes]) -> Converted:
         origin.append(i)
     values, extra = _pivot(events)
     arrays, errors = _typed_columns(values)
-    if errors:
-        # Move the offending events to bad rows; the rest convert cleanly on a second pass.
+    while errors:
+        # Move the offending events to bad rows and convert the rest again: a column that failed
+        # on one event hid the checks on its other values (a missing collector_tstamp, say).
         for i in sorted(errors):
             messages = [{"type": "InvalidValue", "message": m} for m in errors[i]]
             bad.append((origin[i], loader_bad_row(payloads[origin[i]], messages)))
         events = [event for i, event in enumerate(events) if i not in errors]
+        origin = [position for i, position in enumerate(origin) if i not in errors]
         values, extra = _pivot(events)
-        arrays, _ = _typed_columns(values)
+        arrays, errors = _typed_columns(values)
     columns = [arrays[name] for name in TYPED_COLUMNS]
     columns += [pa.array([_json_text(v) for v in values[name]], pa.string()) for name in JSON_COLUMNS]
     columns += [

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import orjson
+import pyarrow as pa
 from botocore.exceptions import BotoCoreError, ClientError
 
 from batch import lake
@@ -103,7 +104,7 @@ def write_enriched(sink: Sink, shard_id: str, records: list[Record], stream: str
     """One Parquet object per hour of collector_tstamp, plus the rejected records as loader bad rows."""
     first, last = records[0].sequence_number, records[-1].sequence_number
     name = lake.object_name(shard_id, first, last)
-    converted = lake.convert([record.data for record in records])
+    converted = _convert([record.data for record in records])
     meta = {"stream": stream, "shard_id": shard_id, "first_seq": first, "last_seq": last,
             "loader_version": lake.LOADER_VERSION}
     hours = converted.hours()
@@ -113,6 +114,25 @@ def write_enriched(sink: Sink, shard_id: str, records: list[Record], stream: str
     for hour, rows in bad.items():
         sink.put(lake.bad_key(hour, name, from_loader=True), lake.jsonl_gz(rows), JSONL_GZ_TYPE)
     return {"events": converted.table.num_rows, "bad": len(converted.bad), "files": len(hours) + len(bad)}
+
+
+def _convert(payloads: list[bytes]) -> lake.Converted:
+    """``lake.convert``, and should it ever raise, each record on its own: an unforeseen value costs
+    its record a bad row, never the shard a crash loop (the range would be re-read and fail again)."""
+    try:
+        return lake.convert(payloads)
+    except Exception:
+        log.exception("converting %d records failed; converting them one by one", len(payloads))
+    tables, bad = [], []
+    for i, data in enumerate(payloads):
+        try:
+            one = lake.convert([data])
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the record is kept as a bad row
+            bad.append((i, lake.loader_bad_row(data, [{"type": type(exc).__name__, "message": str(exc)}])))
+            continue
+        tables.append(one.table)
+        bad += [(i, row) for _, row in one.bad]
+    return lake.Converted(pa.concat_tables(tables) if tables else lake.SCHEMA.empty_table(), bad)
 
 
 def write_bad(sink: Sink, shard_id: str, records: list[Record], stream: str) -> dict:

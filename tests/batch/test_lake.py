@@ -81,6 +81,40 @@ def test_a_fraction_in_an_integer_column_is_a_bad_row_not_rounded():
     assert position == 1 and "domain_sessionidx" in row["data"]["failure"]["errors"][0]["message"]
 
 
+@pytest.mark.parametrize("broken", [
+    [{"collector_tstamp": "junk"}, {"collector_tstamp": None}],      # the junk hid the missing one
+    [{"event_id": 123}, {"event_id": None}],
+    [{"domain_sessionidx": 2**63}],                                   # beyond int64
+    [{"collector_tstamp": "0000-01-01T00:00:00Z"}],                   # no four-digit partition year
+], ids=["junk-and-missing-time", "junk-and-missing-id", "int-overflow", "year-0"])
+def test_odd_values_become_bad_rows_and_the_rest_is_written(broken):
+    events = [make_event(i, **fields) for i, fields in enumerate(broken)] + [make_event(len(broken))]
+    sink = lake.MemorySink()
+    write_enriched(sink, "shardId-000000000000", event_records(events), "enriched")
+    tables = [pq.read_table(io.BytesIO(body)) for key, body in sink.objects.items() if key.endswith(".parquet")]
+    assert [t.column("event_id").to_pylist() for t in tables] == [[events[-1]["event_id"]]]
+    bad = [key for key in sink.objects if key.endswith(".loader.jsonl.gz")]
+    rows = [orjson.loads(line) for key in bad for line in gzip.decompress(sink.objects[key]).splitlines()]
+    assert len(rows) == len(broken)
+
+
+def test_a_conversion_that_raises_costs_only_its_record(monkeypatch):
+    convert = lake.convert
+
+    def breaks_on_poison(payloads):           # stands for a bug no test has found yet
+        if any(b"poison" in data for data in payloads):
+            raise RuntimeError("unforeseen")
+        return convert(payloads)
+
+    monkeypatch.setattr(lake, "convert", breaks_on_poison)
+    events = [make_event(1), make_event(2, page_title="poison"), make_event(3)]
+    sink = lake.MemorySink()
+    assert write_enriched(sink, "shardId-000000000000", event_records(events), "enriched")["events"] == 2
+    [bad] = [body for key, body in sink.objects.items() if key.endswith(".loader.jsonl.gz")]
+    row = orjson.loads(gzip.decompress(bad))
+    assert "poison" in row["data"]["payload"] and row["data"]["failure"]["errors"][0]["type"] == "RuntimeError"
+
+
 def test_names_depend_only_on_shard_range_and_hour():
     assert lake.object_name("shardId-000000000001", "49590", "49600") == "shardId-000000000001-49590-49600"
     hour = int(dt.datetime(2026, 11, 29, 23, tzinfo=dt.UTC).timestamp()) // 3600
