@@ -19,7 +19,15 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from batch.train_lake import TrainError
-from common.features import EVENT_FIELDS, FEATURE_NAMES, event_time_ms, is_purchase, parse_ms, session_prefixes
+from common.features import (
+    EVENT_FIELDS,
+    FEATURE_NAMES,
+    NIL_USER,
+    event_time_ms,
+    is_purchase,
+    parse_ms,
+    session_prefixes,
+)
 
 JSON_COLUMNS = ("unstruct_event", "contexts", "derived_contexts")
 ID_COLUMNS = ("session_id", "event_id", "event_time_ms", "session_start_ms", "label")
@@ -63,7 +71,8 @@ def sessionise(df: DataFrame, gap_minutes: int = 30) -> DataFrame:
     df = df.withColumn("_at", at)
     known = df.filter(F.col("domain_sessionid").isNotNull()).withColumn("session_id", F.col("domain_sessionid"))
     unknown = df.filter(F.col("domain_sessionid").isNull())
-    user = F.coalesce(F.col("domain_userid"), F.col("network_userid"), F.col("event_id"))
+    known_user = F.when(F.col("network_userid") != NIL_USER, F.col("network_userid"))   # not SP-Anonymous' nil id
+    user = F.coalesce(F.col("domain_userid"), known_user, F.col("event_id"))
     by_user = Window.partitionBy("_user").orderBy("_at", "event_id")
     gap = F.col("_at") - F.lag("_at").over(by_user)
     unknown = (unknown.withColumn("_user", user)

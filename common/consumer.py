@@ -154,9 +154,10 @@ class Consumer:
     def poll(self) -> list[Batch]:
         """One round: rebalance if due, then read one page from every owned shard.
 
-        A shard whose read fails is skipped this round (its reader does not move) while the pages
-        already read from the others are returned: raising would lose them, as their readers have
-        moved on. Only when every owned shard fails does the error reach the caller, to back off.
+        A shard whose read fails is skipped this round, its reader reopened after the last record
+        handed out (whatever the failed call did to it), while the pages already read from the
+        others are returned: raising would lose them, as their readers have moved on. Only when
+        every owned shard fails does the error reach the caller, to back off.
         """
         if time.monotonic() - self._balanced_at > self.lease_ms / 3000:
             self.balance()
@@ -166,6 +167,7 @@ class Consumer:
                 result = owned.reader.read(self.batch_limit)
             except Exception as exc:  # noqa: BLE001 - throttling, timeouts: any failure skips the shard
                 log.warning("reading shard %s failed, skipping it this round: %s", shard_id, exc)
+                owned.reader = self.stream.reader(shard_id, owned.position)
                 failures.append(exc)
                 continue
             if result.records:

@@ -17,6 +17,7 @@ Bump ``FEATURE_VERSION`` whenever the meaning or order of a feature changes: a m
 """
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -24,6 +25,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 FEATURE_VERSION = "1"
 SHOP_VENDOR = "com.clickshop"
 MAX_TRACKED_PRODUCTS = 512
+NIL_USER = "00000000-0000-0000-0000-000000000000"   # network_userid of SP-Anonymous hits
+NUMBER_LIMIT = 1e9          # any number read from an event: beyond every real quantity, price or index
 
 PAGE_TYPES = ("home", "category", "product", "search", "cart", "checkout", "content")
 DEVICES = ("Computer", "Mobile", "Tablet")
@@ -164,10 +167,16 @@ def _zone(name: str):
 
 
 def _number(value, default=0.0) -> float:
+    """``value`` as a number within ±NUMBER_LIMIT; ``default`` when it is none (or NaN). Schemas
+    bound few numbers, and an unbounded one (a quantity of 1e308) would overflow a sum or reach
+    the model as inf; below the limit nothing changes."""
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
         return default
+    if math.isnan(number):
+        return default
+    return max(-NUMBER_LIMIT, min(NUMBER_LIMIT, number))
 
 
 # ------------------------------------------------------------------------------ the fold
@@ -289,4 +298,7 @@ def session_features(events) -> list[list[float]]:
 
 
 def session_key(event: dict) -> str:
-    return event.get("domain_sessionid") or event.get("network_userid") or event["event_id"]
+    """The session an event belongs to: its session id, else its user, else itself. Never the nil
+    user id of SP-Anonymous hits, which would make every anonymous visitor one session."""
+    user = event.get("network_userid")
+    return event.get("domain_sessionid") or (user if user != NIL_USER else None) or event["event_id"]

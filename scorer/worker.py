@@ -14,6 +14,7 @@ of the oldest live session on the shard. A new owner reads from there and folds 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import numpy as np
 import orjson
 
 from common.consumer import Batch, Consumer
-from common.features import FEATURE_VERSION, event_time_ms, features, is_purchase, session_key, step
+from common.features import FEATURE_VERSION, event_time_ms, features, session_key, step
 from common.leases import Lease, LeaseLost
 from common.streams import SHARD_END, Record, sequence_key
 from scorer import metrics
@@ -172,14 +173,14 @@ class Worker:
             return
         try:
             step(session.state, event, event_ms)
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
             metrics.BAD_RECORDS.inc()
             log.error("shard %s sequence %s: event %s could not be folded: %r", shard, record.sequence_number,
                       event["event_id"], exc, extra={"shard_id": shard, "event_id": event["event_id"]})
             return
         (EVENTS_REPLAY if quiet else EVENTS_LIVE).inc()
-        if is_purchase(event):
-            return                    # the label: no one needs a buy/defer for a session that bought
+        if session.state.purchased:
+            return                    # it bought: no one needs a buy/defer for it (nor did training)
         rows.append(Row(session, event, event_ms, quiet, session.state.events))
         matrix.append(features(session.state))
 
@@ -192,6 +193,11 @@ class Worker:
         self._shadow(inputs, p_buy, model)
         scored_at = iso_now()
         for row, p in zip(rows, p_buy.tolist()):
+            if not math.isfinite(p):      # the table refuses NaN: a write retried for ever would stall the shard
+                metrics.BAD_RECORDS.inc()
+                log.error("model %s gave p_buy %r for event %s; not published", model.version, p,
+                          row.event["event_id"], extra={"event_id": row.event["event_id"]})
+                continue
             decision = model.decide(p)
             if self._should_emit(row.session, decision) and not row.quiet:
                 prediction = self._prediction(row, model, p, decision, latency_us, scored_at)

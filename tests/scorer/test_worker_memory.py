@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from common.consumer import Consumer
-from common.features import SessionState, features, is_purchase, session_features, step
+from common.features import SessionState, features, is_purchase, parse_ms, session_features, step
 from common.leases import MemoryLeaseTable
 from common.producer import Producer
 from common.registry import Bundle
@@ -182,6 +182,20 @@ def test_a_record_that_is_not_an_event_is_reported_and_skipped_not_fatal(caplog)
     assert any(broken["event_id"] in m and "could not be folded" in m for m in errors)
 
 
+def test_absurd_numbers_and_events_after_a_purchase_do_not_stall_or_reach_the_engine():
+    huge = [make_event("huge", T0 + i, shop="add_to_cart", data={"sku": "X", "price": 1e39, "quantity": 1.7e308})
+            for i in range(2)]
+    bought = session_events("bought", seed=0, n=12, buyer=True)
+    after = make_event("bought", parse_ms(bought[-1]["derived_tstamp"]) + 1000, path="/thanks")
+    rig = Rig()
+    rig.put(huge + bought + [after])
+    rig.put(session_events("later", seed=5, n=3, buyer=False))
+    rig.drain()
+    got = {p["event_id"]: p for p in rig.predictions()}
+    assert all(0.0 <= got[e["event_id"]]["p_buy"] <= 1.0 for e in huge)
+    assert after["event_id"] not in got and len([p for p in got.values() if p["session_id"] == "later"]) == 3
+
+
 def test_sessions_expire_by_event_time_and_memory_is_capped():
     rig = Rig(session_timeout_s=60, max_sessions=3)
     old = session_events("old", seed=1, n=3, buyer=False)
@@ -215,11 +229,12 @@ def test_a_shadow_model_is_scored_and_logged_but_the_champion_decides(caplog):
 
 
 class FlakyStream(MemoryStream):
-    """A memory stream whose readers fail once, after handing out records, like a dropped connection."""
+    """A memory stream whose next ``failures`` reads fail after handing out records, like a dropped
+    connection; failing every shard in one poll makes the poll itself fail."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, failures=2, **kwargs):
         super().__init__(*args, **kwargs)
-        self.failures = 1
+        self.failures = failures
 
     def reader(self, shard_id, after_sequence):
         inner = super().reader(shard_id, after_sequence)
@@ -233,6 +248,16 @@ class FlakyStream(MemoryStream):
                     raise ConnectionError("connection reset while reading")
                 return result
         return Reader()
+
+
+def test_a_read_failing_on_one_shard_loses_nothing():
+    stream = FlakyStream("enriched", shard_count=2, failures=1)
+    rig = Rig(stream)
+    sessions = [session_events(f"g{i}", seed=70 + i, n=8, buyer=False) for i in range(4)]
+    rig.put(interleave(sessions))
+    rig.drain()
+    got = {p["event_id"] for p in rig.predictions()}
+    assert stream.failures == 0 and got == {e["event_id"] for s in sessions for e in s}
 
 
 def test_a_failed_read_restarts_from_the_checkpoints_without_losing_events(caplog):

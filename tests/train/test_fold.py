@@ -56,6 +56,22 @@ def test_long_session_keeps_bounded_state_and_memory():
     assert len(frame) == 10_000 and frame["distinct_products"].max() == MAX_TRACKED_PRODUCTS
 
 
+def test_unbounded_numbers_keep_every_feature_finite_in_float32():
+    from common.features import features, session_key
+
+    rng = random.Random(4)
+    s = synth.Session(rng, 1_795_000_000_000)
+    for quantity in (1.7e308, 1.7e308, "inf", "nan", 10**400):
+        s.shop("add_to_cart", {"sku": "X", "category": "shoes", "price": 1e39, "quantity": quantity}, "/p/1", "product")
+    s.shop("checkout_step", {"step": 1e300}, "/checkout", "checkout")
+    state = SessionState()
+    for event in s.events:
+        step(state, {**event, "domain_sessionidx": 1e308})
+    assert np.isfinite(np.asarray(features(state), dtype=np.float32)).all()
+    anonymous = {"event_id": "e1", "domain_sessionid": None, "network_userid": "00000000-0000-0000-0000-000000000000"}
+    assert session_key(anonymous) == "e1" and session_key({**anonymous, "network_userid": "u1"}) == "u1"
+
+
 def test_purchase_never_reaches_the_features():
     rng = random.Random(5)
     events = synth.session_events(rng, 1_795_000_000_000, buyer=True, purchase_total=TELL_TALE)
