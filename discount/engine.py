@@ -76,7 +76,14 @@ class Engine:
         now = self.clock()
         if self.exhausted_hour == hour_of(now):
             return Outcome.BUDGET_EXHAUSTED.value
-        outcome = self._retrying(lambda: self.offers.offer(prediction, now))
+        try:
+            outcome = self._retrying(lambda: self.offers.offer(prediction, now))
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ValidationException":
+                raise
+            log.error("DynamoDB refused the offer as invalid, skipped: %s", exc,
+                      extra={"session_id": prediction.session_id, "event_id": prediction.event_id})
+            return "invalid"
         if outcome is Outcome.BUDGET_EXHAUSTED:
             self.exhausted_hour = hour_of(now)
         elif outcome in (Outcome.OFFERED, Outcome.ALREADY_OFFERED):
@@ -98,7 +105,8 @@ class Engine:
             try:
                 return write()
             except (BotoCoreError, ClientError) as exc:
-                if self.stop():
+                refused = isinstance(exc, ClientError) and exc.response["Error"]["Code"] == "ValidationException"
+                if refused or self.stop():      # a request DynamoDB refuses stays refused: no retry
                     raise
                 self.metrics.write_errors.inc()
                 log.warning("offer write failed (attempt %d), retrying: %s", attempt + 1, exc)

@@ -21,6 +21,7 @@ from enum import Enum
 from botocore.exceptions import ClientError
 
 OFFER_NAMESPACE = uuid.UUID("6f1c3c1e-2f52-4c55-9a55-5d2c8a0c7d10")
+BUDGET_PREFIX = "budget#"
 
 
 class Outcome(str, Enum):
@@ -50,10 +51,14 @@ class Prediction:
                              int(record.get("events_in_session") or 0))
         except KeyError as exc:
             raise ValueError(f"prediction without {exc.args[0]!r}") from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"malformed prediction: {exc}") from None
         if not prediction.session_id or not 0.0 <= prediction.p_buy <= 1.0:
             raise ValueError(f"malformed prediction: session {prediction.session_id!r}, p_buy {prediction.p_buy}")
+        if prediction.session_id.startswith(BUDGET_PREFIX):
+            # A tracker sets session ids: one named like a budget row would share its key in the offer's
+            # transaction, which DynamoDB refuses (and retrying it would stall every offer).
+            raise ValueError(f"session id {prediction.session_id!r} is reserved for the budget rows")
         return prediction
 
 
@@ -95,7 +100,7 @@ class OfferTable:
         now = time.time() if now is None else now
         hour = hour_of(now)
         budget_update = {
-            "TableName": self.table, "Key": {"session_id": {"S": f"budget#{hour}"}},
+            "TableName": self.table, "Key": {"session_id": {"S": f"{BUDGET_PREFIX}{hour}"}},
             # Attribute names through placeholders: some plain words are reserved in DynamoDB expressions.
             "UpdateExpression": "ADD #n :one SET #k = :kind, #e = :exp",
             "ConditionExpression": "attribute_not_exists(#n) OR #n < :cap",
@@ -106,7 +111,11 @@ class OfferTable:
         put = {"TableName": self.table, "Item": self.offer_item(prediction, now),
                "ConditionExpression": "attribute_not_exists(session_id)"}
         try:
-            self.client.transact_write_items(TransactItems=[{"Put": put}, {"Update": budget_update}])
+            # One token per decision: if a retry follows a write whose answer was lost, DynamoDB
+            # answers it as the write it was (offered), not as a second try (already offered).
+            token = str(uuid.uuid5(OFFER_NAMESPACE, f"{prediction.session_id}|{prediction.event_id}|{now!r}"))
+            self.client.transact_write_items(TransactItems=[{"Put": put}, {"Update": budget_update}],
+                                             ClientRequestToken=token)
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "TransactionCanceledException":
                 raise
@@ -121,7 +130,7 @@ class OfferTable:
     def spent(self, now: float | None = None) -> int:
         """Offers made in the hour of ``now``."""
         hour = hour_of(time.time() if now is None else now)
-        item = self.client.get_item(TableName=self.table, Key={"session_id": {"S": f"budget#{hour}"}},
+        item = self.client.get_item(TableName=self.table, Key={"session_id": {"S": f"{BUDGET_PREFIX}{hour}"}},
                                     ConsistentRead=True).get("Item")
         return int(item["offers"]["N"]) if item else 0
 

@@ -20,7 +20,7 @@ from common.producer import Producer
 from common.streams import KinesisStream
 from discount.engine import APP, Engine
 from discount.metrics import Metrics
-from discount.offers import OfferTable
+from discount.offers import OfferTable, hour_of
 from discount.settings import DiscountSettings
 from localstack.emulator import free_port
 from tests.conftest import ROOT, settings_env
@@ -98,6 +98,17 @@ def test_qualifying_sessions_get_exactly_one_offer(aws_settings):
     rows, _ = eng.consumer.leases.leases()
     last = max(int(seq) for seq in [r.checkpoint for r in rows if r.checkpoint])
     assert last == int(eng.consumer.owned[rows[0].shard_id].position)
+    eng.close()
+
+
+def test_predictions_that_would_stall_the_engine_are_invalid_and_the_next_offer_is_made(aws_settings):
+    settings = discount_settings(aws_settings)
+    overflow = json.dumps(prediction("o", 0.5)).replace('"events_in_session": 5', '"events_in_session": 1e400')
+    publish(settings, [prediction(f"budget#{hour_of(T0)}", 0.6), overflow.encode(), prediction("fine", 0.6)])
+    eng = engine(settings)
+    drain(eng, 3)
+    assert count(eng, "invalid") == 2 and set(offers(settings)) == {"fine"}
+    assert eng.offers.spent(T0) == 1
     eng.close()
 
 
