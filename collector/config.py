@@ -58,6 +58,9 @@ class CollectorSettings(AwsSettings):
         if self.max_payload_bytes > 1_000_000:
             # Kinesis takes 1 MiB per record including the partition key; keep headroom for it.
             raise ConfigError("CLICKSTREAM_MAX_PAYLOAD_BYTES: expected at most 1000000 (Kinesis record limit)")
+        if self.bad_payload_keep_bytes > 100_000:
+            # Escaped once more inside its bad row, a longer payload could outgrow a Kinesis record.
+            raise ConfigError("CLICKSTREAM_BAD_PAYLOAD_KEEP_BYTES: expected at most 100000")
         if self.batch_records > 500:
             raise ConfigError("CLICKSTREAM_BATCH_RECORDS: expected at most 500 (PutRecords limit)")
         self.path_map()

@@ -94,18 +94,19 @@ def build(hit: Hit, max_bytes: int, keep: int) -> tuple[list[bytes], list[dict]]
     if len(data) <= max_bytes:
         return [data], []
     payload = _payload(hit.body)
-    if payload is None:
+    if payload is None or not payload["data"]:
         return [], [size_violation(data.decode(), len(data), max_bytes, keep)]
     return split(hit, payload["data"], max_bytes, keep, payload.get("schema", PAYLOAD_DATA))
 
 
 def _payload(body: bytes | None) -> dict | None:
-    """A payload_data body with a list of events, or None (then it cannot be split)."""
+    """A payload_data body with a list of events, or None (then it cannot be split: a body with other
+    keys than schema and data would lose them in the split)."""
     try:
         payload = orjson.loads(body or b"")
     except orjson.JSONDecodeError:
         return None
-    if isinstance(payload, dict) and isinstance(payload.get("data"), list):
+    if isinstance(payload, dict) and isinstance(payload.get("data"), list) and set(payload) <= {"schema", "data"}:
         return payload
     return None
 

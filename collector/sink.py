@@ -50,13 +50,18 @@ class Sink:
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="collector-sink", daemon=True)
-        self._last_sync = time.monotonic()
+        # fsync=interval on its own thread: the sender can block in a send for many seconds while
+        # the stream is down, which is exactly when the spool grows.
+        self._syncer = threading.Thread(target=self._sync_loop, name="collector-fsync", daemon=True) \
+            if self.fsync_interval else None
 
     def start(self) -> None:
         metrics.SINK_UP.set(int(self.healthy))
         if self.probe is not None:
             self._check()
         self._thread.start()
+        if self._syncer:
+            self._syncer.start()
 
     def notify(self) -> None:
         """Called by the request side after each append: wake early when a batch is full."""
@@ -73,7 +78,6 @@ class Sink:
             self.wake.wait(backoff or self.linger)
             self.wake.clear()
             try:
-                self._maybe_sync()
                 delivered = self._drain()
             except Exception:  # the sender must outlive any one failure
                 log.exception("sender failed; retrying")
@@ -82,22 +86,26 @@ class Sink:
             backoff = 0.0 if delivered else min(self.max_backoff, max(0.2, backoff * 2))
             metrics.update_spool(self._spools())
 
-    def _maybe_sync(self) -> None:
-        if self.fsync_interval and time.monotonic() - self._last_sync >= self.fsync_interval:
-            self.spool.sync_to(self.spool.end)
-            self._last_sync = time.monotonic()
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(self.fsync_interval):
+            try:
+                self.spool.sync_to(self.spool.end)
+            except OSError as exc:
+                log.error("spool fsync failed: %s", exc)
 
-    def _drain(self) -> bool:
-        """Send until the spools are empty; False when the stream could not be reached."""
+    def _drain(self, deadline: float | None = None) -> bool:
+        """Send until the spools are empty, or until ``deadline`` (None: until stop() is called);
+        False when the stream could not be reached."""
         for spool in self._spools():
             while True:
+                if self._stop.is_set() if deadline is None else time.monotonic() >= deadline:
+                    return True
                 entries, offset = spool.read(self.batch_records, self.batch_bytes)
                 if not entries:
                     break
                 delivered = self._send(entries, offset, spool)
                 # Per batch: under sustained load this loop does not return for a long time.
                 metrics.update_spool(self._spools())
-                self._maybe_sync()
                 if not delivered:
                     return False
             if spool is not self.spool:
@@ -180,10 +188,12 @@ class Sink:
         """Stop the loop, try to deliver the backlog within ``timeout``, then close the spool."""
         self._stop.set()
         self.wake.set()
-        self._thread.join()
         deadline = time.monotonic() + timeout
+        self._thread.join()                   # returns after the batch in flight
+        if self._syncer:
+            self._syncer.join()
         while self.spool.end > self.spool.cursor and time.monotonic() < deadline:
-            if not self._drain():
+            if not self._drain(deadline):
                 time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         left = self.spool.end - self.spool.cursor
         if left:

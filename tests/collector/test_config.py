@@ -17,7 +17,8 @@ def test_defaults_match_the_interface_contract():
 @pytest.mark.parametrize("key, value", [("CLICKSTREAM_FSYNC", "sometimes"), ("CLICKSTREAM_SINK", "kafka"),
                                         ("CLICKSTREAM_CUSTOM_PATHS", "/a=/nowhere"),
                                         ("CLICKSTREAM_MAX_PAYLOAD_BYTES", "2000000"),
-                                        ("CLICKSTREAM_LINGER_MS", "0")])
+                                        ("CLICKSTREAM_LINGER_MS", "0"),
+                                        ("CLICKSTREAM_BAD_PAYLOAD_KEEP_BYTES", "3000000")])
 def test_bad_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key):
         load(CollectorSettings, section="collector", env={key: value})

@@ -48,6 +48,14 @@ def test_one_event_too_big_becomes_a_bad_row_and_the_rest_is_kept():
     assert bad[0]["data"]["failure"]["actualSizeBytes"] > 60_000
 
 
+def test_an_oversized_body_that_cannot_be_split_whole_is_a_bad_row_not_dropped():
+    empty = orjson.dumps({"schema": PAYLOAD, "data": []})[:-1] + b', "pad": "' + b"x" * 1_200_000 + b'"}'
+    other_keys = orjson.dumps({"schema": PAYLOAD, "data": [{"e": "pv"}], "note": "y" * 1_200_000})
+    for body in (empty, other_keys):
+        records, [row] = build(hit(body), 1_000_000, 1000)
+        assert records == [] and row["data"]["failure"]["actualSizeBytes"] > 1_200_000
+
+
 def test_partition_key_is_the_user_id_or_random():
     assert partition_key(hit(None, "user-1")) == "user-1"
     keys = {partition_key(hit(None, "00000000-0000-0000-0000-000000000000")) for _ in range(3)} | {

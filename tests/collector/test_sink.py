@@ -2,6 +2,8 @@
 records that can never fit, which the emulator cannot produce on demand."""
 from __future__ import annotations
 
+import time
+
 import orjson
 
 from collector.sink import Sink
@@ -68,3 +70,30 @@ def test_a_failing_bad_stream_does_not_hold_up_raw_records_nor_lose_bad_rows(tmp
     bad.fail_next = 0
     assert sink._drain()
     assert [r.data for r in bad.all_records()] == [b"bad-row"]
+
+
+class SlowStream(MemoryStream):
+    """Takes ``seconds`` per PutRecords, like a stream far away."""
+
+    def __init__(self, name, seconds):
+        super().__init__(name)
+        self.seconds = seconds
+
+    def put_records(self, entries):
+        time.sleep(self.seconds)
+        return super().put_records(entries)
+
+
+def test_stop_gives_up_at_its_timeout_and_leaves_the_rest_spooled(tmp_path):
+    raw, bad = SlowStream("raw", 0.2), MemoryStream("bad")
+    spool = Spool(tmp_path, max_bytes=1 << 24)
+    sink = Sink(spool, Producer(raw, max_attempts=1), Producer(bad, max_attempts=1), batch_records=1)
+    for index in range(40):
+        spool.append(encode(RAW, f"k{index}", str(index).encode()), 1)
+    sink.start()
+    started = time.monotonic()
+    sink.stop(timeout=0.5)
+    assert time.monotonic() - started < 2.0               # 40 batches would take 8 s
+    sent = len(raw.all_records())
+    again = Spool(tmp_path, max_bytes=1 << 24)
+    assert 0 < sent < 40 and again.records == 40 - sent     # the rest waits for the next start
