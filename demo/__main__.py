@@ -44,7 +44,9 @@ def run(*args: str) -> None:
     """Run a step as a child process whose progress bars go straight to the terminal."""
     command = [sys.executable, "-m", *args]
     say("$ " + " ".join(["python", "-m", *args]))
-    subprocess.run(command, check=True, cwd=stack.ROOT)
+    if code := subprocess.run(command, check=False, cwd=stack.ROOT).returncode:
+        raise SystemExit(f"`python -m {' '.join(args)}` failed with exit code {code} (its output is above); "
+                         "the stack is still up: `make down` stops it")
 
 
 def restart_with_demo_settings(names: list[str]) -> None:

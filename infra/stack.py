@@ -54,21 +54,38 @@ EMULATOR = Process("emulator", "localstack.emulator", LOCAL_ENDPOINT + "/moto-ap
 # Prometheus ports, as in deploy/: collector 8080/metrics, scorer 8081/metrics, enrich 9101, loader 9102, discount 9104.
 COMPONENTS = [
     Process("collector", "collector.__main__", "http://127.0.0.1:8080/health"),
-    Process("enrich", "enrich.__main__", env=(("CLICKSTREAM_ENRICH_METRICS_PORT", "9101"),)),
-    Process("lake-loader", "batch.loader", env=(("CLICKSTREAM_LAKE_METRICS_PORT", "9102"),)),
+    Process("enrich", "enrich.__main__", "http://127.0.0.1:9101/metrics",
+            env=(("CLICKSTREAM_ENRICH_METRICS_PORT", "9101"),)),
+    Process("lake-loader", "batch.loader", "http://127.0.0.1:9102/metrics",
+            env=(("CLICKSTREAM_LAKE_METRICS_PORT", "9102"),)),
     Process("scorer", "scorer.__main__", "http://127.0.0.1:8081/ping"),
-    Process("discount", "discount.__main__", env=(("CLICKSTREAM_DISCOUNT_METRICS_PORT", "9104"),)),
+    Process("discount", "discount.__main__", "http://127.0.0.1:9104/metrics",
+            env=(("CLICKSTREAM_DISCOUNT_METRICS_PORT", "9104"),)),
     Process("liveview", "demo.liveview", "http://127.0.0.1:8082/health"),
 ]
 
 
 def running_pid(process: Process) -> int | None:
+    """The pid of the process ``up`` started, or None; never another process that got the pid since
+    (``down`` would kill its whole group): the pid file also holds the process's start time."""
     try:
-        pid = int(process.pid_file.read_text())
+        pid_text, _, started = process.pid_file.read_text().partition(" ")
+        pid = int(pid_text)
         os.kill(pid, 0)
-        return pid
     except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
         return None
+    if started_at(pid) != (started.strip() or None):
+        return None
+    return pid
+
+
+def started_at(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22), or None without /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]      # after the command name, which may hold spaces
 
 
 def start(process: Process, wait: float = 30) -> str:
@@ -76,6 +93,10 @@ def start(process: Process, wait: float = 30) -> str:
         return f"{process.name}: already running (pid {running_pid(process)})"
     if not process.built():
         return f"{process.name}: not built yet, skipped"
+    if process.health_url and healthy(process.health_url):
+        # Not ours (no pid file), yet it answers: the new one could not bind, and the check would pass.
+        raise SystemExit(f"{process.name}: something else already answers on {process.health_url}; "
+                         "stop it first (`make down` stops what `make up` started)")
     process.pid_file.parent.mkdir(parents=True, exist_ok=True)
     process.log_file.parent.mkdir(parents=True, exist_ok=True)
     module = process.module.removesuffix(".__main__")
@@ -83,7 +104,7 @@ def start(process: Process, wait: float = 30) -> str:
         child = subprocess.Popen([sys.executable, "-m", module, *process.args], stdout=log,
                                  stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
                                  env={**dict(process.env), **os.environ})
-    process.pid_file.write_text(str(child.pid))
+    process.pid_file.write_text(f"{child.pid} {started_at(child.pid) or ''}".strip())
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if child.poll() is not None:
@@ -139,7 +160,8 @@ def up() -> None:
             print(start(EMULATOR), flush=True)
     else:
         print(f"emulator: not started, AWS_ENDPOINT_URL={os.environ.get('AWS_ENDPOINT_URL')}")
-    subprocess.run([sys.executable, "-m", "infra.provision"], check=True, cwd=ROOT)
+    if code := subprocess.run([sys.executable, "-m", "infra.provision"], check=False, cwd=ROOT).returncode:
+        raise SystemExit(f"provisioning failed with exit code {code} (its output is above)")
     print(local_pseudonymisation_key())
     for process in COMPONENTS:
         print(start(process), flush=True)
