@@ -10,6 +10,7 @@ settings, section ``[lake]``; ``--bucket`` overrides.
 """
 from __future__ import annotations
 
+import datetime as dt
 import gzip
 import importlib
 import re
@@ -45,8 +46,24 @@ def lake_cli(ctx: click.Context, bucket: str | None) -> None:
     ctx.obj = {"settings": settings, "s3": aws.client("s3", settings.region, timeout=30)}
 
 
-_start = click.option("--start", help="first date, YYYY-MM-DD (default: everything)")
-_end = click.option("--end", help="last date, YYYY-MM-DD (default: --start)")
+def _date(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A YYYY-MM-DD date, and --start not after --end (checked by whichever of the two comes second)."""
+    if value is None:
+        return None
+    try:
+        day = dt.date.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a date YYYY-MM-DD, got {value!r}") from None
+    other = ctx.params.get("end" if param.name == "start" else "start")
+    first, last = (day.isoformat(), other) if param.name == "start" else (other, day.isoformat())
+    if first and last and first > last:
+        raise click.BadParameter(f"--start {first} is after --end {last}")
+    return day.isoformat()
+
+
+_start = click.option("--start", callback=_date, help="first date, YYYY-MM-DD (default: everything)")
+_end = click.option("--end", callback=_date,
+                    help="last date, YYYY-MM-DD (default: --start; without --start, everything up to it)")
 
 
 def _human(size: float) -> str:
@@ -165,9 +182,12 @@ def _load_fix(spec: str | None) -> Callable[[dict | None, dict], dict | None] | 
 def _rows_from_file(path: Path) -> Iterator[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as handle:
-        for line in handle:
+        for number, line in enumerate(handle, 1):
             if line.strip():
-                yield orjson.loads(line)
+                try:
+                    yield orjson.loads(line)
+                except orjson.JSONDecodeError as exc:
+                    raise click.ClickException(f"{path}, line {number}: not JSON ({exc})") from None
 
 
 @lake_cli.command("replay-bad", help="Put fixed bad rows back into the raw stream, so they are enriched again.")
@@ -187,9 +207,12 @@ def replay_bad_command(obj: dict, start: str | None, end: str | None, types: tup
                                                                                           start, end))
     counts, entries = Counter(), []
     for row in tqdm(rows, unit="row", desc="bad rows", file=sys.stderr):
+        if not isinstance(row, dict) or not isinstance(row.get("data"), dict):
+            counts["not replayable"] += 1            # not a bad row at all
+            continue
         if types and bad_row_type(row) not in types:
             continue
-        raw = raw_record_of((row.get("data") or {}).get("payload"))
+        raw = raw_record_of(row["data"].get("payload"))
         if fix:
             raw = fix(raw, row)
         if raw is None:

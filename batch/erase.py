@@ -27,6 +27,7 @@ from tqdm import tqdm
 from batch import lake
 from batch.loader import PARQUET_TYPE
 from common import aws
+from common.features import session_key
 
 IDENTITY_COLUMNS = ("user_id", "domain_userid", "network_userid")
 RECORDS = "erasures/"
@@ -123,7 +124,7 @@ def erase_lake(s3, bucket: str, pseudonyms: set[str], *, start=None, end=None, d
             removed = pc.sum(mask).as_py() or 0
             if removed:
                 erasure.files[key] = removed
-                erasure.sessions.update(v for v in table.column("domain_sessionid").filter(mask).to_pylist() if v)
+                erasure.sessions.update(_session_keys(table.filter(mask)))
                 # The record keeps every session, an earlier run's too: once the rows are gone, only it
                 # knows whose predictions and offers to delete. Saved before the rewrite for that reason.
                 record["sessions"] = sorted(set(record["sessions"]) | erasure.sessions)
@@ -135,6 +136,13 @@ def erase_lake(s3, bucket: str, pseudonyms: set[str], *, start=None, end=None, d
                     _rewrite(s3, bucket, key, kept)
             bar.update()
     return erasure
+
+
+def _session_keys(rows: pa.Table) -> set[str]:
+    """The keys the scorer filed these rows' predictions under (common.features.session_key)."""
+    columns = [rows.column(name).to_pylist() for name in ("domain_sessionid", "network_userid", "event_id")]
+    return {session_key({"domain_sessionid": sid, "network_userid": user, "event_id": event})
+            for sid, user, event in zip(*columns)}
 
 
 def _rewrite(s3, bucket: str, key: str, kept: pa.Table) -> None:

@@ -389,10 +389,13 @@ def list_objects(s3, bucket: str, prefix: str) -> Iterator[dict]:
 
 def objects_between(s3, bucket: str, area: str, start: str | dt.date | None = None,
                     end: str | dt.date | None = None) -> list[dict]:
-    """Objects under ``area`` ("enriched" or "bad"), limited to a date range when given."""
-    if start is None and end is None:
-        return list(list_objects(s3, bucket, f"{area}/"))
-    days = dates_between(start or end, end or start)
+    """Objects under ``area`` ("enriched" or "bad") from ``start`` to ``end`` (dates, both included):
+    ``end`` alone means everything up to it, ``start`` alone that one day, neither everything."""
+    if start is None:
+        objects = list(list_objects(s3, bucket, f"{area}/"))
+        last = None if end is None else as_date(end).isoformat()
+        return objects if last is None else [obj for obj in objects if key_partition(obj["Key"])[0] <= last]
+    days = dates_between(start, end or start)
     return [obj for day in days for obj in list_objects(s3, bucket, f"{area}/date={day.isoformat()}/")]
 
 

@@ -15,6 +15,7 @@ from common import aws
 
 PREFIX = "models"
 DEFAULT_MODEL = "buy-propensity"
+ROLLBACK_REASON = "rollback from "     # HISTORY entries of rollbacks start with it
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,23 @@ def set_current(s3, bucket: str, name: str, version: str, reason: str) -> None:
 
 
 def rollback(s3, bucket: str, name: str = DEFAULT_MODEL) -> str:
-    """Move CURRENT back to the version it pointed to before its last move."""
+    """Undo the last move of CURRENT that is not undone yet: after A -> B -> C, rollback goes to B,
+    and a second one to A (not back to C); moving forward again is ``promote``."""
     current = current_version(s3, bucket, name)
-    previous = next((entry["previous"] for entry in reversed(history(s3, bucket, name))
-                     if entry["version"] == current and entry["previous"]), None)
+    previous, undone = None, 0
+    for entry in reversed(history(s3, bucket, name)):
+        if entry.get("reason", "").startswith(ROLLBACK_REASON):
+            undone += 1
+        elif entry["previous"] == entry["version"]:
+            continue                        # a promote to the version already CURRENT moved nothing
+        elif undone:
+            undone -= 1
+        else:
+            previous = entry["previous"]
+            break
     if not previous:
         raise LookupError(f"model {name!r}: no earlier version to roll back to from {current}")
-    set_current(s3, bucket, name, previous, reason=f"rollback from {current}")
+    set_current(s3, bucket, name, previous, reason=f"{ROLLBACK_REASON}{current}")
     return previous
 
 

@@ -134,6 +134,17 @@ def test_erase_by_cookie_id_from_a_file_leaves_the_logged_in_rows_of_other_cooki
     assert lake.read_enriched(s3, aws_settings.bucket).num_rows == len(events) - 4
 
 
+def test_erase_deletes_predictions_filed_under_the_user_when_there_was_no_session_id(aws_settings, s3):
+    user = "f0" * 32
+    events = [make_event(40 + i, user_id=CUSTOMER, domain_sessionid=None, network_userid=user) for i in range(2)]
+    write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", event_records(events), "enriched")
+    dynamodb = aws.client("dynamodb")
+    dynamodb.put_item(TableName=aws_settings.predictions_table, Item={"session_id": {"S": user}, "p_buy": {"N": "0.5"}})
+    done = _erase(aws_settings, CUSTOMER)
+    assert done.exit_code == 0 and "1 predictions" in done.output, done.output
+    assert user not in _sessions(dynamodb, aws_settings.predictions_table)
+
+
 def test_erase_refuses_clear_identifiers_and_an_empty_request(aws_settings, s3, lake_with_person):
     clear = _erase(aws_settings, "alice@example.com")
     assert clear.exit_code == 2

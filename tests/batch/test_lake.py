@@ -236,6 +236,18 @@ def test_ls_and_stats_report_partitions_sessions_and_bad_rate(aws_settings, s3):
         in stats.output
 
 
+def test_end_alone_reaches_back_and_a_reversed_or_junk_date_is_refused(aws_settings, s3):
+    events = [make_event(i, at=BASE + dt.timedelta(days=i)) for i in range(3)]       # 11-29, 11-30, 12-01
+    write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", event_records(events), "enriched")
+    up_to = _cli(aws_settings, "ls", "--area", "enriched", "--end", "2026-11-30")
+    assert "date=2026-11-29" in up_to.output and "date=2026-11-30" in up_to.output
+    assert "date=2026-12-01" not in up_to.output
+    backwards = _cli(aws_settings, "stats", "--end", "2026-11-30", "--start", "2026-12-01")
+    assert backwards.exit_code == 2 and "--start 2026-12-01 is after --end 2026-11-30" in backwards.output
+    junk = _cli(aws_settings, "ls", "--start", "yesterday")
+    assert junk.exit_code == 2 and "expected a date YYYY-MM-DD" in junk.output
+
+
 def fix_useragent(raw, row):
     """A --fix hook for the test: drop rows without a raw record, repair the others."""
     if raw is None:
@@ -276,6 +288,17 @@ def test_replay_bad_reads_an_edited_file(aws_settings, tmp_path):
     stream = KinesisStream(aws.client("kinesis"), aws_settings.raw_stream)
     got = [orjson.loads(r.data) for shard in stream.list_shards() for r in stream.reader(shard.shard_id, None).read(10).records]
     assert got == [raw]
+
+
+def test_replay_bad_counts_rows_that_are_not_bad_rows_and_names_a_broken_line(aws_settings, tmp_path):
+    odd = tmp_path / "odd.jsonl"
+    odd.write_bytes(b'[1, 2]\n{"schema": "x", "data": "text"}\n' + orjson.dumps(make_bad_row(make_raw(6))) + b"\n")
+    result = _cli(aws_settings, "replay-bad", "--from-file", str(odd), "--dry-run")
+    assert result.exit_code == 0 and "would replay 1" in result.output and "2 not replayable" in result.output
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(orjson.dumps(make_bad_row(make_raw(7))) + b"\n{oops\n")
+    result = CliRunner().invoke(lake_cli, ["--bucket", aws_settings.bucket, "replay-bad", "--from-file", str(broken)])
+    assert result.exit_code == 1 and "broken.jsonl, line 2: not JSON" in result.output
 
 
 def test_raw_record_of_accepts_the_enricher_payload_shapes():
