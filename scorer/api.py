@@ -223,7 +223,7 @@ class ScorerApp:
             seen.add(event["event_id"])
             try:
                 step(state, event)
-            except (KeyError, TypeError, ValueError) as exc:
+            except (AttributeError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
                 raise BadRequest(400, f"event {index}: cannot be folded: {exc!r}") from None
         row = read_features(state)
         p_buy = model.score_one(row)
@@ -309,12 +309,12 @@ def _events(body: bytes) -> list[dict]:
     for index, event in enumerate(events):
         if not isinstance(event, dict):
             raise BadRequest(400, f"event {index}: expected an object, got {type(event).__name__}")
-        if not event.get("event_id"):
-            raise BadRequest(400, f"event {index}: missing event_id")
+        if not event.get("event_id") or not isinstance(event["event_id"], str):
+            raise BadRequest(400, f"event {index}: event_id must be a non-empty string")
         try:
             event_time_ms(event)
         except KeyError:
             raise BadRequest(400, f"event {index}: missing collector_tstamp") from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, ArithmeticError) as exc:
             raise BadRequest(400, f"event {index}: bad timestamp: {exc}") from None
     return events

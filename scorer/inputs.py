@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 
 import numpy as np
 import orjson
@@ -153,6 +154,8 @@ def from_csv(body: bytes) -> np.ndarray:
         except ValueError:
             bad = next(cell for cell in line if not _is_float(cell))
             raise BadRequest(400, f"CSV row {r}: {bad!r} is not a number") from None
+        if not all(map(math.isfinite, rows[-1])):
+            raise BadRequest(400, f"CSV row {r}: values must be finite (nan and inf are no feature values)")
     if not rows:
         raise BadRequest(400, "CSV has a header but no rows")
     return from_split(columns, rows)
@@ -185,6 +188,8 @@ def from_v2(body: bytes) -> tuple[np.ndarray, object]:
     if not isinstance(tensors, list) or not tensors or not all(isinstance(t, dict) for t in tensors):
         raise BadRequest(400, "expected {\"inputs\": [{\"name\", \"shape\", \"datatype\", \"data\"}, ...]}")
     names = [t.get("name") for t in tensors]
+    if not all(isinstance(name, str) for name in names):
+        raise BadRequest(400, f"every input needs a string name, got {names}")
     if names == ["features"]:
         tensor = tensors[0]
         data = tensor.get("data")

@@ -94,6 +94,8 @@ def test_bad_invocations_are_4xx_naming_the_problem(api, body, status, words):
 def test_bad_bodies_and_types_are_4xx(api):
     assert post(api, "/invocations", raw="{oops").status_code == 400
     assert "not a number" in post(api, "/invocations", raw="1,2,x", content_type="text/csv").json()["error"]
+    nan_row = ",".join(["nan", *map(str, ROW[1:])])
+    assert "finite" in post(api, "/invocations", raw=nan_row, content_type="text/csv").json()["error"]
     assert post(api, "/invocations", raw="a", content_type="application/xml").status_code == 415
     assert requests.get(api.url + "/nowhere", timeout=5).status_code == 404
     assert requests.get(api.url + "/invocations", timeout=5).status_code == 405
@@ -120,6 +122,8 @@ def test_open_inference_protocol_v2(api):
     bad_shape = {"inputs": [{"name": "features", "shape": [3, len(ROW)], "datatype": "FP32", "data": ROW}]}
     assert "shape" in post(api, f"/v2/models/{MODEL}/infer", bad_shape).json()["error"]
     assert post(api, f"/v2/models/{MODEL}/infer", {"inputs": "x"}).status_code == 400
+    nameless = {"inputs": [{"name": ["features"], "shape": [1, len(ROW)], "datatype": "FP32", "data": ROW}]}
+    assert "string name" in post(api, f"/v2/models/{MODEL}/infer", nameless).json()["error"]
 
 
 def test_score_session_folds_events_like_the_training_rows(api):
@@ -134,7 +138,12 @@ def test_score_session_folds_events_like_the_training_rows(api):
     response = post(api, "/score/session", broken)
     assert response.status_code == 400 and "event 0" in response.json()["error"]
     assert post(api, "/score/session", []).status_code == 400
-    assert "missing event_id" in post(api, "/score/session", [{"collector_tstamp": 1}]).json()["error"]
+    assert "event_id must be" in post(api, "/score/session", [{"collector_tstamp": 1}]).json()["error"]
+    odd = [dict(events[0], event_id=["a"]), dict(events[0], unstruct_event="text", event="unstruct"),
+           dict(events[0], derived_tstamp=1e300, collector_tstamp=1e300)]
+    for event in odd:
+        response = post(api, "/score/session", [event])
+        assert response.status_code == 400 and "event 0" in response.json()["error"], response.text
 
 
 def test_session_prediction_lookup_reads_the_table(api):
