@@ -286,7 +286,7 @@ class Enricher:
         if not isinstance(envelope, dict) or "schema" not in envelope or "data" not in envelope:
             messages.append(_violation(None, "NotIglu", "a self-describing JSON {schema, data}"))
             return None
-        if envelope["schema"] not in allowed:
+        if not isinstance(envelope["schema"], str) or envelope["schema"] not in allowed:
             messages.append(_violation(envelope["schema"], "CriterionMismatch", f"one of {sorted(allowed)}"))
             return None
         before = len(messages)

@@ -198,3 +198,9 @@ def test_cli_process_enriches_a_file_of_raw_records_offline(tmp_path):
     assert b"collector_payload_format_violation" in bad.read_bytes()
     refused = CliRunner(env={"CLICKSTREAM_PSEUDONYMISATION_KEY": None}).invoke(cli, ["process", str(raw)])
     assert refused.exit_code != 0 and "CLICKSTREAM_PSEUDONYMISATION_KEY" in refused.output
+
+
+def test_an_envelope_whose_schema_is_not_a_string_is_a_schema_violation():
+    for envelope in ({"schema": ["x"], "data": []}, {"schema": {"a": 1}, "data": {}}):
+        good, [row] = enricher().process(get_record({**BASE, "e": "pv", "cx": b64(envelope)}))
+        assert good == [] and "/schema_violations/" in row["schema"]
