@@ -89,15 +89,21 @@ def _cookies(header: str) -> dict[str, str]:
 
 
 def gunzip(body: bytes, limit: int) -> bytes | None:
-    """The decompressed body; None when it is not valid, complete gzip (then it is kept as received)."""
-    decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        out = decoder.decompress(body, limit + 1)
-    except zlib.error:
-        return None
-    if len(out) > limit:
-        raise TooLarge
-    return out if decoder.eof else None
+    """The decompressed body, every member of it (RFC 1952 allows several); None when it is not
+    valid, complete gzip (then it is kept as received)."""
+    out, rest = b"", body
+    while rest:
+        decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out += decoder.decompress(rest, limit + 1 - len(out))
+        except zlib.error:
+            return None
+        if len(out) > limit:
+            raise TooLarge
+        if not decoder.eof:
+            return None
+        rest = decoder.unused_data
+    return out
 
 
 class Collector:

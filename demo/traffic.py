@@ -172,6 +172,10 @@ class Sender:
                  timeout_s: float = 10.0, on_done: Callable[[Request, bool], None] | None = None,
                  failed_out: Path | None = None, clock: Callable[[], float] = time.time):
         url = urllib.parse.urlsplit(collector)
+        try:
+            url.port                                # raises ValueError for a port out of range or not a number
+        except ValueError:
+            url = url._replace(scheme="")           # reported below
         if url.scheme not in ("http", "https") or not url.hostname:
             raise click.BadParameter(f"expected http(s)://host:port, got {collector!r}", param_hint="--collector")
         _check_listening(url)

@@ -98,6 +98,10 @@ def ensure_table(dynamodb, name: str, keys: list[tuple[str, str]], ttl_attribute
         if current.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
             dynamodb.update_time_to_live(TableName=name, TimeToLiveSpecification={
                 "Enabled": True, "AttributeName": ttl_attribute})
+        elif current.get("AttributeName") != ttl_attribute:
+            # A table can expire rows by one attribute only; changing it is the operator's decision.
+            return (f"table {name}: {state}, but its TTL is on {current.get('AttributeName')!r}, not "
+                    f"{ttl_attribute!r}: rows will not expire; change it by hand")
         state += f", TTL on {ttl_attribute}"
     return f"table {name}: {state}"
 

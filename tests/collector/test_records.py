@@ -79,3 +79,17 @@ def test_split_never_loses_or_reorders_an_event(events, limit):
     dropped = [orjson.loads(orjson.loads(row["data"]["payload"])["body"])["data"][0] for row in bad]
     assert len(kept) + len(dropped) == len(events)
     assert kept == [e for e in events if e not in dropped]
+
+
+def test_gunzip_reads_every_member_and_keeps_trailing_junk_as_received():
+    import gzip
+
+    import pytest
+
+    from collector.app import TooLarge, gunzip
+
+    assert gunzip(gzip.compress(b"ab") + gzip.compress(b"cd"), 100) == b"abcd"
+    assert gunzip(gzip.compress(b"ab") + b"junk", 100) is None
+    assert gunzip(gzip.compress(b"ab")[:-3], 100) is None
+    with pytest.raises(TooLarge):
+        gunzip(gzip.compress(b"a" * 60) + gzip.compress(b"b" * 60), 100)

@@ -312,9 +312,10 @@ def test_cli_reports_and_keeps_what_could_not_be_sent(capture, tmp_path):
     assert server.hits == []
 
 
-def test_cli_rejects_a_bad_collector_url():
-    result = CliRunner().invoke(traffic.main, ["--collector", "not a url", "--sessions", "1"])
-    assert result.exit_code != 0 and "--collector" in result.output
+@pytest.mark.parametrize("url", ["not a url", "http://127.0.0.1:99999", "http://127.0.0.1:80a"])
+def test_cli_rejects_a_bad_collector_url(url):
+    result = CliRunner().invoke(traffic.main, ["--collector", url, "--sessions", "1"])
+    assert result.exit_code == 2 and "--collector" in result.output and "Traceback" not in result.output
 
 
 def test_cli_fails_at_once_when_no_collector_listens():

@@ -46,6 +46,15 @@ def test_provisioning_twice_changes_nothing(aws_settings):
     assert ttl["TimeToLiveDescription"]["AttributeName"] == "expires_at"
 
 
+def test_provisioning_says_so_when_a_table_expires_rows_by_another_attribute(aws_settings):
+    from infra.provision import ensure_table
+
+    dynamodb, name = aws.client("dynamodb"), f"ttl-{time.monotonic_ns()}"
+    ensure_table(dynamodb, name, [("session_id", "HASH")], "valid_until")
+    line = ensure_table(dynamodb, name, [("session_id", "HASH")], "expires_at")
+    assert "TTL is on 'valid_until', not 'expires_at'" in line and "will not expire" in line
+
+
 def test_producer_retries_only_the_failed_entries(aws_settings):
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
         proxy.fail_calls = [[0, 3, 4, 99], [1]]        # first call loses 4 entries, the retry loses 1
