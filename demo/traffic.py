@@ -153,6 +153,13 @@ class Stats:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def _valid_port(url: urllib.parse.SplitResult) -> bool:
+    try:
+        return url.port is None or url.port > 0     # .port raises for a port out of range or not a number
+    except ValueError:
+        return False
+
+
 def _check_listening(url: urllib.parse.SplitResult, timeout_s: float = 5.0) -> None:
     """Fail at once when nothing listens there: otherwise each request would first use up its
     retries (about 13 s with the defaults) before the run reports anything."""
@@ -172,11 +179,7 @@ class Sender:
                  timeout_s: float = 10.0, on_done: Callable[[Request, bool], None] | None = None,
                  failed_out: Path | None = None, clock: Callable[[], float] = time.time):
         url = urllib.parse.urlsplit(collector)
-        try:
-            url.port                                # raises ValueError for a port out of range or not a number
-        except ValueError:
-            url = url._replace(scheme="")           # reported below
-        if url.scheme not in ("http", "https") or not url.hostname:
+        if url.scheme not in ("http", "https") or not url.hostname or not _valid_port(url):
             raise click.BadParameter(f"expected http(s)://host:port, got {collector!r}", param_hint="--collector")
         _check_listening(url)
         self.url = url
