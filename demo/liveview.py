@@ -157,8 +157,9 @@ def scrape(url: str, timeout: float = 0.5) -> dict[str, float]:
 
 
 def lag_ms(totals: dict[str, float]) -> float | None:
-    """The largest consumer lag a component reports (gauges named *lag_ms or *lag_seconds)."""
-    found = [value for name, value in totals.items() if name.endswith("lag_ms")]
+    """The largest consumer lag a component reports (gauges named *lag_ms, *millis_behind as the
+    lake loader's, or *lag_seconds)."""
+    found = [value for name, value in totals.items() if name.endswith(("lag_ms", "millis_behind"))]
     found += [value * 1000 for name, value in totals.items() if name.endswith("lag_seconds")]
     return max(found) if found else None
 

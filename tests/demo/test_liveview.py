@@ -324,3 +324,12 @@ def test_live_latency_counts_only_events_received_after_the_cut(aws_settings):
     kinesis = aws.client("kinesis", aws_settings.region)
     result = summary.latency_of_events_since(kinesis, aws_settings.predictions_stream, cut)
     assert result == {"p50": 700, "p90": 900, "p99": 900, "max": 900}
+
+
+def test_lag_is_read_from_every_component_naming_of_the_gauge():
+    from demo.liveview import lag_ms
+
+    assert lag_ms({"enrich_lag_ms": 5.0, "enrich_events_total": 9.0}) == 5.0
+    assert lag_ms({"lake_loader_millis_behind": 1200.0}) == 1200.0     # the lake loader's (Kinesis' own name)
+    assert lag_ms({"x_lag_seconds": 2.0, "y_lag_ms": 10.0}) == 2000.0
+    assert lag_ms({"events_total": 1.0}) is None
