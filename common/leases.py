@@ -50,12 +50,12 @@ class LeaseTable(Protocol):
     def leave(self, worker_id: str) -> None: ...
 
 
-
 def _lease_of(row: dict) -> Lease:
     """A lease from its DynamoDB row."""
     return Lease(row["item"]["S"], row.get("owner", {"S": ""})["S"], int(row.get("expires_ms", {"N": "0"})["N"]),
                  row["checkpoint"]["S"] if "checkpoint" in row else None,
                  {k: v["S"] for k, v in row.get("meta", {"M": {}})["M"].items()})
+
 
 class DynamoLeaseTable:
     def __init__(self, client, table: str, group: str):
