@@ -320,7 +320,10 @@ class Collector:
             return self.settings.cookie_fallback_domain or None
         candidates = []
         if headers.get("origin"):
-            candidates.append(urlsplit(headers["origin"]).hostname or "")
+            try:
+                candidates.append(urlsplit(headers["origin"]).hostname or "")
+            except ValueError:            # a malformed Origin ("http://[") names no domain
+                pass
         if headers.get("host"):
             candidates.append(headers["host"].rsplit(":", 1)[0].lower())
         for host in candidates:

@@ -6,9 +6,12 @@ import dataclasses
 from common.config import AwsSettings, ConfigError, require_positive
 
 # Identifiers inside self-describing events and contexts that are personal data by default:
-# the browser tracker's client_session carries the domain user id; mobile contexts carry ad ids.
+# the browser tracker's client_session carries the domain user id; mobile contexts carry ad ids;
+# form tracking carries what people type (names, emails).
 DEFAULT_PII_FIELDS = (
     "com.snowplowanalytics.snowplow/client_session:userId",
+    "com.snowplowanalytics.snowplow/submit_form:elements[*].value",
+    "com.snowplowanalytics.snowplow/change_form:value",
     "com.snowplowanalytics.snowplow/mobile_context:openIdfa",
     "com.snowplowanalytics.snowplow/mobile_context:appleIdfa",
     "com.snowplowanalytics.snowplow/mobile_context:appleIdfv",
@@ -52,7 +55,8 @@ class EnrichSettings(AwsSettings):
             raise ConfigError(f"CLICKSTREAM_DEDUPE_ENTRIES: expected >= 0, got {self.dedupe_entries}")
         for entry in self.pii_fields:
             schema, _, path = entry.partition(":")
-            if "/" not in schema or not path.replace("$", "").replace(".", "").strip():
+            steps = path.removeprefix("$").removeprefix(".").replace("[*]", ".*").split(".")
+            if "/" not in schema or not any(steps) or any("$" in step or "[" in step for step in steps):
                 raise ConfigError(f"CLICKSTREAM_PII_FIELDS: expected vendor/name:path entries, got {entry!r}")
         if not self.registries:
             raise ConfigError("CLICKSTREAM_REGISTRIES: at least one registry is needed (e.g. embedded)")

@@ -141,6 +141,10 @@ class Pseudonymiser:
     def __call__(self, value: str) -> str:
         return self._cached(value)
 
+    def digest(self, data: bytes) -> str:
+        """The HMAC of ``data``, not cached (for values that rarely repeat)."""
+        return hmac.digest(self._key, data, "sha256").hex()
+
 
 # ------------------------------------------------------------------------------------------ URLs
 
@@ -245,10 +249,13 @@ class RefererClassifier:
 FINGERPRINT_EXCLUDED = frozenset({"eid", "stm", "nuid", "cv"})
 
 
-def fingerprint(params: dict) -> str:
-    """MD5 over the event's sorted raw parameters (minus the excluded ones): equal for exact repeats."""
+def fingerprint(params: dict, keyed: Pseudonymiser | None = None) -> str:
+    """A digest of the event's sorted raw parameters (minus the excluded ones): equal for exact
+    repeats. Keyed when pseudonymisation is on: the parameters hold user ids and the IP in clear,
+    and a plain MD5 of them could be matched against guessed values without any key."""
     kept = {name: value for name, value in params.items() if name not in FINGERPRINT_EXCLUDED}
-    return hashlib.md5(orjson.dumps(kept, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    blob = orjson.dumps(kept, option=orjson.OPT_SORT_KEYS)
+    return keyed.digest(blob)[:32] if keyed else hashlib.md5(blob).hexdigest()
 
 
 class Deduper:

@@ -109,7 +109,7 @@ def _pii_paths(entries: tuple[str, ...]) -> dict[tuple[str, str], list[tuple[str
     for entry in entries:
         schema, path = entry.split(":", 1)
         vendor, name = schema.removeprefix("iglu:").split("/")[:2]
-        steps = path.removeprefix("$.").replace("[*]", ".*").split(".")
+        steps = path.removeprefix("$").removeprefix(".").replace("[*]", ".*").split(".")
         paths.setdefault((vendor, name), []).append(tuple(step for step in steps if step))
     return paths
 
@@ -189,7 +189,7 @@ class Enricher:
         self._enrich(params, record, event)
         if self.hmac is not None:
             self._pseudonymise(event)
-        event["event_fingerprint"] = fingerprint(params)
+        event["event_fingerprint"] = fingerprint(params, self.hmac)
         data = orjson.dumps(event)
         size = len(data)
         if size > self.settings.max_event_bytes:
@@ -357,7 +357,7 @@ def _json_path(path: object) -> str:
 
 
 def _replace_at(data: object, path: tuple[str, ...], hmac) -> None:
-    """Pseudonymise the strings at ``path``; a ``*`` step means every item of a list or object."""
+    """Pseudonymise the value at ``path``; a ``*`` step means every item of a list or object."""
     step, rest = path[0], path[1:]
     if step == "*":
         children = list(range(len(data))) if isinstance(data, list) else list(data) if isinstance(data, dict) else []
@@ -366,8 +366,22 @@ def _replace_at(data: object, path: tuple[str, ...], hmac) -> None:
     for child in children:
         if rest:
             _replace_at(data[child], rest, hmac)
-        elif isinstance(data[child], str):
-            data[child] = hmac(data[child])
+        else:
+            data[child] = _pseudonym(data[child], hmac)
+
+
+def _pseudonym(value: object, hmac) -> object:
+    """Strings and numbers (an id may be either) become pseudonyms; a list or object at a PII path
+    has each of its values pseudonymised; true/false/null say nothing and stay."""
+    if isinstance(value, str):
+        return hmac(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return hmac(orjson.dumps(value).decode())
+    if isinstance(value, list):
+        return [_pseudonym(item, hmac) for item in value]
+    if isinstance(value, dict):
+        return {key: _pseudonym(item, hmac) for key, item in value.items()}
+    return value
 
 
 def _parse_params(params: dict, errors: list) -> tuple[dict, dict]:

@@ -8,6 +8,7 @@ compiling is ~1000x slower than validating.
 """
 from __future__ import annotations
 
+import http.client
 import re
 import time
 import urllib.error
@@ -111,7 +112,7 @@ class HttpRegistry:
             if exc.code in (403, 404):  # S3 answers 403 for a missing key without ListBucket
                 raise NotFound(f"{url}: HTTP {exc.code}") from None
             raise RegistryError(f"{url}: HTTP {exc.code}") from None
-        except (OSError, orjson.JSONDecodeError) as exc:
+        except (OSError, http.client.HTTPException, orjson.JSONDecodeError) as exc:
             raise RegistryError(f"{url}: {exc}") from None
 
     def schemas(self) -> list[SchemaKey]:

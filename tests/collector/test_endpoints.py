@@ -154,6 +154,13 @@ def test_opt_out_cookie_is_answered_but_not_recorded(setup):
     assert [r["querystring"].rsplit("=", 1)[1] for r in records] == ["kept"]
 
 
+def test_a_malformed_origin_is_recorded_not_a_500(setup):
+    collector, _ = setup
+    marker = uuid.uuid4().hex
+    assert get(f"{collector.url}/i?e=pv&aid={marker}", headers={"Origin": "http://["})[0] == 200
+    assert len(marked(setup, marker)) == 1
+
+
 def test_opted_out_redirect_still_redirects_and_is_not_recorded(setup):
     collector, _ = setup
     marker = uuid.uuid4().hex

@@ -145,6 +145,42 @@ def test_configured_json_paths_inside_events_and_contexts_are_pseudonymised():
     assert event["contexts"][0]["data"]["sessionId"] == "9b8a7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
 
 
+def test_form_values_are_pseudonymised_by_default():
+    signup = "iglu:com.snowplowanalytics.snowplow/submit_form/jsonschema/1-0-0"
+    data = {"formId": "signup", "elements": [{"name": "email", "value": "bob@example.com", "nodeName": "INPUT"}]}
+    raw = get_record({**EV, "e": "ue", "ue_pr": orjson.dumps(unstruct(signup, data)).decode()})
+    _, event = enricher().process(raw)[0][0]
+    assert event["unstruct_event"]["data"]["elements"][0]["value"] == Pseudonymiser(KEY)("bob@example.com")
+
+
+def test_numbers_lists_and_objects_at_a_pii_path_are_pseudonymised_not_skipped():
+    from enrich.pipeline import _pii_paths, _replace_at
+
+    hmac = Pseudonymiser(KEY)
+    paths = _pii_paths(("com.acme/customer:id", "com.acme/customer:emails", "com.acme/customer:$.address",
+                        "com.acme/list:$[*].email"))
+    customer = {"id": 424242, "emails": ["a@x.test", "b@x.test"], "address": {"street": "Main 1", "verified": True}}
+    for path in paths[("com.acme", "customer")]:
+        _replace_at(customer, path, hmac)
+    assert customer == {"id": hmac("424242"), "emails": [hmac("a@x.test"), hmac("b@x.test")],
+                        "address": {"street": hmac("Main 1"), "verified": True}}
+    people = [{"email": "c@x.test"}, {"email": "d@x.test"}]
+    for path in paths[("com.acme", "list")]:
+        _replace_at(people, path, hmac)
+    assert people == [{"email": hmac("c@x.test")}, {"email": hmac("d@x.test")}]
+
+
+def test_the_fingerprint_cannot_be_matched_against_guesses_without_the_key():
+    import hashlib
+
+    raw = get_record({**EV, "uid": "alice@example.com"})
+    _, event = enricher().process(raw)[0][0]
+    params = {k: v for k, v in {**EV, "uid": "alice@example.com"}.items() if k not in ("eid", "stm", "nuid", "cv")}
+    plain = hashlib.md5(orjson.dumps(params, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    assert event["event_fingerprint"] != plain and len(event["event_fingerprint"]) == 32
+    assert enricher(dedupe_entries=0).process(raw)[0][0][1]["event_fingerprint"] == event["event_fingerprint"]
+
+
 def test_config_refuses_to_start_without_a_key_unless_pseudonymisation_is_off():
     with pytest.raises(ConfigError, match="CLICKSTREAM_PSEUDONYMISATION_KEY"):
         load(EnrichSettings, env={})
@@ -159,3 +195,5 @@ def test_config_refuses_to_start_without_a_key_unless_pseudonymisation_is_off():
         load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_PII_FIELDS": "email"})
     with pytest.raises(ConfigError, match="CLICKSTREAM_PII_FIELDS"):
         load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_PII_FIELDS": "com.acme/x:$."})
+    with pytest.raises(ConfigError, match="CLICKSTREAM_PII_FIELDS"):
+        load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_PII_FIELDS": "com.acme/x:a.$b"})

@@ -92,6 +92,20 @@ def test_an_unreachable_registry_is_skipped_and_retried_sooner(tmp_path):
     assert missing.validate is None and missing.expires == clock.now + 5
 
 
+def test_a_registry_that_breaks_off_its_answer_is_skipped_like_an_unreachable_one(tmp_path, monkeypatch):
+    import http.client
+    import urllib.request
+
+    def broken_answer(*args, **kwargs):
+        raise http.client.IncompleteRead(b"{")
+
+    signup_registries(tmp_path / "folder", tmp_path / "served")
+    monkeypatch.setattr(urllib.request, "urlopen", broken_answer)
+    resolver = Resolver([HttpRegistry("http://iglu.test"), FolderRegistry(tmp_path / "folder")], clock=Clock())
+    found = resolver.lookup(SIGNUP + "1-0-0")
+    assert found.validate is not None and found.history[0]["errors"][0]["error"] == "RepoFailure"
+
+
 def test_enricher_uses_the_configured_registries_and_reports_the_lookup_history(tmp_path):
     folder, served = tmp_path / "folder", tmp_path / "served"
     signup_registries(folder, served)
