@@ -83,11 +83,14 @@ class Worker:
         self.consumer = make_consumer(start_after=self._start_after, on_lost=self._on_lost)
         self.positions: dict[str, str | None] = {}      # last record read per shard
         self.replay_until: dict[str, int] = {}          # shard -> "emitted up to" while replaying
-        self.pending: dict[str, list[tuple[dict, int]]] = {}   # shard -> (prediction, event_ms) not yet written
+        # shard -> (prediction, session's latest event time) not yet written; the table keeps a row
+        # only over one with an earlier (time, events) pair, and the session's time never goes back.
+        self.pending: dict[str, list[tuple[dict, int]]] = {}
         self.pending_count = 0
         self.pending_batches: dict[str, Batch] = {}     # newest batch per shard not yet checkpointed
         self.pending_since = 0.0
         self.stopping = False
+        self.stop_requested: Callable[[], bool] = lambda: False      # run()'s stop, seen by flush()'s retries
         self.running = False
 
     # ------------------------------------------------------------------ lease hooks
@@ -201,7 +204,7 @@ class Worker:
             decision = model.decide(p)
             if self._should_emit(row.session, decision) and not row.quiet:
                 prediction = self._prediction(row, model, p, decision, latency_us, scored_at)
-                self.pending.setdefault(row.session.shard_id, []).append((prediction, row.event_ms))
+                self.pending.setdefault(row.session.shard_id, []).append((prediction, row.session.state.last_ms))
                 self.pending_count += 1
 
     def _should_emit(self, session: Session, decision: str) -> bool:
@@ -254,12 +257,16 @@ class Worker:
     def flush(self) -> bool:
         """Write buffered predictions, then checkpoint each shard with its replay start."""
         predictions = [item for items in self.pending.values() for item in items]
-        if predictions and not self.writer.write(predictions, stop=lambda: self.stopping):
+        if predictions and not self.writer.write(predictions, stop=lambda: self.stopping or self.stop_requested()):
             return False
         self.pending.clear()
         self.pending_count = 0
         self.store.sweep()
         for shard, batch in list(self.pending_batches.items()):
+            if shard in self.replay_until:
+                # Still replaying quietly: the checkpoint already says how far predictions went out;
+                # moving it back to this batch would have the next owner emit them again.
+                continue
             value = batch.checkpoint_value
             meta = {"state_after": self.store.state_after(shard, value) or FROM_START}
             try:
@@ -275,6 +282,7 @@ class Worker:
     def run(self, stop: Callable[[], bool]) -> None:
         idle = IDLE_SLEEP_S
         waited = False
+        self.stop_requested = stop
         self.running = True
         try:
             while not stop():

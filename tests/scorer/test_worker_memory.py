@@ -196,6 +196,39 @@ def test_absurd_numbers_and_events_after_a_purchase_do_not_stall_or_reach_the_en
     assert after["event_id"] not in got and len([p for p in got.values() if p["session_id"] == "later"]) == 3
 
 
+def test_a_quiet_replay_never_moves_the_checkpoint_back():
+    stream, leases = MemoryStream("enriched", shard_count=1), MemoryLeaseTable()
+    first = Rig(stream, leases)
+    first.put(interleave([session_events(f"q{i}", seed=i, n=12, buyer=False) for i in range(6)]))
+    first.drain()
+    first.worker.close()                                   # a clean stop: the lease is free at once
+    emitted = leases.leases()[0][0].checkpoint
+    second = Rig(stream, leases, flush_ms=0)
+    second.worker.consumer.batch_limit = 10                # replay in several batches, flushing between them
+    second.worker.poll_once()
+    second.worker.poll_once()
+    assert second.worker.replay_until and leases.leases()[0][0].checkpoint == emitted
+
+
+def test_the_table_row_carries_the_sessions_latest_time_so_an_earlier_stamped_later_event_still_lands():
+    events = session_events("late", seed=2, n=4, buyer=False)
+    late = make_event("late", parse_ms(events[-1]["derived_tstamp"]) - 5_000, path="/tab2")
+    rig = Rig(flush_ms=3_600_000)
+    rig.put(events + [late])
+    rig.worker.poll_once()
+    [(prediction, table_ms)] = rig.worker.pending[next(iter(rig.worker.pending))][-1:]
+    assert prediction["event_id"] == late["event_id"] and table_ms == parse_ms(events[-1]["derived_tstamp"])
+
+
+def test_a_stop_ends_a_flush_whose_writes_keep_failing():
+    rig = Rig(flush_ms=0)
+    rig.out.fail_next = 10**9                              # the predictions stream refuses everything
+    rig.put(session_events("stuck", seed=1, n=3, buyer=False))
+    stop_at = time.monotonic() + 1.0
+    rig.worker.run(lambda: time.monotonic() > stop_at)     # returns: the flush's retries see the stop
+    assert not rig.predictions()
+
+
 def test_sessions_expire_by_event_time_and_memory_is_capped():
     rig = Rig(session_timeout_s=60, max_sessions=3)
     old = session_events("old", seed=1, n=3, buyer=False)
