@@ -15,6 +15,7 @@ import click
 
 from batch.train_config import TrainSettings
 from common import aws, logs, registry
+from common.cli import AwsGroup
 from common.config import ConfigError, load
 
 
@@ -26,7 +27,7 @@ def _context(bucket: str | None, name: str | None):
     return aws.client("s3", settings.region), settings.bucket, settings.model_name
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=AwsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bucket", help="overrides CLICKSTREAM_BUCKET")
 @click.option("--name", help="model name (overrides CLICKSTREAM_MODEL_NAME)")
 @click.pass_context

@@ -1,6 +1,7 @@
 """Settings of ``make train`` (section ``[train]``, env ``CLICKSTREAM_<FIELD>``)."""
 from __future__ import annotations
 
+import datetime as dt
 import os
 import sys
 import warnings
@@ -67,6 +68,11 @@ class TrainSettings(AwsSettings):
             raise ConfigError(f"CLICKSTREAM_EVAL_FRACTION: expected a number between 0 and 1, got {self.eval_fraction}")
         require_positive(self, "window_days", "session_gap_minutes", "max_iter", "max_depth", "num_trees",
                          "step_size", "max_bins", "parity_tolerance")
+        if self.window_end:
+            try:
+                dt.date.fromisoformat(self.window_end)
+            except ValueError:
+                raise ConfigError(f"CLICKSTREAM_WINDOW_END: expected a date YYYY-MM-DD, got {self.window_end!r}") from None
 
 
 def spark_session(settings: TrainSettings, app_name: str = "clickstream-train"):

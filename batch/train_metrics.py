@@ -19,11 +19,15 @@ def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> list[dict]:
 
 
 def lift_top_decile(y: np.ndarray, p: np.ndarray) -> float:
-    """Buy rate among the 10% highest-scored rows, over the overall buy rate."""
+    """Buy rate among the 10% highest-scored rows, over the overall buy rate. Rows tied at the
+    cut-off score count in proportion (trees tie many rows), so the row order cannot matter."""
+    y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
     top = max(1, int(np.ceil(len(p) * 0.1)))
-    order = np.argsort(-p, kind="stable")[:top]
+    cutoff = np.sort(p)[::-1][top - 1]
+    above, tied = p > cutoff, p == cutoff
+    hits = y[above].sum() + (top - above.sum()) * y[tied].mean()
     base = y.mean()
-    return float(y[order].mean() / base) if base > 0 else 0.0
+    return float(hits / top / base) if base > 0 else 0.0
 
 
 def evaluate(y, p) -> dict:

@@ -143,8 +143,6 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
             raise TrainError(f"the evaluation set ({len(scored)} rows) has only label {scored[label].iloc[0]!r}: "
                              "AUC is undefined; use a longer window or a larger eval_fraction")
         metrics = evaluate(scored[label], scored["p_spark"])
-        threshold = choose_threshold(scored[label], scored["p_spark"], settings.threshold_objective,
-                                     settings.target_precision)
     with steps("export"):
         onnx_bytes = export.to_onnx(spark, model.stages[-1], len(feature_names), name=settings.model_name)
     with steps("parity"):
@@ -154,6 +152,10 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
         stages = [f"{type(stage).__name__}({stage.uid})" for stage in model.stages]
         parity = export.check(matrix, assembled, scored["p_spark"].to_numpy(), scored["p_onnx"].to_numpy(),
                               scored[row_id].astype(str).tolist(), stages, settings.parity_tolerance)
+    # The scorer decides on ONNX's float32 scores: the threshold is chosen on those, so the many rows
+    # a tree model ties at it fall on the same side in serving as in the precision and recall reported.
+    threshold = choose_threshold(scored[label], scored["p_onnx"], settings.threshold_objective,
+                                 settings.target_precision)
     meta = {
         "name": settings.model_name, "version": None, "algorithm": settings.algorithm,
         "hyper_parameters": hyper_parameters(settings) | {"buyer_weight": round(buyer_weight, 6)},

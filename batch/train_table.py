@@ -42,11 +42,13 @@ class Table:
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    if path.suffix.lower() in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    if path.suffix.lower() in (".csv", ".txt"):
-        return pd.read_csv(path)
-    raise TrainError(f"{path}: expected a .csv or .parquet table")
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".pq", ".csv", ".txt"):
+        raise TrainError(f"{path}: expected a .csv or .parquet table")
+    try:
+        return pd.read_parquet(path) if suffix in (".parquet", ".pq") else pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise TrainError(f"{path}: cannot be read as a table: {exc}") from None
 
 
 def _name(text: str) -> str:
@@ -80,10 +82,14 @@ def prepare(frame: pd.DataFrame, label: str, *, drop=(), categorical=(), missing
     kinds = [c for c in features.columns
              if c in categorical or not pd.api.types.is_numeric_dtype(features[c]) or features[c].dtype == bool]
     numeric = [c for c in features.columns if c not in kinds]
+    features, numeric = _drop_empty(features, numeric, notes)
     features, y = _fill_missing(features, y, numeric, missing, notes)
     x = _one_hot(features, numeric, kinds, notes)
-    if x.columns.duplicated().any():
-        raise TrainError(f"{source}: column names collide after encoding: {list(x.columns[x.columns.duplicated()])}")
+    # Spark resolves column names without regard to case, and row_id and label are the table's own.
+    names = pd.Index([*ID_COLUMNS, *x.columns]).str.lower()
+    if names.duplicated().any():
+        raise TrainError(f"{source}: column names collide after encoding (Spark ignores case; row_id and label "
+                         f"are reserved): {sorted(set(names[names.duplicated()]))}")
     # Same reason as the event features: ONNX sees float32, so Spark must see the same values.
     x = x.astype(np.float32).astype(np.float64)
     out = pd.concat([pd.DataFrame({"row_id": np.arange(len(x)).astype(str), "label": y.astype(np.int32).to_numpy()},
@@ -93,6 +99,14 @@ def prepare(frame: pd.DataFrame, label: str, *, drop=(), categorical=(), missing
     for note in notes:
         log.info("%s: %s", source, note)
     return Table(out, list(x.columns), source, label, notes)
+
+
+def _drop_empty(features: pd.DataFrame, numeric: list[str], notes: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Numeric columns without a single value say nothing (and have no median to impute)."""
+    empty = [c for c in numeric if features[c].isna().all()]
+    if empty:
+        notes.append(f"dropped column(s) {empty}: no values at all")
+    return features.drop(columns=empty), [c for c in numeric if c not in empty]
 
 
 def _fill_missing(features: pd.DataFrame, y: pd.Series, numeric: list[str], missing: str, notes: list[str]):

@@ -44,6 +44,7 @@ NO_AWS = {"AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/no
 
 
 @pytest.mark.parametrize("command", [["demo.summary"], ["batch.cli", "ls"], ["batch.train", "--window-days", "1"],
+                                     ["batch.registry", "ls"],
                                      ["infra.provision", "--wait", "0"]])
 @pytest.mark.parametrize("case, overrides, expected", [
     ("no credentials", {}, "export AWS_ENDPOINT_URL=http://127.0.0.1:4566"),

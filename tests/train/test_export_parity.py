@@ -51,6 +51,10 @@ def test_export_matches_spark_on_categorical_table(spark, table, algorithm):
     assert result.parity.rows == len(rows) == result.meta["rows"]["eval"]
     assert abs(len(rows) - 0.25 * len(table.frame)) <= 2 and result.meta["rows"]["train"] + len(rows) == len(table.frame)
     assert np.abs(rows["p_onnx"] - rows["p_spark"]).max() <= 1e-5
+    # The threshold's reported precision is what serving (p_onnx >= threshold) gets on these rows.
+    chosen = result.meta["threshold_selection"]
+    served = rows["p_onnx"] >= result.meta["threshold"]
+    assert rows["label"][served].mean() == pytest.approx(chosen["precision"])
     assert result.meta["metrics"]["roc_auc"] > 0.7
     assert result.meta["onnx"] == {"input": "features", "probability_output": "probability", "positive_index": 1,
                                    "opset": 15}

@@ -122,6 +122,14 @@ def test_metrics_on_known_scores():
         evaluate(np.zeros(3), np.ones(3) / 2)
 
 
+def test_lift_does_not_depend_on_the_order_of_tied_scores():
+    y = np.array([1] * 20 + [0] * 80)                                    # a file sorted by its label
+    constant = np.full(len(y), 0.3)
+    assert lift_top_decile(y, constant) == pytest.approx(1.0)
+    assert lift_top_decile(y[::-1], constant) == pytest.approx(1.0)
+    assert lift_top_decile(y, y * 0.9 + 0.05) == pytest.approx(5.0)      # the buyers ranked first: 2/0.2
+
+
 def test_threshold_objectives():
     y = np.array([0, 0, 1, 0, 1, 1])
     p = np.array([.1, .2, .3, .4, .8, .9])
@@ -158,6 +166,33 @@ def test_table_prepare_encodes_categoricals_and_reports_missing():
         prepare(frame, "Revenue", drop=["nope"])
     with pytest.raises(TrainError, match="not true/false"):
         prepare(frame.assign(Revenue="maybe"), "Revenue")
+
+
+def test_table_inputs_spark_would_choke_on_are_clear_errors_or_notes(tmp_path):
+    from batch.train_table import read_table
+
+    frame = pd.DataFrame({"pages": [1, 2, 3, 4], "color": ["Red", "red", "Red", "blue"],
+                          "Revenue": [1, 0, 1, 0], "empty": [np.nan] * 4})
+    with pytest.raises(TrainError, match="collide.*color_red"):
+        prepare(frame, "Revenue", drop=["empty"])                  # color_Red and color_red: one name to Spark
+    with pytest.raises(TrainError, match="reserved.*label"):
+        prepare(frame.drop(columns=["color"]).assign(Label=1.0), "Revenue", drop=["empty"])
+    table = prepare(frame.drop(columns=["color"]), "Revenue", missing="impute")
+    assert "empty" not in table.feature_names and any("no values at all" in n for n in table.notes)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    for path in (broken, tmp_path / "empty.csv"):
+        path.touch()
+        with pytest.raises(TrainError, match="cannot be read as a table"):
+            read_table(path)
+
+
+def test_a_malformed_window_end_is_a_config_error_naming_the_key():
+    from batch.train_config import TrainSettings
+    from common.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="CLICKSTREAM_WINDOW_END"):
+        load(TrainSettings, env={"CLICKSTREAM_WINDOW_END": "2026-11-31"})
 
 
 def test_folds_are_stratified():
