@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from common.config import AwsSettings, ConfigError, require_positive
 
@@ -60,3 +61,10 @@ class EnrichSettings(AwsSettings):
                 raise ConfigError(f"CLICKSTREAM_PII_FIELDS: expected vendor/name:path entries, got {entry!r}")
         if not self.registries:
             raise ConfigError("CLICKSTREAM_REGISTRIES: at least one registry is needed (e.g. embedded)")
+        for spec in self.registries:
+            # Anything but `embedded` or a URL is a folder: a typo would otherwise make every event bad.
+            if spec != "embedded" and "://" not in spec and not Path(spec).is_dir():
+                raise ConfigError(f"CLICKSTREAM_REGISTRIES: {spec!r} is neither `embedded`, an http(s) URL "
+                                  "nor an existing folder")
+            if "://" in spec and not spec.lower().startswith(("http://", "https://")):
+                raise ConfigError(f"CLICKSTREAM_REGISTRIES: {spec!r}: only http(s) registries are supported")

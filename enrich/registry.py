@@ -13,6 +13,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +124,7 @@ def registry_from(spec: str):
     """``embedded``, an http(s) URL, or a folder path (from the ``registries`` setting)."""
     if spec == "embedded":
         return FolderRegistry(EMBEDDED, "embedded")
-    if spec.startswith(("http://", "https://")):
+    if spec.lower().startswith(("http://", "https://")):
         return HttpRegistry(spec)
     return FolderRegistry(spec)
 
@@ -145,7 +146,10 @@ class Resolver:
     ttl: float = 600.0
     error_ttl: float = 10.0
     clock: Callable[[], float] = time.monotonic
-    _cache: dict[str, Resolved] = field(default_factory=dict)
+    # Schema keys come from the input: bounded, least recently used out, so a stream of made-up keys
+    # cannot grow memory (a real pipeline uses a few hundred schemas at most).
+    max_entries: int = 4096
+    _cache: OrderedDict[str, Resolved] = field(default_factory=OrderedDict)
     fetches: int = 0
 
     @classmethod
@@ -157,9 +161,13 @@ class Resolver:
         text = str(key)
         entry = self._cache.get(text)
         if entry is not None and entry.expires > self.clock():
+            self._cache.move_to_end(text)
             return entry
         entry = self._resolve(key if isinstance(key, SchemaKey) else SchemaKey.parse(text))
         self._cache[text] = entry
+        self._cache.move_to_end(text)
+        if len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
         return entry
 
     def _resolve(self, key: SchemaKey) -> Resolved:

@@ -59,6 +59,11 @@ def test_user_agent_results_are_cached():
     ("2001:db8:85a3:8d3:1319:8a2e:370:7348", 1, 5, "2001:db8:85a3::"),
     ("2001:db8:85a3:8d3:1319:8a2e:370:7348", 1, 2, "2001:db8:85a3:8d3:1319:8a2e::"),
     ("not an ip", 1, 5, "x"),
+    ("::ffff:203.0.113.77", 1, 5, "203.0.113.0"),           # IPv4 seen through a dual-stack socket
+    ("203.0.113.77:51234", 1, 5, "203.0.113.0"),            # proxies may add the client's port
+    ("[2001:db8::1]:443", 1, 5, "2001:db8::"),
+    ("::1", 1, 5, "::"),                                    # stays IPv6, not printed as 0.0.0.0
+    ("1.2.3.4:x", 1, 5, "x"),
 ])
 def test_ip_anonymisation(ip, octets, segments, expected):
     assert anonymise_ip(ip, octets, segments) == expected
@@ -181,14 +186,17 @@ def test_the_fingerprint_cannot_be_matched_against_guesses_without_the_key():
     assert enricher(dedupe_entries=0).process(raw)[0][0][1]["event_fingerprint"] == event["event_fingerprint"]
 
 
-def test_config_refuses_to_start_without_a_key_unless_pseudonymisation_is_off():
+def test_config_refuses_to_start_without_a_key_unless_pseudonymisation_is_off(tmp_path):
     with pytest.raises(ConfigError, match="CLICKSTREAM_PSEUDONYMISATION_KEY"):
         load(EnrichSettings, env={})
     assert load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION": "false"}).pseudonymisation is False
     loaded = load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "s3cret",
-                                       "CLICKSTREAM_REGISTRIES": "embedded, /srv/iglu ,http://iglu.test",
+                                       "CLICKSTREAM_REGISTRIES": f"embedded, {tmp_path} ,http://iglu.test",
                                        "CLICKSTREAM_IP_ANON_OCTETS": "2"})
-    assert loaded.registries == ("embedded", "/srv/iglu", "http://iglu.test") and loaded.ip_anon_octets == 2
+    assert loaded.registries == ("embedded", str(tmp_path), "http://iglu.test") and loaded.ip_anon_octets == 2
+    for typo in ("embeded", "s3://bucket/iglu", str(tmp_path / "missing")):
+        with pytest.raises(ConfigError, match="CLICKSTREAM_REGISTRIES"):
+            load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_REGISTRIES": typo})
     with pytest.raises(ConfigError, match="CLICKSTREAM_IP_ANON_OCTETS"):
         load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_IP_ANON_OCTETS": "5"})
     with pytest.raises(ConfigError, match="CLICKSTREAM_PII_FIELDS"):

@@ -106,6 +106,15 @@ def test_a_registry_that_breaks_off_its_answer_is_skipped_like_an_unreachable_on
     assert found.validate is not None and found.history[0]["errors"][0]["error"] == "RepoFailure"
 
 
+def test_the_cache_is_bounded_so_made_up_keys_cannot_grow_memory(tmp_path):
+    signup_registries(tmp_path / "folder", tmp_path / "served")
+    resolver = Resolver([FolderRegistry(tmp_path / "folder")], clock=Clock(), max_entries=50)
+    for n in range(200):
+        resolver.lookup(f"iglu:com.acme/made_up_{n}/jsonschema/1-0-0")
+    assert len(resolver._cache) == 50
+    assert resolver.lookup(SIGNUP + "1-0-0").validate is not None
+
+
 def test_enricher_uses_the_configured_registries_and_reports_the_lookup_history(tmp_path):
     folder, served = tmp_path / "folder", tmp_path / "served"
     signup_registries(folder, served)
