@@ -42,7 +42,10 @@ class SessionStore:
         self.max_sessions = max_sessions
         self.dedupe_window = dedupe_window
         self.sessions: OrderedDict[str, Session] = OrderedDict()   # least recently seen first
-        self.by_shard: dict[str, OrderedDict[str, str | None]] = {}
+        self.by_shard: dict[str, OrderedDict[str, str | None]] = {}  # creation order: where replays start
+        # Per shard, least recently seen first: expiry walks each shard against its own watermark, so a
+        # quiet shard's live sessions cannot hold up the expiry (and the replay start) of the others.
+        self.recent: dict[str, OrderedDict[str, None]] = {}
         self.watermark_ms: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -66,32 +69,41 @@ class SessionStore:
             session = Session(session_id, shard_id, start_after)
             self.sessions[session_id] = session
             self.by_shard.setdefault(shard_id, OrderedDict())[session_id] = start_after
+            self.recent.setdefault(shard_id, OrderedDict())[session_id] = None
             if len(self.sessions) > self.max_sessions:
                 self._remove(next(iter(self.sessions.values())), "lru")
         else:
             self.sessions.move_to_end(session_id)
             if session.shard_id != shard_id:      # after a reshard the session continues on a child
                 self.by_shard.get(session.shard_id, {}).pop(session_id, None)
+                self.recent.get(session.shard_id, {}).pop(session_id, None)
                 session.shard_id, session.start_after = shard_id, start_after
                 self.by_shard.setdefault(shard_id, OrderedDict())[session_id] = start_after
+                self.recent.setdefault(shard_id, OrderedDict())[session_id] = None
+            else:
+                self.recent[shard_id].move_to_end(session_id)
         return session
 
     def _remove(self, session: Session, reason: str) -> None:
         self.sessions.pop(session.session_id, None)
         self.by_shard.get(session.shard_id, {}).pop(session.session_id, None)
+        self.recent.get(session.shard_id, {}).pop(session.session_id, None)
         metrics.EVICTIONS.labels(reason).inc()
 
     def sweep(self, limit: int = 10_000) -> int:
         """Drop sessions inactive for longer than the timeout (by their shard's event-time watermark).
 
-        Walks from the least recently seen end and stops at the first live one, so it costs little.
+        Walks each shard from its least recently seen end and stops at its first live session, so it
+        costs little.
         """
         expired = []
-        for session in islice(self.sessions.values(), limit):
-            watermark = self.watermark_ms.get(session.shard_id, session.state.last_ms)
-            if watermark - session.state.last_ms <= self.timeout_ms:
-                break
-            expired.append(session)
+        for shard_id, order in self.recent.items():
+            watermark = self.watermark_ms.get(shard_id)
+            for session_id in islice(order, limit):
+                session = self.sessions[session_id]
+                if watermark is None or watermark - session.state.last_ms <= self.timeout_ms:
+                    break
+                expired.append(session)
         for session in expired:
             self._remove(session, "timeout")
         metrics.SESSIONS_LIVE.set(len(self.sessions))
@@ -106,6 +118,7 @@ class SessionStore:
 
     def drop_shard(self, shard_id: str) -> None:
         """Forget a shard's sessions (its lease went to another worker, which rebuilds them)."""
+        self.recent.pop(shard_id, None)
         for session_id in list(self.by_shard.pop(shard_id, {})):
             session = self.sessions.pop(session_id, None)
             if session is not None:

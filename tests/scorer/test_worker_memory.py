@@ -229,6 +229,22 @@ def test_a_stop_ends_a_flush_whose_writes_keep_failing():
     assert not rig.predictions()
 
 
+def test_a_quiet_shard_does_not_hold_up_expiry_and_the_replay_start_of_the_others():
+    from scorer.sessions import SessionStore
+
+    store = SessionStore(timeout_ms=60_000, max_sessions=100, dedupe_window=8)
+
+    def seen(session_id, shard, at_ms, start_after):
+        store.session_for(session_id, shard, at_ms, start_after).state.last_ms = at_ms
+
+    seen("quiet", "shard-A", 0, None)                       # the least recently seen of all, and live on A
+    for i in range(5):
+        seen(f"old{i}", "shard-B", 1000 * i, str(i))
+    seen("now", "shard-B", 10**7, "9")                      # B's event time moves hours ahead
+    assert store.sweep() == 5
+    assert store.get("quiet") and store.state_after("shard-B", None) == "9"
+
+
 def test_sessions_expire_by_event_time_and_memory_is_capped():
     rig = Rig(session_timeout_s=60, max_sessions=3)
     old = session_events("old", seed=1, n=3, buyer=False)
