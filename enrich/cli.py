@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from common.config import ConfigError, load
 from enrich.config import EnrichSettings
-from enrich.registry import EMBEDDED, FolderRegistry, Resolver, SchemaKey, SchemaKeyError, lint
+from enrich.registry import EMBEDDED, Resolver, SchemaKey, SchemaKeyError, lint
 
 
 def _resolver(registries: str | None) -> Resolver:
@@ -35,19 +35,26 @@ def schemas(registries: str | None) -> None:
 @click.argument("paths", nargs=-1, type=click.Path(exists=True, path_type=Path))
 def lint_command(paths: tuple[Path, ...]) -> None:
     """Lint schema files, or every schema under a registry folder (default: the embedded one)."""
-    files: list[tuple[Path, SchemaKey | None]] = []
+    files: list[tuple[Path, SchemaKey | None, bool]] = []      # path, its key, inside a registry folder
+    failed = 0
     for path in paths or (EMBEDDED,):
         if path.is_dir():
-            registry = FolderRegistry(path)
-            files += [(path / key.path, key) for key in registry.schemas()]
+            found = sorted(p for p in (path / "schemas").rglob("*") if p.is_file())
+            if not found:
+                click.echo(f"{path}: no schema files under {path / 'schemas'} (a registry folder holds "
+                           "schemas/<vendor>/<name>/<format>/<M-R-A>)")
+                failed += 1
+            files += [(p, _key_of(p), True) for p in found]
         else:
-            files.append((path, _key_of(path)))
-    failed = 0
-    for path, key in files:
-        try:
-            problems = lint(orjson.loads(path.read_bytes()), key)
-        except orjson.JSONDecodeError as exc:
-            problems = [f"not JSON: {exc}"]
+            files.append((path, _key_of(path), False))
+    for path, key, in_registry in files:
+        if in_registry and key is None:
+            problems = ["not at schemas/<vendor>/<name>/<format>/<M-R-A>: the registry would never serve it"]
+        else:
+            try:
+                problems = lint(orjson.loads(path.read_bytes()), key)
+            except orjson.JSONDecodeError as exc:
+                problems = [f"not JSON: {exc}"]
         for problem in problems:
             click.echo(f"{path}: {problem}")
         failed += bool(problems)

@@ -20,13 +20,16 @@ from pathlib import Path
 
 import fastjsonschema
 import orjson
+from fastjsonschema.draft07 import CodeGeneratorDraft07
 
 EMBEDDED = Path(__file__).resolve().parent / "iglu"
 SELF_DESC_META = "http://iglucentral.com/schemas/com.snowplowanalytics.self-desc/schema/jsonschema/1-0-0#"
 _KEY = re.compile(r"^iglu:([a-zA-Z0-9\-_.]+)/([a-zA-Z0-9\-_]+)/([a-zA-Z0-9\-_]+)/([1-9][0-9]*|0)-(0|[1-9][0-9]*)-(0|[1-9][0-9]*)$")
-# Formats Iglu schemas use that fastjsonschema does not know; anything else unknown fails the lint.
+# Formats Iglu schemas use that fastjsonschema does not know; anything else unknown fails the lint
+# (fastjsonschema itself ignores an unknown format, so "emial" would validate anything).
 FORMATS = {"uuid": r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
            "date": r"^\d{4}-\d{2}-\d{2}$"}
+KNOWN_FORMATS = frozenset(CodeGeneratorDraft07.FORMAT_REGEXS) | frozenset(FORMATS)
 
 
 class SchemaKeyError(ValueError):
@@ -219,6 +222,16 @@ def compile_schema(schema: object) -> Callable[[object], object]:
         raise ValueError(f"schema does not compile: {type(exc).__name__}: {exc}") from None
 
 
+def _unknown_formats(node: object) -> list[str]:
+    if isinstance(node, list):
+        return [name for item in node for name in _unknown_formats(item)]
+    if not isinstance(node, dict):
+        return []
+    own = node.get("format")
+    found = [own] if isinstance(own, str) and own not in KNOWN_FORMATS else []
+    return found + [name for value in node.values() for name in _unknown_formats(value)]
+
+
 def lint(schema: object, key: SchemaKey | None = None) -> list[str]:
     """Problems that would make a schema unusable or surprising in an Iglu registry (empty when fine)."""
     if not isinstance(schema, dict):
@@ -240,6 +253,8 @@ def lint(schema: object, key: SchemaKey | None = None) -> list[str]:
         problems.append("no description")
     if schema.get("type") == "object" and "additionalProperties" not in schema:
         problems.append("object schema without additionalProperties: unknown fields would pass silently")
+    body = {k: v for k, v in schema.items() if k != "self"}          # self.format is "jsonschema", no format
+    problems += [f"unknown format {name!r}: it would validate anything" for name in _unknown_formats(body)]
     try:
         compile_schema(schema)
     except ValueError as exc:

@@ -183,6 +183,19 @@ def test_lint_names_each_problem(tmp_path):
     assert problems[1].startswith("schema does not compile")
 
 
+def test_lint_catches_an_unknown_format_and_a_file_the_registry_would_never_serve(tmp_path):
+    write_schema(tmp_path, SIGNUP + "1-0-0", {"type": "object", "additionalProperties": False,
+                                              "properties": {"email": {"type": "string", "format": "emial"},
+                                                             "format": {"type": "string", "format": "email"}}})
+    problems = lint(orjson.loads((tmp_path / "schemas/com.acme/signup/jsonschema/1-0-0").read_bytes()))
+    assert problems == ["unknown format 'emial': it would validate anything"]
+    (tmp_path / "schemas/com.acme/signup/jsonschema/1-0-0").rename(tmp_path / "schemas/com.acme/signup/jsonschema/1-0-0.json")
+    result = CliRunner().invoke(cli, ["lint", str(tmp_path)])
+    assert result.exit_code == 1 and "1-0-0.json: not at schemas/<vendor>" in result.output
+    empty = CliRunner().invoke(cli, ["lint", str(tmp_path / "schemas")])       # the schemas/ folder itself
+    assert empty.exit_code == 1 and "no schema files under" in empty.output
+
+
 def test_cli_lists_lints_and_validates(tmp_path):
     runner = CliRunner()
     listed = runner.invoke(cli, ["schemas", "--registries", "embedded"])
