@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import click
-from pyspark.errors import PythonException
+from pyspark.errors import AnalysisException, PythonException
 from pyspark.sql import DataFrame
 
 from batch import train_table
@@ -44,19 +44,26 @@ def load_window(spark, settings: TrainSettings, window: Window, steps: Steps | N
     """The enriched events of ``window``: synced from S3 to the cache (or read from ``lake_path``)."""
     steps = steps or Steps(["sync"], enabled=False)
     with steps("sync"):
-        if settings.lake_path.startswith(("s3a://", "s3://", "hdfs://", "gs://", "abfss://")):
+        if settings.lake_path.startswith(("s3a://", "s3://", "hdfs://", "gs://", "abfss://", "file://")):
             dates = ",".join(f"date={d}" for d in _dates(window))
-            return spark.read.option("basePath", settings.lake_path).parquet(f"{settings.lake_path}/{{{dates}}}")
+            try:
+                return spark.read.option("basePath", settings.lake_path).parquet(f"{settings.lake_path}/{{{dates}}}")
+            except AnalysisException as exc:          # Spark's answer when no partition of the window exists
+                raise _empty_window(settings, window) from exc
         root = Path(settings.lake_path) if settings.lake_path else \
             local_window(settings.bucket, window, settings.cache_dir, progress=settings.progress)
         files = check_files(window_files(root, window), skip_corrupt=settings.skip_corrupt_files)
         if not files:
-            where = settings.lake_path or f"s3://{settings.bucket}/enriched/"
-            raise TrainError(f"no enriched events in {where} for the window {window} (no Parquet files in its "
-                             "date partitions): is the lake loader running, and is the window right "
-                             "(CLICKSTREAM_WINDOW_DAYS / CLICKSTREAM_WINDOW_END)?")
+            raise _empty_window(settings, window)
         log.info("reading %d lake files of %s", len(files), window)
         return read_events(spark, root, files)
+
+
+def _empty_window(settings: TrainSettings, window: Window) -> TrainError:
+    where = settings.lake_path or f"s3://{settings.bucket}/enriched/"
+    return TrainError(f"no enriched events in {where} for the window {window} (no Parquet files in its "
+                      "date partitions): is the lake loader running, and is the window right "
+                      "(CLICKSTREAM_WINDOW_DAYS / CLICKSTREAM_WINDOW_END)?")
 
 
 def _dates(window: Window):

@@ -76,3 +76,12 @@ def test_train_cli_reports_an_empty_window(aws_settings, tmp_path):
     out = CliRunner().invoke(train_main, ["--window-end", "2026-01-07"], env=env)
     assert out.exit_code == 2
     assert "no enriched events in s3://" in out.output and "2026-01-01..2026-01-07" in out.output
+
+
+def test_a_url_lake_path_with_no_partition_in_the_window_is_a_clear_error(spark, tmp_path):
+    from batch.train import load_window
+    from batch.train_lake import TrainError, Window
+
+    settings = fast_settings(lake_path=f"file://{tmp_path}/enriched")
+    with pytest.raises(TrainError, match="no enriched events in file://"):
+        load_window(spark, settings, Window.last_days(2, "2026-11-21"))
