@@ -84,9 +84,22 @@ def sessionise(df: DataFrame, gap_minutes: int = 30) -> DataFrame:
 
 
 def build_examples(events: DataFrame, gap_minutes: int = 30) -> DataFrame:
-    """Prefix examples (EXAMPLE_SCHEMA) of every session in ``events``."""
+    """Prefix examples (EXAMPLE_SCHEMA) of every finished session in ``events``."""
     sessions = sessionise(_as_millis(events), gap_minutes)
-    return sessions.groupBy("session_id").applyInPandas(session_examples, schema=EXAMPLE_SCHEMA)
+    examples = sessions.groupBy("session_id").applyInPandas(session_examples, schema=EXAMPLE_SCHEMA)
+    return without_open_sessions(examples, gap_minutes)
+
+
+def without_open_sessions(examples: DataFrame, gap_minutes: int) -> DataFrame:
+    """Leave out the sessions that had not bought and were active within ``gap_minutes`` of the
+    newest event: they may still buy, so their label is not known yet (a window ending today, the
+    default, holds many of them)."""
+    newest = examples.agg(F.max("event_time_ms")).first()[0]
+    if newest is None:
+        return examples
+    last = examples.groupBy("session_id").agg(F.max("event_time_ms").alias("_last"), F.max("label").alias("_bought"))
+    still_open = last.filter((F.col("_bought") == 0) & (F.col("_last") > newest - gap_minutes * 60_000))
+    return examples.join(still_open.select("session_id"), "session_id", "left_anti")
 
 
 # ---------------------------------------------------------------------------------------- the fold
