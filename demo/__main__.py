@@ -6,7 +6,7 @@ scorer hot-loads the model → live traffic for DEMO_MINUTES (default 2) → a s
 stays up for exploring until `make down`. Every step reports progress at least every few seconds.
 
 Knobs (environment): DEMO_MINUTES (2), DEMO_HISTORY_SESSIONS (1500), DEMO_HISTORY_DAYS (7),
-DEMO_LIVE_RATE (events/s, 40), DEMO_SEED (7).
+DEMO_LIVE_RATE (events/s, 40), DEMO_SEED (7 on a fresh stack, a new one on a running stack).
 """
 from __future__ import annotations
 
@@ -47,6 +47,18 @@ def run(*args: str) -> None:
     if code := subprocess.run(command, check=False, cwd=stack.ROOT).returncode:
         raise SystemExit(f"`python -m {' '.join(args)}` failed with exit code {code} (its output is above); "
                          "the stack is still up: `make down` stops it")
+
+
+def demo_seed(stack_was_up: bool) -> int:
+    """DEMO_SEED; else 7 on a fresh stack (the documented run), and a new seed on a stack that still
+    holds an earlier run: the same session and event ids again would be dropped as duplicates by the
+    scorer and find their offers already made."""
+    if "DEMO_SEED" in os.environ or not stack_was_up:
+        return int(knob("DEMO_SEED", 7))
+    seed = 9 + int(time.time()) % 1_000_000          # never 7 or 8, the first run's two seeds
+    say(f"the stack already holds an earlier run: traffic seed {seed}, so its sessions are new "
+        "(DEMO_SEED=N picks one; `make down` starts afresh)")
+    return seed
 
 
 def restart_with_demo_settings(names: list[str]) -> None:
@@ -105,7 +117,7 @@ def main() -> int:
     send live traffic and print a summary. The stack stays up until `make down`.
 
     Knobs (environment): DEMO_MINUTES (2), DEMO_HISTORY_SESSIONS (1500), DEMO_HISTORY_DAYS (7),
-    DEMO_LIVE_RATE (events/s, 40), DEMO_SEED (7).
+    DEMO_LIVE_RATE (events/s, 40), DEMO_SEED (7 on a fresh stack, a new one on a running stack).
     """
     for key, value in DEMO_ENV.items():
         os.environ.setdefault(key, value)
@@ -113,7 +125,7 @@ def main() -> int:
     history = int(knob("DEMO_HISTORY_SESSIONS", 1500))
     days = knob("DEMO_HISTORY_DAYS", 7)
     live_rate = knob("DEMO_LIVE_RATE", 40)
-    seed = int(knob("DEMO_SEED", 7))
+    seed = demo_seed(stack_was_up=stack.healthy(stack.EMULATOR.health_url))
     settings = load(AwsSettings)
 
     say("1/6 starting the local stack (emulator, streams, bucket, tables, components)")

@@ -324,3 +324,13 @@ def test_cli_fails_at_once_when_no_collector_listens():
     assert result.exit_code == 1
     assert "no collector answers at http://127.0.0.1:9" in result.output and "make up" in result.output
     assert "events NOT sent" not in result.output
+
+
+def test_the_demo_picks_new_sessions_on_a_stack_that_holds_an_earlier_run(monkeypatch):
+    from demo.__main__ import demo_seed
+
+    monkeypatch.delenv("DEMO_SEED", raising=False)
+    assert demo_seed(stack_was_up=False) == 7                 # the documented run on a fresh stack
+    assert demo_seed(stack_was_up=True) != 7                  # same ids again: duplicates, offers already made
+    monkeypatch.setenv("DEMO_SEED", "7")
+    assert demo_seed(stack_was_up=True) == 7
