@@ -37,6 +37,10 @@ def skip_reason(settings: DiscountSettings, prediction: Prediction) -> str | Non
     return None
 
 
+
+class RefusedWrite(Exception):
+    """DynamoDB refused the offer's write as invalid (ValidationException): retrying cannot help."""
+
 class Engine:
     def __init__(self, settings: DiscountSettings, consumer: Consumer, offers: OfferTable, metrics: Metrics,
                  *, clock: Callable[[], float] = time.time, stop: Callable[[], bool] = lambda: False):
@@ -78,10 +82,8 @@ class Engine:
             return Outcome.BUDGET_EXHAUSTED.value
         try:
             outcome = self._retrying(lambda: self.offers.offer(prediction, now))
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] != "ValidationException":
-                raise
-            log.error("DynamoDB refused the offer as invalid, skipped: %s", exc,
+        except RefusedWrite as exc:
+            log.error("DynamoDB refused the offer as invalid, skipped: %s", exc.__cause__,
                       extra={"session_id": prediction.session_id, "event_id": prediction.event_id})
             return "invalid"
         if outcome is Outcome.BUDGET_EXHAUSTED:
@@ -105,8 +107,9 @@ class Engine:
             try:
                 return write()
             except (BotoCoreError, ClientError) as exc:
-                refused = isinstance(exc, ClientError) and exc.response["Error"]["Code"] == "ValidationException"
-                if refused or self.stop():      # a request DynamoDB refuses stays refused: no retry
+                if isinstance(exc, ClientError) and exc.response["Error"]["Code"] == "ValidationException":
+                    raise RefusedWrite from exc     # a request DynamoDB refuses stays refused: no retry
+                if self.stop():
                     raise
                 self.metrics.write_errors.inc()
                 log.warning("offer write failed (attempt %d), retrying: %s", attempt + 1, exc)

@@ -18,6 +18,7 @@ import uuid
 import fastjsonschema
 import orjson
 
+from common.features import NIL_USER, session_key
 from enrich import __version__, badrows, protocol
 from enrich.config import EnrichSettings
 from enrich.enrichments import (
@@ -38,7 +39,6 @@ from enrich.registry import Resolver, SchemaKey, SchemaKeyError
 log = logging.getLogger(__name__)
 
 V_ETL = f"clickstream-enrich-{__version__}"
-NIL_UUID = "00000000-0000-0000-0000-000000000000"
 EVENT_TYPES = {"pv": "page_view", "pp": "page_ping", "se": "struct", "ev": "struct", "ue": "unstruct",
                "tr": "transaction", "ti": "transaction_item"}
 # event_vendor/event_name of built-in events, as Snowplow names them.
@@ -90,12 +90,6 @@ def derived_event_id(raw: bytes, index: int) -> str:
     dedupe by ``event_id`` still holds."""
     return str(uuid.uuid5(uuid.NAMESPACE_OID, f"{hashlib.sha1(raw).hexdigest()}:{index}"))
 
-
-def partition_key(event: dict) -> str:
-    """The session (so a session's events stay in order on one shard), else the user; never the nil
-    id of SP-Anonymous hits, which would put all of them on one shard."""
-    user = event["network_userid"]
-    return event["domain_sessionid"] or (user if user and user != NIL_UUID else None) or event["event_id"]
 
 class EventFailure(Exception):
     def __init__(self, kind: str, messages: list[dict]):
@@ -157,7 +151,8 @@ class Enricher:
                 continue
             if found is not None:
                 event, data = found
-                good.append((partition_key(event), event, data))
+                # The scorer's session key: a session's events stay in order on one shard.
+                good.append((session_key(event), event, data))
         return good, bad
 
     def _bad_row(self, failure: EventFailure, hit: protocol.Hit, params: object) -> dict:
@@ -333,7 +328,7 @@ class Enricher:
             if event[name]:
                 event[name] = hmac(event[name])
         # The nil id of SP-Anonymous requests identifies nobody; keep it so it stays recognisable.
-        if event["network_userid"] and event["network_userid"] != NIL_UUID:
+        if event["network_userid"] and event["network_userid"] != NIL_USER:
             event["network_userid"] = hmac(event["network_userid"])
         if not self.pii_paths:
             return
