@@ -20,16 +20,21 @@ from pathlib import Path
 
 import fastjsonschema
 import orjson
-from fastjsonschema.draft07 import CodeGeneratorDraft07
+from fastjsonschema.draft04 import CodeGeneratorDraft04
 
 EMBEDDED = Path(__file__).resolve().parent / "iglu"
 SELF_DESC_META = "http://iglucentral.com/schemas/com.snowplowanalytics.self-desc/schema/jsonschema/1-0-0#"
+# Iglu schemas are JSON Schema draft-04, as Snowplow validates them: a boolean exclusiveMinimum means
+# "strictly above minimum", where draft-07 would read it as "above True".
+DRAFT_04 = "http://json-schema.org/draft-04/schema#"
+# Keywords of later drafts that draft-04 ignores: a schema using them validates less than it says.
+LATER_DRAFT_KEYWORDS = ("const", "contains", "propertyNames", "if", "then", "else")
 _KEY = re.compile(r"^iglu:([a-zA-Z0-9\-_.]+)/([a-zA-Z0-9\-_]+)/([a-zA-Z0-9\-_]+)/([1-9][0-9]*|0)-(0|[1-9][0-9]*)-(0|[1-9][0-9]*)$")
 # Formats Iglu schemas use that fastjsonschema does not know; anything else unknown fails the lint
 # (fastjsonschema itself ignores an unknown format, so "emial" would validate anything).
 FORMATS = {"uuid": r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
            "date": r"^\d{4}-\d{2}-\d{2}$"}
-KNOWN_FORMATS = frozenset(CodeGeneratorDraft07.FORMAT_REGEXS) | frozenset(FORMATS)
+KNOWN_FORMATS = frozenset(CodeGeneratorDraft04.FORMAT_REGEXS) | frozenset(FORMATS)
 
 
 class SchemaKeyError(ValueError):
@@ -213,7 +218,7 @@ class Resolver:
 def compile_schema(schema: object) -> Callable[[object], object]:
     if not isinstance(schema, dict):
         raise ValueError("a schema must be a JSON object")  # noqa: TRY004 - callers catch ValueError for every schema problem
-    body = {k: v for k, v in schema.items() if k not in ("self", "$schema")}
+    body = {k: v for k, v in schema.items() if k not in ("self", "$schema")} | {"$schema": DRAFT_04}
     try:
         return fastjsonschema.compile(body, formats=FORMATS)
     except fastjsonschema.JsonSchemaDefinitionException as exc:
@@ -222,14 +227,34 @@ def compile_schema(schema: object) -> Callable[[object], object]:
         raise ValueError(f"schema does not compile: {type(exc).__name__}: {exc}") from None
 
 
-def _unknown_formats(node: object) -> list[str]:
+def _subschemas(node: object) -> list[dict]:
+    """Every schema object in ``node``, itself included; names under ``properties`` are not keywords."""
     if isinstance(node, list):
-        return [name for item in node for name in _unknown_formats(item)]
+        return [sub for item in node for sub in _subschemas(item)]
     if not isinstance(node, dict):
         return []
-    own = node.get("format")
-    found = [own] if isinstance(own, str) and own not in KNOWN_FORMATS else []
-    return found + [name for value in node.values() for name in _unknown_formats(value)]
+    found = [node]
+    for keyword, value in node.items():
+        if keyword in ("enum", "default", "examples", "const"):                # data, not schemas
+            continue
+        named = keyword in ("properties", "patternProperties", "definitions", "dependencies")
+        for child in (value.values() if named and isinstance(value, dict) else [value]):
+            found += _subschemas(child)
+    return found
+
+
+def _draft_problems(schema: dict) -> list[str]:
+    problems = []
+    for node in _subschemas({k: v for k, v in schema.items() if k != "self"}):   # self.format is "jsonschema"
+        own = node.get("format")
+        if isinstance(own, str) and own not in KNOWN_FORMATS:
+            problems.append(f"unknown format {own!r}: it would validate anything")
+        problems += [f"{word!r} is not draft-04 (Iglu's draft): it would be ignored"
+                     for word in LATER_DRAFT_KEYWORDS if word in node]
+        problems += [f"{word} must be true or false in draft-04, with {word.replace('exclusiveM', 'm')} the bound"
+                     for word in ("exclusiveMinimum", "exclusiveMaximum")
+                     if word in node and not isinstance(node[word], bool)]
+    return problems
 
 
 def lint(schema: object, key: SchemaKey | None = None) -> list[str]:
@@ -253,8 +278,7 @@ def lint(schema: object, key: SchemaKey | None = None) -> list[str]:
         problems.append("no description")
     if schema.get("type") == "object" and "additionalProperties" not in schema:
         problems.append("object schema without additionalProperties: unknown fields would pass silently")
-    body = {k: v for k, v in schema.items() if k != "self"}          # self.format is "jsonschema", no format
-    problems += [f"unknown format {name!r}: it would validate anything" for name in _unknown_formats(body)]
+    problems += _draft_problems(schema)
     try:
         compile_schema(schema)
     except ValueError as exc:

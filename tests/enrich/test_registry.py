@@ -196,6 +196,25 @@ def test_lint_catches_an_unknown_format_and_a_file_the_registry_would_never_serv
     assert empty.exit_code == 1 and "no schema files under" in empty.output
 
 
+def test_schemas_are_draft_04_as_in_iglu_and_lint_names_later_draft_keywords(tmp_path):
+    bounds = {"type": "object", "additionalProperties": False, "description": "bounds",
+              "properties": {"price": {"type": "number", "minimum": 0, "exclusiveMinimum": True},
+                             "qty": {"type": "integer", "maximum": 10, "exclusiveMaximum": True},
+                             "const": {"enum": [{"const": 1}]}}}           # names and data, not keywords
+    write_schema(tmp_path, SIGNUP + "1-0-0", bounds)
+    resolver = Resolver([FolderRegistry(tmp_path)])
+    key = "iglu:com.acme/signup/jsonschema/1-0-0"
+    assert resolver.validate(key, {"price": 0.5, "qty": 9}) == []
+    assert resolver.validate(key, {"price": 0}) and resolver.validate(key, {"qty": 10})
+    assert lint(orjson.loads((tmp_path / "schemas/com.acme/signup/jsonschema/1-0-0").read_bytes())) == []
+    later = {"type": "object", "additionalProperties": False, "description": "draft-07 words",
+             "properties": {"kind": {"const": "a"}, "n": {"type": "number", "exclusiveMinimum": 3}}}
+    write_schema(tmp_path, SIGNUP + "1-0-1", later)
+    assert lint(orjson.loads((tmp_path / "schemas/com.acme/signup/jsonschema/1-0-1").read_bytes())) == [
+        "'const' is not draft-04 (Iglu's draft): it would be ignored",
+        "exclusiveMinimum must be true or false in draft-04, with minimum the bound"]
+
+
 def test_cli_lists_lints_and_validates(tmp_path):
     runner = CliRunner()
     listed = runner.invoke(cli, ["schemas", "--registries", "embedded"])
