@@ -22,6 +22,8 @@ GET_PATHS = frozenset({"/i", "/ice.png", "/com.snowplowanalytics.snowplow/tp1", 
 POST_PATHS = frozenset({"/com.snowplowanalytics.snowplow/tp2"})
 REDIRECT_PATH = "/r/tp2"
 URI_REDIRECT = "iglu:com.snowplowanalytics.snowplow/uri_redirect/jsonschema/1-0-0"
+UNSTRUCT_EVENT = "iglu:com.snowplowanalytics.snowplow/unstruct_event/jsonschema/1-0-0"
+CONTEXTS = "iglu:com.snowplowanalytics.snowplow/contexts/jsonschema/1-0-1"
 PAYLOAD_DATA = ("com.snowplowanalytics.snowplow", "payload_data")
 PAYLOAD_DATA_LATEST = "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4"
 RAW_SCHEMA_PREFIX = "iglu:com.clickstream/raw_record/jsonschema/1-"
@@ -81,22 +83,40 @@ def split(record: dict) -> Hit:
                 record, [badrows.message("querystring", record.get("querystring"), "tracker parameters")]))
         return Hit(record, [params])
     if method == "GET" and path == REDIRECT_PATH:
-        return Hit(record, [_redirect(parse_query(record.get("querystring") or ""))])
+        return Hit(record, [_redirect(record, parse_query(record.get("querystring") or ""))])
     raise RecordError(badrows.adapter_failure(
         record, [badrows.message("path", f"{method} {path}", "a Snowplow tracker endpoint: GET /i, "
                                  "/ice.png, /com.snowplowanalytics.snowplow/tp1|tp2 or POST .../tp2")]))
 
 
-def _redirect(params: dict[str, str]) -> dict[str, str]:
-    """A click-tracking redirect: ``u`` is the target; without tracker parameters of its own the hit
-    becomes a ``uri_redirect`` self-describing event, as Snowplow's redirect adapter does."""
+def _redirect(record: dict, params: dict[str, str]) -> dict[str, str]:
+    """A click-tracking redirect, as Snowplow's redirect adapter reads it: the target ``u`` becomes a
+    ``uri_redirect`` entity, the event itself when the link carries no ``e``, else one more context;
+    ``tv`` is always ``r-tp2`` and ``p`` defaults to ``web``."""
     target = params.pop("u", None)
+    if not target:
+        raise RecordError(badrows.adapter_failure(
+            record, [badrows.message("querystring", record.get("querystring"), "a u parameter: the redirect target")]))
+    redirect = {"schema": URI_REDIRECT, "data": {"uri": target}}
     if "e" in params:
-        return params
-    event = {"e": "ue", "tv": "r-tp2", "p": params.pop("p", "web"), **params}
-    event["ue_pr"] = orjson.dumps({"schema": "iglu:com.snowplowanalytics.snowplow/unstruct_event/jsonschema/1-0-0",
-                                   "data": {"schema": URI_REDIRECT, "data": {"uri": target}}}).decode()
-    return event
+        params.update(_with_context(params, redirect))
+    else:
+        params["e"] = "ue"
+        params["ue_pr"] = orjson.dumps({"schema": UNSTRUCT_EVENT, "data": redirect}).decode()
+    return {**params, "tv": "r-tp2", "p": params.get("p", "web")}
+
+
+def _with_context(params: dict[str, str], entity: dict) -> dict[str, str]:
+    """``co`` or ``cx`` with ``entity`` added first; unchanged when they do not parse (the event then
+    fails on them as it would without the redirect)."""
+    existing, error = decode_json(params, "co", "cx")
+    if error or (existing is not None and not (isinstance(existing, dict) and isinstance(existing.get("data"), list))):
+        return {}
+    envelope = existing or {"schema": CONTEXTS, "data": []}
+    merged = orjson.dumps({**envelope, "data": [entity, *envelope["data"]]})
+    if params.get("cx"):
+        return {"cx": base64.urlsafe_b64encode(merged).decode().rstrip("=")}
+    return {"co": merged.decode()}
 
 
 # Cached: a session's events repeat their page URL, referrer and title (page pings above all).
@@ -120,9 +140,14 @@ def parse_query(query: str) -> dict[str, str]:
 
 
 def _post(record: dict) -> Hit:
+    """The body's events, each with the query string's parameters on top (tracker protocol v2 lets a
+    POST carry parameters there too; they win a clash, as in Snowplow's adapter)."""
+    query = parse_query(record.get("querystring") or "")
     body = record.get("body")
     if body is None and record.get("body_base64") is not None:
         body = _decode_body(record)
+    if not body and query:
+        return Hit(record, [query])
     if not body:
         raise RecordError(badrows.protocol_violation(record, [badrows.message("body", None, "a payload_data body")]))
     try:
@@ -141,7 +166,8 @@ def _post(record: dict) -> Hit:
             record, [badrows.message("body.schema", str(key), "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-*")]))
     if not payload["data"]:
         raise RecordError(badrows.protocol_violation(record, [badrows.message("body.data", [], "at least one event")]))
-    return Hit(record, payload["data"], str(key))
+    events = [{**event, **query} if query and isinstance(event, dict) else event for event in payload["data"]]
+    return Hit(record, events, str(key))
 
 
 def _decode_body(record: dict) -> str:

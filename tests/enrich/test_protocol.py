@@ -148,6 +148,32 @@ def test_redirect_becomes_a_uri_redirect_event():
     assert event["app_id"] == "shop"
 
 
+def test_redirect_with_tracker_parameters_keeps_its_target_as_a_context():
+    target = urllib.parse.quote("https://partner.test/deal", safe="")
+    redirect = {"schema": "iglu:com.snowplowanalytics.snowplow/uri_redirect/jsonschema/1-0-0",
+                "data": {"uri": "https://partner.test/deal"}}
+    email_link = f"u={target}&e=se&se_ca=email&se_ac=click&aid=news&tv=js-3"      # no p, a tracker's tv
+    _, event = one(orjson.dumps(record(path="/r/tp2", querystring=email_link)))
+    assert event["event"] == "struct" and event["se_category"] == "email"
+    assert event["contexts"] == [redirect] and event["v_tracker"] == "r-tp2" and event["platform"] == "web"
+    with_cx = f"u={target}&e=se&se_ca=email&se_ac=click&p=mob&cx={b64(contexts(page_type()))}"
+    _, event = one(orjson.dumps(record(path="/r/tp2", querystring=with_cx)))
+    assert event["contexts"] == [redirect, page_type()] and event["platform"] == "mob"
+    good, bad = enricher().process(orjson.dumps(record(path="/r/tp2", querystring="e=se&se_ca=email&se_ac=click")))
+    assert good == [] and bad[0]["schema"].split("/")[1] == "adapter_failures"
+    assert "redirect target" in bad[0]["data"]["failure"]["messages"][0]["expectation"]
+
+
+def test_post_querystring_parameters_apply_to_every_event_and_win_a_clash():
+    raw = post_record([{**BASE, "e": "pv", "aid": "body"}, {**BASE, "e": "pp"}], querystring="aid=shop&uid=alice")
+    good, bad = enricher(pseudonymisation=False).process(raw)
+    assert bad == [] and [(e["app_id"], e["user_id"]) for _, e in good] == [("shop", "alice")] * 2
+    raw = orjson.dumps(record(method="POST", path="/com.snowplowanalytics.snowplow/tp2",
+                              querystring=urllib.parse.urlencode({**BASE, "e": "pv"})))
+    _, event = one(raw)                                                   # no body: the query string is the event
+    assert event["event"] == "page_view" and event["app_id"] == "shop"
+
+
 def test_non_utf8_body_arrives_base64_and_is_decoded():
     body = orjson.dumps({"schema": "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4",
                          "data": [{**BASE, "e": "pv", "page": "Caf\u00e9"}]})
