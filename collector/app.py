@@ -19,7 +19,7 @@ from urllib.parse import parse_qs, quote, quote_from_bytes, urlsplit
 import orjson
 
 from collector import metrics
-from collector.config import TP2, CollectorSettings
+from collector.config import IGLU_WEBHOOK, TP2, CollectorSettings
 from collector.records import NIL_UUID, Hit, build, partition_key
 from collector.spool import BAD, RAW, SpoolFull, encode
 from common import logs
@@ -37,7 +37,7 @@ SECRET_HEADERS = frozenset({"cookie", "authorization", "proxy-authorization"})
 IP_HEADERS = frozenset({"x-forwarded-for", "x-real-ip", "forwarded", "true-client-ip", "cf-connecting-ip"})
 USER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
-ROUTES = {"/i": "pixel", "/ice.png": "pixel", TP2: "tp2", "/r/tp2": "redirect",
+ROUTES = {"/i": "pixel", "/ice.png": "pixel", TP2: "tp2", "/r/tp2": "redirect", IGLU_WEBHOOK: "webhook",
           "/health": "health", "/sink-health": "sink-health", "/metrics": "metrics"}
 
 
@@ -174,10 +174,10 @@ class Collector:
 
     async def dispatch(self, route: str, scope, receive, send) -> int:
         method = scope["method"]
-        if route in ("pixel", "tp2", "redirect"):
+        if route in ("pixel", "tp2", "redirect", "webhook"):
             if method == "OPTIONS":
                 return await self.preflight(scope, send)
-            if method == "GET" or (method == "POST" and route == "tp2"):
+            if method == "GET" or (method == "POST" and route in ("tp2", "webhook")):
                 return await self.track(route, scope, receive, send)
             return await respond(send, 405, TEXT, b"method not allowed")
         if route == "health":

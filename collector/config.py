@@ -78,7 +78,8 @@ class CollectorSettings(AwsSettings):
 
 
 TP2 = "/com.snowplowanalytics.snowplow/tp2"
-STANDARD_PATHS = ("/i", "/ice.png", TP2, "/r/tp2")
+IGLU_WEBHOOK = "/com.snowplowanalytics.iglu/v1"
+STANDARD_PATHS = ("/i", "/ice.png", TP2, "/r/tp2", IGLU_WEBHOOK)
 
 
 def settings(**overrides) -> CollectorSettings:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import orjson
 
 from collector import COLLECTOR_NAME, __version__
+from collector.config import TP2
 
 RAW_SCHEMA = "iglu:com.clickstream/raw_record/jsonschema/1-0-0"
 SIZE_VIOLATION = "iglu:com.snowplowanalytics.snowplow.badrows/size_violation/jsonschema/1-0-0"
@@ -93,7 +94,8 @@ def build(hit: Hit, max_bytes: int, keep: int) -> tuple[list[bytes], list[dict]]
     data = orjson.dumps(record(hit, hit.body))
     if len(data) <= max_bytes:
         return [data], []
-    payload = _payload(hit.body)
+    # Only a tracker's payload_data body is a list of events; a webhook's body is one document.
+    payload = _payload(hit.body) if hit.path == TP2 else None
     if payload is None or not payload["data"]:
         return [], [size_violation(data.decode(), len(data), max_bytes, keep)]
     return split(hit, payload["data"], max_bytes, keep, payload.get("schema", PAYLOAD_DATA))

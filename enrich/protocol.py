@@ -1,7 +1,8 @@
 """The tracker protocol: a raw record (docs/contracts.md) -> one parameter dict per tracker event.
 
 GET hits carry one event in the query string (``/i``, ``/ice.png``, ``/com.snowplowanalytics.snowplow/tp1``
-and ``tp2``); POSTs to ``tp2`` carry ``payload_data`` with a list of events. Record-level problems raise
+and ``tp2``); POSTs to ``tp2`` carry ``payload_data`` with a list of events; ``/r/tp2`` is a click-tracking
+redirect and ``/com.snowplowanalytics.iglu/v1`` a webhook sending self-describing events. Record-level problems raise
 ``RecordError`` holding the finished bad row; per-event problems are left to the pipeline, so one bad
 event never takes its neighbours down.
 """
@@ -21,6 +22,9 @@ from enrich.registry import Resolver, SchemaKey, SchemaKeyError
 GET_PATHS = frozenset({"/i", "/ice.png", "/com.snowplowanalytics.snowplow/tp1", "/com.snowplowanalytics.snowplow/tp2"})
 POST_PATHS = frozenset({"/com.snowplowanalytics.snowplow/tp2"})
 REDIRECT_PATH = "/r/tp2"
+IGLU_WEBHOOK_PATH = "/com.snowplowanalytics.iglu/v1"
+# A webhook's query parameters kept as event fields (not event data), as in Snowplow's adapters.
+WEBHOOK_FIELDS = ("nuid", "aid", "cv", "eid", "ttm", "url")
 URI_REDIRECT = "iglu:com.snowplowanalytics.snowplow/uri_redirect/jsonschema/1-0-0"
 UNSTRUCT_EVENT = "iglu:com.snowplowanalytics.snowplow/unstruct_event/jsonschema/1-0-0"
 CONTEXTS = "iglu:com.snowplowanalytics.snowplow/contexts/jsonschema/1-0-1"
@@ -84,9 +88,12 @@ def split(record: dict) -> Hit:
         return Hit(record, [params])
     if method == "GET" and path == REDIRECT_PATH:
         return Hit(record, [_redirect(record, parse_query(record.get("querystring") or ""))])
+    if method in ("GET", "POST") and path == IGLU_WEBHOOK_PATH:
+        return Hit(record, _iglu_webhook(record))
     raise RecordError(badrows.adapter_failure(
         record, [badrows.message("path", f"{method} {path}", "a Snowplow tracker endpoint: GET /i, "
-                                 "/ice.png, /com.snowplowanalytics.snowplow/tp1|tp2 or POST .../tp2")]))
+                                 "/ice.png, /com.snowplowanalytics.snowplow/tp1|tp2, POST .../tp2, GET /r/tp2 "
+                                 "or GET|POST /com.snowplowanalytics.iglu/v1")]))
 
 
 def _redirect(record: dict, params: dict[str, str]) -> dict[str, str]:
@@ -119,6 +126,41 @@ def _with_context(params: dict[str, str], entity: dict) -> dict[str, str]:
     return {"co": merged.decode()}
 
 
+def _iglu_webhook(record: dict) -> list[dict]:
+    """Self-describing events from an Iglu webhook, as Snowplow's Iglu adapter reads them: ``schema``
+    names the schema and the other query parameters (GET), a form body, or a JSON body (one object, or
+    a list for several events) are the data; without ``schema`` the body is a self-describing JSON."""
+    query = parse_query(record.get("querystring") or "")
+    schema, body = query.pop("schema", None), _body(record)
+    platform = "app"
+    if schema is None:
+        payload = _json(record, body)
+        if not isinstance(payload, dict) or not isinstance(payload.get("schema"), str) or "data" not in payload:
+            raise RecordError(badrows.adapter_failure(
+                record, [badrows.message("body", body, "a self-describing JSON {schema, data}, or a schema parameter")]))
+        entries = [(payload["schema"], payload["data"])]
+    elif not body:
+        entries = [(schema, {k: v for k, v in query.items() if k not in ("nuid", "aid", "cv", "p")})]
+    elif "x-www-form-urlencoded" in (record.get("content_type") or ""):
+        entries, platform = [(schema, parse_query(body))], "srv"
+    else:
+        data = _json(record, body)
+        entries = [(schema, item) for item in (data if isinstance(data, list) else [data])]
+        if not entries:
+            raise RecordError(badrows.adapter_failure(record, [badrows.message("body", body, "at least one event")]))
+    fields = {name: query[name] for name in WEBHOOK_FIELDS if name in query}
+    return [{**fields, "e": "ue", "tv": "com.snowplowanalytics.iglu-v1", "p": query.get("p", platform),
+             "ue_pr": orjson.dumps({"schema": UNSTRUCT_EVENT, "data": {"schema": key, "data": data}}).decode()}
+            for key, data in entries]
+
+
+def _json(record: dict, body: str | None) -> object:
+    try:
+        return orjson.loads(body or "")
+    except orjson.JSONDecodeError as exc:
+        raise RecordError(badrows.adapter_failure(record, [badrows.message("body", body, f"JSON: {exc}")])) from None
+
+
 # Cached: a session's events repeat their page URL, referrer and title (page pings above all).
 _unquote = short_cache(8192)(unquote_plus)
 
@@ -142,10 +184,7 @@ def parse_query(query: str) -> dict[str, str]:
 def _post(record: dict) -> Hit:
     """The body's events, each with the query string's parameters on top (tracker protocol v2 lets a
     POST carry parameters there too; they win a clash, as in Snowplow's adapter)."""
-    query = parse_query(record.get("querystring") or "")
-    body = record.get("body")
-    if body is None and record.get("body_base64") is not None:
-        body = _decode_body(record)
+    query, body = parse_query(record.get("querystring") or ""), _body(record)
     if not body and query:
         return Hit(record, [query])
     if not body:
@@ -168,6 +207,13 @@ def _post(record: dict) -> Hit:
         raise RecordError(badrows.protocol_violation(record, [badrows.message("body.data", [], "at least one event")]))
     events = [{**event, **query} if query and isinstance(event, dict) else event for event in payload["data"]]
     return Hit(record, events, str(key))
+
+
+def _body(record: dict) -> str | None:
+    """The body as text: as recorded, or decoded from ``body_base64`` (bodies that are not UTF-8)."""
+    if record.get("body") is None and record.get("body_base64") is not None:
+        return _decode_body(record)
+    return record.get("body")
 
 
 def _decode_body(record: dict) -> str:

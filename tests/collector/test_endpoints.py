@@ -20,6 +20,7 @@ from tests.collector.conftest import (
 )
 
 TP2 = "/com.snowplowanalytics.snowplow/tp2"
+IGLU = "/com.snowplowanalytics.iglu/v1"
 NIL = "00000000-0000-0000-0000-000000000000"
 
 
@@ -49,7 +50,8 @@ def payload(events: list[dict]) -> bytes:
                          "data": events})
 
 
-@pytest.mark.parametrize("path, canonical", [("/i", "/i"), ("/ice.png", "/ice.png"), (TP2, TP2), ("/px", "/i")])
+@pytest.mark.parametrize("path, canonical", [("/i", "/i"), ("/ice.png", "/ice.png"), (TP2, TP2), ("/px", "/i"),
+                                             (IGLU, IGLU)])
 def test_get_answers_a_pixel_and_records_the_request_as_received(setup, path, canonical):
     collector, _ = setup
     marker = uuid.uuid4().hex
@@ -86,6 +88,16 @@ def test_post_answers_ok_and_keeps_the_body(setup):
     assert [r["body"] for r in records] == [body.decode()] * 2
     assert {r["path"] for r in records} == {TP2}
     assert records[0]["content_type"] == "application/json" and records[0]["method"] == "POST"
+
+
+def test_iglu_webhook_post_is_recorded_whole(setup):
+    collector, _ = setup
+    marker = uuid.uuid4().hex
+    body = orjson.dumps({"schema": "iglu:com.acme/signup/jsonschema/1-0-0", "data": [{"plan": marker}]})
+    status, _, answer = get(collector.url + IGLU, data=body, headers={"Content-Type": "application/json"})
+    assert (status, answer) == (200, b"ok")
+    [record] = marked(setup, marker)
+    assert record["path"] == IGLU and record["body"] == body.decode() and record["method"] == "POST"
 
 
 def test_cors_preflight_echoes_the_origin_with_credentials(setup):

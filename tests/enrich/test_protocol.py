@@ -174,6 +174,38 @@ def test_post_querystring_parameters_apply_to_every_event_and_win_a_clash():
     assert event["event"] == "page_view" and event["app_id"] == "shop"
 
 
+IGLU = "/com.snowplowanalytics.iglu/v1"
+LINK_CLICK = "iglu:com.snowplowanalytics.snowplow/link_click/jsonschema/1-0-1"
+
+
+def test_iglu_webhook_turns_query_form_and_json_bodies_into_self_describing_events():
+    query = urllib.parse.urlencode({"schema": LINK_CLICK, "targetUrl": "https://a.test/", "aid": "crm", "p": "srv"})
+    _, event = one(orjson.dumps(record(path=IGLU, querystring=query)))
+    assert event["event"] == "unstruct" and event["unstruct_event"] == {"schema": LINK_CLICK,
+                                                                        "data": {"targetUrl": "https://a.test/"}}
+    assert (event["app_id"], event["platform"], event["v_tracker"]) == ("crm", "srv", "com.snowplowanalytics.iglu-v1")
+    with_schema = urllib.parse.urlencode({"schema": LINK_CLICK, "aid": "crm"})
+    json_list = orjson.dumps([{"targetUrl": "https://a.test/1"}, {"targetUrl": "https://a.test/2"}]).decode()
+    good, bad = enricher().process(orjson.dumps(record(method="POST", path=IGLU, querystring=with_schema, body=json_list)))
+    assert bad == [] and [e["unstruct_event"]["data"]["targetUrl"] for _, e in good] == ["https://a.test/1", "https://a.test/2"]
+    assert {e["platform"] for _, e in good} == {"app"}
+    form = record(method="POST", path=IGLU, querystring=with_schema, body="targetUrl=https%3A%2F%2Fa.test%2F",
+                  content_type="application/x-www-form-urlencoded")
+    _, event = one(orjson.dumps(form))
+    assert event["unstruct_event"]["data"] == {"targetUrl": "https://a.test/"} and event["platform"] == "srv"
+    self_describing = orjson.dumps({"schema": LINK_CLICK, "data": {"targetUrl": "https://a.test/"}}).decode()
+    _, event = one(orjson.dumps(record(method="POST", path=IGLU, body=self_describing)))
+    assert event["unstruct_event"]["schema"] == LINK_CLICK
+
+
+def test_iglu_webhook_bad_input_is_a_typed_bad_row():
+    cases = {"adapter_failures": record(method="POST", path=IGLU, body='{"data": 1}'),
+             "schema_violations": record(path=IGLU, querystring="schema=" + urllib.parse.quote(LINK_CLICK) + "&x=1")}
+    for kind, raw in cases.items():
+        good, bad = enricher().process(orjson.dumps(raw))
+        assert good == [] and bad[0]["schema"].split("/")[1] == kind
+
+
 def test_non_utf8_body_arrives_base64_and_is_decoded():
     body = orjson.dumps({"schema": "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4",
                          "data": [{**BASE, "e": "pv", "page": "Caf\u00e9"}]})
