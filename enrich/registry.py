@@ -32,8 +32,11 @@ LATER_DRAFT_KEYWORDS = ("const", "contains", "propertyNames", "if", "then", "els
 _KEY = re.compile(r"^iglu:([a-zA-Z0-9\-_.]+)/([a-zA-Z0-9\-_]+)/([a-zA-Z0-9\-_]+)/([1-9][0-9]*|0)-(0|[1-9][0-9]*)-(0|[1-9][0-9]*)$")
 # Formats Iglu schemas use that fastjsonschema does not know; anything else unknown fails the lint
 # (fastjsonschema itself ignores an unknown format, so "emial" would validate anything).
+# "uri" is replaced: fastjsonschema's refuses schemes with "-", "+" or "." (android-app://...), which
+# RFC 3986 allows and the trackers send as deep-link referrers.
 FORMATS = {"uuid": r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
-           "date": r"^\d{4}-\d{2}-\d{2}$"}
+           "date": r"^\d{4}-\d{2}-\d{2}$",
+           "uri": r"^[a-zA-Z][a-zA-Z0-9+.\-]*:[^\s]*$"}
 KNOWN_FORMATS = frozenset(CodeGeneratorDraft04.FORMAT_REGEXS) | frozenset(FORMATS)
 
 

@@ -150,8 +150,74 @@ def test_embedded_registry_lints_clean_and_holds_the_tracker_and_shop_schemas():
                    "com.snowplowanalytics.snowplow/browser_context/jsonschema/2-0-0",
                    "com.clickshop/product_view/jsonschema/1-0-0", "com.clickshop/add_to_cart/jsonschema/1-0-0",
                    "com.clickshop/remove_from_cart/jsonschema/1-0-0", "com.clickshop/checkout_step/jsonschema/1-0-0",
-                   "com.clickshop/purchase/jsonschema/1-0-0", "com.clickshop/page_type/jsonschema/1-0-0"):
+                   "com.clickshop/purchase/jsonschema/1-0-0", "com.clickshop/page_type/jsonschema/1-0-0",
+                   "com.snowplowanalytics.snowplow/mobile_context/jsonschema/1-0-3",
+                   "com.snowplowanalytics.snowplow/desktop_context/jsonschema/1-0-0",
+                   "com.snowplowanalytics.mobile/screen/jsonschema/1-0-0",
+                   "com.snowplowanalytics.mobile/application/jsonschema/1-0-0",
+                   "com.snowplowanalytics.mobile/application_install/jsonschema/1-0-0",
+                   "com.snowplowanalytics.mobile/application_lifecycle/jsonschema/1-0-0",
+                   "com.snowplowanalytics.snowplow/application_foreground/jsonschema/1-0-0",
+                   "com.snowplowanalytics.snowplow/application_background/jsonschema/1-0-0",
+                   "com.snowplowanalytics.mobile/screen_end/jsonschema/1-0-0",
+                   "com.snowplowanalytics.mobile/screen_summary/jsonschema/1-0-0",
+                   "com.snowplowanalytics.mobile/deep_link_received/jsonschema/1-0-0",
+                   "com.snowplowanalytics.mobile/deep_link/jsonschema/1-0-0",
+                   "com.snowplowanalytics.snowplow/application_error/jsonschema/1-0-0",
+                   "com.snowplowanalytics.snowplow/application_error/jsonschema/1-0-1",
+                   "com.snowplowanalytics.snowplow/gdpr/jsonschema/1-0-0"):
         assert f"iglu:{needed}" in problems
+
+
+SP = "iglu:com.snowplowanalytics.snowplow/{}/jsonschema/{}"
+MOBILE = "iglu:com.snowplowanalytics.mobile/{}/jsonschema/{}"
+SCREEN_ID, OTHER_ID = "5e1c9b1e-8d0f-4a4e-9c55-0c4ef3a1d2b7", "0f6a2c3d-1b4e-4f5a-8c9d-7e6f5a4b3c2d"
+ANDROID = {"osType": "android", "osVersion": "14", "deviceManufacturer": "Google", "deviceModel": "Pixel 8",
+           "carrier": "Vodafone", "networkType": "mobile", "networkTechnology": "LTE", "androidIdfa": OTHER_ID,
+           "physicalMemory": 7834136576, "systemAvailableMemory": 3221225472, "batteryLevel": 82,
+           "batteryState": "charging", "availableStorage": 52613349376, "totalStorage": 118111600640,
+           "isPortrait": True, "resolution": "1080x2400", "scale": 2.625, "language": "en",
+           "appSetId": OTHER_ID, "appSetIdScope": "developer"}
+MAC = {"osType": "macos", "osVersion": "14.2.1", "deviceManufacturer": "Apple Inc.", "deviceModel": "MacBookPro18,3"}
+CRASH = {"programmingLanguage": "JAVA", "message": "Attempt to invoke virtual method on a null object reference",
+         "stackTrace": "java.lang.NullPointerException\n\tat com.clickshop.CartActivity.onCreate(CartActivity.kt:42)",
+         "threadName": "main", "threadId": 2, "lineNumber": 42, "className": "com.clickshop.CartActivity",
+         "exceptionName": "java.lang.NullPointerException", "isFatal": True}
+JS_ERROR = {"programmingLanguage": "JAVASCRIPT", "message": "Uncaught TypeError: cart is undefined",
+            "stackTrace": "TypeError: cart is undefined\n    at checkout (https://shop.test/app.js:12:7)",
+            "lineNumber": 12, "lineColumn": 7, "fileName": "https://shop.test/app.js"}
+DEEP_LINK = {"url": "clickshop://product/A-1?utm_source=newsletter", "referrer": "android-app://com.google.android.gm"}
+# (key, what the tracker sends, a payload Iglu Central refuses): Android/iOS defaults (platform, screen,
+# application, install, lifecycle, screen engagement, deep links, crash reporting) and the browser plugins'.
+TRACKER_DEFAULTS = (
+    (SP.format("mobile_context", "1-0-3"), ANDROID, {**ANDROID, "osVersion": 14}),
+    (SP.format("desktop_context", "1-0-0"), MAC, {**MAC, "osVersion": None}),
+    (MOBILE.format("screen", "1-0-0"), {"id": SCREEN_ID, "name": "CartActivity", "activity": "CartActivity"},
+     {"id": "screen-1", "name": "CartActivity"}),
+    (MOBILE.format("application", "1-0-0"), {"version": "2.3.1", "build": "231"}, {"version": "2.3.1", "build": 231}),
+    (MOBILE.format("application_install", "1-0-0"), {}, {"installTimestamp": 1700000000000}),
+    (MOBILE.format("application_lifecycle", "1-0-0"), {"isVisible": True, "index": 2}, {"isVisible": "true"}),
+    (SP.format("application_foreground", "1-0-0"), {"foregroundIndex": 3}, {"foregroundIndex": -1}),
+    (SP.format("application_background", "1-0-0"), {"backgroundIndex": 2}, {"backgroundIndex": "2"}),
+    (MOBILE.format("screen_end", "1-0-0"), {}, {"id": SCREEN_ID}),
+    (MOBILE.format("screen_summary", "1-0-0"), {"foreground_sec": 12.5, "background_sec": 0.0, "last_item_index": 7,
+                                                 "items_count": 40, "max_y_offset": 1200, "content_height": 3400},
+     {"foreground_sec": "12.5"}),
+    (MOBILE.format("deep_link_received", "1-0-0"), DEEP_LINK, {"referrer": DEEP_LINK["referrer"]}),
+    (MOBILE.format("deep_link", "1-0-0"), DEEP_LINK, {"url": "not a link"}),
+    (SP.format("application_error", "1-0-0"), CRASH, {**CRASH, "message": None}),
+    (SP.format("application_error", "1-0-1"), JS_ERROR, {**JS_ERROR, "lineColumn": "7"}),
+    (SP.format("gdpr", "1-0-0"), {"basisForProcessing": "consent", "documentId": "privacy-policy",
+                                  "documentVersion": "1.2", "documentDescription": None},
+     {"basisForProcessing": "legitimateInterests"}),
+)
+
+
+def test_tracker_default_schemas_accept_what_the_trackers_send():
+    resolver = Resolver()
+    for key, good, bad in TRACKER_DEFAULTS:
+        assert resolver.validate(key, good) == [], key
+        assert resolver.validate(key, bad) != [], key
 
 
 def test_shop_schemas_follow_the_contract():
