@@ -1,6 +1,7 @@
 """Batching producer with per-entry retries that never drops an entry silently."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -11,6 +12,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES, StreamBackend
 
 log = logging.getLogger(__name__)
+MAX_KEY_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,14 @@ class Undelivered:
     partition_key: str
     data: bytes
     reason: str
+
+
+def kinesis_key(key: str) -> str:
+    """``key`` as Kinesis takes it (1 to 256 characters): a longer or empty key becomes its hash, so
+    it still lands on one shard, instead of failing its whole PutRecords call on every retry."""
+    if 0 < len(key) <= MAX_KEY_CHARS:
+        return key
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def entry_size(partition_key: str, data: bytes) -> int:
@@ -65,6 +75,7 @@ class Producer:
         undelivered: list[Undelivered] = []
         valid = []
         for key, data in entries:
+            key = kinesis_key(key)
             if entry_size(key, data) > MAX_RECORD_BYTES:
                 undelivered.append(Undelivered(key, data, "record larger than 1 MiB"))
             else:

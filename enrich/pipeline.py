@@ -64,6 +64,9 @@ INTS = {"vid": "domain_sessionidx", "ti_qu": "ti_quantity", "pp_mix": "pp_xoffse
 DIMENSIONS = {"res": ("dvce_screenwidth", "dvce_screenheight"), "vp": ("br_viewwidth", "br_viewheight"),
               "ds": ("doc_width", "doc_height")}
 TIMESTAMPS = {"dtm": "dvce_created_tstamp", "stm": "dvce_sent_tstamp", "ttm": "true_tstamp"}
+# Identifier lengths of Snowplow's atomic event: these fields key streams (Kinesis partition keys
+# stop at 256 characters) and tables, so a longer value is a bad row, not a stalled shard.
+ID_LIMITS = {"domain_sessionid": 128, "domain_userid": 128, "network_userid": 128, "user_id": 255}
 FEATURES = {"f_pdf": "br_features_pdf", "f_qt": "br_features_quicktime", "f_realp": "br_features_realplayer",
             "f_wma": "br_features_windowsmedia", "f_dir": "br_features_director", "f_fla": "br_features_flash",
             "f_java": "br_features_java", "f_gears": "br_features_gears", "f_ag": "br_features_silverlight",
@@ -184,6 +187,10 @@ class Enricher:
         self._enrich(params, record, event)
         if self.hmac is not None:
             self._pseudonymise(event)
+        too_long = [badrows.message(name, event[name], f"at most {limit} characters")
+                    for name, limit in ID_LIMITS.items() if event[name] is not None and len(event[name]) > limit]
+        if too_long:
+            raise EventFailure("enrichment_failures", [{"enrichment": None, "message": m} for m in too_long])
         event["event_fingerprint"] = fingerprint(params, self.hmac)
         data = orjson.dumps(event)
         size = len(data)

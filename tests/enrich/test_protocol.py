@@ -206,6 +206,16 @@ def test_iglu_webhook_bad_input_is_a_typed_bad_row():
         assert good == [] and bad[0]["schema"].split("/")[1] == kind
 
 
+def test_identifiers_longer_than_snowplows_columns_are_bad_rows():
+    good, bad = enricher().process(get_record({**BASE, "e": "pv", "sid": "s" * 129, "tnuid": "n" * 129}))
+    assert good == [] and bad[0]["schema"].split("/")[1] == "enrichment_failures"
+    fields = [m["message"]["field"] for m in bad[0]["data"]["failure"]["messages"]]
+    assert fields == ["domain_sessionid"]                       # network_userid is a 64-digit pseudonym by then
+    good, bad = enricher(pseudonymisation=False).process(get_record({**BASE, "e": "pv", "tnuid": "n" * 129}))
+    assert good == [] and bad[0]["data"]["failure"]["messages"][0]["message"]["field"] == "network_userid"
+    assert len(one(get_record({**BASE, "e": "pv", "sid": "s" * 128}))[0]) == 128
+
+
 def test_non_utf8_body_arrives_base64_and_is_decoded():
     body = orjson.dumps({"schema": "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4",
                          "data": [{**BASE, "e": "pv", "page": "Caf\u00e9"}]})

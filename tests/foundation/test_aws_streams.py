@@ -76,6 +76,13 @@ def test_producer_returns_everything_when_the_stream_is_unreachable(aws_settings
     assert sorted(u.data for u in undelivered) == sorted(d for _, d in entries(30))
 
 
+def test_producer_hashes_keys_kinesis_would_refuse_instead_of_failing_the_call(aws_settings):
+    long_key = "s" * 300                                          # over Kinesis' 256 characters
+    producer = Producer(KinesisStream(aws.client("kinesis"), aws_settings.raw_stream), max_attempts=2, base_delay=0.01)
+    assert producer.send([(long_key, b"long-1"), ("ok", b"short"), (long_key, b"long-2"), ("", b"empty")]) == []
+    assert sorted(stream_contents(aws_settings)) == ["empty", "long-1", "long-2", "short"]
+
+
 def test_consumer_restart_loses_nothing_and_repeats_only_the_unconfirmed_batch(aws_settings):
     Producer(KinesisStream(aws.client("kinesis"), aws_settings.raw_stream)).send(entries(200))
     first = consumer_for(aws_settings, aws_settings.raw_stream, app="restart", lease_ms=1000, batch_limit=50)
