@@ -25,6 +25,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from common.leases import Lease, LeaseLost, LeaseTable, now_ms
 from common.streams import SHARD_END, Record, Shard, ShardReader, StreamBackend
 
@@ -50,6 +52,12 @@ class _Owned:
     reader: ShardReader
     position: str | None
     lease: Lease
+    read_at: float = 0.0            # monotonic time of the last GetRecords on this shard
+
+
+class ReadFailed(Exception):
+    """Every owned shard's read failed this round (throttling, a timeout); nothing was handed out and
+    each reader stays at its last record, so the caller backs off and polls again, state intact."""
 
 
 def default_worker_id() -> str:
@@ -59,7 +67,7 @@ def default_worker_id() -> str:
 class Consumer:
     def __init__(self, stream: StreamBackend, leases: LeaseTable, *, app: str = "app",
                  worker_id: str | None = None, lease_ms: int = 10_000, batch_limit: int = 1000,
-                 shard_refresh_s: float = 10.0,
+                 shard_refresh_s: float = 10.0, read_interval_s: float = 0.0,
                  start_after: Callable[[Lease], str | None] | None = None,
                  on_lost: Callable[[str], None] | None = None):
         self.stream = stream
@@ -69,6 +77,8 @@ class Consumer:
         self.lease_ms = lease_ms
         self.batch_limit = batch_limit
         self.shard_refresh_s = shard_refresh_s
+        # Kinesis allows 5 GetRecords per second per shard, shared by every app reading the stream.
+        self.read_interval_s = read_interval_s
         self.start_after = start_after or (lambda lease: lease.checkpoint)
         self.on_lost = on_lost
         self.owned: dict[str, _Owned] = {}
@@ -152,17 +162,28 @@ class Consumer:
     # ------------------------------------------------------------------ reading and checkpoints
 
     def poll(self) -> list[Batch]:
-        """One round: rebalance if due, then read one page from every owned shard.
+        """One round: rebalance if due, then read one page from every owned shard that was last read
+        at least ``read_interval_s`` ago.
 
         A shard whose read fails is skipped this round, its reader reopened after the last record
         handed out (whatever the failed call did to it), while the pages already read from the
         others are returned: raising would lose them, as their readers have moved on. Only when
-        every owned shard fails does the error reach the caller, to back off.
+        every shard read fails does ``ReadFailed`` reach the caller, to back off.
         """
         if time.monotonic() - self._balanced_at > self.lease_ms / 3000:
-            self.balance()
-        batches, failures, owned_now = [], [], list(self.owned.items())
-        for shard_id, owned in owned_now:
+            try:
+                self.balance()
+            except (BotoCoreError, ClientError) as exc:
+                # The lease table is throttled or away: keep reading what we hold, try again in a second.
+                log.warning("balancing leases failed, retrying: %s", exc)
+                self._balanced_at = time.monotonic() - self.lease_ms / 3000 + 1.0
+        batches, failures, due = [], [], []
+        now = time.monotonic()
+        for shard_id, owned in list(self.owned.items()):
+            if now - owned.read_at >= self.read_interval_s:
+                owned.read_at = now
+                due.append((shard_id, owned))
+        for shard_id, owned in due:
             try:
                 result = owned.reader.read(self.batch_limit)
             except Exception as exc:  # noqa: BLE001 - throttling, timeouts: any failure skips the shard
@@ -177,8 +198,8 @@ class Consumer:
             if result.records or result.shard_end:
                 batches.append(Batch(shard_id, result.records, result.millis_behind,
                                      result.shard_end, owned.position))
-        if failures and len(failures) == len(owned_now):
-            raise failures[-1]
+        if failures and len(failures) == len(due):
+            raise ReadFailed(f"every shard read failed: {failures[-1]}") from failures[-1]
         return batches
 
     def checkpoint(self, batch: Batch, meta: dict | None = None) -> None:

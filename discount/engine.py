@@ -15,7 +15,7 @@ from collections.abc import Callable
 from botocore.exceptions import BotoCoreError, ClientError
 
 from common import aws
-from common.consumer import Batch, Consumer, consumer_for
+from common.consumer import Batch, Consumer, ReadFailed, consumer_for
 from common.leases import LeaseLost
 from discount.metrics import Metrics
 from discount.offers import OfferTable, Outcome, Prediction, hour_of
@@ -57,7 +57,8 @@ class Engine:
 
     @classmethod
     def from_settings(cls, settings: DiscountSettings, metrics: Metrics, **kwargs) -> Engine:
-        consumer = consumer_for(settings, settings.predictions_stream, APP, batch_limit=settings.batch_limit)
+        consumer = consumer_for(settings, settings.predictions_stream, APP, batch_limit=settings.batch_limit,
+                                read_interval_s=settings.read_interval_s)
         offers = OfferTable(aws.client("dynamodb", settings.region), settings.offers_table,
                             budget_per_hour=settings.budget_per_hour, discount_percent=settings.discount_percent,
                             ttl_hours=settings.offer_ttl_hours)
@@ -158,7 +159,7 @@ class Engine:
             try:
                 if not self.step():
                     time.sleep(idle_sleep)
-            except (BotoCoreError, ClientError) as exc:
+            except (BotoCoreError, ClientError, ReadFailed) as exc:
                 # Reading or checkpointing failed: the checkpoint did not move, so nothing is lost.
                 log.warning("stream or lease call failed, retrying: %s", exc)
                 time.sleep(1.0)

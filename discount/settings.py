@@ -19,10 +19,12 @@ class DiscountSettings(AwsSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9104
     batch_limit: int = 500
+    read_interval_s: float = 0.25        # per shard; Kinesis allows 5 GetRecords/s per shard
     log_level: str = "INFO"
 
     def validate(self) -> None:
-        require_positive(self, "budget_per_hour", "discount_percent", "offer_ttl_hours", "batch_limit")
+        require_positive(self, "budget_per_hour", "discount_percent", "offer_ttl_hours", "batch_limit",
+                         "read_interval_s")
         for name in ("offer_threshold", "offer_ceiling"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"CLICKSTREAM_{name.upper()}: expected a probability within 0..1, "

@@ -37,7 +37,7 @@ def main() -> int:
         start_http_server(settings.metrics_port, addr=settings.metrics_host)
     kinesis = aws.client("kinesis", settings.region)
     consumer = consumer_for(settings, settings.raw_stream, "enrich", batch_limit=settings.batch_limit,
-                            lease_ms=settings.lease_ms)
+                            lease_ms=settings.lease_ms, read_interval_s=settings.read_interval_s)
     worker = Worker(Enricher(settings), consumer,
                     Producer(KinesisStream(kinesis, settings.enriched_stream)),
                     Producer(KinesisStream(kinesis, settings.bad_stream)), stop)

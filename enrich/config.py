@@ -37,6 +37,7 @@ class EnrichSettings(AwsSettings):
     ua_cache_size: int = 20_000
     max_event_bytes: int = 1_000_000   # an enriched event larger than this becomes a size_violation
     batch_limit: int = 500
+    read_interval_s: float = 0.25      # per shard; Kinesis allows 5 GetRecords/s per shard
     lease_ms: int = 10_000
     metrics_port: int = 0              # Prometheus /metrics; 0 = off
     metrics_host: str = "127.0.0.1"    # 0.0.0.0 in a container, so the scraper can reach it
@@ -44,7 +45,7 @@ class EnrichSettings(AwsSettings):
 
     def validate(self) -> None:
         require_positive(self, "registry_cache_ttl_s", "dedupe_window_s", "ua_cache_size", "max_event_bytes",
-                         "batch_limit", "lease_ms")
+                         "batch_limit", "lease_ms", "read_interval_s")
         if self.pseudonymisation and not self.pseudonymisation_key:
             raise ConfigError("CLICKSTREAM_PSEUDONYMISATION_KEY: required while pseudonymisation is on "
                               "(set a secret key, or CLICKSTREAM_PSEUDONYMISATION=false to turn it off)")

@@ -16,7 +16,7 @@ import time
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
-from common.consumer import Batch, Consumer
+from common.consumer import Batch, Consumer, ReadFailed
 from common.leases import LeaseLost
 from common.producer import Producer
 from common.streams import MAX_RECORD_BYTES
@@ -87,7 +87,7 @@ class Worker:
         while not self.stop.is_set():
             try:
                 batches = self.consumer.poll()
-            except (BotoCoreError, ClientError) as exc:
+            except (BotoCoreError, ClientError, ReadFailed) as exc:
                 # The stream or the lease table is unreachable for now: wait and try again, never exit.
                 failures += 1
                 log.warning("reading %s failed (%s); retrying", self.consumer.stream.name, exc)

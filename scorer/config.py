@@ -26,6 +26,7 @@ class ScorerSettings(AwsSettings):
     dedupe_window: int = 256            # event ids remembered per session to drop redeliveries
     prediction_ttl_hours: int = 24      # DynamoDB TTL (expires_at) of the latest prediction
     batch_limit: int = 1000             # records per GetRecords
+    read_interval_s: float = 0.4        # per shard; Kinesis' 5 reads/s are shared with the lake loader
     lease_ms: int = 10_000
     write_threads: int = 8              # parallel conditional puts into the predictions table
     reload_token: str = ""              # bearer token for POST /models/reload; empty = disabled
@@ -36,4 +37,4 @@ class ScorerSettings(AwsSettings):
             raise ConfigError(f"CLICKSTREAM_EMIT: expected one of {', '.join(EMIT_POLICIES)}, got {self.emit!r}")
         require_positive(self, "port", "model_poll_s", "emit_every_n", "flush_ms", "session_timeout_s",
                          "max_sessions", "dedupe_window", "prediction_ttl_hours", "batch_limit", "lease_ms",
-                         "write_threads")
+                         "write_threads", "read_interval_s")

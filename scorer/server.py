@@ -32,7 +32,7 @@ def build_worker(settings: ScorerSettings, models: Models) -> Worker:
 
     def make_consumer(**hooks):
         return consumer_for(settings, settings.enriched_stream, app="scorer", lease_ms=settings.lease_ms,
-                            batch_limit=settings.batch_limit, **hooks)
+                            batch_limit=settings.batch_limit, read_interval_s=settings.read_interval_s, **hooks)
     return Worker(settings, models, writer, make_consumer)
 
 

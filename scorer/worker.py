@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 import numpy as np
 import orjson
 
-from common.consumer import Batch, Consumer
+from common.consumer import Batch, Consumer, ReadFailed
 from common.features import FEATURE_VERSION, event_time_ms, features, session_key, step
 from common.leases import Lease, LeaseLost
 from common.streams import SHARD_END, Record, sequence_key
@@ -295,6 +295,10 @@ class Worker:
                 try:
                     if self.poll_once() == 0:
                         time.sleep(idle)
+                except ReadFailed as exc:
+                    # Nothing was handed out and the readers stay put: the sessions are still right.
+                    log.warning("reading the enriched stream failed, retrying: %s", exc)
+                    time.sleep(1.0)
                 except Exception:
                     log.exception("worker batch failed; dropping in-memory state and re-reading from the checkpoints")
                     self.restart()
@@ -307,9 +311,9 @@ class Worker:
     def restart(self) -> None:
         """Forget everything not checkpointed and take the shards again, as a fresh process would.
 
-        A failed read may have advanced a shard reader past records that were never folded, so
-        continuing could skip them; re-reading from the checkpoints (quietly up to "emitted up to")
-        cannot.
+        After an error mid-batch (a prediction write or checkpoint that failed, a bug) the sessions may
+        hold events whose predictions were never written; re-reading from the checkpoints (quietly up
+        to "emitted up to") rebuilds them exactly. A failed read comes not here but to ``ReadFailed``.
         """
         try:
             self.consumer.close()

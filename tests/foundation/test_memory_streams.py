@@ -1,10 +1,12 @@
 """Producer and consumer logic over the in-memory stream and lease table (no network)."""
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 
-from common.consumer import Consumer
+from common import consumer as consumer_module
+from common.consumer import Consumer, ReadFailed
 from common.leases import MemoryLeaseTable
 from common.producer import Producer, batches
 from common.streams import MAX_BATCH_BYTES, MAX_RECORD_BYTES, SHARD_END, MemoryStream
@@ -103,9 +105,32 @@ def test_poll_raises_when_every_shard_fails_so_the_caller_backs_off():
     plain = stream.reader
     stream.reader = lambda shard_id, after: FlakyReader(plain(shard_id, after), failures)
     consumer = Consumer(stream, leases, worker_id="a")
-    with pytest.raises(TimeoutError):
+    with pytest.raises(ReadFailed, match="read timed out"):
         consumer.poll()
     assert Counter(drain(consumer)) == Counter(r.data for r in stream.all_records())
+
+
+def test_reads_of_a_shard_are_paced_to_share_kinesis_read_limit(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(consumer_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    stream, leases = MemoryStream(shard_count=2), MemoryLeaseTable()
+    reads = Counter()
+    plain = stream.reader
+
+    def counted(shard_id, after):
+        reader = plain(shard_id, after)
+
+        class Counted:
+            def read(self, limit):
+                reads[shard_id] += 1
+                return reader.read(limit)
+        return Counted()
+    stream.reader = counted
+    consumer = Consumer(stream, leases, worker_id="a", read_interval_s=0.25)
+    for _ in range(10):                                     # a poll every 62.5 ms (exact in binary)
+        consumer.poll()
+        clock[0] += 0.0625
+    assert sorted(reads.values()) == [3, 3]                 # at 0, 0.25 and 0.5 s
 
 
 def test_unconfirmed_batch_is_redelivered():
