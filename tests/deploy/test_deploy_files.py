@@ -48,6 +48,18 @@ def resources(template: dict, kind: str) -> dict[str, dict]:
     return {name: r for name, r in template["Resources"].items() if r["Type"] == kind}
 
 
+def test_roles_that_read_models_may_list_the_bucket_so_a_missing_current_is_404_not_403(template):
+    readers = 0
+    for role in resources(template, "AWS::IAM::Role").values():
+        statements = [st for policy in role["Properties"].get("Policies", [])
+                      for st in policy["PolicyDocument"]["Statement"]]
+        gets = [st for st in statements if "s3:GetObject" in json.dumps(st["Action"]) and "models/" in json.dumps(st)]
+        if gets:
+            readers += 1
+            assert any(st["Action"] == "s3:ListBucket" and "Condition" not in st for st in statements), role
+    assert readers == 2                                                  # the scorer and the trainer
+
+
 def test_template_has_every_resource_the_pipeline_needs(template):
     streams = resources(template, "AWS::Kinesis::Stream")
     assert {s["Properties"]["Name"]["Fn::Sub"] for s in streams.values()} == {
