@@ -31,7 +31,7 @@ from common.cli import run_command
 from common.config import AwsSettings, require_positive
 from common.consumer import Consumer, ReadFailed, consumer_for
 from common.leases import Lease, LeaseLost
-from common.service import settings_or_exit, stop_on_signals
+from common.service import listening, settings_or_exit, stop_on_signals
 from common.streams import SHARD_END, Record, sequence_key
 
 log = logging.getLogger("batch.loader")
@@ -402,7 +402,8 @@ def main() -> int:
     stopping = stop_on_signals()
     loader = build(settings)
     if settings.lake_metrics_port:
-        serve_metrics(loader, settings.lake_metrics_port, settings.lake_metrics_host)
+        with listening("lake_metrics_host, lake_metrics_port", settings.lake_metrics_host, settings.lake_metrics_port):
+            serve_metrics(loader, settings.lake_metrics_port, settings.lake_metrics_host)
     log.info("lake loader started: %s and %s -> s3://%s", settings.enriched_stream, settings.bad_stream,
              settings.bucket)
     loader.run(stopping.is_set)

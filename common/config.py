@@ -65,6 +65,8 @@ def _read_file(path: Path | None) -> dict:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"CLICKSTREAM_CONFIG: file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"CLICKSTREAM_CONFIG: cannot read {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"CLICKSTREAM_CONFIG: {path} is not valid TOML: {exc}") from None
 
@@ -75,8 +77,11 @@ def load(cls, *, section: str | None = None, env: typing.Mapping[str, str] | Non
     env = os.environ if env is None else env
     file = file or env.get(ENV_PREFIX + "CONFIG") or None
     data = _read_file(Path(file) if file else None)
+    for name, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"CLICKSTREAM_CONFIG: {name} must be a [{name}] table of settings, got {table!r}")
     from_file = {**data.get("common", {}), **(data.get(section, {}) if section else {})}
-    values = {}
+    values, keys = {}, {}
     for field in dataclasses.fields(cls):
         kind = _field_kind(cls, field)
         env_key = ENV_PREFIX + field.name.upper()
@@ -84,13 +89,17 @@ def load(cls, *, section: str | None = None, env: typing.Mapping[str, str] | Non
         # a key name (port, host) can be set apart in one environment.
         section_key = f"{ENV_PREFIX}{section.upper().replace('-', '_')}_{field.name.upper()}" if section else None
         if field.name in overrides and overrides[field.name] is not None:
-            values[field.name] = _convert(field.name, overrides[field.name], kind)
+            keys[field.name], raw = field.name, overrides[field.name]
         elif section_key and section_key in env:
-            values[field.name] = _convert(section_key, env[section_key], kind)
+            keys[field.name], raw = section_key, env[section_key]
         elif env_key in env:
-            values[field.name] = _convert(env_key, env[env_key], kind)
+            keys[field.name], raw = env_key, env[env_key]
         elif field.name in from_file:
-            values[field.name] = _convert(f"[{section or 'common'}] {field.name}", from_file[field.name], kind)
+            keys[field.name], raw = f"[{section or 'common'}] {field.name}", from_file[field.name]
+        else:
+            continue
+        values[field.name] = _convert(keys[field.name], raw, kind)
+        _check_common_kinds(keys[field.name], field.name, values[field.name])
     unknown = set(from_file) - {f.name for f in dataclasses.fields(cls)} - set(data.get("common", {}))
     if unknown:
         raise ConfigError(f"[{section}] unknown key(s): {', '.join(sorted(unknown))}")
@@ -99,6 +108,17 @@ def load(cls, *, section: str | None = None, env: typing.Mapping[str, str] | Non
     if check:
         check()
     return settings
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _check_common_kinds(key: str, name: str, value: object) -> None:
+    """Checks every component needs for its ports and log level, named by the key that was set."""
+    if (name == "port" or name.endswith("_port")) and not 0 <= value <= 65535:
+        raise ConfigError(f"{key}: expected a port number from 0 to 65535, got {value!r}")
+    if name == "log_level" and str(value).upper() not in LOG_LEVELS:
+        raise ConfigError(f"{key}: expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
 
 
 def require_positive(settings, *names: str) -> None:

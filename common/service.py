@@ -4,6 +4,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 
 from common.config import ConfigError, load
 
@@ -14,6 +15,17 @@ def settings_or_exit(cls, section: str, **overrides):
         return load(cls, section=section, **overrides)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+@contextmanager
+def listening(keys: str, host: str, port: int):
+    """A server that cannot listen (port taken, unknown host) exits with one line naming the
+    settings to change, status 2, instead of a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        print(f"cannot listen on {host}:{port} ({keys}): {exc.strerror or exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

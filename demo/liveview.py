@@ -34,7 +34,7 @@ from common.cli import run_command
 from common.config import AwsSettings, ConfigError, require_positive
 from common.consumer import Consumer
 from common.leases import DynamoLeaseTable
-from common.service import settings_or_exit, stop_on_signals
+from common.service import listening, settings_or_exit, stop_on_signals
 from common.streams import KinesisShardReader, KinesisStream
 from demo.summary import TimedShardReader, model_info
 
@@ -82,8 +82,6 @@ class LiveViewSettings(AwsSettings):
         if self.sessions_kept < self.sessions_shown:
             raise ConfigError("CLICKSTREAM_SESSIONS_KEPT: must be at least CLICKSTREAM_SESSIONS_SHOWN "
                               f"({self.sessions_kept} < {self.sessions_shown})")
-        if not 0 <= self.port < 65536:
-            raise ConfigError(f"CLICKSTREAM_PORT: expected a port 0..65535, got {self.port}")
 
     def metrics_urls(self) -> dict[str, str]:
         return {"collector": self.collector_metrics_url, "enrich": self.enrich_metrics_url,
@@ -558,7 +556,8 @@ def main() -> int:
     settings = settings_or_exit(LiveViewSettings, "liveview")
     logs.setup(settings.log_level)
     stopping = stop_on_signals()
-    view = LiveView(settings).start()
+    with listening("host, port", settings.host, settings.port):
+        view = LiveView(settings).start()
     log.info("live view on %s (predictions from %s, model %s)", view.url, settings.predictions_stream,
              settings.model_name)
     stopping.wait()

@@ -25,6 +25,7 @@ import click
 
 from common import logs
 from common.config import AwsSettings, ConfigError, load
+from common.service import listening
 from demo import catalogue as cat
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,10 +38,6 @@ class WebSettings(AwsSettings):
     web_port: int = 8083
     shop_dir: Path = ROOT / "demo" / "shop"
     tracker_dir: Path = ROOT / "node_modules" / "@snowplow"
-
-    def validate(self) -> None:
-        if not 0 <= self.web_port < 65536:
-            raise ConfigError(f"CLICKSTREAM_WEB_PORT: expected a port 0..65535, got {self.web_port}")
 
 
 def catalogue_json() -> str:
@@ -122,7 +119,8 @@ def main(port: int | None) -> None:
         settings = load(WebSettings, section="web", web_port=port)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    server = ShopServer(settings)
+    with listening("web_host, web_port", settings.web_host, settings.web_port):
+        server = ShopServer(settings)
     # serve_forever runs in a thread so SIGTERM can call shutdown() from the main thread.
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

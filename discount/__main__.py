@@ -5,7 +5,7 @@ import logging
 
 from common import logs
 from common.cli import run_command
-from common.service import settings_or_exit, stop_on_signals
+from common.service import listening, settings_or_exit, stop_on_signals
 from discount.engine import Engine
 from discount.metrics import Metrics
 from discount.settings import DiscountSettings
@@ -24,7 +24,8 @@ def main() -> int:
     logs.setup(settings.log_level)
     stopping = stop_on_signals()
     metrics = Metrics()
-    server, port = metrics.serve(settings.metrics_host, settings.metrics_port)
+    with listening("metrics_host, metrics_port", settings.metrics_host, settings.metrics_port):
+        server, port = metrics.serve(settings.metrics_host, settings.metrics_port)
     engine = Engine.from_settings(settings, metrics, stop=stopping.is_set)
     log.info("discount engine reading %s; offers to %s; /metrics on %s:%d",
              settings.predictions_stream, settings.offers_table, settings.metrics_host, port)

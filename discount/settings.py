@@ -32,8 +32,6 @@ class DiscountSettings(AwsSettings):
         if self.offer_threshold > self.offer_ceiling:
             raise ConfigError("CLICKSTREAM_OFFER_THRESHOLD: must not be above CLICKSTREAM_OFFER_CEILING "
                               f"({self.offer_threshold} > {self.offer_ceiling})")
-        if not 0 <= self.metrics_port < 65536:
-            raise ConfigError(f"CLICKSTREAM_METRICS_PORT: expected a port 0..65535, got {self.metrics_port}")
 
 
 def load_settings(**overrides) -> DiscountSettings:

@@ -9,7 +9,7 @@ from common import aws, logs
 from common.cli import run_command
 from common.consumer import consumer_for
 from common.producer import Producer
-from common.service import settings_or_exit
+from common.service import listening, settings_or_exit
 from common.streams import KinesisStream
 from enrich.config import EnrichSettings
 from enrich.pipeline import Enricher
@@ -34,7 +34,8 @@ def main() -> int:
         signal.signal(signum, lambda *_: stop.set())
     if settings.metrics_port:
         from prometheus_client import start_http_server
-        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+        with listening("metrics_host, metrics_port", settings.metrics_host, settings.metrics_port):
+            start_http_server(settings.metrics_port, addr=settings.metrics_host)
     kinesis = aws.client("kinesis", settings.region)
     consumer = consumer_for(settings, settings.raw_stream, "enrich", batch_limit=settings.batch_limit,
                             lease_ms=settings.lease_ms, read_interval_s=settings.read_interval_s)

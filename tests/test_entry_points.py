@@ -6,6 +6,7 @@ local stack) when someone only asked what it does. The endpoint below points at 
 a command that starts work instead of answering fails or hangs instead of passing.
 """
 import os
+import socket
 import subprocess
 import sys
 
@@ -57,3 +58,19 @@ def test_aws_failures_are_one_clear_line(command, case, overrides, expected):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert expected in result.stderr.splitlines()[-1], result.stderr
+
+
+@pytest.mark.parametrize("module, port_key, host_key", [
+    ("discount", "CLICKSTREAM_METRICS_PORT", "metrics_host, metrics_port"),
+    ("demo.web", "CLICKSTREAM_WEB_PORT", "web_host, web_port"),
+])
+def test_a_server_that_cannot_listen_says_which_settings_in_one_line(module, port_key, host_key):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", port_key: str(port)}
+        result = subprocess.run([sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=60, check=False)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port} ({host_key})" in result.stderr and "Traceback" not in result.stderr

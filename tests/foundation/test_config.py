@@ -72,6 +72,33 @@ def test_missing_or_broken_file_is_named(tmp_path):
         load(Example, file=broken, env={})
 
 
+@dataclasses.dataclass(frozen=True)
+class Served:
+    port: int = 8080
+    metrics_port: int = 0
+    log_level: str = "INFO"
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"CLICKSTREAM_PORT": "70000"}, "CLICKSTREAM_PORT: expected a port number from 0 to 65535, got 70000"),
+    ({"CLICKSTREAM_WEB_METRICS_PORT": "-1"}, "CLICKSTREAM_WEB_METRICS_PORT: expected a port number"),
+    ({"CLICKSTREAM_LOG_LEVEL": "LOUD"}, "CLICKSTREAM_LOG_LEVEL: expected one of DEBUG, INFO, WARNING"),
+])
+def test_ports_and_log_levels_are_checked_for_every_component_naming_the_key_set(env, named):
+    with pytest.raises(ConfigError, match=named):
+        load(Served, section="web", env=env)
+    assert load(Served, env={"CLICKSTREAM_LOG_LEVEL": "debug", "CLICKSTREAM_PORT": "0"}).port == 0
+
+
+def test_a_config_path_that_is_a_folder_or_a_key_outside_a_table_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="CLICKSTREAM_CONFIG: cannot read"):
+        load(Example, env={"CLICKSTREAM_CONFIG": str(tmp_path)})
+    flat = tmp_path / "flat.toml"
+    flat.write_text("common = 5\n")
+    with pytest.raises(ConfigError, match=r"common must be a \[common\] table"):
+        load(Example, file=flat, env={})
+
+
 def test_a_section_variable_wins_over_the_shared_one():
     env = {"CLICKSTREAM_FLUSH_MS": "75", "CLICKSTREAM_EXAMPLE_FLUSH_MS": "20"}
     assert load(Example, section="example", env=env).flush_ms == 20
