@@ -14,8 +14,12 @@ from enrich.registry import EMBEDDED, Resolver, SchemaKey, SchemaKeyError, lint
 
 
 def _resolver(registries: str | None) -> Resolver:
-    specs = registries.split(",") if registries else load(EnrichSettings, section="enrich", pseudonymisation=False).registries
-    return Resolver.from_specs([spec.strip() for spec in specs if spec.strip()])
+    """The registries of --registries, else of the enricher's settings, checked as the enricher checks them."""
+    try:
+        settings = load(EnrichSettings, section="enrich", pseudonymisation=False, registries=registries)
+    except ConfigError as exc:
+        raise click.UsageError(f"config error: {exc}") from None
+    return Resolver.from_specs(settings.registries)
 
 
 @click.group()
@@ -75,7 +79,10 @@ def _key_of(path: Path) -> SchemaKey | None:
 @click.option("--registries", help="comma-separated registries (default: CLICKSTREAM_REGISTRIES or embedded)")
 def validate(schema_key: str, data: str, registries: str | None) -> None:
     """Validate DATA (JSON text, @file, or - for stdin) against SCHEMA_KEY."""
-    text = sys.stdin.read() if data == "-" else Path(data[1:]).read_text() if data.startswith("@") else data
+    try:
+        text = sys.stdin.read() if data == "-" else Path(data[1:]).read_text() if data.startswith("@") else data
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {data[1:]}: {exc.strerror or exc}") from None
     try:
         instance = orjson.loads(text)
         errors = _resolver(registries).validate(schema_key, instance)

@@ -33,6 +33,9 @@ class ScorerSettings(AwsSettings):
     log_level: str = "INFO"
 
     def validate(self) -> None:
+        if not (self.run_worker or self.run_api):
+            raise ConfigError("CLICKSTREAM_RUN_WORKER, CLICKSTREAM_RUN_API: both off leaves the scorer nothing to "
+                              "do; keep at least one (--worker or --api)")
         if self.emit not in EMIT_POLICIES:
             raise ConfigError(f"CLICKSTREAM_EMIT: expected one of {', '.join(EMIT_POLICIES)}, got {self.emit!r}")
         require_positive(self, "port", "model_poll_s", "emit_every_n", "flush_ms", "session_timeout_s",

@@ -5,6 +5,7 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
+from common.config import ConfigError
 from enrich.cli import cli
 from enrich.registry import EMBEDDED, FolderRegistry, HttpRegistry, Resolver, SchemaKey, SchemaKeyError, lint
 from localstack.emulator import free_port
@@ -293,6 +294,15 @@ def test_cli_lists_lints_and_validates(tmp_path):
     assert runner.invoke(cli, ["validate", key, '{"step": 2}', "--registries", "embedded"]).output == "valid\n"
     invalid = runner.invoke(cli, ["validate", key, '{"step": 9}', "--registries", "embedded"])
     assert invalid.exit_code == 1 and "invalid: data.step must be smaller than or equal to 4" in invalid.output
-    missing = runner.invoke(cli, ["validate", SIGNUP + "1-0-0", "{}", "--registries", f"embedded,{tmp_path}/none"])
+    (tmp_path / "empty").mkdir()
+    missing = runner.invoke(cli, ["validate", SIGNUP + "1-0-0", "{}", "--registries", f"embedded,{tmp_path}/empty"])
     assert missing.exit_code == 1 and "not found" in missing.output
 
+
+def test_cli_names_a_mistyped_registry_or_an_unreadable_data_file_in_one_line(tmp_path):
+    runner = CliRunner()
+    mistyped = runner.invoke(cli, ["schemas", "--registries", "embeded"])
+    assert mistyped.exit_code == 2 and "CLICKSTREAM_REGISTRIES: 'embeded' is neither" in mistyped.output
+    missing = runner.invoke(cli, ["validate", "iglu:com.clickshop/checkout_step/jsonschema/1-0-0", f"@{tmp_path}/none"])
+    assert missing.exit_code == 1 and f"cannot read {tmp_path}/none" in missing.output
+    assert not isinstance(mistyped.exception, ConfigError) and not isinstance(missing.exception, OSError)

@@ -24,3 +24,11 @@ def test_bad_values_name_the_key(key, value, words):
         load(ScorerSettings, section="scorer", env={key: value})
     for word in words:
         assert word in str(error.value)
+
+
+def test_a_scorer_with_neither_worker_nor_api_is_refused_rather_than_idle_forever():
+    with pytest.raises(ConfigError) as error:
+        load(ScorerSettings, section="scorer", env={}, run_worker=False, run_api=False)
+    words = ["CLICKSTREAM_RUN_WORKER", "CLICKSTREAM_RUN_API"]
+    for word in words:
+        assert word in str(error.value)
