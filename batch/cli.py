@@ -176,7 +176,10 @@ def _load_fix(spec: str | None) -> Callable[[dict | None, dict], dict | None] | 
     if not name:
         raise click.BadParameter("expected module:function", param_hint="--fix")
     sys.path.insert(0, str(Path.cwd()))
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise click.BadParameter(f"cannot load {spec}: {exc}", param_hint="--fix") from None
 
 
 def _rows_from_file(path: Path) -> Iterator[dict]:
@@ -205,11 +208,12 @@ def replay_bad_command(obj: dict, start: str | None, end: str | None, types: tup
     fix = _load_fix(fix_spec)
     rows = _rows_from_file(from_file) if from_file else (row for _, row in lake.read_bad(s3, settings.bucket,
                                                                                           start, end))
-    counts, entries = Counter(), []
+    counts, entries, seen_types = Counter(), [], Counter()
     for row in tqdm(rows, unit="row", desc="bad rows", file=sys.stderr):
         if not isinstance(row, dict) or not isinstance(row.get("data"), dict):
             counts["not replayable"] += 1            # not a bad row at all
             continue
+        seen_types[bad_row_type(row)] += 1
         if types and bad_row_type(row) not in types:
             continue
         raw = raw_record_of(row["data"].get("payload"))
@@ -219,6 +223,11 @@ def replay_bad_command(obj: dict, start: str | None, end: str | None, types: tup
             counts["not replayable" if not fix else "skipped by --fix"] += 1
             continue
         entries.append((raw.get("network_userid") or str(uuid.uuid4()), orjson.dumps(raw)))
+    found = ", ".join(f"{kind} ({n})" for kind, n in sorted(seen_types.items())) or "none"
+    if dry_run:
+        click.echo(f"bad rows by type: {found}")
+    for wanted in sorted(set(types) - set(seen_types)):
+        click.echo(f"no bad row of type {wanted!r}; types found: {found}", err=True)
     counts["replayed"] = 0 if dry_run else len(entries)
     if entries and not dry_run:
         stream = KinesisStream(aws.client("kinesis", settings.region), settings.raw_stream)

@@ -268,6 +268,13 @@ def test_replay_bad_puts_fixed_raw_records_into_the_raw_stream(aws_settings, s3)
 
     dry = _cli(aws_settings, "replay-bad", "--dry-run")
     assert "would replay 3 raw records" in dry.output and "1 not replayable" in dry.output
+    assert "bad rows by type: enrichment_failures (1), schema_violations (1), size_violation (1), " \
+           "tracker_protocol_violations (1)" in dry.output
+    typo = _cli(aws_settings, "replay-bad", "--dry-run", "--type", "schema_violation")
+    assert "would replay 0" in typo.output and "no bad row of type 'schema_violation'; types found:" in typo.output
+    for spec in ("nosuchmodule:fix", "tests.batch.test_lake:nosuchfix"):
+        wrong = _cli(aws_settings, "replay-bad", "--fix", spec)
+        assert wrong.exit_code == 2 and f"cannot load {spec}" in wrong.output
     result = _cli(aws_settings, "replay-bad", "--type", "schema_violations", "--type", "tracker_protocol_violations",
                   "--fix", "tests.batch.test_lake:fix_useragent")
     assert result.exit_code == 0, result.output
