@@ -290,7 +290,7 @@ def erase_command(obj: dict, pseudonyms: tuple[str, ...], from_file, start: str 
 
 def main() -> None:
     try:
-        code = lake_cli.main(prog_name="lake", standalone_mode=False)
+        code = lake_cli.main(prog_name="python -m batch.cli", standalone_mode=False)
         code = code if isinstance(code, int) else 0
     except click.exceptions.Exit as exc:
         code = exc.exit_code

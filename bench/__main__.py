@@ -21,7 +21,7 @@ SUITES = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmarks, each side by side with its baseline.")
+    parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks, each side by side with its baseline.")
     parser.add_argument("suites", nargs="*", help=f"which to run (default all): {', '.join(SUITES)}")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     parser.add_argument("--report", type=Path, default=Path("bench/report.md"))

@@ -175,7 +175,8 @@ class Consumer:
                 self.balance()
             except (BotoCoreError, ClientError) as exc:
                 # The lease table is throttled or away: keep reading what we hold, try again in a second.
-                log.warning("balancing leases failed, retrying: %s", exc)
+                log.warning("balancing leases in table %s failed, retrying: %s",
+                            getattr(self.leases, "table", "(in memory)"), exc)
                 self._balanced_at = time.monotonic() - self.lease_ms / 3000 + 1.0
         batches, failures, due = [], [], []
         now = time.monotonic()

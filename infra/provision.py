@@ -138,6 +138,7 @@ def wait_for_endpoint(settings: ProvisionSettings, timeout: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        prog="python -m infra.provision",
         description="Create the clickstream streams, bucket and tables (idempotent). "
                     "Settings: CLICKSTREAM_* environment variables or the [provision] section of CLICKSTREAM_CONFIG.")
     parser.add_argument("--wait", type=float, default=30, help="seconds to wait for the endpoint (default 30)")

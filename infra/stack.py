@@ -182,8 +182,10 @@ def status() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Start, stop or inspect the local clickstream stack.")
-    parser.add_argument("action", choices=["up", "down", "status"])
+    parser = argparse.ArgumentParser(prog="python -m infra.stack", description="Start, stop or inspect the local clickstream stack.")
+    parser.add_argument("action", choices=["up", "down", "status"],
+                        help="up: start the emulator (127.0.0.1:4566), provision, start every component; "
+                             "down: stop them all; status: each process, its pid and whether it answers its health check")
     args = parser.parse_args(argv)
     {"up": up, "down": down, "status": status}[args.action]()
     return 0
