@@ -37,7 +37,8 @@ log = logging.getLogger("batch.train")
 LABEL = ("1 when the session has a purchase (shop purchase event or transaction) after this prefix; "
          "prefixes end before the first purchase")
 EVENT_STEPS = ["sync", "features", "fit", "evaluate", "export", "parity", "publish"]
-ID_COLUMNS = ["session_id", "event_id", "event_time_ms", "label"]
+# session_start_ms: the champion gate keeps only the evaluation sessions CURRENT did not train on.
+ID_COLUMNS = ["session_id", "event_id", "event_time_ms", "session_start_ms", "label"]
 
 
 def load_window(spark, settings: TrainSettings, window: Window, steps: Steps | None = None) -> DataFrame:
@@ -114,6 +115,8 @@ def _summary(result: TrainResult, outcome: dict | None) -> str:
     if outcome:
         where = "CURRENT moved to it" if outcome["promoted"] else "CURRENT not moved: " + "; ".join(outcome["reasons"])
         lines.append(f"published version {outcome['version']}; {where}")
+        if (outcome.get("champion") or {}).get("note"):
+            lines.append(f"champion {outcome['champion']['version']}: {outcome['champion']['note']}")
     return "\n".join(lines)
 
 
@@ -134,6 +137,12 @@ def run_events(settings: TrainSettings, *, publish_model: bool = True) -> tuple[
         steps.close()
 
 
+def check_folds(cv: int) -> None:
+    """--cv: 0 is off; one fold would have nothing to train on, and Spark's error would not say so."""
+    if cv != 0 and cv < 2:
+        raise ConfigError(f"--cv: expected 0 (no cross-validation) or at least 2 folds, got {cv}")
+
+
 @click.command(cls=AwsCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="feature-table mode: train from this CSV or Parquet table instead of the lake")
@@ -142,7 +151,7 @@ def run_events(settings: TrainSettings, *, publish_model: bool = True) -> tuple[
 @click.option("--categorical", multiple=True, help="numeric column of --table to one-hot encode (repeatable)")
 @click.option("--missing", type=click.Choice(["drop", "impute"]), default="drop", show_default=True,
               help="rows of --table with missing values: drop them, or impute medians")
-@click.option("--cv", type=int, default=0, help="k-fold cross-validation report for --table (0: none)")
+@click.option("--cv", type=int, default=0, help="k-fold cross-validation report for --table (0: none, else k >= 2)")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="also write the bundle (model.onnx, model.json, report.html) to this folder")
 @click.option("--publish/--no-publish", "publish_model", default=None,
@@ -156,6 +165,7 @@ def main(table, label_column, drop, categorical, missing, cv, out, publish_model
     logs.setup()
     try:
         settings = load(TrainSettings, section="train", **overrides)
+        check_folds(cv)
         if table:
             if not label_column:
                 raise click.UsageError("--table needs --label COLUMN")
@@ -163,8 +173,10 @@ def main(table, label_column, drop, categorical, missing, cv, out, publish_model
                                               missing=missing, cv=cv, publish_model=bool(publish_model))
         else:
             result, outcome = run_events(settings, publish_model=publish_model is not False)
+        if not result.parity.passed:        # not publishing: publish() did not get to refuse it
+            raise ParityError(result.parity.message())
     except ParityError as exc:
-        click.echo(f"train: refused to publish: {exc}", err=True)
+        click.echo(f"train: refused the model (nothing published or written): {exc}", err=True)
         sys.exit(3)
     except (TrainError, ExportError, ConfigError) as exc:
         click.echo(f"train: error: {exc}", err=True)

@@ -91,14 +91,15 @@ def build_examples(events: DataFrame, gap_minutes: int = 30) -> DataFrame:
 
 
 def without_open_sessions(examples: DataFrame, gap_minutes: int) -> DataFrame:
-    """Leave out the sessions that had not bought and were active within ``gap_minutes`` of the
-    newest event: they may still buy, so their label is not known yet (a window ending today, the
-    default, holds many of them)."""
+    """Leave out the sessions active within ``gap_minutes`` of the newest event: those that have not
+    bought may still buy, so their label is not known yet (a window ending today, the default, holds
+    many of them). Buyers go too: keeping only them would make the latest sessions, all in the
+    evaluation set, look likelier to buy than they are."""
     newest = examples.agg(F.max("event_time_ms")).first()[0]
     if newest is None:
         return examples
-    last = examples.groupBy("session_id").agg(F.max("event_time_ms").alias("_last"), F.max("label").alias("_bought"))
-    still_open = last.filter((F.col("_bought") == 0) & (F.col("_last") > newest - gap_minutes * 60_000))
+    last = examples.groupBy("session_id").agg(F.max("event_time_ms").alias("_last"))
+    still_open = last.filter(F.col("_last") > newest - gap_minutes * 60_000)
     return examples.join(still_open.select("session_id"), "session_id", "left_anti")
 
 

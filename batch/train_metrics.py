@@ -57,7 +57,11 @@ def choose_threshold(y, p, objective: str = "f1", target_precision: float = 0.5)
         best = int(reaching[0]) if len(reaching) else int(np.argmax(precision))
     else:
         raise ValueError(f"threshold objective must be f1 or precision, got {objective!r}")
-    return {"objective": objective, "threshold": float(thresholds[best]), "precision": float(precision[best]),
+    # Halfway down to the next lower score: the same rows pass, and a row tied at the chosen score
+    # still passes when serving computes it a float32 step lower (the scorer's fused trees can).
+    lower = p[p < thresholds[best]]
+    threshold = (thresholds[best] + (lower.max() if len(lower) else 0.0)) / 2
+    return {"objective": objective, "threshold": float(threshold), "precision": float(precision[best]),
             "recall": float(recall[best]), "f1": float(f1[best]),
             **({"target_precision": target_precision} if objective == "precision" else {})}
 

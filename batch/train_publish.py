@@ -3,16 +3,21 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import numpy as np
+import pandas as pd
 
 from batch import export, report_html
 from batch.train_config import TrainSettings
 from batch.train_metrics import evaluate
 from batch.train_model import TrainResult
 from common import registry
+from common.features import FEATURE_NAMES, FEATURE_VERSION
 
 log = logging.getLogger(__name__)
+# Fewer evaluation rows CURRENT has not trained on than this: the AUCs are too noisy to compare.
+MIN_COMPARABLE_ROWS = 100
 
 
 class ParityError(export.ExportError):
@@ -20,22 +25,57 @@ class ParityError(export.ExportError):
 
 
 def champion(s3, settings: TrainSettings, result: TrainResult) -> dict | None:
-    """The CURRENT model scored on the challenger's evaluation rows (same rows, same metric)."""
+    """CURRENT scored on the challenger's evaluation rows it did not train on (same rows, same metric)."""
     try:
         bundle = registry.load(s3, settings.bucket, settings.model_name)
     except LookupError:
         return None
-    names = [f["name"] for f in result.meta["features"]]
     info = {"version": bundle.version, "roc_auc": None}
     if bundle.meta.get("feature_version") != result.meta["feature_version"] or \
-            [f["name"] for f in bundle.meta.get("features", [])] != names:
-        info["note"] = (f"not comparable: feature version {bundle.meta.get('feature_version')!r} "
-                        f"vs {result.meta['feature_version']!r}")
-        return info
-    rows = result.eval_rows
-    p = export.onnx_probabilities(bundle.onnx, rows[names].to_numpy(dtype=np.float64))
-    info["roc_auc"] = evaluate(rows["label"], p)["roc_auc"]
-    return info
+            _feature_names(bundle.meta) != _feature_names(result.meta):
+        return info | {"features_differ": True, "note": (
+            f"not comparable: feature version {bundle.meta.get('feature_version')!r} "
+            f"vs {result.meta['feature_version']!r}")}
+    rows, note = unseen_rows(result.eval_rows, bundle.meta)
+    if note and (len(rows) < MIN_COMPARABLE_ROWS or rows["label"].nunique() < 2):
+        return info | {"rows": len(rows), "note": (
+            f"not comparable: {note}, too few (or of one label) to compare AUCs; "
+            "the challenger is gated on the floor and parity alone")}
+    p = export.onnx_probabilities(bundle.onnx, rows[_feature_names(result.meta)].to_numpy(dtype=np.float64))
+    info.update(roc_auc=evaluate(rows["label"], p)["roc_auc"], rows=len(rows))
+    return info | ({"note": note} if note else {})
+
+
+def _feature_names(meta: dict) -> list[str]:
+    return [f["name"] for f in meta.get("features", [])]
+
+
+def unseen_rows(rows: pd.DataFrame, champion_meta: dict) -> tuple[pd.DataFrame, str | None]:
+    """The evaluation rows from sessions that started at or after CURRENT's own time split: a wider or
+    earlier window reaches back into the sessions CURRENT trained on, where its AUC is in-sample.
+    Every row, and no note, when none was dropped or CURRENT records no split (table mode)."""
+    split_at = (champion_meta.get("training_window") or {}).get("split_at_ms")
+    if split_at is None or "session_start_ms" not in rows:
+        return rows, None
+    kept = rows[rows["session_start_ms"] >= split_at]
+    if len(kept) == len(rows):
+        return rows, None
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(split_at / 1000))
+    return kept, (f"{len(kept)} of {len(rows)} evaluation rows are from sessions starting at or after "
+                  f"CURRENT's training split ({when})")
+
+
+def not_the_scorers_features(result: TrainResult, settings: TrainSettings) -> str | None:
+    """Why a model may not become CURRENT of the name the scorers serve: they compute only
+    ``common.features``, and would refuse it (a table model under the default name, say)."""
+    if settings.model_name != registry.DEFAULT_MODEL:
+        return None
+    version, names = result.meta.get("feature_version"), _feature_names(result.meta)
+    if version == FEATURE_VERSION and names == list(FEATURE_NAMES):
+        return None
+    return (f"its features (feature_version {version!r}) are not the scorers' ({FEATURE_VERSION!r}, "
+            f"common.features): {registry.DEFAULT_MODEL!r} is the name the scorers serve, so it is never made "
+            f"CURRENT automatically; publish it under its own --model-name")
 
 
 def decide(result: TrainResult, current: dict | None, settings: TrainSettings) -> tuple[bool, list[str]]:
@@ -46,9 +86,12 @@ def decide(result: TrainResult, current: dict | None, settings: TrainSettings) -
         reasons.append(result.parity.message())
     if auc < settings.auc_floor:
         reasons.append(f"ROC AUC {auc:.4f} is below the floor {settings.auc_floor}")
-    if current and current.get("note"):
-        # Other features (a table model, or a new feature version): the scorers serving CURRENT would
-        # refuse it, so moving CURRENT is a deliberate step, taken once scorers compute these features.
+    foreign = not_the_scorers_features(result, settings)
+    if foreign:
+        reasons.append(foreign)
+    elif current and current.get("features_differ"):
+        # Other features (a new feature version): the scorers serving CURRENT would refuse it, so
+        # moving CURRENT is a deliberate step, taken once scorers compute these features.
         reasons.append(f"its features differ from CURRENT {current['version']}'s ({current['note']}); "
                        f"promote it by hand (python -m batch.registry promote VERSION) once the scorers "
                        f"compute these features")

@@ -6,8 +6,8 @@ very same functions inside Spark (``applyInPandas``), so online and offline feat
 
 Rules that keep the model honest:
 - No personal data: only counts, amounts, durations and coarse categories.
-- Purchases (the label) never reach the features: a purchase or transaction event sets
-  ``state.purchased`` and nothing else.
+- Purchases (the label) never reach the features: a purchase or transaction event, or the order
+  confirmation page, sets ``state.purchased`` and nothing else.
 - Categorical inputs are plain numeric columns (one-hot or ordinal), so exported trees never see a
   Spark categorical split (the ONNX converter reads those wrongly).
 - Memory per session is bounded whatever its length (distinct products are capped).
@@ -133,20 +133,28 @@ def self_describing(event: dict) -> tuple[str, dict]:
 
 
 def is_purchase(event: dict) -> bool:
+    """The order is placed: a purchase or transaction event, or the order confirmation page, which
+    exists only once the order does (the shop sends its view before the purchase event)."""
     if event.get("event") in ("transaction", "transaction_item"):
         return True
+    if event.get("event") == "page_view":
+        return _page_context(event) == "confirmation"
     name, _ = self_describing(event)
     return name == "purchase" and event.get("event_vendor", SHOP_VENDOR) == SHOP_VENDOR
 
 
-def page_type(event: dict) -> str:
+def _page_context(event: dict) -> str | None:
+    """The shop's page_type context's type, if the event carries one."""
     for context in event.get("contexts") or ():
         if context.get("schema", "").startswith(f"iglu:{SHOP_VENDOR}/page_type/"):
-            kind = (context.get("data") or {}).get("type")
-            if kind in _PAGE_INDEX:
-                return kind
-            if kind == "confirmation":
-                return "checkout"
+            return (context.get("data") or {}).get("type")
+    return None
+
+
+def page_type(event: dict) -> str:
+    kind = _page_context(event)
+    if kind in _PAGE_INDEX:
+        return kind
     path = event.get("page_urlpath") or "/"
     if path == "/":
         return "home"
@@ -298,7 +306,9 @@ def session_features(events) -> list[list[float]]:
 
 
 def session_key(event: dict) -> str:
-    """The session an event belongs to: its session id, else its user, else itself. Never the nil
-    user id of SP-Anonymous hits, which would make every anonymous visitor one session."""
-    user = event.get("network_userid")
-    return event.get("domain_sessionid") or (user if user != NIL_USER else None) or event["event_id"]
+    """The session an event belongs to: its session id, else its user (the tracker's cookie id, else
+    the collector's), else itself, as training sessionises. Never the nil user id of SP-Anonymous
+    hits, which would make every anonymous visitor one session."""
+    network = event.get("network_userid")
+    return (event.get("domain_sessionid") or event.get("domain_userid")
+            or (network if network != NIL_USER else None) or event["event_id"])

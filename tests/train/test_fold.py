@@ -16,7 +16,7 @@ from batch.train_features import examples_of, records, session_examples
 from batch.train_lake import TrainError
 from batch.train_metrics import calibration, choose_threshold, evaluate, lift_top_decile
 from batch.train_table import folds, prepare
-from common.features import FEATURE_NAMES, MAX_TRACKED_PRODUCTS, SessionState, step
+from common.features import FEATURE_NAMES, MAX_TRACKED_PRODUCTS, NIL_USER, SessionState, parse_ms, session_key, step
 from tests.train import synth
 
 TELL_TALE = 987654.25
@@ -84,6 +84,31 @@ def test_purchase_never_reaches_the_features():
     assert frame["event_id"].tolist() == [e["event_id"] for e in events[:purchase_at]]
 
 
+def test_the_order_confirmation_page_ends_the_examples_like_the_purchase_it_precedes():
+    rng = random.Random(5)
+    events = synth.session_events(rng, 1_795_000_000_000, buyer=True)
+    purchase_at = next(i for i, e in enumerate(events) if e["event_name"] == "purchase")
+    session = synth.Session(rng, 1_795_000_000_000)
+    confirmation = session.page("/checkout/done", "confirmation")      # the shop's "thank you" page view
+    just_before = synth.iso(parse_ms(events[purchase_at]["derived_tstamp"]) - 1)
+    confirmation.update(domain_sessionid=events[0]["domain_sessionid"], derived_tstamp=just_before,
+                        collector_tstamp=just_before)
+    events.insert(purchase_at, confirmation)
+    frame = session_examples(_as_lake_frame(events))
+    assert frame["event_id"].tolist() == [e["event_id"] for e in events[:purchase_at]]
+    state = SessionState()
+    for event in events[:purchase_at + 1]:
+        step(state, event)
+    assert state.purchased and state.events == purchase_at             # the scorer stops scoring there too
+
+
+def test_a_session_without_tracker_session_id_is_keyed_by_its_cookie_id_as_training_does():
+    event = {"event_id": "e1", "domain_sessionid": None, "domain_userid": "d" * 64, "network_userid": "n" * 64}
+    assert session_key(event) == "d" * 64
+    assert session_key({**event, "domain_userid": None}) == "n" * 64
+    assert session_key({**event, "domain_userid": None, "network_userid": NIL_USER}) == "e1"
+
+
 def test_records_drop_duplicates_and_turn_missing_into_none():
     rng = random.Random(8)
     events = synth.session_events(rng, 1_795_000_000_000, buyer=False)
@@ -135,7 +160,11 @@ def test_threshold_objectives():
     p = np.array([.1, .2, .3, .4, .8, .9])
     assert choose_threshold(y, p, "f1")["f1"] == pytest.approx(6 / 7)
     strict = choose_threshold(y, p, "precision", target_precision=1.0)
-    assert strict["threshold"] == pytest.approx(0.8) and strict["precision"] == 1.0
+    assert strict["precision"] == 1.0
+    # Halfway between the lowest passing score (0.8) and the next (0.4): a 0.8 computed one float32
+    # step lower when served is still a buy, and no row changes side.
+    assert strict["threshold"] == pytest.approx(0.6)
+    assert np.float32(0.8) - np.spacing(np.float32(0.8)) >= strict["threshold"]
     with pytest.raises(ValueError, match="f1 or precision"):
         choose_threshold(y, p, "recall")
 

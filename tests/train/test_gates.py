@@ -1,17 +1,51 @@
 """The promotion gates on their own (no Spark): which published versions may move CURRENT."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from batch import export
 from batch.export import Parity
 from batch.train_config import TrainSettings
+from batch.train_metrics import evaluate
 from batch.train_model import TrainResult
-from batch.train_publish import decide
+from batch.train_publish import champion, decide
+from common.features import FEATURE_NAMES, FEATURE_VERSION
+from tests.scorer.helpers import logistic_onnx, model_meta
+from tests.scorer.helpers import publish as publish_bundle
+
+SPLIT_AT = 1_795_000_000_000        # CURRENT's training split (session start, epoch ms)
 
 
-def result(auc: float, parity: bool = True) -> TrainResult:
-    return TrainResult(None, b"", {"metrics": {"roc_auc": auc}}, pd.DataFrame(), Parity(parity, 0.0, 100, 1e-5))
+def result(auc: float, parity: bool = True, rows: pd.DataFrame | None = None, **meta) -> TrainResult:
+    """A challenger with the scorers' event features unless ``meta`` says otherwise."""
+    meta = {"metrics": {"roc_auc": auc}, "feature_version": FEATURE_VERSION,
+            "features": [{"name": name, "type": "float"} for name in FEATURE_NAMES], **meta}
+    return TrainResult(None, b"", meta, pd.DataFrame() if rows is None else rows, Parity(parity, 0.0, 100, 1e-5))
+
+
+def eval_rows(seen: int, unseen: int, seed: int = 3) -> pd.DataFrame:
+    """Evaluation rows whose labels CURRENT (logistic_onnx) ranks perfectly on the sessions it trained
+    on (starting before SPLIT_AT) and at random on the others."""
+    rng = np.random.default_rng(seed)
+    rows = pd.DataFrame(rng.gamma(1.0, 2.0, (seen + unseen, len(FEATURE_NAMES))), columns=list(FEATURE_NAMES))
+    p = export.onnx_probabilities(logistic_onnx(), rows.to_numpy())
+    rows["session_start_ms"] = np.where(np.arange(len(rows)) < seen, SPLIT_AT - 60_000, SPLIT_AT + 60_000)
+    rows["label"] = np.where(np.arange(len(rows)) < seen, p > np.median(p[:seen]) if seen else 0,
+                             rng.random(len(rows)) < 0.3).astype(int)
+    return rows
+
+
+@pytest.fixture
+def registry_with_current(aws_settings):
+    """A bucket whose CURRENT is logistic_onnx() trained on the sessions that started before SPLIT_AT."""
+    from common import aws
+
+    settings = TrainSettings(bucket=aws_settings.bucket)
+    meta = model_meta(settings.model_name, "v1", training_window={"split_at_ms": SPLIT_AT})
+    publish_bundle(aws.client("s3"), settings.bucket, settings.model_name, "v1", logistic_onnx(), meta)
+    return aws.client("s3"), settings
 
 
 def test_a_better_model_with_the_same_features_moves_current():
@@ -27,9 +61,40 @@ def test_floor_margin_and_parity_each_keep_current():
 
 
 def test_a_model_with_other_features_than_current_is_not_promoted():
-    current = {"version": "v1", "roc_auc": None, "note": "not comparable: feature version '1' vs 'table-abc'"}
+    current = {"version": "v1", "roc_auc": None, "features_differ": True,
+               "note": "not comparable: feature version '1' vs 'table-abc'"}
     promote, [reason] = decide(result(0.99), current, TrainSettings())
     assert not promote and "CURRENT v1" in reason and "table-abc" in reason and "batch.registry promote" in reason
+
+
+def test_the_champion_is_scored_only_on_sessions_it_did_not_train_on(registry_with_current):
+    s3, settings = registry_with_current
+    rows = eval_rows(seen=300, unseen=200)
+    info = champion(s3, settings, result(0.55, rows=rows))
+    unseen = rows[rows["session_start_ms"] >= SPLIT_AT]
+    expected = evaluate(unseen["label"], export.onnx_probabilities(logistic_onnx(), unseen[list(FEATURE_NAMES)]))
+    assert info["rows"] == 200 and info["roc_auc"] == pytest.approx(expected["roc_auc"])
+    assert info["roc_auc"] < 0.7 and "200 of 500 evaluation rows" in info["note"]     # in-sample it would be ~0.9
+    # a CURRENT that records no split (table mode) is scored on every row, as before
+    publish_bundle(s3, settings.bucket, settings.model_name, "v2", logistic_onnx(), model_meta(settings.model_name, "v2"))
+    assert champion(s3, settings, result(0.55, rows=rows))["rows"] == 500
+
+
+def test_too_few_unseen_rows_leave_the_challenger_to_the_floor_and_parity(registry_with_current):
+    s3, settings = registry_with_current
+    challenger = result(0.70, rows=eval_rows(seen=300, unseen=40))
+    info = champion(s3, settings, challenger)
+    assert info["roc_auc"] is None and info["note"].startswith("not comparable: 40 of 340 evaluation rows")
+    assert "floor and parity alone" in info["note"]
+    assert decide(challenger, info, settings) == (True, [])
+    assert decide(result(0.55, rows=challenger.eval_rows), info, settings)[0] is False      # the floor still holds
+
+
+def test_a_table_model_never_becomes_current_of_the_scorers_model_name():
+    table = result(0.95, feature_version="table-0123456789ab", features=[{"name": "PageValues", "type": "float"}])
+    promote, [reason] = decide(table, None, TrainSettings())
+    assert not promote and "'buy-propensity' is the name the scorers serve" in reason and "--model-name" in reason
+    assert decide(table, None, TrainSettings(model_name="shoppers")) == (True, [])
 
 
 def test_rollback_walks_back_through_the_moves_and_a_second_rollback_does_not_undo_the_first(aws_settings):

@@ -12,7 +12,7 @@ import pytest
 from batch.train import load_window
 from batch.train_features import _as_millis, build_examples, order, require_trainable, sessionise
 from batch.train_lake import TrainError, Window
-from common.features import FEATURE_NAMES, SessionState, event_time_ms, features, step
+from common.features import FEATURE_NAMES, SessionState, event_time_ms, features, is_purchase, step
 from tests.train import synth
 from tests.train.conftest import START, fast_settings
 
@@ -29,14 +29,15 @@ def test_offline_rows_equal_the_online_fold_event_by_event(spark, lake_dir, even
     by_session = defaultdict(list)
     for event in events:
         by_session[event["domain_sessionid"]].append(event)
-    prefixes = {sid: list(itertools.takewhile(lambda e: e["event_name"] != "purchase", sorted(session, key=order)))
+    prefixes = {sid: list(itertools.takewhile(lambda e: not is_purchase(e), sorted(session, key=order)))
                 for sid, session in by_session.items()}
     newest = max(event_time_ms(e) for prefix in prefixes.values() for e in prefix)
-    expected_rows, expected_keys, still_open = [], [], 0
+    expected_rows, expected_keys, still_open, open_buyers = [], [], 0, 0
     for session_id, session in by_session.items():
-        bought = any(e["event_name"] == "purchase" for e in session)
-        if not bought and event_time_ms(prefixes[session_id][-1]) > newest - 30 * 60_000:
+        bought = any(is_purchase(e) for e in session)
+        if event_time_ms(prefixes[session_id][-1]) > newest - 30 * 60_000:
             still_open += 1                                # may yet buy: no label, so no examples
+            open_buyers += bought                          # left out too, or recent sessions look keener
             continue
         state = SessionState()
         for event in prefixes[session_id]:                 # as the scorer would see them, one by one
@@ -59,13 +60,15 @@ def test_sessions_without_tracker_id_split_after_30_minutes_of_inactivity(spark,
     evening = synth.session_events(rng, origin + 6 * 3_600_000, buyer=True, session_id="", user="u" * 64)
     for event in morning + evening:
         event["domain_sessionid"] = None
-    root = synth.write_lake_dir(tmp_path, morning + evening)
+    later = synth.session_events(rng, origin + 9 * 3_600_000, buyer=False)     # closes the evening session
+    root = synth.write_lake_dir(tmp_path, morning + evening + later)
     events = load_window(spark, _settings(root), WINDOW)
     sessions = sessionise(_as_millis(events)).groupBy("session_id").count().collect()
-    assert sorted(row["count"] for row in sessions) == sorted([len(morning), len(evening)])
-    assert all(row["session_id"].startswith("user:" + "u" * 64) for row in sessions)
+    by_user = [row for row in sessions if row["session_id"] != later[0]["domain_sessionid"]]
+    assert sorted(row["count"] for row in by_user) == sorted([len(morning), len(evening)])
+    assert all(row["session_id"].startswith("user:" + "u" * 64) for row in by_user)
     labels = build_examples(events).groupBy("session_id").agg({"label": "max"}).collect()
-    assert sorted(row[1] for row in labels) == [0, 1]
+    assert sorted(row[1] for row in labels) == [0, 1]                  # the later, open session is left out
 
 
 def test_empty_window_says_so(spark, lake_dir):
@@ -98,6 +101,7 @@ def test_leakage_tell_tale_purchase_total_stays_out(spark, tmp_path):
     origin = int(START.timestamp() * 1000)
     events = [e for i in range(6) for e in synth.session_events(rng, origin + i * 600_000, buyer=i % 2 == 0,
                                                                 purchase_total=987654.25)]
+    events += synth.session_events(rng, origin + 3 * 3_600_000, buyer=False)    # the newest, still open
     root = synth.write_lake_dir(tmp_path, events)
     frame = build_examples(load_window(spark, _settings(root), WINDOW)).toPandas()
     purchases = {e["event_id"] for e in events if e["event_name"] == "purchase"}

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
 from batch import registry as registry_cli
+from batch import train as train_cli
+from batch.export import Parity
 from batch.train import main as train_main
 from batch.train import run_events
+from batch.train_model import TrainResult
 from common import aws, registry
 from tests.conftest import settings_env
 from tests.train import synth
@@ -51,6 +55,8 @@ def test_train_publish_gate_and_rollback(spark, aws_settings, events, tmp_path):
     result, outcome = run_events(worse)
     assert not outcome["promoted"] and outcome["version"] != version
     assert "worse than CURRENT" in outcome["reasons"][0]
+    # same window, same split: every evaluation session is one the champion did not train on
+    assert outcome["champion"]["rows"] == len(result.eval_rows) and "note" not in outcome["champion"]
     assert outcome["champion"]["roc_auc"] > result.meta["metrics"]["roc_auc"]
     assert registry.current_version(s3, bucket) == version
     published = json.loads(s3.get_object(Bucket=bucket, Key=f"models/{registry.DEFAULT_MODEL}/"
@@ -85,3 +91,29 @@ def test_a_url_lake_path_with_no_partition_in_the_window_is_a_clear_error(spark,
     settings = fast_settings(lake_path=f"file://{tmp_path}/enriched")
     with pytest.raises(TrainError, match="no enriched events in file://"):
         load_window(spark, settings, Window.last_days(2, "2026-11-21"))
+
+
+@pytest.mark.parametrize("folds", ["1", "-1"])
+def test_cv_below_two_folds_is_a_one_line_error(folds, tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("x,y\n1,0\n2,1\n")
+    out = CliRunner().invoke(train_main, ["--table", str(table), "--label", "y", "--cv", folds], env=FAST_ENV)
+    assert out.exit_code == 2, out.output
+    assert out.output.strip() == f"train: error: --cv: expected 0 (no cross-validation) or at least 2 folds, got {folds}"
+
+
+def failed_parity() -> TrainResult:
+    meta = {"name": "m", "algorithm": "gbt", "threshold": 0.5, "threshold_selection": {"objective": "f1"},
+            "metrics": {"roc_auc": 0.9, "pr_auc": 0.5, "log_loss": 0.3, "lift_top_decile": 3.0}}
+    parity = Parity(False, 2e-3, 10, 1e-5, stage="GBTClassificationModel(gbt)", worst=[])
+    return TrainResult(None, b"", meta | {"parity": parity.as_meta()}, pd.DataFrame(), parity)
+
+
+@pytest.mark.parametrize("args", [["--table", "{csv}", "--label", "y"], ["--no-publish"]])
+def test_a_failed_parity_exits_3_without_publishing(args, monkeypatch, tmp_path):
+    (tmp_path / "t.csv").write_text("x,y\n1,0\n2,1\n")
+    monkeypatch.setattr(train_cli.train_table, "run", lambda *a, **k: (failed_parity(), None))
+    monkeypatch.setattr(train_cli, "run_events", lambda *a, **k: (failed_parity(), None))
+    out = CliRunner().invoke(train_main, [arg.format(csv=tmp_path / "t.csv") for arg in args], env=FAST_ENV)
+    assert out.exit_code == 3, out.output
+    assert "refused the model (nothing published or written): export parity failed at stage" in out.output
