@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -67,7 +68,19 @@ class TrainSettings(AwsSettings):
         if not 0 < self.eval_fraction < 1:
             raise ConfigError(f"CLICKSTREAM_EVAL_FRACTION: expected a number between 0 and 1, got {self.eval_fraction}")
         require_positive(self, "window_days", "session_gap_minutes", "max_iter", "max_depth", "num_trees",
-                         "step_size", "max_bins", "parity_tolerance")
+                         "step_size", "max_bins", "parity_tolerance", "min_instances_per_node",
+                         "spark_shuffle_partitions")
+        # Spark checks these only when it fits, minutes into a run; say so before it starts.
+        for name, allowed, ok in (("subsampling_rate", "above 0 and at most 1", lambda v: 0 < v <= 1),
+                                  ("target_precision", "above 0 and at most 1", lambda v: 0 < v <= 1),
+                                  ("elastic_net", "from 0 to 1", lambda v: 0 <= v <= 1),
+                                  ("reg_param", "of at least 0", lambda v: v >= 0),
+                                  ("champion_margin", "of at least 0", lambda v: v >= 0)):
+            if not ok(getattr(self, name)):
+                raise ConfigError(f"CLICKSTREAM_{name.upper()}: expected a number {allowed}, got {getattr(self, name)}")
+        if not re.fullmatch(r"\d+[kmgt]?", self.spark_driver_memory.lower()):
+            raise ConfigError(f"CLICKSTREAM_SPARK_DRIVER_MEMORY: expected a size such as 2g or 512m, "
+                              f"got {self.spark_driver_memory!r}")
         if self.window_end:
             try:
                 dt.date.fromisoformat(self.window_end)
@@ -82,13 +95,18 @@ def spark_session(settings: TrainSettings, app_name: str = "clickstream-train"):
     warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas")
     from pyspark.sql import SparkSession
 
-    spark = (SparkSession.builder.appName(app_name).master(settings.spark_master)
-            .config("spark.driver.memory", settings.spark_driver_memory)
-            .config("spark.ui.enabled", "false")
-            .config("spark.sql.shuffle.partitions", str(settings.spark_shuffle_partitions))
-            .config("spark.sql.session.timeZone", "UTC")
-            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-            .config("spark.ui.showConsoleProgress", "false")      # our own progress bars say where we are
-            .getOrCreate())
+    builder = (SparkSession.builder.appName(app_name).master(settings.spark_master)
+               .config("spark.driver.memory", settings.spark_driver_memory)
+               .config("spark.ui.enabled", "false")
+               .config("spark.sql.shuffle.partitions", str(settings.spark_shuffle_partitions))
+               .config("spark.sql.session.timeZone", "UTC")
+               .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+               .config("spark.ui.showConsoleProgress", "false"))     # our own progress bars say where we are
+    try:
+        spark = builder.getOrCreate()
+    except Exception as exc:  # noqa: BLE001 - py4j and PySpark raise plain errors for a bad master or JVM option
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"CLICKSTREAM_SPARK_MASTER {settings.spark_master!r} / CLICKSTREAM_SPARK_DRIVER_MEMORY "
+                          f"{settings.spark_driver_memory!r}: Spark did not start: {first_line}") from None
     spark.sparkContext.setLogLevel("ERROR")
     return spark

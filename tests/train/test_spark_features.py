@@ -117,3 +117,17 @@ def test_settings_reject_unknown_algorithm_and_class_weight():
         dataclasses.replace(fast_settings(), algorithm="xgb").validate()
     with pytest.raises(ConfigError, match="CLICKSTREAM_CLASS_WEIGHT.*balanced"):
         dataclasses.replace(fast_settings(), class_weight="auto").validate()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("subsampling_rate", 2.0, "CLICKSTREAM_SUBSAMPLING_RATE: expected a number above 0 and at most 1"),
+    ("target_precision", 5.0, "CLICKSTREAM_TARGET_PRECISION: expected a number above 0 and at most 1"),
+    ("elastic_net", 1.5, "CLICKSTREAM_ELASTIC_NET: expected a number from 0 to 1"),
+    ("spark_driver_memory", "lots", "CLICKSTREAM_SPARK_DRIVER_MEMORY: expected a size such as 2g"),
+])
+def test_settings_spark_would_refuse_minutes_into_a_run_are_refused_before_it_starts(key, value, message):
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(fast_settings(), **{key: value}).validate()
+    dataclasses.replace(fast_settings(), spark_driver_memory="512M").validate()
