@@ -23,7 +23,7 @@ from batch import train_table
 from batch.export import ExportError
 from batch.train_config import TrainSettings, spark_session
 from batch.train_features import build_examples, read_events, require_trainable
-from batch.train_lake import TrainError, Window, check_files, local_window, window_files
+from batch.train_lake import TrainError, Window, check_files, local_window, unreadable_file_error, window_files
 from batch.train_model import Steps, TrainResult, fit_and_export, time_split
 from batch.train_publish import ParityError, publish, write_bundle
 from common import aws, logs
@@ -57,7 +57,7 @@ def load_window(spark, settings: TrainSettings, window: Window, steps: Steps | N
         if not files:
             raise _empty_window(settings, window)
         log.info("reading %d lake files of %s", len(files), window)
-        return read_events(spark, root, files)
+        return read_events(spark, root, files, skip_corrupt=settings.skip_corrupt_files)
 
 
 def _empty_window(settings: TrainSettings, window: Window) -> TrainError:
@@ -127,7 +127,13 @@ def run_events(settings: TrainSettings, *, publish_model: bool = True) -> tuple[
     steps = Steps(EVENT_STEPS if publish_model else EVENT_STEPS[:-1], enabled=settings.progress)
     try:
         events = load_window(spark, settings, window, steps)
-        result = train_from_events(spark, events, settings, window=window, steps=steps)
+        try:
+            result = train_from_events(spark, events, settings, window=window, steps=steps)
+        except Exception as exc:
+            clear = unreadable_file_error(exc)
+            if clear is None:
+                raise
+            raise clear from None
         outcome = None
         if publish_model:
             with steps("publish"):

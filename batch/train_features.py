@@ -38,9 +38,13 @@ EXAMPLE_SCHEMA = T.StructType(
     + [T.StructField(name, T.DoubleType()) for name in FEATURE_NAMES])
 
 
-def read_events(spark: SparkSession, root: Path | str, files: list[Path] | None = None) -> DataFrame:
-    """The enriched events of the lake folder (or of just ``files`` under it)."""
+def read_events(spark: SparkSession, root: Path | str, files: list[Path] | None = None,
+                skip_corrupt: bool = False) -> DataFrame:
+    """The enriched events of the lake folder (or of just ``files`` under it). ``skip_corrupt`` also
+    leaves out files whose data pages fail to decode (their footers read fine in ``check_files``)."""
     reader = spark.read.option("basePath", str(root)).option("mergeSchema", "true")
+    if skip_corrupt:
+        reader = reader.option("ignoreCorruptFiles", "true")
     paths = [str(path) for path in files] if files is not None else [str(root)]
     return reader.parquet(*paths)
 

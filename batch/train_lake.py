@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def window_files(root: Path, window: Window) -> list[Path]:
     return files
 
 
+CORRUPT_ADVICE = ("Re-run the lake loader for those hours, move the files away, or set "
+                  "CLICKSTREAM_SKIP_CORRUPT_FILES=true to train without them.")
+
+
 def check_files(files: list[Path], *, skip_corrupt: bool = False) -> list[Path]:
     """Read every file's footer (cheap) so a corrupt object fails here with its name, not deep
     inside a Spark stage. With ``skip_corrupt`` they are left out, loudly, instead."""
@@ -63,10 +68,17 @@ def check_files(files: list[Path], *, skip_corrupt: bool = False) -> list[Path]:
         log.warning("corrupt Parquet file %s: %s", path, exc)
     if bad and not skip_corrupt:
         names = "; ".join(f"{path}: {exc}" for path, exc in bad[:5])
-        raise TrainError(f"{len(bad)} corrupt Parquet file(s) in the training window: {names}. Re-run the lake "
-                         "loader for those hours, move the files away, or set CLICKSTREAM_SKIP_CORRUPT_FILES=true "
-                         "to train without them.")
+        raise TrainError(f"{len(bad)} corrupt Parquet file(s) in the training window: {names}. {CORRUPT_ADVICE}")
     return good
+
+
+def unreadable_file_error(exc: Exception) -> TrainError | None:
+    """A clear error for a Spark job that failed on a file whose footer read fine but whose data did
+    not (``check_files`` reads footers only); None for any other failure."""
+    found = re.search(r"Encountered error while reading file (\S+?)\.?\s", str(exc))
+    if found is None:
+        return None
+    return TrainError(f"corrupt Parquet data in {found.group(1)}. {CORRUPT_ADVICE}")
 
 
 def local_window(bucket: str, window: Window, cache_dir: Path, *, progress: bool = True) -> Path:

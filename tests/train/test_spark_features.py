@@ -11,7 +11,7 @@ import pytest
 
 from batch.train import load_window
 from batch.train_features import _as_millis, build_examples, order, require_trainable, sessionise
-from batch.train_lake import TrainError, Window
+from batch.train_lake import TrainError, Window, unreadable_file_error
 from common.features import FEATURE_NAMES, SessionState, event_time_ms, features, is_purchase, step
 from tests.train import synth
 from tests.train.conftest import START, fast_settings
@@ -94,6 +94,24 @@ def test_corrupt_parquet_file_is_named(spark, tmp_path, events):
         load_window(spark, _settings(root), WINDOW)
     kept = load_window(spark, _settings(root, skip_corrupt_files=True), WINDOW)
     assert 0 < kept.count() < 500
+
+
+def test_corrupt_data_behind_a_readable_footer_is_named_or_skipped(spark, tmp_path, events):
+    root = synth.write_lake_dir(tmp_path, events[:500])
+    victim = min(root.glob("date=*/hour=*/*.parquet"))
+    data = bytearray(victim.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little") + 8
+    for i in range(8, len(data) - footer - 8, 7):             # scribble over the pages, keep the footer
+        data[i] ^= 0x5A
+    victim.write_bytes(bytes(data))
+    events_read = load_window(spark, _settings(root), WINDOW)          # footers all read: passes the check
+    with pytest.raises(Exception) as failure:
+        build_examples(events_read).count()
+    error = unreadable_file_error(failure.value)
+    assert error is not None and victim.name in str(error) and "SKIP_CORRUPT_FILES" in str(error)
+    assert unreadable_file_error(ValueError("something else")) is None
+    kept = load_window(spark, _settings(root, skip_corrupt_files=True), WINDOW)
+    assert 0 < len(kept.select("event_id").toPandas()) < 500         # reads the pages, not just footers
 
 
 def test_leakage_tell_tale_purchase_total_stays_out(spark, tmp_path):
