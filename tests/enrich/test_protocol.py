@@ -121,8 +121,10 @@ def test_derived_tstamp_rules():
     assert derived(dtm="1764409950000", stm="1764409955000", ttm="1764400000123") == "2025-11-29T07:06:40.123Z"
 
 
-def test_partition_key_falls_back_to_network_user_then_event_id():
-    no_session = {k: v for k, v in BASE.items() if k != "sid"}
+def test_partition_key_falls_back_to_the_cookie_user_then_network_user_then_event_id():
+    key, event = one(get_record({**{k: v for k, v in BASE.items() if k != "sid"}, "e": "pv"}))
+    assert key == event["domain_userid"] == Pseudonymiser(KEY)(BASE["duid"])        # as training sessionises
+    no_session = {k: v for k, v in BASE.items() if k not in ("sid", "duid")}
     key, event = one(get_record({**no_session, "e": "pv"}))
     assert key == event["network_userid"] == Pseudonymiser(KEY)("8e2d4b1c-5f7a-4c3e-9a1b-2c3d4e5f6a7b")
     key, event = one(get_record({**no_session, "e": "pv"}, nuid=None))
