@@ -77,8 +77,11 @@ def rollback(s3, bucket: str, name: str = DEFAULT_MODEL) -> str:
     """Undo the last move of CURRENT that is not undone yet: after A -> B -> C, rollback goes to B,
     and a second one to A (not back to C); moving forward again is ``promote``."""
     current = current_version(s3, bucket, name)
+    entries = history(s3, bucket, name)
+    while entries and entries[-1]["version"] != current:
+        entries.pop()                       # recorded but never made: a crash between the two writes
     previous, undone = None, 0
-    for entry in reversed(history(s3, bucket, name)):
+    for entry in reversed(entries):
         if entry.get("reason", "").startswith(ROLLBACK_REASON):
             undone += 1
         elif entry["previous"] == entry["version"]:

@@ -1,6 +1,8 @@
 """The promotion gates on their own (no Spark): which published versions may move CURRENT."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -110,3 +112,16 @@ def test_rollback_walks_back_through_the_moves_and_a_second_rollback_does_not_un
     assert registry.current_version(s3, bucket, name) == "A"
     with pytest.raises(LookupError, match="no earlier version"):
         registry.rollback(s3, bucket, name)
+
+
+def test_rollback_skips_a_move_recorded_but_never_made(aws_settings):
+    from common import aws, registry
+
+    s3 = aws.client("s3")
+    bucket, name = aws_settings.bucket, "crash-test"
+    for version in ("A", "B"):
+        registry.set_current(s3, bucket, name, version, reason="train")
+    entries = registry.history(s3, bucket, name) + [{"version": "C", "previous": "B", "at": "", "reason": "train"}]
+    s3.put_object(Bucket=bucket, Key=f"models/{name}/HISTORY",         # HISTORY written, then a crash
+                  Body="".join(json.dumps(entry) + "\n" for entry in entries).encode())
+    assert registry.rollback(s3, bucket, name) == "A"                 # not "B", where CURRENT already is
