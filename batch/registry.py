@@ -93,7 +93,10 @@ def promote(obj, version, force):
         raise click.ClickException(f"model {name!r} has no complete version {version} in s3://{bucket}") from None
     if not meta.get("parity", {}).get("passed") and not force:
         raise click.ClickException(f"version {version} did not pass the export parity check; use --force to insist")
-    registry.set_current(s3, bucket, name, version, reason="promoted by hand")
+    try:
+        registry.set_current(s3, bucket, name, version, reason="promoted by hand")
+    except registry.Conflict as exc:
+        raise click.ClickException(f"{exc}; look again (ls, history) and retry") from None
     click.echo(f"CURRENT of {name} is now {version}")
 
 
@@ -104,7 +107,7 @@ def rollback(obj):
     s3, bucket, name = obj
     try:
         version = registry.rollback(s3, bucket, name)
-    except LookupError as exc:
+    except (LookupError, registry.Conflict) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"CURRENT of {name} rolled back to {version}")
 

@@ -116,22 +116,41 @@ def publish(s3, settings: TrainSettings, result: TrainResult) -> dict:
         raise ParityError(result.parity.message())
     current = champion(s3, settings, result)
     promote, reasons = decide(result, current, settings)
-    version = _free_version(s3, settings)
-    meta = dict(result.meta, version=version,
-                promotion={"promoted": promote, "reasons": reasons, "champion": current,
-                           "auc_floor": settings.auc_floor, "champion_margin": settings.champion_margin})
-    report = report_html.render(meta, result.eval_rows["label"], result.eval_rows["p_spark"])
-    files = {"model.onnx": result.onnx_bytes, "report.html": report,
-             "model.json": json.dumps(meta, indent=2, default=str).encode()}
-    registry.publish(s3, settings.bucket, settings.model_name, version, files)
+    version, meta = _publish_bundle(s3, settings, result, {
+        "promoted": promote, "reasons": reasons, "champion": current,
+        "auc_floor": settings.auc_floor, "champion_margin": settings.champion_margin})
     if promote:
-        registry.set_current(s3, settings.bucket, settings.model_name, version,
-                             reason=f"train: roc_auc {meta['metrics']['roc_auc']:.4f}")
-    else:
+        try:
+            registry.set_current(s3, settings.bucket, settings.model_name, version,
+                                 reason=f"train: roc_auc {meta['metrics']['roc_auc']:.4f}",
+                                 expected=current and current["version"])
+        except registry.Conflict as exc:
+            # Another run moved CURRENT after this one compared against it: the two were never compared.
+            promote, reasons = False, [f"{exc}; compare the two and promote one by hand"]
+            meta["promotion"].update(promoted=False, reasons=reasons)
+            s3.put_object(Bucket=settings.bucket, Key=f"{registry.PREFIX}/{settings.model_name}/{version}/model.json",
+                          Body=json.dumps(meta, indent=2, default=str).encode(), ContentType="application/json")
+    if not promote:
         log.warning("published %s but CURRENT stays at %s: %s", version,
                     current and current["version"], "; ".join(reasons))
     result.meta = meta
     return {"version": version, "promoted": promote, "reasons": reasons, "champion": current}
+
+
+def _publish_bundle(s3, settings: TrainSettings, result: TrainResult, promotion: dict) -> tuple[str, dict]:
+    """Upload the bundle under a free version; a version another run claims first is skipped."""
+    for _ in range(5):
+        version = _free_version(s3, settings)
+        meta = dict(result.meta, version=version, promotion=promotion)
+        report = report_html.render(meta, result.eval_rows["label"], result.eval_rows["p_spark"])
+        files = {"model.onnx": result.onnx_bytes, "report.html": report,
+                 "model.json": json.dumps(meta, indent=2, default=str).encode()}
+        try:
+            registry.publish(s3, settings.bucket, settings.model_name, version, files)
+            return version, meta
+        except registry.Conflict:
+            log.info("version %s was taken by another run; trying the next", version)
+    raise registry.Conflict(f"no free version for {settings.model_name!r} after 5 tries")
 
 
 def write_bundle(folder, result: TrainResult) -> None:

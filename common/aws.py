@@ -42,12 +42,18 @@ def client(service: str, region: str | None = None, *, timeout: float = 10.0, re
 
 def get_object_bytes(s3, bucket: str, key: str) -> bytes | None:
     """The object's body, or None when there is no such key (any other error raises)."""
+    return get_object_and_etag(s3, bucket, key)[0]
+
+
+def get_object_and_etag(s3, bucket: str, key: str) -> tuple[bytes | None, str | None]:
+    """The object's body and ETag (for a conditional write back), (None, None) when there is none."""
     try:
-        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        found = s3.get_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
-            return None
+            return None, None
         raise
+    return found["Body"].read(), found["ETag"]
 
 
 def explain(exc: Exception) -> str:

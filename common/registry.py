@@ -11,6 +11,8 @@ import json
 import time
 from dataclasses import dataclass
 
+from botocore.exceptions import ClientError
+
 from common import aws
 
 PREFIX = "models"
@@ -47,15 +49,35 @@ def load(s3, bucket: str, name: str = DEFAULT_MODEL, version: str | None = None)
     return Bundle(name, version, onnx, json.loads(meta))
 
 
+class Conflict(Exception):
+    """Another writer got there first: the version folder is taken, or CURRENT moved meanwhile."""
+
+
+def _put(s3, bucket: str, key: str, body: bytes, etag: str | None, **extra) -> None:
+    """Write ``key`` only if it is still as read: ``etag`` None means it must not exist yet.
+    S3's conditional writes make two concurrent writers a Conflict instead of a silent overwrite."""
+    condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+    try:
+        s3.put_object(Bucket=bucket, Key=key, Body=body, **condition, **extra)
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+            raise Conflict(f"s3://{bucket}/{key} changed while we wrote it") from None
+        raise
+
+
 def publish(s3, bucket: str, name: str, version: str, files: dict[str, bytes]) -> None:
     """Upload a bundle's files under its version; model.json last, so a reader that finds it
-    finds the rest. Does not move CURRENT."""
+    finds the rest. The first file claims the folder: Conflict when another run took this version.
+    Does not move CURRENT."""
     ordered = sorted(files, key=lambda file: file == "model.json")
-    for file in ordered:
+    for index, file in enumerate(ordered):
         content_type = {"json": "application/json", "html": "text/html"}.get(file.rsplit(".", 1)[-1],
                                                                              "application/octet-stream")
-        s3.put_object(Bucket=bucket, Key=f"{PREFIX}/{name}/{version}/{file}", Body=files[file],
-                      ContentType=content_type)
+        key = f"{PREFIX}/{name}/{version}/{file}"
+        if index == 0:
+            _put(s3, bucket, key, files[file], None, ContentType=content_type)
+        else:
+            s3.put_object(Bucket=bucket, Key=key, Body=files[file], ContentType=content_type)
 
 
 def history(s3, bucket: str, name: str = DEFAULT_MODEL) -> list[dict]:
@@ -63,14 +85,21 @@ def history(s3, bucket: str, name: str = DEFAULT_MODEL) -> list[dict]:
     return [json.loads(line) for line in raw.decode().splitlines() if line.strip()] if raw else []
 
 
-def set_current(s3, bucket: str, name: str, version: str, reason: str) -> None:
-    """Move CURRENT to ``version`` and record the move."""
-    entries = history(s3, bucket, name)
-    entries.append({"version": version, "previous": current_version(s3, bucket, name),
+def set_current(s3, bucket: str, name: str, version: str, reason: str, *, expected: str | None = "") -> None:
+    """Move CURRENT to ``version`` and record the move. With ``expected`` (a version, or None for
+    "no CURRENT yet") the move happens only from that version: Conflict when another run moved
+    CURRENT since the caller decided. Both writes are conditional, so two movers never interleave."""
+    raw, current_etag = aws.get_object_and_etag(s3, bucket, f"{PREFIX}/{name}/CURRENT")
+    current = raw.decode().strip() if raw else None
+    if expected != "" and current != expected:
+        raise Conflict(f"CURRENT of {name!r} is {current}, no longer {expected}: another run moved it")
+    raw_history, history_etag = aws.get_object_and_etag(s3, bucket, f"{PREFIX}/{name}/HISTORY")
+    entries = [json.loads(line) for line in (raw_history or b"").decode().splitlines() if line.strip()]
+    entries.append({"version": version, "previous": current,
                     "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason})
-    s3.put_object(Bucket=bucket, Key=f"{PREFIX}/{name}/HISTORY",
-                  Body="".join(json.dumps(entry) + "\n" for entry in entries).encode())
-    s3.put_object(Bucket=bucket, Key=f"{PREFIX}/{name}/CURRENT", Body=version.encode())
+    _put(s3, bucket, f"{PREFIX}/{name}/HISTORY", "".join(json.dumps(e) + "\n" for e in entries).encode(),
+         history_etag)
+    _put(s3, bucket, f"{PREFIX}/{name}/CURRENT", version.encode(), current_etag)
 
 
 def rollback(s3, bucket: str, name: str = DEFAULT_MODEL) -> str:
@@ -93,7 +122,7 @@ def rollback(s3, bucket: str, name: str = DEFAULT_MODEL) -> str:
             break
     if not previous:
         raise LookupError(f"model {name!r}: no earlier version to roll back to from {current}")
-    set_current(s3, bucket, name, previous, reason=f"{ROLLBACK_REASON}{current}")
+    set_current(s3, bucket, name, previous, reason=f"{ROLLBACK_REASON}{current}", expected=current)
     return previous
 
 

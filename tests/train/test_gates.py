@@ -125,3 +125,20 @@ def test_rollback_skips_a_move_recorded_but_never_made(aws_settings):
     s3.put_object(Bucket=bucket, Key=f"models/{name}/HISTORY",         # HISTORY written, then a crash
                   Body="".join(json.dumps(entry) + "\n" for entry in entries).encode())
     assert registry.rollback(s3, bucket, name) == "A"                 # not "B", where CURRENT already is
+
+
+def test_two_runs_never_share_a_version_folder_or_move_current_past_each_other(aws_settings):
+    from common import aws, registry
+
+    s3 = aws.client("s3")
+    bucket, name = aws_settings.bucket, "race-test"
+    registry.publish(s3, bucket, name, "V1", {"model.onnx": b"first", "model.json": b"{}"})
+    with pytest.raises(registry.Conflict):                              # the same second, a second run
+        registry.publish(s3, bucket, name, "V1", {"model.onnx": b"second", "model.json": b"{}"})
+    assert aws.get_object_bytes(s3, bucket, f"models/{name}/V1/model.onnx") == b"first"
+    registry.set_current(s3, bucket, name, "A", reason="train", expected=None)
+    registry.set_current(s3, bucket, name, "B", reason="train", expected="A")     # run 1, compared with A
+    with pytest.raises(registry.Conflict, match="no longer A"):                   # run 2, also compared with A
+        registry.set_current(s3, bucket, name, "C", reason="train", expected="A")
+    assert registry.current_version(s3, bucket, name) == "B"
+    assert [e["version"] for e in registry.history(s3, bucket, name)] == ["A", "B"]
