@@ -126,6 +126,7 @@ def provision(settings: ProvisionSettings) -> list[str]:
 def wait_for_endpoint(settings: ProvisionSettings, timeout: float) -> None:
     kinesis = aws.client("kinesis", settings.region, timeout=2, retries=1)
     deadline = time.monotonic() + timeout
+    said = False
     while True:
         try:
             kinesis.list_streams(Limit=1)
@@ -133,6 +134,10 @@ def wait_for_endpoint(settings: ProvisionSettings, timeout: float) -> None:
         except Exception:
             if time.monotonic() > deadline:
                 raise
+            if not said:                     # otherwise a stopped emulator looks like a hang
+                print(f"waiting up to {timeout:.0f} s for {kinesis.meta.endpoint_url} (--wait) ...",
+                      file=sys.stderr, flush=True)
+                said = True
             time.sleep(0.5)
 
 

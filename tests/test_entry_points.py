@@ -74,3 +74,12 @@ def test_a_server_that_cannot_listen_says_which_settings_in_one_line(module, por
                                 text=True, timeout=60, check=False)
     assert result.returncode == 2, result.stderr
     assert f"cannot listen on 127.0.0.1:{port} ({host_key})" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_provision_says_what_it_waits_for_before_giving_up():
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    result = subprocess.run([sys.executable, "-m", "infra.provision", "--wait", "1"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    first, last = result.stderr.splitlines()[0], result.stderr.splitlines()[-1]
+    assert result.returncode == 1 and first == "waiting up to 1 s for http://127.0.0.1:9 (--wait) ..."
+    assert "is the emulator or LocalStack running?" in last
