@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 
 import click
 
@@ -19,9 +20,18 @@ from common.cli import AwsGroup
 from common.config import ConfigError, load
 
 
+@dataclass(frozen=True)
+class RegistrySettings(TrainSettings):
+    """The trainer's settings (same keys, same [train] section) without its range checks: a rollback
+    during an incident must not fail on an unrelated training knob such as eval_fraction."""
+
+    def validate(self) -> None:
+        pass
+
+
 def _context(bucket: str | None, name: str | None):
     try:
-        settings = load(TrainSettings, section="train", bucket=bucket, model_name=name)
+        settings = load(RegistrySettings, section="train", bucket=bucket, model_name=name)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     return aws.client("s3", settings.region), settings.bucket, settings.model_name

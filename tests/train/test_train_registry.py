@@ -70,7 +70,8 @@ def test_train_publish_gate_and_rollback(spark, aws_settings, events, tmp_path):
     promoted = runner.invoke(registry_cli.cli, ["promote", outcome["version"]], env=cli_env)
     assert promoted.exit_code == 0, promoted.output
     assert registry.current_version(s3, bucket) == outcome["version"]
-    rolled = runner.invoke(registry_cli.cli, ["rollback"], env=cli_env)
+    # A training knob out of range must not block a rollback during an incident.
+    rolled = runner.invoke(registry_cli.cli, ["rollback"], env={**cli_env, "CLICKSTREAM_EVAL_FRACTION": "2"})
     assert rolled.exit_code == 0 and version in rolled.output
     assert registry.current_version(s3, bucket) == version
     missing = runner.invoke(registry_cli.cli, ["promote", "19990101T000000Z"], env=cli_env)
