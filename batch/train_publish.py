@@ -132,7 +132,7 @@ def publish(s3, settings: TrainSettings, result: TrainResult) -> dict:
                           Body=json.dumps(meta, indent=2, default=str).encode(), ContentType="application/json")
     if not promote:
         log.warning("published %s but CURRENT stays at %s: %s", version,
-                    current and current["version"], "; ".join(reasons))
+                    current["version"] if current else "none (no CURRENT yet)", "; ".join(reasons))
     result.meta = meta
     return {"version": version, "promoted": promote, "reasons": reasons, "champion": current}
 

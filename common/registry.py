@@ -121,7 +121,8 @@ def rollback(s3, bucket: str, name: str = DEFAULT_MODEL) -> str:
             previous = entry["previous"]
             break
     if not previous:
-        raise LookupError(f"model {name!r}: no earlier version to roll back to from {current}")
+        raise LookupError(f"model {name!r}: no earlier version to roll back to from "
+                          f"{current or 'nothing (no CURRENT yet)'}")
     set_current(s3, bucket, name, previous, reason=f"{ROLLBACK_REASON}{current}", expected=current)
     return previous
 

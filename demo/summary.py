@@ -271,7 +271,7 @@ def _duration(us: int) -> str:
 
 
 @click.command(cls=AwsCommand)
-@click.option("--since-minutes", type=float, default=None,
+@click.option("--since-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help="count stream records of the last N minutes only (default: everything retained)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 def main(since_minutes: float | None, as_json: bool) -> None:

@@ -23,6 +23,8 @@ class DiscountSettings(AwsSettings):
     log_level: str = "INFO"
 
     def validate(self) -> None:
+        if self.discount_percent > 100:
+            raise ConfigError(f"CLICKSTREAM_DISCOUNT_PERCENT: expected at most 100, got {self.discount_percent}")
         require_positive(self, "budget_per_hour", "discount_percent", "offer_ttl_hours", "batch_limit",
                          "read_interval_s")
         for name in ("offer_threshold", "offer_ceiling"):

@@ -28,11 +28,10 @@ class ProvisionSettings(AwsSettings):
     predictions_shards: int = 1
     raw_retention_days: int = 7
     bad_retention_days: int = 30
-    prediction_ttl_hours: int = 24
 
     def validate(self) -> None:
         for name in ("raw_shards", "enriched_shards", "bad_shards", "predictions_shards",
-                     "raw_retention_days", "bad_retention_days", "prediction_ttl_hours"):
+                     "raw_retention_days", "bad_retention_days"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CLICKSTREAM_{name.upper()}: expected an integer >= 1, got {getattr(self, name)}")
 

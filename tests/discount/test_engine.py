@@ -158,6 +158,8 @@ def test_settings_errors_name_the_key():
         load(DiscountSettings, env={"CLICKSTREAM_OFFER_THRESHOLD": "0.8", "CLICKSTREAM_OFFER_CEILING": "0.5"})
     with pytest.raises(ConfigError, match="CLICKSTREAM_BUDGET_PER_HOUR"):
         load(DiscountSettings, env={"CLICKSTREAM_BUDGET_PER_HOUR": "0"})
+    with pytest.raises(ConfigError, match="CLICKSTREAM_DISCOUNT_PERCENT: expected at most 100"):
+        load(DiscountSettings, env={"CLICKSTREAM_DISCOUNT_PERCENT": "150"})
 
 
 def test_service_writes_offers_serves_metrics_and_stops_on_sigterm(aws_settings, tmp_path):
