@@ -17,8 +17,9 @@ from common.config import ConfigError
 @click.option("--port", type=int, default=None, help="listen port (CLICKSTREAM_PORT, default 8080)")
 @click.option("--workers", type=int, default=None, help="granian worker processes (CLICKSTREAM_WORKERS, default 1)")
 def main(host: str | None, port: int | None, workers: int | None) -> None:
-    """Serve the Snowplow tracker endpoints (/i, /com.snowplowanalytics.snowplow/tp2, /r/tp2): every
-    hit is written to a disk spool before it is answered, then sent on to the raw stream.
+    """Serve the Snowplow tracker endpoints (/i, /com.snowplowanalytics.snowplow/tp2, /r/tp2, the Iglu
+    webhook /com.snowplowanalytics.iglu/v1): every hit is written to a disk spool before it is
+    answered, then sent on to the raw stream.
 
     Other settings come from CLICKSTREAM_* variables and the [collector] section of the TOML file
     named by CLICKSTREAM_CONFIG (docs/collector.md). Stops cleanly on SIGTERM or Ctrl-C.
@@ -32,9 +33,10 @@ def main(host: str | None, port: int | None, workers: int | None) -> None:
         settings = load_settings(host=host, port=port, workers=workers)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    # Workers read their settings from the environment: pass the command-line overrides on.
-    os.environ.update({"CLICKSTREAM_HOST": settings.host, "CLICKSTREAM_PORT": str(settings.port),
-                       "CLICKSTREAM_WORKERS": str(settings.workers)})
+    # Workers read their settings from the environment: pass the command-line overrides on, in the
+    # section form too, which would otherwise win over them in the workers.
+    for key, value in (("HOST", settings.host), ("PORT", str(settings.port)), ("WORKERS", str(settings.workers))):
+        os.environ[f"CLICKSTREAM_{key}"] = os.environ[f"CLICKSTREAM_COLLECTOR_{key}"] = value
     metrics_dir = None
     if settings.workers > 1:
         metrics_dir = tempfile.mkdtemp(prefix="collector-metrics-")
