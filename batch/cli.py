@@ -213,8 +213,9 @@ def replay_bad_command(obj: dict, start: str | None, end: str | None, types: tup
         if not isinstance(row, dict) or not isinstance(row.get("data"), dict):
             counts["not replayable"] += 1            # not a bad row at all
             continue
-        seen_types[bad_row_type(row)] += 1
-        if types and bad_row_type(row) not in types:
+        kind = bad_row_type(row)
+        seen_types[kind] += 1
+        if types and kind not in types:
             continue
         raw = raw_record_of(row["data"].get("payload"))
         if fix:

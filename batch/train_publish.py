@@ -128,8 +128,7 @@ def publish(s3, settings: TrainSettings, result: TrainResult) -> dict:
             # Another run moved CURRENT after this one compared against it: the two were never compared.
             promote, reasons = False, [f"{exc}; compare the two and promote one by hand"]
             meta["promotion"].update(promoted=False, reasons=reasons)
-            s3.put_object(Bucket=settings.bucket, Key=f"{registry.PREFIX}/{settings.model_name}/{version}/model.json",
-                          Body=json.dumps(meta, indent=2, default=str).encode(), ContentType="application/json")
+            registry.replace_meta(s3, settings.bucket, settings.model_name, version, _meta_json(meta))
     if not promote:
         log.warning("published %s but CURRENT stays at %s: %s", version,
                     current["version"] if current else "none (no CURRENT yet)", "; ".join(reasons))
@@ -142,15 +141,22 @@ def _publish_bundle(s3, settings: TrainSettings, result: TrainResult, promotion:
     for _ in range(5):
         version = _free_version(s3, settings)
         meta = dict(result.meta, version=version, promotion=promotion)
-        report = report_html.render(meta, result.eval_rows["label"], result.eval_rows["p_spark"])
-        files = {"model.onnx": result.onnx_bytes, "report.html": report,
-                 "model.json": json.dumps(meta, indent=2, default=str).encode()}
         try:
-            registry.publish(s3, settings.bucket, settings.model_name, version, files)
+            registry.publish(s3, settings.bucket, settings.model_name, version, _bundle_files(result, meta))
             return version, meta
         except registry.Conflict:
             log.info("version %s was taken by another run; trying the next", version)
     raise registry.Conflict(f"no free version for {settings.model_name!r} after 5 tries")
+
+
+def _meta_json(meta: dict) -> bytes:
+    return json.dumps(meta, indent=2, default=str).encode()
+
+
+def _bundle_files(result: TrainResult, meta: dict) -> dict[str, bytes]:
+    """model.onnx, model.json and report.html of a trained model described by ``meta``."""
+    report = report_html.render(meta, result.eval_rows["label"], result.eval_rows["p_spark"])
+    return {"model.onnx": result.onnx_bytes, "report.html": report, "model.json": _meta_json(meta)}
 
 
 def write_bundle(folder, result: TrainResult) -> None:
@@ -159,7 +165,5 @@ def write_bundle(folder, result: TrainResult) -> None:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.onnx").write_bytes(result.onnx_bytes)
-    (folder / "model.json").write_text(json.dumps(result.meta, indent=2, default=str))
-    (folder / "report.html").write_bytes(report_html.render(result.meta, result.eval_rows["label"],
-                                                            result.eval_rows["p_spark"]))
+    for file, body in _bundle_files(result, result.meta).items():
+        (folder / file).write_bytes(body)

@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 FEATURE_VERSION = "1"
 SHOP_VENDOR = "com.clickshop"
+PAGE_TYPE_SCHEMA = f"iglu:{SHOP_VENDOR}/page_type/"     # any version of the shop's page_type context
 MAX_TRACKED_PRODUCTS = 512
 NIL_USER = "00000000-0000-0000-0000-000000000000"   # network_userid of SP-Anonymous hits
 NUMBER_LIMIT = 1e9          # any number read from an event: beyond every real quantity, price or index
@@ -146,7 +147,7 @@ def is_purchase(event: dict) -> bool:
 def _page_context(event: dict) -> str | None:
     """The shop's page_type context's type, if the event carries one."""
     for context in event.get("contexts") or ():
-        if context.get("schema", "").startswith(f"iglu:{SHOP_VENDOR}/page_type/"):
+        if context.get("schema", "").startswith(PAGE_TYPE_SCHEMA):
             return (context.get("data") or {}).get("type")
     return None
 

@@ -65,6 +65,12 @@ def _put(s3, bucket: str, key: str, body: bytes, etag: str | None, **extra) -> N
         raise
 
 
+def replace_meta(s3, bucket: str, name: str, version: str, meta_json: bytes) -> None:
+    """Rewrite a published version's model.json (e.g. its promotion record after a Conflict)."""
+    s3.put_object(Bucket=bucket, Key=f"{PREFIX}/{name}/{version}/model.json", Body=meta_json,
+                  ContentType="application/json")
+
+
 def publish(s3, bucket: str, name: str, version: str, files: dict[str, bytes]) -> None:
     """Upload a bundle's files under its version; model.json last, so a reader that finds it
     finds the rest. The first file claims the folder: Conflict when another run took this version.
@@ -81,7 +87,11 @@ def publish(s3, bucket: str, name: str, version: str, files: dict[str, bytes]) -
 
 
 def history(s3, bucket: str, name: str = DEFAULT_MODEL) -> list[dict]:
-    raw = aws.get_object_bytes(s3, bucket, f"{PREFIX}/{name}/HISTORY")
+    return _entries(aws.get_object_bytes(s3, bucket, f"{PREFIX}/{name}/HISTORY"))
+
+
+def _entries(raw: bytes | None) -> list[dict]:
+    """HISTORY's JSON lines, oldest first."""
     return [json.loads(line) for line in raw.decode().splitlines() if line.strip()] if raw else []
 
 
@@ -94,7 +104,7 @@ def set_current(s3, bucket: str, name: str, version: str, reason: str, *, expect
     if expected != "" and current != expected:
         raise Conflict(f"CURRENT of {name!r} is {current}, no longer {expected}: another run moved it")
     raw_history, history_etag = aws.get_object_and_etag(s3, bucket, f"{PREFIX}/{name}/HISTORY")
-    entries = [json.loads(line) for line in (raw_history or b"").decode().splitlines() if line.strip()]
+    entries = _entries(raw_history)
     entries.append({"version": version, "previous": current,
                     "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason})
     _put(s3, bucket, f"{PREFIX}/{name}/HISTORY", "".join(json.dumps(e) + "\n" for e in entries).encode(),
