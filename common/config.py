@@ -20,6 +20,12 @@ class ConfigError(ValueError):
     """A configuration value is missing or malformed; the message names the key."""
 
 
+# The sections one TOML file may hold, one per component that reads it. A file is shared by all of
+# them, so a misspelled section (`[provison]`) would otherwise be ignored by every one in silence.
+SECTIONS = ("common", "collector", "enrich", "scorer", "lake", "train", "discount", "provision",
+            "web", "summary", "liveview")
+
+
 def _convert(key: str, raw: object, kind: type) -> object:
     if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
         return raw
@@ -77,9 +83,7 @@ def load(cls, *, section: str | None = None, env: typing.Mapping[str, str] | Non
     env = os.environ if env is None else env
     file = file or env.get(ENV_PREFIX + "CONFIG") or None
     data = _read_file(Path(file) if file else None)
-    for name, table in data.items():
-        if not isinstance(table, dict):
-            raise ConfigError(f"CLICKSTREAM_CONFIG: {name} must be a [{name}] table of settings, got {table!r}")
+    _check_sections(data, section)
     from_file = {**data.get("common", {}), **(data.get(section, {}) if section else {})}
     values, keys = {}, {}
     for field in dataclasses.fields(cls):
@@ -108,6 +112,15 @@ def load(cls, *, section: str | None = None, env: typing.Mapping[str, str] | Non
     if check:
         check()
     return settings
+
+
+def _check_sections(data: dict, section: str | None) -> None:
+    for name, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"CLICKSTREAM_CONFIG: {name} must be a [{name}] table of settings, got {table!r}")
+        if name not in SECTIONS and name != section:
+            raise ConfigError(f"CLICKSTREAM_CONFIG: unknown section [{name}]; "
+                              f"the sections are {', '.join(f'[{known}]' for known in SECTIONS)}")
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -1,9 +1,11 @@
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 
 from common import aws
-from common.config import AwsSettings, ConfigError, load
+from common.config import SECTIONS, AwsSettings, ConfigError, load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,3 +111,21 @@ def test_a_toml_array_gives_a_tuple(tmp_path):
     file = tmp_path / "c.toml"
     file.write_text('[example]\npaths = ["/a", "/b"]\n')
     assert load(Example, section="example", file=file, env={}).paths == ("/a", "/b")
+
+
+def test_a_misspelled_section_is_refused_by_every_component_naming_it(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text('[common]\nbucket = "b"\n[provison]\nraw_shards = 4\n')
+    with pytest.raises(ConfigError, match=r"unknown section \[provison\].*\[provision\]"):
+        load(Example, section="scorer", file=file, env={})
+
+
+def test_every_section_a_component_loads_is_a_known_one():
+    root = Path(__file__).resolve().parents[2]
+    loaded = set()
+    for source in root.glob("*/*.py"):
+        text = source.read_text()
+        loaded |= set(re.findall(r'section="([a-z_-]+)"', text))
+        loaded |= set(re.findall(r'settings_or_exit\(\w+, "([a-z_-]+)"', text))
+    assert {"collector", "enrich", "scorer", "lake", "train", "discount", "liveview"} <= loaded
+    assert loaded <= set(SECTIONS)
