@@ -117,8 +117,10 @@ def _fill_missing(features: pd.DataFrame, y: pd.Series, numeric: list[str], miss
     if missing == "drop":
         notes.append(f"dropped {int(incomplete.sum())} rows with missing numeric values")
         return features[~incomplete], y[~incomplete]
-    notes.append(f"imputed medians into {int(incomplete.sum())} rows with missing numeric values")
-    return features.fillna(features[numeric].median().to_dict()), y
+    # Left missing here: each fit fills them with its own training rows' medians (impute_medians), so no
+    # evaluation row shapes the value imputed, and model.json records the values a caller must use.
+    notes.append(f"{int(incomplete.sum())} rows with missing numeric values get the training rows' medians")
+    return features, y
 
 
 def _one_hot(features: pd.DataFrame, numeric: list[str], kinds: list[str], notes: list[str]) -> pd.DataFrame:
@@ -144,12 +146,27 @@ def folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     return assignment
 
 
+def impute_medians(frame: pd.DataFrame, feature_names: list[str], test_mask: np.ndarray) -> tuple[pd.DataFrame, dict]:
+    """Missing values filled with the median of the training rows (``~test_mask``) of their column,
+    rounded to float32 like every feature; returns the medians used, by column."""
+    gaps = [name for name in feature_names if frame[name].isna().any()]
+    medians = frame.loc[~test_mask, gaps].median()
+    unknown = medians.index[medians.isna()].tolist()
+    if unknown:
+        raise TrainError(f"column(s) {unknown} have no value in the training rows: nothing to impute from")
+    medians = {name: float(np.float32(value)) for name, value in medians.items()}
+    return frame.fillna(medians), medians
+
+
 def _fit(spark, table: Table, test_mask: np.ndarray, settings: TrainSettings, steps: Steps) -> TrainResult:
-    frame = table.frame
+    frame, medians = impute_medians(table.frame, table.feature_names, test_mask)
     train = spark.createDataFrame(frame[~test_mask])
     evaluation = spark.createDataFrame(frame[test_mask])
-    return fit_and_export(spark, train, evaluation, table.feature_names, settings, steps,
-                          id_columns=ID_COLUMNS, row_id="row_id")
+    result = fit_and_export(spark, train, evaluation, table.feature_names, settings, steps,
+                            id_columns=ID_COLUMNS, row_id="row_id")
+    if medians:
+        result.meta["imputed_medians"] = medians
+    return result
 
 
 def cross_validate(spark, table: Table, settings: TrainSettings, k: int = 5) -> list[dict]:

@@ -97,6 +97,17 @@ def test_table_cli_cross_validates_with_parity_and_writes_the_bundle(spark, tmp_
     assert b"data:image/png" in (tmp_path / "bundle" / "report.html").read_bytes()
 
 
+def test_imputed_table_fills_from_training_rows_and_records_the_medians(spark):
+    table = prepare(shoppers_like(300, seed=5), "Revenue", missing="impute")
+    assert table.frame["ProductRelated"].isna().sum() == 5          # still missing: each fit fills them
+    result = train_from_table(spark, table, fast_settings(algorithm="gbt", max_iter=3, max_depth=3))
+    assert result.parity.passed, result.parity.message()
+    train = table.frame[~table.frame["row_id"].isin(set(result.eval_rows["row_id"]))]
+    expected = float(np.float32(train["ProductRelated"].median()))
+    assert result.meta["imputed_medians"] == {"ProductRelated": expected}
+    assert not result.eval_rows["ProductRelated"].isna().any()
+
+
 def test_thresholds_between_float32_neighbours_route_like_spark(spark):
     """Two adjacent float32 values: Spark splits at their float64 midpoint, which rounds (to even)
     onto the upper value in float32. Unfixed, that value goes the wrong way in ONNX."""

@@ -190,11 +190,24 @@ def test_table_prepare_encodes_categoricals_and_reports_missing():
     assert table.frame["label"].tolist() == [1, 0, 0, 1]
     assert table.frame.loc[table.frame["pages"] == 4, ["month_Feb", "month_Mar", "month_Nov"]].sum(axis=1).item() == 0
     imputed = prepare(frame, "Revenue", drop=["id"], missing="impute")
-    assert len(imputed.frame) == 5 and any("imputed" in n for n in imputed.notes)
+    assert len(imputed.frame) == 5 and any("training rows' medians" in n for n in imputed.notes)
     with pytest.raises(TrainError, match="no column"):
         prepare(frame, "Revenue", drop=["nope"])
     with pytest.raises(TrainError, match="not true/false"):
         prepare(frame.assign(Revenue="maybe"), "Revenue")
+
+
+def test_imputed_medians_come_from_the_training_rows_alone():
+    from batch.train_table import impute_medians
+
+    frame = pd.DataFrame({"pages": [1.0, 2.0, np.nan, 4.0, 1000.0, np.nan], "ok": [1.0] * 6,
+                          "label": [0, 1, 0, 1, 1, 0]})
+    test_mask = np.array([False, False, False, False, True, True])      # 1000 is an evaluation row
+    filled, medians = impute_medians(frame, ["pages", "ok"], test_mask)
+    assert medians == {"pages": 2.0}
+    assert filled["pages"].tolist() == [1.0, 2.0, 2.0, 4.0, 1000.0, 2.0]
+    with pytest.raises(TrainError, match=r"\['pages'\] have no value in the training rows"):
+        impute_medians(frame, ["pages"], np.array([True, True, False, True, True, True]))
 
 
 def test_table_inputs_spark_would_choke_on_are_clear_errors_or_notes(tmp_path):
