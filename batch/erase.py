@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from botocore.exceptions import ClientError
 from tqdm import tqdm
 
 from batch import lake
@@ -31,6 +32,7 @@ from common.features import session_key
 
 IDENTITY_COLUMNS = ("user_id", "domain_userid", "network_userid")
 RECORDS = "erasures/"
+CONFLICT_ATTEMPTS = 5
 
 
 @dataclass
@@ -119,37 +121,58 @@ def erase_lake(s3, bucket: str, pseudonyms: set[str], *, start=None, end=None, d
         save_record(s3, bucket, erasure)
     with _bar(len(keys), "erasing" if not dry_run else "checking", progress) as bar:
         for key in keys:
-            table = lake.read_parquet_object(s3, bucket, key)
-            mask = _matches(table, values)
-            removed = pc.sum(mask).as_py() or 0
-            if removed:
-                erasure.files[key] = removed
-                erasure.sessions.update(_session_keys(table.filter(mask)))
-                # The record keeps every session, an earlier run's too: once the rows are gone, only it
-                # knows whose predictions and offers to delete. Saved before the rewrite for that reason.
-                record["sessions"] = sorted(set(record["sessions"]) | erasure.sessions)
-                kept = table.filter(pc.invert(mask))
-                if not kept.num_rows:
-                    erasure.emptied.append(key)
-                if not dry_run:
-                    save_record(s3, bucket, erasure)
-                    _rewrite(s3, bucket, key, kept)
+            _erase_object(s3, bucket, key, values, erasure, dry_run)
             bar.update()
     return erasure
 
 
+def _erase_object(s3, bucket: str, key: str, values: pa.Array, erasure: Erasure, dry_run: bool) -> None:
+    """Rewrite one lake object without the person's rows, only if it is still as read (S3 If-Match):
+    another erase that rewrote it meanwhile makes this one read it again, instead of putting back
+    the rows the other removed."""
+    for _ in range(CONFLICT_ATTEMPTS):
+        body, etag = aws.get_object_and_etag(s3, bucket, key)
+        if body is None:                         # another erase emptied and deleted it meanwhile
+            return
+        table = lake.parquet_table(body)
+        mask = _matches(table, values)
+        removed = pc.sum(mask).as_py() or 0
+        if not removed:
+            return
+        erasure.files[key] = removed
+        erasure.sessions.update(_session_keys(table.filter(mask)))
+        # The record keeps every session, an earlier run's too: once the rows are gone, only it
+        # knows whose predictions and offers to delete. Saved before the rewrite for that reason.
+        erasure.record["sessions"] = sorted(set(erasure.record["sessions"]) | erasure.sessions)
+        kept = table.filter(pc.invert(mask))
+        if not dry_run:
+            save_record(s3, bucket, erasure)
+            try:
+                _rewrite(s3, bucket, key, kept, etag)
+            except ClientError as exc:
+                if not aws.precondition_failed(exc):
+                    raise
+                continue
+        if not kept.num_rows:
+            erasure.emptied.append(key)
+        return
+    raise RuntimeError(f"s3://{bucket}/{key} changed {CONFLICT_ATTEMPTS} times while being erased; run the "
+                       "command again (it is idempotent)")
+
+
+SESSION_KEY_COLUMNS = ("domain_sessionid", "domain_userid", "network_userid", "event_id")
+
+
 def _session_keys(rows: pa.Table) -> set[str]:
     """The keys the scorer filed these rows' predictions under (common.features.session_key)."""
-    columns = [rows.column(name).to_pylist() for name in ("domain_sessionid", "network_userid", "event_id")]
-    return {session_key({"domain_sessionid": sid, "network_userid": user, "event_id": event})
-            for sid, user, event in zip(*columns)}
+    return {session_key(row) for row in rows.select(SESSION_KEY_COLUMNS).to_pylist()}
 
 
-def _rewrite(s3, bucket: str, key: str, kept: pa.Table) -> None:
+def _rewrite(s3, bucket: str, key: str, kept: pa.Table, etag: str) -> None:
     if kept.num_rows:       # the schema's metadata (the loader's sequence range) travels with the table
-        s3.put_object(Bucket=bucket, Key=key, Body=lake.parquet_bytes(kept), ContentType=PARQUET_TYPE)
+        s3.put_object(Bucket=bucket, Key=key, Body=lake.parquet_bytes(kept), ContentType=PARQUET_TYPE, IfMatch=etag)
     else:
-        s3.delete_object(Bucket=bucket, Key=key)
+        s3.delete_object(Bucket=bucket, Key=key, IfMatch=etag)
 
 
 def delete_sessions(dynamodb, table: str, sessions: set[str], *, dry_run: bool = False) -> int:

@@ -406,7 +406,10 @@ def key_partition(key: str) -> tuple[str, str]:
 
 
 def read_parquet_object(s3, bucket: str, key: str, columns: list[str] | None = None) -> pa.Table:
-    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return parquet_table(s3.get_object(Bucket=bucket, Key=key)["Body"].read(), columns)
+
+
+def parquet_table(body: bytes, columns: list[str] | None = None) -> pa.Table:
     return pq.ParquetFile(io.BytesIO(body)).read(columns=columns)
 
 

@@ -18,6 +18,11 @@ ERRORS = (BotoCoreError, ClientError)
 LOCAL_STACK_HINT = "for the local stack of `make up` and `make demo`: export AWS_ENDPOINT_URL=http://127.0.0.1:4566"
 
 
+def precondition_failed(exc: ClientError) -> bool:
+    """S3 refused a conditional write (If-Match / If-None-Match): someone else wrote the key first."""
+    return exc.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict", "412")
+
+
 def _uses_local_endpoint() -> bool:
     return any(key.startswith("AWS_ENDPOINT_URL") for key in os.environ)
 

@@ -60,7 +60,7 @@ def _put(s3, bucket: str, key: str, body: bytes, etag: str | None, **extra) -> N
     try:
         s3.put_object(Bucket=bucket, Key=key, Body=body, **condition, **extra)
     except ClientError as exc:
-        if exc.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+        if aws.precondition_failed(exc):
             raise Conflict(f"s3://{bucket}/{key} changed while we wrote it") from None
         raise
 

@@ -134,15 +134,44 @@ def test_erase_by_cookie_id_from_a_file_leaves_the_logged_in_rows_of_other_cooki
     assert lake.read_enriched(s3, aws_settings.bucket).num_rows == len(events) - 4
 
 
-def test_erase_deletes_predictions_filed_under_the_user_when_there_was_no_session_id(aws_settings, s3):
-    user = "f0" * 32
-    events = [make_event(40 + i, user_id=CUSTOMER, domain_sessionid=None, network_userid=user) for i in range(2)]
+@pytest.mark.parametrize("cookie", ["a1" * 32, None], ids=["cookie-id", "collector-id-only"])
+def test_erase_deletes_predictions_filed_under_the_user_when_there_was_no_session_id(aws_settings, s3, cookie):
+    """Without a session id the scorer files a session under the tracker's cookie id, else the
+    collector's: a mobile or server-side tracker sends no sid."""
+    network = "f0" * 32
+    events = [make_event(40 + i, user_id=CUSTOMER, domain_sessionid=None, domain_userid=cookie,
+                         network_userid=network) for i in range(2)]
     write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", event_records(events), "enriched")
     dynamodb = aws.client("dynamodb")
-    dynamodb.put_item(TableName=aws_settings.predictions_table, Item={"session_id": {"S": user}, "p_buy": {"N": "0.5"}})
+    filed_under = cookie or network
+    for table in (aws_settings.predictions_table, aws_settings.offers_table):
+        dynamodb.put_item(TableName=table, Item={"session_id": {"S": filed_under}, "p_buy": {"N": "0.5"}})
     done = _erase(aws_settings, CUSTOMER)
-    assert done.exit_code == 0 and "1 predictions" in done.output, done.output
-    assert user not in _sessions(dynamodb, aws_settings.predictions_table)
+    assert done.exit_code == 0 and "1 predictions, 1 offers" in done.output, done.output
+    assert filed_under not in _sessions(dynamodb, aws_settings.predictions_table)
+    assert filed_under not in _sessions(dynamodb, aws_settings.offers_table)
+
+
+def test_two_erasures_of_one_file_at_once_both_hold(aws_settings, s3, monkeypatch):
+    """Bob's erasure rewrites the file between Alice's read and her write: her write is refused
+    (If-Match), so she reads it again rather than putting Bob's rows back."""
+    alice, bob = "a1" * 32, "b1" * 32
+    events = [make_event(i, domain_userid=person) for i, person in enumerate([alice, alice, bob, bob, SOMEONE_ELSE])]
+    write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", event_records(events), "enriched")
+    parse, bob_removed = lake.parquet_table, []
+
+    def bob_erased_meanwhile(body, columns=None):
+        table = parse(body, columns)
+        if columns is None and not bob_removed:           # the read before the rewrite
+            monkeypatch.setattr(lake, "parquet_table", parse)         # Bob's run reads as usual
+            bob_removed.append(erase.erase_lake(aws.client("s3"), aws_settings.bucket, {bob}, progress=False).rows)
+        return table
+
+    monkeypatch.setattr(lake, "parquet_table", bob_erased_meanwhile)
+    done = erase.erase_lake(s3, aws_settings.bucket, {alice}, progress=False)
+    left = lake.read_enriched(s3, aws_settings.bucket, columns=["domain_userid"]).column("domain_userid").to_pylist()
+    assert bob_removed == [2] and done.rows == 2
+    assert left == [SOMEONE_ELSE]
 
 
 def test_erase_refuses_clear_identifiers_and_an_empty_request(aws_settings, s3, lake_with_person):
