@@ -7,16 +7,20 @@ from pathlib import Path
 from common.config import AwsSettings, ConfigError, require_positive
 
 # Identifiers inside self-describing events and contexts that are personal data by default:
-# the browser tracker's client_session carries the domain user id; mobile contexts carry ad ids;
-# form tracking carries what people type (names, emails).
+# the browser tracker's client_session carries the domain user id; mobile contexts carry ad and
+# device ids; form tracking carries what people type (names, emails), autofilled values included;
+# the shop's purchase carries the order id (as tr_orderid does, pipeline.PSEUDONYMISED_FIELDS).
 DEFAULT_PII_FIELDS = (
     "com.snowplowanalytics.snowplow/client_session:userId",
     "com.snowplowanalytics.snowplow/submit_form:elements[*].value",
     "com.snowplowanalytics.snowplow/change_form:value",
+    "com.snowplowanalytics.snowplow/focus_form:value",
     "com.snowplowanalytics.snowplow/mobile_context:openIdfa",
     "com.snowplowanalytics.snowplow/mobile_context:appleIdfa",
     "com.snowplowanalytics.snowplow/mobile_context:appleIdfv",
     "com.snowplowanalytics.snowplow/mobile_context:androidIdfa",
+    "com.snowplowanalytics.snowplow/mobile_context:appSetId",
+    "com.clickshop/purchase:order_id",
 )
 
 

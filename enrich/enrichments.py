@@ -121,8 +121,11 @@ def anonymise_ip(ip: str, octets: int, segments: int) -> str:
         address = ipaddress.ip_address(_without_port(ip.strip()))
     except ValueError:
         return "x"  # never pass through something we cannot prove is not an identifier
-    if address.version == 6 and address.ipv4_mapped:        # ::ffff:203.0.113.7 from a dual-stack socket
-        address = address.ipv4_mapped
+    if address.version == 6:
+        # An IPv4 address inside an IPv6 one is the client's: ::ffff:203.0.113.7 from a dual-stack
+        # socket, a 6to4 (2002::/16) or a Teredo (2001::/32) tunnel. Keeping the /48 of a 6to4
+        # address would keep the whole IPv4, so these are anonymised as the IPv4 they carry.
+        address = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1] or address
     bits = 8 * octets if address.version == 4 else 16 * segments
     mask = (1 << address.max_prefixlen) - (1 << bits)
     kind = ipaddress.IPv4Address if address.version == 4 else ipaddress.IPv6Address

@@ -64,6 +64,10 @@ INTS = {"vid": "domain_sessionidx", "ti_qu": "ti_quantity", "pp_mix": "pp_xoffse
 DIMENSIONS = {"res": ("dvce_screenwidth", "dvce_screenheight"), "vp": ("br_viewwidth", "br_viewheight"),
               "ds": ("doc_width", "doc_height")}
 TIMESTAMPS = {"dtm": "dvce_created_tstamp", "stm": "dvce_sent_tstamp", "ttm": "true_tstamp"}
+# Atomic fields that identify a person, or lead to one: an order id joins to a named customer in
+# the shop's own database, so it is as personal as the customer id.
+PSEUDONYMISED_FIELDS = ("user_id", "domain_userid", "user_ipaddress", "user_fingerprint", "mac_address",
+                        "tr_orderid", "ti_orderid")
 # Identifier lengths of Snowplow's atomic event: these fields key streams (Kinesis partition keys
 # stop at 256 characters) and tables, so a longer value is a bad row, not a stalled shard.
 ID_LIMITS = {"domain_sessionid": 128, "domain_userid": 128, "network_userid": 128, "user_id": 255}
@@ -331,7 +335,7 @@ class Enricher:
 
     def _pseudonymise(self, event: dict) -> None:
         hmac = self.hmac
-        for name in ("user_id", "domain_userid", "user_ipaddress", "user_fingerprint", "mac_address"):
+        for name in PSEUDONYMISED_FIELDS:
             if event[name]:
                 event[name] = hmac(event[name])
         # The nil id of SP-Anonymous requests identifies nobody; keep it so it stays recognisable.

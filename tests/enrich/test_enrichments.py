@@ -64,6 +64,8 @@ def test_user_agent_results_are_cached():
     ("[2001:db8::1]:443", 1, 5, "2001:db8::"),
     ("::1", 1, 5, "::"),                                    # stays IPv6, not printed as 0.0.0.0
     ("1.2.3.4:x", 1, 5, "x"),
+    ("2002:cb00:714d::1", 1, 5, "203.0.113.0"),             # 6to4 carries the client's whole IPv4
+    ("2001:0:4136:e378:8000:63bf:34ff:ffb2", 1, 5, "203.0.0.0"),  # Teredo: its client IPv4, obfuscated
 ])
 def test_ip_anonymisation(ip, octets, segments, expected):
     assert anonymise_ip(ip, octets, segments) == expected
@@ -156,6 +158,28 @@ def test_form_values_are_pseudonymised_by_default():
     raw = get_record({**EV, "e": "ue", "ue_pr": orjson.dumps(unstruct(signup, data)).decode()})
     _, event = enricher().process(raw)[0][0]
     assert event["unstruct_event"]["data"]["elements"][0]["value"] == Pseudonymiser(KEY)("bob@example.com")
+
+
+@pytest.mark.parametrize("schema, data, path", [
+    ("iglu:com.snowplowanalytics.snowplow/focus_form/jsonschema/1-0-0",
+     {"formId": "f", "elementId": "email", "nodeName": "INPUT", "value": "bob@example.com"}, ("value",)),
+    ("iglu:com.clickshop/purchase/jsonschema/1-0-0", {"order_id": "order-77", "total": 10.5, "items": 1},
+     ("order_id",)),
+])
+def test_autofilled_form_values_and_order_ids_are_pseudonymised_by_default(schema, data, path):
+    raw = get_record({**EV, "e": "ue", "ue_pr": orjson.dumps(unstruct(schema, data)).decode()})
+    (_, event), = enricher().process(raw)[0]
+    assert event["unstruct_event"]["data"][path[0]] == Pseudonymiser(KEY)(data[path[0]])
+
+
+def test_mobile_device_ids_are_pseudonymised_by_default():
+    from tests.enrich.test_registry import ANDROID, OTHER_ID, SP
+
+    device = sdj(SP.format("mobile_context", "1-0-3"), ANDROID)
+    (_, event), = enricher().process(get_record({**EV, "p": "mob", "cx": b64(contexts(device))}))[0]
+    data = event["contexts"][0]["data"]
+    assert data["androidIdfa"] == data["appSetId"] == Pseudonymiser(KEY)(OTHER_ID)
+    assert data["deviceModel"] == "Pixel 8"
 
 
 def test_numbers_lists_and_objects_at_a_pii_path_are_pseudonymised_not_skipped():

@@ -44,7 +44,9 @@ def test_tracker_events_come_out_as_expected_enriched_events(method):
     assert (coupon["se_category"], coupon["se_action"], coupon["se_label"], coupon["se_value"]) == \
         ("checkout", "coupon", "WELCOME10", 10.0)
     assert step["unstruct_event"]["data"]["step"] == 1 and purchase["unstruct_event"]["data"]["total"] == 53.91
-    assert (transaction["tr_orderid"], transaction["tr_total"], transaction["tr_currency"]) == ("order-1", 53.91, "EUR")
+    assert (transaction["tr_orderid"], transaction["tr_total"], transaction["tr_currency"]) == \
+        (Pseudonymiser(KEY)("order-1"), 53.91, "EUR")
+    assert item["ti_orderid"] == transaction["tr_orderid"]          # still joins: one pseudonym per order
     assert (item["ti_sku"], item["ti_price"], item["ti_quantity"], item["ti_name"]) == ("sku-1", 59.9, 1, "Red shoes")
     assert all(e["dvce_created_tstamp"] and e["derived_tstamp"] <= e["collector_tstamp"] for e in events)
     if method == "post":
@@ -64,7 +66,7 @@ def test_no_raw_identifier_reaches_the_enriched_output():
     assert bad == [] and len(good) == 18
     output = b"\n".join(key.encode() + b" " + orjson.dumps(event) for key, event in good).lower()
     for secret in (SHOPPER["user_id"], SHOPPER["duid"], SHOPPER["ip"], "192.0.2.", "198.51.100.",
-                   "4b5c6d7e-8f90-4a1b-8c2d-3e4f5a6b7c8d", "alice"):
+                   "4b5c6d7e-8f90-4a1b-8c2d-3e4f5a6b7c8d", "alice", "order-1"):
         assert secret.lower().encode() not in output, secret
     # The session id is random per session and stays readable (it is the partition key).
     assert SHOPPER["sid"].encode() in output
