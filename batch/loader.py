@@ -142,13 +142,11 @@ def write_bad(sink: Sink, shard_id: str, records: list[Record], stream: str) -> 
     rows = []
     for record in records:
         try:
-            row = orjson.loads(record.data)
+            row, reason = orjson.loads(record.data), "expected a JSON object"
         except orjson.JSONDecodeError as exc:
-            row = None
-            reason = str(exc)
-        if not isinstance(row, dict):
-            row = lake.loader_bad_row(record.data, [{"type": "NotJSON", "message": reason if row is None
-                                                     else "expected a JSON object"}], "NotJSON")
+            row, reason = None, str(exc)
+        if not isinstance(row, dict):                   # not JSON, or JSON but null, a list, a number
+            row = lake.loader_bad_row(record.data, [{"type": "NotJSON", "message": reason}], "NotJSON")
         rows.append((record, row))
     by_hour = _by_arrival_hour(rows)
     for hour, hour_rows in by_hour.items():

@@ -55,10 +55,10 @@ def test_loader_lands_every_event_and_bad_row_once(aws_settings):
     put(aws_settings.enriched_stream, [("k1", b"{not json"), ("k2", orjson.dumps(make_event(999, domain_sessionidx="x")))])
     raws = [make_raw(i) for i in range(5)]
     put(aws_settings.bad_stream, [(f"b{i}", orjson.dumps(make_bad_row(raw))) for i, raw in enumerate(raws)]
-        + [("b9", b"\xff\xfe not utf-8")])
+        + [("b9", b"\xff\xfe not utf-8"), ("b10", b"null"), ("b11", b"[1, 2]")])
     loader = build(loader_settings(aws_settings, lake_flush_records=50, lake_flush_seconds=1, lake_lease_ms=3000))
     enriched, bad = loader.loaders
-    _run_until(loader, lambda: enriched.stats["events"] + enriched.stats["bad"] == 122 and bad.stats["bad"] == 6)
+    _run_until(loader, lambda: enriched.stats["events"] + enriched.stats["bad"] == 122 and bad.stats["bad"] == 8)
     for part in loader.loaders:
         part.close()
     port = free_port()
@@ -69,7 +69,7 @@ def test_loader_lands_every_event_and_bad_row_once(aws_settings):
     finally:
         server.shutdown()
     assert f'lake_loader_events_total{{stream="{aws_settings.enriched_stream}"}} 120.0' in metrics
-    assert f'lake_loader_bad_total{{stream="{aws_settings.bad_stream}"}} 6.0' in metrics
+    assert f'lake_loader_bad_total{{stream="{aws_settings.bad_stream}"}} 8.0' in metrics
     assert f'lake_loader_buffered_records{{stream="{aws_settings.enriched_stream}"}} 0.0' in metrics
 
     ids = lake_event_ids(aws_settings.bucket)
@@ -85,6 +85,9 @@ def test_loader_lands_every_event_and_bad_row_once(aws_settings):
                    if not key.endswith(".loader.jsonl.gz")]
     assert [row["data"]["payload"]["record"] for row in stream_rows[:5]] == raws
     assert stream_rows[5]["data"]["failure"]["payload_encoding"] == "base64"
+    # JSON that is not an object (a null, a list) is kept the same way, not a crash on every restart.
+    assert [row["data"]["payload"] for row in stream_rows[6:]] == ["null", "[1, 2]"]
+    assert {row["data"]["failure"]["errors"][0]["message"] for row in stream_rows[6:]} == {"expected a JSON object"}
     # Checkpoints sit at the last record of each shard, with no intent left behind.
     for stream in (aws_settings.enriched_stream, aws_settings.bad_stream):
         for lease in _leases(aws_settings, stream).values():
