@@ -71,7 +71,8 @@ def _as_millis(df: DataFrame) -> DataFrame:
 def sessionise(df: DataFrame, gap_minutes: int = 30) -> DataFrame:
     """Add ``session_id``: ``domain_sessionid`` when the tracker sent one; otherwise a new session per
     user pseudonym after ``gap_minutes`` of inactivity (Snowplow's own default rule)."""
-    at = F.coalesce(F.col("derived_tstamp"), F.col("collector_tstamp"))
+    collected = F.col("collector_tstamp")          # never later than its collection, as event_time_ms
+    at = F.least(F.coalesce(F.col("derived_tstamp"), collected), collected)
     df = df.withColumn("_at", at)
     known = df.filter(F.col("domain_sessionid").isNotNull()).withColumn("session_id", F.col("domain_sessionid"))
     unknown = df.filter(F.col("domain_sessionid").isNull())

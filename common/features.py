@@ -118,8 +118,13 @@ def parse_ms(value) -> int:
 
 
 def event_time_ms(event: dict) -> int:
-    """When the event happened: Snowplow's derived timestamp, else the collector's."""
-    return parse_ms(event.get("derived_tstamp") or event["collector_tstamp"])
+    """When the event happened: Snowplow's derived timestamp, else the collector's; never later than
+    the collector's, since nothing happens after it is received. A tracker may send any true
+    timestamp (``ttm``): one dated decades ahead would otherwise start a session there, and the
+    scorer's watermark would expire every other session of its shard."""
+    collected = parse_ms(event["collector_tstamp"])
+    derived = event.get("derived_tstamp")
+    return min(parse_ms(derived), collected) if derived else collected
 
 
 def self_describing(event: dict) -> tuple[str, dict]:

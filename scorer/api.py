@@ -223,7 +223,7 @@ class ScorerApp:
             seen.add(event["event_id"])
             try:
                 step(state, event)
-            except (AttributeError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any event the fold cannot take is the caller's error
                 raise BadRequest(400, f"event {index}: cannot be folded: {exc!r}") from None
         row = read_features(state)
         p_buy = model.score_one(row)
@@ -317,4 +317,6 @@ def _events(body: bytes) -> list[dict]:
             raise BadRequest(400, f"event {index}: missing collector_tstamp") from None
         except (TypeError, ValueError, ArithmeticError) as exc:
             raise BadRequest(400, f"event {index}: bad timestamp: {exc}") from None
+    if not isinstance(session_key(events[0]), str):
+        raise BadRequest(400, "event 0: domain_sessionid, domain_userid and network_userid must be strings")
     return events

@@ -39,6 +39,7 @@ FROM_START = "TRIM_HORIZON"        # lease meta value meaning "replay from the s
 MAX_BUFFER = 20_000                # predictions; flush early rather than grow without bound
 EVENTS_LIVE, EVENTS_REPLAY = metrics.EVENTS.labels("live"), metrics.EVENTS.labels("replay")
 IDLE_SLEEP_S = 0.2                 # after an empty poll: Kinesis allows 5 GetRecords/s per shard
+LAST_MS = 253_402_214_400_000      # 9999-12-31: later times have no calendar date to fold
 
 
 class BadRecord(ValueError):
@@ -63,8 +64,8 @@ def parse_event(record: Record) -> dict:
         raise BadRecord(f"not JSON: {exc}") from None
     if not isinstance(event, dict):
         raise BadRecord(f"expected a JSON object, got {type(event).__name__}")
-    if not event.get("event_id"):
-        raise BadRecord("no event_id")
+    if not event.get("event_id") or not isinstance(event["event_id"], str):
+        raise BadRecord("event_id is not a non-empty string")
     return event
 
 
@@ -165,7 +166,11 @@ class Worker:
             event = parse_event(record)
             event_ms = event_time_ms(event)
             session_id = session_key(event)
-        except (BadRecord, KeyError, TypeError, ValueError) as exc:
+            if not isinstance(session_id, str):
+                raise BadRecord(f"session id {session_id!r} is not a string")
+            if not 0 <= event_ms < LAST_MS:        # before it moves the shard's watermark there
+                raise BadRecord(f"event time {event_ms} ms is outside the calendar")
+        except (BadRecord, KeyError, TypeError, ValueError, ArithmeticError) as exc:
             metrics.BAD_RECORDS.inc()
             log.error("shard %s sequence %s: skipped a record that is not an enriched event: %s",
                       shard, record.sequence_number, exc, extra={"shard_id": shard})
@@ -176,7 +181,7 @@ class Worker:
             return
         try:
             step(session.state, event, event_ms)
-        except (AttributeError, KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever fails, a crash would replay this record for ever
             metrics.BAD_RECORDS.inc()
             log.error("shard %s sequence %s: event %s could not be folded: %r", shard, record.sequence_number,
                       event["event_id"], exc, extra={"shard_id": shard, "event_id": event["event_id"]})

@@ -182,6 +182,32 @@ def test_a_record_that_is_not_an_event_is_reported_and_skipped_not_fatal(caplog)
     assert any(broken["event_id"] in m and "could not be folded" in m for m in errors)
 
 
+def test_records_with_ids_or_times_the_fold_cannot_take_are_skipped_not_replayed_for_ever(caplog):
+    poison = [make_event("p1", T0, event_id=["a", "list"]), make_event({"an": "object"}, T0),
+              make_event("p3", T0, collector_tstamp=1e20, derived_tstamp=None),
+              make_event("p4", T0, derived_tstamp=1e20)]           # clamped to its collector time: fine
+    rig = Rig()
+    rig.stream.put_records([("k", orjson.dumps(e)) for e in poison])
+    rig.put(session_events("ok", seed=3, n=3, buyer=False))
+    rig.drain()
+    assert sorted(p["session_id"] for p in rig.predictions()) == ["ok", "ok", "ok", "p4"]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 3 and all("skipped" in m for m in errors)
+
+
+def test_an_event_dated_decades_ahead_does_not_expire_the_other_sessions_of_its_shard():
+    """A tracker may send any true timestamp (ttm): event time never passes the collector's."""
+    stream = MemoryStream("enriched", shard_count=1)
+    rig = Rig(stream, session_timeout_s=1800)
+    rig.put(session_events("alice", seed=1, n=5, buyer=False))
+    rig.put([make_event("mallory", T0 + 60_000, derived_tstamp="2096-10-02T07:06:40.000Z")])
+    rig.drain()
+    rig.put([make_event("alice", T0 + 400_000)])
+    rig.drain()
+    alice = [p for p in rig.predictions() if p["session_id"] == "alice"]
+    assert [p["events_in_session"] for p in alice] == [1, 2, 3, 4, 5, 6]
+
+
 def test_absurd_numbers_and_events_after_a_purchase_do_not_stall_or_reach_the_engine():
     huge = [make_event("huge", T0 + i, shop="add_to_cart", data={"sku": "X", "price": 1e39, "quantity": 1.7e308})
             for i in range(2)]
