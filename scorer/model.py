@@ -29,6 +29,8 @@ class ModelRefused(ValueError):
 
 def check_meta(meta: dict) -> None:
     """Refuse a model trained on other features: its scores would be silently wrong."""
+    if not isinstance(meta, dict):
+        raise ModelRefused(f"model.json is not an object but {type(meta).__name__}")
     version = str(meta.get("feature_version"))
     if version != FEATURE_VERSION:
         raise ModelRefused(f"feature_version {version!r} differs from the scorer's {FEATURE_VERSION!r}")
@@ -112,12 +114,24 @@ class Model:
         output_name = spec.get("probability_output", "probability")
         if output_name not in outputs:
             raise ModelRefused(f"model.onnx has no output {output_name!r} (has {outputs})")
-        model = cls(bundle.name, bundle.version, float(bundle.meta.get("threshold", 0.5)), session,
-                    input_name, output_name, int(spec.get("positive_index", 1)), bundle.meta)
+        model = cls(bundle.name, bundle.version, _threshold(bundle.meta), session,
+                    input_name, output_name, _positive_index(spec), bundle.meta)
+        model._probe()
         model._fuse_trees(bundle.onnx)
         if _RowBinding.fits(model.session, output_name):
             model._single = _RowBinding(model.session, input_name, output_name)
         return model
+
+    def _probe(self) -> None:
+        """Score one row before serving it: a graph or a positive_index that cannot give a
+        probability is refused here, not found by every batch of the worker."""
+        try:
+            p_buy = float(self._run(np.zeros((1, FEATURE_COUNT), dtype=np.float32))[0])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are untyped; an index error is ours
+            raise ModelRefused(f"scoring a row failed: {exc!r}") from None
+        if not 0.0 <= p_buy <= 1.0:
+            raise ModelRefused(f"a row scored {p_buy!r}, not a probability (onnx.positive_index "
+                               f"{self.positive_index})")
 
     def _fuse_trees(self, onnx_bytes: bytes) -> None:
         """Swap in the fused-tree graph when it scores the probe rows like the original (optimize.py)."""
@@ -179,6 +193,20 @@ class Model:
         return "buy" if p_buy >= self.threshold else "defer"
 
 
+def _threshold(meta: dict) -> float:
+    value = meta.get("threshold", 0.5)
+    if type(value) not in (int, float) or not 0.0 <= value <= 1.0:      # NaN fails the comparison too
+        raise ModelRefused(f"threshold {value!r} is not a probability from 0 to 1")
+    return float(value)
+
+
+def _positive_index(spec: dict) -> int:
+    value = spec.get("positive_index", 1)
+    if type(value) is not int or value < 0:
+        raise ModelRefused(f"onnx.positive_index {value!r} is not a column number")
+    return value
+
+
 def _positive(row: dict, index: int) -> float:
     if index in row:
         return float(row[index])
@@ -210,29 +238,34 @@ class Models:
         way the current champion keeps serving.
         """
         with self._lock:
-            bundle = registry.load(self.s3, self.bucket, self.name, version)
+            try:
+                bundle = registry.load(self.s3, self.bucket, self.name, version)
+            except ValueError as exc:          # model.json is not JSON (nor UTF-8)
+                raise self._refused(version or "CURRENT", ModelRefused(f"model.json does not parse: {exc}")) from None
             if self.champion and self.champion.version == bundle.version:
                 return self.champion
             try:
                 model = Model.from_bundle(bundle)
             except ModelRefused as exc:
-                metrics.MODEL_REFUSED.inc()
-                log.error("refused model %s version %s: %s; keeping %s", self.name, bundle.version, exc,
-                          self.champion.version if self.champion else "no model",
-                          extra={"model_version": bundle.version})
-                raise
+                raise self._refused(bundle.version, exc) from None
             previous, self.champion = self.champion, model
             metrics.model_loaded(model, "champion", previous)
             log.info("model %s version %s is now the champion (was %s)", self.name, model.version,
                      previous.version if previous else None, extra={"model_version": model.version})
             return model
 
+    def _refused(self, version: str, exc: ModelRefused) -> ModelRefused:
+        metrics.MODEL_REFUSED.inc()
+        log.error("refused model %s version %s: %s; keeping %s", self.name, version, exc,
+                  self.champion.version if self.champion else "no model", extra={"model_version": version})
+        return exc
+
     def load_shadow(self) -> None:
         if not self.shadow_version or (self.shadow and self.shadow.version == self.shadow_version):
             return
         try:
             model = Model.from_bundle(registry.load(self.s3, self.bucket, self.name, self.shadow_version))
-        except (LookupError, ModelRefused) as exc:
+        except (LookupError, ValueError) as exc:           # ModelRefused, or a model.json that does not parse
             log.error("shadow model %s version %s not loaded: %s", self.name, self.shadow_version, exc)
             return
         previous, self.shadow = self.shadow, model

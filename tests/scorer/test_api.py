@@ -6,7 +6,7 @@ import json
 import pytest
 import requests
 
-from common import aws
+from common import aws, registry
 from common.features import FEATURE_NAMES, session_features
 from infra.provision import ProvisionSettings, provision
 from tests.conftest import unique_settings
@@ -166,6 +166,10 @@ def test_reload_needs_the_token_and_refuses_mismatched_models(api):
     refused = post(api, "/models/reload", {"version": "v-bad"}, headers=auth)
     assert refused.status_code == 409 and "feature_version" in refused.json()["error"]
     assert post(api, "/models/reload", {"version": "v-missing"}, headers=auth).status_code == 404
+    registry.publish(api.s3, api.settings.bucket, MODEL, "v-cut", {"model.onnx": logistic_onnx(),
+                                                                    "model.json": b'{"name": "m", "feat'})
+    refused = post(api, "/models/reload", {"version": "v-cut"}, headers=auth)
+    assert refused.status_code == 409 and "model.json does not parse" in refused.json()["error"]
     publish(api.s3, api.settings.bucket, MODEL, "v2", logistic_onnx(bias=-1.0))
     answer = post(api, "/models/reload", headers=auth).json()
     assert answer == {"model_name": MODEL, "model_version": "v2", "previous_version": "v1"}

@@ -47,6 +47,22 @@ def test_a_model_file_that_does_not_match_its_metadata_is_refused():
         Model.from_bundle(Bundle("m", "v", b"not onnx", model_meta("m", "v")))
 
 
+@pytest.mark.parametrize("change, words", [
+    ({"onnx": {"input": "features", "probability_output": "probability", "positive_index": 2}}, "scoring a row failed"),
+    ({"onnx": {"input": "features", "probability_output": "probability", "positive_index": "1"}}, "not a column"),
+    ({"threshold": float("nan")}, "threshold nan is not a probability"),
+    ({"threshold": 1.5}, "threshold 1.5"),
+    ({"threshold": "0.5"}, "threshold '0.5'"),
+])
+def test_a_bundle_that_would_fail_every_batch_is_refused_at_load(change, words):
+    """Refused at load, the old model keeps serving; accepted, each batch would fail or each
+    decision be "defer" and each table write be refused (DynamoDB takes no NaN)."""
+    with pytest.raises(ModelRefused, match=words):
+        Model.from_bundle(Bundle("m", "v", logistic_onnx(), model_meta("m", "v", **change)))
+    with pytest.raises(ModelRefused, match="not an object"):
+        check_meta([model_meta("m", "v")])
+
+
 def test_watcher_swaps_in_current_and_keeps_serving_when_the_new_one_is_refused(published, s3, caplog):
     models = Models(s3, published.bucket, MODEL)
     models.refresh()
