@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import typing
 from pathlib import Path
@@ -110,8 +111,23 @@ def load(cls, *, section: str | None = None, env: typing.Mapping[str, str] | Non
     settings = cls(**values)
     check = getattr(settings, "validate", None)
     if check:
-        check()
+        try:
+            check()
+        except ConfigError as exc:
+            raise ConfigError(_as_set(str(exc), keys)) from None
     return settings
+
+
+_ENV_KEY = re.compile(rf"\b{ENV_PREFIX}([A-Z0-9_]+)\b")
+
+
+def _as_set(message: str, keys: dict[str, str]) -> str:
+    """A component's checks name a setting CLICKSTREAM_<FIELD>; name it as it was actually set
+    (``[discount] budget_per_hour`` in the file, or ``CLICKSTREAM_DISCOUNT_BUDGET_PER_HOUR``)."""
+    def named(match: re.Match) -> str:
+        key = keys.get(match.group(1).lower(), "")
+        return key if key.startswith(("[", ENV_PREFIX)) else match.group(0)
+    return _ENV_KEY.sub(named, message)
 
 
 def _check_sections(data: dict, section: str | None) -> None:

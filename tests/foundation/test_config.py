@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from common import aws
-from common.config import SECTIONS, AwsSettings, ConfigError, load
+from common.config import SECTIONS, AwsSettings, ConfigError, load, require_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,3 +129,22 @@ def test_every_section_a_component_loads_is_a_known_one():
         loaded |= set(re.findall(r'settings_or_exit\(\w+, "([a-z_-]+)"', text))
     assert {"collector", "enrich", "scorer", "lake", "train", "discount", "liveview"} <= loaded
     assert loaded <= set(SECTIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked(Example):
+    def validate(self):
+        require_positive(self, "flush_ms")
+
+
+@pytest.mark.parametrize("env, file_text, named", [
+    ({}, "[example]\nflush_ms = 0\n", "[example] flush_ms: expected a positive number"),
+    ({"CLICKSTREAM_EXAMPLE_FLUSH_MS": "0"}, "", "CLICKSTREAM_EXAMPLE_FLUSH_MS: expected a positive number"),
+    ({"CLICKSTREAM_FLUSH_MS": "-1"}, "", "CLICKSTREAM_FLUSH_MS: expected a positive number"),
+])
+def test_a_components_own_checks_name_the_key_as_it_was_set(tmp_path, env, file_text, named):
+    file = tmp_path / "c.toml"
+    file.write_text(file_text)
+    with pytest.raises(ConfigError) as refused:
+        load(Checked, section="example", file=file, env=env)
+    assert str(refused.value).startswith(named)
