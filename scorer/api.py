@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import logging
 import time
+from urllib.parse import unquote
 
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
@@ -34,6 +35,7 @@ from scorer.sink import from_item
 log = logging.getLogger("scorer.api")
 
 JSON = [(b"content-type", b"application/json")]
+MAX_SESSION_ID_BYTES = 2048        # DynamoDB's limit for a partition key
 
 
 class Response:
@@ -138,11 +140,15 @@ class ScorerApp:
                 return self.model_ready(name)
             if method == "POST" and rest == ["infer"]:
                 return self.infer(name, body)
-        if len(parts) == 3 and parts[0] == "sessions" and method == "GET":
-            if parts[2] == "prediction":
-                return self.session_prediction(parts[1])
-            if parts[2] == "features":
-                return self.session_features(parts[1])
+        session_route = _session_route(scope)
+        if session_route and method == "GET":
+            session_id, view = session_route
+            if not 0 < len(session_id.encode()) <= MAX_SESSION_ID_BYTES:    # DynamoDB would refuse the key
+                return error(404, f"no session id of {len(session_id.encode())} bytes exists")
+            if view == "prediction":
+                return self.session_prediction(session_id)
+            if view == "features":
+                return self.session_features(session_id)
         known = {p for _, p in self.routes} | {"/v2/models/{name}", "/sessions/{id}/prediction"}
         if path in known or (len(parts) >= 3 and parts[:2] == ["v2", "models"]):
             return error(405, f"method {method} not allowed on {path}")
@@ -296,6 +302,16 @@ def _header(scope, name: bytes) -> str:
         if key == name:
             return value.decode("latin-1")
     return ""
+
+
+def _session_route(scope) -> tuple[str, str] | None:
+    """(session id, view) of ``/sessions/{id}/{view}``, read from the raw path: a session id may
+    hold a ``/``, which the decoded path cannot tell from a separator."""
+    raw = (scope.get("raw_path") or scope["path"].encode()).split(b"?", 1)[0].decode("latin-1")
+    parts = raw.strip("/").split("/")
+    if len(parts) == 3 and parts[0] == "sessions":
+        return unquote(parts[1]), parts[2]
+    return None
 
 
 def _events(body: bytes) -> list[dict]:

@@ -149,7 +149,14 @@ def test_score_session_folds_events_like_the_training_rows(api):
 
 def test_session_prediction_lookup_reads_the_table(api):
     assert requests.get(api.url + "/sessions/none-such/prediction", timeout=5).status_code == 404
+    # An empty or oversized id is no outage (503 would page someone), and a '/' in an id is reachable.
+    for odd in ("", "x" * 2049):
+        assert requests.get(f"{api.url}/sessions/{odd}/prediction", timeout=5).status_code == 404
     dynamodb = aws.client("dynamodb")
+    dynamodb.put_item(TableName=api.settings.predictions_table, Item={
+        "session_id": {"S": "tab/2"}, "p_buy": {"N": "0.5"}, "decision": {"S": "buy"}})
+    answer = requests.get(api.url + "/sessions/tab%2F2/prediction", timeout=5)
+    assert answer.status_code == 200 and answer.json()["session_id"] == "tab/2"
     dynamodb.put_item(TableName=api.settings.predictions_table, Item={
         "session_id": {"S": "known"}, "p_buy": {"N": "0.25"}, "decision": {"S": "defer"},
         "events_in_session": {"N": "3"}, "model_version": {"S": "v1"}, "event_ms": {"N": "5"}})
