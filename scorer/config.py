@@ -23,6 +23,7 @@ class ScorerSettings(AwsSettings):
     flush_ms: int = 100                 # longest a prediction waits in the worker before it is written
     session_timeout_s: int = 1800       # inactivity (by event time) after which a session ends
     max_sessions: int = 200_000         # memory cap; least recently seen sessions are evicted
+    replay_max_s: int = 7200            # a restart rebuilds sessions begun this long before the newest event
     dedupe_window: int = 256            # event ids remembered per session to drop redeliveries
     prediction_ttl_hours: int = 24      # DynamoDB TTL (expires_at) of the latest prediction
     batch_limit: int = 1000             # records per GetRecords
@@ -39,5 +40,5 @@ class ScorerSettings(AwsSettings):
         if self.emit not in EMIT_POLICIES:
             raise ConfigError(f"CLICKSTREAM_EMIT: expected one of {', '.join(EMIT_POLICIES)}, got {self.emit!r}")
         require_positive(self, "port", "model_poll_s", "emit_every_n", "flush_ms", "session_timeout_s",
-                         "max_sessions", "dedupe_window", "prediction_ttl_hours", "batch_limit", "lease_ms",
-                         "write_threads", "read_interval_s")
+                         "replay_max_s", "max_sessions", "dedupe_window", "prediction_ttl_hours", "batch_limit",
+                         "lease_ms", "write_threads", "read_interval_s")

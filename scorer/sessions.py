@@ -37,8 +37,9 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, timeout_ms: int, max_sessions: int, dedupe_window: int):
+    def __init__(self, timeout_ms: int, max_sessions: int, dedupe_window: int, replay_max_ms: int = 7_200_000):
         self.timeout_ms = timeout_ms
+        self.replay_max_ms = replay_max_ms
         self.max_sessions = max_sessions
         self.dedupe_window = dedupe_window
         self.sessions: OrderedDict[str, Session] = OrderedDict()   # least recently seen first
@@ -110,11 +111,18 @@ class SessionStore:
         return len(expired)
 
     def state_after(self, shard_id: str, default: str | None) -> str | None:
-        """The sequence number to replay from to rebuild every live session of the shard."""
+        """The sequence number to replay from to rebuild every live session of the shard that began
+        less than ``replay_max_ms`` before the shard's watermark. An older one (a kiosk, a server-side
+        tracker with a fixed session id: one that never idles) would pin every restart's replay
+        hours back, up to the stream's retention; a restart rebuilds it from there only."""
         order = self.by_shard.get(shard_id)
         if not order:
             return default
-        return next(iter(order.values()))
+        oldest_ms = self.watermark_ms.get(shard_id, 0) - self.replay_max_ms
+        for session_id, start_after in order.items():
+            if self.sessions[session_id].state.start_ms >= oldest_ms:
+                return start_after
+        return default
 
     def drop_shard(self, shard_id: str) -> None:
         """Forget a shard's sessions (its lease went to another worker, which rebuilds them)."""

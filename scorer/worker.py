@@ -79,7 +79,8 @@ class Worker:
         self.settings = settings
         self.models = models
         self.writer = writer
-        self.store = SessionStore(settings.session_timeout_s * 1000, settings.max_sessions, settings.dedupe_window)
+        self.store = SessionStore(settings.session_timeout_s * 1000, settings.max_sessions, settings.dedupe_window,
+                                  settings.replay_max_s * 1000)
         self.make_consumer = make_consumer
         self.consumer = make_consumer(start_after=self._start_after, on_lost=self._on_lost)
         self.positions: dict[str, str | None] = {}      # last record read per shard
@@ -324,7 +325,8 @@ class Worker:
             self.consumer.close()
         except Exception:
             log.warning("could not hand the shards back cleanly", exc_info=True)
-        self.store = SessionStore(self.store.timeout_ms, self.store.max_sessions, self.store.dedupe_window)
+        self.store = SessionStore(self.store.timeout_ms, self.store.max_sessions, self.store.dedupe_window,
+                                  self.store.replay_max_ms)
         self.positions.clear()
         self.replay_until.clear()
         self.pending.clear()

@@ -271,6 +271,20 @@ def test_a_quiet_shard_does_not_hold_up_expiry_and_the_replay_start_of_the_other
     assert store.get("quiet") and store.state_after("shard-B", None) == "9"
 
 
+def test_a_session_that_never_idles_does_not_pin_the_replay_start_for_ever():
+    stream, leases = MemoryStream("enriched", shard_count=1), MemoryLeaseTable()
+    rig = Rig(stream, leases, replay_max_s=3600)
+    kiosk = [make_event("kiosk", T0 + i * 600_000) for i in range(2 * 6 * 24)]       # every 10 min for 2 days
+    rig.put(kiosk[:-1])
+    rig.put(session_events("visitor", seed=4, n=3, buyer=False, start_ms=T0 + 285 * 600_000))
+    rig.put(kiosk[-1:])
+    rig.drain()
+    [lease] = leases.leases()[0]
+    first_visitor_record = 2 * 6 * 24                  # sequence numbers of the memory stream count from 1
+    assert lease.meta["state_after"] == str(first_visitor_record - 1)
+    assert rig.worker.store.get("kiosk").state.events == 2 * 6 * 24                  # live, as scored
+
+
 def test_sessions_expire_by_event_time_and_memory_is_capped():
     rig = Rig(session_timeout_s=60, max_sessions=3)
     old = session_events("old", seed=1, n=3, buyer=False)
