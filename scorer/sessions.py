@@ -120,7 +120,8 @@ class SessionStore:
             return default
         oldest_ms = self.watermark_ms.get(shard_id, 0) - self.replay_max_ms
         for session_id, start_after in order.items():
-            if self.sessions[session_id].state.start_ms >= oldest_ms:
+            began_ms = self.sessions[session_id].state.start_ms
+            if began_ms < 0 or began_ms >= oldest_ms:       # < 0: nothing folded yet (a purchase alone)
                 return start_after
         return default
 
