@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import mimetypes
 import threading
 import time
@@ -192,7 +193,10 @@ class LiveState:
 
     def add_prediction(self, prediction: dict, arrival_ms: int) -> None:
         session_id = str(prediction.get("session_id") or "")
-        if not session_id or not isinstance(prediction.get("p_buy"), (int, float)):
+        p_buy = prediction.get("p_buy")
+        # A probability: NaN (fails both comparisons), Infinity or a huge int (float() would raise)
+        # is not a score the 0..1 sparkline can show, nor JSON the page can parse.
+        if not session_id or not isinstance(p_buy, (int, float)) or not 0 <= p_buy <= 1:
             return
         event_id = prediction.get("event_id")
         with self.lock:
@@ -250,6 +254,18 @@ class LiveState:
         with self.lock:
             session = self.sessions.get(session_id)
             return self.session_json(session_id, session) if session else None
+
+
+def finite(value):
+    """``value`` with NaN and Infinity (which Python's json accepts, e.g. in a model.json) as None:
+    the page's JSON.parse rejects them, and one would break the page for every viewer."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value
 
 
 def decision_row(prediction: dict, arrival_ms: int) -> dict:
@@ -325,9 +341,14 @@ def read_predictions(state: LiveState, consumer: Consumer) -> None:
     for batch in consumer.poll():
         for record in batch.records:
             try:
-                state.add_prediction(json.loads(record.data), record.arrival_ms)
-            except ValueError:
-                log.warning("skipping a record that is not JSON on shard %s", batch.shard_id)
+                prediction = json.loads(record.data)
+            except (ValueError, RecursionError):          # RecursionError: absurdly nested JSON
+                prediction = None
+            # Skip, not raise: an exception here would drop every later record of this poll.
+            if not isinstance(prediction, dict):
+                log.warning("skipping a record that is not a JSON object on shard %s", batch.shard_id)
+                continue
+            state.add_prediction(prediction, record.arrival_ms)
         if batch.shard_end:
             consumer.checkpoint(batch)     # a finished parent lets its children become readable
     state.stream_lag_ms = consumer.max_lag_ms        # one attribute store: no lock needed
@@ -436,12 +457,15 @@ def safe_file(base: Path, relative: str) -> Path | None:
     if "\x00" in relative:
         return None
     base = base.resolve()
-    target = (base / relative.lstrip("/")).resolve()
-    if not target.is_relative_to(base):
+    try:
+        target = (base / relative.lstrip("/")).resolve()
+        if not target.is_relative_to(base):
+            return None
+        if target.is_dir():
+            target = target / "index.html"
+        return target if target.is_file() else None
+    except OSError:              # e.g. a name over 255 bytes (ENAMETOOLONG): no such file either
         return None
-    if target.is_dir():
-        target = target / "index.html"
-    return target if target.is_file() else None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -472,11 +496,15 @@ class Handler(BaseHTTPRequestHandler):
             self.send(404, b"not found\n", "text/plain; charset=utf-8")
 
     def send_session(self, session_id: str) -> None:
+        # A shop page served elsewhere (demo.web, ?liveview=) reads this cross-origin. Any origin may:
+        # the answer is one pseudonymous session's score, read-only and fetched without credentials,
+        # and the shop's origin is not among the settings.
+        cors = {"Access-Control-Allow-Origin": "*"}
         found = self.server.state.session_lookup(session_id)
         if found is None:
-            self.send_json({"session_id": session_id, "error": "not scored recently"}, 404)
+            self.send_json({"session_id": session_id, "error": "not scored recently"}, 404, cors)
         else:
-            self.send_json(found)
+            self.send_json(found, 200, cors)
 
     def send_file(self, base: Path, relative: str) -> None:
         target = safe_file(base, relative)
@@ -488,8 +516,10 @@ class Handler(BaseHTTPRequestHandler):
             kind += "; charset=utf-8"
         self.send(200, target.read_bytes(), kind)
 
-    def send_json(self, value: dict, status: int = 200) -> None:
-        self.send(status, json.dumps(value, default=str).encode(), "application/json")
+    def send_json(self, value: dict, status: int = 200, headers: dict[str, str] | None = None) -> None:
+        # allow_nan=False: finite() must have caught every NaN; a miss fails loudly here, not in every page.
+        body = json.dumps(finite(value), default=str, allow_nan=False).encode()
+        self.send(status, body, "application/json", headers)
 
     def redirect(self, location: str) -> None:
         self.send_response(301)
@@ -497,11 +527,13 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def send(self, status: int, body: bytes, kind: str) -> None:
+    def send(self, status: int, body: bytes, kind: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 

@@ -97,23 +97,32 @@ def percentiles(values: list[int], points=(50, 90, 99)) -> dict:
 
 
 def _predictions(client, stream_name: str, since: float | None):
-    """The predictions on the stream (from ``since``), skipping records that are not JSON."""
+    """The predictions on the stream (from ``since``), None for a record that is not one: not JSON,
+    not an object, or without string session_id and decision (which are counted, so must hash)."""
     for data in walk_stream(client, stream_name, since):
         try:
-            yield json.loads(data)
-        except ValueError:
-            continue
+            prediction = json.loads(data)
+        except (ValueError, RecursionError):              # RecursionError: absurdly nested JSON
+            prediction = None
+        readable = (isinstance(prediction, dict) and isinstance(prediction.get("session_id"), str)
+                    and isinstance(prediction.get("decision"), str))
+        yield prediction if readable else None
 
 
 def count_predictions(client, stream_name: str, since: float | None) -> dict:
-    latencies, decisions, sessions = [], Counter(), set()
+    """Predictions, sessions and decisions on the stream; unreadable records are skipped and counted,
+    so one stray write cannot stop the summary."""
+    latencies, decisions, sessions, skipped = [], Counter(), set(), 0
     for prediction in _predictions(client, stream_name, since):
-        sessions.add(prediction.get("session_id"))
-        decisions[prediction.get("decision")] += 1
+        if prediction is None:
+            skipped += 1
+            continue
+        sessions.add(prediction["session_id"])
+        decisions[prediction["decision"]] += 1
         if isinstance(prediction.get("latency_us"), int):
             latencies.append(prediction["latency_us"])
-    return {"records": sum(decisions.values()), "sessions": len(sessions),
-            "buy": decisions["buy"], "defer": decisions["defer"], "latency_us": percentiles(latencies)}
+    return {"records": sum(decisions.values()), "sessions": len(sessions), "buy": decisions["buy"],
+            "defer": decisions["defer"], "skipped": skipped, "latency_us": percentiles(latencies)}
 
 
 def latency_of_events_since(client, stream_name: str, since: float) -> dict:
@@ -121,7 +130,8 @@ def latency_of_events_since(client, stream_name: str, since: float) -> dict:
     ``since`` (epoch seconds): a scorer catching up on older events scores them in the same minutes."""
     cutoff = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
     return percentiles([p["latency_us"] for p in _predictions(client, stream_name, since)
-                        if p.get("collector_tstamp", "") >= cutoff and isinstance(p.get("latency_us"), int)])
+                        if p and isinstance(p.get("collector_tstamp"), str) and p["collector_tstamp"] >= cutoff
+                        and isinstance(p.get("latency_us"), int)])
 
 
 # ------------------------------------------------------------------------------------ lake
@@ -251,7 +261,8 @@ def render(summary: dict) -> str:
         f"bad              {summary['bad']:>10,}{_share(summary['bad'], checked)}",
         f"in the lake      {summary['lake']['rows']:>10,}  in {summary['lake']['files']:,} Parquet files",
         (f"scored           {scored['records']:>10,}  predictions for {scored['sessions']:,} sessions "
-         f"({scored['buy']:,} buy / {scored['defer']:,} defer)"),
+         f"({scored['buy']:,} buy / {scored['defer']:,} defer)"
+         + (f", {scored['skipped']:,} unreadable records skipped" if scored.get("skipped") else "")),
         f"offers made      {summary['offers']:>10,}",
         f"model            {model['name']} {model.get('version') or '(none published)'}, ROC AUC {auc}",
     ]

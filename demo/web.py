@@ -49,10 +49,13 @@ def catalogue_json() -> str:
 
 def resolve(base: Path, relative: str) -> Path | None:
     """The file under ``base`` for a URL path, or None (also for any attempt to climb out of it)."""
-    target = (base / relative).resolve()
-    if target.is_dir():
-        target = target / "index.html"
-    if not target.is_relative_to(base.resolve()) or not target.is_file():
+    try:
+        target = (base / relative).resolve()
+        if target.is_dir():
+            target = target / "index.html"
+        if not target.is_relative_to(base.resolve()) or not target.is_file():
+            return None
+    except (OSError, ValueError):    # a name over 255 bytes (ENAMETOOLONG), a NUL byte: no such file
         return None
     return target
 

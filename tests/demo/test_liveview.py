@@ -45,15 +45,17 @@ def prediction(session: str, p_buy: float, latency_us: int = 40, events: int = 3
             "latency_us": latency_us, "events_in_session": events}
 
 
-def put(settings, stream_name: str, records: list[dict]) -> None:
+def put(settings, stream_name: str, records: list[dict | bytes]) -> None:
+    """Put records (dicts as JSON, bytes as they are) in one call, in order."""
     stream = KinesisStream(aws.client("kinesis", settings.region), stream_name)
-    entries = [(str(r.get("session_id") or uuid.uuid4()), json.dumps(r).encode()) for r in records]
+    entries = [(str(r.get("session_id") or uuid.uuid4()), json.dumps(r).encode()) if isinstance(r, dict)
+               else ("odd", r) for r in records]
     assert Producer(stream).send(entries) == []
 
 
-def publish_model(settings) -> None:
+def publish_model(settings, **meta) -> None:
     s3 = aws.client("s3", settings.region)
-    files = {"model.onnx": b"not really onnx", "model.json": json.dumps(MODEL_META).encode()}
+    files = {"model.onnx": b"not really onnx", "model.json": json.dumps({**MODEL_META, **meta}).encode()}
     registry.publish(s3, settings.bucket, registry.DEFAULT_MODEL, VERSION, files)
     registry.set_current(s3, settings.bucket, registry.DEFAULT_MODEL, VERSION, reason="test")
 
@@ -79,6 +81,14 @@ def get(url: str) -> tuple[int, str, bytes]:
         return exc.code, exc.headers.get("Content-Type", ""), exc.read()
 
 
+def cors_header(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.headers.get("Access-Control-Allow-Origin")
+    except urllib.error.HTTPError as exc:
+        return exc.headers.get("Access-Control-Allow-Origin")
+
+
 def raw_get(port: int, path: str) -> int:
     """Send a path exactly as written (urllib would normalise '..' away)."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -89,8 +99,15 @@ def raw_get(port: int, path: str) -> int:
     return status
 
 
+def strict_json(body: bytes):
+    """Parse as the browser's JSON.parse does: NaN and Infinity are not JSON."""
+    def reject(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(body, parse_constant=reject)
+
+
 def state(view: LiveView) -> dict:
-    return json.loads(get(view.url + "/api/state")[2])
+    return strict_json(get(view.url + "/api/state")[2])
 
 
 def by_id(items: list[dict], key: str = "session_id") -> dict:
@@ -199,8 +216,35 @@ def test_session_lookup_for_a_shop_page_even_when_a_source_fails(view_settings):
         assert found["p_buy"] == 0.6 and found["decision"] == "buy"
         status, _, body = get(f"{view.url}/api/session/nobody")
         assert status == 404 and json.loads(body)["error"] == "not scored recently"
+        # A shop page on another origin (demo.web, ?liveview=) may read both answers.
+        for sid in (session, "nobody"):
+            assert cors_header(f"{view.url}/api/session/{sid}") == "*"
+        assert cors_header(f"{view.url}/api/state") is None
         errors = wait_for(lambda: state(view)["errors"])
         assert "ResourceNotFoundException" in errors["offers"] and "predictions" not in errors
+    finally:
+        view.close()
+
+
+def test_non_finite_values_and_records_that_are_not_objects_leave_the_page_readable(view_settings):
+    settings = view_settings
+    publish_model(settings, threshold=float("nan"))           # json.dumps writes a bare NaN into model.json
+    good, later = f"good-{uuid.uuid4().hex[:6]}", f"later-{uuid.uuid4().hex[:6]}"
+    put(settings, settings.predictions_stream,
+        [prediction(good, 0.4), prediction("nan-p", float("nan")), prediction("inf-p", float("inf")),
+         prediction("huge-p", 10**400),
+         b"[1, 2]", b"null", b"[" * 100_000, b"not json",
+         {**prediction(later, 0.7), "threshold": float("-inf")}])
+    view = LiveView(settings).start()
+    try:
+        # Every answer must parse strictly; the records after the bad ones are still read.
+        snapshot = wait_for(lambda: (s := state(view)) and later in by_id(s["sessions"])
+                            and s["model"]["version"] == VERSION and s)
+        assert set(by_id(snapshot["sessions"])) == {good, later}
+        assert snapshot["model"]["threshold"] is None and by_id(snapshot["sessions"])[later]["threshold"] is None
+        assert "predictions" not in snapshot["errors"]
+        status, _, body = get(f"{view.url}/api/session/{later}")
+        assert status == 200 and strict_json(body)["p_buy"] == 0.7
     finally:
         view.close()
 
@@ -219,7 +263,8 @@ def test_pages_shop_and_tracker_are_served_from_one_origin_without_escaping_thei
     assert get(view.url + "/node_modules/@snowplow/browser-tracker/dist/index.umd.min.js")[0] == 200
     for path in ("/shop/../secret.txt", "/shop/%2e%2e/secret.txt", "/node_modules/@snowplow/../../package.json",
                  "/node_modules/@snowplow/%2e%2e/%2e%2e/package.json", "/static/../liveview.py",
-                 "/shop/nothing-here.html", "/elsewhere"):
+                 "/shop/nothing-here.html", "/elsewhere", "/shop/" + "a" * 300, "/static/" + "a" * 300,
+                 "/node_modules/@snowplow/" + "a" * 300, "/shop/%00"):
         assert raw_get(port, path) == 404, path
 
 
@@ -302,7 +347,7 @@ def test_summary_counts_every_stage(aws_settings):
     assert result["sent"] == {"records": 3, "events": 5}
     assert (result["enriched"], result["bad"], result["offers"]) == (4, 1, 1)
     assert result["lake"] == {"rows": 8, "files": 2}
-    assert result["scored"] == {"records": 4, "sessions": 2, "buy": 1, "defer": 3,
+    assert result["scored"] == {"records": 4, "sessions": 2, "buy": 1, "defer": 3, "skipped": 0,
                                 "latency_us": {"p50": 20, "p90": 1000, "p99": 1000, "max": 1000}}
     assert (result["model"]["version"], result["model"]["roc_auc"]) == (VERSION, 0.8765)
     text = summary.render(result)
@@ -313,6 +358,22 @@ def test_summary_counts_every_stage(aws_settings):
     later = summary.summarize(settings, since=time.time() + 5)
     assert later["sent"]["records"] == 0 and later["scored"]["records"] == 0 and later["lake"]["rows"] == 8
     assert "time in scorer   n/a (no predictions)" in summary.render(later)
+
+
+def test_summary_skips_and_counts_prediction_records_it_cannot_read(aws_settings):
+    kinesis = aws.client("kinesis", aws_settings.region)
+    put(aws_settings, aws_settings.predictions_stream,
+        [prediction("a", 0.4, latency_us=10), b"not json", b"[1, 2]", b"null", b"[" * 100_000,
+         {**prediction("x", 0.5), "session_id": ["a", "list"]}, {**prediction("y", 0.5), "decision": {"no": 1}},
+         {**prediction("z", 0.5), "collector_tstamp": None}, prediction("b", 0.6, latency_us=30)])
+    result = summary.count_predictions(kinesis, aws_settings.predictions_stream, None)
+    assert result == {"records": 3, "sessions": 3, "buy": 2, "defer": 1, "skipped": 6,
+                      "latency_us": {"p50": 30, "p90": 40, "p99": 40, "max": 40}}
+    assert summary.latency_of_events_since(kinesis, aws_settings.predictions_stream, 0) == \
+        {"p50": 10, "p90": 30, "p99": 30, "max": 30}
+    empty = {"sent": {"records": 0, "events": 0}, "enriched": 0, "bad": 0, "lake": {"rows": 0, "files": 0},
+             "offers": 0, "model": {"name": registry.DEFAULT_MODEL}}
+    assert "(2 buy / 1 defer), 6 unreadable records skipped" in summary.render({**empty, "scored": result})
 
 
 def test_live_latency_counts_only_events_received_after_the_cut(aws_settings):

@@ -21,8 +21,12 @@ import pytest
 
 from demo.web import ShopServer, WebSettings, catalogue_json, resolve
 from localstack.emulator import free_port
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
+from tests.demo import test_liveview
 from tests.demo.test_traffic import Capture, CaptureServer, contexts_of, shop_event, validate_payload
+
+# The live view's fixtures (a view on a free port, reading a test-unique predictions stream).
+collector_metrics, view_settings, view = test_liveview.collector_metrics, test_liveview.view_settings, test_liveview.view
 
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -199,6 +203,18 @@ def test_clicking_through_the_shop_sends_the_funnel_with_the_official_tracker(br
     assert purchase["total"] == shop_events[1][1]["price"]
 
 
+@pytest.mark.browser
+def test_a_shop_on_another_origin_shows_its_prediction_from_the_live_view(browser, servers, view, view_settings):
+    collector, shop = servers
+    # demo.web and the live view listen on different ports, so the page's fetch is cross-origin.
+    browser.go(f"{shop.url}/shop/?collector=http://127.0.0.1:{collector.server_address[1]}&liveview={view.url}")
+    browser.wait("return document.title.startsWith('Home')")
+    session_id = browser.text("#session-id")
+    test_liveview.put(view_settings, view_settings.predictions_stream, [test_liveview.prediction(session_id, 0.7)])
+    wait_for(lambda: test_liveview.get(f"{view.url}/api/session/{session_id}")[0] == 200)
+    browser.wait("return document.getElementById('p-buy').textContent.startsWith('p(buy) 0.700 after 3 events')")
+
+
 def test_shop_server_serves_the_page_the_tracker_and_nothing_else(servers):
     _, shop = servers
     with urllib.request.urlopen(f"{shop.url}/shop/") as response:
@@ -207,11 +223,13 @@ def test_shop_server_serves_the_page_the_tracker_and_nothing_else(servers):
     assert src in page
     with urllib.request.urlopen(shop.url + src) as response:
         assert b"snowplowBrowserTracking" in response.read()
-    for path in ("/shop/../../pyproject.toml", "/shop/%2e%2e/%2e%2e/pyproject.toml", "/nothing"):
+    for path in ("/shop/../../pyproject.toml", "/shop/%2e%2e/%2e%2e/pyproject.toml", "/nothing",
+                 "/shop/" + "a" * 300, "/node_modules/@snowplow/" + "a" * 300, "/shop/%00"):
         with pytest.raises(urllib.error.HTTPError) as error:
             urllib.request.urlopen(shop.url + path)
-        assert error.value.code == 404
+        assert error.value.code == 404, path
     assert resolve(ROOT / "demo" / "shop", "../web.py") is None
+    assert resolve(ROOT / "demo" / "shop", "a" * 300) is None            # ENAMETOOLONG is "not there" too
 
 
 def test_committed_catalogue_matches_the_generator():
