@@ -52,6 +52,7 @@ class _Owned:
     reader: ShardReader
     position: str | None
     lease: Lease
+    checkpointed: str | None = None  # where a rewind reads again from: the start, then each checkpoint
     read_at: float = 0.0            # monotonic time of the last GetRecords on this shard
 
 
@@ -148,7 +149,7 @@ class Consumer:
         except LeaseLost:
             return
         start = self.start_after(taken)
-        self.owned[lease.shard_id] = _Owned(self.stream.reader(lease.shard_id, start), start, taken)
+        self.owned[lease.shard_id] = _Owned(self.stream.reader(lease.shard_id, start), start, taken, start)
         log.info("worker %s took shard %s from %r, reading after %s",
                  self.worker_id, lease.shard_id, lease.owner, start)
 
@@ -215,6 +216,8 @@ class Consumer:
         except LeaseLost:
             self._drop(shard_id, "lease lost before checkpoint")
             raise
+        if shard_id in self.owned:
+            self.owned[shard_id].checkpointed = value
         if value == SHARD_END:
             # The parent is done; release it and look for its children at once.
             self.leases.release(shard_id, self.worker_id)
@@ -231,19 +234,13 @@ class Consumer:
             self._drop(shard_id, "lease lost before writing meta")
             raise
 
-    def run(self, handle: Callable[[Batch], None], *, stop: Callable[[], bool],
-            idle_sleep: float = 0.2) -> None:
-        """Call ``handle`` for each batch and checkpoint after it returns, until ``stop()``."""
-        while not stop():
-            batches = self.poll()
-            for batch in batches:
-                handle(batch)
-                try:
-                    self.checkpoint(batch)
-                except LeaseLost:
-                    pass
-            if not any(batch.records for batch in batches):
-                time.sleep(idle_sleep)
+    def rewind(self, shard_id: str) -> None:
+        """Read the shard again after its last checkpoint (or where reading began): a batch handed
+        out since could not be handled, and the shard's reader has already moved past it."""
+        owned = self.owned.get(shard_id)
+        if owned is not None:
+            owned.position = owned.checkpointed
+            owned.reader = self.stream.reader(shard_id, owned.checkpointed)
 
     @property
     def max_lag_ms(self) -> int:

@@ -2,7 +2,7 @@
 
 At-least-once: a batch's checkpoint moves only after every offer in it is written, and the writes
 are idempotent (one offer per session, enforced by the table), so a crash or a replay re-reads
-predictions without ever making a second offer.
+predictions without making a second offer (while the offer row lives: see docs/discount-engine.md).
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ class Engine:
         """Handle one prediction record; returns the outcome label (also counted in the metrics)."""
         try:
             prediction = Prediction.from_record(json.loads(data))
-        except ValueError as exc:              # json.JSONDecodeError is a ValueError too
+        except (ValueError, RecursionError) as exc:   # JSONDecodeError is a ValueError; deep nesting recurses
             log.warning("skipping a record that is not a prediction: %s", exc)
             return "invalid"
         reason = skip_reason(self.settings, prediction)
@@ -129,14 +129,27 @@ class Engine:
                 self.metrics.decision_seconds.observe(time.perf_counter() - started)
 
     def step(self) -> int:
-        """One round: read a page from every owned shard, decide, write, then checkpoint."""
+        """One round: read a page from every owned shard, decide, write, then checkpoint.
+
+        Each batch is handled and checkpointed on its own: the readers of every shard have already
+        moved past their batch, so a failure with one batch must not skip the others.
+        """
         handled = 0
         for batch in self.consumer.poll():
-            self.handle(batch)
+            try:
+                self.handle(batch)
+            except Exception:
+                log.exception("handling a batch of shard %s failed; re-reading it from its checkpoint",
+                              batch.shard_id)
+                self.consumer.rewind(batch.shard_id)
+                continue
             try:
                 self.consumer.checkpoint(batch)
             except LeaseLost:
                 pass                           # another worker owns the shard now and re-reads from there
+            except (BotoCoreError, ClientError) as exc:
+                # The offers are written: the shard's next checkpoint covers this batch too.
+                log.warning("checkpoint of shard %s failed, the next one covers it: %s", batch.shard_id, exc)
             handled += len(batch.records)
         self.metrics.lag_ms.set(self.consumer.max_lag_ms)
         self.metrics.shards.set(len(self.consumer.owned))
@@ -160,7 +173,7 @@ class Engine:
                 if not self.step():
                     time.sleep(idle_sleep)
             except (BotoCoreError, ClientError, ReadFailed) as exc:
-                # Reading or checkpointing failed: the checkpoint did not move, so nothing is lost.
+                # Reading failed: nothing was handed out and every reader stays at its last record.
                 log.warning("stream or lease call failed, retrying: %s", exc)
                 time.sleep(1.0)
 

@@ -22,6 +22,7 @@ from botocore.exceptions import ClientError
 
 OFFER_NAMESPACE = uuid.UUID("6f1c3c1e-2f52-4c55-9a55-5d2c8a0c7d10")
 BUDGET_PREFIX = "budget#"
+STRING_FIELDS = ("session_id", "event_id", "decision", "model_name", "model_version")
 
 
 class Outcome(str, Enum):
@@ -46,8 +47,15 @@ class Prediction:
     def from_record(cls, record: dict) -> Prediction:
         """Raise ValueError naming the field when the record is not a prediction."""
         try:
-            prediction = cls(str(record["session_id"]), str(record["event_id"]), float(record["p_buy"]),
-                             str(record["decision"]), str(record["model_name"]), str(record["model_version"]),
+            # The contract's strings must be strings: str() would make a null session id the session
+            # "None" and give it an offer; float() would take true or "0.5" for a p_buy.
+            for name in STRING_FIELDS:
+                if not isinstance(record[name], str):
+                    raise TypeError(f"{name} is {type(record[name]).__name__}, not a string")
+            if isinstance(record["p_buy"], (bool, str)):
+                raise TypeError(f"p_buy is {type(record['p_buy']).__name__}, not a number")
+            prediction = cls(record["session_id"], record["event_id"], float(record["p_buy"]),
+                             record["decision"], record["model_name"], record["model_version"],
                              int(record.get("events_in_session") or 0))
         except KeyError as exc:
             raise ValueError(f"prediction without {exc.args[0]!r}") from None

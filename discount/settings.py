@@ -5,6 +5,9 @@ import dataclasses
 
 from common.config import AwsSettings, ConfigError, load, require_positive
 
+# How long the predictions stream keeps records (Kinesis' default; infra/provision.py leaves it so).
+PREDICTIONS_RETENTION_HOURS = 24
+
 
 @dataclasses.dataclass(frozen=True)
 class DiscountSettings(AwsSettings):
@@ -27,6 +30,10 @@ class DiscountSettings(AwsSettings):
             raise ConfigError(f"CLICKSTREAM_DISCOUNT_PERCENT: expected at most 100, got {self.discount_percent}")
         require_positive(self, "budget_per_hour", "discount_percent", "offer_ttl_hours", "batch_limit",
                          "read_interval_s")
+        if self.offer_ttl_hours < PREDICTIONS_RETENTION_HOURS:
+            # The offer row is what refuses a second offer: it must outlive the predictions a replay re-reads.
+            raise ConfigError(f"CLICKSTREAM_OFFER_TTL_HOURS: expected at least {PREDICTIONS_RETENTION_HOURS} "
+                              f"(the predictions stream's retention), got {self.offer_ttl_hours}")
         for name in ("offer_threshold", "offer_ceiling"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"CLICKSTREAM_{name.upper()}: expected a probability within 0..1, "

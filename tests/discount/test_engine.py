@@ -12,18 +12,23 @@ import urllib.request
 import uuid
 
 import pytest
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 from common import aws
 from common.config import ConfigError, load
-from common.consumer import consumer_for
+from common.consumer import Consumer, consumer_for
+from common.leases import DynamoLeaseTable
 from common.producer import Producer
 from common.streams import KinesisStream
 from discount.engine import APP, Engine
 from discount.metrics import Metrics
 from discount.offers import OfferTable, hour_of
 from discount.settings import DiscountSettings
+from infra.provision import ProvisionSettings, provision
 from localstack.emulator import free_port
-from tests.conftest import ROOT, settings_env
+from tests.conftest import ROOT, settings_env, unique_settings
+from tests.faults import FaultProxy
 
 T0 = 1_796_000_000.0          # a fixed clock, so every offer of a test falls in one budget hour
 
@@ -104,11 +109,67 @@ def test_qualifying_sessions_get_exactly_one_offer(aws_settings):
 def test_predictions_that_would_stall_the_engine_are_invalid_and_the_next_offer_is_made(aws_settings):
     settings = discount_settings(aws_settings)
     overflow = json.dumps(prediction("o", 0.5)).replace('"events_in_session": 5', '"events_in_session": 1e400')
-    publish(settings, [prediction(f"budget#{hour_of(T0)}", 0.6), overflow.encode(), prediction("fine", 0.6)])
+    nested = b'{"session_id": "n", "p_buy": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"   # RecursionError in json
+    publish(settings, [prediction(f"budget#{hour_of(T0)}", 0.6), overflow.encode(), nested, prediction("fine", 0.6)])
     eng = engine(settings)
-    drain(eng, 3)
-    assert count(eng, "invalid") == 2 and set(offers(settings)) == {"fine"}
+    drain(eng, 4)
+    assert count(eng, "invalid") == 3 and set(offers(settings)) == {"fine"}
     assert eng.offers.spent(T0) == 1
+    eng.close()
+
+
+def test_predictions_whose_fields_are_not_of_the_contracts_types_are_invalid(aws_settings):
+    settings = discount_settings(aws_settings)
+    wrong = [{**prediction("x", 0.6), **fields} for fields in (
+        {"session_id": None}, {"session_id": 12}, {"session_id": {"a": 1}}, {"decision": None},
+        {"model_version": None}, {"model_name": 7}, {"event_id": None}, {"p_buy": "0.6"}, {"p_buy": True})]
+    publish(settings, [json.dumps(record).encode() for record in wrong] + [prediction("fine", 0.6)])
+    eng = engine(settings)
+    drain(eng, len(wrong) + 1)
+    assert count(eng, "invalid") == len(wrong) and set(offers(settings)) == {"fine"}
+    eng.close()
+
+
+@pytest.mark.parametrize("failing", ["checkpoint", "offer write"])
+def test_a_failed_batch_loses_no_batch_read_from_any_shard(aws_endpoint, failing):
+    """A step reads a page from every shard at once: when one batch's checkpoint or (while stopping, when
+    writes are not retried) offer write fails, the others must still be handled, and no later
+    checkpoint may move past a batch whose offers were not written."""
+    aws_settings = unique_settings(ProvisionSettings, raw_shards=1, enriched_shards=1, bad_shards=1,
+                                   predictions_shards=2)
+    provision(aws_settings)
+    settings = discount_settings(aws_settings)
+    sessions = {f"s{i}" for i in range(40)}
+    publish(settings, [prediction(s, 0.5) for s in sorted(sessions)])
+    stopping = False
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        # DynamoDB through the proxy, for the lease table or the offers table, with no botocore retry.
+        broken = aws.session().client("dynamodb", endpoint_url=proxy.endpoint, config=Config(retries={"max_attempts": 1}))
+        direct = aws.client("dynamodb")
+        leases = DynamoLeaseTable(broken if failing == "checkpoint" else direct, settings.lease_table,
+                                  f"{APP}#{settings.predictions_stream}")
+        consumer = Consumer(KinesisStream(aws.client("kinesis"), settings.predictions_stream), leases, app=APP,
+                            read_interval_s=settings.read_interval_s)
+        table = OfferTable(broken if failing == "offer write" else direct, settings.offers_table,
+                           budget_per_hour=100, discount_percent=10, ttl_hours=24)
+        eng = Engine(settings, consumer, table, Metrics(), clock=lambda: T0, stop=lambda: stopping)
+        consumer.balance()
+        assert len(consumer.owned) == 2
+        proxy.down, stopping = True, failing == "offer write"
+        try:
+            eng.step()                # reads both shards' pages; the failing calls fail for each batch
+        except (BotoCoreError, ClientError):
+            pass                      # what run() does with a failed step: log, wait, step again
+        proxy.down, stopping = False, False
+        late = {f"late{i}" for i in range(10)}        # later batches, whose checkpoints follow
+        publish(settings, [prediction(s, 0.5) for s in sorted(late)])
+        deadline = time.monotonic() + 30
+        while not late <= set(offers(settings)):
+            assert time.monotonic() < deadline, "the late predictions were never handled"
+            if not eng.step():
+                time.sleep(0.1)
+    assert set(offers(settings)) == sessions | late
+    assert count(eng, "offered") == 50 and eng.offers.spent(T0) == 50
     eng.close()
 
 
@@ -160,6 +221,34 @@ def test_settings_errors_name_the_key():
         load(DiscountSettings, env={"CLICKSTREAM_BUDGET_PER_HOUR": "0"})
     with pytest.raises(ConfigError, match="CLICKSTREAM_DISCOUNT_PERCENT: expected at most 100"):
         load(DiscountSettings, env={"CLICKSTREAM_DISCOUNT_PERCENT": "150"})
+
+
+def test_offer_ttl_shorter_than_the_predictions_retention_is_refused():
+    # The offer row is what refuses a second offer: it must outlive the predictions a replay re-reads.
+    with pytest.raises(ConfigError, match="CLICKSTREAM_OFFER_TTL_HOURS"):
+        load(DiscountSettings, env={"CLICKSTREAM_OFFER_TTL_HOURS": "1"})
+    assert load(DiscountSettings, env={"CLICKSTREAM_OFFER_TTL_HOURS": "24"}).offer_ttl_hours == 24
+
+
+def consumer_example() -> str:
+    """The code of "Writing your own consumer" in docs/discount-engine.md."""
+    section = (ROOT / "docs" / "discount-engine.md").read_text().split("## Writing your own consumer", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_docs_consumer_example_runs_within_the_read_limit(aws_settings):
+    settings = discount_settings(aws_settings)
+    publish(settings, [prediction("a", 0.5), prediction("b", 0.5)])
+    acted, deadline = [], time.monotonic() + 30
+
+    class Stopping:                   # the example's `stopping`: true once both records were acted on
+        def __bool__(self):
+            return len(acted) >= 2 or time.monotonic() > deadline
+
+    namespace = {"settings": settings, "stopping": Stopping(), "act_on": acted.append}
+    exec(consumer_example(), namespace)   # noqa: S102 - the doc's own code, run as a reader would
+    assert [record["session_id"] for record in acted] == ["a", "b"]
+    assert namespace["consumer"].read_interval_s >= 0.2     # Kinesis allows 5 GetRecords/s per shard
 
 
 def test_service_writes_offers_serves_metrics_and_stops_on_sigterm(aws_settings, tmp_path):
