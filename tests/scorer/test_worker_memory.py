@@ -1,8 +1,10 @@
 """The streaming worker over the in-memory stream: folding, policies, dedupe, restart, swaps."""
 from __future__ import annotations
 
+import threading
 import time
 
+import numpy as np
 import orjson
 import pytest
 
@@ -251,8 +253,11 @@ def test_a_stop_ends_a_flush_whose_writes_keep_failing():
     rig.out.fail_next = 10**9                              # the predictions stream refuses everything
     rig.put(session_events("stuck", seed=1, n=3, buyer=False))
     stop_at = time.monotonic() + 1.0
-    rig.worker.run(lambda: time.monotonic() > stop_at)     # returns: the flush's retries see the stop
-    assert not rig.predictions()
+    runner = threading.Thread(target=rig.worker.run, args=(lambda: time.monotonic() > stop_at,), daemon=True)
+    runner.start()
+    runner.join(60)                                        # a liveness bound, not a speed target
+    assert not runner.is_alive(), "run() kept retrying the flush after the stop"
+    assert rig.worker.pending_count == 3 and not rig.predictions()   # kept for the next owner, not dropped
 
 
 def test_a_quiet_shard_does_not_hold_up_expiry_and_the_replay_start_of_the_others():
@@ -314,7 +319,11 @@ def test_a_shadow_model_is_scored_and_logged_but_the_champion_decides(caplog):
     expected = reference(events)
     assert [p["p_buy"] for p in predictions] == pytest.approx([expected[e["event_id"]][0] for e in events], abs=1e-5)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shadow challenger vs champion v1")]
-    assert lines and sum(int(line.split("rows, ")[1].split(" ")[0]) for line in lines) > 0
+    rows = np.asarray(session_features(events), dtype=np.float32)
+    differ = int(np.sum((rig.models.champion.predict(rows) >= 0.5) != (rig.models.shadow.predict(rows) >= 0.5)))
+    assert differ > 0                                      # the challenger's weights make it disagree
+    assert sum(int(line.split(": ")[1].split(" rows")[0]) for line in lines) == len(events)
+    assert sum(int(line.split("rows, ")[1].split(" ")[0]) for line in lines) == differ
 
 
 class FlakyStream(MemoryStream):
