@@ -137,10 +137,24 @@ def test_full_spool_refuses_unless_forced(tmp_path):
     assert spool.records == 3
 
 
-def test_sync_to_makes_the_offset_durable(tmp_path):
+def test_sync_to_fsyncs_the_active_segment_once_per_offset(tmp_path, monkeypatch):
     spool = Spool(tmp_path, max_bytes=1 << 20, fsync="always")
     fill(spool, 3)
+    real_fsync, synced = os.fsync, []
+
+    def recording_fsync(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    segment = next(tmp_path.glob("*.seg")).stat().st_ino
     spool.sync_to(spool.end)
+    assert synced == [segment]                           # the file the hits were written to
+    spool.sync_to(spool.end)
+    spool.sync_to(spool.end - 1)
+    assert synced == [segment]                           # already durable: no second fsync (group commit)
+    fill(spool, 1, start=3)
+    spool.sync_to(spool.end)
+    assert synced == [segment, segment]
     assert spool.synced == spool.end
 
 

@@ -115,10 +115,14 @@ def test_tracker_to_collector_to_enricher_end_to_end(aws_settings, tmp_path):
         assert rows == ["collector_payload_format_violation", "enrichment_failures"]
 
         # Checkpointed to the last raw record once the outputs were written; SIGTERM stops cleanly.
-        def checkpointed():
-            return all(lease.checkpoint for lease in leases(aws_settings).values())
+        raw = KinesisStream(aws.client("kinesis", aws_settings.region), aws_settings.raw_stream)
+        last = {shard.shard_id: raw.reader(shard.shard_id, None).read(10_000).records[-1].sequence_number
+                for shard in raw.list_shards()}
 
-        wait_for(checkpointed, timeout=30)
+        def checkpointed():
+            return {shard: lease.checkpoint for shard, lease in leases(aws_settings).items()} == last
+
+        wait_for(checkpointed, timeout=30, what=f"checkpoints at the last raw records {last}")
         scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert f"enrich_events_total {float(sent + 2)}" in scraped
         assert 'enrich_bad_rows_total{type="collector_payload_format_violation"} 1.0' in scraped
