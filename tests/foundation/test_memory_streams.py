@@ -159,13 +159,15 @@ def test_two_workers_split_four_shards_evenly_and_a_leaver_hands_over():
 
 
 def test_parent_is_finished_before_children_are_read():
+    """batch_limit=3: the parent's 20 records take 7 polls, so a child read while the parent is
+    unfinished would show up before the parent's last record."""
     stream, leases = MemoryStream(), MemoryLeaseTable()
     Producer(stream).send(entries(20))
     stream.split("shardId-000000000000")
     Producer(stream).send([(f"late-{i}", b"late") for i in range(20)])
-    consumer = Consumer(stream, leases, worker_id="a", shard_refresh_s=0)
+    consumer = Consumer(stream, leases, worker_id="a", shard_refresh_s=0, batch_limit=3)
     order = []
-    for _ in range(10):
+    for _ in range(30):
         for batch in consumer.poll():
             order += [(batch.shard_id, r.data) for r in batch.records]
             consumer.checkpoint(batch)

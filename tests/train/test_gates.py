@@ -12,7 +12,7 @@ from batch.export import Parity
 from batch.train_config import TrainSettings
 from batch.train_metrics import evaluate
 from batch.train_model import TrainResult
-from batch.train_publish import champion, decide
+from batch.train_publish import ParityError, champion, decide, publish
 from common.features import FEATURE_NAMES, FEATURE_VERSION
 from tests.scorer.helpers import logistic_onnx, model_meta
 from tests.scorer.helpers import publish as publish_bundle
@@ -37,6 +37,17 @@ def eval_rows(seen: int, unseen: int, seed: int = 3) -> pd.DataFrame:
     rows["label"] = np.where(np.arange(len(rows)) < seen, p > np.median(p[:seen]) if seen else 0,
                              rng.random(len(rows)) < 0.3).astype(int)
     return rows
+
+
+def complete(parity: Parity) -> TrainResult:
+    """A challenger publish() can upload in full (ONNX, report, model.json): only ``parity`` stops it."""
+    rows = eval_rows(seen=0, unseen=200)
+    rows["p_spark"] = export.onnx_probabilities(logistic_onnx(), rows[list(FEATURE_NAMES)].to_numpy())
+    meta = {"name": "parity-test", "algorithm": "lr", "label": "buy", "threshold": 0.5,
+            "threshold_selection": {"objective": "f1"}, "metrics": evaluate(rows["label"], rows["p_spark"]),
+            "rows": {"train": 0, "eval": len(rows)}, "feature_importances": {}, "parity": parity.as_meta(),
+            "feature_version": FEATURE_VERSION, "features": [{"name": n, "type": "float"} for n in FEATURE_NAMES]}
+    return TrainResult(None, logistic_onnx(), meta, rows, parity)
 
 
 @pytest.fixture
@@ -90,6 +101,20 @@ def test_too_few_unseen_rows_leave_the_challenger_to_the_floor_and_parity(regist
     assert "floor and parity alone" in info["note"]
     assert decide(challenger, info, settings) == (True, [])
     assert decide(result(0.55, rows=challenger.eval_rows), info, settings)[0] is False      # the floor still holds
+
+
+def test_publish_itself_refuses_a_model_whose_export_parity_failed(aws_settings):
+    """publish() raises ParityError and writes nothing under models/<name>/; the same model with
+    parity is published, so the parity guard alone kept it out."""
+    from common import aws
+
+    s3, settings = aws.client("s3"), TrainSettings(bucket=aws_settings.bucket, model_name="parity-test")
+    failed = Parity(False, 2e-3, 200, 1e-5, stage="GBTClassificationModel(gbt)", worst=[])
+    with pytest.raises(ParityError, match="export parity failed at stage GBTClassificationModel"):
+        publish(s3, settings, complete(failed))
+    assert s3.list_objects_v2(Bucket=settings.bucket, Prefix="models/parity-test/")["KeyCount"] == 0
+    outcome = publish(s3, settings, complete(Parity(True, 0.0, 200, 1e-5)))
+    assert s3.head_object(Bucket=settings.bucket, Key=f"models/parity-test/{outcome['version']}/model.onnx")
 
 
 def test_a_table_model_never_becomes_current_of_the_scorers_model_name():

@@ -110,11 +110,15 @@ def failed_parity() -> TrainResult:
     return TrainResult(None, b"", meta | {"parity": parity.as_meta()}, pd.DataFrame(), parity)
 
 
-@pytest.mark.parametrize("args", [["--table", "{csv}", "--label", "y"], ["--no-publish"]])
+@pytest.mark.parametrize("args", [["--table", "{csv}", "--label", "y", "--out", "{out}"],
+                                  ["--no-publish", "--out", "{out}"]])
 def test_a_failed_parity_exits_3_without_publishing(args, monkeypatch, tmp_path):
+    """The CLI's own parity check (publish() refusing is tested in test_gates): exit 3, no --out folder."""
     (tmp_path / "t.csv").write_text("x,y\n1,0\n2,1\n")
     monkeypatch.setattr(train_cli.train_table, "run", lambda *a, **k: (failed_parity(), None))
     monkeypatch.setattr(train_cli, "run_events", lambda *a, **k: (failed_parity(), None))
-    out = CliRunner().invoke(train_main, [arg.format(csv=tmp_path / "t.csv") for arg in args], env=FAST_ENV)
+    args = [arg.format(csv=tmp_path / "t.csv", out=tmp_path / "bundle") for arg in args]
+    out = CliRunner().invoke(train_main, args, env=FAST_ENV)
+    assert not (tmp_path / "bundle").exists(), out.output
     assert out.exit_code == 3, out.output
     assert "refused the model (nothing published or written): export parity failed at stage" in out.output
