@@ -142,6 +142,19 @@ def test_unconfirmed_batch_is_redelivered():
     assert len(drain(Consumer(stream, leases, worker_id="b"), rounds=2)) == 10
 
 
+def test_a_rewound_shard_is_read_again_after_its_last_checkpoint():
+    stream, leases = MemoryStream(), MemoryLeaseTable()
+    Producer(stream).send(entries(9))
+    consumer = Consumer(stream, leases, worker_id="a", batch_limit=3)
+    [handled] = consumer.poll()
+    consumer.checkpoint(handled)
+    [failed] = consumer.poll()                  # say handling this one fails: its reader is past it
+    consumer.rewind(failed.shard_id)
+    [again] = consumer.poll()
+    assert [r.data for r in again.records] == [r.data for r in failed.records]
+    assert again.checkpoint_value == failed.checkpoint_value
+
+
 def test_two_workers_split_four_shards_evenly_and_a_leaver_hands_over():
     stream, leases = MemoryStream(shard_count=4), MemoryLeaseTable()
     a = Consumer(stream, leases, worker_id="a")
