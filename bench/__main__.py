@@ -1,4 +1,4 @@
-"""Run every benchmark (or those named) and write bench/report.md."""
+"""Run every benchmark (or those named) and write bench/report.md (bench/report-quick.md with --quick)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,8 @@ import traceback
 from pathlib import Path
 
 from bench.report import Report
+
+HERE = Path(__file__).resolve().parent
 
 # Module name -> what it measures; each module has run(report, quick).
 SUITES = {
@@ -23,31 +25,34 @@ SUITES = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description="Benchmarks, each side by side with its baseline.")
     parser.add_argument("suites", nargs="*", help=f"which to run (default all): {', '.join(SUITES)}")
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    parser.add_argument("--report", type=Path, default=Path("bench/report.md"))
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller sizes, for a smoke run; writes bench/report-quick.md unless --report is given")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="where to write the report (default bench/report.md, or bench/report-quick.md with --quick)")
     args = parser.parse_args(argv)
     unknown = set(args.suites) - set(SUITES)
     if unknown:
         parser.error(f"unknown suite(s): {', '.join(sorted(unknown))}; choose from {', '.join(SUITES)}")
-    report = Report(args.report)
-    failed = []
-    for name in args.suites or SUITES:
+    names = list(args.suites or SUITES)
+    path = args.report or HERE / ("report-quick.md" if args.quick else "report.md")
+    report = Report(path, mode="quick" if args.quick else "full", suites=names)
+    for name in names:
+        report.suite(name, SUITES[name])
+        # Any failure, at import (a missing third-party module included) or while it runs, is written
+        # into this suite's section; the next suite still runs and the report is still written.
         try:
             module = importlib.import_module(f"bench.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"bench.{name}":
-                raise
-            print(f"\n## {name}: not built yet ({SUITES[name]})")
-            continue
-        print(f"\n# {name}: {SUITES[name]}", flush=True)
-        try:
             module.run(report, quick=args.quick)
-        except Exception:  # noqa: BLE001 - one broken suite must not hide the others' figures
+        except Exception as exc:  # noqa: BLE001 - one broken suite must not hide the others' figures
             traceback.print_exc()
-            failed.append(name)
+            report.fail(exc)
+        except KeyboardInterrupt:
+            report.fail("interrupted (Ctrl-C); later suites not run")
+            report.write()
+            return 130
     report.write()
-    if failed:
-        print(f"failed suites: {', '.join(failed)}", file=sys.stderr)
+    if report.failed:
+        print(f"failed suites: {', '.join(report.failed)}", file=sys.stderr)
         return 1
     return 0
 

@@ -13,6 +13,7 @@ import uuid
 
 import orjson
 
+from bench.report import verdict
 from common.consumer import Consumer
 from common.leases import MemoryLeaseTable
 from common.producer import Producer
@@ -133,6 +134,7 @@ def run(report, quick: bool) -> None:
     section = report.section("enrich: events/s per core, worker loop over in-memory streams",
                              ["case", "events", "enrich events/CPU-s", "baseline events/CPU-s", "baseline/enrich",
                               "enrich events/s wall"])
+    measured: dict[str, float] = {}
     for name, records, warm in cases:
         enricher = Enricher(settings)
         # Warm up as a running worker is: schemas resolved, UA regexes loaded, the UA pool cached.
@@ -143,7 +145,11 @@ def run(report, quick: bool) -> None:
         base_cpu, _, base_records = run_worker(_Baseline(), records)
         ours, base = events / cpu, base_records / base_cpu * (events / base_records)
         report.row(section, name, events, ours, base, base / ours, events / wall)
+        measured[name] = ours
     report.note(section, "per core = per CPU-second of the one worker process (process_time; wall rate shown too, "
                 "it drops when other work shares the cores); scale out with more processes (shards are leased). "
                 "Baseline = orjson parse + dump of each record in the same worker loop; for (b) it is counted "
-                "per event (records x 10). Target for (a): >= 10,000 events/s.")
+                "per event (records x 10).")
+    ours = measured[cases[0][0]]
+    report.note(section, verdict("(a) GET page view + 1 context ≥ 10,000 events/s per core", ours >= 10_000,
+                                 f"{ours:,.0f} events per CPU-second"))
