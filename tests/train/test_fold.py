@@ -242,3 +242,17 @@ def test_folds_are_stratified():
     assignment = folds(labels, 5, seed=1)
     for fold in range(5):
         assert (labels[assignment == fold]).sum() == 10 and (assignment == fold).sum() == 100
+
+
+@pytest.mark.parametrize("derived, collected, expected", [
+    ("2026-11-17T10:00:00.000Z", "2026-11-17T10:00:05.000Z", "2026-11-17T10:00:00.000Z"),   # the enricher's shape
+    ("2096-10-02T07:06:40.000Z", "2026-11-17T10:00:05.000Z", "2026-11-17T10:00:05.000Z"),   # a ttm decades ahead
+    (None, "2026-11-17T10:00:05.000Z", "2026-11-17T10:00:05.000Z"),
+    ("2026-11-17T11:00:01+01:00", "2026-11-17T10:00:05.000Z", "2026-11-17T10:00:01.000Z"),  # shapes differ: parsed
+    ("2026-11-17T10:00:09Z", "2026-11-17T10:00:05.000Z", "2026-11-17T10:00:05.000Z"),
+    (1_795_000_000_000, 1_795_000_005_000, 1_795_000_000_000),                              # the lake's millis
+])
+def test_event_time_is_the_derived_time_but_never_after_the_collectors(derived, collected, expected):
+    from common.features import event_time_ms
+
+    assert event_time_ms({"derived_tstamp": derived, "collector_tstamp": collected}) == parse_ms(expected)
