@@ -21,7 +21,6 @@ from common.features import (
     FEATURE_NAMES,
     FEATURE_VERSION,
     SessionState,
-    event_time_ms,
     session_key,
     step,
 )
@@ -323,16 +322,10 @@ def _events(body: bytes) -> list[dict]:
     if not isinstance(events, list) or not events:
         raise BadRequest(400, 'expected a non-empty list of enriched events (or {"events": [...]})')
     for index, event in enumerate(events):
-        if not isinstance(event, dict):
-            raise BadRequest(400, f"event {index}: expected an object, got {type(event).__name__}")
-        if not event.get("event_id") or not isinstance(event["event_id"], str):
-            raise BadRequest(400, f"event {index}: event_id must be a non-empty string")
         try:
-            event_time_ms(event)
-        except KeyError:
-            raise BadRequest(400, f"event {index}: missing collector_tstamp") from None
-        except (TypeError, ValueError, ArithmeticError) as exc:
-            raise BadRequest(400, f"event {index}: bad timestamp: {exc}") from None
+            inputs.event_time(event)
+        except inputs.BadEvent as exc:
+            raise BadRequest(400, f"event {index}: {exc}") from None
     if not isinstance(session_key(events[0]), str):
         raise BadRequest(400, "event 0: domain_sessionid, domain_userid and network_userid must be strings")
     return events

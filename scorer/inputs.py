@@ -14,7 +14,7 @@ import math
 import numpy as np
 import orjson
 
-from common.features import FEATURE_COUNT, FEATURE_NAMES
+from common.features import FEATURE_COUNT, FEATURE_NAMES, event_time_ms
 
 _INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 _NUMBERS = frozenset((int, float))                 # not bool: True is no feature value
@@ -26,6 +26,31 @@ class BadRequest(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+LAST_MS = 253_402_214_400_000        # 9999-12-31: later times have no calendar date to fold
+
+
+class BadEvent(ValueError):
+    """Not an enriched event the fold can take; the message names what is wrong."""
+
+
+def event_time(event) -> int:
+    """The time (ms) of an enriched event the fold can take, else BadEvent. One check for the
+    worker's records (skipped) and the API's events (400)."""
+    if not isinstance(event, dict):
+        raise BadEvent(f"expected a JSON object, got {type(event).__name__}")
+    if not event.get("event_id") or not isinstance(event["event_id"], str):
+        raise BadEvent("event_id must be a non-empty string")
+    try:
+        event_ms = event_time_ms(event)
+    except KeyError:
+        raise BadEvent("missing collector_tstamp") from None
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise BadEvent(f"bad timestamp: {exc}") from None
+    if not 0 <= event_ms < LAST_MS:      # nor may it move the scorer's watermark there
+        raise BadEvent(f"event time {event_ms} ms is outside the calendar")
+    return event_ms
 
 
 def _number(value, row: int, name: str) -> float:

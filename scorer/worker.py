@@ -24,11 +24,12 @@ import numpy as np
 import orjson
 
 from common.consumer import Batch, Consumer, ReadFailed
-from common.features import FEATURE_VERSION, event_time_ms, features, session_key, step
+from common.features import FEATURE_VERSION, features, session_key, step
 from common.leases import Lease, LeaseLost
 from common.streams import SHARD_END, Record, sequence_key
 from scorer import metrics
 from scorer.config import ScorerSettings
+from scorer.inputs import event_time
 from scorer.model import Model, Models
 from scorer.sessions import Session, SessionStore
 from scorer.sink import PredictionWriter
@@ -39,7 +40,6 @@ FROM_START = "TRIM_HORIZON"        # lease meta value meaning "replay from the s
 MAX_BUFFER = 20_000                # predictions; flush early rather than grow without bound
 EVENTS_LIVE, EVENTS_REPLAY = metrics.EVENTS.labels("live"), metrics.EVENTS.labels("replay")
 IDLE_SLEEP_S = 0.2                 # after an empty poll: Kinesis allows 5 GetRecords/s per shard
-LAST_MS = 253_402_214_400_000      # 9999-12-31: later times have no calendar date to fold
 
 
 class BadRecord(ValueError):
@@ -57,16 +57,13 @@ class Row:
     events: int
 
 
-def parse_event(record: Record) -> dict:
+def parse_event(record: Record) -> tuple[dict, int]:
+    """The enriched event of a record and its time (ms); BadRecord or BadEvent naming the problem."""
     try:
         event = orjson.loads(record.data)
     except orjson.JSONDecodeError as exc:
         raise BadRecord(f"not JSON: {exc}") from None
-    if not isinstance(event, dict):
-        raise BadRecord(f"expected a JSON object, got {type(event).__name__}")
-    if not event.get("event_id") or not isinstance(event["event_id"], str):
-        raise BadRecord("event_id is not a non-empty string")
-    return event
+    return event, event_time(event)
 
 
 def iso_now() -> str:
@@ -164,14 +161,11 @@ class Worker:
     def _fold_record(self, record: Record, shard: str, previous: str | None, quiet: bool,
                      rows: list[Row], matrix: list[list[float]]) -> None:
         try:
-            event = parse_event(record)
-            event_ms = event_time_ms(event)
+            event, event_ms = parse_event(record)
             session_id = session_key(event)
             if not isinstance(session_id, str):
                 raise BadRecord(f"session id {session_id!r} is not a string")
-            if not 0 <= event_ms < LAST_MS:        # before it moves the shard's watermark there
-                raise BadRecord(f"event time {event_ms} ms is outside the calendar")
-        except (BadRecord, KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:          # BadRecord and BadEvent are ValueErrors
             metrics.BAD_RECORDS.inc()
             log.error("shard %s sequence %s: skipped a record that is not an enriched event: %s",
                       shard, record.sequence_number, exc, extra={"shard_id": shard})
