@@ -208,7 +208,7 @@ class Collector:
         cors = [(b"access-control-allow-origin", origin.encode("latin-1", "replace") if origin else b"*"),
                 (b"access-control-allow-credentials", b"true")]
         try:
-            body = await read_body(scope, receive, headers, settings.max_request_bytes) \
+            body = await read_body(receive, headers, settings.max_request_bytes) \
                 if scope["method"] == "POST" else None
         except TooLarge as exc:
             if exc.unread:
@@ -224,7 +224,7 @@ class Collector:
 
         jar = _cookies(cookie) if cookie else {}
         if settings.dnt_cookie_name and jar.get(settings.dnt_cookie_name) == settings.dnt_cookie_value:
-            return await self.answer(route, scope, send, cors, location)    # opted out: answered, not recorded
+            return await self.answer(scope, send, cors, location)    # opted out: answered, not recorded
 
         ip, nuid, kept, set_cookie = self.identify(scope, headers, kept, jar, query)
         hit = Hit(int(time.time() * 1000), ip, headers.get("user-agent"), headers.get("referer"),
@@ -239,7 +239,7 @@ class Collector:
             metrics.REJECTED.inc()
             retry = [(b"retry-after", str(settings.retry_after_s).encode())]
             return await respond(send, 503, TEXT + retry + cors, b"spool full, retry later")
-        return await self.answer(route, scope, send, cors + set_cookie, location)
+        return await self.answer(scope, send, cors + set_cookie, location)
 
     def identify(self, scope, headers: dict, kept: list, jar: dict, query: str | None):
         """The client's IP, network user id, recorded headers and Set-Cookie: none of the first two,
@@ -270,7 +270,7 @@ class Collector:
             # Group commit: hits that arrive during one fsync share the next one.
             await asyncio.get_running_loop().run_in_executor(None, self.spool.sync_to, end)
 
-    async def answer(self, route: str, scope, send, extra: list, location: str | None = None) -> int:
+    async def answer(self, scope, send, extra: list, location: str | None = None) -> int:
         if location is not None:
             return await respond(send, 302, [(b"location", quote(location, safe=URL_SAFE).encode()), *NO_CACHE,
                                              *extra], b"")
@@ -346,7 +346,7 @@ def _nuid_param(query: str | None) -> str | None:
     return parse_qs(query).get("nuid", [None])[0]
 
 
-async def read_body(scope, receive, headers: dict, limit: int) -> bytes:
+async def read_body(receive, headers: dict, limit: int) -> bytes:
     chunks, size = [], 0
     while True:
         message = await receive()

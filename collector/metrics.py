@@ -35,7 +35,7 @@ def count(endpoint: str, status: int) -> None:
 
 def update_spool(spools: list) -> None:
     SPOOL_RECORDS.set(sum(spool.records for spool in spools))
-    SPOOL_BYTES.set(sum(spool.end - spool.cursor for spool in spools))
+    SPOOL_BYTES.set(sum(spool.depth_bytes for spool in spools))
 
 
 def render() -> tuple[bytes, str]:

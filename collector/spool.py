@@ -166,8 +166,8 @@ class Spool:
         with self._lock:
             if self.closed:
                 raise OSError(errno.EBADF, "the spool is closed")
-            if not force and self.end - self.cursor + len(frames) > self.max_bytes:
-                raise SpoolFull(f"spool holds {self.end - self.cursor} undelivered bytes")
+            if not force and self.depth_bytes + len(frames) > self.max_bytes:
+                raise SpoolFull(f"spool holds {self.depth_bytes} undelivered bytes")
             position = self.end - self.active_base
             if self.fd < 0 or position + len(frames) > len(self._map):    # full, or a failed rotation
                 self._rotate(len(frames))

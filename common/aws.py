@@ -39,9 +39,9 @@ def session(region: str | None = None) -> boto3.session.Session:
 def client(service: str, region: str | None = None, *, timeout: float = 10.0, retries: int = 2, **options):
     """A client with short timeouts: our own code retries, so botocore should fail fast.
     ``options`` are further botocore Config settings (e.g. parameter_validation=False on hot paths)."""
+    options.setdefault("max_pool_connections", 32)
     config = Config(connect_timeout=timeout, read_timeout=timeout,
-                    retries={"max_attempts": retries, "mode": "standard"},
-                    max_pool_connections=32, **options)
+                    retries={"max_attempts": retries, "mode": "standard"}, **options)
     return session(region).client(service, config=config)
 
 

@@ -13,6 +13,7 @@ from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES,
 
 log = logging.getLogger(__name__)
 MAX_KEY_CHARS = 256
+TOO_LARGE = "record larger than 1 MiB"   # the reason of an entry no retry can deliver
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,6 @@ class Producer:
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.sleep = sleep
-        self.sent = 0
         self.retried = 0
 
     def _backoff(self, attempt: int) -> None:
@@ -77,7 +77,7 @@ class Producer:
         for key, data in entries:
             key = kinesis_key(key)
             if entry_size(key, data) > MAX_RECORD_BYTES:
-                undelivered.append(Undelivered(key, data, "record larger than 1 MiB"))
+                undelivered.append(Undelivered(key, data, TOO_LARGE))
             else:
                 valid.append((key, data))
         for batch in batches(valid):
@@ -97,7 +97,6 @@ class Producer:
                 reasons = [f"{type(exc).__name__}: {exc}"] * len(pending)
                 continue
             failed = [(entry, f"{r.error_code}: {r.error_message}") for entry, r in zip(pending, results) if not r.ok]
-            self.sent += len(pending) - len(failed)
             if not failed:
                 return []
             pending = [entry for entry, _ in failed]
