@@ -148,8 +148,8 @@ class ScorerApp:
                 return self.session_prediction(session_id)
             if view == "features":
                 return self.session_features(session_id)
-        known = {p for _, p in self.routes} | {"/v2/models/{name}", "/sessions/{id}/prediction"}
-        if path in known or (len(parts) >= 3 and parts[:2] == ["v2", "models"]):
+        session_view = session_route and session_route[1] in ("prediction", "features")
+        if path in {p for _, p in self.routes} or session_view or (len(parts) >= 3 and parts[:2] == ["v2", "models"]):
             return error(405, f"method {method} not allowed on {path}")
         return error(404, f"no route {method} {path}")
 

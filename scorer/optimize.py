@@ -4,8 +4,8 @@ onnxmltools exports a Spark GBT as one TreeEnsembleRegressor node per tree, a Co
 with the tree weights. For a single row, onnxruntime's per-node overhead then dominates (100 nodes
 for a 100-tree model). The same sum fits one node: every tree with its own tree id and its leaf
 weights multiplied by the tree's weight, aggregated with SUM. The scorer only uses the rewrite when
-it scores a probe set exactly like the original (``check``), so a converter change can never make
-it serve different numbers.
+it scores probe rows like the original, within ``TOLERANCE`` (``Model._fuse_trees``), so a
+converter change can never make it serve different numbers.
 """
 from __future__ import annotations
 

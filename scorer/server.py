@@ -9,12 +9,12 @@ one with ``CLICKSTREAM_RUN_API=false``.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 
 from common import aws
 from common.consumer import consumer_for
 from common.producer import Producer
+from common.service import stop_on_signals
 from common.streams import KinesisStream
 from scorer.api import ScorerApp
 from scorer.config import ScorerSettings
@@ -67,13 +67,11 @@ def serve(settings: ScorerSettings) -> None:
     if models.champion is None:
         log.warning("no usable CURRENT for model %s yet; checking every %ss", settings.model_name, settings.model_poll_s)
     models.watch(settings.model_poll_s)
-    stop = threading.Event()
+    stop = stop_on_signals()
     worker = build_worker(settings, models) if settings.run_worker else None
     thread = start_worker(worker, stop) if worker else None
     app = ScorerApp(models, dynamodb=aws.client("dynamodb", settings.region), table=settings.predictions_table,
                     reload_token=settings.reload_token, worker=worker)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         if settings.run_api:
             log.info("scorer API on http://%s:%d", settings.host, settings.port)

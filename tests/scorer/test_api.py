@@ -99,6 +99,9 @@ def test_bad_bodies_and_types_are_4xx(api):
     assert post(api, "/invocations", raw="a", content_type="application/xml").status_code == 415
     assert requests.get(api.url + "/nowhere", timeout=5).status_code == 404
     assert requests.get(api.url + "/invocations", timeout=5).status_code == 405
+    assert requests.post(api.url + "/sessions/abc/prediction", timeout=5).status_code == 405
+    assert requests.delete(api.url + "/sessions/abc/features", timeout=5).status_code == 405
+    assert requests.get(api.url + "/sessions/abc/nothing", timeout=5).status_code == 404
 
 
 def test_open_inference_protocol_v2(api):
