@@ -40,7 +40,7 @@ def floor32(value: float) -> float:
     return float(rounded)
 
 
-def _read_trees(spark, classifier) -> dict:
+def _read_trees(classifier) -> dict:
     """Every tree of a fitted ensemble, read in one go: uid -> nodes (pandas).
 
     onnxmltools saves and re-reads each tree with several Spark jobs; for a 300-tree GBT that is
@@ -81,12 +81,12 @@ def _tree(nodes: pd.DataFrame, is_classifier: bool):
 
 
 @contextlib.contextmanager
-def _tree_reader(spark, classifier):
+def _tree_reader(classifier):
     """Patch onnxmltools' per-tree reader with ours (one read, float32-floored thresholds)."""
     base = "onnxmltools.convert.sparkml.operator_converters."
     modules = [importlib.import_module(base + name) for name in _TREE_MODULES]
     saved = [(m, m.save_read_sparkml_model_data, m.sparkml_tree_dataset_to_sklearn) for m in modules]
-    by_uid = _read_trees(spark, classifier) if hasattr(classifier, "trees") else {}   # GBT, RF; not LR
+    by_uid = _read_trees(classifier) if hasattr(classifier, "trees") else {}   # GBT, RF; not LR
 
     def save_read(_spark, model):
         if model.uid not in by_uid:
@@ -109,7 +109,7 @@ def to_onnx(spark, classifier, n_features: int, name: str = "model") -> bytes:
     import onnxmltools
     from onnxmltools.convert.common.data_types import FloatTensorType
 
-    with _tree_reader(spark, classifier), contextlib.redirect_stdout(io.StringIO()):   # the LR converter prints
+    with _tree_reader(classifier), contextlib.redirect_stdout(io.StringIO()):   # the LR converter prints
         model = onnxmltools.convert_sparkml(classifier, name, [(INPUT_NAME, FloatTensorType([None, n_features]))],
                                             target_opset=TARGET_OPSET, spark_session=spark)
     outputs = [output.name for output in model.graph.output]

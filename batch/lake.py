@@ -63,7 +63,6 @@ _TYPES = {**{n: pa.timestamp("ms", tz="UTC") for n in TIMESTAMPS}, **{n: pa.int6
           **{n: pa.float64() for n in FLOATS}, **{n: pa.bool_() for n in BOOLS},
           **{n: pa.string() for n in STRINGS}}
 TYPED_COLUMNS = TIMESTAMPS + INTS + FLOATS + BOOLS + STRINGS
-KNOWN_FIELDS = frozenset(TYPED_COLUMNS + JSON_COLUMNS)
 
 SCHEMA = pa.schema(
     [pa.field(name, _TYPES[name], nullable=name not in ("collector_tstamp", "event_id")) for name in TYPED_COLUMNS]

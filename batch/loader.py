@@ -172,7 +172,6 @@ class StreamLoader:
         self.retry_s = retry_s
         self.clock = clock
         self.buffers: dict[str, ShardBuffer] = {}
-        self.committed: dict[str, str | None] = {}
         self.intents: dict[str, str] = {}
         self.ended: set[str] = set()
         self.paused_until = 0.0
@@ -184,8 +183,6 @@ class StreamLoader:
 
     def _start_after(self, lease: Lease) -> str | None:
         lease = self._fresh(lease)
-        checkpoint = lease.checkpoint
-        self.committed[lease.shard_id] = checkpoint
         self.buffers[lease.shard_id] = ShardBuffer()
         self.ended.discard(lease.shard_id)
         intent = lease.meta.get(INTENT)
@@ -194,7 +191,7 @@ class StreamLoader:
             self.intents[lease.shard_id] = intent
         else:
             self.intents.pop(lease.shard_id, None)
-        return checkpoint
+        return lease.checkpoint
 
     def _fresh(self, taken: Lease) -> Lease:
         """The lease row as it is now that we own it.
@@ -209,7 +206,6 @@ class StreamLoader:
     def _lost(self, shard_id: str) -> None:
         """Another worker reads this shard from its checkpoint now: our buffer would be a duplicate."""
         self.buffers.pop(shard_id, None)
-        self.committed.pop(shard_id, None)
         self.intents.pop(shard_id, None)
         self.ended.discard(shard_id)
 
@@ -295,7 +291,6 @@ class StreamLoader:
         log.debug("writing %s [%s, %s]", shard_id, first, last, extra={"shard_id": shard_id})
         counts = self.write(self.sink, shard_id, records, self.consumer.stream.name)
         self.consumer.checkpoint_at(shard_id, last, {})
-        self.committed[shard_id] = last
         self.intents.pop(shard_id, None)
         for key, value in counts.items():
             self.stats[key] += value

@@ -22,7 +22,7 @@ from pyspark.sql import DataFrame
 from batch import train_table
 from batch.export import ExportError
 from batch.train_config import TrainSettings, spark_session
-from batch.train_features import build_examples, read_events, require_trainable
+from batch.train_features import ID_COLUMNS, build_examples, read_events, require_trainable
 from batch.train_lake import TrainError, Window, check_files, local_window, unreadable_file_error, window_files
 from batch.train_model import Steps, TrainResult, fit_and_export, time_split
 from batch.train_publish import ParityError, publish, write_bundle
@@ -38,7 +38,6 @@ LABEL = ("1 when the session has a purchase (shop purchase event or transaction)
          "prefixes end before the first purchase")
 EVENT_STEPS = ["sync", "features", "fit", "evaluate", "export", "parity", "publish"]
 # session_start_ms: the champion gate keeps only the evaluation sessions CURRENT did not train on.
-ID_COLUMNS = ["session_id", "event_id", "event_time_ms", "session_start_ms", "label"]
 
 
 def load_window(spark, settings: TrainSettings, window: Window, steps: Steps | None = None) -> DataFrame:
@@ -46,7 +45,7 @@ def load_window(spark, settings: TrainSettings, window: Window, steps: Steps | N
     steps = steps or Steps(["sync"], enabled=False)
     with steps("sync"):
         if settings.lake_path.startswith(("s3a://", "s3://", "hdfs://", "gs://", "abfss://", "file://")):
-            dates = ",".join(f"date={d}" for d in _dates(window))
+            dates = ",".join(f"date={d}" for d in window.days())
             try:
                 return spark.read.option("basePath", settings.lake_path).parquet(f"{settings.lake_path}/{{{dates}}}")
             except AnalysisException as exc:          # Spark's answer when no partition of the window exists
@@ -65,13 +64,6 @@ def _empty_window(settings: TrainSettings, window: Window) -> TrainError:
     return TrainError(f"no enriched events in {where} for the window {window} (no Parquet files in its "
                       "date partitions): is the lake loader running, and is the window right "
                       "(CLICKSTREAM_WINDOW_DAYS / CLICKSTREAM_WINDOW_END)?")
-
-
-def _dates(window: Window):
-    day = window.start
-    while day <= window.end:
-        yield day.isoformat()
-        day = day.fromordinal(day.toordinal() + 1)
 
 
 def train_from_events(spark, events: DataFrame, settings: TrainSettings, *, window: Window | None = None,

@@ -18,6 +18,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from batch.lake import JSON_COLUMNS
 from batch.train_lake import TrainError
 from common.features import (
     EVENT_FIELDS,
@@ -29,7 +30,6 @@ from common.features import (
     session_prefixes,
 )
 
-JSON_COLUMNS = ("unstruct_event", "contexts", "derived_contexts")
 ID_COLUMNS = ("session_id", "event_id", "event_time_ms", "session_start_ms", "label")
 EXAMPLE_SCHEMA = T.StructType(
     [T.StructField("session_id", T.StringType()), T.StructField("event_id", T.StringType()),

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from batch.lake import dates_between
+
 log = logging.getLogger(__name__)
 
 
@@ -33,6 +35,9 @@ class Window:
         last = dt.date.fromisoformat(end) if isinstance(end, str) and end else end or dt.datetime.now(dt.UTC).date()
         return cls(last - dt.timedelta(days=days - 1), last)
 
+    def days(self) -> list[dt.date]:
+        return dates_between(self.start, self.end)
+
     def as_dict(self) -> dict:
         return {"start": self.start.isoformat(), "end": self.end.isoformat()}
 
@@ -42,12 +47,7 @@ class Window:
 
 def window_files(root: Path, window: Window) -> list[Path]:
     """Parquet files of the window's date partitions under a local ``enriched`` root."""
-    files = []
-    day = window.start
-    while day <= window.end:
-        files += sorted((root / f"date={day.isoformat()}").glob("hour=*/*.parquet"))
-        day += dt.timedelta(days=1)
-    return files
+    return [file for day in window.days() for file in sorted((root / f"date={day}").glob("hour=*/*.parquet"))]
 
 
 CORRUPT_ADVICE = ("Re-run the lake loader for those hours, move the files away, or set "

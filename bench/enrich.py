@@ -112,7 +112,7 @@ def run_worker(enricher, records: list[bytes]) -> tuple[float, float, int]:
     raw = MemoryStream("raw")
     raw.put_records([(str(i), data) for i, data in enumerate(records)])
     good, bad = MemoryStream("enriched", shard_count=2), MemoryStream("bad")
-    consumer = Consumer(raw, MemoryLeaseTable(), app="bench", batch_limit=500)
+    consumer = Consumer(raw, MemoryLeaseTable(), batch_limit=500)
     worker = Worker(enricher, consumer, Producer(good), Producer(bad))
     started, cpu_started = time.perf_counter(), time.process_time()
     while worker.counts["records"] < len(records):

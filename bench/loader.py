@@ -64,7 +64,7 @@ def run_loader(payloads: list[bytes], sink, shards: int = 2) -> tuple[float, flo
     """(wall s, CPU s, stats) for the loader to land every payload through ``sink``."""
     stream = MemoryStream("bench-enriched", shard_count=shards)
     stream.put_records([(f"session-{i % 40}", data) for i, data in enumerate(payloads)])
-    make = functools.partial(Consumer, stream, MemoryLeaseTable(), app="bench", batch_limit=1000)
+    make = functools.partial(Consumer, stream, MemoryLeaseTable(), batch_limit=1000)
     loader = StreamLoader(make, write_enriched, sink, Limits(seconds=3600, records=25_000))
     wall, cpu = time.perf_counter(), time.process_time()
     while loader.stats["events"] < len(payloads):

@@ -250,7 +250,7 @@ def _run_worker(payloads: list[tuple[str, bytes]], onnx_bytes: bytes, policy: st
     models = Models(None, "bucket", MODEL)
     models.champion = Model.from_bundle(Bundle(MODEL, "bench", onnx_bytes, _meta("bench")))
     worker = Worker(ScorerSettings(emit=policy), models, writer,
-                    lambda stream=stream, **hooks: Consumer(stream, MemoryLeaseTable(), app="scorer", **hooks))
+                    lambda stream=stream, **hooks: Consumer(stream, MemoryLeaseTable(), **hooks))
     cpu, wall = time.process_time(), time.perf_counter()
     read = 0
     while read < len(payloads):

@@ -2,7 +2,7 @@
 
 Usage::
 
-    consumer = Consumer(stream, leases, app="enrich")
+    consumer = Consumer(stream, leases)
     while running:
         for batch in consumer.poll():
             write_outputs(batch.records)       # make the outputs durable first...
@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from common.leases import Lease, LeaseLost, LeaseTable, now_ms
-from common.streams import SHARD_END, Record, Shard, ShardReader, StreamBackend
+from common import aws
+from common.leases import DynamoLeaseTable, Lease, LeaseLost, LeaseTable, now_ms
+from common.streams import SHARD_END, KinesisStream, Record, Shard, ShardReader, StreamBackend
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,13 @@ def default_worker_id() -> str:
 
 
 class Consumer:
-    def __init__(self, stream: StreamBackend, leases: LeaseTable, *, app: str = "app",
+    def __init__(self, stream: StreamBackend, leases: LeaseTable, *,
                  worker_id: str | None = None, lease_ms: int = 10_000, batch_limit: int = 1000,
                  shard_refresh_s: float = 10.0, read_interval_s: float = 0.0,
                  start_after: Callable[[Lease], str | None] | None = None,
                  on_lost: Callable[[str], None] | None = None):
         self.stream = stream
         self.leases = leases
-        self.app = app
         self.worker_id = worker_id or default_worker_id()
         self.lease_ms = lease_ms
         self.batch_limit = batch_limit
@@ -84,7 +84,6 @@ class Consumer:
         self.on_lost = on_lost
         self.owned: dict[str, _Owned] = {}
         self.lag_ms: dict[str, int] = {}
-        self.records_read = 0
         self._shards: list[Shard] = []
         self._shards_at = 0.0
         self._balanced_at = 0.0
@@ -196,7 +195,6 @@ class Consumer:
             if result.records:
                 owned.position = result.records[-1].sequence_number
             self.lag_ms[shard_id] = result.millis_behind
-            self.records_read += len(result.records)
             if result.records or result.shard_end:
                 batches.append(Batch(shard_id, result.records, result.millis_behind,
                                      result.shard_end, owned.position))
@@ -259,10 +257,6 @@ class Consumer:
 
 def consumer_for(settings, stream_name: str, app: str, **kwargs) -> Consumer:
     """A consumer over Kinesis with DynamoDB leases, from the shared AWS settings."""
-    from common import aws
-    from common.leases import DynamoLeaseTable
-    from common.streams import KinesisStream
-
     stream = KinesisStream(aws.client("kinesis", settings.region), stream_name)
     leases = DynamoLeaseTable(aws.client("dynamodb", settings.region), settings.lease_table, f"{app}#{stream_name}")
-    return Consumer(stream, leases, app=app, **kwargs)
+    return Consumer(stream, leases, **kwargs)

@@ -312,7 +312,7 @@ def session_prefixes(events):
 
 def session_features(events) -> list[list[float]]:
     """Prefix rows of one session (events in time order): the features after each event, up to
-    (not including) the first purchase. Used by training and by the parity tests."""
+    (not including) the first purchase. For tests and benchmarks; training runs ``session_prefixes``."""
     return [row for _, row in session_prefixes(events)]
 
 

@@ -95,7 +95,7 @@ def wait_for_lake(settings: AwsSettings, expected: int, timeout: float = 300) ->
     raise SystemExit(f"the lake did not receive the history within {timeout:.0f} s; see .run/logs/")
 
 
-def wait_for_model(settings: AwsSettings, version: str, timeout: float = 60) -> None:
+def wait_for_model(version: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -150,7 +150,7 @@ def main() -> int:
         raise SystemExit("training published no CURRENT model; see the output above")
 
     say("5/6 the running scorer picks the new model up without a restart")
-    wait_for_model(settings, version)
+    wait_for_model(version)
 
     sessions = max(10, int(live_rate * minutes * 60 / 20))     # ~20 events per session
     say(f"6/6 live traffic for {minutes:g} min at ~{live_rate:g} events/s ({sessions} sessions); "

@@ -156,10 +156,9 @@ def scrape(url: str, timeout: float = 0.5) -> dict[str, float]:
 
 
 def lag_ms(totals: dict[str, float]) -> float | None:
-    """The largest consumer lag a component reports (gauges named *lag_ms, *millis_behind as the
-    lake loader's, or *lag_seconds)."""
+    """The largest consumer lag a component reports (gauges named *lag_ms, or *millis_behind as the
+    lake loader's)."""
     found = [value for name, value in totals.items() if name.endswith(("lag_ms", "millis_behind"))]
-    found += [value * 1000 for name, value in totals.items() if name.endswith("lag_seconds")]
     return max(found) if found else None
 
 
@@ -317,7 +316,7 @@ def prediction_consumer(settings: LiveViewSettings) -> Consumer:
     stream = LookbackStream(aws.client("kinesis", settings.region), settings.predictions_stream, settings.lookback_s)
     leases = DynamoLeaseTable(aws.client("dynamodb", settings.region), settings.lease_table,
                               f"{APP}#{settings.predictions_stream}")
-    return Consumer(stream, leases, app=APP, batch_limit=1000, start_after=lambda lease: None)
+    return Consumer(stream, leases, batch_limit=1000, start_after=lambda lease: None)
 
 
 def watch_streams(state: LiveState, stop: threading.Event) -> None:

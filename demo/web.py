@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import mimetypes
-import signal
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,7 +24,7 @@ import click
 
 from common import logs
 from common.config import AwsSettings, ConfigError, load
-from common.service import listening
+from common.service import listening, stop_on_signals
 from demo import catalogue as cat
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,9 +126,7 @@ def main(port: int | None) -> None:
     # serve_forever runs in a thread so SIGTERM can call shutdown() from the main thread.
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    stopping = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
+    stopping = stop_on_signals()
     log.info("demo shop on %s/shop/", server.url)
     stopping.wait()
     server.shutdown()

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 
 from common import aws, logs
 from common.cli import run_command
 from common.consumer import consumer_for
 from common.producer import Producer
-from common.service import listening, settings_or_exit
+from common.service import listening, settings_or_exit, stop_on_signals
 from common.streams import KinesisStream
 from enrich.config import EnrichSettings
 from enrich.pipeline import Enricher
@@ -29,9 +27,7 @@ def main() -> int:
     """
     settings = settings_or_exit(EnrichSettings, "enrich")
     logs.setup(settings.log_level)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = stop_on_signals()
     if settings.metrics_port:
         from prometheus_client import start_http_server
         with listening("metrics_host, metrics_port", settings.metrics_host, settings.metrics_port):

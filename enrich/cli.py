@@ -68,7 +68,7 @@ def lint_command(paths: tuple[Path, ...]) -> None:
 
 def _key_of(path: Path) -> SchemaKey | None:
     try:
-        return SchemaKey.parse("iglu:" + "/".join(path.parts[-4:]))
+        return SchemaKey.from_path(path)
     except SchemaKeyError:
         return None
 

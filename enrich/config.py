@@ -24,6 +24,18 @@ DEFAULT_PII_FIELDS = (
 )
 
 
+def parse_pii_field(entry: str) -> tuple[str, str, tuple[str, ...]]:
+    """``vendor/name:path`` -> (vendor, name, the path's steps, ``*`` for every item); raises
+    ValueError for anything else. Any schema version matches, so a version in the entry is ignored."""
+    schema, _, path = entry.partition(":")
+    vendor, _, name = schema.partition("/")
+    name = name.split("/")[0]
+    steps = path.removeprefix("$").removeprefix(".").replace("[*]", ".*").split(".")
+    if not vendor or not name or not any(steps) or any("$" in step or "[" in step for step in steps):
+        raise ValueError(f"expected vendor/name:path, got {entry!r}")
+    return vendor, name, tuple(step for step in steps if step)
+
+
 @dataclasses.dataclass(frozen=True)
 class EnrichSettings(AwsSettings):
     # Registries in priority order: "embedded", a folder path, or an http(s) base URL.
@@ -60,10 +72,10 @@ class EnrichSettings(AwsSettings):
         if self.dedupe_entries < 0:
             raise ConfigError(f"CLICKSTREAM_DEDUPE_ENTRIES: expected >= 0, got {self.dedupe_entries}")
         for entry in self.pii_fields:
-            schema, _, path = entry.partition(":")
-            steps = path.removeprefix("$").removeprefix(".").replace("[*]", ".*").split(".")
-            if "/" not in schema or not any(steps) or any("$" in step or "[" in step for step in steps):
-                raise ConfigError(f"CLICKSTREAM_PII_FIELDS: expected vendor/name:path entries, got {entry!r}")
+            try:
+                parse_pii_field(entry)
+            except ValueError:
+                raise ConfigError(f"CLICKSTREAM_PII_FIELDS: expected vendor/name:path entries, got {entry!r}") from None
         if not self.registries:
             raise ConfigError("CLICKSTREAM_REGISTRIES: at least one registry is needed (e.g. embedded)")
         for spec in self.registries:

@@ -1,6 +1,6 @@
 """The enricher's pure logic: ``Enricher(settings, resolver).process(raw_bytes) -> (good, bad)``.
 
-No AWS here, so the worker, tests, benchmarks and other components can all run the same code.
+No AWS here, so the worker, the tests and the benchmarks all run the same code.
 Each event goes through: protocol checks -> typed fields -> schema validation of its self-describing
 event and contexts -> enrichments -> pseudonymisation -> size check -> dedupe. Any failure turns that
 one event into a bad row; nothing escapes as an exception (a last-resort guard turns an unexpected
@@ -20,7 +20,7 @@ import orjson
 
 from common.features import NIL_USER, session_key
 from enrich import __version__, badrows, protocol
-from enrich.config import EnrichSettings
+from enrich.config import EnrichSettings, parse_pii_field
 from enrich.enrichments import (
     Deduper,
     Pseudonymiser,
@@ -108,10 +108,8 @@ class EventFailure(Exception):
 def _pii_paths(entries: tuple[str, ...]) -> dict[tuple[str, str], list[tuple[str, ...]]]:
     paths: dict[tuple[str, str], list[tuple[str, ...]]] = {}
     for entry in entries:
-        schema, path = entry.split(":", 1)
-        vendor, name = schema.removeprefix("iglu:").split("/")[:2]
-        steps = path.removeprefix("$").removeprefix(".").replace("[*]", ".*").split(".")
-        paths.setdefault((vendor, name), []).append(tuple(step for step in steps if step))
+        vendor, name, steps = parse_pii_field(entry)
+        paths.setdefault((vendor, name), []).append(steps)
     return paths
 
 
@@ -188,7 +186,7 @@ class Enricher:
         event["event"] = event_type
         event["etl_tstamp"] = etl_tstamp
         self._self_describing(params, event, event_type)
-        self._enrich(params, record, event)
+        self._enrich(event)
         if self.hmac is not None:
             self._pseudonymise(event)
         too_long = [badrows.message(name, event[name], f"at most {limit} characters")
@@ -319,7 +317,7 @@ class Enricher:
                 {"message": exc.message, "path": _json_path(exc.path),
                  "keyword": exc.rule, "targets": []}]}})
 
-    def _enrich(self, params: dict, record: dict, event: dict) -> None:
+    def _enrich(self, event: dict) -> None:
         if event["useragent"]:
             event.update(self.ua(event["useragent"]))
         else:

@@ -61,6 +61,11 @@ class SchemaKey:
         vendor, name, fmt, model, revision, addition = match.groups()
         return cls(vendor, name, fmt, int(model), int(revision), int(addition))
 
+    @classmethod
+    def from_path(cls, path: Path) -> SchemaKey:
+        """The key of a registry file ``…/vendor/name/format/M-R-A``; raises SchemaKeyError."""
+        return cls.parse("iglu:" + "/".join(path.parts[-4:]))
+
     @property
     def version(self) -> str:
         return f"{self.model}-{self.revision}-{self.addition}"
@@ -101,7 +106,7 @@ class FolderRegistry:
         found = []
         for path in sorted((self.root / "schemas").glob("*/*/*/*")):
             try:
-                found.append(SchemaKey.parse("iglu:" + "/".join(path.parts[-4:])))
+                found.append(SchemaKey.from_path(path))
             except SchemaKeyError:
                 continue
         return found
@@ -161,7 +166,6 @@ class Resolver:
     # cannot grow memory (a real pipeline uses a few hundred schemas at most).
     max_entries: int = 4096
     _cache: OrderedDict[str, Resolved] = field(default_factory=OrderedDict)
-    fetches: int = 0
 
     @classmethod
     def from_specs(cls, specs: tuple[str, ...] | list[str], ttl: float = 600.0) -> Resolver:
@@ -184,7 +188,6 @@ class Resolver:
     def _resolve(self, key: SchemaKey) -> Resolved:
         history, transient = [], False
         for registry in self.registries:
-            self.fetches += 1
             try:
                 schema = registry.fetch(key)
             except NotFound as exc:

@@ -15,7 +15,7 @@ import time
 from botocore.exceptions import ClientError
 
 from common import aws, logs
-from common.config import AwsSettings, ConfigError, load
+from common.config import AwsSettings, ConfigError, load, require_positive
 
 log = logging.getLogger("provision")
 
@@ -30,10 +30,8 @@ class ProvisionSettings(AwsSettings):
     bad_retention_days: int = 30
 
     def validate(self) -> None:
-        for name in ("raw_shards", "enriched_shards", "bad_shards", "predictions_shards",
-                     "raw_retention_days", "bad_retention_days"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"CLICKSTREAM_{name.upper()}: expected an integer >= 1, got {getattr(self, name)}")
+        require_positive(self, "raw_shards", "enriched_shards", "bad_shards", "predictions_shards",
+                         "raw_retention_days", "bad_retention_days")
 
 
 def ensure_stream(kinesis, name: str, shards: int) -> str:

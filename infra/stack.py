@@ -2,13 +2,11 @@
 
 ``up`` is idempotent (a running process is left alone), ``down`` stops everything it started
 (process groups, so no grandchild survives), ``status`` says what runs where. Logs and pid files
-live under ``.run/`` (git-ignored). A component whose package has no ``__main__`` yet is reported
-as not built rather than pretended.
+live under ``.run/`` (git-ignored).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import secrets
 import signal
@@ -41,12 +39,6 @@ class Process:
     @property
     def log_file(self) -> Path:
         return RUN / "logs" / f"{self.name}.log"
-
-    def built(self) -> bool:
-        try:
-            return importlib.util.find_spec(self.module) is not None
-        except ModuleNotFoundError:        # the parent package does not exist yet
-            return False
 
 
 EMULATOR = Process("emulator", "localstack.emulator", LOCAL_ENDPOINT + "/moto-api/", ("--port", "4566"),
@@ -91,8 +83,6 @@ def started_at(pid: int) -> str | None:
 def start(process: Process, wait: float = 30) -> str:
     if running_pid(process):
         return f"{process.name}: already running (pid {running_pid(process)})"
-    if not process.built():
-        return f"{process.name}: not built yet, skipped"
     if process.health_url and healthy(process.health_url):
         # Not ours (no pid file), yet it answers: the new one could not bind, and the check would pass.
         raise SystemExit(f"{process.name}: something else already answers on {process.health_url}; "
@@ -175,7 +165,7 @@ def down() -> None:
 def status() -> None:
     for process in [EMULATOR, *COMPONENTS]:
         pid = running_pid(process)
-        state = f"running (pid {pid})" if pid else ("stopped" if process.built() else "not built yet")
+        state = f"running (pid {pid})" if pid else "stopped"
         if pid and process.health_url:
             state += ", healthy" if healthy(process.health_url) else ", NOT answering"
         print(f"{process.name:12} {state}")

@@ -41,7 +41,7 @@ def test_split_parent_is_finished_and_children_are_loaded_exactly_once(aws_setti
     assert producer.send([(e["domain_sessionid"], orjson.dumps(e)) for e in before]) == []
 
     leases = DynamoLeaseTable(aws.client("dynamodb"), aws_settings.lease_table, f"lake-loader#{name}")
-    make = functools.partial(Consumer, stream, leases, app="lake-loader", lease_ms=3000, shard_refresh_s=0,
+    make = functools.partial(Consumer, stream, leases, lease_ms=3000, shard_refresh_s=0,
                              batch_limit=10)
     written = []                                        # the shard of each write, in the order written
 

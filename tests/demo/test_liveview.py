@@ -392,5 +392,5 @@ def test_lag_is_read_from_every_component_naming_of_the_gauge():
 
     assert lag_ms({"enrich_lag_ms": 5.0, "enrich_events_total": 9.0}) == 5.0
     assert lag_ms({"lake_loader_millis_behind": 1200.0}) == 1200.0     # the lake loader's (Kinesis' own name)
-    assert lag_ms({"x_lag_seconds": 2.0, "y_lag_ms": 10.0}) == 2000.0
+    assert lag_ms({"scorer_lag_ms": 2000.0, "discount_consumer_lag_ms": 10.0}) == 2000.0
     assert lag_ms({"events_total": 1.0}) is None

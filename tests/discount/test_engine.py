@@ -148,7 +148,7 @@ def test_a_failed_batch_loses_no_batch_read_from_any_shard(aws_endpoint, failing
         direct = aws.client("dynamodb")
         leases = DynamoLeaseTable(broken if failing == "checkpoint" else direct, settings.lease_table,
                                   f"{APP}#{settings.predictions_stream}")
-        consumer = Consumer(KinesisStream(aws.client("kinesis"), settings.predictions_stream), leases, app=APP,
+        consumer = Consumer(KinesisStream(aws.client("kinesis"), settings.predictions_stream), leases,
                             read_interval_s=settings.read_interval_s)
         table = OfferTable(broken if failing == "offer write" else direct, settings.offers_table,
                            budget_per_hour=100, discount_percent=10, ttl_hours=24)

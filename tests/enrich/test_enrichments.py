@@ -229,3 +229,5 @@ def test_config_refuses_to_start_without_a_key_unless_pseudonymisation_is_off(tm
         load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_PII_FIELDS": "com.acme/x:$."})
     with pytest.raises(ConfigError, match="CLICKSTREAM_PII_FIELDS"):
         load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_PII_FIELDS": "com.acme/x:a.$b"})
+    with pytest.raises(ConfigError, match="CLICKSTREAM_PII_FIELDS"):
+        load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_PII_FIELDS": "com.acme/:a"})

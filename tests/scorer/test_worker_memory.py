@@ -38,7 +38,7 @@ class Rig:
         self.settings = ScorerSettings(**settings)
         writer = PredictionWriter(Producer(self.out), None, None, 3600)
         self.worker = Worker(self.settings, self.models, writer,
-                             lambda **hooks: Consumer(self.stream, self.leases, app="scorer", lease_ms=lease_ms,
+                             lambda **hooks: Consumer(self.stream, self.leases, lease_ms=lease_ms,
                                                       **hooks))
 
     def put(self, events):
