@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -200,3 +201,259 @@ def test_localstack_ready_hook_provisions_through_infra_provision(aws_endpoint, 
     names = aws.client("kinesis").list_streams(Limit=1000)["StreamNames"]
     assert {settings.raw_stream, settings.enriched_stream, settings.bad_stream, settings.predictions_stream} <= set(names)
     assert aws.client("dynamodb").describe_table(TableName=settings.offers_table)["Table"]["TableStatus"] == "ACTIVE"
+
+
+# ----------------------------------------------------------------------------- what the images write
+
+def dockerfile_env(text: str) -> dict[str, str]:
+    """The variables a Dockerfile's ENV lines set (values without spaces or quotes, as ours are)."""
+    text = text.replace("\\\n", " ")
+    env = {}
+    for line in re.findall(r"^ENV\s+(.*)$", text, re.MULTILINE):
+        env.update(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=(\S+)", line))
+    return env
+
+
+def _run_commands(text: str) -> list[list[str]]:
+    """Every shell command of a Dockerfile's RUN lines, split into words."""
+    text = text.replace("\\\n", " ")
+    return [command.split() for run in re.findall(r"^RUN\s+(.*)$", text, re.MULTILINE)
+            for command in re.split(r"&&|;", run) if command.split()]
+
+
+def _ownership(text: str) -> tuple[set[PurePosixPath], set[PurePosixPath]]:
+    """The folders a Dockerfile chowns to its last USER, and every folder its mkdirs create."""
+    user = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)[-1]
+    owned, made = set(), set()
+    for words in _run_commands(text):
+        arguments = [word for word in words[1:] if not word.startswith("-")]
+        if words[0] == "chown" and arguments and arguments[0].split(":")[0] == user:
+            owned |= {PurePosixPath(argument) for argument in arguments[1:]}
+        elif words[0] == "mkdir":
+            for argument in map(PurePosixPath, arguments):
+                made |= {argument, *argument.parents}
+    return owned, made
+
+
+def writable_by_the_image_user(text: str, path: PurePosixPath) -> bool:
+    """Whether the image's last USER can create ``path``: /tmp, or a folder at or above it is chowned to
+    that user and so is every folder the Dockerfile creates between that one and ``path`` (``mkdir -p``
+    makes root-owned parents)."""
+    owned, made = _ownership(text)
+    if path == PurePosixPath("/tmp") or PurePosixPath("/tmp") in path.parents:
+        return True
+    for top in (folder for folder in owned if folder == path or folder in path.parents):
+        between = {folder for folder in made if (folder == path or folder in path.parents) and top in folder.parents}
+        if between <= owned:
+            return True
+    return False
+
+
+def settings_class(component: str):
+    module, name, _ = SETTINGS[component]
+    return getattr(importlib.import_module(module), name)
+
+
+def container(template: dict, component: str) -> dict:
+    for task in resources(template, "AWS::ECS::TaskDefinition").values():
+        for definition in task["Properties"]["ContainerDefinitions"]:
+            if definition["Name"] == component:
+                return definition
+    raise AssertionError(f"no container {component} in the template")
+
+
+def effective_setting(component: str, field: str, template: dict) -> str:
+    """What a setting is in the ECS task: its environment over the image's ENV over the default
+    (the section form CLICKSTREAM_<SECTION>_<KEY> wins over CLICKSTREAM_<KEY>, as in common.config)."""
+    section = SETTINGS[component][2]
+    names = (f"CLICKSTREAM_{field.upper()}", f"CLICKSTREAM_{section.upper()}_{field.upper()}")
+    task_env = {variable["Name"]: variable["Value"] for variable in container(template, component).get("Environment", [])}
+    value = str(getattr(settings_class(component)(), field))
+    for env in (dockerfile_env(dockerfile(component)), task_env):
+        for name in names:
+            if name in env:
+                value = str(env[name])
+    return value
+
+
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
+def test_path_settings_with_a_relative_default_are_absolute_and_writable_in_the_image(component, template):
+    # The images run as an unprivileged user in a root-owned /app: a relative default (the collector's
+    # spool_dir, the trainer's cache_dir) would be a folder the process cannot create.
+    section = SETTINGS[component][2]
+    image_env = dockerfile_env(dockerfile(component))
+    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"][component]
+    task_env = {variable["Name"]: variable["Value"] for variable in container(template, component).get("Environment", [])}
+    for field in dataclasses.fields(settings_class(component)):
+        if not isinstance(field.default, Path) or field.default.is_absolute():
+            continue
+        names = [f"CLICKSTREAM_{field.name.upper()}", f"CLICKSTREAM_{section.upper()}_{field.name.upper()}"]
+        set_to = [image_env[name] for name in names if name in image_env]
+        assert set_to, f"deploy/{component}/Dockerfile leaves {field.name} at its relative default {field.default}"
+        path = PurePosixPath(set_to[-1])
+        assert path.is_absolute(), (component, field.name, path)
+        assert writable_by_the_image_user(dockerfile(component), path), \
+            f"deploy/{component}/Dockerfile: {field.name}={path} is not in a folder its user owns"
+        for where, env in (("docker-compose.yml", service.get("environment") or {}), ("cloudformation.yaml", task_env)):
+            for name in names:
+                if name in env:
+                    assert PurePosixPath(str(env[name])).is_absolute(), (where, name, env[name])
+
+
+def test_the_writable_check_sees_root_owned_folders():
+    image = ("WORKDIR /app\nRUN useradd --uid 10001 app \\\n && mkdir -p /var/lib/clickstream/lake-cache "
+             "&& chown app:app /var/lib/clickstream\nENV A=1 CLICKSTREAM_CACHE_DIR=/x\nUSER app\n")
+    assert dockerfile_env(image) == {"A": "1", "CLICKSTREAM_CACHE_DIR": "/x"}
+    assert writable_by_the_image_user(image, PurePosixPath("/var/lib/clickstream/spool"))     # made by the app
+    assert not writable_by_the_image_user(image, PurePosixPath("/var/lib/clickstream/lake-cache"))  # root's
+    assert not writable_by_the_image_user(image, PurePosixPath("/app/.cache/lake"))
+    assert writable_by_the_image_user(image, PurePosixPath("/tmp/lake"))
+
+
+def test_the_trainer_image_caches_the_lake_in_a_folder_made_for_its_user():
+    text = dockerfile("trainer")
+    cache = dockerfile_env(text).get("CLICKSTREAM_CACHE_DIR", "")
+    assert cache.startswith("/"), f"CLICKSTREAM_CACHE_DIR={cache!r}: the default .cache/lake is in root's /app"
+    owned, made = _ownership(text)
+    assert PurePosixPath(cache) in owned & made and writable_by_the_image_user(text, PurePosixPath(cache)), cache
+
+
+# ----------------------------------------------------------------------------- the collector's spool on ECS
+
+def _ref(value) -> str | None:
+    return value.get("Ref") if isinstance(value, dict) else None
+
+
+def _image_uid(component: str) -> str:
+    return re.search(r"useradd\b[^\n]*--uid (\d+)", dockerfile(component)).group(1)
+
+
+def test_collector_spool_is_on_an_efs_volume_the_tasks_share(template):
+    task = template["Resources"]["CollectorTaskDefinition"]["Properties"]
+    collector = container(template, "collector")
+    spool_dir = effective_setting("collector", "spool_dir", template)
+    assert spool_dir.startswith("/"), spool_dir
+    mounts = [m for m in collector.get("MountPoints", []) if m["ContainerPath"] == spool_dir]
+    assert mounts and not mounts[0].get("ReadOnly", False), f"nothing writable is mounted at spool_dir {spool_dir}"
+    volume = next(v for v in task.get("Volumes", []) if v["Name"] == mounts[0]["SourceVolume"])
+    efs = volume["EFSVolumeConfiguration"]
+    file_system = _ref(efs["FilesystemId"])
+    assert template["Resources"][file_system]["Type"] == "AWS::EFS::FileSystem"
+    assert template["Resources"][file_system]["Properties"].get("Encrypted") is True
+    assert efs["TransitEncryption"] == "ENABLED"
+    # An access point that makes the container's user the owner of every file, in a folder that user owns.
+    point = template["Resources"][_ref(efs["AuthorizationConfig"]["AccessPointId"])]
+    assert point["Type"] == "AWS::EFS::AccessPoint" and _ref(point["Properties"]["FileSystemId"]) == file_system
+    uid = _image_uid("collector")
+    assert collector["User"] == uid == point["Properties"]["PosixUser"]["Uid"]
+    assert point["Properties"]["RootDirectory"]["CreationInfo"]["OwnerUid"] == uid
+    # IAM authorization: the file system's policy lets the collector's task role mount and write.
+    assert efs["AuthorizationConfig"].get("IAM") == "ENABLED"
+    policy = json.dumps(template["Resources"][file_system]["Properties"]["FileSystemPolicy"])
+    role = task["TaskRoleArn"]["Fn::GetAtt"][0]
+    assert role in policy and "elasticfilesystem:ClientWrite" in policy and "elasticfilesystem:ClientMount" in policy
+
+
+def test_collector_tasks_run_where_the_spool_has_mount_targets_that_take_their_nfs(template):
+    service = template["Resources"]["CollectorService"]
+    network = service["Properties"]["NetworkConfiguration"]["AwsvpcConfiguration"]
+    targets = {name: r["Properties"] for name, r in resources(template, "AWS::EFS::MountTarget").items()}
+    efs = template["Resources"]["CollectorTaskDefinition"]["Properties"]["Volumes"][0]["EFSVolumeConfiguration"]
+    assert targets and all(_ref(t["FileSystemId"]) == _ref(efs["FilesystemId"]) for t in targets.values())
+    # One mount target per subnet the tasks can be placed in (EFS allows one per Availability Zone).
+    subnets = network["Subnets"]
+    assert isinstance(subnets, list) and len(subnets) >= 2, subnets
+    assert sorted(map(json.dumps, subnets)) == sorted(json.dumps(t["SubnetId"]) for t in targets.values())
+    depends = service.get("DependsOn", [])
+    assert set(targets) <= set([depends] if isinstance(depends, str) else depends), "tasks would start before the mount targets"
+    tasks_groups = {_ref(group) for group in network["SecurityGroups"]}
+    for target in targets.values():
+        rules = [rule for group in target["SecurityGroups"]
+                 for rule in template["Resources"][_ref(group)]["Properties"].get("SecurityGroupIngress", [])]
+        assert any(rule["IpProtocol"] == "tcp" and rule["FromPort"] <= 2049 <= rule["ToPort"]
+                   and _ref(rule.get("SourceSecurityGroupId")) in tasks_groups for rule in rules), rules
+
+
+# Producer(max_attempts=3) per stream (collector/sink.py open_sink), each PutRecords with one botocore
+# retry (kinesis_client: retries=1), each attempt up to a connect and a read timeout of sink_timeout_s.
+SINK_ATTEMPTS, BOTOCORE_ATTEMPTS = 3, 2
+FARGATE_MAX_STOP_TIMEOUT = 120
+
+
+def test_a_stopping_collector_task_drains_before_ecs_kills_it(template):
+    stop_timeout = container(template, "collector")["StopTimeout"]
+    shutdown = float(effective_setting("collector", "shutdown_timeout_s", template))
+    in_flight = SINK_ATTEMPTS * BOTOCORE_ATTEMPTS * 2 * float(effective_setting("collector", "sink_timeout_s", template))
+    assert stop_timeout <= FARGATE_MAX_STOP_TIMEOUT
+    assert shutdown + in_flight < stop_timeout, (shutdown, in_flight, stop_timeout)
+    # Compose keeps the spool on a volume and waits stop_grace_period (10 s unless set) before it kills.
+    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["collector"]
+    env = {**dockerfile_env(dockerfile("collector")), **(service.get("environment") or {})}
+    shutdown = float(env.get("CLICKSTREAM_COLLECTOR_SHUTDOWN_TIMEOUT_S", env.get(
+        "CLICKSTREAM_SHUTDOWN_TIMEOUT_S", settings_class("collector")().shutdown_timeout_s)))
+    assert shutdown < float(str(service.get("stop_grace_period", "10s")).rstrip("s"))
+
+
+# ----------------------------------------------------------------------------- the scorer's API on ECS
+
+def test_the_scorer_api_has_a_stable_name_in_the_vpc(template):
+    registries = template["Resources"]["ScorerService"]["Properties"].get("ServiceRegistries", [])
+    assert registries, "the scorer service registers nowhere: its API is only at changing task IPs"
+    discovery = template["Resources"][registries[0]["RegistryArn"]["Fn::GetAtt"][0]]
+    assert discovery["Type"] == "AWS::ServiceDiscovery::Service"
+    # awsvpc tasks register their own IP: A records, no port
+    assert any(record["Type"] == "A" for record in discovery["Properties"]["DnsConfig"]["DnsRecords"])
+    namespace = template["Resources"][_ref(discovery["Properties"]["NamespaceId"])]
+    assert namespace["Type"] == "AWS::ServiceDiscovery::PrivateDnsNamespace"
+    assert _ref(namespace["Properties"]["Vpc"]) == "VpcId"
+    name = f'{discovery["Properties"]["Name"]}.{namespace["Properties"]["Name"]["Fn::Sub"]}'
+    outputs = [json.dumps(output["Value"]) for output in template["Outputs"].values()]
+    assert any(f"{name}:8081" in value for value in outputs), (name, outputs)
+
+
+# ----------------------------------------------------------------------------- the dashboard's metrics
+
+def exported_metric_names() -> set[str]:
+    """Every series name the components' /metrics can show, read from their registries."""
+    from prometheus_client import REGISTRY, CollectorRegistry
+
+    import collector.metrics  # noqa: F401 - registers in the default registry, as enrich and scorer do
+    import enrich.metrics  # noqa: F401
+    import scorer.metrics  # noqa: F401
+    from batch.loader import LoaderCollector
+    from discount.metrics import Metrics
+
+    loader = CollectorRegistry()
+    loader.register(LoaderCollector(type("NoLoaders", (), {"loaders": []})()))
+    suffixes = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count", "_created"),
+                "summary": ("", "_sum", "_count", "_created"), "info": ("_info",), "stateset": ("",), "unknown": ("",)}
+    return {family.name + suffix for registry in (REGISTRY, Metrics().registry, loader)
+            for family in registry.collect() for suffix in suffixes[family.type]}
+
+
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
+                "offset", "inf", "nan"}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names of a PromQL expression: identifiers that are not functions, keywords, label
+    names (in by/without/on/ignoring lists and {matchers}) or durations."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)                               # strings
+    text = re.sub(r"\{[^}]*\}|\[[^\]]*\]", "", text)                            # matchers, ranges
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    return {name for name in re.findall(r"(?<![\w.])([A-Za-z_:][\w:]*)(?![\w:])(?!\s*\()", text)
+            if name.lower() not in PROMQL_WORDS}
+
+
+def test_promql_metric_names_finds_the_metrics_only():
+    assert promql_metric_names('histogram_quantile(0.99, sum by (le) (rate(x_bucket{a="b"}[5m])))') == {"x_bucket"}
+    assert promql_metric_names("sum(rate(a_total[5m])) / clamp_min(sum(rate(b_total[5m])), 1e-9)") == {"a_total", "b_total"}
+    assert promql_metric_names("max by (name, version) (scorer_model_info)") == {"scorer_model_info"}
+
+
+def test_every_dashboard_query_names_a_metric_the_components_export():
+    dashboard = json.loads((DEPLOY / "grafana" / "clickstream.json").read_text())
+    exported = exported_metric_names()
+    unknown = {(panel["title"], name) for panel in dashboard["panels"] for target in panel.get("targets", [])
+               for name in promql_metric_names(target["expr"]) if name not in exported}
+    assert not unknown, f"dashboard queries of metrics nothing exports (the panel shows No data): {sorted(unknown)}"

@@ -7,7 +7,9 @@ a dependency its Dockerfile does not install.
 from __future__ import annotations
 
 import ast
+import json
 import re
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -107,3 +109,52 @@ def test_the_import_walk_sees_lazy_imports():
     # "collector.app:create_app"; a walk of module-level imports would miss both.
     assert {"granian", "click", "boto3", "orjson"} <= third_party_imports("collector")
     assert "onnxruntime" in third_party_imports("scorer")
+
+
+def _repository_modules(entry: str) -> set[str]:
+    """The repository's modules ``python -m entry`` can reach (the walk of ``third_party_imports``)."""
+    parts = entry.split(".")
+    todo, seen = [".".join(parts[:i]) for i in range(1, len(parts) + 1)], set()
+    if _source(f"{entry}.__main__"):
+        todo.append(f"{entry}.__main__")
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(name for name in _imported(module) if name.split(".")[0] in REPO_PACKAGES and _source(name))
+    return seen
+
+
+# Packages of requirements.lock that a library an image installs imports when present, and that the
+# image may go without: what the library does without them is what the component gets anyway.
+OPTIONAL_ELSEWHERE = {
+    "certifi": "botocore uses its own CA bundle without it",
+    "python-dotenv": "granian reads env files with it; the collector passes none",
+    "pyyaml": "ua-parser loads custom YAML regexes with it; enrich uses the built-in ones",
+    "cloudpickle": "pyarrow pickles Python objects with it; the lake loader writes none",
+    "charset-normalizer": "numpy's f2py (Fortran wrapper generator) uses it; the trainer never runs f2py",
+}
+
+
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
+def test_the_image_installs_the_locked_packages_its_libraries_pick_up_when_present(component):
+    # Some libraries change behind an import guarded by ImportError or find_spec: ua-parser matches
+    # 40x faster with ua-parser-rs, granian serves on uvloop. The venv (tests, benchmarks, the docs'
+    # figures) has every package of requirements.lock, so an image without one behaves otherwise.
+    # Import what the component imports, in a fresh interpreter, and see what else got loaded.
+    modules = sorted(m for m in _repository_modules(COMPONENTS[component]) | third_party_imports(COMPONENTS[component])
+                     if not m.endswith("__main__"))
+    code = ("import importlib, json, sys\n"
+            f"for name in {modules!r}:\n    importlib.import_module(name)\n"
+            "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    locked = {_normal(line.split("==")[0]) for line in (ROOT / "requirements.lock").read_text().splitlines() if "==" in line}
+    providers = metadata.packages_distributions()
+    installed = installed_closure(dockerfile(component))
+    missing = {_normal(dist): module for module in loaded for dist in providers.get(module, [])
+               if _normal(dist) in locked and _normal(dist) not in installed and _normal(dist) not in OPTIONAL_ELSEWHERE}
+    assert not missing, (f"deploy/{component}/Dockerfile does not install these pinned packages, which the "
+                         f"component's libraries load here: {missing}")
