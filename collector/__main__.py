@@ -1,19 +1,25 @@
 """`python -m collector`: serve the tracker endpoints with granian; settings from the environment."""
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 
 import click
 
+from collector.config import CollectorSettings
 from common import logs
-from common.config import ConfigError
+from common.service import listening, settings_or_exit
 
 
 @click.command()
-@click.option("--host", default=None, help="listen address (CLICKSTREAM_HOST, default 127.0.0.1)")
+@click.option("--host", default=None,
+              help="listen address: an IP address, or a host name such as localhost, resolved once at start "
+                   "(CLICKSTREAM_HOST, default 127.0.0.1)")
 @click.option("--port", type=int, default=None, help="listen port (CLICKSTREAM_PORT, default 8080)")
 @click.option("--workers", type=int, default=None, help="granian worker processes (CLICKSTREAM_WORKERS, default 1)")
 def main(host: str | None, port: int | None, workers: int | None) -> None:
@@ -22,17 +28,15 @@ def main(host: str | None, port: int | None, workers: int | None) -> None:
     answered, then sent on to the raw stream.
 
     Other settings come from CLICKSTREAM_* variables and the [collector] section of the TOML file
-    named by CLICKSTREAM_CONFIG (docs/collector.md). Stops cleanly on SIGTERM or Ctrl-C.
+    named by CLICKSTREAM_CONFIG (docs/collector.md); a bad value, or an address it cannot listen on,
+    exits with status 2 naming the key. Stops cleanly on SIGTERM or Ctrl-C.
     """
     from granian import Granian
 
-    from collector.config import settings as load_settings
-
     logs.setup()
-    try:
-        settings = load_settings(host=host, port=port, workers=workers)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    settings = settings_or_exit(CollectorSettings, "collector", host=host, port=port, workers=workers)
+    with listening("host, port", settings.host, settings.port):
+        address = bindable_address(settings.host, settings.port)
     # Workers read their settings from the environment: pass the command-line overrides on, in the
     # section form too, which would otherwise win over them in the workers.
     for key, value in (("HOST", settings.host), ("PORT", str(settings.port)), ("WORKERS", str(settings.workers))):
@@ -42,12 +46,39 @@ def main(host: str | None, port: int | None, workers: int | None) -> None:
         metrics_dir = tempfile.mkdtemp(prefix="collector-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        Granian("collector.app:create_app", factory=True, interface="asgi", address=settings.host,
-                port=settings.port, workers=settings.workers, log_access=False, backlog=2048,
-                backpressure=settings.max_concurrent_requests).serve()
+        with listening("host, port", settings.host, settings.port):
+            server = Granian("collector.app:create_app", factory=True, interface="asgi", address=address,
+                             port=settings.port, workers=settings.workers, log_access=False, backlog=2048,
+                             backpressure=settings.max_concurrent_requests)
+            try:
+                server.serve()
+            except RuntimeError as exc:
+                raise _as_os_error(exc) from None
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def bindable_address(host: str, port: int) -> str:
+    """The IP address granian should bind for ``host`` (it takes no host names), after checking that
+    the port is free there: granian's own failure is a page of Python and Rust frames. Raises OSError
+    (an unknown host, a port in use) for ``listening`` to tell in one line."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                  flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as servers bind: TIME_WAIT is no conflict
+        probe.bind(address)
+    return address[0]
+
+
+def _as_os_error(exc: RuntimeError) -> Exception:
+    """Granian's bind failure ("Address already in use (os error 98)": another process took the
+    port after the check) as the OSError it is; any other RuntimeError unchanged."""
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    if not found:
+        return exc
+    number = int(found.group(1))
+    return OSError(number, os.strerror(number) if number in errno.errorcode else str(exc))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
 """Typed configuration from the environment and an optional TOML file.
 
 Every component declares a frozen dataclass of settings. Values come, in rising priority, from the
-dataclass defaults, the `[section]` of the TOML file named by ``CLICKSTREAM_CONFIG`` (or passed in),
-and environment variables ``CLICKSTREAM_<FIELD>`` (or ``CLICKSTREAM_<SECTION>_<FIELD>``, which wins). A bad value raises ``ConfigError`` naming the
-key and the form expected, so an operator never has to guess which setting broke a start-up.
+dataclass defaults, the `[common]` and `[section]` tables of the TOML file named by
+``CLICKSTREAM_CONFIG`` (or passed in), environment variables ``CLICKSTREAM_<FIELD>`` (or
+``CLICKSTREAM_<SECTION>_<FIELD>``, which wins), and command-line options. A bad value raises
+``ConfigError`` naming where it was set (``[common] port``, ``CLICKSTREAM_SCORER_PORT``, ``--port``)
+and the form expected, so an operator never has to guess which setting broke a start-up.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
+import sys
 import tomllib
 import typing
 from pathlib import Path
@@ -25,6 +29,43 @@ class ConfigError(ValueError):
 # them, so a misspelled section (`[provison]`) would otherwise be ignored by every one in silence.
 SECTIONS = ("common", "collector", "enrich", "scorer", "lake", "train", "discount", "provision",
             "web", "summary", "liveview")
+
+# Every key of every component's settings class beyond the shared AwsSettings, by section. `[common]`
+# is read by all of them, each with its own class, so a key there is refused only when no component
+# knows it (a misspelling); one that only other components know is left to them. common/ must not
+# import the components, so the names are listed here; tests/foundation/test_config.py checks the list
+# against the classes themselves.
+SECTION_KEYS = {section: frozenset(keys.split()) for section, keys in {
+    "collector": """host port workers max_concurrent_requests sink linger_ms batch_records batch_bytes sink_timeout_s
+        shutdown_timeout_s spool_dir spool_max_bytes spool_segment_bytes fsync fsync_interval_ms retry_after_s
+        max_payload_bytes max_request_bytes bad_payload_keep_bytes cookie_name cookie_days cookie_domains
+        cookie_fallback_domain cookie_secure dnt_cookie_name dnt_cookie_value custom_paths redirect_domains
+        cors_max_age_s""",
+    "enrich": """registries registry_cache_ttl_s pseudonymisation pseudonymisation_key pii_fields ip_anon_octets
+        ip_anon_segments internal_domains dedupe_entries dedupe_window_s ua_cache_size max_event_bytes batch_limit
+        read_interval_s lease_ms metrics_port metrics_host log_level""",
+    "scorer": """host port run_worker run_api model_name model_poll_s shadow_version emit emit_every_n flush_ms
+        session_timeout_s max_sessions replay_max_s dedupe_window prediction_ttl_hours batch_limit read_interval_s
+        lease_ms write_threads reload_token log_level""",
+    "lake": """lake_flush_seconds lake_flush_bytes lake_flush_records lake_lease_ms lake_batch_limit lake_idle_sleep_s
+        lake_read_interval_s lake_retry_s lake_app lake_metrics_port lake_metrics_host log_level""",
+    "train": """model_name window_days window_end cache_dir lake_path skip_corrupt_files session_gap_minutes
+        eval_fraction algorithm max_iter max_depth step_size num_trees subsampling_rate min_instances_per_node
+        max_bins reg_param elastic_net seed class_weight threshold_objective target_precision parity_tolerance
+        auc_floor champion_margin spark_master spark_driver_memory spark_shuffle_partitions progress""",
+    "discount": """offer_threshold offer_ceiling min_events budget_per_hour discount_percent offer_ttl_hours
+        metrics_host metrics_port batch_limit read_interval_s log_level""",
+    "provision": "raw_shards enriched_shards bad_shards predictions_shards raw_retention_days bad_retention_days",
+    "web": "web_host web_port shop_dir tracker_dir",
+    "summary": "model_name log_level",
+    "liveview": """host port collector_metrics_url enrich_metrics_url scorer_metrics_url loader_metrics_url
+        discount_metrics_url model_name poll_s lookback_s rate_window_s sessions_shown sessions_kept
+        points_per_session decisions_shown offers_shown offers_scan_limit offers_every_s model_every_s
+        count_streams shop_dir tracker_dir log_level""",
+}.items()}
+
+# GetRecords returns at most this many records per call; a larger batch_limit fails at run time.
+GET_RECORDS_MAX = 10_000
 
 
 def _convert(key: str, raw: object, kind: type) -> object:
@@ -80,12 +121,18 @@ def _read_file(path: Path | None) -> dict:
 
 def load(cls, *, section: str | None = None, env: typing.Mapping[str, str] | None = None,
          file: Path | str | None = None, **overrides):
-    """Build ``cls`` from defaults, then the TOML file section, then the environment, then overrides."""
+    """Build ``cls`` from defaults, then the TOML file's [common] and [section], then the environment,
+    then ``overrides`` (command-line options; None means not given)."""
     env = os.environ if env is None else env
     file = file or env.get(ENV_PREFIX + "CONFIG") or None
     data = _read_file(Path(file) if file else None)
     _check_sections(data, section)
-    from_file = {**data.get("common", {}), **(data.get(section, {}) if section else {})}
+    names = {field.name for field in dataclasses.fields(cls)}
+    _check_keys(data, section, names)
+    # Where each file value was written, so an error sends the operator to the right table.
+    from_file = {key: (f"[common] {key}", value) for key, value in data.get("common", {}).items()}
+    if section:
+        from_file |= {key: (f"[{section}] {key}", value) for key, value in data.get(section, {}).items()}
     values, keys = {}, {}
     for field in dataclasses.fields(cls):
         kind = _field_kind(cls, field)
@@ -94,20 +141,17 @@ def load(cls, *, section: str | None = None, env: typing.Mapping[str, str] | Non
         # a key name (port, host) can be set apart in one environment.
         section_key = f"{ENV_PREFIX}{section.upper().replace('-', '_')}_{field.name.upper()}" if section else None
         if field.name in overrides and overrides[field.name] is not None:
-            keys[field.name], raw = field.name, overrides[field.name]
+            keys[field.name], raw = _option_for(field.name, overrides[field.name]), overrides[field.name]
         elif section_key and section_key in env:
             keys[field.name], raw = section_key, env[section_key]
         elif env_key in env:
             keys[field.name], raw = env_key, env[env_key]
         elif field.name in from_file:
-            keys[field.name], raw = f"[{section or 'common'}] {field.name}", from_file[field.name]
+            keys[field.name], raw = from_file[field.name]
         else:
             continue
         values[field.name] = _convert(keys[field.name], raw, kind)
         _check_common_kinds(keys[field.name], field.name, values[field.name])
-    unknown = set(from_file) - {f.name for f in dataclasses.fields(cls)} - set(data.get("common", {}))
-    if unknown:
-        raise ConfigError(f"[{section}] unknown key(s): {', '.join(sorted(unknown))}")
     settings = cls(**values)
     check = getattr(settings, "validate", None)
     if check:
@@ -118,15 +162,55 @@ def load(cls, *, section: str | None = None, env: typing.Mapping[str, str] | Non
     return settings
 
 
+def _check_keys(data: dict, section: str | None, names: set[str]) -> None:
+    """Refuse a key no one reads: in [section], one ``cls`` does not have; in [common], one that no
+    component has (a key of another component is that component's business)."""
+    if section and data.get(section):
+        unknown = sorted(set(data[section]) - names)
+        if unknown:
+            raise ConfigError(f"[{section}] unknown key(s): {_with_hints(unknown, names)}")
+    known = names | {field.name for field in dataclasses.fields(AwsSettings)}.union(*SECTION_KEYS.values())
+    unknown = sorted(set(data.get("common", {})) - known)
+    if unknown:
+        raise ConfigError(f"[common] unknown key(s), not a setting of any component: {_with_hints(unknown, known)}")
+
+
+def _with_hints(unknown: list[str], known: set[str]) -> str:
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
+    return ", ".join(hints)
+
+
+def _option_for(name: str, value: object) -> str:
+    """How an override was given: the option of the running command line that carries this value
+    (``--window-end`` for window_end, ``--port`` for web_port, ``--no-worker`` for run_worker), else
+    the bare field name (a value passed in code)."""
+    click = sys.modules.get("click")            # not imported: no command line is running
+    ctx = click.get_current_context(silent=True) if click else None
+    while ctx is not None:
+        for param in ctx.command.params:
+            if not isinstance(param, click.Option) or not param.name or ctx.params.get(param.name) != value:
+                continue
+            if param.name == name or name.endswith("_" + param.name):
+                if param.is_flag and value is False and param.secondary_opts:
+                    return param.secondary_opts[0]
+                return next((opt for opt in param.opts if opt.startswith("--")), param.opts[0])
+        ctx = ctx.parent
+    return name
+
+
 _ENV_KEY = re.compile(rf"\b{ENV_PREFIX}([A-Z0-9_]+)\b")
 
 
 def _as_set(message: str, keys: dict[str, str]) -> str:
     """A component's checks name a setting CLICKSTREAM_<FIELD>; name it as it was actually set
-    (``[discount] budget_per_hour`` in the file, or ``CLICKSTREAM_DISCOUNT_BUDGET_PER_HOUR``)."""
+    (``[discount] budget_per_hour`` or ``[common] …`` in the file, ``CLICKSTREAM_DISCOUNT_BUDGET_PER_HOUR``,
+    or ``--window-end`` on the command line)."""
     def named(match: re.Match) -> str:
         key = keys.get(match.group(1).lower(), "")
-        return key if key.startswith(("[", ENV_PREFIX)) else match.group(0)
+        return key if key.startswith(("[", ENV_PREFIX, "-")) else match.group(0)
     return _ENV_KEY.sub(named, message)
 
 
@@ -150,6 +234,15 @@ def _check_common_kinds(key: str, name: str, value: object) -> None:
         raise ConfigError(f"{key}: expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
 
 
+def require_batch_limit(settings, name: str) -> None:
+    """A GetRecords page size: positive and at most what Kinesis allows, named by its key."""
+    require_positive(settings, name)
+    value = getattr(settings, name)
+    if value > GET_RECORDS_MAX:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}: expected at most {GET_RECORDS_MAX:,} (the most records "
+                          f"Kinesis GetRecords returns in one call), got {value!r}")
+
+
 def require_positive(settings, *names: str) -> None:
     """Raise ConfigError for the first named field that is not > 0."""
     for name in names:
@@ -161,7 +254,7 @@ def require_positive(settings, *names: str) -> None:
 class AwsSettings:
     """Names of the shared AWS resources; every component reads these."""
 
-    region: str = ""        # empty: AWS_REGION, else AWS_DEFAULT_REGION, else us-east-1 (common.aws.session)
+    region: str = ""        # empty: AWS_REGION, else boto3's own (AWS_DEFAULT_REGION, the profile's region), else us-east-1 (common.aws.session)
     raw_stream: str = "clickstream-raw"
     enriched_stream: str = "clickstream-enriched"
     bad_stream: str = "clickstream-bad"

@@ -113,7 +113,8 @@ class ShopServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
 
-@click.command(help=__doc__.split("\n\n")[0])
+@click.command(help=__doc__.split("\n\n")[0] + "\n\nSettings come from CLICKSTREAM_* variables and the [web] "
+               "section of the TOML file named by CLICKSTREAM_CONFIG (docs/traffic-generator.md lists the keys).")
 @click.option("--port", type=int, default=None, help="listen port (CLICKSTREAM_WEB_PORT, default 8083)")
 def main(port: int | None) -> None:
     logs.setup()

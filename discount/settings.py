@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from common.config import AwsSettings, ConfigError, load, require_positive
+from common.config import AwsSettings, ConfigError, load, require_batch_limit, require_positive
 
 # How long the predictions stream keeps records (Kinesis' default; infra/provision.py leaves it so).
 PREDICTIONS_RETENTION_HOURS = 24
@@ -28,8 +28,8 @@ class DiscountSettings(AwsSettings):
     def validate(self) -> None:
         if self.discount_percent > 100:
             raise ConfigError(f"CLICKSTREAM_DISCOUNT_PERCENT: expected at most 100, got {self.discount_percent}")
-        require_positive(self, "budget_per_hour", "discount_percent", "offer_ttl_hours", "batch_limit",
-                         "read_interval_s")
+        require_positive(self, "budget_per_hour", "discount_percent", "offer_ttl_hours", "read_interval_s")
+        require_batch_limit(self, "batch_limit")
         if self.offer_ttl_hours < PREDICTIONS_RETENTION_HOURS:
             # The offer row is what refuses a second offer: it must outlive the predictions a replay re-reads.
             raise ConfigError(f"CLICKSTREAM_OFFER_TTL_HOURS: expected at least {PREDICTIONS_RETENTION_HOURS} "

@@ -24,7 +24,12 @@ def _resolver(registries: str | None) -> Resolver:
 
 @click.group()
 def cli() -> None:
-    """Schema registry tools and offline enrichment."""
+    """Schema registry tools and offline enrichment.
+
+    Settings (registries, pii_fields, pseudonymisation_key, ...) come from CLICKSTREAM_* variables and
+    the [enrich] section of the TOML file named by CLICKSTREAM_CONFIG (docs/enrich.md lists the keys);
+    --registries overrides them.
+    """
 
 
 @cli.command()

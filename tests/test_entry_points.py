@@ -15,7 +15,8 @@ import pytest
 from tests.conftest import ROOT
 
 COMMANDS = ("collector", "enrich", "enrich.cli", "scorer", "discount", "batch.loader", "batch.cli", "batch.train",
-            "demo", "demo.liveview", "demo.summary", "demo.traffic", "demo.web", "infra.provision", "infra.stack")
+            "batch.registry", "demo", "demo.liveview", "demo.summary", "demo.traffic", "demo.web", "infra.provision",
+            "infra.stack")
 
 
 @pytest.mark.parametrize("module", COMMANDS)
@@ -26,6 +27,25 @@ def test_help_answers_without_starting_anything(module):
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.lower().startswith("usage:"), result.stdout
     assert _description(result.stdout), f"{module} --help says nothing about what it does:\n{result.stdout}"
+
+
+# Commands that read a settings class, with the [section] they read and the doc that lists its keys.
+SETTINGS_HELP = [("collector", "[collector]", "docs/collector.md"), ("enrich", "[enrich]", "docs/enrich.md"),
+                 ("enrich.cli", "[enrich]", "docs/enrich.md"), ("scorer", "[scorer]", "docs/scorer.md"),
+                 ("discount", "[discount]", "docs/discount-engine.md"), ("batch.loader", "[lake]", "docs/lake.md"),
+                 ("batch.train", "[train]", "docs/training.md"), ("batch.registry", "[train]", "docs/training.md"),
+                 ("demo.liveview", "[liveview]", "docs/liveview.md"), ("demo.summary", "[summary]", "docs/liveview.md"),
+                 ("demo.web", "[web]", "docs/traffic-generator.md")]
+
+
+@pytest.mark.parametrize("module, section, doc", SETTINGS_HELP)
+def test_help_says_where_settings_come_from(module, section, doc):
+    """README promises it: the variables, the file and its section, and the doc that lists the keys."""
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, check=False)
+    text = " ".join(result.stdout.split())
+    assert "CLICKSTREAM_*" in text and f"{section} section" in text and "CLICKSTREAM_CONFIG" in text, text
+    assert doc in text, text
 
 
 def _description(text: str) -> list[str]:
@@ -63,6 +83,7 @@ def test_aws_failures_are_one_clear_line(command, case, overrides, expected):
 @pytest.mark.parametrize("module, port_key, host_key", [
     ("discount", "CLICKSTREAM_METRICS_PORT", "metrics_host, metrics_port"),
     ("demo.web", "CLICKSTREAM_WEB_PORT", "web_host, web_port"),
+    ("collector", "CLICKSTREAM_COLLECTOR_PORT", "host, port"),
 ])
 def test_a_server_that_cannot_listen_says_which_settings_in_one_line(module, port_key, host_key):
     with socket.socket() as taken:

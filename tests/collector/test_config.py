@@ -52,9 +52,54 @@ def test_the_port_flag_reaches_the_workers_over_a_section_variable(tmp_path):
         server.wait(timeout=30)
 
 
-def _health(port: int) -> int | None:
+def _health(port: int, host: str = "127.0.0.1") -> int | None:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+        with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2) as response:
             return response.status
     except OSError:
         return None
+
+
+def _collector(args: list[str], tmp_path, **extra) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKSTREAM_")} | {
+        "CLICKSTREAM_SINK": "memory", "CLICKSTREAM_SPOOL_DIR": str(tmp_path)} | extra
+    return subprocess.run([sys.executable, "-m", "collector", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize("args, extra, line", [
+    (["--host", "no-such-host.invalid"], {}, "cannot listen on no-such-host.invalid:{port} (host, port): "),
+    ([], {"CLICKSTREAM_COLLECTOR_HOST": ""}, "cannot listen on :{port} (host, port): "),
+    (["--port", "70000"], {}, "config error: --port: expected a port number from 0 to 65535, got 70000"),
+])
+def test_an_address_it_cannot_listen_on_is_one_line_naming_the_keys(tmp_path, args, extra, line):
+    port = free_port()
+    result = _collector(["--port", str(port), *args], tmp_path, **extra)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(line.format(port=port)), result.stderr
+
+
+def test_a_host_name_such_as_localhost_is_resolved(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKSTREAM_")} | {
+        "CLICKSTREAM_SINK": "memory", "CLICKSTREAM_SPOOL_DIR": str(tmp_path)}
+    server = subprocess.Popen([sys.executable, "-m", "collector", "--host", "localhost", "--port", str(port)],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        answer = wait_for(lambda: _health(port, "localhost") or server.poll() is not None, timeout=30,
+                          what="the collector")
+        assert answer == 200, server.stderr.read() if server.poll() is not None else answer
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_granians_own_bind_failure_is_an_os_error():
+    """A port taken between the check and granian's bind: its RuntimeError becomes the OSError it is."""
+    from collector.__main__ import _as_os_error
+
+    error = _as_os_error(RuntimeError("Address already in use (os error 98)"))
+    assert isinstance(error, OSError) and error.errno == 98 and error.strerror == "Address already in use"
+    other = RuntimeError("something else")
+    assert _as_os_error(other) is other

@@ -302,7 +302,7 @@ def test_cli_lists_lints_and_validates(tmp_path):
 def test_cli_names_a_mistyped_registry_or_an_unreadable_data_file_in_one_line(tmp_path):
     runner = CliRunner()
     mistyped = runner.invoke(cli, ["schemas", "--registries", "embeded"])
-    assert mistyped.exit_code == 2 and "CLICKSTREAM_REGISTRIES: 'embeded' is neither" in mistyped.output
+    assert mistyped.exit_code == 2 and "--registries: 'embeded' is neither" in mistyped.output
     missing = runner.invoke(cli, ["validate", "iglu:com.clickshop/checkout_step/jsonschema/1-0-0", f"@{tmp_path}/none"])
     assert missing.exit_code == 1 and f"cannot read {tmp_path}/none" in missing.output
     assert not isinstance(mistyped.exception, ConfigError) and not isinstance(missing.exception, OSError)

@@ -1,11 +1,14 @@
 import dataclasses
+import importlib
 import re
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
 
 from common import aws
-from common.config import SECTIONS, AwsSettings, ConfigError, load, require_positive
+from common.config import SECTION_KEYS, SECTIONS, AwsSettings, ConfigError, load, require_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,3 +151,134 @@ def test_a_components_own_checks_name_the_key_as_it_was_set(tmp_path, env, file_
     with pytest.raises(ConfigError) as refused:
         load(Checked, section="example", file=file, env=env)
     assert str(refused.value).startswith(named)
+
+
+# ----------------------------------------------------------------------------- [common] and where a value came from
+
+def test_a_misspelled_key_in_common_is_refused_naming_it_and_the_section(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text('[common]\nbukcet = "mine"\n')
+    with pytest.raises(ConfigError, match=r"\[common\] unknown key.*bukcet \(did you mean bucket\?\)"):
+        load(Example, section="example", file=file, env={})
+
+
+def test_a_key_in_common_that_another_component_has_is_left_to_it(tmp_path):
+    """[common] is shared: the scorer's model_name or a server's port there must not stop the others."""
+    file = tmp_path / "c.toml"
+    file.write_text('[common]\nbucket = "b"\nmodel_name = "m"\nport = 8090\nflush_ms = 7\n')
+    settings = load(Example, section="example", file=file, env={})
+    assert (settings.bucket, settings.flush_ms) == ("b", 7)
+    assert load(Served, section="web", file=file, env={}).port == 8090
+
+
+def test_a_key_of_another_component_in_a_components_own_section_is_refused(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text("[example]\nport = 8090\n")
+    with pytest.raises(ConfigError, match=r"\[example\] unknown key\(s\): port"):
+        load(Example, section="example", file=file, env={})
+
+
+def _settings_classes() -> dict[str, type]:
+    """Every settings class of the repository, found in the sources (not a hand-kept list)."""
+    root = Path(__file__).resolve().parents[2]
+    found = {}
+    for source in root.glob("*/*.py"):
+        for name in re.findall(r"^class (\w+)\(\w*Settings\):", source.read_text(), flags=re.MULTILINE):
+            module = importlib.import_module(".".join(source.relative_to(root).with_suffix("").parts))
+            found[f"{module.__name__}.{name}"] = getattr(module, name)
+    return found
+
+
+SECTION_OF = {"collector.config.CollectorSettings": "collector", "enrich.config.EnrichSettings": "enrich",
+              "scorer.config.ScorerSettings": "scorer", "batch.loader.LoaderSettings": "lake",
+              "batch.train_config.TrainSettings": "train", "batch.registry.RegistrySettings": "train",
+              "discount.settings.DiscountSettings": "discount", "infra.provision.ProvisionSettings": "provision",
+              "demo.web.WebSettings": "web", "demo.summary.SummarySettings": "summary",
+              "demo.liveview.LiveViewSettings": "liveview"}
+
+
+def test_the_keys_common_accepts_are_exactly_those_of_the_settings_classes():
+    """common/ cannot import the components, so it lists their keys (SECTION_KEYS); a key added to a
+    class and not to the list would be refused in [common], a stale one would let a misspelling by."""
+    classes = _settings_classes()
+    assert set(classes) == set(SECTION_OF), "a settings class was added or renamed: map it to its section"
+    shared = {field.name for field in dataclasses.fields(AwsSettings)}
+    for name, cls in classes.items():
+        assert issubclass(cls, AwsSettings), name
+        own = {field.name for field in dataclasses.fields(cls)} - shared
+        assert own == SECTION_KEYS[SECTION_OF[name]], f"{name}: SECTION_KEYS[{SECTION_OF[name]!r}] differs"
+    assert set(SECTION_KEYS) == set(SECTIONS) - {"common"}
+
+
+@pytest.mark.parametrize("file_text, named", [
+    ("[common]\nport = 99999\n", "[common] port: expected a port number"),
+    ("[common]\nlog_level = 'LOUD'\n", "[common] log_level: expected one of DEBUG"),
+    ("[common]\nport = 1\n[web]\nport = 99999\n", "[web] port: expected a port number"),
+])
+def test_a_bad_value_is_named_by_the_section_it_was_written_in(tmp_path, file_text, named):
+    file = tmp_path / "c.toml"
+    file.write_text(file_text)
+    with pytest.raises(ConfigError) as refused:
+        load(Served, section="web", file=file, env={})
+    assert str(refused.value).startswith(named)
+
+
+def test_a_components_own_check_names_a_value_from_common_by_common(tmp_path):
+    file = tmp_path / "c.toml"
+    file.write_text("[common]\nflush_ms = 0\n")
+    with pytest.raises(ConfigError, match=r"^\[common\] flush_ms: expected a positive number"):
+        load(Checked, section="example", file=file, env={})
+
+
+@dataclasses.dataclass(frozen=True)
+class Flagged(Checked):
+    web_port: int = 8083
+    run_worker: bool = True
+
+    def validate(self):
+        super().validate()
+        if not self.run_worker:
+            raise ConfigError("CLICKSTREAM_RUN_WORKER: refused")
+
+
+@click.command()
+@click.option("--flush-ms", type=int)
+@click.option("--port", type=int)
+@click.option("--worker/--no-worker", "run_worker", default=None)
+def flagged(flush_ms, port, run_worker):
+    try:
+        load(Flagged, section="example", env={}, flush_ms=flush_ms, web_port=port, run_worker=run_worker)
+    except ConfigError as exc:
+        click.echo(str(exc))
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--flush-ms", "0"], "--flush-ms: expected a positive number"),           # a component's own check
+    (["--port", "70000"], "--port: expected a port number"),                   # the option of web_port
+    (["--no-worker"], "--no-worker: refused"),
+])
+def test_a_value_given_as_an_option_is_named_by_the_option(args, named):
+    result = CliRunner().invoke(flagged, args)
+    assert result.output.startswith(named), result.output
+
+
+def test_a_value_passed_in_code_is_named_by_its_field():
+    with pytest.raises(ConfigError, match=r"^port: expected a port number"):
+        load(Served, env={}, port=70000)
+
+
+# ----------------------------------------------------------------------------- GetRecords page size
+
+@pytest.mark.parametrize("cls, section, env", [
+    ("scorer.config.ScorerSettings", "scorer", {}),
+    ("enrich.config.EnrichSettings", "enrich", {"CLICKSTREAM_PSEUDONYMISATION": "false"}),
+    ("batch.loader.LoaderSettings", "lake", {}),
+    ("discount.settings.DiscountSettings", "discount", {}),
+])
+def test_a_batch_limit_above_what_getrecords_returns_is_refused_naming_the_key(cls, section, env):
+    module, name = cls.rsplit(".", 1)
+    settings_class = getattr(importlib.import_module(module), name)
+    key = "CLICKSTREAM_LAKE_BATCH_LIMIT" if section == "lake" else f"CLICKSTREAM_{section.upper()}_BATCH_LIMIT"
+    with pytest.raises(ConfigError, match=rf"^{key}: expected at most 10,000"):
+        load(settings_class, section=section, env=env | {key: "10001"})
+    assert load(settings_class, section=section, env=env | {key: "10000"})
