@@ -3,6 +3,7 @@
     python -m batch.cli ls [--area enriched|bad] [--start D] [--end D] [--files]
     python -m batch.cli stats [--start D] [--end D]
     python -m batch.cli replay-bad [--start D] [--end D] [--type T]... [--from-file F] [--fix mod:func] [--dry-run]
+                                   [--rate N] [--rate-mib M] [--give-up-after S] [--unsent-to F]
     python -m batch.cli erase PSEUDONYM... [--from-file F] [--start D] [--end D] [--dry-run]
 
 (``python -m batch.lake …`` is the same.) Bucket and stream names come from the usual ``CLICKSTREAM_*``
@@ -13,15 +14,19 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import importlib
+import random
 import re
 import sys
+import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import orjson
+from botocore.exceptions import BotoCoreError, ClientError
 from tqdm import tqdm
 
 from batch import erase, lake
@@ -29,8 +34,8 @@ from batch.loader import LoaderSettings, hard_exit
 from common import aws
 from common.cli import AwsGroup
 from common.config import ConfigError, load
-from common.producer import Producer
-from common.streams import KinesisStream
+from common.producer import TOO_LARGE, entry_size, kinesis_key
+from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES, KinesisStream, StreamBackend
 
 RAW_SCHEMA_PREFIX = "iglu:com.clickstream/raw_record/"
 
@@ -193,6 +198,99 @@ def _rows_from_file(path: Path) -> Iterator[dict]:
                     raise click.ClickException(f"{path}, line {number}: not JSON ({exc})") from None
 
 
+# What no retry can fix: the stream is not there, the caller may not write to it, the request is wrong.
+PERMANENT = ("ResourceNotFoundException", "AccessDenied", "ValidationException", "InvalidArgumentException",
+             "UnrecognizedClientException", "NoCredentialsError", "KMSAccessDeniedException", "KMSDisabledException",
+             "KMSNotFoundException", "KMSInvalidStateException")
+
+
+@dataclass
+class Sent:
+    """What became of one source file's rows: how many went out, and the positions of those that did
+    not, with the last reason; ``stopped`` when the replay gave up (the files after it are not sent).
+    ``uncertain`` rows (among ``unsent``) were in a call cut short by Ctrl-C: they may have gone out."""
+
+    delivered: int
+    unsent: list[int]
+    reason: str = ""
+    stopped: bool = False
+    uncertain: int = 0
+
+
+class Replayer:
+    """Puts raw records into the stream at a steady pace, retrying throttled entries until they go
+    through. It gives up only when no entry has gone through for ``give_up_after`` seconds, or on an
+    error no retry can fix, and then says exactly which entries were not sent."""
+
+    def __init__(self, stream: StreamBackend, rows_per_s: float, mib_per_s: float, give_up_after: float, *,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+        self.stream = stream
+        self.rows_per_s = rows_per_s
+        self.bytes_per_s = mib_per_s * 1024 * 1024
+        self.give_up_after = give_up_after
+        self.clock = clock
+        self.sleep = sleep
+        # Calls of about half a second's worth each, so the pace is even (and a call can hold any record).
+        self.call_rows = max(1, min(MAX_BATCH_RECORDS, int(rows_per_s / 2)))
+        self.call_bytes = max(MAX_RECORD_BYTES, min(MAX_BATCH_BYTES, int(self.bytes_per_s / 2)))
+        self._next_at = 0.0
+        self._progress_at: float | None = None
+
+    def _pace(self, rows: int, size: int) -> None:
+        now = self.clock()
+        if self._next_at > now:
+            self.sleep(self._next_at - now)
+            now = self._next_at
+        self._next_at = now + max(rows / self.rows_per_s, size / self.bytes_per_s)
+
+    def _next_call(self, entries: list[tuple[str, bytes]], pending: deque) -> tuple[list[int], int]:
+        call, size = [], 0
+        while pending and len(call) < self.call_rows:
+            item = entry_size(*entries[pending[0]])
+            if call and size + item > self.call_bytes:
+                break
+            call.append(pending.popleft())
+            size += item
+        return call, size
+
+    def send(self, entries: list[tuple[str, bytes]]) -> Sent:
+        entries = [(kinesis_key(key), data) for key, data in entries]
+        too_large = [i for i, (key, data) in enumerate(entries) if entry_size(key, data) > MAX_RECORD_BYTES]
+        skip = set(too_large)
+        pending = deque(i for i in range(len(entries)) if i not in skip)
+        delivered, delay, call, sending = 0, 0.0, [], False
+        if self._progress_at is None:
+            self._progress_at = self.clock()
+        try:
+            while pending:
+                call, size = self._next_call(entries, pending)
+                self._pace(len(call), size)
+                sending = True
+                try:
+                    results = self.stream.put_records([entries[i] for i in call])
+                    failed = [(i, f"{r.error_code}: {r.error_message}") for i, r in zip(call, results) if not r.ok]
+                except (BotoCoreError, ClientError, OSError) as exc:
+                    failed = [(i, f"{type(exc).__name__}: {exc}") for i in call]
+                went = len(call) - len(failed)
+                sending, call = False, []
+                delivered += went
+                if went:
+                    self._progress_at = self.clock()
+                if not failed:
+                    delay = 0.0
+                    continue
+                pending.extendleft(i for i, _ in reversed(failed))
+                reason = failed[-1][1]
+                if any(code in reason for code in PERMANENT) or self.clock() - self._progress_at >= self.give_up_after:
+                    return Sent(delivered, list(pending) + too_large, reason, stopped=True)
+                delay = min(2.0, max(0.05, delay * 2))
+                self.sleep(random.uniform(delay / 2, delay))     # throttled: back off, jittered
+        except KeyboardInterrupt:
+            return Sent(delivered, call + list(pending) + too_large, "interrupted", stopped=True,
+                        uncertain=len(call) if sending else 0)
+        return Sent(delivered, too_large, TOO_LARGE if too_large else "")
+
+
 @lake_cli.command("replay-bad", help="Put fixed bad rows back into the raw stream, so they are enriched again.")
 @_start
 @_end
@@ -201,15 +299,27 @@ def _rows_from_file(path: Path) -> Iterator[dict]:
               help="read bad rows from a local JSON-lines file (.gz too) instead of the lake, e.g. after editing")
 @click.option("--fix", "fix_spec", help="module:function(raw_record | None, bad_row) -> raw record or None to skip")
 @click.option("--dry-run", is_flag=True, help="count what would be replayed, send nothing")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=500, show_default=True,
+              help="rows per second at most: a shard takes 1,000 a second, shared with live traffic")
+@click.option("--rate-mib", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="MiB per second at most: a shard takes 1 MiB a second, shared with live traffic")
+@click.option("--give-up-after", type=click.FloatRange(min=0), default=300, show_default=True,
+              help="seconds without any row getting through (throttling, an outage) before stopping")
+@click.option("--unsent-to", type=click.Path(dir_okay=False, path_type=Path),
+              help="where to write the rows not sent, should it stop (default: ./replay-unsent-<UTC time>.jsonl.gz)")
 @click.pass_obj
 def replay_bad_command(obj: dict, start: str | None, end: str | None, types: tuple[str, ...],
-                       from_file: Path | None, fix_spec: str | None, dry_run: bool) -> None:
+                       from_file: Path | None, fix_spec: str | None, dry_run: bool, rate: float, rate_mib: float,
+                       give_up_after: float, unsent_to: Path | None) -> None:
     settings, s3 = obj["settings"], obj["s3"]
     fix = _load_fix(fix_spec)
-    rows = _rows_from_file(from_file) if from_file else (row for _, row in lake.read_bad(s3, settings.bucket,
-                                                                                          start, end))
-    counts, entries, seen_types = Counter(), [], Counter()
-    for row in tqdm(rows, unit="row", desc="bad rows", file=sys.stderr):
+    rows = ((str(from_file), row) for row in _rows_from_file(from_file)) if from_file else \
+        lake.read_bad(s3, settings.bucket, start, end)
+    # source file -> (bad row schema, partition key, raw record) in the order read, so a stop can say
+    # exactly which files went out in full and which rows did not.
+    sources: dict[str, list[tuple[str, str, bytes]]] = {}
+    counts, seen_types = Counter(), Counter()
+    for source, row in tqdm(rows, unit="row", desc="bad rows", file=sys.stderr):
         if not isinstance(row, dict) or not isinstance(row.get("data"), dict):
             counts["not replayable"] += 1            # not a bad row at all
             continue
@@ -223,22 +333,63 @@ def replay_bad_command(obj: dict, start: str | None, end: str | None, types: tup
         if raw is None:
             counts["not replayable" if not fix else "skipped by --fix"] += 1
             continue
-        entries.append((raw.get("network_userid") or str(uuid.uuid4()), orjson.dumps(raw)))
+        sources.setdefault(source, []).append((str(row.get("schema", "")), raw.get("network_userid") or str(uuid.uuid4()),
+                                               orjson.dumps(raw)))
+    ready = sum(len(items) for items in sources.values())
     found = ", ".join(f"{kind} ({n})" for kind, n in sorted(seen_types.items())) or "none"
     if dry_run:
         click.echo(f"bad rows by type: {found}")
     for wanted in sorted(set(types) - set(seen_types)):
         click.echo(f"no bad row of type {wanted!r}; types found: {found}", err=True)
-    counts["replayed"] = 0 if dry_run else len(entries)
-    if entries and not dry_run:
-        stream = KinesisStream(aws.client("kinesis", settings.region), settings.raw_stream)
-        undelivered = Producer(stream).send(entries)
-        if undelivered:
-            counts["replayed"] -= len(undelivered)
-            click.echo(f"{len(undelivered)} rows could not be sent: {undelivered[0].reason}", err=True)
-            _report(counts, settings.raw_stream, dry_run, len(entries))
-            sys.exit(1)
-    _report(counts, settings.raw_stream, dry_run, len(entries))
+    counts["replayed"] = 0
+    if dry_run or not sources:
+        _report(counts, settings.raw_stream, dry_run, ready)
+        return
+    stream = KinesisStream(aws.client("kinesis", settings.region), settings.raw_stream)
+    replayer = Replayer(stream, rate, rate_mib, give_up_after)
+    unsent: list[tuple[str, str, bytes, str]] = []       # (source, schema, raw record, reason)
+    names = list(sources)
+    for number, source in enumerate(names):
+        items = sources[source]
+        sent = replayer.send([(key, data) for _, key, data in items])
+        counts["replayed"] += sent.delivered
+        unsent += [(source, items[i][0], items[i][2], sent.reason) for i in sent.unsent]
+        if not sent.stopped:
+            note = f"; {len(sent.unsent)} not sent: {sent.reason}" if sent.unsent else ""
+            click.echo(f"sent {sent.delivered} of {len(items)} rows from {source}{note}")
+            continue
+        later = names[number + 1:]
+        unsent += [(name, schema, data, "not started") for name in later for schema, _, data in sources[name]]
+        click.echo(f"stopped at {source}: {sent.delivered} of its {len(items)} rows sent, the rest not "
+                   f"({sent.reason}); {len(later)} later file(s) not started", err=True)
+        if sent.uncertain:
+            click.echo(f"the {sent.uncertain} rows of the call cut short may or may not have gone out; "
+                       "they are counted as not sent", err=True)
+        break
+    if unsent:
+        path = _write_unsent(unsent_to, unsent)
+        click.echo(f"{len(unsent)} rows were not sent (the {counts['replayed']} others were); they are in {path}. "
+                   f"Send exactly those, and nothing twice, with:\n"
+                   f"  python -m batch.cli replay-bad --from-file {path}\n"
+                   "(without --fix or --type: the file holds the raw records as they were to be sent). Running "
+                   "this command again instead would send the rows that went through a second time.", err=True)
+        _report(counts, settings.raw_stream, dry_run, ready)
+        sys.exit(1)
+    _report(counts, settings.raw_stream, dry_run, ready)
+
+
+def _write_unsent(path: Path | None, unsent: list[tuple[str, str, bytes, str]]) -> Path:
+    """The rows not sent, as bad rows ``--from-file`` takes: their raw record (fixed) as the payload."""
+    path = path or Path(f"replay-unsent-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.jsonl.gz")
+    lines = b"".join(orjson.dumps({"schema": schema, "data": {"payload": orjson.loads(data)},
+                                   "replay": {"source": source, "reason": reason}}) + b"\n"
+                     for source, schema, data, reason in unsent)
+    try:
+        path.write_bytes(gzip.compress(lines) if path.suffix == ".gz" else lines)
+    except OSError as exc:
+        raise click.ClickException(f"could not write the {len(unsent)} unsent rows to {path}: {exc}; the files "
+                                   "sent in full are listed above") from None
+    return path
 
 
 def _report(counts: Counter, stream: str, dry_run: bool, ready: int) -> None:

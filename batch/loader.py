@@ -28,7 +28,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from batch import lake
 from common import aws, logs
 from common.cli import run_command
-from common.config import AwsSettings, require_positive
+from common.config import AwsSettings, require_batch_limit, require_positive
 from common.consumer import Consumer, ReadFailed, consumer_for
 from common.leases import Lease, LeaseLost
 from common.service import listening, settings_or_exit, stop_on_signals
@@ -58,7 +58,8 @@ class LoaderSettings(AwsSettings):
 
     def validate(self) -> None:
         require_positive(self, "lake_flush_seconds", "lake_flush_bytes", "lake_flush_records", "lake_lease_ms",
-                         "lake_batch_limit", "lake_idle_sleep_s", "lake_retry_s", "lake_read_interval_s")
+                         "lake_idle_sleep_s", "lake_retry_s", "lake_read_interval_s")
+        require_batch_limit(self, "lake_batch_limit")
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,23 @@ def _by_arrival_hour(rows: list[tuple[Record, dict]]) -> dict[int, list[dict]]:
     for record, row in rows:
         grouped.setdefault(record.arrival_ms // lake.HOUR_MS, []).append(row)
     return grouped
+
+
+class LeasedSink:
+    """The sink as one shard's flush sees it. Writing a range can take longer than the lease (many
+    hours of objects, a slow or throttled S3), so before each object the consumer renews its leases
+    when due; once another worker has taken the shard, the flush stops (LeaseLost) instead of writing
+    on: the new owner rewrites the range under the same names (the intent on the lease)."""
+
+    def __init__(self, sink: Sink, consumer: Consumer, shard_id: str):
+        self.sink = sink
+        self.consumer = consumer
+        self.shard_id = shard_id
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        if self.shard_id not in self.consumer.renew_due():
+            raise LeaseLost(self.shard_id)
+        self.sink.put(key, data, content_type)
 
 
 class StreamLoader:
@@ -289,7 +307,7 @@ class StreamLoader:
         began = time.perf_counter()
         first, last = records[0].sequence_number, records[-1].sequence_number
         log.debug("writing %s [%s, %s]", shard_id, first, last, extra={"shard_id": shard_id})
-        counts = self.write(self.sink, shard_id, records, self.consumer.stream.name)
+        counts = self.write(LeasedSink(self.sink, self.consumer, shard_id), shard_id, records, self.consumer.stream.name)
         self.consumer.checkpoint_at(shard_id, last, {})
         self.intents.pop(shard_id, None)
         for key, value in counts.items():

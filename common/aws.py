@@ -1,12 +1,17 @@
 """boto3 clients that work unchanged against the emulator, LocalStack or real AWS.
 
 Endpoints come from the standard ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_<SERVICE>`` variables that
-boto3 honours itself. Only when an endpoint is set and no credentials are configured do we fall back
-to dummy credentials, because emulators accept any key but botocore refuses to sign without one.
+boto3 honours itself. Only when such a variable names an emulator (set and not empty, and not an AWS
+host such as a VPC or FIPS endpoint) and no credentials are configured do we fall back to dummy
+credentials, because emulators accept any key but botocore refuses to sign without one. The region
+is boto3's own (``AWS_DEFAULT_REGION``, the profile in ``~/.aws/config``), with ``AWS_REGION`` first
+and us-east-1 only when nothing names one.
 """
 from __future__ import annotations
 
 import os
+import time
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
@@ -23,14 +28,27 @@ def precondition_failed(exc: ClientError) -> bool:
     return exc.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict", "412")
 
 
+DEFAULT_REGION = "us-east-1"
+
+
+def _is_aws_host(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn", ".api.aws"))
+
+
 def _uses_local_endpoint() -> bool:
-    return any(key.startswith("AWS_ENDPOINT_URL") for key in os.environ)
+    """An endpoint variable names an emulator. README tells AWS users to set ``AWS_ENDPOINT_URL=``
+    (empty), which boto3 ignores: so do we, and an AWS endpoint (VPC, FIPS) is no emulator either."""
+    return any(key.startswith("AWS_ENDPOINT_URL") and value.strip() and not _is_aws_host(value.strip())
+               for key, value in os.environ.items())
 
 
 def session(region: str | None = None) -> boto3.session.Session:
-    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    kwargs = {"region_name": region}
-    if _uses_local_endpoint() and not boto3.session.Session().get_credentials():
+    """A session in ``region``, else AWS_REGION, else the region boto3 resolves (AWS_DEFAULT_REGION,
+    the profile's ``region``), else us-east-1."""
+    found = boto3.session.Session()
+    kwargs = {"region_name": region or os.environ.get("AWS_REGION") or found.region_name or DEFAULT_REGION}
+    if _uses_local_endpoint() and not found.get_credentials():
         kwargs.update(aws_access_key_id=_LOCAL_DEFAULTS["AWS_ACCESS_KEY_ID"],
                       aws_secret_access_key=_LOCAL_DEFAULTS["AWS_SECRET_ACCESS_KEY"])
     return boto3.session.Session(**kwargs)
@@ -59,6 +77,14 @@ def get_object_and_etag(s3, bucket: str, key: str) -> tuple[bytes | None, str | 
             return None, None
         raise
     return found["Body"].read(), found["ETag"]
+
+
+def ttl_expired(item: dict, now: float | None = None, attribute: str = "expires_at") -> bool:
+    """Whether a DynamoDB item is past its TTL (epoch seconds). DynamoDB deletes expired items only
+    some time later, typically within two days, and reads return them until then: a reader that
+    decides on an item must treat an expired one as absent."""
+    expires = item.get(attribute, {}).get("N")
+    return expires is not None and float(expires) <= (time.time() if now is None else now)
 
 
 def explain(exc: Exception) -> str:

@@ -13,6 +13,10 @@ Reading runs ahead of the checkpoint: a caller that buffers (the lake loader) ch
 batch it flushed, and after a crash the next owner re-reads from there. Shards are balanced by
 counting live workers (heartbeat rows) and taking free, expired or surplus leases up to an even
 share; a closed parent shard must be checkpointed to its end before its children are read.
+
+Leases are renewed in ``poll()``. A caller that retries a write without polling calls
+``consumer.renew_due()`` on each turn, and stops writing a batch whose shard is no longer among the
+shards it returns (another worker took it and reads the batch again).
 """
 from __future__ import annotations
 
@@ -87,6 +91,7 @@ class Consumer:
         self._shards: list[Shard] = []
         self._shards_at = 0.0
         self._balanced_at = 0.0
+        self._renewed_at = 0.0
 
     # ------------------------------------------------------------------ leases and balancing
 
@@ -106,15 +111,52 @@ class Consumer:
                 if shard.shard_id not in finished
                 and all(parent in finished or parent not in known for parent in shard.parents)]
 
-    def balance(self) -> None:
-        """Renew our leases, then take free, expired or surplus leases up to an even share."""
-        shards = self._refresh_shards()
-        self.leases.heartbeat(self.worker_id, self.lease_ms)
+    @property
+    def renew_interval_s(self) -> float:
+        return self.lease_ms / 3000
+
+    def renew_due(self) -> set[str]:
+        """Renew our leases and worker row if a third of ``lease_ms`` has passed since the last renewal;
+        returns the shards still ours.
+
+        Cheap enough to call on every turn of a loop that retries a write without polling (a throttled
+        stream, a slow table): between due times it does nothing. A lease found taken by another
+        worker is dropped (``on_lost`` runs) as ``poll()`` would drop it; the caller then stops
+        writing that shard's batch, whose records the new owner reads again from the checkpoint.
+        Never raises: a failed renewal is logged and tried again a second later.
+        """
+        if time.monotonic() - self._renewed_at >= self.renew_interval_s:
+            self._renew()
+        return set(self.owned)
+
+    def _renew(self) -> None:
+        """Renew every owned lease and the worker row, each on its own: one failed call (throttling, a
+        timeout) must not cost the others their renewal, nor a lease already taken keep its shard."""
+        failure = None
         for shard_id in list(self.owned):
             try:
                 self.leases.renew(shard_id, self.worker_id, self.lease_ms)
             except LeaseLost:
                 self._drop(shard_id, "taken by another worker")
+            except (BotoCoreError, ClientError) as exc:
+                failure = exc
+        try:
+            self.leases.heartbeat(self.worker_id, self.lease_ms)
+        except (BotoCoreError, ClientError) as exc:
+            failure = exc
+        now = time.monotonic()
+        if failure is None:
+            self._renewed_at = now
+        else:
+            log.warning("renewing leases in table %s failed, retrying: %s",
+                        getattr(self.leases, "table", "(in memory)"), failure)
+            self._renewed_at = now - self.renew_interval_s + min(1.0, self.renew_interval_s)
+
+    def balance(self) -> None:
+        """Renew our leases, then take free, expired or surplus leases up to an even share."""
+        # Renewals come first and stand alone: a throttled ListShards or lease query must not skip them.
+        self._renew()
+        shards = self._refresh_shards()
         rows, workers = self.leases.leases()
         at = now_ms()
         leases = {lease.shard_id: lease for lease in rows}
@@ -170,14 +212,14 @@ class Consumer:
         others are returned: raising would lose them, as their readers have moved on. Only when
         every shard read fails does ``ReadFailed`` reach the caller, to back off.
         """
-        if time.monotonic() - self._balanced_at > self.lease_ms / 3000:
+        if time.monotonic() - self._balanced_at > self.renew_interval_s:
             try:
                 self.balance()
             except (BotoCoreError, ClientError) as exc:
                 # The lease table is throttled or away: keep reading what we hold, try again in a second.
                 log.warning("balancing leases in table %s failed, retrying: %s",
                             getattr(self.leases, "table", "(in memory)"), exc)
-                self._balanced_at = time.monotonic() - self.lease_ms / 3000 + 1.0
+                self._balanced_at = time.monotonic() - self.renew_interval_s + min(1.0, self.renew_interval_s)
         batches, failures, due = [], [], []
         now = time.monotonic()
         for shard_id, owned in list(self.owned.items()):

@@ -54,6 +54,7 @@ class Engine:
         self.offered: OrderedDict[str, None] = OrderedDict()
         self.exhausted_hour: str | None = None
         self._budget_read_at = 0.0
+        self._shard: str | None = None          # the shard of the batch being handled
 
     @classmethod
     def from_settings(cls, settings: DiscountSettings, metrics: Metrics, **kwargs) -> Engine:
@@ -115,11 +116,17 @@ class Engine:
                 self.metrics.write_errors.inc()
                 log.warning("offer write failed (attempt %d), retrying: %s", attempt + 1, exc)
                 time.sleep(min(5.0, 0.1 * 2**attempt))
+                # Retrying can outlast the lease: renew it, and give the batch up once another worker
+                # has taken its shard (that worker reads the batch again; the offers are idempotent).
+                if self._shard is not None and self._shard not in self.consumer.renew_due():
+                    raise LeaseLost(self._shard) from exc
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ the loop
 
     def handle(self, batch: Batch) -> None:
+        """Decide on every record of the batch; LeaseLost when another worker took its shard meanwhile."""
+        self._shard = batch.shard_id
         for record in batch.records:
             started = time.perf_counter()
             outcome = self.decide(record.data)
@@ -138,6 +145,10 @@ class Engine:
         for batch in self.consumer.poll():
             try:
                 self.handle(batch)
+            except LeaseLost:
+                log.warning("shard %s was taken while its offers were being written; its new owner re-reads it",
+                            batch.shard_id)
+                continue
             except Exception:
                 log.exception("handling a batch of shard %s failed; re-reading it from its checkpoint",
                               batch.shard_id)

@@ -9,6 +9,9 @@ Rows (partition key ``session_id``, TTL attribute ``expires_at``):
 
 - ``kind = "offer"``: one per session that got an offer (see docs/discount-engine.md for the fields);
 - ``kind = "budget"``: ``session_id = "budget#YYYY-MM-DDTHH"``, ``offers`` = offers made that hour.
+
+DynamoDB deletes a row some time after ``expires_at`` (typically within two days) and serves it
+until then, so every read here treats a row whose ``expires_at`` has passed as absent.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from datetime import UTC, datetime
 from enum import Enum
 
 from botocore.exceptions import ClientError
+
+from common.aws import ttl_expired
 
 OFFER_NAMESPACE = uuid.UUID("6f1c3c1e-2f52-4c55-9a55-5d2c8a0c7d10")
 BUDGET_PREFIX = "budget#"
@@ -116,8 +121,11 @@ class OfferTable:
             "ExpressionAttributeValues": {":one": {"N": "1"}, ":cap": {"N": str(self.budget_per_hour)},
                                           ":kind": {"S": "budget"}, ":exp": {"N": str(int(now + 2 * 86400))}},
         }
+        # An expired offer counts as none, as it will once DynamoDB has deleted it: which of the two
+        # a session meets must not depend on when the TTL sweep passed.
         put = {"TableName": self.table, "Item": self.offer_item(prediction, now),
-               "ConditionExpression": "attribute_not_exists(session_id)"}
+               "ConditionExpression": "attribute_not_exists(session_id) OR #e <= :now",
+               "ExpressionAttributeNames": {"#e": "expires_at"}, "ExpressionAttributeValues": {":now": {"N": str(int(now))}}}
         try:
             # One token per decision: if a retry follows a write whose answer was lost, DynamoDB
             # answers it as the write it was (offered), not as a second try (already offered).
@@ -142,11 +150,12 @@ class OfferTable:
                                     ConsistentRead=True).get("Item")
         return int(item["offers"]["N"]) if item else 0
 
-    def get(self, session_id: str) -> dict | None:
-        """The offer of a session, as plain values, or None: what a shop's checkout page would call."""
+    def get(self, session_id: str, now: float | None = None) -> dict | None:
+        """The offer of a session, as plain values, or None: what a shop's checkout page would call.
+        An offer past its ``expires_at`` is None, though DynamoDB may not have deleted it yet."""
         item = self.client.get_item(TableName=self.table, Key={"session_id": {"S": session_id}},
                                     ConsistentRead=True).get("Item")
-        if not item or item.get("kind", {}).get("S") != "offer":
+        if not item or item.get("kind", {}).get("S") != "offer" or ttl_expired(item, now):
             return None
         return {key: (float(value["N"]) if key == "p_buy" else int(value["N"])) if "N" in value else value["S"]
                 for key, value in item.items()}

@@ -5,6 +5,8 @@ stream and bad rows to the bad stream, and only when both writes succeeded move 
 A failed write is retried (only the failed entries) until it succeeds or the worker is told to
 stop; stopping without a checkpoint is safe because the next owner of the shard re-reads the batch
 (at-least-once; the enriched event ids stay the same, so downstream dedupe by event_id works).
+The lease on the batch's shard is renewed between the calls of a long delivery; should another
+worker take the shard anyway, the delivery stops there: the new owner re-reads the batch.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from common.consumer import Batch, Consumer, ReadFailed
 from common.leases import LeaseLost
 from common.producer import Producer
+from common.producer import batches as put_record_calls
 from common.streams import MAX_RECORD_BYTES
 from enrich import badrows, metrics
 from enrich.pipeline import Enricher
@@ -52,9 +55,10 @@ class Worker:
         return good, bad
 
     def handle(self, batch: Batch) -> bool:
-        """Enrich and deliver one batch; True when every output is durable."""
+        """Enrich and deliver one batch; True when every output is durable, False when told to stop
+        first. Raises LeaseLost when another worker took the shard during the delivery."""
         good, bad = self.outputs(batch)
-        if not (self._deliver(self.good, good) and self._deliver(self.bad, bad)):
+        if not (self._deliver(self.good, good, batch.shard_id) and self._deliver(self.bad, bad, batch.shard_id)):
             return False
         self.counts["records"] += len(batch.records)
         self.counts["good"] += len(good)
@@ -66,10 +70,16 @@ class Worker:
             metrics.BAD.labels(_row_type(data)).inc()
         return True
 
-    def _deliver(self, producer: Producer, entries: list[tuple[str, bytes]]) -> bool:
+    def _deliver(self, producer: Producer, entries: list[tuple[str, bytes]], shard_id: str) -> bool:
         attempt = 0
         while entries:
-            failed = producer.send(entries)
+            failed = []
+            for chunk in put_record_calls(entries):
+                # Throttled retries can outlast the lease: renew it when due, and stop writing for a
+                # shard another worker took (it re-reads the batch from the checkpoint).
+                if shard_id not in self.consumer.renew_due():
+                    raise LeaseLost(shard_id)
+                failed += producer.send(chunk)
             if not failed:
                 return True
             attempt += 1
@@ -95,8 +105,13 @@ class Worker:
                 continue
             failures = 0
             for batch in batches:
-                if not self.handle(batch):
-                    break   # stopping mid-delivery: leave the checkpoint where it was
+                try:
+                    if not self.handle(batch):
+                        break   # stopping mid-delivery: leave the checkpoint where it was
+                except LeaseLost:
+                    log.warning("lease on %s lost while delivering its batch; its new owner re-reads it",
+                                batch.shard_id)
+                    continue
                 try:
                     self.consumer.checkpoint(batch)
                 except LeaseLost:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 
@@ -59,18 +60,55 @@ def lifecycle_rules(settings: ProvisionSettings) -> list[dict]:
     ]
 
 
+class BucketUnusable(Exception):
+    """The bucket name cannot be used here: someone else's bucket, or ours in another region."""
+
+
+def bucket_key(env: dict | None = None) -> str:
+    """The setting that names the bucket, as the user sets it (or would: CLICKSTREAM_BUCKET)."""
+    env = os.environ if env is None else env
+    return next((key for key in ("CLICKSTREAM_PROVISION_BUCKET", "CLICKSTREAM_BUCKET") if key in env),
+                "CLICKSTREAM_BUCKET")
+
+
+def _unusable(name: str, region: str, code: str, bucket_region: str | None = None) -> BucketUnusable:
+    """Why S3 refused the bucket (``code``: 403 someone else's, 301 ours elsewhere) and which setting to change."""
+    key = bucket_key()
+    if code in ("301", "PermanentRedirect"):
+        where = bucket_region or "another region"
+        move = f", or set CLICKSTREAM_REGION to {bucket_region}" if bucket_region else ""
+        return BucketUnusable(f"bucket {name} exists in {where}, not in {region} where the streams and tables "
+                              f"are: set {key} to another name (S3 bucket names are global){move}")
+    answer = {"BucketAlreadyExists": "the name is in use", "403": "403 Forbidden"}.get(code, code)
+    return BucketUnusable(f"bucket {name} is taken (S3: {answer}): bucket names are global, and this one most "
+                          f"likely belongs to another AWS account (or your credentials may not use it); set {key} "
+                          f"to a name of your own, e.g. {name}-<account id>-{region}")
+
+
 def ensure_bucket(s3, name: str, settings: ProvisionSettings) -> str:
+    region = s3.meta.region_name          # settings.region, or the region the client resolved
     try:
-        s3.head_bucket(Bucket=name)
+        found = s3.head_bucket(Bucket=name)
         state = "exists"
+        bucket_region = found.get("BucketRegion")
+        if bucket_region and bucket_region != region:     # ours, elsewhere: S3 followed the redirect
+            raise _unusable(name, region, "301", bucket_region)
     except ClientError as exc:
-        if exc.response["Error"]["Code"] not in ("404", "NoSuchBucket", "NotFound"):
+        code = exc.response["Error"]["Code"]
+        if code in ("403", "Forbidden", "AccessDenied", "301", "PermanentRedirect"):
+            headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            raise _unusable(name, region, code, headers.get("x-amz-bucket-region")) from None
+        if code not in ("404", "NoSuchBucket", "NotFound"):
             raise
         kwargs = {"Bucket": name}
-        region = s3.meta.region_name          # settings.region, or the AWS_REGION the client fell back to
         if region != "us-east-1":
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
-        s3.create_bucket(**kwargs)
+        try:
+            s3.create_bucket(**kwargs)
+        except ClientError as create_exc:
+            if create_exc.response["Error"]["Code"] == "BucketAlreadyExists":    # taken since the look
+                raise _unusable(name, region, "BucketAlreadyExists") from None
+            raise
         state = "created"
     s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": lifecycle_rules(settings)})
     return f"bucket {name}: {state}, lifecycle raw/ {settings.raw_retention_days} d, bad/ {settings.bad_retention_days} d"
@@ -107,12 +145,13 @@ def provision(settings: ProvisionSettings) -> list[str]:
     kinesis = aws.client("kinesis", settings.region)
     s3 = aws.client("s3", settings.region)
     dynamodb = aws.client("dynamodb", settings.region)
+    bucket = ensure_bucket(s3, settings.bucket, settings)     # first: a taken name stops before anything is made
     lines = [
         ensure_stream(kinesis, settings.raw_stream, settings.raw_shards),
         ensure_stream(kinesis, settings.enriched_stream, settings.enriched_shards),
         ensure_stream(kinesis, settings.bad_stream, settings.bad_shards),
         ensure_stream(kinesis, settings.predictions_stream, settings.predictions_shards),
-        ensure_bucket(s3, settings.bucket, settings),
+        bucket,
         ensure_table(dynamodb, settings.lease_table, [("group", "HASH"), ("item", "RANGE")]),
         ensure_table(dynamodb, settings.predictions_table, [("session_id", "HASH")], "expires_at"),
         ensure_table(dynamodb, settings.offers_table, [("session_id", "HASH")], "expires_at"),
@@ -156,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except aws.ERRORS as exc:
         print(f"error: {aws.explain(exc)}", file=sys.stderr)
+        return 1
+    except BucketUnusable as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -16,6 +16,7 @@ from urllib.parse import unquote
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
+from common.aws import ttl_expired
 from common.features import (
     FEATURE_COUNT,
     FEATURE_NAMES,
@@ -248,7 +249,8 @@ class ScorerApp:
         except (BotoCoreError, ClientError) as exc:
             log.warning("predictions table read failed: %s", exc)
             return error(503, f"predictions table unavailable: {exc}")
-        if "Item" not in item:
+        if "Item" not in item or ttl_expired(item["Item"]):
+            # DynamoDB deletes a row past its TTL only some time later (typically within two days).
             return error(404, f"no prediction for session {session_id!r}")
         prediction = from_item(item["Item"])
         prediction.pop("event_ms", None)

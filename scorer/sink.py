@@ -1,8 +1,9 @@
 """Where predictions go: the predictions stream and the latest-per-session DynamoDB table.
 
-Both writes are retried until they succeed (or the worker stops), because the worker checkpoints
-only after they are durable. The table write is conditional on the event time and the session's
-event count, so a replay after a crash can rewrite the same prediction but never an older one.
+Both writes are retried until they succeed (or the worker stops, or the predictions' shard goes to
+another worker), because the worker checkpoints only after they are durable. The table write is
+conditional on the event time and the session's event count, so a replay after a crash can rewrite
+the same prediction but never an older one.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
 from common.producer import Producer
+from common.producer import batches as put_record_calls
 from scorer import metrics
 
 log = logging.getLogger("scorer.sink")
@@ -59,9 +61,18 @@ class PredictionWriter:
         self.sleep = sleep
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="predictions") if table else None
 
-    def write(self, predictions: list[tuple[dict, int]], stop: Callable[[], bool] = lambda: False) -> bool:
-        """Write (prediction, event_ms) pairs; True once all are durable, False if stopped first."""
+    def write(self, predictions: list[tuple[dict, int]], stop: Callable[[], bool] = lambda: False,
+              keep: Callable[[dict], bool] | None = None, renew: Callable[[], object] = lambda: None) -> bool:
+        """Write (prediction, event_ms) pairs; True once all are durable, False if stopped first.
+
+        ``stop`` is asked before every retry. ``renew`` is called before every PutRecords call and
+        every table round (cheap: the worker's consumer renews its leases only when due), since a
+        write retried through throttling can outlast the leases. ``keep``, when given, is asked then
+        for each prediction still to write: one it refuses is dropped from the write (its shard went
+        to another worker, which reads those events again from the checkpoint and publishes them).
+        """
         entries = [(p["session_id"], orjson.dumps(p)) for p, _ in predictions]
+        by_data = {data: p for (p, _), (_, data) in zip(predictions, entries)} if keep else {}
         latest = self._latest(predictions)
         attempt = 0
         while entries or latest:
@@ -72,14 +83,22 @@ class PredictionWriter:
                 self.sleep(min(2.0, 0.05 * 2 ** attempt))
             attempt += 1
             if entries and self.producer is not None:
-                undelivered = self.producer.send(entries)
+                undelivered = []
+                for call in put_record_calls(entries):
+                    renew()
+                    if keep is not None:
+                        call = [entry for entry in call if keep(by_data[entry[1]])]
+                    undelivered += self.producer.send(call) if call else []
                 entries = [(u.partition_key, u.data) for u in undelivered]
                 if entries:
                     log.warning("%d predictions not yet on the stream: %s", len(entries), undelivered[0].reason)
             else:
                 entries = []
+            renew()
+            if keep is not None:
+                latest = [pair for pair in latest if keep(pair[0])]
             latest = self._upsert(latest)
-        metrics.PREDICTIONS.inc(len(predictions))
+        metrics.PREDICTIONS.inc(sum(1 for p, _ in predictions if keep is None or keep(p)))
         return True
 
     @staticmethod

@@ -1,12 +1,14 @@
 """The lake format, reading it back (pyarrow, Spark via the local sync), the CLI and replay-bad."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import gzip
 import io
 import os
 import subprocess
 import sys
+import time
 
 import orjson
 import pyarrow as pa
@@ -20,6 +22,7 @@ from batch.loader import write_bad, write_enriched
 from common import aws
 from common.streams import KinesisStream
 from tests.batch.conftest import BASE, ROOT_DIR, event_records, make_bad_row, make_event, make_raw, stream_records
+from tests.faults import FaultProxy
 
 # ------------------------------------------------------------------------------ conversion
 
@@ -306,6 +309,83 @@ def test_replay_bad_counts_rows_that_are_not_bad_rows_and_names_a_broken_line(aw
     broken.write_bytes(orjson.dumps(make_bad_row(make_raw(7))) + b"\n{oops\n")
     result = CliRunner().invoke(lake_cli, ["--bucket", aws_settings.bucket, "replay-bad", "--from-file", str(broken)])
     assert result.exit_code == 1 and "broken.jsonl, line 2: not JSON" in result.output
+
+
+def _raw_in_stream(settings) -> list[dict]:
+    stream = KinesisStream(aws.client("kinesis"), settings.raw_stream)
+    return [orjson.loads(r.data) for shard in stream.list_shards()
+            for r in stream.reader(shard.shard_id, None).read(1000).records]
+
+
+def _bad_files(s3, settings, files: int, rows: int) -> list[list[dict]]:
+    """``files`` bad-row files of ``rows`` rows each in the lake; their raw records, file by file."""
+    raws = [[make_raw(100 * f + i) for i in range(rows)] for f in range(files)]
+    for f, file_raws in enumerate(raws):
+        write_bad(lake.S3Sink(s3, settings.bucket), f"shardId-00000000000{f}",
+                  stream_records([orjson.dumps(make_bad_row(raw)) for raw in file_raws]), "bad")
+    return raws
+
+
+def _replay(settings, proxy, *args):
+    env = {"CLICKSTREAM_RAW_STREAM": settings.raw_stream, "AWS_ENDPOINT_URL_KINESIS": proxy.endpoint}
+    return CliRunner().invoke(lake_cli, ["--bucket", settings.bucket, "replay-bad", *args], env=env,
+                              catch_exceptions=False)
+
+
+def test_replay_bad_retries_throttled_rows_until_they_go_through(aws_settings, s3):
+    [raws] = _bad_files(s3, aws_settings, 1, 6)
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.fail_calls = [[0, 1, 2, 3, 4, 5]] * 6 + [[1, 4]]      # a stream at its limit for a while
+        result = _replay(aws_settings, proxy)
+    assert result.exit_code == 0, result.output
+    assert "replayed 6 raw records" in result.output and "sent 6 of 6 rows from bad/" in result.output
+    assert sorted(_raw_in_stream(aws_settings), key=lambda r: r["collector_tstamp"]) == raws
+
+
+def test_replay_bad_paces_itself(aws_settings, s3):
+    _bad_files(s3, aws_settings, 1, 12)
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        started = time.monotonic()
+        result = _replay(aws_settings, proxy, "--rate", "10")
+        took = time.monotonic() - started
+        calls = proxy.put_calls
+    assert result.exit_code == 0, result.output
+    assert calls == 3 and took >= 1.0          # 5 rows a call, a call every half second: 12 rows at 10 a second
+
+
+def test_replay_bad_that_gives_up_names_what_was_sent_and_writes_exactly_the_rest(aws_settings, s3, tmp_path):
+    raws = _bad_files(s3, aws_settings, 3, 3)
+    unsent = tmp_path / "unsent.jsonl.gz"
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        # The first file goes out, the second only its first row, then the stream takes nothing more.
+        proxy.fail_calls = [[], [1, 2]] + [[0, 1, 2]] * 1000
+        result = _replay(aws_settings, proxy, "--give-up-after", "1", "--unsent-to", str(unsent))
+    assert result.exit_code == 1
+    assert "sent 3 of 3 rows from bad/date=2026-11-30/hour=09/shardId-000000000000-1-3.jsonl.gz" in result.output
+    assert "stopped at bad/date=2026-11-30/hour=09/shardId-000000000001-1-3.jsonl.gz: 1 of its 3 rows sent" \
+        in result.output and "1 later file(s) not started" in result.output
+    assert f"5 rows were not sent (the 4 others were); they are in {unsent}" in result.output
+    assert f"replay-bad --from-file {unsent}" in result.output
+    assert "replayed 4 raw records" in result.output
+    sent = raws[0] + raws[1][:1]
+    assert sorted(_raw_in_stream(aws_settings), key=lambda r: r["collector_tstamp"]) == sent
+
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        again = _replay(aws_settings, proxy, "--from-file", str(unsent))
+    assert again.exit_code == 0 and "replayed 5 raw records" in again.output, again.output
+    everything = sorted(_raw_in_stream(aws_settings), key=lambda r: r["collector_tstamp"])
+    assert everything == sorted((raw for file_raws in raws for raw in file_raws), key=lambda r: r["collector_tstamp"])
+
+
+def test_replay_bad_into_a_missing_stream_stops_at_once(aws_settings, s3, tmp_path):
+    _bad_files(s3, aws_settings, 1, 2)
+    missing = dataclasses.replace(aws_settings, raw_stream=aws_settings.raw_stream + "-missing")
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        started = time.monotonic()
+        result = _replay(missing, proxy, "--unsent-to", str(tmp_path / "unsent.jsonl"))
+    assert result.exit_code == 1 and time.monotonic() - started < 30
+    assert "ResourceNotFoundException" in result.output and "2 rows were not sent" in result.output
+    assert len((tmp_path / "unsent.jsonl").read_text().splitlines()) == 2
 
 
 def test_raw_record_of_accepts_the_enricher_payload_shapes():

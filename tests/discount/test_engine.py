@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -23,7 +24,7 @@ from common.producer import Producer
 from common.streams import KinesisStream
 from discount.engine import APP, Engine
 from discount.metrics import Metrics
-from discount.offers import OfferTable, hour_of
+from discount.offers import OfferTable, Outcome, Prediction, hour_of
 from discount.settings import DiscountSettings
 from infra.provision import ProvisionSettings, provision
 from localstack.emulator import free_port
@@ -95,7 +96,7 @@ def test_qualifying_sessions_get_exactly_one_offer(aws_settings):
     assert made["a"]["p_buy"]["N"] == "0.55" and made["c"]["p_buy"]["N"] == "0.52"
     assert int(made["a"]["expires_at"]["N"]) == int(T0) + 24 * 3600
     assert made["a"]["code"]["S"].startswith("SAVE10-") and made["a"]["model_version"]["S"] == "v7"
-    assert eng.offers.get("c")["offer_id"] == made["c"]["offer_id"]["S"] and eng.offers.get("b") is None
+    assert eng.offers.get("c", now=T0)["offer_id"] == made["c"]["offer_id"]["S"] and eng.offers.get("b", now=T0) is None
     assert {o: count(eng, o) for o in ("offered", "already_offered", "below_threshold", "too_early",
                                        "above_ceiling", "invalid")} == {
         "offered": 2, "already_offered": 2, "below_threshold": 2, "too_early": 1, "above_ceiling": 1, "invalid": 1}
@@ -173,6 +174,73 @@ def test_a_failed_batch_loses_no_batch_read_from_any_shard(aws_endpoint, failing
     eng.close()
 
 
+def _throttled_offers_engine(settings, proxy, lease_ms: int) -> Engine:
+    """An engine whose offer writes go through ``proxy`` (down = DynamoDB refusing them) and whose
+    leases last ``lease_ms``."""
+    broken = aws.session().client("dynamodb", endpoint_url=proxy.endpoint, config=Config(retries={"max_attempts": 1}))
+    table = OfferTable(broken, settings.offers_table, budget_per_hour=100, discount_percent=10, ttl_hours=24)
+    consumer = consumer_for(settings, settings.predictions_stream, APP, worker_id="engine", lease_ms=lease_ms)
+    return Engine(settings, consumer, table, Metrics(), clock=lambda: T0)
+
+
+def _down_for(proxy, seconds: float) -> threading.Timer:
+    proxy.down = True
+    timer = threading.Timer(seconds, lambda: setattr(proxy, "down", False))
+    timer.start()
+    return timer
+
+
+def test_offer_writes_retried_longer_than_the_lease_keep_the_lease(aws_settings):
+    settings = discount_settings(aws_settings)
+    publish(settings, [prediction("slow", 0.5)])
+    peer = consumer_for(settings, settings.predictions_stream, APP, worker_id="peer", lease_ms=3000)
+    peer_read, done = [], threading.Event()
+
+    def peer_polls():
+        while not done.is_set():
+            peer_read.extend(r for b in peer.poll() for r in b.records)
+            time.sleep(0.2)
+
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        eng = _throttled_offers_engine(settings, proxy, lease_ms=3000)
+        eng.consumer.balance()
+        timer = _down_for(proxy, 4.5)                  # offers refused for longer than the 3 s lease
+        runner = threading.Thread(target=peer_polls, daemon=True)
+        runner.start()
+        try:
+            assert eng.step() == 1
+        finally:
+            done.set()
+            runner.join(30)
+            timer.join()
+    assert "slow" in offers(settings) and not peer.owned and peer_read == []
+    [lease] = eng.consumer.leases.leases()[0]
+    assert lease.owner == "engine" and lease.checkpoint is not None
+    eng.close()
+    peer.close()
+
+
+def test_offer_writes_stop_once_another_worker_took_the_shard(aws_settings):
+    settings = discount_settings(aws_settings)
+    publish(settings, [prediction("taken", 0.5)])
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        eng = _throttled_offers_engine(settings, proxy, lease_ms=3000)
+        eng.consumer.balance()
+        leases = eng.consumer.leases
+        [row] = leases.leases()[0]
+        leases.take(row, "peer", 60_000)                # taken over while the offer writes fail
+        timer = _down_for(proxy, 4.0)
+        try:
+            assert eng.step() == 0                      # gave the batch up...
+            assert proxy.down                           # ...while the writes still failed
+        finally:
+            timer.join()
+    time.sleep(0.5)
+    assert "taken" not in offers(settings) and not eng.consumer.owned
+    [lease] = leases.leases()[0]
+    assert lease.owner == "peer" and lease.checkpoint is None
+
+
 def test_budget_caps_offers_per_hour(aws_settings):
     settings = discount_settings(aws_settings, budget_per_hour=3)
     now = [T0]
@@ -210,6 +278,21 @@ def test_restart_resumes_and_replay_makes_no_second_offer(aws_settings):
     assert offers(settings) == before
     assert replay.offers.spent(T0) == 5
     replay.close()
+
+
+def test_an_offer_past_its_expiry_is_absent_though_dynamodb_still_holds_it(aws_settings):
+    # DynamoDB deletes rows past their TTL only within about two days, and serves them until then.
+    settings = discount_settings(aws_settings)
+    table = engine(settings).offers
+    assert table.offer(Prediction.from_record(prediction("old", 0.5)), now=T0) is Outcome.OFFERED
+    expires = T0 + 24 * 3600
+    assert table.get("old", now=expires - 1)["expires_at"] == int(expires)
+    assert table.get("old", now=expires) is None and "old" in offers(settings)      # still in the table
+    # Once expired it counts as no offer, as after DynamoDB's deletion: the session may get a new one.
+    assert table.offer(Prediction.from_record(prediction("old", 0.6)), now=expires - 1) is Outcome.ALREADY_OFFERED
+    assert table.offer(Prediction.from_record(prediction("old", 0.6)), now=expires) is Outcome.OFFERED
+    assert table.get("old", now=expires)["p_buy"] == 0.6
+    assert table.get("old") is None                  # by the wall clock (the default), T0 + 48 h is past
 
 
 def test_settings_errors_name_the_key():

@@ -4,10 +4,11 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
+from botocore.exceptions import ClientError
 
 from common import consumer as consumer_module
 from common.consumer import Consumer, ReadFailed
-from common.leases import MemoryLeaseTable
+from common.leases import LeaseLost, MemoryLeaseTable
 from common.producer import Producer, batches
 from common.streams import MAX_BATCH_BYTES, MAX_RECORD_BYTES, SHARD_END, MemoryStream
 
@@ -190,3 +191,95 @@ def test_parent_is_finished_before_children_are_read():
     assert max(parent) < min(children)
     rows = {lease.shard_id: lease for lease in leases.leases()[0]}
     assert rows["shardId-000000000000"].checkpoint == SHARD_END
+
+
+# ---------------------------------------------------------------- leases held through long writes
+
+SHARD0, SHARD1 = "shardId-000000000000", "shardId-000000000001"
+
+
+class CountingLeases(MemoryLeaseTable):
+    """Counts renewals; ``failing`` makes the heartbeat fail as a throttled DynamoDB would."""
+
+    def __init__(self):
+        super().__init__()
+        self.renewals = 0
+        self.failing = False
+
+    def renew(self, shard_id, owner, duration_ms):
+        self.renewals += 1
+        super().renew(shard_id, owner, duration_ms)
+
+    def heartbeat(self, worker_id, duration_ms):
+        if self.failing and worker_id == "a":
+            raise ClientError({"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "throttled"}},
+                              "PutItem")
+        super().heartbeat(worker_id, duration_ms)
+
+
+class ThrottledListShards(MemoryStream):
+    failing = False
+
+    def list_shards(self):
+        if self.failing:
+            raise ClientError({"Error": {"Code": "LimitExceededException", "Message": "Rate exceeded"}}, "ListShards")
+        return super().list_shards()
+
+
+def test_renew_due_keeps_a_lease_through_handling_longer_than_the_lease():
+    stream, leases = MemoryStream(), MemoryLeaseTable()
+    Producer(stream).send(entries(10))
+    a = Consumer(stream, leases, worker_id="a", lease_ms=300)
+    b = Consumer(stream, leases, worker_id="b", lease_ms=300)
+    [batch] = a.poll()
+    until = time.monotonic() + 1.0                  # over three leases inside "handle()", never polling
+    while time.monotonic() < until:
+        assert a.renew_due() == {SHARD0}
+        assert b.poll() == []                      # the peer finds the lease held throughout
+        time.sleep(0.02)
+    a.checkpoint(batch)                            # still ours: no LeaseLost
+    assert not b.owned
+
+
+def test_renew_due_is_cheap_in_a_tight_loop():
+    stream, leases = MemoryStream(), CountingLeases()
+    a = Consumer(stream, leases, worker_id="a", lease_ms=300)
+    a.poll()
+    leases.renewals = 0
+    calls, until = 0, time.monotonic() + 0.35
+    while time.monotonic() < until:
+        a.renew_due()
+        calls += 1
+    assert calls > 1000 and 1 <= leases.renewals <= 4    # one renewal per lease_ms / 3 at most
+
+
+def test_renew_due_drops_a_lease_another_worker_took_so_the_caller_stops_writing_it():
+    stream, leases = MemoryStream(shard_count=2), MemoryLeaseTable()
+    Producer(stream).send(entries(20))
+    lost = []
+    a = Consumer(stream, leases, worker_id="a", lease_ms=300, on_lost=lost.append)
+    batches_a = {batch.shard_id: batch for batch in a.poll()}
+    row = next(lease for lease in leases.leases()[0] if lease.shard_id == SHARD1)
+    leases.take(row, "b", 10_000)                  # e.g. taken over while a's write was stuck
+    time.sleep(0.11)                               # the next renewal is due
+    assert a.renew_due() == {SHARD0} and lost == [SHARD1]
+    a.checkpoint(batches_a[SHARD0])
+    with pytest.raises(LeaseLost):
+        a.checkpoint(batches_a[SHARD1])
+
+
+@pytest.mark.parametrize("failing", ["list_shards", "heartbeat"])
+def test_a_failed_list_shards_or_heartbeat_does_not_skip_the_renewals(failing):
+    stream, leases = ThrottledListShards(), CountingLeases()
+    Producer(stream).send(entries(10))
+    a = Consumer(stream, leases, worker_id="a", lease_ms=300, shard_refresh_s=0)
+    b = Consumer(stream, leases, worker_id="b", lease_ms=300)
+    a.poll()
+    stream.failing, leases.failing = failing == "list_shards", failing == "heartbeat"
+    until = time.monotonic() + 1.0
+    while time.monotonic() < until:
+        a.poll()                                   # balancing fails every round
+        time.sleep(0.02)
+    stream.failing = leases.failing = False
+    b.poll()
+    assert set(a.owned) == {SHARD0} and not b.owned

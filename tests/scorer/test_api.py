@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import requests
@@ -165,6 +166,19 @@ def test_session_prediction_lookup_reads_the_table(api):
         "events_in_session": {"N": "3"}, "model_version": {"S": "v1"}, "event_ms": {"N": "5"}})
     answer = requests.get(api.url + "/sessions/known/prediction", timeout=5).json()
     assert answer["p_buy"] == 0.25 and answer["events_in_session"] == 3 and answer["decision"] == "defer"
+
+
+def test_a_prediction_past_its_expiry_is_not_served_though_dynamodb_still_holds_it(api):
+    # DynamoDB deletes rows past their TTL only within about two days, and serves them until then.
+    dynamodb = aws.client("dynamodb")
+    now = int(time.time())
+    for session, expires_at in (("expired", now - 1), ("live", now + 3600)):
+        dynamodb.put_item(TableName=api.settings.predictions_table, Item={
+            "session_id": {"S": session}, "p_buy": {"N": "0.5"}, "decision": {"S": "buy"},
+            "expires_at": {"N": str(expires_at)}})
+    assert requests.get(api.url + "/sessions/expired/prediction", timeout=5).status_code == 404
+    live = requests.get(api.url + "/sessions/live/prediction", timeout=5)
+    assert live.status_code == 200 and live.json()["expires_at"] == now + 3600
 
 
 def test_reload_needs_the_token_and_refuses_mismatched_models(api):

@@ -1,0 +1,74 @@
+"""A flush that takes longer than the lease (in memory, no network): the loader keeps the lease
+while it writes, and stops writing a range whose shard another worker took."""
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import orjson
+
+from batch import lake
+from batch.loader import Limits, StreamLoader, write_enriched
+from common.consumer import Consumer
+from common.leases import MemoryLeaseTable
+from common.streams import MemoryStream
+from tests.batch.conftest import BASE, make_event
+
+LEASE_MS = 300          # stands for the default 10 s; the slow puts stand for a slow or throttled S3
+HOURS = 6               # one object per hour of events: six puts in one flush
+
+
+class SlowSink(lake.MemorySink):
+    """Each put takes ``seconds``; ``during`` runs before it (what other workers do meanwhile)."""
+
+    def __init__(self, seconds: float, during=lambda: None):
+        super().__init__()
+        self.seconds = seconds
+        self.during = during
+
+    def put(self, key, data, content_type):
+        self.during()
+        time.sleep(self.seconds)
+        super().put(key, data, content_type)
+
+
+def loaded_stream() -> MemoryStream:
+    stream = MemoryStream("enriched")
+    events = [make_event(i, at=BASE + dt.timedelta(hours=i)) for i in range(HOURS)]
+    stream.put_records([(event["domain_sessionid"], orjson.dumps(event)) for event in events])
+    return stream
+
+
+def loader(stream, leases, sink) -> StreamLoader:
+    return StreamLoader(lambda **hooks: Consumer(stream, leases, worker_id="a", lease_ms=LEASE_MS, **hooks),
+                        write_enriched, sink, Limits(records=HOURS))
+
+
+def test_a_flush_longer_than_the_lease_keeps_the_lease():
+    stream, leases = loaded_stream(), MemoryLeaseTable()
+    peer = Consumer(stream, leases, worker_id="b", lease_ms=LEASE_MS)
+    peer_read = []
+    sink = SlowSink(0.15, during=lambda: peer_read.extend(r for b in peer.poll() for r in b.records))
+    part = loader(stream, leases, sink)
+    assert part.step() == HOURS                            # reads and flushes: 0.9 s of puts, three leases
+    [lease] = leases.leases()[0]
+    assert lease.owner == "a" and lease.checkpoint == stream.all_records()[-1].sequence_number
+    assert peer_read == [] and not peer.owned
+    assert part.stats["events"] == HOURS and len(sink.objects) == HOURS
+
+
+def test_a_flush_stops_writing_once_another_worker_took_the_shard():
+    stream, leases = loaded_stream(), MemoryLeaseTable()
+
+    def take_over():
+        [row] = leases.leases()[0]
+        if row.owner == "a":
+            leases.take(row, "b", 60_000)                  # taken over while "a" was writing
+
+    sink = SlowSink(0.15, during=take_over)
+    part = loader(stream, leases, sink)
+    part.step()
+    [lease] = leases.leases()[0]
+    assert lease.owner == "b" and lease.checkpoint is None
+    assert 0 < len(sink.objects) < HOURS                   # it stopped; the new owner rewrites the range
+    assert not part.buffers and part.stats["events"] == 0

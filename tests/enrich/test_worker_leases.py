@@ -1,0 +1,91 @@
+"""The worker's delivery retries against the shard lease (in memory, no network): a delivery retried
+for longer than the lease keeps the lease, and one whose shard another worker took stops writing."""
+from __future__ import annotations
+
+import threading
+import time
+
+from common.consumer import Consumer
+from common.leases import MemoryLeaseTable
+from common.producer import Producer
+from common.streams import MemoryStream
+from enrich.worker import Worker
+from tests.conftest import wait_for
+from tests.enrich.helpers import enricher, get_record
+
+LEASE_MS = 300          # stands for the default 10 s; the throttling below stands for minutes of it
+
+
+class ThrottledFor(MemoryStream):
+    """Refuses every entry, as a throttled shard does, for ``seconds``; ``during`` runs on every call
+    (what other workers do meanwhile)."""
+
+    def __init__(self, name: str, seconds: float, during=lambda: None):
+        super().__init__(name)
+        self.until = time.monotonic() + seconds
+        self.during = during
+
+    def put_records(self, entries):
+        self.during()
+        if time.monotonic() < self.until:
+            self.fail_next = len(entries)
+        return super().put_records(entries)
+
+
+def raw_records(raw: MemoryStream, n: int) -> None:
+    raw.put_records([(f"k{i}", get_record({"e": "pv", "p": "web", "tv": "t",
+                                          "eid": f"00000000-0000-4000-8000-{i:012d}"})) for i in range(n)])
+
+
+def rows_of(leases) -> dict:
+    return {lease.shard_id: lease for lease in leases.leases()[0]}
+
+
+def worker(raw, leases, good, bad, stop=None) -> Worker:
+    consumer = Consumer(raw, leases, worker_id="a", lease_ms=LEASE_MS)
+    return Worker(enricher(), consumer, Producer(good, max_attempts=1), Producer(bad, max_attempts=1),
+                  stop, retry_cap_s=0.05)
+
+
+def test_a_delivery_retried_longer_than_the_lease_keeps_the_lease():
+    raw, leases = MemoryStream("raw"), MemoryLeaseTable()
+    raw_records(raw, 5)
+    peer = Consumer(raw, leases, worker_id="b", lease_ms=LEASE_MS)
+    peer_read = []
+    good = ThrottledFor("enriched", 1.0, during=lambda: peer_read.extend(r for b in peer.poll() for r in b.records))
+    w = worker(raw, leases, good, MemoryStream("bad"))
+    [batch] = w.consumer.poll()
+    assert w.handle(batch)                              # over three leases of throttled retries
+    w.consumer.checkpoint(batch)                        # still ours: no LeaseLost
+    assert peer_read == [] and not peer.owned
+    assert len(good.all_records()) == 5
+
+
+def test_a_delivery_stops_once_another_worker_took_the_shard_and_the_other_shards_go_on():
+    raw, leases = MemoryStream("raw", shard_count=2), MemoryLeaseTable()
+    raw_records(raw, 20)
+    first, second = "shardId-000000000000", "shardId-000000000001"
+    on_second = sum(1 for r in raw.all_records() if r.shard_id == second)
+    assert 0 < on_second < 20
+
+    def take_first_shard():
+        row = next(lease for lease in leases.leases()[0] if lease.shard_id == first)
+        if row.owner == "a":
+            leases.take(row, "b", 60_000)               # a peer took it over while "a" was throttled
+
+    good = ThrottledFor("enriched", 1.0, during=take_first_shard)
+    stop = threading.Event()
+    w = worker(raw, leases, good, MemoryStream("bad"), stop)
+    runner = threading.Thread(target=w.run, kwargs={"idle_sleep": 0.02}, daemon=True)
+    runner.start()
+    try:
+        wait_for(lambda: rows_of(leases).get(second) and rows_of(leases)[second].checkpoint, timeout=30,
+                 what="the second shard's checkpoint")
+    finally:
+        stop.set()
+        runner.join(30)
+    rows = rows_of(leases)
+    assert rows[first].owner == "b" and rows[first].checkpoint is None
+    # Only the second shard's events went out: the first shard's batch was not written on after the loss.
+    assert len(good.all_records()) == on_second
+    assert w.counts["records"] == on_second
