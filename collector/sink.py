@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -32,10 +33,16 @@ class Sink:
     def __init__(self, spool: Spool, raw: Producer, bad: Producer, *, linger_ms: int = 200,
                  batch_records: int = 500, batch_bytes: int = 4 * 1024 * 1024,
                  fsync_interval_ms: int | None = None, probe=None, max_backoff_s: float = 5.0,
-                 adopted: list[tuple[Spool, int]] | None = None, bad_payload_keep_bytes: int = 50_000):
+                 find_orphans: Callable[[set[Path]], list[tuple[Spool, int]]] | None = None,
+                 adopt_every_s: float = 30.0, bad_payload_keep_bytes: int = 50_000):
         self.spool = spool
-        # Other slots' spools left without a worker: drained after ours, then released.
-        self.adopted = list(adopted or [])
+        # Other slots' spools left without a worker (a stopped task's on a shared volume, a slot unused
+        # since fewer workers run): drained after ours, then released. Looked for at start and every
+        # adopt_every_s, since on a rolling deploy the stopped task's slot frees after ours started.
+        self.find_orphans = find_orphans
+        self.adopt_every_s = adopt_every_s
+        self.adopted: list[tuple[Spool, int]] = []
+        self._adopted_at = 0.0
         self.producers = {RAW: raw, BAD: bad}
         self.linger = linger_ms / 1000
         self.batch_records = batch_records
@@ -54,6 +61,7 @@ class Sink:
             if self.fsync_interval else None
 
     def start(self) -> None:
+        self._adopt()
         metrics.SINK_UP.set(int(self.healthy))
         if self.probe is not None:
             self._check()
@@ -76,6 +84,8 @@ class Sink:
             self.wake.wait(backoff or self.linger)
             self.wake.clear()
             try:
+                if time.monotonic() - self._adopted_at >= self.adopt_every_s:
+                    self._adopt()
                 delivered = self._drain()
             except Exception:  # the sender must outlive any one failure
                 log.exception("sender failed; retrying")
@@ -111,6 +121,16 @@ class Sink:
         if not self.healthy and self.probe is not None:
             return self._check()
         return True
+
+    def _adopt(self) -> None:
+        self._adopted_at = time.monotonic()
+        if self.find_orphans is None:
+            return
+        # Ours and those already adopted are passed over by name: on NFS (EFS) flock is a POSIX lock,
+        # which the process holding it can take again.
+        for spool, fd in self.find_orphans({self.spool.dir, *(spool.dir for spool, _ in self.adopted)}):
+            log.info("adopting spool %s (%d undelivered records, no live worker holds it)", spool.dir, spool.records)
+            self.adopted.append((spool, fd))
 
     def _spools(self) -> list[Spool]:
         return [self.spool] + [spool for spool, _ in self.adopted]
@@ -231,12 +251,10 @@ def open_sink(settings) -> tuple[Sink, int]:
                   fsync=settings.fsync)
     if spool.records:
         log.info("spool %s holds %d undelivered records from a previous run; sending them first", folder, spool.records)
-    adopted = []
-    for orphan, fd in orphans(Path(settings.spool_dir), folder):
-        adopted.append((Spool(orphan, max_bytes=settings.spool_max_bytes, segment_bytes=settings.spool_segment_bytes,
-                              fsync=settings.fsync), fd))
-        log.info("adopting spool %s (%d undelivered records, its worker slot is unused)", orphan,
-                 adopted[-1][0].records)
+
+    def find_orphans(taken: set[Path]) -> list[tuple[Spool, int]]:
+        return [(Spool(orphan, max_bytes=settings.spool_max_bytes, segment_bytes=settings.spool_segment_bytes,
+                       fsync=settings.fsync), fd) for orphan, fd in orphans(Path(settings.spool_dir), taken)]
     if settings.sink == "memory":
         raw, bad, probe = DiscardStream(settings.raw_stream), DiscardStream(settings.bad_stream), None
     else:
@@ -250,5 +268,5 @@ def open_sink(settings) -> tuple[Sink, int]:
                 linger_ms=settings.linger_ms, batch_records=settings.batch_records,
                 batch_bytes=settings.batch_bytes,
                 fsync_interval_ms=settings.fsync_interval_ms if settings.fsync == "interval" else None,
-                probe=probe, adopted=adopted, bad_payload_keep_bytes=settings.bad_payload_keep_bytes)
+                probe=probe, find_orphans=find_orphans, bad_payload_keep_bytes=settings.bad_payload_keep_bytes)
     return sink, lock_fd

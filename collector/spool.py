@@ -323,12 +323,12 @@ def claim_dir(root: Path) -> tuple[Path, int]:
     raise RuntimeError(f"no free spool slot under {root}")
 
 
-def orphans(root: Path, own: Path) -> list[tuple[Path, int]]:
-    """Other slots no live process holds that still have undelivered frames (e.g. after running with
-    fewer workers than before), locked for us to drain."""
+def orphans(root: Path, taken: set[Path]) -> list[tuple[Path, int]]:
+    """Slots other than ``taken`` that no live process holds and that still have undelivered frames
+    (a stopped task's, or after running with fewer workers than before), locked for us to drain."""
     found = []
     for folder in sorted(root.glob("worker-*")):
-        if folder == own or not folder.is_dir():
+        if folder in taken or not folder.is_dir():
             continue
         fd = _lock(folder)
         if fd is None:

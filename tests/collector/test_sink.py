@@ -2,6 +2,7 @@
 records that can never fit, which the emulator cannot produce on demand."""
 from __future__ import annotations
 
+import os
 import time
 
 import orjson
@@ -97,3 +98,38 @@ def test_stop_gives_up_at_its_timeout_and_leaves_the_rest_spooled(tmp_path):
     again = Spool(tmp_path, max_bytes=1 << 24)            # the rest waits for the next start, in order
     entries, _ = again.read(100, 1 << 20)
     assert [int(e.data) for e in entries] == list(range(len(sent), 40)) and again.records == 40 - len(sent)
+
+
+def test_a_slot_freed_while_running_is_adopted_and_delivered(tmp_path):
+    """A rolling deploy on a shared volume: the old task's slot still holds hits when the new task
+    starts, and frees only when the old task stops. The running sender adopts it then."""
+    from collector.spool import claim_dir, orphans
+
+    root = tmp_path / "spool"
+    own, own_fd = claim_dir(root)
+    old, old_fd = claim_dir(root)                        # the old task's slot, held
+    stale = Spool(old, max_bytes=1 << 24)
+    for index in range(5):
+        stale.append(encode(RAW, f"k{index}", str(index).encode()), 1)
+    stale.close()
+    raw, bad = MemoryStream("raw"), MemoryStream("bad")
+
+    def find(taken):
+        return [(Spool(folder, max_bytes=1 << 24), fd) for folder, fd in orphans(root, taken)]
+
+    sink = Sink(Spool(own, max_bytes=1 << 24), Producer(raw, max_attempts=1), Producer(bad, max_attempts=1),
+                linger_ms=20, find_orphans=find, adopt_every_s=0.05)
+    sink.start()
+    try:
+        time.sleep(0.3)
+        assert not raw.all_records() and not sink.adopted     # still held by the old task
+        os.close(old_fd)                                      # the old task stops
+        deadline = time.monotonic() + 5
+        while len(raw.all_records()) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)                                       # several more rounds: nothing twice
+    finally:
+        sink.stop(1.0)
+        os.close(own_fd)
+    assert sorted(int(r.data) for r in raw.all_records()) == list(range(5))
+    assert not sink.adopted                                   # delivered, then released
