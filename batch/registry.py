@@ -18,6 +18,7 @@ from batch.train_config import TrainSettings
 from common import aws, logs, registry
 from common.cli import AwsGroup
 from common.config import ConfigError, load
+from common.features import FEATURE_NAMES, FEATURE_VERSION
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,11 @@ def _context(bucket: str | None, name: str | None):
 @click.option("--name", help="model name (overrides CLICKSTREAM_MODEL_NAME)")
 @click.pass_context
 def cli(ctx, bucket, name):
-    """Inspect and move the CURRENT model version."""
+    """Inspect and move the CURRENT model version.
+
+    Settings come from CLICKSTREAM_* variables and the [train] section of the TOML file named by
+    CLICKSTREAM_CONFIG (docs/training.md lists the keys); --bucket and --name override them.
+    """
     logs.setup("WARNING")
     ctx.obj = _context(bucket, name)
 
@@ -90,19 +95,35 @@ def history(obj):
         click.echo(f"{entry['at']}  {entry['previous'] or '-'} -> {entry['version']}  ({entry['reason']})")
 
 
-@cli.command()
-@click.argument("version")
-@click.option("--force", is_flag=True, help="promote even when the bundle's parity check failed")
-@click.pass_obj
-def promote(obj, version, force):
-    """Move CURRENT to VERSION (it must be a complete bundle with passing parity)."""
-    s3, bucket, name = obj
+def servable(s3, bucket: str, name: str, version: str, force: bool) -> None:
+    """Refuse (ClickException) a version the scorers could not serve: a bundle that is incomplete,
+    gone or unreadable; unless ``force``, one whose parity failed or, under the scorers' model name,
+    whose features are not this code's (scorers refuse it and keep serving what they have)."""
     try:
         meta = registry.load(s3, bucket, name, version).meta
-    except LookupError:
-        raise click.ClickException(f"model {name!r} has no complete version {version} in s3://{bucket}") from None
-    if not meta.get("parity", {}).get("passed") and not force:
+    except (LookupError, ValueError) as exc:
+        raise click.ClickException(f"model {name!r} has no complete, readable version {version} in "
+                                   f"s3://{bucket} ({exc})") from None
+    if force:
+        return
+    if not meta.get("parity", {}).get("passed"):
         raise click.ClickException(f"version {version} did not pass the export parity check; use --force to insist")
+    names = [f.get("name") for f in meta.get("features", []) if isinstance(f, dict)]
+    if name == registry.DEFAULT_MODEL and (meta.get("feature_version") != FEATURE_VERSION or names != list(FEATURE_NAMES)):
+        raise click.ClickException(
+            f"version {version} has feature_version {meta.get('feature_version')!r}, not this code's "
+            f"{FEATURE_VERSION!r}: scorers running this code would refuse it and keep serving their model; "
+            "use --force once the scorers compute its features")
+
+
+@cli.command()
+@click.argument("version")
+@click.option("--force", is_flag=True, help="promote even when its parity failed or its features are not this code's")
+@click.pass_obj
+def promote(obj, version, force):
+    """Move CURRENT to VERSION (a complete bundle with passing parity and the scorers' features)."""
+    s3, bucket, name = obj
+    servable(s3, bucket, name, version, force)
     try:
         registry.set_current(s3, bucket, name, version, reason="promoted by hand")
     except registry.Conflict as exc:
@@ -111,12 +132,13 @@ def promote(obj, version, force):
 
 
 @cli.command()
+@click.option("--force", is_flag=True, help="roll back even when its parity failed or its features are not this code's")
 @click.pass_obj
-def rollback(obj):
-    """Move CURRENT back to the version it pointed to before its last move."""
+def rollback(obj, force):
+    """Move CURRENT back to the version it pointed to before its last move (checked as promote does)."""
     s3, bucket, name = obj
     try:
-        version = registry.rollback(s3, bucket, name)
+        version = registry.rollback(s3, bucket, name, check=lambda target: servable(s3, bucket, name, target, force))
     except (LookupError, registry.Conflict) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"CURRENT of {name} rolled back to {version}")

@@ -83,9 +83,11 @@ def train_from_events(spark, events: DataFrame, settings: TrainSettings, *, wind
     finally:
         if own_steps:
             steps.close()
-    result.meta.update(feature_version=FEATURE_VERSION, label=LABEL, training_window={
-        **(window.as_dict() if window else {}), "split_at_ms": cutoff, "sessions": stats["sessions"],
-        "buying_sessions": stats["buyers"], "examples": stats["rows"]})
+    # The session rule is part of the features: the scorer warns when its session_timeout_s differs.
+    training_window = {**(window.as_dict() if window else {}), "split_at_ms": cutoff, "sessions": stats["sessions"],
+                       "buying_sessions": stats["buyers"], "examples": stats["rows"]}
+    result.meta.update(feature_version=FEATURE_VERSION, label=LABEL, session_gap_s=settings.session_gap_minutes * 60,
+                       training_window=training_window)
     examples.unpersist()
     return result
 
@@ -159,7 +161,12 @@ def check_folds(cv: int) -> None:
 @click.option("--window-end", help="last day of the window, YYYY-MM-DD (overrides CLICKSTREAM_WINDOW_END)")
 @click.option("--model-name", help="overrides CLICKSTREAM_MODEL_NAME")
 def main(table, label_column, drop, categorical, missing, cv, out, publish_model, **overrides) -> None:
-    """Train the buy/defer model and publish it if it passes the gates."""
+    """Train the buy/defer model and publish it if it passes the gates.
+
+    Settings come from CLICKSTREAM_* variables and the [train] section of the TOML file named by
+    CLICKSTREAM_CONFIG (docs/training.md lists the keys: max_depth, class_weight, cache_dir, lake_path, ...);
+    the options below override them. A bad value exits with status 2, naming where it was set.
+    """
     logs.setup()
     try:
         settings = load(TrainSettings, section="train", **overrides)

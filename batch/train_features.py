@@ -23,6 +23,7 @@ from batch.train_lake import TrainError
 from common.features import (
     EVENT_FIELDS,
     FEATURE_NAMES,
+    LAST_MS,
     NIL_USER,
     event_time_ms,
     is_purchase,
@@ -69,23 +70,26 @@ def _as_millis(df: DataFrame) -> DataFrame:
 
 
 def sessionise(df: DataFrame, gap_minutes: int = 30) -> DataFrame:
-    """Add ``session_id``: ``domain_sessionid`` when the tracker sent one; otherwise a new session per
-    user pseudonym after ``gap_minutes`` of inactivity (Snowplow's own default rule)."""
+    """Add ``session_id`` by the scorer's rule: a session is a run of one key's events with no gap
+    longer than ``gap_minutes`` (purchases count as activity), the key being ``domain_sessionid``
+    when the tracker sent one, else the user pseudonym (common.features.session_key). A tracker
+    session's first run keeps its id; later runs get ``<id>:<n>``, a user's runs ``user:<user>:<n>``.
+    Events the scorer skips (a time outside the calendar, common.features.in_calendar) are left out."""
     collected = F.col("collector_tstamp")          # never later than its collection, as event_time_ms
     at = F.least(F.coalesce(F.col("derived_tstamp"), collected), collected)
-    df = df.withColumn("_at", at)
-    known = df.filter(F.col("domain_sessionid").isNotNull()).withColumn("session_id", F.col("domain_sessionid"))
-    unknown = df.filter(F.col("domain_sessionid").isNull())
+    df = df.withColumn("_at", at).filter((F.col("_at") >= 0) & (F.col("_at") < LAST_MS))
     known_user = F.when(F.col("network_userid") != NIL_USER, F.col("network_userid"))   # not SP-Anonymous' nil id
-    user = F.coalesce(F.col("domain_userid"), known_user, F.col("event_id"))
-    by_user = Window.partitionBy("_user").orderBy("_at", "event_id")
-    gap = F.col("_at") - F.lag("_at").over(by_user)
-    unknown = (unknown.withColumn("_user", user)
-               .withColumn("_new", F.when(gap.isNull() | (gap > gap_minutes * 60_000), 1).otherwise(0))
-               .withColumn("_n", F.sum("_new").over(by_user.rowsBetween(Window.unboundedPreceding, 0)))
-               .withColumn("session_id", F.concat(F.lit("user:"), F.col("_user"), F.lit(":"), F.col("_n")))
-               .drop("_user", "_new", "_n"))
-    return known.unionByName(unknown).drop("_at")
+    user = F.concat(F.lit("user:"), F.coalesce(F.col("domain_userid"), known_user, F.col("event_id")))
+    sid = F.col("domain_sessionid")
+    by_key = Window.partitionBy("_key").orderBy("_at", "event_id")
+    gap = F.col("_at") - F.lag("_at").over(by_key)
+    run = F.col("_n")
+    return (df.withColumn("_key", F.coalesce(sid, user))
+            .withColumn("_new", F.when(gap.isNull() | (gap > gap_minutes * 60_000), 1).otherwise(0))
+            .withColumn("_n", F.sum("_new").over(by_key.rowsBetween(Window.unboundedPreceding, 0)))
+            .withColumn("session_id", F.when(sid.isNotNull() & (run == 1), sid)
+                        .otherwise(F.concat(F.col("_key"), F.lit(":"), run.cast("string"))))
+            .drop("_key", "_new", "_n", "_at"))
 
 
 def build_examples(events: DataFrame, gap_minutes: int = 30) -> DataFrame:
@@ -122,12 +126,14 @@ def _json(value, column: str, event_id):
 
 def records(frame: pd.DataFrame) -> list[dict]:
     """Event dicts as the scorer sees them, in time order, each event once (the lake is
-    at-least-once: a duplicate event_id would count twice)."""
+    at-least-once: a duplicate event_id would count twice). Of a re-sent event's copies the first
+    collected is kept, as the scorer keeps the first to arrive."""
     # Column lists, not pandas rows: a session is small and wide, where pandas' per-row access is slow.
     # Missing values (NaN, also pandas 3's missing strings) become None, like JSON null.
     names = [c for c in frame.columns if c != "session_id"]
     columns = [[None if isinstance(v, float) and math.isnan(v) else v for v in frame[c].tolist()] for c in names]
     rows = [dict(zip(names, values)) for values in zip(*columns)]
+    rows.sort(key=lambda event: parse_ms(event["collector_tstamp"]))    # stable: the first collected first
     json_columns = [c for c in JSON_COLUMNS if c in frame.columns]
     events, seen = [], set()
     for event in rows:

@@ -25,11 +25,17 @@ class ParityError(export.ExportError):
 
 
 def champion(s3, settings: TrainSettings, result: TrainResult) -> dict | None:
-    """CURRENT scored on the challenger's evaluation rows it did not train on (same rows, same metric)."""
-    try:
-        bundle = registry.load(s3, settings.bucket, settings.model_name)
-    except LookupError:
+    """CURRENT scored on the challenger's evaluation rows it did not train on (same rows, same metric).
+    None without a CURRENT; a CURRENT whose bundle is gone or unreadable has nothing to compare, so a
+    challenger that passes the other gates replaces it (scorers that restart could serve nothing)."""
+    version = registry.current_version(s3, settings.bucket, settings.model_name)
+    if version is None:
         return None
+    try:
+        bundle = registry.load(s3, settings.bucket, settings.model_name, version)
+    except (LookupError, ValueError) as exc:
+        log.warning("CURRENT %s cannot be loaded (%s); a challenger that passes the gates replaces it", version, exc)
+        return {"version": version, "roc_auc": None, "note": f"CURRENT cannot be loaded: {exc}"}
     info = {"version": bundle.version, "roc_auc": None}
     if bundle.meta.get("feature_version") != result.meta["feature_version"] or \
             _feature_names(bundle.meta) != _feature_names(result.meta):

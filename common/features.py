@@ -81,6 +81,7 @@ class SessionState:
         "products",
         "purchased",
         "referer",
+        "seen_ms",
         "session_id",
         "session_index",
         "start_ms",
@@ -90,6 +91,7 @@ class SessionState:
     def __init__(self, session_id: str = ""):
         self.session_id = session_id
         self.start_ms = self.last_ms = self.last_page_ms = self.last_cart_ms = -1
+        self.seen_ms = -1       # the latest event of any kind, a purchase included: what idles a session
         self.events = self.page_views = self.page_pings = self.struct_events = 0
         self.product_views = self.distinct_products = self.cart_adds = self.cart_removes = 0
         self.cart_value = 0.0
@@ -105,6 +107,8 @@ class SessionState:
 
 
 # ------------------------------------------------------------------------------ event readers
+
+LAST_MS = 253_402_214_400_000        # 9999-12-31T24:00Z
 
 
 def parse_ms(value) -> int:
@@ -130,6 +134,12 @@ def event_time_ms(event: dict) -> int:
         # Same-shaped UTC ISO strings (the enricher's) sort as times do: parse only the earlier (~1 µs).
         return parse_ms(min(derived, collected))
     return min(parse_ms(derived), parse_ms(collected))
+
+
+def in_calendar(event_ms: int) -> bool:
+    """Whether an event time can be folded: from 1970 (a negative start means "not started") to the
+    end of 9999 (later times have no calendar date). The scorer skips other events, and so does training."""
+    return 0 <= event_ms < LAST_MS
 
 
 def self_describing(event: dict) -> tuple[str, dict]:
@@ -237,11 +247,13 @@ def _shop_event(state: SessionState, name: str, data: dict, at_ms: int) -> None:
 def step(state: SessionState, event: dict, at_ms: int | None = None) -> SessionState:
     """Fold one enriched event into the state (in place, returned for convenience).
     ``at_ms`` is the event's time when the caller has already read it (event_time_ms)."""
+    if at_ms is None:
+        at_ms = event_time_ms(event)
+    # A purchase is activity too: the session goes on after it, unscored, as long as training's does.
+    state.seen_ms = max(state.seen_ms, at_ms)
     if is_purchase(event):
         state.purchased = True          # the label; deliberately not a feature
         return state
-    if at_ms is None:
-        at_ms = event_time_ms(event)
     if state.start_ms < 0:
         _start(state, event, at_ms)
     state.events += 1

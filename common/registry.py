@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from botocore.exceptions import ClientError
@@ -112,15 +113,29 @@ def set_current(s3, bucket: str, name: str, version: str, reason: str, *, expect
     _put(s3, bucket, f"{PREFIX}/{name}/CURRENT", version.encode(), current_etag)
 
 
-def rollback(s3, bucket: str, name: str = DEFAULT_MODEL) -> str:
+def rollback(s3, bucket: str, name: str = DEFAULT_MODEL, check: Callable[[str], None] | None = None) -> str:
     """Undo the last move of CURRENT that is not undone yet: after A -> B -> C, rollback goes to B,
-    and a second one to A (not back to C); moving forward again is ``promote``."""
+    and a second one to A (not back to C); moving forward again is ``promote``. ``check`` may refuse
+    the target (raise) before CURRENT moves."""
     current = current_version(s3, bucket, name)
-    entries = history(s3, bucket, name)
-    while entries and entries[-1]["version"] != current:
-        entries.pop()                       # recorded but never made: a crash between the two writes
-    previous, undone = None, 0
+    previous = _before(history(s3, bucket, name), current)
+    if not previous:
+        raise LookupError(f"model {name!r}: no earlier version to roll back to from "
+                          f"{current or 'nothing (no CURRENT yet)'}")
+    if check:
+        check(previous)
+    set_current(s3, bucket, name, previous, reason=f"{ROLLBACK_REASON}{current}", expected=current)
+    return previous
+
+
+def _before(entries: list[dict], current: str | None) -> str | None:
+    """Where CURRENT was before its last move not yet undone. Walks the chain of moves back from
+    CURRENT (each move's version is where the one after it started), so an entry off the chain, one
+    recorded but never made (a crash or a lost race between the two writes), is passed over."""
+    at, undone = current, 0
     for entry in reversed(entries):
+        if entry["version"] != at:
+            continue                        # never made
         if entry.get("reason", "").startswith(ROLLBACK_REASON):
             undone += 1
         elif entry["previous"] == entry["version"]:
@@ -128,13 +143,9 @@ def rollback(s3, bucket: str, name: str = DEFAULT_MODEL) -> str:
         elif undone:
             undone -= 1
         else:
-            previous = entry["previous"]
-            break
-    if not previous:
-        raise LookupError(f"model {name!r}: no earlier version to roll back to from "
-                          f"{current or 'nothing (no CURRENT yet)'}")
-    set_current(s3, bucket, name, previous, reason=f"{ROLLBACK_REASON}{current}", expected=current)
-    return previous
+            return entry["previous"]
+        at = entry["previous"]
+    return None
 
 
 def versions(s3, bucket: str, name: str = DEFAULT_MODEL) -> list[str]:

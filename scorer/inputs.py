@@ -14,7 +14,7 @@ import math
 import numpy as np
 import orjson
 
-from common.features import FEATURE_COUNT, FEATURE_NAMES, event_time_ms
+from common.features import FEATURE_COUNT, FEATURE_NAMES, event_time_ms, in_calendar
 
 _INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 _NUMBERS = frozenset((int, float))                 # not bool: True is no feature value
@@ -28,7 +28,6 @@ class BadRequest(Exception):
         self.message = message
 
 
-LAST_MS = 253_402_214_400_000        # 9999-12-31: later times have no calendar date to fold
 
 
 class BadEvent(ValueError):
@@ -48,7 +47,7 @@ def event_time(event) -> int:
         raise BadEvent("missing collector_tstamp") from None
     except (TypeError, ValueError, ArithmeticError) as exc:
         raise BadEvent(f"bad timestamp: {exc}") from None
-    if not 0 <= event_ms < LAST_MS:      # nor may it move the scorer's watermark there
+    if not in_calendar(event_ms):      # nor may it move the scorer's watermark there
         raise BadEvent(f"event time {event_ms} ms is outside the calendar")
     return event_ms
 

@@ -63,7 +63,7 @@ class SessionStore:
         """
         self.watermark_ms[shard_id] = max(self.watermark_ms.get(shard_id, event_ms), event_ms)
         session = self.sessions.get(session_id)
-        if session is not None and session.state.last_ms >= 0 and event_ms - session.state.last_ms > self.timeout_ms:
+        if session is not None and session.state.seen_ms >= 0 and event_ms - session.state.seen_ms > self.timeout_ms:
             self._remove(session, "timeout")
             session = None
         if session is None:
@@ -102,7 +102,7 @@ class SessionStore:
             watermark = self.watermark_ms.get(shard_id)
             for session_id in islice(order, limit):
                 session = self.sessions[session_id]
-                if watermark is None or watermark - session.state.last_ms <= self.timeout_ms:
+                if watermark is None or watermark - session.state.seen_ms <= self.timeout_ms:
                     break
                 expired.append(session)
         for session in expired:

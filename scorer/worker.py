@@ -91,6 +91,7 @@ class Worker:
         self.stopping = False
         self.stop_requested: Callable[[], bool] = lambda: False      # run()'s stop, seen by flush()'s retries
         self.running = False
+        self.gap_checked: str | None = None              # the model version whose session gap was compared
 
     # ------------------------------------------------------------------ lease hooks
 
@@ -120,6 +121,8 @@ class Worker:
     def poll_once(self) -> int:
         """Read, fold, score and buffer one round of records; flush when due. Returns records read."""
         model = self.models.champion          # one model for the whole batch, even if a reload lands now
+        if model is not None and model.version != self.gap_checked:
+            self._check_session_gap(model)
         started = time.perf_counter()
         batches = self.consumer.poll()
         polled = time.perf_counter()
@@ -138,6 +141,16 @@ class Worker:
             if count:
                 metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         return count
+
+    def _check_session_gap(self, model: Model) -> None:
+        """Warn when the model was trained on sessions split by another inactivity gap: the features
+        of events after such a pause would differ from the rows it learnt from."""
+        self.gap_checked = model.version
+        trained = model.meta.get("session_gap_s")
+        if isinstance(trained, int) and trained * 1000 != self.store.timeout_ms:
+            log.warning("model %s was trained on sessions that end after %d s of inactivity, but session_timeout_s "
+                        "is %d: set it (or the trainer's session_gap_minutes) so they agree", model.version, trained,
+                        self.settings.session_timeout_s)
 
     def _fold(self, batches: list[Batch]) -> tuple[list[Row], list[list[float]]]:
         rows: list[Row] = []
@@ -257,7 +270,13 @@ class Worker:
     def flush(self) -> bool:
         """Write buffered predictions, then checkpoint each shard with its replay start."""
         predictions = [item for items in self.pending.values() for item in items]
-        if predictions and not self.writer.write(predictions, stop=lambda: self.stopping or self.stop_requested()):
+        # A write retried through throttling can outlast the leases: the writer renews them as it goes.
+        # A shard found taken is dropped (_on_lost) and its predictions are no longer written: its new
+        # owner replays the shard from the checkpoint and publishes them.
+        shard_of = {id(prediction): shard for shard, items in self.pending.items() for prediction, _ in items}
+        if predictions and not self.writer.write(predictions, stop=lambda: self.stopping or self.stop_requested(),
+                                                 keep=lambda prediction: shard_of[id(prediction)] in self.consumer.owned,
+                                                 renew=self.consumer.renew_due):
             return False
         self.pending.clear()
         self.pending_count = 0

@@ -266,7 +266,7 @@ def test_a_quiet_shard_does_not_hold_up_expiry_and_the_replay_start_of_the_other
     store = SessionStore(timeout_ms=60_000, max_sessions=100, dedupe_window=8)
 
     def seen(session_id, shard, at_ms, start_after):
-        store.session_for(session_id, shard, at_ms, start_after).state.last_ms = at_ms
+        store.session_for(session_id, shard, at_ms, start_after).state.seen_ms = at_ms
 
     seen("quiet", "shard-A", 0, None)                       # the least recently seen of all, and live on A
     for i in range(5):
@@ -305,6 +305,40 @@ def test_sessions_expire_by_event_time_and_memory_is_capped():
     rig.drain()
     assert len(rig.worker.store) == 3
     assert rig.worker.store.get("many4") is not None and rig.worker.store.get("many0") is None
+
+
+def test_browsing_on_after_a_purchase_stays_the_bought_session_and_is_not_scored():
+    """Checkout, the purchase 20 minutes later, the next page 20 minutes after that: 40 minutes after
+    the last scored event, but never 30 without activity, so the session (and training's) goes on."""
+    rig = Rig(session_timeout_s=1800)
+    minute = 60_000
+    events = [make_event("paid", T0, path="/checkout"),
+              make_event("paid", T0 + minute, shop="checkout_step", data={"step": 3}),
+              make_event("paid", T0 + 21 * minute, shop="purchase", data={"order_id": "o1", "total": 9.0}),
+              make_event("paid", T0 + 41 * minute, path="/"), make_event("paid", T0 + 42 * minute, path="/p/1")]
+    rig.put(events)
+    rig.drain()
+    assert [p["event_id"] for p in rig.predictions()] == [e["event_id"] for e in events[:2]]
+    assert rig.worker.store.get("paid").state.purchased
+
+
+def test_a_model_trained_on_another_session_gap_is_warned_about_once(caplog):
+    gap_45 = Model.from_bundle(Bundle("m", "v45", logistic_onnx(), model_meta("m", "v45", session_gap_s=2700)))
+    rig = Rig(models=Models(None, "bucket", "m"), session_timeout_s=1800)
+    rig.models.champion = gap_45
+    for seed in (1, 2):
+        rig.put(session_events(f"s{seed}", seed=seed, n=3, buyer=False))
+        with caplog.at_level("WARNING", logger="scorer.worker"):
+            rig.drain()
+    warnings = [r.getMessage() for r in caplog.records if "session_timeout_s" in r.getMessage()]
+    assert len(warnings) == 1 and "v45" in warnings[0] and "2700 s" in warnings[0] and "is 1800" in warnings[0]
+    caplog.clear()
+    rig.models.champion = model("v30", None)
+    rig.models.champion.meta["session_gap_s"] = 1800
+    rig.put(session_events("s3", seed=3, n=3, buyer=False))
+    with caplog.at_level("WARNING", logger="scorer.worker"):
+        rig.drain()
+    assert not [r for r in caplog.records if "session_timeout_s" in r.getMessage()]
 
 
 def test_a_shadow_model_is_scored_and_logged_but_the_champion_decides(caplog):
@@ -373,3 +407,66 @@ def test_a_failed_read_backs_off_keeping_the_sessions_and_loses_no_event(caplog)
         for event_id, (p, count) in reference(events).items():
             assert got[event_id]["p_buy"] == pytest.approx(p, abs=1e-5)
             assert got[event_id]["events_in_session"] == count
+
+
+# ---------------------------------------------------------------- leases through a long flush
+
+class ThrottledFor(MemoryStream):
+    """Refuses every entry, as a throttled shard does, for ``seconds``; ``during`` runs on every call
+    (what other workers do meanwhile)."""
+
+    def __init__(self, name, seconds, during=lambda: None):
+        super().__init__(name)
+        self.until = time.monotonic() + seconds
+        self.during = during
+
+    def put_records(self, entries):
+        self.during()
+        if time.monotonic() < self.until:
+            self.fail_next = len(entries)
+        return super().put_records(entries)
+
+
+def throttled_rig(shards: int, during, seconds: float = 1.0) -> Rig:
+    """A rig with 300 ms leases (for the default 10 s) whose predictions stream refuses writes for
+    ``seconds`` (for minutes of throttling)."""
+    rig = Rig(MemoryStream("enriched", shard_count=shards), lease_ms=300, flush_ms=0)
+    rig.out = ThrottledFor("predictions", seconds, during)
+    rig.worker.writer = PredictionWriter(Producer(rig.out, max_attempts=1), None, None, 3600,
+                                         sleep=lambda s: time.sleep(min(s, 0.02)))
+    return rig
+
+
+def test_a_flush_retried_longer_than_the_lease_keeps_the_lease():
+    peer_read = []
+    rig = throttled_rig(1, lambda: peer_read.extend(r for b in peer.poll() for r in b.records))
+    peer = Consumer(rig.stream, rig.leases, worker_id="peer", lease_ms=300)
+    events = session_events("slow", seed=5, n=6, buyer=False)
+    rig.put(events)
+    assert rig.worker.poll_once() == len(events)       # folds, scores and flushes: over three leases
+    [lease] = rig.leases.leases()[0]
+    assert lease.owner == rig.worker.consumer.worker_id and lease.checkpoint is not None
+    assert peer_read == [] and not peer.owned
+    assert [p["event_id"] for p in rig.predictions()] == [e["event_id"] for e in events]
+
+
+def test_a_flush_stops_writing_a_shard_another_worker_took_and_writes_the_others():
+    first = "shardId-000000000000"
+
+    def take_first_shard():
+        row = next(lease for lease in rig.leases.leases()[0] if lease.shard_id == first)
+        if row.owner != "peer":
+            rig.leases.take(row, "peer", 60_000)       # taken over while the flush was throttled
+
+    rig = throttled_rig(2, take_first_shard)
+    sessions = [session_events(f"t{i}", seed=40 + i, n=5, buyer=False) for i in range(8)]
+    rig.put(interleave(sessions))
+    on_first = {r.partition_key for r in rig.stream.all_records() if r.shard_id == first}
+    assert 0 < len(on_first) < len(sessions)
+    rig.worker.poll_once()
+    rows = {lease.shard_id: lease for lease in rig.leases.leases()[0]}
+    assert rows[first].owner == "peer" and rows[first].checkpoint is None
+    assert all(lease.checkpoint for shard, lease in rows.items() if shard != first)
+    written = {p["session_id"] for p in rig.predictions()}
+    assert written == {s[0]["domain_sessionid"] for s in sessions} - on_first
+    assert first not in rig.worker.consumer.owned and not rig.worker.pending

@@ -167,3 +167,62 @@ def test_two_runs_never_share_a_version_folder_or_move_current_past_each_other(a
         registry.set_current(s3, bucket, name, "C", reason="train", expected="A")
     assert registry.current_version(s3, bucket, name) == "B"
     assert [e["version"] for e in registry.history(s3, bucket, name)] == ["A", "B"]
+
+
+def test_rollback_follows_the_chain_of_moves_past_a_move_that_lost_its_race(aws_settings):
+    """A -> B was recorded but never made (CURRENT's write lost a race), then A -> C happened: the
+    second rollback goes to X, where A came from, not "back" to A through the phantom move."""
+    from common import aws, registry
+
+    s3 = aws.client("s3")
+    bucket, name = aws_settings.bucket, "phantom-test"
+    for version in ("X", "A"):
+        registry.set_current(s3, bucket, name, version, reason="train")
+    entries = registry.history(s3, bucket, name) + [{"version": "B", "previous": "A", "at": "", "reason": "train"}]
+    s3.put_object(Bucket=bucket, Key=f"models/{name}/HISTORY",
+                  Body="".join(json.dumps(entry) + "\n" for entry in entries).encode())
+    registry.set_current(s3, bucket, name, "C", reason="promote")
+    assert registry.rollback(s3, bucket, name) == "A"
+    assert registry.rollback(s3, bucket, name) == "X"
+    assert registry.current_version(s3, bucket, name) == "X"
+
+
+def test_a_rollback_or_promote_the_scorers_could_not_serve_is_refused(aws_settings):
+    """The registry CLI loads the target first: a deleted bundle, or one with other features under
+    the scorers' model name, leaves CURRENT where it is (--force insists on the latter)."""
+    from click.testing import CliRunner
+
+    from batch import registry as registry_cli
+    from common import aws, registry
+    from tests.conftest import settings_env
+
+    s3, bucket, name = aws.client("s3"), aws_settings.bucket, registry.DEFAULT_MODEL
+    for version, features in (("old", "0"), ("gone", FEATURE_VERSION), ("new", FEATURE_VERSION)):
+        publish_bundle(s3, bucket, name, version, logistic_onnx(),
+                       model_meta(name, version, feature_version=features, parity={"passed": True}))
+    s3.delete_object(Bucket=bucket, Key=f"models/{name}/gone/model.onnx")
+    runner, env = CliRunner(), settings_env(aws_settings)
+    refused = runner.invoke(registry_cli.cli, ["rollback"], env=env)             # new -> gone: no bundle
+    assert refused.exit_code != 0 and "no complete, readable version gone" in refused.output
+    assert registry.current_version(s3, bucket, name) == "new"
+    registry.set_current(s3, bucket, name, "old", reason="promote")              # gone was never served
+    registry.set_current(s3, bucket, name, "new", reason="promote")
+    refused = runner.invoke(registry_cli.cli, ["rollback"], env=env)             # new -> old: other features
+    assert refused.exit_code != 0 and "feature_version '0'" in refused.output
+    assert registry.current_version(s3, bucket, name) == "new"
+    assert runner.invoke(registry_cli.cli, ["promote", "old"], env=env).exit_code != 0
+    forced = runner.invoke(registry_cli.cli, ["rollback", "--force"], env=env)
+    assert forced.exit_code == 0 and registry.current_version(s3, bucket, name) == "old"
+
+
+def test_training_replaces_a_current_whose_bundle_is_gone(aws_settings):
+    """CURRENT names a deleted version: nothing to compare, so a challenger that passes the gates
+    becomes CURRENT (restarted scorers would otherwise have no model to serve)."""
+    from common import aws, registry
+
+    s3, settings = aws.client("s3"), TrainSettings(bucket=aws_settings.bucket, model_name="cure-test", auc_floor=0.0)
+    registry.set_current(s3, settings.bucket, settings.model_name, "deleted", reason="train")
+    outcome = publish(s3, settings, complete(Parity(True, 0.0, 200, 1e-5)))
+    assert outcome["promoted"], outcome["reasons"]
+    assert "cannot be loaded" in outcome["champion"]["note"]
+    assert registry.current_version(s3, settings.bucket, settings.model_name) == outcome["version"]

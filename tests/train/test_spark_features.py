@@ -12,7 +12,18 @@ import pytest
 from batch.train import load_window
 from batch.train_features import _as_millis, build_examples, order, require_trainable, sessionise
 from batch.train_lake import TrainError, Window, unreadable_file_error
-from common.features import FEATURE_NAMES, SessionState, event_time_ms, features, is_purchase, step
+from common.features import (
+    FEATURE_NAMES,
+    SessionState,
+    event_time_ms,
+    features,
+    in_calendar,
+    is_purchase,
+    parse_ms,
+    session_key,
+    step,
+)
+from scorer.sessions import SessionStore
 from tests.train import synth
 from tests.train.conftest import START, fast_settings
 
@@ -69,6 +80,69 @@ def test_sessions_without_tracker_id_split_after_30_minutes_of_inactivity(spark,
     assert all(row["session_id"].startswith("user:" + "u" * 64) for row in by_user)
     labels = build_examples(events).groupBy("session_id").agg({"label": "max"}).collect()
     assert sorted(row[1] for row in labels) == [0, 1]                  # the later, open session is left out
+
+
+def _scored_online(events: list[dict], gap_minutes: int = 30) -> dict[str, list[float]]:
+    """event_id -> features of every event the scorer scores, folding in arrival order through its
+    own session store as its worker does (skip what has no calendar time, drop re-sent copies, no
+    row once the session bought)."""
+    store = SessionStore(gap_minutes * 60_000, max_sessions=10_000, dedupe_window=64)
+    rows = {}
+    for event in sorted(events, key=lambda e: parse_ms(e["collector_tstamp"])):
+        at = event_time_ms(event)
+        if not in_calendar(at):
+            continue
+        session = store.session_for(session_key(event), "shard", at, None)
+        if session.first_sight(event["event_id"], 64):
+            step(session.state, event, at)
+            if not session.state.purchased:
+                rows[event["event_id"]] = np.float32(features(session.state)).astype(np.float64).tolist()
+    return rows
+
+
+def _shift(event: dict, ms: int) -> dict:
+    at = parse_ms(event["derived_tstamp"]) + ms
+    return {**event, "derived_tstamp": synth.iso(at), "dvce_created_tstamp": synth.iso(at),
+            "collector_tstamp": synth.iso(at + 40)}
+
+
+def test_pauses_purchases_resends_and_bad_times_make_the_scorers_sessions(spark, tmp_path):
+    """Training sessionises as the scorer does: a tracker session idle for longer than the gap goes
+    on as a new one; a purchase counts as activity (browsing 20 minutes after it, 40 after the last
+    page, is the same bought session: no rows); a re-sent event counts once, its first copy; an event
+    dated before 1970 is skipped."""
+    rng = random.Random(21)
+    origin = int(START.timestamp() * 1000)
+    first = synth.Session(rng, origin)
+    paused = synth.session_events(rng, origin, buyer=False, session_id=first.session_id, user=first.user)
+    resumed = synth.session_events(rng, event_time_ms(paused[-1]) + 45 * 60_000, buyer=False,
+                                   session_id=first.session_id, user=first.user)
+    sid = "bought-then-browsed"
+    buyer_events = synth.session_events(rng, origin + 2 * 3_600_000, buyer=True, session_id=sid)
+    cut = next(i for i, e in enumerate(buyer_events) if is_purchase(e))
+    before, purchase = buyer_events[:cut], buyer_events[cut]
+    purchase = _shift(purchase, event_time_ms(before[-1]) + 20 * 60_000 - event_time_ms(purchase))
+    after = synth.session_events(rng, event_time_ms(purchase) + 19 * 60_000, buyer=False, session_id=sid)
+    resent_from = synth.session_events(rng, origin + 4 * 3_600_000, buyer=False)
+    copy = {**_shift(resent_from[3], 5_000), "derived_tstamp": synth.iso(event_time_ms(resent_from[3]) - 3)}
+    early = synth.session_events(rng, origin + 5 * 3_600_000, buyer=False)
+    early[2] = {**early[2], "derived_tstamp": synth.iso(-5_000)}
+    later = synth.session_events(rng, origin + 9 * 3_600_000, buyer=False)     # closes the others
+    events = paused + resumed + before + [purchase] + after + resent_from + [copy] + early + later
+    root = synth.write_lake_dir(tmp_path, events)
+
+    frame = build_examples(load_window(spark, _settings(root), WINDOW)).toPandas()
+    online = _scored_online(events)
+    for event in later:
+        online.pop(event["event_id"], None)
+    assert sorted(frame["event_id"]) == sorted(online)
+    offline = frame.set_index("event_id")[list(FEATURE_NAMES)]
+    assert all(offline.loc[event_id].tolist() == row for event_id, row in online.items())
+    sessions = frame.groupby("session_id")["event_id"].count().to_dict()
+    assert sessions[first.session_id] == len(paused) and sessions[f"{first.session_id}:2"] == len(resumed)
+    assert sessions[sid] == len(before) and not {e["event_id"] for e in after} & set(frame["event_id"])
+    assert sessions[resent_from[0]["domain_sessionid"]] == len(resent_from)
+    assert sessions[early[0]["domain_sessionid"]] == len(early) - 1
 
 
 def test_empty_window_says_so(spark, lake_dir):
