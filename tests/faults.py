@@ -1,6 +1,7 @@
-"""A small fault-injecting HTTP proxy that sits between a client and the emulator.
+"""Faults for the tests: a fault-injecting HTTP proxy between a client and the emulator, and an
+in-memory stream that stays throttled for a while.
 
-It forwards every request unchanged, except that it can
+The proxy forwards every request unchanged, except that it can
 - fail chosen entries of a Kinesis PutRecords call for real: the entries are removed from the
   request before it reaches the emulator and answered with ``ProvisionedThroughputExceededException``
   in their slots, exactly as Kinesis reports a partial failure;
@@ -12,8 +13,11 @@ import base64
 import http.client
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
+
+from common.streams import MemoryStream
 
 PUT_RECORDS = "Kinesis_20131202.PutRecords"
 
@@ -112,3 +116,19 @@ class FaultProxy:
 
 def decode_data(record: dict) -> bytes:
     return base64.b64decode(record["Data"])
+
+
+class ThrottledFor(MemoryStream):
+    """Refuses every entry, as a throttled shard does, for ``seconds``; ``during`` runs on every call
+    (what other workers do meanwhile)."""
+
+    def __init__(self, name: str, seconds: float, during=lambda: None):
+        super().__init__(name)
+        self.until = time.monotonic() + seconds
+        self.during = during
+
+    def put_records(self, entries):
+        self.during()
+        if time.monotonic() < self.until:
+            self.fail_next = len(entries)
+        return super().put_records(entries)

@@ -3,7 +3,6 @@ for longer than the lease keeps the lease, and one whose shard another worker to
 from __future__ import annotations
 
 import threading
-import time
 
 from common.consumer import Consumer
 from common.leases import MemoryLeaseTable
@@ -12,24 +11,9 @@ from common.streams import MemoryStream
 from enrich.worker import Worker
 from tests.conftest import wait_for
 from tests.enrich.helpers import enricher, get_record
+from tests.faults import ThrottledFor
 
 LEASE_MS = 300          # stands for the default 10 s; the throttling below stands for minutes of it
-
-
-class ThrottledFor(MemoryStream):
-    """Refuses every entry, as a throttled shard does, for ``seconds``; ``during`` runs on every call
-    (what other workers do meanwhile)."""
-
-    def __init__(self, name: str, seconds: float, during=lambda: None):
-        super().__init__(name)
-        self.until = time.monotonic() + seconds
-        self.during = during
-
-    def put_records(self, entries):
-        self.during()
-        if time.monotonic() < self.until:
-            self.fail_next = len(entries)
-        return super().put_records(entries)
 
 
 def raw_records(raw: MemoryStream, n: int) -> None:

@@ -18,6 +18,7 @@ from scorer.config import ScorerSettings
 from scorer.model import Model, Models
 from scorer.sink import PredictionWriter
 from scorer.worker import Worker
+from tests.faults import ThrottledFor
 from tests.scorer.helpers import T0, WEIGHTS, logistic_onnx, logistic_reference, model_meta, session_events
 from tests.scorer.helpers import event as make_event
 
@@ -410,22 +411,6 @@ def test_a_failed_read_backs_off_keeping_the_sessions_and_loses_no_event(caplog)
 
 
 # ---------------------------------------------------------------- leases through a long flush
-
-class ThrottledFor(MemoryStream):
-    """Refuses every entry, as a throttled shard does, for ``seconds``; ``during`` runs on every call
-    (what other workers do meanwhile)."""
-
-    def __init__(self, name, seconds, during=lambda: None):
-        super().__init__(name)
-        self.until = time.monotonic() + seconds
-        self.during = during
-
-    def put_records(self, entries):
-        self.during()
-        if time.monotonic() < self.until:
-            self.fail_next = len(entries)
-        return super().put_records(entries)
-
 
 def throttled_rig(shards: int, during, seconds: float = 1.0) -> Rig:
     """A rig with 300 ms leases (for the default 10 s) whose predictions stream refuses writes for
