@@ -281,6 +281,7 @@ class Deduper:
         self.clock = clock
         self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
         self.dropped = 0
+        self.remembered = 0         # pairs remembered so far; forget_last takes the latest back
 
     def seen(self, event_id: str, print_: str) -> bool:
         """True for a repeat within the window; otherwise remembers the pair and returns False."""
@@ -294,6 +295,7 @@ class Deduper:
             return True
         self._seen[key] = now
         self._seen.move_to_end(key)
+        self.remembered += 1
         while len(self._seen) > self.capacity:
             self._seen.popitem(last=False)
         # Expire from the old end; cheap because entries are in insertion (time) order.
@@ -303,6 +305,12 @@ class Deduper:
                 break
             del self._seen[oldest_key]
         return False
+
+    def forget_last(self, count: int) -> None:
+        """Forget the ``count`` pairs remembered last: their batch was not delivered after all, and
+        its events are no repeats when it is read again."""
+        for _ in range(min(count, len(self._seen))):
+            self._seen.popitem(last=True)
 
 
 def utc_now_ms() -> int:

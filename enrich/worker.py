@@ -57,8 +57,17 @@ class Worker:
     def handle(self, batch: Batch) -> bool:
         """Enrich and deliver one batch; True when every output is durable, False when told to stop
         first. Raises LeaseLost when another worker took the shard during the delivery."""
+        deduper = self.enricher.deduper
+        remembered = deduper.remembered
         good, bad = self.outputs(batch)
-        if not (self._deliver(self.good, good, batch.shard_id) and self._deliver(self.bad, bad, batch.shard_id)):
+        delivered = False
+        try:
+            delivered = self._deliver(self.good, good, batch.shard_id) and self._deliver(self.bad, bad, batch.shard_id)
+        finally:
+            if not delivered:
+                # Whoever reads this batch again (we, if the shard comes back) must not drop its events as repeats.
+                deduper.forget_last(deduper.remembered - remembered)
+        if not delivered:
             return False
         self.counts["records"] += len(batch.records)
         self.counts["good"] += len(good)

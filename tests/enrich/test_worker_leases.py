@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from common.consumer import Consumer
-from common.leases import MemoryLeaseTable
+from common.leases import LeaseLost, MemoryLeaseTable
 from common.producer import Producer
 from common.streams import MemoryStream
 from enrich.worker import Worker
@@ -73,3 +75,24 @@ def test_a_delivery_stops_once_another_worker_took_the_shard_and_the_other_shard
     # Only the second shard's events went out: the first shard's batch was not written on after the loss.
     assert len(good.all_records()) == on_second
     assert w.counts["records"] == on_second
+
+
+def test_a_batch_given_up_on_a_lost_lease_is_no_repeat_when_read_again():
+    """Its events went through the deduper but not out: should the shard come back to this worker
+    (the peer that took it stopped), reading the batch again must deliver them, not drop them."""
+    raw, leases = MemoryStream("raw"), MemoryLeaseTable()
+    raw_records(raw, 5)
+
+    def taken_by_a_peer():
+        [row] = leases.leases()[0]
+        if row.owner == "a":
+            leases.take(row, "b", 60_000)
+
+    good = ThrottledFor("enriched", 1.0, during=taken_by_a_peer)
+    w = worker(raw, leases, good, MemoryStream("bad"))
+    [batch] = w.consumer.poll()
+    with pytest.raises(LeaseLost):
+        w.handle(batch)
+    assert good.all_records() == []
+    again, _ = w.outputs(batch)
+    assert len(again) == 5 and w.enricher.deduper.dropped == 0
