@@ -63,8 +63,9 @@ def bindable_address(host: str, port: int) -> str:
     """The IP address granian should bind for ``host`` (it takes no host names), after checking that
     the port is free there: granian's own failure is a page of Python and Rust frames. Raises OSError
     (an unknown host, a port in use) for ``listening`` to tell in one line."""
-    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                  flags=socket.AI_PASSIVE)[0]
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    # One address is bound: for a name with both, the IPv4 one (clients of `localhost` mostly use 127.0.0.1).
+    family, _, _, _, address = next((item for item in found if item[0] == socket.AF_INET), found[0])
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as servers bind: TIME_WAIT is no conflict
         probe.bind(address)

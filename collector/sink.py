@@ -244,17 +244,33 @@ def kinesis_client(settings):
                       max_pool_connections=4, parameter_validation=False)
 
 
+def open_orphans(root: Path, taken: set[Path], open_spool: Callable[[Path], Spool]) -> list[tuple[Spool, int]]:
+    """The orphaned slots under ``root`` (not ``taken``), opened, with their lock fds; one that cannot
+    be opened (a full disk, say) is released for a later round or another process."""
+    found = []
+    for folder, fd in orphans(root, taken):
+        try:
+            found.append((open_spool(folder), fd))
+        except OSError as exc:
+            os.close(fd)
+            log.error("cannot open spool %s to adopt it, trying again later: %s", folder, exc)
+    return found
+
+
 def open_sink(settings) -> tuple[Sink, int]:
     """The spool for this worker, producers for the raw and bad streams, and the sender thread."""
-    folder, lock_fd = claim_dir(Path(settings.spool_dir))
-    spool = Spool(folder, max_bytes=settings.spool_max_bytes, segment_bytes=settings.spool_segment_bytes,
-                  fsync=settings.fsync)
-    if spool.records:
-        log.info("spool %s holds %d undelivered records from a previous run; sending them first", folder, spool.records)
+
+    def open_spool(folder: Path) -> Spool:
+        return Spool(folder, max_bytes=settings.spool_max_bytes, segment_bytes=settings.spool_segment_bytes,
+                     fsync=settings.fsync)
 
     def find_orphans(taken: set[Path]) -> list[tuple[Spool, int]]:
-        return [(Spool(orphan, max_bytes=settings.spool_max_bytes, segment_bytes=settings.spool_segment_bytes,
-                       fsync=settings.fsync), fd) for orphan, fd in orphans(Path(settings.spool_dir), taken)]
+        return open_orphans(Path(settings.spool_dir), taken, open_spool)
+
+    folder, lock_fd = claim_dir(Path(settings.spool_dir))
+    spool = open_spool(folder)
+    if spool.records:
+        log.info("spool %s holds %d undelivered records from a previous run; sending them first", folder, spool.records)
     if settings.sink == "memory":
         raw, bad, probe = DiscardStream(settings.raw_stream), DiscardStream(settings.bad_stream), None
     else:

@@ -95,6 +95,20 @@ def test_a_host_name_such_as_localhost_is_resolved(tmp_path):
         server.wait(timeout=30)
 
 
+def test_a_name_with_ipv6_and_ipv4_addresses_listens_on_the_ipv4_one(monkeypatch):
+    """A dual-stack /etc/hosts lists ::1 first for localhost; the README's clients use 127.0.0.1."""
+    import socket
+
+    from collector.__main__ import bindable_address
+
+    def resolve(host, port, *args, **kwargs):
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    assert bindable_address("localhost", free_port()) == "127.0.0.1"
+
+
 def test_granians_own_bind_failure_is_an_os_error():
     """A port taken between the check and granian's bind: its RuntimeError becomes the OSError it is."""
     from collector.__main__ import _as_os_error

@@ -103,7 +103,8 @@ def test_stop_gives_up_at_its_timeout_and_leaves_the_rest_spooled(tmp_path):
 def test_a_slot_freed_while_running_is_adopted_and_delivered(tmp_path):
     """A rolling deploy on a shared volume: the old task's slot still holds hits when the new task
     starts, and frees only when the old task stops. The running sender adopts it then."""
-    from collector.spool import claim_dir, orphans
+    from collector.sink import open_orphans
+    from collector.spool import claim_dir
 
     root = tmp_path / "spool"
     own, own_fd = claim_dir(root)
@@ -115,7 +116,7 @@ def test_a_slot_freed_while_running_is_adopted_and_delivered(tmp_path):
     raw, bad = MemoryStream("raw"), MemoryStream("bad")
 
     def find(taken):
-        return [(Spool(folder, max_bytes=1 << 24), fd) for folder, fd in orphans(root, taken)]
+        return open_orphans(root, taken, lambda folder: Spool(folder, max_bytes=1 << 24))
 
     sink = Sink(Spool(own, max_bytes=1 << 24), Producer(raw, max_attempts=1), Producer(bad, max_attempts=1),
                 linger_ms=20, find_orphans=find, adopt_every_s=0.05)
@@ -133,3 +134,30 @@ def test_a_slot_freed_while_running_is_adopted_and_delivered(tmp_path):
         os.close(own_fd)
     assert sorted(int(r.data) for r in raw.all_records()) == list(range(5))
     assert not sink.adopted                                   # delivered, then released
+
+
+def test_an_orphan_that_cannot_be_opened_is_released_and_the_others_adopted(tmp_path):
+    from collector.sink import open_orphans
+    from collector.spool import _lock, claim_dir
+
+    root = tmp_path / "spool"
+    slots = [claim_dir(root) for _ in range(3)]
+    for folder, fd in slots[1:]:
+        stale = Spool(folder, max_bytes=1 << 24)
+        stale.append(encode(RAW, "k", b"x"), 1)
+        stale.close()
+        os.close(fd)
+    broken = slots[1][0]
+
+    def open_spool(folder):
+        if folder == broken:
+            raise OSError(28, "No space left on device")
+        return Spool(folder, max_bytes=1 << 24)
+
+    [(adopted, fd)] = open_orphans(root, {slots[0][0]}, open_spool)
+    assert adopted.dir == slots[2][0] and adopted.records == 1
+    again = _lock(broken)                      # released: another round or process can take it
+    assert again is not None
+    adopted.close()
+    for descriptor in (again, fd, slots[0][1]):
+        os.close(descriptor)
