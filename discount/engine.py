@@ -24,6 +24,9 @@ from discount.settings import DiscountSettings
 log = logging.getLogger("discount")
 APP = "discount"
 REMEMBERED_SESSIONS = 100_000
+# How long an "already offered" learnt from the table is trusted: that offer's row expires at a time
+# the answer does not say, after which the session may have a new one (as the table would allow).
+RECHECK_OFFERED_S = 3600
 
 
 def skip_reason(settings: DiscountSettings, prediction: Prediction) -> str | None:
@@ -50,8 +53,8 @@ class Engine:
         self.metrics = metrics
         self.clock = clock
         self.stop = stop
-        # Sessions known to have an offer: saves a write for each of their later predictions.
-        self.offered: OrderedDict[str, None] = OrderedDict()
+        # Sessions known to have an offer, until when: saves a write for each of their later predictions.
+        self.offered: OrderedDict[str, float] = OrderedDict()
         self.exhausted_hour: str | None = None
         self._budget_read_at = 0.0
         self._shard: str | None = None          # the shard of the batch being handled
@@ -77,9 +80,9 @@ class Engine:
         reason = skip_reason(self.settings, prediction)
         if reason:
             return reason
-        if prediction.session_id in self.offered:      # saves a DynamoDB call; the table decides
-            return Outcome.ALREADY_OFFERED.value
         now = self.clock()
+        if now < self.offered.get(prediction.session_id, 0.0):     # saves a DynamoDB call; the table decides
+            return Outcome.ALREADY_OFFERED.value
         if self.exhausted_hour == hour_of(now):
             return Outcome.BUDGET_EXHAUSTED.value
         try:
@@ -90,16 +93,19 @@ class Engine:
             return "invalid"
         if outcome is Outcome.BUDGET_EXHAUSTED:
             self.exhausted_hour = hour_of(now)
-        elif outcome in (Outcome.OFFERED, Outcome.ALREADY_OFFERED):
-            self._remember(prediction.session_id)
+        elif outcome is Outcome.OFFERED:
+            self._remember(prediction.session_id, now + self.offers.ttl_s)      # as long as its row lives
+        elif outcome is Outcome.ALREADY_OFFERED:
+            self._remember(prediction.session_id, now + RECHECK_OFFERED_S)
         if outcome is Outcome.OFFERED:
             log.info("offer made, p_buy %.3f", prediction.p_buy,
                      extra={"session_id": prediction.session_id, "event_id": prediction.event_id,
                             "model_version": prediction.model_version})
         return outcome.value
 
-    def _remember(self, session_id: str) -> None:
-        self.offered[session_id] = None
+    def _remember(self, session_id: str, until: float) -> None:
+        self.offered[session_id] = until
+        self.offered.move_to_end(session_id)
         if len(self.offered) > REMEMBERED_SESSIONS:
             self.offered.popitem(last=False)
 

@@ -295,6 +295,20 @@ def test_an_offer_past_its_expiry_is_absent_though_dynamodb_still_holds_it(aws_s
     assert table.get("old") is None                  # by the wall clock (the default), T0 + 48 h is past
 
 
+def test_the_engines_memory_of_offers_ends_when_the_tables_does(aws_settings):
+    """The engine remembers an offer it made for as long as its row lives: a later prediction then
+    finds the row expired, as the table does, and may get a new offer."""
+    settings = discount_settings(aws_settings)
+    now = [T0]
+    eng = engine(settings, clock=lambda: now[0])
+    assert eng.decide(json.dumps(prediction("kept", 0.5)).encode()) == "offered"
+    now[0] = T0 + 24 * 3600 - 1
+    assert eng.decide(json.dumps(prediction("kept", 0.55)).encode()) == "already_offered"
+    now[0] = T0 + 24 * 3600
+    assert eng.decide(json.dumps(prediction("kept", 0.6)).encode()) == "offered"      # the old row expired
+    assert offers(settings)["kept"]["p_buy"] == {"N": "0.6"}
+
+
 def test_settings_errors_name_the_key():
     with pytest.raises(ConfigError, match="CLICKSTREAM_OFFER_THRESHOLD"):
         load(DiscountSettings, env={"CLICKSTREAM_OFFER_THRESHOLD": "high"})
