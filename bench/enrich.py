@@ -99,7 +99,11 @@ class _Baseline:
     """Stands in for the Enricher: parse the record, dump it again (the floor any worker pays)."""
 
     class deduper:
-        dropped = 0
+        dropped = remembered = 0
+
+        @staticmethod
+        def forget_last(count: int) -> None:
+            pass
 
     def process_serialized(self, raw: bytes):
         record = orjson.loads(raw)

@@ -1,6 +1,11 @@
-"""Pure unit tests of the benchmark harness' arithmetic and parsing (bench/report.py, bench/wrk.py).
-No benchmark runs here and nothing is timed."""
+"""Unit tests of the benchmark harness' arithmetic and parsing (bench/report.py, bench/wrk.py), and
+one smoke run of the quick suites that need neither Spark nor wrk, so a change that breaks a suite's
+code fails here rather than in the next `make bench`. Nothing is timed."""
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +100,13 @@ def test_report_header_names_mode_and_suites_and_failures(tmp_path):
     assert "**FAILED: RuntimeError: wrk is not installed**" in text
     assert text.index("## halfway") < text.index("FAILED: RuntimeError") < text.index("### halfway table")
     assert report.failed == ["halfway"]
+
+
+def test_the_quick_in_process_suites_run_to_the_end(tmp_path):
+    report = tmp_path / "report.md"
+    run = subprocess.run([sys.executable, "-m", "bench", "enrich", "streams", "loader", "--quick", "--report",
+                          str(report)], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    text = report.read_text()
+    assert "FAILED" not in text and text.count("## ") >= 3, text
