@@ -37,6 +37,7 @@ SECRET_HEADERS = frozenset({"cookie", "authorization", "proxy-authorization"})
 IP_HEADERS = frozenset({"x-forwarded-for", "x-real-ip", "forwarded", "true-client-ip", "cf-connecting-ip"})
 USER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
+MAX_GZIP_MEMBERS = 16
 ROUTES = {"/i": "pixel", "/ice.png": "pixel", TP2: "tp2", "/r/tp2": "redirect", IGLU_WEBHOOK: "webhook",
           "/health": "health", "/sink-health": "sink-health", "/metrics": "metrics"}
 
@@ -89,10 +90,12 @@ def _cookies(header: str) -> dict[str, str]:
 
 
 def gunzip(body: bytes, limit: int) -> bytes | None:
-    """The decompressed body, every member of it (RFC 1952 allows several); None when it is not
-    valid, complete gzip (then it is kept as received)."""
-    out, rest = b"", body
-    while rest:
+    """The decompressed body, every member of it (RFC 1952 allows several; trackers send one); None
+    when it is not valid, complete gzip or has more than MAX_GZIP_MEMBERS members (then it is kept
+    as received). Each member copies the input left after it: 100,000 tiny members in 2 MiB cost
+    seconds of the event loop, so their number is capped."""
+    out, rest = bytearray(), body
+    for _ in range(MAX_GZIP_MEMBERS):
         decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
         try:
             out += decoder.decompress(rest, limit + 1 - len(out))
@@ -103,7 +106,9 @@ def gunzip(body: bytes, limit: int) -> bytes | None:
         if not decoder.eof:
             return None
         rest = decoder.unused_data
-    return out
+        if not rest:
+            return bytes(out)
+    return None
 
 
 class Collector:
@@ -283,10 +288,13 @@ class Collector:
             return None
         target = parse_qs(query).get("u", [None])[0]
         try:
-            host = (urlsplit(target).hostname or "").lower() if target else ""
+            parts = urlsplit(target) if target else None
         except ValueError:
             return None
-        if any(host == d or host.endswith("." + d) for d in self.redirect_domains):
+        if parts is None or parts.scheme.lower() not in ("http", "https"):   # no javascript:, data: or app handlers
+            return None
+        host = (parts.hostname or "").lower()
+        if host and any(host == d or host.endswith("." + d) for d in self.redirect_domains):
             return target
         return None
 

@@ -63,6 +63,10 @@ class CollectorSettings(AwsSettings):
             raise ConfigError("CLICKSTREAM_BAD_PAYLOAD_KEEP_BYTES: expected at most 100000")
         if self.batch_records > 500:
             raise ConfigError("CLICKSTREAM_BATCH_RECORDS: expected at most 500 (PutRecords limit)")
+        for key in ("redirect_domains", "cookie_domains"):
+            # An empty or dot-only entry would match every host ending in a dot: an open redirect.
+            if any(not domain.strip(".") for domain in getattr(self, key)):
+                raise ConfigError(f"CLICKSTREAM_{key.upper()}: expected domain names, got {getattr(self, key)!r}")
         self.path_map()
 
     def path_map(self) -> dict[str, str]:

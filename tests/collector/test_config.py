@@ -25,7 +25,9 @@ def test_defaults_match_the_interface_contract():
                                         ("CLICKSTREAM_CUSTOM_PATHS", "/a=/nowhere"),
                                         ("CLICKSTREAM_MAX_PAYLOAD_BYTES", "2000000"),
                                         ("CLICKSTREAM_LINGER_MS", "0"),
-                                        ("CLICKSTREAM_BAD_PAYLOAD_KEEP_BYTES", "3000000")])
+                                        ("CLICKSTREAM_BAD_PAYLOAD_KEEP_BYTES", "3000000"),
+                                        ("CLICKSTREAM_REDIRECT_DOMAINS", "example.com,."),
+                                        ("CLICKSTREAM_COOKIE_DOMAINS", "..")])
 def test_bad_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key):
         load(CollectorSettings, section="collector", env={key: value})

@@ -5,6 +5,7 @@ import base64
 import gzip
 import time
 import uuid
+from urllib.parse import quote
 
 import orjson
 import pytest
@@ -193,6 +194,8 @@ def test_redirect_only_to_allowed_domains(setup):
     assert status == 302 and answer["Location"] == "https://www.example.com/x"
     status, _, _ = get(f"{collector.url}/r/tp2?u=https%3A%2F%2Fevil.test%2F&aid={marker}-evil")
     assert status == 400
+    for other_scheme in ("javascript://www.example.com/%0Aalert(1)", "data://example.com/x", "ms-officecmd://example.com/"):
+        assert get(f"{collector.url}/r/tp2?u={quote(other_scheme, safe='')}&aid={marker}-scheme")[0] == 400
     assert get(f"{collector.url}/r/tp2?aid={marker}-missing")[0] == 400
     records = marked(setup, marker)
     assert [r["path"] for r in records] == ["/r/tp2"]
