@@ -36,6 +36,9 @@ log = logging.getLogger("scorer.api")
 
 JSON = [(b"content-type", b"application/json")]
 MAX_SESSION_ID_BYTES = 2048        # DynamoDB's limit for a partition key
+# Bodies are read whole, so one huge request could take the memory the worker shares: 4 MiB holds
+# some 10,000 rows of features as JSON.
+MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 class Response:
@@ -84,10 +87,12 @@ class ScorerApp:
         if scope["type"] != "http":
             return
         started = time.perf_counter()
-        body = await self._body(receive)
+        body = await self._body(scope, receive)
         method, path = scope["method"], scope["path"]
         route = self.routes.get((method, path))
         try:
+            if body is None:
+                raise BadRequest(413, f"request body over {MAX_BODY_BYTES:,} bytes")
             if route is not None:
                 response = route(scope, body)
             else:
@@ -110,11 +115,19 @@ class ScorerApp:
         return timer
 
     @staticmethod
-    async def _body(receive) -> bytes:
-        chunks = []
+    async def _body(scope, receive) -> bytes | None:
+        """The request body, or None past MAX_BODY_BYTES (the rest is not read)."""
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return None
+        chunks, size = [], 0
         while True:
             message = await receive()
-            chunks.append(message.get("body", b""))
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                return None
+            chunks.append(chunk)
             if not message.get("more_body"):
                 return b"".join(chunks)
 
@@ -248,7 +261,7 @@ class ScorerApp:
                                            Key={"session_id": {"S": session_id}}, ConsistentRead=True)
         except (BotoCoreError, ClientError) as exc:
             log.warning("predictions table read failed: %s", exc)
-            return error(503, f"predictions table unavailable: {exc}")
+            return error(503, "predictions table unavailable; see the scorer log")    # AWS errors name the account
         if "Item" not in item or ttl_expired(item["Item"]):
             # DynamoDB deletes a row past its TTL only some time later (typically within two days).
             return error(404, f"no prediction for session {session_id!r}")

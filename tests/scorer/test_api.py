@@ -105,6 +105,17 @@ def test_bad_bodies_and_types_are_4xx(api):
     assert requests.get(api.url + "/sessions/abc/nothing", timeout=5).status_code == 404
 
 
+def test_a_body_over_4_mib_is_refused_unread_declared_or_chunked(api):
+    big = b"[" + b"1," * (2 * 1024 * 1024) + b"1]"
+    declared = requests.post(api.url + "/invocations", data=big, headers={"Content-Type": "application/json"},
+                             timeout=30)
+    assert declared.status_code == 413 and "4,194,304 bytes" in declared.json()["error"]
+    chunked = requests.post(api.url + "/nowhere", data=(big[i:i + 65536] for i in range(0, len(big), 65536)),
+                            timeout=30)
+    assert chunked.status_code == 413
+    assert requests.get(api.url + "/ping", timeout=5).status_code == 200
+
+
 def test_open_inference_protocol_v2(api):
     meta = requests.get(f"{api.url}/v2/models/{MODEL}", timeout=5).json()
     assert meta["name"] == MODEL and meta["versions"] == ["v1"]
