@@ -457,3 +457,14 @@ def test_every_dashboard_query_names_a_metric_the_components_export():
     unknown = {(panel["title"], name) for panel in dashboard["panels"] for target in panel.get("targets", [])
                for name in promql_metric_names(target["expr"]) if name not in exported}
     assert not unknown, f"dashboard queries of metrics nothing exports (the panel shows No data): {sorted(unknown)}"
+
+
+def test_the_public_load_balancer_answers_the_collectors_own_endpoints_with_404(template):
+    """/metrics and /sink-health tell the shop's traffic and the stream's health: not for the internet."""
+    from collector.app import ROUTES
+
+    internal = {path for path, route in ROUTES.items() if route in ("metrics", "sink-health")}
+    rules = [r["Properties"] for r in resources(template, "AWS::ElasticLoadBalancingV2::ListenerRule").values()]
+    blocked = {path for rule in rules if rule["Actions"][0]["Type"] == "fixed-response"
+               for condition in rule["Conditions"] for path in condition["PathPatternConfig"]["Values"]}
+    assert internal and internal <= blocked
