@@ -185,6 +185,7 @@
     else views.home();
     showSession();
     window.scrollTo(0, 0);
+    document.body.dataset.view = location.hash;   // the view now shown (a test waits for it, not for the hash)
   }
 
   // ---------------------------------------------------------------- my own prediction

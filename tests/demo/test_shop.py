@@ -95,6 +95,11 @@ class WebDriver:
             assert time.monotonic() < deadline, f"timed out waiting for: {script}"
             time.sleep(0.1)
 
+    def wait_view(self, hash_prefix: str) -> None:
+        """Until the shop has rendered the view of a hash starting so: the hash changes before the
+        view does, and a click in between would hit the old view's button."""
+        self.wait(f"return (document.body.dataset.view || '').startsWith({json.dumps(hash_prefix)})")
+
     def quit(self) -> None:
         if self.session:
             self.call("DELETE", f"/session/{self.session}")
@@ -157,7 +162,7 @@ def put_a_shoe_in_the_cart(browser: WebDriver) -> None:
     browser.click('[data-nav="shoes"]')
     browser.wait("return document.title.startsWith('Shoes')")
     browser.click(".product a")
-    browser.wait("return location.hash.startsWith('#/p/')")
+    browser.wait_view("#/p/")
     browser.click("#add-to-cart")
     browser.wait("return document.getElementById('cart-count').textContent === '1'")
 
@@ -169,14 +174,14 @@ def test_clicking_through_the_shop_sends_the_funnel_with_the_official_tracker(br
     browser.go(f"{shop.url}/shop/?collector={collector_url}")
     put_a_shoe_in_the_cart(browser)
     browser.click("#go-cart")
-    browser.wait("return location.hash === '#/cart'")
+    browser.wait_view("#/cart")
     browser.click("#checkout")
     for step in ("shipping", "payment"):
-        browser.wait(f"return location.hash === '#/checkout/{step}'")
+        browser.wait_view(f"#/checkout/{step}")
         browser.click("#next")
-    browser.wait("return location.hash === '#/checkout/review'")
+    browser.wait_view("#/checkout/review")
     browser.click("#place-order")
-    browser.wait("return location.hash === '#/confirmation'")
+    browser.wait_view("#/confirmation")
     order = browser.text("#order-id").removeprefix("Order ")
     session_id = browser.text("#session-id")
 
