@@ -18,7 +18,7 @@ from batch.train_config import TrainSettings
 from common import aws, logs, registry
 from common.cli import AwsGroup
 from common.config import ConfigError, load
-from common.features import FEATURE_NAMES, FEATURE_VERSION
+from common.features import FEATURE_VERSION
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,7 @@ def servable(s3, bucket: str, name: str, version: str, force: bool) -> None:
         return
     if not meta.get("parity", {}).get("passed"):
         raise click.ClickException(f"version {version} did not pass the export parity check; use --force to insist")
-    names = [f.get("name") for f in meta.get("features", []) if isinstance(f, dict)]
-    if name == registry.DEFAULT_MODEL and (meta.get("feature_version") != FEATURE_VERSION or names != list(FEATURE_NAMES)):
+    if name == registry.DEFAULT_MODEL and not registry.has_fold_features(meta):
         raise click.ClickException(
             f"version {version} has feature_version {meta.get('feature_version')!r}, not this code's "
             f"{FEATURE_VERSION!r}: scorers running this code would refuse it and keep serving their model; "

@@ -13,7 +13,7 @@ from batch.train_config import TrainSettings
 from batch.train_metrics import evaluate
 from batch.train_model import TrainResult
 from common import registry
-from common.features import FEATURE_NAMES, FEATURE_VERSION
+from common.features import FEATURE_VERSION
 
 log = logging.getLogger(__name__)
 # Fewer evaluation rows CURRENT has not trained on than this: the AUCs are too noisy to compare.
@@ -38,7 +38,7 @@ def champion(s3, settings: TrainSettings, result: TrainResult) -> dict | None:
         return {"version": version, "roc_auc": None, "note": f"CURRENT cannot be loaded: {exc}"}
     info = {"version": bundle.version, "roc_auc": None}
     if bundle.meta.get("feature_version") != result.meta["feature_version"] or \
-            _feature_names(bundle.meta) != _feature_names(result.meta):
+            registry.feature_names(bundle.meta) != registry.feature_names(result.meta):
         return info | {"features_differ": True, "note": (
             f"not comparable: feature version {bundle.meta.get('feature_version')!r} "
             f"vs {result.meta['feature_version']!r}")}
@@ -47,13 +47,9 @@ def champion(s3, settings: TrainSettings, result: TrainResult) -> dict | None:
         return info | {"rows": len(rows), "note": (
             f"not comparable: {note}, too few (or of one label) to compare AUCs; "
             "the challenger is gated on the floor and parity alone")}
-    p = export.onnx_probabilities(bundle.onnx, rows[_feature_names(result.meta)].to_numpy(dtype=np.float64))
+    p = export.onnx_probabilities(bundle.onnx, rows[registry.feature_names(result.meta)].to_numpy(dtype=np.float64))
     info.update(roc_auc=evaluate(rows["label"], p)["roc_auc"], rows=len(rows))
     return info | ({"note": note} if note else {})
-
-
-def _feature_names(meta: dict) -> list[str]:
-    return [f["name"] for f in meta.get("features", [])]
 
 
 def unseen_rows(rows: pd.DataFrame, champion_meta: dict) -> tuple[pd.DataFrame, str | None]:
@@ -76,10 +72,9 @@ def not_the_scorers_features(result: TrainResult, settings: TrainSettings) -> st
     ``common.features``, and would refuse it (a table model under the default name, say)."""
     if settings.model_name != registry.DEFAULT_MODEL:
         return None
-    version, names = result.meta.get("feature_version"), _feature_names(result.meta)
-    if version == FEATURE_VERSION and names == list(FEATURE_NAMES):
+    if registry.has_fold_features(result.meta):
         return None
-    return (f"its features (feature_version {version!r}) are not the scorers' ({FEATURE_VERSION!r}, "
+    return (f"its features (feature_version {result.meta.get('feature_version')!r}) are not the scorers' ({FEATURE_VERSION!r}, "
             f"common.features): {registry.DEFAULT_MODEL!r} is the name the scorers serve, so it is never made "
             f"CURRENT automatically; publish it under its own --model-name")
 

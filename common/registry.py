@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from botocore.exceptions import ClientError
 
 from common import aws
+from common.features import FEATURE_NAMES, FEATURE_VERSION
 
 PREFIX = "models"
 DEFAULT_MODEL = "buy-propensity"
@@ -27,6 +28,17 @@ class Bundle:
     version: str
     onnx: bytes
     meta: dict
+
+
+def feature_names(meta: dict) -> list[str]:
+    """A bundle's input columns, in order, from its model.json."""
+    return [f.get("name") for f in meta.get("features") or [] if isinstance(f, dict)]
+
+
+def has_fold_features(meta: dict) -> bool:
+    """Whether a model takes the features common.features computes, in its order: the only model
+    the scorers serve (they refuse any other)."""
+    return meta.get("feature_version") == FEATURE_VERSION and feature_names(meta) == list(FEATURE_NAMES)
 
 
 def new_version() -> str:
