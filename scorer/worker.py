@@ -26,6 +26,7 @@ import orjson
 from common.consumer import Batch, Consumer, ReadFailed
 from common.features import FEATURE_VERSION, features, session_key, step
 from common.leases import Lease, LeaseLost
+from common.service import gc_paused
 from common.streams import SHARD_END, Record, sequence_key
 from scorer import metrics
 from scorer.config import ScorerSettings
@@ -127,9 +128,8 @@ class Worker:
         batches = self.consumer.poll()
         polled = time.perf_counter()
         count = sum(len(batch.records) for batch in batches)
-        rows, features_rows = self._fold(batches)
-        if rows:
-            self._score(model, rows, features_rows, polled)
+        with gc_paused():         # the batch's events and rows die at its end: see gc_paused
+            self._fold_and_score(model, batches, polled)
         for batch in batches:
             self.pending_batches[batch.shard_id] = batch
         if batches and not self.pending_since:
@@ -151,6 +151,11 @@ class Worker:
             log.warning("model %s was trained on sessions that end after %d s of inactivity, but session_timeout_s "
                         "is %d: set it (or the trainer's session_gap_minutes) so they agree", model.version, trained,
                         self.settings.session_timeout_s)
+
+    def _fold_and_score(self, model: Model, batches: list[Batch], polled: float) -> None:
+        rows, features_rows = self._fold(batches)
+        if rows:
+            self._score(model, rows, features_rows, polled)
 
     def _fold(self, batches: list[Batch]) -> tuple[list[Row], list[list[float]]]:
         rows: list[Row] = []

@@ -1,6 +1,7 @@
 """The streaming worker over the in-memory stream: folding, policies, dedupe, restart, swaps."""
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
@@ -171,6 +172,34 @@ def test_a_model_swap_lands_between_batches_and_each_prediction_names_its_model(
         p = next(x for x in predictions if x["event_id"] == event["event_id"])
         weights = WEIGHTS if p["model_version"] == "v1" else heavy
         assert p["p_buy"] == pytest.approx(float(logistic_reference([features(state)], weights)[0]), abs=1e-5)
+
+
+def test_a_micro_batch_is_folded_and_scored_without_a_garbage_collection_and_the_collector_comes_back():
+    rig = Rig(flush_ms=3_600_000)
+    rig.put(interleave([session_events(f"g{i}", seed=i, n=20, buyer=False) for i in range(60)]))
+    collections = []
+
+    def count(phase, info):
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        assert rig.worker.poll_once() == 1200 and rig.worker.pending_count == 1200
+    finally:
+        gc.callbacks.remove(count)
+    # At most one, once the batch has ended and the collector is back; without the pause it runs ~10
+    # times while the 1,200 events are folded and scored.
+    assert len(collections) <= 1 and gc.isenabled()
+
+    def fail(inputs):
+        raise RuntimeError("scoring broke")
+
+    rig.models.champion.predict = fail
+    rig.put(session_events("late", seed=1, n=2, buyer=False))
+    with pytest.raises(RuntimeError):
+        rig.worker.poll_once()
+    assert gc.isenabled()
 
 
 def test_a_record_that_is_not_an_event_is_reported_and_skipped_not_fatal(caplog):
