@@ -31,10 +31,19 @@ def listening(keys: str, host: str, port: int):
 
 
 def stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or SIGINT, so a worker finishes its batch and shuts down cleanly."""
+    """An event set by SIGTERM or SIGINT, so a worker finishes its batch and shuts down cleanly.
+
+    The handler runs on the main thread between two bytecodes, maybe inside this event's own wait(),
+    which holds the event's lock: setting it right there would wait for that lock for ever. So a
+    short-lived thread sets it.
+    """
     stopping = threading.Event()
+
+    def handle(*_) -> None:
+        threading.Thread(target=stopping.set, name="stop-signal", daemon=True).start()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
+        signal.signal(signum, handle)
     return stopping
 
 
