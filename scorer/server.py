@@ -47,7 +47,7 @@ def start_worker(worker: Worker, stop: threading.Event) -> threading.Thread:
     return thread
 
 
-def _serve_api(app: ScorerApp, settings: ScorerSettings) -> None:
+def _serve_api(app: ScorerApp, settings: ScorerSettings, stop: threading.Event) -> None:
     """uvicorn (httptools, uvloop): every request runs on this one thread.
 
     Not granian, which is faster for a bare endpoint: onnxruntime releases the GIL for each run,
@@ -58,7 +58,14 @@ def _serve_api(app: ScorerApp, settings: ScorerSettings) -> None:
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, http="httptools", loop="uvloop",
                             lifespan="on", log_config=None, access_log=False, backlog=1024)
-    uvicorn.Server(config).run()     # returns on SIGTERM/SIGINT, then re-raises it to our handler
+    server = uvicorn.Server(config)
+
+    def exit_on_stop() -> None:
+        # A signal that came before uvicorn put in its own handlers set only our event.
+        stop.wait()
+        server.should_exit = True
+    threading.Thread(target=exit_on_stop, name="api-stop", daemon=True).start()
+    server.run()     # returns on SIGTERM/SIGINT, then re-raises it to our handler
 
 
 def serve(settings: ScorerSettings) -> None:
@@ -75,7 +82,7 @@ def serve(settings: ScorerSettings) -> None:
     try:
         if settings.run_api:
             log.info("scorer API on http://%s:%d", settings.host, settings.port)
-            _serve_api(app, settings)
+            _serve_api(app, settings, stop)
         else:
             stop.wait()
     finally:

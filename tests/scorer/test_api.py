@@ -1,7 +1,9 @@
 """The HTTP API over real HTTP: a `python -m scorer` process against the emulator."""
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
 import time
 
 import pytest
@@ -10,7 +12,7 @@ import requests
 from common import aws, registry
 from common.features import FEATURE_NAMES, session_features
 from infra.provision import ProvisionSettings, provision
-from tests.conftest import unique_settings
+from tests.conftest import unique_settings, wait_for
 from tests.scorer.conftest import MODEL, ScorerProcess
 from tests.scorer.helpers import logistic_onnx, logistic_reference, model_meta, publish, session_events
 
@@ -224,3 +226,19 @@ def test_metrics_and_openapi(api):
                  "/v2/models/{name}/infer", "/score/session", "/sessions/{id}/prediction", "/models/reload",
                  "/metrics"):
         assert path in spec["paths"]
+
+
+
+def test_a_sigterm_while_the_scorer_starts_up_stops_it(aws_endpoint, tmp_path):
+    settings = unique_settings(ProvisionSettings)
+    provision(settings)
+    process = ScorerProcess(settings, tmp_path / "scorer.log", model_poll_s=3600)
+    try:
+        # Right after the model check: before uvicorn has put in its own signal handlers.
+        wait_for(lambda: "no usable CURRENT" in process.log_path.read_text(), interval=0.005, what="the model check")
+        process.proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.proc.wait(timeout=20)
+        assert process.proc.poll() is not None, "the scorer went on running after SIGTERM"
+    finally:
+        process.stop()
