@@ -161,7 +161,7 @@ class ScorerApp:
             if view == "prediction":
                 return self.session_prediction(session_id)
             if view == "features":
-                return self.session_features(session_id)
+                return asyncio.to_thread(self.session_features, session_id)      # waits for a batch's fold
         session_view = session_route and session_route[1] in ("prediction", "features")
         if path in {p for _, p in self.routes} or session_view or (len(parts) >= 3 and parts[:2] == ["v2", "models"]):
             return error(405, f"method {method} not allowed on {path}")
@@ -270,13 +270,17 @@ class ScorerApp:
         return ok(prediction)
 
     def session_features(self, session_id: str) -> Response:
-        """The live state this process holds for a session (operations and the restart test)."""
-        session = self.worker.store.get(session_id) if self.worker is not None else None
-        if session is None:
+        """The live state this process holds for a session (operations and the restart test), read
+        between two of the worker's batches so that it is never half-way through one."""
+        if self.worker is None:
             return error(404, f"session {session_id!r} is not live in this worker")
-        state = session.state
-        return ok({"session_id": session_id, "shard_id": session.shard_id, "events_in_session": state.events,
-                   "features": dict(zip(FEATURE_NAMES, read_features(state)))})
+        with self.worker.folding:
+            session = self.worker.store.get(session_id)
+            if session is None:
+                return error(404, f"session {session_id!r} is not live in this worker")
+            state = session.state
+            return ok({"session_id": session_id, "shard_id": session.shard_id, "events_in_session": state.events,
+                       "features": dict(zip(FEATURE_NAMES, read_features(state)))})
 
     # ------------------------------------------------------------------ operations
 

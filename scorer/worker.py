@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ class Worker:
         self.stop_requested: Callable[[], bool] = lambda: False      # run()'s stop, seen by flush()'s retries
         self.running = False
         self.gap_checked: str | None = None              # the model version whose session gap was compared
+        self.folding = threading.Lock()                  # held while a batch changes the sessions (API reads)
 
     # ------------------------------------------------------------------ lease hooks
 
@@ -128,7 +130,7 @@ class Worker:
         batches = self.consumer.poll()
         polled = time.perf_counter()
         count = sum(len(batch.records) for batch in batches)
-        with gc_paused():         # the batch's events and rows die at its end: see gc_paused
+        with self.folding, gc_paused():     # gc_paused: the batch's events and rows die at its end
             self._fold_and_score(model, batches, polled)
         for batch in batches:
             self.pending_batches[batch.shard_id] = batch

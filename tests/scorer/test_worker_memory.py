@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
 
@@ -15,6 +16,7 @@ from common.leases import MemoryLeaseTable
 from common.producer import Producer
 from common.registry import Bundle
 from common.streams import MemoryStream
+from scorer.api import ScorerApp
 from scorer.config import ScorerSettings
 from scorer.model import Model, Models
 from scorer.sink import PredictionWriter
@@ -200,6 +202,37 @@ def test_a_micro_batch_is_folded_and_scored_without_a_garbage_collection_and_the
     with pytest.raises(RuntimeError):
         rig.worker.poll_once()
     assert gc.isenabled()
+
+
+def test_the_api_reads_a_live_session_between_two_batches_never_half_way_through_one():
+    rig = Rig(batch_limit=500)
+    paths = ["/", "/c/shoes", "/p/SH-0001", "/search", "/cart", "/about"]
+    rig.put([make_event("S", T0 + i * 100, path=paths[i % len(paths)]) for i in range(20_000)])
+    app = ScorerApp(rig.models, worker=rig.worker)
+    done = threading.Event()
+
+    def work():
+        while rig.worker.poll_once():
+            pass
+        done.set()
+
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)          # switch threads as often as possible: mid-step reads if unguarded
+    try:
+        threading.Thread(target=work, daemon=True).start()
+        torn = reads = 0
+        while not done.is_set():
+            response = app.session_features("S")
+            if response.status != 200:
+                continue
+            body = orjson.loads(response.body)
+            values = body["features"]
+            reads += 1
+            pages = sum(value for name, value in values.items() if name.startswith("pages_"))
+            torn += body["events_in_session"] != values["events"] or pages != values["page_views"]
+    finally:
+        sys.setswitchinterval(switching)
+    assert reads and torn == 0
 
 
 def test_a_record_that_is_not_an_event_is_reported_and_skipped_not_fatal(caplog):
