@@ -48,6 +48,9 @@ class SessionStore:
         # quiet shard's live sessions cannot hold up the expiry (and the replay start) of the others.
         self.recent: dict[str, OrderedDict[str, None]] = {}
         self.watermark_ms: dict[str, int] = {}
+        # Shards read to their end (a reshard): no event moves their watermark again, so their
+        # sessions expire by the newest watermark of any shard (their children's events move it).
+        self.finished: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -98,8 +101,9 @@ class SessionStore:
         costs little.
         """
         expired = []
+        newest = max(self.watermark_ms.values(), default=None)
         for shard_id, order in self.recent.items():
-            watermark = self.watermark_ms.get(shard_id)
+            watermark = newest if shard_id in self.finished else self.watermark_ms.get(shard_id)
             for session_id in islice(order, limit):
                 session = self.sessions[session_id]
                 if watermark is None or watermark - session.state.seen_ms <= self.timeout_ms:
@@ -107,8 +111,20 @@ class SessionStore:
                 expired.append(session)
         for session in expired:
             self._remove(session, "timeout")
+        for shard_id in [shard for shard in self.finished if not self.recent.get(shard)]:
+            self._forget(shard_id)
         metrics.SESSIONS_LIVE.set(len(self.sessions))
         return len(expired)
+
+    def finish_shard(self, shard_id: str) -> None:
+        """The shard was read to its end: expire its sessions by the other shards' time from now on."""
+        self.finished.add(shard_id)
+
+    def _forget(self, shard_id: str) -> None:
+        self.recent.pop(shard_id, None)
+        self.by_shard.pop(shard_id, None)
+        self.watermark_ms.pop(shard_id, None)
+        self.finished.discard(shard_id)
 
     def state_after(self, shard_id: str, default: str | None) -> str | None:
         """The sequence number to replay from to rebuild every live session of the shard that began
@@ -127,10 +143,8 @@ class SessionStore:
 
     def drop_shard(self, shard_id: str) -> None:
         """Forget a shard's sessions (its lease went to another worker, which rebuilds them)."""
-        self.recent.pop(shard_id, None)
-        for session_id in list(self.by_shard.pop(shard_id, {})):
-            session = self.sessions.pop(session_id, None)
-            if session is not None:
+        for session_id in self.by_shard.get(shard_id, {}):
+            if self.sessions.pop(session_id, None) is not None:
                 metrics.EVICTIONS.labels("shard_lost").inc()
-        self.watermark_ms.pop(shard_id, None)
+        self._forget(shard_id)
         metrics.SESSIONS_LIVE.set(len(self.sessions))

@@ -299,6 +299,9 @@ class Worker:
                 self.consumer.checkpoint_at(shard, value, meta)
             except LeaseLost:
                 log.warning("shard %s was taken before its checkpoint; the new owner re-reads it", shard)
+                continue
+            if value == SHARD_END:
+                self.store.finish_shard(shard)
         self.pending_batches.clear()
         self.pending_since = 0.0
         return True

@@ -370,6 +370,23 @@ def test_sessions_expire_by_event_time_and_memory_is_capped():
     assert rig.worker.store.get("many4") is not None and rig.worker.store.get("many0") is None
 
 
+def test_sessions_left_on_a_shard_closed_by_a_reshard_expire_and_those_that_go_on_keep_their_state():
+    rig = Rig(events_stream=MemoryStream("enriched", shard_count=1), session_timeout_s=1800)
+    rig.put([make_event(f"old{i}", T0 + k * 60_000) for k in range(3) for i in range(40)])
+    rig.drain()
+    rig.stream.split("shardId-000000000000")
+    later = T0 + 3_600_000                      # an hour on: past the timeout of every old session
+    rig.put([make_event("old0", T0 + 10 * 60_000)] + [make_event(f"new{i}", later) for i in range(10)])
+    rig.drain()
+    rig.put([make_event("new0", later + 60_000)])
+    rig.drain()
+    store = rig.worker.store
+    assert sorted(store.sessions) == [f"new{i}" for i in range(10)]
+    assert "shardId-000000000000" not in store.recent | store.by_shard | store.watermark_ms
+    continued = [p for p in rig.predictions() if p["session_id"] == "old0"]
+    assert [p["events_in_session"] for p in continued] == [1, 2, 3, 4]    # it went on on a child, state kept
+
+
 def test_browsing_on_after_a_purchase_stays_the_bought_session_and_is_not_scored():
     """Checkout, the purchase 20 minutes later, the next page 20 minutes after that: 40 minutes after
     the last scored event, but never 30 without activity, so the session (and training's) goes on."""
