@@ -114,10 +114,14 @@ class PredictionWriter:
         if not latest or self.pool is None:
             return []
         expires_at = int(time.time()) + self.ttl_s
-        results = list(self.pool.map(lambda pair: self._put(pair, expires_at), latest))
-        return [pair for pair, ok in zip(latest, results) if not ok]
+        errors = list(self.pool.map(lambda pair: self._put(pair, expires_at), latest))
+        failed = [error for error in errors if error]
+        if failed:          # one line per round, not one per session
+            log.warning("%d of %d predictions table writes failed: %s", len(failed), len(latest), failed[0])
+        return [pair for pair, error in zip(latest, errors) if error]
 
-    def _put(self, pair: tuple[dict, int], expires_at: int) -> bool:
+    def _put(self, pair: tuple[dict, int], expires_at: int) -> str | None:
+        """None once the table holds this prediction or a later one, else the error."""
         prediction, event_ms = pair
         try:
             self.dynamodb.put_item(
@@ -127,13 +131,11 @@ class PredictionWriter:
                                            ":n": {"N": str(prediction["events_in_session"])}})
         except ClientError as exc:
             if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
-                return True          # the table already holds a later prediction for this session
-            log.warning("predictions table write failed: %s", exc)
-            return False
+                return None          # the table already holds a later prediction for this session
+            return str(exc)
         except BotoCoreError as exc:
-            log.warning("predictions table write failed: %s", exc)
-            return False
-        return True
+            return str(exc)
+        return None
 
     def close(self) -> None:
         if self.pool:

@@ -1,0 +1,40 @@
+"""The prediction writer against the predictions table on the emulator, through a proxy that can fail."""
+from __future__ import annotations
+
+import logging
+import os
+
+from botocore.config import Config
+
+from common import aws
+from infra.provision import ProvisionSettings, provision
+from scorer.sink import PredictionWriter
+from tests.conftest import unique_settings
+from tests.faults import FaultProxy
+from tests.scorer.helpers import T0
+
+
+def test_a_table_outage_logs_one_line_per_retry_round_not_one_per_session(aws_endpoint, caplog):
+    settings = unique_settings(ProvisionSettings)
+    provision(settings)
+    predictions = [({"session_id": f"s{i}", "event_id": f"e{i}", "events_in_session": 1, "p_buy": 0.25}, T0 + i)
+                   for i in range(40)]
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        dynamodb = aws.session().client("dynamodb", endpoint_url=proxy.endpoint,
+                                        config=Config(retries={"max_attempts": 1}))
+        rounds = []
+
+        def backoff(seconds: float) -> None:       # the table comes back after three failed rounds
+            rounds.append(seconds)
+            proxy.down = len(rounds) < 3
+
+        writer = PredictionWriter(None, dynamodb, settings.predictions_table, 3600, sleep=backoff)
+        proxy.down = True
+        with caplog.at_level(logging.WARNING, logger="scorer.sink"):
+            assert writer.write(predictions)
+        writer.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "scorer.sink"]
+    assert len(rounds) == 3 and len(warnings) == 3
+    assert all(message.startswith("40 of 40 predictions table writes failed") for message in warnings)
+    table = aws.client("dynamodb").scan(TableName=settings.predictions_table)["Items"]
+    assert sorted(item["session_id"]["S"] for item in table) == sorted(p["session_id"] for p, _ in predictions)
