@@ -106,15 +106,20 @@ class ArrivalRate:
 
     def add(self, arrival_ms: int, count: int = 1) -> None:
         second = arrival_ms // 1000
+        if second not in self.buckets:       # here too, not only in per_s: no page may be open for days
+            self._drop_before(second - self.window_s * 6)
         self.buckets[second] = self.buckets.get(second, 0) + count
         self.total += count
 
     def per_s(self, now: float | None = None) -> float:
         # The window ends a second ago: the current second's records may not have been read yet.
         end = int(time.time() if now is None else now) - 1
-        for second in [s for s in self.buckets if s < end - self.window_s * 6]:
-            del self.buckets[second]
+        self._drop_before(end - self.window_s * 6)
         return sum(n for s, n in self.buckets.items() if end - self.window_s <= s < end) / self.window_s
+
+    def _drop_before(self, oldest: int) -> None:
+        for second in [s for s in self.buckets if s < oldest]:
+            del self.buckets[second]
 
 
 class CounterRate:

@@ -394,3 +394,14 @@ def test_lag_is_read_from_every_component_naming_of_the_gauge():
     assert lag_ms({"lake_loader_millis_behind": 1200.0}) == 1200.0     # the lake loader's (Kinesis' own name)
     assert lag_ms({"scorer_lag_ms": 2000.0, "discount_consumer_lag_ms": 10.0}) == 2000.0
     assert lag_ms({"events_total": 1.0}) is None
+
+
+def test_arrival_rates_keep_a_bounded_window_while_no_page_asks_for_them():
+    from demo.liveview import ArrivalRate
+
+    rate = ArrivalRate(window_s=10)
+    start_ms = 1_700_000_000_000
+    for second in range(86_400):                  # a day of one record a second, nobody polling
+        rate.add(start_ms + second * 1000)
+    assert len(rate.buckets) <= 61 and rate.total == 86_400
+    assert rate.per_s(now=start_ms / 1000 + 86_400) == 1.0
