@@ -5,29 +5,33 @@ import hashlib
 import hmac
 import ipaddress
 import time
+import urllib.parse
 from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import orjson
 from ua_parser import parse as parse_ua
 
 REFERERS_FILE = Path(__file__).resolve().parent / "referers.json"
 MAX_CACHED_CHARS = 2048   # longer inputs are computed every time: a cache must not be a memory bomb
+# The stdlib's urlsplit keeps its last 128 inputs and results whatever their length (Python >= 3.11):
+# call the function under that cache, or the long URLs short_cache skips would be held there instead.
+urlsplit = getattr(urllib.parse.urlsplit, "__wrapped__", urllib.parse.urlsplit)
 
 
 def short_cache(maxsize: int, max_chars: int = MAX_CACHED_CHARS):
-    """``lru_cache`` for functions of a string (first argument) that skips strings longer than
-    ``max_chars``, so hostile megabyte-long values cannot fill memory through the cache."""
+    """``lru_cache`` that skips calls with any string argument longer than ``max_chars``, so hostile
+    megabyte-long values cannot fill memory through the cache (every argument is part of the key)."""
 
     def decorate(function):
         cached = lru_cache(maxsize=maxsize)(function)
 
-        def call(text, *args):
-            if text is not None and len(text) > max_chars:
-                return function(text, *args)
-            return cached(text, *args)
+        def call(*args):
+            for arg in args:
+                if isinstance(arg, str) and len(arg) > max_chars:
+                    return function(*args)
+            return cached(*args)
 
         call.cache_info = cached.cache_info
         call.__wrapped__ = function

@@ -1,6 +1,9 @@
 """Each enrichment on its own: UA, IP anonymisation, referers, campaigns, fingerprint, dedupe, PII paths, config."""
 from __future__ import annotations
 
+import gc
+import tracemalloc
+
 import orjson
 import pytest
 
@@ -15,7 +18,7 @@ from enrich.enrichments import (
     fingerprint,
     make_ua_parser,
 )
-from tests.enrich.helpers import KEY, b64, contexts, enricher, get_record, sdj, unstruct
+from tests.enrich.helpers import KEY, b64, contexts, enricher, get_record, post_record, sdj, unstruct
 
 EV = {"e": "pv", "p": "web", "tv": "t", "sid": "0fd0a6d9-7d0d-4a4e-9c51-5e0bd3b8b8b1"}
 
@@ -95,6 +98,40 @@ def test_pseudonymisation_is_a_keyed_hmac():
 def test_referer_classification(referer, medium, source, term):
     classify = RefererClassifier(internal_domains=("blog.shop.test",)).classify
     assert classify(referer, "shop.test") == {"refr_medium": medium, "refr_source": source, "refr_term": term}
+
+
+def test_the_referer_cache_skips_a_call_with_any_long_argument():
+    classify = RefererClassifier().classify
+    huge_host = "a" * 300_000 + ".example.com"   # the page host, from a hostile POST's url
+    google = "https://www.google.com/search?q=x"
+    assert classify(google, huge_host)["refr_source"] == "Google"
+    assert classify(google, huge_host)["refr_source"] == "Google"
+    assert classify.cache_info().currsize == 0   # 300 KB per entry would be 2.5 GB at the 8192 cap
+    classify(google, "shop.test")
+    assert classify.cache_info().currsize == 1   # short calls are still cached
+
+
+def test_hostile_long_urls_leave_nothing_behind_in_any_cache():
+    """No cache keeps a huge page URL or host: neither ours (classify's second argument) nor the
+    stdlib's urlsplit cache (128 entries of any length), though the events are bad rows anyway."""
+    def hostile(i):
+        event = {**EV, "eid": f"00000000-0000-4000-8000-{i:012d}", "url": f"https://h{i}{'a' * 200_000}.test/p",
+                 "refr": "https://www.google.com/search?q=x"}
+        return post_record([event])
+
+    enr = enricher()
+    enr.process(hostile(0))                    # warm up lazily built state (UA parser) before measuring
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(1, 21):
+            enr.process(hostile(i))
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert held < 1_000_000, f"{held:,} bytes held after 20 events with 200 KB hosts"
 
 
 def test_campaign_fields_and_click_ids():
