@@ -29,6 +29,10 @@ SELF_DESC_META = "http://iglucentral.com/schemas/com.snowplowanalytics.self-desc
 DRAFT_04 = "http://json-schema.org/draft-04/schema#"
 # Keywords of later drafts that draft-04 ignores: a schema using them validates less than it says.
 LATER_DRAFT_KEYWORDS = ("const", "contains", "propertyNames", "if", "then", "else")
+# Real keys are ~100 characters (iglu:com.snowplowanalytics.snowplow.badrows/collector_payload_format_violation/
+# jsonschema/1-0-0 is 95). Keys come from the input: the cap keeps made-up megabyte keys out of the resolver
+# cache, and versions far below int()'s 4300-digit limit (above it int() raises a plain ValueError).
+MAX_KEY_CHARS = 512
 _KEY = re.compile(r"^iglu:([a-zA-Z0-9\-_.]+)/([a-zA-Z0-9\-_]+)/([a-zA-Z0-9\-_]+)/([1-9][0-9]*|0)-(0|[1-9][0-9]*)-(0|[1-9][0-9]*)$")
 # Formats Iglu schemas use that fastjsonschema does not know; anything else unknown fails the lint
 # (fastjsonschema itself ignores an unknown format, so "emial" would validate anything).
@@ -55,6 +59,9 @@ class SchemaKey:
 
     @classmethod
     def parse(cls, text: object) -> SchemaKey:
+        if isinstance(text, str) and len(text) > MAX_KEY_CHARS:
+            raise SchemaKeyError(f"an Iglu schema key is at most {MAX_KEY_CHARS} characters, "
+                                 f"this one has {len(text)}: {text[:200]!r}")
         match = _KEY.match(text) if isinstance(text, str) else None
         if not match:
             raise SchemaKeyError(f"not an Iglu schema key (iglu:vendor/name/format/M-R-A): {str(text)[:200]!r}")

@@ -9,6 +9,7 @@ from tests.enrich.helpers import b64, contexts, enricher, get_record, page_type,
 BADROWS = "iglu:com.snowplowanalytics.snowplow.badrows/"
 EV = {"p": "web", "tv": "js-4.1.0", "sid": "0fd0a6d9-7d0d-4a4e-9c51-5e0bd3b8b8b1"}
 PRODUCT = "iglu:com.clickshop/product_view/jsonschema/1-0-0"
+PAYLOAD_1_0 = "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-"
 
 
 def only_bad(raw: bytes, **settings) -> dict:
@@ -54,6 +55,7 @@ def test_unsupported_endpoints_are_adapter_failures(method, path):
     (orjson.dumps(record(method="POST", path="/com.snowplowanalytics.snowplow/tp2", body="{oops")), "body"),
     (post_record([{"e": "pv", "p": "web", "tv": "x"}], schema="iglu:com.acme/other/jsonschema/1-0-0"), "body.schema"),
     (post_record([]), "body.data"),
+    (post_record([{"e": "pv", "p": "web", "tv": "x"}], schema=PAYLOAD_1_0 + "9" * 5000), "body.schema"),  # int() limit
 ])
 def test_protocol_violations(raw, field):
     row = only_bad(raw)
@@ -84,6 +86,23 @@ def test_schema_violations(params, expected):
     assert row["schema"] == BADROWS + "schema_violations/jsonschema/2-0-0"
     assert row["data"]["failure"]["messages"][0]["error"]["error"] == expected
     assert row["data"]["payload"]["parameters"] == {**EV, **params}
+
+
+@pytest.mark.parametrize("key", [
+    "iglu:com.acme/x/jsonschema/1-0-" + "9" * 5000,              # int() refuses more than 4300 digits
+    "iglu:com.acme/" + "x" * 100_000 + "/jsonschema/1-0-0",      # would be cached ~4 times over
+])
+def test_hostile_schema_keys_are_invalid_key_rows_without_a_traceback_or_a_cache_entry(key, caplog):
+    enr = enricher()
+    params = {**EV, "e": "pv", "co": orjson.dumps(contexts(sdj(key, {}))).decode()}
+    good, bad = enr.process(post_record([params]))
+    assert good == [] and len(bad) == 1
+    assert bad[0]["schema"] == BADROWS + "schema_violations/jsonschema/2-0-0"
+    message = bad[0]["data"]["failure"]["messages"][0]
+    assert message["error"]["error"] == "InvalidSchemaKey"
+    assert len(message["error"]["expectation"]) < 400          # the message quotes only the key's start
+    assert [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info] == []
+    assert key not in enr.resolver._cache
 
 
 def test_schema_violation_reports_every_failing_entity():

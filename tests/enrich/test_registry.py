@@ -116,6 +116,23 @@ def test_the_cache_is_bounded_so_made_up_keys_cannot_grow_memory(tmp_path):
     assert resolver.lookup(SIGNUP + "1-0-0").validate is not None
 
 
+def test_overlong_schema_keys_are_refused_and_never_cached():
+    longest = "iglu:com.acme/" + "n" * (512 - len("iglu:com.acme//jsonschema/1-0-0")) + "/jsonschema/1-0-0"
+    assert SchemaKey.parse(longest).format == "jsonschema"
+    resolver = Resolver()
+    hostile = "iglu:com.acme/" + "n" * 400_000 + "/jsonschema/1-0-0"
+    with pytest.raises(SchemaKeyError, match="at most 512 characters, this one has 400031"):
+        resolver.lookup(hostile)
+    assert len(resolver._cache) == 0   # a made-up 400 KB key cost 1.6 MB per cached miss
+
+
+def test_a_version_too_long_for_int_is_a_schema_key_error():
+    # int() raises a plain ValueError above 4300 digits: it escaped `except SchemaKeyError`.
+    for key in ("iglu:com.acme/x/jsonschema/1-0-" + "9" * 5000, "iglu:com.acme/x/jsonschema/" + "1" * 4301 + "-0-0"):
+        with pytest.raises(SchemaKeyError):
+            SchemaKey.parse(key)
+
+
 def test_enricher_uses_the_configured_registries_and_reports_the_lookup_history(tmp_path):
     folder, served = tmp_path / "folder", tmp_path / "served"
     signup_registries(folder, served)
