@@ -4,7 +4,8 @@ No AWS here, so the worker, the tests and the benchmarks all run the same code.
 Each event goes through: protocol checks -> typed fields -> schema validation of its self-describing
 event and contexts -> enrichments -> pseudonymisation -> size check -> dedupe. Any failure turns that
 one event into a bad row; nothing escapes as an exception (a last-resort guard turns an unexpected
-error into an ``enrichment_failures`` row, so one poison record cannot stall a shard).
+error into an ``enrichment_failures`` row, or for the record as a whole a
+``collector_payload_format_violation`` row, so one poison record cannot stall a shard).
 """
 from __future__ import annotations
 
@@ -141,6 +142,9 @@ class Enricher:
             hit = protocol.split(record)
         except protocol.RecordError as exc:
             return [], [exc.row]
+        except Exception as exc:  # a bug must cost one bad row, not a stalled shard (the raw record kept)
+            log.exception("unexpected error reading a raw record")
+            return [], [badrows.format_violation(raw, f"unexpected error: {type(exc).__name__}: {exc}")]
         good, bad = [], []
         etl_tstamp = iso_ms(utc_now_ms())
         for index, params in enumerate(hit.events):

@@ -275,3 +275,19 @@ def test_an_envelope_whose_schema_is_not_a_string_is_a_schema_violation():
     for envelope in ({"schema": ["x"], "data": []}, {"schema": {"a": 1}, "data": {}}):
         good, [row] = enricher().process(get_record({**BASE, "e": "pv", "cx": b64(envelope)}))
         assert good == [] and "/schema_violations/" in row["schema"]
+
+
+def test_an_unexpected_error_reading_a_record_is_a_bad_row_with_the_record_not_a_crash(monkeypatch, caplog):
+    from enrich import protocol
+
+    def broken(record):                 # stands in for a bug in the protocol code
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(protocol, "split", broken)
+    raw = get_record({**BASE, "e": "pv"})
+    good, bad = enricher().process(raw)
+    assert good == [] and len(bad) == 1
+    assert bad[0]["schema"].split("/")[1] == "collector_payload_format_violation"
+    assert bad[0]["data"]["failure"]["message"]["error"] == "unexpected error: RuntimeError: a bug"
+    assert bad[0]["data"]["payload"] == raw.decode()              # kept whole, for a replay once fixed
+    assert any(r.levelname == "ERROR" and r.exc_info for r in caplog.records)
