@@ -6,6 +6,8 @@ the cursor. When nothing of a batch got through (stream unreachable) the cursor 
 same batch is retried with backoff, so order is kept. When only some entries were refused
 (throttling), those are appended again at the end of the spool and the cursor moves on: the
 producer has already reordered them, and re-sending the accepted ones would duplicate them.
+New hits do not cut a backoff short (only stop() does): under traffic they would otherwise retry a
+failing or throttled stream as fast as they arrive.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ log = logging.getLogger(__name__)
 class Sink:
     def __init__(self, spool: Spool, raw: Producer, bad: Producer, *, linger_ms: int = 200,
                  batch_records: int = 500, batch_bytes: int = 4 * 1024 * 1024,
-                 fsync_interval_ms: int | None = None, probe=None, max_backoff_s: float = 5.0,
+                 fsync_interval_ms: int | None = None, probe=None, min_backoff_s: float = 0.2,
+                 max_backoff_s: float = 5.0,
                  find_orphans: Callable[[set[Path]], list[tuple[Spool, int]]] | None = None,
                  adopt_every_s: float = 30.0, bad_payload_keep_bytes: int = 50_000):
         self.spool = spool
@@ -49,6 +52,7 @@ class Sink:
         self.batch_bytes = batch_bytes
         self.fsync_interval = fsync_interval_ms / 1000 if fsync_interval_ms else None
         self.probe = probe
+        self.min_backoff = min_backoff_s
         self.max_backoff = max_backoff_s
         self.bad_payload_keep_bytes = bad_payload_keep_bytes
         self.healthy = probe is None
@@ -81,7 +85,12 @@ class Sink:
     def _run(self) -> None:
         backoff = 0.0
         while not self._stop.is_set():
-            self.wake.wait(backoff or self.linger)
+            if backoff:
+                # After a failed or throttled send: notify() sets `wake` on every hit once the backlog
+                # passes a batch, so waiting on it would retry as fast as hits arrive. Only stop() ends it.
+                self._stop.wait(backoff)
+            else:
+                self.wake.wait(self.linger)
             self.wake.clear()
             try:
                 if time.monotonic() - self._adopted_at >= self.adopt_every_s:
@@ -91,7 +100,7 @@ class Sink:
                 log.exception("sender failed; retrying")
                 self._set_health(False)
                 delivered = False
-            backoff = 0.0 if delivered else min(self.max_backoff, max(0.2, backoff * 2))
+            backoff = 0.0 if delivered else min(self.max_backoff, max(self.min_backoff, backoff * 2))
             metrics.update_spool(self._spools())
 
     def _sync_loop(self) -> None:

@@ -2,15 +2,22 @@
 records that can never fit, which the emulator cannot produce on demand."""
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import time
+from urllib.parse import parse_qs
 
 import orjson
+import pytest
 
+from collector.app import Collector
+from collector.config import CollectorSettings
 from collector.sink import Sink
-from collector.spool import RAW, Spool, encode
+from collector.spool import RAW, Spool, claim_dir, encode
 from common.producer import Producer
 from common.streams import MemoryStream
+from tests.faults import ThrottledFor
 
 
 def sink_for(tmp_path, raw: MemoryStream, bad: MemoryStream) -> Sink:
@@ -161,3 +168,109 @@ def test_an_orphan_that_cannot_be_opened_is_released_and_the_others_adopted(tmp_
     adopted.close()
     for descriptor in (again, fd, slots[0][1]):
         os.close(descriptor)
+
+
+# ------------------------------------------------------------------ backoff while hits keep arriving
+
+
+class RefusedFor(ThrottledFor):
+    """Raises on every PutRecords, as an unreachable stream does, for ``seconds``; then accepts."""
+
+    def put_records(self, entries):
+        self.during()
+        if time.monotonic() < self.until:
+            raise ConnectionRefusedError("connection refused")
+        return MemoryStream.put_records(self, entries)
+
+
+def app_with(tmp_path, raw: MemoryStream, **sink_options) -> Collector:
+    """The real ASGI app with the real Sink, on in-memory streams (one producer attempt per send)."""
+    settings = CollectorSettings(spool_dir=tmp_path / "spool", linger_ms=50, batch_records=10,
+                                 shutdown_timeout_s=0.5)
+
+    def factory(settings):
+        folder, fd = claim_dir(settings.spool_dir)
+        spool = Spool(folder, max_bytes=1 << 26)
+        return Sink(spool, Producer(raw, max_attempts=1), Producer(MemoryStream("bad"), max_attempts=1),
+                    linger_ms=settings.linger_ms, batch_records=settings.batch_records, **sink_options), fd
+
+    return Collector(settings, sink_factory=factory)
+
+
+async def pixel_hit(app: Collector, index: int) -> int:
+    """GET /i?n=<index> through the ASGI app, as granian calls it; the answer's status."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": "/i", "raw_path": b"/i", "query_string": f"e=pv&n={index}".encode(), "root_path": "",
+             "headers": [(b"host", b"collector.test")], "client": ("127.0.0.1", 40000),
+             "server": ("127.0.0.1", 8080)}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent[0]["status"]
+
+
+def send_hits_for(app: Collector, seconds: float, per_second: int = 100) -> list[int]:
+    async def run():
+        statuses, end = [], time.monotonic() + seconds
+        while time.monotonic() < end:
+            statuses.append(await pixel_hit(app, len(statuses)))
+            await asyncio.sleep(1 / per_second)
+        return statuses
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("outage", [ThrottledFor, RefusedFor], ids=["throttled", "unreachable"])
+def test_hits_arriving_during_an_outage_do_not_cut_the_backoff_short(tmp_path, caplog, outage):
+    """Once the backlog passes batch_records every hit wakes the sender; while it backs off after a
+    failed send that must not make it retry: ~2.5 s of outage at a 1 s cap allows about 5 attempts
+    (at 0, 0.2, 0.6, 1.4 and 2.4 s), however many hits arrive. Before the fix: one per few hits (dozens)."""
+    attempts = []
+    raw = outage("raw", 3600, during=lambda: attempts.append(time.monotonic()))
+    app = app_with(tmp_path, raw, max_backoff_s=1.0)
+    app.start()
+    try:
+        with caplog.at_level(logging.INFO):
+            statuses = send_hits_for(app, seconds=2.5)                 # ~250 hits, 100/s
+            failed = len(attempts)
+            warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert statuses == [200] * len(statuses) and len(statuses) > 50
+        assert 1 <= failed <= 6, f"{failed} PutRecords attempts in a 2.5 s outage"
+        assert not raw.all_records() and app.spool.records == len(statuses)   # all kept, nothing sent
+        assert len(warnings) <= failed                                      # one line per attempt at most, never per hit
+        raw.until = 0                                                       # the stream is back: all of it, once, in order
+        deadline = time.monotonic() + 30
+        while app.spool.records and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sent = [int(parse_qs(orjson.loads(r.data)["querystring"])["n"][0]) for r in raw.all_records()]
+        assert sent == list(range(len(statuses)))
+        assert app.sink.healthy and app.spool.depth_bytes == 0
+    finally:
+        app.stop()
+        os.close(app._lock_fd)
+
+
+def test_stop_ends_a_backoff_at_once_and_keeps_the_spool(tmp_path):
+    attempts = []
+    raw = RefusedFor("raw", 3600, during=lambda: attempts.append(time.monotonic()))
+    app = app_with(tmp_path, raw, min_backoff_s=60, max_backoff_s=60)
+    app.start()
+    statuses = send_hits_for(app, seconds=0.5)
+    deadline = time.monotonic() + 10
+    while not attempts and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert attempts                                                  # failed once: now in a 60 s backoff
+    started = time.monotonic()
+    app.stop()                                                       # shutdown_timeout_s=0.5
+    assert time.monotonic() - started < 10                           # not the 60 s backoff
+    assert len(attempts) <= 3 and not raw.all_records()
+    os.close(app._lock_fd)
+    again = Spool(next((tmp_path / "spool").iterdir()), max_bytes=1 << 26)
+    assert statuses == [200] * len(statuses) and again.records == len(statuses)
+    again.close()
