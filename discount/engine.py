@@ -121,9 +121,9 @@ class Engine:
                     raise
                 self.metrics.write_errors.inc()
                 log.warning("offer write failed (attempt %d), retrying: %s", attempt + 1, exc)
-                time.sleep(min(5.0, 0.1 * 2**attempt))
-                # Retrying can outlast the lease: renew it, and give the batch up once another worker
-                # has taken its shard (that worker reads the batch again; the offers are idempotent).
+                # Retrying can outlast the lease: renew it (so never sleep past a renewal), and give the
+                # batch up once another worker has taken its shard (it reads the batch again; offers are idempotent).
+                time.sleep(min(5.0, 0.1 * 2**attempt, self.consumer.renew_interval_s))
                 if self._shard is not None and self._shard not in self.consumer.renew_due():
                     raise LeaseLost(self._shard) from exc
         raise AssertionError("unreachable")

@@ -95,7 +95,9 @@ class Worker:
             metrics.RETRIES.inc()
             log.warning("%d of %d entries not delivered to %s (%s); retrying", len(failed), len(entries),
                         producer.stream.name, failed[0].reason)
-            if self.stop.wait(random.uniform(0, min(self.retry_cap_s, 0.1 * 2**attempt))):
+            # Never past a lease renewal: a wait longer than the lease would hand the shard to a peer.
+            cap = min(self.retry_cap_s, 0.1 * 2**attempt, self.consumer.renew_interval_s)
+            if self.stop.wait(random.uniform(0, cap)):
                 return False
             entries = [(item.partition_key, item.data) for item in failed]
         return True

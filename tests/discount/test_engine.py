@@ -193,7 +193,7 @@ def _down_for(proxy, seconds: float) -> threading.Timer:
 def test_offer_writes_retried_longer_than_the_lease_keep_the_lease(aws_settings):
     settings = discount_settings(aws_settings)
     publish(settings, [prediction("slow", 0.5)])
-    peer = consumer_for(settings, settings.predictions_stream, APP, worker_id="peer", lease_ms=3000)
+    peer = consumer_for(settings, settings.predictions_stream, APP, worker_id="peer", lease_ms=1000)
     peer_read, done = [], threading.Event()
 
     def peer_polls():
@@ -202,9 +202,10 @@ def test_offer_writes_retried_longer_than_the_lease_keep_the_lease(aws_settings)
             time.sleep(0.2)
 
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
-        eng = _throttled_offers_engine(settings, proxy, lease_ms=3000)
+        eng = _throttled_offers_engine(settings, proxy, lease_ms=1000)
         eng.consumer.balance()
-        timer = _down_for(proxy, 4.5)                  # offers refused for longer than the 3 s lease
+        # Refused for longer than the 1 s lease, and than the backoff's sleeps would grow without a cap.
+        timer = _down_for(proxy, 3.0)
         runner = threading.Thread(target=peer_polls, daemon=True)
         runner.start()
         try:

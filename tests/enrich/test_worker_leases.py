@@ -2,6 +2,7 @@
 for longer than the lease keeps the lease, and one whose shard another worker took stops writing."""
 from __future__ import annotations
 
+import random
 import threading
 
 import pytest
@@ -45,6 +46,32 @@ def test_a_delivery_retried_longer_than_the_lease_keeps_the_lease():
     w.consumer.checkpoint(batch)                        # still ours: no LeaseLost
     assert peer_read == [] and not peer.owned
     assert len(good.all_records()) == 5
+
+
+def test_the_backoff_between_delivery_retries_never_outlasts_the_lease():
+    random.seed(7)
+    raw, leases = MemoryStream("raw"), MemoryLeaseTable()
+    raw_records(raw, 5)
+    consumer = Consumer(raw, leases, worker_id="a", lease_ms=LEASE_MS)
+    good = ThrottledFor("enriched", 2.0)
+    w = Worker(enricher(), consumer, Producer(good, max_attempts=1), Producer(MemoryStream("bad"), max_attempts=1),
+               retry_cap_s=5.0)                   # the default: waits of seconds, against a 300 ms lease
+    [batch] = w.consumer.poll()
+    peer = Consumer(raw, leases, worker_id="b", lease_ms=LEASE_MS)
+    peer_read, done = [], threading.Event()
+
+    def peer_polls():                             # a peer looking for expired leases all along
+        while not done.wait(0.05):
+            peer_read.extend(r for b in peer.poll() for r in b.records)
+
+    watcher = threading.Thread(target=peer_polls, daemon=True)
+    watcher.start()
+    try:
+        assert w.handle(batch)
+    finally:
+        done.set()
+        watcher.join(10)
+    assert peer_read == [] and not peer.owned and len(good.all_records()) == 5
 
 
 def test_a_delivery_stops_once_another_worker_took_the_shard_and_the_other_shards_go_on():
