@@ -53,7 +53,7 @@ def gc_paused():
 
     Reference counting frees them then. A collection in the middle would only find them alive and
     promote them, and the full collections that follow walk the whole heap (every live session):
-    measured, ~40% of the loader's conversion and half the scorer worker's CPU. Process-wide, so
+    measured, ~40% of both the loader's conversion and the scorer worker's CPU. Process-wide, so
     another thread's allocations wait for the batch's end too; keep network calls outside.
     """
     enabled = gc.isenabled()
