@@ -56,6 +56,7 @@ class Sink:
         self.max_backoff = max_backoff_s
         self.bad_payload_keep_bytes = bad_payload_keep_bytes
         self.healthy = probe is None
+        self.progressed = False          # whether this sending round delivered anything
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="collector-sink", daemon=True)
@@ -92,6 +93,7 @@ class Sink:
             else:
                 self.wake.wait(self.linger)
             self.wake.clear()
+            self.progressed = False
             try:
                 if time.monotonic() - self._adopted_at >= self.adopt_every_s:
                     self._adopt()
@@ -100,7 +102,12 @@ class Sink:
                 log.exception("sender failed; retrying")
                 self._set_health(False)
                 delivered = False
-            backoff = 0.0 if delivered else min(self.max_backoff, max(self.min_backoff, backoff * 2))
+            if delivered:
+                backoff = 0.0
+            elif self.progressed:      # throttled, yet some got through: pause, but do not let the wait grow
+                backoff = self.min_backoff
+            else:
+                backoff = min(self.max_backoff, max(self.min_backoff, backoff * 2))
             metrics.update_spool(self._spools())
 
     def _sync_loop(self) -> None:
@@ -180,6 +187,7 @@ class Sink:
                 continue
             failed = self.producers[stream].send(batch)
             delivered += len(batch) - len(failed)
+            self.progressed = self.progressed or len(failed) < len(batch)
             metrics.PRODUCED[stream].inc(len(batch) - len(failed))
             refused.extend((stream, item) for item in failed)
         metrics.SINK_LATENCY.observe(time.perf_counter() - started)

@@ -274,3 +274,30 @@ def test_stop_ends_a_backoff_at_once_and_keeps_the_spool(tmp_path):
     again = Spool(next((tmp_path / "spool").iterdir()), max_bytes=1 << 26)
     assert statuses == [200] * len(statuses) and again.records == len(statuses)
     again.close()
+
+
+class TakesTenPerCall(MemoryStream):
+    """A stream at its write limit: each PutRecords call takes ten entries and throttles the rest."""
+
+    def put_records(self, entries):
+        self.fail_next = max(0, len(entries) - 10)
+        results = super().put_records(entries)
+        self.fail_next = 0
+        return results
+
+
+def test_a_throttled_stream_that_takes_part_of_each_call_is_retried_at_the_shortest_backoff(tmp_path):
+    """Each round delivers something, so the wait must not grow as for an unreachable stream
+    (0.2, 0.4, 0.8, 1.6 s ...: four rounds in 2.5 s, 40 entries); at 0.2 s about twelve rounds."""
+    raw = TakesTenPerCall("raw")
+    sink = Sink(Spool(tmp_path, max_bytes=1 << 24), Producer(raw, max_attempts=1), Producer(MemoryStream("bad")),
+                batch_records=50, max_backoff_s=5.0)
+    for index in range(300):
+        sink.spool.append(encode(RAW, f"k{index}", str(index).encode()), 1)
+    sink.start()
+    try:
+        time.sleep(2.5)
+        delivered = len(raw.all_records())
+    finally:
+        sink.stop(timeout=0)
+    assert delivered >= 70, f"{delivered} of 300 delivered in 2.5 s"
