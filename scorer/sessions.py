@@ -49,7 +49,8 @@ class SessionStore:
         self.recent: dict[str, OrderedDict[str, None]] = {}
         self.watermark_ms: dict[str, int] = {}
         # Shards read to their end (a reshard): no event moves their watermark again, so their
-        # sessions expire by the newest watermark of any shard (their children's events move it).
+        # sessions expire by the slowest watermark of the shards still read (their children's among
+        # them): a session may go on on any child, and the slowest has read least far.
         self.finished: set[str] = set()
 
     def __len__(self) -> int:
@@ -101,9 +102,9 @@ class SessionStore:
         costs little.
         """
         expired = []
-        newest = max(self.watermark_ms.values(), default=None)
+        slowest = min((ms for shard, ms in self.watermark_ms.items() if shard not in self.finished), default=None)
         for shard_id, order in self.recent.items():
-            watermark = newest if shard_id in self.finished else self.watermark_ms.get(shard_id)
+            watermark = slowest if shard_id in self.finished else self.watermark_ms.get(shard_id)
             for session_id in islice(order, limit):
                 session = self.sessions[session_id]
                 if watermark is None or watermark - session.state.seen_ms <= self.timeout_ms:

@@ -15,7 +15,7 @@ from common.features import SessionState, features, is_purchase, parse_ms, sessi
 from common.leases import MemoryLeaseTable
 from common.producer import Producer
 from common.registry import Bundle
-from common.streams import MemoryStream
+from common.streams import MemoryStream, hash_key
 from scorer.api import ScorerApp
 from scorer.config import ScorerSettings
 from scorer.model import Model, Models
@@ -385,6 +385,28 @@ def test_sessions_left_on_a_shard_closed_by_a_reshard_expire_and_those_that_go_o
     assert "shardId-000000000000" not in store.recent | store.by_shard | store.watermark_ms
     continued = [p for p in rig.predictions() if p["session_id"] == "old0"]
     assert [p["events_in_session"] for p in continued] == [1, 2, 3, 4]    # it went on on a child, state kept
+
+
+def test_a_session_going_on_on_a_child_shard_read_behind_its_sibling_keeps_its_state():
+    def ids(on_low_child: bool, n: int) -> list[str]:      # session ids by the child they hash to
+        found = (f"c{i}" for i in range(10_000))
+        return [name for name in found if (hash_key(name) < 2**127) == on_low_child][:n]
+
+    x, *dense = ids(False, 41)
+    sparse = ids(True, 40)
+    rig = Rig(events_stream=MemoryStream("enriched", shard_count=1), flush_ms=1)
+    worker = rig.worker                 # pages of 20 records, as a reader catching up sees them
+    worker.make_consumer = lambda **hooks: Consumer(rig.stream, rig.leases, lease_ms=10_000, batch_limit=20, **hooks)
+    worker.consumer = worker.make_consumer(start_after=worker._start_after, on_lost=worker._on_lost)
+    rig.put([make_event(x, T0)])
+    rig.drain()
+    rig.stream.split("shardId-000000000000")
+    minute = 60_000        # the sparse child's time runs an hour ahead while the dense one is read
+    rig.put([make_event(sparse[i], T0 + minute + i * 90_000) for i in range(40)]
+            + [make_event(dense[i % 40], T0 + minute + i * 2_700) for i in range(200)]
+            + [make_event(x, T0 + 10 * minute)])
+    rig.drain()
+    assert [p["events_in_session"] for p in rig.predictions() if p["session_id"] == x] == [1, 2]
 
 
 def test_browsing_on_after_a_purchase_stays_the_bought_session_and_is_not_scored():
