@@ -96,7 +96,7 @@ class Worker:
             log.warning("%d of %d entries not delivered to %s (%s); retrying", len(failed), len(entries),
                         producer.stream.name, failed[0].reason)
             # Never past a lease renewal: a wait longer than the lease would hand the shard to a peer.
-            cap = min(self.retry_cap_s, 0.1 * 2**attempt, self.consumer.renew_interval_s)
+            cap = min(self.retry_cap_s, 0.1 * 2 ** min(attempt, 10), self.consumer.renew_interval_s)
             if self.stop.wait(random.uniform(0, cap)):
                 return False
             entries = [(item.partition_key, item.data) for item in failed]
@@ -112,7 +112,7 @@ class Worker:
                 # The stream or the lease table is unreachable for now: wait and try again, never exit.
                 failures += 1
                 log.warning("reading %s failed (%s); retrying", self.consumer.stream.name, exc)
-                self.stop.wait(min(self.retry_cap_s, 0.2 * 2**failures))
+                self.stop.wait(min(self.retry_cap_s, 0.2 * 2 ** min(failures, 10)))
                 continue
             failures = 0
             for batch in batches:

@@ -80,7 +80,7 @@ class PredictionWriter:
                 if stop():
                     return False
                 metrics.WRITE_FAILURES.inc()
-                self.sleep(min(2.0, 0.05 * 2 ** attempt))
+                self.sleep(min(2.0, 0.05 * 2 ** min(attempt, 10)))   # 2**1024 overflows a float
             attempt += 1
             if entries and self.producer is not None:
                 undelivered = []
