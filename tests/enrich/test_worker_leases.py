@@ -123,3 +123,32 @@ def test_a_batch_given_up_on_a_lost_lease_is_no_repeat_when_read_again():
     assert good.all_records() == []
     again, _ = w.outputs(batch)
     assert len(again) == 5 and w.enricher.deduper.dropped == 0
+
+
+class RefusesCalls(MemoryStream):
+    """Refuses every entry of its first ``calls`` PutRecords calls (throttling), then accepts."""
+
+    def __init__(self, name: str, calls: int):
+        super().__init__(name)
+        self.calls_left = calls
+
+    def put_records(self, entries):
+        if self.calls_left > 0:
+            self.calls_left -= 1
+            self.fail_next = len(entries)
+        return super().put_records(entries)
+
+
+class NoWait(threading.Event):
+    def wait(self, timeout=None):              # the backoff's sleeps, skipped: only their count matters
+        return self.is_set()
+
+
+def test_a_delivery_retried_more_than_a_thousand_times_does_not_overflow_its_backoff():
+    raw, leases = MemoryStream("raw"), MemoryLeaseTable()
+    raw_records(raw, 3)
+    good = RefusesCalls("enriched", 1_100)     # 2**1024 overflows a float
+    w = worker(raw, leases, good, MemoryStream("bad"), NoWait())
+    [batch] = w.consumer.poll()
+    assert w.handle(batch)
+    assert len(good.all_records()) == 3 and good.calls_left == 0
