@@ -151,11 +151,11 @@ class Enricher:
             try:
                 found = self._event(hit, params, etl_tstamp, functools.partial(derived_event_id, raw, index))
             except EventFailure as exc:
-                bad.append(self._bad_row(exc, hit, params))
+                bad.append(self._writable_bad_row(raw, index, exc, hit, params))
                 continue
             except Exception as exc:  # a bug must cost one bad row, not a stalled shard
                 log.exception("unexpected error enriching an event")
-                bad.append(self._bad_row(EventFailure("enrichment_failures", [
+                bad.append(self._writable_bad_row(raw, index, EventFailure("enrichment_failures", [
                     {"enrichment": None, "message": {"error": f"{type(exc).__name__}: {exc}"}}]), hit, params))
                 continue
             if found is not None:
@@ -163,6 +163,20 @@ class Enricher:
                 # The scorer's session key: a session's events stay in order on one shard.
                 good.append((session_key(event), event, data))
         return good, bad
+
+    def _writable_bad_row(self, raw: bytes, index: int, failure: EventFailure, hit: protocol.Hit,
+                          params: object) -> dict:
+        """The event's bad row, or, when that row cannot be written as JSON, the raw record as text.
+
+        orjson reads 1,024 levels of nesting but writes only 254: a POST event nested deeper has no
+        JSON form of its own, and raising here would stop the enricher on that record at every restart."""
+        try:
+            row = self._bad_row(failure, hit, params)
+            orjson.dumps(row)
+        except orjson.JSONEncodeError as exc:
+            return badrows.format_violation(raw, f"event {index} failed ({failure.kind}) and its bad row "
+                                                 f"cannot be written: {type(exc).__name__}: {exc}")
+        return row
 
     def _bad_row(self, failure: EventFailure, hit: protocol.Hit, params: object) -> dict:
         record = protocol.event_record(hit, params)

@@ -291,3 +291,25 @@ def test_an_unexpected_error_reading_a_record_is_a_bad_row_with_the_record_not_a
     assert bad[0]["data"]["failure"]["message"]["error"] == "unexpected error: RuntimeError: a bug"
     assert bad[0]["data"]["payload"] == raw.decode()              # kept whole, for a replay once fixed
     assert any(r.levelname == "ERROR" and r.exc_info for r in caplog.records)
+
+
+def test_an_event_nested_too_deep_to_write_back_is_a_bad_row_with_the_record_and_its_siblings_go_on():
+    # orjson reads 1,024 levels but writes 254: the event's own bad row cannot be serialized, and
+    # raising from there stopped the enricher on this record at every restart.
+    from common.consumer import Batch
+    from common.streams import Record
+    from enrich.worker import Worker
+
+    good_event = orjson.dumps({**BASE, "e": "pv"}).decode()
+    deep_event = orjson.dumps({**BASE, "e": "pv"}).decode()[:-1] + ',"x":' + "[" * 300 + "]" * 300 + "}"
+    body = '{"schema":"iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4","data":[' \
+           f"{good_event},{deep_event}]}}"
+    raw = orjson.dumps(record(method="POST", path="/com.snowplowanalytics.snowplow/tp2", body=body))
+    good, [row] = enricher().process(raw)
+    assert [event["event"] for _, event in good] == ["page_view"]
+    assert row["schema"].split("/")[1] == "collector_payload_format_violation"
+    assert row["data"]["failure"]["message"]["error"].startswith("event 1 failed (tracker_protocol_violations)")
+    assert row["data"]["payload"] == raw.decode()
+    batch = Batch("shard-0", [Record(raw, "k", "1", "shard-0", 0)], 0, False, "1")
+    written_good, [(_, written_bad)] = Worker(enricher(), consumer=None, good=None, bad=None).outputs(batch)
+    assert len(written_good) == 1 and orjson.loads(written_bad)["data"]["payload"] == raw.decode()
