@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from common.retry import backoff_s
 from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES, StreamBackend
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class Producer:
 
     def _backoff(self, attempt: int) -> None:
         # "Full jitter": a random delay up to the exponential cap spreads retries of many producers.
-        self.sleep(random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt)))
+        self.sleep(random.uniform(0, backoff_s(attempt, self.base_delay, self.max_delay)))
 
     def send(self, entries: list[tuple[str, bytes]]) -> list[Undelivered]:
         undelivered: list[Undelivered] = []

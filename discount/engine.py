@@ -17,6 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from common import aws
 from common.consumer import Batch, Consumer, ReadFailed, consumer_for
 from common.leases import LeaseLost
+from common.retry import backoff_s
 from discount.metrics import Metrics
 from discount.offers import OfferTable, Outcome, Prediction, hour_of
 from discount.settings import DiscountSettings
@@ -123,7 +124,7 @@ class Engine:
                 log.warning("offer write failed (attempt %d), retrying: %s", attempt + 1, exc)
                 # Retrying can outlast the lease: renew it (so never sleep past a renewal), and give the
                 # batch up once another worker has taken its shard (it reads the batch again; offers are idempotent).
-                time.sleep(min(5.0, 0.1 * 2 ** min(attempt, 10), self.consumer.renew_interval_s))
+                time.sleep(min(backoff_s(attempt, 0.1, 5.0), self.consumer.renew_interval_s))
                 if self._shard is not None and self._shard not in self.consumer.renew_due():
                     raise LeaseLost(self._shard) from exc
         raise AssertionError("unreachable")

@@ -22,6 +22,7 @@ from common.consumer import Batch, Consumer, ReadFailed
 from common.leases import LeaseLost
 from common.producer import Producer
 from common.producer import batches as put_record_calls
+from common.retry import backoff_s
 from common.streams import MAX_RECORD_BYTES
 from enrich import badrows, metrics
 from enrich.pipeline import Enricher
@@ -96,7 +97,7 @@ class Worker:
             log.warning("%d of %d entries not delivered to %s (%s); retrying", len(failed), len(entries),
                         producer.stream.name, failed[0].reason)
             # Never past a lease renewal: a wait longer than the lease would hand the shard to a peer.
-            cap = min(self.retry_cap_s, 0.1 * 2 ** min(attempt, 10), self.consumer.renew_interval_s)
+            cap = min(backoff_s(attempt, 0.1, self.retry_cap_s), self.consumer.renew_interval_s)
             if self.stop.wait(random.uniform(0, cap)):
                 return False
             entries = [(item.partition_key, item.data) for item in failed]
@@ -112,7 +113,7 @@ class Worker:
                 # The stream or the lease table is unreachable for now: wait and try again, never exit.
                 failures += 1
                 log.warning("reading %s failed (%s); retrying", self.consumer.stream.name, exc)
-                self.stop.wait(min(self.retry_cap_s, 0.2 * 2 ** min(failures, 10)))
+                self.stop.wait(backoff_s(failures, 0.2, self.retry_cap_s))
                 continue
             failures = 0
             for batch in batches:

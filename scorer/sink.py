@@ -17,6 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from common.producer import Producer
 from common.producer import batches as put_record_calls
+from common.retry import backoff_s
 from scorer import metrics
 
 log = logging.getLogger("scorer.sink")
@@ -80,7 +81,7 @@ class PredictionWriter:
                 if stop():
                     return False
                 metrics.WRITE_FAILURES.inc()
-                self.sleep(min(2.0, 0.05 * 2 ** min(attempt, 10)))   # 2**1024 overflows a float
+                self.sleep(backoff_s(attempt, 0.05, 2.0))
             attempt += 1
             if entries and self.producer is not None:
                 undelivered = []
