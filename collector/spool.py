@@ -277,8 +277,9 @@ class Spool:
         tmp = self.dir / "cursor.tmp"
         tmp.write_text(str(offset))
         os.replace(tmp, self.dir / "cursor")
-        for base in self._segments():
-            if base < active and self._next_base(base) <= offset:
+        bases = self._segments()        # listed once: a long backlog has thousands of segments
+        for base, next_base in zip(bases, [*bases[1:], self.end]):
+            if base < active and next_base <= offset:
                 if self._reader and self._reader[0] == base:
                     self._reader[1].close()
                     self._reader = None

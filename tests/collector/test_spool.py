@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -77,6 +78,20 @@ def test_segments_rotate_and_delivered_ones_are_deleted(tmp_path):
     assert drain(spool, batch=5) == [f"record-{i}".encode() for i in range(40)]
     assert len(list(tmp_path.glob("*.seg"))) == 1
     assert spool.depth_bytes == 0 and spool.records == 0
+
+
+def test_a_commit_lists_the_spool_folder_once_however_long_the_backlog(tmp_path, monkeypatch):
+    # It listed the folder again for every segment: quadratic in a long outage's backlog.
+    spool = Spool(tmp_path, max_bytes=1 << 24, segment_bytes=200)
+    fill(spool, 600)
+    listings = []
+    real = Path.glob
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: listings.append(pattern) or real(self, pattern))
+    entries, offset = spool.read(600, 1 << 24)
+    listings.clear()
+    spool.commit(offset, len(entries))
+    assert len(entries) == 600 and len(listings) == 1
+    assert len(list(tmp_path.glob("*.seg"))) == 1
 
 
 def test_the_preallocated_tail_of_a_crashed_run_is_cut_quietly(tmp_path, caplog):
