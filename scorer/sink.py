@@ -63,12 +63,14 @@ class PredictionWriter:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="predictions") if table else None
 
     def write(self, predictions: list[tuple[dict, int]], stop: Callable[[], bool] = lambda: False,
-              keep: Callable[[dict], bool] | None = None, renew: Callable[[], object] = lambda: None) -> bool:
+              keep: Callable[[dict], bool] | None = None, renew: Callable[[], object] = lambda: None,
+              max_wait_s: float = 2.0) -> bool:
         """Write (prediction, event_ms) pairs; True once all are durable, False if stopped first.
 
         ``stop`` is asked before every retry. ``renew`` is called before every PutRecords call and
         every table round (cheap: the worker's consumer renews its leases only when due), since a
-        write retried through throttling can outlast the leases. ``keep``, when given, is asked then
+        write retried through throttling can outlast the leases; for the same reason no wait between
+        retries is longer than ``max_wait_s`` (the lease renewal interval). ``keep``, when given, is asked then
         for each prediction still to write: one it refuses is dropped from the write (its shard went
         to another worker, which reads those events again from the checkpoint and publishes them).
         """
@@ -81,7 +83,7 @@ class PredictionWriter:
                 if stop():
                     return False
                 metrics.WRITE_FAILURES.inc()
-                self.sleep(backoff_s(attempt, 0.05, 2.0))
+                self.sleep(backoff_s(attempt, 0.05, min(2.0, max_wait_s)))
             attempt += 1
             if entries and self.producer is not None:
                 undelivered = []

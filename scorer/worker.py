@@ -283,7 +283,8 @@ class Worker:
         shard_of = {id(prediction): shard for shard, items in self.pending.items() for prediction, _ in items}
         if predictions and not self.writer.write(predictions, stop=lambda: self.stopping or self.stop_requested(),
                                                  keep=lambda prediction: shard_of[id(prediction)] in self.consumer.owned,
-                                                 renew=self.consumer.renew_due):
+                                                 renew=self.consumer.renew_due,
+                                                 max_wait_s=self.consumer.renew_interval_s):
             return False
         self.pending.clear()
         self.pending_count = 0

@@ -536,6 +536,17 @@ def test_a_flush_retried_longer_than_the_lease_keeps_the_lease():
     assert [p["event_id"] for p in rig.predictions()] == [e["event_id"] for e in events]
 
 
+def test_a_flush_never_waits_between_retries_past_a_lease_renewal():
+    # Its waits grew to 2 s whatever the lease: under a lease of about 3 s a peer took the shard mid-wait.
+    rig = throttled_rig(1, lambda: None)
+    waits = []
+    rig.worker.writer.sleep = lambda s: waits.append(s) or time.sleep(min(s, 0.02))
+    rig.put(session_events("slow", seed=5, n=6, buyer=False))
+    rig.worker.poll_once()
+    assert len(waits) > 10 and max(waits) == rig.worker.consumer.renew_interval_s == 0.1
+    assert len(rig.predictions()) == 6
+
+
 def test_a_flush_stops_writing_a_shard_another_worker_took_and_writes_the_others():
     first = "shardId-000000000000"
 
