@@ -94,7 +94,10 @@ class Producer:
             try:
                 results = self.stream.put_records(pending)
             except (BotoCoreError, ClientError, OSError) as exc:
-                log.warning("put_records to %s failed (%d entries): %s", self.stream.name, len(pending), exc)
+                # One warning per send, not per attempt: through an outage every caller retries sends too.
+                last = attempt == self.max_attempts - 1
+                log.log(logging.WARNING if last else logging.DEBUG, "put_records to %s failed (%d entries, "
+                        "attempt %d of %d): %s", self.stream.name, len(pending), attempt + 1, self.max_attempts, exc)
                 reasons = [f"{type(exc).__name__}: {exc}"] * len(pending)
                 continue
             failed = [(entry, f"{r.error_code}: {r.error_message}") for entry, r in zip(pending, results) if not r.ok]

@@ -1,5 +1,6 @@
 """Producer, consumer and provisioning over HTTP against the emulator (moto server)."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -67,13 +68,16 @@ def test_producer_retries_only_the_failed_entries(aws_settings):
     assert len(stored) == 120 and set(stored.values()) == {1}    # each entry exactly once
 
 
-def test_producer_returns_everything_when_the_stream_is_unreachable(aws_settings):
+def test_producer_returns_everything_when_the_stream_is_unreachable_with_one_warning(aws_settings, caplog):
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
         proxy.down = True
         client = aws.session().client("kinesis", endpoint_url=proxy.endpoint)
-        producer = Producer(KinesisStream(client, aws_settings.raw_stream), max_attempts=2, base_delay=0.01)
-        undelivered = producer.send(entries(30))
+        producer = Producer(KinesisStream(client, aws_settings.raw_stream), max_attempts=3, base_delay=0.01)
+        with caplog.at_level(logging.WARNING, logger="common.producer"):
+            undelivered = producer.send(entries(30))
     assert sorted(u.data for u in undelivered) == sorted(d for _, d in entries(30))
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "common.producer"]
+    assert "attempt 3 of 3" in warning      # one line per send through an outage, not one per attempt
 
 
 def test_producer_hashes_keys_kinesis_would_refuse_instead_of_failing_the_call(aws_settings):
