@@ -111,6 +111,12 @@ class Consumer:
                 if shard.shard_id not in finished
                 and all(parent in finished or parent not in known for parent in shard.parents)]
 
+    def parents(self, shard_id: str) -> tuple[str, ...]:
+        """The shard's parents still in the stream (a reshard's closed shards), as last listed."""
+        known = {shard.shard_id: shard for shard in self._shards}
+        shard = known.get(shard_id)
+        return tuple(parent for parent in shard.parents if parent in known) if shard else ()
+
     @property
     def renew_interval_s(self) -> float:
         return self.lease_ms / 3000

@@ -117,6 +117,10 @@ class SessionStore:
         metrics.SESSIONS_LIVE.set(len(self.sessions))
         return len(expired)
 
+    def knows(self, shard_id: str) -> bool:
+        """Whether this store holds the sessions read from the shard (it read them, or rebuilt them)."""
+        return shard_id in self.recent or shard_id in self.finished
+
     def finish_shard(self, shard_id: str) -> None:
         """The shard was read to its end: expire its sessions by the other shards' time from now on."""
         self.finished.add(shard_id)

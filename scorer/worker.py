@@ -17,7 +17,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -27,6 +27,7 @@ import orjson
 from common.consumer import Batch, Consumer, ReadFailed
 from common.features import FEATURE_VERSION, features, session_key, step
 from common.leases import Lease, LeaseLost
+from common.retry import backoff_s
 from common.service import gc_paused
 from common.streams import SHARD_END, Record, sequence_key
 from scorer import metrics
@@ -41,6 +42,7 @@ log = logging.getLogger("scorer.worker")
 FROM_START = "TRIM_HORIZON"        # lease meta value meaning "replay from the shard's first record"
 MAX_BUFFER = 20_000                # predictions; flush early rather than grow without bound
 EVENTS_LIVE, EVENTS_REPLAY = metrics.EVENTS.labels("live"), metrics.EVENTS.labels("replay")
+REBUILD_ATTEMPTS = 20              # failed reads of a closed parent shard before its sessions are given up
 IDLE_SLEEP_S = 0.2                 # after an empty poll: Kinesis allows 5 GetRecords/s per shard
 
 
@@ -84,6 +86,9 @@ class Worker:
         self.consumer = make_consumer(start_after=self._start_after, on_lost=self._on_lost)
         self.positions: dict[str, str | None] = {}      # last record read per shard
         self.replay_until: dict[str, int] = {}          # shard -> "emitted up to" while replaying
+        # Closed parents of newly owned shards whose sessions another worker read: rebuilt before
+        # the children are folded, so a session that began before a reshard keeps its state.
+        self.parents_to_rebuild: list[str] = []
         # shard -> (prediction, session's latest event time) not yet written; the table keeps a row
         # only over one with an earlier (time, events) pair, and the session's time never goes back.
         self.pending: dict[str, list[tuple[dict, int]]] = {}
@@ -102,8 +107,13 @@ class Worker:
         """Where a newly owned shard is read from: the start of its oldest live session."""
         emitted = lease.checkpoint
         self.positions[lease.shard_id] = None
-        if emitted is None or emitted == SHARD_END:
+        if emitted == SHARD_END:
             return emitted
+        for parent in self.consumer.parents(lease.shard_id):
+            if not self.store.knows(parent) and parent not in self.parents_to_rebuild:
+                self.parents_to_rebuild.append(parent)
+        if emitted is None:
+            return None
         state_after = lease.meta.get("state_after", emitted)
         self.replay_until[lease.shard_id] = sequence_key(emitted)
         start = None if state_after == FROM_START else state_after
@@ -128,6 +138,8 @@ class Worker:
             self._check_session_gap(model)
         started = time.perf_counter()
         batches = self.consumer.poll()
+        if self.parents_to_rebuild and not self._rebuild_parents(model):
+            return 0            # stopped midway: these batches are not checkpointed, their next reader folds them
         polled = time.perf_counter()
         count = sum(len(batch.records) for batch in batches)
         with self.folding, gc_paused():     # gc_paused: the batch's events and rows die at its end
@@ -154,6 +166,61 @@ class Worker:
                         "is %d: set it (or the trainer's session_gap_minutes) so they agree", model.version, trained,
                         self.settings.session_timeout_s)
 
+    def _rebuild_parents(self, model: Model) -> bool:
+        """Quietly fold the closed parents of newly owned shards from their replay start to their end.
+
+        Another worker read them (or this one before a restart), so the sessions that began there
+        and go on on our child would start again from nothing. Sessions this store already holds
+        are left alone: their events were folded once. False when stopped midway."""
+        leases = {lease.shard_id: lease for lease in self.consumer.leases.leases()[0]}
+        existing = set(self.store.sessions)
+        while self.parents_to_rebuild:
+            parent = self.parents_to_rebuild[0]
+            lease = leases.get(parent)
+            start = lease.meta.get("state_after", SHARD_END) if lease is not None else SHARD_END
+            if start != SHARD_END and not self._replay_closed_shard(parent, start, existing, model):
+                return False
+            self.parents_to_rebuild.pop(0)
+        return True
+
+    def _replay_closed_shard(self, shard: str, state_after: str, existing: set[str], model: Model) -> bool:
+        start = None if state_after == FROM_START else state_after
+        log.info("closed shard %s: rebuilding its sessions from after %s", shard, state_after, extra={"shard_id": shard})
+        reader, position, failures, folded = self.consumer.stream.reader(shard, start), start, 0, 0
+        while True:
+            if self.stopping or self.stop_requested():
+                return False
+            self.consumer.renew_due()          # a long parent must not cost us the leases we hold
+            try:
+                page = reader.read(self.consumer.batch_limit)
+            except Exception as exc:  # noqa: BLE001 - throttling, a timeout: read again after the last record
+                failures += 1
+                if failures > REBUILD_ATTEMPTS:
+                    log.error("giving up rebuilding the sessions of closed shard %s after %d failed reads (%s): "
+                              "sessions that began there start again from their next event", shard, failures, exc)
+                    self.store.finish_shard(shard)      # what was rebuilt expires by the shards still read
+                    return True
+                log.warning("reading closed shard %s failed, retrying: %s", shard, exc)
+                time.sleep(backoff_s(failures, 0.2, self.consumer.renew_interval_s))
+                reader = self.consumer.stream.reader(shard, position)
+                continue
+            failures = 0
+            rows: list[Row] = []
+            matrix: list[list[float]] = []
+            with self.folding, gc_paused():
+                for record in page.records:
+                    self._fold_record(record, shard, position, True, rows, matrix, skip=existing)
+                    position = record.sequence_number
+                if rows:
+                    self._score(model, rows, matrix, time.perf_counter())
+            folded += len(page.records)
+            if page.shard_end:
+                self.store.finish_shard(shard)
+                log.info("closed shard %s: %d events folded, %d live sessions", shard, folded, len(self.store),
+                         extra={"shard_id": shard})
+                return True
+            time.sleep(self.consumer.read_interval_s)
+
     def _fold_and_score(self, model: Model, batches: list[Batch], polled: float) -> None:
         rows, features_rows = self._fold(batches)
         if rows:
@@ -179,7 +246,7 @@ class Worker:
         return rows, matrix
 
     def _fold_record(self, record: Record, shard: str, previous: str | None, quiet: bool,
-                     rows: list[Row], matrix: list[list[float]]) -> None:
+                     rows: list[Row], matrix: list[list[float]], skip: Container[str] = ()) -> None:
         try:
             event, event_ms = parse_event(record)
             session_id = session_key(event)
@@ -189,6 +256,8 @@ class Worker:
             metrics.BAD_RECORDS.inc()
             log.error("shard %s sequence %s: skipped a record that is not an enriched event: %s",
                       shard, record.sequence_number, exc, extra={"shard_id": shard})
+            return
+        if session_id in skip:
             return
         session = self.store.session_for(session_id, shard, event_ms, previous)
         if not session.first_sight(event["event_id"], self.settings.dedupe_window):
@@ -353,6 +422,7 @@ class Worker:
                                   self.store.replay_max_ms)
         self.positions.clear()
         self.replay_until.clear()
+        self.parents_to_rebuild.clear()
         self.pending.clear()
         self.pending_count = 0
         self.pending_batches.clear()

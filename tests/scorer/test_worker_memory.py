@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 import threading
 import time
@@ -407,6 +408,103 @@ def test_a_session_going_on_on_a_child_shard_read_behind_its_sibling_keeps_its_s
             + [make_event(x, T0 + 10 * minute)])
     rig.drain()
     assert [p["events_in_session"] for p in rig.predictions() if p["session_id"] == x] == [1, 2]
+
+
+def test_a_worker_taking_a_child_shard_rebuilds_the_sessions_its_peer_read_on_the_parent():
+    # Two scorers, a live split: the one taking a child it never read started every session that
+    # began on the parent from nothing (wrong scores; a session that had bought was scored again).
+    stream, leases = MemoryStream("enriched", shard_count=1), MemoryLeaseTable()
+    a = Rig(stream, leases, lease_ms=600, flush_ms=1)
+    b = Rig(stream, leases, lease_ms=600, flush_ms=1)
+    b.out, b.worker.writer = a.out, a.worker.writer          # one predictions stream for both
+    for worker in (a.worker, b.worker):                       # both see the children soon after the split
+        worker.make_consumer = lambda **hooks: Consumer(stream, leases, lease_ms=600, shard_refresh_s=0.1, **hooks)
+        worker.consumer = worker.make_consumer(start_after=worker._start_after, on_lost=worker._on_lost)
+    sessions = [session_events(f"s{i}", seed=100 + i, n=14, buyer=False) for i in range(8)]
+    # Two sessions that bought before the split, one on each child.
+    buyers = [next(f"paid{i}" for i in range(1000) if (hash_key(f"paid{i}") < 2**127) == low) for low in (True, False)]
+    bought = [[make_event(sid, T0, path="/p/1"), make_event(sid, T0 + 60_000, shop="purchase",
+                                                            data={"order_id": "o", "total": 5.0, "items": 1})]
+              for sid in buyers]
+    a.put([e for events in sessions for e in events[:9]] + [e for events in bought for e in events])
+    a.drain()
+    b.drain()
+    stream.split("shardId-000000000000")
+    a.put([e for events in sessions for e in events[9:]] + [make_event(sid, T0 + 120_000, path="/p/2") for sid in buyers])
+    owners = {}
+    for _ in range(200):
+        a.drain()
+        b.drain()
+        owners = {lease.shard_id: lease.owner for lease in leases.leases()[0] if lease.checkpoint != "SHARD_END"}
+        if len(a.predictions()) >= 8 * 14 + 2 and len(set(owners.values())) == 2:
+            break
+        time.sleep(0.02)
+    assert len(set(owners.values())) == 2                    # each worker reads one child
+    got = {p["event_id"]: p for p in a.predictions()}
+    for events in sessions:
+        for event_id, (p_buy, count) in reference(events).items():
+            assert got[event_id]["events_in_session"] == count
+            assert got[event_id]["p_buy"] == pytest.approx(p_buy, abs=1e-5)
+    scored_buyers = [p["event_id"] for p in a.predictions() if p["session_id"] in buyers]
+    assert scored_buyers == [events[0]["event_id"] for events in bought]      # not again after the purchase
+
+
+def test_a_restart_right_after_a_reshard_rebuilds_the_part_of_a_session_read_on_the_parent():
+    rig = Rig(events_stream=MemoryStream("enriched", shard_count=1), flush_ms=1)
+    events = session_events("x", seed=3, n=10, buyer=False)
+    rig.put(events[:5])
+    rig.drain()
+    rig.stream.split("shardId-000000000000")
+    rig.put(events[5:8])
+    rig.drain()
+    rig.worker.restart()                   # an error mid-batch, or a new process: sessions from checkpoints
+    rig.put(events[8:])
+    rig.drain()
+    assert [p["events_in_session"] for p in rig.predictions()] == list(range(1, 11))
+
+
+class ParentReadsFail(MemoryStream):
+    """A stream whose next ``failures`` page reads of ``shard`` raise after its first page (throttling)."""
+
+    def __init__(self, shard: str):
+        super().__init__("enriched", shard_count=1)
+        self.shard, self.failures, self.pages = shard, 0, 0
+
+    def reader(self, shard_id, after_sequence):
+        inner = super().reader(shard_id, after_sequence)
+        if shard_id != self.shard:
+            return inner
+        stream = self
+
+        class Reader:
+            def read(self, limit):
+                stream.pages += 1
+                if stream.pages > 1 and stream.failures > 0:
+                    stream.failures -= 1
+                    raise ConnectionError("throttled")
+                return inner.read(limit)
+        return Reader()
+
+
+def test_a_parent_rebuild_whose_reads_fail_reads_again_after_its_last_record(caplog):
+    parent = "shardId-000000000000"
+    rig = Rig(events_stream=ParentReadsFail(parent), lease_ms=300, flush_ms=1)
+    worker = rig.worker                             # pages of 4 records: the failures fall mid-shard
+    worker.make_consumer = lambda **hooks: Consumer(rig.stream, rig.leases, lease_ms=300, batch_limit=4, **hooks)
+    worker.consumer = worker.make_consumer(start_after=worker._start_after, on_lost=worker._on_lost)
+    events = session_events("x", seed=3, n=14, buyer=False)
+    rig.put(events[:10])
+    rig.drain()
+    rig.stream.split(parent)
+    rig.put(events[10:12])
+    rig.drain()
+    rig.stream.failures, rig.stream.pages = 2, 0
+    worker.restart()
+    rig.put(events[12:])
+    with caplog.at_level(logging.WARNING, logger="scorer.worker"):
+        rig.drain()
+    assert [p["events_in_session"] for p in rig.predictions()] == list(range(1, 15))
+    assert rig.stream.failures == 0 and sum("reading closed shard" in r.getMessage() for r in caplog.records) == 2
 
 
 def test_browsing_on_after_a_purchase_stays_the_bought_session_and_is_not_scored():
