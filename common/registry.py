@@ -130,7 +130,7 @@ def rollback(s3, bucket: str, name: str = DEFAULT_MODEL, check: Callable[[str], 
     and a second one to A (not back to C); moving forward again is ``promote``. ``check`` may refuse
     the target (raise) before CURRENT moves."""
     current = current_version(s3, bucket, name)
-    previous = _before(history(s3, bucket, name), current)
+    previous = previous_version(history(s3, bucket, name), current)
     if not previous:
         raise LookupError(f"model {name!r}: no earlier version to roll back to from "
                           f"{current or 'nothing (no CURRENT yet)'}")
@@ -140,7 +140,7 @@ def rollback(s3, bucket: str, name: str = DEFAULT_MODEL, check: Callable[[str], 
     return previous
 
 
-def _before(entries: list[dict], current: str | None) -> str | None:
+def previous_version(entries: list[dict], current: str | None) -> str | None:
     """Where CURRENT was before its last move not yet undone. Walks the chain of moves back from
     CURRENT (each move's version is where the one after it started), so an entry off the chain, one
     recorded but never made (a crash or a lost race between the two writes), is passed over."""

@@ -228,6 +228,7 @@ class Models:
         # The CURRENT version last acted on: the watcher loads only when CURRENT moves, so a
         # refused version is not retried every poll and a version pinned by reload is kept.
         self.current_seen: str | None = None
+        self.shadow_refused: str | None = None      # the shadow version refused, not downloaded again
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -261,12 +262,17 @@ class Models:
         return exc
 
     def load_shadow(self) -> None:
-        if not self.shadow_version or (self.shadow and self.shadow.version == self.shadow_version):
+        wanted = self.shadow_version
+        if not wanted or wanted == self.shadow_refused or (self.shadow and self.shadow.version == wanted):
             return
         try:
-            model = Model.from_bundle(registry.load(self.s3, self.bucket, self.name, self.shadow_version))
-        except (LookupError, ValueError) as exc:           # ModelRefused, or a model.json that does not parse
-            log.error("shadow model %s version %s not loaded: %s", self.name, self.shadow_version, exc)
+            model = Model.from_bundle(registry.load(self.s3, self.bucket, self.name, wanted))
+        except LookupError as exc:                          # not published (yet): looked for again next poll
+            log.error("shadow model %s version %s not loaded: %s", self.name, wanted, exc)
+            return
+        except ValueError as exc:           # ModelRefused, or a model.json that does not parse: refused for good
+            self.shadow_refused = wanted
+            log.error("shadow model %s version %s refused: %s", self.name, wanted, exc)
             return
         previous, self.shadow = self.shadow, model
         metrics.model_loaded(model, "shadow", previous)
@@ -288,8 +294,30 @@ class Models:
             self.load(version)
         except ModelRefused:
             self.current_seen = version      # refusal logged once; a missing bundle is retried
+            if self.champion is None:
+                self._fall_back(version)
             raise
         self.current_seen = version
+
+    def _fall_back(self, refused: str) -> None:
+        """Nothing serves and CURRENT does not fit this scorer (a restart while a model for other
+        features is rolled out): serve the version CURRENT moved from, or the one before that, as
+        successive rollbacks would pick, until CURRENT moves."""
+        entries = registry.history(self.s3, self.bucket, self.name)
+        tried = {refused}
+        version = registry.previous_version(entries, refused)
+        while version is not None and version not in tried:
+            tried.add(version)
+            try:
+                self.load(version)
+            except (LookupError, ModelRefused):
+                version = registry.previous_version(entries, version)
+                continue
+            log.warning("model %s: CURRENT %s does not fit this scorer; serving %s, an earlier CURRENT, until "
+                        "CURRENT moves", self.name, refused, version, extra={"model_version": version})
+            return
+        log.error("model %s: neither CURRENT %s nor any earlier CURRENT fits this scorer; serving nothing",
+                  self.name, refused)
 
     def watch(self, interval_s: float) -> threading.Thread:
         def loop() -> None:

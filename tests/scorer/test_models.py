@@ -80,6 +80,34 @@ def test_watcher_swaps_in_current_and_keeps_serving_when_the_new_one_is_refused(
     assert models.champion.version == "v3"
 
 
+def test_a_scorer_starting_while_current_does_not_fit_serves_the_current_before_it(published, s3, caplog):
+    # It started with no model at all (and its worker never read the stream), though v1 still fitted.
+    publish(s3, published.bucket, MODEL, "v1b", logistic_onnx(bias=-1.0))
+    publish(s3, published.bucket, MODEL, "v2", logistic_onnx(), model_meta(MODEL, "v2", feature_version="0"))
+    publish(s3, published.bucket, MODEL, "v3", logistic_onnx(), model_meta(MODEL, "v3", feature_version="0"))
+    models = Models(s3, published.bucket, MODEL)
+    with caplog.at_level(logging.WARNING, logger="scorer.model"):
+        models.refresh()
+        models.refresh()
+    assert models.champion.version == "v1b"
+    fallbacks = [r.getMessage() for r in caplog.records if "does not fit this scorer" in r.getMessage()]
+    assert len(fallbacks) == 1 and "CURRENT v3" in fallbacks[0] and "serving v1b" in fallbacks[0]
+    publish(s3, published.bucket, MODEL, "v4", logistic_onnx(bias=0.5))
+    models.refresh()
+    assert models.champion.version == "v4"
+
+
+def test_a_shadow_version_that_does_not_fit_is_refused_once_not_on_every_poll(published, s3, caplog):
+    publish(s3, published.bucket, MODEL, "odd", logistic_onnx(), model_meta(MODEL, "odd", feature_version="0"),
+            current=False)
+    models = Models(s3, published.bucket, MODEL, shadow_version="odd")
+    with caplog.at_level(logging.ERROR, logger="scorer.model"):
+        for _ in range(4):
+            models.refresh()
+    assert models.champion.version == "v1" and models.shadow is None
+    assert sum("shadow model" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_a_version_pinned_by_reload_is_kept_until_current_moves(published, s3):
     publish(s3, published.bucket, MODEL, "pinned", logistic_onnx(bias=-1.0), current=False)
     models = Models(s3, published.bucket, MODEL)
