@@ -111,6 +111,24 @@ def gunzip(body: bytes, limit: int) -> bytes | None:
     return None
 
 
+class WriteErrors:
+    """The spool's disk failing (ENOSPC, EIO) fails every hit: one ERROR line per ``every_s``, with
+    how many hits it stands for, instead of one per hit (a flood at the request rate)."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s = every_s
+        self.refused = 0
+        self._next_at = 0.0
+
+    def failed(self, folder, exc: OSError) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now >= self._next_at:
+            log.error("spool %s: write failed, %d hits refused (503) since the last such line: %s",
+                      folder, self.refused, exc)
+            self.refused, self._next_at = 0, now + self.every_s
+
+
 class Collector:
     def __init__(self, settings: CollectorSettings, sink_factory=None):
         self.settings = settings
@@ -125,6 +143,7 @@ class Collector:
         self.sink = None
         self.spool = None
         self._expires: tuple[int, dict] = (0, {})
+        self.write_errors = WriteErrors()
 
     # ------------------------------------------------------------------ ASGI entry
 
@@ -188,10 +207,10 @@ class Collector:
         if route == "health":
             return await respond(send, 200, TEXT, b"ok")
         if route == "sink-health":
-            healthy = self.sink is not None and self.sink.healthy
-            return await respond(send, 200 if healthy else 503, TEXT, b"ok" if healthy else b"stream unreachable")
+            problem = self.sink.problem() if self.sink is not None else "not started"
+            return await respond(send, 503 if problem else 200, TEXT, (problem or "ok").encode())
         if route == "metrics":
-            body, kind = metrics.render()
+            body, kind = metrics.render(self.sink)
             return await respond(send, 200, [(b"content-type", kind.encode())], body)
         return await respond(send, 404, TEXT, b"not found")
 
@@ -240,8 +259,10 @@ class Collector:
         except (SpoolFull, OSError) as exc:
             # Not durably written (backlog limit, or the disk failed): not acknowledged either.
             if isinstance(exc, OSError):
-                log.error("spool write failed: %s", exc)
-            metrics.REJECTED.inc()
+                metrics.WRITE_ERRORS.inc()
+                self.write_errors.failed(self.spool.dir, exc)
+            else:
+                metrics.REJECTED.inc()
             retry = [(b"retry-after", str(settings.retry_after_s).encode())]
             return await respond(send, 503, TEXT + retry + cors, b"spool full, retry later")
         return await self.answer(scope, send, cors + set_cookie, location)

@@ -14,10 +14,12 @@ REQUESTS = Counter("collector_requests_total", "HTTP requests by endpoint and st
 PRODUCED_TOTAL = Counter("collector_records_produced_total", "Records accepted by the stream", ["stream"])
 PRODUCED = {0: PRODUCED_TOTAL.labels("raw"), 1: PRODUCED_TOTAL.labels("bad")}
 SPOOLED = Counter("collector_records_spooled_total", "Records written to the spool")
-REJECTED = Counter("collector_spool_full_total", "Hits answered 503: spool full (or its disk failed)")
+REJECTED = Counter("collector_spool_full_total", "Hits answered 503: the backlog reached spool_max_bytes")
+WRITE_ERRORS = Counter("collector_spool_write_errors_total",
+                       "Hits answered 503: writing them to the spool failed (a full or failing disk)")
 SPOOL_RECORDS = Gauge("collector_spool_depth_records", "Undelivered records in the spool", **_GAUGE)
 SPOOL_BYTES = Gauge("collector_spool_depth_bytes", "Undelivered bytes in the spool", **_GAUGE)
-SINK_UP = Gauge("collector_sink_up", "1 while the stream can be reached (min over workers)",
+SINK_UP = Gauge("collector_sink_up", "1 while the stream can be reached and the sender runs (min over workers)",
                 **({"multiprocess_mode": "livemin"} if _MULTI else {}))
 SINK_LATENCY = Histogram("collector_sink_latency_seconds", "Time to deliver one batch to the stream(s)",
                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
@@ -38,7 +40,17 @@ def update_spool(spools: list) -> None:
     SPOOL_BYTES.set(sum(spool.depth_bytes for spool in spools))
 
 
-def render() -> tuple[bytes, str]:
+def refresh(sink) -> None:
+    """At scrape time, from the worker's sink itself: the sender also sets these per batch, but a
+    stuck or dead sender would leave them at their last value (an empty spool, a stream up). In
+    multiprocess mode this refreshes the scraped worker's values; the others' are their senders'."""
+    update_spool(sink.spools())
+    SINK_UP.set(int(sink.problem() is None))
+
+
+def render(sink=None) -> tuple[bytes, str]:
+    if sink is not None:
+        refresh(sink)
     if _MULTI:
         from prometheus_client import multiprocess
 

@@ -108,7 +108,7 @@ class Sink:
                 backoff = self.min_backoff
             else:
                 backoff = min(self.max_backoff, max(self.min_backoff, backoff * 2))
-            metrics.update_spool(self._spools())
+            metrics.update_spool(self.spools())
 
     def _sync_loop(self) -> None:
         while not self._stop.wait(self.fsync_interval):
@@ -120,7 +120,7 @@ class Sink:
     def _drain(self, deadline: float | None = None) -> bool:
         """Send until the spools are empty, or until ``deadline`` (None: until stop() is called);
         False when the stream could not be reached."""
-        for spool in self._spools():
+        for spool in self.spools():
             while True:
                 if self._stop.is_set() if deadline is None else time.monotonic() >= deadline:
                     return True
@@ -129,7 +129,7 @@ class Sink:
                     break
                 delivered = self._send(entries, offset, spool)
                 # Per batch: under sustained load this loop does not return for a long time.
-                metrics.update_spool(self._spools())
+                metrics.update_spool(self.spools())
                 if not delivered:
                     return False
             if spool is not self.spool:
@@ -148,8 +148,18 @@ class Sink:
             log.info("adopting spool %s (%d undelivered records, no live worker holds it)", spool.dir, spool.records)
             self.adopted.append((spool, fd))
 
-    def _spools(self) -> list[Spool]:
+    def spools(self) -> list[Spool]:
+        """Ours and the adopted ones (also read by /metrics, on the request side)."""
         return [self.spool] + [spool for spool, _ in self.adopted]
+
+    def problem(self) -> str | None:
+        """Why the spool is not being delivered now, or None. A sender thread that died sends nothing
+        however reachable the stream is; during stop() it has ended on purpose and stop() drains."""
+        if not (self._thread.is_alive() or self._stop.is_set()):
+            return "sender thread not running"
+        if not self.healthy:
+            return "stream unreachable"
+        return None
 
     def _release(self, spool: Spool) -> None:
         log.info("adopted spool %s delivered; releasing it", spool.dir)

@@ -1,0 +1,132 @@
+"""What an operator sees when a part of the collector fails: a failing spool disk, a dead sender thread.
+Through the real ASGI app with the real Sink and Spool, on in-memory streams."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import time
+
+import pytest
+
+from common.streams import MemoryStream
+from tests.collector.test_sink import app_with, pixel_hit
+
+
+def asgi_get(app, path: str) -> tuple[int, dict, bytes]:
+    """GET ``path`` through the ASGI app: status, headers, body."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"collector.test")], "client": ("127.0.0.1", 40000),
+             "server": ("127.0.0.1", 8080)}
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
+
+
+def metric(app, name: str) -> float:
+    text = asgi_get(app, "/metrics")[2].decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
+
+
+def hits(app, count: int, start: int = 0) -> list[int]:
+    async def run():
+        return [await pixel_hit(app, index) for index in range(start, start + count)]
+
+    return asyncio.run(run())
+
+
+def wait_until(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert condition()
+
+
+def test_a_failing_spool_disk_is_its_own_counter_and_one_error_line_per_interval(tmp_path, monkeypatch, caplog):
+    app = app_with(tmp_path, MemoryStream("raw"))
+    app.start()
+    try:
+        full_before = metric(app, "collector_spool_full_total")
+        errors_before = metric(app, "collector_spool_write_errors_total")
+
+        def disk_full(frames, count, force=False):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(app.spool, "append", disk_full)
+        with caplog.at_level(logging.ERROR, logger="collector"):
+            status, headers, _ = asgi_get(app, "/i")
+            statuses = hits(app, 49)
+            lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert status == 503 and headers[b"retry-after"] == b"30"      # answered as before
+        assert statuses == [503] * 49
+        assert metric(app, "collector_spool_write_errors_total") - errors_before == 50
+        assert metric(app, "collector_spool_full_total") == full_before  # not a backlog at its limit
+        [line] = lines                                                  # not one per hit
+        assert str(app.spool.dir) in line and "No space left on device" in line and " 1 hits" in line
+
+        caplog.clear()
+        app.write_errors._next_at -= app.write_errors.every_s          # the interval passes: one line for the rest
+        with caplog.at_level(logging.ERROR, logger="collector"):
+            hits(app, 1, start=50)
+            [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert " 50 hits" in line                                       # 49 after the first line, and this one
+    finally:
+        monkeypatch.undo()
+        app.stop()
+        os.close(app._lock_fd)
+
+
+# The thread ends with an exception on purpose; pytest would report it as unhandled.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_sender_fails_sink_health_and_the_spool_gauges_stay_true(tmp_path, monkeypatch):
+    raw = MemoryStream("raw")
+    app = app_with(tmp_path, raw)
+    app.start()
+    try:
+        assert hits(app, 5) == [200] * 5
+        wait_until(lambda: len(raw.all_records()) == 5)
+        wait_until(lambda: metric(app, "collector_spool_depth_records") == 0)
+        assert asgi_get(app, "/sink-health")[0] == 200
+
+        def die(deadline=None):
+            raise SystemExit          # not an Exception: the sender's catch-all lets it end the thread
+        monkeypatch.setattr(app.sink, "_drain", die)
+        app.sink.wake.set()
+        app.sink._thread.join(10)
+        assert not app.sink._thread.is_alive()
+
+        assert hits(app, 30, start=5) == [200] * 30                 # still spooled: nothing is lost
+        status, _, body = asgi_get(app, "/sink-health")
+        assert (status, body) == (503, b"sender thread not running")
+        assert asgi_get(app, "/health")[0] == 200                    # the process still serves
+        assert metric(app, "collector_spool_depth_records") == app.spool.records == 30
+        assert metric(app, "collector_spool_depth_bytes") == app.spool.depth_bytes > 0
+        assert metric(app, "collector_sink_up") == 0
+    finally:
+        monkeypatch.undo()
+        app.stop()                    # delivers what the dead sender left
+        os.close(app._lock_fd)
+    assert len(raw.all_records()) == 35
+
+
+def test_a_sender_ended_by_shutdown_is_not_reported_dead(tmp_path):
+    app = app_with(tmp_path, MemoryStream("raw"))
+    app.start()
+    try:
+        sink = app.sink
+        sink._stop.set()              # what stop() does first; it then drains the rest itself
+        sink.wake.set()
+        sink._thread.join(10)
+        assert asgi_get(app, "/sink-health")[0] == 200
+        assert metric(app, "collector_sink_up") == 1
+    finally:
+        app.stop()
+        os.close(app._lock_fd)
