@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import re
 import sys
@@ -19,6 +20,10 @@ import typing
 from pathlib import Path
 
 ENV_PREFIX = "CLICKSTREAM_"
+# CLICKSTREAM_* variables that are no setting: read by the LocalStack init hook and the test suite.
+NOT_SETTINGS = frozenset({"CONFIG", "CODE_DIR", "PYTHON", "TEST_REAL_AWS"})
+log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 
 class ConfigError(ValueError):
@@ -129,6 +134,7 @@ def load(cls, *, section: str | None = None, env: typing.Mapping[str, str] | Non
     _check_sections(data, section)
     names = {field.name for field in dataclasses.fields(cls)}
     _check_keys(data, section, names)
+    _warn_unknown_env(env, names, section)
     # Where each file value was written, so an error sends the operator to the right table.
     from_file = {key: (f"[common] {key}", value) for key, value in data.get("common", {}).items()}
     if section:
@@ -173,6 +179,23 @@ def _check_keys(data: dict, section: str | None, names: set[str]) -> None:
     unknown = sorted(set(data.get("common", {})) - known)
     if unknown:
         raise ConfigError(f"[common] unknown key(s), not a setting of any component: {_with_hints(unknown, known)}")
+
+
+def _warn_unknown_env(env: typing.Mapping[str, str], names: set[str], section: str | None) -> None:
+    """Warn (once per variable) about a CLICKSTREAM_* variable no component reads: a misspelt one
+    would otherwise leave its setting at the default without a word. Not an error, as an unknown
+    file key is: one environment may serve several versions during a rolling deploy."""
+    keys = names | {field.name for field in dataclasses.fields(AwsSettings)}.union(*SECTION_KEYS.values())
+    known = {key.upper() for key in keys} | NOT_SETTINGS
+    prefixes = {name.upper().replace("-", "_") for name in (*SECTIONS, section) if name}
+    known |= {f"{prefix}_{key}" for prefix in prefixes for key in known}
+    for variable in env:
+        name = variable[len(ENV_PREFIX):] if variable.startswith(ENV_PREFIX) else None
+        if name is None or name in known or variable in _warned:
+            continue
+        _warned.add(variable)
+        log.warning("%s is not a setting of any component; ignored",
+                    _with_hints([variable], {ENV_PREFIX + key for key in known}))
 
 
 def _with_hints(unknown: list[str], known: set[str]) -> str:

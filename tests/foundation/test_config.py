@@ -50,6 +50,17 @@ def test_types_are_converted():
     assert settings.paths == ("/a", "/b")
 
 
+def test_a_variable_no_component_reads_is_warned_about_once_with_a_hint(caplog):
+    env = {"CLICKSTREAM_SESION_TIMEOUT_S": "60", "CLICKSTREAM_SCORER_PORT": "9000", "CLICKSTREAM_FLUSH_MS": "5",
+           "CLICKSTREAM_CONFIG": "", "OTHER_THING": "x"}
+    with caplog.at_level("WARNING", logger="common.config"):
+        assert load(Example, env=env).flush_ms == 5
+        load(Example, env=env)
+    assert [r.getMessage() for r in caplog.records] == [
+        ("CLICKSTREAM_SESION_TIMEOUT_S (did you mean CLICKSTREAM_SESSION_TIMEOUT_S?) is not a setting of any "
+         "component; ignored")]
+
+
 @pytest.mark.parametrize("key,value,expected", [
     ("CLICKSTREAM_FLUSH_MS", "soon", "expected an integer"),
     ("CLICKSTREAM_RATIO", "half", "expected a number"),
