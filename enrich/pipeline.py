@@ -145,38 +145,41 @@ class Enricher:
         except Exception as exc:  # a bug must cost one bad row, not a stalled shard (the raw record kept)
             log.exception("unexpected error reading a raw record")
             return [], [badrows.format_violation(raw, f"unexpected error: {type(exc).__name__}: {exc}")]
-        good, bad = [], []
+        good, bad, unwritable = [], [], []
         etl_tstamp = iso_ms(utc_now_ms())
         for index, params in enumerate(hit.events):
             try:
                 found = self._event(hit, params, etl_tstamp, functools.partial(derived_event_id, raw, index))
             except EventFailure as exc:
-                bad.append(self._writable_bad_row(raw, index, exc, hit, params))
+                self._add_bad_row(bad, unwritable, index, exc, hit, params)
                 continue
             except Exception as exc:  # a bug must cost one bad row, not a stalled shard
                 log.exception("unexpected error enriching an event")
-                bad.append(self._writable_bad_row(raw, index, EventFailure("enrichment_failures", [
-                    {"enrichment": None, "message": {"error": f"{type(exc).__name__}: {exc}"}}]), hit, params))
+                self._add_bad_row(bad, unwritable, index, EventFailure("enrichment_failures", [
+                    {"enrichment": None, "message": {"error": f"{type(exc).__name__}: {exc}"}}]), hit, params)
                 continue
             if found is not None:
                 event, data = found
                 # The scorer's session key: a session's events stay in order on one shard.
                 good.append((session_key(event), event, data))
+        if unwritable:
+            # One row for all of them, each copy of the record would repeat it (and its good events on replay).
+            bad.append(badrows.format_violation(raw, f"event(s) {', '.join(unwritable)} failed and their bad rows "
+                                                     "cannot be written as JSON (nested over 254 levels)"))
         return good, bad
 
-    def _writable_bad_row(self, raw: bytes, index: int, failure: EventFailure, hit: protocol.Hit,
-                          params: object) -> dict:
-        """The event's bad row, or, when that row cannot be written as JSON, the raw record as text.
-
-        orjson reads 1,024 levels of nesting but writes only 254: a POST event nested deeper has no
-        JSON form of its own, and raising here would stop the enricher on that record at every restart."""
+    def _add_bad_row(self, bad: list[dict], unwritable: list[str], index: int, failure: EventFailure,
+                     hit: protocol.Hit, params: object) -> None:
+        """The event's bad row, or, when that row cannot be written as JSON, note it for one row that
+        keeps the whole raw record: orjson reads 1,024 levels of nesting but writes only 254, and a
+        row raising later would stop the enricher on that record at every restart."""
         try:
             row = self._bad_row(failure, hit, params)
             orjson.dumps(row)
-        except orjson.JSONEncodeError as exc:
-            return badrows.format_violation(raw, f"event {index} failed ({failure.kind}) and its bad row "
-                                                 f"cannot be written: {type(exc).__name__}: {exc}")
-        return row
+        except orjson.JSONEncodeError:
+            unwritable.append(f"{index} ({failure.kind})")
+            return
+        bad.append(row)
 
     def _bad_row(self, failure: EventFailure, hit: protocol.Hit, params: object) -> dict:
         record = protocol.event_record(hit, params)

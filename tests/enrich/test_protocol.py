@@ -303,12 +303,13 @@ def test_an_event_nested_too_deep_to_write_back_is_a_bad_row_with_the_record_and
     good_event = orjson.dumps({**BASE, "e": "pv"}).decode()
     deep_event = orjson.dumps({**BASE, "e": "pv"}).decode()[:-1] + ',"x":' + "[" * 300 + "]" * 300 + "}"
     body = '{"schema":"iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4","data":[' \
-           f"{good_event},{deep_event}]}}"
+           f"{good_event},{deep_event},{deep_event}]}}"
     raw = orjson.dumps(record(method="POST", path="/com.snowplowanalytics.snowplow/tp2", body=body))
-    good, [row] = enricher().process(raw)
+    good, [row] = enricher().process(raw)          # one row for both: each would carry the whole record
     assert [event["event"] for _, event in good] == ["page_view"]
     assert row["schema"].split("/")[1] == "collector_payload_format_violation"
-    assert row["data"]["failure"]["message"]["error"].startswith("event 1 failed (tracker_protocol_violations)")
+    assert row["data"]["failure"]["message"]["error"].startswith(
+        "event(s) 1 (tracker_protocol_violations), 2 (tracker_protocol_violations) failed")
     assert row["data"]["payload"] == raw.decode()
     batch = Batch("shard-0", [Record(raw, "k", "1", "shard-0", 0)], 0, False, "1")
     written_good, [(_, written_bad)] = Worker(enricher(), consumer=None, good=None, bad=None).outputs(batch)
