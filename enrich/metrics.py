@@ -9,3 +9,9 @@ BAD = Counter("enrich_bad_rows_total", "Bad rows written to the bad stream, by t
 DUPLICATES = Counter("enrich_duplicates_dropped_total", "Exact duplicates dropped within the dedupe window")
 RETRIES = Counter("enrich_write_retries_total", "Output writes retried after a partial or total failure")
 LAG = Gauge("enrich_lag_ms", "Milliseconds behind the newest raw record (max over owned shards)")
+CHECKPOINT_AGE = Gauge("enrich_checkpoint_age_seconds", "How long the oldest records read have waited for a checkpoint")
+SHARDS_OWNED = Gauge("enrich_shards_owned", "Shards of the raw stream this worker holds leases for")
+# A failed fetch is otherwise only in each bad row's lookupHistory: without this an unreachable registry
+# looks like a broken tracker (every event a schema_violations bad row). One label value per configured registry.
+REGISTRY_ERRORS = Counter("enrich_registry_errors_total", "Schema fetches that failed (unreachable, 5xx, timeout, "
+                          "unreadable answer), by registry", ["registry"])

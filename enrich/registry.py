@@ -9,6 +9,7 @@ compiling is ~1000x slower than validating.
 from __future__ import annotations
 
 import http.client
+import logging
 import re
 import time
 import urllib.error
@@ -21,6 +22,8 @@ from pathlib import Path
 import fastjsonschema
 import orjson
 from fastjsonschema.draft04 import CodeGeneratorDraft04
+
+from enrich import metrics
 
 EMBEDDED = Path(__file__).resolve().parent / "iglu"
 SELF_DESC_META = "http://iglucentral.com/schemas/com.snowplowanalytics.self-desc/schema/jsonschema/1-0-0#"
@@ -42,6 +45,8 @@ FORMATS = {"uuid": r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4
            "date": r"^\d{4}-\d{2}-\d{2}$",
            "uri": r"^[a-zA-Z][a-zA-Z0-9+.\-]*:[^\s]*$"}
 KNOWN_FORMATS = frozenset(CodeGeneratorDraft04.FORMAT_REGEXS) | frozenset(FORMATS)
+
+log = logging.getLogger(__name__)
 
 
 class SchemaKeyError(ValueError):
@@ -164,6 +169,15 @@ class Resolved:
 
 
 @dataclass
+class _Outage:
+    """What the log has said about one registry's failures: one warning per interval, not one per event."""
+
+    failed: int = 0                       # failed fetches not yet in a log line
+    warned_at: float = float("-inf")
+    warned: bool = False                  # a warning is out and no "answers again" line yet
+
+
+@dataclass
 class Resolver:
     registries: list = field(default_factory=lambda: [registry_from("embedded")])
     ttl: float = 600.0
@@ -172,7 +186,10 @@ class Resolver:
     # Schema keys come from the input: bounded, least recently used out, so a stream of made-up keys
     # cannot grow memory (a real pipeline uses a few hundred schemas at most).
     max_entries: int = 4096
+    # A dead registry fails one fetch per schema key per error_ttl, i.e. per event on a busy stream.
+    log_interval: float = 30.0
     _cache: OrderedDict[str, Resolved] = field(default_factory=OrderedDict)
+    _outages: dict[str, _Outage] = field(default_factory=dict)
 
     @classmethod
     def from_specs(cls, specs: tuple[str, ...] | list[str], ttl: float = 600.0) -> Resolver:
@@ -198,12 +215,15 @@ class Resolver:
             try:
                 schema = registry.fetch(key)
             except NotFound as exc:
+                self._answered(registry.name)
                 history.append({"repository": registry.name, "errors": [{"error": "NotFound", "message": str(exc)}]})
                 continue
             except RegistryError as exc:
                 transient = True
+                self._failed(registry.name, exc)
                 history.append({"repository": registry.name, "errors": [{"error": "RepoFailure", "message": str(exc)}]})
                 continue
+            self._answered(registry.name)
             try:
                 validate = compile_schema(schema)
             except ValueError as exc:
@@ -212,6 +232,27 @@ class Resolver:
             return Resolved(key, validate, schema, history, self.clock() + self.ttl)
         ttl = self.error_ttl if transient else self.ttl
         return Resolved(key, None, None, history, self.clock() + min(ttl, self.ttl))
+
+    def _failed(self, name: str, exc: RegistryError) -> None:
+        metrics.REGISTRY_ERRORS.labels(name).inc()
+        outage = self._outages.setdefault(name, _Outage())
+        outage.failed += 1
+        now = self.clock()
+        if now - outage.warned_at < self.log_interval:
+            return
+        # Say it is the registry: otherwise the only sign is schema_violations bad rows, like a broken tracker.
+        log.warning("schema registry %s unreachable: %d fetch(es) failed since the last report (last: %s); events "
+                    "needing a schema only it holds become schema_violations bad rows; retried after %g s",
+                    name, outage.failed, exc, min(self.error_ttl, self.ttl))
+        outage.failed, outage.warned_at, outage.warned = 0, now, True
+
+    def _answered(self, name: str) -> None:
+        outage = self._outages.get(name)
+        if outage is not None and outage.warned:
+            outage.warned = False
+            log.info("schema registry %s answers again (%d more fetch(es) had failed since the last warning)",
+                     name, outage.failed)
+            outage.failed = 0
 
     def validate(self, key: str, data: object) -> list[str]:
         """Validator messages for ``data`` against ``key`` (empty when valid); raises LookupError when unresolved."""

@@ -85,8 +85,8 @@ def page_type(kind: str = "product", category: str | None = "shoes") -> dict:
 
 
 class _Server:
-    def __init__(self, handler):
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    def __init__(self, handler, port: int = 0):
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
@@ -161,9 +161,10 @@ class CaptureServer(_Server):
 
 
 class StaticRegistry(_Server):
-    """A static Iglu registry: serves ``root`` over HTTP and counts the requests per path."""
+    """A static Iglu registry: serves ``root`` over HTTP and counts the requests per path; ``port`` brings a
+    stopped one back at the same address."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, port: int = 0):
         self.requests: list[str] = []
         requests = self.requests
 
@@ -175,7 +176,7 @@ class StaticRegistry(_Server):
             def log_message(self, *args):
                 pass
 
-        super().__init__(functools.partial(Handler, directory=str(root)))
+        super().__init__(functools.partial(Handler, directory=str(root)), port)
 
 
 def write_schema(root: Path, key: str, body: dict, description: str = "test schema") -> None:

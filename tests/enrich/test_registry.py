@@ -1,15 +1,19 @@
 """The Iglu resolver: registries in priority order, SchemaVer versions, TTL caching, lint and the CLI."""
 from __future__ import annotations
 
+import logging
+
 import orjson
 import pytest
 from click.testing import CliRunner
+from prometheus_client import REGISTRY
 
 from common.config import ConfigError
 from enrich.cli import cli
+from enrich.pipeline import Enricher
 from enrich.registry import EMBEDDED, FolderRegistry, HttpRegistry, Resolver, SchemaKey, SchemaKeyError, lint
 from localstack.emulator import free_port
-from tests.enrich.helpers import StaticRegistry, enricher, get_record, unstruct, write_schema
+from tests.enrich.helpers import StaticRegistry, enricher, get_record, settings, unstruct, write_schema
 
 SIGNUP = "iglu:com.acme/signup/jsonschema/"
 PROPS = {"email_domain": {"type": "string"}}
@@ -91,6 +95,45 @@ def test_an_unreachable_registry_is_skipped_and_retried_sooner(tmp_path):
     assert found.history[0]["errors"][0]["error"] == "RepoFailure"
     missing = resolver.lookup(SIGNUP + "3-0-0")
     assert missing.validate is None and missing.expires == clock.now + 5
+
+
+def test_a_registry_outage_is_counted_and_logged_once_per_interval_not_once_per_event(tmp_path, caplog):
+    # Without this the only sign of a dead registry is schema_violations bad rows, as from a broken tracker.
+    served = tmp_path / "served"
+    for n in range(30):
+        write_schema(served, f"{SIGNUP}1-0-{n}", {"type": "object", "additionalProperties": True})
+    clock = Clock()
+    server = StaticRegistry(served).__enter__()
+    port, dead = server.httpd.server_address[1], HttpRegistry(server.url, timeout=0.5)
+    worker = Enricher(settings(), Resolver([FolderRegistry(EMBEDDED, "embedded"), dead], clock=clock))
+
+    def signup(n):
+        return worker.process(get_record({"e": "ue", "p": "web", "tv": "t", "ue_pr": orjson.dumps(
+            unstruct(f"{SIGNUP}1-0-{n}", {})).decode()}))
+
+    def errors():
+        return REGISTRY.get_sample_value("enrich_registry_errors_total", {"registry": dead.name}) or 0
+
+    def lines(level):
+        return [r.getMessage() for r in caplog.records if r.name == "enrich.registry" and r.levelno == level]
+
+    caplog.set_level(logging.INFO, logger="enrich.registry")
+    assert signup(0)[1] == [] and errors() == 0
+    server.__exit__()                                                   # connection refused from now on
+    bad = [row for n in range(1, 21) for row in signup(n)[1]]
+    assert [row["schema"].split("/")[1] for row in bad] == ["schema_violations"] * 20
+    assert errors() == 20                                               # one per failed fetch
+    assert len(lines(logging.WARNING)) == 1                             # not one per event
+    assert dead.name in lines(logging.WARNING)[0] and "1 fetch(es) failed" in lines(logging.WARNING)[0]
+    clock.now += 31                                                     # the default log_interval is 30 s
+    signup(21)
+    assert errors() == 21 and len(lines(logging.WARNING)) == 2
+    assert "20 fetch(es) failed since the last report" in lines(logging.WARNING)[1]
+    with StaticRegistry(served, port=port):                             # back at the same address
+        assert signup(22)[1] == []
+        assert signup(23)[1] == []
+    assert len(lines(logging.INFO)) == 1 and f"{dead.name} answers again" in lines(logging.INFO)[0]
+    assert errors() == 21 and len(lines(logging.WARNING)) == 2
 
 
 def test_a_registry_that_breaks_off_its_answer_is_skipped_like_an_unreachable_one(tmp_path, monkeypatch):
