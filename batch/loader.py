@@ -31,12 +31,14 @@ from common.cli import run_command
 from common.config import AwsSettings, require_batch_limit, require_positive
 from common.consumer import Consumer, ReadFailed, consumer_for
 from common.leases import Lease, LeaseLost
+from common.retry import backoff_s
 from common.service import listening, settings_or_exit, stop_on_signals
 from common.streams import SHARD_END, Record, sequence_key
 
 log = logging.getLogger("batch.loader")
 
 INTENT = "intent_last"
+MAX_RETRY_WAIT_S = 5.0          # between retries through a stream or lease table outage
 PARQUET_TYPE = "application/vnd.apache.parquet"
 JSONL_GZ_TYPE = "application/x-ndjson"
 
@@ -332,14 +334,20 @@ class Loader:
         self.idle_sleep = idle_sleep
 
     def run(self, stop: Callable[[], bool]) -> None:
+        failures = 0
         try:
             while not stop():
                 try:
                     read = sum(loader.step() for loader in self.loaders)
+                    failures = 0
                 except (BotoCoreError, ClientError, OSError, ReadFailed) as exc:
-                    # Kinesis or DynamoDB hiccup: nothing was checkpointed past what is durable, so wait and go on.
+                    # Kinesis or DynamoDB hiccup: nothing was checkpointed past what is durable, so wait and
+                    # go on, backing off: an outage would otherwise be retried (and logged) twice a second.
+                    failures += 1
                     log.error("stream or lease call failed, retrying: %s", exc)
-                    read = 0
+                    renewals = [loader.consumer.renew_interval_s for loader in self.loaders]
+                    time.sleep(backoff_s(failures, self.idle_sleep, min(MAX_RETRY_WAIT_S, *renewals)))
+                    continue
                 if not read:
                     time.sleep(self.idle_sleep)
         finally:
@@ -368,6 +376,8 @@ class LoaderCollector:
         lag = GaugeMetricFamily("lake_loader_millis_behind", "max MillisBehindLatest of owned shards", labels=["stream"])
         buffered = GaugeMetricFamily("lake_loader_buffered_records", "records read, not yet written", labels=["stream"])
         shards = GaugeMetricFamily("lake_loader_owned_shards", "shards leased by this worker", labels=["stream"])
+        age = GaugeMetricFamily("lake_loader_checkpoint_age_seconds", "how long the oldest records read have "
+                                "waited for a checkpoint (up to lake_flush_seconds by design)", labels=["stream"])
         for part in self.loader.loaders:
             stream = part.consumer.stream.name
             for name, family in counters.items():
@@ -375,8 +385,9 @@ class LoaderCollector:
             lag.add_metric([stream], part.consumer.max_lag_ms)
             buffered.add_metric([stream], sum(len(b.records) for b in list(part.buffers.values())))
             shards.add_metric([stream], len(part.consumer.owned))
+            age.add_metric([stream], part.consumer.checkpoint_age_s)
         yield from counters.values()
-        yield from (lag, buffered, shards)
+        yield from (lag, buffered, shards, age)
 
 
 def serve_metrics(loader: Loader, port: int, host: str = "127.0.0.1"):

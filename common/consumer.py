@@ -59,6 +59,11 @@ class _Owned:
     lease: Lease
     checkpointed: str | None = None  # where a rewind reads again from: the start, then each checkpoint
     read_at: float = 0.0            # monotonic time of the last GetRecords on this shard
+    # Monotonic time of the first of the reads failing in a row (None when the last one worked): the
+    # shard falls behind meanwhile, and the lag reported must say so instead of its last value.
+    failing_since: float | None = None
+    # Monotonic time since which records handed out wait for a checkpoint (None: none wait).
+    unchecked_since: float | None = None
 
 
 class ReadFailed(Exception):
@@ -91,6 +96,7 @@ class Consumer:
         self._shards: list[Shard] = []
         self._shards_at = 0.0
         self._balanced_at = 0.0
+        self._balance_failures = 0
         self._renewed_at = 0.0
 
     # ------------------------------------------------------------------ leases and balancing
@@ -111,11 +117,14 @@ class Consumer:
                 if shard.shard_id not in finished
                 and all(parent in finished or parent not in known for parent in shard.parents)]
 
+    def shard(self, shard_id: str) -> Shard:
+        """The shard as last listed (its parents, its hash key range)."""
+        return next((shard for shard in self._shards if shard.shard_id == shard_id), Shard(shard_id))
+
     def parents(self, shard_id: str) -> tuple[str, ...]:
         """The shard's parents still in the stream (a reshard's closed shards), as last listed."""
-        known = {shard.shard_id: shard for shard in self._shards}
-        shard = known.get(shard_id)
-        return tuple(parent for parent in shard.parents if parent in known) if shard else ()
+        known = {shard.shard_id for shard in self._shards}
+        return tuple(parent for parent in self.shard(shard_id).parents if parent in known)
 
     @property
     def renew_interval_s(self) -> float:
@@ -221,10 +230,15 @@ class Consumer:
         if time.monotonic() - self._balanced_at > self.renew_interval_s:
             try:
                 self.balance()
+                self._balance_failures = 0
             except (BotoCoreError, ClientError) as exc:
-                # The lease table is throttled or away: keep reading what we hold, try again in a second.
-                log.warning("balancing leases in table %s failed, retrying: %s",
-                            getattr(self.leases, "table", "(in memory)"), exc)
+                # The stream or the lease table is throttled, away or not created yet: keep reading what
+                # we hold, try again in a second, and say so on the first failure and once a minute after.
+                self._balance_failures += 1
+                if self._balance_failures % 60 == 1:
+                    log.warning("listing the shards of stream %s or the leases in table %s failed (%d times in a "
+                                "row), retrying every second: %s", self.stream.name,
+                                getattr(self.leases, "table", "(in memory)"), self._balance_failures, exc)
                 self._balanced_at = time.monotonic() - self.renew_interval_s + min(1.0, self.renew_interval_s)
         batches, failures, due = [], [], []
         now = time.monotonic()
@@ -239,9 +253,14 @@ class Consumer:
                 log.warning("reading shard %s failed, skipping it this round: %s", shard_id, exc)
                 owned.reader = self.stream.reader(shard_id, owned.position)
                 failures.append(exc)
+                if owned.failing_since is None:
+                    owned.failing_since = now
                 continue
+            owned.failing_since = None
             if result.records:
                 owned.position = result.records[-1].sequence_number
+                if owned.unchecked_since is None:
+                    owned.unchecked_since = now
             self.lag_ms[shard_id] = result.millis_behind
             if result.records or result.shard_end:
                 batches.append(Batch(shard_id, result.records, result.millis_behind,
@@ -262,8 +281,11 @@ class Consumer:
         except LeaseLost:
             self._drop(shard_id, "lease lost before checkpoint")
             raise
-        if shard_id in self.owned:
-            self.owned[shard_id].checkpointed = value
+        owned = self.owned.get(shard_id)
+        if owned is not None:
+            owned.checkpointed = value
+            # Records read past this checkpoint (a loader flushes behind its reads) wait from now on.
+            owned.unchecked_since = None if value in (owned.position, SHARD_END) else time.monotonic()
         if value == SHARD_END:
             # The parent is done; release it and look for its children at once.
             self.leases.release(shard_id, self.worker_id)
@@ -287,10 +309,28 @@ class Consumer:
         if owned is not None:
             owned.position = owned.checkpointed
             owned.reader = self.stream.reader(shard_id, owned.checkpointed)
+            # unchecked_since stays: the records handed back still wait for a checkpoint.
 
     @property
     def max_lag_ms(self) -> int:
-        return max(self.lag_ms.values(), default=0)
+        """The slowest owned shard's MillisBehindLatest; for a shard whose reads fail, its last value
+        plus the time they have failed (so a lag alert fires during a stream outage).
+
+        Safe to call from a metrics scrape on another thread."""
+        now = time.monotonic()
+        lags = [self.lag_ms.get(shard_id, 0) + (0 if owned.failing_since is None
+                                                else int((now - owned.failing_since) * 1000))
+                for shard_id, owned in list(self.owned.items())]
+        return max(lags, default=0)
+
+    @property
+    def checkpoint_age_s(self) -> float:
+        """How long the oldest records handed out and not yet covered by a checkpoint have waited, over
+        the owned shards (0 when none wait). Grows while checkpoints fail or a batch cannot be handled:
+        the work a restart would repeat. Safe to call from a metrics scrape on another thread."""
+        now = time.monotonic()
+        since = [owned.unchecked_since for owned in list(self.owned.values()) if owned.unchecked_since is not None]
+        return max((now - at for at in since), default=0.0)
 
     def close(self) -> None:
         """Hand our shards back at once so peers need not wait for the leases to expire."""

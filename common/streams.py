@@ -7,6 +7,7 @@ the emulator for memory without changing the code under test.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import time
@@ -36,10 +37,17 @@ class Shard:
     parent_shard_id: str | None = None
     adjacent_parent_shard_id: str | None = None
     closed: bool = False
+    # The MD5 hash keys of the partition keys it takes (Kinesis' HashKeyRange), both ends included.
+    start_hash: int = 0
+    end_hash: int = 2**128 - 1
 
     @property
     def parents(self) -> tuple[str, ...]:
         return tuple(p for p in (self.parent_shard_id, self.adjacent_parent_shard_id) if p)
+
+    def takes(self, partition_key: str) -> bool:
+        """Whether a record with this partition key goes to this shard."""
+        return self.start_hash <= hash_key(partition_key) <= self.end_hash
 
 
 @dataclass(frozen=True)
@@ -107,9 +115,11 @@ class KinesisStream:
             kwargs = {"NextToken": token} if token else {"StreamName": self.name}
             response = self.client.list_shards(**kwargs)
             for item in response["Shards"]:
+                hashes = item.get("HashKeyRange", {})
                 shards.append(Shard(
                     item["ShardId"], item.get("ParentShardId"), item.get("AdjacentParentShardId"),
                     "EndingSequenceNumber" in item.get("SequenceNumberRange", {}),
+                    int(hashes.get("StartingHashKey", 0)), int(hashes.get("EndingHashKey", 2**128 - 1)),
                 ))
             token = response.get("NextToken")
             if not token:
@@ -174,8 +184,6 @@ def hash_key(partition_key: str) -> int:
 @dataclass
 class _MemoryShard:
     shard: Shard
-    start_hash: int
-    end_hash: int
     records: list[Record] = field(default_factory=list)
 
 
@@ -193,8 +201,8 @@ class MemoryStream:
         self.fail_next = 0
         span = 2**128 // shard_count
         self._shards = [
-            _MemoryShard(Shard(f"shardId-{i:012d}"), i * span,
-                         2**128 - 1 if i == shard_count - 1 else (i + 1) * span - 1)
+            _MemoryShard(Shard(f"shardId-{i:012d}", start_hash=i * span,
+                               end_hash=2**128 - 1 if i == shard_count - 1 else (i + 1) * span - 1))
             for i in range(shard_count)
         ]
 
@@ -217,7 +225,7 @@ class MemoryStream:
 
     def _route(self, hashed: int) -> _MemoryShard:
         for item in self._shards:
-            if not item.shard.closed and item.start_hash <= hashed <= item.end_hash:
+            if not item.shard.closed and item.shard.start_hash <= hashed <= item.shard.end_hash:
                 return item
         raise RuntimeError("no open shard covers the hash key")
 
@@ -229,11 +237,12 @@ class MemoryStream:
         """Close a shard and open two children covering its hash range, as UpdateShardCount does."""
         with self._lock:
             parent = next(item for item in self._shards if item.shard.shard_id == shard_id)
-            parent.shard = Shard(parent.shard.shard_id, parent.shard.parent_shard_id, None, True)
-            middle = (parent.start_hash + parent.end_hash) // 2
-            base = len(self._shards)
-            self._shards.append(_MemoryShard(Shard(f"shardId-{base:012d}", shard_id), parent.start_hash, middle))
-            self._shards.append(_MemoryShard(Shard(f"shardId-{base + 1:012d}", shard_id), middle + 1, parent.end_hash))
+            parent.shard = dataclasses.replace(parent.shard, closed=True)
+            start, end = parent.shard.start_hash, parent.shard.end_hash
+            middle, base = (start + end) // 2, len(self._shards)
+            for index, (low, high) in enumerate(((start, middle), (middle + 1, end))):
+                self._shards.append(_MemoryShard(Shard(f"shardId-{base + index:012d}", shard_id, start_hash=low,
+                                                       end_hash=high)))
 
     def reader(self, shard_id: str, after_sequence: str | None) -> MemoryShardReader:
         shard = next(item for item in self._shards if item.shard.shard_id == shard_id)

@@ -52,6 +52,9 @@ class Engine:
         self.consumer = consumer
         self.offers = offers
         self.metrics = metrics
+        # Read at scrape time: a gauge set after each poll would freeze while the stream cannot be read.
+        metrics.lag_ms.set_function(lambda: self.consumer.max_lag_ms)
+        metrics.checkpoint_age.set_function(lambda: self.consumer.checkpoint_age_s)
         self.clock = clock
         self.stop = stop
         # Sessions known to have an offer, until when: saves a write for each of their later predictions.
@@ -71,12 +74,13 @@ class Engine:
 
     # ------------------------------------------------------------------ decisions
 
-    def decide(self, data: bytes) -> str:
+    def decide(self, data: bytes, sequence: str | None = None) -> str:
         """Handle one prediction record; returns the outcome label (also counted in the metrics)."""
         try:
             prediction = Prediction.from_record(json.loads(data))
         except (ValueError, RecursionError) as exc:   # JSONDecodeError is a ValueError; deep nesting recurses
-            log.warning("skipping a record that is not a prediction: %s", exc)
+            log.warning("shard %s sequence %s: skipping a record that is not a prediction: %s", self._shard,
+                        sequence, exc, extra={"shard_id": self._shard})
             return "invalid"
         reason = skip_reason(self.settings, prediction)
         if reason:
@@ -136,7 +140,7 @@ class Engine:
         self._shard = batch.shard_id
         for record in batch.records:
             started = time.perf_counter()
-            outcome = self.decide(record.data)
+            outcome = self.decide(record.data, record.sequence_number)
             self.metrics.predictions.labels(outcome).inc()
             if outcome == Outcome.OFFERED.value:
                 self.metrics.offers.inc()
@@ -169,7 +173,6 @@ class Engine:
                 # The offers are written: the shard's next checkpoint covers this batch too.
                 log.warning("checkpoint of shard %s failed, the next one covers it: %s", batch.shard_id, exc)
             handled += len(batch.records)
-        self.metrics.lag_ms.set(self.consumer.max_lag_ms)
         self.metrics.shards.set(len(self.consumer.owned))
         self._update_budget_gauge()
         return handled

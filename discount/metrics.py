@@ -17,6 +17,9 @@ class Metrics:
                                  registry=self.registry)
         self.lag_ms = Gauge("discount_consumer_lag_ms", "Milliseconds behind the tip of the predictions stream",
                             registry=self.registry)
+        self.checkpoint_age = Gauge("discount_checkpoint_age_seconds",
+                                    "How long the oldest predictions read have waited for a checkpoint",
+                                    registry=self.registry)
         self.shards = Gauge("discount_shards_owned", "Shards of the predictions stream this process reads",
                             registry=self.registry)
         self.decision_seconds = Histogram("discount_offer_seconds", "Time to decide and write one offer",

@@ -104,6 +104,10 @@ class Worker:
         return True
 
     def run(self, idle_sleep: float = 0.2, report_every_s: float = 30.0) -> None:
+        # Read at scrape time: a gauge set after each poll would freeze while the stream cannot be read.
+        metrics.LAG.set_function(lambda: self.consumer.max_lag_ms)
+        metrics.CHECKPOINT_AGE.set_function(lambda: self.consumer.checkpoint_age_s)
+        metrics.SHARDS_OWNED.set_function(lambda: len(self.consumer.owned))
         reported = time.monotonic()
         failures = 0
         while not self.stop.is_set():
@@ -131,7 +135,6 @@ class Worker:
                 except (BotoCoreError, ClientError) as exc:
                     # Outputs are durable; a later batch's checkpoint covers this one.
                     log.warning("checkpoint of %s failed (%s); the next one covers it", batch.shard_id, exc)
-            metrics.LAG.set(self.consumer.max_lag_ms)
             metrics.DUPLICATES.inc(self.enricher.deduper.dropped - self._duplicates)
             self._duplicates = self.enricher.deduper.dropped
             if time.monotonic() - reported > report_every_s:

@@ -10,15 +10,19 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from types import SimpleNamespace
 
 import orjson
 import pytest
+from botocore.config import Config
 
 from batch import lake
+from batch import loader as loader_module
 from batch.loader import INTENT, LoaderSettings, build, serve_metrics
 from common import aws
 from common.config import ConfigError, load
 from common.leases import DynamoLeaseTable
+from common.streams import KinesisStream
 from localstack.emulator import free_port
 from tests.batch.conftest import (
     BASE,
@@ -33,6 +37,7 @@ from tests.batch.conftest import (
     put_events,
 )
 from tests.conftest import settings_env, wait_for
+from tests.faults import FaultProxy
 
 
 def _leases(settings, stream: str) -> dict:
@@ -258,3 +263,26 @@ def test_a_new_owner_starts_from_the_lease_row_as_it_is_after_the_take(aws_setti
     table.checkpoint("shardId-000000000000", "old-owner", "7", {INTENT: "9"})
     assert enriched._start_after(stale) == "7"
     assert enriched.intents == {"shardId-000000000000": "9"}
+
+
+def test_a_kinesis_outage_is_retried_with_backoff_not_twice_a_second(aws_settings, monkeypatch):
+    # It slept its idle 0.5 s between retries: 6 error lines a second for two streams of two shards.
+    loader = build(loader_settings(aws_settings, lake_idle_sleep_s=0.2, lake_read_interval_s=0))
+    for part in loader.loaders:
+        part.step()                         # takes its shards
+    waits = []                              # the waits after a failure (an idle round sleeps 0.2 s)
+    monkeypatch.setattr(loader_module, "time", SimpleNamespace(
+        sleep=lambda s: time.sleep(s) if s == 0.2 else waits.append(s), monotonic=time.monotonic,
+        perf_counter=time.perf_counter))
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        for part in loader.loaders:         # Kinesis through the proxy; the lease table stays reachable
+            kinesis = aws.session().client("kinesis", endpoint_url=proxy.endpoint,
+                                           config=Config(retries={"max_attempts": 1}))
+            part.consumer.stream = KinesisStream(kinesis, part.consumer.stream.name)
+            for shard_id in part.consumer.owned:
+                part.consumer.rewind(shard_id)      # readers on the new client
+        proxy.down = True
+        deadline = time.monotonic() + 20
+        loader.run(lambda: len(waits) >= 6 or time.monotonic() > deadline)
+    renewal = loader.loaders[0].consumer.renew_interval_s          # never past a lease renewal
+    assert waits == [0.4, 0.8, 1.6, 3.2, renewal, renewal]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -79,7 +80,7 @@ def count(engine_: Engine, outcome: str) -> float:
     return engine_.metrics.registry.get_sample_value("discount_predictions_total", {"outcome": outcome}) or 0.0
 
 
-def test_qualifying_sessions_get_exactly_one_offer(aws_settings):
+def test_qualifying_sessions_get_exactly_one_offer(aws_settings, caplog):
     settings = discount_settings(aws_settings)
     publish(settings, [
         prediction("a", 0.55), prediction("a", 0.60), prediction("a", 0.70),      # one offer, then known
@@ -90,9 +91,12 @@ def test_qualifying_sessions_get_exactly_one_offer(aws_settings):
         b"not a prediction",
     ])
     eng = engine(settings)
-    drain(eng, 9)
+    with caplog.at_level(logging.WARNING, logger="discount"):
+        drain(eng, 9)
     made = offers(settings)
     assert set(made) == {"a", "c"}
+    [skipped] = [r.getMessage() for r in caplog.records if "not a prediction" in r.getMessage()]
+    assert skipped.startswith("shard shardId-000000000000 sequence ")       # where to find the record
     assert made["a"]["p_buy"]["N"] == "0.55" and made["c"]["p_buy"]["N"] == "0.52"
     assert int(made["a"]["expires_at"]["N"]) == int(T0) + 24 * 3600
     assert made["a"]["code"]["S"].startswith("SAVE10-") and made["a"]["model_version"]["S"] == "v7"

@@ -202,3 +202,15 @@ def test_a_take_returns_the_checkpoint_the_table_holds_not_the_snapshot_taken_fr
 
 def _lease(table):
     return table.leases()[0][0]
+
+
+def test_a_stream_that_does_not_exist_is_waited_for_with_one_warning_a_minute_not_one_a_second(aws_settings, caplog):
+    consumer = consumer_for(aws_settings, "clickstream-typo", app="typo", lease_ms=300)   # retried every 0.1 s
+    with caplog.at_level(logging.WARNING, logger="common.consumer"):
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            assert consumer.poll() == []
+            time.sleep(0.02)
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("listing the shards of stream clickstream-typo or the leases in table")
+    assert "ResourceNotFoundException" in warning and consumer._balance_failures >= 5

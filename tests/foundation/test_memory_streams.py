@@ -111,6 +111,57 @@ def test_poll_raises_when_every_shard_fails_so_the_caller_backs_off():
     assert Counter(drain(consumer)) == Counter(r.data for r in stream.all_records())
 
 
+def test_the_lag_of_a_shard_whose_reads_fail_grows_with_the_time_they_have_failed(monkeypatch):
+    # It kept its last value (0 when caught up), so a lag alert never fired during a stream outage.
+    clock = [100.0]
+    monkeypatch.setattr(consumer_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    stream, leases = MemoryStream(shard_count=1), MemoryLeaseTable()
+    Producer(stream).send(entries(10))
+    failures = [0]
+    plain = stream.reader
+    stream.reader = lambda shard_id, after: FlakyReader(plain(shard_id, after), failures)
+    consumer = Consumer(stream, leases, worker_id="a")
+    consumer.poll()
+    caught_up = consumer.max_lag_ms
+    failures[0] = 100
+    for _ in range(3):
+        clock[0] += 10
+        with pytest.raises(ReadFailed):
+            consumer.poll()
+    assert consumer.max_lag_ms == caught_up + 20_000       # failing since the first failed read
+    failures[0] = 0
+    consumer.poll()
+    assert consumer.max_lag_ms < 1_000
+
+
+def test_the_checkpoint_age_is_how_long_records_read_have_waited_for_a_checkpoint(monkeypatch):
+    # Nothing showed checkpoints that stopped moving (a lease table away, a batch failing): only the
+    # work a restart would repeat, found after the restart.
+    clock = [100.0]
+    monkeypatch.setattr(consumer_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    stream, leases = MemoryStream(shard_count=1), MemoryLeaseTable()
+    Producer(stream).send(entries(30))
+    consumer = Consumer(stream, leases, worker_id="a", batch_limit=10)
+    assert consumer.checkpoint_age_s == 0
+    [first] = consumer.poll()
+    clock[0] += 5
+    [second] = consumer.poll()
+    clock[0] += 5
+    assert consumer.checkpoint_age_s == 10                  # since the first records were handed out
+    consumer.checkpoint(first)                              # behind the reads (a loader flushing late)
+    clock[0] += 2
+    assert consumer.checkpoint_age_s == 2
+    consumer.checkpoint(second)
+    assert consumer.checkpoint_age_s == 0
+    consumer.poll()
+    clock[0] += 3
+    assert consumer.checkpoint_age_s == 3
+    consumer.rewind(first.shard_id)              # a batch that failed, to be read again: it still waits
+    clock[0] += 4
+    consumer.poll()
+    assert consumer.checkpoint_age_s == 7
+
+
 def test_reads_of_a_shard_are_paced_to_share_kinesis_read_limit(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(consumer_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
