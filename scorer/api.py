@@ -178,8 +178,10 @@ class ScorerApp:
     def ping(self, scope, body) -> Response:
         model = self.models.champion
         running = self.worker is not None and self.worker.running
-        if model is None and not running:
-            return error(503, "no model loaded and the worker is not running")
+        if self.worker is not None and not running:
+            return error(503, "the worker is not running")       # its thread ended: restart the process
+        if self.worker is None and model is None:
+            return error(503, "no model loaded")
         return ok({"status": "ok", "model_version": model.version if model else None, "worker": running})
 
     def live(self, scope, body) -> Response:

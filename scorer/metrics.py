@@ -18,9 +18,15 @@ REQUEST_SECONDS = Histogram("scorer_request_seconds", "HTTP handling time", ["ro
 SESSIONS_LIVE = Gauge("scorer_sessions_live", "Sessions held in memory")
 EVICTIONS = Counter("scorer_session_evictions_total", "Sessions dropped from memory", ["reason"])
 LAG_MS = Gauge("scorer_lag_ms", "MillisBehindLatest of the slowest owned shard")
+CHECKPOINT_AGE = Gauge("scorer_checkpoint_age_seconds",
+                       "How long the oldest events read have waited for a checkpoint (grows during a quiet replay)")
 SHARDS_OWNED = Gauge("scorer_shards_owned", "Shards this worker holds leases for")
 MODEL_INFO = Gauge("scorer_model_info", "Loaded models (value 1)", ["name", "version", "role"])
 MODEL_REFUSED = Counter("scorer_model_refused_total", "Model versions refused (feature mismatch, bad file)")
+MODEL_CHECK_FAILURES = Counter("scorer_model_check_failures_total",
+                               "Checks of the registry's CURRENT that failed (registry unreachable, bundle missing)")
+MODEL_CHECKED = Gauge("scorer_model_checked_timestamp_seconds",
+                      "Unix time of the last check of the registry's CURRENT that worked")
 SHADOW_DISAGREEMENTS = Counter("scorer_shadow_disagreements_total", "Rows where the shadow decided otherwise")
 
 

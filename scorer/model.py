@@ -284,10 +284,18 @@ class Models:
             if version and version != self.current_seen:
                 self._follow(version)
             self.load_shadow()
-        except (LookupError, ModelRefused) as exc:
+        except ModelRefused as exc:
             log.warning("model %s not updated: %s", self.name, exc)
+        except LookupError as exc:
+            metrics.MODEL_CHECK_FAILURES.inc()
+            log.warning("model %s not updated: %s", self.name, exc)
+            return
         except Exception:
+            metrics.MODEL_CHECK_FAILURES.inc()
             log.exception("model %s: checking CURRENT failed", self.name)
+            return
+        # A model served long after the registry stopped answering looks like a current one: alert on this.
+        metrics.MODEL_CHECKED.set_to_current_time()
 
     def _follow(self, version: str) -> None:
         try:
@@ -295,7 +303,11 @@ class Models:
         except ModelRefused:
             self.current_seen = version      # refusal logged once; a missing bundle is retried
             if self.champion is None:
-                self._fall_back(version)
+                try:
+                    self._fall_back(version)
+                except Exception:
+                    self.current_seen = None     # the registry failed, not the versions: again next poll
+                    raise
             raise
         self.current_seen = version
 

@@ -52,6 +52,9 @@ class SessionStore:
         # sessions expire by the slowest watermark of the shards still read (their children's among
         # them): a session may go on on any child, and the slowest has read least far.
         self.finished: set[str] = set()
+        # Shards some of whose sessions were dropped while they may have gone on elsewhere (the LRU
+        # cap; a finished shard's expiry by other shards' time): a child's new owner rebuilds them.
+        self.incomplete: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -93,6 +96,8 @@ class SessionStore:
         self.sessions.pop(session.session_id, None)
         self.by_shard.get(session.shard_id, {}).pop(session.session_id, None)
         self.recent.get(session.shard_id, {}).pop(session.session_id, None)
+        if reason == "lru" or session.shard_id in self.finished:
+            self.incomplete.add(session.shard_id)
         metrics.EVICTIONS.labels(reason).inc()
 
     def sweep(self, limit: int = 10_000) -> int:
@@ -117,19 +122,21 @@ class SessionStore:
         metrics.SESSIONS_LIVE.set(len(self.sessions))
         return len(expired)
 
-    def knows(self, shard_id: str) -> bool:
-        """Whether this store holds the sessions read from the shard (it read them, or rebuilt them)."""
-        return shard_id in self.recent or shard_id in self.finished
-
     def finish_shard(self, shard_id: str) -> None:
         """The shard was read to its end: expire its sessions by the other shards' time from now on."""
         self.finished.add(shard_id)
+
+    def holds_all_sessions_of(self, shard_id: str) -> bool:
+        """Whether the shard was read to its end here and none of its sessions that may still go on
+        was dropped since: its children's sessions need no rebuilding from it."""
+        return shard_id in self.finished and shard_id not in self.incomplete
 
     def _forget(self, shard_id: str) -> None:
         self.recent.pop(shard_id, None)
         self.by_shard.pop(shard_id, None)
         self.watermark_ms.pop(shard_id, None)
         self.finished.discard(shard_id)
+        self.incomplete.discard(shard_id)
 
     def state_after(self, shard_id: str, default: str | None) -> str | None:
         """The sequence number to replay from to rebuild every live session of the shard that began

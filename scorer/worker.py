@@ -29,7 +29,7 @@ from common.features import FEATURE_VERSION, features, session_key, step
 from common.leases import Lease, LeaseLost
 from common.retry import backoff_s
 from common.service import gc_paused
-from common.streams import SHARD_END, Record, sequence_key
+from common.streams import SHARD_END, Record, Shard, sequence_key
 from scorer import metrics
 from scorer.config import ScorerSettings
 from scorer.inputs import event_time
@@ -70,6 +70,13 @@ def parse_event(record: Record) -> tuple[dict, int]:
     return event, event_time(event)
 
 
+def _int_or_none(text: object) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
 def iso_now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -86,9 +93,9 @@ class Worker:
         self.consumer = make_consumer(start_after=self._start_after, on_lost=self._on_lost)
         self.positions: dict[str, str | None] = {}      # last record read per shard
         self.replay_until: dict[str, int] = {}          # shard -> "emitted up to" while replaying
-        # Closed parents of newly owned shards whose sessions another worker read: rebuilt before
-        # the children are folded, so a session that began before a reshard keeps its state.
-        self.parents_to_rebuild: list[str] = []
+        # Closed parent shard -> the newly owned children it split into (or merged from): the
+        # sessions going on on those children are rebuilt from the parent before they are folded.
+        self.parents_to_rebuild: dict[str, list[Shard]] = {}
         # shard -> (prediction, session's latest event time) not yet written; the table keeps a row
         # only over one with an earlier (time, events) pair, and the session's time never goes back.
         self.pending: dict[str, list[tuple[dict, int]]] = {}
@@ -109,9 +116,10 @@ class Worker:
         self.positions[lease.shard_id] = None
         if emitted == SHARD_END:
             return emitted
+        child = self.consumer.shard(lease.shard_id)
         for parent in self.consumer.parents(lease.shard_id):
-            if not self.store.knows(parent) and parent not in self.parents_to_rebuild:
-                self.parents_to_rebuild.append(parent)
+            if not self.store.holds_all_sessions_of(parent):      # it read the parent itself: nothing to do
+                self.parents_to_rebuild.setdefault(parent, []).append(child)
         if emitted is None:
             return None
         state_after = lease.meta.get("state_after", emitted)
@@ -148,7 +156,6 @@ class Worker:
             self.pending_batches[batch.shard_id] = batch
         if batches and not self.pending_since:
             self.pending_since = time.monotonic()
-        metrics.LAG_MS.set(self.consumer.max_lag_ms)
         metrics.SHARDS_OWNED.set(len(self.consumer.owned))
         if self._flush_due(count):
             self.flush()
@@ -167,25 +174,40 @@ class Worker:
                         self.settings.session_timeout_s)
 
     def _rebuild_parents(self, model: Model) -> bool:
-        """Quietly fold the closed parents of newly owned shards from their replay start to their end.
+        """Quietly fold the closed parents of newly owned shards, from their replay start to their end,
+        keeping the sessions that go on on those children.
 
-        Another worker read them (or this one before a restart), so the sessions that began there
-        and go on on our child would start again from nothing. Sessions this store already holds
-        are left alone: their events were folded once. False when stopped midway."""
+        Whoever read a parent (a peer, or this worker before a restart) held those sessions; without
+        this they would start again from nothing on the child. Sessions this store holds already
+        are left alone: their parent events were folded once. False when stopped midway."""
         leases = {lease.shard_id: lease for lease in self.consumer.leases.leases()[0]}
         existing = set(self.store.sessions)
         while self.parents_to_rebuild:
-            parent = self.parents_to_rebuild[0]
-            lease = leases.get(parent)
-            start = lease.meta.get("state_after", SHARD_END) if lease is not None else SHARD_END
-            if start != SHARD_END and not self._replay_closed_shard(parent, start, existing, model):
+            parent, children = next(iter(self.parents_to_rebuild.items()))
+            meta = leases[parent].meta if parent in leases else {}
+            start = meta.get("state_after", SHARD_END)
+            needed = start != SHARD_END and self._parent_may_hold_live_sessions(meta, children, leases)
+            if needed and not self._replay_closed_shard(parent, start, children, existing, model):
                 return False
-            self.parents_to_rebuild.pop(0)
+            del self.parents_to_rebuild[parent]
         return True
 
-    def _replay_closed_shard(self, shard: str, state_after: str, existing: set[str], model: Model) -> bool:
+    def _parent_may_hold_live_sessions(self, parent_meta: dict, children: list[Shard], leases: dict) -> bool:
+        """False when every child was checkpointed past ``replay_max_s`` after the parent's last event:
+        sessions begun that long ago are not rebuilt by any restart (so not here either), and the
+        parent would otherwise be read again at every restart for as long as the stream keeps it."""
+        ended = _int_or_none(parent_meta.get("watermark_ms"))
+        reached = [_int_or_none(leases[child.shard_id].meta.get("watermark_ms")) if child.shard_id in leases else None
+                   for child in children]
+        if ended is None or None in reached:
+            return True
+        return min(reached) - ended <= self.store.replay_max_ms
+
+    def _replay_closed_shard(self, shard: str, state_after: str, children: list[Shard], existing: set[str],
+                             model: Model) -> bool:
         start = None if state_after == FROM_START else state_after
-        log.info("closed shard %s: rebuilding its sessions from after %s", shard, state_after, extra={"shard_id": shard})
+        log.info("closed shard %s: rebuilding the sessions of %s from after %s", shard,
+                 ", ".join(child.shard_id for child in children), state_after, extra={"shard_id": shard})
         reader, position, failures, folded = self.consumer.stream.reader(shard, start), start, 0, 0
         while True:
             if self.stopping or self.stop_requested():
@@ -209,14 +231,16 @@ class Worker:
             matrix: list[list[float]] = []
             with self.folding, gc_paused():
                 for record in page.records:
-                    self._fold_record(record, shard, position, True, rows, matrix, skip=existing)
+                    # Only the sessions that go on on our children: the others are a peer's to rebuild.
+                    if any(child.takes(record.partition_key) for child in children):
+                        self._fold_record(record, shard, position, True, rows, matrix, skip=existing)
                     position = record.sequence_number
                 if rows:
                     self._score(model, rows, matrix, time.perf_counter())
             folded += len(page.records)
             if page.shard_end:
                 self.store.finish_shard(shard)
-                log.info("closed shard %s: %d events folded, %d live sessions", shard, folded, len(self.store),
+                log.info("closed shard %s: %d events read, %d live sessions", shard, folded, len(self.store),
                          extra={"shard_id": shard})
                 return True
             time.sleep(self.consumer.read_interval_s)
@@ -365,6 +389,8 @@ class Worker:
                 continue
             value = batch.checkpoint_value
             meta = {"state_after": self.store.state_after(shard, value) or FROM_START}
+            if shard in self.store.watermark_ms:     # how far its events went: see _parent_may_hold_live_sessions
+                meta["watermark_ms"] = str(self.store.watermark_ms[shard])
             try:
                 self.consumer.checkpoint_at(shard, value, meta)
             except LeaseLost:
@@ -383,6 +409,10 @@ class Worker:
         waited = False
         self.stop_requested = stop
         self.running = True
+        # Read at scrape time (self.consumer is replaced by a restart): a gauge set after each poll
+        # would freeze while the stream cannot be read.
+        metrics.LAG_MS.set_function(lambda: self.consumer.max_lag_ms)
+        metrics.CHECKPOINT_AGE.set_function(lambda: self.consumer.checkpoint_age_s)
         try:
             while not stop():
                 if self.models.champion is None:

@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from botocore.config import Config
+from prometheus_client import REGISTRY
 
+from common import aws
 from common.features import FEATURE_NAMES, session_features
 from common.registry import Bundle
 from scorer.model import Model, ModelRefused, Models, check_meta
+from tests.faults import FaultProxy
 from tests.scorer.conftest import MODEL
 from tests.scorer.helpers import logistic_onnx, logistic_reference, model_meta, publish, session_events, stumps_onnx
 
@@ -97,6 +103,28 @@ def test_a_scorer_starting_while_current_does_not_fit_serves_the_current_before_
     assert models.champion.version == "v4"
 
 
+def test_a_fallback_cut_short_by_the_registry_is_tried_again_at_the_next_poll(published, s3, monkeypatch):
+    # CURRENT was marked seen first: one failed read of HISTORY left the scorer without a model for good.
+    from botocore.exceptions import EndpointConnectionError
+
+    from common import registry
+    publish(s3, published.bucket, MODEL, "v2", logistic_onnx(), model_meta(MODEL, "v2", feature_version="0"))
+    reads = []
+
+    def flaky_history(*args, **kwargs):
+        reads.append(1)
+        if len(reads) == 1:
+            raise EndpointConnectionError(endpoint_url="http://registry")
+        return real_history(*args, **kwargs)
+    real_history = registry.history
+    monkeypatch.setattr(registry, "history", flaky_history)
+    models = Models(s3, published.bucket, MODEL)
+    models.refresh()
+    assert models.champion is None
+    models.refresh()
+    assert models.champion.version == "v1" and len(reads) == 2
+
+
 def test_a_shadow_version_that_does_not_fit_is_refused_once_not_on_every_poll(published, s3, caplog):
     publish(s3, published.bucket, MODEL, "odd", logistic_onnx(), model_meta(MODEL, "odd", feature_version="0"),
             current=False)
@@ -106,6 +134,22 @@ def test_a_shadow_version_that_does_not_fit_is_refused_once_not_on_every_poll(pu
             models.refresh()
     assert models.champion.version == "v1" and models.shadow is None
     assert sum("shadow model" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_an_unreachable_registry_shows_in_the_metrics_not_only_in_the_log(published):
+    # The old model served on with nothing but a traceback per poll to say the registry was away.
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        s3 = aws.session().client("s3", endpoint_url=proxy.endpoint, config=Config(retries={"max_attempts": 1}))
+        models = Models(s3, published.bucket, MODEL)
+        models.refresh()
+        checked = REGISTRY.get_sample_value("scorer_model_checked_timestamp_seconds")
+        failures = REGISTRY.get_sample_value("scorer_model_check_failures_total")
+        assert models.champion.version == "v1" and checked == pytest.approx(time.time(), abs=5)
+        proxy.down = True
+        models.refresh()
+        models.refresh()
+    assert REGISTRY.get_sample_value("scorer_model_check_failures_total") == failures + 2
+    assert REGISTRY.get_sample_value("scorer_model_checked_timestamp_seconds") == checked
 
 
 def test_a_version_pinned_by_reload_is_kept_until_current_moves(published, s3):

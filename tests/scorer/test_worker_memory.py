@@ -22,6 +22,7 @@ from scorer.config import ScorerSettings
 from scorer.model import Model, Models
 from scorer.sink import PredictionWriter
 from scorer.worker import Worker
+from tests.conftest import wait_for
 from tests.faults import ThrottledFor
 from tests.scorer.helpers import T0, WEIGHTS, logistic_onnx, logistic_reference, model_meta, session_events
 from tests.scorer.helpers import event as make_event
@@ -236,6 +237,20 @@ def test_the_api_reads_a_live_session_between_two_batches_never_half_way_through
     assert reads and torn == 0
 
 
+def test_ping_fails_once_the_worker_thread_has_ended_so_the_process_is_replaced():
+    # It kept answering 200 with a model loaded: a scorer that no longer read the stream looked healthy.
+    rig = Rig()
+    app = ScorerApp(rig.models, worker=rig.worker)
+    stop = threading.Event()
+    thread = threading.Thread(target=rig.worker.run, args=(stop.is_set,), daemon=True)
+    thread.start()
+    wait_for(lambda: rig.worker.running, 10, what="the worker")
+    assert app.ping({}, b"").status == 200
+    stop.set()
+    thread.join(10)
+    assert app.ping({}, b"").status == 503 and b"worker is not running" in app.ping({}, b"").body
+
+
 def test_a_record_that_is_not_an_event_is_reported_and_skipped_not_fatal(caplog):
     rig = Rig()
     broken = make_event("broken", T0, shop="checkout_step", data=["not", "an", "object"])
@@ -447,6 +462,62 @@ def test_a_worker_taking_a_child_shard_rebuilds_the_sessions_its_peer_read_on_th
             assert got[event_id]["p_buy"] == pytest.approx(p_buy, abs=1e-5)
     scored_buyers = [p["event_id"] for p in a.predictions() if p["session_id"] in buyers]
     assert scored_buyers == [events[0]["event_id"] for events in bought]      # not again after the purchase
+    # b rebuilt only the sessions of its own child, none of a's (a, which read the parent, holds all).
+    [child] = [shard for shard in stream.list_shards() if owners.get(shard.shard_id) == b.worker.consumer.worker_id]
+    assert b.worker.store.sessions and all(child.takes(session_id) for session_id in b.worker.store.sessions)
+
+
+def test_a_worker_that_read_the_parent_rebuilds_a_session_it_let_expire_when_it_takes_the_peers_child():
+    # It skipped the rebuild while it held any of the parent's sessions: X, expired from its store by
+    # its own child's time while X went on on the peer's child, lost its events read on the parent.
+    minute = 60_000
+    stream, leases = MemoryStream("enriched", shard_count=1), MemoryLeaseTable()
+    a = Rig(stream, leases, lease_ms=600, flush_ms=1)
+    b = Rig(stream, leases, lease_ms=600, flush_ms=1)
+    b.out, b.worker.writer = a.out, a.worker.writer
+    for worker in (a.worker, b.worker):
+        worker.make_consumer = lambda **hooks: Consumer(stream, leases, lease_ms=600, shard_refresh_s=0.1, **hooks)
+        worker.consumer = worker.make_consumer(start_after=worker._start_after, on_lost=worker._on_lost)
+    names = [f"s{i}" for i in range(1000)]
+    x, y = [name for name in names if hash_key(name) < 2**127][:2]
+    w = next(name for name in names if hash_key(name) >= 2**127)
+    a.put([make_event(x, T0), make_event(y, T0 + 20 * minute)])
+    a.drain()                                       # a reads the parent
+    stream.split("shardId-000000000000")
+    for rig in (a, a, b, a):                        # a finishes it and takes both children; b steals one
+        time.sleep(0.3)
+        rig.drain()
+    assert {lease.owner for lease in leases.leases()[0] if lease.checkpoint != "SHARD_END"} == {
+        a.worker.consumer.worker_id, b.worker.consumer.worker_id}
+    a.put([make_event(x, T0 + 25 * minute), make_event(w, T0 + 35 * minute)])
+    time.sleep(0.3)
+    b.drain()
+    a.drain()
+    assert a.worker.store.get(x) is None and a.worker.store.get(y) is not None
+    b.worker.stopping = True
+    b.worker.close()                                # b goes away: a takes its child
+    a.put([make_event(x, T0 + 40 * minute)])
+    for _ in range(2):
+        time.sleep(0.3)
+        a.drain()
+    assert [p["events_in_session"] for p in a.predictions() if p["session_id"] == x] == [1, 2, 3]
+
+
+def test_the_parent_is_not_read_again_by_its_reader_nor_after_a_restart_long_after_the_reshard(caplog):
+    hour = 3_600_000
+    rig = Rig(events_stream=MemoryStream("enriched", shard_count=1), flush_ms=1)
+    with caplog.at_level(logging.INFO, logger="scorer.worker"):
+        rig.put([make_event(f"old{i}", T0 + i) for i in range(50)])
+        rig.drain()
+        rig.stream.split("shardId-000000000000")
+        rig.drain()                             # it read the parent itself: it holds all its sessions
+        rig.put([make_event(f"new{i}", T0 + 10 * hour + i) for i in range(50)])    # the children go on
+        rig.drain()
+        rig.worker.restart()
+        rig.drain()
+    # After the restart every session of the parent had ended hours before the children's checkpoints.
+    assert not [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()]
+    assert sorted(rig.worker.store.sessions) == sorted(f"new{i}" for i in range(50))
 
 
 def test_a_restart_right_after_a_reshard_rebuilds_the_part_of_a_session_read_on_the_parent():
