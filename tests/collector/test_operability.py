@@ -11,24 +11,12 @@ import time
 import pytest
 
 from common.streams import MemoryStream
-from tests.collector.test_sink import app_with, pixel_hit
+from tests.collector.test_sink import app_with, asgi_messages, pixel_hit
 
 
 def asgi_get(app, path: str) -> tuple[int, dict, bytes]:
     """GET ``path`` through the ASGI app: status, headers, body."""
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "headers": [(b"host", b"collector.test")], "client": ("127.0.0.1", 40000),
-             "server": ("127.0.0.1", 8080)}
-    sent = []
-
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message):
-        sent.append(message)
-
-    asyncio.run(app(scope, receive, send))
+    sent = asyncio.run(asgi_messages(app, path))
     return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
 
 

@@ -197,10 +197,10 @@ def app_with(tmp_path, raw: MemoryStream, **sink_options) -> Collector:
     return Collector(settings, sink_factory=factory)
 
 
-async def pixel_hit(app: Collector, index: int) -> int:
-    """GET /i?n=<index> through the ASGI app, as granian calls it; the answer's status."""
+async def asgi_messages(app: Collector, path: str, query: bytes = b"") -> list[dict]:
+    """GET ``path`` through the ASGI app, as granian calls it; the messages the app sent."""
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": "/i", "raw_path": b"/i", "query_string": f"e=pv&n={index}".encode(), "root_path": "",
+             "path": path, "raw_path": path.encode(), "query_string": query, "root_path": "",
              "headers": [(b"host", b"collector.test")], "client": ("127.0.0.1", 40000),
              "server": ("127.0.0.1", 8080)}
     sent = []
@@ -212,7 +212,12 @@ async def pixel_hit(app: Collector, index: int) -> int:
         sent.append(message)
 
     await app(scope, receive, send)
-    return sent[0]["status"]
+    return sent
+
+
+async def pixel_hit(app: Collector, index: int) -> int:
+    """GET /i?n=<index>; the answer's status."""
+    return (await asgi_messages(app, "/i", f"e=pv&n={index}".encode()))[0]["status"]
 
 
 def send_hits_for(app: Collector, seconds: float, per_second: int = 100) -> list[int]:

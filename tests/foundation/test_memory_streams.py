@@ -99,12 +99,18 @@ def test_a_failed_read_on_one_shard_loses_nothing_read_from_the_others():
     assert Counter(got) == Counter(r.data for r in stream.all_records())
 
 
-def test_poll_raises_when_every_shard_fails_so_the_caller_backs_off():
-    stream, leases = MemoryStream(shard_count=2), MemoryLeaseTable()
-    Producer(stream).send(entries(10))
-    failures = [2]
+def flaky_stream(shard_count: int, count: int, failures: list[int]) -> MemoryStream:
+    """A stream of ``count`` entries whose reads raise while ``failures[0]`` counts down."""
+    stream = MemoryStream(shard_count=shard_count)
+    Producer(stream).send(entries(count))
     plain = stream.reader
     stream.reader = lambda shard_id, after: FlakyReader(plain(shard_id, after), failures)
+    return stream
+
+
+def test_poll_raises_when_every_shard_fails_so_the_caller_backs_off():
+    failures = [2]
+    stream, leases = flaky_stream(2, 10, failures), MemoryLeaseTable()
     consumer = Consumer(stream, leases, worker_id="a")
     with pytest.raises(ReadFailed, match="read timed out"):
         consumer.poll()
@@ -115,11 +121,8 @@ def test_the_lag_of_a_shard_whose_reads_fail_grows_with_the_time_they_have_faile
     # It kept its last value (0 when caught up), so a lag alert never fired during a stream outage.
     clock = [100.0]
     monkeypatch.setattr(consumer_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
-    stream, leases = MemoryStream(shard_count=1), MemoryLeaseTable()
-    Producer(stream).send(entries(10))
     failures = [0]
-    plain = stream.reader
-    stream.reader = lambda shard_id, after: FlakyReader(plain(shard_id, after), failures)
+    stream, leases = flaky_stream(1, 10, failures), MemoryLeaseTable()
     consumer = Consumer(stream, leases, worker_id="a")
     consumer.poll()
     caught_up = consumer.max_lag_ms
