@@ -111,24 +111,6 @@ def gunzip(body: bytes, limit: int) -> bytes | None:
     return None
 
 
-class WriteErrors:
-    """The spool's disk failing (ENOSPC, EIO) fails every hit: one ERROR line per ``every_s``, with
-    how many hits it stands for, instead of one per hit (a flood at the request rate)."""
-
-    def __init__(self, every_s: float = 10.0):
-        self.every_s = every_s
-        self.refused = 0
-        self._next_at = 0.0
-
-    def failed(self, folder, exc: OSError) -> None:
-        self.refused += 1
-        now = time.monotonic()
-        if now >= self._next_at:
-            log.error("spool %s: write failed, %d hits refused (503) since the last such line: %s",
-                      folder, self.refused, exc)
-            self.refused, self._next_at = 0, now + self.every_s
-
-
 class Collector:
     def __init__(self, settings: CollectorSettings, sink_factory=None):
         self.settings = settings
@@ -143,7 +125,8 @@ class Collector:
         self.sink = None
         self.spool = None
         self._expires: tuple[int, dict] = (0, {})
-        self.write_errors = WriteErrors()
+        # A failing spool disk fails every hit: one ERROR line per 10 s, with how many hits it stands for.
+        self.write_errors = logs.Tally(every_s=10.0)
 
     # ------------------------------------------------------------------ ASGI entry
 
@@ -260,7 +243,10 @@ class Collector:
             # Not durably written (backlog limit, or the disk failed): not acknowledged either.
             if isinstance(exc, OSError):
                 metrics.WRITE_ERRORS.inc()
-                self.write_errors.failed(self.spool.dir, exc)
+                refused = self.write_errors.add()
+                if refused:
+                    log.error("spool %s: write failed, %d hits refused (503) since the last such line: %s",
+                              self.spool.dir, refused, exc)
             else:
                 metrics.REJECTED.inc()
             retry = [(b"retry-after", str(settings.retry_after_s).encode())]

@@ -24,6 +24,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class Tally:
+    """Counts a recurring failure and says when to log it: at most once per ``every_s``, with how many
+    occurrences the line stands for, not one line per occurrence (a flood at the rate of hits or events)."""
+
+    def __init__(self, every_s: float, clock=time.monotonic):
+        self.every_s = every_s
+        self.clock = clock
+        self.count = 0                      # occurrences not yet in a log line
+        self._next_at = float("-inf")
+
+    def add(self) -> int:
+        """Count one; how many to report now (this one included), or 0 while the last line is recent."""
+        self.count += 1
+        now = self.clock()
+        if now < self._next_at:
+            return 0
+        reported, self.count, self._next_at = self.count, 0, now + self.every_s
+        return reported
+
+
 def setup(level: str = "INFO", json_lines: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter("%(levelname)s %(name)s: %(message)s"))

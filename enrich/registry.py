@@ -23,6 +23,7 @@ import fastjsonschema
 import orjson
 from fastjsonschema.draft04 import CodeGeneratorDraft04
 
+from common.logs import Tally
 from enrich import metrics
 
 EMBEDDED = Path(__file__).resolve().parent / "iglu"
@@ -169,15 +170,6 @@ class Resolved:
 
 
 @dataclass
-class _Outage:
-    """What the log has said about one registry's failures: one warning per interval, not one per event."""
-
-    failed: int = 0                       # failed fetches not yet in a log line
-    warned_at: float = float("-inf")
-    warned: bool = False                  # a warning is out and no "answers again" line yet
-
-
-@dataclass
 class Resolver:
     registries: list = field(default_factory=lambda: [registry_from("embedded")])
     ttl: float = 600.0
@@ -189,7 +181,8 @@ class Resolver:
     # A dead registry fails one fetch per schema key per error_ttl, i.e. per event on a busy stream.
     log_interval: float = 30.0
     _cache: OrderedDict[str, Resolved] = field(default_factory=OrderedDict)
-    _outages: dict[str, _Outage] = field(default_factory=dict)
+    _outages: dict[str, Tally] = field(default_factory=dict)     # failed fetches per registry, for the log
+    _warned: set[str] = field(default_factory=set)                # registries warned about, not answering since
 
     @classmethod
     def from_specs(cls, specs: tuple[str, ...] | list[str], ttl: float = 600.0) -> Resolver:
@@ -235,24 +228,22 @@ class Resolver:
 
     def _failed(self, name: str, exc: RegistryError) -> None:
         metrics.REGISTRY_ERRORS.labels(name).inc()
-        outage = self._outages.setdefault(name, _Outage())
-        outage.failed += 1
-        now = self.clock()
-        if now - outage.warned_at < self.log_interval:
+        failed = self._outages.setdefault(name, Tally(self.log_interval, self.clock)).add()
+        if not failed:
             return
         # Say it is the registry: otherwise the only sign is schema_violations bad rows, like a broken tracker.
         log.warning("schema registry %s unreachable: %d fetch(es) failed since the last report (last: %s); events "
                     "needing a schema only it holds become schema_violations bad rows; retried after %g s",
-                    name, outage.failed, exc, min(self.error_ttl, self.ttl))
-        outage.failed, outage.warned_at, outage.warned = 0, now, True
+                    name, failed, exc, min(self.error_ttl, self.ttl))
+        self._warned.add(name)
 
     def _answered(self, name: str) -> None:
-        outage = self._outages.get(name)
-        if outage is not None and outage.warned:
-            outage.warned = False
+        if name in self._warned:
+            self._warned.discard(name)
+            outage = self._outages[name]
             log.info("schema registry %s answers again (%d more fetch(es) had failed since the last warning)",
-                     name, outage.failed)
-            outage.failed = 0
+                     name, outage.count)
+            outage.count = 0
 
     def validate(self, key: str, data: object) -> list[str]:
         """Validator messages for ``data`` against ``key`` (empty when valid); raises LookupError when unresolved."""
