@@ -106,8 +106,6 @@ def _servers(work: Path, stack: list) -> dict[str, str]:
 
 
 def run(report, quick: bool) -> None:
-    if not shutil.which("wrk"):
-        raise RuntimeError("wrk is not installed (Debian package wrk)")
     rounds, seconds = (1, 3) if quick else (3, 4)
     cpu = report.section("collector: CPU per hit in-process (no server, no sender thread)",
                          ["app", "CPU us per request"])

@@ -377,6 +377,6 @@ def run(report, quick: bool) -> None:
     finally:
         _end_jvm(spark)
     _in_process(report, onnx_bytes, events, trees, spark_samples, quick)
-    row = session_features(session_events("http", seed=3, n=8, buyer=True))[-1]
-    _http(report, onnx_bytes, row, quick)
     _worker(report, onnx_bytes, quick)
+    row = session_features(session_events("http", seed=3, n=8, buyer=True))[-1]
+    _http(report, onnx_bytes, row, quick)      # last: it needs wrk, and fails the suite without it

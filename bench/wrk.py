@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 
 
@@ -12,6 +13,8 @@ class WrkError(RuntimeError):
 def run(url: str, connections: int, seconds: int, *, headers: list[str] = (), script: str | None = None,
         ) -> tuple[float, float, float]:
     """(requests/s, p50 ms, p99 ms); a non-2xx/3xx answer or any socket error fails the measurement."""
+    if shutil.which("wrk") is None:
+        raise WrkError("wrk is not installed (Debian package wrk: apt-get install wrk)")
     args = ["wrk", f"-t{min(2, connections)}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     args += [arg for header in headers for arg in ("-H", header)]
     if script:

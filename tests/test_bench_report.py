@@ -86,6 +86,11 @@ def test_wrk_error_answers_and_missing_figures_fail():
         wrk.parse(WRK_CLEAN.replace("     99%    6.10ms\n", ""))
 
 
+def test_a_missing_wrk_names_the_package_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))          # an empty folder: no wrk on the PATH
+    with pytest.raises(wrk.WrkError, match="apt-get install wrk"):
+        wrk.run("http://127.0.0.1:1/", 1, 1)
+
 def test_report_header_names_mode_and_suites_and_failures(tmp_path):
     report = Report(tmp_path / "report.md", mode="quick", suites=["okay", "halfway", "later"])
     report.suite("okay", "a suite that works")
