@@ -27,6 +27,7 @@ class CollectorSettings(AwsSettings):
     spool_dir: Path = Path(".run/collector-spool")
     spool_max_bytes: int = 1024 * 1024 * 1024  # undelivered bytes before answering 503
     spool_segment_bytes: int = 64 * 1024 * 1024
+    spool_segment_max_age_s: float = 60.0      # a newer segment after this long: delivered hits leave the disk
     fsync: str = "interval"                    # always | interval | never
     fsync_interval_ms: int = 1000
     retry_after_s: int = 30
@@ -53,7 +54,7 @@ class CollectorSettings(AwsSettings):
         if self.fsync not in FSYNC_POLICIES:
             raise ConfigError(f"CLICKSTREAM_FSYNC: expected one of {', '.join(FSYNC_POLICIES)}, got {self.fsync!r}")
         require_positive(self, "port", "workers", "max_concurrent_requests", "linger_ms", "batch_records", "batch_bytes", "sink_timeout_s",
-                         "spool_max_bytes", "spool_segment_bytes", "fsync_interval_ms", "retry_after_s",
+                         "spool_max_bytes", "spool_segment_bytes", "spool_segment_max_age_s", "fsync_interval_ms", "retry_after_s",
                          "max_payload_bytes", "max_request_bytes", "bad_payload_keep_bytes", "cookie_days")
         if self.max_payload_bytes > 1_000_000:
             # Kinesis takes 1 MiB per record including the partition key; keep headroom for it.

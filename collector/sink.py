@@ -23,8 +23,8 @@ import orjson
 
 from collector import metrics
 from collector.records import size_violation
-from collector.spool import BAD, RAW, Entry, Spool, claim_dir, encode, orphans
-from common import aws
+from collector.spool import BAD, RAW, Entry, Spool, claim_dir, encode, forget_delivered, orphans
+from common import aws, logs
 from common.producer import TOO_LARGE, Producer, Undelivered
 from common.streams import MAX_RECORD_BYTES, KinesisStream, PutResult
 
@@ -60,6 +60,7 @@ class Sink:
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="collector-sink", daemon=True)
+        self._rotate_errors = logs.Tally(every_s=60.0)
         # fsync=interval on its own thread: the sender can block in a send for many seconds while
         # the stream is down, which is exactly when the spool grows.
         self._syncer = threading.Thread(target=self._sync_loop, name="collector-fsync", daemon=True) \
@@ -102,6 +103,7 @@ class Sink:
                 log.exception("sender failed; retrying")
                 self._set_health(False)
                 delivered = False
+            self._rotate_old_segment()
             if delivered:
                 backoff = 0.0
             elif self.progressed:      # throttled, yet some got through: pause, but do not let the wait grow
@@ -109,6 +111,13 @@ class Sink:
             else:
                 backoff = min(self.max_backoff, max(self.min_backoff, backoff * 2))
             metrics.update_spool(self.spools())
+
+    def _rotate_old_segment(self) -> None:
+        try:
+            self.spool.rotate_if_old()
+        except OSError as exc:          # a full or failing disk: the next append tries again, and says so
+            if failures := self._rotate_errors.add():
+                log.error("spool %s: cannot start a new segment (%d times): %s", self.spool.dir, failures, exc)
 
     def _sync_loop(self) -> None:
         while not self._stop.wait(self.fsync_interval):
@@ -244,6 +253,8 @@ class Sink:
         if left:
             log.warning("stopping with %d undelivered bytes in the spool; they are sent on the next start", left)
         self.spool.close()
+        if not left:
+            forget_delivered(self.spool.dir)   # all delivered: no raw hit stays on disk after us
         for spool, fd in self.adopted:
             spool.close()
             os.close(fd)
@@ -289,7 +300,7 @@ def open_sink(settings) -> tuple[Sink, int]:
 
     def open_spool(folder: Path) -> Spool:
         return Spool(folder, max_bytes=settings.spool_max_bytes, segment_bytes=settings.spool_segment_bytes,
-                     fsync=settings.fsync)
+                     fsync=settings.fsync, max_age_s=settings.spool_segment_max_age_s)
 
     def find_orphans(taken: set[Path]) -> list[tuple[Spool, int]]:
         return open_orphans(Path(settings.spool_dir), taken, open_spool)

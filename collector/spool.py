@@ -25,6 +25,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import NamedTuple
@@ -92,11 +93,12 @@ def _preallocate(fd: int, size: int) -> None:
 
 class Spool:
     def __init__(self, directory: Path, *, max_bytes: int, segment_bytes: int = 64 * 1024 * 1024,
-                 fsync: str = "interval"):
+                 fsync: str = "interval", max_age_s: float = 60.0):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
+        self.max_age_s = max_age_s
         self.fsync_always = fsync == "always"
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
@@ -182,14 +184,14 @@ class Spool:
     def _map_segment(self, base: int, used: int, room: int = 0) -> None:
         """Open segment ``base`` (``used`` bytes written so far) for appending, with ``room`` more at least."""
         size = max(self.segment_bytes, used + room)
-        fd = os.open(self._path(base), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self._path(base), os.O_RDWR | os.O_CREAT, 0o600)     # raw hits: IPs, cookies
         try:
             _preallocate(fd, size)
             self._map = mmap.mmap(fd, size)
         except OSError:
             os.close(fd)
             raise
-        self.fd, self.active_base = fd, base
+        self.fd, self.active_base, self.active_since = fd, base, time.monotonic()
 
     def _close_segment(self) -> None:
         """Unmap the active segment, cut its preallocated tail and make it durable."""
@@ -206,6 +208,19 @@ class Spool:
         self._map_segment(self.end, 0, room)
         if self.fsync_always:
             _fsync_dir(self.dir)
+
+    def rotate_if_old(self) -> bool:
+        """Start a new segment once the active one is ``max_age_s`` old and holds frames. Raw hits
+        (IPs, cookies) then leave the disk within about that long of their delivery, which
+        ``commit`` deletes them after, instead of staying until later hits fill the segment (64 MiB
+        can take days on a quiet shop). For the sender, the spool's only reader."""
+        with self._lock:
+            if self.closed or self.fd < 0 or self.end == self.active_base \
+                    or time.monotonic() - self.active_since < self.max_age_s:
+                return False
+            self._rotate(0)
+        self.commit(self.cursor, 0)         # deletes the old segment now if it is all delivered
+        return True
 
     def sync_to(self, offset: int) -> None:
         """fsync until ``offset`` is durable. Concurrent callers share one fsync (group commit)."""
@@ -337,8 +352,19 @@ def orphans(root: Path, taken: set[Path]) -> list[tuple[Path, int]]:
         if _has_backlog(folder):
             found.append((folder, fd))
         else:
+            forget_delivered(folder)
             os.close(fd)
     return found
+
+
+def forget_delivered(folder: Path) -> None:
+    """Delete a slot's segments once all of them are delivered: raw hits stay on disk no longer than
+    needed, also in a slot no process writes to any more. Its lock must be held."""
+    # The cursor first: a crash between the two leaves segments without a cursor, which are sent
+    # again (at-least-once); the other order would leave a cursor past data written later.
+    (folder / "cursor").unlink(missing_ok=True)
+    for path in folder.glob("*.seg"):
+        path.unlink(missing_ok=True)
 
 
 def _has_backlog(folder: Path) -> bool:

@@ -107,6 +107,23 @@ def test_stop_gives_up_at_its_timeout_and_leaves_the_rest_spooled(tmp_path):
     assert [int(e.data) for e in entries] == list(range(len(sent), 40)) and again.records == 40 - len(sent)
 
 
+
+def test_the_sender_deletes_delivered_hits_once_their_segment_is_old(tmp_path):
+    raw, bad = MemoryStream("raw"), MemoryStream("bad")
+    spool = Spool(tmp_path, max_bytes=1 << 24, max_age_s=0.2)
+    sink = Sink(spool, Producer(raw, max_attempts=1), Producer(bad, max_attempts=1), linger_ms=20)
+    for index in range(5):
+        spool.append(encode(RAW, f"k{index}", f"hit-{index}".encode()), 1)
+    sink.start()
+    try:
+        deadline = time.monotonic() + 5
+        while b"hit-" in b"".join(p.read_bytes() for p in tmp_path.glob("*.seg")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(raw.all_records()) == 5
+        assert b"hit-" not in b"".join(p.read_bytes() for p in tmp_path.glob("*.seg"))   # while it runs
+    finally:
+        sink.stop(1.0)
+
 def test_a_slot_freed_while_running_is_adopted_and_delivered(tmp_path):
     """A rolling deploy on a shared volume: the old task's slot still holds hits when the new task
     starts, and frees only when the old task stops. The running sender adopts it then."""
@@ -141,6 +158,8 @@ def test_a_slot_freed_while_running_is_adopted_and_delivered(tmp_path):
         os.close(own_fd)
     assert sorted(int(r.data) for r in raw.all_records()) == list(range(5))
     assert not sink.adopted                                   # delivered, then released
+    assert not list(old.glob("*.seg"))                        # and its delivered hits deleted by the next round
+    assert not list(own.glob("*.seg"))                        # ours too, all delivered at stop
 
 
 def test_an_orphan_that_cannot_be_opened_is_released_and_the_others_adopted(tmp_path):

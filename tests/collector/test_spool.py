@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector.spool import BAD, RAW, Spool, SpoolFull, claim_dir, encode
+from collector.spool import BAD, RAW, Spool, SpoolFull, claim_dir, encode, orphans
 
 
 def fill(spool: Spool, count: int, start: int = 0, stream: int = RAW) -> None:
@@ -79,6 +79,59 @@ def test_segments_rotate_and_delivered_ones_are_deleted(tmp_path):
     assert len(list(tmp_path.glob("*.seg"))) == 1
     assert spool.depth_bytes == 0 and spool.records == 0
 
+
+
+def on_disk(folder: Path) -> bytes:
+    return b"".join(path.read_bytes() for path in folder.glob("*.seg"))
+
+
+def test_delivered_hits_leave_the_disk_once_their_segment_is_old(tmp_path):
+    """Raw hits hold IPs and cookies: they must not wait on disk for 64 MiB of later hits."""
+    spool = Spool(tmp_path, max_bytes=1 << 20, max_age_s=3600)
+    fill(spool, 5)
+    assert drain(spool) == [f"record-{i}".encode() for i in range(5)]
+    assert not spool.rotate_if_old() and b"record-0" in on_disk(tmp_path)     # young: kept for now
+    spool.max_age_s = 0
+    assert spool.rotate_if_old()
+    assert b"record-" not in on_disk(tmp_path)
+    assert not spool.rotate_if_old()                  # the new segment is empty: nothing to rotate
+    fill(spool, 3, start=5)
+    spool.close()
+    assert drain(Spool(tmp_path, max_bytes=1 << 20)) == [f"record-{i}".encode() for i in range(5, 8)]
+
+
+def test_an_old_segment_with_a_backlog_is_deleted_only_once_delivered(tmp_path):
+    spool = Spool(tmp_path, max_bytes=1 << 20, max_age_s=0)
+    fill(spool, 4)
+    assert spool.rotate_if_old()
+    fill(spool, 2, start=4)
+    assert b"record-0" in on_disk(tmp_path) and len(list(tmp_path.glob("*.seg"))) == 2
+    assert drain(spool) == [f"record-{i}".encode() for i in range(6)]
+    assert len(list(tmp_path.glob("*.seg"))) == 1 and b"record-0" not in on_disk(tmp_path)
+
+
+def test_segments_are_readable_by_their_owner_only(tmp_path):
+    spool = Spool(tmp_path, max_bytes=1 << 20, max_age_s=0)
+    fill(spool, 1)
+    spool.rotate_if_old()
+    assert {path.stat().st_mode & 0o777 for path in tmp_path.glob("*.seg")} == {0o600}
+
+
+def test_a_slot_left_with_everything_delivered_is_emptied(tmp_path):
+    """After a scale-in, a slot no process writes to any more keeps no delivered hits."""
+    root = tmp_path / "spool"
+    folder, fd = claim_dir(root)
+    spool = Spool(folder, max_bytes=1 << 20)
+    fill(spool, 3)
+    drain(spool)
+    spool.close()
+    os.close(fd)
+    assert b"record-0" in on_disk(folder)
+    assert orphans(root, set()) == []                  # nothing to adopt: it had no backlog
+    assert not list(folder.glob("*.seg")) and not (folder / "cursor").exists()
+    again = Spool(folder, max_bytes=1 << 20)           # and the slot starts afresh
+    fill(again, 2, start=3)
+    assert drain(again) == [b"record-3", b"record-4"]
 
 def test_a_commit_lists_the_spool_folder_once_however_long_the_backlog(tmp_path, monkeypatch):
     # It listed the folder again for every segment: quadratic in a long outage's backlog.
@@ -187,14 +240,14 @@ def test_each_process_claims_its_own_slot(tmp_path):
 
 
 STEP = st.one_of(st.tuples(st.just("append"), st.integers(0, 5000)), st.tuples(st.just("deliver"), st.integers(1, 9)),
-                 st.tuples(st.just("crash"), st.integers(0, 20)))
+                 st.tuples(st.just("crash"), st.integers(0, 20)), st.tuples(st.just("age"), st.just(0)))
 
 
 @settings(max_examples=40, deadline=None)
 @given(steps=st.lists(STEP, max_size=40))
 def test_whatever_happens_every_acknowledged_entry_is_delivered_in_order(tmp_path_factory, steps):
     folder = tmp_path_factory.mktemp("spool")
-    spool = Spool(folder, max_bytes=1 << 30, segment_bytes=4096)
+    spool = Spool(folder, max_bytes=1 << 30, segment_bytes=4096, max_age_s=0)
     appended, delivered, number = [], [], 0
     for action, value in steps:
         if action == "append":
@@ -206,11 +259,13 @@ def test_whatever_happens_every_acknowledged_entry_is_delivered_in_order(tmp_pat
             entries, offset = spool.read(value, 1 << 20)
             delivered += [e.data for e in entries]
             spool.commit(offset, len(entries))
+        elif action == "age":
+            spool.rotate_if_old()                 # the sender closes a segment by age
         else:
             # kill -9 mid-write: a torn frame at the end of the newest segment, then a restart.
             newest = max(folder.glob("*.seg"))
             with open(newest, "ab") as handle:
                 handle.write(encode(RAW, "torn", b"t" * 50)[:value])
-            spool = Spool(folder, max_bytes=1 << 30, segment_bytes=4096)
+            spool = Spool(folder, max_bytes=1 << 30, segment_bytes=4096, max_age_s=0)
     delivered += drain(spool)
     assert delivered == appended
