@@ -7,11 +7,17 @@ at" value the worker checkpoints, and where a new owner of the shard starts repl
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from itertools import islice
 
 from common.features import SessionState
 from scorer import metrics
+
+# How far ahead of this machine's clock an event may move its shard's watermark. One event stamped in
+# the future (a collector whose clock ran ahead) would otherwise end every session on the shard idle
+# for the timeout before that time; kept well below the 30-minute session timeout.
+MAX_AHEAD_MS = 5 * 60_000
 
 
 class Session:
@@ -37,7 +43,9 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, timeout_ms: int, max_sessions: int, dedupe_window: int, replay_max_ms: int = 7_200_000):
+    def __init__(self, timeout_ms: int, max_sessions: int, dedupe_window: int, replay_max_ms: int = 7_200_000,
+                 clock=time.time):
+        self.clock = clock
         self.timeout_ms = timeout_ms
         self.replay_max_ms = replay_max_ms
         self.max_sessions = max_sessions
@@ -68,7 +76,8 @@ class SessionStore:
         Expiry is checked here, by event time, so replaying the same records always rebuilds the
         same states however the records were batched.
         """
-        self.watermark_ms[shard_id] = max(self.watermark_ms.get(shard_id, event_ms), event_ms)
+        at_ms = min(event_ms, int(self.clock() * 1000) + MAX_AHEAD_MS)
+        self.watermark_ms[shard_id] = max(self.watermark_ms.get(shard_id, at_ms), at_ms)
         session = self.sessions.get(session_id)
         if session is not None and session.state.seen_ms >= 0 and event_ms - session.state.seen_ms > self.timeout_ms:
             self._remove(session, "timeout")

@@ -449,7 +449,7 @@ class Worker:
         except Exception:
             log.warning("could not hand the shards back cleanly", exc_info=True)
         self.store = SessionStore(self.store.timeout_ms, self.store.max_sessions, self.store.dedupe_window,
-                                  self.store.replay_max_ms)
+                                  self.store.replay_max_ms, self.store.clock)
         self.positions.clear()
         self.replay_until.clear()
         self.parents_to_rebuild.clear()

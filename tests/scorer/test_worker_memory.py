@@ -355,6 +355,23 @@ def test_a_quiet_shard_does_not_hold_up_expiry_and_the_replay_start_of_the_other
     assert store.get("quiet") and store.state_after("shard-B", None) == "9"
 
 
+
+def test_one_event_stamped_in_the_future_does_not_end_the_live_sessions_of_its_shard():
+    from scorer.sessions import SessionStore
+
+    now_ms = T0 + 3_600_000
+    store = SessionStore(timeout_ms=1_800_000, max_sessions=100, dedupe_window=8, clock=lambda: now_ms / 1000)
+
+    def seen(session_id, at_ms):
+        store.session_for(session_id, "shard-A", at_ms, None).state.seen_ms = at_ms
+
+    seen("browsing", now_ms - 60_000)
+    seen("skewed", now_ms + 2 * 3_600_000)                 # a collector clock two hours ahead
+    assert store.sweep() == 0 and store.get("browsing")
+    assert store.watermark_ms["shard-A"] == now_ms + 300_000           # at most 5 min ahead of our clock
+    seen("late", now_ms + 3_600_000)                       # our own clock has not moved: still capped
+    assert store.get("browsing") and store.watermark_ms["shard-A"] == now_ms + 300_000
+
 def test_a_session_that_never_idles_does_not_pin_the_replay_start_for_ever():
     stream, leases = MemoryStream("enriched", shard_count=1), MemoryLeaseTable()
     rig = Rig(stream, leases, replay_max_s=3600)
