@@ -13,7 +13,13 @@ import os
 import sys
 import time
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
 
 from common import aws, logs
 from common.config import AwsSettings, ConfigError, load, require_positive
@@ -160,21 +166,31 @@ def provision(settings: ProvisionSettings) -> list[str]:
 
 
 def wait_for_endpoint(settings: ProvisionSettings, timeout: float) -> None:
+    """Wait up to ``timeout`` for the Kinesis endpoint to answer (an emulator still starting). An
+    answer that refuses us (access denied, bad credentials) is raised at once: waiting will not
+    change it. The probe is a call provisioning makes anyway, so it needs no extra permission."""
     kinesis = aws.client("kinesis", settings.region, timeout=2, retries=1)
     deadline = time.monotonic() + timeout
     said = False
     while True:
         try:
-            kinesis.list_streams(Limit=1)
+            kinesis.describe_stream_summary(StreamName=settings.raw_stream)
             return
-        except Exception:
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] == "ResourceNotFoundException":
+                return                       # it answers; the stream is created below
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500) < 500:
+                raise
             if time.monotonic() > deadline:
                 raise
-            if not said:                     # otherwise a stopped emulator looks like a hang
-                print(f"waiting up to {timeout:.0f} s for {kinesis.meta.endpoint_url} (--wait) ...",
-                      file=sys.stderr, flush=True)
-                said = True
-            time.sleep(0.5)
+        except (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError):
+            if time.monotonic() > deadline:
+                raise
+        if not said:                         # otherwise a stopped emulator looks like a hang
+            print(f"waiting up to {timeout:.0f} s for {kinesis.meta.endpoint_url} (--wait) ...",
+                  file=sys.stderr, flush=True)
+            said = True
+        time.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@ and creates nothing first. Bucket names are global: the default `clickstream-lak
 someone else's on AWS (HeadBucket answers a bare 403), or one's own in another region."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -22,31 +23,58 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
-@pytest.fixture
-def foreign_bucket_endpoint(clean_env, tmp_path):
-    """A moto server that checks IAM, where `clickstream-lake` belongs to someone else: our user may
-    use Kinesis, DynamoDB and its own buckets only, so HeadBucket on the taken name answers 403."""
-    clean_env.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "4")      # the four set-up calls below, then IAM checks
-    server = emulator.start("moto", log_path=tmp_path / "moto-iam.log")
-    clean_env.delenv("INITIAL_NO_AUTH_ACTION_COUNT")
+@contextlib.contextmanager
+def moto_as_user(env, log_path, statements: list[dict], setup=lambda root: None, set_up_calls: int = 0):
+    """A moto server that checks IAM, with the AWS_* variables set to a user allowed ``statements``;
+    ``setup(root)`` runs first as root (``set_up_calls`` calls besides the three that create the user)."""
+    env.setenv("INITIAL_NO_AUTH_ACTION_COUNT", str(set_up_calls + 3))
+    server = emulator.start("moto", log_path=log_path)
+    env.delenv("INITIAL_NO_AUTH_ACTION_COUNT")
     try:
         root = {"endpoint_url": server.endpoint, "aws_access_key_id": "test", "aws_secret_access_key": "test",
                 "region_name": "us-east-1"}
-        boto3.client("s3", **root).create_bucket(Bucket="clickstream-lake")
+        setup(root)
         iam = boto3.client("iam", **root)
         iam.create_user(UserName="operator")
         iam.put_user_policy(UserName="operator", PolicyName="own", PolicyDocument=json.dumps({
-            "Version": "2012-10-17", "Statement": [
-                {"Effect": "Allow", "Action": ["kinesis:*", "dynamodb:*"], "Resource": "*"},
-                {"Effect": "Allow", "Action": "s3:*", "Resource": ["arn:aws:s3:::mine-*", "arn:aws:s3:::mine-*/*"]}]}))
+            "Version": "2012-10-17", "Statement": statements}))
         key = iam.create_access_key(UserName="operator")["AccessKey"]
-        clean_env.setenv("AWS_ENDPOINT_URL", server.endpoint)
-        clean_env.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
-        clean_env.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
-        clean_env.setenv("AWS_REGION", "us-east-1")
+        env.setenv("AWS_ENDPOINT_URL", server.endpoint)
+        env.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        env.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        env.setenv("AWS_REGION", "us-east-1")
         yield server.endpoint
     finally:
         server.stop()
+
+
+@pytest.fixture
+def foreign_bucket_endpoint(clean_env, tmp_path):
+    """Where `clickstream-lake` belongs to someone else: our user may use Kinesis, DynamoDB and its
+    own buckets only, so HeadBucket on the taken name answers 403."""
+    with moto_as_user(clean_env, tmp_path / "moto-iam.log", [
+            {"Effect": "Allow", "Action": ["kinesis:*", "dynamodb:*"], "Resource": "*"},
+            {"Effect": "Allow", "Action": "s3:*", "Resource": ["arn:aws:s3:::mine-*", "arn:aws:s3:::mine-*/*"]}],
+            setup=lambda root: boto3.client("s3", **root).create_bucket(Bucket="clickstream-lake"),
+            set_up_calls=1) as endpoint:
+        yield endpoint
+
+
+def test_a_refusal_is_reported_at_once_not_waited_out(clean_env, tmp_path, capsys, monkeypatch):
+    """--wait is for an emulator still starting; an endpoint that answers "access denied" will not
+    change its mind, so provisioning must not sleep through the wait before saying so."""
+    import infra.provision
+
+    def no_waiting(seconds):
+        raise AssertionError("waited on an endpoint that had answered")
+
+    # time is one module: sleep is patched only around the call, not while the server starts.
+    with moto_as_user(clean_env, tmp_path / "moto-iam.log",
+                      [{"Effect": "Allow", "Action": ["dynamodb:*", "s3:*"], "Resource": "*"}]), \
+            monkeypatch.context() as patch:
+        patch.setattr(infra.provision.time, "sleep", no_waiting)
+        assert provision_main(["--wait", "600"]) == 1
+    assert "AccessDenied" in capsys.readouterr().err
 
 
 def test_the_default_bucket_name_taken_by_another_account_is_named_with_the_setting_to_change(
