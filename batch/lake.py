@@ -424,19 +424,21 @@ MANIFEST = ".sync-manifest.json"
 
 
 def sync_partitions(bucket: str, start_date: str | dt.date, end_date: str | dt.date, cache_dir: str | Path,
-                    *, s3=None, progress: bool = True) -> Path:
+                    *, s3=None, region: str | None = None, progress: bool = True) -> Path:
     """Copy ``enriched/date=…/hour=…`` objects of the date range to ``cache_dir``; return the local root.
 
     Spark cannot read ``s3a://`` here, so training reads this copy (``spark.read.parquet(root)``
     discovers the date/hour partitions). Objects already cached with the same size and ETag are
-    skipped; cached files of the range that are gone from S3 are removed, so the copy never holds
-    more than the lake. Files appear atomically (written aside, then renamed).
+    skipped. Every other cached file is removed: those of the range that are gone from S3 (expired,
+    erased) and every date outside the range, so the copy never holds more than this range of the
+    lake. Files appear atomically (written aside, then renamed). Without ``s3``, the client is built
+    for ``region`` (the settings' region; empty: boto3's own).
     """
     from tqdm import tqdm
 
     from common import aws
 
-    s3 = s3 or aws.client("s3")
+    s3 = s3 or aws.client("s3", region)
     cache = Path(cache_dir)
     root = cache / "enriched"
     manifest_path = cache / MANIFEST
@@ -455,20 +457,26 @@ def sync_partitions(bucket: str, start_date: str | dt.date, end_date: str | dt.d
             os.replace(partial, target)
             manifest[obj["Key"]] = {"etag": obj["ETag"], "size": obj["Size"]}
             bar.update(obj["Size"])
-    _drop_stale(cache, manifest, {obj["Key"] for obj in objects}, start_date, end_date)
+    wanted = {obj["Key"] for obj in objects}
+    _drop_unwanted(cache, wanted)
+    manifest = {key: entry for key, entry in manifest.items() if key in wanted}
     root.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text(json.dumps(manifest, indent=0, sort_keys=True))
     return root
 
 
-def _drop_stale(cache: Path, manifest: dict, wanted: set[str], start_date, end_date) -> None:
-    """Remove cached files of the range that S3 no longer has, and their manifest entries."""
-    for day in dates_between(start_date, end_date):
-        for stale in (cache / "enriched" / f"date={day.isoformat()}").glob("hour=*/*.parquet"):
-            key = stale.relative_to(cache).as_posix()
-            if key not in wanted:
-                stale.unlink()
-                manifest.pop(key, None)
+def _drop_unwanted(cache: Path, wanted: set[str]) -> None:
+    """Remove every cached partition file (a crashed download's hidden ``.part`` too) that is not
+    one of the ``wanted`` keys, then the partition folders left empty. Only the local copy is
+    walked: dates outside the range cost no S3 listing."""
+    partitions = [folder for folder in (cache / "enriched").glob("date=*/hour=*") if folder.is_dir()]
+    for partition in partitions:
+        for file in partition.iterdir():
+            if file.is_file() and file.relative_to(cache).as_posix() not in wanted:
+                file.unlink()
+        for folder in (partition, partition.parent):
+            if not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _cached(cache: Path, manifest: dict, obj: dict) -> bool:

@@ -3,7 +3,9 @@
 Categorical columns (strings, booleans, and numeric ones named with ``--categorical``) are one-hot
 encoded to plain 0/1 columns *before* Spark, so trees only ever split on numeric thresholds (the
 ONNX converter reads Spark's categorical splits wrongly). Missing values are dropped or imputed,
-and the count is reported; nothing is dropped silently.
+and the count is reported; nothing is dropped silently. Each value of a categorical column becomes a
+published feature name, so a column of identifiers (nearly one value per row, or email addresses) is
+refused rather than encoded.
 """
 from __future__ import annotations
 
@@ -26,6 +28,14 @@ log = logging.getLogger(__name__)
 TRUE = {"true", "1", "yes", "y", "t", "1.0"}
 FALSE = {"false", "0", "no", "n", "f", "0.0"}
 ID_COLUMNS = ["row_id", "label"]
+# A categorical column with more distinct values than this share of its rows is an identifier (customer
+# id, email, order number), not a category: one-hot encoding would publish each value as a feature name
+# in model.json and report.html, which are kept indefinitely. The minimum keeps a small sample (a month
+# column in 20 rows) from tripping the share; the UCI shoppers categoricals have at most 20 values.
+IDENTIFIER_SHARE = 0.5
+IDENTIFIER_MIN_VALUES = 50
+# One email address is enough: it would become a feature name as it is.
+EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}")
 
 
 @dataclass
@@ -79,9 +89,9 @@ def prepare(frame: pd.DataFrame, label: str, *, drop=(), categorical=(), missing
         notes.append(f"dropped {int(y.isna().sum())} rows without a label")
     frame, y = frame[y.notna()], y[y.notna()]
     features = frame.drop(columns=[label, *drop])
-    kinds = [c for c in features.columns
-             if c in categorical or not pd.api.types.is_numeric_dtype(features[c]) or features[c].dtype == bool]
+    kinds = [c for c in features.columns if c in categorical or not _is_number(features[c])]
     numeric = [c for c in features.columns if c not in kinds]
+    _refuse_identifiers(features, kinds, source)
     features, numeric = _drop_empty(features, numeric, notes)
     features, y = _fill_missing(features, y, numeric, missing, notes)
     x = _one_hot(features, numeric, kinds, notes)
@@ -99,6 +109,35 @@ def prepare(frame: pd.DataFrame, label: str, *, drop=(), categorical=(), missing
     for note in notes:
         log.info("%s: %s", source, note)
     return Table(out, list(x.columns), source, label, notes)
+
+
+def _is_number(column: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(column) and column.dtype != bool
+
+
+def _refuse_identifiers(features: pd.DataFrame, kinds: list[str], source: str) -> None:
+    """Refuse categorical columns that hold identifiers rather than categories, naming them and how
+    to leave them out: their values would be published as feature names."""
+    found = {column: why for column in kinds if (why := _identifier_reason(features[column]))}
+    if found:
+        named = "; ".join(f"{column} ({why})" for column, why in found.items())
+        drops = " ".join(f"--drop {column}" for column in found)
+        numbers = [column for column in found if _is_number(features[column])]
+        keep = f" (or keep {numbers} numeric: leave them out of --categorical)" if numbers else ""
+        raise TrainError(f"{source}: column(s) {named} look like identifiers, not categories: each value would "
+                         f"become a feature name published in model.json and report.html. Leave them out with "
+                         f"{drops}{keep}")
+
+
+def _identifier_reason(column: pd.Series) -> str | None:
+    """Why a categorical column looks like identifiers (email addresses, or nearly one value per row), else None."""
+    values = column.dropna().astype("string")
+    distinct = values.nunique()
+    if values.str.contains(EMAIL).any():
+        return f"email addresses, {distinct} distinct values in {len(values)} rows"
+    if distinct > max(IDENTIFIER_MIN_VALUES, IDENTIFIER_SHARE * len(values)):
+        return f"{distinct} distinct values in {len(values)} rows"
+    return None
 
 
 def _drop_empty(features: pd.DataFrame, numeric: list[str], notes: list[str]) -> tuple[pd.DataFrame, list[str]]:

@@ -186,6 +186,39 @@ def test_sync_partitions_copies_skips_cached_and_removes_stale(aws_settings, s3,
     assert not list(root.glob("date=2026-11-30/*/*.parquet"))  # outside the range: not copied
 
 
+def test_sync_keeps_only_the_range_asked_for(aws_settings, s3, tmp_path):
+    sink = lake.S3Sink(s3, aws_settings.bucket)
+    for day in range(3):
+        events = [make_event(i, at=BASE + dt.timedelta(days=day, minutes=i)) for i in range(2)]
+        write_enriched(sink, "shardId-000000000000", event_records(events, start=10 * day + 1), "enriched")
+    lake.sync_partitions(aws_settings.bucket, "2026-11-29", "2026-11-30", tmp_path, progress=False)
+    root = tmp_path / "enriched"
+    (root / "date=2026-11-29/hour=09/.crashed-download.parquet.part").write_bytes(b"PAR1 half a file")
+
+    # The window moves on a day: the date it left goes from the cache although the lake still has it,
+    # with a crashed download's leftover, its folders and its manifest entries.
+    lake.sync_partitions(aws_settings.bucket, "2026-11-30", "2026-12-01", tmp_path, progress=False)
+    assert sorted(p.name for p in root.iterdir()) == ["date=2026-11-30", "date=2026-12-01"]
+    manifest = orjson.loads((tmp_path / lake.MANIFEST).read_bytes())
+    assert sorted(lake.key_partition(key)[0] for key in manifest) == ["2026-11-30", "2026-12-01"]
+
+    # A later window drops every earlier date, including one the lake itself has since deleted.
+    for obj in lake.objects_between(s3, aws_settings.bucket, "enriched", "2026-11-30"):
+        s3.delete_object(Bucket=aws_settings.bucket, Key=obj["Key"])        # expired or erased
+    lake.sync_partitions(aws_settings.bucket, "2026-12-05", "2026-12-06", tmp_path, progress=False)
+    assert not list(root.rglob("*")) and orjson.loads((tmp_path / lake.MANIFEST).read_bytes()) == {}
+
+
+def test_sync_lists_and_downloads_in_the_region_it_is_given(monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    used = []
+    monkeypatch.setattr(lake, "objects_between", lambda s3, *args: used.append(s3.meta.region_name) or [])
+    lake.sync_partitions("lake-in-af-south-1", "2026-01-01", "2026-01-01", tmp_path, region="af-south-1",
+                         progress=False)
+    assert used == ["af-south-1"]
+
+
 @pytest.mark.spark
 def test_spark_reads_the_synced_lake(aws_settings, s3, tmp_path):
     from pyspark.sql import SparkSession

@@ -229,6 +229,32 @@ def test_table_inputs_spark_would_choke_on_are_clear_errors_or_notes(tmp_path):
             read_table(path)
 
 
+def test_identifier_columns_are_refused_not_published_as_feature_names():
+    rows = 200
+    frame = pd.DataFrame({"pages": np.arange(rows) % 9, "Revenue": np.arange(rows) % 2,
+                          "TrafficType": np.arange(rows) % 20,           # the widest UCI shoppers categorical
+                          "city": [f"city-{i // 3}" for i in range(rows)],         # 67 values in 200 rows: a category
+                          "customer_id": [f"c-{i}" for i in range(rows)]})
+    with pytest.raises(TrainError) as refused:
+        prepare(frame, "Revenue", categorical=["TrafficType"])
+    assert "customer_id (200 distinct values in 200 rows)" in str(refused.value)
+    assert "--drop customer_id" in str(refused.value) and "city" not in str(refused.value)
+    kept = prepare(frame, "Revenue", drop=["customer_id"], categorical=["TrafficType"])
+    assert {"TrafficType_19", "city_city_0"} <= set(kept.feature_names)
+
+    # One email address would be a feature name as it is, however few rows the table has.
+    emails = pd.DataFrame({"customer_email": [f"user{i}@example.com" for i in range(6)],
+                           "pages": [3, 5, 1, 8, 2, 9], "bought": [0, 1, 0, 1, 0, 1]})
+    with pytest.raises(TrainError, match=r"customer_email \(email addresses, 6 distinct values in 6 rows\).*"
+                                         r"--drop customer_email"):
+        prepare(emails, "bought")
+    assert prepare(emails, "bought", drop=["customer_email"]).feature_names == ["pages"]
+
+    # A number named with --categorical is checked too, and may simply stay numeric.
+    with pytest.raises(TrainError, match=r"pages_seen \(200 distinct.*out of --categorical"):
+        prepare(frame.assign(pages_seen=np.arange(rows)), "Revenue", drop=["customer_id"], categorical=["pages_seen"])
+
+
 def test_a_malformed_window_end_is_a_config_error_naming_the_key():
     from batch.train_config import TrainSettings
     from common.config import ConfigError, load
