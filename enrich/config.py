@@ -22,6 +22,19 @@ DEFAULT_PII_FIELDS = (
     "com.snowplowanalytics.snowplow/mobile_context:appSetId",
     "com.clickshop/purchase:order_id",
 )
+# A device's GPS fix (Snowplow's geolocation_context, any version): latitude and longitude are rounded
+# to `geolocation_decimals`; the fields that refine a rounded position (the fix's accuracy radius, the
+# altitude that picks out a slope or a floor, and its accuracy) are nulled (nullable in every version).
+# Bearing, speed and the fix's time stay: they describe motion, not where someone lives.
+GEOLOCATION_ROUNDED = (
+    "com.snowplowanalytics.snowplow/geolocation_context:latitude",
+    "com.snowplowanalytics.snowplow/geolocation_context:longitude",
+)
+GEOLOCATION_WITHHELD = (
+    "com.snowplowanalytics.snowplow/geolocation_context:latitudeLongitudeAccuracy",
+    "com.snowplowanalytics.snowplow/geolocation_context:altitude",
+    "com.snowplowanalytics.snowplow/geolocation_context:altitudeAccuracy",
+)
 
 
 def parse_pii_field(entry: str) -> tuple[str, str, tuple[str, ...]]:
@@ -47,6 +60,13 @@ class EnrichSettings(AwsSettings):
     pii_fields: tuple[str, ...] = DEFAULT_PII_FIELDS
     ip_anon_octets: int = 1            # IPv4 octets zeroed from the right (0-4)
     ip_anon_segments: int = 5          # IPv6 16-bit segments zeroed from the right (0-8)
+    geolocation_coarsening: bool = True
+    # 1 decimal is ~11 km: the town an IP's /24 already reveals; 2 (~1 km) can single out a rural home.
+    geolocation_decimals: int = 1      # decimals of latitude/longitude kept (0-6)
+    # A collector_tstamp further ahead of the enricher's clock makes the event a bad row: one would move
+    # the scorer's event-time watermark forward and end every live session of its shard. Five minutes:
+    # well below the scorer's 30-minute session timeout, well above NTP skew between hosts (under a second).
+    max_collector_ahead_s: float = 300.0
     internal_domains: tuple[str, ...] = ()
     dedupe_entries: int = 200_000      # bounded memory: oldest (event_id, fingerprint) pairs forgotten first
     dedupe_window_s: float = 600.0
@@ -61,7 +81,7 @@ class EnrichSettings(AwsSettings):
 
     def validate(self) -> None:
         require_positive(self, "registry_cache_ttl_s", "dedupe_window_s", "ua_cache_size", "max_event_bytes",
-                         "lease_ms", "read_interval_s")
+                         "lease_ms", "read_interval_s", "max_collector_ahead_s")
         require_batch_limit(self, "batch_limit")
         if self.pseudonymisation and not self.pseudonymisation_key:
             raise ConfigError("CLICKSTREAM_PSEUDONYMISATION_KEY: required while pseudonymisation is on "
@@ -70,6 +90,8 @@ class EnrichSettings(AwsSettings):
             raise ConfigError(f"CLICKSTREAM_IP_ANON_OCTETS: expected 0-4, got {self.ip_anon_octets}")
         if not 0 <= self.ip_anon_segments <= 8:
             raise ConfigError(f"CLICKSTREAM_IP_ANON_SEGMENTS: expected 0-8, got {self.ip_anon_segments}")
+        if not 0 <= self.geolocation_decimals <= 6:
+            raise ConfigError(f"CLICKSTREAM_GEOLOCATION_DECIMALS: expected 0-6, got {self.geolocation_decimals}")
         if self.dedupe_entries < 0:
             raise ConfigError(f"CLICKSTREAM_DEDUPE_ENTRIES: expected >= 0, got {self.dedupe_entries}")
         for entry in self.pii_fields:

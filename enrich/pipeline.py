@@ -2,7 +2,7 @@
 
 No AWS here, so the worker, the tests and the benchmarks all run the same code.
 Each event goes through: protocol checks -> typed fields -> schema validation of its self-describing
-event and contexts -> enrichments -> pseudonymisation -> size check -> dedupe. Any failure turns that
+event and contexts -> enrichments -> pseudonymisation, GPS coarsening -> size check -> dedupe. Any failure turns that
 one event into a bad row; nothing escapes as an exception (a last-resort guard turns an unexpected
 error into an ``enrichment_failures`` row, or for the record as a whole a
 ``collector_payload_format_violation`` row, so one poison record cannot stall a shard).
@@ -15,13 +15,14 @@ import logging
 import math
 import re
 import uuid
+from collections.abc import Callable
 
 import fastjsonschema
 import orjson
 
 from common.features import NIL_USER, session_key
 from enrich import __version__, badrows, protocol
-from enrich.config import EnrichSettings, parse_pii_field
+from enrich.config import GEOLOCATION_ROUNDED, GEOLOCATION_WITHHELD, EnrichSettings, parse_pii_field
 from enrich.enrichments import (
     Deduper,
     Pseudonymiser,
@@ -114,12 +115,45 @@ def _pii_paths(entries: tuple[str, ...]) -> dict[tuple[str, str], list[tuple[str
     return paths
 
 
+Rules = dict[tuple[str, str], list[tuple[tuple[str, ...], Callable[[object], object]]]]
+
+
+def _entity_rules(settings: EnrichSettings, hmac: Pseudonymiser | None) -> Rules:
+    """(vendor, name) -> the (path, transform) pairs for its events and contexts. Geolocation comes
+    first, so a position also listed in pii_fields is rounded before it is pseudonymised."""
+    rules: Rules = {}
+
+    def add(entries: tuple[str, ...], transform: Callable[[object], object]) -> None:
+        for key, paths in _pii_paths(entries).items():
+            rules.setdefault(key, []).extend((path, transform) for path in paths)
+
+    if settings.geolocation_coarsening:
+        add(GEOLOCATION_ROUNDED, functools.partial(_rounded, decimals=settings.geolocation_decimals))
+        add(GEOLOCATION_WITHHELD, _withheld)
+    if hmac is not None:
+        add(settings.pii_fields, functools.partial(_pseudonym, hmac=hmac))
+    return rules
+
+
+def collector_tstamp_errors(collector: int, etl_ms: int, max_ahead_ms: int) -> list[dict]:
+    """The collector's timestamp gets the device timestamps' range, and may not be ahead of the
+    enricher's clock by more than ``max_ahead_ms``: the scorer's event-time watermark would jump to it."""
+    if not MIN_TSTAMP < collector < MAX_TSTAMP:
+        return [badrows.message("collector_tstamp", collector, "epoch milliseconds between 1970 and 2100")]
+    if collector - etl_ms > max_ahead_ms:
+        return [badrows.message("collector_tstamp", collector, (
+            f"at most {max_ahead_ms / 1000:g} s ahead of the enricher's clock (etl_tstamp {iso_ms(etl_ms)}), "
+            f"got {iso_ms(collector)}, {(collector - etl_ms) / 1000:g} s ahead"))]
+    return []
+
+
 class Enricher:
     def __init__(self, settings: EnrichSettings, resolver: Resolver | None = None):
         self.settings = settings
         self.resolver = resolver or Resolver.from_specs(settings.registries, ttl=settings.registry_cache_ttl_s)
         self.hmac = Pseudonymiser(settings.pseudonymisation_key) if settings.pseudonymisation else None
-        self.pii_paths = _pii_paths(settings.pii_fields) if settings.pseudonymisation else {}
+        self.entity_rules = _entity_rules(settings, self.hmac)
+        self.max_collector_ahead_ms = int(settings.max_collector_ahead_s * 1000)
         self.ua = make_ua_parser(settings.ua_cache_size)
         self.referers = RefererClassifier(internal_domains=settings.internal_domains)
         self.deduper = Deduper(settings.dedupe_entries, settings.dedupe_window_s)
@@ -146,10 +180,14 @@ class Enricher:
             log.exception("unexpected error reading a raw record")
             return [], [badrows.format_violation(raw, f"unexpected error: {type(exc).__name__}: {exc}")]
         good, bad, unwritable = [], [], []
-        etl_tstamp = iso_ms(utc_now_ms())
+        etl_ms = utc_now_ms()
+        etl_tstamp = iso_ms(etl_ms)
+        # Once per record: its events share the collector's timestamp.
+        collector_errors = collector_tstamp_errors(record["collector_tstamp"], etl_ms, self.max_collector_ahead_ms)
         for index, params in enumerate(hit.events):
             try:
-                found = self._event(hit, params, etl_tstamp, functools.partial(derived_event_id, raw, index))
+                found = self._event(hit, params, etl_tstamp, collector_errors,
+                                    functools.partial(derived_event_id, raw, index))
             except EventFailure as exc:
                 self._add_bad_row(bad, unwritable, index, exc, hit, params)
                 continue
@@ -194,7 +232,8 @@ class Enricher:
 
     # ------------------------------------------------------------------ one event
 
-    def _event(self, hit: protocol.Hit, params: dict, etl_tstamp: str, fallback_id) -> tuple[dict, bytes] | None:
+    def _event(self, hit: protocol.Hit, params: dict, etl_tstamp: str, collector_errors: list[dict],
+               fallback_id) -> tuple[dict, bytes] | None:
         problems = protocol.check_event(params, hit, self.resolver)
         kind = params.get("e") if isinstance(params, dict) else None
         event_type = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
@@ -203,13 +242,14 @@ class Enricher:
         if problems:
             raise EventFailure("tracker_protocol_violations", problems)
         record = hit.record
-        event = self._typed(params, record, fallback_id)
+        event = self._typed(params, record, collector_errors, fallback_id)
         event["event"] = event_type
         event["etl_tstamp"] = etl_tstamp
         self._self_describing(params, event, event_type)
         self._enrich(event)
         if self.hmac is not None:
             self._pseudonymise(event)
+        self._protect_entities(event)
         too_long = [badrows.message(name, event[name], f"at most {limit} characters")
                     for name, limit in ID_LIMITS.items() if event[name] is not None and len(event[name]) > limit]
         if too_long:
@@ -225,9 +265,9 @@ class Enricher:
             return None
         return event, data
 
-    def _typed(self, params: dict, record: dict, fallback_id) -> dict:
+    def _typed(self, params: dict, record: dict, collector_errors: list[dict], fallback_id) -> dict:
         """Canonical fields with typed values; every malformed value is reported, not just the first."""
-        errors: list[dict] = []
+        errors = [*collector_errors]
         event, stamps = _parse_params(params, errors)
         if event["ti_name"] is None and params.get("ti_na"):
             event["ti_name"] = params["ti_na"]   # ti_na: older trackers' name for the item name
@@ -360,14 +400,18 @@ class Enricher:
         # The nil id of SP-Anonymous requests identifies nobody; keep it so it stays recognisable.
         if event["network_userid"] and event["network_userid"] != NIL_USER:
             event["network_userid"] = hmac(event["network_userid"])
-        if not self.pii_paths:
+
+    def _protect_entities(self, event: dict) -> None:
+        """Pseudonymise the pii_fields and coarsen geolocation in the self-describing event and contexts;
+        only entities whose schema has a rule are touched."""
+        if not self.entity_rules:
             return
         for sdj in (event["unstruct_event"], *event["contexts"]):
             if not sdj:
                 continue
             key = sdj["schema"].removeprefix("iglu:").split("/")
-            for path in self.pii_paths.get((key[0], key[1]), ()):
-                _replace_at(sdj["data"], path, hmac)
+            for path, transform in self.entity_rules.get((key[0], key[1]), ()):
+                _replace_at(sdj["data"], path, transform)
 
 
 def _violation(key: object, error: str, expectation: str) -> dict:
@@ -381,8 +425,8 @@ def _json_path(path: object) -> str:
     return "$" + "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in path[1:])
 
 
-def _replace_at(data: object, path: tuple[str, ...], hmac) -> None:
-    """Pseudonymise the value at ``path``; a ``*`` step means every item of a list or object."""
+def _replace_at(data: object, path: tuple[str, ...], transform: Callable[[object], object]) -> None:
+    """Replace the value at ``path`` by ``transform(value)``; a ``*`` step means every item of a list or object."""
     step, rest = path[0], path[1:]
     if step == "*":
         children = list(range(len(data))) if isinstance(data, list) else list(data) if isinstance(data, dict) else []
@@ -390,9 +434,9 @@ def _replace_at(data: object, path: tuple[str, ...], hmac) -> None:
         children = [step] if isinstance(data, dict) and step in data else []
     for child in children:
         if rest:
-            _replace_at(data[child], rest, hmac)
+            _replace_at(data[child], rest, transform)
         else:
-            data[child] = _pseudonym(data[child], hmac)
+            data[child] = transform(data[child])
 
 
 def _pseudonym(value: object, hmac) -> object:
@@ -407,6 +451,14 @@ def _pseudonym(value: object, hmac) -> object:
     if isinstance(value, dict):
         return {key: _pseudonym(item, hmac) for key, item in value.items()}
     return value
+
+
+def _rounded(value: object, decimals: int) -> object:
+    return round(value, decimals) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _withheld(value: object) -> None:
+    return None
 
 
 def _parse_params(params: dict, errors: list) -> tuple[dict, dict]:

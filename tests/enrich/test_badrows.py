@@ -152,3 +152,51 @@ def test_one_bad_event_in_a_post_of_many_keeps_the_good_ones_and_replays_alone()
                                                          "data": [fixed]}).decode()}
     good, bad = worker.process(orjson.dumps(replay))
     assert bad == [] and good[0][1]["event_id"] == broken["eid"] and good[0][1]["unstruct_event"]["data"]["price"] == 9.5
+
+
+NOW = 1_764_409_956_000     # the enricher's clock in the tests below (the helpers' collector_tstamp)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    monkeypatch.setattr("enrich.pipeline.utc_now_ms", lambda: NOW)
+
+
+def replayed(row: dict, **record_fields) -> tuple[list, list]:
+    """Replay a bad row's record as replay-bad would, after a fix of its fields."""
+    return enricher().process(orjson.dumps({**row["data"]["payload"]["record"], **record_fields}))
+
+
+@pytest.mark.parametrize("stamp, year", [(NOW * 1000, "57881"), (253_402_300_800_000, "10000")])
+def test_a_collector_tstamp_past_2100_is_a_replayable_enrichment_failure_not_a_good_event(stamp, year):
+    row = only_bad(get_record({**EV, "e": "pv"}, tstamp=stamp))
+    assert row["schema"] == BADROWS + "enrichment_failures/jsonschema/2-0-0"
+    assert row["data"]["failure"]["messages"] == [{"enrichment": None, "message": {
+        "field": "collector_tstamp", "value": stamp, "expectation": "epoch milliseconds between 1970 and 2100"}}]
+    good, bad = replayed(row, collector_tstamp=NOW)
+    assert bad == [] and good[0][1]["collector_tstamp"] == "2025-11-29T09:52:36.000Z"
+
+
+@pytest.mark.usefixtures("clock")
+def test_a_collector_tstamp_ahead_of_the_enricher_clock_beyond_the_tolerance_is_a_replayable_enrichment_failure():
+    two_hours_ahead = NOW + 2 * 3600_000
+    events = [{**EV, "e": "pv", "eid": f"00000000-0000-4000-8000-00000000000{i}"} for i in range(2)]
+    good, bad = enricher().process(post_record(events, tstamp=two_hours_ahead))
+    assert good == [] and len(bad) == 2          # every event of the record, each replayable alone
+    message = bad[0]["data"]["failure"]["messages"][0]["message"]
+    assert bad[0]["schema"] == BADROWS + "enrichment_failures/jsonschema/2-0-0"
+    assert message == {"field": "collector_tstamp", "value": two_hours_ahead, "expectation":
+                       "at most 300 s ahead of the enricher's clock (etl_tstamp 2025-11-29T09:52:36.000Z), "
+                       "got 2025-11-29T11:52:36.000Z, 7200 s ahead"}
+    good, bad = replayed(bad[0], collector_tstamp=NOW)
+    assert bad == [] and [e["event_id"] for _, e in good] == [events[0]["eid"]]
+
+
+@pytest.mark.usefixtures("clock")
+def test_collector_clock_skew_up_to_the_tolerance_passes_and_the_tolerance_is_a_setting():
+    def bad_rows(tstamp: int, **settings) -> list:
+        return enricher(**settings).process(get_record({**EV, "e": "pv"}, tstamp=tstamp))[1]
+
+    assert bad_rows(NOW + 300_000) == [] and len(bad_rows(NOW + 300_001)) == 1
+    assert bad_rows(NOW + 2 * 3600_000, max_collector_ahead_s=3 * 3600) == []
+    assert bad_rows(NOW - 86_400_000) == []       # a backlog is late, not skewed

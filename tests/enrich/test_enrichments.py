@@ -1,6 +1,7 @@
 """Each enrichment on its own: UA, IP anonymisation, referers, campaigns, fingerprint, dedupe, PII paths, config."""
 from __future__ import annotations
 
+import functools
 import gc
 import tracemalloc
 
@@ -220,19 +221,20 @@ def test_mobile_device_ids_are_pseudonymised_by_default():
 
 
 def test_numbers_lists_and_objects_at_a_pii_path_are_pseudonymised_not_skipped():
-    from enrich.pipeline import _pii_paths, _replace_at
+    from enrich.pipeline import _pii_paths, _pseudonym, _replace_at
 
     hmac = Pseudonymiser(KEY)
+    pseudonymise = functools.partial(_pseudonym, hmac=hmac)
     paths = _pii_paths(("com.acme/customer:id", "com.acme/customer:emails", "com.acme/customer:$.address",
                         "com.acme/list:$[*].email"))
     customer = {"id": 424242, "emails": ["a@x.test", "b@x.test"], "address": {"street": "Main 1", "verified": True}}
     for path in paths[("com.acme", "customer")]:
-        _replace_at(customer, path, hmac)
+        _replace_at(customer, path, pseudonymise)
     assert customer == {"id": hmac("424242"), "emails": [hmac("a@x.test"), hmac("b@x.test")],
                         "address": {"street": hmac("Main 1"), "verified": True}}
     people = [{"email": "c@x.test"}, {"email": "d@x.test"}]
     for path in paths[("com.acme", "list")]:
-        _replace_at(people, path, hmac)
+        _replace_at(people, path, pseudonymise)
     assert people == [{"email": hmac("c@x.test")}, {"email": hmac("d@x.test")}]
 
 
@@ -268,3 +270,50 @@ def test_config_refuses_to_start_without_a_key_unless_pseudonymisation_is_off(tm
         load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_PII_FIELDS": "com.acme/x:a.$b"})
     with pytest.raises(ConfigError, match="CLICKSTREAM_PII_FIELDS"):
         load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_PII_FIELDS": "com.acme/:a"})
+
+
+GEOLOCATION = "iglu:com.snowplowanalytics.snowplow/geolocation_context/jsonschema/{}"
+EIFFEL_TOWER = {"latitude": 48.858370, "longitude": 2.294481, "latitudeLongitudeAccuracy": 5.0, "altitude": 35.2,
+                "altitudeAccuracy": 3.0, "bearing": 90.0, "speed": 1.4}
+
+
+def geolocated(version: str, **settings) -> dict:
+    data = {**EIFFEL_TOWER, **({"timestamp": 1764409956000} if version == "1-1-0" else {})}
+    raw = get_record({**EV, "cx": b64(contexts(sdj(GEOLOCATION.format(version), data)))})
+    (_, event), = enricher(**settings).process(raw)[0]
+    return event["contexts"][0]["data"]
+
+
+@pytest.mark.parametrize("version", ["1-0-0", "1-1-0"])
+def test_gps_positions_are_coarsened_to_about_11_km_and_their_refinements_withheld_by_default(version):
+    data = geolocated(version)
+    assert (data["latitude"], data["longitude"]) == (48.9, 2.3)
+    assert data["latitudeLongitudeAccuracy"] is data["altitude"] is data["altitudeAccuracy"] is None
+    assert (data["bearing"], data["speed"]) == (90.0, 1.4)        # motion, not a place: kept
+    assert data.get("timestamp") == (1764409956000 if version == "1-1-0" else None)
+    assert enricher().resolver.validate(GEOLOCATION.format(version), data) == []   # consumers may re-validate
+
+
+def test_gps_coarsening_follows_its_settings_and_does_not_depend_on_pseudonymisation():
+    finer = geolocated("1-1-0", geolocation_decimals=2)
+    assert (finer["latitude"], finer["longitude"]) == (48.86, 2.29)
+    assert geolocated("1-1-0", pseudonymisation=False)["latitude"] == 48.9
+    kept = geolocated("1-1-0", geolocation_coarsening=False)
+    assert {name: kept[name] for name in EIFFEL_TOWER} == EIFFEL_TOWER
+
+
+def test_gps_fields_also_listed_as_pii_are_rounded_then_pseudonymised():
+    data = geolocated("1-1-0", pii_fields=("com.snowplowanalytics.snowplow/geolocation_context:latitude",))
+    assert data["latitude"] == Pseudonymiser(KEY)("48.9")
+
+
+def test_config_checks_the_geolocation_and_collector_clock_settings():
+    env = {"CLICKSTREAM_PSEUDONYMISATION_KEY": "k"}
+    loaded = load(EnrichSettings, env={**env, "CLICKSTREAM_GEOLOCATION_DECIMALS": "2",
+                                      "CLICKSTREAM_GEOLOCATION_COARSENING": "false",
+                                      "CLICKSTREAM_MAX_COLLECTOR_AHEAD_S": "60"})
+    assert (loaded.geolocation_decimals, loaded.geolocation_coarsening, loaded.max_collector_ahead_s) == (2, False, 60)
+    with pytest.raises(ConfigError, match="CLICKSTREAM_GEOLOCATION_DECIMALS"):
+        load(EnrichSettings, env={**env, "CLICKSTREAM_GEOLOCATION_DECIMALS": "7"})
+    with pytest.raises(ConfigError, match="MAX_COLLECTOR_AHEAD_S"):
+        load(EnrichSettings, env={**env, "CLICKSTREAM_MAX_COLLECTOR_AHEAD_S": "0"})
