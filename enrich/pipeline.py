@@ -16,6 +16,7 @@ import math
 import re
 import uuid
 from collections.abc import Callable
+from urllib.parse import unquote
 
 import fastjsonschema
 import orjson
@@ -70,6 +71,14 @@ TIMESTAMPS = {"dtm": "dvce_created_tstamp", "stm": "dvce_sent_tstamp", "ttm": "t
 # the shop's own database, so it is as personal as the customer id.
 PSEUDONYMISED_FIELDS = ("user_id", "domain_userid", "user_ipaddress", "user_fingerprint", "mac_address",
                         "tr_orderid", "ti_orderid")
+# URL and free-text fields where a site or a mail campaign may put an email address (`?email=`, a
+# newsletter's utm_term, a path /users/alice@…, a title): with pseudonymisation on, every address in
+# them becomes its pseudonym, as user_id does. Contexts' free text is not scanned (docs/data-protection.md).
+EMAIL_SCANNED_FIELDS = ("page_url", "page_urlpath", "page_urlquery", "page_urlfragment", "page_title",
+                        "page_referrer", "refr_urlpath", "refr_urlquery", "refr_urlfragment", "refr_term",
+                        "mkt_term", "mkt_content", "mkt_campaign", "mkt_source", "mkt_medium", "se_label",
+                        "se_property")
+EMAIL_ADDRESS = re.compile(r"[\w.+%-]+(?:@|%40)[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}")
 # Identifier lengths of Snowplow's atomic event: these fields key streams (Kinesis partition keys
 # stop at 256 characters) and tables, so a longer value is a bad row, not a stalled shard.
 ID_LIMITS = {"domain_sessionid": 128, "domain_userid": 128, "network_userid": 128, "user_id": 255}
@@ -400,6 +409,10 @@ class Enricher:
         # The nil id of SP-Anonymous requests identifies nobody; keep it so it stays recognisable.
         if event["network_userid"] and event["network_userid"] != NIL_USER:
             event["network_userid"] = hmac(event["network_userid"])
+        for name in EMAIL_SCANNED_FIELDS:
+            value = event[name]
+            if value and ("@" in value or "%40" in value):       # the regex only where it can match
+                event[name] = EMAIL_ADDRESS.sub(lambda found: hmac(unquote(found.group())), value)
 
     def _protect_entities(self, event: dict) -> None:
         """Pseudonymise the pii_fields and coarsen geolocation in the self-describing event and contexts;

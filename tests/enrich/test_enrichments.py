@@ -238,6 +238,24 @@ def test_numbers_lists_and_objects_at_a_pii_path_are_pseudonymised_not_skipped()
     assert people == [{"email": hmac("c@x.test")}, {"email": hmac("d@x.test")}]
 
 
+
+def test_email_addresses_in_urls_titles_and_campaign_fields_become_pseudonyms():
+    raw = get_record({**EV, "url": "https://shop.test/users/carol@example.org/orders?email=alice%40example.com&x=1"
+                                   "&utm_source=news&utm_medium=email&utm_term=alice%2Bshop%40example.com",
+                      "refr": "https://mail.test/read?to=bob@example.net#inbox", "page": "Orders of alice@example.com",
+                      "se_la": "dave@example.co.uk"})
+    (_, event), = enricher().process(raw)[0]
+    text = orjson.dumps(event).decode()
+    assert not any(part in text for part in ("alice", "bob@", "carol", "dave", "%40example", "@example"))
+    hmac = Pseudonymiser(KEY)
+    assert event["page_urlquery"] == f"email={hmac('alice@example.com')}&x=1&utm_source=news&utm_medium=email" \
+                                     f"&utm_term={hmac('alice+shop@example.com')}"
+    assert event["mkt_term"] == hmac("alice+shop@example.com")          # decoded, then the same pseudonym
+    assert event["page_title"] == f"Orders of {hmac('alice@example.com')}"
+    assert event["mkt_medium"] == "email" and event["page_urlhost"] == "shop.test"   # no address: untouched
+    (_, kept), = enricher(pseudonymisation=False).process(raw)[0]
+    assert kept["page_title"] == "Orders of alice@example.com"          # pseudonymisation off keeps them
+
 def test_the_fingerprint_cannot_be_matched_against_guesses_without_the_key():
     import hashlib
 
