@@ -11,7 +11,9 @@ In-process users (benchmarks, end-to-end tests) call ``train_from_events`` / ``p
 """
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -41,22 +43,39 @@ EVENT_STEPS = ["sync", "features", "fit", "evaluate", "export", "parity", "publi
 
 
 def load_window(spark, settings: TrainSettings, window: Window, steps: Steps | None = None) -> DataFrame:
-    """The enriched events of ``window``: synced from S3 to the cache (or read from ``lake_path``)."""
+    """The enriched events of ``window`` and of its lead-in (``lead_in``), synced from S3 to the
+    cache (or read from ``lake_path``). An empty lead-in is fine; an empty window is a TrainError."""
     steps = steps or Steps(["sync"], enabled=False)
+    before = lead_in(window, settings.session_gap_minutes)
     with steps("sync"):
         if settings.lake_path.startswith(("s3a://", "s3://", "hdfs://", "gs://", "abfss://", "file://")):
-            dates = ",".join(f"date={d}" for d in window.days())
+            dates = ",".join(f"date={d}" for d in before.days() + window.days())
             try:
                 return spark.read.option("basePath", settings.lake_path).parquet(f"{settings.lake_path}/{{{dates}}}")
             except AnalysisException as exc:          # Spark's answer when no partition of the window exists
                 raise _empty_window(settings, window) from exc
         root = Path(settings.lake_path) if settings.lake_path else \
-            local_window(settings.bucket, window, settings.cache_dir, progress=settings.progress)
+            local_window(settings.bucket, Window(before.start, window.end), settings.cache_dir,
+                         region=settings.region, progress=settings.progress)
         files = check_files(window_files(root, window), skip_corrupt=settings.skip_corrupt_files)
         if not files:
             raise _empty_window(settings, window)
-        log.info("reading %d lake files of %s", len(files), window)
-        return read_events(spark, root, files, skip_corrupt=settings.skip_corrupt_files)
+        earlier = check_files(window_files(root, before), skip_corrupt=settings.skip_corrupt_files)
+        log.info("reading %d lake files of %s and %d of its lead-in %s", len(files), window, len(earlier), before)
+        return read_events(spark, root, earlier + files, skip_corrupt=settings.skip_corrupt_files)
+
+
+def lead_in(window: Window, gap_minutes: int) -> Window:
+    """The whole days before ``window`` that span one session gap: a session running at the window's
+    first midnight began there, and only when they are read is it seen whole, as the scorer saw it,
+    and known to be the previous window's (build_examples leaves it out)."""
+    days = math.ceil(gap_minutes / (24 * 60))
+    return Window(window.start - dt.timedelta(days=days), window.start - dt.timedelta(days=1))
+
+
+def window_start_ms(window: Window) -> int:
+    """Epoch ms of the window's first midnight (UTC)."""
+    return int(dt.datetime.combine(window.start, dt.time(), dt.UTC).timestamp() * 1000)
 
 
 def _empty_window(settings: TrainSettings, window: Window) -> TrainError:
@@ -68,12 +87,14 @@ def _empty_window(settings: TrainSettings, window: Window) -> TrainError:
 
 def train_from_events(spark, events: DataFrame, settings: TrainSettings, *, window: Window | None = None,
                       steps: Steps | None = None) -> TrainResult:
-    """Train, evaluate, export and parity-check a model from a DataFrame of enriched events."""
+    """Train, evaluate, export and parity-check a model from a DataFrame of enriched events; with
+    ``window``, of the sessions that started in it (``load_window`` also reads the days before)."""
     own_steps = steps is None
     steps = steps or Steps(EVENT_STEPS[1:-1], enabled=settings.progress)
     try:
         with steps("features"):
-            examples = build_examples(events, settings.session_gap_minutes).cache()
+            since = window_start_ms(window) if window else None
+            examples = build_examples(events, settings.session_gap_minutes, since).cache()
             stats = require_trainable(examples, window or "given")
             train, evaluation, cutoff = time_split(examples, settings.eval_fraction)
         result = fit_and_export(spark, train, evaluation, list(FEATURE_NAMES), settings, steps,

@@ -24,6 +24,7 @@ from common.features import (
     EVENT_FIELDS,
     FEATURE_NAMES,
     LAST_MS,
+    MAX_EVENT_AGE_MS,
     NIL_USER,
     event_time_ms,
     is_purchase,
@@ -69,15 +70,21 @@ def _as_millis(df: DataFrame) -> DataFrame:
     return df.select(*columns)
 
 
+def _event_time():
+    """common.features.event_time_ms as a column of epoch ms: the derived time, but never later than
+    the collector's nor more than MAX_EVENT_AGE_MS earlier."""
+    collected, derived = F.col("collector_tstamp"), F.col("derived_tstamp")
+    within = derived.between(collected - MAX_EVENT_AGE_MS, collected)
+    return F.when(within, derived).otherwise(collected)
+
+
 def sessionise(df: DataFrame, gap_minutes: int = 30) -> DataFrame:
     """Add ``session_id`` by the scorer's rule: a session is a run of one key's events with no gap
     longer than ``gap_minutes`` (purchases count as activity), the key being ``domain_sessionid``
     when the tracker sent one, else the user pseudonym (common.features.session_key). A tracker
     session's first run keeps its id; later runs get ``<id>:<n>``, a user's runs ``user:<user>:<n>``.
     Events the scorer skips (a time outside the calendar, common.features.in_calendar) are left out."""
-    collected = F.col("collector_tstamp")          # never later than its collection, as event_time_ms
-    at = F.least(F.coalesce(F.col("derived_tstamp"), collected), collected)
-    df = df.withColumn("_at", at).filter((F.col("_at") >= 0) & (F.col("_at") < LAST_MS))
+    df = df.withColumn("_at", _event_time()).filter((F.col("_at") >= 0) & (F.col("_at") < LAST_MS))
     known_user = F.when(F.col("network_userid") != NIL_USER, F.col("network_userid"))   # not SP-Anonymous' nil id
     user = F.concat(F.lit("user:"), F.coalesce(F.col("domain_userid"), known_user, F.col("event_id")))
     sid = F.col("domain_sessionid")
@@ -92,10 +99,15 @@ def sessionise(df: DataFrame, gap_minutes: int = 30) -> DataFrame:
             .drop("_key", "_new", "_n", "_at"))
 
 
-def build_examples(events: DataFrame, gap_minutes: int = 30) -> DataFrame:
-    """Prefix examples (EXAMPLE_SCHEMA) of every finished session in ``events``."""
+def build_examples(events: DataFrame, gap_minutes: int = 30, window_start_ms: int | None = None) -> DataFrame:
+    """Prefix examples (EXAMPLE_SCHEMA) of every finished session in ``events``; with
+    ``window_start_ms``, only of those that started then or later (``events`` then include the
+    window's lead-in, so that a session running at its start is seen whole, and known to be earlier)."""
     sessions = sessionise(_as_millis(events), gap_minutes)
     examples = sessions.groupBy("session_id").applyInPandas(session_examples, schema=EXAMPLE_SCHEMA)
+    if window_start_ms is not None:
+        # The previous window's: trained there, where the whole session is (or left out as open).
+        examples = examples.filter(F.col("session_start_ms") >= window_start_ms)
     return without_open_sessions(examples, gap_minutes)
 
 

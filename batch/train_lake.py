@@ -81,8 +81,8 @@ def unreadable_file_error(exc: Exception) -> TrainError | None:
     return TrainError(f"corrupt Parquet data in {found.group(1)}. {CORRUPT_ADVICE}")
 
 
-def local_window(bucket: str, window: Window, cache_dir: Path, *, progress: bool = True) -> Path:
+def local_window(bucket: str, window: Window, cache_dir: Path, *, region: str = "", progress: bool = True) -> Path:
     """Copy the window's partitions from S3 to ``cache_dir``; return the local ``enriched`` root."""
     from batch.lake import sync_partitions
 
-    return Path(sync_partitions(bucket, window.start, window.end, cache_dir, progress=progress))
+    return Path(sync_partitions(bucket, window.start, window.end, cache_dir, region=region, progress=progress))

@@ -109,6 +109,10 @@ class SessionState:
 # ------------------------------------------------------------------------------ event readers
 
 LAST_MS = 253_402_214_400_000        # 9999-12-31T24:00Z
+# How much earlier than its collection an event may have happened. Snowplow's mobile trackers drop
+# queued events after 30 days (their default maxEventStoreAge), and backfills send their history's
+# true times (docs/operations.md: a week): an older derived time is a clock fault, not a late event.
+MAX_EVENT_AGE_MS = 30 * 86_400_000
 
 
 def parse_ms(value) -> int:
@@ -125,15 +129,23 @@ def event_time_ms(event: dict) -> int:
     """When the event happened: Snowplow's derived timestamp, else the collector's; never later than
     the collector's, since nothing happens after it is received. A tracker may send any true
     timestamp (``ttm``): one dated decades ahead would otherwise start a session there, and the
-    scorer's watermark would expire every other session of its shard."""
+    scorer's watermark would expire every other session of its shard. Nor more than MAX_EVENT_AGE_MS
+    earlier: a derived time from a reset device clock, or from ``dtm`` sent in seconds with ``stm``
+    in ms (1970), would be folded into the live session online but sorted into a session of its own
+    offline."""
     collected, derived = event["collector_tstamp"], event.get("derived_tstamp")
     if not derived:
         return parse_ms(collected)
     if type(derived) is str and type(collected) is str and len(derived) == len(collected) and derived[-1] == "Z" \
             and collected[-1] == "Z":
-        # Same-shaped UTC ISO strings (the enricher's) sort as times do: parse only the earlier (~1 µs).
-        return parse_ms(min(derived, collected))
-    return min(parse_ms(derived), parse_ms(collected))
+        # Same-shaped UTC ISO strings (the enricher's) sort as times do: parse only one (~1 µs) when
+        # the derived time is not earlier, or earlier but on the same UTC day, well within the bound.
+        if derived >= collected:
+            return parse_ms(collected)
+        if derived[:10] == collected[:10]:
+            return parse_ms(derived)
+    derived_ms, collected_ms = parse_ms(derived), parse_ms(collected)
+    return derived_ms if collected_ms - MAX_EVENT_AGE_MS <= derived_ms <= collected_ms else collected_ms
 
 
 def in_calendar(event_ms: int) -> bool:

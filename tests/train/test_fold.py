@@ -277,8 +277,24 @@ def test_folds_are_stratified():
     ("2026-11-17T11:00:01+01:00", "2026-11-17T10:00:05.000Z", "2026-11-17T10:00:01.000Z"),  # shapes differ: parsed
     ("2026-11-17T10:00:09Z", "2026-11-17T10:00:05.000Z", "2026-11-17T10:00:05.000Z"),
     (1_795_000_000_000, 1_795_000_005_000, 1_795_000_000_000),                              # the lake's millis
+    ("2026-11-16T23:59:58.000Z", "2026-11-17T00:00:05.000Z", "2026-11-16T23:59:58.000Z"),   # the day before
+    ("2026-10-18T10:00:06.000Z", "2026-11-17T10:00:05.000Z", "2026-10-18T10:00:06.000Z"),   # an offline queue's 30 days
+    ("2026-10-18T10:00:04.000Z", "2026-11-17T10:00:05.000Z", "2026-11-17T10:00:05.000Z"),   # a clock reset: older
+    ("1970-01-21T10:06:50.956Z", "2026-11-17T10:00:05.000Z", "2026-11-17T10:00:05.000Z"),   # dtm in s, stm in ms
+    ("1969-12-31T23:59:55.000Z", "2026-11-17T10:00:05.000Z", "2026-11-17T10:00:05.000Z"),   # 1969: folded, not skipped
+    (1_795_000_000, 1_795_000_005_000, 1_795_000_005_000),                                  # 1970 in the lake
 ])
-def test_event_time_is_the_derived_time_but_never_after_the_collectors(derived, collected, expected):
+def test_event_time_is_the_derived_time_if_within_30_days_before_the_collectors(derived, collected, expected):
     from common.features import event_time_ms
 
     assert event_time_ms({"derived_tstamp": derived, "collector_tstamp": collected}) == parse_ms(expected)
+
+
+@pytest.mark.parametrize("gap_minutes, first_day", [(30, "2026-11-19"), (1440, "2026-11-19"), (1441, "2026-11-18")])
+def test_the_lead_in_spans_one_session_gap_in_whole_days_before_the_window(gap_minutes, first_day):
+    from batch.train import lead_in, window_start_ms
+    from batch.train_lake import Window
+
+    window = Window.last_days(2, "2026-11-21")
+    assert lead_in(window, gap_minutes).as_dict() == {"start": first_day, "end": "2026-11-19"}
+    assert window_start_ms(window) == parse_ms("2026-11-20T00:00:00Z")

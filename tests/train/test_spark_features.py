@@ -9,7 +9,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from batch.train import load_window
+from batch.train import load_window, window_start_ms
 from batch.train_features import _as_millis, build_examples, order, require_trainable, sessionise
 from batch.train_lake import TrainError, Window, unreadable_file_error
 from common.features import (
@@ -110,7 +110,8 @@ def test_pauses_purchases_resends_and_bad_times_make_the_scorers_sessions(spark,
     """Training sessionises as the scorer does: a tracker session idle for longer than the gap goes
     on as a new one; a purchase counts as activity (browsing 20 minutes after it, 40 after the last
     page, is the same bought session: no rows); a re-sent event counts once, its first copy; an event
-    dated before 1970 is skipped."""
+    derived decades before its collection (a reset device clock, ``dtm`` sent in seconds) happened
+    when collected, a purchase included, not in a session of its own."""
     rng = random.Random(21)
     origin = int(START.timestamp() * 1000)
     first = synth.Session(rng, origin)
@@ -127,8 +128,11 @@ def test_pauses_purchases_resends_and_bad_times_make_the_scorers_sessions(spark,
     copy = {**_shift(resent_from[3], 5_000), "derived_tstamp": synth.iso(event_time_ms(resent_from[3]) - 3)}
     early = synth.session_events(rng, origin + 5 * 3_600_000, buyer=False)
     early[2] = {**early[2], "derived_tstamp": synth.iso(-5_000)}
+    ancient = synth.session_events(rng, origin + 6 * 3_600_000, buyer=True)
+    bought_at = next(i for i, e in enumerate(ancient) if is_purchase(e))
+    ancient[bought_at] = {**ancient[bought_at], "derived_tstamp": "1970-01-21T10:06:50.956Z"}
     later = synth.session_events(rng, origin + 9 * 3_600_000, buyer=False)     # closes the others
-    events = paused + resumed + before + [purchase] + after + resent_from + [copy] + early + later
+    events = paused + resumed + before + [purchase] + after + resent_from + [copy] + early + ancient + later
     root = synth.write_lake_dir(tmp_path, events)
 
     frame = build_examples(load_window(spark, _settings(root), WINDOW)).toPandas()
@@ -142,7 +146,47 @@ def test_pauses_purchases_resends_and_bad_times_make_the_scorers_sessions(spark,
     assert sessions[first.session_id] == len(paused) and sessions[f"{first.session_id}:2"] == len(resumed)
     assert sessions[sid] == len(before) and not {e["event_id"] for e in after} & set(frame["event_id"])
     assert sessions[resent_from[0]["domain_sessionid"]] == len(resent_from)
-    assert sessions[early[0]["domain_sessionid"]] == len(early) - 1
+    assert frame.groupby("session_id")["label"].max()[ancient[0]["domain_sessionid"]] == 1
+    assert sessions[ancient[0]["domain_sessionid"]] == bought_at
+    assert sessions[early[0]["domain_sessionid"]] == len(early)
+
+
+def test_sessions_begun_before_the_windows_first_midnight_are_read_whole_and_left_out(spark, tmp_path):
+    """The window is whole UTC days. Training reads the day before it too, so a session that began
+    before its first midnight is seen whole and left to the previous window, instead of trained from
+    its first event inside (wrong counts, length and local hour) or, after a purchase before
+    midnight, on rows the scorer never scores. The rows kept are the scorer's."""
+    rng = random.Random(31)
+    midnight = window_start_ms(WINDOW)
+    crossing = synth.session_events(rng, midnight - 3 * 60_000, buyer=True)
+    sid = "bought-before-midnight"
+    buyer_events = synth.session_events(rng, midnight - 20 * 60_000, buyer=True, session_id=sid)
+    cut = next(i for i, e in enumerate(buyer_events) if is_purchase(e))
+    shift = midnight - 60_000 - event_time_ms(buyer_events[cut])
+    bought = [_shift(event, shift) for event in buyer_events[:cut + 1]]
+    after = synth.session_events(rng, midnight + 5 * 60_000, buyer=False, session_id=sid)
+    earlier = synth.session_events(rng, midnight - 5 * 3_600_000, buyer=True)
+    inside = [e for hour in (1, 2, 3) for e in synth.session_events(rng, midnight + hour * 3_600_000, buyer=hour == 2)]
+    later = synth.session_events(rng, midnight + 9 * 3_600_000, buyer=False)     # closes the others
+    assert event_time_ms(crossing[0]) < midnight < event_time_ms(crossing[-1])
+    events = crossing + bought + after + earlier + inside + later
+    root = synth.write_lake_dir(tmp_path, events)
+
+    read = load_window(spark, _settings(root), WINDOW)
+    assert read.count() == len(events)                                  # the lead-in day too
+    assert load_window(spark, _settings(f"file://{root}"), WINDOW).count() == len(events)
+    frame = build_examples(read, 30, window_start_ms(WINDOW)).toPandas()
+    online = _scored_online(events)
+    kept = {e["event_id"] for e in inside} & set(online)
+    assert sorted(frame["event_id"]) == sorted(kept)
+    offline = frame.set_index("event_id")[list(FEATURE_NAMES)]
+    assert all(offline.loc[event_id].tolist() == online[event_id] for event_id in kept)
+    assert (frame["session_start_ms"] >= midnight).all() and frame["label"].sum() > 0
+
+
+def test_a_window_with_nothing_before_it_is_read_from_a_folder_or_a_url(spark, lake_dir, events):
+    for where in (lake_dir, f"file://{lake_dir}"):
+        assert load_window(spark, _settings(where), WINDOW).count() == len(events)
 
 
 def test_empty_window_says_so(spark, lake_dir):

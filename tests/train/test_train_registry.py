@@ -122,3 +122,17 @@ def test_a_failed_parity_exits_3_without_publishing(args, monkeypatch, tmp_path)
     assert not (tmp_path / "bundle").exists(), out.output
     assert out.exit_code == 3, out.output
     assert "refused the model (nothing published or written): export parity failed at stage" in out.output
+
+
+def test_make_trains_lake_sync_uses_the_configured_region(monkeypatch, tmp_path):
+    from batch import lake
+    from batch.train import load_window
+    from batch.train_lake import TrainError, Window
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    used = []
+    monkeypatch.setattr(lake, "objects_between", lambda s3, *args: used.append(s3.meta.region_name) or [])
+    with pytest.raises(TrainError, match="no enriched events"):
+        load_window(None, fast_settings(region="af-south-1", cache_dir=tmp_path), Window.last_days(1, "2026-01-01"))
+    assert used == ["af-south-1"]
