@@ -32,10 +32,14 @@ from dataclasses import dataclass
 from botocore.exceptions import BotoCoreError, ClientError
 
 from common import aws
-from common.leases import DynamoLeaseTable, Lease, LeaseLost, LeaseTable, now_ms
+from common.leases import WORKER_PREFIX, DynamoLeaseTable, Lease, LeaseLost, LeaseTable, RenewalWatch
 from common.streams import SHARD_END, KinesisStream, Record, Shard, ShardReader, StreamBackend
 
 log = logging.getLogger(__name__)
+
+# A worker row unchanged for this many lease periods belongs to a worker that died without leave()
+# (SIGKILL, OOM, a replaced task): balance() deletes it, or every worker would read it for ever.
+DEAD_WORKER_LEASES = 10
 
 
 @dataclass
@@ -98,6 +102,7 @@ class Consumer:
         self._balanced_at = 0.0
         self._balance_failures = 0
         self._renewed_at = 0.0
+        self._watch = RenewalWatch(lease_ms)
 
     # ------------------------------------------------------------------ leases and balancing
 
@@ -173,25 +178,48 @@ class Consumer:
         self._renew()
         shards = self._refresh_shards()
         rows, workers = self.leases.leases()
-        at = now_ms()
         leases = {lease.shard_id: lease for lease in rows}
+        self._watch.keep_only(set(leases) | {WORKER_PREFIX + worker for worker in workers})
+        held = {sid for sid, lease in leases.items()
+                if lease.owner and not self._watch.expired(sid, lease.version)}
         eligible = self._eligible(shards, leases)
-        alive = {w for w, expires in workers.items() if expires > at} | {self.worker_id}
+        alive = self._live_workers(workers)
         target = math.ceil(len(eligible) / len(alive)) if eligible else 0
         mine = [sid for sid in eligible if sid in self.owned]
-        free = [leases[sid] for sid in eligible if sid not in self.owned and not leases[sid].held(at)]
+        free = [leases[sid] for sid in eligible if sid not in self.owned and sid not in held]
         for lease in free[: max(0, target - len(mine))]:
             self._acquire(lease)
             mine.append(lease.shard_id)
         if len(mine) < target:
-            self._steal_one(eligible, leases, at, target)
+            self._steal_one(eligible, leases, held, target)
         self._balanced_at = time.monotonic()
 
-    def _steal_one(self, eligible: list[str], leases: dict[str, Lease], at: int, target: int) -> None:
+    def _live_workers(self, workers: dict[str, int]) -> set[str]:
+        """Ourselves and the workers whose heartbeat changed within a lease period; removes the rows of
+        workers long dead."""
+        alive = {self.worker_id}
+        for worker, beat in workers.items():
+            unchanged_ms = self._watch.unchanged_ms(WORKER_PREFIX + worker, beat)
+            if unchanged_ms < self.lease_ms:
+                alive.add(worker)
+            elif unchanged_ms >= DEAD_WORKER_LEASES * self.lease_ms and worker != self.worker_id:
+                self._remove_dead_worker(worker, beat)
+        return alive
+
+    def _remove_dead_worker(self, worker: str, beat: int) -> None:
+        # Conditional on the heartbeat we saw: a worker that came back (a long pause) keeps its row.
+        try:
+            self.leases.remove_worker(worker, beat)
+        except (BotoCoreError, ClientError) as exc:
+            log.warning("removing the row of dead worker %s failed, retrying next balance: %s", worker, exc)
+            return
+        log.info("removed the row of worker %s: no heartbeat for %d lease periods", worker, DEAD_WORKER_LEASES)
+
+    def _steal_one(self, eligible: list[str], leases: dict[str, Lease], held: set[str], target: int) -> None:
         load: dict[str, list[Lease]] = {}
         for sid in eligible:
             lease = leases[sid]
-            if lease.held(at) and lease.owner != self.worker_id:
+            if sid in held and lease.owner != self.worker_id:
                 load.setdefault(lease.owner, []).append(lease)
         if not load:
             return
@@ -333,14 +361,19 @@ class Consumer:
         return max((now - at for at in since), default=0.0)
 
     def close(self) -> None:
-        """Hand our shards back at once so peers need not wait for the leases to expire."""
+        """Hand our shards back at once so peers need not wait for the leases to expire, and remove our
+        worker row. Never raises: each call is tried on its own, as one failed release (throttling)
+        must not keep the other shards or the worker row; what fails expires on its own."""
         for shard_id in list(self.owned):
-            self.leases.release(shard_id, self.worker_id)
+            self._try_to(f"release shard {shard_id}", self.leases.release, shard_id, self.worker_id)
         self.owned.clear()
+        self._try_to("remove the worker row", self.leases.leave, self.worker_id)
+
+    def _try_to(self, what: str, call: Callable, *args) -> None:
         try:
-            self.leases.leave(self.worker_id)
-        except Exception:
-            log.debug("could not remove worker row", exc_info=True)
+            call(*args)
+        except Exception as exc:  # noqa: BLE001 - closing goes on whatever failed; peers wait for expiry instead
+            log.warning("worker %s could not %s while closing, it will expire instead: %s", self.worker_id, what, exc)
 
 
 def consumer_for(settings, stream_name: str, app: str, **kwargs) -> Consumer:

@@ -5,6 +5,12 @@ per shard (owner, lease expiry, checkpoint, optional metadata) and one heartbeat
 ("worker#<id>"), so a worker can count its peers and aim for an even share. Every ownership change
 and every checkpoint is a conditional write on the owner, so a worker that lost a lease can never
 move the checkpoint of a shard someone else now reads.
+
+A row's ``expires_ms`` is stamped by the wall clock of the host that wrote it, so other hosts use it
+only as a version that changes on every renewal: ``RenewalWatch`` decides expiry on the reader's own
+monotonic clock. Heartbeat rows also carry ``expires_at`` (epoch seconds) for the table's TTL, which
+removes the rows of workers that died without ``leave()``; shard rows never do, as they hold the
+checkpoints.
 """
 from __future__ import annotations
 
@@ -16,6 +22,9 @@ from typing import Protocol
 from botocore.exceptions import ClientError
 
 WORKER_PREFIX = "worker#"
+# How long after its last heartbeat DynamoDB's TTL may delete a worker row: the backstop for a group no
+# live worker balances any more. A day, so that even a clock hours wrong never expires a live row.
+HEARTBEAT_TTL_S = 86_400
 
 
 class LeaseLost(Exception):
@@ -34,8 +43,43 @@ class Lease:
     checkpoint: str | None = None
     meta: dict = field(default_factory=dict)
 
-    def held(self, at_ms: int) -> bool:
-        return bool(self.owner) and self.expires_ms > at_ms
+    @property
+    def version(self) -> tuple[str, int]:
+        """Changes on every take and renewal; never compare ``expires_ms`` with this host's clock."""
+        return self.owner, self.expires_ms
+
+
+class RenewalWatch:
+    """Which leases and heartbeats have stopped being renewed, judged on this host's monotonic clock.
+
+    Comparing another host's wall-clock stamp with ours would make a host whose clock runs ahead see
+    every peer as dead and take every shard, over and over. As in the Kinesis Client Library, a row is
+    compared only with itself: it has expired once we have seen the same version of it for
+    ``duration_ms`` of our own time. A row first seen counts from then, so a worker that has just
+    started waits one lease period before taking a lease someone holds (a released one is free at once).
+    """
+
+    def __init__(self, duration_ms: int, clock=time.monotonic):
+        self.duration_ms = duration_ms
+        self.clock = clock
+        self._seen: dict[str, tuple[object, float]] = {}
+
+    def unchanged_ms(self, key: str, version) -> float:
+        """How long we have seen this ``version`` of row ``key``: 0 when it is new to us."""
+        now = self.clock()
+        seen = self._seen.get(key)
+        if seen is None or seen[0] != version:
+            self._seen[key] = (version, now)
+            return 0.0
+        return (now - seen[1]) * 1000
+
+    def expired(self, key: str, version) -> bool:
+        return self.unchanged_ms(key, version) >= self.duration_ms
+
+    def keep_only(self, keys: set[str]) -> None:
+        """Forget the rows gone from the table (a removed worker, an aged-out shard)."""
+        for key in self._seen.keys() - keys:
+            del self._seen[key]
 
 
 class LeaseTable(Protocol):
@@ -48,6 +92,8 @@ class LeaseTable(Protocol):
     def release(self, shard_id: str, owner: str) -> None: ...
     def heartbeat(self, worker_id: str, duration_ms: int) -> None: ...
     def leave(self, worker_id: str) -> None: ...
+    def remove_worker(self, worker_id: str, beat: int) -> None:
+        """Delete the worker's heartbeat row if it still holds ``beat``: a worker that beat since keeps it."""
 
 
 def _lease_of(row: dict) -> Lease:
@@ -141,11 +187,21 @@ class DynamoLeaseTable:
             pass
 
     def heartbeat(self, worker_id: str, duration_ms: int) -> None:
-        self.client.put_item(TableName=self.table, Item={**self._key(WORKER_PREFIX + worker_id),
-                                                         "expires_ms": {"N": str(now_ms() + duration_ms)}})
+        self.client.put_item(TableName=self.table, Item={
+            **self._key(WORKER_PREFIX + worker_id), "expires_ms": {"N": str(now_ms() + duration_ms)},
+            "expires_at": {"N": str(int(time.time()) + HEARTBEAT_TTL_S)}})
 
     def leave(self, worker_id: str) -> None:
         self.client.delete_item(TableName=self.table, Key=self._key(WORKER_PREFIX + worker_id))
+
+    def remove_worker(self, worker_id: str, beat: int) -> None:
+        try:
+            self.client.delete_item(TableName=self.table, Key=self._key(WORKER_PREFIX + worker_id),
+                                    ConditionExpression="expires_ms = :beat",
+                                    ExpressionAttributeValues={":beat": {"N": str(beat)}})
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
 
 
 class MemoryLeaseTable:
@@ -198,3 +254,8 @@ class MemoryLeaseTable:
     def leave(self, worker_id: str) -> None:
         with self._lock:
             self._workers.pop(worker_id, None)
+
+    def remove_worker(self, worker_id: str, beat: int) -> None:
+        with self._lock:
+            if self._workers.get(worker_id) == beat:
+                del self._workers[worker_id]

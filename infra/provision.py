@@ -158,7 +158,8 @@ def provision(settings: ProvisionSettings) -> list[str]:
         ensure_stream(kinesis, settings.bad_stream, settings.bad_shards),
         ensure_stream(kinesis, settings.predictions_stream, settings.predictions_shards),
         bucket,
-        ensure_table(dynamodb, settings.lease_table, [("group", "HASH"), ("item", "RANGE")]),
+        # TTL removes the heartbeat rows of workers that died (common/leases.py); shard rows have no expires_at.
+        ensure_table(dynamodb, settings.lease_table, [("group", "HASH"), ("item", "RANGE")], "expires_at"),
         ensure_table(dynamodb, settings.predictions_table, [("session_id", "HASH")], "expires_at"),
         ensure_table(dynamodb, settings.offers_table, [("session_id", "HASH")], "expires_at"),
     ]

@@ -70,7 +70,7 @@ def test_template_has_every_resource_the_pipeline_needs(template):
     assert {"enriched/", "bad/", "raw/"} <= prefixes
     tables = resources(template, "AWS::DynamoDB::Table")
     ttl = {name for name, t in tables.items() if t["Properties"].get("TimeToLiveSpecification", {}).get("Enabled")}
-    assert ttl == {"PredictionsTable", "OffersTable"} and "LeaseTable" in tables
+    assert ttl == {"PredictionsTable", "OffersTable", "LeaseTable"}    # the lease table's for dead workers' rows
     families = {t["Properties"]["Family"]["Fn::Sub"].split("-", 1)[1]
                 for t in resources(template, "AWS::ECS::TaskDefinition").values()}
     assert families == set(COMPONENTS)

@@ -96,9 +96,10 @@ def test_consumer_restart_loses_nothing_and_repeats_only_the_unconfirmed_batch(a
     first.checkpoint(confirmed)
     unconfirmed = [r.data for b in first.poll() for r in b.records]   # written out, then a crash
     outputs += unconfirmed
-    time.sleep(1.2)                                                    # the dead worker's lease expires
-    second = consumer_for(aws_settings, aws_settings.raw_stream, app="restart", batch_limit=50)
-    for _ in range(10):
+    # The next worker takes the dead one's lease once it has seen it unrenewed for its own lease_ms.
+    second = consumer_for(aws_settings, aws_settings.raw_stream, app="restart", lease_ms=300, batch_limit=50)
+    for _ in range(40):
+        time.sleep(0.02)
         for batch in second.poll():
             outputs += [r.data for r in batch.records]
             second.checkpoint(batch)
@@ -202,6 +203,50 @@ def test_a_take_returns_the_checkpoint_the_table_holds_not_the_snapshot_taken_fr
 
 def _lease(table):
     return table.leases()[0][0]
+
+
+def _rows(settings, group):
+    return aws.client("dynamodb").query(
+        TableName=settings.lease_table, KeyConditionExpression="#g = :g", ExpressionAttributeNames={"#g": "group"},
+        ExpressionAttributeValues={":g": {"S": group}}, ConsistentRead=True)["Items"]
+
+
+def test_heartbeat_rows_carry_a_ttl_in_epoch_seconds_and_shard_rows_none(aws_settings):
+    ttl = aws.client("dynamodb").describe_time_to_live(TableName=aws_settings.lease_table)["TimeToLiveDescription"]
+    assert (ttl["AttributeName"], ttl["TimeToLiveStatus"]) == ("expires_at", "ENABLED")
+    consumer = consumer_for(aws_settings, aws_settings.raw_stream, app="ttl")
+    consumer.balance()
+    rows = {row["item"]["S"]: row for row in _rows(aws_settings, f"ttl#{aws_settings.raw_stream}")}
+    beat = rows.pop(f"worker#{consumer.worker_id}")
+    assert time.time() < int(beat["expires_at"]["N"]) < time.time() + 2 * 86_400     # seconds, not ms
+    assert rows and not any("expires_at" in row for row in rows.values())            # checkpoints never expire
+    consumer.close()
+
+
+def test_a_killed_workers_row_is_removed_by_a_peer_and_a_beating_workers_row_never(aws_settings):
+    from common.leases import MemoryLeaseTable
+
+    app, lease_ms = "dead", 100
+    killed = consumer_for(aws_settings, aws_settings.raw_stream, app=app, lease_ms=lease_ms)
+    killed.balance()                                       # then SIGKILL: no close(), no leave()
+    peer = consumer_for(aws_settings, aws_settings.raw_stream, app=app, lease_ms=lease_ms)
+    until = time.monotonic() + 15 * lease_ms / 1000        # past DEAD_WORKER_LEASES (10) lease periods
+    while time.monotonic() < until:
+        peer.poll()
+        time.sleep(0.02)
+    assert {row["item"]["S"] for row in _rows(aws_settings, f"{app}#{aws_settings.raw_stream}")
+            if row["item"]["S"].startswith("worker#")} == {f"worker#{peer.worker_id}"}
+    peer.close()
+    for table in (DynamoLeaseTable(aws.client("dynamodb"), aws_settings.lease_table, f"beat#{time.monotonic_ns()}"),
+                  MemoryLeaseTable()):
+        table.heartbeat("w", 100)
+        seen = table.leases()[1]["w"]
+        time.sleep(0.002)
+        table.heartbeat("w", 100)                          # it beat again since it was seen
+        table.remove_worker("w", seen)
+        assert "w" in table.leases()[1]
+        table.remove_worker("w", table.leases()[1]["w"])
+        assert "w" not in table.leases()[1]
 
 
 def test_a_stream_that_does_not_exist_is_waited_for_with_one_warning_a_minute_not_one_a_second(aws_settings, caplog):

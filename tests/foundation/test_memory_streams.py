@@ -7,6 +7,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from common import consumer as consumer_module
+from common import leases as leases_module
 from common.consumer import Consumer, ReadFailed
 from common.leases import LeaseLost, MemoryLeaseTable
 from common.producer import Producer, batches
@@ -17,9 +18,10 @@ def entries(n, size=10):
     return [(f"key-{i}", f"{i:08d}".encode().ljust(size, b".")) for i in range(n)]
 
 
-def drain(consumer, rounds=20, checkpoint=True):
+def drain(consumer, rounds=20, checkpoint=True, pause_s=0.0):
     seen = []
     for _ in range(rounds):
+        time.sleep(pause_s)
         for batch in consumer.poll():
             seen += [r.data for r in batch.records]
             if checkpoint:
@@ -66,9 +68,10 @@ def test_consumer_resumes_after_restart_without_loss_or_duplicates():
         got += [r.data for r in batch.records]
         first.checkpoint(batch)
     Producer(stream).send([(f"more-{i}", f"more-{i}".encode()) for i in range(50)])
-    time.sleep(0.01)                    # let the dead worker's 1 ms leases lapse
-    second = Consumer(stream, leases, worker_id="b")
-    got += drain(second)
+    # A worker that has just started trusts no expiry stamp written by another host: it takes the
+    # dead worker's leases once it has seen them unrenewed for its own lease period (100 ms).
+    second = Consumer(stream, leases, worker_id="b", lease_ms=100)
+    got += drain(second, rounds=40, pause_s=0.01)
     assert Counter(got) == Counter(r.data for r in stream.all_records())
 
 
@@ -337,3 +340,78 @@ def test_a_failed_list_shards_or_heartbeat_does_not_skip_the_renewals(failing):
     stream.failing = leases.failing = False
     b.poll()
     assert set(a.owned) == {SHARD0} and not b.owned
+
+
+# ---------------------------------------------------------------- clocks, closing, dead workers' rows
+
+def test_a_worker_whose_clock_runs_ahead_takes_its_share_and_no_more(monkeypatch):
+    """Expiry stamps come from the writer's wall clock: a worker 15 s ahead used to see every peer's
+    lease and heartbeat as expired and take every shard each round (each take replays from the
+    checkpoint). Expiry is judged on each worker's own clock, so the shards settle two and two."""
+    stream, leases = MemoryStream(shard_count=4), MemoryLeaseTable()
+    skew_ms, real_now_ms = [0], leases_module.now_ms
+
+    def clock():
+        return real_now_ms() + skew_ms[0]
+
+    monkeypatch.setattr(leases_module, "now_ms", clock)
+    monkeypatch.setattr(consumer_module, "now_ms", clock, raising=False)        # where the consumer read it
+    a = Consumer(stream, leases, worker_id="a", lease_ms=300)
+    b = Consumer(stream, leases, worker_id="b", lease_ms=300)
+    rounds = []                                     # the owners after each balance
+    for _ in range(12):
+        for worker, skew in ((a, 0), (b, 15_000)):
+            skew_ms[0] = skew
+            worker.balance()
+            rounds.append({lease.shard_id: lease.owner for lease in leases.leases()[0]})
+        time.sleep(0.11)                            # a renewal is due each round
+    assert all(owners == rounds[-1] for owners in rounds[6:]), rounds       # settled, then no lease moves
+    assert sorted(rounds[-1].values()) == ["a", "a", "b", "b"]
+
+
+def test_a_worker_that_just_started_waits_a_lease_period_before_taking_a_held_lease():
+    stream, leases = MemoryStream(), MemoryLeaseTable()
+    Consumer(stream, leases, worker_id="crashed", lease_ms=1).balance()     # never renews again
+    time.sleep(0.01)                                                     # its stamps are in the past
+    fresh = Consumer(stream, leases, worker_id="b", lease_ms=200)
+    fresh.balance()
+    assert not fresh.owned                    # another host's stamp says nothing about this host's clock
+    time.sleep(0.21)
+    fresh.balance()
+    assert set(fresh.owned) == {SHARD0}
+
+
+class ThrottledRelease(MemoryLeaseTable):
+    """Throttles the release of one shard, as DynamoDB may during a shutdown."""
+
+    def release(self, shard_id, owner):
+        if shard_id == SHARD0:
+            raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}, "UpdateItem")
+        super().release(shard_id, owner)
+
+
+def test_close_releases_the_other_shards_and_removes_the_worker_row_when_one_release_fails(caplog):
+    stream, leases = MemoryStream(shard_count=3), ThrottledRelease()
+    a = Consumer(stream, leases, worker_id="a")
+    a.balance()
+    assert len(a.owned) == 3
+    a.close()                                                            # does not raise
+    owners = {lease.shard_id: lease.owner for lease in leases.leases()[0]}
+    assert owners[SHARD0] == "a" and [owners[s] for s in owners if s != SHARD0] == ["", ""]
+    assert "a" not in leases.leases()[1] and not a.owned
+    assert any("ThrottlingException" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_the_row_of_a_worker_that_died_without_leaving_is_removed_and_a_live_ones_is_kept():
+    stream, leases = MemoryStream(shard_count=2), MemoryLeaseTable()
+    lease_ms = 30
+    dead = Consumer(stream, leases, worker_id="dead", lease_ms=lease_ms)
+    dead.balance()                                   # killed: no close(), its row stays
+    live = Consumer(stream, leases, worker_id="live", lease_ms=lease_ms)
+    slow = Consumer(stream, leases, worker_id="slow", lease_ms=lease_ms)
+    until = time.monotonic() + 15 * lease_ms / 1000     # past DEAD_WORKER_LEASES (10) lease periods
+    while time.monotonic() < until:
+        live.balance()
+        slow.renew_due()                             # alive, though it never balances
+        time.sleep(0.005)
+    assert set(leases.leases()[1]) == {"live", "slow"}

@@ -137,10 +137,16 @@ def test_restart_rebuilds_live_sessions_quietly_and_continues_like_an_uninterrup
     crashed.put(first)
     crashed.drain()
     emitted_before = {p["event_id"] for p in crashed.predictions()}
-    # The first worker dies without a clean close: its leases expire; the next one replays.
-    time.sleep(0.4)
+    # The first worker dies without a clean close. The next one, just started, takes its leases once it
+    # has seen them unrenewed for a lease period, and replays.
     crashed.put(second)
     restarted = Rig(stream, leases, lease_ms=300)
+
+    def took_over():
+        restarted.worker.poll_once()
+        return len(restarted.worker.consumer.owned) == 2
+
+    wait_for(took_over, 5, interval=0.02, what="the takeover")
     restarted.drain()
     after = restarted.predictions()
     assert {p["event_id"] for p in after}.isdisjoint(emitted_before)
