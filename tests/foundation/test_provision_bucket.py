@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
+import types
 
 import boto3
 import pytest
@@ -68,11 +70,10 @@ def test_a_refusal_is_reported_at_once_not_waited_out(clean_env, tmp_path, capsy
     def no_waiting(seconds):
         raise AssertionError("waited on an endpoint that had answered")
 
-    # time is one module: sleep is patched only around the call, not while the server starts.
+    # The module's own reference to time only: other threads (py4j's, the server's) sleep as usual.
+    monkeypatch.setattr(infra.provision, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=no_waiting))
     with moto_as_user(clean_env, tmp_path / "moto-iam.log",
-                      [{"Effect": "Allow", "Action": ["dynamodb:*", "s3:*"], "Resource": "*"}]), \
-            monkeypatch.context() as patch:
-        patch.setattr(infra.provision.time, "sleep", no_waiting)
+                      [{"Effect": "Allow", "Action": ["dynamodb:*", "s3:*"], "Resource": "*"}]):
         assert provision_main(["--wait", "600"]) == 1
     assert "AccessDenied" in capsys.readouterr().err
 
