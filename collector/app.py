@@ -275,9 +275,11 @@ class Collector:
         key = partition_key(hit)
         frames = [encode(RAW, key, data) for data in records]
         frames += [encode(BAD, str(uuid.uuid4()), orjson.dumps(row)) for row in bad_rows]
+        sink = self.sink            # stop() may clear it meanwhile: a hit spooled by then is answered
         end = self.spool.append(frames[0] if len(frames) == 1 else b"".join(frames), len(frames))
         metrics.SPOOLED.inc(len(frames))
-        self.sink.notify()
+        if sink is not None:
+            sink.notify()
         if self.spool.fsync_always:
             # Group commit: hits that arrive during one fsync share the next one.
             await asyncio.get_running_loop().run_in_executor(None, self.spool.sync_to, end)

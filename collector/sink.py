@@ -249,11 +249,11 @@ class Sink:
         while self.spool.depth_bytes and time.monotonic() < deadline:
             if not self._drain(deadline):
                 time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        self.spool.close()                    # first: a hit still arriving is refused (503), not spooled
         left = self.spool.depth_bytes
         if left:
             log.warning("stopping with %d undelivered bytes in the spool; they are sent on the next start", left)
-        self.spool.close()
-        if not left:
+        else:
             forget_delivered(self.spool.dir)   # all delivered: no raw hit stays on disk after us
         for spool, fd in self.adopted:
             spool.close()

@@ -194,12 +194,16 @@ class Spool:
         self.fd, self.active_base, self.active_since = fd, base, time.monotonic()
 
     def _close_segment(self) -> None:
-        """Unmap the active segment, cut its preallocated tail and make it durable."""
+        """Unmap the active segment, cut its preallocated tail and make it durable. Whatever fails,
+        the segment counts as closed: the next append starts a new one instead of writing to the
+        closed map."""
         self._map.close()
-        os.ftruncate(self.fd, self.end - self.active_base)
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = -1
+        fd, self.fd = self.fd, -1
+        try:
+            os.ftruncate(fd, self.end - self.active_base)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _rotate(self, room: int) -> None:
         if self.fd >= 0:
@@ -213,9 +217,11 @@ class Spool:
         """Start a new segment once the active one is ``max_age_s`` old and holds frames. Raw hits
         (IPs, cookies) then leave the disk within about that long of their delivery, which
         ``commit`` deletes them after, instead of staying until later hits fill the segment (64 MiB
-        can take days on a quiet shop). For the sender, the spool's only reader."""
+        can take days on a quiet shop). Only once delivery has reached the active segment: during an
+        outage nothing older can be deleted, and a new file a minute would only slow reading down.
+        For the sender, the spool's only reader."""
         with self._lock:
-            if self.closed or self.fd < 0 or self.end == self.active_base \
+            if self.closed or self.fd < 0 or self.end == self.active_base or self.cursor < self.active_base \
                     or time.monotonic() - self.active_since < self.max_age_s:
                 return False
             self._rotate(0)
@@ -231,10 +237,14 @@ class Spool:
                 fd, target = self.fd, self.end
             try:
                 os.fsync(fd)
-            except OSError:
+            except (OSError, ValueError):           # ValueError: fd -1, a failed rotation or close()
                 # The segment rotated (and was fsynced) under us; fsync the new one.
                 with self._lock:
                     fd, target = self.fd, self.end
+                if fd < 0:
+                    if self.synced >= offset:       # close() made it durable meanwhile
+                        return
+                    raise OSError(errno.EBADF, "the spool's segment is closed") from None
                 os.fsync(fd)
             self.synced = max(self.synced, target)
 
@@ -305,6 +315,7 @@ class Spool:
             self.closed = True
             if self.fd >= 0:
                 self._close_segment()
+                self.synced = self.end          # its fsync covers every append: hits awaiting one are durable
         if self._reader:
             self._reader[1].close()
             self._reader = None

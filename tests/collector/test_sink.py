@@ -17,6 +17,7 @@ from collector.sink import Sink
 from collector.spool import RAW, Spool, claim_dir, encode
 from common.producer import Producer
 from common.streams import MemoryStream
+from tests.conftest import wait_for
 from tests.faults import ThrottledFor
 
 
@@ -123,6 +124,28 @@ def test_the_sender_deletes_delivered_hits_once_their_segment_is_old(tmp_path):
         assert b"hit-" not in b"".join(p.read_bytes() for p in tmp_path.glob("*.seg"))   # while it runs
     finally:
         sink.stop(1.0)
+
+
+def test_a_hit_spooled_while_stop_runs_is_never_deleted_with_the_delivered_ones(tmp_path, monkeypatch):
+    """The server still answers hits while lifespan shutdown stops the sink: one spooled after the
+    sink found the spool empty must not go with the delivered segments."""
+    raw, bad = MemoryStream("raw"), MemoryStream("bad")
+    spool = Spool(tmp_path, max_bytes=1 << 24)
+    sink = Sink(spool, Producer(raw, max_attempts=1), Producer(bad, max_attempts=1), linger_ms=10)
+    spool.append(encode(RAW, "k0", b"delivered"), 1)
+    sink.start()
+    wait_for(lambda: len(raw.all_records()) == 1, 5, what="the first hit delivered")
+    real_close = spool.close
+
+    def a_hit_arrives_then_close():
+        spool.append(encode(RAW, "k1", b"answered during stop"), 1)        # acknowledged with 200
+        real_close()
+
+    monkeypatch.setattr(spool, "close", a_hit_arrives_then_close)
+    sink.stop(1.0)
+    delivered = [r.data for r in raw.all_records()]
+    entries, _ = Spool(tmp_path, max_bytes=1 << 24).read(10, 1 << 20)
+    assert b"answered during stop" in delivered + [e.data for e in entries]
 
 def test_a_slot_freed_while_running_is_adopted_and_delivered(tmp_path):
     """A rolling deploy on a shared volume: the old task's slot still holds hits when the new task

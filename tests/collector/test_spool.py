@@ -110,12 +110,51 @@ def test_an_old_segment_with_a_backlog_is_deleted_only_once_delivered(tmp_path):
     assert len(list(tmp_path.glob("*.seg"))) == 1 and b"record-0" not in on_disk(tmp_path)
 
 
+def test_an_outage_does_not_turn_every_minute_into_a_segment_file(tmp_path):
+    """Nothing older can be deleted while the stream is down: rotating by age would only add files,
+    each one more for the sender to walk (a quiet shop: 1,440 a day)."""
+    spool = Spool(tmp_path, max_bytes=1 << 20, max_age_s=0)
+    fill(spool, 1)
+    assert spool.rotate_if_old()                      # the cursor was in the active segment
+    for minute in range(30):                           # the stream is down: nothing is delivered
+        fill(spool, 1, start=1 + minute)
+        spool.rotate_if_old()
+    assert len(list(tmp_path.glob("*.seg"))) == 2
+    assert drain(spool) == [f"record-{i}".encode() for i in range(31)]
+
+
 def test_segments_are_readable_by_their_owner_only(tmp_path):
     spool = Spool(tmp_path, max_bytes=1 << 20, max_age_s=0)
     fill(spool, 1)
     spool.rotate_if_old()
     assert {path.stat().st_mode & 0o777 for path in tmp_path.glob("*.seg")} == {0o600}
 
+
+
+def test_a_hit_awaiting_its_fsync_when_the_spool_closes_is_durable_not_an_error(tmp_path):
+    """fsync=always: a hit waits for sync_to while shutdown closes the spool, whose own fsync covers it."""
+    spool = Spool(tmp_path, max_bytes=1 << 20, fsync="always")
+    end = spool.append(encode(RAW, "k", b"late hit"), 1)
+    spool.close()
+    spool.sync_to(end)                                  # answered 200, not a ValueError on fd -1 (a 500)
+
+
+def test_a_segment_that_fails_to_close_leaves_the_spool_writable(tmp_path, monkeypatch):
+    import collector.spool
+
+    spool = Spool(tmp_path, max_bytes=1 << 20, max_age_s=0)
+    fill(spool, 3)
+    real_fsync = os.fsync
+
+    def failing_once(fd):
+        monkeypatch.setattr(collector.spool.os, "fsync", real_fsync)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(collector.spool.os, "fsync", failing_once)
+    with pytest.raises(OSError):
+        spool.rotate_if_old()
+    fill(spool, 2, start=3)                            # a new segment, not a write to the closed map
+    assert drain(spool) == [f"record-{i}".encode() for i in range(5)]
 
 def test_a_slot_left_with_everything_delivered_is_emptied(tmp_path):
     """After a scale-in, a slot no process writes to any more keeps no delivered hits."""
