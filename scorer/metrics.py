@@ -28,6 +28,7 @@ MODEL_CHECK_FAILURES = Counter("scorer_model_check_failures_total",
 MODEL_CHECKED = Gauge("scorer_model_checked_timestamp_seconds",
                       "Unix time of the last check of the registry's CURRENT that worked")
 SHADOW_DISAGREEMENTS = Counter("scorer_shadow_disagreements_total", "Rows where the shadow decided otherwise")
+SHADOW_ROWS = Counter("scorer_shadow_rows_total", "Rows the shadow model scored")
 
 
 def model_loaded(model, role: str, previous) -> None:

@@ -44,6 +44,7 @@ MAX_BUFFER = 20_000                # predictions; flush early rather than grow w
 EVENTS_LIVE, EVENTS_REPLAY = metrics.EVENTS.labels("live"), metrics.EVENTS.labels("replay")
 REBUILD_ATTEMPTS = 20              # failed reads of a closed parent shard before its sessions are given up
 IDLE_SLEEP_S = 0.2                 # after an empty poll: Kinesis allows 5 GetRecords/s per shard
+SHADOW_SUMMARY_S = 60.0            # how often the challenger's comparison with the champion is logged
 
 
 class BadRecord(ValueError):
@@ -87,6 +88,8 @@ class Worker:
         self.settings = settings
         self.models = models
         self.writer = writer
+        self.shadow_tally: list = [None, 0, 0, 0.0]     # (shadow, champion), rows, decisions differing, sum |dp|
+        self.shadow_logged_at = 0.0
         self.store = SessionStore(settings.session_timeout_s * 1000, settings.max_sessions, settings.dedupe_window,
                                   settings.replay_max_s * 1000)
         self.make_consumer = make_consumer
@@ -355,9 +358,26 @@ class Worker:
             return
         disagree = int(np.sum((p_buy >= champion.threshold) != (challenger >= shadow.threshold)))
         metrics.SHADOW_DISAGREEMENTS.inc(disagree)
-        log.info("shadow %s vs champion %s: %d rows, %d decisions differ, mean |dp| %.4f", shadow.version,
-                 champion.version, len(p_buy), disagree, float(np.mean(np.abs(challenger - p_buy))),
-                 extra={"model_version": shadow.version})
+        metrics.SHADOW_ROWS.inc(len(p_buy))
+        self._summarise_shadow(shadow.version, champion.version, len(p_buy), disagree,
+                               float(np.sum(np.abs(challenger - p_buy))))
+
+    def _summarise_shadow(self, shadow: str, champion: str, rows: int, disagree: int, abs_dp: float) -> None:
+        """One log line per SHADOW_SUMMARY_S for a challenger, not one per batch (2.5 a second per worker)."""
+        versions = (shadow, champion)
+        if self.shadow_tally[0] != versions:
+            self.shadow_tally = [versions, 0, 0, 0.0]
+        tally = self.shadow_tally
+        tally[1] += rows
+        tally[2] += disagree
+        tally[3] += abs_dp
+        now = time.monotonic()
+        if now - self.shadow_logged_at < SHADOW_SUMMARY_S:
+            return
+        log.info("shadow %s vs champion %s: %d rows, %d decisions differ, mean |dp| %.4f", shadow, champion,
+                 tally[1], tally[2], tally[3] / tally[1], extra={"model_version": shadow})
+        self.shadow_tally = [versions, 0, 0, 0.0]
+        self.shadow_logged_at = now
 
     # ------------------------------------------------------------------ durability
 

@@ -635,7 +635,8 @@ def test_a_model_trained_on_another_session_gap_is_warned_about_once(caplog):
     assert not [r for r in caplog.records if "session_timeout_s" in r.getMessage()]
 
 
-def test_a_shadow_model_is_scored_and_logged_but_the_champion_decides(caplog):
+def test_a_shadow_model_is_scored_and_logged_but_the_champion_decides(caplog, monkeypatch):
+    monkeypatch.setattr("scorer.worker.SHADOW_SUMMARY_S", 0.0)        # a summary line per batch, to check them
     rig = Rig()
     rig.models.shadow = model("challenger", {**WEIGHTS, "events": 1.0})
     events = session_events("shadow", seed=77, n=8, buyer=False)
@@ -652,6 +653,21 @@ def test_a_shadow_model_is_scored_and_logged_but_the_champion_decides(caplog):
     assert differ > 0                                      # the challenger's weights make it disagree
     assert sum(int(line.split(": ")[1].split(" rows")[0]) for line in lines) == len(events)
     assert sum(int(line.split("rows, ")[1].split(" ")[0]) for line in lines) == differ
+
+
+def test_a_shadow_model_is_summarised_once_a_minute_not_logged_per_batch(caplog):
+    from scorer import metrics
+
+    rig = Rig()
+    rig.models.shadow = model("challenger", {**WEIGHTS, "events": 1.0})
+    scored = metrics.SHADOW_ROWS._value.get()
+    with caplog.at_level("INFO", logger="scorer.worker"):
+        for i in range(20):                                # twenty batches, seconds apart at most
+            rig.put(session_events(f"shadow{i}", seed=i, n=3, buyer=False))
+            rig.drain()
+    lines = [r for r in caplog.records if r.getMessage().startswith("shadow challenger")]
+    assert len(lines) <= 1
+    assert metrics.SHADOW_ROWS._value.get() - scored == 60             # every row still counted
 
 
 class FlakyStream(MemoryStream):
