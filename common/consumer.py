@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 # A worker row unchanged for this many lease periods belongs to a worker that died without leave()
 # (SIGKILL, OOM, a replaced task): balance() deletes it, or every worker would read it for ever.
 DEAD_WORKER_LEASES = 10
+# At most this many rows of aged-out shards are deleted per balance: a group that resharded for months
+# before this cleanup existed empties its backlog over minutes rather than in one balance that
+# outlasts the leases.
+AGED_OUT_DELETES_PER_BALANCE = 20
 
 
 @dataclass
@@ -73,6 +77,12 @@ class _Owned:
 class ReadFailed(Exception):
     """Every owned shard's read failed this round (throttling, a timeout); nothing was handed out and
     each reader stays at its last record, so the caller backs off and polls again, state intact."""
+
+
+def _finished_unlisted(shards: list[Shard], leases: dict[str, Lease]) -> list[str]:
+    """The shards checkpointed at their end that the listing no longer holds."""
+    listed = {shard.shard_id for shard in shards}
+    return [sid for sid, lease in leases.items() if lease.checkpoint == SHARD_END and sid not in listed]
 
 
 def default_worker_id() -> str:
@@ -109,17 +119,21 @@ class Consumer:
     def _refresh_shards(self, force: bool = False) -> list[Shard]:
         if force or time.monotonic() - self._shards_at > self.shard_refresh_s:
             self._shards = self.stream.list_shards()
-            self._shards_at = time.monotonic()
             for shard in self._shards:
                 self.leases.ensure(shard.shard_id)
+            # Only once every row exists: a listed shard without a row is then one a peer deleted as aged out.
+            self._shards_at = time.monotonic()
         return self._shards
 
     def _eligible(self, shards: list[Shard], leases: dict[str, Lease]) -> list[str]:
-        """Unfinished shards whose parents are finished (or gone from the stream)."""
+        """Unfinished shards whose parents are finished (or gone from the stream).
+
+        A listed shard without a row is one a peer deleted as aged out since we listed it: neither it
+        nor (until we list again) its children are taken."""
         finished = {sid for sid, lease in leases.items() if lease.checkpoint == SHARD_END}
         known = {shard.shard_id for shard in shards}
         return [shard.shard_id for shard in shards
-                if shard.shard_id not in finished
+                if shard.shard_id in leases and shard.shard_id not in finished
                 and all(parent in finished or parent not in known for parent in shard.parents)]
 
     def shard(self, shard_id: str) -> Shard:
@@ -192,6 +206,8 @@ class Consumer:
             mine.append(lease.shard_id)
         if len(mine) < target:
             self._steal_one(eligible, leases, held, target)
+        if self.worker_id == min(alive):       # one worker cleans up; a peer that thinks so too is harmless
+            self._remove_aged_out_shards(shards, leases)
         self._balanced_at = time.monotonic()
 
     def _live_workers(self, workers: dict[str, int]) -> set[str]:
@@ -215,6 +231,22 @@ class Consumer:
             return
         log.info("removed the row of worker %s: no heartbeat for %d lease periods", worker, DEAD_WORKER_LEASES)
 
+    def _remove_aged_out_shards(self, shards: list[Shard], leases: dict[str, Lease]) -> None:
+        """Delete the rows of shards read to their end and no longer listed (past the stream's retention),
+        as the Kinesis Client Library does: each reshard leaves some, and every balance of every worker
+        reads them all. A shard still listed keeps its row, or ``ensure()`` would recreate it without
+        checkpoint and the shard be read again. Never raises: what fails is tried next balance."""
+        if not _finished_unlisted(shards, leases):
+            return
+        try:
+            # Confirmed by a listing newer than the rows: ours may predate a shard created and finished since.
+            aged_out = _finished_unlisted(self._refresh_shards(force=True), leases)
+            for shard_id in aged_out[:AGED_OUT_DELETES_PER_BALANCE]:
+                self.leases.remove_finished(shard_id)       # conditional on SHARD_END; gone already is fine
+                log.info("removed the lease row of shard %s: read to its end and aged out of the stream", shard_id)
+        except (BotoCoreError, ClientError) as exc:
+            log.warning("removing the lease rows of aged-out shards failed, retrying next balance: %s", exc)
+
     def _steal_one(self, eligible: list[str], leases: dict[str, Lease], held: set[str], target: int) -> None:
         load: dict[str, list[Lease]] = {}
         for sid in eligible:
@@ -231,6 +263,11 @@ class Consumer:
         try:
             taken = self.leases.take(lease, self.worker_id, self.lease_ms)
         except LeaseLost:
+            return
+        if taken.checkpoint == SHARD_END:
+            # A peer read it to its end and released it after our snapshot, leaving the row as we saw
+            # it (free): nothing is left to read, and a reader cannot start after SHARD_END.
+            self.leases.release(lease.shard_id, self.worker_id)
             return
         start = self.start_after(taken)
         self.owned[lease.shard_id] = _Owned(self.stream.reader(lease.shard_id, start), start, taken, start)

@@ -10,7 +10,8 @@ A row's ``expires_ms`` is stamped by the wall clock of the host that wrote it, s
 only as a version that changes on every renewal: ``RenewalWatch`` decides expiry on the reader's own
 monotonic clock. Heartbeat rows also carry ``expires_at`` (epoch seconds) for the table's TTL, which
 removes the rows of workers that died without ``leave()``; shard rows never do, as they hold the
-checkpoints.
+checkpoints. The row of a shard read to its end goes once the shard has aged out of the stream
+(``remove_finished``): until then ``ensure()`` would recreate it, and the shard be read again.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from botocore.exceptions import ClientError
+
+from common.streams import SHARD_END
 
 WORKER_PREFIX = "worker#"
 # How long after its last heartbeat DynamoDB's TTL may delete a worker row: the backstop for a group no
@@ -94,6 +97,8 @@ class LeaseTable(Protocol):
     def leave(self, worker_id: str) -> None: ...
     def remove_worker(self, worker_id: str, beat: int) -> None:
         """Delete the worker's heartbeat row if it still holds ``beat``: a worker that beat since keeps it."""
+    def remove_finished(self, shard_id: str) -> None:
+        """Delete the shard's row if it is checkpointed at ``SHARD_END``; a row gone already is no error."""
 
 
 def _lease_of(row: dict) -> Lease:
@@ -195,10 +200,17 @@ class DynamoLeaseTable:
         self.client.delete_item(TableName=self.table, Key=self._key(WORKER_PREFIX + worker_id))
 
     def remove_worker(self, worker_id: str, beat: int) -> None:
+        self._delete_if(WORKER_PREFIX + worker_id, "expires_ms = :beat", {":beat": {"N": str(beat)}})
+
+    def remove_finished(self, shard_id: str) -> None:
+        self._delete_if(shard_id, "checkpoint = :end", {":end": {"S": SHARD_END}})
+
+    def _delete_if(self, item: str, condition: str, values: dict) -> None:
+        """Delete the row if ``condition`` holds; one that changed meanwhile, or is gone (a peer deleted
+        it first), is left as it is."""
         try:
-            self.client.delete_item(TableName=self.table, Key=self._key(WORKER_PREFIX + worker_id),
-                                    ConditionExpression="expires_ms = :beat",
-                                    ExpressionAttributeValues={":beat": {"N": str(beat)}})
+            self.client.delete_item(TableName=self.table, Key=self._key(item), ConditionExpression=condition,
+                                    ExpressionAttributeValues=values)
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                 raise
@@ -222,8 +234,8 @@ class MemoryLeaseTable:
 
     def _swap(self, shard_id: str, check, **changes) -> Lease:
         with self._lock:
-            current = self._leases[shard_id]
-            if not check(current):
+            current = self._leases.get(shard_id)
+            if current is None or not check(current):     # gone: DynamoDB's condition fails on no row too
                 raise LeaseLost(shard_id)
             self._leases[shard_id] = replace(current, **changes)
             return self._leases[shard_id]
@@ -259,3 +271,8 @@ class MemoryLeaseTable:
         with self._lock:
             if self._workers.get(worker_id) == beat:
                 del self._workers[worker_id]
+
+    def remove_finished(self, shard_id: str) -> None:
+        with self._lock:
+            if shard_id in self._leases and self._leases[shard_id].checkpoint == SHARD_END:
+                del self._leases[shard_id]

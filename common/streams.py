@@ -191,7 +191,7 @@ class MemoryStream:
     """An in-process stream with Kinesis' routing and ordering, for unit tests and benchmarks.
 
     ``fail_next`` makes the next N put entries fail with a throttling error, so producer retries can
-    be exercised without a network.
+    be exercised without a network. ``split()`` and ``age_out()`` play a reshard and its aftermath.
     """
 
     def __init__(self, name: str = "memory", shard_count: int = 1):
@@ -205,6 +205,7 @@ class MemoryStream:
                                end_hash=2**128 - 1 if i == shard_count - 1 else (i + 1) * span - 1))
             for i in range(shard_count)
         ]
+        self._shards_created = shard_count      # shard ids are never reused, even after an age_out()
 
     def put_records(self, entries: list[tuple[str, bytes]]) -> list[PutResult]:
         results = []
@@ -239,10 +240,18 @@ class MemoryStream:
             parent = next(item for item in self._shards if item.shard.shard_id == shard_id)
             parent.shard = dataclasses.replace(parent.shard, closed=True)
             start, end = parent.shard.start_hash, parent.shard.end_hash
-            middle, base = (start + end) // 2, len(self._shards)
+            middle, base = (start + end) // 2, self._shards_created
+            self._shards_created += 2
             for index, (low, high) in enumerate(((start, middle), (middle + 1, end))):
                 self._shards.append(_MemoryShard(Shard(f"shardId-{base + index:012d}", shard_id, start_hash=low,
                                                        end_hash=high)))
+
+    def age_out(self, shard_id: str) -> None:
+        """Forget a closed shard, as Kinesis does once the stream's retention has passed since it closed:
+        ListShards no longer lists it and it can no longer be read."""
+        with self._lock:
+            [aged] = [item for item in self._shards if item.shard.shard_id == shard_id and item.shard.closed]
+            self._shards.remove(aged)
 
     def reader(self, shard_id: str, after_sequence: str | None) -> MemoryShardReader:
         shard = next(item for item in self._shards if item.shard.shard_id == shard_id)

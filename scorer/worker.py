@@ -116,9 +116,9 @@ class Worker:
     def _start_after(self, lease: Lease) -> str | None:
         """Where a newly owned shard is read from: the start of its oldest live session."""
         emitted = lease.checkpoint
-        self.positions[lease.shard_id] = None
         if emitted == SHARD_END:
             return emitted
+        self.positions[lease.shard_id] = None
         child = self.consumer.shard(lease.shard_id)
         for parent in self.consumer.parents(lease.shard_id):
             if not self.store.holds_all_sessions_of(parent):      # it read the parent itself: nothing to do
@@ -418,6 +418,7 @@ class Worker:
                 continue
             if value == SHARD_END:
                 self.store.finish_shard(shard)
+                self.positions.pop(shard, None)     # never read again: a reshard a day would leave one each
         self.pending_batches.clear()
         self.pending_since = 0.0
         return True

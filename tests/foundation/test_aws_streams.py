@@ -249,6 +249,28 @@ def test_a_killed_workers_row_is_removed_by_a_peer_and_a_beating_workers_row_nev
         assert "w" not in table.leases()[1]
 
 
+def test_a_shards_row_is_deleted_only_once_checkpointed_at_its_end_and_a_second_delete_is_harmless(aws_settings):
+    from common.leases import LeaseLost, MemoryLeaseTable
+    from common.streams import SHARD_END
+
+    for table in (DynamoLeaseTable(aws.client("dynamodb"), aws_settings.lease_table, f"end#{time.monotonic_ns()}"),
+                  MemoryLeaseTable()):
+        table.ensure("shard-1")
+        lease = table.take(_lease(table), "me", 10_000)
+        table.remove_finished("shard-1")                       # no checkpoint yet
+        table.checkpoint("shard-1", "me", "41", None)
+        table.remove_finished("shard-1")                       # a checkpoint, but not the end
+        assert _lease(table).checkpoint == "41"
+        table.checkpoint("shard-1", "me", SHARD_END, None)
+        table.remove_finished("shard-1")
+        assert table.leases()[0] == []
+        table.remove_finished("shard-1")                       # a peer deleted it first: no error
+        with pytest.raises(LeaseLost):                         # a worker still holding it learns it is gone
+            table.renew(lease.shard_id, "me", 10_000)
+        table.release(lease.shard_id, "me")                    # and its release does not recreate it
+        assert table.leases()[0] == []
+
+
 def test_a_stream_that_does_not_exist_is_waited_for_with_one_warning_a_minute_not_one_a_second(aws_settings, caplog):
     consumer = consumer_for(aws_settings, "clickstream-typo", app="typo", lease_ms=300)   # retried every 0.1 s
     with caplog.at_level(logging.WARNING, logger="common.consumer"):

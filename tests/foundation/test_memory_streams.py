@@ -415,3 +415,109 @@ def test_the_row_of_a_worker_that_died_without_leaving_is_removed_and_a_live_one
         slow.renew_due()                             # alive, though it never balances
         time.sleep(0.005)
     assert set(leases.leases()[1]) == {"live", "slow"}
+
+
+# ---------------------------------------------------------------- rows of shards aged out after a reshard
+
+SHARD2, SHARD3, SHARD4 = "shardId-000000000002", "shardId-000000000003", "shardId-000000000004"
+
+
+def checkpoints(leases) -> dict:
+    return {lease.shard_id: lease.checkpoint for lease in leases.leases()[0]}
+
+
+class RecordedRemovals(MemoryLeaseTable):
+    """Records the deletions of finished shards' rows; ``throttled`` makes them fail as DynamoDB may."""
+
+    def __init__(self):
+        super().__init__()
+        self.removals, self.throttled = [], False
+
+    def remove_finished(self, shard_id):
+        if self.throttled:
+            raise ClientError({"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "throttled"}},
+                              "DeleteItem")
+        self.removals.append(shard_id)
+        super().remove_finished(shard_id)
+
+
+def test_a_finished_shards_row_is_kept_while_listed_and_deleted_once_it_ages_out_of_the_stream():
+    stream, leases = MemoryStream(), MemoryLeaseTable()
+    Producer(stream).send(entries(20))
+    stream.split(SHARD0)
+    Producer(stream).send([(f"late-{i}", b"late") for i in range(20)])
+    consumer = Consumer(stream, leases, worker_id="a", shard_refresh_s=0)
+    assert len(drain(consumer)) == 40
+    consumer.balance()
+    assert checkpoints(leases)[SHARD0] == SHARD_END      # still listed: ensure() would recreate it unread
+    stream.age_out(SHARD0)                               # the stream's retention has passed
+    consumer.balance()
+    assert checkpoints(leases).keys() == {SHARD1, SHARD2} and set(consumer.owned) == {SHARD1, SHARD2}
+    assert SHARD0 not in consumer._watch._seen
+    Producer(stream).send([(f"after-{i}", b"after") for i in range(20)])
+    assert drain(consumer) == [b"after"] * 20             # the children go on, the parent is not read again
+    stream.split(SHARD1)                                  # a second reshard: new shard ids, never reused
+    assert [shard.shard_id for shard in stream.list_shards()][-2:] == [SHARD3, SHARD4]
+
+
+def test_only_the_first_live_worker_deletes_and_a_throttled_delete_is_retried_next_balance(caplog):
+    stream, leases = MemoryStream(), RecordedRemovals()
+    stream.split(SHARD0)
+    a = Consumer(stream, leases, worker_id="a", shard_refresh_s=0)
+    b = Consumer(stream, leases, worker_id="b", shard_refresh_s=0)
+    drain(a)
+    stream.age_out(SHARD0)
+    b.balance()
+    assert leases.removals == [] and SHARD0 in checkpoints(leases)       # "a" sees to it
+    leases.throttled = True
+    a.balance()                                                          # does not raise
+    assert SHARD0 in checkpoints(leases) and len(a.owned) >= 1
+    assert any("aged-out" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    leases.throttled = False
+    a.balance()
+    assert leases.removals == [SHARD0] and SHARD0 not in checkpoints(leases)
+
+
+def test_the_first_live_worker_confirms_with_a_new_listing_before_it_deletes():
+    stream, leases = MemoryStream(), MemoryLeaseTable()
+    first = Consumer(stream, leases, worker_id="a", shard_refresh_s=3600)
+    first.balance()
+    first.close()                                   # its listing stays [SHARD0], from before any reshard
+    stream.split(SHARD0)
+    stream.split(SHARD1)                            # a child split in turn: SHARD1 is closed, still listed
+    reader = Consumer(stream, leases, worker_id="b", shard_refresh_s=0)
+    drain(reader)
+    assert {sid for sid, checkpoint in checkpoints(leases).items() if checkpoint == SHARD_END} == {SHARD0, SHARD1}
+    stream.age_out(SHARD0)
+    first.balance()                                 # SHARD1 is missing from its old listing, but still listed
+    assert SHARD0 not in checkpoints(leases) and checkpoints(leases)[SHARD1] == SHARD_END
+
+
+def test_a_peer_whose_listing_still_holds_a_deleted_row_takes_nothing_of_it_and_does_not_fail():
+    stream, leases = MemoryStream(), MemoryLeaseTable()
+    stream.split(SHARD0)
+    first = Consumer(stream, leases, worker_id="a", shard_refresh_s=0)
+    drain(first)
+    peer = Consumer(stream, leases, worker_id="b", shard_refresh_s=3600)
+    peer.balance()                                  # lists SHARD0, for an hour
+    stream.age_out(SHARD0)
+    first.balance()
+    assert SHARD0 not in checkpoints(leases)
+    peer.balance()                                  # SHARD0 listed, its row gone: used to be a KeyError
+    assert SHARD0 not in peer.owned and SHARD0 not in checkpoints(leases)
+
+
+def test_a_shard_finished_and_released_after_our_snapshot_is_given_back_not_read():
+    """A peer reads a free shard to its end and releases it between our lease query and our take: the
+    row is free again as we saw it, so the take succeeds, on a shard with nothing left to read."""
+    stream, leases = MemoryStream(), MemoryLeaseTable()
+    stream.split(SHARD0)
+    stale = Consumer(stream, leases, worker_id="late")
+    stale._refresh_shards(force=True)
+    [seen] = [lease for lease in leases.leases()[0] if lease.shard_id == SHARD0]      # free, as listed
+    drain(Consumer(stream, leases, worker_id="peer", shard_refresh_s=0))               # reads it to its end
+    assert checkpoints(leases)[SHARD0] == SHARD_END
+    stale._acquire(seen)                            # used to open a reader after SHARD_END: a ValueError
+    assert SHARD0 not in stale.owned
+    [after] = [lease for lease in leases.leases()[0] if lease.shard_id == SHARD0]
+    assert after.owner == "" and after.checkpoint == SHARD_END

@@ -557,6 +557,30 @@ def test_a_restart_right_after_a_reshard_rebuilds_the_part_of_a_session_read_on_
     assert [p["events_in_session"] for p in rig.predictions()] == list(range(1, 11))
 
 
+def test_a_shard_read_to_its_end_leaves_no_position_behind_and_its_row_goes_once_it_ages_out(caplog):
+    # A reshard a day left one entry in ``positions`` and one lease row for ever per closed shard.
+    parent, children = "shardId-000000000000", {"shardId-000000000001", "shardId-000000000002"}
+    rig = Rig(events_stream=MemoryStream("enriched", shard_count=1), flush_ms=1)
+    worker = rig.worker
+    worker.make_consumer = lambda **hooks: Consumer(rig.stream, rig.leases, shard_refresh_s=0, **hooks)
+    worker.consumer = worker.make_consumer(start_after=worker._start_after, on_lost=worker._on_lost)
+    events = session_events("x", seed=3, n=10, buyer=False)
+    rig.put(events[:5])
+    rig.drain()
+    rig.stream.split(parent)
+    rig.put(events[5:8])
+    rig.drain()
+    assert set(worker.positions) == children
+    rig.stream.age_out(parent)
+    worker.consumer.balance()                   # as poll() does every lease_ms / 3
+    rig.put(events[8:])
+    with caplog.at_level(logging.INFO, logger="scorer.worker"):
+        rig.drain()
+    assert {lease.shard_id for lease in rig.leases.leases()[0]} == children and set(worker.positions) == children
+    assert [p["events_in_session"] for p in rig.predictions()] == list(range(1, 11))
+    assert not [r.getMessage() for r in caplog.records if "rebuilding" in r.getMessage()]
+
+
 class ParentReadsFail(MemoryStream):
     """A stream whose next ``failures`` page reads of ``shard`` raise after its first page (throttling)."""
 
