@@ -23,6 +23,7 @@ from batch.train_config import TrainSettings, spark_session
 from batch.train_lake import TrainError
 from batch.train_metrics import evaluate
 from batch.train_model import Steps, TrainResult, fit_and_export
+from common import emails
 
 log = logging.getLogger(__name__)
 TRUE = {"true", "1", "yes", "y", "t", "1.0"}
@@ -34,8 +35,6 @@ ID_COLUMNS = ["row_id", "label"]
 # column in 20 rows) from tripping the share; the UCI shoppers categoricals have at most 20 values.
 IDENTIFIER_SHARE = 0.5
 IDENTIFIER_MIN_VALUES = 50
-# One email address is enough: it would become a feature name as it is.
-EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}")
 
 
 @dataclass
@@ -133,7 +132,7 @@ def _identifier_reason(column: pd.Series) -> str | None:
     """Why a categorical column looks like identifiers (email addresses, or nearly one value per row), else None."""
     values = column.dropna().astype("string")
     distinct = values.nunique()
-    if values.str.contains(EMAIL).any():
+    if values.map(emails.contains).any():          # one is enough: it would be a feature name as it is
         return f"email addresses, {distinct} distinct values in {len(values)} rows"
     if distinct > max(IDENTIFIER_MIN_VALUES, IDENTIFIER_SHARE * len(values)):
         return f"{distinct} distinct values in {len(values)} rows"

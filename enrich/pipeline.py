@@ -16,11 +16,11 @@ import math
 import re
 import uuid
 from collections.abc import Callable
-from urllib.parse import unquote
 
 import fastjsonschema
 import orjson
 
+from common import emails
 from common.features import NIL_USER, session_key
 from enrich import __version__, badrows, protocol
 from enrich.config import GEOLOCATION_ROUNDED, GEOLOCATION_WITHHELD, EnrichSettings, parse_pii_field
@@ -78,7 +78,6 @@ EMAIL_SCANNED_FIELDS = ("page_url", "page_urlpath", "page_urlquery", "page_urlfr
                         "page_referrer", "refr_urlpath", "refr_urlquery", "refr_urlfragment", "refr_term",
                         "mkt_term", "mkt_content", "mkt_campaign", "mkt_source", "mkt_medium", "se_label",
                         "se_property")
-EMAIL_ADDRESS = re.compile(r"[\w.+%-]+(?:@|%40)[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}")
 # Identifier lengths of Snowplow's atomic event: these fields key streams (Kinesis partition keys
 # stop at 256 characters) and tables, so a longer value is a bad row, not a stalled shard.
 ID_LIMITS = {"domain_sessionid": 128, "domain_userid": 128, "network_userid": 128, "user_id": 255}
@@ -410,9 +409,8 @@ class Enricher:
         if event["network_userid"] and event["network_userid"] != NIL_USER:
             event["network_userid"] = hmac(event["network_userid"])
         for name in EMAIL_SCANNED_FIELDS:
-            value = event[name]
-            if value and ("@" in value or "%40" in value):       # the regex only where it can match
-                event[name] = EMAIL_ADDRESS.sub(lambda found: hmac(unquote(found.group())), value)
+            if event[name]:
+                event[name] = emails.replace(event[name], hmac)
 
     def _protect_entities(self, event: dict) -> None:
         """Pseudonymise the pii_fields and coarsen geolocation in the self-describing event and contexts;
