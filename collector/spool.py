@@ -183,15 +183,23 @@ class Spool:
 
     def _map_segment(self, base: int, used: int, room: int = 0) -> None:
         """Open segment ``base`` (``used`` bytes written so far) for appending, with ``room`` more at least."""
+        fd, mapped = self._open_segment(base, used, room)
+        self.fd, self._map, self.active_base, self.active_since = fd, mapped, base, time.monotonic()
+
+    def _open_segment(self, base: int, used: int, room: int) -> tuple[int, mmap.mmap]:
+        path = self._path(base)
+        existed = path.exists()
         size = max(self.segment_bytes, used + room)
-        fd = os.open(self._path(base), os.O_RDWR | os.O_CREAT, 0o600)     # raw hits: IPs, cookies
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)     # raw hits: IPs, cookies
         try:
             _preallocate(fd, size)
-            self._map = mmap.mmap(fd, size)
+            return fd, mmap.mmap(fd, size)
         except OSError:
             os.close(fd)
+            if not existed:
+                # A segment file in the middle of the active one's offsets would mislead readers.
+                path.unlink(missing_ok=True)
             raise
-        self.fd, self.active_base, self.active_since = fd, base, time.monotonic()
 
     def _close_segment(self) -> None:
         """Unmap the active segment, cut its preallocated tail and make it durable. Whatever fails,
@@ -206,10 +214,17 @@ class Spool:
             os.close(fd)
 
     def _rotate(self, room: int) -> None:
-        if self.fd >= 0:
-            self._close_segment()
-            self.synced = self.end
-        self._map_segment(self.end, 0, room)
+        """Start a segment at the current end. The new one is opened, its blocks reserved, before the
+        active one is closed: on a full disk the active one stays and keeps whatever room it has."""
+        if self.fd >= 0 and self.end == self.active_base:
+            self._close_segment()           # empty (a frame bigger than it): the new one takes its name
+        fd, mapped = self._open_segment(self.end, 0, room)
+        try:
+            if self.fd >= 0:
+                self._close_segment()
+                self.synced = self.end
+        finally:
+            self.fd, self._map, self.active_base, self.active_since = fd, mapped, self.end, time.monotonic()
         if self.fsync_always:
             _fsync_dir(self.dir)
 

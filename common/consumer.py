@@ -225,11 +225,12 @@ class Consumer:
     def _remove_dead_worker(self, worker: str, beat: int) -> None:
         # Conditional on the heartbeat we saw: a worker that came back (a long pause) keeps its row.
         try:
-            self.leases.remove_worker(worker, beat)
+            removed = self.leases.remove_worker(worker, beat)
         except (BotoCoreError, ClientError) as exc:
             log.warning("removing the row of dead worker %s failed, retrying next balance: %s", worker, exc)
             return
-        log.info("removed the row of worker %s: no heartbeat for %d lease periods", worker, DEAD_WORKER_LEASES)
+        if removed:                           # not when it beat again, nor when a peer removed it first
+            log.info("removed the row of worker %s: no heartbeat for %d lease periods", worker, DEAD_WORKER_LEASES)
 
     def _remove_aged_out_shards(self, shards: list[Shard], leases: dict[str, Lease]) -> None:
         """Delete the rows of shards read to their end and no longer listed (past the stream's retention),
@@ -242,8 +243,9 @@ class Consumer:
             # Confirmed by a listing newer than the rows: ours may predate a shard created and finished since.
             aged_out = _finished_unlisted(self._refresh_shards(force=True), leases)
             for shard_id in aged_out[:AGED_OUT_DELETES_PER_BALANCE]:
-                self.leases.remove_finished(shard_id)       # conditional on SHARD_END; gone already is fine
-                log.info("removed the lease row of shard %s: read to its end and aged out of the stream", shard_id)
+                if self.leases.remove_finished(shard_id):   # conditional on SHARD_END; gone already is fine
+                    log.info("removed the lease row of shard %s: read to its end and aged out of the stream",
+                             shard_id)
         except (BotoCoreError, ClientError) as exc:
             log.warning("removing the lease rows of aged-out shards failed, retrying next balance: %s", exc)
 

@@ -95,10 +95,12 @@ class LeaseTable(Protocol):
     def release(self, shard_id: str, owner: str) -> None: ...
     def heartbeat(self, worker_id: str, duration_ms: int) -> None: ...
     def leave(self, worker_id: str) -> None: ...
-    def remove_worker(self, worker_id: str, beat: int) -> None:
-        """Delete the worker's heartbeat row if it still holds ``beat``: a worker that beat since keeps it."""
-    def remove_finished(self, shard_id: str) -> None:
-        """Delete the shard's row if it is checkpointed at ``SHARD_END``; a row gone already is no error."""
+    def remove_worker(self, worker_id: str, beat: int) -> bool:
+        """Delete the worker's heartbeat row if it still holds ``beat`` (a worker that beat since keeps
+        it); whether it was deleted here."""
+    def remove_finished(self, shard_id: str) -> bool:
+        """Delete the shard's row if it is checkpointed at ``SHARD_END``; whether it was deleted here (a
+        row gone already is no error)."""
 
 
 def _lease_of(row: dict) -> Lease:
@@ -199,21 +201,23 @@ class DynamoLeaseTable:
     def leave(self, worker_id: str) -> None:
         self.client.delete_item(TableName=self.table, Key=self._key(WORKER_PREFIX + worker_id))
 
-    def remove_worker(self, worker_id: str, beat: int) -> None:
-        self._delete_if(WORKER_PREFIX + worker_id, "expires_ms = :beat", {":beat": {"N": str(beat)}})
+    def remove_worker(self, worker_id: str, beat: int) -> bool:
+        return self._delete_if(WORKER_PREFIX + worker_id, "expires_ms = :beat", {":beat": {"N": str(beat)}})
 
-    def remove_finished(self, shard_id: str) -> None:
-        self._delete_if(shard_id, "checkpoint = :end", {":end": {"S": SHARD_END}})
+    def remove_finished(self, shard_id: str) -> bool:
+        return self._delete_if(shard_id, "checkpoint = :end", {":end": {"S": SHARD_END}})
 
-    def _delete_if(self, item: str, condition: str, values: dict) -> None:
+    def _delete_if(self, item: str, condition: str, values: dict) -> bool:
         """Delete the row if ``condition`` holds; one that changed meanwhile, or is gone (a peer deleted
-        it first), is left as it is."""
+        it first), is left as it is. Whether it was deleted here."""
         try:
             self.client.delete_item(TableName=self.table, Key=self._key(item), ConditionExpression=condition,
                                     ExpressionAttributeValues=values)
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                 raise
+            return False
+        return True
 
 
 class MemoryLeaseTable:
@@ -267,12 +271,16 @@ class MemoryLeaseTable:
         with self._lock:
             self._workers.pop(worker_id, None)
 
-    def remove_worker(self, worker_id: str, beat: int) -> None:
+    def remove_worker(self, worker_id: str, beat: int) -> bool:
         with self._lock:
-            if self._workers.get(worker_id) == beat:
-                del self._workers[worker_id]
+            if self._workers.get(worker_id) != beat:
+                return False
+            del self._workers[worker_id]
+            return True
 
-    def remove_finished(self, shard_id: str) -> None:
+    def remove_finished(self, shard_id: str) -> bool:
         with self._lock:
-            if shard_id in self._leases and self._leases[shard_id].checkpoint == SHARD_END:
-                del self._leases[shard_id]
+            if shard_id not in self._leases or self._leases[shard_id].checkpoint != SHARD_END:
+                return False
+            del self._leases[shard_id]
+            return True

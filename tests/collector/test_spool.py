@@ -230,6 +230,25 @@ def test_a_disk_that_cannot_hold_a_new_segment_refuses_appends_until_it_can(tmp_
     assert spool.records == 0
 
 
+
+def test_a_full_disk_at_an_age_rotation_keeps_the_segment_with_room_in_use(tmp_path, monkeypatch):
+    """Rotating by age must not cost hits: while a new segment cannot be reserved, the current one,
+    whose blocks are reserved already, goes on taking them."""
+    spool = Spool(tmp_path, max_bytes=1 << 20, max_age_s=0)
+    fill(spool, 2)
+    drain(spool)
+
+    def disk_full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "posix_fallocate", disk_full)
+        with pytest.raises(OSError):
+            spool.rotate_if_old()
+        fill(spool, 3, start=2)                         # accepted: no 503 for a rotation that can wait
+    assert len(list(tmp_path.glob("*.seg"))) == 1       # the failed segment's file is not left behind
+    assert spool.rotate_if_old()
+    assert drain(spool) == [b"record-2", b"record-3", b"record-4"]
+
 def test_full_spool_refuses_unless_forced(tmp_path):
     frame = encode(RAW, "k", b"x" * 100)
     spool = Spool(tmp_path, max_bytes=len(frame) * 3)

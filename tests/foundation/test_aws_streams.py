@@ -243,9 +243,9 @@ def test_a_killed_workers_row_is_removed_by_a_peer_and_a_beating_workers_row_nev
         seen = table.leases()[1]["w"]
         time.sleep(0.002)
         table.heartbeat("w", 100)                          # it beat again since it was seen
-        table.remove_worker("w", seen)
+        assert table.remove_worker("w", seen) is False
         assert "w" in table.leases()[1]
-        table.remove_worker("w", table.leases()[1]["w"])
+        assert table.remove_worker("w", table.leases()[1]["w"]) is True
         assert "w" not in table.leases()[1]
 
 
@@ -257,14 +257,14 @@ def test_a_shards_row_is_deleted_only_once_checkpointed_at_its_end_and_a_second_
                   MemoryLeaseTable()):
         table.ensure("shard-1")
         lease = table.take(_lease(table), "me", 10_000)
-        table.remove_finished("shard-1")                       # no checkpoint yet
+        assert table.remove_finished("shard-1") is False       # no checkpoint yet
         table.checkpoint("shard-1", "me", "41", None)
-        table.remove_finished("shard-1")                       # a checkpoint, but not the end
+        assert table.remove_finished("shard-1") is False       # a checkpoint, but not the end
         assert _lease(table).checkpoint == "41"
         table.checkpoint("shard-1", "me", SHARD_END, None)
-        table.remove_finished("shard-1")
+        assert table.remove_finished("shard-1") is True
         assert table.leases()[0] == []
-        table.remove_finished("shard-1")                       # a peer deleted it first: no error
+        assert table.remove_finished("shard-1") is False       # a peer deleted it first: no error
         with pytest.raises(LeaseLost):                         # a worker still holding it learns it is gone
             table.renew(lease.shard_id, "me", 10_000)
         table.release(lease.shard_id, "me")                    # and its release does not recreate it

@@ -438,7 +438,7 @@ class RecordedRemovals(MemoryLeaseTable):
             raise ClientError({"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "throttled"}},
                               "DeleteItem")
         self.removals.append(shard_id)
-        super().remove_finished(shard_id)
+        return super().remove_finished(shard_id)
 
 
 def test_a_finished_shards_row_is_kept_while_listed_and_deleted_once_it_ages_out_of_the_stream():
