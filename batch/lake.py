@@ -27,6 +27,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.features import parse_ms
 from common.service import gc_paused
 
 LOADER_ARTIFACT = "clickstream-lake-loader"
@@ -155,10 +156,7 @@ def _parse_timestamp(value) -> int:
     """Epoch ms from an ISO 8601 string (any precision, any offset; no offset means UTC)."""
     if not isinstance(value, str):
         raise TypeError("expected an ISO 8601 string")
-    parsed = dt.datetime.fromisoformat(value)
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    return int(parsed.timestamp() * 1000)
+    return parse_ms(value)
 
 
 def _column(name: str, values: list) -> tuple[pa.Array | None, dict[int, str]]:

@@ -109,6 +109,7 @@ class SessionState:
 # ------------------------------------------------------------------------------ event readers
 
 LAST_MS = 253_402_214_400_000        # 9999-12-31T24:00Z
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # How much earlier than its collection an event may have happened. Snowplow's mobile trackers drop
 # queued events after 30 days (their default maxEventStoreAge), and backfills send their history's
 # true times (docs/operations.md: a week): an older derived time is a clock fault, not a late event.
@@ -122,7 +123,10 @@ def parse_ms(value) -> int:
     moment = datetime.fromisoformat(value)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp() * 1000)
+    # In integers: timestamp() * 1000 is a float product, 1 ms short for one string in 160, where
+    # Spark (training) reads the same string exactly.
+    since = moment - EPOCH
+    return (since.days * 86_400 + since.seconds) * 1000 + since.microseconds // 1000
 
 
 def event_time_ms(event: dict) -> int:

@@ -290,6 +290,16 @@ def test_event_time_is_the_derived_time_if_within_30_days_before_the_collectors(
     assert event_time_ms({"derived_tstamp": derived, "collector_tstamp": collected}) == parse_ms(expected)
 
 
+
+@given(st.integers(min_value=0, max_value=4_102_444_799_999))           # 1970 to 2099, to the millisecond
+def test_parse_ms_reads_the_enrichers_timestamps_exactly(ms):
+    """As Spark does: a float product (timestamp() * 1000) was 1 ms short for one string in 160."""
+    from datetime import UTC, datetime, timedelta
+
+    text = (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    assert parse_ms(text) == ms
+    assert parse_ms("2039-03-08T19:46:13.411Z") == 2_183_226_373_411         # one the float product missed
+
 @pytest.mark.parametrize("gap_minutes, first_day", [(30, "2026-11-19"), (1440, "2026-11-19"), (1441, "2026-11-18")])
 def test_the_lead_in_spans_one_session_gap_in_whole_days_before_the_window(gap_minutes, first_day):
     from batch.train import lead_in, window_start_ms
