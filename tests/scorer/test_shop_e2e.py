@@ -56,10 +56,11 @@ def test_a_shopper_sees_their_own_session_scored_live(browser, trained, aws_sett
         def page_shows_the_latest():              # the page catches up with every event the live view scored
             found = _session(f"http://127.0.0.1:{view_port}/api/session/{session_id}")
             shown = browser.text("#my-prediction")
-            return found and f" after {found['events']} events " in shown and (found, shown)
+            # Home, category, product page views + product/cart events: the page and the live view may
+            # agree on an earlier one while later events are still on their way through the pipeline.
+            return found and found["events"] >= 4 and f" after {found['events']} events " in shown and (found, shown)
         found, shown = wait_for(page_shows_the_latest, 60, what="the page to show the session's latest prediction")
         assert found["model_version"] == "shop-v1"
-        assert found["events"] >= 4                       # home, category, product page views + product/cart events
         assert 0.0 <= found["p_buy"] <= 1.0
         assert f"p(buy) {found['p_buy']:.3f} after {found['events']} events (model shop-v1)" in shown
         assert shown.split(")")[-1].strip().startswith(found["decision"])
