@@ -101,14 +101,22 @@ def sessionise(df: DataFrame, gap_minutes: int = 30) -> DataFrame:
 
 def build_examples(events: DataFrame, gap_minutes: int = 30, window_start_ms: int | None = None) -> DataFrame:
     """Prefix examples (EXAMPLE_SCHEMA) of every finished session in ``events``; with
-    ``window_start_ms``, only of those that started then or later (``events`` then include the
+    ``window_start_ms``, only of those first collected then or later (``events`` then include the
     window's lead-in, so that a session running at its start is seen whole, and known to be earlier)."""
     sessions = sessionise(_as_millis(events), gap_minutes)
-    examples = sessions.groupBy("session_id").applyInPandas(session_examples, schema=EXAMPLE_SCHEMA)
     if window_start_ms is not None:
-        # The previous window's: trained there, where the whole session is (or left out as open).
-        examples = examples.filter(F.col("session_start_ms") >= window_start_ms)
+        sessions = sessions.join(_collected_before(sessions, window_start_ms), "session_id", "left_anti")
+    examples = sessions.groupBy("session_id").applyInPandas(session_examples, schema=EXAMPLE_SCHEMA)
     return without_open_sessions(examples, gap_minutes)
+
+
+def _collected_before(sessions: DataFrame, start_ms: int) -> DataFrame:
+    """The sessions whose first event was collected before ``start_ms``: the previous window's,
+    trained there, where the whole session is (or left out as open). By collection time, as the
+    lake's partitions are: a backfill or an offline queue collected in the window belongs to it
+    however long ago its events happened."""
+    first = sessions.groupBy("session_id").agg(F.min("collector_tstamp").alias("_first_collected"))
+    return first.filter(F.col("_first_collected") < start_ms).select("session_id")
 
 
 def without_open_sessions(examples: DataFrame, gap_minutes: int) -> DataFrame:

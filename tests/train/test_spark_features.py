@@ -168,8 +168,12 @@ def test_sessions_begun_before_the_windows_first_midnight_are_read_whole_and_lef
     earlier = synth.session_events(rng, midnight - 5 * 3_600_000, buyer=True)
     inside = [e for hour in (1, 2, 3) for e in synth.session_events(rng, midnight + hour * 3_600_000, buyer=hour == 2)]
     later = synth.session_events(rng, midnight + 9 * 3_600_000, buyer=False)     # closes the others
+    # Collected in the window, happened three days before it: a backfill or an offline queue. The
+    # window is by collection, as the lake's partitions are: it belongs here.
+    backfill = [{**event, "collector_tstamp": synth.iso(parse_ms(event["collector_tstamp"]) + 3 * 86_400_000)}
+                for event in synth.session_events(rng, midnight - 3 * 86_400_000 + 4 * 3_600_000, buyer=True)]
     assert event_time_ms(crossing[0]) < midnight < event_time_ms(crossing[-1])
-    events = crossing + bought + after + earlier + inside + later
+    events = crossing + bought + after + earlier + inside + later + backfill
     root = synth.write_lake_dir(tmp_path, events)
 
     read = load_window(spark, _settings(root), WINDOW)
@@ -177,11 +181,11 @@ def test_sessions_begun_before_the_windows_first_midnight_are_read_whole_and_lef
     assert load_window(spark, _settings(f"file://{root}"), WINDOW).count() == len(events)
     frame = build_examples(read, 30, window_start_ms(WINDOW)).toPandas()
     online = _scored_online(events)
-    kept = {e["event_id"] for e in inside} & set(online)
+    kept = {e["event_id"] for e in inside + backfill} & set(online)
     assert sorted(frame["event_id"]) == sorted(kept)
     offline = frame.set_index("event_id")[list(FEATURE_NAMES)]
     assert all(offline.loc[event_id].tolist() == online[event_id] for event_id in kept)
-    assert (frame["session_start_ms"] >= midnight).all() and frame["label"].sum() > 0
+    assert frame["label"].sum() > 0
 
 
 def test_a_window_with_nothing_before_it_is_read_from_a_folder_or_a_url(spark, lake_dir, events):
