@@ -60,6 +60,20 @@ class Rig:
     def predictions(self):
         return [orjson.loads(r.data) for r in self.out.all_records()]
 
+    def split_during(self, events, at: int, until: int, parent: str = "shardId-000000000000"):
+        """Read ``events[:at]``, split ``parent`` (as a live reshard does), then read ``events[at:until]``."""
+        self.put(events[:at])
+        self.drain()
+        self.stream.split(parent)
+        self.put(events[at:until])
+        self.drain()
+
+
+
+def use_consumer(worker, stream, leases, **options) -> None:
+    """Give the worker consumers with these options, from now on and after its restarts."""
+    worker.make_consumer = lambda **hooks: Consumer(stream, leases, **options, **hooks)
+    worker.consumer = worker.make_consumer(start_after=worker._start_after, on_lost=worker._on_lost)
 
 def interleave(sessions):
     """Round-robin the sessions' events, as concurrent visitors would produce them."""
@@ -435,8 +449,7 @@ def test_a_session_going_on_on_a_child_shard_read_behind_its_sibling_keeps_its_s
     sparse = ids(True, 40)
     rig = Rig(events_stream=MemoryStream("enriched", shard_count=1), flush_ms=1)
     worker = rig.worker                 # pages of 20 records, as a reader catching up sees them
-    worker.make_consumer = lambda **hooks: Consumer(rig.stream, rig.leases, lease_ms=10_000, batch_limit=20, **hooks)
-    worker.consumer = worker.make_consumer(start_after=worker._start_after, on_lost=worker._on_lost)
+    use_consumer(worker, rig.stream, rig.leases, lease_ms=10_000, batch_limit=20)
     rig.put([make_event(x, T0)])
     rig.drain()
     rig.stream.split("shardId-000000000000")
@@ -456,8 +469,7 @@ def test_a_worker_taking_a_child_shard_rebuilds_the_sessions_its_peer_read_on_th
     b = Rig(stream, leases, lease_ms=600, flush_ms=1)
     b.out, b.worker.writer = a.out, a.worker.writer          # one predictions stream for both
     for worker in (a.worker, b.worker):                       # both see the children soon after the split
-        worker.make_consumer = lambda **hooks: Consumer(stream, leases, lease_ms=600, shard_refresh_s=0.1, **hooks)
-        worker.consumer = worker.make_consumer(start_after=worker._start_after, on_lost=worker._on_lost)
+        use_consumer(worker, stream, leases, lease_ms=600, shard_refresh_s=0.1)
     sessions = [session_events(f"s{i}", seed=100 + i, n=14, buyer=False) for i in range(8)]
     # Two sessions that bought before the split, one on each child.
     buyers = [next(f"paid{i}" for i in range(1000) if (hash_key(f"paid{i}") < 2**127) == low) for low in (True, False)]
@@ -499,8 +511,7 @@ def test_a_worker_that_read_the_parent_rebuilds_a_session_it_let_expire_when_it_
     b = Rig(stream, leases, lease_ms=600, flush_ms=1)
     b.out, b.worker.writer = a.out, a.worker.writer
     for worker in (a.worker, b.worker):
-        worker.make_consumer = lambda **hooks: Consumer(stream, leases, lease_ms=600, shard_refresh_s=0.1, **hooks)
-        worker.consumer = worker.make_consumer(start_after=worker._start_after, on_lost=worker._on_lost)
+        use_consumer(worker, stream, leases, lease_ms=600, shard_refresh_s=0.1)
     names = [f"s{i}" for i in range(1000)]
     x, y = [name for name in names if hash_key(name) < 2**127][:2]
     w = next(name for name in names if hash_key(name) >= 2**127)
@@ -562,14 +573,9 @@ def test_a_shard_read_to_its_end_leaves_no_position_behind_and_its_row_goes_once
     parent, children = "shardId-000000000000", {"shardId-000000000001", "shardId-000000000002"}
     rig = Rig(events_stream=MemoryStream("enriched", shard_count=1), flush_ms=1)
     worker = rig.worker
-    worker.make_consumer = lambda **hooks: Consumer(rig.stream, rig.leases, shard_refresh_s=0, **hooks)
-    worker.consumer = worker.make_consumer(start_after=worker._start_after, on_lost=worker._on_lost)
+    use_consumer(worker, rig.stream, rig.leases, shard_refresh_s=0)
     events = session_events("x", seed=3, n=10, buyer=False)
-    rig.put(events[:5])
-    rig.drain()
-    rig.stream.split(parent)
-    rig.put(events[5:8])
-    rig.drain()
+    rig.split_during(events, 5, 8)
     assert set(worker.positions) == children
     rig.stream.age_out(parent)
     worker.consumer.balance()                   # as poll() does every lease_ms / 3
@@ -608,14 +614,9 @@ def test_a_parent_rebuild_whose_reads_fail_reads_again_after_its_last_record(cap
     parent = "shardId-000000000000"
     rig = Rig(events_stream=ParentReadsFail(parent), lease_ms=300, flush_ms=1)
     worker = rig.worker                             # pages of 4 records: the failures fall mid-shard
-    worker.make_consumer = lambda **hooks: Consumer(rig.stream, rig.leases, lease_ms=300, batch_limit=4, **hooks)
-    worker.consumer = worker.make_consumer(start_after=worker._start_after, on_lost=worker._on_lost)
+    use_consumer(worker, rig.stream, rig.leases, lease_ms=300, batch_limit=4)
     events = session_events("x", seed=3, n=14, buyer=False)
-    rig.put(events[:10])
-    rig.drain()
-    rig.stream.split(parent)
-    rig.put(events[10:12])
-    rig.drain()
+    rig.split_during(events, 10, 12)
     rig.stream.failures, rig.stream.pages = 2, 0
     worker.restart()
     rig.put(events[12:])
