@@ -204,12 +204,13 @@ class Spool:
     def _close_segment(self) -> None:
         """Unmap the active segment, cut its preallocated tail and make it durable. Whatever fails,
         the segment counts as closed: the next append starts a new one instead of writing to the
-        closed map."""
+        closed map. Once its fsync is through, every append so far is durable."""
         self._map.close()
         fd, self.fd = self.fd, -1
         try:
             os.ftruncate(fd, self.end - self.active_base)
             os.fsync(fd)
+            self.synced = self.end
         finally:
             os.close(fd)
 
@@ -222,7 +223,6 @@ class Spool:
         try:
             if self.fd >= 0:
                 self._close_segment()
-                self.synced = self.end
         finally:
             self.fd, self._map, self.active_base, self.active_since = fd, mapped, self.end, time.monotonic()
         if self.fsync_always:
@@ -329,8 +329,7 @@ class Spool:
         with self._lock:
             self.closed = True
             if self.fd >= 0:
-                self._close_segment()
-                self.synced = self.end          # its fsync covers every append: hits awaiting one are durable
+                self._close_segment()           # hits awaiting an fsync are durable after its own
         if self._reader:
             self._reader[1].close()
             self._reader = None

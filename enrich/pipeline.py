@@ -96,6 +96,7 @@ KINDS = {**{name: (str, canonical) for name, canonical in STRINGS.items()},
 TEMPLATE = dict.fromkeys([*STRINGS.values(), *FLOATS.values(), *INTS.values(),
                           *(f for pair in DIMENSIONS.values() for f in pair), *FEATURES.values()])
 MIN_TSTAMP, MAX_TSTAMP = 0, 4_102_444_800_000     # 1970 .. 2100, in ms
+TSTAMP_RANGE = "epoch milliseconds between 1970 and 2100"
 INT_LIMIT = 2_147_483_647
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 
@@ -147,7 +148,7 @@ def collector_tstamp_errors(collector: int, etl_ms: int, max_ahead_ms: int) -> l
     """The collector's timestamp gets the device timestamps' range, and may not be ahead of the
     enricher's clock by more than ``max_ahead_ms``: the scorer's event-time watermark would jump to it."""
     if not MIN_TSTAMP < collector < MAX_TSTAMP:
-        return [badrows.message("collector_tstamp", collector, "epoch milliseconds between 1970 and 2100")]
+        return [badrows.message("collector_tstamp", collector, TSTAMP_RANGE)]
     if collector - etl_ms > max_ahead_ms:
         return [badrows.message("collector_tstamp", collector, (
             f"at most {max_ahead_ms / 1000:g} s ahead of the enricher's clock (etl_tstamp {iso_ms(etl_ms)}), "
@@ -491,7 +492,7 @@ def _parse_params(params: dict, errors: list) -> tuple[dict, dict]:
         elif target is None:   # a device timestamp
             stamps[name] = _number(value, int, name, errors)
             if stamps[name] is not None and not MIN_TSTAMP < stamps[name] < MAX_TSTAMP:
-                errors.append(badrows.message(name, value, "epoch milliseconds between 1970 and 2100"))
+                errors.append(badrows.message(name, value, TSTAMP_RANGE))
                 stamps[name] = None
         else:
             event[target] = _number(value, kind, name, errors)

@@ -47,6 +47,15 @@ IDLE_SLEEP_S = 0.2                 # after an empty poll: Kinesis allows 5 GetRe
 SHADOW_SUMMARY_S = 60.0            # how often the challenger's comparison with the champion is logged
 
 
+@dataclass
+class ShadowTally:
+    """A challenger's comparison with the champion since its last log line."""
+    versions: tuple[str, str]          # (shadow, champion)
+    rows: int = 0
+    differ: int = 0                    # decisions that differ
+    abs_dp: float = 0.0                # sum of |p_shadow - p_champion|
+
+
 class BadRecord(ValueError):
     """A record on the enriched stream that is not a usable enriched event."""
 
@@ -88,7 +97,7 @@ class Worker:
         self.settings = settings
         self.models = models
         self.writer = writer
-        self.shadow_tally: list = [None, 0, 0, 0.0]     # (shadow, champion), rows, decisions differing, sum |dp|
+        self.shadow_tally = ShadowTally(("", ""))
         self.shadow_logged_at = 0.0
         self.store = SessionStore(settings.session_timeout_s * 1000, settings.max_sessions, settings.dedupe_window,
                                   settings.replay_max_s * 1000)
@@ -365,18 +374,18 @@ class Worker:
     def _summarise_shadow(self, shadow: str, champion: str, rows: int, disagree: int, abs_dp: float) -> None:
         """One log line per SHADOW_SUMMARY_S for a challenger, not one per batch (2.5 a second per worker)."""
         versions = (shadow, champion)
-        if self.shadow_tally[0] != versions:
-            self.shadow_tally = [versions, 0, 0, 0.0]
+        if self.shadow_tally.versions != versions:
+            self.shadow_tally = ShadowTally(versions)
         tally = self.shadow_tally
-        tally[1] += rows
-        tally[2] += disagree
-        tally[3] += abs_dp
+        tally.rows += rows
+        tally.differ += disagree
+        tally.abs_dp += abs_dp
         now = time.monotonic()
         if now - self.shadow_logged_at < SHADOW_SUMMARY_S:
             return
         log.info("shadow %s vs champion %s: %d rows, %d decisions differ, mean |dp| %.4f", shadow, champion,
-                 tally[1], tally[2], tally[3] / tally[1], extra={"model_version": shadow})
-        self.shadow_tally = [versions, 0, 0, 0.0]
+                 tally.rows, tally.differ, tally.abs_dp / tally.rows, extra={"model_version": shadow})
+        self.shadow_tally = ShadowTally(versions)
         self.shadow_logged_at = now
 
     # ------------------------------------------------------------------ durability
