@@ -77,10 +77,8 @@ class Sink:
 
     def notify(self) -> None:
         """Called by the request side after each append: wake early when a batch is full."""
-        spool = self.spool
-        if (spool.records >= self.batch_records or spool.depth_bytes >= self.batch_bytes) \
-                and not self.wake.is_set():        # set() takes a lock: under load it would on every hit
-            self.wake.set()
+        if self._batch_full(self.spool) and not self.wake.is_set():   # set() takes a lock: under load
+            self.wake.set()                                           # it would on every hit
 
     # ------------------------------------------------------------------ loop
 
@@ -91,14 +89,15 @@ class Sink:
                 # After a failed or throttled send: notify() sets `wake` on every hit once the backlog
                 # passes a batch, so waiting on it would retry as fast as hits arrive. Only stop() ends it.
                 self._stop.wait(backoff)
+                full_only = False
             else:
-                self.wake.wait(self.linger)
+                full_only = self.wake.wait(self.linger)
             self.wake.clear()
             self.progressed = False
             try:
                 if time.monotonic() - self._adopted_at >= self.adopt_every_s:
                     self._adopt()
-                delivered = self._drain()
+                delivered = self._drain(full_only=full_only)
             except Exception:  # the sender must outlive any one failure
                 log.exception("sender failed; retrying")
                 self._set_health(False)
@@ -126,13 +125,18 @@ class Sink:
             except OSError as exc:
                 log.error("spool fsync failed: %s", exc)
 
-    def _drain(self, deadline: float | None = None) -> bool:
+    def _drain(self, deadline: float | None = None, full_only: bool = False) -> bool:
         """Send until the spools are empty, or until ``deadline`` (None: until stop() is called);
-        False when the stream could not be reached."""
+        False when the stream could not be reached. ``full_only`` (woken because a batch is full, not
+        by the linger timer): our own spool's last, partial batch waits for more hits or the timer.
+        Sent at once, under load each partial batch is what arrived during the previous send, and
+        the per-batch costs (cursor write, metrics) were paid every hundred hits or so."""
         for spool in self.spools():
             while True:
                 if self._stop.is_set() if deadline is None else time.monotonic() >= deadline:
                     return True
+                if full_only and spool is self.spool and not self._batch_full(spool):
+                    break
                 entries, offset = spool.read(self.batch_records, self.batch_bytes)
                 if not entries:
                     break
@@ -146,6 +150,9 @@ class Sink:
         if not self.healthy and self.probe is not None:
             return self._check()
         return True
+
+    def _batch_full(self, spool: Spool) -> bool:
+        return spool.records >= self.batch_records or spool.depth_bytes >= self.batch_bytes
 
     def _adopt(self) -> None:
         self._adopted_at = time.monotonic()

@@ -9,7 +9,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from collector.spool import decode_frames
+from collector.spool import decode_frames, read_cursor
 from tests.collector.conftest import FaultProxy, collector_env, get, read_stream, with_marker
 from tests.conftest import wait_for
 
@@ -199,5 +199,5 @@ def test_fewer_workers_after_a_crash_still_deliver_every_slot(streams, proxy, ma
 def backlog(folder) -> int:
     """Frames after the saved cursor in a killed worker's spool (one segment: the default 64 MiB holds them)."""
     [segment] = folder.glob("*.seg")
-    cursor = int((folder / "cursor").read_text()) if (folder / "cursor").exists() else 0
+    cursor = read_cursor(folder) or 0
     return len(decode_frames(segment.read_bytes()[cursor - int(segment.stem):])[0])

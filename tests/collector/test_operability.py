@@ -84,7 +84,7 @@ def test_a_dead_sender_fails_sink_health_and_the_spool_gauges_stay_true(tmp_path
         wait_until(lambda: metric(app, "collector_spool_depth_records") == 0)
         assert asgi_get(app, "/sink-health")[0] == 200
 
-        def die(deadline=None):
+        def die(deadline=None, full_only=False):
             raise SystemExit          # not an Exception: the sender's catch-all lets it end the thread
         monkeypatch.setattr(app.sink, "_drain", die)
         app.sink.wake.set()

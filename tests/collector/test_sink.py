@@ -82,13 +82,15 @@ def test_a_failing_bad_stream_does_not_hold_up_raw_records_nor_lose_bad_rows(tmp
 
 
 class SlowStream(MemoryStream):
-    """Takes ``seconds`` per PutRecords, like a stream far away."""
+    """Takes ``seconds`` per PutRecords, like a stream far away; keeps each call's size."""
 
     def __init__(self, name, seconds):
         super().__init__(name)
         self.seconds = seconds
+        self.calls: list[int] = []
 
     def put_records(self, entries):
+        self.calls.append(len(entries))
         time.sleep(self.seconds)
         return super().put_records(entries)
 
@@ -348,3 +350,24 @@ def test_a_throttled_stream_that_takes_part_of_each_call_is_retried_at_the_short
     finally:
         sink.stop(timeout=0)
     assert delivered >= 70, f"{delivered} of 300 delivered in 2.5 s"
+
+
+def test_under_sustained_load_batches_leave_full_not_as_each_send_ends(tmp_path):
+    """Woken because a batch is full, the sender sent the rest as well: under load, each following
+    batch was what arrived during the previous send (about a tenth of one here), and every batch
+    costs a cursor write. Only the linger timer sends a partial batch."""
+    raw = SlowStream("raw", 0.005)                      # hits keep arriving during each send
+    sink = Sink(Spool(tmp_path, max_bytes=1 << 24), Producer(raw, max_attempts=1), Producer(MemoryStream("bad")),
+                batch_records=50, linger_ms=2000)
+    sink.start()
+    try:
+        for index in range(1000):                       # ~2,000 hits/s for half a second
+            sink.spool.append(encode(RAW, f"k{index}", str(index).encode()), 1)
+            sink.notify()
+            if index % 10 == 9:
+                time.sleep(0.005)
+        wait_for(lambda: len(raw.all_records()) == 1000, timeout=10)
+    finally:
+        sink.stop(timeout=5)
+    assert sorted(int(r.data) for r in raw.all_records()) == list(range(1000))
+    assert raw.calls[:-1] == [50] * (len(raw.calls) - 1), raw.calls     # the last one: at the linger timer

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector.spool import BAD, RAW, Spool, SpoolFull, claim_dir, encode, orphans
+from collector.spool import BAD, RAW, Spool, SpoolFull, claim_dir, encode, orphans, read_cursor
 
 
 def fill(spool: Spool, count: int, start: int = 0, stream: int = RAW) -> None:
@@ -45,6 +45,29 @@ def test_reopen_resumes_after_the_committed_cursor(tmp_path):
     again = Spool(tmp_path, max_bytes=1 << 20)
     assert again.records == 6
     assert drain(again) == [f"record-{i}".encode() for i in range(4, 10)]
+
+
+def test_a_torn_cursor_sends_everything_again_rather_than_skip_a_hit(tmp_path):
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    fill(spool, 10)
+    entries, offset = spool.read(4, 1 << 20)
+    spool.commit(offset, len(entries))
+    record = (tmp_path / "cursor").read_bytes()
+    torn = record[:5] + (b"9" if record[5:6] != b"9" else b"8") + record[6:]   # half-written on a power cut
+    (tmp_path / "cursor").write_bytes(torn)
+    assert read_cursor(tmp_path) is None
+    assert drain(Spool(tmp_path, max_bytes=1 << 20)) == [f"record-{i}".encode() for i in range(10)]
+
+
+def test_a_cursor_written_by_an_earlier_version_is_resumed_from(tmp_path):
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    fill(spool, 10)
+    _, offset = spool.read(4, 1 << 20)
+    (tmp_path / "cursor").write_text(str(offset))         # plain digits, renamed into place
+    again = Spool(tmp_path, max_bytes=1 << 20)
+    assert again.records == 6
+    assert drain(again) == [f"record-{i}".encode() for i in range(4, 10)]
+    assert read_cursor(tmp_path) == again.cursor                # and rewritten in the checked form
 
 
 def test_a_torn_tail_is_cut_and_writing_continues(tmp_path):
@@ -183,6 +206,19 @@ def test_a_commit_lists_the_spool_folder_once_however_long_the_backlog(tmp_path,
     listings.clear()
     spool.commit(offset, len(entries))
     assert len(entries) == 600 and len(listings) == 1
+    assert len(list(tmp_path.glob("*.seg"))) == 1
+
+
+def test_a_batch_read_and_committed_within_the_active_segment_lists_nothing(tmp_path, monkeypatch):
+    # The sender's steady state: listing the folder per batch cost the collector throughput.
+    spool = Spool(tmp_path, max_bytes=1 << 24, segment_bytes=1 << 16)
+    fill(spool, 50)
+    listings = []
+    real = Path.glob
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: listings.append(pattern) or real(self, pattern))
+    assert len(drain(spool)) == 50 and not listings
+    fill(spool, 3000)                   # rotates: the delivered segments are found and deleted again
+    assert len(drain(spool, batch=500)) == 3000 and listings
     assert len(list(tmp_path.glob("*.seg"))) == 1
 
 
@@ -327,3 +363,4 @@ def test_whatever_happens_every_acknowledged_entry_is_delivered_in_order(tmp_pat
             spool = Spool(folder, max_bytes=1 << 30, segment_bytes=4096, max_age_s=0)
     delivered += drain(spool)
     assert delivered == appended
+    assert len(list(folder.glob("*.seg"))) == 1             # every delivered segment deleted
