@@ -129,7 +129,7 @@ def run_worker(enricher, records: list[bytes]) -> tuple[float, float, int]:
 
 
 def run(report, quick: bool) -> None:
-    settings = EnrichSettings(pseudonymisation_key="bench-key")
+    settings = EnrichSettings(pseudonymisation_key="bench-pseudonymisation-key")
     n = 2_000 if quick else 20_000
     # (name, records, how many to process first to warm the caches)
     cases = [("(a) GET page view + 1 context", get_page_views(n), 500),

@@ -10,6 +10,8 @@ from common.config import AwsSettings, ConfigError, require_batch_limit, require
 # the browser tracker's client_session carries the domain user id; mobile contexts carry ad and
 # device ids; form tracking carries what people type (names, emails), autofilled values included;
 # the shop's purchase carries the order id (as tr_orderid does, pipeline.PSEUDONYMISED_FIELDS).
+MIN_KEY_CHARS = 16         # HMAC keys: `openssl rand -hex 32` gives 64
+
 DEFAULT_PII_FIELDS = (
     "com.snowplowanalytics.snowplow/client_session:userId",
     "com.snowplowanalytics.snowplow/submit_form:elements[*].value",
@@ -86,6 +88,11 @@ class EnrichSettings(AwsSettings):
         if self.pseudonymisation and not self.pseudonymisation_key:
             raise ConfigError("CLICKSTREAM_PSEUDONYMISATION_KEY: required while pseudonymisation is on "
                               "(set a secret key, or CLICKSTREAM_PSEUDONYMISATION=false to turn it off)")
+        if self.pseudonymisation and len(self.pseudonymisation_key) < MIN_KEY_CHARS:
+            # A short key can be found by trying keys on one known address and its pseudonym, and with
+            # it every pseudonym can be matched against guessed addresses.
+            raise ConfigError(f"CLICKSTREAM_PSEUDONYMISATION_KEY: at least {MIN_KEY_CHARS} characters, got "
+                              f"{len(self.pseudonymisation_key)} (generate one with `openssl rand -hex 32`)")
         if not 0 <= self.ip_anon_octets <= 4:
             raise ConfigError(f"CLICKSTREAM_IP_ANON_OCTETS: expected 0-4, got {self.ip_anon_octets}")
         if not 0 <= self.ip_anon_segments <= 8:

@@ -267,27 +267,29 @@ def test_the_fingerprint_cannot_be_matched_against_guesses_without_the_key():
     assert enricher(dedupe_entries=0).process(raw)[0][0][1]["event_fingerprint"] == event["event_fingerprint"]
 
 
-def test_config_refuses_to_start_without_a_key_unless_pseudonymisation_is_off(tmp_path):
+def test_config_refuses_to_start_without_a_long_enough_key_unless_pseudonymisation_is_off(tmp_path):
     with pytest.raises(ConfigError, match="CLICKSTREAM_PSEUDONYMISATION_KEY"):
         load(EnrichSettings, env={})
     assert load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION": "false"}).pseudonymisation is False
-    loaded = load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "s3cret",
+    with pytest.raises(ConfigError, match="CLICKSTREAM_PSEUDONYMISATION_KEY: at least 16 characters, got 6"):
+        load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "s3cret"})   # found in minutes from one pair
+    loaded = load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": KEY,
                                        "CLICKSTREAM_REGISTRIES": f"embedded, {tmp_path} ,http://iglu.test",
                                        "CLICKSTREAM_IP_ANON_OCTETS": "2"})
     assert loaded.registries == ("embedded", str(tmp_path), "http://iglu.test") and loaded.ip_anon_octets == 2
     for typo in ("embeded", "s3://bucket/iglu", str(tmp_path / "missing")):
         with pytest.raises(ConfigError, match="CLICKSTREAM_REGISTRIES"):
-            load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_REGISTRIES": typo})
+            load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": KEY, "CLICKSTREAM_REGISTRIES": typo})
     with pytest.raises(ConfigError, match="CLICKSTREAM_IP_ANON_OCTETS"):
-        load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_IP_ANON_OCTETS": "5"})
+        load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": KEY, "CLICKSTREAM_IP_ANON_OCTETS": "5"})
     with pytest.raises(ConfigError, match="CLICKSTREAM_PII_FIELDS"):
-        load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_PII_FIELDS": "email"})
+        load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": KEY, "CLICKSTREAM_PII_FIELDS": "email"})
     with pytest.raises(ConfigError, match="CLICKSTREAM_PII_FIELDS"):
-        load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_PII_FIELDS": "com.acme/x:$."})
+        load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": KEY, "CLICKSTREAM_PII_FIELDS": "com.acme/x:$."})
     with pytest.raises(ConfigError, match="CLICKSTREAM_PII_FIELDS"):
-        load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_PII_FIELDS": "com.acme/x:a.$b"})
+        load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": KEY, "CLICKSTREAM_PII_FIELDS": "com.acme/x:a.$b"})
     with pytest.raises(ConfigError, match="CLICKSTREAM_PII_FIELDS"):
-        load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": "k", "CLICKSTREAM_PII_FIELDS": "com.acme/:a"})
+        load(EnrichSettings, env={"CLICKSTREAM_PSEUDONYMISATION_KEY": KEY, "CLICKSTREAM_PII_FIELDS": "com.acme/:a"})
 
 
 GEOLOCATION = "iglu:com.snowplowanalytics.snowplow/geolocation_context/jsonschema/{}"
@@ -326,7 +328,7 @@ def test_gps_fields_also_listed_as_pii_are_rounded_then_pseudonymised():
 
 
 def test_config_checks_the_geolocation_and_collector_clock_settings():
-    env = {"CLICKSTREAM_PSEUDONYMISATION_KEY": "k"}
+    env = {"CLICKSTREAM_PSEUDONYMISATION_KEY": KEY}
     loaded = load(EnrichSettings, env={**env, "CLICKSTREAM_GEOLOCATION_DECIMALS": "2",
                                       "CLICKSTREAM_GEOLOCATION_COARSENING": "false",
                                       "CLICKSTREAM_MAX_COLLECTOR_AHEAD_S": "60"})

@@ -79,7 +79,7 @@ def test_tracker_to_collector_to_enricher_to_scorer_with_a_hot_reload(trained, a
     log = open(tmp_path / "pipeline.log", "ab")  # noqa: SIM115 - shared by the children until the end
     processes = [
         _component("collector", settings, log, port=collector_port, spool_dir=tmp_path / "spool", linger_ms=50),
-        _component("enrich", settings, log, pseudonymisation_key="e2e-key", lease_ms=3000),
+        _component("enrich", settings, log, pseudonymisation_key="e2e-pseudonymisation-key", lease_ms=3000),
     ]
     try:
         wait_for(lambda: _up(f"http://127.0.0.1:{collector_port}/health"), 60, what="collector")

@@ -35,7 +35,7 @@ def test_a_shopper_sees_their_own_session_scored_live(browser, trained, aws_sett
     processes = [
         _component("collector", settings, log, port=collector_port, spool_dir=tmp_path / "spool", linger_ms=50,
                    cookie_secure="false"),
-        _component("enrich", settings, log, pseudonymisation_key="shop-key", lease_ms=3000),
+        _component("enrich", settings, log, pseudonymisation_key="shop-pseudonymisation-key", lease_ms=3000),
         _component("demo.liveview", settings, log, port=view_port, model_name=MODEL, count_streams="false",
                    **no_metrics),
     ]
