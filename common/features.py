@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-FEATURE_VERSION = "1"
+FEATURE_VERSION = "2"
 SHOP_VENDOR = "com.clickshop"
 PAGE_TYPE_SCHEMA = f"iglu:{SHOP_VENDOR}/page_type/"     # any version of the shop's page_type context
 MAX_TRACKED_PRODUCTS = 512

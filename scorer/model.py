@@ -229,6 +229,9 @@ class Models:
         # refused version is not retried every poll and a version pinned by reload is kept.
         self.current_seen: str | None = None
         self.shadow_refused: str | None = None      # the shadow version refused, not downloaded again
+        # CURRENT when neither it nor any earlier CURRENT fits this scorer: nothing is scored, and
+        # /ping fails so that a rolling deploy of scorers for other features stops (docs/training.md).
+        self.unfit: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -249,7 +252,7 @@ class Models:
                 model = Model.from_bundle(bundle)
             except ModelRefused as exc:
                 raise self._refused(bundle.version, exc) from None
-            previous, self.champion = self.champion, model
+            previous, self.champion, self.unfit = self.champion, model, None
             metrics.model_loaded(model, "champion", previous)
             log.info("model %s version %s is now the champion (was %s)", self.name, model.version,
                      previous.version if previous else None, extra={"model_version": model.version})
@@ -328,6 +331,7 @@ class Models:
             log.warning("model %s: CURRENT %s does not fit this scorer; serving %s, an earlier CURRENT, until "
                         "CURRENT moves", self.name, refused, version, extra={"model_version": version})
             return
+        self.unfit = refused
         log.error("model %s: neither CURRENT %s nor any earlier CURRENT fits this scorer; serving nothing",
                   self.name, refused)
 

@@ -5,6 +5,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
@@ -15,6 +16,7 @@ from prometheus_client import REGISTRY
 from common import aws
 from common.features import FEATURE_NAMES, session_features
 from common.registry import Bundle
+from scorer.api import ScorerApp
 from scorer.model import Model, ModelRefused, Models, check_meta
 from tests.faults import FaultProxy
 from tests.scorer.conftest import MODEL
@@ -101,6 +103,22 @@ def test_a_scorer_starting_while_current_does_not_fit_serves_the_current_before_
     publish(s3, published.bucket, MODEL, "v4", logistic_onnx(bias=0.5))
     models.refresh()
     assert models.champion.version == "v4"
+
+
+def test_a_scorer_for_which_no_current_fits_fails_its_health_check(published, s3):
+    # Scorers for new features deployed before their model was promoted served nothing, yet /ping
+    # (the container health check) said 200: the rolling deploy replaced every working scorer.
+    other = "other-features"
+    for version in ("v1", "v2"):
+        publish(s3, published.bucket, other, version, logistic_onnx(), model_meta(other, version, feature_version="0"))
+    models = Models(s3, published.bucket, other)
+    app = ScorerApp(models, worker=SimpleNamespace(running=True))
+    models.refresh()
+    answer = app.ping({}, b"")
+    assert models.champion is None and answer.status == 503 and b"CURRENT v2" in answer.body
+    publish(s3, published.bucket, other, "v3", logistic_onnx())
+    models.refresh()
+    assert models.champion.version == "v3" and app.ping({}, b"").status == 200
 
 
 def test_a_fallback_cut_short_by_the_registry_is_tried_again_at_the_next_poll(published, s3, monkeypatch):

@@ -1,8 +1,11 @@
 """The pieces of training that need no Spark: the fold's table form, metrics, thresholds, encoding."""
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
 import random
+import struct
 import tracemalloc
 
 import numpy as np
@@ -16,7 +19,17 @@ from batch.train_features import examples_of, records, session_examples
 from batch.train_lake import TrainError
 from batch.train_metrics import calibration, choose_threshold, evaluate, lift_top_decile
 from batch.train_table import folds, prepare
-from common.features import FEATURE_NAMES, MAX_TRACKED_PRODUCTS, NIL_USER, SessionState, parse_ms, session_key, step
+from common.features import (
+    FEATURE_NAMES,
+    FEATURE_VERSION,
+    MAX_TRACKED_PRODUCTS,
+    NIL_USER,
+    SessionState,
+    parse_ms,
+    session_features,
+    session_key,
+    step,
+)
 from tests.train import synth
 
 TELL_TALE = 987654.25
@@ -308,3 +321,27 @@ def test_the_lead_in_spans_one_session_gap_in_whole_days_before_the_window(gap_m
     window = Window.last_days(2, "2026-11-21")
     assert lead_in(window, gap_minutes).as_dict() == {"start": first_day, "end": "2026-11-19"}
     assert window_start_ms(window) == parse_ms("2026-11-20T00:00:00Z")
+
+
+# What the fold computes for fixed sessions, under the FEATURE_VERSION that computes it. A model
+# trained on other features is refused only when its feature_version differs: before this pin,
+# the features changed four times under version "1" and scorers served models built on others.
+FINGERPRINTS = {"2": "d2194f55719da8e3"}
+
+
+def test_the_features_of_fixed_sessions_are_pinned_to_the_feature_version():
+    events = synth.make_events(60, dt.datetime(2026, 3, 28, 22), hours=30, seed=11)   # across a DST change
+    loose = [{"event_id": "e1", "domain_userid": "u1"}, {"event_id": "e2", "network_userid": "n2"},
+             {"event_id": "e3", "network_userid": NIL_USER}]
+    sessions: dict[str, list[dict]] = {}
+    for event in events:
+        sessions.setdefault(session_key(event), []).append(event)
+    digest = hashlib.sha256(repr((FEATURE_NAMES, [session_key(e) for e in loose])).encode())
+    for key, session in sorted(sessions.items()):
+        digest.update(key.encode())
+        for row in session_features(session):
+            digest.update(struct.pack(f"<{len(row)}d", *row))
+    assert digest.hexdigest()[:16] == FINGERPRINTS.get(FEATURE_VERSION), (
+        f"the features of the pinned sessions changed ({digest.hexdigest()[:16]}): bump "
+        "common.features.FEATURE_VERSION and pin the new fingerprint under it (unless tests/train/synth.py's "
+        "sessions changed, not the fold)")

@@ -15,6 +15,7 @@ from batch.train import main as train_main
 from batch.train import run_events
 from batch.train_model import TrainResult
 from common import aws, registry
+from common.features import FEATURE_VERSION
 from tests.conftest import settings_env
 from tests.train import synth
 from tests.train.conftest import fast_settings
@@ -39,7 +40,7 @@ def test_train_publish_gate_and_rollback(spark, aws_settings, events, tmp_path):
     assert version and f"published version {version}; CURRENT moved to it" in first.output
     bundle = registry.load(s3, bucket)
     meta = bundle.meta
-    assert meta["version"] == version and meta["feature_version"] == "1"
+    assert meta["version"] == version and meta["feature_version"] == FEATURE_VERSION
     assert [f["name"] for f in meta["features"]][:3] == ["events", "page_views", "page_pings"]
     assert meta["onnx"]["probability_output"] == "probability" and meta["onnx"]["positive_index"] == 1
     assert meta["parity"]["passed"] and meta["parity"]["max_abs_diff"] <= 1e-5 and meta["parity"]["rows"] > 100
