@@ -51,7 +51,10 @@ def load_window(spark, settings: TrainSettings, window: Window, steps: Steps | N
         if settings.lake_path.startswith(("s3a://", "s3://", "hdfs://", "gs://", "abfss://", "file://")):
             dates = ",".join(f"date={d}" for d in before.days() + window.days())
             try:
-                return spark.read.option("basePath", settings.lake_path).parquet(f"{settings.lake_path}/{{{dates}}}")
+                # Merged as read_events does locally: a column a later loader added is not lost to
+                # the schema of an older file.
+                return read_events(spark, settings.lake_path, [f"{settings.lake_path}/{{{dates}}}"],
+                                   skip_corrupt=settings.skip_corrupt_files)
             except AnalysisException as exc:          # Spark's answer when no partition of the window exists
                 raise _empty_window(settings, window) from exc
         root = Path(settings.lake_path) if settings.lake_path else \
