@@ -240,6 +240,13 @@ class StreamLoader:
                 self.consumer.balance()
                 self._leases_at = now
             return 0
+        if self.paused_until:
+            # After a failed write, retry what is buffered before reading more: polling first grew
+            # the buffers by a page per shard every retry, without bound over a long S3 outage.
+            self.flush_due()
+            if self.clock() < self.paused_until:
+                return 0
+            self.paused_until = 0.0
         read = 0
         for batch in self.consumer.poll():
             buffer = self.buffers.setdefault(batch.shard_id, ShardBuffer())

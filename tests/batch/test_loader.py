@@ -251,6 +251,27 @@ def test_s3_failure_keeps_the_range_and_retries_it_without_checkpointing(aws_set
     assert Counter(lake_event_ids(missing)) == Counter(e["event_id"] for e in events)
 
 
+def test_an_s3_outage_does_not_grow_the_buffers_with_every_retry(aws_settings, s3):
+    # It read a page per shard before each retry: the whole stream backlog ended up in memory.
+    put_events(aws_settings.enriched_stream, [make_event(i, session=f"s{i % 7}") for i in range(50)])
+    missing = f"{aws_settings.bucket}-away"
+    loader = build(loader_settings(aws_settings, bucket=missing, lake_flush_records=20, lake_retry_s=0.1,
+                                   lake_lease_ms=3000))
+    enriched = loader.loaders[0]
+
+    def buffered() -> int:
+        return sum(len(buffer.records) for buffer in enriched.buffers.values())
+    wait_for(lambda: enriched.step() >= 0 and enriched.stats["write_errors"] >= 1, timeout=30, interval=0.05)
+    before = buffered()
+    put_events(aws_settings.enriched_stream, [make_event(i, session=f"s{i % 7}") for i in range(50, 250)])
+    wait_for(lambda: enriched.step() >= 0 and enriched.stats["write_errors"] >= 6, timeout=30, interval=0.05)
+    assert 0 < before <= 50 and buffered() == before
+    s3.create_bucket(Bucket=missing)  # S3 is back: everything lands, once
+    wait_for(lambda: enriched.step() >= 0 and enriched.stats["events"] == 250, timeout=30, interval=0.05)
+    enriched.close()
+    assert len(lake_event_ids(missing)) == 250
+
+
 def test_a_new_owner_starts_from_the_lease_row_as_it_is_after_the_take(aws_settings):
     # The row a worker read before taking the lease may be stale: the previous owner can checkpoint
     # and record an intent in between. The loader must start from the row as it is once it owns it.
