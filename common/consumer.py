@@ -111,6 +111,7 @@ class Consumer:
         self._shards_at = 0.0
         self._balanced_at = 0.0
         self._balance_failures = 0
+        self._balance_failing_since: float | None = None
         self._renewed_at = 0.0
         self._watch = RenewalWatch(lease_ms)
 
@@ -297,11 +298,13 @@ class Consumer:
         if time.monotonic() - self._balanced_at > self.renew_interval_s:
             try:
                 self.balance()
-                self._balance_failures = 0
+                self._balance_failures, self._balance_failing_since = 0, None
             except (BotoCoreError, ClientError) as exc:
                 # The stream or the lease table is throttled, away or not created yet: keep reading what
                 # we hold, try again in a second, and say so on the first failure and once a minute after.
                 self._balance_failures += 1
+                if self._balance_failing_since is None:
+                    self._balance_failing_since = time.monotonic()
                 if self._balance_failures % 60 == 1:
                     log.warning("listing the shards of stream %s or the leases in table %s failed (%d times in a "
                                 "row), retrying every second: %s", self.stream.name,
@@ -381,13 +384,18 @@ class Consumer:
     @property
     def max_lag_ms(self) -> int:
         """The slowest owned shard's MillisBehindLatest; for a shard whose reads fail, its last value
-        plus the time they have failed (so a lag alert fires during a stream outage).
+        plus the time they have failed (so a lag alert fires during a stream outage). While balancing
+        fails (the stream cannot be listed, the lease table is away), at least the time it has failed:
+        a worker that holds no shard because it cannot take one is not caught up.
 
         Safe to call from a metrics scrape on another thread."""
         now = time.monotonic()
         lags = [self.lag_ms.get(shard_id, 0) + (0 if owned.failing_since is None
                                                 else int((now - owned.failing_since) * 1000))
                 for shard_id, owned in list(self.owned.items())]
+        failing_since = self._balance_failing_since
+        if failing_since is not None:
+            lags.append(int((now - failing_since) * 1000))
         return max(lags, default=0)
 
     @property

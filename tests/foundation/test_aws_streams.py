@@ -281,3 +281,5 @@ def test_a_stream_that_does_not_exist_is_waited_for_with_one_warning_a_minute_no
     [warning] = [r.getMessage() for r in caplog.records]
     assert warning.startswith("listing the shards of stream clickstream-typo or the leases in table")
     assert "ResourceNotFoundException" in warning and consumer._balance_failures >= 5
+    # Owning no shard, it read as caught up (lag 0) while nothing was read: lag alerts stayed quiet.
+    assert not consumer.owned and consumer.max_lag_ms >= 1_000
