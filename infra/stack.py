@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,9 @@ class Process:
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()    # defaults for this process only; the environment wins
     stop_signal: signal.Signals = signal.SIGTERM
+    # What `status` asks, when it says more than the start-up check: the collector's /health answers
+    # while its stream is unreachable, /sink-health does not.
+    status_url: str | None = None
 
     @property
     def pid_file(self) -> Path:
@@ -45,7 +50,8 @@ EMULATOR = Process("emulator", "localstack.emulator", LOCAL_ENDPOINT + "/moto-ap
                    stop_signal=signal.SIGINT)
 # Prometheus ports, as in deploy/: collector 8080/metrics, scorer 8081/metrics, enrich 9101, loader 9102, discount 9104.
 COMPONENTS = [
-    Process("collector", "collector.__main__", "http://127.0.0.1:8080/health"),
+    Process("collector", "collector.__main__", "http://127.0.0.1:8080/health",
+            status_url="http://127.0.0.1:8080/sink-health"),
     Process("enrich", "enrich.__main__", "http://127.0.0.1:9101/metrics",
             env=(("CLICKSTREAM_ENRICH_METRICS_PORT", "9101"),)),
     Process("lake-loader", "batch.loader", "http://127.0.0.1:9102/metrics",
@@ -164,11 +170,23 @@ def down() -> None:
 
 def status() -> None:
     for process in [EMULATOR, *COMPONENTS]:
-        pid = running_pid(process)
-        state = f"running (pid {pid})" if pid else "stopped"
-        if pid and process.health_url:
-            state += ", healthy" if healthy(process.health_url) else ", NOT answering"
-        print(f"{process.name:12} {state}")
+        print(f"{process.name:12} {describe(process)}")
+
+
+def describe(process: Process) -> str:
+    """Running or not, and what its health check answers: a 503 says why (a scorer whose worker
+    ended, a collector whose stream is unreachable), which "not answering" would hide."""
+    pid = running_pid(process)
+    url = process.status_url or process.health_url
+    if not pid or not url:
+        return f"running (pid {pid})" if pid else "stopped"
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return f"running (pid {pid}), healthy"
+    except urllib.error.HTTPError as exc:
+        return f"running (pid {pid}), UNHEALTHY: {exc.code} {exc.read(200).decode(errors='replace').strip()}"
+    except OSError:
+        return f"running (pid {pid}), NOT answering"
 
 
 def main(argv: list[str] | None = None) -> int:

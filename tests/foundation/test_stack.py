@@ -27,3 +27,34 @@ def test_a_pid_reused_by_another_process_is_not_taken_for_ours(process):
     finally:
         other.kill()
         other.wait()
+
+
+def test_status_says_why_a_component_is_unhealthy_not_just_that_it_does_not_answer(process):
+    # A scorer answering 503 read "NOT answering", and the collector was "healthy" with its stream away.
+    import http.server
+    import threading
+
+    class SinkHealth(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(503)
+            self.end_headers()
+            self.wfile.write(b"stream unreachable")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), SinkHealth)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        process.pid_file.parent.mkdir(parents=True)
+        process.pid_file.write_text(f"{other.pid} {stack.started_at(other.pid)}")
+        url = f"http://127.0.0.1:{server.server_port}"
+        watched = stack.Process("sleeper", "sleeper", f"{url}/health", status_url=f"{url}/sink-health")
+        assert stack.describe(watched) == f"running (pid {other.pid}), UNHEALTHY: 503 stream unreachable"
+        server.shutdown()
+        server.server_close()
+        assert stack.describe(watched).endswith("NOT answering")
+    finally:
+        other.kill()
+        other.wait()
