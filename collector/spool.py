@@ -2,9 +2,10 @@
 
 Layout: ``<dir>/<base offset, 20 digits>.seg`` files of frames, and a ``cursor`` file holding the
 logical offset up to which everything has been delivered (20 digits and their crc32, rewritten in
-place: a torn write reads as no cursor, which sends everything again rather than skipping a hit). A frame is ``<u32 length><u32 crc32>``
-then the payload ``<u8 stream><u16 key length><key><data>``. Offsets are logical (segment base +
-position), so deleting delivered segments never renumbers anything.
+place: a torn write reads as no cursor, which sends everything again rather than skipping a hit).
+A frame is ``<u32 length><u32 crc32>`` then the payload ``<u8 stream><u16 key length><key><data>``.
+Offsets are logical (segment base + position), so deleting delivered segments never renumbers
+anything.
 
 The segment being written is preallocated (``posix_fallocate``, so a full disk is an error at
 rotation, not a SIGBUS mid-write) and memory-mapped: an append is a copy into the page cache, which
