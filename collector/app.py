@@ -125,8 +125,10 @@ class Collector:
         self.sink = None
         self.spool = None
         self._expires: tuple[int, dict] = (0, {})
-        # A failing spool disk fails every hit: one ERROR line per 10 s, with how many hits it stands for.
+        # A failing spool disk, or a full spool, fails every hit: one ERROR line per 10 s each, with
+        # how many hits it stands for.
         self.write_errors = logs.Tally(every_s=10.0)
+        self.full_refusals = logs.Tally(every_s=10.0)
 
     # ------------------------------------------------------------------ ASGI entry
 
@@ -249,6 +251,11 @@ class Collector:
                               self.spool.dir, refused, exc)
             else:
                 metrics.REJECTED.inc()
+                refused = self.full_refusals.add()
+                if refused:
+                    log.error("spool %s full: %d undelivered bytes, spool_max_bytes %d; %d hits refused (503) "
+                              "since the last such line", self.spool.dir, self.spool.depth_bytes,
+                              self.spool.max_bytes, refused)
             retry = [(b"retry-after", str(settings.retry_after_s).encode())]
             return await respond(send, 503, TEXT + retry + cors, b"spool full, retry later")
         return await self.answer(scope, send, cors + set_cookie, location)

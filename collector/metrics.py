@@ -9,18 +9,27 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 _MULTI = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 _GAUGE = {"multiprocess_mode": "livesum"} if _MULTI else {}
+_MIN = {"multiprocess_mode": "livemin"} if _MULTI else {}       # the worst worker shows, not a sum
 
 REQUESTS = Counter("collector_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"])
 PRODUCED_TOTAL = Counter("collector_records_produced_total", "Records accepted by the stream", ["stream"])
 PRODUCED = {0: PRODUCED_TOTAL.labels("raw"), 1: PRODUCED_TOTAL.labels("bad")}
+REFUSED_TOTAL = Counter("collector_records_refused_total",
+                        "Records the stream refused in a call that took others (throttling); spooled again",
+                        ["stream"])
+REFUSED = {0: REFUSED_TOTAL.labels("raw"), 1: REFUSED_TOTAL.labels("bad")}
 SPOOLED = Counter("collector_records_spooled_total", "Records written to the spool")
 REJECTED = Counter("collector_spool_full_total", "Hits answered 503: the backlog reached spool_max_bytes")
 WRITE_ERRORS = Counter("collector_spool_write_errors_total",
                        "Hits answered 503: writing them to the spool failed (a full or failing disk)")
 SPOOL_RECORDS = Gauge("collector_spool_depth_records", "Undelivered records in the spool", **_GAUGE)
 SPOOL_BYTES = Gauge("collector_spool_depth_bytes", "Undelivered bytes in the spool", **_GAUGE)
-SINK_UP = Gauge("collector_sink_up", "1 while the stream can be reached and the sender runs (min over workers)",
-                **({"multiprocess_mode": "livemin"} if _MULTI else {}))
+# Not "depth == 0": every hit is spooled first, so a busy healthy collector always has a backlog.
+# Set by the sender only, so a stuck or dead sender lets it age; the stalest worker shows.
+DRAINED = Gauge("collector_spool_drained_timestamp_seconds",
+                "Last time less than one batch of this worker's own hits waited in its spool (min over workers)",
+                **_MIN)
+SINK_UP = Gauge("collector_sink_up", "1 while the stream can be reached and the sender runs (min over workers)", **_MIN)
 SINK_LATENCY = Histogram("collector_sink_latency_seconds", "Time to deliver one batch to the stream(s)",
                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 

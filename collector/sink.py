@@ -61,6 +61,9 @@ class Sink:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="collector-sink", daemon=True)
         self._rotate_errors = logs.Tally(every_s=60.0)
+        # Throttling refuses entries in every call while it lasts: one WARNING per stream and 30 s,
+        # with how many records it stands for.
+        self._refusals = {stream: logs.Tally(every_s=30.0) for stream in (RAW, BAD)}
         # fsync=interval on its own thread: the sender can block in a send for many seconds while
         # the stream is down, which is exactly when the spool grows.
         self._syncer = threading.Thread(target=self._sync_loop, name="collector-fsync", daemon=True) \
@@ -69,6 +72,7 @@ class Sink:
     def start(self) -> None:
         self._adopt()
         metrics.SINK_UP.set(int(self.healthy))
+        metrics.DRAINED.set(time.time())         # a backlog left by a previous run counts as behind from now
         if self.probe is not None:
             self._check()
         self._thread.start()
@@ -139,6 +143,7 @@ class Sink:
                     break
                 entries, offset = spool.read(self.batch_records, self.batch_bytes)
                 if not entries:
+                    self._note_drained(spool)
                     break
                 delivered = self._send(entries, offset, spool)
                 # Per batch: under sustained load this loop does not return for a long time.
@@ -153,6 +158,14 @@ class Sink:
 
     def _batch_full(self, spool: Spool) -> bool:
         return spool.records >= self.batch_records or spool.depth_bytes >= self.batch_bytes
+
+    def _note_drained(self, spool: Spool) -> None:
+        """Our own hits are caught up when less than a batch waits, not only when none does: every
+        hit is spooled first, and woken by a full batch the sender leaves the rest for the linger
+        timer. Only after a commit or on finding the spool empty, so a small backlog that cannot be
+        sent (stream down) does not count. Adopted spools are extra work, not our delivery's delay."""
+        if spool is self.spool and not self._batch_full(spool):
+            metrics.DRAINED.set(time.time())
 
     def _adopt(self) -> None:
         self._adopted_at = time.monotonic()
@@ -224,13 +237,14 @@ class Sink:
         self._set_health(True)
         self._keep(refused, permanent)
         spool.commit(offset, len(entries))
+        self._note_drained(spool)
         # Refused entries (throttling, or one stream missing) were re-appended: back off before
         # reading them again instead of spinning on them.
         return len(permanent) == len(refused)
 
     def _keep(self, refused: list[tuple[int, Undelivered]], permanent: list[tuple[int, Undelivered]]) -> None:
         """Re-append what the stream refused; what can never fit becomes a size_violation bad row."""
-        frames, count = [], 0
+        frames, count, throttled = [], 0, {}
         for stream, item in refused:
             if (stream, item) in permanent:
                 log.error("record of %d bytes can never fit a Kinesis record; sending a bad row", len(item.data))
@@ -239,9 +253,18 @@ class Sink:
                 frames.append(encode(BAD, str(uuid.uuid4()), orjson.dumps(data)))
             else:
                 frames.append(encode(stream, item.partition_key, item.data))
+                throttled.setdefault(stream, []).append(item)
             count += 1
         if frames:
             self.spool.append(b"".join(frames), count, force=True)
+        for stream, items in throttled.items():
+            self._report_refused(stream, items)
+
+    def _report_refused(self, stream: int, items: list[Undelivered]) -> None:
+        metrics.REFUSED[stream].inc(len(items))
+        if refused := self._refusals[stream].add(len(items)):
+            log.warning("stream %s refused %d records since the last such line (spooled again to be resent): %s",
+                        self.producers[stream].stream.name, refused, items[0].reason)
 
     # ------------------------------------------------------------------ shutdown
 

@@ -34,9 +34,9 @@ class Tally:
         self.count = 0                      # occurrences not yet in a log line
         self._next_at = float("-inf")
 
-    def add(self) -> int:
-        """Count one; how many to report now (this one included), or 0 while the last line is recent."""
-        self.count += 1
+    def add(self, occurrences: int = 1) -> int:
+        """Count ``occurrences``; how many to report now (these included), or 0 while the last line is recent."""
+        self.count += occurrences
         now = self.clock()
         if now < self._next_at:
             return 0

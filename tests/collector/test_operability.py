@@ -6,12 +6,15 @@ import asyncio
 import errno
 import logging
 import os
+import subprocess
+import sys
 import time
 
 import pytest
 
 from common.streams import MemoryStream
 from tests.collector.test_sink import app_with, asgi_messages, pixel_hit
+from tests.faults import ThrottledFor
 
 
 def asgi_get(app, path: str) -> tuple[int, dict, bytes]:
@@ -70,6 +73,46 @@ def test_a_failing_spool_disk_is_its_own_counter_and_one_error_line_per_interval
         monkeypatch.undo()
         app.stop()
         os.close(app._lock_fd)
+
+
+def test_a_full_spool_logs_one_error_line_per_interval_with_its_size(tmp_path, caplog):
+    app = app_with(tmp_path, ThrottledFor("raw", 3600), spool_max_bytes=4096)     # the backlog only grows
+    app.start()
+    try:
+        full_before = metric(app, "collector_spool_full_total")
+        with caplog.at_level(logging.ERROR, logger="collector"):
+            statuses = hits(app, 50)
+            lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        refused = statuses.count(503)
+        assert 0 < refused < 50 and metric(app, "collector_spool_full_total") - full_before == refused
+        [line] = lines                                                  # not one per hit
+        assert str(app.spool.dir) in line and f"{app.spool.depth_bytes} undelivered bytes" in line
+        assert "spool_max_bytes 4096" in line and " 1 hits" in line
+
+        caplog.clear()
+        app.full_refusals._next_at -= app.full_refusals.every_s        # the interval passes: one line for the rest
+        with caplog.at_level(logging.ERROR, logger="collector"):
+            assert hits(app, 1, start=50) == [503]
+            [line] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert f" {refused} hits" in line                               # those after the first line, and this one
+    finally:
+        app.stop()
+        os.close(app._lock_fd)
+
+
+def test_with_several_workers_the_drained_timestamp_is_the_stalest_workers(tmp_path):
+    """granian workers are processes: prometheus-client's multiprocess mode merges their values. The
+    sum or any one worker's would hide a worker whose delivery is behind."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+
+    def worker(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", f"from collector import metrics; {code}"], env=env,
+                              check=True, capture_output=True, text=True).stdout
+
+    worker("metrics.DRAINED.set(2000)")
+    worker("metrics.DRAINED.set(1000)")
+    text = worker("metrics.DRAINED.set(3000); print(metrics.render()[0].decode())")   # the one scraped
+    assert "collector_spool_drained_timestamp_seconds 1000.0" in text.splitlines()
 
 
 # The thread ends with an exception on purpose; pytest would report it as unhandled.

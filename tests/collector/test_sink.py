@@ -10,7 +10,9 @@ from urllib.parse import parse_qs
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 
+from collector import metrics
 from collector.app import Collector
 from collector.config import CollectorSettings
 from collector.sink import Sink
@@ -40,6 +42,74 @@ def test_throttled_entries_are_kept_and_delivered_once(tmp_path):
     assert sorted(delivered) == list(range(10))         # each exactly once: no duplicate of the accepted ones
     assert delivered[:7] == list(range(3, 10))          # the refused ones come after, re-appended
     assert sink.spool.records == 0 and sink.spool.depth_bytes == 0
+
+
+def test_throttled_entries_are_counted_and_logged_once_per_interval_with_their_reason(tmp_path, caplog):
+    raw, bad = MemoryStream("clickstream-raw"), MemoryStream("bad")
+    sink = sink_for(tmp_path, raw, bad)
+
+    def refused():
+        return REGISTRY.get_sample_value("collector_records_refused_total", {"stream": "raw"}) or 0
+
+    before = refused()
+    for index in range(10):
+        sink.spool.append(encode(RAW, f"k{index}", str(index).encode()), 1)
+    with caplog.at_level(logging.WARNING, logger="collector.sink"):
+        raw.fail_next = 3
+        assert not sink._drain()
+        raw.fail_next = 2                               # throttled again: counted, but no second line yet
+        assert not sink._drain()
+        [line] = [r.getMessage() for r in caplog.records if r.name == "collector.sink"]
+    assert "clickstream-raw" in line and "refused 3 records" in line and "ProvisionedThroughputExceededException" in line
+    assert refused() - before == 5 and sink.healthy    # partial refusals: the stream is up (sink-health 200)
+
+    caplog.clear()
+    sink._refusals[RAW]._next_at -= sink._refusals[RAW].every_s     # the interval passes
+    with caplog.at_level(logging.WARNING, logger="collector.sink"):
+        raw.fail_next = 1
+        assert not sink._drain()
+        [line] = [r.getMessage() for r in caplog.records if r.name == "collector.sink"]
+    assert "refused 3 records" in line                  # 2 after the first line, and this one
+    assert sink._drain() and refused() - before == 6
+    assert sorted(int(r.data) for r in raw.all_records()) == list(range(10))
+
+
+def test_the_drained_timestamp_means_less_than_a_batch_waits_and_ages_while_delivery_is_behind(tmp_path, monkeypatch):
+    """Every hit is spooled before it is answered, so a busy healthy collector always has a backlog:
+    "caught up" is less than one batch waiting. A stream that takes nothing lets the timestamp age,
+    also while less than a batch waits (a quiet shop during an outage)."""
+    registry = CollectorRegistry()
+    monkeypatch.setattr(metrics, "DRAINED", Gauge("collector_spool_drained_timestamp_seconds", "", registry=registry))
+
+    def drained():
+        return registry.get_sample_value("collector_spool_drained_timestamp_seconds")
+
+    raw, bad = MemoryStream("raw"), MemoryStream("bad")
+    sink = Sink(Spool(tmp_path, max_bytes=1 << 24), Producer(raw, max_attempts=1), Producer(bad, max_attempts=1),
+                batch_records=10)
+    now = time.time()
+
+    def spool_hits(count):
+        for index in range(count):
+            sink.spool.append(encode(RAW, f"k{index}", str(index).encode()), 1)
+
+    spool_hits(25)
+    assert sink._drain(full_only=True)                  # woken by a full batch: two sent, 5 wait for the timer
+    assert sink.spool.records == 5 and drained() >= now
+
+    metrics.DRAINED.set(0)
+    raw.fail_next = 10**9                               # the stream takes nothing
+    assert not sink._drain()                            # less than a batch waits, but it cannot be sent
+    spool_hits(20)
+    assert not sink._drain()
+    assert drained() == 0
+
+    raw.fail_next = 0                                   # back: two full batches, 5 left for the timer
+    assert sink._drain(full_only=True) and sink.spool.records == 5 and drained() >= now
+    metrics.DRAINED.set(0)
+    assert sink._drain() and sink.spool.records == 0 and drained() >= now
+    metrics.DRAINED.set(0)
+    assert sink._drain() and drained() >= now           # woken with nothing to send: caught up too
 
 
 def test_unreachable_stream_keeps_the_cursor(tmp_path):
@@ -227,14 +297,14 @@ class RefusedFor(ThrottledFor):
         return MemoryStream.put_records(self, entries)
 
 
-def app_with(tmp_path, raw: MemoryStream, **sink_options) -> Collector:
+def app_with(tmp_path, raw: MemoryStream, spool_max_bytes: int = 1 << 26, **sink_options) -> Collector:
     """The real ASGI app with the real Sink, on in-memory streams (one producer attempt per send)."""
     settings = CollectorSettings(spool_dir=tmp_path / "spool", linger_ms=50, batch_records=10,
-                                 shutdown_timeout_s=0.5)
+                                 shutdown_timeout_s=0.5, spool_max_bytes=spool_max_bytes)
 
     def factory(settings):
         folder, fd = claim_dir(settings.spool_dir)
-        spool = Spool(folder, max_bytes=1 << 26)
+        spool = Spool(folder, max_bytes=settings.spool_max_bytes)
         return Sink(spool, Producer(raw, max_attempts=1), Producer(MemoryStream("bad"), max_attempts=1),
                     linger_ms=settings.linger_ms, batch_records=settings.batch_records, **sink_options), fd
 
