@@ -58,8 +58,9 @@ def error(status: int, message: str) -> Response:
 
 class ScorerApp:
     def __init__(self, models: Models, *, dynamodb=None, table: str | None = None, reload_token: str = "",
-                 worker=None):
+                 worker=None, api: bool = True):
         self.models = models
+        self.api = api
         self.dynamodb = dynamodb
         self.table = table
         self.reload_token = reload_token
@@ -77,6 +78,10 @@ class ScorerApp:
             ("GET", "/metrics"): self.metrics,
             ("GET", "/openapi.json"): self.openapi_json,
         }
+        if not api:
+            # A worker-only process (--no-api) still needs its health check and metrics: nothing else
+            # (no scoring, no table reads) competes with its batches.
+            self.routes = {key: self.routes[key] for key in (("GET", "/ping"), ("GET", "/metrics"))}
 
     # ------------------------------------------------------------------ ASGI plumbing
 
@@ -142,6 +147,8 @@ class ScorerApp:
                 return
 
     def _dynamic(self, method: str, path: str, scope, body: bytes):
+        if not self.api:
+            return error(404, f"no route {method} {path}: this scorer runs without its API (--no-api)")
         parts = path.strip("/").split("/")
         if len(parts) >= 3 and parts[:2] == ["v2", "models"]:
             name, rest = parts[2], parts[3:]

@@ -20,6 +20,8 @@ EVICTIONS = Counter("scorer_session_evictions_total", "Sessions dropped from mem
 LAG_MS = Gauge("scorer_lag_ms", "MillisBehindLatest of the slowest owned shard")
 CHECKPOINT_AGE = Gauge("scorer_checkpoint_age_seconds",
                        "How long the oldest events read have waited for a checkpoint (grows during a quiet replay)")
+WORKER_RESTARTS = Counter("scorer_worker_restarts_total",
+                          "Worker restarts after an unexpected batch error (in-memory state dropped, shards re-read)")
 SHARDS_OWNED = Gauge("scorer_shards_owned", "Shards this worker holds leases for")
 MODEL_INFO = Gauge("scorer_model_info", "Loaded models (value 1)", ["name", "version", "role"])
 MODEL_REFUSED = Counter("scorer_model_refused_total", "Model versions refused (feature mismatch, bad file)")

@@ -4,7 +4,7 @@ process' event loop) and the streaming worker in a background thread. Both read 
 
 The worker's Python work and the API share the GIL; onnxruntime and socket I/O release it. For
 API-heavy deployments run two processes instead: one with ``CLICKSTREAM_RUN_WORKER=false`` and
-one with ``CLICKSTREAM_RUN_API=false``.
+one with ``CLICKSTREAM_RUN_API=false``; the latter still serves ``/ping`` and ``/metrics``.
 """
 from __future__ import annotations
 
@@ -78,13 +78,11 @@ def serve(settings: ScorerSettings) -> None:
     worker = build_worker(settings, models) if settings.run_worker else None
     thread = start_worker(worker, stop) if worker else None
     app = ScorerApp(models, dynamodb=aws.client("dynamodb", settings.region), table=settings.predictions_table,
-                    reload_token=settings.reload_token, worker=worker)
+                    reload_token=settings.reload_token, worker=worker, api=settings.run_api)
     try:
-        if settings.run_api:
-            log.info("scorer API on http://%s:%d", settings.host, settings.port)
-            _serve_api(app, settings, stop)
-        else:
-            stop.wait()
+        log.info("scorer %s on http://%s:%d", "API" if settings.run_api else "/ping and /metrics", settings.host,
+                 settings.port)
+        _serve_api(app, settings, stop)
     finally:
         stop.set()
         models.stop()

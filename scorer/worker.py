@@ -23,7 +23,9 @@ from datetime import UTC, datetime
 
 import numpy as np
 import orjson
+from botocore.exceptions import BotoCoreError, ClientError
 
+from common import logs
 from common.consumer import Batch, Consumer, ReadFailed
 from common.features import FEATURE_VERSION, features, session_key, step
 from common.leases import Lease, LeaseLost
@@ -99,6 +101,8 @@ class Worker:
         self.writer = writer
         self.shadow_tally = ShadowTally(("", ""))
         self.shadow_logged_at = 0.0
+        # Retried at every flush while the lease table is away: one WARNING per 30 s, not five a second.
+        self.checkpoint_failures = logs.Tally(every_s=30.0)
         self.store = SessionStore(settings.session_timeout_s * 1000, settings.max_sessions, settings.dedupe_window,
                                   settings.replay_max_s * 1000)
         self.make_consumer = make_consumer
@@ -411,6 +415,7 @@ class Worker:
         self.pending.clear()
         self.pending_count = 0
         self.store.sweep()
+        unchecked: dict[str, Batch] = {}
         for shard, batch in list(self.pending_batches.items()):
             if shard in self.replay_until:
                 # Still replaying quietly: the checkpoint already says how far predictions went out;
@@ -425,10 +430,19 @@ class Worker:
             except LeaseLost:
                 log.warning("shard %s was taken before its checkpoint; the new owner re-reads it", shard)
                 continue
+            except (BotoCoreError, ClientError) as exc:
+                # A throttled or unreachable lease table. The predictions are written (and idempotent):
+                # keep the batch for the next flush, unless a newer batch of the shard replaces it. A
+                # restart would drop every session and, unable to balance, own no shards, score nothing.
+                if failures := self.checkpoint_failures.add():
+                    log.warning("checkpoints failed %d times since the last such line (shard %s), retrying at "
+                                "each flush: %s", failures, shard, exc, extra={"shard_id": shard})
+                unchecked[shard] = batch
+                continue
             if value == SHARD_END:
                 self.store.finish_shard(shard)
                 self.positions.pop(shard, None)     # never read again: a reshard a day would leave one each
-        self.pending_batches.clear()
+        self.pending_batches = unchecked
         self.pending_since = 0.0
         return True
 
@@ -470,10 +484,12 @@ class Worker:
     def restart(self) -> None:
         """Forget everything not checkpointed and take the shards again, as a fresh process would.
 
-        After an error mid-batch (a prediction write or checkpoint that failed, a bug) the sessions may
+        After an error mid-batch (a bug, a failed lease-table call outside a checkpoint) the sessions may
         hold events whose predictions were never written; re-reading from the checkpoints (quietly up
-        to "emitted up to") rebuilds them exactly. A failed read comes not here but to ``ReadFailed``.
+        to "emitted up to") rebuilds them exactly. A failed read comes not here but to ``ReadFailed``,
+        a failed checkpoint is retried by the next flush.
         """
+        metrics.WORKER_RESTARTS.inc()
         try:
             self.consumer.close()
         except Exception:

@@ -11,6 +11,7 @@ import requests
 
 from common import aws, registry
 from common.features import FEATURE_NAMES, session_features
+from common.streams import KinesisStream
 from infra.provision import ProvisionSettings, provision
 from tests.conftest import unique_settings, wait_for
 from tests.scorer.conftest import MODEL, ScorerProcess
@@ -242,3 +243,26 @@ def test_a_sigterm_while_the_scorer_starts_up_stops_it(aws_endpoint, tmp_path):
         assert process.proc.poll() is not None, "the scorer went on running after SIGTERM"
     finally:
         process.stop()
+
+
+def test_a_worker_only_scorer_serves_ping_and_its_metrics_and_nothing_else(published, start_scorer):
+    # `--no-api` only waited: the process recommended for a tight API p99 had no health check, and its
+    # lag, checkpoint age and model were nowhere to be scraped.
+    settings = published
+    events = session_events("worker-only", seed=9, n=5, buyer=False)
+    KinesisStream(aws.client("kinesis"), settings.enriched_stream).put_records(
+        [(e["domain_sessionid"], json.dumps(e).encode()) for e in events])
+    worker = start_scorer(settings, run_api="false").wait_ready()
+    assert requests.get(worker.url + "/ping", timeout=5).json()["worker"] is True
+
+    def scored():
+        text = requests.get(worker.url + "/metrics", timeout=5).text
+        return 'scorer_events_total{mode="live"} 5.0' in text and text
+    text = wait_for(scored, what="the worker's events in its metrics")
+    for name in ("scorer_lag_ms", "scorer_checkpoint_age_seconds", "scorer_shards_owned 2.0",
+                 'scorer_model_info{name="buy-test",role="champion",version="v1"} 1.0',
+                 "scorer_worker_restarts_total 0.0"):
+        assert name in text
+    assert post(worker, "/invocations", {"instances": [ROW]}).status_code == 404      # no API in this process
+    assert requests.get(worker.url + "/sessions/worker-only/features", timeout=5).status_code == 404
+    assert requests.get(worker.url + "/openapi.json", timeout=5).status_code == 404

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 import threading
 import time
@@ -10,10 +11,13 @@ import time
 import numpy as np
 import orjson
 import pytest
+from botocore.config import Config
+from prometheus_client import REGISTRY
 
+from common import aws
 from common.consumer import Consumer
 from common.features import SessionState, features, is_purchase, parse_ms, session_features, step
-from common.leases import MemoryLeaseTable
+from common.leases import DynamoLeaseTable, MemoryLeaseTable
 from common.producer import Producer
 from common.registry import Bundle
 from common.streams import MemoryStream, hash_key
@@ -23,7 +27,7 @@ from scorer.model import Model, Models
 from scorer.sink import PredictionWriter
 from scorer.worker import Worker
 from tests.conftest import wait_for
-from tests.faults import ThrottledFor
+from tests.faults import FaultProxy, ThrottledFor
 from tests.scorer.helpers import T0, WEIGHTS, logistic_onnx, logistic_reference, model_meta, session_events
 from tests.scorer.helpers import event as make_event
 
@@ -800,3 +804,61 @@ def test_a_flush_stops_writing_a_shard_another_worker_took_and_writes_the_others
     written = {p["session_id"] for p in rig.predictions()}
     assert written == {s[0]["domain_sessionid"] for s in sessions} - on_first
     assert first not in rig.worker.consumer.owned and not rig.worker.pending
+
+
+# ---------------------------------------------------------------- a failing lease table
+
+def test_a_checkpoint_the_lease_table_refuses_is_retried_at_the_next_flush_not_a_restart(aws_settings):
+    # It raised into run(), whose restart dropped every session and built a consumer that, unable to
+    # balance, owned no shards: nothing was scored, and lag and checkpoint age read 0.
+    sessions = [session_events(f"c{i}", seed=100 + i, n=9, buyer=False) for i in range(4)]
+    parts = [interleave([s[i:i + 3] for s in sessions]) for i in (0, 3, 6)]
+    direct = DynamoLeaseTable(aws.client("dynamodb"), aws_settings.lease_table, "scorer#enriched")
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        # The lease table through the proxy (down = every call refused), without botocore's retries.
+        client = aws.session().client("dynamodb", endpoint_url=proxy.endpoint, config=Config(retries={"max_attempts": 1}))
+        rig = Rig(leases=DynamoLeaseTable(client, aws_settings.lease_table, "scorer#enriched"), flush_ms=0)
+        worker = rig.worker
+        rig.put(parts[0])
+        rig.drain()
+        assert len(worker.consumer.owned) == 2
+        checkpoints = {lease.shard_id: lease.checkpoint for lease in direct.leases()[0]}
+        restarts = REGISTRY.get_sample_value("scorer_worker_restarts_total")
+        proxy.down = True
+        for part in parts[1:]:
+            rig.put(part)
+            assert worker.poll_once() == len(part)        # read, scored, written; the checkpoints fail
+        assert set(worker.pending_batches) == set(checkpoints) and worker.consumer.checkpoint_age_s > 0
+        assert {lease.shard_id: lease.checkpoint for lease in direct.leases()[0]} == checkpoints
+        assert len(worker.consumer.owned) == 2 and len(worker.store) == len(sessions)
+        proxy.down = False
+        assert worker.poll_once() == 0                    # an empty poll flushes: the checkpoints go through
+        assert not worker.pending_batches and worker.consumer.checkpoint_age_s == 0
+        last = {record.shard_id: record.sequence_number for record in rig.stream.all_records()}
+        assert {lease.shard_id: lease.checkpoint for lease in direct.leases()[0]} == last
+        assert REGISTRY.get_sample_value("scorer_worker_restarts_total") == restarts
+        got = {p["event_id"]: p for p in rig.predictions()}
+        assert len(got) == len(rig.predictions()) == sum(len(s) for s in sessions)      # each event once
+        for events in sessions:
+            for event_id, (p, count) in reference(events).items():
+                assert got[event_id]["p_buy"] == pytest.approx(p, abs=1e-5)
+                assert got[event_id]["events_in_session"] == count
+        worker.restart()                                  # what an unexpected error still leads to
+        assert REGISTRY.get_sample_value("scorer_worker_restarts_total") == restarts + 1
+        worker.consumer.close()
+
+
+def test_a_shard_taken_before_its_checkpoint_is_dropped_and_the_others_are_checkpointed():
+    first = "shardId-000000000000"
+    rig = Rig(flush_ms=3_600_000)
+    sessions = [session_events(f"l{i}", seed=120 + i, n=4, buyer=False) for i in range(8)]
+    rig.put(interleave(sessions))
+    rig.worker.poll_once()                                # buffered, not flushed
+    row = next(lease for lease in rig.leases.leases()[0] if lease.shard_id == first)
+    rig.leases.take(row, "peer", 60_000)
+    assert rig.worker.flush()
+    rows = {lease.shard_id: lease for lease in rig.leases.leases()[0]}
+    assert rows[first].owner == "peer" and rows[first].checkpoint is None
+    assert all(lease.checkpoint for shard, lease in rows.items() if shard != first)
+    assert first not in rig.worker.consumer.owned and not rig.worker.pending_batches
+    assert not any(session.shard_id == first for session in rig.worker.store.sessions.values())
