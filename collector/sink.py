@@ -56,6 +56,7 @@ class Sink:
         self.max_backoff = max_backoff_s
         self.bad_payload_keep_bytes = bad_payload_keep_bytes
         self.healthy = probe is None
+        self._health_known = False          # the first answer is news, not "again"
         self.progressed = False          # whether this sending round delivered anything
         self.wake = threading.Event()
         self._stop = threading.Event()
@@ -210,9 +211,13 @@ class Sink:
         return True
 
     def _set_health(self, healthy: bool) -> None:
-        if healthy != self.healthy:
-            log.info("stream %s", "reachable again" if healthy else "unreachable; hits stay in the spool")
-        self.healthy = healthy
+        if healthy != self.healthy or not self._health_known:
+            name = self.producers[RAW].stream.name
+            if healthy:
+                log.info("stream %s reachable%s", name, " again" if self._health_known else "")
+            else:
+                log.warning("stream %s unreachable; hits stay in the spool", name)
+        self.healthy, self._health_known = healthy, True
         metrics.SINK_UP.set(int(healthy))
 
     def _send(self, entries: list[Entry], offset: int, spool: Spool) -> bool:

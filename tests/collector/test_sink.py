@@ -362,7 +362,7 @@ def test_hits_arriving_during_an_outage_do_not_cut_the_backoff_short(tmp_path, c
         assert statuses == [200] * len(statuses) and len(statuses) > 50
         assert 1 <= failed <= 6, f"{failed} PutRecords attempts in a 2.5 s outage"
         assert not raw.all_records() and app.spool.records == len(statuses)   # all kept, nothing sent
-        assert len(warnings) <= failed                                      # one line per attempt at most, never per hit
+        assert len(warnings) <= failed + 1          # one line per attempt at most (and "unreachable"), never per hit
         raw.until = 0                                                       # the stream is back: all of it, once, in order
         deadline = time.monotonic() + 30
         while app.spool.records and time.monotonic() < deadline:
@@ -441,3 +441,19 @@ def test_under_sustained_load_batches_leave_full_not_as_each_send_ends(tmp_path)
         sink.stop(timeout=5)
     assert sorted(int(r.data) for r in raw.all_records()) == list(range(1000))
     assert raw.calls[:-1] == [50] * (len(raw.calls) - 1), raw.calls     # the last one: at the linger timer
+
+
+def test_the_streams_state_is_logged_as_news_at_start_and_as_a_warning_when_lost(tmp_path, caplog):
+    # Every start said "stream reachable again", and losing the stream was an INFO line.
+    probes = []
+    sink = Sink(Spool(tmp_path, max_bytes=1 << 24), Producer(MemoryStream("raw")), Producer(MemoryStream("bad")),
+                probe=lambda: probes.append(1))
+    with caplog.at_level(logging.INFO, logger="collector.sink"):
+        sink.start()
+        sink.stop(timeout=0)
+        sink._set_health(False)
+        sink._set_health(True)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("stream raw")]
+    assert probes and lines == [("INFO", "stream raw reachable"),
+                                ("WARNING", "stream raw unreachable; hits stay in the spool"),
+                                ("INFO", "stream raw reachable again")]
