@@ -522,7 +522,8 @@ def _dimensions(value: str | None, name: str, errors: list[dict]) -> tuple[int |
     if not value:
         return None, None
     width, _, height = value.partition("x")
-    if width.isascii() and height.isascii() and width.isdigit() and height.isdigit() and int(width) <= INT_LIMIT and int(height) <= INT_LIMIT:
+    # Ten digits at most before int(): above 4,300 it raises, and a 32-bit value has ten.
+    if all(part.isascii() and part.isdigit() and len(part) <= 10 and int(part) <= INT_LIMIT for part in (width, height)):
         return int(width), int(height)
     errors.append(badrows.message(name, value, "WIDTHxHEIGHT in pixels"))
     return None, None

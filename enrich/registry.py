@@ -37,7 +37,9 @@ LATER_DRAFT_KEYWORDS = ("const", "contains", "propertyNames", "if", "then", "els
 # jsonschema/1-0-0 is 95). Keys come from the input: the cap keeps made-up megabyte keys out of the resolver
 # cache, and versions far below int()'s 4300-digit limit (above it int() raises a plain ValueError).
 MAX_KEY_CHARS = 512
-_KEY = re.compile(r"^iglu:([a-zA-Z0-9\-_.]+)/([a-zA-Z0-9\-_]+)/([a-zA-Z0-9\-_]+)/([1-9][0-9]*|0)-(0|[1-9][0-9]*)-(0|[1-9][0-9]*)$")
+# The vendor is a reverse domain: dots between names, never a path step ("..") into a registry's tree.
+_KEY = re.compile(r"iglu:([a-zA-Z0-9\-_]+(?:\.[a-zA-Z0-9\-_]+)*)/([a-zA-Z0-9\-_]+)/([a-zA-Z0-9\-_]+)/"
+                  r"([1-9][0-9]*|0)-(0|[1-9][0-9]*)-(0|[1-9][0-9]*)\Z")
 # Formats Iglu schemas use that fastjsonschema does not know; anything else unknown fails the lint
 # (fastjsonschema itself ignores an unknown format, so "emial" would validate anything).
 # "uri" is replaced: fastjsonschema's refuses schemes with "-", "+" or "." (android-app://...), which

@@ -120,6 +120,7 @@ def test_schema_violation_reports_every_failing_entity():
     ({"se_va": "abc"}, "se_va"), ({"ti_qu": "2.5"}, "ti_qu"), ({"dtm": "yesterday"}, "dtm"),
     ({"dtm": "99999999999999999"}, "dtm"), ({"res": "big"}, "res"), ({"eid": "not-a-uuid"}, "eid"),
     ({"tr_tt": "nan"}, "tr_tt"), ({"vid": "1_000"}, "vid"),
+    ({"res": "9" * 5000 + "x1080"}, "res"), ({"vp": "1200x" + "1" * 4301}, "vp"),   # past int()'s digit limit
 ])
 def test_malformed_values_are_enrichment_failures(params, field):
     row = only_bad(get_record({**EV, "e": "pv", **params}))

@@ -44,7 +44,9 @@ def test_schema_key_parsing():
     assert (key.vendor, key.name, key.format, key.model, key.revision, key.addition) == ("com.acme", "signup", "jsonschema", 1, 0, 12)
     assert str(key) == "iglu:com.acme/signup/jsonschema/1-0-12"
     assert key.path == "schemas/com.acme/signup/jsonschema/1-0-12"
-    for bad in ("com.acme/signup/jsonschema/1-0-0", "iglu:com.acme/signup/jsonschema/1-0", "iglu:a/b/c/01-0-0", 42, None):
+    for bad in ("com.acme/signup/jsonschema/1-0-0", "iglu:com.acme/signup/jsonschema/1-0", "iglu:a/b/c/01-0-0", 42, None,
+                "iglu:../private/notes/1-0-0", "iglu:com..acme/x/jsonschema/1-0-0", "iglu:.acme/x/jsonschema/1-0-0",
+                "iglu:com.acme/signup/jsonschema/1-0-0\n"):     # a path step out of the registry tree; a second key
         with pytest.raises(SchemaKeyError):
             SchemaKey.parse(bad)
 
