@@ -8,6 +8,7 @@ compiling is ~1000x slower than validating.
 """
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import logging
 import re
@@ -169,6 +170,7 @@ class Resolved:
     schema: dict | None
     history: list[dict]
     expires: float
+    transient: bool = False             # a registry could not be asked: the miss may not be one
 
 
 @dataclass
@@ -178,11 +180,21 @@ class Resolver:
     error_ttl: float = 10.0
     clock: Callable[[], float] = time.monotonic
     # Schema keys come from the input: bounded, least recently used out, so a stream of made-up keys
-    # cannot grow memory (a real pipeline uses a few hundred schemas at most).
+    # cannot grow memory (a real pipeline uses a few hundred schemas at most). Misses are kept apart:
+    # made-up keys would otherwise push the real schemas out, to be fetched and compiled again.
     max_entries: int = 4096
+    max_misses: int = 1024
+    # Made-up keys each cost a registry fetch (a round trip, up to the HTTP timeout), on the worker's
+    # thread: fetches may take at most this share of the time (over a 10 s burst), beyond it a key not
+    # in the cache is a RepoFailure (a replayable bad row) without asking, and cached hits go on.
+    fetch_share: float = 0.2
     # A dead registry fails one fetch per schema key per error_ttl, i.e. per event on a busy stream.
     log_interval: float = 30.0
     _cache: OrderedDict[str, Resolved] = field(default_factory=OrderedDict)
+    _misses: OrderedDict[str, Resolved] = field(default_factory=OrderedDict)
+    _fetch_credit: float | None = None                           # seconds of fetching left; None: full
+    _credit_at: float = 0.0
+    _skipped: Tally = field(default_factory=lambda: Tally(30.0))  # lookups the fetch budget refused
     _outages: dict[str, Tally] = field(default_factory=dict)     # failed fetches per registry, for the log
     _warned: set[str] = field(default_factory=set)                # registries warned about, not answering since
 
@@ -193,18 +205,53 @@ class Resolver:
     def lookup(self, key: str | SchemaKey) -> Resolved:
         """The cached resolution of ``key``; raises SchemaKeyError for a malformed key."""
         text = str(key)
-        entry = self._cache.get(text)
-        if entry is not None and entry.expires > self.clock():
-            self._cache.move_to_end(text)
-            return entry
+        now = self.clock()
+        cached = self._cache.get(text) or self._misses.get(text)
+        if cached is not None and cached.expires > now:
+            (self._cache if cached.validate else self._misses).move_to_end(text)
+            return cached
         entry = self._resolve(key if isinstance(key, SchemaKey) else SchemaKey.parse(text))
-        self._cache[text] = entry
-        self._cache.move_to_end(text)
-        if len(self._cache) > self.max_entries:
-            self._cache.popitem(last=False)
+        if entry.validate is None and entry.transient and cached is not None and cached.validate is not None:
+            # The registries cannot be asked now (down, or the fetch budget spent): a schema they
+            # served stays in use rather than turning every event that needs it into a bad row.
+            entry = dataclasses.replace(cached, expires=now + min(self.error_ttl, self.ttl))
+        self._store(text, entry)
         return entry
 
+    def _store(self, text: str, entry: Resolved) -> None:
+        self._cache.pop(text, None)
+        self._misses.pop(text, None)
+        table, limit = (self._cache, self.max_entries) if entry.validate else (self._misses, self.max_misses)
+        table[text] = entry
+        if len(table) > limit:
+            table.popitem(last=False)
+
+    def _may_fetch(self) -> bool:
+        now = self.clock()
+        burst = self.fetch_share * 10.0
+        credit = burst if self._fetch_credit is None else self._fetch_credit
+        self._fetch_credit = min(burst, credit + (now - self._credit_at) * self.fetch_share)
+        self._credit_at = now
+        return self._fetch_credit > 0
+
     def _resolve(self, key: SchemaKey) -> Resolved:
+        if not self._may_fetch():
+            return self._not_asked(key)
+        started = self.clock()
+        try:
+            return self._ask_registries(key)
+        finally:
+            self._fetch_credit -= self.clock() - started
+
+    def _not_asked(self, key: SchemaKey) -> Resolved:
+        message = (f"schema fetches took more than {self.fetch_share:.0%} of the enricher's time lately "
+                   f"(events naming schemas not in the cache): {key} was not looked up")
+        if skipped := self._skipped.add():
+            log.warning("%s; %d lookups skipped since the last such line", message, skipped)
+        history = [{"repository": "resolver", "errors": [{"error": "RepoFailure", "message": message}]}]
+        return Resolved(key, None, None, history, self.clock() + min(self.error_ttl, self.ttl), transient=True)
+
+    def _ask_registries(self, key: SchemaKey) -> Resolved:
         history, transient = [], False
         for registry in self.registries:
             try:
@@ -226,7 +273,7 @@ class Resolver:
                 continue
             return Resolved(key, validate, schema, history, self.clock() + self.ttl)
         ttl = self.error_ttl if transient else self.ttl
-        return Resolved(key, None, None, history, self.clock() + min(ttl, self.ttl))
+        return Resolved(key, None, None, history, self.clock() + min(ttl, self.ttl), transient)
 
     def _failed(self, name: str, exc: RegistryError) -> None:
         metrics.REGISTRY_ERRORS.labels(name).inc()

@@ -152,13 +152,60 @@ def test_a_registry_that_breaks_off_its_answer_is_skipped_like_an_unreachable_on
     assert found.validate is not None and found.history[0]["errors"][0]["error"] == "RepoFailure"
 
 
-def test_the_cache_is_bounded_so_made_up_keys_cannot_grow_memory(tmp_path):
+def test_the_cache_is_bounded_so_made_up_keys_cannot_grow_memory_nor_push_real_schemas_out(tmp_path):
     signup_registries(tmp_path / "folder", tmp_path / "served")
-    resolver = Resolver([FolderRegistry(tmp_path / "folder")], clock=Clock(), max_entries=50)
+    resolver = Resolver([FolderRegistry(tmp_path / "folder")], clock=Clock(), max_entries=50, max_misses=50)
+    assert resolver.lookup(SIGNUP + "1-0-0").validate is not None
     for n in range(200):
         resolver.lookup(f"iglu:com.acme/made_up_{n}/jsonschema/1-0-0")
-    assert len(resolver._cache) == 50
-    assert resolver.lookup(SIGNUP + "1-0-0").validate is not None
+    assert len(resolver._misses) == 50
+    assert list(resolver._cache) == [SIGNUP + "1-0-0"]       # not fetched and compiled again
+
+
+class SlowRegistry(FolderRegistry):
+    """A folder registry whose every fetch takes half a second of the test's clock (a slow HTTP one)."""
+
+    def __init__(self, root, clock):
+        super().__init__(root)
+        self.clock, self.fetches = clock, 0
+
+    def fetch(self, key):
+        self.fetches += 1
+        self.clock.now += 0.5
+        return super().fetch(key)
+
+
+def test_made_up_keys_may_take_a_fifth_of_the_time_in_fetches_and_cached_schemas_go_on(tmp_path, caplog):
+    # Each key not in the cache was fetched on the worker's thread: one record naming 1,500 made-up
+    # schemas stalled the enricher for 36 s against a registry answering in 20 ms.
+    signup_registries(tmp_path / "folder", tmp_path / "served")
+    clock = Clock()
+    registry = SlowRegistry(tmp_path / "folder", clock)
+    resolver = Resolver([registry], clock=clock)
+    assert resolver.lookup(SIGNUP + "1-0-0").validate is not None          # 0.5 s of the 2 s burst
+    with caplog.at_level(logging.WARNING, logger="enrich.registry"):
+        answers = [resolver.lookup(f"iglu:com.acme/made_up_{n}/jsonschema/1-0-0") for n in range(100)]
+    assert registry.fetches == 6             # a 2 s burst, and a fifth of the 3 s it took: then none
+    skipped = answers[-1].history[0]["errors"][0]
+    assert skipped["error"] == "RepoFailure" and "was not looked up" in skipped["message"]
+    [line] = [r.getMessage() for r in caplog.records]                         # one line, not one per key
+    assert line.endswith("1 lookups skipped since the last such line")
+    clock.now += 700                                                         # its TTL is over meanwhile:
+    assert resolver.lookup(SIGNUP + "1-0-0").validate is not None            # refetched, the budget refilled
+    assert registry.fetches == 7
+
+
+def test_a_schema_in_use_stays_in_use_while_the_registries_cannot_be_asked(tmp_path):
+    # Its TTL ran out during a registry outage: every event needing it became a bad row.
+    signup_registries(tmp_path / "folder", tmp_path / "served")
+    clock = Clock()
+    with StaticRegistry(tmp_path / "served") as server:
+        resolver = Resolver([HttpRegistry(server.url, timeout=0.5)], clock=clock)
+        assert resolver.lookup(SIGNUP + "1-0-1").validate is not None
+    clock.now += 601                                                         # past the 600 s TTL, registry down
+    stale = resolver.lookup(SIGNUP + "1-0-1")
+    assert stale.validate is not None and stale.expires == clock.now + 10    # asked again after error_ttl
+    assert resolver.validate(SIGNUP + "1-0-1", {"email_domain": "x", "plan": "pro"}) == []
 
 
 def test_overlong_schema_keys_are_refused_and_never_cached():
