@@ -1,6 +1,8 @@
 """Prometheus metrics of the worker and the API (served at /metrics)."""
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 _FAST = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
@@ -24,6 +26,9 @@ WORKER_RESTARTS = Counter("scorer_worker_restarts_total",
                           "Worker restarts after an unexpected batch error (in-memory state dropped, shards re-read)")
 SHARDS_OWNED = Gauge("scorer_shards_owned", "Shards this worker holds leases for")
 MODEL_INFO = Gauge("scorer_model_info", "Loaded models (value 1)", ["name", "version", "role"])
+# A model served for days means nightly training keeps failing or its gates keep refusing: alert on it.
+MODEL_CREATED = Gauge("scorer_model_created_timestamp_seconds", "When the served model was trained (model.json "
+                      "created_at; 0 when it has none)", ["role"])
 MODEL_REFUSED = Counter("scorer_model_refused_total", "Model versions refused (feature mismatch, bad file)")
 MODEL_CHECK_FAILURES = Counter("scorer_model_check_failures_total",
                                "Checks of the registry's CURRENT that failed (registry unreachable, bundle missing)")
@@ -40,6 +45,15 @@ def model_loaded(model, role: str, previous) -> None:
         except KeyError:
             pass
     MODEL_INFO.labels(model.name, model.version, role).set(1)
+    MODEL_CREATED.labels(role).set(_created_at(model.meta))
+
+
+def _created_at(meta: dict) -> float:
+    """model.json's created_at (UTC, as training writes it) in epoch seconds; 0 when absent or odd."""
+    try:
+        return datetime.strptime(str(meta.get("created_at")), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def exposition() -> tuple[bytes, str]:

@@ -1,6 +1,7 @@
 """Model loading: validation against the fold, both ONNX output shapes, and the CURRENT watcher."""
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import time
@@ -232,3 +233,12 @@ def test_threads_scoring_single_rows_at_once_each_get_their_own_answer():
     with ThreadPoolExecutor(4) as pool:
         for results in pool.map(score_many, range(4)):
             assert all(result == expected for result in results)
+
+
+def test_the_served_models_training_time_is_a_metric_so_a_stale_model_can_be_alerted_on(published, s3):
+    # Nothing showed that nightly training had kept failing its gates: the same model served for days.
+    meta = model_meta(MODEL, "v9", created_at="2026-11-30T02:00:00Z")
+    publish(s3, published.bucket, MODEL, "v9", logistic_onnx(), meta)
+    Models(s3, published.bucket, MODEL).refresh()
+    created = REGISTRY.get_sample_value("scorer_model_created_timestamp_seconds", {"role": "champion"})
+    assert created == dt.datetime(2026, 11, 30, 2, tzinfo=dt.UTC).timestamp()
