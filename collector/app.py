@@ -76,8 +76,11 @@ def _split_headers(scope) -> tuple[dict[str, str], list[str], str]:
         if name == "cookie":
             cookie = f"{cookie}; {value}" if cookie else value
         elif name not in SECRET_HEADERS:
-            headers[name] = value
             kept.append(f"{name}: {value}")
+            if name == "x-forwarded-for" and name in headers:
+                # Several lines are one list (RFC 9110 5.3); a proxy may append its entry as a line of its own.
+                value = f"{headers[name]}, {value}"
+            headers[name] = value
     return headers, kept, cookie
 
 
@@ -268,8 +271,7 @@ class Collector:
             expire = [(b"set-cookie", self.cookie("", headers, expire=True))] \
                 if self.settings.cookie_name in jar else []
             return None, NIL_UUID, kept, expire
-        forwarded = headers.get("x-forwarded-for")
-        ip = forwarded.split(",")[0].strip() if forwarded else (scope.get("client") or (None,))[0]
+        ip = _client_ip(scope, headers, self.settings.trusted_proxy_hops)
         nuid = _nuid_param(query) or jar.get(self.settings.cookie_name) or ""
         if not USER_ID.match(nuid):
             # Only ids that are safe to echo in Set-Cookie; anything else gets a fresh one.
@@ -362,6 +364,17 @@ def _header(scope, name: bytes) -> bytes | None:
         if key.lower() == name:
             return value
     return None
+
+
+def _client_ip(scope, headers: dict, hops: int) -> str | None:
+    """The entry ``hops`` from the right of X-Forwarded-For (the leftmost if there are fewer), else the
+    socket peer. The client writes whatever it likes on the left; each proxy appends the peer it saw,
+    so only the entries our own proxies appended can be trusted."""
+    forwarded = headers.get("x-forwarded-for") if hops else None
+    if forwarded:
+        entries = forwarded.split(",")
+        return entries[max(len(entries) - hops, 0)].strip()
+    return (scope.get("client") or (None,))[0]
 
 
 def _nuid_param(query: str | None) -> str | None:

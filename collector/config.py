@@ -36,6 +36,9 @@ class CollectorSettings(AwsSettings):
     max_request_bytes: int = 2 * 1024 * 1024   # body (compressed and decompressed); bigger is a 413
     bad_payload_keep_bytes: int = 50_000       # how much of an oversized payload the bad row keeps
     # Identity.
+    # Proxies in front that append the peer they saw to X-Forwarded-For (1: the ALB of
+    # deploy/cloudformation.yaml); the client's IP is that many entries from the right, 0 ignores the header.
+    trusted_proxy_hops: int = 1
     cookie_name: str = "sp"
     cookie_days: int = 365
     cookie_domains: tuple[str, ...] = ()
@@ -56,6 +59,8 @@ class CollectorSettings(AwsSettings):
         require_positive(self, "port", "workers", "max_concurrent_requests", "linger_ms", "batch_records", "batch_bytes", "sink_timeout_s",
                          "spool_max_bytes", "spool_segment_bytes", "spool_segment_max_age_s", "fsync_interval_ms", "retry_after_s",
                          "max_payload_bytes", "max_request_bytes", "bad_payload_keep_bytes", "cookie_days")
+        if self.trusted_proxy_hops < 0:
+            raise ConfigError(f"CLICKSTREAM_TRUSTED_PROXY_HOPS: expected 0 or more, got {self.trusted_proxy_hops}")
         if self.max_payload_bytes > 1_000_000:
             # Kinesis takes 1 MiB per record including the partition key; keep headroom for it.
             raise ConfigError("CLICKSTREAM_MAX_PAYLOAD_BYTES: expected at most 1000000 (Kinesis record limit)")

@@ -97,9 +97,14 @@ def build(hit: Hit, max_bytes: int, keep: int) -> tuple[list[bytes], list[dict]]
         return [data], []
     # Only a tracker's payload_data body is a list of events; a webhook's body is one document.
     payload = _payload(hit.body) if hit.path == TP2 else None
-    if payload is None or not payload["data"]:
-        return [], [size_violation(data.decode(), len(data), max_bytes, keep)]
-    return split(hit, payload["data"], max_bytes, keep, payload.get("schema", PAYLOAD_DATA))
+    if payload is not None and payload["data"]:
+        try:
+            return split(hit, payload["data"], max_bytes, keep, payload.get("schema", PAYLOAD_DATA))
+        except orjson.JSONEncodeError:
+            # orjson reads 1,024 levels of nesting but writes only 254: an event nested deeper cannot
+            # be written back, so the body cannot be split and is kept whole, as an unsplittable one.
+            pass
+    return [], [size_violation(data.decode(), len(data), max_bytes, keep)]
 
 
 def _payload(body: bytes | None) -> dict | None:

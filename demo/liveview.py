@@ -475,6 +475,8 @@ def safe_file(base: Path, relative: str) -> Path | None:
 class Handler(BaseHTTPRequestHandler):
     server_version = "clickstream-liveview"
     server: LiveViewServer
+    # Seconds a connection may stay silent: each one holds a thread, so idle or half-sent requests are closed.
+    timeout = 10
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)

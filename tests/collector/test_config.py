@@ -19,6 +19,7 @@ def test_defaults_match_the_interface_contract():
     assert (settings.host, settings.port, settings.workers) == ("127.0.0.1", 8080, 1)
     assert settings.linger_ms == 200 and settings.max_payload_bytes == 1_000_000
     assert settings.raw_stream == "clickstream-raw" and settings.bad_stream == "clickstream-bad"
+    assert settings.trusted_proxy_hops == 1                  # the ALB of deploy/cloudformation.yaml
 
 
 @pytest.mark.parametrize("key, value", [("CLICKSTREAM_FSYNC", "sometimes"), ("CLICKSTREAM_SINK", "kafka"),
@@ -27,7 +28,8 @@ def test_defaults_match_the_interface_contract():
                                         ("CLICKSTREAM_LINGER_MS", "0"),
                                         ("CLICKSTREAM_BAD_PAYLOAD_KEEP_BYTES", "3000000"),
                                         ("CLICKSTREAM_REDIRECT_DOMAINS", "example.com,."),
-                                        ("CLICKSTREAM_COOKIE_DOMAINS", "..")])
+                                        ("CLICKSTREAM_COOKIE_DOMAINS", ".."),
+                                        ("CLICKSTREAM_TRUSTED_PROXY_HOPS", "-1")])
 def test_bad_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key):
         load(CollectorSettings, section="collector", env={key: value})

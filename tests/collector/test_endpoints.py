@@ -66,7 +66,7 @@ def test_get_answers_a_pixel_and_records_the_request_as_received(setup, path, ca
     [record] = marked(setup, marker)
     assert record["schema"] == "iglu:com.clickstream/raw_record/jsonschema/1-0-0"
     assert record["path"] == canonical and record["querystring"] == query and record["method"] == "GET"
-    assert record["ip"] == "203.0.113.9"
+    assert record["ip"] == "10.0.0.1"          # appended by the one trusted proxy; the client wrote 203.0.113.9
     assert record["useragent"] == "test-agent/1.0" and record["referer"] == "http://shop.test/a"
     assert record["body"] is None and record["body_base64"] is None and record["content_type"] is None
     assert "x-custom: v1" in record["headers"]
@@ -156,6 +156,31 @@ def test_sp_anonymous_records_no_ip_no_id_and_expires_the_cookie(setup):
     assert len({r["_key"] for r in records}) == 2          # random keys, not one hot shard
 
 
+def test_client_ip_is_the_x_forwarded_for_entry_the_load_balancer_appended(setup):
+    collector, _ = setup
+    marker = uuid.uuid4().hex
+    get(f"{collector.url}/i?e=pv&aid={marker}&n=1", headers={"X-Forwarded-For": "6.6.6.6, 203.0.113.7"})
+    get(f"{collector.url}/i?e=pv&aid={marker}&n=2")
+    raw_http(collector.port, f"GET /i?e=pv&aid={marker}&n=3 HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6\r\n"
+                             f"X-Forwarded-For: 203.0.113.8\r\n\r\n".encode())
+    records = sorted(marked(setup, marker, 3), key=lambda r: r["querystring"])
+    assert [r["ip"] for r in records] == ["203.0.113.7", "127.0.0.1", "203.0.113.8"]
+
+
+@pytest.mark.parametrize("hops, expected", [(0, "127.0.0.1"), (2, "198.51.100.1")])
+def test_trusted_proxy_hops_picks_the_entry_that_many_from_the_right(streams, make_collector, tmp_path, hops,
+                                                                     expected):
+    collector = make_collector(collector_env(streams, tmp_path / "spool", trusted_proxy_hops=hops))
+    marker = uuid.uuid4().hex
+    # Two header lines are one list: the second proxy may append its entry as a line of its own.
+    raw_http(collector.port, f"GET /i?e=pv&aid={marker}&n=1 HTTP/1.1\r\nHost: x\r\n"
+                             f"X-Forwarded-For: 6.6.6.6, 198.51.100.1\r\nX-Forwarded-For: 203.0.113.8\r\n\r\n".encode())
+    get(f"{collector.url}/i?e=pv&aid={marker}&n=2", headers={"X-Forwarded-For": "198.51.100.1"})
+    records = with_marker(read_stream(streams.raw_stream, until=lambda r: len(with_marker(r, marker)) >= 2), marker)
+    # Fewer entries than hops: the leftmost, the nearest to the client we have.
+    assert [r["ip"] for r in sorted(records, key=lambda r: r["querystring"])] == [expected, expected]
+
+
 def test_opt_out_cookie_is_answered_but_not_recorded(setup):
     collector, _ = setup
     marker = uuid.uuid4().hex
@@ -233,6 +258,21 @@ def test_oversized_unsplittable_payload_becomes_a_size_violation(setup):
     assert row["data"]["failure"]["maximumAllowedSizeBytes"] == 1_000_000
     assert row["data"]["failure"]["actualSizeBytes"] > 1_200_000
     assert len(row["data"]["payload"]) == 5000
+
+
+def test_oversized_post_with_an_event_nested_too_deep_to_split_is_a_bad_row_not_a_500(setup):
+    # orjson reads 1,024 levels but writes only 254: the split could not write this event back.
+    collector, streams = setup
+    marker = uuid.uuid4().hex
+    deep = "[" * 300 + "1" + "]" * 300
+    body = (f'{{"schema":"iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4","data":['
+            f'{{"e":"pv","aid":"{marker}","deep":{deep}}},{{"e":"pv","pad":"{"a" * 1_050_000}"}}]}}').encode()
+    status, _, answer = get(collector.url + TP2, data=body, headers={"Content-Type": "application/json"})
+    assert (status, answer) == (200, b"ok")
+    bad = read_stream(streams.bad_stream, until=lambda rows: any(marker in r["data"]["payload"] for r in rows))
+    [row] = [r for r in bad if marker in r["data"]["payload"]]
+    assert row["schema"] == "iglu:com.snowplowanalytics.snowplow.badrows/size_violation/jsonschema/1-0-0"
+    assert row["data"]["failure"]["actualSizeBytes"] > len(body)
 
 
 def test_over_two_megabytes_is_413(setup):

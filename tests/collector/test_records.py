@@ -56,6 +56,14 @@ def test_an_oversized_body_that_cannot_be_split_whole_is_a_bad_row_not_dropped()
         assert records == [] and row["data"]["failure"]["actualSizeBytes"] > 1_200_000
 
 
+def test_an_oversized_body_with_an_event_too_deep_to_write_back_whole_is_a_bad_row():
+    # orjson reads 1,024 levels of nesting but writes only 254.
+    body = (b'{"schema": "' + PAYLOAD.encode() + b'", "data": [{"e": "pv", "deep": ' + b"[" * 300 + b"]" * 300
+            + b'}, {"e": "pv", "pad": "' + b"x" * 1_200_000 + b'"}]}')
+    records, [row] = build(hit(body), 1_000_000, 1000)
+    assert records == [] and row["data"]["failure"]["actualSizeBytes"] > 1_200_000
+
+
 def test_partition_key_is_the_user_id_or_random():
     assert partition_key(hit(None, "user-1")) == "user-1"
     keys = {partition_key(hit(None, "00000000-0000-0000-0000-000000000000")) for _ in range(3)} | {

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from common.config import AwsSettings
 from common.producer import Producer
 from common.streams import KinesisStream
 from demo import summary
-from demo.liveview import LiveView, LiveViewSettings
+from demo.liveview import Handler, LiveView, LiveViewSettings
 from localstack.emulator import free_port
 from tests.conftest import ROOT, settings_env, wait_for
 
@@ -266,6 +267,18 @@ def test_pages_shop_and_tracker_are_served_from_one_origin_without_escaping_thei
                  "/shop/nothing-here.html", "/elsewhere", "/shop/" + "a" * 300, "/static/" + "a" * 300,
                  "/node_modules/@snowplow/" + "a" * 300, "/shop/%00"):
         assert raw_get(port, path) == 404, path
+
+
+def test_idle_and_half_sent_connections_are_closed_after_the_handler_timeout(view, monkeypatch):
+    # Each connection holds a thread: one left open forever by a silent client is a thread leaked.
+    assert 0 < (Handler.timeout or 0) <= 60                    # the default bounds every connection
+    monkeypatch.setattr(Handler, "timeout", 0.5)               # shortened so the test need not wait for it
+    port = view.server.server_address[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as idle, \
+            socket.create_connection(("127.0.0.1", port), timeout=30) as half:
+        half.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")         # the headers never end
+        assert idle.recv(1) == b"" and half.recv(1024) == b""        # EOF: the server closed them
+    assert get(view.url + "/health")[0] == 200
 
 
 @pytest.mark.browser
