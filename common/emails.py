@@ -28,8 +28,10 @@ def spans(text: str) -> Iterator[tuple[int, int]]:
         if at.start() < last:
             continue
         domain = DOMAIN.match(text, at.end())
+        if not domain:          # most @ in hostile text: skip the local part's slice and match
+            continue
         local = LOCAL_PART_REVERSED.match(text[max(last, at.start() - 64):at.start()][::-1])
-        if domain and local:
+        if local:
             yield at.start() - local.end(), domain.end()
             last = domain.end()
 
