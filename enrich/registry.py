@@ -185,8 +185,10 @@ class Resolver:
     max_entries: int = 4096
     max_misses: int = 1024
     # Made-up keys each cost a registry fetch (a round trip, up to the HTTP timeout), on the worker's
-    # thread: fetches may take at most this share of the time (over a 10 s burst), beyond it a key not
-    # in the cache is a RepoFailure (a replayable bad row) without asking, and cached hits go on.
+    # thread: lookups that find no schema may take at most this share of the time (over a 10 s burst),
+    # beyond it a key not in the cache is a RepoFailure (a replayable bad row) without asking, until
+    # the share allows again, and cached hits go on. Lookups that find one are never counted: a cold
+    # start fetching the real schemas from a slow registry is not an attack.
     fetch_share: float = 0.2
     # A dead registry fails one fetch per schema key per error_ttl, i.e. per event on a busy stream.
     log_interval: float = 30.0
@@ -238,18 +240,21 @@ class Resolver:
         if not self._may_fetch():
             return self._not_asked(key)
         started = self.clock()
-        try:
-            return self._ask_registries(key)
-        finally:
+        entry = self._ask_registries(key)
+        if entry.validate is None:
             self._fetch_credit -= self.clock() - started
+        return entry
 
     def _not_asked(self, key: SchemaKey) -> Resolved:
-        message = (f"schema fetches took more than {self.fetch_share:.0%} of the enricher's time lately "
-                   f"(events naming schemas not in the cache): {key} was not looked up")
+        message = (f"lookups of schemas no registry has took more than {self.fetch_share:.0%} of the enricher's "
+                   f"time lately (events naming made-up schemas): {key} was not looked up")
         if skipped := self._skipped.add():
             log.warning("%s; %d lookups skipped since the last such line", message, skipped)
         history = [{"repository": "resolver", "errors": [{"error": "RepoFailure", "message": message}]}]
-        return Resolved(key, None, None, history, self.clock() + min(self.error_ttl, self.ttl), transient=True)
+        # Asked again once the share allows: a real schema is not refused for a whole error_ttl.
+        allowed_in = -self._fetch_credit / self.fetch_share
+        expires = self.clock() + min(self.error_ttl, self.ttl, max(allowed_in, 0.1))
+        return Resolved(key, None, None, history, expires, transient=True)
 
     def _ask_registries(self, key: SchemaKey) -> Resolved:
         history, transient = [], False
