@@ -163,6 +163,7 @@ class Collector:
         factory = self.sink_factory or open_sink
         self.sink, self._lock_fd = factory(self.settings)
         self.spool = self.sink.spool
+        self._forget_previous_worker()
         self.sink.start()
         log.info("collector worker %d ready; spool %s", os.getpid(), self.spool.dir)
 
@@ -171,6 +172,20 @@ class Collector:
             self.sink.stop(self.settings.shutdown_timeout_s)
             log.info("collector worker %d stopped; %d records left in the spool", os.getpid(), self.spool.records)
             self.sink = None
+            metrics.forget_worker(os.getpid())
+
+    def _forget_previous_worker(self) -> None:
+        """The slot's last worker, if it died without stopping (kill -9): its gauges go, unless its
+        pid is alive again as another process."""
+        marker = self.spool.dir / "pid"
+        try:
+            previous = int(marker.read_text())
+            os.kill(previous, 0)
+        except ProcessLookupError:
+            metrics.forget_worker(previous)
+        except (OSError, ValueError):           # no marker yet, or a pid alive (ours, or reused)
+            pass
+        marker.write_text(str(os.getpid()))
 
     # ------------------------------------------------------------------ HTTP
 

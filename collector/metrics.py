@@ -57,6 +57,15 @@ def refresh(sink) -> None:
     SINK_UP.set(int(sink.problem() is None))
 
 
+def forget_worker(pid: int) -> None:
+    """Drop a worker's live gauges from the merged view: without it, a worker granian replaced (a
+    reload) or one killed kept its last values for good, the stalest drained time among them."""
+    if _MULTI:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
 def render(sink=None) -> tuple[bytes, str]:
     if sink is not None:
         refresh(sink)

@@ -100,19 +100,46 @@ def test_a_full_spool_logs_one_error_line_per_interval_with_its_size(tmp_path, c
         os.close(app._lock_fd)
 
 
-def test_with_several_workers_the_drained_timestamp_is_the_stalest_workers(tmp_path):
-    """granian workers are processes: prometheus-client's multiprocess mode merges their values. The
-    sum or any one worker's would hide a worker whose delivery is behind."""
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+WORKER = """
+import os, sys
+from collector import metrics
+from collector.app import Collector
+from collector.config import settings
+app = Collector(settings(env={"CLICKSTREAM_SINK": "memory", "CLICKSTREAM_SPOOL_DIR": sys.argv[1]}))
+app.start()
+metrics.DRAINED.set(float(sys.argv[2]))
+if sys.argv[3] == "scrape":
+    print(metrics.render()[0].decode())
+if sys.argv[3] == "killed":
+    os._exit(0)
+if sys.argv[3] == "running":
+    print("ready", flush=True)
+    sys.stdin.read()
+app.stop()
+"""
 
-    def worker(code: str) -> str:
-        return subprocess.run([sys.executable, "-c", f"from collector import metrics; {code}"], env=env,
+
+def test_with_several_workers_the_drained_timestamp_is_the_stalest_live_workers(tmp_path):
+    """granian workers are processes: prometheus-client's multiprocess mode merges their values. The
+    sum or any one worker's would hide a worker whose delivery is behind; a worker gone (stopped, or
+    killed and its slot taken again) must not count, or its last value would stay the minimum for good."""
+    (tmp_path / "metrics").mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+
+    def worker(drained: int, how: str) -> str:
+        return subprocess.run([sys.executable, "-c", WORKER, str(tmp_path / "spool"), str(drained), how], env=env,
                               check=True, capture_output=True, text=True).stdout
 
-    worker("metrics.DRAINED.set(2000)")
-    worker("metrics.DRAINED.set(1000)")
-    text = worker("metrics.DRAINED.set(3000); print(metrics.render()[0].decode())")   # the one scraped
-    assert "collector_spool_drained_timestamp_seconds 1000.0" in text.splitlines()
+    worker(1000, "stopped")
+    worker(2000, "killed")
+    running = subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / "spool"), "1500", "running"], env=env,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert running.stdout.readline() == "ready\n"          # it took the killed one's slot
+        text = worker(3000, "scrape")
+    finally:
+        running.communicate("", timeout=30)
+    assert "collector_spool_drained_timestamp_seconds 1500.0" in text.splitlines()
 
 
 # The thread ends with an exception on purpose; pytest would report it as unhandled.
