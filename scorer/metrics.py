@@ -1,9 +1,9 @@
 """Prometheus metrics of the worker and the API (served at /metrics)."""
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+from common.features import parse_ms
 
 _FAST = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
 _BATCH = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -49,9 +49,9 @@ def model_loaded(model, role: str, previous) -> None:
 
 
 def _created_at(meta: dict) -> float:
-    """model.json's created_at (UTC, as training writes it) in epoch seconds; 0 when absent or odd."""
+    """model.json's created_at in epoch seconds; 0 when absent or odd."""
     try:
-        return datetime.strptime(str(meta.get("created_at")), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+        return parse_ms(str(meta.get("created_at"))) / 1000
     except ValueError:
         return 0.0
 

@@ -4,7 +4,8 @@ process' event loop) and the streaming worker in a background thread. Both read 
 
 The worker's Python work and the API share the GIL; onnxruntime and socket I/O release it. For
 API-heavy deployments run two processes instead: one with ``CLICKSTREAM_RUN_WORKER=false`` and
-one with ``CLICKSTREAM_RUN_API=false``; the latter still serves ``/ping`` and ``/metrics``.
+one with ``CLICKSTREAM_RUN_API=false``; the latter still serves ``/ping`` and ``/metrics``, so on one
+host give it a port of its own.
 """
 from __future__ import annotations
 
