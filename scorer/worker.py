@@ -101,8 +101,9 @@ class Worker:
         self.writer = writer
         self.shadow_tally = ShadowTally(("", ""))
         self.shadow_logged_at = 0.0
-        # Retried at every flush while the lease table is away: one WARNING per 30 s, not five a second.
+        # Retried while the lease table is away: once a second, one WARNING per 30 s.
         self.checkpoint_failures = logs.Tally(every_s=30.0)
+        self.checkpoint_retry_at = 0.0
         self.store = SessionStore(settings.session_timeout_s * 1000, settings.max_sessions, settings.dedupe_window,
                                   settings.replay_max_s * 1000)
         self.make_consumer = make_consumer
@@ -397,6 +398,8 @@ class Worker:
     def _flush_due(self, count: int) -> bool:
         if not self.pending_batches:
             return False
+        if not self.pending and time.monotonic() < self.checkpoint_retry_at:
+            return False        # only refused checkpoints to retry: once a second, not at every idle poll
         age_ms = (time.monotonic() - self.pending_since) * 1000
         return count == 0 or age_ms >= self.settings.flush_ms or self.pending_count >= MAX_BUFFER
 
@@ -435,8 +438,9 @@ class Worker:
                 # keep the batch for the next flush, unless a newer batch of the shard replaces it. A
                 # restart would drop every session and, unable to balance, own no shards, score nothing.
                 if failures := self.checkpoint_failures.add():
-                    log.warning("checkpoints failed %d times since the last such line (shard %s), retrying at "
-                                "each flush: %s", failures, shard, exc, extra={"shard_id": shard})
+                    log.warning("checkpoints failed %d times since the last such line (shard %s), retrying: %s",
+                                failures, shard, exc, extra={"shard_id": shard})
+                self.checkpoint_retry_at = time.monotonic() + 1.0
                 unchecked[shard] = batch
                 continue
             if value == SHARD_END:
