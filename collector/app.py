@@ -131,6 +131,7 @@ class Collector:
         # A failing spool disk, or a full spool, fails every hit: one ERROR line per 10 s each, with
         # how many hits it stands for.
         self.write_errors = logs.Tally(every_s=10.0)
+        self._fsync: asyncio.Future | None = None        # the fsync=always round in flight
         self.full_refusals = logs.Tally(every_s=10.0)
 
     # ------------------------------------------------------------------ ASGI entry
@@ -305,8 +306,18 @@ class Collector:
         if sink is not None:
             sink.notify()
         if self.spool.fsync_always:
-            # Group commit: hits that arrive during one fsync share the next one.
-            await asyncio.get_running_loop().run_in_executor(None, self.spool.sync_to, end)
+            await self.durable(end)
+
+    async def durable(self, end: int) -> None:
+        """Wait until the spool is fsynced up to ``end``. Group commit: one fsync in a thread at a time,
+        for every hit spooled before it began; the hits that arrive meanwhile wait for the next one.
+        A thread hop per hit instead (each taking the GIL back) cost more than the fsyncs."""
+        spool = self.spool
+        while spool.synced < end:
+            # A finished round counts as none: awaiting it again would not yield, and loop for ever.
+            if self._fsync is None or self._fsync.done():
+                self._fsync = asyncio.get_running_loop().run_in_executor(None, spool.sync_to, spool.end)
+            await asyncio.shield(self._fsync)
 
     async def answer(self, scope, send, extra: list, location: str | None = None) -> int:
         if location is not None:

@@ -297,14 +297,15 @@ class RefusedFor(ThrottledFor):
         return MemoryStream.put_records(self, entries)
 
 
-def app_with(tmp_path, raw: MemoryStream, spool_max_bytes: int = 1 << 26, **sink_options) -> Collector:
+def app_with(tmp_path, raw: MemoryStream, spool_max_bytes: int = 1 << 26, fsync: str = "interval",
+             **sink_options) -> Collector:
     """The real ASGI app with the real Sink, on in-memory streams (one producer attempt per send)."""
     settings = CollectorSettings(spool_dir=tmp_path / "spool", linger_ms=50, batch_records=10,
-                                 shutdown_timeout_s=0.5, spool_max_bytes=spool_max_bytes)
+                                 shutdown_timeout_s=0.5, spool_max_bytes=spool_max_bytes, fsync=fsync)
 
     def factory(settings):
         folder, fd = claim_dir(settings.spool_dir)
-        spool = Spool(folder, max_bytes=settings.spool_max_bytes)
+        spool = Spool(folder, max_bytes=settings.spool_max_bytes, fsync=settings.fsync)
         return Sink(spool, Producer(raw, max_attempts=1), Producer(MemoryStream("bad"), max_attempts=1),
                     linger_ms=settings.linger_ms, batch_records=settings.batch_records, **sink_options), fd
 
@@ -457,3 +458,22 @@ def test_the_streams_state_is_logged_as_news_at_start_and_as_a_warning_when_lost
     assert probes and lines == [("INFO", "stream raw reachable"),
                                 ("WARNING", "stream raw unreachable; hits stay in the spool"),
                                 ("INFO", "stream raw reachable again")]
+
+
+def test_with_fsync_always_concurrent_hits_share_fsync_rounds_not_one_thread_hop_each(tmp_path, monkeypatch):
+    # Each hit handed its own sync_to to a thread (most returned at once, the fsync already done by
+    # another): the hops and the GIL they took back cost more than the fsyncs.
+    app = app_with(tmp_path, MemoryStream("raw"), fsync="always")
+    app.start()
+    try:
+        calls = []
+        real = app.spool.sync_to
+        monkeypatch.setattr(app.spool, "sync_to", lambda offset: calls.append(offset) or real(offset))
+
+        async def burst():
+            return await asyncio.gather(*(pixel_hit(app, n) for n in range(50)))
+        assert asyncio.run(burst()) == [200] * 50
+        assert app.spool.synced >= app.spool.end and 1 <= len(calls) <= 5, calls
+    finally:
+        app.stop()
+        os.close(app._lock_fd)
