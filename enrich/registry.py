@@ -196,9 +196,12 @@ class Resolver:
     _misses: OrderedDict[str, Resolved] = field(default_factory=OrderedDict)
     _fetch_credit: float | None = None                           # seconds of fetching left; None: full
     _credit_at: float = 0.0
-    _skipped: Tally = field(default_factory=lambda: Tally(30.0))  # lookups the fetch budget refused
+    _skipped: Tally = field(init=False)                           # lookups the fetch budget refused
     _outages: dict[str, Tally] = field(default_factory=dict)     # failed fetches per registry, for the log
     _warned: set[str] = field(default_factory=set)                # registries warned about, not answering since
+
+    def __post_init__(self) -> None:
+        self._skipped = Tally(self.log_interval, self.clock)
 
     @classmethod
     def from_specs(cls, specs: tuple[str, ...] | list[str], ttl: float = 600.0) -> Resolver:

@@ -13,12 +13,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from localstack.emulator import healthy, stop_group
+from localstack.emulator import healthy, probe, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / ".run"
@@ -180,13 +178,11 @@ def describe(process: Process) -> str:
     url = process.status_url or process.health_url
     if not pid or not url:
         return f"running (pid {pid})" if pid else "stopped"
-    try:
-        with urllib.request.urlopen(url, timeout=1):
-            return f"running (pid {pid}), healthy"
-    except urllib.error.HTTPError as exc:
-        return f"running (pid {pid}), UNHEALTHY: {exc.code} {exc.read(200).decode(errors='replace').strip()}"
-    except OSError:
+    answer = probe(url)
+    if answer is None:
         return f"running (pid {pid}), NOT answering"
+    status, body = answer
+    return f"running (pid {pid}), healthy" if status < 400 else f"running (pid {pid}), UNHEALTHY: {status} {body}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,15 +37,21 @@ def _port_free(port: int) -> bool:
             return False
 
 
-def healthy(url: str) -> bool:
-    """True when ``url`` answers HTTP with a status below 500."""
+def probe(url: str) -> tuple[int, str] | None:
+    """What ``url`` answers: its status and the start of its body; None when it does not answer."""
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
-            return response.status < 500
+            return response.status, response.read(200).decode(errors="replace").strip()
     except urllib.error.HTTPError as exc:
-        return exc.code < 500
+        return exc.code, exc.read(200).decode(errors="replace").strip()
     except OSError:
-        return False
+        return None
+
+
+def healthy(url: str) -> bool:
+    """True when ``url`` answers HTTP with a status below 500."""
+    answer = probe(url)
+    return answer is not None and answer[0] < 500
 
 
 @dataclass
