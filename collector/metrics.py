@@ -15,7 +15,7 @@ REQUESTS = Counter("collector_requests_total", "HTTP requests by endpoint and st
 PRODUCED_TOTAL = Counter("collector_records_produced_total", "Records accepted by the stream", ["stream"])
 PRODUCED = {0: PRODUCED_TOTAL.labels("raw"), 1: PRODUCED_TOTAL.labels("bad")}
 REFUSED_TOTAL = Counter("collector_records_refused_total",
-                        "Records the stream refused in a call that took others (throttling); spooled again",
+                        "Records the stream refused (throttling), kept in the spool to be resent",
                         ["stream"])
 REFUSED = {0: REFUSED_TOTAL.labels("raw"), 1: REFUSED_TOTAL.labels("bad")}
 SPOOLED = Counter("collector_records_spooled_total", "Records written to the spool")

@@ -235,41 +235,49 @@ class Sink:
             metrics.PRODUCED[stream].inc(len(batch) - len(failed))
             refused.extend((stream, item) for item in failed)
         metrics.SINK_LATENCY.observe(time.perf_counter() - started)
-        permanent = [(s, u) for s, u in refused if u.reason == TOO_LARGE]
-        if refused and delivered == 0 and len(permanent) < len(refused):
-            self._set_health(False)
+        resendable = [(s, u) for s, u in refused if u.reason != TOO_LARGE]
+        if resendable and delivered == 0:
+            # Nothing got through: the cursor stays and the same batch is retried, so order is kept.
+            # A stream that throttled all of it answered, though: it is reachable, and at its limit.
+            throttled = all(item.throttled for _, item in resendable)
+            self._set_health(throttled)
+            if throttled:
+                self._report_refused(resendable)
             return False
         self._set_health(True)
-        self._keep(refused, permanent)
+        self._keep(refused)
+        self._report_refused(resendable)
         spool.commit(offset, len(entries))
         self._note_drained(spool)
         # Refused entries (throttling, or one stream missing) were re-appended: back off before
         # reading them again instead of spinning on them.
-        return len(permanent) == len(refused)
+        return not resendable
 
-    def _keep(self, refused: list[tuple[int, Undelivered]], permanent: list[tuple[int, Undelivered]]) -> None:
+    def _keep(self, refused: list[tuple[int, Undelivered]]) -> None:
         """Re-append what the stream refused; what can never fit becomes a size_violation bad row."""
-        frames, count, throttled = [], 0, {}
+        frames, count = [], 0
         for stream, item in refused:
-            if (stream, item) in permanent:
+            if item.reason == TOO_LARGE:
                 log.error("record of %d bytes can never fit a Kinesis record; sending a bad row", len(item.data))
                 data = size_violation(item.data.decode("utf-8", "replace"), len(item.data), MAX_RECORD_BYTES,
                                       self.bad_payload_keep_bytes)
                 frames.append(encode(BAD, str(uuid.uuid4()), orjson.dumps(data)))
             else:
                 frames.append(encode(stream, item.partition_key, item.data))
-                throttled.setdefault(stream, []).append(item)
             count += 1
         if frames:
             self.spool.append(b"".join(frames), count, force=True)
-        for stream, items in throttled.items():
-            self._report_refused(stream, items)
 
-    def _report_refused(self, stream: int, items: list[Undelivered]) -> None:
-        metrics.REFUSED[stream].inc(len(items))
-        if refused := self._refusals[stream].add(len(items)):
-            log.warning("stream %s refused %d records since the last such line (spooled again to be resent): %s",
-                        self.producers[stream].stream.name, refused, items[0].reason)
+    def _report_refused(self, refused: list[tuple[int, Undelivered]]) -> None:
+        """Count the records the stream refused (to be resent), with one WARNING per stream and 30 s."""
+        for stream in (RAW, BAD):
+            items = [item for s, item in refused if s == stream]
+            if not items:
+                continue
+            metrics.REFUSED[stream].inc(len(items))
+            if count := self._refusals[stream].add(len(items)):
+                log.warning("stream %s refused %d records since the last such line (kept to be resent): %s",
+                            self.producers[stream].stream.name, count, items[0].reason)
 
     # ------------------------------------------------------------------ shutdown
 

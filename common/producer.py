@@ -15,6 +15,8 @@ from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES,
 log = logging.getLogger(__name__)
 MAX_KEY_CHARS = 256
 TOO_LARGE = "record larger than 1 MiB"   # the reason of an entry no retry can deliver
+# Error codes of a stream that answers but is at its write limit (per entry, or for a whole call).
+THROTTLING_CODES = ("ProvisionedThroughputExceededException", "KMSThrottlingException", "ThrottlingException")
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,11 @@ class Undelivered:
     partition_key: str
     data: bytes
     reason: str
+
+    @property
+    def throttled(self) -> bool:
+        """Refused by a stream at its limit, which answered: not a sign of an unreachable stream."""
+        return any(code in self.reason for code in THROTTLING_CODES)
 
 
 def kinesis_key(key: str) -> str:

@@ -105,7 +105,9 @@ import os, sys
 from collector import metrics
 from collector.app import Collector
 from collector.config import settings
-app = Collector(settings(env={"CLICKSTREAM_SINK": "memory", "CLICKSTREAM_SPOOL_DIR": sys.argv[1]}))
+# A linger of 10 minutes: the sender's first round would set the drained time to now (0.2 s after start).
+app = Collector(settings(env={"CLICKSTREAM_SINK": "memory", "CLICKSTREAM_SPOOL_DIR": sys.argv[1],
+                             "CLICKSTREAM_LINGER_MS": "600000"}))
 app.start()
 metrics.DRAINED.set(float(sys.argv[2]))
 if sys.argv[3] == "scrape":

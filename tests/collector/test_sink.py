@@ -113,14 +113,36 @@ def test_the_drained_timestamp_means_less_than_a_batch_waits_and_ages_while_deli
 
 
 def test_unreachable_stream_keeps_the_cursor(tmp_path):
-    raw, bad = MemoryStream("raw"), MemoryStream("bad")
+    raw, bad = RefusedFor("raw", 3600), MemoryStream("bad")
     sink = sink_for(tmp_path, raw, bad)
     for index in range(5):
         sink.spool.append(encode(RAW, f"k{index}", str(index).encode()), 1)
-    raw.fail_next = 5                                   # nothing of the batch gets through
-    assert not sink._drain()
+    assert not sink._drain()                            # nothing of the batch gets through
     assert not sink.healthy and sink.spool.records == 5
+    assert REGISTRY.get_sample_value("collector_sink_up") == 0
+    raw.until = 0
     assert sink._drain() and sink.healthy
+    assert [int(r.data) for r in raw.all_records()] == list(range(5))
+
+
+def test_a_stream_throttling_a_whole_batch_is_reachable_and_its_refusals_are_counted(tmp_path, caplog):
+    """Every entry refused with a throttling code: the stream answered, so /sink-health stays 200 and
+    collector_sink_up 1; the refusals show in the counter and a WARNING. The cursor stays: the same
+    batch is sent again, in order."""
+    raw, bad = MemoryStream("clickstream-raw"), MemoryStream("bad")
+    sink = sink_for(tmp_path, raw, bad)
+    before = REGISTRY.get_sample_value("collector_records_refused_total", {"stream": "raw"}) or 0
+    for index in range(5):
+        sink.spool.append(encode(RAW, f"k{index}", str(index).encode()), 1)
+    raw.fail_next = 5
+    with caplog.at_level(logging.WARNING, logger="collector.sink"):
+        assert not sink._drain()                        # back off before trying again
+        lines = [r.getMessage() for r in caplog.records if r.name == "collector.sink"]
+    assert sink.healthy and REGISTRY.get_sample_value("collector_sink_up") == 1 and sink.spool.records == 5
+    assert REGISTRY.get_sample_value("collector_records_refused_total", {"stream": "raw"}) - before == 5
+    [line] = lines
+    assert "clickstream-raw refused 5 records" in line and "ProvisionedThroughputExceededException" in line
+    assert sink._drain() and sink.spool.records == 0
     assert [int(r.data) for r in raw.all_records()] == list(range(5))
 
 
@@ -181,6 +203,17 @@ def test_stop_gives_up_at_its_timeout_and_leaves_the_rest_spooled(tmp_path):
 
 
 
+def spooled_bytes(folder) -> bytes:
+    """The spool's segment files, read while the sender may delete them."""
+    data = []
+    for path in folder.glob("*.seg"):
+        try:
+            data.append(path.read_bytes())
+        except FileNotFoundError:       # delivered and deleted between the listing and the read
+            pass
+    return b"".join(data)
+
+
 def test_the_sender_deletes_delivered_hits_once_their_segment_is_old(tmp_path):
     raw, bad = MemoryStream("raw"), MemoryStream("bad")
     spool = Spool(tmp_path, max_bytes=1 << 24, max_age_s=0.2)
@@ -190,10 +223,10 @@ def test_the_sender_deletes_delivered_hits_once_their_segment_is_old(tmp_path):
     sink.start()
     try:
         deadline = time.monotonic() + 5
-        while b"hit-" in b"".join(p.read_bytes() for p in tmp_path.glob("*.seg")) and time.monotonic() < deadline:
+        while b"hit-" in spooled_bytes(tmp_path) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert len(raw.all_records()) == 5
-        assert b"hit-" not in b"".join(p.read_bytes() for p in tmp_path.glob("*.seg"))   # while it runs
+        assert b"hit-" not in spooled_bytes(tmp_path)   # while it runs
     finally:
         sink.stop(1.0)
 
