@@ -79,20 +79,24 @@ def _event_time():
 
 
 def sessionise(df: DataFrame, gap_minutes: int = 30) -> DataFrame:
-    """Add ``session_id`` by the scorer's rule: a session is a run of one key's events with no gap
-    longer than ``gap_minutes`` (purchases count as activity), the key being ``domain_sessionid``
-    when the tracker sent one, else the user pseudonym (common.features.session_key). A tracker
-    session's first run keeps its id; later runs get ``<id>:<n>``, a user's runs ``user:<user>:<n>``.
-    Events the scorer skips (a time outside the calendar, common.features.in_calendar) are left out."""
+    """Add ``session_id`` by the scorer's rule, in its order (``arrival_order``): an event more than
+    ``gap_minutes`` after the latest event of its key seen so far (purchases count as activity) starts
+    a new session. The key is ``domain_sessionid`` when the tracker sent one, else the user pseudonym
+    (common.features.session_key). A tracker session's first run keeps its id; later runs get
+    ``<id>:<n>``, a user's runs ``user:<user>:<n>``. Events the scorer skips (a time outside the
+    calendar, common.features.in_calendar) are left out."""
     df = df.withColumn("_at", _event_time()).filter((F.col("_at") >= 0) & (F.col("_at") < LAST_MS))
     known_user = F.when(F.col("network_userid") != NIL_USER, F.col("network_userid"))   # not SP-Anonymous' nil id
     user = F.concat(F.lit("user:"), F.coalesce(F.col("domain_userid"), known_user, F.col("event_id")))
     sid = F.col("domain_sessionid")
-    by_key = Window.partitionBy("_key").orderBy("_at", "event_id")
-    gap = F.col("_at") - F.lag("_at").over(by_key)
+    by_key = Window.partitionBy("_key").orderBy("collector_tstamp", "_at", "event_id")
+    # A late event (a retry, an offline queue) arrives after later ones: it continues the session
+    # when it is within the gap of the newest event seen, as online, not of its neighbour in time.
+    latest_before = F.max("_at").over(by_key.rowsBetween(Window.unboundedPreceding, -1))
     run = F.col("_n")
     return (df.withColumn("_key", F.coalesce(sid, user))
-            .withColumn("_new", F.when(gap.isNull() | (gap > gap_minutes * 60_000), 1).otherwise(0))
+            .withColumn("_new", F.when(latest_before.isNull() | (F.col("_at") - latest_before > gap_minutes * 60_000), 1)
+                        .otherwise(0))
             .withColumn("_n", F.sum("_new").over(by_key.rowsBetween(Window.unboundedPreceding, 0)))
             .withColumn("session_id", F.when(sid.isNotNull() & (run == 1), sid)
                         .otherwise(F.concat(F.col("_key"), F.lit(":"), run.cast("string"))))
@@ -145,15 +149,15 @@ def _json(value, column: str, event_id):
 
 
 def records(frame: pd.DataFrame) -> list[dict]:
-    """Event dicts as the scorer sees them, in time order, each event once (the lake is
-    at-least-once: a duplicate event_id would count twice). Of a re-sent event's copies the first
-    collected is kept, as the scorer keeps the first to arrive."""
+    """Event dicts as the scorer sees them, in the order it folds them (``arrival_order``), each event
+    once (the lake is at-least-once: a duplicate event_id would count twice). Of a re-sent event's
+    copies the first collected is kept, as the scorer keeps the first to arrive."""
     # Column lists, not pandas rows: a session is small and wide, where pandas' per-row access is slow.
     # Missing values (NaN, also pandas 3's missing strings) become None, like JSON null.
     names = [c for c in frame.columns if c != "session_id"]
     columns = [[None if isinstance(v, float) and math.isnan(v) else v for v in frame[c].tolist()] for c in names]
     rows = [dict(zip(names, values)) for values in zip(*columns)]
-    rows.sort(key=lambda event: parse_ms(event["collector_tstamp"]))    # stable: the first collected first
+    rows.sort(key=arrival_order)
     json_columns = [c for c in JSON_COLUMNS if c in frame.columns]
     events, seen = [], set()
     for event in rows:
@@ -163,17 +167,19 @@ def records(frame: pd.DataFrame) -> list[dict]:
         for column in json_columns:
             event[column] = _json(event[column], column, event["event_id"])
         events.append(event)
-    events.sort(key=order)
     return events
 
 
-def order(event: dict) -> tuple:
-    """Time order of a session's events (ties broken by arrival, then id, so it is deterministic)."""
-    return event_time_ms(event), parse_ms(event["collector_tstamp"]), event["event_id"]
+def arrival_order(event: dict) -> tuple:
+    """The order in which the scorer folds a session's events: as collected (a late retry or an
+    offline queue's events come after those collected before them, whenever they happened). Events
+    of one request share a collection time; they are in time order, as the tracker queued them,
+    then by id (the scorer keeps the request's order: two created in the same millisecond may differ)."""
+    return parse_ms(event["collector_tstamp"]), event_time_ms(event), event["event_id"]
 
 
 def examples_of(session_id: str, events: list[dict]) -> pd.DataFrame:
-    """The example rows of one session whose events are already in time order."""
+    """The example rows of one session whose events are already in arrival order."""
     bought = int(any(is_purchase(event) for event in events))
     ids, times, rows = [], [], []
     for event, row in session_prefixes(events):

@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from functools import lru_cache
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from importlib import resources
+from zoneinfo import ZoneInfo
 
 FEATURE_VERSION = "2"
 SHOP_VENDOR = "com.clickshop"
@@ -203,12 +204,19 @@ def page_type(event: dict) -> str:
     return "content"
 
 
+# Zones come from the pinned tzdata package, not the host's database: the scorer and training read
+# the same rules wherever they run (zones change them: Paraguay and Kazakhstan in 2024), and names
+# that are not zones ("localtime": the host's own; "posixrules") cannot make features host-dependent.
+_ZONE_NAMES = frozenset(resources.files("tzdata").joinpath("zones").read_text().split()) - {"Factory"}
+
+
 @lru_cache(maxsize=512)
 def _zone(name: str):
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    """The tracker's time zone (``os_timezone``); UTC for a name tzdata does not list."""
+    if name not in _ZONE_NAMES:
         return UTC
+    with resources.files("tzdata.zoneinfo").joinpath(*name.split("/")).open("rb") as data:
+        return ZoneInfo.from_file(data, key=name)
 
 
 def _number(value, default=0.0) -> float:
@@ -229,7 +237,10 @@ def _number(value, default=0.0) -> float:
 
 def _start(state: SessionState, event: dict, at_ms: int) -> None:
     state.start_ms = at_ms
-    moment = datetime.fromtimestamp(at_ms / 1000, _zone(event.get("os_timezone") or "UTC"))
+    try:
+        moment = datetime.fromtimestamp(at_ms / 1000, _zone(event.get("os_timezone") or "UTC"))
+    except (OverflowError, ValueError, OSError):     # the last hours of 9999 have no local date east of UTC
+        moment = datetime.fromtimestamp(at_ms / 1000, UTC)
     state.local_hour, state.local_weekday = moment.hour, moment.weekday()
     state.device = event.get("dvce_type")
     state.referer = event.get("refr_medium")
@@ -328,8 +339,9 @@ def features(state: SessionState, now_ms: int | None = None) -> list[float]:
 
 
 def session_prefixes(events):
-    """Yield ``(event, features)`` after each event of one session (events in time order), up to
-    (not including) the first purchase: the training examples, with the event that ends each prefix."""
+    """Yield ``(event, features)`` after each event of one session (in arrival order, as the scorer
+    folds them), up to (not including) the first purchase: the training examples, with the event
+    that ends each prefix."""
     state = SessionState()
     for event in events:
         if is_purchase(event):
@@ -339,7 +351,7 @@ def session_prefixes(events):
 
 
 def session_features(events) -> list[list[float]]:
-    """Prefix rows of one session (events in time order): the features after each event, up to
+    """Prefix rows of one session (events in arrival order): the features after each event, up to
     (not including) the first purchase. For tests and benchmarks; training runs ``session_prefixes``."""
     return [row for _, row in session_prefixes(events)]
 

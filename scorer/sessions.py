@@ -18,6 +18,11 @@ from scorer import metrics
 # the future (a collector whose clock ran ahead) would otherwise end every session on the shard idle
 # for the timeout before that time; kept well below the 30-minute session timeout.
 MAX_AHEAD_MS = 5 * 60_000
+# How long past its timeout a session is kept before the sweep frees it. Whether an event continues
+# a session is decided when it arrives, by its own time (session_for); a retried or queued event
+# arrives after newer ones of other sessions, which move the watermark: without the grace a sweep
+# falling between the two records would cut a session a replay batched otherwise keeps whole.
+SWEEP_GRACE_MS = 5 * 60_000
 
 
 class Session:
@@ -110,7 +115,8 @@ class SessionStore:
         metrics.EVICTIONS.labels(reason).inc()
 
     def sweep(self, limit: int = 10_000) -> int:
-        """Drop sessions inactive for longer than the timeout (by their shard's event-time watermark).
+        """Drop sessions inactive for longer than the timeout and SWEEP_GRACE_MS (by their shard's
+        event-time watermark).
 
         Walks each shard from its least recently seen end and stops at its first live session, so it
         costs little.
@@ -121,7 +127,7 @@ class SessionStore:
             watermark = slowest if shard_id in self.finished else self.watermark_ms.get(shard_id)
             for session_id in islice(order, limit):
                 session = self.sessions[session_id]
-                if watermark is None or watermark - session.state.seen_ms <= self.timeout_ms:
+                if watermark is None or watermark - session.state.seen_ms <= self.timeout_ms + SWEEP_GRACE_MS:
                     break
                 expired.append(session)
         for session in expired:

@@ -527,7 +527,7 @@ def test_a_worker_that_read_the_parent_rebuilds_a_session_it_let_expire_when_it_
         rig.drain()
     assert {lease.owner for lease in leases.leases()[0] if lease.checkpoint != "SHARD_END"} == {
         a.worker.consumer.worker_id, b.worker.consumer.worker_id}
-    a.put([make_event(x, T0 + 25 * minute), make_event(w, T0 + 35 * minute)])
+    a.put([make_event(x, T0 + 25 * minute), make_event(w, T0 + 36 * minute)])   # past timeout and grace
     time.sleep(0.3)
     b.drain()
     a.drain()
@@ -863,3 +863,28 @@ def test_a_shard_taken_before_its_checkpoint_is_dropped_and_the_others_are_check
     assert all(lease.checkpoint for shard, lease in rows.items() if shard != first)
     assert first not in rig.worker.consumer.owned and not rig.worker.pending_batches
     assert not any(session.shard_id == first for session in rig.worker.store.sessions.values())
+
+
+def test_a_late_event_continues_its_session_however_the_records_were_batched():
+    """X's third event happened 29 min 50 s after its second but arrives 30 s late, after another
+    session moved the shard's watermark past X's timeout. Whether a flush (and its sweep) fell
+    between the two records decided whether it continued X (events 3) or started a new session
+    (events 1), so a replay batched otherwise rebuilt another state."""
+    from scorer.sessions import SessionStore
+
+    minute = 60_000
+    arrivals = [("X", T0), ("X", T0 + minute), ("Y", T0 + 31 * minute + 10_000), ("X", T0 + 30 * minute + 50_000)]
+
+    def events_of_x(sweep_after: set[int]) -> list[int]:
+        store = SessionStore(30 * minute, 100, 8, clock=lambda: (T0 + 10**8) / 1000)
+        counts = []
+        for index, (session_id, at_ms) in enumerate(arrivals):
+            session = store.session_for(session_id, "shard-A", at_ms, None)
+            step(session.state, {"event_id": str(index), "event": "page_view", "collector_tstamp": at_ms}, at_ms)
+            if session_id == "X":
+                counts.append(session.state.events)
+            if index in sweep_after:
+                store.sweep()
+        return counts
+
+    assert events_of_x(set()) == events_of_x({2}) == [1, 2, 3]

@@ -345,3 +345,25 @@ def test_the_features_of_fixed_sessions_are_pinned_to_the_feature_version():
         f"the features of the pinned sessions changed ({digest.hexdigest()[:16]}): bump "
         "common.features.FEATURE_VERSION and pin the new fingerprint under it (unless tests/train/synth.py's "
         "sessions changed, not the fold)")
+
+
+def _hour_and_weekday(zone: str | None, at: str) -> tuple[float, float]:
+    event = {"event_id": "e", "event": "page_view", "collector_tstamp": at, "os_timezone": zone}
+    row = dict(zip(FEATURE_NAMES, session_features([event])[0]))
+    return row["local_hour"], row["local_weekday"]
+
+
+@pytest.mark.parametrize("zone", ["localtime", "posixrules", "Factory", "Europe/../Berlin", "Mars/Olympus", "", None])
+def test_a_name_that_is_no_zone_reads_as_utc_whatever_the_hosts_zone(zone):
+    """"localtime" opened the host's own zone (hour 10 on a UTC host, 15 on one in Kolkata, 2 in Los
+    Angeles), "posixrules" New York's: training and scoring on different hosts disagreed."""
+    assert _hour_and_weekday(zone, "2026-11-20T10:00:00.000Z") == (10.0, 4.0)
+
+
+@pytest.mark.parametrize("zone, at, expected", [
+    ("Asia/Kolkata", "2026-11-20T10:00:00.000Z", (15.0, 4.0)),          # half-hour offset
+    ("America/Los_Angeles", "2026-03-08T10:30:00.000Z", (3.0, 6.0)),    # just after the spring-forward gap
+    ("Asia/Tokyo", "9999-12-31T20:00:00.000Z", (20.0, 4.0)),            # no local date east of UTC: UTC's
+])
+def test_local_hour_and_weekday_come_from_the_pinned_zone_rules(zone, at, expected):
+    assert _hour_and_weekday(zone, at) == expected

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from batch.train import load_window, window_start_ms
-from batch.train_features import _as_millis, build_examples, order, require_trainable, sessionise
+from batch.train_features import _as_millis, arrival_order, build_examples, require_trainable, sessionise
 from batch.train_lake import TrainError, Window, unreadable_file_error
 from common.features import (
     FEATURE_NAMES,
@@ -40,7 +40,7 @@ def test_offline_rows_equal_the_online_fold_event_by_event(spark, lake_dir, even
     by_session = defaultdict(list)
     for event in events:
         by_session[event["domain_sessionid"]].append(event)
-    prefixes = {sid: list(itertools.takewhile(lambda e: not is_purchase(e), sorted(session, key=order)))
+    prefixes = {sid: list(itertools.takewhile(lambda e: not is_purchase(e), sorted(session, key=arrival_order)))
                 for sid, session in by_session.items()}
     newest = max(event_time_ms(e) for prefix in prefixes.values() for e in prefix)
     expected_rows, expected_keys, still_open, open_buyers = [], [], 0, 0
@@ -149,6 +149,50 @@ def test_pauses_purchases_resends_and_bad_times_make_the_scorers_sessions(spark,
     assert frame.groupby("session_id")["label"].max()[ancient[0]["domain_sessionid"]] == 1
     assert sessions[ancient[0]["domain_sessionid"]] == bought_at
     assert sessions[early[0]["domain_sessionid"]] == len(early)
+
+
+def _retimed(event: dict, happened_ms: int, collected_ms: int) -> dict:
+    return {**event, "derived_tstamp": synth.iso(happened_ms), "dvce_created_tstamp": synth.iso(happened_ms),
+            "collector_tstamp": synth.iso(collected_ms)}
+
+
+def test_late_events_fold_in_the_order_the_scorer_receives_them(spark, tmp_path):
+    """The scorer folds events as they arrive. A retried hit collected after the next one, or an
+    offline queue sent 25 minutes late, changes its state in that order: the session's start (its
+    local hour), its length, and whether a pause of 40 minutes between arrivals starts a new session.
+    Training in time order gave other rows and other sessions than those scored."""
+    rng = random.Random(41)
+    origin = int(START.timestamp() * 1000)
+    retried = synth.Session(rng, origin, session_id="retried")
+    retried.zone = "Europe/Berlin"
+    first, second, third = (retried.page("/", "home"), retried.page("/c/x", "category", "x"),
+                            retried.page("/c/y", "category", "y"))
+    hour = origin - origin % 3_600_000 + 14 * 3_600_000
+    retry = [_retimed(first, hour - 10_000, hour + 20_000),            # 13:59:50, collected after the next
+             _retimed(second, hour + 5_000, hour + 5_040), _retimed(third, hour + 300_000, hour + 300_040)]
+    queued = synth.Session(rng, origin, session_id="queued")
+    pages = [queued.page(f"/c/{n}", "category", "x") for n in range(4)]
+    at = hour + 3 * 3_600_000
+    offline_queue = [_retimed(pages[0], at, at + 40),
+                     _retimed(pages[1], at + 20 * 60_000, at + 45 * 60_000),   # sent 25 minutes late
+                     _retimed(pages[2], at + 40 * 60_000, at + 40 * 60_000 + 40),
+                     _retimed(pages[3], at + 41 * 60_000, at + 41 * 60_000 + 40)]
+    later = synth.session_events(rng, origin + 20 * 3_600_000, buyer=False)    # closes the others
+    buyers = [e for n in range(2) for e in synth.session_events(rng, origin + n * 3_600_000, buyer=True)]
+    events = retry + offline_queue + later + buyers
+    root = synth.write_lake_dir(tmp_path, events)
+
+    frame = build_examples(load_window(spark, _settings(root), WINDOW)).toPandas()
+    online = _scored_online(events)
+    for event in later:
+        online.pop(event["event_id"], None)
+    assert sorted(frame["event_id"]) == sorted(online)
+    offline = frame.set_index("event_id")
+    assert all(offline.loc[event_id, list(FEATURE_NAMES)].tolist() == row for event_id, row in online.items())
+    hour_at = FEATURE_NAMES.index("local_hour")
+    assert [online[e["event_id"]][hour_at] for e in retry] == [15.0] * 3      # started by 15:00:05 Berlin
+    assert offline.loc[[e["event_id"] for e in offline_queue], "session_id"].tolist() == \
+        ["queued", "queued:2", "queued:2", "queued:2"]                          # 40 minutes between arrivals
 
 
 def test_sessions_begun_before_the_windows_first_midnight_are_read_whole_and_left_out(spark, tmp_path):
