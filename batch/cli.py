@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import importlib
+import os
 import random
 import re
 import sys
@@ -32,12 +33,11 @@ from tqdm import tqdm
 from batch import erase, lake
 from batch.loader import LoaderSettings, hard_exit
 from common import aws
+from common.badrows import raw_record_of
 from common.cli import AwsGroup
 from common.config import ConfigError, load
 from common.producer import TOO_LARGE, entry_size, kinesis_key
 from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES, KinesisStream, StreamBackend
-
-RAW_SCHEMA_PREFIX = "iglu:com.clickstream/raw_record/"
 
 
 @click.group(cls=AwsGroup, help="Inspect the S3 lake, replay bad rows, erase a person's data.")
@@ -150,22 +150,6 @@ def _rate(bad: int, good: int) -> str:
 
 
 # ------------------------------------------------------------------------------------ replay-bad
-
-
-def raw_record_of(payload) -> dict | None:
-    """The raw record a bad row can be replayed from: the payload itself or its ``record``."""
-    if isinstance(payload, str):
-        try:
-            payload = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return None
-    if not isinstance(payload, dict):
-        return None
-    if str(payload.get("schema", "")).startswith(RAW_SCHEMA_PREFIX):
-        return payload
-    # An event-level failure: `record` is the raw record rewritten to carry only the failed event.
-    record = payload.get("record")
-    return raw_record_of(record) if record is not None else None
 
 
 def bad_row_type(row: dict) -> str:
@@ -385,7 +369,10 @@ def _write_unsent(path: Path | None, unsent: list[tuple[str, str, bytes, str]]) 
                                    "replay": {"source": source, "reason": reason}}) + b"\n"
                      for source, schema, data, reason in unsent)
     try:
-        path.write_bytes(gzip.compress(lines) if path.suffix == ".gz" else lines)
+        # Raw records hold IP addresses and cookie ids in clear: readable by their owner only.
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+            os.fchmod(out.fileno(), 0o600)          # a file already there keeps its mode otherwise
+            out.write(gzip.compress(lines) if path.suffix == ".gz" else lines)
     except OSError as exc:
         raise click.ClickException(f"could not write the {len(unsent)} unsent rows to {path}: {exc}; the files "
                                    "sent in full are listed above") from None

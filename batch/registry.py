@@ -58,7 +58,10 @@ def ls(obj):
     """Every published version with its AUC and parity; * marks CURRENT."""
     s3, bucket, name = obj
     current = registry.current_version(s3, bucket, name)
-    for version in registry.versions(s3, bucket, name):
+    found = registry.versions(s3, bucket, name)
+    if not found:
+        _say_none(s3, bucket, name)
+    for version in found:
         try:
             meta = registry.load(s3, bucket, name, version).meta
         except LookupError:
@@ -72,6 +75,13 @@ def ls(obj):
                    if auc is not None else f"{'*' if version == current else ' '} {version}")
 
 
+def _say_none(s3, bucket: str, name: str) -> None:
+    """On stderr: no version of ``name``, and which models the bucket does hold (a misspelt --name)."""
+    others = registry.model_names(s3, bucket)
+    click.echo(f"no version of model {name!r} in s3://{bucket}/{registry.PREFIX}/{name}/"
+               + (f" (models there: {', '.join(others)})" if others else " (no model published there)"), err=True)
+
+
 @cli.command()
 @click.pass_obj
 def current(obj):
@@ -82,7 +92,8 @@ def current(obj):
     except LookupError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps({k: bundle.meta.get(k) for k in ("name", "version", "algorithm", "feature_version",
-                                                          "threshold", "parity", "created_at")}, indent=2))
+                                                          "threshold", "parity", "promotion", "created_at")},
+                          indent=2))
     click.echo(f"roc_auc {bundle.meta['metrics']['roc_auc']:.4f}")
 
 
@@ -91,7 +102,10 @@ def current(obj):
 def history(obj):
     """Every move of CURRENT, oldest first."""
     s3, bucket, name = obj
-    for entry in registry.history(s3, bucket, name):
+    entries = registry.history(s3, bucket, name)
+    if not entries:
+        _say_none(s3, bucket, name)
+    for entry in entries:
         click.echo(f"{entry['at']}  {entry['previous'] or '-'} -> {entry['version']}  ({entry['reason']})")
 
 
@@ -99,6 +113,9 @@ def servable(s3, bucket: str, name: str, version: str, force: bool) -> None:
     """Refuse (ClickException) a version the scorers could not serve: a bundle that is incomplete,
     gone or unreadable; unless ``force``, one whose parity failed or, under the scorers' model name,
     whose features are not this code's (scorers refuse it and keep serving what they have)."""
+    if version not in (found := registry.versions(s3, bucket, name)):
+        raise click.ClickException(f"model {name!r} has no version {version!r} in s3://{bucket}; its versions: "
+                                   f"{', '.join(found[-5:]) or 'none'} (newest last; `ls` lists them all)")
     try:
         meta = registry.load(s3, bucket, name, version).meta
     except (LookupError, ValueError) as exc:
@@ -123,6 +140,9 @@ def promote(obj, version, force):
     """Move CURRENT to VERSION (a complete bundle with passing parity and the scorers' features)."""
     s3, bucket, name = obj
     servable(s3, bucket, name, version, force)
+    if registry.current_version(s3, bucket, name) == version:
+        click.echo(f"{version} is already CURRENT of {name}; nothing moved")
+        return
     try:
         registry.set_current(s3, bucket, name, version, reason="promoted by hand")
     except registry.Conflict as exc:

@@ -5,7 +5,6 @@ import errno
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 
@@ -13,7 +12,7 @@ import click
 
 from collector.config import CollectorSettings
 from common import logs
-from common.service import listening, settings_or_exit
+from common.service import bound_socket, listening, settings_or_exit
 
 
 @click.command()
@@ -63,13 +62,8 @@ def bindable_address(host: str, port: int) -> str:
     """The IP address granian should bind for ``host`` (it takes no host names), after checking that
     the port is free there: granian's own failure is a page of Python and Rust frames. Raises OSError
     (an unknown host, a port in use) for ``listening`` to tell in one line."""
-    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    # One address is bound: for a name with both, the IPv4 one (clients of `localhost` mostly use 127.0.0.1).
-    family, _, _, _, address = next((item for item in found if item[0] == socket.AF_INET), found[0])
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as servers bind: TIME_WAIT is no conflict
-        probe.bind(address)
-    return address[0]
+    with bound_socket(host, port) as probe:
+        return probe.getsockname()[0]
 
 
 def _as_os_error(exc: RuntimeError) -> Exception:

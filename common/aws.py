@@ -93,4 +93,8 @@ def explain(exc: Exception) -> str:
         return f"no AWS credentials found ({LOCAL_STACK_HINT}; for AWS, configure your usual credentials)"
     if isinstance(exc, EndpointConnectionError):
         return f"{exc} (is the emulator or LocalStack running? `make up` starts the local stack)"
+    error = getattr(exc, "response", {}).get("Error", {})
+    if error.get("Code") == "NoSuchBucket":
+        return (f"AWS: there is no bucket {error.get('BucketName', '?')!r} (set by CLICKSTREAM_BUCKET, the config "
+                "file's bucket key or --bucket; `make up` or `python -m infra.provision` creates it)")
     return f"AWS: {exc}"

@@ -160,10 +160,19 @@ def previous_version(entries: list[dict], current: str | None) -> str | None:
     return None
 
 
-def versions(s3, bucket: str, name: str = DEFAULT_MODEL) -> list[str]:
+def model_names(s3, bucket: str) -> list[str]:
+    """The names of the models published in ``bucket``."""
+    return _folders(s3, bucket, f"{PREFIX}/")
+
+
+def _folders(s3, bucket: str, prefix: str) -> list[str]:
     paginator = s3.get_paginator("list_objects_v2")
     found = set()
-    for page in paginator.paginate(Bucket=bucket, Prefix=f"{PREFIX}/{name}/", Delimiter="/"):
-        for prefix in page.get("CommonPrefixes", []):
-            found.add(prefix["Prefix"].rstrip("/").rsplit("/", 1)[-1])
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        for folder in page.get("CommonPrefixes", []):
+            found.add(folder["Prefix"].rstrip("/").rsplit("/", 1)[-1])
     return sorted(found)
+
+
+def versions(s3, bucket: str, name: str = DEFAULT_MODEL) -> list[str]:
+    return _folders(s3, bucket, f"{PREFIX}/{name}/")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import signal
+import socket
 import sys
 import threading
 from contextlib import contextmanager
@@ -28,6 +29,22 @@ def listening(keys: str, host: str, port: int):
     except OSError as exc:
         print(f"cannot listen on {host}:{port} ({keys}): {exc.strerror or exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (a name resolves to its IPv4 address when it has one:
+    clients of `localhost` mostly use 127.0.0.1). Raises OSError (an unknown host, a port in use)
+    for ``listening`` to tell in one line."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = next((item for item in found if item[0] == socket.AF_INET), found[0])
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as servers bind: TIME_WAIT is no conflict
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def stop_on_signals() -> threading.Event:

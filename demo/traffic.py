@@ -36,6 +36,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from common.features import MAX_EVENT_AGE_MS
 from demo import catalogue as cat
 from demo.sessions import Session, SessionFactory
 
@@ -359,8 +360,10 @@ def _sleep_until(when: float, clock: Callable[[], float]) -> None:
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
               help="events per second [default: 20 live, unlimited in backfill]")
 @click.option("--seed", default=1, show_default=True, type=int, help="same seed, same sessions")
-@click.option("--backfill-days", default=0.0, show_default=True, type=click.FloatRange(min=0),
-              help="spread sessions over the last D days and send them at once (0: live)")
+@click.option("--backfill-days", default=0.0, show_default=True,
+              type=click.FloatRange(min=0, max=MAX_EVENT_AGE_MS / 86_400_000),
+              help="spread sessions over the last D days and send them at once (0: live); at most 30, as "
+                   "event times further back are taken as their collection time")
 @click.option("--buy-share", default=0.1, show_default=True, type=click.FloatRange(0, 1),
               help="approximate share of sessions that end in a purchase")
 @click.option("--speed", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),

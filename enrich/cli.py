@@ -1,13 +1,16 @@
 """``python -m enrich.cli``: list, lint and try schemas; enrich a file of raw records offline."""
 from __future__ import annotations
 
+import gzip
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 import orjson
 from tqdm import tqdm
 
+from common.badrows import is_bad_row, raw_record_of
 from common.config import ConfigError, load
 from enrich.config import EnrichSettings
 from enrich.registry import EMBEDDED, Resolver, SchemaKey, SchemaKeyError, lint
@@ -109,21 +112,49 @@ def validate(schema_key: str, data: str, registries: str | None) -> None:
 @click.option("--good", "good_file", type=click.File("wb"), default="-", help="enriched events (JSON lines)")
 @click.option("--bad", "bad_file", type=click.File("wb"), default="-", help="bad rows (JSON lines)")
 def process(raw_file, good_file, bad_file) -> None:
-    """Enrich a file of raw records (one JSON per line), e.g. to check a replay before sending it."""
+    """Enrich a file of raw records (one JSON per line, gzip or not), e.g. to check a replay before
+    sending it. Bad rows (a file `python -m batch.cli` downloaded, or replay-bad's unsent rows) are
+    read for the raw record they carry, as replay-bad sends it. Counts go to stderr."""
     from enrich.pipeline import Enricher
 
     try:
         enricher = Enricher(load(EnrichSettings, section="enrich"))
     except ConfigError as exc:
         raise click.ClickException(str(exc))
-    for line in tqdm(raw_file, unit="record", disable=None):
-        if not line.strip():
+    counts = dict.fromkeys(("records", "from bad rows", "bad rows without a record", "events", "bad rows"), 0)
+    for line in tqdm(_lines(raw_file), unit="record", disable=None):
+        record = _raw_record(line, counts)
+        if record is None:
             continue
-        events, rows = enricher.process(line.rstrip(b"\n"))
+        counts["records"] += 1
+        events, rows = enricher.process(record)
         for _, event in events:
             good_file.write(orjson.dumps(event) + b"\n")
         for row in rows:
             bad_file.write(orjson.dumps(row) + b"\n")
+        counts["events"] += len(events)
+        counts["bad rows"] += len(rows)
+    click.echo(", ".join(f"{count} {what}" for what, count in counts.items()), err=True)
+
+
+def _lines(file) -> Iterator[bytes]:
+    """The file's non-empty lines, gunzipped when it is gzip."""
+    if file.peek(2)[:2] == b"\x1f\x8b":       # gzip's magic number (click opens files buffered)
+        file = gzip.GzipFile(fileobj=file)
+    return (line.rstrip(b"\n") for line in file if line.strip())
+
+
+def _raw_record(line: bytes, counts: dict[str, int]) -> bytes | None:
+    """The raw record of a line: the line itself, or the record a bad row carries (None: it has none)."""
+    try:
+        row = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return line                     # not JSON: the enricher says so in a bad row of its own
+    if not is_bad_row(row):
+        return line
+    record = raw_record_of((row.get("data") or {}).get("payload"))
+    counts["from bad rows" if record is not None else "bad rows without a record"] += 1
+    return orjson.dumps(record) if record is not None else None
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@ host give it a port of its own.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 
 from common import aws
 from common.consumer import consumer_for
 from common.producer import Producer
-from common.service import stop_on_signals
+from common.service import bound_socket, listening, stop_on_signals
 from common.streams import KinesisStream
 from scorer.api import ScorerApp
 from scorer.config import ScorerSettings
@@ -48,7 +49,7 @@ def start_worker(worker: Worker, stop: threading.Event) -> threading.Thread:
     return thread
 
 
-def _serve_api(app: ScorerApp, settings: ScorerSettings, stop: threading.Event) -> None:
+def _serve_api(app: ScorerApp, settings: ScorerSettings, stop: threading.Event, sock: socket.socket) -> None:
     """uvicorn (httptools, uvloop): every request runs on this one thread.
 
     Not granian, which is faster for a bare endpoint: onnxruntime releases the GIL for each run,
@@ -66,10 +67,14 @@ def _serve_api(app: ScorerApp, settings: ScorerSettings, stop: threading.Event) 
         stop.wait()
         server.should_exit = True
     threading.Thread(target=exit_on_stop, name="api-stop", daemon=True).start()
-    server.run()     # returns on SIGTERM/SIGINT, then re-raises it to our handler
+    server.run(sockets=[sock])     # returns on SIGTERM/SIGINT, then re-raises it to our handler
 
 
 def serve(settings: ScorerSettings) -> None:
+    # The port first: taken, this process must stop before its worker takes shards from a running
+    # scorer (which would replay them, and again at every restart of this one).
+    with listening("host, port", settings.host, settings.port):
+        sock = bound_socket(settings.host, settings.port)
     models = Models(aws.client("s3", settings.region), settings.bucket, settings.model_name, settings.shadow_version)
     models.refresh()
     if models.champion is None:
@@ -83,7 +88,7 @@ def serve(settings: ScorerSettings) -> None:
     try:
         log.info("scorer %s on http://%s:%d", "API" if settings.run_api else "/ping and /metrics", settings.host,
                  settings.port)
-        _serve_api(app, settings, stop)
+        _serve_api(app, settings, stop, sock)
     finally:
         stop.set()
         models.stop()

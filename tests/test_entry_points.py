@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, settings_env
 
 COMMANDS = ("collector", "enrich", "enrich.cli", "scorer", "discount", "batch.loader", "batch.cli", "batch.train",
             "batch.registry", "demo", "demo.liveview", "demo.summary", "demo.traffic", "demo.web", "infra.provision",
@@ -84,6 +84,7 @@ def test_aws_failures_are_one_clear_line(command, case, overrides, expected):
     ("discount", "CLICKSTREAM_METRICS_PORT", "metrics_host, metrics_port"),
     ("demo.web", "CLICKSTREAM_WEB_PORT", "web_host, web_port"),
     ("collector", "CLICKSTREAM_COLLECTOR_PORT", "host, port"),
+    ("scorer", "CLICKSTREAM_SCORER_PORT", "host, port"),     # before its worker takes any shard
 ])
 def test_a_server_that_cannot_listen_says_which_settings_in_one_line(module, port_key, host_key):
     with socket.socket() as taken:
@@ -104,3 +105,12 @@ def test_provision_says_what_it_waits_for_before_giving_up():
     first, last = result.stderr.splitlines()[0], result.stderr.splitlines()[-1]
     assert result.returncode == 1 and first == "waiting up to 1 s for http://127.0.0.1:9 (--wait) ..."
     assert "is the emulator or LocalStack running?" in last
+
+
+@pytest.mark.parametrize("command", [["batch.cli", "ls"], ["batch.registry", "ls"], ["batch.cli", "stats"]])
+def test_a_bucket_that_does_not_exist_is_named_with_where_it_was_set(aws_settings, command):
+    env = {**os.environ, **settings_env(aws_settings), "CLICKSTREAM_BUCKET": "clickstream-lake-typo"}
+    result = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "there is no bucket 'clickstream-lake-typo' (set by CLICKSTREAM_BUCKET" in result.stderr.splitlines()[-1]

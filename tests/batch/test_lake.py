@@ -17,9 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 from batch import lake
-from batch.cli import lake_cli, raw_record_of
+from batch.cli import lake_cli
 from batch.loader import write_bad, write_enriched
 from common import aws
+from common.badrows import raw_record_of
 from common.streams import KinesisStream
 from tests.batch.conftest import BASE, ROOT_DIR, event_records, make_bad_row, make_event, make_raw, stream_records
 from tests.faults import FaultProxy
@@ -400,6 +401,7 @@ def test_replay_bad_that_gives_up_names_what_was_sent_and_writes_exactly_the_res
     assert f"5 rows were not sent (the 4 others were); they are in {unsent}" in result.output
     assert f"replay-bad --from-file {unsent}" in result.output
     assert "replayed 4 raw records" in result.output
+    assert unsent.stat().st_mode & 0o777 == 0o600            # raw records: IPs and cookie ids in clear
     sent = raws[0] + raws[1][:1]
     assert sorted(_raw_in_stream(aws_settings), key=lambda r: r["collector_tstamp"]) == sent
 

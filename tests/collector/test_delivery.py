@@ -156,6 +156,9 @@ def test_sigterm_flushes_everything(streams, make_collector, tmp_path):
 
 def test_several_workers_share_the_load_and_report_summed_metrics(streams, make_collector, tmp_path):
     collector = make_collector(collector_env(streams, tmp_path / "spool", workers=2))
+    # /health answered by one worker: on a busy machine the other may still be starting, and the
+    # first would take every connection.
+    wait_for(lambda: len(list((tmp_path / "spool").glob("worker-*/pid"))) == 2, 30, what="both workers started")
     marker = uuid.uuid4().hex
     assert send_hits(collector.url, marker, 200, threads=16) == [200] * 200
     records = read_stream(streams.raw_stream, until=lambda r: len(with_marker(r, marker)) >= 200)

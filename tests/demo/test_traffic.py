@@ -334,3 +334,10 @@ def test_the_demo_picks_new_sessions_on_a_stack_that_holds_an_earlier_run(monkey
     assert demo_seed(stack_was_up=True) != 7                  # same ids again: duplicates, offers already made
     monkeypatch.setenv("DEMO_SEED", "7")
     assert demo_seed(stack_was_up=True) == 7
+
+
+def test_a_backfill_further_back_than_event_times_may_reach_is_refused():
+    """Event times more than 30 days before their collection are taken as the collection time (a
+    reset device clock): a 45-day backfill would have put its first two weeks' sessions at "now"."""
+    result = CliRunner().invoke(traffic.main, ["--backfill-days", "45"])
+    assert result.exit_code == 2 and "--backfill-days" in result.output and "0<=x<=30" in result.output

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import urllib.parse
 
 import orjson
@@ -267,6 +268,19 @@ def test_cli_process_enriches_a_file_of_raw_records_offline(tmp_path):
     assert result.exit_code == 0, result.output
     assert [orjson.loads(line)["event"] for line in good.read_bytes().splitlines()] == ["page_view", "struct"]
     assert b"collector_payload_format_violation" in bad.read_bytes()
+    assert "3 records, 0 from bad rows, 0 bad rows without a record, 2 events, 1 bad rows" in result.stderr
+
+    # Bad rows downloaded from the lake (gzip): their raw records, as replay-bad would send them.
+    event_level = {"record": orjson.loads(get_record({**BASE, "e": "pv"})), "parameters": {"e": "pv"}}
+    rows = [{"schema": "iglu:com.snowplowanalytics.snowplow.badrows/schema_violations/jsonschema/2-0-0",
+             "data": {"payload": payload}} for payload in (event_level, {"enriched": {}})]
+    downloaded = tmp_path / "bad.jsonl.gz"
+    downloaded.write_bytes(gzip.compress(b"".join(orjson.dumps(row) + b"\n" for row in rows)))
+    again = CliRunner(env={"CLICKSTREAM_PSEUDONYMISATION_KEY": KEY}).invoke(
+        cli, ["process", str(downloaded), "--good", str(good), "--bad", str(bad)])
+    assert again.exit_code == 0, again.output
+    assert [orjson.loads(line)["event"] for line in good.read_bytes().splitlines()] == ["page_view"]
+    assert "1 records, 1 from bad rows, 1 bad rows without a record, 1 events, 0 bad rows" in again.stderr
     refused = CliRunner(env={"CLICKSTREAM_PSEUDONYMISATION_KEY": None}).invoke(cli, ["process", str(raw)])
     assert refused.exit_code != 0 and "CLICKSTREAM_PSEUDONYMISATION_KEY" in refused.output
 

@@ -226,3 +226,30 @@ def test_training_replaces_a_current_whose_bundle_is_gone(aws_settings):
     assert outcome["promoted"], outcome["reasons"]
     assert "cannot be loaded" in outcome["champion"]["note"]
     assert registry.current_version(s3, settings.bucket, settings.model_name) == outcome["version"]
+
+
+def test_the_registry_cli_says_what_it_did_not_find_and_does_not_record_a_move_to_where_current_is(aws_settings):
+    from click.testing import CliRunner
+
+    from batch import registry as registry_cli
+    from common import aws, registry
+    from tests.conftest import settings_env
+
+    s3 = aws.client("s3")
+    bucket, name = aws_settings.bucket, "cli-test"
+    meta = {"parity": {"passed": True}, "promotion": {"promoted": True, "reasons": []}, "metrics": {"roc_auc": 0.8}}
+    for version in ("20261201T000000Z", "20261202T000000Z"):
+        registry.publish(s3, bucket, name, version, {"model.onnx": b"onnx", "model.json": json.dumps(meta).encode()})
+    registry.set_current(s3, bucket, name, "20261202T000000Z", reason="train")
+    env, run = settings_env(aws_settings), CliRunner().invoke
+
+    typo = run(registry_cli.cli, ["--name", "cli-tset", "ls"], env=env)
+    assert typo.exit_code == 0 and "no version of model 'cli-tset'" in typo.output and "cli-test" in typo.output
+    unknown = run(registry_cli.cli, ["--name", name, "promote", "latest"], env=env)
+    assert unknown.exit_code == 1 and "has no version 'latest'" in unknown.output
+    assert "20261201T000000Z, 20261202T000000Z" in unknown.output and "incomplete" not in unknown.output
+    again = run(registry_cli.cli, ["--name", name, "promote", "20261202T000000Z"], env=env)
+    assert again.exit_code == 0 and "already CURRENT" in again.output
+    assert len(registry.history(s3, bucket, name)) == 1                  # no "X -> X" entry
+    shown = run(registry_cli.cli, ["--name", name, "current"], env=env)
+    assert shown.exit_code == 0 and '"promoted": true' in shown.output                            # the gates' reasons, as operations.md says
