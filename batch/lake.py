@@ -113,14 +113,25 @@ def payload_text(data: bytes) -> tuple[str, str]:
         return base64.b64encode(data).decode("ascii"), "base64"
 
 
-def loader_bad_row(data: bytes, errors: list[dict], failure_type: str = "RowDecodingError") -> dict:
+def loader_bad_row(data: bytes, errors: list[dict]) -> dict:
+    """A loader_parsing_error 2-0-0 row: a RowDecodingError with ``errors`` (``invalid_value`` or
+    ``unhandled`` items, the shapes of Snowplow's schema)."""
     payload, encoding = payload_text(data)
-    failure = {"type": failure_type, "errors": errors}
+    failure = {"type": "RowDecodingError", "errors": errors}
     if encoding != "utf-8":
         failure["payload_encoding"] = encoding
     return {"schema": LOADER_BAD_SCHEMA,
             "data": {"processor": {"artifact": LOADER_ARTIFACT, "version": LOADER_VERSION},
                      "failure": failure, "payload": payload}}
+
+
+def unhandled(message: str) -> dict:
+    return {"type": "UnhandledRowDecodingError", "message": message}
+
+
+def invalid_value(key: str, value: object, message: str) -> dict:
+    text = "" if value is None else value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+    return {"type": "InvalidValue", "key": key, "value": text[:1024], "message": message}
 
 
 def jsonl_gz(rows: Iterable[dict]) -> bytes:
@@ -290,11 +301,10 @@ def _convert(payloads: list[bytes]) -> Converted:
         try:
             event = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            bad.append((i, loader_bad_row(data, [{"type": "NotJSON", "message": str(exc)}], "NotJSON")))
+            bad.append((i, loader_bad_row(data, [unhandled(f"not JSON: {exc}")])))
             continue
         if not isinstance(event, dict):
-            bad.append((i, loader_bad_row(data, [{"type": "NotJSONObject", "message": "expected a JSON object"}],
-                                          "NotJSON")))
+            bad.append((i, loader_bad_row(data, [unhandled("not a JSON object")])))
             continue
         events.append(event)
         origin.append(i)
@@ -304,7 +314,8 @@ def _convert(payloads: list[bytes]) -> Converted:
         # Move the offending events to bad rows and convert the rest again: a column that failed
         # on one event hid the checks on its other values (a missing collector_tstamp, say).
         for i in sorted(errors):
-            messages = [{"type": "InvalidValue", "message": m} for m in errors[i]]
+            # Each reason reads "<column>: <what is wrong>".
+            messages = [invalid_value(m.partition(":")[0], events[i].get(m.partition(":")[0]), m) for m in errors[i]]
             bad.append((origin[i], loader_bad_row(payloads[origin[i]], messages)))
         events = [event for i, event in enumerate(events) if i not in errors]
         origin = [position for i, position in enumerate(origin) if i not in errors]

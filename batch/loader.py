@@ -132,7 +132,7 @@ def _convert(payloads: list[bytes]) -> lake.Converted:
         try:
             one = lake.convert([data])
         except Exception as exc:  # noqa: BLE001 - whatever it is, the record is kept as a bad row
-            bad.append((i, lake.loader_bad_row(data, [{"type": type(exc).__name__, "message": str(exc)}])))
+            bad.append((i, lake.loader_bad_row(data, [lake.unhandled(f"{type(exc).__name__}: {exc}")])))
             continue
         tables.append(one.table)
         bad += [(i, row) for _, row in one.bad]
@@ -145,11 +145,11 @@ def write_bad(sink: Sink, shard_id: str, records: list[Record], stream: str) -> 
     rows = []
     for record in records:
         try:
-            row, reason = orjson.loads(record.data), "expected a JSON object"
+            row, reason = orjson.loads(record.data), "not a JSON object"
         except orjson.JSONDecodeError as exc:
-            row, reason = None, str(exc)
+            row, reason = None, f"not JSON: {exc}"
         if not isinstance(row, dict):                   # not JSON, or JSON but null, a list, a number
-            row = lake.loader_bad_row(record.data, [{"type": "NotJSON", "message": reason}], "NotJSON")
+            row = lake.loader_bad_row(record.data, [lake.unhandled(reason)])
         rows.append((record, row))
     by_hour = _by_arrival_hour(rows)
     for hour, hour_rows in by_hour.items():

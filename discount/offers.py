@@ -25,6 +25,7 @@ from botocore.exceptions import ClientError
 
 from common.aws import ttl_expired
 
+OFFER_SCHEMA = "iglu:com.clickstream/offer/jsonschema/1-0-0"   # docs/contracts.md and discount-engine.md
 OFFER_NAMESPACE = uuid.UUID("6f1c3c1e-2f52-4c55-9a55-5d2c8a0c7d10")
 BUDGET_PREFIX = "budget#"
 STRING_FIELDS = ("session_id", "event_id", "decision", "model_name", "model_version")
@@ -95,7 +96,7 @@ class OfferTable:
     def offer_item(self, prediction: Prediction, now: float) -> dict:
         identifier = offer_id(prediction.session_id)
         return {
-            "session_id": {"S": prediction.session_id}, "kind": {"S": "offer"},
+            "schema": {"S": OFFER_SCHEMA}, "session_id": {"S": prediction.session_id}, "kind": {"S": "offer"},
             "offer_id": {"S": identifier},
             "code": {"S": f"SAVE{self.discount_percent}-{identifier[:8].upper()}"},
             "discount_percent": {"N": str(self.discount_percent)},

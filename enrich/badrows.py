@@ -6,6 +6,8 @@ record-level failures, and for one event of a POST the raw record rewritten to c
 """
 from __future__ import annotations
 
+import orjson
+
 from enrich import __version__
 from enrich.enrichments import iso_ms, utc_now_ms
 
@@ -27,11 +29,18 @@ def _row(kind: str, failure: dict, payload: object) -> dict:
                      "payload": payload}}
 
 
-def message(field: str | None, value: object, expectation: str) -> dict:
-    """One ``{field, value, expectation}`` item, Snowplow's shape for protocol and input-data errors."""
-    if isinstance(value, str) and len(value) > 1024:
+def message(field: str, value: object, expectation: str) -> dict:
+    """One ``{field, value, expectation}`` item, Snowplow's shape for protocol and input-data errors:
+    the value as text (or null), the field and expectation within the badrows schemas' lengths."""
+    if value is not None and not isinstance(value, str):
+        value = orjson.dumps(value, default=str).decode()
+    if value is not None and len(value) > 1024:
         value = value[:1024] + "…"
-    return {"field": field, "value": value, "expectation": expectation}
+    return {"field": field[:64], "value": value, "expectation": _clip(expectation, 256)}
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def format_violation(raw: bytes, error: str) -> dict:

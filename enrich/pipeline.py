@@ -44,10 +44,12 @@ log = logging.getLogger(__name__)
 V_ETL = f"clickstream-enrich-{__version__}"
 EVENT_TYPES = {"pv": "page_view", "pp": "page_ping", "se": "struct", "ev": "struct", "ue": "unstruct",
                "tr": "transaction", "ti": "transaction_item"}
-# event_vendor/event_name of built-in events, as Snowplow names them.
-BUILTIN_NAMES = {"page_view": "page_view", "page_ping": "page_ping", "struct": "event",
-                 "transaction": "transaction", "transaction_item": "transaction_item"}
 SNOWPLOW = "com.snowplowanalytics.snowplow"
+# event_vendor/event_name of built-in events, as Snowplow's enrich names them (structured events
+# keep the Google Analytics vendor they came from).
+BUILTIN_NAMES = {"page_view": (SNOWPLOW, "page_view"), "page_ping": (SNOWPLOW, "page_ping"),
+                 "struct": ("com.google.analytics", "event"), "transaction": (SNOWPLOW, "transaction"),
+                 "transaction_item": (SNOWPLOW, "transaction_item")}
 CONTEXTS_KEYS = {"iglu:com.snowplowanalytics.snowplow/contexts/jsonschema/1-0-0",
                  "iglu:com.snowplowanalytics.snowplow/contexts/jsonschema/1-0-1"}
 UNSTRUCT_KEY = "iglu:com.snowplowanalytics.snowplow/unstruct_event/jsonschema/1-0-0"
@@ -203,7 +205,7 @@ class Enricher:
             except Exception as exc:  # a bug must cost one bad row, not a stalled shard
                 log.exception("unexpected error enriching an event")
                 self._add_bad_row(bad, unwritable, index, EventFailure("enrichment_failures", [
-                    {"enrichment": None, "message": {"error": f"{type(exc).__name__}: {exc}"}}]), hit, params)
+                    {"enrichment": None, "message": {"error": f"{type(exc).__name__}: {exc}"[:512]}}]), hit, params)
                 continue
             if found is not None:
                 event, data = found
@@ -334,8 +336,8 @@ class Enricher:
             event.update(event_vendor=key.vendor, event_name=key.name, event_format=key.format,
                          event_version=key.version)
         else:
-            event.update(event_vendor=SNOWPLOW, event_name=BUILTIN_NAMES[event_type], event_format="jsonschema",
-                         event_version="1-0-0")
+            vendor, name = BUILTIN_NAMES[event_type]
+            event.update(event_vendor=vendor, event_name=name, event_format="jsonschema", event_version="1-0-0")
 
     def _contexts(self, envelope: object, messages: list[dict]) -> list[dict]:
         if envelope is None:
@@ -358,10 +360,15 @@ class Enricher:
     def _envelope(self, envelope: object, allowed: set[str], messages: list[dict]):
         """Validate the outer self-describing wrapper (contexts or unstruct_event) and return its data."""
         if not isinstance(envelope, dict) or "schema" not in envelope or "data" not in envelope:
-            messages.append(_violation(None, "NotIglu", "a self-describing JSON {schema, data}"))
+            messages.append(_not_iglu(envelope, "INVALID_DATA_PAYLOAD"))
             return None
-        if not isinstance(envelope["schema"], str) or envelope["schema"] not in allowed:
-            messages.append(_violation(envelope["schema"], "CriterionMismatch", f"one of {sorted(allowed)}"))
+        if not isinstance(envelope["schema"], str):
+            messages.append(_not_iglu(envelope, "INVALID_IGLUURI"))
+            return None
+        if envelope["schema"] not in allowed:
+            # Snowplow's criterion form: iglu:vendor/name/jsonschema/1-0-*
+            criterion = min(allowed).rsplit("-", 1)[0] + "-*"
+            messages.append({"schemaKey": envelope["schema"], "schemaCriterion": criterion})
             return None
         before = len(messages)
         self._check(envelope, messages)
@@ -369,12 +376,12 @@ class Enricher:
 
     def _check(self, sdj: object, messages: list[dict]) -> None:
         if not isinstance(sdj, dict) or set(sdj) != {"schema", "data"}:
-            messages.append(_violation(None, "NotIglu", "a self-describing JSON with exactly schema and data"))
+            messages.append(_not_iglu(sdj, "INVALID_DATA_PAYLOAD"))
             return
         try:
             resolved = self.resolver.lookup(sdj["schema"])
-        except SchemaKeyError as exc:
-            messages.append(_violation(sdj["schema"], "InvalidSchemaKey", str(exc)))
+        except SchemaKeyError:
+            messages.append(_not_iglu(sdj["schema"], "INVALID_IGLUURI"))
             return
         if resolved.validate is None:
             messages.append({"schemaKey": sdj["schema"],
@@ -426,8 +433,12 @@ class Enricher:
                 _replace_at(sdj["data"], path, transform)
 
 
-def _violation(key: object, error: str, expectation: str) -> dict:
-    return {"schemaKey": key if isinstance(key, str) else None, "error": {"error": error, "expectation": expectation}}
+def _not_iglu(value: object, error: str) -> dict:
+    """Snowplow's message for JSON that is no self-describing JSON (INVALID_DATA_PAYLOAD) or whose
+    schema is no Iglu URI (INVALID_IGLUURI); a long string is cut to its start."""
+    if isinstance(value, str) and len(value) > 300:
+        value = value[:300] + "…"
+    return {"json": value, "error": error}
 
 
 def _json_path(path: object) -> str:

@@ -235,7 +235,7 @@ def event_record(hit: Hit, params: object) -> dict:
 def check_event(params: object, hit: Hit, resolver: Resolver) -> list[dict]:
     """Protocol messages for one event's parameters (empty when it may proceed)."""
     if not isinstance(params, dict):
-        return [badrows.message(None, params, "an object of string parameters")]
+        return [badrows.message("body.data", params, "an object of string parameters")]
     if hit.payload_key is not None:
         # Validate one event at a time against payload_data (whose minItems is 1), so a bad event
         # fails alone instead of failing the whole body as a single document would.
@@ -249,7 +249,7 @@ def check_event(params: object, hit: Hit, resolver: Resolver) -> list[dict]:
             except LookupError as exc:
                 return [badrows.message("body.schema", hit.payload_key, f"a resolvable payload_data schema: {exc}")]
         if errors:
-            return [badrows.message(None, None, f"{hit.payload_key}: {error}") for error in errors]
+            return [badrows.message("body.data", None, f"{hit.payload_key}: {error}") for error in errors]
     missing = [badrows.message(name, None, "a required parameter") for name in REQUIRED if not params.get(name)]
     return missing
 

@@ -26,6 +26,7 @@ from fastjsonschema.draft04 import CodeGeneratorDraft04
 
 from common.logs import Tally
 from enrich import metrics
+from enrich.enrichments import iso_ms, utc_now_ms
 
 EMBEDDED = Path(__file__).resolve().parent / "iglu"
 SELF_DESC_META = "http://iglucentral.com/schemas/com.snowplowanalytics.self-desc/schema/jsonschema/1-0-0#"
@@ -152,6 +153,13 @@ class HttpRegistry:
         return []  # a static HTTP registry has no listing
 
 
+def _attempt(repository: str, error: str, message: str) -> dict:
+    """One ``lookupHistory`` item as Snowplow's badrows schemas have it (error NotFound, RepoFailure
+    or ClientFailure; the message within 256 characters)."""
+    return {"repository": repository, "errors": [{"error": error, "message": message[:256]}],
+            "attempts": 1, "lastAttempt": iso_ms(utc_now_ms())}
+
+
 def registry_from(spec: str):
     """``embedded``, an http(s) URL, or a folder path (from the ``registries`` setting)."""
     if spec == "embedded":
@@ -253,7 +261,7 @@ class Resolver:
                    f"time lately (events naming made-up schemas): {key} was not looked up")
         if skipped := self._skipped.add():
             log.warning("%s; %d lookups skipped since the last such line", message, skipped)
-        history = [{"repository": "resolver", "errors": [{"error": "RepoFailure", "message": message}]}]
+        history = [_attempt("resolver", "RepoFailure", message)]
         # Asked again once the share allows: a real schema is not refused for a whole error_ttl.
         allowed_in = -self._fetch_credit / self.fetch_share
         expires = self.clock() + min(self.error_ttl, self.ttl, max(allowed_in, 0.1))
@@ -266,18 +274,18 @@ class Resolver:
                 schema = registry.fetch(key)
             except NotFound as exc:
                 self._answered(registry.name)
-                history.append({"repository": registry.name, "errors": [{"error": "NotFound", "message": str(exc)}]})
+                history.append(_attempt(registry.name, "NotFound", str(exc)))
                 continue
             except RegistryError as exc:
                 transient = True
                 self._failed(registry.name, exc)
-                history.append({"repository": registry.name, "errors": [{"error": "RepoFailure", "message": str(exc)}]})
+                history.append(_attempt(registry.name, "RepoFailure", str(exc)))
                 continue
             self._answered(registry.name)
             try:
                 validate = compile_schema(schema)
             except ValueError as exc:
-                history.append({"repository": registry.name, "errors": [{"error": "InvalidSchema", "message": str(exc)}]})
+                history.append(_attempt(registry.name, "RepoFailure", f"invalid schema: {exc}"))
                 continue
             return Resolved(key, validate, schema, history, self.clock() + self.ttl)
         ttl = self.error_ttl if transient else self.ttl

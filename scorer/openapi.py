@@ -54,7 +54,7 @@ def _schemas() -> dict:
             "model_version": {"type": "string"}, "feature_version": {"type": "string"}}},
         "Prediction": {"type": "object", "description": "the prediction record of docs/contracts.md",
                        "properties": {key: {} for key in (
-                           "session_id", "event_id", "collector_tstamp", "derived_tstamp", "scored_at", "model_name",
+                           "schema", "session_id", "event_id", "collector_tstamp", "derived_tstamp", "scored_at", "model_name",
                            "model_version", "feature_version", "p_buy", "decision", "threshold", "latency_us",
                            "events_in_session", "expires_at")}},
     }

@@ -41,6 +41,7 @@ from scorer.sink import PredictionWriter
 
 log = logging.getLogger("scorer.worker")
 
+PREDICTION_SCHEMA = "iglu:com.clickstream/prediction/jsonschema/1-0-0"   # docs/contracts.md: bump with the record
 FROM_START = "TRIM_HORIZON"        # lease meta value meaning "replay from the shard's first record"
 MAX_BUFFER = 20_000                # predictions; flush early rather than grow without bound
 EVENTS_LIVE, EVENTS_REPLAY = metrics.EVENTS.labels("live"), metrics.EVENTS.labels("replay")
@@ -355,7 +356,7 @@ class Worker:
     @staticmethod
     def _prediction(row: Row, model: Model, p: float, decision: str, latency_us: int, scored_at: str) -> dict:
         event = row.event
-        return {"session_id": row.session.session_id, "event_id": event["event_id"],
+        return {"schema": PREDICTION_SCHEMA, "session_id": row.session.session_id, "event_id": event["event_id"],
                 "collector_tstamp": event.get("collector_tstamp"), "derived_tstamp": event.get("derived_tstamp"),
                 "scored_at": scored_at, "model_name": model.name, "model_version": model.version,
                 "feature_version": FEATURE_VERSION, "p_buy": round(p, 6), "decision": decision,

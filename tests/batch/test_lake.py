@@ -58,6 +58,19 @@ def test_snowplow_wrapped_self_describing_shapes_give_inner_schema_keys():
     assert row["contexts_schemas"] == ["iglu:a/b/jsonschema/1-0-0"]
 
 
+def loader_row_problems(row: dict) -> list[str]:
+    """Where a loader bad row departs from Snowplow's loader_parsing_error 2-0-0 (our reading of it)."""
+    failure, problems = row["data"]["failure"], []
+    if failure["type"] != "RowDecodingError" or not failure["errors"]:
+        problems.append(f"failure type {failure['type']}")
+    for error in failure["errors"]:
+        shape = {"InvalidValue": {"type", "key", "value", "message"}, "UnhandledRowDecodingError": {"type", "message"}}
+        if set(error) != shape.get(error["type"]) or len(error.get("key", "")) > 32 or not all(
+                isinstance(value, str) for value in error.values()):
+            problems.append(f"error {error}")
+    return problems
+
+
 def test_unusable_records_become_loader_bad_rows_keeping_the_payload():
     good = make_event(1)
     wrong_type = orjson.dumps(make_event(2, domain_sessionidx="three"))
@@ -68,8 +81,11 @@ def test_unusable_records_become_loader_bad_rows_keeping_the_payload():
     assert converted.table.column("event_id").to_pylist() == [good["event_id"]]
     assert [i for i, _ in converted.bad] == [1, 2, 3, 4, 5, 6]
     rows = dict(converted.bad)
-    assert rows[1]["data"]["payload"] == "{oops" and rows[1]["data"]["failure"]["type"] == "NotJSON"
+    assert all(loader_row_problems(row) == [] for row in rows.values())
+    assert rows[1]["data"]["payload"] == "{oops" and "not JSON" in rows[1]["data"]["failure"]["errors"][0]["message"]
     assert rows[2]["data"]["payload"] == wrong_type.decode()
+    assert rows[2]["data"]["failure"]["errors"][0] | {"message": ""} == {
+        "type": "InvalidValue", "key": "domain_sessionidx", "value": "three", "message": ""}
     assert "domain_sessionidx" in rows[2]["data"]["failure"]["errors"][0]["message"]
     assert "collector_tstamp" in rows[4]["data"]["failure"]["errors"][0]["message"]
     assert "event_id" in rows[5]["data"]["failure"]["errors"][0]["message"]
@@ -116,7 +132,8 @@ def test_a_conversion_that_raises_costs_only_its_record(monkeypatch):
     assert write_enriched(sink, "shardId-000000000000", event_records(events), "enriched")["events"] == 2
     [bad] = [body for key, body in sink.objects.items() if key.endswith(".loader.jsonl.gz")]
     row = orjson.loads(gzip.decompress(bad))
-    assert "poison" in row["data"]["payload"] and row["data"]["failure"]["errors"][0]["type"] == "RuntimeError"
+    assert "poison" in row["data"]["payload"] and loader_row_problems(row) == []
+    assert row["data"]["failure"]["errors"][0]["message"] == "RuntimeError: unforeseen"
 
 
 def test_names_depend_only_on_shard_range_and_hour():

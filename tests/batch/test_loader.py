@@ -92,7 +92,7 @@ def test_loader_lands_every_event_and_bad_row_once(aws_settings):
     assert stream_rows[5]["data"]["failure"]["payload_encoding"] == "base64"
     # JSON that is not an object (a null, a list) is kept the same way, not a crash on every restart.
     assert [row["data"]["payload"] for row in stream_rows[6:]] == ["null", "[1, 2]"]
-    assert {row["data"]["failure"]["errors"][0]["message"] for row in stream_rows[6:]} == {"expected a JSON object"}
+    assert {row["data"]["failure"]["errors"][0]["message"] for row in stream_rows[6:]} == {"not a JSON object"}
     # Checkpoints sit at the last record of each shard, with no intent left behind.
     for stream in (aws_settings.enriched_stream, aws_settings.bad_stream):
         for lease in _leases(aws_settings, stream).values():

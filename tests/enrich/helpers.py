@@ -260,3 +260,63 @@ def track_shop_session(endpoint: str, method: str, batch_size: int = 1) -> int:
         tracker.flush()
     assert not failures, f"tracker could not send {failures}"
     return len(events) + 2   # the transaction is one tr event plus one ti per item
+
+
+# ---------------------------------------------------------------- bad rows in Snowplow's shapes
+
+LOOKUP_ERRORS = {"NotFound", "RepoFailure", "ClientFailure"}
+NOT_IGLU_ERRORS = {"INVALID_SCHEMAVER", "INVALID_IGLUURI", "INVALID_DATA_PAYLOAD", "INVALID_SCHEMA"}
+
+
+def _text(value, limit: int | None = None, nullable: bool = False) -> bool:
+    return (nullable and value is None) or (isinstance(value, str) and (limit is None or len(value) <= limit))
+
+
+def _field_message(m: dict) -> bool:
+    return set(m) == {"field", "value", "expectation"} and _text(m["field"], 64) and _text(m["value"], nullable=True) \
+        and _text(m["expectation"], 256)
+
+
+def _iglu_message(m: dict) -> bool:
+    if set(m) == {"json", "error"}:
+        return m["error"] in NOT_IGLU_ERRORS
+    if set(m) == {"schemaKey", "schemaCriterion"}:
+        return _text(m["schemaKey"]) and _text(m["schemaCriterion"])
+    if set(m) != {"schemaKey", "error"} or not _text(m["schemaKey"]):
+        return False
+    error = m["error"]
+    if error.get("error") == "ResolutionError":
+        return set(error) == {"error", "lookupHistory"} and len(error["lookupHistory"]) > 0 and all(
+            set(item) == {"repository", "errors", "attempts", "lastAttempt"} and isinstance(item["attempts"], int)
+            and _text(item["lastAttempt"]) and item["errors"]
+            and all(e["error"] in LOOKUP_ERRORS and _text(e.get("message", ""), 256) for e in item["errors"])
+            for item in error["lookupHistory"])
+    return error.get("error") == "ValidationError" and set(error) == {"error", "dataReports"} and all(
+        set(report) == {"message", "path", "keyword", "targets"} for report in error["dataReports"])
+
+
+def badrow_shape_problems(row: dict) -> list[str]:
+    """Where a bad row's processor and failure depart from Snowplow's badrows schemas (our own reading
+    of them). Payloads are not checked: ours carry the raw record (docs/contracts.md)."""
+    kind = row["schema"].split("/")[1]
+    data, problems = row["data"], []
+    if set(data) != {"processor", "failure", "payload"} or set(data["processor"]) != {"artifact", "version"}:
+        problems.append("data or processor keys")
+    failure = data["failure"]
+    if not _text(failure.get("timestamp")):
+        problems.append("failure.timestamp")
+    messages = failure.get("messages", [])
+    if kind in ("tracker_protocol_violations", "adapter_failures"):
+        if not (_text(failure.get("vendor"), 64) and _text(failure.get("version"), 16)):
+            problems.append("vendor or version")
+        problems += [f"message {m}" for m in messages if not (_field_message(m) or _iglu_message(m))]
+    elif kind == "schema_violations":
+        problems += [f"message {m}" for m in messages if not _iglu_message(m)]
+    elif kind == "enrichment_failures":
+        problems += [f"message {m}" for m in messages if set(m) != {"enrichment", "message"} or not (
+            _field_message(m["message"]) or (set(m["message"]) == {"error"} and _text(m["message"]["error"], 512)))]
+    elif kind == "size_violation" and not (
+            isinstance(failure.get("maximumAllowedSizeBytes"), int) and isinstance(failure.get("actualSizeBytes"), int)
+            and _text(failure.get("expectation"), 256) and isinstance(data["payload"], str)):
+        problems.append("size fields")
+    return problems

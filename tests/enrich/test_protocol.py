@@ -96,6 +96,7 @@ def test_post_carries_every_event_type_with_typed_values():
     struct = by_type["struct"][0]
     assert (struct["se_category"], struct["se_action"], struct["se_label"], struct["se_property"]) == ("nav", "click", "menu", "top")
     assert struct["se_value"] == 1.5 and struct["event_name"] == "event"
+    assert struct["event_vendor"] == "com.google.analytics"              # as Snowplow names structured events
     viewed, added = by_type["unstruct"]
     assert viewed["unstruct_event"] == product["data"] and viewed["event_name"] == "product_view"
     assert viewed["event_vendor"] == "com.clickshop" and viewed["event_version"] == "1-0-0"

@@ -109,6 +109,7 @@ def test_every_event_of_every_session_is_scored_once_like_the_plain_fold():
             assert got[event_id]["p_buy"] == pytest.approx(p, abs=1e-5)
             assert got[event_id]["events_in_session"] == count
             assert got[event_id]["model_version"] == "v1"
+            assert got[event_id]["schema"] == "iglu:com.clickstream/prediction/jsonschema/1-0-0"
             assert got[event_id]["decision"] == ("buy" if got[event_id]["p_buy"] >= 0.5 else "defer")
     purchases = [e["event_id"] for s in sessions for e in s if is_purchase(e)]
     assert purchases and not set(purchases) & set(got)
