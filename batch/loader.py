@@ -195,6 +195,7 @@ class StreamLoader:
         self.intents: dict[str, str] = {}
         self.ended: set[str] = set()
         self.paused_until = 0.0
+        self.writes_failing_since: float | None = None    # clock() of the first of a run of failed writes
         self._leases_at = 0.0
         self.stats = {"events": 0, "bad": 0, "files": 0, "flushes": 0, "write_errors": 0}
         self.consumer = make_consumer(start_after=self._start_after, on_lost=self._lost)
@@ -247,6 +248,7 @@ class StreamLoader:
             if self.clock() < self.paused_until:
                 return 0
             self.paused_until = 0.0
+            self.writes_failing_since = None
         read = 0
         for batch in self.consumer.poll():
             buffer = self.buffers.setdefault(batch.shard_id, ShardBuffer())
@@ -259,6 +261,13 @@ class StreamLoader:
                 self.ended.add(batch.shard_id)
         self.flush_due()
         return read
+
+    @property
+    def lag_ms(self) -> int:
+        """The consumer's lag, and at least how long writes have failed: reading stops meanwhile, so
+        the shards' MillisBehindLatest would keep the last value read (0 when it was caught up)."""
+        since = self.writes_failing_since
+        return max(self.consumer.max_lag_ms, 0 if since is None else int((self.clock() - since) * 1000))
 
     def _due(self, shard_id: str, now: float) -> bool:
         buffer = self.buffers[shard_id]
@@ -303,6 +312,8 @@ class StreamLoader:
             buffer.restore(records, started)
             self.stats["write_errors"] += 1
             self.paused_until = self.clock() + self.retry_s
+            if self.writes_failing_since is None:
+                self.writes_failing_since = self.clock()
             log.error("flushing %s failed, retrying in %.0f s: %s", shard_id, self.retry_s, exc,
                       extra={"shard_id": shard_id})
             return False
@@ -389,7 +400,7 @@ class LoaderCollector:
             stream = part.consumer.stream.name
             for name, family in counters.items():
                 family.add_metric([stream], part.stats[name])
-            lag.add_metric([stream], part.consumer.max_lag_ms)
+            lag.add_metric([stream], part.lag_ms)
             buffered.add_metric([stream], sum(len(b.records) for b in list(part.buffers.values())))
             shards.add_metric([stream], len(part.consumer.owned))
             age.add_metric([stream], part.consumer.checkpoint_age_s)

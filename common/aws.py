@@ -20,6 +20,14 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 _LOCAL_DEFAULTS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
 # What a failed AWS call raises: botocore's own errors (no credentials, no connection) and the service's answers.
 ERRORS = (BotoCoreError, ClientError)
+# Error codes of a service that answers but is at its limit (a Kinesis shard's reads or writes,
+# DynamoDB capacity, API call rates): back off and try again, nothing is wrong with the request.
+THROTTLING_CODES = ("ProvisionedThroughputExceededException", "ThrottlingException", "KMSThrottlingException",
+                    "LimitExceededException", "RequestLimitExceeded", "SlowDown")
+
+
+def throttled(exc: BaseException) -> bool:
+    return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in THROTTLING_CODES
 LOCAL_STACK_HINT = "for the local stack of `make up` and `make demo`: export AWS_ENDPOINT_URL=http://127.0.0.1:4566"
 
 

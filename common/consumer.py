@@ -32,7 +32,10 @@ from dataclasses import dataclass
 from botocore.exceptions import BotoCoreError, ClientError
 
 from common import aws
+from common.aws import throttled
 from common.leases import WORKER_PREFIX, DynamoLeaseTable, Lease, LeaseLost, LeaseTable, RenewalWatch
+from common.logs import Tally
+from common.retry import backoff_s
 from common.streams import SHARD_END, KinesisStream, Record, Shard, ShardReader, StreamBackend
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 # A worker row unchanged for this many lease periods belongs to a worker that died without leave()
 # (SIGKILL, OOM, a replaced task): balance() deletes it, or every worker would read it for ever.
 DEAD_WORKER_LEASES = 10
+READ_BACKOFF_CAP_S = 5.0     # the longest a failing shard waits before it is read again
 # At most this many rows of aged-out shards are deleted per balance: a group that resharded for months
 # before this cleanup existed empties its backlog over minutes rather than in one balance that
 # outlasts the leases.
@@ -67,6 +71,8 @@ class _Owned:
     lease: Lease
     checkpointed: str | None = None  # where a rewind reads again from: the start, then each checkpoint
     read_at: float = 0.0            # monotonic time of the last GetRecords on this shard
+    read_failures: int = 0          # failed reads in a row: the shard is read again after a backoff
+    retry_at: float = 0.0           # monotonic time before which a failing shard is not read again
     # Monotonic time of the first of the reads failing in a row (None when the last one worked): the
     # shard falls behind meanwhile, and the lag reported must say so instead of its last value.
     failing_since: float | None = None
@@ -114,6 +120,8 @@ class Consumer:
         self._balance_failing_since: float | None = None
         self._renewed_at = 0.0
         self._watch = RenewalWatch(lease_ms)
+        self._read_failures = Tally(every_s=30.0)
+        self._renew_failures = Tally(every_s=30.0)
 
     # ------------------------------------------------------------------ leases and balancing
 
@@ -183,8 +191,9 @@ class Consumer:
         if failure is None:
             self._renewed_at = now
         else:
-            log.warning("renewing leases in table %s failed, retrying: %s",
-                        getattr(self.leases, "table", "(in memory)"), failure)
+            if count := self._renew_failures.add():       # every second while it lasts: once per 30 s
+                log.warning("renewing leases in table %s failed %d times since the last such line, retrying "
+                            "every second: %s", getattr(self.leases, "table", "(in memory)"), count, failure)
             self._renewed_at = now - self.renew_interval_s + min(1.0, self.renew_interval_s)
 
     def balance(self) -> None:
@@ -313,20 +322,20 @@ class Consumer:
         batches, failures, due = [], [], []
         now = time.monotonic()
         for shard_id, owned in list(self.owned.items()):
-            if now - owned.read_at >= self.read_interval_s:
+            if now - owned.read_at >= self.read_interval_s and now >= owned.retry_at:
                 owned.read_at = now
                 due.append((shard_id, owned))
+        if not due and self.owned and all(owned.read_failures for owned in self.owned.values()):
+            # Nothing read because every shard waits out a failure: the caller backs off, as after one.
+            raise ReadFailed(f"every owned shard of {self.stream.name} is waiting to be read again after failed reads")
         for shard_id, owned in due:
             try:
                 result = owned.reader.read(self.batch_limit)
             except Exception as exc:  # noqa: BLE001 - throttling, timeouts: any failure skips the shard
-                log.warning("reading shard %s failed, skipping it this round: %s", shard_id, exc)
-                owned.reader = self.stream.reader(shard_id, owned.position)
+                self._read_failed(shard_id, owned, exc, now)
                 failures.append(exc)
-                if owned.failing_since is None:
-                    owned.failing_since = now
                 continue
-            owned.failing_since = None
+            owned.failing_since, owned.read_failures, owned.retry_at = None, 0, 0.0
             if result.records:
                 owned.position = result.records[-1].sequence_number
                 if owned.unchecked_since is None:
@@ -338,6 +347,22 @@ class Consumer:
         if failures and len(failures) == len(due):
             raise ReadFailed(f"every shard read failed: {failures[-1]}") from failures[-1]
         return batches
+
+    def _read_failed(self, shard_id: str, owned: _Owned, exc: Exception, now: float) -> None:
+        """Skip a shard whose read failed for a growing while (up to READ_BACKOFF_CAP_S): read again at
+        once, a throttled shard stays throttled, and each call waits out botocore's retries, which
+        holds up the reads of every other shard of this worker. Its reader is reopened after the last
+        record handed out, unless the shard was throttled (the iterator is still good)."""
+        owned.read_failures += 1
+        owned.retry_at = now + backoff_s(owned.read_failures - 1, 0.2, READ_BACKOFF_CAP_S)
+        if owned.failing_since is None:
+            owned.failing_since = now
+        if not throttled(exc):
+            owned.reader = self.stream.reader(shard_id, owned.position)
+        if count := self._read_failures.add():
+            log.warning("reading stream %s failed %d times since the last such line (last: shard %s, %s); a "
+                        "failing shard is read again after a backoff of up to %g s", self.stream.name, count,
+                        shard_id, str(exc)[:300], READ_BACKOFF_CAP_S)     # an error page can be kilobytes
 
     def checkpoint(self, batch: Batch, meta: dict | None = None) -> None:
         """Record that every output of this batch (and all before it on its shard) is durable."""
@@ -385,8 +410,9 @@ class Consumer:
     def max_lag_ms(self) -> int:
         """The slowest owned shard's MillisBehindLatest; for a shard whose reads fail, its last value
         plus the time they have failed (so a lag alert fires during a stream outage). While balancing
-        fails (the stream cannot be listed, the lease table is away), at least the time it has failed:
-        a worker that holds no shard because it cannot take one is not caught up.
+        fails (the stream cannot be listed, the lease table is away) and no shard is held, at least the
+        time it has failed: a worker that holds no shard because it cannot take one is not caught up.
+        One that goes on reading its shards while ListShards is throttled is.
 
         Safe to call from a metrics scrape on another thread."""
         now = time.monotonic()
@@ -394,7 +420,7 @@ class Consumer:
                                                 else int((now - owned.failing_since) * 1000))
                 for shard_id, owned in list(self.owned.items())]
         failing_since = self._balance_failing_since
-        if failing_since is not None:
+        if failing_since is not None and not lags:
             lags.append(int((now - failing_since) * 1000))
         return max(lags, default=0)
 

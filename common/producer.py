@@ -9,14 +9,13 @@ from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from common.aws import THROTTLING_CODES
 from common.retry import backoff_s
 from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES, StreamBackend
 
 log = logging.getLogger(__name__)
 MAX_KEY_CHARS = 256
 TOO_LARGE = "record larger than 1 MiB"   # the reason of an entry no retry can deliver
-# Error codes of a stream that answers but is at its write limit (per entry, or for a whole call).
-THROTTLING_CODES = ("ProvisionedThroughputExceededException", "KMSThrottlingException", "ThrottlingException")
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,10 @@ def main() -> int:
     live_rate = knob("DEMO_LIVE_RATE", 40)
     seed = demo_seed(stack_was_up=stack.healthy(stack.EMULATOR.health_url))
     settings = load(AwsSettings)
+    if minutes * live_rate > 15 * 40 and stack.uses_local_emulator():
+        say(f"note: the embedded emulator keeps every record and slows down as they pile up (a soak at 40 "
+            f"events/s failed after ~35 minutes); {minutes:g} minutes at {live_rate:g} events/s may outlast it: "
+            "for longer runs use LocalStack (docs/foundation.md)")
 
     say("1/6 starting the local stack (emulator, streams, bucket, tables, components)")
     running = already_running()

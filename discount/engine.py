@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from common import aws
+from common import aws, logs
 from common.consumer import Batch, Consumer, ReadFailed, consumer_for
 from common.leases import LeaseLost
 from common.retry import backoff_s
@@ -57,6 +57,7 @@ class Engine:
         metrics.checkpoint_age.set_function(lambda: self.consumer.checkpoint_age_s)
         self.clock = clock
         self.stop = stop
+        self.write_failures = logs.Tally(every_s=30.0)
         # Sessions known to have an offer, until when: saves a write for each of their later predictions.
         self.offered: OrderedDict[str, float] = OrderedDict()
         self.exhausted_hour: str | None = None
@@ -125,7 +126,8 @@ class Engine:
                 if self.stop():
                     raise
                 self.metrics.write_errors.inc()
-                log.warning("offer write failed (attempt %d), retrying: %s", attempt + 1, exc)
+                if count := self.write_failures.add():
+                    log.warning("offer writes failed %d times since the last such line, retrying: %s", count, exc)
                 # Retrying can outlast the lease: renew it (so never sleep past a renewal), and give the
                 # batch up once another worker has taken its shard (it reads the batch again; offers are idempotent).
                 time.sleep(min(backoff_s(attempt, 0.1, 5.0), self.consumer.renew_interval_s))

@@ -35,10 +35,11 @@ class ProvisionSettings(AwsSettings):
     predictions_shards: int = 1
     raw_retention_days: int = 7
     bad_retention_days: int = 30
+    lake_retention_days: int = 400     # enriched/, as deploy/cloudformation.yaml's LakeRetentionDays
 
     def validate(self) -> None:
         require_positive(self, "raw_shards", "enriched_shards", "bad_shards", "predictions_shards",
-                         "raw_retention_days", "bad_retention_days")
+                         "raw_retention_days", "bad_retention_days", "lake_retention_days")
 
 
 def ensure_stream(kinesis, name: str, shards: int) -> str:
@@ -61,6 +62,8 @@ def lifecycle_rules(settings: ProvisionSettings) -> list[dict]:
          "Expiration": {"Days": settings.raw_retention_days}},
         {"ID": "expire-bad", "Filter": {"Prefix": "bad/"}, "Status": "Enabled",
          "Expiration": {"Days": settings.bad_retention_days}},
+        {"ID": "expire-enriched", "Filter": {"Prefix": "enriched/"}, "Status": "Enabled",
+         "Expiration": {"Days": settings.lake_retention_days}},
         {"ID": "abort-incomplete-uploads", "Filter": {"Prefix": ""}, "Status": "Enabled",
          "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}},
     ]
@@ -117,7 +120,8 @@ def ensure_bucket(s3, name: str, settings: ProvisionSettings) -> str:
             raise
         state = "created"
     s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": lifecycle_rules(settings)})
-    return f"bucket {name}: {state}, lifecycle raw/ {settings.raw_retention_days} d, bad/ {settings.bad_retention_days} d"
+    return (f"bucket {name}: {state}, lifecycle raw/ {settings.raw_retention_days} d, bad/ {settings.bad_retention_days} d, "
+            f"enriched/ {settings.lake_retention_days} d")
 
 
 def ensure_table(dynamodb, name: str, keys: list[tuple[str, str]], ttl_attribute: str | None = None) -> str:

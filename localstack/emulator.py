@@ -3,7 +3,8 @@
 ``moto`` (moto server) serves Kinesis, S3 and DynamoDB over real HTTP and is the default.
 ``kinesis-mock`` (npm ``kinesis-local``) is AWS-faithful for Kinesis alone (resharding, real
 sequence numbers, the 1 MiB limit), for the tests that need that. Each runs in its own process
-group, so stopping it never leaves a grandchild behind.
+group, so stopping it never leaves a grandchild behind; ``python -m localstack.emulator`` (what
+``make up`` runs) keeps it in its own group instead, so stopping that group stops both.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ class Emulator:
     kind: str
     port: int
     process: subprocess.Popen
+    own_group: bool = True          # the emulator leads a process group of its own (see start)
 
     @property
     def endpoint(self) -> str:
@@ -66,7 +68,14 @@ class Emulator:
 
     def stop(self, timeout: float = 10) -> None:
         # Both emulators ignore SIGTERM but stop at once on SIGINT (as on Ctrl-C).
-        stop_group(self.process.pid, timeout, signal.SIGINT, self.process)
+        if self.own_group:
+            stop_group(self.process.pid, timeout, signal.SIGINT, self.process)
+        else:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
         self.process.wait(timeout)
 
 
@@ -120,8 +129,10 @@ def _command(kind: str, port: int) -> tuple[list[str], dict, str, Path]:
 
 
 def start(kind: str = "moto", port: int | None = None, log_path: Path | None = None,
-          timeout: float = 60) -> Emulator:
-    """Start an emulator and wait until it answers HTTP; raise with its log if it does not."""
+          timeout: float = 60, own_group: bool = True) -> Emulator:
+    """Start an emulator and wait until it answers HTTP; raise with its log if it does not.
+    ``own_group``: in a process group of its own (tests stop it with its children), else in ours
+    (whoever stops our group stops it too)."""
     port = port or free_port()
     if not _port_free(port):
         # Otherwise the health check would be answered by whatever already listens there.
@@ -129,8 +140,8 @@ def start(kind: str = "moto", port: int | None = None, log_path: Path | None = N
     command, env, health, cwd = _command(kind, port)
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True, cwd=cwd)
-    emulator = Emulator(kind, port, process)
+                               start_new_session=own_group, cwd=cwd)
+    emulator = Emulator(kind, port, process, own_group)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -147,15 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=["moto", "kinesis-mock"], default="moto")
     parser.add_argument("--port", type=int, default=4566)
     args = parser.parse_args(argv)
-    emulator = start(args.kind, args.port)
-    print(f"{args.kind} listening on {emulator.endpoint}", flush=True)
+    # Our own handlers, set before the emulator starts: a shell that runs us in the background hands
+    # SIGINT down ignored, and we (and the emulator, which would inherit that) never stopped. In our
+    # process group, the emulator goes with us when `make down` has to kill the group.
     stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.append(True))
+    emulator = start(args.kind, args.port, own_group=False)
+    print(f"{args.kind} listening on {emulator.endpoint}", flush=True)
     try:
         while not stopping and emulator.process.poll() is None:
             time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
     finally:
         emulator.stop()
     return 0

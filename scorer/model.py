@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx
 import onnxruntime as ort
+from botocore.exceptions import BotoCoreError, ClientError
 
 from common import registry
 from common.features import FEATURE_COUNT, FEATURE_NAMES, FEATURE_VERSION
@@ -292,6 +293,10 @@ class Models:
         except LookupError as exc:
             metrics.MODEL_CHECK_FAILURES.inc()
             log.warning("model %s not updated: %s", self.name, exc)
+            return
+        except (BotoCoreError, ClientError) as exc:      # S3 away or throttled: one line, not a traceback
+            metrics.MODEL_CHECK_FAILURES.inc()
+            log.warning("model %s: checking CURRENT failed, trying again at the next check: %s", self.name, exc)
             return
         except Exception:
             metrics.MODEL_CHECK_FAILURES.inc()

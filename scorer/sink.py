@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
@@ -100,7 +100,7 @@ class PredictionWriter:
             renew()
             if keep is not None:
                 latest = [pair for pair in latest if keep(pair[0])]
-            latest = self._upsert(latest)
+            latest = self._upsert(latest, renew, max_wait_s)
         metrics.PREDICTIONS.inc(sum(1 for p, _ in predictions if keep is None or keep(p)))
         return True
 
@@ -112,12 +112,20 @@ class PredictionWriter:
             last[prediction["session_id"]] = (prediction, event_ms)
         return list(last.values())
 
-    def _upsert(self, latest: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
-        """Conditional puts in parallel; returns the ones to retry."""
+    def _upsert(self, latest: list[tuple[dict, int]], renew: Callable[[], object] = lambda: None,
+                renew_every_s: float = 2.0) -> list[tuple[dict, int]]:
+        """Conditional puts in parallel; returns the ones to retry. ``renew`` is called every
+        ``renew_every_s`` meanwhile: a throttled table makes each put wait for botocore's retries
+        (seconds), and a round of a thousand sessions then outlasts the leases."""
         if not latest or self.pool is None:
             return []
         expires_at = int(time.time()) + self.ttl_s
-        errors = list(self.pool.map(lambda pair: self._put(pair, expires_at), latest))
+        futures = [self.pool.submit(self._put, pair, expires_at) for pair in latest]
+        pending = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=renew_every_s)
+            renew()
+        errors = [future.result() for future in futures]
         failed = [error for error in errors if error]
         if failed:          # one line per round, not one per session
             log.warning("%d of %d predictions table writes failed: %s", len(failed), len(latest), failed[0])

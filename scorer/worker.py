@@ -104,6 +104,7 @@ class Worker:
         self.shadow_logged_at = 0.0
         # Retried while the lease table is away: once a second, one WARNING per 30 s.
         self.checkpoint_failures = logs.Tally(every_s=30.0)
+        self.lease_read_failures = logs.Tally(every_s=30.0)
         self.checkpoint_retry_at = 0.0
         self.store = SessionStore(settings.session_timeout_s * 1000, settings.max_sessions, settings.dedupe_window,
                                   settings.replay_max_s * 1000)
@@ -198,7 +199,9 @@ class Worker:
         Whoever read a parent (a peer, or this worker before a restart) held those sessions; without
         this they would start again from nothing on the child. Sessions this store holds already
         are left alone: their parent events were folded once. False when stopped midway."""
-        leases = {lease.shard_id: lease for lease in self.consumer.leases.leases()[0]}
+        leases = self._lease_rows()
+        if leases is None:
+            return False
         existing = set(self.store.sessions)
         while self.parents_to_rebuild:
             parent, children = next(iter(self.parents_to_rebuild.items()))
@@ -209,6 +212,23 @@ class Worker:
                 return False
             del self.parents_to_rebuild[parent]
         return True
+
+    def _lease_rows(self) -> dict[str, Lease] | None:
+        """The lease table's rows by shard, read again through throttling or an outage (the batches
+        just polled wait for them: a restart would drop every session); None once stopped."""
+        attempt = 0
+        while True:
+            try:
+                return {lease.shard_id: lease for lease in self.consumer.leases.leases()[0]}
+            except (BotoCoreError, ClientError) as exc:
+                attempt += 1
+                if self.stopping or self.stop_requested():
+                    return None
+                if failures := self.lease_read_failures.add():
+                    log.warning("reading the lease table for a parent shard's rebuild failed (%d times), "
+                                "retrying: %s", failures, exc)
+                self.consumer.renew_due()
+                time.sleep(backoff_s(attempt, 0.2, self.consumer.renew_interval_s))
 
     def _parent_may_hold_live_sessions(self, parent_meta: dict, children: list[Shard], leases: dict) -> bool:
         """False when every child was checkpointed past ``replay_max_s`` after the parent's last event:

@@ -29,6 +29,7 @@ class FaultProxy:
         self.fail_entries: list[int] = []      # positions to fail in the next PutRecords calls, one list per call
         self.fail_calls: list[list[int]] = []
         self.down = False
+        self.delay_s = 0.0                      # every request waits this long first (a throttled call's retries)
         self.put_calls = 0
         self.failed_entries = 0
         proxy = self
@@ -42,6 +43,8 @@ class FaultProxy:
             def _handle(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if proxy.delay_s:
+                    time.sleep(proxy.delay_s)
                 if proxy.down:
                     self.send_response(503)
                     self.send_header("Content-Length", "0")

@@ -266,8 +266,11 @@ def test_an_s3_outage_does_not_grow_the_buffers_with_every_retry(aws_settings, s
     put_events(aws_settings.enriched_stream, [make_event(i, session=f"s{i % 7}") for i in range(50, 250)])
     wait_for(lambda: enriched.step() >= 0 and enriched.stats["write_errors"] >= 6, timeout=30, interval=0.05)
     assert 0 < before <= 50 and buffered() == before
+    # Not reading, so the shards' lag stays at its last value: the gauge counts the failing time.
+    assert enriched.lag_ms >= 400 and enriched.consumer.max_lag_ms < enriched.lag_ms
     s3.create_bucket(Bucket=missing)  # S3 is back: everything lands, once
     wait_for(lambda: enriched.step() >= 0 and enriched.stats["events"] == 250, timeout=30, interval=0.05)
+    assert enriched.writes_failing_since is None
     enriched.close()
     assert len(lake_event_ids(missing)) == 250
 

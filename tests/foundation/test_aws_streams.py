@@ -42,7 +42,9 @@ def test_provisioning_twice_changes_nothing(aws_settings):
     summary = kinesis.describe_stream_summary(StreamName=aws_settings.enriched_stream)["StreamDescriptionSummary"]
     assert summary["OpenShardCount"] == 2
     rules = aws.client("s3").get_bucket_lifecycle_configuration(Bucket=aws_settings.bucket)["Rules"]
-    assert {r["ID"] for r in rules} >= {"expire-raw", "expire-bad"}
+    assert {r["ID"] for r in rules} >= {"expire-raw", "expire-bad", "expire-enriched"}
+    [enriched] = [r for r in rules if r["ID"] == "expire-enriched"]          # as CloudFormation's 400 days
+    assert enriched["Expiration"]["Days"] == 400 and enriched["Filter"]["Prefix"] == "enriched/"
     ttl = aws.client("dynamodb").describe_time_to_live(TableName=aws_settings.predictions_table)
     assert ttl["TimeToLiveDescription"]["AttributeName"] == "expires_at"
 

@@ -1,4 +1,8 @@
 import os
+import signal
+import subprocess
+import sys
+import time
 import urllib.request
 
 import pytest
@@ -36,3 +40,24 @@ def test_a_port_in_use_is_reported_not_hung():
             emulator.start("moto", port=first.port, timeout=10)
     finally:
         first.stop()
+
+
+def test_the_foreground_emulator_stops_with_its_group_even_started_with_sigint_ignored():
+    """`make down` sends SIGINT to the group of `python -m localstack.emulator`. Started in the
+    background by a shell, it inherited SIGINT ignored and never stopped; the SIGKILL that followed
+    reached only its group, and the moto server, in a session of its own, lived on holding the port
+    (the next `make up` used that stale emulator)."""
+    port = emulator.free_port()
+    # As a non-interactive shell starts a background job: SIGINT ignored, which exec keeps.
+    command = f"trap '' INT; exec {sys.executable} -m localstack.emulator --port {port}"
+    wrapper = subprocess.Popen(["bash", "-c", command], stdout=subprocess.PIPE, start_new_session=True,
+                               cwd=emulator.ROOT)
+    try:
+        assert wrapper.stdout.readline().decode().startswith("moto listening")
+        started = time.monotonic()
+        emulator.stop_group(wrapper.pid, timeout=15, first=signal.SIGINT, process=wrapper)
+        assert time.monotonic() - started < 10                       # stopped on SIGINT, not killed
+        assert emulator.probe(f"http://127.0.0.1:{port}/moto-api/") is None
+    finally:
+        if emulator.probe(f"http://127.0.0.1:{port}/moto-api/") is not None:
+            subprocess.run(["pkill", "-f", f"moto.server -H 127.0.0.1 -p {port}"], check=False)

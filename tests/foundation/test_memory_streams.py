@@ -1,4 +1,5 @@
 """Producer and consumer logic over the in-memory stream and lease table (no network)."""
+import logging
 import time
 from collections import Counter
 from types import SimpleNamespace
@@ -22,7 +23,11 @@ def drain(consumer, rounds=20, checkpoint=True, pause_s=0.0):
     seen = []
     for _ in range(rounds):
         time.sleep(pause_s)
-        for batch in consumer.poll():
+        try:
+            batches = consumer.poll()
+        except ReadFailed:                  # as the components do: back off (pause_s) and poll again
+            continue
+        for batch in batches:
             seen += [r.data for r in batch.records]
             if checkpoint:
                 consumer.checkpoint(batch)
@@ -97,7 +102,7 @@ def test_a_failed_read_on_one_shard_loses_nothing_read_from_the_others():
         if shard_id.endswith("2") else plain(shard_id, after)
     consumer = Consumer(stream, leases, worker_id="a", batch_limit=10)
     failures[0] = 3
-    got = drain(consumer, rounds=30)
+    got = drain(consumer, rounds=30, pause_s=0.1)         # the failing shard is read again after 0.2, 0.4, 0.8 s
     assert failures[0] == 0
     assert Counter(got) == Counter(r.data for r in stream.all_records())
 
@@ -117,7 +122,47 @@ def test_poll_raises_when_every_shard_fails_so_the_caller_backs_off():
     consumer = Consumer(stream, leases, worker_id="a")
     with pytest.raises(ReadFailed, match="read timed out"):
         consumer.poll()
-    assert Counter(drain(consumer)) == Counter(r.data for r in stream.all_records())
+    assert Counter(drain(consumer, pause_s=0.05)) == Counter(r.data for r in stream.all_records())
+
+
+class ThrottledShardReader:
+    """Reads of one shard answered as Kinesis does when the applications on it read too often."""
+
+    def __init__(self, reader, calls: list[float]):
+        self.reader, self.calls, self.throttled = reader, calls, True
+
+    def read(self, limit):
+        self.calls.append(time.monotonic())
+        if self.throttled:
+            raise ClientError({"Error": {"Code": "ProvisionedThroughputExceededException",
+                                         "Message": "Rate exceeded for shard"}}, "GetRecords")
+        return self.reader.read(limit)
+
+
+def test_a_throttled_shard_is_read_again_after_a_growing_backoff_with_its_iterator_kept(caplog):
+    """Read again at every poll, a throttled shard stayed throttled (its 5 reads a second are shared
+    by every application reading it), each call held up the other shards' reads for botocore's
+    retries, a WARNING was logged per call and a new iterator opened each time."""
+    stream = MemoryStream(shard_count=2)
+    Producer(stream).send(entries(40))
+    calls, readers, plain = [], [], stream.reader
+
+    def reader(shard_id, after):
+        readers.append(shard_id)
+        made = plain(shard_id, after)
+        return ThrottledShardReader(made, calls) if shard_id == SHARD0 else made
+    stream.reader = reader
+    consumer = Consumer(stream, MemoryLeaseTable(), worker_id="a")
+    seen = []
+    with caplog.at_level(logging.WARNING, logger="common.consumer"):
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:
+            seen += [r.data for batch in consumer.poll() for r in batch.records]
+            time.sleep(0.01)
+    assert 2 <= len(calls) <= 4                                     # at 0, 0.2, 0.6 s: not ~90 times
+    assert readers.count(SHARD0) == 1                               # the iterator is still good
+    assert len([r for r in caplog.records if "failed" in r.getMessage()]) == 1
+    assert len(seen) == len([r for r in stream.all_records() if r.shard_id == SHARD1])   # the other shard read on
 
 
 def test_the_lag_of_a_shard_whose_reads_fail_grows_with_the_time_they_have_failed(monkeypatch):
@@ -136,6 +181,7 @@ def test_the_lag_of_a_shard_whose_reads_fail_grows_with_the_time_they_have_faile
             consumer.poll()
     assert consumer.max_lag_ms == caught_up + 20_000       # failing since the first failed read
     failures[0] = 0
+    clock[0] += 10                                         # past the failing shard's backoff
     consumer.poll()
     assert consumer.max_lag_ms < 1_000
 
@@ -326,7 +372,7 @@ def test_renew_due_drops_a_lease_another_worker_took_so_the_caller_stops_writing
 
 
 @pytest.mark.parametrize("failing", ["list_shards", "heartbeat"])
-def test_a_failed_list_shards_or_heartbeat_does_not_skip_the_renewals(failing):
+def test_a_failed_list_shards_or_heartbeat_does_not_skip_the_renewals(failing, caplog):
     stream, leases = ThrottledListShards(), CountingLeases()
     Producer(stream).send(entries(10))
     a = Consumer(stream, leases, worker_id="a", lease_ms=300, shard_refresh_s=0)
@@ -334,9 +380,13 @@ def test_a_failed_list_shards_or_heartbeat_does_not_skip_the_renewals(failing):
     a.poll()
     stream.failing, leases.failing = failing == "list_shards", failing == "heartbeat"
     until = time.monotonic() + 1.0
-    while time.monotonic() < until:
-        a.poll()                                   # balancing fails every round
-        time.sleep(0.02)
+    with caplog.at_level(logging.WARNING, logger="common.consumer"):
+        while time.monotonic() < until:
+            a.poll()                               # balancing fails every round
+            time.sleep(0.02)
+    # Retried every 0.1 s here: one line says so, with the count, not one line per attempt.
+    assert len([r for r in caplog.records if "renewing leases" in r.getMessage()]) <= 1
+    assert a.max_lag_ms < 500                      # its shards are read: no lag alarm for a throttled ListShards
     stream.failing = leases.failing = False
     b.poll()
     assert set(a.owned) == {SHARD0} and not b.owned

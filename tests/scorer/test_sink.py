@@ -1,8 +1,10 @@
 """The prediction writer against the predictions table on the emulator, through a proxy that can fail."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import time
 
 from botocore.config import Config
 
@@ -38,3 +40,23 @@ def test_a_table_outage_logs_one_line_per_retry_round_not_one_per_session(aws_en
     assert all(message.startswith("40 of 40 predictions table writes failed") for message in warnings)
     table = aws.client("dynamodb").scan(TableName=settings.predictions_table)["Items"]
     assert sorted(item["session_id"]["S"] for item in table) == sorted(p["session_id"] for p, _ in predictions)
+
+
+def test_leases_are_renewed_while_a_slow_table_round_runs(aws_endpoint):
+    """Under throttling each put waits out botocore's retries (seconds): a round of many sessions
+    outlasted the lease, renewed only between rounds, and a peer took the shard mid-write."""
+    settings = unique_settings(ProvisionSettings)
+    provision(settings)
+    predictions = [({"session_id": f"s{i}", "event_id": f"e{i}", "events_in_session": 1, "p_buy": 0.25}, T0 + i)
+                   for i in range(16)]
+    renewed = []
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        dynamodb = aws.session().client("dynamodb", endpoint_url=proxy.endpoint)
+        writer = PredictionWriter(None, dynamodb, settings.predictions_table, 3600, threads=2)
+        proxy.delay_s = 0.25                                   # 16 puts on 2 threads: a 2 s round
+        assert writer.write(predictions, renew=lambda: renewed.append(time.monotonic()), max_wait_s=0.3)
+        writer.close()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(renewed)]
+    assert renewed[-1] - renewed[0] > 1.5 and max(gaps) < 1.0, gaps
+    table = aws.client("dynamodb").scan(TableName=settings.predictions_table)["Items"]
+    assert len(table) == len(predictions)

@@ -466,15 +466,22 @@ def test_a_session_going_on_on_a_child_shard_read_behind_its_sibling_keeps_its_s
     assert [p["events_in_session"] for p in rig.predictions() if p["session_id"] == x] == [1, 2]
 
 
+def two_scorers(stream: MemoryStream, leases: MemoryLeaseTable) -> tuple[Rig, Rig]:
+    """Two workers on one stream and lease table with short leases, writing one predictions stream,
+    both seeing a reshard's children soon after it."""
+    a = Rig(stream, leases, lease_ms=600, flush_ms=1)
+    b = Rig(stream, leases, lease_ms=600, flush_ms=1)
+    b.out, b.worker.writer = a.out, a.worker.writer
+    for worker in (a.worker, b.worker):
+        use_consumer(worker, stream, leases, lease_ms=600, shard_refresh_s=0.1)
+    return a, b
+
+
 def test_a_worker_taking_a_child_shard_rebuilds_the_sessions_its_peer_read_on_the_parent():
     # Two scorers, a live split: the one taking a child it never read started every session that
     # began on the parent from nothing (wrong scores; a session that had bought was scored again).
     stream, leases = MemoryStream("enriched", shard_count=1), MemoryLeaseTable()
-    a = Rig(stream, leases, lease_ms=600, flush_ms=1)
-    b = Rig(stream, leases, lease_ms=600, flush_ms=1)
-    b.out, b.worker.writer = a.out, a.worker.writer          # one predictions stream for both
-    for worker in (a.worker, b.worker):                       # both see the children soon after the split
-        use_consumer(worker, stream, leases, lease_ms=600, shard_refresh_s=0.1)
+    a, b = two_scorers(stream, leases)
     sessions = [session_events(f"s{i}", seed=100 + i, n=14, buyer=False) for i in range(8)]
     # Two sessions that bought before the split, one on each child.
     buyers = [next(f"paid{i}" for i in range(1000) if (hash_key(f"paid{i}") < 2**127) == low) for low in (True, False)]
@@ -512,11 +519,7 @@ def test_a_worker_that_read_the_parent_rebuilds_a_session_it_let_expire_when_it_
     # its own child's time while X went on on the peer's child, lost its events read on the parent.
     minute = 60_000
     stream, leases = MemoryStream("enriched", shard_count=1), MemoryLeaseTable()
-    a = Rig(stream, leases, lease_ms=600, flush_ms=1)
-    b = Rig(stream, leases, lease_ms=600, flush_ms=1)
-    b.out, b.worker.writer = a.out, a.worker.writer
-    for worker in (a.worker, b.worker):
-        use_consumer(worker, stream, leases, lease_ms=600, shard_refresh_s=0.1)
+    a, b = two_scorers(stream, leases)
     names = [f"s{i}" for i in range(1000)]
     x, y = [name for name in names if hash_key(name) < 2**127][:2]
     w = next(name for name in names if hash_key(name) >= 2**127)
@@ -728,6 +731,8 @@ def test_a_read_failing_on_one_shard_loses_nothing():
     sessions = [session_events(f"g{i}", seed=70 + i, n=8, buyer=False) for i in range(4)]
     rig.put(interleave(sessions))
     rig.drain()
+    time.sleep(0.3)                     # the failing shard is read again after a backoff (0.2 s)
+    rig.drain()
     got = {p["event_id"] for p in rig.predictions()}
     assert stream.failures == 0 and got == {e["event_id"] for s in sessions for e in s}
 
@@ -889,3 +894,39 @@ def test_a_late_event_continues_its_session_however_the_records_were_batched():
         return counts
 
     assert events_of_x(set()) == events_of_x({2}) == [1, 2, 3]
+
+
+def test_a_throttled_lease_table_read_in_a_parent_rebuild_is_read_again_not_a_restart():
+    """The rebuild of a closed parent reads the lease table once; throttled there, the error reached
+    run()'s catch-all, which restarted the worker: every session dropped, every shard let go."""
+    from botocore.exceptions import ClientError
+
+    stream, leases = MemoryStream("enriched", shard_count=1), MemoryLeaseTable()
+    a, b = two_scorers(stream, leases)
+    sessions = [session_events(f"s{i}", seed=300 + i, n=10, buyer=False) for i in range(6)]
+    a.put([e for events in sessions for e in events[:6]])
+    a.drain()
+    stream.split("shardId-000000000000")
+    read_rows, throttled = leases.leases, []
+
+    def throttled_once_in_a_rebuild():
+        if sys._getframe(1).f_code.co_name in ("_lease_rows", "_rebuild_parents") and not throttled:
+            throttled.append(True)
+            raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}, "Query")
+        return read_rows()
+
+    leases.leases = throttled_once_in_a_rebuild
+    a.put([e for events in sessions for e in events[6:]])
+    owners = {}
+    for _ in range(200):
+        a.drain()
+        b.drain()
+        owners = {lease.shard_id: lease.owner for lease in leases.leases()[0] if lease.checkpoint != "SHARD_END"}
+        if len(a.predictions()) >= 6 * 10 and len(set(owners.values())) == 2:
+            break
+        time.sleep(0.02)
+    assert throttled and len(set(owners.values())) == 2                 # b took a child and rebuilt it
+    got = {p["event_id"]: p for p in a.predictions()}
+    for events in sessions:
+        for event_id, (_, count) in reference(events).items():
+            assert got[event_id]["events_in_session"] == count

@@ -7,6 +7,7 @@ import random
 from collections import defaultdict
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from batch.train import load_window, window_start_ms
@@ -100,6 +101,19 @@ def _scored_online(events: list[dict], gap_minutes: int = 30) -> dict[str, list[
     return rows
 
 
+def _rows_match_the_scorers(spark, root, events: list[dict], later: list[dict]) -> pd.DataFrame:
+    """Training's example rows of the lake at ``root``, checked equal, event by event, to what the
+    scorer scores receiving ``events``; ``later`` only closes the other sessions (it stays open)."""
+    frame = build_examples(load_window(spark, _settings(root), WINDOW)).toPandas()
+    online = _scored_online(events)
+    for event in later:
+        online.pop(event["event_id"], None)
+    assert sorted(frame["event_id"]) == sorted(online)
+    offline = frame.set_index("event_id")[list(FEATURE_NAMES)]
+    assert all(offline.loc[event_id].tolist() == row for event_id, row in online.items())
+    return frame
+
+
 def _shift(event: dict, ms: int) -> dict:
     at = parse_ms(event["derived_tstamp"]) + ms
     return {**event, "derived_tstamp": synth.iso(at), "dvce_created_tstamp": synth.iso(at),
@@ -135,13 +149,7 @@ def test_pauses_purchases_resends_and_bad_times_make_the_scorers_sessions(spark,
     events = paused + resumed + before + [purchase] + after + resent_from + [copy] + early + ancient + later
     root = synth.write_lake_dir(tmp_path, events)
 
-    frame = build_examples(load_window(spark, _settings(root), WINDOW)).toPandas()
-    online = _scored_online(events)
-    for event in later:
-        online.pop(event["event_id"], None)
-    assert sorted(frame["event_id"]) == sorted(online)
-    offline = frame.set_index("event_id")[list(FEATURE_NAMES)]
-    assert all(offline.loc[event_id].tolist() == row for event_id, row in online.items())
+    frame = _rows_match_the_scorers(spark, root, events, later)
     sessions = frame.groupby("session_id")["event_id"].count().to_dict()
     assert sessions[first.session_id] == len(paused) and sessions[f"{first.session_id}:2"] == len(resumed)
     assert sessions[sid] == len(before) and not {e["event_id"] for e in after} & set(frame["event_id"])
@@ -182,15 +190,8 @@ def test_late_events_fold_in_the_order_the_scorer_receives_them(spark, tmp_path)
     events = retry + offline_queue + later + buyers
     root = synth.write_lake_dir(tmp_path, events)
 
-    frame = build_examples(load_window(spark, _settings(root), WINDOW)).toPandas()
-    online = _scored_online(events)
-    for event in later:
-        online.pop(event["event_id"], None)
-    assert sorted(frame["event_id"]) == sorted(online)
-    offline = frame.set_index("event_id")
-    assert all(offline.loc[event_id, list(FEATURE_NAMES)].tolist() == row for event_id, row in online.items())
-    hour_at = FEATURE_NAMES.index("local_hour")
-    assert [online[e["event_id"]][hour_at] for e in retry] == [15.0] * 3      # started by 15:00:05 Berlin
+    offline = _rows_match_the_scorers(spark, root, events, later).set_index("event_id")
+    assert offline.loc[[e["event_id"] for e in retry], "local_hour"].tolist() == [15.0] * 3   # begun 15:00:05 Berlin
     assert offline.loc[[e["event_id"] for e in offline_queue], "session_id"].tolist() == \
         ["queued", "queued:2", "queued:2", "queued:2"]                          # 40 minutes between arrivals
 
