@@ -435,10 +435,13 @@ class Enricher:
 
 def _not_iglu(value: object, error: str) -> dict:
     """Snowplow's message for JSON that is no self-describing JSON (INVALID_DATA_PAYLOAD) or whose
-    schema is no Iglu URI (INVALID_IGLUURI); a long string is cut to its start."""
-    if isinstance(value, str) and len(value) > 300:
-        value = value[:300] + "…"
-    return {"json": value, "error": error}
+    schema is no Iglu URI (INVALID_IGLUURI). Longer than 300 characters, only the start of its text
+    (the whole of it is in the row's payload already)."""
+    try:
+        text = value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
+    except orjson.JSONEncodeError:           # nested past orjson's write limit
+        text = "…" * 301
+    return {"json": value if len(text) <= 300 else text[:300] + "…", "error": error}
 
 
 def _json_path(path: object) -> str:

@@ -217,3 +217,12 @@ def test_collector_clock_skew_up_to_the_tolerance_passes_and_the_tolerance_is_a_
     assert bad_rows(NOW + 300_000) == [] and len(bad_rows(NOW + 300_001)) == 1
     assert bad_rows(NOW + 2 * 3600_000, max_collector_ahead_s=3 * 3600) == []
     assert bad_rows(NOW - 86_400_000) == []       # a backlog is late, not skewed
+
+
+def test_a_large_envelope_that_is_no_self_describing_json_is_quoted_by_its_start_only():
+    """The whole envelope is in the row's payload already: the message keeps its first 300 characters."""
+    huge = {"data": [{"k": "v" * 100} for _ in range(2_000)]}                  # ~200 kB, no schema
+    row = only_bad(get_record({**EV, "e": "pv", "co": orjson.dumps(huge).decode()}))
+    [message] = row["data"]["failure"]["messages"]
+    assert message["error"] == "INVALID_DATA_PAYLOAD" and len(message["json"]) == 301
+    assert len(orjson.dumps(row)) < 2.5 * len(orjson.dumps(huge))          # not the envelope twice over
