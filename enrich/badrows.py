@@ -34,12 +34,12 @@ def message(field: str, value: object, expectation: str) -> dict:
     the value as text (or null), the field and expectation within the badrows schemas' lengths."""
     if value is not None and not isinstance(value, str):
         value = orjson.dumps(value, default=str).decode()
-    if value is not None and len(value) > 1024:
-        value = value[:1024] + "…"
-    return {"field": field[:64], "value": value, "expectation": _clip(expectation, 256)}
+    return {"field": field[:64], "value": None if value is None else clip(value, 1025),
+            "expectation": clip(expectation, 256)}
 
 
-def _clip(text: str, limit: int) -> str:
+def clip(text: str, limit: int) -> str:
+    """``text`` within ``limit`` characters: its start and "…" when longer."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

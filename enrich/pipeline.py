@@ -441,7 +441,7 @@ def _not_iglu(value: object, error: str) -> dict:
         text = value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
     except orjson.JSONEncodeError:           # nested past orjson's write limit
         text = "…" * 301
-    return {"json": value if len(text) <= 300 else text[:300] + "…", "error": error}
+    return {"json": value if len(text) <= 300 else badrows.clip(text, 301), "error": error}
 
 
 def _json_path(path: object) -> str:
