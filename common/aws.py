@@ -63,7 +63,8 @@ def session(region: str | None = None) -> boto3.session.Session:
 
 
 def client(service: str, region: str | None = None, *, timeout: float = 10.0, retries: int = 2, **options):
-    """A client with short timeouts: our own code retries, so botocore should fail fast.
+    """A client with short timeouts: our own code retries, so botocore should fail fast. ``retries`` is
+    botocore's count of retries after the first attempt (0: one attempt).
     ``options`` are further botocore Config settings (e.g. parameter_validation=False on hot paths)."""
     options.setdefault("max_pool_connections", 32)
     config = Config(connect_timeout=timeout, read_timeout=timeout,

@@ -450,7 +450,9 @@ class Consumer:
 
 
 def consumer_for(settings, stream_name: str, app: str, **kwargs) -> Consumer:
-    """A consumer over Kinesis with DynamoDB leases, from the shared AWS settings."""
-    stream = KinesisStream(aws.client("kinesis", settings.region), stream_name)
+    """A consumer over Kinesis with DynamoDB leases, from the shared AWS settings. Its stream calls are
+    made once, without botocore's retry: a failed read is tried again by the consumer's own per-shard
+    backoff, and a retry inside botocore would hold up the reads of every other shard meanwhile."""
+    stream = KinesisStream(aws.client("kinesis", settings.region, retries=0), stream_name)
     leases = DynamoLeaseTable(aws.client("dynamodb", settings.region), settings.lease_table, f"{app}#{stream_name}")
     return Consumer(stream, leases, **kwargs)

@@ -5,7 +5,8 @@ The proxy forwards every request unchanged, except that it can
 - fail chosen entries of a Kinesis PutRecords call for real: the entries are removed from the
   request before it reaches the emulator and answered with ``ProvisionedThroughputExceededException``
   in their slots, exactly as Kinesis reports a partial failure;
-- be "down": answer every request with 503, or drop the connection, like an unreachable stream.
+- be "down": answer every request with 503, or drop the connection, like an unreachable stream;
+- throttle chosen API calls (by their X-Amz-Target): answer them as a shard over its limit does.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ from urllib.parse import urlsplit
 from common.streams import MemoryStream
 
 PUT_RECORDS = "Kinesis_20131202.PutRecords"
+GET_RECORDS = "Kinesis_20131202.GetRecords"
+THROTTLED = json.dumps({"__type": "ProvisionedThroughputExceededException",
+                        "message": "Rate exceeded for shard (injected by FaultProxy)"}).encode()
 
 
 class FaultProxy:
@@ -32,6 +36,8 @@ class FaultProxy:
         self.delay_s = 0.0                      # every request waits this long first (a throttled call's retries)
         self.put_calls = 0
         self.failed_entries = 0
+        self.throttle: set[str] = set()        # X-Amz-Target values to answer with a throttling error
+        self.calls: dict[str, int] = {}        # requests seen, by X-Amz-Target
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -46,16 +52,21 @@ class FaultProxy:
                 if proxy.delay_s:
                     time.sleep(proxy.delay_s)
                 if proxy.down:
-                    self.send_response(503)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    self._answer(503, b"")
                     return
                 target = self.headers.get("X-Amz-Target", "")
+                proxy.calls[target] = proxy.calls.get(target, 0) + 1
+                if target in proxy.throttle:
+                    self._answer(400, THROTTLED)
+                    return
                 fail = []
                 if target == PUT_RECORDS:
                     proxy.put_calls += 1
                     fail = proxy.fail_calls.pop(0) if proxy.fail_calls else []
                 status, headers, payload = proxy.forward(self.command, self.path, self.headers, body, fail)
+                self._answer(status, payload, headers)
+
+            def _answer(self, status, payload, headers=()):
                 self.send_response(status)
                 for key, value in headers:
                     if key.lower() not in ("content-length", "transfer-encoding", "connection"):

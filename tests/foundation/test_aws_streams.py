@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from common import aws
-from common.consumer import consumer_for
+from common.consumer import ReadFailed, consumer_for
 from common.leases import DynamoLeaseTable
 from common.producer import Producer
 from common.streams import KinesisStream
 from infra.provision import provision
 from tests.conftest import ROOT, settings_env
-from tests.faults import FaultProxy
+from tests.faults import GET_RECORDS, FaultProxy
 
 
 def entries(n, tag="r"):
@@ -87,6 +87,25 @@ def test_producer_hashes_keys_kinesis_would_refuse_instead_of_failing_the_call(a
     producer = Producer(KinesisStream(aws.client("kinesis"), aws_settings.raw_stream), max_attempts=2, base_delay=0.01)
     assert producer.send([(long_key, b"long-1"), ("ok", b"short"), (long_key, b"long-2"), ("", b"empty")]) == []
     assert sorted(stream_contents(aws_settings)) == ["empty", "long-1", "long-2", "short"]
+
+
+def test_a_throttled_read_is_sent_once_and_left_to_the_consumers_own_backoff(aws_settings, monkeypatch):
+    """botocore's retry of a throttled GetRecords (up to a second's backoff) held up the reads of the
+    worker's other shards; the consumer already reads a failing shard again after its own backoff."""
+    Producer(KinesisStream(aws.client("kinesis"), aws_settings.enriched_stream)).send(entries(40))
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        consumer = consumer_for(aws_settings, aws_settings.enriched_stream, app="throttled", lease_ms=5_000)
+        proxy.throttle = {GET_RECORDS}
+        with pytest.raises(ReadFailed):
+            consumer.poll()                                    # takes both shards' leases, reads each once
+        assert len(consumer.owned) == 2 and proxy.calls[GET_RECORDS] == 2                   # one call per shard, no retry inside botocore
+        proxy.throttle = set()
+        for owned in consumer.owned.values():
+            owned.retry_at = 0.0                               # the backoff is over
+        read = sum(len(batch.records) for batch in consumer.poll())
+        consumer.close()
+    assert read == 40                                          # the iterators were kept: nothing skipped
 
 
 def test_consumer_restart_loses_nothing_and_repeats_only_the_unconfirmed_batch(aws_settings):
