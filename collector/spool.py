@@ -306,9 +306,12 @@ class Spool:
             entries.extend(found)
             size += used
             offset += used
-            if bad and base != active:
+            # A chunk holds any whole frame, so a closed segment (truncated to its frames) that gives
+            # none before its end was cut short or zeroed: waiting would stop delivery for good.
+            if base != active and (bad or not found):
                 self.corrupt_frames += 1
-                log.error("spool segment %d: corrupt frame at byte %d, skipping the rest", base, offset - base)
+                log.error("spool segment %d: %s at byte %d, skipping the rest of it", base,
+                          "corrupt frame" if bad else "no whole frame (cut short or zeroed)", offset - base)
                 offset = self._next_base(base)
             elif not found:
                 break

@@ -94,6 +94,26 @@ def test_a_corrupt_frame_is_not_delivered(tmp_path):
     assert again.corrupt_frames == 1
 
 
+@pytest.mark.parametrize("damage", ["cut short", "zeroed header"])
+def test_an_older_segment_cut_short_or_zeroed_is_skipped_not_waited_on_forever(tmp_path, damage):
+    """Waiting for the rest of a closed segment's frame stopped delivery for good while new hits were
+    still spooled and answered 200."""
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=200)
+    fill(spool, 12)
+    spool.close()
+    oldest = sorted(tmp_path.glob("*.seg"))[0]
+    data = oldest.read_bytes()
+    frame = len(encode(RAW, "key-0", b"record-0"))
+    if damage == "cut short":
+        oldest.write_bytes(data[:-5])                       # the last frame loses its end
+    else:
+        oldest.write_bytes(data[:frame] + bytes(8) + data[frame + 8:])   # the second frame's header zeroed
+    again = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=200)
+    delivered = drain(again)
+    assert delivered[0] == b"record-0" and delivered[-1] == b"record-11"    # the later segments come
+    assert again.corrupt_frames >= 1 and again.depth_bytes == 0
+
+
 def test_segments_rotate_and_delivered_ones_are_deleted(tmp_path):
     spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=200)
     fill(spool, 40)
