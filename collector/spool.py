@@ -132,9 +132,12 @@ class Spool:
         # Rewritten in place after every batch: a temporary file renamed over it cost the sender
         # four system calls, and with them the GIL, per batch; at 500 hits a batch that took a fifth
         # of the collector's throughput (docs/collector.md).
-        self._cursor_fd = os.open(self.dir / "cursor", os.O_RDWR | os.O_CREAT, 0o600)
-        self._write_cursor(self.cursor)
-        os.ftruncate(self._cursor_fd, len(_cursor_record(0)))
+        try:
+            self._cursor_fd = os.open(self.dir / "cursor", os.O_RDWR | os.O_CREAT, 0o600)
+            self._write_cursor(self.cursor)
+            os.ftruncate(self._cursor_fd, len(_cursor_record(0)))
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot write the spool's cursor {self.dir / 'cursor'}: {exc.strerror}") from exc
         self._reader: tuple[int, object] | None = None
 
     # ------------------------------------------------------------------ recovery
@@ -176,9 +179,20 @@ class Spool:
                 log.error("spool %s: %d corrupt bytes skipped", path.name, len(unused))
             self.corrupt_frames += int(bad)
             if last:
-                self._map_segment(base, len(data))
                 self.end = base + len(data)
+                self._open_last(base, len(data))
         return min(cursor, self.end), records
+
+    def _open_last(self, base: int, used: int) -> None:
+        """Reopen the newest segment for appends. On a full disk the spool opens all the same, as after
+        a failed rotation: the backlog it holds is delivered, and appends fail (503) until a segment
+        can be reserved. Refusing to start would keep that backlog from the stream too."""
+        try:
+            self._map_segment(base, used)
+        except OSError as exc:
+            log.error("spool %s: no room for new hits (%s); delivering the %d bytes it holds, refusing hits "
+                      "until a %d-byte segment can be reserved", self.dir, exc, used, self.segment_bytes)
+            self.fd, self._map, self.active_base, self.active_since = -1, None, base, time.monotonic()
 
     # ------------------------------------------------------------------ writing
 

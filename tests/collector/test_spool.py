@@ -287,6 +287,26 @@ def test_a_disk_that_cannot_hold_a_new_segment_refuses_appends_until_it_can(tmp_
 
 
 
+def test_a_spool_reopened_on_a_full_disk_delivers_its_backlog_and_refuses_hits_until_there_is_room(
+        tmp_path, monkeypatch):
+    """Reserving the newest segment again failed the start: the backlog stayed on disk, undelivered."""
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=100)
+    fill(spool, 6)
+    spool.close()
+
+    def disk_full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "posix_fallocate", disk_full)
+        again = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=100)
+        with pytest.raises(OSError):
+            fill(again, 1, start=6)                      # answered 503
+        assert drain(again) == [f"record-{i}".encode() for i in range(6)]
+    fill(again, 1, start=7)                              # room again
+    again.close()
+    assert drain(Spool(tmp_path, max_bytes=1 << 20, segment_bytes=100)) == [b"record-7"]
+
+
 def test_a_full_disk_at_an_age_rotation_keeps_the_segment_with_room_in_use(tmp_path, monkeypatch):
     """Rotating by age must not cost hits: while a new segment cannot be reserved, the current one,
     whose blocks are reserved already, goes on taking them."""
