@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -161,6 +162,18 @@ def run_events(settings: TrainSettings, *, publish_model: bool = True) -> tuple[
         steps.close()
 
 
+def check_out_folder(out: Path) -> None:
+    """--out can be written (or created) at all: said before an hour of training, not after publishing.
+    Nothing is created yet, as a refused model writes nothing."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--out {out}: {existing} is not writable")
+
+
 def check_folds(cv: int) -> None:
     """--cv: 0 is off; one fold would have nothing to train on, and Spark's error would not say so."""
     if cv != 0 and cv < 2:
@@ -195,6 +208,8 @@ def main(table, label_column, drop, categorical, missing, cv, out, publish_model
     try:
         settings = load(TrainSettings, section="train", **overrides)
         check_folds(cv)
+        if out:
+            check_out_folder(out)
         if table:
             if not label_column:
                 raise click.UsageError("--table needs --label COLUMN")
@@ -210,9 +225,14 @@ def main(table, label_column, drop, categorical, missing, cv, out, publish_model
     except (TrainError, ExportError, ConfigError) as exc:
         click.echo(f"train: error: {exc}", err=True)
         sys.exit(2)
+    click.echo(_summary(result, outcome))       # first: it names what was published whatever follows
     if out:
-        write_bundle(out, result)
-    click.echo(_summary(result, outcome))
+        try:
+            write_bundle(out, result)
+        except OSError as exc:
+            click.echo(f"train: error: could not write the bundle to --out {out}: {exc} (the summary above says "
+                       "what was published)", err=True)
+            sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -167,4 +167,9 @@ def write_bundle(folder, result: TrainResult) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for file, body in _bundle_files(result, result.meta).items():
-        (folder / file).write_bytes(body)
+        part = folder / f".{file}.part"       # a full disk leaves no torn file under the real name
+        try:
+            part.write_bytes(body)
+            part.replace(folder / file)
+        finally:
+            part.unlink(missing_ok=True)

@@ -125,6 +125,36 @@ def test_a_failed_parity_exits_3_without_publishing(args, monkeypatch, tmp_path)
     assert "refused the model (nothing published or written): export parity failed at stage" in out.output
 
 
+def test_an_out_folder_that_cannot_be_written_is_refused_before_training(monkeypatch, tmp_path):
+    (tmp_path / "t.csv").write_text("x,y\n1,0\n2,1\n")
+    (tmp_path / "a-file").write_text("")
+    trained = []
+    monkeypatch.setattr(train_cli.train_table, "run", lambda *a, **k: trained.append(1))
+    args = ["--table", str(tmp_path / "t.csv"), "--label", "y", "--out", str(tmp_path / "a-file" / "bundle")]
+    out = CliRunner().invoke(train_main, args, env=FAST_ENV)
+    assert out.exit_code == 2 and not trained, out.output
+    assert out.output.strip() == f"train: error: --out {tmp_path}/a-file/bundle: {tmp_path}/a-file is not a folder"
+
+
+def test_a_bundle_that_cannot_be_written_after_publishing_still_shows_the_summary(monkeypatch, tmp_path):
+    """Published, then a full disk under --out: the version was never shown, and exit 1 with a traceback
+    read as a failed run to retrain and publish again."""
+    passed = failed_parity()
+    passed.parity.passed = True
+    (tmp_path / "t.csv").write_text("x,y\n1,0\n2,1\n")
+    outcome = {"version": "20261202T180000Z", "promoted": True, "reasons": []}
+    monkeypatch.setattr(train_cli.train_table, "run", lambda *a, **k: (passed, outcome))
+
+    def disk_full(folder, result):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train_cli, "write_bundle", disk_full)
+    args = ["--table", str(tmp_path / "t.csv"), "--label", "y", "--publish", "--out", str(tmp_path / "bundle")]
+    out = CliRunner().invoke(train_main, args, env=FAST_ENV)
+    assert out.exit_code == 2, out.output
+    assert "published version 20261202T180000Z; CURRENT moved to it" in out.output
+    assert f"could not write the bundle to --out {tmp_path}/bundle: [Errno 28] No space left" in out.output
+
+
 def test_make_trains_lake_sync_uses_the_configured_region(monkeypatch, tmp_path):
     from batch import lake
     from batch.train import load_window
