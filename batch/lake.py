@@ -451,7 +451,7 @@ def sync_partitions(bucket: str, start_date: str | dt.date, end_date: str | dt.d
     cache = Path(cache_dir)
     root = cache / "enriched"
     manifest_path = cache / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest = _read_manifest(manifest_path)
     objects = [obj for obj in objects_between(s3, bucket, "enriched", start_date, end_date)
                if obj["Key"].endswith(".parquet")]
     todo = [obj for obj in objects if not _cached(cache, manifest, obj)]
@@ -470,8 +470,22 @@ def sync_partitions(bucket: str, start_date: str | dt.date, end_date: str | dt.d
     _drop_unwanted(cache, wanted)
     manifest = {key: entry for key, entry in manifest.items() if key in wanted}
     root.mkdir(parents=True, exist_ok=True)
-    manifest_path.write_text(json.dumps(manifest, indent=0, sort_keys=True))
+    partial = manifest_path.with_name(f"{MANIFEST}.part")
+    partial.write_text(json.dumps(manifest, indent=0, sort_keys=True))
+    os.replace(partial, manifest_path)          # a full disk leaves the previous manifest whole
     return root
+
+
+def _read_manifest(path: Path) -> dict:
+    """What the last sync copied; empty when there is none or it cannot be read (every cached file is
+    then checked against S3 again, and downloaded again where it does not match)."""
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError):
+        manifest = None
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def _drop_unwanted(cache: Path, wanted: set[str]) -> None:
@@ -489,10 +503,18 @@ def _drop_unwanted(cache: Path, wanted: set[str]) -> None:
 
 
 def _cached(cache: Path, manifest: dict, obj: dict) -> bool:
+    """The local copy is the object's, whole: a copy damaged on disk is downloaded again, not
+    reported as a corrupt file of the lake at every run."""
     entry = manifest.get(obj["Key"])
     local = cache / obj["Key"]
-    return (entry is not None and entry["etag"] == obj["ETag"] and entry["size"] == obj["Size"]
-            and local.exists() and local.stat().st_size == obj["Size"])
+    if not (isinstance(entry, dict) and entry.get("etag") == obj["ETag"] and entry.get("size") == obj["Size"]
+            and local.exists() and local.stat().st_size == obj["Size"]):
+        return False
+    try:
+        pq.ParquetFile(local).close()            # the footer: cheap
+    except Exception:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -83,6 +83,13 @@ def unreadable_file_error(exc: Exception) -> TrainError | None:
 
 def local_window(bucket: str, window: Window, cache_dir: Path, *, region: str = "", progress: bool = True) -> Path:
     """Copy the window's partitions from S3 to ``cache_dir``; return the local ``enriched`` root."""
+    from botocore.exceptions import BotoCoreError
+
     from batch.lake import sync_partitions
 
-    return Path(sync_partitions(bucket, window.start, window.end, cache_dir, region=region, progress=progress))
+    try:
+        return Path(sync_partitions(bucket, window.start, window.end, cache_dir, region=region, progress=progress))
+    except BotoCoreError:
+        raise                       # timeouts are OSErrors too: the AWS failure's own one line says it
+    except OSError as exc:
+        raise TrainError(f"could not copy the lake to cache_dir {cache_dir}: {exc}") from exc

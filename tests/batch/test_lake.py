@@ -204,6 +204,24 @@ def test_sync_partitions_copies_skips_cached_and_removes_stale(aws_settings, s3,
     assert not list(root.glob("date=2026-11-30/*/*.parquet"))  # outside the range: not copied
 
 
+def test_a_local_copy_damaged_on_disk_or_a_torn_manifest_is_mended_by_the_next_sync(aws_settings, s3, tmp_path):
+    """A cached file zeroed in place (same size) was taken as cached and reported as a corrupt file of
+    the lake at every run; a manifest torn by a full disk stopped every later sync."""
+    events = [make_event(i, at=BASE + dt.timedelta(minutes=i)) for i in range(3)]
+    write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", event_records(events, start=1),
+                   "enriched")
+    root = lake.sync_partitions(aws_settings.bucket, "2026-11-29", "2026-11-29", tmp_path, progress=False)
+    cached, *others = sorted(root.rglob("*.parquet"))
+    whole = cached.read_bytes()
+    cached.write_bytes(whole[:-20] + bytes(20))                   # the footer zeroed, the size kept
+    (tmp_path / lake.MANIFEST).write_text('{"enriched/date=2026-11-29/hour=09/shardId-000000000000-1-3.par')
+    lake.sync_partitions(aws_settings.bucket, "2026-11-29", "2026-11-29", tmp_path, progress=False)
+    assert cached.read_bytes() == whole
+    assert sorted(orjson.loads((tmp_path / lake.MANIFEST).read_bytes())) == \
+        [file.relative_to(tmp_path).as_posix() for file in (cached, *others)]
+    assert not list(tmp_path.glob("*.part"))
+
+
 def test_sync_keeps_only_the_range_asked_for(aws_settings, s3, tmp_path):
     sink = lake.S3Sink(s3, aws_settings.bucket)
     for day in range(3):
