@@ -101,7 +101,7 @@ def test_an_older_segment_cut_short_or_zeroed_is_skipped_not_waited_on_forever(t
     spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=200)
     fill(spool, 12)
     spool.close()
-    oldest = sorted(tmp_path.glob("*.seg"))[0]
+    oldest = min(tmp_path.glob("*.seg"))
     data = oldest.read_bytes()
     frame = len(encode(RAW, "key-0", b"record-0"))
     if damage == "cut short":
