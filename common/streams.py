@@ -157,8 +157,10 @@ class KinesisShardReader:
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ExpiredIteratorException":
                 raise
-            self.iterator = None
-            return ReadResult([], 0, False)
+            # An iterator lives 5 minutes, and a pause that long (writes retried through an outage) is
+            # when the lag matters: read again at once, not an empty page that reads as caught up.
+            self.iterator = self._new_iterator()
+            response = self.stream.client.get_records(ShardIterator=self.iterator, Limit=limit)
         records = [
             Record(item["Data"], item["PartitionKey"], item["SequenceNumber"], self.shard_id,
                    int(item["ApproximateArrivalTimestamp"].timestamp() * 1000))

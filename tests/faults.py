@@ -6,7 +6,8 @@ The proxy forwards every request unchanged, except that it can
   request before it reaches the emulator and answered with ``ProvisionedThroughputExceededException``
   in their slots, exactly as Kinesis reports a partial failure;
 - be "down": answer every request with 503, or drop the connection, like an unreachable stream;
-- throttle chosen API calls (by their X-Amz-Target): answer them as a shard over its limit does.
+- throttle chosen API calls (by their X-Amz-Target), or answer their next calls with given error
+  codes, as Kinesis or DynamoDB would.
 """
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ from common.streams import MemoryStream
 
 PUT_RECORDS = "Kinesis_20131202.PutRecords"
 GET_RECORDS = "Kinesis_20131202.GetRecords"
-THROTTLED = json.dumps({"__type": "ProvisionedThroughputExceededException",
-                        "message": "Rate exceeded for shard (injected by FaultProxy)"}).encode()
+
+
+def error_body(code: str) -> bytes:
+    """A JSON-protocol service's error answer (Kinesis, DynamoDB), as botocore parses it."""
+    return json.dumps({"__type": code, "message": f"{code} (injected by FaultProxy)"}).encode()
 
 
 class FaultProxy:
@@ -37,6 +41,7 @@ class FaultProxy:
         self.put_calls = 0
         self.failed_entries = 0
         self.throttle: set[str] = set()        # X-Amz-Target values to answer with a throttling error
+        self.refuse_next: dict[str, list[str]] = {}   # X-Amz-Target: error codes for its next calls, one each
         self.calls: dict[str, int] = {}        # requests seen, by X-Amz-Target
         proxy = self
 
@@ -56,8 +61,9 @@ class FaultProxy:
                     return
                 target = self.headers.get("X-Amz-Target", "")
                 proxy.calls[target] = proxy.calls.get(target, 0) + 1
-                if target in proxy.throttle:
-                    self._answer(400, THROTTLED)
+                queued = proxy.refuse_next.get(target)
+                if queued or target in proxy.throttle:
+                    self._answer(400, error_body(queued.pop(0) if queued else "ProvisionedThroughputExceededException"))
                     return
                 fail = []
                 if target == PUT_RECORDS:

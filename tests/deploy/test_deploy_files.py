@@ -84,6 +84,16 @@ def test_template_has_every_resource_the_pipeline_needs(template):
     assert rule["Targets"][0]["EcsParameters"]["TaskDefinitionArn"] == {"Ref": "TrainerTaskDefinition"}
 
 
+def test_the_longest_prefix_the_template_allows_still_makes_a_valid_bucket_name(template):
+    """S3 names are at most 63 characters: a 31-character prefix failed the stack in 14-character regions."""
+    longest = int(re.fullmatch(r"\^\[a-z\]\[a-z0-9-\]\{1,(\d+)\}\$",
+                               template["Parameters"]["Prefix"]["AllowedPattern"]).group(1)) + 1
+    bucket = next(iter(resources(template, "AWS::S3::Bucket").values()))["Properties"]["BucketName"]["Fn::Sub"]
+    name = bucket.replace("${Prefix}", "p" * longest).replace("${AWS::AccountId}", "1" * 12) \
+        .replace("${AWS::Region}", "ap-southeast-1")      # among the longest region names
+    assert len(name) <= 63, name
+
+
 def _statements(role: dict) -> list[dict]:
     return [s for policy in role["Properties"].get("Policies", []) for s in policy["PolicyDocument"]["Statement"]]
 

@@ -108,6 +108,21 @@ def test_a_throttled_read_is_sent_once_and_left_to_the_consumers_own_backoff(aws
     assert read == 40                                          # the iterators were kept: nothing skipped
 
 
+def test_an_expired_iterator_is_replaced_and_read_at_once_not_taken_for_a_caught_up_shard(aws_settings):
+    """Iterators expire after 5 minutes on AWS (never on moto): the empty page returned instead read
+    as lag 0 for a shard minutes behind."""
+    Producer(KinesisStream(aws.client("kinesis"), aws_settings.raw_stream)).send(entries(30))
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        client = aws.session().client("kinesis", endpoint_url=proxy.endpoint)
+        shard = KinesisStream(client, aws_settings.raw_stream).list_shards()[0].shard_id
+        reader = KinesisStream(client, aws_settings.raw_stream).reader(shard, None)
+        first = reader.read(10)
+        proxy.refuse_next[GET_RECORDS] = ["ExpiredIteratorException"]
+        second = reader.read(100)
+    assert [r.data for r in first.records + second.records] == [d for _, d in entries(30)]
+    assert proxy.calls[GET_RECORDS] == 3
+
+
 def test_consumer_restart_loses_nothing_and_repeats_only_the_unconfirmed_batch(aws_settings):
     Producer(KinesisStream(aws.client("kinesis"), aws_settings.raw_stream)).send(entries(200))
     first = consumer_for(aws_settings, aws_settings.raw_stream, app="restart", lease_ms=1000, batch_limit=50)
