@@ -121,8 +121,13 @@ def _read_file(path: Path | None) -> dict:
         raise ConfigError(f"CLICKSTREAM_CONFIG: file {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"CLICKSTREAM_CONFIG: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"CLICKSTREAM_CONFIG: {path} is not UTF-8 text, as TOML must be (byte {exc.start}); "
+                          "save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"CLICKSTREAM_CONFIG: {path} is not valid TOML: {exc}") from None
+        bom = " (it starts with a byte-order mark: save it as UTF-8 without one)" \
+            if Path(path).read_bytes().startswith(b"\xef\xbb\xbf") else ""
+        raise ConfigError(f"CLICKSTREAM_CONFIG: {path} is not valid TOML: {exc}{bom}") from None
 
 
 def load(cls, *, section: str | None = None, env: typing.Mapping[str, str] | None = None,

@@ -88,6 +88,16 @@ def test_missing_or_broken_file_is_named(tmp_path):
         load(Example, file=broken, env={})
 
 
+@pytest.mark.parametrize(("encoding", "says"), [("latin-1", "is not UTF-8 text"), ("utf-16", "is not UTF-8 text"),
+                                                ("utf-8-sig", "byte-order mark")])
+def test_a_file_saved_in_another_encoding_is_a_config_error_that_says_so(tmp_path, encoding, says):
+    """A Latin-1 or UTF-16 file raised UnicodeDecodeError, a traceback naming no file."""
+    file = tmp_path / "shop.toml"
+    file.write_bytes('[example]\nname = "café"\n'.encode(encoding))
+    with pytest.raises(ConfigError, match=f"CLICKSTREAM_CONFIG: {file} .*{says}"):
+        load(Example, section="example", file=file, env={})
+
+
 @dataclasses.dataclass(frozen=True)
 class Served:
     port: int = 8080
