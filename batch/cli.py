@@ -20,6 +20,7 @@ import re
 import sys
 import time
 import uuid
+import zlib
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -173,13 +174,18 @@ def _load_fix(spec: str | None) -> Callable[[dict | None, dict], dict | None] | 
 
 def _rows_from_file(path: Path) -> Iterator[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    yield orjson.loads(line)
-                except orjson.JSONDecodeError as exc:
-                    raise click.ClickException(f"{path}, line {number}: not JSON ({exc})") from None
+    number = 0
+    try:
+        with opener(path, "rb") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        yield orjson.loads(line)
+                    except orjson.JSONDecodeError as exc:
+                        raise click.ClickException(f"{path}, line {number}: not JSON ({exc})") from None
+    except (EOFError, OSError, zlib.error) as exc:      # a cut or damaged gzip file (BadGzipFile is an OSError)
+        raise click.ClickException(f"{path}: unreadable after line {number} ({exc or type(exc).__name__}); the "
+                                   "rows before it were read") from None
 
 
 # What no retry can fix: the stream is not there, the caller may not write to it, the request is wrong.
@@ -368,12 +374,17 @@ def _write_unsent(path: Path | None, unsent: list[tuple[str, str, bytes, str]]) 
     lines = b"".join(orjson.dumps({"schema": schema, "data": {"payload": orjson.loads(data)},
                                    "replay": {"source": source, "reason": reason}}) + b"\n"
                      for source, schema, data, reason in unsent)
+    # Written aside, then renamed: a full disk leaves no cut file, and the file these rows were read
+    # from (``--unsent-to`` may name it) stays whole until they are all on disk.
+    partial = path.with_name(f".{path.name}.part")
     try:
         # Raw records hold IP addresses and cookie ids in clear: readable by their owner only.
-        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
             os.fchmod(out.fileno(), 0o600)          # a file already there keeps its mode otherwise
             out.write(gzip.compress(lines) if path.suffix == ".gz" else lines)
+        os.replace(partial, path)
     except OSError as exc:
+        partial.unlink(missing_ok=True)
         raise click.ClickException(f"could not write the {len(unsent)} unsent rows to {path}: {exc}; the files "
                                    "sent in full are listed above") from None
     return path

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import click
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -378,6 +379,31 @@ def test_replay_bad_counts_rows_that_are_not_bad_rows_and_names_a_broken_line(aw
     broken.write_bytes(orjson.dumps(make_bad_row(make_raw(7))) + b"\n{oops\n")
     result = CliRunner().invoke(lake_cli, ["--bucket", aws_settings.bucket, "replay-bad", "--from-file", str(broken)])
     assert result.exit_code == 1 and "broken.jsonl, line 2: not JSON" in result.output
+
+
+def test_replay_bad_names_a_cut_gzip_file_and_the_line_it_got_to(aws_settings, tmp_path):
+    """A cut .gz file (a copy stopped by a full disk) ended in click's bare "Aborted!"."""
+    rows = b"".join(orjson.dumps(make_bad_row(make_raw(i))) + b"\n" for i in range(50))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gzip.compress(rows)[:-30])
+    result = CliRunner().invoke(lake_cli, ["--bucket", aws_settings.bucket, "replay-bad", "--from-file", str(cut),
+                                           "--dry-run"])
+    assert result.exit_code == 1 and f"{cut}: unreadable after line " in result.output, result.output
+
+
+def test_unsent_rows_that_cannot_be_written_leave_the_file_they_were_read_from_whole(tmp_path, monkeypatch):
+    from batch import cli
+
+    rows = tmp_path / "unsent.jsonl.gz"
+    rows.write_bytes(b"the only copy of the rows")
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(cli.os, "replace", disk_full)
+    with pytest.raises(click.ClickException, match="could not write the 1 unsent rows to .*No space left"):
+        cli._write_unsent(rows, [("bad/x.jsonl.gz", "iglu:s/b/jsonschema/1-0-0", b'{"a": 1}', "throttled")])
+    assert rows.read_bytes() == b"the only copy of the rows" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "unsent.jsonl.gz"]
 
 
 def _raw_in_stream(settings) -> list[dict]:
