@@ -62,6 +62,8 @@ class Sink:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="collector-sink", daemon=True)
         self._rotate_errors = logs.Tally(every_s=60.0)
+        self._commit_errors = logs.Tally(every_s=60.0)    # a failing disk fails every round alike
+        self._fsync_errors = logs.Tally(every_s=60.0)
         # Throttling refuses entries in every call while it lasts: one WARNING per stream and 30 s,
         # with how many records it stands for.
         self._refusals = {stream: logs.Tally(every_s=30.0) for stream in (RAW, BAD)}
@@ -128,7 +130,8 @@ class Sink:
             try:
                 self.spool.sync_to(self.spool.end)
             except OSError as exc:
-                log.error("spool fsync failed: %s", exc)
+                if failures := self._fsync_errors.add():
+                    log.error("spool %s: fsync failed (%d times): %s", self.spool.dir, failures, exc)
 
     def _drain(self, deadline: float | None = None, full_only: bool = False) -> bool:
         """Send until the spools are empty, or until ``deadline`` (None: until stop() is called);
@@ -247,11 +250,22 @@ class Sink:
         self._set_health(True)
         self._keep(refused)
         self._report_refused(resendable)
-        spool.commit(offset, len(entries))
+        self._commit(spool, offset, len(entries))
         self._note_drained(spool)
         # Refused entries (throttling, or one stream missing) were re-appended: back off before
         # reading them again instead of spinning on them.
         return not resendable
+
+    def _commit(self, spool: Spool, offset: int, count: int) -> None:
+        """Move the spool past a delivered batch. A disk that cannot take the cursor or delete a segment
+        (read-only, failing) is the spool's fault, not the stream's: delivery goes on (the cursor
+        moved in memory), and what was delivered may be sent again after a restart."""
+        try:
+            spool.commit(offset, count)
+        except OSError as exc:
+            if failures := self._commit_errors.add():
+                log.error("spool %s: cannot record delivered hits on disk (%d times): %s; delivery goes on, and "
+                          "a restart may send them again", spool.dir, failures, exc)
 
     def _keep(self, refused: list[tuple[int, Undelivered]]) -> None:
         """Re-append what the stream refused; what can never fit becomes a size_violation bad row."""

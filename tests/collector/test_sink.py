@@ -125,6 +125,25 @@ def test_unreachable_stream_keeps_the_cursor(tmp_path):
     assert [int(r.data) for r in raw.all_records()] == list(range(5))
 
 
+def test_a_spool_disk_that_cannot_take_the_cursor_is_not_reported_as_the_stream_down(tmp_path, monkeypatch, caplog):
+    """A read-only spool disk read as "stream unreachable" (sink health 0) at every batch."""
+    raw, bad = MemoryStream("raw"), MemoryStream("bad")
+    sink = sink_for(tmp_path, raw, bad)
+
+    def read_only(*args):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(sink.spool, "_write_cursor", read_only)
+    with caplog.at_level(logging.WARNING, logger="collector.sink"):
+        for batch in range(3):
+            for index in range(5):
+                sink.spool.append(encode(RAW, "k", f"{batch}-{index}".encode()), 1)
+            assert sink._drain() and sink.healthy
+    assert len(raw.all_records()) == 15                 # each delivered once: the cursor moved in memory
+    assert [r.getMessage() for r in caplog.records] == [
+        f"spool {tmp_path}: cannot record delivered hits on disk (1 times): [Errno 30] Read-only file system; "
+        "delivery goes on, and a restart may send them again"]
+
+
 def test_a_stream_throttling_a_whole_batch_is_reachable_and_its_refusals_are_counted(tmp_path, caplog):
     """Every entry refused with a throttling code: the stream answered, so /sink-health stays 200 and
     collector_sink_up 1; the refusals show in the counter and a WARNING. The cursor stays: the same
