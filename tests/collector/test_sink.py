@@ -139,9 +139,9 @@ def test_a_spool_disk_that_cannot_take_the_cursor_is_not_reported_as_the_stream_
                 sink.spool.append(encode(RAW, "k", f"{batch}-{index}".encode()), 1)
             assert sink._drain() and sink.healthy
     assert len(raw.all_records()) == 15                 # each delivered once: the cursor moved in memory
-    assert [r.getMessage() for r in caplog.records] == [
-        f"spool {tmp_path}: cannot record delivered hits on disk (1 times): [Errno 30] Read-only file system; "
-        "delivery goes on, and a restart may send them again"]
+    said = (f"spool {tmp_path}: cannot record delivered hits on disk (1 times): [Errno 30] Read-only file system; "
+            "delivery goes on, and a restart may send them again")
+    assert [r.getMessage() for r in caplog.records] == [said]
 
 
 def test_a_stream_throttling_a_whole_batch_is_reachable_and_its_refusals_are_counted(tmp_path, caplog):
