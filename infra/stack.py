@@ -98,7 +98,7 @@ def start(process: Process, wait: float = 30) -> str:
         child = subprocess.Popen([sys.executable, "-m", module, *process.args], stdout=log,
                                  stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
                                  env={**dict(process.env), **os.environ})
-    process.pid_file.write_text(f"{child.pid} {started_at(child.pid) or ''}".strip())
+    write_whole(process.pid_file, f"{child.pid} {started_at(child.pid) or ''}".strip())
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if child.poll() is not None:
@@ -108,6 +108,15 @@ def start(process: Process, wait: float = 30) -> str:
             return f"{process.name}: started (pid {child.pid}, log {process.log_file.relative_to(ROOT)})"
         time.sleep(0.2)
     raise SystemExit(f"{process.name} did not become healthy within {wait:.0f} s; see {process.log_file}")
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Written aside, then renamed: a crash or a full disk leaves the old file or none, never a cut one.
+    Owner-only, as the key must be."""
+    partial = path.with_name(f".{path.name}.part")
+    partial.write_text(text)
+    partial.chmod(0o600)
+    partial.replace(path)
 
 
 def stop(process: Process) -> str | None:
@@ -128,10 +137,9 @@ def local_pseudonymisation_key() -> str:
     if os.environ.get("CLICKSTREAM_PSEUDONYMISATION_KEY"):
         return "pseudonymisation key: from CLICKSTREAM_PSEUDONYMISATION_KEY"
     path = RUN / "pseudonymisation.key"
-    if not path.exists():
+    if not path.exists() or not path.read_text().strip():     # an empty one was cut before any use
         RUN.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
+        write_whole(path, secrets.token_hex(32))
     os.environ["CLICKSTREAM_PSEUDONYMISATION_KEY"] = path.read_text().strip()
     return f"pseudonymisation key: local, from {path.relative_to(ROOT)} (set CLICKSTREAM_PSEUDONYMISATION_KEY in production)"
 

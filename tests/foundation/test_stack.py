@@ -58,3 +58,19 @@ def test_status_says_why_a_component_is_unhealthy_not_just_that_it_does_not_answ
     finally:
         other.kill()
         other.wait()
+
+
+def test_an_empty_local_key_file_is_replaced_not_passed_on_as_no_key(tmp_path, monkeypatch):
+    """A key file cut before its write made enrich stop with 'CLICKSTREAM_PSEUDONYMISATION_KEY: required'
+    while the stack said the key came from that file."""
+    monkeypatch.setattr(stack, "RUN", tmp_path)
+    monkeypatch.setattr(stack, "ROOT", tmp_path)
+    monkeypatch.setenv("CLICKSTREAM_PSEUDONYMISATION_KEY", "")      # undone after the test, as the key is set
+    (tmp_path / "pseudonymisation.key").write_text("")
+    stack.local_pseudonymisation_key()
+    key = (tmp_path / "pseudonymisation.key").read_text()
+    assert len(key) == 64 and stack.os.environ["CLICKSTREAM_PSEUDONYMISATION_KEY"] == key
+    assert (tmp_path / "pseudonymisation.key").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pseudonymisation.key"]
+    stack.local_pseudonymisation_key()
+    assert (tmp_path / "pseudonymisation.key").read_text() == key        # kept from then on
