@@ -58,8 +58,9 @@ class EnrichSettings(AwsSettings):
     registry_cache_ttl_s: float = 600.0
     pseudonymisation: bool = True
     pseudonymisation_key: str = ""
-    # "vendor/name:dotted.path" entries, matched on any version of the schema.
-    pii_fields: tuple[str, ...] = DEFAULT_PII_FIELDS
+    # "vendor/name:dotted.path" entries, matched on any version of the schema: added to
+    # DEFAULT_PII_FIELDS, which always apply (a list replacing them would put them in clear).
+    pii_fields: tuple[str, ...] = ()
     ip_anon_octets: int = 1            # IPv4 octets zeroed from the right (0-4)
     ip_anon_segments: int = 5          # IPv6 16-bit segments zeroed from the right (0-8)
     geolocation_coarsening: bool = True

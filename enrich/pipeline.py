@@ -23,7 +23,7 @@ import orjson
 from common import emails
 from common.features import NIL_USER, session_key
 from enrich import __version__, badrows, protocol
-from enrich.config import GEOLOCATION_ROUNDED, GEOLOCATION_WITHHELD, EnrichSettings, parse_pii_field
+from enrich.config import DEFAULT_PII_FIELDS, GEOLOCATION_ROUNDED, GEOLOCATION_WITHHELD, EnrichSettings, parse_pii_field
 from enrich.enrichments import (
     Deduper,
     Pseudonymiser,
@@ -122,7 +122,9 @@ def _pii_paths(entries: tuple[str, ...]) -> dict[tuple[str, str], list[tuple[str
     paths: dict[tuple[str, str], list[tuple[str, ...]]] = {}
     for entry in entries:
         vendor, name, steps = parse_pii_field(entry)
-        paths.setdefault((vendor, name), []).append(steps)
+        found = paths.setdefault((vendor, name), [])
+        if steps not in found:          # listed twice (or spelt two ways): one pseudonym, not one of a pseudonym
+            found.append(steps)
     return paths
 
 
@@ -142,7 +144,7 @@ def _entity_rules(settings: EnrichSettings, hmac: Pseudonymiser | None) -> Rules
         add(GEOLOCATION_ROUNDED, functools.partial(_rounded, decimals=settings.geolocation_decimals))
         add(GEOLOCATION_WITHHELD, _withheld)
     if hmac is not None:
-        add(settings.pii_fields, functools.partial(_pseudonym, hmac=hmac))
+        add(DEFAULT_PII_FIELDS + settings.pii_fields, functools.partial(_pseudonym, hmac=hmac))
     return rules
 
 
