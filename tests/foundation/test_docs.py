@@ -123,6 +123,16 @@ def test_every_model_json_field_is_in_contracts():
     assert not sorted(nested - documented), f"nested model.json fields not in contracts.md: {sorted(nested - documented)}"
 
 
+def test_the_docs_give_the_features_count_and_version_of_the_code():
+    """A feature added or a version bumped leaves these figures behind unless a test reads them."""
+    from common.features import FEATURE_COUNT, FEATURE_VERSION
+
+    contracts, scorer = (ROOT / "docs/contracts.md").read_text(), (ROOT / "docs/scorer.md").read_text()
+    assert set(re.findall(r"the (\d+) features of the scorer's fold", contracts)) == {str(FEATURE_COUNT)}
+    assert set(re.findall(r"`feature_version` \| string \| `\"([^\"]+)\"`", contracts)) == {FEATURE_VERSION}
+    assert set(re.findall(r"tensor `\[n, (\d+)\]`", scorer)) == {str(FEATURE_COUNT)}
+
+
 # ----------------------------------------------------------------------------- README and the Makefile
 
 def _recipe(target: str) -> str:

@@ -323,19 +323,102 @@ def test_the_lead_in_spans_one_session_gap_in_whole_days_before_the_window(gap_m
     assert window_start_ms(window) == parse_ms("2026-11-20T00:00:00Z")
 
 
-# What the fold computes for fixed sessions, under the FEATURE_VERSION that computes it. A model
-# trained on other features is refused only when its feature_version differs: before this pin,
-# the features changed four times under version "1" and scorers served models built on others.
-FINGERPRINTS = {"2": "d2194f55719da8e3"}
+def rich_session() -> list[dict]:
+    """One session that gives every feature a value of its own: kinds of event and page the synthetic
+    funnel never makes (struct events, search and content pages known by their path alone)."""
+    s = synth.Session(random.Random(12), parse_ms("2026-11-20T09:00:00Z"), session_id="rich-session")
+    s.index, s.device, s.referer, s.campaign, s.zone = 4, "Tablet", "social", True, "Asia/Tokyo"
+    s.page("/", "home")
+    s.page("/", "home")["contexts"] = []
+    s.page("/search", "search")
+    s.page("/search/results", "search")["contexts"] = []          # the path says what the page is
+    s.page("/about-us", "content")["contexts"] = []
+    s.events.append(s._base("struct", "/about-us", "content"))
+    s.page("/c/shoes", "category", "shoes")
+    for sku in ("SH-001", "SH-002", "SH-001"):
+        s.page(f"/p/{sku}", "product", "shoes")
+        s.shop("product_view", {"sku": sku, "category": "shoes", "price": 10.5}, f"/p/{sku}", "product")
+    s.ping("/p/SH-001", "product", 1400)
+    s.shop("add_to_cart", {"sku": "SH-001", "price": 10.5, "quantity": 3}, "/p/SH-001", "product")
+    s.shop("remove_from_cart", {"sku": "SH-001", "price": 10.5, "quantity": 1}, "/cart", "cart")
+    s.page("/cart", "cart")
+    s.page("/checkout/1", "checkout")
+    s.shop("checkout_step", {"step": 2}, "/checkout/2", "checkout")
+    return s.events
 
 
-def test_the_features_of_fixed_sessions_are_pinned_to_the_feature_version():
-    events = synth.make_events(60, dt.datetime(2026, 3, 28, 22), hours=30, seed=11)   # across a DST change
-    loose = [{"event_id": "e1", "domain_userid": "u1"}, {"event_id": "e2", "network_userid": "n2"},
-             {"event_id": "e3", "network_userid": NIL_USER}]
+def pinned_sessions() -> dict[str, list[dict]]:
+    """The fixed sessions whose features are pinned: the synthetic funnel across a DST change, and
+    rich_session()."""
+    events = synth.make_events(60, dt.datetime(2026, 3, 28, 22), hours=30, seed=11) + rich_session()
     sessions: dict[str, list[dict]] = {}
     for event in events:
         sessions.setdefault(session_key(event), []).append(event)
+    return sessions
+
+
+def test_each_feature_is_read_from_its_own_name():
+    """By name, not position: a name added to FEATURE_NAMES in one place and its value in features()
+    in another shifted the names of the values after it (model.json, importances, /features)."""
+    row = dict(zip(FEATURE_NAMES, session_features(rich_session())[-1], strict=True))
+    assert {name: value for name, value in row.items() if not name.startswith(("session_sec", "seconds", "mean"))} == {
+        "events": 19, "page_views": 11, "page_pings": 1, "struct_events": 1, "product_views": 3,
+        "distinct_products": 2, "cart_adds": 1, "cart_removes": 1, "cart_value": 21.0, "cart_items": 2,
+        "checkout_step_max": 2, "pages_home": 2, "pages_category": 1, "pages_product": 3, "pages_search": 2,
+        "pages_cart": 1, "pages_checkout": 1, "pages_content": 1, "max_scroll_depth": pytest.approx((1400 + 800) / 3000),
+        "device_computer": 0, "device_mobile": 0, "device_tablet": 1, "local_hour": 18, "local_weekday": 4,
+        "referer_search": 0, "referer_social": 1, "referer_email": 0, "referer_internal": 0, "referer_unknown": 0,
+        "referer_direct": 0, "campaign": 1, "returning": 1, "session_index": 4}
+    assert row["mean_seconds_per_page"] == pytest.approx(row["session_seconds"] / 11)
+    assert 0 < row["seconds_on_page"] < row["seconds_since_last_cart_action"] < row["session_seconds"]
+
+
+def test_every_feature_varies_over_the_pinned_sessions():
+    """A feature constant over them is one whose meaning could change without the pin noticing: give
+    rich_session() (or the funnel) what makes it vary."""
+    rows = np.array([row for session in pinned_sessions().values() for row in session_features(session)])
+    constant = [name for name, column in zip(FEATURE_NAMES, rows.T, strict=True) if len(set(column)) < 2]
+    assert not constant
+
+
+class _Recording(dict):
+    """An event that notes which of its fields are read."""
+
+    def __init__(self, event: dict, read: set[str]):
+        super().__init__(event)
+        self.read = read
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+
+def test_the_fold_reads_no_event_field_that_training_leaves_out():
+    """Training hands the fold EVENT_FIELDS only: a field read online but missing there is a feature
+    the scorer computes and training sees as empty, on sessions no parity test happens to cover."""
+    from common.features import EVENT_FIELDS
+
+    read: set[str] = set()
+    for session in pinned_sessions().values():
+        session_features([_Recording(event, read) for event in session])
+        session_key(_Recording(session[0], read))
+    assert read and read <= set(EVENT_FIELDS), sorted(read - set(EVENT_FIELDS))
+
+
+# What the fold computes for fixed sessions, under the FEATURE_VERSION that computes it. A model
+# trained on other features is refused only when its feature_version differs: before this pin,
+# the features changed four times under version "1" and scorers served models built on others.
+FINGERPRINTS = {"2": "0bb644b6462c97d6"}
+
+
+def test_the_features_of_fixed_sessions_are_pinned_to_the_feature_version():
+    loose = [{"event_id": "e1", "domain_userid": "u1"}, {"event_id": "e2", "network_userid": "n2"},
+             {"event_id": "e3", "network_userid": NIL_USER}]
+    sessions = pinned_sessions()
     digest = hashlib.sha256(repr((FEATURE_NAMES, [session_key(e) for e in loose])).encode())
     for key, session in sorted(sessions.items()):
         digest.update(key.encode())
