@@ -181,8 +181,9 @@ def check_folds(cv: int) -> None:
 
 
 @click.command(cls=AwsCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--table", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="feature-table mode: train from this CSV or Parquet table instead of the lake")
+@click.option("--table", type=click.Path(exists=True, path_type=Path),
+              help="feature-table mode: train from this CSV or Parquet table (or folder of Parquet files) "
+                   "instead of the lake")
 @click.option("--label", "label_column", help="label column of --table (bool, 0/1 or yes/no)")
 @click.option("--drop", multiple=True, help="column of --table to leave out (repeatable)")
 @click.option("--categorical", multiple=True, help="numeric column of --table to one-hot encode (repeatable)")

@@ -72,6 +72,9 @@ class TrainSettings(AwsSettings):
                          "spark_shuffle_partitions")
         # Spark checks these only when it fits, minutes into a run; say so before it starts.
         for name, allowed, ok in (("subsampling_rate", "above 0 and at most 1", lambda v: 0 < v <= 1),
+                                  ("step_size", "above 0 and at most 1", lambda v: 0 < v <= 1),
+                                  ("max_depth", "from 1 to 30", lambda v: 1 <= v <= 30),
+                                  ("max_bins", "of at least 2", lambda v: v >= 2),
                                   ("target_precision", "above 0 and at most 1", lambda v: 0 < v <= 1),
                                   ("elastic_net", "from 0 to 1", lambda v: 0 <= v <= 1),
                                   ("reg_param", "of at least 0", lambda v: v >= 0),

@@ -27,6 +27,10 @@ from batch.train_metrics import choose_threshold, evaluate
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHT = "class_weight"
+# Columns the pipeline adds next to the features: a feature of the same name would be overwritten
+# (the weight, which encodes the label) or stop Spark ("column already exists").
+PIPELINE_COLUMNS = (WEIGHT, "features", "rawPrediction", "probability", "prediction", "p_spark", "p_onnx",
+                    "_assembled")
 
 
 @dataclass
@@ -72,16 +76,23 @@ def estimator(settings: TrainSettings, label: str = "label"):
         return RandomForestClassifier(**common, numTrees=settings.num_trees, maxDepth=settings.max_depth,
                                       subsamplingRate=settings.subsampling_rate, maxBins=settings.max_bins,
                                       minInstancesPerNode=settings.min_instances_per_node, seed=settings.seed)
-    return LogisticRegression(**common, maxIter=max(settings.max_iter, 100), regParam=settings.reg_param,
+    return LogisticRegression(**common, maxIter=lr_iterations(settings), regParam=settings.reg_param,
                               elasticNetParam=settings.elastic_net)
+
+
+def lr_iterations(settings: TrainSettings) -> int:
+    """LR's iterations: max_iter, at least 100 (GBT's default of 60 trees stops LBFGS short)."""
+    return max(settings.max_iter, 100)
 
 
 def hyper_parameters(settings: TrainSettings) -> dict:
     names = {"gbt": ("max_iter", "max_depth", "step_size", "subsampling_rate", "min_instances_per_node", "max_bins"),
              "rf": ("num_trees", "max_depth", "subsampling_rate", "min_instances_per_node", "max_bins"),
              "lr": ("max_iter", "reg_param", "elastic_net")}[settings.algorithm]
-    return {name: getattr(settings, name) for name in names} | {"class_weight": settings.class_weight,
-                                                                "seed": settings.seed}
+    used = {name: getattr(settings, name) for name in names}
+    if settings.algorithm == "lr":
+        used["max_iter"] = lr_iterations(settings)      # what the model was fitted with, not what was asked
+    return used | {"class_weight": settings.class_weight, "seed": settings.seed}
 
 
 def weigh(train: DataFrame, label: str, class_weight: str) -> tuple[DataFrame, float]:

@@ -9,6 +9,7 @@ refused rather than encoded.
 """
 from __future__ import annotations
 
+import decimal
 import hashlib
 import logging
 import re
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from batch.train_config import TrainSettings, spark_session
 from batch.train_lake import TrainError
 from batch.train_metrics import evaluate
-from batch.train_model import Steps, TrainResult, fit_and_export
+from batch.train_model import PIPELINE_COLUMNS, Steps, TrainResult, fit_and_export
 from common import emails
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,10 @@ ID_COLUMNS = ["row_id", "label"]
 # column in 20 rows) from tripping the share; the UCI shoppers categoricals have at most 20 values.
 IDENTIFIER_SHARE = 0.5
 IDENTIFIER_MIN_VALUES = 50
+# One-hot columns per categorical column at most: Spark's dense vectors of thousands of columns run
+# the driver out of memory (4,600 levels at 2g), and so many levels are rarely categories.
+MAX_LEVELS = 1000
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -51,11 +56,19 @@ class Table:
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    suffix = path.suffix.lower()
-    if suffix not in (".parquet", ".pq", ".csv", ".txt"):
-        raise TrainError(f"{path}: expected a .csv or .parquet table")
+    """A CSV file (compressed too, comma- or semicolon-separated), a Parquet file, or a folder of
+    Parquet files as Spark writes them."""
+    suffixes = [suffix.lower() for suffix in path.suffixes[-2:]]
+    parquet = path.is_dir() or suffixes[-1:] in ([".parquet"], [".pq"])
+    if not parquet and not any(s in (".csv", ".txt") for s in suffixes):
+        raise TrainError(f"{path}: expected a .csv (or .csv.gz) file, a .parquet file or a folder of Parquet files")
     try:
-        return pd.read_parquet(path) if suffix in (".parquet", ".pq") else pd.read_csv(path)
+        if parquet:
+            return pd.read_parquet(path)
+        frame = pd.read_csv(path)
+        if len(frame.columns) == 1 and ";" in str(frame.columns[0]):      # a spreadsheet's export in many locales
+            frame = pd.read_csv(path, sep=";")
+        return frame
     except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise TrainError(f"{path}: cannot be read as a table: {exc}") from None
 
@@ -87,18 +100,21 @@ def prepare(frame: pd.DataFrame, label: str, *, drop=(), categorical=(), missing
     if y.isna().any():
         notes.append(f"dropped {int(y.isna().sum())} rows without a label")
     frame, y = frame[y.notna()], y[y.notna()]
-    features = frame.drop(columns=[label, *drop])
+    features = _as_numbers(frame.drop(columns=[label, *drop]))
     kinds = [c for c in features.columns if c in categorical or not _is_number(features[c])]
     numeric = [c for c in features.columns if c not in kinds]
+    _refuse_non_categories(features, [c for c in kinds if c not in categorical], source)
     _refuse_identifiers(features, kinds, source)
+    _refuse_non_finite(features, numeric, source)
     features, numeric = _drop_empty(features, numeric, notes)
     features, y = _fill_missing(features, y, numeric, missing, notes)
     x = _one_hot(features, numeric, kinds, notes)
-    # Spark resolves column names without regard to case, and row_id and label are the table's own.
+    _refuse_reserved(x.columns, source)
+    # Spark resolves column names without regard to case.
     names = pd.Index([*ID_COLUMNS, *x.columns]).str.lower()
     if names.duplicated().any():
-        raise TrainError(f"{source}: column names collide after encoding (Spark ignores case; row_id and label "
-                         f"are reserved): {sorted(set(names[names.duplicated()]))}")
+        raise TrainError(f"{source}: column names collide after encoding (Spark ignores case, and symbols become "
+                         f"_): {sorted(set(names[names.duplicated()]))}")
     # Same reason as the event features: ONNX sees float32, so Spark must see the same values.
     x = x.astype(np.float32).astype(np.float64)
     out = pd.concat([pd.DataFrame({"row_id": np.arange(len(x)).astype(str), "label": y.astype(np.int32).to_numpy()},
@@ -111,7 +127,52 @@ def prepare(frame: pd.DataFrame, label: str, *, drop=(), categorical=(), missing
 
 
 def _is_number(column: pd.Series) -> bool:
-    return pd.api.types.is_numeric_dtype(column) and column.dtype != bool
+    return pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)
+
+
+def _as_numbers(features: pd.DataFrame) -> pd.DataFrame:
+    """Decimal columns (Parquet's decimal type reads as Python Decimals) as the numbers they are."""
+    for column in features.columns:
+        values = features[column].dropna()
+        if features[column].dtype == object and len(values) and all(isinstance(v, decimal.Decimal) for v in values):
+            features[column] = pd.to_numeric(features[column].astype("string"), errors="coerce").astype(np.float64)
+    return features
+
+
+def _refuse_non_categories(features: pd.DataFrame, kinds: list[str], source: str) -> None:
+    """Columns that only look categorical: times, and numbers read as text because of a few stray values."""
+    for column in kinds:
+        values = features[column]
+        if pd.api.types.is_datetime64_any_dtype(values):
+            raise TrainError(f"{source}: column {column!r} holds times: derive numbers from it (hour, weekday, "
+                             f"age) or leave it out with --drop {column}")
+        text = values.dropna().astype("string")
+        numbers = pd.to_numeric(text, errors="coerce")
+        if len(text) and numbers.notna().mean() >= 0.9 and numbers.isna().any():
+            stray = sorted(set(text[numbers.isna()]))
+            raise TrainError(f"{source}: column {column!r} holds numbers and {len(stray)} other value(s), e.g. "
+                             f"{stray[:5]}: make those cells empty (missing), or name it with --categorical")
+
+
+def _refuse_non_finite(features: pd.DataFrame, numeric: list[str], source: str) -> None:
+    """Infinite values, and values beyond float32 (which the model sees), stop Spark with an error that
+    names no column."""
+    found = {}
+    for column in numeric:
+        values = features[column].astype(np.float64)
+        if (count := int((np.isinf(values) | (values.abs() > FLOAT32_MAX)).sum())):
+            found[column] = count
+    if found:
+        raise TrainError(f"{source}: infinite or out-of-range (beyond ±3.4e38, float32) values in {found} "
+                         "(column: rows): make them empty (missing) or --drop the column")
+
+
+def _refuse_reserved(columns, source: str) -> None:
+    reserved = {name.lower(): name for name in (*ID_COLUMNS, *PIPELINE_COLUMNS)}
+    taken = sorted(column for column in columns if column.lower() in reserved)
+    if taken:
+        raise TrainError(f"{source}: column(s) {taken} have names training gives columns of its own "
+                         f"({', '.join(reserved.values())}): rename them")
 
 
 def _refuse_identifiers(features: pd.DataFrame, kinds: list[str], source: str) -> None:
@@ -136,6 +197,8 @@ def _identifier_reason(column: pd.Series) -> str | None:
         return f"email addresses, {distinct} distinct values in {len(values)} rows"
     if distinct > max(IDENTIFIER_MIN_VALUES, IDENTIFIER_SHARE * len(values)):
         return f"{distinct} distinct values in {len(values)} rows"
+    if distinct > MAX_LEVELS:
+        return f"{distinct} distinct values, more than the {MAX_LEVELS} one-hot columns a column may become"
     return None
 
 
@@ -209,7 +272,12 @@ def _fit(spark, table: Table, test_mask: np.ndarray, settings: TrainSettings, st
 
 def cross_validate(spark, table: Table, settings: TrainSettings, k: int = 5) -> list[dict]:
     """k-fold ROC AUC with the parity gate checked on every fold."""
-    assignment = folds(table.frame["label"].to_numpy(), k, settings.seed)
+    labels = table.frame["label"].to_numpy()
+    fewest = min(int((labels == 1).sum()), int((labels == 0).sum()))
+    if fewest < k:
+        raise TrainError(f"{table.source}: {k}-fold cross-validation needs at least {k} rows of each class, one per "
+                         f"fold; the smaller class has {fewest}: use fewer folds (--cv) or more rows")
+    assignment = folds(labels, k, settings.seed)
     results = []
     for fold in tqdm(range(k), desc="cross-validation", unit="fold", disable=not settings.progress):
         steps = Steps(["fit", "evaluate", "export", "parity"], enabled=False)
@@ -229,7 +297,11 @@ def train_from_table(spark, table: Table, settings: TrainSettings, steps: Steps 
     test_mask = np.zeros(len(labels), dtype=bool)
     for value in (0, 1):
         rows = np.flatnonzero(labels == value)
-        test_mask[rng.choice(rows, size=max(1, round(len(rows) * settings.eval_fraction)), replace=False)] = True
+        size = max(1, round(len(rows) * settings.eval_fraction))
+        if size >= len(rows):       # the one (or few) rows would all be held out: none left to learn from
+            raise TrainError(f"{table.source}: {len(rows)} row(s) with the label {'true' if value else 'false'}: too "
+                             "few to hold some out for evaluation and train on the rest")
+        test_mask[rng.choice(rows, size=size, replace=False)] = True
     result = _fit(spark, table, test_mask, settings, steps)
     result.meta.update(feature_version=table.feature_version, label=f"{table.label_column} is true",
                        training_window={"table": table.source, "rows": len(table.frame), "notes": table.notes})

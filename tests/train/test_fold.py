@@ -31,6 +31,7 @@ from common.features import (
     step,
 )
 from tests.train import synth
+from tests.train.conftest import fast_settings
 
 TELL_TALE = 987654.25
 
@@ -230,7 +231,7 @@ def test_table_inputs_spark_would_choke_on_are_clear_errors_or_notes(tmp_path):
                           "Revenue": [1, 0, 1, 0], "empty": [np.nan] * 4})
     with pytest.raises(TrainError, match="collide.*color_red"):
         prepare(frame, "Revenue", drop=["empty"])                  # color_Red and color_red: one name to Spark
-    with pytest.raises(TrainError, match="reserved.*label"):
+    with pytest.raises(TrainError, match="names training gives columns of its own.*label"):
         prepare(frame.drop(columns=["color"]).assign(Label=1.0), "Revenue", drop=["empty"])
     table = prepare(frame.drop(columns=["color"]), "Revenue", missing="impute")
     assert "empty" not in table.feature_names and any("no values at all" in n for n in table.notes)
@@ -240,6 +241,76 @@ def test_table_inputs_spark_would_choke_on_are_clear_errors_or_notes(tmp_path):
         path.touch()
         with pytest.raises(TrainError, match="cannot be read as a table"):
             read_table(path)
+
+
+@pytest.mark.parametrize("name", ["class_weight", "features", "Prediction", "probability", "rawPrediction", "p_spark",
+                                  "p_onnx"])
+def test_a_feature_named_like_a_column_training_adds_is_refused(name):
+    """class_weight was overwritten by the weights (which encode the label: AUC 0.55, parity passed);
+    the others stopped Spark or scikit-learn with a traceback."""
+    frame = pd.DataFrame({"pages": [1.0, 2, 3, 4], name: [5.0, 6, 7, 8], "Revenue": [1, 0, 1, 0]})
+    with pytest.raises(TrainError, match=f"column\\(s\\) \\['{name}'\\] have names training gives columns of its own"):
+        prepare(frame, "Revenue")
+
+
+def test_table_columns_that_are_no_categories_nor_finite_numbers_are_named():
+    from decimal import Decimal
+
+    base = pd.DataFrame({"pages": np.arange(40.0), "Revenue": [0, 1] * 20})
+    stray = base.assign(seconds=[str(i) for i in range(39)] + ["?"])
+    with pytest.raises(TrainError, match=r"column 'seconds' holds numbers and 1 other value\(s\), e.g. \['\?'\]"):
+        prepare(stray, "Revenue")                  # was refused as an identifier, with advice to drop it
+    with pytest.raises(TrainError, match="'seen' holds times"):
+        prepare(base.assign(seen=pd.date_range("2026-01-01", periods=40, freq="h")), "Revenue")
+    with pytest.raises(TrainError, match=r"out-of-range .* in \{'big': 1, 'inf': 2\}"):
+        prepare(base.assign(big=[1e39] + [1.0] * 39, inf=[np.inf, -np.inf] + [1.0] * 38), "Revenue")
+    cities = pd.DataFrame({"city": [f"c{i % 1001}" for i in range(5000)], "Revenue": [0, 1] * 2500})
+    with pytest.raises(TrainError, match="1001 distinct values, more than the 1000 one-hot columns"):
+        prepare(cities, "Revenue")
+    table = prepare(base.assign(price=[Decimal("9.99")] * 40,
+                                flag=pd.array([True, False, None, True] * 10, dtype="boolean")), "Revenue")
+    assert "price" in table.feature_names and table.frame["price"].iloc[0] == pytest.approx(9.99)
+    assert {"flag_True", "flag_False"} <= set(table.feature_names)      # like a plain bool column
+
+
+def test_tables_are_read_from_semicolon_and_gzip_csv_and_parquet_folders(tmp_path):
+    from batch.train_table import read_table
+
+    frame = pd.DataFrame({"pages": [1.5, 2.0], "Revenue": [True, False]})
+    (tmp_path / "semicolons.csv").write_text("pages;Revenue\n1.5;True\n2.0;False\n")
+    frame.to_csv(tmp_path / "packed.csv.gz", index=False)
+    (tmp_path / "spark-output").mkdir()
+    frame.iloc[:1].to_parquet(tmp_path / "spark-output" / "part-0.parquet")
+    frame.iloc[1:].to_parquet(tmp_path / "spark-output" / "part-1.parquet")
+    for name in ("semicolons.csv", "packed.csv.gz", "spark-output"):
+        pd.testing.assert_frame_equal(read_table(tmp_path / name).reset_index(drop=True), frame, check_dtype=False)
+
+
+def test_too_few_rows_of_a_class_for_the_split_or_the_folds_are_refused_before_spark():
+    """A lone buyer went to evaluation: GBT and RF published a constant model (AUC 0.5), LR crashed."""
+    from batch.train_table import cross_validate, train_from_table
+
+    table = prepare(pd.DataFrame({"pages": np.arange(10.0), "Revenue": [1] + [0] * 9}), "Revenue")
+    with pytest.raises(TrainError, match="1 row\\(s\\) with the label true: too few"):
+        train_from_table(None, table, fast_settings())
+    with pytest.raises(TrainError, match="5-fold cross-validation needs at least 5 rows of each class"):
+        cross_validate(None, table, fast_settings(), 5)
+
+
+@pytest.mark.parametrize(("key", "value"), [("max_depth", 31), ("step_size", 1.5), ("max_bins", 1)])
+def test_hyper_parameters_spark_refuses_only_when_it_fits_are_config_errors(key, value):
+    from batch.train_config import TrainSettings
+    from common.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match=f"CLICKSTREAM_{key.upper()}: expected"):
+        load(TrainSettings, section="train", env={f"CLICKSTREAM_{key.upper()}": str(value)})
+
+
+def test_model_json_records_the_iterations_lr_was_fitted_with():
+    from batch.train_model import hyper_parameters, lr_iterations
+
+    settings = fast_settings(algorithm="lr", max_iter=20)
+    assert hyper_parameters(settings)["max_iter"] == lr_iterations(settings) == 100    # what estimator() passes
 
 
 def test_identifier_columns_are_refused_not_published_as_feature_names():
