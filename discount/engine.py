@@ -87,6 +87,8 @@ class Engine:
         if reason:
             return reason
         now = self.clock()
+        if prediction.collected_ms is not None and now - prediction.collected_ms / 1000 > self.settings.max_prediction_age_s:
+            return "stale"
         if now < self.offered.get(prediction.session_id, 0.0):     # saves a DynamoDB call; the table decides
             return Outcome.ALREADY_OFFERED.value
         if self.exhausted_hour == hour_of(now):

@@ -9,7 +9,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.predictions = Counter("discount_predictions_total", "Predictions read, by outcome "
                                    "(offered, already_offered, budget_exhausted, too_early, below_threshold, "
-                                   "above_ceiling, invalid)", ["outcome"], registry=self.registry)
+                                   "above_ceiling, stale, invalid)", ["outcome"], registry=self.registry)
         self.offers = Counter("discount_offers_total", "Offers written", registry=self.registry)
         self.write_errors = Counter("discount_write_errors_total", "Failed (retried) offer writes",
                                     registry=self.registry)

@@ -24,6 +24,7 @@ from enum import Enum
 from botocore.exceptions import ClientError
 
 from common.aws import ttl_expired
+from common.features import parse_ms
 
 OFFER_SCHEMA = "iglu:com.clickstream/offer/jsonschema/1-0-0"   # docs/contracts.md and discount-engine.md
 OFFER_NAMESPACE = uuid.UUID("6f1c3c1e-2f52-4c55-9a55-5d2c8a0c7d10")
@@ -48,6 +49,7 @@ class Prediction:
     model_name: str
     model_version: str
     events_in_session: int
+    collected_ms: int | None = None      # when the click was received (collector_tstamp), if given
 
     @classmethod
     def from_record(cls, record: dict) -> Prediction:
@@ -60,9 +62,11 @@ class Prediction:
                     raise TypeError(f"{name} is {type(record[name]).__name__}, not a string")
             if isinstance(record["p_buy"], (bool, str)):
                 raise TypeError(f"p_buy is {type(record['p_buy']).__name__}, not a number")
+            collected = record.get("collector_tstamp")
             prediction = cls(record["session_id"], record["event_id"], float(record["p_buy"]),
                              record["decision"], record["model_name"], record["model_version"],
-                             int(record.get("events_in_session") or 0))
+                             int(record.get("events_in_session") or 0),
+                             None if collected is None else parse_ms(collected))
         except KeyError as exc:
             raise ValueError(f"prediction without {exc.args[0]!r}") from None
         except (TypeError, ValueError, OverflowError) as exc:

@@ -16,6 +16,10 @@ class DiscountSettings(AwsSettings):
     offer_threshold: float = 0.3
     offer_ceiling: float = 1.0
     min_events: int = 3                  # the first clicks of a session say too little
+    # A prediction for a click older than this gets no offer: read after an outage or from a fresh
+    # start (which reads the stream from its start), its visitor has gone, and the offer would spend
+    # the hour's budget on nobody. The scorer's session timeout: by then the session is over.
+    max_prediction_age_s: float = 1800.0
     budget_per_hour: int = 100           # offers per UTC hour, shared by every engine process
     discount_percent: int = 10
     offer_ttl_hours: int = 24
@@ -28,7 +32,8 @@ class DiscountSettings(AwsSettings):
     def validate(self) -> None:
         if self.discount_percent > 100:
             raise ConfigError(f"CLICKSTREAM_DISCOUNT_PERCENT: expected at most 100, got {self.discount_percent}")
-        require_positive(self, "budget_per_hour", "discount_percent", "offer_ttl_hours", "read_interval_s")
+        require_positive(self, "budget_per_hour", "discount_percent", "offer_ttl_hours", "read_interval_s",
+                         "max_prediction_age_s")
         require_batch_limit(self, "batch_limit")
         if self.offer_ttl_hours < PREDICTIONS_RETENTION_HOURS:
             # The offer row is what refuses a second offer: it must outlive the predictions a replay re-reads.

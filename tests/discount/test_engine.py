@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import logging
 import os
@@ -35,9 +36,13 @@ from tests.faults import FaultProxy
 T0 = 1_796_000_000.0          # a fixed clock, so every offer of a test falls in one budget hour
 
 
-def prediction(session: str, p_buy: float, events: int = 5) -> dict:
-    return {"session_id": session, "event_id": str(uuid.uuid4()), "collector_tstamp": "2026-11-29T10:00:00.000Z",
-            "derived_tstamp": "2026-11-29T10:00:00.000Z", "scored_at": "2026-11-29T10:00:00.010Z",
+def iso(epoch_s: float) -> str:
+    return dt.datetime.fromtimestamp(epoch_s, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def prediction(session: str, p_buy: float, events: int = 5, clicked: float = T0 - 5) -> dict:
+    return {"session_id": session, "event_id": str(uuid.uuid4()), "collector_tstamp": iso(clicked),
+            "derived_tstamp": iso(clicked), "scored_at": iso(clicked + 0.01),
             "model_name": "buy-defer", "model_version": "v7", "feature_version": "1", "p_buy": p_buy,
             "decision": "buy" if p_buy >= 0.5 else "defer", "threshold": 0.5, "latency_us": 40,
             "events_in_session": events}
@@ -258,9 +263,22 @@ def test_budget_caps_offers_per_hour(aws_settings):
     assert eng.offers.spent(T0) == 3
     # A new hour brings a new budget, and the sessions refused before can be served now.
     now[0] = T0 + 3600
-    publish(settings, [prediction("s7", 0.5), prediction("late", 0.5)])
+    publish(settings, [prediction("s7", 0.5, clicked=now[0]), prediction("late", 0.5, clicked=now[0])])
     drain(eng, 2)
     assert {"s7", "late"} <= set(offers(settings)) and len(offers(settings)) == 5
+    eng.close()
+
+
+def test_a_prediction_for_a_click_older_than_the_max_age_gets_no_offer_nor_budget(aws_settings):
+    """After an outage, or at a first start reading the stream from its start, predictions for visitors
+    long gone spent the hour's budget."""
+    settings = discount_settings(aws_settings, budget_per_hour=5, max_prediction_age_s=1800)
+    publish(settings, [prediction(f"gone{i}", 0.5, clicked=T0 - 20 * 3600) for i in range(8)]
+            + [prediction("here", 0.5, clicked=T0 - 1700)])
+    eng = engine(settings)
+    drain(eng, 9)
+    assert set(offers(settings)) == {"here"} and eng.offers.spent(T0) == 1
+    assert count(eng, "stale") == 8 and count(eng, "offered") == 1
     eng.close()
 
 
@@ -309,9 +327,9 @@ def test_the_engines_memory_of_offers_ends_when_the_tables_does(aws_settings):
     eng = engine(settings, clock=lambda: now[0])
     assert eng.decide(json.dumps(prediction("kept", 0.5)).encode()) == "offered"
     now[0] = T0 + 24 * 3600 - 1
-    assert eng.decide(json.dumps(prediction("kept", 0.55)).encode()) == "already_offered"
+    assert eng.decide(json.dumps(prediction("kept", 0.55, clicked=now[0])).encode()) == "already_offered"
     now[0] = T0 + 24 * 3600
-    assert eng.decide(json.dumps(prediction("kept", 0.6)).encode()) == "offered"      # the old row expired
+    assert eng.decide(json.dumps(prediction("kept", 0.6, clicked=now[0])).encode()) == "offered"   # the row expired
     assert offers(settings)["kept"]["p_buy"] == {"N": "0.6"}
 
 
@@ -362,7 +380,9 @@ def test_service_writes_offers_serves_metrics_and_stops_on_sigterm(aws_settings,
         process = subprocess.Popen([sys.executable, "-m", "discount"], env=env, cwd=ROOT, stdout=log,
                                    stderr=subprocess.STDOUT)
     try:
-        publish(aws_settings, [prediction("live-1", 0.45), prediction("live-1", 0.5), prediction("live-2", 0.05)])
+        now = time.time()                   # the service's own clock
+        publish(aws_settings, [prediction("live-1", 0.45, clicked=now), prediction("live-1", 0.5, clicked=now),
+                               prediction("live-2", 0.05, clicked=now)])
         deadline = time.monotonic() + 40
         while "live-1" not in offers(aws_settings):
             assert process.poll() is None, (tmp_path / "discount.log").read_text()
