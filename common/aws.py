@@ -44,7 +44,7 @@ def _is_aws_host(url: str) -> bool:
     return host.endswith((".amazonaws.com", ".amazonaws.com.cn", ".api.aws"))
 
 
-def _uses_local_endpoint() -> bool:
+def uses_local_endpoint() -> bool:
     """An endpoint variable names an emulator. README tells AWS users to set ``AWS_ENDPOINT_URL=``
     (empty), which boto3 ignores: so do we, and an AWS endpoint (VPC, FIPS) is no emulator either."""
     return any(key.startswith("AWS_ENDPOINT_URL") and value.strip() and not _is_aws_host(value.strip())
@@ -56,7 +56,7 @@ def session(region: str | None = None) -> boto3.session.Session:
     the profile's ``region``), else us-east-1."""
     found = boto3.session.Session()
     kwargs = {"region_name": region or os.environ.get("AWS_REGION") or found.region_name or DEFAULT_REGION}
-    if _uses_local_endpoint() and not found.get_credentials():
+    if uses_local_endpoint() and not found.get_credentials():
         kwargs.update(aws_access_key_id=_LOCAL_DEFAULTS["AWS_ACCESS_KEY_ID"],
                       aws_secret_access_key=_LOCAL_DEFAULTS["AWS_SECRET_ACCESS_KEY"])
     return boto3.session.Session(**kwargs)

@@ -5,7 +5,7 @@ import dataclasses
 
 from common.config import AwsSettings, ConfigError, load, require_batch_limit, require_positive
 
-# How long the predictions stream keeps records (Kinesis' default; infra/provision.py leaves it so).
+# How long the predictions stream keeps records (Kinesis' default; infra/provision.py and the template keep it).
 PREDICTIONS_RETENTION_HOURS = 24
 
 

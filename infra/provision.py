@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -36,24 +37,55 @@ class ProvisionSettings(AwsSettings):
     raw_retention_days: int = 7
     bad_retention_days: int = 30
     lake_retention_days: int = 400     # enriched/, as deploy/cloudformation.yaml's LakeRetentionDays
+    # How long raw, enriched and bad keep records: the window for replays and for an outage of their
+    # readers. deploy/cloudformation.yaml's StreamRetentionHours. Predictions keep Kinesis' 24 h,
+    # which the discount engine's offer_ttl_hours is checked against.
+    stream_retention_hours: int = 168
 
     def validate(self) -> None:
         require_positive(self, "raw_shards", "enriched_shards", "bad_shards", "predictions_shards",
                          "raw_retention_days", "bad_retention_days", "lake_retention_days")
+        if not 24 <= self.stream_retention_hours <= 8760:
+            raise ConfigError(f"CLICKSTREAM_STREAM_RETENTION_HOURS: expected 24 to 8760 (Kinesis' range), "
+                              f"got {self.stream_retention_hours}")
 
 
-def ensure_stream(kinesis, name: str, shards: int) -> str:
+STREAM_KEY = "alias/aws/kinesis"          # the AWS-managed key: no key policy or cost of our own
+PREDICTIONS_RETENTION_HOURS = 24
+TLS_ONLY = {"Sid": "DenyInsecureTransport", "Effect": "Deny", "Principal": "*", "Action": "s3:*",
+            "Condition": {"Bool": {"aws:SecureTransport": "false"}}}
+
+
+def ensure_stream(kinesis, name: str, shards: int, retention_hours: int) -> str:
+    """The stream, encrypted at rest with the AWS-managed key and keeping records ``retention_hours``."""
     try:
         summary = kinesis.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]
+        have = summary.get("OpenShardCount", shards)
+        note = "" if have == shards else f" (configured {shards}; reshard deliberately, see docs/operations.md)"
+        state = f"exists with {have} open shard(s){note}"
     except ClientError as exc:
         if exc.response["Error"]["Code"] != "ResourceNotFoundException":
             raise
         kinesis.create_stream(StreamName=name, ShardCount=shards)
-        kinesis.get_waiter("stream_exists").wait(StreamName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 120})
-        return f"stream {name}: created with {shards} shard(s)"
-    have = summary.get("OpenShardCount", shards)
-    note = "" if have == shards else f" (configured {shards}; reshard deliberately, see docs/operations.md)"
-    return f"stream {name}: exists with {have} open shard(s){note}"
+        _wait_active(kinesis, name)
+        summary = kinesis.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]
+        state = f"created with {shards} shard(s)"
+    # Each change leaves the stream UPDATING for a while, and the next one is refused until it is ACTIVE.
+    if summary.get("EncryptionType") != "KMS":
+        kinesis.start_stream_encryption(StreamName=name, EncryptionType="KMS", KeyId=STREAM_KEY)
+        _wait_active(kinesis, name)
+    kept = summary.get("RetentionPeriodHours", 24)
+    if kept < retention_hours:
+        kinesis.increase_stream_retention_period(StreamName=name, RetentionPeriodHours=retention_hours)
+        _wait_active(kinesis, name)
+    elif kept > retention_hours:
+        kinesis.decrease_stream_retention_period(StreamName=name, RetentionPeriodHours=retention_hours)
+        _wait_active(kinesis, name)
+    return f"stream {name}: {state}, encrypted ({STREAM_KEY}), records kept {retention_hours} h"
+
+
+def _wait_active(kinesis, name: str) -> None:
+    kinesis.get_waiter("stream_exists").wait(StreamName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 120})
 
 
 def lifecycle_rules(settings: ProvisionSettings) -> list[dict]:
@@ -120,8 +152,29 @@ def ensure_bucket(s3, name: str, settings: ProvisionSettings) -> str:
             raise
         state = "created"
     s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": lifecycle_rules(settings)})
+    s3.put_bucket_encryption(Bucket=name, ServerSideEncryptionConfiguration={
+        "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
     return (f"bucket {name}: {state}, lifecycle raw/ {settings.raw_retention_days} d, bad/ {settings.bad_retention_days} d, "
-            f"enriched/ {settings.lake_retention_days} d")
+            f"enriched/ {settings.lake_retention_days} d, encrypted (AES256), {ensure_tls_only(s3, name)}")
+
+
+def ensure_tls_only(s3, name: str) -> str:
+    """Add a statement refusing plain-HTTP requests to the bucket's policy (keeping its others). Not on
+    an emulator, which is plain HTTP and enforces bucket policies (moto does): nothing could use it."""
+    if aws.uses_local_endpoint():
+        return "TLS-only policy left out (the emulator is plain HTTP)"
+    try:
+        policy = json.loads(s3.get_bucket_policy(Bucket=name)["Policy"])
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] != "NoSuchBucketPolicy":
+            raise
+        policy = {"Version": "2012-10-17", "Statement": []}
+    if any(statement.get("Sid") == TLS_ONLY["Sid"] for statement in policy["Statement"]):
+        return "TLS only"
+    resources = [f"arn:aws:s3:::{name}", f"arn:aws:s3:::{name}/*"]
+    policy["Statement"].append({**TLS_ONLY, "Resource": resources})
+    s3.put_bucket_policy(Bucket=name, Policy=json.dumps(policy))
+    return "TLS only (policy statement added)"
 
 
 def ensure_table(dynamodb, name: str, keys: list[tuple[str, str]], ttl_attribute: str | None = None) -> str:
@@ -157,10 +210,10 @@ def provision(settings: ProvisionSettings) -> list[str]:
     dynamodb = aws.client("dynamodb", settings.region)
     bucket = ensure_bucket(s3, settings.bucket, settings)     # first: a taken name stops before anything is made
     lines = [
-        ensure_stream(kinesis, settings.raw_stream, settings.raw_shards),
-        ensure_stream(kinesis, settings.enriched_stream, settings.enriched_shards),
-        ensure_stream(kinesis, settings.bad_stream, settings.bad_shards),
-        ensure_stream(kinesis, settings.predictions_stream, settings.predictions_shards),
+        ensure_stream(kinesis, settings.raw_stream, settings.raw_shards, settings.stream_retention_hours),
+        ensure_stream(kinesis, settings.enriched_stream, settings.enriched_shards, settings.stream_retention_hours),
+        ensure_stream(kinesis, settings.bad_stream, settings.bad_shards, settings.stream_retention_hours),
+        ensure_stream(kinesis, settings.predictions_stream, settings.predictions_shards, PREDICTIONS_RETENTION_HOURS),
         bucket,
         # TTL removes the heartbeat rows of workers that died (common/leases.py); shard rows have no expires_at.
         ensure_table(dynamodb, settings.lease_table, [("group", "HASH"), ("item", "RANGE")], "expires_at"),

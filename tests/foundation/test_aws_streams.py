@@ -1,4 +1,5 @@
 """Producer, consumer and provisioning over HTTP against the emulator (moto server)."""
+import dataclasses
 import json
 import logging
 import os
@@ -10,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError
 
 from common import aws
 from common.consumer import ReadFailed, consumer_for
@@ -47,6 +49,43 @@ def test_provisioning_twice_changes_nothing(aws_settings):
     assert enriched["Expiration"]["Days"] == 400 and enriched["Filter"]["Prefix"] == "enriched/"
     ttl = aws.client("dynamodb").describe_time_to_live(TableName=aws_settings.predictions_table)
     assert ttl["TimeToLiveDescription"]["AttributeName"] == "expires_at"
+
+
+def test_provisioned_streams_and_bucket_are_encrypted_and_keep_records_as_the_template_does(aws_settings):
+    """The README's route to a real account, infra.provision, made unencrypted 24-hour streams and a
+    bucket without the TLS-only policy that docs/data-protection.md promises (the template had them)."""
+    kinesis, s3 = aws.client("kinesis"), aws.client("s3")
+    kept = {}
+    for name in (aws_settings.raw_stream, aws_settings.bad_stream, aws_settings.predictions_stream):
+        summary = kinesis.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]
+        assert (summary["EncryptionType"], summary["KeyId"]) == ("KMS", "alias/aws/kinesis")
+        kept[name] = summary["RetentionPeriodHours"]
+    assert list(kept.values()) == [168, 168, 24]
+    rule = s3.get_bucket_encryption(Bucket=aws_settings.bucket)["ServerSideEncryptionConfiguration"]["Rules"][0]
+    assert rule["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    # A shorter retention asked for later is applied too.
+    again = provision(dataclasses.replace(aws_settings, stream_retention_hours=48))
+    assert "records kept 48 h" in again[0]
+    assert kinesis.describe_stream_summary(StreamName=aws_settings.raw_stream)[
+        "StreamDescriptionSummary"]["RetentionPeriodHours"] == 48
+
+
+def test_the_tls_only_statement_joins_a_buckets_own_policy_once(aws_settings, monkeypatch):
+    from infra.provision import ensure_tls_only
+
+    s3, name = aws.client("s3"), f"{aws_settings.bucket}-tls"
+    s3.create_bucket(Bucket=name)
+    own = {"Sid": "ShopAuditRead", "Effect": "Allow", "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
+           "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{name}/*"}
+    s3.put_bucket_policy(Bucket=name, Policy=json.dumps({"Version": "2012-10-17", "Statement": [own]}))
+    assert "left out" in ensure_tls_only(s3, name)          # on the emulator: its plain HTTP would be refused
+    monkeypatch.setattr(aws, "uses_local_endpoint", lambda: False)      # as against AWS
+    assert ensure_tls_only(s3, name) == "TLS only (policy statement added)"
+    assert ensure_tls_only(s3, name) == "TLS only"                       # once
+    statements = json.loads(s3.get_bucket_policy(Bucket=name)["Policy"])["Statement"]
+    assert [s["Sid"] for s in statements] == ["ShopAuditRead", "DenyInsecureTransport"]
+    with pytest.raises(ClientError, match="Forbidden|AccessDenied"):   # moto enforces it: plain HTTP is refused
+        s3.put_object(Bucket=name, Key="x", Body=b"plain http")
 
 
 def test_provisioning_says_so_when_a_table_expires_rows_by_another_attribute(aws_settings):
