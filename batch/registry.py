@@ -129,7 +129,8 @@ def servable(s3, bucket: str, name: str, version: str, force: bool) -> None:
         raise click.ClickException(
             f"version {version} has feature_version {meta.get('feature_version')!r}, not this code's "
             f"{FEATURE_VERSION!r}: scorers running this code would refuse it and keep serving their model; "
-            "use --force once the scorers compute its features")
+            "use --force if the scorers that will load it compute its features (mid-rollout, the scorers not yet "
+            "upgraded do), or run this command with the code of that version")
 
 
 @cli.command()

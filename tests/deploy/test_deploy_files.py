@@ -145,6 +145,19 @@ def deployed_variables(component: str, template: dict) -> set[str]:
 
 
 @pytest.mark.parametrize("component", sorted(COMPONENTS))
+def test_the_compose_file_sets_no_setting_to_its_default(component):
+    """A variable beats the TOML file: one repeating the default made a config file's value for that
+    key do nothing, with no word said."""
+    module, name, _ = SETTINGS[component]
+    defaults = {f"CLICKSTREAM_{field.name.upper()}": field.default
+                for field in dataclasses.fields(getattr(importlib.import_module(module), name))}
+    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"][component]
+    same = {key: value for key, value in (service.get("environment") or {}).items()
+            if key in defaults and str(value) == str(defaults[key])}
+    assert not same
+
+
+@pytest.mark.parametrize("component", sorted(COMPONENTS))
 def test_every_variable_the_deploy_files_set_is_a_setting_of_that_component(component, template):
     module, name, section = SETTINGS[component]
     fields = [field.name.upper() for field in dataclasses.fields(getattr(importlib.import_module(module), name))]
