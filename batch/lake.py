@@ -477,8 +477,8 @@ def sync_partitions(bucket: str, start_date: str | dt.date, end_date: str | dt.d
 
 
 def _read_manifest(path: Path) -> dict:
-    """What the last sync copied; empty when there is none or it cannot be read (every cached file is
-    then checked against S3 again, and downloaded again where it does not match)."""
+    """What the last sync copied; empty when there is none or it cannot be read (every file of the
+    range is then downloaded again)."""
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:

@@ -66,11 +66,23 @@ def read_table(path: Path) -> pd.DataFrame:
         if parquet:
             return pd.read_parquet(path)
         frame = pd.read_csv(path)
-        if len(frame.columns) == 1 and ";" in str(frame.columns[0]):      # a spreadsheet's export in many locales
-            frame = pd.read_csv(path, sep=";")
+        if len(frame.columns) == 1 and ";" in str(frame.columns[0]):
+            frame = _semicolon_csv(path)
         return frame
     except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise TrainError(f"{path}: cannot be read as a table: {exc}") from None
+
+
+def _semicolon_csv(path: Path) -> pd.DataFrame:
+    """A spreadsheet's export in the many locales that separate fields with semicolons: they write
+    decimal commas (1,5), though some files keep points; columns of either kind become numbers."""
+    frame = pd.read_csv(path, sep=";", decimal=",")
+    for column in frame.columns:
+        if pd.api.types.is_string_dtype(frame[column]):
+            numbers = pd.to_numeric(frame[column], errors="coerce")
+            if numbers.notna().sum() == frame[column].notna().sum():
+                frame[column] = numbers
+    return frame
 
 
 def _name(text: str) -> str:

@@ -190,8 +190,8 @@ class Spool:
         try:
             self._map_segment(base, used)
         except OSError as exc:
-            log.error("spool %s: no room for new hits (%s); delivering the %d bytes it holds, refusing hits "
-                      "until a %d-byte segment can be reserved", self.dir, exc, used, self.segment_bytes)
+            log.error("spool %s: no room for new hits (%s); delivering what it holds, refusing hits until a "
+                      "%d-byte segment can be reserved", self.dir, exc, self.segment_bytes)
             self.fd, self._map, self.active_base, self.active_since = -1, None, base, time.monotonic()
 
     # ------------------------------------------------------------------ writing
@@ -277,7 +277,8 @@ class Spool:
                     or time.monotonic() - self.active_since < self.max_age_s:
                 return False
             self._rotate(0)
-        self.commit(self.cursor, 0)         # deletes the old segment now if it is all delivered
+            active = self.active_base
+        self._delete_delivered(self.cursor, active)     # the old segment now, if it is all delivered
         return True
 
     def sync_to(self, offset: int) -> None:
@@ -354,9 +355,13 @@ class Spool:
         with self._lock:
             self.records -= count
             active = self.active_base
-        self._write_cursor(offset)
-        if self._oldest < active:
-            self._delete_delivered(offset, active)
+        try:
+            self._write_cursor(offset)
+        finally:
+            # Delivered hits leave the disk even when the cursor cannot be written (a failing disk):
+            # a restart clamps the cursor to the oldest segment left, so nothing is skipped.
+            if self._oldest < active:
+                self._delete_delivered(offset, active)
 
     def _write_cursor(self, offset: int) -> None:
         os.pwrite(self._cursor_fd, _cursor_record(offset), 0)

@@ -350,8 +350,8 @@ class Consumer:
 
     def _read_failed(self, shard_id: str, owned: _Owned, exc: Exception, now: float) -> None:
         """Skip a shard whose read failed for a growing while (up to READ_BACKOFF_CAP_S): read again at
-        once, a throttled shard stays throttled, and each call waits out botocore's retries, which
-        holds up the reads of every other shard of this worker. Its reader is reopened after the last
+        once, a throttled shard stays throttled, and each failed call holds up the reads of every
+        other shard of this worker. Its reader is reopened after the last
         record handed out, unless the shard was throttled (the iterator is still good)."""
         owned.read_failures += 1
         owned.retry_at = now + backoff_s(owned.read_failures - 1, 0.2, READ_BACKOFF_CAP_S)

@@ -119,13 +119,22 @@ class EventFailure(Exception):
 
 
 def _pii_paths(entries: tuple[str, ...]) -> dict[tuple[str, str], list[tuple[str, ...]]]:
+    """The paths to protect per schema, each value under one path only: a path listed twice (or spelt
+    two ways), or inside another (`elements[*].value` inside `elements`), would pseudonymise a
+    pseudonym, which matches the identifier nowhere else (an erasure would miss it)."""
     paths: dict[tuple[str, str], list[tuple[str, ...]]] = {}
     for entry in entries:
         vendor, name, steps = parse_pii_field(entry)
-        found = paths.setdefault((vendor, name), [])
-        if steps not in found:          # listed twice (or spelt two ways): one pseudonym, not one of a pseudonym
-            found.append(steps)
-    return paths
+        paths.setdefault((vendor, name), []).append(steps)
+    return {key: [path for index, path in enumerate(found)
+                  if not any(_covers(other, path) and (other != path or earlier < index)
+                             for earlier, other in enumerate(found))]
+            for key, found in paths.items()}
+
+
+def _covers(outer: tuple[str, ...], inner: tuple[str, ...]) -> bool:
+    """Whether every value at ``inner`` lies at or under ``outer`` (``*`` matching any one step)."""
+    return len(outer) <= len(inner) and all(a == b or a == "*" for a, b in zip(outer, inner, strict=False))
 
 
 Rules = dict[tuple[str, str], list[tuple[tuple[str, ...], Callable[[object], object]]]]

@@ -51,13 +51,15 @@ class ProvisionSettings(AwsSettings):
 
 
 STREAM_KEY = "alias/aws/kinesis"          # the AWS-managed key: no key policy or cost of our own
-PREDICTIONS_RETENTION_HOURS = 24
+PREDICTIONS_RETENTION_HOURS = 24          # as discount.settings checks offer_ttl_hours against
 TLS_ONLY = {"Sid": "DenyInsecureTransport", "Effect": "Deny", "Principal": "*", "Action": "s3:*",
             "Condition": {"Bool": {"aws:SecureTransport": "false"}}}
 
 
 def ensure_stream(kinesis, name: str, shards: int, retention_hours: int) -> str:
-    """The stream, encrypted at rest with the AWS-managed key and keeping records ``retention_hours``."""
+    """The stream, encrypted at rest (the AWS-managed key, unless it has a key already) and keeping
+    records at least ``retention_hours``. A longer retention is left, as shard counts are: shortening
+    it deletes records for good, which is the operator's decision."""
     try:
         summary = kinesis.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]
         have = summary.get("OpenShardCount", shards)
@@ -71,17 +73,19 @@ def ensure_stream(kinesis, name: str, shards: int, retention_hours: int) -> str:
         summary = kinesis.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]
         state = f"created with {shards} shard(s)"
     # Each change leaves the stream UPDATING for a while, and the next one is refused until it is ACTIVE.
-    if summary.get("EncryptionType") != "KMS":
+    key = summary.get("KeyId") if summary.get("EncryptionType") == "KMS" else None
+    if key is None:
         kinesis.start_stream_encryption(StreamName=name, EncryptionType="KMS", KeyId=STREAM_KEY)
         _wait_active(kinesis, name)
+        key = STREAM_KEY
     kept = summary.get("RetentionPeriodHours", 24)
     if kept < retention_hours:
         kinesis.increase_stream_retention_period(StreamName=name, RetentionPeriodHours=retention_hours)
         _wait_active(kinesis, name)
-    elif kept > retention_hours:
-        kinesis.decrease_stream_retention_period(StreamName=name, RetentionPeriodHours=retention_hours)
-        _wait_active(kinesis, name)
-    return f"stream {name}: {state}, encrypted ({STREAM_KEY}), records kept {retention_hours} h"
+        kept = retention_hours
+    longer = f" (configured {retention_hours} h; shorten it deliberately: older records go)" \
+        if kept > retention_hours else ""
+    return f"stream {name}: {state}, encrypted ({key}), records kept {kept} h{longer}"
 
 
 def _wait_active(kinesis, name: str) -> None:
@@ -152,10 +156,21 @@ def ensure_bucket(s3, name: str, settings: ProvisionSettings) -> str:
             raise
         state = "created"
     s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": lifecycle_rules(settings)})
+    return (f"bucket {name}: {state}, lifecycle raw/ {settings.raw_retention_days} d, bad/ {settings.bad_retention_days} d, "
+            f"enriched/ {settings.lake_retention_days} d, {ensure_encrypted(s3, name)}, {ensure_tls_only(s3, name)}")
+
+
+def ensure_encrypted(s3, name: str) -> str:
+    """Default encryption with S3's own keys, unless the bucket has one (SSE-KMS, say) already."""
+    try:
+        rules = s3.get_bucket_encryption(Bucket=name)["ServerSideEncryptionConfiguration"]["Rules"]
+        return f"encrypted ({rules[0]['ApplyServerSideEncryptionByDefault']['SSEAlgorithm']})"
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] != "ServerSideEncryptionConfigurationNotFoundError":
+            raise
     s3.put_bucket_encryption(Bucket=name, ServerSideEncryptionConfiguration={
         "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]})
-    return (f"bucket {name}: {state}, lifecycle raw/ {settings.raw_retention_days} d, bad/ {settings.bad_retention_days} d, "
-            f"enriched/ {settings.lake_retention_days} d, encrypted (AES256), {ensure_tls_only(s3, name)}")
+    return "encrypted (AES256)"
 
 
 def ensure_tls_only(s3, name: str) -> str:

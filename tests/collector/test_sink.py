@@ -139,6 +139,10 @@ def test_a_spool_disk_that_cannot_take_the_cursor_is_not_reported_as_the_stream_
                 sink.spool.append(encode(RAW, "k", f"{batch}-{index}".encode()), 1)
             assert sink._drain() and sink.healthy
     assert len(raw.all_records()) == 15                 # each delivered once: the cursor moved in memory
+    sink.spool.max_age_s = 0
+    sink._rotate_old_segment()                          # delivered hits still leave the disk (raw IPs)
+    [segment] = tmp_path.glob("*.seg")                  # the new one, empty: the delivered one is gone
+    assert int(segment.stem) == sink.spool.end
     said = (f"spool {tmp_path}: cannot record delivered hits on disk (1 times): [Errno 30] Read-only file system; "
             "delivery goes on, and a restart may send them again")
     assert [r.getMessage() for r in caplog.records] == [said]

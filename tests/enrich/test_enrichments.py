@@ -191,6 +191,20 @@ def test_configured_json_paths_inside_events_and_contexts_are_pseudonymised():
     assert event["contexts"][0]["data"]["sessionId"] == "9b8a7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
 
 
+@pytest.mark.parametrize("configured", ["com.snowplowanalytics.snowplow/submit_form:elements",
+                                        "com.snowplowanalytics.snowplow/submit_form:elements[*]",
+                                        "com.snowplowanalytics.snowplow/submit_form:*"])
+def test_a_configured_path_around_a_built_in_one_pseudonymises_each_value_once(configured):
+    """Under the old "replace" reading, covering the built-in form values with a wider path was usual;
+    added to them, it pseudonymised the pseudonym."""
+    hmac = Pseudonymiser(KEY)
+    signup = "iglu:com.snowplowanalytics.snowplow/submit_form/jsonschema/1-0-0"
+    data = {"formId": "signup", "elements": [{"name": "email", "value": "bob@example.com", "nodeName": "INPUT"}]}
+    raw = get_record({**EV, "e": "ue", "ue_pr": orjson.dumps(unstruct(signup, data)).decode()})
+    _, event = enricher(pii_fields=(configured,)).process(raw)[0][0]
+    assert event["unstruct_event"]["data"]["elements"][0]["value"] == hmac("bob@example.com")
+
+
 def test_form_values_are_pseudonymised_by_default():
     signup = "iglu:com.snowplowanalytics.snowplow/submit_form/jsonschema/1-0-0"
     data = {"formId": "signup", "elements": [{"name": "email", "value": "bob@example.com", "nodeName": "INPUT"}]}

@@ -63,11 +63,16 @@ def test_provisioned_streams_and_bucket_are_encrypted_and_keep_records_as_the_te
     assert list(kept.values()) == [168, 168, 24]
     rule = s3.get_bucket_encryption(Bucket=aws_settings.bucket)["ServerSideEncryptionConfiguration"]["Rules"][0]
     assert rule["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
-    # A shorter retention asked for later is applied too.
-    again = provision(dataclasses.replace(aws_settings, stream_retention_hours=48))
-    assert "records kept 48 h" in again[0]
+    # A longer retention is raised to; a shorter one is only reported (records would go for good), and
+    # a key or a bucket encryption of the operator's own is kept.
+    s3.put_bucket_encryption(Bucket=aws_settings.bucket, ServerSideEncryptionConfiguration={
+        "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms"}}]})
+    longer = provision(dataclasses.replace(aws_settings, stream_retention_hours=200))
+    assert "records kept 200 h" in longer[0] and "encrypted (aws:kms)" in longer[4]
+    shorter = provision(aws_settings)
+    assert shorter[0].endswith("records kept 200 h (configured 168 h; shorten it deliberately: older records go)")
     assert kinesis.describe_stream_summary(StreamName=aws_settings.raw_stream)[
-        "StreamDescriptionSummary"]["RetentionPeriodHours"] == 48
+        "StreamDescriptionSummary"]["RetentionPeriodHours"] == 200
 
 
 def test_the_tls_only_statement_joins_a_buckets_own_policy_once(aws_settings, monkeypatch):

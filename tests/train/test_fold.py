@@ -278,11 +278,12 @@ def test_tables_are_read_from_semicolon_and_gzip_csv_and_parquet_folders(tmp_pat
 
     frame = pd.DataFrame({"pages": [1.5, 2.0], "Revenue": [True, False]})
     (tmp_path / "semicolons.csv").write_text("pages;Revenue\n1.5;True\n2.0;False\n")
+    (tmp_path / "decimal-commas.csv").write_text("pages;Revenue\n1,5;True\n2,0;False\n")
     frame.to_csv(tmp_path / "packed.csv.gz", index=False)
     (tmp_path / "spark-output").mkdir()
     frame.iloc[:1].to_parquet(tmp_path / "spark-output" / "part-0.parquet")
     frame.iloc[1:].to_parquet(tmp_path / "spark-output" / "part-1.parquet")
-    for name in ("semicolons.csv", "packed.csv.gz", "spark-output"):
+    for name in ("semicolons.csv", "decimal-commas.csv", "packed.csv.gz", "spark-output"):
         pd.testing.assert_frame_equal(read_table(tmp_path / name).reset_index(drop=True), frame, check_dtype=False)
 
 
@@ -306,11 +307,12 @@ def test_hyper_parameters_spark_refuses_only_when_it_fits_are_config_errors(key,
         load(TrainSettings, section="train", env={f"CLICKSTREAM_{key.upper()}": str(value)})
 
 
-def test_model_json_records_the_iterations_lr_was_fitted_with():
-    from batch.train_model import hyper_parameters, lr_iterations
+@pytest.mark.spark
+def test_model_json_records_the_iterations_lr_was_fitted_with(spark):
+    from batch.train_model import estimator, hyper_parameters
 
     settings = fast_settings(algorithm="lr", max_iter=20)
-    assert hyper_parameters(settings)["max_iter"] == lr_iterations(settings) == 100    # what estimator() passes
+    assert hyper_parameters(settings)["max_iter"] == estimator(settings).getMaxIter() == 100
 
 
 def test_identifier_columns_are_refused_not_published_as_feature_names():
