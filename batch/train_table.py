@@ -120,13 +120,9 @@ def prepare(frame: pd.DataFrame, label: str, *, drop=(), categorical=(), missing
     _refuse_non_finite(features, numeric, source)
     features, numeric = _drop_empty(features, numeric, notes)
     features, y = _fill_missing(features, y, numeric, missing, notes)
-    x = _one_hot(features, numeric, kinds, notes)
+    x, origins = _one_hot(features, numeric, kinds, notes)
     _refuse_reserved(x.columns, source)
-    # Spark resolves column names without regard to case.
-    names = pd.Index([*ID_COLUMNS, *x.columns]).str.lower()
-    if names.duplicated().any():
-        raise TrainError(f"{source}: column names collide after encoding (Spark ignores case, and symbols become "
-                         f"_): {sorted(set(names[names.duplicated()]))}")
+    _refuse_collisions(list(x.columns), origins, source)
     # Same reason as the event features: ONNX sees float32, so Spark must see the same values.
     x = x.astype(np.float32).astype(np.float64)
     out = pd.concat([pd.DataFrame({"row_id": np.arange(len(x)).astype(str), "label": y.astype(np.int32).to_numpy()},
@@ -236,17 +232,34 @@ def _fill_missing(features: pd.DataFrame, y: pd.Series, numeric: list[str], miss
     return features, y
 
 
-def _one_hot(features: pd.DataFrame, numeric: list[str], kinds: list[str], notes: list[str]) -> pd.DataFrame:
-    """Numeric columns as they are, one 0/1 column per value of each categorical one."""
+def _one_hot(features: pd.DataFrame, numeric: list[str], kinds: list[str],
+             notes: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Numeric columns as they are, one 0/1 column per value of each categorical one; and what each
+    encoded column came from (``column`` or ``column=value``), in order."""
     encoded = [features[numeric].astype(np.float64).rename(columns=_name)]
+    origins = [str(column) for column in numeric]
     for column in kinds:
         values = features[column].astype("string")
         if values.isna().any():
             notes.append(f"{column}: {int(values.isna().sum())} missing values encoded as all-zero")
         dummies = pd.get_dummies(values, prefix=_name(column), prefix_sep="_", dtype=np.float64)
+        origins += [f"{column}={value}" for value in dummies.columns.str.removeprefix(f"{_name(column)}_")]
         encoded.append(dummies.rename(columns=_name))
     notes.append(f"one-hot encoded {kinds}" if kinds else "no categorical columns")
-    return pd.concat(encoded, axis=1)
+    return pd.concat(encoded, axis=1), origins
+
+
+def _refuse_collisions(names: list[str], origins: list[str], source: str) -> None:
+    """Spark resolves column names without regard to case, and encoding turns symbols into _: two
+    columns that end with one name would be one column to Spark."""
+    by_name: dict[str, list[str]] = {}
+    for name, origin in zip(names, origins, strict=True):
+        by_name.setdefault(name.lower(), []).append(origin)
+    clashes = {name: found for name, found in by_name.items() if len(found) > 1}
+    if clashes:
+        said = "; ".join(f"{name} from {' and '.join(found)}" for name, found in sorted(clashes.items()))
+        raise TrainError(f"{source}: columns collide after encoding (Spark ignores case, and symbols become _): "
+                         f"{said}. Rename or merge those values, or --drop the column")
 
 
 def folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:

@@ -229,8 +229,10 @@ def test_table_inputs_spark_would_choke_on_are_clear_errors_or_notes(tmp_path):
 
     frame = pd.DataFrame({"pages": [1, 2, 3, 4], "color": ["Red", "red", "Red", "blue"],
                           "Revenue": [1, 0, 1, 0], "empty": [np.nan] * 4})
-    with pytest.raises(TrainError, match="collide.*color_red"):
+    with pytest.raises(TrainError, match="collide.*: color_red from color=Red and color=red"):
         prepare(frame, "Revenue", drop=["empty"])                  # color_Red and color_red: one name to Spark
+    with pytest.raises(TrainError, match=r"grade_a from grade=A\+ and grade=A-\. Rename"):
+        prepare(frame.drop(columns=["color"]).assign(grade=["A+", "A-", "B", "B"]), "Revenue", drop=["empty"])
     with pytest.raises(TrainError, match="names training gives columns of its own.*label"):
         prepare(frame.drop(columns=["color"]).assign(Label=1.0), "Revenue", drop=["empty"])
     table = prepare(frame.drop(columns=["color"]), "Revenue", missing="impute")
