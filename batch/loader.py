@@ -410,10 +410,11 @@ class LoaderCollector:
 
 def serve_metrics(loader: Loader, port: int, host: str = "127.0.0.1"):
     """Expose /metrics on ``port`` (0 in the config means off); returns the HTTP server."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
     registry = CollectorRegistry()
     registry.register(LoaderCollector(loader))
+    ProcessCollector(registry=registry)         # process_start_time_seconds: a crash loop shows as its changes()
     server, _ = start_http_server(port, addr=host, registry=registry)
     return server
 

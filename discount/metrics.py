@@ -1,12 +1,13 @@
 """Prometheus metrics of the discount engine, on their own registry (several engines may share a process in tests)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)    # process_start_time_seconds: a crash loop shows as its changes()
         self.predictions = Counter("discount_predictions_total", "Predictions read, by outcome "
                                    "(offered, already_offered, budget_exhausted, too_early, below_threshold, "
                                    "above_ceiling, stale, invalid)", ["outcome"], registry=self.registry)

@@ -22,6 +22,11 @@ EVICTIONS = Counter("scorer_session_evictions_total", "Sessions dropped from mem
 LAG_MS = Gauge("scorer_lag_ms", "MillisBehindLatest of the slowest owned shard")
 CHECKPOINT_AGE = Gauge("scorer_checkpoint_age_seconds",
                        "How long the oldest events read have waited for a checkpoint (grows during a quiet replay)")
+# /ping says 503 once the worker thread has ended, but the lag and checkpoint gauges then read an idle
+# consumer's zeros: without this an orchestrator that ignores /ping shows a dead worker as healthy.
+WORKER_RUNNING = Gauge("scorer_worker_running", "1 while this process's worker thread runs, 0 once it has ended "
+                       "(restart the process); NaN in an API-only process, so `== 0` never fires for it")
+WORKER_RUNNING.set(float("nan"))
 WORKER_RESTARTS = Counter("scorer_worker_restarts_total",
                           "Worker restarts after an unexpected batch error (in-memory state dropped, shards re-read)")
 SHARDS_OWNED = Gauge("scorer_shards_owned", "Shards this worker holds leases for")

@@ -482,6 +482,7 @@ class Worker:
         # would freeze while the stream cannot be read.
         metrics.LAG_MS.set_function(lambda: self.consumer.max_lag_ms)
         metrics.CHECKPOINT_AGE.set_function(lambda: self.consumer.checkpoint_age_s)
+        metrics.WORKER_RUNNING.set_function(lambda: int(self.running))
         try:
             while not stop():
                 if self.models.champion is None:

@@ -76,6 +76,7 @@ def test_loader_lands_every_event_and_bad_row_once(aws_settings):
     assert f'lake_loader_events_total{{stream="{aws_settings.enriched_stream}"}} 120.0' in metrics
     assert f'lake_loader_bad_total{{stream="{aws_settings.bad_stream}"}} 8.0' in metrics
     assert f'lake_loader_buffered_records{{stream="{aws_settings.enriched_stream}"}} 0.0' in metrics
+    assert "process_start_time_seconds" in metrics           # a crash loop shows as its changes()
 
     ids = lake_event_ids(aws_settings.bucket)
     assert sorted(ids) == sorted(e["event_id"] for e in events)

@@ -397,6 +397,7 @@ def test_service_writes_offers_serves_metrics_and_stops_on_sigterm(aws_settings,
         assert "discount_offers_total 1.0" in text
         assert 'discount_predictions_total{outcome="below_threshold"} 1.0' in text
         assert "discount_consumer_lag_ms" in text
+        assert "process_start_time_seconds" in text          # a crash loop shows as its changes()
         assert set(offers(aws_settings)) == {"live-1"}
     finally:
         process.send_signal(signal.SIGTERM)

@@ -261,7 +261,7 @@ def test_a_worker_only_scorer_serves_ping_and_its_metrics_and_nothing_else(publi
     text = wait_for(scored, what="the worker's events in its metrics")
     for name in ("scorer_lag_ms", "scorer_checkpoint_age_seconds", "scorer_shards_owned 2.0",
                  'scorer_model_info{name="buy-test",role="champion",version="v1"} 1.0',
-                 "scorer_worker_restarts_total 0.0"):
+                 "scorer_worker_restarts_total 0.0", "scorer_worker_running 1.0"):
         assert name in text
     assert post(worker, "/invocations", {"instances": [ROW]}).status_code == 404      # no API in this process
     assert requests.get(worker.url + "/sessions/worker-only/features", timeout=5).status_code == 404

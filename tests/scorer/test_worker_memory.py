@@ -271,9 +271,12 @@ def test_ping_fails_once_the_worker_thread_has_ended_so_the_process_is_replaced(
     thread.start()
     wait_for(lambda: rig.worker.running, 10, what="the worker")
     assert app.ping({}, b"").status == 200
+    assert REGISTRY.get_sample_value("scorer_worker_running") == 1
     stop.set()
     thread.join(10)
     assert app.ping({}, b"").status == 503 and b"worker is not running" in app.ping({}, b"").body
+    # An orchestrator that ignores /ping sees it in the metrics: the lag and checkpoint gauges read 0 now.
+    assert REGISTRY.get_sample_value("scorer_worker_running") == 0
 
 
 def test_a_record_that_is_not_an_event_is_reported_and_skipped_not_fatal(caplog):
