@@ -23,8 +23,11 @@ from functools import lru_cache
 from importlib import resources
 from zoneinfo import ZoneInfo
 
-FEATURE_VERSION = "2"
+FEATURE_VERSION = "3"
 SHOP_VENDOR = "com.clickshop"
+# The official trackers' trackAddToCart / trackRemoveFromCart send Snowplow's own cart events: the
+# same actions, priced in unitPrice. Any other vendor's events of those names are not the shop's.
+CART_PRICE_FIELD = {SHOP_VENDOR: "price", "com.snowplowanalytics.snowplow": "unitPrice"}
 PAGE_TYPE_SCHEMA = f"iglu:{SHOP_VENDOR}/page_type/"     # any version of the shop's page_type context
 MAX_TRACKED_PRODUCTS = 512
 NIL_USER = "00000000-0000-0000-0000-000000000000"   # network_userid of SP-Anonymous hits
@@ -159,15 +162,17 @@ def in_calendar(event_ms: int) -> bool:
     return 0 <= event_ms < LAST_MS
 
 
-def self_describing(event: dict) -> tuple[str, dict]:
-    """(name, data) of a shop or Snowplow self-describing event; ("", {}) otherwise."""
+def self_describing(event: dict) -> tuple[str, str, dict]:
+    """(vendor, name, data) of a self-describing event; ("", "", {}) otherwise."""
     unstruct = event.get("unstruct_event")
     if not unstruct:
-        return "", {}
+        return "", "", {}
     schema = unstruct.get("schema", "")
     # iglu:vendor/name/jsonschema/1-0-0
     parts = schema[5:].split("/")
-    return (parts[1] if len(parts) == 4 else ""), unstruct.get("data") or {}
+    if len(parts) != 4:
+        return "", "", {}
+    return parts[0], parts[1], unstruct.get("data") or {}
 
 
 def is_purchase(event: dict) -> bool:
@@ -177,8 +182,8 @@ def is_purchase(event: dict) -> bool:
         return True
     if event.get("event") == "page_view":
         return _page_context(event) == "confirmation"
-    name, _ = self_describing(event)
-    return name == "purchase" and event.get("event_vendor", SHOP_VENDOR) == SHOP_VENDOR
+    vendor, name, _ = self_describing(event)
+    return name == "purchase" and vendor == SHOP_VENDOR
 
 
 def _page_context(event: dict) -> str | None:
@@ -248,8 +253,10 @@ def _start(state: SessionState, event: dict, at_ms: int) -> None:
     state.session_index = int(_number(event.get("domain_sessionidx"), 1))
 
 
-def _shop_event(state: SessionState, name: str, data: dict, at_ms: int) -> None:
-    if name == "product_view":
+def _shop_event(state: SessionState, vendor: str, name: str, data: dict, at_ms: int) -> None:
+    if vendor not in CART_PRICE_FIELD:
+        return
+    if name == "product_view" and vendor == SHOP_VENDOR:
         state.product_views += 1
         sku = data.get("sku")
         if sku and len(state.products) < MAX_TRACKED_PRODUCTS and sku not in state.products:
@@ -257,7 +264,7 @@ def _shop_event(state: SessionState, name: str, data: dict, at_ms: int) -> None:
             state.distinct_products = len(state.products)
     elif name in ("add_to_cart", "remove_from_cart"):
         quantity = int(_number(data.get("quantity"), 1))
-        amount = _number(data.get("price")) * quantity
+        amount = _number(data.get(CART_PRICE_FIELD[vendor])) * quantity
         if name == "add_to_cart":
             state.cart_adds += 1
             state.cart_items += quantity
@@ -267,7 +274,7 @@ def _shop_event(state: SessionState, name: str, data: dict, at_ms: int) -> None:
             state.cart_items = max(0, state.cart_items - quantity)
             state.cart_value = max(0.0, state.cart_value - amount)
         state.last_cart_ms = at_ms
-    elif name == "checkout_step":
+    elif name == "checkout_step" and vendor == SHOP_VENDOR:
         state.checkout_step_max = max(state.checkout_step_max, int(_number(data.get("step"))))
 
 
@@ -299,8 +306,7 @@ def step(state: SessionState, event: dict, at_ms: int | None = None) -> SessionS
     elif kind == "struct":
         state.struct_events += 1
     elif kind == "unstruct":
-        name, data = self_describing(event)
-        _shop_event(state, name, data, at_ms)
+        _shop_event(state, *self_describing(event), at_ms)
     return state
 
 

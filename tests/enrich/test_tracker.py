@@ -79,3 +79,30 @@ def test_without_pseudonymisation_identifiers_pass_but_ips_are_still_anonymised(
     event = good[0][1]
     assert event["user_id"] == SHOPPER["user_id"] and event["domain_userid"] == SHOPPER["duid"]
     assert event["user_ipaddress"] == "192.0.2.0"
+
+
+def test_the_official_trackers_cart_calls_reach_the_features_with_their_unit_price():
+    # track_add_to_cart sends Snowplow's add_to_cart, priced in unitPrice: the fold counted the add
+    # but valued the cart at 0 (it read the shop's `price` only).
+    import warnings
+
+    from snowplow_tracker import Emitter, Subject, Tracker
+
+    from common.features import FEATURE_NAMES, session_features
+
+    with CaptureServer() as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        tracker = Tracker("shop", Emitter(host, protocol="http", port=int(port), batch_size=1),
+                          subject=Subject().set_domain_session_id(SHOPPER["sid"]), app_id="clickshop")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                      # the cart calls are deprecated, not gone
+            tracker.track_add_to_cart("sku-1", 3, name="Red shoes", unit_price=19.9, currency="EUR")
+            tracker.track_remove_from_cart("sku-1", 1, unit_price=19.9, currency="EUR")
+            tracker.flush()
+    good, bad = enrich_all(server.raw())
+    assert bad == [] and len(good) == 2
+    events = [event for _, event in good]
+    assert [(e["event_vendor"], e["event_name"]) for e in events] == [
+        ("com.snowplowanalytics.snowplow", "add_to_cart"), ("com.snowplowanalytics.snowplow", "remove_from_cart")]
+    row = dict(zip(FEATURE_NAMES, session_features(events)[-1], strict=True))
+    assert (row["cart_adds"], row["cart_removes"], row["cart_items"], row["cart_value"]) == (1, 1, 2, 39.8)

@@ -416,10 +416,37 @@ def rich_session() -> list[dict]:
     s.ping("/p/SH-001", "product", 1400)
     s.shop("add_to_cart", {"sku": "SH-001", "price": 10.5, "quantity": 3}, "/p/SH-001", "product")
     s.shop("remove_from_cart", {"sku": "SH-001", "price": 10.5, "quantity": 1}, "/cart", "cart")
+    snowplow_cart_event(s, "add_to_cart", {"sku": "SH-002", "unitPrice": 4.0, "quantity": 2})     # trackAddToCart
+    foreign = s.shop("product_view", {"sku": "XX-9", "price": 99.0}, "/cart", "cart")            # not the shop's
+    foreign["unstruct_event"]["schema"] = "iglu:com.acme/product_view/jsonschema/1-0-0"
     s.page("/cart", "cart")
     s.page("/checkout/1", "checkout")
     s.shop("checkout_step", {"step": 2}, "/checkout/2", "checkout")
     return s.events
+
+
+def snowplow_cart_event(session: synth.Session, name: str, data: dict) -> dict:
+    """A cart event as the official trackers' trackAddToCart / trackRemoveFromCart send it."""
+    event = session.shop(name, data, "/cart", "cart")
+    event["event_vendor"] = "com.snowplowanalytics.snowplow"
+    event["unstruct_event"]["schema"] = f"iglu:com.snowplowanalytics.snowplow/{name}/jsonschema/1-0-0"
+    return event
+
+
+def test_the_official_trackers_cart_events_count_with_their_unit_price_and_other_vendors_do_not():
+    # The fold read the event's name only: trackAddToCart counted as an add worth nothing (its price is
+    # unitPrice), and any vendor's "product_view" or "checkout_step" passed for the shop's.
+    s = synth.Session(random.Random(3), parse_ms("2026-11-20T09:00:00Z"), session_id="vendors")
+    s.page("/p/SH-001", "product")
+    snowplow_cart_event(s, "add_to_cart", {"sku": "SH-001", "unitPrice": 12.5, "quantity": 3})
+    snowplow_cart_event(s, "remove_from_cart", {"sku": "SH-001", "unitPrice": 12.5, "quantity": 1})
+    for name, data in (("product_view", {"sku": "XX-1", "price": 5.0}), ("checkout_step", {"step": 4}),
+                       ("add_to_cart", {"sku": "XX-1", "price": 5.0, "quantity": 1})):
+        s.shop(name, data, "/cart", "cart")["unstruct_event"]["schema"] = f"iglu:com.acme/{name}/jsonschema/1-0-0"
+    row = dict(zip(FEATURE_NAMES, session_features(s.events)[-1], strict=True))
+    assert (row["cart_adds"], row["cart_removes"], row["cart_items"], row["cart_value"]) == (1, 1, 2, 25.0)
+    assert (row["product_views"], row["distinct_products"], row["checkout_step_max"]) == (0, 0, 0)
+    assert row["events"] == 6                      # still events of the session, just not shop actions
 
 
 def pinned_sessions() -> dict[str, list[dict]]:
@@ -437,8 +464,8 @@ def test_each_feature_is_read_from_its_own_name():
     in another shifted the names of the values after it (model.json, importances, /features)."""
     row = dict(zip(FEATURE_NAMES, session_features(rich_session())[-1], strict=True))
     assert {name: value for name, value in row.items() if not name.startswith(("session_sec", "seconds", "mean"))} == {
-        "events": 19, "page_views": 11, "page_pings": 1, "struct_events": 1, "product_views": 3,
-        "distinct_products": 2, "cart_adds": 1, "cart_removes": 1, "cart_value": 21.0, "cart_items": 2,
+        "events": 21, "page_views": 11, "page_pings": 1, "struct_events": 1, "product_views": 3,
+        "distinct_products": 2, "cart_adds": 2, "cart_removes": 1, "cart_value": 29.0, "cart_items": 4,
         "checkout_step_max": 2, "pages_home": 2, "pages_category": 1, "pages_product": 3, "pages_search": 2,
         "pages_cart": 1, "pages_checkout": 1, "pages_content": 1, "max_scroll_depth": pytest.approx((1400 + 800) / 3000),
         "device_computer": 0, "device_mobile": 0, "device_tablet": 1, "local_hour": 18, "local_weekday": 4,
@@ -487,7 +514,7 @@ def test_the_fold_reads_no_event_field_that_training_leaves_out():
 # What the fold computes for fixed sessions, under the FEATURE_VERSION that computes it. A model
 # trained on other features is refused only when its feature_version differs: before this pin,
 # the features changed four times under version "1" and scorers served models built on others.
-FINGERPRINTS = {"2": "0bb644b6462c97d6"}
+FINGERPRINTS = {"2": "0bb644b6462c97d6", "3": "65d39d230033ad04"}
 
 
 def test_the_features_of_fixed_sessions_are_pinned_to_the_feature_version():
