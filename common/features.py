@@ -254,15 +254,13 @@ def _start(state: SessionState, event: dict, at_ms: int) -> None:
 
 
 def _shop_event(state: SessionState, vendor: str, name: str, data: dict, at_ms: int) -> None:
-    if vendor not in CART_PRICE_FIELD:
-        return
     if name == "product_view" and vendor == SHOP_VENDOR:
         state.product_views += 1
         sku = data.get("sku")
         if sku and len(state.products) < MAX_TRACKED_PRODUCTS and sku not in state.products:
             state.products.add(sku)
             state.distinct_products = len(state.products)
-    elif name in ("add_to_cart", "remove_from_cart"):
+    elif name in ("add_to_cart", "remove_from_cart") and vendor in CART_PRICE_FIELD:
         quantity = int(_number(data.get("quantity"), 1))
         amount = _number(data.get(CART_PRICE_FIELD[vendor])) * quantity
         if name == "add_to_cart":
