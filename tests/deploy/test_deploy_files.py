@@ -454,6 +454,7 @@ def exported_metric_names() -> set[str]:
             for family in registry.collect() for suffix in suffixes[family.type]}
 
 
+PROMETHEUS_OWN = {"up"}         # series Prometheus itself writes per scraped target
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
                 "offset", "inf", "nan"}
 
@@ -476,7 +477,7 @@ def test_promql_metric_names_finds_the_metrics_only():
 
 def test_every_dashboard_query_names_a_metric_the_components_export():
     dashboard = json.loads((DEPLOY / "grafana" / "clickstream.json").read_text())
-    exported = exported_metric_names() | {"up"}                     # up: Prometheus's own, per scraped target
+    exported = exported_metric_names() | PROMETHEUS_OWN
     unknown = {(panel["title"], name) for panel in dashboard["panels"] for target in panel.get("targets", [])
                for name in promql_metric_names(target["expr"]) if name not in exported}
     assert not unknown, f"dashboard queries of metrics nothing exports (the panel shows No data): {sorted(unknown)}"
@@ -484,13 +485,13 @@ def test_every_dashboard_query_names_a_metric_the_components_export():
 
 def test_every_alert_in_the_operations_doc_names_a_metric_the_components_export():
     # An alert on a metric nothing exports never fires: it reads as "all is well".
+    from batch.loader import LoaderSettings
+
     text = (ROOT / "docs" / "operations.md").read_text()
     table = text[text.index("| alert | expression | why |"):].split("\n\n")[0]
     rows = [line.split(" | ")[1] for line in table.splitlines()[2:]]
     assert len(rows) >= 15
-    from batch.loader import LoaderSettings
-
-    exported = exported_metric_names() | {"up"}                     # up: Prometheus's own, per scraped target
+    exported = exported_metric_names() | PROMETHEUS_OWN
     exported |= {field.name for field in dataclasses.fields(LoaderSettings)}     # a threshold named by its setting
     unknown = {(span, name) for row in rows for span in re.findall(r"`([^`]+)`", row) if not span.endswith("_")
                for name in promql_metric_names(span) if name not in exported}

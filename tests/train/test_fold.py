@@ -416,20 +416,22 @@ def rich_session() -> list[dict]:
     s.ping("/p/SH-001", "product", 1400)
     s.shop("add_to_cart", {"sku": "SH-001", "price": 10.5, "quantity": 3}, "/p/SH-001", "product")
     s.shop("remove_from_cart", {"sku": "SH-001", "price": 10.5, "quantity": 1}, "/cart", "cart")
-    snowplow_cart_event(s, "add_to_cart", {"sku": "SH-002", "unitPrice": 4.0, "quantity": 2})     # trackAddToCart
-    foreign = s.shop("product_view", {"sku": "XX-9", "price": 99.0}, "/cart", "cart")            # not the shop's
-    foreign["unstruct_event"]["schema"] = "iglu:com.acme/product_view/jsonschema/1-0-0"
+    vendor_event(s, SNOWPLOW, "add_to_cart", {"sku": "SH-002", "unitPrice": 4.0, "quantity": 2})   # trackAddToCart
+    vendor_event(s, "com.acme", "product_view", {"sku": "XX-9", "price": 99.0})                    # not the shop's
     s.page("/cart", "cart")
     s.page("/checkout/1", "checkout")
     s.shop("checkout_step", {"step": 2}, "/checkout/2", "checkout")
     return s.events
 
 
-def snowplow_cart_event(session: synth.Session, name: str, data: dict) -> dict:
-    """A cart event as the official trackers' trackAddToCart / trackRemoveFromCart send it."""
+SNOWPLOW = "com.snowplowanalytics.snowplow"      # the official trackers' trackAddToCart / trackRemoveFromCart
+
+
+def vendor_event(session: synth.Session, vendor: str, name: str, data: dict) -> dict:
+    """A self-describing event of ``vendor`` named like one of the shop's, on the cart page."""
     event = session.shop(name, data, "/cart", "cart")
-    event["event_vendor"] = "com.snowplowanalytics.snowplow"
-    event["unstruct_event"]["schema"] = f"iglu:com.snowplowanalytics.snowplow/{name}/jsonschema/1-0-0"
+    event["event_vendor"] = vendor
+    event["unstruct_event"]["schema"] = f"iglu:{vendor}/{name}/jsonschema/1-0-0"
     return event
 
 
@@ -438,11 +440,11 @@ def test_the_official_trackers_cart_events_count_with_their_unit_price_and_other
     # unitPrice), and any vendor's "product_view" or "checkout_step" passed for the shop's.
     s = synth.Session(random.Random(3), parse_ms("2026-11-20T09:00:00Z"), session_id="vendors")
     s.page("/p/SH-001", "product")
-    snowplow_cart_event(s, "add_to_cart", {"sku": "SH-001", "unitPrice": 12.5, "quantity": 3})
-    snowplow_cart_event(s, "remove_from_cart", {"sku": "SH-001", "unitPrice": 12.5, "quantity": 1})
+    vendor_event(s, SNOWPLOW, "add_to_cart", {"sku": "SH-001", "unitPrice": 12.5, "quantity": 3})
+    vendor_event(s, SNOWPLOW, "remove_from_cart", {"sku": "SH-001", "unitPrice": 12.5, "quantity": 1})
     for name, data in (("product_view", {"sku": "XX-1", "price": 5.0}), ("checkout_step", {"step": 4}),
                        ("add_to_cart", {"sku": "XX-1", "price": 5.0, "quantity": 1})):
-        s.shop(name, data, "/cart", "cart")["unstruct_event"]["schema"] = f"iglu:com.acme/{name}/jsonschema/1-0-0"
+        vendor_event(s, "com.acme", name, data)
     row = dict(zip(FEATURE_NAMES, session_features(s.events)[-1], strict=True))
     assert (row["cart_adds"], row["cart_removes"], row["cart_items"], row["cart_value"]) == (1, 1, 2, 25.0)
     assert (row["product_views"], row["distinct_products"], row["checkout_step_max"]) == (0, 0, 0)
