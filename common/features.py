@@ -6,8 +6,9 @@ very same functions inside Spark (``applyInPandas``), so online and offline feat
 
 Rules that keep the model honest:
 - No personal data: only counts, amounts, durations and coarse categories.
-- Purchases (the label) never reach the features: a purchase or transaction event, or the order
-  confirmation page, sets ``state.purchased`` and nothing else.
+- Purchases (the label) never reach the features: a purchase or transaction event (the shop's, the
+  classic trackers', the e-commerce plugins'), or the order confirmation page, sets
+  ``state.purchased`` and nothing else.
 - Categorical inputs are plain numeric columns (one-hot or ordinal), so exported trees never see a
   Spark categorical split (the ONNX converter reads those wrongly).
 - Memory per session is bounded whatever its length (distinct products are capped).
@@ -23,11 +24,16 @@ from functools import lru_cache
 from importlib import resources
 from zoneinfo import ZoneInfo
 
-FEATURE_VERSION = "3"
+FEATURE_VERSION = "4"
 SHOP_VENDOR = "com.clickshop"
 # The official trackers' trackAddToCart / trackRemoveFromCart send Snowplow's own cart events: the
 # same actions, priced in unitPrice. Any other vendor's events of those names are not the shop's.
 CART_PRICE_FIELD = {SHOP_VENDOR: "price", "com.snowplowanalytics.snowplow": "unitPrice"}
+# The snowplow-ecommerce tracker plugins send one event, snowplow_ecommerce_action, whose `type` says
+# what happened (product_view, add_to_cart, checkout_step, transaction, ...), with what it happened
+# to in entities (contexts): the products, the checkout step, the transaction.
+ECOMMERCE_VENDOR = "com.snowplowanalytics.snowplow.ecommerce"
+ECOMMERCE_ACTION = "snowplow_ecommerce_action"
 PAGE_TYPE_SCHEMA = f"iglu:{SHOP_VENDOR}/page_type/"     # any version of the shop's page_type context
 MAX_TRACKED_PRODUCTS = 512
 NIL_USER = "00000000-0000-0000-0000-000000000000"   # network_userid of SP-Anonymous hits
@@ -176,22 +182,32 @@ def self_describing(event: dict) -> tuple[str, str, dict]:
 
 
 def is_purchase(event: dict) -> bool:
-    """The order is placed: a purchase or transaction event, or the order confirmation page, which
-    exists only once the order does (the shop sends its view before the purchase event)."""
+    """The order is placed: a purchase or transaction event (the e-commerce plugins' transaction
+    action included), or the order confirmation page, which exists only once the order does (the
+    shop sends its view before the purchase event)."""
     if event.get("event") in ("transaction", "transaction_item"):
         return True
     if event.get("event") == "page_view":
         return _page_context(event) == "confirmation"
-    vendor, name, _ = self_describing(event)
-    return name == "purchase" and vendor == SHOP_VENDOR
+    vendor, name, data = self_describing(event)
+    if vendor == SHOP_VENDOR:
+        return name == "purchase"
+    return vendor == ECOMMERCE_VENDOR and name == ECOMMERCE_ACTION and data.get("type") == "transaction"
 
 
 def _page_context(event: dict) -> str | None:
     """The shop's page_type context's type, if the event carries one."""
-    for context in event.get("contexts") or ():
+    for context in event.get("contexts") or ():       # not _entities: its generator added 10 % to the fold
         if context.get("schema", "").startswith(PAGE_TYPE_SCHEMA):
             return (context.get("data") or {}).get("type")
     return None
+
+
+def _entities(event: dict, schema_prefix: str):
+    """The data of each context whose schema starts with ``schema_prefix`` (any version)."""
+    for context in event.get("contexts") or ():
+        if context.get("schema", "").startswith(schema_prefix):
+            yield context.get("data") or {}
 
 
 def page_type(event: dict) -> str:
@@ -253,27 +269,63 @@ def _start(state: SessionState, event: dict, at_ms: int) -> None:
     state.session_index = int(_number(event.get("domain_sessionidx"), 1))
 
 
-def _shop_event(state: SessionState, vendor: str, name: str, data: dict, at_ms: int) -> None:
-    if name == "product_view" and vendor == SHOP_VENDOR:
-        state.product_views += 1
-        sku = data.get("sku")
-        if sku and len(state.products) < MAX_TRACKED_PRODUCTS and sku not in state.products:
-            state.products.add(sku)
-            state.distinct_products = len(state.products)
+def _self_describing_event(state: SessionState, event: dict, at_ms: int) -> None:
+    vendor, name, data = self_describing(event)
+    if vendor == ECOMMERCE_VENDOR:
+        if name == ECOMMERCE_ACTION:
+            _ecommerce_action(state, event, data.get("type"), at_ms)
+    elif name == "product_view" and vendor == SHOP_VENDOR:
+        _product_viewed(state, (data.get("sku"),))
     elif name in ("add_to_cart", "remove_from_cart") and vendor in CART_PRICE_FIELD:
         quantity = int(_number(data.get("quantity"), 1))
         amount = _number(data.get(CART_PRICE_FIELD[vendor])) * quantity
-        if name == "add_to_cart":
-            state.cart_adds += 1
-            state.cart_items += quantity
-            state.cart_value += amount
-        else:
-            state.cart_removes += 1
-            state.cart_items = max(0, state.cart_items - quantity)
-            state.cart_value = max(0.0, state.cart_value - amount)
-        state.last_cart_ms = at_ms
+        _cart_changed(state, name == "add_to_cart", quantity, amount, at_ms)
     elif name == "checkout_step" and vendor == SHOP_VENDOR:
-        state.checkout_step_max = max(state.checkout_step_max, int(_number(data.get("step"))))
+        _checkout_reached(state, data.get("step"))
+
+
+_PRODUCT = f"iglu:{ECOMMERCE_VENDOR}/product/"
+_CHECKOUT_STEP = f"iglu:{ECOMMERCE_VENDOR}/checkout_step/"
+
+
+def _ecommerce_action(state: SessionState, event: dict, action: str | None, at_ms: int) -> None:
+    """A snowplow-ecommerce action; other actions (list and promotion views, refunds) are only events."""
+    if action == "product_view":
+        _product_viewed(state, [product.get("id") for product in _entities(event, _PRODUCT)])
+    elif action in ("add_to_cart", "remove_from_cart"):
+        quantity, amount = 0, 0.0
+        for product in _entities(event, _PRODUCT):      # one event may add several products
+            count = int(_number(product.get("quantity"), 1))
+            quantity += count
+            amount += _number(product.get("price")) * count
+        _cart_changed(state, action == "add_to_cart", quantity, amount, at_ms)
+    elif action == "checkout_step":
+        for checkout in _entities(event, _CHECKOUT_STEP):
+            _checkout_reached(state, checkout.get("step"))
+
+
+def _product_viewed(state: SessionState, skus) -> None:
+    state.product_views += 1
+    for sku in skus:
+        if sku and type(sku) is str and len(state.products) < MAX_TRACKED_PRODUCTS and sku not in state.products:
+            state.products.add(sku)
+            state.distinct_products = len(state.products)
+
+
+def _cart_changed(state: SessionState, added: bool, quantity: int, amount: float, at_ms: int) -> None:
+    if added:
+        state.cart_adds += 1
+        state.cart_items += quantity
+        state.cart_value += amount
+    else:
+        state.cart_removes += 1
+        state.cart_items = max(0, state.cart_items - quantity)
+        state.cart_value = max(0.0, state.cart_value - amount)
+    state.last_cart_ms = at_ms
+
+
+def _checkout_reached(state: SessionState, step) -> None:
+    state.checkout_step_max = max(state.checkout_step_max, int(_number(step)))
 
 
 def step(state: SessionState, event: dict, at_ms: int | None = None) -> SessionState:
@@ -304,7 +356,7 @@ def step(state: SessionState, event: dict, at_ms: int | None = None) -> SessionS
     elif kind == "struct":
         state.struct_events += 1
     elif kind == "unstruct":
-        _shop_event(state, *self_describing(event), at_ms)
+        _self_describing_event(state, event, at_ms)
     return state
 
 

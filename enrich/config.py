@@ -9,7 +9,9 @@ from common.config import AwsSettings, ConfigError, require_batch_limit, require
 # Identifiers inside self-describing events and contexts that are personal data by default:
 # the browser tracker's client_session carries the domain user id; mobile contexts carry ad and
 # device ids; form tracking carries what people type (names, emails), autofilled values included;
-# the shop's purchase carries the order id (as tr_orderid does, pipeline.PSEUDONYMISED_FIELDS).
+# the shop's purchase carries the order id (as tr_orderid does, pipeline.PSEUDONYMISED_FIELDS), and
+# so do the snowplow-ecommerce plugins' transaction and refund entities; their user entity carries the
+# shop's user id and email, and their checkout step the addresses and a receipt number.
 MIN_KEY_CHARS = 16         # HMAC keys: `openssl rand -hex 32` gives 64
 
 DEFAULT_PII_FIELDS = (
@@ -23,6 +25,15 @@ DEFAULT_PII_FIELDS = (
     "com.snowplowanalytics.snowplow/mobile_context:androidIdfa",
     "com.snowplowanalytics.snowplow/mobile_context:appSetId",
     "com.clickshop/purchase:order_id",
+    "com.snowplowanalytics.snowplow.ecommerce/user:id",
+    "com.snowplowanalytics.snowplow.ecommerce/user:email",
+    "com.snowplowanalytics.snowplow.ecommerce/transaction:transaction_id",
+    "com.snowplowanalytics.snowplow.ecommerce/refund:transaction_id",
+    "com.snowplowanalytics.snowplow.ecommerce/checkout_step:shipping_postcode",
+    "com.snowplowanalytics.snowplow.ecommerce/checkout_step:billing_postcode",
+    "com.snowplowanalytics.snowplow.ecommerce/checkout_step:shipping_full_address",
+    "com.snowplowanalytics.snowplow.ecommerce/checkout_step:billing_full_address",
+    "com.snowplowanalytics.snowplow.ecommerce/checkout_step:proof_of_payment",
 )
 # A device's GPS fix (Snowplow's geolocation_context, any version): latitude and longitude are rounded
 # to `geolocation_decimals`; the fields that refine a rounded position (the fix's accuracy radius, the

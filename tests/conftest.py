@@ -6,8 +6,11 @@ Each test gets its own resource names, so tests never see each other's data.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +21,21 @@ from common.config import AwsSettings
 from localstack import emulator
 
 ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"      # Debian's, installed by `make setup`
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+@contextlib.contextmanager
+def headless_chromium(url: str, profile: Path):
+    """Chromium showing ``url`` (its scripts running) until the block ends."""
+    browser = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", url],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield browser
+    finally:
+        browser.kill()
+        browser.wait(10)
 
 
 @pytest.fixture(scope="session")

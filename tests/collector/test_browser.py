@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import shutil
-import subprocess
 import threading
 import uuid
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -13,10 +12,9 @@ import orjson
 import pytest
 
 from tests.collector.conftest import collector_env, read_stream
-from tests.conftest import ROOT
+from tests.conftest import ROOT, headless_chromium
 
 BUNDLE = ROOT / "node_modules" / "@snowplow" / "browser-tracker" / "dist" / "index.umd.min.js"
-CHROMIUM = "/usr/bin/chromium"
 
 PAGE = """<!doctype html>
 <html><head><title>Product page</title><script src="sp.js"></script></head>
@@ -60,19 +58,11 @@ def test_browser_tracker_page_view_reaches_the_raw_stream(streams, make_collecto
     folder, url = site
     app = f"web-{uuid.uuid4().hex[:8]}"
     (folder / "index.html").write_text(PAGE.format(port=collector.port, app=app))
-    browser = subprocess.Popen(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-         "--remote-debugging-port=0", url],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        def mine(records):
-            return [(r, e) for r in records for e in events_of(r) if e.get("aid", "").startswith(app)]
+    def mine(records):
+        return [(r, e) for r in records for e in events_of(r) if e.get("aid", "").startswith(app)]
 
+    with headless_chromium(url, tmp_path / "profile"):
         found = mine(read_stream(streams.raw_stream, until=lambda r: len(mine(r)) >= 4, timeout=60))
-    finally:
-        browser.kill()
-        browser.wait(10)
     kinds = sorted((e["aid"].rsplit("-", 1)[1], e["e"]) for _, e in found)
     assert kinds == [("get", "pv"), ("get", "se"), ("post", "pv"), ("post", "se")]
     for record, event in found:

@@ -7,7 +7,6 @@ import http.client
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,7 +30,7 @@ from common.streams import KinesisStream
 from demo import summary
 from demo.liveview import Handler, LiveView, LiveViewSettings
 from localstack.emulator import free_port
-from tests.conftest import ROOT, settings_env, wait_for
+from tests.conftest import CHROMIUM, CHROMIUM_FLAGS, ROOT, settings_env, wait_for
 
 VERSION = "20261129T100000Z"
 MODEL_META = {"name": registry.DEFAULT_MODEL, "version": VERSION, "algorithm": "logistic_regression",
@@ -289,9 +288,7 @@ def test_page_renders_sessions_and_model_in_headless_chromium(view, view_setting
     wait_for(lambda: (s := state(view)) and s["model"]["version"] == VERSION and len(s["sessions"]) == 2)
     with tempfile.TemporaryDirectory() as profile:
         dom = subprocess.run(
-            [shutil.which("chromium") or "/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--dump-dom", "--virtual-time-budget=5000", view.url + "/"],
+            [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", "--virtual-time-budget=5000", view.url + "/"],
             capture_output=True, text=True, timeout=120, check=True).stdout
     for session in sessions:
         assert f'<td class="id session-id">{session}</td>' in dom

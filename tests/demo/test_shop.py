@@ -21,7 +21,7 @@ import pytest
 
 from demo.web import ShopServer, WebSettings, catalogue_json, resolve
 from localstack.emulator import free_port
-from tests.conftest import ROOT, wait_for
+from tests.conftest import CHROMIUM, CHROMIUM_FLAGS, ROOT, wait_for
 from tests.demo import test_liveview
 from tests.demo.test_traffic import Capture, CaptureServer, contexts_of, shop_event, validate_payload
 
@@ -29,8 +29,6 @@ from tests.demo.test_traffic import Capture, CaptureServer, contexts_of, shop_ev
 collector_metrics, view_settings, view = test_liveview.collector_metrics, test_liveview.view_settings, test_liveview.view
 
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 
 
 class CorsCapture(Capture):
@@ -69,7 +67,7 @@ class WebDriver:
             raise AssertionError(f"WebDriver {method} {path}: {exc.read().decode()[:500]}") from None
 
     def start(self, user_data: str) -> None:
-        options = {"binary": shutil.which("chromium"), "args": [*CHROMIUM_ARGS, f"--user-data-dir={user_data}"]}
+        options = {"binary": CHROMIUM, "args": [*CHROMIUM_FLAGS, f"--user-data-dir={user_data}"]}
         capabilities = {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": options}}
         self.session = self.call("POST", "/session", {"capabilities": capabilities})["sessionId"]
         self.call("POST", f"/session/{self.session}/timeouts", {"implicit": 10_000, "script": 10_000})

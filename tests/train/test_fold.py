@@ -451,10 +451,56 @@ def test_the_official_trackers_cart_events_count_with_their_unit_price_and_other
     assert row["events"] == 6                      # still events of the session, just not shop actions
 
 
+ECOMMERCE = "com.snowplowanalytics.snowplow.ecommerce"   # the snowplow-ecommerce tracker plugins
+
+
+def ecommerce_action(session: synth.Session, action: str, *entities: tuple[str, dict]) -> dict:
+    """The plugins' snowplow_ecommerce_action of type ``action``, with ``(name, data)`` entities."""
+    event = vendor_event(session, ECOMMERCE, "snowplow_ecommerce_action", {"type": action})
+    event["contexts"] += [{"schema": f"iglu:{ECOMMERCE}/{name}/jsonschema/1-0-0", "data": data}
+                          for name, data in entities]
+    return event
+
+
+def product(sku: str, price: float, quantity: int | None = None) -> tuple[str, dict]:
+    return "product", {"id": sku, "category": "shoes", "price": price, "currency": "EUR", "quantity": quantity}
+
+
+def plugin_session() -> list[dict]:
+    """A session tracked with the snowplow-ecommerce plugin's actions only."""
+    s = synth.Session(random.Random(21), parse_ms("2026-11-21T15:00:00Z"), session_id="plugin-session")
+    s.page("/p/SH-004", "product")
+    ecommerce_action(s, "product_view", product("SH-004", 30.0))
+    ecommerce_action(s, "list_view", product("SH-005", 9.0), product("SH-006", 8.0))     # seen, not viewed
+    ecommerce_action(s, "add_to_cart", product("SH-004", 30.0, 2), product("SH-007", 5.5), ("cart", {
+        "total_value": 65.5, "currency": "EUR"}))
+    ecommerce_action(s, "remove_from_cart", product("SH-004", 30.0, 1))
+    ecommerce_action(s, "checkout_step", ("checkout_step", {"step": 3, "delivery_method": "express"}))
+    ecommerce_action(s, "transaction", ("transaction", {
+        "transaction_id": "T-1", "revenue": TELL_TALE, "currency": "EUR", "payment_method": "card",
+        "total_quantity": 2}))
+    ecommerce_action(s, "add_to_cart", product("SH-009", 500.0))                             # after the purchase
+    return s.events
+
+
+def test_the_ecommerce_plugins_actions_count_as_the_shops_and_their_transaction_is_the_purchase():
+    # Before feature version 4 the fold knew the shop's events and the classic cart events only: a shop
+    # on the plugins had no product views, cart or checkout features, and no purchases to learn from.
+    events = plugin_session()
+    frame = session_examples(_as_lake_frame(events))
+    assert len(frame) == 6 and (frame["label"] == 1).all()          # the examples end at the transaction
+    row = frame.iloc[-1]
+    assert (row["product_views"], row["distinct_products"]) == (1, 1)
+    assert (row["cart_adds"], row["cart_removes"], row["cart_items"], row["cart_value"]) == (1, 1, 2, 35.5)
+    assert row["checkout_step_max"] == 3 and row["events"] == 6
+    assert not np.isclose(frame[list(FEATURE_NAMES)].to_numpy(), TELL_TALE).any()
+
+
 def pinned_sessions() -> dict[str, list[dict]]:
-    """The fixed sessions whose features are pinned: the synthetic funnel across a DST change, and
-    rich_session()."""
-    events = synth.make_events(60, dt.datetime(2026, 3, 28, 22), hours=30, seed=11) + rich_session()
+    """The fixed sessions whose features are pinned: the synthetic funnel across a DST change,
+    rich_session() and plugin_session()."""
+    events = synth.make_events(60, dt.datetime(2026, 3, 28, 22), hours=30, seed=11) + rich_session() \
+        + plugin_session()
     sessions: dict[str, list[dict]] = {}
     for event in events:
         sessions.setdefault(session_key(event), []).append(event)
@@ -516,7 +562,7 @@ def test_the_fold_reads_no_event_field_that_training_leaves_out():
 # What the fold computes for fixed sessions, under the FEATURE_VERSION that computes it. A model
 # trained on other features is refused only when its feature_version differs: before this pin,
 # the features changed four times under version "1" and scorers served models built on others.
-FINGERPRINTS = {"2": "0bb644b6462c97d6", "3": "65d39d230033ad04"}
+FINGERPRINTS = {"2": "0bb644b6462c97d6", "3": "65d39d230033ad04", "4": "14e68e1d9f3555c1"}
 
 
 def test_the_features_of_fixed_sessions_are_pinned_to_the_feature_version():
