@@ -3,6 +3,7 @@
     python -m batch.registry ls                      # versions, newest last; * marks CURRENT
     python -m batch.registry promote 20261129T101500Z
     python -m batch.registry rollback                # CURRENT back to where it was before its last move
+    python -m batch.registry prune --keep 30         # delete older bundles (CURRENT and its rollbacks stay)
 
 Bucket and model name come from CLICKSTREAM_BUCKET / CLICKSTREAM_MODEL_NAME (or --bucket / --name).
 """
@@ -43,7 +44,7 @@ def _context(bucket: str | None, name: str | None):
 @click.option("--name", help="model name (overrides CLICKSTREAM_MODEL_NAME)")
 @click.pass_context
 def cli(ctx, bucket, name):
-    """Inspect and move the CURRENT model version.
+    """Inspect and move the CURRENT model version; prune old versions.
 
     Settings come from CLICKSTREAM_* variables and the [train] section of the TOML file named by
     CLICKSTREAM_CONFIG (docs/training.md lists the keys); --bucket and --name override them.
@@ -162,6 +163,50 @@ def rollback(obj, force):
     except (LookupError, registry.Conflict) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"CURRENT of {name} rolled back to {version}")
+
+
+def prunable(versions: list[str], current: str | None, moves: list[dict], keep: int) -> list[str]:
+    """The versions a prune deletes: all but the newest ``keep``, CURRENT, and every version CURRENT
+    pointed to in its last ``keep`` moves (where rollbacks lead, however old)."""
+    kept = set(versions[-keep:]) | {current}
+    for move in moves[-keep:]:
+        kept.update((move["version"], move["previous"]))
+    return [version for version in versions if version not in kept]
+
+
+@cli.command()
+@click.option("--keep", type=click.IntRange(min=1), default=30, show_default=True,
+              help="how many of the newest versions to keep, and of CURRENT's latest moves to keep rollbacks for")
+@click.option("--dry-run", is_flag=True, help="list the versions it would delete; delete nothing")
+@click.option("--yes", is_flag=True, help="delete without asking (for a scheduled job)")
+@click.pass_obj
+def prune(obj, keep, dry_run, yes):
+    """Delete the bundles of old versions. Kept: the newest KEEP, CURRENT, and the versions CURRENT
+    pointed to in its last KEEP moves, so `rollback` still finds them. HISTORY is never pruned."""
+    s3, bucket, name = obj
+    found = registry.versions(s3, bucket, name)
+    doomed = prunable(found, registry.current_version(s3, bucket, name), registry.history(s3, bucket, name), keep)
+    if not doomed:
+        click.echo(f"nothing to prune: model {name!r} has {len(found)} versions, all kept with --keep {keep}")
+        return
+    click.echo(f"{len(doomed)} of {len(found)} versions of {name!r} to delete: "
+               + (", ".join(doomed) if len(doomed) <= 6 else f"{doomed[0]} ... {doomed[-1]}"))
+    if dry_run:
+        return
+    if not yes:
+        click.confirm("delete them?", abort=True)
+    deleted = files = 0
+    with click.progressbar(doomed, label="deleting", file=sys.stderr) as bar:
+        for version in bar:
+            if version == registry.current_version(s3, bucket, name):      # promoted while this ran
+                click.echo(f"\n{version} became CURRENT meanwhile: kept", err=True)
+                continue
+            try:
+                files += registry.delete_version(s3, bucket, name, version)
+            except OSError as exc:
+                raise click.ClickException(f"{exc}; {deleted} versions deleted before it, run prune again") from None
+            deleted += 1
+    click.echo(f"deleted {deleted} versions of {name!r} ({files} files)")
 
 
 if __name__ == "__main__":

@@ -175,4 +175,19 @@ def _folders(s3, bucket: str, prefix: str) -> list[str]:
 
 
 def versions(s3, bucket: str, name: str = DEFAULT_MODEL) -> list[str]:
+    """The published versions of ``name``, oldest first (versions are UTC times, so they sort)."""
     return _folders(s3, bucket, f"{PREFIX}/{name}/")
+
+
+def delete_version(s3, bucket: str, name: str, version: str) -> int:
+    """Delete every file of one version's bundle; how many there were."""
+    prefix = f"{PREFIX}/{name}/{version}/"
+    keys = [item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for item in page.get("Contents", [])]
+    for start in range(0, len(keys), 1000):            # DeleteObjects takes 1,000 keys at most
+        batch = [{"Key": key} for key in keys[start:start + 1000]]
+        failed = s3.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True}).get("Errors")
+        if failed:
+            raise OSError(f"could not delete s3://{bucket}/{failed[0]['Key']}: {failed[0].get('Message')} "
+                          f"({len(failed)} files of version {version} left)")
+    return len(keys)

@@ -253,3 +253,35 @@ def test_the_registry_cli_says_what_it_did_not_find_and_does_not_record_a_move_t
     assert len(registry.history(s3, bucket, name)) == 1                  # no "X -> X" entry
     shown = run(registry_cli.cli, ["--name", name, "current"], env=env)
     assert shown.exit_code == 0 and '"promoted": true' in shown.output                            # the gates' reasons, as operations.md says
+
+
+def test_prune_deletes_old_bundles_but_keeps_the_newest_current_and_where_rollback_leads(aws_settings):
+    from click.testing import CliRunner
+
+    from batch import registry as registry_cli
+    from common import aws, registry
+    from tests.conftest import settings_env
+
+    s3, bucket, name = aws.client("s3"), aws_settings.bucket, "prune-test"
+    versions = [f"2026110{day}T000000Z" for day in range(1, 8)]
+    for version in versions:
+        registry.publish(s3, bucket, name, version, {"model.onnx": b"onnx", "model.json": b"{}", "report.html": b"<p>"})
+    for version in (versions[0], versions[2], versions[1]):        # CURRENT: day 1, then 3, then 2 (a rollback)
+        registry.set_current(s3, bucket, name, version, reason="promote")
+    env, run = settings_env(aws_settings), CliRunner().invoke
+
+    dry = run(registry_cli.cli, ["--name", name, "prune", "--keep", "1", "--dry-run"], env=env)
+    assert dry.exit_code == 0 and "4 of 7 versions" in dry.output
+    refused = run(registry_cli.cli, ["--name", name, "prune", "--keep", "1"], env=env, input="n\n")
+    assert refused.exit_code == 1 and registry.versions(s3, bucket, name) == versions
+
+    done = run(registry_cli.cli, ["--name", name, "prune", "--keep", "1", "--yes"], env=env)
+    assert done.exit_code == 0 and "deleted 4 versions of 'prune-test' (12 files)" in done.output
+    # The newest, CURRENT (day 2) and where its last move came from (day 3) stay, with all their files.
+    assert registry.versions(s3, bucket, name) == [versions[1], versions[2], versions[6]]
+    assert not s3.list_objects_v2(Bucket=bucket, Prefix=f"models/{name}/{versions[0]}/").get("Contents")
+    assert len(registry.history(s3, bucket, name)) == 3
+    assert registry.rollback(s3, bucket, name) == versions[2]
+    assert registry.load(s3, bucket, name, versions[2]).onnx == b"onnx"
+    again = run(registry_cli.cli, ["--name", name, "prune", "--keep", "1", "--yes"], env=env)
+    assert again.exit_code == 0 and "nothing to prune" in again.output
