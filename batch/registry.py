@@ -187,7 +187,8 @@ def prune(obj, keep, dry_run, yes):
     found = registry.versions(s3, bucket, name)
     doomed = prunable(found, registry.current_version(s3, bucket, name), registry.history(s3, bucket, name), keep)
     if not doomed:
-        click.echo(f"nothing to prune: model {name!r} has {len(found)} versions, all kept with --keep {keep}")
+        click.echo(f"nothing to prune: model {name!r} has {len(found)} version{'s' * (len(found) != 1)}, "
+                   f"all kept with --keep {keep}")
         return
     click.echo(f"{len(doomed)} of {len(found)} versions of {name!r} to delete: "
                + (", ".join(doomed) if len(doomed) <= 6 else f"{doomed[0]} ... {doomed[-1]}"))
