@@ -84,6 +84,19 @@ def started_at(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]      # after the command name, which may hold spaces
 
 
+LOG_ROTATE_BYTES = 50 * 1024 * 1024
+
+
+def rotate(log_file: Path) -> None:
+    """Each `make up` appends to its process's log: one past LOG_ROTATE_BYTES moves to ``<name>.log.1``
+    (replacing the one before), so local logs stay bounded across runs."""
+    try:
+        if log_file.stat().st_size > LOG_ROTATE_BYTES:
+            log_file.replace(log_file.with_name(log_file.name + ".1"))
+    except FileNotFoundError:
+        pass
+
+
 def start(process: Process, wait: float = 30) -> str:
     if running_pid(process):
         return f"{process.name}: already running (pid {running_pid(process)})"
@@ -93,6 +106,7 @@ def start(process: Process, wait: float = 30) -> str:
                          "stop it first (`make down` stops what `make up` started)")
     process.pid_file.parent.mkdir(parents=True, exist_ok=True)
     process.log_file.parent.mkdir(parents=True, exist_ok=True)
+    rotate(process.log_file)
     module = process.module.removesuffix(".__main__")
     with open(process.log_file, "ab") as log:
         child = subprocess.Popen([sys.executable, "-m", module, *process.args], stdout=log,

@@ -74,3 +74,23 @@ def test_an_empty_local_key_file_is_replaced_not_passed_on_as_no_key(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pseudonymisation.key"]
     stack.local_pseudonymisation_key()
     assert (tmp_path / "pseudonymisation.key").read_text() == key        # kept from then on
+
+
+def test_a_log_grown_past_the_limit_moves_aside_when_its_process_starts(process, monkeypatch, tmp_path):
+    monkeypatch.setattr(stack, "LOG_ROTATE_BYTES", 100)
+    monkeypatch.setattr(stack, "ROOT", tmp_path)
+    server = stack.Process("web", "http.server", args=("--bind", "127.0.0.1", "0"))
+    server.log_file.parent.mkdir(parents=True)
+    server.log_file.write_text("x" * 101)                          # the runs before
+    try:
+        stack.start(server)
+        assert server.log_file.with_name("web.log.1").read_text() == "x" * 101
+        assert not server.log_file.read_text().startswith("x")
+    finally:
+        stack.stop(server)
+    server.log_file.write_text("small")
+    try:
+        stack.start(server)                                          # below the limit: appended to
+        assert server.log_file.read_text().startswith("small")
+    finally:
+        stack.stop(server)
