@@ -165,15 +165,6 @@ def rollback(obj, force):
     click.echo(f"CURRENT of {name} rolled back to {version}")
 
 
-def prunable(versions: list[str], current: str | None, moves: list[dict], keep: int) -> list[str]:
-    """The versions a prune deletes: all but the newest ``keep``, CURRENT, and every version CURRENT
-    pointed to in its last ``keep`` moves (where rollbacks lead, however old)."""
-    kept = set(versions[-keep:]) | {current}
-    for move in moves[-keep:]:
-        kept.update((move["version"], move["previous"]))
-    return [version for version in versions if version not in kept]
-
-
 @cli.command()
 @click.option("--keep", type=click.IntRange(min=1), default=30, show_default=True,
               help="how many of the newest versions to keep, and of CURRENT's latest moves to keep rollbacks for")
@@ -184,13 +175,12 @@ def prune(obj, keep, dry_run, yes):
     """Delete the bundles of old versions. Kept: the newest KEEP, CURRENT, and the versions CURRENT
     pointed to in its last KEEP moves, so `rollback` still finds them. HISTORY is never pruned."""
     s3, bucket, name = obj
-    found = registry.versions(s3, bucket, name)
-    doomed = prunable(found, registry.current_version(s3, bucket, name), registry.history(s3, bucket, name), keep)
+    doomed, found = registry.old_versions(s3, bucket, name, keep)
     if not doomed:
-        click.echo(f"nothing to prune: model {name!r} has {len(found)} version{'s' * (len(found) != 1)}, "
+        click.echo(f"nothing to prune: model {name!r} has {found} version{'s' * (found != 1)}, "
                    f"all kept with --keep {keep}")
         return
-    click.echo(f"{len(doomed)} of {len(found)} versions of {name!r} to delete: "
+    click.echo(f"{len(doomed)} of {found} versions of {name!r} to delete: "
                + (", ".join(doomed) if len(doomed) <= 6 else f"{doomed[0]} ... {doomed[-1]}"))
     if dry_run:
         return
@@ -199,13 +189,14 @@ def prune(obj, keep, dry_run, yes):
     deleted = files = 0
     with click.progressbar(doomed, label="deleting", file=sys.stderr) as bar:
         for version in bar:
-            if version == registry.current_version(s3, bucket, name):      # promoted while this ran
-                click.echo(f"\n{version} became CURRENT meanwhile: kept", err=True)
-                continue
             try:
-                files += registry.delete_version(s3, bucket, name, version)
+                removed = registry.delete_unless_current(s3, bucket, name, version)
             except OSError as exc:
                 raise click.ClickException(f"{exc}; {deleted} versions deleted before it, run prune again") from None
+            if removed is None:
+                click.echo(f"\n{version} became CURRENT meanwhile: kept", err=True)
+                continue
+            files += removed
             deleted += 1
     click.echo(f"deleted {deleted} versions of {name!r} ({files} files)")
 

@@ -136,6 +136,8 @@ def _summary(result: TrainResult, outcome: dict | None) -> str:
         lines.append(f"published version {outcome['version']}; {where}")
         if (outcome.get("champion") or {}).get("note"):
             lines.append(f"champion {outcome['champion']['version']}: {outcome['champion']['note']}")
+        if outcome.get("pruned"):
+            lines.append(f"pruned {outcome['pruned']} old versions (keep_versions)")
     return "\n".join(lines)
 
 

@@ -50,6 +50,9 @@ class TrainSettings(AwsSettings):
     parity_tolerance: float = 1e-5
     auc_floor: float = 0.65
     champion_margin: float = 0.005      # a challenger may be this much worse than CURRENT and still win
+    # after publishing, delete all but the newest keep_versions bundles (CURRENT and its rollback
+    # targets always stay: docs/operations.md); 0 keeps every version
+    keep_versions: int = 0
     # Spark
     spark_master: str = "local[*]"
     spark_driver_memory: str = "2g"
@@ -78,7 +81,8 @@ class TrainSettings(AwsSettings):
                                   ("target_precision", "above 0 and at most 1", lambda v: 0 < v <= 1),
                                   ("elastic_net", "from 0 to 1", lambda v: 0 <= v <= 1),
                                   ("reg_param", "of at least 0", lambda v: v >= 0),
-                                  ("champion_margin", "of at least 0", lambda v: v >= 0)):
+                                  ("champion_margin", "of at least 0", lambda v: v >= 0),
+                                  ("keep_versions", "of at least 0", lambda v: v >= 0)):
             if not ok(getattr(self, name)):
                 raise ConfigError(f"CLICKSTREAM_{name.upper()}: expected a number {allowed}, got {getattr(self, name)}")
         if not re.fullmatch(r"\d+[kmgt]?", self.spark_driver_memory.lower()):

@@ -7,12 +7,13 @@ import time
 
 import numpy as np
 import pandas as pd
+from botocore.exceptions import BotoCoreError, ClientError
 
 from batch import export, report_html
 from batch.train_config import TrainSettings
 from batch.train_metrics import evaluate
 from batch.train_model import TrainResult
-from common import registry
+from common import aws, registry
 from common.features import FEATURE_VERSION
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,25 @@ def publish(s3, settings: TrainSettings, result: TrainResult) -> dict:
         log.warning("published %s but CURRENT stays at %s: %s", version,
                     current["version"] if current else "none (no CURRENT yet)", "; ".join(reasons))
     result.meta = meta
-    return {"version": version, "promoted": promote, "reasons": reasons, "champion": current}
+    return {"version": version, "promoted": promote, "reasons": reasons, "champion": current,
+            "pruned": prune(s3, settings)}
+
+
+def prune(s3, settings: TrainSettings) -> int:
+    """Delete the bundles ``keep_versions`` leaves out; how many versions went. The model is
+    published by then: a failure here is a warning, and the next run tries again."""
+    if not settings.keep_versions:
+        return 0
+    deleted = 0
+    try:
+        doomed, _ = registry.old_versions(s3, settings.bucket, settings.model_name, settings.keep_versions)
+        for version in doomed:
+            if registry.delete_unless_current(s3, settings.bucket, settings.model_name, version) is not None:
+                deleted += 1
+    except (BotoCoreError, ClientError, OSError) as exc:
+        log.warning("pruning old versions of %s stopped after %d (keep_versions %d): %s", settings.model_name,
+                    deleted, settings.keep_versions, aws.explain(exc))
+    return deleted
 
 
 def _publish_bundle(s3, settings: TrainSettings, result: TrainResult, promotion: dict) -> tuple[str, dict]:

@@ -179,6 +179,28 @@ def versions(s3, bucket: str, name: str = DEFAULT_MODEL) -> list[str]:
     return _folders(s3, bucket, f"{PREFIX}/{name}/")
 
 
+def prunable(versions: list[str], current: str | None, moves: list[dict], keep: int) -> list[str]:
+    """The versions a prune deletes: all but the newest ``keep``, CURRENT, and every version CURRENT
+    pointed to in its last ``keep`` moves (where rollbacks lead, however old)."""
+    kept = set(versions[-keep:]) | {current}
+    for move in moves[-keep:]:
+        kept.update((move["version"], move["previous"]))
+    return [version for version in versions if version not in kept]
+
+
+def old_versions(s3, bucket: str, name: str, keep: int) -> tuple[list[str], int]:
+    """(the versions of ``name`` a prune keeping ``keep`` deletes, how many versions there are)."""
+    found = versions(s3, bucket, name)
+    return prunable(found, current_version(s3, bucket, name), history(s3, bucket, name), keep), len(found)
+
+
+def delete_unless_current(s3, bucket: str, name: str, version: str) -> int | None:
+    """Delete a version's bundle (the number of files) unless it became CURRENT meanwhile (None)."""
+    if version == current_version(s3, bucket, name):
+        return None
+    return delete_version(s3, bucket, name, version)
+
+
 def delete_version(s3, bucket: str, name: str, version: str) -> int:
     """Delete every file of one version's bundle; how many there were."""
     prefix = f"{PREFIX}/{name}/{version}/"

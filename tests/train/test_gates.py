@@ -228,6 +228,27 @@ def test_training_replaces_a_current_whose_bundle_is_gone(aws_settings):
     assert registry.current_version(s3, settings.bucket, settings.model_name) == outcome["version"]
 
 
+def test_training_with_keep_versions_prunes_after_publishing_but_keeps_where_rollback_leads(aws_settings):
+    from common import aws, registry
+
+    s3 = aws.client("s3")
+    settings = TrainSettings(bucket=aws_settings.bucket, model_name="keep-test", auc_floor=0.0, keep_versions=2)
+    old = ["20260101T000000Z", "20260102T000000Z", "20260103T000000Z", "20260104T000000Z"]
+    for version in old:
+        registry.publish(s3, settings.bucket, settings.model_name, version, {"model.json": b"{}"})
+    for version in old[:2]:
+        registry.set_current(s3, settings.bucket, settings.model_name, version, reason="train")
+    s3.delete_object(Bucket=settings.bucket, Key=f"models/keep-test/{old[1]}/model.json")    # CURRENT unreadable
+    outcome = publish(s3, settings, complete(Parity(True, 0.0, 200, 1e-5)))
+    assert outcome["promoted"] and outcome["pruned"] == 1
+    # Kept: the newest two (day 4 and the new one, now CURRENT) and the last two moves' versions
+    # (day 1 -> day 2 -> new); day 3 went.
+    assert registry.versions(s3, settings.bucket, settings.model_name) == [old[0], old[3], outcome["version"]]
+    again = publish(s3, settings, complete(Parity(True, 0.0, 200, 1e-5)))
+    assert again["promoted"] and again["pruned"] == 2                  # day 1 left the last two moves
+    assert registry.versions(s3, settings.bucket, settings.model_name) == [outcome["version"], again["version"]]
+
+
 def test_the_registry_cli_says_what_it_did_not_find_and_does_not_record_a_move_to_where_current_is(aws_settings):
     from click.testing import CliRunner
 
