@@ -4,8 +4,11 @@ worker reports the sum over all of them."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.process_collector import ProcessCollector
 
 _MULTI = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 _GAUGE = {"multiprocess_mode": "livesum"} if _MULTI else {}
@@ -66,6 +69,47 @@ def forget_worker(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
+class WorkerProcesses:
+    """The ``process_*`` metrics of every live worker, labelled ``pid``: the multiprocess registry has
+    none, so a worker's memory or CPU would not show. Workers are found by the pid each one writes in
+    its spool slot (``<spool root>/worker-N/pid``), and count while that process is alive and has our
+    parent (granian's main process): a slot left by a killed worker, or its pid now another
+    program's, yields nothing."""
+
+    def __init__(self, spool_root: Path):
+        self.spool_root = spool_root
+
+    def pids(self) -> list[int]:
+        pids = []
+        for marker in sorted(self.spool_root.glob("worker-*/pid")):
+            try:
+                pid = int(marker.read_text())
+            except (OSError, ValueError):     # a slot being claimed right now
+                continue
+            if _parent(pid) == os.getppid():
+                pids.append(pid)
+        return pids
+
+    def collect(self):
+        merged: dict[str, Metric] = {}
+        for pid in self.pids():
+            # ProcessCollector reads /proc/<pid> and yields nothing once that process has gone.
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+                into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                for sample in family.samples:
+                    into.add_sample(sample.name, {**sample.labels, "pid": str(pid)}, sample.value)
+        yield from merged.values()
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # "pid (command) state ppid ...": the command may hold spaces and parentheses.
+    return int(stat.rpartition(")")[2].split()[1])
+
+
 def render(sink=None) -> tuple[bytes, str]:
     if sink is not None:
         refresh(sink)
@@ -74,5 +118,7 @@ def render(sink=None) -> tuple[bytes, str]:
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        if sink is not None:
+            registry.register(WorkerProcesses(sink.spool.dir.parent))
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(), CONTENT_TYPE_LATEST

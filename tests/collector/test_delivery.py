@@ -172,6 +172,13 @@ def test_several_workers_share_the_load_and_report_summed_metrics(streams, make_
     assert metric(collector.url, "collector_records_spooled_total") == 200
     wait_for(lambda: metric(collector.url, "collector_records_produced_total") == 200, 10, what="produced == 200")
     assert metric(collector.url, "collector_sink_up") == 1
+    # Each worker's own process metrics, which the multiprocess registry lacks, labelled by its pid.
+    workers = sorted(p.read_text() for p in (tmp_path / "spool").glob("worker-*/pid"))
+    text = get(collector.url + "/metrics")[2].decode()
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_start_time_seconds"):
+        values = {line.split('pid="')[1].split('"')[0]: float(line.split()[-1])
+                  for line in text.splitlines() if line.startswith(name + "{")}
+        assert sorted(values) == workers and all(value > 0 for value in values.values()), (name, values)
 
 
 def test_sigterm_with_the_stream_down_keeps_the_spool_for_the_next_start(streams, proxy, make_collector, tmp_path):

@@ -144,6 +144,23 @@ def test_with_several_workers_the_drained_timestamp_is_the_stalest_live_workers(
     assert "collector_spool_drained_timestamp_seconds 1500.0" in text.splitlines()
 
 
+def test_worker_process_metrics_skip_slots_whose_process_is_gone_or_not_a_sibling(tmp_path):
+    """A killed worker's slot keeps its pid until the slot is taken again; that pid may by then be
+    another program's. Neither may show as a worker: only processes with the scraper's parent do."""
+    from collector.metrics import WorkerProcesses
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    slots = {"worker-0": os.getpid(), "worker-1": gone.pid, "worker-2": 1, "worker-3": "not a pid"}
+    for slot, pid in slots.items():
+        (tmp_path / slot).mkdir()
+        (tmp_path / slot / "pid").write_text(str(pid))
+    workers = WorkerProcesses(tmp_path)
+    assert workers.pids() == [os.getpid()]
+    memory = next(family for family in workers.collect() if family.name == "process_resident_memory_bytes")
+    assert [(sample.labels, sample.value > 0) for sample in memory.samples] == [({"pid": str(os.getpid())}, True)]
+
+
 # The thread ends with an exception on purpose; pytest would report it as unhandled.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dead_sender_fails_sink_health_and_the_spool_gauges_stay_true(tmp_path, monkeypatch):
