@@ -27,6 +27,9 @@ class TrainSettings(AwsSettings):
     lake_path: str = ""                 # read this folder (or s3a:// URL on a cluster) instead of syncing
     skip_corrupt_files: bool = False
     session_gap_minutes: int = 30
+    # a session with more events is left out (a bot, not a shopper): the fold holds one session's
+    # events in memory at once; 0 = no limit
+    max_session_events: int = 100_000
     eval_fraction: float = 0.25         # the latest sessions (by start time) are the evaluation set
     # the model
     algorithm: str = "gbt"
@@ -82,7 +85,8 @@ class TrainSettings(AwsSettings):
                                   ("elastic_net", "from 0 to 1", lambda v: 0 <= v <= 1),
                                   ("reg_param", "of at least 0", lambda v: v >= 0),
                                   ("champion_margin", "of at least 0", lambda v: v >= 0),
-                                  ("keep_versions", "of at least 0", lambda v: v >= 0)):
+                                  ("keep_versions", "of at least 0", lambda v: v >= 0),
+                                  ("max_session_events", "of at least 0", lambda v: v >= 0)):
             if not ok(getattr(self, name)):
                 raise ConfigError(f"CLICKSTREAM_{name.upper()}: expected a number {allowed}, got {getattr(self, name)}")
         if not re.fullmatch(r"\d+[kmgt]?", self.spark_driver_memory.lower()):

@@ -9,6 +9,7 @@ with identical inputs on both sides, Spark and the exported model can agree to 1
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -38,6 +39,8 @@ EXAMPLE_SCHEMA = T.StructType(
      T.StructField("event_time_ms", T.LongType()), T.StructField("session_start_ms", T.LongType()),
      T.StructField("label", T.IntegerType())]
     + [T.StructField(name, T.DoubleType()) for name in FEATURE_NAMES])
+
+log = logging.getLogger(__name__)
 
 
 def read_events(spark: SparkSession, root: Path | str, files: list[Path] | None = None,
@@ -103,15 +106,35 @@ def sessionise(df: DataFrame, gap_minutes: int = 30) -> DataFrame:
             .drop("_key", "_new", "_n", "_at"))
 
 
-def build_examples(events: DataFrame, gap_minutes: int = 30, window_start_ms: int | None = None) -> DataFrame:
+def build_examples(events: DataFrame, gap_minutes: int = 30, window_start_ms: int | None = None,
+                   max_session_events: int = 0) -> DataFrame:
     """Prefix examples (EXAMPLE_SCHEMA) of every finished session in ``events``; with
     ``window_start_ms``, only of those first collected then or later (``events`` then include the
-    window's lead-in, so that a session running at its start is seen whole, and known to be earlier)."""
+    window's lead-in, so that a session running at its start is seen whole, and known to be earlier).
+    With ``max_session_events``, sessions with more events are left out, and a warning says how many."""
     sessions = sessionise(_as_millis(events), gap_minutes)
     if window_start_ms is not None:
         sessions = sessions.join(_collected_before(sessions, window_start_ms), "session_id", "left_anti")
+    if max_session_events:
+        sessions = without_oversized_sessions(sessions, max_session_events)
     examples = sessions.groupBy("session_id").applyInPandas(session_examples, schema=EXAMPLE_SCHEMA)
     return without_open_sessions(examples, gap_minutes)
+
+
+def without_oversized_sessions(sessions: DataFrame, limit: int) -> DataFrame:
+    """Leave out the sessions with more than ``limit`` events (lake rows, copies included). The fold
+    gets a session's events as one pandas frame, so a bot or a load test holding one session id for
+    days would exhaust a worker's memory; such sessions are not shoppers either. Finding them is a
+    pass over a few columns, done first so that the usual case (none) leaves the plan as it was."""
+    sizes = sessions.groupBy("session_id").count()
+    oversized = [row["session_id"] for row in sizes.filter(F.col("count") > limit).select("session_id").collect()]
+    if not oversized:
+        return sessions
+    log.warning("left out %d session(s) with more than %d events (max_session_events; bots or scripts, not "
+                "shoppers): %s%s", len(oversized), limit, ", ".join(sorted(oversized)[:5]),
+                ", ..." if len(oversized) > 5 else "")
+    ids = sessions.sparkSession.createDataFrame([(sid,) for sid in oversized], "session_id string")
+    return sessions.join(F.broadcast(ids), "session_id", "left_anti")
 
 
 def _collected_before(sessions: DataFrame, start_ms: int) -> DataFrame:

@@ -331,3 +331,23 @@ def test_settings_spark_would_refuse_minutes_into_a_run_are_refused_before_it_st
     with pytest.raises(ConfigError, match=message):
         dataclasses.replace(fast_settings(), **{key: value}).validate()
     dataclasses.replace(fast_settings(), spark_driver_memory="512M").validate()
+
+
+def test_a_session_above_max_session_events_is_left_out_and_named(spark, tmp_path, caplog):
+    """A bot holding one session id for days would be one huge pandas frame in the fold."""
+    rng = random.Random(21)
+    origin = int(START.timestamp() * 1000)
+    events = [e for i in range(6) for e in synth.session_events(rng, origin + i * 600_000, buyer=i % 2 == 0)]
+    events += synth.session_events(rng, origin + 3 * 3_600_000, buyer=False)    # the newest, still open
+    sizes = defaultdict(int)
+    for event in events:
+        sizes[event["domain_sessionid"]] += 1
+    finished = [sid for sid in sizes if sid != events[-1]["domain_sessionid"]]
+    biggest = max(finished, key=sizes.get)
+    limit = sizes[biggest] - 1
+    assert sorted(sizes[sid] > limit for sid in finished) == [False] * 5 + [True]
+    read = load_window(spark, _settings(synth.write_lake_dir(tmp_path, events)), WINDOW)
+    kept = set(build_examples(read, 30, None, limit).toPandas()["session_id"])
+    assert kept == set(finished) - {biggest}
+    assert f"left out 1 session(s) with more than {limit} events" in caplog.text and biggest in caplog.text
+    assert set(build_examples(read).toPandas()["session_id"]) == set(finished)        # 0: no limit
