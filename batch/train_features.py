@@ -111,30 +111,12 @@ def build_examples(events: DataFrame, gap_minutes: int = 30, window_start_ms: in
     """Prefix examples (EXAMPLE_SCHEMA) of every finished session in ``events``; with
     ``window_start_ms``, only of those first collected then or later (``events`` then include the
     window's lead-in, so that a session running at its start is seen whole, and known to be earlier).
-    With ``max_session_events``, sessions with more events are left out, and a warning says how many."""
+    With ``max_session_events``, sessions with more events are left out too, and a warning names them."""
     sessions = sessionise(_as_millis(events), gap_minutes)
     if window_start_ms is not None:
         sessions = sessions.join(_collected_before(sessions, window_start_ms), "session_id", "left_anti")
-    if max_session_events:
-        sessions = without_oversized_sessions(sessions, max_session_events)
-    examples = sessions.groupBy("session_id").applyInPandas(session_examples, schema=EXAMPLE_SCHEMA)
-    return without_open_sessions(examples, gap_minutes)
-
-
-def without_oversized_sessions(sessions: DataFrame, limit: int) -> DataFrame:
-    """Leave out the sessions with more than ``limit`` events (lake rows, copies included). The fold
-    gets a session's events as one pandas frame, so a bot or a load test holding one session id for
-    days would exhaust a worker's memory; such sessions are not shoppers either. Finding them is a
-    pass over a few columns, done first so that the usual case (none) leaves the plan as it was."""
-    sizes = sessions.groupBy("session_id").count()
-    oversized = [row["session_id"] for row in sizes.filter(F.col("count") > limit).select("session_id").collect()]
-    if not oversized:
-        return sessions
-    log.warning("left out %d session(s) with more than %d events (max_session_events; bots or scripts, not "
-                "shoppers): %s%s", len(oversized), limit, ", ".join(sorted(oversized)[:5]),
-                ", ..." if len(oversized) > 5 else "")
-    ids = sessions.sparkSession.createDataFrame([(sid,) for sid in oversized], "session_id string")
-    return sessions.join(F.broadcast(ids), "session_id", "left_anti")
+    sessions = finished_sessions(sessions, gap_minutes, max_session_events)
+    return sessions.groupBy("session_id").applyInPandas(session_examples, schema=EXAMPLE_SCHEMA)
 
 
 def _collected_before(sessions: DataFrame, start_ms: int) -> DataFrame:
@@ -146,17 +128,30 @@ def _collected_before(sessions: DataFrame, start_ms: int) -> DataFrame:
     return first.filter(F.col("_first_collected") < start_ms).select("session_id")
 
 
-def without_open_sessions(examples: DataFrame, gap_minutes: int) -> DataFrame:
-    """Leave out the sessions active within ``gap_minutes`` of the newest event: those that have not
-    bought may still buy, so their label is not known yet (a window ending today, the default, holds
-    many of them). Buyers go too: keeping only them would make the latest sessions, all in the
-    evaluation set, look likelier to buy than they are."""
-    newest = examples.agg(F.max("event_time_ms")).first()[0]
+def finished_sessions(sessions: DataFrame, gap_minutes: int, max_session_events: int = 0) -> DataFrame:
+    """The events of ``sessions`` without two kinds of session, both found before the fold runs, in
+    one pass over a few columns:
+
+    - Still open: active within ``gap_minutes`` of the newest event. One that has not bought may
+      still, so its label is not known yet (a window ending today, the default, holds many). Buyers
+      go too: keeping only them would make the latest sessions, all in the evaluation set, look
+      likelier to buy than they are.
+    - Above ``max_session_events`` events (lake rows, copies included; 0 = no limit). The fold gets
+      a session's events as one pandas frame, so a bot or a load test holding one session id for
+      days would exhaust a worker's memory; such sessions are not shoppers either.
+    """
+    per_session = sessions.groupBy("session_id").agg(F.max(_event_time()).alias("_last"),
+                                                     F.count("*").alias("_events"))
+    oversized = (F.col("_events") > max_session_events) if max_session_events else F.lit(False)
+    newest, too_big = per_session.agg(F.max("_last"), F.collect_list(F.when(oversized, F.col("session_id")))).first()
     if newest is None:
-        return examples
-    last = examples.groupBy("session_id").agg(F.max("event_time_ms").alias("_last"))
-    still_open = last.filter(F.col("_last") > newest - gap_minutes * 60_000)
-    return examples.join(still_open.select("session_id"), "session_id", "left_anti")
+        return sessions
+    if too_big:
+        log.warning("left out %d session(s) with more than %d events (max_session_events; bots or scripts, "
+                    "not shoppers): %s%s", len(too_big), max_session_events, ", ".join(sorted(too_big)[:5]),
+                    ", ..." if len(too_big) > 5 else "")
+    left_out = per_session.filter((F.col("_last") > newest - gap_minutes * 60_000) | oversized)
+    return sessions.join(left_out.select("session_id"), "session_id", "left_anti")
 
 
 # ---------------------------------------------------------------------------------------- the fold
