@@ -5,7 +5,7 @@
     python -m batch.train --table shoppers.csv --label Revenue --cv 5      # feature-table mode
 
 Steps: sync the window's lake partitions → prefix examples with the scorer's own fold (Spark,
-applyInPandas) → split by time → fit → evaluate → export to ONNX → parity (every evaluation row
+applyInArrow) → split by time → fit → evaluate → export to ONNX → parity (every evaluation row
 scored by Spark and onnxruntime) → publish the bundle, and move CURRENT when the gates pass.
 In-process users (benchmarks, end-to-end tests) call ``train_from_events`` / ``publish`` directly.
 """

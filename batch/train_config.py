@@ -102,7 +102,7 @@ class TrainSettings(AwsSettings):
 def spark_session(settings: TrainSettings, app_name: str = "clickstream-train"):
     """A Spark session for training (the existing one when there is one, e.g. under spark-submit)."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    # pandas 3 works for what we use (applyInPandas, toPandas); the warning repeats on every call.
+    # pandas 3 works for what we use (toPandas, the feature-table mode); the warning repeats on every call.
     warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas")
     from pyspark.sql import SparkSession
 

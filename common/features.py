@@ -2,7 +2,7 @@
 
 ``step(state, event)`` folds one enriched event into a session's state and ``features(state)``
 reads the model's inputs from it. The scorer runs it online, event by event; training runs the
-very same functions inside Spark (``applyInPandas``), so online and offline features cannot drift.
+very same functions inside Spark (``applyInArrow``), so online and offline features cannot drift.
 
 Rules that keep the model honest:
 - No personal data: only counts, amounts, durations and coarse categories.

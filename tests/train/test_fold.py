@@ -10,6 +10,7 @@ import tracemalloc
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -37,7 +38,7 @@ TELL_TALE = 987654.25
 
 
 def _as_lake_frame(events: list[dict]) -> pd.DataFrame:
-    """What applyInPandas hands the fold: JSON columns as text, timestamps as epoch ms."""
+    """What applyInArrow hands the fold, as a frame to edit: JSON columns as text, timestamps as epoch ms."""
     from common.features import parse_ms
 
     rows = []
@@ -50,6 +51,15 @@ def _as_lake_frame(events: list[dict]) -> pd.DataFrame:
         row["session_id"] = event["domain_sessionid"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _arrow(frame: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def _examples(frame: pd.DataFrame) -> pd.DataFrame:
+    """session_examples as Spark calls it (an Arrow table in, one out), as a frame."""
+    return session_examples(_arrow(frame)).to_pandas()
 
 
 def test_long_session_keeps_bounded_state_and_memory():
@@ -66,7 +76,7 @@ def test_long_session_keeps_bounded_state_and_memory():
     assert state.product_views == 10_000
     assert len(state.products) == state.distinct_products == MAX_TRACKED_PRODUCTS
     assert peak < 2_000_000     # the state, not the events: bounded whatever the session length
-    frame = session_examples(_as_lake_frame(s.events))
+    frame = _examples(_as_lake_frame(s.events))
     assert len(frame) == 10_000 and frame["distinct_products"].max() == MAX_TRACKED_PRODUCTS
 
 
@@ -90,7 +100,7 @@ def test_purchase_never_reaches_the_features():
     rng = random.Random(5)
     events = synth.session_events(rng, 1_795_000_000_000, buyer=True, purchase_total=TELL_TALE)
     assert any((e.get("unstruct_event") or {}).get("data", {}).get("total") == TELL_TALE for e in events)
-    frame = session_examples(_as_lake_frame(events))
+    frame = _examples(_as_lake_frame(events))
     purchase_at = next(i for i, e in enumerate(events) if e["event_name"] == "purchase")
     assert len(frame) == purchase_at                   # one row per event before the purchase, none after
     assert (frame["label"] == 1).all()
@@ -108,7 +118,7 @@ def test_the_order_confirmation_page_ends_the_examples_like_the_purchase_it_prec
     confirmation.update(domain_sessionid=events[0]["domain_sessionid"], derived_tstamp=just_before,
                         collector_tstamp=just_before)
     events.insert(purchase_at, confirmation)
-    frame = session_examples(_as_lake_frame(events))
+    frame = _examples(_as_lake_frame(events))
     assert frame["event_id"].tolist() == [e["event_id"] for e in events[:purchase_at]]
     state = SessionState()
     for event in events[:purchase_at + 1]:
@@ -128,7 +138,7 @@ def test_records_drop_duplicates_and_turn_missing_into_none():
     events = synth.session_events(rng, 1_795_000_000_000, buyer=False)
     frame = _as_lake_frame(events + events[:3])        # an at-least-once replay of three events
     frame.loc[0, "domain_sessionidx"] = np.nan
-    out = records(frame.sample(frac=1, random_state=1))
+    out = records(_arrow(frame.sample(frac=1, random_state=1)))
     assert [e["event_id"] for e in out] == [e["event_id"] for e in events]
     assert out[0]["domain_sessionidx"] is None
     assert isinstance(out[0]["contexts"], list)
@@ -139,13 +149,13 @@ def test_corrupt_json_names_the_event():
     frame = _as_lake_frame(events)
     frame.loc[1, "contexts"] = "{not json"
     with pytest.raises(ValueError, match=f"event {events[1]['event_id']}: column contexts is not valid JSON"):
-        session_examples(frame)
+        session_examples(_arrow(frame))
 
 
 def test_session_of_only_a_purchase_has_no_examples():
     events = synth.session_events(random.Random(2), 1_795_000_000_000, buyer=True)
     purchase = [e for e in events if e["event_name"] == "purchase"]
-    assert examples_of("s", purchase).empty
+    assert examples_of("s", purchase).num_rows == 0
 
 
 def test_metrics_on_known_scores():
@@ -488,7 +498,7 @@ def test_the_ecommerce_plugins_actions_count_as_the_shops_and_their_transaction_
     # Before feature version 4 the fold knew the shop's events and the classic cart events only: a shop
     # on the plugins had no product views, cart or checkout features, and no purchases to learn from.
     events = plugin_session()
-    frame = session_examples(_as_lake_frame(events))
+    frame = _examples(_as_lake_frame(events))
     assert len(frame) == 6 and (frame["label"] == 1).all()          # the examples end at the transaction
     row = frame.iloc[-1]
     assert (row["product_views"], row["distinct_products"]) == (1, 1)
