@@ -351,3 +351,21 @@ def test_a_session_above_max_session_events_is_left_out_and_named(spark, tmp_pat
     assert kept == set(finished) - {biggest}
     assert f"left out 1 session(s) with more than {limit} events" in caplog.text and biggest in caplog.text
     assert set(build_examples(read).toPandas()["session_id"]) == set(finished)        # 0: no limit
+
+
+def test_the_fold_runs_once_per_kept_session(spark, lake_dir, monkeypatch):
+    """Open sessions are found from the events, not from the fold's output: that ran the fold three
+    times over (once for the newest time, twice in the join with its own per-session maximum)."""
+    from batch import train_features
+
+    calls = spark.sparkContext.accumulator(0)
+    fold = train_features.session_examples
+
+    def counted(table):
+        calls.add(1)
+        return fold(table)
+
+    monkeypatch.setattr(train_features, "session_examples", counted)
+    examples = build_examples(load_window(spark, _settings(lake_dir), WINDOW))
+    sessions = examples.select("session_id").distinct().count()
+    assert sessions > 0 and calls.value == sessions
