@@ -18,6 +18,7 @@ SUITES = {
     "enrich": "enriched events/s per core",
     "loader": "lake loader events/s into Parquet",
     "train": "feature-table training: 5-fold AUC and parity on the UCI shoppers data",
+    "features": "make train's features step: Spark build_examples vs the same fold in one process",
     "scorer": "in-process scoring vs Spark, /invocations latency, worker events/s",
 }
 

@@ -369,3 +369,14 @@ def test_the_fold_runs_once_per_kept_session(spark, lake_dir, monkeypatch):
     examples = build_examples(load_window(spark, _settings(lake_dir), WINDOW))
     sessions = examples.select("session_id").distinct().count()
     assert sessions > 0 and calls.value == sessions
+
+
+def test_the_features_benchmark_folds_the_same_rows_both_ways(spark):
+    """`make bench`'s features suite times Spark against the fold in one process; its figures mean
+    something only while both ways fold the same sessions into the same rows."""
+    from bench.features import measure
+
+    got = measure(spark, count=40, runs=1)
+    assert 0 < got.kept <= 40 and got.folded <= got.events
+    assert got.spark_rows == got.local_rows > got.kept
+    assert got.spark_seconds > 0 and got.local_seconds > 0
