@@ -131,6 +131,7 @@ def _summary(result: TrainResult, outcome: dict | None) -> str:
               f"threshold {result.meta['threshold']:.4f} ({result.meta['threshold_selection']['objective']})"),
              (f"parity: {'passed' if p['passed'] else 'FAILED'}, max |p_onnx - p_spark| {p['max_abs_diff']:.2e} "
               f"on {p['rows']} rows"),
+             _data_line(result.meta),
              "timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items())]
     if outcome:
         where = "CURRENT moved to it" if outcome["promoted"] else "CURRENT not moved: " + "; ".join(outcome["reasons"])
@@ -140,6 +141,21 @@ def _summary(result: TrainResult, outcome: dict | None) -> str:
         if outcome.get("pruned"):
             lines.append(f"pruned {outcome['pruned']} old versions (keep_versions)")
     return "\n".join(lines)
+
+
+def _data_line(meta: dict) -> str:
+    """What the model learnt from: the rows of each part, and for the lake the window's sessions."""
+    rows = meta["rows"]
+    line = f"rows: {rows['train']} for training, {rows['eval']} for evaluation"
+    window = meta.get("training_window")
+    if window and "sessions" in window:
+        split = dt.datetime.fromtimestamp(window["split_at_ms"] / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        line += (f" (split at session start {split}); {window['sessions']} finished sessions "
+                 f"({window['buying_sessions']} bought)"
+                 + (f" of {window['start']}..{window['end']}" if "start" in window else ""))
+    elif window and "table" in window:
+        line += f" from {window['table']}"
+    return line
 
 
 def run_events(settings: TrainSettings, *, publish_model: bool = True) -> tuple[TrainResult, dict | None]:

@@ -88,6 +88,7 @@ def test_table_cli_cross_validates_with_parity_and_writes_the_bundle(spark, tmp_
     assert "dropped 5 rows with missing numeric values" in out.output
     assert "one-hot encoded ['Month', 'VisitorType', 'Weekend', 'Browser']" in out.output
     assert out.output.count("parity ok") == 2 and "2-fold ROC AUC" in out.output
+    assert f" for evaluation from {csv}" in out.output
     assert "onnxmltools" not in out.output      # the converter's per-tree chatter drowns the summary
     meta = json.loads((tmp_path / "bundle" / "model.json").read_text())
     assert meta["parity"]["passed"] and meta["feature_version"].startswith("table-")

@@ -45,6 +45,11 @@ def test_train_publish_gate_and_rollback(spark, aws_settings, events, tmp_path):
     assert meta["onnx"]["probability_output"] == "probability" and meta["onnx"]["positive_index"] == 1
     assert meta["parity"]["passed"] and meta["parity"]["max_abs_diff"] <= 1e-5 and meta["parity"]["rows"] > 100
     assert meta["training_window"]["start"] == "2026-11-20" and meta["training_window"]["end"] == "2026-11-21"
+    window, rows = meta["training_window"], meta["rows"]
+    assert (f"rows: {rows['train']} for training, {rows['eval']} for evaluation (split at session start "
+            in first.output)
+    assert (f"; {window['sessions']} finished sessions ({window['buying_sessions']} bought) of "
+            "2026-11-20..2026-11-21" in first.output) and 0 < window["buying_sessions"] < window["sessions"]
     for key in ("name", "algorithm", "label", "threshold", "metrics", "spark_version", "code_version", "created_at"):
         assert meta[key] is not None, key
     report = s3.get_object(Bucket=bucket, Key=f"models/{registry.DEFAULT_MODEL}/{version}/report.html")["Body"].read()
