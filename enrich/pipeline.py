@@ -20,7 +20,7 @@ from collections.abc import Callable
 import fastjsonschema
 import orjson
 
-from common import emails
+from common import emails, jsonbytes
 from common.features import NIL_USER, session_key
 from enrich import __version__, badrows, protocol
 from enrich.config import DEFAULT_PII_FIELDS, GEOLOCATION_ROUNDED, GEOLOCATION_WITHHELD, EnrichSettings, parse_pii_field
@@ -277,7 +277,7 @@ class Enricher:
         if too_long:
             raise EventFailure("enrichment_failures", [{"enrichment": None, "message": m} for m in too_long])
         event["event_fingerprint"] = fingerprint(params, self.hmac)
-        data = orjson.dumps(event)
+        data = jsonbytes.dumps(event)
         size = len(data)
         if size > self.settings.max_event_bytes:
             raise EventFailure("size_violation", [badrows.size_violation(

@@ -15,9 +15,9 @@ import random
 import threading
 import time
 
-import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
+from common import jsonbytes
 from common.consumer import Batch, Consumer, ReadFailed
 from common.leases import LeaseLost
 from common.producer import Producer
@@ -154,7 +154,7 @@ def _row_type(data: bytes) -> str:
 
 def _bad_entry(row: dict) -> tuple[str, bytes]:
     """A bad row and a random partition key (contract); a row too big for Kinesis is cut to a size_violation."""
-    data = orjson.dumps(row)
+    data = jsonbytes.dumps(row)
     if len(data) > MAX_RECORD_BYTES - 64:
-        data = orjson.dumps(badrows.size_violation(data, MAX_RECORD_BYTES - 64, "a bad row within the Kinesis record limit"))
+        data = jsonbytes.dumps(badrows.size_violation(data, MAX_RECORD_BYTES - 64, "a bad row within the Kinesis record limit"))
     return random.getrandbits(128).to_bytes(16, "big").hex(), data

@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 
-import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
+from common import jsonbytes
 from common.producer import Producer
 from common.producer import batches as put_record_calls
 from common.retry import backoff_s
@@ -74,7 +74,7 @@ class PredictionWriter:
         for each prediction still to write: one it refuses is dropped from the write (its shard went
         to another worker, which reads those events again from the checkpoint and publishes them).
         """
-        entries = [(p["session_id"], orjson.dumps(p)) for p, _ in predictions]
+        entries = [(p["session_id"], jsonbytes.dumps(p)) for p, _ in predictions]
         by_data = {data: p for (p, _), (_, data) in zip(predictions, entries)} if keep else {}
         latest = self._latest(predictions)
         attempt = 0

@@ -115,6 +115,26 @@ def test_every_event_of_every_session_is_scored_once_like_the_plain_fold():
     assert purchases and not set(purchases) & set(got)
 
 
+def test_predictions_waiting_for_the_stream_take_about_their_length_in_memory():
+    """orjson's bytes hold a buffer of 4 KiB or more whatever their length: a poll's predictions,
+    kept until the stream has them, took 8 KiB each (20x), and a fresh worker a page fault per
+    prediction (a third of its speed)."""
+    import tracemalloc
+
+    rig = Rig()
+    rig.put(interleave([session_events(f"s{i}", seed=i, n=20) for i in range(100)]))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        rig.drain()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    records = rig.out.all_records()
+    payload = sum(len(record.data) for record in records)
+    assert len(records) > 1500 and grown < 3 * payload, (grown, payload)
+
+
 def test_redelivered_events_are_not_counted_twice():
     events = session_events("dup", seed=4, n=8, buyer=False)
     rig = Rig()
