@@ -1,8 +1,8 @@
 """JSON records to keep: ``orjson.dumps`` output cut to its size.
 
-orjson (3.12 on) hands back bytes whose buffer is 4 KiB or more whatever their length: a 430-byte
+orjson (3.13, pinned) hands back bytes whose buffer is 4 KiB or more whatever their length: a 430-byte
 prediction holds about 8 KiB, a 2 KiB enriched event 16 KiB. Kept by the thousand (a poll's outputs,
-up to 10,000 records a shard, until the stream has them), that is ten to twenty times the memory
+batch_limit records of each shard, until the stream has them), that is ten to twenty times the memory
 their lengths say, and a fresh process faults in every page of it: the scorer's worker ran at a
 third of its speed until its heap had grown (docs/scorer.md).
 """
