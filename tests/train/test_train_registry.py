@@ -111,7 +111,8 @@ def test_cv_below_two_folds_is_a_one_line_error(folds, tmp_path):
 
 def failed_parity() -> TrainResult:
     meta = {"name": "m", "algorithm": "gbt", "threshold": 0.5, "threshold_selection": {"objective": "f1"},
-            "metrics": {"roc_auc": 0.9, "pr_auc": 0.5, "log_loss": 0.3, "lift_top_decile": 3.0}}
+            "metrics": {"roc_auc": 0.9, "pr_auc": 0.5, "log_loss": 0.3, "lift_top_decile": 3.0},
+            "rows": {"train": 8, "eval": 2}}
     parity = Parity(False, 2e-3, 10, 1e-5, stage="GBTClassificationModel(gbt)", worst=[])
     return TrainResult(None, b"", meta | {"parity": parity.as_meta()}, pd.DataFrame(), parity)
 
@@ -157,6 +158,7 @@ def test_a_bundle_that_cannot_be_written_after_publishing_still_shows_the_summar
     out = CliRunner().invoke(train_main, args, env=FAST_ENV)
     assert out.exit_code == 2, out.output
     assert "published version 20261202T180000Z; CURRENT moved to it" in out.output
+    assert "rows: 8 for training, 2 for evaluation" in out.output
     assert f"could not write the bundle to --out {tmp_path}/bundle: [Errno 28] No space left" in out.output
 
 
