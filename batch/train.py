@@ -152,7 +152,7 @@ def _data_line(meta: dict) -> str:
         split = dt.datetime.fromtimestamp(window["split_at_ms"] / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         line += (f" (split at session start {split}); {window['sessions']} finished sessions "
                  f"({window['buying_sessions']} bought)"
-                 + (f" of {window['start']}..{window['end']}" if "start" in window else ""))
+                 + (f" collected {window['start']}..{window['end']}" if "start" in window else ""))
     elif window and "table" in window:
         line += f" from {window['table']}"
     return line

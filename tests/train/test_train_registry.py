@@ -48,7 +48,7 @@ def test_train_publish_gate_and_rollback(spark, aws_settings, events, tmp_path):
     window, rows = meta["training_window"], meta["rows"]
     assert (f"rows: {rows['train']} for training, {rows['eval']} for evaluation (split at session start "
             in first.output)
-    assert (f"; {window['sessions']} finished sessions ({window['buying_sessions']} bought) of "
+    assert (f"; {window['sessions']} finished sessions ({window['buying_sessions']} bought) collected "
             "2026-11-20..2026-11-21" in first.output) and 0 < window["buying_sessions"] < window["sessions"]
     for key in ("name", "algorithm", "label", "threshold", "metrics", "spark_version", "code_version", "created_at"):
         assert meta[key] is not None, key
