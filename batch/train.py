@@ -27,7 +27,7 @@ from batch.export import ExportError
 from batch.train_config import TrainSettings, spark_session
 from batch.train_features import ID_COLUMNS, build_examples, read_events, require_trainable
 from batch.train_lake import TrainError, Window, check_files, local_window, unreadable_file_error, window_files
-from batch.train_model import Steps, TrainResult, fit_and_export, time_split
+from batch.train_model import Steps, TrainResult, fit_and_export, time_split, utc_text
 from batch.train_publish import ParityError, publish, write_bundle
 from common import aws, logs
 from common.cli import AwsCommand
@@ -149,9 +149,8 @@ def _data_line(meta: dict) -> str:
     line = f"rows: {rows['train']} for training, {rows['eval']} for evaluation"
     window = meta.get("training_window")
     if window and "sessions" in window:
-        split = dt.datetime.fromtimestamp(window["split_at_ms"] / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        line += (f" (split at session start {split}); {window['sessions']} finished sessions "
-                 f"({window['buying_sessions']} bought)"
+        line += (f" (split at session start {utc_text(window['split_at_ms'])}); "
+                 f"{window['sessions']} finished sessions ({window['buying_sessions']} bought)"
                  + (f" collected {window['start']}..{window['end']}" if "start" in window else ""))
     elif window and "table" in window:
         line += f" from {window['table']}"

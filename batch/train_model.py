@@ -182,6 +182,11 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
     return TrainResult(model, onnx_bytes, meta, scored.drop(columns=["_assembled"]), parity, steps.timings)
 
 
+def utc_text(epoch_ms: int) -> str:
+    """An epoch-ms time as the summaries and messages show it (UTC, to the second)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_ms / 1000))
+
+
 def time_split(examples: DataFrame, eval_fraction: float) -> tuple[DataFrame, DataFrame, int]:
     """Train on the sessions that started first, evaluate on the latest ``eval_fraction`` of them:
     the model is judged on the future it will face, never on sessions it has seen."""
@@ -197,7 +202,7 @@ def time_split(examples: DataFrame, eval_fraction: float) -> tuple[DataFrame, Da
         rows, buyers = counts.get(part, (0, 0))
         if not rows or not buyers or buyers == rows:
             raise TrainError(f"the {name} part of the time split (cut at session start "
-                             f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(cutoff / 1000))}) has {rows} rows "
+                             f"{utc_text(cutoff)}) has {rows} rows "
                              f"of which {buyers or 0} from buying sessions: it needs both buyers and non-buyers; "
                              "use a longer window or change eval_fraction")
     return train, evaluation, cutoff

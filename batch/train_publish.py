@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import numpy as np
 import pandas as pd
@@ -12,7 +11,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from batch import export, report_html
 from batch.train_config import TrainSettings
 from batch.train_metrics import evaluate
-from batch.train_model import TrainResult
+from batch.train_model import TrainResult, utc_text
 from common import aws, registry
 from common.features import FEATURE_VERSION
 
@@ -63,9 +62,8 @@ def unseen_rows(rows: pd.DataFrame, champion_meta: dict) -> tuple[pd.DataFrame, 
     kept = rows[rows["session_start_ms"] >= split_at]
     if len(kept) == len(rows):
         return rows, None
-    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(split_at / 1000))
     return kept, (f"{len(kept)} of {len(rows)} evaluation rows are from sessions starting at or after "
-                  f"CURRENT's training split ({when})")
+                  f"CURRENT's training split ({utc_text(split_at)})")
 
 
 def not_the_scorers_features(result: TrainResult, settings: TrainSettings) -> str | None:

@@ -89,7 +89,7 @@ def run(report, quick: bool) -> None:
              got.local_seconds)):
         report.row(section, way, events_in, rows, seconds, seconds / events_in * 1e6, events_in / seconds)
     report.note(section, f"rows {'equal' if got.spark_rows == got.local_rows else 'DIFFER'}: Spark {got.spark_rows}, "
-                         f"in process {got.local_rows}; {got.kept} of {count} sessions kept (the rest still open "
+                         f"in process {got.local_rows}; {got.kept} of {got.sessions} sessions kept (the rest still open "
                          f"at the end of the data); Spark takes {got.spark_seconds / got.local_seconds:.1f}x "
                          "the bare fold's time")
     if got.spark_rows != got.local_rows:

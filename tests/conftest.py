@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import time
+import tracemalloc
 import uuid
 from pathlib import Path
 
@@ -79,6 +80,17 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.2, what: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last value: {value!r}")
         time.sleep(interval)
+
+
+def memory_grown_by(action):
+    """``action()``'s result and how many bytes Python's allocations grew by while it ran."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        result = action()
+        return result, tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
 
 
 def unique_settings(cls=AwsSettings, **overrides):

@@ -13,7 +13,7 @@ from common.leases import LeaseLost, MemoryLeaseTable
 from common.producer import Producer
 from common.streams import MemoryStream
 from enrich.worker import Worker
-from tests.conftest import wait_for
+from tests.conftest import memory_grown_by, wait_for
 from tests.enrich.helpers import enricher, get_record
 from tests.faults import ThrottledFor
 
@@ -158,20 +158,13 @@ def test_a_delivery_retried_more_than_a_thousand_times_does_not_overflow_its_bac
 def test_a_batchs_outputs_take_about_their_length_in_memory_until_written():
     """orjson's bytes hold a buffer of 4 KiB or more whatever their length: a batch's enriched
     events and bad rows took 10-20x their size until the streams had them."""
-    import tracemalloc
-
     raw, good, bad = MemoryStream("raw"), MemoryStream("enriched"), MemoryStream("bad")
     raw_records(raw, 600)
     raw.put_records([(f"b{i}", get_record({"e": "no-such-type", "p": "web", "tv": "t"})) for i in range(300)])
     w = worker(raw, MemoryLeaseTable(), good, bad)
     batches = w.consumer.poll()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        assert all(w.handle(batch) for batch in batches)
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    handled, grown = memory_grown_by(lambda: [w.handle(batch) for batch in batches])
+    assert all(handled)
     written = good.all_records() + bad.all_records()
     assert len(good.all_records()) == 600 and len(bad.all_records()) == 300
     assert grown < 3 * sum(len(record.data) for record in written), grown

@@ -26,7 +26,7 @@ from scorer.config import ScorerSettings
 from scorer.model import Model, Models
 from scorer.sink import PredictionWriter
 from scorer.worker import Worker
-from tests.conftest import wait_for
+from tests.conftest import memory_grown_by, wait_for
 from tests.faults import FaultProxy, ThrottledFor
 from tests.scorer.helpers import T0, WEIGHTS, logistic_onnx, logistic_reference, model_meta, session_events
 from tests.scorer.helpers import event as make_event
@@ -119,17 +119,9 @@ def test_predictions_waiting_for_the_stream_take_about_their_length_in_memory():
     """orjson's bytes hold a buffer of 4 KiB or more whatever their length: a poll's predictions,
     kept until the stream has them, took 8 KiB each (20x), and a fresh worker a page fault per
     prediction (a third of its speed)."""
-    import tracemalloc
-
     rig = Rig()
     rig.put(interleave([session_events(f"s{i}", seed=i, n=20) for i in range(100)]))
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        rig.drain()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    _, grown = memory_grown_by(rig.drain)
     records = rig.out.all_records()
     payload = sum(len(record.data) for record in records)
     assert len(records) > 1500 and grown < 3 * payload, (grown, payload)
