@@ -114,7 +114,7 @@ def _command(kind: str, port: int) -> tuple[list[str], dict, str, Path]:
     """The command line, environment, health path and working folder of an emulator."""
     env = dict(os.environ)
     if kind == "moto":
-        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env, "/moto-api/", ROOT
+        return [sys.executable, "-m", "localstack.moto_server", "-H", "127.0.0.1", "-p", str(port)], env, "/moto-api/", ROOT
     if kind == "kinesis-mock":
         main = ROOT / "node_modules" / "kinesis-local" / "main.js"
         if not main.exists():
