@@ -11,6 +11,8 @@ import pytest
 
 from bench import wrk
 from bench.report import Report, percentiles, verdict
+from bench.sink import CountingStream
+from common.producer import Producer
 
 # wrk 4.1.0 --latency output, as it prints it (the Socket errors line only appears when one is non-zero).
 WRK_CLEAN = """Running 3s test @ http://127.0.0.1:8080/i
@@ -90,6 +92,14 @@ def test_a_missing_wrk_names_the_package_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))          # an empty folder: no wrk on the PATH
     with pytest.raises(wrk.WrkError, match="apt-get install wrk"):
         wrk.run("http://127.0.0.1:1/", 1, 1)
+
+def test_the_benchmarks_output_stream_counts_every_entry_and_keeps_none():
+    stream = CountingStream("out")
+    entries = [(f"key-{i}", b"x" * 2048) for i in range(1_200)]     # three PutRecords calls of 500 at most
+    assert Producer(stream).send(entries) == []
+    assert Producer(stream).send(entries[:7]) == []
+    assert vars(stream) == {"name": "out", "count": 1_207}       # a count, no records
+
 
 def test_report_header_names_mode_and_suites_and_failures(tmp_path):
     report = Report(tmp_path / "report.md", mode="quick", suites=["okay", "halfway", "later"])
