@@ -55,11 +55,12 @@ def test_concurrent_writers_to_one_shard_lose_no_record():
         iterator = kinesis.get_shard_iterator(StreamName="race", ShardId=shard,
                                               ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
         read: set[bytes] = set()
-        while page := kinesis.get_records(ShardIterator=iterator, Limit=10_000):
-            read.update(record["Data"] for record in page["Records"])
-            iterator = page["NextShardIterator"]
+        while True:
+            page = kinesis.get_records(ShardIterator=iterator, Limit=10_000)
             if not page["Records"]:
                 break
+            read.update(record["Data"] for record in page["Records"])
+            iterator = page["NextShardIterator"]
         assert len(read) == sent == 36_400
     finally:
         server.stop()
