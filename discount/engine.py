@@ -67,7 +67,7 @@ class Engine:
     @classmethod
     def from_settings(cls, settings: DiscountSettings, metrics: Metrics, **kwargs) -> Engine:
         consumer = consumer_for(settings, settings.predictions_stream, APP, batch_limit=settings.batch_limit,
-                                read_interval_s=settings.read_interval_s)
+                                read_interval_s=settings.read_interval_s, lease_ms=settings.lease_ms)
         offers = OfferTable(aws.client("dynamodb", settings.region), settings.offers_table,
                             budget_per_hour=settings.budget_per_hour, discount_percent=settings.discount_percent,
                             ttl_hours=settings.offer_ttl_hours)

@@ -27,13 +27,14 @@ class DiscountSettings(AwsSettings):
     metrics_port: int = 9104
     batch_limit: int = 500
     read_interval_s: float = 0.25        # per shard; Kinesis allows 5 GetRecords/s per shard
+    lease_ms: int = 10_000               # a peer takes over a dead engine's shards after this long
     log_level: str = "INFO"
 
     def validate(self) -> None:
         if self.discount_percent > 100:
             raise ConfigError(f"CLICKSTREAM_DISCOUNT_PERCENT: expected at most 100, got {self.discount_percent}")
         require_positive(self, "budget_per_hour", "discount_percent", "offer_ttl_hours", "read_interval_s",
-                         "max_prediction_age_s")
+                         "max_prediction_age_s", "lease_ms")
         require_batch_limit(self, "batch_limit")
         if self.offer_ttl_hours < PREDICTIONS_RETENTION_HOURS:
             # The offer row is what refuses a second offer: it must outlive the predictions a replay re-reads.

@@ -7,7 +7,9 @@ The proxy forwards every request unchanged, except that it can
   in their slots, exactly as Kinesis reports a partial failure;
 - be "down": answer every request with 503, or drop the connection, like an unreachable stream;
 - throttle chosen API calls (by their X-Amz-Target), or answer their next calls with given error
-  codes, as Kinesis or DynamoDB would.
+  codes, as Kinesis or DynamoDB would;
+- hang the next call of a chosen API, before or after forwarding it, and never answer: the moment
+  to kill its client, with the write not done or done but not acknowledged.
 """
 from __future__ import annotations
 
@@ -43,6 +45,10 @@ class FaultProxy:
         self.throttle: set[str] = set()        # X-Amz-Target values to answer with a throttling error
         self.refuse_next: dict[str, list[str]] = {}   # X-Amz-Target: error codes for its next calls, one each
         self.calls: dict[str, int] = {}        # requests seen, by X-Amz-Target
+        self.hang_next: tuple[str, str] | None = None   # (X-Amz-Target, "before" or "after" forwarding it)
+        self.hanging = threading.Event()       # set once a call hangs
+        self._hang_lock = threading.Lock()
+        self._released = threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -65,11 +71,20 @@ class FaultProxy:
                 if queued or target in proxy.throttle:
                     self._answer(400, error_body(queued.pop(0) if queued else "ProvisionedThroughputExceededException"))
                     return
-                fail = []
+                fail, hang = [], None
                 if target == PUT_RECORDS:
                     proxy.put_calls += 1
                     fail = proxy.fail_calls.pop(0) if proxy.fail_calls else []
+                with proxy._hang_lock:
+                    if proxy.hang_next and proxy.hang_next[0] == target:
+                        hang, proxy.hang_next = proxy.hang_next[1], None
+                if hang == "before":
+                    proxy.hang()
+                    return
                 status, headers, payload = proxy.forward(self.command, self.path, self.headers, body, fail)
+                if hang == "after":
+                    proxy.hang()
+                    return
                 self._answer(status, payload, headers)
 
             def _answer(self, status, payload, headers=()):
@@ -96,8 +111,13 @@ class FaultProxy:
         return self
 
     def __exit__(self, *exc):
+        self._released.set()
         self.server.shutdown()
         self.server.server_close()
+
+    def hang(self) -> None:
+        self.hanging.set()
+        self._released.wait(300)
 
     def forward(self, method, path, headers, body, fail: list[int]):
         records = None

@@ -1,4 +1,4 @@
-"""The discount engine against the emulator: offers, one per session, budget, replay, the service."""
+"""The discount engine against the emulator: offers, one per session, budget, replay, kill -9, the service."""
 from __future__ import annotations
 
 import dataclasses
@@ -30,7 +30,7 @@ from discount.offers import OfferTable, Outcome, Prediction, hour_of
 from discount.settings import DiscountSettings
 from infra.provision import ProvisionSettings, provision
 from localstack.emulator import free_port
-from tests.conftest import ROOT, settings_env, unique_settings
+from tests.conftest import ROOT, settings_env, unique_settings, wait_for
 from tests.faults import FaultProxy
 
 T0 = 1_796_000_000.0          # a fixed clock, so every offer of a test falls in one budget hour
@@ -405,3 +405,52 @@ def test_service_writes_offers_serves_metrics_and_stops_on_sigterm(aws_settings,
     assert code == 0, (tmp_path / "discount.log").read_text()
     lines = [json.loads(line) for line in (tmp_path / "discount.log").read_text().splitlines() if line.startswith("{")]
     assert any(line.get("session_id") == "live-1" and line["msg"].startswith("offer made") for line in lines)
+
+
+
+def test_kill_9_mid_write_twice_gives_each_qualifying_session_one_offer_and_one_budget_unit(aws_settings, tmp_path):
+    # 200 sessions, three predictions each; only the third can qualify (min_events is 3), and a quarter
+    # of the sessions stay below the threshold. Through a proxy that hangs one offer write, the service
+    # is killed with an offer written but not acknowledged, then with one not written yet: no session
+    # may lose its offer, get two, or be counted twice against the budget.
+    now = time.time()                       # the service's own clock: the clicks must be fresh for it
+    sessions = [f"crash-{i}" for i in range(200)]
+    publish(aws_settings, [prediction(s, 0.1 if i % 4 == 0 else 0.6, events=1 + r, clicked=now)
+                           for r in range(3) for i, s in enumerate(sessions)])
+    qualifying = {s for i, s in enumerate(sessions) if i % 4}
+
+    def start(proxy: FaultProxy, name: str) -> subprocess.Popen:
+        env = {**os.environ, **settings_env(aws_settings), "AWS_ENDPOINT_URL": proxy.endpoint,
+               "CLICKSTREAM_METRICS_PORT": "0", "CLICKSTREAM_BUDGET_PER_HOUR": "10000",
+               "CLICKSTREAM_BATCH_LIMIT": "20", "CLICKSTREAM_READ_INTERVAL_S": "0.05", "CLICKSTREAM_LEASE_MS": "2000"}
+        with open(tmp_path / name, "wb") as log:
+            return subprocess.Popen([sys.executable, "-m", "discount"], env=env, cwd=ROOT, stdout=log,
+                                    stderr=subprocess.STDOUT)
+
+    def kill_at_a_hung_offer_write(proxy: FaultProxy, name: str, when: str, after_offers: int) -> None:
+        proxy.hanging.clear()
+        process = start(proxy, name)
+        try:
+            wait_for(lambda: len(offers(aws_settings)) >= after_offers, timeout=60, interval=0.05)
+            proxy.hang_next = ("DynamoDB_20120810.TransactWriteItems", when)
+            wait_for(proxy.hanging.is_set, timeout=30, what=f"an offer write ({name})")
+        finally:
+            process.kill()
+            process.wait(10)
+
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        kill_at_a_hung_offer_write(proxy, "first.log", "after", after_offers=20)
+        kill_at_a_hung_offer_write(proxy, "second.log", "before", after_offers=60)
+        assert len(offers(aws_settings)) < len(qualifying)
+        last = start(proxy, "last.log")
+        try:
+            wait_for(lambda: set(offers(aws_settings)) == qualifying, timeout=60, what="every qualifying offer")
+            last.send_signal(signal.SIGTERM)
+            assert last.wait(20) == 0, (tmp_path / "last.log").read_text()
+        finally:
+            last.kill()
+    table = OfferTable(aws.client("dynamodb"), aws_settings.offers_table, budget_per_hour=10_000,
+                       discount_percent=10, ttl_hours=24)
+    hours = {hour_of(now), hour_of(time.time())}                      # the run may cross an hour
+    assert sum(table.spent(dt.datetime.strptime(hour, "%Y-%m-%dT%H").replace(tzinfo=dt.UTC).timestamp())
+               for hour in hours) == len(qualifying)

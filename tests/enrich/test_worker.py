@@ -1,5 +1,5 @@
 """The worker against the emulator over HTTP: tracker -> collector -> raw stream -> ``python -m enrich`` ->
-enriched and bad streams; checkpoints only after both writes; clean stop on SIGTERM."""
+enriched and bad streams; checkpoints only after both writes, also across kill -9; clean stop on SIGTERM."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,6 +23,7 @@ from enrich.worker import Worker
 from localstack.emulator import free_port, stop_group
 from tests.conftest import ROOT, settings_env
 from tests.enrich.helpers import KEY, SHOPPER, get_record, post_record, read_stream, track_shop_session, wait_for
+from tests.faults import PUT_RECORDS, FaultProxy
 
 EV = {"p": "web", "tv": "t", "sid": "3f2e1d0c-9b8a-4765-8432-10fedcba9876"}
 
@@ -211,3 +212,51 @@ def test_worker_waits_for_a_raw_stream_that_does_not_exist_yet(aws_settings):
         thread.join(30)
         worker.consumer.close()
     assert not thread.is_alive()
+
+
+
+def test_kill_9_mid_write_twice_loses_nothing_and_repeats_only_the_unacknowledged_batch(aws_settings, tmp_path):
+    # The enricher talks to the emulator through a proxy that hangs one write: it is killed first with
+    # a batch written but not acknowledged, then with a batch not written yet. One in fifty records is garbage.
+    total, batch = 1_500, 40
+    eids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(total)]
+    garbage = set(range(0, total, 50))
+    put_raw(aws_settings, [f"garbage-{i}".encode() if i in garbage else get_record({**EV, "e": "pv", "eid": eid})
+                           for i, eid in enumerate(eids)])
+
+    def good_ids() -> list[str]:
+        return [orjson.loads(data)["event_id"] for _, data in read_stream(aws_settings.enriched_stream)]
+
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        env = child_env(aws_settings, AWS_ENDPOINT_URL=proxy.endpoint, CLICKSTREAM_BATCH_LIMIT=str(batch),
+                        CLICKSTREAM_LEASE_MS="3000", CLICKSTREAM_READ_INTERVAL_S="0.05")
+        enrich = None
+        try:
+            proxy.hang_next = (PUT_RECORDS, "after")   # the first batch's good events are written, unacknowledged
+            enrich = Process("enrich", env, tmp_path / "first.log")
+            wait_for(proxy.hanging.is_set, timeout=60, what="the first write")
+            enrich.popen.kill()
+            enrich.popen.wait(10)
+            written_once = len(good_ids())
+            assert written_once == batch - 1        # its 40 records less the garbage one
+
+            proxy.hanging.clear()
+            enrich = Process("enrich", env, tmp_path / "second.log")
+            wait_for(lambda: len(good_ids()) >= 600, timeout=60, what="600 good events")
+            proxy.hang_next = (PUT_RECORDS, "before")  # a later batch is enriched but not written
+            wait_for(proxy.hanging.is_set, timeout=30, what="a later write")
+            enrich.popen.kill()
+            enrich.popen.wait(10)
+            assert len(set(good_ids())) < total - len(garbage)
+
+            enrich = Process("enrich", env, tmp_path / "last.log")
+            wanted = {eid for i, eid in enumerate(eids) if i not in garbage}
+            wait_for(lambda: set(good_ids()) == wanted, timeout=90, interval=0.5, what="every good event")
+            bad = wait_for(lambda: at_least(read_stream(aws_settings.bad_stream), len(garbage)), timeout=30)
+            assert enrich.terminate() == 0, enrich.output()
+        finally:
+            if enrich:
+                enrich.cleanup()
+    ids = good_ids()
+    assert len(ids) - len(set(ids)) == written_once          # only the unacknowledged batch came out twice
+    assert sorted(orjson.loads(data)["data"]["payload"] for _, data in bad) == sorted(f"garbage-{i}" for i in garbage)
