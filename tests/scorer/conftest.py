@@ -30,14 +30,17 @@ def published(aws_settings, s3):
 
 
 class ScorerProcess:
-    """``python -m scorer`` as a child process on a free port, with its log in a file."""
+    """``python -m scorer`` as a child process on a free port, with its log in a file; ``endpoint``
+    replaces the emulator's URL (a fault proxy in front of it)."""
 
-    def __init__(self, settings, log_path: Path, **overrides):
+    def __init__(self, settings, log_path: Path, endpoint: str | None = None, **overrides):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, **settings_env(settings), "CLICKSTREAM_PORT": str(self.port),
                "CLICKSTREAM_MODEL_NAME": MODEL, "CLICKSTREAM_MODEL_POLL_S": "0.5", "CLICKSTREAM_LEASE_MS": "3000",
                "PYTHONUNBUFFERED": "1"}
+        if endpoint:
+            env["AWS_ENDPOINT_URL"] = endpoint
         env.update({f"CLICKSTREAM_{key.upper()}": str(value) for key, value in overrides.items()})
         self.log_path = log_path
         self.log = open(log_path, "ab")  # noqa: SIM115 - open for the child's lifetime
@@ -74,8 +77,8 @@ class ScorerProcess:
 def start_scorer(tmp_path):
     started: list[ScorerProcess] = []
 
-    def start(settings, **overrides) -> ScorerProcess:
-        process = ScorerProcess(settings, tmp_path / f"scorer-{len(started)}.log", **overrides)
+    def start(settings, endpoint: str | None = None, **overrides) -> ScorerProcess:
+        process = ScorerProcess(settings, tmp_path / f"scorer-{len(started)}.log", endpoint, **overrides)
         started.append(process)
         return process
 

@@ -2,6 +2,8 @@
 nothing lost, and the rebuilt sessions score exactly like an uninterrupted fold."""
 from __future__ import annotations
 
+import os
+
 import orjson
 import pytest
 import requests
@@ -10,6 +12,7 @@ from common import aws
 from common.features import SessionState, features, is_purchase, session_features, step
 from common.leases import DynamoLeaseTable
 from common.streams import KinesisStream
+from tests.faults import PUT_RECORDS, FaultProxy
 from tests.scorer.helpers import logistic_reference, session_events, wait_for
 
 
@@ -88,6 +91,49 @@ def test_kill_9_mid_session_then_two_workers_continue_like_an_uninterrupted_run(
                           timeout=5).json()
     assert latest["event_id"] == sessions[1][-1]["event_id"] and latest["events_in_session"] == 12
     assert latest["expires_at"] > 0
+
+
+def test_kill_9_mid_write_twice_then_every_event_is_scored_as_by_an_uninterrupted_fold(published, start_scorer):
+    # Through a proxy that hangs one write of predictions, the scorer is killed first with a flush
+    # written but not acknowledged, then with one not written yet. The third process rebuilds the
+    # sessions from the checkpoints: every event gets its uninterrupted prediction, and whatever comes
+    # out twice is the same prediction twice.
+    settings = published
+    sessions = [session_events(f"w{i}", seed=90 + i, n=12, buyer=i % 2 == 0) for i in range(6)]
+    parts = [[e for s in sessions for e in s[start:start + 4]] for start in (0, 4, 8)]
+    expected = reference(sessions)
+    scored = [{e["event_id"] for e in part if not is_purchase(e)} for part in parts]
+
+    def emitted_ids() -> set[str]:
+        return {p["event_id"] for p in predictions(settings)}
+
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.hang_next = (PUT_RECORDS, "after")
+        put(settings, parts[0])
+        first = start_scorer(settings, proxy.endpoint).wait_ready()
+        wait_for(proxy.hanging.is_set, what="the first write of predictions")
+        first.kill9()
+        assert emitted_ids() == scored[0]                  # written, never acknowledged
+
+        proxy.hanging.clear()
+        second = start_scorer(settings, proxy.endpoint).wait_ready()
+        put(settings, parts[1])
+        wait_for(lambda: scored[1] <= emitted_ids(), timeout=60, what="the second part's predictions")
+        proxy.hang_next = (PUT_RECORDS, "before")
+        put(settings, parts[2])
+        wait_for(proxy.hanging.is_set, what="a write of the third part's predictions")
+        second.kill9()
+        assert not scored[2] & emitted_ids()
+
+        start_scorer(settings, proxy.endpoint).wait_ready()
+        wait_for(lambda: set(expected) <= emitted_ids(), timeout=60, what="every prediction")
+
+    emitted = predictions(settings)
+    for prediction in emitted:
+        p_buy, count = expected[prediction["event_id"]]
+        assert prediction["p_buy"] == pytest.approx(p_buy, abs=1e-5), prediction
+        assert prediction["events_in_session"] == count, prediction
+    assert len(emitted) - len(expected) == len(scored[0])     # the unacknowledged write, once more
 
 
 def test_a_clean_stop_writes_checkpoints_and_hands_the_shards_back(published, start_scorer):
