@@ -62,6 +62,7 @@ class Sink:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="collector-sink", daemon=True)
         self._rotate_errors = logs.Tally(every_s=60.0)
+        self._prepare_errors = logs.Tally(every_s=60.0)
         self._commit_errors = logs.Tally(every_s=60.0)    # a failing disk fails every round alike
         self._fsync_errors = logs.Tally(every_s=60.0)
         # Throttling refuses entries in every call while it lasts: one WARNING per stream and 30 s,
@@ -110,6 +111,7 @@ class Sink:
                 self._set_health(False)
                 delivered = False
             self._rotate_old_segment()
+            self._prepare_next_segment()
             if delivered:
                 backoff = 0.0
             elif self.progressed:      # throttled, yet some got through: pause, but do not let the wait grow
@@ -124,6 +126,14 @@ class Sink:
         except OSError as exc:          # a full or failing disk: the next append tries again, and says so
             if failures := self._rotate_errors.add():
                 log.error("spool %s: cannot start a new segment (%d times): %s", self.spool.dir, failures, exc)
+
+    def _prepare_next_segment(self) -> None:
+        try:
+            self.spool.prepare_next(stop=self._stop.is_set)      # a stop must not wait for it
+        except OSError as exc:          # a full disk: rotation falls back to fallocate, and fails there too
+            if failures := self._prepare_errors.add():
+                log.error("spool %s: cannot write the next segment ahead (%d times): %s", self.spool.dir,
+                          failures, exc)
 
     def _sync_loop(self) -> None:
         while not self._stop.wait(self.fsync_interval):

@@ -9,7 +9,9 @@ anything.
 
 The segment being written is preallocated (``posix_fallocate``, so a full disk is an error at
 rotation, not a SIGBUS mid-write) and memory-mapped: an append is a copy into the page cache, which
-survives ``kill -9`` like a write() does, without a system call per hit. A system call releases the
+survives ``kill -9`` like a write() does, without a system call per hit. The sender writes the next
+segment's zeros ahead of time (``next.ready``, see ``prepare_next``): a first write into reserved
+but never-written blocks waits in the page fault for the file system. A system call releases the
 GIL, and with granian's I/O threads and the sender waiting for it, that hand-off cost more than the
 write itself (docs/collector.md). Zero bytes after the last frame are that preallocation: a header
 of zeros marks the end of the data; closed segments are truncated to their frames.
@@ -38,6 +40,7 @@ HEADER = struct.Struct("<II")
 PREFIX = struct.Struct("<BH")
 MAX_FRAME = 4 * 1024 * 1024
 RAW, BAD = 0, 1                    # which stream an entry is for
+READY = "next.ready"               # the next segment, its zeros written ahead (Spool.prepare_next)
 
 
 def _cursor_record(offset: int) -> bytes:
@@ -124,6 +127,7 @@ class Spool:
         self._sync_lock = threading.Lock()
         self.corrupt_frames = 0
         self.closed = False
+        self._ready = (self.dir / READY).exists()
         self.cursor, self.records = self._recover()
         self.synced = self.end
         # Only commit deletes segments and rotation only adds later ones: while this is the active
@@ -188,6 +192,8 @@ class Spool:
         a failed rotation: the backlog it holds is delivered, and appends fail (503) until a segment
         can be reserved. Refusing to start would keep that backlog from the stream too."""
         try:
+            if used == 0 and not self._path(base).exists():
+                self.prepare_next()             # a new spool: its first segment written ahead too
             self._map_segment(base, used)
         except OSError as exc:
             log.error("spool %s: no room for new hits (%s); delivering what it holds, refusing hits until a "
@@ -227,9 +233,12 @@ class Spool:
         path = self._path(base)
         existed = path.exists()
         size = max(self.segment_bytes, used + room)
+        # fallocate would turn the prepared zeros back into reserved, unwritten blocks.
+        prepared = not existed and used == 0 and self._take_ready(path, size)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)     # raw hits: IPs, cookies
         try:
-            _preallocate(fd, size)
+            if not prepared:
+                _preallocate(fd, size)
             return fd, mmap.mmap(fd, size)
         except OSError:
             os.close(fd)
@@ -264,6 +273,54 @@ class Spool:
             self.fd, self._map, self.active_base, self.active_since = fd, mapped, self.end, time.monotonic()
         if self.fsync_always:
             _fsync_dir(self.dir)
+
+    def _take_ready(self, path: Path, size: int) -> bool:
+        """Rename the prepared segment to ``path`` when there is one of ``size`` bytes, all of them
+        held on disk (after a crash its zeros may be a hole: fallocate then, or a full disk would
+        be a SIGBUS mid-copy)."""
+        if not self._ready:
+            return False
+        self._ready = False
+        ready = self.dir / READY
+        try:
+            found = ready.stat()
+            if found.st_size == size and found.st_blocks * 512 >= size:
+                os.replace(ready, path)
+                return True
+            ready.unlink()                      # spool_segment_bytes changed, or a crash left a hole
+        except FileNotFoundError:
+            pass
+        return False
+
+    def prepare_next(self, stop=lambda: False) -> bool:
+        """Write the next segment's zeros now, so no hit waits for it; True when one was written.
+
+        A page fault into blocks that ``posix_fallocate`` reserved but nothing wrote (or into a
+        sparse file) allocates them in the file system, with the GIL held: on this machine's disk
+        that stalled every request for tens of milliseconds (wrk p99 51-64 ms; 8-9 ms into written
+        zeros; docs/collector.md). Writing is a copy into the page cache (no fsync: a hole after a
+        crash still reads as zeros), and a full disk fails here as it did in fallocate. For the
+        sender, between batches; costs nothing while one is ready, and gives up once ``stop()``.
+        """
+        if self._ready or self.closed:
+            return False
+        partial = self.dir / (READY + ".tmp")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        written = False
+        try:
+            zeros = bytes(min(self.segment_bytes, 1 << 20))
+            for offset in range(0, self.segment_bytes, len(zeros)):
+                if stop():
+                    return False
+                os.pwrite(fd, zeros[:self.segment_bytes - offset], offset)
+            written = True
+        finally:
+            os.close(fd)
+            if not written:
+                partial.unlink(missing_ok=True)
+        os.replace(partial, self.dir / READY)
+        self._ready = True
+        return True
 
     def rotate_if_old(self) -> bool:
         """Start a new segment once the active one is ``max_age_s`` old and holds frames. Raw hits
@@ -445,7 +502,7 @@ def forget_delivered(folder: Path) -> None:
     # The cursor first: a crash between the two leaves segments without a cursor, which are sent
     # again (at-least-once); the other order would leave a cursor past data written later.
     (folder / "cursor").unlink(missing_ok=True)
-    for path in folder.glob("*.seg"):
+    for path in [*folder.glob("*.seg"), folder / READY, folder / (READY + ".tmp")]:
         path.unlink(missing_ok=True)
 
 

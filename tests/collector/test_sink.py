@@ -16,7 +16,7 @@ from collector import metrics
 from collector.app import Collector
 from collector.config import CollectorSettings
 from collector.sink import Sink
-from collector.spool import RAW, Spool, claim_dir, encode
+from collector.spool import RAW, READY, Spool, claim_dir, encode
 from common.producer import Producer
 from common.streams import MemoryStream
 from tests.conftest import wait_for
@@ -250,6 +250,23 @@ def test_the_sender_deletes_delivered_hits_once_their_segment_is_old(tmp_path):
             time.sleep(0.02)
         assert len(raw.all_records()) == 5
         assert b"hit-" not in spooled_bytes(tmp_path)   # while it runs
+    finally:
+        sink.stop(1.0)
+
+
+def test_the_sender_writes_the_next_segment_ahead_and_again_after_each_rotation(tmp_path):
+    raw, bad = MemoryStream("raw"), MemoryStream("bad")
+    spool = Spool(tmp_path, max_bytes=1 << 24, segment_bytes=4096)
+    sink = Sink(spool, Producer(raw, max_attempts=1), Producer(bad, max_attempts=1), linger_ms=20)
+    sink.start()
+    try:
+        wait_for(lambda: (tmp_path / READY).exists(), timeout=5, interval=0.02, what="the next segment")
+        prepared = (tmp_path / READY).stat().st_ino
+        for index in range(200):                        # several segments' worth
+            spool.append(encode(RAW, f"k{index}", f"hit-{index}".encode()), 1)
+        wait_for(lambda: len(raw.all_records()) == 200 and (tmp_path / READY).exists()
+                 and (tmp_path / READY).stat().st_ino != prepared, timeout=5, interval=0.02,
+                 what="another one after the rotation took the first")
     finally:
         sink.stop(1.0)
 

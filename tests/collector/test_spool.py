@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector.spool import BAD, RAW, Spool, SpoolFull, claim_dir, encode, orphans, read_cursor
+from collector.spool import BAD, RAW, READY, Spool, SpoolFull, claim_dir, encode, forget_delivered, orphans, read_cursor
 
 
 def fill(spool: Spool, count: int, start: int = 0, stream: int = RAW) -> None:
@@ -404,3 +404,42 @@ def test_whatever_happens_every_acknowledged_entry_is_delivered_in_order(tmp_pat
     delivered += drain(spool)
     assert delivered == appended
     assert len(list(folder.glob("*.seg"))) == 1             # every delivered segment deleted
+
+
+def test_the_next_segment_is_written_ahead_and_taken_at_rotation(tmp_path):
+    # A first write into reserved but unwritten blocks stalled requests in the page fault: each
+    # segment's zeros are written before any hit goes in, the first at opening, the next by the sender.
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=4096)
+    assert not (tmp_path / READY).exists()              # written and taken as the first segment
+    assert not spool.prepare_next(stop=lambda: True)           # a stopping sender does not wait for it
+    assert not (tmp_path / READY).exists() and not (tmp_path / (READY + ".tmp")).exists()
+    assert spool.prepare_next() and not spool.prepare_next()    # one ahead is enough
+    ready = (tmp_path / READY).stat()
+    assert ready.st_size == 4096 and (tmp_path / READY).read_bytes() == bytes(4096)
+    fill(spool, 200)                                    # past the first segment
+    segments = sorted(tmp_path.glob("*.seg"))
+    assert len(segments) > 1 and segments[1].stat().st_ino == ready.st_ino
+    assert drain(spool) == [f"record-{i}".encode() for i in range(200)]
+
+
+def test_leftovers_of_writing_ahead_change_nothing_after_a_crash(tmp_path, monkeypatch):
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=4096)
+    fill(spool, 10)
+    spool.prepare_next()
+    (tmp_path / (READY + ".tmp")).write_bytes(bytes(100))      # killed while writing another
+    again = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=8192)   # and restarted with bigger segments
+    fill(again, 200, start=10)
+    assert drain(again) == [f"record-{i}".encode() for i in range(210)]
+    assert all(path.stat().st_size <= 8192 for path in tmp_path.glob("*.seg"))
+    again.prepare_next()
+    os.truncate(tmp_path / READY, 0)
+    os.truncate(tmp_path / READY, 8192)                         # a hole, as an OS crash may leave it
+    reserved = []
+    monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, length: reserved.append(length) or
+                        os.ftruncate(fd, length))
+    fill(again, 200, start=210)
+    assert drain(again) == [f"record-{i}".encode() for i in range(210, 410)]
+    assert not (tmp_path / READY).exists() and reserved == [8192]   # removed, the segment reserved instead
+    again.close()
+    forget_delivered(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
