@@ -29,6 +29,7 @@ from common.producer import TOO_LARGE, Producer, Undelivered
 from common.streams import MAX_RECORD_BYTES, KinesisStream, PutResult
 
 log = logging.getLogger(__name__)
+PREPARE_RETRY_S = 60.0           # after writing the next segment ahead failed (a full disk)
 
 
 class Sink:
@@ -63,6 +64,7 @@ class Sink:
         self._thread = threading.Thread(target=self._run, name="collector-sink", daemon=True)
         self._rotate_errors = logs.Tally(every_s=60.0)
         self._prepare_errors = logs.Tally(every_s=60.0)
+        self._prepare_after = 0.0        # after a failure: a nearly full disk is not filled again each round
         self._commit_errors = logs.Tally(every_s=60.0)    # a failing disk fails every round alike
         self._fsync_errors = logs.Tally(every_s=60.0)
         # Throttling refuses entries in every call while it lasts: one WARNING per stream and 30 s,
@@ -128,9 +130,12 @@ class Sink:
                 log.error("spool %s: cannot start a new segment (%d times): %s", self.spool.dir, failures, exc)
 
     def _prepare_next_segment(self) -> None:
+        if time.monotonic() < self._prepare_after:
+            return
         try:
             self.spool.prepare_next(stop=self._stop.is_set)      # a stop must not wait for it
         except OSError as exc:          # a full disk: rotation falls back to fallocate, and fails there too
+            self._prepare_after = time.monotonic() + PREPARE_RETRY_S
             if failures := self._prepare_errors.add():
                 log.error("spool %s: cannot write the next segment ahead (%d times): %s", self.spool.dir,
                           failures, exc)

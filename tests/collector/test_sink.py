@@ -271,6 +271,26 @@ def test_the_sender_writes_the_next_segment_ahead_and_again_after_each_rotation(
         sink.stop(1.0)
 
 
+def test_a_disk_too_full_for_the_next_segment_is_tried_again_a_minute_later_not_every_round(tmp_path, monkeypatch,
+                                                                                                 caplog):
+    spool = Spool(tmp_path, max_bytes=1 << 24, segment_bytes=4096)
+    sink = Sink(spool, Producer(MemoryStream("raw"), max_attempts=1), Producer(MemoryStream("bad"), max_attempts=1))
+    writes = []
+
+    def disk_full(fd, data, offset):
+        writes.append(offset)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "pwrite", disk_full)
+    with caplog.at_level(logging.ERROR, logger="collector.sink"):
+        for _ in range(5):
+            sink._prepare_next_segment()
+    assert len(writes) == 1 and not list(tmp_path.glob("next.ready*"))
+    assert "cannot write the next segment ahead" in caplog.text
+    sink._prepare_after -= 60
+    sink._prepare_next_segment()
+    assert len(writes) == 2
+
+
 def test_a_hit_spooled_while_stop_runs_is_never_deleted_with_the_delivered_ones(tmp_path, monkeypatch):
     """The server still answers hits while lifespan shutdown stops the sink: one spooled after the
     sink found the spool empty must not go with the delivered segments."""
