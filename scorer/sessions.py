@@ -14,21 +14,24 @@ from itertools import islice
 from common.features import SessionState
 from scorer import metrics
 
-# How far ahead of this machine's clock an event may move its shard's watermark. One event stamped in
+# How far ahead of this machine's clock an event may move its shard's watermarks. One event stamped in
 # the future (a collector whose clock ran ahead) would otherwise end every session on the shard idle
 # for the timeout before that time; kept well below the 30-minute session timeout.
 MAX_AHEAD_MS = 5 * 60_000
-# How long past its timeout a session is kept before the sweep frees it. Whether an event continues
-# a session is decided when it arrives, by its own time (session_for); a retried or queued event
-# arrives after newer ones of other sessions, which move the watermark: without the grace a sweep
-# falling between the two records would cut a session a replay batched otherwise keeps whole.
+# How long a session is kept after its last record arrived, beyond its timeout, before the sweep
+# frees it. Whether an event continues a session is decided when it arrives, by its own time
+# (session_for); one delayed on its way (a retry, an offline queue) arrives later, compared with its
+# session's previous one, than it happened: without the grace a sweep falling between the two
+# records would cut a session that a replay batched otherwise keeps whole.
 SWEEP_GRACE_MS = 5 * 60_000
 
 
 class Session:
-    __slots__ = ("last_decision", "seen", "session_id", "shard_id", "since_emit", "start_after", "state")
+    __slots__ = ("arrived_ms", "last_decision", "seen", "session_id", "shard_id", "since_emit", "start_after",
+                 "state")
 
     def __init__(self, session_id: str, shard_id: str, start_after: str | None):
+        self.arrived_ms = -1                  # collector time of its latest record: what the sweep goes by
         self.session_id = session_id
         self.shard_id = shard_id
         self.start_after = start_after
@@ -60,7 +63,12 @@ class SessionStore:
         # Per shard, least recently seen first: expiry walks each shard against its own watermark, so a
         # quiet shard's live sessions cannot hold up the expiry (and the replay start) of the others.
         self.recent: dict[str, OrderedDict[str, None]] = {}
-        self.watermark_ms: dict[str, int] = {}
+        self.watermark_ms: dict[str, int] = {}    # per shard, the latest event time: replay starts go by it
+        # Per shard, the latest collector time: sweeps go by it, not by event time. Records reach a
+        # shard in about the order they were collected, but not of event time: a backfill sent
+        # through the collector crosses hours of event time in a second, and an event-time sweep
+        # cut sessions whose next record came a few milliseconds behind another session's.
+        self.arrival_ms: dict[str, int] = {}
         # Shards read to their end (a reshard): no event moves their watermark again, so their
         # sessions expire by the slowest watermark of the shards still read (their children's among
         # them): a session may go on on any child, and the slowest has read least far.
@@ -75,14 +83,18 @@ class SessionStore:
     def get(self, session_id: str) -> Session | None:
         return self.sessions.get(session_id)
 
-    def session_for(self, session_id: str, shard_id: str, event_ms: int, start_after: str | None) -> Session:
-        """The live session for this event, starting a new one when absent or inactive too long.
+    def session_for(self, session_id: str, shard_id: str, event_ms: int, arrived_ms: int,
+                    start_after: str | None) -> Session:
+        """The live session for an event that happened at ``event_ms`` and was collected at
+        ``arrived_ms``, starting a new one when absent or inactive too long.
 
         Expiry is checked here, by event time, so replaying the same records always rebuilds the
         same states however the records were batched.
         """
-        at_ms = min(event_ms, int(self.clock() * 1000) + MAX_AHEAD_MS)
+        ahead_ms = int(self.clock() * 1000) + MAX_AHEAD_MS
+        at_ms, arrived_ms = min(event_ms, ahead_ms), min(arrived_ms, ahead_ms)
         self.watermark_ms[shard_id] = max(self.watermark_ms.get(shard_id, at_ms), at_ms)
+        self.arrival_ms[shard_id] = max(self.arrival_ms.get(shard_id, arrived_ms), arrived_ms)
         session = self.sessions.get(session_id)
         if session is not None and session.state.seen_ms >= 0 and event_ms - session.state.seen_ms > self.timeout_ms:
             self._remove(session, "timeout")
@@ -104,6 +116,7 @@ class SessionStore:
                 self.recent.setdefault(shard_id, OrderedDict())[session_id] = None
             else:
                 self.recent[shard_id].move_to_end(session_id)
+        session.arrived_ms = max(session.arrived_ms, arrived_ms)
         return session
 
     def _remove(self, session: Session, reason: str) -> None:
@@ -115,19 +128,19 @@ class SessionStore:
         metrics.EVICTIONS.labels(reason).inc()
 
     def sweep(self, limit: int = 10_000) -> int:
-        """Drop sessions inactive for longer than the timeout and SWEEP_GRACE_MS (by their shard's
-        event-time watermark).
+        """Drop sessions none of whose records arrived for longer than the timeout and SWEEP_GRACE_MS
+        (by their shard's latest collector time).
 
         Walks each shard from its least recently seen end and stops at its first live session, so it
         costs little.
         """
         expired = []
-        slowest = min((ms for shard, ms in self.watermark_ms.items() if shard not in self.finished), default=None)
+        slowest = min((ms for shard, ms in self.arrival_ms.items() if shard not in self.finished), default=None)
         for shard_id, order in self.recent.items():
-            watermark = slowest if shard_id in self.finished else self.watermark_ms.get(shard_id)
+            watermark = slowest if shard_id in self.finished else self.arrival_ms.get(shard_id)
             for session_id in islice(order, limit):
                 session = self.sessions[session_id]
-                if watermark is None or watermark - session.state.seen_ms <= self.timeout_ms + SWEEP_GRACE_MS:
+                if watermark is None or watermark - session.arrived_ms <= self.timeout_ms + SWEEP_GRACE_MS:
                     break
                 expired.append(session)
         for session in expired:
@@ -150,6 +163,7 @@ class SessionStore:
         self.recent.pop(shard_id, None)
         self.by_shard.pop(shard_id, None)
         self.watermark_ms.pop(shard_id, None)
+        self.arrival_ms.pop(shard_id, None)
         self.finished.discard(shard_id)
         self.incomplete.discard(shard_id)
 

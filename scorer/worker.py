@@ -27,14 +27,14 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from common import logs
 from common.consumer import Batch, Consumer, ReadFailed
-from common.features import FEATURE_VERSION, features, session_key, step
+from common.features import FEATURE_VERSION, features, parse_ms, session_key, step
 from common.leases import Lease, LeaseLost
 from common.retry import backoff_s
 from common.service import gc_paused
 from common.streams import SHARD_END, Record, Shard, sequence_key
 from scorer import metrics
 from scorer.config import ScorerSettings
-from scorer.inputs import event_time
+from scorer.inputs import BadEvent, event_time
 from scorer.model import Model, Models
 from scorer.sessions import Session, SessionStore
 from scorer.sink import PredictionWriter
@@ -74,13 +74,18 @@ class Row:
     events: int
 
 
-def parse_event(record: Record) -> tuple[dict, int]:
-    """The enriched event of a record and its time (ms); BadRecord or BadEvent naming the problem."""
+def parse_event(record: Record) -> tuple[dict, int, int]:
+    """The enriched event of a record, when it happened and when it was collected (ms); BadRecord or
+    BadEvent naming the problem."""
     try:
         event = orjson.loads(record.data)
     except orjson.JSONDecodeError as exc:
         raise BadRecord(f"not JSON: {exc}") from None
-    return event, event_time(event)
+    event_ms = event_time(event)
+    try:
+        return event, event_ms, parse_ms(event["collector_tstamp"])
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise BadEvent(f"bad collector_tstamp: {exc}") from None
 
 
 def _int_or_none(text: object) -> int | None:
@@ -310,7 +315,7 @@ class Worker:
     def _fold_record(self, record: Record, shard: str, previous: str | None, quiet: bool,
                      rows: list[Row], matrix: list[list[float]], skip: Container[str] = ()) -> None:
         try:
-            event, event_ms = parse_event(record)
+            event, event_ms, collected_ms = parse_event(record)
             session_id = session_key(event)
             if not isinstance(session_id, str):
                 raise BadRecord(f"session id {session_id!r} is not a string")
@@ -321,7 +326,7 @@ class Worker:
             return
         if session_id in skip:
             return
-        session = self.store.session_for(session_id, shard, event_ms, previous)
+        session = self.store.session_for(session_id, shard, event_ms, collected_ms, previous)
         if not session.first_sight(event["event_id"], self.settings.dedupe_window):
             metrics.DUPLICATES.inc()
             return

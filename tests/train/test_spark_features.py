@@ -93,7 +93,7 @@ def _scored_online(events: list[dict], gap_minutes: int = 30) -> dict[str, list[
         at = event_time_ms(event)
         if not in_calendar(at):
             continue
-        session = store.session_for(session_key(event), "shard", at, None)
+        session = store.session_for(session_key(event), "shard", at, parse_ms(event["collector_tstamp"]), None)
         if session.first_sight(event["event_id"], 64):
             step(session.state, event, at)
             if not session.state.purchased:
