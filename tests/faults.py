@@ -8,8 +8,8 @@ The proxy forwards every request unchanged, except that it can
 - be "down": answer every request with 503, or drop the connection, like an unreachable stream;
 - throttle chosen API calls (by their X-Amz-Target), or answer their next calls with given error
   codes, as Kinesis or DynamoDB would;
-- hang the next call of a chosen API, before or after forwarding it, and never answer: the moment
-  to kill its client, with the write not done or done but not acknowledged.
+- hang the next call of a chosen API (to a chosen stream), before or after forwarding it, and never
+  answer: the moment to kill its client, with the write not done or done but not acknowledged.
 """
 from __future__ import annotations
 
@@ -25,6 +25,16 @@ from common.streams import MemoryStream
 
 PUT_RECORDS = "Kinesis_20131202.PutRecords"
 GET_RECORDS = "Kinesis_20131202.GetRecords"
+
+
+def _names(call: tuple[str, ...], target: str, body: bytes) -> bool:
+    """Whether a request is the ``(target, when[, stream])`` call: that API, and that stream if given."""
+    if call[0] != target:
+        return False
+    if len(call) < 3:
+        return True
+    request = json.loads(body or b"{}")
+    return call[2] in (request.get("StreamName"), (request.get("StreamARN") or "").rpartition("/")[2])
 
 
 def error_body(code: str) -> bytes:
@@ -45,7 +55,8 @@ class FaultProxy:
         self.throttle: set[str] = set()        # X-Amz-Target values to answer with a throttling error
         self.refuse_next: dict[str, list[str]] = {}   # X-Amz-Target: error codes for its next calls, one each
         self.calls: dict[str, int] = {}        # requests seen, by X-Amz-Target
-        self.hang_next: tuple[str, str] | None = None   # (X-Amz-Target, "before" or "after" forwarding it)
+        # (X-Amz-Target, "before" or "after" forwarding it[, the stream name the call must name])
+        self.hang_next: tuple[str, ...] | None = None
         self.hanging = threading.Event()       # set once a call hangs
         self._hang_lock = threading.Lock()
         self._released = threading.Event()
@@ -76,7 +87,7 @@ class FaultProxy:
                     proxy.put_calls += 1
                     fail = proxy.fail_calls.pop(0) if proxy.fail_calls else []
                 with proxy._hang_lock:
-                    if proxy.hang_next and proxy.hang_next[0] == target:
+                    if proxy.hang_next and _names(proxy.hang_next, target, body):
                         hang, proxy.hang_next = proxy.hang_next[1], None
                 if hang == "before":
                     proxy.hang()

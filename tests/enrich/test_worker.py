@@ -232,7 +232,9 @@ def test_kill_9_mid_write_twice_loses_nothing_and_repeats_only_the_unacknowledge
                         CLICKSTREAM_LEASE_MS="3000", CLICKSTREAM_READ_INTERVAL_S="0.05")
         enrich = None
         try:
-            proxy.hang_next = (PUT_RECORDS, "after")   # the first batch's good events are written, unacknowledged
+            # The first batch's good events are written, unacknowledged (the hang names the enriched stream:
+            # a batch's bad rows are written after its good events, to another stream).
+            proxy.hang_next = (PUT_RECORDS, "after", aws_settings.enriched_stream)
             enrich = Process("enrich", env, tmp_path / "first.log")
             wait_for(proxy.hanging.is_set, timeout=60, what="the first write")
             enrich.popen.kill()
@@ -243,7 +245,7 @@ def test_kill_9_mid_write_twice_loses_nothing_and_repeats_only_the_unacknowledge
             proxy.hanging.clear()
             enrich = Process("enrich", env, tmp_path / "second.log")
             wait_for(lambda: len(good_ids()) >= 600, timeout=60, what="600 good events")
-            proxy.hang_next = (PUT_RECORDS, "before")  # a later batch is enriched but not written
+            proxy.hang_next = (PUT_RECORDS, "before", aws_settings.enriched_stream)  # one enriched, nothing written
             wait_for(proxy.hanging.is_set, timeout=30, what="a later write")
             enrich.popen.kill()
             enrich.popen.wait(10)
