@@ -256,10 +256,11 @@ def test_a_worker_only_scorer_serves_ping_and_its_metrics_and_nothing_else(publi
     assert requests.get(worker.url + "/ping", timeout=5).json()["worker"] is True
 
     def scored():
+        # Both: a poll counts its events as it folds them and sets the shards owned once it has scored.
         text = requests.get(worker.url + "/metrics", timeout=5).text
-        return 'scorer_events_total{mode="live"} 5.0' in text and text
-    text = wait_for(scored, what="the worker's events in its metrics")
-    for name in ("scorer_lag_ms", "scorer_checkpoint_age_seconds", "scorer_shards_owned 2.0",
+        return 'scorer_events_total{mode="live"} 5.0' in text and "scorer_shards_owned 2.0" in text and text
+    text = wait_for(scored, what="the worker's events and both shards in its metrics")
+    for name in ("scorer_lag_ms", "scorer_checkpoint_age_seconds",
                  'scorer_model_info{name="buy-test",role="champion",version="v1"} 1.0',
                  "scorer_worker_restarts_total 0.0", "scorer_worker_running 1.0"):
         assert name in text
