@@ -27,7 +27,7 @@ PUT_RECORDS = "Kinesis_20131202.PutRecords"
 GET_RECORDS = "Kinesis_20131202.GetRecords"
 
 
-def _names(call: tuple[str, ...], target: str, body: bytes) -> bool:
+def _matches(call: tuple[str, ...], target: str, body: bytes) -> bool:
     """Whether a request is the ``(target, when[, stream])`` call: that API, and that stream if given."""
     if call[0] != target:
         return False
@@ -87,7 +87,7 @@ class FaultProxy:
                     proxy.put_calls += 1
                     fail = proxy.fail_calls.pop(0) if proxy.fail_calls else []
                 with proxy._hang_lock:
-                    if proxy.hang_next and _names(proxy.hang_next, target, body):
+                    if proxy.hang_next and _matches(proxy.hang_next, target, body):
                         hang, proxy.hang_next = proxy.hang_next[1], None
                 if hang == "before":
                     proxy.hang()

@@ -926,8 +926,8 @@ def test_a_backfill_sent_through_the_collector_keeps_its_sessions_however_the_re
     of collection, and its records reach the shard a little out of event-time order (the sender's
     threads). A sweep by event time cut a session whenever another one's record, hours later in event
     time but milliseconds in arrival, came between two of its records and a flush fell there: the
-    demo's scorer scored 23 of its 1,740 sessions as two. Sweeps go by
-    collection time, in which nothing of A went quiet; 36 minutes of it do free A."""
+    demo's scorer scored 23 of its 1,740 sessions as two. Sweeps go by collection time, in which
+    nothing of A went quiet; 36 minutes of it do free A."""
     minute = 60_000
     collected = T0 + 10 * 24 * 60 * minute
     arrivals = [("A", T0, collected), ("B", T0 + 3 * 60 * minute, collected + 5), ("A", T0 + minute, collected + 10)]
