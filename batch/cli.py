@@ -22,7 +22,7 @@ import time
 import uuid
 import zlib
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,9 +305,40 @@ def replay_bad_command(obj: dict, start: str | None, end: str | None, types: tup
     fix = _load_fix(fix_spec)
     rows = ((str(from_file), row) for row in _rows_from_file(from_file)) if from_file else \
         lake.read_bad(s3, settings.bucket, start, end)
-    # source file -> (bad row schema, partition key, raw record) in the order read, so a stop can say
-    # exactly which files went out in full and which rows did not.
-    sources: dict[str, list[tuple[str, str, bytes]]] = {}
+    sources, counts, seen_types = _replayable(rows, types, fix)
+    ready = sum(len(items) for items in sources.values())
+    found = ", ".join(f"{kind} ({n})" for kind, n in sorted(seen_types.items())) or "none"
+    if dry_run:
+        click.echo(f"bad rows by type: {found}")
+    for wanted in sorted(set(types) - set(seen_types)):
+        click.echo(f"no bad row of type {wanted!r}; types found: {found}", err=True)
+    counts["replayed"] = 0
+    if dry_run or not sources:
+        _report(counts, settings.raw_stream, dry_run, ready)
+        return
+    stream = KinesisStream(aws.client("kinesis", settings.region), settings.raw_stream)
+    unsent = _send_by_source(Replayer(stream, rate, rate_mib, give_up_after), sources, counts)
+    if unsent:
+        path = _write_unsent(unsent_to, unsent)
+        click.echo(f"{len(unsent)} rows were not sent (the {counts['replayed']} others were); they are in {path}. "
+                   f"Send exactly those, and nothing twice, with:\n"
+                   f"  python -m batch.cli replay-bad --from-file {path}\n"
+                   "(without --fix or --type: the file holds the raw records as they were to be sent). Running "
+                   "this command again instead would send the rows that went through a second time.", err=True)
+        _report(counts, settings.raw_stream, dry_run, ready)
+        sys.exit(1)
+    _report(counts, settings.raw_stream, dry_run, ready)
+
+
+# source file -> its rows to replay: (bad row schema, partition key, raw record as JSON)
+BySource = dict[str, list[tuple[str, str, bytes]]]
+
+
+def _replayable(rows: Iterable[tuple[str, object]], types: tuple[str, ...],
+                fix: Callable[[dict | None, dict], dict | None] | None) -> tuple[BySource, Counter, Counter]:
+    """The rows to replay by source file, in the order read, so a stop can say exactly which files
+    went out in full and which rows did not; with the counts of rows left out and of the types seen."""
+    sources: BySource = {}
     counts, seen_types = Counter(), Counter()
     for source, row in tqdm(rows, unit="row", desc="bad rows", file=sys.stderr):
         if not isinstance(row, dict) or not isinstance(row.get("data"), dict):
@@ -325,19 +356,13 @@ def replay_bad_command(obj: dict, start: str | None, end: str | None, types: tup
             continue
         sources.setdefault(source, []).append((str(row.get("schema", "")), raw.get("network_userid") or str(uuid.uuid4()),
                                                orjson.dumps(raw)))
-    ready = sum(len(items) for items in sources.values())
-    found = ", ".join(f"{kind} ({n})" for kind, n in sorted(seen_types.items())) or "none"
-    if dry_run:
-        click.echo(f"bad rows by type: {found}")
-    for wanted in sorted(set(types) - set(seen_types)):
-        click.echo(f"no bad row of type {wanted!r}; types found: {found}", err=True)
-    counts["replayed"] = 0
-    if dry_run or not sources:
-        _report(counts, settings.raw_stream, dry_run, ready)
-        return
-    stream = KinesisStream(aws.client("kinesis", settings.region), settings.raw_stream)
-    replayer = Replayer(stream, rate, rate_mib, give_up_after)
-    unsent: list[tuple[str, str, bytes, str]] = []       # (source, schema, raw record, reason)
+    return sources, counts, seen_types
+
+
+def _send_by_source(replayer: Replayer, sources: BySource, counts: Counter) -> list[tuple[str, str, bytes, str]]:
+    """Send file after file, saying how each went; the rows not sent as (source, schema, raw record,
+    reason): on a stop, the rest of its file and every later file."""
+    unsent: list[tuple[str, str, bytes, str]] = []
     names = list(sources)
     for number, source in enumerate(names):
         items = sources[source]
@@ -356,16 +381,7 @@ def replay_bad_command(obj: dict, start: str | None, end: str | None, types: tup
             click.echo(f"the {sent.uncertain} rows of the call cut short may or may not have gone out; "
                        "they are counted as not sent", err=True)
         break
-    if unsent:
-        path = _write_unsent(unsent_to, unsent)
-        click.echo(f"{len(unsent)} rows were not sent (the {counts['replayed']} others were); they are in {path}. "
-                   f"Send exactly those, and nothing twice, with:\n"
-                   f"  python -m batch.cli replay-bad --from-file {path}\n"
-                   "(without --fix or --type: the file holds the raw records as they were to be sent). Running "
-                   "this command again instead would send the rows that went through a second time.", err=True)
-        _report(counts, settings.raw_stream, dry_run, ready)
-        sys.exit(1)
-    _report(counts, settings.raw_stream, dry_run, ready)
+    return unsent
 
 
 def _write_unsent(path: Path | None, unsent: list[tuple[str, str, bytes, str]]) -> Path:

@@ -304,21 +304,7 @@ class Consumer:
         others are returned: raising would lose them, as their readers have moved on. Only when
         every shard read fails does ``ReadFailed`` reach the caller, to back off.
         """
-        if time.monotonic() - self._balanced_at > self.renew_interval_s:
-            try:
-                self.balance()
-                self._balance_failures, self._balance_failing_since = 0, None
-            except (BotoCoreError, ClientError) as exc:
-                # The stream or the lease table is throttled, away or not created yet: keep reading what
-                # we hold, try again in a second, and say so on the first failure and once a minute after.
-                self._balance_failures += 1
-                if self._balance_failing_since is None:
-                    self._balance_failing_since = time.monotonic()
-                if self._balance_failures % 60 == 1:
-                    log.warning("listing the shards of stream %s or the leases in table %s failed (%d times in a "
-                                "row), retrying every second: %s", self.stream.name,
-                                getattr(self.leases, "table", "(in memory)"), self._balance_failures, exc)
-                self._balanced_at = time.monotonic() - self.renew_interval_s + min(1.0, self.renew_interval_s)
+        self._balance_if_due()
         batches, failures, due = [], [], []
         now = time.monotonic()
         for shard_id, owned in list(self.owned.items()):
@@ -347,6 +333,24 @@ class Consumer:
         if failures and len(failures) == len(due):
             raise ReadFailed(f"every shard read failed: {failures[-1]}") from failures[-1]
         return batches
+
+    def _balance_if_due(self) -> None:
+        if time.monotonic() - self._balanced_at <= self.renew_interval_s:
+            return
+        try:
+            self.balance()
+            self._balance_failures, self._balance_failing_since = 0, None
+        except (BotoCoreError, ClientError) as exc:
+            # The stream or the lease table is throttled, away or not created yet: keep reading what
+            # we hold, try again in a second, and say so on the first failure and once a minute after.
+            self._balance_failures += 1
+            if self._balance_failing_since is None:
+                self._balance_failing_since = time.monotonic()
+            if self._balance_failures % 60 == 1:
+                log.warning("listing the shards of stream %s or the leases in table %s failed (%d times in a "
+                            "row), retrying every second: %s", self.stream.name,
+                            getattr(self.leases, "table", "(in memory)"), self._balance_failures, exc)
+            self._balanced_at = time.monotonic() - self.renew_interval_s + min(1.0, self.renew_interval_s)
 
     def _read_failed(self, shard_id: str, owned: _Owned, exc: Exception, now: float) -> None:
         """Skip a shard whose read failed for a growing while (up to READ_BACKOFF_CAP_S): read again at
