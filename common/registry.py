@@ -57,8 +57,11 @@ def load(s3, bucket: str, name: str = DEFAULT_MODEL, version: str | None = None)
         raise LookupError(f"model {name!r} has no CURRENT version in s3://{bucket}/{PREFIX}/{name}/")
     onnx = aws.get_object_bytes(s3, bucket, f"{PREFIX}/{name}/{version}/model.onnx")
     meta = aws.get_object_bytes(s3, bucket, f"{PREFIX}/{name}/{version}/model.json")
+    if onnx is None and meta is None:
+        raise LookupError(f"model {name!r} has no version {version} in s3://{bucket}/{PREFIX}/{name}/")
     if onnx is None or meta is None:
-        raise LookupError(f"model {name!r} version {version} is incomplete in s3://{bucket}")
+        missing = "model.onnx" if onnx is None else "model.json"
+        raise LookupError(f"model {name!r} version {version} is incomplete in s3://{bucket}: no {missing}")
     return Bundle(name, version, onnx, json.loads(meta))
 
 

@@ -151,15 +151,15 @@ class ScorerApp:
             return error(404, f"no route {method} {path}: this scorer runs without its API (--no-api)")
         parts = path.strip("/").split("/")
         if len(parts) >= 3 and parts[:2] == ["v2", "models"]:
-            name, rest = parts[2], parts[3:]
+            name, rest, version = parts[2], parts[3:], None
             if rest and rest[0] == "versions" and len(rest) >= 2:     # /v2/models/{name}/versions/{v}/...
-                rest = rest[2:]
+                version, rest = rest[1], rest[2:]
             if method == "GET" and not rest:
-                return self.model_metadata(name)
+                return self.model_metadata(name, version)
             if method == "GET" and rest == ["ready"]:
-                return self.model_ready(name)
+                return self.model_ready(name, version)
             if method == "POST" and rest == ["infer"]:
-                return self.infer(name, body)
+                return self.infer(name, version, body)
         session_route = _session_route(scope)
         if session_route and method == "GET":
             session_id, view = session_route
@@ -213,14 +213,18 @@ class ScorerApp:
         return ok({"predictions": p_buy.tolist(), "decisions": [model.decide(p) for p in p_buy.tolist()],
                    "model_name": model.name, "model_version": model.version})
 
-    def _named(self, name: str) -> Model:
+    def _named(self, name: str, version: str | None) -> Model:
+        """The champion if it is the model asked for: one scorer serves one version at a time."""
         model = self._champion()
         if name != model.name:
             raise BadRequest(404, f"unknown model {name!r}; this scorer serves {model.name!r}")
+        if version is not None and version != model.version:
+            raise BadRequest(404, f"model {name!r} version {version!r} is not loaded; "
+                                  f"this scorer serves version {model.version!r}")
         return model
 
-    def model_metadata(self, name: str) -> Response:
-        model = self._named(name)
+    def model_metadata(self, name: str, version: str | None) -> Response:
+        model = self._named(name, version)
         return ok({"name": model.name, "versions": [model.version], "platform": "onnxruntime_onnx",
                    "inputs": [{"name": "features", "datatype": "FP32", "shape": [-1, FEATURE_COUNT]}],
                    "outputs": [{"name": "p_buy", "datatype": "FP64", "shape": [-1]},
@@ -228,12 +232,12 @@ class ScorerApp:
                    "parameters": {"feature_names": list(FEATURE_NAMES), "feature_version": FEATURE_VERSION,
                                   "threshold": model.threshold}})
 
-    def model_ready(self, name: str) -> Response:
-        self._named(name)
+    def model_ready(self, name: str, version: str | None) -> Response:
+        self._named(name, version)
         return ok({"name": name, "ready": True})
 
-    def infer(self, name: str, body: bytes) -> Response:
-        model = self._named(name)
+    def infer(self, name: str, version: str | None, body: bytes) -> Response:
+        model = self._named(name, version)
         rows, request_id = inputs.from_v2(body)
         p_buy = model.predict(rows).tolist()
         answer = {"model_name": model.name, "model_version": model.version,
@@ -304,12 +308,7 @@ class ScorerApp:
             return error(401, "missing 'Authorization: Bearer <token>'")
         if not hmac.compare_digest(given[7:].encode(), self.reload_token.encode()):
             return error(403, "wrong reload token")
-        version = None
-        if body.strip():
-            try:
-                version = (orjson.loads(body) or {}).get("version")
-            except (orjson.JSONDecodeError, AttributeError):
-                return error(400, 'body must be empty or {"version": "<version>"}')
+        version = _reload_version(body)
         previous = self.models.champion.version if self.models.champion else None
         try:
             model = await asyncio.to_thread(self.models.load, version)
@@ -332,6 +331,21 @@ def _header(scope, name: bytes) -> str:
         if key == name:
             return value.decode("latin-1")
     return ""
+
+
+def _reload_version(body: bytes) -> str | None:
+    """The version a reload asks for; None (CURRENT) for an empty body. Anything else is refused
+    rather than read as CURRENT: a typo must not roll the scorer onto another model."""
+    if not body.strip():
+        return None
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        payload = None
+    version = payload.get("version") if isinstance(payload, dict) and set(payload) == {"version"} else None
+    if not isinstance(version, str) or not version.strip() or "/" in version:
+        raise BadRequest(400, 'body must be empty (CURRENT) or {"version": "<version>"}, a version folder name')
+    return version
 
 
 def _session_route(scope) -> tuple[str, str] | None:

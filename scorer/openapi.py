@@ -73,6 +73,7 @@ def document() -> dict:
                 _JSON: {"schema": _ref("Invocation")},
                 "text/csv": {"schema": {"type": "string", "description": "optional header row of feature names"}}}},
             "responses": {"200": _json(_ref("Predictions")), **errors}}},
+        "/v2": {"get": {"summary": "OIP v2 server metadata", "responses": {"200": _json({"type": "object"})}}},
         "/v2/health/live": {"get": {"summary": "OIP v2 liveness", "responses": {"200": _json({"type": "object"})}}},
         "/v2/health/ready": {"get": {"summary": "OIP v2 readiness (a model is loaded)",
                                      "responses": {"200": _json({"type": "object"}), "503": _json({"type": "object"})}}},
@@ -107,6 +108,12 @@ def document() -> dict:
                              "responses": {"200": {"description": "text exposition format"}}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json({"type": "object"})}}},
     }
+    version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+    for route in ("", "/ready", "/infer"):
+        paths[f"/v2/models/{{name}}/versions/{{version}}{route}"] = {
+            method: {**operation, "summary": f"{operation['summary']} (404 unless the version is the loaded one)",
+                     "parameters": [name, version]}
+            for method, operation in paths[f"/v2/models/{{name}}{route}"].items()}
     return {"openapi": "3.1.0",
             "info": {"title": "clickstream scorer", "version": "1.0.0",
                      "description": "Buy/defer propensity of browsing sessions, scored with onnxruntime."},

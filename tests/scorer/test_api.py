@@ -144,6 +144,20 @@ def test_open_inference_protocol_v2(api):
     assert "string name" in post(api, f"/v2/models/{MODEL}/infer", nameless).json()["error"]
 
 
+def test_v2_versioned_routes_answer_for_the_loaded_version_only(api):
+    flat = {"inputs": [{"name": "features", "shape": [1, len(ROW)], "datatype": "FP32", "data": ROW}]}
+    loaded = f"{api.url}/v2/models/{MODEL}/versions/v1"
+    assert requests.get(loaded, timeout=5).json()["versions"] == ["v1"]
+    assert requests.get(loaded + "/ready", timeout=5).json()["ready"] is True
+    assert post(api, f"/v2/models/{MODEL}/versions/v1/infer", flat).json()["outputs"][0]["data"] == [
+        pytest.approx(EXPECTED, abs=1e-5)]
+    for response in (requests.get(f"{api.url}/v2/models/{MODEL}/versions/v0", timeout=5),
+                     requests.get(f"{api.url}/v2/models/{MODEL}/versions/v0/ready", timeout=5),
+                     post(api, f"/v2/models/{MODEL}/versions/v0/infer", flat)):
+        assert response.status_code == 404
+        assert response.json()["error"] == f"model {MODEL!r} version 'v0' is not loaded; this scorer serves version 'v1'"
+
+
 def test_score_session_folds_events_like_the_training_rows(api):
     events = session_events("sess", seed=9, n=10, buyer=False)
     answer = post(api, "/score/session", events).json()
@@ -203,7 +217,15 @@ def test_reload_needs_the_token_and_refuses_mismatched_models(api):
     publish(api.s3, api.settings.bucket, MODEL, "v-bad", logistic_onnx(), bad_meta, current=False)
     refused = post(api, "/models/reload", {"version": "v-bad"}, headers=auth)
     assert refused.status_code == 409 and "feature_version" in refused.json()["error"]
-    assert post(api, "/models/reload", {"version": "v-missing"}, headers=auth).status_code == 404
+    missing = post(api, "/models/reload", {"version": "v-missing"}, headers=auth)
+    assert missing.status_code == 404 and "has no version v-missing" in missing.json()["error"]
+    # A body that is not {"version": "<name>"} is refused, never read as "load CURRENT".
+    for odd in ([], "", {"foo": 1}, {"version": "v1", "x": 1}, {"version": 5}, {"version": ""},
+                {"version": "../v1"}, {}):
+        response = post(api, "/models/reload", odd, headers=auth)
+        assert response.status_code == 400 and "body must be empty" in response.json()["error"], odd
+    assert post(api, "/models/reload", raw="{", headers=auth).status_code == 400
+    assert post(api, "/invocations", {"instances": [ROW]}).json()["model_version"] == "v1"
     registry.publish(api.s3, api.settings.bucket, MODEL, "v-cut", {"model.onnx": logistic_onnx(),
                                                                     "model.json": b'{"name": "m", "feat'})
     refused = post(api, "/models/reload", {"version": "v-cut"}, headers=auth)
@@ -223,9 +245,10 @@ def test_metrics_and_openapi(api):
         assert name in text
     spec = requests.get(api.url + "/openapi.json", timeout=5).json()
     assert spec["openapi"].startswith("3.")
-    for path in ("/ping", "/invocations", "/v2/health/live", "/v2/health/ready", "/v2/models/{name}",
-                 "/v2/models/{name}/infer", "/score/session", "/sessions/{id}/prediction", "/models/reload",
-                 "/metrics"):
+    for path in ("/ping", "/invocations", "/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{name}",
+                 "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer", "/score/session",
+                 "/sessions/{id}/prediction", "/sessions/{id}/features", "/models/reload", "/metrics",
+                 "/openapi.json"):
         assert path in spec["paths"]
 
 
