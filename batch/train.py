@@ -124,6 +124,14 @@ def _python_error(exc: Exception) -> str:
     return (errors or lines or ["unknown error"])[-1]
 
 
+def _champion_line(champion: dict) -> str:
+    """How CURRENT did on the challenger's evaluation rows, and why it was not compared if it was not."""
+    line = f"champion {champion['version']}"
+    if champion.get("roc_auc") is not None:
+        line += f": ROC AUC {champion['roc_auc']:.4f} on the same {champion['rows']} rows"
+    return line + (f"; {champion['note']}" if champion.get("note") else "")
+
+
 def _summary(result: TrainResult, outcome: dict | None) -> str:
     m, p = result.meta["metrics"], result.meta["parity"]
     lines = [(f"model {result.meta['name']} ({result.meta['algorithm']}): ROC AUC {m['roc_auc']:.4f}, "
@@ -136,8 +144,8 @@ def _summary(result: TrainResult, outcome: dict | None) -> str:
     if outcome:
         where = "CURRENT moved to it" if outcome["promoted"] else "CURRENT not moved: " + "; ".join(outcome["reasons"])
         lines.append(f"published version {outcome['version']}; {where}")
-        if (outcome.get("champion") or {}).get("note"):
-            lines.append(f"champion {outcome['champion']['version']}: {outcome['champion']['note']}")
+        if outcome.get("champion"):
+            lines.append(_champion_line(outcome["champion"]))
         if outcome.get("pruned"):
             lines.append(f"pruned {outcome['pruned']} old versions (keep_versions)")
     return "\n".join(lines)

@@ -154,9 +154,13 @@ def start(kind: str = "moto", port: int | None = None, log_path: Path | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run a local AWS emulator in the foreground.")
-    parser.add_argument("--kind", choices=["moto", "kinesis-mock"], default="moto")
-    parser.add_argument("--port", type=int, default=4566)
+    parser = argparse.ArgumentParser(
+        prog="python -m localstack.emulator", description="Run a local AWS emulator in the foreground.",
+        epilog="Point the components at it with AWS_ENDPOINT_URL=http://127.0.0.1:PORT (docs/foundation.md).")
+    parser.add_argument("--kind", choices=["moto", "kinesis-mock"], default="moto",
+                        help="moto: Kinesis, S3 and DynamoDB (default); kinesis-mock: Kinesis alone, AWS-faithful "
+                             "(resharding, real sequence numbers, the 1 MiB limit)")
+    parser.add_argument("--port", type=int, default=4566, help="port to listen on (default 4566)")
     args = parser.parse_args(argv)
     # Our own handlers, set before the emulator starts: a shell that runs us in the background hands
     # SIGINT down ignored, and we (and the emulator, which would inherit that) never stopped. In our

@@ -11,10 +11,12 @@ from scorer.config import ScorerSettings
 
 
 @click.command()
-@click.option("--host", default=None, help="API address (CLICKSTREAM_HOST, default 127.0.0.1)")
-@click.option("--port", type=int, default=None, help="API port (CLICKSTREAM_PORT, default 8081)")
-@click.option("--worker/--no-worker", "run_worker", default=None, help="consume the enriched stream")
-@click.option("--api/--no-api", "run_api", default=None, help="serve the HTTP API")
+@click.option("--host", default=None, help="API address (CLICKSTREAM_SCORER_HOST, default 127.0.0.1)")
+@click.option("--port", type=int, default=None, help="API port (CLICKSTREAM_SCORER_PORT, default 8081)")
+@click.option("--worker/--no-worker", "run_worker", default=None,
+              help="consume the enriched stream (CLICKSTREAM_RUN_WORKER, default on)")
+@click.option("--api/--no-api", "run_api", default=None,
+              help="serve the HTTP API (CLICKSTREAM_RUN_API, default on; without it only /ping and /metrics)")
 def main(host: str | None, port: int | None, run_worker: bool | None, run_api: bool | None) -> None:
     """Score sessions from the enriched stream and serve the model over HTTP.
 

@@ -9,6 +9,7 @@ import pytest
 
 from batch import export
 from batch.export import Parity
+from batch.train import _champion_line
 from batch.train_config import TrainSettings
 from batch.train_metrics import evaluate
 from batch.train_model import TrainResult
@@ -101,6 +102,15 @@ def test_too_few_unseen_rows_leave_the_challenger_to_the_floor_and_parity(regist
     assert "floor and parity alone" in info["note"]
     assert decide(challenger, info, settings) == (True, [])
     assert decide(result(0.55, rows=challenger.eval_rows), info, settings)[0] is False      # the floor still holds
+
+
+def test_the_training_summary_says_how_the_champion_did_or_why_it_was_not_compared():
+    compared = {"version": "v1", "roc_auc": 0.91234, "rows": 340}
+    assert _champion_line(compared) == "champion v1: ROC AUC 0.9123 on the same 340 rows"
+    partly = compared | {"note": "200 of 340 evaluation rows are from sessions starting at or after ..."}
+    assert _champion_line(partly) == f"champion v1: ROC AUC 0.9123 on the same 340 rows; {partly['note']}"
+    skipped = {"version": "v1", "roc_auc": None, "rows": 40, "note": "not comparable: too few"}
+    assert _champion_line(skipped) == "champion v1; not comparable: too few"
 
 
 def test_publish_itself_refuses_a_model_whose_export_parity_failed(aws_settings):
