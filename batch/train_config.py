@@ -99,6 +99,9 @@ class TrainSettings(AwsSettings):
                 raise ConfigError(f"CLICKSTREAM_WINDOW_END: expected a date YYYY-MM-DD, got {self.window_end!r}") from None
 
 
+SPARK_LOG_CONFIG = Path(__file__).with_name("spark-log4j2.properties")
+
+
 def spark_session(settings: TrainSettings, app_name: str = "clickstream-train"):
     """A Spark session for training (the existing one when there is one, e.g. under spark-submit)."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -112,7 +115,9 @@ def spark_session(settings: TrainSettings, app_name: str = "clickstream-train"):
                .config("spark.sql.shuffle.partitions", str(settings.spark_shuffle_partitions))
                .config("spark.sql.session.timeZone", "UTC")
                .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-               .config("spark.ui.showConsoleProgress", "false"))     # our own progress bars say where we are
+               .config("spark.ui.showConsoleProgress", "false")      # our own progress bars say where we are
+               # Read when this process starts the JVM (not under spark-submit, whose JVM already runs).
+               .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={SPARK_LOG_CONFIG.as_uri()}"))
     try:
         spark = builder.getOrCreate()
     except Exception as exc:  # noqa: BLE001 - py4j and PySpark raise plain errors for a bad master or JVM option

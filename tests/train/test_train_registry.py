@@ -3,7 +3,11 @@ a worse challenger does not move CURRENT; promote and rollback from the registry
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
@@ -16,7 +20,7 @@ from batch.train import run_events
 from batch.train_model import TrainResult
 from common import aws, registry
 from common.features import FEATURE_VERSION
-from tests.conftest import settings_env
+from tests.conftest import ROOT, settings_env
 from tests.train import synth
 from tests.train.conftest import fast_settings
 
@@ -174,3 +178,19 @@ def test_make_trains_lake_sync_uses_the_configured_region(monkeypatch, tmp_path)
     with pytest.raises(TrainError, match="no enriched events"):
         load_window(None, fast_settings(region="af-south-1", cache_dir=tmp_path), Window.last_days(1, "2026-01-01"))
     assert used == ["af-south-1"]
+
+
+def test_the_command_prints_no_spark_start_up_chatter(tmp_path):
+    """Spark's default profile prints WARN lines before the job can lower the level; the command's
+    own JVM starts with batch/spark-log4j2.properties, so its stderr has only what needs reading."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=300)
+    pd.DataFrame({"x": x, "y": (x + rng.normal(scale=0.5, size=300) > 0.8).astype(int)}).to_csv(tmp_path / "t.csv")
+    result = subprocess.run([sys.executable, "-m", "batch.train", "--table", str(tmp_path / "t.csv"), "--label", "y",
+                             "--out", str(tmp_path / "bundle")], cwd=ROOT, env={**os.environ, **FAST_ENV},
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "bundle" / "model.onnx").is_file()
+    chatter = [line for line in result.stderr.splitlines()
+               if " WARN " in line or "log4j" in line or "Setting default log level" in line]
+    assert not chatter, result.stderr
