@@ -2,8 +2,9 @@
 
 Steps: start the local stack → backfill days of shop history through the real collector →
 wait until the lake holds it → `make train` (Spark → ONNX, parity gate, publish) → the running
-scorer hot-loads the model → live traffic for DEMO_MINUTES (default 2) → a summary. The stack
-stays up for exploring until `make down`. Every step reports progress at least every few seconds.
+scorer hot-loads the model and scores the history → live traffic for DEMO_MINUTES (default 2) →
+a summary. The stack stays up for exploring until `make down`. Every step reports progress at
+least every few seconds.
 
 Knobs (environment): DEMO_MINUTES (2), DEMO_HISTORY_SESSIONS (1500), DEMO_HISTORY_DAYS (7),
 DEMO_LIVE_RATE (events/s, 40), DEMO_SEED (7 on a fresh stack, a new one on a running stack).
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from common import aws, registry
 from common.cli import run_command
@@ -111,10 +114,45 @@ def wait_for_model(version: str, timeout: float = 60) -> None:
     raise SystemExit(f"the scorer did not load model {version} within {timeout:.0f} s; see .run/logs/scorer.log")
 
 
+SCORER_METRICS = "http://127.0.0.1:8081/metrics"
+
+
+def scorer_events_read(url: str = SCORER_METRICS) -> int | None:
+    """Events the scorer has folded since it started, not counting the replays that rebuild sessions
+    after a restart (from its /metrics); None while it does not answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    return int(sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == "scorer_events_total" and sample.labels.get("mode") == "live"))
+
+
+def wait_for_scorer(expected: int, url: str = SCORER_METRICS, timeout: float = 300) -> None:
+    """Wait until the scorer has read ``expected`` events: it waits for its first model before reading,
+    and live events sent before it caught up would queue behind the history."""
+    deadline, started, last, still = time.monotonic() + timeout, time.monotonic(), -1, 0
+    while time.monotonic() < deadline:
+        read = scorer_events_read(url) or 0
+        if read >= expected:
+            seconds = time.monotonic() - started
+            say(f"scorer has read {read:,} / {expected:,} events: caught up (waited {seconds:.0f} s)")
+            return
+        say(f"scorer has read {read:,} / {expected:,} events")
+        still = still + 1 if read == last else 0
+        if still >= 10:
+            say("the scorer has read nothing more for 30 s; going on (the summary counts what was scored)")
+            return
+        last = read
+        time.sleep(3)
+    raise SystemExit(f"the scorer did not catch up within {timeout:.0f} s; see .run/logs/scorer.log")
+
+
 def main() -> int:
     """Run the whole loop on generated traffic: start the local stack, backfill shop history through
-    the collector, wait for the lake, train and publish a model, watch the scorer hot-load it, then
-    send live traffic and print a summary. The stack stays up until `make down`.
+    the collector, wait for the lake, train and publish a model, watch the scorer hot-load it and
+    score the history, then send live traffic and print a summary. The stack stays up until `make down`.
 
     Knobs (environment): DEMO_MINUTES (2), DEMO_HISTORY_SESSIONS (1500), DEMO_HISTORY_DAYS (7),
     DEMO_LIVE_RATE (events/s, 40), DEMO_SEED (7 on a fresh stack, a new one on a running stack).
@@ -139,13 +177,13 @@ def main() -> int:
     started_at = time.time()
 
     say(f"2/6 backfilling {days:g} days of history: {history:,} sessions through the collector")
-    before = lake_rows(settings)
+    before, scorer_before = lake_rows(settings), scorer_events_read() or 0
     run("demo.traffic", "--sessions", str(history), "--backfill-days", str(days), "--seed", str(seed),
         "--buy-share", "0.15")
     sent = count_raw(aws.client("kinesis"), settings.raw_stream, started_at)["events"]
 
     say("3/6 waiting for the enricher and the lake loader to land the history in S3 as Parquet")
-    wait_for_lake(settings, before + sent)
+    landed = wait_for_lake(settings, before + sent) - before      # without bad rows: what the scorer gets too
 
     say("4/6 training: make train (Spark, ONNX export, parity gate, publish)")
     run("batch.train", "--window-days", "2")
@@ -153,8 +191,9 @@ def main() -> int:
     if not version:
         raise SystemExit("training published no CURRENT model; see the output above")
 
-    say("5/6 the running scorer picks the new model up without a restart")
+    say("5/6 the running scorer picks the new model up without a restart, and scores the history")
     wait_for_model(version)
+    wait_for_scorer(scorer_before + landed)
 
     sessions = max(10, int(live_rate * minutes * 60 / 20))     # ~20 events per session
     say(f"6/6 live traffic for {minutes:g} min at ~{live_rate:g} events/s ({sessions} sessions); "
@@ -166,8 +205,8 @@ def main() -> int:
 
     say("summary")
     run("demo.summary", "--since-minutes", f"{(time.time() - started_at) / 60 + 1:.1f}")
-    # The scorer waits for its first model, so it reads the whole backfill during the live traffic,
-    # thousands of records per poll: the line above is mostly that. The live events on their own:
+    # The scorer waits for its first model, then reads the whole history at once, thousands of records
+    # per poll: the line above is mostly that. The live events on their own:
     live = latency_of_events_since(aws.client("kinesis"), settings.predictions_stream, live_started)
     print(latency_line("  live only", live, "events received during the live traffic"))
     print("\nThe stack is still running:\n"

@@ -256,6 +256,7 @@ def capture():
     for server in servers:
         server.shutdown()
         server.server_close()
+        server.server_close()
 
 
 def test_cli_backfill_sends_every_event_over_http_retrying_503(capture, tmp_path):
@@ -341,3 +342,28 @@ def test_a_backfill_further_back_than_event_times_may_reach_is_refused():
     reset device clock): a 45-day backfill would have put its first two weeks' sessions at "now"."""
     result = CliRunner().invoke(traffic.main, ["--backfill-days", "45"])
     assert result.exit_code == 2 and "--backfill-days" in result.output and "0<=x<=30" in result.output
+
+
+def test_the_demo_waits_for_the_scorer_to_read_the_history_not_for_its_replays():
+    """Live traffic sent while the scorer still reads the history queues behind it (p99 ~100 ms in
+    `make demo`'s live-only line); the replays that rebuild sessions after a restart are not new events."""
+    from prometheus_client import start_http_server
+
+    from demo.__main__ import scorer_events_read, wait_for_scorer
+    from scorer import metrics
+
+    server, _ = start_http_server(0, addr="127.0.0.1")
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        before = scorer_events_read(url)
+        metrics.EVENTS.labels(mode="replay").inc(50)
+        assert scorer_events_read(url) == before
+        metrics.EVENTS.labels(mode="live").inc(7)
+        assert scorer_events_read(url) == before + 7
+        wait_for_scorer(before + 7, url=url, timeout=5)           # caught up: returns at once
+        with pytest.raises(SystemExit, match="the scorer did not catch up within 1 s"):
+            wait_for_scorer(before + 8, url=url, timeout=1)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert scorer_events_read(url) is None                        # not answering: the wait goes on
