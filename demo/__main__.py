@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -82,20 +83,30 @@ def lake_rows(settings: AwsSettings) -> int:
     return count(aws.client("s3"), settings.bucket).get("rows", 0)
 
 
-def wait_for_lake(settings: AwsSettings, expected: int, timeout: float = 300) -> int:
-    """Wait until the lake's row count reaches ``expected`` events or stops growing."""
+def wait_for_count(count: Callable[[], int], expected: int, progress: str, failure: str, poll_s: float,
+                   timeout: float) -> int:
+    """Poll ``count()`` until it reaches ``expected``, saying ``progress`` (formatted with the count and
+    ``expected``) each time; or, once it counts something, until it has not grown for 30 s (some events
+    were bad rows: go on with what arrived). ``failure`` ends the demo after ``timeout`` seconds."""
     deadline, last, still = time.monotonic() + timeout, -1, 0
     while time.monotonic() < deadline:
-        rows = lake_rows(settings)
-        say(f"lake holds {rows:,} / {expected:,} events")
-        if rows >= expected:
-            return rows
-        still = still + 1 if rows == last and rows > 0 else 0
-        if still >= 6:            # 30 s without growth: some events were bad rows, go on with what landed
-            return rows
-        last = rows
-        time.sleep(5)
-    raise SystemExit(f"the lake did not receive the history within {timeout:.0f} s; see .run/logs/")
+        counted = count()
+        say(progress.format(counted, expected))
+        if counted >= expected:
+            return counted
+        still = still + 1 if counted == last and counted > 0 else 0
+        if still * poll_s >= 30:
+            say(f"nothing more for 30 s; going on with {counted:,}")
+            return counted
+        last = counted
+        time.sleep(poll_s)
+    raise SystemExit(failure.format(timeout))
+
+
+def wait_for_lake(settings: AwsSettings, expected: int, timeout: float = 300) -> int:
+    """Wait until the lake's row count reaches ``expected`` events or stops growing."""
+    return wait_for_count(lambda: lake_rows(settings), expected, "lake holds {:,} / {:,} events",
+                          "the lake did not receive the history within {:.0f} s; see .run/logs/", 5, timeout)
 
 
 def wait_for_model(version: str, timeout: float = 60) -> None:
@@ -132,21 +143,11 @@ def scorer_events_read(url: str = SCORER_METRICS) -> int | None:
 def wait_for_scorer(expected: int, url: str = SCORER_METRICS, timeout: float = 300) -> None:
     """Wait until the scorer has read ``expected`` events: it waits for its first model before reading,
     and live events sent before it caught up would queue behind the history."""
-    deadline, started, last, still = time.monotonic() + timeout, time.monotonic(), -1, 0
-    while time.monotonic() < deadline:
-        read = scorer_events_read(url) or 0
-        if read >= expected:
-            seconds = time.monotonic() - started
-            say(f"scorer has read {read:,} / {expected:,} events: caught up (waited {seconds:.0f} s)")
-            return
-        say(f"scorer has read {read:,} / {expected:,} events")
-        still = still + 1 if read == last else 0
-        if still >= 10:
-            say("the scorer has read nothing more for 30 s; going on (the summary counts what was scored)")
-            return
-        last = read
-        time.sleep(3)
-    raise SystemExit(f"the scorer did not catch up within {timeout:.0f} s; see .run/logs/scorer.log")
+    started = time.monotonic()
+    read = wait_for_count(lambda: scorer_events_read(url) or 0, expected, "scorer has read {:,} / {:,} events",
+                          "the scorer did not catch up within {:.0f} s; see .run/logs/scorer.log", 3, timeout)
+    if read >= expected:
+        say(f"scorer caught up with the history in {time.monotonic() - started:.0f} s")
 
 
 def main() -> int:
