@@ -41,7 +41,9 @@ from common.producer import TOO_LARGE, entry_size, kinesis_key
 from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES, KinesisStream, StreamBackend
 
 
-@click.group(cls=AwsGroup, help="Inspect the S3 lake, replay bad rows, erase a person's data.")
+@click.group(cls=AwsGroup, help="Inspect the S3 lake, replay bad rows, erase a person's data.\n\n"
+             "Settings come from CLICKSTREAM_* variables and the [lake] section of the TOML file named "
+             "by CLICKSTREAM_CONFIG (docs/lake.md), as the lake loader reads them.")
 @click.option("--bucket", help="lake bucket (default: CLICKSTREAM_BUCKET or clickstream-lake)")
 @click.pass_context
 def lake_cli(ctx: click.Context, bucket: str | None) -> None:

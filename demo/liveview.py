@@ -46,8 +46,9 @@ APP = "liveview"
 mimetypes.add_type("text/javascript", ".js")
 mimetypes.add_type("text/javascript", ".mjs")
 mimetypes.add_type("application/json", ".map")
-# Collector routes that are not tracker hits, left out of "collector requests/s".
-NOT_HITS = {"health", "sink-health", "metrics"}
+# Collector routes that are not tracker hits, left out of "collector requests/s": probes, and
+# "other", the collector's label for unknown paths (scanners, typos) answered 404.
+NOT_HITS = {"health", "sink-health", "metrics", "other"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -367,6 +367,7 @@ def test_summary_counts_every_stage(aws_settings):
     # Counting from a later point in time sees none of it.
     later = summary.summarize(settings, since=time.time() + 5)
     assert later["sent"]["records"] == 0 and later["scored"]["records"] == 0 and later["lake"]["rows"] == 8
+    assert (later["enriched"], later["bad"]) == (0, 0)
     assert "time in scorer   n/a (no predictions)" in summary.render(later)
 
 
@@ -395,6 +396,18 @@ def test_live_latency_counts_only_events_received_after_the_cut(aws_settings):
     kinesis = aws.client("kinesis", aws_settings.region)
     result = summary.latency_of_events_since(kinesis, aws_settings.predictions_stream, cut)
     assert result == {"p50": 700, "p90": 900, "p99": 900, "max": 900}
+
+
+def test_collector_requests_count_tracker_hits_only(collector_metrics):
+    from demo.liveview import scrape
+
+    requests, url = collector_metrics
+    requests.labels("tp2", "200").inc(5)
+    requests.labels("pixel", "200").inc(2)
+    for probe in ("health", "sink-health", "metrics"):
+        requests.labels(probe, "200").inc(100)
+    requests.labels("other", "404").inc(7)                  # unknown paths: scanners, typos
+    assert scrape(url)["collector_requests_total"] == 7
 
 
 def test_lag_is_read_from_every_component_naming_of_the_gauge():
