@@ -118,7 +118,7 @@ def test_hostile_schema_keys_are_invalid_key_rows_without_a_traceback_or_a_cache
     assert message["error"] == "INVALID_IGLUURI" and badrow_shape_problems(bad[0]) == []
     assert len(message["json"]) < 400                          # the message quotes only the key's start
     assert [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info] == []
-    assert key not in enr.resolver._cache
+    assert key not in enr.resolver._cache and key not in enr.resolver._misses
 
 
 def test_schema_violation_reports_every_failing_entity():

@@ -43,7 +43,7 @@ def test_batches_respect_count_and_byte_limits():
     assert sum(len(c) for c in calls) == 12
 
 
-def test_producer_retries_only_failed_entries_and_keeps_order_per_key():
+def test_producer_retries_only_failed_entries_and_delivers_each_once():
     stream = MemoryStream(shard_count=2)
     stream.fail_next = 7
     producer = Producer(stream, sleep=lambda s: None)

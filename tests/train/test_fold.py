@@ -7,6 +7,8 @@ import json
 import random
 import struct
 import tracemalloc
+import zoneinfo
+from importlib import resources
 
 import numpy as np
 import pandas as pd
@@ -20,6 +22,7 @@ from batch.train_features import examples_of, records, session_examples
 from batch.train_lake import TrainError
 from batch.train_metrics import calibration, choose_threshold, evaluate, lift_top_decile
 from batch.train_table import folds, prepare
+from common import features as features_module
 from common.features import (
     FEATURE_NAMES,
     FEATURE_VERSION,
@@ -597,8 +600,24 @@ def _hour_and_weekday(zone: str | None, at: str) -> tuple[float, float]:
     return row["local_hour"], row["local_weekday"]
 
 
+@pytest.fixture
+def host_in_kolkata(tmp_path, monkeypatch):
+    """A host zone database whose "localtime" and "posixrules" are Kolkata's (this machine's are UTC,
+    where reading them would go unnoticed)."""
+    kolkata = resources.files("tzdata.zoneinfo").joinpath("Asia", "Kolkata").read_bytes()
+    for name in ("localtime", "posixrules"):
+        (tmp_path / name).write_bytes(kolkata)
+    zoneinfo.reset_tzpath(to=[str(tmp_path)])
+    zoneinfo.ZoneInfo.clear_cache()
+    features_module._zone.cache_clear()
+    yield
+    zoneinfo.reset_tzpath()
+    zoneinfo.ZoneInfo.clear_cache()
+    features_module._zone.cache_clear()
+
+
 @pytest.mark.parametrize("zone", ["localtime", "posixrules", "Factory", "Europe/../Berlin", "Mars/Olympus", "", None])
-def test_a_name_that_is_no_zone_reads_as_utc_whatever_the_hosts_zone(zone):
+def test_a_name_that_is_no_zone_reads_as_utc_whatever_the_hosts_zone(zone, host_in_kolkata):
     """"localtime" opened the host's own zone (hour 10 on a UTC host, 15 on one in Kolkata, 2 in Los
     Angeles), "posixrules" New York's: training and scoring on different hosts disagreed."""
     assert _hour_and_weekday(zone, "2026-11-20T10:00:00.000Z") == (10.0, 4.0)
