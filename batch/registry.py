@@ -17,7 +17,7 @@ import click
 
 from batch.train_config import TrainSettings
 from common import aws, logs, registry
-from common.cli import AwsGroup
+from common.cli import AwsGroup, ConfigFailed
 from common.config import ConfigError, load
 from common.features import FEATURE_VERSION
 
@@ -35,7 +35,7 @@ def _context(bucket: str | None, name: str | None):
     try:
         settings = load(RegistrySettings, section="train", bucket=bucket, model_name=name)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise ConfigFailed(exc) from None
     return aws.client("s3", settings.region), settings.bucket, settings.model_name
 
 

@@ -83,6 +83,7 @@ class TrainSettings(AwsSettings):
                                   ("max_bins", "of at least 2", lambda v: v >= 2),
                                   ("target_precision", "above 0 and at most 1", lambda v: 0 < v <= 1),
                                   ("elastic_net", "from 0 to 1", lambda v: 0 <= v <= 1),
+                                  ("auc_floor", "from 0 to 1", lambda v: 0 <= v <= 1),
                                   ("reg_param", "of at least 0", lambda v: v >= 0),
                                   ("champion_margin", "of at least 0", lambda v: v >= 0),
                                   ("keep_versions", "of at least 0", lambda v: v >= 0),

@@ -1,5 +1,5 @@
 """What every ``python -m`` command shares: a --help that starts nothing, and AWS failures told in
-one line (exit status 1) instead of a traceback."""
+one line (exit status 1) instead of a traceback, bad settings too (exit status 2)."""
 from __future__ import annotations
 
 import sys
@@ -16,6 +16,15 @@ class _AwsErrorsInOneLine:
             return super().invoke(ctx)
         except aws.ERRORS as exc:
             raise click.ClickException(aws.explain(exc)) from None
+
+
+class ConfigFailed(click.ClickException):
+    """A bad setting, told in one line with the key as set; exit status 2, as every component's start."""
+
+    exit_code = 2
+
+    def __init__(self, error: Exception):
+        super().__init__(f"config error: {error}")
 
 
 class AwsCommand(_AwsErrorsInOneLine, click.Command):

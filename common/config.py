@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import os
 import re
 import sys
@@ -75,6 +76,16 @@ GET_RECORDS_MAX = 10_000
 
 
 def _convert(key: str, raw: object, kind: type) -> object:
+    value = _parse(key, raw, kind)
+    # NaN passes every `<= 0` check and then never compares true: an interval of NaN never reads.
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {raw!r}")
+    if kind is Path and not str(raw).strip():
+        raise ConfigError(f"{key}: expected a path, got an empty value")    # Path("") is the working dir
+    return value
+
+
+def _parse(key: str, raw: object, kind: type) -> object:
     if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
         return raw
     if kind is tuple and isinstance(raw, list):          # a TOML array
@@ -165,12 +176,13 @@ def load(cls, *, section: str | None = None, env: typing.Mapping[str, str] | Non
         values[field.name] = _convert(keys[field.name], raw, kind)
         _check_common_kinds(keys[field.name], field.name, values[field.name])
     settings = cls(**values)
-    check = getattr(settings, "validate", None)
-    if check:
-        try:
+    try:
+        _require_names(settings)
+        check = getattr(settings, "validate", None)
+        if check:
             check()
-        except ConfigError as exc:
-            raise ConfigError(_as_set(str(exc), keys)) from None
+    except ConfigError as exc:
+        raise ConfigError(_as_set(str(exc), keys)) from None
     return settings
 
 
@@ -253,12 +265,19 @@ def _check_sections(data: dict, section: str | None) -> None:
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# A duration setting is named by its unit. Ten years is more than any of them needs; a longer one
+# (1e30 s) passed every check and then overflowed a sleep, a timestamp or a cookie date at run time.
+DURATION_UNITS = {"_ms": 0.001, "_s": 1, "_seconds": 1, "_minutes": 60, "_hours": 3600, "_days": 86400}
+MAX_DURATION_S = 10 * 365 * 86400
 
 
 def _check_common_kinds(key: str, name: str, value: object) -> None:
-    """Checks every component needs for its ports and log level, named by the key that was set."""
+    """Checks every component needs for its ports, durations and log level, named by the key that was set."""
     if (name == "port" or name.endswith("_port")) and not 0 <= value <= 65535:
         raise ConfigError(f"{key}: expected a port number from 0 to 65535, got {value!r}")
+    unit = next((unit for suffix, unit in DURATION_UNITS.items() if name.endswith(suffix)), None)
+    if unit and isinstance(value, (int, float)) and value * unit > MAX_DURATION_S:
+        raise ConfigError(f"{key}: expected at most ten years ({MAX_DURATION_S / unit:,.0f}), got {value!r}")
     if name == "log_level" and str(value).upper() not in LOG_LEVELS:
         raise ConfigError(f"{key}: expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
 
@@ -279,6 +298,14 @@ def require_positive(settings, *names: str) -> None:
             raise ConfigError(f"{ENV_PREFIX}{name.upper()}: expected a positive number, got {getattr(settings, name)!r}")
 
 
+def require_at_most(settings, name: str, limit: float, why: str) -> None:
+    """Raise ConfigError when a field is above ``limit`` (a value no deployment needs, which would
+    fail later, deep inside a thread, or take the disk)."""
+    value = getattr(settings, name)
+    if value > limit:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}: expected at most {limit:,} ({why}), got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class AwsSettings:
     """Names of the shared AWS resources; every component reads these."""
@@ -292,3 +319,11 @@ class AwsSettings:
     lease_table: str = "clickstream-leases"
     predictions_table: str = "clickstream-predictions"
     offers_table: str = "clickstream-offers"
+
+
+def _require_names(settings) -> None:
+    """An empty stream, bucket or table name failed only at the first AWS call, naming no setting."""
+    if isinstance(settings, AwsSettings):
+        for field in dataclasses.fields(AwsSettings):
+            if field.name != "region" and not getattr(settings, field.name).strip():
+                raise ConfigError(f"{ENV_PREFIX}{field.name.upper()}: expected a name, got an empty value")

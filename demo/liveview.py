@@ -81,6 +81,8 @@ class LiveViewSettings(AwsSettings):
     def validate(self) -> None:
         require_positive(self, "poll_s", "rate_window_s", "sessions_shown", "sessions_kept", "points_per_session",
                          "decisions_shown", "offers_shown", "offers_scan_limit", "offers_every_s", "model_every_s")
+        if self.lookback_s < 0:
+            raise ConfigError(f"CLICKSTREAM_LOOKBACK_S: expected 0 or more, got {self.lookback_s}")
         if self.sessions_kept < self.sessions_shown:
             raise ConfigError("CLICKSTREAM_SESSIONS_KEPT: must be at least CLICKSTREAM_SESSIONS_SHOWN "
                               f"({self.sessions_kept} < {self.sessions_shown})")

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from botocore.exceptions import ClientError
 
 from common import aws, logs, registry
-from common.cli import AwsCommand
+from common.cli import AwsCommand, ConfigFailed
 from common.config import AwsSettings, ConfigError, load
 from common.streams import KinesisShardReader, KinesisStream
 
@@ -294,7 +294,7 @@ def main(since_minutes: float | None, as_json: bool) -> None:
     try:
         settings = load(SummarySettings, section="summary")
     except ConfigError as exc:
-        raise click.ClickException(f"config error: {exc}") from None
+        raise ConfigFailed(exc) from None
     logs.setup(settings.log_level, json_lines=False)
     since = time.time() - since_minutes * 60 if since_minutes else None
     summary = summarize(settings, since, progress=lambda step: click.echo(f"... {step}", err=True))

@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 import click
 
 from common import logs
+from common.cli import ConfigFailed
 from common.config import AwsSettings, ConfigError, load
 from common.service import listening, stop_on_signals
 from demo import catalogue as cat
@@ -121,7 +122,7 @@ def main(port: int | None) -> None:
     try:
         settings = load(WebSettings, section="web", web_port=port)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise ConfigFailed(exc) from None
     with listening("web_host, web_port", settings.web_host, settings.web_port):
         server = ShopServer(settings)
     # serve_forever runs in a thread so SIGTERM can call shutdown() from the main thread.

@@ -36,6 +36,8 @@ class DiscountSettings(AwsSettings):
         require_positive(self, "budget_per_hour", "discount_percent", "offer_ttl_hours", "read_interval_s",
                          "max_prediction_age_s", "lease_ms")
         require_batch_limit(self, "batch_limit")
+        if self.min_events < 0:
+            raise ConfigError(f"CLICKSTREAM_MIN_EVENTS: expected 0 or more, got {self.min_events}")
         if self.offer_ttl_hours < PREDICTIONS_RETENTION_HOURS:
             # The offer row is what refuses a second offer: it must outlive the predictions a replay re-reads.
             raise ConfigError(f"CLICKSTREAM_OFFER_TTL_HOURS: expected at least {PREDICTIONS_RETENTION_HOURS} "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from common.config import AwsSettings, ConfigError, require_batch_limit, require_positive
+from common.config import AwsSettings, ConfigError, require_at_most, require_batch_limit, require_positive
 
 # Identifiers inside self-describing events and contexts that are personal data by default:
 # the browser tracker's client_session carries the domain user id; mobile contexts carry ad and
@@ -97,6 +97,7 @@ class EnrichSettings(AwsSettings):
         require_positive(self, "registry_cache_ttl_s", "dedupe_window_s", "ua_cache_size", "max_event_bytes",
                          "lease_ms", "read_interval_s", "max_collector_ahead_s")
         require_batch_limit(self, "batch_limit")
+        require_at_most(self, "ua_cache_size", 10_000_000, "user agents parsed and kept in memory")
         if self.pseudonymisation and not self.pseudonymisation_key:
             raise ConfigError("CLICKSTREAM_PSEUDONYMISATION_KEY: required while pseudonymisation is on "
                               "(set a secret key, or CLICKSTREAM_PSEUDONYMISATION=false to turn it off)")

@@ -80,6 +80,18 @@ def test_aws_failures_are_one_clear_line(command, case, overrides, expected):
     assert expected in result.stderr.splitlines()[-1], result.stderr
 
 
+@pytest.mark.parametrize("command", [["collector"], ["enrich"], ["scorer"], ["discount"], ["batch.loader"],
+                                     ["batch.cli", "ls"], ["batch.train"], ["batch.registry", "ls"], ["demo.liveview"],
+                                     ["demo.summary"], ["demo.web"], ["infra.provision", "--wait", "0"]])
+def test_a_bad_setting_stops_every_command_with_status_2_naming_it(command):
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "CLICKSTREAM_BUCKET": ""}
+    result = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "CLICKSTREAM_BUCKET: expected a name, got an empty value" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("module, port_key, host_key", [
     ("discount", "CLICKSTREAM_METRICS_PORT", "metrics_host, metrics_port"),
     ("demo.web", "CLICKSTREAM_WEB_PORT", "web_host, web_port"),

@@ -303,3 +303,49 @@ def test_a_batch_limit_above_what_getrecords_returns_is_refused_naming_the_key(c
     with pytest.raises(ConfigError, match=rf"^{key}: expected at most 10,000"):
         load(settings_class, section=section, env=env | {key: "10001"})
     assert load(settings_class, section=section, env=env | {key: "10000"})
+
+
+# ----------------------------------------------------------------------------- values that pass a sign check and fail later
+
+@pytest.mark.parametrize("env, file_text, named", [
+    ({"CLICKSTREAM_RATIO": "nan"}, "", "CLICKSTREAM_RATIO: expected a finite number, got 'nan'"),
+    ({"CLICKSTREAM_EXAMPLE_RATIO": "-inf"}, "", "CLICKSTREAM_EXAMPLE_RATIO: expected a finite number"),
+    ({}, "[example]\nratio = nan\n", "[example] ratio: expected a finite number, got nan"),
+    ({"CLICKSTREAM_FLUSH_MS": str(10**30)}, "", "CLICKSTREAM_FLUSH_MS: expected at most ten years (315,360,000,000)"),
+    ({}, "[common]\nflush_ms = 315_360_000_001\n", "[common] flush_ms: expected at most ten years"),
+    ({"CLICKSTREAM_BUCKET": ""}, "", "CLICKSTREAM_BUCKET: expected a name, got an empty value"),
+    ({}, "[common]\nraw_stream = ' '\n", "[common] raw_stream: expected a name"),
+])
+def test_nan_endless_durations_and_empty_names_are_refused_naming_the_key(tmp_path, env, file_text, named):
+    """NaN passed `<= 0` and then never compared true (a read interval of NaN never read); 1e30 ms
+    overflowed a timestamp in a thread that died while the process went on; an empty stream name
+    failed at the first AWS call as a parameter error naming no setting."""
+    file = tmp_path / "c.toml"
+    file.write_text(file_text)
+    with pytest.raises(ConfigError) as refused:
+        load(Checked, section="example", file=file, env=env)
+    assert str(refused.value).startswith(named)
+    assert load(Checked, section="example", env={"CLICKSTREAM_FLUSH_MS": "315360000000"}).flush_ms == 315_360_000_000
+
+
+@pytest.mark.parametrize("cls, section, env, named", [
+    ("collector.config.CollectorSettings", "collector", {"CLICKSTREAM_SPOOL_SEGMENT_BYTES": str(10**30)},
+     "CLICKSTREAM_SPOOL_SEGMENT_BYTES: expected at most 1,073,741,824"),      # was written out as zeros
+    ("collector.config.CollectorSettings", "collector", {"CLICKSTREAM_WORKERS": "100000"},
+     "CLICKSTREAM_WORKERS: expected at most 256"),
+    ("collector.config.CollectorSettings", "collector", {"CLICKSTREAM_SHUTDOWN_TIMEOUT_S": "-1"},
+     "CLICKSTREAM_SHUTDOWN_TIMEOUT_S: expected 0 or more"),
+    ("enrich.config.EnrichSettings", "enrich", {"CLICKSTREAM_PSEUDONYMISATION": "false",
+                                                "CLICKSTREAM_UA_CACHE_SIZE": str(10**30)},
+     "CLICKSTREAM_UA_CACHE_SIZE: expected at most 10,000,000"),
+    ("batch.train_config.TrainSettings", "train", {"CLICKSTREAM_AUC_FLOOR": "2"},
+     "CLICKSTREAM_AUC_FLOOR: expected a number from 0 to 1"),
+    ("discount.settings.DiscountSettings", "discount", {"CLICKSTREAM_MIN_EVENTS": "-1"},
+     "CLICKSTREAM_MIN_EVENTS: expected 0 or more"),
+    ("demo.liveview.LiveViewSettings", "liveview", {"CLICKSTREAM_LOOKBACK_S": "-1"},
+     "CLICKSTREAM_LOOKBACK_S: expected 0 or more"),
+])
+def test_component_limits_are_checked_at_start_naming_the_key(cls, section, env, named):
+    module, name = cls.rsplit(".", 1)
+    with pytest.raises(ConfigError, match=f"^{re.escape(named)}"):
+        load(getattr(importlib.import_module(module), name), section=section, env=env)
