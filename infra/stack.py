@@ -29,7 +29,9 @@ class Process:
     module: str
     health_url: str | None = None
     args: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()    # defaults for this process only; the environment wins
+    # Defaults for this process only; the same variable in the environment wins. They are the
+    # section form, so a plain CLICKSTREAM_METRICS_PORT does not move them: the health URLs expect them.
+    env: tuple[tuple[str, str], ...] = ()
     stop_signal: signal.Signals = signal.SIGTERM
     # What `status` asks, when it says more than the start-up check: the collector's /health answers
     # while its stream is unreachable, /sink-health does not.

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import importlib
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -92,6 +94,23 @@ def test_the_longest_prefix_the_template_allows_still_makes_a_valid_bucket_name(
     name = bucket.replace("${Prefix}", "p" * longest).replace("${AWS::AccountId}", "1" * 12) \
         .replace("${AWS::Region}", "us-isof-south-1")     # the longest region name (15 characters)
     assert len(name) <= 63, name
+
+
+def test_prometheus_can_reach_every_port_a_task_serves(template):
+    """Each service's task serves /metrics on its container port; the security groups let in only
+    what they list, so a port missing from them is a component nobody can scrape."""
+    services = resources(template, "AWS::ECS::Service")
+    assert len(services) == 5
+    for name, service in services.items():
+        task = template["Resources"][service["Properties"]["TaskDefinition"]["Ref"]]
+        ports = {mapping["ContainerPort"] for container in task["Properties"]["ContainerDefinitions"]
+                 for mapping in container.get("PortMappings", [])}
+        groups = service["Properties"]["NetworkConfiguration"]["AwsvpcConfiguration"]["SecurityGroups"]
+        rules = [rule for group in groups
+                 for rule in template["Resources"][group["Ref"]]["Properties"].get("SecurityGroupIngress", [])
+                 if rule.get("CidrIp") == {"Ref": "MonitoringCidr"}]
+        unreachable = {port for port in ports if not any(r["FromPort"] <= port <= r["ToPort"] for r in rules)}
+        assert ports and not unreachable, f"{name}: ports {sorted(unreachable)} closed to MonitoringCidr"
 
 
 def _statements(role: dict) -> list[dict]:
@@ -184,6 +203,39 @@ def test_compose_file_parses_and_every_service_has_a_healthcheck(path):
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (path.parent / source).exists(), f"{name} mounts missing {source}"
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("answer, healthy", [
+    ({"completed": True, "scripts": [{"stage": "READY", "name": "provision.sh", "state": "SUCCESSFUL"}]}, True),
+    ({"completed": True, "scripts": [{"stage": "READY", "name": "provision.sh", "state": "ERROR"}]}, False),
+    ({"completed": False, "scripts": [{"stage": "READY", "name": "provision.sh", "state": "RUNNING"}]}, False),
+])
+def test_localstack_is_healthy_only_once_provisioning_succeeded(path, answer, healthy):
+    """LocalStack calls its READY stage completed even when a hook failed: the components would start
+    against streams that were never made and restart in a loop."""
+    check = yaml.safe_load(path.read_text())["services"]["localstack"]["healthcheck"]["test"][1]
+
+    class InitStage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps(answer).encode() if self.path == "/_localstack/init/ready" else b"{}"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), InitStage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        # Compose writes a shell's $ as $$; the container's port 4566 is this server's.
+        command = check.replace("$$", "$").replace("localhost:4566", f"127.0.0.1:{server.server_address[1]}")
+        result = subprocess.run(["sh", "-c", command], capture_output=True, timeout=30, check=False)
+    finally:
+        server.shutdown()
+    assert (result.returncode == 0) == healthy, result
 
 
 def test_full_compose_runs_every_component_against_localstack():
