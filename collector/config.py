@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from common.config import AwsSettings, ConfigError, load, require_at_most, require_positive
+from common.config import AwsSettings, ConfigError, load, require_at_most, require_non_negative, require_positive
 
 FSYNC_POLICIES = ("always", "interval", "never")
 SINKS = ("kinesis", "memory")
@@ -59,9 +59,7 @@ class CollectorSettings(AwsSettings):
         require_positive(self, "port", "workers", "max_concurrent_requests", "linger_ms", "batch_records", "batch_bytes", "sink_timeout_s",
                          "spool_max_bytes", "spool_segment_bytes", "spool_segment_max_age_s", "fsync_interval_ms", "retry_after_s",
                          "max_payload_bytes", "max_request_bytes", "bad_payload_keep_bytes", "cookie_days")
-        for name in ("trusted_proxy_hops", "shutdown_timeout_s", "cors_max_age_s"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"CLICKSTREAM_{name.upper()}: expected 0 or more, got {getattr(self, name)!r}")
+        require_non_negative(self, "trusted_proxy_hops", "shutdown_timeout_s", "cors_max_age_s")
         require_at_most(self, "workers", 256, "one process per core")
         require_at_most(self, "max_concurrent_requests", 65_536, "per worker; each may hold a request body")
         require_at_most(self, "spool_segment_bytes", 1 << 30, "a segment is written out in full before use")

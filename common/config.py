@@ -298,6 +298,13 @@ def require_positive(settings, *names: str) -> None:
             raise ConfigError(f"{ENV_PREFIX}{name.upper()}: expected a positive number, got {getattr(settings, name)!r}")
 
 
+def require_non_negative(settings, *names: str) -> None:
+    """Raise ConfigError for the first named field that is below 0."""
+    for name in names:
+        if getattr(settings, name) < 0:
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()}: expected 0 or more, got {getattr(settings, name)!r}")
+
+
 def require_at_most(settings, name: str, limit: float, why: str) -> None:
     """Raise ConfigError when a field is above ``limit`` (a value no deployment needs, which would
     fail later, deep inside a thread, or take the disk)."""

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common import aws, logs, registry
 from common.cli import run_command
-from common.config import AwsSettings, ConfigError, require_positive
+from common.config import AwsSettings, ConfigError, require_non_negative, require_positive
 from common.consumer import Consumer
 from common.leases import DynamoLeaseTable
 from common.service import listening, settings_or_exit, stop_on_signals
@@ -81,8 +81,7 @@ class LiveViewSettings(AwsSettings):
     def validate(self) -> None:
         require_positive(self, "poll_s", "rate_window_s", "sessions_shown", "sessions_kept", "points_per_session",
                          "decisions_shown", "offers_shown", "offers_scan_limit", "offers_every_s", "model_every_s")
-        if self.lookback_s < 0:
-            raise ConfigError(f"CLICKSTREAM_LOOKBACK_S: expected 0 or more, got {self.lookback_s}")
+        require_non_negative(self, "lookback_s")
         if self.sessions_kept < self.sessions_shown:
             raise ConfigError("CLICKSTREAM_SESSIONS_KEPT: must be at least CLICKSTREAM_SESSIONS_SHOWN "
                               f"({self.sessions_kept} < {self.sessions_shown})")

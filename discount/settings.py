@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from common.config import AwsSettings, ConfigError, load, require_batch_limit, require_positive
+from common.config import AwsSettings, ConfigError, load, require_batch_limit, require_non_negative, require_positive
 
 # How long the predictions stream keeps records (Kinesis' default; infra/provision.py and the template keep it).
 PREDICTIONS_RETENTION_HOURS = 24
@@ -36,8 +36,7 @@ class DiscountSettings(AwsSettings):
         require_positive(self, "budget_per_hour", "discount_percent", "offer_ttl_hours", "read_interval_s",
                          "max_prediction_age_s", "lease_ms")
         require_batch_limit(self, "batch_limit")
-        if self.min_events < 0:
-            raise ConfigError(f"CLICKSTREAM_MIN_EVENTS: expected 0 or more, got {self.min_events}")
+        require_non_negative(self, "min_events")
         if self.offer_ttl_hours < PREDICTIONS_RETENTION_HOURS:
             # The offer row is what refuses a second offer: it must outlive the predictions a replay re-reads.
             raise ConfigError(f"CLICKSTREAM_OFFER_TTL_HOURS: expected at least {PREDICTIONS_RETENTION_HOURS} "

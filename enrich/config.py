@@ -4,7 +4,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from common.config import AwsSettings, ConfigError, require_at_most, require_batch_limit, require_positive
+from common.config import (
+    AwsSettings,
+    ConfigError,
+    require_at_most,
+    require_batch_limit,
+    require_non_negative,
+    require_positive,
+)
 
 # Identifiers inside self-describing events and contexts that are personal data by default:
 # the browser tracker's client_session carries the domain user id; mobile contexts carry ad and
@@ -112,8 +119,7 @@ class EnrichSettings(AwsSettings):
             raise ConfigError(f"CLICKSTREAM_IP_ANON_SEGMENTS: expected 0-8, got {self.ip_anon_segments}")
         if not 0 <= self.geolocation_decimals <= 6:
             raise ConfigError(f"CLICKSTREAM_GEOLOCATION_DECIMALS: expected 0-6, got {self.geolocation_decimals}")
-        if self.dedupe_entries < 0:
-            raise ConfigError(f"CLICKSTREAM_DEDUPE_ENTRIES: expected >= 0, got {self.dedupe_entries}")
+        require_non_negative(self, "dedupe_entries")
         for entry in self.pii_fields:
             try:
                 parse_pii_field(entry)
