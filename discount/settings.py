@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from common.config import AwsSettings, ConfigError, load, require_batch_limit, require_non_negative, require_positive
+from common.config import AwsSettings, ConfigError, require_batch_limit, require_non_negative, require_positive
 
 # How long the predictions stream keeps records (Kinesis' default; infra/provision.py and the template keep it).
 PREDICTIONS_RETENTION_HOURS = 24
@@ -48,7 +48,3 @@ class DiscountSettings(AwsSettings):
         if self.offer_threshold > self.offer_ceiling:
             raise ConfigError("CLICKSTREAM_OFFER_THRESHOLD: must not be above CLICKSTREAM_OFFER_CEILING "
                               f"({self.offer_threshold} > {self.offer_ceiling})")
-
-
-def load_settings(**overrides) -> DiscountSettings:
-    return load(DiscountSettings, section="discount", **overrides)

@@ -13,7 +13,6 @@ The proxy forwards every request unchanged, except that it can
 """
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import threading
@@ -163,10 +162,6 @@ class FaultProxy:
         answer["Records"] = merged
         answer["FailedRecordCount"] = answer.get("FailedRecordCount", 0) + len(fail)
         return json.dumps(answer).encode()
-
-
-def decode_data(record: dict) -> bytes:
-    return base64.b64decode(record["Data"])
 
 
 class ThrottledFor(MemoryStream):

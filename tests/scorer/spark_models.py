@@ -37,8 +37,3 @@ def train(spark, algorithm: str = "gbt", trees: int = 20, depth: int = 3, sessio
     onnx_model = convert_sparkml(model.stages[-1], "buy", [("features", FloatTensorType([None, len(FEATURE_NAMES)]))],
                                  target_opset=15, spark_session=spark)
     return model, onnx_model.SerializeToString()
-
-
-def spark_probabilities(spark, model, rows: list[list[float]]) -> list[float]:
-    frame = spark.createDataFrame([tuple(row) for row in rows], list(FEATURE_NAMES))
-    return [row.probability[1] for row in model.transform(frame).select("probability").collect()]
