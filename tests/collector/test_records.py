@@ -1,6 +1,8 @@
 """Raw record building and splitting, without a server."""
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -62,6 +64,21 @@ def test_an_oversized_body_with_an_event_too_deep_to_write_back_whole_is_a_bad_r
             + b'}, {"e": "pv", "pad": "' + b"x" * 1_200_000 + b'"}]}')
     records, [row] = build(hit(body), 1_000_000, 1000)
     assert records == [] and row["data"]["failure"]["actualSizeBytes"] > 1_200_000
+
+
+def test_a_request_whose_own_fields_fill_half_a_record_is_one_bad_row_not_one_per_event():
+    """Each part of a split repeats the headers: 700,000 tiny events under a 250 kB user agent of quotes
+    (escaped twice) made a 1 MB bad row per event, 35 GB, the event loop blocked for 45 minutes."""
+    events = [{"e": "pv", "n": str(i)} for i in range(20_000)]
+    request = hit(orjson.dumps({"schema": PAYLOAD, "data": events}))
+    for quotes in (30_000, 60_000):                     # the fields take over half a record; over a whole one
+        records, [row] = build(dataclasses.replace(request, useragent='"' * quotes), 100_000, 1000)
+        assert records == [] and row["data"]["failure"]["actualSizeBytes"] > 100_000 + len(events) * 10
+        assert len(row["data"]["payload"]) == 1000                # cut to bad_payload_keep_bytes
+
+    lighter = dataclasses.replace(request, useragent='"' * 20_000)  # under half a record: split as ever
+    records, bad = build(lighter, 100_000, 1000)
+    assert not bad and [e for r in records for e in orjson.loads(orjson.loads(r)["body"])["data"]] == events
 
 
 def test_partition_key_is_the_user_id_or_random():
