@@ -313,7 +313,7 @@ class Collector:
         for every hit spooled before it began; the hits that arrive meanwhile wait for the next one.
         A thread hop per hit instead (each taking the GIL back) cost more than the fsyncs."""
         spool = self.spool
-        while spool.synced < end:
+        while not spool.is_synced(end):
             # A finished round counts as none: awaiting it again would not yield, and loop for ever.
             if self._fsync is None or self._fsync.done():
                 self._fsync = asyncio.get_running_loop().run_in_executor(None, spool.sync_to, spool.end)

@@ -130,6 +130,7 @@ class Spool:
         self._ready = (self.dir / READY).exists()
         self.cursor, self.records = self._recover()
         self.synced = self.end
+        self._unsynced = (0, 0)             # offsets after the first, up to the second: an fsync failed
         # Only commit deletes segments and rotation only adds later ones: while this is the active
         # base, no older segment exists and neither reading nor committing needs to list the folder.
         self._oldest = (self._segments() or [self.active_base])[0]
@@ -235,12 +236,18 @@ class Spool:
         size = max(self.segment_bytes, used + room)
         # fallocate would turn the prepared zeros back into reserved, unwritten blocks.
         prepared = not existed and used == 0 and self._take_ready(path, size)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)     # raw hits: IPs, cookies
+        fd, mapped = os.open(path, os.O_RDWR | os.O_CREAT, 0o600), None     # raw hits: IPs, cookies
         try:
             if not prepared:
                 _preallocate(fd, size)
-            return fd, mmap.mmap(fd, size)
+            mapped = mmap.mmap(fd, size)
+            if self.fsync_always and not existed:
+                # The new name must be on disk before a hit in it is answered, the first segment's too.
+                _fsync_dir(self.dir)
+            return fd, mapped
         except OSError:
+            if mapped is not None:
+                mapped.close()
             os.close(fd)
             if not existed:
                 # A segment file in the middle of the active one's offsets would mislead readers.
@@ -257,6 +264,9 @@ class Spool:
             os.ftruncate(fd, self.end - self.active_base)
             os.fsync(fd)
             self.synced = self.end
+        except OSError:
+            self._fsync_failed(self.synced, self.end)
+            raise
         finally:
             os.close(fd)
 
@@ -271,8 +281,6 @@ class Spool:
                 self._close_segment()
         finally:
             self.fd, self._map, self.active_base, self.active_since = fd, mapped, self.end, time.monotonic()
-        if self.fsync_always:
-            _fsync_dir(self.dir)
 
     def _take_ready(self, path: Path, size: int) -> bool:
         """Rename the prepared segment to ``path`` when there is one of ``size`` bytes, all of them
@@ -341,22 +349,41 @@ class Spool:
     def sync_to(self, offset: int) -> None:
         """fsync until ``offset`` is durable. Concurrent callers share one fsync (group commit)."""
         with self._sync_lock:
-            if self.synced >= offset:
+            if self.is_synced(offset):
                 return
             with self._lock:
-                fd, target = self.fd, self.end
+                fd, base, target = self.fd, self.active_base, self.end
             try:
                 os.fsync(fd)
-            except (OSError, ValueError):           # ValueError: fd -1, a failed rotation or close()
-                # The segment rotated (and was fsynced) under us; fsync the new one.
+            except (OSError, ValueError) as exc:    # ValueError: fd -1, a failed rotation or close()
                 with self._lock:
+                    rotated = (self.fd, self.active_base) != (fd, base)
                     fd, target = self.fd, self.end
+                if not rotated and fd >= 0:
+                    # A failed write-back (EIO): Linux marks the pages clean all the same, so an fsync
+                    # again would pass without the bytes on disk.
+                    self._fsync_failed(self.synced, target)
+                    raise
+                # The segment rotated (and was fsynced) under us; fsync the new one.
                 if fd < 0:
-                    if self.synced >= offset:       # close() made it durable meanwhile
+                    if self.is_synced(offset):      # close() made it durable meanwhile
                         return
-                    raise OSError(errno.EBADF, "the spool's segment is closed") from None
+                    raise OSError(errno.EBADF, "the spool's segment is closed") from exc
                 os.fsync(fd)
             self.synced = max(self.synced, target)
+            self.is_synced(offset)                  # raises when a failed fsync covered it
+
+    def is_synced(self, offset: int) -> bool:
+        """Whether the spool is durable up to ``offset``; OSError when an fsync that covered it failed."""
+        if self._unsynced[0] < offset <= self._unsynced[1]:
+            raise OSError(errno.EIO, "an fsync of the spool failed: this hit may not be on disk")
+        return self.synced >= offset
+
+    def _fsync_failed(self, start: int, end: int) -> None:
+        """Hits from ``start`` to ``end`` may not be on disk, whatever later fsyncs say: they are
+        answered 503, not 200 (their client sends them again; those on disk are delivered too)."""
+        low, high = self._unsynced
+        self._unsynced = (start, end) if high <= low else (min(low, start), max(high, end))
 
     # ------------------------------------------------------------------ reading (sender only)
 

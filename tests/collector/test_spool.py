@@ -182,6 +182,64 @@ def test_a_hit_awaiting_its_fsync_when_the_spool_closes_is_durable_not_an_error(
     spool.sync_to(end)                                  # answered 200, not a ValueError on fd -1 (a 500)
 
 
+def fsync_failing_once(monkeypatch, after: int = 0) -> None:
+    """The fsync after the next ``after`` fails as a disk's write-back error does; Linux then marks the
+    pages clean, so the fsyncs after it pass."""
+    import collector.spool
+
+    real_fsync, calls = os.fsync, []
+
+    def failing_once(fd):
+        calls.append(fd)
+        if len(calls) <= after:
+            return real_fsync(fd)
+        monkeypatch.setattr(collector.spool.os, "fsync", real_fsync)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(collector.spool.os, "fsync", failing_once)
+
+
+def test_a_hit_whose_fsync_failed_is_never_called_durable(tmp_path, monkeypatch):
+    """fsync=always answers 200 only once the hit is on disk: a retried fsync on the same file passed
+    after EIO, so the hit was answered 200 without being on disk."""
+    spool = Spool(tmp_path, max_bytes=1 << 20, fsync="always")
+    end = spool.append(encode(RAW, "k", b"hit"), 1)
+    fsync_failing_once(monkeypatch)
+    for _ in range(2):                                  # asked again, as the next waiting hit does
+        with pytest.raises(OSError, match="Input/output error|may not be on disk"):
+            spool.sync_to(end)
+    later = spool.append(encode(RAW, "k", b"later hit"), 1)
+    spool.sync_to(later)                                # written after the failure: durable as usual
+    assert spool.is_synced(later)
+
+
+def test_a_hit_in_a_segment_whose_closing_fsync_failed_is_not_made_durable_by_the_next_segment(tmp_path, monkeypatch):
+    spool = Spool(tmp_path, max_bytes=1 << 20, max_age_s=0, fsync="always")
+    end = spool.append(encode(RAW, "k", b"hit"), 1)
+    fsync_failing_once(monkeypatch, after=1)           # the new segment's folder entry, then the old one
+    with pytest.raises(OSError):
+        spool.rotate_if_old()
+    later = spool.append(encode(RAW, "k", b"later hit"), 1)
+    with pytest.raises(OSError, match="may not be on disk"):
+        spool.sync_to(end)
+    spool.sync_to(later)
+    assert spool.is_synced(later)
+
+
+def test_fsync_always_makes_every_new_segment_name_durable_the_first_one_too(tmp_path, monkeypatch):
+    """A first segment named by a rename that never reached the disk came back as the prepared
+    ``next.ready`` after a power cut, which recovery ignores and the next segment overwrites."""
+    import collector.spool
+
+    synced_dirs = []
+    real = collector.spool._fsync_dir
+    monkeypatch.setattr(collector.spool, "_fsync_dir", lambda path: synced_dirs.append(path) or real(path))
+    spool = Spool(tmp_path, max_bytes=1 << 20, max_age_s=0, fsync="always")
+    assert synced_dirs == [tmp_path]
+    spool.sync_to(spool.append(encode(RAW, "k", b"hit"), 1))
+    assert spool.rotate_if_old() and synced_dirs == [tmp_path, tmp_path]
+
+
 def test_a_segment_that_fails_to_close_leaves_the_spool_writable(tmp_path, monkeypatch):
     import collector.spool
 
