@@ -100,6 +100,10 @@ TEMPLATE = dict.fromkeys([*STRINGS.values(), *FLOATS.values(), *INTS.values(),
 MIN_TSTAMP, MAX_TSTAMP = 0, 4_102_444_800_000     # 1970 .. 2100, in ms
 TSTAMP_RANGE = "epoch milliseconds between 1970 and 2100"
 INT_LIMIT = 2_147_483_647
+# A bad row per failed event repeats its record's fields (headers above all): 500,000 one-byte events
+# failing in a 1 MB record would make gigabytes, and kill the enricher on it at every restart. Past
+# this many bytes of a record's bad rows, its remaining failed events share one row.
+BAD_ROW_BYTES_PER_RECORD = 4_000_000
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 
 
@@ -169,6 +173,16 @@ def collector_tstamp_errors(collector: int, etl_ms: int, max_ahead_ms: int) -> l
     return []
 
 
+def _held_back_row(hit: protocol.Hit, indices: list[int]) -> dict:
+    """One row for the failed events past the record's bad-row budget: a record of just those events,
+    which replay enriches again (each then gets its own row, or goes through once fixed)."""
+    shown = ", ".join(map(str, indices[:20])) + (", …" if len(indices) > 20 else "")
+    return badrows.format_violation(
+        orjson.dumps(protocol.events_record(hit, indices)),
+        f"{len(indices)} more event(s) of this record failed (index {shown}) after its bad rows reached "
+        f"{BAD_ROW_BYTES_PER_RECORD:,} bytes; this row holds them all as one record, replayable")
+
+
 class Enricher:
     def __init__(self, settings: EnrichSettings, resolver: Resolver | None = None):
         self.settings = settings
@@ -201,48 +215,56 @@ class Enricher:
         except Exception as exc:  # a bug must cost one bad row, not a stalled shard (the raw record kept)
             log.exception("unexpected error reading a raw record")
             return [], [badrows.format_violation(raw, f"unexpected error: {type(exc).__name__}: {exc}")]
-        good, bad, unwritable = [], [], []
+        good, bad, unwritable, held_back = [], [], [], []
+        bad_bytes = 0
         etl_ms = utc_now_ms()
         etl_tstamp = iso_ms(etl_ms)
         # Once per record: its events share the collector's timestamp.
         collector_errors = collector_tstamp_errors(record["collector_tstamp"], etl_ms, self.max_collector_ahead_ms)
-        for index, params in enumerate(hit.events):
+        for index in range(len(hit.events)):
             try:
-                found = self._event(hit, params, etl_tstamp, collector_errors,
+                found = self._event(hit, index, etl_tstamp, collector_errors,
                                     functools.partial(derived_event_id, raw, index))
             except EventFailure as exc:
-                self._add_bad_row(bad, unwritable, index, exc, hit, params)
-                continue
+                failure = exc
             except Exception as exc:  # a bug must cost one bad row, not a stalled shard
                 log.exception("unexpected error enriching an event")
-                self._add_bad_row(bad, unwritable, index, EventFailure("enrichment_failures", [
-                    {"enrichment": None, "message": {"error": f"{type(exc).__name__}: {exc}"[:512]}}]), hit, params)
+                failure = EventFailure("enrichment_failures", [
+                    {"enrichment": None, "message": {"error": f"{type(exc).__name__}: {exc}"[:512]}}])
+            else:
+                if found is not None:
+                    event, data = found
+                    # The scorer's session key: a session's events stay in order on one shard.
+                    good.append((session_key(event), event, data))
                 continue
-            if found is not None:
-                event, data = found
-                # The scorer's session key: a session's events stay in order on one shard.
-                good.append((session_key(event), event, data))
+            if bad_bytes > BAD_ROW_BYTES_PER_RECORD:
+                held_back.append(index)
+            else:
+                bad_bytes += self._add_bad_row(bad, unwritable, index, failure, hit)
         if unwritable:
             # One row for all of them, each copy of the record would repeat it (and its good events on replay).
             bad.append(badrows.format_violation(raw, f"event(s) {', '.join(unwritable)} failed and their bad rows "
                                                      "cannot be written as JSON (nested over 254 levels)"))
+        if held_back:
+            bad.append(_held_back_row(hit, held_back))
         return good, bad
 
     def _add_bad_row(self, bad: list[dict], unwritable: list[str], index: int, failure: EventFailure,
-                     hit: protocol.Hit, params: object) -> None:
-        """The event's bad row, or, when that row cannot be written as JSON, note it for one row that
-        keeps the whole raw record: orjson reads 1,024 levels of nesting but writes only 254, and a
-        row raising later would stop the enricher on that record at every restart."""
+                     hit: protocol.Hit) -> int:
+        """The event's bad row, and its size, or, when that row cannot be written as JSON, note it for
+        one row that keeps the whole raw record: orjson reads 1,024 levels of nesting but writes only
+        254, and a row raising later would stop the enricher on that record at every restart."""
         try:
-            row = self._bad_row(failure, hit, params)
-            orjson.dumps(row)
+            row = self._bad_row(failure, hit, index)
+            size = len(orjson.dumps(row))
         except orjson.JSONEncodeError:
             unwritable.append(f"{index} ({failure.kind})")
-            return
+            return 0
         bad.append(row)
+        return size
 
-    def _bad_row(self, failure: EventFailure, hit: protocol.Hit, params: object) -> dict:
-        record = protocol.event_record(hit, params)
+    def _bad_row(self, failure: EventFailure, hit: protocol.Hit, index: int) -> dict:
+        record, params = protocol.events_record(hit, [index]), hit.events[index]
         parameters = params if isinstance(params, dict) else {"_": params}
         if failure.kind == "tracker_protocol_violations":
             return badrows.protocol_violation(record, failure.messages, parameters)
@@ -254,8 +276,9 @@ class Enricher:
 
     # ------------------------------------------------------------------ one event
 
-    def _event(self, hit: protocol.Hit, params: dict, etl_tstamp: str, collector_errors: list[dict],
+    def _event(self, hit: protocol.Hit, index: int, etl_tstamp: str, collector_errors: list[dict],
                fallback_id) -> tuple[dict, bytes] | None:
+        params = hit.events[index]
         problems = protocol.check_event(params, hit, self.resolver)
         kind = params.get("e") if isinstance(params, dict) else None
         event_type = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
@@ -281,7 +304,7 @@ class Enricher:
         size = len(data)
         if size > self.settings.max_event_bytes:
             raise EventFailure("size_violation", [badrows.size_violation(
-                orjson.dumps(protocol.event_record(hit, params)), self.settings.max_event_bytes,
+                orjson.dumps(protocol.events_record(hit, [index])), self.settings.max_event_bytes,
                 f"an enriched event of at most {self.settings.max_event_bytes} bytes, got {size}")])
         if self.deduper.seen(event["event_id"], event["event_fingerprint"]):
             return None

@@ -50,6 +50,8 @@ class Hit:
     events: list[dict]
     # For POST bodies, the payload_data key the body declared (each event is validated against it).
     payload_key: str | None = None
+    # For a webhook's JSON list, its items: a failed one is replayed alone, not with the whole list.
+    items: list | None = None
 
 
 def parse_record(raw: bytes) -> dict:
@@ -89,7 +91,7 @@ def split(record: dict) -> Hit:
     if method == "GET" and path == REDIRECT_PATH:
         return Hit(record, [_redirect(record, parse_query(record.get("querystring") or ""))])
     if method in ("GET", "POST") and path == IGLU_WEBHOOK_PATH:
-        return Hit(record, _iglu_webhook(record))
+        return _iglu_webhook(record)
     raise RecordError(badrows.adapter_failure(
         record, [badrows.message("path", f"{method} {path}", "a Snowplow tracker endpoint: GET /i, "
                                  "/ice.png, /com.snowplowanalytics.snowplow/tp1|tp2, POST .../tp2, GET /r/tp2 "
@@ -126,13 +128,13 @@ def _with_context(params: dict[str, str], entity: dict) -> dict[str, str]:
     return {"co": merged.decode()}
 
 
-def _iglu_webhook(record: dict) -> list[dict]:
+def _iglu_webhook(record: dict) -> Hit:
     """Self-describing events from an Iglu webhook, as Snowplow's Iglu adapter reads them: ``schema``
     names the schema and the other query parameters (GET), a form body, or a JSON body (one object, or
     a list for several events) are the data; without ``schema`` the body is a self-describing JSON."""
     query = parse_query(record.get("querystring") or "")
     schema, body = query.pop("schema", None), _body(record)
-    platform = "app"
+    platform, items = "app", None
     if schema is None:
         payload = _json(record, body)
         if not isinstance(payload, dict) or not isinstance(payload.get("schema"), str) or "data" not in payload:
@@ -145,13 +147,15 @@ def _iglu_webhook(record: dict) -> list[dict]:
         entries, platform = [(schema, parse_query(body))], "srv"
     else:
         data = _json(record, body)
+        items = data if isinstance(data, list) else None
         entries = [(schema, item) for item in (data if isinstance(data, list) else [data])]
         if not entries:
             raise RecordError(badrows.adapter_failure(record, [badrows.message("body", body, "at least one event")]))
     fields = {name: query[name] for name in WEBHOOK_FIELDS if name in query}
-    return [{**fields, "e": "ue", "tv": "com.snowplowanalytics.iglu-v1", "p": query.get("p", platform),
-             "ue_pr": orjson.dumps({"schema": UNSTRUCT_EVENT, "data": {"schema": key, "data": data}}).decode()}
-            for key, data in entries]
+    events = [{**fields, "e": "ue", "tv": "com.snowplowanalytics.iglu-v1", "p": query.get("p", platform),
+               "ue_pr": orjson.dumps({"schema": UNSTRUCT_EVENT, "data": {"schema": key, "data": data}}).decode()}
+              for key, data in entries]
+    return Hit(record, events, items=items)
 
 
 def _json(record: dict, body: str | None) -> object:
@@ -224,11 +228,15 @@ def _decode_body(record: dict) -> str:
             record, [badrows.message("body_base64", record["body_base64"], "a UTF-8 body (base64)")])) from None
 
 
-def event_record(hit: Hit, params: object) -> dict:
-    """The replayable raw record for one event: a POST record rewritten to carry only this event."""
-    if hit.payload_key is None:
+def events_record(hit: Hit, indices: list[int]) -> dict:
+    """The replayable raw record for some of a hit's events: a record of several events rewritten to
+    carry only these (one record holds one event otherwise)."""
+    if hit.payload_key is not None:
+        body = orjson.dumps({"schema": hit.payload_key, "data": [hit.events[i] for i in indices]}).decode()
+    elif hit.items is not None:
+        body = orjson.dumps([hit.items[i] for i in indices]).decode()
+    else:
         return hit.record
-    body = orjson.dumps({"schema": hit.payload_key, "data": [params]}).decode()
     return {**hit.record, "body": body, "body_base64": None}
 
 
