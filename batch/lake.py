@@ -17,7 +17,9 @@ import datetime as dt
 import gzip
 import io
 import json
+import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,8 @@ import pyarrow.parquet as pq
 
 from common.features import parse_ms
 from common.service import gc_paused
+
+log = logging.getLogger(__name__)
 
 LOADER_ARTIFACT = "clickstream-lake-loader"
 LOADER_VERSION = "0.1.0"
@@ -430,6 +434,7 @@ def read_bad(s3, bucket: str, start=None, end=None) -> Iterator[tuple[str, dict]
 # ---------------------------------------------------------------------------------------- local sync
 
 MANIFEST = ".sync-manifest.json"
+LAKE_FILE = re.compile(r"enriched/date=\d{4}-\d{2}-\d{2}/hour=\d{2}/[^/.][^/]*\.parquet")
 
 
 def sync_partitions(bucket: str, start_date: str | dt.date, end_date: str | dt.date, cache_dir: str | Path,
@@ -452,8 +457,7 @@ def sync_partitions(bucket: str, start_date: str | dt.date, end_date: str | dt.d
     root = cache / "enriched"
     manifest_path = cache / MANIFEST
     manifest = _read_manifest(manifest_path)
-    objects = [obj for obj in objects_between(s3, bucket, "enriched", start_date, end_date)
-               if obj["Key"].endswith(".parquet")]
+    objects = _lake_files(objects_between(s3, bucket, "enriched", start_date, end_date))
     todo = [obj for obj in objects if not _cached(cache, manifest, obj)]
     with tqdm(total=sum(obj["Size"] for obj in todo), unit="B", unit_scale=True, desc="sync lake",
               disable=not progress) as bar:
@@ -474,6 +478,21 @@ def sync_partitions(bucket: str, start_date: str | dt.date, end_date: str | dt.d
     partial.write_text(json.dumps(manifest, indent=0, sort_keys=True))
     os.replace(partial, manifest_path)          # a full disk leaves the previous manifest whole
     return root
+
+
+def _lake_files(objects: list[dict]) -> list[dict]:
+    """The Parquet objects laid out as the loader writes them. A key is a local path here, and S3
+    takes any key: one with ``..`` or more folders would be written outside the cache."""
+    files, strays = [], []
+    for obj in objects:
+        if LAKE_FILE.fullmatch(obj["Key"]):
+            files.append(obj)
+        elif obj["Key"].endswith(".parquet"):
+            strays.append(obj["Key"])
+    if strays:
+        log.warning("sync skipped %d object(s) not laid out as enriched/date=YYYY-MM-DD/hour=HH/<name>.parquet: %s",
+                    len(strays), ", ".join(strays[:5]) + (" …" if len(strays) > 5 else ""))
+    return files
 
 
 def _read_manifest(path: Path) -> dict:

@@ -5,6 +5,7 @@ import dataclasses
 import datetime as dt
 import gzip
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -243,6 +244,26 @@ def test_sync_keeps_only_the_range_asked_for(aws_settings, s3, tmp_path):
         s3.delete_object(Bucket=aws_settings.bucket, Key=obj["Key"])        # expired or erased
     lake.sync_partitions(aws_settings.bucket, "2026-12-05", "2026-12-06", tmp_path, progress=False)
     assert not list(root.rglob("*")) and orjson.loads((tmp_path / lake.MANIFEST).read_bytes()) == {}
+
+
+def test_sync_writes_nothing_outside_the_cache_whatever_the_keys(aws_settings, s3, tmp_path, caplog):
+    """S3 takes any key, and sync makes each a local path: a key with ``..`` was written outside the cache."""
+    events = [make_event(i, at=BASE + dt.timedelta(minutes=i)) for i in range(3)]
+    write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", event_records(events, start=1),
+                   "enriched")
+    body = lake.parquet_bytes(lake.convert([orjson.dumps(event) for event in events]).table)
+    strays = ["enriched/date=2026-11-29/../../../escaped.parquet", "enriched/date=2026-11-29/hour=09/deeper/x.parquet",
+              "enriched/date=2026-11-29/hour=09/.hidden.parquet"]
+    for key in strays:
+        s3.put_object(Bucket=aws_settings.bucket, Key=key, Body=body)
+    cache = tmp_path / "a" / "b" / "cache"
+    with caplog.at_level(logging.WARNING, logger="batch.lake"):
+        root = lake.sync_partitions(aws_settings.bucket, "2026-11-29", "2026-11-29", cache, progress=False)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.parquet")) == \
+        [f"a/b/cache/enriched/date=2026-11-29/hour={hour}/shardId-000000000000-1-3.parquet" for hour in ("09", "10")]
+    assert root == cache / "enriched"
+    assert "sync skipped 3 object(s) not laid out as" in caplog.text
+    assert all(key in caplog.text for key in strays)
 
 
 def test_sync_lists_and_downloads_in_the_region_it_is_given(monkeypatch, tmp_path):
