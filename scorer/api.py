@@ -208,7 +208,7 @@ class ScorerApp:
 
     def invocations(self, scope, body: bytes) -> Response:
         model = self._champion()
-        rows = inputs.parse_invocation(body, _header(scope, b"content-type"))
+        rows = inputs.within_float32(inputs.parse_invocation(body, _header(scope, b"content-type")))
         p_buy = model.predict(rows)          # timed by scorer_request_seconds{route="/invocations"}
         return ok({"predictions": p_buy.tolist(), "decisions": [model.decide(p) for p in p_buy.tolist()],
                    "model_name": model.name, "model_version": model.version})
@@ -239,6 +239,7 @@ class ScorerApp:
     def infer(self, name: str, version: str | None, body: bytes) -> Response:
         model = self._named(name, version)
         rows, request_id = inputs.from_v2(body)
+        rows = inputs.within_float32(rows)
         p_buy = model.predict(rows).tolist()
         answer = {"model_name": model.name, "model_version": model.version,
                   "outputs": [{"name": "p_buy", "datatype": "FP64", "shape": [len(p_buy)], "data": p_buy},

@@ -19,6 +19,7 @@ from common.features import FEATURE_COUNT, FEATURE_NAMES, event_time_ms, in_cale
 _INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 _NUMBERS = frozenset((int, float))                 # not bool: True is no feature value
 JSON_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class BadRequest(Exception):
@@ -191,6 +192,16 @@ def _is_float(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def within_float32(rows: np.ndarray) -> np.ndarray:
+    """The rows, when no value overflowed: a number past float32's range (JSON's 1e39) is inf in the
+    model's input, which scores without an error."""
+    if not np.isfinite(rows).all():
+        row, column = np.argwhere(~np.isfinite(rows))[0]
+        raise BadRequest(400, f"row {row}: feature {FEATURE_NAMES[column]!r} is beyond the float32 range "
+                              f"(±{FLOAT32_MAX:.4g})")
+    return rows
 
 
 def parse_invocation(body: bytes, content_type: str) -> np.ndarray:

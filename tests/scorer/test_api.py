@@ -100,6 +100,19 @@ def test_bad_bodies_and_types_are_4xx(api):
     assert "not a number" in post(api, "/invocations", raw="1,2,x", content_type="text/csv").json()["error"]
     nan_row = ",".join(["nan", *map(str, ROW[1:])])
     assert "finite" in post(api, "/invocations", raw=nan_row, content_type="text/csv").json()["error"]
+
+
+@pytest.mark.parametrize("value", [1e39, -3.5e38])
+def test_a_value_beyond_float32_is_a_400_naming_the_feature_not_an_infinite_input(api, value):
+    """Finite for JSON and CSV, yet inf once in the model's float32 input, where it scored without an error."""
+    row = [*ROW[:-2], value, ROW[-1]]
+    expected = f"row 0: feature {FEATURE_NAMES[-2]!r} is beyond the float32 range"
+    for response in (post(api, "/invocations", {"instances": [row]}),
+                     post(api, "/invocations", raw=",".join(map(str, row)), content_type="text/csv"),
+                     post(api, f"/v2/models/{MODEL}/infer", {"inputs": [{"name": "features", "shape": [1, len(row)],
+                                                                   "datatype": "FP32", "data": row}]})):
+        assert response.status_code == 400, response.text
+        assert expected in response.json()["error"]
     assert post(api, "/invocations", raw="a", content_type="application/xml").status_code == 415
     assert requests.get(api.url + "/nowhere", timeout=5).status_code == 404
     assert requests.get(api.url + "/invocations", timeout=5).status_code == 405
