@@ -107,12 +107,11 @@ BAD_ROW_BYTES_PER_RECORD = 4_000_000
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 
 
-
-def derived_event_id(raw: bytes, index: int) -> str:
-    """The id of the ``index``-th event of a raw record that sent no ``eid`` (old pixel trackers):
-    derived from the record, not random, so a re-read record gives the same ids and consumers'
-    dedupe by ``event_id`` still holds."""
-    return str(uuid.uuid5(uuid.NAMESPACE_OID, f"{hashlib.sha1(raw).hexdigest()}:{index}"))
+def derived_event_id(record_digest: Callable[[], str], index: int) -> str:
+    """The id of the ``index``-th event of a raw record that sent no ``eid`` (old pixel trackers,
+    webhooks): derived from the record's digest, not random, so a re-read record gives the same ids
+    and consumers' dedupe by ``event_id`` still holds."""
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, f"{record_digest()}:{index}"))
 
 
 class EventFailure(Exception):
@@ -219,12 +218,14 @@ class Enricher:
         bad_bytes = 0
         etl_ms = utc_now_ms()
         etl_tstamp = iso_ms(etl_ms)
-        # Once per record: its events share the collector's timestamp.
+        # Once per record: its events share the collector's timestamp, and its digest (hashing the
+        # record per event took seconds for a webhook list of thousands of events without ids).
         collector_errors = collector_tstamp_errors(record["collector_tstamp"], etl_ms, self.max_collector_ahead_ms)
+        record_digest = functools.cache(lambda: hashlib.sha1(raw).hexdigest())
         for index in range(len(hit.events)):
             try:
                 found = self._event(hit, index, etl_tstamp, collector_errors,
-                                    functools.partial(derived_event_id, raw, index))
+                                    functools.partial(derived_event_id, record_digest, index))
             except EventFailure as exc:
                 failure = exc
             except Exception as exc:  # a bug must cost one bad row, not a stalled shard
