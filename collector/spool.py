@@ -357,12 +357,13 @@ class Spool:
                 os.fsync(fd)
             except (OSError, ValueError) as exc:    # ValueError: fd -1, a failed rotation or close()
                 with self._lock:
-                    rotated = (self.fd, self.active_base) != (fd, base)
+                    failed = (self.fd, self.active_base) == (fd, base) and fd >= 0
                     fd, target = self.fd, self.end
-                if not rotated and fd >= 0:
-                    # A failed write-back (EIO): Linux marks the pages clean all the same, so an fsync
-                    # again would pass without the bytes on disk.
-                    self._fsync_failed(self.synced, target)
+                    if failed:
+                        # A failed write-back (EIO): Linux marks the pages clean all the same, so an
+                        # fsync again would pass without the bytes on disk.
+                        self._fsync_failed(self.synced, target)
+                if failed:
                     raise
                 # The segment rotated (and was fsynced) under us; fsync the new one.
                 if fd < 0:
@@ -370,7 +371,8 @@ class Spool:
                         return
                     raise OSError(errno.EBADF, "the spool's segment is closed") from exc
                 os.fsync(fd)
-            self.synced = max(self.synced, target)
+            with self._lock:                        # rotation's close moves it too
+                self.synced = max(self.synced, target)
             self.is_synced(offset)                  # raises when a failed fsync covered it
 
     def is_synced(self, offset: int) -> bool:
@@ -381,7 +383,8 @@ class Spool:
 
     def _fsync_failed(self, start: int, end: int) -> None:
         """Hits from ``start`` to ``end`` may not be on disk, whatever later fsyncs say: they are
-        answered 503, not 200 (their client sends them again; those on disk are delivered too)."""
+        answered 503, not 200 (their client sends them again; those on disk are delivered too).
+        Called with ``_lock`` held, as rotation is."""
         low, high = self._unsynced
         self._unsynced = (start, end) if high <= low else (min(low, start), max(high, end))
 
