@@ -85,10 +85,12 @@ class ReadFailed(Exception):
     each reader stays at its last record, so the caller backs off and polls again, state intact."""
 
 
-def _finished_unlisted(shards: list[Shard], leases: dict[str, Lease]) -> list[str]:
-    """The shards checkpointed at their end that the listing no longer holds."""
+def _aged_out(shards: list[Shard], leases: dict[str, Lease]) -> list[str]:
+    """The shards the listing no longer holds whose rows hold nothing to resume from: checkpointed at
+    their end, or never checkpointed (a row a peer's ``ensure()`` recreated from a listing made just
+    before the shard aged out, which would otherwise stay, and be taken, for good)."""
     listed = {shard.shard_id for shard in shards}
-    return [sid for sid, lease in leases.items() if lease.checkpoint == SHARD_END and sid not in listed]
+    return [sid for sid, lease in leases.items() if lease.checkpoint in (None, SHARD_END) and sid not in listed]
 
 
 def default_worker_id() -> str:
@@ -243,18 +245,18 @@ class Consumer:
             log.info("removed the row of worker %s: no heartbeat for %d lease periods", worker, DEAD_WORKER_LEASES)
 
     def _remove_aged_out_shards(self, shards: list[Shard], leases: dict[str, Lease]) -> None:
-        """Delete the rows of shards read to their end and no longer listed (past the stream's retention),
-        as the Kinesis Client Library does: each reshard leaves some, and every balance of every worker
-        reads them all. A shard still listed keeps its row, or ``ensure()`` would recreate it without
+        """Delete the rows of shards read to their end (or never checkpointed) and no longer listed
+        (past the stream's retention), as the Kinesis Client Library does: each reshard leaves some,
+        and every balance of every worker reads them all. A shard still listed keeps its row, or ``ensure()`` would recreate it without
         checkpoint and the shard be read again. Never raises: what fails is tried next balance."""
-        if not _finished_unlisted(shards, leases):
+        if not _aged_out(shards, leases):
             return
         try:
             # Confirmed by a listing newer than the rows: ours may predate a shard created and finished since.
-            aged_out = _finished_unlisted(self._refresh_shards(force=True), leases)
+            aged_out = _aged_out(self._refresh_shards(force=True), leases)
             for shard_id in aged_out[:AGED_OUT_DELETES_PER_BALANCE]:
-                if self.leases.remove_finished(shard_id):   # conditional on SHARD_END; gone already is fine
-                    log.info("removed the lease row of shard %s: read to its end and aged out of the stream",
+                if self.leases.remove_aged_out(shard_id):   # conditional on the checkpoint; gone already is fine
+                    log.info("removed the lease row of shard %s: aged out of the stream, nothing left to read",
                              shard_id)
         except (BotoCoreError, ClientError) as exc:
             log.warning("removing the lease rows of aged-out shards failed, retrying next balance: %s", exc)

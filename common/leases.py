@@ -11,7 +11,7 @@ only as a version that changes on every renewal: ``RenewalWatch`` decides expiry
 monotonic clock. Heartbeat rows also carry ``expires_at`` (epoch seconds) for the table's TTL, which
 removes the rows of workers that died without ``leave()``; shard rows never do, as they hold the
 checkpoints. The row of a shard read to its end goes once the shard has aged out of the stream
-(``remove_finished``): until then ``ensure()`` would recreate it, and the shard be read again.
+(``remove_aged_out``): until then ``ensure()`` would recreate it, and the shard be read again.
 """
 from __future__ import annotations
 
@@ -98,9 +98,11 @@ class LeaseTable(Protocol):
     def remove_worker(self, worker_id: str, beat: int) -> bool:
         """Delete the worker's heartbeat row if it still holds ``beat`` (a worker that beat since keeps
         it); whether it was deleted here."""
-    def remove_finished(self, shard_id: str) -> bool:
-        """Delete the shard's row if it is checkpointed at ``SHARD_END``; whether it was deleted here (a
-        row gone already is no error)."""
+    def remove_aged_out(self, shard_id: str) -> bool:
+        """Delete the row of a shard gone from the stream (the caller listed it so) if it holds nothing
+        to resume from: checkpointed at ``SHARD_END``, or never checkpointed (recreated by a peer's
+        ``ensure()`` from a listing older than the deletion, or aged out unread: its records are gone
+        either way). Whether it was deleted here (a row gone already is no error)."""
 
 
 def _lease_of(row: dict) -> Lease:
@@ -204,8 +206,11 @@ class DynamoLeaseTable:
     def remove_worker(self, worker_id: str, beat: int) -> bool:
         return self._delete_if(WORKER_PREFIX + worker_id, "expires_ms = :beat", {":beat": {"N": str(beat)}})
 
-    def remove_finished(self, shard_id: str) -> bool:
-        return self._delete_if(shard_id, "checkpoint = :end", {":end": {"S": SHARD_END}})
+    def remove_aged_out(self, shard_id: str) -> bool:
+        # expires_ms exists in every row: without it, a row gone already would pass attribute_not_exists.
+        return self._delete_if(shard_id, "attribute_exists(expires_ms) AND "
+                                         "(attribute_not_exists(checkpoint) OR checkpoint = :end)",
+                               {":end": {"S": SHARD_END}})
 
     def _delete_if(self, item: str, condition: str, values: dict) -> bool:
         """Delete the row if ``condition`` holds; one that changed meanwhile, or is gone (a peer deleted
@@ -278,9 +283,9 @@ class MemoryLeaseTable:
             del self._workers[worker_id]
             return True
 
-    def remove_finished(self, shard_id: str) -> bool:
+    def remove_aged_out(self, shard_id: str) -> bool:
         with self._lock:
-            if shard_id not in self._leases or self._leases[shard_id].checkpoint != SHARD_END:
+            if shard_id not in self._leases or self._leases[shard_id].checkpoint not in (None, SHARD_END):
                 return False
             del self._leases[shard_id]
             return True

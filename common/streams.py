@@ -255,13 +255,27 @@ class MemoryStream:
             [aged] = [item for item in self._shards if item.shard.shard_id == shard_id and item.shard.closed]
             self._shards.remove(aged)
 
-    def reader(self, shard_id: str, after_sequence: str | None) -> MemoryShardReader:
-        shard = next(item for item in self._shards if item.shard.shard_id == shard_id)
+    def reader(self, shard_id: str, after_sequence: str | None) -> MemoryShardReader | _GoneShardReader:
+        shard = next((item for item in self._shards if item.shard.shard_id == shard_id), None)
+        if shard is None:
+            return _GoneShardReader(shard_id)
         return MemoryShardReader(self, shard, after_sequence)
 
     def all_records(self) -> list[Record]:
         with self._lock:
             return [record for item in self._shards for record in item.records]
+
+
+class _GoneShardReader:
+    """A reader of a shard no longer in the stream (aged out): it fails at its first read, as a
+    Kinesis reader does (it opens lazily), not when it is made."""
+
+    def __init__(self, shard_id: str):
+        self.shard_id = shard_id
+
+    def read(self, limit: int) -> ReadResult:
+        raise ClientError({"Error": {"Code": "ResourceNotFoundException",
+                                     "Message": f"Shard {self.shard_id} does not exist"}}, "GetShardIterator")
 
 
 class MemoryShardReader:

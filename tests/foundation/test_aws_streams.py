@@ -329,22 +329,24 @@ def test_a_killed_workers_row_is_removed_by_a_peer_and_a_beating_workers_row_nev
         assert "w" not in table.leases()[1]
 
 
-def test_a_shards_row_is_deleted_only_once_checkpointed_at_its_end_and_a_second_delete_is_harmless(aws_settings):
+def test_an_aged_out_shards_row_is_deleted_only_with_nothing_to_resume_from_and_a_second_delete_is_harmless(
+        aws_settings):
     from common.leases import LeaseLost, MemoryLeaseTable
     from common.streams import SHARD_END
 
     for table in (DynamoLeaseTable(aws.client("dynamodb"), aws_settings.lease_table, f"end#{time.monotonic_ns()}"),
                   MemoryLeaseTable()):
+        table.ensure("unread")
+        assert table.remove_aged_out("unread") is True         # never checkpointed: nothing to resume from
         table.ensure("shard-1")
         lease = table.take(_lease(table), "me", 10_000)
-        assert table.remove_finished("shard-1") is False       # no checkpoint yet
         table.checkpoint("shard-1", "me", "41", None)
-        assert table.remove_finished("shard-1") is False       # a checkpoint, but not the end
+        assert table.remove_aged_out("shard-1") is False       # a checkpoint, but not the end
         assert _lease(table).checkpoint == "41"
         table.checkpoint("shard-1", "me", SHARD_END, None)
-        assert table.remove_finished("shard-1") is True
+        assert table.remove_aged_out("shard-1") is True
         assert table.leases()[0] == []
-        assert table.remove_finished("shard-1") is False       # a peer deleted it first: no error
+        assert table.remove_aged_out("shard-1") is False       # a peer deleted it first: no error
         with pytest.raises(LeaseLost):                         # a worker still holding it learns it is gone
             table.renew(lease.shard_id, "me", 10_000)
         table.release(lease.shard_id, "me")                    # and its release does not recreate it

@@ -483,12 +483,12 @@ class RecordedRemovals(MemoryLeaseTable):
         super().__init__()
         self.removals, self.throttled = [], False
 
-    def remove_finished(self, shard_id):
+    def remove_aged_out(self, shard_id):
         if self.throttled:
             raise ClientError({"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "throttled"}},
                               "DeleteItem")
         self.removals.append(shard_id)
-        return super().remove_finished(shard_id)
+        return super().remove_aged_out(shard_id)
 
 
 def test_a_finished_shards_row_is_kept_while_listed_and_deleted_once_it_ages_out_of_the_stream():
@@ -555,6 +555,40 @@ def test_a_peer_whose_listing_still_holds_a_deleted_row_takes_nothing_of_it_and_
     assert SHARD0 not in checkpoints(leases)
     peer.balance()                                  # SHARD0 listed, its row gone: used to be a KeyError
     assert SHARD0 not in peer.owned and SHARD0 not in checkpoints(leases)
+
+
+class ListedBefore:
+    """The stream, but listed as it was earlier: a ListShards answer made just before a shard aged out."""
+
+    def __init__(self, stream, listing):
+        self.stream, self.listing = stream, listing
+
+    def list_shards(self):
+        return self.listing
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def test_a_row_recreated_from_a_listing_made_before_its_shard_aged_out_goes_again():
+    """A peer's listing still held the shard, and its ensure() came after the delete: the row was back,
+    never checkpointed, for a shard gone from the stream, and stayed (taken, read in vain) for good."""
+    stream, leases = MemoryStream(), MemoryLeaseTable()
+    stream.split(SHARD0)
+    first = Consumer(stream, leases, worker_id="a", shard_refresh_s=0)
+    drain(first)
+    listed_before = stream.list_shards()
+    stream.age_out(SHARD0)
+    first.balance()
+    assert SHARD0 not in checkpoints(leases)
+    late = Consumer(ListedBefore(stream, listed_before), leases, worker_id="b", shard_refresh_s=0)
+    late.balance()
+    assert checkpoints(leases)[SHARD0] is None and SHARD0 in late.owned     # the race: back, and taken
+    first.balance()
+    assert SHARD0 not in checkpoints(leases)
+    late.stream = stream                                                     # it lists afresh from now on
+    late.balance()
+    assert SHARD0 not in late.owned and SHARD0 not in checkpoints(leases)
 
 
 def test_a_shard_finished_and_released_after_our_snapshot_is_given_back_not_read():
