@@ -167,8 +167,10 @@ class DynamoLeaseTable:
     def take(self, lease: Lease, owner: str, duration_ms: int) -> Lease:
         """The lease, now ``owner``'s, with the checkpoint the table holds: the snapshot ``lease`` may
         be older (another worker may have taken, moved and released it since it was read)."""
+        # The second alternative is this very write, done: botocore retries a call whose answer was
+        # lost, and the retry failed its own condition (LeaseLost), leaving the shard ours but unread.
         row = self._update(lease.shard_id, "SET #o = :me, expires_ms = :exp",
-                           "#o = :prev AND expires_ms = :prev_exp",
+                           "(#o = :prev AND expires_ms = :prev_exp) OR (#o = :me AND expires_ms = :exp)",
                            {":me": {"S": owner}, ":exp": {"N": str(now_ms() + duration_ms)},
                             ":prev": {"S": lease.owner}, ":prev_exp": {"N": str(lease.expires_ms)}}, {"#o": "owner"})
         return _lease_of(row)

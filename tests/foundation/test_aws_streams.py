@@ -11,11 +11,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from common import aws
 from common.consumer import ReadFailed, consumer_for
-from common.leases import DynamoLeaseTable
+from common.leases import DynamoLeaseTable, Lease, LeaseLost
 from common.producer import Producer
 from common.streams import KinesisStream
 from infra.provision import provision
@@ -351,6 +352,22 @@ def test_an_aged_out_shards_row_is_deleted_only_with_nothing_to_resume_from_and_
             table.renew(lease.shard_id, "me", 10_000)
         table.release(lease.shard_id, "me")                    # and its release does not recreate it
         assert table.leases()[0] == []
+
+
+def test_a_take_whose_answer_was_lost_and_retried_by_botocore_is_ours_not_lost(aws_settings):
+    """The retry of a conditional take that went through failed its own condition: LeaseLost, and the
+    shard stayed ours in the table, unread and unrenewed, until it expired."""
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        client = aws.session().client("dynamodb", endpoint_url=proxy.endpoint,
+                                      config=Config(read_timeout=1, retries={"max_attempts": 2, "mode": "standard"}))
+        table = DynamoLeaseTable(client, aws_settings.lease_table, f"retry#{time.monotonic_ns()}")
+        table.ensure("shard-1")
+        proxy.hang_next = ("DynamoDB_20120810.UpdateItem", "after")     # done, then never answered
+        taken = table.take(_lease(table), "me", 10_000)
+        assert proxy.hanging.is_set() and proxy.calls["DynamoDB_20120810.UpdateItem"] == 2
+        assert taken.owner == "me" and _lease(table).owner == "me"
+        with pytest.raises(LeaseLost):                 # a take from a stale snapshot still fails
+            table.take(Lease("shard-1"), "other", 10_000)
 
 
 def test_a_stream_that_does_not_exist_is_waited_for_with_one_warning_a_minute_not_one_a_second(aws_settings, caplog):
