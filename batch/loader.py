@@ -203,7 +203,8 @@ class StreamLoader:
     # -------------------------------------------------------------- consumer callbacks
 
     def _start_after(self, lease: Lease) -> str | None:
-        lease = self._fresh(lease)
+        # ``lease`` is the row as our take wrote it (checkpoint and intent included): a previous owner
+        # may have checkpointed or recorded an intent after our snapshot, never after our take.
         self.buffers[lease.shard_id] = ShardBuffer()
         self.ended.discard(lease.shard_id)
         intent = lease.meta.get(INTENT)
@@ -213,16 +214,6 @@ class StreamLoader:
         else:
             self.intents.pop(lease.shard_id, None)
         return lease.checkpoint
-
-    def _fresh(self, taken: Lease) -> Lease:
-        """The lease row as it is now that we own it.
-
-        The row handed to us was read before the take; the previous owner may have checkpointed or
-        recorded an intent in between (the take only compares owner and expiry). Now that we own the
-        row, it can no longer change under us, so this read is the one to start from.
-        """
-        rows, _ = self.consumer.leases.leases()
-        return next((row for row in rows if row.shard_id == taken.shard_id), taken)
 
     def _lost(self, shard_id: str) -> None:
         """Another worker reads this shard from its checkpoint now: our buffer would be a duplicate."""

@@ -292,16 +292,18 @@ def test_an_s3_outage_does_not_grow_the_buffers_with_every_retry(aws_settings, s
 
 def test_a_new_owner_starts_from_the_lease_row_as_it_is_after_the_take(aws_settings):
     # The row a worker read before taking the lease may be stale: the previous owner can checkpoint
-    # and record an intent in between. The loader must start from the row as it is once it owns it.
+    # and record an intent in between (the take compares owner and expiry only). The loader must
+    # start from the row as the take wrote it.
     loader = build(loader_settings(aws_settings))
     enriched = loader.loaders[0]
-    table = enriched.consumer.leases
-    table.ensure("shardId-000000000000")
-    stale = next(lease for lease in table.leases()[0] if lease.shard_id == "shardId-000000000000")
-    table.take(stale, "old-owner", 60_000)
-    table.checkpoint("shardId-000000000000", "old-owner", "7", {INTENT: "9"})
-    assert enriched._start_after(stale) == "7"
-    assert enriched.intents == {"shardId-000000000000": "9"}
+    table, shard = enriched.consumer.leases, "shardId-000000000000"
+    table.ensure(shard)
+    table.take(next(lease for lease in table.leases()[0] if lease.shard_id == shard), "old-owner", 60_000)
+    stale = next(lease for lease in table.leases()[0] if lease.shard_id == shard)
+    table.checkpoint(shard, "old-owner", "7", {INTENT: "9"})
+    enriched.consumer._acquire(stale)
+    assert enriched.consumer.owned[shard].position == "7"
+    assert enriched.intents == {shard: "9"}
 
 
 def test_a_kinesis_outage_is_retried_with_backoff_not_twice_a_second(aws_settings, monkeypatch):
