@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from common.features import parse_ms
+from common.logs import first_few
 from common.service import gc_paused
 
 log = logging.getLogger(__name__)
@@ -491,7 +492,7 @@ def _lake_files(objects: list[dict]) -> list[dict]:
             strays.append(obj["Key"])
     if strays:
         log.warning("sync skipped %d object(s) not laid out as enriched/date=YYYY-MM-DD/hour=HH/<name>.parquet: %s",
-                    len(strays), ", ".join(strays[:5]) + (" …" if len(strays) > 5 else ""))
+                    len(strays), first_few(strays))
     return files
 
 

@@ -31,6 +31,7 @@ from common.features import (
     parse_ms,
     session_prefixes,
 )
+from common.logs import first_few
 
 ID_COLUMNS = ("session_id", "event_id", "event_time_ms", "session_start_ms", "label")
 EXAMPLE_SCHEMA = T.StructType(
@@ -148,8 +149,7 @@ def finished_sessions(sessions: DataFrame, gap_minutes: int, max_session_events:
         return sessions
     if too_big:
         log.warning("left out %d session(s) with more than %d events (max_session_events; bots or scripts, "
-                    "not shoppers): %s%s", len(too_big), max_session_events, ", ".join(sorted(too_big)[:5]),
-                    ", ..." if len(too_big) > 5 else "")
+                    "not shoppers): %s", len(too_big), max_session_events, first_few(sorted(too_big)))
     left_out = per_session.filter((F.col("_last") > newest - gap_minutes * 60_000) | oversized)
     return sessions.join(left_out.select("session_id"), "session_id", "left_anti")
 

@@ -24,6 +24,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def first_few(items, limit: int = 5) -> str:
+    """The first ``limit`` items, comma-separated, and "…" when there are more: a log line names some,
+    never thousands."""
+    items = list(items)
+    return ", ".join(map(str, items[:limit])) + (", …" if len(items) > limit else "")
+
+
 class Tally:
     """Counts a recurring failure and says when to log it: at most once per ``every_s``, with how many
     occurrences the line stands for, not one line per occurrence (a flood at the rate of hits or events)."""

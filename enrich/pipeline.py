@@ -22,6 +22,7 @@ import orjson
 
 from common import emails, jsonbytes
 from common.features import NIL_USER, session_key
+from common.logs import first_few
 from enrich import __version__, badrows, protocol
 from enrich.config import DEFAULT_PII_FIELDS, GEOLOCATION_ROUNDED, GEOLOCATION_WITHHELD, EnrichSettings, parse_pii_field
 from enrich.enrichments import (
@@ -175,10 +176,9 @@ def collector_tstamp_errors(collector: int, etl_ms: int, max_ahead_ms: int) -> l
 def _held_back_row(hit: protocol.Hit, indices: list[int]) -> dict:
     """One row for the failed events past the record's bad-row budget: a record of just those events,
     which replay enriches again (each then gets its own row, or goes through once fixed)."""
-    shown = ", ".join(map(str, indices[:20])) + (", …" if len(indices) > 20 else "")
     return badrows.format_violation(
         orjson.dumps(protocol.events_record(hit, indices)),
-        f"{len(indices)} more event(s) of this record failed (index {shown}) after its bad rows reached "
+        f"{len(indices)} more event(s) of this record failed (index {first_few(indices, 20)}) after its bad rows reached "
         f"{BAD_ROW_BYTES_PER_RECORD:,} bytes; this row holds them all as one record, replayable")
 
 

@@ -241,21 +241,14 @@ def test_fsync_always_makes_every_new_segment_name_durable_the_first_one_too(tmp
 
 
 def test_a_segment_that_fails_to_close_leaves_the_spool_writable(tmp_path, monkeypatch):
-    import collector.spool
-
     spool = Spool(tmp_path, max_bytes=1 << 20, max_age_s=0)
     fill(spool, 3)
-    real_fsync = os.fsync
-
-    def failing_once(fd):
-        monkeypatch.setattr(collector.spool.os, "fsync", real_fsync)
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(collector.spool.os, "fsync", failing_once)
+    fsync_failing_once(monkeypatch)
     with pytest.raises(OSError):
         spool.rotate_if_old()
     fill(spool, 2, start=3)                            # a new segment, not a write to the closed map
     assert drain(spool) == [f"record-{i}".encode() for i in range(5)]
+
 
 def test_a_slot_left_with_everything_delivered_is_emptied(tmp_path):
     """After a scale-in, a slot no process writes to any more keeps no delivered hits."""
