@@ -8,6 +8,7 @@ from collections.abc import Callable
 import click
 
 from common import aws
+from common.config import ConfigError
 
 
 class _AwsErrorsInOneLine:
@@ -16,6 +17,8 @@ class _AwsErrorsInOneLine:
             return super().invoke(ctx)
         except aws.ERRORS as exc:
             raise click.ClickException(aws.explain(exc)) from None
+        except ConfigError as exc:
+            raise ConfigFailed(exc) from None
 
 
 class ConfigFailed(click.ClickException):

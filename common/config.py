@@ -88,8 +88,12 @@ def _convert(key: str, raw: object, kind: type) -> object:
 def _parse(key: str, raw: object, kind: type) -> object:
     if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
         return raw
-    if kind is tuple and isinstance(raw, list):          # a TOML array
-        return tuple(str(item) for item in raw)
+    if kind is tuple and isinstance(raw, list) and all(isinstance(item, str) for item in raw):   # a TOML array
+        return tuple(raw)
+    # A TOML array, table or number for a name would otherwise load as its Python text ("['a', 'b']").
+    if kind in (str, Path, tuple) and not isinstance(raw, str):
+        expected = "a list of quoted strings" if kind is tuple else "a quoted string"
+        raise ConfigError(f"{key}: expected {expected}, got {raw!r}")
     text = str(raw).strip()
     try:
         if kind is bool:

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from common import aws, registry
 from common.cli import run_command
-from common.config import AwsSettings, load
+from common.config import AwsSettings, ConfigError, load
 from demo.summary import count_raw, latency_line, latency_of_events_since
 from infra import stack
 
@@ -41,7 +41,7 @@ def knob(name: str, default: float) -> float:
     try:
         return float(value)
     except ValueError:
-        raise SystemExit(f"{name}: expected a number, got {value!r}") from None
+        raise ConfigError(f"{name}: expected a number, got {value!r}") from None
 
 
 def run(*args: str) -> None:
@@ -157,6 +157,7 @@ def main() -> int:
 
     Knobs (environment): DEMO_MINUTES (2), DEMO_HISTORY_SESSIONS (1500), DEMO_HISTORY_DAYS (7),
     DEMO_LIVE_RATE (events/s, 40), DEMO_SEED (7 on a fresh stack, a new one on a running stack).
+    Stream, bucket and table names come from the CLICKSTREAM_* settings (CLICKSTREAM_CONFIG, README).
     """
     for key, value in DEMO_ENV.items():
         os.environ.setdefault(key, value)

@@ -11,6 +11,7 @@ import orjson
 from tqdm import tqdm
 
 from common.badrows import is_bad_row, raw_record_of
+from common.cli import ConfigFailed
 from common.config import ConfigError, load
 from enrich.config import EnrichSettings
 from enrich.registry import EMBEDDED, Resolver, SchemaKey, SchemaKeyError, lint
@@ -120,7 +121,7 @@ def process(raw_file, good_file, bad_file) -> None:
     try:
         enricher = Enricher(load(EnrichSettings, section="enrich"))
     except ConfigError as exc:
-        raise click.ClickException(str(exc))
+        raise ConfigFailed(exc) from None
     counts = dict.fromkeys(("records", "from bad rows", "bad rows without a record", "events", "bad rows"), 0)
     for line in tqdm(_lines(raw_file), unit="record", disable=None):
         record = _raw_record(line, counts)

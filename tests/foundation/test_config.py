@@ -50,6 +50,22 @@ def test_types_are_converted():
     assert settings.paths == ("/a", "/b")
 
 
+@pytest.mark.parametrize(("line", "expected"), [
+    ('bucket = ["a", "b"]', "expected a quoted string, got ['a', 'b']"),
+    ("bucket = 12", "expected a quoted string, got 12"),
+    ("bucket = { name = \"a\" }", "expected a quoted string"),
+    ('paths = ["/a", 2]', "expected a list of quoted strings"),
+])
+def test_a_toml_value_of_the_wrong_kind_for_text_is_named_not_loaded_as_its_python_text(tmp_path, line, expected):
+    """`bucket = ["a", "b"]` loaded as the bucket name "['a', 'b']"."""
+    file = tmp_path / "c.toml"
+    file.write_text(f"[example]\n{line}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"[example] {line.split(' = ')[0]}: {expected}")):
+        load(Example, section="example", file=file, env={})
+    file.write_text('[example]\nbucket = "lake"\npaths = ["/a", "/b"]\n')
+    assert load(Example, section="example", file=file, env={}).paths == ("/a", "/b")
+
+
 def test_a_variable_no_component_reads_is_warned_about_once_with_a_hint(caplog):
     env = {"CLICKSTREAM_SESION_TIMEOUT_S": "60", "CLICKSTREAM_SCORER_PORT": "9000", "CLICKSTREAM_FLUSH_MS": "5",
            "CLICKSTREAM_CONFIG": "", "OTHER_THING": "x"}
@@ -349,3 +365,16 @@ def test_component_limits_are_checked_at_start_naming_the_key(cls, section, env,
     module, name = cls.rsplit(".", 1)
     with pytest.raises(ConfigError, match=f"^{re.escape(named)}"):
         load(getattr(importlib.import_module(module), name), section=section, env=env)
+
+
+def test_a_bad_setting_in_any_aws_command_is_one_line_and_exit_status_2():
+    """`python -m demo` with a blank bucket name ended in a traceback and exit status 1."""
+    from common.cli import AwsCommand
+
+    @click.command(cls=AwsCommand)
+    def command():
+        load(Example, env={"CLICKSTREAM_BUCKET": " "})
+
+    result = CliRunner().invoke(command, [])
+    assert result.exit_code == 2, result.output
+    assert result.output == "Error: config error: CLICKSTREAM_BUCKET: expected a name, got an empty value\n"
