@@ -150,9 +150,12 @@ def _erase_object(s3, bucket: str, key: str, values: pa.Array, erasure: Erasure,
             try:
                 _rewrite(s3, bucket, key, kept, etag)
             except ClientError as exc:
-                if not aws.precondition_failed(exc):
+                if aws.no_such_key(exc) and not kept.num_rows:
+                    pass        # gone as we wanted: our delete retried by botocore after its answer was lost
+                elif aws.precondition_failed(exc) or aws.no_such_key(exc):
+                    continue    # rewritten or deleted meanwhile (another erase, the lifecycle rule): read again
+                else:
                     raise
-                continue
         if not kept.num_rows:
             erasure.emptied.append(key)
         return

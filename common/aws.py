@@ -36,6 +36,11 @@ def precondition_failed(exc: ClientError) -> bool:
     return exc.response["Error"]["Code"] in ("PreconditionFailed", "ConditionalRequestConflict", "412")
 
 
+def no_such_key(exc: ClientError) -> bool:
+    """S3 found no object at the key (a GET's NoSuchKey, a HEAD's bare 404, a conditional write's)."""
+    return exc.response["Error"]["Code"] in ("NoSuchKey", "404")
+
+
 DEFAULT_REGION = "us-east-1"
 
 
@@ -82,7 +87,7 @@ def get_object_and_etag(s3, bucket: str, key: str) -> tuple[bytes | None, str | 
     try:
         found = s3.get_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+        if no_such_key(exc):
             return None, None
         raise
     return found["Body"].read(), found["ETag"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from common.features import FEATURE_NAMES, FEATURE_VERSION
 PREFIX = "models"
 DEFAULT_MODEL = "buy-propensity"
 ROLLBACK_REASON = "rollback from "     # HISTORY entries of rollbacks start with it
+WRITE_ID = "write-id"                  # user metadata of a conditional write: whose it is
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,27 @@ def _put(s3, bucket: str, key: str, body: bytes, etag: str | None, **extra) -> N
     """Write ``key`` only if it is still as read: ``etag`` None means it must not exist yet.
     S3's conditional writes make two concurrent writers a Conflict instead of a silent overwrite."""
     condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+    # When a write's answer is lost, botocore sends it again, and the retry fails its condition on
+    # our own write: the id tells that apart from another writer's.
+    write_id = uuid.uuid4().hex
     try:
-        s3.put_object(Bucket=bucket, Key=key, Body=body, **condition, **extra)
+        s3.put_object(Bucket=bucket, Key=key, Body=body, Metadata={WRITE_ID: write_id}, **condition, **extra)
     except ClientError as exc:
         if aws.precondition_failed(exc):
+            if _written_by(s3, bucket, key, write_id):
+                return
             raise Conflict(f"s3://{bucket}/{key} changed while we wrote it") from None
         raise
+
+
+def _written_by(s3, bucket: str, key: str, write_id: str) -> bool:
+    try:
+        found = s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if aws.no_such_key(exc):
+            return False
+        raise
+    return found.get("Metadata", {}).get(WRITE_ID) == write_id
 
 
 def replace_meta(s3, bucket: str, name: str, version: str, meta_json: bytes) -> None:

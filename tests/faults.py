@@ -8,7 +8,7 @@ The proxy forwards every request unchanged, except that it can
 - be "down": answer every request with 503, or drop the connection, like an unreachable stream;
 - throttle chosen API calls (by their X-Amz-Target), or answer their next calls with given error
   codes, as Kinesis or DynamoDB would;
-- hang the next call of a chosen API (to a chosen stream), before or after forwarding it, and never
+- hang the next call of a chosen API (to a chosen stream), or S3 request (method and path), before or after forwarding it, and never
   answer: the moment to kill its client, with the write not done or done but not acknowledged.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from common.streams import MemoryStream
 
@@ -54,7 +54,7 @@ class FaultProxy:
         self.throttle: set[str] = set()        # X-Amz-Target values to answer with a throttling error
         self.refuse_next: dict[str, list[str]] = {}   # X-Amz-Target: error codes for its next calls, one each
         self.calls: dict[str, int] = {}        # requests seen, by X-Amz-Target
-        # (X-Amz-Target, "before" or "after" forwarding it[, the stream name the call must name])
+        # (X-Amz-Target or "PUT /bucket/key", "before" or "after" forwarding it[, the stream name the call must name])
         self.hang_next: tuple[str, ...] | None = None
         self.hanging = threading.Event()       # set once a call hangs
         self._hang_lock = threading.Lock()
@@ -75,7 +75,8 @@ class FaultProxy:
                 if proxy.down:
                     self._answer(503, b"")
                     return
-                target = self.headers.get("X-Amz-Target", "")
+                # A JSON-protocol call is named by its X-Amz-Target, an S3 call by method and path.
+                target = self.headers.get("X-Amz-Target") or f"{self.command} {unquote(urlsplit(self.path).path)}"
                 proxy.calls[target] = proxy.calls.get(target, 0) + 1
                 queued = proxy.refuse_next.get(target)
                 if queued or target in proxy.throttle:

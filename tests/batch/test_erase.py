@@ -174,6 +174,45 @@ def test_two_erasures_of_one_file_at_once_both_hold(aws_settings, s3, monkeypatc
     assert left == [SOMEONE_ELSE]
 
 
+def test_an_erase_whose_delete_was_answered_late_and_retried_by_botocore_completes(aws_settings, lake_with_person):
+    """The retry of a conditional delete that went through found no key: NoSuchKey aborted the
+    erase before the person's predictions and offers were deleted."""
+    import os
+
+    from botocore.config import Config
+
+    from tests.faults import FaultProxy
+
+    only_them = "enriched/date=2026-11-29/hour=10/shardId-000000000000-5-15.parquet"
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        s3 = aws.session().client("s3", endpoint_url=proxy.endpoint,
+                                  config=Config(read_timeout=1, retries={"max_attempts": 2, "mode": "standard"}))
+        proxy.hang_next = (f"DELETE /{aws_settings.bucket}/{only_them}", "after")    # done, then never answered
+        done = erase.erase_lake(s3, aws_settings.bucket, {CUSTOMER}, progress=False)
+        assert proxy.hanging.is_set() and proxy.calls[f"DELETE /{aws_settings.bucket}/{only_them}"] == 2
+    assert done.rows == 7 and done.emptied == [only_them]
+    assert list(_etags(s3, aws_settings.bucket)) == ["enriched/date=2026-11-29/hour=09/shardId-000000000000-5-15.parquet"]
+
+
+def test_a_file_deleted_between_the_read_and_the_rewrite_is_read_again_not_a_crash(aws_settings, s3, monkeypatch):
+    """The lifecycle rule (or another erase) removed the file after it was read: the If-Match write
+    found no key, and NoSuchKey aborted the erase."""
+    person = "a1" * 32
+    events = [make_event(i, domain_userid=who) for i, who in enumerate([person, SOMEONE_ELSE])]
+    write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", event_records(events), "enriched")
+    [key] = _etags(s3, aws_settings.bucket)
+    parse = lake.parquet_table
+
+    def expired_meanwhile(body, columns=None):
+        if columns is None:                               # the read before the rewrite
+            s3.delete_object(Bucket=aws_settings.bucket, Key=key)
+        return parse(body, columns)
+
+    monkeypatch.setattr(lake, "parquet_table", expired_meanwhile)
+    done = erase.erase_lake(s3, aws_settings.bucket, {person}, progress=False)
+    assert not _etags(s3, aws_settings.bucket) and done.emptied == []
+
+
 def test_erase_refuses_clear_identifiers_and_an_empty_request(aws_settings, s3, lake_with_person):
     clear = _erase(aws_settings, "alice@example.com")
     assert clear.exit_code == 2

@@ -179,6 +179,34 @@ def test_two_runs_never_share_a_version_folder_or_move_current_past_each_other(a
     assert [e["version"] for e in registry.history(s3, bucket, name)] == ["A", "B"]
 
 
+@pytest.mark.parametrize("lost", ["CURRENT", "HISTORY", "V2/model.onnx"])
+def test_a_registry_write_whose_answer_was_lost_and_retried_by_botocore_is_ours_not_a_conflict(aws_settings, lost):
+    """The retry of a conditional write that went through failed its own condition: a Conflict while
+    CURRENT had moved (the run then recorded its model as not promoted, and the scorers served it),
+    or a version folder left with only model.onnx."""
+    import os
+
+    from botocore.config import Config
+
+    from common import aws, registry
+    from tests.faults import FaultProxy
+
+    bucket, name = aws_settings.bucket, f"lost-{lost.replace('/', '-').replace('.', '-').lower()}"
+    registry.set_current(aws.client("s3"), bucket, name, "V1", reason="train", expected=None)
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        s3 = aws.session().client("s3", endpoint_url=proxy.endpoint,
+                                  config=Config(read_timeout=1, retries={"max_attempts": 2, "mode": "standard"}))
+        proxy.hang_next = (f"PUT /{bucket}/models/{name}/{lost}", "after")          # done, then never answered
+        registry.publish(s3, bucket, name, "V2", {"model.onnx": b"onnx", "model.json": b"{}"})
+        registry.set_current(s3, bucket, name, "V2", reason="train", expected="V1")
+        assert proxy.hanging.is_set() and proxy.calls[f"PUT /{bucket}/models/{name}/{lost}"] == 2
+        assert registry.current_version(s3, bucket, name) == "V2"
+        assert [(e["version"], e["previous"]) for e in registry.history(s3, bucket, name)] == [
+            ("V1", None), ("V2", "V1")]
+        with pytest.raises(registry.Conflict):               # another writer's change is still a Conflict
+            registry.publish(s3, bucket, name, "V2", {"model.onnx": b"other", "model.json": b"{}"})
+
+
 def test_rollback_follows_the_chain_of_moves_past_a_move_that_lost_its_race(aws_settings):
     """A -> B was recorded but never made (CURRENT's write lost a race), then A -> C happened: the
     second rollback goes to X, where A came from, not "back" to A through the phantom move."""
