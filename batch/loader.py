@@ -341,6 +341,7 @@ class Loader:
     def __init__(self, loaders: list[StreamLoader], idle_sleep: float = 0.5):
         self.loaders = loaders
         self.idle_sleep = idle_sleep
+        self.failures = logs.Tally(every_s=30.0)     # retried every few seconds while an outage lasts
 
     def run(self, stop: Callable[[], bool]) -> None:
         failures = 0
@@ -353,7 +354,9 @@ class Loader:
                     # Kinesis or DynamoDB hiccup: nothing was checkpointed past what is durable, so wait and
                     # go on, backing off: an outage would otherwise be retried (and logged) twice a second.
                     failures += 1
-                    log.error("stream or lease call failed, retrying: %s", exc)
+                    if count := self.failures.add():
+                        log.error("stream or lease calls failed %d times since the last such line, retrying: %s",
+                                  count, exc)
                     renewals = [loader.consumer.renew_interval_s for loader in self.loaders]
                     time.sleep(backoff_s(failures, self.idle_sleep, min(MAX_RETRY_WAIT_S, *renewals)))
                     continue

@@ -58,6 +58,8 @@ class Engine:
         self.clock = clock
         self.stop = stop
         self.write_failures = logs.Tally(every_s=30.0)
+        self.read_failures = logs.Tally(every_s=30.0)       # a stream outage: once per 30 s, not every second
+        self.invalid_records = logs.Tally(every_s=30.0)
         # Sessions known to have an offer, until when: saves a write for each of their later predictions.
         self.offered: OrderedDict[str, float] = OrderedDict()
         self.exhausted_hour: str | None = None
@@ -80,8 +82,9 @@ class Engine:
         try:
             prediction = Prediction.from_record(json.loads(data))
         except (ValueError, RecursionError) as exc:   # JSONDecodeError is a ValueError; deep nesting recurses
-            log.warning("shard %s sequence %s: skipping a record that is not a prediction: %s", self._shard,
-                        sequence, exc, extra={"shard_id": self._shard})
+            if skipped := self.invalid_records.add():
+                log.warning("skipped %d records that are not predictions since the last such line; the last: shard "
+                            "%s sequence %s: %s", skipped, self._shard, sequence, exc, extra={"shard_id": self._shard})
             return "invalid"
         reason = skip_reason(self.settings, prediction)
         if reason:
@@ -199,7 +202,9 @@ class Engine:
                     time.sleep(idle_sleep)
             except (BotoCoreError, ClientError, ReadFailed) as exc:
                 # Reading failed: nothing was handed out and every reader stays at its last record.
-                log.warning("stream or lease call failed, retrying: %s", exc)
+                if failures := self.read_failures.add():
+                    log.warning("stream or lease calls failed %d times since the last such line, retrying every "
+                                "second: %s", failures, exc)
                 time.sleep(1.0)
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ import time
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from common import jsonbytes
+from common import jsonbytes, logs
 from common.consumer import Batch, Consumer, ReadFailed
 from common.leases import LeaseLost
 from common.producer import Producer
@@ -41,6 +41,9 @@ class Worker:
         self.retry_cap_s = retry_cap_s
         self.counts = {"records": 0, "good": 0, "bad": 0, "batches": 0}
         self._duplicates = 0
+        # An outage or a throttled output is retried every few seconds: logged once per 30 s.
+        self._read_failures = logs.Tally(every_s=30.0)
+        self._write_retries = logs.Tally(every_s=30.0)
 
     def outputs(self, batch: Batch) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
         good, bad = [], []
@@ -94,8 +97,10 @@ class Worker:
                 return True
             attempt += 1
             metrics.RETRIES.inc()
-            log.warning("%d of %d entries not delivered to %s (%s); retrying", len(failed), len(entries),
-                        producer.stream.name, failed[0].reason)
+            if retries := self._write_retries.add():
+                log.warning("retried undelivered entries %d times since the last such line; now %d of %d entries "
+                            "not delivered to %s (%s)", retries, len(failed), len(entries), producer.stream.name,
+                            failed[0].reason)
             # Never past a lease renewal: a wait longer than the lease would hand the shard to a peer.
             cap = min(backoff_s(attempt, 0.1, self.retry_cap_s), self.consumer.renew_interval_s)
             if self.stop.wait(random.uniform(0, cap)):
@@ -116,7 +121,9 @@ class Worker:
             except (BotoCoreError, ClientError, ReadFailed) as exc:
                 # The stream or the lease table is unreachable for now: wait and try again, never exit.
                 failures += 1
-                log.warning("reading %s failed (%s); retrying", self.consumer.stream.name, exc)
+                if count := self._read_failures.add():
+                    log.warning("reading %s failed %d times since the last such line (%s); retrying",
+                                self.consumer.stream.name, count, exc)
                 self.stop.wait(backoff_s(failures, 0.2, self.retry_cap_s))
                 continue
             failures = 0

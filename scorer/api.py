@@ -16,6 +16,7 @@ from urllib.parse import unquote
 import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 
+from common import logs
 from common.aws import ttl_expired
 from common.features import (
     FEATURE_COUNT,
@@ -67,6 +68,7 @@ class ScorerApp:
         self.worker = worker
         self.openapi = orjson.dumps(document())
         self._timers: dict = {}
+        self.table_failures = logs.Tally(every_s=30.0)     # per request while the table is down: once per 30 s
         self.routes = {
             ("GET", "/ping"): self.ping,
             ("POST", "/invocations"): self.invocations,
@@ -277,7 +279,8 @@ class ScorerApp:
             item = await asyncio.to_thread(self.dynamodb.get_item, TableName=self.table,
                                            Key={"session_id": {"S": session_id}}, ConsistentRead=True)
         except (BotoCoreError, ClientError) as exc:
-            log.warning("predictions table read failed: %s", exc)
+            if failures := self.table_failures.add():
+                log.warning("predictions table reads failed %d times since the last such line: %s", failures, exc)
             return error(503, "predictions table unavailable; see the scorer log")    # AWS errors name the account
         if "Item" not in item or ttl_expired(item["Item"]):
             # DynamoDB deletes a row past its TTL only some time later (typically within two days).

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from common import jsonbytes
+from common import jsonbytes, logs
 from common.producer import Producer
 from common.producer import batches as put_record_calls
 from common.retry import backoff_s
@@ -61,6 +61,9 @@ class PredictionWriter:
         self.ttl_s = ttl_s
         self.sleep = sleep
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="predictions") if table else None
+        # A throttled stream or table is retried every ~2 s for as long as it lasts: once per 30 s in the log.
+        self.stream_retries = logs.Tally(every_s=30.0)
+        self.table_retries = logs.Tally(every_s=30.0)
 
     def write(self, predictions: list[tuple[dict, int]], stop: Callable[[], bool] = lambda: False,
               keep: Callable[[dict], bool] | None = None, renew: Callable[[], object] = lambda: None,
@@ -93,8 +96,9 @@ class PredictionWriter:
                         call = [entry for entry in call if keep(by_data[entry[1]])]
                     undelivered += self.producer.send(call) if call else []
                 entries = [(u.partition_key, u.data) for u in undelivered]
-                if entries:
-                    log.warning("%d predictions not yet on the stream: %s", len(entries), undelivered[0].reason)
+                if entries and (retries := self.stream_retries.add()):
+                    log.warning("predictions not yet on the stream after %d tries since the last such line: now %d, "
+                                "%s", retries, len(entries), undelivered[0].reason)
             else:
                 entries = []
             renew()
@@ -127,8 +131,9 @@ class PredictionWriter:
             renew()
         errors = [future.result() for future in futures]
         failed = [error for error in errors if error]
-        if failed:          # one line per round, not one per session
-            log.warning("%d of %d predictions table writes failed: %s", len(failed), len(latest), failed[0])
+        if failed and (rounds := self.table_retries.add()):     # one line per round at most, not one per session
+            log.warning("predictions table writes failed in %d rounds since the last such line; now %d of %d: %s",
+                        rounds, len(failed), len(latest), failed[0])
         return [pair for pair, error in zip(latest, errors) if error]
 
     def _put(self, pair: tuple[dict, int], expires_at: int) -> str | None:

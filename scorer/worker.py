@@ -110,6 +110,7 @@ class Worker:
         # Retried while the lease table is away: once a second, one WARNING per 30 s.
         self.checkpoint_failures = logs.Tally(every_s=30.0)
         self.lease_read_failures = logs.Tally(every_s=30.0)
+        self.read_failures = logs.Tally(every_s=30.0)       # a stream outage: once per 30 s, not every second
         self.checkpoint_retry_at = 0.0
         self.store = SessionStore(settings.session_timeout_s * 1000, settings.max_sessions, settings.dedupe_window,
                                   settings.replay_max_s * 1000)
@@ -501,7 +502,9 @@ class Worker:
                         time.sleep(idle)
                 except ReadFailed as exc:
                     # Nothing was handed out and the readers stay put: the sessions are still right.
-                    log.warning("reading the enriched stream failed, retrying: %s", exc)
+                    if failures := self.read_failures.add():
+                        log.warning("reading the enriched stream failed %d times since the last such line, "
+                                    "retrying every second: %s", failures, exc)
                     time.sleep(1.0)
                 except Exception:
                     log.exception("worker batch failed; dropping in-memory state and re-reading from the checkpoints")

@@ -100,8 +100,9 @@ def test_qualifying_sessions_get_exactly_one_offer(aws_settings, caplog):
         drain(eng, 9)
     made = offers(settings)
     assert set(made) == {"a", "c"}
-    [skipped] = [r.getMessage() for r in caplog.records if "not a prediction" in r.getMessage()]
-    assert skipped.startswith("shard shardId-000000000000 sequence ")       # where to find the record
+    [skipped] = [r.getMessage() for r in caplog.records if "not predictions" in r.getMessage()]
+    assert skipped.startswith("skipped 1 records that are not predictions since the last such line; the last: "
+                              "shard shardId-000000000000 sequence ")      # where to find the record
     assert made["a"]["p_buy"]["N"] == "0.55" and made["c"]["p_buy"]["N"] == "0.52"
     assert int(made["a"]["expires_at"]["N"]) == int(T0) + 24 * 3600
     assert made["a"]["code"]["S"].startswith("SAVE10-") and made["a"]["model_version"]["S"] == "v7"

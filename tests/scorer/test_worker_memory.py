@@ -757,7 +757,7 @@ def test_a_read_failing_on_one_shard_loses_nothing():
 
 
 def test_a_failed_read_backs_off_keeping_the_sessions_and_loses_no_event(caplog):
-    stream = FlakyStream("enriched", shard_count=2)
+    stream = FlakyStream("enriched", shard_count=2, failures=6)
     rig = Rig(stream)
     sessions = [session_events(f"f{i}", seed=90 + i, n=8, buyer=False) for i in range(4)]
     rig.put(interleave(sessions))
@@ -765,7 +765,9 @@ def test_a_failed_read_backs_off_keeping_the_sessions_and_loses_no_event(caplog)
     rig.worker.run(lambda: next(rounds) >= 60 or len(rig.predictions()) >= 32)
     got = {p["event_id"]: p for p in rig.predictions()}
     messages = [r.getMessage() for r in caplog.records]
-    assert stream.failures == 0 and any("reading the enriched stream failed" in m for m in messages)
+    # An outage fails every poll, a second apart: one line, the next one 30 s later with the count.
+    assert stream.failures == 0 and rig.worker.read_failures.count >= 1
+    assert len([m for m in messages if m.startswith("reading the enriched stream failed 1 times")]) == 1
     assert not any("re-reading from the checkpoints" in m for m in messages)      # no replay of every session
     for events in sessions:
         for event_id, (p, count) in reference(events).items():
