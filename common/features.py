@@ -18,6 +18,7 @@ Bump ``FEATURE_VERSION`` whenever the meaning or order of a feature changes: a m
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -36,6 +37,9 @@ ECOMMERCE_VENDOR = "com.snowplowanalytics.snowplow.ecommerce"
 ECOMMERCE_ACTION = "snowplow_ecommerce_action"
 PAGE_TYPE_SCHEMA = f"iglu:{SHOP_VENDOR}/page_type/"     # any version of the shop's page_type context
 MAX_TRACKED_PRODUCTS = 512
+# A longer product id is kept as a 16-byte digest: schemas allow 4,096 characters, and 512 such ids
+# made one session 2 MB of the scorer's memory.
+MAX_KEPT_SKU_CHARS = 64
 NIL_USER = "00000000-0000-0000-0000-000000000000"   # network_userid of SP-Anonymous hits
 NUMBER_LIMIT = 1e9          # any number read from an event: beyond every real quantity, price or index
 
@@ -106,7 +110,7 @@ class SessionState:
         self.product_views = self.distinct_products = self.cart_adds = self.cart_removes = 0
         self.cart_value = 0.0
         self.cart_items = self.checkout_step_max = 0
-        self.products: set[str] = set()
+        self.products: set[str | bytes] = set()       # product ids seen, long ones as digests
         self.pages = [0] * len(PAGE_TYPES)
         self.max_scroll_depth = 0.0
         self.device = self.referer = None
@@ -231,11 +235,14 @@ def page_type(event: dict) -> str:
 _ZONE_NAMES = frozenset(resources.files("tzdata").joinpath("zones").read_text().split()) - {"Factory"}
 
 
-@lru_cache(maxsize=512)
 def _zone(name: str):
     """The tracker's time zone (``os_timezone``); UTC for a name tzdata does not list."""
-    if name not in _ZONE_NAMES:
-        return UTC
+    # Checked before the cache: a cache keyed by any name the tracker sends kept megabyte-long ones.
+    return _listed_zone(name) if isinstance(name, str) and name in _ZONE_NAMES else UTC
+
+
+@lru_cache(maxsize=None)           # at most the ~600 names tzdata lists
+def _listed_zone(name: str):
     with resources.files("tzdata.zoneinfo").joinpath(*name.split("/")).open("rb") as data:
         return ZoneInfo.from_file(data, key=name)
 
@@ -307,7 +314,9 @@ def _ecommerce_action(state: SessionState, event: dict, action: str | None, at_m
 def _product_viewed(state: SessionState, skus) -> None:
     state.product_views += 1
     for sku in skus:
-        if sku and type(sku) is str and len(state.products) < MAX_TRACKED_PRODUCTS and sku not in state.products:
+        if sku and type(sku) is str and len(state.products) < MAX_TRACKED_PRODUCTS:
+            if len(sku) > MAX_KEPT_SKU_CHARS:
+                sku = hashlib.blake2b(sku.encode("utf-8", "surrogatepass"), digest_size=16).digest()
             state.products.add(sku)
             state.distinct_products = len(state.products)
 

@@ -7,11 +7,11 @@ import ipaddress
 import time
 import urllib.parse
 from collections import OrderedDict
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import orjson
-from ua_parser import parse as parse_ua
+from ua_parser import BestAvailableResolver, Parser, load_lazy_builtins
 
 REFERERS_FILE = Path(__file__).resolve().parent / "referers.json"
 MAX_CACHED_CHARS = 2048   # longer inputs are computed every time: a cache must not be a memory bomb
@@ -88,12 +88,19 @@ def _device_type(ua: str, os_family: str, device_family: str, browser_family: st
     return "Unknown"
 
 
+@cache
+def _uncached_ua_parser() -> Parser:
+    """ua-parser without its own cache: ``ua_parser.parse`` keeps its last ~3,800 UAs whatever their
+    length (3.5 GB of 900 kB UAs), the memory bomb short_cache keeps out of ours."""
+    return Parser(BestAvailableResolver(load_lazy_builtins()))
+
+
 def make_ua_parser(size: int):
     """A cached UA parser: UA strings repeat a lot and parsing is the slowest enrichment (~0.1-1 ms)."""
 
     @short_cache(size)
     def parse(ua: str) -> dict:
-        result = parse_ua(ua)
+        result = _uncached_ua_parser().parse(ua)
         agent, os_, device = result.user_agent, result.os, result.device
         br_family = agent.family if agent else "Other"
         os_family = os_.family if os_ else "Other"

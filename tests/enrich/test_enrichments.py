@@ -56,6 +56,22 @@ def test_user_agent_results_are_cached():
     assert parse.cache_info().currsize == before   # hostile long values never enter a cache
 
 
+def test_long_user_agents_are_not_kept_by_the_ua_library_either():
+    """ua_parser.parse has a cache of its own that kept ~3,800 UAs of any length: 3.5 GB of 900 kB ones."""
+    import gc
+    import tracemalloc
+
+    parse = make_ua_parser(16)
+    parse("curl/8.4.0")                                  # the parser is built before measuring
+    tracemalloc.start()
+    for i in range(40):
+        parse(f"Mozilla/5.0 {i} " + "x" * 100_000)
+    gc.collect()
+    kept, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert kept < 1_000_000, f"{kept:,} bytes kept after parsing 4 MB of distinct user agents"
+
+
 @pytest.mark.parametrize("ip, octets, segments, expected", [
     ("203.0.113.77", 1, 5, "203.0.113.0"),
     ("203.0.113.77", 2, 5, "203.0.0.0"),

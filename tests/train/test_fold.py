@@ -11,6 +11,7 @@ import zoneinfo
 from importlib import resources
 
 import numpy as np
+import orjson
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -81,6 +82,24 @@ def test_long_session_keeps_bounded_state_and_memory():
     assert peak < 2_000_000     # the state, not the events: bounded whatever the session length
     frame = _examples(_as_lake_frame(s.events))
     assert len(frame) == 10_000 and frame["distinct_products"].max() == MAX_TRACKED_PRODUCTS
+
+
+def test_a_session_of_the_longest_product_ids_keeps_small_state():
+    """Schemas allow 4,096-character ids: 512 of them kept whole made a session 2 MB of scorer memory."""
+    rng = random.Random(5)
+    s = synth.Session(rng, 1_795_000_000_000)
+    for i in range(600):
+        s.shop("product_view", {"sku": f"{i}-" + "x" * 4000, "category": "shoes", "price": 10.0}, f"/p/{i}", "product")
+    s.shop("product_view", {"sku": "0-" + "x" * 4000, "category": "shoes", "price": 10.0}, "/p/0", "product")
+    records = [orjson.dumps(event) for event in s.events]       # parsed one at a time, as the scorer reads them
+    state = SessionState()
+    tracemalloc.start()
+    for record in records:
+        step(state, orjson.loads(record))
+    kept, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert state.product_views == 601 and state.distinct_products == MAX_TRACKED_PRODUCTS
+    assert kept < 100_000, f"{kept:,} bytes kept by one session"
 
 
 def test_unbounded_numbers_keep_every_feature_finite_in_float32():
@@ -609,11 +628,11 @@ def host_in_kolkata(tmp_path, monkeypatch):
         (tmp_path / name).write_bytes(kolkata)
     zoneinfo.reset_tzpath(to=[str(tmp_path)])
     zoneinfo.ZoneInfo.clear_cache()
-    features_module._zone.cache_clear()
+    features_module._listed_zone.cache_clear()
     yield
     zoneinfo.reset_tzpath()
     zoneinfo.ZoneInfo.clear_cache()
-    features_module._zone.cache_clear()
+    features_module._listed_zone.cache_clear()
 
 
 @pytest.mark.parametrize("zone", ["localtime", "posixrules", "Factory", "Europe/../Berlin", "Mars/Olympus", "", None])
@@ -630,3 +649,12 @@ def test_a_name_that_is_no_zone_reads_as_utc_whatever_the_hosts_zone(zone, host_
 ])
 def test_local_hour_and_weekday_come_from_the_pinned_zone_rules(zone, at, expected):
     assert _hour_and_weekday(zone, at) == expected
+
+
+def test_a_name_that_is_no_zone_is_not_kept_in_the_zone_cache():
+    """Any os_timezone the tracker sent was a key of a 512-entry cache: 460 MB of 900 kB names pinned."""
+    features_module._listed_zone.cache_clear()
+    for i in range(20):
+        assert _hour_and_weekday(f"Mars/{i}" + "x" * 10_000, "2026-11-20T10:00:00.000Z") == (10.0, 4.0)
+    assert _hour_and_weekday("Asia/Kolkata", "2026-11-20T10:00:00.000Z") == (15.0, 4.0)
+    assert features_module._listed_zone.cache_info().currsize == 1
