@@ -128,7 +128,8 @@ def _champion_line(champion: dict) -> str:
     """How CURRENT did on the challenger's evaluation rows, and why it was not compared if it was not."""
     line = f"champion {champion['version']}"
     if champion.get("roc_auc") is not None:
-        line += f": ROC AUC {champion['roc_auc']:.4f} on the same {champion['rows']} rows"
+        line += (f": ROC AUC {champion['roc_auc']:.4f} on the same {champion['rows']} rows, where the new "
+                 f"model has {champion['challenger_roc_auc']:.4f}")
     return line + (f"; {champion['note']}" if champion.get("note") else "")
 
 

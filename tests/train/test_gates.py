@@ -37,6 +37,7 @@ def eval_rows(seen: int, unseen: int, seed: int = 3) -> pd.DataFrame:
     rows["session_start_ms"] = np.where(np.arange(len(rows)) < seen, SPLIT_AT - 60_000, SPLIT_AT + 60_000)
     rows["label"] = np.where(np.arange(len(rows)) < seen, p > np.median(p[:seen]) if seen else 0,
                              rng.random(len(rows)) < 0.3).astype(int)
+    rows["p_spark"] = p                 # a challenger that scores like CURRENT unless a test says otherwise
     return rows
 
 
@@ -63,15 +64,17 @@ def registry_with_current(aws_settings):
 
 
 def test_a_better_model_with_the_same_features_moves_current():
-    assert decide(result(0.80), {"version": "v1", "roc_auc": 0.78}, TrainSettings()) == (True, [])
+    current = {"version": "v1", "roc_auc": 0.78, "challenger_roc_auc": 0.80, "rows": 500}
+    assert decide(result(0.80), current, TrainSettings()) == (True, [])
     assert decide(result(0.80), None, TrainSettings()) == (True, [])
 
 
 def test_floor_margin_and_parity_each_keep_current():
     settings = TrainSettings(auc_floor=0.7, champion_margin=0.01)
-    promote, reasons = decide(result(0.65, parity=False), {"version": "v1", "roc_auc": 0.80}, settings)
+    current = {"version": "v1", "roc_auc": 0.80, "challenger_roc_auc": 0.65, "rows": 500}
+    promote, reasons = decide(result(0.65, parity=False), current, settings)
     assert not promote and len(reasons) == 3
-    assert "below the floor 0.7" in reasons[1] and "worse than CURRENT v1" in reasons[2]
+    assert "below the floor 0.7" in reasons[1] and "CURRENT v1 is compared on is worse than its 0.8000" in reasons[2]
 
 
 def test_a_model_with_other_features_than_current_is_not_promoted():
@@ -94,6 +97,24 @@ def test_the_champion_is_scored_only_on_sessions_it_did_not_train_on(registry_wi
     assert champion(s3, settings, result(0.55, rows=rows))["rows"] == 500
 
 
+def test_champion_and_challenger_are_compared_on_the_same_rows(registry_with_current):
+    """The challenger's AUC over every evaluation row was held against CURRENT's on the rows it did
+    not train on: a challenger right on the older sessions and backwards on the newer was promoted."""
+    s3, settings = registry_with_current
+    rows = eval_rows(seen=300, unseen=200)
+    seen = rows["session_start_ms"] < SPLIT_AT
+    rows["p_spark"] = np.where(seen, 0.05 + 0.9 * rows["label"], 0.95 - 0.9 * rows["label"])
+    overall = evaluate(rows["label"], rows["p_spark"])["roc_auc"]
+    challenger = result(overall, rows=rows)
+    info = champion(s3, settings, challenger)
+    assert info["challenger_roc_auc"] == 0.0 and overall > info["roc_auc"] > 0.3
+    promote, [reason] = decide(challenger, info, settings)
+    assert not promote and reason.startswith("ROC AUC 0.0000 on the 200 rows CURRENT v1 is compared on is worse")
+    rows["p_spark"] = np.where(seen, 0.5, 0.05 + 0.9 * rows["label"])     # and the other way round
+    better = result(evaluate(rows["label"], rows["p_spark"])["roc_auc"], rows=rows)
+    assert decide(better, champion(s3, settings, better), settings) == (True, [])
+
+
 def test_too_few_unseen_rows_leave_the_challenger_to_the_floor_and_parity(registry_with_current):
     s3, settings = registry_with_current
     challenger = result(0.70, rows=eval_rows(seen=300, unseen=40))
@@ -105,10 +126,11 @@ def test_too_few_unseen_rows_leave_the_challenger_to_the_floor_and_parity(regist
 
 
 def test_the_training_summary_says_how_the_champion_did_or_why_it_was_not_compared():
-    compared = {"version": "v1", "roc_auc": 0.91234, "rows": 340}
-    assert _champion_line(compared) == "champion v1: ROC AUC 0.9123 on the same 340 rows"
+    compared = {"version": "v1", "roc_auc": 0.91234, "rows": 340, "challenger_roc_auc": 0.9301}
+    assert _champion_line(compared) == "champion v1: ROC AUC 0.9123 on the same 340 rows, where the new model has 0.9301"
     partly = compared | {"note": "200 of 340 evaluation rows are from sessions starting at or after ..."}
-    assert _champion_line(partly) == f"champion v1: ROC AUC 0.9123 on the same 340 rows; {partly['note']}"
+    assert _champion_line(partly) == (f"champion v1: ROC AUC 0.9123 on the same 340 rows, where the new model has "
+                                      f"0.9301; {partly['note']}")
     skipped = {"version": "v1", "roc_auc": None, "rows": 40, "note": "not comparable: too few"}
     assert _champion_line(skipped) == "champion v1; not comparable: too few"
 
