@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")       # no display on servers; must precede pyplot
 import matplotlib.pyplot as plt
 
-from batch.train_metrics import curves
+from batch.train_metrics import curves, threshold_text
 
 
 def _png(figure) -> str:
@@ -30,7 +30,9 @@ def _plots(y, p, meta: dict) -> dict[str, str]:
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
     ax.legend(loc="lower right")
     pr, ax = plt.subplots(figsize=(4.5, 4))
-    ax.plot(c["recall"], c["precision"], label=f"AP {metrics['pr_auc']:.3f}")
+    # Steps, not lines: average precision is the area under the steps, and a straight line across a
+    # block of tied scores (trees tie many) would draw more area than the AP in the legend.
+    ax.plot(c["recall"], c["precision"], drawstyle="steps-post", label=f"AP {metrics['pr_auc']:.3f}")
     ax.axhline(metrics["base_rate"], linestyle=":", color="grey", label="base rate")
     ax.set(xlabel="recall", ylabel="precision", title="Precision-recall")
     ax.legend(loc="upper right")
@@ -52,7 +54,7 @@ def render(meta: dict, y, p) -> bytes:
     metrics = meta["metrics"]
     summary = [(key, f"{metrics[key]:.4f}" if isinstance(metrics[key], float) else metrics[key])
                for key in ("roc_auc", "pr_auc", "log_loss", "brier", "lift_top_decile", "rows", "positives", "base_rate")]
-    summary += [("threshold", f"{meta['threshold']:.4f} ({meta['threshold_selection']['objective']})"),
+    summary += [("threshold", threshold_text(meta)),
                 ("parity max |p_onnx - p_spark|", f"{meta['parity']['max_abs_diff']:.2e} on {meta['parity']['rows']} rows")]
     images = "".join(f'<figure><img alt="{name}" src="{uri}"><figcaption>{name}</figcaption></figure>'
                      for name, uri in _plots(y, p, meta).items())

@@ -27,6 +27,7 @@ from batch.export import ExportError
 from batch.train_config import TrainSettings, spark_session
 from batch.train_features import ID_COLUMNS, build_examples, read_events, require_trainable
 from batch.train_lake import TrainError, Window, check_files, local_window, unreadable_file_error, window_files
+from batch.train_metrics import threshold_text
 from batch.train_model import Steps, TrainResult, fit_and_export, time_split, utc_text
 from batch.train_publish import ParityError, publish, write_bundle
 from common import aws, logs
@@ -137,7 +138,7 @@ def _summary(result: TrainResult, outcome: dict | None) -> str:
     m, p = result.meta["metrics"], result.meta["parity"]
     lines = [(f"model {result.meta['name']} ({result.meta['algorithm']}): ROC AUC {m['roc_auc']:.4f}, "
               f"PR AUC {m['pr_auc']:.4f}, log loss {m['log_loss']:.4f}, lift@10% {m['lift_top_decile']:.2f}, "
-              f"threshold {result.meta['threshold']:.4f} ({result.meta['threshold_selection']['objective']})"),
+              f"threshold {threshold_text(result.meta)}"),
              (f"parity: {'passed' if p['passed'] else 'FAILED'}, max |p_onnx - p_spark| {p['max_abs_diff']:.2e} "
               f"on {p['rows']} rows"),
              _data_line(result.meta),

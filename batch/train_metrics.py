@@ -7,7 +7,7 @@ from sklearn.metrics import average_precision_score, log_loss, precision_recall_
 
 def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> list[dict]:
     """Reliability bins of equal width: mean predicted probability vs observed rate, per bin."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
+    edges = np.arange(bins + 1) / bins      # k / bins rounds to the float of k/10: linspace's 0.30000000000000004 put p = 0.3 a bin low
     index = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
     out = []
     for b in range(bins):
@@ -45,7 +45,8 @@ def evaluate(y, p) -> dict:
 
 def choose_threshold(y, p, objective: str = "f1", target_precision: float = 0.5) -> dict:
     """The decision threshold: max F1, or the lowest threshold reaching ``target_precision``
-    (so recall is as high as that precision allows)."""
+    (so recall is as high as that precision allows); when none does, the most precise one, with
+    ``target_reached`` false."""
     y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
     precision, recall, thresholds = precision_recall_curve(y, p)
     precision, recall = precision[:-1], recall[:-1]     # the last point has no threshold
@@ -55,6 +56,7 @@ def choose_threshold(y, p, objective: str = "f1", target_precision: float = 0.5)
     elif objective == "precision":
         reaching = np.flatnonzero(precision >= target_precision)
         best = int(reaching[0]) if len(reaching) else int(np.argmax(precision))
+        reached = bool(len(reaching))
     else:
         raise ValueError(f"threshold objective must be f1 or precision, got {objective!r}")
     # Halfway down to the next lower score: the same rows pass, and a row tied at the chosen score
@@ -63,7 +65,17 @@ def choose_threshold(y, p, objective: str = "f1", target_precision: float = 0.5)
     threshold = (thresholds[best] + (lower.max() if len(lower) else 0.0)) / 2
     return {"objective": objective, "threshold": float(threshold), "precision": float(precision[best]),
             "recall": float(recall[best]), "f1": float(f1[best]),
-            **({"target_precision": target_precision} if objective == "precision" else {})}
+            **({"target_precision": target_precision, "target_reached": reached} if objective == "precision" else {})}
+
+
+def threshold_text(meta: dict) -> str:
+    """The threshold and how it was chosen, saying so when the target precision was out of reach."""
+    selection = meta["threshold_selection"]
+    text = f"{meta['threshold']:.4f} ({selection['objective']})"
+    if selection.get("target_reached") is False:
+        text += (f", target precision {selection['target_precision']:g} not reached at any threshold: "
+                 f"the most precise gives {selection['precision']:.4f}")
+    return text
 
 
 def curves(y, p) -> dict:

@@ -167,6 +167,9 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
     # a tree model ties at it fall on the same side in serving as in the precision and recall reported.
     threshold = choose_threshold(scored[label], scored["p_onnx"], settings.threshold_objective,
                                  settings.target_precision)
+    if threshold.get("target_reached") is False:
+        log.warning("no threshold reaches target_precision %g; the most precise one (%.4f) gives %.4f",
+                    settings.target_precision, threshold["threshold"], threshold["precision"])
     meta = {
         "name": settings.model_name, "version": None, "algorithm": settings.algorithm,
         "hyper_parameters": hyper_parameters(settings) | {"buyer_weight": round(buyer_weight, 6)},

@@ -189,6 +189,9 @@ def test_metrics_on_known_scores():
     assert lift_top_decile(y, p) == pytest.approx(1 / 0.4)
     bins = calibration(y, p, bins=2)
     assert [b["count"] for b in bins] == [6, 4] and bins[1]["rate"] == pytest.approx(0.75)
+    # A score on an edge belongs to the bin it opens: 0.3, 0.6 and 0.7 landed a bin low.
+    edges = calibration(np.array([0, 1, 0, 1]), np.array([0.3, 0.6, 0.7, 1.0]))
+    assert [(b["low"], b["high"]) for b in edges] == [(0.3, 0.4), (0.6, 0.7), (0.7, 0.8), (0.9, 1.0)]
     with pytest.raises(ValueError, match="both classes"):
         evaluate(np.zeros(3), np.ones(3) / 2)
 
@@ -213,6 +216,19 @@ def test_threshold_objectives():
     assert np.float32(0.8) - np.spacing(np.float32(0.8)) >= strict["threshold"]
     with pytest.raises(ValueError, match="f1 or precision"):
         choose_threshold(y, p, "recall")
+
+
+def test_a_target_precision_out_of_reach_is_said_not_met_silently():
+    from batch.train_metrics import threshold_text
+
+    y, p = np.array([0, 1, 0, 1, 0, 0, 1, 0]), np.array([.9, .8, .7, .6, .5, .4, .3, .2])
+    short = choose_threshold(y, p, "precision", target_precision=0.9)
+    assert short["target_reached"] is False and short["precision"] == 0.5
+    assert threshold_text({"threshold": short["threshold"], "threshold_selection": short}) == (
+        "0.5500 (precision), target precision 0.9 not reached at any threshold: the most precise gives 0.5000")
+    met = choose_threshold(y, p, "precision", target_precision=0.5)
+    assert met["target_reached"] is True
+    assert threshold_text({"threshold": met["threshold"], "threshold_selection": met}) == f"{met['threshold']:.4f} (precision)"
 
 
 @given(st.floats(min_value=-1e30, max_value=1e30, allow_nan=False))
