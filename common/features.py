@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 from datetime import UTC, datetime
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from zoneinfo import ZoneInfo
 
@@ -241,7 +241,7 @@ def _zone(name: str):
     return _listed_zone(name) if isinstance(name, str) and name in _ZONE_NAMES else UTC
 
 
-@lru_cache(maxsize=None)           # at most the ~600 names tzdata lists
+@cache                             # at most the ~600 names tzdata lists
 def _listed_zone(name: str):
     with resources.files("tzdata.zoneinfo").joinpath(*name.split("/")).open("rb") as data:
         return ZoneInfo.from_file(data, key=name)
