@@ -47,7 +47,7 @@ SECTION_KEYS = {section: frozenset(keys.split()) for section, keys in {
         max_payload_bytes max_request_bytes bad_payload_keep_bytes trusted_proxy_hops cookie_name cookie_days
         cookie_domains cookie_fallback_domain cookie_secure dnt_cookie_name dnt_cookie_value custom_paths redirect_domains
         cors_max_age_s""",
-    "enrich": """registries registry_cache_ttl_s pseudonymisation pseudonymisation_key pii_fields ip_anon_octets
+    "enrich": """registries registry_cache_ttl_s registry_miss_ttl_s pseudonymisation pseudonymisation_key pii_fields ip_anon_octets
         ip_anon_segments geolocation_coarsening geolocation_decimals max_collector_ahead_s internal_domains dedupe_entries dedupe_window_s ua_cache_size max_event_bytes batch_limit
         read_interval_s lease_ms metrics_port metrics_host log_level""",
     "scorer": """host port run_worker run_api model_name model_poll_s shadow_version emit emit_every_n flush_ms

@@ -74,6 +74,7 @@ class EnrichSettings(AwsSettings):
     # Registries in priority order: "embedded", a folder path, or an http(s) base URL.
     registries: tuple[str, ...] = ("embedded",)
     registry_cache_ttl_s: float = 600.0
+    registry_miss_ttl_s: float = 60.0       # a schema no registry had: asked for again after this (at most the above)
     pseudonymisation: bool = True
     pseudonymisation_key: str = ""
     # "vendor/name:dotted.path" entries, matched on any version of the schema: added to
@@ -101,7 +102,7 @@ class EnrichSettings(AwsSettings):
     log_level: str = "INFO"
 
     def validate(self) -> None:
-        require_positive(self, "registry_cache_ttl_s", "dedupe_window_s", "ua_cache_size", "max_event_bytes",
+        require_positive(self, "registry_cache_ttl_s", "registry_miss_ttl_s", "dedupe_window_s", "ua_cache_size", "max_event_bytes",
                          "lease_ms", "read_interval_s", "max_collector_ahead_s")
         require_batch_limit(self, "batch_limit")
         require_at_most(self, "ua_cache_size", 10_000_000, "user agents parsed and kept in memory")

@@ -185,7 +185,8 @@ def _held_back_row(hit: protocol.Hit, indices: list[int]) -> dict:
 class Enricher:
     def __init__(self, settings: EnrichSettings, resolver: Resolver | None = None):
         self.settings = settings
-        self.resolver = resolver or Resolver.from_specs(settings.registries, ttl=settings.registry_cache_ttl_s)
+        self.resolver = resolver or Resolver.from_specs(settings.registries, ttl=settings.registry_cache_ttl_s,
+                                                          miss_ttl=settings.registry_miss_ttl_s)
         self.hmac = Pseudonymiser(settings.pseudonymisation_key) if settings.pseudonymisation else None
         self.entity_rules = _entity_rules(settings, self.hmac)
         self.max_collector_ahead_ms = int(settings.max_collector_ahead_s * 1000)

@@ -2,8 +2,8 @@
 
 A registry is a static tree ``schemas/<vendor>/<name>/jsonschema/<version>``: the embedded one shipped in
 ``enrich/iglu``, a local folder, or the same tree served over HTTP. The resolver asks each registry in
-order for the exact SchemaVer key, caches the outcome (a compiled validator, or the miss with every
-registry's answer) for ``ttl`` seconds, and compiles a schema once per cache entry, because
+order for the exact SchemaVer key, caches the outcome (a compiled validator for ``ttl`` seconds, a
+miss with every registry's answer for ``miss_ttl``), and compiles a schema once per cache entry, because
 compiling is ~1000x slower than validating.
 """
 from __future__ import annotations
@@ -185,6 +185,9 @@ class Resolved:
 class Resolver:
     registries: list = field(default_factory=lambda: [registry_from("embedded")])
     ttl: float = 600.0
+    # A schema no registry has is asked for again sooner: the runbook for its bad rows is "publish
+    # the schema, then replay", and a replay within ttl would only make the same bad rows again.
+    miss_ttl: float = 60.0
     error_ttl: float = 10.0
     clock: Callable[[], float] = time.monotonic
     # Schema keys come from the input: bounded, least recently used out, so a stream of made-up keys
@@ -212,8 +215,8 @@ class Resolver:
         self._skipped = Tally(self.log_interval, self.clock)
 
     @classmethod
-    def from_specs(cls, specs: tuple[str, ...] | list[str], ttl: float = 600.0) -> Resolver:
-        return cls([registry_from(spec) for spec in specs], ttl=ttl)
+    def from_specs(cls, specs: tuple[str, ...] | list[str], ttl: float = 600.0, miss_ttl: float = 60.0) -> Resolver:
+        return cls([registry_from(spec) for spec in specs], ttl=ttl, miss_ttl=miss_ttl)
 
     def lookup(self, key: str | SchemaKey) -> Resolved:
         """The cached resolution of ``key``; raises SchemaKeyError for a malformed key."""
@@ -288,7 +291,7 @@ class Resolver:
                 history.append(_attempt(registry.name, "RepoFailure", f"invalid schema: {exc}"))
                 continue
             return Resolved(key, validate, schema, history, self.clock() + self.ttl)
-        ttl = self.error_ttl if transient else self.ttl
+        ttl = self.error_ttl if transient else self.miss_ttl
         return Resolved(key, None, None, history, self.clock() + min(ttl, self.ttl), transient)
 
     def _failed(self, name: str, exc: RegistryError) -> None:

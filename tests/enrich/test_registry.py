@@ -87,6 +87,19 @@ def test_hits_and_misses_are_cached_for_the_ttl(tmp_path):
         assert len(http.requests) == 4
 
 
+def test_a_schema_published_after_a_miss_is_found_after_the_miss_ttl_not_the_whole_ttl(tmp_path):
+    """"Publish the schema, then replay" made the same bad rows again for the 600 s a miss was cached."""
+    signup_registries(tmp_path / "folder", tmp_path / "served")
+    clock = Clock()
+    resolver = Resolver([FolderRegistry(tmp_path / "folder")], ttl=600, miss_ttl=60, clock=clock)
+    assert resolver.lookup(SIGNUP + "9-0-0").validate is None
+    write_schema(tmp_path / "folder", SIGNUP + "9-0-0", {"type": "object"})          # published now
+    clock.now += 59
+    assert resolver.lookup(SIGNUP + "9-0-0").validate is None
+    clock.now += 2
+    assert resolver.lookup(SIGNUP + "9-0-0").validate is not None
+
+
 def test_an_unreachable_registry_is_skipped_and_retried_sooner(tmp_path):
     signup_registries(tmp_path / "folder", tmp_path / "served")
     clock = Clock()
