@@ -200,12 +200,26 @@ def versions(s3, bucket: str, name: str = DEFAULT_MODEL) -> list[str]:
 
 
 def prunable(versions: list[str], current: str | None, moves: list[dict], keep: int) -> list[str]:
-    """The versions a prune deletes: all but the newest ``keep``, CURRENT, and every version CURRENT
-    pointed to in its last ``keep`` moves (where rollbacks lead, however old)."""
-    kept = set(versions[-keep:]) | {current}
+    """The versions a prune deletes: all but the newest ``keep``, CURRENT, every version CURRENT
+    pointed to in its last ``keep`` moves, and where ``keep`` rollbacks in a row lead (however old:
+    after earlier rollbacks, that chain reaches further back than the last moves)."""
+    kept = set(versions[-keep:]) | {current} | set(rollback_targets(moves, current, keep))
     for move in moves[-keep:]:
         kept.update((move["version"], move["previous"]))
     return [version for version in versions if version not in kept]
+
+
+def rollback_targets(moves: list[dict], current: str | None, count: int) -> list[str]:
+    """Where ``count`` rollbacks in a row from ``current`` would lead, in order."""
+    moves, at, targets = list(moves), current, []
+    for _ in range(min(count, len(moves))):
+        previous = previous_version(moves, at)
+        if previous is None:
+            break
+        targets.append(previous)
+        moves.append({"version": previous, "previous": at, "reason": f"{ROLLBACK_REASON}{at}"})
+        at = previous
+    return targets
 
 
 def old_versions(s3, bucket: str, name: str, keep: int) -> tuple[list[str], int]:

@@ -336,6 +336,23 @@ def test_the_registry_cli_says_what_it_did_not_find_and_does_not_record_a_move_t
     assert shown.exit_code == 0 and '"promoted": true' in shown.output                            # the gates' reasons, as operations.md says
 
 
+def test_prune_keeps_where_keep_rollbacks_in_a_row_lead_after_earlier_rollbacks():
+    """After a rollback and a move back, the second of two rollbacks reached a version older than
+    the last two moves, and prune --keep 2 had deleted it."""
+    from common.registry import ROLLBACK_REASON, previous_version, prunable
+
+    moves = [{"version": "v4", "previous": None, "reason": "train"},
+             {"version": "v6", "previous": "v4", "reason": "promote"},
+             {"version": "v5", "previous": "v6", "reason": "train"},
+             {"version": "v6", "previous": "v5", "reason": ROLLBACK_REASON + "v5"},
+             {"version": "v5", "previous": "v6", "reason": "promote"}]
+    versions = [f"v{n}" for n in range(1, 7)]
+    assert prunable(versions, "v5", moves, keep=2) == ["v1", "v2", "v3"]
+    first = previous_version(moves, "v5")
+    second = previous_version(moves + [{"version": first, "previous": "v5", "reason": ROLLBACK_REASON + "v5"}], first)
+    assert (first, second) == ("v6", "v4")
+
+
 def test_prune_deletes_old_bundles_but_keeps_the_newest_current_and_where_rollback_leads(aws_settings):
     from click.testing import CliRunner
 
