@@ -100,9 +100,9 @@ def decide(result: TrainResult, current: dict | None, settings: TrainSettings) -
                        f"compute these features")
     elif current and current.get("roc_auc") is not None and \
             current["challenger_roc_auc"] < current["roc_auc"] - settings.champion_margin:
-        reasons.append(f"ROC AUC {current['challenger_roc_auc']:.4f} on the {current['rows']} rows CURRENT "
-                       f"{current['version']} is compared on is worse than its {current['roc_auc']:.4f} "
-                       f"by more than {settings.champion_margin}")
+        reasons.append(f"ROC AUC {current['challenger_roc_auc']:.4f} is worse than CURRENT {current['version']}'s "
+                       f"{current['roc_auc']:.4f} on the same {current['rows']} rows by more than "
+                       f"{settings.champion_margin}")
     return not reasons, reasons
 
 

@@ -74,7 +74,7 @@ def test_floor_margin_and_parity_each_keep_current():
     current = {"version": "v1", "roc_auc": 0.80, "challenger_roc_auc": 0.65, "rows": 500}
     promote, reasons = decide(result(0.65, parity=False), current, settings)
     assert not promote and len(reasons) == 3
-    assert "below the floor 0.7" in reasons[1] and "CURRENT v1 is compared on is worse than its 0.8000" in reasons[2]
+    assert "below the floor 0.7" in reasons[1] and "worse than CURRENT v1's 0.8000 on the same 500 rows" in reasons[2]
 
 
 def test_a_model_with_other_features_than_current_is_not_promoted():
@@ -109,7 +109,7 @@ def test_champion_and_challenger_are_compared_on_the_same_rows(registry_with_cur
     info = champion(s3, settings, challenger)
     assert info["challenger_roc_auc"] == 0.0 and overall > info["roc_auc"] > 0.3
     promote, [reason] = decide(challenger, info, settings)
-    assert not promote and reason.startswith("ROC AUC 0.0000 on the 200 rows CURRENT v1 is compared on is worse")
+    assert not promote and reason.startswith("ROC AUC 0.0000 is worse than CURRENT v1's 0.") and "same 200 rows" in reason
     rows["p_spark"] = np.where(seen, 0.5, 0.05 + 0.9 * rows["label"])     # and the other way round
     better = result(evaluate(rows["label"], rows["p_spark"])["roc_auc"], rows=rows)
     assert decide(better, champion(s3, settings, better), settings) == (True, [])

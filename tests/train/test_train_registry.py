@@ -67,6 +67,7 @@ def test_train_publish_gate_and_rollback(spark, aws_settings, events, tmp_path):
     assert "worse than CURRENT" in outcome["reasons"][0]
     # same window, same split: every evaluation session is one the champion did not train on
     assert outcome["champion"]["rows"] == len(result.eval_rows) and "note" not in outcome["champion"]
+    assert outcome["champion"]["challenger_roc_auc"] == pytest.approx(result.meta["metrics"]["roc_auc"])
     assert outcome["champion"]["roc_auc"] > result.meta["metrics"]["roc_auc"]
     assert registry.current_version(s3, bucket) == version
     published = json.loads(s3.get_object(Bucket=bucket, Key=f"models/{registry.DEFAULT_MODEL}/"
