@@ -34,6 +34,7 @@ class CollectorSettings(AwsSettings):
     # Request limits.
     max_payload_bytes: int = 1_000_000         # one record; bigger becomes a size_violation bad row
     max_request_bytes: int = 2 * 1024 * 1024   # body (compressed and decompressed); bigger is a 413
+    body_timeout_s: float = 10.0               # a body not whole by then is a 408, and its slot is free again
     bad_payload_keep_bytes: int = 50_000       # how much of an oversized payload the bad row keeps
     # Identity.
     # Proxies in front that append the peer they saw to X-Forwarded-For (1: the ALB of
@@ -58,7 +59,7 @@ class CollectorSettings(AwsSettings):
             raise ConfigError(f"CLICKSTREAM_FSYNC: expected one of {', '.join(FSYNC_POLICIES)}, got {self.fsync!r}")
         require_positive(self, "port", "workers", "max_concurrent_requests", "linger_ms", "batch_records", "batch_bytes", "sink_timeout_s",
                          "spool_max_bytes", "spool_segment_bytes", "spool_segment_max_age_s", "fsync_interval_ms", "retry_after_s",
-                         "max_payload_bytes", "max_request_bytes", "bad_payload_keep_bytes", "cookie_days")
+                         "max_payload_bytes", "body_timeout_s", "max_request_bytes", "bad_payload_keep_bytes", "cookie_days")
         require_non_negative(self, "trusted_proxy_hops", "shutdown_timeout_s", "cors_max_age_s")
         require_at_most(self, "workers", 256, "one process per core")
         require_at_most(self, "max_concurrent_requests", 65_536, "per worker; each may hold a request body")

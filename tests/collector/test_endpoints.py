@@ -371,3 +371,41 @@ def test_header_injection_through_nuid_or_redirect_target_is_neutralised(setup):
     assert answer["Location"] == "https://example.com/%0D%0AX-Evil:%201" and "X-Evil" not in answer
     records = marked(setup, marker, 2)
     assert {r["path"] for r in records} == {"/i", "/r/tp2"}
+
+
+def test_percent_encoded_paths_do_not_reach_the_internal_endpoints(setup):
+    """/%6Detrics answered the metrics: a load balancer rule keeping /metrics from the internet
+    matches the path as sent, so the encoded one walked around it."""
+    collector, _ = setup
+    for path in ("/%6Detrics", "/%73ink-health", "/%68ealth"):
+        answer = raw_http(collector.port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.1 404"), (path, answer[:100])
+
+
+def test_slow_or_abandoned_bodies_free_their_slots_and_are_never_recorded(streams, make_collector, tmp_path):
+    """Requests that stopped sending their body held a max_concurrent_requests slot for good: that
+    many shut out every hit and /health. And a body cut off by a disconnect was recorded as a hit."""
+    import socket
+
+    collector = make_collector(collector_env(streams, tmp_path / "spool", max_concurrent_requests=4,
+                                             body_timeout_s=1))
+    cut, whole = uuid.uuid4().hex, uuid.uuid4().hex
+    stalled = []
+    for _ in range(5):
+        sock = socket.create_connection(("127.0.0.1", collector.port), timeout=10)
+        sock.sendall(f"POST {TP2} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{\"m\":\"{cut}\"".encode())
+        stalled.append(sock)
+    time.sleep(2.5)
+    assert get(collector.url + "/health")[0] == 200                   # the slots are free again
+    for sock in stalled:
+        assert sock.recv(200).startswith(b"HTTP/1.1 408")
+        sock.close()
+    with socket.create_connection(("127.0.0.1", collector.port), timeout=10) as sock:     # gone mid-body
+        sock.sendall(f"POST {TP2} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{\"m\":\"{cut}\"".encode())
+        time.sleep(0.3)
+    assert get(collector.url + TP2, data=payload([{"e": "pv", "aid": whole}]))[0] == 200
+    records = read_stream(streams.raw_stream, until=lambda r: with_marker(r, whole))
+    assert len(with_marker(records, whole)) == 1 and not with_marker(records, cut)
+    metrics = get(collector.url + "/metrics")[2].decode()
+    assert 'collector_requests_total{endpoint="tp2",status="408"} 5.0' in metrics
+    assert 'collector_requests_total{endpoint="tp2",status="499"} 1.0' in metrics
