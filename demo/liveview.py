@@ -465,10 +465,10 @@ def safe_file(base: Path, relative: str) -> Path | None:
     base = base.resolve()
     try:
         target = (base / relative.lstrip("/")).resolve()
+        if target.is_dir():
+            target = (target / "index.html").resolve()      # checked after: it may be a link out of base too
         if not target.is_relative_to(base):
             return None
-        if target.is_dir():
-            target = target / "index.html"
         return target if target.is_file() else None
     except OSError:              # e.g. a name over 255 bytes (ENAMETOOLONG): no such file either
         return None

@@ -27,6 +27,7 @@ from common.cli import ConfigFailed
 from common.config import AwsSettings, ConfigError, load
 from common.service import listening, stop_on_signals
 from demo import catalogue as cat
+from demo.liveview import safe_file
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("web")
@@ -47,21 +48,10 @@ def catalogue_json() -> str:
                       indent=1) + "\n"
 
 
-def resolve(base: Path, relative: str) -> Path | None:
-    """The file under ``base`` for a URL path, or None (also for any attempt to climb out of it)."""
-    try:
-        target = (base / relative).resolve()
-        if target.is_dir():
-            target = target / "index.html"
-        if not target.is_relative_to(base.resolve()) or not target.is_file():
-            return None
-    except (OSError, ValueError):    # a name over 255 bytes (ENAMETOOLONG), a NUL byte: no such file
-        return None
-    return target
-
-
 class Handler(BaseHTTPRequestHandler):
     server: ShopServer
+    # Seconds a connection may stay silent: each one holds a thread, so idle or half-sent requests are closed.
+    timeout = 10
 
     def do_GET(self) -> None:
         path = unquote(urlsplit(self.path).path)
@@ -81,7 +71,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(404, b"not found", "text/plain")
 
     def _file(self, base: Path, relative: str) -> None:
-        target = resolve(base, relative)
+        target = safe_file(base, relative)
         if target is None:
             self._send(404, b"not found", "text/plain")
             return

@@ -34,6 +34,7 @@ from scorer.openapi import document
 from scorer.sink import from_item
 
 log = logging.getLogger("scorer.api")
+GONE = object()             # _body's answer when the client left mid-body
 
 JSON = [(b"content-type", b"application/json")]
 MAX_SESSION_ID_BYTES = 2048        # DynamoDB's limit for a partition key
@@ -95,6 +96,8 @@ class ScorerApp:
             return
         started = time.perf_counter()
         body = await self._body(scope, receive)
+        if body is GONE:
+            return      # nothing to answer; a cut-off body must not act (a reload without its version loads CURRENT)
         method, path = scope["method"], scope["path"]
         route = self.routes.get((method, path))
         try:
@@ -122,14 +125,17 @@ class ScorerApp:
         return timer
 
     @staticmethod
-    async def _body(scope, receive) -> bytes | None:
-        """The request body, or None past MAX_BODY_BYTES (the rest is not read)."""
+    async def _body(scope, receive) -> bytes | object | None:
+        """The request body, None past MAX_BODY_BYTES (the rest is not read), GONE when the client
+        left before it was whole."""
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             return None
         chunks, size = [], 0
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                return GONE
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > MAX_BODY_BYTES:

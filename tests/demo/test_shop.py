@@ -19,7 +19,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from demo.web import ShopServer, WebSettings, catalogue_json, resolve
+from demo.liveview import safe_file
+from demo.web import ShopServer, WebSettings, catalogue_json
 from localstack.emulator import free_port
 from tests.conftest import CHROMIUM, CHROMIUM_FLAGS, ROOT, wait_for
 from tests.demo import test_liveview
@@ -231,8 +232,29 @@ def test_shop_server_serves_the_page_the_tracker_and_nothing_else(servers):
         with pytest.raises(urllib.error.HTTPError) as error:
             urllib.request.urlopen(shop.url + path)
         assert error.value.code == 404, path
-    assert resolve(ROOT / "demo" / "shop", "../web.py") is None
-    assert resolve(ROOT / "demo" / "shop", "a" * 300) is None            # ENAMETOOLONG is "not there" too
+    assert safe_file(ROOT / "demo" / "shop", "../web.py") is None
+    assert safe_file(ROOT / "demo" / "shop", "a" * 300) is None            # ENAMETOOLONG is "not there" too
+
+
+def test_a_folder_whose_index_links_out_of_the_shop_is_not_served(tmp_path):
+    """The index.html of a folder was added after the check that the path stays inside the shop."""
+    (tmp_path / "shop" / "sub").mkdir(parents=True)
+    (tmp_path / "secret.txt").write_text("not for the web")
+    (tmp_path / "shop" / "sub" / "index.html").symlink_to(tmp_path / "secret.txt")
+    assert safe_file(tmp_path / "shop", "sub/index.html") is None
+    assert safe_file(tmp_path / "shop", "sub/") is None and safe_file(tmp_path / "shop", "sub") is None
+
+
+def test_an_idle_connection_to_the_shop_is_closed(servers):
+    """Connections that sent nothing were kept for good, a thread each."""
+    import socket
+    from urllib.parse import urlsplit
+
+    shop = servers[1]
+    with socket.create_connection((urlsplit(shop.url).hostname, urlsplit(shop.url).port), timeout=30) as sock:
+        sock.sendall(b"GET /shop/ HTTP/1.1\r\nHost: x\r\n")        # and never the end of the headers
+        started = time.monotonic()
+        assert sock.recv(100) == b"" and time.monotonic() - started < 20
 
 
 def test_committed_catalogue_matches_the_generator():

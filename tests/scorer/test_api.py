@@ -250,6 +250,24 @@ def test_reload_needs_the_token_and_refuses_mismatched_models(api):
     post(api, "/models/reload", {"version": "v1"}, headers=auth)
 
 
+def test_a_reload_whose_body_never_arrived_does_nothing(api):
+    """The client left before its body: the scorer read the empty part as "load CURRENT", so an
+    interrupted rollback to v1 rolled the model forward."""
+    import socket
+    from urllib.parse import urlsplit
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    publish(api.s3, api.settings.bucket, MODEL, "v-next", logistic_onnx(bias=-0.5))      # CURRENT moves on
+    assert post(api, "/models/reload", {"version": "v1"}, headers=auth).status_code == 200
+    with socket.create_connection((urlsplit(api.url).hostname, urlsplit(api.url).port), timeout=5) as sock:
+        sock.sendall(f"POST /models/reload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 17\r\n\r\n".encode())
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(100) == b""                            # no answer: there was no request
+    time.sleep(0.5)
+    assert post(api, "/invocations", {"instances": [ROW]}).json()["model_version"] == "v1"
+
+
 def test_metrics_and_openapi(api):
     post(api, "/invocations", {"instances": [ROW]})
     text = requests.get(api.url + "/metrics", timeout=5).text
