@@ -27,11 +27,12 @@ SWEEP_GRACE_MS = 5 * 60_000
 
 
 class Session:
-    __slots__ = ("arrived_ms", "last_decision", "seen", "session_id", "shard_id", "since_emit", "start_after",
-                 "state")
+    __slots__ = ("arrived_ms", "first_arrived_ms", "last_decision", "seen", "session_id", "shard_id", "since_emit",
+                 "start_after", "state")
 
-    def __init__(self, session_id: str, shard_id: str, start_after: str | None):
+    def __init__(self, session_id: str, shard_id: str, start_after: str | None, first_arrived_ms: int = -1):
         self.arrived_ms = -1                  # collector time of its latest record: what the sweep goes by
+        self.first_arrived_ms = first_arrived_ms    # collector time of its first: how far back a replay reaches
         self.session_id = session_id
         self.shard_id = shard_id
         self.start_after = start_after
@@ -100,7 +101,7 @@ class SessionStore:
             self._remove(session, "timeout")
             session = None
         if session is None:
-            session = Session(session_id, shard_id, start_after)
+            session = Session(session_id, shard_id, start_after, arrived_ms)
             self.sessions[session_id] = session
             self.by_shard.setdefault(shard_id, OrderedDict())[session_id] = start_after
             self.recent.setdefault(shard_id, OrderedDict())[session_id] = None
@@ -168,17 +169,18 @@ class SessionStore:
         self.incomplete.discard(shard_id)
 
     def state_after(self, shard_id: str, default: str | None) -> str | None:
-        """The sequence number to replay from to rebuild every live session of the shard that began
-        less than ``replay_max_ms`` before the shard's watermark. An older one (a kiosk, a server-side
-        tracker with a fixed session id: one that never idles) would pin every restart's replay
-        hours back, up to the stream's retention; a restart rebuilds it from there only."""
+        """The sequence number to replay from to rebuild every live session of the shard whose first
+        record was collected less than ``replay_max_ms`` before the shard's latest. An older one (a
+        kiosk, a server-side tracker with a fixed session id: one that never idles) would pin every
+        restart's replay hours back, up to the stream's retention; a restart rebuilds it from there
+        only. By collection, not event time: a session from an offline queue or a backfill happened
+        days ago but its records are recent, and replaying them is cheap."""
         order = self.by_shard.get(shard_id)
         if not order:
             return default
-        oldest_ms = self.watermark_ms.get(shard_id, 0) - self.replay_max_ms
+        oldest_ms = self.arrival_ms.get(shard_id, 0) - self.replay_max_ms
         for session_id, start_after in order.items():
-            began_ms = self.sessions[session_id].state.start_ms
-            if began_ms < 0 or began_ms >= oldest_ms:       # < 0: nothing folded yet (a purchase alone)
+            if self.sessions[session_id].first_arrived_ms >= oldest_ms:
                 return start_after
         return default
 

@@ -400,6 +400,23 @@ def test_a_quiet_shard_does_not_hold_up_expiry_and_the_replay_start_of_the_other
 
 
 
+def test_a_session_that_happened_days_ago_but_arrived_now_is_replayed_whole_after_a_restart():
+    """The replay start skipped sessions that began over replay_max_s before the shard's watermark by
+    event time: a session from an offline queue or a backfill was rebuilt from the middle after a
+    restart, with wrong counts, and scored again after its purchase."""
+    from scorer.sessions import SessionStore
+
+    now_ms = T0 + 3 * 86_400_000
+    store = SessionStore(timeout_ms=1_800_000, max_sessions=100, dedupe_window=8, replay_max_ms=7_200_000,
+                         clock=lambda: now_ms / 1000)
+    store.session_for("offline", "shard-A", T0, now_ms - 60_000, "1").state.start_ms = T0   # 3 days old, sent now
+    store.session_for("live", "shard-A", now_ms - 30_000, now_ms - 30_000, "2").state.start_ms = now_ms - 30_000
+    assert store.state_after("shard-A", None) == "1"
+    store.session_for("kiosk", "shard-B", T0, T0, "5").state.start_ms = T0                   # collected days ago
+    store.session_for("visitor", "shard-B", now_ms, now_ms, "9").state.start_ms = now_ms
+    assert store.state_after("shard-B", None) == "9"
+
+
 def test_one_event_stamped_in_the_future_does_not_end_the_live_sessions_of_its_shard():
     from scorer.sessions import SessionStore
 
