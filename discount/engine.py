@@ -90,7 +90,7 @@ class Engine:
         if reason:
             return reason
         now = self.clock()
-        if prediction.collected_ms is not None and now - prediction.collected_ms / 1000 > self.settings.max_prediction_age_s:
+        if prediction.clicked_ms is not None and now - prediction.clicked_ms / 1000 > self.settings.max_prediction_age_s:
             return "stale"
         if now < self.offered.get(prediction.session_id, 0.0):     # saves a DynamoDB call; the table decides
             return Outcome.ALREADY_OFFERED.value

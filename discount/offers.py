@@ -49,7 +49,9 @@ class Prediction:
     model_name: str
     model_version: str
     events_in_session: int
-    collected_ms: int | None = None      # when the click was received (collector_tstamp), if given
+    # When the click happened: the earlier of collector_tstamp and derived_tstamp, if given. A click
+    # from an offline queue or a backfill is collected now but happened long ago.
+    clicked_ms: int | None = None
 
     @classmethod
     def from_record(cls, record: dict) -> Prediction:
@@ -62,11 +64,11 @@ class Prediction:
                     raise TypeError(f"{name} is {type(record[name]).__name__}, not a string")
             if isinstance(record["p_buy"], (bool, str)):
                 raise TypeError(f"p_buy is {type(record['p_buy']).__name__}, not a number")
-            collected = record.get("collector_tstamp")
+            times = [parse_ms(record[name]) for name in ("collector_tstamp", "derived_tstamp")
+                     if record.get(name) is not None]
             prediction = cls(record["session_id"], record["event_id"], float(record["p_buy"]),
                              record["decision"], record["model_name"], record["model_version"],
-                             int(record.get("events_in_session") or 0),
-                             None if collected is None else parse_ms(collected))
+                             int(record.get("events_in_session") or 0), min(times, default=None))
         except KeyError as exc:
             raise ValueError(f"prediction without {exc.args[0]!r}") from None
         except (TypeError, ValueError, OverflowError) as exc:

@@ -40,9 +40,10 @@ def iso(epoch_s: float) -> str:
     return dt.datetime.fromtimestamp(epoch_s, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def prediction(session: str, p_buy: float, events: int = 5, clicked: float = T0 - 5) -> dict:
-    return {"session_id": session, "event_id": str(uuid.uuid4()), "collector_tstamp": iso(clicked),
-            "derived_tstamp": iso(clicked), "scored_at": iso(clicked + 0.01),
+def prediction(session: str, p_buy: float, events: int = 5, clicked: float = T0 - 5,
+               collected: float | None = None) -> dict:
+    return {"session_id": session, "event_id": str(uuid.uuid4()), "collector_tstamp": iso(collected or clicked),
+            "derived_tstamp": iso(clicked), "scored_at": iso((collected or clicked) + 0.01),
             "model_name": "buy-defer", "model_version": "v7", "feature_version": "1", "p_buy": p_buy,
             "decision": "buy" if p_buy >= 0.5 else "defer", "threshold": 0.5, "latency_us": 40,
             "events_in_session": events}
@@ -274,7 +275,10 @@ def test_a_prediction_for_a_click_older_than_the_max_age_gets_no_offer_nor_budge
     """After an outage, or at a first start reading the stream from its start, predictions for visitors
     long gone spent the hour's budget."""
     settings = discount_settings(aws_settings, budget_per_hour=5, max_prediction_age_s=1800)
-    publish(settings, [prediction(f"gone{i}", 0.5, clicked=T0 - 20 * 3600) for i in range(8)]
+    publish(settings, [prediction(f"gone{i}", 0.5, clicked=T0 - 20 * 3600) for i in range(6)]
+            # Collected just now, happened hours or days ago (an offline queue, a backfill): gone too.
+            + [prediction(f"queued{i}", 0.5, clicked=T0 - hours * 3600, collected=T0 - 60)
+               for i, hours in enumerate((5, 6 * 24))]
             + [prediction("here", 0.5, clicked=T0 - 1700)])
     eng = engine(settings)
     drain(eng, 9)
