@@ -65,8 +65,9 @@ def record_key(pseudonyms: set[str]) -> str:
 
 def _record(s3, bucket: str, pseudonyms: set[str]) -> dict:
     body = aws.get_object_bytes(s3, bucket, record_key(pseudonyms))
-    return json.loads(body) if body else {"pseudonyms": sorted(pseudonyms), "identities": [], "sessions": [],
-                                          "runs": []}
+    # A record an earlier version wrote may lack a list (the first ones had no "sessions"): an empty one.
+    fresh = {"pseudonyms": sorted(pseudonyms), "identities": [], "sessions": [], "runs": []}
+    return fresh | json.loads(body) if body else fresh
 
 
 def save_record(s3, bucket: str, erasure: Erasure) -> str:

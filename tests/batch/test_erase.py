@@ -213,6 +213,15 @@ def test_a_file_deleted_between_the_read_and_the_rewrite_is_read_again_not_a_cra
     assert not _etags(s3, aws_settings.bucket) and done.emptied == []
 
 
+def test_a_record_from_an_earlier_version_without_sessions_does_not_stop_the_erasure(aws_settings, s3,
+                                                                                    lake_with_person):
+    """The first erasure records had no "sessions": erase failed on them with KeyError, every run."""
+    s3.put_object(Bucket=aws_settings.bucket, Key=erase.record_key({CUSTOMER}),
+                  Body=json.dumps({"pseudonyms": [CUSTOMER], "identities": [], "runs": []}).encode())
+    done = _erase(aws_settings, CUSTOMER)
+    assert done.exit_code == 0 and "removed 7 rows in 2 files" in done.output, done.output
+
+
 def test_erase_refuses_clear_identifiers_and_an_empty_request(aws_settings, s3, lake_with_person):
     clear = _erase(aws_settings, "alice@example.com")
     assert clear.exit_code == 2
