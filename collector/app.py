@@ -205,22 +205,23 @@ class Collector:
     # ------------------------------------------------------------------ HTTP
 
     async def http(self, scope, receive, send) -> None:
-        route = self.routes.get(request_path(scope), "other")
+        path = request_path(scope)
+        route = self.routes.get(path, "other")
         try:
-            status = await self.dispatch(route, scope, receive, send)
+            status = await self.dispatch(route, path, scope, receive, send)
         except Exception:  # a bug must cost one request, not the worker
             log.exception("request to %s failed", scope["path"])
             status = 500
             await respond(send, 500, TEXT, b"internal error")
         metrics.count(route, status)
 
-    async def dispatch(self, route: str, scope, receive, send) -> int:
+    async def dispatch(self, route: str, path: str, scope, receive, send) -> int:
         method = scope["method"]
         if route in ("pixel", "tp2", "redirect", "webhook"):
             if method == "OPTIONS":
                 return await self.preflight(scope, send)
             if method == "GET" or (method == "POST" and route in ("tp2", "webhook")):
-                return await self.track(route, scope, receive, send)
+                return await self.track(route, self.canonical[path], scope, receive, send)
             return await respond(send, 405, TEXT, b"method not allowed")
         if route == "health":
             return await respond(send, 200, TEXT, b"ok")
@@ -268,7 +269,7 @@ class Collector:
                    (b"vary", b"Origin")]
         return await respond(send, 200, headers, b"")
 
-    async def track(self, route: str, scope, receive, send) -> int:
+    async def track(self, route: str, canonical_path: str, scope, receive, send) -> int:
         settings = self.settings
         headers, kept, cookie = _split_headers(scope)
         origin = headers.get("origin")
@@ -301,7 +302,7 @@ class Collector:
 
         ip, nuid, kept, set_cookie = self.identify(scope, headers, kept, jar, query)
         hit = Hit(int(time.time() * 1000), ip, headers.get("user-agent"), headers.get("referer"),
-                  self.canonical[request_path(scope)], query, scope["method"], headers.get("content-type"),
+                  canonical_path, query, scope["method"], headers.get("content-type"),
                   body, kept, nuid, headers.get("host", ""))
         try:
             await self.spool_hit(hit)
