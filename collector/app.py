@@ -33,9 +33,12 @@ NO_CACHE = [(b"cache-control", b"no-cache, no-store, must-revalidate"), (b"pragm
             (b"expires", b"0")]
 GIF_HEADERS = [(b"content-type", b"image/gif"), *NO_CACHE]
 TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
-# Never recorded: credentials. With SP-Anonymous also nothing that carries the client's IP.
+# Never recorded: credentials. With SP-Anonymous only headers that cannot carry the client's IP or
+# whereabouts: proxies and CDNs each add their own (x-client-ip, fastly-client-ip,
+# cloudfront-viewer-address, cloudfront-viewer-postal-code, ...), so a list of those would always lag.
 SECRET_HEADERS = frozenset({"cookie", "authorization", "proxy-authorization"})
-IP_HEADERS = frozenset({"x-forwarded-for", "x-real-ip", "forwarded", "true-client-ip", "cf-connecting-ip"})
+ANONYMOUS_HEADERS = frozenset({"host", "user-agent", "referer", "origin", "content-type", "content-length",
+                               "content-encoding", "accept", "accept-encoding", "accept-language", "sp-anonymous"})
 USER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
 MAX_GZIP_MEMBERS = 16
@@ -327,9 +330,9 @@ class Collector:
 
     def identify(self, scope, headers: dict, kept: list, jar: dict, query: str | None):
         """The client's IP, network user id, recorded headers and Set-Cookie: none of the first two,
-        no IP headers and an expired cookie under SP-Anonymous."""
+        only ANONYMOUS_HEADERS and an expired cookie under SP-Anonymous."""
         if "sp-anonymous" in headers:
-            kept = [h for h in kept if h.split(":", 1)[0] not in IP_HEADERS]
+            kept = [h for h in kept if h.split(":", 1)[0] in ANONYMOUS_HEADERS]
             expire = [(b"set-cookie", self.cookie("", headers, expire=True))] \
                 if self.settings.cookie_name in jar else []
             return None, NIL_UUID, kept, expire
