@@ -42,6 +42,22 @@ DEFAULT_PII_FIELDS = (
     "com.snowplowanalytics.snowplow.ecommerce/checkout_step:billing_full_address",
     "com.snowplowanalytics.snowplow.ecommerce/checkout_step:proof_of_payment",
 )
+# URLs and link texts inside Snowplow's own events and contexts, scanned for email addresses as the
+# atomic URL fields are (pipeline.EMAIL_SCANNED_FIELDS): a newsletter's tracked link (/r/tp2?u=…?email=),
+# a mailto: link click, an ad's or a deep link's target, a site search for one's own address.
+EMAIL_SCANNED_ENTITY_FIELDS = (
+    "com.snowplowanalytics.snowplow/uri_redirect:uri",
+    "com.snowplowanalytics.snowplow/link_click:targetUrl",
+    "com.snowplowanalytics.snowplow/link_click:elementContent",
+    "com.snowplowanalytics.snowplow/ad_click:targetUrl",
+    "com.snowplowanalytics.snowplow/ad_impression:targetUrl",
+    "com.snowplowanalytics.snowplow/social_interaction:target",
+    "com.snowplowanalytics.snowplow/site_search:terms[*]",
+    "com.snowplowanalytics.mobile/deep_link:url",
+    "com.snowplowanalytics.mobile/deep_link:referrer",
+    "com.snowplowanalytics.mobile/deep_link_received:url",
+    "com.snowplowanalytics.mobile/deep_link_received:referrer",
+)
 # A device's GPS fix (Snowplow's geolocation_context, any version): latitude and longitude are rounded
 # to `geolocation_decimals`; the fields that refine a rounded position (the fix's accuracy radius, the
 # altitude that picks out a slope or a floor, and its accuracy) are nulled (nullable in every version).

@@ -24,7 +24,14 @@ from common import emails, jsonbytes
 from common.features import NIL_USER, session_key
 from common.logs import first_few
 from enrich import __version__, badrows, protocol
-from enrich.config import DEFAULT_PII_FIELDS, GEOLOCATION_ROUNDED, GEOLOCATION_WITHHELD, EnrichSettings, parse_pii_field
+from enrich.config import (
+    DEFAULT_PII_FIELDS,
+    EMAIL_SCANNED_ENTITY_FIELDS,
+    GEOLOCATION_ROUNDED,
+    GEOLOCATION_WITHHELD,
+    EnrichSettings,
+    parse_pii_field,
+)
 from enrich.enrichments import (
     Deduper,
     Pseudonymiser,
@@ -76,7 +83,8 @@ PSEUDONYMISED_FIELDS = ("user_id", "domain_userid", "user_ipaddress", "user_fing
                         "tr_orderid", "ti_orderid")
 # URL and free-text fields where a site or a mail campaign may put an email address (`?email=`, a
 # newsletter's utm_term, a path /users/alice@…, a title): with pseudonymisation on, every address in
-# them becomes its pseudonym, as user_id does. Contexts' free text is not scanned (docs/data-protection.md).
+# them becomes its pseudonym, as user_id does. So do Snowplow's own URL fields in events and contexts
+# (config.EMAIL_SCANNED_ENTITY_FIELDS); other free text in contexts is not scanned (docs/data-protection.md).
 EMAIL_SCANNED_FIELDS = ("page_url", "page_urlpath", "page_urlquery", "page_urlfragment", "page_title",
                         "page_referrer", "refr_urlpath", "refr_urlquery", "refr_urlfragment", "refr_term",
                         "mkt_term", "mkt_content", "mkt_campaign", "mkt_source", "mkt_medium", "se_label",
@@ -157,6 +165,7 @@ def _entity_rules(settings: EnrichSettings, hmac: Pseudonymiser | None) -> Rules
         add(GEOLOCATION_ROUNDED, functools.partial(_rounded, decimals=settings.geolocation_decimals))
         add(GEOLOCATION_WITHHELD, _withheld)
     if hmac is not None:
+        add(EMAIL_SCANNED_ENTITY_FIELDS, functools.partial(_emails_pseudonymised, hmac=hmac))
         add(DEFAULT_PII_FIELDS + settings.pii_fields, functools.partial(_pseudonym, hmac=hmac))
     return rules
 
@@ -513,6 +522,10 @@ def _pseudonym(value: object, hmac) -> object:
     if isinstance(value, dict):
         return {key: _pseudonym(item, hmac) for key, item in value.items()}
     return value
+
+
+def _emails_pseudonymised(value: object, hmac) -> object:
+    return emails.replace(value, hmac) if isinstance(value, str) else value
 
 
 def _rounded(value: object, decimals: int) -> object:

@@ -19,7 +19,7 @@ from enrich.enrichments import (
     fingerprint,
     make_ua_parser,
 )
-from tests.enrich.helpers import KEY, b64, contexts, enricher, get_record, post_record, sdj, unstruct
+from tests.enrich.helpers import KEY, b64, contexts, enricher, get_record, post_record, record, sdj, unstruct
 
 EV = {"e": "pv", "p": "web", "tv": "t", "sid": "0fd0a6d9-7d0d-4a4e-9c51-5e0bd3b8b8b1"}
 
@@ -287,6 +287,26 @@ def test_email_addresses_in_urls_titles_and_campaign_fields_become_pseudonyms():
     assert event["mkt_medium"] == "email" and event["page_urlhost"] == "shop.test"   # no address: untouched
     (_, kept), = enricher(pseudonymisation=False).process(raw)[0]
     assert kept["page_title"] == "Orders of alice@example.com"          # pseudonymisation off keeps them
+
+def test_email_addresses_in_snowplows_own_url_fields_become_pseudonyms():
+    """A newsletter's tracked link (the collector's /r/tp2) builds a uri_redirect event of its target;
+    a mailto: link click, a deep link's URL and a site search carry addresses in entities, not atomic fields."""
+    hmac, sp, mobile = Pseudonymiser(KEY), "iglu:com.snowplowanalytics.snowplow", "iglu:com.snowplowanalytics.mobile"
+    redirect = record(path="/r/tp2", querystring="u=https%3A%2F%2Fshop.test%2Fwelcome%3Femail%3Dalice%40example.com")
+    link = get_record({**EV, "e": "ue", "ue_pr": orjson.dumps(unstruct(f"{sp}/link_click/jsonschema/1-0-1", {
+        "targetUrl": "mailto:bob@example.net", "elementContent": "Write to bob@example.net"})).decode()})
+    search = get_record({**EV, "e": "ue", "ue_pr": orjson.dumps(unstruct(f"{sp}/site_search/jsonschema/1-0-0", {
+        "terms": ["order", "carol@example.org"]})).decode(),
+        "cx": b64(contexts(sdj(f"{mobile}/deep_link/jsonschema/1-0-0", {"url": "app://x?to=dave@example.com"})))})
+    events = [event for raw in (orjson.dumps(redirect), link, search) for _, event in enricher().process(raw)[0]]
+    assert len(events) == 3
+    assert not any(name in orjson.dumps(events).decode() for name in ("alice", "bob", "carol", "dave"))
+    assert events[0]["unstruct_event"]["data"]["uri"] == f"https://shop.test/welcome?email={hmac('alice@example.com')}"
+    assert events[1]["unstruct_event"]["data"] == {"targetUrl": f"mailto:{hmac('bob@example.net')}",
+                                                   "elementContent": f"Write to {hmac('bob@example.net')}"}
+    assert events[2]["unstruct_event"]["data"]["terms"] == ["order", hmac("carol@example.org")]
+    assert events[2]["contexts"][0]["data"]["url"] == f"app://x?to={hmac('dave@example.com')}"
+
 
 def test_the_fingerprint_cannot_be_matched_against_guesses_without_the_key():
     import hashlib
