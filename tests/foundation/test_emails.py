@@ -19,6 +19,12 @@ def marked(text: str) -> str:
     ("next=%2Faccount%3Femail%3Dalice%40example.com", "next=%2Faccount%3Femail%3D<alice@example.com>"),
     ("Orders of alice@example.com.", "Orders of <alice@example.com>."),
     ("q=order+alice%40example.com", "q=<order+alice@example.com>"),      # a form-encoded space goes with it
+    # A return URL inside a URL's query: the address is encoded twice.
+    ("next=https%3A%2F%2Fs.test%2Fa%3Femail%3Dalice%2540example.com", "next=https%3A%2F%2Fs.test%2Fa%3Femail%3D<alice@example.com>"),
+    ("email=franz.m%C3%BCller%40example.de", "email=<franz.müller@example.de>"),  # UTF-8 escapes, all of it
+    ("email=sean.o'brien@example.ie", "email=<sean.o'brien@example.ie>"),
+    ("email=sean.o%27brien%40example.ie", "email=<sean.o'brien@example.ie>"),
+    ("/u/alice@example.com_orders", "/u/<alice@example.com>_orders"),
     ("/img/logo@2x.png", "/img/logo@2x.png"),                            # an asset name, not an address
     ("a@b", "a@b"), ("x@@y.com", "x@@y.com"), ("@example.com", "@example.com"), ("no address", "no address"),
 ])
