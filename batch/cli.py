@@ -418,7 +418,8 @@ PSEUDONYM = re.compile(r"[0-9a-f]{64}")
 
 
 @lake_cli.command("erase", help="Remove a person's rows from the enriched lake, found by their pseudonyms "
-                                "(user_id, domain_userid or network_userid; see docs/data-protection.md), "
+                                "(in user_id, domain_userid, network_userid or any other text column; see "
+                                "docs/data-protection.md), "
                                 "and delete the predictions and offers of their sessions.")
 @click.argument("pseudonyms", nargs=-1)
 @click.option("--from-file", type=click.File("r"), help="more pseudonyms, one per line ('-' for stdin)")

@@ -1,9 +1,11 @@
 """Erase one person's rows from the lake's enriched area, and the predictions and offers of their sessions.
 
 A row is theirs when ``user_id``, ``domain_userid`` or ``network_userid`` equals one of the given
-pseudonyms. A customer's anonymous sessions before they logged in are theirs too, so the
-``domain_userid``s seen on rows with their ``user_id`` are erased as well (one hop, as
-docs/data-protection.md describes). Each affected Parquet object is rewritten under its own name
+pseudonyms, or when any other text column holds one (the pseudonym of their email address in a
+page URL, a redirect's target, a guest checkout's user entity). A customer's anonymous sessions
+before they logged in are theirs too, so the cookie ids (``domain_userid``, ``network_userid``)
+seen on rows with their ``user_id`` are erased as well (one hop, as docs/data-protection.md
+describes). Each affected Parquet object is rewritten under its own name
 without those rows, or deleted when none are left, so a second run finds nothing.
 
 Each request leaves a record, ``erasures/<hash of the pseudonyms>.json``: the pseudonyms, every
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,7 +31,7 @@ from tqdm import tqdm
 from batch import lake
 from batch.loader import PARQUET_TYPE
 from common import aws
-from common.features import session_key
+from common.features import NIL_USER, session_key
 
 IDENTITY_COLUMNS = ("user_id", "domain_userid", "network_userid")
 RECORDS = "erasures/"
@@ -82,9 +85,15 @@ def _is_in(column: pa.ChunkedArray, values: pa.Array) -> pa.ChunkedArray:
 
 
 def _matches(table: pa.Table, values: pa.Array) -> pa.ChunkedArray:
-    """True for the rows whose identity columns hold one of ``values``."""
+    """True for the rows whose identity columns hold one of ``values``, or whose other text columns
+    contain one: pseudonyms are 64 hex digits, so no other text holds one by chance."""
     user, cookie, network = (_is_in(table.column(name), values) for name in IDENTITY_COLUMNS)
-    return pc.or_(pc.or_(user, cookie), network)
+    found = pc.or_(pc.or_(user, cookie), network)
+    pattern = "|".join(re.escape(value) for value in values.to_pylist())
+    for name, kind in zip(table.column_names, table.schema.types):
+        if name not in IDENTITY_COLUMNS and pa.types.is_string(kind):
+            found = pc.or_(found, pc.fill_null(pc.match_substring_regex(table.column(name), pattern), False))
+    return found
 
 
 def _keys(s3, bucket: str, start, end) -> list[str]:
@@ -97,14 +106,16 @@ def _bar(total: int, desc: str, progress: bool) -> tqdm:
 
 
 def identities_of(s3, bucket: str, keys: list[str], pseudonyms: set[str], progress: bool) -> set[str]:
-    """The pseudonyms plus the cookie ids (``domain_userid``) seen on rows with one of them as ``user_id``."""
+    """The pseudonyms plus the cookie ids (``domain_userid``, ``network_userid``) seen on rows with one
+    of them as ``user_id``; never SP-Anonymous' nil id, which everyone's anonymous hits share."""
     found = set(pseudonyms)
     values = pa.array(sorted(pseudonyms), pa.string())
     with _bar(len(keys), "finding cookie ids", progress) as bar:
         for key in keys:
-            table = lake.read_parquet_object(s3, bucket, key, ["user_id", "domain_userid"])
-            cookies = table.column("domain_userid").filter(_is_in(table.column("user_id"), values))
-            found.update(v for v in cookies.to_pylist() if v)
+            table = lake.read_parquet_object(s3, bucket, key, list(IDENTITY_COLUMNS))
+            theirs = table.filter(_is_in(table.column("user_id"), values))
+            for name in ("domain_userid", "network_userid"):
+                found.update(v for v in theirs.column(name).to_pylist() if v and v != NIL_USER)
             bar.update()
     return found
 

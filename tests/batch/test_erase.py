@@ -14,11 +14,13 @@ from batch import erase, lake
 from batch.cli import lake_cli
 from batch.loader import write_enriched
 from common import aws
+from common.features import NIL_USER
 from tests.batch.conftest import BASE, ROOT_DIR, event_records, make_event
 from tests.conftest import settings_env
 
 CUSTOMER = "c1" * 32          # HMAC of the shop's customer id: user_id once they log in
 COOKIE = "d1" * 32            # their browser's domain_userid, also on sessions before the login
+NETWORK_COOKIE = "a0" * 32    # the collector's cookie id of their browser
 SOMEONE_ELSE = "e2" * 32
 
 
@@ -27,12 +29,12 @@ def _person_and_neighbours() -> list[dict]:
     def at(minutes: float) -> dt.datetime:
         return BASE + dt.timedelta(minutes=minutes)
 
-    anonymous = [make_event(i, session="s-anon", at=at(i * 0.1), domain_userid=COOKIE, network_userid="a0" * 32)
+    anonymous = [make_event(i, session="s-anon", at=at(i * 0.1), domain_userid=COOKIE, network_userid=NETWORK_COOKIE)
                  for i in range(3)]
     logged_in = [make_event(10 + i, session="s-login", at=at(1 + i * 0.1), user_id=CUSTOMER, domain_userid=COOKIE,
-                            network_userid="a0" * 32) for i in range(2)]
+                            network_userid=NETWORK_COOKIE) for i in range(2)]
     later = [make_event(20 + i, session="s-later", at=at(2.5 + i * 0.1), user_id=CUSTOMER, domain_userid=COOKIE,
-                        network_userid="a0" * 32) for i in range(2)]
+                        network_userid=NETWORK_COOKIE) for i in range(2)]
     other = [make_event(30 + i, session="s-other", at=at(0.5 + i * 0.1), domain_userid=SOMEONE_ELSE,
                         network_userid="b0" * 32) for i in range(4)]
     return anonymous + logged_in + other + later
@@ -74,14 +76,14 @@ def test_erase_removes_the_customer_and_their_anonymous_visits_and_keeps_everyon
     dry = _erase(aws_settings, CUSTOMER, "--dry-run")
     assert dry.exit_code == 0, dry.output
     assert not list(lake.list_objects(s3, aws_settings.bucket, erase.RECORDS))
-    assert "would remove 7 rows in 2 files (2 pseudonyms matched, 3 sessions), 3 predictions, 1 offers" in dry.output
+    assert "would remove 7 rows in 2 files (3 pseudonyms matched, 3 sessions), 3 predictions, 1 offers" in dry.output
     assert "hour=10/shardId-000000000000-5-15.parquet: would remove 2 rows (no rows left: file deleted)" in dry.output
     assert _etags(s3, aws_settings.bucket) == before
     assert len(_sessions(dynamodb, aws_settings.predictions_table)) == 4
 
     done = _erase(aws_settings, CUSTOMER)
     assert done.exit_code == 0, done.output
-    assert "removed 7 rows in 2 files (2 pseudonyms matched, 3 sessions), 3 predictions, 1 offers" in done.output
+    assert "removed 7 rows in 2 files (3 pseudonyms matched, 3 sessions), 3 predictions, 1 offers" in done.output
     assert "run this again once the stream's retention has passed" in done.output
     left = lake.read_enriched(s3, aws_settings.bucket)
     expected = [e["event_id"] for e in events if e["domain_sessionid"] == "s-other"]
@@ -95,7 +97,7 @@ def test_erase_removes_the_customer_and_their_anonymous_visits_and_keeps_everyon
     assert _sessions(dynamodb, aws_settings.offers_table) == {"s-other"}
 
     again = _erase(aws_settings, CUSTOMER)
-    assert "removed 0 rows in 0 files (2 pseudonyms matched, 0 sessions)" in again.output
+    assert "removed 0 rows in 0 files (3 pseudonyms matched, 0 sessions)" in again.output
 
 
 def test_a_later_run_erases_cookie_rows_that_come_back_after_the_customer_rows_are_gone(aws_settings, s3,
@@ -103,7 +105,7 @@ def test_a_later_run_erases_cookie_rows_that_come_back_after_the_customer_rows_a
     events, _ = lake_with_person
     assert _erase(aws_settings, CUSTOMER).exit_code == 0
     record = json.loads(s3.get_object(Bucket=aws_settings.bucket, Key=erase.record_key({CUSTOMER}))["Body"].read())
-    assert record["pseudonyms"] == [CUSTOMER] and record["identities"] == sorted([CUSTOMER, COOKIE])
+    assert record["pseudonyms"] == [CUSTOMER] and record["identities"] == sorted([CUSTOMER, COOKIE, NETWORK_COOKIE])
     assert [run["rows"] for run in record["runs"]] == [7]
     assert record["sessions"] == ["s-anon", "s-later", "s-login"]
     # Another shard's loader replays the anonymous visit after a crash: no row names the customer any more,
@@ -116,11 +118,30 @@ def test_a_later_run_erases_cookie_rows_that_come_back_after_the_customer_rows_a
     dynamodb = aws.client("dynamodb")
     dynamodb.put_item(TableName=aws_settings.predictions_table, Item={"session_id": {"S": "s-login"}})
     again = _erase(aws_settings, CUSTOMER)
-    assert "removed 3 rows in 1 files (2 pseudonyms matched, 1 sessions), 1 predictions" in again.output
+    assert "removed 3 rows in 1 files (3 pseudonyms matched, 1 sessions), 1 predictions" in again.output
     assert _sessions(dynamodb, aws_settings.predictions_table) == {"s-other"}
     assert set(lake.read_enriched(s3, aws_settings.bucket).column("domain_sessionid").to_pylist()) == {"s-other"}
     record = json.loads(s3.get_object(Bucket=aws_settings.bucket, Key=erase.record_key({CUSTOMER}))["Body"].read())
     assert [run["rows"] for run in record["runs"]] == [7, 3]
+
+
+def test_erase_finds_rows_by_the_collector_cookie_and_by_pseudonyms_inside_urls_and_contexts(aws_settings, s3):
+    """A newsletter click through /r/tp2 carries only the collector's cookie; a guest checkout names the
+    buyer only in the ecommerce user entity; an email address's pseudonym sits in a URL."""
+    email = "f3" * 32
+    user_entity = {"schema": "iglu:com.snowplowanalytics.snowplow.ecommerce/user/jsonschema/1-0-0",
+                   "data": {"id": "guest", "email": email}}
+    events = [make_event(1, session="s-login", user_id=CUSTOMER, domain_userid=COOKIE, network_userid=NETWORK_COOKIE),
+              make_event(2, session=None, domain_userid=None, network_userid=NETWORK_COOKIE),      # the redirect
+              make_event(3, session=None, domain_userid=None, network_userid=NIL_USER),      # anonymous: kept
+              make_event(4, session="s-guest", contexts=[user_entity]),
+              make_event(5, session="s-news", page_url=f"https://shop.example/welcome?email={email}"),
+              make_event(6, session="s-other", domain_userid=SOMEONE_ELSE)]
+    write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", event_records(events), "enriched")
+    for pseudonym in (CUSTOMER, email):
+        assert _erase(aws_settings, pseudonym).exit_code == 0
+    left = lake.read_enriched(s3, aws_settings.bucket)
+    assert sorted(left.column("event_id").to_pylist()) == sorted(e["event_id"] for e in (events[2], events[5]))
 
 
 def test_erase_by_cookie_id_from_a_file_leaves_the_logged_in_rows_of_other_cookies(aws_settings, s3, lake_with_person,
