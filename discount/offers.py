@@ -24,7 +24,7 @@ from enum import Enum
 from botocore.exceptions import ClientError
 
 from common.aws import ttl_expired
-from common.features import parse_ms
+from common.features import event_time_ms, parse_ms
 
 OFFER_SCHEMA = "iglu:com.clickstream/offer/jsonschema/1-0-0"   # docs/contracts.md and discount-engine.md
 OFFER_NAMESPACE = uuid.UUID("6f1c3c1e-2f52-4c55-9a55-5d2c8a0c7d10")
@@ -36,6 +36,15 @@ class Outcome(str, Enum):
     OFFERED = "offered"
     ALREADY_OFFERED = "already_offered"
     BUDGET_EXHAUSTED = "budget_exhausted"
+
+
+def _clicked_ms(record: dict) -> int | None:
+    """When the click happened, by the scorer's rule (common.features.event_time_ms): the derived time,
+    so a click from an offline queue or a backfill is as old as it is, unless it is later than the
+    collector's or over 30 days earlier, a device clock's fault (dtm sent in seconds: 1970)."""
+    if record.get("collector_tstamp") is None:
+        return parse_ms(record["derived_tstamp"]) if record.get("derived_tstamp") is not None else None
+    return event_time_ms(record)
 
 
 @dataclass(frozen=True)
@@ -64,11 +73,9 @@ class Prediction:
                     raise TypeError(f"{name} is {type(record[name]).__name__}, not a string")
             if isinstance(record["p_buy"], (bool, str)):
                 raise TypeError(f"p_buy is {type(record['p_buy']).__name__}, not a number")
-            times = [parse_ms(record[name]) for name in ("collector_tstamp", "derived_tstamp")
-                     if record.get(name) is not None]
             prediction = cls(record["session_id"], record["event_id"], float(record["p_buy"]),
                              record["decision"], record["model_name"], record["model_version"],
-                             int(record.get("events_in_session") or 0), min(times, default=None))
+                             int(record.get("events_in_session") or 0), _clicked_ms(record))
         except KeyError as exc:
             raise ValueError(f"prediction without {exc.args[0]!r}") from None
         except (TypeError, ValueError, OverflowError) as exc:

@@ -279,11 +279,13 @@ def test_a_prediction_for_a_click_older_than_the_max_age_gets_no_offer_nor_budge
             # Collected just now, happened hours or days ago (an offline queue, a backfill): gone too.
             + [prediction(f"queued{i}", 0.5, clicked=T0 - hours * 3600, collected=T0 - 60)
                for i, hours in enumerate((5, 6 * 24))]
-            + [prediction("here", 0.5, clicked=T0 - 1700)])
+            + [prediction("here", 0.5, clicked=T0 - 1700)]
+            # A device clock's fault (dtm sent in seconds: 1970): the scorer took the collector's time.
+            + [prediction("reset-clock", 0.5, clicked=1_700_000.0, collected=T0 - 60)])
     eng = engine(settings)
-    drain(eng, 9)
-    assert set(offers(settings)) == {"here"} and eng.offers.spent(T0) == 1
-    assert count(eng, "stale") == 8 and count(eng, "offered") == 1
+    drain(eng, 10)
+    assert set(offers(settings)) == {"here", "reset-clock"} and eng.offers.spent(T0) == 2
+    assert count(eng, "stale") == 8 and count(eng, "offered") == 2
     eng.close()
 
 
