@@ -87,24 +87,31 @@ def sessionise(df: DataFrame, gap_minutes: int = 30) -> DataFrame:
     ``gap_minutes`` after the latest event of its key seen so far (purchases count as activity) starts
     a new session. The key is ``domain_sessionid`` when the tracker sent one, else the user pseudonym
     (common.features.session_key). A tracker session's first run keeps its id; later runs get
-    ``<id>:<n>``, a user's runs ``user:<user>:<n>``. Events the scorer skips (a time outside the
-    calendar, common.features.in_calendar) are left out."""
+    ``<id>:<n>``, a user's runs ``user:<user>:<n>`` (ids with ``\\`` and ``:`` escaped by a ``\\``).
+    Events the scorer skips (a time outside the calendar, common.features.in_calendar) are left out."""
     df = df.withColumn("_at", _event_time()).filter((F.col("_at") >= 0) & (F.col("_at") < LAST_MS))
     known_user = F.when(F.col("network_userid") != NIL_USER, F.col("network_userid"))   # not SP-Anonymous' nil id
-    user = F.concat(F.lit("user:"), F.coalesce(F.col("domain_userid"), known_user, F.col("event_id")))
+    # Ids are the tracker's to choose: escaped, a session id "B:2" (or "user:x") is not the second run
+    # of "B" (or the run of user x), which would fold two visitors into one session, and its label.
+    user = F.concat(F.lit("user:"), _escaped(F.coalesce(F.col("domain_userid"), known_user, F.col("event_id"))))
     sid = F.col("domain_sessionid")
     by_key = Window.partitionBy("_key").orderBy("collector_tstamp", "_at", "event_id")
     # A late event (a retry, an offline queue) arrives after later ones: it continues the session
     # when it is within the gap of the newest event seen, as online, not of its neighbour in time.
     latest_before = F.max("_at").over(by_key.rowsBetween(Window.unboundedPreceding, -1))
     run = F.col("_n")
-    return (df.withColumn("_key", F.coalesce(sid, user))
+    return (df.withColumn("_key", F.coalesce(_escaped(sid), user))
             .withColumn("_new", F.when(latest_before.isNull() | (F.col("_at") - latest_before > gap_minutes * 60_000), 1)
                         .otherwise(0))
             .withColumn("_n", F.sum("_new").over(by_key.rowsBetween(Window.unboundedPreceding, 0)))
-            .withColumn("session_id", F.when(sid.isNotNull() & (run == 1), sid)
+            .withColumn("session_id", F.when(sid.isNotNull() & (run == 1), F.col("_key"))
                         .otherwise(F.concat(F.col("_key"), F.lit(":"), run.cast("string"))))
             .drop("_key", "_new", "_n", "_at"))
+
+
+def _escaped(text):
+    """``text`` with each backslash and colon escaped by a backslash: an escaped id holds no bare colon."""
+    return F.regexp_replace(F.regexp_replace(text, r"\\", r"\\\\"), ":", r"\\:")   # Java regex and replacement
 
 
 def build_examples(events: DataFrame, gap_minutes: int = 30, window_start_ms: int | None = None,
