@@ -197,7 +197,7 @@ class ScorerApp:
             return error(503, "the worker is not running")       # its thread ended: restart the process
         if model is None and self.models.unfit:
             return error(503, f"CURRENT {self.models.unfit} and every earlier CURRENT do not fit this scorer's "
-                              f"features ({FEATURE_VERSION}): nothing is scored")
+                              f"features ({FEATURE_VERSION}) or are not in the registry: nothing is scored")
         if self.worker is None and model is None:
             return error(503, "no model loaded")
         return ok({"status": "ok", "model_version": model.version if model else None, "worker": running})

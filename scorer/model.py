@@ -312,17 +312,23 @@ class Models:
             self.current_seen = version      # refusal logged once; a missing bundle is retried
             if self.champion is None:
                 try:
-                    self._fall_back(version)
+                    self._fall_back(version, "does not fit this scorer")
                 except Exception:
                     self.current_seen = None     # the registry failed, not the versions: again next poll
                     raise
             raise
+        except LookupError:
+            # A bundle deleted under CURRENT (a prune racing a promote, a hand's delete): looked for
+            # again at every poll, and meanwhile a scorer with no model serves the one before it.
+            if self.champion is None:
+                self._fall_back(version, "is not in the registry")
+            raise
         self.current_seen = version
 
-    def _fall_back(self, refused: str) -> None:
+    def _fall_back(self, refused: str, why: str) -> None:
         """Nothing serves and CURRENT does not fit this scorer (a restart while a model for other
-        features is rolled out): serve the version CURRENT moved from, or the one before that, as
-        successive rollbacks would pick, until CURRENT moves."""
+        features is rolled out) or is not there: serve the version CURRENT moved from, or the one
+        before that, as successive rollbacks would pick, until CURRENT moves or appears."""
         entries = registry.history(self.s3, self.bucket, self.name)
         tried = {refused}
         version = registry.previous_version(entries, refused)
@@ -333,12 +339,12 @@ class Models:
             except (LookupError, ModelRefused):
                 version = registry.previous_version(entries, version)
                 continue
-            log.warning("model %s: CURRENT %s does not fit this scorer; serving %s, an earlier CURRENT, until "
-                        "CURRENT moves", self.name, refused, version, extra={"model_version": version})
+            log.warning("model %s: CURRENT %s %s; serving %s, an earlier CURRENT, until CURRENT moves",
+                        self.name, refused, why, version, extra={"model_version": version})
             return
         self.unfit = refused
-        log.error("model %s: neither CURRENT %s nor any earlier CURRENT fits this scorer; serving nothing",
-                  self.name, refused)
+        log.error("model %s: CURRENT %s %s, nor does any earlier CURRENT fit; serving nothing",
+                  self.name, refused, why)
 
     def watch(self, interval_s: float) -> threading.Thread:
         def loop() -> None:

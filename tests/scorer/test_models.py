@@ -106,6 +106,22 @@ def test_a_scorer_starting_while_current_does_not_fit_serves_the_current_before_
     assert models.champion.version == "v4"
 
 
+def test_a_scorer_starting_while_currents_bundle_is_missing_serves_the_current_before_it(published, s3, caplog):
+    """A prune racing a promote can delete the bundle CURRENT names: a running scorer keeps its model,
+    but one starting then served nothing, its health check passing, until CURRENT moved."""
+    publish(s3, published.bucket, MODEL, "v2", logistic_onnx(bias=-1.0))
+    saved = s3.get_object(Bucket=published.bucket, Key=f"models/{MODEL}/v2/model.onnx")["Body"].read()
+    s3.delete_object(Bucket=published.bucket, Key=f"models/{MODEL}/v2/model.onnx")
+    models = Models(s3, published.bucket, MODEL)
+    with caplog.at_level(logging.WARNING, logger="scorer.model"):
+        models.refresh()
+    assert models.champion.version == "v1"
+    assert any("CURRENT v2 is not in the registry; serving v1" in r.getMessage() for r in caplog.records)
+    s3.put_object(Bucket=published.bucket, Key=f"models/{MODEL}/v2/model.onnx", Body=saved)
+    models.refresh()                                    # looked for again at every poll
+    assert models.champion.version == "v2"
+
+
 def test_a_scorer_for_which_no_current_fits_fails_its_health_check(published, s3):
     # Scorers for new features deployed before their model was promoted served nothing, yet /ping
     # (the container health check) said 200: the rolling deploy replaced every working scorer.
