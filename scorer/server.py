@@ -75,12 +75,17 @@ def serve(settings: ScorerSettings) -> None:
     # scorer (which would replay them, and again at every restart of this one).
     with listening("host, port", settings.host, settings.port):
         sock = bound_socket(settings.host, settings.port)
+    # Before the model load, which may take long: a stop asked for meanwhile must not be lost, nor
+    # the process take shards it is about to give back.
+    stop = stop_on_signals()
     models = Models(aws.client("s3", settings.region), settings.bucket, settings.model_name, settings.shadow_version)
     models.refresh()
+    if stop.is_set():
+        log.info("stopped while loading the model; no shard was taken")
+        return
     if models.champion is None:
         log.warning("no usable CURRENT for model %s yet; checking every %ss", settings.model_name, settings.model_poll_s)
     models.watch(settings.model_poll_s)
-    stop = stop_on_signals()
     worker = build_worker(settings, models) if settings.run_worker else None
     thread = start_worker(worker, stop) if worker else None
     app = ScorerApp(models, dynamodb=aws.client("dynamodb", settings.region), table=settings.predictions_table,

@@ -130,6 +130,10 @@ class FaultProxy:
         self.hanging.set()
         self._released.wait(300)
 
+    def release(self) -> None:
+        """End every hang: each hung call's client sees its connection closed unanswered."""
+        self._released.set()
+
     def forward(self, method, path, headers, body, fail: list[int]):
         records = None
         if fail:

@@ -186,6 +186,17 @@ def test_every_variable_the_deploy_files_set_is_a_setting_of_that_component(comp
     assert not unknown, f"{component}: {sorted(unknown)} are no settings of {name}; it would ignore them"
 
 
+def test_every_component_runs_under_an_init_process(template):
+    """Python as PID 1 drops a SIGTERM sent before it installs its handler: a scorer stopped while it
+    loaded its model took its shards and ran on until it was killed at the stop timeout."""
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    assert all(services[component].get("init") is True for component in COMPONENTS)
+    containers = [container for task in resources(template, "AWS::ECS::TaskDefinition").values()
+                  for container in task["Properties"]["ContainerDefinitions"]]
+    assert {container["Name"] for container in containers} == set(COMPONENTS)
+    assert all(container["LinuxParameters"]["InitProcessEnabled"] is True for container in containers)
+
+
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_compose_file_parses_and_every_service_has_a_healthcheck(path):
     compose = yaml.safe_load(path.read_text())

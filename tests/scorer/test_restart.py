@@ -13,6 +13,7 @@ from common.features import SessionState, features, is_purchase, session_feature
 from common.leases import DynamoLeaseTable
 from common.streams import KinesisStream
 from tests.faults import PUT_RECORDS, FaultProxy
+from tests.scorer.conftest import MODEL
 from tests.scorer.helpers import logistic_reference, session_events, wait_for
 
 
@@ -152,3 +153,20 @@ def test_a_clean_stop_writes_checkpoints_and_hands_the_shards_back(published, st
         assert rows[shard_id].checkpoint == sequence
         assert rows[shard_id].meta["state_after"]               # where a successor starts replaying
     assert len(predictions(settings)) == len(events)
+
+
+def test_a_stop_while_the_model_loads_ends_the_process_before_it_takes_a_shard(published, start_scorer):
+    """As PID 1 in a container, Python dropped a SIGTERM sent before its handler was in place: the
+    scorer stopped during its model load took the shards and ran on until the stop timeout killed it."""
+    settings = published
+    put(settings, session_events("early-stop", seed=5, n=3))
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.hang_next = (f"GET /{settings.bucket}/models/{MODEL}/v1/model.onnx", "before")
+        scorer = start_scorer(settings, proxy.endpoint)
+        wait_for(proxy.hanging.is_set, what="the model's download")
+        scorer.proc.terminate()
+        proxy.release()
+        assert scorer.proc.wait(timeout=60) == 0
+    leases = DynamoLeaseTable(aws.client("dynamodb"), settings.lease_table, f"scorer#{settings.enriched_stream}")
+    assert not [lease for lease in leases.leases()[0] if lease.owner]
+    assert not predictions(settings)
