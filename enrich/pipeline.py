@@ -91,6 +91,7 @@ EMAIL_SCANNED_FIELDS = ("page_url", "page_urlpath", "page_urlquery", "page_urlfr
                         "se_property")
 # Identifier lengths of Snowplow's atomic event: these fields key streams (Kinesis partition keys
 # stop at 256 characters) and tables, so a longer value is a bad row, not a stalled shard.
+CLIENT_SESSION = "iglu:com.snowplowanalytics.snowplow/client_session/"
 ID_LIMITS = {"domain_sessionid": 128, "domain_userid": 128, "network_userid": 128, "user_id": 255}
 FEATURES = {"f_pdf": "br_features_pdf", "f_qt": "br_features_quicktime", "f_realp": "br_features_realplayer",
             "f_wma": "br_features_windowsmedia", "f_dir": "br_features_director", "f_fla": "br_features_flash",
@@ -302,6 +303,7 @@ class Enricher:
         event["event"] = event_type
         event["etl_tstamp"] = etl_tstamp
         self._self_describing(params, event, event_type)
+        _session_from_context(event)
         self._enrich(event)
         if self.hmac is not None:
             self._pseudonymise(event)
@@ -445,6 +447,9 @@ class Enricher:
         else:
             event.update(br_name=None, br_family=None, br_version=None, os_name=None, os_family=None,
                          dvce_type="Unknown", dvce_ismobile=False)
+        if event["platform"] == "mob" and event["dvce_type"] == "Unknown":
+            # A mobile app's HTTP client names itself ("snowplow/andr-6.0.0 android/14"), not a browser.
+            event.update(dvce_type="Mobile", dvce_ismobile=True)
         event.update(split_url(event["page_url"], "page_url"))
         event.update(split_url(event["page_referrer"], "refr_url"))
         event.update(campaign(event["page_urlquery"]))
@@ -476,6 +481,24 @@ class Enricher:
             key = sdj["schema"].removeprefix("iglu:").split("/")
             for path, transform in self.entity_rules.get((key[0], key[1]), ()):
                 _replace_at(sdj["data"], path, transform)
+
+
+def _session_from_context(event: dict) -> None:
+    """The mobile trackers send their session only in the client_session context (no sid, vid or
+    duid): its sessionId, sessionIndex and userId (an id per app install, as duid is per browser)
+    fill the atomic fields a tracker left empty. Keyed by the collector's cookie instead, an app
+    session was cut wherever a request came without it, and into one-event sessions under SP-Anonymous."""
+    if event["domain_sessionid"] is not None:
+        return
+    for sdj in event["contexts"]:
+        if sdj["schema"].startswith(CLIENT_SESSION):
+            data = sdj["data"]
+            event["domain_sessionid"] = data.get("sessionId")
+            if event["domain_sessionidx"] is None:
+                event["domain_sessionidx"] = data.get("sessionIndex")
+            if event["domain_userid"] is None:
+                event["domain_userid"] = data.get("userId")
+            return
 
 
 def _not_iglu(value: object, error: str) -> dict:

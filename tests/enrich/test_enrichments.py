@@ -44,6 +44,15 @@ def test_user_agent_parsing(ua, family, os_family, device, mobile):
         (family, os_family, device, mobile)
 
 
+def test_a_mobile_apps_own_user_agent_is_a_mobile_device():
+    """The Android tracker's HTTP client sends "snowplow/andr-6.0.0 android/14", no browser's UA."""
+    app = get_record({**EV, "p": "mob"}, useragent="snowplow/andr-6.0.0 android/14")
+    (_, event), = enricher().process(app)[0]
+    assert (event["dvce_type"], event["dvce_ismobile"]) == ("Mobile", True)
+    (_, web), = enricher().process(get_record(EV, useragent="snowplow/andr-6.0.0 android/14"))[0]
+    assert web["dvce_type"] == "Unknown"
+
+
 def test_user_agent_results_are_cached():
     parse = make_ua_parser(2)
     first = parse("curl/8.4.0")
@@ -261,6 +270,22 @@ def test_mobile_device_ids_are_pseudonymised_by_default():
     data = event["contexts"][0]["data"]
     assert data["androidIdfa"] == data["appSetId"] == Pseudonymiser(KEY)(OTHER_ID)
     assert data["deviceModel"] == "Pixel 8"
+
+
+def test_a_mobile_trackers_session_context_fills_the_session_fields_it_left_empty():
+    """The Android and iOS trackers send no sid, vid or duid: without their client_session, every
+    request without the collector's cookie (and every SP-Anonymous one) was a session of its own."""
+    hmac = Pseudonymiser(KEY)
+    install, app_session = "5a2f9c1e-7d3b-4e8a-9f10-2b3c4d5e6f70", "9b8a7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d"
+    session = sdj("iglu:com.snowplowanalytics.snowplow/client_session/jsonschema/1-0-2", {
+        "userId": install, "sessionId": app_session, "sessionIndex": 3, "storageMechanism": "SQLITE"})
+    mobile = {key: value for key, value in EV.items() if key != "sid"} | {"p": "mob", "cx": b64(contexts(session))}
+    (_, event), = enricher().process(get_record(mobile))[0]
+    assert (event["domain_sessionid"], event["domain_sessionidx"]) == (app_session, 3)
+    assert event["domain_userid"] == event["contexts"][0]["data"]["userId"] == hmac(install)
+    (_, web), = enricher().process(get_record({**EV, "vid": "1", "duid": "browser", "cx": b64(contexts(session))}))[0]
+    assert (web["domain_sessionid"], web["domain_sessionidx"], web["domain_userid"]) == \
+        (EV["sid"], 1, hmac("browser"))                    # what the tracker set stays
 
 
 def test_numbers_lists_and_objects_at_a_pii_path_are_pseudonymised_not_skipped():
