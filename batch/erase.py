@@ -175,7 +175,7 @@ def _erase_object(s3, bucket: str, key: str, values: pa.Array, erasure: Erasure,
                        "command again (it is idempotent)")
 
 
-SESSION_KEY_COLUMNS = ("domain_sessionid", "domain_userid", "network_userid", "event_id")
+SESSION_KEY_COLUMNS = ("domain_sessionid", "domain_userid", "user_id", "network_userid", "event_id")
 
 
 def _session_keys(rows: pa.Table) -> set[str]:

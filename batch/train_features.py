@@ -59,11 +59,11 @@ def read_events(spark: SparkSession, root: Path | str, files: list[Path] | None 
 
 
 def _as_millis(df: DataFrame) -> DataFrame:
-    """The fields the fold reads (common.features.EVENT_FIELDS, plus the user pseudonym for
+    """The fields the fold reads (common.features.EVENT_FIELDS, plus the user pseudonyms for
     sessionising), timestamps as epoch ms; a field the lake lacks is null, as in JSON."""
     present = {field.name: field.dataType for field in df.schema.fields}
     columns = []
-    for name in dict.fromkeys((*EVENT_FIELDS, "domain_userid")):
+    for name in dict.fromkeys((*EVENT_FIELDS, "domain_userid", "user_id")):
         kind = present.get(name)
         if kind is None:
             columns.append(F.lit(None).cast("string").alias(name))
@@ -93,7 +93,8 @@ def sessionise(df: DataFrame, gap_minutes: int = 30) -> DataFrame:
     known_user = F.when(F.col("network_userid") != NIL_USER, F.col("network_userid"))   # not SP-Anonymous' nil id
     # Ids are the tracker's to choose: escaped, a session id "B:2" (or "user:x") is not the second run
     # of "B" (or the run of user x), which would fold two visitors into one session, and its label.
-    user = F.concat(F.lit("user:"), _escaped(F.coalesce(F.col("domain_userid"), known_user, F.col("event_id"))))
+    user = F.concat(F.lit("user:"), _escaped(F.coalesce(F.col("domain_userid"), F.col("user_id"), known_user,
+                                                        F.col("event_id"))))
     sid = F.col("domain_sessionid")
     by_key = Window.partitionBy("_key").orderBy("collector_tstamp", "_at", "event_id")
     # A late event (a retry, an offline queue) arrives after later ones: it continues the session

@@ -423,8 +423,10 @@ def session_features(events) -> list[list[float]]:
 
 def session_key(event: dict) -> str:
     """The session an event belongs to: its session id, else its user (the tracker's cookie id, else
-    the collector's), else itself, as training sessionises. Never the nil user id of SP-Anonymous
-    hits, which would make every anonymous visitor one session."""
+    the shop's user id, else the collector's cookie id), else itself, as training sessionises. Never
+    the nil user id of SP-Anonymous hits, which would make every anonymous visitor one session. The
+    user id comes before the collector's cookie: a server-side tracker sends no cookie, so the
+    collector gives each request one id of its own, shared by every user's events in its batch."""
     network = event.get("network_userid")
-    return (event.get("domain_sessionid") or event.get("domain_userid")
+    return (event.get("domain_sessionid") or event.get("domain_userid") or event.get("user_id")
             or (network if network != NIL_USER else None) or event["event_id"])

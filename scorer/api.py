@@ -382,5 +382,5 @@ def _events(body: bytes) -> list[dict]:
         except inputs.BadEvent as exc:
             raise BadRequest(400, f"event {index}: {exc}") from None
     if not isinstance(session_key(events[0]), str):
-        raise BadRequest(400, "event 0: domain_sessionid, domain_userid and network_userid must be strings")
+        raise BadRequest(400, "event 0: domain_sessionid, domain_userid, user_id and network_userid must be strings")
     return events

@@ -158,13 +158,13 @@ def test_erase_by_cookie_id_from_a_file_leaves_the_logged_in_rows_of_other_cooki
 @pytest.mark.parametrize("cookie", ["a1" * 32, None], ids=["cookie-id", "collector-id-only"])
 def test_erase_deletes_predictions_filed_under_the_user_when_there_was_no_session_id(aws_settings, s3, cookie):
     """Without a session id the scorer files a session under the tracker's cookie id, else the
-    collector's: a mobile or server-side tracker sends no sid."""
+    user id: a server-side tracker sends no sid."""
     network = "f0" * 32
     events = [make_event(40 + i, user_id=CUSTOMER, domain_sessionid=None, domain_userid=cookie,
                          network_userid=network) for i in range(2)]
     write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", event_records(events), "enriched")
     dynamodb = aws.client("dynamodb")
-    filed_under = cookie or network
+    filed_under = cookie or CUSTOMER
     for table in (aws_settings.predictions_table, aws_settings.offers_table):
         dynamodb.put_item(TableName=table, Item={"session_id": {"S": filed_under}, "p_buy": {"N": "0.5"}})
     done = _erase(aws_settings, CUSTOMER)

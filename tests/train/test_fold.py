@@ -152,6 +152,8 @@ def test_a_session_without_tracker_session_id_is_keyed_by_its_cookie_id_as_train
     event = {"event_id": "e1", "domain_sessionid": None, "domain_userid": "d" * 64, "network_userid": "n" * 64}
     assert session_key(event) == "d" * 64
     assert session_key({**event, "domain_userid": None}) == "n" * 64
+    # A server-side tracker's batch shares one collector id among its users: the user id comes first.
+    assert session_key({**event, "domain_userid": None, "user_id": "u" * 64}) == "u" * 64
     assert session_key({**event, "domain_userid": None, "network_userid": NIL_USER}) == "e1"
 
 

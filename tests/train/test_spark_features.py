@@ -147,8 +147,13 @@ def test_pauses_purchases_resends_and_bad_times_make_the_scorers_sessions(spark,
     ancient[bought_at] = {**ancient[bought_at], "derived_tstamp": "1970-01-21T10:06:50.956Z"}
     # Another visitor's tracker names its session as training names the second run of the first.
     impostor = synth.session_events(rng, origin + 7 * 3_600_000, buyer=True, session_id=f"{first.session_id}:2")
+    # A server-side tracker's batch: no session id nor cookie, one collector id for every user in it.
+    shoppers = [[{**event, "domain_sessionid": None, "domain_userid": None, "user_id": user * 32,
+                  "network_userid": "5e" * 32} for event in synth.session_events(rng, origin + 8 * 3_600_000, buyer=False)]
+                for user in ("a1", "b2")]
     later = synth.session_events(rng, origin + 9 * 3_600_000, buyer=False)     # closes the others
-    events = paused + resumed + before + [purchase] + after + resent_from + [copy] + early + ancient + impostor + later
+    events = (paused + resumed + before + [purchase] + after + resent_from + [copy] + early + ancient + impostor
+              + shoppers[0] + shoppers[1] + later)
     root = synth.write_lake_dir(tmp_path, events)
 
     frame = _rows_match_the_scorers(spark, root, events, later)
@@ -156,6 +161,7 @@ def test_pauses_purchases_resends_and_bad_times_make_the_scorers_sessions(spark,
     assert sessions[first.session_id] == len(paused) and sessions[f"{first.session_id}:2"] == len(resumed)
     assert frame.groupby("session_id")["label"].max()[f"{first.session_id}:2"] == 0
     assert sessions[f"{first.session_id}\\:2"] == next(i for i, e in enumerate(impostor) if is_purchase(e))
+    assert [sessions[f"user:{user * 32}:1"] for user in ("a1", "b2")] == [len(shopper) for shopper in shoppers]
     assert sessions[sid] == len(before) and not {e["event_id"] for e in after} & set(frame["event_id"])
     assert sessions[resent_from[0]["domain_sessionid"]] == len(resent_from)
     assert frame.groupby("session_id")["label"].max()[ancient[0]["domain_sessionid"]] == 1
