@@ -286,6 +286,7 @@ class Resolver:
                 continue
             self._answered(registry.name)
             try:
+                served_as(schema, key)
                 validate = compile_schema(schema)
             except ValueError as exc:
                 history.append(_attempt(registry.name, "RepoFailure", f"invalid schema: {exc}"))
@@ -328,12 +329,24 @@ class Resolver:
         return [(registry.name, key) for registry in self.registries for key in registry.schemas()]
 
 
+def _no_remote_ref(uri: str) -> None:
+    # fastjsonschema would fetch it with urlopen and no timeout: one registry answering slowly held
+    # the enricher's thread, and its shard, for as long as it liked.
+    raise ValueError(f"$ref {uri!r} points outside the schema: Iglu schemas must be self-contained")
+
+
+NO_REMOTE_REFS = dict.fromkeys(("http", "https", "file", "ftp", "iglu", "data"), _no_remote_ref)
+
+
 def compile_schema(schema: object) -> Callable[[object], object]:
+    """A validator that leaves the data as it is: fastjsonschema's default (use_default) writes each
+    missing property's ``default`` into it, which Snowplow never does, and a default the schema's
+    own bounds refuse (quantity 0 with minimum 1) reached the features."""
     if not isinstance(schema, dict):
         raise ValueError("a schema must be a JSON object")  # noqa: TRY004 - callers catch ValueError for every schema problem
     body = {k: v for k, v in schema.items() if k not in ("self", "$schema")} | {"$schema": DRAFT_04}
     try:
-        return fastjsonschema.compile(body, formats=FORMATS)
+        return fastjsonschema.compile(body, handlers=NO_REMOTE_REFS, formats=FORMATS, use_default=False)
     except fastjsonschema.JsonSchemaDefinitionException as exc:
         raise ValueError(f"schema does not compile: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - fastjsonschema raises plain errors on some broken schemas
@@ -370,6 +383,27 @@ def _draft_problems(schema: dict) -> list[str]:
     return problems
 
 
+def declared_key(schema: dict) -> SchemaKey:
+    """The key a schema's ``self`` names; ValueError when it names none."""
+    me = schema.get("self")
+    if not isinstance(me, dict) or not all(isinstance(me.get(k), str) for k in ("vendor", "name", "format", "version")):
+        raise ValueError("self must hold vendor, name, format and version strings")
+    try:
+        return SchemaKey.parse(f"iglu:{me['vendor']}/{me['name']}/{me['format']}/{me['version']}")
+    except SchemaKeyError as exc:
+        raise ValueError(f"self: {exc}") from None
+
+
+def served_as(schema: object, key: SchemaKey) -> None:
+    """ValueError unless ``schema`` says it is ``key``: a registry's error page answered with 200, or
+    another schema's file copied to this path, validated events against the wrong rules."""
+    if not isinstance(schema, dict):
+        raise ValueError("a schema must be a JSON object")  # noqa: TRY004 - callers catch ValueError for every schema problem
+    declared = declared_key(schema)
+    if declared != key:
+        raise ValueError(f"self says {declared}, not {key}")
+
+
 def lint(schema: object, key: SchemaKey | None = None) -> list[str]:
     """Problems that would make a schema unusable or surprising in an Iglu registry (empty when fine)."""
     if not isinstance(schema, dict):
@@ -377,16 +411,12 @@ def lint(schema: object, key: SchemaKey | None = None) -> list[str]:
     problems = []
     if schema.get("$schema") != SELF_DESC_META:
         problems.append(f"$schema must be {SELF_DESC_META}")
-    me = schema.get("self")
-    if not isinstance(me, dict) or not all(isinstance(me.get(k), str) for k in ("vendor", "name", "format", "version")):
-        problems.append("self must hold vendor, name, format and version strings")
-    else:
-        try:
-            declared = SchemaKey.parse(f"iglu:{me['vendor']}/{me['name']}/{me['format']}/{me['version']}")
-            if key is not None and declared != key:
-                problems.append(f"self says {declared} but the file is at {key}")
-        except SchemaKeyError as exc:
-            problems.append(f"self: {exc}")
+    try:
+        declared = declared_key(schema)
+        if key is not None and declared != key:
+            problems.append(f"self says {declared} but the file is at {key}")
+    except ValueError as exc:
+        problems.append(str(exc))
     if "description" not in schema:
         problems.append("no description")
     if schema.get("type") == "object" and "additionalProperties" not in schema:

@@ -70,6 +70,37 @@ def test_versions_resolve_across_folder_and_http_registries(tmp_path):
         assert all(h["errors"][0]["error"] == "NotFound" for h in history)
 
 
+def test_a_file_that_is_not_the_schema_it_is_served_as_is_no_schema(tmp_path):
+    """A copy of another schema at this path, or a registry's error page answered with 200, validated
+    events against the wrong rules (an empty object: everything)."""
+    write_schema(tmp_path, SIGNUP + "1-0-0", {"type": "object", "properties": {"plan": {"type": "string"}}})
+    copied = tmp_path / "schemas/com.acme/signup/jsonschema/1-0-1"
+    copied.write_bytes((tmp_path / "schemas/com.acme/signup/jsonschema/1-0-0").read_bytes())
+    (tmp_path / "schemas/com.acme/signup/jsonschema/2-0-0").write_bytes(b'{"message": "Schema not found"}')
+    resolver = Resolver([FolderRegistry(tmp_path)])
+    for version, said in (("1-0-1", "self says iglu:com.acme/signup/jsonschema/1-0-0, not"), ("2-0-0", "self must hold")):
+        with pytest.raises(LookupError) as refused:
+            resolver.validate(SIGNUP + version, {"plan": 3})
+        assert said in refused.value.args[0][0]["errors"][0]["message"]
+    assert resolver.validate(SIGNUP + "1-0-0", {"plan": "pro"}) == []
+
+
+def test_validation_leaves_the_data_as_sent_and_fetches_nothing(tmp_path):
+    """fastjsonschema wrote each missing property's default into the event (a quantity 0 that the
+    schema's own minimum refuses), and fetched a remote $ref with no timeout, holding the worker."""
+    write_schema(tmp_path, SIGNUP + "1-0-0", {"type": "object", "properties": {
+        "quantity": {"type": "integer", "minimum": 1, "default": 0}, "gift": {"type": "boolean", "default": False}}})
+    hung = free_port()                        # nothing listens: a fetch would be refused, not refused by us
+    write_schema(tmp_path, SIGNUP + "1-0-1", {"type": "object", "properties": {
+        "price": {"$ref": f"http://127.0.0.1:{hung}/schemas/com.acme/money/jsonschema/1-0-0#"}}})
+    resolver = Resolver([FolderRegistry(tmp_path)])
+    data = {"plan": "pro"}
+    assert resolver.validate(SIGNUP + "1-0-0", data) == [] and data == {"plan": "pro"}
+    with pytest.raises(LookupError) as refused:
+        resolver.validate(SIGNUP + "1-0-1", {"price": 3})
+    assert "points outside the schema" in refused.value.args[0][0]["errors"][0]["message"]
+
+
 def test_hits_and_misses_are_cached_for_the_ttl(tmp_path):
     signup_registries(tmp_path / "folder", tmp_path / "served")
     clock = Clock()
