@@ -35,7 +35,13 @@ CART_PRICE_FIELD = {SHOP_VENDOR: "price", "com.snowplowanalytics.snowplow": "uni
 # to in entities (contexts): the products, the checkout step, the transaction.
 ECOMMERCE_VENDOR = "com.snowplowanalytics.snowplow.ecommerce"
 ECOMMERCE_ACTION = "snowplow_ecommerce_action"
-PAGE_TYPE_SCHEMA = f"iglu:{SHOP_VENDOR}/page_type/"     # any version of the shop's page_type context
+# The fold reads the fields of major version 1 of each schema (1-*-*: additions only). A new major
+# may rename or retype them (a price becomes an object): read as version 1 they were wrong or 0 with
+# no word said. Its events count by name (an add to cart is one whatever its fields), its fields
+# unread, until the fold learns that major under a new FEATURE_VERSION; `enrich.cli lint` names
+# such schemas (FOLD_SCHEMAS).
+READ_MAJOR = "1-"
+PAGE_TYPE_SCHEMA = f"iglu:{SHOP_VENDOR}/page_type/jsonschema/{READ_MAJOR}"
 MAX_TRACKED_PRODUCTS = 512
 # A longer product id is kept as a 16-byte digest: schemas allow 4,096 characters, and 512 such ids
 # made one session 2 MB of the scorer's memory.
@@ -173,7 +179,8 @@ def in_calendar(event_ms: int) -> bool:
 
 
 def self_describing(event: dict) -> tuple[str, str, dict]:
-    """(vendor, name, data) of a self-describing event; ("", "", {}) otherwise."""
+    """(vendor, name, data) of a self-describing event; ("", "", {}) otherwise. The data of a major
+    version the fold does not read (READ_MAJOR) is {}."""
     unstruct = event.get("unstruct_event")
     if not unstruct:
         return "", "", {}
@@ -182,7 +189,7 @@ def self_describing(event: dict) -> tuple[str, str, dict]:
     parts = schema[5:].split("/")
     if len(parts) != 4:
         return "", "", {}
-    return parts[0], parts[1], unstruct.get("data") or {}
+    return parts[0], parts[1], (unstruct.get("data") or {}) if parts[3].startswith(READ_MAJOR) else {}
 
 
 def is_purchase(event: dict) -> bool:
@@ -208,7 +215,7 @@ def _page_context(event: dict) -> str | None:
 
 
 def _entities(event: dict, schema_prefix: str):
-    """The data of each context whose schema starts with ``schema_prefix`` (any version)."""
+    """The data of each context whose schema starts with ``schema_prefix`` (which names the major version)."""
     for context in event.get("contexts") or ():
         if context.get("schema", "").startswith(schema_prefix):
             yield context.get("data") or {}
@@ -291,8 +298,15 @@ def _self_describing_event(state: SessionState, event: dict, at_ms: int) -> None
         _checkout_reached(state, data.get("step"))
 
 
-_PRODUCT = f"iglu:{ECOMMERCE_VENDOR}/product/"
-_CHECKOUT_STEP = f"iglu:{ECOMMERCE_VENDOR}/checkout_step/"
+_PRODUCT = f"iglu:{ECOMMERCE_VENDOR}/product/jsonschema/{READ_MAJOR}"
+_CHECKOUT_STEP = f"iglu:{ECOMMERCE_VENDOR}/checkout_step/jsonschema/{READ_MAJOR}"
+# The schemas whose fields the fold reads, as (vendor, name).
+FOLD_SCHEMAS = frozenset({(SHOP_VENDOR, "page_type"), (SHOP_VENDOR, "product_view"), (SHOP_VENDOR, "add_to_cart"),
+                          (SHOP_VENDOR, "remove_from_cart"), (SHOP_VENDOR, "checkout_step"),
+                          ("com.snowplowanalytics.snowplow", "add_to_cart"),
+                          ("com.snowplowanalytics.snowplow", "remove_from_cart"),
+                          (ECOMMERCE_VENDOR, ECOMMERCE_ACTION), (ECOMMERCE_VENDOR, "product"),
+                          (ECOMMERCE_VENDOR, "checkout_step")})
 
 
 def _ecommerce_action(state: SessionState, event: dict, action: str | None, at_ms: int) -> None:

@@ -428,6 +428,16 @@ def test_lint_catches_an_unknown_format_and_a_file_the_registry_would_never_serv
     assert empty.exit_code == 1 and "no schema files under" in empty.output
 
 
+def test_lint_notes_a_new_major_version_of_a_schema_the_feature_fold_reads(tmp_path):
+    body = {"type": "object", "additionalProperties": True, "properties": {}}
+    write_schema(tmp_path, "iglu:com.clickshop/add_to_cart/jsonschema/2-0-0", body)
+    write_schema(tmp_path, "iglu:com.clickshop/add_to_cart/jsonschema/1-1-0", body)
+    result = CliRunner().invoke(cli, ["lint", str(tmp_path)])
+    assert result.exit_code == 0, result.output                  # a note, not a problem of the schema
+    notes = [line for line in result.output.splitlines() if "note:" in line]
+    assert len(notes) == 1 and "2-0-0: note: the feature fold reads the fields of version 1-*-*" in notes[0]
+
+
 def test_schemas_are_draft_04_as_in_iglu_and_lint_names_later_draft_keywords(tmp_path):
     bounds = {"type": "object", "additionalProperties": False, "description": "bounds",
               "properties": {"price": {"type": "number", "minimum": 0, "exclusiveMinimum": True},

@@ -30,6 +30,7 @@ from common.features import (
     MAX_TRACKED_PRODUCTS,
     NIL_USER,
     SessionState,
+    is_purchase,
     parse_ms,
     session_features,
     session_key,
@@ -500,6 +501,21 @@ def test_the_official_trackers_cart_events_count_with_their_unit_price_and_other
     assert (row["cart_adds"], row["cart_removes"], row["cart_items"], row["cart_value"]) == (1, 1, 2, 25.0)
     assert (row["product_views"], row["distinct_products"], row["checkout_step_max"]) == (0, 0, 0)
     assert row["events"] == 6                      # still events of the session, just not shop actions
+
+
+def test_a_new_major_version_of_a_shop_schema_counts_by_name_and_its_fields_are_not_misread():
+    """2-0-0 may rename or retype fields: read as 1-0-0, a price in cents counted as euros, and a
+    renamed page type still made a confirmation page the purchase, or not, by chance."""
+    s = synth.Session(random.Random(4), parse_ms("2026-11-20T09:00:00Z"), session_id="majors")
+    s.page("/p/SH-001", "product")
+    for version in ("1-1-0", "2-0-0"):
+        event = s.shop("add_to_cart", {"sku": f"SH-00{version[0]}", "price": 1999, "quantity": 1}, "/p/SH-001", "product")
+        event["unstruct_event"]["schema"] = f"iglu:com.clickshop/add_to_cart/jsonschema/{version}"
+    confirmation = s.page("/order/done", "confirmation")
+    confirmation["contexts"][0]["schema"] = "iglu:com.clickshop/page_type/jsonschema/2-0-0"
+    row = dict(zip(FEATURE_NAMES, session_features(s.events)[-1], strict=True))
+    assert (row["cart_adds"], row["cart_items"], row["cart_value"]) == (2, 2, 1999.0)   # 1-1-0 read, 2-0-0 counted
+    assert not is_purchase(confirmation) and row["events"] == 4
 
 
 ECOMMERCE = "com.snowplowanalytics.snowplow.ecommerce"   # the snowplow-ecommerce tracker plugins
