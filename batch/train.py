@@ -24,7 +24,7 @@ from pyspark.sql import DataFrame
 
 from batch import train_table
 from batch.export import ExportError
-from batch.train_config import TrainSettings, spark_session
+from batch.train_config import LAKE_URL_SCHEMES, TrainSettings, spark_session
 from batch.train_features import ID_COLUMNS, build_examples, read_events, require_trainable
 from batch.train_lake import TrainError, Window, check_files, local_window, unreadable_file_error, window_files
 from batch.train_metrics import threshold_text
@@ -50,7 +50,7 @@ def load_window(spark, settings: TrainSettings, window: Window, steps: Steps | N
     steps = steps or Steps(["sync"], enabled=False)
     before = lead_in(window, settings.session_gap_minutes)
     with steps("sync"):
-        if settings.lake_path.startswith(("s3a://", "s3://", "hdfs://", "gs://", "abfss://", "file://")):
+        if settings.lake_path.startswith(LAKE_URL_SCHEMES):
             dates = ",".join(f"date={d}" for d in before.days() + window.days())
             try:
                 # Merged as read_events does locally: a column a later loader added is not lost to

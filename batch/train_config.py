@@ -15,6 +15,7 @@ from common.registry import DEFAULT_MODEL
 ALGORITHMS = ("gbt", "rf", "lr")
 OBJECTIVES = ("f1", "precision")
 CLASS_WEIGHTS = ("none", "balanced")
+LAKE_URL_SCHEMES = ("s3a://", "s3://", "hdfs://", "gs://", "abfss://", "file://")
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,22 @@ class TrainSettings(AwsSettings):
                 dt.date.fromisoformat(self.window_end)
             except ValueError:
                 raise ConfigError(f"CLICKSTREAM_WINDOW_END: expected a date YYYY-MM-DD, got {self.window_end!r}") from None
+        if not 0 <= self.seed < 2**32:          # numpy's generators take no negative seed, minutes into a run
+            raise ConfigError(f"CLICKSTREAM_SEED: expected an integer from 0 to 2**32 - 1, got {self.seed}")
+        if not self.model_name or "/" in self.model_name:
+            raise ConfigError(f"CLICKSTREAM_MODEL_NAME: expected a name without '/', got {self.model_name!r}")
+        self._check_lake_path()
+
+    def _check_lake_path(self) -> None:
+        """A mistyped URL (``s3a:/lake``) read as a local folder said the window was empty."""
+        path = self.lake_path
+        if not path or path.startswith(LAKE_URL_SCHEMES):
+            return
+        if re.match(r"[A-Za-z][\w+.-]*:/", path):
+            raise ConfigError(f"CLICKSTREAM_LAKE_PATH: {path!r} is neither a folder nor a URL of "
+                              f"{', '.join(LAKE_URL_SCHEMES)}")
+        if not Path(path).is_dir():
+            raise ConfigError(f"CLICKSTREAM_LAKE_PATH: no folder {path!r}")
 
 
 SPARK_LOG_CONFIG = Path(__file__).with_name("spark-log4j2.properties")

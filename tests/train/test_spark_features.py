@@ -334,6 +334,11 @@ def test_settings_reject_unknown_algorithm_and_class_weight():
     ("target_precision", 5.0, "CLICKSTREAM_TARGET_PRECISION: expected a number above 0 and at most 1"),
     ("elastic_net", 1.5, "CLICKSTREAM_ELASTIC_NET: expected a number from 0 to 1"),
     ("spark_driver_memory", "lots", "CLICKSTREAM_SPARK_DRIVER_MEMORY: expected a size such as 2g"),
+    ("seed", -1, "CLICKSTREAM_SEED: expected an integer from 0"),               # numpy refused it, a traceback
+    ("model_name", "shop/buy", "CLICKSTREAM_MODEL_NAME: expected a name without '/'"),
+    ("model_name", "", "CLICKSTREAM_MODEL_NAME"),
+    ("lake_path", "s3a:/lake/enriched", "CLICKSTREAM_LAKE_PATH: 's3a:/lake/enriched' is neither a folder nor a URL"),
+    ("lake_path", "/no/such/lake", "CLICKSTREAM_LAKE_PATH: no folder '/no/such/lake'"),
 ])
 def test_settings_spark_would_refuse_minutes_into_a_run_are_refused_before_it_starts(key, value, message):
     from common.config import ConfigError
