@@ -411,9 +411,11 @@ class Collector:
         parts = ["Path=/", lifetime]
         if domain:
             parts.append(f"Domain={domain}")
-        if self.settings.cookie_secure:
-            parts.append("Secure")
-        return "; ".join([*parts, "HttpOnly", "SameSite=None"])
+        # SameSite=None lets the shop's pages send the cookie to a collector on another site, but
+        # browsers drop such a cookie unless it is Secure: a plain-HTTP collector gets Lax, which
+        # they keep (sent on same-site hits only).
+        parts.append("Secure; SameSite=None" if self.settings.cookie_secure else "SameSite=Lax")
+        return "; ".join([*parts, "HttpOnly"])
 
     def cookie_domain(self, headers: dict) -> str | None:
         """The first configured domain the Origin's host (else the Host) is in; else the fallback."""

@@ -130,6 +130,17 @@ def test_new_cookie_is_a_uuid_for_a_year_with_the_matching_domain(setup, headers
     assert {"Secure", "HttpOnly", "SameSite=None", "Max-Age=31536000", "Path=/"} <= set(attributes)
 
 
+def test_a_cookie_that_is_not_secure_is_same_site_lax_which_browsers_keep(tmp_path):
+    """Browsers drop a SameSite=None cookie without Secure: each hit of a plain-HTTP collector got a new id."""
+    from collector.app import Collector
+    from collector.config import settings
+
+    plain = Collector(settings(env={"CLICKSTREAM_SINK": "memory", "CLICKSTREAM_SPOOL_DIR": str(tmp_path),
+                                    "CLICKSTREAM_COOKIE_SECURE": "false"}))
+    attributes = [part.strip() for part in plain.cookie("abc", {}).decode().split(";")]
+    assert "SameSite=Lax" in attributes and "Secure" not in attributes and "SameSite=None" not in attributes
+
+
 def test_existing_cookie_is_kept_and_nuid_parameter_wins(setup):
     collector, _ = setup
     marker = uuid.uuid4().hex
