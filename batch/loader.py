@@ -28,7 +28,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from batch import lake
 from common import aws, logs
 from common.cli import run_command
-from common.config import AwsSettings, require_batch_limit, require_positive
+from common.config import AwsSettings, require_batch_limit, require_positive, require_renewed_in_time
 from common.consumer import Consumer, ReadFailed, consumer_for
 from common.leases import Lease, LeaseLost
 from common.retry import backoff_s
@@ -61,6 +61,7 @@ class LoaderSettings(AwsSettings):
     def validate(self) -> None:
         require_positive(self, "lake_flush_seconds", "lake_flush_bytes", "lake_flush_records", "lake_lease_ms",
                          "lake_idle_sleep_s", "lake_retry_s", "lake_read_interval_s")
+        require_renewed_in_time(self, "lake_lease_ms", "lake_idle_sleep_s", "lake_read_interval_s")
         require_batch_limit(self, "lake_batch_limit")
 
 

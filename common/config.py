@@ -309,6 +309,22 @@ def require_non_negative(settings, *names: str) -> None:
             raise ConfigError(f"{ENV_PREFIX}{name.upper()}: expected 0 or more, got {getattr(settings, name)!r}")
 
 
+MIN_LEASE_MS = 1000
+
+
+def require_renewed_in_time(settings, lease: str, *waits: str) -> None:
+    """A worker renews its leases between reads: a wait (a read interval, an idle sleep) of more than
+    a third of the lease lets them lapse, and a peer takes its shards while it still reads them."""
+    lease_ms = getattr(settings, lease)
+    if lease_ms < MIN_LEASE_MS:
+        raise ConfigError(f"{ENV_PREFIX}{lease.upper()}: expected at least {MIN_LEASE_MS} ms (a lease renewed "
+                          f"several times a second only loads the table), got {lease_ms!r}")
+    for name in waits:
+        if getattr(settings, name) * 1000 > lease_ms / 3:
+            raise ConfigError(f"{ENV_PREFIX}{name.upper()}: expected at most a third of {ENV_PREFIX}{lease.upper()} "
+                              f"({lease_ms / 3000:g} s), so leases are renewed in time; got {getattr(settings, name)!r}")
+
+
 def require_at_most(settings, name: str, limit: float, why: str) -> None:
     """Raise ConfigError when a field is above ``limit`` (a value no deployment needs, which would
     fail later, deep inside a thread, or take the disk)."""

@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from common.config import AwsSettings, ConfigError, require_batch_limit, require_non_negative, require_positive
+from common.config import (
+    AwsSettings,
+    ConfigError,
+    require_batch_limit,
+    require_non_negative,
+    require_positive,
+    require_renewed_in_time,
+)
 
 # How long the predictions stream keeps records (Kinesis' default; infra/provision.py and the template keep it).
 PREDICTIONS_RETENTION_HOURS = 24
@@ -35,6 +42,7 @@ class DiscountSettings(AwsSettings):
             raise ConfigError(f"CLICKSTREAM_DISCOUNT_PERCENT: expected at most 100, got {self.discount_percent}")
         require_positive(self, "budget_per_hour", "discount_percent", "offer_ttl_hours", "read_interval_s",
                          "max_prediction_age_s", "lease_ms")
+        require_renewed_in_time(self, "lease_ms", "read_interval_s")
         require_batch_limit(self, "batch_limit")
         require_non_negative(self, "min_events")
         if self.offer_ttl_hours < PREDICTIONS_RETENTION_HOURS:

@@ -11,6 +11,7 @@ from common.config import (
     require_batch_limit,
     require_non_negative,
     require_positive,
+    require_renewed_in_time,
 )
 
 # Identifiers inside self-describing events and contexts that are personal data by default:
@@ -120,6 +121,7 @@ class EnrichSettings(AwsSettings):
     def validate(self) -> None:
         require_positive(self, "registry_cache_ttl_s", "registry_miss_ttl_s", "dedupe_window_s", "ua_cache_size", "max_event_bytes",
                          "lease_ms", "read_interval_s", "max_collector_ahead_s")
+        require_renewed_in_time(self, "lease_ms", "read_interval_s")
         require_batch_limit(self, "batch_limit")
         require_at_most(self, "ua_cache_size", 10_000_000, "user agents parsed and kept in memory")
         if self.pseudonymisation and not self.pseudonymisation_key:

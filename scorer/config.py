@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.config import AwsSettings, ConfigError, require_batch_limit, require_positive
+from common.config import AwsSettings, ConfigError, require_batch_limit, require_positive, require_renewed_in_time
 from common.registry import DEFAULT_MODEL
 
 EMIT_POLICIES = ("every", "change", "every_n")
@@ -42,4 +42,5 @@ class ScorerSettings(AwsSettings):
         require_positive(self, "port", "model_poll_s", "emit_every_n", "flush_ms", "session_timeout_s",
                          "replay_max_s", "max_sessions", "dedupe_window", "prediction_ttl_hours", "lease_ms",
                          "write_threads", "read_interval_s")
+        require_renewed_in_time(self, "lease_ms", "read_interval_s")
         require_batch_limit(self, "batch_limit")

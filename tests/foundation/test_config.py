@@ -378,3 +378,22 @@ def test_a_bad_setting_in_any_aws_command_is_one_line_and_exit_status_2():
     result = CliRunner().invoke(command, [])
     assert result.exit_code == 2, result.output
     assert result.output == "Error: config error: CLICKSTREAM_BUCKET: expected a name, got an empty value\n"
+
+
+@pytest.mark.parametrize("module, name, lease, wait, extra", [
+    ("scorer.config", "ScorerSettings", "lease_ms", "read_interval_s", {}),
+    ("enrich.config", "EnrichSettings", "lease_ms", "read_interval_s", {"CLICKSTREAM_PSEUDONYMISATION": "false"}),
+    ("batch.loader", "LoaderSettings", "lake_lease_ms", "lake_idle_sleep_s", {}),
+    ("discount.settings", "DiscountSettings", "lease_ms", "read_interval_s", {}),
+])
+def test_a_wait_between_reads_longer_than_a_third_of_the_lease_is_refused(module, name, lease, wait, extra):
+    """Leases are renewed between reads: a loader idling 30 s on a 10 s lease lost its shards to a peer
+    while it still read them, and both wrote them."""
+    settings_class = getattr(importlib.import_module(module), name)
+    env = {**extra, f"CLICKSTREAM_{lease.upper()}": "10000"}
+    with pytest.raises(ConfigError, match=f"CLICKSTREAM_{wait.upper()}: expected at most a third of "
+                                          f"CLICKSTREAM_{lease.upper()} \\(3.33333 s\\)"):
+        load(settings_class, env={**env, f"CLICKSTREAM_{wait.upper()}": "30"})
+    with pytest.raises(ConfigError, match=f"CLICKSTREAM_{lease.upper()}: expected at least 1000 ms"):
+        load(settings_class, env={**extra, f"CLICKSTREAM_{lease.upper()}": "1"})
+    assert getattr(load(settings_class, env={**env, f"CLICKSTREAM_{wait.upper()}": "3"}), wait) == 3
