@@ -28,7 +28,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from batch import lake
 from common import aws, logs
 from common.cli import run_command
-from common.config import AwsSettings, require_batch_limit, require_positive, require_renewed_in_time
+from common.config import AwsSettings, ConfigError, require_batch_limit, require_positive, require_renewed_in_time
 from common.consumer import Consumer, ReadFailed, consumer_for
 from common.leases import Lease, LeaseLost
 from common.retry import backoff_s
@@ -41,6 +41,10 @@ INTENT = "intent_last"
 MAX_RETRY_WAIT_S = 5.0          # between retries through a stream or lease table outage
 PARQUET_TYPE = "application/vnd.apache.parquet"
 JSONL_GZ_TYPE = "application/x-ndjson"
+
+
+# The other components' lease groups (their `app` in common.consumer.consumer_for).
+OTHER_READERS = ("enrich", "scorer", "discount", "liveview")
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,11 @@ class LoaderSettings(AwsSettings):
                          "lake_idle_sleep_s", "lake_retry_s", "lake_read_interval_s")
         require_renewed_in_time(self, "lake_lease_ms", "lake_idle_sleep_s", "lake_read_interval_s")
         require_batch_limit(self, "lake_batch_limit")
+        if not self.lake_app.strip() or self.lake_app in OTHER_READERS:
+            # The lease group: another reader's name would share its leases and checkpoints, and each
+            # would skip what the other read.
+            raise ConfigError(f"CLICKSTREAM_LAKE_APP: expected a name of its own, not empty nor one of "
+                              f"{', '.join(OTHER_READERS)}; got {self.lake_app!r}")
 
 
 @dataclass(frozen=True)

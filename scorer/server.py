@@ -29,8 +29,10 @@ log = logging.getLogger("scorer")
 
 def build_worker(settings: ScorerSettings, models: Models) -> Worker:
     producer = Producer(KinesisStream(aws.client("kinesis", settings.region), settings.predictions_stream))
-    writer = PredictionWriter(producer, aws.client("dynamodb", settings.region), settings.predictions_table,
-                              settings.prediction_ttl_hours * 3600, settings.write_threads)
+    # A connection per writing thread: more threads than the pool's 32 connections discarded them.
+    table = aws.client("dynamodb", settings.region, max_pool_connections=max(32, settings.write_threads))
+    writer = PredictionWriter(producer, table, settings.predictions_table, settings.prediction_ttl_hours * 3600,
+                              settings.write_threads)
 
     def make_consumer(**hooks):
         return consumer_for(settings, settings.enriched_stream, app="scorer", lease_ms=settings.lease_ms,

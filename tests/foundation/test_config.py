@@ -397,3 +397,12 @@ def test_a_wait_between_reads_longer_than_a_third_of_the_lease_is_refused(module
     with pytest.raises(ConfigError, match=f"CLICKSTREAM_{lease.upper()}: expected at least 1000 ms"):
         load(settings_class, env={**extra, f"CLICKSTREAM_{lease.upper()}": "1"})
     assert getattr(load(settings_class, env={**env, f"CLICKSTREAM_{wait.upper()}": "3"}), wait) == 3
+
+
+@pytest.mark.parametrize("app", ["", "scorer", "enrich"])
+def test_the_lake_loaders_lease_group_is_its_own(app):
+    """lake_app=scorer shared the scorer's leases and checkpoints: each skipped what the other had read."""
+    from batch.loader import LoaderSettings
+
+    with pytest.raises(ConfigError, match="CLICKSTREAM_LAKE_APP: expected a name of its own"):
+        load(LoaderSettings, env={"CLICKSTREAM_LAKE_APP": app})

@@ -32,3 +32,12 @@ def test_a_scorer_with_neither_worker_nor_api_is_refused_rather_than_idle_foreve
     words = ["CLICKSTREAM_RUN_WORKER", "CLICKSTREAM_RUN_API"]
     for word in words:
         assert word in str(error.value)
+
+
+def test_the_prediction_writer_has_a_connection_for_each_of_its_threads():
+    """64 threads on botocore's pool of 32 connections opened and discarded one per write."""
+    from scorer.server import build_worker
+
+    worker = build_worker(load(ScorerSettings, env={"CLICKSTREAM_WRITE_THREADS": "64"}), models=None)
+    assert worker.writer.dynamodb.meta.config.max_pool_connections == 64
+    assert build_worker(load(ScorerSettings, env={}), models=None).writer.dynamodb.meta.config.max_pool_connections == 32
