@@ -452,6 +452,8 @@ def erase_command(obj: dict, pseudonyms: tuple[str, ...], from_file, start: str 
         click.echo(f"{key}: {verb} {rows} rows" + (" (no rows left: file deleted)" if key in done.emptied else ""))
     click.echo(f"{verb} {done.rows} rows in {len(done.files)} files ({done.identities} pseudonyms matched, "
                f"{len(done.sessions)} sessions), {done.predictions} predictions, {done.offers} offers")
+    # Named, since [lake] (or a variable) must name the tables the scorer and discount engine write.
+    click.echo(f"(lake s3://{settings.bucket}/enriched/, tables {settings.predictions_table} and {settings.offers_table})")
     if done.files and not dry_run:
         click.echo("note: a lake loader replaying a shard after a crash rewrites its files from the enriched stream; "
                    "run this again once the stream's retention has passed")

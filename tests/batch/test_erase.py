@@ -85,6 +85,7 @@ def test_erase_removes_the_customer_and_their_anonymous_visits_and_keeps_everyon
     assert done.exit_code == 0, done.output
     assert "removed 7 rows in 2 files (3 pseudonyms matched, 3 sessions), 3 predictions, 1 offers" in done.output
     assert "run this again once the stream's retention has passed" in done.output
+    assert f"tables {aws_settings.predictions_table} and {aws_settings.offers_table})" in done.output
     left = lake.read_enriched(s3, aws_settings.bucket)
     expected = [e["event_id"] for e in events if e["domain_sessionid"] == "s-other"]
     assert sorted(left.column("event_id").to_pylist()) == sorted(expected)
