@@ -8,7 +8,7 @@ import time
 import orjson
 
 from batch import lake
-from batch.loader import Limits, StreamLoader, write_enriched
+from batch.loader import INTENT, Limits, StreamLoader, write_enriched
 from common.consumer import Consumer
 from common.leases import MemoryLeaseTable
 from common.streams import MemoryStream
@@ -72,3 +72,40 @@ def test_a_flush_stops_writing_once_another_worker_took_the_shard():
     assert lease.owner == "b" and lease.checkpoint is None
     assert 0 < len(sink.objects) < HOURS                   # it stopped; the new owner rewrites the range
     assert not part.buffers and part.stats["events"] == 0
+
+
+class FailsOnce(lake.MemorySink):
+    """S3 refuses the first put, then comes back."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed = False
+
+    def put(self, key, data, content_type):
+        if not self.failed:
+            self.failed = True
+            raise OSError("S3 unreachable")
+        super().put(key, data, content_type)
+
+
+def test_a_failed_write_of_a_crashed_owners_intended_range_is_retried_and_the_shard_goes_on():
+    """A new owner writes the range its crashed predecessor meant to (``intent_last``) first; when
+    that write failed, the range went back behind the rest of the buffer, and the shard stopped."""
+    stream, leases = MemoryStream("enriched"), MemoryLeaseTable()
+    events = [make_event(i, at=BASE) for i in range(10)]
+    stream.put_records([("k", orjson.dumps(event)) for event in events])
+    records = stream.all_records()
+    shard = records[0].shard_id
+    leases.ensure(shard)
+    leases.take(leases.leases()[0][0], "crashed", LEASE_MS)
+    leases.checkpoint(shard, "crashed", None, {INTENT: records[4].sequence_number})
+    leases.release(shard, "crashed")
+    sink = FailsOnce()
+    part = StreamLoader(lambda **hooks: Consumer(stream, leases, worker_id="a", lease_ms=LEASE_MS, **hooks),
+                        write_enriched, sink, Limits(records=1000, seconds=0.01), retry_s=0.0)
+    for _ in range(20):
+        part.step()
+    part.close()
+    assert sink.failed and part.stats["events"] == 10
+    written = [i for data in sink.objects.values() for i in lake.parquet_table(data).column("event_id").to_pylist()]
+    assert sorted(written) == sorted(event["event_id"] for event in events)

@@ -226,6 +226,37 @@ def test_a_hit_in_a_segment_whose_closing_fsync_failed_is_not_made_durable_by_th
     assert spool.is_synced(later)
 
 
+def test_a_second_failed_fsync_does_not_make_the_first_ones_hits_durable(tmp_path, monkeypatch):
+    spool = Spool(tmp_path, max_bytes=1 << 20, fsync="always")
+    first = spool.append(encode(RAW, "k", b"first hit"), 1)
+    fsync_failing_once(monkeypatch)
+    with pytest.raises(OSError):
+        spool.sync_to(first)
+    between = spool.append(encode(RAW, "k", b"hit between"), 1)
+    spool.sync_to(between)                              # durable, but not what the failed fsync covered
+    last = spool.append(encode(RAW, "k", b"last hit"), 1)
+    fsync_failing_once(monkeypatch)
+    with pytest.raises(OSError):
+        spool.sync_to(last)
+    with pytest.raises(OSError, match="may not be on disk"):
+        spool.is_synced(first)
+
+
+def test_a_restart_after_a_failed_cursor_write_delivers_the_rest(tmp_path, monkeypatch):
+    """Delivered segments go even when the cursor cannot be written; the restart then finds a cursor
+    before its oldest segment, and must start there, not read from an offset that no longer exists."""
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=4096)
+    for i in range(12):
+        spool.append(encode(RAW, "k", b"%04d" % i + b"x" * 996), 1)     # three segments of four
+    delivered, offset = spool.read(4, 1 << 20)
+    monkeypatch.setattr(spool, "_write_cursor", lambda offset: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(OSError):
+        spool.commit(offset, len(delivered))
+    spool.close()
+    rest = drain(Spool(tmp_path, max_bytes=1 << 20, segment_bytes=4096))
+    assert [data[:4] for data in rest] == [b"%04d" % i for i in range(4, 12)]
+
+
 def test_fsync_always_makes_every_new_segment_name_durable_the_first_one_too(tmp_path, monkeypatch):
     """A first segment named by a rename that never reached the disk came back as the prepared
     ``next.ready`` after a power cut, which recovery ignores and the next segment overwrites."""

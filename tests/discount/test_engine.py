@@ -24,7 +24,7 @@ from common.consumer import Consumer, consumer_for
 from common.leases import DynamoLeaseTable
 from common.producer import Producer
 from common.streams import KinesisStream
-from discount.engine import APP, Engine
+from discount.engine import APP, Engine, skip_reason
 from discount.metrics import Metrics
 from discount.offers import OfferTable, Outcome, Prediction, hour_of
 from discount.settings import DiscountSettings
@@ -461,3 +461,13 @@ def test_kill_9_mid_write_twice_gives_each_qualifying_session_one_offer_and_one_
     hours = {hour_of(now), hour_of(time.time())}                      # the run may cross an hour
     assert sum(table.spent(dt.datetime.strptime(hour, "%Y-%m-%dT%H").replace(tzinfo=dt.UTC).timestamp())
                for hour in hours) == len(qualifying)
+
+
+def test_the_threshold_and_the_ceiling_themselves_get_offers():
+    """docs/discount-engine.md: offer_threshold is the lowest p_buy that gets an offer, offer_ceiling the highest."""
+    settings = DiscountSettings(offer_threshold=0.3, offer_ceiling=0.95, min_events=3)
+
+    def reason(p_buy: float, events: int = 3):
+        return skip_reason(settings, Prediction.from_record(prediction("edge", p_buy, events=events)))
+    assert [reason(0.3), reason(0.95), reason(0.3, events=2)] == [None, None, "too_early"]
+    assert [reason(0.299999), reason(0.950001)] == ["below_threshold", "above_ceiling"]

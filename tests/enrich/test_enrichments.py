@@ -196,6 +196,17 @@ def test_deduper_window_and_capacity():
     assert len(dedupe._seen) <= 2 and dedupe.dropped == 1
 
 
+def test_a_batch_not_delivered_is_forgotten_and_the_ones_before_it_are_not():
+    """Read again, a batch whose delivery failed must not be dropped as repeats of itself."""
+    dedupe = Deduper(capacity=100, window_s=600)
+    assert not dedupe.seen("delivered", "f")
+    before = dedupe.remembered
+    assert not dedupe.seen("failed-1", "f") and not dedupe.seen("failed-2", "f")
+    dedupe.forget_last(dedupe.remembered - before)
+    assert not dedupe.seen("failed-1", "f") and not dedupe.seen("failed-2", "f")
+    assert dedupe.seen("delivered", "f")
+
+
 def test_exact_duplicates_are_dropped_but_same_id_with_other_content_is_kept():
     worker = enricher()
     raw = get_record({**EV, "eid": "11111111-1111-4111-8111-111111111111", "stm": "1764409955000"})

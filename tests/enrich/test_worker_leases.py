@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import threading
 
+import orjson
 import pytest
 
 from common.consumer import Consumer
@@ -168,3 +169,27 @@ def test_a_batchs_outputs_take_about_their_length_in_memory_until_written():
     written = good.all_records() + bad.all_records()
     assert len(good.all_records()) == 600 and len(bad.all_records()) == 300
     assert grown < 3 * sum(len(record.data) for record in written), grown
+
+
+class RefusesTwo(MemoryStream):
+    """A stream whose first call refuses two of its entries, as Kinesis refuses some of a batch."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.calls = 0
+
+    def put_records(self, entries):
+        self.calls += 1
+        if self.calls == 1:
+            self.fail_next = 2
+        return super().put_records(entries)
+
+
+def test_a_partly_refused_delivery_resends_only_the_refused_events():
+    raw, good = MemoryStream("raw"), RefusesTwo("enriched")
+    raw_records(raw, 5)
+    w = worker(raw, MemoryLeaseTable(), good, MemoryStream("bad"))
+    [batch] = w.consumer.poll()
+    assert w.handle(batch)
+    ids = [orjson.loads(record.data)["event_id"] for record in good.all_records()]
+    assert sorted(ids) == [f"00000000-0000-4000-8000-{i:012d}" for i in range(5)]     # each once

@@ -125,6 +125,19 @@ def test_poll_raises_when_every_shard_fails_so_the_caller_backs_off():
     assert Counter(drain(consumer, pause_s=0.05)) == Counter(r.data for r in stream.all_records())
 
 
+def test_a_failed_read_behind_the_checkpoint_hands_out_nothing_twice():
+    """The lake loader and the scorer checkpoint behind their reads: a shard read again after a failed
+    read must go on from the last record handed out, not from the checkpoint (duplicate rows)."""
+    failures = [0]
+    stream, leases = flaky_stream(1, 30, failures), MemoryLeaseTable()
+    consumer = Consumer(stream, leases, worker_id="a", batch_limit=10)
+    got = [r.data for batch in consumer.poll() for r in batch.records]      # handed out, not checkpointed
+    failures[0] = 1
+    got += drain(consumer, rounds=10, checkpoint=False, pause_s=0.1)
+    assert failures[0] == 0
+    assert Counter(got) == Counter(r.data for r in stream.all_records())
+
+
 class ThrottledShardReader:
     """Reads of one shard answered as Kinesis does when the applications on it read too often."""
 

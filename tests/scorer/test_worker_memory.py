@@ -400,6 +400,18 @@ def test_a_quiet_shard_does_not_hold_up_expiry_and_the_replay_start_of_the_other
 
 
 
+def test_an_event_exactly_the_timeout_after_the_last_one_continues_the_session_as_in_training():
+    """Training starts a new session only after more than session_gap_minutes (train_features.sessionise)."""
+    from scorer.sessions import SessionStore
+
+    store = SessionStore(timeout_ms=1_800_000, max_sessions=100, dedupe_window=8, clock=lambda: T0 / 1000)
+    first = store.session_for("s", "shard-A", T0 - 1_800_000, T0 - 1_800_000, "1")
+    first.state.seen_ms = T0 - 1_800_000
+    assert store.session_for("s", "shard-A", T0, T0, "2") is first
+    first.state.seen_ms = T0
+    assert store.session_for("s", "shard-A", T0 + 1_800_001, T0 + 1_800_001, "3") is not first
+
+
 def test_a_session_that_happened_days_ago_but_arrived_now_is_replayed_whole_after_a_restart():
     """The replay start skipped sessions that began over replay_max_s before the shard's watermark by
     event time: a session from an offline queue or a backfill was rebuilt from the middle after a

@@ -574,6 +574,18 @@ def pinned_sessions() -> dict[str, list[dict]]:
     return sessions
 
 
+def test_the_cart_never_goes_below_empty_and_the_furthest_checkout_step_stays():
+    """Definitions the pinned sessions do not reach: removing what was never added (a cart filled in
+    an earlier session), and going back a checkout step."""
+    s = synth.Session(random.Random(5), parse_ms("2026-11-20T09:00:00Z"), session_id="bounds")
+    s.shop("add_to_cart", {"sku": "SH-001", "category": "shoes", "price": 10.0, "quantity": 1}, "/p/SH-001", "product")
+    s.shop("remove_from_cart", {"sku": "SH-002", "price": 50.0, "quantity": 3}, "/cart", "cart")
+    for step_reached in (3, 1):
+        s.shop("checkout_step", {"step": step_reached}, "/checkout", "checkout")
+    row = dict(zip(FEATURE_NAMES, session_features(s.events)[-1], strict=True))
+    assert (row["cart_items"], row["cart_value"], row["checkout_step_max"]) == (0, 0.0, 3)
+
+
 def test_each_feature_is_read_from_its_own_name():
     """By name, not position: a name added to FEATURE_NAMES in one place and its value in features()
     in another shifted the names of the values after it (model.json, importances, /features)."""
