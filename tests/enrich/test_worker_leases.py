@@ -193,3 +193,16 @@ def test_a_partly_refused_delivery_resends_only_the_refused_events():
     assert w.handle(batch)
     ids = [orjson.loads(record.data)["event_id"] for record in good.all_records()]
     assert sorted(ids) == [f"00000000-0000-4000-8000-{i:012d}" for i in range(5)]     # each once
+
+
+def test_an_event_over_the_kinesis_record_limit_is_a_bad_row_even_when_max_event_bytes_allows_it():
+    """max_event_bytes may be set above Kinesis' 1 MiB: such an event was retried for ever, the shard stalled."""
+    raw = MemoryStream("raw")
+    raw.put_records([("k", get_record({"e": "pv", "p": "web", "tv": "t", "page": "x" * 1_100_000,
+                                       "eid": "00000000-0000-4000-8000-000000000001"}))])
+    consumer = Consumer(raw, MemoryLeaseTable(), worker_id="a", lease_ms=LEASE_MS)
+    w = Worker(enricher(max_event_bytes=2_000_000), consumer, Producer(MemoryStream("enriched"), max_attempts=1),
+               Producer(MemoryStream("bad"), max_attempts=1), retry_cap_s=0.05)
+    [batch] = consumer.poll()
+    good, bad = w.outputs(batch)
+    assert good == [] and len(bad) == 1 and b"size_violation" in bad[0][1]
