@@ -14,6 +14,7 @@ import re
 import time
 import uuid
 import zlib
+from collections.abc import Awaitable
 from email.utils import formatdate
 from urllib.parse import parse_qs, quote, quote_from_bytes, urlsplit
 
@@ -33,6 +34,7 @@ NO_CACHE = [(b"cache-control", b"no-cache, no-store, must-revalidate"), (b"pragm
             (b"expires", b"0")]
 GIF_HEADERS = [(b"content-type", b"image/gif"), *NO_CACHE]
 TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
+CORS_ANY = [(b"access-control-allow-origin", b"*"), (b"access-control-allow-credentials", b"true")]   # never mutated
 # Never recorded: credentials. With SP-Anonymous only headers that cannot carry the client's IP or
 # whereabouts: proxies and CDNs each add their own (x-client-ip, fastly-client-ip,
 # cloudfront-viewer-address, cloudfront-viewer-postal-code, ...), so a list of those would always lag.
@@ -62,14 +64,6 @@ class TooLarge(Exception):
         self.unread = unread
 
 
-def _text(value: bytes) -> str:
-    # Header octets are ISO-8859-1 by HTTP's rules when they are not UTF-8: either way, lossless.
-    try:
-        return value.decode()
-    except UnicodeDecodeError:
-        return value.decode("latin-1")
-
-
 def _query(raw: bytes) -> str | None:
     if not raw:
         return None
@@ -84,7 +78,13 @@ def _split_headers(scope) -> tuple[dict[str, str], list[str], str]:
     """Headers by name, the ``name: value`` lines to record (no credentials), and the Cookie header."""
     headers, kept, cookie = {}, [], ""
     for raw_name, raw_value in scope["headers"]:
-        name, value = raw_name.decode("latin-1"), _text(raw_value)      # ASGI names are lower-case
+        name = raw_name.decode("latin-1")                               # ASGI names are lower-case
+        # Header octets are ISO-8859-1 by HTTP's rules when they are not UTF-8: either way, lossless.
+        # (Inline: a function call per header was a tenth of this loop.)
+        try:
+            value = raw_value.decode()
+        except UnicodeDecodeError:
+            value = raw_value.decode("latin-1")
         if name == "cookie":
             cookie = f"{cookie}; {value}" if cookie else value
         elif name not in SECRET_HEADERS:
@@ -218,23 +218,25 @@ class Collector:
             await respond(send, 500, TEXT, b"internal error")
         metrics.count(route, status)
 
-    async def dispatch(self, route: str, path: str, scope, receive, send) -> int:
+    def dispatch(self, route: str, path: str, scope, receive, send) -> Awaitable[int]:
+        # A plain function returning the awaitable to answer with: a coroutine frame of its own per
+        # request only passed the result through.
         method = scope["method"]
         if route in ("pixel", "tp2", "redirect", "webhook"):
             if method == "OPTIONS":
-                return await self.preflight(scope, send)
+                return self.preflight(scope, send)
             if method == "GET" or (method == "POST" and route in ("tp2", "webhook")):
-                return await self.track(route, self.canonical[path], scope, receive, send)
-            return await respond(send, 405, TEXT, b"method not allowed")
+                return self.track(route, self.canonical[path], scope, receive, send)
+            return respond(send, 405, TEXT, b"method not allowed")
         if route == "health":
-            return await respond(send, 200, TEXT, b"ok")
+            return respond(send, 200, TEXT, b"ok")
         if route == "sink-health":
             problem = self.sink.problem() if self.sink is not None else "not started"
-            return await respond(send, 503 if problem else 200, TEXT, (problem or "ok").encode())
+            return respond(send, 503 if problem else 200, TEXT, (problem or "ok").encode())
         if route == "metrics":
             body, kind = metrics.render(self.sink)
-            return await respond(send, 200, [(b"content-type", kind.encode())], body)
-        return await respond(send, 404, TEXT, b"not found")
+            return respond(send, 200, [(b"content-type", kind.encode())], body)
+        return respond(send, 404, TEXT, b"not found")
 
     async def in_time(self, reading):
         """Await ``reading`` (of the request body) for at most body_timeout_s; BodyTimeout after."""
@@ -277,8 +279,8 @@ class Collector:
         headers, kept, cookie = _split_headers(scope)
         origin = headers.get("origin")
         # On every answer, errors included, so a browser page can read why its hit failed.
-        cors = [(b"access-control-allow-origin", origin.encode("latin-1", "replace") if origin else b"*"),
-                (b"access-control-allow-credentials", b"true")]
+        cors = [(b"access-control-allow-origin", origin.encode("latin-1", "replace")),
+                (b"access-control-allow-credentials", b"true")] if origin else CORS_ANY
         try:
             body = await self.in_time(read_body(receive, headers, settings.max_request_bytes)) \
                 if scope["method"] == "POST" else None
@@ -308,7 +310,9 @@ class Collector:
                   canonical_path, query, scope["method"], headers.get("content-type"),
                   body, kept, nuid, headers.get("host", ""))
         try:
-            await self.spool_hit(hit)
+            end = self.spool_hit(hit)
+            if self.spool.fsync_always:
+                await self.durable(end)
         except (SpoolFull, OSError) as exc:
             # Not durably written (backlog limit, or the disk failed): not acknowledged either.
             if isinstance(exc, OSError):
@@ -343,19 +347,23 @@ class Collector:
             nuid = str(uuid.uuid4())
         return ip, nuid, kept, [(b"set-cookie", self.cookie(nuid, headers))]
 
-    async def spool_hit(self, hit: Hit) -> None:
+    def spool_hit(self, hit: Hit) -> int:
+        """Write the hit's frames to the spool; the spool's end offset after them (for ``durable``)."""
         settings = self.settings
         records, bad_rows = build(hit, settings.max_payload_bytes, settings.bad_payload_keep_bytes)
         key = partition_key(hit)
-        frames = [encode(RAW, key, data) for data in records]
-        frames += [encode(BAD, str(uuid.uuid4()), orjson.dumps(row)) for row in bad_rows]
+        if len(records) == 1 and not bad_rows:          # the usual hit: one record
+            frames, count = encode(RAW, key, records[0]), 1
+        else:
+            parts = [encode(RAW, key, data) for data in records]
+            parts += [encode(BAD, str(uuid.uuid4()), orjson.dumps(row)) for row in bad_rows]
+            frames, count = b"".join(parts), len(parts)
         sink = self.sink            # stop() may clear it meanwhile: a hit spooled by then is answered
-        end = self.spool.append(frames[0] if len(frames) == 1 else b"".join(frames), len(frames))
-        metrics.SPOOLED.inc(len(frames))
+        end = self.spool.append(frames, count)
+        metrics.spooled(count)
         if sink is not None:
             sink.notify()
-        if self.spool.fsync_always:
-            await self.durable(end)
+        return end
 
     async def durable(self, end: int) -> None:
         """Wait until the spool is fsynced up to ``end``. Group commit: one fsync in a thread at a time,
@@ -368,13 +376,13 @@ class Collector:
                 self._fsync = asyncio.get_running_loop().run_in_executor(None, spool.sync_to, spool.end)
             await asyncio.shield(self._fsync)
 
-    async def answer(self, scope, send, extra: list, location: str | None = None) -> int:
+    def answer(self, scope, send, extra: list, location: str | None = None) -> Awaitable[int]:
         if location is not None:
-            return await respond(send, 302, [(b"location", quote(location, safe=URL_SAFE).encode()), *NO_CACHE,
-                                             *extra], b"")
+            return respond(send, 302, [(b"location", quote(location, safe=URL_SAFE).encode()), *NO_CACHE,
+                                       *extra], b"")
         if scope["method"] == "POST":
-            return await respond(send, 200, TEXT + extra, b"ok")
-        return await respond(send, 200, GIF_HEADERS + extra, PIXEL)
+            return respond(send, 200, TEXT + extra, b"ok")
+        return respond(send, 200, GIF_HEADERS + extra, PIXEL)
 
     def redirect_target(self, query: str | None) -> str | None:
         if not self.redirect_domains or not query:

@@ -37,6 +37,11 @@ SINK_LATENCY = Histogram("collector_sink_latency_seconds", "Time to deliver one 
                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
 _children: dict[tuple[str, int], object] = {}
+# With one process the hot path adds to plain ints, moved into the counters by render() before each
+# scrape: Counter.inc checks its argument and takes a lock, and two per hit were ~0.5 us of the ~9 us of
+# CPU a hit costs. Both run on the event loop's thread, so nothing is counted twice or lost. With
+# several workers each one's counts must be in its file at once (any worker answers a scrape).
+_pending: dict[object, int] = {}
 
 
 def count(endpoint: str, status: int) -> None:
@@ -44,7 +49,25 @@ def count(endpoint: str, status: int) -> None:
     child = _children.get((endpoint, status))
     if child is None:
         child = _children[(endpoint, status)] = REQUESTS.labels(endpoint, str(status))
-    child.inc()
+    if _MULTI:
+        child.inc()
+    else:
+        _pending[child] = _pending.get(child, 0) + 1
+
+
+def spooled(records: int) -> None:
+    """Count records written to the spool (request side, the event loop's thread only)."""
+    if _MULTI:
+        SPOOLED.inc(records)
+    else:
+        _pending[SPOOLED] = _pending.get(SPOOLED, 0) + records
+
+
+def flush() -> None:
+    """Move the counts ``count`` and ``spooled`` kept aside into their counters."""
+    while _pending:
+        counter, amount = _pending.popitem()
+        counter.inc(amount)
 
 
 def update_spool(spools: list) -> None:
@@ -111,6 +134,7 @@ def _parent(pid: int) -> int | None:
 
 
 def render(sink=None) -> tuple[bytes, str]:
+    flush()
     if sink is not None:
         refresh(sink)
     if _MULTI:

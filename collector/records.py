@@ -17,7 +17,7 @@ PAYLOAD_DATA = "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
 
 
-@dataclass
+@dataclass(slots=True)
 class Hit:
     """What the collector keeps of one request; the raw record is built from it."""
 
@@ -46,7 +46,7 @@ def body_fields(body: bytes | None) -> tuple[str | None, str | None]:
 
 
 def record(hit: Hit, body: bytes | None) -> dict:
-    text, encoded = body_fields(body)
+    text, encoded = body_fields(body) if body is not None else (None, None)
     return {
         "schema": RAW_SCHEMA,
         "collector_tstamp": hit.tstamp,

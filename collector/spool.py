@@ -71,10 +71,14 @@ class Entry(NamedTuple):          # a tuple: the sender decodes tens of thousand
     data: bytes
 
 
+_entry = tuple.__new__            # Entry(...) without its __new__ in Python: a fifth of decode_frames' time
+
+
 def encode(stream: int, key: str, data: bytes) -> bytes:
     key_bytes = key.encode()
-    payload = PREFIX.pack(stream, len(key_bytes)) + key_bytes + data
-    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+    head = PREFIX.pack(stream, len(key_bytes)) + key_bytes
+    # The payload is head + data; its crc32 taken in two parts, so the data is copied once, not twice.
+    return HEADER.pack(len(head) + len(data), zlib.crc32(data, zlib.crc32(head))) + head + data
 
 
 def decode_frames(buffer: bytes, limit: int = 1 << 62) -> tuple[list[Entry], int, bool]:
@@ -94,7 +98,7 @@ def decode_frames(buffer: bytes, limit: int = 1 << 62) -> tuple[list[Entry], int
             return entries, position, True
         stream, key_length = PREFIX.unpack_from(payload)
         key_end = PREFIX.size + key_length
-        entries.append(Entry(stream, payload[PREFIX.size:key_end].decode(), payload[key_end:]))
+        entries.append(_entry(Entry, (stream, payload[PREFIX.size:key_end].decode(), payload[key_end:])))
         position = end
     return entries, position, False
 
