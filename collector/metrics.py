@@ -49,18 +49,19 @@ def count(endpoint: str, status: int) -> None:
     child = _children.get((endpoint, status))
     if child is None:
         child = _children[(endpoint, status)] = REQUESTS.labels(endpoint, str(status))
-    if _MULTI:
-        child.inc()
-    else:
-        _pending[child] = _pending.get(child, 0) + 1
+    _add(child, 1)
 
 
 def spooled(records: int) -> None:
     """Count records written to the spool (request side, the event loop's thread only)."""
+    _add(SPOOLED, records)
+
+
+def _add(counter, amount: int) -> None:
     if _MULTI:
-        SPOOLED.inc(records)
+        counter.inc(amount)
     else:
-        _pending[SPOOLED] = _pending.get(SPOOLED, 0) + records
+        _pending[counter] = _pending.get(counter, 0) + amount
 
 
 def flush() -> None:

@@ -46,7 +46,7 @@ def body_fields(body: bytes | None) -> tuple[str | None, str | None]:
 
 
 def record(hit: Hit, body: bytes | None) -> dict:
-    text, encoded = body_fields(body) if body is not None else (None, None)
+    text, encoded = body_fields(body)
     return {
         "schema": RAW_SCHEMA,
         "collector_tstamp": hit.tstamp,

@@ -301,12 +301,10 @@ def _self_describing_event(state: SessionState, event: dict, at_ms: int) -> None
 _PRODUCT = f"iglu:{ECOMMERCE_VENDOR}/product/jsonschema/{READ_MAJOR}"
 _CHECKOUT_STEP = f"iglu:{ECOMMERCE_VENDOR}/checkout_step/jsonschema/{READ_MAJOR}"
 # The schemas whose fields the fold reads, as (vendor, name).
-FOLD_SCHEMAS = frozenset({(SHOP_VENDOR, "page_type"), (SHOP_VENDOR, "product_view"), (SHOP_VENDOR, "add_to_cart"),
-                          (SHOP_VENDOR, "remove_from_cart"), (SHOP_VENDOR, "checkout_step"),
-                          ("com.snowplowanalytics.snowplow", "add_to_cart"),
-                          ("com.snowplowanalytics.snowplow", "remove_from_cart"),
-                          (ECOMMERCE_VENDOR, ECOMMERCE_ACTION), (ECOMMERCE_VENDOR, "product"),
-                          (ECOMMERCE_VENDOR, "checkout_step")})
+FOLD_SCHEMAS = frozenset({(SHOP_VENDOR, "page_type"), (SHOP_VENDOR, "product_view"),
+                          (SHOP_VENDOR, "checkout_step"), (ECOMMERCE_VENDOR, ECOMMERCE_ACTION),
+                          (ECOMMERCE_VENDOR, "product"), (ECOMMERCE_VENDOR, "checkout_step")}
+                         | {(vendor, name) for vendor in CART_PRICE_FIELD for name in ("add_to_cart", "remove_from_cart")})
 
 
 def _ecommerce_action(state: SessionState, event: dict, action: str | None, at_ms: int) -> None:

@@ -58,8 +58,8 @@ class Prediction:
     model_name: str
     model_version: str
     events_in_session: int
-    # When the click happened: the earlier of collector_tstamp and derived_tstamp, if given. A click
-    # from an offline queue or a backfill is collected now but happened long ago.
+    # When the click happened (_clicked_ms), if the record says: a click from an offline queue or a
+    # backfill is collected now but happened long ago.
     clicked_ms: int | None = None
 
     @classmethod

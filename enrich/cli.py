@@ -13,7 +13,7 @@ from tqdm import tqdm
 from common.badrows import is_bad_row, raw_record_of
 from common.cli import ConfigFailed
 from common.config import ConfigError, load
-from common.features import FOLD_SCHEMAS
+from common.features import FOLD_SCHEMAS, READ_MAJOR
 from enrich.config import EnrichSettings
 from enrich.registry import EMBEDDED, Resolver, SchemaKey, SchemaKeyError, lint
 
@@ -72,7 +72,7 @@ def lint_command(paths: tuple[Path, ...]) -> None:
         for problem in problems:
             click.echo(f"{path}: {problem}")
         failed += bool(problems)
-        if key is not None and (key.vendor, key.name) in FOLD_SCHEMAS and key.model != 1:
+        if key is not None and (key.vendor, key.name) in FOLD_SCHEMAS and not key.version.startswith(READ_MAJOR):
             click.echo(f"{path}: note: the feature fold reads the fields of version 1-*-* of {key.vendor}/{key.name}; "
                        f"events of {key.version} count by name only until it learns them (docs/training.md)")
     click.echo(f"{len(files)} schema(s), {failed} with problems")
