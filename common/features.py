@@ -277,10 +277,15 @@ def _start(state: SessionState, event: dict, at_ms: int) -> None:
     except (OverflowError, ValueError, OSError):     # the last hours of 9999 have no local date east of UTC
         moment = datetime.fromtimestamp(at_ms / 1000, UTC)
     state.local_hour, state.local_weekday = moment.hour, moment.weekday()
-    state.device = event.get("dvce_type")
-    state.referer = event.get("refr_medium")
+    state.device = _text(event.get("dvce_type"))
+    state.referer = _text(event.get("refr_medium"))
     state.campaign = bool(event.get("mkt_medium") or event.get("mkt_source") or event.get("mkt_campaign"))
     state.session_index = int(_number(event.get("domain_sessionidx"), 1))
+
+
+def _text(value) -> str | None:
+    # Looked up in dicts by features(): a list sent to the scoring API would fail there, unhashable.
+    return value if isinstance(value, str) else None
 
 
 def _self_describing_event(state: SessionState, event: dict, at_ms: int) -> None:

@@ -190,6 +190,12 @@ def test_score_session_folds_events_like_the_training_rows(api):
     for event in odd:
         response = post(api, "/score/session", [event])
         assert response.status_code == 400 and "event 0" in response.json()["error"], response.text
+    # Not text where the fold looks a name up: scored as if the field were absent (it was a 500).
+    for field, value in (("dvce_type", ["Computer"]), ("refr_medium", {"a": 1}), ("dvce_type", 7)):
+        response = post(api, "/score/session", [dict(events[0], **{field: value})])
+        assert response.status_code == 200, response.text
+        absent = post(api, "/score/session", [dict(events[0], **{field: None})]).json()["features"]
+        assert response.json()["features"] == absent
 
 
 def test_session_prediction_lookup_reads_the_table(api):
