@@ -113,6 +113,12 @@ class Worker:
         metrics.LAG.set_function(lambda: self.consumer.max_lag_ms)
         metrics.CHECKPOINT_AGE.set_function(lambda: self.consumer.checkpoint_age_s)
         metrics.SHARDS_OWNED.set_function(lambda: len(self.consumer.owned))
+        # Every labelled series exists from the start, at 0: rate() and increase() see no series
+        # (so no alert) until a first bad row or failed fetch, and miss that first one.
+        for kind in badrows.VERSIONS:
+            metrics.BAD.labels(kind)
+        for registry in self.enricher.resolver.registries:
+            metrics.REGISTRY_ERRORS.labels(registry.name)
         reported = time.monotonic()
         failures = 0
         while not self.stop.is_set():

@@ -13,7 +13,7 @@ DUPLICATES = Counter("scorer_duplicate_events_total", "Redelivered events droppe
 BAD_RECORDS = Counter("scorer_bad_records_total", "Records that are not enriched events (logged with shard/sequence)")
 PREDICTIONS = Counter("scorer_predictions_total", "Predictions written")
 WRITE_FAILURES = Counter("scorer_write_failures_total", "Prediction writes that failed (batch retried)")
-BATCH_SECONDS = Histogram("scorer_batch_seconds", "Poll-to-durable time of one micro-batch", buckets=_BATCH)
+BATCH_SECONDS = Histogram("scorer_batch_seconds", "Time from a micro-batch's read to its predictions being durable (buffering included)", buckets=_BATCH)
 SCORING_SECONDS = Histogram("scorer_scoring_seconds", "One onnxruntime run of the worker (all rows of a batch)",
                             buckets=_FAST)
 REQUEST_SECONDS = Histogram("scorer_request_seconds", "HTTP handling time", ["route"], buckets=_FAST)

@@ -169,7 +169,6 @@ class Worker:
         model = self.models.champion          # one model for the whole batch, even if a reload lands now
         if model is not None and model.version != self.gap_checked:
             self._check_session_gap(model)
-        started = time.perf_counter()
         batches = self.consumer.poll()
         if self.parents_to_rebuild and not self._rebuild_parents(model):
             return 0            # stopped midway: these batches are not checkpointed, their next reader folds them
@@ -183,9 +182,10 @@ class Worker:
             self.pending_since = time.monotonic()
         metrics.SHARDS_OWNED.set(len(self.consumer.owned))
         if self._flush_due(count):
-            self.flush()
-            if count:
-                metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+            # From the buffer's first batch, so that light traffic, flushed by the next (empty) poll, counts too.
+            buffered_since = self.pending_since
+            if self.flush() and buffered_since:
+                metrics.BATCH_SECONDS.observe(time.monotonic() - buffered_since)
         return count
 
     def _check_session_gap(self, model: Model) -> None:

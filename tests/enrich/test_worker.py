@@ -127,6 +127,9 @@ def test_tracker_to_collector_to_enricher_end_to_end(aws_settings, tmp_path):
         scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         assert f"enrich_events_total {float(sent + 2)}" in scraped
         assert 'enrich_bad_rows_total{type="collector_payload_format_violation"} 1.0' in scraped
+        # Series that had no row yet exist at 0, for the alerts' rate() (deploy/prometheus/alerts.yml).
+        assert 'enrich_bad_rows_total{type="size_violation"} 0.0' in scraped
+        assert 'enrich_registry_errors_total{registry="embedded"} 0.0' in scraped
         assert enrich.terminate() == 0, enrich.output()
         assert all(not lease.owner for lease in leases(aws_settings).values())
         assert '"stopping:' in enrich.output()

@@ -291,6 +291,19 @@ def test_ping_fails_once_the_worker_thread_has_ended_so_the_process_is_replaced(
     assert REGISTRY.get_sample_value("scorer_worker_running") == 0
 
 
+def test_batch_time_is_recorded_when_light_traffic_is_flushed_by_an_empty_poll():
+    # It was observed only for a flush on a poll that read records: at a few events a second every
+    # flush came from the next, empty poll, and scorer_batch_seconds stayed empty.
+    rig = Rig(flush_ms=3_600_000)
+    before = REGISTRY.get_sample_value("scorer_batch_seconds_count") or 0
+    rig.put(session_events("light", seed=5, n=3, buyer=False))
+    assert rig.worker.poll_once() == 3 and rig.worker.pending_batches    # buffered
+    assert rig.worker.poll_once() == 0 and not rig.worker.pending_batches  # flushed by the empty poll
+    assert REGISTRY.get_sample_value("scorer_batch_seconds_count") == before + 1
+    assert rig.worker.poll_once() == 0                                      # nothing buffered: no sample
+    assert REGISTRY.get_sample_value("scorer_batch_seconds_count") == before + 1
+
+
 def test_a_record_that_is_not_an_event_is_reported_and_skipped_not_fatal(caplog):
     rig = Rig()
     broken = make_event("broken", T0, shop="checkout_step", data=["not", "an", "object"])
