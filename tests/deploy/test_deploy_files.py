@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -546,19 +547,49 @@ def test_every_dashboard_query_names_a_metric_the_components_export():
     assert not unknown, f"dashboard queries of metrics nothing exports (the panel shows No data): {sorted(unknown)}"
 
 
-def test_every_alert_in_the_operations_doc_names_a_metric_the_components_export():
-    # An alert on a metric nothing exports never fires: it reads as "all is well".
-    from batch.loader import LoaderSettings
+PROMETHEUS = DEPLOY / "prometheus"
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"     # Debian's `prometheus` package; .ci/run installs it
 
-    text = (ROOT / "docs" / "operations.md").read_text()
-    table = text[text.index("| alert | expression | why |"):].split("\n\n")[0]
-    rows = [line.split(" | ")[1] for line in table.splitlines()[2:]]
-    assert len(rows) >= 15
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PROMTOOL, *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=120, check=False)
+
+
+def alert_rules() -> list[dict]:
+    return [rule for group in yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"] for rule in group["rules"]]
+
+
+def test_every_alert_names_a_metric_the_components_export():
+    # An alert on a metric nothing exports never fires: it reads as "all is well".
     exported = exported_metric_names() | PROMETHEUS_OWN
-    exported |= {field.name for field in dataclasses.fields(LoaderSettings)}     # a threshold named by its setting
-    unknown = {(span, name) for row in rows for span in re.findall(r"`([^`]+)`", row) if not span.endswith("_")
-               for name in promql_metric_names(span) if name not in exported}
+    unknown = {(rule["alert"], name) for rule in alert_rules() for name in promql_metric_names(rule["expr"])
+               if name not in exported}
     assert not unknown, f"alerts on metrics nothing exports: {sorted(unknown)}"
+
+
+def test_prometheus_loads_the_alerts():
+    assert yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["rule_files"] == ["alerts.yml"]
+    result = promtool("check", "config", "prometheus.yml")
+    assert result.returncode == 0 and "SUCCESS: 1 rule files found" in result.stdout + result.stderr, result
+    volumes = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["prometheus"]["volumes"]
+    assert "./prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in volumes
+
+
+def test_each_alert_fires_in_its_failure_and_a_healthy_pipeline_fires_none():
+    result = promtool("test", "rules", "alerts_test.yml")       # the scenarios: deploy/prometheus/alerts_test.yml
+    assert result.returncode == 0, result.stdout + result.stderr
+    tests = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())["tests"]
+    fired = {case["alertname"] for test in tests for case in test["alert_rule_test"] if case["exp_alerts"]}
+    assert fired == {rule["alert"] for rule in alert_rules()}, "every alert has a scenario where it fires"
+
+
+def test_every_alert_has_a_row_in_the_operations_doc():
+    text = (ROOT / "docs" / "operations.md").read_text()
+    monitoring = text.split("## Monitoring", 1)[1].split("\n## ", 1)[0]
+    first_cells = [line.split("|")[1] for line in monitoring.splitlines() if line.startswith("| `")]
+    for rule in alert_rules():
+        assert any(f"`{rule['alert']}`" in cell for cell in first_cells), rule["alert"]
+        assert rule["labels"]["severity"] in ("page", "ticket")
 
 
 def test_the_public_load_balancer_answers_the_collectors_own_endpoints_with_404(template):
