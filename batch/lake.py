@@ -48,20 +48,22 @@ INTS = ("domain_sessionidx", "page_urlport", "refr_urlport", "pp_xoffset_min", "
         "pp_yoffset_max", "ti_quantity", "br_viewwidth", "br_viewheight", "dvce_screenwidth",
         "dvce_screenheight", "doc_width", "doc_height")
 FLOATS = ("se_value", "tr_total", "tr_tax", "tr_shipping", "ti_price")
-BOOLS = ("dvce_ismobile",)
+BOOLS = ("dvce_ismobile", "br_cookies", "br_features_pdf", "br_features_flash", "br_features_java",
+         "br_features_director", "br_features_quicktime", "br_features_realplayer", "br_features_windowsmedia",
+         "br_features_gears", "br_features_silverlight")
 STRINGS = (
     "app_id", "platform", "event", "event_id", "event_fingerprint", "v_tracker", "v_collector", "v_etl",
-    "name_tracker", "user_id", "domain_userid", "network_userid", "user_ipaddress", "user_fingerprint",
+    "name_tracker", "user_id", "domain_userid", "network_userid", "user_ipaddress", "user_fingerprint", "mac_address",
     "domain_sessionid", "page_url", "page_urlscheme", "page_urlhost", "page_urlpath", "page_urlquery",
     "page_urlfragment", "page_title", "page_referrer", "refr_urlscheme", "refr_urlhost",
     "refr_urlpath", "refr_urlquery", "refr_urlfragment", "refr_medium", "refr_source", "refr_term",
-    "mkt_medium", "mkt_source", "mkt_term", "mkt_content", "mkt_campaign",
+    "mkt_medium", "mkt_source", "mkt_term", "mkt_content", "mkt_campaign", "mkt_clickid", "mkt_network",
     "se_category", "se_action", "se_label", "se_property",
     "tr_orderid", "tr_affiliation", "tr_city", "tr_state", "tr_country", "tr_currency",
     "ti_orderid", "ti_sku", "ti_name", "ti_category", "ti_currency",
     "event_vendor", "event_name", "event_format", "event_version",
     "useragent", "br_name", "br_family", "br_version", "os_name", "os_family", "dvce_type",
-    "br_lang", "os_timezone", "doc_charset",
+    "br_lang", "br_colordepth", "os_timezone", "doc_charset",
 )
 JSON_COLUMNS = ("unstruct_event", "contexts", "derived_contexts")
 

@@ -49,6 +49,24 @@ def test_canonical_columns_are_typed_and_new_fields_go_to_extra():
     assert orjson.loads(row["extra"]) == {"brand_new_field": {"a": 1}}
 
 
+def test_every_field_the_enricher_writes_is_a_typed_column_not_extra():
+    # 14 of them (click id and network, MAC address, colour depth, cookie and plugin flags) were only
+    # in `extra`: an analyst parsed JSON for them, and `extra` was never null, so it hid new fields.
+    from tests.enrich.helpers import enricher, get_record
+
+    hit = {"e": "pv", "p": "web", "tv": "js-4.1.0", "eid": "5b0e3a1c-6d1e-4f55-8c0a-2f9e7d6c5b4a", "aid": "shop",
+           "url": "https://shop.test/p?gclid=EAIaIQ", "mac": "00:1b:44:11:3a:b7", "cd": "24", "cookie": "1",
+           "f_pdf": "1", "f_fla": "0", "duid": "d1", "sid": "s1", "vid": "2", "dtm": "1764409955000"}
+    good, bad = enricher().process_serialized(get_record(hit))
+    assert bad == [] and len(good) == 1
+    event = orjson.loads(good[0][1])
+    assert event["mkt_clickid"] == "EAIaIQ" and event["br_cookies"] is True and event["mac_address"]
+    row = lake.convert([good[0][1]]).table.to_pylist()[0]
+    assert row["extra"] is None, row["extra"]
+    assert (row["mkt_network"], row["br_colordepth"], row["br_features_pdf"], row["br_features_flash"]) == (
+        "Google", "24", True, False)
+
+
 def test_snowplow_wrapped_self_describing_shapes_give_inner_schema_keys():
     inner = {"schema": "iglu:com.clickshop/purchase/jsonschema/1-0-0", "data": {"order_id": "o1"}}
     event = make_event(1, unstruct_event={"schema": "iglu:com.snowplowanalytics.snowplow/unstruct_event/jsonschema/1-0-0",
