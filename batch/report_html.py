@@ -1,48 +1,184 @@
-"""report.html: one self-contained page per model version (plots embedded as PNG data URIs)."""
+"""report.html: one self-contained page per model version (plots embedded as PNG data URIs), saying
+in words what the figures mean for the decision the model supports."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import html
 import io
 import json
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")       # no display on servers; must precede pyplot
 import matplotlib.pyplot as plt
 
 from batch.train_metrics import curves, threshold_text
 
+TOP_IMPORTANCES = 15
+STYLE = """body{font-family:sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;line-height:1.4}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}
+figure{display:inline-block;vertical-align:top;margin:0 1em 1em 0;max-width:100%}
+img{width:420px;max-width:100%;height:auto}img.wide{width:600px}
+figcaption{max-width:420px;font-size:.9em;color:#444}pre{background:#f6f6f6;padding:1em;overflow:auto}
+.bad{color:#a0001c}.good{color:#0b6b2f}"""
+
 
 def _png(figure) -> str:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=150, bbox_inches="tight")      # sharp on high-density screens
     plt.close(figure)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _plots(y, p, meta: dict) -> dict[str, str]:
-    c = curves(y, p)
-    metrics = meta["metrics"]
+def at_threshold(y, p, threshold: float) -> dict:
+    """What deciding ``p >= threshold`` (as the scorer does) gives on the evaluation rows."""
+    y, flagged = np.asarray(y, dtype=bool), np.asarray(p, dtype=np.float64) >= threshold
+    counts = {"true_positives": int((flagged & y).sum()), "false_positives": int((flagged & ~y).sum()),
+              "false_negatives": int((~flagged & y).sum()), "true_negatives": int((~flagged & ~y).sum())}
+    counts["flagged"] = counts["true_positives"] + counts["false_positives"]
+    return counts
+
+
+def _plots(y, p, meta: dict) -> list[tuple[str, str, str]]:
+    """(alt text, caption, image) of the ROC, PR and calibration plots."""
+    c, metrics, t = curves(y, p), meta["metrics"], meta["threshold"]
+    counts = at_threshold(y, p, t)
+    positives, negatives = max(1, metrics["positives"]), max(1, metrics["rows"] - metrics["positives"])
+    recall, fpr = counts["true_positives"] / positives, counts["false_positives"] / negatives
+    precision = counts["true_positives"] / counts["flagged"] if counts["flagged"] else 1.0
     roc, ax = plt.subplots(figsize=(4.5, 4))
-    ax.plot(c["fpr"], c["tpr"], label=f"AUC {metrics['roc_auc']:.3f}")
-    ax.plot([0, 1], [0, 1], ":", color="grey")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+    ax.plot(c["fpr"], c["tpr"], label=f"model, AUC {metrics['roc_auc']:.3f}")
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="chance, AUC 0.5")
+    ax.plot([fpr], [recall], "o", color="black", label=f"threshold {t:.3f}")
+    ax.set(xlabel="false positive rate (non-buyers flagged)", ylabel="true positive rate (buyers flagged)", title="ROC")
     ax.legend(loc="lower right")
     pr, ax = plt.subplots(figsize=(4.5, 4))
     # Steps, not lines: average precision is the area under the steps, and a straight line across a
     # block of tied scores (trees tie many) would draw more area than the AP in the legend.
-    ax.plot(c["recall"], c["precision"], drawstyle="steps-post", label=f"AP {metrics['pr_auc']:.3f}")
-    ax.axhline(metrics["base_rate"], linestyle=":", color="grey", label="base rate")
-    ax.set(xlabel="recall", ylabel="precision", title="Precision-recall")
+    ax.plot(c["recall"], c["precision"], drawstyle="steps-post", label=f"model, AP {metrics['pr_auc']:.3f}")
+    ax.axhline(metrics["base_rate"], linestyle=":", color="grey", label=f"chance (base rate {metrics['base_rate']:.3f})")
+    ax.plot([recall], [precision], "o", color="black", label=f"threshold {t:.3f}")
+    ax.set(xlabel="recall (buyers flagged)", ylabel="precision (flagged who buy)", title="Precision-recall")
     ax.legend(loc="upper right")
     cal, ax = plt.subplots(figsize=(4.5, 4))
     bins = metrics["calibration"]
-    ax.plot([b["mean_p"] for b in bins], [b["rate"] for b in bins], "o-", label="model")
-    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfect")
+    # Marker area by row count: a bin of 50 rows is not as sure as one of 2,000.
+    sizes = [20 + 200 * b["count"] / max(x["count"] for x in bins) for b in bins]
+    ax.plot([b["mean_p"] for b in bins], [b["rate"] for b in bins], "-", color="C0")
+    ax.scatter([b["mean_p"] for b in bins], [b["rate"] for b in bins], s=sizes, color="C0", label="model (area: rows)")
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
     ax.set(xlabel="mean predicted probability", ylabel="observed buy rate", title="Calibration")
     ax.legend(loc="upper left")
-    return {"ROC": _png(roc), "Precision-recall": _png(pr), "Calibration": _png(cal)}
+    return [
+        (f"ROC curve, AUC {metrics['roc_auc']:.3f}", ("How many buyers (up) the model flags for each share of "
+         "non-buyers flagged (right); the dot is the chosen threshold. Higher and further left is better."), _png(roc)),
+        (f"Precision-recall curve, average precision {metrics['pr_auc']:.3f}", ("Of the sessions flagged, how many buy "
+         "(up), against the share of all buyers flagged (right). The dotted line is what random flagging gets."),
+         _png(pr)),
+        ("Calibration plot: predicted probability against observed buy rate", ("Points on the diagonal mean a "
+         "predicted 0.3 buys 30 % of the time. Small points have few rows: see the table below."), _png(cal)),
+    ]
+
+
+def _when(ms: int | None) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M UTC") if ms else "?"
+
+
+def _about(meta: dict) -> str:
+    """Which data, which split, which run."""
+    window, rows = meta.get("training_window") or {}, meta["rows"]
+    if "table" in window:
+        share = rows["eval"] / max(1, rows["train"] + rows["eval"])
+        data = (f"Trained on the table <code>{html.escape(str(window['table']))}</code> ({window['rows']} rows), "
+                f"evaluated on a stratified random {share:.0%} of them ({rows['eval']} rows, seed "
+                f"{meta.get('hyper_parameters', {}).get('seed')}), held out from training.")
+        notes = window.get("notes") or []
+        if notes:
+            data += " Preparation: " + "; ".join(html.escape(str(n)) for n in notes) + "."
+    else:
+        data = (f"Trained on the lake's sessions of {window.get('start')} to {window.get('end')} (UTC dates): "
+                f"{window.get('sessions')} sessions, {window.get('buying_sessions')} of them with a purchase. "
+                f"Evaluated on the sessions that started at or after {_when(window.get('split_at_ms'))} "
+                f"({rows['eval']} prefix rows; training had {rows['train']}), never seen in training.")
+    run = (f"{html.escape(str(meta['algorithm']))}, created {html.escape(str(meta.get('created_at')))} from code "
+           f"{html.escape(str(meta.get('code_version')))[:12]}, Spark {html.escape(str(meta.get('spark_version')))}; "
+           f"label: {html.escape(str(meta.get('label')))}.")
+    return f"<p>{data}</p><p>{run}</p>"
+
+
+def _reading(meta: dict, y, p) -> str:
+    """The figures in words, each against what chance would give."""
+    m, t = meta["metrics"], meta["threshold"]
+    base, counts = m["base_rate"], at_threshold(y, p, t)
+    flagged = counts["flagged"]
+    precision = counts["true_positives"] / flagged if flagged else 0.0
+    recall = counts["true_positives"] / max(1, m["positives"])
+    items = [
+        (f"<b>ROC AUC {m['roc_auc']:.3f}</b>: the chance that a random buying session scores above a random "
+        "non-buying one (0.5 is chance, 1 is perfect)."),
+        (f"<b>Average precision {m['pr_auc']:.3f}</b>: {m['pr_auc'] / base:.1f}× the base rate {base:.3f} "
+        f"({m['positives']} of {m['rows']} rows buy), which is what scoring at random gets."),
+        (f"<b>Lift in the top 10 %: {m['lift_top_decile']:.2f}</b>: the tenth scored highest buys "
+        f"{m['lift_top_decile']:.1f}× as often as average."),
+        (f"<b>Brier score {m['brier']:.4f}</b> (lower is better): always predicting the base rate gives "
+        f"{base * (1 - base):.4f}. Log loss {m['log_loss']:.4f}."),
+        (f"<b>At the threshold {html.escape(threshold_text(meta))}</b>: {flagged} of {m['rows']} rows "
+        f"({flagged / max(1, m['rows']):.1%}) are decided <i>buy</i>; {precision:.1%} of them buy (precision), and "
+        f"they hold {recall:.1%} of the buyers (recall)."),
+    ]
+    return "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
+
+
+def _decisions(counts: dict) -> str:
+    return _table([("buys", counts["true_positives"], counts["false_negatives"]),
+                   ("does not buy", counts["false_positives"], counts["true_negatives"])],
+                  ("session", "decided buy", "decided defer"))
+
+
+def _promotion(meta: dict) -> str:
+    promotion = meta.get("promotion")
+    if not promotion:
+        return "<p>Not published to the registry (a local run): no champion comparison.</p>"
+    champion = promotion.get("champion") or {}
+    if promotion.get("promoted"):
+        verdict = '<p class="good">Promoted: CURRENT points to this version.</p>'
+    else:
+        reasons = "; ".join(html.escape(str(r)) for r in promotion.get("reasons") or [])
+        verdict = f'<p class="bad">Published but not promoted: {reasons}.</p>'
+    if champion.get("roc_auc") is not None:
+        verdict += (f"<p>Against the champion {html.escape(str(champion.get('version')))} on the same "
+                    f"{champion.get('rows')} rows: ROC AUC {champion.get('challenger_roc_auc', 0):.4f} here, "
+                    f"{champion['roc_auc']:.4f} for the champion (allowed margin {promotion.get('champion_margin')}; "
+                    f"floor {promotion.get('auc_floor')}).</p>")
+    return verdict
+
+
+def _cross_validation(meta: dict) -> str:
+    cv = meta.get("cross_validation")
+    if not cv:
+        return ""
+    rows = [(f["fold"], f"{f['roc_auc']:.4f}", f"{f['pr_auc']:.4f}", "passed" if f["parity_passed"] else "FAILED")
+            for f in cv["folds"]]
+    return (f"<h2>Cross-validation</h2><p>{len(cv['folds'])}-fold ROC AUC {cv['roc_auc_mean']:.4f} ± "
+            f"{cv['roc_auc_std']:.4f} (stratified folds, seed {cv.get('seed')}).</p>"
+            + _table(rows, ("fold", "ROC AUC", "average precision", "parity")))
+
+
+def _importances(meta: dict) -> str:
+    ranked = list(meta["feature_importances"].items())
+    top = ranked[:TOP_IMPORTANCES][::-1]
+    figure, ax = plt.subplots(figsize=(6, 0.3 * len(top) + 1))
+    ax.barh([name for name, _ in top], [value for _, value in top], color="C0")
+    ax.set(xlabel="importance (share of the total)", title=f"Top {len(top)} features")
+    kind = ("|coefficient|, normalised (logistic regression: inputs are not scaled, so only a rough guide)"
+            if meta["algorithm"] == "lr" else "Spark's split-gain importance, normalised to sum to 1")
+    full = _table([(name, f"{value:.4f}") for name, value in ranked], ("feature", "importance"))
+    return (f"<p>{kind}. A categorical column one-hot encoded counts once per value.</p>"
+            f'<figure><img alt="Bar chart of the {len(top)} most important features, led by '
+            f'{html.escape(ranked[0][0]) if ranked else "none"}" class="wide" src="{_png(figure)}"></figure>'
+            f"<details><summary>All {len(ranked)} features</summary>{full}</details>")
 
 
 def _table(rows: list[tuple], head: tuple) -> str:
@@ -52,29 +188,30 @@ def _table(rows: list[tuple], head: tuple) -> str:
 
 def render(meta: dict, y, p) -> bytes:
     metrics = meta["metrics"]
+    name = html.escape(str(meta["name"]))
+    version = html.escape(str(meta["version"])) if meta.get("version") else "unpublished (a local run)"
     summary = [(key, f"{metrics[key]:.4f}" if isinstance(metrics[key], float) else metrics[key])
                for key in ("roc_auc", "pr_auc", "log_loss", "brier", "lift_top_decile", "rows", "positives", "base_rate")]
     summary += [("threshold", threshold_text(meta)),
                 ("parity max |p_onnx - p_spark|", f"{meta['parity']['max_abs_diff']:.2e} on {meta['parity']['rows']} rows")]
-    images = "".join(f'<figure><img alt="{name}" src="{uri}"><figcaption>{name}</figcaption></figure>'
-                     for name, uri in _plots(y, p, meta).items())
-    importances = _table([(name, f"{value:.4f}") for name, value in meta["feature_importances"].items()],
-                         ("feature", "importance"))
+    images = "".join(f'<figure><img alt="{html.escape(alt)}" src="{uri}"><figcaption>{html.escape(caption)}'
+                     "</figcaption></figure>" for alt, caption, uri in _plots(y, p, meta))
     calibration = _table([(f"{b['low']:.1f}-{b['high']:.1f}", b["count"], f"{b['mean_p']:.3f}", f"{b['rate']:.3f}")
                           for b in metrics["calibration"]], ("bin", "rows", "mean p", "observed rate"))
     head = {k: v for k, v in meta.items() if k not in ("metrics", "feature_importances", "features")}
-    page = f"""<!doctype html><html><head><meta charset="utf-8">
-<title>{html.escape(str(meta['name']))} {html.escape(str(meta.get('version')))}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}figure{{display:inline-block;margin:0 1em 1em 0}}
-pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head><body>
-<h1>Model {html.escape(str(meta['name']))} version {html.escape(str(meta.get('version')))}</h1>
-<p>{html.escape(meta['algorithm'])} on {meta['rows']['train']} training rows, evaluated on {meta['rows']['eval']}
-later rows; label: {html.escape(str(meta.get('label')))}.</p>
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{name} {version}</title><style>{STYLE}</style></head><body>
+<h1>Model {name}, version {version}</h1>
+{_about(meta)}
+<h2>What the figures say</h2>{_reading(meta, y, p)}
+<h2>Decisions at the threshold</h2>{_decisions(at_threshold(y, p, meta['threshold']))}
+<h2>Promotion</h2>{_promotion(meta)}
 <h2>Evaluation</h2>{_table(summary, ('metric', 'value'))}
 {images}
 <h2>Calibration bins</h2>{calibration}
-<h2>Feature importances</h2>{importances}
+{_cross_validation(meta)}
+<h2>Feature importances</h2>{_importances(meta)}
 <h2>model.json (excerpt)</h2><pre>{html.escape(json.dumps(head, indent=2, default=str))}</pre>
 </body></html>"""
     return page.encode()

@@ -57,7 +57,7 @@ def test_train_publish_gate_and_rollback(spark, aws_settings, events, tmp_path):
     for key in ("name", "algorithm", "label", "threshold", "metrics", "spark_version", "code_version", "created_at"):
         assert meta[key] is not None, key
     report = s3.get_object(Bucket=bucket, Key=f"models/{registry.DEFAULT_MODEL}/{version}/report.html")["Body"].read()
-    assert report.count(b"data:image/png;base64,") == 3 and b"Feature importances" in report
+    assert report.count(b"data:image/png;base64,") == 4 and b"Feature importances" in report
 
     # 2. a stump challenger, scored against the champion on the same rows: published, CURRENT stays
     worse = fast_settings(bucket=bucket, cache_dir=tmp_path / "cache", max_iter=1, max_depth=1,

@@ -1,0 +1,78 @@
+"""report.html: the words match the run it describes (no Spark: the page is made from model.json's
+meta and the evaluation rows)."""
+from __future__ import annotations
+
+import html
+import re
+
+import numpy as np
+
+from batch import report_html
+from batch.train_metrics import choose_threshold, evaluate
+
+
+def rows(seed: int = 3, n: int = 2000):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.15).astype(int)
+    p = np.clip(0.15 + 0.5 * y * rng.random(n) + 0.2 * rng.standard_normal(n), 0, 1)
+    return y, p
+
+
+def meta_for(y, p, **extra) -> dict:
+    selection = choose_threshold(y, p)
+    meta = {"name": "buy-propensity", "version": None, "algorithm": "gbt", "metrics": evaluate(y, p),
+            "threshold": selection["threshold"], "threshold_selection": selection, "rows": {"train": 6000, "eval": len(y)},
+            "parity": {"passed": True, "max_abs_diff": 1e-7, "rows": len(y), "tolerance": 1e-5},
+            "feature_importances": {f"f{i}": (30 - i) / 435 for i in range(30)}, "hyper_parameters": {"seed": 42},
+            "created_at": "2026-12-05T03:46:11Z", "code_version": "b194170c29df", "spark_version": "4.0.0",
+            "label": "Revenue is true"}
+    return {**meta, **extra}
+
+
+def text_of(page: bytes) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", "", re.sub(r'src="data:[^"]+"', "", page.decode())))
+
+
+def test_a_table_run_says_it_was_a_random_split_and_unpublished_with_its_cross_validation():
+    # It said "evaluated on 3079 later rows" of a random split, and "version None".
+    y, p = rows()
+    cv = {"folds": [{"fold": k, "roc_auc": 0.93 + k / 1000, "pr_auc": 0.7, "parity_passed": True} for k in range(5)],
+          "roc_auc_mean": 0.932, "roc_auc_std": 0.0014, "seed": 42}
+    meta = meta_for(y, p, training_window={"table": "shoppers.csv", "rows": 8000, "notes": ["dropped 14 rows"]},
+                    cross_validation=cv)
+    page = report_html.render(meta, y, p)
+    text = text_of(page)
+    assert "later" not in text and "None" not in text.split("model.json")[0]
+    assert "version unpublished (a local run)" in text and "stratified random 25%" in text
+    assert "dropped 14 rows" in text and "5-fold ROC AUC 0.9320 ± 0.0014" in text
+    assert b'name="viewport"' in page and page.count(b"data:image/png;base64,") == 4
+    assert f'alt="ROC curve, AUC {meta["metrics"]["roc_auc"]:.3f}"'.encode() in page
+
+
+def test_decisions_at_the_threshold_are_counted_as_the_scorer_decides():
+    y, p = rows(seed=5)
+    meta = meta_for(y, p, training_window={"table": "t.csv", "rows": 2000, "notes": []})
+    counts = report_html.at_threshold(y, p, meta["threshold"])
+    flagged = p >= meta["threshold"]
+    assert counts["true_positives"] == int((flagged & (y == 1)).sum()) and counts["flagged"] == int(flagged.sum())
+    assert sum(counts[k] for k in ("true_positives", "false_positives", "false_negatives", "true_negatives")) == len(y)
+    # the precision in words is the one the threshold was chosen with
+    assert counts["true_positives"] / counts["flagged"] == meta["threshold_selection"]["precision"]
+    text = text_of(report_html.render(meta, y, p))
+    assert f"{counts['flagged']} of {len(y)} rows" in text
+    assert f"{meta['threshold_selection']['precision']:.1%} of them buy" in text
+
+
+def test_a_lake_run_names_its_window_split_and_why_it_was_not_promoted():
+    y, p = rows(seed=7)
+    meta = meta_for(y, p, version="20261205T034611Z",
+                    training_window={"start": "2026-11-20", "end": "2026-11-21", "split_at_ms": 1_763_683_200_000,
+                                     "sessions": 900, "buying_sessions": 120, "examples": 8000},
+                    promotion={"promoted": False, "reasons": ["ROC AUC 0.61 is worse than CURRENT v1's 0.70"],
+                               "champion": {"version": "v1", "rows": 2000, "roc_auc": 0.70, "challenger_roc_auc": 0.61},
+                               "auc_floor": 0.6, "champion_margin": 0.01})
+    text = text_of(report_html.render(meta, y, p))
+    assert "version 20261205T034611Z" in text
+    assert "sessions of 2026-11-20 to 2026-11-21" in text and "started at or after 2025-11-21 00:00 UTC" in text
+    assert "Published but not promoted: ROC AUC 0.61 is worse than CURRENT v1's 0.70" in text
+    assert "0.6100 here, 0.7000 for the champion" in text
