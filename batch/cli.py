@@ -35,13 +35,13 @@ from batch import erase, lake
 from batch.loader import LoaderSettings, hard_exit
 from common import aws
 from common.badrows import raw_record_of
-from common.cli import AwsGroup
+from common.cli import CLI_CONTEXT, AwsGroup
 from common.config import ConfigError, load
 from common.producer import TOO_LARGE, entry_size, kinesis_key
 from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES, KinesisStream, StreamBackend
 
 
-@click.group(cls=AwsGroup, help="Inspect the S3 lake, replay bad rows, erase a person's data.\n\n"
+@click.group(cls=AwsGroup, context_settings=CLI_CONTEXT, help="Inspect the S3 lake, replay bad rows, erase a person's data.\n\n"
              "Settings come from CLICKSTREAM_* variables and the [lake] section of the TOML file named "
              "by CLICKSTREAM_CONFIG (docs/lake.md), as the lake loader reads them.")
 @click.option("--bucket", help="lake bucket (default: CLICKSTREAM_BUCKET or clickstream-lake)")

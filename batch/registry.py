@@ -17,7 +17,7 @@ import click
 
 from batch.train_config import TrainSettings
 from common import aws, logs, registry
-from common.cli import AwsGroup, ConfigFailed
+from common.cli import CLI_CONTEXT, AwsGroup, ConfigFailed
 from common.config import ConfigError, load
 from common.features import FEATURE_VERSION
 
@@ -39,7 +39,7 @@ def _context(bucket: str | None, name: str | None):
     return aws.client("s3", settings.region), settings.bucket, settings.model_name
 
 
-@click.group(cls=AwsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=AwsGroup, context_settings=CLI_CONTEXT)
 @click.option("--bucket", help="overrides CLICKSTREAM_BUCKET")
 @click.option("--name", help="model name (overrides CLICKSTREAM_MODEL_NAME)")
 @click.pass_context

@@ -31,7 +31,7 @@ from batch.train_metrics import threshold_text
 from batch.train_model import Steps, TrainResult, fit_and_export, time_split, utc_text
 from batch.train_publish import ParityError, publish, write_bundle
 from common import aws, logs
-from common.cli import AwsCommand
+from common.cli import CLI_CONTEXT, AwsCommand
 from common.config import ConfigError, load
 from common.features import FEATURE_NAMES, FEATURE_VERSION
 
@@ -208,7 +208,8 @@ def check_folds(cv: int) -> None:
         raise ConfigError(f"--cv: expected 0 (no cross-validation) or at least 2 folds, got {cv}")
 
 
-@click.command(cls=AwsCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=AwsCommand, context_settings=CLI_CONTEXT, epilog="\b\nExamples:\n" + "\n".join(
+    line.strip() for line in (__doc__ or "").splitlines() if line.strip().startswith("python -m")))
 @click.option("--table", type=click.Path(exists=True, path_type=Path),
               help="feature-table mode: train from this CSV or Parquet table (or folder of Parquet files) "
                    "instead of the lake")
@@ -222,9 +223,9 @@ def check_folds(cv: int) -> None:
               help="also write the bundle (model.onnx, model.json, report.html) to this folder")
 @click.option("--publish/--no-publish", "publish_model", default=None,
               help="publish to the registry (default: yes for the lake, no for --table)")
-@click.option("--algorithm", type=click.Choice(["gbt", "rf", "lr"]), help="overrides CLICKSTREAM_ALGORITHM")
-@click.option("--window-days", type=int, help="overrides CLICKSTREAM_WINDOW_DAYS")
-@click.option("--window-end", help="last day of the window, YYYY-MM-DD (overrides CLICKSTREAM_WINDOW_END)")
+@click.option("--algorithm", type=click.Choice(["gbt", "rf", "lr"]), help="overrides CLICKSTREAM_ALGORITHM (default gbt)")
+@click.option("--window-days", type=int, help="overrides CLICKSTREAM_WINDOW_DAYS (default 7)")
+@click.option("--window-end", help="last day of the window, YYYY-MM-DD (overrides CLICKSTREAM_WINDOW_END; default: today, UTC)")
 @click.option("--model-name", help="overrides CLICKSTREAM_MODEL_NAME")
 def main(table, label_column, drop, categorical, missing, cv, out, publish_model, **overrides) -> None:
     """Train the buy/defer model and publish it if it passes the gates.

@@ -12,10 +12,11 @@ import click
 
 from collector.config import CollectorSettings
 from common import logs
+from common.cli import CLI_CONTEXT
 from common.service import bound_socket, listening, settings_or_exit
 
 
-@click.command()
+@click.command(context_settings=CLI_CONTEXT)
 @click.option("--host", default=None,
               help="listen address: an IP address, or a host name such as localhost, resolved once at start "
                    "(CLICKSTREAM_HOST, default 127.0.0.1)")

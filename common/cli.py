@@ -10,6 +10,9 @@ import click
 from common import aws
 from common.config import ConfigError
 
+# Every command: -h as well as --help, and each option's default shown in its help.
+CLI_CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
+
 
 class _AwsErrorsInOneLine:
     def invoke(self, ctx: click.Context):
@@ -40,7 +43,7 @@ class AwsGroup(_AwsErrorsInOneLine, click.Group):
 
 def run_command(main: Callable[[], int], exit: Callable[[int], None] = sys.exit) -> None:
     """Run ``main`` as a command line whose ``--help`` prints its docstring and starts nothing."""
-    @click.command(cls=AwsCommand, help=main.__doc__, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.command(cls=AwsCommand, help=main.__doc__, context_settings=CLI_CONTEXT)
     def command() -> None:
         exit(main())
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from botocore.exceptions import ClientError
 
 from common import aws, logs, registry
-from common.cli import AwsCommand, ConfigFailed
+from common.cli import CLI_CONTEXT, AwsCommand, ConfigFailed
 from common.config import AwsSettings, ConfigError, load
 from common.streams import KinesisShardReader, KinesisStream
 
@@ -281,7 +281,7 @@ def _duration(us: int) -> str:
     return f"{us:,} µs" if us < 1000 else f"{us / 1000:,.1f} ms"
 
 
-@click.command(cls=AwsCommand)
+@click.command(cls=AwsCommand, context_settings=CLI_CONTEXT)
 @click.option("--since-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help="count stream records of the last N minutes only (default: everything retained)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")

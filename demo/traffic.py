@@ -36,6 +36,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from common.cli import CLI_CONTEXT
 from common.features import MAX_EVENT_AGE_MS
 from demo import catalogue as cat
 from demo.sessions import Session, SessionFactory
@@ -354,7 +355,7 @@ def _sleep_until(when: float, clock: Callable[[], float]) -> None:
         time.sleep(delay)
 
 
-@click.command(help=__doc__.split("\n\n")[0])
+@click.command(context_settings=CLI_CONTEXT, help=(__doc__ or "").split("\n\n")[0])
 @click.option("--collector", default="http://127.0.0.1:8080", show_default=True, help="collector base URL")
 @click.option("--sessions", default=200, show_default=True, type=click.IntRange(min=1), help="sessions to send")
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,

@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 import click
 
 from common import logs
-from common.cli import ConfigFailed
+from common.cli import CLI_CONTEXT, ConfigFailed
 from common.config import AwsSettings, ConfigError, load
 from common.service import listening, stop_on_signals
 from demo import catalogue as cat
@@ -104,7 +104,7 @@ class ShopServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
 
-@click.command(help=__doc__.split("\n\n")[0] + "\n\nSettings come from CLICKSTREAM_* variables and the [web] "
+@click.command(context_settings=CLI_CONTEXT, help=(__doc__ or "").split("\n\n")[0] + "\n\nSettings come from CLICKSTREAM_* variables and the [web] "
                "section of the TOML file named by CLICKSTREAM_CONFIG (docs/traffic-generator.md lists the keys).")
 @click.option("--port", type=int, default=None, help="listen port (CLICKSTREAM_WEB_PORT, default 8083)")
 def main(port: int | None) -> None:

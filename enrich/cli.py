@@ -11,7 +11,7 @@ import orjson
 from tqdm import tqdm
 
 from common.badrows import is_bad_row, raw_record_of
-from common.cli import ConfigFailed
+from common.cli import CLI_CONTEXT, ConfigFailed
 from common.config import ConfigError, load
 from common.features import FOLD_SCHEMAS, READ_MAJOR
 from enrich.config import EnrichSettings
@@ -27,7 +27,7 @@ def _resolver(registries: str | None) -> Resolver:
     return Resolver.from_specs(settings.registries)
 
 
-@click.group()
+@click.group(context_settings=CLI_CONTEXT)
 def cli() -> None:
     """Schema registry tools and offline enrichment.
 

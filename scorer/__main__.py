@@ -6,11 +6,12 @@ import sys
 import click
 
 from common import logs
+from common.cli import CLI_CONTEXT
 from common.config import ConfigError, load
 from scorer.config import ScorerSettings
 
 
-@click.command()
+@click.command(context_settings=CLI_CONTEXT)
 @click.option("--host", default=None, help="API address (CLICKSTREAM_SCORER_HOST, default 127.0.0.1)")
 @click.option("--port", type=int, default=None, help="API port (CLICKSTREAM_SCORER_PORT, default 8081)")
 @click.option("--worker/--no-worker", "run_worker", default=None,

@@ -19,10 +19,11 @@ COMMANDS = ("collector", "enrich", "enrich.cli", "scorer", "discount", "batch.lo
             "infra.stack")
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
 @pytest.mark.parametrize("module", COMMANDS)
-def test_help_answers_without_starting_anything(module):
+def test_help_answers_without_starting_anything(module, flag):
     env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "CLICKSTREAM_PSEUDONYMISATION_KEY": ""}
-    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", module, flag], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.lower().startswith("usage:"), result.stdout
