@@ -190,6 +190,23 @@ def run_events(settings: TrainSettings, *, publish_model: bool = True) -> tuple[
         steps.close()
 
 
+def check_table_options(table, **given) -> None:
+    """Options of feature-table mode are an error without --table (they were ignored), and --label is needed with it."""
+    if table and not given["label_column"]:
+        raise click.UsageError("--table needs --label COLUMN")
+    if not table:
+        used = [name for name, value in given.items() if value]
+        if used:
+            flags = ", ".join("--" + ("label" if name == "label_column" else name) for name in used)
+            raise click.UsageError(f"{flags}: only for feature-table mode (--table PATH)")
+
+
+def check_bucket(settings: TrainSettings) -> None:
+    """The bucket answers, before Spark starts: missing credentials or a wrong bucket are told in a
+    second, not after the JVM's start-up or, when only publishing needs it, after the training."""
+    aws.client("s3", settings.region).head_bucket(Bucket=settings.bucket)
+
+
 def check_out_folder(out: Path) -> None:
     """--out can be written (or created) at all: said before an hour of training, not after publishing.
     Nothing is created yet, as a refused model writes nothing."""
@@ -240,9 +257,11 @@ def main(table, label_column, drop, categorical, missing, cv, out, publish_model
         check_folds(cv)
         if out:
             check_out_folder(out)
+        check_table_options(table, label_column=label_column, drop=drop, categorical=categorical, cv=cv)
+        publishing = bool(publish_model) if table else publish_model is not False
+        if publishing or not (table or settings.lake_path):
+            check_bucket(settings)
         if table:
-            if not label_column:
-                raise click.UsageError("--table needs --label COLUMN")
             result, outcome = train_table.run(settings, table, label_column, drop=drop, categorical=categorical,
                                               missing=missing, cv=cv, publish_model=bool(publish_model))
         else:

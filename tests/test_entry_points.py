@@ -127,3 +127,18 @@ def test_a_bucket_that_does_not_exist_is_named_with_where_it_was_set(aws_setting
                             timeout=120, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "there is no bucket 'clickstream-lake-typo' (set by CLICKSTREAM_BUCKET" in result.stderr.splitlines()[-1]
+
+
+def test_train_checks_the_registry_before_training_and_table_options_without_a_table(tmp_path):
+    # A --table --publish run without credentials trained for two minutes, then failed to publish.
+    table = tmp_path / "t.csv"
+    table.write_text("x,bought\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")} | NO_AWS
+    result = subprocess.run([sys.executable, "-m", "batch.train", "--table", str(table), "--label", "bought", "--publish"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1 and "no AWS credentials found" in result.stderr, result.stderr
+    assert result.stdout == "", "the table was read (and Spark started) before the check"
+    # --label without --table was ignored: the lake was trained on instead.
+    result = subprocess.run([sys.executable, "-m", "batch.train", "--label", "bought", "--cv", "5"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2 and "--label, --cv: only for feature-table mode" in result.stderr, result.stderr
