@@ -16,6 +16,44 @@ function num(value, digits) {
   return typeof value === "number" && isFinite(value) ? value.toFixed(digits) : "–";
 }
 
+// The model card: readable names for the keys of model.json's metrics (others: underscores as spaces).
+const METRIC_LABELS = {
+  roc_auc: "ROC AUC", pr_auc: "PR AUC", base_rate: "base rate", log_loss: "log loss",
+  lift_top_decile: "lift in top 10 %", brier: "Brier score",
+};
+
+function metricLabel(key) {
+  return METRIC_LABELS[key] || key.replace(/_/g, " ");
+}
+
+// Counts (rows, positives) as integers, everything else with 4 decimals.
+function metricValue(value) {
+  return Number.isInteger(value) ? String(value) : num(value, 4);
+}
+
+// [label, value] pairs of the "Current model" card.
+function modelItems(model) {
+  const metrics = model.metrics || {};
+  const items = [
+    ["name", model.name], ["version", model.version || "none published yet"],
+    ["ROC AUC", num(model.roc_auc, 4)], ["PR AUC", num(model.pr_auc, 4)],
+    ["threshold", num(model.threshold, 4)], ["algorithm", model.algorithm || "–"],
+    ["trained", model.created_at || "–"],
+  ];
+  for (const [key, value] of Object.entries(metrics)) {
+    if (!["roc_auc", "pr_auc"].includes(key) && typeof value === "number") items.push([metricLabel(key), metricValue(value)]);
+  }
+  return items;
+}
+
+// A component's status text and class: up (green), down with the reason (red), or not configured
+// (grey: no /metrics URL is set, which is a choice, not a failure).
+function componentStatus(component) {
+  if (component.up) return ["up", "up"];
+  if (!component.url && component.error === "not configured") return ["not configured", "off"];
+  return [`down (${component.error || "no answer"})`, "down"];
+}
+
 function clock(ms) {
   return ms ? new Date(ms).toLocaleTimeString() : "–";
 }
@@ -45,6 +83,15 @@ function sparkline(points, threshold) {
   svg.setAttribute("width", width);
   svg.setAttribute("height", height);
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("role", "img");
+  const last = points.length ? points[points.length - 1].p : null;
+  const name = `p_buy over the session's events (${points.length} scored` +
+    (typeof last === "number" ? `, latest ${last.toFixed(3)}` : "") +
+    (typeof threshold === "number" ? `, threshold ${threshold.toFixed(3)}` : "") + ")";
+  svg.setAttribute("aria-label", name);
+  const title = document.createElementNS(SVG, "title");
+  title.textContent = name;
+  svg.appendChild(title);
   if (typeof threshold === "number") {
     const line = document.createElementNS(SVG, "line");
     const y = (1 - threshold) * (height - 2) + 1;
@@ -66,22 +113,25 @@ function sparkline(points, threshold) {
   return svg;
 }
 
+function sparkCell(points, threshold) {
+  const td = el("td", null, "spark-col");   // the column phones do without (style.css)
+  td.appendChild(sparkline(points, threshold));
+  return td;
+}
+
 function decisionCell(decision) {
   return el("td", decision || "–", decision === "buy" ? "buy" : "defer");
 }
 
+function idCell(id, cls) {
+  const td = el("td", id, cls);
+  if (id) td.title = id;             // the whole id on hover: narrow screens cut it short
+  return td;
+}
+
 function renderModel(model) {
   const dl = document.getElementById("model");
-  const metrics = model.metrics || {};
-  const items = [
-    ["name", model.name], ["version", model.version || "none published yet"],
-    ["ROC AUC", num(model.roc_auc, 4)], ["PR AUC", num(model.pr_auc, 4)],
-    ["threshold", num(model.threshold, 4)], ["algorithm", model.algorithm || "–"],
-    ["trained", model.created_at || "–"],
-  ];
-  for (const [key, value] of Object.entries(metrics)) {
-    if (!["roc_auc", "pr_auc"].includes(key) && typeof value === "number") items.push([key, num(value, 4)]);
-  }
+  const items = modelItems(model);
   dl.replaceChildren(...items.flatMap(([k, v]) => [el("dt", k), el("dd", v, k === "version" ? "model-version" : "")]));
 }
 
@@ -97,14 +147,16 @@ function renderStages(state) {
   document.getElementById("bad-rate").textContent = typeof bad === "number" ? `${(bad * 100).toFixed(1)} %` : "–";
   const lags = Object.entries(state.lag_ms).map(([name, ms]) => row([name, ms === null || ms === undefined ? "–" : `${Math.round(ms)} ms`]));
   document.getElementById("lag").replaceChildren(...lags);
-  const components = Object.entries(state.components).map(([name, c]) =>
-    row([name, el("td", c.up ? "up" : `down (${c.error || "no answer"})`, c.up ? "up" : "down")]));
+  const components = Object.entries(state.components).map(([name, c]) => {
+    const [text, cls] = componentStatus(c);
+    return row([name, el("td", text, `status ${cls}`)]);
+  });
   document.getElementById("components").replaceChildren(...components);
 }
 
 function renderSessions(state) {
   const rows = state.sessions.map((s) => row([
-    el("td", s.session_id, "id session-id"), sparkline(s.points, s.threshold), num(s.p_buy, 3),
+    idCell(s.session_id, "id session-id"), sparkCell(s.points, s.threshold), num(s.p_buy, 3),
     decisionCell(s.decision), s.events ?? "–", s.offered ? "offered" : "",
   ]));
   fill(document.querySelector("#sessions tbody"), rows, "no predictions yet", 6);
@@ -112,7 +164,7 @@ function renderSessions(state) {
 
 function renderDecisions(state) {
   const rows = state.decisions.map((d) => row([
-    clock(d.at), el("td", d.session_id, "id"), num(d.p_buy, 3), decisionCell(d.decision),
+    clock(d.at), idCell(d.session_id, "id"), num(d.p_buy, 3), decisionCell(d.decision),
     d.latency_us === null || d.latency_us === undefined ? "–" : `${d.latency_us} µs`,
   ]));
   fill(document.querySelector("#decisions tbody"), rows, "none yet", 5);
@@ -120,7 +172,7 @@ function renderDecisions(state) {
 
 function renderOffers(state) {
   const rows = state.offers.map((o) => row([
-    o.offered_at ? clock(Date.parse(o.offered_at)) : "–", el("td", o.session_id, "id offer-session"),
+    o.offered_at ? clock(Date.parse(o.offered_at)) : "–", idCell(o.session_id, "id offer-session"),
     o.code || "–", o.discount_percent ? `${o.discount_percent} %` : "–", num(o.p_buy, 3),
   ]));
   fill(document.querySelector("#offers tbody"), rows, "no offers yet", 5);
@@ -155,4 +207,9 @@ async function poll() {
   }
 }
 
-poll();
+if (typeof module === "object" && module.exports) {
+  // Under Node (tests/demo): the formatting functions, no polling.
+  module.exports = { num, metricLabel, metricValue, modelItems, componentStatus };
+} else {
+  poll();
+}

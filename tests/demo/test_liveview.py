@@ -291,7 +291,7 @@ def test_page_renders_sessions_and_model_in_headless_chromium(view, view_setting
             [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", "--virtual-time-budget=5000", view.url + "/"],
             capture_output=True, text=True, timeout=120, check=True).stdout
     for session in sessions:
-        assert f'<td class="id session-id">{session}</td>' in dom
+        assert f'<td class="id session-id" title="{session}">{session}</td>' in dom
     assert f'<dd class="model-version">{VERSION}</dd>' in dom
     assert "<polyline" in dom and "0.8765" in dom
 
