@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
@@ -341,18 +342,18 @@ def run(settings: TrainSettings, path: Path, label: str, *, drop=(), categorical
 
     table = prepare(read_table(path), label, drop=drop, categorical=categorical, missing=missing, source=str(path))
     for note in table.notes:
-        print(f"{path.name}: {note}")
+        click.echo(f"{path.name}: {note}")
     spark = spark_session(settings)
     summary = None
     if cv:
         results = cross_validate(spark, table, settings, cv)
         for r in results:
-            print(f"fold {r['fold']}: ROC AUC {r['roc_auc']:.4f}, parity {'ok' if r['parity_passed'] else 'FAILED'} "
+            click.echo(f"fold {r['fold']}: ROC AUC {r['roc_auc']:.4f}, parity {'ok' if r['parity_passed'] else 'FAILED'} "
                   f"(max diff {r['max_abs_diff']:.2e} on {r['rows']} rows)")
         aucs = [r["roc_auc"] for r in results]
         summary = {"folds": results, "roc_auc_mean": float(np.mean(aucs)), "roc_auc_std": float(np.std(aucs)),
                    "seed": settings.seed}
-        print(f"{cv}-fold ROC AUC {summary['roc_auc_mean']:.4f} ± {summary['roc_auc_std']:.4f}")
+        click.echo(f"{cv}-fold ROC AUC {summary['roc_auc_mean']:.4f} ± {summary['roc_auc_std']:.4f}")
     result = train_from_table(spark, table, settings)
     if summary:
         result.meta["cross_validation"] = summary         # in model.json and the report

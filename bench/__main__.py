@@ -7,6 +7,8 @@ import sys
 import traceback
 from pathlib import Path
 
+import click
+
 from bench.report import Report
 
 HERE = Path(__file__).resolve().parent
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     report.write()
     if report.failed:
-        print(f"failed suites: {', '.join(report.failed)}", file=sys.stderr)
+        click.echo(f"failed suites: {', '.join(report.failed)}", err=True)
         return 1
     return 0
 

@@ -19,7 +19,7 @@ from tests.train import synth
 
 # `make train`'s own Spark settings (local[*], 8 shuffle partitions), without the progress bar.
 SETTINGS = dataclasses.replace(TrainSettings(), progress=False)
-START = dt.datetime(2026, 11, 20)
+START = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
 
 
 def _spark_pass(spark, root: Path) -> tuple[float, set[str], int]:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
+import click
+
 
 def percentiles(samples: list[float], *points: float) -> list[float]:
     """Nearest-rank percentiles of ``samples`` (e.g. 50, 99): the ceil(p/100 * n)-th smallest value.
@@ -79,7 +81,7 @@ class Report:
     def suite(self, name: str, description: str = "") -> Suite:
         """Start a suite: the sections that follow belong to it."""
         self.suites.append(Suite(name, description))
-        print(f"\n# {name}: {description}", flush=True)
+        click.echo(f"\n# {name}: {description}")
         return self.suites[-1]
 
     def fail(self, error: BaseException | str) -> None:
@@ -88,7 +90,7 @@ class Report:
             self.suite("(no suite)")
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         self.suites[-1].failure = text
-        print(f"  FAILED: {text}", flush=True)
+        click.echo(f"  FAILED: {text}")
 
     @property
     def failed(self) -> list[str]:
@@ -99,16 +101,16 @@ class Report:
             self.suite("(no suite)")
         section = Section(title, columns)
         self.suites[-1].sections.append(section)
-        print(f"\n## {title}", flush=True)
+        click.echo(f"\n## {title}")
         return section
 
     def row(self, section: Section, *values) -> None:
         section.rows.append(list(values))
-        print("  " + " | ".join(f"{c}: {_cell(v)}" for c, v in zip(section.columns, values)), flush=True)
+        click.echo("  " + " | ".join(f"{c}: {_cell(v)}" for c, v in zip(section.columns, values)))
 
     def note(self, section: Section, text: str) -> None:
         section.notes.append(text)
-        print(f"  -> {text}", flush=True)
+        click.echo(f"  -> {text}")
 
     def markdown(self) -> str:
         ran = [suite.name for suite in self.suites]
@@ -134,5 +136,5 @@ class Report:
 
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(self.markdown())
-        print(f"\nreport written to {self.path}")
+        self.path.write_text(self.markdown(), encoding="utf-8")
+        click.echo(f"\nreport written to {self.path}")

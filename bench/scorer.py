@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import click
 import orjson
 
 from bench import wrk
@@ -47,7 +48,7 @@ def _train(quick: bool):
     trees = 20 if quick else 100
     started = time.perf_counter()
     pipeline, onnx_bytes = train(spark, "gbt", trees=trees, depth=5, sessions=150 if quick else 400)
-    print(f"  trained a {trees}-tree GBT in {time.perf_counter() - started:.0f} s", flush=True)
+    click.echo(f"  trained a {trees}-tree GBT in {time.perf_counter() - started:.0f} s")
     return spark, pipeline, onnx_bytes, trees
 
 

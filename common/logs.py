@@ -21,7 +21,7 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry)       # ASCII: a non-UTF-8 stderr would make é an invalid JSON escape
 
 
 def first_few(items, limit: int = 5) -> str:

@@ -19,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 
+import click
 from prometheus_client.parser import text_string_to_metric_families
 
 from common import aws, registry
@@ -33,7 +34,7 @@ STARTED = time.monotonic()
 
 
 def say(text: str) -> None:
-    print(f"[{time.monotonic() - STARTED:6.1f}s] {text}", flush=True)
+    click.echo(f"[{time.monotonic() - STARTED:6.1f}s] {text}")
 
 
 def knob(name: str, default: float) -> float:
@@ -210,8 +211,8 @@ def main() -> int:
     # The scorer waits for its first model, then reads the whole history at once, thousands of records
     # per poll: the line above is mostly that. The live events on their own:
     live = latency_of_events_since(aws.client("kinesis"), settings.predictions_stream, live_started)
-    print(latency_line("  live only", live, "events received during the live traffic"))
-    print("\nThe stack is still running:\n"
+    click.echo(latency_line("  live only", live, "events received during the live traffic"))
+    click.echo("\nThe stack is still running:\n"
           "  live view     http://127.0.0.1:8082/\n"
           "  demo shop     http://127.0.0.1:8082/shop/\n"
           "  scorer API    http://127.0.0.1:8081/openapi.json\n"

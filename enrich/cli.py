@@ -93,7 +93,8 @@ def _key_of(path: Path) -> SchemaKey | None:
 def validate(schema_key: str, data: str, registries: str | None) -> None:
     """Validate DATA (JSON text, @file, or - for stdin) against SCHEMA_KEY."""
     try:
-        text = sys.stdin.read() if data == "-" else Path(data[1:]).read_text() if data.startswith("@") else data
+        # Bytes: JSON is UTF-8 whatever the locale says.
+        text = sys.stdin.buffer.read() if data == "-" else Path(data[1:]).read_bytes() if data.startswith("@") else data
     except OSError as exc:
         raise click.ClickException(f"cannot read {data[1:]}: {exc.strerror or exc}") from None
     try:

@@ -109,7 +109,7 @@ def test_report_header_names_mode_and_suites_and_failures(tmp_path):
     report.row(report.section("halfway table", ["what", "value"]), "first row", 2.0)
     report.fail(RuntimeError("wrk is not installed"))
     report.write()
-    text = (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "Mode: **quick**" in text
     assert "Suites run: okay (ok), halfway (FAILED). Not reached: later." in text
     assert "**FAILED: RuntimeError: wrk is not installed**" in text
@@ -120,8 +120,8 @@ def test_report_header_names_mode_and_suites_and_failures(tmp_path):
 def test_the_quick_in_process_suites_run_to_the_end(tmp_path):
     report = tmp_path / "report.md"
     run = subprocess.run([sys.executable, "-m", "bench", "enrich", "streams", "loader", "--quick", "--report",
-                          str(report)], cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                          str(report)], cwd=Path(__file__).resolve().parent.parent, capture_output=True, encoding="utf-8",
                          timeout=300, check=False)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    text = report.read_text()
+    text = report.read_text(encoding="utf-8")
     assert "FAILED" not in text and text.count("## ") >= 3, text

@@ -24,7 +24,7 @@ COMMANDS = ("collector", "enrich", "enrich.cli", "scorer", "discount", "batch.lo
 def test_help_answers_without_starting_anything(module, flag):
     env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "CLICKSTREAM_PSEUDONYMISATION_KEY": ""}
     result = subprocess.run([sys.executable, "-m", module, flag], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=60, check=False)
+                            encoding="utf-8", timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.lower().startswith("usage:"), result.stdout
     assert _description(result.stdout), f"{module} --help says nothing about what it does:\n{result.stdout}"
@@ -42,7 +42,7 @@ SETTINGS_HELP = [("collector", "[collector]", "docs/collector.md"), ("enrich", "
 @pytest.mark.parametrize("module, section, doc", SETTINGS_HELP)
 def test_help_says_where_settings_come_from(module, section, doc):
     """README promises it: the variables, the file and its section, and the doc that lists the keys."""
-    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, encoding="utf-8",
                             timeout=60, check=False)
     text = " ".join(result.stdout.split())
     assert "CLICKSTREAM_*" in text and f"{section} section" in text and "CLICKSTREAM_CONFIG" in text, text
@@ -74,7 +74,7 @@ NO_AWS = {"AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/no
 ])
 def test_aws_failures_are_one_clear_line(command, case, overrides, expected):
     env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")} | NO_AWS | overrides
-    result = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, encoding="utf-8",
                             timeout=120, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
@@ -86,7 +86,7 @@ def test_aws_failures_are_one_clear_line(command, case, overrides, expected):
                                      ["demo.summary"], ["demo.web"], ["infra.provision", "--wait", "0"]])
 def test_a_bad_setting_stops_every_command_with_status_2_naming_it(command):
     env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "CLICKSTREAM_BUCKET": ""}
-    result = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, encoding="utf-8",
                             timeout=60, check=False)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "CLICKSTREAM_BUCKET: expected a name, got an empty value" in result.stderr.strip().splitlines()[-1]
@@ -106,7 +106,7 @@ def test_a_server_that_cannot_listen_says_which_settings_in_one_line(module, por
         port = taken.getsockname()[1]
         env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", port_key: str(port)}
         result = subprocess.run([sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True,
-                                text=True, timeout=60, check=False)
+                                encoding="utf-8", timeout=60, check=False)
     assert result.returncode == 2, result.stderr
     assert f"cannot listen on 127.0.0.1:{port} ({host_key})" in result.stderr and "Traceback" not in result.stderr
 
@@ -114,7 +114,7 @@ def test_a_server_that_cannot_listen_says_which_settings_in_one_line(module, por
 def test_provision_says_what_it_waits_for_before_giving_up():
     env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
     result = subprocess.run([sys.executable, "-m", "infra.provision", "--wait", "1"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=120, check=False)
+                            capture_output=True, encoding="utf-8", timeout=120, check=False)
     first, last = result.stderr.splitlines()[0], result.stderr.splitlines()[-1]
     assert result.returncode == 1 and first == "waiting up to 1 s for http://127.0.0.1:9 (--wait) ..."
     assert "is the emulator or LocalStack running?" in last
@@ -123,7 +123,7 @@ def test_provision_says_what_it_waits_for_before_giving_up():
 @pytest.mark.parametrize("command", [["batch.cli", "ls"], ["batch.registry", "ls"], ["batch.cli", "stats"]])
 def test_a_bucket_that_does_not_exist_is_named_with_where_it_was_set(aws_settings, command):
     env = {**os.environ, **settings_env(aws_settings), "CLICKSTREAM_BUCKET": "clickstream-lake-typo"}
-    result = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", *command], cwd=ROOT, env=env, capture_output=True, encoding="utf-8",
                             timeout=120, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "there is no bucket 'clickstream-lake-typo' (set by CLICKSTREAM_BUCKET" in result.stderr.splitlines()[-1]
@@ -135,10 +135,10 @@ def test_train_checks_the_registry_before_training_and_table_options_without_a_t
     table.write_text("x,bought\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
     env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")} | NO_AWS
     result = subprocess.run([sys.executable, "-m", "batch.train", "--table", str(table), "--label", "bought", "--publish"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+                            cwd=ROOT, env=env, capture_output=True, encoding="utf-8", timeout=120, check=False)
     assert result.returncode == 1 and "no AWS credentials found" in result.stderr, result.stderr
     assert result.stdout == "", "the table was read (and Spark started) before the check"
     # --label without --table was ignored: the lake was trained on instead.
     result = subprocess.run([sys.executable, "-m", "batch.train", "--label", "bought", "--cv", "5"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60, check=False)
+                            capture_output=True, encoding="utf-8", timeout=60, check=False)
     assert result.returncode == 2 and "--label, --cv: only for feature-table mode" in result.stderr, result.stderr

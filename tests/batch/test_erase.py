@@ -257,6 +257,6 @@ def test_erase_refuses_clear_identifiers_and_an_empty_request(aws_settings, s3, 
 def test_erase_is_a_command_of_the_installed_entry_point():
     # CliRunner calls the group object; this runs `python -m batch.cli` as an operator would.
     out = subprocess.run([sys.executable, "-m", "batch.cli", "erase", "--help"], cwd=ROOT_DIR, capture_output=True,
-                         text=True, timeout=60, check=False)
+                         encoding="utf-8", timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert "--dry-run" in out.stdout and "pseudonyms" in out.stdout

@@ -519,7 +519,7 @@ def test_replay_bad_into_a_missing_stream_stops_at_once(aws_settings, s3, tmp_pa
         result = _replay(missing, proxy, "--unsent-to", str(tmp_path / "unsent.jsonl"))
     assert result.exit_code == 1 and time.monotonic() - started < 30
     assert "ResourceNotFoundException" in result.output and "2 rows were not sent" in result.output
-    assert len((tmp_path / "unsent.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "unsent.jsonl").read_text(encoding="utf-8").splitlines()) == 2
 
 
 def test_raw_record_of_accepts_the_enricher_payload_shapes():
@@ -536,6 +536,6 @@ def test_the_module_entry_point_runs_stats_and_exits_zero(aws_settings, s3):
                    "enriched")
     env = {**os.environ, "CLICKSTREAM_BUCKET": aws_settings.bucket}
     result = subprocess.run([sys.executable, "-m", "batch.lake", "stats", "--no-progress"], check=False, env=env,
-                            capture_output=True, text=True, timeout=60, cwd=ROOT_DIR)
+                            capture_output=True, encoding="utf-8", timeout=60, cwd=ROOT_DIR)
     assert result.returncode == 0, result.stderr
     assert "total: 1 events, 1 distinct event ids (0 duplicates), 1 sessions, 0 bad rows" in result.stdout

@@ -182,8 +182,8 @@ def test_sigterm_flushes_checkpoints_and_releases(aws_settings, tmp_path):
     try:
         events = [make_event(i) for i in range(40)]
         put_events(aws_settings.enriched_stream, events)
-        wait_for(lambda: log_path.read_text().count("read ") and sum(
-            int(line.split('"msg": "read ')[1].split(" ")[0]) for line in log_path.read_text().splitlines()
+        wait_for(lambda: log_path.read_text(encoding="utf-8").count("read ") and sum(
+            int(line.split('"msg": "read ')[1].split(" ")[0]) for line in log_path.read_text(encoding="utf-8").splitlines()
             if '"msg": "read ' in line) == 40)
         assert lake_keys(aws_settings.bucket) == []  # nothing due yet: thresholds are an hour away
         process.send_signal(signal.SIGTERM)
@@ -228,7 +228,7 @@ def test_kill_9_mid_batch_then_restart_holds_exactly_the_events_sent(aws_setting
         # The second range starts being written (its intent is recorded): kill -9 right there, so the
         # restart finds an intent, maybe some of its objects, no checkpoint, and a lease still held.
         log = tmp_path / "first.log"
-        wait_for(lambda: log.read_text().count('"msg": "writing ') >= 2, interval=0.01)
+        wait_for(lambda: log.read_text(encoding="utf-8").count('"msg": "writing ') >= 2, interval=0.01)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     finally:

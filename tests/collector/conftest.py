@@ -42,14 +42,14 @@ class Collector:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"collector exited {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(f"collector exited {self.process.returncode}:\n{self.log.read_text(encoding='utf-8')[-3000:]}")
             try:
                 if get(self.url + "/health")[0] == 200:
                     return self
             except OSError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"collector did not start:\n{self.log.read_text()[-3000:]}")
+        raise RuntimeError(f"collector did not start:\n{self.log.read_text(encoding='utf-8')[-3000:]}")
 
     def terminate(self, timeout: float = 30) -> int:
         os.killpg(self.process.pid, signal.SIGTERM)

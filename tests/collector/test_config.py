@@ -47,7 +47,7 @@ def test_the_port_flag_reaches_the_workers_over_a_section_variable(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKSTREAM_")} | {
         "CLICKSTREAM_COLLECTOR_PORT": "0", "CLICKSTREAM_SINK": "memory", "CLICKSTREAM_SPOOL_DIR": str(tmp_path)}
     server = subprocess.Popen([sys.executable, "-m", "collector", "--port", str(port)], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, encoding="utf-8")
     try:
         answer = wait_for(lambda: _health(port) or server.poll() is not None, timeout=30, what="the collector")
         assert answer == 200, server.stderr.read() if server.poll() is not None else answer
@@ -68,7 +68,7 @@ def _collector(args: list[str], tmp_path, **extra) -> subprocess.CompletedProces
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKSTREAM_")} | {
         "CLICKSTREAM_SINK": "memory", "CLICKSTREAM_SPOOL_DIR": str(tmp_path)} | extra
     return subprocess.run([sys.executable, "-m", "collector", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60, check=False)
+                          encoding="utf-8", timeout=60, check=False)
 
 
 @pytest.mark.parametrize("args, extra, line", [
@@ -89,7 +89,7 @@ def test_a_host_name_such_as_localhost_is_resolved(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKSTREAM_")} | {
         "CLICKSTREAM_SINK": "memory", "CLICKSTREAM_SPOOL_DIR": str(tmp_path)}
     server = subprocess.Popen([sys.executable, "-m", "collector", "--host", "localhost", "--port", str(port)],
-                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, encoding="utf-8")
     try:
         answer = wait_for(lambda: _health(port, "localhost") or server.poll() is not None, timeout=30,
                           what="the collector")

@@ -173,7 +173,7 @@ def test_several_workers_share_the_load_and_report_summed_metrics(streams, make_
     wait_for(lambda: metric(collector.url, "collector_records_produced_total") == 200, 10, what="produced == 200")
     assert metric(collector.url, "collector_sink_up") == 1
     # Each worker's own process metrics, which the multiprocess registry lacks, labelled by its pid.
-    workers = sorted(p.read_text() for p in (tmp_path / "spool").glob("worker-*/pid"))
+    workers = sorted(p.read_text(encoding="utf-8") for p in (tmp_path / "spool").glob("worker-*/pid"))
     text = get(collector.url + "/metrics")[2].decode()
     for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_start_time_seconds"):
         values = {line.split('pid="')[1].split('"')[0]: float(line.split()[-1])

@@ -130,12 +130,12 @@ def test_with_several_workers_the_drained_timestamp_is_the_stalest_live_workers(
 
     def worker(drained: int, how: str) -> str:
         return subprocess.run([sys.executable, "-c", WORKER, str(tmp_path / "spool"), str(drained), how], env=env,
-                              check=True, capture_output=True, text=True).stdout
+                              check=True, capture_output=True, encoding="utf-8").stdout
 
     worker(1000, "stopped")
     worker(2000, "killed")
     running = subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / "spool"), "1500", "running"], env=env,
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, encoding="utf-8")
     try:
         assert running.stdout.readline() == "ready\n"          # it took the killed one's slot
         text = worker(3000, "scrape")

@@ -289,7 +289,7 @@ def test_page_renders_sessions_and_model_in_headless_chromium(view, view_setting
     with tempfile.TemporaryDirectory() as profile:
         dom = subprocess.run(
             [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", "--virtual-time-budget=5000", view.url + "/"],
-            capture_output=True, text=True, timeout=120, check=True).stdout
+            capture_output=True, encoding="utf-8", timeout=120, check=True).stdout
     for session in sessions:
         assert f'<td class="id session-id" title="{session}">{session}</td>' in dom
     assert f'<dd class="model-version">{VERSION}</dd>' in dom

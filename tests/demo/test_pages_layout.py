@@ -100,11 +100,11 @@ class Stylesheet:
 
 
 def liveview_css() -> Stylesheet:
-    return Stylesheet((LIVEVIEW / "style.css").read_text())
+    return Stylesheet((LIVEVIEW / "style.css").read_text(encoding="utf-8"))
 
 
 def shop_css() -> Stylesheet:
-    return Stylesheet((SHOP / "shop.css").read_text())
+    return Stylesheet((SHOP / "shop.css").read_text(encoding="utf-8"))
 
 
 def test_live_view_text_colours_reach_aa_on_cards_and_page():
@@ -168,7 +168,7 @@ class Tables(HTMLParser):
 
 def test_every_live_view_table_scrolls_sideways_inside_its_card():
     tables = Tables()
-    tables.feed((LIVEVIEW / "index.html").read_text())
+    tables.feed((LIVEVIEW / "index.html").read_text(encoding="utf-8"))
     assert set(tables.tables) == {"lag", "components", "sessions", "decisions", "offers"}
     for table_id, ancestors in tables.tables.items():
         assert "table-scroll" in ancestors[-1], f"#{table_id} is not in a .table-scroll wrapper"
@@ -177,15 +177,15 @@ def test_every_live_view_table_scrolls_sideways_inside_its_card():
     # On phones the sparkline column goes, so p_buy, decision, events and offer fit at once.
     assert "spark-col" in tables.head_cells["sessions"][1]
     assert re.search(r"@media \(max-width: 600px\)[^@]*\.spark-col \{ display: none; \}",
-                     (LIVEVIEW / "style.css").read_text())
-    assert 'sparkCell(s.points, s.threshold)' in (LIVEVIEW / "app.js").read_text()
+                     (LIVEVIEW / "style.css").read_text(encoding="utf-8"))
+    assert 'sparkCell(s.points, s.threshold)' in (LIVEVIEW / "app.js").read_text(encoding="utf-8")
 
 
 def test_shop_header_wraps_and_keeps_the_cart_link():
     css = shop_css()
     assert css.declarations("header", media=False).get("flex-wrap") == "wrap"
     assert css.declarations("nav", media=False).get("flex-wrap") == "wrap"
-    assert 'id="go-cart"' in (SHOP / "index.html").read_text()
+    assert 'id="go-cart"' in (SHOP / "index.html").read_text(encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------ app.js under Node
@@ -198,7 +198,7 @@ def app_js(expression: str):
         pytest.skip("node is not installed")
     script = f"const app = require({json.dumps(str(LIVEVIEW / 'app.js'))}); " \
              f"process.stdout.write(JSON.stringify({expression}));"
-    done = subprocess.run([node, "-e", script], check=False, capture_output=True, text=True, timeout=30)
+    done = subprocess.run([node, "-e", script], check=False, capture_output=True, encoding="utf-8", timeout=30)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 

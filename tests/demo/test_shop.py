@@ -120,7 +120,7 @@ def browser(tmp_path) -> Iterator[WebDriver]:
                     break
             except (OSError, AssertionError):
                 pass
-            assert time.monotonic() < deadline, (tmp_path / "chromedriver.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "chromedriver.log").read_text(encoding="utf-8")
             time.sleep(0.2)
         driver.start(user_data)
         yield driver
@@ -258,4 +258,4 @@ def test_an_idle_connection_to_the_shop_is_closed(servers):
 
 
 def test_committed_catalogue_matches_the_generator():
-    assert (ROOT / "demo" / "shop" / "catalogue.json").read_text() == catalogue_json()
+    assert (ROOT / "demo" / "shop" / "catalogue.json").read_text(encoding="utf-8") == catalogue_json()

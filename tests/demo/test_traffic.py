@@ -308,7 +308,7 @@ def test_cli_reports_and_keeps_what_could_not_be_sent(capture, tmp_path):
     assert result.exit_code == 1
     expected = sum(len(r.events) for _, r in schedule(Plan(3, 4, backfill_days=1), NOW_MS))
     assert f"events NOT sent: {expected}" in result.output and "HTTP 503" in result.output
-    kept = [json.loads(line) for line in failed.read_text().splitlines()]
+    kept = [json.loads(line) for line in failed.read_text(encoding="utf-8").splitlines()]
     assert sum(len(json.loads(k["body"])["data"]) if k["body"] else 1 for k in kept) == expected
     assert server.hits == []
 

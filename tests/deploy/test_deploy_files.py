@@ -38,7 +38,7 @@ def test_cloudformation_template_passes_cfn_lint():
     # The cfn-lint command, run through this interpreter so it is the pinned version of the venv.
     lint = "import sys; from cfnlint.runner import main; sys.argv[0] = 'cfn-lint'; sys.exit(main())"
     result = subprocess.run([sys.executable, "-c", lint, str(DEPLOY / "cloudformation.yaml")],
-                            capture_output=True, text=True, timeout=120, check=False)
+                            capture_output=True, encoding="utf-8", timeout=120, check=False)
     # cfn-lint's exit code is a bit mask: 2 errors, 4 warnings, 8 informational. We keep it clean.
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -135,7 +135,7 @@ def test_each_component_role_is_least_privilege(template):
 
 
 def dockerfile(component: str) -> str:
-    return (DEPLOY / component / "Dockerfile").read_text()
+    return (DEPLOY / component / "Dockerfile").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("component", sorted(COMPONENTS))
@@ -148,14 +148,14 @@ def test_dockerfile_is_small_non_root_with_a_healthcheck(component):
     assert f'CMD ["python", "-m", "{COMPONENTS[component]}"]' in text
     for source in re.findall(r"^COPY (?:--chown=\S+ )?(\S+) ", text, re.MULTILINE):
         assert (ROOT / source).exists(), f"{component} copies {source}, which is not in the repository"
-    ignore = (DEPLOY / component / "Dockerfile.dockerignore").read_text().splitlines()
+    ignore = (DEPLOY / component / "Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
     assert "*" in ignore and "!common/" in ignore
 
 
 def deployed_variables(component: str, template: dict) -> set[str]:
     """The CLICKSTREAM_* variables the Dockerfile, the compose service and the ECS task set."""
     names = set(re.findall(r"\b(CLICKSTREAM_[A-Z0-9_]+)=", dockerfile(component)))
-    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"][component]
+    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text(encoding="utf-8"))["services"][component]
     names |= set(service.get("environment") or {})
     for task in resources(template, "AWS::ECS::TaskDefinition").values():
         for container in task["Properties"]["ContainerDefinitions"]:
@@ -171,7 +171,7 @@ def test_the_compose_file_sets_no_setting_to_its_default(component):
     module, name, _ = SETTINGS[component]
     defaults = {f"CLICKSTREAM_{field.name.upper()}": field.default
                 for field in dataclasses.fields(getattr(importlib.import_module(module), name))}
-    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"][component]
+    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text(encoding="utf-8"))["services"][component]
     same = {key: value for key, value in (service.get("environment") or {}).items()
             if key in defaults and str(value) == str(defaults[key])}
     assert not same
@@ -190,7 +190,7 @@ def test_every_variable_the_deploy_files_set_is_a_setting_of_that_component(comp
 def test_every_component_runs_under_an_init_process(template):
     """Python as PID 1 drops a SIGTERM sent before it installs its handler: a scorer stopped while it
     loaded its model took its shards and ran on until it was killed at the stop timeout."""
-    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text(encoding="utf-8"))["services"]
     assert all(services[component].get("init") is True for component in COMPONENTS)
     containers = [container for task in resources(template, "AWS::ECS::TaskDefinition").values()
                   for container in task["Properties"]["ContainerDefinitions"]]
@@ -200,7 +200,7 @@ def test_every_component_runs_under_an_init_process(template):
 
 @pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_compose_file_parses_and_every_service_has_a_healthcheck(path):
-    compose = yaml.safe_load(path.read_text())
+    compose = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert compose["services"]
     for name, service in compose["services"].items():
         assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
@@ -226,7 +226,7 @@ def test_compose_file_parses_and_every_service_has_a_healthcheck(path):
 def test_localstack_is_healthy_only_once_provisioning_succeeded(path, answer, healthy):
     """LocalStack calls its READY stage completed even when a hook failed: the components would start
     against streams that were never made and restart in a loop."""
-    check = yaml.safe_load(path.read_text())["services"]["localstack"]["healthcheck"]["test"][1]
+    check = yaml.safe_load(path.read_text(encoding="utf-8"))["services"]["localstack"]["healthcheck"]["test"][1]
 
     class InitStage(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -251,7 +251,7 @@ def test_localstack_is_healthy_only_once_provisioning_succeeded(path, answer, he
 
 
 def test_full_compose_runs_every_component_against_localstack():
-    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text(encoding="utf-8"))
     services = compose["services"]
     assert set(COMPONENTS) <= set(services)
     for component in COMPONENTS:
@@ -260,7 +260,7 @@ def test_full_compose_runs_every_component_against_localstack():
 
 
 def test_grafana_dashboard_covers_the_operator_metrics():
-    dashboard = json.loads((DEPLOY / "grafana" / "clickstream.json").read_text())
+    dashboard = json.loads((DEPLOY / "grafana" / "clickstream.json").read_text(encoding="utf-8"))
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
     for metric in ("collector_requests_total", "collector_records_produced_total", "collector_spool_depth_records",
                    "enrich_events_total", "enrich_bad_rows_total", "_lag_ms", "scorer_scoring_seconds_bucket", "scorer_model_info",
@@ -268,12 +268,12 @@ def test_grafana_dashboard_covers_the_operator_metrics():
         assert metric in exprs, metric
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
-    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text(encoding="utf-8"))
     assert {job["job_name"] for job in scrape["scrape_configs"]} == set(COMPONENTS) - {"trainer"}
 
 
 def test_operations_doc_has_a_nightly_cron_entry_for_make_train():
-    text = (ROOT / "docs" / "operations.md").read_text()
+    text = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
     assert re.search(r"^\s*(\S+\s+){5}.*make train", text, re.MULTILINE)
 
 
@@ -283,7 +283,7 @@ def test_localstack_ready_hook_provisions_through_infra_provision(aws_endpoint, 
     assert os.access(hook, os.X_OK), "LocalStack runs only executable hooks"
     env = {**os.environ, **settings_env(settings), "CLICKSTREAM_CODE_DIR": str(ROOT),
            "CLICKSTREAM_PYTHON": sys.executable, "AWS_ENDPOINT_URL": aws_endpoint}
-    result = subprocess.run(["bash", str(hook)], env=env, capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(["bash", str(hook)], env=env, capture_output=True, encoding="utf-8", timeout=120, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     names = aws.client("kinesis").list_streams(Limit=1000)["StreamNames"]
     assert {settings.raw_stream, settings.enriched_stream, settings.bad_stream, settings.predictions_stream} <= set(names)
@@ -369,7 +369,7 @@ def test_path_settings_with_a_relative_default_are_absolute_and_writable_in_the_
     # spool_dir, the trainer's cache_dir) would be a folder the process cannot create.
     section = SETTINGS[component][2]
     image_env = dockerfile_env(dockerfile(component))
-    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"][component]
+    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text(encoding="utf-8"))["services"][component]
     task_env = {variable["Name"]: variable["Value"] for variable in container(template, component).get("Environment", [])}
     for field in dataclasses.fields(settings_class(component)):
         if not isinstance(field.default, Path) or field.default.is_absolute():
@@ -474,7 +474,7 @@ def test_a_stopping_collector_task_drains_before_ecs_kills_it(template):
     assert stop_timeout <= FARGATE_MAX_STOP_TIMEOUT
     assert shutdown + in_flight < stop_timeout, (shutdown, in_flight, stop_timeout)
     # Compose keeps the spool on a volume and waits stop_grace_period (10 s unless set) before it kills.
-    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["collector"]
+    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text(encoding="utf-8"))["services"]["collector"]
     env = {**dockerfile_env(dockerfile("collector")), **(service.get("environment") or {})}
     shutdown = float(env.get("CLICKSTREAM_COLLECTOR_SHUTDOWN_TIMEOUT_S", env.get(
         "CLICKSTREAM_SHUTDOWN_TIMEOUT_S", settings_class("collector")().shutdown_timeout_s)))
@@ -540,7 +540,7 @@ def test_promql_metric_names_finds_the_metrics_only():
 
 
 def test_every_dashboard_query_names_a_metric_the_components_export():
-    dashboard = json.loads((DEPLOY / "grafana" / "clickstream.json").read_text())
+    dashboard = json.loads((DEPLOY / "grafana" / "clickstream.json").read_text(encoding="utf-8"))
     exported = exported_metric_names() | PROMETHEUS_OWN
     unknown = {(panel["title"], name) for panel in dashboard["panels"] for target in panel.get("targets", [])
                for name in promql_metric_names(target["expr"]) if name not in exported}
@@ -552,11 +552,11 @@ PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"     # Debian's `prome
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PROMTOOL, *args], cwd=PROMETHEUS, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run([PROMTOOL, *args], cwd=PROMETHEUS, capture_output=True, encoding="utf-8", timeout=120, check=False)
 
 
 def alert_rules() -> list[dict]:
-    return [rule for group in yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"] for rule in group["rules"]]
+    return [rule for group in yaml.safe_load((PROMETHEUS / "alerts.yml").read_text(encoding="utf-8"))["groups"] for rule in group["rules"]]
 
 
 def test_every_alert_names_a_metric_the_components_export():
@@ -568,23 +568,23 @@ def test_every_alert_names_a_metric_the_components_export():
 
 
 def test_prometheus_loads_the_alerts():
-    assert yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["rule_files"] == ["alerts.yml"]
+    assert yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text(encoding="utf-8"))["rule_files"] == ["alerts.yml"]
     result = promtool("check", "config", "prometheus.yml")
     assert result.returncode == 0 and "SUCCESS: 1 rule files found" in result.stdout + result.stderr, result
-    volumes = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["prometheus"]["volumes"]
+    volumes = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text(encoding="utf-8"))["services"]["prometheus"]["volumes"]
     assert "./prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in volumes
 
 
 def test_each_alert_fires_in_its_failure_and_a_healthy_pipeline_fires_none():
     result = promtool("test", "rules", "alerts_test.yml")       # the scenarios: deploy/prometheus/alerts_test.yml
     assert result.returncode == 0, result.stdout + result.stderr
-    tests = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())["tests"]
+    tests = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text(encoding="utf-8"))["tests"]
     fired = {case["alertname"] for test in tests for case in test["alert_rule_test"] if case["exp_alerts"]}
     assert fired == {rule["alert"] for rule in alert_rules()}, "every alert has a scenario where it fires"
 
 
 def test_every_alert_has_a_row_in_the_operations_doc():
-    text = (ROOT / "docs" / "operations.md").read_text()
+    text = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
     monitoring = text.split("## Monitoring", 1)[1].split("\n## ", 1)[0]
     first_cells = [line.split("|")[1] for line in monitoring.splitlines() if line.startswith("| `")]
     for rule in alert_rules():

@@ -38,7 +38,7 @@ def _source(module: str) -> Path | None:
 
 def _imported(module: str) -> set[str]:
     """Absolute names of what one module of the repository imports (maybe submodules, maybe not)."""
-    tree = ast.parse(_source(module).read_text())
+    tree = ast.parse(_source(module).read_text(encoding="utf-8"))
     package = module if _source(module).name == "__init__.py" else module.rpartition(".")[0]
     names = set()
     for node in ast.walk(tree):
@@ -147,11 +147,11 @@ def test_the_image_installs_the_locked_packages_its_libraries_pick_up_when_prese
     code = ("import importlib, json, sys\n"
             f"for name in {modules!r}:\n    importlib.import_module(name)\n"
             "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, encoding="utf-8", timeout=300,
                             check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
-    locked = {_normal(line.split("==")[0]) for line in (ROOT / "requirements.lock").read_text().splitlines() if "==" in line}
+    locked = {_normal(line.split("==")[0]) for line in (ROOT / "requirements.lock").read_text(encoding="utf-8").splitlines() if "==" in line}
     providers = metadata.packages_distributions()
     installed = installed_closure(dockerfile(component))
     missing = {_normal(dist): module for module in loaded for dist in providers.get(module, [])

@@ -360,7 +360,7 @@ def test_offer_ttl_shorter_than_the_predictions_retention_is_refused():
 
 def consumer_example() -> str:
     """The code of "Writing your own consumer" in docs/discount-engine.md."""
-    section = (ROOT / "docs" / "discount-engine.md").read_text().split("## Writing your own consumer", 1)[1]
+    section = (ROOT / "docs" / "discount-engine.md").read_text(encoding="utf-8").split("## Writing your own consumer", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
@@ -392,8 +392,8 @@ def test_service_writes_offers_serves_metrics_and_stops_on_sigterm(aws_settings,
                                prediction("live-2", 0.05, clicked=now)])
         deadline = time.monotonic() + 40
         while "live-1" not in offers(aws_settings):
-            assert process.poll() is None, (tmp_path / "discount.log").read_text()
-            assert time.monotonic() < deadline, (tmp_path / "discount.log").read_text()
+            assert process.poll() is None, (tmp_path / "discount.log").read_text(encoding="utf-8")
+            assert time.monotonic() < deadline, (tmp_path / "discount.log").read_text(encoding="utf-8")
             time.sleep(0.3)
         while True:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
@@ -409,8 +409,8 @@ def test_service_writes_offers_serves_metrics_and_stops_on_sigterm(aws_settings,
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=20)
-    assert code == 0, (tmp_path / "discount.log").read_text()
-    lines = [json.loads(line) for line in (tmp_path / "discount.log").read_text().splitlines() if line.startswith("{")]
+    assert code == 0, (tmp_path / "discount.log").read_text(encoding="utf-8")
+    lines = [json.loads(line) for line in (tmp_path / "discount.log").read_text(encoding="utf-8").splitlines() if line.startswith("{")]
     assert any(line.get("session_id") == "live-1" and line["msg"].startswith("offer made") for line in lines)
 
 
@@ -453,7 +453,7 @@ def test_kill_9_mid_write_twice_gives_each_qualifying_session_one_offer_and_one_
         try:
             wait_for(lambda: set(offers(aws_settings)) == qualifying, timeout=60, what="every qualifying offer")
             last.send_signal(signal.SIGTERM)
-            assert last.wait(20) == 0, (tmp_path / "last.log").read_text()
+            assert last.wait(20) == 0, (tmp_path / "last.log").read_text(encoding="utf-8")
         finally:
             last.kill()
     table = OfferTable(aws.client("dynamodb"), aws_settings.offers_table, budget_per_hour=10_000,

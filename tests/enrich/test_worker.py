@@ -61,7 +61,7 @@ class Process:
             stop_group(self.popen.pid, timeout=10)
 
     def output(self) -> str:
-        return self.log.read_text()[-3000:]
+        return self.log.read_text(encoding="utf-8")[-3000:]
 
 
 def at_least(items: list, count: int) -> list | None:

@@ -193,7 +193,7 @@ def test_consumer_restart_loses_nothing_and_repeats_only_the_unconfirmed_batch(a
 
 def _status(path: Path) -> list[str]:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return []
 
@@ -228,7 +228,7 @@ def test_two_processes_balance_four_shards_and_take_over_after_kill_9(aws_endpoi
         assert set(_status(states[0])).isdisjoint(_status(states[1]))
         producer = Producer(KinesisStream(aws.client("kinesis"), settings.raw_stream))
         assert producer.send(entries(400, "first")) == []
-        assert _wait(lambda: sum(len(o.read_text().splitlines()) for o in outs if o.exists()) >= 400)
+        assert _wait(lambda: sum(len(o.read_text(encoding="utf-8").splitlines()) for o in outs if o.exists()) >= 400)
         stream = KinesisStream(aws.client("kinesis"), settings.raw_stream)
         ends = {s.shard_id: stream.reader(s.shard_id, None).read(1000).records[-1].sequence_number
                 for s in stream.list_shards()}                  # each shard's last "first" record
@@ -238,8 +238,8 @@ def test_two_processes_balance_four_shards_and_take_over_after_kill_9(aws_endpoi
         assert producer.send(entries(400, "second")) == []
         assert _wait(lambda: len(_status(states[1])) == 4)        # takeover within the lease time
         expected = Counter(d.decode() for _, d in entries(400, "first") + entries(400, "second"))
-        assert _wait(lambda: set(Counter(l for o in outs for l in o.read_text().splitlines())) == set(expected))
-        seen = Counter(line for o in outs for line in o.read_text().splitlines())
+        assert _wait(lambda: set(Counter(l for o in outs for l in o.read_text(encoding="utf-8").splitlines())) == set(expected))
+        seen = Counter(line for o in outs for line in o.read_text(encoding="utf-8").splitlines())
         assert not expected - seen                                 # nothing lost
         duplicates = seen - expected
         assert not duplicates, f"{sum(duplicates.values())} events handled twice, e.g. {list(duplicates)[:5]}"

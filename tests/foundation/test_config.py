@@ -164,7 +164,7 @@ def test_every_section_a_component_loads_is_a_known_one():
     root = Path(__file__).resolve().parents[2]
     loaded = set()
     for source in root.glob("*/*.py"):
-        text = source.read_text()
+        text = source.read_text(encoding="utf-8")
         loaded |= set(re.findall(r'section="([a-z_-]+)"', text))
         loaded |= set(re.findall(r'settings_or_exit\(\w+, "([a-z_-]+)"', text))
     assert {"collector", "enrich", "scorer", "lake", "train", "discount", "liveview"} <= loaded
@@ -220,7 +220,7 @@ def _settings_classes() -> dict[str, type]:
     root = Path(__file__).resolve().parents[2]
     found = {}
     for source in root.glob("*/*.py"):
-        for name in re.findall(r"^class (\w+)\(\w*Settings\):", source.read_text(), flags=re.MULTILINE):
+        for name in re.findall(r"^class (\w+)\(\w*Settings\):", source.read_text(encoding="utf-8"), flags=re.MULTILINE):
             module = importlib.import_module(".".join(source.relative_to(root).with_suffix("").parts))
             found[f"{module.__name__}.{name}"] = getattr(module, name)
     return found

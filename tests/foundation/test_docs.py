@@ -46,7 +46,7 @@ KEY_DOCS = {"collector": ("docs/collector.md", "## Configuration"), "enrich": ("
 @pytest.mark.parametrize("section", sorted(KEY_DOCS))
 def test_every_settings_key_is_in_its_components_doc(section):
     doc, heading = KEY_DOCS[section]
-    documented = _table_keys(_scope((ROOT / doc).read_text(), heading))
+    documented = _table_keys(_scope((ROOT / doc).read_text(encoding="utf-8"), heading))
     missing = sorted(SECTION_KEYS[section] - documented)
     assert not missing, f"[{section}] keys not in the table under {heading!r} of {doc}: {missing}"
 
@@ -54,7 +54,7 @@ def test_every_settings_key_is_in_its_components_doc(section):
 def test_the_shared_and_provisioning_keys_are_in_the_readme():
     from common.config import AwsSettings
 
-    text = _scope((ROOT / "README.md").read_text(), "## Configuration")
+    text = _scope((ROOT / "README.md").read_text(encoding="utf-8"), "## Configuration")
     named = set(re.findall(r"`([a-z][a-z0-9_]*)`", text))
     expected = {field.name for field in dataclasses.fields(AwsSettings)} | SECTION_KEYS["provision"]
     assert expected <= named, sorted(expected - named)
@@ -63,7 +63,7 @@ def test_the_shared_and_provisioning_keys_are_in_the_readme():
 # ----------------------------------------------------------------------------- model.json
 
 def _tree(path: str) -> ast.Module:
-    return ast.parse((ROOT / path).read_text())
+    return ast.parse((ROOT / path).read_text(encoding="utf-8"))
 
 
 def _is_meta(node: ast.AST) -> bool:
@@ -115,7 +115,7 @@ def test_every_model_json_field_is_in_contracts():
     top, nested = _model_json_fields()
     assert {"features", "onnx", "threshold", "feature_version", "metrics", "parity", "version"} <= top  # the reader works
     assert {"input", "probability_output", "positive_index", "opset", "split_at_ms", "roc_auc", "promoted"} <= nested
-    section = _scope((ROOT / "docs/contracts.md").read_text(), "### `model.json`")
+    section = _scope((ROOT / "docs/contracts.md").read_text(encoding="utf-8"), "### `model.json`")
     documented = set(re.findall(r"`([a-z_][a-z0-9_]*)(?:\.[a-z_][a-z0-9_]*)?`", section))
     documented |= set(re.findall(r"`[a-z_][a-z0-9_]*\.([a-z_][a-z0-9_]*)`", section))
     rows = _table_keys(section)
@@ -127,7 +127,7 @@ def test_the_docs_give_the_features_count_and_version_of_the_code():
     """A feature added or a version bumped leaves these figures behind unless a test reads them."""
     from common.features import FEATURE_COUNT, FEATURE_VERSION
 
-    contracts, scorer = (ROOT / "docs/contracts.md").read_text(), (ROOT / "docs/scorer.md").read_text()
+    contracts, scorer = (ROOT / "docs/contracts.md").read_text(encoding="utf-8"), (ROOT / "docs/scorer.md").read_text(encoding="utf-8")
     assert set(re.findall(r"the (\d+) features of the scorer's fold", contracts)) == {str(FEATURE_COUNT)}
     assert set(re.findall(r"`feature_version` \| string \| `\"([^\"]+)\"`", contracts)) == {FEATURE_VERSION}
     assert set(re.findall(r"tensor `\[n, (\d+)\]`", scorer)) == {str(FEATURE_COUNT)}
@@ -136,12 +136,12 @@ def test_the_docs_give_the_features_count_and_version_of_the_code():
 # ----------------------------------------------------------------------------- README and the Makefile
 
 def _recipe(target: str) -> str:
-    text = (ROOT / "Makefile").read_text()
+    text = (ROOT / "Makefile").read_text(encoding="utf-8")
     return re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", text, flags=re.MULTILINE).group(1)
 
 
 def test_the_readme_says_what_make_test_does_with_aws_endpoint_url():
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
     unsets = all("env -u AWS_ENDPOINT_URL" in _recipe(target) for target in ("test", "test-fast"))
     if unsets:      # make test is hermetic: README must say so, and how to point the suite elsewhere
         assert "The test suite runs against whatever `AWS_ENDPOINT_URL` names" not in readme
@@ -152,10 +152,10 @@ def test_the_readme_says_what_make_test_does_with_aws_endpoint_url():
 
 
 def test_the_readmes_bench_example_names_the_report_it_writes():
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
     example = re.search(r'`BENCH_ARGS="([^"]*)"`', readme)
     assert example, "README has no BENCH_ARGS example"
-    source = (ROOT / "bench/__main__.py").read_text()
+    source = (ROOT / "bench/__main__.py").read_text(encoding="utf-8")
     assert '"report-quick.md" if args.quick else "report.md"' in source      # what the next line relies on
     if "--quick" in example.group(1):
         after = readme[example.end():example.end() + 200]

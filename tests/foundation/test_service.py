@@ -25,7 +25,7 @@ SIGNALLED_WAITS = textwrap.dedent("""
 
 def test_a_stop_signal_that_lands_inside_the_wait_on_the_stop_event_still_stops():
     try:
-        done = subprocess.run([sys.executable, "-c", SIGNALLED_WAITS], cwd=ROOT, capture_output=True, text=True, check=False,
+        done = subprocess.run([sys.executable, "-c", SIGNALLED_WAITS], cwd=ROOT, capture_output=True, encoding="utf-8", check=False,
                               timeout=60)
     except subprocess.TimeoutExpired:
         raise AssertionError("a SIGTERM delivered during Event.wait() left the process waiting for ever") from None

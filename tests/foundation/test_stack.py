@@ -68,12 +68,12 @@ def test_an_empty_local_key_file_is_replaced_not_passed_on_as_no_key(tmp_path, m
     monkeypatch.setenv("CLICKSTREAM_PSEUDONYMISATION_KEY", "")      # undone after the test, as the key is set
     (tmp_path / "pseudonymisation.key").write_text("")
     stack.local_pseudonymisation_key()
-    key = (tmp_path / "pseudonymisation.key").read_text()
+    key = (tmp_path / "pseudonymisation.key").read_text(encoding="utf-8")
     assert len(key) == 64 and stack.os.environ["CLICKSTREAM_PSEUDONYMISATION_KEY"] == key
     assert (tmp_path / "pseudonymisation.key").stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pseudonymisation.key"]
     stack.local_pseudonymisation_key()
-    assert (tmp_path / "pseudonymisation.key").read_text() == key        # kept from then on
+    assert (tmp_path / "pseudonymisation.key").read_text(encoding="utf-8") == key        # kept from then on
 
 
 def test_a_log_grown_past_the_limit_moves_aside_when_its_process_starts(process, monkeypatch, tmp_path):
@@ -84,13 +84,13 @@ def test_a_log_grown_past_the_limit_moves_aside_when_its_process_starts(process,
     server.log_file.write_text("x" * 101)                          # the runs before
     try:
         stack.start(server)
-        assert server.log_file.with_name("web.log.1").read_text() == "x" * 101
-        assert not server.log_file.read_text().startswith("x")
+        assert server.log_file.with_name("web.log.1").read_text(encoding="utf-8") == "x" * 101
+        assert not server.log_file.read_text(encoding="utf-8").startswith("x")
     finally:
         stack.stop(server)
     server.log_file.write_text("small")
     try:
         stack.start(server)                                          # below the limit: appended to
-        assert server.log_file.read_text().startswith("small")
+        assert server.log_file.read_text(encoding="utf-8").startswith("small")
     finally:
         stack.stop(server)

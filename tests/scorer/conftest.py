@@ -50,7 +50,7 @@ class ScorerProcess:
     def wait_ready(self, timeout: float = 60) -> ScorerProcess:
         def up():
             if self.proc.poll() is not None:
-                raise AssertionError(f"scorer exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+                raise AssertionError(f"scorer exited with {self.proc.returncode}:\n{self.log_path.read_text(encoding='utf-8')[-3000:]}")
             try:
                 return requests.get(self.url + "/ping", timeout=1).status_code == 200
             except requests.RequestException:

@@ -296,7 +296,7 @@ def test_a_sigterm_while_the_scorer_starts_up_stops_it(aws_endpoint, tmp_path):
     process = ScorerProcess(settings, tmp_path / "scorer.log", model_poll_s=3600)
     try:
         # Right after the model check: before uvicorn has put in its own signal handlers.
-        wait_for(lambda: "no usable CURRENT" in process.log_path.read_text(), interval=0.005, what="the model check")
+        wait_for(lambda: "no usable CURRENT" in process.log_path.read_text(encoding="utf-8"), interval=0.005, what="the model check")
         process.proc.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.proc.wait(timeout=20)

@@ -9,7 +9,7 @@ import pytest
 from batch.train_config import TrainSettings, spark_session
 from tests.train import synth
 
-START = dt.datetime(2026, 11, 20)
+START = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)     # aware: .timestamp() of a naive one reads the machine's zone
 
 
 def fast_settings(**overrides) -> TrainSettings:

@@ -90,7 +90,7 @@ def test_table_cli_cross_validates_with_parity_and_writes_the_bundle(spark, tmp_
     assert out.output.count("parity ok") == 2 and "2-fold ROC AUC" in out.output
     assert f" for evaluation from {csv}" in out.output
     assert "onnxmltools" not in out.output      # the converter's per-tree chatter drowns the summary
-    meta = json.loads((tmp_path / "bundle" / "model.json").read_text())
+    meta = json.loads((tmp_path / "bundle" / "model.json").read_text(encoding="utf-8"))
     assert meta["parity"]["passed"] and meta["feature_version"].startswith("table-")
     assert "Month_Nov" in [f["name"] for f in meta["features"]]
     onnx_bytes = (tmp_path / "bundle" / "model.onnx").read_bytes()

@@ -129,6 +129,7 @@ def test_a_failed_parity_exits_3_without_publishing(args, monkeypatch, tmp_path)
     (tmp_path / "t.csv").write_text("x,y\n1,0\n2,1\n")
     monkeypatch.setattr(train_cli.train_table, "run", lambda *a, **k: (failed_parity(), None))
     monkeypatch.setattr(train_cli, "run_events", lambda *a, **k: (failed_parity(), None))
+    monkeypatch.setattr(train_cli, "check_bucket", lambda settings: None)      # no bucket: training is stubbed
     args = [arg.format(csv=tmp_path / "t.csv", out=tmp_path / "bundle") for arg in args]
     out = CliRunner().invoke(train_main, args, env=FAST_ENV)
     assert not (tmp_path / "bundle").exists(), out.output
@@ -155,6 +156,7 @@ def test_a_bundle_that_cannot_be_written_after_publishing_still_shows_the_summar
     (tmp_path / "t.csv").write_text("x,y\n1,0\n2,1\n")
     outcome = {"version": "20261202T180000Z", "promoted": True, "reasons": []}
     monkeypatch.setattr(train_cli.train_table, "run", lambda *a, **k: (passed, outcome))
+    monkeypatch.setattr(train_cli, "check_bucket", lambda settings: None)
 
     def disk_full(folder, result):
         raise OSError(28, "No space left on device")
@@ -189,7 +191,7 @@ def test_the_command_prints_no_spark_start_up_chatter(tmp_path):
     pd.DataFrame({"x": x, "y": (x + rng.normal(scale=0.5, size=300) > 0.8).astype(int)}).to_csv(tmp_path / "t.csv")
     result = subprocess.run([sys.executable, "-m", "batch.train", "--table", str(tmp_path / "t.csv"), "--label", "y",
                              "--out", str(tmp_path / "bundle")], cwd=ROOT, env={**os.environ, **FAST_ENV},
-                            capture_output=True, text=True, timeout=300, check=False)
+                            capture_output=True, encoding="utf-8", timeout=300, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "bundle" / "model.onnx").is_file()
     chatter = [line for line in result.stderr.splitlines()
