@@ -38,16 +38,18 @@ def at_threshold(y, p, threshold: float) -> dict:
     counts = {"true_positives": int((flagged & y).sum()), "false_positives": int((flagged & ~y).sum()),
               "false_negatives": int((~flagged & y).sum()), "true_negatives": int((~flagged & ~y).sum())}
     counts["flagged"] = counts["true_positives"] + counts["false_positives"]
+    tp, flagged = counts["true_positives"], counts["flagged"]
+    counts["precision"] = tp / flagged if flagged else None        # none flagged: no precision to speak of
+    counts["recall"] = tp / max(1, tp + counts["false_negatives"])
+    counts["false_positive_rate"] = counts["false_positives"] / max(1, counts["false_positives"] + counts["true_negatives"])
     return counts
 
 
-def _plots(y, p, meta: dict) -> list[tuple[str, str, str]]:
+def _plots(y, p, meta: dict, counts: dict) -> list[tuple[str, str, str]]:
     """(alt text, caption, image) of the ROC, PR and calibration plots."""
     c, metrics, t = curves(y, p), meta["metrics"], meta["threshold"]
-    counts = at_threshold(y, p, t)
-    positives, negatives = max(1, metrics["positives"]), max(1, metrics["rows"] - metrics["positives"])
-    recall, fpr = counts["true_positives"] / positives, counts["false_positives"] / negatives
-    precision = counts["true_positives"] / counts["flagged"] if counts["flagged"] else 1.0
+    recall, fpr = counts["recall"], counts["false_positive_rate"]
+    precision = 1.0 if counts["precision"] is None else counts["precision"]     # where the PR curve starts
     roc, ax = plt.subplots(figsize=(4.5, 4))
     ax.plot(c["fpr"], c["tpr"], label=f"model, AUC {metrics['roc_auc']:.3f}")
     ax.plot([0, 1], [0, 1], ":", color="grey", label="chance, AUC 0.5")
@@ -108,13 +110,10 @@ def _about(meta: dict) -> str:
     return f"<p>{data}</p><p>{run}</p>"
 
 
-def _reading(meta: dict, y, p) -> str:
+def _reading(meta: dict, counts: dict) -> str:
     """The figures in words, each against what chance would give."""
-    m, t = meta["metrics"], meta["threshold"]
-    base, counts = m["base_rate"], at_threshold(y, p, t)
-    flagged = counts["flagged"]
-    precision = counts["true_positives"] / flagged if flagged else 0.0
-    recall = counts["true_positives"] / max(1, m["positives"])
+    m, base = meta["metrics"], meta["metrics"]["base_rate"]
+    flagged, precision, recall = counts["flagged"], counts["precision"] or 0.0, counts["recall"]
     items = [
         (f"<b>ROC AUC {m['roc_auc']:.3f}</b>: the chance that a random buying session scores above a random "
         "non-buying one (0.5 is chance, 1 is perfect)."),
@@ -187,7 +186,7 @@ def _table(rows: list[tuple], head: tuple) -> str:
 
 
 def render(meta: dict, y, p) -> bytes:
-    metrics = meta["metrics"]
+    metrics, counts = meta["metrics"], at_threshold(y, p, meta["threshold"])
     name = html.escape(str(meta["name"]))
     version = html.escape(str(meta["version"])) if meta.get("version") else "unpublished (a local run)"
     summary = [(key, f"{metrics[key]:.4f}" if isinstance(metrics[key], float) else metrics[key])
@@ -195,7 +194,7 @@ def render(meta: dict, y, p) -> bytes:
     summary += [("threshold", threshold_text(meta)),
                 ("parity max |p_onnx - p_spark|", f"{meta['parity']['max_abs_diff']:.2e} on {meta['parity']['rows']} rows")]
     images = "".join(f'<figure><img alt="{html.escape(alt)}" src="{uri}"><figcaption>{html.escape(caption)}'
-                     "</figcaption></figure>" for alt, caption, uri in _plots(y, p, meta))
+                     "</figcaption></figure>" for alt, caption, uri in _plots(y, p, meta, counts))
     calibration = _table([(f"{b['low']:.1f}-{b['high']:.1f}", b["count"], f"{b['mean_p']:.3f}", f"{b['rate']:.3f}")
                           for b in metrics["calibration"]], ("bin", "rows", "mean p", "observed rate"))
     head = {k: v for k, v in meta.items() if k not in ("metrics", "feature_importances", "features")}
@@ -204,8 +203,8 @@ def render(meta: dict, y, p) -> bytes:
 <title>{name} {version}</title><style>{STYLE}</style></head><body>
 <h1>Model {name}, version {version}</h1>
 {_about(meta)}
-<h2>What the figures say</h2>{_reading(meta, y, p)}
-<h2>Decisions at the threshold</h2>{_decisions(at_threshold(y, p, meta['threshold']))}
+<h2>What the figures say</h2>{_reading(meta, counts)}
+<h2>Decisions at the threshold</h2>{_decisions(counts)}
 <h2>Promotion</h2>{_promotion(meta)}
 <h2>Evaluation</h2>{_table(summary, ('metric', 'value'))}
 {images}
