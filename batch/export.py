@@ -151,19 +151,18 @@ class Parity:
                 f"> {self.tolerance:g} on {self.rows} evaluation rows; worst rows: {rows}")
 
 
-def check(matrix: np.ndarray, assembled: np.ndarray, p_spark: np.ndarray, p_onnx: np.ndarray,
-          row_ids: list[str], stages: list[str], tolerance: float = 1e-5) -> Parity:
+def check(input_diff: np.ndarray, p_spark: np.ndarray, p_onnx: np.ndarray, row_ids: list[str],
+          stages: list[str], tolerance: float = 1e-5) -> Parity:
     """Compare stage by stage: the assembled vector Spark scored must be the float32 input ONNX
-    scored (else the assembler stage is at fault); then the probabilities (the classifier stage)."""
-    x32 = np.asarray(matrix, dtype=np.float32).astype(np.float64)
-    input_diff = np.abs(np.asarray(assembled, dtype=np.float64) - x32).max(axis=1) if len(x32) else np.zeros(0)
+    scored (``input_diff``, per row, else the assembler stage is at fault); then the probabilities
+    (the classifier stage)."""
+    input_diff = np.asarray(input_diff, dtype=np.float64)
     diff = np.abs(p_onnx - p_spark)
-    stage, per_row = stages[-1], diff
-    if len(input_diff) and input_diff.max() > 0:
-        stage, per_row = stages[0], input_diff
+    assembler_at_fault = bool(len(input_diff) and input_diff.max() > 0)
+    stage, per_row = (stages[0], input_diff) if assembler_at_fault else (stages[-1], diff)
     worst_rows = np.argsort(-per_row, kind="stable")[:5]
     max_diff = float(diff.max()) if len(diff) else 0.0
-    passed = max_diff <= tolerance and not (len(input_diff) and input_diff.max() > 0)
+    passed = max_diff <= tolerance and not assembler_at_fault
     worst = [{"row": row_ids[i], "p_spark": float(p_spark[i]), "p_onnx": float(p_onnx[i]),
               "abs_diff": float(diff[i])} for i in worst_rows]
     return Parity(passed, max_diff, len(diff), tolerance, None if passed else stage,

@@ -30,7 +30,7 @@ WEIGHT = "class_weight"
 # Columns the pipeline adds next to the features: a feature of the same name would be overwritten
 # (the weight, which encodes the label) or stop Spark ("column already exists").
 PIPELINE_COLUMNS = (WEIGHT, "features", "rawPrediction", "probability", "prediction", "p_spark", "p_onnx",
-                    "_assembled")
+                    "_assembled", "_input_diff")
 
 
 @dataclass
@@ -38,7 +38,7 @@ class TrainResult:
     pipeline_model: PipelineModel
     onnx_bytes: bytes
     meta: dict                      # model.json, without "version" until published
-    eval_rows: pd.DataFrame         # ids, features, label, p_spark, p_onnx
+    eval_rows: pd.DataFrame         # ids, label, features (float32), p_spark, p_onnx
     parity: export.Parity
     timings: dict = field(default_factory=dict)
 
@@ -125,11 +125,16 @@ def importances(model: PipelineModel, feature_names: list[str]) -> dict[str, flo
 
 
 def score_with_spark(model: PipelineModel, rows: DataFrame, feature_names: list[str], id_columns: list[str]) -> pd.DataFrame:
-    """The evaluation rows with what Spark saw (``_assembled``) and its probability of class 1."""
-    scored = model.transform(rows).select(
-        *id_columns, *feature_names, vector_to_array("features").alias("_assembled"),
-        vector_to_array("probability")[1].alias("p_spark"))
-    return scored.toPandas()
+    """The evaluation rows on the driver: ids, the features as float32 (what ONNX scores), Spark's
+    probability of class 1, and ``_input_diff``, how far the vector Spark scored is from those float32
+    features (0 unless the assembler stage is at fault). The difference is worked out in Spark:
+    collecting the assembled vectors too made the driver hold every row twice, in float64."""
+    scored = model.transform(rows).withColumn("_assembled", vector_to_array("features"))
+    gaps = [F.abs(F.col("_assembled")[i] - F.col(name).cast("float").cast("double"))
+            for i, name in enumerate(feature_names)]
+    input_diff = F.greatest(*gaps) if len(gaps) > 1 else gaps[0]
+    return scored.select(*id_columns, *(F.col(name).cast("float").alias(name) for name in feature_names),
+                         vector_to_array("probability")[1].alias("p_spark"), input_diff.alias("_input_diff")).toPandas()
 
 
 def code_version() -> str:
@@ -157,12 +162,11 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
     with steps("export"):
         onnx_bytes = export.to_onnx(spark, model.stages[-1], len(feature_names), name=settings.model_name)
     with steps("parity"):
-        matrix = scored[list(feature_names)].to_numpy(dtype=np.float64)
-        assembled = np.stack(scored["_assembled"].to_numpy()) if len(scored) else np.zeros((0, len(feature_names)))
-        scored["p_onnx"] = export.onnx_probabilities(onnx_bytes, matrix)
+        scored["p_onnx"] = export.onnx_probabilities(onnx_bytes, scored[list(feature_names)].to_numpy())
         stages = [f"{type(stage).__name__}({stage.uid})" for stage in model.stages]
-        parity = export.check(matrix, assembled, scored["p_spark"].to_numpy(), scored["p_onnx"].to_numpy(),
-                              scored[row_id].astype(str).tolist(), stages, settings.parity_tolerance)
+        parity = export.check(scored["_input_diff"].to_numpy(), scored["p_spark"].to_numpy(),
+                              scored["p_onnx"].to_numpy(), scored[row_id].astype(str).tolist(), stages,
+                              settings.parity_tolerance)
     # The scorer decides on ONNX's float32 scores: the threshold is chosen on those, so the many rows
     # a tree model ties at it fall on the same side in serving as in the precision and recall reported.
     threshold = choose_threshold(scored[label], scored["p_onnx"], settings.threshold_objective,
@@ -182,7 +186,7 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
         "spark_version": spark.version, "code_version": code_version(), "parity": parity.as_meta(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return TrainResult(model, onnx_bytes, meta, scored.drop(columns=["_assembled"]), parity, steps.timings)
+    return TrainResult(model, onnx_bytes, meta, scored.drop(columns=["_input_diff"]), parity, steps.timings)
 
 
 def utc_text(epoch_ms: int) -> str:

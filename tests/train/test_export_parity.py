@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 
 from batch import export
 from batch.train import main as train_main
+from batch.train_model import score_with_spark
 from batch.train_table import prepare, train_from_table
 from tests.train.conftest import fast_settings
 
@@ -109,7 +111,7 @@ def test_imputed_table_fills_from_training_rows_and_records_the_medians(spark):
     assert not result.eval_rows["ProductRelated"].isna().any()
 
 
-def test_thresholds_between_float32_neighbours_route_like_spark(spark):
+def test_thresholds_between_float32_neighbours_route_like_spark(spark, tmp_path, monkeypatch):
     """Two adjacent float32 values: Spark splits at their float64 midpoint, which rounds (to even)
     onto the upper value in float32. Unfixed, that value goes the wrong way in ONNX."""
     low = np.nextafter(np.float32(1.0), np.float32(2.0))          # odd mantissa: the tie rounds up
@@ -125,6 +127,7 @@ def test_thresholds_between_float32_neighbours_route_like_spark(spark):
     import onnxmltools
     from onnxmltools.convert.common.data_types import FloatTensorType
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))     # where it saves every tree, and leaves them
     with contextlib.redirect_stdout(io.StringIO()):
         raw = onnxmltools.convert_sparkml(result.pipeline_model.stages[-1], "raw",
                                           [("features", FloatTensorType([None, 2]))], target_opset=15,
@@ -135,12 +138,31 @@ def test_thresholds_between_float32_neighbours_route_like_spark(spark):
 
 
 def test_parity_check_names_rows_and_stage():
-    matrix = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
     p_spark = np.array([0.1, 0.5, 0.9])
-    failed = export.check(matrix, matrix, p_spark, p_spark + [0, 0.2, 1e-7], ["a", "b", "c"],
-                          ["VectorAssembler(va)", "GBTClassificationModel(gbt)"])
+    stages = ["VectorAssembler(va)", "GBTClassificationModel(gbt)"]
+    failed = export.check(np.zeros(3), p_spark, p_spark + [0, 0.2, 1e-7], ["a", "b", "c"], stages)
     assert not failed.passed and failed.stage == "GBTClassificationModel(gbt)"
     assert failed.worst[0]["row"] == "b" and "worst rows: b" in failed.message()
-    drift = export.check(matrix, matrix + [[0, 0], [0, 0.5], [0, 0]], p_spark, p_spark, ["a", "b", "c"],
-                         ["VectorAssembler(va)", "GBTClassificationModel(gbt)"])
+    drift = export.check(np.array([0, 0.5, 0]), p_spark, p_spark, ["a", "b", "c"], stages)
     assert not drift.passed and drift.stage == "VectorAssembler(va)" and drift.worst[0]["row"] == "b"
+    assert export.check(np.zeros(3), p_spark, p_spark + 1e-7, ["a", "b", "c"], stages).passed
+
+
+def test_spark_measures_how_far_the_assembled_vector_is_from_float32(spark, table):
+    """The evaluation rows reach the driver as float32 features, Spark's probability and the input gap
+    (worked out in Spark, not by collecting the vectors): a value float32 cannot hold shows there."""
+    result = train_from_table(spark, table, fast_settings(algorithm="lr", max_iter=5))
+    rows = table.frame.head(3).fillna(0.0).copy()
+    first = table.feature_names[0]
+    rows[first] = rows[first].astype(np.float64)
+    rows.loc[rows.index[1], first] = 2.0 + 1e-9                # not a float32 value
+    scored = score_with_spark(result.pipeline_model, spark.createDataFrame(rows), table.feature_names,
+                              ["row_id", "label"])
+    assert scored[first].dtype == np.float32 and "_assembled" not in scored.columns
+    assert scored["_input_diff"].tolist() == pytest.approx([0.0, 1e-9, 0.0], abs=1e-12)
+    assert scored["_input_diff"].iloc[1] > 0
+    parity = export.check(scored["_input_diff"].to_numpy(), scored["p_spark"].to_numpy(),
+                          scored["p_spark"].to_numpy(), scored["row_id"].astype(str).tolist(),
+                          ["VectorAssembler(va)", "LogisticRegressionModel(lr)"])
+    assert not parity.passed and parity.stage == "VectorAssembler(va)"
+    assert parity.worst[0]["row"] == str(rows["row_id"].iloc[1])
