@@ -21,6 +21,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -437,6 +438,7 @@ def read_bad(s3, bucket: str, start=None, end=None) -> Iterator[tuple[str, dict]
 # ---------------------------------------------------------------------------------------- local sync
 
 MANIFEST = ".sync-manifest.json"
+SYNC_THREADS = 8
 LAKE_FILE = re.compile(r"enriched/date=\d{4}-\d{2}-\d{2}/hour=\d{2}/[^/.][^/]*\.parquet")
 
 
@@ -451,8 +453,6 @@ def sync_partitions(bucket: str, start_date: str | dt.date, end_date: str | dt.d
     lake. Files appear atomically (written aside, then renamed). Without ``s3``, the client is built
     for ``region`` (the settings' region; empty: boto3's own).
     """
-    from tqdm import tqdm
-
     from common import aws
 
     s3 = s3 or aws.client("s3", region)
@@ -462,25 +462,52 @@ def sync_partitions(bucket: str, start_date: str | dt.date, end_date: str | dt.d
     manifest = _read_manifest(manifest_path)
     objects = _lake_files(objects_between(s3, bucket, "enriched", start_date, end_date))
     todo = [obj for obj in objects if not _cached(cache, manifest, obj)]
-    with tqdm(total=sum(obj["Size"] for obj in todo), unit="B", unit_scale=True, desc="sync lake",
-              disable=not progress) as bar:
-        for obj in todo:
-            target = cache / obj["Key"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # A leading dot: Spark and pyarrow skip hidden files, so a crashed sync leaves nothing they read.
-            partial = target.with_name(f".{target.name}.part")
-            s3.download_file(bucket, obj["Key"], str(partial))
-            os.replace(partial, target)
-            manifest[obj["Key"]] = {"etag": obj["ETag"], "size": obj["Size"]}
-            bar.update(obj["Size"])
+    try:
+        _download_all(s3, bucket, cache, todo, manifest, progress)
+    except BaseException:
+        _write_manifest(manifest_path, manifest)      # what was copied before the failure: the next sync resumes
+        raise
     wanted = {obj["Key"] for obj in objects}
     _drop_unwanted(cache, wanted)
-    manifest = {key: entry for key, entry in manifest.items() if key in wanted}
     root.mkdir(parents=True, exist_ok=True)
-    partial = manifest_path.with_name(f"{MANIFEST}.part")
-    partial.write_text(json.dumps(manifest, indent=0, sort_keys=True))
-    os.replace(partial, manifest_path)          # a full disk leaves the previous manifest whole
+    _write_manifest(manifest_path, {key: entry for key, entry in manifest.items() if key in wanted})
     return root
+
+
+def _download_all(s3, bucket: str, cache: Path, objects: list[dict], manifest: dict, progress: bool) -> None:
+    """Copy ``objects`` into the cache, SYNC_THREADS at a time, adding each to ``manifest`` once whole.
+    A lake holds many small files and one GET waits mostly on the network: one at a time, a 30-day
+    window of 17,857 files took minutes."""
+    from tqdm import tqdm
+
+    with tqdm(total=sum(obj["Size"] for obj in objects), unit="B", unit_scale=True, desc="sync lake",
+              disable=not progress) as bar, ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="sync") as pool:
+        futures = [pool.submit(_download, s3, bucket, cache, obj) for obj in objects]
+        try:
+            for future in as_completed(futures):
+                obj = future.result()
+                manifest[obj["Key"]] = {"etag": obj["ETag"], "size": obj["Size"]}
+                bar.update(obj["Size"])
+        except BaseException:
+            pool.shutdown(cancel_futures=True)          # the first failure stops the copy
+            raise
+
+
+def _download(s3, bucket: str, cache: Path, obj: dict) -> dict:
+    target = cache / obj["Key"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A leading dot: Spark and pyarrow skip hidden files, so a crashed sync leaves nothing they read.
+    partial = target.with_name(f".{target.name}.part")
+    s3.download_file(bucket, obj["Key"], str(partial))
+    os.replace(partial, target)
+    return obj
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{MANIFEST}.part")
+    partial.write_text(json.dumps(manifest, indent=0, sort_keys=True))
+    os.replace(partial, path)          # a full disk leaves the previous manifest whole
 
 
 def _lake_files(objects: list[dict]) -> list[dict]:

@@ -16,6 +16,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from botocore.exceptions import ClientError
 from click.testing import CliRunner
 
 from batch import lake
@@ -239,6 +240,36 @@ def test_a_local_copy_damaged_on_disk_or_a_torn_manifest_is_mended_by_the_next_s
     assert sorted(orjson.loads((tmp_path / lake.MANIFEST).read_bytes())) == \
         [file.relative_to(tmp_path).as_posix() for file in (cached, *others)]
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_a_sync_that_fails_part_way_resumes_where_it_stopped(aws_settings, s3, tmp_path):
+    """Downloads run in parallel; when one fails the sync fails, and the files already copied are in the
+    manifest, so the next sync fetches only the rest."""
+    sink = lake.S3Sink(s3, aws_settings.bucket)
+    for hour in range(12):
+        events = [make_event(i, at=BASE + dt.timedelta(hours=hour, minutes=i)) for i in range(2)]
+        write_enriched(sink, "shardId-000000000000", event_records(events, start=10 * hour + 1), "enriched")
+    keys = sorted(obj["Key"] for obj in lake.objects_between(s3, aws_settings.bucket, "enriched", "2026-11-29"))
+    broken, fetched = keys[-1], []
+
+    def fail_one(params, **_):
+        if params["Key"] == broken:
+            raise ClientError({"Error": {"Code": "AccessDenied", "Message": f"denied: {broken}"}}, "GetObject")
+        fetched.append(params["Key"])
+
+    s3.meta.events.register("before-parameter-build.s3.GetObject", fail_one)
+    with pytest.raises(ClientError, match="AccessDenied"):
+        lake.sync_partitions(aws_settings.bucket, "2026-11-29", "2026-11-29", tmp_path, s3=s3, progress=False)
+    copied = set(orjson.loads((tmp_path / lake.MANIFEST).read_bytes()))
+    assert broken not in copied and copied <= set(fetched)
+
+    s3.meta.events.unregister("before-parameter-build.s3.GetObject", fail_one)
+    fetched.clear()
+    s3.meta.events.register("before-parameter-build.s3.GetObject", lambda params, **_: fetched.append(params["Key"]))
+    root = lake.sync_partitions(aws_settings.bucket, "2026-11-29", "2026-11-29", tmp_path, s3=s3, progress=False)
+    assert set(fetched) == set(keys) - copied and broken in fetched
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in root.rglob("*.parquet")) == keys
+    assert not list(root.rglob(".*.part"))
 
 
 def test_sync_keeps_only_the_range_asked_for(aws_settings, s3, tmp_path):
