@@ -26,7 +26,15 @@ from batch import train_table
 from batch.export import ExportError
 from batch.train_config import LAKE_URL_SCHEMES, TrainSettings, spark_session
 from batch.train_features import ID_COLUMNS, build_examples, read_events, require_trainable
-from batch.train_lake import TrainError, Window, check_files, local_window, unreadable_file_error, window_files
+from batch.train_lake import (
+    TrainError,
+    Window,
+    check_files,
+    local_window,
+    spark_paths,
+    unreadable_file_error,
+    window_files,
+)
 from batch.train_metrics import threshold_text
 from batch.train_model import Steps, TrainResult, fit_and_export, time_split, utc_text
 from batch.train_publish import ParityError, publish, write_bundle
@@ -67,7 +75,7 @@ def load_window(spark, settings: TrainSettings, window: Window, steps: Steps | N
             raise _empty_window(settings, window)
         earlier = check_files(window_files(root, before), skip_corrupt=settings.skip_corrupt_files)
         log.info("reading %d lake files of %s and %d of its lead-in %s", len(files), window, len(earlier), before)
-        return read_events(spark, root, earlier + files, skip_corrupt=settings.skip_corrupt_files)
+        return read_events(spark, root, spark_paths(root, earlier + files), skip_corrupt=settings.skip_corrupt_files)
 
 
 def lead_in(window: Window, gap_minutes: int) -> Window:
@@ -99,8 +107,7 @@ def train_from_events(spark, events: DataFrame, settings: TrainSettings, *, wind
     try:
         with steps("features"):
             since = window_start_ms(window) if window else None
-            examples = build_examples(events, settings.session_gap_minutes, since,
-                                      settings.max_session_events).cache()
+            examples = build_examples(events, settings.session_gap_minutes, since, settings.max_session_events)
             stats = require_trainable(examples, window or "given")
             train, evaluation, cutoff = time_split(examples, settings.eval_fraction)
         result = fit_and_export(spark, train, evaluation, list(FEATURE_NAMES), settings, steps,
@@ -177,7 +184,7 @@ def run_events(settings: TrainSettings, *, publish_model: bool = True) -> tuple[
         try:
             result = train_from_events(spark, events, settings, window=window, steps=steps)
         except Exception as exc:
-            clear = unreadable_file_error(exc)
+            clear = unreadable_file_error(exc) or out_of_memory_error(exc, settings)
             if clear is None:
                 raise
             raise clear from None
@@ -188,6 +195,16 @@ def run_events(settings: TrainSettings, *, publish_model: bool = True) -> tuple[
         return result, outcome
     finally:
         steps.close()
+
+
+def out_of_memory_error(exc: Exception, settings: TrainSettings) -> TrainError | None:
+    """What to do when the JVM ran out of heap (a Java stack trace otherwise); None for other failures."""
+    if "java.lang.OutOfMemoryError" not in str(exc):
+        return None
+    return TrainError(f"Spark ran out of memory (java.lang.OutOfMemoryError) with spark_driver_memory "
+                      f"{settings.spark_driver_memory}: raise CLICKSTREAM_SPARK_DRIVER_MEMORY (under local[*] the "
+                      "driver's heap is also the only executor's), or train on fewer rows (a shorter window, "
+                      "a smaller eval_fraction)")
 
 
 def check_table_options(table, **given) -> None:

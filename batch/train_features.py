@@ -44,14 +44,15 @@ EXAMPLE_COLUMNS = [field.name for field in EXAMPLE_SCHEMA.fields]
 log = logging.getLogger(__name__)
 
 
-def read_events(spark: SparkSession, root: Path | str, files: list[Path] | None = None,
+def read_events(spark: SparkSession, root: Path | str, paths: list[Path | str] | None = None,
                 skip_corrupt: bool = False) -> DataFrame:
-    """The enriched events of the lake folder (or of just ``files`` under it). ``skip_corrupt`` also
-    leaves out files whose data pages fail to decode (their footers read fine in ``check_files``)."""
+    """The enriched events of the lake folder, or of just ``paths`` under it (files, date folders or
+    a glob). ``skip_corrupt`` also leaves out files whose data pages fail to decode (their footers
+    read fine in ``check_files``)."""
     reader = spark.read.option("basePath", str(root)).option("mergeSchema", "true")
     if skip_corrupt:
         reader = reader.option("ignoreCorruptFiles", "true")
-    paths = [str(path) for path in files] if files is not None else [str(root)]
+    paths = [str(path) for path in paths] if paths is not None else [str(root)]
     return reader.parquet(*paths)
 
 
@@ -120,12 +121,23 @@ def build_examples(events: DataFrame, gap_minutes: int = 30, window_start_ms: in
     """Prefix examples (EXAMPLE_SCHEMA) of every finished session in ``events``; with
     ``window_start_ms``, only of those first collected then or later (``events`` then include the
     window's lead-in, so that a session running at its start is seen whole, and known to be earlier).
-    With ``max_session_events``, sessions with more events are left out too, and a warning names them."""
-    sessions = sessionise(_as_millis(events), gap_minutes)
-    if window_start_ms is not None:
-        sessions = sessions.join(_collected_before(sessions, window_start_ms), "session_id", "left_anti")
-    sessions = finished_sessions(sessions, gap_minutes, max_session_events)
-    return sessions.groupBy("session_id").applyInArrow(session_examples, schema=EXAMPLE_SCHEMA)
+    With ``max_session_events``, sessions with more events are left out too, and a warning names them.
+
+    The examples come back cached and computed (the caller unpersists them): training reads them
+    several times, and the sessionised events they come from, read by the passes below that leave
+    sessions out, are cached only while they are built. Without that, each pass read the lake and
+    sorted it into sessions again (five reads of the lake in all)."""
+    sessions = sessionise(_as_millis(events), gap_minutes).cache()
+    try:
+        kept = sessions
+        if window_start_ms is not None:
+            kept = kept.join(_collected_before(sessions, window_start_ms), "session_id", "left_anti")
+        kept = finished_sessions(kept, gap_minutes, max_session_events)
+        examples = kept.groupBy("session_id").applyInArrow(session_examples, schema=EXAMPLE_SCHEMA).cache()
+        examples.count()
+    finally:
+        sessions.unpersist()
+    return examples
 
 
 def _collected_before(sessions: DataFrame, start_ms: int) -> DataFrame:

@@ -50,6 +50,25 @@ def window_files(root: Path, window: Window) -> list[Path]:
     return [file for day in window.days() for file in sorted((root / f"date={day}").glob("hour=*/*.parquet"))]
 
 
+def spark_paths(root: Path, files: list[Path]) -> list[Path]:
+    """What to give Spark to read ``files`` (under ``root``'s date folders): a date folder when it
+    holds those files and nothing else Spark could read, else the files themselves. Spark lists a
+    folder in one call but looks up each file path it is given: 36 s for the 17,857 files of a
+    30-day window."""
+    by_day: dict[Path, set[Path]] = {}
+    for file in files:
+        by_day.setdefault(root / file.relative_to(root).parts[0], set()).add(file)
+    paths: list[Path] = []
+    for folder, chosen in by_day.items():
+        visible = {path for path in folder.rglob("*") if path.is_file()
+                   and not any(part.startswith(".") for part in path.relative_to(folder).parts)}
+        # Spark skips names starting with "_" in a folder, but reads such a file when named.
+        only_chosen = visible == chosen and not any(part.startswith("_") for file in chosen
+                                                    for part in file.relative_to(folder).parts)
+        paths.extend([folder] if only_chosen else sorted(chosen))
+    return paths
+
+
 CORRUPT_ADVICE = ("Re-run the lake loader for those hours, move the files away, or set "
                   "CLICKSTREAM_SKIP_CORRUPT_FILES=true to train without them.")
 

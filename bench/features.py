@@ -25,7 +25,7 @@ START = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
 def _spark_pass(spark, root: Path) -> tuple[float, set[str], int]:
     """One features step over the lake folder: seconds, the sessions kept, the example rows."""
     started = time.perf_counter()
-    examples = build_examples(read_events(spark, root), SETTINGS.session_gap_minutes).cache()
+    examples = build_examples(read_events(spark, root), SETTINGS.session_gap_minutes)
     rows = examples.count()
     seconds = time.perf_counter() - started
     kept = {row.session_id for row in examples.select("session_id").distinct().collect()}
