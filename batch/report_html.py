@@ -167,16 +167,21 @@ def _cross_validation(meta: dict) -> str:
 
 def _importances(meta: dict) -> str:
     ranked = list(meta["feature_importances"].items())
-    top = ranked[:TOP_IMPORTANCES][::-1]
+    by_column = list(meta.get("importance_by_column", {}).items())
+    summed = 0 < len(by_column) < len(ranked)      # some column was one-hot encoded: chart it whole
+    shown, unit = (by_column, "columns") if summed else (ranked, "features")
+    top = shown[:TOP_IMPORTANCES][::-1]
     figure, ax = plt.subplots(figsize=(6, 0.3 * len(top) + 1))
     ax.barh([name for name, _ in top], [value for _, value in top], color="C0")
-    ax.set(xlabel="importance (share of the total)", title=f"Top {len(top)} features")
+    ax.set(xlabel="importance (share of the total)", title=f"Top {len(top)} {unit}")
     kind = ("|coefficient|, normalised (logistic regression: inputs are not scaled, so only a rough guide)"
             if meta["algorithm"] == "lr" else "Spark's split-gain importance, normalised to sum to 1")
+    grouping = (" The chart sums the values of each one-hot encoded column (its 0/1 features); the table "
+                "lists every feature." if summed else "")
     full = _table([(name, f"{value:.4f}") for name, value in ranked], ("feature", "importance"))
-    return (f"<p>{kind}. A categorical column one-hot encoded counts once per value.</p>"
-            f'<figure><img alt="Bar chart of the {len(top)} most important features, led by '
-            f'{html.escape(ranked[0][0]) if ranked else "none"}" class="wide" src="{_png(figure)}"></figure>'
+    return (f"<p>{kind}.{grouping}</p>"
+            f'<figure><img alt="Bar chart of the {len(top)} most important {unit}, led by '
+            f'{html.escape(shown[0][0]) if shown else "none"}" class="wide" src="{_png(figure)}"></figure>'
             f"<details><summary>All {len(ranked)} features</summary>{full}</details>")
 
 

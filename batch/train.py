@@ -36,12 +36,12 @@ from batch.train_lake import (
     window_files,
 )
 from batch.train_metrics import threshold_text
-from batch.train_model import Steps, TrainResult, fit_and_export, time_split, utc_text
+from batch.train_model import Steps, TrainResult, fit_and_export, importance_by_column, time_split, utc_text
 from batch.train_publish import ParityError, publish, write_bundle
 from common import aws, logs
 from common.cli import CLI_CONTEXT, AwsCommand
 from common.config import ConfigError, load
-from common.features import FEATURE_NAMES, FEATURE_VERSION
+from common.features import FEATURE_NAMES, FEATURE_VERSION, ONE_HOT_GROUPS
 
 __all__ = ["TrainError", "TrainResult", "TrainSettings", "load_window", "main", "publish", "read_events",
            "train_from_events"]
@@ -121,7 +121,8 @@ def train_from_events(spark, events: DataFrame, settings: TrainSettings, *, wind
     training_window = {**(window.as_dict() if window else {}), "split_at_ms": cutoff, "sessions": stats["sessions"],
                        "buying_sessions": stats["buyers"], "examples": stats["rows"]}
     result.meta.update(feature_version=FEATURE_VERSION, label=LABEL, session_gap_s=settings.session_gap_minutes * 60,
-                       training_window=training_window)
+                       training_window=training_window,
+                       importance_by_column=importance_by_column(result.meta["feature_importances"], ONE_HOT_GROUPS))
     examples.unpersist()
     return result
 

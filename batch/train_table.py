@@ -24,7 +24,7 @@ from tqdm import tqdm
 from batch.train_config import TrainSettings, spark_session
 from batch.train_lake import TrainError
 from batch.train_metrics import evaluate
-from batch.train_model import PIPELINE_COLUMNS, Steps, TrainResult, fit_and_export
+from batch.train_model import PIPELINE_COLUMNS, Steps, TrainResult, fit_and_export, importance_by_column
 from common import emails
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class Table:
     source: str
     label_column: str
     notes: list[str] = field(default_factory=list)
+    one_hot: dict[str, list[str]] = field(default_factory=dict)     # categorical column -> its 0/1 columns
 
     @property
     def feature_version(self) -> str:
@@ -121,7 +122,7 @@ def prepare(frame: pd.DataFrame, label: str, *, drop=(), categorical=(), missing
     _refuse_non_finite(features, numeric, source)
     features, numeric = _drop_empty(features, numeric, notes)
     features, y = _fill_missing(features, y, numeric, missing, notes)
-    x, origins = _one_hot(features, numeric, kinds, notes)
+    x, origins, one_hot = _one_hot(features, numeric, kinds, notes)
     _refuse_reserved(x.columns, source)
     _refuse_collisions(list(x.columns), origins, source)
     # Same reason as the event features: ONNX sees float32, so Spark must see the same values.
@@ -132,7 +133,7 @@ def prepare(frame: pd.DataFrame, label: str, *, drop=(), categorical=(), missing
         raise TrainError(f"{source}: the label {label!r} has a single value; nothing to learn")
     for note in notes:
         log.info("%s: %s", source, note)
-    return Table(out, list(x.columns), source, label, notes)
+    return Table(out, list(x.columns), source, label, notes, one_hot)
 
 
 def _is_number(column: pd.Series) -> bool:
@@ -234,11 +235,13 @@ def _fill_missing(features: pd.DataFrame, y: pd.Series, numeric: list[str], miss
 
 
 def _one_hot(features: pd.DataFrame, numeric: list[str], kinds: list[str],
-             notes: list[str]) -> tuple[pd.DataFrame, list[str]]:
-    """Numeric columns as they are, one 0/1 column per value of each categorical one; and what each
-    encoded column came from (``column`` or ``column=value``), in order."""
+             notes: list[str]) -> tuple[pd.DataFrame, list[str], dict[str, list[str]]]:
+    """Numeric columns as they are, one 0/1 column per value of each categorical one; what each
+    encoded column came from (``column`` or ``column=value``), in order; and each categorical
+    column's encoded columns."""
     encoded = [features[numeric].astype(np.float64).rename(columns=_name)]
     origins = [str(column) for column in numeric]
+    one_hot = {}
     for column in kinds:
         values = features[column].astype("string")
         if values.isna().any():
@@ -246,8 +249,9 @@ def _one_hot(features: pd.DataFrame, numeric: list[str], kinds: list[str],
         dummies = pd.get_dummies(values, prefix=_name(column), prefix_sep="_", dtype=np.float64)
         origins += [f"{column}={value}" for value in dummies.columns.str.removeprefix(f"{_name(column)}_")]
         encoded.append(dummies.rename(columns=_name))
+        one_hot[str(column)] = list(encoded[-1].columns)
     notes.append(f"one-hot encoded {kinds}" if kinds else "no categorical columns")
-    return pd.concat(encoded, axis=1), origins
+    return pd.concat(encoded, axis=1), origins, one_hot
 
 
 def _refuse_collisions(names: list[str], origins: list[str], source: str) -> None:
@@ -330,7 +334,8 @@ def train_from_table(spark, table: Table, settings: TrainSettings, steps: Steps 
         test_mask[rng.choice(rows, size=size, replace=False)] = True
     result = _fit(spark, table, test_mask, settings, steps)
     result.meta.update(feature_version=table.feature_version, label=f"{table.label_column} is true",
-                       training_window={"table": table.source, "rows": len(table.frame), "notes": table.notes})
+                       training_window={"table": table.source, "rows": len(table.frame), "notes": table.notes},
+                       importance_by_column=importance_by_column(result.meta["feature_importances"], table.one_hot))
     return result
 
 

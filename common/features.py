@@ -52,6 +52,11 @@ NUMBER_LIMIT = 1e9          # any number read from an event: beyond every real q
 PAGE_TYPES = ("home", "category", "product", "search", "cart", "checkout", "content")
 DEVICES = ("Computer", "Mobile", "Tablet")
 REFERERS = ("search", "social", "email", "internal", "unknown")
+# The one-hot groups among the features (at most one is 1): the training report sums each group's importances.
+ONE_HOT_GROUPS: dict[str, tuple[str, ...]] = {
+    "device": tuple(f"device_{device.lower()}" for device in DEVICES),
+    "referer": (*(f"referer_{referer}" for referer in REFERERS), "referer_direct"),
+}
 
 FEATURE_NAMES: tuple[str, ...] = (
     "events", "page_views", "page_pings", "struct_events",
@@ -60,9 +65,9 @@ FEATURE_NAMES: tuple[str, ...] = (
     *(f"pages_{page}" for page in PAGE_TYPES),
     "session_seconds", "seconds_on_page", "mean_seconds_per_page",
     "seconds_since_last_cart_action", "max_scroll_depth",
-    *(f"device_{device.lower()}" for device in DEVICES),
+    *ONE_HOT_GROUPS["device"],
     "local_hour", "local_weekday",
-    *(f"referer_{referer}" for referer in REFERERS), "referer_direct",
+    *ONE_HOT_GROUPS["referer"],
     "campaign", "returning", "session_index",
 )
 FEATURE_COUNT = len(FEATURE_NAMES)

@@ -95,6 +95,9 @@ def test_table_cli_cross_validates_with_parity_and_writes_the_bundle(spark, tmp_
     meta = json.loads((tmp_path / "bundle" / "model.json").read_text(encoding="utf-8"))
     assert meta["parity"]["passed"] and meta["feature_version"].startswith("table-")
     assert "Month_Nov" in [f["name"] for f in meta["features"]]
+    assert set(meta["importance_by_column"]) == {"ProductRelated", "ProductRelated_Duration", "PageValues", "Month",
+                                                 "VisitorType", "Weekend", "Browser"}
+    assert sum(meta["importance_by_column"].values()) == pytest.approx(1.0)
     onnx_bytes = (tmp_path / "bundle" / "model.onnx").read_bytes()
     assert export.session(onnx_bytes).get_inputs()[0].shape[1] == len(meta["features"])
     assert b"data:image/png" in (tmp_path / "bundle" / "report.html").read_bytes()

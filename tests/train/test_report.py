@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from batch import report_html
+from batch import report_html, train_model
 from batch.train_metrics import choose_threshold, evaluate
 
 
@@ -76,3 +76,20 @@ def test_a_lake_run_names_its_window_split_and_why_it_was_not_promoted():
     assert "sessions of 2026-11-20 to 2026-11-21" in text and "started at or after 2025-11-21 00:00 UTC" in text
     assert "Published but not promoted: ROC AUC 0.61 is worse than CURRENT v1's 0.70" in text
     assert "0.6100 here, 0.7000 for the champion" in text
+
+
+def test_a_one_hot_encoded_column_is_charted_whole():
+    """Month's ten 0/1 columns each looked minor beside one numeric column; together they lead."""
+    y, p = rows(seed=7)
+    importances = {"PageValues": 0.30, "ExitRates": 0.10, **{f"Month_{m}": 0.06 for m in range(10)}}
+    meta = meta_for(y, p, training_window={"table": "t.csv", "rows": 2000, "notes": []},
+                    feature_importances=importances,
+                    importance_by_column=train_model.importance_by_column(
+                        importances, {"Month": [f"Month_{m}" for m in range(10)]}))
+    assert list(meta["importance_by_column"]) == ["Month", "PageValues", "ExitRates"]
+    assert meta["importance_by_column"]["Month"] == sum(importances[f"Month_{m}"] for m in range(10))
+    page = report_html.render(meta, y, p)
+    assert b'alt="Bar chart of the 3 most important columns, led by Month"' in page
+    assert "sums the values of each one-hot encoded column" in text_of(page) and "All 12 features" in text_of(page)
+    plain = report_html.render(meta_for(y, p, training_window={"table": "t.csv", "rows": 2000, "notes": []}), y, p)
+    assert b'alt="Bar chart of the 15 most important features, led by f0"' in plain

@@ -19,7 +19,7 @@ from batch.train import main as train_main
 from batch.train import run_events
 from batch.train_model import TrainResult
 from common import aws, registry
-from common.features import FEATURE_VERSION
+from common.features import FEATURE_NAMES, FEATURE_VERSION
 from tests.conftest import ROOT, settings_env
 from tests.train import synth
 from tests.train.conftest import fast_settings
@@ -56,6 +56,11 @@ def test_train_publish_gate_and_rollback(spark, aws_settings, events, tmp_path):
             "2026-11-20..2026-11-21" in first.output) and 0 < window["buying_sessions"] < window["sessions"]
     for key in ("name", "algorithm", "label", "threshold", "metrics", "spark_version", "code_version", "created_at"):
         assert meta[key] is not None, key
+    grouped = {"device_computer", "device_mobile", "device_tablet", "referer_search", "referer_social",
+               "referer_email", "referer_internal", "referer_unknown", "referer_direct"}
+    assert set(meta["importance_by_column"]) == set(FEATURE_NAMES) - grouped | {"device", "referer"}
+    assert meta["importance_by_column"]["device"] == pytest.approx(
+        sum(meta["feature_importances"][name] for name in grouped if name.startswith("device_")))
     report = s3.get_object(Bucket=bucket, Key=f"models/{registry.DEFAULT_MODEL}/{version}/report.html")["Body"].read()
     assert report.count(b"data:image/png;base64,") == 4 and b"Feature importances" in report
 
