@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.classification import GBTClassifier, LogisticRegression, RandomForestClassifier
 from pyspark.ml.feature import VectorAssembler
 from pyspark.ml.functions import vector_to_array
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from tqdm import tqdm
 
@@ -55,10 +56,41 @@ class Steps:
     def __call__(self, name: str):
         self.bar.set_description(f"train: {name}")
         started = time.perf_counter()
-        yield
+        with self._spark_tasks():
+            yield
         self.timings[name] = round(time.perf_counter() - started, 3)
         log.info("step %s done in %.1fs", name, self.timings[name])
         self.bar.update(1)
+
+    @contextlib.contextmanager
+    def _spark_tasks(self, every_s: float = 1.0):
+        """Beside the step, the running Spark stages' finished and total tasks, so a step of minutes
+        (the features of a month of events) shows it is moving."""
+        spark = SparkSession.getActiveSession() if not self.bar.disable else None
+        if spark is None:
+            yield
+            return
+        tracker, stop = spark.sparkContext.statusTracker(), threading.Event()
+
+        def show():
+            while not stop.wait(every_s):
+                try:
+                    stages = [tracker.getStageInfo(stage) for stage in tracker.getActiveStageIds()]
+                except Exception:  # noqa: BLE001 - a JVM going down mid-step: the step itself reports it
+                    return
+                stages = [stage for stage in stages if stage is not None]
+                if stages:
+                    done, total = sum(s.numCompletedTasks for s in stages), sum(s.numTasks for s in stages)
+                    self.bar.set_postfix_str(f"Spark tasks {done}/{total}")
+
+        thread = threading.Thread(target=show, name="spark-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.bar.set_postfix_str("")
 
     def close(self) -> None:
         self.bar.close()
