@@ -193,7 +193,7 @@ class LiveState:
         self.components: dict[str, dict] = {}
         self.stream_lag_ms: int | None = None
         self.offers: list[dict] = []
-        self.offered: set[str] = set()
+        self.offered: dict[str, dict] = {}         # session id -> its offer's code and discount
         self.model: dict = {"name": settings.model_name, "version": None}
         self.errors: dict[str, str] = {}
 
@@ -224,6 +224,7 @@ class LiveState:
         return {"session_id": session_id, "p_buy": latest.get("p_buy"), "decision": latest.get("decision"),
                 "events": latest.get("events_in_session"), "model_version": latest.get("model_version"),
                 "threshold": latest.get("threshold"), "offered": session_id in self.offered,
+                "offer": self.offered.get(session_id),
                 "points": [{"t": t, "p": p} for t, p, _ in session.points]}
 
     def snapshot(self) -> dict:
@@ -260,6 +261,14 @@ class LiveState:
         with self.lock:
             session = self.sessions.get(session_id)
             return self.session_json(session_id, session) if session else None
+
+    def scorer_status(self) -> str:
+        """Whether the scorer answers its metrics scrape: why a session may have no score yet."""
+        with self.lock:
+            scorer = self.components.get("scorer")
+        if scorer is None:
+            return "unknown"
+        return "up" if scorer["up"] else "not configured" if scorer["url"] is None else "down"
 
 
 def finite(value):
@@ -427,7 +436,9 @@ def read_offers(state: LiveState, dynamodb) -> None:
     offers.sort(key=lambda offer: str(offer.get("offered_at", "")), reverse=True)
     with state.lock:
         state.offers = offers[: state.settings.offers_shown]
-        state.offered = {str(offer.get("session_id")) for offer in offers}
+        state.offered = {str(offer.get("session_id")): {"code": offer.get("code"),
+                                                         "discount_percent": offer.get("discount_percent")}
+                         for offer in offers}
 
 
 def read_model(state: LiveState, s3) -> None:
@@ -510,7 +521,8 @@ class Handler(BaseHTTPRequestHandler):
         cors = {"Access-Control-Allow-Origin": "*"}
         found = self.server.state.session_lookup(session_id)
         if found is None:
-            self.send_json({"session_id": session_id, "error": "not scored recently"}, 404, cors)
+            self.send_json({"session_id": session_id, "error": "not scored recently",
+                            "scorer": self.server.state.scorer_status()}, 404, cors)
         else:
             self.send_json(found, 200, cors)
 

@@ -200,17 +200,31 @@
     document.getElementById('p-buy').textContent =
       'p(buy) ' + found.p_buy.toFixed(3) + ' after ' + found.events + ' events (model ' + found.model_version + ')';
     var decision = document.getElementById('p-decision');
-    decision.textContent = found.decision + (found.offered ? ', offer made' : '');
+    var offer = found.offer && found.offer.code
+      ? ', offer ' + found.offer.code + ' (' + found.offer.discount_percent + ' % off)' : '';
+    decision.textContent = found.decision + offer;
     decision.className = found.decision === 'buy' ? 'buy' : 'defer';
+  }
+
+  // Until a score arrives, say why none has: a scorer that is down would otherwise look like a slow one.
+  var waiting = {down: 'not scored yet: the scorer is not answering',
+                 liveview: 'not scored yet: the live view is not answering'};
+  function showWaiting(reason) {
+    var shown = document.getElementById('p-buy');
+    if (shown.textContent.indexOf('p(buy)') === 0) return;   // a score already shown stays
+    shown.textContent = waiting[reason] || 'not scored yet';
   }
 
   function pollPrediction() {
     var sid = sp.getDomainSessionId('sp');
     if (!liveview || !sid) return;
     fetch(liveview + '/api/session/' + encodeURIComponent(sid))
-      .then(function (r) { return r.ok ? r.json() : null; })
-      .then(showPrediction)
-      .catch(function () { /* the live view may be down; try again next tick */ });
+      .then(function (r) {
+        return r.json().then(function (body) {
+          if (r.ok) showPrediction(body); else showWaiting(body.scorer);
+        });
+      })
+      .catch(function () { showWaiting('liveview'); });     // try again next tick
   }
   setInterval(pollPrediction, 1500);
 

@@ -177,6 +177,7 @@ def test_state_shows_sessions_with_p_buy_series_offers_and_model(view_settings, 
         assert [point["p"] for point in sessions[0]["points"]] == [0.1, 0.4, 0.8]
         assert [point["p"] for point in sessions[1]["points"]] == [0.9]
         assert sessions[0]["offered"] is True and sessions[1]["offered"] is False
+        assert sessions[0]["offer"] == {"code": f"SAVE10-{first[:8].upper()}", "discount_percent": 10}
         assert snapshot["decisions"][0]["session_id"] == first and snapshot["decisions"][0]["latency_us"] == 77
         assert [d["decision"] for d in snapshot["decisions"][:2]] == ["buy", "buy"]
         assert snapshot["stream_totals"] == {"raw": 2, "enriched": 1, "bad": 1, "predictions": 4}
@@ -216,6 +217,11 @@ def test_session_lookup_for_a_shop_page_even_when_a_source_fails(view_settings):
         assert found["p_buy"] == 0.6 and found["decision"] == "buy"
         status, _, body = get(f"{view.url}/api/session/nobody")
         assert status == 404 and json.loads(body)["error"] == "not scored recently"
+        # why not: the fixture's scorer does not answer its metrics scrape
+        why = wait_for(lambda: (said := json.loads(get(f"{view.url}/api/session/nobody")[2])["scorer"]) != "unknown"
+                       and said)
+        assert why == "down"
+        assert found["offer"] is None
         # A shop page on another origin (demo.web, ?liveview=) may read both answers.
         for sid in (session, "nobody"):
             assert cors_header(f"{view.url}/api/session/{sid}") == "*"

@@ -214,9 +214,18 @@ def test_a_shop_on_another_origin_shows_its_prediction_from_the_live_view(browse
     browser.go(f"{shop.url}/shop/?collector=http://127.0.0.1:{collector.server_address[1]}&liveview={view.url}")
     browser.wait("return document.title.startsWith('Home')")
     session_id = browser.text("#session-id")
+    # The fixture's scorer does not answer: the page says so rather than "not scored yet" for ever.
+    browser.wait("return document.getElementById('p-buy').textContent === "
+                 "'not scored yet: the scorer is not answering'")
     test_liveview.put(view_settings, view_settings.predictions_stream, [test_liveview.prediction(session_id, 0.7)])
     wait_for(lambda: test_liveview.get(f"{view.url}/api/session/{session_id}")[0] == 200)
     browser.wait("return document.getElementById('p-buy').textContent.startsWith('p(buy) 0.700 after 3 events')")
+    test_liveview.put_offer(view_settings, session_id, 0.7, "2026-11-29T10:00:01.000Z")
+    code = f"SAVE10-{session_id[:8].upper()}"
+    browser.wait(f"return document.getElementById('p-decision').textContent.endsWith(', offer {code} (10 % off)')")
+    view.close()                                        # the live view goes away: the score shown stays
+    time.sleep(2)
+    assert browser.text("#p-buy").startswith("p(buy) 0.700")
 
 
 def test_shop_server_serves_the_page_the_tracker_and_nothing_else(servers):
@@ -259,3 +268,12 @@ def test_an_idle_connection_to_the_shop_is_closed(servers):
 
 def test_committed_catalogue_matches_the_generator():
     assert (ROOT / "demo" / "shop" / "catalogue.json").read_text(encoding="utf-8") == catalogue_json()
+
+
+@pytest.mark.browser
+def test_a_shop_whose_live_view_is_down_says_so(browser, servers):
+    collector, shop = servers
+    closed = f"http://127.0.0.1:{free_port()}"
+    browser.go(f"{shop.url}/shop/?collector=http://127.0.0.1:{collector.server_address[1]}&liveview={closed}")
+    browser.wait("return document.getElementById('p-buy').textContent === "
+                 "'not scored yet: the live view is not answering'")
