@@ -163,7 +163,8 @@ def importance_by_column(importances: dict[str, float], one_hot: dict[str, Seque
     column_of = {name: column for column, names in one_hot.items() for name in names}
     totals: dict[str, float] = {}
     for name, value in importances.items():
-        totals[column_of.get(name, name)] = totals.get(column_of.get(name, name), 0.0) + value
+        column = column_of.get(name, name)
+        totals[column] = totals.get(column, 0.0) + value
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 

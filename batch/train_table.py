@@ -354,7 +354,7 @@ def run(settings: TrainSettings, path: Path, label: str, *, drop=(), categorical
         results = cross_validate(spark, table, settings, cv)
         for r in results:
             click.echo(f"fold {r['fold']}: ROC AUC {r['roc_auc']:.4f}, parity {'ok' if r['parity_passed'] else 'FAILED'} "
-                  f"(max diff {r['max_abs_diff']:.2e} on {r['rows']} rows)")
+                       f"(max diff {r['max_abs_diff']:.2e} on {r['rows']} rows)")
         aucs = [r["roc_auc"] for r in results]
         summary = {"folds": results, "roc_auc_mean": float(np.mean(aucs)), "roc_auc_std": float(np.std(aucs)),
                    "seed": settings.seed}
