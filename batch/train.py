@@ -107,7 +107,8 @@ def train_from_events(spark, events: DataFrame, settings: TrainSettings, *, wind
     try:
         with steps("features"):
             since = window_start_ms(window) if window else None
-            examples = build_examples(events, settings.session_gap_minutes, since, settings.max_session_events)
+            examples = build_examples(events, settings.session_gap_minutes, since, settings.max_session_events,
+                                      settings.max_examples_per_session)
             stats = require_trainable(examples, window or "given")
             train, evaluation, cutoff = time_split(examples, settings.eval_fraction)
         result = fit_and_export(spark, train, evaluation, list(FEATURE_NAMES), settings, steps,

@@ -31,6 +31,9 @@ class TrainSettings(AwsSettings):
     # a session with more events is left out (a bot, not a shopper): the fold holds one session's
     # events in memory at once; 0 = no limit
     max_session_events: int = 100_000
+    # a longer session gives this many examples, spread over it, so that one long visit (a kiosk, a
+    # bot under max_session_events) does not outweigh the others; 0 = every event
+    max_examples_per_session: int = 500
     eval_fraction: float = 0.25         # the latest sessions (by start time) are the evaluation set
     # the model
     algorithm: str = "gbt"
@@ -88,7 +91,8 @@ class TrainSettings(AwsSettings):
                                   ("reg_param", "of at least 0", lambda v: v >= 0),
                                   ("champion_margin", "of at least 0", lambda v: v >= 0),
                                   ("keep_versions", "of at least 0", lambda v: v >= 0),
-                                  ("max_session_events", "of at least 0", lambda v: v >= 0)):
+                                  ("max_session_events", "of at least 0", lambda v: v >= 0),
+                                  ("max_examples_per_session", "of at least 0", lambda v: v >= 0)):
             if not ok(getattr(self, name)):
                 raise ConfigError(f"CLICKSTREAM_{name.upper()}: expected a number {allowed}, got {getattr(self, name)}")
         if not re.fullmatch(r"\d+[kmgt]?", self.spark_driver_memory.lower()):

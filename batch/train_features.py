@@ -117,11 +117,12 @@ def _escaped(text):
 
 
 def build_examples(events: DataFrame, gap_minutes: int = 30, window_start_ms: int | None = None,
-                   max_session_events: int = 0) -> DataFrame:
+                   max_session_events: int = 0, max_examples_per_session: int = 0) -> DataFrame:
     """Prefix examples (EXAMPLE_SCHEMA) of every finished session in ``events``; with
     ``window_start_ms``, only of those first collected then or later (``events`` then include the
     window's lead-in, so that a session running at its start is seen whole, and known to be earlier).
-    With ``max_session_events``, sessions with more events are left out too, and a warning names them.
+    With ``max_session_events``, sessions with more events are left out too, and a warning names them;
+    with ``max_examples_per_session``, a longer session gives that many of its rows (``thinned``).
 
     The examples come back cached and computed (the caller unpersists them): training reads them
     several times, and the sessionised events they come from, read by the passes below that leave
@@ -132,8 +133,9 @@ def build_examples(events: DataFrame, gap_minutes: int = 30, window_start_ms: in
         kept = sessions
         if window_start_ms is not None:
             kept = kept.join(_collected_before(sessions, window_start_ms), "session_id", "left_anti")
-        kept = finished_sessions(kept, gap_minutes, max_session_events)
-        examples = kept.groupBy("session_id").applyInArrow(session_examples, schema=EXAMPLE_SCHEMA).cache()
+        kept = finished_sessions(kept, gap_minutes, max_session_events, max_examples_per_session)
+        examples = (kept.groupBy("session_id").applyInArrow(_fold(max_examples_per_session), schema=EXAMPLE_SCHEMA)
+                    .cache())
         examples.count()
     finally:
         sessions.unpersist()
@@ -149,7 +151,8 @@ def _collected_before(sessions: DataFrame, start_ms: int) -> DataFrame:
     return first.filter(F.col("_first_collected") < start_ms).select("session_id")
 
 
-def finished_sessions(sessions: DataFrame, gap_minutes: int, max_session_events: int = 0) -> DataFrame:
+def finished_sessions(sessions: DataFrame, gap_minutes: int, max_session_events: int = 0,
+                      max_examples_per_session: int = 0) -> DataFrame:
     """The events of ``sessions`` without two kinds of session, both found before the fold runs, in
     one pass over a few columns:
 
@@ -160,16 +163,24 @@ def finished_sessions(sessions: DataFrame, gap_minutes: int, max_session_events:
     - Above ``max_session_events`` events (lake rows, copies included; 0 = no limit). The fold gets
       a session's events as one pandas frame, so a bot or a load test holding one session id for
       days would exhaust a worker's memory; such sessions are not shoppers either.
+
+    It also says how many kept sessions have more events than ``max_examples_per_session``.
     """
     per_session = sessions.groupBy("session_id").agg(F.max(_event_time()).alias("_last"),
                                                      F.count("*").alias("_events"))
     oversized = (F.col("_events") > max_session_events) if max_session_events else F.lit(False)
-    newest, too_big = per_session.agg(F.max("_last"), F.collect_list(F.when(oversized, F.col("session_id")))).first()
+    long = (F.col("_events") > max_examples_per_session) if max_examples_per_session else F.lit(False)
+    newest, too_big, long_sessions = per_session.agg(
+        F.max("_last"), F.collect_list(F.when(oversized, F.col("session_id"))),
+        F.count(F.when(long & ~oversized, 1))).first()
     if newest is None:
         return sessions
     if too_big:
         log.warning("left out %d session(s) with more than %d events (max_session_events; bots or scripts, "
                     "not shoppers): %s", len(too_big), max_session_events, first_few(sorted(too_big)))
+    if long_sessions:
+        log.info("%d session(s) have more than %d events: each gives at most %d examples, spread evenly over it "
+                 "(max_examples_per_session)", long_sessions, max_examples_per_session, max_examples_per_session)
     left_out = per_session.filter((F.col("_last") > newest - gap_minutes * 60_000) | oversized)
     return sessions.join(left_out.select("session_id"), "session_id", "left_anti")
 
@@ -215,14 +226,18 @@ def arrival_order(event: dict) -> tuple:
     return parse_ms(event["collector_tstamp"]), event_time_ms(event), event["event_id"]
 
 
-def examples_of(session_id: str, events: list[dict]) -> pa.Table:
-    """The example rows (EXAMPLE_SCHEMA) of one session whose events are already in arrival order."""
+def examples_of(session_id: str, events: list[dict], max_rows: int = 0) -> pa.Table:
+    """The example rows (EXAMPLE_SCHEMA) of one session whose events are already in arrival order;
+    with ``max_rows``, at most that many of them (``thinned``)."""
     bought = int(any(is_purchase(event) for event in events))
     ids, times, rows = [], [], []
     for event, row in session_prefixes(events):
         ids.append(event["event_id"])
         times.append(event_time_ms(event))
         rows.append(row)
+    if max_rows and len(rows) > max_rows:
+        kept = thinned(len(rows), max_rows)
+        ids, times, rows = ([values[i] for i in kept] for values in (ids, times, rows))
     count = len(rows)
     matrix = np.asarray(rows, dtype=np.float32).reshape(count, len(FEATURE_NAMES)).astype(np.float64)
     start = event_time_ms(events[0]) if events else 0
@@ -232,10 +247,28 @@ def examples_of(session_id: str, events: list[dict]) -> pa.Table:
     return pa.Table.from_arrays(columns, names=EXAMPLE_COLUMNS)
 
 
-def session_examples(table: pa.Table) -> pa.Table:
+def thinned(count: int, max_rows: int) -> list[int]:
+    """``max_rows`` of ``count`` row positions, evenly spread from the first to the last. Every event
+    of a session is an example: one bot or kiosk session under ``max_session_events`` gave 76 % of a
+    small window's rows, one visitor weighing as much as all the others. Spread, not the first rows:
+    the scorer scores a session's late events too."""
+    if max_rows == 1:
+        return [count - 1]
+    return [round(i * (count - 1) / (max_rows - 1)) for i in range(max_rows)]
+
+
+def _fold(max_rows: int):
+    """session_examples for applyInArrow, which tells its kind of function by the type hints (a
+    functools.partial has none)."""
+    def fold(table: pa.Table) -> pa.Table:
+        return session_examples(table, max_rows)
+    return fold
+
+
+def session_examples(table: pa.Table, max_rows: int = 0) -> pa.Table:
     """applyInArrow body: one session's events in, its example rows out. Arrow, not pandas: building
     a pandas frame per session in and out made the fold's pass over the sessions 3-4x slower."""
-    return examples_of(table.column("session_id")[0].as_py(), records(table))
+    return examples_of(table.column("session_id")[0].as_py(), records(table), max_rows)
 
 
 def require_trainable(examples: DataFrame, window) -> dict:

@@ -352,7 +352,7 @@ def test_too_few_rows_of_a_class_for_the_split_or_the_folds_are_refused_before_s
 
 
 @pytest.mark.parametrize(("key", "value"), [("max_depth", 31), ("step_size", 1.5), ("max_bins", 1), ("keep_versions", -1),
-                                          ("max_session_events", -1)])
+                                          ("max_session_events", -1), ("max_examples_per_session", -1)])
 def test_hyper_parameters_spark_refuses_only_when_it_fits_are_config_errors(key, value):
     from batch.train_config import TrainSettings
     from common.config import ConfigError, load

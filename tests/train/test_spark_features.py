@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from batch import train as train_cli
 from batch.train import load_window, window_start_ms
-from batch.train_features import _as_millis, arrival_order, build_examples, require_trainable, sessionise
+from batch.train_features import _as_millis, arrival_order, build_examples, require_trainable, sessionise, thinned
 from batch.train_lake import TrainError, Window, spark_paths, unreadable_file_error
 from common.features import (
     FEATURE_NAMES,
@@ -427,6 +427,36 @@ def test_a_session_above_max_session_events_is_left_out_and_named(spark, tmp_pat
     assert set(build_examples(read).toPandas()["session_id"]) == set(finished)        # 0: no limit
 
 
+def test_a_long_session_gives_max_examples_per_session_rows_spread_over_it(spark, tmp_path, caplog):
+    """One long visit (a kiosk, a bot under max_session_events) gave most of a small window's rows."""
+    rng = random.Random(22)
+    origin = int(START.timestamp() * 1000)
+    events = [e for i in range(6) for e in synth.session_events(rng, origin + i * 600_000, buyer=i % 2 == 0)]
+    events += synth.session_events(rng, origin + 3 * 3_600_000, buyer=False)    # the newest, still open
+    read = load_window(spark, _settings(synth.write_lake_dir(tmp_path, events)), WINDOW)
+    every = build_examples(read).toPandas()
+    rows = every.groupby("session_id", sort=False)["event_id"].apply(list)
+    cap = sorted(map(len, rows))[-2] - 1                   # the two longest sessions are thinned
+    caplog.set_level("INFO", logger="batch.train_features")
+    capped = build_examples(read, 30, None, 0, cap).toPandas().set_index("event_id")
+    assert "2 session(s) have more than" in caplog.text and "max_examples_per_session" in caplog.text
+    for session_id, ids in rows.items():
+        expected = [ids[i] for i in thinned(len(ids), cap)] if len(ids) > cap else ids
+        got = capped[capped["session_id"] == session_id]
+        assert sorted(got.index) == sorted(expected) and (len(ids) <= cap or (ids[0], ids[-1]) == (expected[0], expected[-1]))
+        pd.testing.assert_frame_equal(got.loc[expected], every.set_index("event_id").loc[expected])
+    assert len(capped) == sum(min(len(ids), cap) for ids in rows)
+
+
+@pytest.mark.parametrize("count, most", [(10, 3), (1_000, 7), (501, 500), (11, 1)])
+def test_thinned_rows_are_distinct_and_spread_from_first_to_last(count, most):
+    kept = thinned(count, most)
+    assert len(kept) == most and kept == sorted(set(kept)) and kept[-1] == count - 1
+    assert most == 1 or kept[0] == 0
+    gaps = [b - a for a, b in itertools.pairwise(kept)]
+    assert not gaps or max(gaps) - min(gaps) <= 1
+
+
 def test_the_fold_runs_once_per_kept_session(spark, lake_dir, monkeypatch):
     """Open sessions are found from the events, not from the fold's output: that ran the fold three
     times over (once for the newest time, twice in the join with its own per-session maximum)."""
@@ -435,9 +465,9 @@ def test_the_fold_runs_once_per_kept_session(spark, lake_dir, monkeypatch):
     calls = spark.sparkContext.accumulator(0)
     fold = train_features.session_examples
 
-    def counted(table):
+    def counted(table, max_rows=0):
         calls.add(1)
-        return fold(table)
+        return fold(table, max_rows)
 
     monkeypatch.setattr(train_features, "session_examples", counted)
     examples = build_examples(load_window(spark, _settings(lake_dir), WINDOW))
