@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass
 
 import click
+import numpy as np
+import onnxruntime
 
 from batch.train_config import TrainSettings
 from common import aws, logs, registry
@@ -103,11 +105,14 @@ def current(obj):
 def history(obj):
     """Every move of CURRENT, oldest first."""
     s3, bucket, name = obj
-    entries = registry.history(s3, bucket, name)
+    made = registry.history(s3, bucket, name)
+    entries = registry.history(s3, bucket, name, made_only=False)
     if not entries:
         _say_none(s3, bucket, name)
     for entry in entries:
-        click.echo(f"{entry['at']}  {entry['previous'] or '-'} -> {entry['version']}  ({entry['reason']})")
+        # A move that lost its race for CURRENT, or crashed between its two writes: recorded, never made.
+        click.echo(f"{entry.get('at')}  {entry['previous'] or '-'} -> {entry['version']}  ({entry.get('reason')})"
+                   + ("" if entry in made else "  [not made]"))
 
 
 def servable(s3, bucket: str, name: str, version: str, force: bool) -> None:
@@ -118,10 +123,12 @@ def servable(s3, bucket: str, name: str, version: str, force: bool) -> None:
         raise click.ClickException(f"model {name!r} has no version {version!r} in s3://{bucket}; its versions: "
                                    f"{', '.join(found[-5:]) or 'none'} (newest last; `ls` lists them all)")
     try:
-        meta = registry.load(s3, bucket, name, version).meta
+        bundle = registry.load(s3, bucket, name, version)
+        _probe(bundle)
     except (LookupError, ValueError) as exc:
         raise click.ClickException(f"model {name!r} has no complete, readable version {version} in "
                                    f"s3://{bucket} ({exc})") from None
+    meta = bundle.meta
     if force:
         return
     if not meta.get("parity", {}).get("passed"):
@@ -132,6 +139,18 @@ def servable(s3, bucket: str, name: str, version: str, force: bool) -> None:
             f"{FEATURE_VERSION!r}: scorers running this code would refuse it and keep serving their model; "
             "use --force if the scorers that will load it compute its features (mid-rollout, the scorers not yet "
             "upgraded do), or run this command with the code of that version")
+
+
+def _probe(bundle: registry.Bundle) -> None:
+    """Score one row of zeros with the bundle's model.onnx as model.json describes it (ValueError if
+    it cannot): a bundle whose model.json reads fine may still hold an ONNX file the scorers refuse."""
+    onnx_meta = bundle.meta.get("onnx") or {}
+    row = np.zeros((1, len(registry.feature_names(bundle.meta))), dtype=np.float32)
+    try:
+        session = onnxruntime.InferenceSession(bundle.onnx, providers=["CPUExecutionProvider"])
+        session.run([onnx_meta.get("probability_output", "probability")], {onnx_meta.get("input", "features"): row})
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors share no class but Exception
+        raise ValueError(f"model.onnx does not score a row as model.json describes: {str(exc).strip()[:200]}") from None
 
 
 @cli.command()

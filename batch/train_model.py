@@ -25,6 +25,7 @@ from batch import export
 from batch.train_config import TrainSettings
 from batch.train_lake import TrainError
 from batch.train_metrics import choose_threshold, evaluate
+from common.registry import onnx_digest
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,7 +224,7 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
         "hyper_parameters": hyper_parameters(settings) | {"buyer_weight": round(buyer_weight, 6)},
         "features": [{"name": name, "type": "float"} for name in feature_names],
         "onnx": {"input": export.INPUT_NAME, "probability_output": export.PROBABILITY_OUTPUT, "positive_index": 1,
-                 "opset": export.TARGET_OPSET},
+                 "opset": export.TARGET_OPSET, "sha256": onnx_digest(onnx_bytes)},
         "threshold": threshold["threshold"], "threshold_selection": threshold, "metrics": metrics,
         "feature_importances": importances(model, feature_names),
         "rows": {"train": int(train.count()), "eval": len(scored)},

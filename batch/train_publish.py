@@ -133,23 +133,26 @@ def publish(s3, settings: TrainSettings, result: TrainResult) -> dict:
             # Another run moved CURRENT after this one compared against it: the two were never compared.
             promote, reasons = False, [f"{exc}; compare the two and promote one by hand"]
             meta["promotion"].update(promoted=False, reasons=reasons)
-            registry.replace_meta(s3, settings.bucket, settings.model_name, version, _meta_json(meta))
+            files = _bundle_files(result, meta)         # report.html said "promoted" too
+            for file in ("report.html", "model.json"):
+                registry.replace_file(s3, settings.bucket, settings.model_name, version, file, files[file])
     if not promote:
         log.warning("published %s but CURRENT stays at %s: %s", version,
                     current["version"] if current else "none (no CURRENT yet)", "; ".join(reasons))
     result.meta = meta
     return {"version": version, "promoted": promote, "reasons": reasons, "champion": current,
-            "pruned": prune(s3, settings)}
+            "pruned": prune(s3, settings, version)}
 
 
-def prune(s3, settings: TrainSettings) -> int:
-    """Delete the bundles ``keep_versions`` leaves out; how many versions went. The model is
-    published by then: a failure here is a warning, and the next run tries again."""
+def prune(s3, settings: TrainSettings, published: str | None = None) -> int:
+    """Delete the bundles ``keep_versions`` leaves out, never the one just ``published``; how many
+    versions went. The model is published by then: a failure here is a warning, and the next run
+    tries again."""
     if not settings.keep_versions:
         return 0
     deleted = 0
     try:
-        doomed, _ = registry.old_versions(s3, settings.bucket, settings.model_name, settings.keep_versions)
+        doomed, _ = registry.old_versions(s3, settings.bucket, settings.model_name, settings.keep_versions, published)
         for version in doomed:
             if registry.delete_unless_current(s3, settings.bucket, settings.model_name, version) is not None:
                 deleted += 1

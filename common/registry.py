@@ -4,10 +4,17 @@ Layout: ``models/<name>/<version>/{model.onnx, model.json, report.html}``,
 ``models/<name>/CURRENT`` (the version string) and ``models/<name>/HISTORY`` (JSON lines of every
 move of CURRENT, newest last) so a rollback knows where to go back to. Versions are UTC timestamps
 (``20261129T095300Z``), so they sort in publishing order.
+
+Each move has an id, written on CURRENT too (its ``write-id``) and, as ``previous_id``, on the move
+after it: the moves made are a chain back from CURRENT's, and a line recorded by a move that lost
+its race for CURRENT (or crashed between the two writes) is off it, even when it names the same
+version.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -22,6 +29,8 @@ PREFIX = "models"
 DEFAULT_MODEL = "buy-propensity"
 ROLLBACK_REASON = "rollback from "     # HISTORY entries of rollbacks start with it
 WRITE_ID = "write-id"                  # user metadata of a conditional write: whose it is
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,22 @@ def current_version(s3, bucket: str, name: str = DEFAULT_MODEL) -> str | None:
     return raw.decode().strip() if raw else None
 
 
+def _current(s3, bucket: str, name: str) -> tuple[str | None, str | None, str | None]:
+    """CURRENT's version, ETag and move id (None, None, None when there is no CURRENT)."""
+    try:
+        found = s3.get_object(Bucket=bucket, Key=f"{PREFIX}/{name}/CURRENT")
+    except ClientError as exc:
+        if aws.no_such_key(exc):
+            return None, None, None
+        raise
+    return found["Body"].read().decode().strip(), found["ETag"], found.get("Metadata", {}).get(WRITE_ID)
+
+
+def onnx_digest(onnx: bytes) -> str:
+    """What model.json records of its model.onnx (``onnx.sha256``)."""
+    return hashlib.sha256(onnx).hexdigest()
+
+
 def load(s3, bucket: str, name: str = DEFAULT_MODEL, version: str | None = None) -> Bundle:
     """The bundle of ``version`` (default: CURRENT). Raises LookupError when there is none."""
     version = version or current_version(s3, bucket, name)
@@ -64,20 +89,29 @@ def load(s3, bucket: str, name: str = DEFAULT_MODEL, version: str | None = None)
     if onnx is None or meta is None:
         missing = "model.onnx" if onnx is None else "model.json"
         raise LookupError(f"model {name!r} version {version} is incomplete in s3://{bucket}: no {missing}")
-    return Bundle(name, version, onnx, json.loads(meta))
+    try:
+        meta = json.loads(meta)
+    except ValueError as exc:
+        raise ValueError(f"model.json does not parse: {exc}") from None
+    recorded = (meta.get("onnx") or {}).get("sha256") if isinstance(meta, dict) else None
+    if recorded and recorded != onnx_digest(onnx):
+        # Overwritten or damaged after publishing: serving it would serve another model under this version.
+        raise ValueError(f"model.onnx of version {version} is not the one published: its sha256 is not "
+                         f"the {recorded[:12]}… its model.json records")
+    return Bundle(name, version, onnx, meta)
 
 
 class Conflict(Exception):
     """Another writer got there first: the version folder is taken, or CURRENT moved meanwhile."""
 
 
-def _put(s3, bucket: str, key: str, body: bytes, etag: str | None, **extra) -> None:
+def _put(s3, bucket: str, key: str, body: bytes, etag: str | None, write_id: str | None = None, **extra) -> None:
     """Write ``key`` only if it is still as read: ``etag`` None means it must not exist yet.
     S3's conditional writes make two concurrent writers a Conflict instead of a silent overwrite."""
     condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
     # When a write's answer is lost, botocore sends it again, and the retry fails its condition on
     # our own write: the id tells that apart from another writer's.
-    write_id = uuid.uuid4().hex
+    write_id = write_id or uuid.uuid4().hex
     try:
         s3.put_object(Bucket=bucket, Key=key, Body=body, Metadata={WRITE_ID: write_id}, **condition, **extra)
     except ClientError as exc:
@@ -98,10 +132,13 @@ def _written_by(s3, bucket: str, key: str, write_id: str) -> bool:
     return found.get("Metadata", {}).get(WRITE_ID) == write_id
 
 
-def replace_meta(s3, bucket: str, name: str, version: str, meta_json: bytes) -> None:
-    """Rewrite a published version's model.json (e.g. its promotion record after a Conflict)."""
-    s3.put_object(Bucket=bucket, Key=f"{PREFIX}/{name}/{version}/model.json", Body=meta_json,
-                  ContentType="application/json")
+def replace_file(s3, bucket: str, name: str, version: str, file: str, body: bytes) -> None:
+    """Rewrite one file of a published version (its promotion record after a Conflict)."""
+    s3.put_object(Bucket=bucket, Key=f"{PREFIX}/{name}/{version}/{file}", Body=body, ContentType=_content_type(file))
+
+
+def _content_type(file: str) -> str:
+    return {"json": "application/json", "html": "text/html"}.get(file.rsplit(".", 1)[-1], "application/octet-stream")
 
 
 def publish(s3, bucket: str, name: str, version: str, files: dict[str, bytes]) -> None:
@@ -110,8 +147,7 @@ def publish(s3, bucket: str, name: str, version: str, files: dict[str, bytes]) -
     Does not move CURRENT."""
     ordered = sorted(files, key=lambda file: file == "model.json")
     for index, file in enumerate(ordered):
-        content_type = {"json": "application/json", "html": "text/html"}.get(file.rsplit(".", 1)[-1],
-                                                                             "application/octet-stream")
+        content_type = _content_type(file)
         key = f"{PREFIX}/{name}/{version}/{file}"
         if index == 0:
             _put(s3, bucket, key, files[file], None, ContentType=content_type)
@@ -119,30 +155,64 @@ def publish(s3, bucket: str, name: str, version: str, files: dict[str, bytes]) -
             s3.put_object(Bucket=bucket, Key=key, Body=files[file], ContentType=content_type)
 
 
-def history(s3, bucket: str, name: str = DEFAULT_MODEL) -> list[dict]:
-    return _entries(aws.get_object_bytes(s3, bucket, f"{PREFIX}/{name}/HISTORY"))
+def history(s3, bucket: str, name: str = DEFAULT_MODEL, *, made_only: bool = True) -> list[dict]:
+    """The moves of CURRENT, oldest first: those made, or with ``made_only=False`` every line recorded."""
+    current_id = _current(s3, bucket, name)[2] if made_only else None   # first: a move made after is not made yet
+    entries = _entries(aws.get_object_bytes(s3, bucket, f"{PREFIX}/{name}/HISTORY"), name)
+    return moves_made(entries, current_id) if made_only else entries
 
 
-def _entries(raw: bytes | None) -> list[dict]:
-    """HISTORY's JSON lines, oldest first."""
-    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()] if raw else []
+def _entries(raw: bytes | None, name: str) -> list[dict]:
+    """HISTORY's JSON lines, oldest first. A damaged line is passed over with a warning: a rollback
+    is wanted most in an incident, when a hand's edit may have left one."""
+    entries = []
+    for number, line in enumerate(raw.decode(errors="replace").splitlines() if raw else [], 1):
+        try:
+            entry = json.loads(line) if line.strip() else None
+        except ValueError:
+            entry = "damaged"
+        if entry is None:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("version"), str) and "previous" in entry:
+            entries.append(entry)
+        else:
+            log.warning("model %s: line %d of HISTORY is not a move of CURRENT, passed over: %.80s", name, number, line)
+    return entries
+
+
+def moves_made(entries: list[dict], current_id: str | None) -> list[dict]:
+    """The entries on the chain of moves that ends at CURRENT's (``current_id``), oldest first, and
+    those older than the first move with an id (recorded by code before ids: for them
+    ``previous_version`` passes over what is off the chain by version). Without CURRENT's move among
+    the entries, all of them."""
+    at = {entry["id"]: index for index, entry in enumerate(entries) if entry.get("id")}
+    if current_id not in at:
+        return entries
+    index, chain = at[current_id], []
+    while True:
+        chain.append(entries[index])
+        before = at.get(entries[index].get("previous_id"))
+        if before is None or before >= index:
+            break
+        index = before
+    return [entry for entry in entries[:index] if not entry.get("id")] + chain[::-1]
 
 
 def set_current(s3, bucket: str, name: str, version: str, reason: str, *, expected: str | None = "") -> None:
     """Move CURRENT to ``version`` and record the move. With ``expected`` (a version, or None for
     "no CURRENT yet") the move happens only from that version: Conflict when another run moved
     CURRENT since the caller decided. Both writes are conditional, so two movers never interleave."""
-    raw, current_etag = aws.get_object_and_etag(s3, bucket, f"{PREFIX}/{name}/CURRENT")
-    current = raw.decode().strip() if raw else None
+    current, current_etag, current_id = _current(s3, bucket, name)
     if expected != "" and current != expected:
         raise Conflict(f"CURRENT of {name!r} is {current}, no longer {expected}: another run moved it")
     raw_history, history_etag = aws.get_object_and_etag(s3, bucket, f"{PREFIX}/{name}/HISTORY")
-    entries = _entries(raw_history)
-    entries.append({"version": version, "previous": current,
-                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reason": reason})
-    _put(s3, bucket, f"{PREFIX}/{name}/HISTORY", "".join(json.dumps(e) + "\n" for e in entries).encode(),
-         history_etag)
-    _put(s3, bucket, f"{PREFIX}/{name}/CURRENT", version.encode(), current_etag)
+    move = {"version": version, "previous": current, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "reason": reason, "id": uuid.uuid4().hex, "previous_id": current_id}
+    # Appended to the text as it is: a damaged line stays for a human to read, it is not dropped.
+    text = (raw_history or b"").decode(errors="replace")
+    text += ("\n" if text and not text.endswith("\n") else "") + json.dumps(move) + "\n"
+    _put(s3, bucket, f"{PREFIX}/{name}/HISTORY", text.encode(), history_etag)
+    _put(s3, bucket, f"{PREFIX}/{name}/CURRENT", version.encode(), current_etag, write_id=move["id"])
 
 
 def rollback(s3, bucket: str, name: str = DEFAULT_MODEL, check: Callable[[str], None] | None = None) -> str:
@@ -199,11 +269,13 @@ def versions(s3, bucket: str, name: str = DEFAULT_MODEL) -> list[str]:
     return _folders(s3, bucket, f"{PREFIX}/{name}/")
 
 
-def prunable(versions: list[str], current: str | None, moves: list[dict], keep: int) -> list[str]:
+def prunable(versions: list[str], current: str | None, moves: list[dict], keep: int,
+             published: str | None = None) -> list[str]:
     """The versions a prune deletes: all but the newest ``keep``, CURRENT, every version CURRENT
-    pointed to in its last ``keep`` moves, and where ``keep`` rollbacks in a row lead (however old:
-    after earlier rollbacks, that chain reaches further back than the last moves)."""
-    kept = set(versions[-keep:]) | {current} | set(rollback_targets(moves, current, keep))
+    pointed to in its last ``keep`` moves, where ``keep`` rollbacks in a row lead (however old:
+    after earlier rollbacks, that chain reaches further back than the last moves), and the version
+    this run ``published`` (named by the publisher's clock, it may sort among the oldest)."""
+    kept = set(versions[-keep:]) | {current, published} | set(rollback_targets(moves, current, keep))
     for move in moves[-keep:]:
         kept.update((move["version"], move["previous"]))
     return [version for version in versions if version not in kept]
@@ -222,10 +294,11 @@ def rollback_targets(moves: list[dict], current: str | None, count: int) -> list
     return targets
 
 
-def old_versions(s3, bucket: str, name: str, keep: int) -> tuple[list[str], int]:
+def old_versions(s3, bucket: str, name: str, keep: int, published: str | None = None) -> tuple[list[str], int]:
     """(the versions of ``name`` a prune keeping ``keep`` deletes, how many versions there are)."""
     found = versions(s3, bucket, name)
-    return prunable(found, current_version(s3, bucket, name), history(s3, bucket, name), keep), len(found)
+    current = current_version(s3, bucket, name)
+    return prunable(found, current, history(s3, bucket, name), keep, published), len(found)
 
 
 def delete_unless_current(s3, bucket: str, name: str, version: str) -> int | None:

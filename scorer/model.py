@@ -245,8 +245,8 @@ class Models:
         with self._lock:
             try:
                 bundle = registry.load(self.s3, self.bucket, self.name, version)
-            except ValueError as exc:          # model.json is not JSON (nor UTF-8)
-                raise self._refused(version or "CURRENT", ModelRefused(f"model.json does not parse: {exc}")) from None
+            except ValueError as exc:          # model.json is not JSON, or model.onnx is not the one published
+                raise self._refused(version or "CURRENT", ModelRefused(str(exc))) from None
             if self.champion and self.champion.version == bundle.version:
                 return self.champion
             try:

@@ -249,6 +249,13 @@ def test_reload_needs_the_token_and_refuses_mismatched_models(api):
                                                                     "model.json": b'{"name": "m", "feat'})
     refused = post(api, "/models/reload", {"version": "v-cut"}, headers=auth)
     assert refused.status_code == 409 and "model.json does not parse" in refused.json()["error"]
+    # model.onnx overwritten after publishing: another model would be served under this version's name
+    swapped = model_meta(MODEL, "v-swapped", onnx={"input": "features", "probability_output": "probability",
+                                                   "sha256": registry.onnx_digest(logistic_onnx())})
+    publish(api.s3, api.settings.bucket, MODEL, "v-swapped", logistic_onnx(bias=5.0), swapped, current=False)
+    refused = post(api, "/models/reload", {"version": "v-swapped"}, headers=auth)
+    assert refused.status_code == 409 and "not the one published" in refused.json()["error"]
+    assert post(api, "/invocations", {"instances": [ROW]}).json()["model_version"] == "v1"
     publish(api.s3, api.settings.bucket, MODEL, "v2", logistic_onnx(bias=-1.0))
     answer = post(api, "/models/reload", headers=auth).json()
     assert answer == {"model_name": MODEL, "model_version": "v2", "previous_version": "v1"}

@@ -247,6 +247,103 @@ def test_rollback_follows_the_chain_of_moves_past_a_move_that_lost_its_race(aws_
     assert registry.current_version(s3, bucket, name) == "X"
 
 
+def test_a_move_that_lost_its_race_to_the_version_current_moved_to_is_never_rolled_back_to(aws_settings, monkeypatch):
+    """A rollback C -> B and a promote of B at once: the promote recorded its line, then lost CURRENT.
+    The ghost line names B too, so the walk by version took it for the move made and went to C."""
+    from click.testing import CliRunner
+
+    from batch import registry as registry_cli
+    from common import aws, registry
+    from tests.conftest import settings_env
+
+    s3, bucket, name = aws.client("s3"), aws_settings.bucket, "ghost-test"
+    for version in ("A", "B", "C"):
+        registry.set_current(s3, bucket, name, version, reason="train")
+    read_by_the_promote = registry._current(s3, bucket, name)
+    assert registry.rollback(s3, bucket, name) == "B"
+    with monkeypatch.context() as patch:
+        patch.setattr(registry, "_current", lambda *args: read_by_the_promote)
+        with pytest.raises(registry.Conflict):
+            registry.set_current(s3, bucket, name, "B", reason="promoted by hand")
+    assert registry.current_version(s3, bucket, name) == "B"
+    assert [e["reason"] for e in registry.history(s3, bucket, name, made_only=False)][-1] == "promoted by hand"
+    shown = CliRunner().invoke(registry_cli.cli, ["--name", name, "history"], env=settings_env(aws_settings))
+    assert shown.output.splitlines()[-1].endswith("(promoted by hand)  [not made]"), shown.output
+    assert shown.output.count("[not made]") == 1
+    assert registry.rollback(s3, bucket, name) == "A"            # not C, the model just rolled back
+
+
+def test_a_damaged_history_line_is_passed_over_and_kept(aws_settings, caplog):
+    """A hand's edit left a broken line: history, rollback and training's move all stopped with a
+    JSONDecodeError, in the incident a rollback is for."""
+    from common import aws, registry
+
+    s3, bucket, name = aws.client("s3"), aws_settings.bucket, "damaged-test"
+    for version in ("A", "B"):
+        registry.set_current(s3, bucket, name, version, reason="train")
+    key = f"models/{name}/HISTORY"
+    lines = aws.get_object_bytes(s3, bucket, key).decode().splitlines()
+    s3.put_object(Bucket=bucket, Key=key, Body="\n".join([lines[0], '{"version": "X", "prev', lines[1]]).encode())
+    registry.set_current(s3, bucket, name, "C", reason="train")          # appended to the text as it was
+    assert [e["version"] for e in registry.history(s3, bucket, name)] == ["A", "B", "C"]
+    assert "line 2 of HISTORY is not a move of CURRENT" in caplog.text
+    assert registry.rollback(s3, bucket, name) == "B"
+    assert '{"version": "X", "prev' in aws.get_object_bytes(s3, bucket, key).decode().splitlines()[1]
+
+
+def test_a_bundle_changed_after_publishing_or_unscorable_is_never_made_current(aws_settings):
+    """Nothing checked model.onnx against what was published: an overwritten one was served under
+    the old version's name, and a rollback to a version whose model.onnx does not load said it
+    worked while every scorer refused it."""
+    from click.testing import CliRunner
+
+    from batch import registry as registry_cli
+    from common import aws, registry
+    from tests.conftest import settings_env
+
+    s3, bucket, name = aws.client("s3"), aws_settings.bucket, registry.DEFAULT_MODEL
+    for version in ("v1", "v2"):
+        meta = model_meta(name, version, parity={"passed": True})
+        meta["onnx"]["sha256"] = registry.onnx_digest(logistic_onnx())
+        publish_bundle(s3, bucket, name, version, logistic_onnx(), meta)
+    s3.put_object(Bucket=bucket, Key=f"models/{name}/v1/model.onnx", Body=logistic_onnx(bias=10.0))
+    with pytest.raises(ValueError, match="model.onnx of version v1 is not the one published"):
+        registry.load(s3, bucket, name, "v1")
+    runner, env = CliRunner(), settings_env(aws_settings)
+    refused = runner.invoke(registry_cli.cli, ["rollback", "--force"], env=env)
+    assert refused.exit_code != 0 and "not the one published" in refused.output, refused.output
+    publish_bundle(s3, bucket, name, "v3", logistic_onnx()[:200],             # no sha256: an older bundle
+                   model_meta(name, "v3", parity={"passed": True}), current=False)
+    refused = runner.invoke(registry_cli.cli, ["promote", "v3", "--force"], env=env)
+    assert refused.exit_code != 0 and "model.onnx does not score a row" in refused.output, refused.output
+    assert registry.current_version(s3, bucket, name) == "v2"
+    assert runner.invoke(registry_cli.cli, ["promote", "v1"], env=env).exit_code != 0
+    s3.put_object(Bucket=bucket, Key=f"models/{name}/v1/model.onnx", Body=logistic_onnx())      # put back
+    assert runner.invoke(registry_cli.cli, ["rollback"], env=env).exit_code == 0
+    assert registry.current_version(s3, bucket, name) == "v1"
+
+
+def test_a_run_that_loses_the_race_for_current_rewrites_its_report_too(aws_settings, monkeypatch):
+    from common import aws, registry
+
+    s3, settings = aws.client("s3"), TrainSettings(bucket=aws_settings.bucket, model_name="lost-race", auc_floor=0.0)
+    challenger = complete(Parity(True, 0.0, 200, 1e-5))
+    challenger.meta["onnx"] = {"sha256": registry.onnx_digest(challenger.onnx_bytes)}
+    moved = registry.set_current
+
+    def another_run_moves_current_first(s3, bucket, name, version, reason, expected=""):
+        moved(s3, bucket, name, "other", reason="train")
+        moved(s3, bucket, name, version, reason, expected=expected)
+
+    monkeypatch.setattr(registry, "set_current", another_run_moves_current_first)
+    outcome = publish(s3, settings, challenger)
+    assert not outcome["promoted"] and "another run moved it" in outcome["reasons"][0]
+    bundle = registry.load(s3, settings.bucket, settings.model_name, outcome["version"])
+    assert bundle.meta["promotion"]["promoted"] is False
+    report = aws.get_object_bytes(s3, settings.bucket, f"models/lost-race/{outcome['version']}/report.html").decode()
+    assert "another run moved it" in report and "CURRENT points to this version" not in report
+
+
 def test_a_rollback_or_promote_the_scorers_could_not_serve_is_refused(aws_settings):
     """The registry CLI loads the target first: a deleted bundle, or one with other features under
     the scorers' model name, leaves CURRENT where it is (--force insists on the latter)."""
@@ -318,9 +415,10 @@ def test_the_registry_cli_says_what_it_did_not_find_and_does_not_record_a_move_t
 
     s3 = aws.client("s3")
     bucket, name = aws_settings.bucket, "cli-test"
-    meta = {"parity": {"passed": True}, "promotion": {"promoted": True, "reasons": []}, "metrics": {"roc_auc": 0.8}}
+    meta = {"parity": {"passed": True}, "promotion": {"promoted": True, "reasons": []}, "metrics": {"roc_auc": 0.8},
+            "features": [{"name": name, "type": "float"} for name in FEATURE_NAMES]}
     for version in ("20261201T000000Z", "20261202T000000Z"):
-        registry.publish(s3, bucket, name, version, {"model.onnx": b"onnx", "model.json": json.dumps(meta).encode()})
+        registry.publish(s3, bucket, name, version, {"model.onnx": logistic_onnx(), "model.json": json.dumps(meta).encode()})
     registry.set_current(s3, bucket, name, "20261202T000000Z", reason="train")
     env, run = settings_env(aws_settings), CliRunner().invoke
 
@@ -348,6 +446,8 @@ def test_prune_keeps_where_keep_rollbacks_in_a_row_lead_after_earlier_rollbacks(
              {"version": "v5", "previous": "v6", "reason": "promote"}]
     versions = [f"v{n}" for n in range(1, 7)]
     assert prunable(versions, "v5", moves, keep=2) == ["v1", "v2", "v3"]
+    # A version named by a publisher's slow clock sorts among the oldest: its own prune kept none of it.
+    assert prunable(versions, "v5", moves, keep=2, published="v2") == ["v1", "v3"]
     first = previous_version(moves, "v5")
     second = previous_version(moves + [{"version": first, "previous": "v5", "reason": ROLLBACK_REASON + "v5"}], first)
     assert (first, second) == ("v6", "v4")

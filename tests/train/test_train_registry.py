@@ -2,6 +2,7 @@
 a worse challenger does not move CURRENT; promote and rollback from the registry CLI."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -47,6 +48,7 @@ def test_train_publish_gate_and_rollback(spark, aws_settings, events, tmp_path):
     assert meta["version"] == version and meta["feature_version"] == FEATURE_VERSION
     assert [f["name"] for f in meta["features"]][:3] == ["events", "page_views", "page_pings"]
     assert meta["onnx"]["probability_output"] == "probability" and meta["onnx"]["positive_index"] == 1
+    assert meta["onnx"]["sha256"] == hashlib.sha256(bundle.onnx).hexdigest()       # scorers check it on load
     assert meta["parity"]["passed"] and meta["parity"]["max_abs_diff"] <= 1e-5 and meta["parity"]["rows"] > 100
     assert meta["training_window"]["start"] == "2026-11-20" and meta["training_window"]["end"] == "2026-11-21"
     window, rows = meta["training_window"], meta["rows"]
