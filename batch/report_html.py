@@ -19,6 +19,7 @@ from batch.train_metrics import curves, threshold_text
 TOP_IMPORTANCES = 15
 STYLE = """body{font-family:sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;line-height:1.4}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}
+th[scope=row]{font-weight:normal}
 figure{display:inline-block;vertical-align:top;margin:0 1em 1em 0;max-width:100%}
 img{width:420px;max-width:100%;height:auto}img.wide{width:600px}
 figcaption{max-width:420px;font-size:.9em;color:#444}pre{background:#f6f6f6;padding:1em;overflow:auto}
@@ -64,24 +65,49 @@ def _plots(y, p, meta: dict, counts: dict) -> list[tuple[str, str, str]]:
     ax.plot([recall], [precision], "o", color="black", label=f"threshold {t:.3f}")
     ax.set(xlabel="recall (buyers flagged)", ylabel="precision (flagged who buy)", title="Precision-recall")
     ax.legend(loc="upper right")
-    cal, ax = plt.subplots(figsize=(4.5, 4))
     bins = metrics["calibration"]
-    # Marker area by row count: a bin of 50 rows is not as sure as one of 2,000.
-    sizes = [20 + 200 * b["count"] / max(x["count"] for x in bins) for b in bins]
-    ax.plot([b["mean_p"] for b in bins], [b["rate"] for b in bins], "-", color="C0")
-    ax.scatter([b["mean_p"] for b in bins], [b["rate"] for b in bins], s=sizes, color="C0", label="model (area: rows)")
-    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
-    ax.set(xlabel="mean predicted probability", ylabel="observed buy rate", title="Calibration")
-    ax.legend(loc="upper left")
+    cal = calibration_figure(bins)
+    # The alt texts give what a sighted reader takes from the figure: the threshold's rates, the gap to the diagonal.
+    roc_alt = (f"ROC curve, AUC {metrics['roc_auc']:.3f}, against the dotted diagonal of chance (AUC 0.5); the "
+               f"threshold {t:.3f} is the dot at a true positive rate of {recall:.1%} and a false positive rate of "
+               f"{fpr:.1%}")
+    worst, mean_gap = _calibration_gaps(bins)
+    calibration_alt = (f"Calibration plot: predicted probability against observed buy rate in {len(bins)} bins; the "
+                       f"points are {mean_gap:.3f} from the diagonal on average (weighted by rows), furthest in the "
+                       f"bin {worst['low']:.1f}-{worst['high']:.1f}: predicted {worst['mean_p']:.3f}, observed "
+                       f"{worst['rate']:.3f}")
     return [
-        (f"ROC curve, AUC {metrics['roc_auc']:.3f}", ("How many buyers (up) the model flags for each share of "
+        (roc_alt, ("How many buyers (up) the model flags for each share of "
          "non-buyers flagged (right); the dot is the chosen threshold. Higher and further left is better."), _png(roc)),
         (f"Precision-recall curve, average precision {metrics['pr_auc']:.3f}", ("Of the sessions flagged, how many buy "
          "(up), against the share of all buyers flagged (right). The dotted line is what random flagging gets."),
          _png(pr)),
-        ("Calibration plot: predicted probability against observed buy rate", ("Points on the diagonal mean a "
-         "predicted 0.3 buys 30 % of the time. Small points have few rows: see the table below."), _png(cal)),
+        (calibration_alt, ("Points on the diagonal mean a "
+         "predicted 0.3 buys 30 % of the time. Below, the rows in each bin: points over few rows are less sure."), _png(cal)),
     ]
+
+
+def calibration_figure(bins: list[dict]):
+    """Observed buy rate against mean predicted probability per bin, over a histogram of the bins'
+    rows: a bin of 50 rows is not as sure as one of 2,000, and most rows are often in the first."""
+    figure, (ax, rows) = plt.subplots(2, 1, figsize=(4.5, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    sizes = [20 + 200 * b["count"] / max(x["count"] for x in bins) for b in bins]     # marker area by rows too
+    ax.plot([b["mean_p"] for b in bins], [b["rate"] for b in bins], "-", color="C0")
+    ax.scatter([b["mean_p"] for b in bins], [b["rate"] for b in bins], s=sizes, color="C0", label="model (area: rows)")
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    ax.set(ylabel="observed buy rate", title="Calibration")
+    ax.legend(loc="upper left")
+    rows.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["count"] for b in bins],
+             width=[0.9 * (b["high"] - b["low"]) for b in bins], color="C0", alpha=0.6)
+    rows.set(xlabel="mean predicted probability", ylabel="rows", xlim=(0, 1))
+    return figure
+
+
+def _calibration_gaps(bins: list[dict]) -> tuple[dict, float]:
+    """The bin furthest from the diagonal, and the rows' mean distance |observed - predicted| to it."""
+    worst = max(bins, key=lambda b: abs(b["rate"] - b["mean_p"]))
+    mean = sum(b["count"] * abs(b["rate"] - b["mean_p"]) for b in bins) / max(1, sum(b["count"] for b in bins))
+    return worst, mean
 
 
 def _when(ms: int | None) -> str:
@@ -114,6 +140,7 @@ def _reading(meta: dict, counts: dict) -> str:
     """The figures in words, each against what chance would give."""
     m, base = meta["metrics"], meta["metrics"]["base_rate"]
     flagged, precision, recall = counts["flagged"], counts["precision"] or 0.0, counts["recall"]
+    fpr = counts["false_positive_rate"]
     items = [
         (f"<b>ROC AUC {m['roc_auc']:.3f}</b>: the chance that a random buying session scores above a random "
         "non-buying one (0.5 is chance, 1 is perfect)."),
@@ -125,7 +152,8 @@ def _reading(meta: dict, counts: dict) -> str:
         f"{base * (1 - base):.4f}. Log loss {m['log_loss']:.4f}."),
         (f"<b>At the threshold {html.escape(threshold_text(meta))}</b>: {flagged} of {m['rows']} rows "
         f"({flagged / max(1, m['rows']):.1%}) are decided <i>buy</i>; {precision:.1%} of them buy (precision), and "
-        f"they hold {recall:.1%} of the buyers (recall)."),
+        f"they hold {recall:.1%} of the buyers (recall); {fpr:.1%} of the non-buyers are decided <i>buy</i> "
+        "too (false positive rate)."),
     ]
     return "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
 
@@ -186,8 +214,10 @@ def _importances(meta: dict) -> str:
 
 
 def _table(rows: list[tuple], head: tuple) -> str:
-    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
-    return "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + cells + "</table>"
+    """Head cells name columns, each row's first cell names its row: a screen reader reads both with a value."""
+    cells = "".join(f'<tr><th scope="row">{html.escape(str(row[0]))}</th>'
+                    + "".join(f"<td>{html.escape(str(v))}</td>" for v in row[1:]) + "</tr>" for row in rows)
+    return "<table><tr>" + "".join(f'<th scope="col">{h}</th>' for h in head) + "</tr>" + cells + "</table>"
 
 
 def render(meta: dict, y, p) -> bytes:
@@ -205,7 +235,7 @@ def render(meta: dict, y, p) -> bytes:
     head = {k: v for k, v in meta.items() if k not in ("metrics", "feature_importances", "features")}
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{name} {version}</title><style>{STYLE}</style></head><body>
+<title>{name} {version}</title><style>{STYLE}</style></head><body><main>
 <h1>Model {name}, version {version}</h1>
 {_about(meta)}
 <h2>What the figures say</h2>{_reading(meta, counts)}
@@ -216,6 +246,7 @@ def render(meta: dict, y, p) -> bytes:
 <h2>Calibration bins</h2>{calibration}
 {_cross_validation(meta)}
 <h2>Feature importances</h2>{_importances(meta)}
-<h2>model.json (excerpt)</h2><pre>{html.escape(json.dumps(head, indent=2, default=str))}</pre>
-</body></html>"""
+<h2>model.json (excerpt)</h2>
+<pre tabindex="0" role="region" aria-label="model.json excerpt">{html.escape(json.dumps(head, indent=2, default=str))}</pre>
+</main></body></html>"""
     return page.encode()

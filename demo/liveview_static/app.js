@@ -1,4 +1,4 @@
-// The live view: poll /api/state every second and redraw. Plain DOM + SVG, no build step, no CDN.
+// The live view: poll /api/state every second and redraw (unless paused). Plain DOM + SVG, no build step, no CDN.
 // Every value from the API is set with textContent, never innerHTML: session ids come from browsers.
 "use strict";
 
@@ -65,10 +65,17 @@ function row(cells) {
 }
 
 function wrap(node) {
-  if (node.tagName === "TD") return node;
+  if (node.tagName === "TD" || node.tagName === "TH") return node;
   const td = document.createElement("td");
   td.appendChild(node);
   return td;
+}
+
+// A row's name (a component's): read out with each of its cells.
+function rowHeader(text) {
+  const th = el("th", text);
+  th.scope = "row";
+  return th;
 }
 
 function fill(tbody, rows, empty, columns) {
@@ -124,8 +131,8 @@ function decisionCell(decision) {
 }
 
 function idCell(id, cls) {
-  const td = el("td", id, cls);
-  if (id) td.title = id;             // the whole id on hover: narrow screens cut it short
+  const td = el("td", id, cls);      // the text is the whole id (screen readers read it): CSS only draws it short
+  if (id) td.title = id;             // and the whole id on hover
   return td;
 }
 
@@ -138,20 +145,19 @@ function renderModel(model) {
 function renderStages(state) {
   const tiles = state.stages.map((stage) => {
     const tile = el("div", null, "tile");
-    tile.title = stage.source;
-    tile.append(el("div", num(stage.per_s, 1), "value"), el("div", stage.name, "name"));
+    tile.append(el("div", num(stage.per_s, 1), "value"), el("div", stage.name, "name"), el("div", stage.source, "source"));
     return tile;
   });
   document.getElementById("stages").replaceChildren(...tiles);
   const bad = state.bad_rate;
   document.getElementById("bad-rate").textContent = typeof bad === "number" ? `${(bad * 100).toFixed(1)} %` : "–";
-  const lags = Object.entries(state.lag_ms).map(([name, ms]) => row([name, ms === null || ms === undefined ? "–" : `${Math.round(ms)} ms`]));
-  document.getElementById("lag").replaceChildren(...lags);
+  const lags = Object.entries(state.lag_ms).map(([name, ms]) => row([rowHeader(name), ms === null || ms === undefined ? "–" : `${Math.round(ms)} ms`]));
+  document.querySelector("#lag tbody").replaceChildren(...lags);
   const components = Object.entries(state.components).map(([name, c]) => {
     const [text, cls] = componentStatus(c);
-    return row([name, el("td", text, `status ${cls}`)]);
+    return row([rowHeader(name), el("td", text, `status ${cls}`)]);
   });
-  document.getElementById("components").replaceChildren(...components);
+  document.querySelector("#components tbody").replaceChildren(...components);
 }
 
 function renderSessions(state) {
@@ -178,10 +184,39 @@ function renderOffers(state) {
   fill(document.querySelector("#offers tbody"), rows, "no offers yet", 5);
 }
 
+// Rewrites a live region's text only when it changes: the same text written again would be read out again.
+function say(node, text, cls) {
+  if (node.textContent !== text) node.textContent = text;
+  node.className = cls;
+}
+
+// The errors box is in a live region: it changes only when the problems do, and once shown it stays,
+// saying when they ended, so a screen reader hears the recovery as well as the failure.
+let problems = "";
 function renderErrors(state) {
-  const entries = Object.entries(state.errors || {});
-  document.getElementById("errors-box").hidden = entries.length === 0;
-  document.getElementById("errors").replaceChildren(...entries.map(([k, v]) => el("li", `${k}: ${v}`)));
+  const lines = Object.entries(state.errors || {}).map(([k, v]) => `${k}: ${v}`);
+  if (lines.join("\n") === problems) return;
+  problems = lines.join("\n");
+  if (!lines.length) lines.push(`none since ${clock(state.generated_at)}: every source is read again`);
+  document.getElementById("errors-box").hidden = false;
+  document.getElementById("errors").replaceChildren(...lines.map((line) => el("li", line)));
+}
+
+function showConnection(error) {
+  const box = document.getElementById("connection");
+  if (error) say(box, `cannot reach the live view server: ${error.message}`, "down");
+  else if (box.className === "down") say(box, "connected again", "up");
+}
+
+// WCAG 2.2.2: a reader can stop the redraw. Polling goes on (connection problems are still said), and
+// Resume draws the latest answer at once.
+let paused = false, latest = null;
+function togglePause() {
+  paused = !paused;
+  document.getElementById("pause").textContent = paused ? "Resume updates" : "Pause updates";
+  const status = document.getElementById("status");
+  if (paused) status.textContent = `paused · ${status.textContent}`;
+  else if (latest) render(latest);
 }
 
 function render(state) {
@@ -199,9 +234,11 @@ async function poll() {
   try {
     const response = await fetch("/api/state", { cache: "no-store" });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
-    render(await response.json());
+    latest = await response.json();
+    showConnection(null);
+    if (!paused) render(latest);
   } catch (error) {
-    document.getElementById("status").textContent = `cannot reach the live view server: ${error.message}`;
+    showConnection(error);
   } finally {
     setTimeout(poll, POLL_MS);   // after the answer, so a slow server never gets a pile of requests
   }
@@ -211,5 +248,6 @@ if (typeof module === "object" && module.exports) {
   // Under Node (tests/demo): the formatting functions, no polling.
   module.exports = { num, metricLabel, metricValue, modelItems, componentStatus };
 } else {
+  document.getElementById("pause").addEventListener("click", togglePause);
   poll();
 }

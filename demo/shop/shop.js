@@ -49,10 +49,15 @@
 
   // ---------------------------------------------------------------- cart (kept in localStorage)
 
+  // For the live regions (cart count, prediction): the same text written again would be read out again.
+  function setText(node, text) {
+    if (node.textContent !== text) node.textContent = text;
+  }
+
   function cart() { return JSON.parse(localStorage.getItem('clickshop-cart') || '[]'); }
   function saveCart(items) {
     localStorage.setItem('clickshop-cart', JSON.stringify(items));
-    document.getElementById('cart-count').textContent = items.reduce(function (n, i) { return n + i.quantity; }, 0);
+    setText(document.getElementById('cart-count'), String(items.reduce(function (n, i) { return n + i.quantity; }, 0)));
   }
   function product(sku) { return catalogue.products.find(function (p) { return p.sku === sku; }); }
   function money(value) { return '€' + value.toFixed(2); }
@@ -103,10 +108,13 @@
     },
     cart: function () {
       var items = cart();
-      el('<h1>Your cart</h1>' + steps(1) + (items.length ? '<table>' + items.map(function (i) {
-        return '<tr><td>' + product(i.sku).name + '</td><td>' + i.quantity + ' × ' + money(i.price) +
-          '</td><td><button class="secondary remove" data-sku="' + i.sku + '">Remove</button></td></tr>';
-      }).join('') + '</table><p>Total ' + money(cartTotal(items)) + '</p><button id="checkout">Checkout</button>'
+      el('<h1>Your cart</h1>' + steps(1) + (items.length ? '<table><thead><tr><th scope="col">Product</th>' +
+        '<th scope="col">Quantity × price</th><td></td></tr></thead><tbody>' + items.map(function (i) {
+        var name = product(i.sku).name;
+        return '<tr><th scope="row">' + name + '</th><td>' + i.quantity + ' × ' + money(i.price) +
+          '</td><td><button class="secondary remove" data-sku="' + i.sku + '" aria-label="Remove ' + name +
+          '">Remove</button></td></tr>';
+      }).join('') + '</tbody></table><p>Total ' + money(cartTotal(items)) + '</p><button id="checkout">Checkout</button>'
         : '<p>Your cart is empty.</p>'));
       trackPage('Cart', 'cart');
       if (items.length) track('checkout_step', { step: 1, name: 'cart' });
@@ -118,6 +126,7 @@
           track('remove_from_cart', { sku: line.sku, category: line.category, price: line.price,
                                       quantity: line.quantity, currency: CURRENCY });
           views.cart();
+          focusHeading();                          // the button pressed is gone with the old table
         });
       });
       var checkout = document.getElementById('checkout');
@@ -128,22 +137,21 @@
       var items = cart();
       if (step < 2 || !items.length) { location.hash = '#/cart'; return; }
       var last = step === 4;
-      var form = {
-        shipping: '<label>Address <input value="1 Demo Street"></label>',
-        payment: '<label>Card <input value="4242 4242 4242 4242"></label>',
+      var fields = {
+        shipping: '<label>Address <input name="address" autocomplete="street-address" value="1 Demo Street"></label>',
+        payment: '<label>Card number <input name="card" autocomplete="cc-number" inputmode="numeric" ' +
+          'value="4242 4242 4242 4242"></label>',
         review: '<p>' + items.length + ' item(s), total ' + money(cartTotal(items)) + '</p>',
       }[name];
-      el('<h1>Checkout</h1>' + steps(step) + form + '<p>' +
-        (last ? '<button id="place-order">Place order</button>' : '<button id="next">Continue</button>') + '</p>');
+      el('<h1>Checkout</h1>' + steps(step) + '<form id="step-form">' + fields + '<p>' +
+        (last ? '<button id="place-order">Place order</button>' : '<button id="next">Continue</button>') + '</p></form>');
       trackPage('Checkout: ' + name, 'checkout');
       track('checkout_step', { step: step, name: name });
-      if (last) {
-        document.getElementById('place-order').addEventListener('click', placeOrder);
-      } else {
-        document.getElementById('next').addEventListener('click', function () {
-          location.hash = '#/checkout/' + STEPS[step + 1];
-        });
-      }
+      // A form, so Enter in a field goes on as the button does; the page itself is never submitted.
+      document.getElementById('step-form').addEventListener('submit', function (event) {
+        event.preventDefault();
+        if (last) placeOrder(); else location.hash = '#/checkout/' + STEPS[step + 1];
+      });
     },
     confirmation: function () {
       var order = JSON.parse(sessionStorage.getItem('clickshop-order') || 'null');
@@ -158,9 +166,9 @@
   };
 
   function steps(current) {
-    return '<p class="steps">' + STEPS.slice(1).map(function (name, i) {
-      return i + 1 === current ? '<b>' + name + '</b>' : name;
-    }).join(' → ') + '</p>';
+    return '<ol class="steps">' + STEPS.slice(1).map(function (name, i) {
+      return i + 1 === current ? '<li aria-current="step"><b>' + name + '</b></li>' : '<li>' + name + '</li>';
+    }).join('') + '</ol>';
   }
 
   function placeOrder() {
@@ -175,7 +183,15 @@
     location.hash = '#/confirmation';
   }
 
-  function route() {
+  // A view replaces all of <main>: its heading takes the focus, which was on a link or button now gone.
+  function focusHeading() {
+    var heading = view.querySelector('h1');
+    if (!heading) return;
+    heading.setAttribute('tabindex', '-1');
+    heading.focus();
+  }
+
+  function route(event) {
     var parts = (location.hash.replace(/^#\/?/, '') || '').split('/');
     if (parts[0] === 'c' && parts[1]) views.category(parts[1]);
     else if (parts[0] === 'p' && parts[1]) views.product(parts[1]);
@@ -184,6 +200,7 @@
     else if (parts[0] === 'confirmation') views.confirmation();
     else views.home();
     showSession();
+    if (event) focusHeading();                   // a view change, not the page's first view
     window.scrollTo(0, 0);
     document.body.dataset.view = location.hash;   // the view now shown (a test waits for it, not for the hash)
   }
@@ -197,12 +214,12 @@
 
   function showPrediction(found) {
     if (!found || found.p_buy === null || found.p_buy === undefined) return;
-    document.getElementById('p-buy').textContent =
-      'p(buy) ' + found.p_buy.toFixed(3) + ' after ' + found.events + ' events (model ' + found.model_version + ')';
+    setText(document.getElementById('p-buy'),
+      'p(buy) ' + found.p_buy.toFixed(3) + ' after ' + found.events + ' events (model ' + found.model_version + ')');
     var decision = document.getElementById('p-decision');
     var offer = found.offer && found.offer.code
       ? ', offer ' + found.offer.code + ' (' + found.offer.discount_percent + ' % off)' : '';
-    decision.textContent = found.decision + offer;
+    setText(decision, found.decision + offer);
     decision.className = found.decision === 'buy' ? 'buy' : 'defer';
   }
 
@@ -212,7 +229,7 @@
   function showWaiting(reason) {
     var shown = document.getElementById('p-buy');
     if (shown.textContent.indexOf('p(buy)') === 0) return;   // a score already shown stays
-    shown.textContent = waiting[reason] || 'not scored yet';
+    setText(shown, waiting[reason] || 'not scored yet');
   }
 
   function pollPrediction() {

@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 import uuid
 from html.parser import HTMLParser
 
@@ -369,3 +370,113 @@ def test_shop_on_a_phone_keeps_categories_and_cart_in_view_and_reads_well(browse
     for decision in ("buy", "defer"):                                 # the panel as a prediction paints it
         browser.js(f"const d = document.getElementById('p-decision'); d.textContent = '{decision}'; d.className = '{decision}';")
         assert browser.js(LOW_CONTRAST_JS) == []                        # steps, Remove button, prediction
+
+
+# ------------------------------------------------------------------------------------ for screen and keyboard readers
+
+
+class Noscript(HTMLParser):
+    """The text inside <noscript>."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.inside, self.text = False, ""
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        self.inside = self.inside or tag == "noscript"
+
+    def handle_endtag(self, tag):
+        self.inside = self.inside and tag != "noscript"
+
+    def handle_data(self, data):
+        self.text += data if self.inside else ""
+
+
+def test_both_pages_say_they_need_javascript_without_it():
+    for page in (LIVEVIEW / "index.html", SHOP / "index.html"):
+        assert "needs JavaScript" in Noscript(page.read_text(encoding="utf-8")).text, page
+
+
+def test_the_sparkline_threshold_line_stands_out_from_its_card():
+    css = liveview_css()
+    assert contrast(css.value("svg.spark line", "stroke"), css.value(".card", "background")) >= 3    # WCAG 1.4.11
+
+
+@pytest.mark.browser
+def test_live_view_pauses_its_redraw_from_the_keyboard_and_resumes(browser, view, view_settings):
+    """WCAG 2.2.2: the tables were rebuilt every second, with no way to stop them."""
+    live_data(view, view_settings)
+    browser.go(view.url + "/")
+    browser.wait("return document.querySelectorAll('#sessions td.session-id').length === 3")
+    assert browser.js("return document.getElementById('pause').tagName") == "BUTTON"
+    browser.press_enter("#pause")
+    assert browser.text("#pause") == "Resume updates" and browser.text("#status").startswith("paused")
+    browser.js("document.querySelector('#sessions tbody tr').dataset.drawn = 'before the pause'")
+    later = str(uuid.uuid4())
+    put(view_settings, view_settings.predictions_stream, [prediction(later, 0.5)])
+    wait_for(lambda: len(state(view)["sessions"]) == 4, what="the new session in /api/state")
+    time.sleep(2.5)                                                  # two polls' worth: nothing redrawn
+    assert browser.js("return document.querySelectorAll('#sessions td.session-id').length") == 3
+    assert browser.js("return document.querySelector('#sessions tbody tr').dataset.drawn") == "before the pause"
+    browser.click("#pause")
+    browser.wait("return document.querySelectorAll('#sessions td.session-id').length === 4")   # at once, not next poll
+    assert browser.text("#pause") == "Pause updates"
+
+
+@pytest.mark.browser
+def test_live_view_announces_failures_and_recoveries_once_but_not_the_clock(browser, view, view_settings):
+    browser.go(view.url + "/")
+    browser.wait("return document.getElementById('status').textContent.startsWith('updated')")
+    assert not browser.live("#status")                              # every second: not read out
+    browser.count_changes("connection", "problems")
+    browser.js("window.realFetch = window.fetch; window.fetch = () => Promise.reject(new Error('no network'))")
+    browser.wait("return document.getElementById('connection').textContent === "
+                 "'cannot reach the live view server: no network'")
+    assert browser.live("#connection")
+    time.sleep(2.5)                                                  # more failed polls, said once
+    assert browser.js("return window.changes.connection") == 1
+    browser.js("window.fetch = window.realFetch")
+    browser.wait("return document.getElementById('connection').textContent === 'connected again'")
+
+    # A source the view cannot read (as /api/state reports it), then read again.
+    browser.js("""window.fetch = (...args) => window.realFetch(...args).then((r) => r.json()).then((s) => {
+        s.errors = {offers: 'ResourceNotFoundException: no table'}; return new Response(JSON.stringify(s)); })""")
+    browser.wait("return !document.getElementById('errors-box').hidden")
+    assert browser.live("#errors")
+    assert browser.text("#errors") == "offers: ResourceNotFoundException: no table"
+    before = browser.js("return window.changes.problems")
+    time.sleep(2.5)
+    assert browser.js("return window.changes.problems") == before               # the same problem, not repeated
+    browser.js("window.fetch = window.realFetch")
+    browser.wait("return document.getElementById('errors').textContent.endsWith('every source is read again')")
+
+
+@pytest.mark.browser
+def test_live_view_tables_regions_and_explanations_reach_a_screen_reader(browser, view, view_settings):
+    sessions = live_data(view, view_settings)
+    browser.go(view.url + "/")
+    browser.wait("return document.querySelectorAll('#sessions td.session-id').length === 3 && "
+                 "document.querySelectorAll('#components tbody tr').length > 1")
+    for table in ("lag", "components"):
+        heads = browser.js(f"return [...document.querySelectorAll('#{table} thead th')].map((th) => th.scope)")
+        assert heads == ["col", "col"], table
+        assert browser.js(f"""return [...document.querySelectorAll('#{table} tbody tr')]
+            .every((tr) => tr.cells[0].tagName === 'TH' && tr.cells[0].scope === 'row')"""), table
+    assert browser.js("return [...document.querySelectorAll('thead th')].every((th) => th.scope === 'col')")
+    # Scrolling boxes: reachable by keyboard, and named when reached.
+    regions = browser.js("""return [...document.querySelectorAll('.table-scroll')]
+        .map((box) => [box.tabIndex, box.getAttribute('role'), box.getAttribute('aria-label')])""")
+    assert len(regions) == 5 and all(tab == 0 and role == "region" and label for tab, role, label in regions)
+    assert browser.js("return document.querySelectorAll('main').length === 1 && "
+                      "[...document.querySelectorAll('.card')].every((card) => card.closest('main'))")
+    # What was only in tooltips is on the page.
+    assert browser.js("return [...document.querySelectorAll('.tile')].map((t) => t.innerText.split('\\n').pop())"
+                      )[:2] == ["collector /metrics", "raw stream"]
+    assert "micro-batch being scored" in browser.text("#time-in-scorer")
+    # An id drawn short is read whole.
+    cells = browser.call("POST", f"/session/{browser.session}/elements",
+                         {"using": "css selector", "value": "#sessions td.session-id"})
+    labels = [browser.call("GET", f"/session/{browser.session}/element/{c[test_shop.ELEMENT]}/computedlabel")
+              for c in cells]
+    assert sorted(labels) == sorted(sessions)

@@ -99,6 +99,28 @@ class WebDriver:
         view does, and a click in between would hit the old view's button."""
         self.wait(f"return (document.body.dataset.view || '').startsWith({json.dumps(hash_prefix)})")
 
+    def press_enter(self, css: str) -> None:
+        """The Enter key on an element, as a keyboard user presses it (focus, then the key)."""
+        self.call("POST", f"/session/{self.session}/element/{self.find(css)}/value", {"text": "\ue007"})
+
+    def live(self, css: str) -> bool:
+        """Whether a screen reader announces changes of the element's text (it is in a live region)."""
+        return self.js(f"""return !!document.querySelector({json.dumps(css)}).closest(
+            '[aria-live]:not([aria-live="off"]), [role="status"], [role="alert"], [role="log"]')""")
+
+    def count_changes(self, *ids: str) -> None:
+        """From now on, count the changes of text under each element (in ``window.changes[id]``)."""
+        self.js(f"""window.changes = {{}};
+            for (const id of {json.dumps(list(ids))}) {{
+              window.changes[id] = 0;
+              new MutationObserver((records) => {{ window.changes[id] += records.length; }})
+                .observe(document.getElementById(id), {{childList: true, characterData: true, subtree: true}});
+            }}""")
+
+    def focused(self) -> list:
+        """The focused element's tag, tabindex and text."""
+        return self.js("const e = document.activeElement; return [e.tagName, e.getAttribute('tabindex'), e.textContent]")
+
     def quit(self) -> None:
         if self.session:
             self.call("DELETE", f"/session/{self.session}")
@@ -223,6 +245,11 @@ def test_a_shop_on_another_origin_shows_its_prediction_from_the_live_view(browse
     test_liveview.put_offer(view_settings, session_id, 0.7, "2026-11-29T10:00:01.000Z")
     code = f"SAVE10-{session_id[:8].upper()}"
     browser.wait(f"return document.getElementById('p-decision').textContent.endsWith(', offer {code} (10 % off)')")
+    # Read out when it changes, and only then: every poll rewrote the same text, which a reader may repeat.
+    assert browser.live("#p-buy") and browser.live("#p-decision")
+    browser.count_changes("my-prediction")
+    time.sleep(3.5)                                     # two polls
+    assert browser.js("return window.changes['my-prediction']") == 0
     view.close()                                        # the live view goes away: the score shown stays
     time.sleep(2)
     assert browser.text("#p-buy").startswith("p(buy) 0.700")
@@ -277,3 +304,64 @@ def test_a_shop_whose_live_view_is_down_says_so(browser, servers):
     browser.go(f"{shop.url}/shop/?collector=http://127.0.0.1:{collector.server_address[1]}&liveview={closed}")
     browser.wait("return document.getElementById('p-buy').textContent === "
                  "'not scored yet: the live view is not answering'")
+    browser.count_changes("my-prediction")
+    time.sleep(3.5)                                     # two more failed polls: the reason is said once
+    assert browser.js("return window.changes['my-prediction']") == 0
+
+
+@pytest.mark.browser
+def test_a_keyboard_and_screen_reader_user_can_shop(browser, servers):
+    """Each view replaced <main> and left the focus on nothing; the cart table had no headers and its
+    buttons all read "Remove"; Enter in a checkout field did nothing; the step shown was only bold."""
+    collector, shop = servers
+    browser.go(f"{shop.url}/shop/?collector=http://127.0.0.1:{collector.server_address[1]}")
+    browser.wait("return document.title.startsWith('Home')")
+    assert browser.focused()[0] == "BODY"                       # the first view leaves the focus where it is
+    browser.press_enter('[data-nav="shoes"]')
+    browser.wait_view("#/c/shoes")
+    assert browser.focused() == ["H1", "-1", "Shoes"]
+    browser.press_enter(".product a")
+    browser.wait_view("#/p/")
+    name = browser.text("#view h1")
+    assert browser.focused() == ["H1", "-1", name]
+    browser.press_enter("#add-to-cart")
+    browser.wait("return document.getElementById('cart-count').textContent === '1'")
+    assert browser.live("#cart-count") and browser.text("#go-cart") == "Cart (1)"
+    browser.press_enter("#go-cart")
+    browser.wait_view("#/cart")
+    assert browser.focused() == ["H1", "-1", "Your cart"]
+    assert browser.js("return [...document.querySelectorAll('#view thead th')].map((th) => th.scope)") == ["col", "col"]
+    assert browser.js("const th = document.querySelector('#view tbody th'); return [th.scope, th.textContent]") == [
+        "row", name]
+    remove = browser.find("#view .remove")
+    assert browser.call("GET", f"/session/{browser.session}/element/{remove}/computedlabel") == f"Remove {name}"
+    assert current_step(browser) == ["OL", "cart"]
+
+    browser.js("window.samePage = true")
+    browser.click("#checkout")
+    browser.wait_view("#/checkout/shipping")
+    assert browser.js("return document.querySelector('#view form input').autocomplete") == "street-address"
+    browser.press_enter("#view form input")
+    browser.wait_view("#/checkout/payment")
+    assert browser.focused() == ["H1", "-1", "Checkout"] and current_step(browser) == ["OL", "payment"]
+    assert browser.js("return document.querySelector('#view form input').autocomplete") == "cc-number"
+    browser.press_enter("#view form input")
+    browser.wait_view("#/checkout/review")
+    browser.press_enter("#place-order")
+    browser.wait_view("#/confirmation")
+    assert browser.text("#order-id").startswith("Order ORD-") and browser.text("#go-cart") == "Cart (0)"
+    assert browser.js("return window.samePage")                 # Enter moved on in the page, never reloaded it
+
+    browser.click(".brand")                                     # Remove: the focus goes to the emptied cart's heading
+    put_a_shoe_in_the_cart(browser)
+    browser.click("#go-cart")
+    browser.wait_view("#/cart")
+    browser.click("#view .remove")
+    browser.wait("return document.getElementById('cart-count').textContent === '0'")
+    assert browser.focused() == ["H1", "-1", "Your cart"]
+
+
+def current_step(browser: WebDriver) -> list:
+    """The list the checkout steps are in, and the step it marks as the current one."""
+    return browser.js("const li = document.querySelector('#view .steps [aria-current=\"step\"]');"
+                      "return [li.parentElement.tagName, li.textContent]")

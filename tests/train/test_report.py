@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import re
+from html.parser import HTMLParser
 
 import numpy as np
 
@@ -46,7 +47,7 @@ def test_a_table_run_says_it_was_a_random_split_and_unpublished_with_its_cross_v
     assert "version unpublished (a local run)" in text and "stratified random 25%" in text
     assert "dropped 14 rows" in text and "5-fold ROC AUC 0.9320 ± 0.0014" in text
     assert b'name="viewport"' in page and page.count(b"data:image/png;base64,") == 4
-    assert f'alt="ROC curve, AUC {meta["metrics"]["roc_auc"]:.3f}"'.encode() in page
+    assert f'alt="ROC curve, AUC {meta["metrics"]["roc_auc"]:.3f},'.encode() in page
 
 
 def test_decisions_at_the_threshold_are_counted_as_the_scorer_decides():
@@ -93,3 +94,89 @@ def test_a_one_hot_encoded_column_is_charted_whole():
     assert "sums the values of each one-hot encoded column" in text_of(page) and "All 12 features" in text_of(page)
     plain = report_html.render(meta_for(y, p, training_window={"table": "t.csv", "rows": 2000, "notes": []}), y, p)
     assert b'alt="Bar chart of the 15 most important features, led by f0"' in plain
+
+
+class Page(HTMLParser):
+    """What a screen reader goes by: each element with its attributes and the elements it is inside, and
+    the table cells, row by row, as (tag, scope, text)."""
+
+    VOID = frozenset({"meta", "img", "br"})
+
+    def __init__(self, page: bytes):
+        super().__init__()
+        self.open: list[str] = []
+        self.elements: list[tuple[str, dict, tuple]] = []
+        self.rows: list[list[list]] = []
+        self.feed(page.decode())
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, dict(attrs), tuple(self.open)))
+        if tag == "tr":
+            self.rows.append([])
+        if tag in ("th", "td"):
+            self.rows[-1].append([tag, dict(attrs).get("scope"), ""])
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        while self.open and self.open.pop() != tag:
+            pass
+
+    def handle_data(self, data):
+        if self.open and self.open[-1] in ("th", "td"):
+            self.rows[-1][-1][2] += data
+
+    def find(self, tag: str) -> list[tuple[dict, tuple]]:
+        return [(attrs, inside) for name, attrs, inside in self.elements if name == tag]
+
+
+def test_the_page_reads_with_a_screen_reader():
+    """Row labels were plain cells, alt texts left out the threshold and the calibration, and there was
+    no <main> landmark; the model.json excerpt scrolled but could not be reached from the keyboard."""
+    y, p = rows(seed=5)
+    meta = meta_for(y, p, training_window={"table": "t.csv", "rows": 2000, "notes": []})
+    page = report_html.render(meta, y, p)
+    decisions = re.search(rb"<h2>Decisions at the threshold</h2>(<table>.*?</table>)", page).group(1)
+    flagged, buys = p >= meta["threshold"], y == 1
+    assert Page(decisions).rows == [
+        [["th", "col", "session"], ["th", "col", "decided buy"], ["th", "col", "decided defer"]],
+        [["th", "row", "buys"], ["td", None, str((flagged & buys).sum())], ["td", None, str((~flagged & buys).sum())]],
+        [["th", "row", "does not buy"], ["td", None, str((flagged & ~buys).sum())],
+         ["td", None, str((~flagged & ~buys).sum())]],
+    ]
+    parsed = Page(page)
+    assert all(cell[0] == "td" or cell[1] in ("row", "col") for row in parsed.rows for cell in row)
+    assert [inside for _, inside in parsed.find("main")] == [("html", "body")]
+    for tag in ("h1", "table", "img", "pre"):
+        assert all("main" in inside for _, inside in parsed.find(tag)), tag
+    [(pre, _)] = parsed.find("pre")
+    assert pre["tabindex"] == "0" and pre["role"] == "region" and pre["aria-label"] == "model.json excerpt"
+
+    fpr, recall = (flagged & ~buys).sum() / (~buys).sum(), (flagged & buys).sum() / buys.sum()
+    alts = [attrs["alt"] for attrs, _ in parsed.find("img")]
+    roc = next(alt for alt in alts if alt.startswith("ROC curve"))
+    assert f"true positive rate of {recall:.1%} and a false positive rate of {fpr:.1%}" in roc and "chance" in roc
+    bins = meta["metrics"]["calibration"]
+    worst = max(bins, key=lambda b: abs(b["rate"] - b["mean_p"]))
+    gap = np.average([abs(b["rate"] - b["mean_p"]) for b in bins], weights=[b["count"] for b in bins])
+    calibration = next(alt for alt in alts if alt.startswith("Calibration plot"))
+    assert f"the points are {gap:.3f} from the diagonal on average" in calibration
+    assert f"furthest in the bin {worst['low']:.1f}-{worst['high']:.1f}: predicted {worst['mean_p']:.3f}" in calibration
+    assert f"{fpr:.1%} of the non-buyers are decided buy too (false positive rate)" in text_of(page)
+
+
+def test_the_calibration_plot_shows_how_many_rows_each_bin_holds():
+    """Marker sizes alone hid that most rows sat in the first bins: a histogram of rows is under the curve."""
+    import matplotlib.pyplot as plt
+
+    y, p = rows()
+    bins = evaluate(y, p)["calibration"]
+    figure = report_html.calibration_figure(bins)
+    try:
+        curve, histogram = figure.axes
+        assert [bar.get_height() for bar in histogram.patches] == [b["count"] for b in bins]
+        assert [round(bar.get_x() + bar.get_width() / 2, 6) for bar in histogram.patches] == [
+            round((b["low"] + b["high"]) / 2, 6) for b in bins]
+        assert histogram.get_ylabel() == "rows" and curve.get_ylabel() == "observed buy rate"
+    finally:
+        plt.close(figure)
