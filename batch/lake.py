@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -485,22 +486,29 @@ def _download_all(s3, bucket: str, cache: Path, objects: list[dict], manifest: d
         futures = [pool.submit(_download, s3, bucket, cache, obj) for obj in objects]
         try:
             for future in as_completed(futures):
-                obj = future.result()
-                manifest[obj["Key"]] = {"etag": obj["ETag"], "size": obj["Size"]}
+                obj, digest = future.result()
+                manifest[obj["Key"]] = {"etag": obj["ETag"], "size": obj["Size"], "md5": digest}
                 bar.update(obj["Size"])
         except BaseException:
             pool.shutdown(cancel_futures=True)          # the first failure stops the copy
             raise
 
 
-def _download(s3, bucket: str, cache: Path, obj: dict) -> dict:
+def _download(s3, bucket: str, cache: Path, obj: dict) -> tuple[dict, str]:
+    """Copy one object; with the MD5 of the copy, which later syncs check it against."""
     target = cache / obj["Key"]
     target.parent.mkdir(parents=True, exist_ok=True)
     # A leading dot: Spark and pyarrow skip hidden files, so a crashed sync leaves nothing they read.
     partial = target.with_name(f".{target.name}.part")
     s3.download_file(bucket, obj["Key"], str(partial))
+    digest = _md5(partial)
     os.replace(partial, target)
-    return obj
+    return obj, digest
+
+
+def _md5(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "md5").hexdigest()
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
@@ -553,16 +561,23 @@ def _drop_unwanted(cache: Path, wanted: set[str]) -> None:
 
 def _cached(cache: Path, manifest: dict, obj: dict) -> bool:
     """The local copy is the object's, whole: a copy damaged on disk is downloaded again, not
-    reported as a corrupt file of the lake at every run."""
+    reported as a corrupt file of the lake at every run. Its MD5 must be the one taken when it was
+    copied: a footer that reads fine says nothing of the data pages, and a copy damaged there failed
+    every run's Spark job, naming the file as if the lake's were corrupt. (Not the ETag: under SSE-KMS
+    or a multipart upload it is not the content's MD5.) A manifest from before the MD5s falls back
+    to the footer, and the MD5 is taken then."""
     entry = manifest.get(obj["Key"])
     local = cache / obj["Key"]
     if not (isinstance(entry, dict) and entry.get("etag") == obj["ETag"] and entry.get("size") == obj["Size"]
             and local.exists() and local.stat().st_size == obj["Size"]):
         return False
+    if "md5" in entry:
+        return entry["md5"] == _md5(local)
     try:
         pq.ParquetFile(local).close()            # the footer: cheap
     except Exception:  # noqa: BLE001 - pyarrow raises several types for a damaged file
         return False
+    entry["md5"] = _md5(local)
     return True
 
 
