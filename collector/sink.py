@@ -66,6 +66,7 @@ class Sink:
         self._prepare_errors = logs.Tally(every_s=60.0)
         self._prepare_after = 0.0        # after a failure: a nearly full disk is not filled again each round
         self._commit_errors = logs.Tally(every_s=60.0)    # a failing disk fails every round alike
+        self._keep_errors = logs.Tally(every_s=60.0)
         self._fsync_errors = logs.Tally(every_s=60.0)
         # Throttling refuses entries in every call while it lasts: one WARNING per stream and 30 s,
         # with how many records it stands for.
@@ -263,13 +264,16 @@ class Sink:
                 self._report_refused(resendable)
             return False
         self._set_health(True)
-        self._keep(refused)
         self._report_refused(resendable)
+        again = self._resendable(refused)
+        kept = self._keep(again)
+        if not kept and self._resend(again):
+            return False                # stopping: the cursor stays, and the batch goes again after a restart
         self._commit(spool, offset, len(entries))
         self._note_drained(spool)
         # Refused entries (throttling, or one stream missing) were re-appended: back off before
         # reading them again instead of spinning on them.
-        return not resendable
+        return not (resendable and kept)
 
     def _commit(self, spool: Spool, offset: int, count: int) -> None:
         """Move the spool past a delivered batch. A disk that cannot take the cursor or delete a segment
@@ -282,20 +286,52 @@ class Sink:
                 log.error("spool %s: cannot record delivered hits on disk (%d times): %s; delivery goes on, and "
                           "a restart may send them again", spool.dir, failures, exc)
 
-    def _keep(self, refused: list[tuple[int, Undelivered]]) -> None:
-        """Re-append what the stream refused; what can never fit becomes a size_violation bad row."""
-        frames, count = [], 0
+    def _keep(self, again: list[tuple[int, str, bytes]]) -> bool:
+        """Re-append what the stream refused; False when the disk cannot take it (full, failing)."""
+        if not again:
+            return True
+        try:
+            self.spool.append(b"".join(encode(*entry) for entry in again), len(again), force=True)
+        except OSError as exc:
+            if failures := self._keep_errors.add():
+                log.error("spool %s: cannot keep %d refused records on disk (%d times): %s; sending them again "
+                          "before moving on", self.spool.dir, len(again), failures, exc)
+            return False
+        return True
+
+    def _resendable(self, refused: list[tuple[int, Undelivered]]) -> list[tuple[int, str, bytes]]:
+        """(stream, partition key, data) to send again; what can never fit becomes a size_violation bad row."""
+        entries = []
         for stream, item in refused:
             if item.reason == TOO_LARGE:
                 log.error("record of %d bytes can never fit a Kinesis record; sending a bad row", len(item.data))
                 data = size_violation(item.data.decode("utf-8", "replace"), len(item.data), MAX_RECORD_BYTES,
                                       self.bad_payload_keep_bytes)
-                frames.append(encode(BAD, str(uuid.uuid4()), orjson.dumps(data)))
+                entries.append((BAD, str(uuid.uuid4()), orjson.dumps(data)))
             else:
-                frames.append(encode(stream, item.partition_key, item.data))
-            count += 1
-        if frames:
-            self.spool.append(b"".join(frames), count, force=True)
+                entries.append((stream, item.partition_key, item.data))
+        return entries
+
+    def _resend(self, pending: list[tuple[int, str, bytes]]) -> bool:
+        """Send the refused records (which the disk could not take back) until the stream takes them,
+        backing off; True when stop() came first. Re-reading the whole batch instead put another copy
+        of every record the stream had taken on it each round, for as long as the disk stayed full,
+        and the cursor, which alone frees the disk, never moved."""
+        backoff = self.min_backoff
+        while True:
+            left = []
+            for stream in (RAW, BAD):
+                batch = [(key, data) for s, key, data in pending if s == stream]
+                if batch:
+                    failed = self.producers[stream].send(batch)
+                    metrics.PRODUCED[stream].inc(len(batch) - len(failed))
+                    left.extend((stream, item.partition_key, item.data) for item in failed)
+            if not left:
+                return False
+            backoff = self.min_backoff if len(left) < len(pending) else min(self.max_backoff, backoff * 2)
+            pending = left
+            if self._stop.wait(backoff):
+                return True
 
     def _report_refused(self, refused: list[tuple[int, Undelivered]]) -> None:
         """Count the records the stream refused (to be resent), with one WARNING per stream and 30 s."""

@@ -112,6 +112,47 @@ def test_the_drained_timestamp_means_less_than_a_batch_waits_and_ages_while_deli
     assert sink._drain() and drained() >= now           # woken with nothing to send: caught up too
 
 
+class RefusesTheFirstThree(MemoryStream):
+    """Refuses the first three entries of each of its first ``calls`` PutRecords calls (throttling)."""
+
+    def __init__(self, name: str, calls: int):
+        super().__init__(name)
+        self.calls_left = calls
+
+    def put_records(self, entries):
+        if self.calls_left > 0:
+            self.calls_left -= 1
+            self.fail_next = 3
+        return super().put_records(entries)
+
+
+def test_refused_records_a_full_disk_cannot_take_back_are_resent_alone_and_the_batch_is_not(tmp_path, monkeypatch,
+                                                                                             caplog):
+    """With the spool disk full, re-appending the refused records failed, the batch was not committed
+    and was read again whole: another copy of every record the stream had taken went out each round
+    (59 copies of each hit in 30 s), for as long as the disk stayed full."""
+    raw, bad = RefusesTheFirstThree("raw", calls=3), MemoryStream("bad")
+    spool = Spool(tmp_path, max_bytes=1 << 24)
+    sink = Sink(spool, Producer(raw, max_attempts=1, sleep=lambda _: None),
+                Producer(bad, max_attempts=1, sleep=lambda _: None), min_backoff_s=0.01)
+    for index in range(10):
+        spool.append(encode(RAW, f"k{index}", str(index).encode()), 1)
+    append = spool.append
+
+    def full_disk(data, count, force=False):
+        if force:
+            raise OSError(28, "No space left on device")
+        return append(data, count, force)
+
+    monkeypatch.setattr(spool, "append", full_disk)
+    with caplog.at_level(logging.ERROR, logger="collector.sink"):
+        assert sink._drain()
+    assert sorted(int(r.data) for r in raw.all_records()) == list(range(10))        # each once
+    assert spool.records == 0 and raw.calls_left == 0                                 # refused twice more, then taken
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "cannot keep 3 refused records on disk (1 times): [Errno 28] No space left on device" in line
+
+
 def test_unreachable_stream_keeps_the_cursor(tmp_path):
     raw, bad = RefusedFor("raw", 3600), MemoryStream("bad")
     sink = sink_for(tmp_path, raw, bad)
