@@ -1,16 +1,18 @@
-"""`lake`: look at the lake, replay fixed bad rows, erase a person's data.
+"""`lake`: look at the lake, replay fixed bad rows, erase a person's data, merge small files.
 
     python -m batch.cli ls [--area enriched|bad] [--start D] [--end D] [--files]
     python -m batch.cli stats [--start D] [--end D]
     python -m batch.cli replay-bad [--start D] [--end D] [--type T]... [--from-file F] [--fix mod:func] [--dry-run]
                                    [--rate N] [--rate-mib M] [--give-up-after S] [--unsent-to F]
     python -m batch.cli erase PSEUDONYM... [--from-file F] [--start D] [--end D] [--dry-run]
+    python -m batch.cli compact [--start D] [--end D] [--max-bytes N] [--dry-run]
 
 (``python -m batch.lake …`` is the same.) Bucket and stream names come from the usual ``CLICKSTREAM_*``
 settings, section ``[lake]``; ``--bucket`` overrides.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gzip
 import importlib
@@ -31,17 +33,18 @@ import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 from tqdm import tqdm
 
-from batch import erase, lake
+from batch import compact, erase, lake
 from batch.loader import LoaderSettings, hard_exit
 from common import aws
 from common.badrows import raw_record_of
 from common.cli import CLI_CONTEXT, AwsGroup
 from common.config import ConfigError, load
+from common.logs import first_few
 from common.producer import TOO_LARGE, entry_size, kinesis_key
 from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES, KinesisStream, StreamBackend
 
 
-@click.group(cls=AwsGroup, context_settings=CLI_CONTEXT, help="Inspect the S3 lake, replay bad rows, erase a person's data.\n\n"
+@click.group(cls=AwsGroup, context_settings=CLI_CONTEXT, help="Inspect the S3 lake, replay bad rows, erase a person's data, merge small files.\n\n"
              "Settings come from CLICKSTREAM_* variables and the [lake] section of the TOML file named "
              "by CLICKSTREAM_CONFIG (docs/lake.md), as the lake loader reads them.")
 @click.option("--bucket", help="lake bucket (default: CLICKSTREAM_BUCKET or clickstream-lake)")
@@ -439,7 +442,17 @@ def erase_command(obj: dict, pseudonyms: tuple[str, ...], from_file, start: str 
         raise click.UsageError(f"{len(malformed)} value(s) are not 64-hex-digit pseudonyms, e.g. {malformed[0][:12]!r}…;"
                                " compute them with the pseudonymisation key (docs/data-protection.md)")
     settings, s3 = obj["settings"], obj["s3"]
-    done = erase.erase_lake(s3, settings.bucket, wanted, start=start, end=end, dry_run=dry_run, progress=progress)
+    # Held against `compact`, which would otherwise merge a file before or after this rewrote it.
+    lock = None if dry_run else compact.LakeLock(s3, settings.bucket, "erase")
+    try:
+        with lock or contextlib.nullcontext():
+            done = erase.erase_lake(s3, settings.bucket, wanted, start=start, end=end, dry_run=dry_run,
+                                    progress=progress)
+    except compact.LockBusy as exc:
+        raise click.ClickException(str(exc)) from None
+    if lock and not lock.intact:
+        click.echo(f"warning: the lake lock s3://{settings.bucket}/{compact.LOCK_KEY} could not be renewed during "
+                   "the erase, so a compaction may have run meanwhile: run this again", err=True)
     dynamodb = aws.client("dynamodb", settings.region, timeout=30)
     sessions = set(done.record["sessions"])     # this run's and any earlier run's
     done.predictions = erase.delete_sessions(dynamodb, settings.predictions_table, sessions, dry_run=dry_run)
@@ -458,6 +471,51 @@ def erase_command(obj: dict, pseudonyms: tuple[str, ...], from_file, start: str 
         click.echo("note: a lake loader replaying a shard after a crash rewrites its files from the enriched stream; "
                    "run this again once the stream's retention has passed")
 
+
+@lake_cli.command("compact", help="Merge the small enriched Parquet files of each hour partition into few large "
+                                  "ones, only those the lake loader has checkpointed (docs/lake.md).")
+@_start
+@_end
+@click.option("--max-bytes", type=click.IntRange(min=1), default=compact.DEFAULT_MAX_BYTES,
+              help="input bytes per merged file at most: a busy hour gives several")
+@click.option("--dry-run", is_flag=True, help="say what would be merged, change nothing")
+@click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
+@click.option("--lock-ttl", type=click.FloatRange(min=1), default=compact.LOCK_TTL_S,
+              help="seconds after which another run may break this run's lake lock, should it die "
+                   "(renewed every quarter of it)")
+@click.pass_obj
+def compact_command(obj: dict, start: str | None, end: str | None, max_bytes: int, dry_run: bool, progress: bool,
+                    lock_ttl: float) -> None:
+    settings, s3 = obj["settings"], obj["s3"]
+    try:
+        done = compact.compact_lake(s3, settings, start=start, end=end, max_bytes=max_bytes, dry_run=dry_run,
+                                    progress=progress, lock_ttl_s=lock_ttl)
+    except (compact.LockBusy, compact.LockLost) as exc:
+        raise click.ClickException(str(exc)) from None
+    _report_compaction(done, dry_run)
+    click.echo(f"(s3://{settings.bucket}/enriched/, lease group {settings.lake_app}#{settings.enriched_stream})")
+    if done.conflicts or done.failed:
+        sys.exit(1)
+
+
+def _report_compaction(done: compact.Summary, dry_run: bool) -> None:
+    verb, deleted = ("would merge", "would delete") if dry_run else ("merged", "deleted")
+    size = _human(done.bytes_in) + ("" if dry_run else f" -> {_human(done.bytes_out)}")
+    click.echo(f"{verb} {done.partitions} partitions: {done.files_in} files -> {done.files_out} ({size}), "
+               f"{done.events} events")
+    if done.recovered:
+        click.echo(f"{deleted} {len(done.recovered)} files an interrupted run had merged already: "
+                   f"{first_few(done.recovered)}")
+    if done.settled:
+        click.echo(f"{deleted} {len(done.settled)} files changed after they were merged, whose events are all in the "
+                   f"merged file (an erase after a killed run): {first_few(done.settled)}")
+    if done.held_back:
+        click.echo(f"left {len(done.held_back)} files the loader may still rewrite: "
+                   + first_few(f"{key} ({why})" for key, why in done.held_back))
+    for key, what in done.conflicts:
+        click.echo(f"conflict: {key} {what} (see docs/lake.md, Compaction)", err=True)
+    for folder, why in done.failed:
+        click.echo(f"not merged in {folder}: {why}", err=True)
 
 def main() -> None:
     try:
