@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -186,7 +187,7 @@ def run_events(settings: TrainSettings, *, publish_model: bool = True) -> tuple[
         try:
             result = train_from_events(spark, events, settings, window=window, steps=steps)
         except Exception as exc:
-            clear = unreadable_file_error(exc) or out_of_memory_error(exc, settings)
+            clear = unreadable_file_error(exc) or out_of_memory_error(exc, settings) or disk_full_error(exc)
             if clear is None:
                 raise
             raise clear from None
@@ -207,6 +208,15 @@ def out_of_memory_error(exc: Exception, settings: TrainSettings) -> TrainError |
                       f"{settings.spark_driver_memory}: raise CLICKSTREAM_SPARK_DRIVER_MEMORY (under local[*] the "
                       "driver's heap is also the only executor's), or train on fewer rows (a shorter window, "
                       "a smaller eval_fraction)")
+
+
+def disk_full_error(exc: Exception) -> TrainError | None:
+    """What to do when Spark's scratch disk filled up (a page of Java stack trace and exit 1 otherwise)."""
+    if "No space left on device" not in str(exc):
+        return None
+    where = os.environ.get("SPARK_LOCAL_DIRS") or f"{tempfile.gettempdir()} (Spark's default spark.local.dir)"
+    return TrainError(f"Spark ran out of disk space (No space left on device) for its scratch files in {where}: free "
+                      "space there, or set SPARK_LOCAL_DIRS to a folder on a larger disk, or train on a shorter window")
 
 
 def check_table_options(table, **given) -> None:

@@ -349,19 +349,27 @@ def test_examples_come_back_cached_and_nothing_else_stays_cached(spark, lake_dir
     assert cache.isEmpty()
 
 
-def test_spark_out_of_memory_names_the_setting_to_raise(spark, lake_dir, monkeypatch):
-    """A window too big for the driver's heap ended in a page of Java stack trace and exit 1."""
-    def out_of_heap(*args, **kwargs):
+@pytest.mark.parametrize(("failure", "said"), [
+    ("java.lang.OutOfMemoryError: Java heap space",
+     "Spark ran out of memory (java.lang.OutOfMemoryError) with spark_driver_memory 3g: raise CLICKSTREAM_SPARK_DRIVER_MEMORY"),
+    ("java.io.IOException: No space left on device",
+     ("Spark ran out of disk space (No space left on device) for its scratch files in /scratch/spark: free space there, "
+     "or set SPARK_LOCAL_DIRS")),
+])
+def test_spark_out_of_memory_or_disk_names_the_setting_to_raise(spark, lake_dir, monkeypatch, failure, said):
+    """A window too big for the driver's heap, or for the scratch disk, ended in a page of Java
+    stack trace and exit 1 (which means an AWS call failed)."""
+    def out_of_room(*args, **kwargs):
         raise RuntimeError("An error occurred while calling o1902.collectToPython.\n: org.apache.spark.SparkException: "
-                           "Job aborted due to stage failure: java.lang.OutOfMemoryError: Java heap space")
+                           f"Job aborted due to stage failure: {failure}")
 
-    monkeypatch.setattr(train_cli, "fit_and_export", out_of_heap)
+    monkeypatch.setattr(train_cli, "fit_and_export", out_of_room)
+    monkeypatch.setenv("SPARK_LOCAL_DIRS", "/scratch/spark")
     env = {"CLICKSTREAM_LAKE_PATH": str(lake_dir), "CLICKSTREAM_PROGRESS": "false", "CLICKSTREAM_SPARK_DRIVER_MEMORY": "3g"}
     out = CliRunner().invoke(train_cli.main, ["--no-publish", "--window-end", "2026-11-21", "--window-days", "2"],
                              env=env)
     assert out.exit_code == 2, out.output
-    assert "Spark ran out of memory (java.lang.OutOfMemoryError) with spark_driver_memory 3g: raise " \
-           "CLICKSTREAM_SPARK_DRIVER_MEMORY" in out.output
+    assert said in out.output
     assert "Traceback" not in out.output
 
 
