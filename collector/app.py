@@ -23,7 +23,7 @@ import orjson
 from collector import metrics
 from collector.config import IGLU_WEBHOOK, TP2, CollectorSettings
 from collector.records import NIL_UUID, Hit, build, partition_key
-from collector.spool import BAD, RAW, SpoolFull, encode
+from collector.spool import BAD, RAW, SpoolDirUnusable, SpoolFull, encode
 from common import logs
 
 log = logging.getLogger("collector")
@@ -165,6 +165,10 @@ class Collector:
             if message["type"] == "lifespan.startup":
                 try:
                     self.start()
+                except SpoolDirUnusable as exc:     # the setting to fix, not a stack trace
+                    log.error("collector failed to start: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
                 except Exception as exc:  # reported to granian, which exits: no half-started worker
                     log.exception("collector failed to start")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})

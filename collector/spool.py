@@ -483,6 +483,9 @@ class Spool:
             self._cursor_fd = -1
 
 
+_unlockable: set[Path] = set()           # orphan slots said to be unusable once, not every adoption round
+
+
 def _lock(folder: Path) -> int | None:
     """An exclusive flock on ``folder/lock`` (its fd), or None when a live process holds it."""
     import fcntl
@@ -493,23 +496,43 @@ def _lock(folder: Path) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError:
+        os.close(fd)
+        raise
     return fd
+
+
+class SpoolDirUnusable(RuntimeError):
+    """``spool_dir`` cannot hold this worker's spool: the collector cannot start."""
 
 
 def claim_dir(root: Path) -> tuple[Path, int]:
     """The first ``worker-N`` folder under ``root`` no other live process holds (flock), and its lock fd.
 
     Each granian worker gets its own log; after a restart the same slots are claimed again, so a
-    killed worker's backlog is picked up by its successor.
+    killed worker's backlog is picked up by its successor. A slot this process cannot use (a file
+    in its place, another user's lock) is passed over with an ERROR: one bad slot stopped every
+    collector from starting.
     """
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpoolDirUnusable(f"spool_dir {root} cannot be created: {exc.strerror or exc}") from None
+    unusable = []
     for index in range(1024):
         folder = root / f"worker-{index}"
-        folder.mkdir(exist_ok=True)
-        fd = _lock(folder)
+        try:
+            folder.mkdir(exist_ok=True)
+            fd = _lock(folder)
+        except OSError as exc:
+            log.error("spool slot %s cannot be used, passed over: %s", folder, exc)
+            unusable.append(folder.name)
+            if len(unusable) == 8:          # a root-wide problem (read-only, permissions), not one slot
+                raise SpoolDirUnusable(f"spool_dir {root}: no slot can be used ({exc.strerror or exc})") from None
+            continue
         if fd is not None:
             return folder, fd
-    raise RuntimeError(f"no free spool slot under {root}")
+    raise SpoolDirUnusable(f"no free spool slot under spool_dir {root}")
 
 
 def orphans(root: Path, taken: set[Path]) -> list[tuple[Path, int]]:
@@ -519,7 +542,13 @@ def orphans(root: Path, taken: set[Path]) -> list[tuple[Path, int]]:
     for folder in sorted(root.glob("worker-*")):
         if folder in taken or not folder.is_dir():
             continue
-        fd = _lock(folder)
+        try:
+            fd = _lock(folder)
+        except OSError as exc:          # not ours to read (another user's): another process's to drain
+            if folder not in _unlockable:
+                log.error("spool slot %s cannot be locked, so its backlog is not adopted here: %s", folder, exc)
+                _unlockable.add(folder)
+            continue
         if fd is None:
             continue
         if _has_backlog(folder):

@@ -121,3 +121,13 @@ def test_granians_own_bind_failure_is_an_os_error():
     assert isinstance(error, OSError) and error.errno == 98 and error.strerror == "Address already in use"
     other = RuntimeError("something else")
     assert _as_os_error(other) is other
+
+
+def test_a_spool_dir_that_cannot_be_used_is_one_error_line_naming_it_not_a_stack_trace(tmp_path):
+    """A spool_dir that is a file logged '[Errno 17] File exists' inside a stack trace, naming no setting."""
+    spool_dir = tmp_path / "spool"
+    spool_dir.write_text("a file")
+    result = _collector(["--port", str(free_port())], tmp_path, CLICKSTREAM_SPOOL_DIR=str(spool_dir))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    assert f"collector failed to start: spool_dir {spool_dir} cannot be created: File exists" in result.stderr

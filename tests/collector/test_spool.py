@@ -297,6 +297,33 @@ def test_a_slot_left_with_everything_delivered_is_emptied(tmp_path):
     fill(again, 2, start=3)
     assert drain(again) == [b"record-3", b"record-4"]
 
+def test_a_slot_that_cannot_be_used_is_passed_over_not_fatal(tmp_path, caplog):
+    """A slot another user's collector left (its lock unreadable here) or a file in a slot's place
+    stopped every collector from starting, with a stack trace."""
+    import logging
+
+    from collector.spool import SpoolDirUnusable
+
+    root = tmp_path / "spool"
+    root.mkdir()
+    (root / "worker-0").write_text("not a folder")                 # FileExistsError at mkdir
+    (root / "worker-1" / "lock").mkdir(parents=True)                # IsADirectoryError at open: unlockable
+    (root / "worker-1" / "0.seg").write_bytes(b"x")
+    with caplog.at_level(logging.ERROR, logger="collector.spool"):
+        folder, fd = claim_dir(root)
+        assert folder == root / "worker-2"
+        assert orphans(root, {folder}) == [] and orphans(root, {folder}) == []
+    os.close(fd)
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0].startswith(f"spool slot {root / 'worker-0'} cannot be used, passed over: [Errno 17] File exists")
+    assert said[1].startswith(f"spool slot {root / 'worker-1'} cannot be used, passed over: [Errno 21]")
+    assert said[2].startswith(f"spool slot {root / 'worker-1'} cannot be locked, so its backlog is not adopted here")
+    assert len(said) == 3                                           # once, not every adoption round
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SpoolDirUnusable, match=f"spool_dir {tmp_path / 'a-file'} cannot be created: File exists"):
+        claim_dir(tmp_path / "a-file")
+
+
 def test_a_commit_lists_the_spool_folder_once_however_long_the_backlog(tmp_path, monkeypatch):
     # It listed the folder again for every segment: quadratic in a long outage's backlog.
     spool = Spool(tmp_path, max_bytes=1 << 24, segment_bytes=200)
