@@ -401,6 +401,15 @@ class Spool:
         offset, entries, size = self.cursor, [], 0
         while len(entries) < max_records and size < max_bytes and offset < end:
             base = active if offset >= active else self._segment_of(offset)
+            if base is None:
+                # Its segment was deleted from outside (a cleanup, a hand): those hits are gone. Waiting
+                # for it, the sender sought before the next segment's start at every round, for ever.
+                self.corrupt_frames += 1
+                skip_to = min(self._next_base(offset), end)
+                log.error("spool segment holding bytes %d-%d is gone (deleted from outside the collector); "
+                          "going on from the next one", offset, skip_to)
+                offset = skip_to
+                continue
             segment_end = end if base == active else base + self._path(base).stat().st_size
             if offset >= segment_end:
                 offset = self._next_base(base)
@@ -423,9 +432,10 @@ class Spool:
                 break
         return entries, offset
 
-    def _segment_of(self, offset: int) -> int:
+    def _segment_of(self, offset: int) -> int | None:
+        """The closed segment holding ``offset``; None when it is gone."""
         bases = [b for b in self._segments() if b <= offset]
-        return bases[-1] if bases else self.active_base
+        return bases[-1] if bases else None
 
     def _next_base(self, base: int) -> int:
         later = [b for b in self._segments() if b > base]

@@ -114,6 +114,24 @@ def test_an_older_segment_cut_short_or_zeroed_is_skipped_not_waited_on_forever(t
     assert again.corrupt_frames >= 1 and again.depth_bytes == 0
 
 
+def test_a_segment_deleted_from_outside_while_running_is_passed_over_not_waited_on_forever(tmp_path, caplog):
+    """The sender sought before the next segment's start (EINVAL) at every round: hits spooled
+    after the deletion were answered 200 and never delivered until a restart."""
+    import logging
+
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=200)
+    fill(spool, 3)
+    first = min(tmp_path.glob("*.seg"))
+    first.unlink()                                          # a cleanup script, a hand
+    fill(spool, 9, start=3)                                 # on to a later segment
+    assert min(int(path.stem) for path in tmp_path.glob("*.seg")) > 0
+    with caplog.at_level(logging.ERROR, logger="collector.spool"):
+        delivered = drain(spool)
+    assert delivered and delivered[-1] == b"record-11" and b"record-0" not in delivered
+    assert spool.corrupt_frames == 1 and spool.depth_bytes == 0
+    assert "is gone (deleted from outside the collector)" in caplog.text
+
+
 def test_segments_rotate_and_delivered_ones_are_deleted(tmp_path):
     spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=200)
     fill(spool, 40)
