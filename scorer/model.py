@@ -230,6 +230,7 @@ class Models:
         # refused version is not retried every poll and a version pinned by reload is kept.
         self.current_seen: str | None = None
         self.shadow_refused: str | None = None      # the shadow version refused, not downloaded again
+        self.shadow_missing: str | None = None      # the shadow version not found, said once
         # CURRENT when neither it nor any earlier CURRENT fits this scorer: nothing is scored, and
         # /ping fails so that a rolling deploy of scorers for other features stops (docs/training.md).
         self.unfit: str | None = None
@@ -271,8 +272,11 @@ class Models:
             return
         try:
             model = Model.from_bundle(registry.load(self.s3, self.bucket, self.name, wanted))
-        except LookupError as exc:                          # not published (yet): looked for again next poll
-            log.error("shadow model %s version %s not loaded: %s", self.name, wanted, exc)
+        except LookupError as exc:                          # not published (yet), or pruned: looked for again next poll
+            if self.shadow_missing != wanted:               # said once, not at every poll for ever
+                log.error("shadow model %s version %s not loaded (looked for again at every poll): %s",
+                          self.name, wanted, exc)
+                self.shadow_missing = wanted
             return
         except ValueError as exc:           # ModelRefused, or a model.json that does not parse: refused for good
             self.shadow_refused = wanted

@@ -171,6 +171,19 @@ def test_a_shadow_version_that_does_not_fit_is_refused_once_not_on_every_poll(pu
     assert sum("shadow model" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_a_shadow_version_not_in_the_registry_is_said_once_and_loaded_once_published(published, s3, caplog):
+    """A pruned (or not yet published) shadow version logged an ERROR at every poll, for ever."""
+    models = Models(s3, published.bucket, MODEL, shadow_version="later")
+    with caplog.at_level(logging.ERROR, logger="scorer.model"):
+        for _ in range(4):
+            models.refresh()
+    assert models.shadow is None
+    assert sum("shadow model" in r.getMessage() for r in caplog.records) == 1
+    publish(s3, published.bucket, MODEL, "later", logistic_onnx(), current=False)
+    models.refresh()
+    assert models.shadow.version == "later" and models.champion.version == "v1"
+
+
 def test_an_unreachable_registry_shows_in_the_metrics_not_only_in_the_log(published):
     # The old model served on with nothing but a traceback per poll to say the registry was away.
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
