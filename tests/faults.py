@@ -169,6 +169,21 @@ class FaultProxy:
         return json.dumps(answer).encode()
 
 
+class RefusesCalls(MemoryStream):
+    """Refuses the first ``entries`` entries (all of them by default) of each of its first ``calls``
+    PutRecords calls (throttling), then accepts."""
+
+    def __init__(self, name: str, calls: int, entries: int | None = None):
+        super().__init__(name)
+        self.calls_left, self.entries = calls, entries
+
+    def put_records(self, entries):
+        if self.calls_left > 0:
+            self.calls_left -= 1
+            self.fail_next = len(entries) if self.entries is None else self.entries
+        return super().put_records(entries)
+
+
 class ThrottledFor(MemoryStream):
     """Refuses every entry, as a throttled shard does, for ``seconds``; ``during`` runs on every call
     (what other workers do meanwhile)."""

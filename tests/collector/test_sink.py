@@ -20,7 +20,7 @@ from collector.spool import RAW, READY, Spool, claim_dir, encode
 from common.producer import Producer
 from common.streams import MemoryStream
 from tests.conftest import wait_for
-from tests.faults import ThrottledFor
+from tests.faults import RefusesCalls, ThrottledFor
 
 
 def sink_for(tmp_path, raw: MemoryStream, bad: MemoryStream) -> Sink:
@@ -112,26 +112,12 @@ def test_the_drained_timestamp_means_less_than_a_batch_waits_and_ages_while_deli
     assert sink._drain() and drained() >= now           # woken with nothing to send: caught up too
 
 
-class RefusesTheFirstThree(MemoryStream):
-    """Refuses the first three entries of each of its first ``calls`` PutRecords calls (throttling)."""
-
-    def __init__(self, name: str, calls: int):
-        super().__init__(name)
-        self.calls_left = calls
-
-    def put_records(self, entries):
-        if self.calls_left > 0:
-            self.calls_left -= 1
-            self.fail_next = 3
-        return super().put_records(entries)
-
-
 def test_refused_records_a_full_disk_cannot_take_back_are_resent_alone_and_the_batch_is_not(tmp_path, monkeypatch,
                                                                                              caplog):
     """With the spool disk full, re-appending the refused records failed, the batch was not committed
     and was read again whole: another copy of every record the stream had taken went out each round
     (59 copies of each hit in 30 s), for as long as the disk stayed full."""
-    raw, bad = RefusesTheFirstThree("raw", calls=3), MemoryStream("bad")
+    raw, bad = RefusesCalls("raw", calls=3, entries=3), MemoryStream("bad")
     spool = Spool(tmp_path, max_bytes=1 << 24)
     sink = Sink(spool, Producer(raw, max_attempts=1, sleep=lambda _: None),
                 Producer(bad, max_attempts=1, sleep=lambda _: None), min_backoff_s=0.01)

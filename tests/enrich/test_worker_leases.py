@@ -16,7 +16,7 @@ from common.streams import MemoryStream
 from enrich.worker import Worker
 from tests.conftest import memory_grown_by, wait_for
 from tests.enrich.helpers import enricher, get_record
-from tests.faults import ThrottledFor
+from tests.faults import RefusesCalls, ThrottledFor
 
 LEASE_MS = 300          # stands for the default 10 s; the throttling below stands for minutes of it
 
@@ -125,20 +125,6 @@ def test_a_batch_given_up_on_a_lost_lease_is_no_repeat_when_read_again():
     assert good.all_records() == []
     again, _ = w.outputs(batch)
     assert len(again) == 5 and w.enricher.deduper.dropped == 0
-
-
-class RefusesCalls(MemoryStream):
-    """Refuses every entry of its first ``calls`` PutRecords calls (throttling), then accepts."""
-
-    def __init__(self, name: str, calls: int):
-        super().__init__(name)
-        self.calls_left = calls
-
-    def put_records(self, entries):
-        if self.calls_left > 0:
-            self.calls_left -= 1
-            self.fail_next = len(entries)
-        return super().put_records(entries)
 
 
 class NoWait(threading.Event):
