@@ -5,7 +5,7 @@
     python -m batch.cli replay-bad [--start D] [--end D] [--type T]... [--from-file F] [--fix mod:func] [--dry-run]
                                    [--rate N] [--rate-mib M] [--give-up-after S] [--unsent-to F]
     python -m batch.cli erase PSEUDONYM... [--from-file F] [--start D] [--end D] [--dry-run]
-    python -m batch.cli compact [--start D] [--end D] [--max-bytes N] [--dry-run]
+    python -m batch.cli compact [--start D] [--end D] [--last-days N] [--max-bytes N] [--dry-run]
 
 (``python -m batch.lake …`` is the same.) Bucket and stream names come from the usual ``CLICKSTREAM_*``
 settings, section ``[lake]``; ``--bucket`` overrides.
@@ -476,6 +476,9 @@ def erase_command(obj: dict, pseudonyms: tuple[str, ...], from_file, start: str 
                                   "ones, only those the lake loader has checkpointed (docs/lake.md).")
 @_start
 @_end
+@click.option("--last-days", type=click.IntRange(min=1), metavar="N",
+              help="the last N days (UTC), today included: 8 is today and the seven before; for a "
+                   "schedule, instead of --start/--end")
 @click.option("--max-bytes", type=click.IntRange(min=1), default=compact.DEFAULT_MAX_BYTES,
               help="input bytes per merged file at most: a busy hour gives several")
 @click.option("--dry-run", is_flag=True, help="say what would be merged, change nothing")
@@ -484,8 +487,13 @@ def erase_command(obj: dict, pseudonyms: tuple[str, ...], from_file, start: str 
               help="seconds after which another run may break this run's lake lock, should it die "
                    "(renewed every quarter of it)")
 @click.pass_obj
-def compact_command(obj: dict, start: str | None, end: str | None, max_bytes: int, dry_run: bool, progress: bool,
-                    lock_ttl: float) -> None:
+def compact_command(obj: dict, start: str | None, end: str | None, last_days: int | None, max_bytes: int,
+                    dry_run: bool, progress: bool, lock_ttl: float) -> None:
+    if last_days is not None:
+        if start or end:
+            raise click.UsageError("--last-days N is instead of --start/--end: give one or the other")
+        today = _utc_today()
+        start, end = (today - dt.timedelta(days=last_days - 1)).isoformat(), today.isoformat()
     settings, s3 = obj["settings"], obj["s3"]
     try:
         done = compact.compact_lake(s3, settings, start=start, end=end, max_bytes=max_bytes, dry_run=dry_run,
@@ -496,6 +504,10 @@ def compact_command(obj: dict, start: str | None, end: str | None, max_bytes: in
     click.echo(f"(s3://{settings.bucket}/enriched/, lease group {settings.lake_app}#{settings.enriched_stream})")
     if done.conflicts or done.failed:
         sys.exit(1)
+
+
+def _utc_today() -> dt.date:
+    return dt.datetime.now(dt.UTC).date()
 
 
 def _report_compaction(done: compact.Summary, dry_run: bool) -> None:

@@ -440,6 +440,7 @@ def read_bad(s3, bucket: str, start=None, end=None) -> Iterator[tuple[str, dict]
 
 MANIFEST = ".sync-manifest.json"
 SYNC_THREADS = 8
+SYNC_LISTINGS = 3          # listings of a lake that changes under the sync before it gives up
 LAKE_FILE = re.compile(r"enriched/date=\d{4}-\d{2}-\d{2}/hour=\d{2}/[^/.][^/]*\.parquet")
 
 
@@ -461,13 +462,23 @@ def sync_partitions(bucket: str, start_date: str | dt.date, end_date: str | dt.d
     root = cache / "enriched"
     manifest_path = cache / MANIFEST
     manifest = _read_manifest(manifest_path)
-    objects = _lake_files(objects_between(s3, bucket, "enriched", start_date, end_date))
-    todo = [obj for obj in objects if not _cached(cache, manifest, obj)]
-    try:
-        _download_all(s3, bucket, cache, todo, manifest, progress)
-    except BaseException:
-        _write_manifest(manifest_path, manifest)      # what was copied before the failure: the next sync resumes
-        raise
+    for listing in range(1, SYNC_LISTINGS + 1):
+        objects = _lake_files(objects_between(s3, bucket, "enriched", start_date, end_date))
+        todo = [obj for obj in objects if not _cached(cache, manifest, obj)]
+        try:
+            gone = _download_all(s3, bucket, cache, todo, manifest, progress)
+        except BaseException:
+            _write_manifest(manifest_path, manifest)      # what was copied before the failure: the next sync resumes
+            raise
+        if not gone:
+            break
+        # Deleted since the listing: a compaction merged them (into a file written before it deleted
+        # them) or an erasure took them. The lake changed: list it again, so the copy is one state of it.
+        log.info("sync: %d lake file(s) went while they were copied (%s); listing again (%d of %d)", len(gone),
+                 first_few(gone), listing, SYNC_LISTINGS)
+    else:
+        raise OSError(f"the lake kept changing under the sync ({SYNC_LISTINGS} listings): is a compaction or an "
+                      "erasure running? Try again once it has finished")
     wanted = {obj["Key"] for obj in objects}
     _drop_unwanted(cache, wanted)
     root.mkdir(parents=True, exist_ok=True)
@@ -475,32 +486,46 @@ def sync_partitions(bucket: str, start_date: str | dt.date, end_date: str | dt.d
     return root
 
 
-def _download_all(s3, bucket: str, cache: Path, objects: list[dict], manifest: dict, progress: bool) -> None:
-    """Copy ``objects`` into the cache, SYNC_THREADS at a time, adding each to ``manifest`` once whole.
-    A lake holds many small files and one GET waits mostly on the network: one at a time, a 30-day
-    window of 17,857 files took minutes."""
+def _download_all(s3, bucket: str, cache: Path, objects: list[dict], manifest: dict, progress: bool) -> list[str]:
+    """Copy ``objects`` into the cache, SYNC_THREADS at a time, adding each to ``manifest`` once whole;
+    returns the keys that were gone by then. A lake holds many small files and one GET waits mostly
+    on the network: one at a time, a 30-day window of 17,857 files took minutes."""
     from tqdm import tqdm
 
     with tqdm(total=sum(obj["Size"] for obj in objects), unit="B", unit_scale=True, desc="sync lake",
               disable=not progress) as bar, ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="sync") as pool:
         futures = [pool.submit(_download, s3, bucket, cache, obj) for obj in objects]
+        gone = []
         try:
             for future in as_completed(futures):
                 obj, digest = future.result()
-                manifest[obj["Key"]] = {"etag": obj["ETag"], "size": obj["Size"], "md5": digest}
+                if digest is None:
+                    gone.append(obj["Key"])
+                else:
+                    manifest[obj["Key"]] = {"etag": obj["ETag"], "size": obj["Size"], "md5": digest}
                 bar.update(obj["Size"])
         except BaseException:
             pool.shutdown(cancel_futures=True)          # the first failure stops the copy
             raise
+    return sorted(gone)
 
 
-def _download(s3, bucket: str, cache: Path, obj: dict) -> tuple[dict, str]:
-    """Copy one object; with the MD5 of the copy, which later syncs check it against."""
+def _download(s3, bucket: str, cache: Path, obj: dict) -> tuple[dict, str | None]:
+    """Copy one object; with the MD5 of the copy, which later syncs check it against (None: gone)."""
+    from botocore.exceptions import ClientError
+
+    from common import aws
+
     target = cache / obj["Key"]
     target.parent.mkdir(parents=True, exist_ok=True)
     # A leading dot: Spark and pyarrow skip hidden files, so a crashed sync leaves nothing they read.
     partial = target.with_name(f".{target.name}.part")
-    s3.download_file(bucket, obj["Key"], str(partial))
+    try:
+        s3.download_file(bucket, obj["Key"], str(partial))
+    except ClientError as exc:
+        if aws.no_such_key(exc):
+            return obj, None
+        raise
     digest = _md5(partial)
     os.replace(partial, target)
     return obj, digest

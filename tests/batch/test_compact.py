@@ -234,6 +234,29 @@ def test_a_date_range_leaves_other_days_alone(aws_settings, s3):
     assert _ids(aws_settings.bucket) == Counter(event["event_id"] for event in day1 + day2)
 
 
+def test_last_days_is_the_n_utc_days_up_to_today_for_a_schedule(aws_settings, s3, monkeypatch):
+    # Scheduled runs (ECS, compose) have no shell for $(date …): the range is relative to the run's day.
+    days = [BASE - dt.timedelta(days=1), BASE, BASE + dt.timedelta(days=1)]      # 11-28, 11-29, 11-30
+    events = [make_event(10 * n + i, at=day + dt.timedelta(seconds=i)) for n, day in enumerate(days) for i in range(10)]
+    for n in range(6):                                                   # two files a day, 1-5 … 26-30
+        _write(s3, aws_settings, events[5 * n:5 * n + 5], 1 + 5 * n)
+    _checkpoint(aws_settings, SHARD0, "30")
+    monkeypatch.setattr("batch.cli._utc_today", lambda: dt.date(2026, 11, 30))
+    done = _compact(aws_settings, "--last-days", "2")
+    assert done.exit_code == 0 and "merged 2 partitions: 4 files -> 2" in done.output, done.output
+    by_day = Counter((lake.key_partition(key)[0], key.rsplit("/", 1)[1].startswith("compacted-"))
+                     for key in lake_keys(aws_settings.bucket))
+    assert by_day == {("2026-11-28", False): 2, ("2026-11-29", True): 1, ("2026-11-30", True): 1}
+    assert _ids(aws_settings.bucket) == Counter(event["event_id"] for event in events)
+
+    for both in (["--start", "2026-11-28"], ["--end", "2026-11-30"]):
+        refused = _compact(aws_settings, "--last-days", "2", *both)
+        assert refused.exit_code == 2 and "--last-days N is instead of --start/--end" in refused.output
+    assert _compact(aws_settings, "--last-days", "0").exit_code == 2
+    monkeypatch.setattr("batch.cli._utc_today", lambda: dt.date(2026, 11, 28))
+    assert "merged 1 partitions: 2 files -> 1" in _compact(aws_settings, "--last-days", "1").output
+
+
 # ------------------------------------------------------------------------------ a killed run
 
 

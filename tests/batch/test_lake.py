@@ -278,6 +278,32 @@ def test_a_sync_that_fails_part_way_resumes_where_it_stopped(aws_settings, s3, t
     assert not list(root.rglob(".*.part"))
 
 
+def test_a_file_merged_or_erased_while_the_sync_copies_is_listed_again_not_a_failure(aws_settings, s3, tmp_path, caplog):
+    """A compaction deletes the files it merged (after writing the merged one): a sync that listed
+    them before failed on the 404, and nightly training with it."""
+    sink = lake.S3Sink(s3, aws_settings.bucket)
+    for hour in range(3):
+        events = [make_event(i, at=BASE + dt.timedelta(hours=hour, minutes=i)) for i in range(2)]
+        write_enriched(sink, "shardId-000000000000", event_records(events, start=10 * hour + 1), "enriched")
+    keys = sorted(obj["Key"] for obj in lake.objects_between(s3, aws_settings.bucket, "enriched", "2026-11-29"))
+    merged_key = keys[0].rsplit("/", 1)[0] + "/compacted-" + "0" * 32 + ".parquet"
+    body = s3.get_object(Bucket=aws_settings.bucket, Key=keys[0])["Body"].read()
+
+    def compaction_meanwhile(params, **_):
+        if params["Key"] == keys[0] and not merged:
+            merged.append(merged_key)
+            s3.put_object(Bucket=aws_settings.bucket, Key=merged_key, Body=body)      # written first,
+            s3.delete_object(Bucket=aws_settings.bucket, Key=keys[0])                # then the input goes
+
+    merged: list[str] = []
+    s3.meta.events.register("before-parameter-build.s3.HeadObject", compaction_meanwhile)
+    with caplog.at_level(logging.INFO, logger="batch.lake"):
+        root = lake.sync_partitions(aws_settings.bucket, "2026-11-29", "2026-11-29", tmp_path, s3=s3, progress=False)
+    assert merged and "1 lake file(s) went while they were copied" in caplog.text
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in root.rglob("*.parquet")) == sorted([merged_key, *keys[1:]])
+    assert sorted(orjson.loads((tmp_path / lake.MANIFEST).read_bytes())) == sorted([merged_key, *keys[1:]])
+
+
 def test_sync_keeps_only_the_range_asked_for(aws_settings, s3, tmp_path):
     sink = lake.S3Sink(s3, aws_settings.bucket)
     for day in range(3):

@@ -30,7 +30,13 @@ SETTINGS = {"collector": ("collector.config", "CollectorSettings", "collector"),
             "lake-loader": ("batch.loader", "LoaderSettings", "lake"),
             "scorer": ("scorer.config", "ScorerSettings", "scorer"),
             "discount": ("discount.settings", "DiscountSettings", "discount"),
-            "trainer": ("batch.train_config", "TrainSettings", "train")}
+            "trainer": ("batch.train_config", "TrainSettings", "train"),
+            "compactor": ("batch.loader", "LoaderSettings", "lake")}
+# Scheduled tasks that run a component's image with another command: task (ECS container, compose
+# service) -> (the component whose image it runs, the module it runs). The compactor reads the lake
+# as the lake loader does.
+SCHEDULED = {"compactor": ("lake-loader", "batch.cli")}
+TASKS = sorted([*COMPONENTS, *SCHEDULED])         # every ECS task definition and compose service of ours
 COMPOSE_FILES = [DEPLOY / "docker-compose.yml", ROOT / "localstack" / "docker-compose.yml"]
 
 
@@ -76,15 +82,17 @@ def test_template_has_every_resource_the_pipeline_needs(template):
     assert ttl == {"PredictionsTable", "OffersTable", "LeaseTable"}    # the lease table's for dead workers' rows
     families = {t["Properties"]["Family"]["Fn::Sub"].split("-", 1)[1]
                 for t in resources(template, "AWS::ECS::TaskDefinition").values()}
-    assert families == set(COMPONENTS)
+    assert families == set(TASKS)
     services = {s["Properties"]["ServiceName"] for s in resources(template, "AWS::ECS::Service").values()}
     assert services == set(COMPONENTS) - {"trainer"}
     for task in resources(template, "AWS::ECS::TaskDefinition").values():
         container = task["Properties"]["ContainerDefinitions"][0]
         assert task["Properties"]["RequiresCompatibilities"] == ["FARGATE"]
         assert container["User"] != "0" and container["Command"][:2] == ["python", "-m"]
-    rule = next(iter(resources(template, "AWS::Events::Rule").values()))["Properties"]
-    assert rule["Targets"][0]["EcsParameters"]["TaskDefinitionArn"] == {"Ref": "TrainerTaskDefinition"}
+    targets = [target["EcsParameters"]["TaskDefinitionArn"] for rule in resources(template, "AWS::Events::Rule").values()
+               for target in rule["Properties"]["Targets"]]
+    assert sorted(map(json.dumps, targets)) == [json.dumps({"Ref": "CompactorTaskDefinition"}),
+                                                json.dumps({"Ref": "TrainerTaskDefinition"})]
 
 
 def test_the_longest_prefix_the_template_allows_still_makes_a_valid_bucket_name(template):
@@ -121,7 +129,7 @@ def _statements(role: dict) -> list[dict]:
 def test_each_component_role_is_least_privilege(template):
     roles = resources(template, "AWS::IAM::Role")
     task_roles = {name: role for name, role in roles.items() if name.endswith("TaskRole")}
-    assert len(task_roles) == len(COMPONENTS)
+    assert len(task_roles) == len(TASKS)
     for name, role in task_roles.items():
         for statement in _statements(role):
             actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
@@ -132,10 +140,85 @@ def test_each_component_role_is_least_privilege(template):
     assert "GetRecords" not in collector and "LakeBucket" not in collector and "dynamodb" not in collector
     discount = json.dumps(_statements(task_roles["DiscountTaskRole"]))
     assert "LakeBucket" not in discount and "RawStream" not in discount and "OffersTable" in discount
+    # The compactor rewrites enriched/ only: no models, no stream records, no lease writes.
+    compactor = _statements(task_roles["CompactorTaskRole"])
+    text = json.dumps(compactor)
+    assert "models/" not in text and "bad/" not in text and "GetRecords" not in text and "PutRecord" not in text
+    assert not {"RawStream", "BadStream", "PredictionsStream", "PredictionsTable", "OffersTable"} & set(re.findall(r"\w+", text))
+    assert {action for st in compactor for action in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])
+            if action.startswith(("dynamodb:", "kinesis:"))} == {"dynamodb:Query", "kinesis:ListShards"}
+    writes = [st for st in compactor if {"s3:PutObject", "s3:DeleteObject"} & set(st["Action"])]
+    assert [st["Resource"] for st in writes] == [[{"Fn::Sub": "${LakeBucket.Arn}/enriched/*"},
+                                                  {"Fn::Sub": "${LakeBucket.Arn}/locks/lake-rewrite.json"}]]
+
+
+def test_each_schedule_may_start_its_own_task_only(template):
+    """EventBridge's role for a rule runs that rule's task definition in the cluster and passes its roles, nothing else."""
+    for name, rule in resources(template, "AWS::Events::Rule").items():
+        [target] = rule["Properties"]["Targets"]
+        task = template["Resources"][target["EcsParameters"]["TaskDefinitionArn"]["Ref"]]["Properties"]
+        role = template["Resources"][target["RoleArn"]["Fn::GetAtt"][0]]
+        statements = _statements(role)
+        assert {st["Action"] for st in statements} == {"ecs:RunTask", "iam:PassRole"}, name
+        [run] = [st for st in statements if st["Action"] == "ecs:RunTask"]
+        assert run["Resource"]["Fn::Sub"].endswith(f':task-definition/{task["Family"]["Fn::Sub"]}:*'), name
+        assert run["Condition"] == {"ArnEquals": {"ecs:cluster": {"Fn::GetAtt": ["Cluster", "Arn"]}}}
+        assert target["Arn"] == {"Fn::GetAtt": ["Cluster", "Arn"]}
+        [passes] = [st for st in statements if st["Action"] == "iam:PassRole"]
+        assert sorted(map(json.dumps, passes["Resource"])) == sorted(map(json.dumps, [task["TaskRoleArn"],
+                                                                                      task["ExecutionRoleArn"]])), name
+
+
+def _cron_minutes(expression: str) -> int:
+    """Minutes past midnight (UTC) of a daily EventBridge cron(M H * * ? *)."""
+    minute, hour = re.fullmatch(r"cron\((\d+) (\d+) \* \* \? \*\)", expression).groups()
+    return 60 * int(hour) + int(minute)
+
+
+def test_the_compactor_runs_nightly_before_training_on_the_loaders_lake(template):
+    from batch.cli import lake_cli
+
+    rules = {target["EcsParameters"]["TaskDefinitionArn"]["Ref"]: rule["Properties"]
+             for rule in resources(template, "AWS::Events::Rule").values() for target in rule["Properties"]["Targets"]}
+    parameters = template["Parameters"]
+    compaction = parameters[rules["CompactorTaskDefinition"]["ScheduleExpression"]["Ref"]]["Default"]
+    training = parameters[rules["TrainerTaskDefinition"]["ScheduleExpression"]["Ref"]]["Default"]
+    assert _cron_minutes(compaction) < _cron_minutes(training), (compaction, training)
+    # The lake loader's image and a relative range (no shell on ECS for $(date …)), the same in compose.
+    task = template["Resources"]["CompactorTaskDefinition"]["Properties"]
+    assert task["TaskRoleArn"] == {"Fn::GetAtt": ["CompactorTaskRole", "Arn"]}
+    compactor = container(template, "compactor")
+    assert compactor["Image"] == container(template, "lake-loader")["Image"] == {
+        "Fn::Sub": "${ImageRepository}/clickstream-lake-loader:${ImageTag}"}
+    command = compactor["Command"]
+    assert command[:5] == ["python", "-m", "batch.cli", "compact", "--last-days"] and command[6:] == ["--no-progress"]
+    assert int(command[5]) >= 1, command
+    lake_cli.commands["compact"].make_context("compact", command[4:])      # options the command takes
+    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text(encoding="utf-8"))["services"]["compactor"]
+    assert service["command"] == command and "profiles" in service          # run on demand, not by `up`
+    assert service["build"]["dockerfile"] == "deploy/lake-loader/Dockerfile"
+    # The loader's bucket and lease group (<lake_app>#<enriched_stream>): what it may still rewrite.
+    for field in ("region", "bucket", "enriched_stream", "lease_table", "lake_app"):
+        assert effective_setting("compactor", field, template) == effective_setting("lake-loader", field, template), field
+
+
+def test_the_compactors_image_installs_what_its_command_imports():
+    from importlib import metadata
+
+    from tests.deploy.test_image_packages import installed_closure, third_party_imports
+
+    for task, (component, module) in SCHEDULED.items():
+        providers = metadata.packages_distributions()
+        installed = installed_closure(dockerfile(task))
+        missing = {name: providers.get(name, ["?"]) for name in third_party_imports(module)
+                   if not installed & {re.sub(r"[-_.]+", "-", d).lower() for d in providers.get(name, [])}}
+        assert not missing, f"deploy/{component}/Dockerfile does not install what {module} imports: {missing}"
 
 
 def dockerfile(component: str) -> str:
-    return (DEPLOY / component / "Dockerfile").read_text(encoding="utf-8")
+    """The Dockerfile of a component's image (a scheduled task's: the component's whose image it runs)."""
+    image = SCHEDULED[component][0] if component in SCHEDULED else component
+    return (DEPLOY / image / "Dockerfile").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("component", sorted(COMPONENTS))
@@ -164,7 +247,7 @@ def deployed_variables(component: str, template: dict) -> set[str]:
     return {name for name in names if name.startswith("CLICKSTREAM_")}
 
 
-@pytest.mark.parametrize("component", sorted(COMPONENTS))
+@pytest.mark.parametrize("component", TASKS)
 def test_the_compose_file_sets_no_setting_to_its_default(component):
     """A variable beats the TOML file: one repeating the default made a config file's value for that
     key do nothing, with no word said."""
@@ -177,7 +260,7 @@ def test_the_compose_file_sets_no_setting_to_its_default(component):
     assert not same
 
 
-@pytest.mark.parametrize("component", sorted(COMPONENTS))
+@pytest.mark.parametrize("component", TASKS)
 def test_every_variable_the_deploy_files_set_is_a_setting_of_that_component(component, template):
     module, name, section = SETTINGS[component]
     fields = [field.name.upper() for field in dataclasses.fields(getattr(importlib.import_module(module), name))]
@@ -191,10 +274,10 @@ def test_every_component_runs_under_an_init_process(template):
     """Python as PID 1 drops a SIGTERM sent before it installs its handler: a scorer stopped while it
     loaded its model took its shards and ran on until it was killed at the stop timeout."""
     services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text(encoding="utf-8"))["services"]
-    assert all(services[component].get("init") is True for component in COMPONENTS)
+    assert all(services[component].get("init") is True for component in TASKS)
     containers = [container for task in resources(template, "AWS::ECS::TaskDefinition").values()
                   for container in task["Properties"]["ContainerDefinitions"]]
-    assert {container["Name"] for container in containers} == set(COMPONENTS)
+    assert {container["Name"] for container in containers} == set(TASKS)
     assert all(container["LinuxParameters"]["InitProcessEnabled"] is True for container in containers)
 
 
@@ -253,8 +336,8 @@ def test_localstack_is_healthy_only_once_provisioning_succeeded(path, answer, he
 def test_full_compose_runs_every_component_against_localstack():
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text(encoding="utf-8"))
     services = compose["services"]
-    assert set(COMPONENTS) <= set(services)
-    for component in COMPONENTS:
+    assert set(TASKS) <= set(services)
+    for component in TASKS:
         assert services[component]["environment"]["AWS_ENDPOINT_URL"] == "http://localstack:4566"
     assert "LOCALSTACK_AUTH_TOKEN" in services["localstack"]["environment"]
 
@@ -363,7 +446,7 @@ def effective_setting(component: str, field: str, template: dict) -> str:
     return value
 
 
-@pytest.mark.parametrize("component", sorted(COMPONENTS))
+@pytest.mark.parametrize("component", TASKS)
 def test_path_settings_with_a_relative_default_are_absolute_and_writable_in_the_image(component, template):
     # The images run as an unprivileged user in a root-owned /app: a relative default (the collector's
     # spool_dir, the trainer's cache_dir) would be a folder the process cannot create.
