@@ -60,6 +60,9 @@ class Skipped(Exception):
     """A group that cannot be merged now (a file gone, a column retyped); its files stay."""
 
 
+UNREADABLE = (pa.ArrowException, OSError)     # a corrupt or cut object (OSError: pyarrow's IO errors)
+
+
 # ---------------------------------------------------------------------------------------- the lock
 
 LOCK_KEY = "locks/lake-rewrite.json"
@@ -258,15 +261,26 @@ class _Tail(io.RawIOBase):
 
 def footer(s3, bucket: str, file: LakeFile) -> pq.FileMetaData:
     """A Parquet file's metadata (row count, key/value metadata) from one or two ranged GETs."""
+    if file.size < 12:                    # not even magic bytes and a footer length (and "bytes=-0" is refused)
+        raise pa.ArrowInvalid(f"{file.key}: {file.size} bytes is no Parquet file")
     tail = _tail(s3, bucket, file.key, min(file.size, FOOTER_GUESS))
     needed = int.from_bytes(tail[-8:-4], "little") + 8
     if needed > len(tail):
-        tail = _tail(s3, bucket, file.key, needed)
-    return pq.read_metadata(_Tail(tail, file.size))
+        tail = _tail(s3, bucket, file.key, min(needed, file.size))
+    try:
+        return pq.read_metadata(_Tail(tail, file.size))
+    except (pa.ArrowException, OSError) as exc:
+        raise pa.ArrowInvalid(f"{file.key}: {_first_line(exc)}") from None
 
 
 def _tail(s3, bucket: str, key: str, length: int) -> bytes:
     return s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=-{length}")["Body"].read()
+
+
+def _whole(meta: pq.FileMetaData) -> bool:
+    """Whether a compacted file holds as many rows as its recorded inputs had."""
+    inputs = json.loads((meta.metadata or {}).get(f"clickstream.{INPUTS}".encode(), b"[]"))
+    return meta.num_rows == sum(rows for _, _, rows in inputs)
 
 
 def recorded_files(metadata: dict[bytes, bytes] | None) -> dict[str, str]:
@@ -364,7 +378,15 @@ def recover(run: Run, files: list[LakeFile]) -> list[LakeFile]:
     for compacted in [file for file in files if file.compacted]:
         if compacted.name not in present:
             continue                                 # itself an input of another, deleted just now
-        for name, etag in recorded_files(footer(run.s3, run.bucket, compacted).metadata).items():
+        meta = footer(run.s3, run.bucket, compacted)
+        if not _whole(meta):
+            # A run killed between its write and its read-back: never checked. Its inputs are all
+            # still there (deletes come after the check), so it goes and they are merged again.
+            if run.dry_run or _delete(run, compacted, compacted.etag):
+                run.summary.recovered.append(compacted.key)
+            del present[compacted.name]
+            continue
+        for name, etag in recorded_files(meta.metadata).items():
             found = present.get(name)
             if found is None or found is compacted:
                 continue
@@ -440,7 +462,10 @@ def merged_table(run: Run, group: list[LakeFile]) -> tuple[pa.Table, list, dict]
     for file, (body, etag) in zip(group, fetched):
         if body is None:
             raise Skipped(f"{file.key} is gone")
-        table = lake.parquet_table(body)
+        try:
+            table = lake.parquet_table(body)
+        except (pa.ArrowException, OSError) as exc:
+            raise Skipped(f"{file.key} does not read as Parquet ({_first_line(exc)}): left as it is") from None
         written_from = (table.schema.metadata or {}).get(b"clickstream.stream", b"").decode()
         if not file.compacted and written_from != run.stream:
             # Its checkpoint is another stream's lease row, not the one it was judged by.
@@ -484,16 +509,28 @@ def _count(summary: Summary, group: list[LakeFile], files_out: int, bytes_out: i
 
 
 def compact_partition(run: Run, folder: str, files: list[LakeFile]) -> None:
-    groups = plan(run, recover(run, files))
+    """Recover, plan and merge one hour; an unreadable file fails this partition (exit 1), not the run:
+    a corrupt object in one hour stopped every later hour's compaction, every night."""
+    try:
+        groups = plan(run, recover(run, files))
+    except UNREADABLE as exc:
+        run.summary.failed.append((folder, f"a file does not read as Parquet: {_first_line(exc)}"))
+        return
     run.summary.partitions += bool(groups)
     for group in groups:
-        if run.dry_run:
-            _count(run.summary, group, 1, 0, sum(footer(run.s3, run.bucket, file).num_rows for file in group))
-            continue
         try:
-            merge_group(run, folder, group)
+            if run.dry_run:
+                _count(run.summary, group, 1, 0, sum(footer(run.s3, run.bucket, file).num_rows for file in group))
+            else:
+                merge_group(run, folder, group)
         except Skipped as exc:
             run.summary.failed.append((folder, str(exc)))
+        except UNREADABLE as exc:
+            run.summary.failed.append((folder, f"a file does not read as Parquet: {_first_line(exc)}"))
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 # ---------------------------------------------------------------------------------------- the command
@@ -502,13 +539,14 @@ def compact_partition(run: Run, folder: str, files: list[LakeFile]) -> None:
 def compact_lake(s3, settings, *, start=None, end=None, max_bytes: int = DEFAULT_MAX_BYTES, dry_run: bool = False,
                  progress: bool = True, lock_ttl_s: float = LOCK_TTL_S) -> Summary:
     """Merge the small files of every hour partition from ``start`` to ``end`` (dates, both included)."""
-    found = partitions(s3, settings.bucket, start, end)
-    checkpoints = load_checkpoints(settings)
     lock = None if dry_run else LakeLock(s3, settings.bucket, "compact", ttl_s=lock_ttl_s)
-    run = Run(s3, settings.bucket, settings.enriched_stream, checkpoints, max_bytes, dry_run, lock)
-    with lock or nullcontext(), tqdm(total=len(found), unit="partition", desc="compacting", disable=not progress,
-                                     file=sys.stderr) as bar:
-        for folder, files in found.items():
-            compact_partition(run, folder, files)
-            bar.update()
+    with lock or nullcontext():
+        # Listed under the lock: a listing made while waiting for it missed what the holder merged
+        # (a killed run's merged file, whose inputs a second merge then put into another: twice).
+        found = partitions(s3, settings.bucket, start, end)
+        run = Run(s3, settings.bucket, settings.enriched_stream, load_checkpoints(settings), max_bytes, dry_run, lock)
+        with tqdm(total=len(found), unit="partition", desc="compacting", disable=not progress, file=sys.stderr) as bar:
+            for folder, files in found.items():
+                compact_partition(run, folder, files)
+                bar.update()
     return run.summary

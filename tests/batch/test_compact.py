@@ -438,3 +438,70 @@ def test_training_reads_a_compacted_lake_by_date_folder_and_each_event_once(aws_
     assert _compact(aws_settings).exit_code == 0
     _, _, ids = local_ids()
     assert ids == Counter(event["event_id"] for event in events)
+
+
+def test_a_run_waiting_for_the_lock_lists_the_lake_only_once_it_holds_it(aws_settings, s3):
+    """B listed, then waited for A's lock; A merged L1+L2 and was killed before its deletes; B broke
+    the lock and planned from its listing, which lacked A's file: it merged L1, L2 and L3 again into
+    a second file, and both files' rows stayed in the lake (twice) for good."""
+    events = _ten_event_files(s3, aws_settings, 3)
+    _checkpoint(aws_settings, SHARD0, "30")
+    settings = loader_settings(aws_settings)
+    held_by_a = compact.LakeLock(s3, aws_settings.bucket, "compact", ttl_s=2)
+    held_by_a.acquire()                                  # no renewals: A dies holding it
+    b = threading.Thread(target=lambda: done.append(compact.compact_lake(s3, settings, progress=False)))
+    done: list = []
+    b.start()
+    time.sleep(0.5)                                      # B is waiting for the lock by now
+    loader_files = compact.partitions(s3, aws_settings.bucket, None, None)[HOUR9]
+    run_a = compact.Run(s3, aws_settings.bucket, settings.enriched_stream, compact.load_checkpoints(settings),
+                        compact.DEFAULT_MAX_BYTES, False, held_by_a)
+    killed = pytest.MonkeyPatch()
+    killed.setattr(compact, "_delete", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt("kill -9")))
+    with pytest.raises(KeyboardInterrupt):
+        compact.merge_group(run_a, HOUR9, loader_files[:2])            # written, nothing deleted
+    killed.undo()
+    b.join(timeout=30)
+    assert not b.is_alive() and not done[0].conflicts and not done[0].failed
+    assert len(done[0].recovered) == 2                                # A's inputs, found under the lock
+    assert _ids(aws_settings.bucket) == Counter(e["event_id"] for e in events)
+    assert len(_names(aws_settings.bucket)) == 1
+
+
+def test_an_unreadable_file_fails_its_hour_and_the_run_goes_on(aws_settings, s3):
+    """A corrupt object stopped the whole run with a traceback (and an empty one with InvalidRange),
+    so no later hour was ever compacted."""
+    _ten_event_files(s3, aws_settings, 2)
+    s3.put_object(Bucket=aws_settings.bucket, Key=f"{HOUR9}/{SHARD0}-1-30.parquet", Body=b"not parquet at all")
+    hour10 = "enriched/date=2026-11-29/hour=10"
+    s3.put_object(Bucket=aws_settings.bucket, Key=f"{hour10}/compacted-{'0' * 32}.parquet", Body=b"")
+    _write(s3, aws_settings, [make_event(i, at=BASE + dt.timedelta(hours=1, seconds=i)) for i in range(5)], 21)
+    later = [make_event(i, at=BASE + dt.timedelta(hours=2, seconds=i)) for i in range(20)]
+    _write(s3, aws_settings, later[:10], 31)
+    _write(s3, aws_settings, later[10:], 41)
+    _checkpoint(aws_settings, SHARD0, "50")
+    result = CliRunner().invoke(lake_cli, ["--bucket", aws_settings.bucket, "compact", "--no-progress"],
+                                env=settings_env(aws_settings))
+    assert result.exit_code == 1 and result.exception is None or isinstance(result.exception, SystemExit)
+    assert f"not merged in {HOUR9}: {HOUR9}/{SHARD0}-1-30.parquet does not read as Parquet" in result.output
+    assert f"not merged in {hour10}: a file does not read as Parquet: {hour10}/compacted-" in result.output
+    hour11 = [key for key in lake_keys(aws_settings.bucket, "enriched/date=2026-11-29/hour=11/")]
+    assert len(hour11) == 1 and "/compacted-" in hour11[0]          # the hour after them was merged
+
+
+def test_a_merged_file_that_does_not_hold_its_inputs_rows_is_not_trusted(aws_settings, s3):
+    """A run killed between its write and its read-back left a file nobody checked: the next run
+    deleted the inputs it records on its word."""
+    events = _ten_event_files(s3, aws_settings, 2)
+    _checkpoint(aws_settings, SHARD0, "20")
+    inputs = sorted(lake_keys(aws_settings.bucket, HOUR9 + "/"))
+    etags = _etags(s3, aws_settings.bucket)
+    short = lake.read_parquet_object(s3, aws_settings.bucket, inputs[0]).slice(0, 4)    # 4 rows, not 20
+    recorded = [[key.rsplit("/", 1)[1], etags[key], 10] for key in inputs]
+    body = lake.parquet_bytes(short.replace_schema_metadata(None), {compact.INPUTS: json.dumps(recorded)})
+    s3.put_object(Bucket=aws_settings.bucket, Key=f"{HOUR9}/{compact.compacted_name([r[0] for r in recorded])}",
+                  Body=body)
+    done = _compact(aws_settings)
+    assert done.exit_code == 0, done.output
+    assert _ids(aws_settings.bucket) == Counter(e["event_id"] for e in events)       # each once, none lost
+    assert len(_names(aws_settings.bucket)) == 1

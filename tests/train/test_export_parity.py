@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import tempfile
@@ -59,7 +60,7 @@ def test_export_matches_spark_on_categorical_table(spark, table, algorithm):
     assert rows["label"][served].mean() == pytest.approx(chosen["precision"])
     assert result.meta["metrics"]["roc_auc"] > 0.7
     assert result.meta["onnx"] == {"input": "features", "probability_output": "probability", "positive_index": 1,
-                                   "opset": 15}
+                                   "opset": 15, "sha256": hashlib.sha256(result.onnx_bytes).hexdigest()}
     assert [f["name"] for f in result.meta["features"]] == table.feature_names
 
 
