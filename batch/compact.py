@@ -277,10 +277,13 @@ def _tail(s3, bucket: str, key: str, length: int) -> bytes:
     return s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=-{length}")["Body"].read()
 
 
-def _whole(meta: pq.FileMetaData) -> bool:
-    """Whether a compacted file holds as many rows as its recorded inputs had."""
+def _unchecked(meta: pq.FileMetaData, present: dict[str, LakeFile]) -> bool:
+    """A compacted file with fewer or more rows than its recorded inputs, all of which are still there
+    unchanged. (Fewer rows and inputs gone or changed is an erase's rewrite, after or during a merge:
+    then the file holds rows nothing else does.)"""
     inputs = json.loads((meta.metadata or {}).get(f"clickstream.{INPUTS}".encode(), b"[]"))
-    return meta.num_rows == sum(rows for _, _, rows in inputs)
+    return bool(inputs) and meta.num_rows != sum(rows for _, _, rows in inputs) and all(
+        name in present and present[name].etag == etag for name, etag, _ in inputs)
 
 
 def recorded_files(metadata: dict[bytes, bytes] | None) -> dict[str, str]:
@@ -379,9 +382,9 @@ def recover(run: Run, files: list[LakeFile]) -> list[LakeFile]:
         if compacted.name not in present:
             continue                                 # itself an input of another, deleted just now
         meta = footer(run.s3, run.bucket, compacted)
-        if not _whole(meta):
-            # A run killed between its write and its read-back: never checked. Its inputs are all
-            # still there (deletes come after the check), so it goes and they are merged again.
+        if _unchecked(meta, present):
+            # A run killed between its write and its read-back: never checked, and every input it
+            # records is still there as it read it (deletes come after the check): it goes, they stay.
             if run.dry_run or _delete(run, compacted, compacted.etag):
                 run.summary.recovered.append(compacted.key)
             del present[compacted.name]

@@ -337,6 +337,13 @@ def test_an_erase_started_during_a_compaction_waits_for_it_and_then_erases_the_m
                                                                    if e["domain_userid"] != PERSON)
     assert len(lake_keys(aws_settings.bucket, "enriched/")) == 1
     assert not lake_keys(aws_settings.bucket, "locks/")                   # both released theirs
+    # The erased merged file holds fewer rows than its inputs had, and they are gone: it is the only
+    # copy of its rows, merged again with a late file, never taken for a run's unchecked leftover.
+    late = [make_event(100 + i, at=BASE + dt.timedelta(seconds=i)) for i in range(5)]
+    _write(s3, aws_settings, late, 31)
+    _checkpoint(aws_settings, SHARD0, "35")
+    assert compact.compact_lake(s3, loader_settings(aws_settings), progress=False).files_in == 2
+    assert _ids(aws_settings.bucket) == Counter(e["event_id"] for e in events + late if e["domain_userid"] != PERSON)
 
 
 def _erase(settings, *pseudonyms):
