@@ -319,17 +319,20 @@ class Sink:
         and the cursor, which alone frees the disk, never moved."""
         backoff = self.min_backoff
         while True:
-            left = []
+            refused: list[tuple[int, Undelivered]] = []
             for stream in (RAW, BAD):
                 batch = [(key, data) for s, key, data in pending if s == stream]
                 if batch:
                     failed = self.producers[stream].send(batch)
                     metrics.PRODUCED[stream].inc(len(batch) - len(failed))
-                    left.extend((stream, item.partition_key, item.data) for item in failed)
-            if not left:
+                    refused.extend((stream, item) for item in failed)
+            # Nothing else is sent meanwhile: say so, and call the stream down unless it is throttling.
+            self._set_health(all(item.throttled for _, item in refused))
+            if not refused:
                 return False
-            backoff = self.min_backoff if len(left) < len(pending) else min(self.max_backoff, backoff * 2)
-            pending = left
+            self._report_refused(refused)
+            backoff = self.min_backoff if len(refused) < len(pending) else min(self.max_backoff, backoff * 2)
+            pending = [(stream, item.partition_key, item.data) for stream, item in refused]
             if self._stop.wait(backoff):
                 return True
 

@@ -409,6 +409,7 @@ class Spool:
                 log.error("spool segment holding bytes %d-%d is gone (deleted from outside the collector); "
                           "going on from the next one", offset, skip_to)
                 offset = skip_to
+                self._recount(offset, len(entries))
                 continue
             segment_end = end if base == active else base + self._path(base).stat().st_size
             if offset >= segment_end:
@@ -428,9 +429,22 @@ class Spool:
                 log.error("spool segment %d: %s at byte %d, skipping the rest of it", base,
                           "corrupt frame" if bad else "no whole frame (cut short or zeroed)", offset - base)
                 offset = self._next_base(base)
+                self._recount(offset, len(entries))
             elif not found:
                 break
         return entries, offset
+
+    def _recount(self, offset: int, read: int) -> None:
+        """After skipping lost frames, count those still waiting: ``read`` in hand (the commit takes
+        them off) and the valid frames from ``offset`` on. The lost ones were counted as waiting for
+        ever, so a spool drained to its end still looked a batch behind (the drained gauge stopped)."""
+        with self._lock:
+            waiting = 0
+            for base in self._segments():
+                data = self._path(base).read_bytes() if self._path(base).exists() else b""
+                if base + len(data) > offset:
+                    waiting += len(decode_frames(data[max(0, offset - base):])[0])
+            self.records = read + waiting
 
     def _segment_of(self, offset: int) -> int | None:
         """The closed segment holding ``offset``; None when it is gone."""

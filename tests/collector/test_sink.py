@@ -135,6 +135,7 @@ def test_refused_records_a_full_disk_cannot_take_back_are_resent_alone_and_the_b
         assert sink._drain()
     assert sorted(int(r.data) for r in raw.all_records()) == list(range(10))        # each once
     assert spool.records == 0 and raw.calls_left == 0                                 # refused twice more, then taken
+    assert sink.healthy                                         # throttled: reachable, not down
     [line] = [r.getMessage() for r in caplog.records]
     assert "cannot keep 3 refused records on disk (1 times): [Errno 28] No space left on device" in line
 
