@@ -105,14 +105,13 @@ def current(obj):
 def history(obj):
     """Every move of CURRENT, oldest first."""
     s3, bucket, name = obj
-    made = registry.history(s3, bucket, name)
-    entries = registry.history(s3, bucket, name, made_only=False)
-    if not entries:
+    moves = registry.recorded_moves(s3, bucket, name)
+    if not moves:
         _say_none(s3, bucket, name)
-    for entry in entries:
+    for entry, made in moves:
         # A move that lost its race for CURRENT, or crashed between its two writes: recorded, never made.
         click.echo(f"{entry.get('at')}  {entry['previous'] or '-'} -> {entry['version']}  ({entry.get('reason')})"
-                   + ("" if entry in made else "  [not made]"))
+                   + ("" if made else "  [not made]"))
 
 
 def servable(s3, bucket: str, name: str, version: str, force: bool) -> None:

@@ -155,11 +155,17 @@ def publish(s3, bucket: str, name: str, version: str, files: dict[str, bytes]) -
             s3.put_object(Bucket=bucket, Key=key, Body=files[file], ContentType=content_type)
 
 
-def history(s3, bucket: str, name: str = DEFAULT_MODEL, *, made_only: bool = True) -> list[dict]:
-    """The moves of CURRENT, oldest first: those made, or with ``made_only=False`` every line recorded."""
-    current_id = _current(s3, bucket, name)[2] if made_only else None   # first: a move made after is not made yet
+def history(s3, bucket: str, name: str = DEFAULT_MODEL) -> list[dict]:
+    """The moves of CURRENT that were made, oldest first."""
+    return [entry for entry, made in recorded_moves(s3, bucket, name) if made]
+
+
+def recorded_moves(s3, bucket: str, name: str = DEFAULT_MODEL) -> list[tuple[dict, bool]]:
+    """Every line of HISTORY, oldest first, with whether it was made (one read of each object)."""
+    current_id = _current(s3, bucket, name)[2]        # first: a move made after it is not made yet
     entries = _entries(aws.get_object_bytes(s3, bucket, f"{PREFIX}/{name}/HISTORY"), name)
-    return moves_made(entries, current_id) if made_only else entries
+    made = {id(entry) for entry in moves_made(entries, current_id)}
+    return [(entry, id(entry) in made) for entry in entries]
 
 
 def _entries(raw: bytes | None, name: str) -> list[dict]:

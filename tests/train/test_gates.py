@@ -266,7 +266,7 @@ def test_a_move_that_lost_its_race_to_the_version_current_moved_to_is_never_roll
         with pytest.raises(registry.Conflict):
             registry.set_current(s3, bucket, name, "B", reason="promoted by hand")
     assert registry.current_version(s3, bucket, name) == "B"
-    assert [e["reason"] for e in registry.history(s3, bucket, name, made_only=False)][-1] == "promoted by hand"
+    assert [(e["reason"], made) for e, made in registry.recorded_moves(s3, bucket, name)][-1] == ("promoted by hand", False)
     shown = CliRunner().invoke(registry_cli.cli, ["--name", name, "history"], env=settings_env(aws_settings))
     assert shown.output.splitlines()[-1].endswith("(promoted by hand)  [not made]"), shown.output
     assert shown.output.count("[not made]") == 1
