@@ -5,6 +5,7 @@ Layout (docs/contracts.md "Lake")::
     enriched/date=YYYY-MM-DD/hour=HH/<shard>-<first_seq>-<last_seq>.parquet         (zstd)
     bad/date=YYYY-MM-DD/hour=HH/<shard>-<first_seq>-<last_seq>.jsonl.gz             (bad stream)
     bad/date=YYYY-MM-DD/hour=HH/<shard>-<first_seq>-<last_seq>.loader.jsonl.gz      (rows the loader rejected)
+    enriched/date=YYYY-MM-DD/hour=HH/compacted-<hash>.parquet                        (batch.compact)
 
 A name depends only on the shard and the range of sequence numbers, so writing a range again
 overwrites the same objects. Enriched events are partitioned by ``collector_tstamp``; bad rows by
