@@ -45,6 +45,7 @@ from batch import erase, lake
 from batch.loader import PARQUET_TYPE
 from common import aws
 from common.leases import DynamoLeaseTable, RenewalWatch
+from common.logs import first_line
 from common.streams import SHARD_END, KinesisStream, sequence_key
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -270,7 +271,7 @@ def footer(s3, bucket: str, file: LakeFile) -> pq.FileMetaData:
     try:
         return pq.read_metadata(_Tail(tail, file.size))
     except (pa.ArrowException, OSError) as exc:
-        raise pa.ArrowInvalid(f"{file.key}: {_first_line(exc)}") from None
+        raise pa.ArrowInvalid(f"{file.key}: {first_line(exc)}") from None
 
 
 def _tail(s3, bucket: str, key: str, length: int) -> bytes:
@@ -468,7 +469,7 @@ def merged_table(run: Run, group: list[LakeFile]) -> tuple[pa.Table, list, dict]
         try:
             table = lake.parquet_table(body)
         except (pa.ArrowException, OSError) as exc:
-            raise Skipped(f"{file.key} does not read as Parquet ({_first_line(exc)}): left as it is") from None
+            raise Skipped(f"{file.key} does not read as Parquet ({first_line(exc)}): left as it is") from None
         written_from = (table.schema.metadata or {}).get(b"clickstream.stream", b"").decode()
         if not file.compacted and written_from != run.stream:
             # Its checkpoint is another stream's lease row, not the one it was judged by.
@@ -517,7 +518,7 @@ def compact_partition(run: Run, folder: str, files: list[LakeFile]) -> None:
     try:
         groups = plan(run, recover(run, files))
     except UNREADABLE as exc:
-        run.summary.failed.append((folder, f"a file does not read as Parquet: {_first_line(exc)}"))
+        run.summary.failed.append((folder, f"a file does not read as Parquet: {first_line(exc)}"))
         return
     run.summary.partitions += bool(groups)
     for group in groups:
@@ -529,11 +530,8 @@ def compact_partition(run: Run, folder: str, files: list[LakeFile]) -> None:
         except Skipped as exc:
             run.summary.failed.append((folder, str(exc)))
         except UNREADABLE as exc:
-            run.summary.failed.append((folder, f"a file does not read as Parquet: {_first_line(exc)}"))
+            run.summary.failed.append((folder, f"a file does not read as Parquet: {first_line(exc)}"))
 
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 # ---------------------------------------------------------------------------------------- the command

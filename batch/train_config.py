@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import AwsSettings, ConfigError, require_positive
+from common.logs import first_line
 from common.registry import DEFAULT_MODEL
 
 ALGORITHMS = ("gbt", "rf", "lr")
@@ -143,8 +144,7 @@ def spark_session(settings: TrainSettings, app_name: str = "clickstream-train"):
     try:
         spark = builder.getOrCreate()
     except Exception as exc:  # noqa: BLE001 - py4j and PySpark raise plain errors for a bad master or JVM option
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"CLICKSTREAM_SPARK_MASTER {settings.spark_master!r} / CLICKSTREAM_SPARK_DRIVER_MEMORY "
-                          f"{settings.spark_driver_memory!r}: Spark did not start: {first_line}") from None
+                          f"{settings.spark_driver_memory!r}: Spark did not start: {first_line(exc)}") from None
     spark.sparkContext.setLogLevel("ERROR")
     return spark

@@ -242,17 +242,9 @@ class Sink:
     def _send(self, entries: list[Entry], offset: int, spool: Spool) -> bool:
         """Deliver one batch; False when the caller should back off (nothing or not everything got through)."""
         started = time.perf_counter()
-        refused: list[tuple[int, Undelivered]] = []
-        delivered = 0
-        for stream in (RAW, BAD):
-            batch = [(e.key, e.data) for e in entries if e.stream == stream]
-            if not batch:
-                continue
-            failed = self.producers[stream].send(batch)
-            delivered += len(batch) - len(failed)
-            self.progressed = self.progressed or len(failed) < len(batch)
-            metrics.PRODUCED[stream].inc(len(batch) - len(failed))
-            refused.extend((stream, item) for item in failed)
+        refused = self._produce(entries)
+        delivered = len(entries) - len(refused)
+        self.progressed = self.progressed or delivered > 0
         metrics.SINK_LATENCY.observe(time.perf_counter() - started)
         resendable = [(s, u) for s, u in refused if u.reason != TOO_LARGE]
         if resendable and delivered == 0:
@@ -274,6 +266,18 @@ class Sink:
         # Refused entries (throttling, or one stream missing) were re-appended: back off before
         # reading them again instead of spinning on them.
         return not (resendable and kept)
+
+    def _produce(self, entries: list[tuple[int, str, bytes]]) -> list[tuple[int, Undelivered]]:
+        """Send (stream, partition key, data) entries, each stream's in one producer call; what was refused."""
+        refused: list[tuple[int, Undelivered]] = []
+        for stream in (RAW, BAD):
+            batch = [(key, data) for entry_stream, key, data in entries if entry_stream == stream]
+            if not batch:
+                continue
+            failed = self.producers[stream].send(batch)
+            metrics.PRODUCED[stream].inc(len(batch) - len(failed))
+            refused.extend((stream, item) for item in failed)
+        return refused
 
     def _commit(self, spool: Spool, offset: int, count: int) -> None:
         """Move the spool past a delivered batch. A disk that cannot take the cursor or delete a segment
@@ -319,13 +323,7 @@ class Sink:
         and the cursor, which alone frees the disk, never moved."""
         backoff = self.min_backoff
         while True:
-            refused: list[tuple[int, Undelivered]] = []
-            for stream in (RAW, BAD):
-                batch = [(key, data) for s, key, data in pending if s == stream]
-                if batch:
-                    failed = self.producers[stream].send(batch)
-                    metrics.PRODUCED[stream].inc(len(batch) - len(failed))
-                    refused.extend((stream, item) for item in failed)
+            refused = self._produce(pending)
             # Nothing else is sent meanwhile: say so, and call the stream down unless it is throttling.
             self._set_health(all(item.throttled for _, item in refused))
             if not refused:

@@ -31,6 +31,11 @@ def first_few(items, limit: int = 5) -> str:
     return ", ".join(map(str, items[:limit])) + (", …" if len(items) > limit else "")
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's first line (Java and Arrow errors run on for pages), or its type when it says nothing."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class Tally:
     """Counts a recurring failure and says when to log it: at most once per ``every_s``, with how many
     occurrences the line stands for, not one line per occurrence (a flood at the rate of hits or events)."""
