@@ -4,6 +4,7 @@ worker reports the sum over all of them."""
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -25,6 +26,8 @@ SPOOLED = Counter("collector_records_spooled_total", "Records written to the spo
 REJECTED = Counter("collector_spool_full_total", "Hits answered 503: the backlog reached spool_max_bytes")
 WRITE_ERRORS = Counter("collector_spool_write_errors_total",
                        "Hits answered 503: writing them to the spool failed (a full or failing disk)")
+SPOOL_DAMAGED = Counter("collector_spool_damaged_total",
+                        "Damaged stretches of spool passed over or cut (a failing disk, a power cut): their hits are lost")
 SPOOL_RECORDS = Gauge("collector_spool_depth_records", "Undelivered records in the spool", **_GAUGE)
 SPOOL_BYTES = Gauge("collector_spool_depth_bytes", "Undelivered bytes in the spool", **_GAUGE)
 # Not "depth == 0": every hit is spooled first, so a busy healthy collector always has a backlog.
@@ -42,6 +45,7 @@ _children: dict[tuple[str, int], object] = {}
 # CPU a hit costs. Both run on the event loop's thread, so nothing is counted twice or lost. With
 # several workers each one's counts must be in its file at once (any worker answers a scrape).
 _pending: dict[object, int] = {}
+_damage_counted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()    # per spool, in SPOOL_DAMAGED
 
 
 def count(endpoint: str, status: int) -> None:
@@ -72,6 +76,11 @@ def flush() -> None:
 
 
 def update_spool(spools: list) -> None:
+    for spool in spools:
+        damaged = spool.corrupt_frames - _damage_counted.get(spool, 0)
+        if damaged > 0:
+            SPOOL_DAMAGED.inc(damaged)
+            _damage_counted[spool] = spool.corrupt_frames
     SPOOL_RECORDS.set(sum(spool.records for spool in spools))
     SPOOL_BYTES.set(sum(spool.depth_bytes for spool in spools))
 

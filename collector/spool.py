@@ -18,8 +18,9 @@ of zeros marks the end of the data; closed segments are truncated to their frame
 
 One writer (the request loop, plus the sender re-appending what the stream refused) and one reader
 (the sender). After a crash, a torn or corrupt tail of the newest segment is cut off on open: those
-bytes were never acknowledged complete. Delivery is at-least-once: records after the persisted
-cursor are sent again.
+bytes were never acknowledged complete. Damaged bytes between valid frames are passed over
+(``next_frame``), so damage loses only the frames it touches. Delivery is at-least-once: records
+after the persisted cursor are sent again.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import errno
 import logging
 import mmap
 import os
+import re
 import struct
 import threading
 import time
@@ -103,6 +105,48 @@ def decode_frames(buffer: bytes, limit: int = 1 << 62) -> tuple[list[Entry], int
     return entries, position, False
 
 
+_NON_ZERO = re.compile(rb"[^\0]")
+
+
+def next_frame(buffer: bytes, start: int) -> int | None:
+    """The position of the first whole, valid frame at or after ``start``, or None. Only a resync past
+    damaged bytes looks: a frame's length is at most MAX_FRAME, so the top byte of it is a zero, and
+    the crc then decides. (A hit cannot forge a frame: a record's data is JSON, which has no NUL.)"""
+    position = start
+    while (top := buffer.find(b"\0", position + 3, len(buffer) - HEADER.size + 4)) >= 0:
+        candidate = top - 3
+        if buffer[candidate:top] == b"\0\0\0":
+            # In a run of zeros: a frame's length is not 0, so one of its first three bytes is not
+            # zero either (a regex finds the next such byte without a Python step per zero).
+            non_zero = _NON_ZERO.search(buffer, top)
+            if non_zero is None:
+                return None
+            position = max(candidate + 1, non_zero.start() - 2)
+            continue
+        length, end = HEADER.unpack_from(buffer, candidate)[0], candidate + HEADER.size
+        plausible = PREFIX.size <= length <= MAX_FRAME and end + length <= len(buffer) and buffer[end] in (RAW, BAD)
+        if plausible and decode_frames(buffer[candidate:end + length], 1)[0]:
+            return candidate
+        position = candidate + 1
+    return None
+
+
+def count_frames(buffer: bytes) -> tuple[int, int]:
+    """The valid frames in ``buffer``, passing over damaged stretches between them (a disk error, a
+    page a power cut never wrote): (frames, the end of the last one). Zeros after the last frame are
+    a segment's unwritten rest, not damage."""
+    frames, end = 0, 0
+    while True:
+        found, used, _ = decode_frames(buffer[end:] if end else buffer)
+        frames, end = frames + len(found), end + used
+        if end == len(buffer) or not buffer[end:].strip(b"\0"):
+            return frames, end
+        later = next_frame(buffer, end + 1)
+        if later is None:
+            return frames, end
+        end = later
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -172,10 +216,11 @@ class Spool:
                 path.unlink()
                 continue
             start = max(0, cursor - base)
-            entries, used, bad = decode_frames(data[start:]) if start <= len(data) else ([], 0, True)
-            records += len(entries)
+            # Damaged bytes between frames stay: the sender passes over them, and says so, when it gets there.
+            frames, used = count_frames(data[start:]) if start <= len(data) else (0, 0)
+            records += frames
             unused = data[start + used:]
-            padding = not bad and not unused.strip(b"\0")      # preallocated, never written
+            padding = not unused.strip(b"\0")                 # preallocated, never written
             if unused and (last or padding):
                 # A torn tail was never acknowledged; zeros must go too: a reader takes a closed
                 # segment's size for its end.
@@ -186,7 +231,7 @@ class Spool:
                 data = data[:start + used]
             elif unused:
                 log.error("spool %s: %d corrupt bytes skipped", path.name, len(unused))
-            self.corrupt_frames += int(bad)
+            self.corrupt_frames += int(not padding or start > len(data))
             if last:
                 self.end = base + len(data)
                 self._open_last(base, len(data))
@@ -422,17 +467,28 @@ class Spool:
             entries.extend(found)
             size += used
             offset += used
-            # A chunk holds any whole frame, so a closed segment (truncated to its frames) that gives
-            # none before its end was cut short or zeroed: waiting would stop delivery for good.
-            if base != active and (bad or not found):
-                self.corrupt_frames += 1
-                log.error("spool segment %d: %s at byte %d, skipping the rest of it", base,
-                          "corrupt frame" if bad else "no whole frame (cut short or zeroed)", offset - base)
-                offset = self._next_base(base)
+            if not found:
+                # A chunk holds any whole frame and both ends of one are frame boundaries, so no frame
+                # at its start is damage (a disk error, zeros a power cut left): waiting for it would
+                # stop delivery for good.
+                offset = self._pass_damage(base, offset, segment_end, active, bad)
                 self._recount(offset, len(entries))
-            elif not found:
-                break
         return entries, offset
+
+    def _pass_damage(self, base: int, offset: int, segment_end: int, active: int, bad: bool) -> int:
+        """The offset of the first valid frame after damaged bytes at ``offset``, in this segment or
+        else the next one: only the damaged frames are lost, not the rest of the segment."""
+        self.corrupt_frames += 1
+        handle = self._open_reader(base)
+        handle.seek(offset - base)
+        later = next_frame(handle.read(segment_end - offset), 1)
+        if later is not None:
+            resume = offset + later
+        else:
+            resume = segment_end if base == active else self._next_base(base)
+        log.error("spool segment %d: %s at byte %d; %d bytes passed over, delivering on from there", base,
+                  "corrupt frame" if bad else "no whole frame (cut short or zeroed)", offset - base, resume - offset)
+        return resume
 
     def _recount(self, offset: int, read: int) -> None:
         """After skipping lost frames, count those still waiting: ``read`` in hand (the commit takes
@@ -443,7 +499,7 @@ class Spool:
             for base in self._segments():
                 data = self._path(base).read_bytes() if self._path(base).exists() else b""
                 if base + len(data) > offset:
-                    waiting += len(decode_frames(data[max(0, offset - base):])[0])
+                    waiting += count_frames(data[max(0, offset - base):])[0]
             self.records = read + waiting
 
     def _segment_of(self, offset: int) -> int | None:

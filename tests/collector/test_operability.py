@@ -207,3 +207,27 @@ def test_a_sender_ended_by_shutdown_is_not_reported_dead(tmp_path):
     finally:
         app.stop()
         os.close(app._lock_fd)
+
+
+def test_damaged_spool_bytes_are_counted_and_the_hits_after_them_delivered(tmp_path, caplog):
+    """Damage in the spool was an ERROR line only: nothing an alert could see (SpoolDamaged)."""
+    from collector.spool import RAW, Spool, encode
+
+    left = Spool(tmp_path / "spool" / "worker-0", max_bytes=1 << 20)    # a crashed run's backlog
+    ends = [left.append(encode(RAW, f"k{i}", b'{"hit":%d}' % i), 1) for i in range(6)]
+    with open(next((tmp_path / "spool" / "worker-0").glob("*.seg")), "r+b") as segment:
+        segment.seek(ends[1] + 9)
+        segment.write(b"\xff")                                 # the disk damaged the third hit
+    from prometheus_client import REGISTRY
+
+    before = REGISTRY.get_sample_value("collector_spool_damaged_total")      # the counter is the process's
+    raw = MemoryStream("raw")
+    app = app_with(tmp_path, raw)
+    app.start()
+    try:
+        wait_until(lambda: len(raw.all_records()) == 5)
+        assert sorted(record.data for record in raw.all_records()) == [b'{"hit":%d}' % i for i in (0, 1, 3, 4, 5)]
+        wait_until(lambda: metric(app, "collector_spool_damaged_total") == before + 1)
+    finally:
+        app.stop()
+    assert "passed over" in caplog.text

@@ -114,6 +114,81 @@ def test_an_older_segment_cut_short_or_zeroed_is_skipped_not_waited_on_forever(t
     assert again.corrupt_frames >= 1 and again.depth_bytes == 0 and again.records == 0
 
 
+def damage(folder: Path, offset: int, replacement: bytes) -> None:
+    """Overwrite the bytes at a logical spool offset, in whichever segment holds them."""
+    base = max(b for b in (int(p.stem) for p in folder.glob("*.seg")) if b <= offset)
+    with open(folder / f"{base:020d}.seg", "r+b") as handle:
+        handle.seek(offset - base)
+        handle.write(replacement)
+
+
+@pytest.mark.parametrize("closed", [True, False], ids=["older segment", "newest segment at restart"])
+def test_a_damaged_frame_loses_that_frame_only_not_the_frames_after_it(tmp_path, closed, caplog):
+    """A corrupt frame dropped the rest of its segment (up to 64 MiB of hits): an older one was
+    skipped to its end, the newest was cut at the damage on restart."""
+    import logging
+
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=1 << 16)
+    ends = [spool.append(encode(RAW, f"key-{i}", f"record-{i}".encode()), 1) for i in range(20)]
+    if closed:
+        fill(spool, 1, start=20)
+        spool._rotate(0)                                   # record-0..20 now in a closed segment
+    damage(tmp_path, ends[4] + 10, b"\xff\xfe")           # inside record-5's frame
+    with caplog.at_level(logging.ERROR, logger="collector.spool"):
+        again = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=1 << 16)
+        fill(again, 2, start=30)
+        delivered = drain(again)
+    kept = [i for i in range(21 if closed else 20) if i != 5] + [30, 31]
+    assert delivered == [f"record-{i}".encode() for i in kept]
+    assert again.corrupt_frames == 1 and again.records == 0 and again.depth_bytes == 0
+    assert "passed over" in caplog.text
+
+
+def test_zeros_a_power_cut_left_between_frames_are_passed_over(tmp_path):
+    """A page written back after a later one: zeros, then frames. Zeros had read as the end."""
+    spool = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=1 << 16)
+    ends = [spool.append(encode(RAW, f"key-{i}", f"record-{i}".encode()), 1) for i in range(10)]
+    damage(tmp_path, ends[2], bytes(ends[5] - ends[2]))    # record-3..5 never reached the disk
+    again = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=1 << 16)
+    assert again.records == 7
+    assert drain(again) == [f"record-{i}".encode() for i in (0, 1, 2, 6, 7, 8, 9)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(count=st.integers(1, 60), delivered_first=st.integers(0, 60), close=st.booleans(),
+       where=st.floats(0, 1, exclude_max=True), length=st.integers(1, 300), zeros=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_whatever_stretch_is_damaged_every_intact_frame_is_delivered_once_in_order(
+        tmp_path_factory, count, delivered_first, close, where, length, zeros, seed):
+    import random
+
+    folder = tmp_path_factory.mktemp("spool")
+    spool = Spool(folder, max_bytes=1 << 30, segment_bytes=512)
+    data = [f"{i}:".encode() + b"x" * (i % 7 * 13) for i in range(count)]
+    frames = [encode(RAW, f"k{i}", d) for i, d in enumerate(data)]
+    ends = [spool.append(frame, 1) for frame in frames]
+    starts = [end - len(frame) for end, frame in zip(ends, frames)]
+    entries, offset = spool.read(delivered_first, 1 << 20) if delivered_first else ([], spool.cursor)
+    spool.commit(offset, len(entries))
+    if close:
+        spool.close()
+    first = len(entries)
+    if first == count:
+        return
+    # A stretch of random bytes or zeros somewhere in the undelivered frames, within one segment file.
+    at = starts[first] + int(where * (spool.end - starts[first]))
+    segment = max(p for p in folder.glob("*.seg") if int(p.stem) <= at)
+    room = min(spool.end, int(segment.stem) + segment.stat().st_size) - at
+    stretch = (bytes(length) if zeros else random.Random(seed).randbytes(length))[:room]
+    damage(folder, at, stretch)
+    hit = {i for i in range(first, count) if starts[i] < at + len(stretch) and ends[i] > at
+           and frames[i][max(0, at - starts[i]):at + len(stretch) - starts[i]]
+           != stretch[max(0, starts[i] - at):ends[i] - at]}
+    again = Spool(folder, max_bytes=1 << 30, segment_bytes=512)
+    assert drain(again) == [data[i] for i in range(first, count) if i not in hit]
+    assert again.records == 0
+
+
 def test_a_segment_deleted_from_outside_while_running_is_passed_over_not_waited_on_forever(tmp_path, caplog):
     """The sender sought before the next segment's start (EINVAL) at every round: hits spooled
     after the deletion were answered 200 and never delivered until a restart."""
