@@ -420,7 +420,9 @@ def parquet_table(body: bytes, columns: list[str] | None = None) -> pa.Table:
 
 
 def read_enriched(s3, bucket: str, start=None, end=None, columns: list[str] | None = None) -> pa.Table:
-    """Every enriched event in the range as one table (files written by older schemas are promoted)."""
+    """Every enriched event in the range as one table of the union of the files' columns (a column a
+    file lacks is null for its rows; values kept in ``extra`` before their column was promoted stay
+    there: see docs/lake.md)."""
     tables = [read_parquet_object(s3, bucket, obj["Key"], columns)
               for obj in objects_between(s3, bucket, "enriched", start, end) if obj["Key"].endswith(".parquet")]
     if not tables:

@@ -284,6 +284,13 @@ class Consumer:
             self.leases.release(lease.shard_id, self.worker_id)
             return
         start = self.start_after(taken)
+        if start is not None and not start.isdigit():
+            # Kinesis refuses to read after it, for ever: the lake loader before c911e34 wrote
+            # TRIM_HORIZON there for "none yet", a hand may write anything. Reading from the oldest
+            # record again repeats some (the outputs are idempotent) and loses none.
+            log.warning("shard %s: checkpoint %r in the lease table is no sequence number; reading the shard "
+                        "from its oldest record", lease.shard_id, start)
+            start = None
         self.owned[lease.shard_id] = _Owned(self.stream.reader(lease.shard_id, start), start, taken, start)
         log.info("worker %s took shard %s from %r, reading after %s",
                  self.worker_id, lease.shard_id, lease.owner, start)

@@ -190,17 +190,22 @@ def moves_made(entries: list[dict], current_id: str | None) -> list[dict]:
     """The entries on the chain of moves that ends at CURRENT's (``current_id``), oldest first, and
     those older than the first move with an id (recorded by code before ids: for them
     ``previous_version`` passes over what is off the chain by version). Without CURRENT's move among
-    the entries, all of them."""
+    the entries, all of them. A chain that ends at an id no line has followed a move of code from
+    before ids (a rolling upgrade: its CURRENT had a write id, its line none): every entry before
+    it is kept, as before ids; keeping only those without an id dropped the moves made before it."""
     at = {entry["id"]: index for index, entry in enumerate(entries) if entry.get("id")}
     if current_id not in at:
         return entries
     index, chain = at[current_id], []
     while True:
         chain.append(entries[index])
-        before = at.get(entries[index].get("previous_id"))
+        previous_id = entries[index].get("previous_id")
+        before = at.get(previous_id)
         if before is None or before >= index:
             break
         index = before
+    if previous_id and before is None:
+        return entries[:index] + chain[::-1]
     return [entry for entry in entries[:index] if not entry.get("id")] + chain[::-1]
 
 

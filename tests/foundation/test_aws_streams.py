@@ -191,6 +191,23 @@ def test_consumer_restart_loses_nothing_and_repeats_only_the_unconfirmed_batch(a
     assert len(unconfirmed) == 50 and duplicated == set(unconfirmed)   # only the unconfirmed batch repeats
 
 
+def test_a_checkpoint_that_is_no_sequence_number_is_read_from_the_oldest_record_not_retried_for_ever(
+        aws_settings, caplog):
+    """The lake loader before c911e34 left TRIM_HORIZON as a checkpoint: after an upgrade every read
+    failed (AFTER_SEQUENCE_NUMBER "TRIM_HORIZON"), for ever, with nothing saying why."""
+    Producer(KinesisStream(aws.client("kinesis"), aws_settings.raw_stream)).send(entries(30))
+    first = consumer_for(aws_settings, aws_settings.raw_stream, app="legacy", lease_ms=1000, batch_limit=50)
+    first.poll()
+    [shard_id] = first.owned
+    first.leases.checkpoint(shard_id, first.worker_id, "TRIM_HORIZON", {"intent_last": "80"})
+    first.close()
+    second = consumer_for(aws_settings, aws_settings.raw_stream, app="legacy", lease_ms=1000, batch_limit=50)
+    read = [r.data for _ in range(20) for batch in second.poll() for r in batch.records]
+    second.close()
+    assert read == [data for _, data in entries(30)]
+    assert "checkpoint 'TRIM_HORIZON' in the lease table is no sequence number" in caplog.text
+
+
 def _status(path: Path) -> list[str]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

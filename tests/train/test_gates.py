@@ -273,6 +273,26 @@ def test_a_move_that_lost_its_race_to_the_version_current_moved_to_is_never_roll
     assert registry.rollback(s3, bucket, name) == "A"            # not C, the model just rolled back
 
 
+def test_moves_made_before_a_move_by_code_from_before_ids_are_kept(aws_settings):
+    """During an upgrade an older trainer moved CURRENT (a line without an id, CURRENT with a write id
+    no line has): the newer moves before it showed as [not made], and rollback stopped short of them."""
+    import uuid
+
+    from common import aws, registry
+
+    s3, bucket, name = aws.client("s3"), aws_settings.bucket, "upgrade-test"
+    for version in ("A", "B"):
+        registry.set_current(s3, bucket, name, version, reason="train")
+    key = f"models/{name}/HISTORY"
+    old_line = json.dumps({"version": "C", "previous": "B", "at": "", "reason": "train"})     # as the old code wrote it
+    s3.put_object(Bucket=bucket, Key=key, Body=aws.get_object_bytes(s3, bucket, key) + old_line.encode() + b"\n")
+    s3.put_object(Bucket=bucket, Key=f"models/{name}/CURRENT", Body=b"C", Metadata={registry.WRITE_ID: uuid.uuid4().hex})
+    registry.set_current(s3, bucket, name, "D", reason="train")
+    assert [(e["version"], made) for e, made in registry.recorded_moves(s3, bucket, name)] == [
+        ("A", True), ("B", True), ("C", True), ("D", True)]
+    assert [registry.rollback(s3, bucket, name) for _ in range(3)] == ["C", "B", "A"]
+
+
 def test_a_damaged_history_line_is_passed_over_and_kept(aws_settings, caplog):
     """A hand's edit left a broken line: history, rollback and training's move all stopped with a
     JSONDecodeError, in the incident a rollback is for."""
