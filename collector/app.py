@@ -296,7 +296,12 @@ class Collector:
         except BodyTimeout:
             return await respond(send, 408, TEXT + cors, b"request body not received in time")
         except ClientGone:
-            return 499                  # nginx's code for it, in the metrics only
+            # Gone, or still there: granian also reports a malformed chunked body as a disconnect,
+            # and without an answer it sent that client a 500, which trackers retry. Counted as 499
+            # (nginx's code for a client gone), as a gone client's is.
+            with contextlib.suppress(Exception):
+                await respond(send, 400, TEXT + cors, b"request body cut off or malformed")
+            return 499
 
         query = _query(scope["query_string"])
         location = None

@@ -33,7 +33,10 @@ def message(field: str, value: object, expectation: str) -> dict:
     """One ``{field, value, expectation}`` item, Snowplow's shape for protocol and input-data errors:
     the value as text (or null), the field and expectation within the badrows schemas' lengths."""
     if value is not None and not isinstance(value, str):
-        value = orjson.dumps(value, default=str).decode()
+        try:
+            value = orjson.dumps(value, default=str).decode()
+        except orjson.JSONEncodeError:          # orjson writes 254 levels of nesting, reads 1,024
+            value = "(nested over 254 levels: not shown)"
     return {"field": field[:64], "value": None if value is None else clip(value, 1025),
             "expectation": clip(expectation, 256)}
 
@@ -76,9 +79,9 @@ def size_violation(serialized: bytes, maximum: int, what: str) -> dict:
 
 def _vendor(record: dict) -> str:
     path = record.get("path") or ""
-    return path.strip("/").split("/")[0] if path.count("/") > 1 else "com.snowplowanalytics.snowplow"
+    return path.strip("/").split("/")[0][:64] if path.count("/") > 1 else "com.snowplowanalytics.snowplow"
 
 
 def _version(record: dict) -> str:
     path = record.get("path") or ""
-    return path.rstrip("/").rsplit("/", 1)[-1] if path.count("/") > 1 else "tp1"
+    return path.rstrip("/").rsplit("/", 1)[-1][:16] if path.count("/") > 1 else "tp1"    # the schema's lengths

@@ -221,7 +221,7 @@ class Enricher:
             record = protocol.parse_record(raw)
             hit = protocol.split(record)
         except protocol.RecordError as exc:
-            return [], [exc.row]
+            return [], [_writable(exc.row, raw)]
         except Exception as exc:  # a bug must cost one bad row, not a stalled shard (the raw record kept)
             log.exception("unexpected error reading a raw record")
             return [], [badrows.format_violation(raw, f"unexpected error: {type(exc).__name__}: {exc}")]
@@ -621,3 +621,15 @@ def _iso(epoch_ms: int | None) -> str | None:
 
 def _is_uuid(text: str) -> bool:
     return _UUID.match(text) is not None
+
+
+def _writable(row: dict, raw: bytes) -> dict:
+    """``row``, or when it cannot be written as JSON (it holds the record, nested over orjson's 254
+    written levels; it reads 1,024), one that keeps the raw record as text: a row raising in the
+    worker stopped the enricher on that record at every restart."""
+    try:
+        orjson.dumps(row)
+    except orjson.JSONEncodeError:
+        return badrows.format_violation(raw, f"a {row['schema'].split('/')[1]} row for this record cannot be "
+                                             "written as JSON (nested over 254 levels)")
+    return row

@@ -197,6 +197,18 @@ def test_bad_stream_rows_land_as_gzip_json_lines(aws_settings, s3):
     assert lines[3]["data"]["payload"] == "garbage"
 
 
+def test_a_bad_stream_row_nested_too_deep_to_write_back_is_wrapped_not_a_stopped_loader(aws_settings, s3):
+    """Not from our enricher: orjson reads it but cannot write it, and the loader raised on it at
+    every restart."""
+    deep, row = b'{"schema":"x","data":' + b"[" * 300 + b"]" * 300 + b"}", make_bad_row(make_raw(0))
+    records = stream_records([deep, orjson.dumps(row)], shard="shardId-000000000000", start=7)
+    assert write_bad(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", records, "bad")["bad"] == 2
+    body = s3.get_object(Bucket=aws_settings.bucket, Key="bad/date=2026-11-30/hour=09/shardId-000000000000-7-8.jsonl.gz")
+    lines = [orjson.loads(line) for line in gzip.decompress(body["Body"].read()).splitlines()]
+    assert lines[0]["data"]["payload"] == deep.decode() and "nested over 254 levels" in str(lines[0]["data"]["failure"])
+    assert lines[1] == row
+
+
 def test_sync_partitions_copies_skips_cached_and_removes_stale(aws_settings, s3, tmp_path):
     sink = lake.S3Sink(s3, aws_settings.bucket)
     day1 = [make_event(i, at=BASE + dt.timedelta(minutes=i)) for i in range(3)]

@@ -425,3 +425,20 @@ def test_slow_or_abandoned_bodies_free_their_slots_and_are_never_recorded(stream
     metrics = get(collector.url + "/metrics")[2].decode()
     assert 'collector_requests_total{endpoint="tp2",status="408"} 5.0' in metrics
     assert 'collector_requests_total{endpoint="tp2",status="499"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("chunks", [b"5\r\nabc\r\n0\r\n\r\n", b"zz\r\nabc\r\n0\r\n\r\n"], ids=["short chunk", "bad size"])
+def test_a_malformed_chunked_body_is_answered_400_not_500(streams, make_collector, tmp_path, chunks):
+    """granian reports it as a disconnect; the client, still there, got granian's 500, which trackers retry."""
+    import socket
+
+    collector = make_collector(collector_env(streams, tmp_path / "spool"))
+    with socket.create_connection(("127.0.0.1", collector.port), timeout=10) as sock:
+        sock.sendall(f"POST {TP2} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + chunks)
+        assert sock.recv(200).startswith(b"HTTP/1.1 400")
+    with socket.create_connection(("127.0.0.1", collector.port), timeout=10) as sock:     # and one truly gone
+        sock.sendall(f"POST {TP2} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{".encode())
+    time.sleep(0.3)
+    assert get(collector.url + "/health")[0] == 200
+    assert 'collector_requests_total{endpoint="tp2",status="499"} 2.0' in get(collector.url + "/metrics")[2].decode()
+    assert "Traceback" not in collector.log.read_text(encoding="utf-8")

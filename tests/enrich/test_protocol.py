@@ -8,9 +8,21 @@ import urllib.parse
 import uuid
 
 import orjson
+import pytest
 
 from enrich.enrichments import Pseudonymiser
-from tests.enrich.helpers import KEY, b64, contexts, enricher, get_record, page_type, post_record, record, unstruct
+from tests.enrich.helpers import (
+    KEY,
+    b64,
+    badrow_shape_problems,
+    contexts,
+    enricher,
+    get_record,
+    page_type,
+    post_record,
+    record,
+    unstruct,
+)
 
 SID = "0fd0a6d9-7d0d-4a4e-9c51-5e0bd3b8b8b1"
 BASE = {"p": "web", "tv": "js-4.1.0", "aid": "shop", "duid": "d1d2d3d4-0000-4000-8000-000000000001", "sid": SID,
@@ -334,3 +346,38 @@ def test_an_event_nested_too_deep_to_write_back_is_a_bad_row_with_the_record_and
     batch = Batch("shard-0", [Record(raw, "k", "1", "shard-0", 0)], 0, False, "1")
     written_good, [(_, written_bad)] = Worker(enricher(), consumer=None, good=None, bad=None).outputs(batch)
     assert len(written_good) == 1 and orjson.loads(written_bad)["data"]["payload"] == raw.decode()
+
+
+@pytest.mark.parametrize("path", ["/nope", "/i"], ids=["adapter failure", "protocol violation"])
+def test_a_record_nested_too_deep_to_write_back_is_one_bad_row_not_a_stopped_enricher(path):
+    """A raw record with a field nested 300 deep (not our collector's): its adapter_failures or
+    protocol row holds the record, which orjson cannot write; the worker raised on it, and the
+    enricher stopped on that record at every restart."""
+    from common.consumer import Batch
+    from common.streams import Record
+    from enrich.worker import Worker
+
+    raw = orjson.dumps(record(path=path))[:-1] + b',"x":' + b"[" * 300 + b"]" * 300 + b"}"
+    batch = Batch("shard-0", [Record(raw, "k", "1", "shard-0", 0)], 0, False, "1")
+    good, [(_, written)] = Worker(enricher(), consumer=None, good=None, bad=None).outputs(batch)
+    row = orjson.loads(written)
+    assert good == [] and row["schema"].split("/")[1] == "collector_payload_format_violation"
+    assert row["data"]["payload"] == raw.decode()                         # kept whole, for a replay
+    assert "cannot be written as JSON (nested over 254 levels)" in row["data"]["failure"]["message"]["error"]
+
+
+def test_a_body_nested_too_deep_to_show_is_a_protocol_violation_not_an_unexpected_error(caplog):
+    """badrows.message dumped the value and raised: the catch-all logged a traceback per request."""
+    body = '{"schema":' + "[" * 300 + "]" * 300 + ',"data":[{}]}'
+    raw = orjson.dumps(record(method="POST", path="/com.snowplowanalytics.snowplow/tp2", body=body))
+    good, [row] = enricher().process(raw)
+    assert good == [] and row["schema"].split("/")[1] == "tracker_protocol_violations"
+    assert row["data"]["failure"]["messages"][0]["value"] == "(nested over 254 levels: not shown)"
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_an_adapter_failure_for_a_long_unknown_path_stays_within_the_bad_row_schema():
+    raw = orjson.dumps(record(path="/" + "v" * 100 + "/" + "x" * 40))
+    _, [row] = enricher().process(raw)
+    assert row["schema"].split("/")[1] == "adapter_failures"
+    assert not badrow_shape_problems(row)
