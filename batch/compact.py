@@ -458,7 +458,8 @@ def plan(run: Run, files: list[LakeFile]) -> list[list[LakeFile]]:
 
 def merged_table(run: Run, group: list[LakeFile]) -> tuple[pa.Table, list, dict]:
     """The group's rows, each file's in its own order, in one table of the files' unified schema
-    (SCHEMA's column order; a column older files lack is null there). Also what to record."""
+    (SCHEMA's column order; a column older files lack is null there, or holds what they kept in
+    ``extra`` for it). Also what to record."""
     tables, inputs, loader_files = [], [], {}
     with ThreadPoolExecutor(lake.SYNC_THREADS, thread_name_prefix="compact") as pool:
         # Many small objects: one GET at a time would wait mostly on the network (see sync_partitions).
@@ -482,6 +483,7 @@ def merged_table(run: Run, group: list[LakeFile]) -> tuple[pa.Table, list, dict]
         merged = pa.concat_tables(tables, promote_options="default")      # nulls for missing columns, no casts
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise Skipped(f"schemas do not merge: {exc}") from None
+    merged = lake.lift_from_extra(merged)              # an older file's values into their promoted columns
     order = [name for name in lake.SCHEMA.names if name in merged.column_names]
     return merged.select(order + [name for name in merged.column_names if name not in order]), inputs, loader_files
 

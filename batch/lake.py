@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from common.features import parse_ms
@@ -421,13 +422,47 @@ def parquet_table(body: bytes, columns: list[str] | None = None) -> pa.Table:
 
 def read_enriched(s3, bucket: str, start=None, end=None, columns: list[str] | None = None) -> pa.Table:
     """Every enriched event in the range as one table of the union of the files' columns (a column a
-    file lacks is null for its rows; values kept in ``extra`` before their column was promoted stay
-    there: see docs/lake.md)."""
-    tables = [read_parquet_object(s3, bucket, obj["Key"], columns)
+    file lacks is null for its rows), values written before their column's promotion lifted from
+    ``extra`` (``lift_from_extra``)."""
+    read = columns if columns is None or "extra" in columns else [*columns, "extra"]      # to lift from
+    tables = [read_parquet_object(s3, bucket, obj["Key"], read)
               for obj in objects_between(s3, bucket, "enriched", start, end) if obj["Key"].endswith(".parquet")]
     if not tables:
         return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
-    return pa.concat_tables(tables, promote_options="permissive")
+    table = lift_from_extra(pa.concat_tables(tables, promote_options="permissive"))
+    return table if columns is None else table.select(columns)
+
+
+def lift_from_extra(table: pa.Table) -> pa.Table:
+    """Values a file written before their column's promotion keeps in ``extra`` (docs/lake.md), moved
+    into that column where it is null, converted as the loader does; a value the column cannot hold
+    stays in ``extra``. A table without such values comes back as it is."""
+    if "extra" not in table.column_names or table["extra"].null_count == table.num_rows:
+        return table
+    extras = [orjson.loads(text) if text else None for text in table["extra"].to_pylist()]
+    keys = set().union(*(extra for extra in extras if isinstance(extra, dict)))
+    changed = set()
+    for name in (name for name in TYPED_COLUMNS if name in keys):
+        present = table[name] if name in table.column_names else pa.chunked_array([pa.nulls(table.num_rows, _TYPES[name])])
+        empty = present.is_null().to_pylist()
+        values = [extra.get(name) if empty[row] and isinstance(extra, dict) else None for row, extra in enumerate(extras)]
+        array, errors = _column(name, values)
+        if errors:
+            values = [None if row in errors else value for row, value in enumerate(values)]
+            array, _ = _column(name, values)
+        for row in (row for row, value in enumerate(values) if value is not None):
+            del extras[row][name]
+            changed.add(row)
+        lifted = pa.chunked_array([pc.coalesce(present.combine_chunks(), array)])
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, lifted)
+        else:
+            table = table.append_column(pa.field(name, _TYPES[name]), lifted)
+    if not changed:
+        return table
+    texts = [(orjson.dumps(extra, option=orjson.OPT_SORT_KEYS).decode() if extra else None) if row in changed else text
+             for row, (extra, text) in enumerate(zip(extras, table["extra"].to_pylist()))]
+    return table.set_column(table.column_names.index("extra"), "extra", pa.array(texts, pa.string()))
 
 
 def read_bad(s3, bucket: str, start=None, end=None) -> Iterator[tuple[str, dict]]:

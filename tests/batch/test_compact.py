@@ -182,6 +182,34 @@ def test_files_of_older_and_newer_schemas_merge_with_nulls_for_the_missing_colum
     assert merged.column("event_id").to_pylist()[:3] == old.column("event_id").to_pylist()
 
 
+def test_values_an_older_file_kept_in_extra_are_lifted_into_their_promoted_columns(aws_settings, s3):
+    """Before their promotion the loader kept these fields in ``extra``: a merged file had them null,
+    and a query on mkt_clickid missed those rows for good."""
+    import pyarrow as pa
+
+    old = lake.convert([json.dumps(make_event(i)).encode() for i in range(3)]).table
+    old = old.drop_columns(["mkt_clickid", "br_features_pdf"])
+    extras = [{"mkt_clickid": "click-old", "br_features_pdf": True, "x_custom": 1},
+              {"br_features_pdf": "not a bool"}, None]
+    old = old.set_column(old.column_names.index("extra"), "extra",
+                         pa.array([json.dumps(e, sort_keys=True, separators=(",", ":")) if e else None for e in extras], pa.string()))
+    meta = {"stream": aws_settings.enriched_stream, "shard_id": SHARD0, "first_seq": "1", "last_seq": "3",
+            "loader_version": lake.LOADER_VERSION}
+    s3.put_object(Bucket=aws_settings.bucket, Key=f"{HOUR9}/{SHARD0}-1-3.parquet", Body=lake.parquet_bytes(old, meta))
+    _write(s3, aws_settings, [make_event(10, mkt_clickid="click-new")], 4)
+    assert lake.read_enriched(s3, aws_settings.bucket).column("mkt_clickid").to_pylist() == [
+        "click-old", None, None, "click-new"]                                  # a reader of the raw files too
+    assert lake.read_enriched(s3, aws_settings.bucket, columns=["mkt_clickid"]).to_pylist()[0] == {"mkt_clickid": "click-old"}
+    _checkpoint(aws_settings, SHARD0, "5")
+    assert _compact(aws_settings).exit_code == 0
+    [key] = lake_keys(aws_settings.bucket)
+    merged = lake.read_parquet_object(s3, aws_settings.bucket, key)
+    assert merged.schema.remove_metadata().equals(lake.SCHEMA)
+    assert merged.column("mkt_clickid").to_pylist() == ["click-old", None, None, "click-new"]
+    assert merged.column("br_features_pdf").to_pylist() == [True, None, None, None]
+    assert merged.column("extra").to_pylist() == ['{"x_custom":1}', '{"br_features_pdf":"not a bool"}', None, None]
+
+
 def test_a_cap_on_input_bytes_gives_several_files_for_a_busy_hour(aws_settings, s3):
     events = _ten_event_files(s3, aws_settings, 6)
     _checkpoint(aws_settings, SHARD0, "60")
