@@ -26,7 +26,7 @@ import pyarrow as pa
 from botocore.exceptions import BotoCoreError, ClientError
 
 from batch import lake
-from common import aws, logs
+from common import aws, jsonbytes, logs
 from common.cli import run_command
 from common.config import AwsSettings, ConfigError, require_batch_limit, require_positive, require_renewed_in_time
 from common.consumer import Consumer, ReadFailed, consumer_for
@@ -158,7 +158,7 @@ def write_bad(sink: Sink, shard_id: str, records: list[Record], stream: str) -> 
             row, reason = orjson.loads(record.data), "not a JSON object"
         except orjson.JSONDecodeError as exc:
             row, reason = None, f"not JSON: {exc}"
-        if isinstance(row, dict) and not _writable(row):
+        if isinstance(row, dict) and not jsonbytes.writable(row):   # it raised writing the file, at every restart
             row, reason = None, "nested over 254 levels: orjson reads 1,024 but writes 254"
         if not isinstance(row, dict):                   # not JSON, or JSON but null, a list, a number
             row = lake.loader_bad_row(record.data, [lake.unhandled(reason)])
@@ -167,16 +167,6 @@ def write_bad(sink: Sink, shard_id: str, records: list[Record], stream: str) -> 
     for hour, hour_rows in by_hour.items():
         sink.put(lake.bad_key(hour, name), lake.jsonl_gz(hour_rows), JSONL_GZ_TYPE)
     return {"events": 0, "bad": len(rows), "files": len(by_hour)}
-
-
-def _writable(row: dict) -> bool:
-    """Whether the row can be written back as JSON: one that cannot (not from our enricher) raised
-    while writing its file, and stopped the loader on that record at every restart."""
-    try:
-        orjson.dumps(row)
-    except orjson.JSONEncodeError:
-        return False
-    return True
 
 
 def _by_arrival_hour(rows: list[tuple[Record, dict]]) -> dict[int, list[dict]]:

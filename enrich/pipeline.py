@@ -627,9 +627,7 @@ def _writable(row: dict, raw: bytes) -> dict:
     """``row``, or when it cannot be written as JSON (it holds the record, nested over orjson's 254
     written levels; it reads 1,024), one that keeps the raw record as text: a row raising in the
     worker stopped the enricher on that record at every restart."""
-    try:
-        orjson.dumps(row)
-    except orjson.JSONEncodeError:
-        return badrows.format_violation(raw, f"a {row['schema'].split('/')[1]} row for this record cannot be "
-                                             "written as JSON (nested over 254 levels)")
-    return row
+    if jsonbytes.writable(row):
+        return row
+    return badrows.format_violation(raw, f"a {row['schema'].split('/')[1]} row for this record cannot be "
+                                         "written as JSON (nested over 254 levels)")
