@@ -231,7 +231,7 @@ class Spool:
                 data = data[:start + used]
             elif unused:
                 log.error("spool %s: %d corrupt bytes skipped", path.name, len(unused))
-            self.corrupt_frames += int(not padding or start > len(data))
+            self.corrupt_frames += int(last and not padding or start > len(data))     # the sender counts the rest
             if last:
                 self.end = base + len(data)
                 self._open_last(base, len(data))
