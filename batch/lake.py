@@ -363,8 +363,18 @@ class S3Sink:
         self.s3 = s3
         self.bucket = bucket
 
-    def put(self, key: str, data: bytes, content_type: str) -> None:
-        self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+    def put(self, key: str, data: bytes, content_type: str, *, if_absent: bool = False) -> None:
+        """``if_absent``: leave an object already there as it is."""
+        if not if_absent:
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+            return
+        from common import aws
+
+        try:
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, IfNoneMatch="*")
+        except aws.ClientError as exc:
+            if not aws.precondition_failed(exc):
+                raise
 
 
 class MemorySink:
@@ -373,8 +383,9 @@ class MemorySink:
     def __init__(self):
         self.objects: dict[str, bytes] = {}
 
-    def put(self, key: str, data: bytes, content_type: str) -> None:
-        self.objects[key] = data
+    def put(self, key: str, data: bytes, content_type: str, *, if_absent: bool = False) -> None:
+        if not (if_absent and key in self.objects):
+            self.objects[key] = data
 
 
 # ---------------------------------------------------------------------------------------- reading

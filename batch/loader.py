@@ -4,9 +4,9 @@ Each owned shard has a buffer. When it is due (records, bytes or age), its conti
 [first_seq, last_seq] is written as one object per hour partition, named from the shard and the
 range, and only then is the shard checkpointed at last_seq. A crash between the write and the
 checkpoint means the range is read again; to make the re-read produce *the same* names, the loader
-records the range end as an intent on the shard's lease (``intent_last`` in the lease metadata)
-before it writes, and the next owner cuts its first flush exactly there. So a replay overwrites
-objects instead of adding a second copy of any event.
+records the range as an intent on the shard's lease (``intent_first``, ``intent_last`` in the lease
+metadata) before it writes, and the next owner cuts its first flush exactly there and names it from
+``intent_first``. So a replay overwrites objects instead of adding a second copy of any event.
 
 Run it with ``python -m batch.loader`` (config from ``CLICKSTREAM_*`` variables, section ``[lake]``).
 """
@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import orjson
 import pyarrow as pa
@@ -38,6 +38,7 @@ from common.streams import SHARD_END, Record, sequence_key
 log = logging.getLogger("batch.loader")
 
 INTENT = "intent_last"
+INTENT_FIRST = "intent_first"
 MAX_RETRY_WAIT_S = 5.0          # between retries through a stream or lease table outage
 PARQUET_TYPE = "application/vnd.apache.parquet"
 JSONL_GZ_TYPE = "application/x-ndjson"
@@ -82,7 +83,13 @@ class Limits:
 
 
 class Sink(Protocol):
-    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+    def put(self, key: str, data: bytes, content_type: str, *, if_absent: bool = False) -> None: ...
+
+
+class Intent(NamedTuple):
+    """The range a flush was about to write: the next owner writes the same one, under the same names."""
+    first: str | None          # None when recorded by a loader from before intent_first
+    last: str
 
 
 @dataclass
@@ -114,19 +121,22 @@ class ShardBuffer:
         self.started = started
 
 
-def write_enriched(sink: Sink, shard_id: str, records: list[Record], stream: str) -> dict:
-    """One Parquet object per hour of collector_tstamp, plus the rejected records as loader bad rows."""
-    first, last = records[0].sequence_number, records[-1].sequence_number
+def write_enriched(sink: Sink, shard_id: str, records: list[Record], stream: str, first: str | None = None) -> dict:
+    """One Parquet object per hour of collector_tstamp, plus the rejected records as loader bad rows.
+    With ``first`` (a range whose start the stream no longer holds), the objects are named from it and
+    only those missing are written: the ones there hold the records that are gone too."""
+    keep = first is not None
+    first, last = first or records[0].sequence_number, records[-1].sequence_number
     name = lake.object_name(shard_id, first, last)
     converted = _convert([record.data for record in records])
     meta = {"stream": stream, "shard_id": shard_id, "first_seq": first, "last_seq": last,
             "loader_version": lake.LOADER_VERSION}
     hours = converted.hours()
     for hour, table in hours.items():
-        sink.put(lake.enriched_key(hour, name), lake.parquet_bytes(table, meta), PARQUET_TYPE)
+        sink.put(lake.enriched_key(hour, name), lake.parquet_bytes(table, meta), PARQUET_TYPE, if_absent=keep)
     bad = _by_arrival_hour([(records[i], row) for i, row in converted.bad])
     for hour, rows in bad.items():
-        sink.put(lake.bad_key(hour, name, from_loader=True), lake.jsonl_gz(rows), JSONL_GZ_TYPE)
+        sink.put(lake.bad_key(hour, name, from_loader=True), lake.jsonl_gz(rows), JSONL_GZ_TYPE, if_absent=keep)
     return {"events": converted.table.num_rows, "bad": len(converted.bad), "files": len(hours) + len(bad)}
 
 
@@ -149,9 +159,11 @@ def _convert(payloads: list[bytes]) -> lake.Converted:
     return lake.Converted(pa.concat_tables(tables) if tables else lake.SCHEMA.empty_table(), bad)
 
 
-def write_bad(sink: Sink, shard_id: str, records: list[Record], stream: str) -> dict:
-    """Bad rows as gzip JSON lines per hour of arrival; a record that is not JSON is wrapped, not lost."""
-    name = lake.object_name(shard_id, records[0].sequence_number, records[-1].sequence_number)
+def write_bad(sink: Sink, shard_id: str, records: list[Record], stream: str, first: str | None = None) -> dict:
+    """Bad rows as gzip JSON lines per hour of arrival; a record that is not JSON is wrapped, not lost.
+    ``first``: as for ``write_enriched``."""
+    keep = first is not None
+    name = lake.object_name(shard_id, first or records[0].sequence_number, records[-1].sequence_number)
     rows = []
     for record in records:
         try:
@@ -165,7 +177,7 @@ def write_bad(sink: Sink, shard_id: str, records: list[Record], stream: str) -> 
         rows.append((record, row))
     by_hour = _by_arrival_hour(rows)
     for hour, hour_rows in by_hour.items():
-        sink.put(lake.bad_key(hour, name), lake.jsonl_gz(hour_rows), JSONL_GZ_TYPE)
+        sink.put(lake.bad_key(hour, name), lake.jsonl_gz(hour_rows), JSONL_GZ_TYPE, if_absent=keep)
     return {"events": 0, "bad": len(rows), "files": len(by_hour)}
 
 
@@ -187,10 +199,10 @@ class LeasedSink:
         self.consumer = consumer
         self.shard_id = shard_id
 
-    def put(self, key: str, data: bytes, content_type: str) -> None:
+    def put(self, key: str, data: bytes, content_type: str, *, if_absent: bool = False) -> None:
         if self.shard_id not in self.consumer.renew_due():
             raise LeaseLost(self.shard_id)
-        self.sink.put(key, data, content_type)
+        self.sink.put(key, data, content_type, if_absent=if_absent)
 
 
 class StreamLoader:
@@ -204,7 +216,7 @@ class StreamLoader:
         self.retry_s = retry_s
         self.clock = clock
         self.buffers: dict[str, ShardBuffer] = {}
-        self.intents: dict[str, str] = {}
+        self.intents: dict[str, Intent] = {}
         self.ended: set[str] = set()
         self.paused_until = 0.0
         self.writes_failing_since: float | None = None    # clock() of the first of a run of failed writes
@@ -219,10 +231,9 @@ class StreamLoader:
         # may have checkpointed or recorded an intent after our snapshot, never after our take.
         self.buffers[lease.shard_id] = ShardBuffer()
         self.ended.discard(lease.shard_id)
-        intent = lease.meta.get(INTENT)
-        if intent:
+        if lease.meta.get(INTENT):
             # A previous owner may have written this range before it could checkpoint it.
-            self.intents[lease.shard_id] = intent
+            self.intents[lease.shard_id] = Intent(lease.meta.get(INTENT_FIRST), lease.meta[INTENT])
         else:
             self.intents.pop(lease.shard_id, None)
         return lease.checkpoint
@@ -293,14 +304,21 @@ class StreamLoader:
         buffer = self.buffers[shard_id]
         intent = self.intents.get(shard_id)
         if intent is not None and (not buffer.records
-                                   or sequence_key(buffer.records[-1].sequence_number) < sequence_key(intent)):
+                                   or sequence_key(buffer.records[-1].sequence_number) < sequence_key(intent.last)):
             return True  # the recorded range is not fully read again yet
-        started, records = buffer.started, buffer.take(intent)
+        started, records = buffer.started, buffer.take(intent and intent.last)
+        if intent is not None and not records:
+            # Every record of the recorded range expired before this re-read: waiting for them kept the
+            # shard's buffer unwritten for good.
+            log.warning("%s: the stream no longer holds any record of the range up to %s a previous owner was "
+                        "writing; going on after it", shard_id, intent.last, extra={"shard_id": shard_id})
+            del self.intents[shard_id]
+            return True
         try:
             if records:
                 if intent is None:
-                    self._record_intent(shard_id, records[-1].sequence_number)
-                self._write_and_checkpoint(shard_id, records)
+                    intent = self._record_intent(shard_id, records[0].sequence_number, records[-1].sequence_number)
+                self._write_and_checkpoint(shard_id, records, intent)
                 records = []
                 buffer.started = self.clock() if buffer.records else None
             if shard_id in self.ended and not buffer.records:
@@ -322,15 +340,25 @@ class StreamLoader:
             return False
         return True
 
-    def _record_intent(self, shard_id: str, last: str) -> None:
-        self.consumer.record_meta(shard_id, {INTENT: last})
-        self.intents[shard_id] = last
+    def _record_intent(self, shard_id: str, first: str, last: str) -> Intent:
+        self.consumer.record_meta(shard_id, {INTENT_FIRST: first, INTENT: last})
+        self.intents[shard_id] = Intent(first, last)
+        return self.intents[shard_id]
 
-    def _write_and_checkpoint(self, shard_id: str, records: list[Record]) -> None:
+    def _write_and_checkpoint(self, shard_id: str, records: list[Record], intent: Intent) -> None:
         began = time.perf_counter()
         first, last = records[0].sequence_number, records[-1].sequence_number
         log.debug("writing %s [%s, %s]", shard_id, first, last, extra={"shard_id": shard_id})
-        counts = self.write(LeasedSink(self.sink, self.consumer, shard_id), shard_id, records, self.consumer.stream.name)
+        # Read from the shard's oldest record (no checkpoint yet), the range a crashed owner was writing
+        # may have lost its first records to retention since: named as it was, the objects it wrote
+        # kept (they hold those records too), so none of its events is written twice.
+        started_late = intent.first is not None and sequence_key(first) > sequence_key(intent.first)
+        if started_late:
+            log.warning("%s: the stream no longer holds the start of the range [%s, %s] a previous owner was "
+                        "writing; keeping the objects it wrote, writing those missing", shard_id, intent.first, last,
+                        extra={"shard_id": shard_id})
+        counts = self.write(LeasedSink(self.sink, self.consumer, shard_id), shard_id, records, self.consumer.stream.name,
+                            first=intent.first if started_late else None)
         self.consumer.checkpoint_at(shard_id, last, {})
         self.intents.pop(shard_id, None)
         for key, value in counts.items():

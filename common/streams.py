@@ -255,6 +255,12 @@ class MemoryStream:
             [aged] = [item for item in self._shards if item.shard.shard_id == shard_id and item.shard.closed]
             self._shards.remove(aged)
 
+    def expire(self, count: int) -> None:
+        """Drop each shard's ``count`` oldest records, as retention does (for readers made after it)."""
+        with self._lock:
+            for item in self._shards:
+                del item.records[:count]
+
     def reader(self, shard_id: str, after_sequence: str | None) -> MemoryShardReader | _GoneShardReader:
         shard = next((item for item in self._shards if item.shard.shard_id == shard_id), None)
         if shard is None:

@@ -18,7 +18,7 @@ from botocore.config import Config
 
 from batch import lake
 from batch import loader as loader_module
-from batch.loader import INTENT, LoaderSettings, build, serve_metrics
+from batch.loader import INTENT, Intent, Limits, LoaderSettings, StreamLoader, build, serve_metrics, write_enriched
 from common import aws
 from common.config import ConfigError, load
 from common.leases import DynamoLeaseTable
@@ -111,8 +111,8 @@ class CrashAfterFirstPut:
         self.sink = sink
         self.keys = []
 
-    def put(self, key, data, content_type):
-        self.sink.put(key, data, content_type)
+    def put(self, key, data, content_type, *, if_absent=False):
+        self.sink.put(key, data, content_type, if_absent=if_absent)
         self.keys.append(key)
         raise Crash(key)
 
@@ -138,6 +138,52 @@ def test_crash_between_write_and_checkpoint_rewrites_the_same_objects(aws_settin
     assert written in lake_keys(aws_settings.bucket, "enriched/")
     ids = lake_event_ids(aws_settings.bucket)
     assert Counter(ids) == Counter(e["event_id"] for e in events)
+
+
+def test_a_first_flush_whose_start_expired_before_the_rewrite_keeps_its_objects_and_adds_none(aws_settings):
+    """No checkpoint yet (a first deploy or a rebuild on a stream holding a full retention): the crashed
+    owner's range started at the shard's oldest record, which retention dropped before the next owner
+    read the shard again. It named its first flush from the new oldest record: a second object with
+    90 of the same 100 events, merged by compaction for good."""
+    from common.consumer import Consumer
+    from common.leases import MemoryLeaseTable
+    from common.streams import MemoryStream
+
+    stream, leases = MemoryStream("enriched"), MemoryLeaseTable()
+    events = [make_event(i, session=f"s{i % 5}") for i in range(100)]
+    stream.put_records([(event["domain_sessionid"], orjson.dumps(event)) for event in events])
+    sink = lake.S3Sink(aws.client("s3"), aws_settings.bucket)
+
+    def loader(worker: str, write_sink) -> StreamLoader:
+        return StreamLoader(lambda **hooks: Consumer(stream, leases, worker_id=worker, lease_ms=200, **hooks),
+                            write_enriched, write_sink, Limits(records=100))
+
+    crashing = CrashAfterFirstPut(sink)
+    with pytest.raises(Crash):
+        loader("a", crashing).step()
+    stream.expire(10)                                      # retention passes meanwhile
+    time.sleep(0.3)                                        # and the lease runs out
+    second = loader("b", sink)
+    wait_for(lambda: second.step() >= 0 and second.stats["flushes"] == 1, timeout=10)
+    assert lake_keys(aws_settings.bucket, "enriched/") == [crashing.keys[0]]          # its name, one object
+    assert Counter(lake_event_ids(aws_settings.bucket)) == Counter(event["event_id"] for event in events)
+    [lease] = leases.leases()[0]
+    assert lease.checkpoint == stream.all_records()[-1].sequence_number
+
+    # A range every record of which expired before the re-read: the buffer waited for them for good.
+    crashing = CrashAfterFirstPut(sink)
+    later = [make_event(200 + i, session=f"s{i % 5}") for i in range(100)]
+    stream.put_records([(event["domain_sessionid"], orjson.dumps(event)) for event in later])
+    third = loader("c", crashing)                          # "b" stops; "c" takes the shard once its lease ran out
+    with pytest.raises(Crash):
+        wait_for(lambda: third.step() < 0, timeout=10)
+    stream.expire(len(stream.all_records()))               # all of it, "later" too
+    newest = [make_event(400 + i, session=f"s{i % 5}") for i in range(100)]
+    stream.put_records([(event["domain_sessionid"], orjson.dumps(event)) for event in newest])
+    time.sleep(0.3)
+    fourth = loader("d", sink)
+    wait_for(lambda: fourth.step() >= 0 and fourth.stats["flushes"] == 1, timeout=10)
+    assert Counter(lake_event_ids(aws_settings.bucket)) == Counter(e["event_id"] for e in events + later + newest)
 
 
 def test_lost_lease_drops_the_buffer(aws_settings):
@@ -303,7 +349,7 @@ def test_a_new_owner_starts_from_the_lease_row_as_it_is_after_the_take(aws_setti
     table.checkpoint(shard, "old-owner", "7", {INTENT: "9"})
     enriched.consumer._acquire(stale)
     assert enriched.consumer.owned[shard].position == "7"
-    assert enriched.intents == {shard: "9"}
+    assert enriched.intents == {shard: Intent(None, "9")}          # recorded without intent_first: an older loader
 
 
 def test_a_kinesis_outage_is_retried_with_backoff_not_twice_a_second(aws_settings, monkeypatch):

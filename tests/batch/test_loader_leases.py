@@ -26,10 +26,10 @@ class SlowSink(lake.MemorySink):
         self.seconds = seconds
         self.during = during
 
-    def put(self, key, data, content_type):
+    def put(self, key, data, content_type, *, if_absent=False):
         self.during()
         time.sleep(self.seconds)
-        super().put(key, data, content_type)
+        super().put(key, data, content_type, if_absent=if_absent)
 
 
 def loaded_stream() -> MemoryStream:
@@ -81,11 +81,11 @@ class FailsOnce(lake.MemorySink):
         super().__init__()
         self.failed = False
 
-    def put(self, key, data, content_type):
+    def put(self, key, data, content_type, *, if_absent=False):
         if not self.failed:
             self.failed = True
             raise OSError("S3 unreachable")
-        super().put(key, data, content_type)
+        super().put(key, data, content_type, if_absent=if_absent)
 
 
 def test_a_failed_write_of_a_crashed_owners_intended_range_is_retried_and_the_shard_goes_on():

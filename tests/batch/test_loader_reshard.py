@@ -45,9 +45,9 @@ def test_split_parent_is_finished_and_children_are_loaded_exactly_once(aws_setti
                              batch_limit=10)
     written = []                                        # the shard of each write, in the order written
 
-    def write(sink, shard_id, records, stream_name):
+    def write(sink, shard_id, records, stream_name, first=None):
         written.append(shard_id)
-        return write_enriched(sink, shard_id, records, stream_name)
+        return write_enriched(sink, shard_id, records, stream_name, first)
 
     loader = StreamLoader(make, write, lake.S3Sink(aws.client("s3"), aws_settings.bucket),
                           Limits(seconds=0.5, records=25))
