@@ -97,11 +97,16 @@ class SessionStore:
         self.watermark_ms[shard_id] = max(self.watermark_ms.get(shard_id, at_ms), at_ms)
         self.arrival_ms[shard_id] = max(self.arrival_ms.get(shard_id, arrived_ms), arrived_ms)
         session = self.sessions.get(session_id)
+        seen = None
         if session is not None and session.state.seen_ms >= 0 and event_ms - session.state.seen_ms > self.timeout_ms:
             self._remove(session, "timeout")
-            session = None
+            session, seen = None, session.seen
         if session is None:
             session = Session(session_id, shard_id, start_after, arrived_ms)
+            if seen:
+                # The next session under this id keeps the ended one's recent ids: a late copy of one of
+                # its events was folded into the new session (training keeps each event id once).
+                session.seen = seen
             self.sessions[session_id] = session
             self.by_shard.setdefault(shard_id, OrderedDict())[session_id] = start_after
             self.recent.setdefault(shard_id, OrderedDict())[session_id] = None

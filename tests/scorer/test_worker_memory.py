@@ -138,6 +138,18 @@ def test_redelivered_events_are_not_counted_twice():
     assert rig.worker.store.get("dup").state.events == 8
 
 
+def test_a_late_copy_of_an_ended_sessions_event_is_not_counted_in_the_next_session_under_its_id():
+    """The ids seen went with the session that timed out: the copy was folded into the next one (4
+    events, its counts and cart included), while training keeps each event id once."""
+    first = [make_event("again", T0 + i * 10_000) for i in range(3)]
+    second = [make_event("again", T0 + 3_600_000 + i * 10_000) for i in range(3)]     # the same id, an hour later
+    rig = Rig()
+    rig.put(first + second + [first[1]])
+    rig.drain()
+    assert rig.worker.store.get("again").state.events == 3
+    assert [p["event_id"] for p in rig.predictions()] == [e["event_id"] for e in first + second]
+
+
 @pytest.mark.parametrize("policy, n", [("change", 5), ("every_n", 3)])
 def test_emit_policies(policy, n):
     events = session_events("pol", seed=11, n=14, buyer=True)
