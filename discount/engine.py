@@ -43,7 +43,8 @@ def skip_reason(settings: DiscountSettings, prediction: Prediction) -> str | Non
 
 
 class RefusedWrite(Exception):
-    """DynamoDB refused the offer's write as invalid (ValidationException): retrying cannot help."""
+    """DynamoDB refused this offer's write as invalid (ValidationException) and takes others: retrying
+    cannot help."""
 
 class Engine:
     def __init__(self, settings: DiscountSettings, consumer: Consumer, offers: OfferTable, metrics: Metrics,
@@ -60,6 +61,7 @@ class Engine:
         self.write_failures = logs.Tally(every_s=30.0)
         self.read_failures = logs.Tally(every_s=30.0)       # a stream outage: once per 30 s, not every second
         self.invalid_records = logs.Tally(every_s=30.0)
+        self.refused_writes = logs.Tally(every_s=30.0)
         # Sessions known to have an offer, until when: saves a write for each of their later predictions.
         self.offered: OrderedDict[str, float] = OrderedDict()
         self.exhausted_hour: str | None = None
@@ -99,8 +101,10 @@ class Engine:
         try:
             outcome = self._retrying(lambda: self.offers.offer(prediction, now))
         except RefusedWrite as exc:
-            log.error("DynamoDB refused the offer as invalid, skipped: %s", exc.__cause__,
-                      extra={"session_id": prediction.session_id, "event_id": prediction.event_id})
+            if refused := self.refused_writes.add():
+                log.error("DynamoDB refused %d offers as invalid since the last such line, skipped; the last: %s",
+                          refused, exc.__cause__, extra={"session_id": prediction.session_id,
+                                                         "event_id": prediction.event_id})
             return "invalid"
         if outcome is Outcome.BUDGET_EXHAUSTED:
             self.exhausted_hour = hour_of(now)
@@ -126,19 +130,30 @@ class Engine:
             try:
                 return write()
             except (BotoCoreError, ClientError) as exc:
-                if isinstance(exc, ClientError) and exc.response["Error"]["Code"] == "ValidationException":
-                    raise RefusedWrite from exc     # a request DynamoDB refuses stays refused: no retry
+                if _invalid(exc) and self._table_usable():
+                    raise RefusedWrite from exc     # this record's write stays refused: no retry
                 if self.stop():
                     raise
                 self.metrics.write_errors.inc()
                 if count := self.write_failures.add():
-                    log.warning("offer writes failed %d times since the last such line, retrying: %s", count, exc)
+                    log.warning("offer writes to table %s failed %d times since the last such line, retrying: %s",
+                                self.offers.table, count, exc)
                 # Retrying can outlast the lease: renew it (so never sleep past a renewal), and give the
                 # batch up once another worker has taken its shard (it reads the batch again; offers are idempotent).
                 time.sleep(min(backoff_s(attempt, 0.1, 5.0), self.consumer.renew_interval_s))
                 if self._shard is not None and self._shard not in self.consumer.renew_due():
                     raise LeaseLost(self._shard) from exc
         raise AssertionError("unreachable")
+
+    def _table_usable(self) -> bool:
+        """Whether the offers table reads its budget row: a refusal of every write (another key schema:
+        a wrong offers_table, a table made again) is the table's, not the record's, and skipping the
+        records for it dropped every offer, checkpointed, while it lasted."""
+        try:
+            self.offers.spent(self.clock())
+        except (BotoCoreError, ClientError):
+            return False
+        return True
 
     # ------------------------------------------------------------------ the loop
 
@@ -209,3 +224,7 @@ class Engine:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def _invalid(exc: Exception) -> bool:
+    return isinstance(exc, ClientError) and exc.response["Error"]["Code"] == "ValidationException"

@@ -202,6 +202,30 @@ def _down_for(proxy, seconds: float) -> threading.Timer:
     return timer
 
 
+def test_a_write_refused_as_invalid_skips_its_record_only_while_the_table_takes_others(aws_settings, caplog):
+    """Every ValidationException was taken for the record's fault: while a table refused every write
+    (another key schema: a wrong offers_table, a table made again) each qualifying prediction was
+    counted invalid and checkpointed past, its offer never made."""
+    settings = discount_settings(aws_settings)
+    publish(settings, [prediction("x" * 3000, 0.5), prediction("fine", 0.5)])     # a key over 2048 bytes
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        eng = _throttled_offers_engine(settings, proxy, lease_ms=10_000)
+        eng.consumer.balance()
+        with caplog.at_level(logging.ERROR, logger="discount"):
+            drain(eng, 2)
+        assert (count(eng, "invalid"), count(eng, "offered")) == (1, 1)
+        assert "DynamoDB refused 1 offers as invalid since the last such line" in caplog.text
+        publish(settings, [prediction("refused-for-a-while", 0.5)])
+        refusals = ["ValidationException"] * 3                              # the table's, not the record's
+        proxy.refuse_next = {"DynamoDB_20120810.TransactWriteItems": list(refusals),
+                             "DynamoDB_20120810.GetItem": list(refusals)}
+        drain(eng, 1)
+    assert (count(eng, "invalid"), count(eng, "offered")) == (1, 2)
+    assert set(offers(settings)) == {"fine", "refused-for-a-while"}
+    assert eng.metrics.registry.get_sample_value("discount_write_errors_total") == 3
+    eng.close()
+
+
 def test_offer_writes_retried_longer_than_the_lease_keep_the_lease(aws_settings):
     settings = discount_settings(aws_settings)
     publish(settings, [prediction("slow", 0.5)])
