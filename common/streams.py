@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from botocore.exceptions import ClientError
+
+log = logging.getLogger(__name__)
 
 MAX_RECORD_BYTES = 1024 * 1024          # data + partition key, per Kinesis record
 MAX_BATCH_BYTES = 5 * 1024 * 1024       # per PutRecords call
@@ -141,11 +144,21 @@ class KinesisShardReader:
 
     def _new_iterator(self) -> str | None:
         kwargs = {"StreamName": self.stream.name, "ShardId": self.shard_id}
-        if self.last_sequence:
-            kwargs.update(ShardIteratorType="AFTER_SEQUENCE_NUMBER", StartingSequenceNumber=self.last_sequence)
-        else:
-            kwargs.update(ShardIteratorType="TRIM_HORIZON")
-        return self.stream.client.get_shard_iterator(**kwargs)["ShardIterator"]
+        if not self.last_sequence:
+            return self.stream.client.get_shard_iterator(**kwargs, ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+        try:
+            return self.stream.client.get_shard_iterator(**kwargs, ShardIteratorType="AFTER_SEQUENCE_NUMBER",
+                                                         StartingSequenceNumber=self.last_sequence)["ShardIterator"]
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "InvalidArgumentException":
+                raise
+        # Kinesis refuses a sequence number another stream gave: this one was deleted and made again under
+        # its name, and the checkpoint is the old one's. Waiting would read nothing, for good; the oldest
+        # record on is read again instead (the outputs are idempotent).
+        log.error("stream %s shard %s: checkpoint %s is not of this stream (was it deleted and made again?); "
+                  "reading the shard from its oldest record", self.stream.name, self.shard_id, self.last_sequence)
+        self.last_sequence = None
+        return self._new_iterator()
 
     def read(self, limit: int) -> ReadResult:
         if self.ended:

@@ -168,6 +168,22 @@ def test_an_expired_iterator_is_replaced_and_read_at_once_not_taken_for_a_caught
     assert proxy.calls[GET_RECORDS] == 3
 
 
+def test_a_checkpoint_kinesis_says_is_of_another_stream_is_read_from_the_oldest_record_not_waited_on(
+        aws_settings, caplog):
+    """A stream deleted and made again under its name: Kinesis refuses the old checkpoint
+    (InvalidArgumentException, "did not come from this stream"), and every read failed, for good."""
+    Producer(KinesisStream(aws.client("kinesis"), aws_settings.raw_stream)).send(entries(30))
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        client = aws.session().client("kinesis", endpoint_url=proxy.endpoint)
+        stream = KinesisStream(client, aws_settings.raw_stream)
+        shard = stream.list_shards()[0].shard_id
+        old_checkpoint = stream.reader(shard, None).read(10).records[-1].sequence_number
+        proxy.refuse_next["Kinesis_20131202.GetShardIterator"] = ["InvalidArgumentException"]
+        read = stream.reader(shard, old_checkpoint).read(100)
+    assert [r.data for r in read.records] == [d for _, d in entries(30)]
+    assert "is not of this stream (was it deleted and made again?)" in caplog.text
+
+
 def test_consumer_restart_loses_nothing_and_repeats_only_the_unconfirmed_batch(aws_settings):
     Producer(KinesisStream(aws.client("kinesis"), aws_settings.raw_stream)).send(entries(200))
     first = consumer_for(aws_settings, aws_settings.raw_stream, app="restart", lease_ms=1000, batch_limit=50)
