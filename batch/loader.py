@@ -220,6 +220,7 @@ class StreamLoader:
         self.ended: set[str] = set()
         self.paused_until = 0.0
         self.writes_failing_since: float | None = None    # clock() of the first of a run of failed writes
+        self.failed_flushes = logs.Tally(every_s=30.0, clock=clock)
         self._leases_at = 0.0
         self.stats = {"events": 0, "bad": 0, "files": 0, "flushes": 0, "write_errors": 0}
         self.consumer = make_consumer(start_after=self._start_after, on_lost=self._lost)
@@ -335,8 +336,10 @@ class StreamLoader:
             self.paused_until = self.clock() + self.retry_s
             if self.writes_failing_since is None:
                 self.writes_failing_since = self.clock()
-            log.error("flushing %s failed, retrying in %.0f s: %s", shard_id, self.retry_s, exc,
-                      extra={"shard_id": shard_id})
+            if failed := self.failed_flushes.add():
+                log.error("flushing %s of stream %s to bucket %s failed %d times since the last such line, retrying "
+                          "every %.0f s: %s", shard_id, self.consumer.stream.name, getattr(self.sink, "bucket", "-"),
+                          failed, self.retry_s, exc, extra={"shard_id": shard_id})
             return False
         return True
 

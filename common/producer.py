@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from botocore.exceptions import BotoCoreError, ClientError
 
 from common.aws import THROTTLING_CODES
+from common.logs import Tally
 from common.retry import backoff_s
 from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES, StreamBackend
 
@@ -73,6 +74,7 @@ class Producer:
         self.max_delay = max_delay
         self.sleep = sleep
         self.retried = 0
+        self.failed_sends = Tally(every_s=30.0)     # callers retry sends through an outage: a line per 30 s
 
     def _backoff(self, attempt: int) -> None:
         # "Full jitter": a random delay up to the exponential cap spreads retries of many producers.
@@ -100,10 +102,11 @@ class Producer:
             try:
                 results = self.stream.put_records(pending)
             except (BotoCoreError, ClientError, OSError) as exc:
-                # One warning per send, not per attempt: through an outage every caller retries sends too.
-                last = attempt == self.max_attempts - 1
-                log.log(logging.WARNING if last else logging.DEBUG, "put_records to %s failed (%d entries, "
-                        "attempt %d of %d): %s", self.stream.name, len(pending), attempt + 1, self.max_attempts, exc)
+                # Not a line per attempt, nor per send: through an outage every caller retries sends too.
+                failed = self.failed_sends.add() if attempt == self.max_attempts - 1 else 0
+                log.log(logging.WARNING if failed else logging.DEBUG, "put_records to %s failed (%d entries, attempt "
+                        "%d of %d; %d sends failed since the last such line): %s", self.stream.name, len(pending),
+                        attempt + 1, self.max_attempts, failed, exc)
                 reasons = [f"{type(exc).__name__}: {exc}"] * len(pending)
                 continue
             failed = [(entry, f"{r.error_code}: {r.error_message}") for entry, r in zip(pending, results) if not r.ok]

@@ -44,6 +44,7 @@ class Worker:
         # An outage or a throttled output is retried every few seconds: logged once per 30 s.
         self._read_failures = logs.Tally(every_s=30.0)
         self._write_retries = logs.Tally(every_s=30.0)
+        self._checkpoint_failures = logs.Tally(every_s=30.0)
 
     def outputs(self, batch: Batch) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
         good, bad = [], []
@@ -147,7 +148,9 @@ class Worker:
                     log.info("lease on %s lost before checkpoint; its new owner re-reads", batch.shard_id)
                 except (BotoCoreError, ClientError) as exc:
                     # Outputs are durable; a later batch's checkpoint covers this one.
-                    log.warning("checkpoint of %s failed (%s); the next one covers it", batch.shard_id, exc)
+                    if failed := self._checkpoint_failures.add():
+                        log.warning("%d checkpoints failed since the last such line, the last of %s (%s); the next "
+                                    "one covers them", failed, batch.shard_id, exc)
             metrics.DUPLICATES.inc(self.enricher.deduper.dropped - self._duplicates)
             self._duplicates = self.enricher.deduper.dropped
             if time.monotonic() - reported > report_every_s:

@@ -3,6 +3,7 @@ while it writes, and stops writing a range whose shard another worker took."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 
 import orjson
@@ -109,3 +110,23 @@ def test_a_failed_write_of_a_crashed_owners_intended_range_is_retried_and_the_sh
     assert sink.failed and part.stats["events"] == 10
     written = [i for data in sink.objects.values() for i in lake.parquet_table(data).column("event_id").to_pylist()]
     assert sorted(written) == sorted(event["event_id"] for event in events)
+
+
+class AlwaysFails(lake.MemorySink):
+    bucket = "the-lake"
+
+    def put(self, key, data, content_type, *, if_absent=False):
+        raise OSError("S3 unreachable")
+
+
+def test_a_failing_flush_is_one_error_line_per_30_s_naming_the_stream_and_bucket(caplog):
+    """One line per retry (every lake_retry_s) that named only the shard, whose id both streams have."""
+    stream, leases = loaded_stream(), MemoryLeaseTable()
+    part = StreamLoader(lambda **hooks: Consumer(stream, leases, worker_id="a", lease_ms=LEASE_MS, **hooks),
+                        write_enriched, AlwaysFails(), Limits(records=1, seconds=0.01), retry_s=0.0)
+    with caplog.at_level(logging.ERROR, logger="batch.loader"):
+        for _ in range(10):
+            part.step()
+    [line] = [r.getMessage() for r in caplog.records if r.name == "batch.loader"]
+    assert "of stream enriched to bucket the-lake failed 1 times since the last such line" in line
+    assert part.stats["write_errors"] >= 5 and part.stats["events"] == 0

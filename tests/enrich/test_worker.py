@@ -265,3 +265,32 @@ def test_kill_9_mid_write_twice_loses_nothing_and_repeats_only_the_unacknowledge
     ids = good_ids()
     assert len(ids) - len(set(ids)) == written_once          # only the unacknowledged batch came out twice
     assert sorted(orjson.loads(data)["data"]["payload"] for _, data in bad) == sorted(f"garbage-{i}" for i in garbage)
+
+
+def test_failing_checkpoints_are_one_warning_line_per_30_s_not_one_per_batch(caplog):
+    """With the lease table refusing checkpoint writes (an IAM change), every batch logged a line."""
+    import logging
+
+    from botocore.exceptions import ClientError
+
+    from common.consumer import Consumer
+    from common.leases import MemoryLeaseTable
+    from common.streams import MemoryStream
+    from tests.enrich.helpers import enricher
+
+    class RefusesCheckpoints(MemoryLeaseTable):
+        def checkpoint(self, shard_id, owner, sequence, meta):
+            raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no UpdateItem"}}, "UpdateItem")
+
+    raw, good, bad = MemoryStream("raw"), MemoryStream("enriched"), MemoryStream("bad")
+    worker = Worker(enricher(), Consumer(raw, RefusesCheckpoints(), batch_limit=1), Producer(good), Producer(bad))
+    raw.put_records([("k", get_record({"e": "pv", "eid": f"00000000-0000-4000-8000-{i:012d}", "p": "web",
+                                       "tv": "js-4.1.0", "aid": "shop"})) for i in range(5)])
+    runner = threading.Thread(target=worker.run, kwargs={"idle_sleep": 0.01}, daemon=True)
+    with caplog.at_level(logging.WARNING, logger="enrich.worker"):
+        runner.start()
+        wait_for(lambda: len(good.all_records()) + len(bad.all_records()) == 5, timeout=10)
+        worker.stop.set()
+        runner.join(10)
+    lines = [r.getMessage() for r in caplog.records if "checkpoint" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("1 checkpoints failed since the last such line")

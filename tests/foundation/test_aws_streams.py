@@ -125,6 +125,15 @@ def test_producer_returns_everything_when_the_stream_is_unreachable_with_one_war
     assert sorted(u.data for u in undelivered) == sorted(d for _, d in entries(30))
     [warning] = [r.getMessage() for r in caplog.records if r.name == "common.producer"]
     assert "attempt 3 of 3" in warning      # one line per send through an outage, not one per attempt
+    with caplog.at_level(logging.WARNING, logger="common.producer"):
+        caplog.clear()
+        with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+            proxy.down = True
+            producer.stream = KinesisStream(aws.session().client("kinesis", endpoint_url=proxy.endpoint),
+                                            aws_settings.raw_stream)
+            for _ in range(5):                      # the caller retries its sends: still not a line each
+                producer.send(entries(3))
+    assert not [r for r in caplog.records if r.name == "common.producer"]
 
 
 def test_producer_hashes_keys_kinesis_would_refuse_instead_of_failing_the_call(aws_settings):
