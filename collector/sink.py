@@ -57,6 +57,7 @@ class Sink:
         self.max_backoff = max_backoff_s
         self.bad_payload_keep_bytes = bad_payload_keep_bytes
         self.healthy = probe is None
+        self.cause: str | None = None        # AWS's answer while the stream cannot be written
         self._health_known = False          # the first answer is news, not "again"
         self.progressed = False          # whether this sending round delivered anything
         self.wake = threading.Event()
@@ -207,7 +208,8 @@ class Sink:
         if not (self._thread.is_alive() or self._stop.is_set()):
             return "sender thread not running"
         if not self.healthy:
-            return "stream unreachable"
+            # AWS's answer tells an outage from a refusal (AccessDenied, KMS, a missing stream).
+            return f"stream not writable: {self.cause}" if self.cause else "stream unreachable"
         return None
 
     def _release(self, spool: Spool) -> None:
@@ -229,14 +231,17 @@ class Sink:
         self._set_health(True)
         return True
 
-    def _set_health(self, healthy: bool) -> None:
+    def _set_health(self, healthy: bool, cause: str | None = None) -> None:
         if healthy != self.healthy or not self._health_known:
             name = self.producers[RAW].stream.name
             if healthy:
                 log.info("stream %s reachable%s", name, " again" if self._health_known else "")
+            elif cause:
+                log.warning("stream %s not writable (%s); hits stay in the spool", name, cause)
             else:
                 log.warning("stream %s unreachable; hits stay in the spool", name)
         self.healthy, self._health_known = healthy, True
+        self.cause = None if healthy else cause
         metrics.SINK_UP.set(int(healthy))
 
     def _send(self, entries: list[Entry], offset: int, spool: Spool) -> bool:
@@ -251,7 +256,7 @@ class Sink:
             # Nothing got through: the cursor stays and the same batch is retried, so order is kept.
             # A stream that throttled all of it answered, though: it is reachable, and at its limit.
             throttled = all(item.throttled for _, item in resendable)
-            self._set_health(throttled)
+            self._set_health(throttled, resendable[0][1].reason)
             if throttled:
                 self._report_refused(resendable)
             return False

@@ -581,6 +581,29 @@ def test_the_streams_state_is_logged_as_news_at_start_and_as_a_warning_when_lost
                                 ("INFO", "stream raw reachable again")]
 
 
+def test_a_stream_refusing_writes_says_why_not_unreachable(tmp_path, caplog):
+    """AccessDenied, a disabled KMS key or a deleted stream read as "stream unreachable", as if the
+    network were down."""
+    from botocore.exceptions import ClientError
+
+    class Denied(MemoryStream):
+        def put_records(self, entries):
+            raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "not allowed"}}, "PutRecords")
+
+    sink = Sink(Spool(tmp_path, max_bytes=1 << 24), Producer(Denied("raw"), max_attempts=1),
+                Producer(MemoryStream("bad")), linger_ms=10)
+    sink.spool.append(encode(RAW, "k", b"hit"), 1)
+    with caplog.at_level(logging.WARNING, logger="collector.sink"):
+        sink.start()
+        try:
+            wait_for(lambda: sink.problem() is not None, timeout=10)
+        finally:
+            sink.stop(timeout=0)
+    assert sink.problem().startswith("stream not writable: ClientError: An error occurred (AccessDeniedException)")
+    assert "stream raw not writable (ClientError: An error occurred (AccessDeniedException)" in caplog.text
+    assert sink.spool.records == 1                                        # kept for when it is allowed again
+
+
 def test_with_fsync_always_concurrent_hits_share_fsync_rounds_not_one_thread_hop_each(tmp_path, monkeypatch):
     # Each hit handed its own sync_to to a thread (most returned at once, the fsync already done by
     # another): the hops and the GIL they took back cost more than the fsyncs.
