@@ -195,8 +195,8 @@ def _rows_from_file(path: Path) -> Iterator[dict]:
 
 # What no retry can fix: the stream is not there, the caller may not write to it, the request is wrong.
 PERMANENT = ("ResourceNotFoundException", "AccessDenied", "ValidationException", "InvalidArgumentException",
-             "UnrecognizedClientException", "NoCredentialsError", "KMSAccessDeniedException", "KMSDisabledException",
-             "KMSNotFoundException", "KMSInvalidStateException")
+             "NoCredentialsError", "KMSAccessDeniedException", "KMSDisabledException", "KMSNotFoundException",
+             "KMSInvalidStateException", *aws.BAD_CREDENTIALS)
 
 
 @dataclass

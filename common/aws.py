@@ -101,6 +101,11 @@ def ttl_expired(item: dict, now: float | None = None, attribute: str = "expires_
     return expires is not None and float(expires) <= (time.time() if now is None else now)
 
 
+# Answers that mean the credentials themselves are refused, whatever the call (STS, S3, JSON services).
+BAD_CREDENTIALS = {"ExpiredToken", "ExpiredTokenException", "InvalidAccessKeyId", "InvalidClientTokenId",
+                   "SignatureDoesNotMatch", "InvalidSignatureException", "UnrecognizedClientException"}
+
+
 def explain(exc: Exception) -> str:
     """One line for a person: what the AWS call said and, when nothing was reached, what to check."""
     if isinstance(exc, NoCredentialsError):
@@ -108,7 +113,16 @@ def explain(exc: Exception) -> str:
     if isinstance(exc, EndpointConnectionError):
         return f"{exc} (is the emulator or LocalStack running? `make up` starts the local stack)"
     error = getattr(exc, "response", {}).get("Error", {})
-    if error.get("Code") == "NoSuchBucket":
+    code, operation = str(error.get("Code", "")), getattr(exc, "operation_name", "the call")
+    if code == "NoSuchBucket":
         return (f"AWS: there is no bucket {error.get('BucketName', '?')!r} (set by CLICKSTREAM_BUCKET, the config "
                 "file's bucket key or --bucket; `make up` or `python -m infra.provision` creates it)")
+    if code in BAD_CREDENTIALS:
+        return (f"AWS: {exc} (the credentials in use are expired or not valid: renew them, e.g. `aws sso login`, "
+                "or check AWS_PROFILE and the AWS_* variables)")
+    if "AccessDenied" in code or code == "403":
+        return f"AWS: {exc} (the credentials in use may not call {operation} on that resource: check their policy)"
+    if code == "400" and operation.startswith("Head"):
+        return (f"AWS: {exc} (a HEAD answer carries no reason: often expired credentials, or a bucket in another "
+                "region than the `region` setting)")
     return f"AWS: {exc}"

@@ -550,6 +550,16 @@ def test_replay_bad_retries_throttled_rows_until_they_go_through(aws_settings, s
     assert sorted(_raw_in_stream(aws_settings), key=lambda r: r["collector_tstamp"]) == raws
 
 
+def test_replay_bad_stops_at_once_when_the_credentials_are_expired(aws_settings, s3):
+    """An expired token was retried until --give-up-after (300 s by default), as if the stream throttled."""
+    _bad_files(s3, aws_settings, 1, 3)
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.refuse_next["Kinesis_20131202.PutRecords"] = ["ExpiredTokenException"] * 50
+        result = _replay(aws_settings, proxy, "--give-up-after", "60")
+    assert result.exit_code == 1 and "ExpiredTokenException" in result.output, result.output
+    assert proxy.calls["Kinesis_20131202.PutRecords"] == 1              # not one every 2 s for a minute
+
+
 def test_replay_bad_paces_itself(aws_settings, s3):
     _bad_files(s3, aws_settings, 1, 12)
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:

@@ -52,3 +52,16 @@ def test_an_aws_endpoint_is_not_an_emulator_but_a_local_one_gets_dummy_credentia
     assert aws.session().get_credentials() is None
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:4566")
     assert aws.session().get_credentials().access_key == "test"
+
+
+@pytest.mark.parametrize("code, operation, hint", [
+    ("ExpiredTokenException", "PutRecords", "the credentials in use are expired or not valid"),
+    ("AccessDenied", "ListObjectsV2", "may not call ListObjectsV2 on that resource"),
+    ("400", "HeadBucket", "a HEAD answer carries no reason"),
+])
+def test_refused_credentials_and_permissions_are_explained(code, operation, hint):
+    """S3's AccessDenied names no bucket, and an expired token on a HEAD is a bare "400 Bad Request"."""
+    from botocore.exceptions import ClientError
+
+    explained = aws.explain(ClientError({"Error": {"Code": code, "Message": "Bad Request"}}, operation))
+    assert explained.startswith(f"AWS: An error occurred ({code}) when calling the {operation} operation") and hint in explained
