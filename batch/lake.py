@@ -521,9 +521,10 @@ def sync_partitions(bucket: str, start_date: str | dt.date, end_date: str | dt.d
             raise
         if not gone:
             break
-        # Deleted since the listing: a compaction merged them (into a file written before it deleted
-        # them) or an erasure took them. The lake changed: list it again, so the copy is one state of it.
-        log.info("sync: %d lake file(s) went while they were copied (%s); listing again (%d of %d)", len(gone),
+        # Deleted or rewritten since the listing: a compaction merged them (into a file written before
+        # it deleted them) or an erasure took or rewrote them. The lake changed: list it again, so the
+        # copy is one state of it.
+        log.info("sync: %d lake file(s) went or changed while they were copied (%s); listing again (%d of %d)", len(gone),
                  first_few(gone), listing, SYNC_LISTINGS)
     else:
         raise OSError(f"the lake kept changing under the sync ({SYNC_LISTINGS} listings): is a compaction or an "
@@ -570,14 +571,20 @@ def _download(s3, bucket: str, cache: Path, obj: dict) -> tuple[dict, str | None
     # A leading dot: Spark and pyarrow skip hidden files, so a crashed sync leaves nothing they read.
     partial = target.with_name(f".{target.name}.part")
     try:
-        s3.download_file(bucket, obj["Key"], str(partial))
+        # One GET of the version listed (download_file sent a HEAD first: two round trips a file, and a
+        # lake file is small). One that changed since (an erase, a compaction) is listed again.
+        body = s3.get_object(Bucket=bucket, Key=obj["Key"], IfMatch=obj["ETag"])["Body"]
     except ClientError as exc:
-        if aws.no_such_key(exc):
+        if aws.no_such_key(exc) or aws.precondition_failed(exc):
             return obj, None
         raise
-    digest = _md5(partial)
+    digest = hashlib.md5(usedforsecurity=False)
+    with body, open(partial, "wb") as copy:
+        for chunk in body.iter_chunks(1 << 20):
+            copy.write(chunk)
+            digest.update(chunk)
     os.replace(partial, target)
-    return obj, digest
+    return obj, digest.hexdigest()
 
 
 def _md5(path: Path) -> str:

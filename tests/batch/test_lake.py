@@ -308,12 +308,34 @@ def test_a_file_merged_or_erased_while_the_sync_copies_is_listed_again_not_a_fai
             s3.delete_object(Bucket=aws_settings.bucket, Key=keys[0])                # then the input goes
 
     merged: list[str] = []
-    s3.meta.events.register("before-parameter-build.s3.HeadObject", compaction_meanwhile)
+    s3.meta.events.register("before-parameter-build.s3.GetObject", compaction_meanwhile)
     with caplog.at_level(logging.INFO, logger="batch.lake"):
         root = lake.sync_partitions(aws_settings.bucket, "2026-11-29", "2026-11-29", tmp_path, s3=s3, progress=False)
-    assert merged and "1 lake file(s) went while they were copied" in caplog.text
+    assert merged and "1 lake file(s) went or changed while they were copied" in caplog.text
     assert sorted(p.relative_to(tmp_path).as_posix() for p in root.rglob("*.parquet")) == sorted([merged_key, *keys[1:]])
     assert sorted(orjson.loads((tmp_path / lake.MANIFEST).read_bytes())) == sorted([merged_key, *keys[1:]])
+
+
+def test_a_file_rewritten_while_the_sync_copies_is_copied_as_it_is_now(aws_settings, s3, tmp_path):
+    """An erase rewrites a file between the listing and its copy: the copy must be the version its
+    manifest entry names, or the next sync keeps a copy of rows the erase took out."""
+    sink = lake.S3Sink(s3, aws_settings.bucket)
+    write_enriched(sink, "shardId-000000000000", event_records([make_event(i) for i in range(3)], start=1), "enriched")
+    [key] = [obj["Key"] for obj in lake.objects_between(s3, aws_settings.bucket, "enriched", "2026-11-29")]
+    kept = lake.parquet_table(s3.get_object(Bucket=aws_settings.bucket, Key=key)["Body"].read()).slice(0, 1)
+    erased: list[str] = []
+
+    def erase_meanwhile(params, **_):
+        if not erased:
+            erased.append(key)
+            s3.put_object(Bucket=aws_settings.bucket, Key=key, Body=lake.parquet_bytes(kept))
+
+    s3.meta.events.register("before-parameter-build.s3.GetObject", erase_meanwhile)
+    root = lake.sync_partitions(aws_settings.bucket, "2026-11-29", "2026-11-29", tmp_path, s3=s3, progress=False)
+    [copy] = root.rglob("*.parquet")
+    assert erased and lake.parquet_table(copy.read_bytes()).num_rows == 1
+    etag = s3.head_object(Bucket=aws_settings.bucket, Key=key)["ETag"]
+    assert orjson.loads((tmp_path / lake.MANIFEST).read_bytes())[key]["etag"] == etag
 
 
 def test_sync_keeps_only_the_range_asked_for(aws_settings, s3, tmp_path):
