@@ -47,9 +47,11 @@ def main(host: str | None, port: int | None, workers: int | None) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         with listening("host, port", settings.host, settings.port):
+            # A worker that dies (OOM, a crash) is replaced and takes its spool slot back, backlog
+            # included; without it granian stopped every worker and exited with the first one gone.
             server = Granian("collector.app:create_app", factory=True, interface="asgi", address=address,
                              port=settings.port, workers=settings.workers, log_access=False, backlog=2048,
-                             backpressure=settings.max_concurrent_requests)
+                             backpressure=settings.max_concurrent_requests, respawn_failed_workers=True)
             try:
                 server.serve()
             except RuntimeError as exc:

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # (SIGKILL, OOM, a replaced task): balance() deletes it, or every worker would read it for ever.
 DEAD_WORKER_LEASES = 10
 READ_BACKOFF_CAP_S = 5.0     # the longest a failing shard waits before it is read again
+STALL_GRACE_S = 5.0          # a shard unread this long past its interval counts as behind (max_lag_ms)
 # At most this many rows of aged-out shards are deleted per balance: a group that resharded for months
 # before this cleanup existed empties its backlog over minutes rather than in one balance that
 # outlasts the leases.
@@ -427,15 +428,25 @@ class Consumer:
         time it has failed: a worker that holds no shard because it cannot take one is not caught up.
         One that goes on reading its shards while ListShards is throttled is.
 
+        A shard not read for longer than ``STALL_GRACE_S`` past its read interval (the worker is stuck
+        writing its outputs, retrying through an outage of its output stream or table) is at least that
+        long behind: MillisBehindLatest is only known at a read, and the last one said 0.
+
         Safe to call from a metrics scrape on another thread."""
         now = time.monotonic()
-        lags = [self.lag_ms.get(shard_id, 0) + (0 if owned.failing_since is None
-                                                else int((now - owned.failing_since) * 1000))
-                for shard_id, owned in list(self.owned.items())]
+        lags = [self.lag_ms.get(shard_id, 0) + self._behind_ms(owned, now) for shard_id, owned in list(self.owned.items())]
         failing_since = self._balance_failing_since
         if failing_since is not None and not lags:
             lags.append(int((now - failing_since) * 1000))
         return max(lags, default=0)
+
+    def _behind_ms(self, owned: _Owned, now: float) -> int:
+        """What a shard's last MillisBehindLatest leaves out: how long its reads have failed, or how long
+        it has not been read past its interval and the grace (0 before its first read)."""
+        if owned.failing_since is not None:
+            return int((now - owned.failing_since) * 1000)
+        unread = now - owned.read_at
+        return int(unread * 1000) if owned.read_at and unread > self.read_interval_s + STALL_GRACE_S else 0
 
     @property
     def checkpoint_age_s(self) -> float:

@@ -56,6 +56,7 @@ class Engine:
         # Read at scrape time: a gauge set after each poll would freeze while the stream cannot be read.
         metrics.lag_ms.set_function(lambda: self.consumer.max_lag_ms)
         metrics.checkpoint_age.set_function(lambda: self.consumer.checkpoint_age_s)
+        metrics.shards.set_function(lambda: len(self.consumer.owned))
         self.clock = clock
         self.stop = stop
         self.write_failures = logs.Tally(every_s=30.0)
@@ -195,8 +196,6 @@ class Engine:
                 # The offers are written: the shard's next checkpoint covers this batch too.
                 log.warning("checkpoint of shard %s failed, the next one covers it: %s", batch.shard_id, exc)
             handled += len(batch.records)
-        self.metrics.shards.set(len(self.consumer.owned))
-        self._update_budget_gauge()
         return handled
 
     def _update_budget_gauge(self) -> None:
@@ -212,6 +211,8 @@ class Engine:
 
     def run(self, idle_sleep: float = 0.2) -> None:
         while not self.stop():
+            # Before reading: a stream that cannot be read left the gauge at 0 (budget spent) for good.
+            self._update_budget_gauge()
             try:
                 if not self.step():
                     time.sleep(idle_sleep)

@@ -11,6 +11,11 @@ class Metrics:
         self.predictions = Counter("discount_predictions_total", "Predictions read, by outcome "
                                    "(offered, already_offered, budget_exhausted, too_early, below_threshold, "
                                    "above_ceiling, stale, invalid)", ["outcome"], registry=self.registry)
+        # Every outcome's series exists from the start, at 0: rate() and increase() miss the first
+        # increments of a series that appears with them (a restart's backlog of stale predictions).
+        for outcome in ("offered", "already_offered", "budget_exhausted", "too_early", "below_threshold",
+                        "above_ceiling", "stale", "invalid"):
+            self.predictions.labels(outcome)
         self.offers = Counter("discount_offers_total", "Offers written", registry=self.registry)
         self.write_errors = Counter("discount_write_errors_total", "Failed (retried) offer writes",
                                     registry=self.registry)

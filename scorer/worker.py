@@ -180,7 +180,6 @@ class Worker:
             self.pending_batches[batch.shard_id] = batch
         if batches and not self.pending_since:
             self.pending_since = time.monotonic()
-        metrics.SHARDS_OWNED.set(len(self.consumer.owned))
         if self._flush_due(count):
             # From the buffer's first batch, so that light traffic, flushed by the next (empty) poll, counts too.
             buffered_since = self.pending_since
@@ -489,6 +488,7 @@ class Worker:
         metrics.LAG_MS.set_function(lambda: self.consumer.max_lag_ms)
         metrics.CHECKPOINT_AGE.set_function(lambda: self.consumer.checkpoint_age_s)
         metrics.WORKER_RUNNING.set_function(lambda: int(self.running))
+        metrics.SHARDS_OWNED.set_function(lambda: len(self.consumer.owned))     # read at scrape: a stuck worker's too
         try:
             while not stop():
                 if self.models.champion is None:

@@ -181,6 +181,27 @@ def test_several_workers_share_the_load_and_report_summed_metrics(streams, make_
         assert sorted(values) == workers and all(value > 0 for value in values.values()), (name, values)
 
 
+def test_a_killed_worker_is_replaced_while_the_others_serve(streams, make_collector, tmp_path):
+    """granian stopped every worker and exited once one died (an OOM kill, a crash): the whole
+    collector was down until its supervisor restarted it."""
+    import os
+    import signal
+
+    collector = make_collector(collector_env(streams, tmp_path / "spool", workers=2))
+    pids = lambda: sorted(p.read_text(encoding="utf-8") for p in (tmp_path / "spool").glob("worker-*/pid"))  # noqa: E731
+    wait_for(lambda: len(pids()) == 2, 30, what="both workers started")
+    before = pids()
+    os.kill(int(before[0]), signal.SIGKILL)        # its accepted connections are reset: clients retry those
+    wait_for(lambda: len(set(pids()) - set(before)) == 1, 30, what="a new worker in the killed one's slot")
+    assert collector.process.poll() is None and before[1] in pids()          # the other one never stopped
+    marker = uuid.uuid4().hex
+    assert send_hits(collector.url, marker, 100, threads=4) == [200] * 100
+    records = read_stream(streams.raw_stream, until=lambda r: len(with_marker(r, marker)) >= 100)
+    assert sorted(numbers(records, marker)) == list(range(100))
+    text = get(collector.url + "/metrics")[2].decode()
+    assert f'pid="{before[0]}"' not in text                                  # the dead worker's series are gone
+
+
 def test_sigterm_with_the_stream_down_keeps_the_spool_for_the_next_start(streams, proxy, make_collector, tmp_path):
     spool = tmp_path / "spool"
     first = make_collector(collector_env(streams, spool, proxy.endpoint, shutdown_timeout_s=1, batch_records=BATCH))

@@ -226,6 +226,29 @@ def test_a_write_refused_as_invalid_skips_its_record_only_while_the_table_takes_
     eng.close()
 
 
+def test_the_budget_gauge_and_outcome_series_are_true_before_any_prediction_is_read(aws_settings, monkeypatch):
+    """The gauge was set only after a step that read: with the stream unreadable from the start it
+    said 0 left (as if spent) for the whole outage; and the outcomes' series appeared with their first
+    increment, which rate() misses."""
+    from common.consumer import ReadFailed
+
+    settings = discount_settings(aws_settings, budget_per_hour=7)
+    eng = engine(settings)
+    rounds = []
+
+    def unreadable():
+        rounds.append(1)
+        raise ReadFailed("the predictions stream cannot be read")
+
+    monkeypatch.setattr(eng.consumer, "poll", unreadable)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    eng.stop = lambda: len(rounds) >= 2
+    eng.run()
+    assert eng.metrics.registry.get_sample_value("discount_budget_remaining") == 7
+    assert eng.metrics.registry.get_sample_value("discount_predictions_total", {"outcome": "stale"}) == 0.0
+    eng.close()
+
+
 def test_offer_writes_retried_longer_than_the_lease_keep_the_lease(aws_settings):
     settings = discount_settings(aws_settings)
     publish(settings, [prediction("slow", 0.5)])

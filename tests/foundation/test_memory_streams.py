@@ -199,6 +199,23 @@ def test_the_lag_of_a_shard_whose_reads_fail_grows_with_the_time_they_have_faile
     assert consumer.max_lag_ms < 1_000
 
 
+def test_the_lag_of_a_shard_its_worker_has_not_read_for_a_while_grows_with_that_time(monkeypatch):
+    """A worker stuck writing its outputs (retrying through its output stream's outage) reads nothing:
+    the lag kept the last read's 0, and the enricher's, scorer's and discount engine's lag alerts
+    never fired however long it lasted."""
+    clock = [100.0]
+    monkeypatch.setattr(consumer_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    consumer = Consumer(flaky_stream(1, 10, [0]), MemoryLeaseTable(), worker_id="a")
+    consumer.poll()
+    assert consumer.max_lag_ms < 1_000
+    clock[0] += 4                                          # a slow batch: within the grace
+    assert consumer.max_lag_ms < 1_000
+    clock[0] += 86                                         # stuck, nothing read for 90 s
+    assert consumer.max_lag_ms >= 90_000
+    consumer.poll()                                        # reading again: the stream's own figure
+    assert consumer.max_lag_ms < 1_000
+
+
 def test_the_checkpoint_age_is_how_long_records_read_have_waited_for_a_checkpoint(monkeypatch):
     # Nothing showed checkpoints that stopped moving (a lease table away, a batch failing): only the
     # work a restart would repeat, found after the restart.
