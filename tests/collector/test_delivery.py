@@ -188,7 +188,10 @@ def test_a_killed_worker_is_replaced_while_the_others_serve(streams, make_collec
     import signal
 
     collector = make_collector(collector_env(streams, tmp_path / "spool", workers=2))
-    pids = lambda: sorted(p.read_text(encoding="utf-8") for p in (tmp_path / "spool").glob("worker-*/pid"))  # noqa: E731
+
+    def pids() -> list[str]:
+        return sorted(p.read_text(encoding="utf-8") for p in (tmp_path / "spool").glob("worker-*/pid"))
+
     wait_for(lambda: len(pids()) == 2, 30, what="both workers started")
     before = pids()
     os.kill(int(before[0]), signal.SIGKILL)        # its accepted connections are reset: clients retry those
