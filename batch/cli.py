@@ -321,6 +321,13 @@ def replay_bad_command(obj: dict, start: str | None, end: str | None, types: tup
     if dry_run or not sources:
         _report(counts, settings.raw_stream, dry_run, ready)
         return
+    unsent_to = unsent_to or Path(f"replay-unsent-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.jsonl.gz")
+    if not os.access(unsent_to.parent, os.W_OK):
+        # Checked before sending: rows that do not go through must have somewhere to go (a container's
+        # working folder is often read-only or not the app user's).
+        raise click.BadParameter(f"cannot write to the folder {unsent_to.parent.absolute()}, where the rows not sent "
+                                 "would go: give --unsent-to a writable path. Nothing was sent",
+                                 param_hint="--unsent-to")
     stream = KinesisStream(aws.client("kinesis", settings.region), settings.raw_stream)
     unsent = _send_by_source(Replayer(stream, rate, rate_mib, give_up_after), sources, counts)
     if unsent:
@@ -389,9 +396,8 @@ def _send_by_source(replayer: Replayer, sources: BySource, counts: Counter) -> l
     return unsent
 
 
-def _write_unsent(path: Path | None, unsent: list[tuple[str, str, bytes, str]]) -> Path:
+def _write_unsent(path: Path, unsent: list[tuple[str, str, bytes, str]]) -> Path:
     """The rows not sent, as bad rows ``--from-file`` takes: their raw record (fixed) as the payload."""
-    path = path or Path(f"replay-unsent-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.jsonl.gz")
     lines = b"".join(orjson.dumps({"schema": schema, "data": {"payload": orjson.loads(data)},
                                    "replay": {"source": source, "reason": reason}}) + b"\n"
                      for source, schema, data, reason in unsent)
@@ -405,7 +411,8 @@ def _write_unsent(path: Path | None, unsent: list[tuple[str, str, bytes, str]]) 
             out.write(gzip.compress(lines) if path.suffix == ".gz" else lines)
         os.replace(partial, path)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):      # a read-only folder refuses this too: the message matters
+            partial.unlink(missing_ok=True)
         raise click.ClickException(f"could not write the {len(unsent)} unsent rows to {path}: {exc}; the files "
                                    "sent in full are listed above") from None
     return path

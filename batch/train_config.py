@@ -132,6 +132,11 @@ def spark_session(settings: TrainSettings, app_name: str = "clickstream-train"):
     warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas")
     from pyspark.sql import SparkSession
 
+    scratch = _writable_temp_dir()
+    # The JVM takes neither TMPDIR nor a home from a uid without a passwd entry (an arbitrary runAsUser):
+    # it used /tmp whatever TMPDIR said, and stopped on "basedir must be absolute: ?/.ivy2".
+    java_options = (f"-Dlog4j2.configurationFile={SPARK_LOG_CONFIG.as_uri()} -Djava.io.tmpdir={scratch} "
+                    f"-Duser.home={os.environ.get('HOME') or scratch}")
     builder = (SparkSession.builder.appName(app_name).master(settings.spark_master)
                .config("spark.driver.memory", settings.spark_driver_memory)
                .config("spark.ui.enabled", "false")
@@ -140,11 +145,26 @@ def spark_session(settings: TrainSettings, app_name: str = "clickstream-train"):
                .config("spark.sql.execution.arrow.pyspark.enabled", "true")
                .config("spark.ui.showConsoleProgress", "false")      # our own progress bars say where we are
                # Read when this process starts the JVM (not under spark-submit, whose JVM already runs).
-               .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={SPARK_LOG_CONFIG.as_uri()}"))
+               .config("spark.driver.extraJavaOptions", java_options))
     try:
         spark = builder.getOrCreate()
     except Exception as exc:  # noqa: BLE001 - py4j and PySpark raise plain errors for a bad master or JVM option
-        raise ConfigError(f"CLICKSTREAM_SPARK_MASTER {settings.spark_master!r} / CLICKSTREAM_SPARK_DRIVER_MEMORY "
-                          f"{settings.spark_driver_memory!r}: Spark did not start: {first_line(exc)}") from None
+        raise ConfigError(f"Spark did not start: {first_line(exc)} (check CLICKSTREAM_SPARK_MASTER "
+                          f"{settings.spark_master!r}, CLICKSTREAM_SPARK_DRIVER_MEMORY {settings.spark_driver_memory!r} "
+                          "and that `java` runs; its log above says more)") from None
     spark.sparkContext.setLogLevel("ERROR")
     return spark
+
+
+def _writable_temp_dir() -> str:
+    """The temporary folder Python would use (TMPDIR, else /tmp, ...), checked writable: without one
+    the JVM failed to start and the error blamed the Spark master and memory settings."""
+    import tempfile
+
+    try:
+        probe = tempfile.mkdtemp(prefix="clickstream-probe-")
+    except OSError as exc:
+        raise ConfigError(f"no writable temporary folder for Spark ({exc.strerror or exc}): set TMPDIR to one, or mount "
+                          "a volume at /tmp (a read-only root filesystem has none)") from None
+    os.rmdir(probe)
+    return os.path.dirname(probe)

@@ -41,10 +41,9 @@ def main(host: str | None, port: int | None, workers: int | None) -> None:
     # section form too, which would otherwise win over them in the workers.
     for key, value in (("HOST", settings.host), ("PORT", str(settings.port)), ("WORKERS", str(settings.workers))):
         os.environ[f"CLICKSTREAM_{key}"] = os.environ[f"CLICKSTREAM_COLLECTOR_{key}"] = value
-    metrics_dir = None
-    if settings.workers > 1:
-        metrics_dir = tempfile.mkdtemp(prefix="collector-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    if settings.workers == 1:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)     # one process: its own registry, no stale files
+    metrics_dir = _metrics_dir() if settings.workers > 1 else None
     try:
         with listening("host, port", settings.host, settings.port):
             # A worker that dies (OOM, a crash) is replaced and takes its spool slot back, backlog
@@ -59,6 +58,19 @@ def main(host: str | None, port: int | None, workers: int | None) -> None:
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _metrics_dir() -> str:
+    """A fresh folder for the workers' metric files, under PROMETHEUS_MULTIPROC_DIR when it is set (a
+    read-only root filesystem has no /tmp: it was overwritten, and mkdtemp's traceback said nothing)."""
+    parent = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+    try:
+        folder = tempfile.mkdtemp(prefix="collector-metrics-", dir=parent)
+    except OSError as exc:
+        sys.exit(f"collector: no writable folder for the workers' metrics ({exc.strerror or exc}): set "
+                 "PROMETHEUS_MULTIPROC_DIR or TMPDIR to one, or mount a volume at /tmp")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    return folder
 
 
 def bindable_address(host: str, port: int) -> str:

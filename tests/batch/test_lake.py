@@ -582,6 +582,18 @@ def test_replay_bad_stops_at_once_when_the_credentials_are_expired(aws_settings,
     assert proxy.calls["Kinesis_20131202.PutRecords"] == 1              # not one every 2 s for a minute
 
 
+def test_replay_bad_checks_where_unsent_rows_would_go_before_sending_anything(aws_settings, s3, tmp_path):
+    """In a read-only working folder (a container's) the rows not sent had nowhere to go: a traceback
+    from cleaning up, and the rows were lost."""
+    _bad_files(s3, aws_settings, 1, 3)
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        result = _replay(aws_settings, proxy, "--unsent-to", str(tmp_path / "no-such-folder" / "unsent.jsonl.gz"))
+        calls = proxy.put_calls
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "cannot write to the folder" in result.output and "Nothing was sent" in result.output, result.output
+    assert calls == 0 and _raw_in_stream(aws_settings) == []
+
+
 def test_replay_bad_paces_itself(aws_settings, s3):
     _bad_files(s3, aws_settings, 1, 12)
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:

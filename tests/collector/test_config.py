@@ -131,3 +131,29 @@ def test_a_spool_dir_that_cannot_be_used_is_one_error_line_naming_it_not_a_stack
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
     assert f"collector failed to start: spool_dir {spool_dir} cannot be created: File exists" in result.stderr
+
+
+def test_workers_keep_their_metrics_under_a_given_folder_and_one_they_cannot_use_is_one_line(tmp_path):
+    """A read-only root has no /tmp: PROMETHEUS_MULTIPROC_DIR pointing at a volume was overwritten by a
+    folder under /tmp, and failing to make that was mkdtemp's traceback."""
+    given = tmp_path / "metrics"
+    given.mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKSTREAM_")} | {
+        "CLICKSTREAM_SINK": "memory", "CLICKSTREAM_SPOOL_DIR": str(tmp_path / "spool"),
+        "PROMETHEUS_MULTIPROC_DIR": str(given)}
+    server = subprocess.Popen([sys.executable, "-m", "collector", "--port", str(port), "--workers", "2"], cwd=ROOT,
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, encoding="utf-8")
+    try:
+        assert wait_for(lambda: _health(port) or server.poll() is not None, timeout=30, what="the collector") == 200
+        [folder] = given.glob("collector-metrics-*")
+        wait_for(lambda: list(folder.glob("*.db")), timeout=10, what="the workers' metric files")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert not list(given.iterdir())                                   # its own subfolder, removed at the end
+    (tmp_path / "a-file").write_text("")
+    result = _collector(["--port", str(free_port()), "--workers", "2"], tmp_path / "spool",
+                        PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "a-file"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "no writable folder for the workers' metrics" in result.stderr and "set PROMETHEUS_MULTIPROC_DIR" in result.stderr

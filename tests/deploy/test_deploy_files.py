@@ -470,6 +470,30 @@ def test_path_settings_with_a_relative_default_are_absolute_and_writable_in_the_
                     assert PurePosixPath(str(env[name])).is_absolute(), (where, name, env[name])
 
 
+@pytest.mark.parametrize("component", TASKS)
+def test_every_task_runs_on_a_read_only_root_writing_only_to_tmp_and_its_volumes(component, template):
+    """Hardened containers (a read-only root filesystem, as Security Hub's ECS.5 asks): the image's
+    writes must all land in /tmp (the task's storage) or a declared volume; the trainer's lake cache,
+    matplotlib's cache and a multi-worker collector's metrics failed on a read-only root."""
+    task = container(template, component)
+    assert task["ReadonlyRootFilesystem"] is True
+    definition = next(t for t in resources(template, "AWS::ECS::TaskDefinition").values()
+                      if task in t["Properties"]["ContainerDefinitions"])
+    volumes = {volume["Name"]: volume for volume in definition["Properties"]["Volumes"]}
+    mounts = {PurePosixPath(m["ContainerPath"]) for m in task["MountPoints"] if m["SourceVolume"] in volumes}
+    assert PurePosixPath("/tmp") in mounts and not {"Host", "EFSVolumeConfiguration"} & set(volumes["tmp"])
+    assert re.search(r'^VOLUME \["/tmp"\]', dockerfile(component), re.MULTILINE)
+    paths = {**dockerfile_env(dockerfile(component)), **{v["Name"]: v["Value"] for v in task.get("Environment", [])}}
+    for name, value in paths.items():
+        if name.startswith("CLICKSTREAM_") and name.endswith("_DIR") or name in ("MPLCONFIGDIR", "TMPDIR"):
+            assert any(mount == PurePosixPath(value) or mount in PurePosixPath(value).parents for mount in mounts), \
+                (component, name, value)
+    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text(encoding="utf-8"))["services"][component]
+    writable = {PurePosixPath(path) for path in service.get("tmpfs", [])} | {
+        PurePosixPath(volume.split(":")[1]) for volume in service.get("volumes", [])}
+    assert service["read_only"] is True and PurePosixPath("/tmp") in writable, service
+
+
 def test_the_writable_check_sees_root_owned_folders():
     image = ("WORKDIR /app\nRUN useradd --uid 10001 app \\\n && mkdir -p /var/lib/clickstream/lake-cache "
              "&& chown app:app /var/lib/clickstream\nENV A=1 CLICKSTREAM_CACHE_DIR=/x\nUSER app\n")

@@ -403,6 +403,21 @@ def test_a_malformed_window_end_is_a_config_error_naming_the_key():
         load(TrainSettings, env={"CLICKSTREAM_WINDOW_END": "2026-11-31"})
 
 
+def test_no_writable_temporary_folder_is_named_before_spark_starts(monkeypatch):
+    """On a read-only root the JVM failed to start and the error blamed the Spark master and memory."""
+    import tempfile
+
+    from batch.train_config import TrainSettings, spark_session
+    from common.config import ConfigError
+
+    def no_folder(**_):
+        raise FileNotFoundError(2, "No usable temporary directory found in ['/tmp', '/var/tmp']")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_folder)
+    with pytest.raises(ConfigError, match="no writable temporary folder for Spark .* set TMPDIR"):
+        spark_session(TrainSettings())
+
+
 def test_folds_are_stratified():
     labels = np.array([1] * 50 + [0] * 450)
     assignment = folds(labels, 5, seed=1)
