@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -440,20 +441,22 @@ def read_enriched(s3, bucket: str, start=None, end=None, columns: list[str] | No
               for obj in objects_between(s3, bucket, "enriched", start, end) if obj["Key"].endswith(".parquet")]
     if not tables:
         return SCHEMA.empty_table() if columns is None else SCHEMA.empty_table().select(columns)
-    table = lift_from_extra(pa.concat_tables(tables, promote_options="permissive"))
-    return table if columns is None else table.select(columns)
+    table = lift_from_extra(pa.concat_tables(tables, promote_options="permissive"), columns)
+    # A column asked for that no file has is left out, as before the lift.
+    return table if columns is None else table.select([name for name in columns if name in table.column_names])
 
 
-def lift_from_extra(table: pa.Table) -> pa.Table:
+def lift_from_extra(table: pa.Table, columns: list[str] | None = None) -> pa.Table:
     """Values a file written before their column's promotion keeps in ``extra`` (docs/lake.md), moved
     into that column where it is null, converted as the loader does; a value the column cannot hold
-    stays in ``extra``. A table without such values comes back as it is."""
+    stays in ``extra``. With ``columns``, only into those (a value moved into a column the caller
+    then leaves out would be nowhere). A table without such values comes back as it is."""
     if "extra" not in table.column_names or table["extra"].null_count == table.num_rows:
         return table
     extras = [orjson.loads(text) if text else None for text in table["extra"].to_pylist()]
     keys = set().union(*(extra for extra in extras if isinstance(extra, dict)))
     changed = set()
-    for name in (name for name in TYPED_COLUMNS if name in keys):
+    for name in (name for name in TYPED_COLUMNS if name in keys and (columns is None or name in columns)):
         present = table[name] if name in table.column_names else pa.chunked_array([pa.nulls(table.num_rows, _TYPES[name])])
         empty = present.is_null().to_pylist()
         values = [extra.get(name) if empty[row] and isinstance(extra, dict) else None for row, extra in enumerate(extras)]
@@ -490,6 +493,7 @@ def read_bad(s3, bucket: str, start=None, end=None) -> Iterator[tuple[str, dict]
 MANIFEST = ".sync-manifest.json"
 SYNC_THREADS = 8
 SYNC_LISTINGS = 3          # listings of a lake that changes under the sync before it gives up
+DOWNLOAD_ATTEMPTS = 4      # per file: a body cut off mid-read is fetched again
 LAKE_FILE = re.compile(r"enriched/date=\d{4}-\d{2}-\d{2}/hour=\d{2}/[^/.][^/]*\.parquet")
 
 
@@ -562,7 +566,7 @@ def _download_all(s3, bucket: str, cache: Path, objects: list[dict], manifest: d
 
 def _download(s3, bucket: str, cache: Path, obj: dict) -> tuple[dict, str | None]:
     """Copy one object; with the MD5 of the copy, which later syncs check it against (None: gone)."""
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     from common import aws
 
@@ -570,21 +574,34 @@ def _download(s3, bucket: str, cache: Path, obj: dict) -> tuple[dict, str | None
     target.parent.mkdir(parents=True, exist_ok=True)
     # A leading dot: Spark and pyarrow skip hidden files, so a crashed sync leaves nothing they read.
     partial = target.with_name(f".{target.name}.part")
-    try:
-        # One GET of the version listed (download_file sent a HEAD first: two round trips a file, and a
-        # lake file is small). One that changed since (an erase, a compaction) is listed again.
-        body = s3.get_object(Bucket=bucket, Key=obj["Key"], IfMatch=obj["ETag"])["Body"]
-    except ClientError as exc:
-        if aws.no_such_key(exc) or aws.precondition_failed(exc):
-            return obj, None
-        raise
+    for attempt in range(DOWNLOAD_ATTEMPTS):
+        try:
+            return obj, _copy(s3, bucket, obj, partial, target)
+        except ClientError as exc:
+            if aws.no_such_key(exc) or aws.precondition_failed(exc):
+                return obj, None
+            raise
+        except (BotoCoreError, OSError) as exc:
+            # A body cut off mid-read (a reset, a read timeout): download_file retried those itself.
+            if attempt == DOWNLOAD_ATTEMPTS - 1 or isinstance(exc, (FileNotFoundError, PermissionError)):
+                raise
+            log.info("sync: copying %s failed (%s); trying again", obj["Key"], exc)
+            time.sleep(0.5 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def _copy(s3, bucket: str, obj: dict, partial: Path, target: Path) -> str:
+    """One GET of the version listed (download_file sent a HEAD first: two round trips a file, most
+    lake files being small), hashed as it is written; the copy's MD5. One that changed since (an
+    erase, a compaction) fails its If-Match and is listed again."""
+    body = s3.get_object(Bucket=bucket, Key=obj["Key"], IfMatch=obj["ETag"])["Body"]
     digest = hashlib.md5(usedforsecurity=False)
     with body, open(partial, "wb") as copy:
         for chunk in body.iter_chunks(1 << 20):
             copy.write(chunk)
             digest.update(chunk)
     os.replace(partial, target)
-    return obj, digest.hexdigest()
+    return digest.hexdigest()
 
 
 def _md5(path: Path) -> str:

@@ -199,15 +199,8 @@ class Collector:
     def _forget_previous_worker(self) -> None:
         """The slot's last worker, if it died without stopping (kill -9): its gauges go, unless its
         pid is alive again as another process."""
-        marker = self.spool.dir / "pid"
-        try:
-            previous = int(marker.read_text())
-            os.kill(previous, 0)
-        except ProcessLookupError:
-            metrics.forget_worker(previous)
-        except (OSError, ValueError):           # no marker yet, or a pid alive (ours, or reused)
-            pass
-        marker.write_text(str(os.getpid()))
+        metrics.forget_dead_worker(self.spool.dir)
+        (self.spool.dir / "pid").write_text(str(os.getpid()))
 
     # ------------------------------------------------------------------ HTTP
 

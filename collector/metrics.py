@@ -4,6 +4,7 @@ worker reports the sum over all of them."""
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from pathlib import Path
 
@@ -46,6 +47,7 @@ _children: dict[tuple[str, int], object] = {}
 # several workers each one's counts must be in its file at once (any worker answers a scrape).
 _pending: dict[object, int] = {}
 _damage_counted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()    # per spool, in SPOOL_DAMAGED
+_damage_lock = threading.Lock()
 
 
 def count(endpoint: str, status: int) -> None:
@@ -76,11 +78,12 @@ def flush() -> None:
 
 
 def update_spool(spools: list) -> None:
-    for spool in spools:
-        damaged = spool.corrupt_frames - _damage_counted.get(spool, 0)
-        if damaged > 0:
-            SPOOL_DAMAGED.inc(damaged)
-            _damage_counted[spool] = spool.corrupt_frames
+    with _damage_lock:                      # the sender and a scrape both call this
+        for spool in spools:
+            damaged = spool.corrupt_frames - _damage_counted.get(spool, 0)
+            if damaged > 0:
+                SPOOL_DAMAGED.inc(damaged)
+                _damage_counted[spool] = spool.corrupt_frames
     SPOOL_RECORDS.set(sum(spool.records for spool in spools))
     SPOOL_BYTES.set(sum(spool.depth_bytes for spool in spools))
 
@@ -100,6 +103,19 @@ def forget_worker(pid: int) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid)
+
+
+def forget_dead_worker(slot: Path) -> None:
+    """Drop the gauges of the last worker of a spool slot (its pid is kept there) if that process is
+    gone, killed without stopping: called by the worker that claims the slot and by one that adopts
+    it (after a respawn either may get it first; the dead worker's gauges stayed otherwise)."""
+    try:
+        previous = int((slot / "pid").read_text())
+        os.kill(previous, 0)
+    except ProcessLookupError:
+        forget_worker(previous)
+    except (OSError, ValueError):           # no marker yet, or a pid alive (ours, or reused)
+        pass
 
 
 class WorkerProcesses:

@@ -196,6 +196,7 @@ class Sink:
         # which the process holding it can take again.
         for spool, fd in self.find_orphans({self.spool.dir, *(spool.dir for spool, _ in self.adopted)}):
             log.info("adopting spool %s (%d undelivered records, no live worker holds it)", spool.dir, spool.records)
+            metrics.forget_dead_worker(spool.dir)
             self.adopted.append((spool, fd))
 
     def spools(self) -> list[Spool]:
@@ -256,7 +257,10 @@ class Sink:
             # Nothing got through: the cursor stays and the same batch is retried, so order is kept.
             # A stream that throttled all of it answered, though: it is reachable, and at its limit.
             throttled = all(item.throttled for _, item in resendable)
-            self._set_health(throttled, resendable[0][1].reason)
+            reason = resendable[0][1].reason
+            # "An error occurred (Code) ...": AWS answered and refused; a connection error or a timeout
+            # is an outage, said as such.
+            self._set_health(throttled, reason if "An error occurred (" in reason else None)
             if throttled:
                 self._report_refused(resendable)
             return False

@@ -316,6 +316,39 @@ def test_a_file_merged_or_erased_while_the_sync_copies_is_listed_again_not_a_fai
     assert sorted(orjson.loads((tmp_path / lake.MANIFEST).read_bytes())) == sorted([merged_key, *keys[1:]])
 
 
+def test_a_file_whose_copy_is_cut_off_mid_read_is_fetched_again(aws_settings, s3, tmp_path):
+    """download_file retried a body cut off mid-read (a connection reset); one GET did not, and one
+    reset failed the whole training run."""
+    from botocore.exceptions import ResponseStreamingError
+
+    sink = lake.S3Sink(s3, aws_settings.bucket)
+    write_enriched(sink, "shardId-000000000000", event_records([make_event(i) for i in range(3)], start=1), "enriched")
+    cut = []
+
+    def cut_the_first_body(http_response, parsed, **_):
+        if not cut:
+            cut.append(1)
+            body = parsed["Body"]
+            parsed["Body"] = type("Cut", (), {
+                "__enter__": lambda self: self, "__exit__": lambda self, *a: body.close(),
+                "iter_chunks": lambda self, size: (_ for _ in ()).throw(ResponseStreamingError(error="reset by peer"))})()
+
+    s3.meta.events.register("after-call.s3.GetObject", cut_the_first_body)
+    root = lake.sync_partitions(aws_settings.bucket, "2026-11-29", "2026-11-29", tmp_path, s3=s3, progress=False)
+    [copy] = root.rglob("*.parquet")
+    assert cut and lake.parquet_table(copy.read_bytes()).num_rows == 3
+
+
+def test_lifting_from_extra_moves_values_only_into_the_columns_asked_for():
+    """Asked for extra but not the promoted column, the value left extra for a column then dropped."""
+    import pyarrow as pa
+
+    table = pa.table({"event_id": ["a"], "extra": ['{"mkt_clickid":"c1","x":1}']})
+    assert lake.lift_from_extra(table, ["event_id", "extra"]).to_pylist() == table.to_pylist()
+    lifted = lake.lift_from_extra(table, ["mkt_clickid", "extra"])
+    assert lifted.column("mkt_clickid").to_pylist() == ["c1"] and lifted.column("extra").to_pylist() == ['{"x":1}']
+
+
 def test_a_file_rewritten_while_the_sync_copies_is_copied_as_it_is_now(aws_settings, s3, tmp_path):
     """An erase rewrites a file between the listing and its copy: the copy must be the version its
     manifest entry names, or the next sync keeps a copy of rows the erase took out."""
@@ -572,12 +605,12 @@ def test_replay_bad_retries_throttled_rows_until_they_go_through(aws_settings, s
     assert sorted(_raw_in_stream(aws_settings), key=lambda r: r["collector_tstamp"]) == raws
 
 
-def test_replay_bad_stops_at_once_when_the_credentials_are_expired(aws_settings, s3):
+def test_replay_bad_stops_at_once_when_the_credentials_are_expired(aws_settings, s3, tmp_path):
     """An expired token was retried until --give-up-after (300 s by default), as if the stream throttled."""
     _bad_files(s3, aws_settings, 1, 3)
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
         proxy.refuse_next["Kinesis_20131202.PutRecords"] = ["ExpiredTokenException"] * 50
-        result = _replay(aws_settings, proxy, "--give-up-after", "60")
+        result = _replay(aws_settings, proxy, "--give-up-after", "60", "--unsent-to", str(tmp_path / "unsent.jsonl.gz"))
     assert result.exit_code == 1 and "ExpiredTokenException" in result.output, result.output
     assert proxy.calls["Kinesis_20131202.PutRecords"] == 1              # not one every 2 s for a minute
 

@@ -581,16 +581,19 @@ def test_the_streams_state_is_logged_as_news_at_start_and_as_a_warning_when_lost
                                 ("INFO", "stream raw reachable again")]
 
 
-def test_a_stream_refusing_writes_says_why_not_unreachable(tmp_path, caplog):
+@pytest.mark.parametrize("refused", [True, False], ids=["access denied", "connection refused"])
+def test_a_stream_refusing_writes_says_why_and_an_outage_stays_unreachable(tmp_path, caplog, refused):
     """AccessDenied, a disabled KMS key or a deleted stream read as "stream unreachable", as if the
-    network were down."""
-    from botocore.exceptions import ClientError
+    network were down; an outage must still say so."""
+    from botocore.exceptions import ClientError, EndpointConnectionError
 
-    class Denied(MemoryStream):
+    class Failing(MemoryStream):
         def put_records(self, entries):
-            raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "not allowed"}}, "PutRecords")
+            if refused:
+                raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "not allowed"}}, "PutRecords")
+            raise EndpointConnectionError(endpoint_url="http://kinesis.test")
 
-    sink = Sink(Spool(tmp_path, max_bytes=1 << 24), Producer(Denied("raw"), max_attempts=1),
+    sink = Sink(Spool(tmp_path, max_bytes=1 << 24), Producer(Failing("raw"), max_attempts=1),
                 Producer(MemoryStream("bad")), linger_ms=10)
     sink.spool.append(encode(RAW, "k", b"hit"), 1)
     with caplog.at_level(logging.WARNING, logger="collector.sink"):
@@ -599,8 +602,11 @@ def test_a_stream_refusing_writes_says_why_not_unreachable(tmp_path, caplog):
             wait_for(lambda: sink.problem() is not None, timeout=10)
         finally:
             sink.stop(timeout=0)
-    assert sink.problem().startswith("stream not writable: ClientError: An error occurred (AccessDeniedException)")
-    assert "stream raw not writable (ClientError: An error occurred (AccessDeniedException)" in caplog.text
+    if refused:
+        assert sink.problem().startswith("stream not writable: ClientError: An error occurred (AccessDeniedException)")
+        assert "stream raw not writable (ClientError: An error occurred (AccessDeniedException)" in caplog.text
+    else:
+        assert sink.problem() == "stream unreachable" and "stream raw unreachable; hits stay" in caplog.text
     assert sink.spool.records == 1                                        # kept for when it is allowed again
 
 
@@ -621,3 +627,23 @@ def test_with_fsync_always_concurrent_hits_share_fsync_rounds_not_one_thread_hop
     finally:
         app.stop()
         os.close(app._lock_fd)
+
+
+def test_adopting_a_dead_workers_slot_drops_its_gauges(tmp_path, monkeypatch):
+    """With workers respawned, a live worker may adopt a killed one's slot before its successor
+    claims it: only the claim dropped the dead worker's gauges, which then counted for good."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          encoding="utf-8", check=True).stdout.strip()
+    slot = tmp_path / "worker-1"
+    left = Spool(slot, max_bytes=1 << 20)
+    left.append(encode(RAW, "k", b"hit"), 1)
+    (slot / "pid").write_text(dead)
+    forgotten = []
+    monkeypatch.setattr(metrics, "forget_worker", forgotten.append)
+    sink = Sink(Spool(tmp_path / "worker-0", max_bytes=1 << 20), Producer(MemoryStream("raw")),
+                Producer(MemoryStream("bad")), find_orphans=lambda taken: [(left, os.open(slot, os.O_RDONLY))])
+    sink._adopt()
+    assert forgotten == [int(dead)]
