@@ -257,10 +257,8 @@ class Sink:
             # Nothing got through: the cursor stays and the same batch is retried, so order is kept.
             # A stream that throttled all of it answered, though: it is reachable, and at its limit.
             throttled = all(item.throttled for _, item in resendable)
-            reason = resendable[0][1].reason
-            # "An error occurred (Code) ...": AWS answered and refused; a connection error or a timeout
-            # is an outage, said as such.
-            self._set_health(throttled, reason if "An error occurred (" in reason else None)
+            first = resendable[0][1]
+            self._set_health(throttled, first.reason if first.refused else None)
             if throttled:
                 self._report_refused(resendable)
             return False

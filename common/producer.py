@@ -32,6 +32,12 @@ class Undelivered:
         """Refused by a stream at its limit, which answered: not a sign of an unreachable stream."""
         return any(code in self.reason for code in THROTTLING_CODES)
 
+    @property
+    def refused(self) -> bool:
+        """AWS answered and refused ("An error occurred (Code) ..."): AccessDenied, a KMS key, a missing
+        stream. Not a connection error or a timeout, which is an outage."""
+        return "An error occurred (" in self.reason
+
 
 def kinesis_key(key: str) -> str:
     """``key`` as Kinesis takes it (1 to 256 characters): a longer or empty key becomes its hash, so
