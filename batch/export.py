@@ -18,8 +18,9 @@ import tempfile
 from dataclasses import dataclass
 
 import numpy as np
-import onnxruntime as ort
 import pandas as pd
+
+from common.onnx_runtime import onnxruntime as ort
 
 TARGET_OPSET = 15
 INPUT_NAME = "features"

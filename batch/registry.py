@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import click
 import numpy as np
-import onnxruntime
 
 from batch.train_config import TrainSettings
 from common import aws, logs, registry
 from common.cli import CLI_CONTEXT, AwsGroup, ConfigFailed
 from common.config import ConfigError, load
 from common.features import FEATURE_VERSION
+from common.onnx_runtime import onnxruntime
 
 
 @dataclass(frozen=True)

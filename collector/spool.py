@@ -586,6 +586,10 @@ class SpoolDirUnusable(RuntimeError):
     """``spool_dir`` cannot hold this worker's spool: the collector cannot start."""
 
 
+# Named both ways: it is set in a config file or, in every image, by its environment variable.
+SPOOL_DIR_SETTING = "spool_dir (CLICKSTREAM_SPOOL_DIR)"
+
+
 def claim_dir(root: Path) -> tuple[Path, int]:
     """The first ``worker-N`` folder under ``root`` no other live process holds (flock), and its lock fd.
 
@@ -597,7 +601,7 @@ def claim_dir(root: Path) -> tuple[Path, int]:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise SpoolDirUnusable(f"spool_dir {root} cannot be created: {exc.strerror or exc}") from None
+        raise SpoolDirUnusable(f"{SPOOL_DIR_SETTING} {root} cannot be created: {exc.strerror or exc}") from None
     unusable = []
     for index in range(1024):
         folder = root / f"worker-{index}"
@@ -608,11 +612,11 @@ def claim_dir(root: Path) -> tuple[Path, int]:
             log.error("spool slot %s cannot be used, passed over: %s", folder, exc)
             unusable.append(folder.name)
             if len(unusable) == 8:          # a root-wide problem (read-only, permissions), not one slot
-                raise SpoolDirUnusable(f"spool_dir {root}: no slot can be used ({exc.strerror or exc})") from None
+                raise SpoolDirUnusable(f"{SPOOL_DIR_SETTING} {root}: no slot can be used ({exc.strerror or exc})") from None
             continue
         if fd is not None:
             return folder, fd
-    raise SpoolDirUnusable(f"no free spool slot under spool_dir {root}")
+    raise SpoolDirUnusable(f"no free spool slot under {SPOOL_DIR_SETTING} {root}")
 
 
 def orphans(root: Path, taken: set[Path]) -> list[tuple[Path, int]]:

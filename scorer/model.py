@@ -14,11 +14,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from botocore.exceptions import BotoCoreError, ClientError
 
 from common import registry
 from common.features import FEATURE_COUNT, FEATURE_NAMES, FEATURE_VERSION
+from common.onnx_runtime import onnxruntime as ort
 from scorer import metrics, optimize
 
 log = logging.getLogger("scorer.model")

@@ -482,8 +482,9 @@ def test_a_run_waiting_for_the_lock_lists_the_lake_only_once_it_holds_it(aws_set
     events = _ten_event_files(s3, aws_settings, 3)
     _checkpoint(aws_settings, SHARD0, "30")
     settings = loader_settings(aws_settings)
-    held_by_a = compact.LakeLock(s3, aws_settings.bucket, "compact", ttl_s=2)
-    held_by_a.acquire()                                  # no renewals: A dies holding it
+    # A holds the lock for half its TTL after a renewal: 3 s for its merge on a loaded machine.
+    held_by_a = compact.LakeLock(s3, aws_settings.bucket, "compact", ttl_s=6)
+    held_by_a.acquire()                                  # no renewal thread: A dies holding it
     b = threading.Thread(target=lambda: done.append(compact.compact_lake(s3, settings, progress=False)))
     done: list = []
     b.start()
@@ -493,6 +494,7 @@ def test_a_run_waiting_for_the_lock_lists_the_lake_only_once_it_holds_it(aws_set
                         compact.DEFAULT_MAX_BYTES, False, held_by_a)
     killed = pytest.MonkeyPatch()
     killed.setattr(compact, "_delete", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt("kill -9")))
+    assert held_by_a._put(IfMatch=held_by_a.etag)                     # A's last renewal
     with pytest.raises(KeyboardInterrupt):
         compact.merge_group(run_a, HOUR9, loader_files[:2])            # written, nothing deleted
     killed.undo()

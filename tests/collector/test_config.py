@@ -130,7 +130,7 @@ def test_a_spool_dir_that_cannot_be_used_is_one_error_line_naming_it_not_a_stack
     result = _collector(["--port", str(free_port())], tmp_path, CLICKSTREAM_SPOOL_DIR=str(spool_dir))
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr
-    assert f"collector failed to start: spool_dir {spool_dir} cannot be created: File exists" in result.stderr
+    assert f"collector failed to start: spool_dir (CLICKSTREAM_SPOOL_DIR) {spool_dir} cannot be created: File exists" in result.stderr
 
 
 def test_workers_keep_their_metrics_under_a_given_folder_and_one_they_cannot_use_is_one_line(tmp_path):

@@ -9,13 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from botocore.config import Config
 from prometheus_client import REGISTRY
 
 from common import aws
 from common.features import FEATURE_NAMES, session_features
+from common.onnx_runtime import onnxruntime as ort
 from common.registry import Bundle
 from scorer.api import ScorerApp
 from scorer.model import Model, ModelRefused, Models, check_meta
