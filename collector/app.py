@@ -45,7 +45,9 @@ USER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
 MAX_GZIP_MEMBERS = 16
 ROUTES = {"/i": "pixel", "/ice.png": "pixel", TP2: "tp2", "/r/tp2": "redirect", IGLU_WEBHOOK: "webhook",
-          "/health": "health", "/sink-health": "sink-health", "/metrics": "metrics"}
+          "/health": "health", "/sink-health": "sink-health", "/metrics": "metrics", "/robots.txt": "robots"}
+# A crawler following an email's tracked link (/r/tp2) or a pixel URL records hits no one made.
+ROBOTS = b"User-agent: *\nDisallow: /\n"
 
 
 class BodyTimeout(Exception):
@@ -227,6 +229,8 @@ class Collector:
             return respond(send, 405, TEXT, b"method not allowed")
         if route == "health":
             return respond(send, 200, TEXT, b"ok")
+        if route == "robots":
+            return respond(send, 200, TEXT, ROBOTS)
         if route == "sink-health":
             problem = self.sink.problem() if self.sink is not None else "not started"
             return respond(send, 503 if problem else 200, TEXT, (problem or "ok").encode())

@@ -276,7 +276,7 @@ class Enricher:
         return size
 
     def _bad_row(self, failure: EventFailure, hit: protocol.Hit, index: int) -> dict:
-        record, params = protocol.events_record(hit, [index]), hit.events[index]
+        record, params = protocol.events_record(hit, [index]), hit.params(index)
         parameters = params if isinstance(params, dict) else {"_": params}
         if failure.kind == "tracker_protocol_violations":
             return badrows.protocol_violation(record, failure.messages, parameters)
@@ -290,8 +290,8 @@ class Enricher:
 
     def _event(self, hit: protocol.Hit, index: int, etl_tstamp: str, collector_errors: list[dict],
                fallback_id) -> tuple[dict, bytes] | None:
-        params = hit.events[index]
-        problems = protocol.check_event(params, hit, self.resolver)
+        problems = protocol.check_event(hit, index, self.resolver)
+        params = hit.params(index)
         kind = params.get("e") if isinstance(params, dict) else None
         event_type = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
         if not problems and event_type is None:
@@ -348,7 +348,8 @@ class Enricher:
             "domain_userid": params.get("duid") or None,
             # A tracker may set the network id itself (tnuid/nuid), e.g. server-side trackers.
             "network_userid": params.get("tnuid") or record.get("network_userid") or params.get("nuid") or None,
-            "user_ipaddress": params.get("ip") or record.get("ip") or None,
+            # A server-side tracker passing on X-Forwarded-For sends a list: the client's comes first.
+            "user_ipaddress": params.get("ip", "").split(",", 1)[0].strip() or record.get("ip") or None,
             "user_fingerprint": params.get("fp") or None,
             "mac_address": params.get("mac") or None,
             "useragent": params.get("ua") or record.get("useragent") or None,
@@ -572,7 +573,7 @@ def _parse_params(params: dict, errors: list) -> tuple[dict, dict]:
         if kind is str:
             event[target] = value
         elif kind is FLAG:
-            event[target] = value == "1"
+            event[target] = _flag(value, name, errors)
         elif kind is DIMS:
             event[target[0]], event[target[1]] = _dimensions(value, name, errors)
         elif target is None:   # a device timestamp
@@ -585,7 +586,17 @@ def _parse_params(params: dict, errors: list) -> tuple[dict, dict]:
     return event, stamps
 
 
+def _flag(value: str, name: str, errors: list[dict]) -> bool | None:
+    """``1`` or ``0``, as Snowplow reads ``cookie`` and ``f_*``: ``true`` was stored as False."""
+    if value == "1" or value == "0":
+        return value == "1"
+    errors.append(badrows.message(name, value, "1 or 0"))
+    return None
+
+
 def _number(value: str | None, kind: type, name: str, errors: list[dict]):
+    if value == "null":     # an old JavaScript tracker's way to send no value (Snowplow stores null)
+        return None
     text = value[1:] if value[:1] == "-" else value
     strict = text.isascii() and (text.isdigit() if kind is int else "_" not in text)
     try:

@@ -52,6 +52,14 @@ class Hit:
     payload_key: str | None = None
     # For a webhook's JSON list, its items: a failed one is replayed alone, not with the whole list.
     items: list | None = None
+    # For POSTs, the query string's parameters: laid over each body event once that event passed
+    # payload_data (which allows no other keys), winning a clash, as in Snowplow's adapter.
+    query: dict[str, str] | None = None
+
+    def params(self, index: int) -> object:
+        """Event ``index``'s tracker parameters, the query string's included."""
+        event = self.events[index]
+        return {**event, **self.query} if self.query and isinstance(event, dict) else event
 
 
 def parse_record(raw: bytes) -> dict:
@@ -186,8 +194,8 @@ def parse_query(query: str) -> dict[str, str]:
 
 
 def _post(record: dict) -> Hit:
-    """The body's events, each with the query string's parameters on top (tracker protocol v2 lets a
-    POST carry parameters there too; they win a clash, as in Snowplow's adapter)."""
+    """The body's events, as sent, and the query string's parameters (tracker protocol v2 lets a POST
+    carry parameters there too: a proxy's or a tracker's own)."""
     query, body = parse_query(record.get("querystring") or ""), _body(record)
     if not body and query:
         return Hit(record, [query])
@@ -209,8 +217,7 @@ def _post(record: dict) -> Hit:
             record, [badrows.message("body.schema", str(key), "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-*")]))
     if not payload["data"]:
         raise RecordError(badrows.protocol_violation(record, [badrows.message("body.data", [], "at least one event")]))
-    events = [{**event, **query} if query and isinstance(event, dict) else event for event in payload["data"]]
-    return Hit(record, events, str(key))
+    return Hit(record, payload["data"], str(key), query=query or None)
 
 
 def _body(record: dict) -> str | None:
@@ -240,26 +247,27 @@ def events_record(hit: Hit, indices: list[int]) -> dict:
     return {**hit.record, "body": body, "body_base64": None}
 
 
-def check_event(params: object, hit: Hit, resolver: Resolver) -> list[dict]:
-    """Protocol messages for one event's parameters (empty when it may proceed)."""
-    if not isinstance(params, dict):
-        return [badrows.message("body.data", params, "an object of string parameters")]
+def check_event(hit: Hit, index: int, resolver: Resolver) -> list[dict]:
+    """Protocol messages for one event (empty when it may proceed)."""
+    sent = hit.events[index]
+    if not isinstance(sent, dict):
+        return [badrows.message("body.data", sent, "an object of string parameters")]
     if hit.payload_key is not None:
         # Validate one event at a time against payload_data (whose minItems is 1), so a bad event
         # fails alone instead of failing the whole body as a single document would.
         try:
-            errors = resolver.validate(hit.payload_key, [params])
+            errors = resolver.validate(hit.payload_key, [sent])
         except LookupError:
             # An older 1-0-x the registries lack: additions only add optional fields, so the newest
             # 1-0-x we ship accepts everything an older one did.
             try:
-                errors = resolver.validate(PAYLOAD_DATA_LATEST, [params])
+                errors = resolver.validate(PAYLOAD_DATA_LATEST, [sent])
             except LookupError as exc:
                 return [badrows.message("body.schema", hit.payload_key, f"a resolvable payload_data schema: {exc}")]
         if errors:
             return [badrows.message("body.data", None, f"{hit.payload_key}: {error}") for error in errors]
-    missing = [badrows.message(name, None, "a required parameter") for name in REQUIRED if not params.get(name)]
-    return missing
+    params = hit.params(index)
+    return [badrows.message(name, None, "a required parameter") for name in REQUIRED if not params.get(name)]
 
 
 def decode_json(params: dict, plain: str, encoded: str) -> tuple[object, dict | None]:

@@ -367,6 +367,7 @@ def test_health_metrics_and_unknown_paths(setup):
     assert get(collector.url + "/health")[:3:2] == (200, b"ok")
     assert get(collector.url + "/sink-health")[0] == 200
     assert get(collector.url + "/nope")[0] == 404
+    assert get(collector.url + "/robots.txt")[:3:2] == (200, b"User-agent: *\nDisallow: /\n")   # as Snowplow's
     assert get(collector.url + "/i", data=b"x")[0] == 405
     text = get(collector.url + "/metrics")[2].decode()
     for name in ("collector_requests_total", "collector_records_produced_total", "collector_spool_depth_records",

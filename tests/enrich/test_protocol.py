@@ -68,6 +68,22 @@ def test_get_page_view_with_context_is_typed_and_named_canonically():
     assert len(event["event_fingerprint"]) == 32
 
 
+def test_values_old_and_server_side_trackers_send_read_as_snowplow_reads_them():
+    # An old JavaScript tracker sends "null" for a number it lacks: the event was a bad row.
+    _, event = one(get_record({**BASE, "e": "se", "se_ca": "c", "se_ac": "a", "se_va": "null", "vid": "null"}))
+    assert event["se_value"] is None and event["domain_sessionidx"] is None
+    # A server-side tracker passing on X-Forwarded-For: the IP was "x" (unparsable, so hidden).
+    _, event = one(get_record({**BASE, "e": "pv", "ip": "203.0.113.9, 10.0.0.1"}), pseudonymisation=False)
+    assert event["user_ipaddress"] == "203.0.113.0"                     # the first, anonymised
+    _, event = one(get_record({**BASE, "e": "pv", "cookie": "0"}))
+    assert event["br_cookies"] is False
+    # Flags are 1 or 0: "true" was stored as False.
+    good, bad = enricher().process(get_record({**BASE, "e": "pv", "cookie": "true"}))
+    assert good == [] and bad[0]["schema"].split("/")[1] == "enrichment_failures"
+    assert bad[0]["data"]["failure"]["messages"][0]["message"] == {"field": "cookie", "value": "true",
+                                                                   "expectation": "1 or 0"}
+
+
 def test_base64_contexts_with_and_without_padding_and_plain_json_agree():
     ctx = contexts(page_type("category", "boots"))
     found = []
@@ -194,6 +210,20 @@ def test_post_querystring_parameters_apply_to_every_event_and_win_a_clash():
                               querystring=urllib.parse.urlencode({**BASE, "e": "pv"})))
     _, event = one(raw)                                                   # no body: the query string is the event
     assert event["event"] == "page_view" and event["app_id"] == "shop"
+
+
+def test_post_querystring_parameters_payload_data_does_not_list_are_laid_on_after_it():
+    # They were laid on before each event was checked against payload_data, which allows no other
+    # keys: a proxy adding ?cv=... turned every event of the body into a protocol bad row.
+    raw = post_record([{**BASE, "e": "pv"}, {**BASE, "e": "pp"}], querystring="cv=proxy-1.0&aid=shop")
+    good, bad = enricher().process(raw)
+    assert bad == [] and [e["app_id"] for _, e in good] == ["shop", "shop"]
+    _, bad = enricher().process(post_record([{**BASE, "e": "pv", "cv": "in-the-body"}]))
+    assert "must not contain {'cv'}" in bad[0]["data"]["failure"]["messages"][0]["expectation"]  # the body still is
+    failing = {**BASE, "e": "pv", "vid": "not a number"}
+    good, bad = enricher().process(post_record([{**BASE, "e": "pv"}, failing], querystring="cv=proxy-1.0"))
+    kept = bad[0]["data"]["payload"]["record"]                            # replayable: the event as it was sent
+    assert len(good) == 1 and orjson.loads(kept["body"])["data"] == [failing] and kept["querystring"] == "cv=proxy-1.0"
 
 
 IGLU = "/com.snowplowanalytics.iglu/v1"
