@@ -15,13 +15,13 @@ export AWS_DEFAULT_REGION ?= us-east-1
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-$(STAMP): pyproject.toml requirements.lock package.json
+$(STAMP): pyproject.toml requirements.lock package.json package-lock.json
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet pip==26.3  # the pip the lock was resolved and tested with
 	$(PY) -m pip install --quiet -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps -e .
-	npm install --no-audit --no-fund --silent
+	npm ci --no-audit --no-fund --silent  # exactly package-lock.json, or an error if it disagrees with package.json
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install every pinned dependency (Python and npm)

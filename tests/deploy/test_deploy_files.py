@@ -40,6 +40,13 @@ TASKS = sorted([*COMPONENTS, *SCHEDULED])         # every ECS task definition an
 COMPOSE_FILES = [DEPLOY / "docker-compose.yml", ROOT / "localstack" / "docker-compose.yml"]
 
 
+def test_images_are_named_by_a_tag_that_does_not_move(template):
+    # With ImageTag defaulting to latest, each replaced or nightly task pulled whatever latest was.
+    assert "Default" not in template["Parameters"]["ImageTag"]
+    [assertion] = template["Rules"]["ImageTagDoesNotMove"]["Assertions"]
+    assert assertion["Assert"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "ImageTag"}, "latest"]}]}
+
+
 def test_cloudformation_template_passes_cfn_lint():
     # The cfn-lint command, run through this interpreter so it is the pinned version of the venv.
     lint = "import sys; from cfnlint.runner import main; sys.argv[0] = 'cfn-lint'; sys.exit(main())"
