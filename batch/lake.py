@@ -48,7 +48,7 @@ HOUR_MS = 3_600_000
 # ---------------------------------------------------------------------------------------- schema
 
 TIMESTAMPS = ("collector_tstamp", "dvce_created_tstamp", "dvce_sent_tstamp", "derived_tstamp",
-              "etl_tstamp", "true_tstamp")
+              "etl_tstamp", "true_tstamp", "refr_dvce_tstamp")
 INTS = ("domain_sessionidx", "page_urlport", "refr_urlport", "pp_xoffset_min", "pp_xoffset_max", "pp_yoffset_min",
         "pp_yoffset_max", "ti_quantity", "br_viewwidth", "br_viewheight", "dvce_screenwidth",
         "dvce_screenheight", "doc_width", "doc_height")
@@ -68,7 +68,7 @@ STRINGS = (
     "ti_orderid", "ti_sku", "ti_name", "ti_category", "ti_currency",
     "event_vendor", "event_name", "event_format", "event_version",
     "useragent", "br_name", "br_family", "br_version", "os_name", "os_family", "dvce_type",
-    "br_lang", "br_colordepth", "os_timezone", "doc_charset",
+    "br_lang", "br_colordepth", "os_timezone", "doc_charset", "refr_domain_userid",
 )
 JSON_COLUMNS = ("unstruct_event", "contexts", "derived_contexts")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import re
 import time
 import urllib.parse
 from collections import OrderedDict
@@ -216,6 +217,41 @@ def campaign(query: str | None) -> dict:
             out["mkt_clickid"], out["mkt_network"] = params[name], network
             break
     return out
+
+
+# The JavaScript tracker's cross-domain linker on a link to another of the shop's domains:
+# _sp=<domain_userid>.<epoch ms>, or with useExtendedCrossDomainLinker more dot-separated parts
+# after them (session id, base64 user id, source id, platform, reason).
+CROSS_DOMAIN = re.compile(r"(?:^|(?<=[?&]))_sp=([^&#]*)")
+MAX_LINKED_ID = 128     # domain_userid's own limit
+
+
+def cross_domain(query: str | None) -> dict:
+    """``_sp`` of the page URL's query -> ``refr_domain_userid`` (the visitor's id on the domain they
+    came from) and ``refr_dvce_tstamp`` (when they clicked there), as Snowplow's enrich fills them;
+    a part that does not read is null, never a bad row (it is a URL's parameter)."""
+    out = {"refr_domain_userid": None, "refr_dvce_tstamp": None}
+    found = CROSS_DOMAIN.search(query) if query and "_sp=" in query else None
+    if found is None:
+        return out
+    linked_id, _, rest = found.group(1).partition(".")
+    stamp = rest.partition(".")[0]
+    if linked_id and len(linked_id) <= MAX_LINKED_ID:
+        out["refr_domain_userid"] = linked_id
+    if stamp.isascii() and stamp.isdigit() and 0 < int(stamp[:14]) < 4_102_444_800_000:
+        out["refr_dvce_tstamp"] = iso_ms(int(stamp))
+    return out
+
+
+def pseudonymise_cross_domain(text: str, pseudonym) -> str:
+    """``_sp=<id>.<ms>[.…]`` in a URL -> ``_sp=<pseudonym of id>.<ms>``: the id is the visitor's raw
+    cookie id on the other domain, and the extended linker's parts carry the user id in base64,
+    which no email scan finds."""
+    def replace(found: re.Match) -> str:
+        linked_id, _, rest = found.group(1).partition(".")
+        stamp = rest.partition(".")[0]
+        return "_sp=" + ".".join(part for part in (pseudonym(linked_id) if linked_id else "", stamp) if part)
+    return CROSS_DOMAIN.sub(replace, text)
 
 
 class RefererClassifier:

@@ -38,10 +38,12 @@ from enrich.enrichments import (
     RefererClassifier,
     anonymise_ip,
     campaign,
+    cross_domain,
     derived_tstamp,
     fingerprint,
     iso_ms,
     make_ua_parser,
+    pseudonymise_cross_domain,
     split_url,
     utc_now_ms,
 )
@@ -79,8 +81,11 @@ DIMENSIONS = {"res": ("dvce_screenwidth", "dvce_screenheight"), "vp": ("br_vieww
 TIMESTAMPS = {"dtm": "dvce_created_tstamp", "stm": "dvce_sent_tstamp", "ttm": "true_tstamp"}
 # Atomic fields that identify a person, or lead to one: an order id joins to a named customer in
 # the shop's own database, so it is as personal as the customer id.
-PSEUDONYMISED_FIELDS = ("user_id", "domain_userid", "user_ipaddress", "user_fingerprint", "mac_address",
-                        "tr_orderid", "ti_orderid")
+PSEUDONYMISED_FIELDS = ("user_id", "domain_userid", "refr_domain_userid", "user_ipaddress", "user_fingerprint",
+                        "mac_address", "tr_orderid", "ti_orderid")
+# Where the cross-domain linker's _sp=<domain_userid>... can be: the landing page, and the next
+# page's referrer.
+CROSS_DOMAIN_FIELDS = ("page_url", "page_urlquery", "page_referrer", "refr_urlquery")
 # URL and free-text fields where a site or a mail campaign may put an email address (`?email=`, a
 # newsletter's utm_term, a path /users/alice@…, a title): with pseudonymisation on, every address in
 # them becomes its pseudonym, as user_id does. So do Snowplow's own URL fields in events and contexts
@@ -454,6 +459,7 @@ class Enricher:
         event.update(split_url(event["page_url"], "page_url"))
         event.update(split_url(event["page_referrer"], "refr_url"))
         event.update(campaign(event["page_urlquery"]))
+        event.update(cross_domain(event["page_urlquery"]))
         event.update(self.referers.classify(event["page_referrer"], event["page_urlhost"]))
         ip = event["user_ipaddress"]
         if ip:
@@ -470,6 +476,9 @@ class Enricher:
         for name in EMAIL_SCANNED_FIELDS:
             if event[name]:
                 event[name] = emails.replace(event[name], hmac)
+        for name in CROSS_DOMAIN_FIELDS:
+            if event[name] and "_sp=" in event[name]:
+                event[name] = pseudonymise_cross_domain(event[name], hmac)
 
     def _protect_entities(self, event: dict) -> None:
         """Pseudonymise the pii_fields and coarsen geolocation in the self-describing event and contexts;

@@ -56,7 +56,7 @@ def test_every_field_the_enricher_writes_is_a_typed_column_not_extra():
     from tests.enrich.helpers import enricher, get_record
 
     hit = {"e": "pv", "p": "web", "tv": "js-4.1.0", "eid": "5b0e3a1c-6d1e-4f55-8c0a-2f9e7d6c5b4a", "aid": "shop",
-           "url": "https://shop.test/p?gclid=EAIaIQ", "mac": "00:1b:44:11:3a:b7", "cd": "24", "cookie": "1",
+           "url": "https://shop.test/p?gclid=EAIaIQ&_sp=d0.1764409950123", "mac": "00:1b:44:11:3a:b7", "cd": "24", "cookie": "1",
            "f_pdf": "1", "f_fla": "0", "duid": "d1", "sid": "s1", "vid": "2", "dtm": "1764409955000"}
     good, bad = enricher().process_serialized(get_record(hit))
     assert bad == [] and len(good) == 1
@@ -66,6 +66,8 @@ def test_every_field_the_enricher_writes_is_a_typed_column_not_extra():
     assert row["extra"] is None, row["extra"]
     assert (row["mkt_network"], row["br_colordepth"], row["br_features_pdf"], row["br_features_flash"]) == (
         "Google", "24", True, False)
+    assert row["refr_domain_userid"] == event["refr_domain_userid"] and len(event["refr_domain_userid"]) == 64
+    assert row["refr_dvce_tstamp"] == dt.datetime(2025, 11, 29, 9, 52, 30, 123000, tzinfo=dt.UTC)
 
 
 def test_snowplow_wrapped_self_describing_shapes_give_inner_schema_keys():

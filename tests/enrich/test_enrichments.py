@@ -1,9 +1,11 @@
 """Each enrichment on its own: UA, IP anonymisation, referers, campaigns, fingerprint, dedupe, PII paths, config."""
 from __future__ import annotations
 
+import base64
 import functools
 import gc
 import tracemalloc
+import uuid
 
 import orjson
 import pytest
@@ -16,6 +18,7 @@ from enrich.enrichments import (
     RefererClassifier,
     anonymise_ip,
     campaign,
+    cross_domain,
     fingerprint,
     make_ua_parser,
 )
@@ -353,6 +356,34 @@ def test_email_addresses_in_snowplows_own_url_fields_become_pseudonyms():
                                                    "elementContent": f"Write to {hmac('bob@example.net')}"}
     assert events[2]["unstruct_event"]["data"]["terms"] == ["order", hmac("carol@example.org")]
     assert events[2]["contexts"][0]["data"]["url"] == f"app://x?to={hmac('dave@example.com')}"
+
+
+def test_the_cross_domain_linker_fills_the_linked_id_and_time_and_keeps_no_raw_id_in_urls():
+    """The JavaScript tracker's crossDomainLinker adds _sp=<domain_userid>.<ms> to links to the shop's
+    other domains: the linked id was nowhere but in page_url and the next page's referrer, in clear."""
+    hmac, linked = Pseudonymiser(KEY), "a6b2d0f4-1c3e-4e5f-8a9b-0c1d2e3f4a5b"
+    user_id = base64.urlsafe_b64encode(b"alice@example.com").decode().rstrip("=")
+    extended = f"{linked}.1764409950123.{uuid.uuid4()}.{user_id}.shop-de.web.bGluaw"     # useExtendedCrossDomainLinker
+    landing = get_record({**EV, "e": "pv", "url": f"https://shop.test/cart?_sp={extended}&x=1"})
+    after = get_record({**EV, "e": "pv", "url": "https://shop.test/checkout",
+                        "refr": f"https://shop.test/cart?_sp={linked}.1764409950123&x=1"})
+    (_, first), (_, second) = [event for raw in (landing, after) for event in enricher().process(raw)[0]]
+    assert first["refr_domain_userid"] == hmac(linked) and first["refr_dvce_tstamp"] == "2025-11-29T09:52:30.123Z"
+    assert first["page_url"] == f"https://shop.test/cart?_sp={hmac(linked)}.1764409950123&x=1"
+    assert first["page_urlquery"] == f"_sp={hmac(linked)}.1764409950123&x=1"
+    assert second["page_referrer"] == f"https://shop.test/cart?_sp={hmac(linked)}.1764409950123&x=1"
+    assert second["refr_urlquery"] == f"_sp={hmac(linked)}.1764409950123&x=1" and second["refr_domain_userid"] is None
+    assert linked not in orjson.dumps([first, second]).decode() and user_id not in orjson.dumps(first).decode()
+    (_, kept), = enricher(pseudonymisation=False).process(landing)[0]
+    assert kept["refr_domain_userid"] == linked and f"_sp={extended}" in kept["page_url"]
+
+
+@pytest.mark.parametrize(("query", "linked", "clicked"), [
+    ("_sp=abc", "abc", None), ("_sp=.1764409950123", None, "2025-11-29T09:52:30.123Z"), ("_sp=", None, None),
+    ("_sp=abc.99999999999999999999", "abc", None), ("x_sp=abc.1", None, None), (f"_sp={'a' * 129}.1", None, "1970-01-01T00:00:00.001Z"),
+])
+def test_a_cross_domain_parameter_that_does_not_read_leaves_its_fields_null(query, linked, clicked):
+    assert cross_domain(query) == {"refr_domain_userid": linked, "refr_dvce_tstamp": clicked}
 
 
 def test_the_fingerprint_cannot_be_matched_against_guesses_without_the_key():
