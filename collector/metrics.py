@@ -80,10 +80,11 @@ def flush() -> None:
 def update_spool(spools: list) -> None:
     with _damage_lock:                      # the sender and a scrape both call this
         for spool in spools:
-            damaged = spool.corrupt_frames - _damage_counted.get(spool, 0)
+            seen = spool.corrupt_frames         # once: the sender may pass more damage meanwhile
+            damaged = seen - _damage_counted.get(spool, 0)
             if damaged > 0:
                 SPOOL_DAMAGED.inc(damaged)
-                _damage_counted[spool] = spool.corrupt_frames
+                _damage_counted[spool] = seen
     SPOOL_RECORDS.set(sum(spool.records for spool in spools))
     SPOOL_BYTES.set(sum(spool.depth_bytes for spool in spools))
 

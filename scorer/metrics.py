@@ -44,12 +44,12 @@ SHADOW_ROWS = Counter("scorer_shadow_rows_total", "Rows the shadow model scored"
 
 
 def model_loaded(model, role: str, previous) -> None:
-    if previous is not None:
+    MODEL_INFO.labels(model.name, model.version, role).set(1)      # the new series first: never none
+    if previous is not None and (previous.name, previous.version) != (model.name, model.version):
         try:
             MODEL_INFO.remove(previous.name, previous.version, role)
         except KeyError:
             pass
-    MODEL_INFO.labels(model.name, model.version, role).set(1)
     MODEL_CREATED.labels(role).set(_created_at(model.meta))
 
 

@@ -234,7 +234,7 @@ class Models:
         # CURRENT when neither it nor any earlier CURRENT fits this scorer: nothing is scored, and
         # /ping fails so that a rolling deploy of scorers for other features stops (docs/training.md).
         self.unfit: str | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()     # _follow holds it across its fallback
         self._stop = threading.Event()
 
     def load(self, version: str | None = None) -> Model:
@@ -310,6 +310,10 @@ class Models:
         metrics.MODEL_CHECKED.set_to_current_time()
 
     def _follow(self, version: str) -> None:
+        with self._lock:                    # a reload must not land between `champion is None` and the fallback
+            self._follow_locked(version)
+
+    def _follow_locked(self, version: str) -> None:
         try:
             self.load(version)
         except ModelRefused:

@@ -231,3 +231,28 @@ def test_damaged_spool_bytes_are_counted_and_the_hits_after_them_delivered(tmp_p
     finally:
         app.stop()
     assert "passed over" in caplog.text
+
+
+def test_damage_the_sender_passes_during_a_scrape_is_counted_once_not_lost():
+    # The count was read twice, before and after the increment: a frame the sender passed between
+    # the two was taken as counted and never added.
+    from prometheus_client import REGISTRY
+
+    from collector import metrics as collector_metrics
+
+    class Passing:                        # each read sees one more damaged frame, as during a read()
+        records = depth_bytes = 0
+        seen = 0
+
+        @property
+        def corrupt_frames(self):
+            self.seen += 1
+            return self.seen
+
+    spool = Passing()
+    before = REGISTRY.get_sample_value("collector_spool_damaged_total") or 0
+    for _ in range(3):
+        collector_metrics.update_spool([spool])
+    counted = REGISTRY.get_sample_value("collector_spool_damaged_total") - before
+    assert counted == spool.seen            # every damaged frame the spool has reported (3 here; 3 of 6 before)
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -104,6 +105,53 @@ def test_a_scorer_starting_while_current_does_not_fit_serves_the_current_before_
     publish(s3, published.bucket, MODEL, "v4", logistic_onnx(bias=0.5))
     models.refresh()
     assert models.champion.version == "v4"
+
+
+def test_a_scrape_during_a_model_swap_always_sees_a_champion(monkeypatch):
+    # The old series was removed before the new one was set: a scrape between them (the API thread)
+    # saw no champion, and an absent() alert or a join on model_version misfired.
+    from scorer import metrics as scorer_metrics
+
+    def champions() -> list:
+        return [s for metric in REGISTRY.collect() for s in metric.samples
+                if s.name == "scorer_model_info" and s.labels["role"] == "champion" and s.labels["name"] == "swap"]
+
+    seen_at_removal = []
+    remove = scorer_metrics.MODEL_INFO.remove
+    monkeypatch.setattr(scorer_metrics.MODEL_INFO, "remove",
+                        lambda *labels: (seen_at_removal.append(len(champions())), remove(*labels)))
+    old, new = (SimpleNamespace(name="swap", version=v, meta={}) for v in ("v1", "v2"))
+    scorer_metrics.model_loaded(old, "champion", None)
+    scorer_metrics.model_loaded(new, "champion", old)
+    assert seen_at_removal == [2] and [s.labels["version"] for s in champions()] == ["v2"]
+    scorer_metrics.model_loaded(new, "champion", new)            # the same version again: still there
+    assert [s.labels["version"] for s in champions()] == ["v2"]
+
+
+def test_a_reload_while_the_scorer_falls_back_is_not_replaced_by_the_fallback(published, s3, monkeypatch):
+    """The watcher saw no model and fell back, reading HISTORY; an operator's reload of v1b landed
+    during that read, was answered 200, then the fallback loaded v1b over it, for good."""
+    import scorer.model as scorer_model
+
+    publish(s3, published.bucket, MODEL, "v1b", logistic_onnx(bias=-1.0))
+    publish(s3, published.bucket, MODEL, "v2", logistic_onnx(), model_meta(MODEL, "v2", feature_version="0"))
+    models = Models(s3, published.bucket, MODEL)
+    reading, reloaded = threading.Event(), threading.Event()
+    history = scorer_model.registry.history
+
+    def slow_history(*args):
+        reading.set()
+        reloaded.wait(1)                    # the GET of HISTORY in flight while the operator reloads
+        return history(*args)
+
+    monkeypatch.setattr(scorer_model.registry, "history", slow_history)
+    operator = threading.Thread(target=lambda: (reading.wait(5), models.load("v1"), reloaded.set()))
+    operator.start()
+    models.refresh()                        # v2 does not fit: falls back to v1b, the CURRENT before it
+    operator.join(5)
+    assert reloaded.is_set() and models.champion.version == "v1"      # the operator's, applied last
+    models.refresh()
+    assert models.champion.version == "v1"
 
 
 def test_a_scorer_starting_while_currents_bundle_is_missing_serves_the_current_before_it(published, s3, caplog):
