@@ -123,6 +123,7 @@ class Consumer:
         self._balance_failing_since: float | None = None
         self._renewed_at = 0.0
         self._watch = RenewalWatch(lease_ms)
+        self._rows_seen: set[str] = set()      # lease rows of the last query
         self._read_failures = Tally(every_s=30.0)
         self._renew_failures = Tally(every_s=30.0)
 
@@ -131,7 +132,9 @@ class Consumer:
     def _refresh_shards(self, force: bool = False) -> list[Shard]:
         if force or time.monotonic() - self._shards_at > self.shard_refresh_s:
             self._shards = self.stream.list_shards()
-            for shard in self._shards:
+            # A conditional put for a row the last lease query saw only fails (each worker, each
+            # shard, every refresh: writes on the table's one key that grow as workers x shards).
+            for shard in (shard for shard in self._shards if shard.shard_id not in self._rows_seen):
                 self.leases.ensure(shard.shard_id)
             # Only once every row exists: a listed shard without a row is then one a peer deleted as aged out.
             self._shards_at = time.monotonic()
@@ -206,6 +209,7 @@ class Consumer:
         shards = self._refresh_shards()
         rows, workers = self.leases.leases()
         leases = {lease.shard_id: lease for lease in rows}
+        self._rows_seen = set(leases)
         self._watch.keep_only(set(leases) | {WORKER_PREFIX + worker for worker in workers})
         held = {sid for sid, lease in leases.items()
                 if lease.owner and not self._watch.expired(sid, lease.version)}

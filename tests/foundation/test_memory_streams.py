@@ -80,6 +80,23 @@ def test_consumer_resumes_after_restart_without_loss_or_duplicates():
     assert Counter(got) == Counter(r.data for r in stream.all_records())
 
 
+def test_lease_rows_are_made_only_for_shards_the_last_lease_query_did_not_see(monkeypatch):
+    # Every worker tried a conditional put for every shard at every shard refresh, each one failing
+    # once the row existed: writes on the lease table's one key growing as workers x shards.
+    stream, leases = MemoryStream(shard_count=3), MemoryLeaseTable()
+    ensured = []
+    ensure = leases.ensure
+    monkeypatch.setattr(leases, "ensure", lambda shard_id: (ensured.append(shard_id), ensure(shard_id)))
+    consumer = Consumer(stream, leases, worker_id="a", lease_ms=60_000, shard_refresh_s=0)   # lists at every balance
+    for _ in range(3):
+        consumer.balance()
+    assert sorted(ensured) == sorted(shard.shard_id for shard in stream.list_shards())       # once each
+    leases._leases.pop(ensured[0])                        # a row deleted by hand: made again
+    consumer.balance()
+    consumer.balance()
+    assert ensured.count(ensured[0]) == 2 and len(ensured) == 4
+
+
 class FlakyReader:
     """A shard reader whose next ``failures`` reads raise, like a throttled GetRecords."""
 
