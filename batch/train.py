@@ -25,7 +25,7 @@ from pyspark.sql import DataFrame
 
 from batch import train_table
 from batch.export import ExportError
-from batch.train_config import LAKE_URL_SCHEMES, TrainSettings, spark_session
+from batch.train_config import LAKE_URL_SCHEMES, TrainSettings, in_process, spark_session
 from batch.train_features import ID_COLUMNS, build_examples, read_events, require_trainable
 from batch.train_lake import (
     TrainError,
@@ -68,6 +68,19 @@ def load_window(spark, settings: TrainSettings, window: Window, steps: Steps | N
                                    skip_corrupt=settings.skip_corrupt_files)
             except AnalysisException as exc:          # Spark's answer when no partition of the window exists
                 raise _empty_window(settings, window) from exc
+            except Exception as exc:            # a corrupt footer fails the schema merge here, not in features
+                clear = unreadable_file_error(exc) or missing_filesystem_error(exc, settings.lake_path)
+                if clear is None:
+                    raise
+                raise clear from None
+        master = spark.sparkContext.master
+        if not in_process(master):
+            # Executors on other hosts looked for the driver's files: FileNotFoundException, reported
+            # by Spark as a footer that "could not be read".
+            where = f"the folder {settings.lake_path}" if settings.lake_path else f"cache_dir {settings.cache_dir}"
+            raise TrainError(f"Spark master {master} runs executors on other hosts, which cannot read {where} on this "
+                             "one: set CLICKSTREAM_LAKE_PATH to s3a://<bucket>/enriched (or a file:// URL every node "
+                             "mounts)")
         root = Path(settings.lake_path) if settings.lake_path else \
             local_window(settings.bucket, Window(before.start, window.end), settings.cache_dir,
                          region=settings.region, progress=settings.progress)
@@ -77,6 +90,17 @@ def load_window(spark, settings: TrainSettings, window: Window, steps: Steps | N
         earlier = check_files(window_files(root, before), skip_corrupt=settings.skip_corrupt_files)
         log.info("reading %d lake files of %s and %d of its lead-in %s", len(files), window, len(earlier), before)
         return read_events(spark, root, spark_paths(root, earlier + files), skip_corrupt=settings.skip_corrupt_files)
+
+
+def missing_filesystem_error(exc: Exception, lake_path: str) -> TrainError | None:
+    """A lake URL whose Hadoop filesystem is not on Spark's classpath (a page of Java stack otherwise)."""
+    if "S3AFileSystem not found" in str(exc) or "No FileSystem for scheme" in str(exc):
+        scheme = lake_path.split(":", 1)[0]
+        return TrainError(f"Spark cannot read CLICKSTREAM_LAKE_PATH {lake_path}: no Hadoop filesystem for {scheme}:// "
+                          "on its classpath. For s3a:// add hadoop-aws (the Hadoop version of Spark's "
+                          "hadoop-client jars) and the AWS SDK bundle to every node, e.g. spark-submit "
+                          "--packages org.apache.hadoop:hadoop-aws:<version>; s3:// is not a Hadoop scheme, use s3a://")
+    return None
 
 
 def lead_in(window: Window, gap_minutes: int) -> Window:
@@ -131,8 +155,13 @@ def train_from_events(spark, events: DataFrame, settings: TrainSettings, *, wind
 
 def _python_error(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith(("ValueError", "KeyError", "TypeError", "TrainError"))]
-    return (errors or lines or ["unknown error"])[-1]
+    errors = [line for line in lines if line.startswith(("ValueError", "KeyError", "TypeError", "TrainError",
+                                                          "ModuleNotFoundError"))]
+    error = (errors or lines or ["unknown error"])[-1]
+    if error.startswith("ModuleNotFoundError"):
+        error += (" on a Spark executor: the Python that CLICKSTREAM_SPARK_MASTER's workers run (PYSPARK_PYTHON) "
+                  "needs the trainer's dependencies (requirements.lock)")
+    return error
 
 
 def _champion_line(champion: dict) -> str:

@@ -137,7 +137,11 @@ def spark_session(settings: TrainSettings, app_name: str = "clickstream-train"):
     # it used /tmp whatever TMPDIR said, and stopped on "basedir must be absolute: ?/.ivy2".
     java_options = (f"-Dlog4j2.configurationFile={SPARK_LOG_CONFIG.as_uri()} -Djava.io.tmpdir={scratch} "
                     f"-Duser.home={os.environ.get('HOME') or scratch}")
-    builder = (SparkSession.builder.appName(app_name).master(settings.spark_master)
+    builder = SparkSession.builder.appName(app_name)
+    if not os.environ.get("PYSPARK_GATEWAY_PORT"):
+        # Not under spark-submit: there, .master() overrode its --master and the job ran local[*].
+        builder = builder.master(settings.spark_master)
+    builder = (builder
                .config("spark.driver.memory", settings.spark_driver_memory)
                .config("spark.ui.enabled", "false")
                .config("spark.sql.shuffle.partitions", str(settings.spark_shuffle_partitions))
@@ -153,7 +157,39 @@ def spark_session(settings: TrainSettings, app_name: str = "clickstream-train"):
                           f"{settings.spark_master!r}, CLICKSTREAM_SPARK_DRIVER_MEMORY {settings.spark_driver_memory!r} "
                           "and that `java` runs; its log above says more)") from None
     spark.sparkContext.setLogLevel("ERROR")
+    if not in_process(spark.sparkContext.master):
+        ship_code(spark)
     return spark
+
+
+def in_process(master: str) -> bool:
+    """Whether executors run inside this process (local, local[4]; not local-cluster[...] or a cluster)."""
+    return re.fullmatch(r"local(\[[^\]]*\])?", master) is not None
+
+
+# What executors import: the fold (batch.train_features -> batch.lake, common.features, ...).
+SHIPPED_PACKAGES = ("common", "batch")
+
+
+def ship_code(spark) -> Path:
+    """Outside local mode each executor starts Python in its own work folder, where ``batch`` and
+    ``common`` are not importable: the fold failed with "No module named 'batch'". Ship this
+    process's copy of them (a zip, first on the executors' sys.path, so they run the driver's code)."""
+    import atexit
+    import shutil
+    import tempfile
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    folder = tempfile.mkdtemp(prefix="clickstream-pyfiles-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    archive = Path(folder) / "clickstream.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for package in SHIPPED_PACKAGES:
+            for path in sorted((root / package).rglob("*.py")):
+                zf.write(path, path.relative_to(root).as_posix())
+    spark.sparkContext.addPyFile(str(archive))
+    return archive
 
 
 def _writable_temp_dir() -> str:

@@ -5,6 +5,7 @@ import dataclasses
 import itertools
 import random
 from collections import defaultdict
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from batch import train as train_cli
-from batch.train import load_window, window_start_ms
+from batch.train import _python_error, load_window, missing_filesystem_error, window_start_ms
 from batch.train_features import _as_millis, arrival_order, build_examples, require_trainable, sessionise, thinned
 from batch.train_lake import TrainError, Window, spark_paths, unreadable_file_error
 from common.features import (
@@ -288,6 +289,35 @@ def test_corrupt_parquet_file_is_named(spark, tmp_path, events):
         load_window(spark, _settings(root), WINDOW)
     kept = load_window(spark, _settings(root, skip_corrupt_files=True), WINDOW)
     assert 0 < kept.count() < 500
+
+
+def test_a_corrupt_file_read_through_a_url_is_named_too(spark, tmp_path, events):
+    # A URL lake_path (s3a://, file://) skipped the footer check: a page of Java stack and exit 1.
+    root = synth.write_lake_dir(tmp_path, events[:500])
+    victim = min(root.glob("date=*/hour=*/*.parquet"))
+    victim.write_bytes(victim.read_bytes()[:200])
+    with pytest.raises(TrainError, match=f"corrupt Parquet data in .*{victim.name}"):
+        load_window(spark, _settings(f"file://{root}"), WINDOW)
+
+
+def test_a_folder_the_executors_of_a_cluster_cannot_read_is_refused_with_the_setting_to_use(tmp_path):
+    # Executors on other hosts looked for the driver's files and Spark blamed a corrupt footer.
+    cluster = SimpleNamespace(sparkContext=SimpleNamespace(master="spark://spark-master:7077"))
+    with pytest.raises(TrainError, match=f"spark://spark-master:7077 .* cannot read the folder {tmp_path} .*"
+                                         "set CLICKSTREAM_LAKE_PATH to s3a://"):
+        load_window(cluster, _settings(tmp_path), WINDOW)
+
+
+def test_a_lake_url_spark_has_no_filesystem_for_names_the_setting_and_the_jar():
+    found = Exception("java.lang.ClassNotFoundException: Class org.apache.hadoop.fs.s3a.S3AFileSystem not found")
+    error = missing_filesystem_error(found, "s3a://lake/enriched")
+    assert "CLICKSTREAM_LAKE_PATH s3a://lake/enriched" in str(error) and "hadoop-aws" in str(error)
+    assert missing_filesystem_error(Exception("something else"), "s3a://lake/enriched") is None
+
+
+def test_an_executor_without_the_dependencies_is_named_as_the_cause():
+    failed = Exception("PythonException:\n  ModuleNotFoundError: No module named 'pyarrow'")
+    assert "on a Spark executor: the Python that" in _python_error(failed) and "PYSPARK_PYTHON" in _python_error(failed)
 
 
 def test_corrupt_data_behind_a_readable_footer_is_named_or_skipped(spark, tmp_path, events):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -186,7 +187,8 @@ def test_make_trains_lake_sync_uses_the_configured_region(monkeypatch, tmp_path)
     used = []
     monkeypatch.setattr(lake, "objects_between", lambda s3, *args: used.append(s3.meta.region_name) or [])
     with pytest.raises(TrainError, match="no enriched events"):
-        load_window(None, fast_settings(region="af-south-1", cache_dir=tmp_path), Window.last_days(1, "2026-01-01"))
+        local = SimpleNamespace(sparkContext=SimpleNamespace(master="local[2]"))     # the sync fails before Spark reads
+        load_window(local, fast_settings(region="af-south-1", cache_dir=tmp_path), Window.last_days(1, "2026-01-01"))
     assert used == ["af-south-1"]
 
 
