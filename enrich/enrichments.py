@@ -77,10 +77,16 @@ def _version(*parts: str | None) -> str | None:
     return ".".join(kept) if kept else None
 
 
+def _android_tablet(ua: str, device_family: str) -> bool:
+    """Android browsers say "Mobile" on phones only; Opera Mini (a phone browser that does not) and
+    apps' own HTTP clients (Dalvik, which never does) are taken for the phones they mostly run on."""
+    return "Mobile" not in ua and device_family != "Generic Smartphone" and not ua.startswith("Dalvik/")
+
+
 def _device_type(ua: str, os_family: str, device_family: str, browser_family: str) -> str:
     if device_family == "Spider" or "bot" in browser_family.lower() or browser_family in ("HeadlessChrome",):
         return "Bot"
-    if any(hint in device_family for hint in _TABLET_HINTS) or (os_family == "Android" and "Mobile" not in ua):
+    if any(hint in device_family for hint in _TABLET_HINTS) or (os_family == "Android" and _android_tablet(ua, device_family)):
         return "Tablet"
     if os_family in _MOBILE_OS:
         return "Mobile"
@@ -199,7 +205,11 @@ def split_url(url: str | None, prefix: str) -> dict:
 
 _CAMPAIGN = {"utm_medium": "mkt_medium", "utm_source": "mkt_source", "utm_term": "mkt_term",
              "utm_content": "mkt_content", "utm_campaign": "mkt_campaign"}
-_CLICK_IDS = {"gclid": "Google", "msclkid": "Microsoft", "dclid": "DoubleClick", "fbclid": "Facebook"}
+# Ad networks' click ids, first found wins. gbraid/wbraid are Google's where iOS allows no gclid.
+# fbclid is not an ad's: Facebook adds it to every outbound link (common.features does not count it).
+_CLICK_IDS = {"gclid": "Google", "gbraid": "Google", "wbraid": "Google", "msclkid": "Microsoft",
+              "dclid": "DoubleClick", "ttclid": "TikTok", "twclid": "Twitter", "li_fat_id": "LinkedIn",
+              "yclid": "Yandex", "fbclid": "Facebook"}
 
 
 @short_cache(4096)
@@ -224,6 +234,13 @@ def campaign(query: str | None) -> dict:
 # after them (session id, base64 user id, source id, platform, reason).
 CROSS_DOMAIN = re.compile(r"(?:^|(?<=[?&]))_sp=([^&#]*)")
 MAX_LINKED_ID = 128     # domain_userid's own limit
+MIN_TSTAMP, MAX_TSTAMP = 0, 4_102_444_800_000     # 1970 .. 2100, in ms
+
+
+def _linker_parts(value: str) -> tuple[str, str]:
+    """``<id>.<ms>[.…]`` -> (id, ms); the extended linker's further parts are dropped."""
+    linked_id, _, rest = value.partition(".")
+    return linked_id, rest.partition(".")[0]
 
 
 def cross_domain(query: str | None) -> dict:
@@ -234,11 +251,10 @@ def cross_domain(query: str | None) -> dict:
     found = CROSS_DOMAIN.search(query) if query and "_sp=" in query else None
     if found is None:
         return out
-    linked_id, _, rest = found.group(1).partition(".")
-    stamp = rest.partition(".")[0]
+    linked_id, stamp = _linker_parts(found.group(1))
     if linked_id and len(linked_id) <= MAX_LINKED_ID:
         out["refr_domain_userid"] = linked_id
-    if stamp.isascii() and stamp.isdigit() and 0 < int(stamp[:14]) < 4_102_444_800_000:
+    if stamp.isascii() and stamp.isdigit() and MIN_TSTAMP < int(stamp[:14]) < MAX_TSTAMP:
         out["refr_dvce_tstamp"] = iso_ms(int(stamp))
     return out
 
@@ -248,10 +264,20 @@ def pseudonymise_cross_domain(text: str, pseudonym) -> str:
     cookie id on the other domain, and the extended linker's parts carry the user id in base64,
     which no email scan finds."""
     def replace(found: re.Match) -> str:
-        linked_id, _, rest = found.group(1).partition(".")
-        stamp = rest.partition(".")[0]
+        linked_id, stamp = _linker_parts(found.group(1))
         return "_sp=" + ".".join(part for part in (pseudonym(linked_id) if linked_id else "", stamp) if part)
     return CROSS_DOMAIN.sub(replace, text)
+
+
+_SECOND_LEVEL = {"com", "co", "org", "net", "ac", "ne", "or", "gob", "gov", "edu"}
+
+
+def _country_labels(parts: list[str]) -> int:
+    """How many of a host's last labels are a country's domain or .com: 2 for co.uk or com.mx, 1 for
+    de or com, else 0."""
+    if len(parts) >= 3 and parts[-2] in _SECOND_LEVEL and len(parts[-1]) == 2:
+        return 2
+    return 1 if len(parts) >= 2 and (len(parts[-1]) == 2 or parts[-1] == "com") else 0
 
 
 class RefererClassifier:
@@ -268,16 +294,21 @@ class RefererClassifier:
                 for domain in spec["domains"]:
                     self.hosts[domain.lower()] = (medium, source, tuple(spec.get("parameters", ())))
         self.internal = {d.lower() for d in internal_domains}
-        self.most_labels = max((domain.count(".") + 1 for domain in self.hosts), default=0)
+        # "google.*" stands for up to two labels of a country's domain (google.com.mx): one more.
+        self.most_labels = max((domain.count(".") + 1 + domain.endswith(".*") for domain in self.hosts), default=0)
         self.classify = short_cache(8192)(self._classify)
 
     def _lookup(self, host: str):
-        # Try the host and each parent domain: "news.google.co.uk" matches "google.co.uk". Only those
-        # as long as a listed domain at most: from all 80,000 parents of a host of "a." * 80,000 (a
-        # referer as big as a record allows), the joins cost 18 s of one record's enrichment.
+        # Try the host and each parent domain, most labels first: "news.google.co.uk" matches
+        # "google.co.uk", then the same with the country's domain as "*": "maps.google.*" before
+        # "google.*". Only as long as a listed domain at most: from all 80,000 parents of a host of
+        # "a." * 80,000 (a referer as big as a record allows), the joins cost 18 s of one record.
         parts = host.split(".")
+        country = _country_labels(parts)
         for i in range(max(0, len(parts) - self.most_labels), len(parts) - 1):
             found = self.hosts.get(".".join(parts[i:]))
+            if not found and country and i < len(parts) - country:
+                found = self.hosts.get(".".join(parts[i:-country]) + ".*")
             if found:
                 return found
         return None

@@ -33,6 +33,8 @@ from enrich.config import (
     parse_pii_field,
 )
 from enrich.enrichments import (
+    MAX_TSTAMP,
+    MIN_TSTAMP,
     Deduper,
     Pseudonymiser,
     RefererClassifier,
@@ -112,7 +114,6 @@ KINDS = {**{name: (str, canonical) for name, canonical in STRINGS.items()},
 # Every typed field, null unless the tracker sent it: copied per event, faster than building it.
 TEMPLATE = dict.fromkeys([*STRINGS.values(), *FLOATS.values(), *INTS.values(),
                           *(f for pair in DIMENSIONS.values() for f in pair), *FEATURES.values()])
-MIN_TSTAMP, MAX_TSTAMP = 0, 4_102_444_800_000     # 1970 .. 2100, in ms
 TSTAMP_RANGE = "epoch milliseconds between 1970 and 2100"
 INT_LIMIT = 2_147_483_647
 # A bad row per failed event repeats its record's fields (headers above all): 500,000 one-byte events
@@ -295,8 +296,8 @@ class Enricher:
 
     def _event(self, hit: protocol.Hit, index: int, etl_tstamp: str, collector_errors: list[dict],
                fallback_id) -> tuple[dict, bytes] | None:
-        problems = protocol.check_event(hit, index, self.resolver)
         params = hit.params(index)
+        problems = protocol.check_event(hit, index, params, self.resolver)
         kind = params.get("e") if isinstance(params, dict) else None
         event_type = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
         if not problems and event_type is None:

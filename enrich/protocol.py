@@ -247,8 +247,9 @@ def events_record(hit: Hit, indices: list[int]) -> dict:
     return {**hit.record, "body": body, "body_base64": None}
 
 
-def check_event(hit: Hit, index: int, resolver: Resolver) -> list[dict]:
-    """Protocol messages for one event (empty when it may proceed)."""
+def check_event(hit: Hit, index: int, params: object, resolver: Resolver) -> list[dict]:
+    """Protocol messages for one event, ``params`` being ``hit.params(index)`` (empty when it may
+    proceed)."""
     sent = hit.events[index]
     if not isinstance(sent, dict):
         return [badrows.message("body.data", sent, "an object of string parameters")]
@@ -266,7 +267,6 @@ def check_event(hit: Hit, index: int, resolver: Resolver) -> list[dict]:
                 return [badrows.message("body.schema", hit.payload_key, f"a resolvable payload_data schema: {exc}")]
         if errors:
             return [badrows.message("body.data", None, f"{hit.payload_key}: {error}") for error in errors]
-    params = hit.params(index)
     return [badrows.message(name, None, "a required parameter") for name in REQUIRED if not params.get(name)]
 
 
