@@ -94,7 +94,7 @@ def refresh(sink) -> None:
     stuck or dead sender would leave them at their last value (an empty spool, a stream up). In
     multiprocess mode this refreshes the scraped worker's values; the others' are their senders'."""
     update_spool(sink.spools())
-    SINK_UP.set(int(sink.problem() is None))
+    sink.publish_health()
 
 
 def forget_worker(pid: int) -> None:

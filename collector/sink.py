@@ -59,6 +59,7 @@ class Sink:
         self.healthy = probe is None
         self.cause: str | None = None        # AWS's answer while the stream cannot be written
         self._health_known = False          # the first answer is news, not "again"
+        self._health_lock = threading.Lock()    # the sender and a scrape both set collector_sink_up
         self.progressed = False          # whether this sending round delivered anything
         self.wake = threading.Event()
         self._stop = threading.Event()
@@ -233,17 +234,24 @@ class Sink:
         return True
 
     def _set_health(self, healthy: bool, cause: str | None = None) -> None:
-        if healthy != self.healthy or not self._health_known:
-            name = self.producers[RAW].stream.name
-            if healthy:
-                log.info("stream %s reachable%s", name, " again" if self._health_known else "")
-            elif cause:
-                log.warning("stream %s not writable (%s); hits stay in the spool", name, cause)
-            else:
-                log.warning("stream %s unreachable; hits stay in the spool", name)
-        self.healthy, self._health_known = healthy, True
-        self.cause = None if healthy else cause
-        metrics.SINK_UP.set(int(healthy))
+        with self._health_lock:
+            if healthy != self.healthy or not self._health_known:
+                name = self.producers[RAW].stream.name
+                if healthy:
+                    log.info("stream %s reachable%s", name, " again" if self._health_known else "")
+                elif cause:
+                    log.warning("stream %s not writable (%s); hits stay in the spool", name, cause)
+                else:
+                    log.warning("stream %s unreachable; hits stay in the spool", name)
+            self.healthy, self._health_known = healthy, True
+            self.cause = None if healthy else cause
+            metrics.SINK_UP.set(int(healthy))
+
+    def publish_health(self) -> None:
+        """Set collector_sink_up from problem() at a scrape. Under the sender's lock: a scrape that read
+        the stream as up just before the sender found it down would set a stale 1 over its 0."""
+        with self._health_lock:
+            metrics.SINK_UP.set(int(self.problem() is None))
 
     def _send(self, entries: list[Entry], offset: int, spool: Spool) -> bool:
         """Deliver one batch; False when the caller should back off (nothing or not everything got through)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from urllib.parse import parse_qs
 
@@ -647,3 +648,20 @@ def test_adopting_a_dead_workers_slot_drops_its_gauges(tmp_path, monkeypatch):
                 Producer(MemoryStream("bad")), find_orphans=lambda taken: [(left, os.open(slot, os.O_RDONLY))])
     sink._adopt()
     assert forgotten == [int(dead)]
+
+
+def test_a_scrape_never_sets_a_stale_up_over_the_senders_down(tmp_path, monkeypatch):
+    """The scrape reads the sink's state, then sets the gauge: the sender finding the stream down in
+    between must win, not be overwritten with the 1 the scrape read before."""
+    sink = sink_for(tmp_path, MemoryStream("raw"), MemoryStream("bad"))
+    sender = threading.Thread(target=sink._set_health, args=(False,))
+
+    def up_while_the_sender_finds_it_down() -> str | None:
+        sender.start()
+        sender.join(0.5)                # the sender's turn comes while the scrape holds what it read
+        return None                     # no problem: the stream is up, as the scrape read it
+
+    monkeypatch.setattr(sink, "problem", up_while_the_sender_finds_it_down)
+    metrics.refresh(sink)
+    sender.join()
+    assert REGISTRY.get_sample_value("collector_sink_up") == 0
