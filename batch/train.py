@@ -15,8 +15,10 @@ import datetime as dt
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -213,13 +215,8 @@ def run_events(settings: TrainSettings, *, publish_model: bool = True) -> tuple[
     steps = Steps(EVENT_STEPS if publish_model else EVENT_STEPS[:-1], enabled=settings.progress)
     try:
         events = load_window(spark, settings, window, steps)
-        try:
+        with spark_failures_explained(settings):
             result = train_from_events(spark, events, settings, window=window, steps=steps)
-        except Exception as exc:
-            clear = unreadable_file_error(exc) or out_of_memory_error(exc, settings) or disk_full_error(exc)
-            if clear is None:
-                raise
-            raise clear from None
         outcome = None
         if publish_model:
             with steps("publish"):
@@ -227,6 +224,33 @@ def run_events(settings: TrainSettings, *, publish_model: bool = True) -> tuple[
         return result, outcome
     finally:
         steps.close()
+
+
+@contextmanager
+def spark_failures_explained(settings: TrainSettings):
+    """A Spark job's failure that has a known remedy becomes a TrainError saying it (a page of Java
+    stack trace and exit 1 otherwise, which means an AWS call failed)."""
+    try:
+        yield
+    except TrainError:
+        raise
+    except Exception as exc:
+        clear = (unreadable_file_error(exc) or out_of_memory_error(exc, settings) or disk_full_error(exc)
+                 or python_worker_error(exc))
+        if clear is None:
+            raise
+        raise clear from None
+
+
+def python_worker_error(exc: Exception) -> TrainError | None:
+    """Spark could not start its Python workers: PYSPARK_PYTHON (by default the trainer's own Python)
+    is not a program on the executors' hosts, as on a cluster whose nodes keep Python elsewhere."""
+    found = re.search(r'Cannot run program "([^"]*)"', str(exc))
+    if found is None:
+        return None
+    return TrainError(f"Spark could not start its Python workers: no program {found.group(1)} on the executors' "
+                      "hosts. Set PYSPARK_PYTHON to the Python that has the trainer's dependencies on every node "
+                      "(it defaults to the trainer's own interpreter)")
 
 
 def out_of_memory_error(exc: Exception, settings: TrainSettings) -> TrainError | None:
@@ -320,8 +344,9 @@ def main(table, label_column, drop, categorical, missing, cv, out, publish_model
         if publishing or not (table or settings.lake_path):
             check_bucket(settings)
         if table:
-            result, outcome = train_table.run(settings, table, label_column, drop=drop, categorical=categorical,
-                                              missing=missing, cv=cv, publish_model=bool(publish_model))
+            with spark_failures_explained(settings):
+                result, outcome = train_table.run(settings, table, label_column, drop=drop, categorical=categorical,
+                                                  missing=missing, cv=cv, publish_model=bool(publish_model))
         else:
             result, outcome = run_events(settings, publish_model=publish_model is not False)
         if not result.parity.passed:        # not publishing: publish() did not get to refuse it

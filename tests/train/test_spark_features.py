@@ -385,6 +385,10 @@ def test_examples_come_back_cached_and_nothing_else_stays_cached(spark, lake_dir
     ("java.io.IOException: No space left on device",
      ("Spark ran out of disk space (No space left on device) for its scratch files in /scratch/spark: free space there, "
      "or set SPARK_LOCAL_DIRS")),
+    # as Spark words it (measured with PYSPARK_PYTHON=/nonexistent/bin/python)
+    ('java.io.IOException: Cannot run program "/nonexistent/bin/python": error=2, No such file or directory',
+     ("Spark could not start its Python workers: no program /nonexistent/bin/python on the executors' hosts. "
+      "Set PYSPARK_PYTHON")),
 ])
 def test_spark_out_of_memory_or_disk_names_the_setting_to_raise(spark, lake_dir, monkeypatch, failure, said):
     """A window too big for the driver's heap, or for the scratch disk, ended in a page of Java
