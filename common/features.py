@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from datetime import UTC, datetime
 from functools import cache
 from importlib import resources
 from zoneinfo import ZoneInfo
 
-FEATURE_VERSION = "4"
+FEATURE_VERSION = "5"
 SHOP_VENDOR = "com.clickshop"
 # The official trackers' trackAddToCart / trackRemoveFromCart send Snowplow's own cart events: the
 # same actions, priced in unitPrice. Any other vendor's events of those names are not the shop's.
@@ -50,7 +51,9 @@ NIL_USER = "00000000-0000-0000-0000-000000000000"   # network_userid of SP-Anony
 NUMBER_LIMIT = 1e9          # any number read from an event: beyond every real quantity, price or index
 
 PAGE_TYPES = ("home", "category", "product", "search", "cart", "checkout", "content")
-DEVICES = ("Computer", "Mobile", "Tablet")
+# Bots (the enricher's dvce_type from the user agent) are a class of their own: never buyers, and
+# not to be mistaken for a visitor whose user agent said nothing (Unknown, all zeros).
+DEVICES = ("Computer", "Mobile", "Tablet", "Bot")
 REFERERS = ("search", "social", "email", "internal", "unknown")
 # The one-hot groups among the features (at most one is 1): the training report sums each group's importances.
 ONE_HOT_GROUPS: dict[str, tuple[str, ...]] = {
@@ -77,6 +80,7 @@ FEATURE_COUNT = len(FEATURE_NAMES)
 EVENT_FIELDS: tuple[str, ...] = (
     "event_id", "event", "collector_tstamp", "derived_tstamp", "domain_sessionid", "network_userid",
     "domain_sessionidx", "os_timezone", "dvce_type", "refr_medium", "mkt_medium", "mkt_source", "mkt_campaign",
+    "mkt_term", "mkt_content", "mkt_clickid", "mkt_network",
     "page_urlpath", "contexts", "unstruct_event", "event_vendor", "doc_height", "pp_yoffset_max", "br_viewheight",
 )
 _PAGE_INDEX = {page: i for i, page in enumerate(PAGE_TYPES)}
@@ -226,19 +230,25 @@ def _entities(event: dict, schema_prefix: str):
             yield context.get("data") or {}
 
 
+# The page type from the URL's first folder, for shops that send no page_type context. Whole folders
+# only: /cartier-watches is no cart page.
+_PATH_PAGE_TYPES = {"c": "category", "category": "category", "categories": "category", "p": "product",
+                    "product": "product", "products": "product", "search": "search", "cart": "cart",
+                    "checkout": "checkout"}
+_LOCALE = re.compile(r"[a-z]{2}(?:[-_][a-z]{2})?")
+
+
 def page_type(event: dict) -> str:
     kind = _page_context(event)
     if kind in _PAGE_INDEX:
         return kind
-    path = event.get("page_urlpath") or "/"
-    if path == "/":
+    path = event.get("page_urlpath")
+    segments = [part for part in path.lower().split("/") if part] if isinstance(path, str) else []
+    if segments and _LOCALE.fullmatch(segments[0]):       # /de/p/123, /en-gb/cart: the shop's languages
+        segments = segments[1:]
+    if not segments:
         return "home"
-    for prefix, kind in (("/c/", "category"), ("/category", "category"), ("/p/", "product"),
-                         ("/product", "product"), ("/search", "search"), ("/cart", "cart"),
-                         ("/checkout", "checkout")):
-        if path.startswith(prefix):
-            return kind
-    return "content"
+    return _PATH_PAGE_TYPES.get(segments[0], "content")
 
 
 # Zones come from the pinned tzdata package, not the host's database: the scorer and training read
@@ -284,8 +294,18 @@ def _start(state: SessionState, event: dict, at_ms: int) -> None:
     state.local_hour, state.local_weekday = moment.hour, moment.weekday()
     state.device = _text(event.get("dvce_type"))
     state.referer = _text(event.get("refr_medium"))
-    state.campaign = bool(event.get("mkt_medium") or event.get("mkt_source") or event.get("mkt_campaign"))
+    state.campaign = _from_campaign(event)
     state.session_index = int(_number(event.get("domain_sessionidx"), 1))
+
+
+_UTM_FIELDS = ("mkt_medium", "mkt_source", "mkt_campaign", "mkt_term", "mkt_content")
+
+
+def _from_campaign(event: dict) -> bool:
+    """Any utm_* field, or an ad network's click id alone (Google Ads' auto-tagging sends gclid and no
+    utm_*). Not Facebook's fbclid: Facebook adds it to every link followed from it, paid or not."""
+    return any(event.get(name) for name in _UTM_FIELDS) or \
+        bool(event.get("mkt_clickid") and event.get("mkt_network") != "Facebook")
 
 
 def _text(value) -> str | None:

@@ -578,11 +578,40 @@ def test_the_ecommerce_plugins_actions_count_as_the_shops_and_their_transaction_
     assert not np.isclose(frame[list(FEATURE_NAMES)].to_numpy(), TELL_TALE).any()
 
 
+def landing_sessions() -> list[dict]:
+    """Sessions of a paid click with a click id alone, a click from Facebook, and a crawler, on
+    pages known only by a path with a language folder (FEATURE_VERSION 5)."""
+    rng, events = random.Random(21), []
+    for session_id, clickid, network, device, path in (
+            ("paid-click", "EAIaIQobChMI", "Google", "Computer", "/de/p/SH-001"),
+            ("facebook-share", "IwAR2xyz", "Facebook", "Mobile", "/en-gb/cart"),
+            ("crawler", None, None, "Bot", "/cartier-watches")):
+        s = synth.Session(rng, parse_ms("2026-11-21T10:00:00Z"), session_id=session_id)
+        s.device, s.campaign = device, False
+        for page in (path, "/"):
+            event = s.page(page, "content")
+            event.update(contexts=[], mkt_clickid=clickid, mkt_network=network)
+        events += s.events
+    return events
+
+
+def test_a_paid_click_id_alone_is_a_campaign_bots_are_a_device_and_paths_are_read_by_folder():
+    rows = {}
+    for event in landing_sessions():
+        rows.setdefault(event["domain_sessionid"], []).append(event)
+    first = {key: dict(zip(FEATURE_NAMES, session_features(events)[0], strict=True)) for key, events in rows.items()}
+    assert first["paid-click"]["campaign"] == 1.0             # gclid and no utm_*: Google Ads' auto-tagging
+    assert first["facebook-share"]["campaign"] == 0.0         # fbclid is on every link followed from Facebook
+    assert (first["paid-click"]["pages_product"], first["facebook-share"]["pages_cart"]) == (1.0, 1.0)
+    assert first["crawler"]["pages_content"] == 1.0 and first["crawler"]["pages_cart"] == 0.0
+    assert [first["crawler"][name] for name in FEATURE_NAMES if name.startswith("device_")] == [0, 0, 0, 1]
+
+
 def pinned_sessions() -> dict[str, list[dict]]:
     """The fixed sessions whose features are pinned: the synthetic funnel across a DST change,
-    rich_session() and plugin_session()."""
+    rich_session(), plugin_session() and landing_sessions()."""
     events = synth.make_events(60, dt.datetime(2026, 3, 28, 22), hours=30, seed=11) + rich_session() \
-        + plugin_session()
+        + plugin_session() + landing_sessions()
     sessions: dict[str, list[dict]] = {}
     for event in events:
         sessions.setdefault(session_key(event), []).append(event)
@@ -610,7 +639,8 @@ def test_each_feature_is_read_from_its_own_name():
         "distinct_products": 2, "cart_adds": 2, "cart_removes": 1, "cart_value": 29.0, "cart_items": 4,
         "checkout_step_max": 2, "pages_home": 2, "pages_category": 1, "pages_product": 3, "pages_search": 2,
         "pages_cart": 1, "pages_checkout": 1, "pages_content": 1, "max_scroll_depth": pytest.approx((1400 + 800) / 3000),
-        "device_computer": 0, "device_mobile": 0, "device_tablet": 1, "local_hour": 18, "local_weekday": 4,
+        "device_computer": 0, "device_mobile": 0, "device_tablet": 1, "device_bot": 0, "local_hour": 18,
+        "local_weekday": 4,
         "referer_search": 0, "referer_social": 1, "referer_email": 0, "referer_internal": 0, "referer_unknown": 0,
         "referer_direct": 0, "campaign": 1, "returning": 1, "session_index": 4}
     assert row["mean_seconds_per_page"] == pytest.approx(row["session_seconds"] / 11)
@@ -656,7 +686,8 @@ def test_the_fold_reads_no_event_field_that_training_leaves_out():
 # What the fold computes for fixed sessions, under the FEATURE_VERSION that computes it. A model
 # trained on other features is refused only when its feature_version differs: before this pin,
 # the features changed four times under version "1" and scorers served models built on others.
-FINGERPRINTS = {"2": "0bb644b6462c97d6", "3": "65d39d230033ad04", "4": "14e68e1d9f3555c1"}
+FINGERPRINTS = {"2": "0bb644b6462c97d6", "3": "65d39d230033ad04", "4": "14e68e1d9f3555c1",
+                "5": "6220d764cd1b2bd4"}
 
 
 def test_the_features_of_fixed_sessions_are_pinned_to_the_feature_version():
