@@ -280,7 +280,8 @@ class ScorerApp:
 
     async def session_prediction(self, session_id: str) -> Response:
         if self.dynamodb is None or not self.table:
-            return error(503, "no predictions table configured")
+            return error(404, "no lookups: this scorer does not write the predictions table (CLICKSTREAM_LOOKUP_TABLE "
+                              "is false); read the predictions stream")
         try:
             item = await asyncio.to_thread(self.dynamodb.get_item, TableName=self.table,
                                            Key={"session_id": {"S": session_id}}, ConsistentRead=True)

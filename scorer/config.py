@@ -26,6 +26,9 @@ class ScorerSettings(AwsSettings):
     replay_max_s: int = 7200            # a restart rebuilds sessions begun this long before the newest event
     dedupe_window: int = 256            # event ids remembered per session to drop redeliveries
     prediction_ttl_hours: int = 24      # DynamoDB TTL (expires_at) of the latest prediction
+    # The latest prediction per session in predictions_table, for GET /sessions/{id}/prediction: a
+    # conditional write per session and flush, most of the pipeline's AWS bill at high rates.
+    lookup_table: bool = True
     batch_limit: int = 1000             # records per GetRecords
     read_interval_s: float = 0.4        # per shard; Kinesis' 5 reads/s are shared with the lake loader
     lease_ms: int = 10_000

@@ -31,8 +31,8 @@ def build_worker(settings: ScorerSettings, models: Models) -> Worker:
     producer = Producer(KinesisStream(aws.client("kinesis", settings.region), settings.predictions_stream))
     # A connection per writing thread: more threads than the pool's 32 connections discarded them.
     table = aws.client("dynamodb", settings.region, max_pool_connections=max(32, settings.write_threads))
-    writer = PredictionWriter(producer, table, settings.predictions_table, settings.prediction_ttl_hours * 3600,
-                              settings.write_threads)
+    writer = PredictionWriter(producer, table, settings.predictions_table if settings.lookup_table else None,
+                              settings.prediction_ttl_hours * 3600, settings.write_threads)
 
     def make_consumer(**hooks):
         return consumer_for(settings, settings.enriched_stream, app="scorer", lease_ms=settings.lease_ms,
@@ -89,8 +89,12 @@ def serve(settings: ScorerSettings) -> None:
         log.warning("no usable CURRENT for model %s yet; checking every %ss", settings.model_name, settings.model_poll_s)
     models.watch(settings.model_poll_s)
     worker = build_worker(settings, models) if settings.run_worker else None
+    if worker and not settings.lookup_table:
+        log.info("lookup_table off: predictions go to %s only, not to table %s", settings.predictions_stream,
+                 settings.predictions_table)
     thread = start_worker(worker, stop) if worker else None
-    app = ScorerApp(models, dynamodb=aws.client("dynamodb", settings.region), table=settings.predictions_table,
+    app = ScorerApp(models, dynamodb=aws.client("dynamodb", settings.region),
+                    table=settings.predictions_table if settings.lookup_table else None,
                     reload_token=settings.reload_token, worker=worker, api=settings.run_api)
     try:
         log.info("scorer %s on http://%s:%d", "API" if settings.run_api else "/ping and /metrics", settings.host,

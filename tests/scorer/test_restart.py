@@ -170,3 +170,17 @@ def test_a_stop_while_the_model_loads_ends_the_process_before_it_takes_a_shard(p
     leases = DynamoLeaseTable(aws.client("dynamodb"), settings.lease_table, f"scorer#{settings.enriched_stream}")
     assert not [lease for lease in leases.leases()[0] if lease.owner]
     assert not predictions(settings)
+
+
+def test_without_the_lookup_table_every_prediction_is_on_the_stream_and_the_lookup_says_why(published, start_scorer):
+    """lookup_table off spares the conditional write per session and flush (most of the AWS bill at
+    high rates); the stream still gets every prediction."""
+    settings = published
+    events = [e for i in range(2) for e in session_events(f"n{i}", seed=90 + i, n=5, buyer=False)]
+    put(settings, events)
+    scorer = start_scorer(settings, lookup_table="false").wait_ready()
+    wait_for(lambda: len(predictions(settings)) >= len(events), what="predictions")
+    assert sorted(p["event_id"] for p in predictions(settings)) == sorted(e["event_id"] for e in events)
+    assert aws.client("dynamodb").scan(TableName=settings.predictions_table)["Items"] == []
+    answer = requests.get(f"{scorer.url}/sessions/{events[0]['domain_sessionid']}/prediction", timeout=5)
+    assert answer.status_code == 404 and "CLICKSTREAM_LOOKUP_TABLE" in answer.json()["error"]
