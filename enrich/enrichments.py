@@ -77,6 +77,17 @@ def _version(*parts: str | None) -> str | None:
     return ".".join(kept) if kept else None
 
 
+# iPadOS Safari asks for desktop pages with a Mac's user agent. Its screen (the tracker's `res`, CSS
+# pixels, either way up) tells: these are iPads' sizes, which no Mac's display has.
+IPAD_SCREENS = frozenset({(768, 1024), (810, 1080), (820, 1180), (834, 1112), (834, 1194), (834, 1210),
+                          (744, 1133), (1024, 1366), (1032, 1376)})
+
+
+def ipad_as_mac(os_family: str | None, width: int | None, height: int | None) -> bool:
+    return os_family == "Mac OS X" and width is not None and height is not None and \
+        (min(width, height), max(width, height)) in IPAD_SCREENS
+
+
 def _android_tablet(ua: str, device_family: str) -> bool:
     """Android browsers say "Mobile" on phones only; Opera Mini (a phone browser that does not) and
     apps' own HTTP clients (Dalvik, which never does) are taken for the phones they mostly run on."""

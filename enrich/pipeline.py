@@ -43,6 +43,7 @@ from enrich.enrichments import (
     cross_domain,
     derived_tstamp,
     fingerprint,
+    ipad_as_mac,
     iso_ms,
     make_ua_parser,
     pseudonymise_cross_domain,
@@ -457,6 +458,9 @@ class Enricher:
         if event["platform"] == "mob" and event["dvce_type"] == "Unknown":
             # A mobile app's HTTP client names itself ("snowplow/andr-6.0.0 android/14"), not a browser.
             event.update(dvce_type="Mobile", dvce_ismobile=True)
+        elif event["dvce_type"] == "Computer" and \
+                ipad_as_mac(event["os_family"], event["dvce_screenwidth"], event["dvce_screenheight"]):
+            event.update(dvce_type="Tablet", dvce_ismobile=True)
         event.update(split_url(event["page_url"], "page_url"))
         event.update(split_url(event["page_referrer"], "refr_url"))
         event.update(campaign(event["page_urlquery"]))

@@ -54,6 +54,18 @@ def test_user_agent_parsing(ua, family, os_family, device, mobile):
         (family, os_family, device, mobile)
 
 
+def test_ipad_safari_with_a_macs_user_agent_is_told_by_its_screen():
+    """iPadOS Safari sends a Mac's UA; the tracker's screen size (`res`) is one no Mac has."""
+    mac_ua = ("Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+              "Version/17.4 Safari/605.1.15")
+    kinds = []
+    for screen in ("820x1180", "1180x820", "1440x900", None):
+        params = {**EV, "res": screen} if screen else EV
+        (_, event), = enricher().process(get_record(params, useragent=mac_ua))[0]
+        kinds.append((event["dvce_type"], event["dvce_ismobile"]))
+    assert kinds == [("Tablet", True), ("Tablet", True), ("Computer", False), ("Computer", False)]
+
+
 def test_a_mobile_apps_own_user_agent_is_a_mobile_device():
     """The Android tracker's HTTP client sends "snowplow/andr-6.0.0 android/14", no browser's UA."""
     app = get_record({**EV, "p": "mob"}, useragent="snowplow/andr-6.0.0 android/14")
