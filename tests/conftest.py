@@ -11,6 +11,7 @@ import dataclasses
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import tracemalloc
 import uuid
@@ -29,14 +30,36 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run
 
 @contextlib.contextmanager
 def headless_chromium(url: str, profile: Path):
-    """Chromium showing ``url`` (its scripts running) until the block ends."""
+    """Chromium showing ``url`` (its scripts running) until the block ends. Its scratch folder is
+    removed after it (it left /tmp/org.chromium.Chromium.* behind); a short path, as it holds a
+    socket, and a socket's path has at most 107 characters (a pytest folder's is longer)."""
+    scratch = tempfile.mkdtemp(prefix="chromium-")
     browser = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", url],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env={**os.environ, "TMPDIR": scratch})
     try:
         yield browser
     finally:
-        browser.kill()
-        browser.wait(10)
+        browser.terminate()
+        try:
+            browser.wait(10)
+        except subprocess.TimeoutExpired:
+            browser.kill()
+            browser.wait(10)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One Spark session for the whole run, started as make train starts it: a JVM takes its options
+    once, and a second fixture's getOrCreate got the first one's session (the scorer tests' ran the
+    training tests without the trainer's log, scratch and progress settings)."""
+    from batch.train_config import TrainSettings, spark_session
+
+    session = spark_session(TrainSettings(spark_master="local[2]", spark_shuffle_partitions=4, spark_driver_memory="1g",
+                                          progress=False), app_name="clickstream-tests")
+    yield session
+    session.stop()
 
 
 @pytest.fixture(scope="session")

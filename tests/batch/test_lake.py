@@ -427,24 +427,17 @@ def test_sync_lists_and_downloads_in_the_region_it_is_given(monkeypatch, tmp_pat
 
 
 @pytest.mark.spark
-def test_spark_reads_the_synced_lake(aws_settings, s3, tmp_path):
-    from pyspark.sql import SparkSession
-
+def test_spark_reads_the_synced_lake(aws_settings, s3, tmp_path, spark):
     events = [make_event(i, at=BASE + dt.timedelta(minutes=i), session=f"s{i % 3}") for i in range(6)]
     write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", event_records(events), "enriched")
     root = lake.sync_partitions(aws_settings.bucket, "2026-11-29", "2026-11-29", tmp_path / "cache", progress=False)
-    spark = (SparkSession.builder.master("local[1]").appName("lake-test").config("spark.ui.enabled", "false")
-             .config("spark.sql.shuffle.partitions", "1").config("spark.sql.session.timeZone", "UTC").getOrCreate())
-    try:
-        frame = spark.read.parquet(str(root))
-        types = dict(frame.dtypes)
-        assert (types["collector_tstamp"], types["contexts_schemas"], types["domain_sessionidx"]) == (
-            "timestamp", "array<string>", "bigint")
-        rows = frame.select("event_id", "hour", "domain_sessionid").collect()
-        assert sorted(r.event_id for r in rows) == sorted(e["event_id"] for e in events)
-        assert {r.hour for r in rows} == {9, 10}
-    finally:
-        spark.stop()
+    frame = spark.read.parquet(str(root))
+    types = dict(frame.dtypes)
+    assert (types["collector_tstamp"], types["contexts_schemas"], types["domain_sessionidx"]) == (
+        "timestamp", "array<string>", "bigint")
+    rows = frame.select("event_id", "hour", "domain_sessionid").collect()
+    assert sorted(r.event_id for r in rows) == sorted(e["event_id"] for e in events)
+    assert {r.hour for r in rows} == {9, 10}
 
 
 # ------------------------------------------------------------------------------ CLI

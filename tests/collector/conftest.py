@@ -219,6 +219,10 @@ def collector_env(settings, spool_dir: Path, endpoint: str | None = None, **extr
                CLICKSTREAM_COOKIE_SECURE="true")
     if endpoint:
         env["AWS_ENDPOINT_URL"] = endpoint
+    # The workers' metrics folder is made in TMPDIR and removed at exit, which a kill -9 skips.
+    scratch = spool_dir.parent / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    env["TMPDIR"] = str(scratch)
     env.update({f"CLICKSTREAM_{k.upper()}": str(v) for k, v in extra.items()})
     return env
 

@@ -88,19 +88,6 @@ def start_scorer(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def spark():
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)      # the Python workers need our venv
-    from pyspark.sql import SparkSession
-
-    session = (SparkSession.builder.master("local[2]").appName("scorer-tests")
-               .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "4")
-               .config("spark.driver.memory", "1g").config("spark.sql.session.timeZone", "UTC").getOrCreate())
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    session.stop()
-
-
-@pytest.fixture(scope="session")
 def trained(spark, tmp_path_factory):
     """A model trained by ``make train``'s own code (batch.train) on generated sessions.
 

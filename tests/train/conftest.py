@@ -1,4 +1,4 @@
-"""Shared fixtures of the training tests: one Spark session and one synthetic lake per test session."""
+"""Shared fixtures of the training tests: one synthetic lake per test session (Spark: tests/conftest.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from batch.train_config import TrainSettings, spark_session
+from batch.train_config import TrainSettings
 from tests.train import synth
 
 START = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)     # aware: .timestamp() of a naive one reads the machine's zone
@@ -18,11 +18,6 @@ def fast_settings(**overrides) -> TrainSettings:
                          max_iter=8, max_depth=3, num_trees=8, progress=False, auc_floor=0.6,
                          window_end="2026-11-21", window_days=2)
     return dataclasses.replace(base, **overrides)
-
-
-@pytest.fixture(scope="session")
-def spark():
-    return spark_session(fast_settings(), app_name="clickstream-train-tests")
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from batch.train import main as train_main
 from batch.train import run_events
 from batch.train_model import TrainResult
 from common import aws, registry
-from common.features import FEATURE_NAMES, FEATURE_VERSION
+from common.features import FEATURE_NAMES, FEATURE_VERSION, ONE_HOT_GROUPS
 from tests.conftest import ROOT, settings_env
 from tests.train import synth
 from tests.train.conftest import fast_settings
@@ -59,8 +59,7 @@ def test_train_publish_gate_and_rollback(spark, aws_settings, events, tmp_path):
             "2026-11-20..2026-11-21" in first.output) and 0 < window["buying_sessions"] < window["sessions"]
     for key in ("name", "algorithm", "label", "threshold", "metrics", "spark_version", "code_version", "created_at"):
         assert meta[key] is not None, key
-    grouped = {"device_computer", "device_mobile", "device_tablet", "referer_search", "referer_social",
-               "referer_email", "referer_internal", "referer_unknown", "referer_direct"}
+    grouped = {*ONE_HOT_GROUPS["device"], *ONE_HOT_GROUPS["referer"]}
     assert set(meta["importance_by_column"]) == set(FEATURE_NAMES) - grouped | {"device", "referer"}
     assert meta["importance_by_column"]["device"] == pytest.approx(
         sum(meta["feature_importances"][name] for name in grouped if name.startswith("device_")))
