@@ -88,16 +88,17 @@ def ipad_as_mac(os_family: str | None, width: int | None, height: int | None) ->
         (min(width, height), max(width, height)) in IPAD_SCREENS
 
 
-def _android_tablet(ua: str, device_family: str) -> bool:
+def _android_tablet(ua: str, os_family: str, device_family: str) -> bool:
     """Android browsers say "Mobile" on phones only; Opera Mini (a phone browser that does not) and
     apps' own HTTP clients (Dalvik, which never does) are taken for the phones they mostly run on."""
-    return "Mobile" not in ua and device_family != "Generic Smartphone" and not ua.startswith("Dalvik/")
+    return os_family == "Android" and "Mobile" not in ua and device_family != "Generic Smartphone" \
+        and not ua.startswith("Dalvik/")
 
 
 def _device_type(ua: str, os_family: str, device_family: str, browser_family: str) -> str:
     if device_family == "Spider" or "bot" in browser_family.lower() or browser_family in ("HeadlessChrome",):
         return "Bot"
-    if any(hint in device_family for hint in _TABLET_HINTS) or (os_family == "Android" and _android_tablet(ua, device_family)):
+    if any(hint in device_family for hint in _TABLET_HINTS) or _android_tablet(ua, os_family, device_family):
         return "Tablet"
     if os_family in _MOBILE_OS:
         return "Mobile"

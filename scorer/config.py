@@ -36,6 +36,11 @@ class ScorerSettings(AwsSettings):
     reload_token: str = ""              # bearer token for POST /models/reload; empty = disabled
     log_level: str = "INFO"
 
+    @property
+    def lookup_table_name(self) -> str | None:
+        """The table the worker writes and the lookup reads; None with lookup_table off."""
+        return self.predictions_table if self.lookup_table else None
+
     def validate(self) -> None:
         if not (self.run_worker or self.run_api):
             raise ConfigError("CLICKSTREAM_RUN_WORKER, CLICKSTREAM_RUN_API: both off leaves the scorer nothing to "

@@ -31,8 +31,8 @@ def build_worker(settings: ScorerSettings, models: Models) -> Worker:
     producer = Producer(KinesisStream(aws.client("kinesis", settings.region), settings.predictions_stream))
     # A connection per writing thread: more threads than the pool's 32 connections discarded them.
     table = aws.client("dynamodb", settings.region, max_pool_connections=max(32, settings.write_threads))
-    writer = PredictionWriter(producer, table, settings.predictions_table if settings.lookup_table else None,
-                              settings.prediction_ttl_hours * 3600, settings.write_threads)
+    writer = PredictionWriter(producer, table, settings.lookup_table_name, settings.prediction_ttl_hours * 3600,
+                              settings.write_threads)
 
     def make_consumer(**hooks):
         return consumer_for(settings, settings.enriched_stream, app="scorer", lease_ms=settings.lease_ms,
@@ -93,8 +93,7 @@ def serve(settings: ScorerSettings) -> None:
         log.info("lookup_table off: predictions go to %s only, not to table %s", settings.predictions_stream,
                  settings.predictions_table)
     thread = start_worker(worker, stop) if worker else None
-    app = ScorerApp(models, dynamodb=aws.client("dynamodb", settings.region),
-                    table=settings.predictions_table if settings.lookup_table else None,
+    app = ScorerApp(models, dynamodb=aws.client("dynamodb", settings.region), table=settings.lookup_table_name,
                     reload_token=settings.reload_token, worker=worker, api=settings.run_api)
     try:
         log.info("scorer %s on http://%s:%d", "API" if settings.run_api else "/ping and /metrics", settings.host,
