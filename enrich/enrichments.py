@@ -95,8 +95,16 @@ def _android_tablet(ua: str, os_family: str, device_family: str) -> bool:
         and not ua.startswith("Dalvik/")
 
 
+def _is_bot(ua: str, device_family: str, browser_family: str) -> bool:
+    """ua-parser's spiders, and crawlers it takes for the phone they claim to be (Bytespider, and
+    PageSpeed's Lighthouse, which runs the page's tracker)."""
+    family = browser_family.lower()
+    return device_family == "Spider" or "bot" in family or "spider" in family \
+        or browser_family == "HeadlessChrome" or "Chrome-Lighthouse" in ua
+
+
 def _device_type(ua: str, os_family: str, device_family: str, browser_family: str) -> str:
-    if device_family == "Spider" or "bot" in browser_family.lower() or browser_family in ("HeadlessChrome",):
+    if _is_bot(ua, device_family, browser_family):
         return "Bot"
     if any(hint in device_family for hint in _TABLET_HINTS) or _android_tablet(ua, os_family, device_family):
         return "Tablet"

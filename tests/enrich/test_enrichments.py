@@ -40,6 +40,14 @@ EV = {"e": "pv", "p": "web", "tv": "t", "sid": "0fd0a6d9-7d0d-4a4e-9c51-5e0bd3b8
      "Chrome Mobile", "Android", "Mobile", True),
     ("Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)", "Googlebot", "Other", "Bot", False),
     ("curl/8.4.0", "curl", "Other", "Unknown", False),
+    # crawlers that dress as an Android phone: ByteDance's, and PageSpeed's Lighthouse, which runs the
+    # page's JavaScript and so its tracker
+    (("Mozilla/5.0 (Linux; Android 5.0) AppleWebKit/537.36 (KHTML, like Gecko) Mobile Safari/537.36 "
+     "(compatible; Bytespider; spider-feedback@bytedance.com)"), "Bytespider", "Android", "Bot", False),
+    (("Mozilla/5.0 (Linux; Android 11; moto g power (2022)) AppleWebKit/537.36 (KHTML, like Gecko) "
+     "Chrome/119.0.0.0 Mobile Safari/537.36 Chrome-Lighthouse"), "Chrome Mobile", "Android", "Bot", False),
+    (("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/120.0.6099.109 "
+     "Safari/537.36"), "HeadlessChrome", "Linux", "Bot", False),
     # Android browsers say "Mobile" on phones only: an Android UA without it is a tablet's...
     ("Mozilla/5.0 (Linux; Android 13; SM-X700) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36",
      "Chrome", "Android", "Tablet", True),
