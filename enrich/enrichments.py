@@ -344,9 +344,10 @@ class RefererClassifier:
             return {**out, "refr_medium": "unknown"}
         if not host:
             return {**out, "refr_medium": "unknown"}
-        if host == (page_host or "").lower() or host in self.internal:
+        site = host.removeprefix("www.")    # the shop with and without www. is one site
+        if site == (page_host or "").lower().removeprefix("www.") or host in self.internal:
             return {**out, "refr_medium": "internal"}
-        found = self._lookup(host.removeprefix("www."))
+        found = self._lookup(site)
         if not found:
             return {**out, "refr_medium": "unknown"}
         medium, source, term_params = found

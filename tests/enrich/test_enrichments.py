@@ -162,12 +162,19 @@ def test_pseudonymisation_is_a_keyed_hmac():
     ("https://mail.google.com/mail/u/0/", "email", "Gmail", None),
     ("https://shop.test/cart", "internal", None, None),
     ("https://blog.shop.test/post", "internal", None, None),
+    # the site with and without www. is one site (a shop redirects one to the other)
+    ("https://www.shop.test/cart", "internal", None, None),
     ("https://random-blog.test/post", "unknown", None, None),
     ("not a url", "unknown", None, None),
 ])
 def test_referer_classification(referer, medium, source, term):
     classify = RefererClassifier(internal_domains=("blog.shop.test",)).classify
     assert classify(referer, "shop.test") == {"refr_medium": medium, "refr_source": source, "refr_term": term}
+
+
+def test_the_page_on_www_counts_the_apex_domain_as_internal():
+    assert RefererClassifier().classify("https://shop.test/", "www.shop.test")["refr_medium"] == "internal"
+    assert RefererClassifier().classify("https://www.other.test/", "www.shop.test")["refr_medium"] == "unknown"
 
 
 def test_a_referer_host_of_many_labels_is_looked_up_only_as_deep_as_a_listed_domain():
