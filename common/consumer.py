@@ -49,6 +49,11 @@ STALL_GRACE_S = 5.0          # a shard unread this long past its interval counts
 # before this cleanup existed empties its backlog over minutes rather than in one balance that
 # outlasts the leases.
 AGED_OUT_DELETES_PER_BALANCE = 20
+DEFAULT_LEASE_MS = 10_000
+# The consumer's AWS calls wait a sixth of the lease for a connection and for an answer (2 to 10 s):
+# botocore's 10 s, the default lease itself, let one hung GetRecords or renewal outlast the lease,
+# and a peer took every shard of a worker that had only waited.
+CALL_TIMEOUT_LEASE_SHARE = 6
 
 
 @dataclass
@@ -100,7 +105,7 @@ def default_worker_id() -> str:
 
 class Consumer:
     def __init__(self, stream: StreamBackend, leases: LeaseTable, *,
-                 worker_id: str | None = None, lease_ms: int = 10_000, batch_limit: int = 1000,
+                 worker_id: str | None = None, lease_ms: int = DEFAULT_LEASE_MS, batch_limit: int = 1000,
                  shard_refresh_s: float = 10.0, read_interval_s: float = 0.0,
                  start_after: Callable[[Lease], str | None] | None = None,
                  on_lost: Callable[[str], None] | None = None):
@@ -477,10 +482,22 @@ class Consumer:
             log.warning("worker %s could not %s while closing, it will expire instead: %s", self.worker_id, what, exc)
 
 
+def call_timeout_s(lease_ms: int) -> float:
+    """The connect and read timeout of a consumer's AWS calls: a sixth of the lease, from 2 to 10 s. A
+    renewal comes due a third of the lease after the last: a read that hangs then, and a renewal that
+    hangs once and is retried, still end before peers take a lease of 10 s (the default) or more; one
+    hung call, before they take one of 3 s."""
+    return min(10.0, max(2.0, lease_ms / 1000 / CALL_TIMEOUT_LEASE_SHARE))
+
+
 def consumer_for(settings, stream_name: str, app: str, **kwargs) -> Consumer:
     """A consumer over Kinesis with DynamoDB leases, from the shared AWS settings. Its stream calls are
     made once, without botocore's retry: a failed read is tried again by the consumer's own per-shard
-    backoff, and a retry inside botocore would hold up the reads of every other shard meanwhile."""
-    stream = KinesisStream(aws.client("kinesis", settings.region, retries=0), stream_name)
-    leases = DynamoLeaseTable(aws.client("dynamodb", settings.region), settings.lease_table, f"{app}#{stream_name}")
+    backoff, and a retry inside botocore would hold up the reads of every other shard meanwhile. Lease
+    calls are retried once (a take whose answer was lost, see ``DynamoLeaseTable.take``). Every call
+    times out within ``call_timeout_s`` of the lease."""
+    timeout = call_timeout_s(kwargs.get("lease_ms", DEFAULT_LEASE_MS))
+    stream = KinesisStream(aws.client("kinesis", settings.region, timeout=timeout, retries=0), stream_name)
+    leases = DynamoLeaseTable(aws.client("dynamodb", settings.region, timeout=timeout, retries=1),
+                              settings.lease_table, f"{app}#{stream_name}")
     return Consumer(stream, leases, **kwargs)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,7 +21,7 @@ from common.leases import DynamoLeaseTable, Lease, LeaseLost
 from common.producer import Producer
 from common.streams import KinesisStream
 from infra.provision import provision
-from tests.conftest import ROOT, settings_env
+from tests.conftest import ROOT, settings_env, wait_for
 from tests.faults import GET_RECORDS, FaultProxy
 
 
@@ -410,6 +411,43 @@ def test_a_take_whose_answer_was_lost_and_retried_by_botocore_is_ours_not_lost(a
         assert taken.owner == "me" and _lease(table).owner == "me"
         with pytest.raises(LeaseLost):                 # a take from a stale snapshot still fails
             table.take(Lease("shard-1"), "other", 10_000)
+
+
+def test_a_read_that_hangs_ends_in_time_for_the_renewal_and_a_peer_never_takes_the_shard(aws_settings, monkeypatch):
+    """The consumer's calls waited botocore's 10 s for an answer, longer than this 6 s lease (and as
+    long as the default one): one GetRecords that hung cost the worker its shard, which the peer read
+    again from the checkpoint (the scorer's peer rebuilding every session of it)."""
+    Producer(KinesisStream(aws.client("kinesis"), aws_settings.raw_stream)).send(entries(10))
+    peer = consumer_for(aws_settings, aws_settings.raw_stream, app="hung", worker_id="peer", lease_ms=6000)
+    read, done = [], threading.Event()
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        worker = consumer_for(aws_settings, aws_settings.raw_stream, app="hung", worker_id="worker", lease_ms=6000)
+        worker.balance()                                       # takes the only shard
+        proxy.hang_next = (GET_RECORDS, "before")              # never answered
+
+        def work():
+            while not done.is_set():
+                try:
+                    read.extend(r.data for batch in worker.poll() for r in batch.records)
+                except ReadFailed:
+                    pass
+                time.sleep(0.05)
+
+        runner = threading.Thread(target=work, daemon=True)
+        runner.start()
+        wait_for(proxy.hanging.is_set, what="the hung read")
+        until = time.monotonic() + 9.0            # a 10 s hang: the peer takes the lease within 8 s of its start
+        peer_read = []
+        while time.monotonic() < until:
+            peer_read += [r.data for batch in peer.poll() for r in batch.records]
+            time.sleep(0.2)
+        done.set()
+        runner.join(30)
+    assert not peer.owned and peer_read == []
+    assert sorted(read) == sorted(data for _, data in entries(10)) and len(worker.owned) == 1
+    worker.close()
+    peer.close()
 
 
 def test_a_stream_that_does_not_exist_is_waited_for_with_one_warning_a_minute_not_one_a_second(aws_settings, caplog):
