@@ -215,6 +215,7 @@ class Consumer:
         rows, workers = self.leases.leases()
         leases = {lease.shard_id: lease for lease in rows}
         self._rows_seen = set(leases)
+        self._drop_taken(leases)
         self._watch.keep_only(set(leases) | {WORKER_PREFIX + worker for worker in workers})
         held = {sid for sid, lease in leases.items()
                 if lease.owner and not self._watch.expired(sid, lease.version)}
@@ -231,6 +232,13 @@ class Consumer:
         if self.worker_id == min(alive):       # one worker cleans up; a peer that thinks so too is harmless
             self._remove_aged_out_shards(shards, leases)
         self._balanced_at = time.monotonic()
+
+    def _drop_taken(self, leases: dict[str, Lease]) -> None:
+        """Drop the shards the table says another worker holds. Our renewal failed (a call that hung
+        past its timeout) for long enough that a peer took them: read on, we would hand out a batch the
+        peer reads too, and find out only at its checkpoint."""
+        for shard_id in [sid for sid in self.owned if sid in leases and leases[sid].owner != self.worker_id]:
+            self._drop(shard_id, f"the lease table names {leases[shard_id].owner or 'no owner'}")
 
     def _live_workers(self, workers: dict[str, int]) -> set[str]:
         """Ourselves and the workers whose heartbeat changed within a lease period; removes the rows of

@@ -5,7 +5,7 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ReadTimeoutError
 
 from common import consumer as consumer_module
 from common import leases as leases_module
@@ -485,6 +485,32 @@ class ThrottledRelease(MemoryLeaseTable):
         if shard_id == SHARD0:
             raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}, "UpdateItem")
         super().release(shard_id, owner)
+
+
+class HungRenewals(MemoryLeaseTable):
+    """Renewals that time out (a hung UpdateItem) while ``hung`` is set; queries answer."""
+
+    hung = False
+
+    def renew(self, shard_id, owner, duration_ms):
+        if self.hung:
+            raise ReadTimeoutError(endpoint_url="https://dynamodb.us-east-1.amazonaws.com/")
+        super().renew(shard_id, owner, duration_ms)
+
+
+def test_a_worker_whose_renewals_time_out_stops_reading_a_shard_the_table_says_a_peer_took():
+    """Its renewals failed with a timeout, not LeaseLost, so it read on: every batch of the shard went
+    to both workers, for as long as its renewals and checkpoints timed out."""
+    stream, leases = MemoryStream(), HungRenewals()
+    lost = []
+    a = Consumer(stream, leases, worker_id="a", lease_ms=300, on_lost=lost.append)
+    a.poll()
+    leases.hung = True
+    [row] = leases.leases()[0]
+    leases.take(row, "b", 10_000)                  # the peer, once the lease expired unrenewed
+    Producer(stream).send(entries(10))
+    time.sleep(0.11)                               # the next renewal is due
+    assert a.poll() == [] and lost == [SHARD0] and not a.owned
 
 
 def test_close_releases_the_other_shards_and_removes_the_worker_row_when_one_release_fails(caplog):
