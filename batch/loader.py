@@ -192,7 +192,12 @@ class LeasedSink:
     """The sink as one shard's flush sees it. Writing a range can take longer than the lease (many
     hours of objects, a slow or throttled S3), so before each object the consumer renews its leases
     when due; once another worker has taken the shard, the flush stops (LeaseLost) instead of writing
-    on: the new owner rewrites the range under the same names (the intent on the lease)."""
+    on: the new owner rewrites the range under the same names (the intent on the lease).
+
+    One put alone can outlast the lease too (S3 answering in seconds, botocore's retries of a timeout),
+    so the leases are renewed while it runs. Renewed only between objects, a peer took the shard
+    during each slow put and the checkpoint after it failed: with every put that slow, the loaders
+    took the shard from each other and none ever checkpointed."""
 
     def __init__(self, sink: Sink, consumer: Consumer, shard_id: str):
         self.sink = sink
@@ -202,7 +207,7 @@ class LeasedSink:
     def put(self, key: str, data: bytes, content_type: str, *, if_absent: bool = False) -> None:
         if self.shard_id not in self.consumer.renew_due():
             raise LeaseLost(self.shard_id)
-        self.sink.put(key, data, content_type, if_absent=if_absent)
+        self.consumer.while_renewing(self.sink.put, key, data, content_type, if_absent=if_absent)
 
 
 class StreamLoader:

@@ -27,7 +27,9 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -39,6 +41,7 @@ from common.retry import backoff_s
 from common.streams import SHARD_END, KinesisStream, Record, Shard, ShardReader, StreamBackend
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A worker row unchanged for this many lease periods belongs to a worker that died without leave()
 # (SIGKILL, OOM, a replaced task): balance() deletes it, or every worker would read it for ever.
@@ -131,6 +134,7 @@ class Consumer:
         self._rows_seen: set[str] = set()      # lease rows of the last query
         self._read_failures = Tally(every_s=30.0)
         self._renew_failures = Tally(every_s=30.0)
+        self._calls: ThreadPoolExecutor | None = None      # while_renewing's thread, made at its first call
 
     # ------------------------------------------------------------------ leases and balancing
 
@@ -182,6 +186,20 @@ class Consumer:
         if time.monotonic() - self._renewed_at >= self.renew_interval_s:
             self._renew()
         return set(self.owned)
+
+    def while_renewing(self, call: Callable[..., T], *args, **kwargs) -> T:
+        """``call(*args, **kwargs)``'s result (or exception), our leases renewed when due while it runs.
+
+        For one output write that can outlast the lease by itself (an S3 put or a PutRecords answering
+        in seconds, botocore's retries of a timeout), which ``renew_due`` between calls does not cover.
+        It runs on a thread of its own; whether the caller's shard is still ours afterwards is for the
+        caller to ask ``renew_due``."""
+        if self._calls is None:
+            self._calls = ThreadPoolExecutor(1, thread_name_prefix="consumer-call")
+        running = self._calls.submit(call, *args, **kwargs)
+        while not wait([running], timeout=self.renew_interval_s).done:
+            self.renew_due()
+        return running.result()
 
     def _renew(self) -> None:
         """Renew every owned lease and the worker row, each on its own: one failed call (throttling, a
@@ -482,6 +500,8 @@ class Consumer:
             self._try_to(f"release shard {shard_id}", self.leases.release, shard_id, self.worker_id)
         self.owned.clear()
         self._try_to("remove the worker row", self.leases.leave, self.worker_id)
+        if self._calls is not None:
+            self._calls.shutdown(wait=False)
 
     def _try_to(self, what: str, call: Callable, *args) -> None:
         try:

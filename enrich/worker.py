@@ -5,8 +5,8 @@ stream and bad rows to the bad stream, and only when both writes succeeded move 
 A failed write is retried (only the failed entries) until it succeeds or the worker is told to
 stop; stopping without a checkpoint is safe because the next owner of the shard re-reads the batch
 (at-least-once; the enriched event ids stay the same, so downstream dedupe by event_id works).
-The lease on the batch's shard is renewed between the calls of a long delivery; should another
-worker take the shard anyway, the delivery stops there: the new owner re-reads the batch.
+The lease on the batch's shard is renewed between the calls of a long delivery, and during each;
+should another worker take the shard anyway, the delivery stops there: the new owner re-reads the batch.
 """
 from __future__ import annotations
 
@@ -90,10 +90,11 @@ class Worker:
             failed = []
             for chunk in put_record_calls(entries):
                 # Throttled retries can outlast the lease: renew it when due, and stop writing for a
-                # shard another worker took (it re-reads the batch from the checkpoint).
+                # shard another worker took (it re-reads the batch from the checkpoint). One send can
+                # too (a stream answering in seconds, the producer's and botocore's retries of a timeout).
                 if shard_id not in self.consumer.renew_due():
                     raise LeaseLost(shard_id)
-                failed += producer.send(chunk)
+                failed += self.consumer.while_renewing(producer.send, chunk)
             if not failed:
                 return True
             attempt += 1

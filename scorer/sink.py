@@ -67,13 +67,15 @@ class PredictionWriter:
 
     def write(self, predictions: list[tuple[dict, int]], stop: Callable[[], bool] = lambda: False,
               keep: Callable[[dict], bool] | None = None, renew: Callable[[], object] = lambda: None,
-              max_wait_s: float = 2.0) -> bool:
+              max_wait_s: float = 2.0, run: Callable[..., list] = lambda call, *args: call(*args)) -> bool:
         """Write (prediction, event_ms) pairs; True once all are durable, False if stopped first.
 
         ``stop`` is asked before every retry. ``renew`` is called before every PutRecords call and
         every table round (cheap: the worker's consumer renews its leases only when due), since a
         write retried through throttling can outlast the leases; for the same reason no wait between
-        retries is longer than ``max_wait_s`` (the lease renewal interval). ``keep``, when given, is asked then
+        retries is longer than ``max_wait_s`` (the lease renewal interval), and each PutRecords send goes
+        through ``run`` (the consumer's ``while_renewing``: one send against a stream answering in seconds
+        outlasted the lease by itself). ``keep``, when given, is asked then
         for each prediction still to write: one it refuses is dropped from the write (its shard went
         to another worker, which reads those events again from the checkpoint and publishes them).
         """
@@ -94,7 +96,7 @@ class PredictionWriter:
                     renew()
                     if keep is not None:
                         call = [entry for entry in call if keep(by_data[entry[1]])]
-                    undelivered += self.producer.send(call) if call else []
+                    undelivered += run(self.producer.send, call) if call else []
                 entries = [(u.partition_key, u.data) for u in undelivered]
                 if entries and (retries := self.stream_retries.add()):
                     log.warning("predictions not yet on the stream after %d tries since the last such line: now %d, "

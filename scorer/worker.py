@@ -439,7 +439,8 @@ class Worker:
         if predictions and not self.writer.write(predictions, stop=lambda: self.stopping or self.stop_requested(),
                                                  keep=lambda prediction: shard_of[id(prediction)] in self.consumer.owned,
                                                  renew=self.consumer.renew_due,
-                                                 max_wait_s=self.consumer.renew_interval_s):
+                                                 max_wait_s=self.consumer.renew_interval_s,
+                                                 run=self.consumer.while_renewing):
             return False
         self.pending.clear()
         self.pending_count = 0

@@ -198,3 +198,19 @@ class ThrottledFor(MemoryStream):
         if time.monotonic() < self.until:
             self.fail_next = len(entries)
         return super().put_records(entries)
+
+
+class AnswersSlowly(MemoryStream):
+    """Takes every entry of every PutRecords call, ``seconds`` after it was made (a stream answering
+    slowly, not refusing); ``during`` runs meanwhile (what other workers do)."""
+
+    def __init__(self, name: str, seconds: float, during=lambda: None):
+        super().__init__(name)
+        self.seconds, self.during = seconds, during
+
+    def put_records(self, entries):
+        until = time.monotonic() + self.seconds
+        while time.monotonic() < until:
+            self.during()
+            time.sleep(0.02)
+        return super().put_records(entries)

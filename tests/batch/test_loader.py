@@ -186,6 +186,41 @@ def test_a_first_flush_whose_start_expired_before_the_rewrite_keeps_its_objects_
     assert Counter(lake_event_ids(aws_settings.bucket)) == Counter(e["event_id"] for e in events + later + newest)
 
 
+class SlowSink:
+    """Every put is done after ``seconds`` (S3 answering slowly, not failing); ``during`` runs meanwhile."""
+
+    def __init__(self, seconds: float, during):
+        self.seconds, self.during, self.keys = seconds, during, []
+
+    def put(self, key, data, content_type, *, if_absent=False):
+        until = time.monotonic() + self.seconds
+        while time.monotonic() < until:
+            self.during()
+            time.sleep(0.05)
+        self.keys.append(key)
+
+
+def test_a_put_slower_than_the_lease_keeps_the_lease_and_its_checkpoint_lands():
+    """The lease was renewed only between objects: a put that took longer than the lease let a peer
+    take the shard, and the checkpoint after it failed; with every put that slow, two loaders took
+    the shard from each other and neither ever checkpointed."""
+    from common.consumer import Consumer
+    from common.leases import MemoryLeaseTable
+    from common.streams import MemoryStream
+
+    stream, leases = MemoryStream("enriched"), MemoryLeaseTable()
+    stream.put_records([(f"s{i}", orjson.dumps(make_event(i))) for i in range(20)])
+    peer = Consumer(stream, leases, worker_id="peer", lease_ms=300)
+    sink = SlowSink(1.0, during=peer.poll)                 # over three leases
+    loader = StreamLoader(lambda **hooks: Consumer(stream, leases, worker_id="a", lease_ms=300, **hooks),
+                          write_enriched, sink, Limits(records=20))
+    assert loader.step() == 20
+    assert loader.stats["flushes"] == 1 and len(sink.keys) == 1 and not peer.owned
+    [lease] = leases.leases()[0]
+    assert (lease.owner, lease.checkpoint) == ("a", stream.all_records()[-1].sequence_number)
+    loader.close()
+
+
 def test_lost_lease_drops_the_buffer(aws_settings):
     events = [make_event(i) for i in range(30)]
     put_events(aws_settings.enriched_stream, events)

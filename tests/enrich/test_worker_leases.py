@@ -16,7 +16,7 @@ from common.streams import MemoryStream
 from enrich.worker import Worker
 from tests.conftest import memory_grown_by, wait_for
 from tests.enrich.helpers import enricher, get_record
-from tests.faults import RefusesCalls, ThrottledFor
+from tests.faults import AnswersSlowly, RefusesCalls, ThrottledFor
 
 LEASE_MS = 300          # stands for the default 10 s; the throttling below stands for minutes of it
 
@@ -45,6 +45,23 @@ def test_a_delivery_retried_longer_than_the_lease_keeps_the_lease():
     w = worker(raw, leases, good, MemoryStream("bad"))
     [batch] = w.consumer.poll()
     assert w.handle(batch)                              # over three leases of throttled retries
+    w.consumer.checkpoint(batch)                        # still ours: no LeaseLost
+    assert peer_read == [] and not peer.owned
+    assert len(good.all_records()) == 5
+
+
+def test_one_send_longer_than_the_lease_keeps_the_lease():
+    """The lease was renewed between sends only: one PutRecords that took longer than the lease (or a
+    hung one through the producer's and botocore's retries, minutes) let a peer take the shard and
+    write the batch again."""
+    raw, leases = MemoryStream("raw"), MemoryLeaseTable()
+    raw_records(raw, 5)
+    peer = Consumer(raw, leases, worker_id="b", lease_ms=LEASE_MS)
+    peer_read = []
+    good = AnswersSlowly("enriched", 1.0, during=lambda: peer_read.extend(r for b in peer.poll() for r in b.records))
+    w = worker(raw, leases, good, MemoryStream("bad"))
+    [batch] = w.consumer.poll()
+    assert w.handle(batch)                              # one send over three leases
     w.consumer.checkpoint(batch)                        # still ours: no LeaseLost
     assert peer_read == [] and not peer.owned
     assert len(good.all_records()) == 5

@@ -27,7 +27,7 @@ from scorer.model import Model, Models
 from scorer.sink import PredictionWriter
 from scorer.worker import Worker
 from tests.conftest import memory_grown_by, wait_for
-from tests.faults import FaultProxy, ThrottledFor
+from tests.faults import AnswersSlowly, FaultProxy, ThrottledFor
 from tests.scorer.helpers import T0, WEIGHTS, logistic_onnx, logistic_reference, model_meta, session_events
 from tests.scorer.helpers import event as make_event
 
@@ -848,6 +848,24 @@ def test_a_flush_retried_longer_than_the_lease_keeps_the_lease():
     events = session_events("slow", seed=5, n=6, buyer=False)
     rig.put(events)
     assert rig.worker.poll_once() == len(events)       # folds, scores and flushes: over three leases
+    [lease] = rig.leases.leases()[0]
+    assert lease.owner == rig.worker.consumer.worker_id and lease.checkpoint is not None
+    assert peer_read == [] and not peer.owned
+    assert [p["event_id"] for p in rig.predictions()] == [e["event_id"] for e in events]
+
+
+def test_a_flush_whose_one_send_outlasts_the_lease_keeps_the_lease():
+    """The lease was renewed between sends only: one PutRecords answered after longer than the lease
+    (or a hung one through the producer's and botocore's retries, minutes) let a peer take the shard,
+    rebuild its sessions and publish the predictions again."""
+    peer_read = []
+    rig = Rig(MemoryStream("enriched", shard_count=1), lease_ms=300, flush_ms=0)
+    rig.out = AnswersSlowly("predictions", 1.0, lambda: peer_read.extend(r for b in peer.poll() for r in b.records))
+    rig.worker.writer = PredictionWriter(Producer(rig.out, max_attempts=1), None, None, 3600)
+    peer = Consumer(rig.stream, rig.leases, worker_id="peer", lease_ms=300)
+    events = session_events("slow", seed=5, n=6, buyer=False)
+    rig.put(events)
+    assert rig.worker.poll_once() == len(events)       # one send over three leases
     [lease] = rig.leases.leases()[0]
     assert lease.owner == rig.worker.consumer.worker_id and lease.checkpoint is not None
     assert peer_read == [] and not peer.owned
