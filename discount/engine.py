@@ -129,7 +129,7 @@ class Engine:
         """Retry a write through throttling and outages: skipping it would lose an offer decision."""
         for attempt in range(1_000_000):
             try:
-                return write()
+                return self.consumer.while_renewing(write)      # one write can outlast the lease (a hang)
             except (BotoCoreError, ClientError) as exc:
                 if _invalid(exc) and self._table_usable():
                     raise RefusedWrite from exc     # this record's write stays refused: no retry
@@ -162,6 +162,10 @@ class Engine:
         """Decide on every record of the batch; LeaseLost when another worker took its shard meanwhile."""
         self._shard = batch.shard_id
         for record in batch.records:
+            # Offer writes that each succeed slowly (a DynamoDB answering in seconds) outlast the lease
+            # together: renew it between records too, not only between retries.
+            if batch.shard_id not in self.consumer.renew_due():
+                raise LeaseLost(batch.shard_id)
             started = time.perf_counter()
             outcome = self.decide(record.data, record.sequence_number)
             self.metrics.predictions.labels(outcome).inc()
@@ -204,7 +208,7 @@ class Engine:
             return
         self._budget_read_at = time.monotonic()
         try:
-            spent = self.offers.spent(self.clock())
+            spent = self.consumer.while_renewing(self.offers.spent, self.clock())     # on the loop: may hang
         except (BotoCoreError, ClientError):
             return
         self.metrics.budget_left.set(max(0, self.settings.budget_per_hour - spent))

@@ -280,6 +280,65 @@ def test_offer_writes_retried_longer_than_the_lease_keep_the_lease(aws_settings)
     peer.close()
 
 
+def test_offer_writes_that_each_answer_slowly_keep_the_lease(aws_settings):
+    """Only a failed write renewed the lease: writes that each took a third of a second, and all
+    succeeded, outlasted it over a batch, and a peer took the shard and handled the batch again."""
+    settings = discount_settings(aws_settings)
+    publish(settings, [prediction(f"slow-{i}", 0.5) for i in range(10)])
+    peer = consumer_for(settings, settings.predictions_stream, APP, worker_id="peer", lease_ms=1000)
+    peer_read, done = [], threading.Event()
+
+    def peer_polls():
+        while not done.is_set():
+            peer_read.extend(r for b in peer.poll() for r in b.records)
+            time.sleep(0.2)
+
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        eng = _throttled_offers_engine(settings, proxy, lease_ms=1000)
+        eng.consumer.balance()
+        proxy.delay_s = 0.3                         # each offer answered, three seconds in all
+        runner = threading.Thread(target=peer_polls, daemon=True)
+        runner.start()
+        try:
+            assert eng.step() == 10
+        finally:
+            done.set()
+            runner.join(30)
+    assert len(offers(settings)) == 10 and not peer.owned and peer_read == []
+    [lease] = eng.consumer.leases.leases()[0]
+    assert lease.owner == "engine" and lease.checkpoint is not None
+    eng.close()
+    peer.close()
+
+
+def test_a_budget_read_slower_than_the_lease_keeps_the_lease(aws_settings):
+    """The budget gauge's read runs on the engine's loop, every 5 s: answered after longer than the
+    lease (a hung one lasts botocore's three 10 s attempts), it let a peer take the shard."""
+    settings = discount_settings(aws_settings)
+    peer = consumer_for(settings, settings.predictions_stream, APP, worker_id="peer", lease_ms=1000)
+    done = threading.Event()
+
+    def peer_polls():
+        while not done.is_set():
+            peer.poll()
+            time.sleep(0.2)
+
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        eng = _throttled_offers_engine(settings, proxy, lease_ms=1000)
+        eng.consumer.balance()
+        proxy.delay_s = 2.0
+        runner = threading.Thread(target=peer_polls, daemon=True)
+        runner.start()
+        try:
+            eng._update_budget_gauge()
+        finally:
+            done.set()
+            runner.join(30)
+    assert not peer.owned and eng.consumer.owned
+    eng.close()
+    peer.close()
+
+
 def test_offer_writes_stop_once_another_worker_took_the_shard(aws_settings):
     settings = discount_settings(aws_settings)
     publish(settings, [prediction("taken", 0.5)])
