@@ -8,9 +8,11 @@ Protocol v2 (/v2/...), /score/session, /sessions/{id}/prediction, /sessions/{id}
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
 
 import orjson
@@ -41,6 +43,11 @@ MAX_SESSION_ID_BYTES = 2048        # DynamoDB's limit for a partition key
 # Bodies are read whole, so one huge request could take the memory the worker shares: 4 MiB holds
 # some 10,000 rows of features as JSON.
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# Lookups read the table on threads of their own, at most this many waiting: on asyncio's default
+# threads (6 on 2 cores) a table answering in 2 s queued every features request and reload behind
+# them (20 s behind 60 lookups), and waiting lookups piled up without bound. Past the cap, a 503.
+LOOKUP_THREADS = 8
+LOOKUPS_WAITING_MAX = 256
 
 
 class Response:
@@ -70,6 +77,9 @@ class ScorerApp:
         self.openapi = orjson.dumps(document())
         self._timers: dict = {}
         self.table_failures = logs.Tally(every_s=30.0)     # per request while the table is down: once per 30 s
+        self.lookups = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="lookup")
+        self.lookups_waiting = 0                            # only the event loop's thread counts them
+        self.lookups_refused = logs.Tally(every_s=30.0)
         self.routes = {
             ("GET", "/ping"): self.ping,
             ("POST", "/invocations"): self.invocations,
@@ -282,13 +292,22 @@ class ScorerApp:
         if self.dynamodb is None or not self.table:
             return error(404, "no lookups: this scorer does not write the predictions table (CLICKSTREAM_LOOKUP_TABLE "
                               "is false); read the predictions stream")
+        if self.lookups_waiting >= LOOKUPS_WAITING_MAX:
+            if refused := self.lookups_refused.add():
+                log.warning("predictions table slow: %d lookups answered 503 since the last such line, %d waiting",
+                            refused, self.lookups_waiting)
+            return error(503, "predictions table slow: too many lookups waiting; retry later")
+        read = functools.partial(self.dynamodb.get_item, TableName=self.table, Key={"session_id": {"S": session_id}},
+                                 ConsistentRead=True)
+        self.lookups_waiting += 1
         try:
-            item = await asyncio.to_thread(self.dynamodb.get_item, TableName=self.table,
-                                           Key={"session_id": {"S": session_id}}, ConsistentRead=True)
+            item = await asyncio.get_running_loop().run_in_executor(self.lookups, read)
         except (BotoCoreError, ClientError) as exc:
             if failures := self.table_failures.add():
                 log.warning("predictions table reads failed %d times since the last such line: %s", failures, exc)
             return error(503, "predictions table unavailable; see the scorer log")    # AWS errors name the account
+        finally:
+            self.lookups_waiting -= 1
         if "Item" not in item or ttl_expired(item["Item"]):
             # DynamoDB deletes a row past its TTL only some time later (typically within two days).
             return error(404, f"no prediction for session {session_id!r}")

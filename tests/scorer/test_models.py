@@ -335,3 +335,31 @@ def test_a_predictions_table_outage_answers_503_and_logs_once_not_once_per_looku
     [line] = [r.getMessage() for r in caplog.records if r.name == "scorer.api"]
     assert line.startswith("predictions table reads failed 1 times since the last such line")
     assert app.table_failures.count == 19
+
+
+def test_lookups_waiting_on_a_slow_table_hold_up_no_other_route_and_are_capped(published, s3, monkeypatch):
+    """Lookups read the table on asyncio's default threads (6 on 2 cores): with the table answering in
+    2 s, 60 lookups held a features request or a reload 20 s behind them, and they queued without
+    bound. Past the cap a lookup is answered 503 at once."""
+    import asyncio
+
+    from scorer import api as api_module
+
+    monkeypatch.setattr(api_module, "LOOKUPS_WAITING_MAX", 12, raising=False)
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        dynamodb = aws.session().client("dynamodb", endpoint_url=proxy.endpoint, config=Config(retries={"max_attempts": 1}))
+        app = ScorerApp(Models(s3, published.bucket, MODEL), dynamodb=dynamodb, table=published.predictions_table)
+        proxy.delay_s = 3.0
+
+        async def run():
+            lookups = [asyncio.create_task(app.session_prediction(f"s{i}")) for i in range(12)]
+            await asyncio.sleep(0.2)                           # all twelve are waiting for the table
+            beyond = await app.session_prediction("one-more")
+            features = await asyncio.wait_for(asyncio.to_thread(app.session_features, "s0"), 30)
+            still_waiting = sum(not lookup.done() for lookup in lookups)
+            return beyond, features, still_waiting, await asyncio.gather(*lookups)
+
+        beyond, features, still_waiting, answered = asyncio.run(run())
+    assert beyond.status == 503 and b"too many lookups waiting" in beyond.body
+    assert features.status == 404 and still_waiting == 12        # answered while every lookup still waited
+    assert {answer.status for answer in answered} == {404} and app.lookups_waiting == 0
