@@ -131,9 +131,14 @@ def _about(meta: dict) -> str:
                 f"Evaluated on the sessions that started at or after {_when(window.get('split_at_ms'))} "
                 f"({rows['eval']} prefix rows; training had {rows['train']}), never seen in training.")
     run = (f"{html.escape(str(meta['algorithm']))}, created {html.escape(str(meta.get('created_at')))} from code "
-           f"{html.escape(str(meta.get('code_version')))[:12]}, Spark {html.escape(str(meta.get('spark_version')))}; "
-           f"label: {html.escape(str(meta.get('label')))}.")
+           f"{html.escape(_short_commit(str(meta.get('code_version'))))}, "
+           f"Spark {html.escape(str(meta.get('spark_version')))}; label: {html.escape(str(meta.get('label')))}.")
     return f"<p>{data}</p><p>{run}</p>"
+
+
+def _short_commit(version: str) -> str:
+    """A commit as people quote it (12 digits), keeping the ``-dirty`` that says it is not the commit's code."""
+    return version[:12] + ("-dirty" if version.endswith("-dirty") else "")
 
 
 def _reading(meta: dict, counts: dict) -> str:

@@ -183,12 +183,23 @@ def score_with_spark(model: PipelineModel, rows: DataFrame, feature_names: list[
 
 
 def code_version() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5,
-                             check=False)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
+    """The commit of the training code, ``<commit>-dirty`` when tracked files differ from it (as ``git
+    describe --dirty`` says) or git cannot tell: a model trained on uncommitted changes cannot be
+    rebuilt from the commit alone."""
+    head = _git("rev-parse", "HEAD")
+    if not head:
         return "unknown"
+    changes = _git("status", "--porcelain", "--untracked-files=no")
+    return head if changes == "" else f"{head}-dirty"
+
+
+def _git(*args: str) -> str | None:
+    """The output of a git command in this checkout, stripped; None when it fails (no git, no checkout)."""
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names: list[str],

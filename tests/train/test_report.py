@@ -180,3 +180,26 @@ def test_the_calibration_plot_shows_how_many_rows_each_bin_holds():
         assert histogram.get_ylabel() == "rows" and curve.get_ylabel() == "observed buy rate"
     finally:
         plt.close(figure)
+
+
+def test_code_from_uncommitted_changes_is_marked_dirty(tmp_path, monkeypatch):
+    # code_version named the commit alone: a model trained on edited code looked rebuildable from it.
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "fold.py").write_text("A = 1\n")
+    git("add", "fold.py")
+    git("commit", "-qm", "fold")
+    monkeypatch.setattr(train_model, "ROOT", tmp_path)
+    head = git("rev-parse", "HEAD")
+    (tmp_path / "notes.txt").write_text("untracked: not training code\n")
+    assert train_model.code_version() == head
+    (tmp_path / "fold.py").write_text("A = 2\n")
+    assert train_model.code_version() == f"{head}-dirty"
+    y, p = rows()
+    text = text_of(report_html.render(meta_for(y, p, code_version=f"{head}-dirty"), y, p))
+    assert f"from code {head[:12]}-dirty, Spark" in text
