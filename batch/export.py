@@ -163,7 +163,10 @@ def onnx_probabilities(onnx_bytes: bytes, matrix: np.ndarray, batch: int = 65_53
     """P(class 1) for every row of ``matrix`` (cast to float32, as the scorer does)."""
     sess = session(onnx_bytes)
     x = np.ascontiguousarray(matrix, dtype=np.float32)
-    parts = [sess.run([PROBABILITY_OUTPUT], {INPUT_NAME: x[i:i + batch]})[0][:, 1] for i in range(0, len(x), batch)]
+    cuts = list(range(batch, len(x), batch))
+    if cuts and len(x) - cuts[-1] == 1:
+        cuts.pop()          # a lone last row may score otherwise (scorer.model.Model._check_lone_rows)
+    parts = [sess.run([PROBABILITY_OUTPUT], {INPUT_NAME: part})[0][:, 1] for part in np.split(x, cuts) if len(part)]
     return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
 
 

@@ -67,13 +67,14 @@ class _RowBinding(threading.local):
     thread, because the worker and the API score concurrently and a binding is not thread-safe.
     """
 
-    def __init__(self, session: ort.InferenceSession, input_name: str, output_name: str):
-        self.row = np.zeros((1, FEATURE_COUNT), dtype=np.float32)
-        self.out = np.zeros((1, 2), dtype=np.float32)
-        self.row_bytes = memoryview(self.row).cast("B")
+    def __init__(self, session: ort.InferenceSession, input_name: str, output_name: str, count: int = 1):
+        rows = np.zeros((count, FEATURE_COUNT), dtype=np.float32)      # the row, then zeros (Model.min_rows)
+        self.row = rows[:1]
+        self.out = np.zeros((count, 2), dtype=np.float32)
+        self.row_bytes = memoryview(rows).cast("B")
         self.binding = session.io_binding()
-        self.binding.bind_cpu_input(input_name, self.row)
-        self.binding.bind_output(output_name, "cpu", 0, np.float32, [1, 2], self.out.ctypes.data)
+        self.binding.bind_cpu_input(input_name, rows)
+        self.binding.bind_output(output_name, "cpu", 0, np.float32, [count, 2], self.out.ctypes.data)
 
     @staticmethod
     def fits(session: ort.InferenceSession, output_name: str) -> bool:
@@ -93,6 +94,7 @@ class Model:
     positive_index: int
     meta: dict
     fused_trees: int = 0            # > 0 when the per-tree nodes were fused (optimize.py)
+    min_rows: int = 1               # rows every run scores, a lone row padded with zeros (_check_lone_rows)
     _single: _RowBinding | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -119,8 +121,9 @@ class Model:
                     input_name, output_name, _positive_index(spec), bundle.meta)
         model._probe()
         model._fuse_trees(bundle.onnx)
+        model._check_lone_rows()
         if _RowBinding.fits(model.session, output_name):
-            model._single = _RowBinding(model.session, input_name, output_name)
+            model._single = _RowBinding(model.session, input_name, output_name, model.min_rows)
         return model
 
     def _probe(self) -> None:
@@ -158,6 +161,19 @@ class Model:
         log.info("model %s: fused %d trees into one node (max |dp| %.1e on %d probe rows)", self.version, trees,
                  diff, len(rows), extra={"model_version": self.version})
 
+    def _check_lone_rows(self) -> None:
+        """Pad a lone row when the model scores it otherwise than in a batch. onnxruntime runs a batch of one
+        on a path of its own for some graphs (LinearClassifier, Spark's logistic regression: a matrix-vector
+        product, whose float32 sums round otherwise): the same event's p_buy differed in its 6th decimal
+        between a live poll of one record and a replay reading many. Trees score alike, unpadded (faster)."""
+        rng = np.random.default_rng(7)      # values of many scales, so some rows score between 0 and 1
+        rows = (rng.uniform(0, 1, (256, FEATURE_COUNT)) * 10 ** rng.uniform(-3, 1, (256, 1))).astype(np.float32)
+        batch = self._run(rows)
+        if any(self._run(rows[i:i + 1])[0] != batch[i] for i in range(len(rows))):
+            self.min_rows = 2
+            log.info("model %s: scores a lone row otherwise than in a batch; lone rows are padded",
+                     self.version, extra={"model_version": self.version})
+
     def predict(self, rows: np.ndarray) -> np.ndarray:
         """P(buy) for each row of a float32 [n, FEATURE_COUNT] matrix."""
         if self._single is not None and rows.shape[0] == 1:
@@ -184,7 +200,10 @@ class Model:
         return float(single.out[0, self.positive_index])
 
     def _run(self, rows: np.ndarray) -> np.ndarray:
-        output = self.session.run([self.output_name], {self.input_name: rows})[0]
+        count = len(rows)
+        if count < self.min_rows:
+            rows = np.concatenate([rows, np.zeros((self.min_rows - count, rows.shape[1]), dtype=rows.dtype)])
+        output = self.session.run([self.output_name], {self.input_name: rows})[0][:count]
         if isinstance(output, np.ndarray):
             return output[:, self.positive_index].astype(np.float64)
         # A ZipMap output: one {label: probability} dict per row.

@@ -119,6 +119,25 @@ def logistic_onnx(weights: dict[str, float] | None = None, bias: float = -3.0, z
     return model.SerializeToString()
 
 
+def linear_classifier_onnx(seed: int = 3) -> bytes:
+    """A logistic regression shaped like onnxmltools' export of Spark's (LinearClassifier, then Normalizer),
+    with dense weights: onnxruntime scores a lone row of it on a path of its own."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.3, len(FEATURE_NAMES)).astype(np.float32)
+    nodes = [helper.make_node("LinearClassifier", ["features"], ["prediction", "probability_tensor"], domain="ai.onnx.ml",
+                              classlabels_ints=[0, 1], coefficients=[*(-w).tolist(), *w.tolist()],
+                              intercepts=[0.5, -0.5], multi_class=1, post_transform="LOGISTIC"),
+             helper.make_node("Normalizer", ["probability_tensor"], ["probability"], domain="ai.onnx.ml", norm="L1")]
+    graph = helper.make_graph(
+        nodes, "buy", [helper.make_tensor_value_info("features", TensorProto.FLOAT, [None, len(FEATURE_NAMES)])],
+        [helper.make_tensor_value_info("prediction", TensorProto.INT64, [None]),
+         helper.make_tensor_value_info("probability", TensorProto.FLOAT, [None, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15), helper.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 def logistic_reference(rows: list[list[float]], weights: dict[str, float] | None = None, bias: float = -3.0):
     weights = WEIGHTS if weights is None else weights
     w = np.array([weights.get(name, 0.0) for name in FEATURE_NAMES], dtype=np.float64)

@@ -141,6 +141,18 @@ def test_thresholds_between_float32_neighbours_route_like_spark(spark, tmp_path,
     assert np.abs(unpatched - result.eval_rows["p_spark"].to_numpy()).max() > 1e-3
 
 
+def test_the_parity_rows_are_scored_in_batches_of_two_or_more_as_the_scorer_scores():
+    # A last batch of one row went down onnxruntime's single-row path, which rounds a logistic regression
+    # otherwise: that row's p_onnx, which the threshold is chosen on, was not the scorer's.
+    from tests.scorer.helpers import linear_classifier_onnx
+
+    onnx_bytes = linear_classifier_onnx()
+    rows = np.random.default_rng(4).uniform(0, 50, size=(41, 38)).astype(np.float32)
+    whole = export.onnx_probabilities(onnx_bytes, rows)
+    for batch in range(2, 40):          # each leaves one row for its last batch
+        assert list(export.onnx_probabilities(onnx_bytes, rows[:batch + 1], batch=batch)) == list(whole[:batch + 1])
+
+
 def test_parity_check_names_rows_and_stage():
     p_spark = np.array([0.1, 0.5, 0.9])
     stages = ["VectorAssembler(va)", "GBTClassificationModel(gbt)"]
