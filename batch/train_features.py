@@ -64,7 +64,7 @@ def _as_millis(df: DataFrame) -> DataFrame:
     sessionising), timestamps as epoch ms; a field the lake lacks is null, as in JSON."""
     present = {field.name: field.dataType for field in df.schema.fields}
     columns = []
-    for name in dict.fromkeys((*EVENT_FIELDS, "domain_userid", "user_id")):
+    for name in dict.fromkeys((*EVENT_FIELDS, "domain_userid", "user_id", "etl_tstamp")):   # etl: arrival_order
         kind = present.get(name)
         if kind is None:
             columns.append(F.lit(None).cast("string").alias(name))
@@ -222,8 +222,13 @@ def arrival_order(event: dict) -> tuple:
     """The order in which the scorer folds a session's events: as collected (a late retry or an
     offline queue's events come after those collected before them, whenever they happened). Events
     of one request share a collection time; they are in time order, as the tracker queued them,
-    then by id (the scorer keeps the request's order: two created in the same millisecond may differ)."""
-    return parse_ms(event["collector_tstamp"]), event_time_ms(event), event["event_id"]
+    then by id (the scorer keeps the request's order: two created in the same millisecond may differ).
+    Copies of one event (an enricher re-reading its batch after a crash) come first enriched first, as
+    they reached the scorer: Spark hands them over in an order of its own (file sizes, compaction), and
+    the copy folded, if a new enricher version read it otherwise (its device class), changed with it."""
+    enriched = event.get("etl_tstamp")
+    return (parse_ms(event["collector_tstamp"]), event_time_ms(event), event["event_id"],
+            -1 if enriched is None else parse_ms(enriched))
 
 
 def examples_of(session_id: str, events: list[dict], max_rows: int = 0) -> pa.Table:

@@ -169,6 +169,19 @@ def test_records_drop_duplicates_and_turn_missing_into_none():
     assert isinstance(out[0]["contexts"], list)
 
 
+def test_of_two_copies_of_an_event_the_first_enriched_is_folded_whatever_order_spark_hands_them_over():
+    # An enricher re-reading its batch after a crash, a new version deployed meanwhile, wrote a second copy
+    # of its events: same id and times, another device class. Which copy was folded followed Spark's row
+    # order (the files' sizes, a compaction); the scorer folds the first to arrive, the first enriched.
+    events = synth.session_events(random.Random(8), 1_795_000_000_000, buyer=False)
+    copy = {**events[0], "dvce_type": "Tablet" if events[0]["dvce_type"] != "Tablet" else "Mobile",
+            "etl_tstamp": synth.iso(parse_ms(events[0]["etl_tstamp"]) + 60_000)}
+    frame = _as_lake_frame([*events, copy])
+    expected = _examples(_as_lake_frame(events))
+    pd.testing.assert_frame_equal(_examples(frame), expected)
+    pd.testing.assert_frame_equal(_examples(frame.iloc[[len(events), *range(len(events))]]), expected)
+
+
 def test_corrupt_json_names_the_event():
     events = synth.session_events(random.Random(9), 1_795_000_000_000, buyer=False)
     frame = _as_lake_frame(events)
