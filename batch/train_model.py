@@ -202,15 +202,30 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def laid_out(rows: DataFrame, partitions: int, order: list[str]) -> DataFrame:
+    """The rows in ``partitions`` partitions by a hash of ``order``, sorted by it in each. A fit sums per
+    partition: rows laid out by the machine (createDataFrame slices a table by the cores) gave another model
+    under local[1] than under local[2], from the same rows and seed."""
+    return rows.repartition(partitions, *order).sortWithinPartitions(*order)
+
+
 def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names: list[str],
                    settings: TrainSettings, steps: Steps, *, id_columns: list[str], row_id: str,
                    label: str = "label") -> TrainResult:
     """Fit on ``train``, score ``evaluation`` with Spark and ONNX, gate on parity, build the meta."""
+    order = [column for column in id_columns if column != label]
     with steps("fit"):
-        train, buyer_weight = weigh(train, label, settings.class_weight)
-        model = pipeline(settings, feature_names, label).fit(train)
+        # Cached while fitted: the fit reads its rows many times, and each read shuffled and sorted them again.
+        laid = laid_out(train, settings.spark_shuffle_partitions, order).cache()
+        try:
+            train, buyer_weight = weigh(laid, label, settings.class_weight)
+            model = pipeline(settings, feature_names, label).fit(train)
+            train_rows = int(laid.count())
+        finally:
+            laid.unpersist()
     with steps("evaluate"):
-        scored = score_with_spark(model, evaluation, feature_names, id_columns)
+        # Sorted: the metrics' float sums then add the rows in one order, whatever their partitions.
+        scored = score_with_spark(model, evaluation, feature_names, id_columns).sort_values(order, ignore_index=True)
         if scored[label].nunique() < 2:
             raise TrainError(f"the evaluation set ({len(scored)} rows) has only label {scored[label].iloc[0]!r}: "
                              "AUC is undefined; use a longer window or a larger eval_fraction")
@@ -238,7 +253,7 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
                  "opset": export.TARGET_OPSET, "sha256": onnx_digest(onnx_bytes)},
         "threshold": threshold["threshold"], "threshold_selection": threshold, "metrics": metrics,
         "feature_importances": importances(model, feature_names),
-        "rows": {"train": int(train.count()), "eval": len(scored)},
+        "rows": {"train": train_rows, "eval": len(scored)},
         "spark_version": spark.version, "code_version": code_version(), "parity": parity.as_meta(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

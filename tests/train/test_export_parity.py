@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 from batch import export
 from batch.train import main as train_main
-from batch.train_model import score_with_spark
-from batch.train_table import prepare, train_from_table
+from batch.train_model import Steps, fit_and_export, score_with_spark
+from batch.train_table import ID_COLUMNS, prepare, train_from_table
 from tests.train.conftest import fast_settings
 
 pytestmark = pytest.mark.spark
@@ -139,6 +139,19 @@ def test_thresholds_between_float32_neighbours_route_like_spark(spark, tmp_path,
     matrix = result.eval_rows[table.feature_names].to_numpy()
     unpatched = export.onnx_probabilities(raw, matrix)
     assert np.abs(unpatched - result.eval_rows["p_spark"].to_numpy()).max() > 1e-3
+
+
+def test_the_model_does_not_depend_on_how_its_rows_are_partitioned(spark):
+    # createDataFrame slices a table by the cores and a fit sums per partition: local[1] and local[*] gave
+    # other models (and cross-validation AUCs) from the same table and seed.
+    table = prepare(shoppers_like(3000, seed=5), "Revenue", categorical=["Browser"])
+    train, evaluation = table.frame.iloc[:2400], table.frame.iloc[2400:]
+    settings = fast_settings(max_depth=5, max_iter=20)
+    results = [fit_and_export(spark, layout(spark.createDataFrame(train)), spark.createDataFrame(evaluation),
+                              table.feature_names, settings, Steps([], enabled=False), id_columns=ID_COLUMNS,
+                              row_id="row_id") for layout in (lambda df: df.coalesce(1), lambda df: df.repartition(3))]
+    assert results[0].onnx_bytes == results[1].onnx_bytes
+    assert results[0].meta["metrics"] == results[1].meta["metrics"]
 
 
 def test_the_parity_rows_are_scored_in_batches_of_two_or_more_as_the_scorer_scores():
