@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from contextlib import contextmanager
 
 import pytest
 from botocore.config import Config
@@ -249,29 +250,38 @@ def test_the_budget_gauge_and_outcome_series_are_true_before_any_prediction_is_r
     eng.close()
 
 
+@contextmanager
+def peer_polling(peer):
+    """A peer consumer polling every 0.2 s on a thread while the block runs; yields what it read."""
+    read, done = [], threading.Event()
+
+    def polls():
+        while not done.is_set():
+            read.extend(r for b in peer.poll() for r in b.records)
+            time.sleep(0.2)
+
+    runner = threading.Thread(target=polls, daemon=True)
+    runner.start()
+    try:
+        yield read
+    finally:
+        done.set()
+        runner.join(30)
+
+
 def test_offer_writes_retried_longer_than_the_lease_keep_the_lease(aws_settings):
     settings = discount_settings(aws_settings)
     publish(settings, [prediction("slow", 0.5)])
     peer = consumer_for(settings, settings.predictions_stream, APP, worker_id="peer", lease_ms=1000)
-    peer_read, done = [], threading.Event()
-
-    def peer_polls():
-        while not done.is_set():
-            peer_read.extend(r for b in peer.poll() for r in b.records)
-            time.sleep(0.2)
-
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
         eng = _throttled_offers_engine(settings, proxy, lease_ms=1000)
         eng.consumer.balance()
         # Refused for longer than the 1 s lease, and than the backoff's sleeps would grow without a cap.
         timer = _down_for(proxy, 3.0)
-        runner = threading.Thread(target=peer_polls, daemon=True)
-        runner.start()
         try:
-            assert eng.step() == 1
+            with peer_polling(peer) as peer_read:
+                assert eng.step() == 1
         finally:
-            done.set()
-            runner.join(30)
             timer.join()
     assert "slow" in offers(settings) and not peer.owned and peer_read == []
     [lease] = eng.consumer.leases.leases()[0]
@@ -286,24 +296,12 @@ def test_offer_writes_that_each_answer_slowly_keep_the_lease(aws_settings):
     settings = discount_settings(aws_settings)
     publish(settings, [prediction(f"slow-{i}", 0.5) for i in range(10)])
     peer = consumer_for(settings, settings.predictions_stream, APP, worker_id="peer", lease_ms=1000)
-    peer_read, done = [], threading.Event()
-
-    def peer_polls():
-        while not done.is_set():
-            peer_read.extend(r for b in peer.poll() for r in b.records)
-            time.sleep(0.2)
-
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
         eng = _throttled_offers_engine(settings, proxy, lease_ms=1000)
         eng.consumer.balance()
         proxy.delay_s = 0.3                         # each offer answered, three seconds in all
-        runner = threading.Thread(target=peer_polls, daemon=True)
-        runner.start()
-        try:
+        with peer_polling(peer) as peer_read:
             assert eng.step() == 10
-        finally:
-            done.set()
-            runner.join(30)
     assert len(offers(settings)) == 10 and not peer.owned and peer_read == []
     [lease] = eng.consumer.leases.leases()[0]
     assert lease.owner == "engine" and lease.checkpoint is not None
@@ -316,24 +314,12 @@ def test_a_budget_read_slower_than_the_lease_keeps_the_lease(aws_settings):
     lease (a hung one lasts botocore's three 10 s attempts), it let a peer take the shard."""
     settings = discount_settings(aws_settings)
     peer = consumer_for(settings, settings.predictions_stream, APP, worker_id="peer", lease_ms=1000)
-    done = threading.Event()
-
-    def peer_polls():
-        while not done.is_set():
-            peer.poll()
-            time.sleep(0.2)
-
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
         eng = _throttled_offers_engine(settings, proxy, lease_ms=1000)
         eng.consumer.balance()
         proxy.delay_s = 2.0
-        runner = threading.Thread(target=peer_polls, daemon=True)
-        runner.start()
-        try:
+        with peer_polling(peer):
             eng._update_budget_gauge()
-        finally:
-            done.set()
-            runner.join(30)
     assert not peer.owned and eng.consumer.owned
     eng.close()
     peer.close()

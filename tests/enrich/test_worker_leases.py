@@ -36,32 +36,19 @@ def worker(raw, leases, good, bad, stop=None) -> Worker:
                   stop, retry_cap_s=0.05)
 
 
-def test_a_delivery_retried_longer_than_the_lease_keeps_the_lease():
+@pytest.mark.parametrize("slow_stream", [ThrottledFor, AnswersSlowly], ids=["retried", "one-slow-send"])
+def test_a_delivery_longer_than_the_lease_keeps_the_lease(slow_stream):
+    """Throttled retries over three leases, or one PutRecords that long (a hung one lasts minutes
+    through the producer's and botocore's retries): the lease was renewed between sends only, and a
+    peer took the shard and wrote the batch again."""
     raw, leases = MemoryStream("raw"), MemoryLeaseTable()
     raw_records(raw, 5)
     peer = Consumer(raw, leases, worker_id="b", lease_ms=LEASE_MS)
     peer_read = []
-    good = ThrottledFor("enriched", 1.0, during=lambda: peer_read.extend(r for b in peer.poll() for r in b.records))
+    good = slow_stream("enriched", 1.0, during=lambda: peer_read.extend(r for b in peer.poll() for r in b.records))
     w = worker(raw, leases, good, MemoryStream("bad"))
     [batch] = w.consumer.poll()
-    assert w.handle(batch)                              # over three leases of throttled retries
-    w.consumer.checkpoint(batch)                        # still ours: no LeaseLost
-    assert peer_read == [] and not peer.owned
-    assert len(good.all_records()) == 5
-
-
-def test_one_send_longer_than_the_lease_keeps_the_lease():
-    """The lease was renewed between sends only: one PutRecords that took longer than the lease (or a
-    hung one through the producer's and botocore's retries, minutes) let a peer take the shard and
-    write the batch again."""
-    raw, leases = MemoryStream("raw"), MemoryLeaseTable()
-    raw_records(raw, 5)
-    peer = Consumer(raw, leases, worker_id="b", lease_ms=LEASE_MS)
-    peer_read = []
-    good = AnswersSlowly("enriched", 1.0, during=lambda: peer_read.extend(r for b in peer.poll() for r in b.records))
-    w = worker(raw, leases, good, MemoryStream("bad"))
-    [batch] = w.consumer.poll()
-    assert w.handle(batch)                              # one send over three leases
+    assert w.handle(batch)
     w.consumer.checkpoint(batch)                        # still ours: no LeaseLost
     assert peer_read == [] and not peer.owned
     assert len(good.all_records()) == 5
