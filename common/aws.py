@@ -67,12 +67,14 @@ def session(region: str | None = None) -> boto3.session.Session:
     return boto3.session.Session(**kwargs)
 
 
-def client(service: str, region: str | None = None, *, timeout: float = 10.0, retries: int = 2, **options):
-    """A client with short timeouts: our own code retries, so botocore should fail fast. ``retries`` is
+def client(service: str, region: str | None = None, *, timeout: float = 10.0, read_timeout: float | None = None,
+           retries: int = 2, **options):
+    """A client with short timeouts: our own code retries, so botocore should fail fast. ``timeout`` is
+    the connect timeout, and the read timeout unless ``read_timeout`` is given. ``retries`` is
     botocore's count of retries after the first attempt (0: one attempt).
     ``options`` are further botocore Config settings (e.g. parameter_validation=False on hot paths)."""
     options.setdefault("max_pool_connections", 32)
-    config = Config(connect_timeout=timeout, read_timeout=timeout,
+    config = Config(connect_timeout=timeout, read_timeout=timeout if read_timeout is None else read_timeout,
                     retries={"max_attempts": retries, "mode": "standard"}, **options)
     return session(region).client(service, config=config)
 

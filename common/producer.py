@@ -7,7 +7,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ReadTimeoutError
 
 from common.aws import THROTTLING_CODES
 from common.logs import Tally
@@ -26,6 +26,8 @@ class Undelivered:
     partition_key: str
     data: bytes
     reason: str
+    # Sent, and no answer within the read timeout: the stream may have taken it (outcome unknown).
+    timed_out: bool = False
 
     @property
     def throttled(self) -> bool:
@@ -70,12 +72,16 @@ class Producer:
 
     ``send`` returns what could not be delivered after ``max_attempts`` (an empty list on success):
     oversized entries, entries still failing, or everything when the stream cannot be reached.
+    With ``retry_timeouts=False`` a call that timed out waiting for its answer ends the send at once
+    (its entries marked ``timed_out``): it may have landed, and another attempt at the same timeout
+    would land another copy; the caller decides when to send them again, and how patiently.
     """
 
     def __init__(self, stream: StreamBackend, *, max_attempts: int = 5, base_delay: float = 0.05,
-                 max_delay: float = 2.0, sleep=time.sleep):
+                 max_delay: float = 2.0, sleep=time.sleep, retry_timeouts: bool = True):
         self.stream = stream
         self.max_attempts = max_attempts
+        self.retry_timeouts = retry_timeouts
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.sleep = sleep
@@ -86,7 +92,8 @@ class Producer:
         # "Full jitter": a random delay up to the exponential cap spreads retries of many producers.
         self.sleep(random.uniform(0, backoff_s(attempt, self.base_delay, self.max_delay)))
 
-    def send(self, entries: list[tuple[str, bytes]]) -> list[Undelivered]:
+    def send(self, entries: list[tuple[str, bytes]], max_attempts: int | None = None) -> list[Undelivered]:
+        """``max_attempts`` per PutRecords call (the producer's own unless given)."""
         undelivered: list[Undelivered] = []
         valid = []
         for key, data in entries:
@@ -96,12 +103,12 @@ class Producer:
             else:
                 valid.append((key, data))
         for batch in batches(valid):
-            undelivered.extend(self._send_batch(batch))
+            undelivered.extend(self._send_batch(batch, max_attempts or self.max_attempts))
         return undelivered
 
-    def _send_batch(self, pending: list[tuple[str, bytes]]) -> list[Undelivered]:
+    def _send_batch(self, pending: list[tuple[str, bytes]], max_attempts: int) -> list[Undelivered]:
         reasons: list[str] = ["not sent"] * len(pending)
-        for attempt in range(self.max_attempts):
+        for attempt in range(max_attempts):
             if attempt:
                 self.retried += len(pending)
                 self._backoff(attempt)
@@ -109,11 +116,14 @@ class Producer:
                 results = self.stream.put_records(pending)
             except (BotoCoreError, ClientError, OSError) as exc:
                 # Not a line per attempt, nor per send: through an outage every caller retries sends too.
-                failed = self.failed_sends.add() if attempt == self.max_attempts - 1 else 0
+                timed_out = isinstance(exc, ReadTimeoutError) and not self.retry_timeouts
+                failed = self.failed_sends.add() if attempt == max_attempts - 1 and not timed_out else 0
                 log.log(logging.WARNING if failed else logging.DEBUG, "put_records to %s failed (%d entries, attempt "
                         "%d of %d; %d sends failed since the last such line): %s", self.stream.name, len(pending),
-                        attempt + 1, self.max_attempts, failed, exc)
+                        attempt + 1, max_attempts, failed, exc)
                 reasons = [f"{type(exc).__name__}: {exc}"] * len(pending)
+                if timed_out:
+                    return [Undelivered(key, data, reason, timed_out=True) for (key, data), reason in zip(pending, reasons)]
                 continue
             failed = [(entry, f"{r.error_code}: {r.error_message}") for entry, r in zip(pending, results) if not r.ok]
             if not failed:

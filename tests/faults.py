@@ -6,6 +6,8 @@ The proxy forwards every request unchanged, except that it can
   request before it reaches the emulator and answered with ``ProvisionedThroughputExceededException``
   in their slots, exactly as Kinesis reports a partial failure;
 - be "down": answer every request with 503, or drop the connection, like an unreachable stream;
+- delay every request, or the calls of chosen APIs (a slow stream: the call is forwarded, and its
+  records land, after the delay, whether or not the client still waits);
 - throttle chosen API calls (by their X-Amz-Target), or answer their next calls with given error
   codes, as Kinesis or DynamoDB would;
 - hang the next call of a chosen API (to a chosen stream), or S3 request (method and path), before or after forwarding it, and never
@@ -49,6 +51,9 @@ class FaultProxy:
         self.fail_calls: list[list[int]] = []
         self.down = False
         self.delay_s = 0.0                      # every request waits this long first (a throttled call's retries)
+        # X-Amz-Target: seconds each such call waits before it is forwarded (a slow API, whose writes
+        # land although a client that stopped waiting sees a timeout)
+        self.delays: dict[str, float] = {}
         self.put_calls = 0
         self.failed_entries = 0
         self.throttle: set[str] = set()        # X-Amz-Target values to answer with a throttling error
@@ -70,13 +75,13 @@ class FaultProxy:
             def _handle(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
-                if proxy.delay_s:
-                    time.sleep(proxy.delay_s)
+                # A JSON-protocol call is named by its X-Amz-Target, an S3 call by method and path.
+                target = self.headers.get("X-Amz-Target") or f"{self.command} {unquote(urlsplit(self.path).path)}"
+                if delay := proxy.delay_s + proxy.delays.get(target, 0.0):
+                    time.sleep(delay)
                 if proxy.down:
                     self._answer(503, b"")
                     return
-                # A JSON-protocol call is named by its X-Amz-Target, an S3 call by method and path.
-                target = self.headers.get("X-Amz-Target") or f"{self.command} {unquote(urlsplit(self.path).path)}"
                 proxy.calls[target] = proxy.calls.get(target, 0) + 1
                 queued = proxy.refuse_next.get(target)
                 if queued or target in proxy.throttle:

@@ -22,7 +22,7 @@ from common.producer import Producer
 from common.streams import KinesisStream
 from infra.provision import provision
 from tests.conftest import ROOT, settings_env, wait_for
-from tests.faults import GET_RECORDS, FaultProxy
+from tests.faults import GET_RECORDS, PUT_RECORDS, FaultProxy
 
 
 def entries(n, tag="r"):
@@ -135,6 +135,20 @@ def test_producer_returns_everything_when_the_stream_is_unreachable_with_one_war
             for _ in range(5):                      # the caller retries its sends: still not a line each
                 producer.send(entries(3))
     assert not [r for r in caplog.records if r.name == "common.producer"]
+
+
+def test_a_producer_that_does_not_retry_timeouts_ends_the_send_at_the_first_unanswered_call(aws_settings):
+    # The call lands after 1 s, past the 0.3 s read timeout: another attempt would land another copy.
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.delays[PUT_RECORDS] = 1.0
+        config = Config(read_timeout=0.3, retries={"max_attempts": 0})
+        client = aws.session().client("kinesis", endpoint_url=proxy.endpoint, config=config)
+        producer = Producer(KinesisStream(client, aws_settings.raw_stream), max_attempts=3, retry_timeouts=False)
+        undelivered = producer.send(entries(10))
+        assert len(undelivered) == 10 and all(u.timed_out for u in undelivered)
+        time.sleep(1.5)                                 # the call is counted once the proxy forwards it
+        assert proxy.put_calls == 1
+    assert Counter(stream_contents(aws_settings)) == Counter(data.decode() for _, data in entries(10))
 
 
 def test_producer_hashes_keys_kinesis_would_refuse_instead_of_failing_the_call(aws_settings):
