@@ -22,6 +22,7 @@ class CollectorSettings(AwsSettings):
     batch_records: int = 500
     batch_bytes: int = 4 * 1024 * 1024
     sink_timeout_s: float = 5.0                # boto3 connect/read timeout; our loop retries
+    sink_timeout_max_s: float = 30.0           # the longest read timeout, raised while the stream answers slowly
     shutdown_timeout_s: float = 10.0           # how long SIGTERM waits for the stream before leaving it spooled
     # The spool (write-ahead log) every hit goes through.
     spool_dir: Path = Path(".run/collector-spool")
@@ -58,9 +59,12 @@ class CollectorSettings(AwsSettings):
         if self.fsync not in FSYNC_POLICIES:
             raise ConfigError(f"CLICKSTREAM_FSYNC: expected one of {', '.join(FSYNC_POLICIES)}, got {self.fsync!r}")
         require_positive(self, "port", "workers", "max_concurrent_requests", "linger_ms", "batch_records", "batch_bytes", "sink_timeout_s",
-                         "spool_max_bytes", "spool_segment_bytes", "spool_segment_max_age_s", "fsync_interval_ms", "retry_after_s",
+                         "sink_timeout_max_s", "spool_max_bytes", "spool_segment_bytes", "spool_segment_max_age_s", "fsync_interval_ms", "retry_after_s",
                          "max_payload_bytes", "body_timeout_s", "max_request_bytes", "bad_payload_keep_bytes", "cookie_days")
         require_non_negative(self, "trusted_proxy_hops", "shutdown_timeout_s", "cors_max_age_s")
+        if self.sink_timeout_max_s < self.sink_timeout_s:
+            raise ConfigError(f"CLICKSTREAM_SINK_TIMEOUT_MAX_S: expected at least sink_timeout_s ({self.sink_timeout_s}), "
+                              f"got {self.sink_timeout_max_s!r}")
         require_at_most(self, "workers", 256, "one process per core")
         require_at_most(self, "max_concurrent_requests", 65_536, "per worker; each may hold a request body")
         require_at_most(self, "spool_segment_bytes", 1 << 30, "a segment is written out in full before use")

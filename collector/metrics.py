@@ -15,6 +15,7 @@ from prometheus_client.process_collector import ProcessCollector
 _MULTI = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 _GAUGE = {"multiprocess_mode": "livesum"} if _MULTI else {}
 _MIN = {"multiprocess_mode": "livemin"} if _MULTI else {}       # the worst worker shows, not a sum
+_MAX = {"multiprocess_mode": "livemax"} if _MULTI else {}
 
 REQUESTS = Counter("collector_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"])
 PRODUCED_TOTAL = Counter("collector_records_produced_total", "Records accepted by the stream", ["stream"])
@@ -37,6 +38,14 @@ DRAINED = Gauge("collector_spool_drained_timestamp_seconds",
                 "Last time less than one batch of this worker's own hits waited in its spool (min over workers)",
                 **_MIN)
 SINK_UP = Gauge("collector_sink_up", "1 while the stream can be reached and the sender runs (min over workers)", **_MIN)
+# A PutRecords that got no answer in time may have landed: the sender sends the batch again, waiting
+# longer (see collector.sink.ReadTimeouts). Copies in the stream, and a slow stream, show here.
+SINK_TIMEOUTS = Counter("collector_sink_timeouts_total",
+                        "Batches whose PutRecords got no answer within the read timeout (sent again, so they "
+                        "may be in the stream more than once)")
+SINK_TIMEOUT = Gauge("collector_sink_timeout_seconds",
+                     "Read timeout of the sender's next PutRecords: sink_timeout_s, raised while the stream answers "
+                     "slowly (max over workers)", **_MAX)
 SINK_LATENCY = Histogram("collector_sink_latency_seconds", "Time to deliver one batch to the stream(s)",
                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 

@@ -8,6 +8,9 @@ same batch is retried with backoff, so order is kept. When only some entries wer
 producer has already reordered them, and re-sending the accepted ones would duplicate them.
 New hits do not cut a backoff short (only stop() does): under traffic they would otherwise retry a
 failing or throttled stream as fast as they arrive.
+A batch whose PutRecords got no answer in time (a slow stream) may have landed: it is sent again,
+in order as well, but with a longer read timeout each time (``ReadTimeouts``), so the stream gets a
+few copies of it, not one per attempt for as long as the slowness lasts.
 """
 from __future__ import annotations
 
@@ -32,13 +35,54 @@ log = logging.getLogger(__name__)
 PREPARE_RETRY_S = 60.0           # after writing the next segment ahead failed (a full disk)
 
 
+class ReadTimeouts:
+    """The read timeout of the sender's PutRecords calls: ``base_s`` (sink_timeout_s), doubled after each
+    batch that got no answer in time, up to ``max_s``, and one step back down after each batch answered
+    within half the lower step. A call given up on may have landed: sent again at the same timeout, a
+    batch landed once per attempt while the stream answered slower than that, and the cursor never
+    moved. ``use`` is called with each new timeout (it switches the streams' clients)."""
+
+    def __init__(self, base_s: float, max_s: float, use: Callable[[float], None] = lambda seconds: None):
+        self.steps = [base_s]
+        while self.steps[-1] < max_s:
+            self.steps.append(min(max_s, self.steps[-1] * 2))
+        self.step = 0
+        self.use = use
+
+    @property
+    def current(self) -> float:
+        return self.steps[self.step]
+
+    @property
+    def raised(self) -> bool:
+        return self.step > 0
+
+    def timed_out(self) -> bool:
+        """Wait longer next time; False when the wait is already the longest."""
+        if self.step == len(self.steps) - 1:
+            return False
+        self._move(1)
+        return True
+
+    def answered(self, elapsed_s: float) -> None:
+        # Half the lower step: an answer time just under it would time out again on the next call.
+        if self.step and elapsed_s < self.steps[self.step - 1] / 2:
+            self._move(-1)
+
+    def _move(self, by: int) -> None:
+        self.step += by
+        self.use(self.current)
+        metrics.SINK_TIMEOUT.set(self.current)
+
+
 class Sink:
     def __init__(self, spool: Spool, raw: Producer, bad: Producer, *, linger_ms: int = 200,
                  batch_records: int = 500, batch_bytes: int = 4 * 1024 * 1024,
                  fsync_interval_ms: int | None = None, probe=None, min_backoff_s: float = 0.2,
                  max_backoff_s: float = 5.0,
                  find_orphans: Callable[[set[Path]], list[tuple[Spool, int]]] | None = None,
-                 adopt_every_s: float = 30.0, bad_payload_keep_bytes: int = 50_000):
+                 adopt_every_s: float = 30.0, bad_payload_keep_bytes: int = 50_000,
+                 timeouts: ReadTimeouts | None = None):
         self.spool = spool
         # Other slots' spools left without a worker (a stopped task's on a shared volume, a slot unused
         # since fewer workers run): drained after ours, then released. Looked for at start and every
@@ -56,11 +100,14 @@ class Sink:
         self.min_backoff = min_backoff_s
         self.max_backoff = max_backoff_s
         self.bad_payload_keep_bytes = bad_payload_keep_bytes
+        self.timeouts = timeouts or ReadTimeouts(5.0, 30.0)
+        self._timeout_errors = logs.Tally(every_s=60.0)    # at the longest wait, every attempt times out alike
         self.healthy = probe is None
         self.cause: str | None = None        # AWS's answer while the stream cannot be written
         self._health_known = False          # the first answer is news, not "again"
         self._health_lock = threading.Lock()    # the sender and a scrape both set collector_sink_up
         self.progressed = False          # whether this sending round delivered anything
+        self._unanswered: tuple[Spool, int] | None = None     # the batch that got no answer in time: spool, records
         self.wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="collector-sink", daemon=True)
@@ -81,6 +128,7 @@ class Sink:
     def start(self) -> None:
         self._adopt()
         metrics.SINK_UP.set(int(self.healthy))
+        metrics.SINK_TIMEOUT.set(self.timeouts.current)
         metrics.DRAINED.set(time.time())         # a backlog left by a previous run counts as behind from now
         if self.probe is not None:
             self._check()
@@ -163,7 +211,7 @@ class Sink:
                     return True
                 if full_only and spool is self.spool and not self._batch_full(spool):
                     break
-                entries, offset = spool.read(self.batch_records, self.batch_bytes)
+                entries, offset = spool.read(self._batch_limit(spool), self.batch_bytes)
                 if not entries:
                     self._note_drained(spool)
                     break
@@ -177,6 +225,13 @@ class Sink:
         if not self.healthy and self.probe is not None:
             return self._check()
         return True
+
+    def _batch_limit(self, spool: Spool) -> int:
+        """A batch that got no answer in time goes again as it was, not grown by the hits spooled since:
+        each of those would land once more per attempt as well."""
+        if self._unanswered and self._unanswered[0] is spool:
+            return self._unanswered[1]
+        return self.batch_records
 
     def _batch_full(self, spool: Spool) -> bool:
         return spool.records >= self.batch_records or spool.depth_bytes >= self.batch_bytes
@@ -257,10 +312,17 @@ class Sink:
         """Deliver one batch; False when the caller should back off (nothing or not everything got through)."""
         started = time.perf_counter()
         refused = self._produce(entries)
+        elapsed = time.perf_counter() - started
         delivered = len(entries) - len(refused)
         self.progressed = self.progressed or delivered > 0
-        metrics.SINK_LATENCY.observe(time.perf_counter() - started)
+        metrics.SINK_LATENCY.observe(elapsed)
         resendable = [(s, u) for s, u in refused if u.reason != TOO_LARGE]
+        if any(item.timed_out for _, item in resendable):
+            longest = not self._timed_out()
+            if delivered == 0:
+                return self._unanswered_batch(spool, len(entries), longest)
+        elif delivered:
+            self._answered(elapsed)
         if resendable and delivered == 0:
             # Nothing got through: the cursor stays and the same batch is retried, so order is kept.
             # A stream that throttled all of it answered, though: it is reachable, and at its limit.
@@ -276,20 +338,54 @@ class Sink:
         kept = self._keep(again)
         if not kept and self._resend(again):
             return False                # stopping: the cursor stays, and the batch goes again after a restart
+        if self._unanswered and self._unanswered[0] is spool:
+            self._unanswered = None
         self._commit(spool, offset, len(entries))
         self._note_drained(spool)
         # Refused entries (throttling, or one stream missing) were re-appended: back off before
         # reading them again instead of spinning on them.
         return not (resendable and kept)
 
+    def _unanswered_batch(self, spool: Spool, records: int, longest: bool) -> bool:
+        """No answer in time, and the batch may have landed: the cursor stays, so order is kept, and the
+        batch goes again as it was. Slow is not down, though, until the stream does not answer within
+        the longest wait either. Always False (back off)."""
+        if longest:
+            self._set_health(False)
+        self._unanswered = (spool, records)
+        return False
+
+    def _timed_out(self) -> bool:
+        """A batch got no answer within the read timeout: wait longer for the next attempt. False when
+        the wait was already the longest (sink_timeout_max_s)."""
+        metrics.SINK_TIMEOUTS.inc()
+        waited, name = self.timeouts.current, self.producers[RAW].stream.name
+        if self.timeouts.timed_out():
+            log.warning("stream %s did not answer PutRecords within %.1f s (the batch may have landed, and is sent "
+                        "again): waiting up to %.1f s for the next attempt", name, waited, self.timeouts.current)
+            return True
+        if count := self._timeout_errors.add():
+            log.warning("stream %s did not answer PutRecords within %.1f s, the longest wait (sink_timeout_max_s), "
+                        "%d times since the last such line", name, waited, count)
+        return False
+
+    def _answered(self, elapsed_s: float) -> None:
+        raised = self.timeouts.raised
+        self.timeouts.answered(elapsed_s)
+        if raised and not self.timeouts.raised:
+            log.info("stream %s answers within %.1f s again", self.producers[RAW].stream.name, self.timeouts.current)
+
     def _produce(self, entries: list[tuple[int, str, bytes]]) -> list[tuple[int, Undelivered]]:
-        """Send (stream, partition key, data) entries, each stream's in one producer call; what was refused."""
+        """Send (stream, partition key, data) entries, each stream's in one producer call; what was refused.
+        At a raised read timeout, one attempt per call: the sender's loop retries, and a stop waits for
+        at most one such attempt."""
         refused: list[tuple[int, Undelivered]] = []
+        attempts = 1 if self.timeouts.raised else None
         for stream in (RAW, BAD):
             batch = [(key, data) for entry_stream, key, data in entries if entry_stream == stream]
             if not batch:
                 continue
-            failed = self.producers[stream].send(batch)
+            failed = self.producers[stream].send(batch, attempts)
             metrics.PRODUCED[stream].inc(len(batch) - len(failed))
             refused.extend((stream, item) for item in failed)
         return refused
@@ -339,6 +435,8 @@ class Sink:
         backoff = self.min_backoff
         while True:
             refused = self._produce(pending)
+            if any(item.timed_out for _, item in refused):
+                self._timed_out()
             # Nothing else is sent meanwhile: say so, and call the stream down unless it is throttling.
             self._set_health(all(item.throttled for _, item in refused))
             if not refused:
@@ -398,12 +496,27 @@ class DiscardStream:
 ACCEPTED = PutResult("0", "discarded")
 
 
-def kinesis_client(settings):
+def kinesis_client(settings, read_timeout: float | None = None):
     """Like common.aws.client, without botocore's parameter validation: it costs ~3 us of the ~17 us of
     CPU per record that PutRecords takes client-side, in the process that also serves the requests,
-    and the producer only ever builds valid calls."""
-    return aws.client("kinesis", settings.region, timeout=settings.sink_timeout_s, retries=1,
-                      max_pool_connections=4, parameter_validation=False)
+    and the producer only ever builds valid calls. No botocore retry: the producer and the sender's
+    loop retry, and botocore would send a call that timed out (and may have landed) again at once."""
+    return aws.client("kinesis", settings.region, timeout=settings.sink_timeout_s, read_timeout=read_timeout,
+                      retries=0, max_pool_connections=4, parameter_validation=False)
+
+
+class KinesisClients:
+    """Kinesis clients by read timeout, each made when first needed: botocore fixes a client's timeouts
+    when it is made, and the sender raises its read timeout while the stream answers slowly."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self._made: dict[float, object] = {}
+
+    def __call__(self, read_timeout: float):
+        if read_timeout not in self._made:
+            self._made[read_timeout] = kinesis_client(self.settings, read_timeout)
+        return self._made[read_timeout]
 
 
 def open_orphans(root: Path, taken: set[Path], open_spool: Callable[[Path], Spool]) -> list[tuple[Spool, int]]:
@@ -433,18 +546,25 @@ def open_sink(settings) -> tuple[Sink, int]:
     spool = open_spool(folder)
     if spool.records:
         log.info("spool %s holds %d undelivered records from a previous run; sending them first", folder, spool.records)
+    timeouts = ReadTimeouts(settings.sink_timeout_s, settings.sink_timeout_max_s)
     if settings.sink == "memory":
         raw, bad, probe = DiscardStream(settings.raw_stream), DiscardStream(settings.bad_stream), None
     else:
-        client = kinesis_client(settings)
+        clients = KinesisClients(settings)
+        client = clients(settings.sink_timeout_s)
         raw, bad = KinesisStream(client, settings.raw_stream), KinesisStream(client, settings.bad_stream)
+
+        def use(read_timeout: float) -> None:
+            raw.client = bad.client = clients(read_timeout)
 
         def probe() -> None:
             client.describe_stream_summary(StreamName=settings.raw_stream)
 
-    sink = Sink(spool, Producer(raw, max_attempts=3), Producer(bad, max_attempts=3),
+        timeouts.use = use
+    sink = Sink(spool, Producer(raw, max_attempts=3, retry_timeouts=False), Producer(bad, max_attempts=3, retry_timeouts=False),
                 linger_ms=settings.linger_ms, batch_records=settings.batch_records,
                 batch_bytes=settings.batch_bytes,
                 fsync_interval_ms=settings.fsync_interval_ms if settings.fsync == "interval" else None,
-                probe=probe, find_orphans=find_orphans, bad_payload_keep_bytes=settings.bad_payload_keep_bytes)
+                probe=probe, find_orphans=find_orphans, bad_payload_keep_bytes=settings.bad_payload_keep_bytes,
+                timeouts=timeouts)
     return sink, lock_fd

@@ -43,7 +43,7 @@ SECTIONS = ("common", "collector", "enrich", "scorer", "lake", "train", "discoun
 # against the classes themselves.
 SECTION_KEYS = {section: frozenset(keys.split()) for section, keys in {
     "collector": """host port workers max_concurrent_requests sink linger_ms batch_records batch_bytes sink_timeout_s
-        shutdown_timeout_s spool_dir spool_max_bytes spool_segment_bytes spool_segment_max_age_s fsync fsync_interval_ms retry_after_s
+        sink_timeout_max_s shutdown_timeout_s spool_dir spool_max_bytes spool_segment_bytes spool_segment_max_age_s fsync fsync_interval_ms retry_after_s
         max_payload_bytes max_request_bytes body_timeout_s bad_payload_keep_bytes trusted_proxy_hops cookie_name cookie_days
         cookie_domains cookie_fallback_domain cookie_secure dnt_cookie_name dnt_cookie_value custom_paths redirect_domains
         cors_max_age_s""",

@@ -10,6 +10,7 @@ from urllib.parse import parse_qs
 import pytest
 
 from collector.spool import decode_frames, read_cursor
+from tests import faults
 from tests.collector.conftest import FaultProxy, collector_env, get, read_stream, with_marker
 from tests.conftest import wait_for
 
@@ -99,6 +100,58 @@ def test_stream_down_then_back_delivers_everything_in_order(streams, proxy, make
     while get(collector.url + "/sink-health")[0] != 200 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert get(collector.url + "/sink-health")[0] == 200
+
+
+@pytest.fixture
+def slow_proxy(aws_endpoint):
+    """The emulator behind tests.faults.FaultProxy, whose ``delays`` make chosen calls slow."""
+    with faults.FaultProxy(aws_endpoint) as slow:
+        yield slow
+
+
+def test_a_stream_answering_slower_than_sink_timeout_s_gets_each_hit_a_bounded_number_of_times(
+        streams, slow_proxy, make_collector, tmp_path):
+    # Each PutRecords lands 1.2 s after it was made, past the 0.5 s read timeout: the sender cannot tell
+    # whether a batch landed. Sent again at that timeout, each batch landed once per attempt, without end.
+    slow_proxy.delays[faults.PUT_RECORDS] = 1.2
+    collector = make_collector(collector_env(streams, tmp_path / "spool", slow_proxy.endpoint, sink_timeout_s=0.5,
+                                             sink_timeout_max_s=4))
+    marker, total, first = uuid.uuid4().hex, 150, 10
+    assert send_hits(collector.url, marker, first, threads=1) == [200] * first
+    time.sleep(1)                  # the batch that has them timed out, and goes again as it was
+    assert send_hits(collector.url, marker, total - first, threads=4, start=first) == [200] * (total - first)
+    health = []
+
+    def drained() -> bool:
+        health.append(get(collector.url + "/sink-health")[0])
+        return metric(collector.url, "collector_spool_depth_records") == 0
+
+    wait_for(drained, timeout=30, interval=0.3, what="the spool to drain")
+    time.sleep(2)                  # a copy sent by a call given up on lands 1.2 s after it was made
+    counts = Counter(numbers(read_stream(streams.raw_stream, timeout=0), marker))
+    assert sorted(counts) == list(range(total))
+    # Timed out at 0.5 s and at 1 s, a batch is answered at 2 s: three copies at most. The batches after
+    # it go at 2 s and land once, the hits spooled meanwhile too (they did not join the batch sent again).
+    assert max(counts.values()) <= 3, Counter(counts.values())
+    assert {n for n, copies in counts.items() if copies > 1} <= set(range(first)), counts
+    assert set(health) == {200}, "a stream that answers is slow, not down"
+    assert metric(collector.url, "collector_sink_timeouts_total") >= 2
+    assert metric(collector.url, "collector_sink_timeout_seconds") == 2
+
+    # Answering at once again, the read timeout steps back down to sink_timeout_s.
+    slow_proxy.delays.clear()
+    wait_for(lambda: send_hits(collector.url, marker, 1, threads=1, start=total) and
+             metric(collector.url, "collector_sink_timeout_seconds") == 0.5, timeout=20, what="the timeout back at 0.5 s")
+
+
+def test_a_stream_slower_than_sink_timeout_max_s_is_reported_down(streams, slow_proxy, make_collector, tmp_path):
+    slow_proxy.delays[faults.PUT_RECORDS] = 2
+    collector = make_collector(collector_env(streams, tmp_path / "spool", slow_proxy.endpoint, sink_timeout_s=0.3,
+                                             sink_timeout_max_s=0.6))
+    assert send_hits(collector.url, uuid.uuid4().hex, 5, threads=1) == [200] * 5
+    wait_for(lambda: get(collector.url + "/sink-health")[0] == 503, timeout=15, what="/sink-health 503")
+    assert get(collector.url + "/sink-health")[2] == b"stream unreachable"
+    assert metric(collector.url, "collector_sink_timeout_seconds") == 0.6
 
 
 # kill -9 leaves the page cache intact, so the fsync policies cannot differ in outcome here (only a

@@ -575,16 +575,19 @@ def test_collector_tasks_run_where_the_spool_has_mount_targets_that_take_their_n
                    and _ref(rule.get("SourceSecurityGroupId")) in tasks_groups for rule in rules), rules
 
 
-# Producer(max_attempts=3) per stream (collector/sink.py open_sink), each PutRecords with one botocore
-# retry (kinesis_client: retries=1), each attempt up to a connect and a read timeout of sink_timeout_s.
-SINK_ATTEMPTS, BOTOCORE_ATTEMPTS = 3, 2
+# Producer(max_attempts=3) per stream (collector/sink.py open_sink), each PutRecords without a botocore
+# retry (kinesis_client: retries=0), each attempt up to a connect and a read timeout of sink_timeout_s;
+# at a read timeout raised by a slow stream (up to sink_timeout_max_s), one attempt (Sink._produce).
+SINK_ATTEMPTS = 3
 FARGATE_MAX_STOP_TIMEOUT = 120
 
 
 def test_a_stopping_collector_task_drains_before_ecs_kills_it(template):
     stop_timeout = container(template, "collector")["StopTimeout"]
     shutdown = float(effective_setting("collector", "shutdown_timeout_s", template))
-    in_flight = SINK_ATTEMPTS * BOTOCORE_ATTEMPTS * 2 * float(effective_setting("collector", "sink_timeout_s", template))
+    timeout = float(effective_setting("collector", "sink_timeout_s", template))
+    raised = float(effective_setting("collector", "sink_timeout_max_s", template))
+    in_flight = max(SINK_ATTEMPTS * 2 * timeout, timeout + raised)
     assert stop_timeout <= FARGATE_MAX_STOP_TIMEOUT
     assert shutdown + in_flight < stop_timeout, (shutdown, in_flight, stop_timeout)
     # Compose keeps the spool on a volume and waits stop_grace_period (10 s unless set) before it kills.

@@ -351,6 +351,8 @@ def test_nan_endless_durations_and_empty_names_are_refused_naming_the_key(tmp_pa
      "CLICKSTREAM_WORKERS: expected at most 256"),
     ("collector.config.CollectorSettings", "collector", {"CLICKSTREAM_SHUTDOWN_TIMEOUT_S": "-1"},
      "CLICKSTREAM_SHUTDOWN_TIMEOUT_S: expected 0 or more"),
+    ("collector.config.CollectorSettings", "collector", {"CLICKSTREAM_SINK_TIMEOUT_MAX_S": "2"},
+     "CLICKSTREAM_SINK_TIMEOUT_MAX_S: expected at least sink_timeout_s (5.0)"),
     ("enrich.config.EnrichSettings", "enrich", {"CLICKSTREAM_PSEUDONYMISATION": "false",
                                                 "CLICKSTREAM_UA_CACHE_SIZE": str(10**30)},
      "CLICKSTREAM_UA_CACHE_SIZE: expected at most 10,000,000"),
