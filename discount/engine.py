@@ -48,7 +48,8 @@ class RefusedWrite(Exception):
 
 class Engine:
     def __init__(self, settings: DiscountSettings, consumer: Consumer, offers: OfferTable, metrics: Metrics,
-                 *, clock: Callable[[], float] = time.time, stop: Callable[[], bool] = lambda: False):
+                 *, clock: Callable[[], float] = time.time, stop: Callable[[], bool] = lambda: False,
+                 sleep: Callable[[float], None] = time.sleep):
         self.settings = settings
         self.consumer = consumer
         self.offers = offers
@@ -59,6 +60,7 @@ class Engine:
         metrics.shards.set_function(lambda: len(self.consumer.owned))
         self.clock = clock
         self.stop = stop
+        self.sleep = sleep
         self.write_failures = logs.Tally(every_s=30.0)
         self.read_failures = logs.Tally(every_s=30.0)       # a stream outage: once per 30 s, not every second
         self.invalid_records = logs.Tally(every_s=30.0)
@@ -219,7 +221,7 @@ class Engine:
             self._update_budget_gauge()
             try:
                 if not self.step():
-                    time.sleep(idle_sleep)
+                    self.sleep(self.consumer.idle_wait_s(idle_sleep))     # until a shard is due: see idle_wait_s
             except (BotoCoreError, ClientError, ReadFailed) as exc:
                 # Reading failed: nothing was handed out and every reader stays at its last record.
                 if failures := self.read_failures.add():

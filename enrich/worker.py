@@ -159,7 +159,7 @@ class Worker:
                 log.info("enriched %s; lag %d ms; duplicates dropped %d", self.counts,
                          self.consumer.max_lag_ms, self.enricher.deduper.dropped)
             if not any(batch.records for batch in batches):
-                self.stop.wait(idle_sleep)
+                self.stop.wait(self.consumer.idle_wait_s(idle_sleep))     # until a shard is due: see idle_wait_s
         log.info("stopping: %s", self.counts)
 
 

@@ -46,7 +46,7 @@ FROM_START = "TRIM_HORIZON"        # lease meta value meaning "replay from the s
 MAX_BUFFER = 20_000                # predictions; flush early rather than grow without bound
 EVENTS_LIVE, EVENTS_REPLAY = metrics.EVENTS.labels("live"), metrics.EVENTS.labels("replay")
 REBUILD_ATTEMPTS = 20              # failed reads of a closed parent shard before its sessions are given up
-IDLE_SLEEP_S = 0.2                 # after an empty poll: Kinesis allows 5 GetRecords/s per shard
+IDLE_SLEEP_S = 0.2                 # after an empty poll while no shard is owned (else until one is due)
 SHADOW_SUMMARY_S = 60.0            # how often the challenger's comparison with the champion is logged
 
 
@@ -132,6 +132,7 @@ class Worker:
         self.running = False
         self.gap_checked: str | None = None              # the model version whose session gap was compared
         self.folding = threading.Lock()                  # held while a batch changes the sessions (API reads)
+        self.sleep: Callable[[float], None] = time.sleep     # after an empty poll
 
     # ------------------------------------------------------------------ lease hooks
 
@@ -480,7 +481,6 @@ class Worker:
     # ------------------------------------------------------------------ the loop
 
     def run(self, stop: Callable[[], bool]) -> None:
-        idle = IDLE_SLEEP_S
         waited = False
         self.stop_requested = stop
         self.running = True
@@ -500,7 +500,7 @@ class Worker:
                     continue
                 try:
                     if self.poll_once() == 0:
-                        time.sleep(idle)
+                        self.sleep(self.consumer.idle_wait_s(IDLE_SLEEP_S))     # until a shard is due: see idle_wait_s
                 except ReadFailed as exc:
                     # Nothing was handed out and the readers stay put: the sessions are still right.
                     if failures := self.read_failures.add():

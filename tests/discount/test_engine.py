@@ -381,6 +381,22 @@ def test_a_prediction_for_a_click_older_than_the_max_age_gets_no_offer_nor_budge
     eng.close()
 
 
+def test_an_idle_engine_waits_until_its_shard_is_due_not_its_shorter_idle_sleep(aws_settings):
+    """0.2 s behind the 0.25 s interval woke to a poll with no shard due, and slept again: the
+    predictions shard was read every 0.4 s, and a quiet shop's prediction waited up to that long here."""
+    settings = discount_settings(aws_settings)
+    sleeps: list[float] = []
+    consumer = consumer_for(settings, settings.predictions_stream, APP, read_interval_s=2.0, lease_ms=30_000)
+    offers_ = OfferTable(aws.client("dynamodb"), settings.offers_table, budget_per_hour=5, discount_percent=10,
+                         ttl_hours=24)
+    eng = Engine(settings, consumer, offers_, Metrics(), stop=lambda: bool(sleeps), sleep=sleeps.append)
+    try:
+        eng.run(idle_sleep=0.05)
+    finally:
+        eng.close()
+    assert len(sleeps) == 1 and 1.0 < sleeps[0] <= 2.0     # one empty poll, then until the shard's next read
+
+
 def test_restart_resumes_and_replay_makes_no_second_offer(aws_settings):
     settings = discount_settings(aws_settings, budget_per_hour=50)
     records = [prediction(f"r{i % 5}", 0.4 + i / 100) for i in range(15)]

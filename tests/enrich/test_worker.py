@@ -183,6 +183,36 @@ def test_no_checkpoint_until_both_outputs_are_written(aws_settings):
     assert len(ids) == 6
 
 
+class RecordedStop(threading.Event):
+    """The worker's stop event, set at its first idle wait, which it records."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        self.set()
+        return True
+
+
+def test_an_idle_worker_waits_until_its_shards_are_due_not_its_shorter_idle_sleep(aws_settings):
+    """0.2 s behind the 0.25 s interval woke to a poll with no shard due, and slept again: each raw
+    shard was read every 0.4 s, and a quiet shop's hit waited up to that long here."""
+    settings = enrich_settings(aws_settings)
+    kinesis = aws.client("kinesis", settings.region)
+    stop = RecordedStop()
+    worker = Worker(Enricher(settings), consumer_for(settings, settings.raw_stream, "enrich", read_interval_s=2.0,
+                                                     lease_ms=30_000),
+                    Producer(KinesisStream(kinesis, settings.enriched_stream)),
+                    Producer(KinesisStream(kinesis, settings.bad_stream)), stop)
+    try:
+        worker.run(idle_sleep=0.05)
+    finally:
+        worker.consumer.close()
+    assert len(stop.waits) == 1 and 1.0 < stop.waits[0] <= 2.0     # until the shard's next read
+
+
 def test_refuses_to_start_without_a_pseudonymisation_key(aws_settings, tmp_path):
     env = {k: v for k, v in child_env(aws_settings).items() if k != "CLICKSTREAM_PSEUDONYMISATION_KEY"}
     result = subprocess.run([sys.executable, "-m", "enrich"], env=env, cwd=ROOT, capture_output=True, timeout=60,

@@ -208,6 +208,29 @@ def test_a_checkpoint_kinesis_says_is_of_another_stream_is_read_from_the_oldest_
     assert "is not of this stream (was it deleted and made again?)" in caplog.text
 
 
+def test_an_idle_consumer_waits_until_its_shard_is_due_and_that_poll_reads_the_new_record(aws_settings):
+    """A caller's fixed idle sleep shorter than the read interval polled with no shard due and slept
+    again: 0.2 s behind an interval of 0.25 s read each shard every 0.4 s, at every stage."""
+    consumer = consumer_for(aws_settings, aws_settings.raw_stream, app="idle", read_interval_s=2.0, lease_ms=30_000)
+    assert consumer.idle_wait_s(0.2) == 0.2                 # no shard yet: the caller's own sleep
+    try:
+        assert consumer.poll() == []                        # takes the shard, reads it: empty
+        wait = consumer.idle_wait_s(0.2)
+        assert 1.0 < wait <= 2.0                            # its next read, not 0.2 s
+        Producer(KinesisStream(aws.client("kinesis"), aws_settings.raw_stream)).send([("k", b"hit")])
+        time.sleep(wait)
+        [batch] = consumer.poll()                           # the next poll reads it
+        assert [record.data for record in batch.records] == [b"hit"]
+    finally:
+        consumer.close()
+    unpaced = consumer_for(aws_settings, aws_settings.raw_stream, app="unpaced")
+    try:
+        unpaced.poll()
+        assert unpaced.owned and unpaced.idle_wait_s(0.2) == 0.2     # no interval: the caller paces
+    finally:
+        unpaced.close()
+
+
 def test_consumer_restart_loses_nothing_and_repeats_only_the_unconfirmed_batch(aws_settings):
     Producer(KinesisStream(aws.client("kinesis"), aws_settings.raw_stream)).send(entries(200))
     first = consumer_for(aws_settings, aws_settings.raw_stream, app="restart", lease_ms=1000, batch_limit=50)

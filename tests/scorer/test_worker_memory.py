@@ -15,12 +15,12 @@ from botocore.config import Config
 from prometheus_client import REGISTRY
 
 from common import aws
-from common.consumer import Consumer
+from common.consumer import Consumer, consumer_for
 from common.features import SessionState, features, is_purchase, parse_ms, session_features, step
 from common.leases import DynamoLeaseTable, MemoryLeaseTable
 from common.producer import Producer
 from common.registry import Bundle
-from common.streams import MemoryStream, hash_key
+from common.streams import KinesisStream, MemoryStream, hash_key
 from scorer.api import ScorerApp
 from scorer.config import ScorerSettings
 from scorer.model import Model, Models
@@ -1047,3 +1047,23 @@ def test_a_throttled_lease_table_read_in_a_parent_rebuild_is_read_again_not_a_re
     for events in sessions:
         for event_id, (_, count) in reference(events).items():
             assert got[event_id]["events_in_session"] == count
+
+
+# ---------------------------------------------------------------- pacing
+
+
+def test_an_idle_worker_waits_until_its_shards_are_due_not_its_shorter_idle_sleep(aws_settings):
+    """0.2 s after an empty poll, with shards read at most every 0.4 s, often found none due yet and
+    slept again; the idle wait is the time to the next shard read the interval allows."""
+    sleeps: list[float] = []
+    models = Models(None, "bucket", "m")
+    models.champion = model()
+    writer = PredictionWriter(Producer(KinesisStream(aws.client("kinesis"), aws_settings.predictions_stream)),
+                              None, None, 3600)
+    worker = Worker(ScorerSettings(), models, writer,
+                    lambda **hooks: consumer_for(aws_settings, aws_settings.enriched_stream, "scorer",
+                                                 read_interval_s=2.0, lease_ms=30_000, **hooks))
+    worker.sleep = sleeps.append
+    deadline = time.monotonic() + 10
+    worker.run(stop=lambda: bool(sleeps) or time.monotonic() > deadline)
+    assert len(sleeps) == 1 and 1.0 < sleeps[0] <= 2.0     # one empty poll, then until the shards' next read
