@@ -91,10 +91,12 @@ class Engine:
                 log.warning("skipped %d records that are not predictions since the last such line; the last: shard "
                             "%s sequence %s: %s", skipped, self._shard, sequence, exc, extra={"shard_id": self._shard})
             return "invalid"
+        now = self.clock()
+        if prediction.collected_ms is not None:
+            self.metrics.prediction_age.observe(now - prediction.collected_ms / 1000)
         reason = skip_reason(self.settings, prediction)
         if reason:
             return reason
-        now = self.clock()
         if prediction.clicked_ms is not None and now - prediction.clicked_ms / 1000 > self.settings.max_prediction_age_s:
             return "stale"
         if now < self.offered.get(prediction.session_id, 0.0):     # saves a DynamoDB call; the table decides

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
+# The time to act, 100 ms .. a minute: beyond it a lag alert has more to say.
+AGE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30, 60)
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -31,6 +34,11 @@ class Metrics:
         self.decision_seconds = Histogram("discount_offer_seconds", "Time to decide and write one offer",
                                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
                                           registry=self.registry)
+        # The pipeline's time to act: from the collector's receipt of the click to the engine reading its
+        # prediction (every stage's read interval, the collector's linger, any lag). Clocks of two hosts.
+        self.prediction_age = Histogram("discount_prediction_age_seconds",
+                                        "Age of a prediction when read: the engine's clock minus its click's "
+                                        "collector_tstamp", buckets=AGE_BUCKETS, registry=self.registry)
 
     def serve(self, host: str, port: int):
         """Start /metrics in a daemon thread; returns the server (``.shutdown()``) and its port."""

@@ -61,6 +61,8 @@ class Prediction:
     # When the click happened (_clicked_ms), if the record says: a click from an offline queue or a
     # backfill is collected now but happened long ago.
     clicked_ms: int | None = None
+    # When the collector received it, if the record says: the start of the pipeline's time to act.
+    collected_ms: int | None = None
 
     @classmethod
     def from_record(cls, record: dict) -> Prediction:
@@ -75,7 +77,8 @@ class Prediction:
                 raise TypeError(f"p_buy is {type(record['p_buy']).__name__}, not a number")
             prediction = cls(record["session_id"], record["event_id"], float(record["p_buy"]),
                              record["decision"], record["model_name"], record["model_version"],
-                             int(record.get("events_in_session") or 0), _clicked_ms(record))
+                             int(record.get("events_in_session") or 0), _clicked_ms(record),
+                             None if record.get("collector_tstamp") is None else parse_ms(record["collector_tstamp"]))
         except KeyError as exc:
             raise ValueError(f"prediction without {exc.args[0]!r}") from None
         except (TypeError, ValueError, OverflowError) as exc:

@@ -72,6 +72,7 @@ class Row:
     event_ms: int
     quiet: bool
     events: int
+    collected_ms: int = 0
 
 
 def parse_event(record: Record) -> tuple[dict, int, int]:
@@ -86,6 +87,14 @@ def parse_event(record: Record) -> tuple[dict, int, int]:
         return event, event_ms, parse_ms(event["collector_tstamp"])
     except (TypeError, ValueError, ArithmeticError) as exc:
         raise BadEvent(f"bad collector_tstamp: {exc}") from None
+
+
+def observe_ages(rows: list[Row], scored_ms: int) -> None:
+    """Each live event's age at scoring, from the collector's receipt: the pipeline's time to act up to
+    here. Quiet replays are left out: a restart's rebuild is not a click waiting for its prediction."""
+    for row in rows:
+        if not row.quiet:
+            metrics.EVENT_AGE_SECONDS.observe((scored_ms - row.collected_ms) / 1000)
 
 
 def _int_or_none(text: object) -> int | None:
@@ -341,7 +350,7 @@ class Worker:
         (EVENTS_REPLAY if quiet else EVENTS_LIVE).inc()
         if session.state.purchased:
             return                    # it bought: no one needs a buy/defer for it (nor did training)
-        rows.append(Row(session, event, event_ms, quiet, session.state.events))
+        rows.append(Row(session, event, event_ms, quiet, session.state.events, collected_ms))
         matrix.append(features(session.state))
 
     def _score(self, model: Model, rows: list[Row], matrix: list[list[float]], started: float) -> None:
@@ -352,6 +361,7 @@ class Worker:
         latency_us = int((time.perf_counter() - started) * 1e6)
         self._shadow(inputs, p_buy, model)
         scored_at = iso_now()
+        observe_ages(rows, parse_ms(scored_at))
         for row, p in zip(rows, p_buy.tolist()):
             if not math.isfinite(p):      # the table refuses NaN: a write retried for ever would stall the shard
                 metrics.BAD_RECORDS.inc()

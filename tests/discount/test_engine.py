@@ -397,6 +397,26 @@ def test_an_idle_engine_waits_until_its_shard_is_due_not_its_shorter_idle_sleep(
     assert len(sleeps) == 1 and 1.0 < sleeps[0] <= 2.0     # one empty poll, then until the shard's next read
 
 
+def test_every_prediction_reads_its_age_since_collection_whatever_its_outcome(aws_settings):
+    """The pipeline's time to act: the engine's clock minus the click's collector_tstamp. A click
+    from an offline queue (collected now, happened days ago) is young: the pipeline was quick."""
+    settings = discount_settings(aws_settings)
+    publish(settings, [prediction("fresh", 0.5, clicked=T0 - 0.3),
+                       prediction("queued", 0.5, clicked=T0 - 3 * 86400, collected=T0 - 0.3),   # stale
+                       prediction("no-interest", 0.1, clicked=T0 - 2),
+                       prediction("behind", 0.5, clicked=T0 - 45),
+                       prediction("gone", 0.5, clicked=T0 - 3600),                              # stale
+                       b"not a prediction"])
+    eng = engine(settings)
+    drain(eng, 6)
+    sample = eng.metrics.registry.get_sample_value
+    buckets = {le: sample("discount_prediction_age_seconds_bucket", {"le": le}) for le in ("0.25", "0.5", "2.5", "60.0", "+Inf")}
+    assert buckets == {"0.25": 0, "0.5": 2, "2.5": 3, "60.0": 4, "+Inf": 5}
+    assert sample("discount_prediction_age_seconds_sum") == pytest.approx(0.3 + 0.3 + 2 + 45 + 3600)
+    assert count(eng, "stale") == 2 and count(eng, "invalid") == 1
+    eng.close()
+
+
 def test_restart_resumes_and_replay_makes_no_second_offer(aws_settings):
     settings = discount_settings(aws_settings, budget_per_hour=50)
     records = [prediction(f"r{i % 5}", 0.4 + i / 100) for i in range(15)]

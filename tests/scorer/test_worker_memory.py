@@ -25,10 +25,10 @@ from scorer.api import ScorerApp
 from scorer.config import ScorerSettings
 from scorer.model import Model, Models
 from scorer.sink import PredictionWriter
-from scorer.worker import Worker
+from scorer.worker import Row, Worker, observe_ages
 from tests.conftest import memory_grown_by, wait_for
 from tests.faults import AnswersSlowly, FaultProxy, ThrottledFor
-from tests.scorer.helpers import T0, WEIGHTS, logistic_onnx, logistic_reference, model_meta, session_events
+from tests.scorer.helpers import T0, WEIGHTS, iso, logistic_onnx, logistic_reference, model_meta, session_events
 from tests.scorer.helpers import event as make_event
 
 
@@ -1067,3 +1067,31 @@ def test_an_idle_worker_waits_until_its_shards_are_due_not_its_shorter_idle_slee
     deadline = time.monotonic() + 10
     worker.run(stop=lambda: bool(sleeps) or time.monotonic() > deadline)
     assert len(sleeps) == 1 and 1.0 < sleeps[0] <= 2.0     # one empty poll, then until the shards' next read
+
+
+def test_each_live_event_scored_shows_its_age_since_collection_a_quiet_replay_none(aws_settings):
+    """scorer_event_age_seconds: scored_at minus collector_tstamp, the time to act up to the prediction.
+    An event collected now that happened long ago (an offline queue) is young."""
+    now_ms = int(time.time() * 1000)
+    events = [make_event("fresh", now_ms - 5_000), make_event("behind", now_ms - 40_000),
+              make_event("queued", now_ms - 3 * 86_400_000, collector_tstamp=iso(now_ms - 5_000))]
+    kinesis = aws.client("kinesis")
+    Producer(KinesisStream(kinesis, aws_settings.enriched_stream)).send(
+        [(e["domain_sessionid"], orjson.dumps(e)) for e in events])
+    models = Models(None, "bucket", "m")
+    models.champion = model()
+    writer = PredictionWriter(Producer(KinesisStream(kinesis, aws_settings.predictions_stream)), None, None, 3600)
+    worker = Worker(ScorerSettings(), models, writer,
+                    lambda **hooks: consumer_for(aws_settings, aws_settings.enriched_stream, "scorer", **hooks))
+
+    def bucket(le: str) -> float:
+        return REGISTRY.get_sample_value("scorer_event_age_seconds_bucket", {"le": le})
+
+    before = {le: bucket(le) for le in ("1.0", "10.0", "30.0", "60.0")}
+    wait_for(lambda: worker.poll_once() == 0 and worker.store.sessions, 20, what="the events scored")
+    worker.close()
+    assert {le: bucket(le) - before[le] for le in before} == {"1.0": 0, "10.0": 2, "30.0": 2, "60.0": 3}
+    replay = Row(worker.store.sessions["fresh"], events[0], now_ms, quiet=True, events=1, collected_ms=0)
+    sum_before = REGISTRY.get_sample_value("scorer_event_age_seconds_count")
+    observe_ages([replay], now_ms)
+    assert REGISTRY.get_sample_value("scorer_event_age_seconds_count") == sum_before
