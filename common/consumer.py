@@ -384,12 +384,13 @@ class Consumer:
         is due for a read, so each shard is read every ``read_interval_s``. A fixed sleep shorter than the
         interval woke to a poll with no shard due and slept again: an interval of 0.25 s behind a sleep of
         0.2 s read each shard every 0.4 s, and a quiet shop's click waited that long at each stage.
-        ``fallback_s`` when reads are not paced (no interval) or no shard is owned."""
+        ``fallback_s`` when reads are not paced (no interval) or no shard is owned. Never past the next
+        renewal: a failing shard's backoff (up to READ_BACKOFF_CAP_S) would otherwise outlast a short lease."""
         owned = list(self.owned.values())
         if not self.read_interval_s or not owned:
             return fallback_s
         due = min(max(item.read_at + self.read_interval_s, item.retry_at) for item in owned)
-        return max(0.0, due - time.monotonic())
+        return max(0.0, min(due, self._balanced_at + self.renew_interval_s) - time.monotonic())
 
     def _balance_if_due(self) -> None:
         if time.monotonic() - self._balanced_at <= self.renew_interval_s:

@@ -231,6 +231,16 @@ def test_an_idle_consumer_waits_until_its_shard_is_due_and_that_poll_reads_the_n
         unpaced.close()
 
 
+def test_an_idle_consumer_wakes_for_its_next_renewal_before_its_next_read(aws_settings):
+    # A failing shard backs off for up to 5 s: slept through, a lease of a few seconds would expire.
+    consumer = consumer_for(aws_settings, aws_settings.raw_stream, app="renewing", read_interval_s=2.0, lease_ms=3_000)
+    try:
+        consumer.poll()
+        assert consumer.owned and 0 < consumer.idle_wait_s(0.2) <= consumer.renew_interval_s == 1.0
+    finally:
+        consumer.close()
+
+
 def test_consumer_restart_loses_nothing_and_repeats_only_the_unconfirmed_batch(aws_settings):
     Producer(KinesisStream(aws.client("kinesis"), aws_settings.raw_stream)).send(entries(200))
     first = consumer_for(aws_settings, aws_settings.raw_stream, app="restart", lease_ms=1000, batch_limit=50)
