@@ -39,7 +39,7 @@ DRAINED = Gauge("collector_spool_drained_timestamp_seconds",
                 **_MIN)
 SINK_UP = Gauge("collector_sink_up", "1 while the stream can be reached and the sender runs (min over workers)", **_MIN)
 # A PutRecords that got no answer in time may have landed: the sender sends the batch again, waiting
-# longer (see collector.sink.ReadTimeouts). Copies in the stream, and a slow stream, show here.
+# longer (see common.producer.ReadTimeouts). Copies in the stream, and a slow stream, show here.
 SINK_TIMEOUTS = Counter("collector_sink_timeouts_total",
                         "Batches whose PutRecords got no answer within the read timeout (sent again, so they "
                         "may be in the stream more than once)")

@@ -28,51 +28,11 @@ from collector import metrics
 from collector.records import size_violation
 from collector.spool import BAD, RAW, Entry, Spool, claim_dir, encode, forget_delivered, orphans
 from common import aws, logs
-from common.producer import TOO_LARGE, Producer, Undelivered
+from common.producer import TOO_LARGE, Producer, ReadTimeouts, Undelivered
 from common.streams import MAX_RECORD_BYTES, KinesisStream, PutResult
 
 log = logging.getLogger(__name__)
 PREPARE_RETRY_S = 60.0           # after writing the next segment ahead failed (a full disk)
-
-
-class ReadTimeouts:
-    """The read timeout of the sender's PutRecords calls: ``base_s`` (sink_timeout_s), doubled after each
-    batch that got no answer in time, up to ``max_s``, and one step back down after each batch answered
-    within half the lower step. A call given up on may have landed: sent again at the same timeout, a
-    batch landed once per attempt while the stream answered slower than that, and the cursor never
-    moved. ``use`` is called with each new timeout (it switches the streams' clients)."""
-
-    def __init__(self, base_s: float, max_s: float, use: Callable[[float], None] = lambda seconds: None):
-        self.steps = [base_s]
-        while self.steps[-1] < max_s:
-            self.steps.append(min(max_s, self.steps[-1] * 2))
-        self.step = 0
-        self.use = use
-
-    @property
-    def current(self) -> float:
-        return self.steps[self.step]
-
-    @property
-    def raised(self) -> bool:
-        return self.step > 0
-
-    def timed_out(self) -> bool:
-        """Wait longer next time; False when the wait is already the longest."""
-        if self.step == len(self.steps) - 1:
-            return False
-        self._move(1)
-        return True
-
-    def answered(self, elapsed_s: float) -> None:
-        # Half the lower step: an answer time just under it would time out again on the next call.
-        if self.step and elapsed_s < self.steps[self.step - 1] / 2:
-            self._move(-1)
-
-    def _move(self, by: int) -> None:
-        self.step += by
-        self.use(self.current)
-        metrics.SINK_TIMEOUT.set(self.current)
 
 
 class Sink:
@@ -101,7 +61,6 @@ class Sink:
         self.max_backoff = max_backoff_s
         self.bad_payload_keep_bytes = bad_payload_keep_bytes
         self.timeouts = timeouts or ReadTimeouts(5.0, 30.0)
-        self._timeout_errors = logs.Tally(every_s=60.0)    # at the longest wait, every attempt times out alike
         self.healthy = probe is None
         self.cause: str | None = None        # AWS's answer while the stream cannot be written
         self._health_known = False          # the first answer is news, not "again"
@@ -359,21 +318,13 @@ class Sink:
         """A batch got no answer within the read timeout: wait longer for the next attempt. False when
         the wait was already the longest (sink_timeout_max_s)."""
         metrics.SINK_TIMEOUTS.inc()
-        waited, name = self.timeouts.current, self.producers[RAW].stream.name
-        if self.timeouts.timed_out():
-            log.warning("stream %s did not answer PutRecords within %.1f s (the batch may have landed, and is sent "
-                        "again): waiting up to %.1f s for the next attempt", name, waited, self.timeouts.current)
-            return True
-        if count := self._timeout_errors.add():
-            log.warning("stream %s did not answer PutRecords within %.1f s, the longest wait (sink_timeout_max_s), "
-                        "%d times since the last such line", name, waited, count)
-        return False
+        raised = self.timeouts.timed_out()
+        metrics.SINK_TIMEOUT.set(self.timeouts.current)
+        return raised
 
     def _answered(self, elapsed_s: float) -> None:
-        raised = self.timeouts.raised
         self.timeouts.answered(elapsed_s)
-        if raised and not self.timeouts.raised:
-            log.info("stream %s answers within %.1f s again", self.producers[RAW].stream.name, self.timeouts.current)
+        metrics.SINK_TIMEOUT.set(self.timeouts.current)
 
     def _produce(self, entries: list[tuple[int, str, bytes]]) -> list[tuple[int, Undelivered]]:
         """Send (stream, partition key, data) entries, each stream's in one producer call; what was refused.
@@ -505,20 +456,6 @@ def kinesis_client(settings, read_timeout: float | None = None):
                       retries=0, max_pool_connections=4, parameter_validation=False)
 
 
-class KinesisClients:
-    """Kinesis clients by read timeout, each made when first needed: botocore fixes a client's timeouts
-    when it is made, and the sender raises its read timeout while the stream answers slowly."""
-
-    def __init__(self, settings):
-        self.settings = settings
-        self._made: dict[float, object] = {}
-
-    def __call__(self, read_timeout: float):
-        if read_timeout not in self._made:
-            self._made[read_timeout] = kinesis_client(self.settings, read_timeout)
-        return self._made[read_timeout]
-
-
 def open_orphans(root: Path, taken: set[Path], open_spool: Callable[[Path], Spool]) -> list[tuple[Spool, int]]:
     """The orphaned slots under ``root`` (not ``taken``), opened, with their lock fds; one that cannot
     be opened (a full disk, say) is released for a later round or another process."""
@@ -546,11 +483,11 @@ def open_sink(settings) -> tuple[Sink, int]:
     spool = open_spool(folder)
     if spool.records:
         log.info("spool %s holds %d undelivered records from a previous run; sending them first", folder, spool.records)
-    timeouts = ReadTimeouts(settings.sink_timeout_s, settings.sink_timeout_max_s)
+    timeouts = ReadTimeouts(settings.sink_timeout_s, settings.sink_timeout_max_s, name=settings.raw_stream)
     if settings.sink == "memory":
         raw, bad, probe = DiscardStream(settings.raw_stream), DiscardStream(settings.bad_stream), None
     else:
-        clients = KinesisClients(settings)
+        clients = aws.ByReadTimeout(lambda read_timeout: kinesis_client(settings, read_timeout))
         client = clients(settings.sink_timeout_s)
         raw, bad = KinesisStream(client, settings.raw_stream), KinesisStream(client, settings.bad_stream)
 

@@ -79,6 +79,21 @@ def client(service: str, region: str | None = None, *, timeout: float = 10.0, re
     return session(region).client(service, config=config)
 
 
+class ByReadTimeout:
+    """Clients by read timeout, each made by ``make(read_timeout)`` when first needed: botocore fixes a
+    client's timeouts when it is made, and a producer raises its read timeout while a stream answers
+    slowly (common.producer.ReadTimeouts)."""
+
+    def __init__(self, make):
+        self.make = make
+        self._made: dict[float, object] = {}
+
+    def __call__(self, read_timeout: float):
+        if read_timeout not in self._made:
+            self._made[read_timeout] = self.make(read_timeout)
+        return self._made[read_timeout]
+
+
 def get_object_bytes(s3, bucket: str, key: str) -> bytes | None:
     """The object's body, or None when there is no such key (any other error raises)."""
     return get_object_and_etag(s3, bucket, key)[0]

@@ -5,18 +5,24 @@ import hashlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from botocore.exceptions import BotoCoreError, ClientError, ReadTimeoutError
 
+from common import aws
 from common.aws import THROTTLING_CODES
 from common.logs import Tally
 from common.retry import backoff_s
-from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES, StreamBackend
+from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES, KinesisStream, StreamBackend
 
 log = logging.getLogger(__name__)
 MAX_KEY_CHARS = 256
 TOO_LARGE = "record larger than 1 MiB"   # the reason of an entry no retry can deliver
+# The longest read timeout of an output producer (``output_producer``), in base timeouts: 10 s, then 20
+# and 30 s while the stream answers slowly. An entry lands at most three times so (timed out at 10 and
+# 20 s, answered at 30 s), and one call, a connect and a read timeout, lasts at most 40 s.
+OUTPUT_TIMEOUT_RAISE = 3
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,57 @@ def batches(entries: list[tuple[str, bytes]]):
         yield batch
 
 
+class ReadTimeouts:
+    """The read timeout of a stream's PutRecords calls: ``base_s``, doubled after each call that got no
+    answer in time, up to ``max_s``, and one step back down after each call answered within half the
+    lower step. A call given up on may have landed: sent again at the same timeout, a batch landed once
+    per attempt while the stream answered slower than that, for as long as it did. ``use`` is called
+    with each new timeout (it switches the stream's client: botocore fixes a client's timeouts when it
+    is made)."""
+
+    def __init__(self, base_s: float, max_s: float, use: Callable[[float], None] = lambda seconds: None,
+                 name: str = "the stream"):
+        self.steps = [base_s]
+        while self.steps[-1] < max_s:
+            self.steps.append(min(max_s, self.steps[-1] * 2))
+        self.step = 0
+        self.use = use
+        self.name = name
+        self._at_longest = Tally(every_s=60.0)      # at the longest wait, every call times out alike
+
+    @property
+    def current(self) -> float:
+        return self.steps[self.step]
+
+    @property
+    def raised(self) -> bool:
+        return self.step > 0
+
+    def timed_out(self) -> bool:
+        """Wait longer next time; False when the wait is already the longest."""
+        waited = self.current
+        if self.step == len(self.steps) - 1:
+            if count := self._at_longest.add():
+                log.warning("stream %s did not answer PutRecords within %.1f s, the longest wait, %d times since "
+                            "the last such line", self.name, waited, count)
+            return False
+        self._move(1)
+        log.warning("stream %s did not answer PutRecords within %.1f s (what it was sent may have landed, and goes "
+                    "again): waiting up to %.1f s for the next call", self.name, waited, self.current)
+        return True
+
+    def answered(self, elapsed_s: float) -> None:
+        # Half the lower step: an answer time just under it would time out again on the next call.
+        if self.step and elapsed_s < self.steps[self.step - 1] / 2:
+            self._move(-1)
+            if not self.step:
+                log.info("stream %s answers within %.1f s again", self.name, self.current)
+
+    def _move(self, by: int) -> None:
+        self.step += by
+        self.use(self.current)
+
+
 class Producer:
     """Sends entries to a stream; retries only the failed ones with jittered exponential backoff.
 
@@ -75,13 +132,17 @@ class Producer:
     With ``retry_timeouts=False`` a call that timed out waiting for its answer ends the send at once
     (its entries marked ``timed_out``): it may have landed, and another attempt at the same timeout
     would land another copy; the caller decides when to send them again, and how patiently.
+    Given ``timeouts``, the producer is that patient itself: a timed-out call ends the send likewise,
+    and raises the read timeout of the next call; an answered one may lower it again.
     """
 
     def __init__(self, stream: StreamBackend, *, max_attempts: int = 5, base_delay: float = 0.05,
-                 max_delay: float = 2.0, sleep=time.sleep, retry_timeouts: bool = True):
+                 max_delay: float = 2.0, sleep=time.sleep, retry_timeouts: bool = True,
+                 timeouts: ReadTimeouts | None = None):
         self.stream = stream
         self.max_attempts = max_attempts
-        self.retry_timeouts = retry_timeouts
+        self.retry_timeouts = retry_timeouts and timeouts is None
+        self.timeouts = timeouts
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.sleep = sleep
@@ -112,6 +173,7 @@ class Producer:
             if attempt:
                 self.retried += len(pending)
                 self._backoff(attempt)
+            started = time.monotonic()
             try:
                 results = self.stream.put_records(pending)
             except (BotoCoreError, ClientError, OSError) as exc:
@@ -123,11 +185,32 @@ class Producer:
                         attempt + 1, max_attempts, failed, exc)
                 reasons = [f"{type(exc).__name__}: {exc}"] * len(pending)
                 if timed_out:
+                    if self.timeouts:
+                        self.timeouts.timed_out()
                     return [Undelivered(key, data, reason, timed_out=True) for (key, data), reason in zip(pending, reasons)]
                 continue
+            if self.timeouts:
+                self.timeouts.answered(time.monotonic() - started)
             failed = [(entry, f"{r.error_code}: {r.error_message}") for entry, r in zip(pending, results) if not r.ok]
             if not failed:
                 return []
             pending = [entry for entry, _ in failed]
             reasons = [reason for _, reason in failed]
         return [Undelivered(key, data, reason) for (key, data), reason in zip(pending, reasons)]
+
+
+def output_producer(region: str | None, stream_name: str, timeout: float = 10.0) -> Producer:
+    """A producer for a consumer's output stream, whose caller sends what was not delivered again until
+    it is (the enricher's, the scorer's). Connect and read timeout ``timeout``; a PutRecords with no
+    answer in time may have landed, so it is not retried at that timeout (no botocore retry either):
+    the send ends, and the next call waits twice as long, up to ``OUTPUT_TIMEOUT_RAISE`` × ``timeout``
+    (``ReadTimeouts``). Retried at once at 10 s, by botocore and the producer, a batch landed up to 15
+    times per send, and the caller sent it again."""
+    clients = aws.ByReadTimeout(lambda read_timeout: aws.client("kinesis", region, timeout=timeout,
+                                                                read_timeout=read_timeout, retries=0))
+    stream = KinesisStream(clients(timeout), stream_name)
+
+    def use(read_timeout: float) -> None:
+        stream.client = clients(read_timeout)
+
+    return Producer(stream, timeouts=ReadTimeouts(timeout, OUTPUT_TIMEOUT_RAISE * timeout, use, stream_name))

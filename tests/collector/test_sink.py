@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 from collector import metrics
 from collector.app import Collector
 from collector.config import CollectorSettings
-from collector.sink import ReadTimeouts, Sink
+from collector.sink import Sink
 from collector.spool import RAW, READY, Spool, claim_dir, encode
 from common.producer import Producer
 from common.streams import MemoryStream
@@ -665,16 +665,3 @@ def test_a_scrape_never_sets_a_stale_up_over_the_senders_down(tmp_path, monkeypa
     metrics.refresh(sink)
     sender.join()
     assert REGISTRY.get_sample_value("collector_sink_up") == 0
-
-
-def test_the_read_timeout_doubles_up_to_its_cap_and_steps_down_only_after_quick_answers():
-    used = []
-    timeouts = ReadTimeouts(5, 30, used.append)
-    assert timeouts.steps == [5, 10, 20, 30]
-    assert [timeouts.timed_out() for _ in range(4)] == [True, True, True, False]     # the last wait was the longest
-    assert used == [10, 20, 30]
-    timeouts.answered(12)          # slower than half of 20: 20 would time out again at the next call
-    assert timeouts.current == 30
-    for elapsed in (9, 4, 2):
-        timeouts.answered(elapsed)
-    assert timeouts.current == 5 and not timeouts.raised and used == [10, 20, 30, 20, 10, 5]

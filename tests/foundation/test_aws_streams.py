@@ -18,7 +18,7 @@ from botocore.exceptions import ClientError
 from common import aws
 from common.consumer import ReadFailed, consumer_for
 from common.leases import DynamoLeaseTable, Lease, LeaseLost
-from common.producer import Producer
+from common.producer import Producer, ReadTimeouts, output_producer
 from common.streams import KinesisStream
 from infra.provision import provision
 from tests.conftest import ROOT, settings_env, wait_for
@@ -149,6 +149,49 @@ def test_a_producer_that_does_not_retry_timeouts_ends_the_send_at_the_first_unan
         time.sleep(1.5)                                 # the call is counted once the proxy forwards it
         assert proxy.put_calls == 1
     assert Counter(stream_contents(aws_settings)) == Counter(data.decode() for _, data in entries(10))
+
+
+def test_the_read_timeout_doubles_up_to_its_cap_and_steps_down_only_after_quick_answers():
+    used = []
+    timeouts = ReadTimeouts(5, 30, used.append)
+    assert timeouts.steps == [5, 10, 20, 30]
+    assert [timeouts.timed_out() for _ in range(4)] == [True, True, True, False]     # the last wait was the longest
+    assert used == [10, 20, 30]
+    timeouts.answered(12)          # slower than half of 20: 20 would time out again at the next call
+    assert timeouts.current == 30
+    for elapsed in (9, 4, 2):
+        timeouts.answered(elapsed)
+    assert timeouts.current == 5 and not timeouts.raised and used == [10, 20, 30, 20, 10, 5]
+
+
+def test_an_output_producer_sends_a_timed_out_batch_again_at_twice_the_read_timeout_once(aws_settings, monkeypatch):
+    # Each call lands 0.8 s after it was made: at the 0.5 s read timeout the send ends (no botocore or
+    # producer retry, each would land another copy), and the next one waits up to 1 s and is answered.
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        producer = output_producer(aws_settings.region, aws_settings.raw_stream, timeout=0.5)
+        proxy.delays[PUT_RECORDS] = 0.8
+        undelivered = producer.send(entries(10))
+        assert len(undelivered) == 10 and all(u.timed_out for u in undelivered)
+        assert producer.timeouts.current == 1.0
+        assert producer.send([(u.partition_key, u.data) for u in undelivered]) == []
+        proxy.delays.clear()
+        assert producer.send(entries(1, tag="quick")) == []        # answered within 0.25 s: back to 0.5 s
+        assert producer.timeouts.current == 0.5 and proxy.calls[PUT_RECORDS] == 3
+    monkeypatch.undo()
+    assert Counter(stream_contents(aws_settings)) == Counter({**{f"r-{i}": 2 for i in range(10)}, "quick-0": 1})
+
+
+def test_an_output_producer_returns_everything_when_the_stream_is_unreachable(aws_settings, monkeypatch):
+    # A refused connection is an outage, not a timeout: the read timeout stays, the caller retries.
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        producer = output_producer(aws_settings.region, aws_settings.raw_stream, timeout=0.5)
+        producer.base_delay = 0.01
+        proxy.down = True
+        undelivered = producer.send(entries(5))
+    assert len(undelivered) == 5 and not any(u.timed_out for u in undelivered)
+    assert producer.timeouts.current == 0.5
 
 
 def test_producer_hashes_keys_kinesis_would_refuse_instead_of_failing_the_call(aws_settings):
