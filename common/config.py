@@ -49,7 +49,7 @@ SECTION_KEYS = {section: frozenset(keys.split()) for section, keys in {
         cors_max_age_s""",
     "enrich": """registries registry_cache_ttl_s registry_miss_ttl_s pseudonymisation pseudonymisation_key pii_fields ip_anon_octets
         ip_anon_segments geolocation_coarsening geolocation_decimals max_collector_ahead_s internal_domains dedupe_entries dedupe_window_s ua_cache_size max_event_bytes batch_limit
-        read_interval_s lease_ms metrics_port metrics_host log_level""",
+        read_interval_s lease_ms output_timeout_s metrics_port metrics_host log_level""",
     "scorer": """host port run_worker run_api model_name model_poll_s shadow_version emit emit_every_n flush_ms
         session_timeout_s max_sessions replay_max_s dedupe_window prediction_ttl_hours lookup_table batch_limit
         read_interval_s lease_ms write_threads reload_token log_level""",

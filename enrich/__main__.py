@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import logging
 
-from common import aws, logs
+from common import logs
 from common.cli import run_command
 from common.consumer import consumer_for
-from common.producer import Producer
+from common.producer import output_producer
 from common.service import listening, settings_or_exit, stop_on_signals
-from common.streams import KinesisStream
 from enrich.config import EnrichSettings
 from enrich.pipeline import Enricher
 from enrich.worker import Worker
@@ -32,12 +31,11 @@ def main() -> int:
         from prometheus_client import start_http_server
         with listening("metrics_host, metrics_port", settings.metrics_host, settings.metrics_port):
             start_http_server(settings.metrics_port, addr=settings.metrics_host)
-    kinesis = aws.client("kinesis", settings.region)
     consumer = consumer_for(settings, settings.raw_stream, "enrich", batch_limit=settings.batch_limit,
                             lease_ms=settings.lease_ms, read_interval_s=settings.read_interval_s)
     worker = Worker(Enricher(settings), consumer,
-                    Producer(KinesisStream(kinesis, settings.enriched_stream)),
-                    Producer(KinesisStream(kinesis, settings.bad_stream)), stop)
+                    output_producer(settings.region, settings.enriched_stream, settings.output_timeout_s),
+                    output_producer(settings.region, settings.bad_stream, settings.output_timeout_s), stop)
     log.info("enriching %s -> %s (bad: %s), registries %s, pseudonymisation %s",
              settings.raw_stream, settings.enriched_stream, settings.bad_stream, ",".join(settings.registries),
              "on" if settings.pseudonymisation else "OFF")

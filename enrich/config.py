@@ -114,13 +114,16 @@ class EnrichSettings(AwsSettings):
     batch_limit: int = 500
     read_interval_s: float = 0.25      # per shard; Kinesis allows 5 GetRecords/s per shard
     lease_ms: int = 10_000
+    # PutRecords connect/read timeout of the enriched and bad streams; raised to 2 and 3 times this while
+    # a stream answers slowly (common.producer.output_producer)
+    output_timeout_s: float = 10.0
     metrics_port: int = 0              # Prometheus /metrics; 0 = off
     metrics_host: str = "127.0.0.1"    # 0.0.0.0 in a container, so the scraper can reach it
     log_level: str = "INFO"
 
     def validate(self) -> None:
         require_positive(self, "registry_cache_ttl_s", "registry_miss_ttl_s", "dedupe_window_s", "ua_cache_size", "max_event_bytes",
-                         "lease_ms", "read_interval_s", "max_collector_ahead_s")
+                         "lease_ms", "read_interval_s", "max_collector_ahead_s", "output_timeout_s")
         require_renewed_in_time(self, "lease_ms", "read_interval_s")
         require_batch_limit(self, "batch_limit")
         require_at_most(self, "ua_cache_size", 10_000_000, "user agents parsed and kept in memory")

@@ -91,7 +91,7 @@ class Worker:
             for chunk in put_record_calls(entries):
                 # Throttled retries can outlast the lease: renew it when due, and stop writing for a
                 # shard another worker took (it re-reads the batch from the checkpoint). One send can
-                # too (a stream answering in seconds, the producer's and botocore's retries of a timeout).
+                # too (throttled retries inside it, a slow stream's call at a raised read timeout: up to 40 s).
                 if shard_id not in self.consumer.renew_due():
                     raise LeaseLost(shard_id)
                 failed += self.consumer.while_renewing(producer.send, chunk)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import orjson
 
@@ -295,6 +296,33 @@ def test_kill_9_mid_write_twice_loses_nothing_and_repeats_only_the_unacknowledge
     ids = good_ids()
     assert len(ids) - len(set(ids)) == written_once          # only the unacknowledged batch came out twice
     assert sorted(orjson.loads(data)["data"]["payload"] for _, data in bad) == sorted(f"garbage-{i}" for i in garbage)
+
+
+def test_an_enriched_stream_answering_slower_than_output_timeout_s_gets_each_event_a_bounded_number_of_times(
+        aws_settings, tmp_path):
+    # Each PutRecords lands 1.1 s after it was made, past the 0.5 s read timeout. Retried at that timeout
+    # (by botocore, the producer, then the worker's delivery loop), a batch landed once per attempt for
+    # as long as the stream was slow: 7 copies of each event in a minute at the 10 s default.
+    total, batch = 60, 20
+    eids = [f"00000000-0000-4000-8000-{i:012d}" for i in range(total)]
+    put_raw(aws_settings, [get_record({**EV, "e": "pv", "eid": eid}) for eid in eids])
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.delays[PUT_RECORDS] = 1.1
+        enrich = Process("enrich", child_env(aws_settings, AWS_ENDPOINT_URL=proxy.endpoint, CLICKSTREAM_BATCH_LIMIT=str(batch),
+                                             CLICKSTREAM_OUTPUT_TIMEOUT_S="0.5"), tmp_path / "enrich.log")
+        try:
+            wait_for(lambda: {orjson.loads(data)["event_id"] for _, data in read_stream(aws_settings.enriched_stream)}
+                     == set(eids), timeout=60, interval=0.5, what="every event enriched")
+            time.sleep(2)          # a copy sent by a call given up on lands 1.1 s after it was made
+            assert enrich.terminate() == 0, enrich.output()
+        finally:
+            enrich.cleanup()
+    counts = Counter(orjson.loads(data)["event_id"] for _, data in read_stream(aws_settings.enriched_stream))
+    # Timed out at 0.5 and 1 s, the first batch is answered within 1.5 s: three copies at most. The
+    # batches after it go at 1.5 s and land once.
+    assert max(counts.values()) <= 3, Counter(counts.values())
+    assert sum(1 for copies in counts.values() if copies > 1) <= batch, Counter(counts.values())
+    assert "did not answer PutRecords within 0.5 s" in enrich.output()
 
 
 def test_failing_checkpoints_are_one_warning_line_per_30_s_not_one_per_batch(caplog):
