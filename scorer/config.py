@@ -32,6 +32,9 @@ class ScorerSettings(AwsSettings):
     batch_limit: int = 1000             # records per GetRecords
     read_interval_s: float = 0.4        # per shard; Kinesis' 5 reads/s are shared with the lake loader
     lease_ms: int = 10_000
+    # PutRecords connect/read timeout of the predictions stream; raised to 2 and 3 times this while the
+    # stream answers slowly (common.producer.output_producer)
+    output_timeout_s: float = 10.0
     write_threads: int = 8              # parallel conditional puts into the predictions table
     reload_token: str = ""              # bearer token for POST /models/reload; empty = disabled
     log_level: str = "INFO"
@@ -49,6 +52,6 @@ class ScorerSettings(AwsSettings):
             raise ConfigError(f"CLICKSTREAM_EMIT: expected one of {', '.join(EMIT_POLICIES)}, got {self.emit!r}")
         require_positive(self, "port", "model_poll_s", "emit_every_n", "flush_ms", "session_timeout_s",
                          "replay_max_s", "max_sessions", "dedupe_window", "prediction_ttl_hours", "lease_ms",
-                         "write_threads", "read_interval_s")
+                         "write_threads", "read_interval_s", "output_timeout_s")
         require_renewed_in_time(self, "lease_ms", "read_interval_s")
         require_batch_limit(self, "batch_limit")

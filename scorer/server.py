@@ -15,9 +15,8 @@ import threading
 
 from common import aws
 from common.consumer import consumer_for
-from common.producer import Producer
+from common.producer import output_producer
 from common.service import bound_socket, listening, stop_on_signals
-from common.streams import KinesisStream
 from scorer.api import ScorerApp
 from scorer.config import ScorerSettings
 from scorer.model import Models
@@ -28,7 +27,7 @@ log = logging.getLogger("scorer")
 
 
 def build_worker(settings: ScorerSettings, models: Models) -> Worker:
-    producer = Producer(KinesisStream(aws.client("kinesis", settings.region), settings.predictions_stream))
+    producer = output_producer(settings.region, settings.predictions_stream, settings.output_timeout_s)
     # A connection per writing thread: more threads than the pool's 32 connections discarded them.
     table = aws.client("dynamodb", settings.region, max_pool_connections=max(32, settings.write_threads))
     writer = PredictionWriter(producer, table, settings.lookup_table_name, settings.prediction_ttl_hours * 3600,
