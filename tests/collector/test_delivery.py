@@ -111,14 +111,15 @@ def slow_proxy(aws_endpoint):
 
 def test_a_stream_answering_slower_than_sink_timeout_s_gets_each_hit_a_bounded_number_of_times(
         streams, slow_proxy, make_collector, tmp_path):
-    # Each PutRecords lands 1.2 s after it was made, past the 0.5 s read timeout: the sender cannot tell
+    # Each PutRecords lands 1.1 s after it was made, past the 1 s read timeout: the sender cannot tell
     # whether a batch landed. Sent again at that timeout, each batch landed once per attempt, without end.
-    slow_proxy.delays[faults.PUT_RECORDS] = 1.2
-    collector = make_collector(collector_env(streams, tmp_path / "spool", slow_proxy.endpoint, sink_timeout_s=0.5,
-                                             sink_timeout_max_s=4))
+    # (Just past the timeout, so the doubled wait has 0.9 s to spare on a loaded machine.)
+    slow_proxy.delays[faults.PUT_RECORDS] = 1.1
+    collector = make_collector(collector_env(streams, tmp_path / "spool", slow_proxy.endpoint, sink_timeout_s=1,
+                                             sink_timeout_max_s=8))
     marker, total, first = uuid.uuid4().hex, 150, 10
     assert send_hits(collector.url, marker, first, threads=1) == [200] * first
-    time.sleep(1)                  # the batch that has them timed out, and goes again as it was
+    time.sleep(1.5)                # the batch that has them timed out, and goes again as it was
     assert send_hits(collector.url, marker, total - first, threads=4, start=first) == [200] * (total - first)
     health = []
 
@@ -127,21 +128,21 @@ def test_a_stream_answering_slower_than_sink_timeout_s_gets_each_hit_a_bounded_n
         return metric(collector.url, "collector_spool_depth_records") == 0
 
     wait_for(drained, timeout=30, interval=0.3, what="the spool to drain")
-    time.sleep(2)                  # a copy sent by a call given up on lands 1.2 s after it was made
+    time.sleep(2)                  # a copy sent by a call given up on lands 1.1 s after it was made
     counts = Counter(numbers(read_stream(streams.raw_stream, timeout=0), marker))
     assert sorted(counts) == list(range(total))
-    # Timed out at 0.5 s and at 1 s, a batch is answered at 2 s: three copies at most. The batches after
-    # it go at 2 s and land once, the hits spooled meanwhile too (they did not join the batch sent again).
-    assert max(counts.values()) <= 3, Counter(counts.values())
+    # Timed out at 1 s, a batch is answered at 2 s: two copies at most. The batches after it go at 2 s
+    # and land once, the hits spooled meanwhile too (they did not join the batch sent again).
+    assert max(counts.values()) <= 2, Counter(counts.values())
     assert {n for n, copies in counts.items() if copies > 1} <= set(range(first)), counts
     assert set(health) == {200}, "a stream that answers is slow, not down"
-    assert metric(collector.url, "collector_sink_timeouts_total") >= 2
+    assert metric(collector.url, "collector_sink_timeouts_total") >= 1
     assert metric(collector.url, "collector_sink_timeout_seconds") == 2
 
     # Answering at once again, the read timeout steps back down to sink_timeout_s.
     slow_proxy.delays.clear()
     wait_for(lambda: send_hits(collector.url, marker, 1, threads=1, start=total) and
-             metric(collector.url, "collector_sink_timeout_seconds") == 0.5, timeout=20, what="the timeout back at 0.5 s")
+             metric(collector.url, "collector_sink_timeout_seconds") == 1, timeout=20, what="the timeout back at 1 s")
 
 
 def test_a_stream_slower_than_sink_timeout_max_s_is_reported_down(streams, slow_proxy, make_collector, tmp_path):

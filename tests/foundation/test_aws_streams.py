@@ -165,19 +165,20 @@ def test_the_read_timeout_doubles_up_to_its_cap_and_steps_down_only_after_quick_
 
 
 def test_an_output_producer_sends_a_timed_out_batch_again_at_twice_the_read_timeout_once(aws_settings, monkeypatch):
-    # Each call lands 0.8 s after it was made: at the 0.5 s read timeout the send ends (no botocore or
-    # producer retry, each would land another copy), and the next one waits up to 1 s and is answered.
+    # Each call lands 1.1 s after it was made: at the 1 s read timeout the send ends (no botocore or
+    # producer retry, each would land another copy), and the next one waits up to 2 s and is answered
+    # (with 0.9 s to spare: a loaded machine adds to every call through the proxy).
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        producer = output_producer(aws_settings.region, aws_settings.raw_stream, timeout=0.5)
-        proxy.delays[PUT_RECORDS] = 0.8
+        producer = output_producer(aws_settings.region, aws_settings.raw_stream, timeout=1.0)
+        proxy.delays[PUT_RECORDS] = 1.1
         undelivered = producer.send(entries(10))
         assert len(undelivered) == 10 and all(u.timed_out for u in undelivered)
-        assert producer.timeouts.current == 1.0
+        assert producer.timeouts.current == 2.0
         assert producer.send([(u.partition_key, u.data) for u in undelivered]) == []
         proxy.delays.clear()
-        assert producer.send(entries(1, tag="quick")) == []        # answered within 0.25 s: back to 0.5 s
-        assert producer.timeouts.current == 0.5 and proxy.calls[PUT_RECORDS] == 3
+        assert producer.send(entries(1, tag="quick")) == []        # answered within 0.5 s: back to 1 s
+        assert producer.timeouts.current == 1.0 and proxy.calls[PUT_RECORDS] == 3
     monkeypatch.undo()
     assert Counter(stream_contents(aws_settings)) == Counter({**{f"r-{i}": 2 for i in range(10)}, "quick-0": 1})
 
