@@ -68,6 +68,19 @@ def choose_threshold(y, p, objective: str = "f1", target_precision: float = 0.5)
             **({"target_precision": target_precision, "target_reached": reached} if objective == "precision" else {})}
 
 
+def score_reference(p, threshold: float, bins: int = 10) -> dict:
+    """The scores the model was chosen on, for the scorer to compare the scores it serves with
+    (``scorer_score_psi``): the evaluation rows' P(buy), as served (ONNX's), cut at their deciles, the
+    share of rows in each bin, and the share at or above the threshold. A bin holds the scores from
+    its lower edge up to below its upper one. Trees tie many rows at one score: repeated cut points
+    are merged, and each share is counted, not assumed to be a tenth."""
+    p = np.asarray(p, dtype=np.float64)
+    edges = np.unique(np.quantile(p, np.arange(1, bins) / bins))
+    counts = np.bincount(np.searchsorted(edges, p, side="right"), minlength=len(edges) + 1)
+    return {"edges": edges.tolist(), "shares": (counts / len(p)).tolist(),
+            "buy_rate": float(np.mean(p >= threshold)), "rows": len(p)}
+
+
 def threshold_text(meta: dict) -> str:
     """The threshold and how it was chosen, saying so when the target precision was out of reach."""
     selection = meta["threshold_selection"]

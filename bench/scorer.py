@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 import orjson
 
 from bench import wrk
@@ -53,8 +54,11 @@ def _train(quick: bool):
 
 
 def _meta(version: str) -> dict:
+    from batch.train_metrics import score_reference
     from tests.scorer.helpers import model_meta
-    return model_meta(MODEL, version, algorithm="gbt")
+    # With a score reference, as make train writes it: the worker then counts its drift, as deployed.
+    reference = score_reference(np.random.default_rng(0).beta(2, 5, 10_000), threshold=0.5)
+    return model_meta(MODEL, version, algorithm="gbt", score_reference=reference)
 
 
 # ----------------------------------------------------------------------------- 1. in process

@@ -25,6 +25,7 @@ class ScorerSettings(AwsSettings):
     max_sessions: int = 200_000         # memory cap; least recently seen sessions are evicted
     replay_max_s: int = 7200            # a restart rebuilds sessions begun this long before the newest event
     dedupe_window: int = 256            # event ids remembered per session to drop redeliveries
+    drift_window_s: int = 3600          # live scores compared with the model's score_reference (scorer_score_psi)
     prediction_ttl_hours: int = 24      # DynamoDB TTL (expires_at) of the latest prediction
     # The latest prediction per session in predictions_table, for GET /sessions/{id}/prediction: a
     # conditional write per session and flush, most of the pipeline's AWS bill at high rates.
@@ -51,7 +52,7 @@ class ScorerSettings(AwsSettings):
         if self.emit not in EMIT_POLICIES:
             raise ConfigError(f"CLICKSTREAM_EMIT: expected one of {', '.join(EMIT_POLICIES)}, got {self.emit!r}")
         require_positive(self, "port", "model_poll_s", "emit_every_n", "flush_ms", "session_timeout_s",
-                         "replay_max_s", "max_sessions", "dedupe_window", "prediction_ttl_hours", "lease_ms",
+                         "replay_max_s", "max_sessions", "dedupe_window", "drift_window_s", "prediction_ttl_hours", "lease_ms",
                          "write_threads", "read_interval_s", "output_timeout_s")
         require_renewed_in_time(self, "lease_ms", "read_interval_s")
         require_batch_limit(self, "batch_limit")

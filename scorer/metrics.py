@@ -46,6 +46,16 @@ MODEL_CHECKED = Gauge("scorer_model_checked_timestamp_seconds",
                       "Unix time of the last check of the registry's CURRENT that worked")
 SHADOW_DISAGREEMENTS = Counter("scorer_shadow_disagreements_total", "Rows where the shadow decided otherwise")
 SHADOW_ROWS = Counter("scorer_shadow_rows_total", "Rows the shadow model scored")
+# The served scores against those the model was chosen on (scorer/drift.py); NaN until measurable.
+SCORE_PSI = Gauge("scorer_score_psi", "Population stability index of the live P(buy) of the last drift_window_s "
+                  "against model.json's score_reference (0.1-0.25 some drift, above 0.25 much); NaN under 1,000 "
+                  "scores or without a reference")
+SCORES_IN_WINDOW = Gauge("scorer_score_window_rows", "Live scores in the drift window")
+BUY_RATE = Gauge("scorer_buy_rate", "Share of the live scores of the drift window decided buy")
+EXPECTED_BUY_RATE = Gauge("scorer_expected_buy_rate", "Share of the evaluation rows decided buy in training "
+                          "(model.json score_reference.buy_rate)")
+for _gauge in (SCORE_PSI, BUY_RATE, EXPECTED_BUY_RATE):
+    _gauge.set(float("nan"))
 
 
 def model_loaded(model, role: str, previous) -> None:

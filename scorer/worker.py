@@ -34,6 +34,7 @@ from common.service import gc_paused
 from common.streams import SHARD_END, Record, Shard, sequence_key
 from scorer import metrics
 from scorer.config import ScorerSettings
+from scorer.drift import ScoreDrift
 from scorer.inputs import BadEvent, event_time
 from scorer.model import Model, Models
 from scorer.sessions import Session, SessionStore
@@ -116,6 +117,7 @@ class Worker:
         self.writer = writer
         self.shadow_tally = ShadowTally(("", ""))
         self.shadow_logged_at = 0.0
+        self.drift = ScoreDrift(settings.drift_window_s)
         # Retried while the lease table is away: once a second, one WARNING per 30 s.
         self.checkpoint_failures = logs.Tally(every_s=30.0)
         self.lease_read_failures = logs.Tally(every_s=30.0)
@@ -360,6 +362,7 @@ class Worker:
         metrics.SCORING_SECONDS.observe(time.perf_counter() - scoring)
         latency_us = int((time.perf_counter() - started) * 1e6)
         self._shadow(inputs, p_buy, model)
+        self.drift.observe(model, p_buy[np.fromiter((not row.quiet for row in rows), bool, len(rows))])
         scored_at = iso_now()
         observe_ages(rows, parse_ms(scored_at))
         for row, p in zip(rows, p_buy.tolist()):

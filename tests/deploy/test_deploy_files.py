@@ -354,7 +354,7 @@ def test_grafana_dashboard_covers_the_operator_metrics():
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
     for metric in ("collector_requests_total", "collector_records_produced_total", "collector_spool_depth_records",
                    "enrich_events_total", "enrich_bad_rows_total", "_lag_ms", "scorer_scoring_seconds_bucket", "scorer_model_info",
-                   "discount_offers_total", "discount_prediction_age_seconds_bucket"):
+                   "scorer_score_psi", "discount_offers_total", "discount_prediction_age_seconds_bucket"):
         assert metric in exprs, metric
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))

@@ -2,6 +2,7 @@
 with a hot model reload in the middle of the stream."""
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from common.features import FEATURE_NAMES
 from common.registry import Bundle
@@ -97,6 +99,10 @@ def test_tracker_to_collector_to_enricher_to_scorer_with_a_hot_reload(trained, a
             last = max((p for p in first if p["session_id"] == sid), key=lambda p: p["events_in_session"])
             row = np.asarray([[live[n] for n in FEATURE_NAMES]], dtype=np.float32)
             assert last["p_buy"] == pytest.approx(float(model_v1.predict(row)[0]), abs=1e-5)
+        drift = unlabelled_gauges(scorer.url)           # every live score is set against the model's reference
+        assert drift["scorer_score_window_rows"] == sent
+        assert drift["scorer_expected_buy_rate"] == result.meta["score_reference"]["buy_rate"]
+        assert drift["scorer_buy_rate"] == sum(p["decision"] == "buy" for p in first) / sent
 
         publish(s3, settings.bucket, MODEL, "v2", logistic_onnx(bias=-1.0))      # moves CURRENT
         wait_for(lambda: requests.get(scorer.url + "/ping", timeout=2).json()["model_version"] == "v2", 30,
@@ -114,6 +120,8 @@ def test_tracker_to_collector_to_enricher_to_scorer_with_a_hot_reload(trained, a
             assert latest["model_version"] == "v2" and latest["events_in_session"] == 6
             expected = logistic_reference([[live["features"][n] for n in FEATURE_NAMES]], bias=-1.0)[0]
             assert latest["p_buy"] == pytest.approx(float(expected), abs=1e-5)
+        drift = unlabelled_gauges(scorer.url)           # v2 has no score_reference: nothing to set its scores against
+        assert drift["scorer_score_window_rows"] == 0 and math.isnan(drift["scorer_expected_buy_rate"])
     finally:
         for process in processes:
             process.terminate()
@@ -128,6 +136,12 @@ def test_tracker_to_collector_to_enricher_to_scorer_with_a_hot_reload(trained, a
 def at_least(settings, count: int) -> list[dict] | None:
     got = predictions(settings)
     return got if len(got) >= count else None
+
+
+def unlabelled_gauges(url: str) -> dict[str, float]:
+    text = requests.get(url + "/metrics", timeout=5).text
+    return {sample.name: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if not sample.labels}
 
 
 def _up(url: str) -> bool:

@@ -17,6 +17,7 @@ from batch import export, train_model
 from batch.train import main as train_main
 from batch.train_model import Steps, fit_and_export, score_with_spark
 from batch.train_table import ID_COLUMNS, prepare, train_from_table
+from scorer.drift import reference_of
 from tests.train.conftest import fast_settings
 
 pytestmark = pytest.mark.spark
@@ -58,6 +59,10 @@ def test_export_matches_spark_on_categorical_table(spark, table, algorithm):
     chosen = result.meta["threshold_selection"]
     served = rows["p_onnx"] >= result.meta["threshold"]
     assert rows["label"][served].mean() == pytest.approx(chosen["precision"])
+    # What the scorer sets its live scores against (scorer_score_psi): the served scores of these rows.
+    reference = result.meta["score_reference"]
+    assert reference["buy_rate"] == served.mean() and reference["rows"] == len(rows)
+    assert reference_of(result.meta) is not None
     assert result.meta["metrics"]["roc_auc"] > 0.7
     assert result.meta["onnx"] == {"input": "features", "probability_output": "probability", "positive_index": 1,
                                    "opset": 15, "sha256": hashlib.sha256(result.onnx_bytes).hexdigest()}
