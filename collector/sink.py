@@ -61,7 +61,9 @@ class Sink:
         self.max_backoff = max_backoff_s
         self.bad_payload_keep_bytes = bad_payload_keep_bytes
         self.timeouts = timeouts or ReadTimeouts(5.0, 30.0)
-        self.healthy = probe is None
+        # Until the sender's first probe, its first act, says otherwise: a start waiting for the probe
+        # answered no hit while a hung stream took sink_timeout_s to time it out.
+        self.healthy = True
         self.cause: str | None = None        # AWS's answer while the stream cannot be written
         self._health_known = False          # the first answer is news, not "again"
         self._health_lock = threading.Lock()    # the sender and a scrape both set collector_sink_up
@@ -89,8 +91,6 @@ class Sink:
         metrics.SINK_UP.set(int(self.healthy))
         metrics.SINK_TIMEOUT.set(self.timeouts.current)
         metrics.DRAINED.set(time.time())         # a backlog left by a previous run counts as behind from now
-        if self.probe is not None:
-            self._check()
         self._thread.start()
         if self._syncer:
             self._syncer.start()
@@ -103,6 +103,8 @@ class Sink:
     # ------------------------------------------------------------------ loop
 
     def _run(self) -> None:
+        if self.probe is not None:
+            self._check()           # says at once whether the stream can be written, hits or not
         backoff = 0.0
         while not self._stop.is_set():
             if backoff:

@@ -573,6 +573,7 @@ def test_the_streams_state_is_logged_as_news_at_start_and_as_a_warning_when_lost
                 probe=lambda: probes.append(1))
     with caplog.at_level(logging.INFO, logger="collector.sink"):
         sink.start()
+        wait_for(lambda: probes, timeout=10, what="the sender's first probe")
         sink.stop(timeout=0)
         sink._set_health(False)
         sink._set_health(True)
@@ -580,6 +581,36 @@ def test_the_streams_state_is_logged_as_news_at_start_and_as_a_warning_when_lost
     assert probes and lines == [("INFO", "stream raw reachable"),
                                 ("WARNING", "stream raw unreachable; hits stay in the spool"),
                                 ("INFO", "stream raw reachable again")]
+
+
+def test_start_does_not_wait_for_a_hung_stream_to_answer_the_probe(tmp_path):
+    """start() probed the stream itself: with the stream hung, a worker answered no hit for
+    sink_timeout_s (5 s) at every start. The sender's thread probes first thing instead."""
+    from botocore.exceptions import ConnectTimeoutError
+
+    probing, release = threading.Event(), threading.Event()
+
+    def hung_probe():
+        probing.set()
+        release.wait(30)
+        raise ConnectTimeoutError(endpoint_url="http://kinesis.test")
+
+    sink = Sink(Spool(tmp_path, max_bytes=1 << 24), Producer(MemoryStream("raw"), max_attempts=1),
+                Producer(MemoryStream("bad")), probe=hung_probe, linger_ms=10)
+    starting = threading.Thread(target=sink.start)
+    starting.start()
+    try:
+        starting.join(10)
+        assert not starting.is_alive(), "start() waited for the probe"
+        wait_for(probing.is_set, timeout=10, what="the sender's probe")
+        assert sink.problem() is None              # not known to be down: nothing says so yet
+        release.set()
+        wait_for(lambda: sink.problem() == "stream unreachable", timeout=10, what="the probe's answer")
+        assert REGISTRY.get_sample_value("collector_sink_up") == 0
+    finally:
+        release.set()
+        starting.join(40)
+        sink.stop(timeout=5)
 
 
 @pytest.mark.parametrize("refused", [True, False], ids=["access denied", "connection refused"])
