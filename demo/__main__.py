@@ -12,6 +12,7 @@ DEMO_LIVE_RATE (events/s, 40), DEMO_SEED (7 on a fresh stack, a new one on a run
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -129,16 +130,36 @@ def wait_for_model(version: str, timeout: float = 60) -> None:
 SCORER_METRICS = "http://127.0.0.1:8081/metrics"
 
 
-def scorer_events_read(url: str = SCORER_METRICS) -> int | None:
-    """Events the scorer has folded since it started, not counting the replays that rebuild sessions
-    after a restart (from its /metrics); None while it does not answer."""
+def scorer_samples(url: str = SCORER_METRICS) -> list | None:
+    """The samples of the scorer's /metrics; None while it does not answer."""
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
             text = r.read().decode()
     except OSError:
         return None
-    return int(sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def scorer_events_read(url: str = SCORER_METRICS) -> int | None:
+    """Events the scorer has folded since it started, not counting the replays that rebuild sessions
+    after a restart (from its /metrics); None while it does not answer."""
+    samples = scorer_samples(url)
+    if samples is None:
+        return None
+    return int(sum(sample.value for sample in samples
                    if sample.name == "scorer_events_total" and sample.labels.get("mode") == "live"))
+
+
+def drift_line(url: str = SCORER_METRICS) -> str:
+    """The scorer's live scores against those the model was chosen on (scorer/drift.py), one line."""
+    gauges = {sample.name: sample.value for sample in scorer_samples(url) or [] if not sample.labels}
+    rows = int(gauges.get("scorer_score_window_rows", 0))
+    if not rows:
+        return "  score drift   not measured: no live scores against the model's score_reference yet"
+    psi = gauges["scorer_score_psi"]
+    measured = "under 1,000 scores, too few to say" if math.isnan(psi) else f"PSI {psi:.3f} (above 0.25 alerts)"
+    return (f"  score drift   {measured} over {rows:,} live scores; decided buy {gauges['scorer_buy_rate']:.1%}, "
+            f"in training {gauges['scorer_expected_buy_rate']:.1%}")
 
 
 def wait_for_scorer(expected: int, url: str = SCORER_METRICS, timeout: float = 300) -> None:
@@ -212,6 +233,7 @@ def main() -> int:
     # per poll: the line above is mostly that. The live events on their own:
     live = latency_of_events_since(aws.client("kinesis"), settings.predictions_stream, live_started)
     click.echo(latency_line("  live only", live, "events received during the live traffic"))
+    click.echo(drift_line())
     click.echo("\nThe stack is still running:\n"
           "  live view     http://127.0.0.1:8082/\n"
           "  demo shop     http://127.0.0.1:8082/shop/\n"

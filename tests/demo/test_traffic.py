@@ -367,3 +367,34 @@ def test_the_demo_waits_for_the_scorer_to_read_the_history_not_for_its_replays()
         server.shutdown()
         server.server_close()
     assert scorer_events_read(url) is None                        # not answering: the wait goes on
+
+
+def test_the_demo_says_how_far_the_live_scores_are_from_the_models_reference():
+    from types import SimpleNamespace
+
+    import numpy as np
+    from prometheus_client import start_http_server
+
+    from batch.train_metrics import score_reference
+    from demo.__main__ import drift_line
+    from scorer.drift import ScoreDrift
+
+    server, _ = start_http_server(0, addr="127.0.0.1")
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        rng = np.random.default_rng(11)
+        drift = ScoreDrift(3600)
+        model = SimpleNamespace(version="demo", threshold=0.5,
+                                meta={"score_reference": score_reference(rng.beta(2, 5, 10_000), 0.5)})
+        drift.observe(model, np.array([]))
+        assert drift_line(url) == "  score drift   not measured: no live scores against the model's score_reference yet"
+        drift.observe(model, np.full(10, 0.9))
+        assert drift_line(url).startswith("  score drift   under 1,000 scores, too few to say over 10 live scores; "
+                                          "decided buy 100.0%, in training ")
+        drift.observe(model, rng.beta(2, 5, 5000))
+        assert "  score drift   PSI 0.0" in drift_line(url) and "over 5,010 live scores" in drift_line(url)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "not measured" in drift_line(url)             # the scorer not answering is no crash
+
