@@ -19,6 +19,7 @@ from tests.collector.conftest import (
     read_stream,
     with_marker,
 )
+from tests.conftest import wait_for
 
 TP2 = "/com.snowplowanalytics.snowplow/tp2"
 IGLU = "/com.snowplowanalytics.iglu/v1"
@@ -423,9 +424,11 @@ def test_slow_or_abandoned_bodies_free_their_slots_and_are_never_recorded(stream
     assert get(collector.url + TP2, data=payload([{"e": "pv", "aid": whole}]))[0] == 200
     records = read_stream(streams.raw_stream, until=lambda r: with_marker(r, whole))
     assert len(with_marker(records, whole)) == 1 and not with_marker(records, cut)
-    metrics = get(collector.url + "/metrics")[2].decode()
+    # The disconnect is counted once the server notices it: waited for, not raced against the read above.
+    metrics = wait_for(lambda: (text := get(collector.url + "/metrics")[2].decode())
+                       and 'collector_requests_total{endpoint="tp2",status="499"} 1.0' in text and text,
+                       timeout=10, interval=0.1, what="the disconnect counted as 499")
     assert 'collector_requests_total{endpoint="tp2",status="408"} 5.0' in metrics
-    assert 'collector_requests_total{endpoint="tp2",status="499"} 1.0' in metrics
 
 
 @pytest.mark.parametrize("chunks", [b"5\r\nabc\r\n0\r\n\r\n", b"zz\r\nabc\r\n0\r\n\r\n"], ids=["short chunk", "bad size"])
@@ -439,7 +442,8 @@ def test_a_malformed_chunked_body_is_answered_400_not_500(streams, make_collecto
         assert sock.recv(200).startswith(b"HTTP/1.1 400")
     with socket.create_connection(("127.0.0.1", collector.port), timeout=10) as sock:     # and one truly gone
         sock.sendall(f"POST {TP2} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{{".encode())
-    time.sleep(0.3)
     assert get(collector.url + "/health")[0] == 200
-    assert 'collector_requests_total{endpoint="tp2",status="499"} 2.0' in get(collector.url + "/metrics")[2].decode()
+    # Counted once the server notices the disconnect: waited for (a fixed 0.3 s raced it on a loaded machine).
+    wait_for(lambda: 'collector_requests_total{endpoint="tp2",status="499"} 2.0' in get(collector.url + "/metrics")[2].decode(),
+             timeout=10, interval=0.1, what="both disconnects counted as 499")
     assert "Traceback" not in collector.log.read_text(encoding="utf-8")
