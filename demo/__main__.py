@@ -155,10 +155,10 @@ def drift_line(url: str = SCORER_METRICS) -> str:
     gauges = {sample.name: sample.value for sample in scorer_samples(url) or [] if not sample.labels}
     rows = int(gauges.get("scorer_score_window_rows", 0))
     if not rows:
-        return "  score drift   not measured: no live scores against the model's score_reference yet"
+        return "  score drift    not measured: no live scores against the model's score_reference yet"
     psi = gauges["scorer_score_psi"]
-    measured = "under 1,000 scores, too few to say" if math.isnan(psi) else f"PSI {psi:.3f} (above 0.25 alerts)"
-    return (f"  score drift   {measured} over {rows:,} live scores; decided buy {gauges['scorer_buy_rate']:.1%}, "
+    measured = "under 1,000 scores, too few to say" if math.isnan(psi) else f"PSI {psi:.3f} (ScoreDrift alerts above 0.25)"
+    return (f"  score drift    {measured} over {rows:,} live scores; decided buy {gauges['scorer_buy_rate']:.1%}, "
             f"in training {gauges['scorer_expected_buy_rate']:.1%}")
 
 

@@ -387,12 +387,12 @@ def test_the_demo_says_how_far_the_live_scores_are_from_the_models_reference():
         model = SimpleNamespace(version="demo", threshold=0.5,
                                 meta={"score_reference": score_reference(rng.beta(2, 5, 10_000), 0.5)})
         drift.observe(model, np.array([]))
-        assert drift_line(url) == "  score drift   not measured: no live scores against the model's score_reference yet"
+        assert drift_line(url) == "  score drift    not measured: no live scores against the model's score_reference yet"
         drift.observe(model, np.full(10, 0.9))
-        assert drift_line(url).startswith("  score drift   under 1,000 scores, too few to say over 10 live scores; "
+        assert drift_line(url).startswith("  score drift    under 1,000 scores, too few to say over 10 live scores; "
                                           "decided buy 100.0%, in training ")
         drift.observe(model, rng.beta(2, 5, 5000))
-        assert "  score drift   PSI 0.0" in drift_line(url) and "over 5,010 live scores" in drift_line(url)
+        assert "  score drift    PSI 0.0" in drift_line(url) and "over 5,010 live scores" in drift_line(url)
     finally:
         server.shutdown()
         server.server_close()
