@@ -68,6 +68,8 @@ class Sink:
         self._health_known = False          # the first answer is news, not "again"
         self._health_lock = threading.Lock()    # the sender and a scrape both set collector_sink_up
         self.progressed = False          # whether this sending round delivered anything
+        self._idle = False               # the last round found nothing to send: the next hit goes at once
+        self._send_partial = False       # woken for such a hit: send it, though no batch is full
         self._unanswered: tuple[Spool, int] | None = None     # the batch that got no answer in time: spool, records
         self.wake = threading.Event()
         self._stop = threading.Event()
@@ -96,9 +98,18 @@ class Sink:
             self._syncer.start()
 
     def notify(self) -> None:
-        """Called by the request side after each append: wake early when a batch is full."""
-        if self._batch_full(self.spool) and not self.wake.is_set():   # set() takes a lock: under load
-            self.wake.set()                                           # it would on every hit
+        """Called by the request side after each append: wake early when a batch is full, or at once
+        for the first hit after a round that found nothing to send. A quiet shop's hit waited up to
+        linger_ms for hits that were not coming (100 ms on average of the time to act); under load
+        every round finds hits, so they still leave in batches."""
+        if self.wake.is_set():               # set() takes a lock: under load it would on every hit
+            return
+        if self._batch_full(self.spool):
+            self.wake.set()
+        elif self._idle and self.spool.records == 1:
+            self._idle = False
+            self._send_partial = True
+            self.wake.set()
 
     # ------------------------------------------------------------------ loop
 
@@ -113,7 +124,8 @@ class Sink:
                 self._stop.wait(backoff)
                 full_only = False
             else:
-                full_only = self.wake.wait(self.linger)
+                full_only = self.wake.wait(self.linger) and not self._send_partial
+            self._send_partial = False
             self.wake.clear()
             self.progressed = False
             try:
@@ -124,6 +136,7 @@ class Sink:
                 log.exception("sender failed; retrying")
                 self._set_health(False)
                 delivered = False
+            self._idle = delivered and not self.progressed and self.spool.records == 0
             self._rotate_old_segment()
             self._prepare_next_segment()
             if delivered:

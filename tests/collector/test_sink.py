@@ -568,6 +568,32 @@ def test_under_sustained_load_batches_leave_full_not_as_each_send_ends(tmp_path)
     assert raw.calls[:-1] == [50] * (len(raw.calls) - 1), raw.calls     # the last one: at the linger timer
 
 
+def test_the_first_hit_after_a_quiet_round_leaves_at_once_and_hits_that_follow_it_wait_to_batch(tmp_path):
+    """A quiet shop's hit waited for the linger timer (100 ms on average at the default 200 ms, of a
+    time to act of about half a second) for hits that were not coming. The linger is 5 s here."""
+    raw = SlowStream("raw", 0)                      # counts each call's records
+    sink = Sink(Spool(tmp_path, max_bytes=1 << 24), Producer(raw, max_attempts=1), Producer(MemoryStream("bad")),
+                linger_ms=5000)
+
+    def hit(index: int) -> None:
+        sink.spool.append(encode(RAW, f"k{index}", str(index).encode()), 1)
+        sink.notify()
+
+    sink.start()
+    try:
+        wait_for(lambda: sink._idle, timeout=15, what="a round that found nothing to send")
+        hit(0)
+        wait_for(lambda: len(raw.all_records()) == 1, timeout=3, what="the lone hit sent before the linger ends")
+        for index in range(1, 4):                   # the round that sent it was not quiet: these batch
+            hit(index)
+        time.sleep(1)
+        assert len(raw.all_records()) == 1
+        wait_for(lambda: len(raw.all_records()) == 4, timeout=15, what="the three at the linger timer")
+    finally:
+        sink.stop(timeout=5)
+    assert raw.calls == [1, 3]
+
+
 def test_the_streams_state_is_logged_as_news_at_start_and_as_a_warning_when_lost(tmp_path, caplog):
     # Every start said "stream reachable again", and losing the stream was an INFO line.
     probes = []
