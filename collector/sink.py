@@ -102,10 +102,9 @@ class Sink:
         for the first hit after a round that found nothing to send. A quiet shop's hit waited up to
         linger_ms for hits that were not coming (100 ms on average of the time to act); under load
         every round finds hits, so they still leave in batches."""
-        if self.wake.is_set():               # set() takes a lock: under load it would on every hit
-            return
         if self._batch_full(self.spool):
-            self.wake.set()
+            if not self.wake.is_set():       # set() takes a lock: under load it would on every hit
+                self.wake.set()
         elif self._idle and self.spool.records == 1:
             self._idle = False
             self._send_partial = True
