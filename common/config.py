@@ -51,7 +51,7 @@ SECTION_KEYS = {section: frozenset(keys.split()) for section, keys in {
         ip_anon_segments geolocation_coarsening geolocation_decimals max_collector_ahead_s internal_domains dedupe_entries dedupe_window_s ua_cache_size max_event_bytes batch_limit
         read_interval_s lease_ms output_timeout_s metrics_port metrics_host log_level""",
     "scorer": """host port run_worker run_api model_name model_poll_s shadow_version emit emit_every_n flush_ms
-        session_timeout_s max_sessions replay_max_s dedupe_window prediction_ttl_hours lookup_table batch_limit
+        session_timeout_s max_sessions replay_max_s dedupe_window drift_window_s prediction_ttl_hours lookup_table batch_limit
         read_interval_s lease_ms output_timeout_s write_threads reload_token log_level""",
     "lake": """lake_flush_seconds lake_flush_bytes lake_flush_records lake_lease_ms lake_batch_limit lake_idle_sleep_s
         lake_read_interval_s lake_retry_s lake_app lake_metrics_port lake_metrics_host log_level""",
