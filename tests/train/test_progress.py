@@ -22,7 +22,8 @@ def test_a_long_step_shows_spark_tasks_moving(spark, capsys):
         assert spark.sparkContext.parallelize(range(8), 8).mapPartitions(slow_partition).count() == 8
     steps.close()
     shown = [(int(done), int(total)) for done, total in re.findall(r"Spark tasks (\d+)/(\d+)", capsys.readouterr().err)]
-    assert shown and all(total == 8 and 0 <= done < 8 for done, total in shown)
+    # 8/8 too: the last tasks can have finished while the stage is still listed as active (CI saw it).
+    assert shown and all(total == 8 and 0 <= done <= 8 for done, total in shown)
     assert "slow" in steps.timings
 
 
