@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
 
 import numpy as np
 
@@ -51,17 +50,17 @@ def reference_of(meta: dict) -> tuple[np.ndarray, np.ndarray, float] | None:
 
 
 class ScoreDrift:
-    """The live scores of the last ``window_s`` by bin, per minute, against the model's reference. The
-    gauges are computed when scraped: a batch only adds its counts (a few µs)."""
+    """The live scores of the last ``window_s`` by bin, per minute, against the model's reference. A
+    batch only adds its counts (a few µs); the gauges sum the minutes still in the window when scraped,
+    so a scorer that stops getting traffic shows an emptying window, not the last busy hour's PSI."""
 
     def __init__(self, window_s: float, clock=time.monotonic):
         self.slots_kept = max(1, math.ceil(window_s / SLOT_S))
         self.clock = clock
         self.version: str | None = None
-        self.slots: deque[tuple[int, np.ndarray, int]] = deque()     # (minute, scores per bin, buy decisions)
-        # (reference, scores per bin, buy decisions) of the whole window, replaced whole: scrapes read it
-        # from another thread, and a new model's reference must never meet the last one's counts.
-        self.window: tuple[tuple[np.ndarray, np.ndarray, float] | None, np.ndarray, int] = (None, np.zeros(0), 0)
+        # (reference, ((minute, scores per bin, buy decisions), ...)), replaced whole: scrapes read it from
+        # another thread, and a new model's reference must never meet the last one's counts.
+        self.window: tuple[tuple[np.ndarray, np.ndarray, float] | None, tuple] = (None, ())
         for gauge, read in ((metrics.SCORE_PSI, self.psi), (metrics.SCORES_IN_WINDOW, self.rows),
                             (metrics.BUY_RATE, self.buy_rate), (metrics.EXPECTED_BUY_RATE, self.expected_buy_rate)):
             gauge.set_function(read)
@@ -70,42 +69,49 @@ class ScoreDrift:
         """Count a batch's live scores; the window starts again with each new model."""
         if model.version != self.version:
             self._start(model)
-        reference, total, bought = self.window
+        reference, slots = self.window
         p_buy = p_buy[np.isfinite(p_buy)]
         if reference is None or not len(p_buy):
             return
         counts = np.bincount(np.searchsorted(reference[0], p_buy, side="right"), minlength=len(reference[1]))
         buys = int(np.count_nonzero(p_buy >= model.threshold))
-        total, bought = total + counts, bought + buys
-        minute = int(self.clock() // SLOT_S)
-        if self.slots and self.slots[-1][0] == minute:
-            _, in_slot, bought_in_slot = self.slots.pop()
-            counts, buys = counts + in_slot, buys + bought_in_slot
-        self.slots.append((minute, counts, buys))
-        while self.slots[0][0] <= minute - self.slots_kept:
-            _, old, old_buys = self.slots.popleft()
-            total, bought = total - old, bought - old_buys
-        self.window = (reference, total, bought)
+        minute = self._minute()
+        if slots and slots[-1][0] == minute:
+            _, in_slot, bought_in_slot = slots[-1]
+            slots, counts, buys = slots[:-1], counts + in_slot, buys + bought_in_slot
+        self.window = (reference, self._current(slots, minute) + ((minute, counts, buys),))
 
     def _start(self, model) -> None:
         self.version = model.version
-        self.slots.clear()
         reference = reference_of(model.meta)
-        self.window = (reference, np.zeros(len(reference[1]) if reference else 0, dtype=np.int64), 0)
+        self.window = (reference, ())
         if reference is None:
             log.warning("model %s has no usable score_reference in model.json (trained before it was written?): "
                         "score drift is not measured until a model with one is served", model.version)
 
+    def _minute(self) -> int:
+        return int(self.clock() // SLOT_S)
+
+    def _current(self, slots: tuple, minute: int) -> tuple:
+        return tuple(slot for slot in slots if slot[0] > minute - self.slots_kept)
+
+    def _totals(self) -> tuple[tuple | None, np.ndarray, int]:
+        """(reference, scores per bin, buy decisions) of the minutes still in the window now."""
+        reference, slots = self.window
+        slots = self._current(slots, self._minute())
+        total = sum((slot[1] for slot in slots), np.zeros(len(reference[1]) if reference else 0, dtype=np.int64))
+        return reference, total, sum(slot[2] for slot in slots)
+
     def rows(self) -> int:
-        return int(self.window[1].sum())
+        return int(self._totals()[1].sum())
 
     def psi(self) -> float:
-        reference, total, _ = self.window
+        reference, total, _ = self._totals()
         rows = total.sum()
         return psi(reference[1], total / rows) if reference is not None and rows >= MIN_ROWS else math.nan
 
     def buy_rate(self) -> float:
-        _, total, bought = self.window
+        _, total, bought = self._totals()
         rows = total.sum()
         return bought / rows if rows else math.nan
 

@@ -87,6 +87,17 @@ def test_the_window_forgets_scores_older_than_drift_window_s():
     assert gauge("scorer_score_window_rows") == 5000 and gauge("scorer_score_psi") < 0.02
 
 
+def test_a_scorer_without_traffic_shows_its_window_emptying_not_the_last_busy_hour():
+    rng, clock = np.random.default_rng(4), Clock()
+    drift = ScoreDrift(10 * SLOT_S, clock=clock)
+    drift.observe(model("v1", rng.beta(2, 5, 20_000)), np.full(5000, 0.99))
+    clock.now += 5 * SLOT_S                                # no scores since: half the window is still in it
+    assert gauge("scorer_score_window_rows") == 5000 and gauge("scorer_score_psi") > 1
+    clock.now += 5 * SLOT_S                                # and then none: no PSI and no buy rate, not the old ones
+    assert gauge("scorer_score_window_rows") == 0
+    assert math.isnan(gauge("scorer_score_psi")) and math.isnan(gauge("scorer_buy_rate"))
+
+
 def test_a_new_model_starts_the_window_again_and_one_without_a_reference_is_not_measured(caplog):
     rng = np.random.default_rng(5)
     drift = ScoreDrift(3600, clock=Clock())
