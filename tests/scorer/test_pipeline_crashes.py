@@ -5,6 +5,7 @@ reaches the lake and is scored, and no redelivery is counted twice in a session.
 
 The components reach the emulator through a fault proxy, so that each kill comes at the worst moment:
 with a write to the next stream done but not acknowledged (its batch is sent again after the restart).
+Then the proxy answers every call with 503 for a while, as an AWS outage, and the traffic goes on.
 """
 from __future__ import annotations
 
@@ -173,6 +174,10 @@ def test_every_component_killed_in_turn_mid_traffic_loses_no_event_and_counts_no
                     wait_for(proxy.hanging.is_set, 60, interval=0.05, what=f"{name}'s write {write}")
                 components[name].kill9()
                 components[name].start()
+            proxy.down = True                          # then AWS itself is out for a while (503s), hits still coming
+            target = shop.count() + 60
+            wait_for(lambda: shop.count() >= target or shop.error, 120, what="hits during the outage")
+            proxy.down = False
             shop.stopping.set()
             shop.join(90)
             assert shop.error is None and not shop.is_alive(), shop.error
