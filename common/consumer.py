@@ -324,17 +324,17 @@ class Consumer:
             # Kinesis refuses to read after it, for ever: the lake loader before c911e34 wrote
             # TRIM_HORIZON there for "none yet", a hand may write anything. Reading from the oldest
             # record again repeats some (the outputs are idempotent) and loses none.
-            log.warning("shard %s: checkpoint %r in the lease table is no sequence number; reading the shard "
-                        "from its oldest record", lease.shard_id, start)
+            log.warning("shard %s of %s: checkpoint %r in the lease table is no sequence number; reading the "
+                        "shard from its oldest record", lease.shard_id, self.stream.name, start)
             start = None
         self.owned[lease.shard_id] = _Owned(self.stream.reader(lease.shard_id, start), start, taken, start)
-        log.info("worker %s took shard %s from %r, reading after %s",
-                 self.worker_id, lease.shard_id, lease.owner, start)
+        log.info("worker %s took shard %s of %s from %r, reading after %s",
+                 self.worker_id, lease.shard_id, self.stream.name, lease.owner, start)
 
     def _drop(self, shard_id: str, why: str) -> None:
         if self.owned.pop(shard_id, None) is not None:
             self.lag_ms.pop(shard_id, None)
-            log.info("worker %s lost shard %s: %s", self.worker_id, shard_id, why)
+            log.info("worker %s lost shard %s of %s: %s", self.worker_id, shard_id, self.stream.name, why)
             if self.on_lost:
                 self.on_lost(shard_id)
 

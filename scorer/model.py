@@ -18,6 +18,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from common import registry
 from common.features import FEATURE_COUNT, FEATURE_NAMES, FEATURE_VERSION
+from common.logs import Tally
 from common.onnx_runtime import onnxruntime as ort
 from scorer import metrics, optimize
 
@@ -253,6 +254,8 @@ class Models:
         # CURRENT when neither it nor any earlier CURRENT fits this scorer: nothing is scored, and
         # /ping fails so that a rolling deploy of scorers for other features stops (docs/training.md).
         self.unfit: str | None = None
+        # Through an S3 outage every poll fails: a line per 60 s with the count, not one per poll.
+        self._check_failures = Tally(every_s=60.0)
         self._lock = threading.RLock()     # _follow holds it across its fallback
         self._stop = threading.Event()
 
@@ -319,7 +322,9 @@ class Models:
             return
         except (BotoCoreError, ClientError) as exc:      # S3 away or throttled: one line, not a traceback
             metrics.MODEL_CHECK_FAILURES.inc()
-            log.warning("model %s: checking CURRENT failed, trying again at the next check: %s", self.name, exc)
+            if count := self._check_failures.add():
+                log.warning("model %s: checking CURRENT failed %d times since the last such line, trying again at "
+                            "every check: %s", self.name, count, exc)
             return
         except Exception:
             metrics.MODEL_CHECK_FAILURES.inc()

@@ -240,9 +240,10 @@ def test_a_shadow_version_not_in_the_registry_is_said_once_and_loaded_once_publi
     assert models.shadow.version == "later" and models.champion.version == "v1"
 
 
-def test_an_unreachable_registry_shows_in_the_metrics_not_only_in_the_log(published):
-    # The old model served on with nothing but a traceback per poll to say the registry was away.
-    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+def test_an_unreachable_registry_shows_in_the_metrics_not_only_in_the_log(published, caplog):
+    # The old model served on with nothing but a traceback per poll to say the registry was away; then
+    # with a WARNING per poll. Now one line a minute, with the count.
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy, caplog.at_level(logging.WARNING, logger="scorer.model"):
         s3 = aws.session().client("s3", endpoint_url=proxy.endpoint, config=Config(retries={"max_attempts": 1}))
         models = Models(s3, published.bucket, MODEL)
         models.refresh()
@@ -250,9 +251,11 @@ def test_an_unreachable_registry_shows_in_the_metrics_not_only_in_the_log(publis
         failures = REGISTRY.get_sample_value("scorer_model_check_failures_total")
         assert models.champion.version == "v1" and checked == pytest.approx(time.time(), abs=5)
         proxy.down = True
-        models.refresh()
-        models.refresh()
-    assert REGISTRY.get_sample_value("scorer_model_check_failures_total") == failures + 2
+        for _ in range(3):
+            models.refresh()
+    assert REGISTRY.get_sample_value("scorer_model_check_failures_total") == failures + 3
+    assert [r.getMessage().partition(": An error")[0] for r in caplog.records] == [
+        f"model {MODEL}: checking CURRENT failed 1 times since the last such line, trying again at every check"]
     assert REGISTRY.get_sample_value("scorer_model_checked_timestamp_seconds") == checked
 
 
