@@ -47,6 +47,8 @@ T = TypeVar("T")
 # (SIGKILL, OOM, a replaced task): balance() deletes it, or every worker would read it for ever.
 DEAD_WORKER_LEASES = 10
 READ_BACKOFF_CAP_S = 5.0     # the longest a failing shard waits before it is read again
+# A shard read again after failing this long gets an INFO line: an outage's end, not a throttle's.
+RECOVERY_LINE_AFTER_S = 10.0
 STALL_GRACE_S = 5.0          # a shard unread this long past its interval counts as behind (max_lag_ms)
 # At most this many rows of aged-out shards are deleted per balance: a group that resharded for months
 # before this cleanup existed empties its backlog over minutes rather than in one balance that
@@ -366,6 +368,9 @@ class Consumer:
                 self._read_failed(shard_id, owned, exc, now)
                 failures.append(exc)
                 continue
+            if owned.failing_since is not None and now - owned.failing_since >= RECOVERY_LINE_AFTER_S:
+                log.info("reading shard %s of %s again, after %d failed reads over %.0f s", shard_id,
+                         self.stream.name, owned.read_failures, now - owned.failing_since)
             owned.failing_since, owned.read_failures, owned.retry_at = None, 0, 0.0
             if result.records:
                 owned.position = result.records[-1].sequence_number
@@ -397,6 +402,9 @@ class Consumer:
             return
         try:
             self.balance()
+            if self._balance_failing_since is not None:
+                log.info("listing the shards of stream %s and the leases works again, after %d failures over %.0f s",
+                         self.stream.name, self._balance_failures, time.monotonic() - self._balance_failing_since)
             self._balance_failures, self._balance_failing_since = 0, None
         except (BotoCoreError, ClientError) as exc:
             # The stream or the lease table is throttled, away or not created yet: keep reading what

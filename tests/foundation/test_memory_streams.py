@@ -195,8 +195,9 @@ def test_a_throttled_shard_is_read_again_after_a_growing_backoff_with_its_iterat
     assert len(seen) == len([r for r in stream.all_records() if r.shard_id == SHARD1])   # the other shard read on
 
 
-def test_the_lag_of_a_shard_whose_reads_fail_grows_with_the_time_they_have_failed(monkeypatch):
+def test_the_lag_of_a_shard_whose_reads_fail_grows_with_the_time_they_have_failed(monkeypatch, caplog):
     # It kept its last value (0 when caught up), so a lag alert never fired during a stream outage.
+    # And the outage's end is said: an INFO line, where there were only the WARNINGs of its start.
     clock = [100.0]
     monkeypatch.setattr(consumer_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     failures = [0]
@@ -212,8 +213,10 @@ def test_the_lag_of_a_shard_whose_reads_fail_grows_with_the_time_they_have_faile
     assert consumer.max_lag_ms == caught_up + 20_000       # failing since the first failed read
     failures[0] = 0
     clock[0] += 10                                         # past the failing shard's backoff
-    consumer.poll()
+    with caplog.at_level(logging.INFO, logger="common.consumer"):
+        consumer.poll()
     assert consumer.max_lag_ms < 1_000
+    assert f"reading shard {SHARD0} of {stream.name} again, after 3 failed reads over 30 s" in caplog.messages
 
 
 def test_the_lag_of_a_shard_its_worker_has_not_read_for_a_while_grows_with_that_time(monkeypatch):
@@ -437,6 +440,13 @@ def test_a_failed_list_shards_or_heartbeat_does_not_skip_the_renewals(failing, c
     stream.failing = leases.failing = False
     b.poll()
     assert set(a.owned) == {SHARD0} and not b.owned
+    if failing == "heartbeat":
+        return
+    time.sleep(0.11)                               # a's next balance is due, and works again: it says so
+    with caplog.at_level(logging.INFO, logger="common.consumer"):
+        a.poll()
+    assert any(m.startswith(f"listing the shards of stream {stream.name} and the leases works again, after ")
+               for m in caplog.messages)
 
 
 # ---------------------------------------------------------------- clocks, closing, dead workers' rows

@@ -5,7 +5,8 @@ reaches the lake and is scored, and no redelivery is counted twice in a session.
 
 The components reach the emulator through a fault proxy, so that each kill comes at the worst moment:
 with a write to the next stream done but not acknowledged (its batch is sent again after the restart).
-Then the proxy answers every call with 503 for a while, as an AWS outage, and the traffic goes on.
+Then the proxy answers every call with 503 for longer than a lease, as an AWS outage, and the traffic
+goes on.
 """
 from __future__ import annotations
 
@@ -174,9 +175,10 @@ def test_every_component_killed_in_turn_mid_traffic_loses_no_event_and_counts_no
                     wait_for(proxy.hanging.is_set, 60, interval=0.05, what=f"{name}'s write {write}")
                 components[name].kill9()
                 components[name].start()
-            proxy.down = True                          # then AWS itself is out for a while (503s), hits still coming
-            target = shop.count() + 60
-            wait_for(lambda: shop.count() >= target or shop.error, 120, what="hits during the outage")
+            # Then AWS itself is out (503s) for longer than a lease (3 s), the hits still coming.
+            proxy.down, target, back_at = True, shop.count() + 60, time.monotonic() + 7
+            wait_for(lambda: (shop.count() >= target and time.monotonic() > back_at) or shop.error, 120,
+                     what="hits during the outage")
             proxy.down = False
             shop.stopping.set()
             shop.join(90)
