@@ -6,7 +6,9 @@ import dataclasses
 import hashlib
 import io
 import json
+import subprocess
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,6 +23,18 @@ from scorer.drift import reference_of
 from tests.train.conftest import fast_settings
 
 pytestmark = pytest.mark.spark
+NODE_SCORER = Path(__file__).with_name("score_onnx.mjs")
+
+
+def node_p_buy(onnx_bytes: bytes, meta: dict, matrix: np.ndarray, folder: Path) -> np.ndarray:
+    """P(buy) of each row as onnxruntime for Node gives it, from the bundle's files alone."""
+    (folder / "model.onnx").write_bytes(onnx_bytes)
+    (folder / "model.json").write_text(json.dumps(meta))
+    (folder / "rows.json").write_text(json.dumps({"rows": matrix.astype(np.float32).tolist()}))
+    done = subprocess.run(["node", NODE_SCORER, *(folder / name for name in ("model.onnx", "model.json", "rows.json"))],
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return np.asarray(json.loads(done.stdout)["p_buy"])
 
 
 def shoppers_like(rows: int = 800, seed: int = 1) -> pd.DataFrame:
@@ -47,7 +61,7 @@ def table():
 
 
 @pytest.mark.parametrize("algorithm", ["gbt", "rf", "lr"])
-def test_export_matches_spark_on_categorical_table(spark, table, algorithm):
+def test_export_matches_spark_on_categorical_table_and_scores_alike_in_node(spark, table, algorithm, tmp_path):
     assert {"Month_Nov", "VisitorType_New_Visitor", "Weekend_True", "Browser_2"} <= set(table.feature_names)
     result = train_from_table(spark, table, fast_settings(algorithm=algorithm, max_depth=4, max_iter=6))
     rows = result.eval_rows
@@ -67,6 +81,9 @@ def test_export_matches_spark_on_categorical_table(spark, table, algorithm):
     assert result.meta["onnx"] == {"input": "features", "probability_output": "probability", "positive_index": 1,
                                    "opset": 15, "sha256": hashlib.sha256(result.onnx_bytes).hexdigest()}
     assert [f["name"] for f in result.meta["features"]] == table.feature_names
+    # The bundle is portable: onnxruntime for Node, given model.onnx and model.json alone, scores as we do.
+    matrix = rows[table.feature_names].to_numpy()
+    assert np.abs(node_p_buy(result.onnx_bytes, result.meta, matrix, tmp_path) - rows["p_onnx"]).max() <= 1e-6
 
 
 @pytest.mark.parametrize("algorithm", ["gbt", "rf", "lr"])
