@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml requirements.lock package.json package-lock.json
 	$(PY) -m pip install --quiet pip==26.3  # the pip the lock was resolved and tested with
 	$(PY) -m pip install --quiet -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps -e .
-	npm ci --no-audit --no-fund --silent  # exactly package-lock.json, or an error if it disagrees with package.json
+# exactly package-lock.json, or an error if it disagrees with package.json; onnxruntime-node bundles its CPU
+# binaries, and its install script would fetch CUDA ones from NuGet, neither needed nor reachable from CI
+	ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --silent
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install every pinned dependency (Python and npm)
