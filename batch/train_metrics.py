@@ -81,6 +81,28 @@ def score_reference(p, threshold: float, bins: int = 10) -> dict:
             "buy_rate": float(np.mean(p >= threshold)), "rows": len(p)}
 
 
+def feature_reference(matrix, names: list[str], bins: int = 10) -> dict:
+    """The inputs the model was chosen on, for the scorer to tell which one moved when its scores
+    drift (``scorer_feature_psi``): per feature, the evaluation rows' values cut at their deciles
+    and the share of rows in each bin, as ``score_reference``. A feature with few distinct values
+    (a flag, a small count, a class code) gets a bin per value instead, and one below and one above
+    them all for values training never saw: deciles of a flag that is mostly 0 are all 0, one bin
+    holding every row, and no change could show."""
+    matrix = np.asarray(matrix, dtype=np.float32)
+    reference = {}
+    for column, name in enumerate(names):
+        values = matrix[:, column]
+        values = values[np.isfinite(values)]
+        distinct = np.unique(values)
+        if len(distinct) <= bins:
+            edges = np.append(distinct, np.nextafter(distinct[-1:], np.float32(np.inf)))
+        else:
+            edges = np.unique(np.quantile(values, np.arange(1, bins) / bins).astype(np.float32))
+        counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+        reference[name] = {"edges": edges.astype(np.float64).tolist(), "shares": (counts / max(len(values), 1)).tolist()}
+    return {"features": reference, "rows": len(matrix)}
+
+
 def threshold_text(meta: dict) -> str:
     """The threshold and how it was chosen, saying so when the target precision was out of reach."""
     selection = meta["threshold_selection"]

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from batch import export
 from batch.train_config import TrainSettings
 from batch.train_lake import TrainError
-from batch.train_metrics import choose_threshold, evaluate, score_reference
+from batch.train_metrics import choose_threshold, evaluate, feature_reference, score_reference
 from common.registry import onnx_digest
 
 log = logging.getLogger(__name__)
@@ -260,6 +260,7 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
                  "opset": export.TARGET_OPSET, "sha256": onnx_digest(onnx_bytes)},
         "threshold": threshold["threshold"], "threshold_selection": threshold, "metrics": metrics,
         "score_reference": score_reference(scored["p_onnx"], threshold["threshold"]),
+        "feature_reference": feature_reference(scored[list(feature_names)].to_numpy(), list(feature_names)),
         "feature_importances": importances(model, feature_names),
         "rows": {"train": train_rows, "eval": len(scored)},
         "spark_version": spark.version, "code_version": code_version(), "parity": parity.as_meta(),

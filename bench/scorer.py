@@ -54,11 +54,15 @@ def _train(quick: bool):
 
 
 def _meta(version: str) -> dict:
-    from batch.train_metrics import score_reference
+    from batch.train_metrics import feature_reference, score_reference
+    from common.features import FEATURE_COUNT, FEATURE_NAMES
     from tests.scorer.helpers import model_meta
-    # With a score reference, as make train writes it: the worker then counts its drift, as deployed.
-    reference = score_reference(np.random.default_rng(0).beta(2, 5, 10_000), threshold=0.5)
-    return model_meta(MODEL, version, algorithm="gbt", score_reference=reference)
+    # With the score and feature references, as make train writes them: the worker then counts its
+    # drift and samples its inputs, as deployed.
+    rng = np.random.default_rng(0)
+    return model_meta(MODEL, version, algorithm="gbt",
+                      score_reference=score_reference(rng.beta(2, 5, 10_000), threshold=0.5),
+                      feature_reference=feature_reference(rng.gamma(2, 3, (10_000, FEATURE_COUNT)), list(FEATURE_NAMES)))
 
 
 # ----------------------------------------------------------------------------- 1. in process

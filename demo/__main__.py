@@ -151,15 +151,23 @@ def scorer_events_read(url: str = SCORER_METRICS) -> int | None:
 
 
 def drift_line(url: str = SCORER_METRICS) -> str:
-    """The scorer's live scores against those the model was chosen on (scorer/drift.py), one line."""
-    gauges = {sample.name: sample.value for sample in scorer_samples(url) or [] if not sample.labels}
+    """The scorer's live scores against those the model was chosen on (scorer/drift.py), one line, and
+    a second naming the input that moved most, once enough rows are sampled to say."""
+    samples = scorer_samples(url) or []
+    gauges = {sample.name: sample.value for sample in samples if not sample.labels}
     rows = int(gauges.get("scorer_score_window_rows", 0))
     if not rows:
         return "  score drift    not measured: no live scores against the model's score_reference yet"
     psi = gauges["scorer_score_psi"]
     measured = "under 1,000 scores, too few to say" if math.isnan(psi) else f"PSI {psi:.3f} (ScoreDrift alerts above 0.25)"
-    return (f"  score drift    {measured} over {rows:,} live scores; decided buy {gauges['scorer_buy_rate']:.1%}, "
+    line = (f"  score drift    {measured} over {rows:,} live scores; decided buy {gauges['scorer_buy_rate']:.1%}, "
             f"in training {gauges['scorer_expected_buy_rate']:.1%}")
+    inputs = {sample.labels["feature"]: sample.value for sample in samples
+              if sample.name == "scorer_feature_psi" and not math.isnan(sample.value)}
+    if inputs:
+        feature = max(inputs, key=inputs.get)
+        line += f"\n  input drift    moved most: {feature}, PSI {inputs[feature]:.3f} (scorer_feature_psi)"
+    return line
 
 
 def wait_for_scorer(expected: int, url: str = SCORER_METRICS, timeout: float = 300) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from scorer import metrics
 log = logging.getLogger(__name__)
 MIN_ROWS = 1000      # a PSI over fewer scores is mostly noise: 1,000 rows in 10 bins still move it ~0.01
 SLOT_S = 60          # the window moves by a minute at a time
+SAMPLE_PER_SLOT = 200  # live feature rows kept a minute for scorer_feature_psi: 12,000 an hour, ~2 MB
 FLOOR = 1e-4         # a share of 0 on either side would make the PSI infinite
 
 
@@ -30,64 +32,110 @@ def psi(expected: np.ndarray, actual: np.ndarray) -> float:
     return float(np.sum((actual - expected) * np.log(actual / expected)))
 
 
+def _bins(entry) -> tuple[np.ndarray, np.ndarray] | None:
+    """(edges, shares) of one binned reference; None when it does not hold together."""
+    try:
+        edges = np.asarray(entry["edges"], dtype=np.float64)
+        shares = np.asarray(entry["shares"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if (edges.ndim != 1 or shares.shape != (len(edges) + 1,) or np.any(np.diff(edges) <= 0)
+            or not np.all(np.isfinite(edges)) or np.any(shares < 0) or not math.isclose(shares.sum(), 1, abs_tol=1e-6)):
+        return None
+    return edges, shares
+
+
 def reference_of(meta: dict) -> tuple[np.ndarray, np.ndarray, float] | None:
     """(edges, shares, buy rate) of a model.json's ``score_reference``; None when it has none (trained
     before it was written) or it does not hold together (a monitoring field never refuses a model)."""
     reference = meta.get("score_reference")
-    if reference is None:
-        return None
+    bins = _bins(reference) if isinstance(reference, dict) else None
     try:
-        edges = np.asarray(reference["edges"], dtype=np.float64)
-        shares = np.asarray(reference["shares"], dtype=np.float64)
-        buy_rate = float(reference["buy_rate"])
+        buy_rate = float(reference["buy_rate"]) if bins else math.nan
     except (KeyError, TypeError, ValueError):
         return None
-    if (edges.ndim != 1 or shares.shape != (len(edges) + 1,) or np.any(np.diff(edges) <= 0)
-            or not np.all(np.isfinite(edges)) or np.any(shares < 0) or not math.isclose(shares.sum(), 1, abs_tol=1e-6)
-            or not 0 <= buy_rate <= 1):
+    return (*bins, buy_rate) if bins and 0 <= buy_rate <= 1 else None
+
+
+@dataclass(frozen=True)
+class FeatureReference:
+    names: list[str]
+    edges: np.ndarray            # [features, most edges] float32, padded with +inf (a bin no value reaches)
+    shares: list[np.ndarray]     # per feature, the share of the evaluation rows in each of its bins
+
+
+def feature_reference_of(meta: dict) -> FeatureReference | None:
+    """A model.json's ``feature_reference``, for the model's features in their order; None when it has
+    none or it does not hold together."""
+    reference = meta.get("feature_reference")
+    names = [feature.get("name") for feature in meta.get("features", []) if isinstance(feature, dict)]
+    entries = reference.get("features") if isinstance(reference, dict) else None
+    if not isinstance(entries, dict) or list(entries) != names or not names:
         return None
-    return edges, shares, buy_rate
+    binned = [_bins(entries[name]) for name in names]
+    if any(bins is None for bins in binned):
+        return None
+    edges = np.full((len(names), max(len(bins[0]) for bins in binned)), np.inf, dtype=np.float32)
+    for row, (feature_edges, _) in enumerate(binned):
+        edges[row, :len(feature_edges)] = feature_edges
+    return FeatureReference(names, edges, [shares for _, shares in binned])
 
 
 class ScoreDrift:
-    """The live scores of the last ``window_s`` by bin, per minute, against the model's reference. A
-    batch only adds its counts (a few µs); the gauges sum the minutes still in the window when scraped,
-    so a scorer that stops getting traffic shows an emptying window, not the last busy hour's PSI."""
+    """The live scores of the last ``window_s`` by bin, per minute, against the model's reference, and a
+    sample of the live feature rows (``SAMPLE_PER_SLOT`` a minute) against its feature reference. A
+    batch only adds its counts and copies a few rows (a few µs); the gauges are computed from the
+    minutes still in the window when scraped, so a scorer that stops getting traffic shows an emptying
+    window, not the last busy hour's PSI."""
 
     def __init__(self, window_s: float, clock=time.monotonic):
         self.slots_kept = max(1, math.ceil(window_s / SLOT_S))
         self.clock = clock
         self.version: str | None = None
-        # (reference, ((minute, scores per bin, buy decisions), ...)), replaced whole: scrapes read it from
-        # another thread, and a new model's reference must never meet the last one's counts.
-        self.window: tuple[tuple[np.ndarray, np.ndarray, float] | None, tuple] = (None, ())
+        # (score reference, feature reference, ((minute, scores per bin, buy decisions, feature rows,
+        # rows sampled), ...)), replaced whole: scrapes read it from another thread, and a new model's
+        # reference must never meet the last one's counts.
+        self.window: tuple = (None, None, ())
         for gauge, read in ((metrics.SCORE_PSI, self.psi), (metrics.SCORES_IN_WINDOW, self.rows),
                             (metrics.BUY_RATE, self.buy_rate), (metrics.EXPECTED_BUY_RATE, self.expected_buy_rate)):
             gauge.set_function(read)
+        metrics.FEATURE_PSI.read = self.feature_psi
 
-    def observe(self, model, p_buy: np.ndarray) -> None:
-        """Count a batch's live scores; the window starts again with each new model."""
+    def observe(self, model, p_buy: np.ndarray, inputs: np.ndarray, live: np.ndarray | None = None) -> None:
+        """Count a batch's scores, or those ``live`` marks (``inputs``: their feature rows); the window
+        starts again with each new model. Rows are picked by index, and only the sampled ones copied."""
         if model.version != self.version:
             self._start(model)
-        reference, slots = self.window
-        p_buy = p_buy[np.isfinite(p_buy)]
-        if reference is None or not len(p_buy):
+        reference, features, slots = self.window
+        counted = np.isfinite(p_buy) if live is None else live & np.isfinite(p_buy)
+        picked = None if counted.all() else np.flatnonzero(counted)
+        if picked is not None:
+            p_buy = p_buy[picked]
+        if (reference is None and features is None) or not len(p_buy):
             return
-        counts = np.bincount(np.searchsorted(reference[0], p_buy, side="right"), minlength=len(reference[1]))
+        counts = np.bincount(np.searchsorted(reference[0], p_buy, side="right"), minlength=len(reference[1])) \
+            if reference else np.zeros(0, dtype=np.int64)
         buys = int(np.count_nonzero(p_buy >= model.threshold))
+        samples, sampled = (), 0
         minute = self._minute()
         if slots and slots[-1][0] == minute:
-            _, in_slot, bought_in_slot = slots[-1]
+            _, in_slot, bought_in_slot, samples, sampled = slots[-1]
             slots, counts, buys = slots[:-1], counts + in_slot, buys + bought_in_slot
-        self.window = (reference, self._current(slots, minute) + ((minute, counts, buys),))
+        if features is not None and (take := min(SAMPLE_PER_SLOT - sampled, len(p_buy))) > 0:
+            rows = inputs[:take].copy() if picked is None else inputs[picked[:take]]
+            samples, sampled = (*samples, rows), sampled + take
+        self.window = (reference, features, self._current(slots, minute) + ((minute, counts, buys, samples, sampled),))
 
     def _start(self, model) -> None:
         self.version = model.version
-        reference = reference_of(model.meta)
-        self.window = (reference, ())
-        if reference is None:
-            log.warning("model %s has no usable score_reference in model.json (trained before it was written?): "
-                        "score drift is not measured until a model with one is served", model.version)
+        reference, features = reference_of(model.meta), feature_reference_of(model.meta)
+        self.window = (reference, features, ())
+        missing = {name: gauge for name, gauge, found in (("score_reference", "scorer_score_psi", reference),
+                                                          ("feature_reference", "scorer_feature_psi", features))
+                   if found is None}
+        if missing:
+            log.warning("model %s has no usable %s in model.json (trained before it was written?): %s not measured "
+                        "until a model with it is served", model.version, " or ".join(missing), ", ".join(missing.values()))
 
     def _minute(self) -> int:
         return int(self.clock() // SLOT_S)
@@ -97,7 +145,7 @@ class ScoreDrift:
 
     def _totals(self) -> tuple[tuple | None, np.ndarray, int]:
         """(reference, scores per bin, buy decisions) of the minutes still in the window now."""
-        reference, slots = self.window
+        reference, _, slots = self.window
         slots = self._current(slots, self._minute())
         total = sum((slot[1] for slot in slots), np.zeros(len(reference[1]) if reference else 0, dtype=np.int64))
         return reference, total, sum(slot[2] for slot in slots)
@@ -118,3 +166,20 @@ class ScoreDrift:
     def expected_buy_rate(self) -> float:
         reference = self.window[0]
         return reference[2] if reference is not None else math.nan
+
+    def feature_psi(self) -> dict[str, float]:
+        """Each feature's PSI over the window's sampled rows (NaN under ``MIN_ROWS``): which input moved."""
+        _, features, slots = self.window
+        if features is None:
+            return {}
+        sampled = [rows for slot in self._current(slots, self._minute()) for rows in slot[3]]
+        count = sum(len(rows) for rows in sampled)
+        if count < MIN_ROWS:
+            return dict.fromkeys(features.names, math.nan)
+        matrix = np.concatenate(sampled)
+        bins = (matrix[:, :, None] >= features.edges[None]).sum(axis=2)        # searchsorted, side="right"
+        width = features.edges.shape[1] + 1
+        counts = np.bincount((bins + np.arange(len(features.names)) * width).ravel(),
+                             minlength=len(features.names) * width).reshape(len(features.names), width)
+        return {name: psi(shares, counts[column, :len(shares)] / count)
+                for column, (name, shares) in enumerate(zip(features.names, features.shares))}

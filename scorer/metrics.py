@@ -1,7 +1,8 @@
 """Prometheus metrics of the worker and the API (served at /metrics)."""
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from common.features import parse_ms
 
@@ -56,6 +57,30 @@ EXPECTED_BUY_RATE = Gauge("scorer_expected_buy_rate", "Share of the evaluation r
                           "(model.json score_reference.buy_rate)")
 for _gauge in (SCORE_PSI, BUY_RATE, EXPECTED_BUY_RATE):
     _gauge.set(float("nan"))
+
+
+class _FeaturePsi:
+    """scorer_feature_psi{feature}: all features computed at once when scraped, by ``read`` (set by
+    scorer/drift.py), rather than a labelled gauge's function per feature each summing the window."""
+
+    def __init__(self):
+        self.read = dict
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        family = GaugeMetricFamily("scorer_feature_psi", "Population stability index of each input of the live "
+                                   "scores (a sample of up to 200 rows a minute over drift_window_s) against "
+                                   "model.json's feature_reference: which input moved when scorer_score_psi "
+                                   "rises; NaN under 1,000 sampled rows", labels=["feature"])
+        for feature, value in self.read().items():
+            family.add_metric([feature], value)
+        yield family
+
+
+FEATURE_PSI = _FeaturePsi()
+REGISTRY.register(FEATURE_PSI)
 
 
 def model_loaded(model, role: str, previous) -> None:

@@ -362,7 +362,7 @@ class Worker:
         metrics.SCORING_SECONDS.observe(time.perf_counter() - scoring)
         latency_us = int((time.perf_counter() - started) * 1e6)
         self._shadow(inputs, p_buy, model)
-        self.drift.observe(model, p_buy[np.fromiter((not row.quiet for row in rows), bool, len(rows))])
+        self.drift.observe(model, p_buy, inputs, live=np.fromiter((not row.quiet for row in rows), bool, len(rows)))
         scored_at = iso_now()
         observe_ages(rows, parse_ms(scored_at))
         for row, p in zip(rows, p_buy.tolist()):

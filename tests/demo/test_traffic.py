@@ -375,24 +375,34 @@ def test_the_demo_says_how_far_the_live_scores_are_from_the_models_reference():
     import numpy as np
     from prometheus_client import start_http_server
 
-    from batch.train_metrics import score_reference
+    from batch.train_metrics import feature_reference, score_reference
     from demo.__main__ import drift_line
-    from scorer.drift import ScoreDrift
+    from scorer.drift import SAMPLE_PER_SLOT, SLOT_S, ScoreDrift
 
     server, _ = start_http_server(0, addr="127.0.0.1")
     try:
         url = f"http://127.0.0.1:{server.server_port}/metrics"
-        rng = np.random.default_rng(11)
-        drift = ScoreDrift(3600)
-        model = SimpleNamespace(version="demo", threshold=0.5,
-                                meta={"score_reference": score_reference(rng.beta(2, 5, 10_000), 0.5)})
-        drift.observe(model, np.array([]))
+        rng, clock = np.random.default_rng(11), [0.0]
+        drift = ScoreDrift(3600, clock=lambda: clock[0])
+
+        def rows(n: int, views: float = 3.0) -> np.ndarray:
+            return np.c_[rng.gamma(2, views, n), rng.random(n) < 0.3].astype(np.float32)
+
+        model = SimpleNamespace(version="demo", threshold=0.5, meta={
+            "features": [{"name": "product_views"}, {"name": "is_mobile"}],
+            "score_reference": score_reference(rng.beta(2, 5, 10_000), 0.5),
+            "feature_reference": feature_reference(rows(10_000), ["product_views", "is_mobile"])})
+        drift.observe(model, np.array([]), rows(0))
         assert drift_line(url) == "  score drift    not measured: no live scores against the model's score_reference yet"
-        drift.observe(model, np.full(10, 0.9))
-        assert drift_line(url).startswith("  score drift    under 1,000 scores, too few to say over 10 live scores; "
-                                          "decided buy 100.0%, in training ")
-        drift.observe(model, rng.beta(2, 5, 5000))
-        assert "  score drift    PSI 0.0" in drift_line(url) and "over 5,010 live scores" in drift_line(url)
+        drift.observe(model, np.full(10, 0.9), rows(10))
+        assert drift_line(url) == ("  score drift    under 1,000 scores, too few to say over 10 live scores; "
+                                   f"decided buy 100.0%, in training {model.meta['score_reference']['buy_rate']:.1%}")
+        for _ in range(5):                                 # five minutes in which visitors view twice as many products
+            drift.observe(model, rng.beta(2, 5, SAMPLE_PER_SLOT), rows(SAMPLE_PER_SLOT, views=6.0))
+            clock[0] += SLOT_S
+        first, second = drift_line(url).split("\n")
+        assert "  score drift    PSI 0.0" in first and "over 1,010 live scores" in first
+        assert second.startswith("  input drift    moved most: product_views, PSI ")
     finally:
         server.shutdown()
         server.server_close()

@@ -9,17 +9,39 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from batch.train_metrics import score_reference
-from scorer.drift import MIN_ROWS, SLOT_S, ScoreDrift, psi, reference_of
+from batch.train_metrics import feature_reference, score_reference
+from scorer.drift import MIN_ROWS, SAMPLE_PER_SLOT, SLOT_S, ScoreDrift, feature_reference_of, psi, reference_of
 
 
 def gauge(name: str) -> float:
     return REGISTRY.get_sample_value(name)
 
 
-def model(version: str, training_scores: np.ndarray | None, threshold: float = 0.5) -> SimpleNamespace:
-    meta = {} if training_scores is None else {"score_reference": score_reference(training_scores, threshold)}
+NAMES = ["product_views", "cart_adds", "is_mobile"]
+
+
+def model(version: str, training_scores: np.ndarray | None, threshold: float = 0.5,
+          training_rows: np.ndarray | None = None) -> SimpleNamespace:
+    meta = {"features": [{"name": name, "type": "float"} for name in NAMES]}
+    if training_scores is not None:
+        meta["score_reference"] = score_reference(training_scores, threshold)
+    if training_rows is not None:
+        meta["feature_reference"] = feature_reference(training_rows, NAMES)
     return SimpleNamespace(version=version, threshold=threshold, meta=meta)
+
+
+def sessions(rng, n: int, mobile_share: float = 0.3) -> np.ndarray:
+    """Feature rows: product views (a gamma), cart adds (a small count), a device flag."""
+    return np.c_[rng.gamma(2, 3, n), rng.poisson(0.4, n), rng.random(n) < mobile_share].astype(np.float32)
+
+
+def observe(drift: ScoreDrift, champion, p_buy: np.ndarray, rows: np.ndarray | None = None) -> None:
+    drift.observe(champion, p_buy, np.zeros((len(p_buy), len(NAMES)), np.float32) if rows is None else rows)
+
+
+def feature_gauges() -> dict[str, float]:
+    return {sample.labels["feature"]: sample.value for family in REGISTRY.collect()
+            if family.name == "scorer_feature_psi" for sample in family.samples}
 
 
 class Clock:
@@ -62,16 +84,16 @@ def test_live_scores_like_the_training_ones_show_no_drift_and_shifted_ones_do():
     rng = np.random.default_rng(7)
     drift = ScoreDrift(3600, clock=Clock())
     champion = model("v1", rng.beta(2, 5, 20_000))
-    drift.observe(champion, rng.beta(2, 5, MIN_ROWS - 1))
+    observe(drift, champion, rng.beta(2, 5, MIN_ROWS - 1))
     assert math.isnan(gauge("scorer_score_psi"))                       # too few scores to say
     assert gauge("scorer_score_window_rows") == MIN_ROWS - 1
-    drift.observe(champion, rng.beta(2, 5, 4000))
+    observe(drift, champion, rng.beta(2, 5, 4000))
     assert gauge("scorer_score_psi") < 0.02
     same = gauge("scorer_buy_rate")
     assert same == pytest.approx(gauge("scorer_expected_buy_rate"), abs=0.02)
 
     drift = ScoreDrift(3600, clock=Clock())                 # the traffic changed: scores twice as high
-    drift.observe(champion, np.clip(2 * rng.beta(2, 5, 5000), 0, 1))
+    observe(drift, champion, np.clip(2 * rng.beta(2, 5, 5000), 0, 1))
     assert gauge("scorer_score_psi") > 0.25
     assert gauge("scorer_buy_rate") > 2 * same
 
@@ -80,17 +102,17 @@ def test_the_window_forgets_scores_older_than_drift_window_s():
     rng, clock = np.random.default_rng(3), Clock()
     drift = ScoreDrift(10 * SLOT_S, clock=clock)
     champion = model("v1", rng.beta(2, 5, 20_000))
-    drift.observe(champion, np.full(5000, 0.99))           # an hour of odd traffic
+    observe(drift, champion, np.full(5000, 0.99))           # an hour of odd traffic
     assert gauge("scorer_score_psi") > 1
     clock.now += 10 * SLOT_S
-    drift.observe(champion, rng.beta(2, 5, 5000))          # ten minutes on, only the usual traffic counts
+    observe(drift, champion, rng.beta(2, 5, 5000))          # ten minutes on, only the usual traffic counts
     assert gauge("scorer_score_window_rows") == 5000 and gauge("scorer_score_psi") < 0.02
 
 
 def test_a_scorer_without_traffic_shows_its_window_emptying_not_the_last_busy_hour():
     rng, clock = np.random.default_rng(4), Clock()
     drift = ScoreDrift(10 * SLOT_S, clock=clock)
-    drift.observe(model("v1", rng.beta(2, 5, 20_000)), np.full(5000, 0.99))
+    observe(drift, model("v1", rng.beta(2, 5, 20_000)), np.full(5000, 0.99))
     clock.now += 5 * SLOT_S                                # no scores since: half the window is still in it
     assert gauge("scorer_score_window_rows") == 5000 and gauge("scorer_score_psi") > 1
     clock.now += 5 * SLOT_S                                # and then none: no PSI and no buy rate, not the old ones
@@ -101,15 +123,16 @@ def test_a_scorer_without_traffic_shows_its_window_emptying_not_the_last_busy_ho
 def test_a_new_model_starts_the_window_again_and_one_without_a_reference_is_not_measured(caplog):
     rng = np.random.default_rng(5)
     drift = ScoreDrift(3600, clock=Clock())
-    drift.observe(model("v1", rng.beta(2, 5, 20_000)), rng.beta(2, 5, 3000))
+    observe(drift, model("v1", rng.beta(2, 5, 20_000)), rng.beta(2, 5, 3000))
     assert gauge("scorer_score_window_rows") == 3000
     with caplog.at_level(logging.WARNING, logger="scorer.drift"):
-        drift.observe(model("v0", None), rng.beta(2, 5, 3000))
-        drift.observe(model("v0", None), rng.beta(2, 5, 3000))
+        observe(drift, model("v0", None), rng.beta(2, 5, 3000))
+        observe(drift, model("v0", None), rng.beta(2, 5, 3000))
     assert gauge("scorer_score_window_rows") == 0
     assert math.isnan(gauge("scorer_score_psi")) and math.isnan(gauge("scorer_expected_buy_rate"))
-    assert len(caplog.records) == 1 and "model v0 has no usable score_reference" in caplog.text
-    drift.observe(model("v2", rng.beta(2, 5, 20_000)), np.array([np.nan, 0.5]))   # a NaN score is not counted
+    said = [r.getMessage() for r in caplog.records if "model v0" in r.getMessage()]
+    assert len(said) == 1 and "model v0 has no usable score_reference or feature_reference" in said[0]
+    observe(drift, model("v2", rng.beta(2, 5, 20_000)), np.array([np.nan, 0.5]))   # a NaN score is not counted
     assert gauge("scorer_score_window_rows") == 1
 
 
@@ -123,3 +146,73 @@ def test_a_new_model_starts_the_window_again_and_one_without_a_reference_is_not_
 ])
 def test_a_reference_that_does_not_hold_together_is_not_used(reference):
     assert reference_of({"score_reference": reference}) is None
+
+
+def test_the_feature_reference_bins_each_input_and_keeps_room_for_values_training_never_saw():
+    rows = sessions(np.random.default_rng(11), 10_000)
+    reference = feature_reference(rows, NAMES)["features"]
+    views = reference["product_views"]                     # continuous: its deciles
+    assert len(views["edges"]) == 9 and views["shares"] == pytest.approx([0.1] * 10, abs=1e-3)
+    flag = reference["is_mobile"]                          # a flag: a bin per value, and below and above them
+    assert flag["edges"][:2] == [0.0, 1.0] and flag["edges"][2] > 1.0
+    assert flag["shares"] == pytest.approx([0, 0.7, 0.3, 0], abs=0.02)
+    carts = reference["cart_adds"]                         # a small count: a bin per value seen
+    assert carts["edges"][:-1] == sorted(set(rows[:, 1].tolist())) and carts["shares"][0] == 0
+    built = feature_reference_of({"features": [{"name": n} for n in NAMES], "feature_reference": {"features": reference}})
+    assert built.names == NAMES and built.edges.shape == (3, 9) and np.isinf(built.edges[1:, -1]).all()
+
+
+def test_the_input_that_moved_is_the_one_whose_psi_rises():
+    rng, clock = np.random.default_rng(12), Clock()
+    champion = model("v1", rng.beta(2, 5, 20_000), training_rows=sessions(rng, 20_000))
+    drift = ScoreDrift(3600, clock=clock)
+    for _ in range(10):                                    # ten minutes of the usual traffic
+        observe(drift, champion, rng.beta(2, 5, 300), sessions(rng, 300))
+        clock.now += SLOT_S
+    usual = feature_gauges()
+    assert set(usual) == set(NAMES) and max(usual.values()) < 0.05
+
+    drift = ScoreDrift(3600, clock=clock)                  # a tracker deploy: every visitor now counts as mobile
+    for _ in range(10):
+        observe(drift, champion, rng.beta(2, 5, 300), sessions(rng, 300, mobile_share=0.9))
+        clock.now += SLOT_S
+    moved = feature_gauges()
+    assert moved["is_mobile"] > 0.25 and moved["product_views"] < 0.05 and moved["cart_adds"] < 0.05
+
+
+def test_features_are_sampled_a_few_hundred_rows_a_minute_and_not_judged_on_fewer_than_min_rows():
+    rng, clock = np.random.default_rng(13), Clock()
+    champion = model("v1", rng.beta(2, 5, 20_000), training_rows=sessions(rng, 20_000))
+    drift = ScoreDrift(3600, clock=clock)
+    for _ in range(4):
+        observe(drift, champion, rng.beta(2, 5, 5000), sessions(rng, 5000))   # 20,000 scores in a minute
+    assert gauge("scorer_score_window_rows") == 20_000
+    assert sum(len(rows) for rows in drift.window[2][-1][3]) == SAMPLE_PER_SLOT
+    assert all(math.isnan(value) for value in feature_gauges().values())     # 200 sampled rows: too few
+    for _ in range(MIN_ROWS // SAMPLE_PER_SLOT):
+        clock.now += SLOT_S
+        observe(drift, champion, rng.beta(2, 5, 500), sessions(rng, 500))
+    assert max(feature_gauges().values()) < 0.05
+
+
+@pytest.mark.parametrize("meta", [
+    {"features": [{"name": "a"}], "feature_reference": {"features": {"b": {"edges": [1.0], "shares": [0.5, 0.5]}}}},
+    {"features": [{"name": "a"}], "feature_reference": {"features": {"a": {"edges": [1.0], "shares": [0.5]}}}},
+    {"features": [{"name": "a"}], "feature_reference": {"features": []}},
+    {"features": [{"name": "a"}]},
+])
+def test_a_feature_reference_for_other_features_or_not_holding_together_is_not_used(meta):
+    assert feature_reference_of(meta) is None
+
+
+def test_only_live_rows_are_counted_and_sampled():
+    rng = np.random.default_rng(14)
+    champion = model("v1", rng.beta(2, 5, 20_000), training_rows=sessions(rng, 20_000))
+    drift = ScoreDrift(3600, clock=Clock())
+    rows = sessions(rng, 100)
+    rows[::2, 0] = -1.0                                    # the quiet replays' rows, marked
+    p_buy = rng.beta(2, 5, 100)
+    p_buy[1] = np.nan                                      # and a score that is not counted either
+    drift.observe(champion, p_buy, rows, live=np.arange(100) % 2 == 1)
+    sampled = np.concatenate(drift.window[2][-1][3])
+    assert gauge("scorer_score_window_rows") == 49 and len(sampled) == 49 and (sampled[:, 0] >= 0).all()

@@ -103,6 +103,7 @@ def test_tracker_to_collector_to_enricher_to_scorer_with_a_hot_reload(trained, a
         assert drift["scorer_score_window_rows"] == sent
         assert drift["scorer_expected_buy_rate"] == result.meta["score_reference"]["buy_rate"]
         assert drift["scorer_buy_rate"] == sum(p["decision"] == "buy" for p in first) / sent
+        assert set(feature_psi(scorer.url)) == set(FEATURE_NAMES)         # each input, NaN under 1,000 rows
 
         publish(s3, settings.bucket, MODEL, "v2", logistic_onnx(bias=-1.0))      # moves CURRENT
         wait_for(lambda: requests.get(scorer.url + "/ping", timeout=2).json()["model_version"] == "v2", 30,
@@ -122,6 +123,7 @@ def test_tracker_to_collector_to_enricher_to_scorer_with_a_hot_reload(trained, a
             assert latest["p_buy"] == pytest.approx(float(expected), abs=1e-5)
         drift = unlabelled_gauges(scorer.url)           # v2 has no score_reference: nothing to set its scores against
         assert drift["scorer_score_window_rows"] == 0 and math.isnan(drift["scorer_expected_buy_rate"])
+        assert feature_psi(scorer.url) == {}
     finally:
         for process in processes:
             process.terminate()
@@ -142,6 +144,12 @@ def unlabelled_gauges(url: str) -> dict[str, float]:
     text = requests.get(url + "/metrics", timeout=5).text
     return {sample.name: sample.value for family in text_string_to_metric_families(text)
             for sample in family.samples if not sample.labels}
+
+
+def feature_psi(url: str) -> dict[str, float]:
+    text = requests.get(url + "/metrics", timeout=5).text
+    return {sample.labels["feature"]: sample.value for family in text_string_to_metric_families(text)
+            if family.name == "scorer_feature_psi" for sample in family.samples}
 
 
 def _up(url: str) -> bool:

@@ -19,7 +19,7 @@ from batch import export, train_model
 from batch.train import main as train_main
 from batch.train_model import Steps, fit_and_export, score_with_spark
 from batch.train_table import ID_COLUMNS, prepare, train_from_table
-from scorer.drift import reference_of
+from scorer.drift import feature_reference_of, reference_of
 from tests.train.conftest import fast_settings
 
 pytestmark = pytest.mark.spark
@@ -77,6 +77,9 @@ def test_export_matches_spark_on_categorical_table_and_scores_alike_in_node(spar
     reference = result.meta["score_reference"]
     assert reference["buy_rate"] == served.mean() and reference["rows"] == len(rows)
     assert reference_of(result.meta) is not None
+    # and the inputs, which tell which one moved when the scores drift (scorer_feature_psi)
+    assert feature_reference_of(result.meta).names == table.feature_names
+    assert result.meta["feature_reference"]["rows"] == len(rows)
     assert result.meta["metrics"]["roc_auc"] > 0.7
     assert result.meta["onnx"] == {"input": "features", "probability_output": "probability", "positive_index": 1,
                                    "opset": 15, "sha256": hashlib.sha256(result.onnx_bytes).hexdigest()}
