@@ -403,8 +403,8 @@ class Loader:
                     # go on, backing off: an outage would otherwise be retried (and logged) twice a second.
                     failures += 1
                     if count := self.failures.add():
-                        log.error("stream or lease calls failed %d times since the last such line, retrying: %s",
-                                  count, exc)
+                        log.warning("stream or lease calls failed %d times since the last such line, retrying: %s",
+                                    count, exc)
                     renewals = [loader.consumer.renew_interval_s for loader in self.loaders]
                     time.sleep(backoff_s(failures, self.idle_sleep, min(MAX_RETRY_WAIT_S, *renewals)))
                     continue

@@ -1,7 +1,8 @@
 """The whole pipeline at once, each component killed (``kill -9``) in turn while a shop's traffic flows:
-collector -> enricher -> lake loader and scorer, over the emulator. Each component's own tests crash it
-alone; this one counts events in and out across all of them: every hit the collector acknowledged
-reaches the lake and is scored, and no redelivery is counted twice in a session.
+collector -> enricher -> lake loader and scorer -> discount engine, over the emulator. Each component's
+own tests crash it alone; this one counts events in and out across all of them: every hit the
+collector acknowledged reaches the lake and is scored, no redelivery is counted twice in a session,
+and every session gets one offer, paid for once from the hour's budget.
 
 The components reach the emulator through a fault proxy, so that each kill comes at the worst moment:
 with a write to the next stream done but not acknowledged (its batch is sent again after the restart).
@@ -10,6 +11,7 @@ goes on.
 """
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import subprocess
@@ -23,8 +25,11 @@ from pathlib import Path
 import orjson
 import requests
 
+from common import aws
+from discount.offers import OfferTable, hour_of
 from tests.batch.conftest import lake_event_ids
 from tests.conftest import ROOT, settings_env, wait_for
+from tests.discount.test_engine import offers
 from tests.enrich.helpers import read_stream
 from tests.faults import PUT_RECORDS, FaultProxy
 from tests.scorer.conftest import MODEL
@@ -77,7 +82,7 @@ class Component:
 
 
 def pipeline(settings, tmp_path: Path, endpoint: str) -> dict[str, Component]:
-    ports = {name: free_port() for name in ("collector", "enrich", "loader", "scorer")}
+    ports = {name: free_port() for name in ("collector", "enrich", "loader", "scorer", "discount")}
 
     def component(name: str, module: str, ready: str, **env) -> Component:
         variables = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1", "AWS_ENDPOINT_URL": endpoint,
@@ -93,6 +98,9 @@ def pipeline(settings, tmp_path: Path, endpoint: str) -> dict[str, Component]:
                             lake_flush_seconds=2),
         "scorer": component("scorer", "scorer", "/ping", port=ports["scorer"], model_name=MODEL, model_poll_s=0.5,
                             lease_ms=3000),
+        # An offer for every session at its third event, whatever its P(buy): each session qualifies once.
+        "discount": component("discount", "discount", "/metrics", discount_metrics_port=ports["discount"], lease_ms=3000,
+                              offer_threshold=0, offer_ceiling=1, min_events=3, budget_per_hour=100_000),
     }
 
 
@@ -154,11 +162,13 @@ class Shop(threading.Thread):
 def test_every_component_killed_in_turn_mid_traffic_loses_no_event_and_counts_none_twice(published, tmp_path):
     settings = published
     # (component, the write it is killed in: the call to hang and whether before or after it is forwarded)
-    kills = [("collector", (PUT_RECORDS, "after", settings.raw_stream)),
+    kills = [("discount", ("DynamoDB_20120810.TransactWriteItems", "after")),   # an offer and its budget unit
+             ("collector", (PUT_RECORDS, "after", settings.raw_stream)),
              ("enrich", (PUT_RECORDS, "after", settings.enriched_stream)),
              ("scorer", (PUT_RECORDS, "after", settings.predictions_stream)),
              ("loader", None),                         # its buffer of up to lake_flush_seconds is read again
              ("enrich", (PUT_RECORDS, "before", settings.enriched_stream))]
+    started = time.time()
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
         components = pipeline(settings, tmp_path, proxy.endpoint)
         try:
@@ -212,6 +222,14 @@ def test_every_component_killed_in_turn_mid_traffic_loses_no_event_and_counts_no
                 counts[answers[0]["session_id"]] = max(counts[answers[0]["session_id"]], answers[0]["events_in_session"])
             assert counts == Counter({session_id: len(ids) for session_id, ids in shop.sent.items()})
             assert read_stream(settings.bad_stream) == []
+
+            # Every session has its offer, and the hour's budget paid for each once.
+            wait_for(lambda: set(offers(settings)) == set(shop.sent), 120, interval=1, what="an offer for every session")
+            table = OfferTable(aws.client("dynamodb"), settings.offers_table, budget_per_hour=100_000,
+                               discount_percent=10, ttl_hours=24)
+            hours = {hour_of(started), hour_of(time.time())}                  # the run may cross an hour
+            assert sum(table.spent(dt.datetime.strptime(hour, "%Y-%m-%dT%H").replace(tzinfo=dt.UTC).timestamp())
+                       for hour in hours) == SESSIONS
         finally:
             proxy.release()
             for component in components.values():
