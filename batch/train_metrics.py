@@ -99,7 +99,8 @@ def feature_reference(matrix, names: list[str], bins: int = 10) -> dict:
         else:
             edges = np.unique(np.quantile(values, np.arange(1, bins) / bins).astype(np.float32))
         counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
-        reference[name] = {"edges": edges.astype(np.float64).tolist(), "shares": (counts / max(len(values), 1)).tolist()}
+        shares = counts / len(values) if len(values) else np.ones(1)      # a column with no value at all: one bin
+        reference[name] = {"edges": edges.astype(np.float64).tolist(), "shares": shares.tolist()}
     return {"features": reference, "rows": len(matrix)}
 
 

@@ -216,3 +216,12 @@ def test_only_live_rows_are_counted_and_sampled():
     drift.observe(champion, p_buy, rows, live=np.arange(100) % 2 == 1)
     sampled = np.concatenate(drift.window[2][-1][3])
     assert gauge("scorer_score_window_rows") == 49 and len(sampled) == 49 and (sampled[:, 0] >= 0).all()
+
+
+def test_a_feature_with_no_value_in_training_gets_one_bin_and_the_others_are_still_measured():
+    rows = sessions(np.random.default_rng(15), 2000)
+    rows[:, 2] = np.nan                                    # a table column with nothing in it
+    reference = feature_reference(rows, NAMES)
+    assert reference["features"]["is_mobile"] == {"edges": [], "shares": [1.0]}
+    built = feature_reference_of({"features": [{"name": n} for n in NAMES], "feature_reference": reference})
+    assert built is not None and len(built.shares[2]) == 1
