@@ -161,13 +161,15 @@ class Shop(threading.Thread):
 
 def test_every_component_killed_in_turn_mid_traffic_loses_no_event_and_counts_none_twice(published, tmp_path):
     settings = published
-    # (component, the write it is killed in: the call to hang and whether before or after it is forwarded)
-    kills = [("discount", ("DynamoDB_20120810.TransactWriteItems", "after")),   # an offer and its budget unit
-             ("collector", (PUT_RECORDS, "after", settings.raw_stream)),
-             ("enrich", (PUT_RECORDS, "after", settings.enriched_stream)),
-             ("scorer", (PUT_RECORDS, "after", settings.predictions_stream)),
-             ("loader", None),                         # its buffer of up to lake_flush_seconds is read again
-             ("enrich", (PUT_RECORDS, "before", settings.enriched_stream))]
+    # (component, hits sent since the last kill, the write it is killed in: the call to hang and whether
+    # before or after it is forwarded). The discount engine's first: its offers come at each session's
+    # third hit, so its hang is set before them.
+    kills = [("discount", 0, ("DynamoDB_20120810.TransactWriteItems", "after")),   # an offer and its budget unit
+             ("collector", 60, (PUT_RECORDS, "after", settings.raw_stream)),
+             ("enrich", 60, (PUT_RECORDS, "after", settings.enriched_stream)),
+             ("scorer", 60, (PUT_RECORDS, "after", settings.predictions_stream)),
+             ("loader", 60, None),                     # its buffer of up to lake_flush_seconds is read again
+             ("enrich", 60, (PUT_RECORDS, "before", settings.enriched_stream))]
     started = time.time()
     with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
         components = pipeline(settings, tmp_path, proxy.endpoint)
@@ -175,13 +177,15 @@ def test_every_component_killed_in_turn_mid_traffic_loses_no_event_and_counts_no
             for component in components.values():
                 component.start()
             shop = Shop(components["collector"].ready.removesuffix("/health"))
-            shop.start()
-            for name, write in kills:
-                target = shop.count() + 60
+            for name, hits, write in kills:
+                target = shop.count() + hits
                 wait_for(lambda target=target: shop.count() >= target or shop.error, 120, what=f"hits before {name}")
                 if write:
                     proxy.hanging.clear()
                     proxy.hang_next = write
+                if shop.ident is None:                 # the traffic starts once the first hang is set
+                    shop.start()
+                if write:
                     wait_for(proxy.hanging.is_set, 60, interval=0.05, what=f"{name}'s write {write}")
                 components[name].kill9()
                 components[name].start()
