@@ -74,6 +74,9 @@ FEATURE_NAMES: tuple[str, ...] = (
     "campaign", "returning", "session_index",
 )
 FEATURE_COUNT = len(FEATURE_NAMES)
+# Features whose spread follows the clock: an hour of live traffic holds one hour and one weekday,
+# training's evaluation rows days of them, so their drift (scorer_feature_psi) would always be high.
+CLOCK_FEATURES = frozenset({"local_hour", "local_weekday"})
 # Every enriched-event field the fold reads (training passes only these to it, to keep Spark's
 # per-session frames narrow). Add a field here when a feature starts reading it; the
 # online/offline parity test fails if one is missing.

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.features import CLOCK_FEATURES
 from scorer import metrics
 
 log = logging.getLogger(__name__)
@@ -168,18 +169,20 @@ class ScoreDrift:
         return reference[2] if reference is not None else math.nan
 
     def feature_psi(self) -> dict[str, float]:
-        """Each feature's PSI over the window's sampled rows (NaN under ``MIN_ROWS``): which input moved."""
+        """Each feature's PSI over the window's sampled rows (NaN under ``MIN_ROWS``): which input moved.
+        Not the clock's (local hour and weekday): an hour is never spread as days are."""
         _, features, slots = self.window
         if features is None:
             return {}
         sampled = [rows for slot in self._current(slots, self._minute()) for rows in slot[3]]
         count = sum(len(rows) for rows in sampled)
         if count < MIN_ROWS:
-            return dict.fromkeys(features.names, math.nan)
+            return {name: math.nan for name in features.names if name not in CLOCK_FEATURES}
         matrix = np.concatenate(sampled)
         bins = (matrix[:, :, None] >= features.edges[None]).sum(axis=2)        # searchsorted, side="right"
         width = features.edges.shape[1] + 1
         counts = np.bincount((bins + np.arange(len(features.names)) * width).ravel(),
                              minlength=len(features.names) * width).reshape(len(features.names), width)
         return {name: psi(shares, counts[column, :len(shares)] / count)
-                for column, (name, shares) in enumerate(zip(features.names, features.shares))}
+                for column, (name, shares) in enumerate(zip(features.names, features.shares))
+                if name not in CLOCK_FEATURES}

@@ -225,3 +225,16 @@ def test_a_feature_with_no_value_in_training_gets_one_bin_and_the_others_are_sti
     assert reference["features"]["is_mobile"] == {"edges": [], "shares": [1.0]}
     built = feature_reference_of({"features": [{"name": n} for n in NAMES], "feature_reference": reference})
     assert built is not None and len(built.shares[2]) == 1
+
+
+def test_the_clocks_features_are_not_judged_an_hour_is_never_spread_as_days_are():
+    rng, clock = np.random.default_rng(16), Clock()
+    names = ["product_views", "local_hour"]
+    training = np.c_[rng.gamma(2, 3, 20_000), rng.integers(0, 24, 20_000)].astype(np.float32)
+    champion = SimpleNamespace(version="v1", threshold=0.5, meta={
+        "features": [{"name": n} for n in names], "feature_reference": feature_reference(training, names)})
+    drift = ScoreDrift(3600, clock=clock)
+    for _ in range(6):                                     # an hour of live traffic: all at 14:00
+        drift.observe(champion, rng.beta(2, 5, 300), np.c_[rng.gamma(2, 3, 300), np.full(300, 14)].astype(np.float32))
+        clock.now += SLOT_S
+    assert list(feature_gauges()) == ["product_views"] and feature_gauges()["product_views"] < 0.05
