@@ -75,10 +75,16 @@ def score_reference(p, threshold: float, bins: int = 10) -> dict:
     its lower edge up to below its upper one. Trees tie many rows at one score: repeated cut points
     are merged, and each share is counted, not assumed to be a tenth."""
     p = np.asarray(p, dtype=np.float64)
-    edges = np.unique(np.quantile(p, np.arange(1, bins) / bins))
-    counts = np.bincount(np.searchsorted(edges, p, side="right"), minlength=len(edges) + 1)
-    return {"edges": edges.tolist(), "shares": (counts / len(p)).tolist(),
+    return {**_binned(p, np.unique(np.quantile(p, np.arange(1, bins) / bins))),
             "buy_rate": float(np.mean(p >= threshold)), "rows": len(p)}
+
+
+def _binned(values: np.ndarray, edges: np.ndarray) -> dict:
+    """``edges`` and the share of ``values`` in each bin they make (from a lower edge up to below the
+    next); no values at all make one bin holding everything."""
+    counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+    shares = counts / len(values) if len(values) else np.ones(1)
+    return {"edges": edges.astype(np.float64).tolist(), "shares": shares.tolist()}
 
 
 def feature_reference(matrix, names: list[str], bins: int = 10) -> dict:
@@ -98,9 +104,7 @@ def feature_reference(matrix, names: list[str], bins: int = 10) -> dict:
             edges = np.append(distinct, np.nextafter(distinct[-1:], np.float32(np.inf)))
         else:
             edges = np.unique(np.quantile(values, np.arange(1, bins) / bins).astype(np.float32))
-        counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
-        shares = counts / len(values) if len(values) else np.ones(1)      # a column with no value at all: one bin
-        reference[name] = {"edges": edges.astype(np.float64).tolist(), "shares": shares.tolist()}
+        reference[name] = _binned(values, edges)
     return {"features": reference, "rows": len(matrix)}
 
 

@@ -93,8 +93,8 @@ class ScoreDrift:
         self.slots_kept = max(1, math.ceil(window_s / SLOT_S))
         self.clock = clock
         self.version: str | None = None
-        # (score reference, feature reference, ((minute, scores per bin, buy decisions, feature rows,
-        # rows sampled), ...)), replaced whole: scrapes read it from another thread, and a new model's
+        # (score reference, feature reference, ((minute, scores per bin, buy decisions, feature rows
+        # sampled), ...)), replaced whole: scrapes read it from another thread, and a new model's
         # reference must never meet the last one's counts.
         self.window: tuple = (None, None, ())
         for gauge, read in ((metrics.SCORE_PSI, self.psi), (metrics.SCORES_IN_WINDOW, self.rows),
@@ -117,15 +117,15 @@ class ScoreDrift:
         counts = np.bincount(np.searchsorted(reference[0], p_buy, side="right"), minlength=len(reference[1])) \
             if reference else np.zeros(0, dtype=np.int64)
         buys = int(np.count_nonzero(p_buy >= model.threshold))
-        samples, sampled = (), 0
+        samples = ()
         minute = self._minute()
         if slots and slots[-1][0] == minute:
-            _, in_slot, bought_in_slot, samples, sampled = slots[-1]
+            _, in_slot, bought_in_slot, samples = slots[-1]
             slots, counts, buys = slots[:-1], counts + in_slot, buys + bought_in_slot
-        if features is not None and (take := min(SAMPLE_PER_SLOT - sampled, len(p_buy))) > 0:
-            rows = inputs[:take].copy() if picked is None else inputs[picked[:take]]
-            samples, sampled = (*samples, rows), sampled + take
-        self.window = (reference, features, self._current(slots, minute) + ((minute, counts, buys, samples, sampled),))
+        take = min(SAMPLE_PER_SLOT - sum(len(rows) for rows in samples), len(p_buy))
+        if features is not None and take > 0:
+            samples = (*samples, inputs[:take].copy() if picked is None else inputs[picked[:take]])
+        self.window = (reference, features, self._current(slots, minute) + ((minute, counts, buys, samples),))
 
     def _start(self, model) -> None:
         self.version = model.version
