@@ -23,7 +23,7 @@ from scorer import metrics
 log = logging.getLogger(__name__)
 MIN_ROWS = 1000      # a PSI over fewer scores is mostly noise: 1,000 rows in 10 bins still move it ~0.01
 SLOT_S = 60          # the window moves by a minute at a time
-SAMPLE_PER_SLOT = 200  # live feature rows kept a minute for scorer_feature_psi: 12,000 an hour, ~2 MB
+SAMPLE_PER_SLOT = 500  # live feature rows binned a minute for scorer_feature_psi: MIN_ROWS within 2 minutes
 FLOOR = 1e-4         # a share of 0 on either side would make the PSI infinite
 
 
@@ -64,6 +64,13 @@ class FeatureReference:
     edges: np.ndarray            # [features, most edges] float32, padded with +inf (a bin no value reaches)
     shares: list[np.ndarray]     # per feature, the share of the evaluation rows in each of its bins
 
+    def count(self, rows: np.ndarray) -> np.ndarray:
+        """[features, most edges + 1]: how many of ``rows`` fall in each bin of each feature."""
+        bins = (rows[:, :, None] >= self.edges[None]).sum(axis=2)            # searchsorted, side="right"
+        features, width = self.edges.shape[0], self.edges.shape[1] + 1
+        return np.bincount((bins + np.arange(features) * width).ravel(),
+                           minlength=features * width).reshape(features, width)
+
 
 def feature_reference_of(meta: dict) -> FeatureReference | None:
     """A model.json's ``feature_reference``, for the model's features in their order; None when it has
@@ -84,17 +91,17 @@ def feature_reference_of(meta: dict) -> FeatureReference | None:
 
 class ScoreDrift:
     """The live scores of the last ``window_s`` by bin, per minute, against the model's reference, and a
-    sample of the live feature rows (``SAMPLE_PER_SLOT`` a minute) against its feature reference. A
-    batch only adds its counts and copies a few rows (a few µs); the gauges are computed from the
-    minutes still in the window when scraped, so a scorer that stops getting traffic shows an emptying
-    window, not the last busy hour's PSI."""
+    sample of the live feature rows (the first ``SAMPLE_PER_SLOT`` of a minute, binned once) against
+    its feature reference. A batch only adds its counts (a few µs); the gauges sum the minutes still
+    in the window when scraped, so a scorer that stops getting traffic shows an emptying window, not
+    the last busy hour's PSI."""
 
     def __init__(self, window_s: float, clock=time.monotonic):
         self.slots_kept = max(1, math.ceil(window_s / SLOT_S))
         self.clock = clock
         self.version: str | None = None
-        # (score reference, feature reference, ((minute, scores per bin, buy decisions, feature rows
-        # sampled), ...)), replaced whole: scrapes read it from another thread, and a new model's
+        # (score reference, feature reference, ((minute, scores per bin, buy decisions, sampled rows
+        # per feature bin or None), ...)), replaced whole: scrapes read it from another thread, and a new model's
         # reference must never meet the last one's counts.
         self.window: tuple = (None, None, ())
         for gauge, read in ((metrics.SCORE_PSI, self.psi), (metrics.SCORES_IN_WINDOW, self.rows),
@@ -104,7 +111,7 @@ class ScoreDrift:
 
     def observe(self, model, p_buy: np.ndarray, inputs: np.ndarray, live: np.ndarray | None = None) -> None:
         """Count a batch's scores, or those ``live`` marks (``inputs``: their feature rows); the window
-        starts again with each new model. Rows are picked by index, and only the sampled ones copied."""
+        starts again with each new model. Rows are picked by index, and only the sampled ones binned."""
         if model.version != self.version:
             self._start(model)
         reference, features, slots = self.window
@@ -117,15 +124,16 @@ class ScoreDrift:
         counts = np.bincount(np.searchsorted(reference[0], p_buy, side="right"), minlength=len(reference[1])) \
             if reference else np.zeros(0, dtype=np.int64)
         buys = int(np.count_nonzero(p_buy >= model.threshold))
-        samples = ()
+        sampled = None
         minute = self._minute()
         if slots and slots[-1][0] == minute:
-            _, in_slot, bought_in_slot, samples = slots[-1]
+            _, in_slot, bought_in_slot, sampled = slots[-1]
             slots, counts, buys = slots[:-1], counts + in_slot, buys + bought_in_slot
-        take = min(SAMPLE_PER_SLOT - sum(len(rows) for rows in samples), len(p_buy))
+        take = min(SAMPLE_PER_SLOT - (0 if sampled is None else int(sampled[0].sum())), len(p_buy))
         if features is not None and take > 0:
-            samples = (*samples, inputs[:take].copy() if picked is None else inputs[picked[:take]])
-        self.window = (reference, features, self._current(slots, minute) + ((minute, counts, buys, samples),))
+            binned = features.count(inputs[:take] if picked is None else inputs[picked[:take]])
+            sampled = binned if sampled is None else sampled + binned
+        self.window = (reference, features, self._current(slots, minute) + ((minute, counts, buys, sampled),))
 
     def _start(self, model) -> None:
         self.version = model.version
@@ -174,15 +182,11 @@ class ScoreDrift:
         _, features, slots = self.window
         if features is None:
             return {}
-        sampled = [rows for slot in self._current(slots, self._minute()) for rows in slot[3]]
-        count = sum(len(rows) for rows in sampled)
+        counts = sum((slot[3] for slot in self._current(slots, self._minute()) if slot[3] is not None),
+                     np.zeros((len(features.names), features.edges.shape[1] + 1), dtype=np.int64))
+        count = int(counts[0].sum())
         if count < MIN_ROWS:
             return {name: math.nan for name in features.names if name not in CLOCK_FEATURES}
-        matrix = np.concatenate(sampled)
-        bins = (matrix[:, :, None] >= features.edges[None]).sum(axis=2)        # searchsorted, side="right"
-        width = features.edges.shape[1] + 1
-        counts = np.bincount((bins + np.arange(len(features.names)) * width).ravel(),
-                             minlength=len(features.names) * width).reshape(len(features.names), width)
         return {name: psi(shares, counts[column, :len(shares)] / count)
                 for column, (name, shares) in enumerate(zip(features.names, features.shares))
                 if name not in CLOCK_FEATURES}

@@ -187,8 +187,8 @@ def test_features_are_sampled_a_few_hundred_rows_a_minute_and_not_judged_on_fewe
     for _ in range(4):
         observe(drift, champion, rng.beta(2, 5, 5000), sessions(rng, 5000))   # 20,000 scores in a minute
     assert gauge("scorer_score_window_rows") == 20_000
-    assert sum(len(rows) for rows in drift.window[2][-1][3]) == SAMPLE_PER_SLOT
-    assert all(math.isnan(value) for value in feature_gauges().values())     # 200 sampled rows: too few
+    assert drift.window[2][-1][3][0].sum() == SAMPLE_PER_SLOT
+    assert all(math.isnan(value) for value in feature_gauges().values())     # 500 sampled rows: too few
     for _ in range(MIN_ROWS // SAMPLE_PER_SLOT):
         clock.now += SLOT_S
         observe(drift, champion, rng.beta(2, 5, 500), sessions(rng, 500))
@@ -210,12 +210,12 @@ def test_only_live_rows_are_counted_and_sampled():
     champion = model("v1", rng.beta(2, 5, 20_000), training_rows=sessions(rng, 20_000))
     drift = ScoreDrift(3600, clock=Clock())
     rows = sessions(rng, 100)
-    rows[::2, 0] = -1.0                                    # the quiet replays' rows, marked
+    rows[::2, 2] = -1.0                                    # the quiet replays' rows, marked below any device flag
     p_buy = rng.beta(2, 5, 100)
     p_buy[1] = np.nan                                      # and a score that is not counted either
     drift.observe(champion, p_buy, rows, live=np.arange(100) % 2 == 1)
-    sampled = np.concatenate(drift.window[2][-1][3])
-    assert gauge("scorer_score_window_rows") == 49 and len(sampled) == 49 and (sampled[:, 0] >= 0).all()
+    mobile = drift.window[2][-1][3][2]                     # is_mobile's sampled rows by bin
+    assert gauge("scorer_score_window_rows") == 49 and mobile.sum() == 49 and mobile[0] == 0
 
 
 def test_a_feature_with_no_value_in_training_gets_one_bin_and_the_others_are_still_measured():
