@@ -10,6 +10,10 @@ from contextlib import contextmanager
 
 from common.config import ConfigError, load
 
+# The time to act (a click's age when scored, when its prediction reaches the discount engine), 100 ms
+# to a minute: beyond it a lag alert has more to say. One set, as the dashboard plots both together.
+TIME_TO_ACT_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0)
+
 
 def settings_or_exit(cls, section: str, **overrides):
     """Load settings; a bad value prints the message naming the key and exits with status 2."""
@@ -64,6 +68,16 @@ def stop_on_signals() -> threading.Event:
     return stopping
 
 
+class _GcPause:
+    """How many batches hold the collector off, across threads, and whether it ran before the first.
+
+    A batch that ended turned it back on while another thread's batch still ran, and that batch paid
+    the collections it was paused to avoid."""
+    lock = threading.Lock()
+    holders = 0
+    was_enabled = False
+
+
 @contextmanager
 def gc_paused():
     """Hold the cyclic garbage collector off for one batch whose objects die when it ends.
@@ -71,12 +85,17 @@ def gc_paused():
     Reference counting frees them then. A collection in the middle would only find them alive and
     promote them, and the full collections that follow walk the whole heap (every live session):
     measured, ~40% of both the loader's conversion and the scorer worker's CPU. Process-wide, so
-    another thread's allocations wait for the batch's end too; keep network calls outside.
+    another thread's allocations wait for the last batch's end too; keep network calls outside.
     """
-    enabled = gc.isenabled()
-    gc.disable()
+    with _GcPause.lock:
+        if _GcPause.holders == 0:
+            _GcPause.was_enabled = gc.isenabled()
+            gc.disable()
+        _GcPause.holders += 1
     try:
         yield
     finally:
-        if enabled:
-            gc.enable()
+        with _GcPause.lock:
+            _GcPause.holders -= 1
+            if _GcPause.holders == 0 and _GcPause.was_enabled:
+                gc.enable()

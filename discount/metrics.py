@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
-# The time to act, 100 ms .. a minute: beyond it a lag alert has more to say.
-AGE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30, 60)
+from common.service import TIME_TO_ACT_BUCKETS
 
 
 class Metrics:
@@ -38,7 +37,7 @@ class Metrics:
         # prediction (every stage's read interval, the collector's linger, any lag). Clocks of two hosts.
         self.prediction_age = Histogram("discount_prediction_age_seconds",
                                         "Age of a prediction when read: the engine's clock minus its click's "
-                                        "collector_tstamp", buckets=AGE_BUCKETS, registry=self.registry)
+                                        "collector_tstamp", buckets=TIME_TO_ACT_BUCKETS, registry=self.registry)
 
     def serve(self, host: str, port: int):
         """Start /metrics in a daemon thread; returns the server (``.shutdown()``) and its port."""

@@ -5,10 +5,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, His
 from prometheus_client.core import GaugeMetricFamily
 
 from common.features import parse_ms
+from common.service import TIME_TO_ACT_BUCKETS
 
 _FAST = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
 _BATCH = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-_AGE = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 EVENTS = Counter("scorer_events_total", "Enriched events folded (rate() gives events/s)", ["mode"])
 DUPLICATES = Counter("scorer_duplicate_events_total", "Redelivered events dropped by event_id")
@@ -19,7 +19,7 @@ BATCH_SECONDS = Histogram("scorer_batch_seconds", "Time from a micro-batch's rea
 # The time to act up to the prediction: from the collector's receipt of the click to its scoring (the
 # collector's linger, the enricher's and the scorer's read intervals, any lag). Clocks of two hosts.
 EVENT_AGE_SECONDS = Histogram("scorer_event_age_seconds", "Age of a live event when scored: scored_at minus its "
-                              "collector_tstamp", buckets=_AGE)
+                              "collector_tstamp", buckets=TIME_TO_ACT_BUCKETS)
 SCORING_SECONDS = Histogram("scorer_scoring_seconds", "One onnxruntime run of the worker (all rows of a batch)",
                             buckets=_FAST)
 REQUEST_SECONDS = Histogram("scorer_request_seconds", "HTTP handling time", ["route"], buckets=_FAST)
