@@ -504,14 +504,10 @@ def open_sink(settings) -> tuple[Sink, int]:
         clients = aws.ByReadTimeout(lambda read_timeout: kinesis_client(settings, read_timeout))
         client = clients(settings.sink_timeout_s)
         raw, bad = KinesisStream(client, settings.raw_stream), KinesisStream(client, settings.bad_stream)
-
-        def use(read_timeout: float) -> None:
-            raw.client = bad.client = clients(read_timeout)
+        timeouts.use = clients.switching(raw, bad)
 
         def probe() -> None:
             client.describe_stream_summary(StreamName=settings.raw_stream)
-
-        timeouts.use = use
     sink = Sink(spool, Producer(raw, max_attempts=3, retry_timeouts=False), Producer(bad, max_attempts=3, retry_timeouts=False),
                 linger_ms=settings.linger_ms, batch_records=settings.batch_records,
                 batch_bytes=settings.batch_bytes,

@@ -93,6 +93,13 @@ class ByReadTimeout:
             self._made[read_timeout] = self.make(read_timeout)
         return self._made[read_timeout]
 
+    def switching(self, *streams):
+        """A ``ReadTimeouts.use``: point each stream (one ``.client`` each) at the new timeout's client."""
+        def use(read_timeout: float) -> None:
+            for stream in streams:
+                stream.client = self(read_timeout)
+        return use
+
 
 def get_object_bytes(s3, bucket: str, key: str) -> bytes | None:
     """The object's body, or None when there is no such key (any other error raises)."""

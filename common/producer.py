@@ -209,8 +209,5 @@ def output_producer(region: str | None, stream_name: str, timeout: float = 10.0)
     clients = aws.ByReadTimeout(lambda read_timeout: aws.client("kinesis", region, timeout=timeout,
                                                                 read_timeout=read_timeout, retries=0))
     stream = KinesisStream(clients(timeout), stream_name)
-
-    def use(read_timeout: float) -> None:
-        stream.client = clients(read_timeout)
-
-    return Producer(stream, timeouts=ReadTimeouts(timeout, OUTPUT_TIMEOUT_RAISE * timeout, use, stream_name))
+    timeouts = ReadTimeouts(timeout, OUTPUT_TIMEOUT_RAISE * timeout, clients.switching(stream), stream_name)
+    return Producer(stream, timeouts=timeouts)
