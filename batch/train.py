@@ -16,12 +16,14 @@ import logging
 import math
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
+from py4j.protocol import Py4JError
 from pyspark.errors import AnalysisException, PythonException
 from pyspark.sql import DataFrame
 
@@ -235,8 +237,11 @@ def spark_failures_explained(settings: TrainSettings):
     except TrainError:
         raise
     except Exception as exc:
-        clear = (unreadable_file_error(exc) or out_of_memory_error(exc, settings) or disk_full_error(exc)
-                 or python_worker_error(exc))
+        try:
+            clear = (unreadable_file_error(exc) or out_of_memory_error(exc, settings) or disk_full_error(exc)
+                     or python_worker_error(exc) or jvm_ended_error(exc, settings))
+        except (Py4JError, ConnectionError):     # a py4j error asks the JVM for its message, and the JVM has gone
+            clear = jvm_ended_error(exc, settings)
         if clear is None:
             raise
         raise clear from None
@@ -253,14 +258,78 @@ def python_worker_error(exc: Exception) -> TrainError | None:
                       "(it defaults to the trainer's own interpreter)")
 
 
-def out_of_memory_error(exc: Exception, settings: TrainSettings) -> TrainError | None:
-    """What to do when the JVM ran out of heap (a Java stack trace otherwise); None for other failures."""
-    if "java.lang.OutOfMemoryError" not in str(exc):
+# A failed task's executor, as Spark names it: "Lost task 0.3 in stage 0.0 (TID 3) (10.0.0.5 executor 3):"
+# ("executor driver" under local[*]), and an executor its cluster manager killed.
+_TASK_EXECUTOR = re.compile(r"Lost task .*?\(TID \d+\) \(\S+ executor (\S+)\):")
+_LOST_EXECUTOR = re.compile(r"\(executor (\S+) exited|executor with id (\S+) exited")
+# Memory outside the executors' JVM heap ran out: a Python worker's (the fold, the pandas UDFs) or the
+# container's. Spark's words for it, measured (the first two) and from its source (YARN, Kubernetes).
+_OFF_HEAP_OUT_OF_MEMORY = {
+    r"Python worker exited unexpectedly": "a Python worker exited unexpectedly, most often killed for its memory",
+    r"\bMemoryError\b": "MemoryError",
+    r"for exceeding memory limits": "YARN killed an executor's container for exceeding its memory limits",
+    r"possible container OOM": "an executor's container was killed (exit code 137)",
+}
+
+
+def driver_heap(settings: TrainSettings) -> str:
+    return (f"raise CLICKSTREAM_SPARK_DRIVER_MEMORY ({settings.spark_driver_memory}; under local[*] the driver's heap "
+            "is also the only executor's), or train on fewer rows (a shorter window, a smaller eval_fraction)")
+
+
+JVM_OUT_OF_MEMORY_EXIT = 52     # Spark's SparkExitCode.OOM: its handler of an uncaught OutOfMemoryError exits so
+
+
+def jvm_exit_code(wait_s: float = 2.0) -> int | None:
+    """How the JVM this process launched ended (negative: the signal that killed it), or None while it runs
+    or under spark-submit, whose JVM launched us. Under local[*] a task's OutOfMemoryError ends the JVM,
+    and the job's error says only that its SparkContext shut down, or that py4j lost its connection."""
+    from pyspark import SparkContext
+    jvm = getattr(SparkContext._gateway, "proc", None)
+    if jvm is None:
         return None
-    return TrainError(f"Spark ran out of memory (java.lang.OutOfMemoryError) with spark_driver_memory "
-                      f"{settings.spark_driver_memory}: raise CLICKSTREAM_SPARK_DRIVER_MEMORY (under local[*] the "
-                      "driver's heap is also the only executor's), or train on fewer rows (a shorter window, "
-                      "a smaller eval_fraction)")
+    try:
+        return jvm.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def jvm_ended_error(exc: Exception, settings: TrainSettings) -> TrainError | None:
+    """What to do when the JVM this process launched ended in the middle of a job."""
+    exit_code = jvm_exit_code() if isinstance(exc, (Py4JError, ConnectionError)) else None   # py4j lost the JVM
+    if exit_code == JVM_OUT_OF_MEMORY_EXIT:
+        return TrainError(f"Spark's JVM ran out of memory (java.lang.OutOfMemoryError, exit code {exit_code}): "
+                          f"{driver_heap(settings)}")
+    if exit_code is not None and exit_code < 0:
+        return TrainError(f"Spark's JVM was killed (signal {-exit_code}), most often by the kernel for the memory it "
+                          f"took: lower CLICKSTREAM_SPARK_DRIVER_MEMORY ({settings.spark_driver_memory}) below the "
+                          "memory this machine has free, or train on fewer rows (a shorter window)")
+    return None
+
+
+def out_of_memory_error(exc: Exception, settings: TrainSettings) -> TrainError | None:
+    """What to do when Spark ran out of memory (a Java stack trace otherwise); None for other failures.
+    Which setting to raise depends on where: the driver's heap, an executor's, or memory outside them."""
+    text = str(exc)
+    found = _TASK_EXECUTOR.search(text) or _LOST_EXECUTOR.search(text)
+    executor = next((name for name in found.groups() if name), None) if found else None
+    if "java.lang.OutOfMemoryError" in text and executor not in (None, "driver"):
+        return TrainError(f"A Spark executor ran out of heap (java.lang.OutOfMemoryError in executor {executor}): give "
+                          "the executors more memory (spark-submit --executor-memory, spark.executor.memory), or "
+                          "spread the work over more tasks (CLICKSTREAM_SPARK_SHUFFLE_PARTITIONS, "
+                          f"{settings.spark_shuffle_partitions}), or train on fewer rows (a shorter window)")
+    if "java.lang.OutOfMemoryError" in text:
+        return TrainError(f"Spark ran out of memory (java.lang.OutOfMemoryError) in the driver: {driver_heap(settings)}")
+    said = next((what for sign, what in _OFF_HEAP_OUT_OF_MEMORY.items() if re.search(sign, text)), None)
+    if said is None:
+        return None
+    cap = (f"or lower CLICKSTREAM_MAX_SESSION_EVENTS ({settings.max_session_events}: the fold holds one "
+           "session's events at once), or train on a shorter window")
+    if executor in (None, "driver"):      # local[*]: the workers are this machine's processes
+        return TrainError(f"Python ran out of memory on this machine ({said}): free memory, {cap}")
+    return TrainError(f"Spark ran out of memory outside the executors' JVM heap ({said}): that memory holds the "
+                      "Python workers, so raise spark.executor.memoryOverhead or set spark.executor.pyspark.memory "
+                      f"(spark-submit --conf), {cap}")
 
 
 def disk_full_error(exc: Exception) -> TrainError | None:

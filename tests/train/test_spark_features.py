@@ -4,6 +4,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
+import subprocess
+import sys
+import textwrap
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -28,6 +31,7 @@ from common.features import (
     step,
 )
 from scorer.sessions import SessionStore
+from tests.conftest import ROOT
 from tests.train import synth
 from tests.train.conftest import START, fast_settings
 
@@ -381,7 +385,28 @@ def test_examples_come_back_cached_and_nothing_else_stays_cached(spark, lake_dir
 
 @pytest.mark.parametrize(("failure", "said"), [
     ("java.lang.OutOfMemoryError: Java heap space",
-     "Spark ran out of memory (java.lang.OutOfMemoryError) with spark_driver_memory 3g: raise CLICKSTREAM_SPARK_DRIVER_MEMORY"),
+     "Spark ran out of memory (java.lang.OutOfMemoryError) in the driver: raise CLICKSTREAM_SPARK_DRIVER_MEMORY (3g;"),
+    # On a cluster, as Spark words them: the first two measured on a local-cluster (an executor's heap, a
+    # Python worker's MemoryError under spark.executor.pyspark.memory), the last two from Spark's source.
+    (("Task 0 in stage 0.0 failed 4 times, most recent failure: Lost task 0.6 in stage 0.0 (TID 6) (192.0.2.2 "
+     "executor 3): java.lang.OutOfMemoryError: Java heap space"),
+     ("A Spark executor ran out of heap (java.lang.OutOfMemoryError in executor 3): give the executors more memory "
+     "(spark-submit --executor-memory")),
+    (("Task 0 in stage 0.0 failed 4 times, most recent failure: Lost task 0.3 in stage 0.0 (TID 3) (192.0.2.2 "
+     "executor 0): org.apache.spark.api.python.PythonException: Traceback (most recent call last):\n  File "
+     "\"batch/train_features.py\", line 9, in fold\nMemoryError"),
+     ("Spark ran out of memory outside the executors' JVM heap (MemoryError): that memory holds the Python workers, "
+     "so raise spark.executor.memoryOverhead")),
+    (("Task 2 in stage 7.0 failed 4 times, most recent failure: Lost task 2.3 in stage 7.0 (TID 40) (ip-10-0-1-5 "
+     "executor 12): ExecutorLostFailure (executor 12 exited caused by one of the running tasks) Reason: Container "
+     "killed by YARN for exceeding memory limits. 5.5 GB of 5.5 GB physical memory used."),
+     "(YARN killed an executor's container for exceeding its memory limits): that memory holds the Python workers"),
+    (("Task 2 in stage 7.0 failed 4 times, most recent failure: Lost task 2.3 in stage 7.0 (TID 40) (10.0.3.7 "
+     "executor 4): ExecutorLostFailure (executor 4 exited caused by one of the running tasks) Reason: The "
+     "executor with id 4 exited with exit code 137(SIGKILL, possible container OOM)."),
+     ("(an executor's container was killed (exit code 137)): that memory holds the Python workers, so raise "
+     "spark.executor.memoryOverhead or set spark.executor.pyspark.memory (spark-submit --conf), or lower "
+     "CLICKSTREAM_MAX_SESSION_EVENTS (100000")),
     ("java.io.IOException: No space left on device",
      ("Spark ran out of disk space (No space left on device) for its scratch files in /scratch/spark: free space there, "
      "or set SPARK_LOCAL_DIRS")),
@@ -405,6 +430,67 @@ def test_spark_out_of_memory_or_disk_names_the_setting_to_raise(spark, lake_dir,
     assert out.exit_code == 2, out.output
     assert said in out.output
     assert "Traceback" not in out.output
+
+
+# Real failures in a Spark of its own, each named on the command line, in order (the last two end it): a
+# Python worker killed, as the kernel's out-of-memory killer does; a task's heap running out, which under
+# local[*] ends the whole JVM; the JVM killed.
+REAL_OUT_OF_MEMORY = textwrap.dedent("""
+    import os, signal, sys, threading, time
+    from pyspark import SparkContext
+    from pyspark.sql import functions as F
+    from batch.train import TrainError, spark_failures_explained
+    from batch.train_config import TrainSettings, spark_session
+
+    settings = TrainSettings(spark_master="local[1]", spark_driver_memory="512m", progress=False)
+    spark = spark_session(settings, "out-of-memory")
+
+    def killed(frames):
+        os.kill(os.getpid(), signal.SIGKILL)
+        yield from frames
+
+    def slow(frames):
+        time.sleep(20)      # the JVM is killed 3 s into it
+        yield from frames
+
+    def jvm_killed_meanwhile():
+        threading.Timer(3, os.kill, (SparkContext._gateway.proc.pid, signal.SIGKILL)).start()
+        spark.range(1, numPartitions=1).mapInPandas(slow, "id long").collect()
+
+    huge = F.expr("repeat('x', cast(id + 100000000 as int))")
+    jobs = {"worker": lambda: spark.range(1, numPartitions=1).mapInPandas(killed, "id long").collect(),
+            "heap": lambda: spark.range(8, numPartitions=1).select(huge.alias("s")).groupBy()
+                            .agg(F.length(F.concat_ws("", F.collect_list("s")))).collect(),
+            "jvm": jvm_killed_meanwhile}
+    for name in sys.argv[1:]:
+        try:
+            with spark_failures_explained(settings):
+                jobs[name]()
+        except TrainError as exc:
+            print("said:", exc)
+""")
+
+
+def said_by_spark(*jobs: str) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", REAL_OUT_OF_MEMORY, *jobs], cwd=ROOT, capture_output=True,
+                          encoding="utf-8", check=False, timeout=300)
+    said = [line for line in done.stdout.splitlines() if line.startswith("said:")]
+    assert len(said) == len(jobs), done.stdout + done.stderr[-3000:]
+    return said
+
+
+def test_memory_running_out_inside_a_local_spark_names_what_to_change():
+    """Under local[*] a task that ran out of heap ends the JVM, and the job said only that its SparkContext
+    was shut down, or py4j that it lost its connection: the OutOfMemoryError was in the log, and make
+    train ended on a py4j traceback. A Python worker or the JVM killed for their memory did the same."""
+    worker, heap = said_by_spark("worker", "heap")
+    assert worker.startswith("said: Python ran out of memory on this machine (a Python worker exited unexpectedly, "
+                             "most often killed for its memory): free memory, or lower CLICKSTREAM_MAX_SESSION_EVENTS")
+    assert heap.startswith("said: Spark's JVM ran out of memory (java.lang.OutOfMemoryError, exit code 52): raise "
+                           "CLICKSTREAM_SPARK_DRIVER_MEMORY (512m;")
+    [jvm] = said_by_spark("jvm")
+    assert jvm.startswith("said: Spark's JVM was killed (signal 9), most often by the kernel for the memory it took: "
+                          "lower CLICKSTREAM_SPARK_DRIVER_MEMORY (512m) below the memory this machine has free")
 
 
 def test_leakage_tell_tale_purchase_total_stays_out(spark, tmp_path):
