@@ -71,14 +71,15 @@ def aws_endpoint(tmp_path_factory):
         return
     log = tmp_path_factory.mktemp("emulator") / "moto.log"
     server = emulator.start("moto", log_path=log)
-    os.environ["AWS_ENDPOINT_URL"] = server.endpoint
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    set_here = {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                "AWS_DEFAULT_REGION": "us-east-1"}
+    set_here = {key: value for key, value in set_here.items() if key == "AWS_ENDPOINT_URL" or key not in os.environ}
+    os.environ.update(set_here)
     try:
         yield server.endpoint
     finally:
-        os.environ.pop("AWS_ENDPOINT_URL", None)
+        for key in set_here:        # the emulator's credentials must not outlive it (a later real-AWS test)
+            os.environ.pop(key, None)
         server.stop()
 
 
