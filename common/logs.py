@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -56,9 +57,16 @@ class Tally:
         return reported
 
 
+def _not_py4j_chatter(record: logging.LogRecord) -> bool:
+    """py4j logs some lines through the root logger (``logging.info``), not its own: when Spark's JVM dies, a
+    page of traceback at INFO for every call it refused, above the one line that says why."""
+    return record.levelno >= logging.WARNING or f"{os.sep}py4j{os.sep}" not in record.pathname
+
+
 def setup(level: str = "INFO", json_lines: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_not_py4j_chatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
