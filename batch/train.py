@@ -313,7 +313,9 @@ def out_of_memory_error(exc: Exception, settings: TrainSettings) -> TrainError |
     text = str(exc)
     found = _TASK_EXECUTOR.search(text) or _LOST_EXECUTOR.search(text)
     executor = next((name for name in found.groups() if name), None) if found else None
-    if "java.lang.OutOfMemoryError" in text and executor not in (None, "driver"):
+    # An executor whose heap ran out exits with Spark's code 52, and that may reach the driver before the task's error.
+    heap_out = "java.lang.OutOfMemoryError" in text or (_LOST_EXECUTOR.search(text) and re.search(r"\bcode 52\b", text))
+    if heap_out and executor not in (None, "driver"):
         return TrainError(f"A Spark executor ran out of heap (java.lang.OutOfMemoryError in executor {executor}): give "
                           "the executors more memory (spark-submit --executor-memory, spark.executor.memory), or "
                           "spread the work over more tasks (CLICKSTREAM_SPARK_SHUFFLE_PARTITIONS, "

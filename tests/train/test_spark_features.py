@@ -397,6 +397,10 @@ def test_examples_come_back_cached_and_nothing_else_stays_cached(spark, lake_dir
      "\"batch/train_features.py\", line 9, in fold\nMemoryError"),
      ("Spark ran out of memory outside the executors' JVM heap (MemoryError): that memory holds the Python workers, "
      "so raise spark.executor.memoryOverhead")),
+    (("Task 0 in stage 0.0 failed 4 times, most recent failure: Lost task 0.3 in stage 0.0 (TID 3) (192.0.2.2 "
+      "executor 2): ExecutorLostFailure (executor 2 exited caused by one of the running tasks) Reason: Command exited "
+      "with code 52"),
+     "A Spark executor ran out of heap (java.lang.OutOfMemoryError in executor 2): give the executors more memory"),
     (("Task 2 in stage 7.0 failed 4 times, most recent failure: Lost task 2.3 in stage 7.0 (TID 40) (ip-10-0-1-5 "
      "executor 12): ExecutorLostFailure (executor 12 exited caused by one of the running tasks) Reason: Container "
      "killed by YARN for exceeding memory limits. 5.5 GB of 5.5 GB physical memory used."),
