@@ -89,9 +89,17 @@ class WebDriver:
         return self.call("POST", f"/session/{self.session}/execute/sync", {"script": script, "args": []})
 
     def wait(self, script: str, timeout: float = 15) -> None:
+        """Until ``script`` returns true. One that throws (an element not there yet: once in CI, the shop's
+        page was not yet the document when the first check ran) is tried again until the deadline."""
         deadline = time.monotonic() + timeout
-        while not self.js(script):
-            assert time.monotonic() < deadline, f"timed out waiting for: {script}"
+        while True:
+            try:
+                if self.js(script):
+                    return
+                failure = f"timed out waiting for: {script}"
+            except AssertionError as exc:
+                failure = f"{exc} (at {self.js('return location.href')})"
+            assert time.monotonic() < deadline, failure
             time.sleep(0.1)
 
     def wait_view(self, hash_prefix: str) -> None:
