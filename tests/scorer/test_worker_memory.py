@@ -170,6 +170,10 @@ def test_emit_policies(policy, n):
     assert 1 < len(emitted) < len(decisions)
 
 
+def folded(mode: str) -> float:
+    return REGISTRY.get_sample_value("scorer_events_total", {"mode": mode}) or 0.0
+
+
 def test_restart_rebuilds_live_sessions_quietly_and_continues_like_an_uninterrupted_run():
     sessions = [session_events(f"r{i}", seed=20 + i, n=12) for i in range(4)]
     first = interleave([s[:6] for s in sessions])
@@ -180,6 +184,7 @@ def test_restart_rebuilds_live_sessions_quietly_and_continues_like_an_uninterrup
     crashed.put(first)
     crashed.drain()
     emitted_before = {p["event_id"] for p in crashed.predictions()}
+    counted_before = {mode: folded(mode) for mode in ("live", "replay")}
     # The first worker dies without a clean close. The next one, just started, takes its leases once it
     # has seen them unrenewed for a lease period, and replays.
     crashed.put(second)
@@ -193,6 +198,8 @@ def test_restart_rebuilds_live_sessions_quietly_and_continues_like_an_uninterrup
     restarted.drain()
     after = restarted.predictions()
     assert {p["event_id"] for p in after}.isdisjoint(emitted_before)
+    assert {mode: folded(mode) - counted_before[mode] for mode in counted_before} == \
+        {"live": len(second), "replay": len(first)}
     got = {p["event_id"]: p for p in after}
     for events in sessions:
         expected = reference(events)
