@@ -89,19 +89,56 @@ def feature_reference_of(meta: dict) -> FeatureReference | None:
     return FeatureReference(names, edges, [shares for _, shares in binned])
 
 
+class MinuteSample:
+    """A uniform sample of up to ``SAMPLE_PER_SLOT`` of a minute's live feature rows (reservoir
+    sampling): each row of the minute is equally likely to be in it, whichever batch brought it. The
+    first rows of a minute alone would be a second or two of one shard's traffic when busy. Binned and
+    its rows let go once the minute is over."""
+
+    def __init__(self, width: int, rng: np.random.Generator):
+        self.rows: np.ndarray | None = np.empty((SAMPLE_PER_SLOT, width), np.float32)
+        self.seen = 0                       # rows offered this minute
+        self.rng = rng
+        self.binned: np.ndarray | None = None
+
+    def offer(self, inputs: np.ndarray, picked: np.ndarray | None) -> None:
+        """Offer the rows ``picked`` (indices; None: all) of ``inputs``."""
+        offered = len(inputs) if picked is None else len(picked)
+        order = np.arange(self.seen, self.seen + offered)
+        # Algorithm R: the i-th row (from 0) takes place i while there is room, else a random place of
+        # the first i + 1, where it replaces a row only if that place is in the sample.
+        places = np.where(order < SAMPLE_PER_SLOT, order, self.rng.integers(0, order + 1))
+        taking = np.flatnonzero(places < SAMPLE_PER_SLOT)[::-1]
+        # Of two rows drawing one place the later one stays, as one row at a time would have it.
+        places, last = np.unique(places[taking], return_index=True)
+        taking = taking[last]
+        self.rows[places] = inputs[taking if picked is None else picked[taking]]
+        self.seen += offered
+
+    def close(self, features: FeatureReference) -> None:
+        self.binned = self.counts(features)
+        self.rows = None
+
+    def counts(self, features: FeatureReference) -> np.ndarray:
+        """[features, most edges + 1]: the sampled rows by bin of each feature."""
+        rows = self.rows                    # read once: a scrape may meet the worker's close()
+        return self.binned if rows is None else features.count(rows[:min(self.seen, SAMPLE_PER_SLOT)])
+
+
 class ScoreDrift:
     """The live scores of the last ``window_s`` by bin, per minute, against the model's reference, and a
-    sample of the live feature rows (the first ``SAMPLE_PER_SLOT`` of a minute, binned once) against
-    its feature reference. A batch only adds its counts (a few µs); the gauges sum the minutes still
-    in the window when scraped, so a scorer that stops getting traffic shows an emptying window, not
-    the last busy hour's PSI."""
+    uniform sample of each minute's live feature rows (``MinuteSample``) against its feature reference.
+    A batch only adds its counts and offers its rows (tens of µs); the gauges sum the minutes still in
+    the window when scraped, so a scorer that stops getting traffic shows an emptying window, not the
+    last busy hour's PSI."""
 
-    def __init__(self, window_s: float, clock=time.monotonic):
+    def __init__(self, window_s: float, clock=time.monotonic, rng: np.random.Generator | None = None):
         self.slots_kept = max(1, math.ceil(window_s / SLOT_S))
         self.clock = clock
+        self.rng = rng or np.random.default_rng()
         self.version: str | None = None
-        # (score reference, feature reference, ((minute, scores per bin, buy decisions, sampled rows
-        # per feature bin or None), ...)), replaced whole: scrapes read it from another thread, and a new model's
+        # (score reference, feature reference, ((minute, scores per bin, buy decisions, MinuteSample
+        # or None), ...)), replaced whole: scrapes read it from another thread, and a new model's
         # reference must never meet the last one's counts.
         self.window: tuple = (None, None, ())
         for gauge, read in ((metrics.SCORE_PSI, self.psi), (metrics.SCORES_IN_WINDOW, self.rows),
@@ -111,7 +148,7 @@ class ScoreDrift:
 
     def observe(self, model, p_buy: np.ndarray, inputs: np.ndarray, live: np.ndarray | None = None) -> None:
         """Count a batch's scores, or those ``live`` marks (``inputs``: their feature rows); the window
-        starts again with each new model. Rows are picked by index, and only the sampled ones binned."""
+        starts again with each new model. Rows are picked by index, and only the sampled ones copied."""
         if model.version != self.version:
             self._start(model)
         reference, features, slots = self.window
@@ -124,16 +161,17 @@ class ScoreDrift:
         counts = np.bincount(np.searchsorted(reference[0], p_buy, side="right"), minlength=len(reference[1])) \
             if reference else np.zeros(0, dtype=np.int64)
         buys = int(np.count_nonzero(p_buy >= model.threshold))
-        sampled = None
         minute = self._minute()
         if slots and slots[-1][0] == minute:
-            _, in_slot, bought_in_slot, sampled = slots[-1]
+            _, in_slot, bought_in_slot, sample = slots[-1]
             slots, counts, buys = slots[:-1], counts + in_slot, buys + bought_in_slot
-        take = min(SAMPLE_PER_SLOT - (0 if sampled is None else int(sampled[0].sum())), len(p_buy))
-        if features is not None and take > 0:
-            binned = features.count(inputs[:take] if picked is None else inputs[picked[:take]])
-            sampled = binned if sampled is None else sampled + binned
-        self.window = (reference, features, self._current(slots, minute) + ((minute, counts, buys, sampled),))
+        else:
+            if slots and slots[-1][3] is not None:
+                slots[-1][3].close(features)            # its minute is over
+            sample = MinuteSample(features.edges.shape[0], self.rng) if features is not None else None
+        if sample is not None:
+            sample.offer(inputs, picked)
+        self.window = (reference, features, self._current(slots, minute) + ((minute, counts, buys, sample),))
 
     def _start(self, model) -> None:
         self.version = model.version
@@ -182,7 +220,7 @@ class ScoreDrift:
         _, features, slots = self.window
         if features is None:
             return {}
-        counts = sum((slot[3] for slot in self._current(slots, self._minute()) if slot[3] is not None),
+        counts = sum((slot[3].counts(features) for slot in self._current(slots, self._minute()) if slot[3] is not None),
                      np.zeros((len(features.names), features.edges.shape[1] + 1), dtype=np.int64))
         count = int(counts[0].sum())
         if count < MIN_ROWS:

@@ -93,7 +93,7 @@ class _FeaturePsi:
 
     def collect(self):
         family = GaugeMetricFamily("scorer_feature_psi", "Population stability index of each input of the live "
-                                   "scores (a sample of up to 500 rows a minute over drift_window_s) against "
+                                   "scores (a uniform sample of up to 500 rows a minute over drift_window_s) against "
                                    "model.json's feature_reference: which input moved when scorer_score_psi "
                                    "rises; NaN under 1,000 sampled rows", labels=["feature"])
         for feature, value in self.read().items():

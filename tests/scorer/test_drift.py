@@ -10,7 +10,16 @@ import pytest
 from prometheus_client import REGISTRY
 
 from batch.train_metrics import feature_reference, score_reference
-from scorer.drift import MIN_ROWS, SAMPLE_PER_SLOT, SLOT_S, ScoreDrift, feature_reference_of, psi, reference_of
+from scorer.drift import (
+    MIN_ROWS,
+    SAMPLE_PER_SLOT,
+    SLOT_S,
+    MinuteSample,
+    ScoreDrift,
+    feature_reference_of,
+    psi,
+    reference_of,
+)
 
 
 def gauge(name: str) -> float:
@@ -187,12 +196,41 @@ def test_features_are_sampled_a_few_hundred_rows_a_minute_and_not_judged_on_fewe
     for _ in range(4):
         observe(drift, champion, rng.beta(2, 5, 5000), sessions(rng, 5000))   # 20,000 scores in a minute
     assert gauge("scorer_score_window_rows") == 20_000
-    assert drift.window[2][-1][3][0].sum() == SAMPLE_PER_SLOT
+    assert drift.window[2][-1][3].counts(drift.window[1])[0].sum() == SAMPLE_PER_SLOT
     assert all(math.isnan(value) for value in feature_gauges().values())     # 500 sampled rows: too few
     for _ in range(MIN_ROWS // SAMPLE_PER_SLOT):
         clock.now += SLOT_S
         observe(drift, champion, rng.beta(2, 5, 500), sessions(rng, 500))
     assert max(feature_gauges().values()) < 0.05
+
+
+def test_every_row_of_a_minute_is_as_likely_to_be_sampled_whichever_batch_brought_it():
+    """10 x SAMPLE_PER_SLOT rows whose value is their place in the minute, in batches of uneven sizes,
+    sampled 300 times: each tenth of the minute holds a tenth of the sample, and no row is in it twice."""
+    rows = np.arange(10 * SAMPLE_PER_SLOT, dtype=np.float32)[:, None]
+    batches = np.split(np.arange(len(rows)), [3, 40, 41, 900, 2900, 2950])
+    tenths = np.zeros(10)
+    for seed in range(300):
+        sample = MinuteSample(1, np.random.default_rng(seed))
+        for picked in batches:
+            sample.offer(rows, picked)
+        kept = sample.rows[:, 0].astype(int)
+        assert len(set(kept.tolist())) == SAMPLE_PER_SLOT
+        tenths += np.bincount(kept // SAMPLE_PER_SLOT, minlength=10)
+    assert np.allclose(tenths / tenths.sum(), 0.1, atol=0.01), tenths / tenths.sum()
+
+
+def test_a_minute_whose_first_batch_differs_from_the_rest_is_judged_on_all_of_it():
+    """When busy, the first rows of a minute are one batch of one shard. Here each minute's first
+    batch is all mobile and the rest of the minute desktop: a fifth mobile, as in training."""
+    rng, clock = np.random.default_rng(17), Clock()
+    champion = model("v1", rng.beta(2, 5, 20_000), training_rows=sessions(rng, 20_000, mobile_share=0.2))
+    drift = ScoreDrift(3600, clock=clock, rng=rng)
+    for _ in range(3):
+        for mobile_share in (1.0, 0.0, 0.0, 0.0, 0.0):
+            observe(drift, champion, rng.beta(2, 5, 1000), sessions(rng, 1000, mobile_share=mobile_share))
+        clock.now += SLOT_S
+    assert feature_gauges()["is_mobile"] < 0.05
 
 
 @pytest.mark.parametrize("meta", [
@@ -214,7 +252,7 @@ def test_only_live_rows_are_counted_and_sampled():
     p_buy = rng.beta(2, 5, 100)
     p_buy[1] = np.nan                                      # and a score that is not counted either
     drift.observe(champion, p_buy, rows, live=np.arange(100) % 2 == 1)
-    mobile = drift.window[2][-1][3][2]                     # is_mobile's sampled rows by bin
+    mobile = drift.window[2][-1][3].counts(drift.window[1])[2]     # is_mobile's sampled rows by bin
     assert gauge("scorer_score_window_rows") == 49 and mobile.sum() == 49 and mobile[0] == 0
 
 
