@@ -33,7 +33,7 @@ import orjson
 from botocore.exceptions import BotoCoreError, ClientError
 from tqdm import tqdm
 
-from batch import compact, erase, lake
+from batch import compact, erase, lake, undelete
 from batch.loader import LoaderSettings, hard_exit
 from common import aws
 from common.badrows import raw_record_of
@@ -44,7 +44,7 @@ from common.producer import TOO_LARGE, entry_size, kinesis_key
 from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES, KinesisStream, StreamBackend
 
 
-@click.group(cls=AwsGroup, context_settings=CLI_CONTEXT, help="Inspect the S3 lake, replay bad rows, erase a person's data, merge small files.\n\n"
+@click.group(cls=AwsGroup, context_settings=CLI_CONTEXT, help="Inspect the S3 lake, replay bad rows, erase a person's data, merge small files, restore deleted ones.\n\n"
              "Settings come from CLICKSTREAM_* variables and the [lake] section of the TOML file named "
              "by CLICKSTREAM_CONFIG (docs/lake.md), as the lake loader reads them.")
 @click.option("--bucket", help="lake bucket (default: CLICKSTREAM_BUCKET or clickstream-lake)")
@@ -470,13 +470,56 @@ def erase_command(obj: dict, pseudonyms: tuple[str, ...], from_file, start: str 
     verb = "would remove" if dry_run else "removed"
     for key, rows in sorted(done.files.items()):
         click.echo(f"{key}: {verb} {rows} rows" + (" (no rows left: file deleted)" if key in done.emptied else ""))
+    for version, rows in sorted(done.old_versions.items()):
+        click.echo(f"{version}: {verb} this earlier version ({rows} of the rows)")
     click.echo(f"{verb} {done.rows} rows in {len(done.files)} files ({done.identities} pseudonyms matched, "
-               f"{len(done.sessions)} sessions), {done.predictions} predictions, {done.offers} offers")
+               f"{len(done.sessions)} sessions), {len(done.old_versions)} earlier versions of lake files (kept "
+               f"to restore a deleted file), {done.predictions} predictions, {done.offers} offers")
     # Named, since [lake] (or a variable) must name the tables the scorer and discount engine write.
     click.echo(f"(lake s3://{settings.bucket}/enriched/, tables {settings.predictions_table} and {settings.offers_table})")
     if done.files and not dry_run:
         click.echo("note: a lake loader replaying a shard after a crash rewrites its files from the enriched stream; "
                    "run this again once the stream's retention has passed")
+
+
+def _since(ctx: click.Context, param: click.Parameter, value: str) -> dt.datetime:
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"expected an ISO time such as 2026-12-06T10:00 (UTC unless it says), "
+                                 f"got {value!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+@lake_cli.command("undelete", help="Bring back the files under PREFIX of the bucket (models/, enriched/, "
+                                   "erasures/, ...) deleted since --since: the bucket keeps a deleted file "
+                                   "deleted_retention_days (7; raw/ and bad/ 1). See docs/operations.md.")
+@click.argument("prefix")
+@click.option("--since", required=True, callback=_since, help="ISO time, UTC unless it says: 2026-12-06T10:00")
+@click.option("--dry-run", is_flag=True, help="say what would be restored, change nothing")
+@click.pass_obj
+def undelete_command(obj: dict, prefix: str, since: dt.datetime, dry_run: bool) -> None:
+    settings, s3 = obj["settings"], obj["s3"]
+    where = f"s3://{settings.bucket}/{prefix}"
+    if s3.get_bucket_versioning(Bucket=settings.bucket).get("Status") != "Enabled":
+        raise click.ClickException(f"s3://{settings.bucket} is not versioned, so it keeps no deleted file: nothing "
+                                   "to restore (python -m infra.provision turns versioning on, for the next time)")
+    verb = "would restore" if dry_run else "restored"
+    restored = []
+    for deleted in undelete.deleted_since(s3, settings.bucket, prefix, since):
+        when = f"deleted {deleted.at.astimezone(dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
+        if not deleted.restorable:
+            click.echo(f"{deleted.key}: {when}, nothing left to restore (kept too long ago, or erased)")
+            continue
+        if not dry_run:
+            undelete.undelete(s3, settings.bucket, deleted)
+        click.echo(f"{deleted.key}: {verb} ({when})")
+        restored.append(deleted.key)
+    click.echo(f"{verb} {len(restored)} files deleted since {since.astimezone(dt.UTC):%Y-%m-%dT%H:%M:%SZ} "
+               f"under {where}")
+    if any(key.startswith("enriched/") for key in restored):
+        click.echo("note: a compaction deletes the files it merged; restored, their events are in the lake twice "
+                   "(training reads each event id once)")
 
 
 @lake_cli.command("compact", help="Merge the small enriched Parquet files of each hour partition into few large "

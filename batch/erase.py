@@ -43,6 +43,7 @@ class Erasure:
     record: dict                                        # erasures/<…>.json as it will be written
     files: dict[str, int] = field(default_factory=dict)  # lake key -> rows removed
     emptied: list[str] = field(default_factory=list)     # keys deleted because no row was left
+    old_versions: dict[str, int] = field(default_factory=dict)  # "key?versionId=…" of earlier versions -> rows
     sessions: set[str] = field(default_factory=set)      # domain_sessionid of every removed row
     predictions: int = 0
     offers: int = 0
@@ -58,7 +59,8 @@ class Erasure:
 
     def run_summary(self) -> dict:
         return {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": self.rows,
-                "files": self.files, "files_deleted": self.emptied, "sessions": len(self.sessions),
+                "files": self.files, "files_deleted": self.emptied, "old_versions_deleted": self.old_versions,
+                "sessions": len(self.sessions),
                 "predictions": self.predictions, "offers": self.offers}
 
 
@@ -105,17 +107,39 @@ def _bar(total: int, desc: str, progress: bool) -> tqdm:
     return tqdm(total=total, unit="file", desc=desc, disable=not progress, file=sys.stderr)
 
 
-def identities_of(s3, bucket: str, keys: list[str], pseudonyms: set[str], progress: bool) -> set[str]:
+def _old_versions(s3, bucket: str, start, end) -> list[tuple[str, str]]:
+    """(key, version id) of the earlier versions of the enriched files in the range: the bucket keeps
+    a deleted or overwritten file a while (``deleted_retention_days``), to restore it."""
+    return [(version["Key"], version["VersionId"]) for version in
+            lake.objects_between(s3, bucket, "enriched", start, end, lister=lake.list_old_versions)
+            if version["Key"].endswith(".parquet")]
+
+
+def _read_version(s3, bucket: str, key: str, version_id: str | None, columns: list[str] | None = None) -> pa.Table | None:
+    """A lake file, or one earlier version of it; None once gone (expired, or erased by another run)."""
+    try:
+        body = s3.get_object(Bucket=bucket, Key=key, **({"VersionId": version_id} if version_id else {}))["Body"].read()
+    except ClientError as exc:
+        if aws.no_such_key(exc) or exc.response["Error"]["Code"] == "NoSuchVersion":
+            return None
+        raise
+    return lake.parquet_table(body, columns)
+
+
+def identities_of(s3, bucket: str, files: list[tuple[str, str | None]], pseudonyms: set[str],
+                  progress: bool) -> set[str]:
     """The pseudonyms plus the cookie ids (``domain_userid``, ``network_userid``) seen on rows with one
-    of them as ``user_id``; never SP-Anonymous' nil id, which everyone's anonymous hits share."""
+    of them as ``user_id`` in these (key, version id or None) files; never SP-Anonymous' nil id,
+    which everyone's anonymous hits share."""
     found = set(pseudonyms)
     values = pa.array(sorted(pseudonyms), pa.string())
-    with _bar(len(keys), "finding cookie ids", progress) as bar:
-        for key in keys:
-            table = lake.read_parquet_object(s3, bucket, key, list(IDENTITY_COLUMNS))
-            theirs = table.filter(_is_in(table.column("user_id"), values))
-            for name in ("domain_userid", "network_userid"):
-                found.update(v for v in theirs.column(name).to_pylist() if v and v != NIL_USER)
+    with _bar(len(files), "finding cookie ids", progress) as bar:
+        for key, version_id in files:
+            table = _read_version(s3, bucket, key, version_id, list(IDENTITY_COLUMNS))
+            if table is not None:
+                theirs = table.filter(_is_in(table.column("user_id"), values))
+                for name in ("domain_userid", "network_userid"):
+                    found.update(v for v in theirs.column(name).to_pylist() if v and v != NIL_USER)
             bar.update()
     return found
 
@@ -125,7 +149,10 @@ def erase_lake(s3, bucket: str, pseudonyms: set[str], *, start=None, end=None, d
     """Rewrite every enriched object in the range without the person's rows (nothing is written with ``dry_run``)."""
     keys = _keys(s3, bucket, start, end)
     record = _record(s3, bucket, pseudonyms)
-    identities = identities_of(s3, bucket, keys, pseudonyms, progress) | set(record["identities"])
+    # The earlier versions too: a file deleted (by a compaction, say) may hold the only rows that tie
+    # the customer to their cookie.
+    files = [(key, None) for key in keys] + _old_versions(s3, bucket, start, end)
+    identities = identities_of(s3, bucket, files, pseudonyms, progress) | set(record["identities"])
     record["identities"] = sorted(identities)
     values = pa.array(record["identities"], pa.string())
     erasure = Erasure(record)
@@ -134,6 +161,12 @@ def erase_lake(s3, bucket: str, pseudonyms: set[str], *, start=None, end=None, d
     with _bar(len(keys), "erasing" if not dry_run else "checking", progress) as bar:
         for key in keys:
             _erase_object(s3, bucket, key, values, erasure, dry_run)
+            bar.update()
+    # Listed again after the rewrites: the versions they replaced are among them.
+    versions = _old_versions(s3, bucket, start, end)
+    with _bar(len(versions), "earlier versions", progress) as bar:
+        for key, version_id in versions:
+            _erase_old_version(s3, bucket, key, version_id, values, erasure, dry_run)
             bar.update()
     return erasure
 
@@ -173,6 +206,25 @@ def _erase_object(s3, bucket: str, key: str, values: pa.Array, erasure: Erasure,
         return
     raise RuntimeError(f"s3://{bucket}/{key} changed {CONFLICT_ATTEMPTS} times while being erased; run the "
                        "command again (it is idempotent)")
+
+
+def _erase_old_version(s3, bucket: str, key: str, version_id: str, values: pa.Array, erasure: Erasure,
+                       dry_run: bool) -> None:
+    """Delete an earlier version of a lake file that holds any of the person's rows (a version is
+    never changed, so it goes whole; the rewrite of the current file left one behind)."""
+    table = _read_version(s3, bucket, key, version_id)
+    if table is None:
+        return
+    mask = _matches(table, values)
+    removed = pc.sum(mask).as_py() or 0
+    if not removed:
+        return
+    erasure.old_versions[f"{key}?versionId={version_id}"] = removed
+    erasure.sessions.update(_session_keys(table.filter(mask)))
+    erasure.record["sessions"] = sorted(set(erasure.record["sessions"]) | erasure.sessions)
+    if not dry_run:
+        save_record(s3, bucket, erasure)
+        s3.delete_object(Bucket=bucket, Key=key, VersionId=version_id)
 
 
 SESSION_KEY_COLUMNS = ("domain_sessionid", "domain_userid", "user_id", "network_userid", "event_id")

@@ -406,16 +406,24 @@ def list_objects(s3, bucket: str, prefix: str) -> Iterator[dict]:
         yield from page.get("Contents", [])
 
 
+def list_old_versions(s3, bucket: str, prefix: str) -> Iterator[dict]:
+    """Versions that are no longer the object's (deleted or overwritten: the bucket is versioned), with
+    their ``Key`` and ``VersionId``. An unversioned bucket has none."""
+    for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+        yield from (version for version in page.get("Versions", []) if not version["IsLatest"])
+
+
 def objects_between(s3, bucket: str, area: str, start: str | dt.date | None = None,
-                    end: str | dt.date | None = None) -> list[dict]:
+                    end: str | dt.date | None = None, lister=list_objects) -> list[dict]:
     """Objects under ``area`` ("enriched" or "bad") from ``start`` to ``end`` (dates, both included):
-    ``end`` alone means everything up to it, ``start`` alone that one day, neither everything."""
+    ``end`` alone means everything up to it, ``start`` alone that one day, neither everything.
+    ``lister``: ``list_old_versions`` for the earlier versions of the objects there instead."""
     if start is None:
-        objects = list(list_objects(s3, bucket, f"{area}/"))
+        objects = list(lister(s3, bucket, f"{area}/"))
         last = None if end is None else as_date(end).isoformat()
         return objects if last is None else [obj for obj in objects if key_partition(obj["Key"])[0] <= last]
     days = dates_between(start, end or start)
-    return [obj for day in days for obj in list_objects(s3, bucket, f"{area}/date={day.isoformat()}/")]
+    return [obj for day in days for obj in lister(s3, bucket, f"{area}/date={day.isoformat()}/")]
 
 
 def key_partition(key: str) -> tuple[str, str]:

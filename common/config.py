@@ -62,7 +62,7 @@ SECTION_KEYS = {section: frozenset(keys.split()) for section, keys in {
     "discount": """offer_threshold offer_ceiling min_events max_prediction_age_s budget_per_hour discount_percent offer_ttl_hours
         metrics_host metrics_port batch_limit read_interval_s lease_ms log_level""",
     "provision": """raw_shards enriched_shards bad_shards predictions_shards raw_retention_days bad_retention_days
-        lake_retention_days stream_retention_hours""",
+        lake_retention_days deleted_retention_days stream_retention_hours""",
     "web": "web_host web_port shop_dir tracker_dir",
     "summary": "model_name log_level",
     "liveview": """host port collector_metrics_url enrich_metrics_url scorer_metrics_url loader_metrics_url

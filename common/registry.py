@@ -267,11 +267,15 @@ def model_names(s3, bucket: str) -> list[str]:
 
 
 def _folders(s3, bucket: str, prefix: str) -> list[str]:
-    paginator = s3.get_paginator("list_objects_v2")
+    """The folders right under ``prefix`` that hold a file. Read from the keys, not from a listing's
+    CommonPrefixes: moto (the emulator) also gives a folder whose files were all deleted when the
+    bucket is versioned, as it is, so a pruned version would still be listed."""
     found = set()
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-        for folder in page.get("CommonPrefixes", []):
-            found.add(folder["Prefix"].rstrip("/").rsplit("/", 1)[-1])
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            folder, slash, _ = item["Key"][len(prefix):].partition("/")
+            if slash:
+                found.add(folder)
     return sorted(found)
 
 

@@ -37,6 +37,9 @@ class ProvisionSettings(AwsSettings):
     raw_retention_days: int = 7
     bad_retention_days: int = 30
     lake_retention_days: int = 400     # enriched/, as deploy/cloudformation.yaml's LakeRetentionDays
+    # The bucket is versioned: a file deleted or overwritten (by hand, by a prune, by a bug) can be
+    # restored for this long (batch.cli undelete); raw/ and bad/ keep theirs a day, being clear personal data.
+    deleted_retention_days: int = 7
     # How long raw, enriched and bad keep records: the window for replays and for an outage of their
     # readers. deploy/cloudformation.yaml's StreamRetentionHours. Predictions keep Kinesis' 24 h,
     # which the discount engine's offer_ttl_hours is checked against.
@@ -44,7 +47,7 @@ class ProvisionSettings(AwsSettings):
 
     def validate(self) -> None:
         require_positive(self, "raw_shards", "enriched_shards", "bad_shards", "predictions_shards",
-                         "raw_retention_days", "bad_retention_days", "lake_retention_days")
+                         "raw_retention_days", "bad_retention_days", "lake_retention_days", "deleted_retention_days")
         if not 24 <= self.stream_retention_hours <= 8760:
             raise ConfigError(f"CLICKSTREAM_STREAM_RETENTION_HOURS: expected 24 to 8760 (Kinesis' range), "
                               f"got {self.stream_retention_hours}")
@@ -92,16 +95,27 @@ def _wait_active(kinesis, name: str) -> None:
     kinesis.get_waiter("stream_exists").wait(StreamName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 120})
 
 
+CLEAR_DATA_DELETED_DAYS = 1               # raw/ and bad/: how long their deleted files can be restored
+
+
 def lifecycle_rules(settings: ProvisionSettings) -> list[dict]:
+    # In a versioned bucket an expiry or a delete only hides the file: the version it leaves is
+    # removed NoncurrentDays later. Where two rules overlap S3 keeps the shorter, so raw/ and bad/
+    # keep theirs one day whatever deleted_retention_days says.
+    kept_a_day = {"NoncurrentVersionExpiration": {"NoncurrentDays": CLEAR_DATA_DELETED_DAYS}}
     return [
         {"ID": "expire-raw", "Filter": {"Prefix": "raw/"}, "Status": "Enabled",
-         "Expiration": {"Days": settings.raw_retention_days}},
+         "Expiration": {"Days": settings.raw_retention_days}, **kept_a_day},
         {"ID": "expire-bad", "Filter": {"Prefix": "bad/"}, "Status": "Enabled",
-         "Expiration": {"Days": settings.bad_retention_days}},
+         "Expiration": {"Days": settings.bad_retention_days}, **kept_a_day},
         {"ID": "expire-enriched", "Filter": {"Prefix": "enriched/"}, "Status": "Enabled",
          "Expiration": {"Days": settings.lake_retention_days}},
         {"ID": "abort-incomplete-uploads", "Filter": {"Prefix": ""}, "Status": "Enabled",
          "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}},
+        {"ID": "expire-deleted-versions", "Filter": {"Prefix": ""}, "Status": "Enabled",
+         "NoncurrentVersionExpiration": {"NoncurrentDays": settings.deleted_retention_days}},
+        {"ID": "remove-expired-delete-markers", "Filter": {"Prefix": ""}, "Status": "Enabled",
+         "Expiration": {"ExpiredObjectDeleteMarker": True}},
     ]
 
 
@@ -155,9 +169,12 @@ def ensure_bucket(s3, name: str, settings: ProvisionSettings) -> str:
                 raise _unusable(name, region, "BucketAlreadyExists") from None
             raise
         state = "created"
+    s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
     s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": lifecycle_rules(settings)})
     return (f"bucket {name}: {state}, lifecycle raw/ {settings.raw_retention_days} d, bad/ {settings.bad_retention_days} d, "
-            f"enriched/ {settings.lake_retention_days} d, {ensure_encrypted(s3, name)}, {ensure_tls_only(s3, name)}")
+            f"enriched/ {settings.lake_retention_days} d, versioned (deleted files kept "
+            f"{settings.deleted_retention_days} d, raw/ and bad/ {CLEAR_DATA_DELETED_DAYS} d), "
+            f"{ensure_encrypted(s3, name)}, {ensure_tls_only(s3, name)}")
 
 
 def ensure_encrypted(s3, name: str) -> str:

@@ -49,6 +49,18 @@ def _etags(s3, bucket: str) -> dict[str, str]:
     return {obj["Key"]: obj["ETag"] for obj in lake.list_objects(s3, bucket, "enriched/")}
 
 
+def _versions_holding(s3, bucket: str, *values: str) -> list[tuple[str, str]]:
+    """(key, version id) of every version of every enriched file, the current ones included, with one
+    of these values in a column."""
+    found = []
+    for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix="enriched/"):
+        for version in page.get("Versions", []):
+            body = s3.get_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])["Body"].read()
+            if any(value in str(lake.parquet_table(body).to_pylist()) for value in values):
+                found.append((version["Key"], version["VersionId"]))
+    return found
+
+
 def _sessions(dynamodb, table: str) -> set[str]:
     return {item["session_id"]["S"] for item in dynamodb.scan(TableName=table)["Items"]}
 
@@ -76,14 +88,18 @@ def test_erase_removes_the_customer_and_their_anonymous_visits_and_keeps_everyon
     dry = _erase(aws_settings, CUSTOMER, "--dry-run")
     assert dry.exit_code == 0, dry.output
     assert not list(lake.list_objects(s3, aws_settings.bucket, erase.RECORDS))
-    assert "would remove 7 rows in 2 files (3 pseudonyms matched, 3 sessions), 3 predictions, 1 offers" in dry.output
+    assert ("would remove 7 rows in 2 files (3 pseudonyms matched, 3 sessions), 0 earlier versions of lake files "
+            "(kept to restore a deleted file), 3 predictions, 1 offers") in dry.output
     assert "hour=10/shardId-000000000000-5-15.parquet: would remove 2 rows (no rows left: file deleted)" in dry.output
     assert _etags(s3, aws_settings.bucket) == before
     assert len(_sessions(dynamodb, aws_settings.predictions_table)) == 4
 
     done = _erase(aws_settings, CUSTOMER)
     assert done.exit_code == 0, done.output
-    assert "removed 7 rows in 2 files (3 pseudonyms matched, 3 sessions), 3 predictions, 1 offers" in done.output
+    # The versioned bucket kept what the rewrite replaced and what it deleted: both go as well.
+    assert ("removed 7 rows in 2 files (3 pseudonyms matched, 3 sessions), 2 earlier versions of lake files "
+            "(kept to restore a deleted file), 3 predictions, 1 offers") in done.output
+    assert _versions_holding(s3, aws_settings.bucket, CUSTOMER, COOKIE) == []
     assert "run this again once the stream's retention has passed" in done.output
     assert f"tables {aws_settings.predictions_table} and {aws_settings.offers_table})" in done.output
     left = lake.read_enriched(s3, aws_settings.bucket)
@@ -98,7 +114,29 @@ def test_erase_removes_the_customer_and_their_anonymous_visits_and_keeps_everyon
     assert _sessions(dynamodb, aws_settings.offers_table) == {"s-other"}
 
     again = _erase(aws_settings, CUSTOMER)
-    assert "removed 0 rows in 0 files (3 pseudonyms matched, 0 sessions)" in again.output
+    assert "removed 0 rows in 0 files (3 pseudonyms matched, 0 sessions), 0 earlier versions" in again.output
+
+
+def test_a_file_deleted_before_the_erasure_loses_its_earlier_version_only_if_it_held_the_person(
+        aws_settings, s3, lake_with_person):
+    """A compaction, a hand's delete: the bucket keeps the deleted file a week, to restore it. The
+    erasure removes such a version with the person's rows and leaves one with only other people's."""
+    other = make_event(90, session="s-other-day", at=BASE + dt.timedelta(days=1), domain_userid=SOMEONE_ELSE)
+    write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000", event_records([other], start=40),
+                   "enriched")
+    for key in _etags(s3, aws_settings.bucket):
+        s3.delete_object(Bucket=aws_settings.bucket, Key=key)
+    assert len(_versions_holding(s3, aws_settings.bucket, CUSTOMER)) == 2
+
+    done = _erase(aws_settings, CUSTOMER)
+    assert done.exit_code == 0, done.output
+    assert "removed 0 rows in 0 files (3 pseudonyms matched, 3 sessions), 2 earlier versions" in done.output
+    assert "hour=09/shardId-000000000000-5-15.parquet?versionId=" in done.output
+    assert _versions_holding(s3, aws_settings.bucket, CUSTOMER, COOKIE) == []
+    assert [key for key, _ in _versions_holding(s3, aws_settings.bucket, SOMEONE_ELSE)] == \
+        ["enriched/date=2026-11-30/hour=09/shardId-000000000000-40-40.parquet"]
+    # Their sessions' predictions and offers go too: the versions were the only rows that named them.
+    assert _sessions(lake_with_person[1], aws_settings.predictions_table) == {"s-other"}
 
 
 def test_a_later_run_erases_cookie_rows_that_come_back_after_the_customer_rows_are_gone(aws_settings, s3,
@@ -119,7 +157,8 @@ def test_a_later_run_erases_cookie_rows_that_come_back_after_the_customer_rows_a
     dynamodb = aws.client("dynamodb")
     dynamodb.put_item(TableName=aws_settings.predictions_table, Item={"session_id": {"S": "s-login"}})
     again = _erase(aws_settings, CUSTOMER)
-    assert "removed 3 rows in 1 files (3 pseudonyms matched, 1 sessions), 1 predictions" in again.output
+    assert ("removed 3 rows in 1 files (3 pseudonyms matched, 1 sessions), 1 earlier versions of lake files (kept "
+            "to restore a deleted file), 1 predictions") in again.output
     assert _sessions(dynamodb, aws_settings.predictions_table) == {"s-other"}
     assert set(lake.read_enriched(s3, aws_settings.bucket).column("domain_sessionid").to_pylist()) == {"s-other"}
     record = json.loads(s3.get_object(Bucket=aws_settings.bucket, Key=erase.record_key({CUSTOMER}))["Body"].read())
@@ -152,7 +191,8 @@ def test_erase_by_cookie_id_from_a_file_leaves_the_logged_in_rows_of_other_cooki
     listing.write_text(f"{SOMEONE_ELSE}\n\n")
     done = _erase(aws_settings, "--from-file", str(listing))
     assert done.exit_code == 0, done.output
-    assert "removed 4 rows in 1 files (1 pseudonyms matched, 1 sessions), 1 predictions, 1 offers" in done.output
+    assert "removed 4 rows in 1 files (1 pseudonyms matched, 1 sessions), 1 earlier versions" in done.output
+    assert done.output.count("removed this earlier version") == 1 and "1 predictions, 1 offers" in done.output
     assert lake.read_enriched(s3, aws_settings.bucket).num_rows == len(events) - 4
 
 
@@ -211,7 +251,8 @@ def test_an_erase_whose_delete_was_answered_late_and_retried_by_botocore_complet
                                   config=Config(read_timeout=1, retries={"max_attempts": 2, "mode": "standard"}))
         proxy.hang_next = (f"DELETE /{aws_settings.bucket}/{only_them}", "after")    # done, then never answered
         done = erase.erase_lake(s3, aws_settings.bucket, {CUSTOMER}, progress=False)
-        assert proxy.hanging.is_set() and proxy.calls[f"DELETE /{aws_settings.bucket}/{only_them}"] == 2
+        # Twice the conditional delete, then once the version it left (the bucket is versioned).
+        assert proxy.hanging.is_set() and proxy.calls[f"DELETE /{aws_settings.bucket}/{only_them}"] == 3
     assert done.rows == 7 and done.emptied == [only_them]
     assert list(_etags(s3, aws_settings.bucket)) == ["enriched/date=2026-11-29/hour=09/shardId-000000000000-5-15.parquet"]
 

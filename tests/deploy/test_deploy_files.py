@@ -84,6 +84,11 @@ def test_template_has_every_resource_the_pipeline_needs(template):
     bucket = next(iter(resources(template, "AWS::S3::Bucket").values()))["Properties"]
     prefixes = {rule.get("Prefix") for rule in bucket["LifecycleConfiguration"]["Rules"]}
     assert {"enriched/", "bad/", "raw/"} <= prefixes
+    # Versioned as infra.provision makes it: deleted files restorable, clear personal data for a day only.
+    assert bucket["VersioningConfiguration"] == {"Status": "Enabled"}
+    kept = {rule.get("Prefix", ""): rule["NoncurrentVersionExpiration"]["NoncurrentDays"]
+            for rule in bucket["LifecycleConfiguration"]["Rules"] if "NoncurrentVersionExpiration" in rule}
+    assert kept == {"": {"Ref": "DeletedRetentionDays"}, "raw/": 1, "bad/": 1}
     tables = resources(template, "AWS::DynamoDB::Table")
     ttl = {name for name, t in tables.items() if t["Properties"].get("TimeToLiveSpecification", {}).get("Enabled")}
     assert ttl == {"PredictionsTable", "OffersTable", "LeaseTable"}    # the lease table's for dead workers' rows

@@ -49,6 +49,11 @@ def test_provisioning_twice_changes_nothing(aws_settings):
     assert {r["ID"] for r in rules} >= {"expire-raw", "expire-bad", "expire-enriched"}
     [enriched] = [r for r in rules if r["ID"] == "expire-enriched"]          # as CloudFormation's 400 days
     assert enriched["Expiration"]["Days"] == 400 and enriched["Filter"]["Prefix"] == "enriched/"
+    # Versioned: a deleted file can be restored for 7 days; clear personal data (raw/, bad/) for one.
+    assert aws.client("s3").get_bucket_versioning(Bucket=aws_settings.bucket)["Status"] == "Enabled"
+    kept = {rule["Filter"]["Prefix"]: rule["NoncurrentVersionExpiration"]["NoncurrentDays"] for rule in rules
+            if "NoncurrentVersionExpiration" in rule}
+    assert kept == {"": 7, "raw/": 1, "bad/": 1}
     ttl = aws.client("dynamodb").describe_time_to_live(TableName=aws_settings.predictions_table)
     assert ttl["TimeToLiveDescription"]["AttributeName"] == "expires_at"
 
