@@ -311,10 +311,11 @@ def out_of_memory_error(exc: Exception, settings: TrainSettings) -> TrainError |
     """What to do when Spark ran out of memory (a Java stack trace otherwise); None for other failures.
     Which setting to raise depends on where: the driver's heap, an executor's, or memory outside them."""
     text = str(exc)
-    found = _TASK_EXECUTOR.search(text) or _LOST_EXECUTOR.search(text)
+    lost = _LOST_EXECUTOR.search(text)
+    found = _TASK_EXECUTOR.search(text) or lost
     executor = next((name for name in found.groups() if name), None) if found else None
     # An executor whose heap ran out exits with Spark's code 52, and that may reach the driver before the task's error.
-    heap_out = "java.lang.OutOfMemoryError" in text or (_LOST_EXECUTOR.search(text) and re.search(r"\bcode 52\b", text))
+    heap_out = "java.lang.OutOfMemoryError" in text or (lost and re.search(r"\bcode 52\b", text))
     if heap_out and executor not in (None, "driver"):
         return TrainError(f"A Spark executor ran out of heap (java.lang.OutOfMemoryError in executor {executor}): give "
                           "the executors more memory (spark-submit --executor-memory, spark.executor.memory), or "
