@@ -185,10 +185,7 @@ def _erase_object(s3, bucket: str, key: str, values: pa.Array, erasure: Erasure,
         if not removed:
             return
         erasure.files[key] = removed
-        erasure.sessions.update(_session_keys(table.filter(mask)))
-        # The record keeps every session, an earlier run's too: once the rows are gone, only it
-        # knows whose predictions and offers to delete. Saved before the rewrite for that reason.
-        erasure.record["sessions"] = sorted(set(erasure.record["sessions"]) | erasure.sessions)
+        _note_sessions(erasure, table.filter(mask))        # saved before the rewrite, below
         kept = table.filter(pc.invert(mask))
         if not dry_run:
             save_record(s3, bucket, erasure)
@@ -220,11 +217,18 @@ def _erase_old_version(s3, bucket: str, key: str, version_id: str, values: pa.Ar
     if not removed:
         return
     erasure.old_versions[f"{key}?versionId={version_id}"] = removed
-    erasure.sessions.update(_session_keys(table.filter(mask)))
-    erasure.record["sessions"] = sorted(set(erasure.record["sessions"]) | erasure.sessions)
+    _note_sessions(erasure, table.filter(mask))
     if not dry_run:
         save_record(s3, bucket, erasure)
         s3.delete_object(Bucket=bucket, Key=key, VersionId=version_id)
+
+
+def _note_sessions(erasure: Erasure, removed: pa.Table) -> None:
+    """Add the sessions of removed rows to the erasure and its record. The record keeps every session,
+    an earlier run's too: once the rows are gone, only it knows whose predictions and offers to delete,
+    so it is saved before the rows go."""
+    erasure.sessions.update(_session_keys(removed))
+    erasure.record["sessions"] = sorted(set(erasure.record["sessions"]) | erasure.sessions)
 
 
 SESSION_KEY_COLUMNS = ("domain_sessionid", "domain_userid", "user_id", "network_userid", "event_id")
