@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from botocore.exceptions import BotoCoreError, ClientError
 
 from common import jsonbytes, logs
-from common.producer import Producer
+from common.producer import Producer, Undelivered
 from common.producer import batches as put_record_calls
 from common.retry import backoff_s
 from scorer import metrics
@@ -65,23 +65,23 @@ class PredictionWriter:
         self.stream_retries = logs.Tally(every_s=30.0)
         self.table_retries = logs.Tally(every_s=30.0)
 
-    def write(self, predictions: list[tuple[dict, int]], stop: Callable[[], bool] = lambda: False,
-              keep: Callable[[dict], bool] | None = None, renew: Callable[[], object] = lambda: None,
+    def write(self, by_shard: dict[str, list[tuple[dict, int]]], stop: Callable[[], bool] = lambda: False,
+              owns: Callable[[str], bool] = lambda shard: True, renew: Callable[[], object] = lambda: None,
               max_wait_s: float = 2.0, run: Callable[..., list] = lambda call, *args: call(*args)) -> bool:
-        """Write (prediction, event_ms) pairs; True once all are durable, False if stopped first.
+        """Write each shard's (prediction, event_ms) pairs; True once all are durable, False if stopped first.
 
         ``stop`` is asked before every retry. ``renew`` is called before every PutRecords call and
         every table round (cheap: the worker's consumer renews its leases only when due), since a
         write retried through throttling can outlast the leases; for the same reason no wait between
         retries is longer than ``max_wait_s`` (the lease renewal interval), and each PutRecords send goes
         through ``run`` (the consumer's ``while_renewing``: one send against a stream answering in seconds
-        outlasted the lease by itself). ``keep``, when given, is asked then
-        for each prediction still to write: one it refuses is dropped from the write (its shard went
-        to another worker, which reads those events again from the checkpoint and publishes them).
+        outlasted the lease by itself). ``owns`` is asked then, once per shard: the predictions of a
+        shard it refuses are dropped from the write (the shard went to another worker, which reads
+        those events again from the checkpoint and publishes them).
         """
-        entries = [(p["session_id"], jsonbytes.dumps(p)) for p, _ in predictions]
-        by_data = {data: p for (p, _), (_, data) in zip(predictions, entries)} if keep else {}
-        latest = self._latest(predictions)
+        entries = {shard: [(p["session_id"], jsonbytes.dumps(p)) for p, _ in pairs] for shard, pairs in by_shard.items()}
+        # The table holds the latest prediction per session: a benchmark's writer without one skips this.
+        latest = [(shard, pair) for shard, pairs in by_shard.items() for pair in self._latest(pairs)] if self.pool else []
         attempt = 0
         while entries or latest:
             if attempt:
@@ -90,25 +90,34 @@ class PredictionWriter:
                 metrics.WRITE_FAILURES.inc()
                 self.sleep(backoff_s(attempt, 0.05, min(2.0, max_wait_s)))
             attempt += 1
-            if entries and self.producer is not None:
-                undelivered = []
-                for call in put_record_calls(entries):
-                    renew()
-                    if keep is not None:
-                        call = [entry for entry in call if keep(by_data[entry[1]])]
-                    undelivered += run(self.producer.send, call) if call else []
-                entries = [(u.partition_key, u.data) for u in undelivered]
-                if entries and (retries := self.stream_retries.add()):
-                    log.warning("predictions not yet on the stream after %d tries since the last such line: now %d, "
-                                "%s", retries, len(entries), undelivered[0].reason)
-            else:
-                entries = []
+            entries = self._send(entries, owns, renew, run) if self.producer is not None else {}
             renew()
-            if keep is not None:
-                latest = [pair for pair in latest if keep(pair[0])]
-            latest = self._upsert(latest, renew, max_wait_s)
-        metrics.PREDICTIONS.inc(sum(1 for p, _ in predictions if keep is None or keep(p)))
+            owned = {shard for shard in by_shard if owns(shard)}
+            latest = self._upsert([item for item in latest if item[0] in owned], renew, max_wait_s)
+        metrics.PREDICTIONS.inc(sum(len(pairs) for shard, pairs in by_shard.items() if owns(shard)))
         return True
+
+    def _send(self, entries: dict[str, list[tuple[str, bytes]]], owns: Callable[[str], bool],
+              renew: Callable[[], object], run: Callable[..., list]) -> dict[str, list[tuple[str, bytes]]]:
+        """One try at the stream for the shards still owned, in calls that mix shards (a round trip for
+        up to 500 predictions); what was not delivered, by shard."""
+        undelivered: list[Undelivered] = []
+        for call in put_record_calls([entry for shard_entries in entries.values() for entry in shard_entries]):
+            renew()
+            if lost := [shard for shard in entries if not owns(shard)]:
+                dropped = {data for shard in lost for _, data in entries[shard]}
+                call = [entry for entry in call if entry[1] not in dropped]
+            undelivered += run(self.producer.send, call) if call else []
+        if not undelivered:
+            return {}
+        if retries := self.stream_retries.add():
+            log.warning("predictions not yet on the stream after %d tries since the last such line: now %d, %s",
+                        retries, len(undelivered), undelivered[0].reason)
+        shard_of = {data: shard for shard, shard_entries in entries.items() for _, data in shard_entries}
+        again: dict[str, list[tuple[str, bytes]]] = {}
+        for entry in undelivered:
+            again.setdefault(shard_of[entry.data], []).append((entry.partition_key, entry.data))
+        return again
 
     @staticmethod
     def _latest(predictions: list[tuple[dict, int]]) -> list[tuple[dict, int]]:
@@ -118,15 +127,15 @@ class PredictionWriter:
             last[prediction["session_id"]] = (prediction, event_ms)
         return list(last.values())
 
-    def _upsert(self, latest: list[tuple[dict, int]], renew: Callable[[], object] = lambda: None,
-                renew_every_s: float = 2.0) -> list[tuple[dict, int]]:
-        """Conditional puts in parallel; returns the ones to retry. ``renew`` is called every
+    def _upsert(self, latest: list[tuple[str, tuple[dict, int]]], renew: Callable[[], object] = lambda: None,
+                renew_every_s: float = 2.0) -> list[tuple[str, tuple[dict, int]]]:
+        """Conditional puts of (shard, pair) in parallel; returns the ones to retry. ``renew`` is called every
         ``renew_every_s`` meanwhile: a throttled table makes each put wait for botocore's retries
         (seconds), and a round of a thousand sessions then outlasts the leases."""
         if not latest or self.pool is None:
             return []
         expires_at = int(time.time()) + self.ttl_s
-        futures = [self.pool.submit(self._put, pair, expires_at) for pair in latest]
+        futures = [self.pool.submit(self._put, pair, expires_at) for _, pair in latest]
         pending = set(futures)
         while pending:
             _, pending = wait(pending, timeout=renew_every_s)
@@ -136,7 +145,7 @@ class PredictionWriter:
         if failed and (rounds := self.table_retries.add()):     # one line per round at most, not one per session
             log.warning("predictions table writes failed in %d rounds since the last such line; now %d of %d: %s",
                         rounds, len(failed), len(latest), failed[0])
-        return [pair for pair, error in zip(latest, errors) if error]
+        return [item for item, error in zip(latest, errors) if error]
 
     def _put(self, pair: tuple[dict, int], expires_at: int) -> str | None:
         """None once the table holds this prediction or a later one, else the error."""

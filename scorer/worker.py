@@ -449,16 +449,14 @@ class Worker:
 
     def flush(self) -> bool:
         """Write buffered predictions, then checkpoint each shard with its replay start."""
-        predictions = [item for items in self.pending.values() for item in items]
         # A write retried through throttling can outlast the leases: the writer renews them as it goes.
         # A shard found taken is dropped (_on_lost) and its predictions are no longer written: its new
         # owner replays the shard from the checkpoint and publishes them.
-        shard_of = {id(prediction): shard for shard, items in self.pending.items() for prediction, _ in items}
-        if predictions and not self.writer.write(predictions, stop=lambda: self.stopping or self.stop_requested(),
-                                                 keep=lambda prediction: shard_of[id(prediction)] in self.consumer.owned,
-                                                 renew=self.consumer.renew_due,
-                                                 max_wait_s=self.consumer.renew_interval_s,
-                                                 run=self.consumer.while_renewing):
+        if self.pending and not self.writer.write(self.pending, stop=lambda: self.stopping or self.stop_requested(),
+                                                  owns=lambda shard: shard in self.consumer.owned,
+                                                  renew=self.consumer.renew_due,
+                                                  max_wait_s=self.consumer.renew_interval_s,
+                                                  run=self.consumer.while_renewing):
             return False
         self.pending.clear()
         self.pending_count = 0

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import time
 
 from botocore.config import Config
+from prometheus_client import REGISTRY
 
 from common import aws
+from common.producer import Producer
+from common.streams import MemoryStream
 from infra.provision import ProvisionSettings, provision
 from scorer.sink import PredictionWriter
 from tests.conftest import unique_settings
@@ -33,7 +37,7 @@ def test_a_table_outage_logs_one_line_per_retry_round_not_one_per_session(aws_en
         writer = PredictionWriter(None, dynamodb, settings.predictions_table, 3600, sleep=backoff)
         proxy.down = True
         with caplog.at_level(logging.WARNING, logger="scorer.sink"):
-            assert writer.write(predictions)
+            assert writer.write({"shardId-0": predictions})
         writer.close()
     warnings = [r.getMessage() for r in caplog.records if r.name == "scorer.sink"]
     assert len(rounds) == 3                      # three failed rounds, one line: the next waits 30 s
@@ -55,9 +59,29 @@ def test_leases_are_renewed_while_a_slow_table_round_runs(aws_endpoint):
         dynamodb = aws.session().client("dynamodb", endpoint_url=proxy.endpoint)
         writer = PredictionWriter(None, dynamodb, settings.predictions_table, 3600, threads=2)
         proxy.delay_s = 0.25                                   # 16 puts on 2 threads: a 2 s round
-        assert writer.write(predictions, renew=lambda: renewed.append(time.monotonic()), max_wait_s=0.3)
+        assert writer.write({"shardId-0": predictions}, renew=lambda: renewed.append(time.monotonic()), max_wait_s=0.3)
         writer.close()
     gaps = [later - earlier for earlier, later in itertools.pairwise(renewed)]
     assert renewed[-1] - renewed[0] > 1.5 and max(gaps) < 1.0, gaps
     table = aws.client("dynamodb").scan(TableName=settings.predictions_table)["Items"]
     assert len(table) == len(predictions)
+
+
+def test_predictions_the_stream_refused_go_again_only_while_their_shard_is_owned():
+    """One PutRecords call carries several shards' predictions; the ones refused are sent again by
+    shard, and a shard taken meanwhile by another worker is left to it (it publishes them)."""
+    out = MemoryStream("predictions")
+    by_shard = {shard: [({"session_id": f"{shard}{i}", "event_id": f"{shard}-e{i}", "events_in_session": 1,
+                          "p_buy": 0.25}, T0 + i) for i in range(3)] for shard in ("a", "b", "c")}
+    owned = {"a", "b", "c"}
+
+    def lose_a(seconds: float) -> None:          # between the first try and the next: a peer took "a"
+        owned.discard("a")
+
+    writer = PredictionWriter(Producer(out, max_attempts=1), None, None, 3600, sleep=lose_a)
+    out.fail_next = 4                                          # a0 a1 a2 b0 refused; b1 .. c2 land
+    written_before = REGISTRY.get_sample_value("scorer_predictions_total")
+    assert writer.write(by_shard, owns=owned.__contains__)
+    on_stream = [json.loads(record.data)["event_id"] for record in out.all_records()]
+    assert on_stream == ["b-e1", "b-e2", "c-e0", "c-e1", "c-e2", "b-e0"]
+    assert REGISTRY.get_sample_value("scorer_predictions_total") - written_before == 6
