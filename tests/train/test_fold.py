@@ -139,7 +139,7 @@ def test_the_order_confirmation_page_ends_the_examples_like_the_purchase_it_prec
     confirmation = session.page("/checkout/done", "confirmation")      # the shop's "thank you" page view
     just_before = synth.iso(parse_ms(events[purchase_at]["derived_tstamp"]) - 1)
     confirmation.update(domain_sessionid=events[0]["domain_sessionid"], derived_tstamp=just_before,
-                        collector_tstamp=just_before)
+                        collector_tstamp=just_before, etl_tstamp=just_before)
     events.insert(purchase_at, confirmation)
     frame = _examples(_as_lake_frame(events))
     assert frame["event_id"].tolist() == [e["event_id"] for e in events[:purchase_at]]
