@@ -1,4 +1,5 @@
-"""`lake`: look at the lake, replay fixed bad rows, erase a person's data, merge small files.
+"""`lake`: look at the lake, replay fixed bad rows, erase a person's data, merge small files, restore
+deleted ones.
 
     python -m batch.cli ls [--area enriched|bad] [--start D] [--end D] [--files]
     python -m batch.cli stats [--start D] [--end D]
@@ -6,6 +7,7 @@
                                    [--rate N] [--rate-mib M] [--give-up-after S] [--unsent-to F]
     python -m batch.cli erase PSEUDONYM... [--from-file F] [--start D] [--end D] [--dry-run]
     python -m batch.cli compact [--start D] [--end D] [--last-days N] [--max-bytes N] [--dry-run]
+    python -m batch.cli undelete PREFIX --since TIME [--dry-run]
 
 (``python -m batch.lake …`` is the same.) Bucket and stream names come from the usual ``CLICKSTREAM_*``
 settings, section ``[lake]``; ``--bucket`` overrides.
@@ -37,7 +39,7 @@ from batch import compact, erase, lake, undelete
 from batch.loader import LoaderSettings, hard_exit
 from common import aws
 from common.badrows import raw_record_of
-from common.cli import CLI_CONTEXT, AwsGroup
+from common.cli import CLI_CONTEXT, AwsGroup, iso_time
 from common.config import ConfigError, load
 from common.logs import first_few
 from common.producer import TOO_LARGE, entry_size, kinesis_key
@@ -482,20 +484,11 @@ def erase_command(obj: dict, pseudonyms: tuple[str, ...], from_file, start: str 
                    "run this again once the stream's retention has passed")
 
 
-def _since(ctx: click.Context, param: click.Parameter, value: str) -> dt.datetime:
-    try:
-        moment = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"expected an ISO time such as 2026-12-06T10:00 (UTC unless it says), "
-                                 f"got {value!r}") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
-
-
 @lake_cli.command("undelete", help="Bring back the files under PREFIX of the bucket (models/, enriched/, "
                                    "erasures/, ...) deleted since --since: the bucket keeps a deleted file "
                                    "deleted_retention_days (7; raw/ and bad/ 1). See docs/operations.md.")
 @click.argument("prefix")
-@click.option("--since", required=True, callback=_since, help="ISO time, UTC unless it says: 2026-12-06T10:00")
+@click.option("--since", required=True, callback=iso_time, help="ISO time, UTC unless it says: 2026-12-06T10:00")
 @click.option("--dry-run", is_flag=True, help="say what would be restored, change nothing")
 @click.pass_obj
 def undelete_command(obj: dict, prefix: str, since: dt.datetime, dry_run: bool) -> None:

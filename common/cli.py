@@ -2,6 +2,7 @@
 one line (exit status 1) instead of a traceback, bad settings too (exit status 2)."""
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from collections.abc import Callable
 
@@ -12,6 +13,18 @@ from common.config import ConfigError
 
 # Every command: -h as well as --help, and each option's default shown in its help.
 CLI_CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+def iso_time(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.datetime | None:
+    """A click callback: an ISO time, UTC unless it says so; None when the option is not given."""
+    if value is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"expected an ISO time such as 2026-12-06T10:00 (UTC unless it says), "
+                                 f"got {value!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 class _AwsErrorsInOneLine:

@@ -214,17 +214,36 @@ def test_the_compactor_runs_nightly_before_training_on_the_loaders_lake(template
         assert effective_setting("compactor", field, template) == effective_setting("lake-loader", field, template), field
 
 
-def test_the_compactors_image_installs_what_its_command_imports():
+def not_installed(image_of: str, module: str) -> dict[str, list[str]]:
+    """The third-party modules ``python -m module`` imports that the Dockerfile of ``image_of`` does not
+    install, with the distributions that would provide them."""
     from importlib import metadata
 
     from tests.deploy.test_image_packages import installed_closure, third_party_imports
 
+    providers = metadata.packages_distributions()
+    installed = installed_closure(dockerfile(image_of))
+    return {name: providers.get(name, ["?"]) for name in third_party_imports(module)
+            if not installed & {re.sub(r"[-_.]+", "-", d).lower() for d in providers.get(name, [])}}
+
+
+def test_the_compactors_image_installs_what_its_command_imports():
     for task, (component, module) in SCHEDULED.items():
-        providers = metadata.packages_distributions()
-        installed = installed_closure(dockerfile(task))
-        missing = {name: providers.get(name, ["?"]) for name in third_party_imports(module)
-                   if not installed & {re.sub(r"[-_.]+", "-", d).lower() for d in providers.get(name, [])}}
+        missing = not_installed(task, module)
         assert not missing, f"deploy/{component}/Dockerfile does not install what {module} imports: {missing}"
+
+
+@pytest.mark.parametrize("module", ["batch.registry", "batch.skew"])
+def test_the_trainer_image_installs_what_the_tools_run_beside_training_import(module):
+    """docs/operations.md runs these where make train runs: the registry's moves, the skew check."""
+    missing = not_installed("trainer", module)
+    assert not missing, f"deploy/trainer/Dockerfile does not install what {module} imports: {missing}"
+
+
+def test_the_trainer_may_read_the_predictions_the_skew_check_compares_and_write_none(template):
+    trainer = _statements(resources(template, "AWS::IAM::Role")["TrainerTaskRole"])
+    on_table = [st for st in trainer if st["Resource"] == {"Fn::GetAtt": ["PredictionsTable", "Arn"]}]
+    assert [st["Action"] for st in on_table] == ["dynamodb:Scan"]
 
 
 def dockerfile(component: str) -> str:

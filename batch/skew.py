@@ -1,0 +1,349 @@
+"""Training/serving skew, measured live: does each session's latest prediction match what training
+computes from the lake for the same events?
+
+The predictions table holds each session's latest prediction: the event it followed (``event_id``),
+how many events the scorer had folded (``events_in_session``), the model version and ``p_buy``. For
+a sample of those rows this reads the session's events back from the lake, orders and cuts them as
+training does (``train_features.records``, the same inactivity gap), folds them with
+``common.features`` up to that event, scores the features with that model version and compares.
+
+The tests pin the fold's parity on fixed sessions; this measures what production adds: sessions the
+scorer evicted or could not rebuild after a restart, events that reached it in another order than
+their collection times say, or that never reached the lake, and a scorer running other feature code
+under the same ``FEATURE_VERSION``.
+
+    python -m batch.skew                                  # the last 24 h up to 15 min ago, 1,000 sessions
+    python -m batch.skew --since 2026-12-06T00:00 --until 2026-12-06T12:00 --sample 5000
+
+It runs where ``make train`` does (Spark's module orders the events; onnxruntime scores them), with
+its settings: the ``[train]`` section (bucket, predictions_table, session_gap_minutes). Exit 1 when a
+session's score or event count differs, or its event is missing from the lake; docs/operations.md.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import random
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import click
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from batch import lake
+from batch.train_config import TrainSettings
+from common import aws, registry
+from common.cli import CLI_CONTEXT, AwsCommand, ConfigFailed, iso_time
+from common.config import ConfigError, load
+from common.features import EVENT_FIELDS, NIL_USER, event_time_ms, in_calendar, parse_ms, session_prefixes
+
+HOUR_MS = 3_600_000
+TOLERANCE = 1e-5            # the export parity gate's; the scorer's p_buy is rounded to 6 decimals
+COLUMNS = [*dict.fromkeys((*EVENT_FIELDS, "domain_userid", "user_id", "etl_tstamp"))]
+
+MATCH = "match"
+SCORE_DIFFERS = "score differs"
+COUNT_DIFFERS = "event count differs"
+NOT_IN_LAKE = "not in the lake"
+CUT = "started before the window"
+NO_MODEL = "model not servable"
+VERDICTS = (MATCH, SCORE_DIFFERS, COUNT_DIFFERS, NOT_IN_LAKE, CUT, NO_MODEL)
+FAILING = (SCORE_DIFFERS, COUNT_DIFFERS, NOT_IN_LAKE)      # the ones that make the command exit 1
+
+
+@dataclass
+class Live:
+    """A predictions-table row: the scorer's latest prediction for a session."""
+    session_id: str
+    event_id: str
+    events: int
+    p_buy: float
+    model_name: str
+    model_version: str
+    collected_ms: int
+
+
+@dataclass
+class Finding:
+    live: Live
+    verdict: str
+    events: int | None = None           # what the lake's events give
+    p_buy: float | None = None
+    note: str = ""
+
+    def describe(self) -> str:
+        live = self.live
+        offline = "" if self.p_buy is None else f"; from the lake: p_buy {self.p_buy:.6f} after {self.events} events"
+        return (f"session {live.session_id} event {live.event_id}: live p_buy {live.p_buy:.6f} after {live.events} "
+                f"events (model {live.model_version}){offline}")
+
+
+@dataclass
+class Report:
+    since_ms: int
+    until_ms: int
+    in_window: int = 0                                   # table rows collected in the window
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def counts(self) -> Counter:
+        return Counter(finding.verdict for finding in self.findings)
+
+    @property
+    def failed(self) -> bool:
+        return any(self.counts[verdict] for verdict in FAILING)
+
+    def max_abs_diff(self) -> float:
+        return max((abs(f.p_buy - f.live.p_buy) for f in self.findings if f.p_buy is not None), default=0.0)
+
+
+def live_predictions(dynamodb, table: str, since_ms: int, until_ms: int) -> Iterator[Live]:
+    """Every row of the predictions table whose event was collected in [since_ms, until_ms)."""
+    pages = dynamodb.get_paginator("scan").paginate(
+        TableName=table, ProjectionExpression="session_id, event_id, events_in_session, p_buy, model_name, "
+                                              "model_version, collector_tstamp")
+    for page in pages:
+        for item in page["Items"]:
+            try:
+                collected = parse_ms(item["collector_tstamp"]["S"])
+                live = Live(item["session_id"]["S"], item["event_id"]["S"], int(item["events_in_session"]["N"]),
+                            float(item["p_buy"]["N"]), item["model_name"]["S"], item["model_version"]["S"], collected)
+            except (KeyError, ValueError):
+                continue        # a row without these (an older scorer's): nothing to compare
+            if since_ms <= collected < until_ms:
+                yield live
+
+
+def sample(rows: Iterator[Live], size: int, rng: random.Random) -> tuple[list[Live], int]:
+    """(a uniform sample of ``size`` rows at most, how many there were)."""
+    kept: list[Live] = []
+    seen = 0
+    for seen, row in enumerate(rows, 1):
+        if len(kept) < size:
+            kept.append(row)
+        elif (slot := rng.randrange(seen)) < size:
+            kept[slot] = row
+    return kept, seen
+
+
+def check(s3, dynamodb, bucket: str, table: str, since_ms: int, until_ms: int, *, size: int = 1000,
+          lead_in_hours: int = 6, gap_minutes: int = 30, rng: random.Random | None = None,
+          progress: bool = False) -> Report:
+    """Compare a sample of the live predictions collected in [since_ms, until_ms) with the lake."""
+    report = Report(since_ms, until_ms)
+    rows, report.in_window = sample(live_predictions(dynamodb, table, since_ms, until_ms), size,
+                                    rng or random.Random())
+    if not rows:
+        return report
+    read_from_ms = (since_ms - lead_in_hours * HOUR_MS) // HOUR_MS * HOUR_MS
+    events = lake_events(s3, bucket, {row.session_id for row in rows}, read_from_ms, until_ms, progress)
+    folded = {row.session_id: fold_to(row, events.get(row.session_id, []), read_from_ms, gap_minutes * 60_000)
+              for row in rows}
+    report.findings = score(s3, bucket, rows, folded)
+    return report
+
+
+# ------------------------------------------------------------------------------------- the lake
+
+
+def lake_events(s3, bucket: str, keys: set[str], from_ms: int, until_ms: int, progress: bool) -> dict[str, list[dict]]:
+    """The lake's events of these sessions (by the scorer's session key) collected from ``from_ms``,
+    by session, in the order the scorer folds them, each event once."""
+    # Training's own ordering; its module loads Spark, so only when this runs.
+    from batch.train_features import records
+
+    first, last = lake.partition(from_ms), lake.partition(until_ms)      # hours of collector_tstamp
+    objects = [obj for obj in lake.objects_between(s3, bucket, "enriched", _day(from_ms), _day(until_ms))
+               if obj["Key"].endswith(".parquet") and first <= _partition_of(obj["Key"]) <= last]
+    wanted = pa.array(sorted(keys), pa.string())
+    parts = []
+    for obj in tqdm(objects, desc="lake files", unit="file", disable=not progress):
+        table = lake.lift_from_extra(lake.read_parquet_object(s3, bucket, obj["Key"], [*COLUMNS, "extra"]), COLUMNS)
+        table = table.append_column("_key", session_keys(table))
+        parts.append(_as_millis(table.filter(pc.is_in(table["_key"], value_set=wanted))))
+    if not parts:
+        return {}
+    found = pa.concat_tables(parts, promote_options="permissive")
+    by_key: dict[str, list[int]] = {}
+    for index, key in enumerate(found["_key"].to_pylist()):
+        by_key.setdefault(key, []).append(index)
+    found = found.drop_columns(["_key"])
+    return {key: records(found.take(indices)) for key, indices in by_key.items()}
+
+
+def session_keys(table: pa.Table) -> pa.ChunkedArray:
+    """common.features.session_key of every row: the first of these ids that is set (an empty id is
+    not, nor the nil user id of SP-Anonymous hits)."""
+    def present(name: str) -> pa.ChunkedArray:
+        if name not in table.column_names:
+            return pa.chunked_array([pa.nulls(table.num_rows, pa.string())])
+        column = table[name]
+        unset = pc.equal(column, "")
+        if name == "network_userid":
+            unset = pc.or_(unset, pc.equal(column, NIL_USER))
+        return pc.if_else(unset, pa.scalar(None, pa.string()), column)
+
+    return pc.coalesce(*(present(name) for name in ("domain_sessionid", "domain_userid", "user_id",
+                                                    "network_userid", "event_id")))
+
+
+def _as_millis(table: pa.Table) -> pa.Table:
+    """Timestamps as epoch ms, as training hands the fold its events (parse_ms takes either)."""
+    for index, column in enumerate(table.schema):
+        if pa.types.is_timestamp(column.type):
+            millis = pc.cast(table[column.name], pa.timestamp("ms", column.type.tz), safe=False).cast(pa.int64())
+            table = table.set_column(index, column.name, millis)
+    return table
+
+
+def _day(at_ms: int) -> dt.date:
+    return dt.datetime.fromtimestamp(at_ms / 1000, dt.UTC).date()
+
+
+def _partition_of(key: str) -> str:
+    date, hour = lake.key_partition(key)
+    return f"date={date}/hour={hour}"
+
+
+# ---------------------------------------------------------------------------------------- the fold
+
+
+def fold_to(live: Live, events: list[dict], read_from_ms: int, gap_ms: int) -> tuple[str, int, list[float] | None]:
+    """(verdict so far, events folded, features) after the live row's event, in the run of the
+    session (training's cut: more than ``gap_ms`` after its latest event starts a new one) holding it."""
+    run = _run_holding(events, live.event_id, gap_ms)
+    if run is None:
+        return NOT_IN_LAKE, 0, None
+    if parse_ms(run[0]["collector_tstamp"]) - read_from_ms < gap_ms:
+        return CUT, 0, None         # its start may lie before what was read
+    for count, (event, row) in enumerate(session_prefixes(run), 1):
+        if event["event_id"] == live.event_id:
+            return MATCH, count, row
+    return NOT_IN_LAKE, 0, None     # after a purchase: never scored, so not the scorer's event
+
+
+def _run_holding(events: list[dict], event_id: str, gap_ms: int) -> list[dict] | None:
+    run: list[dict] = []
+    latest = None
+    for event in events:
+        at = event_time_ms(event)
+        if not in_calendar(at):
+            continue                # skipped by the scorer and training alike
+        if latest is not None and at - latest > gap_ms:
+            if any(e["event_id"] == event_id for e in run):
+                return run
+            run = []
+        run.append(event)
+        latest = at if latest is None else max(latest, at)
+    return run if any(e["event_id"] == event_id for e in run) else None
+
+
+# ------------------------------------------------------------------------------------ the scores
+
+
+def score(s3, bucket: str, rows: list[Live], folded: dict[str, tuple[str, int, list[float] | None]]) -> list[Finding]:
+    findings = []
+    by_model: dict[tuple[str, str], list[tuple[Live, int, list[float]]]] = {}
+    for live in rows:
+        verdict, count, features = folded[live.session_id]
+        if features is None:
+            findings.append(Finding(live, verdict))
+        else:
+            by_model.setdefault((live.model_name, live.model_version), []).append((live, count, features))
+    for (name, version), folded_rows in by_model.items():
+        try:
+            probabilities = _probabilities(s3, bucket, name, version, [features for _, _, features in folded_rows])
+        except (LookupError, ValueError) as exc:
+            findings.extend(Finding(live, NO_MODEL, note=str(exc)) for live, _, _ in folded_rows)
+            continue
+        for (live, count, _), p_buy in zip(folded_rows, probabilities):
+            if count != live.events:
+                verdict = COUNT_DIFFERS
+            else:
+                verdict = MATCH if abs(p_buy - live.p_buy) <= TOLERANCE else SCORE_DIFFERS
+            findings.append(Finding(live, verdict, count, p_buy))
+    return findings
+
+
+def _probabilities(s3, bucket: str, name: str, version: str, matrix: list[list[float]]) -> list[float]:
+    """P(buy) of each row with that model version, scored as the scorer does (float32); LookupError or
+    ValueError when the registry no longer holds it, or holds a model of other features."""
+    from batch import export
+
+    bundle = registry.load(s3, bucket, name, version)
+    if not registry.has_fold_features(bundle.meta):
+        raise ValueError(f"model {name} version {version} does not take this code's features")
+    onnx = bundle.meta.get("onnx") or {}
+    x = np.asarray(matrix, dtype=np.float32)
+    out = export.session(bundle.onnx).run([onnx.get("probability_output", "probability")],
+                                          {onnx.get("input", "features"): x})[0]
+    return np.asarray(out, dtype=np.float64)[:, onnx.get("positive_index", 1)].tolist()
+
+
+# ------------------------------------------------------------------------------------- the command
+
+
+@click.command(cls=AwsCommand, context_settings=CLI_CONTEXT, epilog="\b\nExamples:\n" + "\n".join(
+    line.strip() for line in (__doc__ or "").splitlines() if line.strip().startswith("python -m")))
+@click.option("--since", metavar="TIME", callback=iso_time,
+              help="ISO time of the first collection to check, UTC unless it says (default: 24 h before --until)")
+@click.option("--until", metavar="TIME", callback=iso_time,
+              help="ISO time (default: 15 min ago: the lake loader writes its files every lake_flush_seconds, 5 min)")
+@click.option("--sample", "size", type=click.IntRange(min=1), default=1000,
+              help="sessions to check, drawn at random from the predictions table")
+@click.option("--lead-in-hours", type=click.IntRange(min=0), default=6,
+              help="lake hours read before --since, for sessions that began earlier")
+@click.option("--bucket", help="overrides CLICKSTREAM_BUCKET")
+@click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
+def main(since: dt.datetime | None, until: dt.datetime | None, size: int, lead_in_hours: int, bucket: str | None,
+         progress: bool) -> None:
+    """Compare the scorer's latest prediction of a sample of sessions with what training computes from
+    the lake for the same events: features, event count and score.
+
+    Settings come from CLICKSTREAM_* variables and the [train] section of the TOML file named by
+    CLICKSTREAM_CONFIG, as make train reads them.
+    """
+    try:
+        settings = load(TrainSettings, section="train", bucket=bucket)
+    except ConfigError as exc:
+        raise ConfigFailed(exc) from None
+    until = until or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=15)
+    since = since or until - dt.timedelta(hours=24)
+    if since >= until:
+        raise click.BadParameter(f"--since {since:%Y-%m-%dT%H:%M:%SZ} is not before --until {until:%Y-%m-%dT%H:%M:%SZ}")
+    report = check(aws.client("s3", settings.region, timeout=30), aws.client("dynamodb", settings.region, timeout=30),
+                   settings.bucket, settings.predictions_table, _ms(since), _ms(until), size=size,
+                   lead_in_hours=lead_in_hours, gap_minutes=settings.session_gap_minutes, progress=progress)
+    _print(report, settings.predictions_table)
+    sys.exit(1 if report.failed else 0)
+
+
+def _ms(moment: dt.datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def _iso(at_ms: int) -> str:
+    return f"{dt.datetime.fromtimestamp(at_ms / 1000, dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
+
+
+def _print(report: Report, table: str) -> None:
+    window = f"{_iso(report.since_ms)} to {_iso(report.until_ms)}"
+    if not report.findings:
+        click.echo(f"no prediction in {table} followed an event collected from {window}: nothing to check")
+        return
+    counts = report.counts
+    click.echo(f"checked {len(report.findings)} of the {report.in_window} sessions in {table} whose latest prediction "
+               f"followed an event collected from {window}:")
+    for verdict in VERDICTS:
+        click.echo(f"  {verdict:<27} {counts[verdict]:>7,}")
+    click.echo(f"largest |p_buy live - p_buy from the lake|: {report.max_abs_diff():.3g} (tolerance {TOLERANCE:g})")
+    for finding in [f for f in report.findings if f.verdict in (*FAILING, NO_MODEL)][:10]:
+        click.echo(f"{finding.verdict}: {finding.describe()}" + (f" ({finding.note})" if finding.note else ""))
+
+
+if __name__ == "__main__":
+    main()

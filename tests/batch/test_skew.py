@@ -1,0 +1,170 @@
+"""`lake skew`: the real scorer worker writes its predictions to the table on the emulator, the loader's
+own code writes the same events to the lake, and the check folds them again as training does."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from batch import lake, skew
+from batch.loader import write_enriched
+from common import aws, registry
+from common.consumer import Consumer
+from common.leases import MemoryLeaseTable
+from common.producer import Producer
+from common.streams import MemoryStream
+from infra.provision import ProvisionSettings, provision
+from scorer.config import ScorerSettings
+from scorer.model import Model, Models
+from scorer.sink import PredictionWriter
+from scorer.worker import Worker
+from tests.batch.conftest import event_records
+from tests.conftest import settings_env, unique_settings
+from tests.scorer.helpers import T0, iso, logistic_onnx, model_meta, publish, session_events
+
+VERSION = "v1"
+WINDOW = ["--since", iso(T0 - 3_600_000), "--until", iso(T0 + 3_600_000)]
+
+
+@pytest.fixture
+def shop(aws_endpoint):
+    """A provisioned stack with a published model, and 8 sessions (some buy) of 6 to 13 events."""
+    settings = unique_settings(ProvisionSettings)
+    provision(settings)
+    s3 = aws.client("s3")
+    publish(s3, settings.bucket, registry.DEFAULT_MODEL, VERSION, logistic_onnx(),
+            model_meta(registry.DEFAULT_MODEL, VERSION))
+    sessions = [session_events(f"skew-{i}", seed=70 + i, n=6 + i) for i in range(8)]
+    return settings, s3, sessions
+
+
+def _score_live(settings, s3, sessions: list[list[dict]], **scorer_settings) -> None:
+    """The scorer's worker over the sessions' events, in the order they were collected (interleaved)."""
+    stream = MemoryStream("enriched", shard_count=2)
+    events = sorted((event for session in sessions for event in session), key=lambda event: event["collector_tstamp"])
+    stream.put_records([(event["domain_sessionid"], orjson.dumps(event)) for event in events])
+    models = Models(s3, settings.bucket, registry.DEFAULT_MODEL)
+    models.champion = Model.from_bundle(registry.load(s3, settings.bucket, registry.DEFAULT_MODEL, VERSION))
+    writer = PredictionWriter(Producer(MemoryStream("predictions")), aws.client("dynamodb"),
+                              settings.predictions_table, 3600)
+    worker = Worker(ScorerSettings(**scorer_settings), models, writer,
+                    lambda **hooks: Consumer(stream, MemoryLeaseTable(), **hooks))
+    read = 0
+    while read < len(events):
+        read += worker.poll_once()
+    worker.flush()
+    writer.close()
+
+
+def _land(settings, s3, events: list[dict]) -> None:
+    write_enriched(lake.S3Sink(s3, settings.bucket), "shardId-000000000000", event_records(events), "enriched")
+
+
+def _skew(settings, *args):
+    return CliRunner().invoke(skew.main, ["--no-progress", *args], env=settings_env(settings),
+                              catch_exceptions=False)
+
+
+def _counts(output: str) -> dict[str, int]:
+    lines = [line.strip() for line in output.splitlines() if line.startswith("  ")]
+    return {line.rsplit(" ", 1)[0].strip(): int(line.rsplit(" ", 1)[1].replace(",", "")) for line in lines}
+
+
+def _table(settings) -> list[dict]:
+    return aws.client("dynamodb").scan(TableName=settings.predictions_table)["Items"]
+
+
+def test_the_live_predictions_match_what_training_computes_from_the_lake(shop):
+    settings, s3, sessions = shop
+    # A tab left open: the same tracker session id comes back after 45 minutes, a new session for the
+    # scorer (whose count starts again) and for training alike.
+    again = session_events("skew-0", seed=99, n=5, buyer=False, start_ms=T0 + 45 * 60_000)
+    _score_live(settings, s3, [*sessions, again])
+    _land(settings, s3, [event for session in [*sessions, again] for event in session])
+    rows = {item["session_id"]["S"]: item for item in _table(settings)}
+    assert len({float(item["p_buy"]["N"]) for item in rows.values()}) >= 6     # a real comparison
+    assert (rows["skew-0"]["event_id"]["S"], rows["skew-0"]["events_in_session"]["N"]) == (again[-1]["event_id"], "5")
+
+    result = _skew(settings, *WINDOW)
+    assert result.exit_code == 0, result.output
+    assert _counts(result.output) == {"match": 8, "score differs": 0, "event count differs": 0, "not in the lake": 0,
+                                      "started before the window": 0, "model not servable": 0}
+    assert "checked 8 of the 8 sessions" in result.output
+
+
+def test_sessions_the_scorer_evicted_and_began_again_are_found(shop):
+    """Too small a session store: each session's state was dropped between its events, so the scorer
+    scored features training never computes."""
+    settings, s3, sessions = shop
+    _score_live(settings, s3, sessions, max_sessions=2)
+    _land(settings, s3, [event for session in sessions for event in session])
+
+    # Which sessions the scorer folded short: its count against the event's place in the session.
+    position = {event["event_id"]: i + 1 for session in sessions for i, event in enumerate(session)}
+    short = {item["session_id"]["S"] for item in _table(settings)
+             if int(item["events_in_session"]["N"]) != position[item["event_id"]["S"]]}
+    assert len(short) >= 6
+
+    result = _skew(settings, *WINDOW)
+    assert result.exit_code == 1, result.output
+    assert _counts(result.output)["event count differs"] == len(short), result.output
+    found = {line.split()[4] for line in result.output.splitlines() if line.startswith("event count differs: ")}
+    assert found == short and "after 1 events (model v1); from the lake: p_buy" in result.output
+
+
+def test_a_score_the_served_model_does_not_give_and_events_missing_from_the_lake_fail_the_check(shop):
+    settings, s3, sessions = shop
+    _score_live(settings, s3, sessions)
+    # The lake lacks the last events of one session (a loader that lost a file), and another session's
+    # prediction is not the one its model gives for its features (a scorer on other feature code).
+    _land(settings, s3, [event for session in sessions[1:] for event in session] + sessions[0][:2])
+    aws.client("dynamodb").update_item(
+        TableName=settings.predictions_table, Key={"session_id": {"S": "skew-1"}},
+        UpdateExpression="SET p_buy = p_buy + :d", ExpressionAttributeValues={":d": {"N": "0.0001"}})
+
+    result = _skew(settings, *WINDOW)
+    assert result.exit_code == 1, result.output
+    counts = _counts(result.output)
+    assert (counts["match"], counts["score differs"], counts["not in the lake"]) == (6, 1, 1)
+    assert "score differs: session skew-1 " in result.output
+    assert "not in the lake: session skew-0 " in result.output
+
+
+def test_sessions_that_may_have_begun_before_what_was_read_or_whose_model_is_gone_are_not_judged(shop):
+    settings, s3, sessions = shop
+    _score_live(settings, s3, sessions)
+    _land(settings, s3, [event for session in sessions for event in session])
+
+    # Read from the hour of --since only: every session starts 400 s after it, within the 30-minute gap.
+    result = _skew(settings, "--since", iso(T0 + 60_000), "--until", iso(T0 + 3_600_000), "--lead-in-hours", "0")
+    assert result.exit_code == 0, result.output
+    assert _counts(result.output)["started before the window"] == 8
+
+    registry.delete_version(s3, settings.bucket, registry.DEFAULT_MODEL, VERSION)
+    result = _skew(settings, *WINDOW)
+    assert result.exit_code == 0, result.output
+    assert _counts(result.output)["model not servable"] == 8
+    assert f"has no version {VERSION}" in result.output
+
+
+def test_no_prediction_in_the_window_says_so(shop):
+    settings, s3, sessions = shop
+    _score_live(settings, s3, sessions[:2])
+    result = _skew(settings, "--since", iso(T0 + 86_400_000), "--until", iso(T0 + 2 * 86_400_000))
+    assert result.exit_code == 0, result.output
+    assert "nothing to check" in result.output
+    result = _skew(settings, "--since", iso(T0), "--until", iso(T0 - 1))
+    assert result.exit_code == 2 and "is not before --until" in result.output
+
+
+def test_the_sample_is_uniform_over_the_rows_in_the_window():
+    rows = [skew.Live(f"s{i}", f"e{i}", 1, 0.5, "m", "v", T0 + i) for i in range(5)]
+    drawn = Counter()
+    for seed in range(2000):
+        kept, seen = skew.sample(iter(rows), 2, random.Random(seed))
+        assert seen == 5 and len({row.session_id for row in kept}) == 2
+        drawn.update(row.session_id for row in kept)
+    assert all(700 < drawn[row.session_id] < 900 for row in rows), drawn        # 800 each
