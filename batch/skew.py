@@ -22,6 +22,7 @@ session's score or event count differs, or its event is missing from the lake; d
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import random
 import sys
 from collections import Counter
@@ -39,11 +40,13 @@ from batch.train_config import TrainSettings
 from common import aws, registry
 from common.cli import CLI_CONTEXT, AwsCommand, ConfigFailed, iso_time
 from common.config import ConfigError, load
-from common.features import EVENT_FIELDS, NIL_USER, event_time_ms, in_calendar, parse_ms, session_prefixes
+from common.features import EVENT_FIELDS, event_time_ms, in_calendar, parse_ms, session_key, session_prefixes
 
 HOUR_MS = 3_600_000
 TOLERANCE = 1e-5            # the export parity gate's; the scorer's p_buy is rounded to 6 decimals
 COLUMNS = [*dict.fromkeys((*EVENT_FIELDS, "domain_userid", "user_id", "etl_tstamp"))]
+# What common.features.session_key reads, in its order.
+KEY_COLUMNS = ("domain_sessionid", "domain_userid", "user_id", "network_userid", "event_id")
 
 MATCH = "match"
 SCORE_DIFFERS = "score differs"
@@ -163,32 +166,23 @@ def lake_events(s3, bucket: str, keys: set[str], from_ms: int, until_ms: int, pr
     parts = []
     for obj in tqdm(objects, desc="lake files", unit="file", disable=not progress):
         table = lake.lift_from_extra(lake.read_parquet_object(s3, bucket, obj["Key"], [*COLUMNS, "extra"]), COLUMNS)
-        table = table.append_column("_key", session_keys(table))
-        parts.append(_as_millis(table.filter(pc.is_in(table["_key"], value_set=wanted))))
+        parts.append(_as_millis(table.filter(_may_be_of(table, wanted))))
     if not parts:
         return {}
     found = pa.concat_tables(parts, promote_options="permissive")
     by_key: dict[str, list[int]] = {}
-    for index, key in enumerate(found["_key"].to_pylist()):
-        by_key.setdefault(key, []).append(index)
-    found = found.drop_columns(["_key"])
+    for index, row in enumerate(found.select([name for name in KEY_COLUMNS if name in found.column_names]).to_pylist()):
+        if (key := session_key(row)) in keys:
+            by_key.setdefault(key, []).append(index)
     return {key: records(found.take(indices)) for key, indices in by_key.items()}
 
 
-def session_keys(table: pa.Table) -> pa.ChunkedArray:
-    """common.features.session_key of every row: the first of these ids that is set (an empty id is
-    not, nor the nil user id of SP-Anonymous hits)."""
-    def present(name: str) -> pa.ChunkedArray:
-        if name not in table.column_names:
-            return pa.chunked_array([pa.nulls(table.num_rows, pa.string())])
-        column = table[name]
-        unset = pc.equal(column, "")
-        if name == "network_userid":
-            unset = pc.or_(unset, pc.equal(column, NIL_USER))
-        return pc.if_else(unset, pa.scalar(None, pa.string()), column)
-
-    return pc.coalesce(*(present(name) for name in ("domain_sessionid", "domain_userid", "user_id",
-                                                    "network_userid", "event_id")))
+def _may_be_of(table: pa.Table, wanted: pa.Array) -> pa.ChunkedArray:
+    """Rows one of whose ids is a wanted session key: a superset of those whose key
+    (common.features.session_key, applied after) is one, kept small before Python reads them."""
+    masks = [pc.fill_null(pc.is_in(table[name], value_set=wanted), False)
+             for name in KEY_COLUMNS if name in table.column_names]
+    return functools.reduce(pc.or_, masks)
 
 
 def _as_millis(table: pa.Table) -> pa.Table:
@@ -228,18 +222,19 @@ def fold_to(live: Live, events: list[dict], read_from_ms: int, gap_ms: int) -> t
 
 def _run_holding(events: list[dict], event_id: str, gap_ms: int) -> list[dict] | None:
     run: list[dict] = []
-    latest = None
+    latest, holds = None, False
     for event in events:
         at = event_time_ms(event)
         if not in_calendar(at):
             continue                # skipped by the scorer and training alike
         if latest is not None and at - latest > gap_ms:
-            if any(e["event_id"] == event_id for e in run):
+            if holds:
                 return run
             run = []
         run.append(event)
+        holds = holds or event["event_id"] == event_id
         latest = at if latest is None else max(latest, at)
-    return run if any(e["event_id"] == event_id for e in run) else None
+    return run if holds else None
 
 
 # ------------------------------------------------------------------------------------ the scores
@@ -270,18 +265,14 @@ def score(s3, bucket: str, rows: list[Live], folded: dict[str, tuple[str, int, l
 
 
 def _probabilities(s3, bucket: str, name: str, version: str, matrix: list[list[float]]) -> list[float]:
-    """P(buy) of each row with that model version, scored as the scorer does (float32); LookupError or
-    ValueError when the registry no longer holds it, or holds a model of other features."""
+    """P(buy) of each row with that model version, scored as the parity gate scores (float32);
+    LookupError or ValueError when the registry no longer holds it, or holds a model of other features."""
     from batch import export
 
     bundle = registry.load(s3, bucket, name, version)
     if not registry.has_fold_features(bundle.meta):
         raise ValueError(f"model {name} version {version} does not take this code's features")
-    onnx = bundle.meta.get("onnx") or {}
-    x = np.asarray(matrix, dtype=np.float32)
-    out = export.session(bundle.onnx).run([onnx.get("probability_output", "probability")],
-                                          {onnx.get("input", "features"): x})[0]
-    return np.asarray(out, dtype=np.float64)[:, onnx.get("positive_index", 1)].tolist()
+    return export.onnx_probabilities(bundle.onnx, np.asarray(matrix)).tolist()
 
 
 # ------------------------------------------------------------------------------------- the command
