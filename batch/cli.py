@@ -23,7 +23,6 @@ import random
 import re
 import sys
 import time
-import uuid
 import zlib
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -43,6 +42,7 @@ from common.cli import CLI_CONTEXT, AwsGroup, iso_time
 from common.config import ConfigError, load
 from common.logs import first_few
 from common.producer import TOO_LARGE, entry_size, kinesis_key
+from common.rawkey import record_key
 from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES, KinesisStream, StreamBackend
 
 
@@ -368,8 +368,7 @@ def _replayable(rows: Iterable[tuple[str, object]], types: tuple[str, ...],
         if raw is None:
             counts["not replayable" if not fix else "skipped by --fix"] += 1
             continue
-        sources.setdefault(source, []).append((str(row.get("schema", "")), raw.get("network_userid") or str(uuid.uuid4()),
-                                               orjson.dumps(raw)))
+        sources.setdefault(source, []).append((str(row.get("schema", "")), record_key(raw), orjson.dumps(raw)))
     return sources, counts, seen_types
 
 

@@ -22,7 +22,8 @@ from bench.report import median, verdict
 from localstack import emulator
 
 ROOT = Path(__file__).resolve().parent.parent
-PATH = "/i?e=pv&tv=js-4.0.0&p=web&aid=shop&url=http%3A%2F%2Fshop.test%2Fp%2F1&page=Product&res=1920x1080&eid=1"
+PATH = ("/i?e=pv&tv=js-4.0.0&p=web&aid=shop&url=http%3A%2F%2Fshop.test%2Fp%2F1&page=Product&res=1920x1080&eid=1"
+        "&duid=5d1e2c7a-3b6e-4c43-9d1a-6c7c2f3e9b11&vid=3&sid=0b6f7c1e-1d2a-4f8e-9c3b-2a1e4d5f6a7b")
 HEADERS = ["User-Agent: Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0", "Referer: http://shop.test/",
            "Cookie: sp=6f1c3a52-3b6e-4c43-9d1a-6c7c2f3e9b11"]
 PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")

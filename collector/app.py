@@ -22,9 +22,10 @@ import orjson
 
 from collector import metrics
 from collector.config import IGLU_WEBHOOK, TP2, CollectorSettings
-from collector.records import NIL_UUID, Hit, build, partition_key
+from collector.records import Hit, build
 from collector.spool import BAD, RAW, SpoolDirUnusable, SpoolFull, encode
 from common import logs
+from common.rawkey import NIL_UUID, partition_key
 
 log = logging.getLogger("collector")
 
@@ -357,7 +358,7 @@ class Collector:
         """Write the hit's frames to the spool; the spool's end offset after them (for ``durable``)."""
         settings = self.settings
         records, bad_rows = build(hit, settings.max_payload_bytes, settings.bad_payload_keep_bytes)
-        key = partition_key(hit)
+        key = partition_key(hit.querystring, hit.body, hit.network_userid)
         if len(records) == 1 and not bad_rows:          # the usual hit: one record
             frames, count = encode(RAW, key, records[0]), 1
         else:

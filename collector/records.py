@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import time
-import uuid
 from dataclasses import dataclass
 
 import orjson
@@ -14,7 +13,6 @@ from collector.config import TP2
 RAW_SCHEMA = "iglu:com.clickstream/raw_record/jsonschema/1-0-0"
 SIZE_VIOLATION = "iglu:com.snowplowanalytics.snowplow.badrows/size_violation/jsonschema/1-0-0"
 PAYLOAD_DATA = "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4"
-NIL_UUID = "00000000-0000-0000-0000-000000000000"
 
 
 @dataclass(slots=True)
@@ -64,16 +62,6 @@ def record(hit: Hit, body: bytes | None) -> dict:
         "collector": COLLECTOR_NAME,
         "hostname": hit.hostname,
     }
-
-
-def partition_key(hit: Hit) -> str:
-    # The nil id of SP-Anonymous hits is shared by everyone: a random key spreads them over shards.
-    # (An over-long id is no concern here: the app caps ids at 128 characters, and the producer
-    # hashes any key over Kinesis' 256.)
-    nuid = hit.network_userid
-    if nuid and nuid != NIL_UUID:
-        return nuid
-    return str(uuid.uuid4())
 
 
 def size_violation(payload: str, actual: int, maximum: int, keep: int) -> dict:

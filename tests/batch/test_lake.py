@@ -493,6 +493,13 @@ def fix_useragent(raw, row):
 
 def test_replay_bad_puts_fixed_raw_records_into_the_raw_stream(aws_settings, s3):
     raws = [make_raw(i) for i in range(3)]
+    # Keyed as the collector keyed them: by the tracker's session id, from the query or the body; an
+    # SP-Anonymous record's nil user id would have been one hot shard.
+    raws[0]["querystring"] += "&sid=session-0"
+    raws[1].update(path="/com.snowplowanalytics.snowplow/tp2", method="POST", querystring=None,
+                   network_userid="00000000-0000-0000-0000-000000000000",
+                   body='{"schema":"iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4",'
+                        '"data":[{"e":"pv","sid":"session-1"}]}')
     rows = [make_bad_row(raws[0]), make_bad_row(raws[1], "tracker_protocol_violations", "1-0-0"),
             make_bad_row(raws[2], "enrichment_failures"),
             {"schema": "iglu:com.snowplowanalytics.snowplow.badrows/size_violation/jsonschema/1-0-0",
@@ -517,9 +524,10 @@ def test_replay_bad_puts_fixed_raw_records_into_the_raw_stream(aws_settings, s3)
     assert f"replayed 2 raw records into {aws_settings.raw_stream}" in result.output
 
     stream = KinesisStream(aws.client("kinesis"), aws_settings.raw_stream)
-    got = [orjson.loads(r.data) for shard in stream.list_shards() for r in stream.reader(shard.shard_id, None).read(100).records]
-    assert sorted(got, key=lambda r: r["collector_tstamp"]) == [{**raws[0], "useragent": "fixed"},
-                                                                 {**raws[1], "useragent": "fixed"}]
+    records = [r for shard in stream.list_shards() for r in stream.reader(shard.shard_id, None).read(100).records]
+    got = sorted((orjson.loads(r.data) for r in records), key=lambda r: r["collector_tstamp"])
+    assert got == [{**raws[0], "useragent": "fixed"}, {**raws[1], "useragent": "fixed"}]
+    assert sorted(r.partition_key for r in records) == ["session-0", "session-1"]
 
 
 def test_replay_bad_reads_an_edited_file(aws_settings, tmp_path):

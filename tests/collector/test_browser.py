@@ -70,6 +70,7 @@ def test_browser_tracker_page_view_reaches_the_raw_stream(streams, make_collecto
         assert record["useragent"] and "Chrome" in record["useragent"]
         # Chromium's default referrer policy sends only the origin to another origin.
         assert record["referer"] == url.rsplit("/", 1)[0] + "/"
+        assert record["_key"] == event["sid"]          # a session's hits stay on one raw shard
         if event["e"] == "pv":
             assert event["page"] == "Product page" and event["url"] == url
     posted = [r for r, _ in found if r["method"] == "POST"]

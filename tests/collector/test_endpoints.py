@@ -153,6 +153,24 @@ def test_existing_cookie_is_kept_and_nuid_parameter_wins(setup):
     assert [r["network_userid"] for r in records] == ["known-user-id", "from-param"]
 
 
+def test_a_visitor_without_the_cookie_stays_on_one_shard_by_its_session_id(setup):
+    """Each request without the cookie gets a new collector id; keyed by it, one session's hits would
+    spread over the raw shards and reach the scorer in any order."""
+    collector, _ = setup
+    marker = uuid.uuid4().hex
+    sid, other = str(uuid.uuid4()), str(uuid.uuid4())
+    get(f"{collector.url}/i?e=pv&aid={marker}&n=1&duid=d-1&sid={sid}")
+    get(collector.url + TP2, data=payload([{"e": "pp", "aid": marker, "n": "2", "duid": "d-1", "sid": sid}]),
+        headers={"Content-Type": "application/json"})
+    get(collector.url + TP2, data=gzip.compress(payload([{"e": "se", "aid": marker, "n": "3", "sid": sid}])),
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    get(f"{collector.url}/i?e=pv&aid={marker}&n=4&sid={other}", headers={"SP-Anonymous": "*"})
+    get(f"{collector.url}/i?e=pv&aid={marker}&n=5&duid=d-2")
+    records = sorted(marked(setup, marker, 5), key=lambda r: r["_seq"])
+    assert len({r["network_userid"] for r in records}) == 5         # four new ids and the nil one
+    assert [r["_key"] for r in records] == [sid, sid, sid, other, "d-2"]
+
+
 def test_sp_anonymous_records_no_ip_no_id_and_expires_the_cookie(setup):
     collector, _ = setup
     marker = uuid.uuid4().hex
@@ -246,7 +264,8 @@ def test_redirect_only_to_allowed_domains(setup):
 def test_big_post_is_split_into_records_under_the_limit(setup):
     collector, _ = setup
     marker = uuid.uuid4().hex
-    events = [{"e": "pv", "tv": "t", "p": "web", "aid": marker, "n": str(i), "page": "x" * 5000} for i in range(300)]
+    events = [{"e": "pv", "tv": "t", "p": "web", "aid": marker, "n": str(i), "page": "x" * 5000, "sid": "big-1"}
+              for i in range(300)]
     body = payload(events)
     assert 1_000_000 < len(body) < 2 * 1024 * 1024
     assert get(collector.url + TP2, data=body, headers={"Content-Type": "application/json"})[0] == 200
@@ -260,6 +279,7 @@ def test_big_post_is_split_into_records_under_the_limit(setup):
         assert len(orjson.dumps(clean)) <= 1_000_000
     got = [event for r in records for event in orjson.loads(r["body"])["data"]]
     assert sorted(got, key=lambda e: int(e["n"])) == events
+    assert {r["_key"] for r in records} == {"big-1"}        # the parts of a request stay on one shard
 
 
 def test_oversized_unsplittable_payload_becomes_a_size_violation(setup):

@@ -7,7 +7,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collector.records import Hit, build, partition_key, record
+from collector.records import Hit, build, record
+from common.rawkey import partition_key, record_key
 
 PAYLOAD = "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4"
 
@@ -81,11 +82,35 @@ def test_a_request_whose_own_fields_fill_half_a_record_is_one_bad_row_not_one_pe
     assert not bad and [e for r in records for e in orjson.loads(orjson.loads(r)["body"])["data"]] == events
 
 
-def test_partition_key_is_the_user_id_or_random():
-    assert partition_key(hit(None, "user-1")) == "user-1"
-    keys = {partition_key(hit(None, "00000000-0000-0000-0000-000000000000")) for _ in range(3)} | {
-        partition_key(hit(None, None))}
-    assert len(keys) == 4
+def payload(events: list[dict]) -> bytes:
+    return orjson.dumps({"schema": PAYLOAD, "data": events})
+
+
+def test_partition_key_is_the_session_then_the_tracker_cookie_then_the_user_id_or_random():
+    nil = "00000000-0000-0000-0000-000000000000"
+    assert partition_key("e=pv&sid=s-1&duid=d-1", None, "user-1") == "s-1"
+    assert partition_key("e=pv&duid=d-1", None, "user-1") == "d-1"
+    assert partition_key("e=pv&xsid=s-1&sid=&uid=u", None, "user-1") == "user-1"       # no sid of its own
+    assert partition_key("e=pv&sid=" + "s" * 129, None, "user-1") == "user-1"           # not a tracker's id
+    # A batch is keyed by its first event; a context's own "sid" is an escaped string, not a field.
+    context = orjson.dumps({"data": [{"sid": "from-a-context"}]}).decode()
+    body = payload([{"e": "pv", "co": context, "duid": "d-1"}, {"e": "pv", "sid": "s-2"}, {"e": "pv", "sid": "s-3"}])
+    assert partition_key(None, body, nil) == "s-2"
+    assert partition_key(None, payload([{"e": "pv", "co": context}]), "user-1") == "user-1"
+    assert partition_key(None, b'{"data": [{"sid" : "spaced"}]}', None) == "spaced"
+    assert partition_key("sid=from-query", payload([{"sid": "from-body"}]), None) == "from-query"
+    keys = {partition_key(None, payload([{"e": "pv"}]), nil) for _ in range(3)} | {partition_key(None, None, None)}
+    assert len(keys) == 4                       # the nil id of SP-Anonymous hits would be one hot shard
+
+
+def test_a_replayed_record_gets_the_key_its_hit_got():
+    body = payload([{"e": "pv", "sid": "s-1"}])
+    for request in (hit(body), dataclasses.replace(hit(None), querystring="e=pv&sid=s-1", method="GET")):
+        assert record_key(orjson.loads(orjson.dumps(record(request, request.body)))) == "s-1"
+    latin = hit(b'{"data":[{"sid":"s-\xe9"}]}')        # not UTF-8: kept as base64
+    written = record(latin, latin.body)
+    assert written["body_base64"] and record_key(written) == partition_key(None, latin.body, "user-1")
+    assert record_key({**written, "body_base64": "not base64!"}) == "user-1"
 
 
 
