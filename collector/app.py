@@ -10,7 +10,6 @@ import base64
 import contextlib
 import logging
 import os
-import re
 import time
 import uuid
 import zlib
@@ -25,7 +24,7 @@ from collector.config import IGLU_WEBHOOK, TP2, CollectorSettings
 from collector.records import Hit, build
 from collector.spool import BAD, RAW, SpoolDirUnusable, SpoolFull, encode
 from common import logs
-from common.rawkey import NIL_UUID, partition_key
+from common.rawkey import NIL_UUID, SAFE_ID, partition_key
 
 log = logging.getLogger("collector")
 
@@ -42,7 +41,6 @@ CORS_ANY = [(b"access-control-allow-origin", b"*"), (b"access-control-allow-cred
 SECRET_HEADERS = frozenset({"cookie", "authorization", "proxy-authorization"})
 ANONYMOUS_HEADERS = frozenset({"host", "user-agent", "referer", "origin", "content-type", "content-length",
                                "content-encoding", "accept", "accept-encoding", "accept-language", "sp-anonymous"})
-USER_ID = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
 MAX_GZIP_MEMBERS = 16
 ROUTES = {"/i": "pixel", "/ice.png": "pixel", TP2: "tp2", "/r/tp2": "redirect", IGLU_WEBHOOK: "webhook",
@@ -349,7 +347,7 @@ class Collector:
             return None, NIL_UUID, kept, expire
         ip = _client_ip(scope, headers, self.settings.trusted_proxy_hops)
         nuid = _nuid_param(query) or jar.get(self.settings.cookie_name) or ""
-        if not USER_ID.match(nuid):
+        if not SAFE_ID.match(nuid):
             # Only ids that are safe to echo in Set-Cookie; anything else gets a fresh one.
             nuid = str(uuid.uuid4())
         return ip, nuid, kept, [(b"set-cookie", self.cookie(nuid, headers))]

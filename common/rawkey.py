@@ -1,8 +1,8 @@
 """The partition key of a raw record (docs/contracts.md), shared by the collector and ``replay-bad``.
 
 A raw stream keyed by the tracker's session id keeps a session's hits on one shard, in the order
-collected, whatever the collector's cookie did: a browser that blocks it, or a visit's first hits
-sent before its answer came back, get a new collector id on every request. Keyed by that id, those
+collected, whatever the collector's cookie did: a crawler, a browser that blocks it, or a visit's
+first hits sent before its answer came back get a new collector id on every request. Keyed by that id, those
 hits spread over the shards and reached the enricher, and so the scorer, in any order.
 """
 from __future__ import annotations
@@ -13,14 +13,16 @@ import uuid
 
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
 
-# Longer values are not a tracker's ids: such a hit is keyed as if it had none (the enricher makes
-# ids over 128 characters a bad row anyway).
-MAX_ID = 128
+# What an id may be to key a record: a tracker's are UUIDs. Anything else (longer than the enricher
+# takes, or with characters a client chose: a control character, a newline) keys the hit as if it had
+# none, so no request can make a key that Kinesis or a header might refuse. The collector holds its
+# cookie ids to the same rule.
+SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 # Per id, in order: the query's first and later parameter, the body's key and its pattern. In a
 # payload_data body an event's own fields are top-level keys of its object; the same names inside a
 # context or self-describing event are in an escaped JSON string (\"sid\":), so never match.
 _IDS = [(f"{name}=", f"&{name}=", b'"%s"' % name.encode(),
-         re.compile(rb'"%s"\s*:\s*"([^"\\]{1,%d})"' % (name.encode(), MAX_ID)))
+         re.compile(rb'"%s"\s*:\s*"([A-Za-z0-9._-]{1,128})"' % name.encode()))
         for name in ("sid", "duid")]
 
 
@@ -35,7 +37,7 @@ def partition_key(querystring: str | None, body: bytes | None, network_userid: s
         if body and needle in body:
             found = pattern.search(body)
             if found:
-                return found.group(1).decode("utf-8", "replace")
+                return found.group(1).decode()
     if network_userid and network_userid != NIL_UUID:
         return network_userid
     return str(uuid.uuid4())
@@ -54,7 +56,7 @@ def _query_value(query: str, first: str, later: str) -> str | None:
         begin = at + len(later)
     end = query.find("&", begin)
     value = query[begin:end] if end >= 0 else query[begin:]
-    return value if len(value) <= MAX_ID else None
+    return value if SAFE_ID.match(value) else None
 
 
 def record_key(raw: dict) -> str:
