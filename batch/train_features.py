@@ -221,10 +221,10 @@ def records(table: pa.Table) -> list[dict]:
 def arrival_order(event: dict) -> tuple:
     """The order in which the scorer folds a session's events: as enriched (``etl_tstamp``, stamped
     per raw record), then as collected. The scorer reads them in the order the enricher wrote them,
-    which is not always the collector's: hits without the collector's cookie (the first of a visit,
-    a browser that blocks it) are keyed at random to a raw shard, and one shard's batch may be
-    enriched seconds after another's (make demo's skew check found 7 of 1,719 sessions folded
-    otherwise when this was the collector's order alone). So do a late retry, an offline queue's
+    which is not always the collector's: hits with neither a tracker id nor the collector's cookie
+    are keyed at random to a raw shard, and one shard's batch may be enriched seconds after
+    another's (make demo's skew check found 7 of 1,719 sessions folded otherwise when this was the
+    collector's order alone, before raw records were keyed by the tracker's session id). So do a late retry, an offline queue's
     events, a replayed bad row and copies of one event re-read by an enricher after a crash (the
     first enriched is the one folded). Events of one request share both times; they are in time
     order, as the tracker queued them, then by id (the scorer keeps the request's order: two created

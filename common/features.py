@@ -26,6 +26,8 @@ from functools import cache
 from importlib import resources
 from zoneinfo import ZoneInfo
 
+from common.rawkey import NIL_UUID
+
 FEATURE_VERSION = "5"
 SHOP_VENDOR = "com.clickshop"
 # The official trackers' trackAddToCart / trackRemoveFromCart send Snowplow's own cart events: the
@@ -47,7 +49,7 @@ MAX_TRACKED_PRODUCTS = 512
 # A longer product id is kept as a 16-byte digest: schemas allow 4,096 characters, and 512 such ids
 # made one session 2 MB of the scorer's memory.
 MAX_KEPT_SKU_CHARS = 64
-NIL_USER = "00000000-0000-0000-0000-000000000000"   # network_userid of SP-Anonymous hits
+NIL_USER = NIL_UUID                                   # network_userid of SP-Anonymous hits
 NUMBER_LIMIT = 1e9          # any number read from an event: beyond every real quantity, price or index
 
 PAGE_TYPES = ("home", "category", "product", "search", "cart", "checkout", "content")
