@@ -2,6 +2,9 @@
 sessions, exported with onnxmltools exactly as training does (input "features", opset 15)."""
 from __future__ import annotations
 
+import tempfile
+from unittest import mock
+
 from common.features import FEATURE_NAMES, session_features
 from tests.scorer.helpers import session_events
 
@@ -34,6 +37,8 @@ def train(spark, algorithm: str = "gbt", trees: int = 20, depth: int = 3, sessio
     else:
         classifier = LogisticRegression(featuresCol="features", maxIter=50)
     model = Pipeline(stages=[assembler, classifier]).fit(frame)
-    onnx_model = convert_sparkml(model.stages[-1], "buy", [("features", FloatTensorType([None, len(FEATURE_NAMES)]))],
-                                 target_opset=15, spark_session=spark)
+    # The converter saves every tree under tempfile.tempdir and leaves them there.
+    with tempfile.TemporaryDirectory(prefix="stock-export-") as scratch, mock.patch.object(tempfile, "tempdir", scratch):
+        onnx_model = convert_sparkml(model.stages[-1], "buy", [("features", FloatTensorType([None, len(FEATURE_NAMES)]))],
+                                     target_opset=15, spark_session=spark)
     return model, onnx_model.SerializeToString()
