@@ -24,7 +24,7 @@ from collector.config import IGLU_WEBHOOK, TP2, CollectorSettings
 from collector.records import Hit, build
 from collector.spool import BAD, RAW, SpoolDirUnusable, SpoolFull, encode
 from common import logs
-from common.rawkey import NIL_UUID, SAFE_ID, partition_key
+from common.rawkey import NIL_UUID, SAFE_ID, keyed
 
 log = logging.getLogger("collector")
 
@@ -310,12 +310,12 @@ class Collector:
         if settings.dnt_cookie_name and jar.get(settings.dnt_cookie_name) == settings.dnt_cookie_value:
             return await self.answer(scope, send, cors, location)    # opted out: answered, not recorded
 
-        ip, nuid, kept, set_cookie = self.identify(scope, headers, kept, jar, query)
+        ip, nuid, new_user, kept, set_cookie = self.identify(scope, headers, kept, jar, query)
         hit = Hit(int(time.time() * 1000), ip, headers.get("user-agent"), headers.get("referer"),
                   canonical_path, query, scope["method"], headers.get("content-type"),
                   body, kept, nuid, headers.get("host", ""))
         try:
-            end = self.spool_hit(hit)
+            end = self.spool_hit(hit, new_user)
             if self.spool.fsync_always:
                 await self.durable(end)
         except (SpoolFull, OSError) as exc:
@@ -338,25 +338,29 @@ class Collector:
         return await self.answer(scope, send, cors + set_cookie, location)
 
     def identify(self, scope, headers: dict, kept: list, jar: dict, query: str | None):
-        """The client's IP, network user id, recorded headers and Set-Cookie: none of the first two,
-        only ANONYMOUS_HEADERS and an expired cookie under SP-Anonymous."""
+        """The client's IP, network user id, whether that id was made up for this request (no cookie
+        or ``nuid`` came with it), recorded headers and Set-Cookie: no IP, the nil id, only
+        ANONYMOUS_HEADERS and an expired cookie under SP-Anonymous."""
         if "sp-anonymous" in headers:
             kept = [h for h in kept if h.split(":", 1)[0] in ANONYMOUS_HEADERS]
             expire = [(b"set-cookie", self.cookie("", headers, expire=True))] \
                 if self.settings.cookie_name in jar else []
-            return None, NIL_UUID, kept, expire
+            return None, NIL_UUID, False, kept, expire
         ip = _client_ip(scope, headers, self.settings.trusted_proxy_hops)
         nuid = _nuid_param(query) or jar.get(self.settings.cookie_name) or ""
-        if not SAFE_ID.match(nuid):
+        new_user = not SAFE_ID.match(nuid)
+        if new_user:
             # Only ids that are safe to echo in Set-Cookie; anything else gets a fresh one.
             nuid = str(uuid.uuid4())
-        return ip, nuid, kept, [(b"set-cookie", self.cookie(nuid, headers))]
+        return ip, nuid, new_user, kept, [(b"set-cookie", self.cookie(nuid, headers))]
 
-    def spool_hit(self, hit: Hit) -> int:
+    def spool_hit(self, hit: Hit, new_user: bool = False) -> int:
         """Write the hit's frames to the spool; the spool's end offset after them (for ``durable``)."""
         settings = self.settings
         records, bad_rows = build(hit, settings.max_payload_bytes, settings.bad_payload_keep_bytes)
-        key = partition_key(hit.querystring, hit.body, hit.network_userid)
+        key, keyed_by = keyed(hit.querystring, hit.body, hit.network_userid)
+        # An id made up for this hit alone keys it no better than a random one.
+        metrics.keyed("random" if new_user and keyed_by == "network_userid" else keyed_by)
         if len(records) == 1 and not bad_rows:          # the usual hit: one record
             frames, count = encode(RAW, key, records[0]), 1
         else:

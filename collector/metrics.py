@@ -12,6 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import Metric
 from prometheus_client.process_collector import ProcessCollector
 
+from common.rawkey import KEYED_BY
+
 _MULTI = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 _GAUGE = {"multiprocess_mode": "livesum"} if _MULTI else {}
 _MIN = {"multiprocess_mode": "livemin"} if _MULTI else {}       # the worst worker shows, not a sum
@@ -30,6 +32,12 @@ WRITE_ERRORS = Counter("collector_spool_write_errors_total",
                        "Hits answered 503: writing them to the spool failed (a full or failing disk)")
 SPOOL_DAMAGED = Counter("collector_spool_damaged_total",
                         "Damaged stretches of spool passed over or cut (a failing disk, a power cut): their hits are lost")
+# Hits keyed by no id that outlives the request (random) may reach the enricher, and so the scorer, out
+# of order: docs/collector.md, "Records, limits and bad input".
+HITS_KEYED = Counter("collector_hits_keyed_total",
+                     "Hits by what keyed their raw records: the tracker's sid or duid, a returning network_userid, "
+                     "or random (no id that outlives the request)", ["by"])
+_KEYED = {by: HITS_KEYED.labels(by) for by in KEYED_BY}
 SPOOL_RECORDS = Gauge("collector_spool_depth_records", "Undelivered records in the spool", **_GAUGE)
 SPOOL_BYTES = Gauge("collector_spool_depth_bytes", "Undelivered bytes in the spool", **_GAUGE)
 # Not "depth == 0": every hit is spooled first, so a busy healthy collector always has a backlog.
@@ -65,6 +73,11 @@ def count(endpoint: str, status: int) -> None:
     if child is None:
         child = _children[(endpoint, status)] = REQUESTS.labels(endpoint, str(status))
     _add(child, 1)
+
+
+def keyed(by: str) -> None:
+    """Count a hit by what keyed it (one of common.rawkey.KEYED_BY; the event loop's thread only)."""
+    _add(_KEYED[by], 1)
 
 
 def spooled(records: int) -> None:

@@ -18,29 +18,36 @@ NIL_UUID = "00000000-0000-0000-0000-000000000000"
 # none, so no request can make a key that Kinesis or a header might refuse. The collector holds its
 # cookie ids to the same rule.
 SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
-# Per id, in order: the query's first and later parameter, the body's key and its pattern. In a
+# Per id, in order: its name, the query's first and later parameter, the body's key and its pattern. In a
 # payload_data body an event's own fields are top-level keys of its object; the same names inside a
 # context or self-describing event are in an escaped JSON string (\"sid\":), so never match.
-_IDS = [(f"{name}=", f"&{name}=", b'"%s"' % name.encode(),
+_IDS = [(name, f"{name}=", f"&{name}=", b'"%s"' % name.encode(),
          re.compile(rb'"%s"\s*:\s*"([A-Za-z0-9._-]{1,128})"' % name.encode()))
         for name in ("sid", "duid")]
+KEYED_BY = ("sid", "duid", "network_userid", "random")
 
 
 def partition_key(querystring: str | None, body: bytes | None, network_userid: str | None) -> str:
     """The tracker's session id (``sid``), else its cookie id (``duid``), from the query string or
     else the body (the first event of a batch), else the collector's user id unless it is the nil
     one of SP-Anonymous hits (shared by everyone: one hot shard), else random."""
-    for first, later, needle, pattern in _IDS:
+    return keyed(querystring, body, network_userid)[0]
+
+
+def keyed(querystring: str | None, body: bytes | None, network_userid: str | None) -> tuple[str, str]:
+    """``partition_key`` and what it was taken from: ``sid``, ``duid``, ``network_userid`` or
+    ``random`` (one of KEYED_BY)."""
+    for name, first, later, needle, pattern in _IDS:
         found = _query_value(querystring, first, later) if querystring else None
         if found:
-            return found
+            return found, name
         if body and needle in body:
             found = pattern.search(body)
             if found:
-                return found.group(1).decode()
+                return found.group(1).decode(), name
     if network_userid and network_userid != NIL_UUID:
-        return network_userid
-    return str(uuid.uuid4())
+        return network_userid, "network_userid"
+    return str(uuid.uuid4()), "random"
 
 
 def _query_value(query: str, first: str, later: str) -> str | None:

@@ -153,11 +153,19 @@ def test_existing_cookie_is_kept_and_nuid_parameter_wins(setup):
     assert [r["network_userid"] for r in records] == ["known-user-id", "from-param"]
 
 
+def keyed_counts(url: str) -> dict[str, float]:
+    """collector_hits_keyed_total by its label ``by``."""
+    prefix = 'collector_hits_keyed_total{by="'
+    lines = get(url + "/metrics")[2].decode().splitlines()
+    return {line[len(prefix):].split('"', 1)[0]: float(line.split()[-1]) for line in lines if line.startswith(prefix)}
+
+
 def test_a_visitor_without_the_cookie_stays_on_one_shard_by_its_session_id(setup):
     """Each request without the cookie gets a new collector id; keyed by it, one session's hits would
     spread over the raw shards and reach the scorer in any order."""
     collector, _ = setup
     marker = uuid.uuid4().hex
+    before = keyed_counts(collector.url)
     sid, other = str(uuid.uuid4()), str(uuid.uuid4())
     get(f"{collector.url}/i?e=pv&aid={marker}&n=1&duid=d-1&sid={sid}")
     get(collector.url + TP2, data=payload([{"e": "pp", "aid": marker, "n": "2", "duid": "d-1", "sid": sid}]),
@@ -169,6 +177,24 @@ def test_a_visitor_without_the_cookie_stays_on_one_shard_by_its_session_id(setup
     records = sorted(marked(setup, marker, 5), key=lambda r: r["_seq"])
     assert len({r["network_userid"] for r in records}) == 5         # four new ids and the nil one
     assert [r["_key"] for r in records] == [sid, sid, sid, other, "d-2"]
+    after = keyed_counts(collector.url)
+    assert {by: after[by] - before[by] for by in after} == {"sid": 4, "duid": 1, "network_userid": 0, "random": 0}
+
+
+def test_hits_with_no_id_that_outlives_the_request_are_counted_as_keyed_at_random(setup):
+    """Those are the hits a session can lose its order by: operators watch their share."""
+    collector, _ = setup
+    marker = uuid.uuid4().hex
+    before = keyed_counts(collector.url)
+    get(f"{collector.url}/i?e=pv&aid={marker}&n=1")                                # a crawler: no cookie
+    get(f"{collector.url}/i?e=pv&aid={marker}&n=2", headers={"Cookie": "sp=a-b!c"})  # one we refuse
+    get(f"{collector.url}/i?e=pv&aid={marker}&n=3", headers={"SP-Anonymous": "*"})
+    get(f"{collector.url}/i?e=pv&aid={marker}&n=4", headers={"Cookie": "sp=returning-1"})
+    get(f"{collector.url}/i?e=pv&aid={marker}&n=5&nuid=server-side-1")
+    records = sorted(marked(setup, marker, 5), key=lambda r: r["querystring"])
+    after = keyed_counts(collector.url)
+    assert {by: after[by] - before[by] for by in after} == {"sid": 0, "duid": 0, "network_userid": 2, "random": 3}
+    assert [r["_key"] for r in records[3:]] == ["returning-1", "server-side-1"]
 
 
 def test_sp_anonymous_records_no_ip_no_id_and_expires_the_cookie(setup):

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collector.records import Hit, build, record
-from common.rawkey import partition_key, record_key
+from common.rawkey import keyed, partition_key, record_key
 
 PAYLOAD = "iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4"
 
@@ -104,6 +104,14 @@ def test_partition_key_is_the_session_then_the_tracker_cookie_then_the_user_id_o
     assert partition_key("sid=from-query", payload([{"sid": "from-body"}]), None) == "from-query"
     keys = {partition_key(None, payload([{"e": "pv"}]), nil) for _ in range(3)} | {partition_key(None, None, None)}
     assert len(keys) == 4                       # the nil id of SP-Anonymous hits would be one hot shard
+
+
+def test_keyed_says_what_the_key_was_taken_from():
+    assert keyed("e=pv&sid=s-1", None, "user-1") == ("s-1", "sid")
+    assert keyed(None, payload([{"e": "pv", "duid": "d-1"}]), "user-1") == ("d-1", "duid")
+    assert keyed("e=pv", None, "user-1") == ("user-1", "network_userid")
+    key, by = keyed("e=pv", payload([{"e": "pv"}]), "00000000-0000-0000-0000-000000000000")
+    assert by == "random" and len(key) == 36
 
 
 def test_a_replayed_record_gets_the_key_its_hit_got():

@@ -377,7 +377,7 @@ def test_grafana_dashboard_covers_the_operator_metrics():
     dashboard = json.loads((DEPLOY / "grafana" / "clickstream.json").read_text(encoding="utf-8"))
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
     for metric in ("collector_requests_total", "collector_records_produced_total", "collector_spool_depth_records",
-                   "enrich_events_total", "enrich_bad_rows_total", "_lag_ms", "scorer_scoring_seconds_bucket", "scorer_model_info",
+                   "collector_hits_keyed_total", "enrich_events_total", "enrich_bad_rows_total", "_lag_ms", "scorer_scoring_seconds_bucket", "scorer_model_info",
                    "scorer_score_psi", "discount_offers_total", "discount_prediction_age_seconds_bucket"):
         assert metric in exprs, metric
     ids = [p["id"] for p in dashboard["panels"]]
