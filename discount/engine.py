@@ -77,7 +77,8 @@ class Engine:
                                 read_interval_s=settings.read_interval_s, lease_ms=settings.lease_ms)
         offers = OfferTable(aws.client("dynamodb", settings.region), settings.offers_table,
                             budget_per_hour=settings.budget_per_hour, discount_percent=settings.discount_percent,
-                            ttl_hours=settings.offer_ttl_hours)
+                            ttl_hours=settings.offer_ttl_hours,
+                            bought_table=settings.predictions_table if settings.check_purchases else None)
         return cls(settings, consumer, offers, metrics, **kwargs)
 
     # ------------------------------------------------------------------ decisions
@@ -141,8 +142,9 @@ class Engine:
                     raise
                 self.metrics.write_errors.inc()
                 if count := self.write_failures.add():
-                    log.warning("offer writes to table %s failed %d times since the last such line, retrying: %s",
-                                self.offers.table, count, exc)
+                    checked = f" (checking purchases in {self.offers.bought_table})" if self.offers.bought_table else ""
+                    log.warning("offer writes to table %s%s failed %d times since the last such line, retrying: %s",
+                                self.offers.table, checked, count, exc)
                 # Retrying can outlast the lease: renew it (so never sleep past a renewal), and give the
                 # batch up once another worker has taken its shard (it reads the batch again; offers are idempotent).
                 time.sleep(min(backoff_s(attempt, 0.1, 5.0), self.consumer.renew_interval_s))
@@ -151,14 +153,10 @@ class Engine:
         raise AssertionError("unreachable")
 
     def _table_usable(self) -> bool:
-        """Whether the offers table reads its budget row: a refusal of every write (another key schema:
-        a wrong offers_table, a table made again) is the table's, not the record's, and skipping the
-        records for it dropped every offer, checkpointed, while it lasted."""
-        try:
-            self.offers.spent(self.clock())
-        except (BotoCoreError, ClientError):
-            return False
-        return True
+        """Whether the tables read their keys: a refusal of every write (another key schema: a wrong
+        offers_table, a table made again) is the table's, not the record's, and skipping the records
+        for it dropped every offer, checkpointed, while it lasted."""
+        return self.offers.usable(self.clock())
 
     # ------------------------------------------------------------------ the loop
 

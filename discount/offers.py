@@ -3,7 +3,10 @@
 An offer is written in one transaction with the hour's budget counter: a conditional put that fails
 if the session already has an offer, and a conditional increment that fails once the hour's budget
 is spent. Neither a replay of the predictions stream, nor a restart, nor several engine processes
-can give a session a second offer or spend more than the budget.
+can give a session a second offer or spend more than the budget. With ``bought_table`` (the scorer's
+predictions table) the transaction also checks that the scorer has not marked the session as bought
+since: a prediction read late (the engine lagging or restarting) makes no offer to a session that
+has just bought.
 
 Rows (partition key ``session_id``, TTL attribute ``expires_at``):
 
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from common.aws import ttl_expired
 from common.features import event_time_ms, parse_ms
@@ -35,6 +38,7 @@ STRING_FIELDS = ("session_id", "event_id", "decision", "model_name", "model_vers
 class Outcome(str, Enum):
     OFFERED = "offered"
     ALREADY_OFFERED = "already_offered"
+    BOUGHT = "bought"
     BUDGET_EXHAUSTED = "budget_exhausted"
 
 
@@ -102,9 +106,11 @@ def offer_id(session_id: str) -> str:
 
 
 class OfferTable:
-    def __init__(self, client, table: str, *, budget_per_hour: int, discount_percent: int, ttl_hours: int):
+    def __init__(self, client, table: str, *, budget_per_hour: int, discount_percent: int, ttl_hours: int,
+                 bought_table: str | None = None):
         self.client = client
         self.table = table
+        self.bought_table = bought_table
         self.budget_per_hour = budget_per_hour
         self.discount_percent = discount_percent
         self.ttl_s = ttl_hours * 3600
@@ -143,22 +149,45 @@ class OfferTable:
         put = {"TableName": self.table, "Item": self.offer_item(prediction, now),
                "ConditionExpression": "attribute_not_exists(session_id) OR #e <= :now",
                "ExpressionAttributeNames": {"#e": "expires_at"}, "ExpressionAttributeValues": {":now": {"N": str(int(now))}}}
+        items = [{"Put": put}, {"Update": budget_update}]
+        if self.bought_table:
+            items.append({"ConditionCheck": self._not_bought(prediction)})
         try:
             # One token per decision: if a retry follows a write whose answer was lost, DynamoDB
             # answers it as the write it was (offered), not as a second try (already offered).
             token = str(uuid.uuid5(OFFER_NAMESPACE, f"{prediction.session_id}|{prediction.event_id}|{now!r}"))
-            self.client.transact_write_items(TransactItems=[{"Put": put}, {"Update": budget_update}],
-                                             ClientRequestToken=token)
+            self.client.transact_write_items(TransactItems=items, ClientRequestToken=token)
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "TransactionCanceledException":
                 raise
-            reasons = [reason.get("Code") for reason in exc.response.get("CancellationReasons", [])]
-            if reasons and reasons[0] == "ConditionalCheckFailed":
-                return Outcome.ALREADY_OFFERED
-            if len(reasons) > 1 and reasons[1] == "ConditionalCheckFailed":
-                return Outcome.BUDGET_EXHAUSTED
+            codes = [reason.get("Code") for reason in exc.response.get("CancellationReasons", [])]
+            # One reason per item, in order: the offer, the budget, the purchase check.
+            for index, outcome in ((0, Outcome.ALREADY_OFFERED), (2, Outcome.BOUGHT), (1, Outcome.BUDGET_EXHAUSTED)):
+                if index < len(codes) and codes[index] == "ConditionalCheckFailed":
+                    return outcome
             raise
         return Outcome.OFFERED
+
+    def _not_bought(self, prediction: Prediction) -> dict:
+        """The session's row in the predictions table has no purchase (``bought_ms``, which the scorer
+        sets), or one before this prediction's click: that is an earlier session under the same id."""
+        check = {"TableName": self.bought_table, "Key": {"session_id": {"S": prediction.session_id}},
+                 "ConditionExpression": "attribute_not_exists(bought_ms)"}
+        if prediction.clicked_ms is not None:
+            check["ConditionExpression"] += " OR bought_ms < :clicked"
+            check["ExpressionAttributeValues"] = {":clicked": {"N": str(prediction.clicked_ms)}}
+        return check
+
+    def usable(self, now: float | None = None) -> bool:
+        """Whether the tables answer reads of their keys: a refusal of every write as invalid (another key
+        schema: a wrong table name, a table made again) is the tables', not one record's."""
+        try:
+            self.spent(now)
+            if self.bought_table:
+                self.client.get_item(TableName=self.bought_table, Key={"session_id": {"S": f"{BUDGET_PREFIX}probe"}})
+        except (BotoCoreError, ClientError):
+            return False
+        return True
 
     def spent(self, now: float | None = None) -> int:
         """Offers made in the hour of ``now``."""

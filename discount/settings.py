@@ -28,6 +28,9 @@ class DiscountSettings(AwsSettings):
     # the hour's budget on nobody. The scorer's session timeout: by then the session is over.
     max_prediction_age_s: float = 1800.0
     budget_per_hour: int = 100           # offers per UTC hour, shared by every engine process
+    # No offer to a session the scorer has marked as bought in predictions_table since the prediction
+    # (needs dynamodb:ConditionCheckItem and GetItem on it); off for a scorer without its table.
+    check_purchases: bool = True
     discount_percent: int = 10
     offer_ttl_hours: int = 24
     metrics_host: str = "127.0.0.1"

@@ -56,7 +56,7 @@ def _schemas() -> dict:
                        "properties": {key: {} for key in (
                            "schema", "session_id", "event_id", "collector_tstamp", "derived_tstamp", "scored_at", "model_name",
                            "model_version", "feature_version", "p_buy", "decision", "threshold", "latency_us",
-                           "events_in_session", "expires_at")}},
+                           "events_in_session", "expires_at", "bought_ms")}},
     }
 
 

@@ -3,10 +3,12 @@
 Both writes are retried until they succeed (or the worker stops, or the predictions' shard goes to
 another worker), because the worker checkpoints only after they are durable. The table write is
 conditional on the event time and the session's event count, so a replay after a crash can rewrite
-the same prediction but never an older one.
+the same prediction but never an older one. A session's purchase marks its row (``bought_ms``), after
+its predictions of the same write: the discount engine makes no offer on a prediction read after it.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +26,8 @@ log = logging.getLogger("scorer.sink")
 
 _NEWER_OR_SAME = ("attribute_not_exists(session_id) OR event_ms < :ms "
                   "OR (event_ms = :ms AND events_in_session <= :n)")
+# Only the row of the session that bought: not one a later session under the same id has since written.
+_SAME_SESSION = "attribute_exists(session_id) AND event_ms <= :ms"
 
 
 def table_item(prediction: dict, event_ms: int, expires_at: int) -> dict:
@@ -67,8 +71,10 @@ class PredictionWriter:
 
     def write(self, by_shard: dict[str, list[tuple[dict, int]]], stop: Callable[[], bool] = lambda: False,
               owns: Callable[[str], bool] = lambda shard: True, renew: Callable[[], object] = lambda: None,
-              max_wait_s: float = 2.0, run: Callable[..., list] = lambda call, *args: call(*args)) -> bool:
-        """Write each shard's (prediction, event_ms) pairs; True once all are durable, False if stopped first.
+              max_wait_s: float = 2.0, run: Callable[..., list] = lambda call, *args: call(*args),
+              bought: dict[str, list[tuple[str, int]]] | None = None) -> bool:
+        """Write each shard's (prediction, event_ms) pairs, then mark the rows of its ``bought``
+        (session_id, event_ms) pairs; True once all are durable, False if stopped first.
 
         ``stop`` is asked before every retry. ``renew`` is called before every PutRecords call and
         every table round (cheap: the worker's consumer renews its leases only when due), since a
@@ -82,8 +88,10 @@ class PredictionWriter:
         entries = {shard: [(p["session_id"], jsonbytes.dumps(p)) for p, _ in pairs] for shard, pairs in by_shard.items()}
         # The table holds the latest prediction per session: a benchmark's writer without one skips this.
         latest = [(shard, pair) for shard, pairs in by_shard.items() for pair in self._latest(pairs)] if self.pool else []
+        marks = [(shard, mark) for shard, shard_marks in (bought or {}).items() for mark in shard_marks] \
+            if self.pool else []
         attempt = 0
-        while entries or latest:
+        while entries or latest or marks:
             if attempt:
                 if stop():
                     return False
@@ -92,8 +100,11 @@ class PredictionWriter:
             attempt += 1
             entries = self._send(entries, owns, renew, run) if self.producer is not None else {}
             renew()
-            owned = {shard for shard in by_shard if owns(shard)}
-            latest = self._upsert([item for item in latest if item[0] in owned], renew, max_wait_s)
+            owned = {shard for shard in {*by_shard, *(bought or {})} if owns(shard)}
+            put = functools.partial(self._put, expires_at=int(time.time()) + self.ttl_s)
+            latest = self._in_parallel([item for item in latest if item[0] in owned], put, renew, max_wait_s)
+            if not latest:      # a mark goes after its session's last put, which would otherwise erase it
+                marks = self._in_parallel([item for item in marks if item[0] in owned], self._mark, renew, max_wait_s)
         metrics.PREDICTIONS.inc(sum(len(pairs) for shard, pairs in by_shard.items() if owns(shard)))
         return True
 
@@ -127,15 +138,14 @@ class PredictionWriter:
             last[prediction["session_id"]] = (prediction, event_ms)
         return list(last.values())
 
-    def _upsert(self, latest: list[tuple[str, tuple[dict, int]]], renew: Callable[[], object] = lambda: None,
-                renew_every_s: float = 2.0) -> list[tuple[str, tuple[dict, int]]]:
-        """Conditional puts of (shard, pair) in parallel; returns the ones to retry. ``renew`` is called every
-        ``renew_every_s`` meanwhile: a throttled table makes each put wait for botocore's retries
+    def _in_parallel(self, items: list[tuple[str, object]], write: Callable[[object], str | None],
+                     renew: Callable[[], object] = lambda: None, renew_every_s: float = 2.0) -> list:
+        """Conditional writes of (shard, item) in parallel; returns the ones to retry. ``renew`` is called every
+        ``renew_every_s`` meanwhile: a throttled table makes each write wait for botocore's retries
         (seconds), and a round of a thousand sessions then outlasts the leases."""
-        if not latest or self.pool is None:
+        if not items or self.pool is None:
             return []
-        expires_at = int(time.time()) + self.ttl_s
-        futures = [self.pool.submit(self._put, pair, expires_at) for _, pair in latest]
+        futures = [self.pool.submit(write, item) for _, item in items]
         pending = set(futures)
         while pending:
             _, pending = wait(pending, timeout=renew_every_s)
@@ -144,21 +154,32 @@ class PredictionWriter:
         failed = [error for error in errors if error]
         if failed and (rounds := self.table_retries.add()):     # one line per round at most, not one per session
             log.warning("predictions table writes failed in %d rounds since the last such line; now %d of %d: %s",
-                        rounds, len(failed), len(latest), failed[0])
-        return [item for item, error in zip(latest, errors) if error]
+                        rounds, len(failed), len(items), failed[0])
+        return [item for item, error in zip(items, errors) if error]
 
     def _put(self, pair: tuple[dict, int], expires_at: int) -> str | None:
         """None once the table holds this prediction or a later one, else the error."""
         prediction, event_ms = pair
+        return self._conditional(self.dynamodb.put_item, Item=table_item(prediction, event_ms, expires_at),
+                                 ConditionExpression=_NEWER_OR_SAME,
+                                 ExpressionAttributeValues={":ms": {"N": str(event_ms)},
+                                                            ":n": {"N": str(prediction["events_in_session"])}})
+
+    def _mark(self, mark: tuple[str, int]) -> str | None:
+        """None once the session's row says it bought, or holds no prediction of that session (none
+        yet: too early, or emit=change; or a later session's), else the error."""
+        session_id, event_ms = mark
+        return self._conditional(self.dynamodb.update_item, Key={"session_id": {"S": session_id}},
+                                 UpdateExpression="SET bought_ms = :ms", ConditionExpression=_SAME_SESSION,
+                                 ExpressionAttributeValues={":ms": {"N": str(event_ms)}})
+
+    def _conditional(self, write: Callable[..., object], **request) -> str | None:
+        """None when the write was made or its condition says it need not be, else the error."""
         try:
-            self.dynamodb.put_item(
-                TableName=self.table, Item=table_item(prediction, event_ms, expires_at),
-                ConditionExpression=_NEWER_OR_SAME,
-                ExpressionAttributeValues={":ms": {"N": str(event_ms)},
-                                           ":n": {"N": str(prediction["events_in_session"])}})
+            write(TableName=self.table, **request)
         except ClientError as exc:
             if exc.response["Error"]["Code"] == "ConditionalCheckFailedException":
-                return None          # the table already holds a later prediction for this session
+                return None
             return str(exc)
         except BotoCoreError as exc:
             return str(exc)

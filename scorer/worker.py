@@ -135,6 +135,9 @@ class Worker:
         # only over one with an earlier (time, events) pair, and the session's time never goes back.
         self.pending: dict[str, list[tuple[dict, int]]] = {}
         self.pending_count = 0
+        # shard -> the sessions that bought, to mark in the table with their latest event time when
+        # written: their rows carry that time (events after the purchase in the same batch included).
+        self.pending_bought: dict[str, list[Session]] = {}
         self.pending_batches: dict[str, Batch] = {}     # newest batch per shard not yet checkpointed
         self.pending_since = 0.0
         self.stopping = False
@@ -169,6 +172,7 @@ class Worker:
     def _on_lost(self, shard_id: str) -> None:
         self.store.drop_shard(shard_id)
         self.pending_count -= len(self.pending.pop(shard_id, []))
+        self.pending_bought.pop(shard_id, None)
         self.pending_batches.pop(shard_id, None)
         self.replay_until.pop(shard_id, None)
         self.positions.pop(shard_id, None)
@@ -347,6 +351,7 @@ class Worker:
         if not session.first_sight(event["event_id"], self.settings.dedupe_window):
             metrics.DUPLICATES.inc()
             return False
+        had_bought = session.state.purchased
         try:
             step(session.state, event, event_ms)
         except Exception as exc:  # noqa: BLE001 - whatever fails, a crash would replay this record for ever
@@ -357,6 +362,8 @@ class Worker:
         if not session.state.purchased:       # one that bought needs no buy/defer (nor did training have one)
             rows.append(Row(session, event, event_ms, quiet, session.state.events, collected_ms))
             matrix.append(features(session.state))
+        elif not had_bought and not quiet:    # its row tells the discount engine: no offer after a purchase
+            self.pending_bought.setdefault(session.shard_id, []).append(session)
         return True
 
     def _score(self, model: Model, rows: list[Row], matrix: list[list[float]], started: float) -> None:
@@ -442,7 +449,7 @@ class Worker:
     def _flush_due(self, count: int) -> bool:
         if not self.pending_batches:
             return False
-        if not self.pending and time.monotonic() < self.checkpoint_retry_at:
+        if not self.pending and not self.pending_bought and time.monotonic() < self.checkpoint_retry_at:
             return False        # only refused checkpoints to retry: once a second, not at every idle poll
         age_ms = (time.monotonic() - self.pending_since) * 1000
         return count == 0 or age_ms >= self.settings.flush_ms or self.pending_count >= MAX_BUFFER
@@ -452,14 +459,16 @@ class Worker:
         # A write retried through throttling can outlast the leases: the writer renews them as it goes.
         # A shard found taken is dropped (_on_lost) and its predictions are no longer written: its new
         # owner replays the shard from the checkpoint and publishes them.
-        if self.pending and not self.writer.write(self.pending, stop=lambda: self.stopping or self.stop_requested(),
-                                                  owns=lambda shard: shard in self.consumer.owned,
-                                                  renew=self.consumer.renew_due,
-                                                  max_wait_s=self.consumer.renew_interval_s,
-                                                  run=self.consumer.while_renewing):
+        if (self.pending or self.pending_bought) and not self.writer.write(
+                self.pending, stop=lambda: self.stopping or self.stop_requested(),
+                owns=lambda shard: shard in self.consumer.owned, renew=self.consumer.renew_due,
+                max_wait_s=self.consumer.renew_interval_s, run=self.consumer.while_renewing,
+                bought={shard: [(session.session_id, session.state.last_ms) for session in sessions]
+                        for shard, sessions in self.pending_bought.items()}):
             return False
         self.pending.clear()
         self.pending_count = 0
+        self.pending_bought.clear()
         self.store.sweep()
         unchecked: dict[str, Batch] = {}
         for shard, batch in list(self.pending_batches.items()):
@@ -551,6 +560,7 @@ class Worker:
         self.parents_to_rebuild.clear()
         self.pending.clear()
         self.pending_count = 0
+        self.pending_bought.clear()
         self.pending_batches.clear()
         self.pending_since = 0.0
         self.consumer = self.make_consumer(start_after=self._start_after, on_lost=self._on_lost)

@@ -246,6 +246,21 @@ def test_the_trainer_may_read_the_predictions_the_skew_check_compares_and_write_
     assert [st["Action"] for st in on_table] == ["dynamodb:Scan"]
 
 
+def test_the_scorer_may_mark_purchases_and_the_discount_engine_may_check_them_on_the_stacks_table(template):
+    """A purchase marks its session's row in the predictions table; an offer's transaction checks it."""
+    roles = resources(template, "AWS::IAM::Role")
+    table = {"Fn::GetAtt": ["PredictionsTable", "Arn"]}
+
+    def actions(role: str) -> set[str]:
+        return {action for st in _statements(roles[role]) if st["Resource"] == table
+                for action in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+
+    assert "dynamodb:UpdateItem" in actions("ScorerTaskRole")
+    assert actions("DiscountTaskRole") == {"dynamodb:GetItem", "dynamodb:ConditionCheckItem"}
+    [container] = template["Resources"]["DiscountTaskDefinition"]["Properties"]["ContainerDefinitions"]
+    assert {"Name": "CLICKSTREAM_PREDICTIONS_TABLE", "Value": {"Ref": "PredictionsTable"}} in container["Environment"]
+
+
 def dockerfile(component: str) -> str:
     """The Dockerfile of a component's image (a scheduled task's: the component's whose image it runs)."""
     image = SCHEDULED[component][0] if component in SCHEDULED else component

@@ -31,6 +31,7 @@ from discount.offers import OfferTable, Outcome, Prediction, hour_of
 from discount.settings import DiscountSettings
 from infra.provision import ProvisionSettings, provision
 from localstack.emulator import free_port
+from scorer.sink import PredictionWriter
 from tests.conftest import ROOT, settings_env, unique_settings, wait_for
 from tests.faults import FaultProxy
 
@@ -66,7 +67,8 @@ def discount_settings(aws_settings, **overrides) -> DiscountSettings:
 
 def engine(settings: DiscountSettings, clock=lambda: T0, app: str = APP) -> Engine:
     offers = OfferTable(aws.client("dynamodb"), settings.offers_table, budget_per_hour=settings.budget_per_hour,
-                        discount_percent=settings.discount_percent, ttl_hours=settings.offer_ttl_hours)
+                        discount_percent=settings.discount_percent, ttl_hours=settings.offer_ttl_hours,
+                        bought_table=settings.predictions_table if settings.check_purchases else None)
     return Engine(settings, consumer_for(settings, settings.predictions_stream, app), offers, Metrics(), clock=clock)
 
 
@@ -85,6 +87,55 @@ def offers(settings) -> dict[str, dict]:
 
 def count(engine_: Engine, outcome: str) -> float:
     return engine_.metrics.registry.get_sample_value("discount_predictions_total", {"outcome": outcome}) or 0.0
+
+
+def test_no_offer_on_a_prediction_read_after_its_session_bought(aws_settings):
+    """An engine lagging or restarting reads predictions made before a purchase the scorer has since
+    folded: the scorer's mark on the session's row in the predictions table stops the offer."""
+    settings = discount_settings(aws_settings)
+    clicked_ms = int((T0 - 5) * 1000)
+    writer = PredictionWriter(None, aws.client("dynamodb"), settings.predictions_table, 3600)
+    rows = {"bought": clicked_ms, "bought-before": clicked_ms - 3_600_000, "browsing": clicked_ms}
+    assert writer.write({"shardId-0": [({"session_id": session, "events_in_session": 5}, event_ms)
+                                       for session, event_ms in rows.items()]},
+                        bought={"shardId-0": [("bought", clicked_ms + 2_000),                 # after the click read late
+                                              ("bought-before", clicked_ms - 3_000_000)]})  # an earlier session's
+    writer.close()
+    publish(settings, [prediction(session, 0.5) for session in (*rows, "not-in-the-table")])
+    eng = engine(settings)
+    drain(eng, 4)
+    assert set(offers(settings)) == {"bought-before", "browsing", "not-in-the-table"}
+    assert count(eng, "bought") == 1 and eng.offers.spent(T0) == 3          # no budget spent on it
+    # Off (a scorer without its table), the same prediction gets its offer.
+    unchecked = discount_settings(aws_settings, check_purchases=False, predictions_stream=settings.predictions_stream)
+    publish(settings, [prediction("bought", 0.5)])
+    drain(engine(unchecked, app="unchecked"), 5)
+    assert "bought" in offers(settings)
+
+
+@pytest.mark.parametrize("table", ["missing", "keyed by another attribute"])
+def test_a_predictions_table_that_cannot_be_checked_holds_the_offers_back_not_skips_them(aws_settings, table, caplog):
+    """A wrong predictions_table fails every offer's transaction: retried and logged as the table's
+    fault, never counted invalid and checkpointed past."""
+    settings = discount_settings(aws_settings)
+    name = f"{settings.predictions_table}-{uuid.uuid4().hex[:6]}"
+    if table != "missing":
+        aws.client("dynamodb").create_table(TableName=name, BillingMode="PAY_PER_REQUEST",
+                                             KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+                                             AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}])
+    publish(settings, [prediction("s", 0.5)])
+    tries = []
+    eng = engine(dataclasses.replace(settings, predictions_table=name))
+    eng.stop = lambda: len(tries) >= 2
+    eng.metrics.write_errors.inc = lambda *args: tries.append(args)
+    deadline = time.monotonic() + 30
+    with caplog.at_level(logging.WARNING, logger="discount"):
+        while len(tries) < 2:          # a failed batch is read again from its checkpoint
+            assert time.monotonic() < deadline, "the offer was never tried"
+            eng.step()
+    assert count(eng, "invalid") == 0 and offers(settings) == {} and eng.offers.spent(T0) == 0
+    assert f"offer writes to table {settings.offers_table} (checking purchases in {name}) failed" in caplog.text
+    eng.close()
 
 
 def test_qualifying_sessions_get_exactly_one_offer(aws_settings, caplog):

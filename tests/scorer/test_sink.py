@@ -85,3 +85,38 @@ def test_predictions_the_stream_refused_go_again_only_while_their_shard_is_owned
     on_stream = [json.loads(record.data)["event_id"] for record in out.all_records()]
     assert on_stream == ["b-e1", "b-e2", "c-e0", "c-e1", "c-e2", "b-e0"]
     assert REGISTRY.get_sample_value("scorer_predictions_total") - written_before == 6
+
+
+def test_a_purchase_marks_its_sessions_row_after_its_last_prediction_and_only_that_sessions(aws_endpoint):
+    """The discount engine checks the mark before an offer: a prediction read late makes no offer to a
+    session that has just bought."""
+    settings = unique_settings(ProvisionSettings)
+    provision(settings)
+    dynamodb = aws.client("dynamodb")
+    writer = PredictionWriter(None, dynamodb, settings.predictions_table, 3600)
+
+    def row(session: str) -> dict | None:
+        return dynamodb.get_item(TableName=settings.predictions_table, Key={"session_id": {"S": session}},
+                                 ConsistentRead=True).get("Item")
+
+    def prediction(session: str, events: int) -> dict:
+        return {"session_id": session, "event_id": f"{session}-{events}", "events_in_session": events, "p_buy": 0.4}
+
+    # One write holds a session's last prediction and its purchase: the put must not erase the mark.
+    assert writer.write({"shardId-0": [(prediction("buyer", 1), T0), (prediction("buyer", 2), T0 + 5)]},
+                        bought={"shardId-0": [("buyer", T0 + 9), ("no-prediction", T0 + 9)]})
+    assert row("buyer")["bought_ms"] == {"N": str(T0 + 9)} and row("buyer")["events_in_session"] == {"N": "2"}
+    assert row("no-prediction") is None                         # a mark never makes a row of its own
+    # A replay after a crash writes the same prediction and purchase again: the mark stays.
+    assert writer.write({"shardId-0": [(prediction("buyer", 2), T0 + 5)]}, bought={"shardId-0": [("buyer", T0 + 9)]})
+    assert row("buyer")["bought_ms"] == {"N": str(T0 + 9)}
+    # The same id's next session (after the session timeout) replaces the row; a late copy of the old
+    # purchase does not mark it.
+    assert writer.write({"shardId-0": [(prediction("buyer", 1), T0 + 3_600_000)]},
+                        bought={"shardId-0": [("buyer", T0 + 9)]})
+    assert "bought_ms" not in row("buyer") and row("buyer")["event_ms"] == {"N": str(T0 + 3_600_000)}
+    # A shard taken by another worker meanwhile: its marks are its new owner's to write.
+    assert writer.write({"shardId-1": [(prediction("other", 1), T0)]})
+    assert writer.write({}, bought={"shardId-1": [("other", T0)]}, owns=lambda shard: shard == "shardId-0")
+    assert "bought_ms" not in row("other")
+    writer.close()

@@ -21,12 +21,13 @@ from common.leases import DynamoLeaseTable, MemoryLeaseTable
 from common.producer import Producer
 from common.registry import Bundle
 from common.streams import KinesisStream, MemoryStream, hash_key
+from infra.provision import ProvisionSettings, provision
 from scorer.api import ScorerApp
 from scorer.config import ScorerSettings
 from scorer.model import Model, Models
 from scorer.sink import PredictionWriter
 from scorer.worker import Row, Worker, observe_ages
-from tests.conftest import memory_grown_by, wait_for
+from tests.conftest import memory_grown_by, unique_settings, wait_for
 from tests.faults import AnswersSlowly, FaultProxy, ThrottledFor
 from tests.scorer.helpers import T0, WEIGHTS, iso, logistic_onnx, logistic_reference, model_meta, session_events
 from tests.scorer.helpers import event as make_event
@@ -727,6 +728,33 @@ def test_browsing_on_after_a_purchase_stays_the_bought_session_and_is_not_scored
     rig.drain()
     assert [p["event_id"] for p in rig.predictions()] == [e["event_id"] for e in events[:2]]
     assert rig.worker.store.get("paid").state.purchased
+
+
+def test_a_purchase_marks_the_sessions_row_once_and_a_quiet_replay_does_not_mark_it_again(aws_endpoint):
+    """The discount engine reads the mark: no offer on a prediction it reads after the purchase."""
+    settings = unique_settings(ProvisionSettings)
+    provision(settings)
+    dynamodb = aws.client("dynamodb")
+    stream, leases = MemoryStream("enriched", shard_count=1), MemoryLeaseTable()
+    bought = session_events("bought", seed=0, n=12, buyer=True)
+    after = make_event("bought", parse_ms(bought[-1]["derived_tstamp"]) + 1000, path="/thanks")
+    browsing = session_events("browsing", seed=3, n=6, buyer=False)
+    first = Rig(stream, leases, flush_ms=3_600_000)
+    first.worker.writer = PredictionWriter(Producer(first.out), dynamodb, settings.predictions_table, 3600)
+    first.put(interleave([bought + [after], browsing]))
+    assert first.worker.poll_once() == len(bought) + 1 + len(browsing)        # one batch, not yet written
+    [[session]] = first.worker.pending_bought.values()                     # once, not again after the purchase
+    assert session.session_id == "bought"
+    last_ms = parse_ms(after["derived_tstamp"])            # the row's time: the batch's last event of the session
+    first.worker.flush()
+    first.worker.close()
+    rows = {item["session_id"]["S"]: item for item in dynamodb.scan(TableName=settings.predictions_table)["Items"]}
+    assert rows["bought"]["bought_ms"] == {"N": str(last_ms)} and "bought_ms" not in rows["browsing"]
+    second = Rig(stream, leases, flush_ms=3_600_000)            # rebuilds the sessions from the stream, quietly
+    for _ in range(3):
+        second.worker.poll_once()
+        assert second.worker.pending_bought == {}
+    assert second.worker.store.get("bought").state.purchased and second.predictions() == []
 
 
 def test_a_model_trained_on_another_session_gap_is_warned_about_once(caplog):
