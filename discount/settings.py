@@ -29,7 +29,7 @@ class DiscountSettings(AwsSettings):
     max_prediction_age_s: float = 1800.0
     budget_per_hour: int = 100           # offers per UTC hour, shared by every engine process
     # No offer to a session the scorer has marked as bought in predictions_table since the prediction
-    # (needs dynamodb:ConditionCheckItem and GetItem on it); off for a scorer without its table.
+    # (needs dynamodb:ConditionCheckItem and GetItem on it); off where the engine may not read it.
     check_purchases: bool = True
     discount_percent: int = 10
     offer_ttl_hours: int = 24
