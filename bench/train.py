@@ -54,15 +54,13 @@ def _stock_export(spark, classifier, n_features: int) -> bytes:
     """The baseline: onnxmltools as shipped (one save + read per tree, thresholds rounded to nearest)."""
     import contextlib
     import io
-    import tempfile
-    from unittest import mock
 
     import onnxmltools
     from onnxmltools.convert.common.data_types import FloatTensorType
 
-    # It saves every tree under tempfile.tempdir and never removes them: 200 folders in /tmp a run.
-    with tempfile.TemporaryDirectory(prefix="stock-export-") as scratch, \
-            mock.patch.object(tempfile, "tempdir", scratch), contextlib.redirect_stdout(io.StringIO()):
+    from tests.scorer.spark_models import converter_scratch
+
+    with converter_scratch(), contextlib.redirect_stdout(io.StringIO()):
         return onnxmltools.convert_sparkml(classifier, "stock", [("features", FloatTensorType([None, n_features]))],
                                            target_opset=export.TARGET_OPSET, spark_session=spark).SerializeToString()
 

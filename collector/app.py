@@ -354,7 +354,7 @@ class Collector:
             nuid = str(uuid.uuid4())
         return ip, nuid, new_user, kept, [(b"set-cookie", self.cookie(nuid, headers))]
 
-    def spool_hit(self, hit: Hit, new_user: bool = False) -> int:
+    def spool_hit(self, hit: Hit, new_user: bool) -> int:
         """Write the hit's frames to the spool; the spool's end offset after them (for ``durable``)."""
         settings = self.settings
         records, bad_rows = build(hit, settings.max_payload_bytes, settings.bad_payload_keep_bytes)

@@ -3,6 +3,8 @@ sessions, exported with onnxmltools exactly as training does (input "features", 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from unittest import mock
 
 from common.features import FEATURE_NAMES, session_features
@@ -21,6 +23,14 @@ def training_rows(sessions: int = 300, seed: int = 1000) -> tuple[list[list[floa
     return rows, labels
 
 
+@contextmanager
+def converter_scratch() -> Iterator[None]:
+    """Stock onnxmltools saves every tree of a Spark ensemble under tempfile.tempdir and never removes
+    them (200 folders in /tmp a bench run): give it a folder of its own while it converts."""
+    with tempfile.TemporaryDirectory(prefix="stock-export-") as scratch, mock.patch.object(tempfile, "tempdir", scratch):
+        yield
+
+
 def train(spark, algorithm: str = "gbt", trees: int = 20, depth: int = 3, sessions: int = 300):
     """(PipelineModel, ONNX bytes) of a classifier on FEATURE_NAMES columns."""
     from onnxmltools import convert_sparkml
@@ -37,8 +47,7 @@ def train(spark, algorithm: str = "gbt", trees: int = 20, depth: int = 3, sessio
     else:
         classifier = LogisticRegression(featuresCol="features", maxIter=50)
     model = Pipeline(stages=[assembler, classifier]).fit(frame)
-    # The converter saves every tree under tempfile.tempdir and leaves them there.
-    with tempfile.TemporaryDirectory(prefix="stock-export-") as scratch, mock.patch.object(tempfile, "tempdir", scratch):
+    with converter_scratch():
         onnx_model = convert_sparkml(model.stages[-1], "buy", [("features", FloatTensorType([None, len(FEATURE_NAMES)]))],
                                      target_opset=15, spark_session=spark)
     return model, onnx_model.SerializeToString()
