@@ -60,7 +60,7 @@ SECTION_KEYS = {section: frozenset(keys.split()) for section, keys in {
         min_instances_per_node max_bins reg_param elastic_net seed class_weight threshold_objective target_precision parity_tolerance
         auc_floor champion_margin keep_versions spark_master spark_driver_memory spark_shuffle_partitions progress""",
     "discount": """offer_threshold offer_ceiling min_events max_prediction_age_s budget_per_hour check_purchases discount_percent
-        offer_ttl_hours
+        offer_ttl_hours holdout_percent
         metrics_host metrics_port batch_limit read_interval_s lease_ms log_level""",
     "provision": """raw_shards enriched_shards bad_shards predictions_shards raw_retention_days bad_retention_days
         lake_retention_days deleted_retention_days stream_retention_hours""",

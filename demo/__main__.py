@@ -30,7 +30,9 @@ from demo.summary import count_raw, latency_line, latency_of_events_since
 from infra import stack
 
 # The lake loader flushes every few minutes in production; the demo wants its history now.
-DEMO_ENV = {"CLICKSTREAM_LAKE_FLUSH_SECONDS": "5", "CLICKSTREAM_SCORER_MODEL_POLL_S": "2"}
+# A fifth of the sessions that qualify for an offer are held out, so the summary can compare the two groups.
+DEMO_ENV = {"CLICKSTREAM_LAKE_FLUSH_SECONDS": "5", "CLICKSTREAM_SCORER_MODEL_POLL_S": "2",
+            "CLICKSTREAM_HOLDOUT_PERCENT": "20"}
 STARTED = time.monotonic()
 
 
@@ -81,7 +83,7 @@ def restart_with_demo_settings(names: list[str]) -> None:
 
 
 def already_running() -> list[str]:
-    return [p.name for p in stack.COMPONENTS if p.name in ("lake-loader", "scorer") and stack.running_pid(p)]
+    return [p.name for p in stack.COMPONENTS if p.name in ("lake-loader", "scorer", "discount") and stack.running_pid(p)]
 
 
 def lake_rows(settings: AwsSettings) -> int:
@@ -252,6 +254,8 @@ def main() -> int:
     say("live vs training: each session's latest prediction against the fold of its events in the lake")
     run("batch.skew", "--since", iso(started_at), "--until", iso(traffic_ended - 15), "--sample", "100000",
         "--no-progress")
+    say("offers against the control group (the demo's generated visitors ignore offers: expect no effect)")
+    run("discount.uplift", "--settle-minutes", "0")
     click.echo("\nThe stack is still running:\n"
           "  live view     http://127.0.0.1:8082/\n"
           "  demo shop     http://127.0.0.1:8082/shop/\n"

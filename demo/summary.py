@@ -200,11 +200,12 @@ def model_info(s3, bucket: str, name: str) -> dict:
             "created_at": meta.get("created_at"), "metrics": metrics}
 
 
-def count_offers(dynamodb, table: str) -> int:
+def count_offers(dynamodb, table: str, kind: str = "offer") -> int:
+    """Rows of one kind in the offers table: ``offer``, or ``holdout`` (the control group's sessions)."""
     total, start = 0, None
     while True:
-        kwargs = {"TableName": table, "Select": "COUNT", "FilterExpression": "#k = :offer",
-                  "ExpressionAttributeNames": {"#k": "kind"}, "ExpressionAttributeValues": {":offer": {"S": "offer"}}}
+        kwargs = {"TableName": table, "Select": "COUNT", "FilterExpression": "#k = :kind",
+                  "ExpressionAttributeNames": {"#k": "kind"}, "ExpressionAttributeValues": {":kind": {"S": kind}}}
         if start:
             kwargs["ExclusiveStartKey"] = start
         response = dynamodb.scan(**kwargs)
@@ -237,6 +238,8 @@ def summarize(settings: AwsSettings, since: float | None = None, model_name: str
          lambda: count_predictions(kinesis, settings.predictions_stream, since)),
         ("offers", "counting offers", lambda: count_offers(aws.client("dynamodb", settings.region),
                                                            settings.offers_table)),
+        ("held_out", "counting the control group", lambda: count_offers(aws.client("dynamodb", settings.region),
+                                                                        settings.offers_table, "holdout")),
         ("model", "reading the model registry", lambda: model_info(s3, settings.bucket, name)),
     ]
     for key, label, count in steps:
@@ -263,7 +266,8 @@ def render(summary: dict) -> str:
         (f"scored           {scored['records']:>10,}  predictions for {scored['sessions']:,} sessions "
          f"({scored['buy']:,} buy / {scored['defer']:,} defer)"
          + (f", {scored['skipped']:,} unreadable records skipped" if scored.get("skipped") else "")),
-        f"offers made      {summary['offers']:>10,}",
+        f"offers made      {summary['offers']:>10,}" + (f"  and {summary['held_out']:,} sessions held out as the "
+                                                    "control group" if summary.get("held_out") else ""),
         f"model            {model['name']} {model.get('version') or '(none published)'}, ROC AUC {auc}",
     ]
     lines.append(latency_line("time in scorer", latency, "from the poll to its micro-batch scored"))

@@ -27,9 +27,10 @@ def main() -> int:
     with listening("metrics_host, metrics_port", settings.metrics_host, settings.metrics_port):
         server, port = metrics.serve(settings.metrics_host, settings.metrics_port)
     engine = Engine.from_settings(settings, metrics, stop=stopping.is_set)
-    log.info("discount engine reading %s; offers to %s%s; /metrics on %s:%d", settings.predictions_stream,
+    log.info("discount engine reading %s; offers to %s%s%s; /metrics on %s:%d", settings.predictions_stream,
              settings.offers_table, f", no offer to sessions {settings.predictions_table} marks as bought"
-             if settings.check_purchases else "", settings.metrics_host, port)
+             if settings.check_purchases else "", f", {settings.holdout_percent:g} % of sessions held out as the "
+             "control group" if settings.holdout_percent else "", settings.metrics_host, port)
     try:
         engine.run()
     finally:

@@ -78,7 +78,8 @@ class Engine:
         offers = OfferTable(aws.client("dynamodb", settings.region), settings.offers_table,
                             budget_per_hour=settings.budget_per_hour, discount_percent=settings.discount_percent,
                             ttl_hours=settings.offer_ttl_hours,
-                            bought_table=settings.predictions_table if settings.check_purchases else None)
+                            bought_table=settings.predictions_table if settings.check_purchases else None,
+                            holdout_percent=settings.holdout_percent)
         return cls(settings, consumer, offers, metrics, **kwargs)
 
     # ------------------------------------------------------------------ decisions
@@ -114,12 +115,13 @@ class Engine:
             return "invalid"
         if outcome is Outcome.BUDGET_EXHAUSTED:
             self.exhausted_hour = hour_of(now)
-        elif outcome is Outcome.OFFERED:
+        elif outcome in (Outcome.OFFERED, Outcome.HELD_OUT):
             self._remember(prediction.session_id, now + self.offers.ttl_s)      # as long as its row lives
         elif outcome is Outcome.ALREADY_OFFERED:
             self._remember(prediction.session_id, now + RECHECK_OFFERED_S)
-        if outcome is Outcome.OFFERED:
-            log.info("offer made, p_buy %.3f", prediction.p_buy,
+        if outcome in (Outcome.OFFERED, Outcome.HELD_OUT):
+            log.info("offer made, p_buy %.3f" if outcome is Outcome.OFFERED else
+                     "no offer, control group, p_buy %.3f", prediction.p_buy,
                      extra={"session_id": prediction.session_id, "event_id": prediction.event_id,
                             "model_version": prediction.model_version})
         return outcome.value

@@ -11,11 +11,11 @@ class Metrics:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)    # process_start_time_seconds: a crash loop shows as its changes()
         self.predictions = Counter("discount_predictions_total", "Predictions read, by outcome "
-                                   "(offered, already_offered, bought, budget_exhausted, too_early, "
+                                   "(offered, held_out, already_offered, bought, budget_exhausted, too_early, "
                                    "below_threshold, above_ceiling, stale, invalid)", ["outcome"], registry=self.registry)
         # Every outcome's series exists from the start, at 0: rate() and increase() miss the first
         # increments of a series that appears with them (a restart's backlog of stale predictions).
-        for outcome in ("offered", "already_offered", "bought", "budget_exhausted", "too_early", "below_threshold",
+        for outcome in ("offered", "held_out", "already_offered", "bought", "budget_exhausted", "too_early", "below_threshold",
                         "above_ceiling", "stale", "invalid"):
             self.predictions.labels(outcome)
         self.offers = Counter("discount_offers_total", "Offers written", registry=self.registry)

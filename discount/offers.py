@@ -8,9 +8,15 @@ predictions table) the transaction also checks that the scorer has not marked th
 since: a prediction read late (the engine lagging or restarting) makes no offer to a session that
 has just bought.
 
+A share of the sessions (``holdout_percent``, chosen by a hash of the session id) is the control
+group: when one qualifies it gets a ``holdout`` row instead of an offer, written under the same
+conditions (one per session, the hour's budget not spent, not bought) but spending no budget. Their
+purchases against the offered sessions' are what the offers change (``python -m discount.uplift``).
+
 Rows (partition key ``session_id``, TTL attribute ``expires_at``):
 
 - ``kind = "offer"``: one per session that got an offer (see docs/discount-engine.md for the fields);
+- ``kind = "holdout"``: one per control session that qualified (no code: nothing is shown);
 - ``kind = "budget"``: ``session_id = "budget#YYYY-MM-DDTHH"``, ``offers`` = offers made that hour.
 
 DynamoDB deletes a row some time after ``expires_at`` (typically within two days) and serves it
@@ -18,6 +24,7 @@ until then, so every read here treats a row whose ``expires_at`` has passed as a
 """
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,7 +36,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from common.aws import ttl_expired
 from common.features import event_time_ms, parse_ms
 
-OFFER_SCHEMA = "iglu:com.clickstream/offer/jsonschema/1-0-0"   # docs/contracts.md and discount-engine.md
+OFFER_SCHEMA = "iglu:com.clickstream/offer/jsonschema/1-1-0"   # docs/contracts.md and discount-engine.md
 OFFER_NAMESPACE = uuid.UUID("6f1c3c1e-2f52-4c55-9a55-5d2c8a0c7d10")
 BUDGET_PREFIX = "budget#"
 STRING_FIELDS = ("session_id", "event_id", "decision", "model_name", "model_version")
@@ -37,6 +44,7 @@ STRING_FIELDS = ("session_id", "event_id", "decision", "model_name", "model_vers
 
 class Outcome(str, Enum):
     OFFERED = "offered"
+    HELD_OUT = "held_out"
     ALREADY_OFFERED = "already_offered"
     BOUGHT = "bought"
     BUDGET_EXHAUSTED = "budget_exhausted"
@@ -100,6 +108,13 @@ def hour_of(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H")
 
 
+def held_out(session_id: str, percent: float) -> bool:
+    """Whether the session is in the control group: a hash of its id, so every engine process, restart
+    and replay puts it in the same group, and the group is independent of anything the model sees."""
+    bucket = int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:8], "big") % 10_000
+    return bucket < round(percent * 100)
+
+
 def offer_id(session_id: str) -> str:
     """The same session always gets the same offer id, so a retried write is recognisably the same offer."""
     return str(uuid.uuid5(OFFER_NAMESPACE, session_id))
@@ -107,21 +122,20 @@ def offer_id(session_id: str) -> str:
 
 class OfferTable:
     def __init__(self, client, table: str, *, budget_per_hour: int, discount_percent: int, ttl_hours: int,
-                 bought_table: str | None = None):
+                 bought_table: str | None = None, holdout_percent: float = 0.0):
         self.client = client
+        self.holdout_percent = holdout_percent
         self.table = table
         self.bought_table = bought_table
         self.budget_per_hour = budget_per_hour
         self.discount_percent = discount_percent
         self.ttl_s = ttl_hours * 3600
 
-    def offer_item(self, prediction: Prediction, now: float) -> dict:
+    def offer_item(self, prediction: Prediction, now: float, kind: str = "offer") -> dict:
         identifier = offer_id(prediction.session_id)
-        return {
-            "schema": {"S": OFFER_SCHEMA}, "session_id": {"S": prediction.session_id}, "kind": {"S": "offer"},
+        item = {
+            "schema": {"S": OFFER_SCHEMA}, "session_id": {"S": prediction.session_id}, "kind": {"S": kind},
             "offer_id": {"S": identifier},
-            "code": {"S": f"SAVE{self.discount_percent}-{identifier[:8].upper()}"},
-            "discount_percent": {"N": str(self.discount_percent)},
             "p_buy": {"N": repr(prediction.p_buy)}, "decision": {"S": prediction.decision},
             "model_name": {"S": prediction.model_name}, "model_version": {"S": prediction.model_version},
             "event_id": {"S": prediction.event_id},
@@ -130,26 +144,37 @@ class OfferTable:
             "hour": {"S": hour_of(now)},
             "expires_at": {"N": str(int(now + self.ttl_s))},
         }
+        if prediction.clicked_ms is not None:     # a purchase after it is what the uplift report counts
+            item["clicked_ms"] = {"N": str(prediction.clicked_ms)}
+        if kind == "offer":
+            item["code"] = {"S": f"SAVE{self.discount_percent}-{identifier[:8].upper()}"}
+            item["discount_percent"] = {"N": str(self.discount_percent)}
+        return item
 
     def offer(self, prediction: Prediction, now: float | None = None) -> Outcome:
-        """Write the offer and count it against this hour's budget, atomically."""
+        """Write the offer and count it against this hour's budget, atomically; for a session of the
+        control group, write its holdout row if the budget would have allowed the offer."""
         now = time.time() if now is None else now
-        hour = hour_of(now)
-        budget_update = {
-            "TableName": self.table, "Key": {"session_id": {"S": f"{BUDGET_PREFIX}{hour}"}},
+        control = held_out(prediction.session_id, self.holdout_percent)
+        budget = {
+            "TableName": self.table, "Key": {"session_id": {"S": f"{BUDGET_PREFIX}{hour_of(now)}"}},
             # Attribute names through placeholders: some plain words are reserved in DynamoDB expressions.
-            "UpdateExpression": "ADD #n :one SET #k = :kind, #e = :exp",
             "ConditionExpression": "attribute_not_exists(#n) OR #n < :cap",
-            "ExpressionAttributeNames": {"#n": "offers", "#k": "kind", "#e": "expires_at"},
-            "ExpressionAttributeValues": {":one": {"N": "1"}, ":cap": {"N": str(self.budget_per_hour)},
-                                          ":kind": {"S": "budget"}, ":exp": {"N": str(int(now + 2 * 86400))}},
+            "ExpressionAttributeNames": {"#n": "offers"},
+            "ExpressionAttributeValues": {":cap": {"N": str(self.budget_per_hour)}},
         }
+        if not control:
+            budget["UpdateExpression"] = "ADD #n :one SET #k = :kind, #e = :exp"
+            budget["ExpressionAttributeNames"] |= {"#k": "kind", "#e": "expires_at"}
+            budget["ExpressionAttributeValues"] |= {":one": {"N": "1"}, ":kind": {"S": "budget"},
+                                                    ":exp": {"N": str(int(now + 2 * 86400))}}
         # An expired offer counts as none, as it will once DynamoDB has deleted it: which of the two
         # a session meets must not depend on when the TTL sweep passed.
-        put = {"TableName": self.table, "Item": self.offer_item(prediction, now),
+        put = {"TableName": self.table, "Item": self.offer_item(prediction, now, "holdout" if control else "offer"),
                "ConditionExpression": "attribute_not_exists(session_id) OR #e <= :now",
                "ExpressionAttributeNames": {"#e": "expires_at"}, "ExpressionAttributeValues": {":now": {"N": str(int(now))}}}
-        items = [{"Put": put}, {"Update": budget_update}]
+        # The control group passes the same checks as the offers, so both groups are alike but for the offer.
+        items = [{"Put": put}, {"ConditionCheck" if control else "Update": budget}]
         if self.bought_table:
             items.append({"ConditionCheck": self._not_bought(prediction)})
         try:
@@ -166,7 +191,7 @@ class OfferTable:
                 if index < len(codes) and codes[index] == "ConditionalCheckFailed":
                     return outcome
             raise
-        return Outcome.OFFERED
+        return Outcome.HELD_OUT if control else Outcome.OFFERED
 
     def _not_bought(self, prediction: Prediction) -> dict:
         """The session's row in the predictions table has no purchase (``bought_ms``, which the scorer

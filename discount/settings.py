@@ -31,6 +31,9 @@ class DiscountSettings(AwsSettings):
     # No offer to a session the scorer has marked as bought in predictions_table since the prediction
     # (needs dynamodb:ConditionCheckItem and GetItem on it); off where the engine may not read it.
     check_purchases: bool = True
+    # The control group: this share of the sessions (by a hash of the session id) gets no offer when it
+    # qualifies, only a holdout row; without one, what the offers change cannot be told (discount.uplift).
+    holdout_percent: float = 0.0
     discount_percent: int = 10
     offer_ttl_hours: int = 24
     metrics_host: str = "127.0.0.1"
@@ -52,6 +55,8 @@ class DiscountSettings(AwsSettings):
             # The offer row is what refuses a second offer: it must outlive the predictions a replay re-reads.
             raise ConfigError(f"CLICKSTREAM_OFFER_TTL_HOURS: expected at least {PREDICTIONS_RETENTION_HOURS} "
                               f"(the predictions stream's retention), got {self.offer_ttl_hours}")
+        if not 0.0 <= self.holdout_percent <= 100.0:
+            raise ConfigError(f"CLICKSTREAM_HOLDOUT_PERCENT: expected a percentage within 0..100, got {self.holdout_percent}")
         for name in ("offer_threshold", "offer_ceiling"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"CLICKSTREAM_{name.upper()}: expected a probability within 0..1, "

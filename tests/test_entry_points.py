@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import ROOT, settings_env
 
-COMMANDS = ("collector", "enrich", "enrich.cli", "scorer", "discount", "batch.loader", "batch.cli", "batch.train",
+COMMANDS = ("collector", "enrich", "enrich.cli", "scorer", "discount", "discount.uplift", "batch.loader", "batch.cli", "batch.train",
             "batch.registry", "demo", "demo.liveview", "demo.summary", "demo.traffic", "demo.web", "infra.provision",
             "infra.stack")
 
@@ -33,7 +33,8 @@ def test_help_answers_without_starting_anything(module, flag):
 # Commands that read a settings class, with the [section] they read and the doc that lists its keys.
 SETTINGS_HELP = [("collector", "[collector]", "docs/collector.md"), ("enrich", "[enrich]", "docs/enrich.md"),
                  ("enrich.cli", "[enrich]", "docs/enrich.md"), ("scorer", "[scorer]", "docs/scorer.md"),
-                 ("discount", "[discount]", "docs/discount-engine.md"), ("batch.loader", "[lake]", "docs/lake.md"),
+                 ("discount", "[discount]", "docs/discount-engine.md"),
+                 ("discount.uplift", "[discount]", "docs/discount-engine.md"), ("batch.loader", "[lake]", "docs/lake.md"),
                  ("batch.train", "[train]", "docs/training.md"), ("batch.registry", "[train]", "docs/training.md"),
                  ("demo.liveview", "[liveview]", "docs/liveview.md"), ("demo.summary", "[summary]", "docs/liveview.md"),
                  ("demo.web", "[web]", "docs/traffic-generator.md")]
@@ -66,7 +67,7 @@ NO_AWS = {"AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/no
 
 
 @pytest.mark.parametrize("command", [["demo.summary"], ["batch.cli", "ls"], ["batch.train", "--window-days", "1"],
-                                     ["batch.registry", "ls"],
+                                     ["batch.registry", "ls"], ["discount.uplift"],
                                      ["infra.provision", "--wait", "0"]])
 @pytest.mark.parametrize("case, overrides, expected", [
     ("no credentials", {}, "export AWS_ENDPOINT_URL=http://127.0.0.1:4566"),
@@ -81,7 +82,8 @@ def test_aws_failures_are_one_clear_line(command, case, overrides, expected):
     assert expected in result.stderr.splitlines()[-1], result.stderr
 
 
-@pytest.mark.parametrize("command", [["collector"], ["enrich"], ["scorer"], ["discount"], ["batch.loader"],
+@pytest.mark.parametrize("command", [["collector"], ["enrich"], ["scorer"], ["discount"], ["discount.uplift"],
+                                     ["batch.loader"],
                                      ["batch.cli", "ls"], ["batch.train"], ["batch.registry", "ls"], ["demo.liveview"],
                                      ["demo.summary"], ["demo.web"], ["infra.provision", "--wait", "0"]])
 def test_a_bad_setting_stops_every_command_with_status_2_naming_it(command):

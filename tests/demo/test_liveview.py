@@ -60,11 +60,12 @@ def publish_model(settings, **meta) -> None:
     registry.set_current(s3, settings.bucket, registry.DEFAULT_MODEL, VERSION, reason="test")
 
 
-def put_offer(settings, session: str, p_buy: float, at: str) -> None:
-    """An offer row shaped as discount/offers.py writes it, and the hour's budget row beside it."""
+def put_offer(settings, session: str, p_buy: float, at: str, kind: str = "offer") -> None:
+    """An offer row (or a control group's holdout row) shaped as discount/offers.py writes it, and the
+    hour's budget row beside it."""
     dynamodb = aws.client("dynamodb", settings.region)
     dynamodb.put_item(TableName=settings.offers_table, Item={
-        "session_id": {"S": session}, "kind": {"S": "offer"}, "offer_id": {"S": str(uuid.uuid4())},
+        "session_id": {"S": session}, "kind": {"S": kind}, "offer_id": {"S": str(uuid.uuid4())},
         "code": {"S": f"SAVE10-{session[:8].upper()}"}, "discount_percent": {"N": "10"},
         "p_buy": {"N": str(p_buy)}, "decision": {"S": "buy"}, "model_name": {"S": registry.DEFAULT_MODEL},
         "model_version": {"S": VERSION}, "event_id": {"S": str(uuid.uuid4())}, "offered_at": {"S": at},
@@ -356,12 +357,13 @@ def test_summary_counts_every_stage(aws_settings):
                   Body=gzip.compress(b"{}\n"))
     publish_model(settings)
     put_offer(settings, "s1", 0.5, "2026-11-29T10:00:01.000Z")
+    put_offer(settings, "s2", 0.3, "2026-11-29T10:00:02.000Z", kind="holdout")
 
     steps: list[str] = []
     result = summary.summarize(settings, progress=steps.append)
-    assert len(steps) == 7 and steps[0] == "counting the raw stream"
+    assert len(steps) == 8 and steps[0] == "counting the raw stream"
     assert result["sent"] == {"records": 3, "events": 5}
-    assert (result["enriched"], result["bad"], result["offers"]) == (4, 1, 1)
+    assert (result["enriched"], result["bad"], result["offers"], result["held_out"]) == (4, 1, 1, 1)
     assert result["lake"] == {"rows": 8, "files": 2}
     assert result["scored"] == {"records": 4, "sessions": 2, "buy": 1, "defer": 3, "skipped": 0,
                                 "latency_us": {"p50": 20, "p90": 1000, "p99": 1000, "max": 1000}}
@@ -369,6 +371,7 @@ def test_summary_counts_every_stage(aws_settings):
     text = summary.render(result)
     assert "events sent               5" in text and VERSION in text and "ROC AUC 0.8765" in text
     assert "p50 20 µs" in text and "max 1.0 ms" in text
+    assert "offers made               1  and 1 sessions held out as the control group" in text
 
     # Counting from a later point in time sees none of it.
     later = summary.summarize(settings, since=time.time() + 5)

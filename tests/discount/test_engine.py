@@ -68,7 +68,8 @@ def discount_settings(aws_settings, **overrides) -> DiscountSettings:
 def engine(settings: DiscountSettings, clock=lambda: T0, app: str = APP) -> Engine:
     offers = OfferTable(aws.client("dynamodb"), settings.offers_table, budget_per_hour=settings.budget_per_hour,
                         discount_percent=settings.discount_percent, ttl_hours=settings.offer_ttl_hours,
-                        bought_table=settings.predictions_table if settings.check_purchases else None)
+                        bought_table=settings.predictions_table if settings.check_purchases else None,
+                        holdout_percent=settings.holdout_percent)
     return Engine(settings, consumer_for(settings, settings.predictions_stream, app), offers, Metrics(), clock=clock)
 
 
@@ -159,7 +160,8 @@ def test_qualifying_sessions_get_exactly_one_offer(aws_settings, caplog):
     assert made["a"]["p_buy"]["N"] == "0.55" and made["c"]["p_buy"]["N"] == "0.52"
     assert int(made["a"]["expires_at"]["N"]) == int(T0) + 24 * 3600
     assert made["a"]["code"]["S"].startswith("SAVE10-") and made["a"]["model_version"]["S"] == "v7"
-    assert made["a"]["schema"]["S"] == "iglu:com.clickstream/offer/jsonschema/1-0-0"
+    assert made["a"]["schema"]["S"] == "iglu:com.clickstream/offer/jsonschema/1-1-0"
+    assert made["a"]["clicked_ms"]["N"] == str(int((T0 - 5) * 1000))     # the uplift report's purchases are after it
     assert eng.offers.get("c", now=T0)["offer_id"] == made["c"]["offer_id"]["S"] and eng.offers.get("b", now=T0) is None
     assert {o: count(eng, o) for o in ("offered", "already_offered", "below_threshold", "too_early",
                                        "above_ceiling", "invalid")} == {
@@ -528,6 +530,9 @@ def test_settings_errors_name_the_key():
         load(DiscountSettings, env={"CLICKSTREAM_BUDGET_PER_HOUR": "0"})
     with pytest.raises(ConfigError, match="CLICKSTREAM_DISCOUNT_PERCENT: expected at most 100"):
         load(DiscountSettings, env={"CLICKSTREAM_DISCOUNT_PERCENT": "150"})
+    for bad in ("-1", "101"):
+        with pytest.raises(ConfigError, match="CLICKSTREAM_HOLDOUT_PERCENT: expected a percentage within 0..100"):
+            load(DiscountSettings, env={"CLICKSTREAM_HOLDOUT_PERCENT": bad})
 
 
 def test_offer_ttl_shorter_than_the_predictions_retention_is_refused():

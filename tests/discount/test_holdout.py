@@ -1,0 +1,152 @@
+"""The control group and the uplift report against the emulator: a held-out session qualifies as an
+offered one would, gets a holdout row and no offer, and the report compares the two groups' purchases."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from common import aws
+from discount.offers import OfferTable, Prediction, held_out
+from discount.uplift import Group, compare, measure
+from scorer.sink import PredictionWriter
+from tests.conftest import ROOT, settings_env
+from tests.discount.test_engine import T0, count, discount_settings, drain, engine, prediction, publish
+
+
+def rows(settings) -> dict[str, str]:
+    """session id → kind of every offer and holdout row."""
+    items = aws.client("dynamodb").scan(TableName=settings.offers_table, ConsistentRead=True)["Items"]
+    return {item["session_id"]["S"]: item["kind"]["S"] for item in items if item["kind"]["S"] != "budget"}
+
+
+def sessions(control: bool, number: int, prefix: str = "s") -> list[str]:
+    """The first ``number`` session ids of the form <prefix><i> that the hash puts in (or out of) a 50 % control group."""
+    found = (f"{prefix}{i}" for i in range(10_000))
+    return [sid for sid in found if held_out(sid, 50) == control][:number]
+
+
+def test_the_control_group_is_a_stable_hash_share_of_the_sessions():
+    ids = [f"session-{i}" for i in range(20_000)]
+    share = sum(held_out(sid, 10) for sid in ids) / len(ids)
+    assert 0.09 < share < 0.11
+    assert not any(held_out(sid, 0) for sid in ids) and all(held_out(sid, 100) for sid in ids)
+    # Raising the share only moves sessions into the control group, never out of it.
+    assert {sid for sid in ids if held_out(sid, 10)} < {sid for sid in ids if held_out(sid, 20)}
+
+
+def test_a_held_out_session_gets_a_holdout_row_no_offer_and_spends_no_budget(aws_settings):
+    settings = discount_settings(aws_settings, holdout_percent=50, budget_per_hour=2)
+    control, treated = sessions(True, 2), sessions(False, 3)
+    order = [control[0], treated[0], treated[1], control[1], treated[2]]
+    publish(settings, [prediction(sid, 0.5) for sid in order] + [prediction(control[0], 0.6)])
+    eng = engine(settings)
+    drain(eng, 6)
+    # The first control session passed the budget check without spending; once the two offers spent
+    # the hour's budget, the next control session was refused like the next offer.
+    assert rows(settings) == {control[0]: "holdout", treated[0]: "offer", treated[1]: "offer"}
+    assert eng.offers.spent(T0) == 2
+    assert {o: count(eng, o) for o in ("held_out", "offered", "budget_exhausted", "already_offered")} == {
+        "held_out": 1, "offered": 2, "budget_exhausted": 2, "already_offered": 1}
+    assert eng.offers.get(control[0], now=T0) is None          # what the shop reads: nothing to show
+    eng.close()
+    # A replay (another reader of the whole stream) writes no second row, in either group.
+    replay = engine(settings, app="replay")
+    drain(replay, 6)
+    assert count(replay, "held_out") == 0 and count(replay, "offered") == 0 and len(rows(settings)) == 3
+    replay.close()
+
+
+def test_a_held_out_session_that_bought_gets_no_holdout_row(aws_settings):
+    """The control group passes the purchase check too: otherwise it would hold sessions the offers
+    never reach, and the comparison would be between unlike groups."""
+    settings = discount_settings(aws_settings, holdout_percent=50)
+    [bought] = sessions(True, 1)
+    clicked_ms = int((T0 - 5) * 1000)
+    writer = PredictionWriter(None, aws.client("dynamodb"), settings.predictions_table, 3600)
+    assert writer.write({"shardId-0": [({"session_id": bought, "events_in_session": 5}, clicked_ms)]},
+                        bought={"shardId-0": [(bought, clicked_ms + 1_000)]})
+    writer.close()
+    publish(settings, [prediction(bought, 0.5)])
+    eng = engine(settings)
+    drain(eng, 1)
+    assert rows(settings) == {} and count(eng, "bought") == 1
+    eng.close()
+
+
+def test_the_difference_interval_is_newcombes():
+    # Newcombe (1998), Statistics in Medicine 17:873, table II, example (a): 56/70 against 48/80.
+    uplift = compare(Group(70, 56), Group(80, 48))
+    assert uplift.difference == pytest.approx(0.2)
+    assert (round(uplift.low, 4), round(uplift.high, 4)) == (0.0524, 0.3339)
+    assert uplift.verdict() == "offers raised the purchase rate"
+    # Zero purchases in a group still gives a finite interval (a normal approximation gives none).
+    zero = compare(Group(10, 0), Group(10, 0))
+    assert zero.low < 0 < zero.high and not math.isnan(zero.low)
+    assert compare(Group(5, 1), Group(0, 0)).verdict().startswith("no comparison: the control group is empty")
+
+
+def write_qualified(settings, kinds: dict[str, str], clicked_s: float) -> None:
+    """Offer and holdout rows as the engine writes them, for sessions clicked at ``clicked_s``."""
+    for kind in ("offer", "holdout"):
+        table = OfferTable(aws.client("dynamodb"), settings.offers_table, budget_per_hour=100, discount_percent=10,
+                           ttl_hours=24, holdout_percent=100 if kind == "holdout" else 0)
+        for sid in (sid for sid, wanted in kinds.items() if wanted == kind):
+            table.offer(prediction_of(sid, clicked_s), now=clicked_s + 1)
+
+
+def prediction_of(sid: str, clicked_s: float) -> Prediction:
+    return Prediction.from_record(prediction(sid, 0.5, clicked=clicked_s))
+
+
+def test_the_uplift_report_counts_purchases_after_the_qualifying_click(aws_settings):
+    settings = discount_settings(aws_settings)
+    now = T0 + 7200
+    clicked = T0
+    write_qualified(settings, {"o-bought": "offer", "o-browsed": "offer", "o-bought-before": "offer",
+                               "h-bought": "holdout", "h-browsed": "holdout", "h-no-row": "holdout"}, clicked)
+    write_qualified(settings, {"o-recent": "offer", "h-recent": "holdout"}, now - 60)      # may still buy
+    clicked_ms = int(clicked * 1000)
+    marks = {"o-bought": clicked_ms + 60_000, "o-bought-before": clicked_ms - 3_600_000,   # an earlier session's
+             "h-bought": clicked_ms + 5_000, "o-recent": int((now - 30) * 1000)}
+    writer = PredictionWriter(None, aws.client("dynamodb"), settings.predictions_table, 10 * 3600)
+    assert writer.write({"shardId-0": [({"session_id": sid, "events_in_session": 5}, ms) for sid, ms in
+                                       {**marks, "o-browsed": clicked_ms, "h-browsed": clicked_ms}.items()]},
+                        bought={"shardId-0": list(marks.items())})
+    writer.close()
+    uplift = measure(aws.client("dynamodb"), settings.offers_table, settings.predictions_table, 1800, now=now)
+    assert (uplift.offered, uplift.held_out, uplift.open_sessions) == (Group(3, 1), Group(3, 1), 2)
+    # Once the offers' rows have expired they are no longer counted: they may belong to a new offer's session.
+    assert measure(aws.client("dynamodb"), settings.offers_table, settings.predictions_table, 1800,
+                   now=now + 24 * 3600).offered == Group(0, 0)
+
+
+def test_the_uplift_command_prints_the_groups_and_their_json(aws_settings):
+    settings = discount_settings(aws_settings)
+    clicked = time.time() - 3600            # the command reads the rows on the real clock
+    write_qualified(settings, {**{f"o{i}": "offer" for i in range(4)}, "h0": "holdout"}, clicked)
+    writer = PredictionWriter(None, aws.client("dynamodb"), settings.predictions_table, 10 * 3600)
+    clicked_ms = int(clicked * 1000)
+    assert writer.write({"shardId-0": [({"session_id": "o0", "events_in_session": 5}, clicked_ms)]},
+                        bought={"shardId-0": [("o0", clicked_ms + 1)]})
+    writer.close()
+    env = {**os.environ, **settings_env(settings)}
+
+    def run(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "discount.uplift", "--settle-minutes", "0", *args], cwd=ROOT,
+                                env=env, capture_output=True, encoding="utf-8", timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    text = run()
+    assert "offered           4       1    25.0 %" in text and "held out          1       0     0.0 %" in text
+    assert "difference (offered - held out): +25.0 points, 95 % interval" in text
+    assert text.rstrip().endswith("no effect shown: the interval includes 0 (more sessions narrow it)")
+    figures = json.loads(run("--json"))
+    assert figures["offered"] == {"sessions": 4, "bought": 1, "rate": 0.25}
+    assert figures["held_out"] == {"sessions": 1, "bought": 0, "rate": 0.0} and figures["difference"] == 0.25
