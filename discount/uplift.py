@@ -113,14 +113,15 @@ def measure(dynamodb, offers_table: str, predictions_table: str, settle_s: float
     marks = purchase_marks(dynamodb, predictions_table, [row["session_id"]["S"] for row in settled])
     counts = {"offer": [0, 0], "holdout": [0, 0]}
     for row in settled:
-        clicked = int(row["clicked_ms"]["N"]) if "clicked_ms" in row else 0
         mark = marks.get(row["session_id"]["S"])
         counts[row["kind"]["S"]][0] += 1
-        counts[row["kind"]["S"]][1] += mark is not None and mark >= clicked
+        counts[row["kind"]["S"]][1] += mark is not None and mark >= _qualified_ms(row)
     return compare(Group(*counts["offer"]), Group(*counts["holdout"]), len(rows) - len(settled))
 
 
 def _qualified_ms(row: dict) -> int:
+    """The click that qualified the session; for a row without it (an engine before offer schema
+    1-1-0), the time of the offer, a little later."""
     return int(row["clicked_ms"]["N"]) if "clicked_ms" in row else parse_ms(row["offered_at"]["S"])
 
 

@@ -119,8 +119,19 @@ def test_the_uplift_report_counts_purchases_after_the_qualifying_click(aws_setti
                                        {**marks, "o-browsed": clicked_ms, "h-browsed": clicked_ms}.items()]},
                         bought={"shardId-0": list(marks.items())})
     writer.close()
+    # Rows of an engine before offer schema 1-1-0 have no clicked_ms: the offer's own time stands in.
+    old_rows = {"old-bought": clicked_ms + 60_000, "old-bought-before": clicked_ms - 60_000}
+    for sid in old_rows:
+        item = OfferTable(aws.client("dynamodb"), settings.offers_table, budget_per_hour=100, discount_percent=10,
+                          ttl_hours=24).offer_item(prediction_of(sid, clicked), now=clicked + 1)
+        del item["clicked_ms"]
+        aws.client("dynamodb").put_item(TableName=settings.offers_table, Item=item)
+    writer = PredictionWriter(None, aws.client("dynamodb"), settings.predictions_table, 10 * 3600)
+    assert writer.write({"shardId-0": [({"session_id": sid, "events_in_session": 5}, ms) for sid, ms in old_rows.items()]},
+                        bought={"shardId-0": list(old_rows.items())})
+    writer.close()
     uplift = measure(aws.client("dynamodb"), settings.offers_table, settings.predictions_table, 1800, now=now)
-    assert (uplift.offered, uplift.held_out, uplift.open_sessions) == (Group(3, 1), Group(3, 1), 2)
+    assert (uplift.offered, uplift.held_out, uplift.open_sessions) == (Group(5, 2), Group(3, 1), 2)
     # Once the offers' rows have expired they are no longer counted: they may belong to a new offer's session.
     assert measure(aws.client("dynamodb"), settings.offers_table, settings.predictions_table, 1800,
                    now=now + 24 * 3600).offered == Group(0, 0)
