@@ -27,7 +27,7 @@ from common.producer import Producer
 from common.streams import KinesisStream
 from discount.engine import APP, Engine, skip_reason
 from discount.metrics import Metrics
-from discount.offers import OfferTable, Outcome, Prediction, hour_of
+from discount.offers import OfferTable, Outcome, Prediction, held_out, hour_of
 from discount.settings import DiscountSettings
 from infra.provision import ProvisionSettings, provision
 from localstack.emulator import free_port
@@ -84,6 +84,12 @@ def drain(engine_: Engine, expected: int, timeout: float = 30) -> None:
 def offers(settings) -> dict[str, dict]:
     items = aws.client("dynamodb").scan(TableName=settings.offers_table, ConsistentRead=True)["Items"]
     return {item["session_id"]["S"]: item for item in items if item["kind"]["S"] == "offer"}
+
+
+def decided(settings) -> dict[str, str]:
+    """session id → kind of every offer row and control group's holdout row."""
+    items = aws.client("dynamodb").scan(TableName=settings.offers_table, ConsistentRead=True)["Items"]
+    return {item["session_id"]["S"]: item["kind"]["S"] for item in items if item["kind"]["S"] != "budget"}
 
 
 def count(engine_: Engine, outcome: str) -> float:
@@ -603,17 +609,20 @@ def test_kill_9_mid_write_twice_gives_each_qualifying_session_one_offer_and_one_
     # 200 sessions, three predictions each; only the third can qualify (min_events is 3), and a quarter
     # of the sessions stay below the threshold. Through a proxy that hangs one offer write, the service
     # is killed with an offer written but not acknowledged, then with one not written yet: no session
-    # may lose its offer, get two, or be counted twice against the budget.
+    # may lose its offer, get two, or be counted twice against the budget. A quarter of the sessions
+    # are the control group: each that qualifies gets its holdout row instead, and spends no budget.
     now = time.time()                       # the service's own clock: the clicks must be fresh for it
     sessions = [f"crash-{i}" for i in range(200)]
     publish(aws_settings, [prediction(s, 0.1 if i % 4 == 0 else 0.6, events=1 + r, clicked=now)
                            for r in range(3) for i, s in enumerate(sessions)])
     qualifying = {s for i, s in enumerate(sessions) if i % 4}
+    control = {s for s in qualifying if held_out(s, 25)}
 
     def start(proxy: FaultProxy, name: str) -> subprocess.Popen:
         env = {**os.environ, **settings_env(aws_settings), "AWS_ENDPOINT_URL": proxy.endpoint,
                "CLICKSTREAM_METRICS_PORT": "0", "CLICKSTREAM_BUDGET_PER_HOUR": "10000",
-               "CLICKSTREAM_BATCH_LIMIT": "20", "CLICKSTREAM_READ_INTERVAL_S": "0.05", "CLICKSTREAM_LEASE_MS": "2000"}
+               "CLICKSTREAM_BATCH_LIMIT": "20", "CLICKSTREAM_READ_INTERVAL_S": "0.05", "CLICKSTREAM_LEASE_MS": "2000",
+               "CLICKSTREAM_HOLDOUT_PERCENT": "25"}
         with open(tmp_path / name, "wb") as log:
             return subprocess.Popen([sys.executable, "-m", "discount"], env=env, cwd=ROOT, stdout=log,
                                     stderr=subprocess.STDOUT)
@@ -635,7 +644,7 @@ def test_kill_9_mid_write_twice_gives_each_qualifying_session_one_offer_and_one_
         assert len(offers(aws_settings)) < len(qualifying)
         last = start(proxy, "last.log")
         try:
-            wait_for(lambda: set(offers(aws_settings)) == qualifying, timeout=60, what="every qualifying offer")
+            wait_for(lambda: set(decided(aws_settings)) == qualifying, timeout=60, what="every qualifying offer")
             last.send_signal(signal.SIGTERM)
             assert last.wait(20) == 0, (tmp_path / "last.log").read_text(encoding="utf-8")
         finally:
@@ -644,7 +653,8 @@ def test_kill_9_mid_write_twice_gives_each_qualifying_session_one_offer_and_one_
                        discount_percent=10, ttl_hours=24)
     hours = {hour_of(now), hour_of(time.time())}                      # the run may cross an hour
     assert sum(table.spent(dt.datetime.strptime(hour, "%Y-%m-%dT%H").replace(tzinfo=dt.UTC).timestamp())
-               for hour in hours) == len(qualifying)
+               for hour in hours) == len(qualifying - control)
+    assert 20 < len(control) < 60 and {s for s, kind in decided(aws_settings).items() if kind == "holdout"} == control
 
 
 def test_the_threshold_and_the_ceiling_themselves_get_offers():

@@ -16,13 +16,7 @@ from discount.offers import OfferTable, Prediction, held_out
 from discount.uplift import Group, compare, measure
 from scorer.sink import PredictionWriter
 from tests.conftest import ROOT, settings_env
-from tests.discount.test_engine import T0, count, discount_settings, drain, engine, prediction, publish
-
-
-def rows(settings) -> dict[str, str]:
-    """session id → kind of every offer and holdout row."""
-    items = aws.client("dynamodb").scan(TableName=settings.offers_table, ConsistentRead=True)["Items"]
-    return {item["session_id"]["S"]: item["kind"]["S"] for item in items if item["kind"]["S"] != "budget"}
+from tests.discount.test_engine import T0, count, decided, discount_settings, drain, engine, prediction, publish
 
 
 def sessions(control: bool, number: int, prefix: str = "s") -> list[str]:
@@ -49,7 +43,7 @@ def test_a_held_out_session_gets_a_holdout_row_no_offer_and_spends_no_budget(aws
     drain(eng, 6)
     # The first control session passed the budget check without spending; once the two offers spent
     # the hour's budget, the next control session was refused like the next offer.
-    assert rows(settings) == {control[0]: "holdout", treated[0]: "offer", treated[1]: "offer"}
+    assert decided(settings) == {control[0]: "holdout", treated[0]: "offer", treated[1]: "offer"}
     assert eng.offers.spent(T0) == 2
     assert {o: count(eng, o) for o in ("held_out", "offered", "budget_exhausted", "already_offered")} == {
         "held_out": 1, "offered": 2, "budget_exhausted": 2, "already_offered": 1}
@@ -58,7 +52,7 @@ def test_a_held_out_session_gets_a_holdout_row_no_offer_and_spends_no_budget(aws
     # A replay (another reader of the whole stream) writes no second row, in either group.
     replay = engine(settings, app="replay")
     drain(replay, 6)
-    assert count(replay, "held_out") == 0 and count(replay, "offered") == 0 and len(rows(settings)) == 3
+    assert count(replay, "held_out") == 0 and count(replay, "offered") == 0 and len(decided(settings)) == 3
     replay.close()
 
 
@@ -75,7 +69,7 @@ def test_a_held_out_session_that_bought_gets_no_holdout_row(aws_settings):
     publish(settings, [prediction(bought, 0.5)])
     eng = engine(settings)
     drain(eng, 1)
-    assert rows(settings) == {} and count(eng, "bought") == 1
+    assert decided(settings) == {} and count(eng, "bought") == 1
     eng.close()
 
 
