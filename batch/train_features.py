@@ -33,6 +33,8 @@ from common.features import (
 )
 from common.logs import first_few
 
+LAKE_SHARD = "_lake_shard"
+LOADER_FILE = r"^(shardId-[0-9]+)-[0-9]+-[0-9]+\.parquet$"
 ID_COLUMNS = ("session_id", "event_id", "event_time_ms", "session_start_ms", "label")
 EXAMPLE_SCHEMA = T.StructType(
     [T.StructField("session_id", T.StringType()), T.StructField("event_id", T.StringType()),
@@ -53,7 +55,10 @@ def read_events(spark: SparkSession, root: Path | str, paths: list[Path | str] |
     if skip_corrupt:
         reader = reader.option("ignoreCorruptFiles", "true")
     paths = [str(path) for path in paths] if paths is not None else [str(root)]
-    return reader.parquet(*paths)
+    # The shard a lake loader's file holds (its name: <shard_id>-<first_seq>-<last_seq>.parquet), or null
+    # (a compacted hour): each shard's loader lands its events on its own schedule (finished_sessions).
+    shard = F.regexp_extract(F.col("_metadata.file_name"), LOADER_FILE, 1)
+    return reader.parquet(*paths).withColumn(LAKE_SHARD, F.when(shard != "", shard))
 
 
 # ---------------------------------------------------------------------------------------- Spark side
@@ -64,7 +69,7 @@ def _as_millis(df: DataFrame) -> DataFrame:
     sessionising), timestamps as epoch ms; a field the lake lacks is null, as in JSON."""
     present = {field.name: field.dataType for field in df.schema.fields}
     columns = []
-    for name in dict.fromkeys((*EVENT_FIELDS, "domain_userid", "user_id", "etl_tstamp")):   # etl: arrival_order
+    for name in dict.fromkeys((*EVENT_FIELDS, "domain_userid", "user_id", "etl_tstamp", LAKE_SHARD)):   # etl: arrival_order
         kind = present.get(name)
         if kind is None:
             columns.append(F.lit(None).cast("string").alias(name))
@@ -133,7 +138,7 @@ def build_examples(events: DataFrame, gap_minutes: int = 30, window_start_ms: in
         kept = sessions
         if window_start_ms is not None:
             kept = kept.join(_collected_before(sessions, window_start_ms), "session_id", "left_anti")
-        kept = finished_sessions(kept, gap_minutes, max_session_events, max_examples_per_session)
+        kept = finished_sessions(kept, gap_minutes, max_session_events, max_examples_per_session).drop(LAKE_SHARD)
         examples = (kept.groupBy("session_id").applyInArrow(_fold(max_examples_per_session), schema=EXAMPLE_SCHEMA)
                     .cache())
         examples.count()
@@ -156,33 +161,56 @@ def finished_sessions(sessions: DataFrame, gap_minutes: int, max_session_events:
     """The events of ``sessions`` without two kinds of session, both found before the fold runs, in
     one pass over a few columns:
 
-    - Still open: active within ``gap_minutes`` of the newest event. One that has not bought may
+    - Still open: active within ``gap_minutes`` of the newest event of the lake shard its last event
+      came from (LAKE_SHARD; of any shard, when that is not known). One that has not bought may
       still, so its label is not known yet (a window ending today, the default, holds many). Buyers
       go too: keeping only them would make the latest sessions, all in the evaluation set, look
-      likelier to buy than they are.
+      likelier to buy than they are. Each shard's loader lands its events on its own schedule: a
+      session on a shard whose loader is an hour behind looked finished against the other shards'
+      newest events, and was labelled a non-buyer though its purchase had not landed yet.
     - Above ``max_session_events`` events (lake rows, copies included; 0 = no limit). The fold gets
       a session's events as one pandas frame, so a bot or a load test holding one session id for
       days would exhaust a worker's memory; such sessions are not shoppers either.
 
     It also says how many kept sessions have more events than ``max_examples_per_session``.
     """
+    shard = F.col(LAKE_SHARD) if LAKE_SHARD in sessions.columns else F.lit(None).cast("string")
     per_session = sessions.groupBy("session_id").agg(F.max(_event_time()).alias("_last"),
-                                                     F.count("*").alias("_events"))
+                                                     F.count("*").alias("_events"),
+                                                     F.max_by(shard, _event_time()).alias("_shard"))
     oversized = (F.col("_events") > max_session_events) if max_session_events else F.lit(False)
     long = (F.col("_events") > max_examples_per_session) if max_examples_per_session else F.lit(False)
-    newest, too_big, long_sessions = per_session.agg(
+    by_shard = per_session.groupBy("_shard").agg(
         F.max("_last"), F.collect_list(F.when(oversized, F.col("session_id"))),
-        F.count(F.when(long & ~oversized, 1))).first()
-    if newest is None:
+        F.count(F.when(long & ~oversized, 1))).collect()
+    if not by_shard:
         return sessions
+    shard_ends = {row[0]: row[1] for row in by_shard if row[0] is not None}
+    newest = max(row[1] for row in by_shard)
+    too_big = [session for row in by_shard for session in row[2]]
+    long_sessions = sum(row[3] for row in by_shard)
     if too_big:
         log.warning("left out %d session(s) with more than %d events (max_session_events; bots or scripts, "
                     "not shoppers): %s", len(too_big), max_session_events, first_few(sorted(too_big)))
     if long_sessions:
         log.info("%d session(s) have more than %d events: each gives at most %d examples, spread evenly over it "
                  "(max_examples_per_session)", long_sessions, max_examples_per_session, max_examples_per_session)
-    left_out = per_session.filter((F.col("_last") > newest - gap_minutes * 60_000) | oversized)
+    _warn_of_shards_behind(shard_ends, newest, gap_minutes)
+    # The shards are few: their ends go to the executors as a map literal, not a join.
+    end_of_shard = (F.try_element_at(F.create_map(*[F.lit(v) for item in shard_ends.items() for v in item]),
+                                     F.col("_shard")) if shard_ends else F.lit(None))
+    ends = F.coalesce(end_of_shard, F.lit(newest))
+    left_out = per_session.filter((F.col("_last") > ends - gap_minutes * 60_000) | oversized)
     return sessions.join(left_out.select("session_id"), "session_id", "left_anti")
+
+
+def _warn_of_shards_behind(shard_ends: dict[str, int], newest: int, gap_minutes: int) -> None:
+    behind = {shard: newest - end for shard, end in shard_ends.items() if newest - end > gap_minutes * 60_000}
+    if behind:
+        log.warning("lake shard(s) ending more than session_gap_minutes (%d) before the newest event: %s. Their "
+                    "loader is behind (LakeLoaderBehind), or the shard was closed by a reshard; their sessions "
+                    "active within the gap of the shard's own newest event are left out as still open",
+                    gap_minutes, ", ".join(f"{shard} {lag / 60_000:,.0f} min" for shard, lag in sorted(behind.items())))
 
 
 # ---------------------------------------------------------------------------------------- the fold

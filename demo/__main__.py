@@ -189,7 +189,9 @@ def wait_for_scorer(expected: int, url: str = SCORER_METRICS, timeout: float = 3
 def main() -> int:
     """Run the whole loop on generated traffic: start the local stack, backfill shop history through
     the collector, wait for the lake, train and publish a model, watch the scorer hot-load it and
-    score the history, then send live traffic and print a summary. The stack stays up until `make down`.
+    score the history, then send live traffic and print a summary: counts, live scores against
+    training's, and the offered sessions' purchases against a control group held out from the
+    offers (20 %). The stack stays up until `make down`.
 
     Knobs (environment): DEMO_MINUTES (2), DEMO_HISTORY_SESSIONS (1500), DEMO_HISTORY_DAYS (7),
     DEMO_LIVE_RATE (events/s, 40), DEMO_SEED (7 on a fresh stack, a new one on a running stack).

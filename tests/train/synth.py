@@ -157,9 +157,9 @@ def write_lake_s3(s3, bucket: str, events: list[dict]) -> list[str]:
     return keys
 
 
-def write_lake_dir(root: Path, events: list[dict]) -> Path:
+def write_lake_dir(root: Path, events: list[dict], shard: str = "shardId-000000000000") -> Path:
     """Write the objects under ``root`` (root/enriched/date=…/hour=…/…); returns root/enriched."""
-    for key, body in lake_objects(events).items():
+    for key, body in lake_objects(events, shard).items():
         path = root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(body)

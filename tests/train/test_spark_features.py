@@ -576,6 +576,31 @@ def test_a_session_above_max_session_events_is_left_out_and_named(spark, tmp_pat
     assert set(build_examples(read).toPandas()["session_id"]) == set(finished)        # 0: no limit
 
 
+def _ending_at(events: list[dict], end_ms: int) -> list[dict]:
+    last = max(parse_ms(event["derived_tstamp"]) for event in events)
+    return [_shift(event, end_ms - last) for event in events]
+
+
+def test_a_session_on_a_lake_shard_whose_loader_is_behind_is_left_out_as_open(spark, tmp_path, caplog):
+    """Each shard's loader lands its events on its own schedule. Against the other shard's newest
+    event, a session on a shard whose loader stopped 45 minutes earlier looked finished, and was
+    labelled a non-buyer though its purchase may not have landed yet."""
+    rng = random.Random(5)
+    hour = 3_600_000
+    origin = int(START.timestamp() * 1000) + hour
+    newest = origin + 5 * hour
+    ahead = [_ending_at(synth.session_events(rng, origin, buyer=i == 0), origin + (i + 1) * hour) for i in range(3)]
+    still_open = _ending_at(synth.session_events(rng, origin, buyer=False), newest)
+    stalled = _ending_at(synth.session_events(rng, origin, buyer=False), newest - 45 * 60_000)
+    earlier = _ending_at(synth.session_events(rng, origin, buyer=True), newest - 3 * hour)
+    synth.write_lake_dir(tmp_path, [event for session in (*ahead, still_open) for event in session])
+    root = synth.write_lake_dir(tmp_path, stalled + earlier, shard="shardId-000000000001")
+    kept = set(build_examples(load_window(spark, _settings(root), WINDOW)).toPandas()["session_id"])
+    assert kept == {session[0]["domain_sessionid"] for session in (*ahead, earlier)}
+    assert "lake shard(s) ending more than session_gap_minutes (30) before the newest event: " \
+           "shardId-000000000001 45 min." in caplog.text
+
+
 def test_a_long_session_gives_max_examples_per_session_rows_spread_over_it(spark, tmp_path, caplog):
     """One long visit (a kiosk, a bot under max_session_events) gave most of a small window's rows."""
     rng = random.Random(22)
