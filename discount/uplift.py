@@ -100,7 +100,7 @@ def purchase_marks(dynamodb, table: str, session_ids: list[str]) -> dict[str, in
                 break
             time.sleep(min(0.05 * 2 ** attempt, 2.0))      # throttled: DynamoDB hands the rest back
         else:
-            raise RuntimeError(f"{table}: keys still unprocessed after 20 tries (throttled); try again later")
+            raise click.ClickException(f"{table}: keys still unprocessed after 20 tries (throttled); try again later")
     return marks
 
 
