@@ -13,7 +13,7 @@ import pytest
 
 from common import aws
 from discount.offers import OfferTable, Prediction, held_out
-from discount.uplift import Group, compare, measure
+from discount.uplift import Group, compare, measure, render
 from scorer.sink import PredictionWriter
 from tests.conftest import ROOT, settings_env
 from tests.discount.test_engine import T0, count, decided, discount_settings, drain, engine, prediction, publish
@@ -155,3 +155,9 @@ def test_the_uplift_command_prints_the_groups_and_their_json(aws_settings):
     figures = json.loads(run("--json"))
     assert figures["offered"] == {"sessions": 4, "bought": 1, "rate": 0.25}
     assert figures["held_out"] == {"sessions": 1, "bought": 0, "rate": 0.0} and figures["difference"] == 0.25
+
+
+def test_the_docs_example_is_what_the_command_prints():
+    doc = (ROOT / "docs" / "discount-engine.md").read_text(encoding="utf-8")
+    example = doc.split("$ python -m discount.uplift\n", 1)[1].split("```", 1)[0].rstrip("\n")
+    assert example == render(compare(Group(412, 71), Group(103, 14), open_sessions=12), "clickstream-offers")
