@@ -13,6 +13,7 @@ from common import aws
 from common.cli import CLI_CONTEXT, AwsCommand
 from common.config import load
 from common.features import parse_ms
+from common.retry import backoff_s
 from discount.settings import DiscountSettings
 
 Z_95 = 1.959964
@@ -98,7 +99,7 @@ def purchase_marks(dynamodb, table: str, session_ids: list[str]) -> dict[str, in
             request = response.get("UnprocessedKeys") or {}
             if not request:
                 break
-            time.sleep(min(0.05 * 2 ** attempt, 2.0))      # throttled: DynamoDB hands the rest back
+            time.sleep(backoff_s(attempt, 0.05, 2.0))      # throttled: DynamoDB hands the rest back
         else:
             raise click.ClickException(f"{table}: keys still unprocessed after 20 tries (throttled); try again later")
     return marks
