@@ -1,5 +1,5 @@
 """Training/serving skew, measured live: does each session's latest prediction match what training
-computes from the lake for the same events?
+computes from the lake for the same events? With ``--offers``: did the predictions that made offers?
 
 The predictions table holds each session's latest prediction: the event it followed (``event_id``),
 how many events the scorer had folded (``events_in_session``), the model version and ``p_buy``. For
@@ -12,11 +12,18 @@ scorer evicted or could not rebuild after a restart, events that reached it in a
 their collection times say, or that never reached the lake, and a scorer running other feature code
 under the same ``FEATURE_VERSION``.
 
+The latest prediction is the end of a session; an offer is made mid-session, on the first prediction
+that qualified, and that is the score the discount was spent on. ``--offers`` checks the prediction of
+each offer and control-group (holdout) row of the offers table instead: the row names its event,
+model version and ``p_buy``, and (offer schema 1-1-1) its ``events_in_session`` and ``collected_ms``.
+An older row's event count is not checked, and its click time stands for its collection.
+
     python -m batch.skew                                  # the last 24 h up to 15 min ago, 1,000 sessions
     python -m batch.skew --since 2026-12-06T00:00 --until 2026-12-06T12:00 --sample 5000
+    python -m batch.skew --offers                         # the predictions that made offers
 
 It runs where ``make train`` does (Spark's module orders the events; onnxruntime scores them), with
-its settings: the ``[train]`` section (bucket, predictions_table, session_gap_minutes). Exit 1 when a
+its settings: the ``[train]`` section (bucket, predictions_table, offers_table, session_gap_minutes). Exit 1 when a
 session's score or event count differs, or its event is missing from the lake; docs/operations.md.
 """
 from __future__ import annotations
@@ -25,6 +32,7 @@ import datetime as dt
 import functools
 import random
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -60,10 +68,11 @@ FAILING = (SCORE_DIFFERS, COUNT_DIFFERS, NOT_IN_LAKE)      # the ones that make 
 
 @dataclass
 class Live:
-    """A predictions-table row: the scorer's latest prediction for a session."""
+    """A prediction the scorer published: a predictions-table row (a session's latest), or the one an
+    offers-table row was decided on."""
     session_id: str
     event_id: str
-    events: int
+    events: int | None                  # None: the row does not say (an offer row before schema 1-1-1)
     p_buy: float
     model_name: str
     model_version: str
@@ -81,8 +90,9 @@ class Finding:
     def describe(self) -> str:
         live = self.live
         offline = "" if self.p_buy is None else f"; from the lake: p_buy {self.p_buy:.6f} after {self.events} events"
-        return (f"session {live.session_id} event {live.event_id}: live p_buy {live.p_buy:.6f} after {live.events} "
-                f"events (model {live.model_version}){offline}")
+        after = "" if live.events is None else f" after {live.events} events"
+        return (f"session {live.session_id} event {live.event_id}: live p_buy {live.p_buy:.6f}{after} "
+                f"(model {live.model_version}){offline}")
 
 
 @dataclass
@@ -121,6 +131,31 @@ def live_predictions(dynamodb, table: str, since_ms: int, until_ms: int) -> Iter
                 yield live
 
 
+def offer_decisions(dynamodb, table: str, since_ms: int, until_ms: int) -> Iterator[Live]:
+    """The prediction of every offer and holdout row of the offers table whose event was collected in
+    [since_ms, until_ms), but those past their TTL (no longer served, and soon deleted)."""
+    pages = dynamodb.get_paginator("scan").paginate(
+        TableName=table, FilterExpression="#k IN (:offer, :holdout)", ExpressionAttributeNames={"#k": "kind"},
+        ExpressionAttributeValues={":offer": {"S": "offer"}, ":holdout": {"S": "holdout"}})
+    now = time.time()
+    for page in pages:
+        for item in page["Items"]:
+            try:
+                collected = int(_number(item, "collected_ms", "clicked_ms"))
+                events = _number(item, "events_in_session")
+                live = Live(item["session_id"]["S"], item["event_id"]["S"], None if events is None else int(events),
+                            float(item["p_buy"]["N"]), item["model_name"]["S"], item["model_version"]["S"], collected)
+            except (KeyError, TypeError, ValueError):
+                continue        # a row before schema 1-1-0 names no click: nothing to place it by
+            if since_ms <= collected < until_ms and not aws.ttl_expired(item, now):
+                yield live
+
+
+def _number(item: dict, *names: str) -> float | None:
+    """The first of these number attributes the row has."""
+    return next((float(item[name]["N"]) for name in names if name in item), None)
+
+
 def sample(rows: Iterator[Live], size: int, rng: random.Random) -> tuple[list[Live], int]:
     """(a uniform sample of ``size`` rows at most, how many there were)."""
     kept: list[Live] = []
@@ -135,11 +170,12 @@ def sample(rows: Iterator[Live], size: int, rng: random.Random) -> tuple[list[Li
 
 def check(s3, dynamodb, bucket: str, table: str, since_ms: int, until_ms: int, *, size: int = 1000,
           lead_in_hours: int = 6, gap_minutes: int = 30, rng: random.Random | None = None,
-          progress: bool = False) -> Report:
-    """Compare a sample of the live predictions collected in [since_ms, until_ms) with the lake."""
+          progress: bool = False, offers: bool = False) -> Report:
+    """Compare a sample of the live predictions collected in [since_ms, until_ms) with the lake: the
+    predictions table's, or with ``offers`` those the offers table (``table``) was decided on."""
     report = Report(since_ms, until_ms)
-    rows, report.in_window = sample(live_predictions(dynamodb, table, since_ms, until_ms), size,
-                                    rng or random.Random())
+    source = offer_decisions if offers else live_predictions
+    rows, report.in_window = sample(source(dynamodb, table, since_ms, until_ms), size, rng or random.Random())
     if not rows:
         return report
     read_from_ms = (since_ms - lead_in_hours * HOUR_MS) // HOUR_MS * HOUR_MS
@@ -256,7 +292,7 @@ def score(s3, bucket: str, rows: list[Live], folded: dict[str, tuple[str, int, l
             findings.extend(Finding(live, NO_MODEL, note=str(exc)) for live, _, _ in folded_rows)
             continue
         for (live, count, _), p_buy in zip(folded_rows, probabilities):
-            if count != live.events:
+            if live.events is not None and count != live.events:
                 verdict = COUNT_DIFFERS
             else:
                 verdict = MATCH if abs(p_buy - live.p_buy) <= TOLERANCE else SCORE_DIFFERS
@@ -285,15 +321,18 @@ def _probabilities(s3, bucket: str, name: str, version: str, matrix: list[list[f
 @click.option("--until", metavar="TIME", callback=iso_time,
               help="ISO time (default: 15 min ago: the lake loader writes its files every lake_flush_seconds, 5 min)")
 @click.option("--sample", "size", type=click.IntRange(min=1), default=1000,
-              help="sessions to check, drawn at random from the predictions table")
+              help="sessions to check, drawn at random from the predictions table (the offers table with --offers)")
+@click.option("--offers", is_flag=True,
+              help="check the predictions that made offers and holdout rows (offers_table), not each session's latest")
 @click.option("--lead-in-hours", type=click.IntRange(min=0), default=6,
               help="lake hours read before --since, for sessions that began earlier")
 @click.option("--bucket", help="overrides CLICKSTREAM_BUCKET")
 @click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
-def main(since: dt.datetime | None, until: dt.datetime | None, size: int, lead_in_hours: int, bucket: str | None,
-         progress: bool) -> None:
-    """Compare the scorer's latest prediction of a sample of sessions with what training computes from
-    the lake for the same events: features, event count and score.
+def main(since: dt.datetime | None, until: dt.datetime | None, size: int, offers: bool, lead_in_hours: int,
+         bucket: str | None, progress: bool) -> None:
+    """Compare the scorer's latest prediction of a sample of sessions (with --offers: the prediction
+    each offer was made on) with what training computes from the lake for the same events: features,
+    event count and score.
 
     Settings come from CLICKSTREAM_* variables and the [train] section of the TOML file named by
     CLICKSTREAM_CONFIG, as make train reads them.
@@ -306,10 +345,11 @@ def main(since: dt.datetime | None, until: dt.datetime | None, size: int, lead_i
     since = since or until - dt.timedelta(hours=24)
     if since >= until:
         raise click.BadParameter(f"--since {since:%Y-%m-%dT%H:%M:%SZ} is not before --until {until:%Y-%m-%dT%H:%M:%SZ}")
+    table = settings.offers_table if offers else settings.predictions_table
     report = check(aws.client("s3", settings.region, timeout=30), aws.client("dynamodb", settings.region, timeout=30),
-                   settings.bucket, settings.predictions_table, _ms(since), _ms(until), size=size,
-                   lead_in_hours=lead_in_hours, gap_minutes=settings.session_gap_minutes, progress=progress)
-    _print(report, settings.predictions_table)
+                   settings.bucket, table, _ms(since), _ms(until), size=size, lead_in_hours=lead_in_hours,
+                   gap_minutes=settings.session_gap_minutes, progress=progress, offers=offers)
+    _print(report, table, offers)
     sys.exit(1 if report.failed else 0)
 
 
@@ -321,13 +361,15 @@ def _iso(at_ms: int) -> str:
     return f"{dt.datetime.fromtimestamp(at_ms / 1000, dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
 
 
-def _print(report: Report, table: str) -> None:
+def _print(report: Report, table: str, offers: bool) -> None:
     window = f"{_iso(report.since_ms)} to {_iso(report.until_ms)}"
     if not report.findings:
-        click.echo(f"no prediction in {table} followed an event collected from {window}: nothing to check")
+        click.echo(f"no {'offer or holdout row' if offers else 'prediction'} in {table} followed an event collected "
+                   f"from {window}: nothing to check")
         return
     counts = report.counts
-    click.echo(f"checked {len(report.findings)} of the {report.in_window} sessions in {table} whose latest prediction "
+    whose = "offer or holdout row's prediction" if offers else "latest prediction"
+    click.echo(f"checked {len(report.findings)} of the {report.in_window} sessions in {table} whose {whose} "
                f"followed an event collected from {window}:")
     for verdict in VERDICTS:
         click.echo(f"  {verdict:<27} {counts[verdict]:>7,}")

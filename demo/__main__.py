@@ -256,6 +256,9 @@ def main() -> int:
     say("live vs training: each session's latest prediction against the fold of its events in the lake")
     run("batch.skew", "--since", iso(started_at), "--until", iso(traffic_ended - 15), "--sample", "100000",
         "--no-progress")
+    say("the predictions the offers and holdouts were decided on, mid-session, against the same fold")
+    run("batch.skew", "--offers", "--since", iso(started_at), "--until", iso(traffic_ended - 15), "--sample", "100000",
+        "--no-progress")
     say("offers against the control group (the demo's generated visitors ignore offers: expect no effect)")
     run("discount.uplift", "--settle-minutes", "0")
     click.echo("\nThe stack is still running:\n"

@@ -36,7 +36,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from common.aws import ttl_expired
 from common.features import event_time_ms, parse_ms
 
-OFFER_SCHEMA = "iglu:com.clickstream/offer/jsonschema/1-1-0"   # docs/contracts.md and discount-engine.md
+OFFER_SCHEMA = "iglu:com.clickstream/offer/jsonschema/1-1-1"   # docs/contracts.md and discount-engine.md
 OFFER_NAMESPACE = uuid.UUID("6f1c3c1e-2f52-4c55-9a55-5d2c8a0c7d10")
 BUDGET_PREFIX = "budget#"
 STRING_FIELDS = ("session_id", "event_id", "decision", "model_name", "model_version")
@@ -146,6 +146,11 @@ class OfferTable:
         }
         if prediction.clicked_ms is not None:     # a purchase after it is what the uplift report counts
             item["clicked_ms"] = {"N": str(prediction.clicked_ms)}
+        # What `python -m batch.skew --offers` checks the prediction against the lake by.
+        if prediction.collected_ms is not None:
+            item["collected_ms"] = {"N": str(prediction.collected_ms)}
+        if prediction.events_in_session:
+            item["events_in_session"] = {"N": str(prediction.events_in_session)}
         if kind == "offer":
             item["code"] = {"S": f"SAVE{self.discount_percent}-{identifier[:8].upper()}"}
             item["discount_percent"] = {"N": str(self.discount_percent)}

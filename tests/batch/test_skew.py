@@ -16,6 +16,7 @@ from common.consumer import Consumer
 from common.leases import MemoryLeaseTable
 from common.producer import Producer
 from common.streams import MemoryStream
+from discount.offers import OfferTable, Prediction
 from infra.provision import ProvisionSettings, provision
 from scorer.config import ScorerSettings
 from scorer.model import Model, Models
@@ -41,15 +42,16 @@ def shop(aws_endpoint):
     return settings, s3, sessions
 
 
-def _score_live(settings, s3, sessions: list[list[dict]], **scorer_settings) -> None:
-    """The scorer's worker over the sessions' events, in the order they were collected (interleaved)."""
+def _score_live(settings, s3, sessions: list[list[dict]], **scorer_settings) -> list[dict]:
+    """The scorer's worker over the sessions' events, in the order they were collected (interleaved);
+    the predictions it published."""
     stream = MemoryStream("enriched", shard_count=2)
     events = sorted((event for session in sessions for event in session), key=lambda event: event["collector_tstamp"])
     stream.put_records([(event["domain_sessionid"], orjson.dumps(event)) for event in events])
     models = Models(s3, settings.bucket, registry.DEFAULT_MODEL)
     models.champion = Model.from_bundle(registry.load(s3, settings.bucket, registry.DEFAULT_MODEL, VERSION))
-    writer = PredictionWriter(Producer(MemoryStream("predictions")), aws.client("dynamodb"),
-                              settings.predictions_table, 3600)
+    published = MemoryStream("predictions")
+    writer = PredictionWriter(Producer(published), aws.client("dynamodb"), settings.predictions_table, 3600)
     worker = Worker(ScorerSettings(**scorer_settings), models, writer,
                     lambda **hooks: Consumer(stream, MemoryLeaseTable(), **hooks))
     read = 0
@@ -57,6 +59,20 @@ def _score_live(settings, s3, sessions: list[list[dict]], **scorer_settings) -> 
         read += worker.poll_once()
     worker.flush()
     writer.close()
+    return [orjson.loads(record.data) for record in published.all_records()]
+
+
+def _decide_offers(settings, sessions: list[list[dict]], published: list[dict], at: int = 2) -> dict[str, dict]:
+    """The discount engine's table writes, on the prediction that followed each session's third event
+    (mid-session, as offers are), half of the sessions held out; the rows written, by session."""
+    table = OfferTable(aws.client("dynamodb"), settings.offers_table, budget_per_hour=100, discount_percent=10,
+                       ttl_hours=24, holdout_percent=50)
+    deciding = {session[at]["event_id"] for session in sessions}
+    for record in published:
+        if record["event_id"] in deciding:
+            table.offer(Prediction.from_record(record))
+    items = aws.client("dynamodb").scan(TableName=settings.offers_table)["Items"]
+    return {item["session_id"]["S"]: item for item in items if item["kind"]["S"] != "budget"}
 
 
 def _land(settings, s3, events: list[dict]) -> None:
@@ -168,3 +184,48 @@ def test_the_sample_is_uniform_over_the_rows_in_the_window():
         assert seen == 5 and len({row.session_id for row in kept}) == 2
         drawn.update(row.session_id for row in kept)
     assert all(700 < drawn[row.session_id] < 900 for row in rows), drawn        # 800 each
+
+
+def test_the_predictions_offers_were_made_on_match_what_training_computes_mid_session(shop):
+    settings, s3, sessions = shop
+    decided = _decide_offers(settings, sessions, _score_live(settings, s3, sessions))
+    _land(settings, s3, [event for session in sessions for event in session])
+    assert len(decided) == 8 and {item["kind"]["S"] for item in decided.values()} == {"offer", "holdout"}
+    assert {item["events_in_session"]["N"] for item in decided.values()} == {"3"}        # mid-session
+    dynamodb = aws.client("dynamodb")
+    # A row of an engine before offer schema 1-1-1 names neither: its click places it, its count is unchecked.
+    dynamodb.update_item(TableName=settings.offers_table, Key={"session_id": {"S": "skew-2"}},
+                         UpdateExpression="REMOVE events_in_session, collected_ms")
+    # An expired row is no longer served: not checked (it would fail, its p_buy is not its model's).
+    dynamodb.update_item(TableName=settings.offers_table, Key={"session_id": {"S": "skew-3"}},
+                         UpdateExpression="SET expires_at = :past, p_buy = :p",
+                         ExpressionAttributeValues={":past": {"N": "1"}, ":p": {"N": "0.999"}})
+
+    result = _skew(settings, "--offers", *WINDOW)
+    assert result.exit_code == 0, result.output
+    assert f"checked 7 of the 7 sessions in {settings.offers_table} whose offer or holdout row's prediction" \
+        in result.output
+    assert _counts(result.output)["match"] == 7
+
+
+def test_offers_made_on_a_score_training_does_not_give_fail_the_check(shop):
+    """Too small a session store (the scorer evicted sessions between their events), and one offer on a
+    score its model does not give: each offer row is judged by its own prediction, not the session's latest."""
+    settings, s3, sessions = shop
+    decided = _decide_offers(settings, sessions, _score_live(settings, s3, sessions, max_sessions=2))
+    _land(settings, s3, [event for session in sessions for event in session])
+    evicted = {sid for sid, item in decided.items() if item["events_in_session"]["N"] != "3"}
+    assert evicted and len(evicted) < 8
+    # One offer's score is not what its model gives for its features (a scorer on other feature code).
+    [tampered] = sorted(set(decided) - evicted)[:1]
+    aws.client("dynamodb").update_item(
+        TableName=settings.offers_table, Key={"session_id": {"S": tampered}},
+        UpdateExpression="SET p_buy = p_buy + :d", ExpressionAttributeValues={":d": {"N": "0.0001"}})
+
+    result = _skew(settings, "--offers", *WINDOW)
+    assert result.exit_code == 1, result.output
+    counts = _counts(result.output)
+    assert (counts["match"], counts["event count differs"], counts["score differs"]) == (7 - len(evicted), len(evicted), 1)
+    assert f"score differs: session {tampered} event {sessions[int(tampered[-1])][2]['event_id']}" in result.output
+    assert "offer or holdout row" in _skew(settings, "--offers", "--since", iso(T0 + 86_400_000),
+                                           "--until", iso(T0 + 2 * 86_400_000)).output

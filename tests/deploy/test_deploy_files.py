@@ -242,8 +242,28 @@ def test_the_trainer_image_installs_what_the_tools_run_beside_training_import(mo
 
 def test_the_trainer_may_read_the_predictions_the_skew_check_compares_and_write_none(template):
     trainer = _statements(resources(template, "AWS::IAM::Role")["TrainerTaskRole"])
-    on_table = [st for st in trainer if st["Resource"] == {"Fn::GetAtt": ["PredictionsTable", "Arn"]}]
-    assert [st["Action"] for st in on_table] == ["dynamodb:Scan"]
+    on_tables = [st for st in trainer if "dynamodb" in json.dumps(st)]
+    assert on_tables == [{"Effect": "Allow", "Action": "dynamodb:Scan", "Resource": [
+        {"Fn::GetAtt": ["PredictionsTable", "Arn"]}, {"Fn::GetAtt": ["OffersTable", "Arn"]}]}]
+
+
+# The stack's named resources and the setting that names each (AwsSettings): a task whose role may
+# use one but whose environment does not name it uses the default name, another stack's or none.
+RESOURCE_SETTINGS = {"RawStream": "raw_stream", "EnrichedStream": "enriched_stream", "BadStream": "bad_stream",
+                     "PredictionsStream": "predictions_stream", "LakeBucket": "bucket", "LeaseTable": "lease_table",
+                     "PredictionsTable": "predictions_table", "OffersTable": "offers_table"}
+
+
+def test_every_task_names_each_stream_table_and_bucket_its_role_may_use(template):
+    roles = resources(template, "AWS::IAM::Role")
+    for name, task in resources(template, "AWS::ECS::TaskDefinition").items():
+        role = task["Properties"]["TaskRoleArn"]["Fn::GetAtt"][0]
+        used = set(re.findall(r"\b(" + "|".join(RESOURCE_SETTINGS) + r")\b", json.dumps(_statements(roles[role]))))
+        assert used, name
+        [container] = task["Properties"]["ContainerDefinitions"]
+        named = {variable["Name"] for variable in container["Environment"] if variable["Value"] in
+                 [{"Ref": resource} for resource in used]}
+        assert named == {f"CLICKSTREAM_{RESOURCE_SETTINGS[resource].upper()}" for resource in used}, name
 
 
 def test_the_scorer_may_mark_purchases_and_the_discount_engine_may_check_them_on_the_stacks_table(template):
