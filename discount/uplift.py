@@ -1,7 +1,18 @@
 """`python -m discount.uplift`: did the offers make sessions buy? The offered sessions against the
-control group (`holdout_percent`), from the offers table and the scorer's purchase marks."""
+control group (`holdout_percent`), from the offers table and the scorer's purchase marks.
+
+The table's rows live ``offer_ttl_hours`` (a day), too short for an experiment that needs weeks of
+sessions. ``--record`` writes the counts of every finished hour to the bucket, once
+(``reports/uplift/hour=YYYY-MM-DDTHH.json``, by the hour of the qualifying click); run it more often
+than the rows live (the template runs it hourly). ``--recorded`` pools the recorded hours of a period.
+
+    python -m discount.uplift                                   # the rows in the table now
+    python -m discount.uplift --record                          # keep each finished hour's counts
+    python -m discount.uplift --recorded --since 2026-11-01     # every recorded hour since then
+"""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import time
@@ -10,7 +21,7 @@ from dataclasses import asdict, dataclass
 import click
 
 from common import aws
-from common.cli import CLI_CONTEXT, AwsCommand
+from common.cli import CLI_CONTEXT, AwsCommand, iso_time
 from common.config import load
 from common.features import parse_ms
 from common.retry import backoff_s
@@ -18,6 +29,9 @@ from discount.settings import DiscountSettings
 
 Z_95 = 1.959964
 BATCH_GET_KEYS = 100          # DynamoDB's limit per BatchGetItem
+HOUR_MS = 3_600_000
+RECORDS = "reports/uplift/"
+RECORD_SCHEMA = "iglu:com.clickstream/uplift_hour/jsonschema/1-0-0"
 
 
 @dataclass(frozen=True)
@@ -112,18 +126,114 @@ def measure(dynamodb, offers_table: str, predictions_table: str, settle_s: float
     rows = qualified_rows(dynamodb, offers_table, now)
     settled = [row for row in rows if _qualified_ms(row) <= (now - settle_s) * 1000]
     marks = purchase_marks(dynamodb, predictions_table, [row["session_id"]["S"] for row in settled])
+    return compare(*groups(settled, marks), len(rows) - len(settled))
+
+
+def groups(rows: list[dict], marks: dict[str, int]) -> tuple[Group, Group]:
+    """(offered, held out): sessions, and those that bought at or after their qualifying click."""
     counts = {"offer": [0, 0], "holdout": [0, 0]}
-    for row in settled:
+    for row in rows:
         mark = marks.get(row["session_id"]["S"])
         counts[row["kind"]["S"]][0] += 1
         counts[row["kind"]["S"]][1] += mark is not None and mark >= _qualified_ms(row)
-    return compare(Group(*counts["offer"]), Group(*counts["holdout"]), len(rows) - len(settled))
+    return Group(*counts["offer"]), Group(*counts["holdout"])
 
 
 def _qualified_ms(row: dict) -> int:
     """The click that qualified the session; for a row without it (an engine before offer schema
     1-1-0), the time of the offer, a little later."""
     return int(row["clicked_ms"]["N"]) if "clicked_ms" in row else parse_ms(row["offered_at"]["S"])
+
+
+# ------------------------------------------------------------------------------ recorded hours
+
+
+def hour_name(hour_ms: int) -> str:
+    return f"{dt.datetime.fromtimestamp(hour_ms / 1000, dt.UTC):%Y-%m-%dT%H}"
+
+
+def record_key(hour_ms: int) -> str:
+    return f"{RECORDS}hour={hour_name(hour_ms)}.json"
+
+
+def recordable_hours(now: float, settle_s: float, ttl_hours: int) -> list[int]:
+    """The hours (start, epoch ms) whose qualified sessions have all settled and whose rows are all
+    still in the table: an hour's rows expire ``ttl_hours`` after their offer, at the earliest after
+    the hour's start."""
+    now_ms = now * 1000
+    first = int((now_ms - ttl_hours * HOUR_MS) // HOUR_MS) + 1
+    last = int((now_ms - settle_s * 1000) // HOUR_MS) - 1
+    return [index * HOUR_MS for index in range(first, last + 1)]
+
+
+def recorded(s3, bucket: str) -> dict[int, str]:
+    """The recorded hours: start (epoch ms) -> object key."""
+    hours = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{RECORDS}hour="):
+        for obj in page.get("Contents", []):
+            name = obj["Key"].removeprefix(f"{RECORDS}hour=").removesuffix(".json")
+            try:
+                start = dt.datetime.strptime(name, "%Y-%m-%dT%H").replace(tzinfo=dt.UTC)
+            except ValueError:
+                continue            # not a record of ours
+            hours[int(start.timestamp() * 1000)] = obj["Key"]
+    return hours
+
+
+def record(dynamodb, s3, settings: DiscountSettings, settle_s: float, now: float | None = None) -> list[int]:
+    """Write the counts of each recordable hour not yet recorded; the hours written. A record is never
+    rewritten: later, some of its hour's rows may have expired."""
+    now = time.time() if now is None else now
+    done = recorded(s3, settings.bucket)
+    todo = [hour for hour in recordable_hours(now, settle_s, settings.offer_ttl_hours) if hour not in done]
+    if not todo:
+        return []
+    by_hour: dict[int, list[dict]] = {hour: [] for hour in todo}
+    for row in qualified_rows(dynamodb, settings.offers_table, now):
+        hour = _qualified_ms(row) // HOUR_MS * HOUR_MS
+        if hour in by_hour:
+            by_hour[hour].append(row)
+    marks = purchase_marks(dynamodb, settings.predictions_table,
+                           [row["session_id"]["S"] for rows in by_hour.values() for row in rows])
+    for hour, rows in by_hour.items():
+        offered, held_out = groups(rows, marks)
+        body = {"schema": RECORD_SCHEMA, "hour": hour_name(hour), "offered": asdict(offered),
+                "held_out": asdict(held_out), "recorded_at": _iso(now)}
+        s3.put_object(Bucket=settings.bucket, Key=record_key(hour), Body=json.dumps(body).encode(),
+                      ContentType="application/json")
+    return todo
+
+
+@dataclass(frozen=True)
+class Pooled:
+    uplift: Uplift
+    since_ms: int
+    until_ms: int
+    hours: int                  # recorded hours pooled
+    missing: list[int]          # hours of the period without a record
+
+
+def pool(s3, bucket: str, since_ms: int | None = None, until_ms: int | None = None) -> Pooled:
+    """The recorded hours that overlap [since_ms, until_ms), summed; by default from the first
+    recorded hour to the end of the last."""
+    hours = recorded(s3, bucket)
+    if not hours:
+        raise click.ClickException(f"no hour is recorded in s3://{bucket}/{RECORDS}: run --record first (hourly)")
+    since_ms = min(hours) if since_ms is None else since_ms // HOUR_MS * HOUR_MS
+    until_ms = max(hours) + HOUR_MS if until_ms is None else until_ms
+    offered, held_out, pooled = [0, 0], [0, 0], 0
+    for hour in sorted(hour for hour in hours if since_ms <= hour < until_ms):
+        body = json.loads(s3.get_object(Bucket=bucket, Key=hours[hour])["Body"].read())
+        for total, group in ((offered, body["offered"]), (held_out, body["held_out"])):
+            total[0] += group["sessions"]
+            total[1] += group["bought"]
+        pooled += 1
+    missing = [hour for hour in range(since_ms, until_ms, HOUR_MS) if hour not in hours]
+    return Pooled(compare(Group(*offered), Group(*held_out)), since_ms, until_ms, pooled, missing)
+
+
+def _iso(at_s: float) -> str:
+    return dt.datetime.fromtimestamp(at_s, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def as_dict(uplift: Uplift) -> dict:
@@ -137,14 +247,26 @@ def as_dict(uplift: Uplift) -> dict:
             "low": number(uplift.low), "high": number(uplift.high), "verdict": uplift.verdict()}
 
 
-def render(uplift: Uplift, offers_table: str) -> str:
+def table_heading(uplift: Uplift, offers_table: str) -> str:
+    return (f"sessions that qualified for an offer ({offers_table}, the last offer_ttl_hours; "
+            f"{uplift.open_sessions:,} too recent to have finished, left out)")
+
+
+def pooled_heading(pooled: Pooled) -> str:
+    missing = ""
+    if pooled.missing:
+        named = ", ".join(hour_name(hour) for hour in pooled.missing[:3])
+        missing = f"; {len(pooled.missing):,} not recorded: {named}{', ...' if len(pooled.missing) > 3 else ''}"
+    return (f"sessions that qualified from {hour_name(pooled.since_ms)}:00Z to {hour_name(pooled.until_ms)}:00Z "
+            f"({pooled.hours:,} recorded hours{missing})")
+
+
+def render(uplift: Uplift, heading: str) -> str:
     def line(name: str, group: Group) -> str:
         rate = f"{100 * group.rate:5.1f} %" if group.sessions else "    –  "
         return f"{name:<10}{group.sessions:>9,}{group.bought:>8,}   {rate}"
 
-    lines = [(f"sessions that qualified for an offer ({offers_table}, the last offer_ttl_hours; "
-              f"{uplift.open_sessions:,} too recent to have finished, left out)"),
-             f"{'group':<10}{'sessions':>9}{'bought':>8}   rate",
+    lines = [heading, f"{'group':<10}{'sessions':>9}{'bought':>8}   rate",
              line("offered", uplift.offered), line("held out", uplift.held_out)]
     if uplift.offered.sessions and uplift.held_out.sessions:
         lines.append(f"difference (offered - held out): {100 * uplift.difference:+.1f} points, "
@@ -153,26 +275,64 @@ def render(uplift: Uplift, offers_table: str) -> str:
     return "\n".join(lines)
 
 
-@click.command(cls=AwsCommand, context_settings=CLI_CONTEXT)
+@click.command(cls=AwsCommand, context_settings=CLI_CONTEXT, epilog="\b\nExamples:\n" + "\n".join(
+    line.strip() for line in (__doc__ or "").splitlines() if line.strip().startswith("python -m")))
 @click.option("--settle-minutes", type=click.FloatRange(min=0), default=30.0,
               help="leave out sessions that qualified this recently: they may still buy (the scorer's session timeout)")
-@click.option("--json", "as_json", is_flag=True, help="print the figures as one JSON object (to keep: the rows live a day)")
-def main(settle_minutes: float, as_json: bool) -> None:
+@click.option("--record", "to_record", is_flag=True,
+              help="write the counts of each finished hour not yet recorded to the bucket (reports/uplift/)")
+@click.option("--recorded", "from_records", is_flag=True,
+              help="compare the groups over the recorded hours (all, or --since to --until), not the table's rows")
+@click.option("--since", metavar="TIME", callback=iso_time, help="with --recorded: the first hour (ISO time, UTC unless it says)")
+@click.option("--until", metavar="TIME", callback=iso_time, help="with --recorded: the end of the period")
+@click.option("--json", "as_json", is_flag=True, help="print the figures as one JSON object")
+def main(settle_minutes: float, to_record: bool, from_records: bool, since: dt.datetime | None,
+         until: dt.datetime | None, as_json: bool) -> None:
     """Compare the purchase rate of the sessions offered a discount with that of the control group
-    (the engine's holdout_percent), over the offers table's rows (they live offer_ttl_hours).
+    (the engine's holdout_percent): over the offers table's rows (they live offer_ttl_hours), or over
+    the hours recorded with --record (as long an experiment as needed).
 
     A session bought when the scorer marked its purchase (bought_ms in the predictions table, which
     needs the scorer's lookup_table) at or after the click that qualified it. Settings as the
     engine's: CLICKSTREAM_* variables and the [discount] section of the TOML file named by
     CLICKSTREAM_CONFIG (docs/discount-engine.md).
     """
+    if to_record and from_records:
+        raise click.UsageError("--record writes the hours, --recorded reads them: one at a time")
+    if (since or until) and not from_records:
+        raise click.UsageError("--since and --until choose recorded hours: use them with --recorded")
+    if since and until and since >= until:
+        raise click.BadParameter(f"--since {since:%Y-%m-%dT%H:%M}Z is not before --until {until:%Y-%m-%dT%H:%M}Z")
     settings = load(DiscountSettings, section="discount")
+    if from_records:
+        _print_pooled(pool(aws.client("s3", settings.region), settings.bucket, _ms(since), _ms(until)), as_json)
+        return
     dynamodb = aws.client("dynamodb", settings.region)
+    if to_record:
+        written = record(dynamodb, aws.client("s3", settings.region), settings, settle_minutes * 60)
+        names = [hour_name(hour) for hour in written]
+        click.echo(json.dumps({"recorded": names}) if as_json else
+                   f"recorded {len(names)} hours in s3://{settings.bucket}/{RECORDS}" +
+                   (f": {names[0]} to {names[-1]}" if names else " (every finished hour already was)"))
+        return
     uplift = measure(dynamodb, settings.offers_table, settings.predictions_table, settle_minutes * 60)
     if as_json:
         click.echo(json.dumps(as_dict(uplift)))
     else:
-        click.echo(render(uplift, settings.offers_table))
+        click.echo(render(uplift, table_heading(uplift, settings.offers_table)))
+
+
+def _ms(moment: dt.datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp() * 1000)
+
+
+def _print_pooled(pooled: Pooled, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({**as_dict(pooled.uplift), "since": hour_name(pooled.since_ms),
+                               "until": hour_name(pooled.until_ms), "hours": pooled.hours,
+                               "missing_hours": [hour_name(hour) for hour in pooled.missing]}))
+        return
+    click.echo(render(pooled.uplift, pooled_heading(pooled)))
 
 
 if __name__ == "__main__":

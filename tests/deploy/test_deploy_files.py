@@ -31,11 +31,12 @@ SETTINGS = {"collector": ("collector.config", "CollectorSettings", "collector"),
             "scorer": ("scorer.config", "ScorerSettings", "scorer"),
             "discount": ("discount.settings", "DiscountSettings", "discount"),
             "trainer": ("batch.train_config", "TrainSettings", "train"),
-            "compactor": ("batch.loader", "LoaderSettings", "lake")}
+            "compactor": ("batch.loader", "LoaderSettings", "lake"),
+            "uplift": ("discount.settings", "DiscountSettings", "discount")}
 # Scheduled tasks that run a component's image with another command: task (ECS container, compose
 # service) -> (the component whose image it runs, the module it runs). The compactor reads the lake
-# as the lake loader does.
-SCHEDULED = {"compactor": ("lake-loader", "batch.cli")}
+# as the lake loader does; the uplift task reads the discount engine's offers.
+SCHEDULED = {"compactor": ("lake-loader", "batch.cli"), "uplift": ("discount", "discount.uplift")}
 TASKS = sorted([*COMPONENTS, *SCHEDULED])         # every ECS task definition and compose service of ours
 COMPOSE_FILES = [DEPLOY / "docker-compose.yml", ROOT / "localstack" / "docker-compose.yml"]
 
@@ -104,7 +105,8 @@ def test_template_has_every_resource_the_pipeline_needs(template):
     targets = [target["EcsParameters"]["TaskDefinitionArn"] for rule in resources(template, "AWS::Events::Rule").values()
                for target in rule["Properties"]["Targets"]]
     assert sorted(map(json.dumps, targets)) == [json.dumps({"Ref": "CompactorTaskDefinition"}),
-                                                json.dumps({"Ref": "TrainerTaskDefinition"})]
+                                                json.dumps({"Ref": "TrainerTaskDefinition"}),
+                                                json.dumps({"Ref": "UpliftTaskDefinition"})]
 
 
 def test_the_longest_prefix_the_template_allows_still_makes_a_valid_bucket_name(template):
@@ -212,6 +214,28 @@ def test_the_compactor_runs_nightly_before_training_on_the_loaders_lake(template
     # The loader's bucket and lease group (<lake_app>#<enriched_stream>): what it may still rewrite.
     for field in ("region", "bucket", "enriched_stream", "lease_table", "lake_app"):
         assert effective_setting("compactor", field, template) == effective_setting("lake-loader", field, template), field
+
+
+def test_the_uplift_task_records_hourly_on_the_engines_tables_and_writes_only_its_records(template):
+    from discount.uplift import main as uplift
+
+    rules = {target["EcsParameters"]["TaskDefinitionArn"]["Ref"]: rule["Properties"]
+             for rule in resources(template, "AWS::Events::Rule").values() for target in rule["Properties"]["Targets"]}
+    schedule = template["Parameters"][rules["UpliftTaskDefinition"]["ScheduleExpression"]["Ref"]]["Default"]
+    assert re.fullmatch(r"cron\(\d+ \* \* \* \? \*\)", schedule), schedule    # hourly: the rows live a day
+    task = container(template, "uplift")
+    assert task["Image"] == container(template, "discount")["Image"]
+    assert task["Command"] == ["python", "-m", "discount.uplift", "--record"]
+    uplift.make_context("uplift", task["Command"][3:])                      # options the command takes
+    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text(encoding="utf-8"))["services"]["uplift"]
+    assert service["command"] == task["Command"] and "profiles" in service
+    # The engine's offers, marks and TTL: which hours' rows are all still in the table.
+    for field in ("offers_table", "predictions_table", "offer_ttl_hours"):
+        assert effective_setting("uplift", field, template) == effective_setting("discount", field, template), field
+    statements = _statements(resources(template, "AWS::IAM::Role")["UpliftTaskRole"])
+    writes = [st for st in statements if any(action.startswith(("s3:Put", "dynamodb:Put", "dynamodb:Update"))
+                                             for action in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"]))]
+    assert [st["Resource"] for st in writes] == [{"Fn::Sub": "${LakeBucket.Arn}/reports/uplift/*"}]
 
 
 def not_installed(image_of: str, module: str) -> dict[str, list[str]]:

@@ -2,6 +2,7 @@
 offered one would, gets a holdout row and no offer, and the report compares the two groups' purchases."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import pytest
 
 from common import aws
 from discount.offers import OfferTable, Prediction, held_out
-from discount.uplift import Group, compare, measure, render
+from discount.uplift import HOUR_MS, Group, compare, measure, pool, record, record_key, render, table_heading
 from scorer.sink import PredictionWriter
 from tests.conftest import ROOT, settings_env
 from tests.discount.test_engine import T0, count, decided, discount_settings, drain, engine, prediction, publish
@@ -160,4 +161,82 @@ def test_the_uplift_command_prints_the_groups_and_their_json(aws_settings):
 def test_the_docs_example_is_what_the_command_prints():
     doc = (ROOT / "docs" / "discount-engine.md").read_text(encoding="utf-8")
     example = doc.split("$ python -m discount.uplift\n", 1)[1].split("```", 1)[0].rstrip("\n")
-    assert example == render(compare(Group(412, 71), Group(103, 14), open_sessions=12), "clickstream-offers")
+    uplift = compare(Group(412, 71), Group(103, 14), open_sessions=12)
+    assert example == render(uplift, table_heading(uplift, "clickstream-offers"))
+
+
+def mark_purchases(settings, marks: dict[str, int]) -> None:
+    """The scorer's purchase marks (bought_ms) on the sessions' rows of the predictions table."""
+    writer = PredictionWriter(None, aws.client("dynamodb"), settings.predictions_table, 10 * 3600)
+    assert writer.write({"shardId-0": [({"session_id": sid, "events_in_session": 5}, ms) for sid, ms in marks.items()]},
+                        bought={"shardId-0": list(marks.items())})
+    writer.close()
+
+
+def test_each_finished_hour_is_recorded_once_and_the_records_pool_over_any_period(aws_settings):
+    """The table's rows live a day; the records keep each hour's counts for as long an experiment as needed."""
+    settings = discount_settings(aws_settings)
+    first = (T0 // 3600 + 1) * 3600                     # an hour's start
+    second, third = first + 3600, first + 7200
+    write_qualified(settings, {"a-o1": "offer", "a-o2": "offer", "a-h1": "holdout"}, first + 600)
+    write_qualified(settings, {"b-o1": "offer", "b-h1": "holdout"}, second + 3599)
+    write_qualified(settings, {"c-o1": "offer"}, third + 60)           # the hour not finished yet
+    mark_purchases(settings, {"a-o1": int(first * 1000) + 700_000, "b-o1": int(second * 1000) + 3_600_500,
+                              "b-h1": int(second * 1000) + 3_599_999, "c-o1": int(third * 1000) + 70_000})
+    dynamodb, s3 = aws.client("dynamodb"), aws.client("s3")
+    now = third + 3600 + 600                # the third hour ended 10 minutes ago: its sessions may still buy
+
+    written = record(dynamodb, s3, settings, 1800, now=now)
+    assert written[-2:] == [first * 1000, second * 1000] and len(written) == 22      # back to the rows' TTL
+
+    def counts(hour_s: float) -> dict:
+        body = json.loads(s3.get_object(Bucket=settings.bucket, Key=record_key(int(hour_s * 1000)))["Body"].read())
+        return {"offered": body["offered"], "held_out": body["held_out"]}
+
+    assert counts(first) == {"offered": {"sessions": 2, "bought": 1}, "held_out": {"sessions": 1, "bought": 0}}
+    assert counts(second) == {"offered": {"sessions": 1, "bought": 1}, "held_out": {"sessions": 1, "bought": 1}}
+    # Recorded once: a later run writes only the hours finished since, even if rows have gone meanwhile.
+    dynamodb.delete_item(TableName=settings.offers_table, Key={"session_id": {"S": "a-o1"}})
+    assert record(dynamodb, s3, settings, 1800, now=now) == []
+    assert record(dynamodb, s3, settings, 1800, now=now + 3600) == [third * 1000]
+    assert counts(first)["offered"] == {"sessions": 2, "bought": 1}
+    assert counts(third)["offered"] == {"sessions": 1, "bought": 1}
+
+    everything = pool(s3, settings.bucket)
+    assert (everything.uplift.offered, everything.uplift.held_out) == (Group(4, 3), Group(2, 1))
+    assert everything.hours == 23 and everything.missing == []
+    one = pool(s3, settings.bucket, int(second * 1000), int(third * 1000))
+    assert (one.uplift.offered, one.uplift.held_out, one.hours) == (Group(1, 1), Group(1, 1), 1)
+    # A period reaching past the records names the hours not recorded.
+    later = pool(s3, settings.bucket, int(second * 1000), int((third + 3 * 3600) * 1000))
+    assert later.hours == 2 and later.missing == [int((third + 3600) * 1000), int((third + 7200) * 1000)]
+    assert HOUR_MS == 3_600_000
+
+
+def test_the_uplift_command_records_hours_and_compares_the_recorded_ones(aws_settings):
+    settings = discount_settings(aws_settings)
+    clicked = (time.time() // 3600 - 2) * 3600 + 60           # in the hour before last: finished and settled
+    write_qualified(settings, {"o0": "offer", "o1": "offer", "h0": "holdout"}, clicked)
+    mark_purchases(settings, {"o0": int(clicked * 1000) + 1})
+    env = {**os.environ, **settings_env(settings)}
+
+    def run(*args: str, code: int = 0) -> str:
+        result = subprocess.run([sys.executable, "-m", "discount.uplift", *args], cwd=ROOT, env=env,
+                                capture_output=True, encoding="utf-8", timeout=60, check=False)
+        assert result.returncode == code, result.stderr
+        return result.stdout + result.stderr
+
+    assert "no hour is recorded" in run("--recorded", code=1)
+    assert run("--record", "--settle-minutes", "0").startswith(f"recorded 23 hours in s3://{settings.bucket}/reports/uplift/: ")
+    assert "(every finished hour already was)" in run("--record")
+    text = run("--recorded")
+    assert text.startswith("sessions that qualified from ") and "(23 recorded hours)" in text
+    assert "offered           2       1    50.0 %" in text and "held out          1       0     0.0 %" in text
+    def iso(epoch_s: float) -> str:
+        return dt.datetime.fromtimestamp(epoch_s, dt.UTC).isoformat()
+
+    figures = json.loads(run("--recorded", "--json", "--since", iso(clicked), "--until", iso(clicked - 60 + 3600)))
+    assert (figures["offered"], figures["hours"], figures["missing_hours"]) == (
+        {"sessions": 2, "bought": 1, "rate": 0.5}, 1, [])
+    assert "use them with --recorded" in run("--since", "2026-12-01", code=2)
+    assert "one at a time" in run("--record", "--recorded", code=2)
