@@ -213,14 +213,15 @@ class Pooled:
     missing: list[int]          # hours of the period without a record
 
 
-def pool(s3, bucket: str, since_ms: int | None = None, until_ms: int | None = None) -> Pooled:
+def pool(s3, bucket: str, since_ms: int | None = None, until_ms: int | None = None, now: float | None = None) -> Pooled:
     """The recorded hours that overlap [since_ms, until_ms), summed; by default from the first
-    recorded hour to the end of the last."""
+    recorded hour to the end of the last. The period ends at the latest with the last finished hour."""
     hours = recorded(s3, bucket)
     if not hours:
         raise click.ClickException(f"no hour is recorded in s3://{bucket}/{RECORDS}: run --record first (hourly)")
     since_ms = min(hours) if since_ms is None else since_ms // HOUR_MS * HOUR_MS
-    until_ms = max(hours) + HOUR_MS if until_ms is None else until_ms
+    this_hour = int((time.time() if now is None else now) * 1000) // HOUR_MS * HOUR_MS
+    until_ms = max(hours) + HOUR_MS if until_ms is None else max(since_ms, min(until_ms, this_hour))
     offered, held_out, pooled = [0, 0], [0, 0], 0
     for hour in sorted(hour for hour in hours if since_ms <= hour < until_ms):
         body = json.loads(s3.get_object(Bucket=bucket, Key=hours[hour])["Body"].read())
@@ -258,7 +259,7 @@ def pooled_heading(pooled: Pooled) -> str:
         named = ", ".join(hour_name(hour) for hour in pooled.missing[:3])
         missing = f"; {len(pooled.missing):,} not recorded: {named}{', ...' if len(pooled.missing) > 3 else ''}"
     return (f"sessions that qualified from {hour_name(pooled.since_ms)}:00Z to {hour_name(pooled.until_ms)}:00Z "
-            f"({pooled.hours:,} recorded hours{missing})")
+            f"({pooled.hours:,} recorded hour{'' if pooled.hours == 1 else 's'}{missing})")
 
 
 def render(uplift: Uplift, heading: str) -> str:

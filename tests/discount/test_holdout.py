@@ -208,8 +208,9 @@ def test_each_finished_hour_is_recorded_once_and_the_records_pool_over_any_perio
     one = pool(s3, settings.bucket, int(second * 1000), int(third * 1000))
     assert (one.uplift.offered, one.uplift.held_out, one.hours) == (Group(1, 1), Group(1, 1), 1)
     # A period reaching past the records names the hours not recorded.
-    later = pool(s3, settings.bucket, int(second * 1000), int((third + 3 * 3600) * 1000))
+    later = pool(s3, settings.bucket, int(second * 1000), int((third + 4 * 3600) * 1000), now=third + 3 * 3600 + 60)
     assert later.hours == 2 and later.missing == [int((third + 3600) * 1000), int((third + 7200) * 1000)]
+    assert later.until_ms == int((third + 3 * 3600) * 1000)       # not the hour under way: it cannot be recorded yet
     assert HOUR_MS == 3_600_000
 
 
