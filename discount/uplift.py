@@ -224,13 +224,22 @@ def pool(s3, bucket: str, since_ms: int | None = None, until_ms: int | None = No
     until_ms = max(hours) + HOUR_MS if until_ms is None else max(since_ms, min(until_ms, this_hour))
     offered, held_out, pooled = [0, 0], [0, 0], 0
     for hour in sorted(hour for hour in hours if since_ms <= hour < until_ms):
-        body = json.loads(s3.get_object(Bucket=bucket, Key=hours[hour])["Body"].read())
-        for total, group in ((offered, body["offered"]), (held_out, body["held_out"])):
-            total[0] += group["sessions"]
-            total[1] += group["bought"]
+        for total, group in zip((offered, held_out), _read_record(s3, bucket, hours[hour])):
+            total[0] += group.sessions
+            total[1] += group.bought
         pooled += 1
     missing = [hour for hour in range(since_ms, until_ms, HOUR_MS) if hour not in hours]
     return Pooled(compare(Group(*offered), Group(*held_out)), since_ms, until_ms, pooled, missing)
+
+
+def _read_record(s3, bucket: str, key: str) -> tuple[Group, Group]:
+    """(offered, held out) of one hour's record; a ClickException naming it when it is not one."""
+    try:
+        body = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+        return tuple(Group(int(body[name]["sessions"]), int(body[name]["bought"])) for name in ("offered", "held_out"))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise click.ClickException(f"s3://{bucket}/{key} is not an uplift record ({exc!r}): "
+                                   "move it away, or delete it and record the hour again if its rows are still there") from None
 
 
 def _iso(at_s: float) -> str:

@@ -240,4 +240,7 @@ def test_the_uplift_command_records_hours_and_compares_the_recorded_ones(aws_set
     assert (figures["offered"], figures["hours"], figures["missing_hours"]) == (
         {"sessions": 2, "bought": 1, "rate": 0.5}, 1, [])
     assert "use them with --recorded" in run("--since", "2026-12-01", code=2)
+    aws.client("s3").put_object(Bucket=settings.bucket, Key="reports/uplift/hour=2026-01-01T00.json", Body=b"{}")
+    assert "reports/uplift/hour=2026-01-01T00.json is not an uplift record (KeyError('offered'))" in run(
+        "--recorded", code=1)
     assert "one at a time" in run("--record", "--recorded", code=2)
