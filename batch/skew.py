@@ -1,5 +1,5 @@
 """Training/serving skew, measured live: does each session's latest prediction match what training
-computes from the lake for the same events? With ``--offers``: did the predictions that made offers?
+computes from the lake for the same events? With ``--rows offers``: did the predictions that made offers?
 
 The predictions table holds each session's latest prediction: the event it followed (``event_id``),
 how many events the scorer had folded (``events_in_session``), the model version and ``p_buy``. For
@@ -13,14 +13,16 @@ their collection times say, or that never reached the lake, and a scorer running
 under the same ``FEATURE_VERSION``.
 
 The latest prediction is the end of a session; an offer is made mid-session, on the first prediction
-that qualified, and that is the score the discount was spent on. ``--offers`` checks the prediction of
-each offer and control-group (holdout) row of the offers table instead: the row names its event,
+that qualified, and that is the score the discount was spent on. ``--rows offers`` checks the prediction
+of each offer and control-group (holdout) row of the offers table instead (``both``: both kinds, one
+read of the lake): the row names its event,
 model version and ``p_buy``, and (offer schema 1-1-1) its ``events_in_session`` and ``collected_ms``.
 An older row's event count is not checked, and its click time stands for its collection.
 
     python -m batch.skew                                  # the last 24 h up to 15 min ago, 1,000 sessions
     python -m batch.skew --since 2026-12-06T00:00 --until 2026-12-06T12:00 --sample 5000
-    python -m batch.skew --offers                         # the predictions that made offers
+    python -m batch.skew --rows offers                    # the predictions that made offers
+    python -m batch.skew --rows both                      # both: what the nightly schedule runs
 
 It runs where ``make train`` does (Spark's module orders the events; onnxruntime scores them), with
 its settings: the ``[train]`` section (bucket, predictions_table, offers_table, session_gap_minutes). Exit 1 when a
@@ -64,6 +66,10 @@ CUT = "started before the window"
 NO_MODEL = "model not servable"
 VERDICTS = (MATCH, SCORE_DIFFERS, COUNT_DIFFERS, NOT_IN_LAKE, CUT, NO_MODEL)
 FAILING = (SCORE_DIFFERS, COUNT_DIFFERS, NOT_IN_LAKE)      # the ones that make the command exit 1
+# The rows checked: each session's latest prediction (the predictions table), or the prediction each
+# offer and holdout row of the offers table was decided on.
+LATEST, OFFERS = "latest", "offers"
+ROW_NAMES = {LATEST: "latest prediction", OFFERS: "offer or holdout row's prediction"}
 
 
 @dataclass
@@ -97,6 +103,8 @@ class Finding:
 
 @dataclass
 class Report:
+    rows: str                                            # LATEST or OFFERS
+    table: str
     since_ms: int
     until_ms: int
     in_window: int = 0                                   # table rows collected in the window
@@ -168,22 +176,29 @@ def sample(rows: Iterator[Live], size: int, rng: random.Random) -> tuple[list[Li
     return kept, seen
 
 
-def check(s3, dynamodb, bucket: str, table: str, since_ms: int, until_ms: int, *, size: int = 1000,
+def check(s3, dynamodb, bucket: str, tables: dict[str, str], since_ms: int, until_ms: int, *, size: int = 1000,
           lead_in_hours: int = 6, gap_minutes: int = 30, rng: random.Random | None = None,
-          progress: bool = False, offers: bool = False) -> Report:
-    """Compare a sample of the live predictions collected in [since_ms, until_ms) with the lake: the
-    predictions table's, or with ``offers`` those the offers table (``table``) was decided on."""
-    report = Report(since_ms, until_ms)
-    source = offer_decisions if offers else live_predictions
-    rows, report.in_window = sample(source(dynamodb, table, since_ms, until_ms), size, rng or random.Random())
-    if not rows:
-        return report
+          progress: bool = False) -> list[Report]:
+    """Compare a sample of the live predictions collected in [since_ms, until_ms) with the lake, a
+    report for each kind of row in ``tables`` (LATEST: the predictions table's; OFFERS: those the
+    offers table's rows were decided on), from one read of the lake."""
+    reports, samples = [], []
+    for rows_kind, table in tables.items():
+        report = Report(rows_kind, table, since_ms, until_ms)
+        source = offer_decisions if rows_kind == OFFERS else live_predictions
+        rows, report.in_window = sample(source(dynamodb, table, since_ms, until_ms), size, rng or random.Random())
+        reports.append(report)
+        samples.append(rows)
+    keys = {row.session_id for rows in samples for row in rows}
+    if not keys:
+        return reports
     read_from_ms = (since_ms - lead_in_hours * HOUR_MS) // HOUR_MS * HOUR_MS
-    events = lake_events(s3, bucket, {row.session_id for row in rows}, read_from_ms, until_ms, progress)
-    folded = {row.session_id: fold_to(row, events.get(row.session_id, []), read_from_ms, gap_minutes * 60_000)
-              for row in rows}
-    report.findings = score(s3, bucket, rows, folded)
-    return report
+    events = lake_events(s3, bucket, keys, read_from_ms, until_ms, progress)
+    for report, rows in zip(reports, samples):
+        folded = {row.session_id: fold_to(row, events.get(row.session_id, []), read_from_ms, gap_minutes * 60_000)
+                  for row in rows}
+        report.findings = score(s3, bucket, rows, folded)
+    return reports
 
 
 # ------------------------------------------------------------------------------------- the lake
@@ -321,18 +336,19 @@ def _probabilities(s3, bucket: str, name: str, version: str, matrix: list[list[f
 @click.option("--until", metavar="TIME", callback=iso_time,
               help="ISO time (default: 15 min ago: the lake loader writes its files every lake_flush_seconds, 5 min)")
 @click.option("--sample", "size", type=click.IntRange(min=1), default=1000,
-              help="sessions to check, drawn at random from the predictions table (the offers table with --offers)")
-@click.option("--offers", is_flag=True,
-              help="check the predictions that made offers and holdout rows (offers_table), not each session's latest")
+              help="sessions to check of each kind of row, drawn at random from its table")
+@click.option("--rows", "rows_kind", type=click.Choice([LATEST, OFFERS, "both"]), default=LATEST, show_default=True,
+              help="which predictions: each session's latest (predictions_table), those the offers and holdout "
+                   "rows were decided on (offers_table), or both")
 @click.option("--lead-in-hours", type=click.IntRange(min=0), default=6,
               help="lake hours read before --since, for sessions that began earlier")
 @click.option("--bucket", help="overrides CLICKSTREAM_BUCKET")
 @click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
-def main(since: dt.datetime | None, until: dt.datetime | None, size: int, offers: bool, lead_in_hours: int,
+def main(since: dt.datetime | None, until: dt.datetime | None, size: int, rows_kind: str, lead_in_hours: int,
          bucket: str | None, progress: bool) -> None:
-    """Compare the scorer's latest prediction of a sample of sessions (with --offers: the prediction
-    each offer was made on) with what training computes from the lake for the same events: features,
-    event count and score.
+    """Compare the scorer's latest prediction of a sample of sessions (with --rows offers: the
+    prediction each offer was made on) with what training computes from the lake for the same events:
+    features, event count and score.
 
     Settings come from CLICKSTREAM_* variables and the [train] section of the TOML file named by
     CLICKSTREAM_CONFIG, as make train reads them.
@@ -345,12 +361,14 @@ def main(since: dt.datetime | None, until: dt.datetime | None, size: int, offers
     since = since or until - dt.timedelta(hours=24)
     if since >= until:
         raise click.BadParameter(f"--since {since:%Y-%m-%dT%H:%M:%SZ} is not before --until {until:%Y-%m-%dT%H:%M:%SZ}")
-    table = settings.offers_table if offers else settings.predictions_table
-    report = check(aws.client("s3", settings.region, timeout=30), aws.client("dynamodb", settings.region, timeout=30),
-                   settings.bucket, table, _ms(since), _ms(until), size=size, lead_in_hours=lead_in_hours,
-                   gap_minutes=settings.session_gap_minutes, progress=progress, offers=offers)
-    _print(report, table, offers)
-    sys.exit(1 if report.failed else 0)
+    tables = {LATEST: settings.predictions_table, OFFERS: settings.offers_table}
+    chosen = {kind: table for kind, table in tables.items() if rows_kind in (kind, "both")}
+    reports = check(aws.client("s3", settings.region, timeout=30), aws.client("dynamodb", settings.region, timeout=30),
+                    settings.bucket, chosen, _ms(since), _ms(until), size=size, lead_in_hours=lead_in_hours,
+                    gap_minutes=settings.session_gap_minutes, progress=progress)
+    for report in reports:
+        _print(report)
+    sys.exit(1 if any(report.failed for report in reports) else 0)
 
 
 def _ms(moment: dt.datetime) -> int:
@@ -361,16 +379,15 @@ def _iso(at_ms: int) -> str:
     return f"{dt.datetime.fromtimestamp(at_ms / 1000, dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
 
 
-def _print(report: Report, table: str, offers: bool) -> None:
+def _print(report: Report) -> None:
     window = f"{_iso(report.since_ms)} to {_iso(report.until_ms)}"
     if not report.findings:
-        click.echo(f"no {'offer or holdout row' if offers else 'prediction'} in {table} followed an event collected "
-                   f"from {window}: nothing to check")
+        click.echo(f"no {ROW_NAMES[report.rows]} in {report.table} followed an event collected from {window}: "
+                   "nothing to check")
         return
     counts = report.counts
-    whose = "offer or holdout row's prediction" if offers else "latest prediction"
-    click.echo(f"checked {len(report.findings)} of the {report.in_window} sessions in {table} whose {whose} "
-               f"followed an event collected from {window}:")
+    click.echo(f"checked {len(report.findings)} of the {report.in_window} sessions in {report.table} whose "
+               f"{ROW_NAMES[report.rows]} followed an event collected from {window}:")
     for verdict in VERDICTS:
         click.echo(f"  {verdict:<27} {counts[verdict]:>7,}")
     click.echo(f"largest |p_buy live - p_buy from the lake|: {report.max_abs_diff():.3g} (tolerance {TOLERANCE:g})")

@@ -253,12 +253,10 @@ def main() -> int:
     click.echo(drift_line())
 
     # The lake loader writes its files every 5 s here: the last 15 s of collections are left out.
-    say("live vs training: each session's latest prediction against the fold of its events in the lake")
-    run("batch.skew", "--since", iso(started_at), "--until", iso(traffic_ended - 15), "--sample", "100000",
-        "--no-progress")
-    say("the predictions the offers and holdouts were decided on, mid-session, against the same fold")
-    run("batch.skew", "--offers", "--since", iso(started_at), "--until", iso(traffic_ended - 15), "--sample", "100000",
-        "--no-progress")
+    say("live vs training: each session's latest prediction, and the one each offer or holdout was decided on "
+        "(mid-session), against the fold of its events in the lake")
+    run("batch.skew", "--rows", "both", "--since", iso(started_at), "--until", iso(traffic_ended - 15),
+        "--sample", "100000", "--no-progress")
     say("offers against the control group (the demo's generated visitors ignore offers: expect no effect)")
     run("discount.uplift", "--settle-minutes", "0")
     click.echo("\nThe stack is still running:\n"

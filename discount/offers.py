@@ -146,7 +146,7 @@ class OfferTable:
         }
         if prediction.clicked_ms is not None:     # a purchase after it is what the uplift report counts
             item["clicked_ms"] = {"N": str(prediction.clicked_ms)}
-        # What `python -m batch.skew --offers` checks the prediction against the lake by.
+        # What `python -m batch.skew --rows offers` checks the prediction against the lake by.
         if prediction.collected_ms is not None:
             item["collected_ms"] = {"N": str(prediction.collected_ms)}
         if prediction.events_in_session:

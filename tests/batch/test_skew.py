@@ -201,11 +201,18 @@ def test_the_predictions_offers_were_made_on_match_what_training_computes_mid_se
                          UpdateExpression="SET expires_at = :past, p_buy = :p",
                          ExpressionAttributeValues={":past": {"N": "1"}, ":p": {"N": "0.999"}})
 
-    result = _skew(settings, "--offers", *WINDOW)
+    result = _skew(settings, "--rows", "offers", *WINDOW)
     assert result.exit_code == 0, result.output
     assert f"checked 7 of the 7 sessions in {settings.offers_table} whose offer or holdout row's prediction" \
         in result.output
     assert _counts(result.output)["match"] == 7
+    # Both kinds from one read of the lake: a report for each.
+    both = _skew(settings, "--rows", "both", *WINDOW)
+    assert both.exit_code == 0, both.output
+    latest, offers = both.output.split("checked ")[1:]
+    assert latest.startswith(f"8 of the 8 sessions in {settings.predictions_table} whose latest prediction ")
+    assert offers.startswith(f"7 of the 7 sessions in {settings.offers_table} whose offer or holdout row's prediction ")
+    assert (_counts(latest)["match"], _counts(offers)["match"]) == (8, 7)
 
 
 def test_offers_made_on_a_score_training_does_not_give_fail_the_check(shop):
@@ -222,10 +229,10 @@ def test_offers_made_on_a_score_training_does_not_give_fail_the_check(shop):
         TableName=settings.offers_table, Key={"session_id": {"S": tampered}},
         UpdateExpression="SET p_buy = p_buy + :d", ExpressionAttributeValues={":d": {"N": "0.0001"}})
 
-    result = _skew(settings, "--offers", *WINDOW)
+    result = _skew(settings, "--rows", "offers", *WINDOW)
     assert result.exit_code == 1, result.output
     counts = _counts(result.output)
     assert (counts["match"], counts["event count differs"], counts["score differs"]) == (7 - len(evicted), len(evicted), 1)
     assert f"score differs: session {tampered} event {sessions[int(tampered[-1])][2]['event_id']}" in result.output
-    assert "offer or holdout row" in _skew(settings, "--offers", "--since", iso(T0 + 86_400_000),
+    assert "offer or holdout row" in _skew(settings, "--rows", "offers", "--since", iso(T0 + 86_400_000),
                                            "--until", iso(T0 + 2 * 86_400_000)).output

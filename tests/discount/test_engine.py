@@ -168,7 +168,7 @@ def test_qualifying_sessions_get_exactly_one_offer(aws_settings, caplog):
     assert made["a"]["code"]["S"].startswith("SAVE10-") and made["a"]["model_version"]["S"] == "v7"
     assert made["a"]["schema"]["S"] == "iglu:com.clickstream/offer/jsonschema/1-1-1"
     assert made["a"]["clicked_ms"]["N"] == str(int((T0 - 5) * 1000))     # the uplift report's purchases are after it
-    # What batch.skew --offers checks the prediction by: its event's collection and place in the session.
+    # What batch.skew --rows offers checks the prediction by: its event's collection and place in the session.
     assert (made["a"]["collected_ms"]["N"], made["a"]["events_in_session"]["N"]) == (str(int((T0 - 5) * 1000)), "5")
     assert eng.offers.get("c", now=T0)["offer_id"] == made["c"]["offer_id"]["S"] and eng.offers.get("b", now=T0) is None
     assert {o: count(eng, o) for o in ("offered", "already_offered", "below_threshold", "too_early",
