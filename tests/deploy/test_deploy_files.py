@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -32,11 +33,14 @@ SETTINGS = {"collector": ("collector.config", "CollectorSettings", "collector"),
             "discount": ("discount.settings", "DiscountSettings", "discount"),
             "trainer": ("batch.train_config", "TrainSettings", "train"),
             "compactor": ("batch.loader", "LoaderSettings", "lake"),
+            "skew": ("batch.train_config", "TrainSettings", "train"),
             "uplift": ("discount.settings", "DiscountSettings", "discount")}
 # Scheduled tasks that run a component's image with another command: task (ECS container, compose
 # service) -> (the component whose image it runs, the module it runs). The compactor reads the lake
-# as the lake loader does; the uplift task reads the discount engine's offers.
-SCHEDULED = {"compactor": ("lake-loader", "batch.cli"), "uplift": ("discount", "discount.uplift")}
+# as the lake loader does; the skew check needs training's code; the uplift task reads the discount
+# engine's offers.
+SCHEDULED = {"compactor": ("lake-loader", "batch.cli"), "skew": ("trainer", "batch.skew"),
+             "uplift": ("discount", "discount.uplift")}
 TASKS = sorted([*COMPONENTS, *SCHEDULED])         # every ECS task definition and compose service of ours
 COMPOSE_FILES = [DEPLOY / "docker-compose.yml", ROOT / "localstack" / "docker-compose.yml"]
 
@@ -66,6 +70,13 @@ def resources(template: dict, kind: str) -> dict[str, dict]:
     return {name: r for name, r in template["Resources"].items() if r["Type"] == kind}
 
 
+def schedules(template: dict) -> dict[str, dict]:
+    """The EventBridge rules that start a task on a schedule: task definition -> the rule's properties."""
+    return {target["EcsParameters"]["TaskDefinitionArn"]["Ref"]: rule["Properties"]
+            for rule in resources(template, "AWS::Events::Rule").values() if "ScheduleExpression" in rule["Properties"]
+            for target in rule["Properties"]["Targets"]}
+
+
 def test_roles_that_read_models_may_list_the_bucket_so_a_missing_current_is_404_not_403(template):
     readers = 0
     for role in resources(template, "AWS::IAM::Role").values():
@@ -75,7 +86,7 @@ def test_roles_that_read_models_may_list_the_bucket_so_a_missing_current_is_404_
         if gets:
             readers += 1
             assert any(st["Action"] == "s3:ListBucket" and "Condition" not in st for st in statements), role
-    assert readers == 2                                                  # the scorer and the trainer
+    assert readers == 3                                                  # the scorer, the trainer, the skew check
 
 
 def test_template_has_every_resource_the_pipeline_needs(template):
@@ -102,11 +113,8 @@ def test_template_has_every_resource_the_pipeline_needs(template):
         container = task["Properties"]["ContainerDefinitions"][0]
         assert task["Properties"]["RequiresCompatibilities"] == ["FARGATE"]
         assert container["User"] != "0" and container["Command"][:2] == ["python", "-m"]
-    targets = [target["EcsParameters"]["TaskDefinitionArn"] for rule in resources(template, "AWS::Events::Rule").values()
-               for target in rule["Properties"]["Targets"]]
-    assert sorted(map(json.dumps, targets)) == [json.dumps({"Ref": "CompactorTaskDefinition"}),
-                                                json.dumps({"Ref": "TrainerTaskDefinition"}),
-                                                json.dumps({"Ref": "UpliftTaskDefinition"})]
+    assert sorted(schedules(template)) == ["CompactorTaskDefinition", "SkewTaskDefinition", "TrainerTaskDefinition",
+                                           "UpliftTaskDefinition"]
 
 
 def test_the_longest_prefix_the_template_allows_still_makes_a_valid_bucket_name(template):
@@ -169,6 +177,8 @@ def test_each_component_role_is_least_privilege(template):
 def test_each_schedule_may_start_its_own_task_only(template):
     """EventBridge's role for a rule runs that rule's task definition in the cluster and passes its roles, nothing else."""
     for name, rule in resources(template, "AWS::Events::Rule").items():
+        if "ScheduleExpression" not in rule["Properties"]:
+            continue                # ScheduledTaskFailedRule: it starts nothing
         [target] = rule["Properties"]["Targets"]
         task = template["Resources"][target["EcsParameters"]["TaskDefinitionArn"]["Ref"]]["Properties"]
         role = template["Resources"][target["RoleArn"]["Fn::GetAtt"][0]]
@@ -192,8 +202,7 @@ def _cron_minutes(expression: str) -> int:
 def test_the_compactor_runs_nightly_before_training_on_the_loaders_lake(template):
     from batch.cli import lake_cli
 
-    rules = {target["EcsParameters"]["TaskDefinitionArn"]["Ref"]: rule["Properties"]
-             for rule in resources(template, "AWS::Events::Rule").values() for target in rule["Properties"]["Targets"]}
+    rules = schedules(template)
     parameters = template["Parameters"]
     compaction = parameters[rules["CompactorTaskDefinition"]["ScheduleExpression"]["Ref"]]["Default"]
     training = parameters[rules["TrainerTaskDefinition"]["ScheduleExpression"]["Ref"]]["Default"]
@@ -219,8 +228,7 @@ def test_the_compactor_runs_nightly_before_training_on_the_loaders_lake(template
 def test_the_uplift_task_records_hourly_on_the_engines_tables_and_writes_only_its_records(template):
     from discount.uplift import main as uplift
 
-    rules = {target["EcsParameters"]["TaskDefinitionArn"]["Ref"]: rule["Properties"]
-             for rule in resources(template, "AWS::Events::Rule").values() for target in rule["Properties"]["Targets"]}
+    rules = schedules(template)
     schedule = template["Parameters"][rules["UpliftTaskDefinition"]["ScheduleExpression"]["Ref"]]["Default"]
     assert re.fullmatch(r"cron\(\d+ \* \* \* \? \*\)", schedule), schedule    # hourly: the rows live a day
     task = container(template, "uplift")
@@ -264,11 +272,26 @@ def test_the_trainer_image_installs_what_the_tools_run_beside_training_import(mo
     assert not missing, f"deploy/trainer/Dockerfile does not install what {module} imports: {missing}"
 
 
-def test_the_trainer_may_read_the_predictions_the_skew_check_compares_and_write_none(template):
-    trainer = _statements(resources(template, "AWS::IAM::Role")["TrainerTaskRole"])
-    on_tables = [st for st in trainer if "dynamodb" in json.dumps(st)]
-    assert on_tables == [{"Effect": "Allow", "Action": "dynamodb:Scan", "Resource": [
-        {"Fn::GetAtt": ["PredictionsTable", "Arn"]}, {"Fn::GetAtt": ["OffersTable", "Arn"]}]}]
+def test_the_skew_check_runs_daily_reading_both_kinds_of_prediction_and_writing_nothing(template):
+    from batch.skew import main as skew
+
+    statements = _statements(resources(template, "AWS::IAM::Role")["SkewTaskRole"])
+    actions = {action for st in statements for action in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
+    assert actions == {"s3:GetObject", "s3:ListBucket", "dynamodb:Scan"}
+    [scan] = [st for st in statements if st["Action"] == "dynamodb:Scan"]
+    assert scan["Resource"] == [{"Fn::GetAtt": ["PredictionsTable", "Arn"]}, {"Fn::GetAtt": ["OffersTable", "Arn"]}]
+    assert "dynamodb" not in json.dumps(_statements(resources(template, "AWS::IAM::Role")["TrainerTaskRole"]))
+    task = container(template, "skew")
+    assert task["Image"] == container(template, "trainer")["Image"]
+    assert task["Command"] == ["python", "-m", "batch.skew", "--rows", "both", "--no-progress"]
+    skew.make_context("skew", task["Command"][3:])                          # options the command takes
+    service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text(encoding="utf-8"))["services"]["skew"]
+    assert service["command"] == task["Command"] and "profiles" in service
+    schedule = template["Parameters"][schedules(template)["SkewTaskDefinition"]["ScheduleExpression"]["Ref"]]["Default"]
+    assert _cron_minutes(schedule) >= 0                                     # daily
+    # Training's lake and sessions (the tables: test_every_task_names_each_stream_table_and_bucket_its_role_may_use).
+    for field in ("bucket", "session_gap_minutes"):
+        assert effective_setting("skew", field, template) == effective_setting("trainer", field, template), field
 
 
 # The stack's named resources and the setting that names each (AwsSettings): a task whose role may
@@ -801,3 +824,62 @@ def test_the_public_load_balancer_answers_the_collectors_own_endpoints_with_404(
     blocked = {path for rule in rules if rule["Actions"][0]["Type"] == "fixed-response"
                for condition in rule["Conditions"] for path in condition["PathPatternConfig"]["Values"]}
     assert internal and internal <= blocked
+
+
+def _resolved(value, names: dict[str, str]):
+    """A template value with ${Prefix} and Fn::GetAtt [X, Arn] filled in from ``names``."""
+    if isinstance(value, dict) and "Fn::Sub" in value:
+        return value["Fn::Sub"].replace("${Prefix}", names["Prefix"])
+    if isinstance(value, dict) and "Fn::GetAtt" in value:
+        return names[value["Fn::GetAtt"][0]]
+    if isinstance(value, dict):
+        return {key: _resolved(item, names) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_resolved(item, names) for item in value]
+    return value
+
+
+def test_a_failed_scheduled_task_and_nothing_else_reaches_the_alert_topic(template, aws_endpoint):
+    """The failure rule's pattern and message, on the emulator's EventBridge: ECS's events for stopped
+    tasks of the scheduled families that failed are told; a success, or a service's task, is not.
+
+    The emulator's rules cannot target SNS (a queue stands in for the topic), and its matcher does not
+    look into arrays of objects, so it cannot evaluate the exit-code branch (``containers`` is a list):
+    that branch is checked for its form, AWS's documented one for a field of an array's objects."""
+    rule = template["Resources"]["ScheduledTaskFailedRule"]["Properties"]
+    families = {f"family:{template['Resources'][task]['Properties']['Family']['Fn::Sub']}" for task in schedules(template)}
+    assert {group["Fn::Sub"] for group in rule["EventPattern"]["detail"]["group"]} == families
+    assert rule["EventPattern"]["detail"]["$or"] == [{"containers": {"exitCode": [{"anything-but": 0}]}},
+                                                     {"stopCode": ["TaskFailedToStart"]}]
+    [target] = rule["Targets"]
+    assert target["Arn"] == {"Ref": "ScheduledTaskAlerts"}
+
+    suffix = uuid.uuid4().hex[:8]
+    cluster = f"arn:aws:ecs:us-east-1:123456789012:cluster/shop-{suffix}"
+    events, sqs = aws.client("events"), aws.client("sqs")
+    queue = sqs.create_queue(QueueName=f"alerts-{suffix}")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    pattern = _resolved(rule["EventPattern"], {"Prefix": f"shop-{suffix}", "Cluster": cluster})
+    events.put_rule(Name=f"failed-{suffix}", EventPattern=json.dumps(pattern))
+    events.put_targets(Rule=f"failed-{suffix}", Targets=[
+        {"Id": target["Id"], "Arn": queue_arn, "InputTransformer": target["InputTransformer"]}])
+
+    def stopped(family: str, exit_code: int | None, in_cluster: str = cluster) -> dict:
+        detail = {"clusterArn": in_cluster, "lastStatus": "STOPPED", "group": f"family:shop-{suffix}-{family}",
+                  "taskArn": f"{cluster}/task/{family}", "containers": [{"name": family, "exitCode": exit_code}],
+                  "stopCode": "EssentialContainerExited", "stoppedReason": "Essential container in task exited"}
+        if exit_code is None:
+            detail.update(containers=[{"name": family}], stopCode="TaskFailedToStart",
+                          stoppedReason="CannotPullContainerError: image not found")
+        return {"Source": "aws.ecs", "DetailType": "ECS Task State Change", "Detail": json.dumps(detail)}
+
+    sent = [stopped("uplift", None), stopped("trainer", 0), stopped("scorer", None), stopped("skew", None, "elsewhere")]
+    assert events.put_events(Entries=sent)["FailedEntryCount"] == 0
+    told: list[str] = []
+    for _ in range(3):
+        told += [message["Body"] for message in sqs.receive_message(
+            QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])]
+    message = (f'"Scheduled task family:shop-{suffix}-uplift failed: CannotPullContainerError: image not found. '
+               f"Task {cluster}/task/uplift; its log (in the stack's log group) has the exit code and why "
+               "(docs/operations.md, 'Scheduled tasks').\"")
+    assert told == [message], told
