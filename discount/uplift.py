@@ -251,9 +251,9 @@ def as_dict(uplift: Uplift) -> dict:
     def number(value: float) -> float | None:
         return None if math.isnan(value) else round(value, 6)
 
-    groups = {name: {**asdict(group), "rate": number(group.rate)}
-              for name, group in (("offered", uplift.offered), ("held_out", uplift.held_out))}
-    return {**groups, "open_sessions": uplift.open_sessions, "difference": number(uplift.difference),
+    by_name = {name: {**asdict(group), "rate": number(group.rate)}
+               for name, group in (("offered", uplift.offered), ("held_out", uplift.held_out))}
+    return {**by_name, "open_sessions": uplift.open_sessions, "difference": number(uplift.difference),
             "low": number(uplift.low), "high": number(uplift.high), "verdict": uplift.verdict()}
 
 
