@@ -14,7 +14,19 @@ import pytest
 
 from common import aws
 from discount.offers import OfferTable, Prediction, held_out
-from discount.uplift import HOUR_MS, Group, compare, measure, pool, record, record_key, render, table_heading
+from discount.uplift import (
+    HOUR_MS,
+    Group,
+    compare,
+    measure,
+    pool,
+    record,
+    record_key,
+    recordable_hours,
+    recorded,
+    render,
+    table_heading,
+)
 from scorer.sink import PredictionWriter
 from tests.conftest import ROOT, settings_env
 from tests.discount.test_engine import T0, count, decided, discount_settings, drain, engine, prediction, publish
@@ -244,3 +256,41 @@ def test_the_uplift_command_records_hours_and_compares_the_recorded_ones(aws_set
     assert "reports/uplift/hour=2026-01-01T00.json is not an uplift record (KeyError('offered'))" in run(
         "--recorded", code=1)
     assert "one at a time" in run("--record", "--recorded", code=2)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_recorder_killed_mid_write_leaves_every_hour_to_the_next_run_once(aws_settings, when):
+    """kill -9 while an hour's record is written: not written yet ("before"), or written and not
+    acknowledged ("after"). The next run writes the hours still missing and keeps the one written."""
+    from tests.faults import FaultProxy
+
+    settings = discount_settings(aws_settings)
+    hour = (time.time() // 3600 - 2) * 3600                   # the hour before last: finished
+    write_qualified(settings, {"o0": "offer", "o1": "offer", "h0": "holdout"}, hour + 60)
+    mark_purchases(settings, {"o1": int(hour * 1000) + 120_000})
+    s3, key = aws.client("s3"), record_key(int(hour * 1000))
+    env = {**os.environ, **settings_env(settings)}
+    command = [sys.executable, "-m", "discount.uplift", "--record", "--settle-minutes", "0"]
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.hang_next = (f"PUT /{settings.bucket}/{key}", when)
+        process = subprocess.Popen(command, cwd=ROOT, env={**env, "AWS_ENDPOINT_URL": proxy.endpoint},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert proxy.hanging.wait(60), "the recorder never wrote that hour"
+        finally:
+            process.kill()                                    # SIGKILL: no cleanup runs
+            process.wait(timeout=10)
+            proxy.release()
+    before = recorded(s3, settings.bucket)
+    assert (int(hour * 1000) in before) == (when == "after") and before          # earlier hours were written
+    written = s3.head_object(Bucket=settings.bucket, Key=key)["ETag"] if when == "after" else None
+
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, encoding="utf-8", timeout=60, check=False)
+    assert again.returncode == 0, again.stderr
+    after = recorded(s3, settings.bucket)
+    assert set(recordable_hours(time.time(), 0, settings.offer_ttl_hours)) <= set(after)
+    assert set(before) <= set(after) and int(hour * 1000) in after
+    if written:
+        assert s3.head_object(Bucket=settings.bucket, Key=key)["ETag"] == written               # not rewritten
+    body = json.loads(s3.get_object(Bucket=settings.bucket, Key=key)["Body"].read())
+    assert (body["offered"], body["held_out"]) == ({"sessions": 2, "bought": 1}, {"sessions": 1, "bought": 0})
