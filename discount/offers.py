@@ -144,6 +144,8 @@ class OfferTable:
             "hour": {"S": hour_of(now)},
             "expires_at": {"N": str(int(now + self.ttl_s))},
         }
+        # The share in force: the uplift report warns of a comparison over periods of several shares.
+        item["holdout_percent"] = {"N": f"{self.holdout_percent:g}"}
         if prediction.clicked_ms is not None:     # a purchase after it is what the uplift report counts
             item["clicked_ms"] = {"N": str(prediction.clicked_ms)}
         # What `python -m batch.skew --rows offers` checks the prediction against the lake by.

@@ -51,6 +51,16 @@ class Uplift:
     open_sessions: int          # qualified too recently to have finished: left out
     low: float                  # 95 % interval of the difference in purchase rate, offered minus held out
     high: float
+    shares: tuple[float, ...] = ()      # the holdout_percent values the rows were decided under
+
+    def share_warning(self) -> str | None:
+        """A comparison over periods of different shares mixes them in other proportions in each group
+        (with a buy rate that moved meanwhile, that alone makes a difference)."""
+        if len(self.shares) < 2:
+            return None
+        named = ", ".join(f"{share:g} %" for share in self.shares)
+        return (f"the control group's share changed within the period ({named}): compare periods of one share "
+                "(--recorded with --since and --until)")
 
     @property
     def difference(self) -> float:
@@ -77,13 +87,13 @@ def wilson(bought: int, sessions: int) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def compare(offered: Group, held_out: Group, open_sessions: int = 0) -> Uplift:
+def compare(offered: Group, held_out: Group, open_sessions: int = 0, shares: tuple[float, ...] = ()) -> Uplift:
     """The difference of the two rates with Newcombe's interval (from the two Wilson intervals)."""
     (low1, high1), (low2, high2) = wilson(offered.bought, offered.sessions), wilson(held_out.bought, held_out.sessions)
     rate1, rate2 = offered.rate, held_out.rate
     low = rate1 - rate2 - math.sqrt((rate1 - low1) ** 2 + (high2 - rate2) ** 2)
     high = rate1 - rate2 + math.sqrt((high1 - rate1) ** 2 + (rate2 - low2) ** 2)
-    return Uplift(offered, held_out, open_sessions, low, high)
+    return Uplift(offered, held_out, open_sessions, low, high, shares)
 
 
 def qualified_rows(dynamodb, table: str, now: float) -> list[dict]:
@@ -91,7 +101,7 @@ def qualified_rows(dynamodb, table: str, now: float) -> list[dict]:
     rows = []
     pages = dynamodb.get_paginator("scan").paginate(
         TableName=table, ConsistentRead=True, FilterExpression="#k IN (:offer, :holdout)",
-        ProjectionExpression="session_id, #k, clicked_ms, offered_at, expires_at",
+        ProjectionExpression="session_id, #k, clicked_ms, offered_at, expires_at, holdout_percent",
         ExpressionAttributeNames={"#k": "kind"},
         ExpressionAttributeValues={":offer": {"S": "offer"}, ":holdout": {"S": "holdout"}})
     for page in pages:
@@ -126,7 +136,7 @@ def measure(dynamodb, offers_table: str, predictions_table: str, settle_s: float
     rows = qualified_rows(dynamodb, offers_table, now)
     settled = [row for row in rows if _qualified_ms(row) <= (now - settle_s) * 1000]
     marks = purchase_marks(dynamodb, predictions_table, [row["session_id"]["S"] for row in settled])
-    return compare(*groups(settled, marks), len(rows) - len(settled))
+    return compare(*groups(settled, marks), len(rows) - len(settled), shares_of(settled))
 
 
 def groups(rows: list[dict], marks: dict[str, int]) -> tuple[Group, Group]:
@@ -137,6 +147,11 @@ def groups(rows: list[dict], marks: dict[str, int]) -> tuple[Group, Group]:
         counts[row["kind"]["S"]][0] += 1
         counts[row["kind"]["S"]][1] += mark is not None and mark >= _qualified_ms(row)
     return Group(*counts["offer"]), Group(*counts["holdout"])
+
+
+def shares_of(rows: list[dict]) -> tuple[float, ...]:
+    """The holdout shares the rows were decided under (an engine before offer schema 1-1-1 did not say)."""
+    return tuple(sorted({float(row["holdout_percent"]["N"]) for row in rows if "holdout_percent" in row}))
 
 
 def _qualified_ms(row: dict) -> int:
@@ -198,7 +213,7 @@ def record(dynamodb, s3, settings: DiscountSettings, settle_s: float, now: float
     for hour, rows in by_hour.items():
         offered, held_out = groups(rows, marks)
         body = {"schema": RECORD_SCHEMA, "hour": hour_name(hour), "offered": asdict(offered),
-                "held_out": asdict(held_out), "recorded_at": _iso(now)}
+                "held_out": asdict(held_out), "holdout_percent": list(shares_of(rows)), "recorded_at": _iso(now)}
         s3.put_object(Bucket=settings.bucket, Key=record_key(hour), Body=json.dumps(body).encode(),
                       ContentType="application/json")
     return todo
@@ -222,21 +237,25 @@ def pool(s3, bucket: str, since_ms: int | None = None, until_ms: int | None = No
     since_ms = min(hours) if since_ms is None else since_ms // HOUR_MS * HOUR_MS
     this_hour = int((time.time() if now is None else now) * 1000) // HOUR_MS * HOUR_MS
     until_ms = max(hours) + HOUR_MS if until_ms is None else max(since_ms, min(until_ms, this_hour))
-    offered, held_out, pooled = [0, 0], [0, 0], 0
+    offered, held_out, shares, pooled = [0, 0], [0, 0], set(), 0
     for hour in sorted(hour for hour in hours if since_ms <= hour < until_ms):
-        for total, group in zip((offered, held_out), _read_record(s3, bucket, hours[hour])):
+        hour_groups, hour_shares = _read_record(s3, bucket, hours[hour])
+        for total, group in zip((offered, held_out), hour_groups):
             total[0] += group.sessions
             total[1] += group.bought
+        shares.update(hour_shares)
         pooled += 1
     missing = [hour for hour in range(since_ms, until_ms, HOUR_MS) if hour not in hours]
-    return Pooled(compare(Group(*offered), Group(*held_out)), since_ms, until_ms, pooled, missing)
+    uplift = compare(Group(*offered), Group(*held_out), shares=tuple(sorted(shares)))
+    return Pooled(uplift, since_ms, until_ms, pooled, missing)
 
 
-def _read_record(s3, bucket: str, key: str) -> tuple[Group, Group]:
-    """(offered, held out) of one hour's record; a ClickException naming it when it is not one."""
+def _read_record(s3, bucket: str, key: str) -> tuple[tuple[Group, Group], list[float]]:
+    """((offered, held out), the shares) of one hour's record; a ClickException naming it when it is not one."""
     try:
         body = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-        return tuple(Group(int(body[name]["sessions"]), int(body[name]["bought"])) for name in ("offered", "held_out"))
+        counts = tuple(Group(int(body[name]["sessions"]), int(body[name]["bought"])) for name in ("offered", "held_out"))
+        return counts, [float(share) for share in body.get("holdout_percent", [])]
     except (ValueError, TypeError, KeyError) as exc:
         raise click.ClickException(f"s3://{bucket}/{key} is not an uplift record ({exc!r}): "
                                    "move it away, or delete it and record the hour again if its rows are still there") from None
@@ -254,7 +273,8 @@ def as_dict(uplift: Uplift) -> dict:
     by_name = {name: {**asdict(group), "rate": number(group.rate)}
                for name, group in (("offered", uplift.offered), ("held_out", uplift.held_out))}
     return {**by_name, "open_sessions": uplift.open_sessions, "difference": number(uplift.difference),
-            "low": number(uplift.low), "high": number(uplift.high), "verdict": uplift.verdict()}
+            "low": number(uplift.low), "high": number(uplift.high), "verdict": uplift.verdict(),
+            "holdout_percent": list(uplift.shares), "warning": uplift.share_warning()}
 
 
 def table_heading(uplift: Uplift, offers_table: str) -> str:
@@ -282,6 +302,8 @@ def render(uplift: Uplift, heading: str) -> str:
         lines.append(f"difference (offered - held out): {100 * uplift.difference:+.1f} points, "
                      f"95 % interval {100 * uplift.low:+.1f} to {100 * uplift.high:+.1f}")
     lines.append(uplift.verdict())
+    if warning := uplift.share_warning():
+        lines.append(f"warning: {warning}")
     return "\n".join(lines)
 
 

@@ -170,6 +170,7 @@ def test_qualifying_sessions_get_exactly_one_offer(aws_settings, caplog):
     assert made["a"]["clicked_ms"]["N"] == str(int((T0 - 5) * 1000))     # the uplift report's purchases are after it
     # What batch.skew --rows offers checks the prediction by: its event's collection and place in the session.
     assert (made["a"]["collected_ms"]["N"], made["a"]["events_in_session"]["N"]) == (str(int((T0 - 5) * 1000)), "5")
+    assert made["a"]["holdout_percent"]["N"] == "0"            # the share in force: uplift warns of a change
     assert eng.offers.get("c", now=T0)["offer_id"] == made["c"]["offer_id"]["S"] and eng.offers.get("b", now=T0) is None
     assert {o: count(eng, o) for o in ("offered", "already_offered", "below_threshold", "too_early",
                                        "above_ceiling", "invalid")} == {

@@ -98,13 +98,18 @@ def test_the_difference_interval_is_newcombes():
     assert compare(Group(5, 1), Group(0, 0)).verdict().startswith("no comparison: the control group is empty")
 
 
-def write_qualified(settings, kinds: dict[str, str], clicked_s: float) -> None:
-    """Offer and holdout rows as the engine writes them, for sessions clicked at ``clicked_s``."""
+def write_qualified(settings, kinds: dict[str, str], clicked_s: float, share: float = 20) -> None:
+    """Offer and holdout rows as the engine writes them, for sessions clicked at ``clicked_s``: each
+    session's group forced (a share of 0 or 100 %), then its row marked with the ``share`` it stands for."""
+    dynamodb = aws.client("dynamodb")
     for kind in ("offer", "holdout"):
-        table = OfferTable(aws.client("dynamodb"), settings.offers_table, budget_per_hour=100, discount_percent=10,
+        table = OfferTable(dynamodb, settings.offers_table, budget_per_hour=100, discount_percent=10,
                            ttl_hours=24, holdout_percent=100 if kind == "holdout" else 0)
         for sid in (sid for sid, wanted in kinds.items() if wanted == kind):
             table.offer(prediction_of(sid, clicked_s), now=clicked_s + 1)
+            dynamodb.update_item(TableName=settings.offers_table, Key={"session_id": {"S": sid}},
+                                 UpdateExpression="SET holdout_percent = :share",
+                                 ExpressionAttributeValues={":share": {"N": f"{share:g}"}})
 
 
 def prediction_of(sid: str, clicked_s: float) -> Prediction:
@@ -191,7 +196,7 @@ def test_each_finished_hour_is_recorded_once_and_the_records_pool_over_any_perio
     first = (T0 // 3600 + 1) * 3600                     # an hour's start
     second, third = first + 3600, first + 7200
     write_qualified(settings, {"a-o1": "offer", "a-o2": "offer", "a-h1": "holdout"}, first + 600)
-    write_qualified(settings, {"b-o1": "offer", "b-h1": "holdout"}, second + 3599)
+    write_qualified(settings, {"b-o1": "offer", "b-h1": "holdout"}, second + 3599, share=50)     # raised
     write_qualified(settings, {"c-o1": "offer"}, third + 60)           # the hour not finished yet
     mark_purchases(settings, {"a-o1": int(first * 1000) + 700_000, "b-o1": int(second * 1000) + 3_600_500,
                               "b-h1": int(second * 1000) + 3_599_999, "c-o1": int(third * 1000) + 70_000})
@@ -206,6 +211,8 @@ def test_each_finished_hour_is_recorded_once_and_the_records_pool_over_any_perio
         return {"offered": body["offered"], "held_out": body["held_out"]}
 
     assert counts(first) == {"offered": {"sessions": 2, "bought": 1}, "held_out": {"sessions": 1, "bought": 0}}
+    assert json.loads(s3.get_object(Bucket=settings.bucket, Key=record_key(int(first * 1000)))["Body"].read())[
+        "holdout_percent"] == [20]
     assert counts(second) == {"offered": {"sessions": 1, "bought": 1}, "held_out": {"sessions": 1, "bought": 1}}
     # Recorded once: a later run writes only the hours finished since, even if rows have gone meanwhile.
     dynamodb.delete_item(TableName=settings.offers_table, Key={"session_id": {"S": "a-o1"}})
@@ -217,8 +224,14 @@ def test_each_finished_hour_is_recorded_once_and_the_records_pool_over_any_perio
     everything = pool(s3, settings.bucket)
     assert (everything.uplift.offered, everything.uplift.held_out) == (Group(4, 3), Group(2, 1))
     assert everything.hours == 23 and everything.missing == []
+    # Pooled over two shares, each group mixes the periods in other proportions: said, and named.
+    assert everything.uplift.shares == (20, 50)
+    assert render(everything.uplift, "").splitlines()[-1] == (
+        "warning: the control group's share changed within the period (20 %, 50 %): compare periods of one share "
+        "(--recorded with --since and --until)")
     one = pool(s3, settings.bucket, int(second * 1000), int(third * 1000))
     assert (one.uplift.offered, one.uplift.held_out, one.hours) == (Group(1, 1), Group(1, 1), 1)
+    assert one.uplift.share_warning() is None and "warning" not in render(one.uplift, "")
     # A period reaching past the records names the hours not recorded.
     later = pool(s3, settings.bucket, int(second * 1000), int((third + 4 * 3600) * 1000), now=third + 3 * 3600 + 60)
     assert later.hours == 2 and later.missing == [int((third + 3600) * 1000), int((third + 7200) * 1000)]
