@@ -13,11 +13,11 @@ their collection times say, or that never reached the lake, and a scorer running
 under the same ``FEATURE_VERSION``.
 
 The latest prediction is the end of a session; an offer is made mid-session, on the first prediction
-that qualified, and that is the score the discount was spent on. ``--rows offers`` checks the prediction
-of each offer and control-group (holdout) row of the offers table instead (``both``: both kinds, one
-read of the lake): the row names its event,
-model version and ``p_buy``, and (offer schema 1-1-1) its ``events_in_session`` and ``collected_ms``.
-An older row's event count is not checked, and its click time stands for its collection.
+that qualified, and that is the score the discount was spent on. ``--rows offers`` checks the
+prediction of each offer and control-group (holdout) row of the offers table instead (``both``: both
+kinds, from one read of the lake). The row names its event, model version and ``p_buy``, and (offer
+schema 1-1-1) its ``events_in_session`` and ``collected_ms``; an older row's event count is not
+checked, and its click time stands for its collection.
 
     python -m batch.skew                                  # the last 24 h up to 15 min ago, 1,000 sessions
     python -m batch.skew --since 2026-12-06T00:00 --until 2026-12-06T12:00 --sample 5000
@@ -25,8 +25,9 @@ An older row's event count is not checked, and its click time stands for its col
     python -m batch.skew --rows both                      # both: what the nightly schedule runs
 
 It runs where ``make train`` does (Spark's module orders the events; onnxruntime scores them), with
-its settings: the ``[train]`` section (bucket, predictions_table, offers_table, session_gap_minutes). Exit 1 when a
-session's score or event count differs, or its event is missing from the lake; docs/operations.md.
+its settings: the ``[train]`` section (bucket, predictions_table, offers_table, session_gap_minutes).
+Exit 1 when a session's score or event count differs, or its event is missing from the lake;
+docs/operations.md.
 """
 from __future__ import annotations
 
