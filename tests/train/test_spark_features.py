@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -507,8 +508,10 @@ def test_memory_running_out_inside_a_local_spark_names_what_to_change():
     worker, heap = said_by_spark("worker", "heap")
     assert worker.startswith("said: Python ran out of memory on this machine (a Python worker exited unexpectedly, "
                              "most often killed for its memory): free memory, or lower CLICKSTREAM_MAX_SESSION_EVENTS")
-    assert heap.startswith("said: Spark's JVM ran out of memory (java.lang.OutOfMemoryError, exit code 52): raise "
-                           "CLICKSTREAM_SPARK_DRIVER_MEMORY (512m;")
+    # Which reaches Python first, the JVM's exit (code 52) or the job's error naming the OutOfMemoryError,
+    # is a race (a CI run under load saw the second): both are this failure, and both name the setting.
+    assert re.match(r"said: Spark(?:'s JVM)? ran out of memory \(java\.lang\.OutOfMemoryError(?:, exit code 52)?\)"
+                    r"(?: in the driver)?: raise CLICKSTREAM_SPARK_DRIVER_MEMORY \(512m;", heap), heap
     [jvm] = said_by_spark("jvm")
     assert jvm.startswith("said: Spark's JVM was killed (signal 9), most often by the kernel for the memory it took: "
                           "lower CLICKSTREAM_SPARK_DRIVER_MEMORY (512m) below the memory this machine has free")
