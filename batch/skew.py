@@ -183,11 +183,11 @@ def check(s3, dynamodb, bucket: str, tables: dict[str, str], since_ms: int, unti
     """Compare a sample of the live predictions collected in [since_ms, until_ms) with the lake, a
     report for each kind of row in ``tables`` (LATEST: the predictions table's; OFFERS: those the
     offers table's rows were decided on), from one read of the lake."""
-    reports, samples = [], []
+    reports, samples, rng = [], [], rng or random.Random()
     for rows_kind, table in tables.items():
         report = Report(rows_kind, table, since_ms, until_ms)
         source = offer_decisions if rows_kind == OFFERS else live_predictions
-        rows, report.in_window = sample(source(dynamodb, table, since_ms, until_ms), size, rng or random.Random())
+        rows, report.in_window = sample(source(dynamodb, table, since_ms, until_ms), size, rng)
         reports.append(report)
         samples.append(rows)
     keys = {row.session_id for rows in samples for row in rows}

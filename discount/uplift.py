@@ -43,6 +43,9 @@ class Group:
     def rate(self) -> float:
         return self.bought / self.sessions if self.sessions else math.nan
 
+    def __add__(self, other: Group) -> Group:
+        return Group(self.sessions + other.sessions, self.bought + other.bought)
+
 
 @dataclass(frozen=True)
 class Uplift:
@@ -237,17 +240,15 @@ def pool(s3, bucket: str, since_ms: int | None = None, until_ms: int | None = No
     since_ms = min(hours) if since_ms is None else since_ms // HOUR_MS * HOUR_MS
     this_hour = int((time.time() if now is None else now) * 1000) // HOUR_MS * HOUR_MS
     until_ms = max(hours) + HOUR_MS if until_ms is None else max(since_ms, min(until_ms, this_hour))
-    offered, held_out, shares, pooled = [0, 0], [0, 0], set(), 0
-    for hour in sorted(hour for hour in hours if since_ms <= hour < until_ms):
-        hour_groups, hour_shares = _read_record(s3, bucket, hours[hour])
-        for total, group in zip((offered, held_out), hour_groups):
-            total[0] += group.sessions
-            total[1] += group.bought
+    offered, held_out, shares = Group(0, 0), Group(0, 0), set()
+    pooled = sorted(hour for hour in hours if since_ms <= hour < until_ms)
+    for hour in pooled:
+        (hour_offered, hour_held_out), hour_shares = _read_record(s3, bucket, hours[hour])
+        offered, held_out = offered + hour_offered, held_out + hour_held_out
         shares.update(hour_shares)
-        pooled += 1
     missing = [hour for hour in range(since_ms, until_ms, HOUR_MS) if hour not in hours]
-    uplift = compare(Group(*offered), Group(*held_out), shares=tuple(sorted(shares)))
-    return Pooled(uplift, since_ms, until_ms, pooled, missing)
+    uplift = compare(offered, held_out, shares=tuple(sorted(shares)))
+    return Pooled(uplift, since_ms, until_ms, len(pooled), missing)
 
 
 def _read_record(s3, bucket: str, key: str) -> tuple[tuple[Group, Group], list[float]]:
