@@ -43,6 +43,7 @@ from batch.train_lake import (
 from batch.train_metrics import threshold_text
 from batch.train_model import Steps, TrainResult, fit_and_export, importance_by_column, time_split, utc_text
 from batch.train_publish import ParityError, publish, write_bundle
+from batch.train_treated import Treated, read_treated
 from common import aws, logs
 from common.cli import CLI_CONTEXT, AwsCommand
 from common.config import ConfigError, load
@@ -128,16 +129,18 @@ def _empty_window(settings: TrainSettings, window: Window) -> TrainError:
 
 
 def train_from_events(spark, events: DataFrame, settings: TrainSettings, *, window: Window | None = None,
-                      steps: Steps | None = None) -> TrainResult:
+                      steps: Steps | None = None, treated: Treated | None = None) -> TrainResult:
     """Train, evaluate, export and parity-check a model from a DataFrame of enriched events; with
-    ``window``, of the sessions that started in it (``load_window`` also reads the days before)."""
+    ``window``, of the sessions that started in it (``load_window`` also reads the days before);
+    with ``treated``, without the sessions offered a discount (``read_treated``)."""
     own_steps = steps is None
     steps = steps or Steps(EVENT_STEPS[1:-1], enabled=settings.progress)
     try:
         with steps("features"):
             since = window_start_ms(window) if window else None
-            examples = build_examples(events, settings.session_gap_minutes, since, settings.max_session_events,
-                                      settings.max_examples_per_session)
+            built = build_examples(events, settings.session_gap_minutes, since, settings.max_session_events,
+                                   settings.max_examples_per_session)
+            examples, treatment = treated.applied(built) if treated else (built, None)
             stats = require_trainable(examples, window or "given")
             train, evaluation, cutoff = time_split(examples, settings.eval_fraction)
         result = fit_and_export(spark, train, evaluation, list(FEATURE_NAMES), settings, steps,
@@ -149,11 +152,11 @@ def train_from_events(spark, events: DataFrame, settings: TrainSettings, *, wind
             steps.close()
     # The session rule is part of the features: the scorer warns when its session_timeout_s differs.
     training_window = {**(window.as_dict() if window else {}), "split_at_ms": cutoff, "sessions": stats["sessions"],
-                       "buying_sessions": stats["buyers"], "examples": stats["rows"]}
+                       "buying_sessions": stats["buyers"], "examples": stats["rows"], "treated_sessions": treatment}
     result.meta.update(feature_version=FEATURE_VERSION, label=LABEL, session_gap_s=settings.session_gap_minutes * 60,
                        training_window=training_window,
                        importance_by_column=importance_by_column(result.meta["feature_importances"], ONE_HOT_GROUPS))
-    examples.unpersist()
+    built.unpersist()
     return result
 
 
@@ -205,6 +208,10 @@ def _data_line(meta: dict) -> str:
         line += (f" (split at session start {utc_text(window['split_at_ms'])}); "
                  f"{window['sessions']} finished sessions ({window['buying_sessions']} bought)"
                  + (f" collected {window['start']}..{window['end']}" if "start" in window else ""))
+        treated = window.get("treated_sessions") or {}
+        if treated.get("offered_left_out") or treated.get("held_out_weighed"):
+            line += (f"; left out {treated['offered_left_out']} sessions offered a discount, weighed "
+                     f"{treated['held_out_weighed']} held-out ones by 100 / holdout_percent")
     elif window and "table" in window:
         line += f" from {window['table']}"
     return line
@@ -217,8 +224,9 @@ def run_events(settings: TrainSettings, *, publish_model: bool = True) -> tuple[
     steps = Steps(EVENT_STEPS if publish_model else EVENT_STEPS[:-1], enabled=settings.progress)
     try:
         events = load_window(spark, settings, window, steps)
+        treated = read_treated(spark, settings, window) if settings.treated_sessions == "leave_out" else None
         with spark_failures_explained(settings):
-            result = train_from_events(spark, events, settings, window=window, steps=steps)
+            result = train_from_events(spark, events, settings, window=window, steps=steps, treated=treated)
         outcome = None
         if publish_model:
             with steps("publish"):

@@ -16,6 +16,7 @@ from common.registry import DEFAULT_MODEL
 ALGORITHMS = ("gbt", "rf", "lr")
 OBJECTIVES = ("f1", "precision")
 CLASS_WEIGHTS = ("none", "balanced")
+TREATED_SESSIONS = ("leave_out", "keep")
 LAKE_URL_SCHEMES = ("s3a://", "s3://", "hdfs://", "gs://", "abfss://", "file://")
 
 
@@ -36,6 +37,9 @@ class TrainSettings(AwsSettings):
     # bot under max_session_events) does not outweigh the others; 0 = every event
     max_examples_per_session: int = 500
     eval_fraction: float = 0.25         # the latest sessions (by start time) are the evaluation set
+    # "leave_out": the sessions offered a discount (the uplift records' lists) are not trained on, and
+    # the held-out ones weigh 100 / holdout_percent (batch/train_treated.py); "keep": every session
+    treated_sessions: str = "leave_out"
     # the model
     algorithm: str = "gbt"
     max_iter: int = 60
@@ -73,6 +77,9 @@ class TrainSettings(AwsSettings):
         if self.class_weight not in CLASS_WEIGHTS:
             raise ConfigError(f"CLICKSTREAM_CLASS_WEIGHT: expected one of {', '.join(CLASS_WEIGHTS)}, "
                               f"got {self.class_weight!r}")
+        if self.treated_sessions not in TREATED_SESSIONS:
+            raise ConfigError(f"CLICKSTREAM_TREATED_SESSIONS: expected one of {', '.join(TREATED_SESSIONS)}, "
+                              f"got {self.treated_sessions!r}")
         if self.threshold_objective not in OBJECTIVES:
             raise ConfigError(f"CLICKSTREAM_THRESHOLD_OBJECTIVE: expected one of {', '.join(OBJECTIVES)}, "
                               f"got {self.threshold_objective!r}")

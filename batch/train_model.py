@@ -26,6 +26,7 @@ from batch import export
 from batch.train_config import TrainSettings
 from batch.train_lake import TrainError
 from batch.train_metrics import choose_threshold, evaluate, feature_reference, score_reference
+from batch.train_treated import HOLDOUT_WEIGHT
 from common.registry import onnx_digest
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,9 @@ class Steps:
         self.bar.close()
 
 
-def estimator(settings: TrainSettings, label: str = "label"):
+def estimator(settings: TrainSettings, label: str = "label", weighted: bool = False):
     common = {"featuresCol": "features", "labelCol": label}
-    if settings.class_weight == "balanced":
+    if weighted:
         common["weightCol"] = WEIGHT
     if settings.algorithm == "gbt":
         return GBTClassifier(**common, maxIter=settings.max_iter, maxDepth=settings.max_depth,
@@ -131,22 +132,27 @@ def hyper_parameters(settings: TrainSettings) -> dict:
 
 
 def weigh(train: DataFrame, label: str, class_weight: str) -> tuple[DataFrame, float]:
-    """The training rows with the weight column ``balanced`` needs, and the weight a buying row gets."""
+    """The training rows with the weight column (WEIGHT) when rows weigh differently, and the weight
+    ``balanced`` gives a buying row. A held-out session's rows (HOLDOUT_WEIGHT, batch.train_treated)
+    weigh that much more, in the class totals too."""
+    held_out = F.col(HOLDOUT_WEIGHT) if HOLDOUT_WEIGHT in train.columns else None
     if class_weight == "none":
-        return train, 1.0
-    counts = {row[label]: row["count"] for row in train.groupBy(label).count().collect()}
-    buyers, others = counts.get(1, 0), counts.get(0, 0)
+        return (train, 1.0) if held_out is None else (train.withColumn(WEIGHT, held_out), 1.0)
+    rows = held_out if held_out is not None else F.lit(1.0)
+    totals = {row[label]: row["total"] for row in train.groupBy(label).agg(F.sum(rows).alias("total")).collect()}
+    buyers, others = totals.get(1, 0), totals.get(0, 0)
     if not buyers or not others:
         raise TrainError(f"class_weight=balanced needs buyers and non-buyers in the training rows; "
-                         f"found {buyers} and {others}")
+                         f"found {buyers:g} and {others:g}")
     weight = others / buyers
-    return train.withColumn(WEIGHT, F.when(F.col(label) == 1, F.lit(weight)).otherwise(F.lit(1.0))), weight
+    return train.withColumn(WEIGHT, rows * F.when(F.col(label) == 1, F.lit(weight)).otherwise(F.lit(1.0))), weight
 
 
-def pipeline(settings: TrainSettings, feature_names: list[str], label: str = "label") -> Pipeline:
+def pipeline(settings: TrainSettings, feature_names: list[str], label: str = "label", weighted: bool = False) -> Pipeline:
+    """The assembler and the estimator; ``weighted`` when the rows carry WEIGHT (``weigh``)."""
     # handleInvalid="error": a NaN reaching the assembler is a bug upstream, not something to skip.
     assembler = VectorAssembler(inputCols=list(feature_names), outputCol="features", handleInvalid="error")
-    return Pipeline(stages=[assembler, estimator(settings, label)])
+    return Pipeline(stages=[assembler, estimator(settings, label, weighted)])
 
 
 def importances(model: PipelineModel, feature_names: list[str]) -> dict[str, float]:
@@ -226,7 +232,7 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
         laid = laid_out(train, settings.spark_shuffle_partitions, order).cache()
         try:
             train, buyer_weight = weigh(laid, label, settings.class_weight)
-            model = pipeline(settings, feature_names, label).fit(train)
+            model = pipeline(settings, feature_names, label, weighted=WEIGHT in train.columns).fit(train)
             train_rows = int(laid.count())
         finally:
             laid.unpersist()

@@ -11,7 +11,7 @@ import numpy as np
 
 from batch import export
 from batch.train_config import TrainSettings, spark_session
-from batch.train_model import pipeline, weigh
+from batch.train_model import WEIGHT, pipeline, weigh
 from batch.train_table import cross_validate, folds, prepare, read_table
 from bench.report import verdict
 
@@ -70,7 +70,7 @@ def _export_side_by_side(report, spark, table, settings: TrainSettings, trees: i
                              ["exporter", "seconds", "max abs diff onnx vs spark", "rows"])
     settings = dataclasses.replace(settings, max_iter=trees)
     frame, _ = weigh(spark.createDataFrame(table.frame), "label", settings.class_weight)
-    model = pipeline(settings, table.feature_names).fit(frame)
+    model = pipeline(settings, table.feature_names, weighted=WEIGHT in frame.columns).fit(frame)
     scored = model.transform(frame).select(*table.feature_names, "probability").toPandas()
     p_spark = np.array([v[1] for v in scored["probability"]])
     matrix = scored[table.feature_names].to_numpy(dtype=np.float64)

@@ -56,7 +56,7 @@ SECTION_KEYS = {section: frozenset(keys.split()) for section, keys in {
     "lake": """lake_flush_seconds lake_flush_bytes lake_flush_records lake_lease_ms lake_batch_limit lake_idle_sleep_s
         lake_read_interval_s lake_retry_s lake_app lake_metrics_port lake_metrics_host log_level""",
     "train": """model_name window_days window_end cache_dir lake_path skip_corrupt_files session_gap_minutes max_session_events
-        max_examples_per_session eval_fraction algorithm max_iter max_depth step_size num_trees subsampling_rate
+        max_examples_per_session eval_fraction treated_sessions algorithm max_iter max_depth step_size num_trees subsampling_rate
         min_instances_per_node max_bins reg_param elastic_net seed class_weight threshold_objective target_precision parity_tolerance
         auc_floor champion_margin keep_versions spark_master spark_driver_memory spark_shuffle_partitions progress""",
     "discount": """offer_threshold offer_ceiling min_events max_prediction_age_s budget_per_hour check_purchases discount_percent

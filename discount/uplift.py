@@ -2,9 +2,10 @@
 control group (`holdout_percent`), from the offers table and the scorer's purchase marks.
 
 The table's rows live ``offer_ttl_hours`` (a day), too short for an experiment that needs weeks of
-sessions. ``--record`` writes the counts of every finished hour to the bucket, once
+sessions. ``--record`` writes the counts and session lists of every finished hour to the bucket, once
 (``reports/uplift/hour=YYYY-MM-DDTHH.json``, by the hour of the qualifying click); run it more often
-than the rows live (the template runs it hourly). ``--recorded`` pools the recorded hours of a period.
+than the rows live (the template runs it hourly). ``--recorded`` pools the recorded hours of a period;
+``make train`` leaves out the offered sessions they list.
 
     python -m discount.uplift                                   # the rows in the table now
     python -m discount.uplift --record                          # keep each finished hour's counts
@@ -25,13 +26,11 @@ from common.cli import CLI_CONTEXT, AwsCommand, iso_time
 from common.config import load
 from common.features import parse_ms
 from common.retry import backoff_s
+from common.uplift_records import HOUR_MS, PREFIX, SCHEMA, hour_name, hour_of, record_key
 from discount.settings import DiscountSettings
 
 Z_95 = 1.959964
 BATCH_GET_KEYS = 100          # DynamoDB's limit per BatchGetItem
-HOUR_MS = 3_600_000
-RECORDS = "reports/uplift/"
-RECORD_SCHEMA = "iglu:com.clickstream/uplift_hour/jsonschema/1-0-0"
 
 
 @dataclass(frozen=True)
@@ -166,14 +165,6 @@ def _qualified_ms(row: dict) -> int:
 # ------------------------------------------------------------------------------ recorded hours
 
 
-def hour_name(hour_ms: int) -> str:
-    return f"{dt.datetime.fromtimestamp(hour_ms / 1000, dt.UTC):%Y-%m-%dT%H}"
-
-
-def record_key(hour_ms: int) -> str:
-    return f"{RECORDS}hour={hour_name(hour_ms)}.json"
-
-
 def recordable_hours(now: float, settle_s: float, ttl_hours: int) -> list[int]:
     """The hours (start, epoch ms) whose qualified sessions have all settled and whose rows are all
     still in the table: an hour's rows expire ``ttl_hours`` after their offer, at the earliest after
@@ -187,20 +178,16 @@ def recordable_hours(now: float, settle_s: float, ttl_hours: int) -> list[int]:
 def recorded(s3, bucket: str) -> dict[int, str]:
     """The recorded hours: start (epoch ms) -> object key."""
     hours = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{RECORDS}hour="):
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{PREFIX}hour="):
         for obj in page.get("Contents", []):
-            name = obj["Key"].removeprefix(f"{RECORDS}hour=").removesuffix(".json")
-            try:
-                start = dt.datetime.strptime(name, "%Y-%m-%dT%H").replace(tzinfo=dt.UTC)
-            except ValueError:
-                continue            # not a record of ours
-            hours[int(start.timestamp() * 1000)] = obj["Key"]
+            if (hour := hour_of(obj["Key"])) is not None:       # else not a record of ours
+                hours[hour] = obj["Key"]
     return hours
 
 
 def record(dynamodb, s3, settings: DiscountSettings, settle_s: float, now: float | None = None) -> list[int]:
-    """Write the counts of each recordable hour not yet recorded; the hours written. A record is never
-    rewritten: later, some of its hour's rows may have expired."""
+    """Write the counts and session lists of each recordable hour not yet recorded; the hours written.
+    A record is never rewritten: later, some of its hour's rows may have expired."""
     now = time.time() if now is None else now
     done = recorded(s3, settings.bucket)
     todo = [hour for hour in recordable_hours(now, settle_s, settings.offer_ttl_hours) if hour not in done]
@@ -215,11 +202,24 @@ def record(dynamodb, s3, settings: DiscountSettings, settle_s: float, now: float
                            [row["session_id"]["S"] for rows in by_hour.values() for row in rows])
     for hour, rows in by_hour.items():
         offered, held_out = groups(rows, marks)
-        body = {"schema": RECORD_SCHEMA, "hour": hour_name(hour), "offered": asdict(offered),
-                "held_out": asdict(held_out), "holdout_percent": list(shares_of(rows)), "recorded_at": _iso(now)}
+        body = {"schema": SCHEMA, "hour": hour_name(hour), "offered": asdict(offered),
+                "held_out": asdict(held_out), "holdout_percent": list(shares_of(rows)), "recorded_at": _iso(now),
+                **session_lists(rows)}
         s3.put_object(Bucket=settings.bucket, Key=record_key(hour), Body=json.dumps(body).encode(),
                       ContentType="application/json")
     return todo
+
+
+def session_lists(rows: list[dict]) -> dict:
+    """The sessions of each group, which ``make train`` leaves out (offered: a discount may have made
+    them buy) or weighs (held out, by 100 / their share). A session keyed by a user pseudonym (its
+    tracker sent no session id) is counted but not listed: a record holds no pseudonym."""
+    listed = [row for row in rows if not row["session_id"]["S"].startswith("user:")]
+    return {"offered_sessions": sorted(row["session_id"]["S"] for row in listed if row["kind"]["S"] == "offer"),
+            "held_out_sessions": sorted(
+                ({"session_id": row["session_id"]["S"],
+                  "holdout_percent": float(row["holdout_percent"]["N"]) if "holdout_percent" in row else None}
+                 for row in listed if row["kind"]["S"] == "holdout"), key=lambda entry: entry["session_id"])}
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ def pool(s3, bucket: str, since_ms: int | None = None, until_ms: int | None = No
     recorded hour to the end of the last. The period ends at the latest with the last finished hour."""
     hours = recorded(s3, bucket)
     if not hours:
-        raise click.ClickException(f"no hour is recorded in s3://{bucket}/{RECORDS}: run --record first (hourly)")
+        raise click.ClickException(f"no hour is recorded in s3://{bucket}/{PREFIX}: run --record first (hourly)")
     since_ms = min(hours) if since_ms is None else since_ms // HOUR_MS * HOUR_MS
     this_hour = int((time.time() if now is None else now) * 1000) // HOUR_MS * HOUR_MS
     until_ms = max(hours) + HOUR_MS if until_ms is None else max(since_ms, min(until_ms, this_hour))
@@ -313,7 +313,7 @@ def render(uplift: Uplift, heading: str) -> str:
 @click.option("--settle-minutes", type=click.FloatRange(min=0), default=30.0,
               help="leave out sessions that qualified this recently: they may still buy (the scorer's session timeout)")
 @click.option("--record", "to_record", is_flag=True,
-              help="write the counts of each finished hour not yet recorded to the bucket (reports/uplift/)")
+              help="write the counts and sessions of each finished hour not yet recorded to the bucket (reports/uplift/)")
 @click.option("--recorded", "from_records", is_flag=True,
               help="compare the groups over the recorded hours (all, or --since to --until), not the table's rows")
 @click.option("--since", metavar="TIME", callback=iso_time, help="with --recorded: the first hour (ISO time, UTC unless it says)")
@@ -345,7 +345,7 @@ def main(settle_minutes: float, to_record: bool, from_records: bool, since: dt.d
         written = record(dynamodb, aws.client("s3", settings.region), settings, settle_minutes * 60)
         names = [hour_name(hour) for hour in written]
         click.echo(json.dumps({"recorded": names}) if as_json else
-                   f"recorded {len(names)} hours in s3://{settings.bucket}/{RECORDS}" +
+                   f"recorded {len(names)} hours in s3://{settings.bucket}/{PREFIX}" +
                    (f": {names[0]} to {names[-1]}" if names else " (every finished hour already was)"))
         return
     uplift = measure(dynamodb, settings.offers_table, settings.predictions_table, settle_minutes * 60)

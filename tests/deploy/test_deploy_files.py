@@ -883,3 +883,13 @@ def test_a_failed_scheduled_task_and_nothing_else_reaches_the_alert_topic(templa
                f"Task {cluster}/task/uplift; its log (in the stack's log group) has the exit code and why "
                "(docs/operations.md, 'Scheduled tasks').\"")
     assert told == [message], told
+
+
+def test_the_trainer_reads_the_uplift_records_the_uplift_task_writes_and_writes_models_only(template):
+    """Training leaves out the sessions offered a discount, listed in reports/uplift/ (batch/train_treated.py)."""
+    statements = _statements(resources(template, "AWS::IAM::Role")["TrainerTaskRole"])
+    [read] = [st for st in statements if st["Action"] == "s3:GetObject"]
+    assert {"Fn::Sub": "${LakeBucket.Arn}/reports/uplift/*"} in read["Resource"]
+    [write] = [st for st in statements if "s3:PutObject" in st["Action"]]
+    assert write["Resource"] == {"Fn::Sub": "${LakeBucket.Arn}/models/*"}
+    assert effective_setting("trainer", "bucket", template) == effective_setting("uplift", "bucket", template)

@@ -195,7 +195,7 @@ def test_each_finished_hour_is_recorded_once_and_the_records_pool_over_any_perio
     settings = discount_settings(aws_settings)
     first = (T0 // 3600 + 1) * 3600                     # an hour's start
     second, third = first + 3600, first + 7200
-    write_qualified(settings, {"a-o1": "offer", "a-o2": "offer", "a-h1": "holdout"}, first + 600)
+    write_qualified(settings, {"a-o1": "offer", "a-o2": "offer", "a-h1": "holdout", "user:p1:1": "offer"}, first + 600)
     write_qualified(settings, {"b-o1": "offer", "b-h1": "holdout"}, second + 3599, share=50)     # raised
     write_qualified(settings, {"c-o1": "offer"}, third + 60)           # the hour not finished yet
     mark_purchases(settings, {"a-o1": int(first * 1000) + 700_000, "b-o1": int(second * 1000) + 3_600_500,
@@ -210,19 +210,23 @@ def test_each_finished_hour_is_recorded_once_and_the_records_pool_over_any_perio
         body = json.loads(s3.get_object(Bucket=settings.bucket, Key=record_key(int(hour_s * 1000)))["Body"].read())
         return {"offered": body["offered"], "held_out": body["held_out"]}
 
-    assert counts(first) == {"offered": {"sessions": 2, "bought": 1}, "held_out": {"sessions": 1, "bought": 0}}
-    assert json.loads(s3.get_object(Bucket=settings.bucket, Key=record_key(int(first * 1000)))["Body"].read())[
-        "holdout_percent"] == [20]
+    assert counts(first) == {"offered": {"sessions": 3, "bought": 1}, "held_out": {"sessions": 1, "bought": 0}}
+    first_record = json.loads(s3.get_object(Bucket=settings.bucket, Key=record_key(int(first * 1000)))["Body"].read())
+    assert first_record["holdout_percent"] == [20]
+    assert first_record["schema"] == "iglu:com.clickstream/uplift_hour/jsonschema/1-1-0"
+    # The sessions, for training to leave out or weigh; one keyed by a user pseudonym is counted, not listed.
+    assert first_record["offered_sessions"] == ["a-o1", "a-o2"]
+    assert first_record["held_out_sessions"] == [{"session_id": "a-h1", "holdout_percent": 20}]
     assert counts(second) == {"offered": {"sessions": 1, "bought": 1}, "held_out": {"sessions": 1, "bought": 1}}
     # Recorded once: a later run writes only the hours finished since, even if rows have gone meanwhile.
     dynamodb.delete_item(TableName=settings.offers_table, Key={"session_id": {"S": "a-o1"}})
     assert record(dynamodb, s3, settings, 1800, now=now) == []
     assert record(dynamodb, s3, settings, 1800, now=now + 3600) == [third * 1000]
-    assert counts(first)["offered"] == {"sessions": 2, "bought": 1}
+    assert counts(first)["offered"] == {"sessions": 3, "bought": 1}
     assert counts(third)["offered"] == {"sessions": 1, "bought": 1}
 
     everything = pool(s3, settings.bucket)
-    assert (everything.uplift.offered, everything.uplift.held_out) == (Group(4, 3), Group(2, 1))
+    assert (everything.uplift.offered, everything.uplift.held_out) == (Group(5, 3), Group(2, 1))
     assert everything.hours == 23 and everything.missing == []
     # Pooled over two shares, each group mixes the periods in other proportions: said, and named.
     assert everything.uplift.shares == (20, 50)

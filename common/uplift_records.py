@@ -1,0 +1,32 @@
+"""Where the uplift records live: ``s3://<bucket>/reports/uplift/hour=YYYY-MM-DDTHH.json``, one per
+finished hour, written once by ``python -m discount.uplift --record`` (docs/contracts.md). The
+discount engine's reports pool their counts; ``make train`` reads their session lists to leave out
+the sessions a discount may have changed."""
+from __future__ import annotations
+
+import datetime as dt
+
+PREFIX = "reports/uplift/"
+SCHEMA = "iglu:com.clickstream/uplift_hour/jsonschema/1-1-0"
+HOUR_MS = 3_600_000
+NAME_FORMAT = "%Y-%m-%dT%H"
+
+
+def hour_name(hour_ms: int) -> str:
+    return f"{dt.datetime.fromtimestamp(hour_ms / 1000, dt.UTC):{NAME_FORMAT}}"
+
+
+def record_key(hour_ms: int) -> str:
+    return f"{PREFIX}hour={hour_name(hour_ms)}.json"
+
+
+def hour_of(key: str) -> int | None:
+    """The start (epoch ms) of the hour a record's key or path names; None for any other name."""
+    name = key.rsplit("/", 1)[-1]
+    if not (name.startswith("hour=") and name.endswith(".json")):
+        return None
+    try:
+        start = dt.datetime.strptime(name[len("hour="):-len(".json")], NAME_FORMAT).replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
+    return int(start.timestamp() * 1000)
