@@ -129,11 +129,23 @@ def _about(meta: dict) -> str:
         data = (f"Trained on the lake's sessions of {window.get('start')} to {window.get('end')} (UTC dates): "
                 f"{window.get('sessions')} sessions, {window.get('buying_sessions')} of them with a purchase. "
                 f"Evaluated on the sessions that started at or after {_when(window.get('split_at_ms'))} "
-                f"({rows['eval']} prefix rows; training had {rows['train']}), never seen in training.")
+                f"({rows['eval']} prefix rows; training had {rows['train']}), never seen in training."
+                + (_treated_text(window["treated_sessions"]) if "treated_sessions" in window else ""))
     run = (f"{html.escape(str(meta['algorithm']))}, created {html.escape(str(meta.get('created_at')))} from code "
            f"{html.escape(_short_commit(str(meta.get('code_version'))))}, "
            f"Spark {html.escape(str(meta.get('spark_version')))}; label: {html.escape(str(meta.get('label')))}.")
     return f"<p>{data}</p><p>{run}</p>"
+
+
+def _treated_text(treated: dict | None) -> str:
+    """What became of the sessions the discount engine decided on (batch/train_treated.py)."""
+    if treated is None:
+        return " The sessions offered a discount were trained on as any other (treated_sessions=keep)."
+    text = (f" Left out: {treated['offered_left_out']} sessions offered a discount (it may have made them buy); "
+            f"the control group's {treated['held_out_weighed']} weighed by 100 / holdout_percent.")
+    if treated["missing_hours"] and treated["recorded_hours"]:
+        text += f" {treated['missing_hours']} hours had no uplift record: their offered sessions, if any, are in."
+    return text
 
 
 def _short_commit(version: str) -> str:

@@ -38,8 +38,10 @@ class TrainSettings(AwsSettings):
     max_examples_per_session: int = 500
     eval_fraction: float = 0.25         # the latest sessions (by start time) are the evaluation set
     # "leave_out": the sessions offered a discount (the uplift records' lists) are not trained on, and
-    # the held-out ones weigh 100 / holdout_percent (batch/train_treated.py); "keep": every session
-    treated_sessions: str = "leave_out"
+    # the held-out ones weigh 100 / holdout_percent (batch/train_treated.py); "keep": every session.
+    # Not the default: with the engine's default control group (none) leave_out would drop every
+    # qualifying session, and with a small one its few sessions give noisy probabilities (docs/training.md).
+    treated_sessions: str = "keep"
     # the model
     algorithm: str = "gbt"
     max_iter: int = 60

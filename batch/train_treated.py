@@ -1,4 +1,4 @@
-"""Sessions a discount may have changed, left out of training (``treated_sessions = "leave_out"``).
+"""Sessions a discount may have changed, left out of training (with ``treated_sessions = "leave_out"``).
 
 The discount engine offers a discount to sessions the model rates likely to defer. A session that
 then bought may have bought because of the discount, so its label tells of the discount, not of the

@@ -22,6 +22,7 @@ SUITES = {
     "train": "feature-table training: 5-fold AUC and parity on the UCI shoppers data",
     "features": "make train's features step: Spark build_examples vs the same fold in one process",
     "scorer": "in-process scoring vs Spark, /invocations latency, worker events/s",
+    "treated": "make train on offered traffic: keep vs leave_out the offered sessions, on a day without offers",
 }
 
 

@@ -77,6 +77,14 @@ def test_a_lake_run_names_its_window_split_and_why_it_was_not_promoted():
     assert "sessions of 2026-11-20 to 2026-11-21" in text and "started at or after 2025-11-21 00:00 UTC" in text
     assert "Published but not promoted: ROC AUC 0.61 is worse than CURRENT v1's 0.70" in text
     assert "0.6100 here, 0.7000 for the champion" in text
+    assert "offered a discount" not in text                 # a model from before the uplift records' lists
+    treated = {"offered_left_out": 12, "held_out_weighed": 3, "recorded_hours": 70, "missing_hours": 26}
+    meta["training_window"]["treated_sessions"] = treated
+    text = text_of(report_html.render(meta, y, p))
+    assert ("Left out: 12 sessions offered a discount (it may have made them buy); the control group's 3 weighed by "
+            "100 / holdout_percent. 26 hours had no uplift record: their offered sessions, if any, are in.") in text
+    meta["training_window"]["treated_sessions"] = None
+    assert "trained on as any other (treated_sessions=keep)" in text_of(report_html.render(meta, y, p))
 
 
 def test_a_one_hot_encoded_column_is_charted_whole():

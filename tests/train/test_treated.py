@@ -54,8 +54,8 @@ def test_the_sessions_offered_a_discount_are_left_out_and_the_held_out_ones_weig
     assert len(recorded) == 22          # the rows' day, back from the last finished hour
 
     base = fast_settings(bucket=aws_settings.bucket, cache_dir=tmp_path / "cache", class_weight="balanced")
-    left_out, _ = run_events(base, publish_model=False)
-    kept, _ = run_events(dataclasses.replace(base, treated_sessions="keep"), publish_model=False)
+    left_out, _ = run_events(dataclasses.replace(base, treated_sessions="leave_out"), publish_model=False)
+    kept, _ = run_events(base, publish_model=False)                 # the default
 
     treated = left_out.meta["training_window"]["treated_sessions"]
     assert treated == {"recorded_hours": 22, "missing_hours": 4 * 24 - 22, "offered_left_out": 6, "held_out_weighed": 4}
