@@ -550,6 +550,7 @@ def test_settings_reject_unknown_algorithm_and_class_weight():
     ("model_name", "", "CLICKSTREAM_MODEL_NAME"),
     ("lake_path", "s3a:/lake/enriched", "CLICKSTREAM_LAKE_PATH: 's3a:/lake/enriched' is neither a folder nor a URL"),
     ("lake_path", "/no/such/lake", "CLICKSTREAM_LAKE_PATH: no folder '/no/such/lake'"),
+    ("treated_sessions", "drop", "CLICKSTREAM_TREATED_SESSIONS: expected one of leave_out, keep, got 'drop'"),
 ])
 def test_settings_spark_would_refuse_minutes_into_a_run_are_refused_before_it_starts(key, value, message):
     from common.config import ConfigError
