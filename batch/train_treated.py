@@ -37,7 +37,7 @@ SETTLED_MS = 2 * HOUR_MS       # an hour is recorded after the recorder's settle
 class Treated:
     weights: dict[str, float]       # session id -> 0.0 when offered (left out), 100 / share when held out
     recorded_hours: int = 0         # hours whose records list their sessions
-    missing: list[int] = field(default_factory=list)    # hours of the period without such a record
+    missing: list[int] = field(default_factory=list)    # hours since the first such record without one
 
     def applied(self, examples: DataFrame) -> tuple[DataFrame, dict]:
         """``examples`` without the offered sessions, held-out rows weighed (HOLDOUT_WEIGHT), and what
@@ -74,9 +74,9 @@ def read_treated(spark, settings: TrainSettings, window: Window, now: float | No
 
 
 def treated_from(bodies: dict[int, bytes], first: int, end: int, where: str, now: float) -> Treated:
-    """The weights of the recorded sessions. An hour without a record, or whose record lists no
-    sessions (an older recorder) or cannot be read, counts as missing: its treated sessions, if any,
-    train as untreated, and a warning says which hours."""
+    """The weights of the recorded sessions. An hour after the first record without one, or whose
+    record lists no sessions (an older recorder) or cannot be read, counts as missing: its treated
+    sessions, if any, train as untreated, and a warning says which hours."""
     weights: dict[str, float] = {}
     listed: set[int] = set()
     for hour, body in sorted(bodies.items()):
@@ -89,14 +89,19 @@ def treated_from(bodies: dict[int, bytes], first: int, end: int, where: str, now
         if hour_weights is not None:
             weights |= hour_weights
             listed.add(hour)
-    settled = min(end, int(now * 1000) - SETTLED_MS) // HOUR_MS * HOUR_MS
-    unlisted = [hour for hour in range(first, settled, HOUR_MS) if hour not in listed]
-    treated = Treated(weights, len(listed), unlisted)
     if not listed:
         log.info("no uplift record with session lists in %s for %s..%s: every session trains as untreated "
                  "(the discount engine's `python -m discount.uplift --record` writes them)",
                  where, hour_name(first), hour_name(end - HOUR_MS))
-    elif unlisted:
+        return Treated(weights)
+    # Before the first record the engine may not have run yet; after it, a gap is a recorder that missed hours.
+    settled = min(end, int(now * 1000) - SETTLED_MS) // HOUR_MS * HOUR_MS
+    unlisted = [hour for hour in range(min(listed), settled, HOUR_MS) if hour not in listed]
+    treated = Treated(weights, len(listed), unlisted)
+    if min(listed) > first:
+        log.info("the uplift records of %s begin at %s: sessions before it train as untreated", where,
+                 hour_name(min(listed)))
+    if unlisted:
         log.warning("%d hour(s) without an uplift record listing their sessions in %s: %s. Sessions offered a "
                     "discount then train as untreated; is `python -m discount.uplift --record` running hourly?",
                     len(unlisted), where, first_few(hour_name(hour) for hour in unlisted))

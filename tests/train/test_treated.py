@@ -12,7 +12,7 @@ import pytest
 from batch.train import _data_line, run_events
 from batch.train_lake import Window
 from batch.train_model import WEIGHT, weigh
-from batch.train_treated import HOLDOUT_WEIGHT, Treated, read_treated
+from batch.train_treated import HOLDOUT_WEIGHT, Treated, read_treated, treated_from
 from common import aws
 from common.features import parse_ms
 from common.uplift_records import HOUR_MS, record_key
@@ -58,7 +58,10 @@ def test_the_sessions_offered_a_discount_are_left_out_and_the_held_out_ones_weig
     kept, _ = run_events(base, publish_model=False)                 # the default
 
     treated = left_out.meta["training_window"]["treated_sessions"]
-    assert treated == {"recorded_hours": 22, "missing_hours": 4 * 24 - 22, "offered_left_out": 6, "held_out_weighed": 4}
+    # Missing: the hours from the first record to the end of the day after the window (none before: no engine ran).
+    after_first = (int(dt.datetime(2026, 11, 23, tzinfo=dt.UTC).timestamp() * 1000) - recorded[0]) // HOUR_MS
+    assert treated == {"recorded_hours": 22, "missing_hours": after_first - 22, "offered_left_out": 6,
+                       "held_out_weighed": 4}
     assert kept.meta["training_window"]["treated_sessions"] is None
     assert left_out.meta["training_window"]["sessions"] == kept.meta["training_window"]["sessions"] - 6
     assert not set(left_out.eval_rows["session_id"]) & set(offered)
@@ -124,3 +127,19 @@ def test_no_records_at_all_trains_every_session_as_untreated(spark, aws_settings
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert sum("every session trains as untreated" in line for line in infos) == 2
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_hours_before_the_first_record_are_not_missing_but_gaps_after_it_are(caplog):
+    """A discount engine deployed mid-window: its first record starts the period a recorder must cover."""
+    listed = json.dumps({"offered_sessions": ["o1"], "held_out_sessions": []}).encode()
+    start = FIRST_HOUR + 5 * HOUR_MS
+    bodies = {start: listed, start + 3 * HOUR_MS: listed}
+    end = FIRST_HOUR + 10 * HOUR_MS
+    with caplog.at_level(logging.INFO, logger="batch.train_treated"):
+        treated = treated_from(bodies, FIRST_HOUR, end, "s3://b/reports/uplift/", now=end / 1000 + 3 * 3600)
+    assert treated.missing == [start + HOUR_MS, start + 2 * HOUR_MS, start + 4 * HOUR_MS]
+    messages = [r.getMessage() for r in caplog.records]
+    assert "the uplift records of s3://b/reports/uplift/ begin at 2026-11-19T05: sessions before it train as untreated" in messages
+    assert any(m.startswith("3 hour(s) without an uplift record listing their sessions") for m in messages)
+    # Hours too recent for the hourly recorder to have written yet are not missing either.
+    assert treated_from(bodies, FIRST_HOUR, end, "x", now=(start + 4 * HOUR_MS) / 1000).missing == [start + HOUR_MS]
