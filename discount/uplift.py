@@ -5,7 +5,7 @@ The table's rows live ``offer_ttl_hours`` (a day), too short for an experiment t
 sessions. ``--record`` writes the counts and session lists of every finished hour to the bucket, once
 (``reports/uplift/hour=YYYY-MM-DDTHH.json``, by the hour of the qualifying click); run it more often
 than the rows live (the template runs it hourly). ``--recorded`` pools the recorded hours of a period;
-``make train`` leaves out the offered sessions they list.
+``make train`` can leave out the offered sessions they list (``treated_sessions``).
 
     python -m discount.uplift                                   # the rows in the table now
     python -m discount.uplift --record                          # keep each finished hour's counts
