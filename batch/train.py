@@ -36,6 +36,7 @@ from batch.train_lake import (
     Window,
     check_files,
     local_window,
+    midnight_ms,
     spark_paths,
     unreadable_file_error,
     window_files,
@@ -118,7 +119,7 @@ def lead_in(window: Window, gap_minutes: int) -> Window:
 
 def window_start_ms(window: Window) -> int:
     """Epoch ms of the window's first midnight (UTC)."""
-    return int(dt.datetime.combine(window.start, dt.time(), dt.UTC).timestamp() * 1000)
+    return midnight_ms(window.start)
 
 
 def _empty_window(settings: TrainSettings, window: Window) -> TrainError:

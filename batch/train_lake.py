@@ -45,6 +45,11 @@ class Window:
         return f"{self.start.isoformat()}..{self.end.isoformat()}"
 
 
+def midnight_ms(day: dt.date) -> int:
+    """Epoch ms of a date's first midnight (UTC)."""
+    return int(dt.datetime.combine(day, dt.time(), dt.UTC).timestamp() * 1000)
+
+
 def window_files(root: Path, window: Window) -> list[Path]:
     """Parquet files of the window's date partitions under a local ``enriched`` root."""
     return [file for day in window.days() for file in sorted((root / f"date={day}").glob("hour=*/*.parquet"))]

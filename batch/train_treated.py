@@ -23,7 +23,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from batch.train_config import TrainSettings
-from batch.train_lake import Window
+from batch.train_lake import Window, midnight_ms
 from common import aws
 from common.logs import first_few
 from common.uplift_records import HOUR_MS, PREFIX, hour_name, hour_of, record_key
@@ -52,9 +52,9 @@ class Treated:
                  .groupBy((F.col("_weight") == 0).alias("offered")).count().collect())
         for row in found:
             summary["offered_left_out" if row["offered"] else "held_out_weighed"] = row["count"]
-        kept = (examples.join(decided, "session_id", "left").filter(F.coalesce(F.col("_weight"), F.lit(1.0)) > 0)
-                .withColumn(HOLDOUT_WEIGHT, F.coalesce(F.col("_weight"), F.lit(1.0))).drop("_weight"))
-        return kept.select(*examples.columns, HOLDOUT_WEIGHT), summary
+        weight = F.coalesce(F.col("_weight"), F.lit(1.0))            # 1 for a session no record lists
+        kept = examples.join(decided, "session_id", "left").filter(weight > 0)
+        return kept.select(*examples.columns, weight.alias(HOLDOUT_WEIGHT)), summary
 
 
 def read_treated(spark, settings: TrainSettings, window: Window, now: float | None = None) -> Treated:
@@ -62,8 +62,8 @@ def read_treated(spark, settings: TrainSettings, window: Window, now: float | No
     (a clock a little behind) to the day after its last (a session running past midnight). From
     ``s3://<bucket>/reports/uplift/`` when training syncs the lake, else from the folder beside
     ``lake_path`` (``<lake_path>/../reports/uplift/``, through Spark: any filesystem it reads)."""
-    first = _midnight_ms(window.start - dt.timedelta(days=1))
-    end = _midnight_ms(window.end + dt.timedelta(days=2))
+    first = midnight_ms(window.start - dt.timedelta(days=1))
+    end = midnight_ms(window.end + dt.timedelta(days=2))
     if settings.lake_path:
         where = f"{settings.lake_path.rstrip('/').rsplit('/', 1)[0]}/{PREFIX}"
         bodies = _from_folder(spark, where, first, end)
@@ -123,10 +123,6 @@ def _weight(share) -> float:
     """A held-out session stands for 100 / share qualified sessions; 1 when its share is not known (a
     row of an engine before offer schema 1-1-1)."""
     return 100.0 / float(share) if share else 1.0
-
-
-def _midnight_ms(day: dt.date) -> int:
-    return int(dt.datetime.combine(day, dt.time(), dt.UTC).timestamp() * 1000)
 
 
 def _from_bucket(s3, bucket: str, first: int, end: int) -> dict[int, bytes]:

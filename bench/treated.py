@@ -27,6 +27,7 @@ from batch.train_features import build_examples, read_events
 from common.features import FEATURE_NAMES, parse_ms
 from common.uplift_records import HOUR_MS, record_key
 from discount.offers import held_out
+from discount.uplift import session_lists
 from tests.train import synth
 
 START = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
@@ -84,13 +85,13 @@ def simulate(sessions: int, convert: float, holdout_percent: float, seed: int) -
 
 
 def write_records(root: Path, decisions: dict[str, tuple[str, int]], holdout_percent: float) -> None:
-    """The uplift records the hourly recorder would write: every hour of the training days and their neighbours."""
+    """The session lists the hourly recorder would write (its own ``session_lists``, from offers-table
+    rows): every hour of the training days and their neighbours."""
     origin = int(START.timestamp() * 1000)
     for hour in range(origin - 24 * HOUR_MS, origin + 72 * HOUR_MS, HOUR_MS):
-        kinds = {sid: kind for sid, (kind, clicked) in decisions.items() if clicked // HOUR_MS * HOUR_MS == hour}
-        body = {"offered_sessions": sorted(sid for sid, kind in kinds.items() if kind == "offer"),
-                "held_out_sessions": [{"session_id": sid, "holdout_percent": holdout_percent}
-                                      for sid, kind in sorted(kinds.items()) if kind == "holdout"]}
+        rows = [{"session_id": {"S": sid}, "kind": {"S": kind}, "holdout_percent": {"N": f"{holdout_percent:g}"}}
+                for sid, (kind, clicked) in decisions.items() if clicked // HOUR_MS * HOUR_MS == hour]
+        body = session_lists(rows)
         path = root / record_key(hour)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(body))
