@@ -21,7 +21,7 @@ import fastjsonschema
 import orjson
 
 from common import emails, jsonbytes
-from common.features import NIL_USER, session_key
+from common.features import NIL_USER, event_time_ms, session_key
 from common.logs import first_few
 from enrich import __version__, badrows, protocol
 from enrich.config import (
@@ -266,6 +266,8 @@ class Enricher:
                                                      "cannot be written as JSON (nested over 254 levels)"))
         if held_back:
             bad.append(_held_back_row(hit, held_back))
+        if len(good) > 1:
+            good.sort(key=_fold_order)
         return good, bad
 
     def _add_bad_row(self, bad: list[dict], unwritable: list[str], index: int, failure: EventFailure,
@@ -656,3 +658,12 @@ def _writable(row: dict, raw: bytes) -> dict:
         return row
     return badrows.format_violation(raw, f"a {row['schema'].split('/')[1]} row for this record cannot be "
                                          "written as JSON (nested over 254 levels)")
+
+
+def _fold_order(item: tuple[str, dict, bytes]) -> tuple[int, str]:
+    """One request's events in the order training folds them (batch.train_features.arrival_order):
+    by event time, then id. The lake keeps no trace of the request's own order, so a session's scorer,
+    which folds the stream's order, must be given this one: a tracker queues two events fired in one
+    handler in the same millisecond (then ids are random), or a later-stamped one first."""
+    event = item[1]
+    return event_time_ms(event), event["event_id"]

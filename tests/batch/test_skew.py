@@ -24,6 +24,7 @@ from scorer.sink import PredictionWriter
 from scorer.worker import Worker
 from tests.batch.conftest import event_records
 from tests.conftest import settings_env, unique_settings
+from tests.enrich.helpers import enricher, post_record
 from tests.scorer.helpers import T0, iso, logistic_onnx, model_meta, publish, session_events
 
 VERSION = "v1"
@@ -109,6 +110,35 @@ def test_the_live_predictions_match_what_training_computes_from_the_lake(shop):
     assert _counts(result.output) == {"match": 8, "score differs": 0, "event count differs": 0, "not in the lake": 0,
                                       "started before the window": 0, "model not servable": 0}
     assert "checked 8 of the 8 sessions" in result.output
+
+
+def test_events_a_tracker_sent_in_one_request_fold_alike_live_and_from_the_lake(shop):
+    """Through the real enricher: two events fired in one millisecond (their ids not in the order
+    sent), then a request whose first event is stamped after its second. The lake keeps no trace of a
+    request's order; the scorer folds the stream's."""
+    settings, s3, _ = shop
+
+    def hit(kind: str, eid: str, at_ms: int, **fields: str) -> dict:
+        return {"e": kind, "p": "web", "tv": "js-4.1.0", "aid": "shop", "sid": "skew-request", "eid": eid,
+                "duid": "d1d2d3d4-0000-4000-8000-00000000000a", "url": "https://shop.test/p/1",
+                "dtm": str(at_ms), "stm": str(at_ms + 500), **fields}
+    requests = [(T0, [hit("pv", "c0000000-0000-4000-8000-000000000001", T0 - 500),
+                      hit("se", "a0000000-0000-4000-8000-000000000001", T0 - 500, se_ca="nav", se_ac="menu")]),
+                (T0 + 5_000, [hit("pp", "f0000000-0000-4000-8000-000000000001", T0 + 4_500),
+                              hit("se", "10000000-0000-4000-8000-000000000001", T0 + 4_490, se_ca="nav", se_ac="tab")])]
+    enriched = []
+    for collected_ms, events in requests:
+        good, bad = enricher().process(post_record(events, tstamp=collected_ms))
+        assert bad == []
+        enriched += [event for _, event in good]
+    _score_live(settings, s3, [enriched])
+    _land(settings, s3, enriched)
+
+    result = _skew(settings, *WINDOW)
+    assert result.exit_code == 0, result.output
+    assert _counts(result.output)["match"] == 1
+    [latest] = [item for item in _table(settings) if item["session_id"]["S"] == "skew-request"]
+    assert (latest["event_id"]["S"][0], latest["events_in_session"]["N"]) == ("f", "4")     # the lake's order
 
 
 def test_sessions_the_scorer_evicted_and_began_again_are_found(shop):
