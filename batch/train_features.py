@@ -254,8 +254,10 @@ def arrival_order(event: dict) -> tuple:
     another's (make demo's skew check found 7 of 1,719 sessions folded otherwise when this was the
     collector's order alone, before raw records were keyed by the tracker's session id). So do a late retry, an offline queue's
     events, a replayed bad row and copies of one event re-read by an enricher after a crash (the
-    first enriched is the one folded). Events of one request share both times: by event time, then
-    id, the order the enricher writes them in (not the tracker's, which the lake does not keep). Spark hands rows over in an order of its own (file sizes,
+    first enriched is the one folded). The enricher writes a session's events in this order: each
+    record's ``etl_tstamp`` a millisecond after the previous record's of its key, and one request's
+    events (which share both times) by event time, then id (enrich.enrichments.EtlClock,
+    enrich.pipeline._fold_order). Spark hands rows over in an order of its own (file sizes,
     compaction): this is the only order the fold may take."""
     enriched = event.get("etl_tstamp")
     return (-1 if enriched is None else parse_ms(enriched), parse_ms(event["collector_tstamp"]),

@@ -417,3 +417,31 @@ class Deduper:
 
 def utc_now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+class EtlClock:
+    """The ``etl_tstamp`` of each raw record: the clock's millisecond, but at least one after the
+    previous record of the same raw partition key (the tracker's session id: common.rawkey).
+    Training folds a session's events by ``etl_tstamp``, then ``collector_tstamp``
+    (batch.train_features.arrival_order), and the scorer in the order enriched: two requests of one
+    session collected and enriched in the same milliseconds would otherwise be ordered by their events'
+    times, which each request's device clock and send time shift. At most ``max_ahead_ms`` ahead of
+    the clock: past that, a key sending more than a record per millisecond (a flood) ties again."""
+
+    def __init__(self, max_ahead_ms: int = 1_000):
+        self.max_ahead_ms = max_ahead_ms
+        self.latest: dict[str, int] = {}        # the last stamp of each key, while one may tie
+        self.horizon = -1                       # the latest stamp given since ``latest`` was cleared
+
+    def stamp(self, key: str) -> int:
+        now = utc_now_ms()
+        if not self.horizon - self.max_ahead_ms <= now <= self.horizon:
+            # Every stamp given is older than the clock (none can tie), or the clock stepped back
+            # further than any bump: forget them, so that ``latest`` holds a millisecond or so of keys.
+            self.latest.clear()
+            self.horizon = -1
+        at = min(self.latest.get(key, now - 1) + 1, now + self.max_ahead_ms)
+        at = max(at, now)
+        self.latest[key] = at
+        self.horizon = max(self.horizon, at)
+        return at

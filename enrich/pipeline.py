@@ -23,6 +23,7 @@ import orjson
 from common import emails, jsonbytes
 from common.features import NIL_USER, event_time_ms, session_key
 from common.logs import first_few
+from common.rawkey import record_key
 from enrich import __version__, badrows, protocol
 from enrich.config import (
     DEFAULT_PII_FIELDS,
@@ -36,6 +37,7 @@ from enrich.enrichments import (
     MAX_TSTAMP,
     MIN_TSTAMP,
     Deduper,
+    EtlClock,
     Pseudonymiser,
     RefererClassifier,
     anonymise_ip,
@@ -48,7 +50,6 @@ from enrich.enrichments import (
     make_ua_parser,
     pseudonymise_cross_domain,
     split_url,
-    utc_now_ms,
 )
 from enrich.registry import Resolver, SchemaKey, SchemaKeyError
 
@@ -210,6 +211,7 @@ class Enricher:
         self.ua = make_ua_parser(settings.ua_cache_size)
         self.referers = RefererClassifier(internal_domains=settings.internal_domains)
         self.deduper = Deduper(settings.dedupe_entries, settings.dedupe_window_s)
+        self.etl_clock = EtlClock()
 
     # ------------------------------------------------------------------ records
 
@@ -234,7 +236,7 @@ class Enricher:
             return [], [badrows.format_violation(raw, f"unexpected error: {type(exc).__name__}: {exc}")]
         good, bad, unwritable, held_back = [], [], [], []
         bad_bytes = 0
-        etl_ms = utc_now_ms()
+        etl_ms = self.etl_clock.stamp(record_key(record))
         etl_tstamp = iso_ms(etl_ms)
         # Once per record: its events share the collector's timestamp, and its digest (hashing the
         # record per event took seconds for a webhook list of thousands of events without ids).

@@ -112,33 +112,42 @@ def test_the_live_predictions_match_what_training_computes_from_the_lake(shop):
     assert "checked 8 of the 8 sessions" in result.output
 
 
-def test_events_a_tracker_sent_in_one_request_fold_alike_live_and_from_the_lake(shop):
-    """Through the real enricher: two events fired in one millisecond (their ids not in the order
-    sent), then a request whose first event is stamped after its second. The lake keeps no trace of a
-    request's order; the scorer folds the stream's."""
+def test_a_sessions_requests_fold_alike_live_and_from_the_lake_when_collected_in_one_millisecond(shop, monkeypatch):
+    """Through the real enricher, its clock stopped: a request of two events fired in one millisecond
+    (ids not in the order sent); one whose first event is stamped after its second; and one collected
+    in the same millisecond as that one, its event stamped earlier (each request's device clock and
+    send time shift its events' times). The lake keeps no trace of the stream's order."""
     settings, s3, _ = shop
+    monkeypatch.setattr("enrich.enrichments.utc_now_ms", lambda: T0 + 6_000)
 
     def hit(kind: str, eid: str, at_ms: int, **fields: str) -> dict:
         return {"e": kind, "p": "web", "tv": "js-4.1.0", "aid": "shop", "sid": "skew-request", "eid": eid,
-                "duid": "d1d2d3d4-0000-4000-8000-00000000000a", "url": "https://shop.test/p/1",
-                "dtm": str(at_ms), "stm": str(at_ms + 500), **fields}
+                "duid": "d1d2d3d4-0000-4000-8000-00000000000a", "url": "https://shop.test/p/1", "dtm": str(at_ms),
+                **fields}
     requests = [(T0, [hit("pv", "c0000000-0000-4000-8000-000000000001", T0 - 500),
                       hit("se", "a0000000-0000-4000-8000-000000000001", T0 - 500, se_ca="nav", se_ac="menu")]),
                 (T0 + 5_000, [hit("pp", "f0000000-0000-4000-8000-000000000001", T0 + 4_500),
-                              hit("se", "10000000-0000-4000-8000-000000000001", T0 + 4_490, se_ca="nav", se_ac="tab")])]
-    enriched = []
+                              hit("se", "10000000-0000-4000-8000-000000000001", T0 + 4_490, se_ca="nav", se_ac="tab")]),
+                (T0 + 5_000, [hit("pv", "00000000-0000-4000-8000-000000000001", T0 + 4_000)])]
+    worker, enriched = enricher(), []
     for collected_ms, events in requests:
-        good, bad = enricher().process(post_record(events, tstamp=collected_ms))
+        sent = [{**event, "stm": str(collected_ms - 200)} for event in events]
+        good, bad = worker.process(post_record(sent, tstamp=collected_ms))
         assert bad == []
         enriched += [event for _, event in good]
-    _score_live(settings, s3, [enriched])
+    assert [event["event_id"][0] for event in enriched] == ["a", "c", "1", "f", "0"]
+    assert [event["etl_tstamp"][-6:] for event in enriched] == ["6.000Z", "6.000Z", "6.001Z", "6.001Z", "6.002Z"]
+    # An offer on the first request's prediction ("a": mid-request), besides the latest ("0").
+    _decide_offers(settings, [[{"event_id": "a0000000-0000-4000-8000-000000000001"}]],
+                   _score_live(settings, s3, [enriched]), at=0)
     _land(settings, s3, enriched)
 
-    result = _skew(settings, *WINDOW)
+    result = _skew(settings, "--rows", "both", *WINDOW)
     assert result.exit_code == 0, result.output
-    assert _counts(result.output)["match"] == 1
-    [latest] = [item for item in _table(settings) if item["session_id"]["S"] == "skew-request"]
-    assert (latest["event_id"]["S"][0], latest["events_in_session"]["N"]) == ("f", "4")     # the lake's order
+    latest, offers = result.output.split("checked ")[1:]
+    assert (_counts(latest)["match"], _counts(offers)["match"]) == (1, 1)
+    [row] = [item for item in _table(settings) if item["session_id"]["S"] == "skew-request"]
+    assert (row["event_id"]["S"][0], row["events_in_session"]["N"]) == ("0", "5")
 
 
 def test_sessions_the_scorer_evicted_and_began_again_are_found(shop):

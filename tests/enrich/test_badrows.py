@@ -176,7 +176,7 @@ NOW = 1_764_409_956_000     # the enricher's clock in the tests below (the helpe
 
 @pytest.fixture
 def clock(monkeypatch):
-    monkeypatch.setattr("enrich.pipeline.utc_now_ms", lambda: NOW)
+    monkeypatch.setattr("enrich.enrichments.utc_now_ms", lambda: NOW)
 
 
 def replayed(row: dict, **record_fields) -> tuple[list, list]:

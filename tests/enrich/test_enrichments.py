@@ -14,6 +14,7 @@ from common.config import ConfigError, load
 from enrich.config import EnrichSettings
 from enrich.enrichments import (
     Deduper,
+    EtlClock,
     Pseudonymiser,
     RefererClassifier,
     anonymise_ip,
@@ -237,6 +238,28 @@ def test_fingerprint_ignores_send_time_and_event_id_only():
     params = {"e": "pv", "eid": "a", "stm": "1", "nuid": "n", "url": "https://x.test/"}
     assert fingerprint(params) == fingerprint({**params, "eid": "b", "stm": "2", "nuid": "m"})
     assert fingerprint(params) != fingerprint({**params, "url": "https://x.test/other"})
+
+
+def test_a_keys_records_enriched_in_one_millisecond_get_etl_stamps_in_the_order_enriched(monkeypatch):
+    now = [1_000]
+    monkeypatch.setattr("enrich.enrichments.utc_now_ms", lambda: now[0])
+    clock = EtlClock(max_ahead_ms=2)
+    assert [clock.stamp(key) for key in ("s1", "s1", "s2", "s1", "s1", "s2")] == \
+        [1_000, 1_001, 1_000, 1_002, 1_002, 1_001]         # s1 stops 2 ms ahead: a flood ties again
+    now[0] = 1_001                                          # within the bumps: the keys are remembered
+    assert clock.stamp("s1") == 1_003 and clock.stamp("s3") == 1_001
+    now[0] = 1_004                                          # past them: forgotten, nothing can tie
+    assert clock.stamp("s1") == 1_004 and clock.latest == {"s1": 1_004}
+    now[0] = 500                                            # the clock stepped back: forgotten too
+    assert clock.stamp("s1") == 500 and clock.latest == {"s1": 500}
+    # The enricher stamps each raw record by its partition key, the tracker's session id.
+    now[0] = 1_764_409_956_000
+    worker = enricher()
+    first, second, other = (worker.process(get_record({"e": "pv", "p": "web", "tv": "js-4.1.0", "sid": sid,
+                                                       "eid": str(uuid.uuid4())}))[0]
+                            for sid in ("sid-1", "sid-1", "sid-2"))
+    assert [events[0][1]["etl_tstamp"] for events in (first, second, other)] == \
+        ["2025-11-29T09:52:36.000Z", "2025-11-29T09:52:36.001Z", "2025-11-29T09:52:36.000Z"]
 
 
 def test_deduper_window_and_capacity():
