@@ -29,6 +29,7 @@ from common.features import (
     event_time_ms,
     is_purchase,
     parse_ms,
+    request_order,
     session_prefixes,
 )
 from common.logs import first_few
@@ -256,12 +257,12 @@ def arrival_order(event: dict) -> tuple:
     events, a replayed bad row and copies of one event re-read by an enricher after a crash (the
     first enriched is the one folded). The enricher writes a session's events in this order: each
     record's ``etl_tstamp`` a millisecond after the previous record's of its key, and one request's
-    events (which share both times) by event time, then id (enrich.enrichments.EtlClock,
-    enrich.pipeline._fold_order). Spark hands rows over in an order of its own (file sizes,
+    events (which share both times) by ``common.features.request_order`` (enrich.enrichments.EtlClock,
+    enrich.pipeline). Spark hands rows over in an order of its own (file sizes,
     compaction): this is the only order the fold may take."""
     enriched = event.get("etl_tstamp")
     return (-1 if enriched is None else parse_ms(enriched), parse_ms(event["collector_tstamp"]),
-            event_time_ms(event), event["event_id"])
+            *request_order(event))
 
 
 def examples_of(session_id: str, events: list[dict], max_rows: int = 0) -> pa.Table:

@@ -186,6 +186,13 @@ def event_time_ms(event: dict) -> int:
     return derived_ms if collected_ms - MAX_EVENT_AGE_MS <= derived_ms <= collected_ms else collected_ms
 
 
+def request_order(event: dict) -> tuple[int, str]:
+    """The order of one request's events, which share ``etl_tstamp`` and ``collector_tstamp``: by
+    event time, then id. Not the tracker's (the lake keeps no trace of it): the enricher writes them
+    so, and training folds them so (batch.train_features.arrival_order)."""
+    return event_time_ms(event), event["event_id"]
+
+
 def in_calendar(event_ms: int) -> bool:
     """Whether an event time can be folded: from 1970 (a negative start means "not started") to the
     end of 9999 (later times have no calendar date). The scorer skips other events, and so does training."""

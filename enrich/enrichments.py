@@ -440,8 +440,7 @@ class EtlClock:
             # further than any bump: forget them, so that ``latest`` holds a millisecond or so of keys.
             self.latest.clear()
             self.horizon = -1
-        at = min(self.latest.get(key, now - 1) + 1, now + self.max_ahead_ms)
-        at = max(at, now)
+        at = max(now, min(self.latest.get(key, now - 1) + 1, now + self.max_ahead_ms))
         self.latest[key] = at
         self.horizon = max(self.horizon, at)
         return at

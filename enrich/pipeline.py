@@ -21,7 +21,7 @@ import fastjsonschema
 import orjson
 
 from common import emails, jsonbytes
-from common.features import NIL_USER, event_time_ms, session_key
+from common.features import NIL_USER, request_order, session_key
 from common.logs import first_few
 from common.rawkey import record_key
 from enrich import __version__, badrows, protocol
@@ -269,7 +269,9 @@ class Enricher:
         if held_back:
             bad.append(_held_back_row(hit, held_back))
         if len(good) > 1:
-            good.sort(key=_fold_order)
+            # The order training folds them in: the lake keeps no trace of the request's own, and a
+            # tracker queues events fired in one handler in one millisecond, or a later-stamped one first.
+            good.sort(key=lambda item: request_order(item[1]))
         return good, bad
 
     def _add_bad_row(self, bad: list[dict], unwritable: list[str], index: int, failure: EventFailure,
@@ -660,12 +662,3 @@ def _writable(row: dict, raw: bytes) -> dict:
         return row
     return badrows.format_violation(raw, f"a {row['schema'].split('/')[1]} row for this record cannot be "
                                          "written as JSON (nested over 254 levels)")
-
-
-def _fold_order(item: tuple[str, dict, bytes]) -> tuple[int, str]:
-    """One request's events in the order training folds them (batch.train_features.arrival_order):
-    by event time, then id. The lake keeps no trace of the request's own order, so a session's scorer,
-    which folds the stream's order, must be given this one: a tracker queues two events fired in one
-    handler in the same millisecond (then ids are random), or a later-stamped one first."""
-    event = item[1]
-    return event_time_ms(event), event["event_id"]
