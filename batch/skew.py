@@ -19,25 +19,34 @@ kinds, from one read of the lake). The row names its event, model version and ``
 schema 1-1-1) its ``events_in_session`` and ``collected_ms``; an older row's event count is not
 checked, and its click time stands for its collection.
 
+Both kinds see one prediction of a session; the scorer published one after each event. ``--rows
+stream`` checks every prediction of a sample of sessions that the predictions stream still holds
+(24 h): a session folded in another order than training's for a few events, then alike again, shows
+only there. ``all``: the three kinds.
+
     python -m batch.skew                                  # the last 24 h up to 15 min ago, 1,000 sessions
     python -m batch.skew --since 2026-12-06T00:00 --until 2026-12-06T12:00 --sample 5000
     python -m batch.skew --rows offers                    # the predictions that made offers
-    python -m batch.skew --rows both                      # both: what the nightly schedule runs
+    python -m batch.skew --rows stream                    # every prediction of 1,000 sessions
+    python -m batch.skew --rows all                       # all three: what the nightly schedule runs
 
 It runs where ``make train`` does (Spark's module orders the events; onnxruntime scores them), with
-its settings: the ``[train]`` section (bucket, predictions_table, offers_table, session_gap_minutes).
-Exit 1 when a session's score or event count differs, or its event is missing from the lake;
+its settings: the ``[train]`` section (bucket, predictions_table, offers_table, predictions_stream,
+session_gap_minutes). Exit 1 when a prediction's score or event count differs, or its event is missing from the lake;
 docs/operations.md.
 """
 from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
+import heapq
+import json
 import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import click
@@ -52,6 +61,7 @@ from common import aws, registry
 from common.cli import CLI_CONTEXT, AwsCommand, ConfigFailed, iso_time
 from common.config import ConfigError, load
 from common.features import EVENT_FIELDS, event_time_ms, in_calendar, parse_ms, session_key, session_prefixes
+from common.streams import ReadPace, walk_stream
 
 HOUR_MS = 3_600_000
 TOLERANCE = 1e-5            # the export parity gate's; the scorer's p_buy is rounded to 6 decimals
@@ -67,16 +77,22 @@ CUT = "started before the window"
 NO_MODEL = "model not servable"
 VERDICTS = (MATCH, SCORE_DIFFERS, COUNT_DIFFERS, NOT_IN_LAKE, CUT, NO_MODEL)
 FAILING = (SCORE_DIFFERS, COUNT_DIFFERS, NOT_IN_LAKE)      # the ones that make the command exit 1
-# The rows checked: each session's latest prediction (the predictions table), or the prediction each
-# offer and holdout row of the offers table was decided on.
-LATEST, OFFERS = "latest", "offers"
-ROW_NAMES = {LATEST: "latest prediction", OFFERS: "offer or holdout row's prediction"}
+# The rows checked: each session's latest prediction (the predictions table), the prediction each
+# offer and holdout row of the offers table was decided on, or every prediction of a session that the
+# predictions stream still holds.
+LATEST, OFFERS, STREAM = "latest", "offers", "stream"
+ROW_NAMES = {LATEST: "latest prediction", OFFERS: "offer or holdout row's prediction", STREAM: "prediction"}
+ROW_CHOICES = {LATEST: (LATEST,), OFFERS: (OFFERS,), STREAM: (STREAM,), "both": (LATEST, OFFERS),
+               "all": (LATEST, OFFERS, STREAM)}
+# A prediction reaches its stream after the collector received its event, by the collector's clock:
+# the stream is read from this long before --since, in case that clock ran ahead of Kinesis'.
+STREAM_CLOCK_SLACK_MS = 300_000
 
 
-@dataclass
+@dataclass(frozen=True)
 class Live:
-    """A prediction the scorer published: a predictions-table row (a session's latest), or the one an
-    offers-table row was decided on."""
+    """A prediction the scorer published: a predictions-table row (a session's latest), the one an
+    offers-table row was decided on, or a record of the predictions stream."""
     session_id: str
     event_id: str
     events: int | None                  # None: the row does not say (an offer row before schema 1-1-1)
@@ -104,8 +120,8 @@ class Finding:
 
 @dataclass
 class Report:
-    rows: str                                            # LATEST or OFFERS
-    table: str
+    rows: str                                            # LATEST, OFFERS or STREAM
+    table: str                                           # or stream
     since_ms: int
     until_ms: int
     in_window: int = 0                                   # table rows collected in the window
@@ -160,6 +176,22 @@ def offer_decisions(dynamodb, table: str, since_ms: int, until_ms: int) -> Itera
                 yield live
 
 
+def stream_predictions(kinesis, stream: str, since_ms: int, until_ms: int) -> Iterator[Live]:
+    """Every prediction on the predictions stream whose event was collected in [since_ms, until_ms),
+    as far as the stream's retention (24 h) still holds them; duplicates included (at-least-once). Read
+    at a pace that leaves the discount engine, which reads the same shards, its share."""
+    for data in walk_stream(kinesis, stream, (since_ms - STREAM_CLOCK_SLACK_MS) / 1000, ReadPace()):
+        try:
+            record = json.loads(data)
+            collected = parse_ms(record["collector_tstamp"])
+            live = Live(record["session_id"], record["event_id"], int(record["events_in_session"]),
+                        float(record["p_buy"]), record["model_name"], record["model_version"], collected)
+        except (KeyError, TypeError, ValueError):
+            continue        # not a prediction of this scorer's (no count: an older one's): nothing to compare
+        if since_ms <= collected < until_ms:
+            yield live
+
+
 def _number(item: dict, *names: str) -> float | None:
     """The first of these number attributes the row has."""
     return next((float(item[name]["N"]) for name in names if name in item), None)
@@ -177,17 +209,44 @@ def sample(rows: Iterator[Live], size: int, rng: random.Random) -> tuple[list[Li
     return kept, seen
 
 
+def sample_sessions(rows: Iterable[Live], size: int, salt: bytes) -> tuple[list[Live], int]:
+    """(the distinct rows of a uniform sample of ``size`` sessions at most, how many rows there were).
+
+    A stream holds a session's rows among everyone else's: the sessions kept are those whose salted
+    hash ranks lowest, so each is kept whole or not at all, in one pass and with memory for the sample only."""
+    kept: dict[str, dict[Live, None]] = {}
+    highest: list[tuple[int, str]] = []           # (-rank, session) of the kept sessions, highest rank first
+    seen = 0
+    for seen, row in enumerate(rows, 1):
+        if row.session_id not in kept:
+            rank = int.from_bytes(hashlib.blake2b(row.session_id.encode(), key=salt, digest_size=8).digest(), "big")
+            if len(highest) < size:
+                heapq.heappush(highest, (-rank, row.session_id))
+            elif rank < -highest[0][0]:
+                del kept[heapq.heapreplace(highest, (-rank, row.session_id))[1]]
+            else:
+                continue
+            kept[row.session_id] = {}
+        kept[row.session_id][row] = None           # a record delivered twice is checked once
+    return [row for rows_of_session in kept.values() for row in rows_of_session], seen
+
+
 def check(s3, dynamodb, bucket: str, tables: dict[str, str], since_ms: int, until_ms: int, *, size: int = 1000,
           lead_in_hours: int = 6, gap_minutes: int = 30, rng: random.Random | None = None,
-          progress: bool = False) -> list[Report]:
+          progress: bool = False, kinesis=None) -> list[Report]:
     """Compare a sample of the live predictions collected in [since_ms, until_ms) with the lake, a
     report for each kind of row in ``tables`` (LATEST: the predictions table's; OFFERS: those the
-    offers table's rows were decided on), from one read of the lake."""
+    offers table's rows were decided on; STREAM: every prediction of a sample of sessions, from the
+    predictions stream that ``tables`` names, read with ``kinesis``), from one read of the lake."""
     reports, samples, rng = [], [], rng or random.Random()
     for rows_kind, table in tables.items():
         report = Report(rows_kind, table, since_ms, until_ms)
-        source = offer_decisions if rows_kind == OFFERS else live_predictions
-        rows, report.in_window = sample(source(dynamodb, table, since_ms, until_ms), size, rng)
+        if rows_kind == STREAM:
+            rows, report.in_window = sample_sessions(stream_predictions(kinesis, table, since_ms, until_ms), size,
+                                                     rng.randbytes(16))
+        else:
+            source = offer_decisions if rows_kind == OFFERS else live_predictions
+            rows, report.in_window = sample(source(dynamodb, table, since_ms, until_ms), size, rng)
         reports.append(report)
         samples.append(rows)
     keys = {row.session_id for rows in samples for row in rows}
@@ -195,10 +254,13 @@ def check(s3, dynamodb, bucket: str, tables: dict[str, str], since_ms: int, unti
         return reports
     read_from_ms = (since_ms - lead_in_hours * HOUR_MS) // HOUR_MS * HOUR_MS
     events = lake_events(s3, bucket, keys, read_from_ms, until_ms, progress)
+    wanted: dict[str, set[str]] = {}
+    for row in (row for rows in samples for row in rows):
+        wanted.setdefault(row.session_id, set()).add(row.event_id)
+    folds = {key: fold_session(events.get(key, []), event_ids, read_from_ms, gap_minutes * 60_000)
+             for key, event_ids in wanted.items()}
     for report, rows in zip(reports, samples):
-        folded = {row.session_id: fold_to(row, events.get(row.session_id, []), read_from_ms, gap_minutes * 60_000)
-                  for row in rows}
-        report.findings = score(s3, bucket, rows, folded)
+        report.findings = score(s3, bucket, rows, [folds[row.session_id].get(row.event_id, UNSEEN) for row in rows])
     return reports
 
 
@@ -258,45 +320,52 @@ def _partition_of(key: str) -> str:
 # ---------------------------------------------------------------------------------------- the fold
 
 
-def fold_to(live: Live, events: list[dict], read_from_ms: int, gap_ms: int) -> tuple[str, int, list[float] | None]:
-    """(verdict so far, events folded, features) after the live row's event, in the run of the
-    session (training's cut: more than ``gap_ms`` after its latest event starts a new one) holding it."""
-    run = _run_holding(events, live.event_id, gap_ms)
-    if run is None:
-        return NOT_IN_LAKE, 0, None
-    if parse_ms(run[0]["collector_tstamp"]) - read_from_ms < gap_ms:
-        return CUT, 0, None         # its start may lie before what was read
-    for count, (event, row) in enumerate(session_prefixes(run), 1):
-        if event["event_id"] == live.event_id:
-            return MATCH, count, row
-    return NOT_IN_LAKE, 0, None     # after a purchase: never scored, so not the scorer's event
+Fold = tuple[str, int, list[float] | None]     # (verdict so far, events folded, features)
+UNSEEN: Fold = (NOT_IN_LAKE, 0, None)
 
 
-def _run_holding(events: list[dict], event_id: str, gap_ms: int) -> list[dict] | None:
+def fold_session(events: list[dict], event_ids: set[str], read_from_ms: int, gap_ms: int) -> dict[str, Fold]:
+    """The fold after each of these events of one session's lake events, by event id, each in its run
+    (training's cut: more than ``gap_ms`` after the latest event starts a new one). An event missing
+    from the result is not in the lake, or follows a purchase (never scored, so not the scorer's)."""
+    folds: dict[str, Fold] = {}
+    for run in _runs(events, gap_ms):
+        if not event_ids.intersection(event["event_id"] for event in run):
+            continue
+        if parse_ms(run[0]["collector_tstamp"]) - read_from_ms < gap_ms:
+            # Its start may lie before what was read.
+            folds.update((event["event_id"], (CUT, 0, None)) for event in run if event["event_id"] in event_ids)
+            continue
+        for count, (event, row) in enumerate(session_prefixes(run), 1):
+            if event["event_id"] in event_ids:
+                folds[event["event_id"]] = (MATCH, count, row)
+    return folds
+
+
+def _runs(events: list[dict], gap_ms: int) -> Iterator[list[dict]]:
     run: list[dict] = []
-    latest, holds = None, False
+    latest = None
     for event in events:
         at = event_time_ms(event)
         if not in_calendar(at):
             continue                # skipped by the scorer and training alike
         if latest is not None and at - latest > gap_ms:
-            if holds:
-                return run
+            yield run
             run = []
         run.append(event)
-        holds = holds or event["event_id"] == event_id
         latest = at if latest is None else max(latest, at)
-    return run if holds else None
+    if run:
+        yield run
 
 
 # ------------------------------------------------------------------------------------ the scores
 
 
-def score(s3, bucket: str, rows: list[Live], folded: dict[str, tuple[str, int, list[float] | None]]) -> list[Finding]:
+def score(s3, bucket: str, rows: list[Live], folded: list[Fold]) -> list[Finding]:
+    """A finding for each row, ``folded`` the lake's fold to its event."""
     findings = []
     by_model: dict[tuple[str, str], list[tuple[Live, int, list[float]]]] = {}
-    for live in rows:
-        verdict, count, features = folded[live.session_id]
+    for live, (verdict, count, features) in zip(rows, folded, strict=True):
         if features is None:
             findings.append(Finding(live, verdict))
         else:
@@ -337,10 +406,11 @@ def _probabilities(s3, bucket: str, name: str, version: str, matrix: list[list[f
 @click.option("--until", metavar="TIME", callback=iso_time,
               help="ISO time (default: 15 min ago: the lake loader writes its files every lake_flush_seconds, 5 min)")
 @click.option("--sample", "size", type=click.IntRange(min=1), default=1000,
-              help="sessions to check of each kind of row, drawn at random from its table")
-@click.option("--rows", "rows_kind", type=click.Choice([LATEST, OFFERS, "both"]), default=LATEST, show_default=True,
+              help="sessions to check of each kind of row, drawn at random from its table or stream")
+@click.option("--rows", "rows_kind", type=click.Choice(list(ROW_CHOICES)), default=LATEST, show_default=True,
               help="which predictions: each session's latest (predictions_table), those the offers and holdout "
-                   "rows were decided on (offers_table), or both")
+                   "rows were decided on (offers_table), every one of a session (predictions_stream), "
+                   "both (latest and offers) or all three")
 @click.option("--lead-in-hours", type=click.IntRange(min=0), default=6,
               help="lake hours read before --since, for sessions that began earlier")
 @click.option("--bucket", help="overrides CLICKSTREAM_BUCKET")
@@ -348,8 +418,9 @@ def _probabilities(s3, bucket: str, name: str, version: str, matrix: list[list[f
 def main(since: dt.datetime | None, until: dt.datetime | None, size: int, rows_kind: str, lead_in_hours: int,
          bucket: str | None, progress: bool) -> None:
     """Compare the scorer's latest prediction of a sample of sessions (with --rows offers: the
-    prediction each offer was made on) with what training computes from the lake for the same events:
-    features, event count and score.
+    prediction each offer was made on; with --rows stream: every prediction of the session on the
+    predictions stream) with what training computes from the lake for the same events: features,
+    event count and score.
 
     Settings come from CLICKSTREAM_* variables and the [train] section of the TOML file named by
     CLICKSTREAM_CONFIG, as make train reads them.
@@ -362,11 +433,13 @@ def main(since: dt.datetime | None, until: dt.datetime | None, size: int, rows_k
     since = since or until - dt.timedelta(hours=24)
     if since >= until:
         raise click.BadParameter(f"--since {since:%Y-%m-%dT%H:%M:%SZ} is not before --until {until:%Y-%m-%dT%H:%M:%SZ}")
-    tables = {LATEST: settings.predictions_table, OFFERS: settings.offers_table}
-    chosen = {kind: table for kind, table in tables.items() if rows_kind in (kind, "both")}
+    tables = {LATEST: settings.predictions_table, OFFERS: settings.offers_table, STREAM: settings.predictions_stream}
+    chosen = {kind: tables[kind] for kind in ROW_CHOICES[rows_kind]}
+    # Paced, but other readers' bursts may still make Kinesis refuse a call: more retries.
+    kinesis = aws.client("kinesis", settings.region, timeout=30, retries=10)
     reports = check(aws.client("s3", settings.region, timeout=30), aws.client("dynamodb", settings.region, timeout=30),
                     settings.bucket, chosen, _ms(since), _ms(until), size=size, lead_in_hours=lead_in_hours,
-                    gap_minutes=settings.session_gap_minutes, progress=progress)
+                    gap_minutes=settings.session_gap_minutes, progress=progress, kinesis=kinesis)
     for report in reports:
         _print(report)
     sys.exit(1 if any(report.failed for report in reports) else 0)
@@ -383,12 +456,18 @@ def _iso(at_ms: int) -> str:
 def _print(report: Report) -> None:
     window = f"{_iso(report.since_ms)} to {_iso(report.until_ms)}"
     if not report.findings:
-        click.echo(f"no {ROW_NAMES[report.rows]} in {report.table} followed an event collected from {window}: "
+        where = "on" if report.rows == STREAM else "in"
+        click.echo(f"no {ROW_NAMES[report.rows]} {where} {report.table} followed an event collected from {window}: "
                    "nothing to check")
         return
     counts = report.counts
-    click.echo(f"checked {len(report.findings)} of the {report.in_window} sessions in {report.table} whose "
-               f"{ROW_NAMES[report.rows]} followed an event collected from {window}:")
+    if report.rows == STREAM:
+        sessions = len({finding.live.session_id for finding in report.findings})
+        click.echo(f"checked {len(report.findings):,} predictions of {sessions:,} sessions, of the {report.in_window:,} "
+                   f"predictions on {report.table} that followed an event collected from {window}:")
+    else:
+        click.echo(f"checked {len(report.findings):,} of the {report.in_window:,} sessions in {report.table} whose "
+                   f"{ROW_NAMES[report.rows]} followed an event collected from {window}:")
     for verdict in VERDICTS:
         click.echo(f"  {verdict:<27} {counts[verdict]:>7,}")
     click.echo(f"largest |p_buy live - p_buy from the lake|: {report.max_abs_diff():.3g} (tolerance {TOLERANCE:g})")

@@ -253,9 +253,9 @@ def main() -> int:
     click.echo(drift_line())
 
     # The lake loader writes its files every 5 s here: the last 15 s of collections are left out.
-    say("live vs training: each session's latest prediction, and the one each offer or holdout was decided on "
-        "(mid-session), against the fold of its events in the lake")
-    run("batch.skew", "--rows", "both", "--since", iso(started_at), "--until", iso(traffic_ended - 15),
+    say("live vs training: each session's latest prediction, the one each offer or holdout was decided on "
+        "(mid-session), and every prediction on the stream, against the fold of its events in the lake")
+    run("batch.skew", "--rows", "all", "--since", iso(started_at), "--until", iso(traffic_ended - 15),
         "--sample", "100000", "--no-progress")
     say("offers against the control group (the demo's generated visitors ignore offers: expect no effect)")
     run("discount.uplift", "--settle-minutes", "0")

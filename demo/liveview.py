@@ -36,8 +36,8 @@ from common.config import AwsSettings, ConfigError, require_non_negative, requir
 from common.consumer import Consumer
 from common.leases import DynamoLeaseTable
 from common.service import listening, settings_or_exit, stop_on_signals
-from common.streams import KinesisShardReader, KinesisStream
-from demo.summary import TimedShardReader, model_info
+from common.streams import KinesisShardReader, KinesisStream, TimedShardReader
+from demo.summary import model_info
 
 log = logging.getLogger("liveview")
 ROOT = Path(__file__).resolve().parent.parent

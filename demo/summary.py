@@ -23,10 +23,9 @@ from botocore.exceptions import ClientError
 from common import aws, logs, registry
 from common.cli import CLI_CONTEXT, AwsCommand, ConfigFailed
 from common.config import AwsSettings, ConfigError, load
-from common.streams import KinesisShardReader, KinesisStream
+from common.streams import walk_stream
 
 log = logging.getLogger("summary")
-PAGE = 10_000                          # records per GetRecords, Kinesis' maximum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,36 +35,6 @@ class SummarySettings(AwsSettings):
 
 
 # ------------------------------------------------------------------------------------ streams
-
-
-class TimedShardReader(KinesisShardReader):
-    """A shard reader that starts at a point in time (AT_TIMESTAMP) instead of the trim horizon."""
-
-    def __init__(self, stream: KinesisStream, shard_id: str, since: float | None):
-        super().__init__(stream, shard_id, None)
-        self.since = since
-
-    def _new_iterator(self) -> str | None:
-        if self.last_sequence or self.since is None:
-            return super()._new_iterator()
-        # Once a record was read, the parent renews from its sequence number; until then, from the time.
-        return self.stream.client.get_shard_iterator(
-            StreamName=self.stream.name, ShardId=self.shard_id, ShardIteratorType="AT_TIMESTAMP",
-            Timestamp=datetime.fromtimestamp(self.since, UTC))["ShardIterator"]
-
-
-def walk_stream(client, stream_name: str, since: float | None = None):
-    """Yield the data of every record of a stream (from ``since``, epoch seconds), until caught up."""
-    stream = KinesisStream(client, stream_name)
-    for shard in stream.list_shards():
-        reader = TimedShardReader(stream, shard.shard_id, since)
-        while True:
-            result = reader.read(PAGE)
-            for record in result.records:
-                yield record.data
-            # An empty page with nothing behind means we reached the tip of an open shard.
-            if result.shard_end or (not result.records and result.millis_behind == 0):
-                break
 
 
 def events_in_raw(data: bytes) -> int:

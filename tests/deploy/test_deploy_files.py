@@ -272,18 +272,21 @@ def test_the_trainer_image_installs_what_the_tools_run_beside_training_import(mo
     assert not missing, f"deploy/trainer/Dockerfile does not install what {module} imports: {missing}"
 
 
-def test_the_skew_check_runs_daily_reading_both_kinds_of_prediction_and_writing_nothing(template):
+def test_the_skew_check_runs_daily_reading_all_three_kinds_of_prediction_and_writing_nothing(template):
     from batch.skew import main as skew
 
     statements = _statements(resources(template, "AWS::IAM::Role")["SkewTaskRole"])
     actions = {action for st in statements for action in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
-    assert actions == {"s3:GetObject", "s3:ListBucket", "dynamodb:Scan"}
+    assert actions == {"s3:GetObject", "s3:ListBucket", "dynamodb:Scan", "kinesis:ListShards", "kinesis:GetShardIterator",
+                       "kinesis:GetRecords"}
     [scan] = [st for st in statements if st["Action"] == "dynamodb:Scan"]
     assert scan["Resource"] == [{"Fn::GetAtt": ["PredictionsTable", "Arn"]}, {"Fn::GetAtt": ["OffersTable", "Arn"]}]
+    [read] = [st for st in statements if "kinesis:GetRecords" in st["Action"]]
+    assert read["Resource"] == {"Fn::GetAtt": ["PredictionsStream", "Arn"]}
     assert "dynamodb" not in json.dumps(_statements(resources(template, "AWS::IAM::Role")["TrainerTaskRole"]))
     task = container(template, "skew")
     assert task["Image"] == container(template, "trainer")["Image"]
-    assert task["Command"] == ["python", "-m", "batch.skew", "--rows", "both", "--no-progress"]
+    assert task["Command"] == ["python", "-m", "batch.skew", "--rows", "all", "--no-progress"]
     skew.make_context("skew", task["Command"][3:])                          # options the command takes
     service = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text(encoding="utf-8"))["services"]["skew"]
     assert service["command"] == task["Command"] and "profiles" in service

@@ -19,7 +19,7 @@ from common import aws
 from common.consumer import ReadFailed, consumer_for
 from common.leases import DynamoLeaseTable, Lease, LeaseLost
 from common.producer import Producer, ReadTimeouts, output_producer
-from common.streams import KinesisStream
+from common.streams import KinesisStream, ReadPace, walk_stream
 from infra.provision import provision
 from tests.conftest import ROOT, settings_env, wait_for
 from tests.faults import GET_RECORDS, PUT_RECORDS, FaultProxy
@@ -239,6 +239,24 @@ def test_an_expired_iterator_is_replaced_and_read_at_once_not_taken_for_a_caught
         second = reader.read(100)
     assert [r.data for r in first.records + second.records] == [d for _, d in entries(30)]
     assert proxy.calls[GET_RECORDS] == 3
+
+
+def test_a_paced_walk_reads_pages_of_its_size_and_waits_for_its_share_of_the_shards_calls_and_bytes(
+        aws_endpoint, monkeypatch):
+    """The skew check reads the predictions stream the discount engine reads: at its own pace."""
+    kinesis, name = aws.client("kinesis"), f"walk-{time.monotonic_ns()}"
+    kinesis.create_stream(StreamName=name, ShardCount=1)
+    kinesis.get_waiter("stream_exists").wait(StreamName=name)
+    Producer(KinesisStream(kinesis, name)).send([(f"k{i:03d}", b"x" * 996) for i in range(25)])   # 1,000 bytes each
+    waits: list[float] = []
+    monkeypatch.setattr("common.streams.time.sleep", waits.append)
+    pace = ReadPace(records_per_call=10, min_interval_s=15, bytes_per_s=500)
+    assert list(walk_stream(kinesis, name, pace=pace)) == [b"x" * 996] * 25
+    # Pages of 10, 10 and 5, then the empty page at the tip, which ends the walk: 10,000 bytes at
+    # 500 a second wait 20 s (less the call's own time), 5,000 bytes the 15 s between calls.
+    assert len(waits) == 3 and all(19 < wait <= 20 for wait in waits[:2]) and 14 < waits[2] <= 15, waits
+    waits.clear()
+    assert len(list(walk_stream(kinesis, name))) == 25 and waits == []                  # unpaced
 
 
 def test_a_checkpoint_kinesis_says_is_of_another_stream_is_read_from_the_oldest_record_not_waited_on(
