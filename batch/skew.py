@@ -126,6 +126,7 @@ class Report:
     until_ms: int
     in_window: int = 0                                   # table rows collected in the window
     findings: list[Finding] = field(default_factory=list)
+    retained_from_ms: int | None = None                  # STREAM: what arrived before it is gone
 
     @property
     def counts(self) -> Counter:
@@ -192,6 +193,12 @@ def stream_predictions(kinesis, stream: str, since_ms: int, until_ms: int) -> It
             yield live
 
 
+def retained_from(kinesis, stream: str) -> int:
+    """The arrival time (epoch ms) before which the stream no longer holds records: now less its retention."""
+    summary = kinesis.describe_stream_summary(StreamName=stream)["StreamDescriptionSummary"]
+    return int((time.time() - summary["RetentionPeriodHours"] * 3600) * 1000)
+
+
 def _number(item: dict, *names: str) -> float | None:
     """The first of these number attributes the row has."""
     return next((float(item[name]["N"]) for name in names if name in item), None)
@@ -242,6 +249,7 @@ def check(s3, dynamodb, bucket: str, tables: dict[str, str], since_ms: int, unti
     for rows_kind, table in tables.items():
         report = Report(rows_kind, table, since_ms, until_ms)
         if rows_kind == STREAM:
+            report.retained_from_ms = retained_from(kinesis, table)
             rows, report.in_window = sample_sessions(stream_predictions(kinesis, table, since_ms, until_ms), size,
                                                      rng.randbytes(16))
         else:
@@ -455,6 +463,9 @@ def _iso(at_ms: int) -> str:
 
 def _print(report: Report) -> None:
     window = f"{_iso(report.since_ms)} to {_iso(report.until_ms)}"
+    if report.retained_from_ms is not None and report.since_ms < report.retained_from_ms:
+        click.echo(f"{report.table} no longer holds what reached it before {_iso(report.retained_from_ms)} (its "
+                   "retention): the window's start is checked only as far as it is left")
     if not report.findings:
         where = "on" if report.rows == STREAM else "in"
         click.echo(f"no {ROW_NAMES[report.rows]} {where} {report.table} followed an event collected from {window}: "

@@ -3,6 +3,8 @@ own code writes the same events to the lake, and the check folds them again as t
 from __future__ import annotations
 
 import random
+import re
+import time
 from collections import Counter
 from itertools import combinations
 
@@ -216,6 +218,11 @@ def test_no_prediction_in_the_window_says_so(shop):
     result = _skew(settings, "--rows", "stream", "--since", iso(T0 + 86_400_000), "--until", iso(T0 + 2 * 86_400_000))
     assert result.exit_code == 0, result.output
     assert f"no prediction on {settings.predictions_stream} followed an event collected from" in result.output
+    # That window began before the stream's 24 h retention: it says so. The last hour did not.
+    gone = f"{settings.predictions_stream} no longer holds what reached it before "
+    assert gone in result.output and "(its retention): the window's start is checked only as far as" in result.output
+    recent = _skew(settings, "--rows", "stream", "--since", iso(int(time.time() * 1000) - 3_600_000))
+    assert recent.exit_code == 0 and gone not in recent.output and "nothing to check" in recent.output, recent.output
     result = _skew(settings, "--since", iso(T0), "--until", iso(T0 - 1))
     assert result.exit_code == 2 and "is not before --until" in result.output
 
@@ -303,7 +310,7 @@ def test_every_prediction_on_the_stream_matches_what_training_computes_once_each
     per_session = Counter(record["session_id"] for record in published)
     result = _skew(settings, "--rows", "stream", "--sample", "3", *WINDOW)
     assert result.exit_code == 0, result.output
-    checked = int(result.output.split("checked ")[1].split()[0])
+    checked = int(re.search(r"checked (\d+) predictions", result.output)[1])
     assert checked in {sum(c) for c in combinations(per_session.values(), 3)} and "predictions of 3 sessions" in result.output
 
 

@@ -277,8 +277,8 @@ def test_the_skew_check_runs_daily_reading_all_three_kinds_of_prediction_and_wri
 
     statements = _statements(resources(template, "AWS::IAM::Role")["SkewTaskRole"])
     actions = {action for st in statements for action in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])}
-    assert actions == {"s3:GetObject", "s3:ListBucket", "dynamodb:Scan", "kinesis:ListShards", "kinesis:GetShardIterator",
-                       "kinesis:GetRecords"}
+    assert actions == {"s3:GetObject", "s3:ListBucket", "dynamodb:Scan", "kinesis:DescribeStreamSummary",
+                       "kinesis:ListShards", "kinesis:GetShardIterator", "kinesis:GetRecords"}
     [scan] = [st for st in statements if st["Action"] == "dynamodb:Scan"]
     assert scan["Resource"] == [{"Fn::GetAtt": ["PredictionsTable", "Arn"]}, {"Fn::GetAtt": ["OffersTable", "Arn"]}]
     [read] = [st for st in statements if "kinesis:GetRecords" in st["Action"]]
