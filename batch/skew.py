@@ -204,23 +204,12 @@ def _number(item: dict, *names: str) -> float | None:
     return next((float(item[name]["N"]) for name in names if name in item), None)
 
 
-def sample(rows: Iterator[Live], size: int, rng: random.Random) -> tuple[list[Live], int]:
-    """(a uniform sample of ``size`` rows at most, how many there were)."""
-    kept: list[Live] = []
-    seen = 0
-    for seen, row in enumerate(rows, 1):
-        if len(kept) < size:
-            kept.append(row)
-        elif (slot := rng.randrange(seen)) < size:
-            kept[slot] = row
-    return kept, seen
-
-
 def sample_sessions(rows: Iterable[Live], size: int, salt: bytes) -> tuple[list[Live], int]:
     """(the distinct rows of a uniform sample of ``size`` sessions at most, how many rows there were).
 
     A stream holds a session's rows among everyone else's: the sessions kept are those whose salted
-    hash ranks lowest, so each is kept whole or not at all, in one pass and with memory for the sample only."""
+    hash ranks lowest, so each is kept whole or not at all, in one pass and with memory for the sample
+    only. A table's rows, one per session, are sampled alike."""
     kept: dict[str, dict[Live, None]] = {}
     highest: list[tuple[int, str]] = []           # (-rank, session) of the kept sessions, highest rank first
     seen = 0
@@ -250,11 +239,10 @@ def check(s3, dynamodb, bucket: str, tables: dict[str, str], since_ms: int, unti
         report = Report(rows_kind, table, since_ms, until_ms)
         if rows_kind == STREAM:
             report.retained_from_ms = retained_from(kinesis, table)
-            rows, report.in_window = sample_sessions(stream_predictions(kinesis, table, since_ms, until_ms), size,
-                                                     rng.randbytes(16))
+            source = stream_predictions(kinesis, table, since_ms, until_ms)
         else:
-            source = offer_decisions if rows_kind == OFFERS else live_predictions
-            rows, report.in_window = sample(source(dynamodb, table, since_ms, until_ms), size, rng)
+            source = (offer_decisions if rows_kind == OFFERS else live_predictions)(dynamodb, table, since_ms, until_ms)
+        rows, report.in_window = sample_sessions(source, size, rng.randbytes(16))
         reports.append(report)
         samples.append(rows)
     keys = {row.session_id for rows in samples for row in rows}

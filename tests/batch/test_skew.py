@@ -231,7 +231,7 @@ def test_the_sample_is_uniform_over_the_rows_in_the_window():
     rows = [skew.Live(f"s{i}", f"e{i}", 1, 0.5, "m", "v", T0 + i) for i in range(5)]
     drawn = Counter()
     for seed in range(2000):
-        kept, seen = skew.sample(iter(rows), 2, random.Random(seed))
+        kept, seen = skew.sample_sessions(iter(rows), 2, random.Random(seed).randbytes(16))
         assert seen == 5 and len({row.session_id for row in kept}) == 2
         drawn.update(row.session_id for row in kept)
     assert all(700 < drawn[row.session_id] < 900 for row in rows), drawn        # 800 each
