@@ -257,8 +257,8 @@ def arrival_order(event: dict) -> tuple:
     events, a replayed bad row and copies of one event re-read by an enricher after a crash (the
     first enriched is the one folded). The enricher writes a session's events in this order: each
     record's ``etl_tstamp`` a millisecond after the previous record's of its key, and one request's
-    events (which share both times) by ``common.features.request_order`` (enrich.enrichments.EtlClock,
-    enrich.pipeline). Spark hands rows over in an order of its own (file sizes,
+    events (which share both times) by ``common.features.request_order``, and an event sent again after
+    the stream refused it a new stamp (enrich.enrichments.EtlClock, enrich.pipeline). Spark hands rows over in an order of its own (file sizes,
     compaction): this is the only order the fold may take."""
     enriched = event.get("etl_tstamp")
     return (-1 if enriched is None else parse_ms(enriched), parse_ms(event["collector_tstamp"]),

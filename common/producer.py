@@ -18,6 +18,7 @@ from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES,
 
 log = logging.getLogger(__name__)
 MAX_KEY_CHARS = 256
+Resend = Callable[[list[tuple[str, bytes]]], list[tuple[str, bytes]]]
 TOO_LARGE = "record larger than 1 MiB"   # the reason of an entry no retry can deliver
 # The longest read timeout of an output producer (``output_producer``), in base timeouts: 10 s, then 20
 # and 30 s while the stream answers slowly. An entry lands at most three times so (timed out at 10 and
@@ -153,8 +154,10 @@ class Producer:
         # "Full jitter": a random delay up to the exponential cap spreads retries of many producers.
         self.sleep(random.uniform(0, backoff_s(attempt, self.base_delay, self.max_delay)))
 
-    def send(self, entries: list[tuple[str, bytes]], max_attempts: int | None = None) -> list[Undelivered]:
-        """``max_attempts`` per PutRecords call (the producer's own unless given)."""
+    def send(self, entries: list[tuple[str, bytes]], max_attempts: int | None = None,
+             resend: Resend | None = None) -> list[Undelivered]:
+        """``max_attempts`` per PutRecords call (the producer's own unless given); ``resend`` makes
+        the entries of each retry from those that failed (the enricher stamps them anew)."""
         undelivered: list[Undelivered] = []
         valid = []
         for key, data in entries:
@@ -164,15 +167,18 @@ class Producer:
             else:
                 valid.append((key, data))
         for batch in batches(valid):
-            undelivered.extend(self._send_batch(batch, max_attempts or self.max_attempts))
+            undelivered.extend(self._send_batch(batch, max_attempts or self.max_attempts, resend))
         return undelivered
 
-    def _send_batch(self, pending: list[tuple[str, bytes]], max_attempts: int) -> list[Undelivered]:
+    def _send_batch(self, pending: list[tuple[str, bytes]], max_attempts: int,
+                    resend: Resend | None) -> list[Undelivered]:
         reasons: list[str] = ["not sent"] * len(pending)
         for attempt in range(max_attempts):
             if attempt:
                 self.retried += len(pending)
                 self._backoff(attempt)
+                if resend:
+                    pending = resend(pending)
             started = time.monotonic()
             try:
                 results = self.stream.put_records(pending)

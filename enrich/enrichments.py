@@ -432,6 +432,7 @@ class EtlClock:
         self.max_ahead_ms = max_ahead_ms
         self.latest: dict[str, int] = {}        # the last stamp of each key, while one may tie
         self.horizon = -1                       # the latest stamp given since ``latest`` was cleared
+        self.floor = -1                         # the last stamp ``later`` gave: every stamp after is later
 
     def stamp(self, key: str) -> int:
         now = utc_now_ms()
@@ -440,7 +441,14 @@ class EtlClock:
             # further than any bump: forget them, so that ``latest`` holds a millisecond or so of keys.
             self.latest.clear()
             self.horizon = -1
-        at = max(now, min(self.latest.get(key, now - 1) + 1, now + self.max_ahead_ms))
+        at = max(now, self.floor + 1, min(self.latest.get(key, now - 1) + 1, now + self.max_ahead_ms))
         self.latest[key] = at
         self.horizon = max(self.horizon, at)
         return at
+
+    def later(self, count: int) -> int:
+        """The first of ``count`` consecutive stamps, each later than every stamp given before, and
+        earlier than every stamp given after (for whatever key): the stamps of entries sent again."""
+        first = max(utc_now_ms(), self.horizon + 1, self.floor + 1)
+        self.floor = first + count - 1
+        return first

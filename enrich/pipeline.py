@@ -225,6 +225,25 @@ class Enricher:
         good, bad = self._process(raw)
         return [(key, data) for key, _, data in good], bad
 
+    def restamp(self, entries: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """Good events to send again, each with a new ``etl_tstamp``: later than every stamp given
+        before, and in each session (partition key) in the order of ``entries``, a request's events
+        sharing one. PutRecords writes a call's entries one by one, and the stream may refuse some
+        (throttled) and take later ones of their session: sent again, they land after those, which
+        is the order the scorer folds them in and training must (batch.train_features.arrival_order)."""
+        events = [(key, orjson.loads(data)) for key, data in entries]
+        offsets, requests = [], {}
+        for key, event in events:
+            request = (event["etl_tstamp"], event["collector_tstamp"])
+            previous, offset = requests.get(key, (None, -1))
+            offset += request != previous
+            requests[key] = (request, offset)
+            offsets.append(offset)
+        first = self.etl_clock.later(max(offsets, default=-1) + 1)
+        for (_, event), offset in zip(events, offsets):
+            event["etl_tstamp"] = iso_ms(first + offset)
+        return [(key, jsonbytes.dumps(event)) for key, event in events]
+
     def _process(self, raw: bytes) -> tuple[list[tuple[str, dict, bytes]], list[dict]]:
         try:
             record = protocol.parse_record(raw)

@@ -20,7 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from common import jsonbytes, logs
 from common.consumer import Batch, Consumer, ReadFailed
 from common.leases import LeaseLost
-from common.producer import Producer
+from common.producer import Producer, Resend
 from common.producer import batches as put_record_calls
 from common.retry import backoff_s
 from common.streams import MAX_RECORD_BYTES
@@ -67,7 +67,8 @@ class Worker:
         good, bad = self.outputs(batch)
         delivered = False
         try:
-            delivered = self._deliver(self.good, good, batch.shard_id) and self._deliver(self.bad, bad, batch.shard_id)
+            delivered = (self._deliver(self.good, good, batch.shard_id, self.enricher.restamp)
+                         and self._deliver(self.bad, bad, batch.shard_id))
         finally:
             if not delivered:
                 # Whoever reads this batch again (we, if the shard comes back) must not drop its events as repeats.
@@ -84,7 +85,9 @@ class Worker:
             metrics.BAD.labels(_row_type(data)).inc()
         return True
 
-    def _deliver(self, producer: Producer, entries: list[tuple[str, bytes]], shard_id: str) -> bool:
+    def _deliver(self, producer: Producer, entries: list[tuple[str, bytes]], shard_id: str,
+                 resend: Resend | None = None) -> bool:
+        """Send ``entries`` until all are delivered; what failed is sent again through ``resend``."""
         attempt = 0
         while entries:
             failed = []
@@ -94,7 +97,7 @@ class Worker:
                 # too (throttled retries inside it, a slow stream's call at a raised read timeout: up to 40 s).
                 if shard_id not in self.consumer.renew_due():
                     raise LeaseLost(shard_id)
-                failed += self.consumer.while_renewing(producer.send, chunk)
+                failed += self.consumer.while_renewing(producer.send, chunk, resend=resend)
             if not failed:
                 return True
             attempt += 1
@@ -108,6 +111,8 @@ class Worker:
             if self.stop.wait(random.uniform(0, cap)):
                 return False
             entries = [(item.partition_key, item.data) for item in failed]
+            if resend:
+                entries = resend(entries)
         return True
 
     def run(self, idle_sleep: float = 0.2, report_every_s: float = 30.0) -> None:

@@ -262,6 +262,20 @@ def test_a_keys_records_enriched_in_one_millisecond_get_etl_stamps_in_the_order_
         ["2025-11-29T09:52:36.000Z", "2025-11-29T09:52:36.001Z", "2025-11-29T09:52:36.000Z"]
 
 
+def test_stamps_for_entries_sent_again_follow_every_stamp_given_and_precede_every_one_after(monkeypatch):
+    now = [1_000]
+    monkeypatch.setattr("enrich.enrichments.utc_now_ms", lambda: now[0])
+    clock = EtlClock()
+    assert [clock.stamp("s1"), clock.stamp("s1"), clock.stamp("s2")] == [1_000, 1_001, 1_000]
+    assert clock.later(3) == 1_002                          # 1,002 to 1,004: after s1's 1,001
+    assert [clock.stamp("s1"), clock.stamp("s3")] == [1_005, 1_005]     # every key after them
+    assert clock.later(1) == 1_006
+    now[0] = 900                                            # the clock stepped back: still after them
+    assert clock.stamp("s4") == 1_007
+    now[0] = 5_000                                          # long past them: the clock's own time again
+    assert clock.later(2) == 5_000 and clock.stamp("s1") == 5_002
+
+
 def test_deduper_window_and_capacity():
     now = [0.0]
     dedupe = Deduper(capacity=2, window_s=10, clock=lambda: now[0])

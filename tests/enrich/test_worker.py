@@ -12,9 +12,12 @@ import time
 from collections import Counter
 
 import orjson
+import pytest
 
+from batch.train_features import arrival_order
 from common import aws
 from common.consumer import consumer_for
+from common.features import parse_ms
 from common.leases import DynamoLeaseTable
 from common.producer import Producer
 from common.streams import KinesisStream
@@ -182,6 +185,52 @@ def test_no_checkpoint_until_both_outputs_are_written(aws_settings):
     ids = [orjson.loads(data)["event_id"] for _, data in read_stream(aws_settings.enriched_stream)]
     assert sorted(set(ids)) == sorted(f"00000000-0000-4000-8000-00000000000{i}" for i in range(3))
     assert len(ids) == 6
+
+
+@pytest.mark.parametrize("attempts", [5, 1], ids=["retried-by-the-producer", "retried-by-the-worker"])
+def test_events_the_stream_refused_are_stamped_anew_so_training_folds_them_as_they_landed(aws_settings, attempts):
+    """Throttled, Kinesis takes some entries of a PutRecords call and refuses others; sent again, the
+    refused land after later events of their session. The scorer folds them as they land, and training
+    by ``arrival_order``: the retried events must get ``etl_tstamp``s that put them last there too, and a
+    record enriched afterwards after them. Retried by the producer itself (``attempts`` per call) or,
+    when it gives up, by the worker's delivery loop."""
+    sid, at = "5e55105e-0000-4000-8000-000000000001", 1_764_409_956_000
+
+    def event(kind: str, n: int, **fields) -> dict:
+        return {**EV, "sid": sid, "e": kind, "eid": f"00000000-0000-4000-8000-00000000000{n}", **fields}
+    requests = [post_record([event("pv", 1, dtm=str(at - 20)), event("se", 2, dtm=str(at - 10), se_ca="c", se_ac="a")],
+                            tstamp=at),
+                get_record(event("pv", 3, dtm=str(at + 990)), tstamp=at + 1_000),
+                get_record(event("pp", 4, dtm=str(at + 1_990)), tstamp=at + 2_000)]
+    raw = KinesisStream(aws.client("kinesis", aws_settings.region), aws_settings.raw_stream)
+    assert Producer(raw).send([(sid, data) for data in requests]) == []
+
+    def session_on_the_stream() -> list[dict]:
+        return [orjson.loads(data) for key, data in read_stream(aws_settings.enriched_stream) if key == sid]
+
+    settings = enrich_settings(aws_settings)
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.fail_calls = [[0, 2]]     # the first call's events 1 and 3 refused; 2 and 4 land
+        kinesis = aws.session().client("kinesis", endpoint_url=proxy.endpoint)
+        stop = threading.Event()
+        worker = Worker(Enricher(settings), consumer_for(settings, settings.raw_stream, "enrich", lease_ms=5000),
+                        Producer(KinesisStream(kinesis, settings.enriched_stream), max_attempts=attempts, base_delay=0.01),
+                        Producer(KinesisStream(kinesis, settings.bad_stream)), stop, retry_cap_s=0.05)
+        thread = threading.Thread(target=worker.run, kwargs={"idle_sleep": 0.05})
+        thread.start()
+        try:
+            wait_for(lambda: len(session_on_the_stream()) == 4, timeout=30, what="the session's four events")
+            assert Producer(raw).send([(sid, get_record(event("pv", 5, dtm=str(at + 2_990)), tstamp=at + 3_000))]) == []
+            landed = wait_for(lambda: at_least(session_on_the_stream(), 5), timeout=30, what="a fifth event")
+        finally:
+            stop.set()
+            thread.join(30)
+            worker.consumer.close()
+    assert proxy.failed_entries == 2
+    assert [e["event_id"][-1] for e in landed] == ["2", "4", "1", "3", "5"]
+    assert [e["event_id"][-1] for e in sorted(landed, key=arrival_order)] == ["2", "4", "1", "3", "5"]
+    stamps = [parse_ms(e["etl_tstamp"]) for e in landed]
+    assert stamps[0] < stamps[1] < stamps[2] < stamps[3] < stamps[4]     # events 1 and 3 came from two requests
 
 
 class RecordedStop(threading.Event):
