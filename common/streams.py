@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -223,23 +224,75 @@ class ReadPace:
 
 
 def walk_stream(client, stream_name: str, since: float | None = None, pace: ReadPace | None = None) -> Iterator[bytes]:
-    """The data of every record of a stream (from ``since``, epoch seconds), shard by shard, until caught
-    up: a plain read, with no lease and no checkpoint, for commands that count or check what a stream
-    holds. Unpaced, it reads as fast as the shard answers; ``pace`` leaves the stream's consumers their share."""
+    """The data of every record of a stream (from ``since``, epoch seconds) until caught up: a plain
+    read, with no lease and no checkpoint, for commands that count or check what a stream holds.
+    Each shard has read limits of its own, so the shards are read side by side, a thread each, and
+    their records come interleaved (each shard's in order; a parent's and its child's alike).
+    Unpaced, a shard is read as fast as it answers; ``pace`` leaves the stream's consumers their
+    share of each shard."""
     stream = KinesisStream(client, stream_name)
-    for shard in stream.list_shards():
-        reader = TimedShardReader(stream, shard.shard_id, since)
-        while True:
-            began = time.monotonic()
-            result = reader.read(pace.records_per_call if pace else GET_RECORDS_MAX)
-            for record in result.records:
-                yield record.data
-            # An empty page with nothing behind means we reached the tip of an open shard.
-            if result.shard_end or (not result.records and result.millis_behind == 0):
-                break
-            if pace:
-                page_bytes = sum(len(record.data) + len(record.partition_key) for record in result.records)
-                time.sleep(max(0.0, pace.wait_s(page_bytes, time.monotonic() - began)))
+    shards = [_shard_pages(stream, shard.shard_id, since, pace) for shard in stream.list_shards()]
+    for page in _side_by_side(shards):
+        yield from page
+
+
+def _shard_pages(stream: KinesisStream, shard_id: str, since: float | None, pace: ReadPace | None) -> Iterator[list[bytes]]:
+    reader = TimedShardReader(stream, shard_id, since)
+    while True:
+        began = time.monotonic()
+        result = reader.read(pace.records_per_call if pace else GET_RECORDS_MAX)
+        yield [record.data for record in result.records]
+        # An empty page with nothing behind means we reached the tip of an open shard.
+        if result.shard_end or (not result.records and result.millis_behind == 0):
+            return
+        if pace:
+            page_bytes = sum(len(record.data) + len(record.partition_key) for record in result.records)
+            time.sleep(max(0.0, pace.wait_s(page_bytes, time.monotonic() - began)))
+
+
+_DONE = object()
+
+
+def _side_by_side(producers: list[Iterator]) -> Iterator:
+    """What each iterator yields, each run on a thread of its own, as it comes. A few items wait at
+    most (a slow reader holds the others back), an iterator's exception is raised here, and the
+    threads stop at their next item once this generator is closed."""
+    items: queue.Queue = queue.Queue(maxsize=2 * len(producers))
+    closed = threading.Event()
+
+    def offer(item) -> bool:
+        while not closed.is_set():
+            try:
+                items.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def run(producer: Iterator) -> None:
+        try:
+            for item in producer:
+                if not offer(item):
+                    return
+        except Exception as exc:  # noqa: BLE001 - raised in the caller's thread, which would wait for ever
+            offer(exc)
+            return
+        offer(_DONE)
+
+    for producer in producers:
+        threading.Thread(target=run, args=(producer,), daemon=True, name="stream-walk").start()
+    try:
+        running = len(producers)
+        while running:
+            item = items.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        closed.set()
 
 
 # --------------------------------------------------------------------------------------- memory

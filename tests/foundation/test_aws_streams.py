@@ -259,6 +259,54 @@ def test_a_paced_walk_reads_pages_of_its_size_and_waits_for_its_share_of_the_sha
     assert len(list(walk_stream(kinesis, name))) == 25 and waits == []                  # unpaced
 
 
+def _two_shard_stream(records: int) -> tuple[object, str, list[tuple[str, bytes]]]:
+    kinesis, name = aws.client("kinesis"), f"walk-{time.monotonic_ns()}"
+    kinesis.create_stream(StreamName=name, ShardCount=2)
+    kinesis.get_waiter("stream_exists").wait(StreamName=name)
+    entries = [(f"k{i:03d}", b"%03d" % i) for i in range(records)]
+    Producer(KinesisStream(kinesis, name)).send(entries)
+    return kinesis, name, entries
+
+
+def test_a_walk_reads_the_shards_side_by_side_each_at_its_own_pace(aws_endpoint, monkeypatch):
+    """A shard's read limits are its own: a paced walk over a stream of two shards takes the time of
+    one. Each shard's first wait lasts until the other shard's reader waits too, which a walk reading
+    the shards one after the other never gets to."""
+    kinesis, name, entries = _two_shard_stream(40)
+    shards = {shard.shard_id: [] for shard in KinesisStream(kinesis, name).list_shards()}
+    for shard_id in shards:
+        reader = KinesisStream(kinesis, name).reader(shard_id, None)
+        shards[shard_id] = [record.data for record in reader.read(100).records]
+    assert all(len(held) >= 10 for held in shards.values())     # pages of 5: each shard waits
+
+    waiting, both = set(), threading.Event()
+
+    def sleep(seconds: float) -> None:
+        waiting.add(threading.current_thread().ident)
+        if len(waiting) == 2:
+            both.set()
+        assert both.wait(10), "one shard's reader waited alone"
+    monkeypatch.setattr("common.streams.time.sleep", sleep)
+    walked = list(walk_stream(kinesis, name, pace=ReadPace(records_per_call=5, min_interval_s=1)))
+    assert sorted(walked) == sorted(data for _, data in entries)
+    for held in shards.values():                                  # each shard's records in its order
+        assert [data for data in walked if data in held] == held
+
+
+def test_a_walk_raises_a_shards_read_error_and_stops_its_readers_when_closed(aws_endpoint):
+    kinesis, name, _ = _two_shard_stream(20)
+    with FaultProxy(os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        client = aws.session().client("kinesis", endpoint_url=proxy.endpoint)
+        proxy.refuse_next[GET_RECORDS] = ["AccessDeniedException"]
+        with pytest.raises(ClientError, match="AccessDeniedException"):
+            list(walk_stream(client, name))
+    walk = walk_stream(kinesis, name, pace=ReadPace(records_per_call=1, min_interval_s=0.05))
+    assert len([next(walk) for _ in range(3)]) == 3
+    walk.close()
+    wait_for(lambda: not any(thread.name == "stream-walk" for thread in threading.enumerate()), timeout=10,
+             what="the walk's readers to stop")
+
+
 def test_a_checkpoint_kinesis_says_is_of_another_stream_is_read_from_the_oldest_record_not_waited_on(
         aws_settings, caplog):
     """A stream deleted and made again under its name: Kinesis refuses the old checkpoint
