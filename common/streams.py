@@ -254,10 +254,11 @@ _DONE = object()
 
 
 def _side_by_side(producers: list[Iterator]) -> Iterator:
-    """What each iterator yields, each run on a thread of its own, as it comes. A few items wait at
-    most (a slow reader holds the others back), an iterator's exception is raised here, and the
-    threads stop at their next item once this generator is closed."""
-    items: queue.Queue = queue.Queue(maxsize=2 * len(producers))
+    """What each iterator yields, each run on a thread of its own, as it comes. An item per iterator
+    waits at most (a slow caller holds the readers back: a page of a shard is up to 10 MB), an
+    iterator's exception is raised here, and the threads stop at their next item once this generator
+    is closed."""
+    items: queue.Queue = queue.Queue(maxsize=max(1, len(producers)))
     closed = threading.Event()
 
     def offer(item) -> bool:
