@@ -103,9 +103,23 @@ def _is_bot(ua: str, device_family: str, browser_family: str) -> bool:
         or browser_family == "HeadlessChrome" or "Chrome-Lighthouse" in ua
 
 
+# Televisions (smart TVs, streaming sticks and boxes), game consoles and VR headsets browse shops too.
+# Their Android builds say no "Mobile" and read as tablets, the others as Unknown, an Xbox as a Windows
+# PC: they get classes of their own, for which the fold has no device column (as for Unknown).
+_OTHER_DEVICES = (
+    ("TV", re.compile(r"Android TV|SMART-?TV|Smart ?TV|Google ?TV|Apple ?TV|HbbTV|Web0S|CrKey|Roku|BRAVIA"
+                      r"|; AFT[A-Z0-9]+ Build/| TV Safari")),     # AFT…: Amazon's Fire TV models
+    ("Game console", re.compile(r"PlayStation|Xbox|Nintendo")),
+    ("VR headset", re.compile(r"OculusBrowser|PicoBrowser| VR Safari")),
+)
+
+
 def _device_type(ua: str, os_family: str, device_family: str, browser_family: str) -> str:
     if _is_bot(ua, device_family, browser_family):
         return "Bot"
+    for kind, pattern in _OTHER_DEVICES:
+        if pattern.search(ua):
+            return kind
     if any(hint in device_family for hint in _TABLET_HINTS) or _android_tablet(ua, os_family, device_family):
         return "Tablet"
     if os_family in _MOBILE_OS:

@@ -56,6 +56,26 @@ EV = {"e": "pv", "p": "web", "tv": "t", "sid": "0fd0a6d9-7d0d-4a4e-9c51-5e0bd3b8
     ("Opera/9.80 (Android; Opera Mini/36.2.2254/119.132; U; id) Presto/2.12.423 Version/12.16",
      "Opera Mini", "Android", "Mobile", True),
     ("Dalvik/2.1.0 (Linux; U; Android 14; Pixel 8 Build/AP1A.240405.002)", "Android", "Android", "Mobile", True),
+    # Televisions, consoles and headsets, whose Android builds say no "Mobile" either
+    (("Mozilla/5.0 (Linux; Android 9; BRAVIA 4K UR2 Build/PTT1.190515.001.S52) AppleWebKit/537.36 (KHTML, like "
+      "Gecko) Chrome/96.0.4664.104 Safari/537.36"), "Chrome", "Android", "TV", False),
+    (("Mozilla/5.0 (Linux; Android 11; SHIELD Android TV Build/RQ1A.210105.003; wv) AppleWebKit/537.36 (KHTML, "
+      "like Gecko) Version/4.0 Chrome/99.0.4844.88 Safari/537.36"), "Chrome Mobile WebView", "Android", "TV", False),
+    (("Mozilla/5.0 (Linux; Android 9; AFTMM Build/PS7233; wv) AppleWebKit/537.36 (KHTML, like Gecko) Version/4.0 "
+      "Chrome/88.0.4324.152 Safari/537.36"), "Chrome Mobile WebView", "Android", "TV", False),
+    (("Mozilla/5.0 (SMART-TV; LINUX; Tizen 6.0) AppleWebKit/537.36 (KHTML, like Gecko) 76.0.3809.146/6.0 TV "
+      "Safari/537.36"), "Safari", "Tizen", "TV", False),
+    (("Mozilla/5.0 (Web0S; Linux/SmartTV) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/79.0.3945.79 Safari/537.36 "
+      "WebAppManager"), "Chrome", "Web0S", "TV", False),
+    (("Mozilla/5.0 (PlayStation; PlayStation 5/2.26) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/13.0 "
+      "Safari/605.1.15"), "Safari", "Other", "Game console", False),
+    (("Mozilla/5.0 (Windows NT 10.0; Win64; x64; Xbox; Xbox Series X) AppleWebKit/537.36 (KHTML, like Gecko) "
+      "Chrome/48.0.2564.82 Safari/537.36 Edge/20.02"), "Edge", "Windows", "Game console", False),
+    (("Mozilla/5.0 (Linux; Android 12; Quest 2) AppleWebKit/537.36 (KHTML, like Gecko) OculusBrowser/23.0.0.3.50.423 "
+      "SamsungBrowser/4.0 Chrome/104.0.5112.97 VR Safari/537.36"), "Oculus Browser", "Android", "VR headset", False),
+    # ...and Amazon's tablets are no Fire TVs
+    (("Mozilla/5.0 (Linux; Android 11; KFTRWI) AppleWebKit/537.36 (KHTML, like Gecko) Silk/120.2.1 like Chrome/120.0.6099.230 "
+      "Safari/537.36"), "Amazon Silk", "Android", "Tablet", True),
 ])
 def test_user_agent_parsing(ua, family, os_family, device, mobile):
     parsed = make_ua_parser(16)(ua)
