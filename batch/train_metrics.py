@@ -68,43 +68,55 @@ def choose_threshold(y, p, objective: str = "f1", target_precision: float = 0.5)
             **({"target_precision": target_precision, "target_reached": reached} if objective == "precision" else {})}
 
 
-def score_reference(p, threshold: float, bins: int = 10) -> dict:
+def score_reference(p, threshold: float, bins: int = 10, weights=None) -> dict:
     """The scores the model was chosen on, for the scorer to compare the scores it serves with
     (``scorer_score_psi``): the evaluation rows' P(buy), as served (ONNX's), cut at their deciles, the
     share of rows in each bin, and the share at or above the threshold. A bin holds the scores from
     its lower edge up to below its upper one. Trees tie many rows at one score: repeated cut points
-    are merged, and each share is counted, not assumed to be a tenth."""
+    are merged, and each share is counted, not assumed to be a tenth. With ``weights`` a row counts
+    that much (a held-out session's stands for the offered ones left out: batch.train_treated)."""
     p = np.asarray(p, dtype=np.float64)
-    return {**_binned(p, np.unique(np.quantile(p, np.arange(1, bins) / bins))),
-            "buy_rate": float(np.mean(p >= threshold)), "rows": len(p)}
+    return {**_binned(p, np.unique(_deciles(p, bins, weights)), weights),
+            "buy_rate": float(np.average(p >= threshold, weights=weights)), "rows": len(p)}
 
 
-def _binned(values: np.ndarray, edges: np.ndarray) -> dict:
-    """``edges`` and the share of ``values`` in each bin they make (from a lower edge up to below the
-    next); no values at all make one bin holding everything."""
-    counts = np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
-    shares = counts / len(values) if len(values) else np.ones(1)
+def _deciles(values: np.ndarray, bins: int, weights=None) -> np.ndarray:
+    """The cut points of ``bins`` equal shares of ``values``, each value counting its weight."""
+    shares = np.arange(1, bins) / bins
+    if weights is None:
+        return np.quantile(values, shares)
+    order = np.argsort(values, kind="stable")
+    cumulative = np.cumsum(np.asarray(weights, dtype=np.float64)[order])
+    at = np.searchsorted(cumulative, shares * cumulative[-1], side="left")
+    return values[order][np.minimum(at, len(values) - 1)]
+
+
+def _binned(values: np.ndarray, edges: np.ndarray, weights=None) -> dict:
+    """``edges`` and the share of ``values`` (each counting its weight) in each bin they make (from
+    a lower edge up to below the next); no values at all make one bin holding everything."""
+    counts = np.bincount(np.searchsorted(edges, values, side="right"), weights=weights, minlength=len(edges) + 1)
+    shares = counts / counts.sum() if len(values) else np.ones(1)
     return {"edges": edges.astype(np.float64).tolist(), "shares": shares.tolist()}
 
 
-def feature_reference(matrix, names: list[str], bins: int = 10) -> dict:
+def feature_reference(matrix, names: list[str], bins: int = 10, weights=None) -> dict:
     """The inputs the model was chosen on, for the scorer to tell which one moved when its scores
     drift (``scorer_feature_psi``): per feature, the evaluation rows' values cut at their deciles
     and the share of rows in each bin, as ``score_reference``. A feature with few distinct values
     (a flag, a small count, a class code) gets a bin per value instead, and one below and one above
     them all for values training never saw: deciles of a flag that is mostly 0 are all 0, one bin
-    holding every row, and no change could show."""
+    holding every row, and no change could show. ``weights`` as for ``score_reference``."""
     matrix = np.asarray(matrix, dtype=np.float32)
     reference = {}
     for column, name in enumerate(names):
-        values = matrix[:, column]
-        values = values[np.isfinite(values)]
+        finite = np.isfinite(matrix[:, column])
+        values, kept = matrix[finite, column], None if weights is None else np.asarray(weights)[finite]
         distinct = np.unique(values)
         if len(distinct) <= bins:
             edges = np.append(distinct, np.nextafter(distinct[-1:], np.float32(np.inf)))
         else:
-            edges = np.unique(np.quantile(values, np.arange(1, bins) / bins).astype(np.float32))
-        reference[name] = _binned(values, edges)
+            edges = np.unique(_deciles(values, bins, kept).astype(np.float32))
+        reference[name] = _binned(values, edges, kept)
     return {"features": reference, "rows": len(matrix)}
 
 

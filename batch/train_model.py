@@ -238,7 +238,11 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
             laid.unpersist()
     with steps("evaluate"):
         # Sorted: the metrics' float sums then add the rows in one order, whatever their partitions.
-        scored = score_with_spark(model, evaluation, feature_names, id_columns).sort_values(order, ignore_index=True)
+        # A held-out session's rows stand for the offered ones left out (batch.train_treated): so they do
+        # in the references the scorer measures its drift against, which are of all its traffic.
+        weighed = [HOLDOUT_WEIGHT] if HOLDOUT_WEIGHT in evaluation.columns else []
+        scored = score_with_spark(model, evaluation, feature_names, [*id_columns, *weighed]).sort_values(
+            order, ignore_index=True)
         if scored[label].nunique() < 2:
             raise TrainError(f"the evaluation set ({len(scored)} rows) has only label {scored[label].iloc[0]!r}: "
                              "AUC is undefined; use a longer window or a larger eval_fraction")
@@ -258,6 +262,7 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
     if threshold.get("target_reached") is False:
         log.warning("no threshold reaches target_precision %g; the most precise one (%.4f) gives %.4f",
                     settings.target_precision, threshold["threshold"], threshold["precision"])
+    weights = scored[HOLDOUT_WEIGHT].to_numpy() if weighed else None
     meta = {
         "name": settings.model_name, "version": None, "algorithm": settings.algorithm,
         "hyper_parameters": hyper_parameters(settings) | {"buyer_weight": round(buyer_weight, 6)},
@@ -265,8 +270,9 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
         "onnx": {"input": export.INPUT_NAME, "probability_output": export.PROBABILITY_OUTPUT, "positive_index": 1,
                  "opset": export.TARGET_OPSET, "sha256": onnx_digest(onnx_bytes)},
         "threshold": threshold["threshold"], "threshold_selection": threshold, "metrics": metrics,
-        "score_reference": score_reference(scored["p_onnx"], threshold["threshold"]),
-        "feature_reference": feature_reference(scored[list(feature_names)].to_numpy(), list(feature_names)),
+        "score_reference": score_reference(scored["p_onnx"], threshold["threshold"], weights=weights),
+        "feature_reference": feature_reference(scored[list(feature_names)].to_numpy(), list(feature_names),
+                                               weights=weights),
         "feature_importances": importances(model, feature_names),
         "rows": {"train": train_rows, "eval": len(scored)},
         "spark_version": spark.version, "code_version": code_version(), "parity": parity.as_meta(),

@@ -7,7 +7,9 @@ session that adds to cart, holds a share out by the engine's own hash, and an of
 would not have bought buys anyway with probability ``convert`` (a checkout and a purchase follow
 its last event). A third day without offers is the shop as it is: each model's ONNX export scores
 it, and its probabilities are set against the actual buy rate, where the offers were made (rows
-after an add to cart) and elsewhere."""
+after an add to cart) and elsewhere. Each model's score drift (the scorer's ``scorer_score_psi``
+against its ``score_reference``) is measured twice: over the two days as served while the engine
+made its offers, and over the third day."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,6 +30,7 @@ from common.features import FEATURE_NAMES, parse_ms
 from common.uplift_records import HOUR_MS, record_key
 from discount.offers import held_out
 from discount.uplift import session_lists
+from scorer.drift import psi, reference_of
 from tests.train import synth
 
 START = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
@@ -104,7 +107,8 @@ def scenario(report, sessions: int, convert: float, holdout_percent: float, seed
         f"make train on offered traffic: {sessions * 2 // 3} sessions over two days, {len(shop.decisions)} qualified "
         f"(added to cart), {holdout_percent:g} % held out, an offered non-buyer buys with probability {convert:g}; "
         f"scored on a third day without offers",
-        ["trained on", "ROC AUC", "mean p / buy rate after an add to cart", "mean p / buy rate elsewhere"])
+        ["trained on", "ROC AUC", "mean p / buy rate after an add to cart", "mean p / buy rate elsewhere",
+         "score PSI: offered days / third day"])
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for name, events in (("ideal", shop.without_offers), ("offered", shop.with_offers), ("test", shop.test)):
@@ -117,20 +121,35 @@ def scenario(report, sessions: int, convert: float, holdout_percent: float, seed
             settings = dataclasses.replace(SETTINGS, lake_path=str(root / lake / "enriched"), treated_sessions=treated)
             models[label] = run_events(settings, publish_model=False)[0]
         spark = spark_session(SETTINGS, app_name="bench-treated")
-        examples = build_examples(read_events(spark, root / "test" / "enriched"), SETTINGS.session_gap_minutes)
-        test = examples.toPandas()
-        examples.unpersist()
+        test, served = (_examples(spark, root / lake / "enriched") for lake in ("test", "offered"))
     features, bought = test[list(FEATURE_NAMES)].to_numpy(np.float32), test["label"].to_numpy()
     after_cart = (test["cart_adds"] > 0).to_numpy()
     for label, result in models.items():
         p = onnx_probabilities(result.onnx_bytes, features)
+        p_served = onnx_probabilities(result.onnx_bytes, served[list(FEATURE_NAMES)].to_numpy(np.float32))
         report.row(section, label, f"{roc_auc_score(bought, p):.4f}",
                    f"{p[after_cart].mean():.3f} / {bought[after_cart].mean():.3f}",
-                   f"{p[~after_cart].mean():.3f} / {bought[~after_cart].mean():.3f}")
+                   f"{p[~after_cart].mean():.3f} / {bought[~after_cart].mean():.3f}",
+                   f"{score_psi(result.meta, p_served):.3f} / {score_psi(result.meta, p):.3f}")
     left_out = models["offered sessions left out, held out weighed: leave_out"].meta["training_window"]["treated_sessions"]
     report.note(section, f"{offered} sessions offered; leave_out left out {left_out['offered_left_out']} and weighed "
                          f"{left_out['held_out_weighed']} held-out ones by {100 / holdout_percent:g}; the third day: "
-                         f"{len(test)} rows of {test['session_id'].nunique()} sessions")
+                         f"{len(test)} rows of {test['session_id'].nunique()} sessions; the offered days as served: "
+                         f"{len(served)} rows; the drift alert fires above a PSI of 0.25")
+
+
+def _examples(spark, lake: Path):
+    examples = build_examples(read_events(spark, lake), SETTINGS.session_gap_minutes)
+    rows = examples.toPandas()
+    examples.unpersist()
+    return rows
+
+
+def score_psi(meta: dict, p: np.ndarray) -> float:
+    """The scorer's score PSI (scorer.drift) of the scores ``p`` against the model's reference."""
+    edges, shares, _ = reference_of(meta)
+    counts = np.bincount(np.searchsorted(edges, p, side="right"), minlength=len(shares))
+    return psi(shares, counts / len(p))
 
 
 def run(report, quick: bool) -> None:

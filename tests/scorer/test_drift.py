@@ -70,6 +70,23 @@ def test_the_reference_cuts_the_evaluation_scores_at_their_deciles_and_counts_ea
     assert reference["buy_rate"] == pytest.approx(np.mean(p >= 0.4)) and reference["rows"] == 10_000
 
 
+def test_a_weighted_reference_counts_each_row_as_often_as_its_weight():
+    """With treated_sessions=leave_out a held-out session's rows stand for the offered ones left out:
+    they weigh 100 / holdout_percent in the references too, which are of all the scorer's traffic."""
+    rng = np.random.default_rng(3)
+    p = rng.beta(2, 5, 2_000)
+    weights = np.where(p > 0.4, 5, 1)                      # the high scores held out, the rest as they are
+    weighted = score_reference(p, threshold=0.4, weights=weights)
+    repeated = score_reference(np.repeat(p, weights), threshold=0.4, weights=np.ones(weights.sum()))
+    assert weighted["edges"] == repeated["edges"] and weighted["shares"] == pytest.approx(repeated["shares"])
+    assert weighted["buy_rate"] == pytest.approx(np.mean(np.repeat(p, weights) >= 0.4))
+    assert weighted["shares"] == pytest.approx([0.1] * 10, abs=2e-3)
+    assert weighted["edges"][4] > score_reference(p, threshold=0.4)["edges"][4]      # the median moved up
+    flags = np.column_stack([p > 0.4, p]).astype(np.float32)
+    flag = feature_reference(flags, ["flag", "p"], weights=weights)["features"]["flag"]
+    assert flag["shares"] == pytest.approx([0, 1 - np.average(p > 0.4, weights=weights), np.average(p > 0.4, weights=weights), 0])
+
+
 def test_scores_a_tree_ties_merge_their_cut_points_and_keep_their_true_share():
     # A tree model gives few distinct scores: half the rows at 0.1 would make five equal cut points.
     p = np.array([0.1] * 500 + [0.2] * 300 + [0.7] * 200)

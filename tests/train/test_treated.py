@@ -11,6 +11,7 @@ import pytest
 
 from batch.train import _data_line, run_events
 from batch.train_lake import Window
+from batch.train_metrics import score_reference
 from batch.train_model import WEIGHT, weigh
 from batch.train_treated import HOLDOUT_WEIGHT, Treated, read_treated, treated_from
 from common import aws
@@ -70,6 +71,13 @@ def test_the_sessions_offered_a_discount_are_left_out_and_the_held_out_ones_weig
     assert "; left out 6 sessions offered a discount, weighed 4 held-out ones by 100 / holdout_percent" in _data_line(
         left_out.meta)
     assert left_out.pipeline_model.stages[-1].getWeightCol() == WEIGHT
+    # The drift references are of all the traffic: a held-out row weighs 100 / 20 there too.
+    rows = left_out.eval_rows
+    assert set(rows.loc[rows["session_id"].isin(held_out), HOLDOUT_WEIGHT]) == {5.0}
+    assert set(rows.loc[~rows["session_id"].isin(held_out), HOLDOUT_WEIGHT]) == {1.0}
+    threshold = left_out.meta["threshold"]
+    assert left_out.meta["score_reference"] == score_reference(rows["p_onnx"], threshold, weights=rows[HOLDOUT_WEIGHT])
+    assert left_out.meta["score_reference"] != score_reference(rows["p_onnx"], threshold)
 
 
 def test_held_out_rows_weigh_their_share_in_the_fit_and_in_the_class_balance(spark):
