@@ -18,6 +18,7 @@ import json
 import random
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -30,7 +31,7 @@ from common.features import FEATURE_NAMES, parse_ms
 from common.uplift_records import HOUR_MS, record_key
 from discount.offers import held_out
 from discount.uplift import session_lists
-from scorer.drift import psi, reference_of
+from scorer.drift import SLOT_S, ScoreDrift
 from tests.train import synth
 
 START = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
@@ -126,11 +127,13 @@ def scenario(report, sessions: int, convert: float, holdout_percent: float, seed
     after_cart = (test["cart_adds"] > 0).to_numpy()
     for label, result in models.items():
         p = onnx_probabilities(result.onnx_bytes, features)
-        p_served = onnx_probabilities(result.onnx_bytes, served[list(FEATURE_NAMES)].to_numpy(np.float32))
+        served_features = served[list(FEATURE_NAMES)].to_numpy(np.float32)
+        p_served = onnx_probabilities(result.onnx_bytes, served_features)
         report.row(section, label, f"{roc_auc_score(bought, p):.4f}",
                    f"{p[after_cart].mean():.3f} / {bought[after_cart].mean():.3f}",
                    f"{p[~after_cart].mean():.3f} / {bought[~after_cart].mean():.3f}",
-                   f"{score_psi(result.meta, p_served):.3f} / {score_psi(result.meta, p):.3f}")
+                   f"{score_psi(result.meta, p_served, served_features):.3f} / "
+                   f"{score_psi(result.meta, p, features):.3f}")
     left_out = models["offered sessions left out, held out weighed: leave_out"].meta["training_window"]["treated_sessions"]
     report.note(section, f"{offered} sessions offered; leave_out left out {left_out['offered_left_out']} and weighed "
                          f"{left_out['held_out_weighed']} held-out ones by {100 / holdout_percent:g}; the third day: "
@@ -145,11 +148,12 @@ def _examples(spark, lake: Path):
     return rows
 
 
-def score_psi(meta: dict, p: np.ndarray) -> float:
-    """The scorer's score PSI (scorer.drift) of the scores ``p`` against the model's reference."""
-    edges, shares, _ = reference_of(meta)
-    counts = np.bincount(np.searchsorted(edges, p, side="right"), minlength=len(shares))
-    return psi(shares, counts / len(p))
+def score_psi(meta: dict, p: np.ndarray, features: np.ndarray) -> float:
+    """What the scorer's ``scorer_score_psi`` says once its drift window holds the scores ``p`` (of
+    the rows ``features``) of the model ``meta`` describes."""
+    drift = ScoreDrift(SLOT_S, clock=lambda: 0.0)
+    drift.observe(SimpleNamespace(version="bench", threshold=meta["threshold"], meta=meta), p, features)
+    return drift.psi()
 
 
 def run(report, quick: bool) -> None:
