@@ -238,15 +238,14 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
             laid.unpersist()
     with steps("evaluate"):
         # Sorted: the metrics' float sums then add the rows in one order, whatever their partitions.
-        # A held-out session's rows stand for the offered ones left out (batch.train_treated): so they do
-        # in the references the scorer measures its drift against, which are of all its traffic.
         weighed = [HOLDOUT_WEIGHT] if HOLDOUT_WEIGHT in evaluation.columns else []
         scored = score_with_spark(model, evaluation, feature_names, [*id_columns, *weighed]).sort_values(
             order, ignore_index=True)
         if scored[label].nunique() < 2:
             raise TrainError(f"the evaluation set ({len(scored)} rows) has only label {scored[label].iloc[0]!r}: "
                              "AUC is undefined; use a longer window or a larger eval_fraction")
-        metrics = evaluate(scored[label], scored["p_spark"])
+        weights = eval_weights(scored)
+        metrics = evaluate(scored[label], scored["p_spark"], weights)
     with steps("export"):
         onnx_bytes = export.to_onnx(spark, model.stages[-1], len(feature_names), name=settings.model_name)
     with steps("parity"):
@@ -258,11 +257,10 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
     # The scorer decides on ONNX's float32 scores: the threshold is chosen on those, so the many rows
     # a tree model ties at it fall on the same side in serving as in the precision and recall reported.
     threshold = choose_threshold(scored[label], scored["p_onnx"], settings.threshold_objective,
-                                 settings.target_precision)
+                                 settings.target_precision, weights)
     if threshold.get("target_reached") is False:
         log.warning("no threshold reaches target_precision %g; the most precise one (%.4f) gives %.4f",
                     settings.target_precision, threshold["threshold"], threshold["precision"])
-    weights = scored[HOLDOUT_WEIGHT].to_numpy() if weighed else None
     meta = {
         "name": settings.model_name, "version": None, "algorithm": settings.algorithm,
         "hyper_parameters": hyper_parameters(settings) | {"buyer_weight": round(buyer_weight, 6)},
@@ -279,6 +277,14 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return TrainResult(model, onnx_bytes, meta, scored.drop(columns=["_input_diff"]), parity, steps.timings)
+
+
+def eval_weights(rows: pd.DataFrame) -> np.ndarray | None:
+    """What each evaluation row counts for in the metrics, the threshold, the champion comparison
+    and the drift references; None when every row counts once. With ``treated_sessions=leave_out``
+    a held-out session's rows stand for the offered ones left out (batch.train_treated): weighed,
+    the rows are the traffic the scorer serves, not the untreated part of it."""
+    return rows[HOLDOUT_WEIGHT].to_numpy(dtype=np.float64) if HOLDOUT_WEIGHT in rows else None
 
 
 def utc_text(epoch_ms: int) -> str:

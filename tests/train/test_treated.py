@@ -11,7 +11,7 @@ import pytest
 
 from batch.train import _data_line, run_events
 from batch.train_lake import Window
-from batch.train_metrics import score_reference
+from batch.train_metrics import choose_threshold, evaluate, score_reference
 from batch.train_model import WEIGHT, weigh
 from batch.train_treated import HOLDOUT_WEIGHT, Treated, read_treated, treated_from
 from common import aws
@@ -78,6 +78,13 @@ def test_the_sessions_offered_a_discount_are_left_out_and_the_held_out_ones_weig
     threshold = left_out.meta["threshold"]
     assert left_out.meta["score_reference"] == score_reference(rows["p_onnx"], threshold, weights=rows[HOLDOUT_WEIGHT])
     assert left_out.meta["score_reference"] != score_reference(rows["p_onnx"], threshold)
+    # So do the metrics, the threshold and the report's figures: they judge the model on that traffic.
+    assert left_out.meta["metrics"] == evaluate(rows["label"], rows["p_spark"], rows[HOLDOUT_WEIGHT])
+    assert left_out.meta["metrics"]["weighted_rows"] == len(rows) + 4 * rows["session_id"].isin(held_out).sum()
+    assert left_out.meta["metrics"]["roc_auc"] != evaluate(rows["label"], rows["p_spark"])["roc_auc"]
+    assert left_out.meta["threshold_selection"] == choose_threshold(
+        rows["label"], rows["p_onnx"], weights=rows[HOLDOUT_WEIGHT])
+    assert "weight" not in kept.meta["metrics"]["calibration"][0] and "weighted_rows" not in kept.meta["metrics"]
 
 
 def test_held_out_rows_weigh_their_share_in_the_fit_and_in_the_class_balance(spark):
