@@ -320,22 +320,24 @@ class Collector:
                 await self.durable(end)
         except (SpoolFull, OSError) as exc:
             # Not durably written (backlog limit, or the disk failed): not acknowledged either.
-            if isinstance(exc, OSError):
-                metrics.WRITE_ERRORS.inc()
-                refused = self.write_errors.add()
-                if refused:
-                    log.error("spool %s: write failed, %d hits refused (503) since the last such line: %s",
-                              self.spool.dir, refused, exc)
-            else:
-                metrics.REJECTED.inc()
-                refused = self.full_refusals.add()
-                if refused:
-                    log.error("spool %s full: %d undelivered bytes, spool_max_bytes %d; %d hits refused (503) "
-                              "since the last such line", self.spool.dir, self.spool.depth_bytes,
-                              self.spool.max_bytes, refused)
+            self.note_refusal(exc)
             retry = [(b"retry-after", str(settings.retry_after_s).encode())]
             return await respond(send, 503, TEXT + retry + cors, b"spool full, retry later")
         return await self.answer(scope, send, cors + set_cookie, location)
+
+    def note_refusal(self, exc: SpoolFull | OSError) -> None:
+        """Count a hit the spool could not take, and log it: one ERROR line per 10 s for each cause."""
+        if isinstance(exc, OSError):
+            metrics.WRITE_ERRORS.inc()
+            if refused := self.write_errors.add():
+                log.error("spool %s: write failed, %d hits refused (503) since the last such line: %s",
+                          self.spool.dir, refused, exc)
+        else:
+            metrics.REJECTED.inc()
+            if refused := self.full_refusals.add():
+                log.error("spool %s full: %d undelivered bytes, spool_max_bytes %d; %d hits refused (503) "
+                          "since the last such line", self.spool.dir, self.spool.depth_bytes,
+                          self.spool.max_bytes, refused)
 
     def identify(self, scope, headers: dict, kept: list, jar: dict, query: str | None):
         """The client's IP, network user id, whether that id was made up for this request (no cookie
