@@ -267,9 +267,10 @@ def render(meta: dict, y, p, weights=None) -> bytes:
     metrics, counts = meta["metrics"], at_threshold(y, p, meta["threshold"], weights)
     name = html.escape(str(meta["name"]))
     version = html.escape(str(meta["version"])) if meta.get("version") else "unpublished (a local run)"
-    summary = [(key, f"{metrics[key]:.4f}" if isinstance(metrics[key], float) else metrics[key])
-               for key in ("roc_auc", "pr_auc", "log_loss", "brier", "lift_top_decile", "rows", "positives",
-                           "weighted_rows", "weighted_positives", "base_rate") if key in metrics]
+    summary = [(key, f"{metrics[key]:.4f}") for key in ("roc_auc", "pr_auc", "log_loss", "brier", "lift_top_decile")]
+    summary += [(key, f"{metrics[key]:,.0f}") for key in ("rows", "positives", "weighted_rows", "weighted_positives")
+                if key in metrics]
+    summary += [("base_rate", f"{metrics['base_rate']:.4f}")]
     summary += [("threshold", threshold_text(meta)),
                 ("parity max |p_onnx - p_spark|", f"{meta['parity']['max_abs_diff']:.2e} on {meta['parity']['rows']} rows")]
     images = "".join(f'<figure><img alt="{html.escape(alt)}" src="{uri}"><figcaption>{html.escape(caption)}'

@@ -82,6 +82,7 @@ def test_a_weighted_evaluation_counts_its_rows_by_weight_and_says_so():
     assert f"{y.sum():,} of {len(y):,} rows buy; weighted, {y[repeated].sum():,} of {len(repeated):,}" in text
     assert "Weighted: every figure here counts a held-out session's rows 100 / holdout_percent times" in text
     assert "weighted rows" in text.split("Calibration bins")[1]
+    assert f"weighted_rows{len(repeated):,}" in text                  # the evaluation table: whole rows
     plain = text_of(report_html.render(meta_for(y, p, training_window={"table": "t.csv", "rows": 2000, "notes": []}),
                                        y, p))
     assert "weighted" not in plain.lower().split("model.json")[0]
