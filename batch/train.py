@@ -185,8 +185,7 @@ def _summary(result: TrainResult, outcome: dict | None) -> str:
     m, p = result.meta["metrics"], result.meta["parity"]
     lines = [(f"model {result.meta['name']} ({result.meta['algorithm']}): ROC AUC {m['roc_auc']:.4f}, "
               f"PR AUC {m['pr_auc']:.4f}, log loss {m['log_loss']:.4f}, lift@10% {m['lift_top_decile']:.2f}, "
-              f"threshold {threshold_text(result.meta)}"
-              + ("; all weighted: a held-out session counts 100 / holdout_percent times" if "weighted_rows" in m else "")),
+              f"threshold {threshold_text(result.meta)}"),
              (f"parity: {'passed' if p['passed'] else 'FAILED'}, max |p_onnx - p_spark| {p['max_abs_diff']:.2e} "
               f"on {p['rows']} rows"),
              _data_line(result.meta),
