@@ -33,25 +33,22 @@ def _png(figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def at_threshold(y, p, threshold: float, weights=None) -> dict:
-    """What deciding ``p >= threshold`` (as the scorer does) gives on the evaluation rows: rows
-    counted, and with ``weights`` each counting its weight (rounded to whole rows)."""
+def at_threshold(y, p, threshold: float) -> dict:
+    """What deciding ``p >= threshold`` (as the scorer does) gives on the evaluation rows."""
     y, flagged = np.asarray(y, dtype=bool), np.asarray(p, dtype=np.float64) >= threshold
-    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
-    sums = {"true_positives": w[flagged & y].sum(), "false_positives": w[flagged & ~y].sum(),
-            "false_negatives": w[~flagged & y].sum(), "true_negatives": w[~flagged & ~y].sum()}
-    tp, fp, fn, tn = sums.values()
-    counts = {name: round(value) for name, value in sums.items()}
-    counts.update(flagged=round(tp + fp), rows=round(w.sum()),
-                  precision=tp / (tp + fp) if tp + fp else None,      # none flagged: no precision to speak of
-                  recall=tp / (tp + fn) if tp + fn else 0.0,
-                  false_positive_rate=fp / (fp + tn) if fp + tn else 0.0)
+    counts = {"true_positives": int((flagged & y).sum()), "false_positives": int((flagged & ~y).sum()),
+              "false_negatives": int((~flagged & y).sum()), "true_negatives": int((~flagged & ~y).sum())}
+    counts["flagged"] = counts["true_positives"] + counts["false_positives"]
+    tp, flagged = counts["true_positives"], counts["flagged"]
+    counts["precision"] = tp / flagged if flagged else None        # none flagged: no precision to speak of
+    counts["recall"] = tp / max(1, tp + counts["false_negatives"])
+    counts["false_positive_rate"] = counts["false_positives"] / max(1, counts["false_positives"] + counts["true_negatives"])
     return counts
 
 
-def _plots(y, p, meta: dict, counts: dict, weights=None) -> list[tuple[str, str, str]]:
+def _plots(y, p, meta: dict, counts: dict) -> list[tuple[str, str, str]]:
     """(alt text, caption, image) of the ROC, PR and calibration plots."""
-    c, metrics, t = curves(y, p, weights), meta["metrics"], meta["threshold"]
+    c, metrics, t = curves(y, p), meta["metrics"], meta["threshold"]
     recall, fpr = counts["recall"], counts["false_positive_rate"]
     precision = 1.0 if counts["precision"] is None else counts["precision"]     # where the PR curve starts
     roc, ax = plt.subplots(figsize=(4.5, 4))
@@ -94,14 +91,13 @@ def calibration_figure(bins: list[dict]):
     """Observed buy rate against mean predicted probability per bin, over a histogram of the bins'
     rows: a bin of 50 rows is not as sure as one of 2,000, and most rows are often in the first."""
     figure, (ax, rows) = plt.subplots(2, 1, figsize=(4.5, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    rows_in = [b.get("weight", b["count"]) for b in bins]     # what the bin's rows count for
-    sizes = [20 + 200 * n / max(rows_in) for n in rows_in]     # marker area by rows too
+    sizes = [20 + 200 * b["count"] / max(x["count"] for x in bins) for b in bins]     # marker area by rows too
     ax.plot([b["mean_p"] for b in bins], [b["rate"] for b in bins], "-", color="C0")
     ax.scatter([b["mean_p"] for b in bins], [b["rate"] for b in bins], s=sizes, color="C0", label="model (area: rows)")
     ax.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
     ax.set(ylabel="observed buy rate", title="Calibration")
     ax.legend(loc="upper left")
-    rows.bar([(b["low"] + b["high"]) / 2 for b in bins], rows_in,
+    rows.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["count"] for b in bins],
              width=[0.9 * (b["high"] - b["low"]) for b in bins], color="C0", alpha=0.6)
     rows.set(xlabel="mean predicted probability", ylabel="rows", xlim=(0, 1))
     return figure
@@ -110,8 +106,7 @@ def calibration_figure(bins: list[dict]):
 def _calibration_gaps(bins: list[dict]) -> tuple[dict, float]:
     """The bin furthest from the diagonal, and the rows' mean distance |observed - predicted| to it."""
     worst = max(bins, key=lambda b: abs(b["rate"] - b["mean_p"]))
-    rows = [b.get("weight", b["count"]) for b in bins]
-    mean = sum(n * abs(b["rate"] - b["mean_p"]) for n, b in zip(rows, bins, strict=True)) / max(1, sum(rows))
+    mean = sum(b["count"] * abs(b["rate"] - b["mean_p"]) for b in bins) / max(1, sum(b["count"] for b in bins))
     return worst, mean
 
 
@@ -167,37 +162,17 @@ def _reading(meta: dict, counts: dict) -> str:
         (f"<b>ROC AUC {m['roc_auc']:.3f}</b>: the chance that a random buying session scores above a random "
         "non-buying one (0.5 is chance, 1 is perfect)."),
         (f"<b>Average precision {m['pr_auc']:.3f}</b>: {m['pr_auc'] / base:.1f}× the base rate {base:.3f} "
-        f"({_buying_rows(m)}), which is what scoring at random gets."),
+        f"({m['positives']} of {m['rows']} rows buy), which is what scoring at random gets."),
         (f"<b>Lift in the top 10 %: {m['lift_top_decile']:.2f}</b>: the tenth scored highest buys "
         f"{m['lift_top_decile']:.1f}× as often as average."),
         (f"<b>Brier score {m['brier']:.4f}</b> (lower is better): always predicting the base rate gives "
         f"{base * (1 - base):.4f}. Log loss {m['log_loss']:.4f}."),
-        (f"<b>At the threshold {html.escape(threshold_text(meta))}</b>: {flagged:,} of {counts['rows']:,} "
-        f"{'weighted ' if 'weighted_rows' in m else ''}rows "
-        f"({flagged / max(1, counts['rows']):.1%}) are decided <i>buy</i>; {precision:.1%} of them buy (precision), and "
+        (f"<b>At the threshold {html.escape(threshold_text(meta))}</b>: {flagged} of {m['rows']} rows "
+        f"({flagged / max(1, m['rows']):.1%}) are decided <i>buy</i>; {precision:.1%} of them buy (precision), and "
         f"they hold {recall:.1%} of the buyers (recall); {fpr:.1%} of the non-buyers are decided <i>buy</i> "
         "too (false positive rate)."),
     ]
-    if "weighted_rows" in m:
-        items.append("<b>Weighted</b>: every figure here counts a held-out session's rows 100 / holdout_percent "
-                     "times, as training did: they stand for the sessions offered a discount and left out, so the "
-                     "figures are of the traffic the scorer serves (treated_sessions=leave_out).")
     return "<ul>" + "".join(f"<li>{item}</li>" for item in items) + "</ul>"
-
-
-def _buying_rows(m: dict) -> str:
-    text = f"{m['positives']:,} of {m['rows']:,} rows buy"
-    if "weighted_rows" in m:
-        text += f"; weighted, {m['weighted_positives']:,.0f} of {m['weighted_rows']:,.0f}"
-    return text
-
-
-def _calibration_table(bins: list[dict]) -> str:
-    if any("weight" in b for b in bins):
-        return _table([(f"{b['low']:.1f}-{b['high']:.1f}", b["count"], f"{b['weight']:,.0f}", f"{b['mean_p']:.3f}",
-                        f"{b['rate']:.3f}") for b in bins], ("bin", "rows", "weighted rows", "mean p", "observed rate"))
-    return _table([(f"{b['low']:.1f}-{b['high']:.1f}", b["count"], f"{b['mean_p']:.3f}", f"{b['rate']:.3f}")
-                   for b in bins], ("bin", "rows", "mean p", "observed rate"))
 
 
 def _decisions(counts: dict) -> str:
@@ -262,20 +237,18 @@ def _table(rows: list[tuple], head: tuple) -> str:
     return "<table><tr>" + "".join(f'<th scope="col">{h}</th>' for h in head) + "</tr>" + cells + "</table>"
 
 
-def render(meta: dict, y, p, weights=None) -> bytes:
-    """The report page; ``weights`` as the metrics were weighted (batch.train_model.eval_weights)."""
-    metrics, counts = meta["metrics"], at_threshold(y, p, meta["threshold"], weights)
+def render(meta: dict, y, p) -> bytes:
+    metrics, counts = meta["metrics"], at_threshold(y, p, meta["threshold"])
     name = html.escape(str(meta["name"]))
     version = html.escape(str(meta["version"])) if meta.get("version") else "unpublished (a local run)"
-    summary = [(key, f"{metrics[key]:.4f}") for key in ("roc_auc", "pr_auc", "log_loss", "brier", "lift_top_decile")]
-    summary += [(key, f"{metrics[key]:,.0f}") for key in ("rows", "positives", "weighted_rows", "weighted_positives")
-                if key in metrics]
-    summary += [("base_rate", f"{metrics['base_rate']:.4f}")]
+    summary = [(key, f"{metrics[key]:.4f}" if isinstance(metrics[key], float) else metrics[key])
+               for key in ("roc_auc", "pr_auc", "log_loss", "brier", "lift_top_decile", "rows", "positives", "base_rate")]
     summary += [("threshold", threshold_text(meta)),
                 ("parity max |p_onnx - p_spark|", f"{meta['parity']['max_abs_diff']:.2e} on {meta['parity']['rows']} rows")]
     images = "".join(f'<figure><img alt="{html.escape(alt)}" src="{uri}"><figcaption>{html.escape(caption)}'
-                     "</figcaption></figure>" for alt, caption, uri in _plots(y, p, meta, counts, weights))
-    calibration = _calibration_table(metrics["calibration"])
+                     "</figcaption></figure>" for alt, caption, uri in _plots(y, p, meta, counts))
+    calibration = _table([(f"{b['low']:.1f}-{b['high']:.1f}", b["count"], f"{b['mean_p']:.3f}", f"{b['rate']:.3f}")
+                          for b in metrics["calibration"]], ("bin", "rows", "mean p", "observed rate"))
     head = {k: v for k, v in meta.items() if k not in ("metrics", "feature_importances", "features")}
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

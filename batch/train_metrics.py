@@ -41,9 +41,9 @@ def lift_top_decile(y: np.ndarray, p: np.ndarray, weights=None) -> float:
 
 
 def evaluate(y, p, weights=None) -> dict:
-    """The evaluation metrics. With ``weights`` (a held-out session's rows stand for the offered
-    ones left out: batch.train_treated) every figure is weighted, ``rows`` and ``positives`` stay
-    counts of rows, and ``weighted_rows`` and ``weighted_positives`` are added."""
+    """The evaluation metrics. With ``weights`` every figure is weighted, ``rows`` and ``positives``
+    stay counts of rows, and ``weighted_rows`` and ``weighted_positives`` are added: `make bench`'s
+    treated suite sets leave_out's evaluation weighed against it counted once (docs/training.md)."""
     y, p = np.asarray(y, dtype=np.int64), np.asarray(p, dtype=np.float64)
     if len(np.unique(y)) < 2:
         raise ValueError(f"evaluation needs both classes, got only label {int(y[0]) if len(y) else 'none'}")
@@ -146,8 +146,8 @@ def threshold_text(meta: dict) -> str:
     return text
 
 
-def curves(y, p, weights=None) -> dict:
-    """ROC and PR curves for the report (weighted with ``weights``, as ``evaluate``)."""
-    fpr, tpr, _ = roc_curve(y, p, sample_weight=weights)
-    precision, recall, _ = precision_recall_curve(y, p, sample_weight=weights)
+def curves(y, p) -> dict:
+    """ROC and PR curves for the report."""
+    fpr, tpr, _ = roc_curve(y, p)
+    precision, recall, _ = precision_recall_curve(y, p)
     return {"fpr": fpr, "tpr": tpr, "precision": precision, "recall": recall}

@@ -244,8 +244,7 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
         if scored[label].nunique() < 2:
             raise TrainError(f"the evaluation set ({len(scored)} rows) has only label {scored[label].iloc[0]!r}: "
                              "AUC is undefined; use a longer window or a larger eval_fraction")
-        weights = eval_weights(scored)
-        metrics = evaluate(scored[label], scored["p_spark"], weights)
+        metrics = evaluate(scored[label], scored["p_spark"])
     with steps("export"):
         onnx_bytes = export.to_onnx(spark, model.stages[-1], len(feature_names), name=settings.model_name)
     with steps("parity"):
@@ -257,10 +256,11 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
     # The scorer decides on ONNX's float32 scores: the threshold is chosen on those, so the many rows
     # a tree model ties at it fall on the same side in serving as in the precision and recall reported.
     threshold = choose_threshold(scored[label], scored["p_onnx"], settings.threshold_objective,
-                                 settings.target_precision, weights)
+                                 settings.target_precision)
     if threshold.get("target_reached") is False:
         log.warning("no threshold reaches target_precision %g; the most precise one (%.4f) gives %.4f",
                     settings.target_precision, threshold["threshold"], threshold["precision"])
+    weights = eval_weights(scored)
     meta = {
         "name": settings.model_name, "version": None, "algorithm": settings.algorithm,
         "hyper_parameters": hyper_parameters(settings) | {"buyer_weight": round(buyer_weight, 6)},
@@ -280,10 +280,10 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
 
 
 def eval_weights(rows: pd.DataFrame) -> np.ndarray | None:
-    """What each evaluation row counts for in the metrics, the threshold, the champion comparison
-    and the drift references; None when every row counts once. With ``treated_sessions=leave_out``
-    a held-out session's rows stand for the offered ones left out (batch.train_treated): weighed,
-    the rows are the traffic the scorer serves, not the untreated part of it."""
+    """What each evaluation row counts for in the drift references; None when every row counts once.
+    With ``treated_sessions=leave_out`` a held-out session's rows stand for the offered ones left
+    out (batch.train_treated): weighed, the rows are the traffic the scorer serves. The metrics and
+    the threshold count each row once (docs/training.md says why)."""
     return rows[HOLDOUT_WEIGHT].to_numpy(dtype=np.float64) if HOLDOUT_WEIGHT in rows else None
 
 

@@ -11,7 +11,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from batch import export, report_html
 from batch.train_config import TrainSettings
 from batch.train_metrics import evaluate
-from batch.train_model import TrainResult, eval_weights, utc_text
+from batch.train_model import TrainResult, utc_text
 from common import aws, registry
 from common.features import FEATURE_VERSION
 
@@ -50,9 +50,8 @@ def champion(s3, settings: TrainSettings, result: TrainResult) -> dict | None:
     p = export.onnx_probabilities(bundle.onnx, rows[registry.feature_names(result.meta)].to_numpy(dtype=np.float64))
     # Both on these rows: the challenger's AUC on every evaluation row is not comparable with CURRENT's
     # on a subset (a challenger worse on the subset was promoted on its figure over all rows).
-    weights = eval_weights(rows)
-    info.update(roc_auc=evaluate(rows["label"], p, weights)["roc_auc"], rows=len(rows),
-                challenger_roc_auc=evaluate(rows["label"], rows["p_spark"], weights)["roc_auc"])
+    info.update(roc_auc=evaluate(rows["label"], p)["roc_auc"], rows=len(rows),
+                challenger_roc_auc=evaluate(rows["label"], rows["p_spark"])["roc_auc"])
     return info | ({"note": note} if note else {})
 
 
@@ -182,8 +181,7 @@ def _meta_json(meta: dict) -> bytes:
 
 def _bundle_files(result: TrainResult, meta: dict) -> dict[str, bytes]:
     """model.onnx, model.json and report.html of a trained model described by ``meta``."""
-    report = report_html.render(meta, result.eval_rows["label"], result.eval_rows["p_spark"],
-                                eval_weights(result.eval_rows))
+    report = report_html.render(meta, result.eval_rows["label"], result.eval_rows["p_spark"])
     return {"model.onnx": result.onnx_bytes, "report.html": report, "model.json": _meta_json(meta)}
 
 

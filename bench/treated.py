@@ -21,12 +21,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import f1_score, roc_auc_score
 
 from batch.export import onnx_probabilities
 from batch.train import run_events
 from batch.train_config import TrainSettings, spark_session
 from batch.train_features import build_examples, read_events
+from batch.train_metrics import choose_threshold, evaluate
+from batch.train_treated import HOLDOUT_WEIGHT
 from common.features import FEATURE_NAMES, parse_ms
 from common.uplift_records import HOUR_MS, record_key
 from discount.offers import held_out
@@ -36,6 +38,7 @@ from tests.train import synth
 
 START = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
 SETTINGS = TrainSettings(window_end="2026-11-21", window_days=2, progress=False, auc_floor=0.0)
+LEAVE_OUT = "offered sessions left out, held out weighed: leave_out"
 # What a converted session's added events take from its last one: the same visitor and visit.
 VISIT_FIELDS = ("domain_userid", "network_userid", "user_ipaddress", "domain_sessionidx", "refr_medium",
                 "mkt_medium", "mkt_source", "dvce_type", "dvce_ismobile", "os_timezone")
@@ -118,7 +121,7 @@ def scenario(report, sessions: int, convert: float, holdout_percent: float, seed
         models = {}
         for label, lake, treated in (("the shop without offers (the ideal)", "ideal", "keep"),
                                      ("offered traffic as is: keep (baseline)", "offered", "keep"),
-                                     ("offered sessions left out, held out weighed: leave_out", "offered", "leave_out")):
+                                     (LEAVE_OUT, "offered", "leave_out")):
             settings = dataclasses.replace(SETTINGS, lake_path=str(root / lake / "enriched"), treated_sessions=treated)
             models[label] = run_events(settings, publish_model=False)[0]
         spark = spark_session(SETTINGS, app_name="bench-treated")
@@ -134,11 +137,28 @@ def scenario(report, sessions: int, convert: float, holdout_percent: float, seed
                    f"{p[~after_cart].mean():.3f} / {bought[~after_cart].mean():.3f}",
                    f"{score_psi(result.meta, p_served, served_features):.3f} / "
                    f"{score_psi(result.meta, p, features):.3f}")
-    left_out = models["offered sessions left out, held out weighed: leave_out"].meta["training_window"]["treated_sessions"]
+    report.note(section, weighing_note(models[LEAVE_OUT], features, bought))
+    left_out = models[LEAVE_OUT].meta["training_window"]["treated_sessions"]
     report.note(section, f"{offered} sessions offered; leave_out left out {left_out['offered_left_out']} and weighed "
                          f"{left_out['held_out_weighed']} held-out ones by {100 / holdout_percent:g}; the third day: "
                          f"{len(test)} rows of {test['session_id'].nunique()} sessions; the offered days as served: "
                          f"{len(served)} rows; the drift alert fires above a PSI of 0.25")
+
+
+def weighing_note(result, features: np.ndarray, bought: np.ndarray) -> str:
+    """leave_out's evaluation rows counted once (model.json's metrics and threshold) and weighed as the
+    fit weighs them, against the third day: which one tells the model's ROC AUC on the shop as it is,
+    and which threshold decides better there."""
+    rows, objective = result.eval_rows, SETTINGS.threshold_objective
+    weights = rows[HOLDOUT_WEIGHT]
+    weighed_auc = evaluate(rows["label"], rows["p_spark"], weights)["roc_auc"]
+    weighed_threshold = choose_threshold(rows["label"], rows["p_onnx"], objective, weights=weights)["threshold"]
+    auc, threshold = result.meta["metrics"]["roc_auc"], result.meta["threshold"]
+    p = onnx_probabilities(result.onnx_bytes, features)
+    return ("leave_out's evaluation rows, counted once (model.json) / weighed: ROC AUC "
+            f"{auc:.4f} / {weighed_auc:.4f} (the third day: {roc_auc_score(bought, p):.4f}); the {objective} "
+            f"threshold {threshold:.3f} / {weighed_threshold:.3f} gives an F1 of "
+            f"{f1_score(bought, p >= threshold):.3f} / {f1_score(bought, p >= weighed_threshold):.3f} on the third day")
 
 
 def _examples(spark, lake: Path):

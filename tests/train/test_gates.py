@@ -14,7 +14,6 @@ from batch.train_config import TrainSettings
 from batch.train_metrics import evaluate
 from batch.train_model import TrainResult
 from batch.train_publish import ParityError, champion, decide, publish
-from batch.train_treated import HOLDOUT_WEIGHT
 from common.features import FEATURE_NAMES, FEATURE_VERSION
 from tests.scorer.helpers import logistic_onnx, model_meta
 from tests.scorer.helpers import publish as publish_bundle
@@ -114,23 +113,6 @@ def test_champion_and_challenger_are_compared_on_the_same_rows(registry_with_cur
     rows["p_spark"] = np.where(seen, 0.5, 0.05 + 0.9 * rows["label"])     # and the other way round
     better = result(evaluate(rows["label"], rows["p_spark"])["roc_auc"], rows=rows)
     assert decide(better, champion(s3, settings, better), settings) == (True, [])
-
-
-def test_champion_and_challenger_weigh_held_out_sessions_as_the_metrics_do(registry_with_current):
-    """treated_sessions=leave_out: a held-out session's rows weigh 100 / holdout_percent in the
-    challenger's metrics, so they do in the comparison with CURRENT on the same rows."""
-    s3, settings = registry_with_current
-    rows = eval_rows(seen=0, unseen=400)
-    held_out = np.arange(len(rows)) % 4 == 0
-    rows[HOLDOUT_WEIGHT] = np.where(held_out, 5.0, 1.0)
-    # A challenger that ranks the held-out rows perfectly and the others backwards.
-    rows["p_spark"] = np.where(held_out == (rows["label"] == 1), 0.9, 0.1)
-    info = champion(s3, settings, result(0.5, rows=rows))
-    weights = rows[HOLDOUT_WEIGHT]
-    current = export.onnx_probabilities(logistic_onnx(), rows[list(FEATURE_NAMES)])
-    assert info["roc_auc"] == pytest.approx(evaluate(rows["label"], current, weights)["roc_auc"])
-    assert info["challenger_roc_auc"] == evaluate(rows["label"], rows["p_spark"], weights)["roc_auc"]
-    assert info["challenger_roc_auc"] > 0.6 > evaluate(rows["label"], rows["p_spark"])["roc_auc"]
 
 
 def test_too_few_unseen_rows_leave_the_challenger_to_the_floor_and_parity(registry_with_current):

@@ -7,7 +7,6 @@ import re
 from html.parser import HTMLParser
 
 import numpy as np
-import pytest
 
 from batch import report_html, train_model
 from batch.train_metrics import choose_threshold, evaluate
@@ -61,31 +60,8 @@ def test_decisions_at_the_threshold_are_counted_as_the_scorer_decides():
     # the precision in words is the one the threshold was chosen with
     assert counts["true_positives"] / counts["flagged"] == meta["threshold_selection"]["precision"]
     text = text_of(report_html.render(meta, y, p))
-    assert f"{counts['flagged']} of {len(y):,} rows" in text
+    assert f"{counts['flagged']} of {len(y)} rows" in text
     assert f"{meta['threshold_selection']['precision']:.1%} of them buy" in text
-
-
-def test_a_weighted_evaluation_counts_its_rows_by_weight_and_says_so():
-    """treated_sessions=leave_out: a held-out session's rows weigh 100 / holdout_percent in the
-    figures, the decisions at the threshold and the plots too."""
-    y, p = rows(seed=5)
-    w = np.where(np.arange(len(y)) % 7 == 0, 5.0, 1.0)
-    repeated = np.repeat(np.arange(len(y)), w.astype(int))
-    selection = choose_threshold(y, p, weights=w)
-    meta = meta_for(y, p, metrics=evaluate(y, p, w), threshold=selection["threshold"], threshold_selection=selection,
-                    training_window={"table": "t.csv", "rows": 2000, "notes": []})
-    counts = report_html.at_threshold(y, p, meta["threshold"], w)
-    assert counts == report_html.at_threshold(y[repeated], p[repeated], meta["threshold"])
-    assert counts["precision"] == pytest.approx(selection["precision"])
-    text = text_of(report_html.render(meta, y, p, w))
-    assert f"{counts['flagged']:,} of {len(repeated):,} weighted rows" in text
-    assert f"{y.sum():,} of {len(y):,} rows buy; weighted, {y[repeated].sum():,} of {len(repeated):,}" in text
-    assert "Weighted: every figure here counts a held-out session's rows 100 / holdout_percent times" in text
-    assert "weighted rows" in text.split("Calibration bins")[1]
-    assert f"weighted_rows{len(repeated):,}" in text                  # the evaluation table: whole rows
-    plain = text_of(report_html.render(meta_for(y, p, training_window={"table": "t.csv", "rows": 2000, "notes": []}),
-                                       y, p))
-    assert "weighted" not in plain.lower().split("model.json")[0]
 
 
 def test_a_lake_run_names_its_window_split_and_why_it_was_not_promoted():

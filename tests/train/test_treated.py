@@ -78,13 +78,11 @@ def test_the_sessions_offered_a_discount_are_left_out_and_the_held_out_ones_weig
     threshold = left_out.meta["threshold"]
     assert left_out.meta["score_reference"] == score_reference(rows["p_onnx"], threshold, weights=rows[HOLDOUT_WEIGHT])
     assert left_out.meta["score_reference"] != score_reference(rows["p_onnx"], threshold)
-    # So do the metrics, the threshold and the report's figures: they judge the model on that traffic.
-    assert left_out.meta["metrics"] == evaluate(rows["label"], rows["p_spark"], rows[HOLDOUT_WEIGHT])
-    assert left_out.meta["metrics"]["weighted_rows"] == len(rows) + 4 * rows["session_id"].isin(held_out).sum()
-    assert left_out.meta["metrics"]["roc_auc"] != evaluate(rows["label"], rows["p_spark"])["roc_auc"]
-    assert left_out.meta["threshold_selection"] == choose_threshold(
-        rows["label"], rows["p_onnx"], weights=rows[HOLDOUT_WEIGHT])
-    assert "weight" not in kept.meta["metrics"]["calibration"][0] and "weighted_rows" not in kept.meta["metrics"]
+    # The metrics and the threshold count each row once: weighed, they were noisier, not nearer the
+    # shop as it is (make bench's treated suite; docs/training.md).
+    assert left_out.meta["metrics"] == evaluate(rows["label"], rows["p_spark"])
+    assert left_out.meta["threshold_selection"] == choose_threshold(rows["label"], rows["p_onnx"])
+    assert "weighted_rows" not in left_out.meta["metrics"]
 
 
 def test_held_out_rows_weigh_their_share_in_the_fit_and_in_the_class_balance(spark):
