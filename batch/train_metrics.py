@@ -5,64 +5,48 @@ import numpy as np
 from sklearn.metrics import average_precision_score, log_loss, precision_recall_curve, roc_auc_score, roc_curve
 
 
-def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10, weights=None) -> list[dict]:
-    """Reliability bins of equal width: mean predicted probability vs observed rate, per bin. With
-    ``weights`` both are weighted averages, and each bin also gets its rows' total ``weight``."""
+def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> list[dict]:
+    """Reliability bins of equal width: mean predicted probability vs observed rate, per bin."""
     edges = np.arange(bins + 1) / bins      # k / bins rounds to the float of k/10: linspace's 0.30000000000000004 put p = 0.3 a bin low
     index = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
-    weights = None if weights is None else np.asarray(weights, dtype=np.float64)
     out = []
     for b in range(bins):
         mask = index == b
         if mask.any():
-            kept = None if weights is None else weights[mask]
             out.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(mask.sum()),
-                        "mean_p": float(np.average(p[mask], weights=kept)),
-                        "rate": float(np.average(y[mask], weights=kept)),
-                        **({} if kept is None else {"weight": float(kept.sum())})})
+                        "mean_p": float(p[mask].mean()), "rate": float(y[mask].mean())})
     return out
 
 
-def lift_top_decile(y: np.ndarray, p: np.ndarray, weights=None) -> float:
-    """Buy rate among the 10% highest-scored rows (by weight, with ``weights``), over the overall buy
-    rate. Rows tied at the cut-off score count in proportion (trees tie many rows), so the row order
-    cannot matter."""
+def lift_top_decile(y: np.ndarray, p: np.ndarray) -> float:
+    """Buy rate among the 10% highest-scored rows, over the overall buy rate. Rows tied at the
+    cut-off score count in proportion (trees tie many rows), so the row order cannot matter."""
     y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
-    w = np.ones(len(p)) if weights is None else np.asarray(weights, dtype=np.float64)
-    # A tenth of n rows is n / 10, not n * 0.1: 30 * 0.1 is a hair over 3, and its ceiling took 4 rows.
-    top = max(1.0, float(np.ceil(w.sum() / 10))) if weights is None else w.sum() / 10
-    order = np.argsort(-p, kind="stable")
-    reached = np.searchsorted(np.cumsum(w[order]), top, side="left")
-    cutoff = p[order][min(reached, len(p) - 1)]
+    top = max(1, -(-len(p) // 10))      # whole rows: the ceiling of 30 * 0.1, a hair over 3, took 4
+    cutoff = np.sort(p)[::-1][top - 1]
     above, tied = p > cutoff, p == cutoff
-    hits = (w * y)[above].sum() + (top - w[above].sum()) * np.average(y[tied], weights=w[tied])
-    base = np.average(y, weights=w)
+    hits = y[above].sum() + (top - above.sum()) * y[tied].mean()
+    base = y.mean()
     return float(hits / top / base) if base > 0 else 0.0
 
 
-def evaluate(y, p, weights=None) -> dict:
-    """The evaluation metrics. With ``weights`` every figure is weighted, ``rows`` and ``positives``
-    stay counts of rows, and ``weighted_rows`` and ``weighted_positives`` are added: `make bench`'s
-    treated suite sets leave_out's evaluation weighed against it counted once (docs/training.md)."""
+def evaluate(y, p) -> dict:
     y, p = np.asarray(y, dtype=np.int64), np.asarray(p, dtype=np.float64)
     if len(np.unique(y)) < 2:
         raise ValueError(f"evaluation needs both classes, got only label {int(y[0]) if len(y) else 'none'}")
-    w = None if weights is None else np.asarray(weights, dtype=np.float64)
     return {
-        "rows": len(y), "positives": int(y.sum()), "base_rate": float(np.average(y, weights=w)),
-        "roc_auc": float(roc_auc_score(y, p, sample_weight=w)),
-        "pr_auc": float(average_precision_score(y, p, sample_weight=w)),
-        "log_loss": float(log_loss(y, np.clip(p, 1e-15, 1 - 1e-15), labels=[0, 1], sample_weight=w)),
-        "brier": float(np.average((p - y) ** 2, weights=w)), "lift_top_decile": lift_top_decile(y, p, w),
-        "calibration": calibration(y, p, weights=w),
-        **({} if w is None else {"weighted_rows": float(w.sum()), "weighted_positives": float(w[y == 1].sum())}),
+        "rows": len(y), "positives": int(y.sum()), "base_rate": float(y.mean()),
+        "roc_auc": float(roc_auc_score(y, p)), "pr_auc": float(average_precision_score(y, p)),
+        "log_loss": float(log_loss(y, np.clip(p, 1e-15, 1 - 1e-15), labels=[0, 1])),
+        "brier": float(np.mean((p - y) ** 2)), "lift_top_decile": lift_top_decile(y, p),
+        "calibration": calibration(y, p),
     }
 
 
 def choose_threshold(y, p, objective: str = "f1", target_precision: float = 0.5, weights=None) -> dict:
     """The decision threshold: max F1, or the lowest threshold reaching ``target_precision``
     (so recall is as high as that precision allows); when none does, the most precise one, with
-    ``target_reached`` false. Precision and recall are weighted with ``weights``."""
+    ``target_reached`` false. ``weights``: how much each row counts (make bench's treated suite)."""
     y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
     precision, recall, thresholds = precision_recall_curve(y, p, sample_weight=weights)
     precision, recall = precision[:-1], recall[:-1]     # the last point has no threshold

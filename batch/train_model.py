@@ -238,6 +238,8 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
             laid.unpersist()
     with steps("evaluate"):
         # Sorted: the metrics' float sums then add the rows in one order, whatever their partitions.
+        # A held-out session's rows stand for the offered ones left out (batch.train_treated): so they do
+        # in the references the scorer measures its drift against, which are of all its traffic.
         weighed = [HOLDOUT_WEIGHT] if HOLDOUT_WEIGHT in evaluation.columns else []
         scored = score_with_spark(model, evaluation, feature_names, [*id_columns, *weighed]).sort_values(
             order, ignore_index=True)
@@ -260,7 +262,7 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
     if threshold.get("target_reached") is False:
         log.warning("no threshold reaches target_precision %g; the most precise one (%.4f) gives %.4f",
                     settings.target_precision, threshold["threshold"], threshold["precision"])
-    weights = eval_weights(scored)
+    weights = scored[HOLDOUT_WEIGHT].to_numpy() if weighed else None
     meta = {
         "name": settings.model_name, "version": None, "algorithm": settings.algorithm,
         "hyper_parameters": hyper_parameters(settings) | {"buyer_weight": round(buyer_weight, 6)},
@@ -277,14 +279,6 @@ def fit_and_export(spark, train: DataFrame, evaluation: DataFrame, feature_names
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return TrainResult(model, onnx_bytes, meta, scored.drop(columns=["_input_diff"]), parity, steps.timings)
-
-
-def eval_weights(rows: pd.DataFrame) -> np.ndarray | None:
-    """What each evaluation row counts for in the drift references; None when every row counts once.
-    With ``treated_sessions=leave_out`` a held-out session's rows stand for the offered ones left
-    out (batch.train_treated): weighed, the rows are the traffic the scorer serves. The metrics and
-    the threshold count each row once (docs/training.md says why)."""
-    return rows[HOLDOUT_WEIGHT].to_numpy(dtype=np.float64) if HOLDOUT_WEIGHT in rows else None
 
 
 def utc_text(epoch_ms: int) -> str:

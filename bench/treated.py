@@ -27,7 +27,7 @@ from batch.export import onnx_probabilities
 from batch.train import run_events
 from batch.train_config import TrainSettings, spark_session
 from batch.train_features import build_examples, read_events
-from batch.train_metrics import choose_threshold, evaluate
+from batch.train_metrics import choose_threshold
 from batch.train_treated import HOLDOUT_WEIGHT
 from common.features import FEATURE_NAMES, parse_ms
 from common.uplift_records import HOUR_MS, record_key
@@ -151,7 +151,7 @@ def weighing_note(result, features: np.ndarray, bought: np.ndarray) -> str:
     and which threshold decides better there."""
     rows, objective = result.eval_rows, SETTINGS.threshold_objective
     weights = rows[HOLDOUT_WEIGHT]
-    weighed_auc = evaluate(rows["label"], rows["p_spark"], weights)["roc_auc"]
+    weighed_auc = roc_auc_score(rows["label"], rows["p_spark"], sample_weight=weights)
     weighed_threshold = choose_threshold(rows["label"], rows["p_onnx"], objective, weights=weights)["threshold"]
     auc, threshold = result.meta["metrics"]["roc_auc"], result.meta["threshold"]
     p = onnx_probabilities(result.onnx_bytes, features)

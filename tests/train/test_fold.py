@@ -247,36 +247,21 @@ def test_a_target_precision_out_of_reach_is_said_not_met_silently():
     assert threshold_text({"threshold": met["threshold"], "threshold_selection": met}) == f"{met['threshold']:.4f} (precision)"
 
 
-def weighted_rows(seed: int = 11, n: int = 300):
-    """Labels, scores tied as a tree's are, integer weights (1, or 5 for a held-out session's rows)
-    adding up to a multiple of ten, and the row indices repeated by those weights."""
-    rng = np.random.default_rng(seed)
-    y = (rng.random(n) < 0.3).astype(int)
-    p = np.round(np.clip(0.25 * y + 0.75 * rng.random(n), 0, 1), 2)
-    w = rng.choice([1, 5], size=n, p=[0.8, 0.2])
-    w[0] += -w.sum() % 10                      # a tenth of the rows is then whole rows, as repeated
-    return y, p, w, np.repeat(np.arange(n), w)
-
-
-def test_weighted_metrics_are_those_of_the_rows_repeated_by_their_weights():
-    """make bench's treated suite weighs leave_out's evaluation rows as the fit does (a held-out
-    session's 100 / holdout_percent): every figure is what those rows, repeated that often, give."""
-    y, p, w, repeated = weighted_rows()
-    weighted, plain = evaluate(y, p, w), evaluate(y[repeated], p[repeated])
-    for key in ("base_rate", "roc_auc", "pr_auc", "log_loss", "brier", "lift_top_decile"):
-        assert weighted[key] == pytest.approx(plain[key], rel=1e-9), key
-    assert weighted["roc_auc"] != pytest.approx(evaluate(y, p)["roc_auc"], rel=1e-3)     # the weights matter
-    assert (weighted["rows"], weighted["positives"]) == (len(y), y.sum())               # still rows counted
-    assert (weighted["weighted_rows"], weighted["weighted_positives"]) == (len(repeated), y[repeated].sum())
-    assert [v for b in weighted["calibration"] for v in (b["weight"], b["mean_p"], b["rate"])] == pytest.approx(
-        [v for b in plain["calibration"] for v in (b["count"], b["mean_p"], b["rate"])])
-    assert [b["count"] for b in weighted["calibration"]] == [b["count"] for b in calibration(y, p)]
+def test_a_weighted_threshold_is_that_of_the_rows_repeated_by_their_weights():
+    """make bench's treated suite chooses leave_out's threshold with a held-out session's rows
+    weighing 100 / holdout_percent, as the fit weighs them: as if they were there that often."""
+    rng = np.random.default_rng(11)
+    y = (rng.random(300) < 0.3).astype(int)
+    p = np.round(np.clip(0.25 * y + 0.75 * rng.random(300), 0, 1), 2)           # tied, as a tree's are
+    w = rng.choice([1, 5], size=300, p=[0.8, 0.2])
+    repeated = np.repeat(np.arange(300), w)
     for objective in ("f1", "precision"):
         chosen, repeated_choice = choose_threshold(y, p, objective, 0.6, w), choose_threshold(
             y[repeated], p[repeated], objective, 0.6)
         assert chosen["threshold"] == repeated_choice["threshold"]
         assert [chosen[k] for k in ("precision", "recall", "f1")] == pytest.approx(
             [repeated_choice[k] for k in ("precision", "recall", "f1")])
+    assert choose_threshold(y, p, weights=w)["threshold"] != choose_threshold(y, p)["threshold"]
 
 
 def test_a_tenth_of_the_rows_is_whole_rows():
