@@ -82,7 +82,6 @@ def test_the_sessions_offered_a_discount_are_left_out_and_the_held_out_ones_weig
     # shop as it is (make bench's treated suite; docs/training.md).
     assert left_out.meta["metrics"] == evaluate(rows["label"], rows["p_spark"])
     assert left_out.meta["threshold_selection"] == choose_threshold(rows["label"], rows["p_onnx"])
-    assert "weighted_rows" not in left_out.meta["metrics"]
 
 
 def test_held_out_rows_weigh_their_share_in_the_fit_and_in_the_class_balance(spark):
