@@ -128,16 +128,17 @@ def scenario(report, sessions: int, convert: float, holdout_percent: float, seed
         test, served = (_examples(spark, root / lake / "enriched") for lake in ("test", "offered"))
     features, bought = test[list(FEATURE_NAMES)].to_numpy(np.float32), test["label"].to_numpy()
     after_cart = (test["cart_adds"] > 0).to_numpy()
+    served_features = served[list(FEATURE_NAMES)].to_numpy(np.float32)
+    third_day = {}
     for label, result in models.items():
-        p = onnx_probabilities(result.onnx_bytes, features)
-        served_features = served[list(FEATURE_NAMES)].to_numpy(np.float32)
+        p = third_day[label] = onnx_probabilities(result.onnx_bytes, features)
         p_served = onnx_probabilities(result.onnx_bytes, served_features)
         report.row(section, label, f"{roc_auc_score(bought, p):.4f}",
                    f"{p[after_cart].mean():.3f} / {bought[after_cart].mean():.3f}",
                    f"{p[~after_cart].mean():.3f} / {bought[~after_cart].mean():.3f}",
                    f"{score_psi(result.meta, p_served, served_features):.3f} / "
                    f"{score_psi(result.meta, p, features):.3f}")
-    report.note(section, weighing_note(models[LEAVE_OUT], features, bought))
+    report.note(section, weighing_note(models[LEAVE_OUT], third_day[LEAVE_OUT], bought))
     left_out = models[LEAVE_OUT].meta["training_window"]["treated_sessions"]
     report.note(section, f"{offered} sessions offered; leave_out left out {left_out['offered_left_out']} and weighed "
                          f"{left_out['held_out_weighed']} held-out ones by {100 / holdout_percent:g}; the third day: "
@@ -145,16 +146,15 @@ def scenario(report, sessions: int, convert: float, holdout_percent: float, seed
                          f"{len(served)} rows; the drift alert fires above a PSI of 0.25")
 
 
-def weighing_note(result, features: np.ndarray, bought: np.ndarray) -> str:
+def weighing_note(result, p: np.ndarray, bought: np.ndarray) -> str:
     """leave_out's evaluation rows counted once (model.json's metrics and threshold) and weighed as the
-    fit weighs them, against the third day: which one tells the model's ROC AUC on the shop as it is,
-    and which threshold decides better there."""
+    fit weighs them, against the third day (its scores ``p``, its labels ``bought``): which one tells
+    the model's ROC AUC on the shop as it is, and which threshold decides better there."""
     rows, objective = result.eval_rows, SETTINGS.threshold_objective
     weights = rows[HOLDOUT_WEIGHT]
     weighed_auc = roc_auc_score(rows["label"], rows["p_spark"], sample_weight=weights)
     weighed_threshold = choose_threshold(rows["label"], rows["p_onnx"], objective, weights=weights)["threshold"]
     auc, threshold = result.meta["metrics"]["roc_auc"], result.meta["threshold"]
-    p = onnx_probabilities(result.onnx_bytes, features)
     return ("leave_out's evaluation rows, counted once (model.json) / weighed: ROC AUC "
             f"{auc:.4f} / {weighed_auc:.4f} (the third day: {roc_auc_score(bought, p):.4f}); the {objective} "
             f"threshold {threshold:.3f} / {weighed_threshold:.3f} gives an F1 of "
