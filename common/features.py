@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo
 
 from common.rawkey import NIL_UUID
 
-FEATURE_VERSION = "5"
+FEATURE_VERSION = "6"
 SHOP_VENDOR = "com.clickshop"
 # The official trackers' trackAddToCart / trackRemoveFromCart send Snowplow's own cart events: the
 # same actions, priced in unitPrice. Any other vendor's events of those names are not the shop's.
@@ -56,7 +56,7 @@ PAGE_TYPES = ("home", "category", "product", "search", "cart", "checkout", "cont
 # Bots (the enricher's dvce_type from the user agent) are a class of their own: never buyers, and
 # not to be mistaken for a visitor whose user agent said nothing (Unknown, all zeros).
 DEVICES = ("Computer", "Mobile", "Tablet", "Bot")
-REFERERS = ("search", "social", "email", "internal", "unknown")
+REFERERS = ("search", "social", "email", "paid", "internal", "unknown")      # refr_medium; since version 6: paid
 # The one-hot groups among the features (at most one is 1): the training report sums each group's importances.
 ONE_HOT_GROUPS: dict[str, tuple[str, ...]] = {
     "device": tuple(f"device_{device.lower()}" for device in DEVICES),

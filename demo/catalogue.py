@@ -90,18 +90,22 @@ LOCALES: tuple[tuple[str, str, float], ...] = (
 # How a session arrives. medium -> (weight, buy factor). A newsletter reader converts better than a
 # social-media visitor, which any shop's own analytics shows; the model may learn it from mkt_/refr_.
 MEDIUMS: dict[str, tuple[float, float]] = {
-    "direct": (0.25, 1.1), "search": (0.30, 1.0), "cpc": (0.12, 1.1), "social": (0.15, 0.6),
-    "email": (0.08, 1.5), "internal": (0.05, 1.0), "referral": (0.05, 0.9),
+    "direct": (0.23, 1.1), "search": (0.28, 1.0), "cpc": (0.12, 1.1), "social": (0.15, 0.6),
+    "email": (0.08, 1.5), "internal": (0.05, 1.0), "referral": (0.05, 0.9), "display": (0.04, 0.5),
 }
 SEARCH_ENGINES = ("https://www.google.com/search?q={q}", "https://www.bing.com/search?q={q}",
                   "https://duckduckgo.com/?q={q}")
 SOCIAL_SITES = ("https://www.facebook.com/", "https://t.co/x7Qk2", "https://www.instagram.com/",
                 "https://www.pinterest.com/")
+# A display or native ad's click comes from the ad network's server (the enricher's medium "paid").
+AD_SERVERS = ("https://googleads.g.doubleclick.net/pagead/ads?client=ca-pub-0000000000000000",
+              "https://trc.taboola.com/clickshop/log/3/click")
 REFERRAL_SITES = ("https://www.example-blog.org/best-gifts-2026", "https://forum.example.net/t/what-to-buy/1234")
 CAMPAIGNS = {
     "cpc": (("google", "brand"), ("google", "generic-shoes"), ("bing", "brand")),
     "email": (("newsletter", "winter-sale"), ("newsletter", "weekly"), ("crm", "cart-reminder")),
     "social": (("instagram", "new-season"), ("facebook", "winter-sale")),
+    "display": (("google", "retargeting"), ("taboola", "native-winter")),
 }
 
 # Share of sessions started in each UTC hour: quiet nights, a lunch bump, an evening peak.

@@ -241,7 +241,7 @@ def _arrival(rng: random.Random, medium: str) -> tuple[str, str]:
     query = ""
     if medium in cat.CAMPAIGNS:
         source, campaign = rng.choice(cat.CAMPAIGNS[medium])
-        utm_medium = {"cpc": "cpc", "email": "email", "social": "social"}[medium]
+        utm_medium = {"cpc": "cpc", "email": "email", "social": "social", "display": "display"}[medium]
         query = f"utm_source={source}&utm_medium={utm_medium}&utm_campaign={campaign}"
     term = rng.choice(("running+shoes", "rain+jacket", "chef+knife", "leather+bag", "field+watch"))
     referrer = {
@@ -251,6 +251,7 @@ def _arrival(rng: random.Random, medium: str) -> tuple[str, str]:
         "social": rng.choice(cat.SOCIAL_SITES),
         "internal": SHOP + rng.choice(("/", "/c/shoes", "/cart")),
         "referral": rng.choice(cat.REFERRAL_SITES),
+        "display": rng.choice(cat.AD_SERVERS),
     }[medium]
     return referrer, query
 

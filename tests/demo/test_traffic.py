@@ -182,7 +182,7 @@ def test_every_payload_is_valid_payload_data_with_the_contract_fields():
                 mediums.add(urllib.parse.parse_qs(query)["utm_medium"][0])
     assert {"pv", "pp", "ue", "product_view", "add_to_cart", "checkout_step", "purchase"} <= set(kinds)
     assert set(page_types) >= {"home", "category", "product", "cart", "checkout", "confirmation"}
-    assert {"cpc", "email", "social"} <= mediums
+    assert {"cpc", "email", "social", "display"} <= mediums
     assert returning > 0 and uids > 0
 
 

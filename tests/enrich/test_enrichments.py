@@ -186,6 +186,11 @@ def test_pseudonymisation_is_a_keyed_hmac():
     # the site with and without www. is one site (a shop redirects one to the other)
     ("https://www.shop.test/cart", "internal", None, None),
     ("https://random-blog.test/post", "unknown", None, None),
+    # display and native ads: the ad network's server refers the click
+    ("https://googleads.g.doubleclick.net/pagead/ads?client=ca-pub-1", "paid", "Google Ads", None),
+    ("https://www.googleadservices.com/pagead/aclk?sa=L", "paid", "Google Ads", None),
+    ("https://adservice.google.co.uk/ddm/clk/1", "paid", "Google Ads", None),
+    ("https://trc.taboola.com/shop/log/3/click", "paid", "Taboola", None),
     ("not a url", "unknown", None, None),
 ])
 def test_referer_classification(referer, medium, source, term):

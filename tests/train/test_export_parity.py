@@ -19,6 +19,7 @@ from batch import export, train_model
 from batch.train import main as train_main
 from batch.train_model import Steps, fit_and_export, score_with_spark
 from batch.train_table import ID_COLUMNS, prepare, train_from_table
+from common.features import FEATURE_NAMES
 from scorer.drift import feature_reference_of, reference_of
 from tests.train.conftest import fast_settings
 
@@ -197,7 +198,7 @@ def test_the_parity_rows_are_scored_in_batches_of_two_or_more_as_the_scorer_scor
     from tests.scorer.helpers import linear_classifier_onnx
 
     onnx_bytes = linear_classifier_onnx()
-    rows = np.random.default_rng(4).uniform(0, 50, size=(41, 38)).astype(np.float32)
+    rows = np.random.default_rng(4).uniform(0, 50, size=(41, len(FEATURE_NAMES))).astype(np.float32)
     whole = export.onnx_probabilities(onnx_bytes, rows)
     for batch in range(2, 40):          # each leaves one row for its last batch
         assert list(export.onnx_probabilities(onnx_bytes, rows[:batch + 1], batch=batch)) == list(whole[:batch + 1])

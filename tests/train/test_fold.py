@@ -29,6 +29,7 @@ from common.features import (
     FEATURE_VERSION,
     MAX_TRACKED_PRODUCTS,
     NIL_USER,
+    ONE_HOT_GROUPS,
     SessionState,
     is_purchase,
     parse_ms,
@@ -616,14 +617,18 @@ def test_the_ecommerce_plugins_actions_count_as_the_shops_and_their_transaction_
 
 def landing_sessions() -> list[dict]:
     """Sessions of a paid click with a click id alone, a click from Facebook, and a crawler, on
-    pages known only by a path with a language folder (FEATURE_VERSION 5)."""
+    pages known only by a path with a language folder (FEATURE_VERSION 5), and a display ad's click
+    (referer medium paid, FEATURE_VERSION 6)."""
     rng, events = random.Random(21), []
     for session_id, clickid, network, device, path in (
             ("paid-click", "EAIaIQobChMI", "Google", "Computer", "/de/p/SH-001"),
             ("facebook-share", "IwAR2xyz", "Facebook", "Mobile", "/en-gb/cart"),
-            ("crawler", None, None, "Bot", "/cartier-watches")):
+            ("crawler", None, None, "Bot", "/cartier-watches"),
+            ("display-ad", None, None, "Mobile", "/c/bags")):
         s = synth.Session(rng, parse_ms("2026-11-21T10:00:00Z"), session_id=session_id)
         s.device, s.campaign = device, False
+        if session_id == "display-ad":
+            s.referer = "paid"
         for page in (path, "/"):
             event = s.page(page, "content")
             event.update(contexts=[], mkt_clickid=clickid, mkt_network=network)
@@ -640,6 +645,7 @@ def test_a_paid_click_id_alone_is_a_campaign_bots_are_a_device_and_paths_are_rea
     assert first["facebook-share"]["campaign"] == 0.0         # fbclid is on every link followed from Facebook
     assert (first["paid-click"]["pages_product"], first["facebook-share"]["pages_cart"]) == (1.0, 1.0)
     assert first["crawler"]["pages_content"] == 1.0 and first["crawler"]["pages_cart"] == 0.0
+    assert first["display-ad"]["referer_paid"] == 1.0 and first["display-ad"]["pages_category"] == 1.0
     assert [first["crawler"][name] for name in FEATURE_NAMES if name.startswith("device_")] == [0, 0, 0, 1]
 
 
@@ -677,10 +683,21 @@ def test_each_feature_is_read_from_its_own_name():
         "pages_cart": 1, "pages_checkout": 1, "pages_content": 1, "max_scroll_depth": pytest.approx((1400 + 800) / 3000),
         "device_computer": 0, "device_mobile": 0, "device_tablet": 1, "device_bot": 0, "local_hour": 18,
         "local_weekday": 4,
-        "referer_search": 0, "referer_social": 1, "referer_email": 0, "referer_internal": 0, "referer_unknown": 0,
+        "referer_search": 0, "referer_social": 1, "referer_email": 0, "referer_paid": 0, "referer_internal": 0,
+        "referer_unknown": 0,
         "referer_direct": 0, "campaign": 1, "returning": 1, "session_index": 4}
     assert row["mean_seconds_per_page"] == pytest.approx(row["session_seconds"] / 11)
     assert 0 < row["seconds_on_page"] < row["seconds_since_last_cart_action"] < row["session_seconds"]
+
+
+@pytest.mark.parametrize(("medium", "column"), [
+    ("paid", "referer_paid"), ("search", "referer_search"), ("unknown", "referer_unknown"), (None, "referer_direct"),
+    ("video", None),              # a medium the fold has no column for: all zeros, not a guess
+])
+def test_the_referer_medium_sets_its_one_column(medium, column):
+    event = {"event_id": "e", "event": "page_view", "collector_tstamp": "2026-11-20T09:00:00Z", "refr_medium": medium}
+    row = dict(zip(FEATURE_NAMES, session_features([event])[0], strict=True))
+    assert [name for name in ONE_HOT_GROUPS["referer"] if row[name]] == ([column] if column else [])
 
 
 def test_every_feature_varies_over_the_pinned_sessions():
@@ -723,7 +740,7 @@ def test_the_fold_reads_no_event_field_that_training_leaves_out():
 # trained on other features is refused only when its feature_version differs: before this pin,
 # the features changed four times under version "1" and scorers served models built on others.
 FINGERPRINTS = {"2": "0bb644b6462c97d6", "3": "65d39d230033ad04", "4": "14e68e1d9f3555c1",
-                "5": "6220d764cd1b2bd4"}
+                "5": "6220d764cd1b2bd4", "6": "c2fee6bebe242a41"}
 
 
 def test_the_features_of_fixed_sessions_are_pinned_to_the_feature_version():
