@@ -241,6 +241,20 @@ def test_an_expired_iterator_is_replaced_and_read_at_once_not_taken_for_a_caught
     assert proxy.calls[GET_RECORDS] == 3
 
 
+def _patch_walk_sleep(monkeypatch, walk_sleep) -> None:
+    """Hand the walk's sleeps to ``walk_sleep``. time.sleep is every thread's: py4j's worker (of the
+    Spark session an earlier test started) sleeps a second in a loop, and, patched too, it spun and
+    filled a list of waits with 153,910 calls."""
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        if sys._getframe(1).f_globals["__name__"] == "common.streams":
+            walk_sleep(seconds)
+        else:
+            real_sleep(seconds)
+    monkeypatch.setattr("common.streams.time.sleep", sleep)
+
+
 def test_a_paced_walk_reads_pages_of_its_size_and_waits_for_its_share_of_the_shards_calls_and_bytes(
         aws_endpoint, monkeypatch):
     """The skew check reads the predictions stream the discount engine reads: at its own pace."""
@@ -249,7 +263,7 @@ def test_a_paced_walk_reads_pages_of_its_size_and_waits_for_its_share_of_the_sha
     kinesis.get_waiter("stream_exists").wait(StreamName=name)
     Producer(KinesisStream(kinesis, name)).send([(f"k{i:03d}", b"x" * 996) for i in range(25)])   # 1,000 bytes each
     waits: list[float] = []
-    monkeypatch.setattr("common.streams.time.sleep", waits.append)
+    _patch_walk_sleep(monkeypatch, waits.append)
     pace = ReadPace(records_per_call=10, min_interval_s=15, bytes_per_s=500)
     assert list(walk_stream(kinesis, name, pace=pace)) == [b"x" * 996] * 25
     # Pages of 10, 10 and 5, then the empty page at the tip, which ends the walk: 10,000 bytes at
@@ -286,7 +300,7 @@ def test_a_walk_reads_the_shards_side_by_side_each_at_its_own_pace(aws_endpoint,
         if len(waiting) == 2:
             both.set()
         assert both.wait(10), "one shard's reader waited alone"
-    monkeypatch.setattr("common.streams.time.sleep", sleep)
+    _patch_walk_sleep(monkeypatch, sleep)      # another thread's sleep would count as the second shard's
     walked = list(walk_stream(kinesis, name, pace=ReadPace(records_per_call=5, min_interval_s=1)))
     assert sorted(walked) == sorted(data for _, data in entries)
     for held in shards.values():                                  # each shard's records in its order
