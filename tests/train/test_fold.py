@@ -636,6 +636,16 @@ def landing_sessions() -> list[dict]:
     return events
 
 
+@pytest.mark.parametrize(("path", "kind"), [
+    ("/", "home"), ("/de", "home"), ("/de/p/SH-001", "product"), ("/en-gb/cart", "cart"), ("/C/Shoes", "category"),
+    ("/search/results", "search"), ("/cartier-watches", "content"), ("/checkout/shipping", "checkout"),
+    ("/tv", "home"),            # two letters are a language folder: docs/contracts.md says so
+    (None, "home"),
+])
+def test_a_page_without_a_page_type_context_is_typed_by_its_first_folder(path, kind):
+    assert features_module.page_type({"page_urlpath": path}) == kind
+
+
 def test_a_paid_click_id_alone_is_a_campaign_bots_are_a_device_and_paths_are_read_by_folder():
     rows = {}
     for event in landing_sessions():
