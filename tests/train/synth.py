@@ -17,7 +17,7 @@ from batch import lake
 SHOP = "com.clickshop"
 CATEGORIES = ("shoes", "jackets", "bags", "watches", "kitchen", "books")
 DEVICES = (("Computer", False, 0.55), ("Mobile", True, 0.35), ("Tablet", True, 0.10))
-REFERERS = (None, "search", "social", "email", "internal", "unknown")
+REFERERS = (None, "search", "social", "email", "internal", "unknown", "paid")
 ZONES = ("Europe/Berlin", "Europe/London", "America/New_York", "Asia/Tokyo", "UTC")
 
 
