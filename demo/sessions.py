@@ -241,8 +241,7 @@ def _arrival(rng: random.Random, medium: str) -> tuple[str, str]:
     query = ""
     if medium in cat.CAMPAIGNS:
         source, campaign = rng.choice(cat.CAMPAIGNS[medium])
-        utm_medium = {"cpc": "cpc", "email": "email", "social": "social", "display": "display"}[medium]
-        query = f"utm_source={source}&utm_medium={utm_medium}&utm_campaign={campaign}"
+        query = f"utm_source={source}&utm_medium={medium}&utm_campaign={campaign}"
     term = rng.choice(("running+shoes", "rain+jacket", "chef+knife", "leather+bag", "field+watch"))
     referrer = {
         "direct": "", "email": "",
