@@ -122,6 +122,9 @@ INT_LIMIT = 2_147_483_647
 # failing in a 1 MB record would make gigabytes, and kill the enricher on it at every restart. Past
 # this many bytes of a record's bad rows, its remaining failed events share one row.
 BAD_ROW_BYTES_PER_RECORD = 4_000_000
+# Those events' row carries its record as text, and so each event escaped twice: a quote doubles
+# twice. This many bytes of events a row keep it, headers and all, within Kinesis' 1 MiB.
+HELD_BACK_EVENT_BYTES = 150_000
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 
 
@@ -191,13 +194,32 @@ def collector_tstamp_errors(collector: int, etl_ms: int, max_ahead_ms: int) -> l
     return []
 
 
-def _held_back_row(hit: protocol.Hit, indices: list[int]) -> dict:
-    """One row for the failed events past the record's bad-row budget: a record of just those events,
-    which replay enriches again (each then gets its own row, or goes through once fixed)."""
-    return badrows.format_violation(
+def _held_back_bytes(hit: protocol.Hit, index: int) -> int | None:
+    """What a failed event adds to a held-back record, or None when orjson cannot write it there."""
+    try:
+        alone = protocol.events_body(hit, [index])
+    except orjson.JSONEncodeError:
+        return None
+    return len(alone or "") - len(protocol.events_body(hit, []) or "") + 1      # its body, less the envelope
+
+
+def _held_back_rows(hit: protocol.Hit, held_back: list[tuple[int, int]]) -> list[dict]:
+    """Rows for the failed events past the record's bad-row budget, as few as fit in a Kinesis record
+    each: a record of just those events, which replay enriches again (each then gets its own row, or
+    goes through once fixed)."""
+    chunks, chunk, size = [], [], 0
+    for index, event_bytes in held_back:
+        if chunk and size + event_bytes > HELD_BACK_EVENT_BYTES:
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(index)
+        size += event_bytes
+    chunks.append(chunk)
+    return [badrows.format_violation(
         orjson.dumps(protocol.events_record(hit, indices)),
-        f"{len(indices)} more event(s) of this record failed (index {first_few(indices, 20)}) after its bad rows reached "
-        f"{BAD_ROW_BYTES_PER_RECORD:,} bytes; this row holds them all as one record, replayable")
+        f"{len(indices)} of the {len(held_back)} event(s) of this record that failed after its bad rows reached "
+        f"{BAD_ROW_BYTES_PER_RECORD:,} bytes (index {first_few(indices, 20)}); this row holds them as one record, "
+        "replayable") for indices in chunks]
 
 
 class Enricher:
@@ -277,16 +299,18 @@ class Enricher:
                     # The scorer's session key: a session's events stay in order on one shard.
                     good.append((session_key(event), event, data))
                 continue
-            if bad_bytes > BAD_ROW_BYTES_PER_RECORD:
-                held_back.append(index)
-            else:
+            if bad_bytes <= BAD_ROW_BYTES_PER_RECORD:
                 bad_bytes += self._add_bad_row(bad, unwritable, index, failure, hit)
+            elif (event_bytes := _held_back_bytes(hit, index)) is None:
+                unwritable.append(f"{index} ({failure.kind})")
+            else:
+                held_back.append((index, event_bytes))
         if unwritable:
             # One row for all of them, each copy of the record would repeat it (and its good events on replay).
             bad.append(badrows.format_violation(raw, f"event(s) {', '.join(unwritable)} failed and their bad rows "
                                                      "cannot be written as JSON (nested over 254 levels)"))
         if held_back:
-            bad.append(_held_back_row(hit, held_back))
+            bad.extend(_held_back_rows(hit, held_back))
         if len(good) > 1:
             # The order training folds them in: the lake keeps no trace of the request's own, and a
             # tracker queues events fired in one handler in one millisecond, or a later-stamped one first.

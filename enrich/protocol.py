@@ -160,10 +160,15 @@ def _iglu_webhook(record: dict) -> Hit:
         if not entries:
             raise RecordError(badrows.adapter_failure(record, [badrows.message("body", body, "at least one event")]))
     fields = {name: query[name] for name in WEBHOOK_FIELDS if name in query}
-    events = [{**fields, "e": "ue", "tv": "com.snowplowanalytics.iglu-v1", "p": query.get("p", platform),
-               "ue_pr": orjson.dumps({"schema": UNSTRUCT_EVENT, "data": {"schema": key, "data": data}}).decode()}
-              for key, data in entries]
-    return Hit(record, events, items=items)
+    fields.update(e="ue", tv="com.snowplowanalytics.iglu-v1", p=query.get("p", platform))
+    return Hit(record, [_webhook_event(fields, key, data) for key, data in entries], items=items)
+
+
+def _webhook_event(fields: dict, schema: str, data: object) -> dict:
+    try:
+        return {**fields, "ue_pr": orjson.dumps({"schema": UNSTRUCT_EVENT, "data": {"schema": schema, "data": data}}).decode()}
+    except orjson.JSONEncodeError:      # nested deeper than orjson writes: this item fails, not its list
+        return dict(fields)
 
 
 def _json(record: dict, body: str | None) -> object:
@@ -238,13 +243,18 @@ def _decode_body(record: dict) -> str:
 def events_record(hit: Hit, indices: list[int]) -> dict:
     """The replayable raw record for some of a hit's events: a record of several events rewritten to
     carry only these (one record holds one event otherwise)."""
+    body = events_body(hit, indices)
+    return hit.record if body is None else {**hit.record, "body": body, "body_base64": None}
+
+
+def events_body(hit: Hit, indices: list[int]) -> str | None:
+    """The body of ``events_record``, None for a record of one event (kept as it came). Raises
+    orjson.JSONEncodeError for an event nested deeper than orjson writes."""
     if hit.payload_key is not None:
-        body = orjson.dumps({"schema": hit.payload_key, "data": [hit.events[i] for i in indices]}).decode()
-    elif hit.items is not None:
-        body = orjson.dumps([hit.items[i] for i in indices]).decode()
-    else:
-        return hit.record
-    return {**hit.record, "body": body, "body_base64": None}
+        return orjson.dumps({"schema": hit.payload_key, "data": [hit.events[i] for i in indices]}).decode()
+    if hit.items is not None:
+        return orjson.dumps([hit.items[i] for i in indices]).decode()
+    return None
 
 
 def check_event(hit: Hit, index: int, params: object, resolver: Resolver) -> list[dict]:

@@ -10,6 +10,7 @@ import uuid
 import orjson
 import pytest
 
+from common.badrows import raw_record_of
 from enrich.enrichments import Pseudonymiser
 from tests.enrich.helpers import (
     KEY,
@@ -337,15 +338,16 @@ def test_cli_process_enriches_a_file_of_raw_records_offline(tmp_path):
 
     # Bad rows downloaded from the lake (gzip): their raw records, as replay-bad would send them.
     event_level = {"record": orjson.loads(get_record({**BASE, "e": "pv"})), "parameters": {"e": "pv"}}
-    rows = [{"schema": "iglu:com.snowplowanalytics.snowplow.badrows/schema_violations/jsonschema/2-0-0",
-             "data": {"payload": payload}} for payload in (event_level, {"enriched": {}})]
+    schema = "iglu:com.snowplowanalytics.snowplow.badrows/schema_violations/jsonschema/2-0-0"
+    rows = [{"schema": schema, "data": {"payload": payload}} for payload in (event_level, {"enriched": {}})]
+    rows.append({"schema": schema, "data": ["not", "an", "object"]})        # a damaged row: counted, no traceback
     downloaded = tmp_path / "bad.jsonl.gz"
     downloaded.write_bytes(gzip.compress(b"".join(orjson.dumps(row) + b"\n" for row in rows)))
     again = CliRunner(env={"CLICKSTREAM_PSEUDONYMISATION_KEY": KEY}).invoke(
         cli, ["process", str(downloaded), "--good", str(good), "--bad", str(bad)])
     assert again.exit_code == 0, again.output
     assert [orjson.loads(line)["event"] for line in good.read_bytes().splitlines()] == ["page_view"]
-    assert "1 records, 1 from bad rows, 1 bad rows without a record, 1 events, 0 bad rows" in again.stderr
+    assert "1 records, 1 from bad rows, 2 bad rows without a record, 1 events, 0 bad rows" in again.stderr
     refused = CliRunner(env={"CLICKSTREAM_PSEUDONYMISATION_KEY": None}).invoke(cli, ["process", str(raw)])
     assert refused.exit_code == 2 and refused.output.startswith("Error: config error: CLICKSTREAM_PSEUDONYMISATION_KEY")
 
@@ -393,6 +395,58 @@ def test_an_event_nested_too_deep_to_write_back_is_a_bad_row_with_the_record_and
     batch = Batch("shard-0", [Record(raw, "k", "1", "shard-0", 0)], 0, False, "1")
     written_good, [(_, written_bad)] = Worker(enricher(), consumer=None, good=None, bad=None).outputs(batch)
     assert len(written_good) == 1 and orjson.loads(written_bad)["data"]["payload"] == raw.decode()
+
+
+def test_an_event_nested_too_deep_past_the_bad_row_budget_is_a_bad_row_not_a_stopped_enricher():
+    # Past a record's bad-row budget the failed events share a row, which was written without a check:
+    # one event nested 300 deep there raised out of the worker, on this record at every restart.
+    from common.consumer import Batch
+    from common.streams import Record
+    from enrich.pipeline import BAD_ROW_BYTES_PER_RECORD
+    from enrich.worker import Worker
+
+    failing = ",".join(["1"] * 400)                   # not objects: each its own protocol violation
+    body = '{"schema":"iglu:com.snowplowanalytics.snowplow/payload_data/jsonschema/1-0-4","data":[' \
+           f"{failing},{'[' * 300}{']' * 300}]}}"
+    raw = orjson.dumps(record(method="POST", path="/com.snowplowanalytics.snowplow/tp2", body=body,
+                              headers=["X-Padding: " + "p" * 12_000]))
+    batch = Batch("shard-0", [Record(raw, "k", "1", "shard-0", 0)], 0, False, "1")
+    good, written = Worker(enricher(), consumer=None, good=None, bad=None).outputs(batch)
+    rows = [orjson.loads(data) for _, data in written]
+    own = [row for row in rows if "collector_payload_format_violation" not in row["schema"]]
+    unwritable, held_back = [row for row in rows if row not in own]
+    assert good == [] and sum(len(orjson.dumps(row)) for row in own) > BAD_ROW_BYTES_PER_RECORD
+    held = orjson.loads(raw_record_of(held_back["data"]["payload"])["body"])["data"]
+    assert len(own) + len(held) == 400 and held == [1] * len(held)
+    assert unwritable["data"]["failure"]["message"]["error"].startswith("event(s) 400 (tracker_protocol_violations) failed")
+    assert unwritable["data"]["payload"] == raw.decode()
+
+
+def test_the_events_held_back_past_the_bad_row_budget_are_split_into_rows_that_fit_a_kinesis_record():
+    # One row held them all, as text, each event escaped twice: from a 1 MB record it outgrew Kinesis'
+    # 1 MiB, and was cut to a size_violation that kept a tenth of them.
+    from common.consumer import Batch
+    from common.streams import MAX_RECORD_BYTES, Record
+    from enrich.worker import Worker
+
+    events = [{"e": "z", "p": "web", "tv": f'say "{n}"'} for n in range(18_000)]      # each a protocol violation
+    raw = post_record(events)
+    assert len(raw) < MAX_RECORD_BYTES
+    batch = Batch("shard-0", [Record(raw, "k", "1", "shard-0", 0)], 0, False, "1")
+    _, written = Worker(enricher(dedupe_entries=0), consumer=None, good=None, bad=None).outputs(batch)
+    assert max(len(data) for _, data in written) < MAX_RECORD_BYTES
+    replayable = [orjson.loads(raw_record_of(orjson.loads(data)["data"]["payload"])["body"])["data"] for _, data in written]
+    assert [event for row in replayable for event in row] == events          # every one, once, in order
+    assert len(replayable) - sum(len(row) == 1 for row in replayable) > 1
+
+
+def test_an_iglu_webhook_item_nested_too_deep_fails_alone_and_its_list_goes_on():
+    body = '[{"step": 2}, {"step": 3}, ' + "[" * 300 + "]" * 300 + "]"
+    raw = orjson.dumps(record(method="POST", path="/com.snowplowanalytics.iglu/v1", content_type="application/json",
+                              querystring="schema=iglu:com.clickshop/checkout_step/jsonschema/1-0-0", body=body))
+    good, [row] = enricher().process(raw)
+    assert len(good) == 2 and row["data"]["payload"] == raw.decode()
+    assert row["data"]["failure"]["message"]["error"].startswith("event(s) 2 (tracker_protocol_violations) failed")
 
 
 @pytest.mark.parametrize("path", ["/nope", "/i"], ids=["adapter failure", "protocol violation"])
