@@ -158,7 +158,8 @@ def _raw_record(line: bytes, counts: dict[str, int]) -> bytes | None:
         return line                     # not JSON: the enricher says so in a bad row of its own
     if not is_bad_row(row):
         return line
-    record = raw_record_of((row.get("data") or {}).get("payload"))
+    data = row.get("data")
+    record = raw_record_of(data.get("payload")) if isinstance(data, dict) else None
     counts["from bad rows" if record is not None else "bad rows without a record"] += 1
     return orjson.dumps(record) if record is not None else None
 

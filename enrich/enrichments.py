@@ -269,6 +269,7 @@ def campaign(query: str | None) -> dict:
 CROSS_DOMAIN = re.compile(r"(?:^|(?<=[?&]))_sp=([^&#]*)")
 MAX_LINKED_ID = 128     # domain_userid's own limit
 MIN_TSTAMP, MAX_TSTAMP = 0, 4_102_444_800_000     # 1970 .. 2100, in ms
+MAX_STAMP_DIGITS = 16         # 2100 has 13; a few leading zeros still read
 
 
 def _linker_parts(value: str) -> tuple[str, str]:
@@ -288,7 +289,9 @@ def cross_domain(query: str | None) -> dict:
     linked_id, stamp = _linker_parts(found.group(1))
     if linked_id and len(linked_id) <= MAX_LINKED_ID:
         out["refr_domain_userid"] = linked_id
-    if stamp.isascii() and stamp.isdigit() and MIN_TSTAMP < int(stamp[:14]) < MAX_TSTAMP:
+    # Read whole, and only when short: leading zeros would pass a check of the first digits alone,
+    # and int() of thousands of digits raises.
+    if stamp.isascii() and stamp.isdigit() and len(stamp) <= MAX_STAMP_DIGITS and MIN_TSTAMP < int(stamp) < MAX_TSTAMP:
         out["refr_dvce_tstamp"] = iso_ms(int(stamp))
     return out
 

@@ -495,6 +495,8 @@ def test_the_cross_domain_linker_fills_the_linked_id_and_time_and_keeps_no_raw_i
 @pytest.mark.parametrize(("query", "linked", "clicked"), [
     ("_sp=abc", "abc", None), ("_sp=.1764409950123", None, "2025-11-29T09:52:30.123Z"), ("_sp=", None, None),
     ("_sp=abc.99999999999999999999", "abc", None), ("x_sp=abc.1", None, None), (f"_sp={'a' * 129}.1", None, "1970-01-01T00:00:00.001Z"),
+    # leading zeros that put a huge number behind plausible first digits; more digits than int() reads
+    ("_sp=abc.00000000000019" + "9" * 20, "abc", None), ("_sp=abc.0000000000001" + "9" * 5000, "abc", None),
 ])
 def test_a_cross_domain_parameter_that_does_not_read_leaves_its_fields_null(query, linked, clicked):
     assert cross_domain(query) == {"refr_domain_userid": linked, "refr_dvce_tstamp": clicked}
