@@ -175,9 +175,11 @@ def event_time_ms(event: dict) -> int:
     if not derived:
         return parse_ms(collected)
     if type(derived) is str and type(collected) is str and len(derived) == len(collected) and derived[-1] == "Z" \
-            and collected[-1] == "Z":
+            and collected[-1] == "Z" and derived[4:20:3] == "--T::." == collected[4:20:3]:
         # Same-shaped UTC ISO strings (the enricher's) sort as times do: parse only one (~1 µs) when
         # the derived time is not earlier, or earlier but on the same UTC day, well within the bound.
+        # The separators are checked: parse_ms also reads a ' ' for 'T', a ',' for '.', week dates
+        # and basic times, which do not sort as times among these.
         if derived >= collected:
             return parse_ms(collected)
         if derived[:10] == collected[:10]:
