@@ -42,8 +42,9 @@ class Bundle:
 
 
 def feature_names(meta: dict) -> list[str]:
-    """A bundle's input columns, in order, from its model.json."""
-    return [f.get("name") for f in meta.get("features") or [] if isinstance(f, dict)]
+    """A bundle's input columns, in order, from its model.json (none when ``features`` is no list)."""
+    features = meta.get("features")
+    return [f.get("name") for f in features if isinstance(f, dict)] if isinstance(features, list) else []
 
 
 def has_fold_features(meta: dict) -> bool:
@@ -93,11 +94,15 @@ def load(s3, bucket: str, name: str = DEFAULT_MODEL, version: str | None = None)
         meta = json.loads(meta)
     except ValueError as exc:
         raise ValueError(f"model.json does not parse: {exc}") from None
-    recorded = (meta.get("onnx") or {}).get("sha256") if isinstance(meta, dict) else None
+    spec = (meta.get("onnx") or {}) if isinstance(meta, dict) else {}
+    if not isinstance(spec, dict):
+        # ValueError, as for every bundle that cannot be served: the scorers refuse it (409), the CLI names it.
+        raise ValueError(f"model.json's onnx is not an object but {type(spec).__name__}")  # noqa: TRY004
+    recorded = spec.get("sha256")
     if recorded and recorded != onnx_digest(onnx):
         # Overwritten or damaged after publishing: serving it would serve another model under this version.
         raise ValueError(f"model.onnx of version {version} is not the one published: its sha256 is not "
-                         f"the {recorded[:12]}… its model.json records")
+                         f"the {str(recorded)[:12]}… its model.json records")
     return Bundle(name, version, onnx, meta)
 
 

@@ -36,7 +36,10 @@ def check_meta(meta: dict) -> None:
     version = str(meta.get("feature_version"))
     if version != FEATURE_VERSION:
         raise ModelRefused(f"feature_version {version!r} differs from the scorer's {FEATURE_VERSION!r}")
-    names = [item.get("name") if isinstance(item, dict) else item for item in meta.get("features") or []]
+    features = meta.get("features") or []
+    if not isinstance(features, list):
+        raise ModelRefused(f"features is not a list but {type(features).__name__}")
+    names = [item.get("name") if isinstance(item, dict) else item for item in features]
     if names != list(FEATURE_NAMES):
         missing = [n for n in FEATURE_NAMES if n not in names]
         extra = [n for n in names if n not in FEATURE_NAMES]
@@ -101,11 +104,11 @@ class Model:
     @classmethod
     def from_bundle(cls, bundle: registry.Bundle) -> Model:
         check_meta(bundle.meta)
+        spec = _onnx_spec(bundle.meta)
         try:
             session = _session(bundle.onnx)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise ModelRefused(f"model.onnx does not load: {exc}") from None
-        spec = bundle.meta.get("onnx") or {}
         inputs = {item.name: item for item in session.get_inputs()}
         input_name = spec.get("input", "features")
         if input_name not in inputs:
@@ -212,6 +215,19 @@ class Model:
 
     def decide(self, p_buy: float) -> str:
         return "buy" if p_buy >= self.threshold else "defer"
+
+
+def _onnx_spec(meta: dict) -> dict:
+    """model.json's ``onnx``: an object whose input and output are names. A hand's edit of another
+    shape is refused, not left to fail as a TypeError, which the watcher would neither log as a
+    refusal nor fall back from."""
+    spec = meta.get("onnx") or {}
+    if not isinstance(spec, dict):
+        raise ModelRefused(f"onnx is not an object but {type(spec).__name__}")
+    for key in ("input", "probability_output"):
+        if not isinstance(spec.get(key, ""), str):
+            raise ModelRefused(f"onnx.{key} {spec[key]!r} is not a name")
+    return spec
 
 
 def _threshold(meta: dict) -> float:

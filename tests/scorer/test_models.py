@@ -81,6 +81,36 @@ def test_a_bundle_that_would_fail_every_batch_is_refused_at_load(change, words):
         check_meta([model_meta("m", "v")])
 
 
+@pytest.mark.parametrize("change, words", [
+    ({"features": 5}, "features is not a list but int"),
+    ({"features": {"name": FEATURE_NAMES[0]}}, "features is not a list but dict"),
+    ({"onnx": "features"}, "onnx is not an object but str"),
+    ({"onnx": {"input": ["features"], "probability_output": "probability"}}, r"onnx.input \['features'\] is not a name"),
+    ({"onnx": {"input": "features", "probability_output": 1}}, "onnx.probability_output 1 is not a name"),
+])
+def test_a_model_json_of_another_shape_is_refused_naming_the_key(change, words):
+    """A hand's edit the trainer never writes: a TypeError instead escaped the watcher's refusal and fallback."""
+    with pytest.raises(ModelRefused, match=words):
+        Model.from_bundle(Bundle("m", "v", logistic_onnx(), model_meta("m", "v", **change)))
+
+
+@pytest.mark.parametrize("change", [{"features": 5}, {"onnx": "features"}], ids=["features", "onnx"])
+def test_a_scorer_starting_while_currents_model_json_is_misshapen_serves_the_current_before_it(
+        published, s3, caplog, change):
+    """It served nothing and downloaded the bundle at every poll; a reload of it answered 500, not 409."""
+    publish(s3, published.bucket, MODEL, "v2", logistic_onnx(), model_meta(MODEL, "v2", **change))
+    models = Models(s3, published.bucket, MODEL)
+    with caplog.at_level(logging.ERROR, logger="scorer.model"):
+        models.refresh()
+        models.refresh()
+    assert models.champion.version == "v1" and models.current_seen == "v2"
+    refusals = [r.getMessage() for r in caplog.records if "refused model" in r.getMessage()]
+    assert len(refusals) == 1 and f"{next(iter(change))} is not" in refusals[0]
+    with pytest.raises(ModelRefused):           # what POST /models/reload answers 409 to
+        models.load("v2")
+    assert models.champion.version == "v1"
+
+
 def test_watcher_swaps_in_current_and_keeps_serving_when_the_new_one_is_refused(published, s3, caplog):
     models = Models(s3, published.bucket, MODEL)
     models.refresh()
