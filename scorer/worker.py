@@ -382,6 +382,7 @@ class Worker:
                 log.error("model %s gave p_buy %r for event %s; not published", model.version, p,
                           row.event["event_id"], extra={"event_id": row.event["event_id"]})
                 continue
+            p = round(p, 6)                 # decided as published: a p_buy below the threshold is never "buy"
             decision = model.decide(p)
             if self._should_emit(row.session, decision) and not row.quiet:
                 prediction = self._prediction(row, model, p, decision, latency_us, scored_at)
@@ -409,7 +410,7 @@ class Worker:
         return {"schema": PREDICTION_SCHEMA, "session_id": row.session.session_id, "event_id": event["event_id"],
                 "collector_tstamp": event.get("collector_tstamp"), "derived_tstamp": event.get("derived_tstamp"),
                 "scored_at": scored_at, "model_name": model.name, "model_version": model.version,
-                "feature_version": FEATURE_VERSION, "p_buy": round(p, 6), "decision": decision,
+                "feature_version": FEATURE_VERSION, "p_buy": p, "decision": decision,
                 "threshold": model.threshold, "latency_us": latency_us, "events_in_session": row.events}
 
     def _shadow(self, inputs: np.ndarray, p_buy: np.ndarray, champion: Model) -> None:

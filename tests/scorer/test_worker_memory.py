@@ -116,6 +116,22 @@ def test_every_event_of_every_session_is_scored_once_like_the_plain_fold():
     assert purchases and not set(purchases) & set(got)
 
 
+def test_the_decision_is_made_on_the_p_buy_published_not_on_the_unrounded_score():
+    """docs/contracts.md: `decision` is `buy` when `p_buy` >= `threshold`, and p_buy is published to 6 decimals."""
+    first = make_event("r", T0, path="/p/1")
+    p = float(model().predict(np.asarray([features(step(SessionState(), first))], dtype=np.float32))[0])
+    assert round(p, 6) != p
+    threshold = (p + round(p, 6)) / 2               # the score and its rounding on either side of it
+    models = Models(None, "bucket", "m")
+    models.champion = Model.from_bundle(Bundle("m", "v1", logistic_onnx(), model_meta("m", "v1", threshold=threshold)))
+    rig = Rig(models=models)
+    rig.put([first])
+    rig.drain()
+    [published] = rig.predictions()
+    assert published["p_buy"] == round(p, 6) and published["threshold"] == threshold
+    assert published["decision"] == ("buy" if round(p, 6) >= threshold else "defer")
+
+
 def test_predictions_waiting_for_the_stream_take_about_their_length_in_memory():
     """orjson's bytes hold a buffer of 4 KiB or more whatever their length: a poll's predictions,
     kept until the stream has them, took 8 KiB each (20x), and a fresh worker a page fault per
