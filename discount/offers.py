@@ -85,6 +85,7 @@ class Prediction:
             for name in STRING_FIELDS:
                 if not isinstance(record[name], str):
                     raise TypeError(f"{name} is {type(record[name]).__name__}, not a string")
+                _check_utf8(name, record[name])
             if isinstance(record["p_buy"], (bool, str)):
                 raise TypeError(f"p_buy is {type(record['p_buy']).__name__}, not a number")
             prediction = cls(record["session_id"], record["event_id"], float(record["p_buy"]),
@@ -102,6 +103,16 @@ class Prediction:
             # transaction, which DynamoDB refuses (and retrying it would stall every offer).
             raise ValueError(f"session id {prediction.session_id!r} is reserved for the budget rows")
         return prediction
+
+
+def _check_utf8(name: str, value: str) -> None:
+    """JSON's "\\ud800" loads as a lone surrogate, which UTF-8 cannot encode: held_out(), the offer's
+    token and botocore would raise UnicodeEncodeError on it, an error the engine does not take for a
+    bad record: it would re-read the batch for ever."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} holds a lone surrogate, which UTF-8 cannot encode") from None
 
 
 def hour_of(epoch_s: float) -> str:

@@ -206,6 +206,24 @@ def test_predictions_whose_fields_are_not_of_the_contracts_types_are_invalid(aws
     eng.close()
 
 
+def test_predictions_whose_strings_utf8_cannot_encode_are_invalid_and_the_checkpoint_moves_past_them(aws_settings):
+    """JSON's "\\ud800" is valid and loads as a lone surrogate: the hash of the session id, the offer's
+    token and the write would raise on it, and the shard re-read the batch for ever."""
+    settings = discount_settings(aws_settings)
+    surrogates = [json.dumps({**prediction("x", 0.6), name: "abc"}).replace('"abc"', '"abc\\ud800"').encode()
+                  for name in ("session_id", "event_id", "model_version")]
+    with pytest.raises(ValueError, match="event_id holds a lone surrogate"):
+        Prediction.from_record(json.loads(surrogates[1]))
+    publish(settings, [*surrogates, prediction("fine", 0.6)])
+    eng = engine(settings)
+    drain(eng, len(surrogates) + 1)
+    assert count(eng, "invalid") == len(surrogates) and set(offers(settings)) == {"fine"}
+    rows, _ = eng.consumer.leases.leases()
+    [checkpoint] = [r.checkpoint for r in rows if r.checkpoint]
+    assert checkpoint == eng.consumer.owned[rows[0].shard_id].position       # the last record, the offered one
+    eng.close()
+
+
 @pytest.mark.parametrize("failing", ["checkpoint", "offer write"])
 def test_a_failed_batch_loses_no_batch_read_from_any_shard(aws_endpoint, failing):
     """A step reads a page from every shard at once: when one batch's checkpoint or (while stopping, when
