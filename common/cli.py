@@ -3,6 +3,7 @@ one line (exit status 1) instead of a traceback, bad settings too (exit status 2
 from __future__ import annotations
 
 import datetime as dt
+import math
 import sys
 from collections.abc import Callable
 
@@ -25,6 +26,19 @@ def iso_time(ctx: click.Context, param: click.Parameter, value: str | None) -> d
         raise click.BadParameter(f"expected an ISO time such as 2026-12-06T10:00 (UTC unless it says), "
                                  f"got {value!r}") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+class FiniteRange(click.FloatRange):
+    """``click.FloatRange`` that refuses nan and inf as well: nan passes every bound (it fails every
+    comparison), and inf any range open above, and either then breaks the command's arithmetic."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 class _AwsErrorsInOneLine:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from botocore.exceptions import ClientError
 
 from common import aws, logs, registry
-from common.cli import CLI_CONTEXT, AwsCommand, ConfigFailed
+from common.cli import CLI_CONTEXT, AwsCommand, ConfigFailed, FiniteRange
 from common.config import AwsSettings, ConfigError, load
 from common.streams import walk_stream
 
@@ -255,7 +255,7 @@ def _duration(us: int) -> str:
 
 
 @click.command(cls=AwsCommand, context_settings=CLI_CONTEXT)
-@click.option("--since-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--since-minutes", type=FiniteRange(min=0, min_open=True), default=None,
               help="count stream records of the last N minutes only (default: everything retained)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 def main(since_minutes: float | None, as_json: bool) -> None:

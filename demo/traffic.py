@@ -36,7 +36,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from common.cli import CLI_CONTEXT
+from common.cli import CLI_CONTEXT, FiniteRange
 from common.features import MAX_EVENT_AGE_MS
 from demo import catalogue as cat
 from demo.sessions import Session, SessionFactory
@@ -358,16 +358,16 @@ def _sleep_until(when: float, clock: Callable[[], float]) -> None:
 @click.command(context_settings=CLI_CONTEXT, help=(__doc__ or "").split("\n\n")[0])
 @click.option("--collector", default="http://127.0.0.1:8080", show_default=True, help="collector base URL")
 @click.option("--sessions", default=200, show_default=True, type=click.IntRange(min=1), help="sessions to send")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--rate", type=FiniteRange(min=0, min_open=True), default=None,
               help="events per second [default: 20 live, unlimited in backfill]")
 @click.option("--seed", default=1, show_default=True, type=int, help="same seed, same sessions")
 @click.option("--backfill-days", default=0.0, show_default=True,
-              type=click.FloatRange(min=0, max=MAX_EVENT_AGE_MS / 86_400_000),
+              type=FiniteRange(min=0, max=MAX_EVENT_AGE_MS / 86_400_000),
               help="spread sessions over the last D days and send them at once (0: live); at most 30, as "
                    "event times further back are taken as their collection time")
-@click.option("--buy-share", default=0.1, show_default=True, type=click.FloatRange(0, 1),
+@click.option("--buy-share", default=0.1, show_default=True, type=FiniteRange(0, 1),
               help="approximate share of sessions that end in a purchase")
-@click.option("--speed", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--speed", default=1.0, show_default=True, type=FiniteRange(min=0, min_open=True),
               help="live mode: play sessions this many times faster than real time")
 @click.option("--batch-size", default=None, type=click.IntRange(1, 500),
               help="events per POST [default: 1 live, 25 backfill]")

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 import click
 
 from common import aws
-from common.cli import CLI_CONTEXT, AwsCommand, iso_time
-from common.config import load
+from common.cli import CLI_CONTEXT, AwsCommand, FiniteRange, iso_time
+from common.config import MAX_DURATION_S, load
 from common.features import parse_ms
 from common.retry import backoff_s
 from common.uplift_records import HOUR_MS, PREFIX, SCHEMA, hour_name, hour_of, record_key
@@ -310,7 +310,7 @@ def render(uplift: Uplift, heading: str) -> str:
 
 @click.command(cls=AwsCommand, context_settings=CLI_CONTEXT, epilog="\b\nExamples:\n" + "\n".join(
     line.strip() for line in (__doc__ or "").splitlines() if line.strip().startswith("python -m")))
-@click.option("--settle-minutes", type=click.FloatRange(min=0), default=30.0,
+@click.option("--settle-minutes", type=FiniteRange(min=0, max=MAX_DURATION_S / 60), default=30.0,
               help="leave out sessions that qualified this recently: they may still buy (the scorer's session timeout)")
 @click.option("--record", "to_record", is_flag=True,
               help="write the counts and sessions of each finished hour not yet recorded to the bucket (reports/uplift/)")

@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from click.testing import CliRunner
 
 from common import aws
 from discount.offers import OfferTable, Prediction, held_out
@@ -27,6 +28,7 @@ from discount.uplift import (
     render,
     table_heading,
 )
+from discount.uplift import main as uplift_command
 from scorer.sink import PredictionWriter
 from tests.conftest import ROOT, settings_env
 from tests.discount.test_engine import T0, count, decided, discount_settings, drain, engine, prediction, publish
@@ -273,6 +275,16 @@ def test_the_uplift_command_records_hours_and_compares_the_recorded_ones(aws_set
     assert "reports/uplift/hour=2026-01-01T00.json is not an uplift record (KeyError('offered'))" in run(
         "--recorded", code=1)
     assert "one at a time" in run("--record", "--recorded", code=2)
+
+
+@pytest.mark.parametrize("minutes", ["nan", "inf", "1e306"])
+def test_the_uplift_command_refuses_settle_minutes_that_are_not_finite(minutes):
+    """FloatRange(min=0) passes them: nan left every session out in silence, inf (and minutes infinite
+    in milliseconds) failed --record with a traceback."""
+    for args in (["--settle-minutes", minutes], ["--record", "--settle-minutes", minutes]):
+        result = CliRunner().invoke(uplift_command, args)
+        assert result.exit_code == 2, result.output
+        assert "Invalid value for '--settle-minutes'" in result.output
 
 
 @pytest.mark.parametrize("when", ["before", "after"])

@@ -408,3 +408,19 @@ def test_the_lake_loaders_lease_group_is_its_own(app):
 
     with pytest.raises(ConfigError, match="CLICKSTREAM_LAKE_APP: expected a name of its own"):
         load(LoaderSettings, env={"CLICKSTREAM_LAKE_APP": app})
+
+
+@pytest.mark.parametrize(("given", "refused"), [("nan", "'nan' is not a finite number"), ("inf", "'inf' is not a finite number"),
+                                                ("-1", "-1.0 is not in the range x>=0"), ("0.5", None)])
+def test_a_float_option_of_any_command_refuses_nan_and_infinity(given, refused):
+    """click's FloatRange passes nan (it fails every comparison, bounds included) and inf when open above."""
+    from common.cli import FiniteRange
+
+    @click.command()
+    @click.option("--minutes", type=FiniteRange(min=0))
+    def command(minutes):
+        click.echo(f"got {minutes}")
+
+    result = CliRunner().invoke(command, ["--minutes", given])
+    assert result.exit_code == (2 if refused else 0)
+    assert (refused or "got 0.5") in result.output
