@@ -18,6 +18,7 @@ import contextlib
 import datetime as dt
 import gzip
 import importlib
+import io
 import os
 import random
 import re
@@ -28,6 +29,7 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import click
 import orjson
@@ -38,9 +40,9 @@ from batch import compact, erase, lake, undelete
 from batch.loader import LoaderSettings, hard_exit
 from common import aws
 from common.badrows import raw_record_of
-from common.cli import CLI_CONTEXT, AwsGroup, iso_time
+from common.cli import CLI_CONTEXT, AwsGroup, FiniteRange, iso_time
 from common.config import ConfigError, load
-from common.logs import first_few
+from common.logs import first_few, first_line
 from common.producer import TOO_LARGE, entry_size, kinesis_key
 from common.rawkey import record_key
 from common.streams import MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES, KinesisStream, StreamBackend
@@ -123,26 +125,34 @@ def stats_command(obj: dict, start: str | None, end: str | None, progress: bool)
     events, bad = Counter(), Counter()
     sessions_by_hour: dict[tuple, set] = defaultdict(set)
     sessions, event_ids, rows = set(), set(), 0
-    parquet = [o for o in lake.objects_between(s3, settings.bucket, "enriched", start, end)
+    # A file that does not read is named and left out, and the exit code is 1: one corrupt object
+    # should not hide the rest of the lake's numbers (nor stop at the first of several).
+    unreadable: list[str] = []
+    parquet = [o["Key"] for o in lake.objects_between(s3, settings.bucket, "enriched", start, end)
                if o["Key"].endswith(".parquet")]
-    bad_objects = [o for o in lake.objects_between(s3, settings.bucket, "bad", start, end)
-                   if o["Key"].endswith(".jsonl.gz")]
-    with tqdm(total=len(parquet) + len(bad_objects), unit="file", desc="reading lake", disable=not progress,
+    bad_keys = _bad_keys(s3, settings.bucket, start, end)
+    with tqdm(total=len(parquet) + len(bad_keys), unit="file", desc="reading lake", disable=not progress,
               file=sys.stderr) as bar:
-        for item in parquet:
-            table = lake.read_parquet_object(s3, settings.bucket, item["Key"], ["event_id", "domain_sessionid"])
-            hour = lake.key_partition(item["Key"])
+        for key in parquet:
+            bar.update()
+            try:
+                table = lake.read_parquet_object(s3, settings.bucket, key, ["event_id", "domain_sessionid"])
+            except lake.UNREADABLE as exc:
+                unreadable.append(f"{key}: does not read as Parquet ({first_line(exc)})")
+                continue
+            hour = lake.key_partition(key)
             events[hour] += table.num_rows
             rows += table.num_rows
             ids = table.column("domain_sessionid").to_pylist()
             sessions_by_hour[hour].update(ids)
             sessions.update(ids)
             event_ids.update(table.column("event_id").to_pylist())
+        for key in bad_keys:
             bar.update()
-        for item in bad_objects:
-            body = s3.get_object(Bucket=settings.bucket, Key=item["Key"])["Body"].read()
-            bad[lake.key_partition(item["Key"])] += len(lake.read_jsonl_gz(body))
-            bar.update()
+            try:
+                bad[lake.key_partition(key)] += sum(1 for _ in _rows_from_object(s3, settings.bucket, key))
+            except click.ClickException as exc:
+                unreadable.append(exc.message)
     click.echo(f"{'date':<10} {'hour':>4} {'events':>9} {'sessions':>9} {'bad':>7} {'bad rate':>8}")
     for date, hour in sorted(set(events) | set(bad)):
         key = (date, hour)
@@ -151,6 +161,17 @@ def stats_command(obj: dict, start: str | None, end: str | None, progress: bool)
     total_bad = sum(bad.values())
     click.echo(f"total: {rows} events, {len(event_ids)} distinct event ids ({rows - len(event_ids)} duplicates), "
                f"{len(sessions - {None})} sessions, {total_bad} bad rows, bad rate {_rate(total_bad, rows)}")
+    _exit_if_unreadable(unreadable, f"the counts above leave out these {len(unreadable)} file(s)")
+
+
+def _exit_if_unreadable(unreadable: Iterable[str], consequence: str) -> None:
+    """Name each lake file that did not read, on stderr, and say what that means; then exit 1."""
+    unreadable = list(unreadable)
+    if unreadable:
+        for line in unreadable:
+            click.echo(line, err=True)
+        click.echo(consequence, err=True)
+        sys.exit(1)
 
 
 def _rate(bad: int, good: int) -> str:
@@ -181,18 +202,33 @@ def _load_fix(spec: str | None) -> Callable[[dict | None, dict], dict | None] | 
 
 def _rows_from_file(path: Path) -> Iterator[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
+    return _json_lines(str(path), lambda: opener(path, "rb"))
+
+
+def _rows_from_object(s3, bucket: str, key: str) -> Iterator[dict]:
+    """The rows of a bad-row file of the lake: a cut or damaged one is named as a local file is."""
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return _json_lines(key, lambda: gzip.GzipFile(fileobj=io.BytesIO(body)))
+
+
+def _bad_keys(s3, bucket: str, start: str | None, end: str | None) -> list[str]:
+    return [o["Key"] for o in lake.objects_between(s3, bucket, "bad", start, end) if o["Key"].endswith(".jsonl.gz")]
+
+
+def _json_lines(source: str, open_lines: Callable[[], IO[bytes]]) -> Iterator[dict]:
+    """The rows of a JSON-lines file; a click error naming ``source`` (and the line) when it is cut,
+    damaged or not JSON, rather than a traceback or click's bare "Aborted!" (an EOFError)."""
     number = 0
     try:
-        with opener(path, "rb") as handle:
+        with open_lines() as handle:
             for number, line in enumerate(handle, 1):
                 if line.strip():
                     try:
                         yield orjson.loads(line)
                     except orjson.JSONDecodeError as exc:
-                        raise click.ClickException(f"{path}, line {number}: not JSON ({exc})") from None
+                        raise click.ClickException(f"{source}, line {number}: not JSON ({exc})") from None
     except (EOFError, OSError, zlib.error) as exc:      # a cut or damaged gzip file (BadGzipFile is an OSError)
-        raise click.ClickException(f"{path}: unreadable after line {number} ({exc or type(exc).__name__}); the "
-                                   "rows before it were read") from None
+        raise click.ClickException(f"{source}: unreadable after line {number} ({exc or type(exc).__name__})") from None
 
 
 # What no retry can fix: the stream is not there, the caller may not write to it, the request is wrong.
@@ -296,11 +332,11 @@ class Replayer:
               help="read bad rows from a local JSON-lines file (.gz too) instead of the lake, e.g. after editing")
 @click.option("--fix", "fix_spec", help="module:function(raw_record | None, bad_row) -> raw record or None to skip")
 @click.option("--dry-run", is_flag=True, help="count what would be replayed, send nothing")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=500, show_default=True,
+@click.option("--rate", type=FiniteRange(min=0, min_open=True), default=500, show_default=True,
               help="rows per second at most: a shard takes 1,000 a second, shared with live traffic")
-@click.option("--rate-mib", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--rate-mib", type=FiniteRange(min=0, min_open=True), default=1.0, show_default=True,
               help="MiB per second at most: a shard takes 1 MiB a second, shared with live traffic")
-@click.option("--give-up-after", type=click.FloatRange(min=0), default=300, show_default=True,
+@click.option("--give-up-after", type=FiniteRange(min=0), default=300, show_default=True,
               help="seconds without any row getting through (throttling, an outage) before stopping")
 @click.option("--unsent-to", type=click.Path(dir_okay=False, path_type=Path),
               help="where to write the rows not sent, should it stop (default: ./replay-unsent-<UTC time>.jsonl.gz)")
@@ -311,8 +347,12 @@ def replay_bad_command(obj: dict, start: str | None, end: str | None, types: tup
     settings, s3 = obj["settings"], obj["s3"]
     fix = _load_fix(fix_spec)
     rows = ((str(from_file), row) for row in _rows_from_file(from_file)) if from_file else \
-        lake.read_bad(s3, settings.bucket, start, end)
-    sources, counts, seen_types = _replayable(rows, types, fix)
+        ((key, row) for key in _bad_keys(s3, settings.bucket, start, end)
+         for row in _rows_from_object(s3, settings.bucket, key))
+    try:
+        sources, counts, seen_types = _replayable(rows, types, fix)
+    except click.ClickException as exc:         # every row is read before any is sent
+        raise click.ClickException(f"{exc.message}; nothing was sent") from None
     ready = sum(len(items) for items in sources.values())
     found = ", ".join(f"{kind} ({n})" for kind, n in sorted(seen_types.items())) or "none"
     if dry_run:
@@ -481,6 +521,10 @@ def erase_command(obj: dict, pseudonyms: tuple[str, ...], from_file, start: str 
     if done.files and not dry_run:
         click.echo("note: a lake loader replaying a shard after a crash rewrites its files from the enriched stream; "
                    "run this again once the stream's retention has passed")
+    _exit_if_unreadable((f"{key}: does not read as Parquet ({why})" for key, why in sorted(done.unreadable.items())),
+                        f"erasure {'would be ' if dry_run else ''}incomplete: {len(done.unreadable)} lake file(s) "
+                        "above do not read, and may hold the person's rows; restore a readable version or delete "
+                        "every version of each (docs/data-protection.md), then run this again")
 
 
 @lake_cli.command("undelete", help="Bring back the files under PREFIX of the bucket (models/, enriched/, "
@@ -525,7 +569,7 @@ def undelete_command(obj: dict, prefix: str, since: dt.datetime, dry_run: bool) 
               help="input bytes per merged file at most: a busy hour gives several")
 @click.option("--dry-run", is_flag=True, help="say what would be merged, change nothing")
 @click.option("--progress/--no-progress", default=True, help="progress bar on stderr")
-@click.option("--lock-ttl", type=click.FloatRange(min=1), default=compact.LOCK_TTL_S,
+@click.option("--lock-ttl", type=FiniteRange(min=1), default=compact.LOCK_TTL_S,
               help="seconds after which another run may break this run's lake lock, should it die "
                    "(renewed every quarter of it)")
 @click.pass_obj

@@ -61,9 +61,6 @@ class Skipped(Exception):
     """A group that cannot be merged now (a file gone, a column retyped); its files stay."""
 
 
-UNREADABLE = (pa.ArrowException, OSError)     # a corrupt or cut object (OSError: pyarrow's IO errors)
-
-
 # ---------------------------------------------------------------------------------------- the lock
 
 LOCK_KEY = "locks/lake-rewrite.json"
@@ -519,7 +516,7 @@ def compact_partition(run: Run, folder: str, files: list[LakeFile]) -> None:
     a corrupt object in one hour stopped every later hour's compaction, every night."""
     try:
         groups = plan(run, recover(run, files))
-    except UNREADABLE as exc:
+    except lake.UNREADABLE as exc:
         run.summary.failed.append((folder, f"a file does not read as Parquet: {first_line(exc)}"))
         return
     run.summary.partitions += bool(groups)
@@ -531,7 +528,7 @@ def compact_partition(run: Run, folder: str, files: list[LakeFile]) -> None:
                 merge_group(run, folder, group)
         except Skipped as exc:
             run.summary.failed.append((folder, str(exc)))
-        except UNREADABLE as exc:
+        except lake.UNREADABLE as exc:
             run.summary.failed.append((folder, f"a file does not read as Parquet: {first_line(exc)}"))
 
 

@@ -13,6 +13,9 @@ identity erased, the sessions whose predictions and offers go, and one entry per
 never a clear identifier). It is written before each file is touched, so a run that crashes
 half-way, or a later run with the same pseudonyms, erases the same cookie ids and sessions even
 though the rows that revealed them are gone.
+
+A file that does not read as Parquet (a corrupt or cut object) may hold the person's rows but cannot
+be searched: the others are erased, and it is named in ``unreadable``, so the erasure is incomplete.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from batch import lake
 from batch.loader import PARQUET_TYPE
 from common import aws
 from common.features import NIL_USER, session_key
+from common.logs import first_line
 
 IDENTITY_COLUMNS = ("user_id", "domain_userid", "network_userid")
 RECORDS = "erasures/"
@@ -45,6 +49,7 @@ class Erasure:
     emptied: list[str] = field(default_factory=list)     # keys deleted because no row was left
     old_versions: dict[str, int] = field(default_factory=dict)  # "key?versionId=…" of earlier versions -> rows
     sessions: set[str] = field(default_factory=set)      # domain_sessionid of every removed row
+    unreadable: dict[str, str] = field(default_factory=dict)  # key (or "key?versionId=…") -> why it does not read
     predictions: int = 0
     offers: int = 0
 
@@ -60,7 +65,7 @@ class Erasure:
     def run_summary(self) -> dict:
         return {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": self.rows,
                 "files": self.files, "files_deleted": self.emptied, "old_versions_deleted": self.old_versions,
-                "sessions": len(self.sessions),
+                "sessions": len(self.sessions), "unreadable": sorted(self.unreadable),
                 "predictions": self.predictions, "offers": self.offers}
 
 
@@ -115,27 +120,33 @@ def _old_versions(s3, bucket: str, start, end) -> list[tuple[str, str]]:
             if version["Key"].endswith(".parquet")]
 
 
-def _read_version(s3, bucket: str, key: str, version_id: str | None, columns: list[str] | None = None) -> pa.Table | None:
-    """A lake file, or one earlier version of it; None once gone (expired, or erased by another run)."""
+def _read_version(s3, bucket: str, key: str, version_id: str | None, unreadable: dict[str, str],
+                  columns: list[str] | None = None) -> pa.Table | None:
+    """A lake file, or one earlier version of it; None once gone (expired, or erased by another run),
+    or when it does not read as Parquet: then noted in ``unreadable``."""
     try:
         body = s3.get_object(Bucket=bucket, Key=key, **({"VersionId": version_id} if version_id else {}))["Body"].read()
     except ClientError as exc:
         if aws.no_such_key(exc) or exc.response["Error"]["Code"] == "NoSuchVersion":
             return None
         raise
-    return lake.parquet_table(body, columns)
+    try:
+        return lake.parquet_table(body, columns)
+    except lake.UNREADABLE as exc:
+        unreadable[f"{key}?versionId={version_id}" if version_id else key] = first_line(exc)
+        return None
 
 
 def identities_of(s3, bucket: str, files: list[tuple[str, str | None]], pseudonyms: set[str],
-                  progress: bool) -> set[str]:
+                  progress: bool, unreadable: dict[str, str]) -> set[str]:
     """The pseudonyms plus the cookie ids (``domain_userid``, ``network_userid``) seen on rows with one
     of them as ``user_id`` in these (key, version id or None) files; never SP-Anonymous' nil id,
-    which everyone's anonymous hits share."""
+    which everyone's anonymous hits share. A file that does not read is noted in ``unreadable``."""
     found = set(pseudonyms)
     values = pa.array(sorted(pseudonyms), pa.string())
     with _bar(len(files), "finding cookie ids", progress) as bar:
         for key, version_id in files:
-            table = _read_version(s3, bucket, key, version_id, list(IDENTITY_COLUMNS))
+            table = _read_version(s3, bucket, key, version_id, unreadable, list(IDENTITY_COLUMNS))
             if table is not None:
                 theirs = table.filter(_is_in(table.column("user_id"), values))
                 for name in ("domain_userid", "network_userid"):
@@ -146,16 +157,17 @@ def identities_of(s3, bucket: str, files: list[tuple[str, str | None]], pseudony
 
 def erase_lake(s3, bucket: str, pseudonyms: set[str], *, start=None, end=None, dry_run: bool = False,
                progress: bool = True) -> Erasure:
-    """Rewrite every enriched object in the range without the person's rows (nothing is written with ``dry_run``)."""
+    """Rewrite every enriched object in the range without the person's rows (nothing is written with
+    ``dry_run``); the files that do not read are left as they are, named in ``unreadable``."""
     keys = _keys(s3, bucket, start, end)
-    record = _record(s3, bucket, pseudonyms)
+    erasure = Erasure(_record(s3, bucket, pseudonyms))
+    record = erasure.record
     # The earlier versions too: a file deleted (by a compaction, say) may hold the only rows that tie
     # the customer to their cookie.
     files = [(key, None) for key in keys] + _old_versions(s3, bucket, start, end)
-    identities = identities_of(s3, bucket, files, pseudonyms, progress) | set(record["identities"])
-    record["identities"] = sorted(identities)
+    identities = identities_of(s3, bucket, files, pseudonyms, progress, erasure.unreadable)
+    record["identities"] = sorted(identities | set(record["identities"]))
     values = pa.array(record["identities"], pa.string())
-    erasure = Erasure(record)
     if not dry_run:
         save_record(s3, bucket, erasure)
     with _bar(len(keys), "erasing" if not dry_run else "checking", progress) as bar:
@@ -179,7 +191,11 @@ def _erase_object(s3, bucket: str, key: str, values: pa.Array, erasure: Erasure,
         body, etag = aws.get_object_and_etag(s3, bucket, key)
         if body is None:                         # another erase emptied and deleted it meanwhile
             return
-        table = lake.parquet_table(body)
+        try:
+            table = lake.parquet_table(body)
+        except lake.UNREADABLE as exc:        # it may hold their rows: the caller says the erasure is incomplete
+            erasure.unreadable[key] = first_line(exc)
+            return
         mask = _matches(table, values)
         removed = pc.sum(mask).as_py() or 0
         if not removed:
@@ -209,7 +225,7 @@ def _erase_old_version(s3, bucket: str, key: str, version_id: str, values: pa.Ar
                        dry_run: bool) -> None:
     """Delete an earlier version of a lake file that holds any of the person's rows (a version is
     never changed, so it goes whole; the rewrite of the current file left one behind)."""
-    table = _read_version(s3, bucket, key, version_id)
+    table = _read_version(s3, bucket, key, version_id, erasure.unreadable)
     if table is None:
         return
     mask = _matches(table, values)

@@ -152,10 +152,6 @@ def jsonl_gz(rows: Iterable[dict]) -> bytes:
     return gzip.compress(body, compresslevel=6, mtime=0)
 
 
-def read_jsonl_gz(data: bytes) -> list[dict]:
-    return [orjson.loads(line) for line in gzip.decompress(data).splitlines() if line.strip()]
-
-
 # ---------------------------------------------------------------------------------------- conversion
 
 
@@ -436,6 +432,10 @@ def read_parquet_object(s3, bucket: str, key: str, columns: list[str] | None = N
     return parquet_table(s3.get_object(Bucket=bucket, Key=key)["Body"].read(), columns)
 
 
+# What reading a corrupt or cut object raises (OSError: pyarrow's IO errors).
+UNREADABLE = (pa.ArrowException, OSError)
+
+
 def parquet_table(body: bytes, columns: list[str] | None = None) -> pa.Table:
     return pq.ParquetFile(io.BytesIO(body)).read(columns=columns)
 
@@ -487,13 +487,6 @@ def lift_from_extra(table: pa.Table, columns: list[str] | None = None) -> pa.Tab
     return table.set_column(table.column_names.index("extra"), "extra", pa.array(texts, pa.string()))
 
 
-def read_bad(s3, bucket: str, start=None, end=None) -> Iterator[tuple[str, dict]]:
-    """(key, bad row) for every bad row in the range."""
-    for obj in objects_between(s3, bucket, "bad", start, end):
-        if obj["Key"].endswith(".jsonl.gz"):
-            body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
-            for row in read_jsonl_gz(body):
-                yield obj["Key"], row
 
 
 # ---------------------------------------------------------------------------------------- local sync

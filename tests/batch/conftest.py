@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import gzip
 import uuid
 from pathlib import Path
 
@@ -83,6 +84,13 @@ def put_events(stream_name: str, events: list[dict]) -> None:
 
 def lake_event_ids(bucket: str) -> list[str]:
     return lake.read_enriched(aws.client("s3"), bucket, columns=["event_id"]).column("event_id").to_pylist()
+
+
+def lake_bad_rows(bucket: str) -> list[tuple[str, dict]]:
+    """(key, bad row) for every bad row of the lake."""
+    s3 = aws.client("s3")
+    return [(key, orjson.loads(line)) for key in lake_keys(bucket, "bad/") if key.endswith(".jsonl.gz")
+            for line in gzip.decompress(s3.get_object(Bucket=bucket, Key=key)["Body"].read()).splitlines()]
 
 
 def lake_keys(bucket: str, area: str = "") -> list[str]:

@@ -285,6 +285,37 @@ def test_a_record_from_an_earlier_version_without_sessions_does_not_stop_the_era
     assert done.exit_code == 0 and "removed 7 rows in 2 files" in done.output, done.output
 
 
+def test_a_file_that_does_not_read_is_named_and_the_erasure_is_incomplete_until_it_is_gone(
+        aws_settings, s3, lake_with_person):
+    """A corrupt Parquet object stopped the erasure with a pyarrow traceback naming no file. It may hold
+    the person's rows: every other file is erased, it is named, and the exit code says incomplete."""
+    corrupt = "enriched/date=2026-11-29/hour=09/shardId-000000000001-1-5.parquet"
+    s3.put_object(Bucket=aws_settings.bucket, Key=corrupt, Body=b"not parquet")
+    dry = _erase(aws_settings, CUSTOMER, "--dry-run")
+    assert dry.exit_code == 1 and "would remove 7 rows in 2 files" in dry.output, dry.output
+    assert "erasure would be incomplete: 1 lake file(s)" in dry.output
+
+    done = _erase(aws_settings, CUSTOMER)
+    assert done.exit_code == 1 and "removed 7 rows in 2 files" in done.output, done.output
+    assert f"{corrupt}: does not read as Parquet (Parquet magic bytes not found" in done.output
+    assert "erasure incomplete: 1 lake file(s) above do not read, and may hold the person's rows" in done.output
+    assert s3.get_object(Bucket=aws_settings.bucket, Key=corrupt)["Body"].read() == b"not parquet"   # left as it is
+    readable = [key for key in _etags(s3, aws_settings.bucket) if key != corrupt]
+    assert [lake.read_parquet_object(s3, aws_settings.bucket, key).column("domain_sessionid").unique().to_pylist()
+            for key in readable] == [["s-other"]]
+    assert _sessions(lake_with_person[1], aws_settings.predictions_table) == {"s-other"}
+    record = json.loads(s3.get_object(Bucket=aws_settings.bucket, Key=erase.record_key({CUSTOMER}))["Body"].read())
+    assert record["runs"][-1]["unreadable"] == [corrupt]
+
+    # Deleted, it is still an earlier version: named by its version id until that goes too.
+    s3.delete_object(Bucket=aws_settings.bucket, Key=corrupt)
+    again = _erase(aws_settings, CUSTOMER)
+    assert again.exit_code == 1 and f"{corrupt}?versionId=" in again.output, again.output
+    for version in s3.list_object_versions(Bucket=aws_settings.bucket, Prefix=corrupt)["Versions"]:
+        s3.delete_object(Bucket=aws_settings.bucket, Key=corrupt, VersionId=version["VersionId"])
+    assert _erase(aws_settings, CUSTOMER).exit_code == 0
+
+
 def test_erase_refuses_clear_identifiers_and_an_empty_request(aws_settings, s3, lake_with_person):
     clear = _erase(aws_settings, "alice@example.com")
     assert clear.exit_code == 2

@@ -562,6 +562,47 @@ def test_replay_bad_names_a_cut_gzip_file_and_the_line_it_got_to(aws_settings, t
     assert result.exit_code == 1 and f"{cut}: unreadable after line " in result.output, result.output
 
 
+HOUR = "date=2026-11-30/hour=09"
+ROWS = b"".join(orjson.dumps(make_bad_row(make_raw(i))) + b"\n" for i in range(50))
+DAMAGED_BAD_FILES = {            # a lake object's body -> what the error says about it
+    "cut": (gzip.compress(ROWS)[:-30], ": unreadable after line "),
+    "not-gzip": (b"garbage, not gzip", ": unreadable after line 0 (Not a gzipped file"),
+    "not-json": (gzip.compress(ROWS.split(b"\n")[0] + b"\n{oops\n"), ", line 2: not JSON"),
+}
+
+
+def test_stats_names_the_files_that_do_not_read_and_counts_the_rest(aws_settings, s3):
+    """A corrupt Parquet object was a pyarrow traceback; a cut bad-row file click's bare "Aborted!"."""
+    write_enriched(lake.S3Sink(s3, aws_settings.bucket), "shardId-000000000000",
+                   event_records([make_event(i) for i in range(3)]), "enriched")
+    _bad_files(s3, aws_settings, 1, 2)
+    corrupt = "enriched/date=2026-11-29/hour=09/shardId-000000000001-1-5.parquet"
+    s3.put_object(Bucket=aws_settings.bucket, Key=corrupt, Body=b"not parquet")
+    for name, (body, _) in DAMAGED_BAD_FILES.items():
+        s3.put_object(Bucket=aws_settings.bucket, Key=f"bad/{HOUR}/{name}.jsonl.gz", Body=body)
+
+    stats = _cli(aws_settings, "stats", "--no-progress")
+    assert stats.exit_code == 1 and "Traceback" not in stats.output and "Aborted" not in stats.output
+    assert "total: 3 events, 3 distinct event ids (0 duplicates), 3 sessions, 2 bad rows" in stats.output
+    assert f"{corrupt}: does not read as Parquet (Parquet magic bytes not found" in stats.output
+    for name, (_, said) in DAMAGED_BAD_FILES.items():
+        assert f"bad/{HOUR}/{name}.jsonl.gz{said}" in stats.output, name
+    assert "the counts above leave out these 4 file(s)" in stats.output
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED_BAD_FILES))
+def test_replay_bad_names_a_damaged_lake_file_and_sends_nothing(aws_settings, s3, damage):
+    """A cut gzip object ended in a bare "Aborted!", a non-gzip one or a broken line in a traceback."""
+    _bad_files(s3, aws_settings, 1, 3)          # read first: its rows must not go out either
+    body, said = DAMAGED_BAD_FILES[damage]
+    key = f"bad/{HOUR}/shardId-000000000001-1-3.jsonl.gz"
+    s3.put_object(Bucket=aws_settings.bucket, Key=key, Body=body)
+    result = _cli(aws_settings, "replay-bad")
+    assert result.exit_code == 1 and "Traceback" not in result.output and "Aborted" not in result.output
+    assert f"Error: {key}{said}" in result.output, result.output
+    assert result.output.rstrip().endswith("; nothing was sent") and _raw_in_stream(aws_settings) == []
+
+
 def test_unsent_rows_that_cannot_be_written_leave_the_file_they_were_read_from_whole(tmp_path, monkeypatch):
     from batch import cli
 

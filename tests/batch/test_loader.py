@@ -27,6 +27,7 @@ from localstack.emulator import free_port
 from tests.batch.conftest import (
     BASE,
     ROOT_DIR,
+    lake_bad_rows,
     lake_event_ids,
     lake_keys,
     loader_settings,
@@ -84,10 +85,10 @@ def test_loader_lands_every_event_and_bad_row_once(aws_settings):
     hours = {lake.key_partition(k) for k in keys if k.startswith("enriched/")}
     assert hours == {("2026-11-29", "09"), ("2026-11-29", "10")}
     # Rejected enriched records keep their payload, under names that cannot clash with the bad stream's.
-    loader_rows = [row for key, row in lake.read_bad(aws.client("s3"), aws_settings.bucket) if key.endswith(".loader.jsonl.gz")]
+    loader_rows = [row for key, row in lake_bad_rows(aws_settings.bucket) if key.endswith(".loader.jsonl.gz")]
     assert sorted(row["data"]["payload"][:9] for row in loader_rows) == ['{"app_id"', "{not json"]
     assert all(row["schema"] == lake.LOADER_BAD_SCHEMA for row in loader_rows)
-    stream_rows = [row for key, row in lake.read_bad(aws.client("s3"), aws_settings.bucket)
+    stream_rows = [row for key, row in lake_bad_rows(aws_settings.bucket)
                    if not key.endswith(".loader.jsonl.gz")]
     assert [row["data"]["payload"]["record"] for row in stream_rows[:5]] == raws
     assert stream_rows[5]["data"]["failure"]["payload_encoding"] == "base64"
