@@ -5,11 +5,16 @@ the sessions a discount may have changed."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 PREFIX = "reports/uplift/"
 SCHEMA = "iglu:com.clickstream/uplift_hour/jsonschema/1-1-0"
 HOUR_MS = 3_600_000
 NAME_FORMAT = "%Y-%m-%dT%H"
+# The enricher's pseudonyms (keyed HMAC-SHA256, hex). The scorer keys a session whose tracker sent no
+# session id by its user's pseudonym (common.features.session_key): a record counts such a session
+# but does not list it, as records are kept for good and an erasure does not rewrite them.
+PSEUDONYM = re.compile(r"[0-9a-f]{64}")
 
 
 def hour_name(hour_ms: int) -> str:
@@ -30,3 +35,8 @@ def hour_of(key: str) -> int | None:
     except ValueError:
         return None
     return int(start.timestamp() * 1000)
+
+
+def listable(session_id: str) -> bool:
+    """Whether a record may list this session id: not when it is a user's pseudonym."""
+    return PSEUDONYM.fullmatch(session_id) is None

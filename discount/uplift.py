@@ -26,7 +26,7 @@ from common.cli import CLI_CONTEXT, AwsCommand, FiniteRange, iso_time
 from common.config import MAX_DURATION_S, load
 from common.features import parse_ms
 from common.retry import backoff_s
-from common.uplift_records import HOUR_MS, PREFIX, SCHEMA, hour_name, hour_of, record_key
+from common.uplift_records import HOUR_MS, PREFIX, SCHEMA, hour_name, hour_of, listable, record_key
 from discount.settings import DiscountSettings
 
 Z_95 = 1.959964
@@ -214,7 +214,7 @@ def session_lists(rows: list[dict]) -> dict:
     """The sessions of each group, which ``make train`` leaves out (offered: a discount may have made
     them buy) or weighs (held out, by 100 / their share). A session keyed by a user pseudonym (its
     tracker sent no session id) is counted but not listed: a record holds no pseudonym."""
-    listed = [row for row in rows if not row["session_id"]["S"].startswith("user:")]
+    listed = [row for row in rows if listable(row["session_id"]["S"])]
     return {"offered_sessions": sorted(row["session_id"]["S"] for row in listed if row["kind"]["S"] == "offer"),
             "held_out_sessions": sorted(
                 ({"session_id": row["session_id"]["S"],

@@ -197,7 +197,8 @@ def test_each_finished_hour_is_recorded_once_and_the_records_pool_over_any_perio
     settings = discount_settings(aws_settings)
     first = (T0 // 3600 + 1) * 3600                     # an hour's start
     second, third = first + 3600, first + 7200
-    write_qualified(settings, {"a-o1": "offer", "a-o2": "offer", "a-h1": "holdout", "user:p1:1": "offer"}, first + 600)
+    pseudonym = "9f2c" * 16                 # the scorer's key for a session whose tracker sent no session id
+    write_qualified(settings, {"a-o1": "offer", "a-o2": "offer", "a-h1": "holdout", pseudonym: "offer"}, first + 600)
     write_qualified(settings, {"b-o1": "offer", "b-h1": "holdout"}, second + 3599, share=50)     # raised
     write_qualified(settings, {"c-o1": "offer"}, third + 60)           # the hour not finished yet
     mark_purchases(settings, {"a-o1": int(first * 1000) + 700_000, "b-o1": int(second * 1000) + 3_600_500,
