@@ -205,14 +205,14 @@ def self_describing(event: dict) -> tuple[str, str, dict]:
     """(vendor, name, data) of a self-describing event; ("", "", {}) otherwise. The data of a major
     version the fold does not read (READ_MAJOR) is {}."""
     unstruct = event.get("unstruct_event")
-    if not unstruct:
+    schema = unstruct.get("schema") if isinstance(unstruct, dict) else None
+    if not isinstance(schema, str):
         return "", "", {}
-    schema = unstruct.get("schema", "")
     # iglu:vendor/name/jsonschema/1-0-0
     parts = schema[5:].split("/")
     if len(parts) != 4:
         return "", "", {}
-    return parts[0], parts[1], (unstruct.get("data") or {}) if parts[3].startswith(READ_MAJOR) else {}
+    return parts[0], parts[1], _object(unstruct.get("data")) if parts[3].startswith(READ_MAJOR) else {}
 
 
 def is_purchase(event: dict) -> bool:
@@ -229,19 +229,41 @@ def is_purchase(event: dict) -> bool:
     return vendor == ECOMMERCE_VENDOR and name == ECOMMERCE_ACTION and data.get("type") == "transaction"
 
 
+# The fold reads what the enricher validated, but the scoring API takes events from anyone: a value of
+# another JSON type than the schema's reads as absent, so that folding an event never fails half-way
+# (it would leave the session with part of it) and training reads the same event alike.
+
+def _object(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _contexts(event: dict):
+    contexts = event.get("contexts")
+    return contexts if isinstance(contexts, list) else ()
+
+
+def _schema(context) -> str:
+    schema = context.get("schema") if isinstance(context, dict) else None
+    return schema if isinstance(schema, str) else ""
+
+
 def _page_context(event: dict) -> str | None:
     """The shop's page_type context's type, if the event carries one."""
-    for context in event.get("contexts") or ():       # not _entities: its generator added 10 % to the fold
-        if context.get("schema", "").startswith(PAGE_TYPE_SCHEMA):
-            return (context.get("data") or {}).get("type")
+    # Inline, not _entities and the helpers: called twice per event, their calls added 5-10 % to the fold.
+    contexts = event.get("contexts")
+    for context in contexts if isinstance(contexts, list) else ():
+        schema = context.get("schema") if isinstance(context, dict) else None
+        if isinstance(schema, str) and schema.startswith(PAGE_TYPE_SCHEMA):
+            data = context.get("data")
+            return _text(data.get("type")) if isinstance(data, dict) else None
     return None
 
 
 def _entities(event: dict, schema_prefix: str):
     """The data of each context whose schema starts with ``schema_prefix`` (which names the major version)."""
-    for context in event.get("contexts") or ():
-        if context.get("schema", "").startswith(schema_prefix):
-            yield context.get("data") or {}
+    for context in _contexts(event):
+        if _schema(context).startswith(schema_prefix):
+            yield _object(context.get("data"))
 
 
 # The page type from the URL's first folder, for shops that send no page_type context. Whole folders

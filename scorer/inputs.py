@@ -42,6 +42,11 @@ def event_time(event) -> int:
         raise BadEvent(f"expected a JSON object, got {type(event).__name__}")
     if not event.get("event_id") or not isinstance(event["event_id"], str):
         raise BadEvent("event_id must be a non-empty string")
+    # The fold reads a value of another type inside them as absent; these two wrong are no event at all.
+    if not isinstance(event.get("unstruct_event") or {}, dict):
+        raise BadEvent("unstruct_event must be a JSON object or null")
+    if not isinstance(event.get("contexts") or [], list):
+        raise BadEvent("contexts must be a JSON list or null")
     try:
         event_ms = event_time_ms(event)
     except KeyError:

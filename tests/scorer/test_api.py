@@ -185,6 +185,7 @@ def test_score_session_folds_events_like_the_training_rows(api):
     assert post(api, "/score/session", []).status_code == 400
     assert "event_id must be" in post(api, "/score/session", [{"collector_tstamp": 1}]).json()["error"]
     odd = [dict(events[0], event_id=["a"]), dict(events[0], unstruct_event="text", event="unstruct"),
+           dict(events[0], contexts={"schema": "iglu:com.clickshop/page_type/jsonschema/1-0-0"}),
            dict(events[0], derived_tstamp=1e300, collector_tstamp=1e300),
            dict(events[0], derived_tstamp=None, collector_tstamp=1e20), dict(events[0], domain_sessionid=["x"])]
     for event in odd:

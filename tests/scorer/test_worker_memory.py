@@ -340,16 +340,28 @@ def test_batch_time_is_recorded_when_light_traffic_is_flushed_by_an_empty_poll()
     assert REGISTRY.get_sample_value("scorer_batch_seconds_count") == before + 1
 
 
-def test_a_record_that_is_not_an_event_is_reported_and_skipped_not_fatal(caplog):
+def test_a_record_that_is_not_an_event_is_reported_and_skipped_not_fatal(caplog, monkeypatch):
+    import scorer.worker
+
     rig = Rig()
-    broken = make_event("broken", T0, shop="checkout_step", data=["not", "an", "object"])
-    rig.stream.put_records([("k", b"{not json"), ("k", b"[1, 2]"), ("broken", orjson.dumps(broken))])
+    odd = make_event("odd", T0, shop="checkout_step", data=["not", "an", "object"])    # read as a step of none
+    failing = make_event("failing", T0)
+    fold = scorer.worker.step
+
+    def step(state, event, at_ms=None):         # whatever else the fold could fail on, a bug say
+        if event["event_id"] == failing["event_id"]:
+            raise RuntimeError("a bug")
+        return fold(state, event, at_ms)
+
+    monkeypatch.setattr(scorer.worker, "step", step)
+    rig.stream.put_records([("k", b"{not json"), ("k", b"[1, 2]"), ("odd", orjson.dumps(odd)),
+                            ("failing", orjson.dumps(failing))])
     rig.put(session_events("ok", seed=3, n=3, buyer=False))
     rig.drain()
-    assert len(rig.predictions()) == 3
+    assert sorted(p["session_id"] for p in rig.predictions()) == ["odd", "ok", "ok", "ok"]
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("not JSON" in m for m in errors) and any("expected a JSON object" in m for m in errors)
-    assert any(broken["event_id"] in m and "could not be folded" in m for m in errors)
+    assert any(failing["event_id"] in m and "could not be folded" in m for m in errors)
 
 
 def test_records_with_ids_or_times_the_fold_cannot_take_are_skipped_not_replayed_for_ever(caplog):

@@ -120,6 +120,34 @@ def test_unbounded_numbers_keep_every_feature_finite_in_float32():
     assert session_key(anonymous) == "e1" and session_key({**anonymous, "network_userid": "u1"}) == "u1"
 
 
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                     max_leaves=6)
+# The schemas the fold reads, so that the values reach its every branch.
+_SCHEMAS = sorted(f"iglu:{vendor}/{name}/jsonschema/1-0-0" for vendor, name in features_module.FOLD_SCHEMAS)
+_FIELDS = ("type", "sku", "id", "price", "unitPrice", "quantity", "step")
+_DATA = _JSON | st.fixed_dictionaries({}, optional={field: _JSON for field in _FIELDS})
+_SELF_DESCRIBING = _JSON | st.fixed_dictionaries({"schema": st.sampled_from(_SCHEMAS) | _JSON, "data": _DATA})
+_EVENT = st.fixed_dictionaries(
+    {"event_id": st.just("e1"), "collector_tstamp": st.just("2026-11-29T10:00:00.000Z")},
+    optional={"event": st.sampled_from(["page_view", "page_ping", "struct", "unstruct"]) | _JSON,
+              "contexts": st.lists(_SELF_DESCRIBING, max_size=3) | _JSON, "unstruct_event": _SELF_DESCRIBING,
+              **{name: _JSON for name in ("page_urlpath", "os_timezone", "dvce_type", "refr_medium", "domain_sessionidx",
+                                          "doc_height", "pp_yoffset_max", "br_viewheight", "mkt_medium", "mkt_clickid",
+                                          "mkt_network")}})
+
+
+@given(st.lists(_EVENT, min_size=1, max_size=4))
+def test_an_event_of_any_json_shape_folds_without_failing_and_keeps_the_features_finite(events):
+    """The scoring API takes events from anyone: a field of another type (a page_type context whose
+    type is a list, an entity that is a string) failed half-way through step(), leaving the session
+    with part of an event the scorer said it skipped; it now reads as absent, live and in training."""
+    state = SessionState()
+    for event in events:
+        step(state, event)
+    assert np.isfinite(np.asarray(features_module.features(state), dtype=np.float32)).all()
+
+
 def test_purchase_never_reaches_the_features():
     rng = random.Random(5)
     events = synth.session_events(rng, 1_795_000_000_000, buyer=True, purchase_total=TELL_TALE)
