@@ -27,7 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from common import logs
 from common.consumer import Batch, Consumer, ReadFailed
-from common.features import FEATURE_VERSION, features, parse_ms, session_key, step
+from common.features import FEATURE_VERSION, features, in_calendar, parse_ms, session_key, step
 from common.leases import Lease, LeaseLost
 from common.retry import backoff_s
 from common.service import gc_paused
@@ -105,7 +105,24 @@ def _int_or_none(text: object) -> int | None:
 
 
 def iso_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return _iso(datetime.now(UTC))
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def published_time(value: object) -> str | None:
+    """An event's timestamp as its prediction carries it: ISO (the contract), or None. The enricher's
+    strings go as they are. Another writer's (a number, another shape) reached the predictions table
+    as written, and DynamoDB refuses a number past 1e125: that write was retried for ever."""
+    if type(value) is str and len(value) == 24:
+        return value
+    try:
+        ms = parse_ms(value)
+    except (TypeError, ValueError, ArithmeticError):
+        return None
+    return _iso(datetime.fromtimestamp(ms / 1000, UTC)) if in_calendar(ms) else None
 
 
 class Worker:
@@ -408,7 +425,8 @@ class Worker:
     def _prediction(row: Row, model: Model, p: float, decision: str, latency_us: int, scored_at: str) -> dict:
         event = row.event
         return {"schema": PREDICTION_SCHEMA, "session_id": row.session.session_id, "event_id": event["event_id"],
-                "collector_tstamp": event.get("collector_tstamp"), "derived_tstamp": event.get("derived_tstamp"),
+                "collector_tstamp": published_time(event.get("collector_tstamp")),
+                "derived_tstamp": published_time(event.get("derived_tstamp")),
                 "scored_at": scored_at, "model_name": model.name, "model_version": model.version,
                 "feature_version": FEATURE_VERSION, "p_buy": p, "decision": decision,
                 "threshold": model.threshold, "latency_us": latency_us, "events_in_session": row.events}

@@ -367,14 +367,18 @@ def test_a_record_that_is_not_an_event_is_reported_and_skipped_not_fatal(caplog,
 def test_records_with_ids_or_times_the_fold_cannot_take_are_skipped_not_replayed_for_ever(caplog):
     poison = [make_event("p1", T0, event_id=["a", "list"]), make_event({"an": "object"}, T0),
               make_event("p3", T0, collector_tstamp=1e20, derived_tstamp=None),
-              make_event("p4", T0, derived_tstamp=1e20),           # clamped to its collector time: fine
-              make_event("p5", T0 - 1000)]
-    poison[-1]["collector_tstamp"] = poison[-1]["collector_tstamp"][:11] + "99" + poison[-1]["collector_tstamp"][13:]
+              make_event("p4", T0, derived_tstamp=1e200),          # clamped to its collector time: fine
+              make_event("p5", T0 - 1000), make_event("p6", T0, derived_tstamp=T0 - 5000)]      # epoch ms: fine
+    poison[-2]["collector_tstamp"] = poison[-2]["collector_tstamp"][:11] + "99" + poison[-2]["collector_tstamp"][13:]
     rig = Rig()
     rig.stream.put_records([("k", orjson.dumps(e)) for e in poison])
     rig.put(session_events("ok", seed=3, n=3, buyer=False))
     rig.drain()
-    assert sorted(p["session_id"] for p in rig.predictions()) == ["ok", "ok", "ok", "p4"]
+    assert sorted(p["session_id"] for p in rig.predictions()) == ["ok", "ok", "ok", "p4", "p6"]
+    # Their times as the contract has them, ISO: 1e200 went to the predictions table as a number,
+    # which DynamoDB refuses past 1e125, and its write was retried for ever.
+    published = {p["session_id"]: (p["collector_tstamp"], p["derived_tstamp"]) for p in rig.predictions()}
+    assert published["p4"] == (iso(T0), None) and published["p6"] == (iso(T0), iso(T0 - 5000))
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 4 and all("skipped" in m for m in errors) and "bad collector_tstamp" in errors[-1]
 
